@@ -1,0 +1,101 @@
+"""Domain identifiers: entity ids, shards, entity and runner addresses (sans-IO).
+
+Theory of operation: identifiers are frozen attrs classes so they hash, compare
+and encode the same everywhere; each has a ``str()`` form used in logs, error
+messages and storage keys, and a ``parse`` classmethod that inverts it.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+__all__ = ["MAX_ENTITY_ID_LENGTH", "EntityAddress", "EntityId", "RunnerAddress", "ShardId"]
+
+MAX_ENTITY_ID_LENGTH = 255
+"""Longest entity id accepted, in characters (it is part of storage keys)."""
+
+
+def _check_entity_id(_: object, __: object, value: str) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"entity id must be a str, got {type(value).__name__}")
+    if not value or value.strip() != value:
+        raise ValueError(
+            f"entity id must be non-empty without surrounding whitespace: {value!r}"
+        )
+    if len(value) > MAX_ENTITY_ID_LENGTH:
+        raise ValueError(
+            f"entity id is {len(value)} characters, over {MAX_ENTITY_ID_LENGTH}"
+        )
+
+
+@attrs.frozen(order=True)
+class EntityId:
+    """The id of one entity within its type: a non-empty, trimmed string of at
+    most 255 characters."""
+
+    value: str = attrs.field(validator=_check_entity_id)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@attrs.frozen(order=True)
+class ShardId:
+    """A shard: its shard group and its 1-based number within the group."""
+
+    group: str
+    number: int
+
+    def __str__(self) -> str:
+        return f"{self.group}:{self.number}"
+
+    @classmethod
+    def parse(cls, text: str) -> ShardId:
+        """Invert ``str()``: ``"default:17"`` -> ``ShardId("default", 17)``.
+
+        Raises:
+            ValueError: ``text`` is not of the form ``group:number``.
+        """
+        group, sep, number = text.rpartition(":")
+        if not sep or not group or not number.isdigit():
+            raise ValueError(f"not a shard id: {text!r} (expected 'group:number')")
+        return cls(group, int(number))
+
+
+@attrs.frozen(order=True)
+class EntityAddress:
+    """Where an entity lives: its type name, its id and its shard."""
+
+    entity_type: str
+    entity_id: EntityId
+    shard: ShardId
+
+    def __str__(self) -> str:
+        return f"{self.entity_type}/{self.entity_id}@{self.shard}"
+
+
+@attrs.frozen(order=True)
+class RunnerAddress:
+    """The address a runner is reachable at by other runners."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> RunnerAddress:
+        """Invert ``str()``: ``"10.0.0.5:34431"`` or ``"[::1]:34431"``.
+
+        Raises:
+            ValueError: ``text`` is not ``host:port`` with a port in 0..65535.
+        """
+        host, sep, port = text.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"not a runner address: {text!r} (expected 'host:port')")
+        return cls(host, int(port))

@@ -1,0 +1,214 @@
+"""The exception hierarchy of trio_cluster (edge-neutral: no I/O).
+
+Every error the library raises derives from `ClusterError`. Errors that can
+cross the wire between runners, or be recorded as a persisted reply, are
+``attrs`` exception classes with plain fields, so they pickle and encode.
+
+Foreign exceptions (psycopg, trio-websocket, msgpack, cattrs) are translated at
+exactly one edge each and never escape the public API. This module imports no
+I/O library, so the sans-IO core may raise these errors too.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+__all__ = [
+    "AlreadyProcessingError",
+    "ClusterError",
+    "ClusterInternalError",
+    "ConfigError",
+    "EntityDefinitionError",
+    "EntityNotAssignedError",
+    "MailboxFullError",
+    "MalformedMessageError",
+    "MessageTooLargeError",
+    "PersistenceError",
+    "RemoteError",
+    "RequestInterruptedError",
+    "RunnerUnavailableError",
+    "StaleEpochError",
+    "UnknownEntityTypeError",
+]
+
+
+class ClusterError(Exception):
+    """Root of every error raised by trio_cluster."""
+
+
+class ClusterInternalError(ClusterError):
+    """An invariant of trio_cluster was broken: this is a bug, please report it."""
+
+
+class ConfigError(ClusterError, ValueError):
+    """A configuration value is invalid. The message says what to do instead."""
+
+
+class EntityDefinitionError(ClusterError, TypeError):
+    """An entity class, handler or singleton is declared incorrectly.
+
+    Raised eagerly, when the runner is opened (or the decorator runs), with a
+    message naming the class and handler at fault.
+    """
+
+
+@attrs.define(eq=False, kw_only=True)
+class MailboxFullError(ClusterError):
+    """The entity's mailbox is at ``mailbox_capacity``, or the runner is at
+    ``max_resident_entities`` with no idle entity to passivate.
+
+    The message was not delivered; retrying later is safe.
+    """
+
+    address: str
+    """The entity address, in its string form ``type/id@group:shard``."""
+    reason: str = "mailbox full"
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.address}"
+
+
+@attrs.define(eq=False, kw_only=True)
+class EntityNotAssignedError(ClusterError):
+    """No runner currently serves the entity's shard (it is moving, or its
+    lease lapsed), and the caller's deadline did not leave time to wait."""
+
+    address: str
+    detail: str = "shard not assigned to any live runner"
+
+    def __str__(self) -> str:
+        return f"{self.detail}: {self.address}"
+
+
+@attrs.define(eq=False, kw_only=True)
+class RunnerUnavailableError(ClusterError):
+    """A runner could not be reached, or went away while handling a request.
+
+    For a volatile request the outcome is unknown: the handler may or may not
+    have run (at most once).
+    """
+
+    runner: str
+    detail: str = "runner unavailable"
+
+    def __str__(self) -> str:
+        return f"{self.detail}: {self.runner}"
+
+
+@attrs.define(eq=False, kw_only=True)
+class AlreadyProcessingError(ClusterError):
+    """A request with the same id is already being processed."""
+
+    request_id: int
+
+    def __str__(self) -> str:
+        return f"request {self.request_id} is already being processed"
+
+
+@attrs.define(eq=False, kw_only=True)
+class RequestInterruptedError(ClusterError):
+    """The persisted request was interrupted (its sender cancelled it) before a
+    value was produced. Seen by callers that attached to a request started by
+    somebody else, through its primary key."""
+
+    request_id: int
+
+    def __str__(self) -> str:
+        return f"request {self.request_id} was interrupted"
+
+
+class PersistenceError(ClusterError):
+    """The storage backend failed (lost connection, query error, timeout).
+
+    The underlying driver exception, if any, is the ``__cause__``.
+    """
+
+
+@attrs.define(eq=False, kw_only=True)
+class StaleEpochError(ClusterError):
+    """A write that depends on shard ownership carried an epoch that is no
+    longer current: another runner acquired the shard since. The write was
+    refused (fencing)."""
+
+    shard: str
+    epoch: int
+    current_epoch: int | None = None
+
+    def __str__(self) -> str:
+        return (
+            f"stale epoch {self.epoch} for shard {self.shard}"
+            f" (current {self.current_epoch})"
+        )
+
+
+@attrs.define(eq=False, kw_only=True)
+class MalformedMessageError(ClusterError, ValueError):
+    """A message, reply or frame could not be decoded (or encoded).
+
+    ``problems`` lists each problem with the path of the field at fault, for
+    example ``"invalid value for type, expected int @ $.amount"``.
+    """
+
+    what: str
+    problems: list[str] = attrs.field(factory=list)
+
+    def __str__(self) -> str:
+        if not self.problems:
+            return f"malformed {self.what}"
+        return f"malformed {self.what}: " + "; ".join(self.problems)
+
+
+@attrs.define(eq=False, kw_only=True)
+class MessageTooLargeError(ClusterError, ValueError):
+    """An encoded message or reply is larger than ``max_message_size``."""
+
+    size: int
+    limit: int
+
+    def __str__(self) -> str:
+        return f"encoded message is {self.size} bytes, over the limit of {self.limit}"
+
+
+@attrs.define(eq=False, kw_only=True)
+class UnknownEntityTypeError(ClusterError):
+    """The runner that owns the shard has no entity type (or handler) by that
+    name registered."""
+
+    entity_type: str
+    handler: str | None = None
+
+    def __str__(self) -> str:
+        if self.handler is None:
+            return f"unknown entity type {self.entity_type!r}"
+        return f"entity type {self.entity_type!r} has no handler {self.handler!r}"
+
+
+@attrs.define(eq=False, kw_only=True)
+class RemoteError(ClusterError):
+    """A handler raised an exception it did not declare.
+
+    The original exception stays on the runner that ran the handler (where it
+    is logged with its traceback); the caller gets its type name and message.
+    The entity was restarted with backoff.
+    """
+
+    type_name: str
+    """Qualified name of the original exception type, e.g. ``builtins.KeyError``."""
+    message: str
+    """``str()`` of the original exception."""
+    address: str
+    """The entity that raised it."""
+    runner: str
+    """The runner that ran the handler."""
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message} (in {self.address} on {self.runner})"
+
+
+def _fixup_module_metadata() -> None:
+    for name in __all__:
+        obj = globals()[name]
+        obj.__module__ = "trio_cluster"
+
+
+_fixup_module_metadata()

@@ -1,0 +1,404 @@
+"""The storage contract: records and ABCs every backend implements (interface).
+
+Two services make up a backend, both opened per runner through
+`Storage.open_session`:
+
+* `MessageStorage`: the durable mailbox. Persisted requests are saved
+  (deduplicated by address, handler and primary key), *claimed* by the owner of
+  their shard, answered with replies (stream chunks, then one final reply), and
+  eventually deleted by retention.
+* `RunnerStorage`: the runner registry and the shard leases. A runner's session
+  holds its shard locks; when the session ends (clean close, crash, lapsed
+  lease), the locks are freed. Each acquisition of a shard increments the
+  shard's **fencing epoch**.
+
+Fencing: writes that depend on owning a shard (claiming messages, saving
+replies, claiming on save) carry the epoch under which the shard was acquired,
+and the backend refuses them when the shard's epoch has moved on. A runner that
+lost its shard can therefore never record a reply over its successor.
+
+Every method is batch-first, so a backend can turn a batch into one statement;
+the runner coalesces concurrent callers into batches (group commit). Payloads
+are opaque bytes: storage never sees user types.
+
+Times are wall-clock seconds since the Unix epoch as floats, from the runner's
+clock (which may be virtual in tests), passed in explicitly.
+
+Errors: a backend raises `PersistenceError` (with the driver's exception as
+``__cause__``) for any storage failure; no driver exception type escapes.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+
+import attrs
+
+from ._core._addresses import EntityAddress, RunnerAddress, ShardId
+
+__all__ = [
+    "ClaimBatch",
+    "ClaimedRequest",
+    "MessageStorage",
+    "MessagesAvailable",
+    "Notification",
+    "PersistedRequest",
+    "ReplyOutcome",
+    "ReplyQuery",
+    "ReplyRecord",
+    "RepliesAvailable",
+    "RequestsInterrupted",
+    "RunnerInfo",
+    "RunnerStorage",
+    "SaveResult",
+    "ShardOwner",
+    "Storage",
+    "StorageSession",
+    "StoredChunk",
+    "StoredReplies",
+]
+
+
+# --------------------------------------------------------------------------
+# Message records
+
+
+@attrs.frozen
+class PersistedRequest:
+    """A persisted request as the sender stores it."""
+
+    request_id: int
+    """Snowflake id chosen by the sender; unique cluster-wide."""
+    address: EntityAddress
+    tag: str
+    """Handler name on the entity type (its wire name)."""
+    payload: bytes
+    """The encoded message."""
+    primary_key: str | None = None
+    """Dedup key. Two requests with the same address, tag and primary key are
+    the same request: the second is not stored (see `SaveResult`)."""
+    deliver_at: float | None = None
+    """Do not deliver before this wall-clock time (seconds since the epoch)."""
+    stream: bool = False
+    """A stream request: replies are numbered chunks, then one final reply."""
+    claim_epoch: int | None = None
+    """Fast path: the sender owns the shard at this epoch and will deliver the
+    request itself, so store it already claimed. If the epoch is stale the
+    request is stored unclaimed and `SaveResult.claimed` is False. Ignored when
+    ``deliver_at`` is in the future relative to ``now``."""
+
+
+@attrs.frozen
+class SaveResult:
+    """Outcome of saving one `PersistedRequest`."""
+
+    request_id: int
+    """The id of the stored request: the sender's own id, or for a duplicate,
+    the id of the original request."""
+    duplicate: bool
+    """An earlier request had the same address, tag and primary key."""
+    claimed: bool = False
+    """The request was stored claimed at the sender's ``claim_epoch``."""
+    final_reply: bytes | None = None
+    """For a duplicate whose original is finished: its final reply."""
+
+
+@attrs.frozen
+class ClaimedRequest:
+    """A request handed to the owner of its shard by `MessageStorage.claim`."""
+
+    request_id: int
+    address: EntityAddress
+    tag: str
+    payload: bytes
+    primary_key: str | None
+    deliver_at: float | None
+    stream: bool
+    interrupted: bool
+    """Its sender asked for it to be interrupted: record an interrupted reply
+    without running it."""
+    next_sequence: int
+    """For streams: the number of chunks already recorded (resume point)."""
+    epoch: int
+    """The epoch it was claimed under."""
+
+
+@attrs.frozen
+class ClaimBatch:
+    """Result of one claim."""
+
+    requests: list[ClaimedRequest]
+    """In storage order: per entity, the order the requests were saved in."""
+    next_deliver_at: float | None
+    """Earliest ``deliver_at`` after ``now`` of an unprocessed request in the
+    claimed shards, for the owner's timer; None if there is none."""
+    stale_shards: frozenset[ShardId] = frozenset()
+    """Shards skipped because the given epoch is no longer current."""
+    more: bool = False
+    """The batch hit ``limit``: claim again soon."""
+
+
+@attrs.frozen
+class ReplyRecord:
+    """A reply to record: a stream chunk (``sequence`` set) or the final reply."""
+
+    request_id: int
+    shard: ShardId
+    epoch: int
+    """Epoch under which the replying runner owns the shard (fencing)."""
+    payload: bytes
+    sequence: int | None = None
+    """Chunk number (0, 1, ...) of a stream; None for the final reply."""
+
+
+class ReplyOutcome(enum.Enum):
+    """What happened to one `ReplyRecord`."""
+
+    RECORDED = "recorded"
+    DUPLICATE = "duplicate"
+    """A final reply (or that chunk) was already recorded; nothing changed."""
+    STALE_EPOCH = "stale_epoch"
+    """Refused: the shard's epoch moved on (fencing)."""
+    UNKNOWN_REQUEST = "unknown_request"
+    """No such request (deleted by `clear_address` or retention)."""
+
+
+@attrs.frozen
+class ReplyQuery:
+    """Ask for the replies of one request, chunks after ``after_sequence``."""
+
+    request_id: int
+    after_sequence: int = -1
+
+
+@attrs.frozen
+class StoredChunk:
+    sequence: int
+    payload: bytes
+
+
+@attrs.frozen
+class StoredReplies:
+    """The recorded replies of one request."""
+
+    request_id: int
+    known: bool
+    """False if storage has no such request (never saved, or deleted)."""
+    chunks: list[StoredChunk] = attrs.field(factory=list)
+    final: bytes | None = None
+
+
+# Notifications: hints that something changed; delivery is best effort and
+# every consumer must also work from polling.
+
+
+@attrs.frozen
+class MessagesAvailable:
+    """Requests were saved (or interrupted) in these shards."""
+
+    shards: frozenset[ShardId]
+    deliver_at: float | None = None
+    """Earliest ``deliver_at`` among them, if any had one."""
+
+
+@attrs.frozen
+class RepliesAvailable:
+    """Replies were recorded for these requests."""
+
+    request_ids: frozenset[int]
+
+
+@attrs.frozen
+class RequestsInterrupted:
+    """Senders asked for these requests to be interrupted."""
+
+    request_ids: frozenset[int]
+    shards: frozenset[ShardId]
+
+
+Notification = MessagesAvailable | RepliesAvailable | RequestsInterrupted
+
+
+class MessageStorage(ABC):
+    """Durable requests and replies. See the module docstring for fencing."""
+
+    @abstractmethod
+    async def save_requests(
+        self, requests: Sequence[PersistedRequest], *, now: float
+    ) -> list[SaveResult]:
+        """Store requests, one `SaveResult` per request, in order.
+
+        A request with a primary key that matches a stored request (same
+        address, tag and key), or an earlier request of the same batch, is a
+        duplicate: it is not stored, and the result names the original.
+        A request whose ``request_id`` is already stored is a duplicate of
+        itself (saving is idempotent under retries).
+        """
+
+    @abstractmethod
+    async def claim(
+        self, shards: Mapping[ShardId, int], *, now: float, limit: int
+    ) -> ClaimBatch:
+        """Claim up to ``limit`` deliverable requests of the given shards.
+
+        ``shards`` maps each shard to the epoch the caller holds it at. A
+        request is deliverable when it has no final reply, its ``deliver_at``
+        is None or ``<= now``, and it was not claimed at this epoch already.
+        Claimed requests are marked with the epoch, so they are not returned
+        again until the shard's epoch changes (a new owner re-claims all).
+        Shards whose epoch is stale are skipped and reported.
+        """
+
+    @abstractmethod
+    async def save_replies(
+        self, replies: Sequence[ReplyRecord], *, now: float
+    ) -> list[ReplyOutcome]:
+        """Record replies (fenced by epoch), one outcome per reply, in order.
+
+        A final reply marks its request processed at ``now`` (retention counts
+        from there). At most one final reply and one chunk per sequence number
+        is ever recorded for a request; a chunk sent after the final reply is
+        a `ReplyOutcome.DUPLICATE`.
+        """
+
+    @abstractmethod
+    async def replies_for(self, queries: Sequence[ReplyQuery]) -> list[StoredReplies]:
+        """The recorded replies for each query, in order (chunks ascending)."""
+
+    @abstractmethod
+    async def ack_chunks(self, acks: Sequence[tuple[int, int]]) -> None:
+        """Mark chunks of ``(request_id, sequence)`` and all earlier chunks of
+        that request as received by the caller."""
+
+    @abstractmethod
+    async def interrupt(self, request_ids: Sequence[int]) -> None:
+        """Ask for unfinished requests to be interrupted. The owner records an
+        interrupted reply; finished or unknown requests are left alone."""
+
+    @abstractmethod
+    async def clear_address(self, address: EntityAddress) -> int:
+        """Delete every request and reply of one entity; returns the number of
+        requests deleted."""
+
+    @abstractmethod
+    async def delete_processed(self, *, older_than: float, limit: int) -> int:
+        """Retention: delete up to ``limit`` finished requests (and their
+        replies) whose final reply was recorded before ``older_than``."""
+
+    @abstractmethod
+    async def wait_notifications(self) -> list[Notification]:
+        """Wait for and return the next notifications (at least one).
+
+        Notifications include those caused by this session's own writes.
+        On cancellation nothing is lost that was not already returned.
+        """
+
+
+# --------------------------------------------------------------------------
+# Runner records
+
+
+@attrs.frozen
+class RunnerInfo:
+    """A runner as registered in storage."""
+
+    address: RunnerAddress
+    groups: tuple[str, ...]
+    weight: float = 1.0
+    machine_id: int | None = None
+    """Snowflake machine id, unique among registered runners (0..1023); set by
+    `RunnerStorage.register`."""
+
+
+@attrs.frozen
+class ShardOwner:
+    """Who holds a shard, as storage sees it (for status and tests)."""
+
+    shard: ShardId
+    runner: RunnerAddress | None
+    epoch: int
+
+
+class RunnerStorage(ABC):
+    """Runner registry and shard leases, bound to one runner's lock session.
+
+    The session holds the shard locks: when it ends, for whatever reason, they
+    are freed. A session that is not refreshed within its lease duration is
+    ended by the backend (the database's idle-session timeout).
+    """
+
+    @abstractmethod
+    async def register(self, runner: RunnerInfo) -> int:
+        """Register (or re-register) this session's runner; returns its
+        Snowflake machine id (0..1023), unique among live runners.
+
+        A registration is live while its session is: if the backend has to
+        open a new lock session (the old one ended), liveness is restored on
+        the next call, but no shard lock is (`refresh` reports them gone).
+        """
+
+    @abstractmethod
+    async def unregister(self) -> None:
+        """Remove this session's runner from the registry."""
+
+    @abstractmethod
+    async def live_runners(self) -> list[RunnerInfo]:
+        """Registered runners whose sessions are alive, sorted by address."""
+
+    @abstractmethod
+    async def acquire(self, shards: Collection[ShardId]) -> dict[ShardId, int]:
+        """Try to lock shards; returns those now held, with their epoch.
+
+        Each shard newly acquired gets ``epoch = previous epoch + 1``; a shard
+        this session already holds is returned with its current epoch; a shard
+        held by another session is left out.
+        """
+
+    @abstractmethod
+    async def refresh(self, shards: Collection[ShardId]) -> set[ShardId]:
+        """Heartbeat the session and report which of ``shards`` it still holds."""
+
+    @abstractmethod
+    async def release(self, shards: Collection[ShardId]) -> None:
+        """Unlock shards (those not held are ignored)."""
+
+    @abstractmethod
+    async def release_all(self) -> None:
+        """Unlock every shard this session holds."""
+
+    @abstractmethod
+    async def shard_owners(self) -> list[ShardOwner]:
+        """Every shard that was ever acquired, with its holder and epoch."""
+
+
+# --------------------------------------------------------------------------
+# Backend entry point
+
+
+@attrs.frozen
+class StorageSession:
+    """One runner's open connection to a storage backend."""
+
+    messages: MessageStorage
+    runners: RunnerStorage
+
+
+class Storage(ABC):
+    """A storage backend: something runners open sessions on."""
+
+    @abstractmethod
+    def open_session(
+        self, *, name: str, lease_duration: float
+    ) -> AbstractAsyncContextManager[StorageSession]:
+        """Open one runner's session.
+
+        Args:
+            name: shown by the backend (e.g. PostgreSQL ``application_name``).
+            lease_duration: the session ends if not refreshed for this long.
+
+        On exit (and on cancellation) the session is closed and every lock it
+        holds is released.
+        """

@@ -1,0 +1,51 @@
+"""Abstract base classes for trio_cluster's pluggable edges.
+
+Implement `Storage` (with its `MessageStorage` and `RunnerStorage` services) to
+add a storage backend; run `trio_cluster.testing.StorageConformance` against it.
+"""
+
+from __future__ import annotations
+
+from ._storage_abc import (
+    ClaimBatch as ClaimBatch,
+    ClaimedRequest as ClaimedRequest,
+    MessagesAvailable as MessagesAvailable,
+    MessageStorage as MessageStorage,
+    Notification as Notification,
+    PersistedRequest as PersistedRequest,
+    RepliesAvailable as RepliesAvailable,
+    ReplyOutcome as ReplyOutcome,
+    ReplyQuery as ReplyQuery,
+    ReplyRecord as ReplyRecord,
+    RequestsInterrupted as RequestsInterrupted,
+    RunnerInfo as RunnerInfo,
+    RunnerStorage as RunnerStorage,
+    SaveResult as SaveResult,
+    ShardOwner as ShardOwner,
+    Storage as Storage,
+    StorageSession as StorageSession,
+    StoredChunk as StoredChunk,
+    StoredReplies as StoredReplies,
+)
+
+__all__ = [
+    "ClaimBatch",
+    "ClaimedRequest",
+    "MessageStorage",
+    "MessagesAvailable",
+    "Notification",
+    "PersistedRequest",
+    "RepliesAvailable",
+    "ReplyOutcome",
+    "ReplyQuery",
+    "ReplyRecord",
+    "RequestsInterrupted",
+    "RunnerInfo",
+    "RunnerStorage",
+    "SaveResult",
+    "ShardOwner",
+    "Storage",
+    "StorageSession",
+    "StoredChunk",
+    "StoredReplies",
+]
