@@ -189,6 +189,8 @@ class StoredReplies:
     """False if storage has no such request (never saved, or deleted)."""
     chunks: list[StoredChunk] = attrs.field(factory=list)
     final: bytes | None = None
+    acked_sequence: int = -1
+    """highest chunk sequence acknowledged with ack_chunks, -1 if none"""
 
 
 # Notifications: hints that something changed; delivery is best effort and
@@ -235,7 +237,9 @@ class MessageStorage(ABC):
         address, tag and key), or an earlier request of the same batch, is a
         duplicate: it is not stored, and the result names the original.
         A request whose ``request_id`` is already stored is a duplicate of
-        itself (saving is idempotent under retries).
+        itself (saving is idempotent under retries); if it is still claimed at
+        the given ``claim_epoch``, the result says ``claimed=True`` again, so a
+        sender whose first attempt committed but timed out still delivers it.
         """
 
     @abstractmethod
@@ -276,7 +280,12 @@ class MessageStorage(ABC):
     @abstractmethod
     async def interrupt(self, request_ids: Sequence[int]) -> None:
         """Ask for unfinished requests to be interrupted. The owner records an
-        interrupted reply; finished or unknown requests are left alone."""
+        interrupted reply; finished or unknown requests are left alone.
+
+        A request already claimed at the current epoch is not claimed again,
+        so its owner learns of the interruption from `RequestsInterrupted`
+        (or, after a failover, from ``ClaimedRequest.interrupted``).
+        """
 
     @abstractmethod
     async def clear_address(self, address: EntityAddress) -> int:
@@ -326,8 +335,10 @@ class RunnerStorage(ABC):
     """Runner registry and shard leases, bound to one runner's lock session.
 
     The session holds the shard locks: when it ends, for whatever reason, they
-    are freed. A session that is not refreshed within its lease duration is
-    ended by the backend (the database's idle-session timeout).
+    are freed. Every call renews the session; a session with no call for its
+    lease duration is ended by the backend (the database's idle-session
+    timeout). A shard that was never acquired has epoch 0, which is stale for
+    every claim and reply.
     """
 
     @abstractmethod
