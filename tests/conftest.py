@@ -6,6 +6,8 @@ import os
 
 from hypothesis import HealthCheck, settings
 
+pytest_plugins = ["tests.pg_fixture"]
+
 # `dev` keeps the default test command fast; `ci` explores much more
 # (selected with HYPOTHESIS_PROFILE=ci, as `tox -e simulation` does).
 settings.register_profile(

@@ -1,0 +1,263 @@
+"""pytest plugin: a PostgreSQL server, a schema per test, admin helpers (test support).
+
+Loaded from ``tests/conftest.py`` (``pytest_plugins``). Fixtures:
+
+* ``postgres_dsn`` (session): ``TRIO_CLUSTER_TEST_DSN`` if set; else the server
+  on ``127.0.0.1:5432`` (database ``test``) if it answers; else a throwaway
+  cluster started from the system PostgreSQL binaries (`throwaway_cluster`),
+  stopped and deleted at the end of the session. If none works the tests fail
+  loudly with the reasons: a PostgreSQL test is never skipped silently.
+* ``pg_schema``: a fresh schema ``test_<hex>`` per test, dropped (cascade)
+  afterwards. Its ``dsn`` sets ``search_path`` to the schema, so unqualified
+  table names stay private to the test.
+* ``pg_admin``: synchronous SQL on an independent connection (sync psycopg),
+  e.g. to terminate a backend in fault tests.
+
+Mark PostgreSQL tests with ``pytest.mark.postgres``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+ENV_DSN = "TRIO_CLUSTER_TEST_DSN"
+DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
+_PROBE_TIMEOUT = 2  # seconds (libpq's connect_timeout is whole seconds)
+
+
+def probe(dsn: str) -> str | None:
+    """Connect to ``dsn`` and run ``select 1``; return why that failed, or None."""
+    try:
+        with psycopg.connect(
+            dsn, connect_timeout=_PROBE_TIMEOUT, autocommit=True
+        ) as conn:
+            conn.execute("select 1")
+    except psycopg.Error as exc:
+        return f"{type(exc).__name__}: {str(exc).strip()}"
+    return None
+
+
+def pg_bin_dir() -> Path:
+    """``PG_BIN`` if set, else the newest ``/usr/lib/postgresql/<major>/bin``."""
+    if os.environ.get("PG_BIN"):
+        return Path(os.environ["PG_BIN"])
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"),
+        key=lambda path: int(path.parent.name) if path.parent.name.isdigit() else -1,
+    )
+    if not found:
+        raise FileNotFoundError(
+            "no PostgreSQL binaries in /usr/lib/postgresql/*/bin; set PG_BIN"
+        )
+    return found[-1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def throwaway_cluster(bin_dir: Path | None = None) -> Iterator[str]:
+    """Start a temporary PostgreSQL cluster; yield its DSN; stop and delete it.
+
+    ``initdb`` and ``postgres`` refuse to run as root, so as root they run as
+    the ``postgres`` system user (created by Debian's postgresql-common). The
+    cluster listens on 127.0.0.1 on a free port, with fsync off (test data).
+
+    Raises:
+        subprocess.CalledProcessError: initdb or pg_ctl failed (the error has
+            their output).
+        KeyError: running as root and there is no ``postgres`` user.
+    """
+    bin_dir = bin_dir or pg_bin_dir()
+    base = Path(tempfile.mkdtemp(prefix="trio-cluster-pg-"))
+    run_as = None
+    if os.geteuid() == 0:
+        run_as = "postgres"
+        user = pwd.getpwnam(run_as)
+        os.chown(base, user.pw_uid, user.pw_gid)
+    data, port = base / "data", _free_port()
+
+    def run(*args: str | Path, check: bool = True) -> None:
+        command = [str(arg) for arg in args]
+        done = subprocess.run(command, user=run_as, capture_output=True, text=True)
+        if check and done.returncode:
+            raise subprocess.CalledProcessError(
+                done.returncode, command, done.stdout, f"{done.stderr}"
+            )
+
+    started = False
+    try:
+        run(
+            bin_dir / "initdb",
+            "-D",
+            data,
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
+        settings = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 {settings}"
+        started = True  # pg_ctl may have started the server even if it fails
+        run(
+            bin_dir / "pg_ctl",
+            "-D",
+            data,
+            "-l",
+            base / "log",
+            "-w",
+            "-o",
+            options,
+            "start",
+        )
+        yield f"host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=disable"
+    finally:
+        if started:
+            run(
+                bin_dir / "pg_ctl",
+                "-D",
+                data,
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+                check=False,
+            )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """The DSN of a PostgreSQL server for this test session (see module docstring)."""
+    if env_dsn := os.environ.get(ENV_DSN):
+        if problem := probe(env_dsn):
+            pytest.fail(
+                f"{ENV_DSN} is set but its server fails: {problem}", pytrace=False
+            )
+        yield env_dsn
+        return
+    if (local_problem := probe(DEFAULT_DSN)) is None:
+        yield DEFAULT_DSN
+        return
+    with contextlib.ExitStack() as stack:
+        failure = None
+        try:
+            dsn = stack.enter_context(throwaway_cluster())
+        except (OSError, KeyError, subprocess.CalledProcessError) as exc:
+            output = getattr(exc, "stderr", "") or ""
+            failure = f"{type(exc).__name__}: {exc} {output}".strip()
+        if failure is not None:
+            pytest.fail(
+                "no PostgreSQL for the tests:\n"
+                f"- {ENV_DSN} is not set\n"
+                f"- {DEFAULT_DSN!r} does not answer: {local_problem}\n"
+                f"- starting a throwaway cluster failed: {failure}",
+                pytrace=False,
+            )
+        yield dsn
+
+
+def dsn_with_options(dsn: str, options: str) -> str:
+    """``dsn`` with ``options`` appended to its libpq ``options`` parameter."""
+    params = conninfo_to_dict(dsn)
+    existing = str(params.get("options") or "")
+    params["options"] = f"{existing} {options}".strip()
+    return make_conninfo("", **params)
+
+
+@attrs.frozen
+class PgSchema:
+    """A schema private to one test."""
+
+    base_dsn: str
+    """The session's DSN (``search_path`` not set)."""
+    name: str
+    """The schema name, ``test_<hex>``."""
+
+    @property
+    def dsn(self) -> str:
+        """A DSN whose sessions use the schema as ``search_path``."""
+        return dsn_with_options(self.base_dsn, f"-csearch_path={self.name}")
+
+    def qualified(self, table: str) -> str:
+        """``table`` qualified with the schema."""
+        return f'"{self.name}"."{table}"'
+
+
+@attrs.frozen
+class PgAdmin:
+    """Synchronous SQL on short-lived autocommit connections (sync psycopg)."""
+
+    dsn: str
+    """Where to connect."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement (``%s`` placeholders); return its rows, if any."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            cursor = conn.execute(sql, params or None)
+            return cursor.fetchall() if cursor.description else []
+
+    def backends(self, application_name: str) -> list[int]:
+        """Backend pids of the sessions with this ``application_name``."""
+        rows = self.execute(
+            "select pid from pg_stat_activity where application_name = %s order by pid",
+            [application_name],
+        )
+        return [int(row[0]) for row in rows]
+
+    def terminate(
+        self, *, application_name: str | None = None, pid: int | None = None
+    ) -> int:
+        """``pg_terminate_backend`` the matching sessions, waiting up to 2 s for
+        each to exit; return how many were terminated."""
+        rows = self.execute(
+            "select pg_terminate_backend(pid, 2000) from pg_stat_activity"
+            " where (application_name = %s or pid = %s) and pid <> pg_backend_pid()",
+            [application_name, pid],
+        )
+        return sum(1 for (done,) in rows if done)
+
+
+@pytest.fixture(scope="session")
+def pg_admin(postgres_dsn: str) -> PgAdmin:
+    """Synchronous admin SQL on the session's server."""
+    return PgAdmin(postgres_dsn)
+
+
+@pytest.fixture
+def pg_schema(postgres_dsn: str, pg_admin: PgAdmin) -> Iterator[PgSchema]:
+    """A fresh schema for one test, dropped (cascade) afterwards."""
+    schema = PgSchema(postgres_dsn, f"test_{uuid.uuid4().hex}")
+    pg_admin.execute(f'CREATE SCHEMA "{schema.name}"')
+    try:
+        yield schema
+    finally:
+        # A test that left a session holding locks in the schema must not hang
+        # the run: give up loudly after a few seconds.
+        pg_admin.execute(
+            f"SET lock_timeout = '5s'; DROP SCHEMA \"{schema.name}\" CASCADE"
+        )
