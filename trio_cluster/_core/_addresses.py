@@ -7,9 +7,19 @@ messages and storage keys, and a ``parse`` classmethod that inverts it.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import attrs
 
-__all__ = ["MAX_ENTITY_ID_LENGTH", "EntityAddress", "EntityId", "RunnerAddress", "ShardId"]
+T = TypeVar("T")
+
+__all__ = [
+    "MAX_ENTITY_ID_LENGTH",
+    "EntityAddress",
+    "EntityId",
+    "RunnerAddress",
+    "ShardId",
+]
 
 MAX_ENTITY_ID_LENGTH = 255
 """Longest entity id accepted, in characters (it is part of storage keys)."""
@@ -54,10 +64,10 @@ class ShardId:
         """Invert ``str()``: ``"default:17"`` -> ``ShardId("default", 17)``.
 
         Raises:
-            ValueError: ``text`` is not of the form ``group:number``.
+            ValueError: ``text`` is not of the form ``group:number`` (ASCII digits).
         """
         group, sep, number = text.rpartition(":")
-        if not sep or not group or not number.isdigit():
+        if not sep or not group or not (number.isascii() and number.isdigit()):
             raise ValueError(f"not a shard id: {text!r} (expected 'group:number')")
         return cls(group, int(number))
 
@@ -74,12 +84,17 @@ class EntityAddress:
         return f"{self.entity_type}/{self.entity_id}@{self.shard}"
 
 
+def _check_port(_: object, __: object, value: T) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ValueError(f"port must be an integer in 0..65535, got {value!r}")
+
+
 @attrs.frozen(order=True)
 class RunnerAddress:
     """The address a runner is reachable at by other runners."""
 
     host: str
-    port: int
+    port: int = attrs.field(validator=_check_port)
 
     def __str__(self) -> str:
         if ":" in self.host:
@@ -96,6 +111,13 @@ class RunnerAddress:
         host, sep, port = text.rpartition(":")
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
+        if (
+            not sep
+            or not host
+            or "[" in host
+            or "]" in host
+            or not (port.isascii() and port.isdigit())
+            or int(port) > 65535
+        ):
             raise ValueError(f"not a runner address: {text!r} (expected 'host:port')")
         return cls(host, int(port))

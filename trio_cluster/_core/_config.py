@@ -13,20 +13,26 @@ timeout arguments: durations that are policy live here.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, TypeVar
+
 import attrs
 
 from .._errors import ConfigError
 from ._addresses import RunnerAddress
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
 __all__ = ["ENV_PREFIX", "ShardingConfig"]
+
+T = TypeVar("T")
 
 ENV_PREFIX = "TRIO_CLUSTER_"
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _MAX_SHARDS_PER_GROUP = 65_536
 
 
-def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+def _positive(_: object, attribute: attrs.Attribute[T], value: T) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{attribute.name} must be a number, got {value!r}")
     if not value > 0 or value == float("inf"):
@@ -35,19 +41,24 @@ def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> Non
         )
 
 
-def _positive_int(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+def _positive_int(_: object, attribute: attrs.Attribute[T], value: T) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{attribute.name} must be an integer >= 1, got {value!r}")
 
 
+def _check_bool(_: object, attribute: attrs.Attribute[T], value: T) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{attribute.name} must be True or False, got {value!r}")
+
+
 def _optional_positive_int(
-    instance: object, attribute: attrs.Attribute[int], value: int | None
+    instance: object, attribute: attrs.Attribute[T], value: T
 ) -> None:
     if value is not None:
         _positive_int(instance, attribute, value)
 
 
-def _check_groups(_: object, attribute: attrs.Attribute[object], value: object) -> None:
+def _check_groups(_: object, attribute: attrs.Attribute[T], value: T) -> None:
     if not isinstance(value, tuple) or not value:
         raise ConfigError(f"{attribute.name} must be a non-empty tuple of group names")
     for group in value:
@@ -69,9 +80,7 @@ def _check_shards(_: object, attribute: attrs.Attribute[int], value: int) -> Non
         )
 
 
-def _check_address(
-    _: object, attribute: attrs.Attribute[object], value: object
-) -> None:
+def _check_address(_: object, attribute: attrs.Attribute[T], value: T) -> None:
     if not isinstance(value, RunnerAddress):
         raise ConfigError(
             f"{attribute.name} must be a RunnerAddress, e.g."
@@ -170,19 +179,20 @@ class ShardingConfig:
     """Longest a call waits for its shard to get an owner before raising
     `EntityNotAssignedError`, even when the caller set no deadline."""
 
-    serialize_local_calls: bool = attrs.field(
-        default=True, validator=attrs.validators.instance_of(bool)
-    )
+    serialize_local_calls: bool = attrs.field(default=True, validator=_check_bool)
     """Encode and decode messages and replies even when caller and entity share
     a runner, so a message that could not cross the wire fails in tests too.
     Turn off for speed once your messages are known to encode."""
 
-    max_message_size: int = attrs.field(default=4 * 1024 * 1024, validator=_positive_int)
+    max_message_size: int = attrs.field(
+        default=4 * 1024 * 1024, validator=_positive_int
+    )
     """Largest encoded message or reply, in bytes; bigger ones are refused with
     `MessageTooLargeError` before they are stored or sent."""
 
     def __attrs_post_init__(self) -> None:
-        if self.lease_refresh_interval * 3 > self.lease_duration:
+        # Tolerate float rounding: 0.1 * 3 > 0.3 in binary floating point.
+        if self.lease_refresh_interval * 3 > self.lease_duration * (1 + 1e-9):
             raise ConfigError(
                 f"lease_refresh_interval ({self.lease_refresh_interval} s) must be at"
                 f" most a third of lease_duration ({self.lease_duration} s), so a"
@@ -213,8 +223,9 @@ class ShardingConfig:
         Args:
             environ: usually ``os.environ``.
             ignore: other ``TRIO_CLUSTER_*`` names in use by the application,
-                which are not config fields (``TRIO_CLUSTER_DSN`` and
-                ``TRIO_CLUSTER_TEST_DSN`` are always ignored).
+                which are not config fields, with or without the prefix
+                (``TRIO_CLUSTER_DSN``, ``TRIO_CLUSTER_TEST_DSN`` and
+                ``TRIO_CLUSTER_LOG_LEVEL`` are always ignored).
             overrides: field values that take precedence.
 
         Raises:
@@ -222,7 +233,8 @@ class ShardingConfig:
                 value that does not parse or validate.
         """
         fields = {field.name: field for field in attrs.fields(cls)}
-        ignored = ignore | {"DSN", "TEST_DSN", "LOG_LEVEL"}
+        ignored = {name.removeprefix(ENV_PREFIX) for name in ignore}
+        ignored |= {"DSN", "TEST_DSN", "LOG_LEVEL"}
         values: dict[str, object] = {}
         for key, raw in environ.items():
             if not key.startswith(ENV_PREFIX):
@@ -272,4 +284,6 @@ def _parse_env(key: str, field: attrs.Attribute[object], raw: str) -> object:
     try:
         return parser(raw.strip())
     except ValueError as exc:
-        raise ConfigError(f"{key}={raw!r} does not parse as {type_text}: {exc}") from None
+        raise ConfigError(
+            f"{key}={raw!r} does not parse as {type_text}: {exc}"
+        ) from None

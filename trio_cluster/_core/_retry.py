@@ -1,0 +1,137 @@
+"""Retry schedules: capped exponential backoff with optional jitter (sans-IO).
+
+Theory of operation: a `Backoff` is a frozen policy; the delay before retry
+number ``attempt`` (0 for the first retry) is::
+
+    min(maximum, initial * factor ** attempt) * (1 - jitter * random_unit)
+
+Randomness is an argument: the driver draws ``random_unit`` from its own
+random source (uniform in [0, 1)), so tests and simulations stay
+deterministic. With ``jitter = 0`` the schedule is fully deterministic; with
+``jitter = j`` every delay falls in ``[(1 - j) * d, d]``, which spreads out
+the retries of many runners that failed at the same moment. Huge attempt
+numbers are fine: the delay saturates at ``maximum`` instead of overflowing.
+
+Policies usually come from `ShardingConfig`, so invalid ones raise
+`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import attrs
+
+from .._errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+__all__ = ["Backoff"]
+
+_MAX_EXPONENT = 1 << 64
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"backoff {name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"backoff {name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _check_positive(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not _number(attribute.name, value) > 0:
+        raise ConfigError(
+            f"backoff {attribute.name} must be > 0 seconds, got {value!r}"
+        )
+
+
+def _check_factor(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not _number(attribute.name, value) >= 1:
+        raise ConfigError(
+            f"backoff factor must be >= 1 (1 retries at a constant rate), got {value!r}"
+        )
+
+
+def _check_jitter(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not 0 <= _number(attribute.name, value) <= 1:
+        raise ConfigError(
+            f"backoff jitter must be in [0, 1] (a fraction of the delay), got {value!r}"
+        )
+
+
+@attrs.frozen
+class Backoff:
+    """Capped exponential backoff: ``Backoff(0.1, 10.0)`` waits 0.1, 0.2, 0.4
+    ... up to 10 seconds.
+
+    Raises:
+        ConfigError: on construction, for a value that is not a finite number,
+            ``initial`` or ``maximum`` not positive, ``maximum < initial``,
+            ``factor < 1`` or ``jitter`` outside [0, 1].
+    """
+
+    initial: float = attrs.field(validator=_check_positive)
+    """Delay before the first retry, in seconds."""
+
+    maximum: float = attrs.field(validator=_check_positive)
+    """Longest delay, in seconds; at least ``initial``."""
+
+    factor: float = attrs.field(default=2.0, validator=_check_factor)
+    """Growth of the delay from one attempt to the next (>= 1)."""
+
+    jitter: float = attrs.field(default=0.0, validator=_check_jitter)
+    """Fraction of each delay that may be randomly removed (0: none)."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.maximum < self.initial:
+            raise ConfigError(
+                f"backoff maximum ({self.maximum} s) is below initial"
+                f" ({self.initial} s); raise the maximum or lower the initial delay"
+            )
+
+    def delay(self, attempt: int, random_unit: float = 0.0) -> float:
+        """The delay before retry number ``attempt``, in seconds.
+
+        Args:
+            attempt: 0 for the first retry, 1 for the second, and so on.
+            random_unit: a uniform random number in [0, 1), drawn by the
+                caller; only used when ``jitter`` is not 0.
+
+        Returns:
+            ``min(maximum, initial * factor ** attempt) * (1 - jitter * random_unit)``.
+
+        Raises:
+            TypeError: ``attempt`` is not an int.
+            ValueError: ``attempt`` is negative, or ``random_unit`` is not in
+                [0, 1).
+        """
+        if isinstance(attempt, bool) or not isinstance(attempt, int):
+            raise TypeError(f"attempt must be an int, got {type(attempt).__name__}")
+        if attempt < 0:
+            raise ValueError(f"attempt must be >= 0, got {attempt}")
+        if not 0 <= random_unit < 1:
+            raise ValueError(f"random_unit must be in [0, 1), got {random_unit!r}")
+        try:
+            # Clamping the exponent keeps ``1.0 ** huge`` from failing to
+            # convert ``huge`` to a float; any factor above 1 has saturated
+            # long before 2**64 attempts.
+            growth = float(self.factor) ** min(attempt, _MAX_EXPONENT)
+        except OverflowError:
+            growth = math.inf
+        capped = min(self.maximum, self.initial * growth)
+        return capped * (1 - self.jitter * random_unit)
+
+    def delays(self, random_units: Iterable[float]) -> Iterator[float]:
+        """The delays of successive retries, one per random unit.
+
+        ``delays(itertools.repeat(0.0))`` is the deterministic schedule;
+        a driver passes ``iter(rng.random, None)``-like streams for jitter.
+
+        Raises:
+            ValueError: a random unit is not in [0, 1) (when it is reached).
+        """
+        for attempt, random_unit in enumerate(random_units):
+            yield self.delay(attempt, random_unit)
