@@ -1,7 +1,20 @@
-"""trio_cluster: distributed, persistent actors (entities) for Trio."""
+"""trio_cluster: distributed, persistent actors (entities) for Trio.
+
+Write entity classes with ``@rpc`` and ``@stream`` handlers, open a runner,
+and call entities by id from anywhere in the cluster::
+
+    async with trio_cluster.open_runner(entities=[Account]) as runner:
+        await runner.client(Account)("alice").deposit(Deposit("t1", 10))
+"""
 
 from __future__ import annotations
 
+from ._client import EntityClient as EntityClient
+from ._clock import Clock as Clock, TrioWallClock as TrioWallClock
+from ._context import (
+    current_entity_address as current_entity_address,
+    current_runner as current_runner,
+)
 from ._core._addresses import (
     EntityAddress as EntityAddress,
     EntityId as EntityId,
@@ -9,6 +22,9 @@ from ._core._addresses import (
     ShardId as ShardId,
 )
 from ._core._config import ShardingConfig as ShardingConfig
+from ._core._snowflake import Snowflake as Snowflake
+from ._cron import Cron as Cron
+from ._entity import Entity as Entity
 from ._errors import (
     AlreadyProcessingError as AlreadyProcessingError,
     ClusterError as ClusterError,
@@ -26,14 +42,34 @@ from ._errors import (
     StaleEpochError as StaleEpochError,
     UnknownEntityTypeError as UnknownEntityTypeError,
 )
+from ._handlers import (
+    BoundRpc as BoundRpc,
+    BoundStream as BoundStream,
+    rpc as rpc,
+    stream as stream,
+)
+from ._runner import (
+    Runner as Runner,
+    RunnerClosedError as RunnerClosedError,
+    open_runner as open_runner,
+    serve_runner as serve_runner,
+)
+from ._singletons import Singleton as Singleton
+from ._statistics import RunnerStatistics as RunnerStatistics
 from ._version import __version__ as __version__
 
 __all__ = [
     "AlreadyProcessingError",
+    "BoundRpc",
+    "BoundStream",
+    "Clock",
     "ClusterError",
     "ClusterInternalError",
     "ConfigError",
+    "Cron",
+    "Entity",
     "EntityAddress",
+    "EntityClient",
     "EntityDefinitionError",
     "EntityId",
     "EntityNotAssignedError",
@@ -43,10 +79,22 @@ __all__ = [
     "PersistenceError",
     "RemoteError",
     "RequestInterruptedError",
+    "Runner",
     "RunnerAddress",
+    "RunnerClosedError",
+    "RunnerStatistics",
     "RunnerUnavailableError",
     "ShardId",
     "ShardingConfig",
+    "Singleton",
+    "Snowflake",
     "StaleEpochError",
+    "TrioWallClock",
     "UnknownEntityTypeError",
+    "current_entity_address",
+    "current_runner",
+    "open_runner",
+    "rpc",
+    "serve_runner",
+    "stream",
 ]

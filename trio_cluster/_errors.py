@@ -11,6 +11,8 @@ I/O library, so the sans-IO core may raise these errors too.
 
 from __future__ import annotations
 
+from typing import cast
+
 import attrs
 
 __all__ = [
@@ -36,6 +38,22 @@ class ClusterError(Exception):
     """Root of every error raised by trio_cluster."""
 
 
+def _rebuild(cls: type[ClusterError], fields: dict[str, object]) -> ClusterError:
+    return cls(**fields)
+
+
+class _WireError(ClusterError):
+    """Base of the attrs-defined errors that cross the wire: they pickle by
+    field (attrs keyword-only exceptions do not rebuild from ``args``)."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        fields = {
+            field.name: getattr(self, field.name)
+            for field in attrs.fields(cast("type[attrs.AttrsInstance]", type(self)))
+        }
+        return (_rebuild, (type(self), fields))
+
+
 class ClusterInternalError(ClusterError):
     """An invariant of trio_cluster was broken: this is a bug, please report it."""
 
@@ -53,7 +71,7 @@ class EntityDefinitionError(ClusterError, TypeError):
 
 
 @attrs.define(eq=False, kw_only=True)
-class MailboxFullError(ClusterError):
+class MailboxFullError(_WireError):
     """The entity's mailbox is at ``mailbox_capacity``, or the runner is at
     ``max_resident_entities`` with no idle entity to passivate.
 
@@ -69,7 +87,7 @@ class MailboxFullError(ClusterError):
 
 
 @attrs.define(eq=False, kw_only=True)
-class EntityNotAssignedError(ClusterError):
+class EntityNotAssignedError(_WireError):
     """No runner currently serves the entity's shard (it is moving, or its
     lease lapsed), and the caller's deadline did not leave time to wait."""
 
@@ -81,7 +99,7 @@ class EntityNotAssignedError(ClusterError):
 
 
 @attrs.define(eq=False, kw_only=True)
-class RunnerUnavailableError(ClusterError):
+class RunnerUnavailableError(_WireError):
     """A runner could not be reached, or went away while handling a request.
 
     For a volatile request the outcome is unknown: the handler may or may not
@@ -96,7 +114,7 @@ class RunnerUnavailableError(ClusterError):
 
 
 @attrs.define(eq=False, kw_only=True)
-class AlreadyProcessingError(ClusterError):
+class AlreadyProcessingError(_WireError):
     """A request with the same id is already being processed."""
 
     request_id: int
@@ -106,7 +124,7 @@ class AlreadyProcessingError(ClusterError):
 
 
 @attrs.define(eq=False, kw_only=True)
-class RequestInterruptedError(ClusterError):
+class RequestInterruptedError(_WireError):
     """The persisted request was interrupted (its sender cancelled it) before a
     value was produced. Seen by callers that attached to a request started by
     somebody else, through its primary key."""
@@ -125,7 +143,7 @@ class PersistenceError(ClusterError):
 
 
 @attrs.define(eq=False, kw_only=True)
-class StaleEpochError(ClusterError):
+class StaleEpochError(_WireError):
     """A write that depends on shard ownership carried an epoch that is no
     longer current: another runner acquired the shard since. The write was
     refused (fencing)."""
@@ -142,7 +160,7 @@ class StaleEpochError(ClusterError):
 
 
 @attrs.define(eq=False, kw_only=True)
-class MalformedMessageError(ClusterError, ValueError):
+class MalformedMessageError(_WireError, ValueError):
     """A message, reply or frame could not be decoded (or encoded).
 
     ``problems`` lists each problem with the path of the field at fault, for
@@ -159,7 +177,7 @@ class MalformedMessageError(ClusterError, ValueError):
 
 
 @attrs.define(eq=False, kw_only=True)
-class MessageTooLargeError(ClusterError, ValueError):
+class MessageTooLargeError(_WireError, ValueError):
     """An encoded message or reply is larger than ``max_message_size``."""
 
     size: int
@@ -170,7 +188,7 @@ class MessageTooLargeError(ClusterError, ValueError):
 
 
 @attrs.define(eq=False, kw_only=True)
-class UnknownEntityTypeError(ClusterError):
+class UnknownEntityTypeError(_WireError):
     """The runner that owns the shard has no entity type (or handler) by that
     name registered."""
 
@@ -184,7 +202,7 @@ class UnknownEntityTypeError(ClusterError):
 
 
 @attrs.define(eq=False, kw_only=True)
-class RemoteError(ClusterError):
+class RemoteError(_WireError):
     """A handler raised an exception it did not declare.
 
     The original exception stays on the runner that ran the handler (where it

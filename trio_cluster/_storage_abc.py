@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING
 
 import attrs
 
 from ._core._addresses import EntityAddress, RunnerAddress, ShardId
+
+if TYPE_CHECKING:
+    from collections.abc import Collection, Mapping, Sequence
+    from contextlib import AbstractAsyncContextManager
 
 __all__ = [
     "ClaimBatch",
@@ -46,10 +49,10 @@ __all__ = [
     "MessagesAvailable",
     "Notification",
     "PersistedRequest",
+    "RepliesAvailable",
     "ReplyOutcome",
     "ReplyQuery",
     "ReplyRecord",
-    "RepliesAvailable",
     "RequestsInterrupted",
     "RunnerInfo",
     "RunnerStorage",

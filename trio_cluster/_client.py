@@ -1,0 +1,139 @@
+"""Clients: typed handles on entities, by id (Trio driver, caller side).
+
+``runner.client(Account)`` gives an `EntityClient`; calling it with an id gives
+a handle that is *typed as* ``Account`` (so ``.deposit(msg)`` type-checks with
+the handler's own message and reply types) but is really an `EntityRef`,
+whose handler attributes send messages through the runner instead of calling
+methods. Only handlers (and ``id``/``address``) exist on a handle; reading
+entity state through it raises `AttributeError`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+
+from ._core._addresses import EntityAddress, EntityId, ShardId
+from ._core._hashing import shard_number
+from ._entity import Entity
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from contextlib import AbstractAsyncContextManager
+
+    from ._registry import EntityType, Handler
+    from ._runner import Runner
+
+__all__ = ["EntityClient", "EntityRef"]
+
+E = TypeVar("E", bound=Entity)
+
+
+class EntityClient(Generic[E]):
+    """Makes handles on entities of one type: ``accounts("alice")``."""
+
+    __slots__ = ("_runner", "_type", "cls")
+
+    def __init__(self, runner: Runner, entity_type: EntityType) -> None:
+        self._runner = runner
+        self._type = entity_type
+        self.cls = entity_type.cls
+
+    def address_of(self, entity_id: str) -> EntityAddress:
+        """The address (and so the shard) of an entity id."""
+        shards = self._runner.config.shards_per_group
+        group = self._type.shard_group
+        return EntityAddress(
+            self._type.name,
+            EntityId(entity_id),
+            ShardId(group, shard_number(entity_id, shards)),
+        )
+
+    def __call__(self, entity_id: str) -> E:
+        """A handle on the entity with this id (no message is sent yet).
+
+        Raises:
+            ValueError: the id is empty, padded with whitespace, or too long.
+        """
+        return cast(
+            "E", EntityRef(self._runner, self._type, self.address_of(entity_id))
+        )
+
+
+class EntityRef:
+    """Runtime type of entity handles; see the module docstring."""
+
+    __slots__ = ("_address", "_runner", "_type")
+
+    def __init__(
+        self, runner: Runner, entity_type: EntityType, address: EntityAddress
+    ) -> None:
+        self._runner = runner
+        self._type = entity_type
+        self._address = address
+
+    @property
+    def id(self) -> str:
+        return self._address.entity_id.value
+
+    @property
+    def address(self) -> EntityAddress:
+        return self._address
+
+    def __getattr__(self, name: str) -> Any:
+        handler = self._type.by_attribute.get(name)
+        if handler is None:
+            raise AttributeError(
+                f"{self._type.name} has no handler {name!r}; a client handle only"
+                " offers the entity's @rpc and @stream methods"
+            )
+        if handler.spec.kind == "stream":
+            return _BoundStream(self._runner, self._type, self._address, handler)
+        return _BoundRpc(self._runner, self._type, self._address, handler)
+
+    def __repr__(self) -> str:
+        return f"<handle on {self._address}>"
+
+
+class _BoundRpc:
+    __slots__ = ("_address", "_handler", "_runner", "_type")
+
+    def __init__(
+        self,
+        runner: Runner,
+        entity_type: EntityType,
+        address: EntityAddress,
+        handler: Handler,
+    ) -> None:
+        self._runner = runner
+        self._type = entity_type
+        self._address = address
+        self._handler = handler
+
+    def __call__(self, message: Any, /) -> Any:
+        return self._runner._call(self._type, self._address, self._handler, message)
+
+    async def discard(self, message: Any, /) -> None:
+        await self._runner._discard(self._type, self._address, self._handler, message)
+
+
+class _BoundStream:
+    __slots__ = ("_address", "_handler", "_runner", "_type")
+
+    def __init__(
+        self,
+        runner: Runner,
+        entity_type: EntityType,
+        address: EntityAddress,
+        handler: Handler,
+    ) -> None:
+        self._runner = runner
+        self._type = entity_type
+        self._address = address
+        self._handler = handler
+
+    def __call__(
+        self, message: Any, /
+    ) -> AbstractAsyncContextManager[AsyncIterator[Any]]:
+        return self._runner._open_stream(
+            self._type, self._address, self._handler, message
+        )

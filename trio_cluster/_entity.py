@@ -1,0 +1,111 @@
+"""The `Entity` base class users subclass (definition layer).
+
+An entity class declares its stable ``type_name``, its policies (idle time,
+mailbox capacity, concurrency, shard group) and its handlers (``@rpc`` and
+``@stream`` methods). Instances are created by the runner, one per entity id,
+when the first message arrives; state lives in ordinary attributes.
+
+Entities do not own a task while idle: an idle entity is a small object, which
+is what lets a runner hold hundreds of thousands of them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ._handlers import HandlerSpec, _HandlerDescriptor
+
+if TYPE_CHECKING:
+    from ._core._addresses import EntityAddress
+
+__all__ = ["Entity"]
+
+
+class Entity:
+    """Base class of entity (actor) classes.
+
+    Example::
+
+        class Account(Entity):
+            type_name = "Account"
+
+            async def on_start(self) -> None:
+                self.balance = 0
+
+            @rpc(persisted=True, primary_key=lambda m: m.tx_id)
+            async def deposit(self, msg: Deposit) -> int:
+                self.balance += msg.amount
+                return self.balance
+
+    Class attributes (policies):
+        type_name: stable wire name of the type; required, never derived from
+            the class name (renaming the class must not orphan stored messages).
+        max_idle: seconds without messages before the entity is passivated
+            (``on_stop``, then dropped from memory); None: the runner's
+            ``entity_max_idle``. `keep_alive` overrides it.
+        mailbox_capacity: most messages queued or running at once; beyond it
+            volatile callers get `MailboxFullError`. None: the runner's default.
+        concurrency: handlers running at once (1: one at a time, in order).
+        shard_group: the shard group the entities of this type live in.
+
+    The constructor takes no arguments; initialise state in ``__init__`` or
+    in `on_start`, where ``self.id`` and ``self.address`` are available.
+    """
+
+    type_name: ClassVar[str]
+    max_idle: ClassVar[float | None] = None
+    mailbox_capacity: ClassVar[int | None] = None
+    concurrency: ClassVar[int] = 1
+    shard_group: ClassVar[str] = "default"
+
+    __tc_handlers__: ClassVar[dict[str, HandlerSpec]] = {}
+    """Handlers by wire name, collected from the class and its bases."""
+
+    __slots__ = ("_tc_address", "_tc_slot")
+
+    _tc_address: EntityAddress
+    _tc_slot: Any
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        handlers: dict[str, HandlerSpec] = {}
+        attributes: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            for attribute, value in vars(klass).items():
+                if attribute in attributes:
+                    # Overridden in a subclass (by a handler or anything else).
+                    del handlers[attributes.pop(attribute)]
+                if isinstance(value, _HandlerDescriptor):
+                    handlers[value.spec.name] = value.spec
+                    attributes[attribute] = value.spec.name
+        cls.__tc_handlers__ = handlers
+
+    @property
+    def id(self) -> str:
+        """This entity's id (the string the caller addressed it by)."""
+        return self._tc_address.entity_id.value
+
+    @property
+    def address(self) -> EntityAddress:
+        """This entity's full address: type, id and shard."""
+        return self._tc_address
+
+    async def on_start(self) -> None:
+        """Called once per incarnation, before the first handler runs.
+
+        If it raises, the entity is restarted with backoff; the message that
+        activated it is failed with `RemoteError` if it is volatile, and kept
+        for the next attempt if it is persisted.
+        """
+
+    async def on_stop(self) -> None:
+        """Called when the incarnation ends gracefully: passivation, shard
+        release, runner shutdown, or restart after a crash. Bounded by the
+        runner's ``entity_termination_timeout``, then cancelled. Not called
+        when the shard's lease was lost (the entity may already run elsewhere).
+        """
+
+    def keep_alive(self, enabled: bool = True) -> None:
+        """Keep this entity in memory (no idle passivation) until called with
+        ``False``. Applies to the current incarnation on this runner."""
+        self._tc_slot.keep_alive = enabled

@@ -1,0 +1,547 @@
+"""Persisted messages: store, claim, deliver, record replies (Trio driver).
+
+Sending a persisted request:
+
+1. the sender encodes it and saves it (group commit). If the sender serves
+   the entity's shard, the request is saved *already claimed* under the
+   shard's epoch and handed straight to the entity manager: one write, no
+   polling on the hot path;
+2. a duplicate (same entity, handler and primary key) is not stored again:
+   the caller gets the stored reply, or waits for the original;
+3. otherwise the owner finds it by claiming: the read loop claims deliverable
+   requests of the served shards when woken (a local send, a storage
+   notification, a shard acquired, the next ``deliver_at`` timer) and, as a
+   safety net, every ``storage_poll_interval``.
+
+Replies are recorded fenced by the shard's epoch (group commit too); the
+recorded final reply wakes the callers waiting in this process. Callers whose
+request is handled elsewhere are woken by storage notifications, with a poll
+as the fallback. A caller that is cancelled interrupts its request: the
+interruption is stored, and the handler is cancelled where it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ._batching import Batcher
+from ._errors import (
+    EntityDefinitionError,
+    MalformedMessageError,
+    MessageTooLargeError,
+    PersistenceError,
+    UnknownEntityTypeError,
+)
+from ._manager import NotDelivered
+from ._storage_abc import (
+    ClaimedRequest,
+    MessagesAvailable,
+    PersistedRequest,
+    RepliesAvailable,
+    ReplyOutcome,
+    ReplyQuery,
+    ReplyRecord,
+    RequestsInterrupted,
+    SaveResult,
+)
+from .serialization._replies import Exit, ReplyCodec
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ._clock import Clock
+    from ._core._addresses import EntityAddress
+    from ._core._config import ShardingConfig
+    from ._core._snowflake import SnowflakeGenerator
+    from ._manager import EntityManager
+    from ._registry import EntityType, Handler, Registry
+    from ._sharding import Sharding
+    from ._slots import Job, ShardHost
+    from ._storage_abc import MessageStorage
+
+__all__ = ["PersistedDelivery"]
+
+log = logging.getLogger("trio_cluster.persisted")
+
+_MAX_BATCH = 1024
+_FLOAT_TOLERANCE = 1e-6
+"""Seconds of slack when a ``deliver_at`` timer fires, for float rounding
+between the timer and the wall clock."""
+
+
+class _Waiter:
+    __slots__ = ("event", "exit", "payload")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.payload: bytes | None = None
+        self.exit: Exit | None = None
+
+
+class PersistedDelivery:
+    """The persisted-message service of one runner."""
+
+    def __init__(
+        self,
+        *,
+        storage: MessageStorage,
+        sharding: Sharding,
+        manager: EntityManager,
+        registry: Registry,
+        config: ShardingConfig,
+        clock: Clock,
+        ids: SnowflakeGenerator,
+    ) -> None:
+        self._storage = storage
+        self._sharding = sharding
+        self._manager = manager
+        self._registry = registry
+        self._config = config
+        self._clock = clock
+        self._ids = ids
+        self._serialize = config.serialize_local_calls
+        self._saves: Batcher[PersistedRequest, SaveResult] = Batcher(
+            self._flush_saves, max_batch=_MAX_BATCH, name="saving requests"
+        )
+        self._replies: Batcher[ReplyRecord, ReplyOutcome] = Batcher(
+            self._flush_replies, max_batch=_MAX_BATCH, name="recording replies"
+        )
+        self._generic = ReplyCodec(
+            registry.converter, None, (), "reply", registry.cluster_codecs
+        )
+        self._waiters: dict[int, list[_Waiter]] = {}
+        self._wake = trio.Event()
+        self._next_deliver_at = math.inf
+        self._nursery: trio.Nursery | None = None
+        self.closing = False
+        self.delivered = 0
+        self.claims = 0
+
+    # ------------------------------------------------------------------
+    # Service
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the batchers, the read loop and the notification loop until
+        cancelled. Callers still waiting for a write then get `PersistenceError`."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._saves.run)
+            nursery.start_soon(self._replies.run)
+            nursery.start_soon(self._read_loop)
+            nursery.start_soon(self._notification_loop)
+            nursery.start_soon(self._reply_poll_loop)
+            task_status.started()
+
+    @property
+    def statistics(self) -> dict[str, int]:
+        return {
+            "save_batches": self._saves.batches,
+            "saved": self._saves.items,
+            "reply_batches": self._replies.batches,
+            "replies": self._replies.items,
+            "claims": self.claims,
+            "waiting_callers": sum(len(w) for w in self._waiters.values()),
+        }
+
+    def nudge(self, deliver_at: float | None = None) -> None:
+        """Wake the read loop (now, or at ``deliver_at`` wall time)."""
+        if deliver_at is not None:
+            self._next_deliver_at = min(self._next_deliver_at, deliver_at)
+        self._wake.set()
+
+    def shard_started(self, host: ShardHost) -> None:
+        self.nudge()
+
+    async def _flush_saves(self, items: Sequence[PersistedRequest]) -> list[SaveResult]:
+        return await self._storage.save_requests(items, now=self._clock.now())
+
+    async def _flush_replies(self, items: Sequence[ReplyRecord]) -> list[ReplyOutcome]:
+        return await self._storage.save_replies(items, now=self._clock.now())
+
+    # ------------------------------------------------------------------
+    # Sending
+
+    async def call(
+        self,
+        address: EntityAddress,
+        entity_type: EntityType,
+        handler: Handler,
+        message: Any,
+        *,
+        discard: bool,
+    ) -> Any:
+        """Send a persisted request (see the module docstring) and, unless
+        ``discard``, wait for its reply.
+
+        Raises:
+            MalformedMessageError, MessageTooLargeError: the message cannot be stored.
+            PersistenceError: storage failed before the request was stored.
+            RequestInterruptedError: the request (attached by primary key) was
+                interrupted by its original sender.
+        """
+        spec = handler.spec
+        payload = handler.message.encode(message)
+        if len(payload) > self._config.max_message_size:
+            raise MessageTooLargeError(
+                size=len(payload), limit=self._config.max_message_size
+            )
+        primary_key = _primary_key(handler, message)
+        deliver_at = _deliver_at(handler, message)
+        now = self._clock.now()
+        request_id = self._ids.next_id(int(now * 1000))
+        host = self._sharding.host(address.shard)
+        deliverable = deliver_at is None or deliver_at <= now
+        request = PersistedRequest(
+            request_id=request_id,
+            address=address,
+            tag=spec.name,
+            payload=payload,
+            primary_key=primary_key,
+            deliver_at=deliver_at,
+            claim_epoch=host.epoch if host is not None and deliverable else None,
+        )
+        waiter = None if discard else self._register(request_id)
+        try:
+            result = await self._saves.submit(request)
+        except BaseException:
+            if waiter is not None:
+                self._unregister(request_id, waiter)
+            raise
+        if result.duplicate:
+            if waiter is not None:
+                self._unregister(request_id, waiter)
+            if discard:
+                return None
+            if result.final_reply is not None:
+                return handler.reply.decode_exit(
+                    result.final_reply, request_id=result.request_id
+                ).unwrap()
+            original = self._register(result.request_id)
+            return await self._wait(
+                handler, result.request_id, original, interrupt=False
+            )
+        if result.claimed and host is not None:
+            local_message = (
+                handler.message.decode(payload) if self._serialize else message
+            )
+            self._deliver(
+                host, address, entity_type, handler, local_message, request_id
+            )
+        else:
+            self.nudge(deliver_at)
+        if waiter is None:
+            return None
+        return await self._wait(handler, request_id, waiter, interrupt=True)
+
+    def _register(self, request_id: int) -> _Waiter:
+        waiter = _Waiter()
+        self._waiters.setdefault(request_id, []).append(waiter)
+        return waiter
+
+    def _unregister(self, request_id: int, waiter: _Waiter) -> None:
+        waiters = self._waiters.get(request_id)
+        if waiters is not None:
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                del self._waiters[request_id]
+
+    async def _wait(
+        self, handler: Handler, request_id: int, waiter: _Waiter, *, interrupt: bool
+    ) -> Any:
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            self._unregister(request_id, waiter)
+            if interrupt and not self.closing:
+                with trio.CancelScope(shield=True):
+                    await self._interrupt(request_id)
+            raise
+        if waiter.exit is not None and not self._serialize:
+            return waiter.exit.unwrap()
+        assert waiter.payload is not None
+        return handler.reply.decode_exit(waiter.payload, request_id=request_id).unwrap()
+
+    async def _interrupt(self, request_id: int) -> None:
+        self._manager.interrupt(request_id)
+        with trio.move_on_after(self._config.lease_refresh_interval) as scope:
+            try:
+                await self._storage.interrupt([request_id])
+            except PersistenceError as exc:
+                log.warning(
+                    "could not store the interruption of request %d: %s",
+                    request_id,
+                    exc,
+                )
+        if scope.cancelled_caught:
+            log.warning("storing the interruption of request %d timed out", request_id)
+
+    def _resolve(self, request_id: int, payload: bytes, exit_: Exit | None) -> None:
+        for waiter in self._waiters.pop(request_id, ()):
+            waiter.payload = payload
+            waiter.exit = exit_
+            waiter.event.set()
+
+    # ------------------------------------------------------------------
+    # Delivering
+
+    def _deliver(
+        self,
+        host: ShardHost,
+        address: EntityAddress,
+        entity_type: EntityType,
+        handler: Handler,
+        message: Any,
+        request_id: int,
+    ) -> None:
+        if request_id in self._manager.persisted_jobs:
+            return
+        try:
+            self._manager.submit(
+                host,
+                address,
+                entity_type,
+                handler,
+                message,
+                request_id=request_id,
+                sink=self._record,
+                force=True,
+            )
+        except NotDelivered:
+            self.nudge()  # the shard is stopping: its next owner claims it again
+        else:
+            self.delivered += 1
+
+    def _deliver_claimed(self, request: ClaimedRequest) -> None:
+        host = self._sharding.host(request.address.shard)
+        if host is None or host.epoch != request.epoch:
+            return
+        if request.request_id in self._manager.persisted_jobs:
+            return
+        entity_type = self._registry.get(request.address.entity_type)
+        handler = None if entity_type is None else entity_type.handlers.get(request.tag)
+        if entity_type is None or handler is None:
+            error = UnknownEntityTypeError(
+                entity_type=request.address.entity_type,
+                handler=None if entity_type is None else request.tag,
+            )
+            log.error("cannot deliver request %d: %s", request.request_id, error)
+            self._record_soon(
+                host, request.request_id, self._generic.encode_error(error)
+            )
+            return
+        if request.interrupted:
+            self._record_soon(
+                host, request.request_id, handler.reply.encode_interrupted()
+            )
+            return
+        if request.stream:
+            error = UnknownEntityTypeError(
+                entity_type=entity_type.name, handler=request.tag
+            )
+            self._record_soon(
+                host, request.request_id, handler.reply.encode_error(error)
+            )
+            return
+        try:
+            message = handler.message.decode(request.payload)
+        except MalformedMessageError as exc:
+            log.error(
+                "request %d to %s is malformed: %s",
+                request.request_id,
+                request.address,
+                exc,
+            )
+            self._record_soon(host, request.request_id, handler.reply.encode_error(exc))
+            return
+        self._deliver(
+            host, request.address, entity_type, handler, message, request.request_id
+        )
+
+    async def _record(self, job: Job, exit_: Exit | None) -> None:
+        """Sink of persisted jobs: record the final reply, then wake waiters."""
+        if exit_ is None or job.request_id is None or job.slot is None:
+            return  # not run here: the next owner redelivers it
+        handler = job.handler
+        try:
+            payload = handler.reply.encode_exit(exit_)
+        except MalformedMessageError as exc:
+            exit_ = Exit(error=exc)
+            payload = handler.reply.encode_error(exc)
+        await self._record_payload(job.slot.shard, job.request_id, payload, exit_)
+
+    def _record_soon(self, host: ShardHost, request_id: int, payload: bytes) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._record_payload, host, request_id, payload, None)
+
+    async def _record_payload(
+        self, host: ShardHost, request_id: int, payload: bytes, exit_: Exit | None
+    ) -> None:
+        record = ReplyRecord(
+            request_id=request_id,
+            shard=host.shard_id,
+            epoch=host.epoch,
+            payload=payload,
+        )
+        delay = 0.05
+        while True:
+            try:
+                outcome = await self._replies.submit(record)
+                break
+            except PersistenceError as exc:
+                if not host.active or self.closing:
+                    log.warning(
+                        "reply to %d not recorded (%s); it will be redelivered",
+                        request_id,
+                        exc,
+                    )
+                    return
+                log.warning(
+                    "recording reply to %d failed, retrying: %s", request_id, exc
+                )
+                await trio.sleep(delay)
+                delay = min(delay * 2, self._config.lease_refresh_interval)
+        if outcome is ReplyOutcome.STALE_EPOCH:
+            log.warning(
+                "reply to %d refused: shard %s moved on (fencing)",
+                request_id,
+                host.shard_id,
+            )
+        elif outcome is ReplyOutcome.DUPLICATE:
+            await self._fetch_final([request_id])
+        else:
+            self._resolve(request_id, payload, exit_)
+        self._wake.set()
+
+    # ------------------------------------------------------------------
+    # Loops
+
+    async def _read_loop(self) -> None:
+        poll = self._config.storage_poll_interval
+        while True:
+            self._wake = trio.Event()
+            shards = self._sharding.serving_epochs()
+            budget = self._config.max_persisted_in_flight - len(
+                self._manager.persisted_jobs
+            )
+            if shards and budget > 0:
+                self._next_deliver_at = math.inf
+                try:
+                    with trio.fail_after(self._config.lease_refresh_interval):
+                        batch = await self._storage.claim(
+                            shards,
+                            now=self._clock.now() + _FLOAT_TOLERANCE,
+                            limit=min(self._config.persisted_batch_size, budget),
+                        )
+                except (PersistenceError, trio.TooSlowError) as exc:
+                    log.warning("claiming persisted messages failed: %s", exc)
+                    await trio.sleep(min(1.0, poll))
+                    continue
+                self.claims += 1
+                for request in batch.requests:
+                    self._deliver_claimed(request)
+                if batch.next_deliver_at is not None:
+                    self._next_deliver_at = min(
+                        self._next_deliver_at, batch.next_deliver_at
+                    )
+                if batch.more:
+                    await trio.lowlevel.checkpoint()
+                    continue
+            timeout = poll
+            if self._next_deliver_at != math.inf:
+                timeout = min(
+                    timeout, max(0.0, self._next_deliver_at - self._clock.now())
+                )
+            with trio.move_on_after(timeout):
+                await self._wake.wait()
+
+    async def _notification_loop(self) -> None:
+        served = self._sharding.hosts
+        while True:
+            try:
+                notifications = await self._storage.wait_notifications()
+            except PersistenceError as exc:
+                log.warning("storage notifications failed: %s", exc)
+                await trio.sleep(min(1.0, self._config.storage_poll_interval))
+                continue
+            replies: set[int] = set()
+            for note in notifications:
+                if isinstance(note, MessagesAvailable):
+                    if any(shard in served for shard in note.shards):
+                        self.nudge(note.deliver_at)
+                elif isinstance(note, RepliesAvailable):
+                    replies.update(
+                        rid for rid in note.request_ids if rid in self._waiters
+                    )
+                elif isinstance(note, RequestsInterrupted):
+                    for request_id in note.request_ids:
+                        self._manager.interrupt(request_id)
+            if replies:
+                await self._fetch_final(sorted(replies))
+
+    async def _reply_poll_loop(self) -> None:
+        while True:
+            await trio.sleep(self._config.storage_poll_interval)
+            remote = [
+                rid for rid in self._waiters if rid not in self._manager.persisted_jobs
+            ]
+            if remote:
+                await self._fetch_final(remote)
+
+    async def _fetch_final(self, request_ids: Sequence[int]) -> None:
+        try:
+            with trio.fail_after(self._config.lease_refresh_interval):
+                stored = await self._storage.replies_for(
+                    [ReplyQuery(rid) for rid in request_ids]
+                )
+        except (PersistenceError, trio.TooSlowError) as exc:
+            log.warning("fetching replies failed: %s", exc)
+            return
+        for replies in stored:
+            if replies.final is not None:
+                self._resolve(replies.request_id, replies.final, None)
+
+
+def _primary_key(handler: Handler, message: Any) -> str | None:
+    function = handler.spec.primary_key
+    if function is None:
+        return None
+    key: object = function(message)
+    if not isinstance(key, str) or not key:
+        raise EntityDefinitionError(
+            f"{handler.what}: primary_key must return a non-empty str, got {key!r}"
+        )
+    return key
+
+
+def _deliver_at(handler: Handler, message: Any) -> float | None:
+    function = handler.spec.deliver_at
+    if function is None:
+        return None
+    when: object = function(message)
+    if when is None:
+        return None
+    if isinstance(when, datetime):
+        if when.tzinfo is None:
+            raise EntityDefinitionError(
+                f"{handler.what}: deliver_at returned a naive datetime; use an aware one"
+                " (e.g. datetime.now(UTC) + timedelta(minutes=5))"
+            )
+        return when.timestamp()
+    if (
+        isinstance(when, int | float)
+        and not isinstance(when, bool)
+        and math.isfinite(when)
+    ):
+        return float(when)
+    raise EntityDefinitionError(
+        f"{handler.what}: deliver_at must return an aware datetime, Unix seconds or None,"
+        f" got {when!r}"
+    )
