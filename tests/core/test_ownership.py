@@ -245,4 +245,5 @@ class OwnershipMachine(RuleBasedStateMachine):
         assert all(deadline > self.now for deadline in deadlines)
 
 
-TestOwnershipMachine = OwnershipMachine.TestCase
+TestOwnershipMachine = pytest.mark.simulation(OwnershipMachine.TestCase)
+
