@@ -94,7 +94,9 @@ class EntityRef:
         return f"<handle on {self._address}>"
 
 
-class _BoundRpc:
+class _Bound:
+    """A handler bound to one entity, sending through a runner."""
+
     __slots__ = ("_address", "_handler", "_runner", "_type")
 
     def __init__(
@@ -108,6 +110,10 @@ class _BoundRpc:
         self._type = entity_type
         self._address = address
         self._handler = handler
+
+
+class _BoundRpc(_Bound):
+    __slots__ = ()
 
     def __call__(self, message: Any, /) -> Any:
         return self._runner._call(self._type, self._address, self._handler, message)
@@ -116,20 +122,8 @@ class _BoundRpc:
         await self._runner._discard(self._type, self._address, self._handler, message)
 
 
-class _BoundStream:
-    __slots__ = ("_address", "_handler", "_runner", "_type")
-
-    def __init__(
-        self,
-        runner: Runner,
-        entity_type: EntityType,
-        address: EntityAddress,
-        handler: Handler,
-    ) -> None:
-        self._runner = runner
-        self._type = entity_type
-        self._address = address
-        self._handler = handler
+class _BoundStream(_Bound):
+    __slots__ = ()
 
     def __call__(
         self, message: Any, /

@@ -326,11 +326,7 @@ class EntityManager:
         ):
             return await self._execute_in_one_step(slot, job)
         shard = slot.shard
-        scope = trio.CancelScope()
-        job.scope = scope
-        shard.scopes.add(scope)
-        shard.running += 1
-        slot.add_running(job)
+        scope = shard.start_handler(slot, job)
         starting = False
         try:
             with scope:
@@ -351,11 +347,8 @@ class EntityManager:
         except Exception as exc:
             return self._on_error(slot, job, exc, during_start=starting)
         finally:
-            shard.scopes.discard(scope)
-            shard.running -= 1
-            slot.discard_running(job)
-            if shard.running == 0 and shard.idle_event is not None:
-                shard.idle_event.set()
+            shard.finish_handler(slot, job, scope)
+
         if scope.cancelled_caught:
             return self._stopped(slot, job)
         return self._succeeded(slot, handler, value)

@@ -17,11 +17,11 @@ import enum
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from ._core._mailbox import Mailbox
 
 if TYPE_CHECKING:
-    import trio
-
     from ._core._addresses import EntityAddress, ShardId
     from ._entity import Entity
     from ._registry import EntityType, Handler
@@ -197,6 +197,24 @@ class ShardHost:
     @property
     def active(self) -> bool:
         return self.state is ShardState.ACTIVE
+
+    def start_handler(self, slot: Slot, job: Job) -> trio.CancelScope:
+        """Register a handler about to run: a cancel scope the shard can
+        cancel, counted until `finish_handler`."""
+        scope = trio.CancelScope()
+        job.scope = scope
+        self.scopes.add(scope)
+        self.running += 1
+        slot.add_running(job)
+        return scope
+
+    def finish_handler(self, slot: Slot, job: Job, scope: trio.CancelScope) -> None:
+        """Undo `start_handler`; wakes a graceful stop waiting for the last one."""
+        self.scopes.discard(scope)
+        self.running -= 1
+        slot.discard_running(job)
+        if self.running == 0 and self.idle_event is not None:
+            self.idle_event.set()
 
     def extend_lease(self, deadline: float) -> None:
         """Move the lease deadline (the shard nursery's deadline) forward."""

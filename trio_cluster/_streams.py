@@ -51,12 +51,7 @@ async def run_stream(manager: EntityManager, slot: Slot, job: Job) -> None:
     assert channel is not None
     shard = slot.shard
     handler = job.handler
-    scope = trio.CancelScope()
-
-    job.scope = scope
-    shard.scopes.add(scope)
-    shard.running += 1
-    slot.add_running(job)
+    scope = shard.start_handler(slot, job)
     released = False
     exit_: Exit = Exit()
     starting = False
@@ -85,12 +80,9 @@ async def run_stream(manager: EntityManager, slot: Slot, job: Job) -> None:
     except Exception as exc:
         exit_ = manager._on_error(slot, job, exc, during_start=starting)
     finally:
-        shard.scopes.discard(scope)
-        shard.running -= 1
-        slot.discard_running(job)
-        if shard.running == 0 and shard.idle_event is not None:
-            shard.idle_event.set()
+        shard.finish_handler(slot, job, scope)
         job.scope = None
+
         job.state = JobState.DONE
         if not released:
             manager.release_stream_permit(slot, job)
