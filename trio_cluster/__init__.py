@@ -14,6 +14,7 @@ from ._clock import Clock as Clock, TrioWallClock as TrioWallClock
 from ._context import (
     current_entity_address as current_entity_address,
     current_runner as current_runner,
+    current_transaction as current_transaction,
 )
 from ._core._addresses import (
     EntityAddress as EntityAddress,
@@ -93,6 +94,7 @@ __all__ = [
     "UnknownEntityTypeError",
     "current_entity_address",
     "current_runner",
+    "current_transaction",
     "open_runner",
     "rpc",
     "serve_runner",

@@ -15,12 +15,16 @@ if TYPE_CHECKING:
     from ._core._addresses import EntityAddress
     from ._entity import Entity
     from ._runner import Runner
+    from ._storage_abc import StorageTransaction
 
-__all__ = ["current_entity_address", "current_runner"]
+__all__ = ["current_entity_address", "current_runner", "current_transaction"]
 
 current_runner_var: ContextVar[Runner] = ContextVar("trio_cluster.runner")
 current_entity_var: ContextVar[Entity | None] = ContextVar(
     "trio_cluster.entity", default=None
+)
+current_transaction_var: ContextVar[StorageTransaction | None] = ContextVar(
+    "trio_cluster.transaction", default=None
 )
 
 
@@ -43,3 +47,20 @@ def current_entity_address() -> EntityAddress | None:
     """The address of the entity whose handler is running, or None."""
     entity = current_entity_var.get()
     return None if entity is None else entity.address
+
+
+def current_transaction() -> StorageTransaction:
+    """The storage transaction of the running transactional handler
+    (``@rpc(persisted=True, transactional=True)``): run your SQL through its
+    ``execute`` so it commits atomically with the handler's reply.
+
+    Raises:
+        RuntimeError: called outside a transactional handler.
+    """
+    transaction = current_transaction_var.get()
+    if transaction is None:
+        raise RuntimeError(
+            "no current transaction: only handlers declared with"
+            " @rpc(persisted=True, transactional=True) run in one"
+        )
+    return transaction

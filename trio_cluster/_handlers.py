@@ -55,6 +55,9 @@ class HandlerSpec:
     primary_key: Callable[[Any], str] | None = None
     deliver_at: Callable[[Any], datetime | float | None] | None = None
     errors: tuple[type[Exception], ...] = ()
+    transactional: bool = False
+    """Persisted only: the handler runs in a storage transaction (see
+    `trio_cluster.current_transaction`) that also records its reply."""
 
 
 class BoundRpc(Protocol[M_contra, R_co]):
@@ -188,6 +191,7 @@ def _validate_options(
     primary_key: object,
     deliver_at: object,
     errors: Sequence[type[Exception]],
+    transactional: bool = False,
 ) -> tuple[type[Exception], ...]:
     where = f"@{kind}"
     if not isinstance(persisted, bool):
@@ -207,6 +211,13 @@ def _validate_options(
             f"{where}: primary_key and deliver_at need persisted=True"
             " (deduplication and delayed delivery are storage features)"
         )
+    if not isinstance(transactional, bool):
+        raise EntityDefinitionError(f"{where}: transactional must be a bool")
+    if transactional and not persisted:
+        raise EntityDefinitionError(
+            f"{where}: transactional=True needs persisted=True (the reply is"
+            " recorded in the handler's storage transaction)"
+        )
     listed: Sequence[object] = (errors,) if isinstance(errors, type) else errors
     return tuple(check_declared_error(cls, where) for cls in listed)
 
@@ -221,6 +232,7 @@ def rpc(
     deliver_at: Callable[[Any], datetime | float | None] | None = None,
     errors: Sequence[type[Exception]] = (),
     name: str | None = None,
+    transactional: bool = False,
 ) -> Callable[[Callable[[E, M], Awaitable[R]]], Rpc[E, M, R]]: ...
 def rpc(
     fn: Callable[[E, M], Awaitable[R]] | None = None,
@@ -231,6 +243,7 @@ def rpc(
     deliver_at: Callable[[Any], datetime | float | None] | None = None,
     errors: Sequence[type[Exception]] = (),
     name: str | None = None,
+    transactional: bool = False,
 ) -> Rpc[E, M, R] | Callable[[Callable[[E, M], Awaitable[R]]], Rpc[E, M, R]]:
     """Declare an RPC handler: ``async def method(self, message: M) -> R``.
 
@@ -253,11 +266,19 @@ def rpc(
             `RemoteError`, and the entity is restarted.
         name: wire name, if it must differ from the method name (keep it
             stable once persisted messages exist).
+        transactional: persisted only: run the handler inside a storage
+            transaction, reachable with `trio_cluster.current_transaction()`,
+            in which its reply is recorded too. Its own SQL writes commit
+            atomically with the reply when it returns a value or raises a
+            declared error; they roll back if it crashes, is interrupted, or
+            its shard moved on (the request then runs again).
 
     Raises:
         EntityDefinitionError: inconsistent options.
     """
-    declared = _validate_options("rpc", persisted, primary_key, deliver_at, errors)
+    declared = _validate_options(
+        "rpc", persisted, primary_key, deliver_at, errors, transactional
+    )
 
     def decorate(function: Callable[[E, M], Awaitable[R]]) -> Rpc[E, M, R]:
         return Rpc(
@@ -268,6 +289,7 @@ def rpc(
             deliver_at=deliver_at,
             errors=declared,
             name=name,
+            transactional=transactional,
         )
 
     if fn is not None:

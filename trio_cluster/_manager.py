@@ -31,6 +31,7 @@ Theory of operation:
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -41,6 +42,7 @@ from ._core._retry import Backoff
 from ._errors import EntityNotAssignedError, MailboxFullError, RemoteError
 from ._passivation import IdleTracker
 from ._slots import (
+    Around,
     Job,
     JobKind,
     JobState,
@@ -59,9 +61,20 @@ if TYPE_CHECKING:
     from ._entity import Entity
     from ._registry import EntityType, Handler
 
-__all__ = ["EntityManager", "NotDelivered"]
+__all__ = ["EntityManager", "NotDelivered", "RetryLater", "is_marker"]
 
 log = logging.getLogger("trio_cluster.entity")
+
+
+class RetryLater(Exception):
+    """Raised by a job's `Around` wrapper: its work could not be completed
+    (e.g. a transaction failed to commit); run it again after a backoff. The
+    cause is the ``__cause__``."""
+
+
+def is_marker(exit_: Exit | None) -> bool:
+    """Whether ``exit_`` is an internal marker (replay, not run), not an outcome."""
+    return exit_ is _REQUEUE or exit_ is _NOT_RUN
 
 
 class NotDelivered(Exception):
@@ -201,6 +214,7 @@ class EntityManager:
         sink: Sink | None = None,
         force: bool = False,
         stream_channel: trio.MemorySendChannel[Any] | None = None,
+        around: Around | None = None,
     ) -> Job:
         """Queue a job that runs without a waiting caller in this task.
 
@@ -217,6 +231,7 @@ class EntityManager:
         job = Job(handler, message, kind, request_id=request_id, sink=sink)
         job.slot = slot
         job.stream_channel = stream_channel
+        job.around = around
         admission = slot.offer(job, force=force)
         if admission is Admission.FULL:
             self._after_change(slot)
@@ -275,11 +290,30 @@ class EntityManager:
 
     async def _run_detached(self, slot: Slot, job: Job) -> None:
         exit_: Exit | None = None
+        retry = False
         try:
-            exit_ = await self._execute(slot, job)
+            if job.around is None:
+                exit_ = await self._execute(slot, job)
+            else:
+                crashes = slot.crashes
+                try:
+                    exit_ = await job.around(job, partial(self._execute, slot, job))
+                except RetryLater as failure:
+                    # The handler may have succeeded (resetting the count)
+                    # but its work was not kept: back off further each time.
+                    slot.crashes = crashes
+
+                    log.warning(
+                        "%s for %s failed (%s); retrying after a backoff",
+                        job.handler.what,
+                        slot.address,
+                        failure.__cause__ or failure,
+                    )
+                    retry = True
+                    self._crash(slot, job)
         finally:
-            self._finish(slot, job, requeue=exit_ is _REQUEUE)
-        if exit_ is not _REQUEUE:
+            self._finish(slot, job, requeue=retry or exit_ is _REQUEUE)
+        if not retry and exit_ is not _REQUEUE:
             self._notify_sink(job, None if exit_ is _NOT_RUN else exit_)
 
     def _notify_sink(self, job: Job, exit_: Exit | None) -> None:

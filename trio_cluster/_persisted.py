@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._batching import Batcher
+from ._context import current_transaction_var
 from ._errors import (
     EntityDefinitionError,
     MalformedMessageError,
@@ -37,7 +38,7 @@ from ._errors import (
     PersistenceError,
     UnknownEntityTypeError,
 )
-from ._manager import NotDelivered
+from ._manager import NotDelivered, RetryLater, is_marker
 from ._storage_abc import (
     ClaimedRequest,
     MessagesAvailable,
@@ -52,7 +53,7 @@ from ._storage_abc import (
 from .serialization._replies import Exit, ReplyCodec
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Sequence
 
     from ._clock import Clock
     from ._core._addresses import EntityAddress
@@ -313,6 +314,7 @@ class PersistedDelivery:
                 request_id=request_id,
                 sink=self._record,
                 force=True,
+                around=self._in_transaction if handler.spec.transactional else None,
             )
         except NotDelivered:
             self.nudge()  # the shard is stopping: its next owner claims it again
@@ -364,6 +366,54 @@ class PersistedDelivery:
         self._deliver(
             host, request.address, entity_type, handler, message, request.request_id
         )
+
+    async def _in_transaction(
+        self, job: Job, execute: Callable[[], Awaitable[Exit]]
+    ) -> Exit | None:
+        """`Around` of transactional handlers: run the handler in a storage
+        transaction and record its reply in the same transaction. A value or
+        a declared error commits; anything else rolls back and is returned
+        for the sink to record (or replay) as usual."""
+        assert job.request_id is not None
+        assert job.slot is not None
+        host = job.slot.shard
+        handler = job.handler
+        try:
+            async with self._storage.open_transaction() as transaction:
+                token = current_transaction_var.set(transaction)
+                try:
+                    exit_ = await execute()
+                finally:
+                    current_transaction_var.reset(token)
+                if is_marker(exit_) or not _commits(handler, exit_):
+                    raise _Rollback(exit_)
+                payload = handler.reply.encode_exit(exit_)
+                record = ReplyRecord(
+                    request_id=job.request_id,
+                    shard=host.shard_id,
+                    epoch=host.epoch,
+                    payload=payload,
+                )
+                [outcome] = await self._storage.save_replies(
+                    [record], now=self._clock.now(), transaction=transaction
+                )
+                if outcome is ReplyOutcome.STALE_EPOCH:
+                    log.warning(
+                        "reply to %d refused: shard %s moved on; rolled back",
+                        job.request_id,
+                        host.shard_id,
+                    )
+                    raise _Rollback(None)
+        except _Rollback as rollback:
+            return rollback.exit
+        except PersistenceError as exc:
+            raise RetryLater(str(exc)) from exc
+        if outcome is ReplyOutcome.DUPLICATE:
+            await self._fetch_final([job.request_id])
+        else:
+            self._resolve(job.request_id, payload, exit_)
+        self._wake.set()
+        return None
 
     async def _record(self, job: Job, exit_: Exit | None) -> None:
         """Sink of persisted jobs: record the final reply, then wake waiters."""
@@ -545,3 +595,16 @@ def _deliver_at(handler: Handler, message: Any) -> float | None:
         f"{handler.what}: deliver_at must return an aware datetime, Unix seconds or None,"
         f" got {when!r}"
     )
+
+
+class _Rollback(Exception):
+    """Leave a transaction without committing; carries the outcome to record."""
+
+    def __init__(self, exit_: Exit | None) -> None:
+        super().__init__("rollback")
+        self.exit = exit_
+
+
+def _commits(handler: Handler, exit_: Exit) -> bool:
+    """A transactional handler's writes commit with a value or a declared error."""
+    return exit_.error is None or handler.reply.is_declared(exit_.error)

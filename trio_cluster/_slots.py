@@ -73,6 +73,11 @@ class JobState(enum.Enum):
     DONE = "done"
 
 
+Around = Callable[["Job", Callable[[], Awaitable["Exit"]]], Awaitable["Exit | None"]]
+"""Runs a detached job's execution (the callable) inside something, such as a
+storage transaction. Returns the outcome for the sink, or None if it already
+dealt with it; raises `RetryLater` to run the job again after a backoff."""
+
 Sink = Callable[["Job", "Exit | None"], Awaitable[None]]
 """Receives the outcome of a detached job; None means it was not run and
 must be redelivered (persisted) or rerouted (remote)."""
@@ -82,6 +87,7 @@ class Job:
     """One message on its way through an entity's mailbox."""
 
     __slots__ = (
+        "around",
         "granted",
         "handler",
         "kind",
@@ -119,6 +125,8 @@ class Job:
         self.next_sequence = 0
         self.stream_channel: trio.MemorySendChannel[Any] | None = None
         self.slot: Slot | None = None
+        self.around: Around | None = None
+        """Wraps the job's execution (transactional handlers); see `Around`."""
 
     @property
     def persisted(self) -> bool:

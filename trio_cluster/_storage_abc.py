@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -60,6 +60,7 @@ __all__ = [
     "ShardOwner",
     "Storage",
     "StorageSession",
+    "StorageTransaction",
     "StoredChunk",
     "StoredReplies",
 ]
@@ -202,7 +203,8 @@ class StoredReplies:
 
 @attrs.frozen
 class MessagesAvailable:
-    """Requests were saved (or interrupted) in these shards."""
+    """Requests were saved (or interrupted) in these shards. A backend may
+    leave out requests that were stored already claimed (their owner has them)."""
 
     shards: frozenset[ShardId]
     deliver_at: float | None = None
@@ -225,6 +227,25 @@ class RequestsInterrupted:
 
 
 Notification = MessagesAvailable | RepliesAvailable | RequestsInterrupted
+
+
+class StorageTransaction(ABC):
+    """A storage transaction, given to transactional handlers through
+    ``trio_cluster.current_transaction()``: the handler's own writes commit
+    atomically with its reply."""
+
+    @abstractmethod
+    async def execute(
+        self, query: str, params: Sequence[object] = ()
+    ) -> list[tuple[Any, ...]]:
+        """Run one SQL statement (``$1``-style parameters) in the transaction
+        and return its rows (an empty list for statements without rows).
+
+        Raises:
+            PersistenceError: the statement failed (the transaction is then
+                rolled back at the end of the handler), or this backend has
+                no SQL.
+        """
 
 
 class MessageStorage(ABC):
@@ -261,7 +282,11 @@ class MessageStorage(ABC):
 
     @abstractmethod
     async def save_replies(
-        self, replies: Sequence[ReplyRecord], *, now: float
+        self,
+        replies: Sequence[ReplyRecord],
+        *,
+        now: float,
+        transaction: StorageTransaction | None = None,
     ) -> list[ReplyOutcome]:
         """Record replies (fenced by epoch), one outcome per reply, in order.
 
@@ -269,6 +294,20 @@ class MessageStorage(ABC):
         from there). At most one final reply and one chunk per sequence number
         is ever recorded for a request; a chunk sent after the final reply is
         a `ReplyOutcome.DUPLICATE`.
+
+        With ``transaction`` (from `open_transaction` on this storage), the
+        replies are written inside it: they take effect when it commits, and
+        not at all if it rolls back. The outcomes are those the writes will
+        have if it commits (a commit that fails raises from the transaction).
+        """
+
+    @abstractmethod
+    def open_transaction(self) -> AbstractAsyncContextManager[StorageTransaction]:
+        """Open a storage transaction for a transactional handler.
+
+        It commits when the block exits normally and rolls back when it exits
+        with an exception or is cancelled. Commit failures raise
+        `PersistenceError` from the exit.
         """
 
     @abstractmethod

@@ -24,6 +24,7 @@ from ._storage_abc import (
     ShardOwner as ShardOwner,
     Storage as Storage,
     StorageSession as StorageSession,
+    StorageTransaction as StorageTransaction,
     StoredChunk as StoredChunk,
     StoredReplies as StoredReplies,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "ShardOwner",
     "Storage",
     "StorageSession",
+    "StorageTransaction",
     "StoredChunk",
     "StoredReplies",
 ]

@@ -246,4 +246,3 @@ class OwnershipMachine(RuleBasedStateMachine):
 
 
 TestOwnershipMachine = pytest.mark.simulation(OwnershipMachine.TestCase)
-

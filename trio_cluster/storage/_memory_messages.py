@@ -20,12 +20,14 @@ from __future__ import annotations
 import bisect
 import enum
 import heapq
-from typing import TYPE_CHECKING
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
 from trio_cluster._core._addresses import EntityAddress, ShardId
+from trio_cluster._errors import PersistenceError
 from trio_cluster._storage_abc import (
     ClaimBatch,
     ClaimedRequest,
@@ -39,6 +41,7 @@ from trio_cluster._storage_abc import (
     ReplyRecord,
     RequestsInterrupted,
     SaveResult,
+    StorageTransaction,
     StoredChunk,
     StoredReplies,
 )
@@ -54,7 +57,14 @@ from ._validation import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+    from collections.abc import (
+        AsyncIterator,
+        Awaitable,
+        Callable,
+        Iterable,
+        Mapping,
+        Sequence,
+    )
 
 __all__ = ["Inbox", "MemoryMessages", "MessageStore"]
 
@@ -351,6 +361,36 @@ class MessageStore:
             self._notify(reply_ids=recorded)
         return outcomes
 
+    def preview_replies(self, replies: Sequence[ReplyRecord]) -> list[ReplyOutcome]:
+        """The outcomes `save_replies` would give now, changing nothing."""
+        outcomes: list[ReplyOutcome] = []
+        seen: set[tuple[int, int | None]] = set()
+        for reply in replies:
+            outcome = self._check_reply(reply)
+            key = (reply.request_id, reply.sequence)
+            finished = (reply.request_id, None) in seen
+            if outcome is ReplyOutcome.RECORDED and (key in seen or finished):
+                outcome = ReplyOutcome.DUPLICATE
+            if outcome is ReplyOutcome.RECORDED:
+                seen.add(key)
+            outcomes.append(outcome)
+        return outcomes
+
+    def _check_reply(self, reply: ReplyRecord) -> ReplyOutcome:
+        stored = self._requests.get(reply.request_id)
+        if stored is None:
+            return ReplyOutcome.UNKNOWN_REQUEST
+        if (
+            reply.shard != stored.request.address.shard
+            or self._epoch_of(reply.shard) != reply.epoch
+        ):
+            return ReplyOutcome.STALE_EPOCH
+        if stored.state is _State.PROCESSED:
+            return ReplyOutcome.DUPLICATE
+        if reply.sequence is not None and reply.sequence in stored.chunks:
+            return ReplyOutcome.DUPLICATE
+        return ReplyOutcome.RECORDED
+
     def _save_reply(self, reply: ReplyRecord, now: float) -> ReplyOutcome:
         stored = self._requests.get(reply.request_id)
         if stored is None:
@@ -565,7 +605,11 @@ class MemoryMessages(MessageStorage):
         return self._store.claim(checked, now, limit)
 
     async def save_replies(
-        self, replies: Sequence[ReplyRecord], *, now: float
+        self,
+        replies: Sequence[ReplyRecord],
+        *,
+        now: float,
+        transaction: StorageTransaction | None = None,
     ) -> list[ReplyOutcome]:
         checked = check_items(replies, ReplyRecord, "replies")
         for reply in checked:
@@ -576,7 +620,35 @@ class MemoryMessages(MessageStorage):
                 )
         now = check_now(now)
         await self._enter("save_replies")
-        return self._store.save_replies(checked, now)
+        if transaction is None:
+            return self._store.save_replies(checked, now)
+        if (
+            not isinstance(transaction, MemoryTransaction)
+            or transaction.store is not self._store
+        ):
+            raise ValueError(
+                "transaction must come from open_transaction() of this storage"
+            )
+        transaction.check_usable()
+        # Preview against everything this transaction saves, so a duplicate
+        # within the transaction is reported as such.
+        earlier = [reply for batch, _ in transaction.pending for reply in batch]
+        transaction.pending.append((checked, now))
+        return self._store.preview_replies(earlier + checked)[len(earlier) :]
+
+    @asynccontextmanager
+    async def open_transaction(self) -> AsyncIterator[StorageTransaction]:
+        await self._enter("open_transaction")
+        transaction = MemoryTransaction(self._store)
+        try:
+            yield transaction
+        except BaseException:
+            transaction.finished = True
+            raise
+        transaction.finished = True
+        # Commit: apply the buffered replies atomically (no checkpoint between).
+        for replies, now in transaction.pending:
+            self._store.save_replies(replies, now)
 
     async def replies_for(self, queries: Sequence[ReplyQuery]) -> list[StoredReplies]:
         checked = check_items(queries, ReplyQuery, "queries")
@@ -617,3 +689,26 @@ class MemoryMessages(MessageStorage):
             await self._inbox.lot.park()
             self._check_open()
         return self._inbox.take()
+
+
+class MemoryTransaction(StorageTransaction):
+    """A transaction on memory storage: replies saved in it are applied when
+    it commits. It has no SQL: `execute` raises `PersistenceError`."""
+
+    def __init__(self, store: MessageStore) -> None:
+        self.store = store
+        self.pending: list[tuple[list[ReplyRecord], float]] = []
+        self.finished = False
+
+    def check_usable(self) -> None:
+        if self.finished:
+            raise trio.ClosedResourceError("the transaction is already finished")
+
+    async def execute(
+        self, query: str, params: Sequence[object] = ()
+    ) -> list[tuple[Any, ...]]:
+        await trio.lowlevel.checkpoint()
+        raise PersistenceError(
+            "MemoryStorage has no SQL; run transactional handlers that execute"
+            " statements on a SQL backend such as trio_cluster.storage.postgres()"
+        )

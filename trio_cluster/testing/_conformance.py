@@ -4,7 +4,8 @@ The suite tests exactly what the storage contract (`trio_cluster.abc`)
 promises, through its public methods only, so `MemoryStorage` and the
 PostgreSQL backend are held to the same behaviour. The tests are split by
 concept: `_conformance_messages` (saving, claiming, replies, deletion),
-`_conformance_runners` (registry, locks, leases, fencing) and, here,
+`_conformance_runners` (registry, locks, leases, fencing),
+`_conformance_transactions` (transactions) and, here,
 notifications.
 
 Every test runs under a ``trio.fail_after`` guard, passes explicit ``now``
@@ -34,6 +35,7 @@ from ._conformance_base import (
 )
 from ._conformance_messages import MessageStorageTests, chunk
 from ._conformance_runners import RunnerStorageTests
+from ._conformance_transactions import TransactionTests
 
 __all__ = ["StorageConformance"]
 
@@ -49,7 +51,7 @@ def _earliest_deliver_at(seen: Seen, shard: object) -> float | None:
     return min(times, default=None)
 
 
-class StorageConformance(MessageStorageTests, RunnerStorageTests):
+class StorageConformance(MessageStorageTests, RunnerStorageTests, TransactionTests):
     """Base class of a backend's conformance tests (pytest with pytest-trio).
 
     Subclass it in a test module whose name pytest collects (``Test...``) and

@@ -1,0 +1,207 @@
+"""Transactional handlers: the handler's writes and its reply commit together."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+import trio_cluster as tc
+from trio_cluster.abc import StorageSession, StorageTransaction
+from trio_cluster.storage import MemoryStorage
+
+from .helpers import Get, config
+from .test_persisted import clock
+
+
+class JournalTransaction(StorageTransaction):
+    """A transaction whose "SQL" appends to a journal that only becomes
+    visible when the transaction commits."""
+
+    def __init__(self, inner: StorageTransaction, journal: list[str]) -> None:
+        self.inner = inner
+        self.journal = journal
+        self.pending: list[str] = []
+
+    async def execute(
+        self, query: str, params: Sequence[object] = ()
+    ) -> list[tuple[Any, ...]]:
+        await trio.lowlevel.checkpoint()
+        self.pending.append(query % tuple(params))
+        return []
+
+
+class JournalStorage(MemoryStorage):
+    """MemoryStorage whose transactions can run journal statements."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.journal: list[str] = []
+        self.rollbacks = 0
+        self.fail_commits = 0
+
+    @asynccontextmanager
+    async def open_session(
+        self, *, name: str, lease_duration: float
+    ) -> AsyncIterator[StorageSession]:
+        async with super().open_session(
+            name=name, lease_duration=lease_duration
+        ) as session:
+            messages = session.messages
+            original_open = messages.open_transaction
+            original_save = messages.save_replies
+            storage = self
+
+            @asynccontextmanager
+            async def open_transaction() -> AsyncIterator[StorageTransaction]:
+                async with original_open() as inner:
+                    wrapper = JournalTransaction(inner, storage.journal)
+                    try:
+                        yield wrapper
+                    except BaseException:
+                        storage.rollbacks += 1
+                        raise
+                    if storage.fail_commits:
+                        storage.fail_commits -= 1
+                        storage.rollbacks += 1
+                        raise tc.PersistenceError(
+                            "commit failed: serialization failure"
+                        )
+                    storage.journal.extend(wrapper.pending)
+
+            async def save_replies(
+                replies: Any, *, now: float, transaction: Any = None
+            ) -> Any:
+                inner = (
+                    transaction.inner
+                    if isinstance(transaction, JournalTransaction)
+                    else transaction
+                )
+                return await original_save(replies, now=now, transaction=inner)
+
+            messages.open_transaction = open_transaction  # type: ignore[method-assign]
+            messages.save_replies = save_replies  # type: ignore[method-assign]
+            yield session
+
+
+@attrs.frozen
+class Transfer:
+    tx_id: str
+    amount: int
+
+
+@attrs.define(eq=False, kw_only=True)
+class Refused(Exception):
+    reason: str
+
+
+class Ledger(tc.Entity):
+    type_name = "TxLedger"
+
+    @tc.rpc(
+        persisted=True,
+        transactional=True,
+        primary_key=lambda m: m.tx_id,
+        errors=[Refused],
+    )
+    async def transfer(self, msg: Transfer) -> str:
+        await tc.current_transaction().execute("insert %s %s", [msg.tx_id, msg.amount])
+        if msg.amount < 0:
+            raise Refused(reason="negative")
+        if msg.amount == 0:
+            raise RuntimeError("bug")
+        return f"ok {msg.tx_id}"
+
+    @tc.rpc(persisted=True, transactional=True)
+    async def slow(self, msg: Transfer) -> None:
+        await tc.current_transaction().execute("slow %s %s", [msg.tx_id, msg.amount])
+        await trio.sleep(10)
+
+    @tc.rpc
+    async def outside(self, msg: Get) -> None:
+        tc.current_transaction()
+
+
+async def test_value_commits_writes_and_reply_together(autojump_clock):
+    storage = JournalStorage()
+    async with tc.open_runner(
+        entities=[Ledger], config=config(), storage=storage, clock=clock()
+    ) as runner:
+        ref = runner.client(Ledger)("l")
+        assert await ref.transfer(Transfer("t1", 5)) == "ok t1"
+        assert storage.journal == ["insert t1 5"]
+        # A duplicate gets the reply recorded in that transaction.
+        assert await ref.transfer(Transfer("t1", 5)) == "ok t1"
+        assert storage.journal == ["insert t1 5"]
+
+
+async def test_declared_error_commits_and_crash_rolls_back(autojump_clock):
+    storage = JournalStorage()
+    async with tc.open_runner(
+        entities=[Ledger], config=config(), storage=storage, clock=clock()
+    ) as runner:
+        ref = runner.client(Ledger)("l")
+        with pytest.raises(Refused):
+            await ref.transfer(Transfer("t2", -1))
+        assert storage.journal == ["insert t2 -1"]
+        with pytest.raises(tc.RemoteError, match="bug"):
+            await ref.transfer(Transfer("t3", 0))
+        assert storage.journal == ["insert t2 -1"]  # rolled back
+        assert storage.rollbacks == 1
+        # The crash reply was recorded (outside the transaction): no rerun.
+        with pytest.raises(tc.RemoteError, match="bug"):
+            await ref.transfer(Transfer("t3", 0))
+        assert storage.rollbacks == 1
+
+
+async def test_interrupted_transactional_handler_rolls_back(autojump_clock):
+    storage = JournalStorage()
+    async with tc.open_runner(
+        entities=[Ledger], config=config(), storage=storage, clock=clock()
+    ) as runner:
+        with trio.move_on_after(1):
+            await runner.client(Ledger)("l").slow(Transfer("s", 1))
+        await trio.sleep(20)
+    assert storage.journal == []
+    assert storage.rollbacks == 1
+
+
+async def test_failed_commit_is_retried_after_a_backoff(autojump_clock):
+    storage = JournalStorage()
+    storage.fail_commits = 2
+    cfg = config(entity_restart_backoff=0.5)
+    async with tc.open_runner(
+        entities=[Ledger], config=cfg, storage=storage, clock=clock()
+    ) as runner:
+        start = trio.current_time()
+        assert await runner.client(Ledger)("l").transfer(Transfer("t4", 1)) == "ok t4"
+        assert trio.current_time() - start == pytest.approx(0.5 + 1.0)
+    assert storage.journal == ["insert t4 1"]
+    assert storage.rollbacks == 2
+
+
+async def test_current_transaction_outside_a_transactional_handler(autojump_clock):
+    async with tc.open_runner(
+        entities=[Ledger], config=config(), clock=clock()
+    ) as runner:
+        with pytest.raises(tc.RemoteError, match="no current transaction"):
+            await runner.client(Ledger)("l").outside(Get())
+
+
+async def test_memory_storage_transactions_have_no_sql(autojump_clock):
+    async with tc.open_runner(
+        entities=[Ledger], config=config(), clock=clock()
+    ) as runner:
+        with pytest.raises(tc.RemoteError, match="has no SQL"):
+            await runner.client(Ledger)("l").transfer(Transfer("t5", 1))
+
+
+def test_transactional_needs_persisted():
+    with pytest.raises(
+        tc.EntityDefinitionError, match="transactional=True needs persisted=True"
+    ):
+        tc.rpc(transactional=True)
