@@ -154,3 +154,21 @@ async def test_reply_writes_are_retried_until_they_succeed(autojump_clock):
         storage.fault_hook = flaky_replies
         assert await runner.client(Account)("a").deposit(Deposit("t", 7)) == 7
         assert failures == 0
+
+
+async def test_lost_lock_session_stops_shards_at_once(autojump_clock):
+    storage = MemoryStorage()
+    cfg = config(lease_duration=30.0, lease_refresh_interval=10.0)
+    async with tc.open_runner(
+        entities=[Ledger], config=cfg, storage=storage, clock=clock()
+    ) as runner:
+        await runner.wait_shards_acquired()
+        before = trio.current_time()
+        storage.expire_session(str(runner.address))
+        await trio.testing.wait_all_tasks_blocked()
+        # Not at the next refresh (10 s away): at once.
+        assert runner.statistics().failovers == 8
+        assert trio.current_time() == before
+        # It comes back at new epochs on its next poll.
+        await runner.wait_shards_acquired()
+        assert trio.current_time() - before <= 0.3

@@ -131,6 +131,7 @@ class Sharding:
             self._nursery = nursery
             await self._poll_assignment()
             nursery.start_soon(self._lease_loop)
+            nursery.start_soon(self._watch_session)
             nursery.start_soon(self._assignment_loop)
             task_status.started()
 
@@ -200,6 +201,24 @@ class Sharding:
             await self._execute(self.ownership.refreshed(held, started_at=started_at))
             # Never fall behind by more than one interval after a slow refresh.
             next_at = max(next_at, trio.current_time() - interval)
+
+    async def _watch_session(self) -> None:
+        """Stop serving every shard the moment storage says the lock session
+        is gone (another runner may take the locks right away)."""
+        while True:
+            try:
+                await self._runners.wait_session_lost()
+            except PersistenceError as exc:
+                log.warning("cannot watch the lock session: %s", exc)
+                await trio.sleep(self._config.lease_refresh_interval)
+                continue
+            if self._closing:
+                return
+            log.warning("the lock session was lost; stopping every shard now")
+            await self._execute(
+                self.ownership.refreshed((), started_at=trio.current_time())
+            )
+            self.poll_soon()
 
     def poll_soon(self) -> None:
         """Ask for an assignment poll now (a runner joined or left)."""

@@ -423,6 +423,18 @@ class RunnerStorage(ABC):
         """Unlock every shard this session holds."""
 
     @abstractmethod
+    async def wait_session_lost(self) -> None:
+        """Return as soon as the backend knows that this session's locks are
+        gone (its connection died, or its lease expired), and not before.
+
+        The runner stops serving its shards at once when this returns, rather
+        than at its next refresh: a backend that frees locks the moment a
+        connection dies (PostgreSQL) would otherwise let another runner take
+        them while this one still serves. Waiting again waits for the loss of
+        the next session (the one the next call opens). Cancellation-safe.
+        """
+
+    @abstractmethod
     async def shard_owners(self) -> list[ShardOwner]:
         """Every shard that was ever acquired, with its holder and epoch."""
 

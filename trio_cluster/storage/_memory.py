@@ -67,6 +67,10 @@ class _Session:
     held: set[ShardId] = attrs.Factory(set)
     registration: RunnerInfo | None = None
     inbox: Inbox = attrs.Factory(Inbox)
+    lost: trio.Event = attrs.Factory(trio.Event)
+    """Set when this generation of the session loses its locks."""
+    renewed: trio.Event = attrs.Factory(trio.Event)
+    """Set when a new generation starts (after a lost one)."""
 
     def check_open(self) -> None:
         if self.status == "closed":
@@ -224,6 +228,7 @@ class MemoryStorage(Storage):
 
     def _expire(self, session: _Session) -> None:
         session.expired = True
+        session.lost.set()
         for shard in session.held:
             self._locks[shard].holder = None
         session.held.clear()
@@ -253,7 +258,11 @@ class MemoryStorage(Storage):
         for other in self._sessions.values():
             if not other.expired and now - other.last_heartbeat > other.lease_duration:
                 self._expire(other)
-        session.expired = False
+        if session.expired:
+            session.expired = False
+            session.lost = trio.Event()  # a new generation
+            session.renewed.set()
+            session.renewed = trio.Event()
         session.last_heartbeat = now
 
     # ------------------------------------------------------------------
@@ -334,9 +343,19 @@ class _MemoryRunners(RunnerStorage):
     def __init__(self, storage: MemoryStorage, session: _Session) -> None:
         self._storage = storage
         self._session = session
+        self._reported: trio.Event | None = None
 
     async def _enter(self, operation: str) -> None:
         await self._storage._enter_leases(self._session, operation)
+
+    async def wait_session_lost(self) -> None:
+        # Report each generation's loss once: after a loss, wait for the next
+        # generation to start before waiting for its loss.
+        while self._session.lost is self._reported:
+            await self._session.renewed.wait()
+        lost = self._session.lost
+        await lost.wait()
+        self._reported = lost
 
     async def register(self, runner: RunnerInfo) -> int:
         if not isinstance(runner, RunnerInfo):

@@ -247,6 +247,37 @@ class RunnerStorageTests(ConformanceBase):
             assert (await other.runners.acquire([SHARD]))[SHARD] == first[SHARD] + 1
             assert await session.runners.refresh([SHARD]) == set()
 
+    async def test_lost_session_is_reported_by_wait_session_lost(
+        self,
+        session: StorageSession,
+        other: StorageSession,
+        lease_duration: float,
+        clock: trio.abc.Clock | None,
+    ) -> None:
+        with trio.fail_after(TIMEOUT + 6 * lease_duration):
+            await acquire(session.runners, SHARD)
+            lost = trio.Event()
+
+            async def watch() -> None:
+                await session.runners.wait_session_lost()
+                lost.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch)
+                # Stay silent on `session`; the other session polls the lock,
+                # which is also what lets a lazy backend notice the lapse.
+
+                async def taken() -> bool:
+                    got = await other.runners.acquire([SHARD])  # always call
+                    return lost.is_set() and SHARD in got
+
+                await poll_until(taken, lease_duration / 4)
+            # Once reported, waiting again waits for the next session's loss.
+            assert await session.runners.refresh([SHARD]) == set()
+            with trio.move_on_after(lease_duration / 4) as scope:
+                await session.runners.wait_session_lost()
+            assert scope.cancelled_caught
+
     async def test_lapsed_lease_is_reported_by_refresh(
         self,
         session: StorageSession,
