@@ -419,3 +419,34 @@ async def test_lapsed_lease_replays_the_running_persisted_request(autojump_clock
         assert await ref.applied_ids(Get()) == ["only"]
         assert runner.statistics().failovers >= 1
         assert trio.current_time() > 12  # ran again after the lapse
+
+
+async def test_janitor_deletes_finished_requests_after_retention(autojump_clock):
+    cfg = config(
+        retention_age=100.0,
+        retention_interval=10.0,
+        retention_batch_size=2,
+        entity_max_idle=1000.0,  # keep the balance in memory throughout
+    )
+
+    async with tc.open_runner(entities=[Account], config=cfg, clock=clock()) as runner:
+        ref = runner.client(Account)("zed")
+        for i in range(5):
+            assert await ref.deposit(Deposit(f"t{i}", 1)) == i + 1
+        await trio.sleep(50)
+        # Within retention, a duplicate gets the stored reply.
+        assert await ref.deposit(Deposit("t0", 1)) == 1
+        await trio.sleep(70)
+        # Past retention, the request is gone: the same key runs again.
+        assert await ref.deposit(Deposit("t0", 1)) == 6
+
+
+async def test_reserved_singleton_names(autojump_clock):
+    async def run() -> None:
+        pass
+
+    with pytest.raises(tc.EntityDefinitionError, match="reserved"):
+        async with tc.open_runner(
+            singletons=[tc.Singleton("trio_cluster.janitor", run)]
+        ):
+            pytest.fail("must not start")

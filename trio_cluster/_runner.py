@@ -28,6 +28,7 @@ from ._core._snowflake import SnowflakeGenerator
 from ._cron import Cron, CronEntity, cron_singletons
 from ._entity import Entity
 from ._errors import ClusterError, EntityNotAssignedError, MessageTooLargeError
+from ._janitor import janitor
 from ._manager import EntityManager, NotDelivered
 from ._persisted import PersistedDelivery
 from ._registry import EntityType, Handler, Registry
@@ -327,13 +328,14 @@ async def open_runner(
     registry = _build(
         entities=entities, config=config, converter=converter, crons=crons
     )
+    _check_singletons(singletons)
     all_singletons = list(singletons) + cron_singletons(crons)
-    _check_singletons(all_singletons)
     backend = storage if storage is not None else MemoryStorage()
     async with backend.open_session(
         name=str(config.runner_address), lease_duration=config.lease_duration
     ) as session:
         wall_clock = clock if clock is not None else TrioWallClock()
+        all_singletons.append(janitor(session.messages, config, wall_clock))
         manager = EntityManager(config=config, runner_label=str(config.runner_address))
         ids = SnowflakeGenerator(0)
         supervisor = SingletonSupervisor(all_singletons, config=config)
@@ -420,6 +422,11 @@ async def serve_runner(
 def _check_singletons(singletons: Sequence[Singleton]) -> None:
     from ._errors import EntityDefinitionError
 
+    reserved = [s.name for s in singletons if s.name.startswith("trio_cluster.")]
+    if reserved:
+        raise EntityDefinitionError(
+            f"singleton names starting with 'trio_cluster.' are reserved: {reserved}"
+        )
     names = [singleton.name for singleton in singletons]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:

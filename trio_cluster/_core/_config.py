@@ -184,6 +184,18 @@ class ShardingConfig:
     a runner, so a message that could not cross the wire fails in tests too.
     Turn off for speed once your messages are known to encode."""
 
+    retention_age: float = attrs.field(default=7 * 86_400.0, validator=_positive)
+    """Finished persisted requests (and their replies) are deleted this many
+    seconds after their final reply. Until then a duplicate (same primary
+    key) gets the recorded reply; after, it runs again."""
+
+    retention_interval: float = attrs.field(default=60.0, validator=_positive)
+    """How often the janitor (a singleton) deletes expired requests."""
+
+    retention_batch_size: int = attrs.field(default=1000, validator=_positive_int)
+    """Most requests the janitor deletes per statement (it repeats while a
+    batch comes back full)."""
+
     max_message_size: int = attrs.field(
         default=4 * 1024 * 1024, validator=_positive_int
     )
