@@ -1,7 +1,9 @@
 """Abstract base classes for trio_cluster's pluggable edges.
 
 Implement `Storage` (with its `MessageStorage` and `RunnerStorage` services) to
-add a storage backend; run `trio_cluster.testing.StorageConformance` against it.
+add a storage backend, and run `trio_cluster.testing.StorageConformance`
+against it. Implement `Transport` (with its `Endpoint`) to add a way for
+runners to reach each other.
 """
 
 from __future__ import annotations
@@ -28,10 +30,19 @@ from ._storage_abc import (
     StoredChunk as StoredChunk,
     StoredReplies as StoredReplies,
 )
+from ._transport_abc import (
+    Endpoint as Endpoint,
+    EndpointHandler as EndpointHandler,
+    Envelope as Envelope,
+    Transport as Transport,
+)
 
 __all__ = [
     "ClaimBatch",
     "ClaimedRequest",
+    "Endpoint",
+    "EndpointHandler",
+    "Envelope",
     "MessageStorage",
     "MessagesAvailable",
     "Notification",
@@ -50,4 +61,5 @@ __all__ = [
     "StorageTransaction",
     "StoredChunk",
     "StoredReplies",
+    "Transport",
 ]
