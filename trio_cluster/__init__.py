@@ -9,6 +9,7 @@ and call entities by id from anywhere in the cluster::
 
 from __future__ import annotations
 
+from ._broadcast import Broadcast as Broadcast
 from ._client import EntityClient as EntityClient
 from ._clock import Clock as Clock, TrioWallClock as TrioWallClock
 from ._context import (
@@ -49,9 +50,9 @@ from ._handlers import (
     rpc as rpc,
     stream as stream,
 )
+from ._routing import RunnerClosedError as RunnerClosedError
 from ._runner import (
     Runner as Runner,
-    RunnerClosedError as RunnerClosedError,
     open_runner as open_runner,
     serve_runner as serve_runner,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "AlreadyProcessingError",
     "BoundRpc",
     "BoundStream",
+    "Broadcast",
     "Clock",
     "ClusterError",
     "ClusterInternalError",

@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from contextlib import AbstractAsyncContextManager
 
+    from ._core._config import ShardingConfig
     from ._registry import EntityType, Handler
-    from ._runner import Runner
+    from ._routing import Router
 
 __all__ = ["EntityClient", "EntityRef"]
 
@@ -31,16 +32,19 @@ E = TypeVar("E", bound=Entity)
 class EntityClient(Generic[E]):
     """Makes handles on entities of one type: ``accounts("alice")``."""
 
-    __slots__ = ("_runner", "_type", "cls")
+    __slots__ = ("_config", "_router", "_type", "cls")
 
-    def __init__(self, runner: Runner, entity_type: EntityType) -> None:
-        self._runner = runner
+    def __init__(
+        self, router: Router, entity_type: EntityType, config: ShardingConfig
+    ) -> None:
+        self._router = router
         self._type = entity_type
+        self._config = config
         self.cls = entity_type.cls
 
     def address_of(self, entity_id: str) -> EntityAddress:
         """The address (and so the shard) of an entity id."""
-        shards = self._runner.config.shards_per_group
+        shards = self._config.shards_per_group
         group = self._type.shard_group
         return EntityAddress(
             self._type.name,
@@ -55,19 +59,19 @@ class EntityClient(Generic[E]):
             ValueError: the id is empty, padded with whitespace, or too long.
         """
         return cast(
-            "E", EntityRef(self._runner, self._type, self.address_of(entity_id))
+            "E", EntityRef(self._router, self._type, self.address_of(entity_id))
         )
 
 
 class EntityRef:
     """Runtime type of entity handles; see the module docstring."""
 
-    __slots__ = ("_address", "_runner", "_type")
+    __slots__ = ("_address", "_router", "_type")
 
     def __init__(
-        self, runner: Runner, entity_type: EntityType, address: EntityAddress
+        self, router: Router, entity_type: EntityType, address: EntityAddress
     ) -> None:
-        self._runner = runner
+        self._router = router
         self._type = entity_type
         self._address = address
 
@@ -87,8 +91,8 @@ class EntityRef:
                 " offers the entity's @rpc and @stream methods"
             )
         if handler.spec.kind == "stream":
-            return _BoundStream(self._runner, self._type, self._address, handler)
-        return _BoundRpc(self._runner, self._type, self._address, handler)
+            return _BoundStream(self._router, self._type, self._address, handler)
+        return _BoundRpc(self._router, self._type, self._address, handler)
 
     def __repr__(self) -> str:
         return f"<handle on {self._address}>"
@@ -97,16 +101,16 @@ class EntityRef:
 class _Bound:
     """A handler bound to one entity, sending through a runner."""
 
-    __slots__ = ("_address", "_handler", "_runner", "_type")
+    __slots__ = ("_address", "_handler", "_router", "_type")
 
     def __init__(
         self,
-        runner: Runner,
+        router: Router,
         entity_type: EntityType,
         address: EntityAddress,
         handler: Handler,
     ) -> None:
-        self._runner = runner
+        self._router = router
         self._type = entity_type
         self._address = address
         self._handler = handler
@@ -116,10 +120,10 @@ class _BoundRpc(_Bound):
     __slots__ = ()
 
     def __call__(self, message: Any, /) -> Any:
-        return self._runner._call(self._type, self._address, self._handler, message)
+        return self._router.call(self._type, self._address, self._handler, message)
 
     async def discard(self, message: Any, /) -> None:
-        await self._runner._discard(self._type, self._address, self._handler, message)
+        await self._router.discard(self._type, self._address, self._handler, message)
 
 
 class _BoundStream(_Bound):
@@ -128,6 +132,4 @@ class _BoundStream(_Bound):
     def __call__(
         self, message: Any, /
     ) -> AbstractAsyncContextManager[AsyncIterator[Any]]:
-        return self._runner._open_stream(
-            self._type, self._address, self._handler, message
-        )
+        return self._router.stream(self._type, self._address, self._handler, message)

@@ -36,6 +36,7 @@ from ._errors import (
     MalformedMessageError,
     MessageTooLargeError,
     PersistenceError,
+    RunnerUnavailableError,
     UnknownEntityTypeError,
 )
 from ._manager import NotDelivered, RetryLater, is_marker
@@ -50,13 +51,14 @@ from ._storage_abc import (
     RequestsInterrupted,
     SaveResult,
 )
-from .serialization._replies import Exit, ReplyCodec
+from ._wire import Kind, address_fields
+from .serialization._replies import Exit
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
 
     from ._clock import Clock
-    from ._core._addresses import EntityAddress
+    from ._core._addresses import EntityAddress, RunnerAddress
     from ._core._config import ShardingConfig
     from ._core._snowflake import SnowflakeGenerator
     from ._manager import EntityManager
@@ -64,12 +66,16 @@ if TYPE_CHECKING:
     from ._sharding import Sharding
     from ._slots import Job, ShardHost
     from ._storage_abc import MessageStorage
+    from ._transport_abc import Endpoint
 
 __all__ = ["PersistedDelivery"]
 
 log = logging.getLogger("trio_cluster.persisted")
 
 _MAX_BATCH = 1024
+_MAX_REPLY_TO = 100_000
+"""Most remote waiters remembered (the oldest are forgotten; they then get
+their reply from storage)."""
 _FLOAT_TOLERANCE = 1e-6
 """Seconds of slack when a ``deliver_at`` timer fires, for float rounding
 between the timer and the wall clock."""
@@ -112,10 +118,11 @@ class PersistedDelivery:
         self._replies: Batcher[ReplyRecord, ReplyOutcome] = Batcher(
             self._flush_replies, max_batch=_MAX_BATCH, name="recording replies"
         )
-        self._generic = ReplyCodec(
-            registry.converter, None, (), "reply", registry.cluster_codecs
-        )
         self._waiters: dict[int, list[_Waiter]] = {}
+        self._reply_to: dict[int, RunnerAddress] = {}
+        """Requests another runner waits for: send it the final reply."""
+        self.endpoint: Endpoint | None = None
+        """This runner's transport endpoint, if it has one."""
         self._wake = trio.Event()
         self._next_deliver_at = math.inf
         self._nursery: trio.Nursery | None = None
@@ -236,7 +243,7 @@ class PersistedDelivery:
                 host, address, entity_type, handler, local_message, request_id
             )
         else:
-            self.nudge(deliver_at)
+            self._notice_owner(address, request_id, not discard, deliver_at)
         if waiter is None:
             return None
         return await self._wait(handler, request_id, waiter, interrupt=True)
@@ -289,6 +296,54 @@ class PersistedDelivery:
             waiter.payload = payload
             waiter.exit = exit_
             waiter.event.set()
+        peer = self._reply_to.pop(request_id, None)
+        if peer is not None:
+            self._send(peer, [Kind.PERSISTED_REPLY, request_id, payload])
+
+    # ------------------------------------------------------------------
+    # Other runners (direct notices and replies; storage is the fallback)
+
+    def _send(self, peer: RunnerAddress, envelope: list[Any]) -> bool:
+        if self.endpoint is None:
+            return False
+        try:
+            self.endpoint.send_nowait(peer, envelope)
+        except RunnerUnavailableError as exc:
+            log.debug("could not notify %s directly (storage will): %s", peer, exc)
+            return False
+        return True
+
+    def _notice_owner(
+        self,
+        address: EntityAddress,
+        request_id: int,
+        wants_reply: bool,
+        deliver_at: float | None,
+    ) -> None:
+        """A request was stored unclaimed: tell its owner (directly if it is
+        another runner, so it claims now), else wake the local read loop."""
+        owner = self._sharding.assignment.get(address.shard)
+        if owner is None or owner == self._sharding.address or deliver_at is not None:
+            self.nudge(deliver_at)
+            return
+        self._send(
+            owner, [Kind.PERSISTED, request_id, *address_fields(address), wants_reply]
+        )
+
+    def remote_notice(
+        self, request_id: int, address: EntityAddress, reply_to: RunnerAddress | None
+    ) -> None:
+        """Another runner stored ``request_id`` for a shard served here."""
+        if reply_to is not None:
+            if len(self._reply_to) >= _MAX_REPLY_TO:
+                del self._reply_to[next(iter(self._reply_to))]  # forget the oldest
+            self._reply_to[request_id] = reply_to
+        if address.shard in self._sharding.hosts:
+            self.nudge()
+
+    def remote_reply(self, request_id: int, payload: bytes) -> None:
+        """The owner sent the final reply of a request sent from here."""
+        self._resolve(request_id, payload, None)
 
     # ------------------------------------------------------------------
     # Delivering
@@ -336,7 +391,9 @@ class PersistedDelivery:
             )
             log.error("cannot deliver request %d: %s", request.request_id, error)
             self._record_soon(
-                host, request.request_id, self._generic.encode_error(error)
+                host,
+                request.request_id,
+                self._registry.generic_reply.encode_error(error),
             )
             return
         if request.interrupted:

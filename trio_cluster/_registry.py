@@ -120,6 +120,11 @@ class Registry:
         self.converter = converter
         self.config = config
         self.cluster_codecs = cluster_error_codecs(converter)
+        self.generic_reply = ReplyCodec(
+            converter, None, (), "reply", self.cluster_codecs
+        )
+        """Encodes replies that are cluster errors, for requests whose
+        handler is unknown."""
         self.types: dict[str, EntityType] = {}
         self._by_class: dict[type[Entity], EntityType] = {}
         for cls in classes:

@@ -7,19 +7,22 @@ shuts down gracefully: new calls are refused, running handlers get
 released (so successors start at once) and the runner unregisters.
 `serve_runner` is the same for ``nursery.start``.
 
-The runner also routes calls: volatile calls to a shard served here run in
-the caller's task (see `EntityManager.call`); while the shard is moving the
-call waits (within ``send_retry_timeout`` and the caller's own deadline).
+With a transport (``transport=WebSocketTransport()``), runners reach each
+other: calls are routed to whichever runner serves the entity (see
+`trio_cluster._routing`), persisted requests notify their owner directly, and
+a dropped connection makes the runner re-check membership at once.
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import attrs
 import trio
 
+from ._broadcast import Broadcast, Broadcasts
 from ._client import EntityClient
 from ._clock import Clock, TrioWallClock
 from ._context import current_runner_var
@@ -27,16 +30,17 @@ from ._core._config import ShardingConfig
 from ._core._snowflake import SnowflakeGenerator
 from ._cron import Cron, CronEntity, cron_singletons
 from ._entity import Entity
-from ._errors import ClusterError, EntityNotAssignedError, MessageTooLargeError
+from ._errors import EntityNotAssignedError
+from ._inbound import ClusterHandler, InboundCalls
 from ._janitor import janitor
-from ._manager import EntityManager, NotDelivered
+from ._manager import EntityManager
 from ._persisted import PersistedDelivery
-from ._registry import EntityType, Handler, Registry
+from ._registry import Registry
+from ._remote import OutboundCalls
+from ._routing import Router, RunnerClosedError
 from ._sharding import Sharding
 from ._singletons import Singleton, SingletonSupervisor
-from ._slots import JobKind, ShardHost
 from ._statistics import RunnerStatistics, collect_statistics
-from ._streams import StreamReceiver, consume, open_stream_channel
 from .serialization._converter import make_converter
 
 if TYPE_CHECKING:
@@ -45,20 +49,15 @@ if TYPE_CHECKING:
     import cattrs
 
     from ._core._addresses import EntityAddress, RunnerAddress
+    from ._slots import ShardHost
     from ._storage_abc import Storage
+    from ._transport_abc import Endpoint, Transport
 
 __all__ = ["Runner", "RunnerClosedError", "open_runner", "serve_runner"]
 
 log = logging.getLogger("trio_cluster.runner")
 
 E = TypeVar("E", bound=Entity)
-
-
-class RunnerClosedError(ClusterError, trio.ClosedResourceError):
-    """The runner is shut down (or shutting down): it takes no more calls."""
-
-
-RunnerClosedError.__module__ = "trio_cluster"
 
 
 class Runner:
@@ -73,8 +72,8 @@ class Runner:
         manager: EntityManager,
         sharding: Sharding,
         persisted: PersistedDelivery,
-        ids: SnowflakeGenerator,
         supervisor: SingletonSupervisor,
+        broadcasts: Broadcasts,
         crons: Sequence[Cron] = (),
     ) -> None:
         self.config = config
@@ -83,11 +82,16 @@ class Runner:
         self._manager = manager
         self._sharding = sharding
         self._persisted = persisted
-        self._ids = ids
         self._supervisor = supervisor
+        self._broadcasts = broadcasts
         self._crons = {cron.name: cron for cron in crons}
-        self._closed = False
-        self._serialize = config.serialize_local_calls
+        self._router = Router(
+            runner=self,
+            config=config,
+            sharding=sharding,
+            manager=manager,
+            persisted=persisted,
+        )
         self._clients: dict[type[Entity], EntityClient[Any]] = {}
 
     @property
@@ -112,9 +116,24 @@ class Runner:
         existing = self._clients.get(cls)
         if existing is None:
             existing = self._clients[cls] = EntityClient(
-                self, self._registry.for_class(cls)
+                self._router, self._registry.for_class(cls), self.config
             )
         return existing
+
+    async def broadcast(self, name: str, message: Any) -> int:
+        """Run the broadcast handler ``name`` with ``message`` on every live
+        runner, this one included, at most once each.
+
+        Returns:
+            How many runners it was handed to (a runner that is unreachable,
+            or dies before it runs the handler, misses it).
+
+        Raises:
+            EntityDefinitionError: no broadcast of that name is declared here.
+            MalformedMessageError: the message cannot be encoded.
+        """
+        self._router.check_open()
+        return await self._broadcasts.send(self._sharding, name, message)
 
     def statistics(self) -> RunnerStatistics:
         """A snapshot of this runner's state and counters."""
@@ -128,149 +147,19 @@ class Runner:
             await self._sharding.wait_changed(trio.current_time() + 1.0)
         await trio.lowlevel.checkpoint()
 
-    # ------------------------------------------------------------------
-    # Routing (used by clients)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RunnerClosedError("the runner is shut down; it takes no more calls")
-
-    def _local_message(self, handler: Handler, message: Any) -> Any:
-        if not self.config.serialize_local_calls:
-            return message
-        codec = handler.message
-        payload = codec.encode(message)
-        if len(payload) > self.config.max_message_size:
-            raise MessageTooLargeError(
-                size=len(payload), limit=self.config.max_message_size
-            )
-        return codec.decode(payload)
-
-    async def _host_for(
-        self, address: EntityAddress, deadline: float | None
-    ) -> tuple[ShardHost, float | None]:
-        """Wait for a local host of ``address``'s shard (remote routing comes
-        with a transport)."""
-        while True:
-            self._check_open()
-            host = self._sharding.hosts.get(address.shard)
-            if host is not None:
-                return host, deadline
-            now = trio.current_time()
-            if deadline is None:
-                deadline = now + self.config.send_retry_timeout
-            if now >= deadline or not self._sharding.hosts_group(address.shard.group):
-                raise EntityNotAssignedError(address=str(address))
-            await self._sharding.wait_changed(
-                min(deadline, now + self.config.send_retry_interval)
-            )
-
-    async def _call(
-        self,
-        entity_type: EntityType,
-        address: EntityAddress,
-        handler: Handler,
-        message: Any,
-    ) -> Any:
-        self._check_open()
-        token = (
-            None
-            if current_runner_var.get(None) is self
-            else current_runner_var.set(self)
-        )
-        try:
-            if handler.spec.persisted:
-                return await self._persisted.call(
-                    address, entity_type, handler, message, discard=False
-                )
-            if self._serialize:
-                message = self._local_message(handler, message)
-            deadline: float | None = None
-            host = self._sharding.hosts.get(address.shard)
-            while True:
-                if host is None:
-                    host, deadline = await self._host_for(address, deadline)
-                try:
-                    return await self._manager.call(
-                        host, address, entity_type, handler, message
-                    )
-                except NotDelivered:
-                    host = None
-                    deadline = (
-                        deadline or trio.current_time() + self.config.send_retry_timeout
-                    )
-        finally:
-            if token is not None:
-                current_runner_var.reset(token)
-
-    async def _discard(
-        self,
-        entity_type: EntityType,
-        address: EntityAddress,
-        handler: Handler,
-        message: Any,
-    ) -> None:
-        self._check_open()
-        if handler.spec.persisted:
-            await self._persisted.call(
-                address, entity_type, handler, message, discard=True
-            )
-            return
-        message = self._local_message(handler, message)
-        deadline: float | None = None
-        while True:
-            host, deadline = await self._host_for(address, deadline)
-            try:
-                self._manager.submit(host, address, entity_type, handler, message)
-            except NotDelivered:
-                continue
-            await trio.lowlevel.checkpoint()
-            return
-
     async def _route_discard(
         self, address: EntityAddress, spec: Any, message: Any
     ) -> None:
+        """``self.handler.discard(msg)`` inside an entity."""
         entity_type = self._registry.get(address.entity_type)
         if entity_type is None:  # pragma: no cover - an entity's own type is registered
             raise EntityNotAssignedError(address=str(address))
-        await self._discard(
+        await self._router.discard(
             entity_type, address, entity_type.handlers[spec.name], message
         )
 
-    @asynccontextmanager
-    async def _open_stream(
-        self,
-        entity_type: EntityType,
-        address: EntityAddress,
-        handler: Handler,
-        message: Any,
-    ) -> AsyncIterator[StreamReceiver]:
-        self._check_open()
-        message = self._local_message(handler, message)
-        deadline: float | None = None
-        while True:
-            host, deadline = await self._host_for(address, deadline)
-            send, receive = open_stream_channel()
-            try:
-                job = self._manager.submit(
-                    host,
-                    address,
-                    entity_type,
-                    handler,
-                    message,
-                    kind=JobKind.STREAM,
-                    stream_channel=send,
-                )
-            except NotDelivered:
-                send.close()
-                receive.close()
-                continue
-            async with consume(self._manager, job, receive) as items:
-                yield items
-            return
-
     async def _shutdown(self) -> None:
-        self._closed = True
+        self._router.closed = True
         self._persisted.closing = True
         await self._sharding.shutdown()
 
@@ -294,8 +183,10 @@ async def open_runner(
     entities: Sequence[type[Entity]] = (),
     config: ShardingConfig | None = None,
     storage: Storage | None = None,
+    transport: Transport | None = None,
     singletons: Sequence[Singleton] = (),
     crons: Sequence[Cron] = (),
+    broadcasts: Sequence[Broadcast] = (),
     converter: cattrs.Converter | None = None,
     clock: Clock | None = None,
 ) -> AsyncIterator[Runner]:
@@ -306,8 +197,13 @@ async def open_runner(
         config: policies; `ShardingConfig()` by default.
         storage: a storage backend; a private `MemoryStorage` by default
             (persisted messages then live only as long as the process).
+        transport: how runners reach each other (e.g. ``WebSocketTransport()``
+            from `trio_cluster.transport`); without one, this runner only calls
+            entities it serves itself. It listens at ``config.runner_address``
+            (port 0: a free port; ``runner.address`` tells which).
         singletons: tasks that run on exactly one runner of the cluster.
         crons: persisted schedules, run once per instant cluster-wide.
+        broadcasts: broadcasts this runner handles (see `Runner.broadcast`).
         converter: from `trio_cluster.serialization.make_converter`, with your
             own hooks registered; a fresh one by default.
         clock: wall clock for persisted times; `TrioWallClock` by default.
@@ -316,6 +212,7 @@ async def open_runner(
         EntityDefinitionError: an entity class or singleton is invalid (before
             anything starts).
         PersistenceError: storage failed while starting.
+        RunnerUnavailableError: the transport cannot listen.
 
     On exit (normal, error or cancellation) the runner shuts down gracefully,
     shielded from cancellation and bounded by ``entity_termination_timeout``
@@ -329,13 +226,27 @@ async def open_runner(
         entities=entities, config=config, converter=converter, crons=crons
     )
     _check_singletons(singletons)
-    all_singletons = list(singletons) + cron_singletons(crons)
-    backend = storage if storage is not None else MemoryStorage()
-    async with backend.open_session(
-        name=str(config.runner_address), lease_duration=config.lease_duration
-    ) as session:
+    broadcast_set = Broadcasts(broadcasts, registry.converter)
+    handler = ClusterHandler()
+    async with AsyncExitStack() as stack:
+        endpoint: Endpoint | None = None
+        if transport is not None:
+            endpoint = await stack.enter_async_context(
+                transport.open_endpoint(config.runner_address, handler)
+            )
+            config = attrs.evolve(config, runner_address=endpoint.address)
+        backend = storage if storage is not None else MemoryStorage()
+        session = await stack.enter_async_context(
+            backend.open_session(
+                name=str(config.runner_address), lease_duration=config.lease_duration
+            )
+        )
         wall_clock = clock if clock is not None else TrioWallClock()
-        all_singletons.append(janitor(session.messages, config, wall_clock))
+        all_singletons = [
+            *singletons,
+            *cron_singletons(crons),
+            janitor(session.messages, config, wall_clock),
+        ]
         manager = EntityManager(config=config, runner_label=str(config.runner_address))
         ids = SnowflakeGenerator(0)
         supervisor = SingletonSupervisor(all_singletons, config=config)
@@ -356,8 +267,8 @@ async def open_runner(
             manager=manager,
             sharding=sharding,
             persisted=persisted,
-            ids=ids,
             supervisor=supervisor,
+            broadcasts=broadcast_set,
             crons=crons,
         )
 
@@ -370,6 +281,23 @@ async def open_runner(
         try:
             async with _unwrap_single(), trio.open_nursery() as nursery:
                 manager.nursery = nursery
+                broadcast_set.nursery = nursery
+                if endpoint is not None:
+                    runner._router.outbound = outbound = OutboundCalls(endpoint)
+                    inbound = InboundCalls(
+                        endpoint=endpoint,
+                        sharding=sharding,
+                        manager=manager,
+                        registry=registry,
+                    )
+                    persisted.endpoint = broadcast_set.endpoint = endpoint
+                    handler.attach(
+                        outbound=outbound,
+                        inbound=inbound,
+                        sharding=sharding,
+                        persisted=persisted,
+                        broadcasts=broadcast_set,
+                    )
                 await nursery.start(persisted.run)
                 await nursery.start(sharding.run)
                 ids.machine_id = sharding.machine_id or 0
@@ -388,18 +316,20 @@ async def serve_runner(
     entities: Sequence[type[Entity]] = (),
     config: ShardingConfig | None = None,
     storage: Storage | None = None,
+    transport: Transport | None = None,
     *,
     singletons: Sequence[Singleton] = (),
     crons: Sequence[Cron] = (),
+    broadcasts: Sequence[Broadcast] = (),
     converter: cattrs.Converter | None = None,
     clock: Clock | None = None,
     task_status: trio.TaskStatus[Runner] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a runner until cancelled::
 
-        runner = await nursery.start(serve_runner, [Account], config, storage)
+        runner = await nursery.start(serve_runner, [Account], config, storage, transport)
 
-    Takes the same arguments as `open_runner` (the first three may be given
+    Takes the same arguments as `open_runner` (the first four may be given
     positionally, as ``nursery.start`` passes no keywords; use
     ``functools.partial`` for the others). ``started`` is called with the
     `Runner` once it is registered and serving. An error before that is
@@ -410,8 +340,10 @@ async def serve_runner(
         entities=entities,
         config=config,
         storage=storage,
+        transport=transport,
         singletons=singletons,
         crons=crons,
+        broadcasts=broadcasts,
         converter=converter,
         clock=clock,
     ) as runner:

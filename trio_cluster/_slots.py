@@ -88,6 +88,7 @@ class Job:
 
     __slots__ = (
         "around",
+        "deadline",
         "granted",
         "handler",
         "kind",
@@ -125,6 +126,9 @@ class Job:
         self.next_sequence = 0
         self.stream_channel: trio.MemorySendChannel[Any] | None = None
         self.slot: Slot | None = None
+        self.deadline: float | None = None
+        """Trio time after which the handler is cancelled (the remote
+        caller's deadline); None: no limit."""
         self.around: Around | None = None
         """Wraps the job's execution (transactional handlers); see `Around`."""
 
@@ -210,6 +214,8 @@ class ShardHost:
         """Register a handler about to run: a cancel scope the shard can
         cancel, counted until `finish_handler`."""
         scope = trio.CancelScope()
+        if job.deadline is not None:
+            scope.deadline = job.deadline
         job.scope = scope
         self.scopes.add(scope)
         self.running += 1
