@@ -12,6 +12,11 @@ Loaded from ``tests/conftest.py`` (``pytest_plugins``). Fixtures:
   table names stay private to the test.
 * ``pg_admin``: synchronous SQL on an independent connection (sync psycopg),
   e.g. to terminate a backend in fault tests.
+* ``private_server`` (module): a throwaway server of the test module's own,
+  which its tests may stop and start again (`ThrowawayServer.stop`/``start``,
+  e.g. to restart the database under a running runner). Started from the
+  system binaries whatever ``TRIO_CLUSTER_TEST_DSN`` says; if that is
+  impossible the test fails with the reason.
 
 Mark PostgreSQL tests with ``pytest.mark.postgres``.
 """
@@ -76,9 +81,75 @@ def _free_port() -> int:
         return port
 
 
+@attrs.define
+class ThrowawayServer:
+    """A private PostgreSQL server started by `throwaway_server`, which a
+    test may stop and start again (e.g. to simulate a database restart)."""
+
+    dsn: str
+    """Where to connect (``user=postgres dbname=postgres``)."""
+    bin_dir: Path
+    base: Path
+    """Holds the data directory, the socket and the server log."""
+    port: int
+    run_as: str | None
+    """The system user running the server (``postgres`` when we are root)."""
+
+    def _run(self, *args: str | Path, check: bool = True) -> None:
+        command = [str(arg) for arg in args]
+        done = subprocess.run(command, user=self.run_as, capture_output=True, text=True)
+        if check and done.returncode:
+            raise subprocess.CalledProcessError(
+                done.returncode, command, done.stdout, f"{done.stderr}"
+            )
+
+    def start(self) -> None:
+        """Start the server (``pg_ctl start``) and wait until it accepts."""
+        settings = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        options = (
+            f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 {settings}"
+        )
+        self._run(
+            self.bin_dir / "pg_ctl",
+            "-D",
+            self.base / "data",
+            "-l",
+            self.base / "log",
+            "-w",
+            "-o",
+            options,
+            "start",
+        )
+
+    @property
+    def running(self) -> bool:
+        """Whether the server is up (``pg_ctl status``)."""
+        command = [
+            str(self.bin_dir / "pg_ctl"),
+            "-D",
+            str(self.base / "data"),
+            "status",
+        ]
+        done = subprocess.run(command, user=self.run_as, capture_output=True)
+        return done.returncode == 0
+
+    def stop(self, mode: str = "fast", *, check: bool = True) -> None:
+        """Stop the server (``pg_ctl stop -m <mode>``) and wait until it is down."""
+        self._run(
+            self.bin_dir / "pg_ctl",
+            "-D",
+            self.base / "data",
+            "-m",
+            mode,
+            "-w",
+            "stop",
+            check=check,
+        )
+
+
 @contextlib.contextmanager
-def throwaway_cluster(bin_dir: Path | None = None) -> Iterator[str]:
-    """Start a temporary PostgreSQL cluster; yield its DSN; stop and delete it.
+def throwaway_server(bin_dir: Path | None = None) -> Iterator[ThrowawayServer]:
+    """Start a temporary PostgreSQL cluster; yield it; stop and delete it.
 
     ``initdb`` and ``postgres`` refuse to run as root, so as root they run as
     the ``postgres`` system user (created by Debian's postgresql-common). The
@@ -96,22 +167,20 @@ def throwaway_cluster(bin_dir: Path | None = None) -> Iterator[str]:
         run_as = "postgres"
         user = pwd.getpwnam(run_as)
         os.chown(base, user.pw_uid, user.pw_gid)
-    data, port = base / "data", _free_port()
-
-    def run(*args: str | Path, check: bool = True) -> None:
-        command = [str(arg) for arg in args]
-        done = subprocess.run(command, user=run_as, capture_output=True, text=True)
-        if check and done.returncode:
-            raise subprocess.CalledProcessError(
-                done.returncode, command, done.stdout, f"{done.stderr}"
-            )
-
+    port = _free_port()
+    server = ThrowawayServer(
+        dsn=f"host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=disable",
+        bin_dir=bin_dir,
+        base=base,
+        port=port,
+        run_as=run_as,
+    )
     started = False
     try:
-        run(
+        server._run(
             bin_dir / "initdb",
             "-D",
-            data,
+            base / "data",
             "-A",
             "trust",
             "-U",
@@ -120,34 +189,20 @@ def throwaway_cluster(bin_dir: Path | None = None) -> Iterator[str]:
             "UTF8",
             "--no-sync",
         )
-        settings = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-        options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 {settings}"
         started = True  # pg_ctl may have started the server even if it fails
-        run(
-            bin_dir / "pg_ctl",
-            "-D",
-            data,
-            "-l",
-            base / "log",
-            "-w",
-            "-o",
-            options,
-            "start",
-        )
-        yield f"host=127.0.0.1 port={port} user=postgres dbname=postgres sslmode=disable"
+        server.start()
+        yield server
     finally:
         if started:
-            run(
-                bin_dir / "pg_ctl",
-                "-D",
-                data,
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-                check=False,
-            )
+            server.stop("immediate", check=False)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def throwaway_cluster(bin_dir: Path | None = None) -> Iterator[str]:
+    """`throwaway_server`, yielding only its DSN."""
+    with throwaway_server(bin_dir) as server:
+        yield server.dsn
 
 
 @pytest.fixture(scope="session")
@@ -179,6 +234,33 @@ def postgres_dsn() -> Iterator[str]:
                 pytrace=False,
             )
         yield dsn
+
+
+@pytest.fixture(scope="module")
+def private_server() -> Iterator[ThrowawayServer]:
+    """A throwaway server for one test module (see the module docstring).
+
+    A test that stops it must start it again (``finally``); the fixture
+    restarts it anyway if a test left it down."""
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(throwaway_server())
+        except (OSError, KeyError, subprocess.CalledProcessError) as exc:
+            output = getattr(exc, "stderr", "") or ""
+            pytest.fail(
+                f"cannot start a private PostgreSQL server: {type(exc).__name__}:"
+                f" {exc} {output}".strip(),
+                pytrace=False,
+            )
+        yield server
+
+
+@pytest.fixture
+def private_dsn(private_server: ThrowawayServer) -> str:
+    """The DSN of ``private_server``, started again if a test left it down."""
+    if not private_server.running:
+        private_server.start()
+    return private_server.dsn
 
 
 def dsn_with_options(dsn: str, options: str) -> str:

@@ -27,10 +27,10 @@ from psycopg import pq
 
 from tests.pg_fixture import throwaway_cluster
 from trio_cluster import ClusterInternalError, ConfigError, PersistenceError
+from trio_cluster.storage._pg_connect import resolve_host as _resolve_host
 from trio_cluster.storage._pg_driver import (
     PgConnection,
     PgNotification,
-    _resolve_host,
     build_conninfo,
 )
 from trio_cluster.storage._pg_errors import (

@@ -1,12 +1,29 @@
 """Storage backends for trio_cluster (public namespace).
 
 `MemoryStorage` keeps everything in process memory: for tests, the simulator,
-the demo, and several runners in one process. The contract every backend
-implements is `trio_cluster.abc.Storage`.
+the demo, and several runners in one process. `postgres` returns a
+`PostgresStorage` on a PostgreSQL database, `migrate` creates or upgrades
+its tables (what ``trio-cluster migrate`` runs), and `cluster_status` reads a
+cluster's runners, shard map and backlog from it (``trio-cluster status``).
+The contract every backend implements is `trio_cluster.abc.Storage`.
 """
 
 from __future__ import annotations
 
 from ._memory import MemoryStorage as MemoryStorage
+from ._pg_schema import migrate as migrate
+from ._pg_status import ClusterStatus as ClusterStatus
+from ._postgres import (
+    PostgresStorage as PostgresStorage,
+    cluster_status as cluster_status,
+    postgres as postgres,
+)
 
-__all__ = ["MemoryStorage"]
+__all__ = [
+    "ClusterStatus",
+    "MemoryStorage",
+    "PostgresStorage",
+    "cluster_status",
+    "migrate",
+    "postgres",
+]

@@ -284,10 +284,12 @@ async def open_pool(
     max_prepared: int = 128,
     backoff: Backoff = _DEFAULT_BACKOFF,
     close_grace: float = 1.0,
+    lazy: bool = False,
 ) -> AsyncIterator[PgPool]:
     """Open a pool of ``size`` connections for the duration of the block.
 
-    The connections are opened concurrently before the block starts.
+    The connections are opened concurrently before the block starts, or
+    with ``lazy=True`` one by one when first needed.
 
     Args:
         dsn: A libpq connection string or URI.
@@ -300,11 +302,13 @@ async def open_pool(
         backoff: Delays between failed connection attempts.
         close_grace: Seconds borrowed connections get to come back when the
             pool closes (see `PgPool.aclose`).
+        lazy: Open no connection before the block (for a pool that may
+            never be used).
 
     Raises:
         ConfigError: a bad argument or DSN (raised before any connection).
         ConnectionLostError: the initial connections could not be opened
-            (those that were are closed again).
+            (those that were are closed again); never with ``lazy=True``.
 
     On cancellation while opening, the connections opened so far are closed.
     On exit (normal, error or cancellation) the pool is closed as `PgPool.aclose`
@@ -324,7 +328,10 @@ async def open_pool(
         max_prepared=max_prepared,
     )
     pool = PgPool(connect, size=size, backoff=backoff, close_grace=close_grace)
-    await pool._fill()
+    if lazy:
+        await trio.lowlevel.checkpoint()
+    else:
+        await pool._fill()
     try:
         yield pool
     finally:

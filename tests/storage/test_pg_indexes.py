@@ -1,0 +1,196 @@
+"""The claim query and the dedup lookup use indexes at 10^6 messages (real server).
+
+One million message rows are generated server-side (``generate_series``): 95 %
+processed, the rest spread over 300 shards (ready, due later, claimed at an
+old epoch), half of them with a dedup key. After ``ANALYZE``, the generic
+plans of the storage's own statements (what ``force_generic_plan`` makes the
+runners use) must reach ``messages`` only through its indexes.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import psycopg
+import pytest
+import trio
+
+from tests.pg_fixture import dsn_with_options
+from trio_cluster import ShardId
+from trio_cluster.storage import postgres
+from trio_cluster.storage._pg_queries import MessageQueries
+from trio_cluster.testing._conformance_base import BASE, request
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+pytestmark = pytest.mark.postgres
+
+ROWS = 1_000_000
+SHARDS = 300
+
+
+def fill(conn: psycopg.Connection[Any], table: str, replies: str) -> None:
+    """Insert the rows as fast as the server can (3-4 s here for 10^6):
+    unlogged tables (test data only), explicit ``seq`` values, the secondary
+    indexes dropped and re-created afterwards from their exact definitions
+    (``pg_get_indexdef``), then ``ANALYZE``."""
+    conn.execute(f"ALTER TABLE {replies} SET UNLOGGED")
+    conn.execute(f"ALTER TABLE {table} SET UNLOGGED")
+    indexes = conn.execute(
+        "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid)"
+        " FROM pg_index WHERE indrelid = %s::regclass AND NOT indisprimary",
+        [table],
+    ).fetchall()
+    for name, _ in indexes:
+        conn.execute(f"DROP INDEX {name}")
+    conn.execute("SET synchronous_commit = off")
+    # r = i % 100: 0, 3, 4 ready; 1 due in the future; 2 claimed at epoch 1;
+    # 5..99 processed.
+    conn.execute(
+        f"""
+INSERT INTO {table} (request_id, seq, shard_group, shard_number, entity_type,
+    entity_id, tag, payload, primary_key, dedup, deliver_at, stream,
+    claimed_epoch, processed_at, saved_at)
+OVERRIDING SYSTEM VALUE
+SELECT i, i, 'default', 1 + i % {SHARDS}, 'Counter', 'e' || (i % 100000),
+       'increment', '\\x00'::bytea,
+       CASE WHEN i % 2 = 0 THEN 'k' || i END,
+       CASE WHEN i % 2 = 0 THEN decode(md5(i::text), 'hex') END,
+       CASE WHEN i % 100 = 1 THEN {BASE + 3600} END,
+       false,
+       CASE WHEN i % 100 = 2 THEN 1 END,
+       CASE WHEN i % 100 >= 5 THEN {BASE} - i END,
+       {BASE} - i
+FROM generate_series(1, {ROWS}) AS i"""
+    )
+    # seq given explicitly above (nextval per row is the slowest part).
+    conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'seq'), {ROWS})")
+    conn.execute("SET maintenance_work_mem = '128MB'")
+    for _, definition in indexes:
+        conn.execute(definition)
+    conn.execute(f"ANALYZE {table}")
+
+
+def nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", ()):
+        yield from nodes(child)
+
+
+def generic_plan(
+    conn: psycopg.Connection[Any], name: str, query: str, args: str
+) -> list[dict[str, Any]]:
+    """The generic plan's nodes of ``query`` (no execution)."""
+    conn.execute(f"PREPARE {name} AS {query}")
+    [(raw,)] = conn.execute(f"EXPLAIN (FORMAT JSON) EXECUTE {name}({args})").fetchall()
+    plan = raw if isinstance(raw, list) else json.loads(raw)
+    return list(nodes(plan[0]["Plan"]))
+
+
+def scans_of(plan: list[dict[str, Any]], table: str) -> list[tuple[str, str | None]]:
+    """How the plan reads ``table`` (its writes, ModifyTable, left out)."""
+    return [
+        (node["Node Type"], node.get("Index Name"))
+        for node in plan
+        if node.get("Relation Name") == table and node["Node Type"] != "ModifyTable"
+    ]
+
+
+@pytest.fixture(scope="module")
+def filled(postgres_dsn: str) -> Iterator[tuple[str, str]]:
+    """A cluster (dsn, prefix) with ROWS messages, in a schema of its own."""
+    schema = f"test_{uuid.uuid4().hex}"
+    prefix = f"tc_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE SCHEMA "{schema}"')
+        try:
+            dsn = dsn_with_options(postgres_dsn, f"-csearch_path={schema}")
+
+            async def migrate_only() -> None:
+                storage = postgres(dsn, table_prefix=prefix)
+                async with storage.open_session(name="idx", lease_duration=5.0):
+                    pass
+
+            trio.run(migrate_only)
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                fill(conn, f"{prefix}_messages", f"{prefix}_replies")
+            yield dsn, prefix
+        finally:
+            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def test_claim_and_dedup_lookup_use_indexes(filled: tuple[str, str]) -> None:
+    dsn, prefix = filled
+    names = postgres(dsn, table_prefix=prefix).names
+    queries = MessageQueries.build(names)
+    messages = names.messages
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        [(count,)] = conn.execute(f"SELECT count(*) FROM {messages}").fetchall()
+        assert count == ROWS
+
+        groups = "ARRAY[" + ",".join(["'default'"] * SHARDS) + "]"
+        numbers = "ARRAY[" + ",".join(str(n) for n in range(1, SHARDS + 1)) + "]"
+        epochs = "ARRAY[" + ",".join(["2"] * SHARDS) + "]::int8[]"
+        claim = generic_plan(
+            conn, "claim", queries.claim, f"{groups}, {numbers}, {epochs}, {BASE}, 1024"
+        )
+        scans = scans_of(claim, messages)
+        assert scans, claim
+        assert all(kind in ("Index Scan", "Index Only Scan") for kind, _ in scans), (
+            scans
+        )
+        used = {index for _, index in scans}
+        index = names.index_names
+        assert {index["ready"], index["delayed"], index["claimed"]} <= used
+
+        # Saving: the dedup lookup of each request (and the id lookup).
+        args = (
+            "ARRAY[1::int8], ARRAY['default'], ARRAY[1], ARRAY['Counter'], ARRAY['e1'],"
+            " ARRAY['increment'], ARRAY['\\x00'::bytea], ARRAY['k2'],"
+            " ARRAY[decode(md5('2'), 'hex')], ARRAY[NULL::float8], ARRAY[false],"
+            f" ARRAY[NULL::int8], ARRAY[0], {BASE}, 'channel'"
+        )
+        save = generic_plan(conn, "save", queries.save, args)
+        scans = scans_of(save, messages)
+        assert scans, save
+        assert all(kind in ("Index Scan", "Index Only Scan") for kind, _ in scans), (
+            scans
+        )
+        assert index["dedup"] in {index_name for _, index_name in scans}
+        assert not any(
+            node["Node Type"] == "Seq Scan" and node.get("Relation Name") == messages
+            for node in [*claim, *save]
+        )
+
+
+async def test_claim_and_save_stay_fast_at_a_million_rows(
+    filled: tuple[str, str],
+) -> None:
+    dsn, prefix = filled
+    storage = postgres(dsn, table_prefix=prefix)
+    with trio.fail_after(30):
+        async with storage.open_session(name="idx-fast", lease_duration=5.0) as a:
+            shards = [ShardId("default", n) for n in range(1, SHARDS + 1)]
+            epochs = await a.runners.acquire(shards)
+            assert len(epochs) == SHARDS
+            started = trio.current_time()
+            batch = await a.messages.claim(epochs, now=BASE, limit=1024)
+            claim_time = trio.current_time() - started
+            assert len(batch.requests) == 1024
+            assert batch.more
+            first = request(ROWS + 1, shard_id=shards[0], primary_key="once")
+            await a.messages.save_requests([first], now=BASE)
+            again = attrs.evolve(first, request_id=ROWS + 2)
+            started = trio.current_time()
+            [saved] = await a.messages.save_requests([again], now=BASE)
+            save_time = trio.current_time() - started
+    assert (saved.duplicate, saved.request_id) == (True, ROWS + 1)
+    # Generous bounds (a shared machine): a sequential scan of 10^6 rows
+    # takes far longer than this here.
+    assert claim_time < 1.0, claim_time
+    assert save_time < 0.25, save_time

@@ -1,0 +1,55 @@
+"""`Listener` reconnects with backoff, and `coalesce` parses payloads (no server)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from trio_cluster import PersistenceError
+from trio_cluster._core._addresses import ShardId
+from trio_cluster._core._retry import Backoff
+from trio_cluster._storage_abc import (
+    MessagesAvailable,
+    RepliesAvailable,
+    RequestsInterrupted,
+)
+from trio_cluster.storage._pg_driver import PgConnection, PgNotification
+from trio_cluster.storage._pg_notify import Listener, coalesce
+
+
+async def test_failed_connections_are_retried_after_a_backoff(autojump_clock):
+    attempts: list[float] = []
+
+    async def connect() -> PgConnection:
+        attempts.append(trio.current_time())
+        await trio.lowlevel.checkpoint()
+        raise PersistenceError("connection refused")
+
+    listener = Listener(
+        connect, "chan", backoff=Backoff(1.0, 4.0), random_unit=lambda: 0.0
+    )
+    for _ in range(4):
+        with pytest.raises(PersistenceError, match="refused"):
+            await listener.wait()
+    start = attempts[0]
+    assert [round(t - start, 6) for t in attempts] == [0.0, 1.0, 3.0, 7.0]
+    listener.close()
+    with pytest.raises(trio.ClosedResourceError):
+        await listener.wait()
+
+
+def test_coalesce_merges_by_kind_and_skips_foreign_payloads() -> None:
+    raw = [
+        PgNotification("c", '{"m": [["g", 1]], "d": 5.0}', 1),
+        PgNotification("c", "not json", 1),
+        PgNotification("c", '{"r": [7, 8]}', 1),
+        PgNotification("c", '{"m": [["g", 2]], "d": 3.0}', 1),
+        PgNotification("c", '{"i": [9], "s": [["g", 3]]}', 1),
+        PgNotification("c", '{"zzz": 1}', 1),
+    ]
+    shards = frozenset({ShardId("g", 1), ShardId("g", 2), ShardId("g", 3)})
+    assert coalesce(raw) == [
+        MessagesAvailable(shards, 3.0),
+        RepliesAvailable(frozenset({7, 8})),
+        RequestsInterrupted(frozenset({9}), frozenset({ShardId("g", 3)})),
+    ]

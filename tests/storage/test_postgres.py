@@ -1,0 +1,670 @@
+"""Tests of `PostgresStorage` on a real server: conformance plus backend specifics.
+
+Real server, real time (see ``tests/pg_fixture.py``). Every test uses its own
+schema (``pg_schema``) and a unique table prefix: the prefix also names the
+NOTIFY channel and the advisory-lock namespace, which are database-wide.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import trio
+
+import trio_cluster
+from trio_cluster import ConfigError, PersistenceError
+from trio_cluster.abc import (
+    MessagesAvailable,
+    RepliesAvailable,
+    ReplyOutcome,
+    ReplyQuery,
+    SaveResult,
+    StorageSession,
+)
+from trio_cluster.storage import PostgresStorage, migrate, postgres
+from trio_cluster.storage._pg_driver import PgConnection
+from trio_cluster.storage._pg_messages import PgMessages
+from trio_cluster.storage._pg_runners import PgRunners
+from trio_cluster.storage._pg_schema import LATEST_VERSION, PgNames
+from trio_cluster.testing import StorageConformance
+from trio_cluster.testing._conformance_base import (
+    BASE,
+    SHARD,
+    acquire,
+    final,
+    info,
+    replies,
+    request,
+    shard,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from tests.pg_fixture import PgAdmin, PgSchema
+
+pytestmark = pytest.mark.postgres
+
+LEASE = 1.0
+TIMEOUT = 20
+
+
+def unique_prefix() -> str:
+    return f"tc_{uuid.uuid4().hex[:12]}"
+
+
+class TestPostgresConformance(StorageConformance):
+    @pytest.fixture
+    def storage(self, pg_schema: PgSchema) -> PostgresStorage:
+        return postgres(pg_schema.dsn, table_prefix=unique_prefix())
+
+    @pytest.fixture
+    def lease_duration(self) -> float:
+        return LEASE
+
+
+@pytest.fixture
+def storage(pg_schema: PgSchema) -> PostgresStorage:
+    return postgres(pg_schema.dsn, table_prefix=unique_prefix())
+
+
+@pytest.fixture
+async def a(storage: PostgresStorage) -> AsyncIterator[StorageSession]:
+    async with storage.open_session(name="pg-a", lease_duration=LEASE) as session:
+        yield session
+
+
+def messages(session: StorageSession) -> PgMessages:
+    assert isinstance(session.messages, PgMessages)
+    return session.messages
+
+
+def runners(session: StorageSession) -> PgRunners:
+    assert isinstance(session.runners, PgRunners)
+    return session.runners
+
+
+async def table_count(schema: PgSchema, table: str) -> int:
+    conn = await PgConnection.connect(schema.dsn, application_name="test count")
+    async with conn:
+        result = await conn.execute(f"SELECT count(*) FROM {table}", prepare=False)
+        return int(result.rows[0][0])
+
+
+# ----------------------------------------------------------------------
+# Configuration
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"table_prefix": "Bad"}, "lower-case SQL identifier"),
+        ({"table_prefix": "1abc"}, "lower-case SQL identifier"),
+        ({"table_prefix": "a; drop"}, "lower-case SQL identifier"),
+        ({"table_prefix": "x" * 41}, "at most 40"),
+        ({"pool_size": 0}, "pool_size must be >= 1"),
+        ({"pool_size": 2.0}, "pool_size must be an int"),
+        ({"transaction_pool_size": 0}, "transaction_pool_size must be >= 1"),
+        ({"lock_operation_timeout": 0}, "positive"),
+        ({"transaction_idle_timeout": "1s"}, "number of seconds"),
+    ],
+)
+def test_bad_options_raise_config_error(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        postgres("host=127.0.0.1 dbname=test", **kwargs)
+
+
+def test_bad_dsn_raises_config_error() -> None:
+    with pytest.raises(ConfigError, match="DSN"):
+        postgres("host=127.0.0.1 nonsense_option=1")
+
+
+def test_public_names() -> None:
+    assert trio_cluster.storage.postgres is postgres
+    assert trio_cluster.storage.migrate is migrate
+    assert PgNames.for_prefix("abc").namespace == PgNames.for_prefix("abc").namespace
+    assert PgNames.for_prefix("abc").namespace != PgNames.for_prefix("abd").namespace
+
+
+async def test_open_session_checks_arguments(storage: PostgresStorage) -> None:
+    with pytest.raises(TypeError, match="session name"):
+        storage.open_session(name=1, lease_duration=1.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="lease_duration"):
+        storage.open_session(name="x", lease_duration="1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="positive and finite"):
+        storage.open_session(name="x", lease_duration=0)
+
+
+async def test_unreachable_database_fails_to_open() -> None:
+    storage = postgres("host=127.0.0.1 port=1 dbname=test connect_timeout=2")
+    with trio.fail_after(TIMEOUT), pytest.raises(PersistenceError):
+        async with storage.open_session(name="x", lease_duration=LEASE):
+            pytest.fail("opened a session on a closed port")
+
+
+# ----------------------------------------------------------------------
+# Migrations
+
+
+async def test_migrate_creates_the_schema_and_is_idempotent(
+    pg_schema: PgSchema,
+) -> None:
+    prefix = unique_prefix()
+    with trio.fail_after(TIMEOUT):
+        assert await migrate(pg_schema.dsn, table_prefix=prefix) == LATEST_VERSION
+        assert await migrate(pg_schema.dsn, table_prefix=prefix) == LATEST_VERSION
+        steps = await table_count(pg_schema, f"{prefix}_schema_version")
+        assert steps == LATEST_VERSION
+        for table in ("runners", "shards", "messages", "replies"):
+            assert await table_count(pg_schema, f"{prefix}_{table}") == 0
+
+
+async def test_migrate_upgrades_an_older_schema_keeping_its_data(
+    pg_schema: PgSchema, pg_admin: PgAdmin
+) -> None:
+    prefix = unique_prefix()
+    storage = postgres(pg_schema.dsn, table_prefix=prefix)
+    with trio.fail_after(TIMEOUT):
+        async with storage.open_session(name="v1", lease_duration=LEASE) as a:
+            await a.messages.save_requests([request(1)], now=BASE)
+        # Back to version 1, as a database of the first release would be.
+        messages_table = pg_schema.qualified(storage.names.messages)
+        pg_admin.execute(f"ALTER TABLE {messages_table} DROP COLUMN saved_at")
+        version_table = pg_schema.qualified(storage.names.version)
+        pg_admin.execute(f"DELETE FROM {version_table} WHERE version > 1")
+        manual = postgres(pg_schema.dsn, table_prefix=prefix, auto_migrate=False)
+        with pytest.raises(PersistenceError, match="at version 1"):
+            async with manual.open_session(name="old", lease_duration=LEASE):
+                pytest.fail("opened a session on an outdated schema")
+        assert await migrate(pg_schema.dsn, table_prefix=prefix) == LATEST_VERSION
+        async with manual.open_session(name="new", lease_duration=LEASE) as b:
+            epoch = (await acquire(b.runners, SHARD))[SHARD]
+            batch = await b.messages.claim({SHARD: epoch}, now=BASE, limit=10)
+            assert [c.request_id for c in batch.requests] == [1]
+        rows = pg_admin.execute(f"SELECT saved_at FROM {messages_table}")
+        assert rows == [(None,)]
+
+
+async def test_concurrent_migrations_apply_each_step_once(
+    pg_schema: PgSchema,
+) -> None:
+    prefix = unique_prefix()
+    versions: list[int] = []
+
+    async def one() -> None:
+        versions.append(await migrate(pg_schema.dsn, table_prefix=prefix))
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(one)
+    assert versions == [LATEST_VERSION] * 6
+    assert await table_count(pg_schema, f"{prefix}_schema_version") == LATEST_VERSION
+
+
+async def test_migrate_rejects_a_bad_prefix(pg_schema: PgSchema) -> None:
+    with pytest.raises(ConfigError):
+        await migrate(pg_schema.dsn, table_prefix="no-dashes")
+
+
+async def test_sessions_starting_together_migrate_once(pg_schema: PgSchema) -> None:
+    storage = postgres(pg_schema.dsn, table_prefix=unique_prefix(), pool_size=1)
+    opened: list[int] = []
+    all_registered = trio.Event()
+
+    async def open_one(number: int) -> None:
+        async with storage.open_session(
+            name=f"starter-{number}", lease_duration=LEASE
+        ) as session:
+            opened.append(await session.runners.register(info(7000 + number)))
+            if len(opened) == 5:
+                all_registered.set()
+            # Stay registered until everyone is, so machine ids must differ.
+            await all_registered.wait()
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for number in range(5):
+                nursery.start_soon(open_one, number)
+    assert sorted(opened) == [0, 1, 2, 3, 4]
+    steps = await table_count(pg_schema, f"{storage.names.version}")
+    assert steps == LATEST_VERSION
+
+
+async def test_newer_schema_is_refused(pg_schema: PgSchema, pg_admin: PgAdmin) -> None:
+    prefix = unique_prefix()
+    with trio.fail_after(TIMEOUT):
+        await migrate(pg_schema.dsn, table_prefix=prefix)
+        pg_admin.execute(
+            f"INSERT INTO {pg_schema.qualified(prefix + '_schema_version')}"
+            " (version, description) VALUES (%s, 'from the future')",
+            [LATEST_VERSION + 1],
+        )
+        with pytest.raises(PersistenceError, match="upgrade trio_cluster"):
+            await migrate(pg_schema.dsn, table_prefix=prefix)
+        storage = postgres(pg_schema.dsn, table_prefix=prefix)
+        with pytest.raises(PersistenceError, match="newer than"):
+            async with storage.open_session(name="old", lease_duration=LEASE):
+                pytest.fail("opened a session on a newer schema")
+
+
+async def test_auto_migrate_off_needs_a_migrated_schema(pg_schema: PgSchema) -> None:
+    prefix = unique_prefix()
+    storage = postgres(pg_schema.dsn, table_prefix=prefix, auto_migrate=False)
+    with trio.fail_after(TIMEOUT):
+        with pytest.raises(PersistenceError, match="trio-cluster migrate"):
+            async with storage.open_session(name="x", lease_duration=LEASE):
+                pytest.fail("opened a session on an empty database")
+        await migrate(pg_schema.dsn, table_prefix=prefix)
+        async with storage.open_session(name="x", lease_duration=LEASE) as session:
+            assert await session.runners.live_runners() == []
+
+
+async def test_each_connection_names_itself(
+    a: StorageSession, pg_admin: PgAdmin
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        await a.runners.refresh([])
+        async with a.messages.open_transaction() as tx:
+            await tx.execute("SELECT 1")
+            rows = pg_admin.execute(
+                "SELECT application_name, count(*) FROM pg_stat_activity"
+                " WHERE application_name LIKE %s GROUP BY 1",
+                ["trio_cluster%pg-a"],
+            )
+    assert dict(rows) == {
+        "trio_cluster pg-a": 4,  # the message pool
+        "trio_cluster tx pg-a": 1,  # opened for the transaction
+        "trio_cluster lock pg-a": 1,
+        "trio_cluster listen pg-a": 1,
+    }
+
+
+# ----------------------------------------------------------------------
+# Several clusters in one database
+
+
+async def test_prefixes_isolate_clusters(pg_schema: PgSchema) -> None:
+    first = postgres(pg_schema.dsn, table_prefix=unique_prefix())
+    second = postgres(pg_schema.dsn, table_prefix=unique_prefix())
+    with trio.fail_after(TIMEOUT):
+        async with (
+            first.open_session(name="one", lease_duration=LEASE) as one,
+            second.open_session(name="two", lease_duration=LEASE) as two,
+        ):
+            # Same shard numbers, same request ids: no collision anywhere.
+            assert await acquire(one.runners, SHARD) == {SHARD: 1}
+            assert await acquire(two.runners, SHARD) == {SHARD: 1}
+            await one.runners.register(info(7001))
+            await two.runners.register(info(7001))
+            assert [r.machine_id for r in await two.runners.live_runners()] == [0]
+            assert await one.messages.save_requests([request(1)], now=BASE) == [
+                SaveResult(1, duplicate=False)
+            ]
+            assert await two.messages.save_requests(
+                [request(1, payload=b"other")], now=BASE
+            ) == [SaveResult(1, duplicate=False)]
+            batch = await two.messages.claim({SHARD: 1}, now=BASE, limit=10)
+            assert [c.payload for c in batch.requests] == [b"other"]
+            # The first cluster's notification never reaches the second.
+            note = await one.messages.wait_notifications()
+            assert note == [MessagesAvailable(frozenset({SHARD}))]
+            await two.messages.wait_notifications()  # its own save
+            with trio.move_on_after(0.3) as scope:
+                await two.messages.wait_notifications()
+            assert scope.cancelled_caught
+
+
+# ----------------------------------------------------------------------
+# Round trips: one statement per call, whatever the batch size
+
+
+async def test_one_statement_per_batch(a: StorageSession) -> None:
+    with trio.fail_after(TIMEOUT):
+        pool = messages(a)
+        epoch = (await acquire(a.runners, SHARD))[SHARD]
+
+        async def statements(call: Any) -> int:
+            before = pool.statistics()
+            await call
+            after = pool.statistics()
+            assert after.round_trips - before.round_trips == 1
+            return after.statements - before.statements
+
+        hundred = [request(i, primary_key=f"k{i}") for i in range(1, 101)]
+        assert await statements(a.messages.save_requests(hundred, now=BASE)) == 1
+        assert await statements(a.messages.save_requests(hundred, now=BASE)) == 1
+        claim = a.messages.claim({SHARD: epoch}, now=BASE, limit=1024)
+        assert await statements(claim) == 1
+        finals = [final(i, epoch) for i in range(1, 101)]
+        assert await statements(a.messages.save_replies(finals, now=BASE)) == 1
+        queries = [ReplyQuery(i) for i in range(1, 101)]
+        assert await statements(a.messages.replies_for(queries)) == 1
+        delete = a.messages.delete_processed(older_than=BASE + 1, limit=1000)
+        assert await statements(delete) == 1
+
+        lock = runners(a)
+        shards = [shard(n) for n in range(10, 310)]
+        before = lock.statistics()
+        assert len(await a.runners.acquire(shards)) == 300  # creates the rows too
+        await a.runners.release(shards)
+        assert len(await a.runners.acquire(shards)) == 300
+        after = lock.statistics()
+        assert after.round_trips - before.round_trips == 3
+        assert after.statements - before.statements == 4
+
+
+# ----------------------------------------------------------------------
+# Registry details
+
+
+async def test_machine_ids_are_reused_after_a_session_ends(
+    storage: PostgresStorage, a: StorageSession
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with storage.open_session(name="pg-b", lease_duration=LEASE) as b:
+            assert await b.runners.register(info(7002)) == 0
+        assert await a.runners.register(info(7001)) == 0
+        assert [r.address.port for r in await a.runners.live_runners()] == [7001]
+
+
+async def test_newest_registration_of_an_address_wins(
+    storage: PostgresStorage, a: StorageSession
+) -> None:
+    # The displaced session is still open (its process may still mint
+    # Snowflake ids), so its machine id stays reserved until it ends.
+    with trio.fail_after(TIMEOUT):
+        first = await a.runners.register(info(7001))
+        epoch = (await acquire(a.runners, SHARD))[SHARD]
+        async with storage.open_session(name="pg-b", lease_duration=LEASE) as b:
+            second = await b.runners.register(info(7001))
+            assert second != first
+            [live] = await a.runners.live_runners()
+            assert (live.address.port, live.machine_id) == (7001, second)
+            # a still holds the lock, but is no longer a registered runner.
+            assert await a.runners.refresh([SHARD]) == {SHARD}
+            owners = await b.runners.shard_owners()
+            assert [(o.shard, o.runner, o.epoch) for o in owners] == [
+                (SHARD, None, epoch)
+            ]
+            async with storage.open_session(name="pg-c", lease_duration=LEASE) as c:
+                third = await c.runners.register(info(7003))
+                assert third not in (first, second)
+            await a.runners.unregister()  # frees the displaced row
+            assert [r.machine_id for r in await b.runners.live_runners()] == [second]
+            async with storage.open_session(name="pg-d", lease_duration=LEASE) as d:
+                assert await d.runners.register(info(7004)) == first
+
+
+async def test_address_of_an_ended_session_is_taken_over(
+    storage: PostgresStorage, a: StorageSession, pg_admin: PgAdmin
+) -> None:
+    # A registration whose session is gone is simply replaced.
+    with trio.fail_after(TIMEOUT):
+        async with storage.open_session(name="pg-b", lease_duration=LEASE) as b:
+            first = await b.runners.register(info(7001))
+            pid = runners(b)._session().backend_pid
+            assert pid is not None
+            assert pg_admin.terminate(pid=pid) == 1
+            assert await a.runners.register(info(7001)) == first
+            assert [r.machine_id for r in await a.runners.live_runners()] == [first]
+
+
+async def test_shard_owner_without_registration(a: StorageSession) -> None:
+    with trio.fail_after(TIMEOUT):
+        epoch = (await acquire(a.runners, SHARD))[SHARD]
+        owners = await a.runners.shard_owners()
+        assert [(o.shard, o.runner, o.epoch) for o in owners] == [(SHARD, None, epoch)]
+
+
+# ----------------------------------------------------------------------
+# Notifications
+
+
+async def test_large_notifications_are_split(a: StorageSession) -> None:
+    group = "a-rather-long-shard-group-name-" + "x" * 40
+    shards = [shard(n) for n in range(1, 4)] + [
+        type(SHARD)(group, n) for n in range(1, 301)
+    ]
+    with trio.fail_after(TIMEOUT):
+        batch = [request(i, shard_id=s) for i, s in enumerate(shards, 1)]
+        await a.messages.save_requests(batch, now=BASE)
+        seen: set[Any] = set()
+        while seen != set(shards):
+            for note in await a.messages.wait_notifications():
+                assert isinstance(note, MessagesAvailable)
+                seen |= note.shards
+        epochs = await acquire(a.runners, *shards)
+        finals = [final(i, epochs[s], shard_id=s) for i, s in enumerate(shards, 1)]
+        await a.messages.save_replies(finals, now=BASE)
+        ids: set[int] = set()
+        while ids != set(range(1, len(shards) + 1)):
+            for note in await a.messages.wait_notifications():
+                assert isinstance(note, RepliesAvailable)
+                ids |= note.request_ids
+        # Over 8000 bytes of ids and shards: several NOTIFYs were needed.
+        assert messages(a)._listener.reconnects == 0
+
+
+async def test_foreign_payloads_on_the_channel_are_ignored(
+    storage: PostgresStorage, a: StorageSession, pg_admin: PgAdmin
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        channel = storage.names.channel
+        pg_admin.execute("SELECT pg_notify(%s, 'not json')", [channel])
+        pg_admin.execute("SELECT pg_notify(%s, '{\"z\": 1}')", [channel])
+        await a.messages.save_requests([request(1)], now=BASE)
+        assert await a.messages.wait_notifications() == [
+            MessagesAvailable(frozenset({SHARD}))
+        ]
+
+
+# ----------------------------------------------------------------------
+# Transactions: the handler's own SQL commits with the reply, or neither
+
+
+async def test_transaction_commits_handler_writes_with_the_reply(
+    a: StorageSession, pg_schema: PgSchema
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        epoch = (await acquire(a.runners, SHARD))[SHARD]
+        await a.messages.save_requests([request(1), request(2)], now=BASE)
+        async with a.messages.open_transaction() as tx:
+            await tx.execute("CREATE TABLE ledger (id int PRIMARY KEY, note text)")
+        async with a.messages.open_transaction() as tx:
+            assert await tx.execute(
+                "INSERT INTO ledger VALUES ($1, $2) RETURNING id", [1, "one"]
+            ) == [(1,)]
+            assert await a.messages.save_replies(
+                [final(1, epoch, b"ok")], now=BASE, transaction=tx
+            ) == [ReplyOutcome.RECORDED]
+            # Not visible outside the transaction before it commits.
+            assert (await replies(a.messages, 1)).final is None
+        assert (await replies(a.messages, 1)).final == b"ok"
+        assert await table_count(pg_schema, "ledger") == 1
+        with pytest.raises(trio.ClosedResourceError):
+            await tx.execute("SELECT 1")
+
+        class Abort(Exception):
+            pass
+
+        async def aborted() -> None:
+            async with a.messages.open_transaction() as tx:
+                await tx.execute("INSERT INTO ledger VALUES (2, 'two')")
+                await a.messages.save_replies(
+                    [final(2, epoch)], now=BASE, transaction=tx
+                )
+                raise Abort
+
+        with pytest.raises(Abort):
+            await aborted()
+        assert (await replies(a.messages, 2)).final is None
+        assert await table_count(pg_schema, "ledger") == 1
+
+
+async def test_failed_statement_makes_the_commit_fail(
+    a: StorageSession, pg_schema: PgSchema
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        epoch = (await acquire(a.runners, SHARD))[SHARD]
+        await a.messages.save_requests([request(1)], now=BASE)
+        async with a.messages.open_transaction() as tx:
+            await tx.execute("CREATE TABLE ledger (id int PRIMARY KEY)")
+
+        async def failing() -> None:
+            async with a.messages.open_transaction() as tx:
+                await a.messages.save_replies(
+                    [final(1, epoch)], now=BASE, transaction=tx
+                )
+                await tx.execute("INSERT INTO ledger VALUES (1)")
+                with pytest.raises(PersistenceError, match="duplicate key"):
+                    await tx.execute("INSERT INTO ledger VALUES (1)")
+
+        with pytest.raises(PersistenceError) as failure:
+            await failing()
+        assert "rolled back" in str(failure.value)
+        assert (await replies(a.messages, 1)).final is None
+        assert await table_count(pg_schema, "ledger") == 0
+
+
+async def test_open_transactions_never_starve_message_traffic(
+    pg_schema: PgSchema,
+) -> None:
+    storage = postgres(
+        pg_schema.dsn,
+        table_prefix=unique_prefix(),
+        pool_size=1,
+        transaction_pool_size=1,
+    )
+    with trio.fail_after(TIMEOUT):
+        async with storage.open_session(name="tx", lease_duration=LEASE) as a:
+            assert messages(a).transaction_statistics().connects == 0  # lazy
+            async with a.messages.open_transaction() as tx:
+                await tx.execute("SELECT 1")
+                # The only message connection is free for other work.
+                await a.messages.save_requests([request(1)], now=BASE)
+                assert (await replies(a.messages, 1)).known
+                # A second transaction waits for the first one's connection.
+                with trio.move_on_after(0.2) as waited:
+                    async with a.messages.open_transaction():
+                        pytest.fail("two transactions on one connection")
+                assert waited.cancelled_caught
+            async with a.messages.open_transaction() as tx:
+                assert await tx.execute("SELECT 2") == [(2,)]
+            assert messages(a).transaction_statistics().connects == 1
+
+
+async def test_transaction_of_another_storage_is_refused(
+    a: StorageSession, pg_schema: PgSchema
+) -> None:
+    other = postgres(pg_schema.dsn, table_prefix=unique_prefix())
+    with trio.fail_after(TIMEOUT):
+        async with (
+            other.open_session(name="other", lease_duration=LEASE) as b,
+            b.messages.open_transaction() as tx,
+        ):
+            with pytest.raises(ValueError, match="open_transaction"):
+                await a.messages.save_replies([final(1, 1)], now=BASE, transaction=tx)
+            with pytest.raises(TypeError, match="query must be a str"):
+                await tx.execute(b"SELECT 1")  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------
+# Retention
+
+
+async def test_delete_processed_removes_replies_in_bounded_batches(
+    storage: PostgresStorage, a: StorageSession, pg_schema: PgSchema
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        epoch = (await acquire(a.runners, SHARD))[SHARD]
+        batch = [request(i, stream=True) for i in range(1, 11)] + [request(11)]
+        await a.messages.save_requests(batch, now=BASE)
+        for i in range(1, 11):
+            chunks = [
+                type(final(i, epoch))(i, SHARD, epoch, b"c", sequence=s)
+                for s in range(3)
+            ]
+            await a.messages.save_replies([*chunks, final(i, epoch)], now=BASE + i)
+        replies_table = storage.names.replies
+        assert await table_count(pg_schema, replies_table) == 40
+        delete = a.messages.delete_processed
+        assert await delete(older_than=BASE + 4.5, limit=3) == 3  # 1, 2, 3
+        assert await delete(older_than=BASE + 4.5, limit=3) == 1  # 4
+        assert await delete(older_than=BASE + 4.5, limit=3) == 0
+        assert await table_count(pg_schema, replies_table) == 24
+        known = [
+            r.known
+            for r in await a.messages.replies_for([ReplyQuery(i) for i in (4, 5, 11)])
+        ]
+        assert known == [False, True, True]
+        assert await delete(older_than=BASE + 100, limit=100) == 6
+        assert await table_count(pg_schema, replies_table) == 0
+        assert await table_count(pg_schema, storage.names.messages) == 1
+
+
+# ----------------------------------------------------------------------
+# Misuse and closing
+
+
+async def test_closed_session_raises_closed_resource_error(
+    storage: PostgresStorage,
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with storage.open_session(name="closing", lease_duration=LEASE) as s:
+            pass
+        with pytest.raises(trio.ClosedResourceError):
+            await s.messages.save_requests([request(1)], now=BASE)
+        with pytest.raises(trio.ClosedResourceError):
+            await s.runners.refresh([])
+        with pytest.raises(trio.ClosedResourceError):
+            await s.messages.wait_notifications()
+        await s.runners.wait_session_lost()  # a closed session is lost
+
+
+async def test_arguments_are_checked_like_memory_storage(a: StorageSession) -> None:
+    with pytest.raises(TypeError, match="requests must be a sequence"):
+        await a.messages.save_requests("x", now=BASE)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="now must be a float"):
+        await a.messages.claim({}, now="x", limit=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="limit must be >= 0"):
+        await a.messages.claim({}, now=BASE, limit=-1)
+    bad = type(final(1, 1))(1, SHARD, 1, b"", sequence=-1)
+    with pytest.raises(ValueError, match="sequence must be >= 0"):
+        await a.messages.save_replies([bad], now=BASE)
+    with pytest.raises(TypeError, match="RunnerInfo"):
+        await a.runners.register("me")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="address must be an EntityAddress"):
+        await a.messages.clear_address("x")  # type: ignore[arg-type]
+
+
+async def test_empty_batches_do_not_touch_the_database(a: StorageSession) -> None:
+    pool = messages(a)
+    before = pool.statistics().statements
+    assert await a.messages.save_requests([], now=BASE) == []
+    assert await a.messages.save_replies([], now=BASE) == []
+    assert await a.messages.replies_for([]) == []
+    await a.messages.ack_chunks([])
+    await a.messages.interrupt([])
+    assert await a.messages.delete_processed(older_than=BASE, limit=0) == 0
+    batch = await a.messages.claim({}, now=BASE, limit=10)
+    assert (batch.requests, batch.more) == ([], False)
+    assert pool.statistics().statements == before
+
+
+def test_queries_use_only_generic_plan_friendly_parameters() -> None:
+    # Every parameter is cast, so prepared generic plans have fixed types.
+    from trio_cluster.storage._pg_queries import MessageQueries
+
+    queries = MessageQueries.build(PgNames.for_prefix("x"))
+    for name in ("save", "claim", "save_replies", "replies_for"):
+        text: str = getattr(queries, name)
+        for match in re.finditer(r"\$\d+", text):
+            following = text[match.end() : match.end() + 2]
+            assert following == "::" or following.startswith((")", ",", " ")), (
+                name,
+                match.group(),
+            )

@@ -1,0 +1,306 @@
+"""Fault tests of `PostgresStorage` against a real server (real time).
+
+Each fault is injected from outside, as an operator or the operating system
+would: ``pg_terminate_backend`` of one of a session's connections, a query
+cancelled by Trio while the server runs it, the server ended the lock session
+of a runner that stopped calling (``idle_session_timeout``), and a restart of
+a private server (``private_server``) while a runner has persisted messages
+in flight. Every wait is bounded by ``trio.fail_after``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from trio_cluster import PersistenceError
+from trio_cluster.abc import MessagesAvailable, ReplyOutcome, StorageSession
+from trio_cluster.storage import PostgresStorage, postgres
+from trio_cluster.storage._pg_driver import PgConnection
+from trio_cluster.storage._pg_messages import PgMessages
+from trio_cluster.storage._pg_runners import PgRunners
+from trio_cluster.testing._conformance_base import (
+    BASE,
+    SHARD,
+    SHARD2,
+    acquire,
+    final,
+    info,
+    replies,
+    request,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from tests.pg_fixture import PgAdmin, PgSchema
+
+pytestmark = pytest.mark.postgres
+
+LEASE = 1.0
+TIMEOUT = 20
+
+
+def unique_prefix() -> str:
+    return f"tc_{uuid.uuid4().hex[:12]}"
+
+
+def messages(session: StorageSession) -> PgMessages:
+    assert isinstance(session.messages, PgMessages)
+    return session.messages
+
+
+def runners(session: StorageSession) -> PgRunners:
+    assert isinstance(session.runners, PgRunners)
+    return session.runners
+
+
+def lock_pid(session: StorageSession) -> int:
+    pid = runners(session)._session().backend_pid
+    assert pid is not None
+    return pid
+
+
+async def terminate(dsn: str, pid: int) -> None:
+    """``pg_terminate_backend`` from Trio (the event loop keeps running), and
+    wait until the backend has exited."""
+    conn = await PgConnection.connect(dsn, application_name="test terminator")
+    async with conn:
+        result = await conn.execute(
+            "SELECT pg_terminate_backend($1::int4, 5000)", [pid], prepare=False
+        )
+    assert result.rows == [(True,)]
+
+
+async def active_queries(dsn: str, application_name: str) -> list[str]:
+    conn = await PgConnection.connect(dsn, application_name="test observer")
+    async with conn:
+        result = await conn.execute(
+            "SELECT query FROM pg_stat_activity"
+            " WHERE application_name = $1::text AND state = 'active'",
+            [application_name],
+            prepare=False,
+        )
+    return [row[0] for row in result.rows]
+
+
+@pytest.fixture
+def storage(pg_schema: PgSchema) -> PostgresStorage:
+    return postgres(pg_schema.dsn, table_prefix=unique_prefix())
+
+
+@pytest.fixture
+async def a(storage: PostgresStorage) -> AsyncIterator[StorageSession]:
+    async with storage.open_session(name="fault-a", lease_duration=LEASE) as session:
+        yield session
+
+
+@pytest.fixture
+async def b(storage: PostgresStorage) -> AsyncIterator[StorageSession]:
+    async with storage.open_session(name="fault-b", lease_duration=LEASE) as session:
+        yield session
+
+
+# ----------------------------------------------------------------------
+# The lock connection is terminated
+
+
+async def test_terminated_lock_connection_is_lost_before_anyone_takes_its_locks(
+    a: StorageSession, b: StorageSession, pg_schema: PgSchema
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        await a.runners.register(info(7001))
+        epochs = await acquire(a.runners, SHARD, SHARD2)
+        lost = trio.Event()
+
+        async def watch() -> None:
+            await a.runners.wait_session_lost()
+            lost.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            assert await b.runners.acquire([SHARD, SHARD2]) == {}
+            assert not lost.is_set()
+            await terminate(pg_schema.base_dsn, lock_pid(a))
+            # The locks are free on the server now; b's first attempt can
+            # take them, yet a knew it lost them before b's attempt returned.
+            got = await b.runners.acquire([SHARD, SHARD2])
+            assert lost.is_set()
+        assert got == {SHARD: epochs[SHARD] + 1, SHARD2: epochs[SHARD2] + 1}
+        # a's next session holds nothing, but its runner is live again.
+        assert await a.runners.refresh([SHARD, SHARD2]) == set()
+        assert [r.address.port for r in await b.runners.live_runners()] == [7001]
+        assert runners(a).statistics().losses == 1
+
+
+async def test_stale_epoch_writes_are_refused_after_a_takeover(
+    a: StorageSession, b: StorageSession, pg_schema: PgSchema
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        old = (await acquire(a.runners, SHARD))[SHARD]
+        await a.messages.save_requests([request(1), request(2)], now=BASE)
+        batch = await a.messages.claim({SHARD: old}, now=BASE, limit=10)
+        assert [r.request_id for r in batch.requests] == [1, 2]
+        await terminate(pg_schema.base_dsn, lock_pid(a))
+        new = (await acquire(b.runners, SHARD))[SHARD]
+        assert new == old + 1
+        # a does not know yet (it made no call): every fenced write fails.
+        assert await a.messages.save_replies([final(1, old)], now=BASE) == [
+            ReplyOutcome.STALE_EPOCH
+        ]
+        stale = await a.messages.claim({SHARD: old}, now=BASE, limit=10)
+        assert (stale.requests, stale.stale_shards) == ([], frozenset({SHARD}))
+        [saved] = await a.messages.save_requests(
+            [request(3, claim_epoch=old)], now=BASE
+        )
+        assert not saved.claimed  # stored for the new owner instead
+        # The new owner re-claims everything and its replies are recorded.
+        batch = await b.messages.claim({SHARD: new}, now=BASE, limit=10)
+        assert [r.request_id for r in batch.requests] == [1, 2, 3]
+        assert await b.messages.save_replies([final(1, new, b"new")], now=BASE) == [
+            ReplyOutcome.RECORDED
+        ]
+        assert (await replies(a.messages, 1)).final == b"new"
+
+
+# ----------------------------------------------------------------------
+# A frozen client: the server ends the idle lock session
+
+
+async def test_lock_session_of_a_silent_client_is_ended_by_the_server(
+    a: StorageSession, b: StorageSession
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        epoch = (await acquire(a.runners, SHARD))[SHARD]
+        # a makes no call on its lock connection any more (its heartbeat
+        # stopped): after one lease of silence the server ends the session.
+        silent_since = trio.current_time()
+        await a.messages.save_requests([request(1)], now=BASE)  # not a heartbeat
+        await a.runners.wait_session_lost()
+        silence = trio.current_time() - silent_since
+        assert LEASE * 0.9 < silence < LEASE + 2.0
+        got = await b.runners.acquire([SHARD])
+        assert got == {SHARD: epoch + 1}
+        assert await a.messages.save_replies([final(1, epoch)], now=BASE) == [
+            ReplyOutcome.STALE_EPOCH
+        ]
+        assert await a.runners.refresh([SHARD]) == set()
+
+
+async def test_heartbeats_keep_the_lock_session(
+    a: StorageSession, b: StorageSession
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        await acquire(a.runners, SHARD)
+        generation = runners(a).statistics().generation
+        with trio.move_on_after(LEASE * 2.5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(a.runners.wait_session_lost)
+                for _ in range(100):
+                    await trio.sleep(LEASE / 4)
+                    assert await a.runners.refresh([SHARD]) == {SHARD}
+                pytest.fail("the heartbeat loop ended early")
+        assert runners(a).statistics().generation == generation
+        assert await b.runners.acquire([SHARD]) == {}
+
+
+# ----------------------------------------------------------------------
+# Queries cancelled by Trio while the server runs them
+
+
+async def test_cancelled_query_is_cancelled_on_the_server_and_the_connection_reused(
+    a: StorageSession, pg_schema: PgSchema
+) -> None:
+    pool = messages(a)._pool
+    with trio.fail_after(TIMEOUT):
+        before = pool.statistics()
+        started = trio.current_time()
+        with trio.move_on_after(0.3) as scope:
+            async with a.messages.open_transaction() as tx:
+                await tx.execute("SELECT pg_sleep(30)")
+        assert scope.cancelled_caught
+        assert trio.current_time() - started < 2.5
+        assert await active_queries(pg_schema.base_dsn, "trio_cluster fault-a") == []
+        after = pool.statistics()
+        assert after.discarded == before.discarded  # drained, back in the pool
+        assert after.connects == before.connects
+        # The same connections keep working.
+        assert await a.messages.save_requests([request(1)], now=BASE)
+        assert pool.statistics().connects == before.connects
+
+
+async def test_cancelled_lock_operation_closes_the_lock_connection(
+    a: StorageSession, storage: PostgresStorage, pg_schema: PgSchema, pg_admin: PgAdmin
+) -> None:
+    # A lock statement interrupted mid-flight has an unknown outcome: the
+    # lock connection is closed (its locks freed), never reused, and the
+    # server does not keep the abandoned statement's session alive.
+    import psycopg
+
+    with trio.fail_after(TIMEOUT):
+        await acquire(a.runners, SHARD)
+        await a.runners.release([SHARD])
+        pid = lock_pid(a)
+        shards = pg_schema.qualified(storage.names.shards)
+        with psycopg.connect(pg_schema.base_dsn) as blocker:
+            blocker.execute(f"SELECT * FROM {shards} FOR UPDATE")  # holds row locks
+            with trio.move_on_after(0.3) as scope:
+                await a.runners.acquire([SHARD])  # blocks on the row lock
+            assert scope.cancelled_caught
+            await a.runners.wait_session_lost()
+            for _ in range(100):  # the server notices the closed client
+                if not pg_admin.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid]
+                ):
+                    break
+                await trio.sleep(0.05)
+            else:
+                pytest.fail("the abandoned lock session is still alive")
+            blocker.rollback()
+        assert await a.runners.acquire([SHARD]) == {SHARD: 2}
+        assert lock_pid(a) != pid
+
+
+# ----------------------------------------------------------------------
+# The LISTEN connection is terminated
+
+
+async def test_notifications_resume_after_the_listen_connection_is_terminated(
+    a: StorageSession, b: StorageSession, pg_schema: PgSchema
+) -> None:
+    listener = messages(a)._listener
+    with trio.fail_after(TIMEOUT):
+        pid = listener.backend_pid
+        assert pid is not None
+        async with trio.open_nursery() as nursery:
+            failures: list[PersistenceError] = []
+
+            async def wait_once() -> None:
+                try:
+                    await a.messages.wait_notifications()
+                except PersistenceError as exc:
+                    failures.append(exc)
+
+            nursery.start_soon(wait_once)
+            await trio.sleep(0.05)
+            await terminate(pg_schema.base_dsn, pid)
+        assert len(failures) == 1  # reported at once, not after a timeout
+        # The next wait reconnects and LISTENs again before b's save.
+        async with trio.open_nursery() as nursery:
+            got: list[object] = []
+
+            async def wait_again() -> None:
+                got.extend(await a.messages.wait_notifications())
+
+            nursery.start_soon(wait_again)
+            for _ in range(100):
+                if listener.backend_pid not in (None, pid):
+                    break
+                await trio.sleep(0.01)
+            await trio.sleep(0.05)  # LISTEN has run once the pid is known
+            await b.messages.save_requests([request(1)], now=BASE)
+        assert got == [MessagesAvailable(frozenset({SHARD}))]
+        assert listener.reconnects == 1
