@@ -332,8 +332,9 @@ async def test_machine_ids_are_smallest_free_and_reused(storage, a, b):
 async def test_same_address_from_another_session_takes_over(a, b):
     await a.runners.register(info(7001))
     await b.runners.register(info(7001, weight=5.0))
+    # The displaced registration's id stays reserved while its session lives.
     assert await a.runners.live_runners() == [
-        attrs.evolve(info(7001, weight=5.0), machine_id=0)
+        attrs.evolve(info(7001, weight=5.0), machine_id=1)
     ]
 
 
@@ -662,3 +663,20 @@ BAD_CALLS = [
 async def test_bad_arguments_are_rejected(a, call, error, message):
     with pytest.raises(error, match=message):
         await call(a)
+
+
+async def test_a_displaced_registration_keeps_its_machine_id_reserved(autojump_clock):
+    storage = MemoryStorage()
+    address = info(1)
+    async with storage.open_session(name="old", lease_duration=5.0) as old:
+        old_id = await old.runners.register(address)
+        async with storage.open_session(name="new", lease_duration=5.0) as new:
+            new_id = await new.runners.register(address)
+            # The old session may still mint Snowflake ids with its id.
+            assert new_id != old_id
+            assert [r.machine_id for r in await new.runners.live_runners()] == [new_id]
+            async with storage.open_session(name="third", lease_duration=5.0) as third:
+                other = info(2)
+                assert await third.runners.register(other) not in {old_id, new_id}
+    async with storage.open_session(name="later", lease_duration=5.0) as later:
+        assert await later.runners.register(address) == old_id  # freed on close

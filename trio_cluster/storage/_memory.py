@@ -66,6 +66,9 @@ class _Session:
     expired: bool = False
     held: set[ShardId] = attrs.Factory(set)
     registration: RunnerInfo | None = None
+    displaced_id: int | None = None
+    """The machine id of a registration a newer one of the same address
+    replaced: reserved while this session is open (it may still mint ids)."""
     inbox: Inbox = attrs.Factory(Inbox)
     lost: trio.Event = attrs.Factory(trio.Event)
     """Set when this generation of the session loses its locks."""
@@ -281,11 +284,18 @@ class MemoryStorage(Storage):
                 other.registration is not None
                 and other.registration.address == runner.address
             ):
-                other.registration = None  # the newest registration wins
+                # The newest registration wins; the displaced one keeps its
+                # machine id reserved while its session is open.
+                other.displaced_id = other.registration.machine_id
+                other.registration = None
         used = {
             other.registration.machine_id
             for other in others
             if other.registration is not None
+        } | {
+            other.displaced_id
+            for other in self._sessions.values()
+            if other is not session and other.displaced_id is not None
         }
         if session.registration is not None:  # re-registering keeps the id
             machine_id = session.registration.machine_id
@@ -296,6 +306,7 @@ class MemoryStorage(Storage):
                 f"no free machine id: {MACHINE_IDS} runners are registered already"
             )
         session.registration = attrs.evolve(runner, machine_id=machine_id)
+        session.displaced_id = None
         return machine_id
 
     def _live_runners(self) -> list[RunnerInfo]:
