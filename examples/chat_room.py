@@ -14,6 +14,7 @@ import attrs
 import trio
 
 import trio_cluster as tc
+from trio_cluster.abc import Storage
 
 
 @attrs.frozen
@@ -66,9 +67,9 @@ class ChatRoom(tc.Entity):
                 self.watchers.remove(send)
 
 
-async def main() -> list[str]:
+async def main(storage: Storage | None = None) -> list[str]:
     seen: list[str] = []
-    async with tc.open_runner(entities=[ChatRoom]) as runner:
+    async with tc.open_runner(entities=[ChatRoom], storage=storage) as runner:
         room = runner.client(ChatRoom)("lobby")
         await room.post(Post("ada", "hello"))
 

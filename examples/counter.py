@@ -9,6 +9,7 @@ import attrs
 import trio
 
 import trio_cluster as tc
+from trio_cluster.abc import Storage
 
 
 @attrs.frozen
@@ -37,8 +38,8 @@ class Counter(tc.Entity):
         return self.value
 
 
-async def main() -> list[int]:
-    async with tc.open_runner(entities=[Counter]) as runner:
+async def main(storage: Storage | None = None) -> list[int]:
+    async with tc.open_runner(entities=[Counter], storage=storage) as runner:
         counters = runner.client(Counter)
         await counters("apples").increment(Increment(3))
         await counters("apples").increment(Increment(4))

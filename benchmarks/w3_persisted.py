@@ -1,0 +1,179 @@
+"""W3: persisted RPC, one runner, PostgreSQL storage with fsync on.
+
+The database is ``TRIO_CLUSTER_BENCH_DSN``, else the local server on
+127.0.0.1:5432 (database ``test``). Each run creates its tables under a fresh
+table prefix and drops them at the end.
+
+After a warm-up that activates the 1,000 entities (and prepares the
+statements on the pool's connections), two phases are measured: sequential
+calls, then calls from 50 concurrent callers. SQL statements per request come
+from the driver's own counters (`PostgresStorage.statistics`: every statement
+sent on the runner's message connections, ``BEGIN``/``COMMIT`` included; the
+lock connection's lease heartbeats are reported apart), read before and after
+each phase. Client CPU (concurrent phase only) is this process's CPU time per
+request, without the database server's; it is not reported for the
+sequential phase, where this VM runs the same code up to twice as slowly
+after each short idle wait.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from functools import partial
+
+import psycopg
+import trio
+
+import trio_cluster as tc
+from trio_cluster.storage import PostgresStorage, postgres
+
+from ._common import (
+    Increment,
+    PersistedCounter,
+    concurrent,
+    emit,
+    ids,
+    progress,
+    sequential,
+    summary,
+)
+
+ENV_DSN = "TRIO_CLUSTER_BENCH_DSN"
+DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
+CALLERS = 50
+TABLES = ("replies", "messages", "shards", "runners", "schema_version")
+
+
+def _server_settings(dsn: str) -> dict[str, str]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        settings = {}
+        for name in ("server_version", "fsync", "synchronous_commit"):
+            row = conn.execute(f"SHOW {name}").fetchone()
+            settings[name] = "?" if row is None else str(row[0])
+        return settings
+
+
+def _drop_tables(dsn: str, prefix: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for table in TABLES:
+            conn.execute(f"DROP TABLE IF EXISTS {prefix}_{table} CASCADE")
+
+
+class _Phase:
+    """Statement counters and client CPU time over one measured phase."""
+
+    def __init__(self, storage: PostgresStorage) -> None:
+        self._storage = storage
+        self._start = self._read()
+
+    def _read(self) -> tuple[int, int, int, float]:
+        stats = self._storage.statistics()
+        return (
+            stats.statements,
+            stats.round_trips,
+            stats.lock_statements,
+            time.process_time(),
+        )
+
+    def per_request(self, requests: int) -> dict[str, float]:
+        end = self._read()
+        statements, round_trips, lock, cpu = (
+            (after - before) / requests
+            for before, after in zip(self._start, end, strict=True)
+        )
+        return {
+            "statements": statements,
+            "round_trips": round_trips,
+            "lock_statements": lock,
+            "cpu_us": cpu * 1e6,
+        }
+
+
+async def run(dsn: str, prefix: str, settings: dict[str, str], *, quick: bool) -> None:
+    sequential_calls = 200 if quick else 500
+    concurrent_calls = 1000 if quick else 2000
+    names = ids()
+    storage = postgres(dsn, table_prefix=prefix)
+    extra = {"storage": "postgres", "fsync": settings["fsync"]}
+    async with tc.open_runner(entities=[PersistedCounter], storage=storage) as runner:
+        await runner.wait_shards_acquired()
+        client = runner.client(PersistedCounter)
+        refs = [client(name) for name in names]
+        one = Increment(1)
+
+        async def call(i: int) -> object:
+            return await refs[i % len(refs)].increment(one)
+
+        progress(f"W3 warm-up: activating {len(names)} entities, {CALLERS} callers")
+        await concurrent(call, len(names), CALLERS)
+
+        progress(f"W3 sequential: {sequential_calls} calls")
+        phase = _Phase(storage)
+        rate, latencies = await sequential(call, sequential_calls)
+        cost = phase.per_request(sequential_calls)
+        stats = summary(latencies)
+        emit("W3", "sequential_msgs_per_s", rate, "msg/s", n=sequential_calls, **extra)
+        emit("W3", "sequential_p50", stats["p50_us"], "us")
+        emit("W3", "sequential_p99", stats["p99_us"], "us")
+        emit(
+            "W3",
+            "sequential_statements_per_request",
+            cost["statements"],
+            "statements",
+            round_trips=round(cost["round_trips"], 3),
+            lock_statements=round(cost["lock_statements"], 3),
+        )
+
+        progress(f"W3 concurrent: {concurrent_calls} calls, {CALLERS} callers")
+        phase = _Phase(storage)
+        before = runner.statistics()
+        rate, latencies = await concurrent(call, concurrent_calls, CALLERS)
+        cost = phase.per_request(concurrent_calls)
+        after = runner.statistics()
+        stats = summary(latencies)
+        emit(
+            "W3",
+            "concurrent_msgs_per_s",
+            rate,
+            "msg/s",
+            callers=CALLERS,
+            n=concurrent_calls,
+            **extra,
+        )
+        emit("W3", "concurrent_p50", stats["p50_us"], "us", callers=CALLERS)
+        emit("W3", "concurrent_p99", stats["p99_us"], "us", callers=CALLERS)
+        emit(
+            "W3",
+            "concurrent_statements_per_request",
+            cost["statements"],
+            "statements",
+            callers=CALLERS,
+            round_trips=round(cost["round_trips"], 3),
+            lock_statements=round(cost["lock_statements"], 3),
+            save_batches=after.save_batches - before.save_batches,
+            reply_batches=after.reply_batches - before.reply_batches,
+            claims=after.storage_claims - before.storage_claims,
+        )
+        emit(
+            "W3",
+            "concurrent_client_cpu_per_request",
+            cost["cpu_us"],
+            "us",
+            callers=CALLERS,
+        )
+
+
+def main(quick: bool = False) -> None:
+    dsn = os.environ.get(ENV_DSN) or DEFAULT_DSN
+    settings = _server_settings(dsn)
+    progress(
+        f"W3 PostgreSQL {settings['server_version']}, fsync={settings['fsync']},"
+        f" synchronous_commit={settings['synchronous_commit']}"
+    )
+    prefix = f"w3_{uuid.uuid4().hex[:12]}"
+    try:
+        trio.run(partial(run, dsn, prefix, settings, quick=quick))
+    finally:
+        _drop_tables(dsn, prefix)
