@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ._context import current_entity_var, current_runner_var
 from ._errors import (
     MailboxFullError,
     MalformedMessageError,
@@ -37,14 +38,18 @@ if TYPE_CHECKING:
     from ._persisted import PersistedDelivery
     from ._registry import Handler, Registry
     from ._remote import OutboundCalls
+    from ._runner import Runner
     from ._sharding import Sharding
-    from ._slots import Job
+    from ._slots import Job, Sink
     from ._transport_abc import Endpoint, Envelope
     from .serialization._replies import Exit
 
 __all__ = ["ClusterHandler", "InboundCalls"]
 
 log = logging.getLogger("trio_cluster.transport")
+
+_RECENT_CALLS = 256
+"""Call ids remembered per peer to ignore a request delivered twice."""
 
 
 class _Credit:
@@ -82,6 +87,9 @@ class InboundCalls:
         self._registry = registry
         self._jobs: dict[tuple[RunnerAddress, int], Job] = {}
         self._credits: dict[tuple[RunnerAddress, int], _Credit] = {}
+        self._recent: dict[RunnerAddress, dict[int, None]] = {}
+        """Per peer, the call ids of its last requests (cleared when the
+        connection drops): a request seen twice runs once."""
         self.handled = 0
 
     def _send(self, peer: RunnerAddress, envelope: list[Any]) -> None:
@@ -92,6 +100,12 @@ class InboundCalls:
 
     def request(self, peer: RunnerAddress, fields: list[Any]) -> None:
         call_id, mode_value, *where, tag, payload, left = fields
+        if self._seen(peer, call_id):
+            # NOTE: a transport that delivers a frame twice must not make a
+            # volatile request run twice (found by the simulator's frame
+            # duplication; at most once).
+            log.info("ignored a repeated request %s from %s", call_id, peer)
+            return
         mode = Mode(mode_value) if mode_value in Mode._value2member_map_ else None
         if mode is None:
             raise MalformedMessageError(
@@ -129,6 +143,15 @@ class InboundCalls:
         if mode is Mode.STREAM:
             send, receive = open_stream_channel()
         try:
+            if mode is not Mode.STREAM:
+                # The fast path: a handler that cannot suspend runs right here.
+                exit_ = self._manager.run_nowait(
+                    host, address, entity_type, handler, message
+                )
+                if exit_ is not None:
+                    self.handled += 1
+                    self._answer_now(peer, call_id, mode, handler, exit_)
+                    return
             job = self._manager.submit(
                 host,
                 address,
@@ -159,6 +182,18 @@ class InboundCalls:
             assert host.nursery is not None
             host.nursery.start_soon(self._pump, peer, call_id, handler, receive, credit)
 
+    def _seen(self, peer: RunnerAddress, call_id: int) -> bool:
+        """Whether ``call_id`` came from ``peer`` lately; remember it if not."""
+        recent = self._recent.get(peer)
+        if recent is None:
+            recent = self._recent[peer] = {}
+        elif call_id in recent:
+            return True
+        recent[call_id] = None
+        if len(recent) > _RECENT_CALLS:
+            del recent[next(iter(recent))]
+        return False
+
     def _answer_error(
         self,
         peer: RunnerAddress,
@@ -174,8 +209,23 @@ class InboundCalls:
         kind = Kind.STREAM_END if mode is Mode.STREAM else Kind.REPLY
         self._send(peer, [kind, call_id, codec.encode_error(error)])
 
-    def _reply_sink(self, peer: RunnerAddress, call_id: int) -> Any:
-        async def sink(job: Job, exit_: Exit | None) -> None:
+    def _answer_now(
+        self,
+        peer: RunnerAddress,
+        call_id: int,
+        mode: Mode,
+        handler: Handler,
+        exit_: Exit,
+    ) -> None:
+        """Answer a request that ran on the fast path."""
+        if mode is Mode.CALL:
+            self._send(peer, [Kind.REPLY, call_id, _encode(handler, exit_)])
+        elif exit_.error is not None:
+            log.info("discarded message to %s failed: %s", handler.what, exit_.error)
+
+    def _reply_sink(self, peer: RunnerAddress, call_id: int) -> Sink:
+        def sink(job: Job, exit_: Exit | None) -> None:
+            # Synchronous: the reply is queued in the tick the job ends.
             self._jobs.pop((peer, call_id), None)
             if exit_ is None:  # never ran (the shard stopped while queued)
                 self._send(
@@ -188,7 +238,6 @@ class InboundCalls:
                 )
             else:
                 self._send(peer, [Kind.REPLY, call_id, _encode(job.handler, exit_)])
-            await trio.lowlevel.checkpoint()
 
         return sink
 
@@ -235,6 +284,7 @@ class InboundCalls:
 
     def peer_lost(self, peer: RunnerAddress) -> None:
         """The caller is gone: cancel what it was waiting for."""
+        self._recent.pop(peer, None)
         for key in [key for key in self._jobs if key[0] == peer]:
             self._manager.cancel_job(self._jobs.pop(key))
 
@@ -260,17 +310,20 @@ class ClusterHandler(EndpointHandler):
         self._sharding: Sharding | None = None
         self._persisted: PersistedDelivery | None = None
         self._broadcasts: Broadcasts | None = None
+        self._runner: Runner | None = None
         self.malformed = 0
 
     def attach(
         self,
         *,
+        runner: Runner,
         outbound: OutboundCalls,
         inbound: InboundCalls,
         sharding: Sharding,
         persisted: PersistedDelivery,
         broadcasts: Broadcasts,
     ) -> None:
+        self._runner = runner
         self.outbound = outbound
         self.inbound = inbound
         self._sharding = sharding
@@ -278,7 +331,22 @@ class ClusterHandler(EndpointHandler):
         self._broadcasts = broadcasts
 
     def envelope_received(self, peer: RunnerAddress, envelope: Envelope) -> None:
+        # The transport may call from any task (a memory link runs in the
+        # sender's context): dispatch in this runner's context, so handlers,
+        # tasks they start and log records see the right runner.
+        if self._runner is None:
+            return  # still starting
+        runner_token = current_runner_var.set(self._runner)
+        entity_token = current_entity_var.set(None)
+        try:
+            self._dispatch(peer, envelope)
+        finally:
+            current_entity_var.reset(entity_token)
+            current_runner_var.reset(runner_token)
+
+    def _dispatch(self, peer: RunnerAddress, envelope: Envelope) -> None:
         outbound, inbound = self.outbound, self.inbound
+
         persisted, broadcasts = self._persisted, self._broadcasts
         if (
             outbound is None

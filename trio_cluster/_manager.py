@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import trio
 
@@ -56,6 +56,8 @@ from ._streams import end_stream_nowait, run_stream
 from .serialization._replies import Exit
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from ._core._addresses import EntityAddress
     from ._core._config import ShardingConfig
     from ._entity import Entity
@@ -64,6 +66,8 @@ if TYPE_CHECKING:
 __all__ = ["EntityManager", "NotDelivered", "RetryLater", "is_marker"]
 
 log = logging.getLogger("trio_cluster.entity")
+
+T = TypeVar("T")
 
 
 class RetryLater(Exception):
@@ -184,6 +188,8 @@ class EntityManager:
             exit_ = await self._execute(slot, job)
         finally:
             self._finish(slot, job)
+        if exit_ is _NOT_RUN:
+            raise NotDelivered(str(address))
         await trio.lowlevel.cancel_shielded_checkpoint()
         return exit_.unwrap()
 
@@ -241,6 +247,50 @@ class EntityManager:
         if admission is Admission.RUN:
             self._start(slot, job)
         return job
+
+    def run_nowait(
+        self,
+        shard: ShardHost,
+        address: EntityAddress,
+        entity_type: EntityType,
+        handler: Handler,
+        message: Any,
+    ) -> Exit | None:
+        """Run a volatile request to completion now, in the calling code and
+        without a task, when nothing can make it wait: the handler cannot
+        suspend (nor ``on_start``, if the entity must start), and the entity
+        is idle, not paused and not starting. The owner's fast path for
+        requests from other runners: no task spawn, no task switch, and the
+        reply can leave in the same scheduler tick.
+
+        Returns:
+            The outcome, or None if the request cannot run at once (then
+            `submit` it; nothing happened).
+
+        Raises:
+            NotDelivered: the shard is not served here.
+            MailboxFullError: the runner is at ``max_resident_entities``.
+        """
+        if not shard.active:
+            raise NotDelivered(str(address))
+        if handler.suspends:
+            return None
+        slot = shard.slots.get(address)
+        if (slot is None or slot.instance is None) and entity_type.start_suspends:
+            return None  # on_start would run, and it can suspend
+        if slot is not None and (
+            not slot.idle or slot.paused or slot.starting is not None
+        ):
+            return None
+        slot = self._slot_for(shard, address, entity_type, force=False)
+        job = Job(handler, message, JobKind.INLINE)
+        job.slot = slot
+        slot.offer(job)  # a permit: the slot is idle and not paused
+        job.state = JobState.GRANTED
+        try:
+            return _run_to_completion(self._execute_in_one_step(slot, job))
+        finally:
+            self._finish(slot, job)
 
     def interrupt(self, request_id: int) -> bool:
         """Interrupt a persisted job in memory: withdraw it if queued (its sink
@@ -302,15 +352,21 @@ class EntityManager:
                     # The handler may have succeeded (resetting the count)
                     # but its work was not kept: back off further each time.
                     slot.crashes = crashes
-
+                    # If the shard stopped meanwhile (a storage outage often
+                    # does both), the job is not requeued in its dead slot:
+                    # the shard's next owner claims the request again.
+                    retry = slot.shard.state is ShardState.ACTIVE
                     log.warning(
-                        "%s for %s failed (%s); retrying after a backoff",
+                        "%s for %s failed (%s); %s",
                         job.handler.what,
                         slot.address,
                         failure.__cause__ or failure,
+                        "retrying after a backoff"
+                        if retry
+                        else "its shard stopped, so it is left for the next owner",
                     )
-                    retry = True
-                    self._crash(slot, job)
+                    if retry:
+                        self._crash(slot, job)
         finally:
             self._finish(slot, job, requeue=retry or exit_ is _REQUEUE)
         if not retry and exit_ is not _REQUEUE:
@@ -323,8 +379,14 @@ class EntityManager:
                     "discarded message to %s failed: %s", job.handler.what, exit_.error
                 )
             return
-        assert self.nursery is not None, "the runner sets the manager's nursery"
-        self.nursery.start_soon(job.sink, job, exit_)
+        pending = job.sink(job, exit_)
+        if pending is not None:  # an async sink: run it in its own task
+            assert self.nursery is not None, "the runner sets the manager's nursery"
+            try:
+                self.nursery.start_soon(_await, pending)
+            except BaseException:
+                pending.close()  # never started: not "never awaited"
+                raise
 
     async def activate(self, slot: Slot) -> Entity:
         """Return the slot's incarnation, creating it (and running
@@ -351,6 +413,11 @@ class EntityManager:
     async def _execute(self, slot: Slot, job: Job) -> Exit:
         """Run one granted job. Returns its outcome; lets the caller's own
         cancellation propagate."""
+        if not slot.shard.active:
+            # Its shard stopped after the job got its permit (the simulator
+            # found handlers starting on a runner that no longer served the
+            # shard): it did not run; it is redelivered or routed again.
+            return _NOT_RUN
         handler = job.handler
         if (
             not handler.suspends
@@ -630,6 +697,21 @@ class EntityManager:
             self.persisted_jobs.pop(job.request_id, None)  # type: ignore[arg-type]
             return
         self._notify_sink(job, None)
+
+
+async def _await(coroutine: Coroutine[Any, Any, None]) -> None:
+    await coroutine
+
+
+def _run_to_completion(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Drive a coroutine that cannot suspend (its bytecode has no suspension
+    point on the path taken) from synchronous code."""
+    try:
+        coroutine.send(None)
+    except StopIteration as done:
+        return cast("T", done.value)
+    coroutine.close()  # pragma: no cover - the caller checked it cannot suspend
+    raise RuntimeError("a handler that cannot suspend suspended")  # pragma: no cover
 
 
 def _interrupted(request_id: int) -> Exception:

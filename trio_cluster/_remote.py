@@ -225,7 +225,7 @@ class OutboundCalls:
         pending = self._pending.pop(call_id, None)
         if pending is None or pending.stream is None:
             return
-        exit_ = _decode_exit(pending.handler, payload, call_id)
+        exit_ = _decode_stream_end(pending.handler, payload, call_id)
         with suppress(
             trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
         ):
@@ -258,6 +258,19 @@ def _decode_exit(handler: Handler, payload: bytes, call_id: int) -> Exit:
         return handler.reply.decode_exit(payload, request_id=call_id)
     except Exception as exc:  # MalformedMessageError: report it to the caller
         return Exit(error=exc)
+
+
+def _decode_stream_end(handler: Handler, payload: bytes, call_id: int) -> Exit:
+    """A stream's final reply: an error, or the end of the generator. The
+    owner encodes the end as the value None (`Exit()`), which is not of the
+    item type, so it is recognised rather than decoded."""
+    try:
+        ended = handler.reply.encode_value(None)
+    except Exception:  # pragma: no cover - the owner then sent an error
+        ended = None
+    if payload == ended:
+        return Exit()
+    return _decode_exit(handler, payload, call_id)
 
 
 class _CreditingReceiver(StreamReceiver):

@@ -14,7 +14,7 @@ few hundred bytes of them.
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -78,9 +78,10 @@ Around = Callable[["Job", Callable[[], Awaitable["Exit"]]], Awaitable["Exit | No
 storage transaction. Returns the outcome for the sink, or None if it already
 dealt with it; raises `RetryLater` to run the job again after a backoff."""
 
-Sink = Callable[["Job", "Exit | None"], Awaitable[None]]
+Sink = Callable[["Job", "Exit | None"], "Coroutine[Any, Any, None] | None"]
 """Receives the outcome of a detached job; None means it was not run and
-must be redelivered (persisted) or rerouted (remote)."""
+must be redelivered (persisted) or rerouted (remote). A synchronous sink is
+called in place; an async one runs in a task of its own."""
 
 
 class Job:

@@ -33,6 +33,7 @@ the runtime.
 from __future__ import annotations
 
 import enum
+import functools
 from typing import TYPE_CHECKING, Any, Final
 
 from ._core._addresses import EntityAddress, EntityId, ShardId
@@ -63,32 +64,37 @@ class Mode(enum.IntEnum):
     STREAM = 2
 
 
-_INT: Final = (int,)
-_OPT_FLOAT: Final = (int, float, type(None))
+_INT: Final[frozenset[type]] = frozenset({int})
+_STR: Final[frozenset[type]] = frozenset({str})
+_BYTES: Final[frozenset[type]] = frozenset({bytes})
+_BOOL: Final[frozenset[type]] = frozenset({bool})
+_OPT_FLOAT: Final[frozenset[type]] = frozenset({int, float, type(None)})
 
-# Field types after the kind, per kind (bool is an int subclass; refused below).
-_SHAPES: Final[dict[Kind, tuple[tuple[type, ...], ...]]] = {
+# Exact field types after the kind, per kind: msgpack decodes to exactly these
+# (so a bool, an int subclass, is refused where an int is expected).
+_SHAPES: Final[dict[Kind, tuple[frozenset[type], ...]]] = {
     Kind.REQUEST: (
         _INT,
         _INT,
-        (str,),
-        (str,),
-        (str,),
+        _STR,
+        _STR,
+        _STR,
         _INT,
-        (str,),
-        (bytes,),
+        _STR,
+        _BYTES,
         _OPT_FLOAT,
     ),
-    Kind.REPLY: (_INT, (bytes,)),
-    Kind.NOT_DELIVERED: (_INT, (str,)),
-    Kind.STREAM_ITEM: (_INT, (bytes,)),
-    Kind.STREAM_END: (_INT, (bytes,)),
+    Kind.REPLY: (_INT, _BYTES),
+    Kind.NOT_DELIVERED: (_INT, _STR),
+    Kind.STREAM_ITEM: (_INT, _BYTES),
+    Kind.STREAM_END: (_INT, _BYTES),
     Kind.STREAM_CREDIT: (_INT, _INT),
     Kind.INTERRUPT: (_INT,),
-    Kind.PERSISTED: (_INT, (str,), (str,), (str,), _INT, (bool,)),
-    Kind.PERSISTED_REPLY: (_INT, (bytes,)),
-    Kind.BROADCAST: ((str,), (bytes,)),
+    Kind.PERSISTED: (_INT, _STR, _STR, _STR, _INT, _BOOL),
+    Kind.PERSISTED_REPLY: (_INT, _BYTES),
+    Kind.BROADCAST: (_STR, _BYTES),
 }
+_KINDS: Final = {int(kind): kind for kind in Kind}
 
 
 def parse(envelope: Envelope) -> tuple[Kind, list[Any]]:
@@ -99,12 +105,11 @@ def parse(envelope: Envelope) -> tuple[Kind, list[Any]]:
     """
     if not envelope or type(envelope[0]) is not int:
         raise MalformedMessageError(what="envelope", problems=["missing kind"])
-    try:
-        kind = Kind(envelope[0])
-    except ValueError:
+    kind = _KINDS.get(envelope[0])
+    if kind is None:
         raise MalformedMessageError(
             what="envelope", problems=[f"unknown kind {envelope[0]!r}"]
-        ) from None
+        )
     shape = _SHAPES[kind]
     fields = envelope[1:]
     if len(fields) != len(shape):
@@ -112,10 +117,8 @@ def parse(envelope: Envelope) -> tuple[Kind, list[Any]]:
             what=f"{kind.name} envelope",
             problems=[f"expected {len(shape)} fields, got {len(fields)}"],
         )
-    for index, (value, types) in enumerate(zip(fields, shape, strict=True)):
-        if not isinstance(value, types) or (
-            isinstance(value, bool) and bool not in types
-        ):
+    for index, value in enumerate(fields):
+        if type(value) not in shape[index]:
             raise MalformedMessageError(
                 what=f"{kind.name} envelope",
                 problems=[f"field {index + 1}: unexpected {type(value).__name__}"],
@@ -141,8 +144,18 @@ def address_from(fields: list[Any]) -> EntityAddress:
     """
     entity_type, entity_id, group, number = fields
     try:
-        return EntityAddress(entity_type, EntityId(entity_id), ShardId(group, number))
+        return _address(entity_type, entity_id, group, number)
     except (TypeError, ValueError) as exc:
         raise MalformedMessageError(
             what="entity address", problems=[str(exc)]
         ) from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _address(
+    entity_type: str, entity_id: str, group: str, number: int
+) -> EntityAddress:
+    # Cached: the same hot entities are addressed over and over, and building
+    # (and validating) the three frozen objects costs several microseconds.
+    # Field types were checked by `parse`, so the key is hashable.
+    return EntityAddress(entity_type, EntityId(entity_id), ShardId(group, number))

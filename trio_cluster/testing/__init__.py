@@ -12,12 +12,16 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ._conformance import StorageConformance as StorageConformance
+    from ._transport_conformance import (
+        TransportConformance as TransportConformance,
+    )
 
-__all__ = ["StorageConformance"]
+__all__ = ["StorageConformance", "TransportConformance"]
 
 # Public name -> private module that defines it (add new names here).
 _LAZY: dict[str, str] = {
     "StorageConformance": "._conformance",
+    "TransportConformance": "._transport_conformance",
 }
 
 

@@ -1,0 +1,303 @@
+"""W2: volatile RPC between two runner processes over the WebSocket transport.
+
+The benchmark process starts a *server* runner in a subprocess
+(``python -m benchmarks.w2_remote serve --dsn ... --prefix ...``) that hosts
+the ``Counter`` entities, then opens a *client-only* caller runner in this
+process (``shard_groups=()``: it serves no shard), so every call goes over
+the WebSocket connection to the server. Both runners share a PostgreSQL storage
+(``TRIO_CLUSTER_BENCH_DSN``, else 127.0.0.1:5432 database ``test``) under a
+fresh table prefix, dropped at the end: membership and shard locks are real,
+only the calls are measured.
+
+Figures: sequential calls (round-robin over the 1,000 ids, after a warm-up
+that activates them all) and calls from 100 concurrent callers, each with
+msg/s and caller-side p50/p99. Then the same again (``mixed_*`` figures) with
+the caller's runner hosting ``Counter`` too, as BENCHMARKS.md describes W2:
+about half the ids are then served locally. ``--quick`` runs fewer calls.
+
+Before those, ``floor_ws_echo_*``: sequential round trips to a bare
+trio-websocket echo server in the server process, the floor any call over
+this library pays on this machine.
+
+``python -m benchmarks.w2_remote serve`` prints ``READY host:port echo-port``
+on stdout once it serves every shard, and exits gracefully when its stdin
+closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import uuid
+from functools import partial
+
+import psycopg
+import trio
+import trio_websocket
+
+import trio_cluster as tc
+from trio_cluster.storage import postgres
+from trio_cluster.transport import WebSocketTransport
+
+from ._common import (
+    Counter,
+    Increment,
+    concurrent,
+    emit,
+    ids,
+    progress,
+    sequential,
+    summary,
+)
+
+ENV_DSN = "TRIO_CLUSTER_BENCH_DSN"
+DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
+CALLERS = 100
+LOCALHOST = tc.RunnerAddress("127.0.0.1", 0)
+
+
+def _config(groups: tuple[str, ...]) -> tc.ShardingConfig:
+    # Messages are attrs classes that are known to encode: skip the local
+    # round trip through the codec (it is never local here anyway).
+    return tc.ShardingConfig(
+        shard_groups=groups, runner_address=LOCALHOST, serialize_local_calls=False
+    )
+
+
+# ----------------------------------------------------------------------
+# The server process
+
+
+async def _echo(request: trio_websocket.WebSocketRequest) -> None:
+    ws = await request.accept()
+    with contextlib.suppress(trio_websocket.ConnectionClosed):
+        while True:
+            await ws.send_message(await ws.get_message())
+
+
+async def _serve(dsn: str, prefix: str) -> None:
+    storage = postgres(dsn, table_prefix=prefix)
+    async with (
+        trio.open_nursery() as nursery,
+        tc.open_runner(
+            entities=[Counter],
+            config=_config(("default",)),
+            storage=storage,
+            transport=WebSocketTransport(),
+        ) as runner,
+    ):
+        # A bare trio-websocket echo server: the transport's floor.
+        echo = await nursery.start(
+            trio_websocket.serve_websocket, _echo, "127.0.0.1", 0, None
+        )
+        await runner.wait_shards_acquired()
+        print(f"READY {runner.address} {echo.port}", flush=True)
+        stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+        async with stdin:
+            while await stdin.receive_some(4096):
+                pass
+        nursery.cancel_scope.cancel()
+
+
+# ----------------------------------------------------------------------
+# The caller (benchmark) process
+
+
+async def _start_server(
+    dsn: str, prefix: str, nursery: trio.Nursery
+) -> tuple[trio.Process, tc.RunnerAddress, int]:
+    command = [sys.executable, "-m", "benchmarks.w2_remote", "serve"]
+    command += ["--dsn", dsn, "--prefix", prefix]
+    process: trio.Process = await nursery.start(
+        partial(
+            trio.run_process,
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            check=False,
+        )
+    )
+    assert process.stdout is not None
+    buffer = b""
+    with trio.fail_after(60):
+        while b"\n" not in buffer:
+            chunk = await process.stdout.receive_some(4096)
+            if not chunk:
+                raise RuntimeError("the W2 server exited before it was ready")
+            buffer += chunk
+    line = buffer.split(b"\n", 1)[0].decode()
+    if not line.startswith("READY "):
+        raise RuntimeError(f"unexpected line from the W2 server: {line!r}")
+    _, address, echo_port = line.split()
+    return process, tc.RunnerAddress.parse(address), int(echo_port)
+
+
+async def _measure_floor(port: int, *, quick: bool) -> None:
+    """Sequential round trips of a 60-byte message to a bare trio-websocket
+    echo server in the other process: what any call over this library pays
+    before trio_cluster does anything."""
+    count = 1000 if quick else 5000
+    message = b"x" * 60
+    async with trio_websocket.open_websocket(
+        "127.0.0.1", port, "/", use_ssl=False
+    ) as ws:
+
+        async def echo(_: int) -> object:
+            await ws.send_message(message)
+            return await ws.get_message()
+
+        progress(f"W2 floor: {count} bare trio-websocket round trips")
+        await sequential(echo, 200)
+        rate, latencies = await sequential(echo, count)
+    stats = summary(latencies)
+    emit("W2", "floor_ws_echo_msgs_per_s", rate, "msg/s", n=count)
+    emit("W2", "floor_ws_echo_p50", stats["p50_us"], "us")
+    emit("W2", "floor_ws_echo_p99", stats["p99_us"], "us")
+
+
+async def _stop_server(process: trio.Process) -> None:
+    assert process.stdin is not None
+    await process.stdin.aclose()
+    with trio.move_on_after(20):
+        await process.wait()
+    if process.returncode is None:  # pragma: no cover - a hung server
+        process.kill()
+
+
+async def _measure(
+    runner: tc.Runner, *, quick: bool, label: str, **extra: object
+) -> None:
+    """Warm up (activate the 1,000 ids), then the sequential and the
+    100-caller phases, emitting ``<label>sequential_*`` and
+    ``<label>concurrent_*`` figures."""
+    sequential_calls = 1000 if quick else 5000
+    concurrent_calls = 4000 if quick else 20000
+    refs = [runner.client(Counter)(name) for name in ids()]
+    one = Increment(1)
+
+    async def call(i: int) -> object:
+        return await refs[i % len(refs)].increment(one)
+
+    name = "mixed: " if label else "pure remote: "
+    progress(f"W2 {name}warm-up: activating {len(refs)} entities")
+    await concurrent(call, len(refs), CALLERS)
+
+    progress(f"W2 {name}sequential: {sequential_calls} calls")
+    rate, latencies = await sequential(call, sequential_calls)
+    stats = summary(latencies)
+    emit(
+        "W2",
+        f"{label}sequential_msgs_per_s",
+        rate,
+        "msg/s",
+        n=sequential_calls,
+        **extra,
+    )
+    emit("W2", f"{label}sequential_p50", stats["p50_us"], "us")
+    emit("W2", f"{label}sequential_p99", stats["p99_us"], "us")
+
+    progress(f"W2 {name}concurrent: {concurrent_calls} calls, {CALLERS} callers")
+    rate, latencies = await concurrent(call, concurrent_calls, CALLERS)
+    stats = summary(latencies)
+    emit(
+        "W2",
+        f"{label}concurrent_msgs_per_s",
+        rate,
+        "msg/s",
+        callers=CALLERS,
+        n=concurrent_calls,
+        **extra,
+    )
+    emit("W2", f"{label}concurrent_p50", stats["p50_us"], "us", callers=CALLERS)
+    emit("W2", f"{label}concurrent_p99", stats["p99_us"], "us", callers=CALLERS)
+
+
+async def _wait_split(runner: tc.Runner, server: tc.RunnerAddress) -> float:
+    """Wait until the shards are split between ``runner`` and the server and
+    ``runner`` serves all of its own; return the fraction of the ids it
+    serves."""
+    client = runner.client(Counter)
+    with trio.fail_after(60):
+        while True:
+            await runner.wait_shards_acquired()
+            owners = runner._sharding.assignment
+            if server in owners.values() and runner.address in owners.values():
+                break
+            await trio.sleep(0.1)
+    local = sum(
+        owners.get(client.address_of(name).shard) == runner.address for name in ids()
+    )
+    return local / len(ids())
+
+
+async def run(dsn: str, prefix: str, *, quick: bool) -> None:
+    extra = {"storage": "postgres", "transport": "websocket"}
+    async with trio.open_nursery() as nursery:
+        progress("W2 starting the server runner (subprocess)")
+        process, server, echo_port = await _start_server(dsn, prefix, nursery)
+        progress(f"W2 server at {server}")
+        try:
+            await _measure_floor(echo_port, quick=quick)
+            # 1. Pure remote: a client-only caller, every call goes to B.
+            async with tc.open_runner(
+                entities=[Counter],
+                config=_config(()),
+                storage=postgres(dsn, table_prefix=prefix),
+                transport=WebSocketTransport(),
+            ) as runner:
+                await _measure(runner, quick=quick, label="", **extra)
+                assert runner.statistics().entities == 0
+                assert runner.statistics().remote_calls >= 1000
+            # 2. Mixed, as in BENCHMARKS.md: the caller's runner hosts
+            # Counter too, so about half the ids are local.
+            async with tc.open_runner(
+                entities=[Counter],
+                config=_config(("default",)),
+                storage=postgres(dsn, table_prefix=prefix),
+                transport=WebSocketTransport(),
+            ) as runner:
+                local = await _wait_split(runner, server)
+                progress(f"W2 mixed: {local:.0%} of the ids are local")
+                await _measure(
+                    runner, quick=quick, label="mixed_", local_fraction=local, **extra
+                )
+        finally:
+            with trio.CancelScope(shield=True):
+                await _stop_server(process)
+
+
+def _drop_tables(dsn: str, prefix: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for table in ("replies", "messages", "shards", "runners", "schema_version"):
+            conn.execute(f"DROP TABLE IF EXISTS {prefix}_{table} CASCADE")
+
+
+def main(quick: bool = False) -> None:
+    dsn = os.environ.get(ENV_DSN) or DEFAULT_DSN
+    prefix = f"w2_{uuid.uuid4().hex[:12]}"
+    try:
+        trio.run(partial(run, dsn, prefix, quick=quick))
+    finally:
+        _drop_tables(dsn, prefix)
+
+
+def _cli() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.w2_remote")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="run W2 (as `python -m benchmarks w2`)")
+    bench.add_argument("--quick", action="store_true")
+    serve = sub.add_parser("serve", help="the server runner (started by bench)")
+    serve.add_argument("--dsn", required=True)
+    serve.add_argument("--prefix", required=True)
+    args = parser.parse_args()
+    if args.command == "serve":
+        trio.run(_serve, args.dsn, args.prefix)
+    else:
+        main(quick=args.quick)
+
+
+if __name__ == "__main__":
+    _cli()

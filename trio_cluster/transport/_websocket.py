@@ -1,0 +1,175 @@
+"""`WebSocketTransport`: runners reaching each other over WebSocket (edge adapter).
+
+Each endpoint listens on its address and keeps at most one connection per
+peer runner, opened on the first ``send_nowait`` to it. Frames are binary
+WebSocket messages carrying batches of envelopes (see `_framing` for the
+format). The parts:
+
+* `_ws_handshake`: connecting, the WebSocket handshake and the hellos;
+* `_ws_connection`: an established connection (reader, writer and pinger
+  tasks, close codes, translation of trio-websocket's exceptions);
+* `_ws_endpoint`: an endpoint (peers, one connection per pair, dialing with
+  backoff, accepting);
+* this module: the transport's options, listening, and the endpoint's
+  lifetime.
+
+Listening uses `trio.serve_listeners` with `trio_websocket.wrap_server_stream`,
+each connection in its own task whose failures are contained.
+trio-websocket's `WebSocketServer` is not used: its per-connection task lets
+exceptions of its reader task escape into the listener's nursery, so one
+client that sends garbage and resets the TCP connection stops the whole
+server (reproduced with trio-websocket 0.12.2; see also
+python-trio/trio-websocket#184).
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING
+
+import trio
+
+from .._core._addresses import RunnerAddress
+from .._core._retry import Backoff
+from .._errors import ConfigError, RunnerUnavailableError
+from .._transport_abc import EndpointHandler, Transport
+from ._peers import DEFAULT_MAX_MESSAGE_SIZE, Limits, unwrap_single
+from ._ws_connection import Timing, describe
+from ._ws_endpoint import Listener, WebSocketEndpoint
+
+if TYPE_CHECKING:
+    import ssl
+    from collections.abc import AsyncIterator
+
+__all__ = ["WebSocketEndpoint", "WebSocketTransport"]
+
+
+class WebSocketTransport(Transport):
+    """The transport for runners in different processes: one WebSocket
+    connection per pair of runners.
+
+    Args:
+        max_message_size: largest frame (WebSocket message) in bytes, sent or
+            accepted; an envelope may use all of it but 5 bytes. Every runner
+            of a cluster should use the same value.
+        message_queue_size: received messages buffered per connection before
+            trio-websocket stops reading the socket.
+        max_queued_envelopes: most envelopes queued for one peer.
+        max_queued_bytes: most encoded bytes queued for one peer (at least
+            ``max_message_size``).
+        ping_interval: seconds between pings on a connection.
+        ping_timeout: a connection whose ping is not answered within this
+            many seconds is closed and reported lost.
+        connect_timeout: longest time to connect and exchange hellos.
+        close_timeout: longest wait for a peer to answer a close frame.
+        reconnect_backoff: delay before the first retry after a failed
+            connection attempt; doubles after each failure ...
+        reconnect_backoff_max: ... up to this many seconds.
+        reconnect_jitter: fraction of each delay removed at random (0..1).
+        rng: the random source of the jitter (seed it for reproducible runs;
+            default: a new, unseeded `random.Random`).
+        server_ssl_context: TLS for accepted connections (with
+            ``client_ssl_context``); None for plain WebSocket.
+        client_ssl_context: TLS for dialed connections.
+
+    Raises:
+        ConfigError: an invalid option, or only one of the TLS contexts.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        message_queue_size: int = 64,
+        max_queued_envelopes: int = 65536,
+        max_queued_bytes: int = 4 * DEFAULT_MAX_MESSAGE_SIZE,
+        ping_interval: float = 1.0,
+        ping_timeout: float = 2.0,
+        connect_timeout: float = 5.0,
+        close_timeout: float = 1.0,
+        reconnect_backoff: float = 0.05,
+        reconnect_backoff_max: float = 5.0,
+        reconnect_jitter: float = 0.5,
+        rng: random.Random | None = None,
+        server_ssl_context: ssl.SSLContext | None = None,
+        client_ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.limits = Limits(
+            max_message_size=max_message_size,
+            message_queue_size=message_queue_size,
+            max_queued_envelopes=max_queued_envelopes,
+            max_queued_bytes=max_queued_bytes,
+        )
+        self.timing = Timing(
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            connect_timeout=connect_timeout,
+            close_timeout=close_timeout,
+        )
+        self.backoff = Backoff(
+            reconnect_backoff, reconnect_backoff_max, 2.0, reconnect_jitter
+        )
+        self.rng = rng if rng is not None else random.Random()
+        if (server_ssl_context is None) != (client_ssl_context is None):
+            raise ConfigError(
+                "pass both server_ssl_context and client_ssl_context (TLS both"
+                " ways), or neither"
+            )
+        self.server_ssl_context = server_ssl_context
+        self.client_ssl_context = client_ssl_context
+
+    def open_endpoint(
+        self, address: RunnerAddress, handler: EndpointHandler
+    ) -> AbstractAsyncContextManager[WebSocketEndpoint]:
+        """Listen at ``address`` (port 0: a free port, in
+        ``Endpoint.address``) and serve until the block ends.
+
+        On a normal exit every connection is closed with a close frame (at
+        most ``close_timeout`` seconds in all); on cancellation they are
+        closed at once, without waiting for the peers. Queued envelopes are
+        dropped either way.
+
+        Raises:
+            RunnerUnavailableError: cannot listen there (address in use,
+                unknown host...); the `OSError` is the ``__cause__``.
+        """
+        return self._open(address, handler)
+
+    async def _listen(self, address: RunnerAddress) -> tuple[list[Listener], int]:
+        """Open the listeners; return them and the port they listen on."""
+        try:
+            listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+        except OSError as exc:
+            raise RunnerUnavailableError(
+                runner=str(address), detail=f"cannot listen: {describe(exc)}"
+            ) from exc
+        if address.port == 0 and len(listeners) > 1:
+            # Port 0 gives each listener (IPv4, IPv6...) its own port: keep
+            # one, so the endpoint has one address.
+            for extra in listeners[1:]:
+                await extra.aclose()
+            listeners = listeners[:1]
+        port: int = listeners[0].socket.getsockname()[1]
+        context = self.server_ssl_context
+        if context is None:
+            return list(listeners), port
+        return [
+            trio.SSLListener(listener, context, https_compatible=True)
+            for listener in listeners
+        ], port
+
+    @asynccontextmanager
+    async def _open(
+        self, address: RunnerAddress, handler: EndpointHandler
+    ) -> AsyncIterator[WebSocketEndpoint]:
+        listeners, port = await self._listen(address)
+        async with unwrap_single(), trio.open_nursery() as nursery:
+            endpoint = WebSocketEndpoint(
+                self, RunnerAddress(address.host, port), handler, nursery
+            )
+            await nursery.start(endpoint.serve, listeners)
+            try:
+                yield endpoint
+            finally:
+                await endpoint.aclose()

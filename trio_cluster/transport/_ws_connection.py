@@ -1,0 +1,336 @@
+"""One established WebSocket connection between two runners (Trio driver of
+the transport edge).
+
+Theory of operation: once both hellos are exchanged, a `Connection` runs three
+tasks until one of them ends it:
+
+* the *reader* gets each WebSocket message, decodes it as a frame and hands
+  the envelopes to the endpoint handler, yielding every `DISPATCH_SLICE`
+  envelopes (bad input from the peer, a handler exception, or the peer
+  closing ends the connection);
+* the *writer* waits on the peer's `SendQueue` and sends one frame per wake-up
+  with everything queued meanwhile (up to ``max_message_size``);
+* the *pinger* sends a ping with a unique payload every ``ping_interval``; no
+  pong within ``ping_timeout`` means the peer is gone.
+
+`Connection.end` records the first reason and cancels the three tasks;
+`Connection.close` then sends the WebSocket close frame (code and reason) and
+waits a bounded time for the peer's answer.
+
+This module is also where trio-websocket and wsproto exceptions are
+translated (`CONNECTION_ERRORS`, `describe`): none of them leaves the
+transport.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+import trio
+from trio_websocket import (
+    CloseReason,
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+)
+from wsproto.utilities import ProtocolError
+
+from .._errors import ConfigError, MalformedMessageError
+from ._framing import decode_frame
+from ._peers import Counters, Limits, SendQueue, deliver, log
+
+if TYPE_CHECKING:
+    from .._core._addresses import RunnerAddress
+    from .._transport_abc import EndpointHandler
+
+__all__ = [
+    "CONNECTION_ERRORS",
+    "DISPATCH_SLICE",
+    "CloseCode",
+    "ConnectFailedError",
+    "Connection",
+    "Timing",
+    "close_websocket",
+    "describe",
+]
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes used between runners."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    INVALID_PAYLOAD = 1007
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    DUPLICATE = 4001
+    """The peer keeps another connection between the same two runners."""
+    PING_TIMEOUT = 4002
+
+
+class ConnectFailedError(Exception):
+    """A connection attempt failed before the connection was up (internal)."""
+
+
+CONNECTION_ERRORS: Final = (
+    ConnectionClosed,
+    HandshakeError,
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    ProtocolError,
+    ConnectFailedError,
+)
+"""Everything a connection may raise because of the network or the peer."""
+
+_MAX_CLOSE_REASON: Final = 123  # bytes, RFC 6455 §5.5.1
+
+DISPATCH_SLICE: Final = 32
+"""The reader yields to the scheduler after this many envelopes of one frame,
+so the writer can send the answers to the first ones while the rest are
+processed: with many callers, both runners then work at once instead of in
+turns (the frames of a busy connection carry about a hundred envelopes)."""
+
+
+def _duration(_: object, attribute: attrs.Attribute[float], value: Any) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigError(
+            f"{attribute.name} must be a finite number of seconds > 0, got {value!r}"
+        )
+
+
+@attrs.frozen
+class Timing:
+    """Durations of the WebSocket transport, in seconds (validated eagerly).
+
+    Raises:
+        ConfigError: a value that is not a finite positive number.
+    """
+
+    ping_interval: float = attrs.field(validator=_duration)
+    """Time between two pings on a connection."""
+    ping_timeout: float = attrs.field(validator=_duration)
+    """A pong later than this after its ping means the peer is gone."""
+    connect_timeout: float = attrs.field(validator=_duration)
+    """Longest time to connect and exchange hellos."""
+    close_timeout: float = attrs.field(validator=_duration)
+    """Longest wait for the peer to answer a close frame."""
+
+
+def close_reason_text(text: str) -> str:
+    """Truncate ``text`` to what fits in a close frame."""
+    data = text.encode()
+    if len(data) <= _MAX_CLOSE_REASON:
+        return text
+    return data[: _MAX_CLOSE_REASON - 3].decode(errors="ignore") + "..."
+
+
+def describe_close(reason: CloseReason | None) -> str:
+    """Words for a WebSocket close reason."""
+    if reason is None:
+        return "connection closed"
+    text = f"connection closed ({reason.code} {reason.name}"
+    return text + (f": {reason.reason})" if reason.reason else ")")
+
+
+def describe(exc: BaseException) -> str:
+    """Words for a connection failure (the first of a group), for logs and
+    ``peer_lost`` reasons."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    if isinstance(exc, ConnectionClosed):
+        return describe_close(exc.reason)
+    if isinstance(exc, ConnectionRejected):
+        return f"WebSocket handshake rejected with HTTP status {exc.status_code}"
+    if isinstance(exc, HandshakeError):
+        cause = exc.__cause__
+        return f"WebSocket handshake failed: {cause or type(exc).__name__}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
+        return f"connection broken: {exc.__cause__}"
+    return str(exc) or type(exc).__name__
+
+
+async def close_websocket(
+    ws: WebSocketConnection, code: CloseCode, reason: str, wait: float
+) -> None:
+    """Close ``ws`` with ``code`` and ``reason``, waiting at most ``wait``
+    seconds for the peer's answer; the TCP connection is closed either way.
+
+    Cancellation: the close frame may not be sent; the TCP connection is
+    closed anyway (trio-websocket closes its stream in a ``finally``).
+    """
+    with trio.move_on_after(wait):
+        try:
+            await ws.aclose(int(code), close_reason_text(reason))
+        except CONNECTION_ERRORS as exc:
+            log.debug("closing a WebSocket failed: %s", describe(exc))
+
+
+@attrs.frozen
+class _Ending:
+    reason: str
+    """Why, for logs and ``peer_lost``."""
+    code: CloseCode
+    sent: str
+    """The close reason sent to the peer."""
+    report: bool
+    """Whether the handler hears of it (not when this endpoint closed it)."""
+
+
+class Connection:
+    """A connection to ``peer`` after the hellos; see the module docstring."""
+
+    def __init__(
+        self,
+        ws: WebSocketConnection,
+        peer: RunnerAddress,
+        *,
+        initiated: bool,
+        queue: SendQueue,
+        handler: EndpointHandler,
+        limits: Limits,
+        timing: Timing,
+        counters: Counters,
+    ) -> None:
+        self.ws = ws
+        self.peer = peer
+        """The address the peer announced."""
+        self.initiated = initiated
+        """Whether this endpoint dialed it."""
+        self.ending: _Ending | None = None
+        self._queue = queue
+        self._handler = handler
+        self._limits = limits
+        self._timing = timing
+        self._counters = counters
+        self.closed = trio.Event()
+        """Set once the connection is closed (its task is done)."""
+        self._scope = trio.CancelScope()
+        self._pings = 0
+
+    def end(
+        self,
+        reason: str,
+        *,
+        code: CloseCode = CloseCode.NORMAL,
+        sent: str | None = None,
+        report: bool = True,
+    ) -> None:
+        """Stop the connection's tasks; the first reason given wins."""
+        if self.ending is None:
+            self.ending = _Ending(
+                reason, code, reason if sent is None else sent, report
+            )
+        self._scope.cancel()
+
+    async def run(self) -> None:
+        """Run the reader, writer and pinger until `end`.
+
+        Cancellation: propagates; the tasks stop.
+        """
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read)
+                nursery.start_soon(self._write)
+                nursery.start_soon(self._ping)
+
+    async def close(self) -> None:
+        """Send the close frame and wait (bounded) for the answer."""
+        ending = self.ending
+        assert ending is not None
+        await close_websocket(
+            self.ws, ending.code, ending.sent, self._timing.close_timeout
+        )
+
+    def _bad_input(self, problem: str, code: CloseCode) -> None:
+        self._counters.bad_peers += 1
+        log.warning("closing the connection from %s: %s", self.peer, problem)
+        self.end(problem, code=code)
+
+    async def _read(self) -> None:
+        counters = self._counters
+        try:
+            while True:
+                message = await self.ws.get_message()
+                if isinstance(message, str):
+                    self._bad_input(
+                        "text message received; runners exchange binary frames only",
+                        CloseCode.UNSUPPORTED_DATA,
+                    )
+                    return
+                try:
+                    envelopes = decode_frame(message, self._limits.max_message_size)
+                except MalformedMessageError as exc:
+                    self._bad_input(str(exc), CloseCode.INVALID_PAYLOAD)
+                    return
+                counters.frames_received += 1
+                for index, envelope in enumerate(envelopes):
+                    if index and not index % DISPATCH_SLICE:
+                        await trio.lowlevel.checkpoint()
+                    if self.ending is not None:
+                        return
+                    counters.envelopes_received += 1
+                    problem = deliver(self._handler, self.peer, envelope)
+                    if problem is not None:
+                        self.end(
+                            problem,
+                            code=CloseCode.INTERNAL_ERROR,
+                            sent="internal error",
+                        )
+                        return
+        except ConnectionClosed as exc:
+            reason = exc.reason
+            if reason is not None and reason.code == CloseCode.MESSAGE_TOO_BIG:
+                self._counters.bad_peers += 1
+                log.warning(
+                    "connection with %s closed, a message was over max_message_size: %s",
+                    self.peer,
+                    describe_close(reason),
+                )
+            self.end(describe_close(reason))
+        except CONNECTION_ERRORS as exc:
+            self.end(describe(exc))
+
+    async def _write(self) -> None:
+        queue = self._queue
+        try:
+            while True:
+                await queue.wait()
+                if self.ending is not None:
+                    return
+                frame, count = queue.take_frame()
+                await self.ws.send_message(frame)
+                self._counters.sent(frame, count)
+        except CONNECTION_ERRORS as exc:
+            self.end(describe(exc))
+
+    async def _ping(self) -> None:
+        timing = self._timing
+        try:
+            while True:
+                await trio.sleep(timing.ping_interval)
+                self._pings += 1
+                with trio.move_on_after(timing.ping_timeout) as scope:
+                    # Unique per connection, as trio-websocket requires.
+                    await self.ws.ping(self._pings.to_bytes(8, "big"))
+                if scope.cancelled_caught:
+                    self.end(
+                        f"no pong within {timing.ping_timeout} s",
+                        code=CloseCode.PING_TIMEOUT,
+                    )
+                    return
+        except CONNECTION_ERRORS as exc:
+            self.end(describe(exc))

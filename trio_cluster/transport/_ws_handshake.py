@@ -1,0 +1,215 @@
+"""Opening a WebSocket connection between two runners: TCP (or TLS), the
+WebSocket handshake, and the hellos (Trio driver of the transport edge).
+
+Theory of operation. The *dialer* connects, completes the WebSocket
+handshake on `RESOURCE` and sends its hello first; the *listener* checks it
+(magic, protocol version, a valid address that is not its own) and answers
+with its own hello, or closes with `CloseCode.PROTOCOL_ERROR` and the
+problem as the close reason. The dialer then checks the listener's hello the
+same way, and also that the listener announces the address it dialed.
+
+Whether a connection is kept once the hellos are fine is the endpoint's
+decision (`keep_inbound`, one connection per pair of runners); this module
+only moves bytes and checks hellos, and logs and counts every bad hello.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    wrap_client_stream,
+    wrap_server_stream,
+)
+
+from .._errors import MalformedMessageError
+from ._framing import decode_hello
+from ._peers import log
+from ._ws_connection import CloseCode, ConnectFailedError, close_websocket
+
+if TYPE_CHECKING:
+    import ssl
+
+    from .._core._addresses import RunnerAddress
+    from ._peers import Counters, Limits
+
+__all__ = [
+    "RECEIVE_BUFFER_SIZE",
+    "RESOURCE",
+    "check_client_hello",
+    "check_server_hello",
+    "is_duplicate",
+    "keep_inbound",
+    "open_client",
+    "open_server",
+    "remote_name",
+]
+
+RESOURCE: Final = "/trio_cluster"
+"""The WebSocket resource (URL path) runners connect to."""
+
+RECEIVE_BUFFER_SIZE: Final = 64 * 1024
+"""Bytes read from the socket at once (trio-websocket's default is 4 KiB,
+which splits a batch of a hundred envelopes over two reads)."""
+
+
+def keep_inbound(
+    local: RunnerAddress, peer: RunnerAddress, *, dialing: bool, dialed_up: bool
+) -> bool:
+    """Whether to keep an inbound connection from ``peer``.
+
+    ======================  ==================  ==========================
+    inbound from            this endpoint       verdict
+    ======================  ==================  ==========================
+    a lower address         anything            keep (it is the preferred one)
+    a higher address        is dialing it       refuse: our dial wins
+    a higher address        is up on its dial   refuse: ours is preferred
+    a higher address        otherwise           keep
+    ======================  ==================  ==========================
+    """
+    return peer < local or not (dialing or dialed_up)
+
+
+def remote_name(stream: trio.abc.Stream) -> str:
+    """``host:port`` of the other end of an accepted stream, for logs."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        try:
+            host, port, *_ = stream.socket.getpeername()
+        except OSError:
+            return "an unknown client"
+        return f"{host}:{port}"
+    return repr(stream)  # pragma: no cover - only TCP (or TLS) listeners
+
+
+def is_duplicate(exc: ConnectionClosed) -> bool:
+    """Whether the peer closed a connection because it keeps another one."""
+    return exc.reason is not None and exc.reason.code == CloseCode.DUPLICATE
+
+
+async def open_client(
+    nursery: trio.Nursery,
+    peer: RunnerAddress,
+    limits: Limits,
+    ssl_context: ssl.SSLContext | None,
+    streams: list[trio.abc.Stream],
+) -> WebSocketConnection:
+    """Connect to ``peer`` and complete the WebSocket handshake.
+
+    trio-websocket's reader task runs in ``nursery``. The TCP (or TLS)
+    stream is appended to ``streams`` as soon as it exists: trio-websocket
+    leaves a client's stream open once the peer has closed the WebSocket, so
+    closing it is the caller's job.
+
+    Raises:
+        OSError, HandshakeError, trio.BrokenResourceError: could not connect.
+
+    Cancellation: propagates; the stream (if any) is in ``streams``.
+    """
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+    if ssl_context is None:
+        stream = await trio.open_tcp_stream(peer.host, peer.port)
+    else:
+        stream = await trio.open_ssl_over_tcp_stream(
+            peer.host, peer.port, ssl_context=ssl_context, https_compatible=True
+        )
+    streams.append(stream)
+    return await wrap_client_stream(
+        nursery,
+        stream,
+        str(peer),
+        RESOURCE,
+        message_queue_size=limits.message_queue_size,
+        max_message_size=limits.max_message_size,
+        receive_buffer_size=RECEIVE_BUFFER_SIZE,
+    )
+
+
+async def open_server(
+    nursery: trio.Nursery, stream: trio.abc.Stream, limits: Limits
+) -> tuple[WebSocketConnection, bytes | str]:
+    """Complete the WebSocket handshake of an accepted stream and read the
+    client's first message (its hello, unchecked).
+
+    Raises:
+        ConnectionClosed, HandshakeError, OSError...: the client went away.
+
+    Cancellation: propagates (the caller closes the stream).
+    """
+    request = await wrap_server_stream(
+        nursery,
+        stream,
+        message_queue_size=limits.message_queue_size,
+        max_message_size=limits.max_message_size,
+        receive_buffer_size=RECEIVE_BUFFER_SIZE,
+    )
+    ws = await request.accept()
+    return ws, await ws.get_message()
+
+
+async def check_client_hello(
+    ws: WebSocketConnection,
+    first: bytes | str,
+    *,
+    local: RunnerAddress,
+    remote: str,
+    counters: Counters,
+    close_timeout: float,
+) -> RunnerAddress | None:
+    """Check the hello an accepting endpoint at ``local`` got from ``remote``.
+
+    Returns:
+        The address the client announces; or None, once the connection is
+        closed with `CloseCode.PROTOCOL_ERROR` (and the problem logged and
+        counted in ``bad_peers``): a bad hello, or the client announcing
+        ``local`` itself.
+    """
+    try:
+        peer = decode_hello(first)
+        if peer == local:
+            raise MalformedMessageError(
+                what="hello", problems=[f"the peer announced our address {peer}"]
+            )
+    except MalformedMessageError as exc:
+        counters.bad_peers += 1
+        log.warning("refusing the connection from %s: %s", remote, exc)
+        await close_websocket(
+            ws, CloseCode.PROTOCOL_ERROR, exc.problems[0], close_timeout
+        )
+        return None
+    return peer
+
+
+async def check_server_hello(
+    ws: WebSocketConnection,
+    reply: bytes | str,
+    *,
+    dialed: RunnerAddress,
+    counters: Counters,
+    close_timeout: float,
+) -> None:
+    """Check the hello the endpoint that was dialed at ``dialed`` answered.
+
+    Raises:
+        ConnectFailedError: a bad hello (logged and counted in
+            ``bad_peers``), or another address than ``dialed``; the
+            connection is closed with `CloseCode.PROTOCOL_ERROR` first.
+    """
+    try:
+        announced = decode_hello(reply)
+    except MalformedMessageError as exc:
+        counters.bad_peers += 1
+        log.warning("refusing the connection to %s: %s", dialed, exc)
+        await close_websocket(
+            ws, CloseCode.PROTOCOL_ERROR, exc.problems[0], close_timeout
+        )
+        raise ConnectFailedError(str(exc)) from exc
+    if announced != dialed:
+        problem = f"the runner there announced itself as {announced}"
+        log.warning("refusing the connection to %s: %s", dialed, problem)
+        await close_websocket(ws, CloseCode.PROTOCOL_ERROR, problem, close_timeout)
+        raise ConnectFailedError(problem)
