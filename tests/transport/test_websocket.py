@@ -795,3 +795,35 @@ async def test_idle_peers_are_forgotten_past_the_limit(transport, monkeypatch):
                 a.send_nowait(c.address, ["hi"])
                 await hc.wait_received(1)
                 assert set(a._peers) == {c.address}
+
+
+async def test_a_send_from_peer_lost_is_not_stranded_behind_the_ended_dial():
+    """The runtime routes a failed call again from inside ``peer_lost``: that
+    envelope must start a new dial (and fail or arrive), not wait forever in
+    the queue of the connection that just ended."""
+    from trio_cluster.testing._transport_conformance import RecordingHandler
+
+    class Resender(RecordingHandler):
+        endpoint: Endpoint | None = None
+
+        def peer_lost(self, peer: RunnerAddress, reason: str) -> None:
+            super().peer_lost(peer, reason)
+            if len(self.lost) == 1:
+                assert self.endpoint is not None
+                self.endpoint.send_nowait(peer, ["routed again"])
+
+    transport = WebSocketTransport()
+    first, second = Resender(), RecordingHandler()
+    with trio.fail_after(10):
+        async with transport.open_endpoint(RunnerAddress("127.0.0.1", 0), first) as a:
+            first.endpoint = a
+            async with transport.open_endpoint(
+                RunnerAddress("127.0.0.1", 0), second
+            ) as b:
+                a.send_nowait(b.address, ["hello"])
+                while not second.received:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            # B is gone, listener included: the re-sent envelope's new dial
+            # fails, which is reported as a second peer_lost.
+            while len(first.lost) < 2:  # noqa: ASYNC110
+                await trio.sleep(0.01)

@@ -1,0 +1,74 @@
+"""The entities the multi-process tests run in real runner processes.
+
+``python -m trio_cluster run tests.multiprocess.entities:ENTITIES`` loads
+them; the test process uses the same classes in its client-only runner.
+
+Every reply says which runner ran the handler and at which fencing epoch the
+runner held the entity's shard, so a test can check that a shard is never
+served by two runners at once (the epochs an entity is served at never go
+down) and that a request re-run by a successor is recorded only once.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import attrs
+
+import trio_cluster as tc
+
+
+@attrs.frozen
+class Ping:
+    pass
+
+
+@attrs.frozen
+class Record:
+    key: str
+    """Primary key of the persisted request."""
+    marker: str = ""
+    """If set, a file the handler creates when it starts."""
+    block: float = 0.0
+    """Seconds the handler blocks its whole process (``time.sleep``), so that a
+    test can freeze the runner with the handler in the middle of its work."""
+
+
+@attrs.frozen
+class Served:
+    runner: str
+    epoch: int
+    calls: int
+
+
+def _served(entity: Probe) -> Served:
+    runner = tc.current_runner()
+    # Test introspection: the epoch at which this runner holds the shard.
+    host = runner._sharding.host(entity.address.shard)
+    entity.calls += 1
+    return Served(str(runner.address), -1 if host is None else host.epoch, entity.calls)
+
+
+class Probe(tc.Entity):
+    type_name = "mp.Probe"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    @tc.rpc
+    async def where(self, msg: Ping) -> Served:
+        return _served(self)
+
+    @tc.rpc(persisted=True, primary_key=lambda msg: msg.key)
+    async def record(self, msg: Record) -> Served:
+        # No await: the handler runs to its end in one step, even when the
+        # process was frozen in the middle of it and its lease lapsed meanwhile.
+        if msg.marker:
+            Path(msg.marker).touch()  # noqa: ASYNC240
+        if msg.block:
+            time.sleep(msg.block)  # noqa: ASYNC251, TID251 - blocking on purpose
+        return _served(self)
+
+
+ENTITIES = [Probe]
