@@ -7,6 +7,9 @@ import importlib
 
 WORKLOADS = {
     "w1": "benchmarks.w1_volatile",
+    "w2": "benchmarks.w2_remote",
+    "w3": "benchmarks.w3_persisted",
+    "w4": "benchmarks.w4_failover",
     "w5": "benchmarks.w5_entities",
 }
 

@@ -16,6 +16,8 @@ PUBLIC_NAMESPACES = [
     "trio_cluster.storage",
     "trio_cluster.serialization",
     "trio_cluster.testing",
+    "trio_cluster.transport",
+    "trio_cluster.logs",
 ]
 
 
@@ -59,6 +61,8 @@ def test_top_level_api_is_complete():
         "MalformedMessageError",
         "RemoteError",
         "RunnerClosedError",
+        "serve_metrics",
+        "LatencySnapshot",
     }
     assert expected <= set(tc.__all__)
 

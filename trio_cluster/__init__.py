@@ -50,6 +50,7 @@ from ._handlers import (
     rpc as rpc,
     stream as stream,
 )
+from ._metrics import serve_metrics as serve_metrics
 from ._routing import RunnerClosedError as RunnerClosedError
 from ._runner import (
     Runner as Runner,
@@ -57,7 +58,10 @@ from ._runner import (
     serve_runner as serve_runner,
 )
 from ._singletons import Singleton as Singleton
-from ._statistics import RunnerStatistics as RunnerStatistics
+from ._statistics import (
+    LatencySnapshot as LatencySnapshot,
+    RunnerStatistics as RunnerStatistics,
+)
 from ._version import __version__ as __version__
 
 __all__ = [
@@ -76,6 +80,7 @@ __all__ = [
     "EntityDefinitionError",
     "EntityId",
     "EntityNotAssignedError",
+    "LatencySnapshot",
     "MailboxFullError",
     "MalformedMessageError",
     "MessageTooLargeError",
@@ -99,6 +104,7 @@ __all__ = [
     "current_transaction",
     "open_runner",
     "rpc",
+    "serve_metrics",
     "serve_runner",
     "stream",
 ]

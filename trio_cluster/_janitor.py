@@ -39,7 +39,7 @@ def janitor(
             try:
                 deleted = await sweep(messages, config, clock)
             except PersistenceError as exc:
-                log.warning("retention sweep failed (will retry): %s", exc)
+                log.warning("retention sweep failed (will retry): %r", exc)
                 continue
             if deleted:
                 log.info("retention: deleted %d finished requests", deleted)

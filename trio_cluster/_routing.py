@@ -17,11 +17,13 @@ left. A volatile request whose owner vanished while it waited fails with
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ._context import current_runner_var
+from ._core._histogram import Histogram
 from ._errors import ClusterError, EntityNotAssignedError, MessageTooLargeError
 from ._manager import NotDelivered
 from ._remote import NotSent, RouteAgain
@@ -72,6 +74,9 @@ class Router:
         """Set when the runner has a transport."""
         self.closed = False
         self.remote_calls = 0
+        self.latency = {"volatile": Histogram(), "persisted": Histogram()}
+        """Caller-observed latency of rpc calls (completed, failed or
+        cancelled), per delivery kind, in seconds."""
 
     def check_open(self) -> None:
         if self.closed:
@@ -119,13 +124,15 @@ class Router:
     ) -> Any:
         """A call through a client handle (see `BoundRpc.__call__`)."""
         self.check_open()
+        started = perf_counter()
         token = (
             None
             if current_runner_var.get(None) is self._runner
             else current_runner_var.set(self._runner)
         )
+        persisted = handler.spec.persisted
         try:
-            if handler.spec.persisted:
+            if persisted:
                 return await self._persisted.call(
                     address, entity_type, handler, message, discard=False
                 )
@@ -154,6 +161,9 @@ class Router:
                         pass
                 deadline = await self._wait(address, deadline)
         finally:
+            self.latency["persisted" if persisted else "volatile"].observe(
+                perf_counter() - started
+            )
             if token is not None:
                 current_runner_var.reset(token)
 
@@ -166,6 +176,28 @@ class Router:
     ) -> None:
         """A fire-and-forget send (see `BoundRpc.discard`)."""
         self.check_open()
+        # NOTE: as in `call`, a handler started from here runs in a task that
+        # inherits this context: it must name this runner (found by the
+        # simulator: a discard from outside the runner's tasks ran handlers
+        # where `current_runner()` failed).
+        token = (
+            None
+            if current_runner_var.get(None) is self._runner
+            else current_runner_var.set(self._runner)
+        )
+        try:
+            await self._discard(entity_type, address, handler, message)
+        finally:
+            if token is not None:
+                current_runner_var.reset(token)
+
+    async def _discard(
+        self,
+        entity_type: EntityType,
+        address: EntityAddress,
+        handler: Handler,
+        message: Any,
+    ) -> None:
         if handler.spec.persisted:
             await self._persisted.call(
                 address, entity_type, handler, message, discard=True

@@ -133,7 +133,12 @@ class Runner:
             MalformedMessageError: the message cannot be encoded.
         """
         self._router.check_open()
-        return await self._broadcasts.send(self._sharding, name, message)
+        # The local handler task inherits this context: make it the runner's.
+        token = current_runner_var.set(self)
+        try:
+            return await self._broadcasts.send(self._sharding, name, message)
+        finally:
+            current_runner_var.reset(token)
 
     def statistics(self) -> RunnerStatistics:
         """A snapshot of this runner's state and counters."""
@@ -228,88 +233,109 @@ async def open_runner(
     _check_singletons(singletons)
     broadcast_set = Broadcasts(broadcasts, registry.converter)
     handler = ClusterHandler()
-    async with AsyncExitStack() as stack:
-        endpoint: Endpoint | None = None
-        if transport is not None:
-            endpoint = await stack.enter_async_context(
-                transport.open_endpoint(config.runner_address, handler)
-            )
-            config = attrs.evolve(config, runner_address=endpoint.address)
-        backend = storage if storage is not None else MemoryStorage()
-        session = await stack.enter_async_context(
-            backend.open_session(
-                name=str(config.runner_address), lease_duration=config.lease_duration
-            )
-        )
-        wall_clock = clock if clock is not None else TrioWallClock()
-        all_singletons = [
-            *singletons,
-            *cron_singletons(crons),
-            janitor(session.messages, config, wall_clock),
-        ]
-        manager = EntityManager(config=config, runner_label=str(config.runner_address))
-        ids = SnowflakeGenerator(0)
-        supervisor = SingletonSupervisor(all_singletons, config=config)
-        sharding = Sharding(config=config, runners=session.runners, manager=manager)
-        persisted = PersistedDelivery(
-            storage=session.messages,
-            sharding=sharding,
-            manager=manager,
-            registry=registry,
-            config=config,
-            clock=wall_clock,
-            ids=ids,
-        )
-        runner = Runner(
-            config=config,
-            registry=registry,
-            clock=wall_clock,
-            manager=manager,
-            sharding=sharding,
-            persisted=persisted,
-            supervisor=supervisor,
-            broadcasts=broadcast_set,
-            crons=crons,
-        )
+    stop = trio.Event()
 
-        def shard_started(host: ShardHost) -> None:
-            persisted.shard_started(host)
-            supervisor.shard_started(host)
+    async def serve_system(*, task_status: trio.TaskStatus[Runner]) -> None:
+        # The runner's own tasks (transport, storage session, shards,
+        # entities) run here, shielded once started: cancelling the caller's
+        # scope must not cut the transport or storage while the runner
+        # drains. `stop` starts the (bounded) graceful shutdown instead.
+        nonlocal config
+        assert config is not None
+        with trio.CancelScope() as system_scope:
+            async with AsyncExitStack() as stack:
+                endpoint: Endpoint | None = None
+                if transport is not None:
+                    endpoint = await stack.enter_async_context(
+                        transport.open_endpoint(config.runner_address, handler)
+                    )
+                    config = attrs.evolve(config, runner_address=endpoint.address)
+                backend = storage if storage is not None else MemoryStorage()
+                session = await stack.enter_async_context(
+                    backend.open_session(
+                        name=str(config.runner_address),
+                        lease_duration=config.lease_duration,
+                    )
+                )
+                wall_clock = clock if clock is not None else TrioWallClock()
+                all_singletons = [
+                    *singletons,
+                    *cron_singletons(crons),
+                    janitor(session.messages, config, wall_clock),
+                ]
+                manager = EntityManager(
+                    config=config, runner_label=str(config.runner_address)
+                )
+                ids = SnowflakeGenerator(0)
+                supervisor = SingletonSupervisor(all_singletons, config=config)
+                sharding = Sharding(
+                    config=config, runners=session.runners, manager=manager
+                )
+                persisted = PersistedDelivery(
+                    storage=session.messages,
+                    sharding=sharding,
+                    manager=manager,
+                    registry=registry,
+                    config=config,
+                    clock=wall_clock,
+                    ids=ids,
+                )
+                runner = Runner(
+                    config=config,
+                    registry=registry,
+                    clock=wall_clock,
+                    manager=manager,
+                    sharding=sharding,
+                    persisted=persisted,
+                    supervisor=supervisor,
+                    broadcasts=broadcast_set,
+                    crons=crons,
+                )
 
-        sharding._on_shard_started = shard_started
+                def shard_started(host: ShardHost) -> None:
+                    persisted.shard_started(host)
+                    supervisor.shard_started(host)
+
+                sharding._on_shard_started = shard_started
+                current_runner_var.set(runner)  # this task's own context
+                async with trio.open_nursery() as nursery:
+                    manager.nursery = nursery
+                    broadcast_set.nursery = nursery
+                    if endpoint is not None:
+                        runner._router.outbound = outbound = OutboundCalls(endpoint)
+                        inbound = InboundCalls(
+                            endpoint=endpoint,
+                            sharding=sharding,
+                            manager=manager,
+                            registry=registry,
+                        )
+                        persisted.endpoint = broadcast_set.endpoint = endpoint
+                        handler.attach(
+                            runner=runner,
+                            outbound=outbound,
+                            inbound=inbound,
+                            sharding=sharding,
+                            persisted=persisted,
+                            broadcasts=broadcast_set,
+                        )
+                    await nursery.start(persisted.run)
+                    await nursery.start(sharding.run)
+                    ids.machine_id = sharding.machine_id or 0
+                    nursery.start_soon(manager.idle.run)
+                    system_scope.shield = True
+                    task_status.started(runner)
+                    await stop.wait()
+                    await runner._shutdown()
+                    nursery.cancel_scope.cancel()
+
+    async with _unwrap_single(), trio.open_nursery() as outer:
+        runner: Runner = await outer.start(serve_system)
         token = current_runner_var.set(runner)
         try:
-            async with _unwrap_single(), trio.open_nursery() as nursery:
-                manager.nursery = nursery
-                broadcast_set.nursery = nursery
-                if endpoint is not None:
-                    runner._router.outbound = outbound = OutboundCalls(endpoint)
-                    inbound = InboundCalls(
-                        endpoint=endpoint,
-                        sharding=sharding,
-                        manager=manager,
-                        registry=registry,
-                    )
-                    persisted.endpoint = broadcast_set.endpoint = endpoint
-                    handler.attach(
-                        outbound=outbound,
-                        inbound=inbound,
-                        sharding=sharding,
-                        persisted=persisted,
-                        broadcasts=broadcast_set,
-                    )
-                await nursery.start(persisted.run)
-                await nursery.start(sharding.run)
-                ids.machine_id = sharding.machine_id or 0
-                nursery.start_soon(manager.idle.run)
-                try:
-                    yield runner
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await runner._shutdown()
-                    nursery.cancel_scope.cancel()
+            yield runner
         finally:
             current_runner_var.reset(token)
+            stop.set()
 
 
 async def serve_runner(

@@ -26,6 +26,7 @@ import trio
 from ._core._ownership import (
     ExtendLeases,
     Ownership,
+    Phase,
     ReleaseShards,
     StartShard,
     StopShard,
@@ -149,34 +150,40 @@ class Sharding:
             try:
                 await self._poll_assignment()
             except (PersistenceError, trio.TooSlowError) as exc:
-                log.warning("assignment poll failed: %s", exc)
+                log.warning("assignment poll failed: %r", exc)
 
     async def _poll_assignment(self) -> None:
         with trio.fail_after(self._operation_timeout):
             live = await self._runners.live_runners()
+        # NOTE: most polls see the same runners: then nothing below can
+        # change (profiled in the simulator: 10 runners polling 4 times a
+        # second spent half their idle time rebuilding the same members).
+        changed = live != self.live or not self._members
         self.live = live
-        by_address = {
-            r.address: Member(r.address, tuple(r.groups), r.weight) for r in live
-        }
-        by_address[self.address] = Member(
-            self.address, self._config.shard_groups, self._config.runner_weight
-        )
-        members = frozenset(by_address.values())
-        if members != self._members:
-            # Only a change of membership changes the assignment.
-            self._members = members
-            self.assignment = assign_shards(
-                members, shards_per_group=self._config.shards_per_group
+        if changed:
+            by_address = {
+                r.address: Member(r.address, tuple(r.groups), r.weight) for r in live
+            }
+            by_address[self.address] = Member(
+                self.address, self._config.shard_groups, self._config.runner_weight
             )
-            self._mine = [
-                shard
-                for shard, owner in self.assignment.items()
-                if owner == self.address
-            ]
-            self._signal_changed()
+            members = frozenset(by_address.values())
+            if members != self._members:
+                # Only a change of membership changes the assignment.
+                self._members = members
+                self.assignment = assign_shards(
+                    members, shards_per_group=self._config.shards_per_group
+                )
+                self._mine = [
+                    shard
+                    for shard, owner in self.assignment.items()
+                    if owner == self.address
+                ]
+                self._signal_changed()
         if self._closing:
             return
-        await self._execute(self.ownership.assignment_changed(self._mine))
+        if changed:
+            await self._execute(self.ownership.assignment_changed(self._mine))
 
         wanted = self.ownership.wanted()
         if wanted:
@@ -196,7 +203,7 @@ class Sharding:
                 with trio.fail_after(self._operation_timeout):
                     held = await self._runners.refresh(_in_order(self.ownership.held()))
             except (PersistenceError, trio.TooSlowError) as exc:
-                log.warning("lease refresh failed (leases not extended): %s", exc)
+                log.warning("lease refresh failed (leases not extended): %r", exc)
                 continue
             await self._execute(self.ownership.refreshed(held, started_at=started_at))
             # Never fall behind by more than one interval after a slow refresh.
@@ -209,7 +216,7 @@ class Sharding:
             try:
                 await self._runners.wait_session_lost()
             except PersistenceError as exc:
-                log.warning("cannot watch the lock session: %s", exc)
+                log.warning("cannot watch the lock session: %r", exc)
                 await trio.sleep(self._config.lease_refresh_interval)
                 continue
             if self._closing:
@@ -228,10 +235,18 @@ class Sharding:
     # Commands
 
     async def _execute(self, commands: list[Command]) -> None:
+        starts = [command for command in commands if isinstance(command, StartShard)]
+        if starts:
+            # Together: each start waits until its shard's task has run once,
+            # which under load is a whole scheduling round (one by one, 150
+            # shards taken over from a dead runner took 4 s of a busy loop).
+            async with trio.open_nursery() as starting:
+                for start in starts:
+                    starting.start_soon(self._start_shard, start)
         for command in commands:
             if isinstance(command, StartShard):
-                await self._start_shard(command)
-            elif isinstance(command, ExtendLeases):
+                continue
+            if isinstance(command, ExtendLeases):
                 for shard in command.shards:
                     host = self.hosts.get(shard)
                     if host is not None:
@@ -247,10 +262,30 @@ class Sharding:
         done = trio.Event()
         self._shard_tasks[command.shard] = done
         await self._nursery.start(self._serve_shard, host, done)
+        if self._closing or not self._still_serving(command):
+            # Stopped while it was starting, so its StopShard found no host:
+            # shutdown() began (an acquisition woken by a peer leaving), or
+            # the lock was lost meanwhile (the lock session ended: another
+            # runner may take the shard at once). Stop it here, never serving.
+            self._nursery.start_soon(self._stop_host, host, self._closing)
+            return
         self.hosts[command.shard] = host
-        log.debug("serving shard %s at epoch %d", command.shard, command.epoch)
+        log.debug(
+            "serving shard %s at epoch %d",
+            command.shard,
+            command.epoch,
+            extra={"shard": str(command.shard)},
+        )
         self._signal_changed()
         self._on_shard_started(host)
+
+    def _still_serving(self, command: StartShard) -> bool:
+        """Whether ``command``'s shard is still to be served at its epoch."""
+        shard = command.shard
+        return (
+            self.ownership.phase(shard) is Phase.SERVING
+            and self.ownership.epoch(shard) == command.epoch
+        )
 
     async def _serve_shard(
         self, host: ShardHost, done: trio.Event, *, task_status: trio.TaskStatus[None]
@@ -264,15 +299,20 @@ class Sharding:
         finally:
             with trio.CancelScope(shield=True):
                 if host.state is ShardState.ACTIVE:
-                    # Nobody asked us to stop: the lease deadline passed.
-                    log.warning(
-                        "lease of shard %s lapsed; stopped serving it", host.shard_id
-                    )
+                    # Nobody asked us to stop: the lease deadline passed, or
+                    # the runner itself is being cancelled.
+                    if trio.current_time() >= host.lease_deadline:
+                        log.warning(
+                            "lease of shard %s lapsed; stopped serving it",
+                            host.shard_id,
+                            extra={"shard": str(host.shard_id)},
+                        )
+                        self.failovers += 1
                     self.hosts.pop(host.shard_id, None)
                     self._signal_changed()
                     self.ownership.lapsed(host.shard_id)
-                    self.failovers += 1
                     await self._manager.stop_shard(host, graceful=False)
+
                 self._shard_tasks.pop(host.shard_id, None)
                 done.set()
                 await self._execute(self.ownership.stopped(host.shard_id))
@@ -281,10 +321,18 @@ class Sharding:
         host = self.hosts.pop(command.shard, None)
         if host is None:
             return
+        # Not active from now on, before the manager gets to stop it: a job
+        # granted meanwhile must not start (found by the simulator).
+        host.state = ShardState.STOPPING
         self._signal_changed()
         if not command.graceful:
             self.failovers += 1
-            log.warning("lost the lock of shard %s; stopping it now", command.shard)
+            log.warning(
+                "lost the lock of shard %s; stopping it now",
+                command.shard,
+                extra={"shard": str(command.shard)},
+            )
+
         assert self._nursery is not None
         self._nursery.start_soon(self._stop_host, host, command.graceful)
 
@@ -303,7 +351,7 @@ class Sharding:
                 with trio.fail_after(self._operation_timeout):
                     await self._runners.release(_in_order(shards))
             except (PersistenceError, trio.TooSlowError) as exc:
-                log.warning("releasing shards failed, retrying: %s", exc)
+                log.warning("releasing shards failed, retrying: %r", exc)
                 await trio.sleep(delay)
                 delay = min(delay * 2, self._config.lease_refresh_interval)
                 continue
@@ -330,7 +378,7 @@ class Sharding:
             with trio.fail_after(self._operation_timeout):
                 await self._runners.unregister()
         except (PersistenceError, trio.TooSlowError) as exc:
-            log.warning("could not release locks or unregister cleanly: %s", exc)
+            log.warning("could not release locks or unregister cleanly: %r", exc)
         self._signal_changed()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()

@@ -11,12 +11,29 @@ from typing import TYPE_CHECKING
 import attrs
 
 if TYPE_CHECKING:
+    from ._core._histogram import Histogram
     from ._manager import EntityManager
     from ._persisted import PersistedDelivery
     from ._runner import Runner
     from ._sharding import Sharding
 
-__all__ = ["RunnerStatistics", "collect_statistics"]
+__all__ = ["LatencySnapshot", "RunnerStatistics", "collect_statistics"]
+
+
+@attrs.frozen
+class LatencySnapshot:
+    """A latency histogram at one instant (seconds)."""
+
+    buckets: tuple[tuple[float, int], ...]
+    """``(upper bound, calls at or under it)``, cumulative, ending at ``inf``."""
+    total: float
+    """Sum of all observed latencies."""
+    count: int
+    """Number of observed calls."""
+
+    @classmethod
+    def of(cls, histogram: Histogram) -> LatencySnapshot:
+        return cls(tuple(histogram.cumulative()), histogram.total, histogram.count)
 
 
 @attrs.frozen
@@ -63,6 +80,10 @@ class RunnerStatistics:
     """Singletons running on this runner now."""
     failovers: int
     """Shards stopped because their lock or lease was lost, since start."""
+    remote_calls: int
+    """Volatile calls this runner sent to another runner, since start."""
+    call_latency: dict[str, LatencySnapshot]
+    """Caller-observed rpc latency made here, keyed ``volatile``/``persisted``."""
 
 
 def collect_statistics(
@@ -106,4 +127,9 @@ def collect_statistics(
         waiting_callers=stats["waiting_callers"],
         singletons_running=len(runner._supervisor.running),
         failovers=sharding.failovers,
+        remote_calls=runner._router.remote_calls,
+        call_latency={
+            kind: LatencySnapshot.of(histogram)
+            for kind, histogram in runner._router.latency.items()
+        },
     )

@@ -71,8 +71,7 @@ def test_valid_values_are_kept():
         ("max_resident_entities", 0, "max_resident_entities must be an integer >= 1"),
         ("shards_per_group", 0, "shards_per_group must be an integer >= 1"),
         ("shards_per_group", 65_537, "shards_per_group is 65537; use at most 65536"),
-        ("shard_groups", "default", "shard_groups must be a non-empty tuple"),
-        ("shard_groups", (), "shard_groups must be a non-empty tuple"),
+        ("shard_groups", "default", "shard_groups must be a tuple"),
         ("shard_groups", (1,), "shard group names are 1-64 characters"),
         ("shard_groups", ("a b",), "shard group names are 1-64 characters"),
         ("shard_groups", ("",), "shard group names are 1-64 characters"),
@@ -244,5 +243,10 @@ def test_from_env_parse_errors(key, raw, message):
 def test_from_env_values_are_validated_too():
     with pytest.raises(ConfigError, match="lease_duration must be a positive"):
         ShardingConfig.from_env({"TRIO_CLUSTER_LEASE_DURATION": "-1"})
-    with pytest.raises(ConfigError, match="shard_groups must be a non-empty tuple"):
-        ShardingConfig.from_env({"TRIO_CLUSTER_SHARD_GROUPS": " , "})
+    with pytest.raises(ConfigError, match="shard group names are 1-64"):
+        ShardingConfig.from_env({"TRIO_CLUSTER_SHARD_GROUPS": "a,b c"})
+
+
+def test_no_shard_groups_is_a_client_only_runner():
+    assert ShardingConfig(shard_groups=()).shard_groups == ()
+    assert ShardingConfig.from_env({"TRIO_CLUSTER_SHARD_GROUPS": ""}).shard_groups == ()

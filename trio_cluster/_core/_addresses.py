@@ -49,7 +49,7 @@ class EntityId:
         return self.value
 
 
-@attrs.frozen(order=True)
+@attrs.frozen(order=True, cache_hash=True)
 class ShardId:
     """A shard: its shard group and its 1-based number within the group."""
 

@@ -59,8 +59,8 @@ def _optional_positive_int(
 
 
 def _check_groups(_: object, attribute: attrs.Attribute[T], value: T) -> None:
-    if not isinstance(value, tuple) or not value:
-        raise ConfigError(f"{attribute.name} must be a non-empty tuple of group names")
+    if not isinstance(value, tuple):
+        raise ConfigError(f"{attribute.name} must be a tuple of group names")
     for group in value:
         if not isinstance(group, str) or not _GROUP_NAME.match(group):
             raise ConfigError(
@@ -117,7 +117,8 @@ class ShardingConfig:
         default=("default",), converter=_as_groups, validator=_check_groups
     )
     """Shard groups this runner hosts. Entities of a group only run on runners
-    that list it."""
+    that list it. An empty tuple makes a client-only runner: it hosts no
+    entities and sends every call to the runners that do."""
 
     runner_address: RunnerAddress = attrs.field(
         default=RunnerAddress("127.0.0.1", 34431), validator=_check_address

@@ -63,6 +63,7 @@ a lock) until the membership changes.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -149,6 +150,17 @@ def assign_shards(
     for before, after in itertools.pairwise(ordered):
         if before.address == after.address:
             raise ValueError(f"two members have the address {after.address}")
+    return dict(_assignment(tuple(ordered), shards_per_group))
+
+
+@functools.lru_cache(maxsize=64)
+def _assignment(
+    ordered: tuple[Member, ...], shards_per_group: int
+) -> dict[ShardId, RunnerAddress]:
+    """`assign_shards` of members sorted by address, remembered: every runner
+    of a process (the simulator, tests, the demo) computes the same mapping
+    for the same membership, and at 300 shards it costs milliseconds. Callers
+    get a copy."""
     hosts: dict[str, list[Member]] = {}
     for member in ordered:
         for group in dict.fromkeys(member.groups):
