@@ -1,0 +1,71 @@
+"""The worked example of ``docs/testing.md`` (``examples/failover_property.py``)
+runs, and its check rejects what it must."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from trio_cluster.testing import FaultSchedule, KillRunner, run_simulation
+
+pytestmark = pytest.mark.simulation
+
+EXAMPLES = Path(__file__).parent.parent.parent / "examples"
+
+
+def load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "example_failover_property", EXAMPLES / "failover_property.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+example = load()
+
+
+def test_the_example_property_holds():
+    example.test_every_order_is_sold_once()
+
+
+def test_the_example_survives_the_owner_being_killed_twice():
+    faults = FaultSchedule(
+        (
+            KillRunner(at=0.3, runner=0, down_for=2.0),
+            KillRunner(at=0.3, runner=1, down_for=4.0),
+        )
+    )
+    receipts = run_simulation(example.sell_under_failure, faults, 11)
+    example.check(receipts)
+
+
+def test_the_example_check_rejects_lost_repeated_or_double_sales():
+    receipt = example.Receipt
+    good = {
+        f"{name}-{n}": [receipt(f"{name}-{n}", (f"{name}-{n}",))] * 2
+        for name in example.CUSTOMERS
+        for n in range(example.ORDERS)
+    }
+    example.check(good)
+    with pytest.raises(AssertionError):
+        example.check(dict(list(good.items())[1:]))
+    with pytest.raises(AssertionError, match="another receipt"):
+        example.check(
+            {
+                **good,
+                "ada-0": [
+                    receipt("ada-0", ("ada-0",)),
+                    receipt("ada-0", ("x", "ada-0")),
+                ],
+            }
+        )
+    with pytest.raises(AssertionError, match="sold twice"):
+        example.check({**good, "ada-0": [receipt("ada-0", ("ada-0", "ada-0"))] * 2})
