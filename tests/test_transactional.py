@@ -43,6 +43,9 @@ class JournalStorage(MemoryStorage):
         self.journal: list[str] = []
         self.rollbacks = 0
         self.fail_commits = 0
+        self.lose_commit_acks = 0
+        """Commits that take effect but report a failure (the connection
+        dropped before the client heard back: the outcome is unknown)."""
 
     @asynccontextmanager
     async def open_session(
@@ -72,6 +75,9 @@ class JournalStorage(MemoryStorage):
                             "commit failed: serialization failure"
                         )
                     storage.journal.extend(wrapper.pending)
+                if storage.lose_commit_acks:
+                    storage.lose_commit_acks -= 1
+                    raise tc.PersistenceError("connection lost during COMMIT")
 
             async def save_replies(
                 replies: Any, *, now: float, transaction: Any = None
@@ -182,6 +188,27 @@ async def test_failed_commit_is_retried_after_a_backoff(autojump_clock):
         assert trio.current_time() - start == pytest.approx(0.5 + 1.0)
     assert storage.journal == ["insert t4 1"]
     assert storage.rollbacks == 2
+
+
+async def test_rerun_after_a_commit_of_unknown_outcome_does_not_apply_twice(
+    autojump_clock,
+):
+    # The first commit takes effect but reports a failure: the handler runs
+    # again, finds its reply recorded, and rolls its second run back.
+    storage = JournalStorage()
+    storage.lose_commit_acks = 1
+    cfg = config(entity_restart_backoff=0.5)
+    async with tc.open_runner(
+        entities=[Ledger], config=cfg, storage=storage, clock=clock()
+    ) as runner:
+        ref = runner.client(Ledger)("l")
+        # The caller hears of the recorded reply (a notification) at once.
+        assert await ref.transfer(Transfer("t6", 1)) == "ok t6"
+        await trio.sleep(1)  # the rerun, after its backoff
+        assert storage.journal == ["insert t6 1"]
+        assert storage.rollbacks == 1
+        assert await ref.transfer(Transfer("t6", 1)) == "ok t6"
+    assert storage.journal == ["insert t6 1"]
 
 
 async def test_current_transaction_outside_a_transactional_handler(autojump_clock):

@@ -366,7 +366,13 @@ class EntityManager:
                         else "its shard stopped, so it is left for the next owner",
                     )
                     if retry:
-                        self._crash(slot, job)
+                        if slot.paused:
+                            # Already crashed in this run (the handler's own
+                            # error, e.g. its statement met the failure), or
+                            # by a sibling: its restart is on the way.
+                            slot.crashes = crashes + 1
+                        else:
+                            self._crash(slot, job)
         finally:
             self._finish(slot, job, requeue=retry or exit_ is _REQUEUE)
         if not retry and exit_ is not _REQUEUE:

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
 
     from ._clock import Clock
-    from ._core._addresses import EntityAddress, RunnerAddress
+    from ._core._addresses import EntityAddress, RunnerAddress, ShardId
     from ._core._config import ShardingConfig
     from ._core._snowflake import SnowflakeGenerator
     from ._manager import EntityManager
@@ -124,7 +124,19 @@ class PersistedDelivery:
         self.endpoint: Endpoint | None = None
         """This runner's transport endpoint, if it has one."""
         self._wake = trio.Event()
+        self._starved = False
+        """The read loop waits for in-flight persisted jobs to finish
+        (``max_persisted_in_flight``): wake it when a reply is recorded."""
+        self._recording: dict[int, bool] = {}
+        """Requests whose reply this runner is recording -> whether a
+        `RepliesAvailable` for them arrived meanwhile."""
         self._next_deliver_at = math.inf
+        self._caught_up: dict[ShardId, int] = {}
+        """Shard -> the epoch at which a claim found nothing more to take.
+        Until then, older requests of the shard may still wait in storage,
+        so local sends do not take the fast path (they would overtake them:
+        the simulator found a sender's second message running before its
+        first after a failover)."""
         self._nursery: trio.Nursery | None = None
         self.closing = False
         self.delivered = 0
@@ -137,15 +149,37 @@ class PersistedDelivery:
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Run the batchers, the read loop and the notification loop until
-        cancelled. Callers still waiting for a write then get `PersistenceError`."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._saves.run)
-            nursery.start_soon(self._replies.run)
-            nursery.start_soon(self._read_loop)
-            nursery.start_soon(self._notification_loop)
-            nursery.start_soon(self._reply_poll_loop)
-            task_status.started()
+        cancelled. Callers still waiting for a write then get `PersistenceError`,
+        callers waiting for a reply `RunnerClosedError`."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._saves.run)
+                nursery.start_soon(self._replies.run)
+                nursery.start_soon(self._read_loop)
+                nursery.start_soon(self._notification_loop)
+                nursery.start_soon(self._reply_poll_loop)
+                task_status.started()
+        finally:
+            self._release_waiters()
+
+    def _release_waiters(self) -> None:
+        """The runner stops: wake the callers still waiting for a reply (they
+        waited forever: found by the simulator's failover example). Their
+        requests stay stored and are still answered."""
+        from ._routing import RunnerClosedError
+
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.exit = Exit(
+                    error=RunnerClosedError(
+                        "the runner shut down while the call waited for its"
+                        " reply; the request is stored and will be answered"
+                        " (send it again, with its primary key, for the reply)"
+                    )
+                )
+                waiter.event.set()
+        self._waiters.clear()
 
     @property
     def statistics(self) -> dict[str, int]:
@@ -213,7 +247,13 @@ class PersistedDelivery:
             payload=payload,
             primary_key=primary_key,
             deliver_at=deliver_at,
-            claim_epoch=host.epoch if host is not None and deliverable else None,
+            claim_epoch=(
+                host.epoch
+                if host is not None
+                and deliverable
+                and self._caught_up.get(address.shard) == host.epoch
+                else None
+            ),
         )
         waiter = None if discard else self._register(request_id)
         try:
@@ -272,7 +312,7 @@ class PersistedDelivery:
                 with trio.CancelScope(shield=True):
                     await self._interrupt(request_id)
             raise
-        if waiter.exit is not None and not self._serialize:
+        if waiter.exit is not None and (not self._serialize or waiter.payload is None):
             return waiter.exit.unwrap()
         assert waiter.payload is not None
         return handler.reply.decode_exit(waiter.payload, request_id=request_id).unwrap()
@@ -430,11 +470,18 @@ class PersistedDelivery:
         """`Around` of transactional handlers: run the handler in a storage
         transaction and record its reply in the same transaction. A value or
         a declared error commits; anything else rolls back and is returned
-        for the sink to record (or replay) as usual."""
+        for the sink to record (or replay) as usual.
+
+        Raises:
+            RetryLater: storage failed (to open or commit the transaction, or
+                under the handler's own statements: `StorageTransaction.failure`);
+                nothing was recorded, and the request runs again.
+        """
         assert job.request_id is not None
         assert job.slot is not None
         host = job.slot.shard
         handler = job.handler
+        duplicate = False
         try:
             async with self._storage.open_transaction() as transaction:
                 token = current_transaction_var.set(transaction)
@@ -442,9 +489,21 @@ class PersistedDelivery:
                     exit_ = await execute()
                 finally:
                     current_transaction_var.reset(token)
-                if is_marker(exit_) or not _commits(handler, exit_):
+                if is_marker(exit_):
                     raise _Rollback(exit_)
-                payload = handler.reply.encode_exit(exit_)
+                failure = transaction.failure
+                if failure is not None:
+                    # Storage failed under the handler's own statements
+                    # (whatever the handler made of the error): as after a
+                    # failed commit, record nothing and run it again, rather
+                    # than keep that error as its reply for good.
+                    raise RetryLater(str(failure)) from failure
+                if not _commits(handler, exit_):
+                    raise _Rollback(exit_)
+                try:
+                    payload = handler.reply.encode_exit(exit_)
+                except MalformedMessageError as exc:  # the reply cannot travel
+                    raise _Rollback(Exit(error=exc)) from exc
                 record = ReplyRecord(
                     request_id=job.request_id,
                     shard=host.shard_id,
@@ -461,15 +520,21 @@ class PersistedDelivery:
                         host.shard_id,
                     )
                     raise _Rollback(None)
+                if outcome is ReplyOutcome.DUPLICATE:
+                    # Answered already, by an earlier run whose commit seemed
+                    # to fail (its outcome was unknown): keep that reply, and
+                    # not this run's writes (they would apply twice).
+                    duplicate = True
+                    raise _Rollback(None)
         except _Rollback as rollback:
+            if duplicate:
+                await self._fetch_final([job.request_id])
+                self._wake_if_starved()
             return rollback.exit
         except PersistenceError as exc:
             raise RetryLater(str(exc)) from exc
-        if outcome is ReplyOutcome.DUPLICATE:
-            await self._fetch_final([job.request_id])
-        else:
-            self._resolve(job.request_id, payload, exit_)
-        self._wake.set()
+        self._resolve(job.request_id, payload, exit_)
+        self._wake_if_starved()
         return None
 
     async def _record(self, job: Job, exit_: Exit | None) -> None:
@@ -497,35 +562,58 @@ class PersistedDelivery:
             epoch=host.epoch,
             payload=payload,
         )
+        # Our own reply's notification may arrive before the write returns:
+        # the notification loop leaves it to us (see `_notification_loop`).
+        self._recording[request_id] = False
+        try:
+            outcome = await self._submit_reply(host, record)
+        finally:
+            notified = self._recording.pop(request_id, False)
+        if outcome is ReplyOutcome.DUPLICATE:
+            await self._fetch_final([request_id])
+        elif outcome is None or outcome is ReplyOutcome.STALE_EPOCH:
+            if notified and request_id in self._waiters:
+                await self._fetch_final([request_id])  # recorded by another runner
+        else:
+            self._resolve(request_id, payload, exit_)
+        self._wake_if_starved()
+
+    async def _submit_reply(
+        self, host: ShardHost, record: ReplyRecord
+    ) -> ReplyOutcome | None:
+        """Record ``record`` (group commit), retrying storage failures while
+        the shard is served; None if it gave up (the request is redelivered)."""
         delay = 0.05
         while True:
             try:
                 outcome = await self._replies.submit(record)
-                break
             except PersistenceError as exc:
                 if not host.active or self.closing:
                     log.warning(
                         "reply to %d not recorded (%s); it will be redelivered",
-                        request_id,
+                        record.request_id,
                         exc,
                     )
-                    return
+                    return None
                 log.warning(
-                    "recording reply to %d failed, retrying: %s", request_id, exc
+                    "recording reply to %d failed, retrying: %s",
+                    record.request_id,
+                    exc,
                 )
                 await trio.sleep(delay)
                 delay = min(delay * 2, self._config.lease_refresh_interval)
-        if outcome is ReplyOutcome.STALE_EPOCH:
-            log.warning(
-                "reply to %d refused: shard %s moved on (fencing)",
-                request_id,
-                host.shard_id,
-            )
-        elif outcome is ReplyOutcome.DUPLICATE:
-            await self._fetch_final([request_id])
-        else:
-            self._resolve(request_id, payload, exit_)
-        self._wake.set()
+                continue
+            if outcome is ReplyOutcome.STALE_EPOCH:
+                log.warning(
+                    "reply to %d refused: shard %s moved on (fencing)",
+                    record.request_id,
+                    host.shard_id,
+                )
+            return outcome
+
+    def _wake_if_starved(self) -> None:
+        if self._starved:
+            self._wake.set()
 
     # ------------------------------------------------------------------
     # Loops
@@ -538,6 +626,7 @@ class PersistedDelivery:
             budget = self._config.max_persisted_in_flight - len(
                 self._manager.persisted_jobs
             )
+            self._starved = bool(shards) and budget <= 0
             if shards and budget > 0:
                 self._next_deliver_at = math.inf
                 try:
@@ -548,10 +637,14 @@ class PersistedDelivery:
                             limit=min(self._config.persisted_batch_size, budget),
                         )
                 except (PersistenceError, trio.TooSlowError) as exc:
-                    log.warning("claiming persisted messages failed: %s", exc)
+                    log.warning("claiming persisted messages failed: %r", exc)
                     await trio.sleep(min(1.0, poll))
                     continue
                 self.claims += 1
+                if not batch.more:
+                    for shard, epoch in shards.items():
+                        if shard not in batch.stale_shards:
+                            self._caught_up[shard] = epoch
                 for request in batch.requests:
                     self._deliver_claimed(request)
                 if batch.next_deliver_at is not None:
@@ -575,7 +668,7 @@ class PersistedDelivery:
             try:
                 notifications = await self._storage.wait_notifications()
             except PersistenceError as exc:
-                log.warning("storage notifications failed: %s", exc)
+                log.warning("storage notifications failed: %r", exc)
                 await trio.sleep(min(1.0, self._config.storage_poll_interval))
                 continue
             replies: set[int] = set()
@@ -584,9 +677,11 @@ class PersistedDelivery:
                     if any(shard in served for shard in note.shards):
                         self.nudge(note.deliver_at)
                 elif isinstance(note, RepliesAvailable):
-                    replies.update(
-                        rid for rid in note.request_ids if rid in self._waiters
-                    )
+                    for rid in note.request_ids:
+                        if rid in self._recording:
+                            self._recording[rid] = True
+                        elif rid in self._waiters:
+                            replies.add(rid)
                 elif isinstance(note, RequestsInterrupted):
                     for request_id in note.request_ids:
                         self._manager.interrupt(request_id)
@@ -609,7 +704,7 @@ class PersistedDelivery:
                     [ReplyQuery(rid) for rid in request_ids]
                 )
         except (PersistenceError, trio.TooSlowError) as exc:
-            log.warning("fetching replies failed: %s", exc)
+            log.warning("fetching replies failed: %r", exc)
             return
         for replies in stored:
             if replies.final is not None:

@@ -168,12 +168,15 @@ class OutboundCalls:
 
     def _credit(self, peer: RunnerAddress, call_id: int, count: int) -> None:
         # If the connection is gone, peer_lost ends the stream.
-        with suppress(RunnerUnavailableError):
+        with suppress(RunnerUnavailableError, trio.ClosedResourceError):
             self._endpoint.send_nowait(peer, [Kind.STREAM_CREDIT, call_id, count])
 
     def _interrupt(self, peer: RunnerAddress, call_id: int) -> None:
-        # If unreachable, the owner sees the connection drop instead.
-        with suppress(RunnerUnavailableError):
+        # If unreachable, the owner sees the connection drop instead. If
+        # this runner's endpoint is closed (it is shutting down), the caller
+        # is being cancelled: its Cancelled must not become a
+        # ClosedResourceError (found by the simulator).
+        with suppress(RunnerUnavailableError, trio.ClosedResourceError):
             self._endpoint.send_nowait(peer, [Kind.INTERRUPT, call_id])
 
     def _outcome(self, pending: _Pending) -> Exit:

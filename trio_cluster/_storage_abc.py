@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from collections.abc import Collection, Mapping, Sequence
     from contextlib import AbstractAsyncContextManager
 
+    from ._errors import PersistenceError
+
+
 __all__ = [
     "ClaimBatch",
     "ClaimedRequest",
@@ -203,8 +206,13 @@ class StoredReplies:
 
 @attrs.frozen
 class MessagesAvailable:
-    """Requests were saved (or interrupted) in these shards. A backend may
-    leave out requests that were stored already claimed (their owner has them)."""
+    """Requests were saved unclaimed (or interrupted) in these shards: their
+    owner should claim.
+
+    Requests stored already claimed (`SaveResult.claimed`: their sender owns
+    the shard and delivers them itself) and duplicates cause no
+    notification: nobody needs to claim them, and an owner woken for them
+    would only run a claim that finds nothing."""
 
     shards: frozenset[ShardId]
     deliver_at: float | None = None
@@ -234,6 +242,17 @@ class StorageTransaction(ABC):
     ``trio_cluster.current_transaction()``: the handler's own writes commit
     atomically with its reply."""
 
+    failure: PersistenceError | None = None
+    """Set by the backend when a statement of this transaction failed because
+    of storage rather than because of the statement: the connection was lost,
+    or the server aborted the transaction (a serialization failure, a
+    deadlock, a shutdown). The transaction can then never commit, and running
+    the handler again may well succeed: the runtime retries the request, as
+    after a failed commit, whatever the handler did with the error, instead
+    of recording the handler's outcome as its reply. A statement that is
+    itself at fault (a syntax error, a violated constraint) leaves it None:
+    the handler's error is its outcome, like any bug in a handler."""
+
     @abstractmethod
     async def execute(
         self, query: str, params: Sequence[object] = ()
@@ -243,8 +262,8 @@ class StorageTransaction(ABC):
 
         Raises:
             PersistenceError: the statement failed (the transaction is then
-                rolled back at the end of the handler), or this backend has
-                no SQL.
+                rolled back at the end of the handler; if storage was at
+                fault, `failure` is set), or this backend has no SQL.
         """
 
 
@@ -264,6 +283,10 @@ class MessageStorage(ABC):
         itself (saving is idempotent under retries); if it is still claimed at
         the given ``claim_epoch``, the result says ``claimed=True`` again, so a
         sender whose first attempt committed but timed out still delivers it.
+
+        Every session is notified (`MessagesAvailable`) of the shards of the
+        requests stored unclaimed; not of those stored claimed, nor of
+        duplicates.
         """
 
     @abstractmethod

@@ -195,6 +195,25 @@ async def test_fault_hook_failure_is_a_persistence_error(storage, a, b):
     assert (await a.messages.claim({SHARD: 1}, now=BASE, limit=1)).requests == []
 
 
+async def test_fault_hook_failing_a_statement_is_the_transactions_failure(storage, a):
+    async def hook(session_name: str, operation: str) -> None:
+        if operation == "execute":
+            raise OSError("connection reset")
+
+    async with a.messages.open_transaction() as clean:
+        with pytest.raises(PersistenceError, match="has no SQL"):
+            await clean.execute("SELECT 1")
+        assert clean.failure is None  # the statement's fault, not storage's
+    storage.fault_hook = hook
+    async with a.messages.open_transaction() as broken:
+        with pytest.raises(PersistenceError, match="execute failed") as failure:
+            await broken.execute("SELECT 1")
+        assert broken.failure is failure.value
+        with pytest.raises(PersistenceError):
+            await broken.execute("SELECT 2")
+        assert broken.failure is failure.value  # the first failure stays
+
+
 async def test_fault_hook_hang_respects_the_callers_deadline(
     storage, a, b, autojump_clock
 ):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import re
 import uuid
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
+import trio.testing
 
 import trio_cluster
 from trio_cluster import ConfigError, PersistenceError
@@ -357,6 +359,73 @@ async def test_one_statement_per_batch(a: StorageSession) -> None:
         assert after.statements - before.statements == 4
 
 
+async def test_concurrent_releases_share_a_statement(
+    a: StorageSession, storage: PostgresStorage
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        shards = [shard(n) for n in range(1, 301)]
+        assert len(await a.runners.acquire(shards)) == 300
+        lock = runners(a)
+        before = lock.statistics()
+        async with trio.open_nursery() as nursery:
+            for one in shards:  # as a runner stopping its shards one by one
+                nursery.start_soon(a.runners.release, [one])
+        after = lock.statistics()
+        assert after.statements - before.statements <= 3
+        async with storage.open_session(name="pg-b", lease_duration=LEASE) as b:
+            assert len(await b.runners.acquire(shards)) == 300  # all free
+
+
+async def test_releases_are_not_moved_across_other_lock_operations(
+    a: StorageSession, storage: PostgresStorage
+) -> None:
+    # Queued in this order: release X, acquire Y (held: answered with its
+    # epoch), release Y. The second release must not join the first one's
+    # statement: Y would be unlocked before the acquire, which would lock it
+    # again at a new epoch, and it would stay locked after "release Y".
+    x, y = shard(1), shard(2)
+    with trio.fail_after(TIMEOUT):
+        epochs = await acquire(a.runners, x, y)
+        acquired: list[dict[Any, int]] = []
+
+        async def acquire_y() -> None:
+            acquired.append(await a.runners.acquire([y]))
+
+        locks = runners(a)._session()
+        # Test hook: the connection is busy while the three calls queue up.
+        async with trio.open_nursery() as nursery, locks._mutex:
+            for task in (
+                partial(a.runners.release, [x]),
+                acquire_y,
+                partial(a.runners.release, [y]),
+            ):
+                nursery.start_soon(task)
+                await trio.testing.wait_all_tasks_blocked()
+        assert acquired == [{y: epochs[y]}]
+        async with storage.open_session(name="pg-b", lease_duration=LEASE) as b:
+            assert await b.runners.acquire([x, y]) == {
+                x: epochs[x] + 1,
+                y: epochs[y] + 1,
+            }
+
+
+async def test_runner_shutdown_releases_its_shards_in_a_few_statements(
+    pg_schema: PgSchema,
+) -> None:
+    storage = postgres(pg_schema.dsn, table_prefix=unique_prefix())
+    config = trio_cluster.ShardingConfig(shards_per_group=300)
+    with trio.fail_after(TIMEOUT):
+        async with trio_cluster.open_runner(
+            entities=[], storage=storage, config=config
+        ) as runner:
+            await runner.wait_shards_acquired()
+            assert runner.statistics().shards == 300
+            before = storage.statistics()
+    after = storage.statistics()
+    # Release (the shards stop one by one), release all, unregister, close.
+    assert after.lock_statements - before.lock_statements <= 6
+
+
 # ----------------------------------------------------------------------
 # Registry details
 
@@ -522,6 +591,7 @@ async def test_failed_statement_makes_the_commit_fail(
                 await tx.execute("INSERT INTO ledger VALUES (1)")
                 with pytest.raises(PersistenceError, match="duplicate key"):
                     await tx.execute("INSERT INTO ledger VALUES (1)")
+                assert tx.failure is None  # the statement's fault, not storage's
 
         with pytest.raises(PersistenceError) as failure:
             await failing()

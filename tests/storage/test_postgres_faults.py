@@ -17,9 +17,20 @@ import pytest
 import trio
 
 from trio_cluster import PersistenceError
-from trio_cluster.abc import MessagesAvailable, ReplyOutcome, StorageSession
+from trio_cluster.abc import (
+    MessagesAvailable,
+    ReplyOutcome,
+    StorageSession,
+    StorageTransaction,
+)
 from trio_cluster.storage import PostgresStorage, postgres
 from trio_cluster.storage._pg_driver import PgConnection
+from trio_cluster.storage._pg_errors import (
+    ConnectionLostError,
+    PgError,
+    is_storage_failure,
+)
+from trio_cluster.storage._pg_message_parts import PgTransaction
 from trio_cluster.storage._pg_messages import PgMessages
 from trio_cluster.storage._pg_runners import PgRunners
 from trio_cluster.testing._conformance_base import (
@@ -134,6 +145,58 @@ async def test_terminated_lock_connection_is_lost_before_anyone_takes_its_locks(
         assert await a.runners.refresh([SHARD, SHARD2]) == set()
         assert [r.address.port for r in await b.runners.live_runners()] == [7001]
         assert runners(a).statistics().losses == 1
+
+
+def failure_of(transaction: StorageTransaction) -> PersistenceError | None:
+    """``transaction.failure`` (a call, so the type checker does not keep a
+    narrowed type across the statements that change it)."""
+    return transaction.failure
+
+
+async def test_terminated_transaction_connection_is_the_transactions_failure(
+    a: StorageSession, pg_schema: PgSchema
+) -> None:
+    with trio.fail_after(TIMEOUT):
+
+        async def statement_after_termination() -> None:
+            async with a.messages.open_transaction() as tx:
+                assert await tx.execute("SELECT 1") == [(1,)]
+                assert failure_of(tx) is None
+                assert isinstance(tx, PgTransaction)
+                await terminate(pg_schema.base_dsn, tx.connection.backend_pid)
+                with pytest.raises(PersistenceError) as failure:
+                    await tx.execute("SELECT 2")
+                assert tx.failure is failure.value
+                assert is_storage_failure(failure.value)
+
+        with pytest.raises(PersistenceError):  # its COMMIT: the connection died
+            await statement_after_termination()
+
+        # The pool replaces the connection for the next transaction.
+        async with a.messages.open_transaction() as again:
+            assert await again.execute("SELECT 3") == [(3,)]
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "transient"),
+    [
+        ("40001", True),  # serialization failure
+        ("40P01", True),  # deadlock
+        ("55P03", True),  # lock not available
+        ("57014", True),  # statement timeout
+        ("08006", True),  # connection failure
+        ("53300", True),  # too many connections
+        ("42601", False),  # syntax error
+        ("23505", False),  # unique violation
+        (None, False),  # client side, e.g. a parameter that cannot adapt
+    ],
+)
+def test_storage_failures_are_told_from_statement_errors(
+    sqlstate: str | None, transient: bool
+) -> None:
+    assert is_storage_failure(PgError("x", sqlstate=sqlstate)) is transient
+    assert is_storage_failure(ConnectionLostError("x", sqlstate=sqlstate))
+    assert not is_storage_failure(PersistenceError("not from PostgreSQL"))
 
 
 async def test_stale_epoch_writes_are_refused_after_a_takeover(

@@ -3,9 +3,11 @@
 The runner is `trio_cluster.open_runner` with ``storage=postgres(...)`` and no
 transport. Faults: its lock connection terminated by the server, its lock
 session gone silent (a frozen runner, simulated by a test hook that blocks
-every lock-connection operation), and a restart of a private server while
-persisted requests are in flight.
+every lock-connection operation), a restart of a private server while
+persisted requests are in flight, and the connection of a transactional
+handler's transaction terminated between two of its statements.
 """
+
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import trio
 import trio_cluster as tc
 from trio_cluster.storage import PostgresStorage, postgres
 from trio_cluster.storage._pg_driver import PgConnection
+from trio_cluster.storage._pg_message_parts import PgTransaction
 from trio_cluster.storage._pg_runners import PgRunners
 
 if TYPE_CHECKING:
@@ -45,6 +48,8 @@ class Hold:
 
 GATES: dict[str, trio.Event] = {}
 """Deposits of these keys wait for the event inside their transaction."""
+PIDS: dict[str, int] = {}
+"""Server pid of the transaction that ``deposit_checked`` waits in, by key."""
 
 
 class Account(tc.Entity):
@@ -58,6 +63,19 @@ class Account(tc.Entity):
         await transaction.execute("INSERT INTO ledger (key) VALUES ($1)", [msg.key])
         if (gate := GATES.get(msg.key)) is not None:
             await gate.wait()
+        return msg.key
+
+    @tc.rpc(persisted=True, transactional=True, primary_key=lambda m: m.key)
+    async def deposit_checked(self, msg: Deposit) -> str:
+        """Like `deposit`, then a second statement; its first run tells the
+        test its connection (``PIDS``) and waits for ``GATES``."""
+        transaction = tc.current_transaction()
+        await transaction.execute("INSERT INTO ledger (key) VALUES ($1)", [msg.key])
+        if (gate := GATES.pop(msg.key, None)) is not None:
+            assert isinstance(transaction, PgTransaction)
+            PIDS[msg.key] = transaction.connection.backend_pid
+            await gate.wait()
+        await transaction.execute("SELECT count(*) FROM ledger")
         return msg.key
 
     @tc.rpc
@@ -237,22 +255,26 @@ async def test_server_restart_with_persisted_requests_in_flight(
     held = {f"k{i}" for i in range(10, 16)}
     GATES.update(dict.fromkeys(held, gate))
     answered: dict[str, str] = {}
-    restarted = trio.Event()
+    restarting = trio.Event()
     after_restart: set[str] = set()
 
     async def call(client: Any, key: str) -> None:
-        # A careful caller: retry on failure with the same primary key.
+        # A careful caller: retry failures with the same primary key. With no
+        # deadline per attempt: cancelling a call interrupts its request (by
+        # design), and every retry would then get the interrupted reply (this
+        # test used `fail_after(5)` per attempt and failed whenever the restart
+        # made a first attempt last longer). The test's deadline bounds it.
         for _ in range(200):
             try:
-                with trio.fail_after(5):
-                    answered[key] = await client(f"acct-{key[-1]}").deposit(
-                        Deposit(key)
-                    )
-                if restarted.is_set():
-                    after_restart.add(key)
-                return
-            except (tc.ClusterError, trio.TooSlowError):
+                answered[key] = await client(f"acct-{key[-1]}").deposit(Deposit(key))
+            except (tc.RequestInterruptedError, tc.RemoteError):
+                raise  # a recorded reply: retrying would only return it again
+            except tc.ClusterError:
                 await trio.sleep(0.1)
+                continue
+            if restarting.is_set():
+                after_restart.add(key)
+            return
         pytest.fail(f"{key} never answered")
 
     try:
@@ -275,8 +297,10 @@ async def test_server_restart_with_persisted_requests_in_flight(
                     await trio.sleep(0.2)
                     gate.set()  # their commits fail: the server is down
                     await trio.sleep(0.2)
+                    # Set before: an answer may come before `start` returns.
+                    restarting.set()
                     await trio.to_thread.run_sync(private_server.start)
-                    restarted.set()
+
                 await runner.wait_shards_acquired()
     finally:
         GATES.clear()
@@ -296,3 +320,48 @@ async def test_server_restart_with_persisted_requests_in_flight(
     assert all(processed and finals == 1 for _, processed, finals in rows)
     ledger = await sql(private_dsn, "SELECT key, count(*) FROM ledger GROUP BY key")
     assert dict(ledger) == dict.fromkeys(keys, 1)
+
+
+async def test_handler_statement_on_a_dropped_connection_is_retried(
+    pg_schema: PgSchema, ledger: None
+) -> None:
+    # The connection of a transactional handler's transaction is terminated
+    # between two of its statements: the second fails with a storage error.
+    # That is not the handler's outcome (it would be recorded for good): the
+    # request runs again, and its writes commit once.
+    prefix = unique_prefix()
+    storage = postgres(pg_schema.dsn, table_prefix=prefix)
+    gate = GATES["once"] = trio.Event()
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with tc.open_runner(
+                entities=[Account], storage=storage, config=config()
+            ) as runner:
+                await runner.wait_shards_acquired()
+                ref = runner.client(Account)("acct")
+                answers: list[str] = []
+
+                async def call() -> None:
+                    answers.append(await ref.deposit_checked(Deposit("once")))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(call)
+                    await until(lambda: "once" in PIDS, "the handler waits")
+                    await sql(
+                        pg_schema.base_dsn,
+                        "SELECT pg_terminate_backend($1::int4, 5000)",
+                        [PIDS["once"]],
+                    )
+                    gate.set()
+                assert answers == ["once"]
+                assert runner.statistics().entity_crashes == 1
+    finally:
+        GATES.clear()
+        PIDS.clear()
+    ledger_rows = await sql(pg_schema.dsn, "SELECT key FROM ledger")
+    assert ledger_rows == [("once",)]
+    rows = await sql(
+        pg_schema.dsn,
+        f"SELECT count(*) FROM {prefix}_replies WHERE sequence IS NULL",
+    )
+    assert rows == [(1,)]

@@ -108,7 +108,9 @@ class MemoryStorage(Storage):
       (``operation_name`` is the method's name, or ``"open_session"``). An
       exception it raises (other than `trio.Cancelled`) fails the operation
       with `PersistenceError`, with that exception as ``__cause__``; sleeping
-      in it makes the operation hang until the caller's deadline.
+      in it makes the operation hang until the caller's deadline. A
+      transaction's statements are operations too, named ``"execute"`` (a
+      failure there is the transaction's ``failure``).
     """
 
     def __init__(self) -> None:
@@ -315,7 +317,8 @@ class MemoryStorage(Storage):
             for s in self._sessions.values()
             if s.live and s.registration is not None
         ]
-        return sorted(live, key=lambda runner: runner.address)
+        # By address (host, port), without attrs' slow generated ordering.
+        return sorted(live, key=lambda r: (r.address.host, r.address.port))
 
     def _acquire(self, session: _Session, shards: list[ShardId]) -> dict[ShardId, int]:
         held: dict[ShardId, int] = {}

@@ -263,6 +263,8 @@ class MessageStore:
             results.append(
                 SaveResult(request.request_id, duplicate=False, claimed=claimed)
             )
+            if claimed:
+                continue  # its sender delivers it: nobody need claim it
             saved_shards[request.address.shard] = None
             if deliver_at is not None and (earliest is None or deliver_at < earliest):
                 earliest = deliver_at
@@ -639,7 +641,7 @@ class MemoryMessages(MessageStorage):
     @asynccontextmanager
     async def open_transaction(self) -> AsyncIterator[StorageTransaction]:
         await self._enter("open_transaction")
-        transaction = MemoryTransaction(self._store)
+        transaction = MemoryTransaction(self._store, enter=self._enter)
         try:
             yield transaction
         except BaseException:
@@ -693,12 +695,18 @@ class MemoryMessages(MessageStorage):
 
 class MemoryTransaction(StorageTransaction):
     """A transaction on memory storage: replies saved in it are applied when
-    it commits. It has no SQL: `execute` raises `PersistenceError`."""
+    it commits. It has no SQL: `execute` raises `PersistenceError`, after the
+    entry steps of an operation named ``"execute"`` (so the fault hook can
+    make it fail as storage would: that failure is the transaction's
+    `failure`)."""
 
-    def __init__(self, store: MessageStore) -> None:
+    def __init__(
+        self, store: MessageStore, *, enter: Callable[[str], Awaitable[None]]
+    ) -> None:
         self.store = store
         self.pending: list[tuple[list[ReplyRecord], float]] = []
         self.finished = False
+        self._enter = enter
 
     def check_usable(self) -> None:
         if self.finished:
@@ -707,7 +715,12 @@ class MemoryTransaction(StorageTransaction):
     async def execute(
         self, query: str, params: Sequence[object] = ()
     ) -> list[tuple[Any, ...]]:
-        await trio.lowlevel.checkpoint()
+        try:
+            await self._enter("execute")
+        except PersistenceError as exc:  # storage failed, not the statement
+            if self.failure is None:
+                self.failure = exc
+            raise
         raise PersistenceError(
             "MemoryStorage has no SQL; run transactional handlers that execute"
             " statements on a SQL backend such as trio_cluster.storage.postgres()"

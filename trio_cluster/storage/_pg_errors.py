@@ -30,6 +30,7 @@ __all__ = [
     "PgError",
     "error_from_result",
     "is_session_fatal",
+    "is_storage_failure",
     "map_errors",
     "translate",
 ]
@@ -37,6 +38,12 @@ __all__ = [
 # SQLSTATEs that end the session: connection exceptions (class 08) and the
 # operator-intervention codes the server sends right before closing.
 _SESSION_FATAL_STATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
+
+# SQLSTATEs of a statement that failed through no fault of its own: the
+# server aborted the transaction for concurrency (serialization failure,
+# deadlock, lock or statement timeout, outcome unknown) or lacks resources.
+_TRANSIENT_STATES = frozenset({"40001", "40003", "40P01", "55P03", "57014"})
+_TRANSIENT_CLASSES = ("08", "53", "57P")
 
 
 class PgError(PersistenceError):
@@ -87,6 +94,20 @@ def is_session_fatal(exc: psycopg.Error | OSError) -> bool:
     if sqlstate.startswith("08") or sqlstate in _SESSION_FATAL_STATES:
         return True
     return exc.diag.severity_nonlocalized in ("FATAL", "PANIC")
+
+
+def is_storage_failure(error: PersistenceError) -> bool:
+    """Whether ``error`` (from a statement) is a failure of storage rather
+    than of the statement: the connection was lost, or the server aborted the
+    transaction for a reason that running it again may not meet (see
+    ``_TRANSIENT_STATES``). A syntax error or a violated constraint is not.
+    """
+    if isinstance(error, ConnectionLostError):
+        return True
+    sqlstate = getattr(error, "sqlstate", None)
+    if sqlstate is None:
+        return False
+    return sqlstate in _TRANSIENT_STATES or sqlstate.startswith(_TRANSIENT_CLASSES)
 
 
 def translate(exc: psycopg.Error | OSError, *, lost: bool) -> PgError:

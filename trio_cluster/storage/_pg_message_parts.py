@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from trio_cluster._errors import PersistenceError
 from trio_cluster._storage_abc import (
     PersistedRequest,
     ReplyOutcome,
@@ -20,10 +21,13 @@ from trio_cluster._storage_abc import (
     StorageTransaction,
 )
 
+from ._pg_errors import is_storage_failure
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from ._pg_driver import PgConnection
+
 
 __all__ = ["PgTransaction", "dedup_key", "reply_outcomes"]
 
@@ -100,7 +104,8 @@ class PgTransaction(StorageTransaction):
         Raises:
             TypeError: ``query`` is not a str.
             PersistenceError: the statement failed (the transaction is then
-                aborted: COMMIT rolls back and raises).
+                aborted: COMMIT rolls back and raises). If storage was at
+                fault (`is_storage_failure`), it is also kept as `failure`.
             trio.ClosedResourceError: the transaction already ended.
 
         On cancellation the statement is cancelled; the transaction is rolled
@@ -117,4 +122,9 @@ class PgTransaction(StorageTransaction):
             await trio.lowlevel.checkpoint()
             raise trio.ClosedResourceError("the transaction is already finished")
         async with self._mutex:
-            return (await self.connection.execute(query, params)).rows
+            try:
+                return (await self.connection.execute(query, params)).rows
+            except PersistenceError as exc:
+                if self.failure is None and is_storage_failure(exc):
+                    self.failure = exc
+                raise

@@ -10,9 +10,12 @@ deadline, and on failure ends the session (a new generation holds nothing).
   is one statement: try-lock every wanted shard this generation does not hold
   yet (advisory locks are re-entrant, so a held key is never locked twice),
   then bump the epoch of those it got. `release`/`release_all` unlock in one
-  statement. `refresh` is a heartbeat plus the generation's own bookkeeping:
+  statement, and concurrent `release` calls share one (`_Release`): a runner
+  that stops its shards one by one at shutdown does not send one statement
+  per shard. `refresh` is a heartbeat plus the generation's own bookkeeping:
   the same connection still holds what it locked.
-* A runner is *live* while its session holds ``(namespace, -id)``, ``id``
+* A runner is *live*
+ while its session holds ``(namespace, -id)``, ``id``
   being its row in ``runners``; `live_runners` and `shard_owners` join
   ``pg_locks``. The registration row outlives a lost generation: the next
   one takes the liveness lock again (`RunnerStorage.register`). Machine ids
@@ -33,9 +36,10 @@ deadline, and on failure ends the session (a new generation holds nothing).
 from __future__ import annotations
 
 import secrets
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import attrs
+import trio
 
 from trio_cluster._core._addresses import RunnerAddress, ShardId
 from trio_cluster._errors import PersistenceError
@@ -45,13 +49,16 @@ from ._memory import _RUNNER_FIELDS, MACHINE_IDS
 from ._validation import check_fields, check_items
 
 if TYPE_CHECKING:
-    from collections.abc import Collection
+    from collections.abc import Awaitable, Callable, Collection
 
     from ._pg_driver import PgConnection
     from ._pg_locks import Generation, LockSession, LockSessionStatistics
     from ._pg_schema import PgNames
 
 __all__ = ["LOCKS_QUERY", "RUNNER_KEY", "PgRunners"]
+
+T = TypeVar("T")
+
 
 # The cluster's granted two-int advisory locks in this database ($1: the
 # namespace as pg_locks' classid): pid and key (objid, the second int).
@@ -171,6 +178,27 @@ SELECT pg_advisory_unlock_all()""",
         )
 
 
+@attrs.define(eq=False)
+class _Release:
+    """One `PgRunners.release` call, waiting for its statement.
+
+    Operations run on the lock connection one at a time, in the order they
+    started. When a release call's turn comes, its statement also unlocks
+    the shards of the release calls queued behind it with no other
+    operation started in between (the same ``barrier``): moving those
+    earlier cannot reorder them with anything (an ``acquire`` started in
+    between must still find its shard held). At shutdown, the runner
+    releases its shards one by one as each stops: this turns hundreds of
+    statements into a few.
+    """
+
+    shards: list[ShardId]
+    barrier: int
+    """`PgRunners._barrier` when the call started."""
+    taken: bool = False
+    """A statement (started, maybe finished) is unlocking these shards."""
+
+
 class PgRunners(RunnerStorage):
     """One session's `RunnerStorage` on PostgreSQL (see the module docstring).
 
@@ -190,12 +218,23 @@ class PgRunners(RunnerStorage):
         self._registration: RunnerInfo | None = None
         self._row_id: int | None = None
         self._shard_ids: dict[ShardId, int] = {}
+        self._releases: list[_Release] = []
+        """`release` calls whose shards no statement has unlocked yet."""
+        self._barrier = 0
+        """Lock operations other than `release` started so far."""
         self.locks: LockSession | None = None
         """Set by the session right after construction."""
 
     def _session(self) -> LockSession:
         assert self.locks is not None
         return self.locks
+
+    async def _run(
+        self, what: str, operation: Callable[[PgConnection, Generation], Awaitable[T]]
+    ) -> T:
+        """Run an operation other than `release` on the lock connection."""
+        self._barrier += 1
+        return await self._session().run(what, operation)
 
     def statistics(self) -> LockSessionStatistics:
         """Counters of the lock connection (statements, generations)."""
@@ -248,7 +287,7 @@ class PgRunners(RunnerStorage):
             raise TypeError(f"runner must be a RunnerInfo, got {runner!r}")
         check_fields(runner, _RUNNER_FIELDS)
         check_items(runner.groups, str, "RunnerInfo.groups")
-        registered = await self._session().run(
+        registered = await self._run(
             "register", lambda conn, state: self._register(runner, conn, state)
         )
         if registered is None:
@@ -299,7 +338,7 @@ class PgRunners(RunnerStorage):
         return int(machine_id)
 
     async def unregister(self) -> None:
-        await self._session().run("unregister", self._unregister)
+        await self._run("unregister", self._unregister)
 
     async def _unregister(self, conn: PgConnection, state: Generation) -> None:
         await conn.execute(
@@ -309,7 +348,7 @@ class PgRunners(RunnerStorage):
         self._registration = self._row_id = None
 
     async def live_runners(self) -> list[RunnerInfo]:
-        return await self._session().run("live_runners", self._live_runners)
+        return await self._run("live_runners", self._live_runners)
 
     async def _live_runners(
         self, conn: PgConnection, state: Generation
@@ -332,7 +371,7 @@ class PgRunners(RunnerStorage):
 
     async def acquire(self, shards: Collection[ShardId]) -> dict[ShardId, int]:
         checked = list(dict.fromkeys(check_items(shards, ShardId, "shards")))
-        return await self._session().run(
+        return await self._run(
             "acquire", lambda conn, state: self._acquire(checked, conn, state)
         )
 
@@ -363,7 +402,7 @@ class PgRunners(RunnerStorage):
 
     async def refresh(self, shards: Collection[ShardId]) -> set[ShardId]:
         checked = check_items(shards, ShardId, "shards")
-        return await self._session().run(
+        return await self._run(
             "refresh", lambda conn, state: self._refresh(checked, conn, state)
         )
 
@@ -375,13 +414,40 @@ class PgRunners(RunnerStorage):
         return {shard for shard in shards if shard in state.held}
 
     async def release(self, shards: Collection[ShardId]) -> None:
+        """Unlock shards; concurrent calls share statements (see `_Release`).
+
+        On cancellation (or failure) before its statement ran, nothing of
+        this call is released by a later one.
+        """
         checked = check_items(shards, ShardId, "shards")
-        await self._session().run(
-            "release", lambda conn, state: self._release(checked, conn, state)
-        )
+        request = _Release(checked, self._barrier)
+        self._releases.append(request)
+        try:
+            await self._session().run(
+                "release",
+                lambda conn, state: self._release_batch(request, conn, state),
+            )
+        finally:
+            if not request.taken:
+                self._releases.remove(request)
+
+    async def _release_batch(
+        self, request: _Release, conn: PgConnection, state: Generation
+    ) -> None:
+        if request.taken:
+            # An earlier call's statement released these shards (and has
+            # finished: operations take turns), or its connection was lost
+            # with every lock of its generation.
+            await trio.lowlevel.checkpoint()
+            return
+        batch = [r for r in self._releases if r.barrier == request.barrier]
+        for taken in batch:
+            taken.taken = True
+        self._releases = [r for r in self._releases if not r.taken]
+        await self._release([s for r in batch for s in r.shards], conn, state)
 
     async def release_all(self) -> None:
-        await self._session().run(
+        await self._run(
             "release_all",
             lambda conn, state: self._release(list(state.held), conn, state),
         )
@@ -402,7 +468,7 @@ class PgRunners(RunnerStorage):
         await self._session().wait_session_lost()
 
     async def shard_owners(self) -> list[ShardOwner]:
-        return await self._session().run("shard_owners", self._shard_owners)
+        return await self._run("shard_owners", self._shard_owners)
 
     async def _shard_owners(
         self, conn: PgConnection, state: Generation

@@ -32,6 +32,7 @@ from ._conformance_base import (
     collect,
     final,
     request,
+    shard,
 )
 from ._conformance_messages import MessageStorageTests, chunk
 from ._conformance_runners import RunnerStorageTests
@@ -91,6 +92,34 @@ class StorageConformance(MessageStorageTests, RunnerStorageTests, TransactionTes
                 await collect(
                     reader.messages, lambda seen: SHARD2 in seen.message_shards
                 )
+
+    async def test_saves_stored_claimed_or_duplicate_do_not_notify(
+        self, session: StorageSession, other: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            save = session.messages.save_requests
+            await save([request(1, shard_id=SHARD2, primary_key="k")], now=BASE)
+            for reader in (session, other):
+                await collect(
+                    reader.messages, lambda seen: SHARD2 in seen.message_shards
+                )
+
+            [claimed] = await save([request(2, claim_epoch=epoch)], now=BASE)
+            assert claimed.claimed
+            [duplicate] = await save(
+                [request(3, shard_id=SHARD2, primary_key="k")], now=BASE
+            )
+            assert duplicate.duplicate
+            # A marker: notifications arrive in order, so once it is seen,
+            # any notification of the two saves above would have been too.
+            await save([request(4, shard_id=shard(3))], now=BASE)
+            for reader in (session, other):
+                seen = await collect(
+                    reader.messages, lambda seen: shard(3) in seen.message_shards
+                )
+                assert SHARD not in seen.message_shards
+                assert SHARD2 not in seen.message_shards
 
     async def test_replies_notify_every_session(
         self, session: StorageSession, other: StorageSession

@@ -1,0 +1,253 @@
+"""Persisted and transactional delivery under storage faults, on memory storage.
+
+Faults come from `MemoryStorage.fault_hook` (every operation of every session,
+a transaction's statements included) on the autojump clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from typing import ClassVar
+
+import attrs
+import pytest
+import trio
+import trio.testing
+
+import trio_cluster as tc
+from trio_cluster.storage import MemoryStorage
+
+from .helpers import config
+from .test_persisted import clock
+
+
+@attrs.frozen
+class Job:
+    key: str
+    swallow: bool = False
+    """The handler catches its statement's error and answers anyway."""
+
+
+class Vault(tc.Entity):
+    """Transactional handlers; ``gate`` holds ``store`` until it is set."""
+
+    type_name = "FaultVault"
+    gate: trio.Event | None = None
+    runs: ClassVar[dict[str, int]] = {}
+    """Runs of ``tally`` by key (across incarnations)."""
+
+    @tc.rpc(persisted=True, transactional=True, primary_key=lambda m: m.key)
+    async def store(self, msg: Job) -> str:
+        if Vault.gate is not None:
+            await Vault.gate.wait()
+        return msg.key
+
+    @tc.rpc(persisted=True, transactional=True, primary_key=lambda m: m.key)
+    async def tally(self, msg: Job) -> int:
+        """Runs one statement; memory storage has no SQL, so it fails anyway
+        (unless the fault hook made it fail first)."""
+        runs = Vault.runs[msg.key] = Vault.runs.get(msg.key, 0) + 1
+        try:
+            await tc.current_transaction().execute("UPDATE tally SET n = n + 1")
+        except tc.PersistenceError:
+            if not msg.swallow:
+                raise
+        return runs
+
+    @tc.rpc(persisted=True, transactional=True)
+    async def unencodable(self, msg: Job) -> int:
+        return object()  # type: ignore[return-value]
+
+
+def runner_config(port: int, **overrides: object) -> tc.ShardingConfig:
+    return config(runner_address=tc.RunnerAddress("127.0.0.1", port), **overrides)
+
+
+async def until(check: Callable[[], bool], what: str) -> None:
+    """Poll ``check()`` every 10 ms of virtual time (bounded)."""
+    for _ in range(10_000):
+        if check():
+            return
+        await trio.sleep(0.01)
+    pytest.fail(f"never: {what}")
+
+
+# ----------------------------------------------------------------------
+# A job whose commit fails after its shard stopped
+
+
+async def test_commit_failing_while_the_shard_stops_leaves_the_request_to_the_next_owner(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A shard handed over gracefully stops while its transactional handler
+    runs, and the handler's commit then fails (storage is down). The job must
+    not go back into the dead shard's mailbox: it would stay in the runner's
+    in-flight table, and when the runner served the shard again it would
+    skip the request as "already in memory" forever."""
+    storage = MemoryStorage()
+    failing = False
+
+    async def replies_fail(session: str, operation: str) -> None:
+        if failing and operation == "save_replies":
+            raise OSError("storage is down")
+
+    storage.fault_hook = replies_fail
+    Vault.gate = trio.Event()
+    keys = [f"e{i}" for i in range(16)]
+    answered: dict[str, str] = {}
+    cfg = {"entity_termination_timeout": 30.0}
+    try:
+        with trio.fail_after(600):
+            async with AsyncExitStack() as outer:
+                first = await outer.enter_async_context(
+                    tc.open_runner(
+                        entities=[Vault],
+                        config=runner_config(1, **cfg),
+                        storage=storage,
+                        clock=clock(),
+                    )
+                )
+                await first.wait_shards_acquired()
+                client = first.client(Vault)
+
+                async def call(key: str) -> None:
+                    answered[key] = await client(key).store(Job(key))
+
+                nursery = await outer.enter_async_context(trio.open_nursery())
+                for key in keys:
+                    nursery.start_soon(call, key)
+                await until(
+                    lambda: first.statistics().running_handlers == len(keys),
+                    "every handler runs",
+                )
+                served = set(first._sharding.hosts)
+                failing = True
+                async with tc.open_runner(
+                    entities=[Vault],
+                    config=runner_config(2, **cfg),
+                    storage=storage,
+                    clock=clock(),
+                ) as second:
+                    # The first runner hands half its shards over: it stops
+                    # them gracefully, waiting for their running handlers...
+                    await until(
+                        lambda: len(first._sharding.hosts) < len(served),
+                        "a shard is handed over",
+                    )
+                    moving = {
+                        k
+                        for k in keys
+                        if client.address_of(k).shard not in first._sharding.hosts
+                    }
+                    assert moving
+                    Vault.gate.set()  # ... which finish; their commits fail.
+                    await until(
+                        lambda: second.statistics().shards > 0,
+                        "the second runner serves the moved shards",
+                    )
+                    await until(
+                        lambda: (
+                            not set(first._sharding.hosts) & set(second._sharding.hosts)
+                            and first.statistics().persisted_in_flight
+                            == len(keys) - len(moving)
+                        ),
+                        "the stopped shards' jobs are gone from the first runner",
+                    )
+                    # The second runner cannot record the replies either.
+                    await trio.sleep(5)
+                    assert not answered
+                # The second runner left: the first serves every shard again,
+                # claims the moved requests and (storage back) answers them.
+                await until(
+                    lambda: first.statistics().shards == len(served),
+                    "every shard is back",
+                )
+                failing = False
+                await until(lambda: len(answered) == len(keys), "every answer")
+                assert answered == {k: k for k in keys}
+                assert first.statistics().persisted_in_flight == 0
+    finally:
+        Vault.gate = None
+
+
+# ----------------------------------------------------------------------
+# The handler's own statement meets a storage failure
+
+
+@pytest.mark.parametrize("swallow", [False, True])
+async def test_storage_failure_under_a_handlers_statement_is_retried(
+    autojump_clock: trio.testing.MockClock, swallow: bool
+) -> None:
+    """The statement fails because storage does (whether the handler lets
+    the error out or swallows it): nothing is recorded, the handler runs
+    again after a backoff, and its next outcome is the reply."""
+    storage = MemoryStorage()
+    failures = 2
+
+    async def statements_fail(session: str, operation: str) -> None:
+        nonlocal failures
+        if operation == "execute" and failures:
+            failures -= 1
+            raise OSError("connection lost")
+
+    storage.fault_hook = statements_fail
+    cfg = config(entity_restart_backoff=0.5, entity_restart_backoff_max=5.0)
+    key = f"retried-{swallow}"
+    with trio.fail_after(60):
+        async with tc.open_runner(
+            entities=[Vault], config=cfg, storage=storage, clock=clock()
+        ) as runner:
+            start = trio.current_time()
+            ref = runner.client(Vault)("v")
+            if swallow:
+                assert await ref.tally(Job(key, swallow=True)) == 3
+            else:
+                # The third run's own error (no SQL on memory storage) is
+                # the reply, not the first run's storage failure.
+                with pytest.raises(tc.RemoteError, match="has no SQL"):
+                    await ref.tally(Job(key))
+            assert Vault.runs[key] == 3
+            # Two backoffs (0.5 s, then 1 s), one restart each.
+            assert trio.current_time() - start == pytest.approx(1.5)
+            assert runner.statistics().entity_crashes == 2 + (not swallow)
+            # The reply is stored: a duplicate gets it without running again.
+            if swallow:
+                assert await ref.tally(Job(key, swallow=True)) == 3
+            else:
+                with pytest.raises(tc.RemoteError, match="has no SQL"):
+                    await ref.tally(Job(key))
+            assert Vault.runs[key] == 3
+
+
+async def test_statement_error_of_the_handlers_own_is_its_reply(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A statement at fault (here: memory storage has no SQL) is a handler
+    error like any other: recorded at once, not retried."""
+    with trio.fail_after(60):
+        async with tc.open_runner(
+            entities=[Vault], config=config(), clock=clock()
+        ) as runner:
+            ref = runner.client(Vault)("v")
+            for _ in range(2):
+                with pytest.raises(tc.RemoteError, match="has no SQL"):
+                    await ref.tally(Job("strict"))
+            assert Vault.runs["strict"] == 1
+            assert runner.statistics().entity_crashes == 1
+
+
+@pytest.mark.parametrize("serialize", [False, True])
+async def test_unencodable_reply_of_a_transactional_handler_is_an_error_reply(
+    autojump_clock: trio.testing.MockClock, serialize: bool
+) -> None:
+    """Without local serialization the value reaches the transaction as it
+    is: encoding it there fails, which rolls back (not crash the runner)."""
+    cfg = config(serialize_local_calls=serialize)
+    with trio.fail_after(60):
+        async with tc.open_runner(
+            entities=[Vault], config=cfg, clock=clock()
+        ) as runner:
+            with pytest.raises(tc.MalformedMessageError):
+                await runner.client(Vault)("v").unencodable(Job("x"))
+            assert runner.statistics().persisted_in_flight == 0
