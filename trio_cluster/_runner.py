@@ -31,6 +31,7 @@ from ._core._snowflake import SnowflakeGenerator
 from ._cron import Cron, CronEntity, cron_singletons
 from ._entity import Entity
 from ._errors import EntityNotAssignedError
+from ._groups import unwrap_single as _unwrap_single
 from ._inbound import ClusterHandler, InboundCalls
 from ._janitor import janitor
 from ._manager import EntityManager
@@ -391,17 +392,3 @@ def _check_singletons(singletons: Sequence[Singleton]) -> None:
         raise EntityDefinitionError(
             f"singleton names must be unique; repeated: {duplicates}"
         )
-
-
-@asynccontextmanager
-async def _unwrap_single() -> AsyncIterator[None]:
-    """Re-raise a lone exception out of an exception group as itself."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        exc: BaseException = group
-        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-            exc = exc.exceptions[0]
-        if exc is group:
-            raise
-        raise exc from exc.__cause__

@@ -32,6 +32,7 @@ from trio_cluster._errors import ConfigError
 from trio_cluster.storage import MemoryStorage
 from trio_cluster.transport import MemoryNetwork
 
+from .._groups import unwrap_single as _unwrap_single
 from ._simulation_cluster import SimulatedCluster
 from ._simulation_invariants import Checker
 from ._simulation_io import StorageFaults
@@ -274,17 +275,3 @@ class _TraceHandler(logging.Handler):
         except Exception:  # pragma: no cover - a bad log call
             message = str(record.msg)
         self._cluster.trace.record("log", "%s: %s", who, message)
-
-
-@asynccontextmanager
-async def _unwrap_single() -> AsyncIterator[None]:
-    """Re-raise a lone exception out of an exception group as itself."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        exc: BaseException = group
-        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-            exc = exc.exceptions[0]
-        if exc is group:
-            raise
-        raise exc from exc.__cause__

@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
 
 from .._errors import ConfigError, RunnerUnavailableError
+from .._groups import unwrap_single as unwrap_single
 from ._framing import FRAME_OVERHEAD, check_max_message_size, frame_header
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
     from .._core._addresses import RunnerAddress
     from .._transport_abc import EndpointHandler, Envelope
 
@@ -233,19 +231,3 @@ def report_lost(handler: EndpointHandler, peer: RunnerAddress, reason: str) -> N
         handler.peer_lost(peer, reason)
     except Exception:
         log.exception("the endpoint handler raised in peer_lost(%s)", peer)
-
-
-@asynccontextmanager
-async def unwrap_single() -> AsyncIterator[None]:
-    """Re-raise a lone exception out of an exception group as itself, so an
-    endpoint's block raises what its body raised (trio-websocket does the
-    same for ``open_websocket``)."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        exc: BaseException = group
-        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-            exc = exc.exceptions[0]
-        if exc is group:
-            raise
-        raise exc from exc.__cause__
