@@ -8,7 +8,6 @@ persisted requests are in flight, and the connection of a transactional
 handler's transaction terminated between two of its statements.
 """
 
-
 from __future__ import annotations
 
 import logging
