@@ -17,6 +17,15 @@ import trio.testing
 
 import trio_cluster as tc
 from trio_cluster.storage import MemoryStorage
+from trio_cluster.testing import (
+    FaultSchedule,
+    FreezeRunner,
+    KillRunner,
+    LoseLockSession,
+    Scenario,
+    Workload,
+    run_scenario,
+)
 
 from .helpers import config
 from .test_persisted import clock
@@ -251,3 +260,28 @@ async def test_unencodable_reply_of_a_transactional_handler_is_an_error_reply(
             with pytest.raises(tc.MalformedMessageError):
                 await runner.client(Vault)("v").unencodable(Job("x"))
             assert runner.statistics().persisted_in_flight == 0
+
+
+# ----------------------------------------------------------------------
+# A shard whose nursery is cancelled takes no new task
+
+
+def test_delivery_to_a_shard_whose_nursery_closed_is_refused() -> None:
+    """Found by the simulator (``ci`` profile): a runner is killed (its
+    shards' nursery scopes cancelled at once) while a persisted call through
+    it awaits its save. The nursery closes when its last task ends, but the
+    shard's state only changes when the shard's own task runs again; a
+    delivery in between started a task in the closed nursery, and the
+    caller got ``RuntimeError: Nursery is closed to new arrivals``. (A lapsed
+    lease cancels the nursery the same way.) The shard is no longer active
+    from the moment its nursery is cancelled."""
+    faults = FaultSchedule(
+        faults=(
+            LoseLockSession(at=0.0, runner=0),
+            FreezeRunner(at=15.0, runner=2, duration=1.0),
+            KillRunner(at=15.0, runner=1, down_for=1.0),
+        )
+    )
+    run_scenario(
+        Scenario(seed=0, runners=3, faults=faults, workload=Workload(background=4))
+    )

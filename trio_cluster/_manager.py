@@ -355,7 +355,7 @@ class EntityManager:
                     # If the shard stopped meanwhile (a storage outage often
                     # does both), the job is not requeued in its dead slot:
                     # the shard's next owner claims the request again.
-                    retry = slot.shard.state is ShardState.ACTIVE
+                    retry = slot.shard.active
                     log.warning(
                         "%s for %s failed (%s); %s",
                         job.handler.what,

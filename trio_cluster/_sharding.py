@@ -295,7 +295,12 @@ class Sharding:
                 nursery.cancel_scope.deadline = host.lease_deadline
                 host.nursery = nursery
                 task_status.started()
-                await trio.sleep_forever()
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    # Cancelled: the nursery closes once its tasks end, and
+                    # a task started in it after that would fail.
+                    host.closing = True
         finally:
             with trio.CancelScope(shield=True):
                 if host.state is ShardState.ACTIVE:

@@ -183,6 +183,7 @@ class ShardHost:
     """A shard served by this runner, for as long as it holds the lease."""
 
     __slots__ = (
+        "closing",
         "epoch",
         "idle_event",
         "lease_deadline",
@@ -206,10 +207,14 @@ class ShardHost:
         self.running = 0
         """Handlers running now; a graceful stop waits for zero."""
         self.idle_event: trio.Event | None = None
+        self.closing = False
+        """Its nursery was cancelled (lease deadline, `cancel_all`, or the
+        runner's own cancellation) and may close before the state changes:
+        it must not be given new tasks."""
 
     @property
     def active(self) -> bool:
-        return self.state is ShardState.ACTIVE
+        return self.state is ShardState.ACTIVE and not self.closing
 
     def start_handler(self, slot: Slot, job: Job) -> trio.CancelScope:
         """Register a handler about to run: a cancel scope the shard can
