@@ -31,21 +31,19 @@ from trio_cluster._errors import PersistenceError
 from trio_cluster._storage_abc import (
     ClaimBatch,
     ClaimedRequest,
-    MessagesAvailable,
     MessageStorage,
     Notification,
     PersistedRequest,
-    RepliesAvailable,
     ReplyOutcome,
     ReplyQuery,
     ReplyRecord,
-    RequestsInterrupted,
     SaveResult,
     StorageTransaction,
     StoredChunk,
     StoredReplies,
 )
 
+from ._coalesce import Coalescer
 from ._validation import (
     check_fields,
     check_int,
@@ -164,39 +162,13 @@ class _ShardQueue:
         return self.delayed[0][0] if self.delayed else None
 
 
-@attrs.define(eq=False)
-class Inbox:
-    """One session's pending notifications, coalesced by kind."""
+class Inbox(Coalescer):
+    """One session's pending notifications, coalesced by kind, and the
+    parking lot its waiter sleeps in."""
 
-    lot: trio.lowlevel.ParkingLot = attrs.Factory(trio.lowlevel.ParkingLot)
-    kinds: dict[type, None] = attrs.Factory(dict)
-    """Kinds pending, in order of first arrival."""
-    shards: set[ShardId] = attrs.Factory(set)
-    deliver_at: float | None = None
-    reply_ids: set[int] = attrs.Factory(set)
-    interrupt_ids: set[int] = attrs.Factory(set)
-    interrupt_shards: set[ShardId] = attrs.Factory(set)
-
-    def take(self) -> list[Notification]:
-        taken: list[Notification] = []
-        for kind in self.kinds:
-            if kind is MessagesAvailable:
-                taken.append(MessagesAvailable(frozenset(self.shards), self.deliver_at))
-            elif kind is RepliesAvailable:
-                taken.append(RepliesAvailable(frozenset(self.reply_ids)))
-            else:
-                taken.append(
-                    RequestsInterrupted(
-                        frozenset(self.interrupt_ids), frozenset(self.interrupt_shards)
-                    )
-                )
-        self.kinds.clear()
-        self.shards.clear()
-        self.deliver_at = None
-        self.reply_ids.clear()
-        self.interrupt_ids.clear()
-        self.interrupt_shards.clear()
-        return taken
+    def __init__(self) -> None:
+        super().__init__()
+        self.lot = trio.lowlevel.ParkingLot()
 
 
 class MessageStore:
@@ -529,19 +501,11 @@ class MessageStore:
     ) -> None:
         for inbox in self._inboxes():
             if interrupted:
-                inbox.kinds[RequestsInterrupted] = None
-                inbox.interrupt_ids.update(interrupted)
-                inbox.interrupt_shards.update(shards)
+                inbox.add_interrupts(interrupted, shards)
             if shards:
-                inbox.kinds[MessagesAvailable] = None
-                inbox.shards.update(shards)
-                if deliver_at is not None and (
-                    inbox.deliver_at is None or deliver_at < inbox.deliver_at
-                ):
-                    inbox.deliver_at = deliver_at
+                inbox.add_messages(shards, deliver_at)
             if reply_ids:
-                inbox.kinds[RepliesAvailable] = None
-                inbox.reply_ids.update(reply_ids)
+                inbox.add_replies(reply_ids)
             inbox.lot.unpark_all()
 
 

@@ -26,15 +26,15 @@ import trio
 from trio_cluster._core._addresses import ShardId
 from trio_cluster._core._retry import Backoff
 from trio_cluster._errors import PersistenceError
-from trio_cluster._storage_abc import (
-    MessagesAvailable,
-    Notification,
-    RepliesAvailable,
-    RequestsInterrupted,
-)
+
+from ._coalesce import Coalescer
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable
+
+    from trio_cluster._storage_abc import (
+        Notification,
+    )
 
     from ._pg_driver import PgConnection, PgNotification
 
@@ -45,16 +45,8 @@ log = logging.getLogger("trio_cluster.storage.postgres")
 DEFAULT_BACKOFF = Backoff(0.05, 2.0, jitter=0.5)
 
 
-class _Inbox:
-    """Notifications coalesced by kind, in order of first arrival."""
-
-    def __init__(self) -> None:
-        self.kinds: dict[type, None] = {}
-        self.shards: set[ShardId] = set()
-        self.deliver_at: float | None = None
-        self.reply_ids: set[int] = set()
-        self.interrupt_ids: set[int] = set()
-        self.interrupt_shards: set[ShardId] = set()
+class _Inbox(Coalescer):
+    """Notifications from JSON payloads, coalesced by kind."""
 
     def add(self, payload: str) -> None:
         data = json.loads(payload)
@@ -63,40 +55,17 @@ class _Inbox:
         if "i" in data:
             ids = {int(i) for i in data["i"]}
             shards = {ShardId(str(g), int(n)) for g, n in data["s"]}
-            self.kinds[RequestsInterrupted] = None
-            self.interrupt_ids |= ids
-            self.interrupt_shards |= shards
+            self.add_interrupts(ids, shards)
             # An interrupt also makes its requests claimable (as interrupted).
-            self.kinds[MessagesAvailable] = None
-            self.shards |= shards
+            self.add_messages(shards)
         elif "m" in data:
-            self.kinds[MessagesAvailable] = None
-            self.shards |= {ShardId(str(g), int(n)) for g, n in data["m"]}
+            shards = {ShardId(str(g), int(n)) for g, n in data["m"]}
             when = data.get("d")
-            if when is not None:
-                when = float(when)
-                if self.deliver_at is None or when < self.deliver_at:
-                    self.deliver_at = when
+            self.add_messages(shards, None if when is None else float(when))
         elif "r" in data:
-            self.kinds[RepliesAvailable] = None
-            self.reply_ids |= {int(i) for i in data["r"]}
+            self.add_replies(int(i) for i in data["r"])
         else:
             raise ValueError("unknown notification kind")
-
-    def take(self) -> list[Notification]:
-        taken: list[Notification] = []
-        for kind in self.kinds:
-            if kind is MessagesAvailable:
-                taken.append(MessagesAvailable(frozenset(self.shards), self.deliver_at))
-            elif kind is RepliesAvailable:
-                taken.append(RepliesAvailable(frozenset(self.reply_ids)))
-            else:
-                taken.append(
-                    RequestsInterrupted(
-                        frozenset(self.interrupt_ids), frozenset(self.interrupt_shards)
-                    )
-                )
-        return taken
 
 
 def coalesce(raw: Iterable[PgNotification]) -> list[Notification]:
