@@ -43,7 +43,7 @@ from trio_cluster.testing import (
     open_simulated_cluster,
     run_simulation,
 )
-from trio_cluster.testing._simulation_faults import Fault
+from trio_cluster.testing._simulation._faults import Fault
 
 from ._common import emit, progress
 

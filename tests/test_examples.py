@@ -10,8 +10,8 @@ from types import ModuleType
 
 import pytest
 
-from trio_cluster._cli import main as cli_main
-from trio_cluster._demo import run_demo
+from trio_cluster._cli._demo import run_demo
+from trio_cluster._cli._main import main as cli_main
 from trio_cluster.storage import MemoryStorage
 
 EXAMPLES = Path(__file__).parent.parent / "examples"

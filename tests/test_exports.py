@@ -109,4 +109,4 @@ def test_testing_namespace_is_lazy():
     assert "StorageConformance" in testing.__all__
     # Importing the namespace does not import pytest-only machinery until used.
     assert hasattr(testing, "StorageConformance")
-    assert "trio_cluster.testing._conformance" in sys.modules
+    assert "trio_cluster.testing._conformance._storage" in sys.modules

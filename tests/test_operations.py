@@ -10,9 +10,9 @@ import pytest
 import trio
 
 import trio_cluster as tc
-from trio_cluster._cli import main
-from trio_cluster._demo_cluster import run_cluster_demo
-from trio_cluster._metrics import render_metrics, serve_metrics
+from trio_cluster._cli._demo_cluster import run_cluster_demo
+from trio_cluster._cli._main import main
+from trio_cluster._operations._metrics import render_metrics, serve_metrics
 from trio_cluster.logs import ContextFilter, JsonFormatter
 
 from .helpers import config

@@ -26,6 +26,7 @@ from ._core._addresses import (
 from ._core._config import ShardingConfig as ShardingConfig
 from ._core._snowflake import Snowflake as Snowflake
 from ._cron import Cron as Cron
+from ._engine._routing import RunnerClosedError as RunnerClosedError
 from ._entity import Entity as Entity
 from ._errors import (
     AlreadyProcessingError as AlreadyProcessingError,
@@ -50,18 +51,17 @@ from ._handlers import (
     rpc as rpc,
     stream as stream,
 )
-from ._metrics import serve_metrics as serve_metrics
-from ._routing import RunnerClosedError as RunnerClosedError
+from ._operations._metrics import serve_metrics as serve_metrics
+from ._operations._statistics import (
+    LatencySnapshot as LatencySnapshot,
+    RunnerStatistics as RunnerStatistics,
+)
 from ._runner import (
     Runner as Runner,
     open_runner as open_runner,
     serve_runner as serve_runner,
 )
 from ._singletons import Singleton as Singleton
-from ._statistics import (
-    LatencySnapshot as LatencySnapshot,
-    RunnerStatistics as RunnerStatistics,
-)
 from ._version import __version__ as __version__
 
 __all__ = [

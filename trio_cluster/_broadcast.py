@@ -18,19 +18,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import attrs
 import trio
 
+from ._engine._wire import Kind
 from ._errors import (
     EntityDefinitionError,
     MalformedMessageError,
     RunnerUnavailableError,
 )
-from ._wire import Kind
 from .serialization._converter import Codec
 
 if TYPE_CHECKING:
     import cattrs
 
     from ._core._addresses import RunnerAddress
-    from ._sharding import Sharding
+    from ._engine._sharding import Sharding
     from ._transport_abc import Endpoint
 
 T = TypeVar("T")

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
     from ._core._config import ShardingConfig
+    from ._engine._routing import Router
     from ._registry import EntityType, Handler
-    from ._routing import Router
 
 __all__ = ["EntityClient", "EntityRef"]
 

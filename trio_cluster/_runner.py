@@ -9,7 +9,7 @@ released (so successors start at once) and the runner unregisters.
 
 With a transport (``transport=WebSocketTransport()``), runners reach each
 other: calls are routed to whichever runner serves the entity (see
-`trio_cluster._routing`), persisted requests notify their owner directly, and
+`trio_cluster._engine._routing`), persisted requests notify their owner directly, and
 a dropped connection makes the runner re-check membership at once.
 """
 
@@ -29,19 +29,19 @@ from ._context import current_runner_var
 from ._core._config import ShardingConfig
 from ._core._snowflake import SnowflakeGenerator
 from ._cron import Cron, CronEntity, cron_singletons
+from ._engine._inbound import ClusterHandler, InboundCalls
+from ._engine._janitor import janitor
+from ._engine._manager import EntityManager
+from ._engine._persisted import PersistedDelivery
+from ._engine._remote import OutboundCalls
+from ._engine._routing import Router, RunnerClosedError
+from ._engine._sharding import Sharding
 from ._entity import Entity
 from ._errors import EntityNotAssignedError
 from ._groups import unwrap_single as _unwrap_single
-from ._inbound import ClusterHandler, InboundCalls
-from ._janitor import janitor
-from ._manager import EntityManager
-from ._persisted import PersistedDelivery
+from ._operations._statistics import RunnerStatistics, collect_statistics
 from ._registry import Registry
-from ._remote import OutboundCalls
-from ._routing import Router, RunnerClosedError
-from ._sharding import Sharding
 from ._singletons import Singleton, SingletonSupervisor
-from ._statistics import RunnerStatistics, collect_statistics
 from .serialization._converter import make_converter
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     import cattrs
 
     from ._core._addresses import EntityAddress, RunnerAddress
-    from ._slots import ShardHost
+    from ._engine._slots import ShardHost
     from ._storage_abc import Storage
     from ._transport_abc import Endpoint, Transport
 
@@ -225,7 +225,7 @@ async def open_runner(
     (plus storage deadlines). A single exception from the block propagates as
     itself, not wrapped in an exception group.
     """
-    from .storage._memory import MemoryStorage
+    from .storage._memory._storage import MemoryStorage
 
     config = config if config is not None else ShardingConfig()
     registry = _build(

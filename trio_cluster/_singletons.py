@@ -25,7 +25,7 @@ from ._errors import EntityDefinitionError
 
 if TYPE_CHECKING:
     from ._core._config import ShardingConfig
-    from ._slots import ShardHost
+    from ._engine._slots import ShardHost
 
 T = TypeVar("T")
 

@@ -13,10 +13,10 @@ import attrs
 import pytest
 
 from trio_cluster._core._addresses import ShardId
-from trio_cluster._sharding import Sharding
-from trio_cluster._slots import ShardHost
+from trio_cluster._engine._sharding import Sharding
+from trio_cluster._engine._slots import ShardHost
 from trio_cluster._storage_abc import ClaimBatch, ReplyOutcome, ReplyRecord
-from trio_cluster.storage._memory_messages import MessageStore
+from trio_cluster.storage._memory._messages import MessageStore
 
 
 def release_without_cancelling(monkeypatch: pytest.MonkeyPatch) -> None:

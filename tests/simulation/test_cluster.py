@@ -30,7 +30,7 @@ from trio_cluster.testing import (
     run_scenario,
     run_simulation,
 )
-from trio_cluster.testing._simulation_workload import ClientOp, OpKind
+from trio_cluster.testing._simulation._workload import ClientOp, OpKind
 
 from .planted import release_without_cancelling
 
@@ -86,7 +86,7 @@ def test_the_same_seed_gives_the_same_trace_in_another_process():
     code = textwrap.dedent(
         """
         from trio_cluster.testing import *
-        from trio_cluster.testing._simulation_workload import ClientOp, OpKind
+        from trio_cluster.testing._simulation._workload import ClientOp, OpKind
         scenario = Scenario(
             seed=9, runners=3,
             faults=FaultSchedule((KillRunner(at=1.0, runner=0, down_for=2.0),)),

@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from trio_cluster._core._addresses import EntityAddress, EntityId, ShardId
-from trio_cluster._slots import ShardHost
+from trio_cluster._engine._slots import ShardHost
 from trio_cluster._storage_abc import (
     ClaimBatch,
     ClaimedRequest,
@@ -19,7 +19,7 @@ from trio_cluster._storage_abc import (
 )
 from trio_cluster.storage import MemoryStorage
 from trio_cluster.testing import SimulationTrace
-from trio_cluster.testing._simulation_invariants import Checker, Incarnation
+from trio_cluster.testing._simulation._invariants import Checker, Incarnation
 
 pytestmark = pytest.mark.simulation
 

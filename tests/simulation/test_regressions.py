@@ -24,7 +24,7 @@ import trio
 import trio.testing
 
 import trio_cluster as tc
-from trio_cluster._slots import ShardState
+from trio_cluster._engine._slots import ShardState
 from trio_cluster.storage import MemoryStorage
 from trio_cluster.testing import Probe, ProbeTouch, open_simulated_cluster
 

@@ -29,10 +29,11 @@ from trio_cluster.abc import (
     Storage,
     StorageSession,
 )
-from trio_cluster.storage import MemoryStorage, _memory
-from trio_cluster.storage._memory_messages import MessageStore, _ShardQueue
+from trio_cluster.storage import MemoryStorage
+from trio_cluster.storage._memory import _storage as _memory
+from trio_cluster.storage._memory._messages import MessageStore, _ShardQueue
 from trio_cluster.testing import StorageConformance
-from trio_cluster.testing._conformance_base import (
+from trio_cluster.testing._conformance._base import (
     BASE,
     SHARD,
     SHARD2,

@@ -1,4 +1,4 @@
-"""Tests of the trio-native PostgreSQL connection (`trio_cluster.storage._pg_driver`).
+"""Tests of the trio-native PostgreSQL connection (`trio_cluster.storage._postgres._driver._driver`).
 
 Real server, real time (see ``tests/pg_fixture.py``). Every test runs in its
 own schema and guards itself with ``trio.fail_after``.
@@ -27,13 +27,15 @@ from psycopg import pq
 
 from tests.pg_fixture import throwaway_cluster
 from trio_cluster import ClusterInternalError, ConfigError, PersistenceError
-from trio_cluster.storage._pg_connect import resolve_host as _resolve_host
-from trio_cluster.storage._pg_driver import (
+from trio_cluster.storage._postgres._driver._connect import (
+    resolve_host as _resolve_host,
+)
+from trio_cluster.storage._postgres._driver._driver import (
     PgConnection,
     PgNotification,
     build_conninfo,
 )
-from trio_cluster.storage._pg_errors import (
+from trio_cluster.storage._postgres._driver._errors import (
     ConnectionLostError,
     PgError,
     is_session_fatal,

@@ -21,8 +21,8 @@ import trio
 from tests.pg_fixture import dsn_with_options
 from trio_cluster import ShardId
 from trio_cluster.storage import postgres
-from trio_cluster.storage._pg_queries import MessageQueries
-from trio_cluster.testing._conformance_base import BASE, request
+from trio_cluster.storage._postgres._queries import MessageQueries
+from trio_cluster.testing._conformance._base import BASE, request
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

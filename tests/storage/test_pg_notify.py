@@ -13,8 +13,8 @@ from trio_cluster._storage_abc import (
     RepliesAvailable,
     RequestsInterrupted,
 )
-from trio_cluster.storage._pg_driver import PgConnection, PgNotification
-from trio_cluster.storage._pg_notify import Listener, coalesce
+from trio_cluster.storage._postgres._driver._driver import PgConnection, PgNotification
+from trio_cluster.storage._postgres._notify import Listener, coalesce
 
 
 async def test_failed_connections_are_retried_after_a_backoff(autojump_clock):

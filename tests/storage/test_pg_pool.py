@@ -1,4 +1,4 @@
-"""Tests of the PostgreSQL connection pool (`trio_cluster.storage._pg_pool`).
+"""Tests of the PostgreSQL connection pool (`trio_cluster.storage._postgres._driver._pool`).
 
 Real server, real time (see ``tests/pg_fixture.py``).
 """
@@ -17,9 +17,9 @@ import trio.testing
 
 from trio_cluster import ConfigError
 from trio_cluster._core._retry import Backoff
-from trio_cluster.storage._pg_driver import PgConnection
-from trio_cluster.storage._pg_errors import ConnectionLostError, PgError
-from trio_cluster.storage._pg_pool import PgPool, open_pool
+from trio_cluster.storage._postgres._driver._driver import PgConnection
+from trio_cluster.storage._postgres._driver._errors import ConnectionLostError, PgError
+from trio_cluster.storage._postgres._driver._pool import PgPool, open_pool
 
 if TYPE_CHECKING:
     from tests.pg_fixture import PgAdmin, PgSchema

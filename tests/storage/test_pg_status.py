@@ -10,11 +10,11 @@ import pytest
 import trio
 
 from trio_cluster import PersistenceError
-from trio_cluster._cli import main
+from trio_cluster._cli._main import main
 from trio_cluster.storage import ClusterStatus, cluster_status, migrate, postgres
-from trio_cluster.storage._pg_driver import PgConnection
-from trio_cluster.storage._pg_schema import LATEST_VERSION
-from trio_cluster.testing._conformance_base import (
+from trio_cluster.storage._postgres._driver._driver import PgConnection
+from trio_cluster.storage._postgres._schema import LATEST_VERSION
+from trio_cluster.testing._conformance._base import (
     BASE,
     acquire,
     final,

@@ -27,12 +27,12 @@ from trio_cluster.abc import (
     StorageSession,
 )
 from trio_cluster.storage import PostgresStorage, migrate, postgres
-from trio_cluster.storage._pg_driver import PgConnection
-from trio_cluster.storage._pg_messages import PgMessages
-from trio_cluster.storage._pg_runners import PgRunners
-from trio_cluster.storage._pg_schema import LATEST_VERSION, PgNames
+from trio_cluster.storage._postgres._driver._driver import PgConnection
+from trio_cluster.storage._postgres._messages import PgMessages
+from trio_cluster.storage._postgres._runners import PgRunners
+from trio_cluster.storage._postgres._schema import LATEST_VERSION, PgNames
 from trio_cluster.testing import StorageConformance
-from trio_cluster.testing._conformance_base import (
+from trio_cluster.testing._conformance._base import (
     BASE,
     SHARD,
     acquire,
@@ -727,7 +727,7 @@ async def test_empty_batches_do_not_touch_the_database(a: StorageSession) -> Non
 
 def test_queries_use_only_generic_plan_friendly_parameters() -> None:
     # Every parameter is cast, so prepared generic plans have fixed types.
-    from trio_cluster.storage._pg_queries import MessageQueries
+    from trio_cluster.storage._postgres._queries import MessageQueries
 
     queries = MessageQueries.build(PgNames.for_prefix("x"))
     for name in ("save", "claim", "save_replies", "replies_for"):

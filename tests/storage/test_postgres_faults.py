@@ -24,16 +24,16 @@ from trio_cluster.abc import (
     StorageTransaction,
 )
 from trio_cluster.storage import PostgresStorage, postgres
-from trio_cluster.storage._pg_driver import PgConnection
-from trio_cluster.storage._pg_errors import (
+from trio_cluster.storage._postgres._driver._driver import PgConnection
+from trio_cluster.storage._postgres._driver._errors import (
     ConnectionLostError,
     PgError,
     is_storage_failure,
 )
-from trio_cluster.storage._pg_message_parts import PgTransaction
-from trio_cluster.storage._pg_messages import PgMessages
-from trio_cluster.storage._pg_runners import PgRunners
-from trio_cluster.testing._conformance_base import (
+from trio_cluster.storage._postgres._message_parts import PgTransaction
+from trio_cluster.storage._postgres._messages import PgMessages
+from trio_cluster.storage._postgres._runners import PgRunners
+from trio_cluster.testing._conformance._base import (
     BASE,
     SHARD,
     SHARD2,

@@ -20,9 +20,9 @@ import trio
 
 import trio_cluster as tc
 from trio_cluster.storage import PostgresStorage, postgres
-from trio_cluster.storage._pg_driver import PgConnection
-from trio_cluster.storage._pg_message_parts import PgTransaction
-from trio_cluster.storage._pg_runners import PgRunners
+from trio_cluster.storage._postgres._driver._driver import PgConnection
+from trio_cluster.storage._postgres._message_parts import PgTransaction
+from trio_cluster.storage._postgres._runners import PgRunners
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

@@ -8,13 +8,13 @@ import sys
 import pytest
 
 import trio_cluster.testing
-from trio_cluster.testing._conformance import StorageConformance
+from trio_cluster.testing._conformance._storage import StorageConformance
 
 
 def test_import_does_not_import_pytest_or_hypothesis():
     code = (
         "import sys, trio_cluster.testing\n"
-        "loaded = sorted({'pytest', 'hypothesis', 'trio_cluster.testing._conformance'}"
+        "loaded = sorted({'pytest', 'hypothesis', 'trio_cluster.testing._conformance._storage'}"
         " & set(sys.modules))\n"
         "print(loaded)\n"
     )

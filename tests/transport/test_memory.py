@@ -16,7 +16,10 @@ import trio
 from trio_cluster import ConfigError, RunnerAddress, RunnerUnavailableError
 from trio_cluster.abc import Endpoint, Transport
 from trio_cluster.testing import TransportConformance
-from trio_cluster.testing._transport_conformance import LOCALHOST, RecordingHandler
+from trio_cluster.testing._conformance._transport import (
+    LOCALHOST,
+    RecordingHandler,
+)
 from trio_cluster.transport import (
     FrameFault,
     MemoryEndpoint,

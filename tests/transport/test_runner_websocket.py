@@ -24,7 +24,7 @@ import trio.lowlevel
 import trio_websocket
 
 import trio_cluster as tc
-from trio_cluster._wire import Kind, Mode
+from trio_cluster._engine._wire import Kind, Mode
 from trio_cluster.storage import MemoryStorage
 from trio_cluster.transport import WebSocketEndpoint, WebSocketTransport
 from trio_cluster.transport._framing import encode_hello

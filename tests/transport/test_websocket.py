@@ -29,7 +29,10 @@ from wsproto.events import AcceptConnection, BytesMessage, Request
 from trio_cluster import ConfigError, RunnerAddress, RunnerUnavailableError
 from trio_cluster.abc import Endpoint, Transport
 from trio_cluster.testing import TransportConformance
-from trio_cluster.testing._transport_conformance import LOCALHOST, RecordingHandler
+from trio_cluster.testing._conformance._transport import (
+    LOCALHOST,
+    RecordingHandler,
+)
 from trio_cluster.transport import WebSocketEndpoint, WebSocketTransport, _ws_endpoint
 from trio_cluster.transport._framing import MAGIC, encode_hello
 from trio_cluster.transport._ws_connection import (
@@ -801,7 +804,7 @@ async def test_a_send_from_peer_lost_is_not_stranded_behind_the_ended_dial():
     """The runtime routes a failed call again from inside ``peer_lost``: that
     envelope must start a new dial (and fail or arrive), not wait forever in
     the queue of the connection that just ended."""
-    from trio_cluster.testing._transport_conformance import RecordingHandler
+    from trio_cluster.testing._conformance._transport import RecordingHandler
 
     class Resender(RecordingHandler):
         endpoint: Endpoint | None = None

@@ -1,4 +1,4 @@
-"""The runtime's envelope shapes (`trio_cluster._wire.parse`): what a peer may
+"""The runtime's envelope shapes (`trio_cluster._engine._wire.parse`): what a peer may
 send, checked before anything in the runtime looks at it."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from trio_cluster import MalformedMessageError
-from trio_cluster._wire import Kind, Mode, address_fields, address_from, parse
+from trio_cluster._engine._wire import Kind, Mode, address_fields, address_from, parse
 
 REQUEST: list[Any] = [
     Kind.REQUEST,

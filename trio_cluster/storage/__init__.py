@@ -10,10 +10,10 @@ The contract every backend implements is `trio_cluster.abc.Storage`.
 
 from __future__ import annotations
 
-from ._memory import MemoryStorage as MemoryStorage
-from ._pg_schema import migrate as migrate
-from ._pg_status import ClusterStatus as ClusterStatus
-from ._postgres import (
+from ._memory._storage import MemoryStorage as MemoryStorage
+from ._postgres._schema import migrate as migrate
+from ._postgres._status import ClusterStatus as ClusterStatus
+from ._postgres._storage import (
     PostgresStorage as PostgresStorage,
     cluster_status as cluster_status,
     postgres as postgres,

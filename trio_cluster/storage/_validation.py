@@ -11,7 +11,14 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
+from .._core._addresses import EntityAddress, RunnerAddress, ShardId
+
 __all__ = [
+    "MACHINE_IDS",
+    "QUERY_FIELDS",
+    "REPLY_FIELDS",
+    "REQUEST_FIELDS",
+    "RUNNER_FIELDS",
     "check_fields",
     "check_int",
     "check_items",
@@ -24,6 +31,38 @@ __all__ = [
 T = TypeVar("T")
 
 Types = type | tuple[type, ...]
+
+# The field types of the storage records, checked by every backend.
+MACHINE_IDS = 1024
+"""Snowflake machine ids are 0..1023."""
+
+RUNNER_FIELDS: dict[str, Types] = {
+    "address": RunnerAddress,
+    "groups": tuple,
+    "weight": (int, float),
+}
+
+REQUEST_FIELDS: dict[str, Types] = {
+    "request_id": int,
+    "address": EntityAddress,
+    "tag": str,
+    "payload": bytes,
+    "primary_key": (str, type(None)),
+    "deliver_at": (int, float, type(None)),
+    "stream": bool,
+    "claim_epoch": (int, type(None)),
+}
+REPLY_FIELDS: dict[str, Types] = {
+    "request_id": int,
+    "shard": ShardId,
+    "epoch": int,
+    "payload": bytes,
+    "sequence": (int, type(None)),
+}
+QUERY_FIELDS: dict[str, Types] = {
+    "request_id": int,
+    "after_sequence": int,
+}
 
 
 def _names(types: Types) -> str:

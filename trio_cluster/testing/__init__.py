@@ -19,14 +19,12 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._conformance import StorageConformance as StorageConformance
-    from ._simulation import (
-        current_simulation as current_simulation,
-        open_simulated_cluster as open_simulated_cluster,
-        run_simulation as run_simulation,
+    from ._conformance._storage import StorageConformance as StorageConformance
+    from ._conformance._transport import (
+        TransportConformance as TransportConformance,
     )
-    from ._simulation_cluster import SimulatedCluster as SimulatedCluster
-    from ._simulation_faults import (
+    from ._simulation._cluster import SimulatedCluster as SimulatedCluster
+    from ._simulation._faults import (
         FaultSchedule as FaultSchedule,
         FrameFaults as FrameFaults,
         FreezeRunner as FreezeRunner,
@@ -36,25 +34,30 @@ if TYPE_CHECKING:
         SkewClock as SkewClock,
         StorageOutage as StorageOutage,
     )
-    from ._simulation_probe import (
+    from ._simulation._probe import (
         Probe as Probe,
         ProbeTouch as ProbeTouch,
         ProbeWrite as ProbeWrite,
     )
-    from ._simulation_runner import (
+    from ._simulation._run import (
+        current_simulation as current_simulation,
+        open_simulated_cluster as open_simulated_cluster,
+        run_simulation as run_simulation,
+    )
+    from ._simulation._runner import (
         SimulatedRunner as SimulatedRunner,
     )
-    from ._simulation_strategies import (
+    from ._simulation._strategies import (
         fault_schedules as fault_schedules,
         scenarios as scenarios,
         workloads as workloads,
     )
-    from ._simulation_trace import (
+    from ._simulation._trace import (
         InvariantViolation as InvariantViolation,
         SimulationTrace as SimulationTrace,
         TraceEvent as TraceEvent,
     )
-    from ._simulation_workload import (
+    from ._simulation._workload import (
         ClientOp as ClientOp,
         OpKind as OpKind,
         Scenario as Scenario,
@@ -62,9 +65,6 @@ if TYPE_CHECKING:
         Workload as Workload,
         check_scenario as check_scenario,
         run_scenario as run_scenario,
-    )
-    from ._transport_conformance import (
-        TransportConformance as TransportConformance,
     )
 
 __all__ = [
@@ -103,37 +103,37 @@ __all__ = [
 
 # Public name -> private module that defines it (add new names here).
 _LAZY: dict[str, str] = {
-    "StorageConformance": "._conformance",
-    "TransportConformance": "._transport_conformance",
-    "ClientOp": "._simulation_workload",
-    "FaultSchedule": "._simulation_faults",
-    "FrameFaults": "._simulation_faults",
-    "FreezeRunner": "._simulation_faults",
-    "InvariantViolation": "._simulation_trace",
-    "KillRunner": "._simulation_faults",
-    "LoseLockSession": "._simulation_faults",
-    "OpKind": "._simulation_workload",
-    "PartitionRunners": "._simulation_faults",
-    "Probe": "._simulation_probe",
-    "ProbeTouch": "._simulation_probe",
-    "ProbeWrite": "._simulation_probe",
-    "Scenario": "._simulation_workload",
-    "ScenarioReport": "._simulation_workload",
-    "SimulatedCluster": "._simulation_cluster",
-    "SimulatedRunner": "._simulation_runner",
-    "SimulationTrace": "._simulation_trace",
-    "SkewClock": "._simulation_faults",
-    "StorageOutage": "._simulation_faults",
-    "TraceEvent": "._simulation_trace",
-    "Workload": "._simulation_workload",
-    "check_scenario": "._simulation_workload",
-    "current_simulation": "._simulation",
-    "fault_schedules": "._simulation_strategies",
-    "open_simulated_cluster": "._simulation",
-    "run_scenario": "._simulation_workload",
-    "run_simulation": "._simulation",
-    "scenarios": "._simulation_strategies",
-    "workloads": "._simulation_strategies",
+    "StorageConformance": "._conformance._storage",
+    "TransportConformance": "._conformance._transport",
+    "ClientOp": "._simulation._workload",
+    "FaultSchedule": "._simulation._faults",
+    "FrameFaults": "._simulation._faults",
+    "FreezeRunner": "._simulation._faults",
+    "InvariantViolation": "._simulation._trace",
+    "KillRunner": "._simulation._faults",
+    "LoseLockSession": "._simulation._faults",
+    "OpKind": "._simulation._workload",
+    "PartitionRunners": "._simulation._faults",
+    "Probe": "._simulation._probe",
+    "ProbeTouch": "._simulation._probe",
+    "ProbeWrite": "._simulation._probe",
+    "Scenario": "._simulation._workload",
+    "ScenarioReport": "._simulation._workload",
+    "SimulatedCluster": "._simulation._cluster",
+    "SimulatedRunner": "._simulation._runner",
+    "SimulationTrace": "._simulation._trace",
+    "SkewClock": "._simulation._faults",
+    "StorageOutage": "._simulation._faults",
+    "TraceEvent": "._simulation._trace",
+    "Workload": "._simulation._workload",
+    "check_scenario": "._simulation._workload",
+    "current_simulation": "._simulation._run",
+    "fault_schedules": "._simulation._strategies",
+    "open_simulated_cluster": "._simulation._run",
+    "run_scenario": "._simulation._workload",
+    "run_simulation": "._simulation._run",
+    "scenarios": "._simulation._strategies",
+    "workloads": "._simulation._strategies",
 }
 
 

@@ -1,0 +1,1 @@
+"""The ``trio-cluster`` command line and the demo (private)."""

@@ -1,0 +1,272 @@
+"""The ``trio-cluster`` command line (also ``python -m trio_cluster``).
+
+* ``demo``: a self-contained tour on memory storage (``--runners 3`` for a
+  live cluster with a failover);
+* ``run MODULE:ATTRIBUTE``: run one runner of a cluster (PostgreSQL storage,
+  WebSocket transport) until SIGTERM/SIGINT, then shut down gracefully;
+* ``migrate``: create or upgrade the PostgreSQL schema;
+* ``status``: print runners, shard owners, epochs and backlog.
+
+Policy comes from ``TRIO_CLUSTER_*`` environment variables (see
+`ShardingConfig.from_env`); options on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import trio
+
+__all__ = ["main"]
+
+log = logging.getLogger("trio_cluster.cli")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    # The tour crashes an entity on purpose: keep its traceback off the screen.
+    logging.getLogger("trio_cluster").setLevel(logging.CRITICAL)
+    if args.runners > 1:
+        from ._demo_cluster import run_cluster_demo
+
+        trio.run(run_cluster_demo, args.runners)
+    else:
+        from ._demo import run_demo
+
+        trio.run(run_demo)
+    return 0
+
+
+def load_target(target: str) -> dict[str, Any]:
+    """Import ``module:attribute``: a sequence of entity classes, or a
+    mapping of `open_runner` keyword arguments (``entities``, ``singletons``,
+    ``crons``, ``broadcasts``, ``converter``).
+
+    Raises:
+        SystemExit: the target cannot be imported or has the wrong shape.
+    """
+    module_name, _, attribute = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SystemExit(f"cannot import {module_name!r}: {exc}") from None
+    value = getattr(module, attribute or "ENTITIES", None)
+    if value is None:
+        raise SystemExit(f"{module_name} has no attribute {attribute or 'ENTITIES'!r}")
+    if isinstance(value, Mapping):
+        allowed = {"entities", "singletons", "crons", "broadcasts", "converter"}
+        unknown = set(value) - allowed
+        if unknown:
+            raise SystemExit(
+                f"{target}: unknown keys {sorted(unknown)}; use {sorted(allowed)}"
+            )
+        return dict(value)
+    if isinstance(value, Sequence):
+        return {"entities": list(value)}
+    raise SystemExit(
+        f"{target} must be a list of entity classes or a mapping of runner options"
+    )
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from .._core._addresses import RunnerAddress
+    from .._core._config import ShardingConfig
+
+    overrides: dict[str, Any] = {}
+    if getattr(args, "listen", None):
+        overrides["runner_address"] = RunnerAddress.parse(args.listen)
+    return ShardingConfig.from_env(os.environ, **overrides)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..storage import postgres
+    from ..transport import WebSocketTransport
+
+    options = load_target(args.target)
+    config = _config(args)
+    storage = postgres(args.dsn, table_prefix=args.prefix)
+    transport = WebSocketTransport()
+    trio.run(_serve, options, config, storage, transport, args.metrics)
+    return 0
+
+
+async def _serve(
+    options: dict[str, Any],
+    config: Any,
+    storage: Any,
+    transport: Any,
+    metrics: str | None,
+) -> None:
+    from .._core._addresses import RunnerAddress
+    from .._operations._metrics import serve_metrics
+    from .._runner import open_runner
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with (
+            open_runner(
+                config=config, storage=storage, transport=transport, **options
+            ) as runner,
+            trio.open_nursery() as nursery,
+        ):
+            metrics_port = None
+            if metrics:
+                where = RunnerAddress.parse(metrics)
+                metrics_port = await nursery.start(
+                    serve_metrics, runner, where.host, where.port
+                )
+            await runner.wait_shards_acquired()
+            print(
+                json.dumps(
+                    {
+                        "event": "ready",
+                        "address": str(runner.address),
+                        "metrics_port": metrics_port,
+                    }
+                ),
+                flush=True,
+            )
+            async for signum in signals:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                break
+            nursery.cancel_scope.cancel()
+    print(json.dumps({"event": "stopped"}), flush=True)
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    """Exit status 0, 1 if the database failed, 2 for a bad DSN or prefix."""
+    from .._errors import ConfigError, PersistenceError
+    from ..storage import migrate
+
+    try:
+        version = trio.run(lambda: migrate(args.dsn, table_prefix=args.prefix))
+    except (ConfigError, PersistenceError) as exc:
+        print(f"trio-cluster migrate: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    print(f"schema {args.prefix!r} is at version {version}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    """Exit status 0, 1 if the database failed, 2 for a bad DSN or prefix."""
+    from .._errors import ConfigError, PersistenceError
+    from ..storage._postgres._storage import cluster_status
+
+    try:
+        status = trio.run(lambda: cluster_status(args.dsn, table_prefix=args.prefix))
+    except (ConfigError, PersistenceError) as exc:
+        print(f"trio-cluster status: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    if args.json:
+        print(json.dumps(status.to_dict(), indent=2))
+    else:
+        print(status.render())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trio-cluster",
+        description="Distributed, persistent actors for Trio.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo",
+        help="a self-contained tour on memory storage (entities, persistence, streams, crashes)",
+    )
+    demo.add_argument(
+        "--runners",
+        type=int,
+        default=1,
+        help="run a cluster of N runners in this process and fail one over",
+    )
+    demo.set_defaults(handler=_demo)
+
+    run = commands.add_parser("run", help="run one runner of a cluster until SIGTERM")
+    run.add_argument(
+        "target",
+        help="module:ATTRIBUTE with a list of entity classes, or a mapping of runner options",
+    )
+    run.add_argument("--dsn", required=True, help="PostgreSQL connection string")
+    run.add_argument(
+        "--listen",
+        required=True,
+        help="host:port other runners reach this one at (port 0: any)",
+    )
+    run.add_argument(
+        "--prefix", default="trio_cluster", help="table prefix (one cluster per prefix)"
+    )
+    run.add_argument("--metrics", help="host:port for /metrics, /healthz and /readyz")
+    run.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="stderr log format",
+    )
+
+    run.set_defaults(handler=_run)
+
+    migrate = commands.add_parser(
+        "migrate", help="create or upgrade the PostgreSQL schema"
+    )
+    migrate.add_argument("--dsn", required=True)
+    migrate.add_argument("--prefix", default="trio_cluster")
+    migrate.set_defaults(handler=_migrate)
+
+    status = commands.add_parser(
+        "status", help="runners, shard owners, epochs and backlog"
+    )
+    status.add_argument("--dsn", required=True)
+    status.add_argument("--prefix", default="trio_cluster")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=_status)
+    return parser
+
+
+def _configure_logging(log_format: str) -> None:
+    """Log to stderr at ``TRIO_CLUSTER_LOG_LEVEL`` (default WARNING), with
+    runner/shard/entity context; ``json`` gives one JSON object per line."""
+    from ..logs import ContextFilter, JsonFormatter
+
+    level = os.environ.get("TRIO_CLUSTER_LOG_LEVEL", "WARNING").upper()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(ContextFilter())
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter(
+                "%(asctime)s %(levelname)s %(name)s [%(runner)s] %(message)s"
+            )
+        )
+    handler.set_name("trio-cluster-cli")
+    logger = logging.getLogger("trio_cluster")
+    logger.handlers[:] = [
+        h for h in logger.handlers if h.get_name() != "trio-cluster-cli"
+    ]
+    logger.addHandler(handler)
+    logger.setLevel(getattr(logging, level, logging.WARNING))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``trio-cluster`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logger = logging.getLogger("trio_cluster")
+    saved = (logger.level, list(logger.handlers))
+    _configure_logging(getattr(args, "log_format", "text"))
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        # Leave logging as it was (main() may be called from a program).
+        logger.setLevel(saved[0])
+        logger.handlers[:] = saved[1]

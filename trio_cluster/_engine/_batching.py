@@ -1,0 +1,124 @@
+"""Group commit: coalesce concurrent storage writes into batches (Trio driver).
+
+Callers `submit` one item and wait for its result. One flusher task takes
+everything pending, writes it with a single batch call, and hands each caller
+its own result. While a batch is being written, new items accumulate, so the
+batch size grows with the load and the cost per item falls, without ever
+adding a timer delay at low load (a lone item is flushed at once).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+import trio
+
+from .._errors import PersistenceError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
+__all__ = ["Batcher"]
+
+I = TypeVar("I")  # noqa: E741
+O = TypeVar("O")  # noqa: E741
+
+
+class _Pending(Generic[I, O]):
+    __slots__ = ("done", "error", "item", "result")
+
+    def __init__(self, item: I) -> None:
+        self.item = item
+        self.done = trio.Event()
+        self.result: O | None = None
+        self.error: BaseException | None = None
+
+
+class Batcher(Generic[I, O]):
+    """Batches items for ``flush``, which returns one result per item, in order.
+
+    Args:
+        flush: writes a batch; must return ``len(items)`` results.
+        max_batch: most items per flush.
+        name: for error messages.
+    """
+
+    def __init__(
+        self,
+        flush: Callable[[Sequence[I]], Awaitable[Sequence[O]]],
+        *,
+        max_batch: int,
+        name: str,
+    ) -> None:
+        self._flush = flush
+        self._max_batch = max_batch
+        self._name = name
+        self._pending: list[_Pending[I, O]] = []
+        self._wake = trio.Event()
+        self._closed = False
+        self.batches = 0
+        self.items = 0
+
+    async def submit(self, item: I) -> O:
+        """Write ``item`` with the next batch and return its result.
+
+        Raises:
+            PersistenceError: the batch failed, or the batcher is closed.
+
+        If cancelled while waiting, the item may still be written; its result
+        is dropped.
+        """
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            raise PersistenceError(f"{self._name}: the runner is shutting down")
+        pending: _Pending[I, O] = _Pending(item)
+        self._pending.append(pending)
+        self._wake.set()
+        await pending.done.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.result  # type: ignore[return-value]
+
+    async def run(self) -> None:
+        """The flusher task. On cancellation, callers still waiting get
+        `PersistenceError`."""
+        try:
+            while True:
+                if not self._pending:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+                await self._write(batch)
+        finally:
+            self._closed = True
+            failure = PersistenceError(f"{self._name}: the runner is shutting down")
+            for pending in self._pending:
+                pending.error = failure
+                pending.done.set()
+            self._pending.clear()
+
+    async def _write(self, batch: list[_Pending[I, O]]) -> None:
+        try:
+            results = await self._flush([pending.item for pending in batch])
+        except PersistenceError as exc:
+            for pending in batch:
+                pending.error = exc
+                pending.done.set()
+            return
+        except BaseException as exc:
+            failure = PersistenceError(f"{self._name}: batch write interrupted")
+            failure.__cause__ = exc
+            for pending in batch:
+                pending.error = failure
+                pending.done.set()
+            raise
+        if len(results) != len(batch):  # pragma: no cover - backend contract
+            raise PersistenceError(
+                f"{self._name}: backend returned {len(results)} results for {len(batch)}"
+            )
+        self.batches += 1
+        self.items += len(batch)
+        for pending, result in zip(batch, results, strict=True):
+            pending.result = result
+            pending.done.set()

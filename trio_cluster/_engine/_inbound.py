@@ -1,0 +1,394 @@
+"""Requests from other runners: the owner's side, and the endpoint handler
+that dispatches every envelope (Trio driver).
+
+A ``REQUEST`` for a shard this runner serves becomes a detached job whose
+outcome is sent back as ``REPLY``; for a shard it does not serve the answer is
+``NOT_DELIVERED`` (the caller routes again). The caller's remaining deadline
+travels with the request and bounds the handler here. ``INTERRUPT`` and a lost
+connection cancel the caller's jobs. Streams are pumped back item by item
+within the credit the caller grants.
+
+Bad envelopes are logged and dropped; they never disturb other requests.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .._context import current_entity_var, current_runner_var
+from .._errors import (
+    MailboxFullError,
+    MalformedMessageError,
+    RunnerUnavailableError,
+    UnknownEntityTypeError,
+)
+from .._transport_abc import EndpointHandler
+from ._manager import NotDelivered
+from ._slots import JobKind
+from ._streams import STREAM_BUFFER, open_stream_channel
+from ._wire import Kind, Mode, address_from, parse
+
+if TYPE_CHECKING:
+    from .._broadcast import Broadcasts
+    from .._core._addresses import RunnerAddress
+    from .._registry import Handler, Registry
+    from .._runner import Runner
+    from .._transport_abc import Endpoint, Envelope
+    from ..serialization._replies import Exit
+    from ._manager import EntityManager
+    from ._persisted import PersistedDelivery
+    from ._remote import OutboundCalls
+    from ._sharding import Sharding
+    from ._slots import Job, Sink
+
+__all__ = ["ClusterHandler", "InboundCalls"]
+
+log = logging.getLogger("trio_cluster.transport")
+
+_RECENT_CALLS = 256
+"""Call ids remembered per peer to ignore a request delivered twice."""
+
+
+class _Credit:
+    __slots__ = ("available", "changed")
+
+    def __init__(self) -> None:
+        self.available = STREAM_BUFFER
+        self.changed = trio.Event()
+
+    def add(self, count: int) -> None:
+        self.available += count
+        self.changed.set()
+
+    async def take(self) -> None:
+        while self.available <= 0:
+            self.changed = trio.Event()
+            await self.changed.wait()
+        self.available -= 1
+
+
+class InboundCalls:
+    """Requests other runners sent to entities this runner serves."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: Endpoint,
+        sharding: Sharding,
+        manager: EntityManager,
+        registry: Registry,
+    ) -> None:
+        self._endpoint = endpoint
+        self._sharding = sharding
+        self._manager = manager
+        self._registry = registry
+        self._jobs: dict[tuple[RunnerAddress, int], Job] = {}
+        self._credits: dict[tuple[RunnerAddress, int], _Credit] = {}
+        self._recent: dict[RunnerAddress, dict[int, None]] = {}
+        """Per peer, the call ids of its last requests (cleared when the
+        connection drops): a request seen twice runs once."""
+        self.handled = 0
+
+    def _send(self, peer: RunnerAddress, envelope: list[Any]) -> None:
+        try:
+            self._endpoint.send_nowait(peer, envelope)
+        except RunnerUnavailableError as exc:
+            log.info("could not answer %s: %s", peer, exc)
+
+    def request(self, peer: RunnerAddress, fields: list[Any]) -> None:
+        call_id, mode_value, *where, tag, payload, left = fields
+        if self._seen(peer, call_id):
+            # NOTE: a transport that delivers a frame twice must not make a
+            # volatile request run twice (found by the simulator's frame
+            # duplication; at most once).
+            log.info("ignored a repeated request %s from %s", call_id, peer)
+            return
+        mode = Mode(mode_value) if mode_value in Mode._value2member_map_ else None
+        if mode is None:
+            raise MalformedMessageError(
+                what="REQUEST envelope", problems=[f"unknown mode {mode_value}"]
+            )
+        address = address_from(where)
+        host = self._sharding.hosts.get(address.shard)
+        if host is None:
+            if mode is not Mode.DISCARD:
+                self._send(
+                    peer,
+                    [
+                        Kind.NOT_DELIVERED,
+                        call_id,
+                        f"{self._endpoint.address} does not serve {address.shard}",
+                    ],
+                )
+            return
+        entity_type = self._registry.get(address.entity_type)
+        handler = None if entity_type is None else entity_type.handlers.get(tag)
+        if entity_type is None or handler is None:
+            error = UnknownEntityTypeError(
+                entity_type=address.entity_type,
+                handler=None if entity_type is None else tag,
+            )
+            self._answer_error(peer, call_id, mode, handler, error)
+            return
+        try:
+            message = handler.message.decode(payload)
+        except MalformedMessageError as exc:
+            self._answer_error(peer, call_id, mode, handler, exc)
+            return
+        key = (peer, call_id)
+        send = None
+        if mode is Mode.STREAM:
+            send, receive = open_stream_channel()
+        try:
+            if mode is not Mode.STREAM:
+                # The fast path: a handler that cannot suspend runs right here.
+                exit_ = self._manager.run_nowait(
+                    host, address, entity_type, handler, message
+                )
+                if exit_ is not None:
+                    self.handled += 1
+                    self._answer_now(peer, call_id, mode, handler, exit_)
+                    return
+            job = self._manager.submit(
+                host,
+                address,
+                entity_type,
+                handler,
+                message,
+                kind=JobKind.STREAM if mode is Mode.STREAM else JobKind.DETACHED,
+                sink=self._reply_sink(peer, call_id) if mode is Mode.CALL else None,
+                stream_channel=send,
+            )
+        except NotDelivered:
+            self._send(
+                peer,
+                [Kind.NOT_DELIVERED, call_id, f"shard {address.shard} is stopping"],
+            )
+            return
+        except MailboxFullError as exc:
+            self._answer_error(peer, call_id, mode, handler, exc)
+            return
+        self.handled += 1
+        if left is not None:
+            job.deadline = trio.current_time() + left
+        if mode is Mode.DISCARD:
+            return
+        self._jobs[key] = job
+        if mode is Mode.STREAM:
+            credit = self._credits[key] = _Credit()
+            assert host.nursery is not None
+            host.nursery.start_soon(self._pump, peer, call_id, handler, receive, credit)
+
+    def _seen(self, peer: RunnerAddress, call_id: int) -> bool:
+        """Whether ``call_id`` came from ``peer`` lately; remember it if not."""
+        recent = self._recent.get(peer)
+        if recent is None:
+            recent = self._recent[peer] = {}
+        elif call_id in recent:
+            return True
+        recent[call_id] = None
+        if len(recent) > _RECENT_CALLS:
+            del recent[next(iter(recent))]
+        return False
+
+    def _answer_error(
+        self,
+        peer: RunnerAddress,
+        call_id: int,
+        mode: Mode,
+        handler: Handler | None,
+        error: Exception,
+    ) -> None:
+        log.warning("refused a request from %s: %s", peer, error)
+        if mode is Mode.DISCARD:
+            return
+        codec = handler.reply if handler is not None else self._registry.generic_reply
+        kind = Kind.STREAM_END if mode is Mode.STREAM else Kind.REPLY
+        self._send(peer, [kind, call_id, codec.encode_error(error)])
+
+    def _answer_now(
+        self,
+        peer: RunnerAddress,
+        call_id: int,
+        mode: Mode,
+        handler: Handler,
+        exit_: Exit,
+    ) -> None:
+        """Answer a request that ran on the fast path."""
+        if mode is Mode.CALL:
+            self._send(peer, [Kind.REPLY, call_id, _encode(handler, exit_)])
+        elif exit_.error is not None:
+            log.info("discarded message to %s failed: %s", handler.what, exit_.error)
+
+    def _reply_sink(self, peer: RunnerAddress, call_id: int) -> Sink:
+        def sink(job: Job, exit_: Exit | None) -> None:
+            # Synchronous: the reply is queued in the tick the job ends.
+            self._jobs.pop((peer, call_id), None)
+            if exit_ is None:  # never ran (the shard stopped while queued)
+                self._send(
+                    peer,
+                    [
+                        Kind.NOT_DELIVERED,
+                        call_id,
+                        "shard stopped before the request ran",
+                    ],
+                )
+            else:
+                self._send(peer, [Kind.REPLY, call_id, _encode(job.handler, exit_)])
+
+        return sink
+
+    async def _pump(
+        self,
+        peer: RunnerAddress,
+        call_id: int,
+        handler: Handler,
+        receive: trio.MemoryReceiveChannel[Any],
+        credit: _Credit,
+    ) -> None:
+        key = (peer, call_id)
+        try:
+            async with receive:
+                async for kind, value in receive:
+                    if kind == 0:
+                        await credit.take()
+                        self._send(
+                            peer,
+                            [
+                                Kind.STREAM_ITEM,
+                                call_id,
+                                handler.reply.value.encode(value),
+                            ],
+                        )
+                    else:
+                        self._send(
+                            peer, [Kind.STREAM_END, call_id, _encode(handler, value)]
+                        )
+                        return
+        finally:
+            self._jobs.pop(key, None)
+            self._credits.pop(key, None)
+
+    def credit(self, peer: RunnerAddress, call_id: int, count: int) -> None:
+        credit = self._credits.get((peer, call_id))
+        if credit is not None and count > 0:
+            credit.add(count)
+
+    def interrupt(self, peer: RunnerAddress, call_id: int) -> None:
+        job = self._jobs.pop((peer, call_id), None)
+        if job is not None:
+            self._manager.cancel_job(job)
+
+    def peer_lost(self, peer: RunnerAddress) -> None:
+        """The caller is gone: cancel what it was waiting for."""
+        self._recent.pop(peer, None)
+        for key in [key for key in self._jobs if key[0] == peer]:
+            self._manager.cancel_job(self._jobs.pop(key))
+
+
+def _encode(handler: Handler, exit_: Exit) -> bytes:
+    try:
+        return handler.reply.encode_exit(exit_)
+    except MalformedMessageError as exc:  # the value cannot travel
+        return handler.reply.encode_error(exc)
+
+
+class ClusterHandler(EndpointHandler):
+    """Dispatches envelopes from peers to the caller and owner sides.
+
+    Created before the endpoint (which needs it) and attached once the
+    runner's parts exist; envelopes arriving before that are dropped (no
+    peer knows this runner before it registers).
+    """
+
+    def __init__(self) -> None:
+        self.outbound: OutboundCalls | None = None
+        self.inbound: InboundCalls | None = None
+        self._sharding: Sharding | None = None
+        self._persisted: PersistedDelivery | None = None
+        self._broadcasts: Broadcasts | None = None
+        self._runner: Runner | None = None
+        self.malformed = 0
+
+    def attach(
+        self,
+        *,
+        runner: Runner,
+        outbound: OutboundCalls,
+        inbound: InboundCalls,
+        sharding: Sharding,
+        persisted: PersistedDelivery,
+        broadcasts: Broadcasts,
+    ) -> None:
+        self._runner = runner
+        self.outbound = outbound
+        self.inbound = inbound
+        self._sharding = sharding
+        self._persisted = persisted
+        self._broadcasts = broadcasts
+
+    def envelope_received(self, peer: RunnerAddress, envelope: Envelope) -> None:
+        # The transport may call from any task (a memory link runs in the
+        # sender's context): dispatch in this runner's context, so handlers,
+        # tasks they start and log records see the right runner.
+        if self._runner is None:
+            return  # still starting
+        runner_token = current_runner_var.set(self._runner)
+        entity_token = current_entity_var.set(None)
+        try:
+            self._dispatch(peer, envelope)
+        finally:
+            current_entity_var.reset(entity_token)
+            current_runner_var.reset(runner_token)
+
+    def _dispatch(self, peer: RunnerAddress, envelope: Envelope) -> None:
+        outbound, inbound = self.outbound, self.inbound
+
+        persisted, broadcasts = self._persisted, self._broadcasts
+        if (
+            outbound is None
+            or inbound is None
+            or persisted is None
+            or broadcasts is None
+        ):
+            return  # still starting
+        try:
+            kind, fields = parse(envelope)
+            if kind is Kind.REQUEST:
+                inbound.request(peer, fields)
+            elif kind is Kind.REPLY:
+                outbound.reply(*fields)
+            elif kind is Kind.NOT_DELIVERED:
+                outbound.not_delivered(*fields)
+            elif kind is Kind.STREAM_ITEM:
+                outbound.stream_item(*fields)
+            elif kind is Kind.STREAM_END:
+                outbound.stream_end(*fields)
+            elif kind is Kind.STREAM_CREDIT:
+                inbound.credit(peer, *fields)
+            elif kind is Kind.INTERRUPT:
+                inbound.interrupt(peer, *fields)
+            elif kind is Kind.PERSISTED:
+                request_id, *where, wants_reply = fields
+                persisted.remote_notice(
+                    request_id, address_from(where), peer if wants_reply else None
+                )
+            elif kind is Kind.PERSISTED_REPLY:
+                persisted.remote_reply(*fields)
+            else:
+                broadcasts.received_from(peer, *fields)
+        except MalformedMessageError as exc:
+            self.malformed += 1
+            log.warning("dropped a malformed envelope from %s: %s", peer, exc)
+
+    def peer_lost(self, peer: RunnerAddress, reason: str) -> None:
+        log.info("lost the connection to %s: %s", peer, reason)
+        if self.outbound is not None:
+            self.outbound.peer_lost(peer)
+        if self.inbound is not None:
+            self.inbound.peer_lost(peer)
+        if self._sharding is not None:
+            self._sharding.poll_soon()

@@ -1,0 +1,296 @@
+"""Routing calls to the runner that serves the entity (Trio driver).
+
+For each call: if this runner serves the entity's shard, the handler runs
+here (in the caller's own task for a volatile call); if the assignment names
+another runner and a transport is configured, the request goes there.
+While the shard has no reachable owner (it is moving, or its runner just
+died and the cluster has not yet reassigned it), the call waits for the
+assignment to change and routes again, within ``send_retry_timeout`` and the
+caller's own deadline, then raises `EntityNotAssignedError`.
+
+Only requests that certainly did not run are routed again: a queued message
+bounced by a stopping shard, a ``NOT_DELIVERED`` answer, a send that never
+left. A volatile request whose owner vanished while it waited fails with
+`RunnerUnavailableError` (it may have run: at most once).
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .._context import current_runner_var
+from .._core._histogram import Histogram
+from .._errors import ClusterError, EntityNotAssignedError, MessageTooLargeError
+from ._manager import NotDelivered
+from ._remote import NotSent, RouteAgain
+from ._slots import JobKind
+from ._streams import StreamReceiver, consume, open_stream_channel
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from .._core._addresses import EntityAddress, RunnerAddress
+    from .._core._config import ShardingConfig
+    from .._registry import EntityType, Handler
+    from .._runner import Runner
+    from ._manager import EntityManager
+    from ._persisted import PersistedDelivery
+    from ._remote import OutboundCalls
+    from ._sharding import Sharding
+
+__all__ = ["Router", "RunnerClosedError"]
+
+
+class RunnerClosedError(ClusterError, trio.ClosedResourceError):
+    """The runner is shut down (or shutting down): it takes no more calls."""
+
+
+RunnerClosedError.__module__ = "trio_cluster"
+
+
+class Router:
+    """Sends each call to the runner that serves its entity."""
+
+    def __init__(
+        self,
+        *,
+        runner: Runner,
+        config: ShardingConfig,
+        sharding: Sharding,
+        manager: EntityManager,
+        persisted: PersistedDelivery,
+    ) -> None:
+        self._runner = runner
+        self._config = config
+        self._sharding = sharding
+        self._manager = manager
+        self._persisted = persisted
+        self._serialize = config.serialize_local_calls
+        self.outbound: OutboundCalls | None = None
+        """Set when the runner has a transport."""
+        self.closed = False
+        self.remote_calls = 0
+        self.latency = {"volatile": Histogram(), "persisted": Histogram()}
+        """Caller-observed latency of rpc calls (completed, failed or
+        cancelled), per delivery kind, in seconds."""
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise RunnerClosedError("the runner is shut down; it takes no more calls")
+
+    def _encode(self, handler: Handler, message: Any) -> bytes:
+        payload = handler.message.encode(message)
+        if len(payload) > self._config.max_message_size:
+            raise MessageTooLargeError(
+                size=len(payload), limit=self._config.max_message_size
+            )
+        return payload
+
+    def _remote_owner(self, address: EntityAddress) -> RunnerAddress | None:
+        if self.outbound is None:
+            return None
+        owner = self._sharding.assignment.get(address.shard)
+        return None if owner is None or owner == self._sharding.address else owner
+
+    async def _wait(self, address: EntityAddress, deadline: float | None) -> float:
+        """Wait for the routing to change; return the (set) routing deadline.
+
+        Raises:
+            EntityNotAssignedError: past the deadline, or no live runner hosts
+                the entity's shard group.
+            RunnerClosedError: the runner shut down meanwhile.
+        """
+        now = trio.current_time()
+        if deadline is None:
+            deadline = now + self._config.send_retry_timeout
+        if now >= deadline or not self._sharding.hosts_group(address.shard.group):
+            raise EntityNotAssignedError(address=str(address))
+        await self._sharding.wait_changed(
+            min(deadline, now + self._config.send_retry_interval)
+        )
+        self.check_open()
+        return deadline
+
+    async def call(
+        self,
+        entity_type: EntityType,
+        address: EntityAddress,
+        handler: Handler,
+        message: Any,
+    ) -> Any:
+        """A call through a client handle (see `BoundRpc.__call__`)."""
+        self.check_open()
+        started = perf_counter()
+        token = (
+            None
+            if current_runner_var.get(None) is self._runner
+            else current_runner_var.set(self._runner)
+        )
+        persisted = handler.spec.persisted
+        try:
+            if persisted:
+                return await self._persisted.call(
+                    address, entity_type, handler, message, discard=False
+                )
+            payload = self._encode(handler, message) if self._serialize else None
+            local_message = (
+                message if payload is None else handler.message.decode(payload)
+            )
+            deadline: float | None = None
+            while True:
+                host = self._sharding.hosts.get(address.shard)
+                if host is not None:
+                    try:
+                        return await self._manager.call(
+                            host, address, entity_type, handler, local_message
+                        )
+                    except NotDelivered:
+                        pass
+                elif (peer := self._remote_owner(address)) is not None:
+                    assert self.outbound is not None
+                    if payload is None:
+                        payload = self._encode(handler, message)
+                    try:
+                        self.remote_calls += 1
+                        return await self.outbound.call(peer, address, handler, payload)
+                    except (NotSent, RouteAgain):
+                        pass
+                deadline = await self._wait(address, deadline)
+        finally:
+            self.latency["persisted" if persisted else "volatile"].observe(
+                perf_counter() - started
+            )
+            if token is not None:
+                current_runner_var.reset(token)
+
+    async def discard(
+        self,
+        entity_type: EntityType,
+        address: EntityAddress,
+        handler: Handler,
+        message: Any,
+    ) -> None:
+        """A fire-and-forget send (see `BoundRpc.discard`)."""
+        self.check_open()
+        # NOTE: as in `call`, a handler started from here runs in a task that
+        # inherits this context: it must name this runner (found by the
+        # simulator: a discard from outside the runner's tasks ran handlers
+        # where `current_runner()` failed).
+        token = (
+            None
+            if current_runner_var.get(None) is self._runner
+            else current_runner_var.set(self._runner)
+        )
+        try:
+            await self._discard(entity_type, address, handler, message)
+        finally:
+            if token is not None:
+                current_runner_var.reset(token)
+
+    async def _discard(
+        self,
+        entity_type: EntityType,
+        address: EntityAddress,
+        handler: Handler,
+        message: Any,
+    ) -> None:
+        if handler.spec.persisted:
+            await self._persisted.call(
+                address, entity_type, handler, message, discard=True
+            )
+            return
+        payload = self._encode(handler, message) if self._serialize else None
+        local_message = message if payload is None else handler.message.decode(payload)
+        deadline: float | None = None
+        while True:
+            host = self._sharding.hosts.get(address.shard)
+            if host is not None:
+                try:
+                    self._manager.submit(
+                        host, address, entity_type, handler, local_message
+                    )
+                except NotDelivered:
+                    pass
+                else:
+                    await trio.lowlevel.checkpoint()
+                    return
+            elif (peer := self._remote_owner(address)) is not None:
+                assert self.outbound is not None
+                try:
+                    await self.outbound.discard(
+                        peer,
+                        address,
+                        handler,
+                        payload or self._encode(handler, message),
+                    )
+                except NotSent:
+                    pass
+                else:
+                    return
+            deadline = await self._wait(address, deadline)
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        entity_type: EntityType,
+        address: EntityAddress,
+        handler: Handler,
+        message: Any,
+    ) -> AsyncIterator[StreamReceiver]:
+        """Open a stream (see `BoundStream.__call__`)."""
+        self.check_open()
+        payload = self._encode(handler, message) if self._serialize else None
+        local_message = message if payload is None else handler.message.decode(payload)
+        deadline: float | None = None
+        while True:
+            host = self._sharding.hosts.get(address.shard)
+            if host is not None:
+                send, receive = open_stream_channel()
+                try:
+                    job = self._manager.submit(
+                        host,
+                        address,
+                        entity_type,
+                        handler,
+                        local_message,
+                        kind=JobKind.STREAM,
+                        stream_channel=send,
+                    )
+                except NotDelivered:
+                    send.close()
+                    receive.close()
+                else:
+                    async with consume(self._manager, job, receive) as items:
+                        yield items
+                    return
+            elif (peer := self._remote_owner(address)) is not None:
+                assert self.outbound is not None
+                opened = self.outbound.stream(
+                    peer, address, handler, payload or self._encode(handler, message)
+                )
+                try:
+                    items = await opened.__aenter__()
+                except NotSent:
+                    pass
+                else:
+                    async with _Exit(opened):
+                        yield items
+                    return
+            deadline = await self._wait(address, deadline)
+
+
+class _Exit:
+    """Exit an already-entered async context manager (for the stream above)."""
+
+    def __init__(self, manager: Any) -> None:
+        self._manager = manager
+
+    async def __aenter__(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def __aexit__(self, *exc_info: object) -> bool:
+        return bool(await self._manager.__aexit__(*exc_info))

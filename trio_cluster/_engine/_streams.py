@@ -1,0 +1,158 @@
+"""Stream handlers: the producer task and the caller's iterator (Trio driver).
+
+A stream request is a `Job` of kind STREAM. When it gets a permit, a producer
+task starts in the shard's nursery: it activates the entity, hands its permit
+to the next message (streams run alongside other handlers), then drives the
+handler's async generator and sends each item through a small memory channel
+to the caller, who reads it with ``async for``. The channel's buffer is the
+backpressure: a slow caller slows the generator down.
+
+The caller's ``async with`` owns the request: leaving the block early (or
+being cancelled) interrupts the generator with Trio cancellation. Errors the
+generator raises reach the caller at the point of iteration: declared errors
+as themselves, others as `RemoteError` (and the entity restarts).
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager, suppress
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from .._context import current_entity_var
+from ..serialization._replies import Exit
+from ._slots import JobState, StopReason
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from ._manager import EntityManager
+    from ._slots import Job, Slot
+
+__all__ = [
+    "StreamReceiver",
+    "consume",
+    "end_stream_nowait",
+    "open_stream_channel",
+    "run_stream",
+]
+
+STREAM_BUFFER: Final = 16
+"""Items buffered between a stream's generator and its caller."""
+
+_ITEM: Final = 0
+_END: Final = 1
+
+
+async def run_stream(manager: EntityManager, slot: Slot, job: Job) -> None:
+    """Producer task of one stream job (runs in the shard's nursery)."""
+    channel = job.stream_channel
+    assert channel is not None
+    shard = slot.shard
+    handler = job.handler
+    scope = shard.start_handler(slot, job)
+    released = False
+    exit_: Exit = Exit()
+    starting = False
+    try:
+        with scope:
+            instance = slot.instance
+            if instance is None:
+                starting = True
+                instance = await manager.activate(slot)
+                starting = False
+            manager.release_stream_permit(slot, job)
+            released = True
+            token = current_entity_var.set(instance)
+            try:
+                generator = handler.spec.fn(instance, job.message)
+                try:
+                    async for item in generator:
+                        await channel.send((_ITEM, _roundtrip(manager, job, item)))
+                finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                        await generator.aclose()
+            finally:
+                current_entity_var.reset(token)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        exit_ = Exit()  # the caller went away: nothing to report
+    except Exception as exc:
+        exit_ = manager._on_error(slot, job, exc, during_start=starting)
+    finally:
+        shard.finish_handler(slot, job, scope)
+        job.scope = None
+
+        job.state = JobState.DONE
+        if not released:
+            manager.release_stream_permit(slot, job)
+        manager._after_change(slot)
+    if scope.cancelled_caught:
+        exit_ = manager._stopped(slot, job)
+        if job.stop_reason is StopReason.INTERRUPTED:
+            exit_ = Exit()
+    with trio.move_on_after(1.0):
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await channel.send((_END, exit_))
+    await channel.aclose()
+
+
+def _roundtrip(manager: EntityManager, job: Job, item: Any) -> Any:
+    if not manager._serialize:
+        return item
+    codec = job.handler.reply.value
+    return codec.decode(codec.encode(item))
+
+
+class StreamReceiver:
+    """The caller's side of a stream: an async iterator of items."""
+
+    def __init__(self, receive: trio.MemoryReceiveChannel[Any]) -> None:
+        self._receive = receive
+        self.finished = False
+
+    def __aiter__(self) -> StreamReceiver:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            kind, value = await self._receive.receive()
+        except trio.EndOfChannel:
+            self.finished = True
+            raise StopAsyncIteration from None
+        if kind == _ITEM:
+            return value
+        self.finished = True
+        exit_: Exit = value
+        exit_.unwrap()
+        raise StopAsyncIteration
+
+
+def open_stream_channel() -> tuple[
+    trio.MemorySendChannel[Any], trio.MemoryReceiveChannel[Any]
+]:
+    """The channel between a stream's producer and its caller."""
+    return trio.open_memory_channel[Any](STREAM_BUFFER)
+
+
+def end_stream_nowait(channel: trio.MemorySendChannel[Any], exit_: Exit) -> None:
+    """End a stream that never started (its job was bounced)."""
+    with suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        channel.send_nowait((_END, exit_))
+    channel.close()
+
+
+@asynccontextmanager
+async def consume(
+    manager: EntityManager, job: Job, receive: trio.MemoryReceiveChannel[Any]
+) -> AsyncIterator[StreamReceiver]:
+    """Own a submitted stream job from the caller's side (see module doc)."""
+    receiver = StreamReceiver(receive)
+    try:
+        yield receiver
+    finally:
+        if not receiver.finished:
+            manager.cancel_job(job)
+        await receive.aclose()

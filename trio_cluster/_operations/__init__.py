@@ -1,0 +1,1 @@
+"""Operations: statistics snapshots and the Prometheus/health HTTP endpoint (private)."""

@@ -1,0 +1,130 @@
+"""Parts of the PostgreSQL `MessageStorage` that need no pool (edge adapter).
+
+`dedup_key` hashes a request's dedup identity, `reply_outcomes` turns what
+the save-replies statement saw and wrote into `ReplyOutcome` s (the rules of
+`MemoryStorage`), and `PgTransaction` is the transaction handed to
+transactional handlers (`PgMessages.open_transaction`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from trio_cluster._errors import PersistenceError
+from trio_cluster._storage_abc import (
+    PersistedRequest,
+    ReplyOutcome,
+    ReplyRecord,
+    StorageTransaction,
+)
+
+from ._driver._errors import is_storage_failure
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ._driver._driver import PgConnection
+
+
+__all__ = ["PgTransaction", "dedup_key", "reply_outcomes"]
+
+_OUTCOMES = {"u": ReplyOutcome.UNKNOWN_REQUEST, "s": ReplyOutcome.STALE_EPOCH}
+
+
+def dedup_key(request: PersistedRequest) -> bytes | None:
+    """The 128-bit dedup hash of a request's address, tag and primary key."""
+    if request.primary_key is None:
+        return None
+    address = request.address
+    fields = (
+        address.entity_type,
+        address.entity_id.value,
+        address.shard.group,
+        str(address.shard.number),
+        request.tag,
+        request.primary_key,
+    )
+    # Length-prefixed, so no two different field tuples encode alike.
+    text = "".join(f"{len(field)}:{field}" for field in fields)
+    return hashlib.blake2b(
+        text.encode("utf-8", "surrogatepass"), digest_size=16
+    ).digest()
+
+
+def reply_outcomes(
+    replies: list[ReplyRecord],
+    statuses: list[str],
+    written: set[tuple[int, int | None]],
+) -> list[ReplyOutcome]:
+    """Each reply's outcome, given its status in the statement's snapshot and
+    the replies the statement wrote (as `MemoryStorage` decides them: in
+    order, the first valid reply per request and sequence, none after the
+    request's first valid final reply)."""
+    outcomes: list[ReplyOutcome] = []
+    taken: set[tuple[int, int | None]] = set()
+    finished: set[int] = set()
+    for reply, status in zip(replies, statuses, strict=True):
+        key = (reply.request_id, reply.sequence)
+        if status in _OUTCOMES:
+            outcomes.append(_OUTCOMES[status])
+        elif status != "v" or key in taken or reply.request_id in finished:
+            outcomes.append(ReplyOutcome.DUPLICATE)
+        else:
+            taken.add(key)
+            if reply.sequence is None:
+                finished.add(reply.request_id)
+            recorded = key in written
+            outcomes.append(
+                ReplyOutcome.RECORDED if recorded else ReplyOutcome.DUPLICATE
+            )
+    return outcomes
+
+
+class PgTransaction(StorageTransaction):
+    """A transaction on one pooled connection, for transactional handlers.
+
+    Statements of concurrent tasks take turns. After the transaction ended,
+    `execute` raises ``trio.ClosedResourceError``.
+    """
+
+    def __init__(self, connection: PgConnection, owner: object) -> None:
+        self.connection = connection
+        self.owner = owner
+        self.finished = False
+        self._mutex = trio.StrictFIFOLock()
+
+    async def execute(
+        self, query: str, params: Sequence[object] = ()
+    ) -> list[tuple[Any, ...]]:
+        """Run one statement in the transaction; return its rows.
+
+        Raises:
+            TypeError: ``query`` is not a str.
+            PersistenceError: the statement failed (the transaction is then
+                aborted: COMMIT rolls back and raises). If storage was at
+                fault (`is_storage_failure`), it is also kept as `failure`.
+            trio.ClosedResourceError: the transaction already ended.
+
+        On cancellation the statement is cancelled; the transaction is rolled
+        back when its block exits.
+        """
+        if not isinstance(query, str):
+            raise TypeError(f"query must be a str, got {query!r}")
+        return await self.execute_internal(query, list(params))
+
+    async def execute_internal(
+        self, query: str, params: Sequence[object]
+    ) -> list[tuple[Any, ...]]:
+        if self.finished:
+            await trio.lowlevel.checkpoint()
+            raise trio.ClosedResourceError("the transaction is already finished")
+        async with self._mutex:
+            try:
+                return (await self.connection.execute(query, params)).rows
+            except PersistenceError as exc:
+                if self.failure is None and is_storage_failure(exc):
+                    self.failure = exc
+                raise

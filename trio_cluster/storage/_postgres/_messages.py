@@ -1,0 +1,438 @@
+"""The PostgreSQL `MessageStorage`: durable requests and replies (edge adapter).
+
+Theory of operation: every call validates its arguments exactly like
+`MemoryStorage` (same `TypeError`/`ValueError` messages, from
+`._validation`), borrows a connection of the session's pool, and runs *one*
+statement (`._pg_queries`) whatever the batch size. Only the parts of the
+contract that a statement cannot express cheaply are done here:
+
+* duplicates *within* a `save_requests` batch (same request id, or same
+  address, tag and primary key as an earlier item) are resolved before the
+  statement, which then only sees first occurrences, and answered from the
+  first occurrence's result, as `MemoryStorage` would;
+* a request saved concurrently by another session can be invisible to the
+  statement's snapshot although it blocks our insert; such items are saved
+  again (a new statement sees the winner as the original).
+
+The dedup hash, the reply-outcome rules and the transaction of
+transactional handlers are in `._pg_message_parts`.
+
+Errors: the driver's `PgError`/`ConnectionLostError` are `PersistenceError`
+subclasses (with the psycopg error as ``__cause__``); a call on a closed
+session raises ``trio.ClosedResourceError``. A connection that broke is
+replaced by the pool on the next call.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from trio_cluster._core._addresses import EntityAddress, EntityId, ShardId
+from trio_cluster._storage_abc import (
+    ClaimBatch,
+    ClaimedRequest,
+    MessageStorage,
+    Notification,
+    PersistedRequest,
+    ReplyOutcome,
+    ReplyQuery,
+    ReplyRecord,
+    SaveResult,
+    StorageTransaction,
+    StoredChunk,
+    StoredReplies,
+)
+
+from .._validation import (
+    QUERY_FIELDS,
+    REPLY_FIELDS,
+    REQUEST_FIELDS,
+    check_fields,
+    check_int,
+    check_items,
+    check_limit,
+    check_mapping,
+    check_now,
+    check_pairs,
+)
+from ._message_parts import PgTransaction, dedup_key, reply_outcomes
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Mapping, Sequence
+
+    from ._driver._driver import PgResult
+    from ._driver._pool import PgPool, PgPoolStatistics
+    from ._notify import Listener
+    from ._queries import MessageQueries
+
+__all__ = ["PgMessages"]
+
+_SAVE_ATTEMPTS = 5
+
+
+class PgMessages(MessageStorage):
+    """One session's `MessageStorage` on PostgreSQL.
+
+    Args:
+        pool: the session's connection pool for message traffic.
+        transaction_pool: the pool of `open_transaction` (separate, so that
+            slow transactional handlers never starve message traffic).
+        queries: the statements of the cluster.
+        listener: the session's LISTEN connection.
+        channel: the NOTIFY channel.
+        owner: identifies the `PostgresStorage` (transactions must come from it).
+    """
+
+    def __init__(
+        self,
+        *,
+        pool: PgPool,
+        transaction_pool: PgPool,
+        queries: MessageQueries,
+        listener: Listener,
+        channel: str,
+        owner: object,
+    ) -> None:
+        self._pool = pool
+        self._transaction_pool = transaction_pool
+        self._q = queries
+        self._listener = listener
+        self._channel = channel
+        self._owner = owner
+        self._shard_ids: dict[tuple[str, int], ShardId] = {}
+
+    def statistics(self) -> PgPoolStatistics:
+        """The message pool's counters (statements and round trips included)."""
+        return self._pool.statistics()
+
+    def transaction_statistics(self) -> PgPoolStatistics:
+        """The transaction pool's counters."""
+        return self._transaction_pool.statistics()
+
+    async def _execute(self, query: str, params: Sequence[object]) -> PgResult:
+        async with self._pool.connection() as conn:
+            return await conn.execute(query, params)
+
+    def _shard(self, group: str, number: int) -> ShardId:
+        key = (group, number)
+        shard = self._shard_ids.get(key)
+        if shard is None:
+            shard = self._shard_ids[key] = ShardId(group, number)
+        return shard
+
+    # ------------------------------------------------------------------
+    # Saving
+
+    async def save_requests(
+        self, requests: Sequence[PersistedRequest], *, now: float
+    ) -> list[SaveResult]:
+        checked = check_items(requests, PersistedRequest, "requests")
+        for request in checked:
+            check_fields(request, REQUEST_FIELDS)
+            if request.deliver_at is not None:
+                check_now(request.deliver_at, "PersistedRequest.deliver_at")
+        now = check_now(now)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not checked:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return []
+        keys = [dedup_key(request) for request in checked]
+        # Resolve duplicates within the batch: item -> index of its first occurrence.
+        first: list[int] = []
+        by_id: dict[int, int] = {}
+        by_key: dict[bytes, int] = {}
+        for index, (request, key) in enumerate(zip(checked, keys, strict=True)):
+            earlier = by_id.get(request.request_id)
+            if earlier is None and key is not None:
+                earlier = by_key.get(key)
+            if earlier is None:
+                earlier = index
+                by_id[request.request_id] = index
+                if key is not None:
+                    by_key[key] = index
+            first.append(earlier)
+        sent = sorted(set(first))
+        # Per first occurrence: (inserted, original id, current claim epoch, final).
+        outcome: dict[int, tuple[bool, int, int | None, bytes | None]] = {}
+        pending = sent
+        for _ in range(_SAVE_ATTEMPTS):
+            rows = await self._save_rows(
+                [checked[i] for i in pending], pending, keys, now
+            )
+            inserted = {row[2]: row[3] for row in rows if row[0] == 0}
+            retry = []
+            for kind, ord_, original, claimed_epoch, final in rows:
+                if kind != 1:
+                    continue
+                request_id = checked[ord_].request_id
+                if request_id in inserted:
+                    outcome[ord_] = (True, request_id, inserted[request_id], None)
+                elif original is not None:
+                    outcome[ord_] = (False, original, claimed_epoch, final)
+                else:  # blocked by a concurrent save our snapshot cannot see
+                    retry.append(ord_)
+            if not retry:
+                break
+            pending = sorted(retry)
+        results: list[SaveResult] = []
+        for index, request in enumerate(checked):
+            stored, original, claimed_epoch, final = outcome[first[index]]
+            duplicate = not stored or first[index] != index
+            claimed = (
+                claimed_epoch is not None
+                and original == request.request_id
+                and claimed_epoch == request.claim_epoch
+            )
+            results.append(
+                SaveResult(
+                    original,
+                    duplicate=duplicate,
+                    claimed=claimed,
+                    final_reply=final if duplicate else None,
+                )
+            )
+        return results
+
+    async def _save_rows(
+        self,
+        requests: list[PersistedRequest],
+        ords: list[int],
+        keys: list[bytes | None],
+        now: float,
+    ) -> list[tuple[Any, ...]]:
+        addresses = [request.address for request in requests]
+        params: list[object] = [
+            [request.request_id for request in requests],
+            [address.shard.group for address in addresses],
+            [address.shard.number for address in addresses],
+            [address.entity_type for address in addresses],
+            [address.entity_id.value for address in addresses],
+            [request.tag for request in requests],
+            [request.payload for request in requests],
+            [request.primary_key for request in requests],
+            [keys[i] for i in ords],
+            [
+                None if request.deliver_at is None else float(request.deliver_at)
+                for request in requests
+            ],
+            [request.stream for request in requests],
+            [request.claim_epoch for request in requests],
+            ords,
+            now,
+            self._channel,
+        ]
+        return (await self._execute(self._q.save, params)).rows
+
+    # ------------------------------------------------------------------
+    # Claiming
+
+    async def claim(
+        self, shards: Mapping[ShardId, int], *, now: float, limit: int
+    ) -> ClaimBatch:
+        checked = check_mapping(shards, ShardId, "shards")
+        now = check_now(now)
+        limit = check_limit(limit)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not checked:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return ClaimBatch(requests=[], next_deliver_at=None)
+        order = list(checked)
+        params: list[object] = [
+            [shard.group for shard in order],
+            [shard.number for shard in order],
+            [checked[shard] for shard in order],
+            now,
+            min(limit, 2**31 - 2),
+        ]
+        rows = (await self._execute(self._q.claim, params)).rows
+        claimed: list[tuple[int, ClaimedRequest]] = []
+        stale: set[ShardId] = set()
+        next_deliver_at: float | None = None
+        more = False
+        for row in rows:
+            kind = row[0]
+            if kind == 0:
+                claimed.append((row[2], self._claimed(row)))
+            elif kind == 1:
+                stale.add(self._shard(row[3], row[4]))
+            else:
+                next_deliver_at, more = row[10], bool(row[11])
+        claimed.sort(key=lambda pair: pair[0])
+        return ClaimBatch(
+            requests=[request for _, request in claimed],
+            next_deliver_at=next_deliver_at,
+            stale_shards=frozenset(stale),
+            more=more,
+        )
+
+    def _claimed(self, row: tuple[Any, ...]) -> ClaimedRequest:
+        (_, request_id, _, group, number, entity_type, entity_id, tag, payload) = row[
+            :9
+        ]
+        (primary_key, deliver_at, stream, interrupted, next_sequence, epoch) = row[9:]
+        return ClaimedRequest(
+            request_id=request_id,
+            address=EntityAddress(
+                entity_type, EntityId(entity_id), self._shard(group, number)
+            ),
+            tag=tag,
+            payload=payload,
+            primary_key=primary_key,
+            deliver_at=deliver_at,
+            stream=stream,
+            interrupted=interrupted,
+            next_sequence=next_sequence,
+            epoch=epoch,
+        )
+
+    # ------------------------------------------------------------------
+    # Replies
+
+    async def save_replies(
+        self,
+        replies: Sequence[ReplyRecord],
+        *,
+        now: float,
+        transaction: StorageTransaction | None = None,
+    ) -> list[ReplyOutcome]:
+        checked = check_items(replies, ReplyRecord, "replies")
+        for reply in checked:
+            check_fields(reply, REPLY_FIELDS)
+            if reply.sequence is not None and reply.sequence < 0:
+                raise ValueError(
+                    f"ReplyRecord.sequence must be >= 0, got {reply.sequence}"
+                )
+        now = check_now(now)
+        if transaction is not None and (
+            not isinstance(transaction, PgTransaction)
+            or transaction.owner is not self._owner
+        ):
+            raise ValueError(
+                "transaction must come from open_transaction() of this storage"
+            )
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not checked:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return []
+        params: list[object] = [
+            list(range(len(checked))),
+            [reply.request_id for reply in checked],
+            [reply.shard.group for reply in checked],
+            [reply.shard.number for reply in checked],
+            [reply.epoch for reply in checked],
+            [reply.payload for reply in checked],
+            [reply.sequence for reply in checked],
+            now,
+            self._channel,
+        ]
+        if transaction is None:
+            rows = (await self._execute(self._q.save_replies, params)).rows
+        else:
+            rows = await transaction.execute_internal(self._q.save_replies, params)
+        statuses: list[str] = ["d"] * len(checked)
+        written: set[tuple[int, int | None]] = set()
+        for kind, number, status, sequence in rows:
+            if kind == 0:
+                statuses[number] = status
+            elif kind == 1:
+                written.add((number, sequence))
+        return reply_outcomes(checked, statuses, written)
+
+    @asynccontextmanager
+    async def open_transaction(self) -> AsyncIterator[StorageTransaction]:
+        """Open a transaction on a connection of the transaction pool (see
+        `MessageStorage`); waits (cancellably) while every one is in use.
+
+        ``BEGIN`` runs on entry; the block's normal exit commits (a failed
+        ``COMMIT`` raises `PersistenceError`); an exception or cancellation
+        rolls back (shielded, bounded) and propagates. The connection goes
+        back to the pool afterwards.
+        """
+        async with self._transaction_pool.connection() as conn, conn.transaction():
+            transaction = PgTransaction(conn, self._owner)
+            try:
+                yield transaction
+            finally:
+                transaction.finished = True
+
+    async def replies_for(self, queries: Sequence[ReplyQuery]) -> list[StoredReplies]:
+        checked = check_items(queries, ReplyQuery, "queries")
+        for query in checked:
+            check_fields(query, QUERY_FIELDS)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not checked:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return []
+        params: list[object] = [
+            list(range(len(checked))),
+            [query.request_id for query in checked],
+            [query.after_sequence for query in checked],
+        ]
+        rows = (await self._execute(self._q.replies_for, params)).rows
+        results: list[StoredReplies] = [
+            StoredReplies(q.request_id, known=False) for q in checked
+        ]
+        for ord_, known, acked, final, sequences, payloads in rows:
+            if not known:
+                continue
+            chunks = [
+                StoredChunk(sequence, payload)
+                for sequence, payload in zip(
+                    sequences or (), payloads or (), strict=True
+                )
+            ]
+            results[ord_] = StoredReplies(
+                checked[ord_].request_id,
+                known=True,
+                chunks=chunks,
+                final=final,
+                acked_sequence=acked,
+            )
+        return results
+
+    async def ack_chunks(self, acks: Sequence[tuple[int, int]]) -> None:
+        checked = check_pairs(acks, "acks")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not checked:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        params = [[a[0] for a in checked], [a[1] for a in checked]]
+        await self._execute(self._q.ack_chunks, params)
+
+    async def interrupt(self, request_ids: Sequence[int]) -> None:
+        checked = [
+            check_int(i, "request id")
+            for i in check_items(request_ids, int, "request_ids")
+        ]
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not checked:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        await self._execute(self._q.interrupt, [checked, self._channel])
+
+    async def clear_address(self, address: EntityAddress) -> int:
+        if not isinstance(address, EntityAddress):
+            raise TypeError(f"address must be an EntityAddress, got {address!r}")
+        params = [
+            address.entity_id.value,
+            address.entity_type,
+            address.shard.group,
+            address.shard.number,
+        ]
+        return (await self._execute(self._q.clear_address, params)).rowcount
+
+    async def delete_processed(self, *, older_than: float, limit: int) -> int:
+        older_than = check_now(older_than, "older_than")
+        limit = check_limit(limit)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if limit == 0:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return 0
+        params = [older_than, limit]
+        return (await self._execute(self._q.delete_processed, params)).rowcount
+
+    async def wait_notifications(self) -> list[Notification]:
+        return await self._listener.wait()

@@ -1,0 +1,326 @@
+"""The SQL of the PostgreSQL `MessageStorage`: one statement per call (edge adapter).
+
+Every batch operation is a single statement over ``unnest``-ed array
+parameters, so its cost in round trips does not grow with the batch; the
+runtime's group commit makes batches grow with the load. Data-modifying CTEs
+do the work and ``pg_notify`` the listeners in the same statement (delivered
+at commit). The statements are built once per table prefix and prepared on
+each connection by the driver.
+
+Notification payloads are JSON, at most ~7 kB each (PostgreSQL's limit is
+8000 bytes), split by cumulative size:
+
+* ``{"m": [[group, number], ...], "d": earliest deliver_at or null}``:
+  requests saved unclaimed in these shards;
+* ``{"r": [request_id, ...]}``: replies recorded;
+* ``{"i": [request_id, ...], "s": [[group, number], ...]}``: interrupts.
+
+Shards whose group name is longer than 1000 bytes are left out of
+notifications (they are hints; consumers also poll).
+
+Fencing is checked against the ``shards`` row as of the statement's snapshot:
+a reply or a claim that races with the acquisition that bumps the epoch may
+still be accepted under the old epoch. That never records two final replies
+(the request row is updated under its row lock, ``processed_at IS NULL``
+re-checked), and claims made under a stale epoch are claimed again by the new
+owner.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+
+if TYPE_CHECKING:
+    from ._schema import PgNames
+
+__all__ = ["MessageQueries"]
+
+# Cumulative payload size per notification, and the longest group name sent.
+_CHUNK = 6000
+_LONGEST_GROUP = 1000
+
+
+@attrs.frozen
+class MessageQueries:
+    """The message statements of one cluster (see the module docstring)."""
+
+    save: str
+    claim: str
+    save_replies: str
+    replies_for: str
+    ack_chunks: str
+    interrupt: str
+    clear_address: str
+    delete_processed: str
+
+    @classmethod
+    def build(cls, names: PgNames) -> MessageQueries:
+        m, r, s = names.messages, names.replies, names.shards
+        return cls(
+            save=_save(m, r, s),
+            claim=_claim(m, s),
+            save_replies=_save_replies(m, r, s),
+            replies_for=_replies_for(m, r),
+            ack_chunks=f"""
+UPDATE {m} m SET acked_sequence = a.seq
+FROM (
+    SELECT request_id, max(seq) AS seq
+    FROM unnest($1::int8[], $2::int8[]) AS t(request_id, seq)
+    GROUP BY request_id
+) a
+WHERE m.request_id = a.request_id AND a.seq > m.acked_sequence""",
+            interrupt=f"""
+WITH hit AS (
+    UPDATE {m} SET interrupted = true
+    WHERE request_id = ANY($1::int8[]) AND processed_at IS NULL
+    RETURNING request_id, shard_group, shard_number
+), notes AS MATERIALIZED (
+    SELECT pg_notify($2::text, json_build_object(
+        'i', json_agg(request_id), 's', json_agg(json_build_array(g, n)))::text)
+    FROM (
+        SELECT request_id, shard_group AS g, shard_number AS n,
+               sum(octet_length(to_json(shard_group)::text) + 40)
+                   OVER (ORDER BY request_id) / {_CHUNK} AS chunk
+        FROM hit WHERE octet_length(shard_group) <= {_LONGEST_GROUP}
+    ) x
+    GROUP BY chunk
+)
+SELECT (SELECT count(*) FROM hit), (SELECT count(*) FROM notes)""",
+            clear_address=f"""
+DELETE FROM {m}
+WHERE entity_id = $1::text AND entity_type = $2::text
+  AND shard_group = $3::text AND shard_number = $4::int4""",
+            delete_processed=f"""
+DELETE FROM {m} m USING (
+    SELECT request_id FROM {m}
+    WHERE processed_at IS NOT NULL AND processed_at < $1::float8
+    ORDER BY processed_at
+    LIMIT $2::int8
+    FOR UPDATE SKIP LOCKED
+) d
+WHERE m.request_id = d.request_id""",
+        )
+
+
+def _save(m: str, r: str, s: str) -> str:
+    # Parameters: $1..$13 one array per field, $14 now, $15 the channel.
+    # Rows: kind 0 = inserted (request id, claimed epoch); kind 1 = per input
+    # row (ord, the original found in the statement's snapshot, the epoch it
+    # is claimed at *currently* or NULL, its final reply); kind 2 = summary.
+    # Inserted rows are not in the snapshot: the client merges both kinds.
+    return f"""
+WITH input AS MATERIALIZED (
+    SELECT i.*, sh.epoch AS shard_epoch
+    FROM unnest($1::int8[], $2::text[], $3::int4[], $4::text[], $5::text[],
+                $6::text[], $7::bytea[], $8::text[], $9::bytea[], $10::float8[],
+                $11::bool[], $12::int8[], $13::int4[])
+        AS i(request_id, shard_group, shard_number, entity_type, entity_id, tag,
+             payload, primary_key, dedup, deliver_at, stream, claim_epoch, ord)
+    LEFT JOIN {s} sh
+        ON sh.shard_group = i.shard_group AND sh.shard_number = i.shard_number
+), ins AS (
+    INSERT INTO {m} (request_id, shard_group, shard_number, entity_type, entity_id,
+                     tag, payload, primary_key, dedup, deliver_at, stream,
+                     claimed_epoch, saved_at)
+    SELECT request_id, shard_group, shard_number, entity_type, entity_id, tag,
+           payload, primary_key, dedup, deliver_at, stream,
+           CASE WHEN (deliver_at IS NULL OR deliver_at <= $14::float8)
+                     AND claim_epoch = shard_epoch
+                THEN claim_epoch END,
+           $14::float8
+    FROM input ORDER BY ord
+    ON CONFLICT DO NOTHING
+    RETURNING request_id, shard_group, shard_number, deliver_at, claimed_epoch
+), notes AS MATERIALIZED (
+    SELECT pg_notify($15::text, json_build_object(
+        'm', json_agg(json_build_array(g, n)), 'd', min(d))::text)
+    FROM (
+        SELECT g, n, d,
+               sum(octet_length(to_json(g)::text) + 16)
+                   OVER (ORDER BY g, n) / {_CHUNK} AS chunk
+        FROM (
+            SELECT shard_group AS g, shard_number AS n, min(deliver_at) AS d
+            FROM ins
+            WHERE claimed_epoch IS NULL
+              AND octet_length(shard_group) <= {_LONGEST_GROUP}
+            GROUP BY 1, 2
+        ) per_shard
+    ) x
+    GROUP BY chunk
+)
+SELECT 0, NULL::int4, request_id, claimed_epoch, NULL::bytea FROM ins
+UNION ALL
+SELECT 1, i.ord, o.request_id,
+       CASE WHEN o.processed_at IS NULL AND o.claimed_epoch = os.epoch
+            THEN o.claimed_epoch END,
+       f.payload
+FROM input i
+LEFT JOIN LATERAL (
+    (SELECT x.request_id, x.claimed_epoch, x.processed_at, x.shard_group,
+            x.shard_number
+     FROM {m} x WHERE x.request_id = i.request_id)
+    UNION ALL
+    (SELECT x.request_id, x.claimed_epoch, x.processed_at, x.shard_group,
+            x.shard_number
+     FROM {m} x
+     WHERE i.dedup IS NOT NULL AND x.dedup IS NOT NULL AND x.dedup = i.dedup)
+    LIMIT 1
+) o ON true
+LEFT JOIN {s} os
+    ON os.shard_group = o.shard_group AND os.shard_number = o.shard_number
+LEFT JOIN {r} f ON f.request_id = o.request_id AND f.sequence IS NULL
+UNION ALL
+SELECT 2, count(*), NULL, NULL, NULL FROM notes"""
+
+
+def _claim(m: str, s: str) -> str:
+    # Parameters: $1 groups, $2 numbers, $3 epochs, $4 now, $5 limit.
+    # Candidates come from three indexes, each read in order and cut at
+    # limit + 1 per shard: ready (unclaimed, no deliver_at), delayed
+    # (unclaimed, due) and claimed (at an older epoch, by a previous owner).
+    # Requests claimed at the current epoch are in none of these ranges.
+    # Rows: kind 0 = a claimed request, 1 = a stale shard, 2 = the summary
+    # (next deliver_at in column 10, "more" in column 11).
+    return f"""
+WITH want AS MATERIALIZED (
+    SELECT w.g, w.n, w.e, coalesce(sh.epoch = w.e, false) AS ok
+    FROM unnest($1::text[], $2::int4[], $3::int8[]) AS w(g, n, e)
+    LEFT JOIN {s} sh ON sh.shard_group = w.g AND sh.shard_number = w.n
+), cand AS MATERIALIZED (
+    SELECT c.request_id, c.seq, w.e
+    FROM want w CROSS JOIN LATERAL (
+        (SELECT x.request_id, x.seq FROM {m} x
+         WHERE x.shard_group = w.g AND x.shard_number = w.n
+           AND x.processed_at IS NULL AND x.claimed_epoch IS NULL
+           AND x.deliver_at IS NULL
+         ORDER BY x.seq LIMIT $5::int4 + 1)
+        UNION ALL
+        (SELECT x.request_id, x.seq FROM {m} x
+         WHERE x.shard_group = w.g AND x.shard_number = w.n
+           AND x.processed_at IS NULL AND x.claimed_epoch IS NULL
+           AND x.deliver_at IS NOT NULL AND x.deliver_at <= $4::float8
+         ORDER BY x.seq LIMIT $5::int4 + 1)
+        UNION ALL
+        (SELECT x.request_id, x.seq FROM {m} x
+         WHERE x.shard_group = w.g AND x.shard_number = w.n
+           AND x.processed_at IS NULL AND x.claimed_epoch IS NOT NULL
+           AND x.claimed_epoch < w.e
+           AND (x.deliver_at IS NULL OR x.deliver_at <= $4::float8)
+         ORDER BY x.seq LIMIT $5::int4 + 1)
+    ) c
+    WHERE w.ok
+), pick AS MATERIALIZED (
+    SELECT x.request_id, c.e
+    FROM (SELECT * FROM cand ORDER BY seq LIMIT $5::int4) c
+    JOIN {m} x ON x.request_id = c.request_id
+    WHERE x.processed_at IS NULL
+      AND (x.claimed_epoch IS NULL OR x.claimed_epoch < c.e)
+    FOR UPDATE OF x SKIP LOCKED
+), upd AS (
+    UPDATE {m} x SET claimed_epoch = p.e
+    FROM pick p WHERE x.request_id = p.request_id
+    RETURNING x.request_id, x.seq, x.shard_group, x.shard_number, x.entity_type,
+              x.entity_id, x.tag, x.payload, x.primary_key, x.deliver_at,
+              x.stream, x.interrupted, x.next_sequence, p.e
+)
+SELECT 0, request_id, seq, shard_group, shard_number, entity_type, entity_id, tag,
+       payload, primary_key, deliver_at, stream, interrupted, next_sequence, e
+FROM upd
+UNION ALL
+SELECT 1, NULL, NULL, g, n, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+FROM want WHERE NOT ok
+UNION ALL
+SELECT 2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       (SELECT min(d.deliver_at) FROM want w CROSS JOIN LATERAL (
+            SELECT x.deliver_at FROM {m} x
+            WHERE x.shard_group = w.g AND x.shard_number = w.n
+              AND x.processed_at IS NULL AND x.claimed_epoch IS NULL
+              AND x.deliver_at IS NOT NULL AND x.deliver_at > $4::float8
+            ORDER BY x.deliver_at LIMIT 1
+        ) d WHERE w.ok),
+       (SELECT count(*) FROM cand) > $5::int4,
+       NULL, NULL, NULL"""
+
+
+def _save_replies(m: str, r: str, s: str) -> str:
+    # Parameters: $1 ord, $2 request ids, $3 groups, $4 numbers, $5 epochs,
+    # $6 payloads, $7 sequences (NULL: final), $8 now, $9 the channel.
+    # Rows: kind 0 = per input (ord, status: u = unknown, s = stale,
+    # d = recorded before, v = valid); kind 1 = a reply written (request id,
+    # sequence); kind 2 = summary. The client picks each written reply's
+    # input (the first valid one with that key, not after a final).
+    # The reply is inserted first: the unique key (request_id, sequence) with
+    # NULLs not distinct admits one final reply even against concurrent
+    # writers; then the request row is updated from what was written.
+    return f"""
+WITH input AS MATERIALIZED (
+    SELECT i.*,
+           CASE WHEN x.request_id IS NULL THEN 'u'
+                WHEN x.shard_group <> i.shard_group
+                     OR x.shard_number <> i.shard_number
+                     OR sh.epoch IS DISTINCT FROM i.epoch THEN 's'
+                WHEN x.processed_at IS NOT NULL THEN 'd'
+                WHEN i.sequence IS NOT NULL AND EXISTS (
+                    SELECT 1 FROM {r} y
+                    WHERE y.request_id = i.request_id AND y.sequence = i.sequence
+                ) THEN 'd'
+                ELSE 'v' END AS status
+    FROM unnest($1::int4[], $2::int8[], $3::text[], $4::int4[], $5::int8[],
+                $6::bytea[], $7::int8[])
+        AS i(ord, request_id, shard_group, shard_number, epoch, payload, sequence)
+    LEFT JOIN {m} x ON x.request_id = i.request_id
+    LEFT JOIN {s} sh
+        ON sh.shard_group = i.shard_group AND sh.shard_number = i.shard_number
+), written AS (
+    INSERT INTO {r} (request_id, sequence, payload)
+    SELECT request_id, sequence, payload FROM (
+        SELECT v.*,
+               row_number() OVER (PARTITION BY request_id, sequence ORDER BY ord)
+                   AS rank,
+               min(ord) FILTER (WHERE sequence IS NULL)
+                   OVER (PARTITION BY request_id) AS final_ord
+        FROM input v WHERE status = 'v'
+    ) ranked
+    WHERE rank = 1 AND (final_ord IS NULL OR ord <= final_ord)
+    ON CONFLICT DO NOTHING
+    RETURNING request_id, sequence
+), touched AS (
+    UPDATE {m} x
+    SET processed_at = CASE WHEN w.has_final THEN $8::float8 ELSE x.processed_at END,
+        next_sequence = greatest(x.next_sequence, coalesce(w.last + 1, 0))
+    FROM (
+        SELECT request_id, bool_or(sequence IS NULL) AS has_final,
+               max(sequence) AS last
+        FROM written GROUP BY request_id
+    ) w
+    WHERE x.request_id = w.request_id
+), notes AS MATERIALIZED (
+    SELECT pg_notify($9::text, json_build_object('r', json_agg(request_id))::text)
+    FROM (
+        SELECT request_id, (row_number() OVER (ORDER BY request_id) - 1) / 300 AS chunk
+        FROM (SELECT DISTINCT request_id FROM written) d
+    ) x
+    GROUP BY chunk
+)
+SELECT 0, ord::int8, status, NULL::int8 FROM input
+UNION ALL
+SELECT 1, request_id, NULL, sequence FROM written
+UNION ALL
+SELECT 2, count(*), NULL, NULL FROM notes"""
+
+
+def _replies_for(m: str, r: str) -> str:
+    # Parameters: $1 ord, $2 request ids, $3 after_sequence.
+    return f"""
+SELECT q.ord, x.request_id IS NOT NULL, x.acked_sequence, f.payload,
+       c.sequences, c.payloads
+FROM unnest($1::int4[], $2::int8[], $3::int8[]) AS q(ord, request_id, after)
+LEFT JOIN {m} x ON x.request_id = q.request_id
+LEFT JOIN {r} f ON f.request_id = x.request_id AND f.sequence IS NULL
+LEFT JOIN LATERAL (
+    SELECT array_agg(y.sequence ORDER BY y.sequence) AS sequences,
+           array_agg(y.payload ORDER BY y.sequence) AS payloads
+    FROM {r} y WHERE y.request_id = x.request_id AND y.sequence > q.after
+) c ON true"""

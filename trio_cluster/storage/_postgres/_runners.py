@@ -1,0 +1,485 @@
+"""The PostgreSQL `RunnerStorage`: registry, shard locks, leases (edge adapter).
+
+Theory of operation: every call is one operation of the session's
+`LockSession` (the dedicated lock connection, see `._pg_locks`), so it renews
+the server session's ``idle_session_timeout`` lease, runs under the lock
+deadline, and on failure ends the session (a new generation holds nothing).
+
+* A shard's lock is the session advisory lock ``(namespace, id)`` where
+  ``id`` is its row in ``shards`` (created on first acquisition). `acquire`
+  is one statement: try-lock every wanted shard this generation does not hold
+  yet (advisory locks are re-entrant, so a held key is never locked twice),
+  then bump the epoch of those it got. `release`/`release_all` unlock in one
+  statement, and concurrent `release` calls share one (`_Release`): a runner
+  that stops its shards one by one at shutdown does not send one statement
+  per shard. `refresh` is a heartbeat plus the generation's own bookkeeping:
+  the same connection still holds what it locked.
+* A runner is *live*
+ while its session holds ``(namespace, -id)``, ``id``
+  being its row in ``runners``; `live_runners` and `shard_owners` join
+  ``pg_locks``. The registration row outlives a lost generation: the next
+  one takes the liveness lock again (`RunnerStorage.register`). Machine ids
+  stay reserved for registered rows, live or not; rows of runners that are
+  not live and were not heard of for ``max(60 s, 10 leases)`` are deleted by
+  the next registration.
+* The newest registration of an address wins. The row of a previous
+  registration of the address is deleted if its session is gone; if its
+  session is still alive (a process that may still be running, e.g. frozen,
+  and still minting Snowflake ids with its machine id), the row is
+  *displaced* instead: its port becomes ``-id`` (never a real port), it no
+  longer counts as a live runner or a shard holder, but it keeps its machine
+  id reserved until that session ends, so the newcomer gets a different one.
+  The displaced session notices at its next call (it is no longer
+  registered).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING, TypeVar
+
+import attrs
+import trio
+
+from trio_cluster._core._addresses import RunnerAddress, ShardId
+from trio_cluster._errors import PersistenceError
+from trio_cluster._storage_abc import RunnerInfo, RunnerStorage, ShardOwner
+
+from .._validation import MACHINE_IDS, RUNNER_FIELDS, check_fields, check_items
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Collection
+
+    from ._driver._driver import PgConnection
+    from ._locks import Generation, LockSession, LockSessionStatistics
+    from ._schema import PgNames
+
+__all__ = ["LOCKS_QUERY", "RUNNER_KEY", "PgRunners"]
+
+T = TypeVar("T")
+
+
+# The cluster's granted two-int advisory locks in this database ($1: the
+# namespace as pg_locks' classid): pid and key (objid, the second int).
+LOCKS_QUERY = """
+SELECT pid, objid::int8 AS key FROM pg_locks
+WHERE locktype = 'advisory' AND objsubid = 2 AND granted
+  AND classid = $1::int8::oid
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+RUNNER_KEY = "4294967296 - r.id"
+"""``objid`` of runner ``r``'s liveness lock ``(namespace, -r.id)``."""
+
+
+@attrs.frozen
+class _Queries:
+    insert_shards: str
+    lock_shards: str
+    unlock: str
+    restore: str
+    heartbeat: str
+    register_gc: str
+    register_takeover: str
+    register: str
+    unregister: str
+    live: str
+    owners: str
+    close: str
+
+    @classmethod
+    def build(cls, names: PgNames) -> _Queries:
+        r, s = names.runners, names.shards
+        return cls(
+            insert_shards=f"""
+INSERT INTO {s} (shard_group, shard_number)
+SELECT * FROM unnest($1::text[], $2::int4[])
+ON CONFLICT DO NOTHING""",
+            lock_shards=f"""
+WITH tried AS MATERIALIZED (
+    SELECT s.id, s.shard_group, s.shard_number,
+           pg_try_advisory_lock($3::int4, s.id) AS got
+    FROM {s} s JOIN unnest($1::text[], $2::int4[]) AS w(g, n)
+        ON s.shard_group = w.g AND s.shard_number = w.n
+), bumped AS (
+    UPDATE {s} s SET epoch = s.epoch + 1, owner = $4::text
+    FROM tried t WHERE s.id = t.id AND t.got
+    RETURNING s.shard_group, s.shard_number, s.id, s.epoch
+)
+SELECT shard_group, shard_number, id, NULL::int8 FROM tried WHERE NOT got
+UNION ALL
+SELECT shard_group, shard_number, id, epoch FROM bumped""",
+            unlock="""
+SELECT count(*) FILTER (WHERE pg_advisory_unlock($1::int4, k))
+FROM unnest($2::int4[]) AS k""",
+            restore=f"""
+SELECT pg_try_advisory_lock($1::int4, -id) FROM {r}
+WHERE id = $2::int4 AND token = $3::text""",
+            heartbeat=f"""
+UPDATE {r} SET seen_at = now() WHERE id = $1::int4 AND token = $2::text
+RETURNING port >= 0""",
+            register_gc=f"""
+DELETE FROM {r} r
+WHERE r.token <> $2::text
+  AND r.seen_at < now() - make_interval(secs => greatest(60, 10 * r.lease))
+  AND NOT EXISTS (SELECT 1 FROM ({LOCKS_QUERY}) l WHERE l.key = {RUNNER_KEY})""",
+            register_takeover=f"""
+WITH old AS MATERIALIZED (
+    SELECT r.id, EXISTS (SELECT 1 FROM ({LOCKS_QUERY}) l WHERE l.key = {RUNNER_KEY}) AS live
+    FROM {r} r
+    WHERE r.host = $2::text AND r.port = $3::int4 AND r.token <> $4::text
+), displaced AS (
+    UPDATE {r} r SET port = -r.id FROM old WHERE r.id = old.id AND old.live
+)
+DELETE FROM {r} r USING old WHERE r.id = old.id AND NOT old.live""",
+            register=f"""
+WITH mine AS (
+    UPDATE {r} SET host = $1::text, port = $2::int4, groups = $3::text[],
+        weight = $4::float8, lease = $5::float8, seen_at = now()
+    WHERE token = $6::text
+    RETURNING id, machine_id
+), free AS (
+    SELECT min(g) AS machine_id FROM generate_series(0, {MACHINE_IDS - 1}) AS g
+    WHERE NOT EXISTS (SELECT 1 FROM {r} x WHERE x.machine_id = g)
+), ins AS (
+    INSERT INTO {r} (host, port, groups, weight, lease, token, machine_id)
+    SELECT $1::text, $2::int4, $3::text[], $4::float8, $5::float8, $6::text,
+           free.machine_id
+    FROM free
+    WHERE free.machine_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM mine)
+    RETURNING id, machine_id
+)
+SELECT id, machine_id,
+       CASE WHEN id = $8::int4 THEN true ELSE pg_try_advisory_lock($7::int4, -id) END
+FROM (SELECT * FROM mine UNION ALL SELECT * FROM ins) AS registered""",
+            unregister=f"""
+WITH gone AS (DELETE FROM {r} WHERE token = $1::text RETURNING id)
+SELECT CASE WHEN id = $3::int4 THEN pg_advisory_unlock($2::int4, -id) END
+FROM gone""",
+            live=f"""
+SELECT r.host, r.port, r.groups, r.weight, r.machine_id
+FROM {r} r
+WHERE r.port >= 0
+  AND EXISTS (SELECT 1 FROM ({LOCKS_QUERY}) l WHERE l.key = {RUNNER_KEY})""",
+            owners=f"""
+WITH locks AS MATERIALIZED ({LOCKS_QUERY}),
+holders AS (
+    SELECT l.pid, r.host, r.port FROM locks l JOIN {r} r ON l.key = {RUNNER_KEY}
+    WHERE r.port >= 0
+)
+SELECT s.shard_group, s.shard_number, s.epoch, h.host, h.port
+FROM {s} s
+LEFT JOIN locks l ON l.key = s.id
+LEFT JOIN holders h ON h.pid = l.pid
+WHERE s.epoch > 0""",
+            close=f"""
+WITH gone AS (DELETE FROM {r} WHERE token = $1::text)
+SELECT pg_advisory_unlock_all()""",
+        )
+
+
+@attrs.define(eq=False)
+class _Release:
+    """One `PgRunners.release` call, waiting for its statement.
+
+    Operations run on the lock connection one at a time, in the order they
+    started. When a release call's turn comes, its statement also unlocks
+    the shards of the release calls queued behind it with no other
+    operation started in between (the same ``barrier``): moving those
+    earlier cannot reorder them with anything (an ``acquire`` started in
+    between must still find its shard held). At shutdown, the runner
+    releases its shards one by one as each stops: this turns hundreds of
+    statements into a few.
+    """
+
+    shards: list[ShardId]
+    barrier: int
+    """`PgRunners._barrier` when the call started."""
+    taken: bool = False
+    """A statement (started, maybe finished) is unlocking these shards."""
+
+
+class PgRunners(RunnerStorage):
+    """One session's `RunnerStorage` on PostgreSQL (see the module docstring).
+
+    Args:
+        names: the cluster's names.
+        lease_duration: the session's lease (stored with its registration).
+        locks: created by the caller with `on_new_generation` as its hook.
+    """
+
+    def __init__(self, names: PgNames, *, lease_duration: float) -> None:
+        self._names = names
+        self._ns = names.namespace
+        self._lock_class = names.namespace & 0xFFFF_FFFF  # classid in pg_locks
+        self._q = _Queries.build(names)
+        self._lease = lease_duration
+        self._token = secrets.token_hex(16)
+        self._registration: RunnerInfo | None = None
+        self._row_id: int | None = None
+        self._shard_ids: dict[ShardId, int] = {}
+        self._releases: list[_Release] = []
+        """`release` calls whose shards no statement has unlocked yet."""
+        self._barrier = 0
+        """Lock operations other than `release` started so far."""
+        self.locks: LockSession | None = None
+        """Set by the session right after construction."""
+
+    def _session(self) -> LockSession:
+        assert self.locks is not None
+        return self.locks
+
+    async def _run(
+        self, what: str, operation: Callable[[PgConnection, Generation], Awaitable[T]]
+    ) -> T:
+        """Run an operation other than `release` on the lock connection."""
+        self._barrier += 1
+        return await self._session().run(what, operation)
+
+    def statistics(self) -> LockSessionStatistics:
+        """Counters of the lock connection (statements, generations)."""
+        return self._session().statistics()
+
+    # ------------------------------------------------------------------
+    # Generations
+
+    async def on_new_generation(self, conn: PgConnection, state: Generation) -> None:
+        """Take the liveness lock again in a new lock session."""
+        await self._restore_liveness(conn, state)
+
+    async def _restore_liveness(self, conn: PgConnection, state: Generation) -> None:
+        if self._row_id is None or state.live_id == self._row_id:
+            return
+        result = await conn.execute(
+            self._q.restore, [self._ns, self._row_id, self._token]
+        )
+        if not result.rows:  # taken over by a newer registration, or deleted
+            self._registration = self._row_id = None
+        elif result.rows[0][0]:
+            state.live_id = self._row_id
+        # else: the previous backend has not exited yet; retried next call.
+
+    async def _heartbeat(self, conn: PgConnection, state: Generation) -> None:
+        if self._row_id is None:
+            await conn.execute("SELECT 1")
+            return
+        result = await conn.execute(self._q.heartbeat, [self._row_id, self._token])
+        if not result.rows:  # deleted (e.g. by another registration's gc)
+            self._registration = self._row_id = None
+        elif not result.rows[0][0]:
+            # Displaced by a newer registration of our address: no longer
+            # registered, but the row (and our machine id) stays reserved
+            # while this session lives, so keep heartbeating it.
+            self._registration = None
+
+    async def cleanup(self, conn: PgConnection, state: Generation) -> None:
+        """At session exit: unregister and unlock everything."""
+        await conn.execute(self._q.close, [self._token])
+        state.held.clear()
+        state.live_id = None
+        self._registration = self._row_id = None
+
+    # ------------------------------------------------------------------
+    # Registry
+
+    async def register(self, runner: RunnerInfo) -> int:
+        if not isinstance(runner, RunnerInfo):
+            raise TypeError(f"runner must be a RunnerInfo, got {runner!r}")
+        check_fields(runner, RUNNER_FIELDS)
+        check_items(runner.groups, str, "RunnerInfo.groups")
+        registered = await self._run(
+            "register", lambda conn, state: self._register(runner, conn, state)
+        )
+        if registered is None:
+            raise PersistenceError(
+                f"no free machine id: {MACHINE_IDS} runners are registered already"
+            )
+        return registered
+
+    async def _register(
+        self, runner: RunnerInfo, conn: PgConnection, state: Generation
+    ) -> int | None:
+        address = runner.address
+        params: list[object] = [
+            address.host,
+            address.port,
+            list(runner.groups),
+            float(runner.weight),
+            self._lease,
+            self._token,
+            self._ns,
+            state.live_id or 0,
+        ]
+        # One transaction, serialized with other registrations by the
+        # transaction lock (namespace, 0).
+        results = await conn.execute_pipeline(
+            [
+                ("SELECT pg_advisory_xact_lock($1::int4, 0)", [self._ns]),
+                (self._q.register_gc, [self._lock_class, self._token]),
+                (
+                    self._q.register_takeover,
+                    [self._lock_class, address.host, address.port, self._token],
+                ),
+                (self._q.register, params),
+            ]
+        )
+        rows = results[-1].rows
+        if not rows:
+            return None
+        row_id, machine_id, live = rows[0]
+        if state.live_id is not None and state.live_id != row_id:
+            # Our old row was deleted meanwhile: drop its orphaned lock.
+            await conn.execute(self._q.unlock, [self._ns, [-state.live_id]])
+            state.live_id = None
+        if live:
+            state.live_id = row_id
+        self._row_id = row_id
+        self._registration = attrs.evolve(runner, machine_id=machine_id)
+        return int(machine_id)
+
+    async def unregister(self) -> None:
+        await self._run("unregister", self._unregister)
+
+    async def _unregister(self, conn: PgConnection, state: Generation) -> None:
+        await conn.execute(
+            self._q.unregister, [self._token, self._ns, state.live_id or 0]
+        )
+        state.live_id = None
+        self._registration = self._row_id = None
+
+    async def live_runners(self) -> list[RunnerInfo]:
+        return await self._run("live_runners", self._live_runners)
+
+    async def _live_runners(
+        self, conn: PgConnection, state: Generation
+    ) -> list[RunnerInfo]:
+        await self._restore_liveness(conn, state)
+        rows = (await conn.execute(self._q.live, [self._lock_class])).rows
+        runners = [
+            RunnerInfo(
+                address=RunnerAddress(host, port),
+                groups=tuple(groups),
+                weight=weight,
+                machine_id=machine_id,
+            )
+            for host, port, groups, weight, machine_id in rows
+        ]
+        return sorted(runners, key=lambda runner: runner.address)
+
+    # ------------------------------------------------------------------
+    # Shard locks
+
+    async def acquire(self, shards: Collection[ShardId]) -> dict[ShardId, int]:
+        checked = list(dict.fromkeys(check_items(shards, ShardId, "shards")))
+        return await self._run(
+            "acquire", lambda conn, state: self._acquire(checked, conn, state)
+        )
+
+    async def _acquire(
+        self, shards: list[ShardId], conn: PgConnection, state: Generation
+    ) -> dict[ShardId, int]:
+        await self._restore_liveness(conn, state)
+        acquired = {s: state.held[s][1] for s in shards if s in state.held}
+        wanted = [shard for shard in shards if shard not in state.held]
+        if not wanted:
+            await self._heartbeat(conn, state)
+            return acquired
+        statements: list[tuple[str, list[object]]] = []
+        if any(shard not in self._shard_ids for shard in wanted):
+            columns = [[s.group for s in wanted], [s.number for s in wanted]]
+            statements.append((self._q.insert_shards, columns))
+        owner = None if self._registration is None else str(self._registration.address)
+        groups, numbers = [s.group for s in wanted], [s.number for s in wanted]
+        statements.append((self._q.lock_shards, [groups, numbers, self._ns, owner]))
+        results = await conn.execute_pipeline(statements)
+        for group, number, key, epoch in results[-1].rows:
+            shard = ShardId(group, number)
+            self._shard_ids[shard] = key
+            if epoch is not None:
+                state.held[shard] = (key, epoch)
+                acquired[shard] = epoch
+        return acquired
+
+    async def refresh(self, shards: Collection[ShardId]) -> set[ShardId]:
+        checked = check_items(shards, ShardId, "shards")
+        return await self._run(
+            "refresh", lambda conn, state: self._refresh(checked, conn, state)
+        )
+
+    async def _refresh(
+        self, shards: list[ShardId], conn: PgConnection, state: Generation
+    ) -> set[ShardId]:
+        await self._restore_liveness(conn, state)
+        await self._heartbeat(conn, state)
+        return {shard for shard in shards if shard in state.held}
+
+    async def release(self, shards: Collection[ShardId]) -> None:
+        """Unlock shards; concurrent calls share statements (see `_Release`).
+
+        On cancellation (or failure) before its statement ran, nothing of
+        this call is released by a later one.
+        """
+        checked = check_items(shards, ShardId, "shards")
+        request = _Release(checked, self._barrier)
+        self._releases.append(request)
+        try:
+            await self._session().run(
+                "release",
+                lambda conn, state: self._release_batch(request, conn, state),
+            )
+        finally:
+            if not request.taken:
+                self._releases.remove(request)
+
+    async def _release_batch(
+        self, request: _Release, conn: PgConnection, state: Generation
+    ) -> None:
+        if request.taken:
+            # An earlier call's statement released these shards (and has
+            # finished: operations take turns), or its connection was lost
+            # with every lock of its generation.
+            await trio.lowlevel.checkpoint()
+            return
+        batch = [r for r in self._releases if r.barrier == request.barrier]
+        for taken in batch:
+            taken.taken = True
+        self._releases = [r for r in self._releases if not r.taken]
+        await self._release([s for r in batch for s in r.shards], conn, state)
+
+    async def release_all(self) -> None:
+        await self._run(
+            "release_all",
+            lambda conn, state: self._release(list(state.held), conn, state),
+        )
+
+    async def _release(
+        self, shards: list[ShardId], conn: PgConnection, state: Generation
+    ) -> None:
+        await self._restore_liveness(conn, state)
+        keys = {state.held[s][0]: s for s in shards if s in state.held}
+        if not keys:
+            await self._heartbeat(conn, state)
+            return
+        await conn.execute(self._q.unlock, [self._ns, list(keys)])
+        for shard in keys.values():
+            del state.held[shard]
+
+    async def wait_session_lost(self) -> None:
+        await self._session().wait_session_lost()
+
+    async def shard_owners(self) -> list[ShardOwner]:
+        return await self._run("shard_owners", self._shard_owners)
+
+    async def _shard_owners(
+        self, conn: PgConnection, state: Generation
+    ) -> list[ShardOwner]:
+        await self._restore_liveness(conn, state)
+        rows = (await conn.execute(self._q.owners, [self._lock_class])).rows
+        owners = [
+            ShardOwner(
+                ShardId(group, number),
+                None if host is None else RunnerAddress(host, port),
+                epoch,
+            )
+            for group, number, epoch, host, port in rows
+        ]
+        return sorted(owners, key=lambda owner: owner.shard)

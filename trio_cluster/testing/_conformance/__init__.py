@@ -1,0 +1,2 @@
+"""Conformance suites for storage and transport backends (private; public
+names in `trio_cluster.testing`)."""

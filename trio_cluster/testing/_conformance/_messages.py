@@ -1,0 +1,645 @@
+"""Conformance tests of `MessageStorage`: saving, claiming, replies (test support).
+
+Part of `StorageConformance`; see `trio_cluster.testing._conformance._storage`.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from trio_cluster._storage_abc import (
+    ClaimBatch,
+    ClaimedRequest,
+    ReplyOutcome,
+    ReplyQuery,
+    ReplyRecord,
+    SaveResult,
+    StorageSession,
+    StoredChunk,
+    StoredReplies,
+)
+
+from ._base import (
+    BASE,
+    SHARD,
+    SHARD2,
+    TIMEOUT,
+    ConformanceBase,
+    acquire,
+    address,
+    final,
+    replies,
+    request,
+)
+
+__all__ = ["MessageStorageTests"]
+
+RECORDED = ReplyOutcome.RECORDED
+DUPLICATE = ReplyOutcome.DUPLICATE
+STALE = ReplyOutcome.STALE_EPOCH
+
+
+def chunk(
+    request_id: int, epoch: int, sequence: int, payload: bytes | None = None
+) -> ReplyRecord:
+    data = f"chunk-{sequence}".encode() if payload is None else payload
+    return ReplyRecord(
+        request_id=request_id, shard=SHARD, epoch=epoch, payload=data, sequence=sequence
+    )
+
+
+async def claim_ids(
+    session: StorageSession, epoch: int, *, now: float = BASE, limit: int = 100
+) -> list[int]:
+    batch = await session.messages.claim({SHARD: epoch}, now=now, limit=limit)
+    return [claimed.request_id for claimed in batch.requests]
+
+
+async def new_epoch(session: StorageSession) -> int:
+    """Release and re-acquire `SHARD` (a new owner, as far as epochs go)."""
+    await session.runners.release([SHARD])
+    return (await acquire(session.runners, SHARD))[SHARD]
+
+
+class MessageStorageTests(ConformanceBase):
+    """The `MessageStorage` half of `StorageConformance`."""
+
+    # ------------------------------------------------------------------
+    # Saving and deduplication
+
+    async def test_save_returns_one_result_per_request_in_order(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            batch = [request(1), request(2, entity="e2"), request(3, shard_id=SHARD2)]
+            results = await session.messages.save_requests(batch, now=BASE)
+            assert results == [SaveResult(i, duplicate=False) for i in (1, 2, 3)]
+            assert await session.messages.save_requests([], now=BASE) == []
+
+    async def test_save_duplicate_primary_key_returns_original(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            await session.messages.save_requests(
+                [request(1, primary_key="k")], now=BASE
+            )
+            again = request(2, primary_key="k", payload=b"other")
+            assert await session.messages.save_requests([again], now=BASE + 1) == [
+                SaveResult(1, duplicate=True)
+            ]
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            batch = await session.messages.claim({SHARD: epoch}, now=BASE, limit=10)
+            assert [(c.request_id, c.payload) for c in batch.requests] == [
+                (1, b"payload-1")
+            ]
+            assert (await replies(session.messages, 2)).known is False
+
+    async def test_save_duplicate_within_batch(self, session: StorageSession) -> None:
+        with trio.fail_after(TIMEOUT):
+            batch = [
+                request(1, primary_key="k"),
+                request(2, primary_key="k"),
+                request(3),
+                request(3),
+            ]
+            assert await session.messages.save_requests(batch, now=BASE) == [
+                SaveResult(1, duplicate=False),
+                SaveResult(1, duplicate=True),
+                SaveResult(3, duplicate=False),
+                SaveResult(3, duplicate=True),
+            ]
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            assert await claim_ids(session, epoch) == [1, 3]
+
+    async def test_save_retry_with_same_request_id_is_idempotent(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            first = await session.messages.save_requests(
+                [request(1), request(2, primary_key="k")], now=BASE
+            )
+            assert first == [
+                SaveResult(1, duplicate=False),
+                SaveResult(2, duplicate=False),
+            ]
+            retried = await session.messages.save_requests(
+                [request(1), request(2, primary_key="k")], now=BASE
+            )
+            assert retried == [
+                SaveResult(1, duplicate=True),
+                SaveResult(2, duplicate=True),
+            ]
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            assert await claim_ids(session, epoch) == [1, 2]
+
+    async def test_save_same_key_elsewhere_is_not_duplicate(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            batch = [
+                request(1, primary_key="k"),
+                request(2, primary_key="k", tag="other-handler"),
+                request(3, primary_key="k", entity="e2"),
+                request(4, primary_key="k", entity_type="Other"),
+                request(5),
+                request(6),
+            ]
+            results = await session.messages.save_requests(batch, now=BASE)
+            assert results == [SaveResult(i, duplicate=False) for i in range(1, 7)]
+
+    async def test_save_duplicate_of_finished_request_returns_final_reply(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            await session.messages.save_requests(
+                [request(1, primary_key="k")], now=BASE
+            )
+            await session.messages.save_replies(
+                [final(1, epoch, b"result")], now=BASE + 1
+            )
+            assert await session.messages.save_requests(
+                [request(2, primary_key="k")], now=BASE + 2
+            ) == [SaveResult(1, duplicate=True, final_reply=b"result")]
+            assert await session.messages.save_requests(
+                [request(1, primary_key="k")], now=BASE + 2
+            ) == [SaveResult(1, duplicate=True, final_reply=b"result")]
+
+    async def test_save_after_clear_address_is_not_duplicate(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            await session.messages.save_requests(
+                [request(1, primary_key="k")], now=BASE
+            )
+            assert await session.messages.clear_address(address()) == 1
+            result = await session.messages.save_requests(
+                [request(2, primary_key="k")], now=BASE
+            )
+            assert result == [SaveResult(2, duplicate=False)]
+
+    # ------------------------------------------------------------------
+    # Claiming
+
+    async def test_claim_returns_only_given_shards(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epochs = await acquire(session.runners, SHARD, SHARD2)
+            await session.messages.save_requests(
+                [request(1), request(2, shard_id=SHARD2)], now=BASE
+            )
+            assert await claim_ids(session, epochs[SHARD]) == [1]
+            batch = await session.messages.claim(
+                {SHARD2: epochs[SHARD2]}, now=BASE, limit=10
+            )
+            assert [c.request_id for c in batch.requests] == [2]
+
+    async def test_claim_keeps_save_order_per_entity(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            save = session.messages.save_requests
+            await save([request(1), request(2, entity="e2"), request(3)], now=BASE)
+            await save([request(4, entity="e2"), request(5)], now=BASE)
+            await save([request(6)], now=BASE)
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            batch = await session.messages.claim({SHARD: epoch}, now=BASE, limit=10)
+            by_entity: dict[str, list[int]] = {}
+            for claimed in batch.requests:
+                by_entity.setdefault(str(claimed.address.entity_id), []).append(
+                    claimed.request_id
+                )
+            assert by_entity == {"e1": [1, 3, 5, 6], "e2": [2, 4]}
+
+    async def test_claimed_request_carries_fields_and_epoch(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            saved = request(
+                7,
+                tag="watch",
+                primary_key="pk",
+                deliver_at=BASE - 5,
+                stream=True,
+                payload=b"\x00\xff",
+            )
+            await session.messages.save_requests([saved], now=BASE)
+            batch = await session.messages.claim({SHARD: epoch}, now=BASE, limit=10)
+            assert batch == ClaimBatch(
+                requests=[
+                    ClaimedRequest(
+                        request_id=7,
+                        address=address(),
+                        tag="watch",
+                        payload=b"\x00\xff",
+                        primary_key="pk",
+                        deliver_at=BASE - 5,
+                        stream=True,
+                        interrupted=False,
+                        next_sequence=0,
+                        epoch=epoch,
+                    )
+                ],
+                next_deliver_at=None,
+            )
+
+    async def test_claim_without_requests(self, session: StorageSession) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            batch = await session.messages.claim({SHARD: epoch}, now=BASE, limit=10)
+            assert batch == ClaimBatch(requests=[], next_deliver_at=None)
+
+    async def test_claim_limit_and_more(self, session: StorageSession) -> None:
+        with trio.fail_after(TIMEOUT):
+            await session.messages.save_requests(
+                [request(i) for i in range(1, 6)], now=BASE
+            )
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            seen = []
+            for expected_more in (True, True, False):
+                batch = await session.messages.claim({SHARD: epoch}, now=BASE, limit=2)
+                assert batch.more is expected_more
+                seen += [c.request_id for c in batch.requests]
+            assert seen == [1, 2, 3, 4, 5]
+            assert await claim_ids(session, epoch) == []
+
+    async def test_claim_respects_deliver_at(self, session: StorageSession) -> None:
+        with trio.fail_after(TIMEOUT):
+            epochs = await acquire(session.runners, SHARD, SHARD2)
+            batch = [
+                request(1, deliver_at=BASE + 30),
+                request(2, deliver_at=BASE + 10),
+                request(3),
+                request(4, deliver_at=BASE),
+                request(5, shard_id=SHARD2, deliver_at=BASE + 5),
+            ]
+            await session.messages.save_requests(batch, now=BASE - 100)
+            steps: list[tuple[float, list[int], float | None]]
+            steps = [(BASE, [3, 4], BASE + 10), (BASE + 9, [], BASE + 10)]
+            steps += [(BASE + 10, [2], BASE + 30), (BASE + 31, [1], None)]
+            for now, ids, next_at in steps:
+                claimed = await session.messages.claim(
+                    {SHARD: epochs[SHARD]}, now=now, limit=10
+                )
+                assert [c.request_id for c in claimed.requests] == ids
+                assert claimed.next_deliver_at == next_at
+
+    async def test_claim_does_not_return_claimed_requests_again(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            await session.messages.save_requests([request(1)], now=BASE)
+            assert await claim_ids(session, epoch) == [1]
+            assert await claim_ids(session, epoch) == []
+            await session.messages.save_requests([request(2)], now=BASE)
+            assert await claim_ids(session, epoch) == [2]
+
+    async def test_new_epoch_reclaims_unfinished_requests(
+        self, session: StorageSession, other: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            first = (await acquire(session.runners, SHARD))[SHARD]
+            await session.messages.save_requests([request(1), request(2)], now=BASE)
+            assert await claim_ids(session, first) == [1, 2]
+            await session.messages.save_replies([final(1, first)], now=BASE)
+            await session.runners.release([SHARD])
+            second = (await acquire(other.runners, SHARD))[SHARD]
+            assert second == first + 1
+            batch = await other.messages.claim({SHARD: second}, now=BASE, limit=10)
+            assert [(c.request_id, c.epoch) for c in batch.requests] == [(2, second)]
+
+    async def test_claim_skips_and_reports_stale_epochs(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epochs = await acquire(session.runners, SHARD, SHARD2)
+            await session.messages.save_requests(
+                [request(1), request(2, shard_id=SHARD2)], now=BASE
+            )
+            current = await new_epoch(session)
+            batch = await session.messages.claim(epochs, now=BASE, limit=10)
+            assert [c.request_id for c in batch.requests] == [2]
+            assert batch.stale_shards == {SHARD}
+            assert await claim_ids(session, current) == [1]
+
+    # ------------------------------------------------------------------
+    # The claim_epoch fast path
+
+    async def test_save_with_current_claim_epoch_stores_claimed(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            batch = [
+                request(1, claim_epoch=epoch),
+                request(2, claim_epoch=epoch, deliver_at=BASE),
+            ]
+            assert await session.messages.save_requests(batch, now=BASE) == [
+                SaveResult(1, duplicate=False, claimed=True),
+                SaveResult(2, duplicate=False, claimed=True),
+            ]
+            assert await claim_ids(session, epoch) == []
+            assert await claim_ids(session, await new_epoch(session)) == [1, 2]
+
+    async def test_save_with_stale_claim_epoch_stores_unclaimed(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            old = (await acquire(session.runners, SHARD))[SHARD]
+            current = await new_epoch(session)
+            result = await session.messages.save_requests(
+                [request(1, claim_epoch=old)], now=BASE
+            )
+            assert result == [SaveResult(1, duplicate=False, claimed=False)]
+            assert await claim_ids(session, current) == [1]
+
+    async def test_save_claim_epoch_ignored_for_future_deliver_at(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            saved = request(1, claim_epoch=epoch, deliver_at=BASE + 10)
+            assert await session.messages.save_requests([saved], now=BASE) == [
+                SaveResult(1, duplicate=False, claimed=False)
+            ]
+            batch = await session.messages.claim({SHARD: epoch}, now=BASE, limit=10)
+            assert (batch.requests, batch.next_deliver_at) == ([], BASE + 10)
+            assert await claim_ids(session, epoch, now=BASE + 10) == [1]
+
+    # ------------------------------------------------------------------
+    # Replies
+
+    async def test_final_reply_marks_request_processed(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            await session.messages.save_requests([request(1)], now=BASE)
+            assert await claim_ids(session, epoch) == [1]
+            assert await session.messages.save_replies(
+                [final(1, epoch, b"result")], now=BASE + 1
+            ) == [RECORDED]
+            assert await replies(session.messages, 1) == StoredReplies(
+                1, known=True, final=b"result"
+            )
+            assert await claim_ids(session, await new_epoch(session)) == []
+
+    async def test_only_first_final_reply_is_recorded(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            await session.messages.save_requests([request(1)], now=BASE)
+            both = [final(1, epoch, b"a"), final(1, epoch, b"b")]
+            assert await session.messages.save_replies(both, now=BASE) == [
+                RECORDED,
+                DUPLICATE,
+            ]
+            assert await session.messages.save_replies(
+                [final(1, epoch, b"c")], now=BASE
+            ) == [DUPLICATE]
+            assert (await replies(session.messages, 1)).final == b"a"
+
+    async def test_reply_with_stale_epoch_is_refused(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            old = (await acquire(session.runners, SHARD))[SHARD]
+            await session.messages.save_requests(
+                [request(1), request(2, stream=True)], now=BASE
+            )
+            current = await new_epoch(session)
+            batch = [final(1, old), chunk(2, old, 0), chunk(2, current, 0)]
+            assert await session.messages.save_replies(batch, now=BASE) == [
+                STALE,
+                STALE,
+                RECORDED,
+            ]
+            assert await replies(session.messages, 1) == StoredReplies(1, known=True)
+            assert (await replies(session.messages, 2)).chunks == [
+                StoredChunk(0, b"chunk-0")
+            ]
+            assert await claim_ids(session, current) == [1, 2]
+
+    async def test_reply_to_unknown_request(self, session: StorageSession) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            outcomes = await session.messages.save_replies(
+                [final(404, epoch), chunk(405, epoch, 0)], now=BASE
+            )
+            assert outcomes == [ReplyOutcome.UNKNOWN_REQUEST] * 2
+
+    async def test_stream_chunks_resume_on_reclaim(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            await session.messages.save_requests([request(1, stream=True)], now=BASE)
+            [claimed] = (
+                await session.messages.claim({SHARD: epoch}, now=BASE, limit=1)
+            ).requests
+            assert (claimed.stream, claimed.next_sequence) == (True, 0)
+            chunks = [chunk(1, epoch, seq) for seq in range(3)]
+            assert (
+                await session.messages.save_replies(chunks, now=BASE) == [RECORDED] * 3
+            )
+            epoch = await new_epoch(session)
+            [claimed] = (
+                await session.messages.claim({SHARD: epoch}, now=BASE, limit=1)
+            ).requests
+            assert claimed.next_sequence == 3
+            assert await session.messages.save_replies([final(1, epoch)], now=BASE) == [
+                RECORDED
+            ]
+            stored = await replies(session.messages, 1)
+            assert stored.chunks == [
+                StoredChunk(i, f"chunk-{i}".encode()) for i in range(3)
+            ]
+            assert stored.final == b"done"
+
+    async def test_chunk_sequence_is_recorded_once(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            await session.messages.save_requests([request(1, stream=True)], now=BASE)
+            batch = [chunk(1, epoch, 0, b"a"), chunk(1, epoch, 0, b"b")]
+            assert await session.messages.save_replies(batch, now=BASE) == [
+                RECORDED,
+                DUPLICATE,
+            ]
+            assert (await replies(session.messages, 1)).chunks == [StoredChunk(0, b"a")]
+
+    async def test_chunk_after_final_is_duplicate(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            await session.messages.save_requests([request(1, stream=True)], now=BASE)
+            batch = [chunk(1, epoch, 0), final(1, epoch), chunk(1, epoch, 1)]
+            assert await session.messages.save_replies(batch, now=BASE) == [
+                RECORDED,
+                RECORDED,
+                DUPLICATE,
+            ]
+            assert await replies(session.messages, 1) == StoredReplies(
+                1, known=True, chunks=[StoredChunk(0, b"chunk-0")], final=b"done"
+            )
+
+    async def test_replies_for_after_sequence(self, session: StorageSession) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            await session.messages.save_requests([request(1, stream=True)], now=BASE)
+            batch = [chunk(1, epoch, seq) for seq in (2, 0, 3, 1)] + [final(1, epoch)]
+            await session.messages.save_replies(batch, now=BASE)
+            for after, expected in ((-1, [0, 1, 2, 3]), (1, [2, 3]), (3, [])):
+                stored = await replies(session.messages, 1, after)
+                assert [c.sequence for c in stored.chunks] == expected
+                assert stored.final == b"done"
+
+    async def test_replies_for_answers_each_query_in_order(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            await session.messages.save_requests([request(1), request(2)], now=BASE)
+            await session.messages.save_replies([final(2, epoch, b"two")], now=BASE)
+            queries = [ReplyQuery(2), ReplyQuery(999), ReplyQuery(1)]
+            assert await session.messages.replies_for(queries) == [
+                StoredReplies(2, known=True, final=b"two"),
+                StoredReplies(999, known=False),
+                StoredReplies(1, known=True),
+            ]
+            assert await session.messages.replies_for([]) == []
+
+    async def test_ack_chunks_is_visible_in_replies_for(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            await session.messages.save_requests(
+                [request(1, stream=True), request(2, stream=True)], now=BASE
+            )
+            await session.messages.save_replies(
+                [chunk(1, epoch, seq) for seq in range(3)], now=BASE
+            )
+            assert (await replies(session.messages, 1)).acked_sequence == -1
+            for acks, expected in (
+                ([(1, 1)], 1),
+                ([(1, 0)], 1),
+                ([(1, 2), (999, 5)], 2),
+            ):
+                await session.messages.ack_chunks(acks)
+                assert (await replies(session.messages, 1)).acked_sequence == expected
+            assert (await replies(session.messages, 2)).acked_sequence == -1
+            assert len((await replies(session.messages, 1)).chunks) == 3
+
+    # ------------------------------------------------------------------
+    # Interrupts and deletion
+
+    async def test_interrupt_is_seen_by_claims(self, session: StorageSession) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            await session.messages.save_requests(
+                [request(1), request(2), request(3)], now=BASE
+            )
+            assert await claim_ids(session, epoch, limit=1) == [1]
+            await session.messages.interrupt([1, 2])
+            batch = await session.messages.claim({SHARD: epoch}, now=BASE, limit=10)
+            assert [(c.request_id, c.interrupted) for c in batch.requests] == [
+                (2, True),
+                (3, False),
+            ]
+            epoch = await new_epoch(session)
+            batch = await session.messages.claim({SHARD: epoch}, now=BASE, limit=10)
+            assert [(c.request_id, c.interrupted) for c in batch.requests] == [
+                (1, True),
+                (2, True),
+                (3, False),
+            ]
+
+    async def test_interrupt_leaves_finished_and_unknown_requests_alone(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            await session.messages.save_requests([request(1)], now=BASE)
+            await session.messages.save_replies([final(1, epoch, b"x")], now=BASE)
+            await session.messages.interrupt([1, 999])
+            assert await replies(session.messages, 1) == StoredReplies(
+                1, known=True, final=b"x"
+            )
+            assert (await replies(session.messages, 999)).known is False
+            assert await claim_ids(session, await new_epoch(session)) == []
+
+    async def test_clear_address_deletes_requests_and_replies(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            batch = [
+                request(1),
+                request(2, primary_key="k", stream=True),
+                request(3, entity="e2"),
+            ]
+            await session.messages.save_requests(batch, now=BASE)
+            await session.messages.save_replies(
+                [final(1, epoch), chunk(2, epoch, 0)], now=BASE
+            )
+            assert await session.messages.clear_address(address("e1")) == 2
+            known = [
+                r.known
+                for r in await session.messages.replies_for(
+                    [ReplyQuery(i) for i in (1, 2, 3)]
+                )
+            ]
+            assert known == [False, False, True]
+            assert await session.messages.save_replies([final(2, epoch)], now=BASE) == [
+                ReplyOutcome.UNKNOWN_REQUEST
+            ]
+            assert await claim_ids(session, epoch) == [3]
+            assert await session.messages.clear_address(address("e1")) == 0
+
+    async def test_delete_processed_by_age(self, session: StorageSession) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            batch = [request(1), request(2), request(3), request(4, stream=True)]
+            await session.messages.save_requests(batch, now=BASE)
+            await session.messages.save_replies([final(1, epoch)], now=BASE + 10)
+            await session.messages.save_replies(
+                [final(2, epoch), chunk(4, epoch, 0)], now=BASE + 20
+            )
+            delete = session.messages.delete_processed
+            assert await delete(older_than=BASE + 10, limit=100) == 0
+            assert await delete(older_than=BASE + 15, limit=100) == 1
+            assert (await replies(session.messages, 1)).known is False
+            assert (await replies(session.messages, 2)).final == b"done"
+            assert await delete(older_than=BASE + 10_000, limit=100) == 1
+            known = [
+                r.known
+                for r in await session.messages.replies_for(
+                    [ReplyQuery(i) for i in (2, 3, 4)]
+                )
+            ]
+            assert known == [False, True, True]
+            assert await claim_ids(session, await new_epoch(session)) == [3, 4]
+
+    async def test_delete_processed_respects_limit(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            await session.messages.save_requests(
+                [request(i) for i in range(1, 6)], now=BASE
+            )
+            await session.messages.save_replies(
+                [final(i, epoch) for i in range(1, 6)], now=BASE
+            )
+            counts = [
+                await session.messages.delete_processed(older_than=BASE + 1, limit=n)
+                for n in (0, 2, 2, 2, 2)
+            ]
+            assert counts == [0, 2, 2, 1, 0]

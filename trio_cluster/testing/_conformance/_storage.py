@@ -1,0 +1,225 @@
+"""`StorageConformance`: the test suite every storage backend must pass (test support).
+
+The suite tests exactly what the storage contract (`trio_cluster.abc`)
+promises, through its public methods only, so `MemoryStorage` and the
+PostgreSQL backend are held to the same behaviour. The tests are split by
+concept: `_conformance_messages` (saving, claiming, replies, deletion),
+`_conformance_runners` (registry, locks, leases, fencing),
+`_conformance_transactions` (transactions) and, here,
+notifications.
+
+Every test runs under a ``trio.fail_after`` guard, passes explicit ``now``
+values (relative to a fixed `BASE` time), and waits for asynchronous effects
+by polling or waiting under that deadline, so the suite works on a real clock
+against a real database as well as on virtual time. Only the lease tests
+sleep; they take the `clock` fixture, so a memory backend can run them on a
+``MockClock``.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from trio_cluster._storage_abc import MessagesAvailable, StorageSession
+
+from ._base import (
+    BASE,
+    SHARD,
+    SHARD2,
+    TIMEOUT,
+    Seen,
+    acquire,
+    collect,
+    final,
+    request,
+    shard,
+)
+from ._messages import MessageStorageTests, chunk
+from ._runners import RunnerStorageTests
+from ._transactions import TransactionTests
+
+__all__ = ["StorageConformance"]
+
+
+def _earliest_deliver_at(seen: Seen, shard: object) -> float | None:
+    times = [
+        n.deliver_at
+        for n in seen.notifications
+        if isinstance(n, MessagesAvailable)
+        and shard in n.shards
+        and n.deliver_at is not None
+    ]
+    return min(times, default=None)
+
+
+class StorageConformance(MessageStorageTests, RunnerStorageTests, TransactionTests):
+    """Base class of a backend's conformance tests (pytest with pytest-trio).
+
+    Subclass it in a test module whose name pytest collects (``Test...``) and
+    provide a ``storage`` fixture that returns (or yields) a fresh, isolated
+    `trio_cluster.abc.Storage` for each test. Optionally override:
+
+    * ``lease_duration`` (float seconds, default 1.5): the lease of every
+      session the suite opens; the lease tests sleep a few times this long;
+    * ``clock``: None (real time, the default) or a `trio.abc.Clock` for the
+      tests that sleep, e.g. pytest-trio's ``autojump_clock``.
+
+    Example::
+
+        class TestMemoryStorage(StorageConformance):
+            @pytest.fixture
+            def storage(self) -> Storage:
+                return MemoryStorage()
+
+            @pytest.fixture
+            def clock(self, autojump_clock: MockClock) -> MockClock:
+                return autojump_clock
+
+    The suite opens sessions named ``conformance-*``.
+    """
+
+    # ------------------------------------------------------------------
+    # Notifications
+
+    async def test_saves_notify_every_session_including_the_writer(
+        self, session: StorageSession, other: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            await session.messages.save_requests(
+                [request(1, shard_id=SHARD2)], now=BASE
+            )
+            for reader in (session, other):
+                await collect(
+                    reader.messages, lambda seen: SHARD2 in seen.message_shards
+                )
+
+    async def test_saves_stored_claimed_or_duplicate_do_not_notify(
+        self, session: StorageSession, other: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            save = session.messages.save_requests
+            await save([request(1, shard_id=SHARD2, primary_key="k")], now=BASE)
+            for reader in (session, other):
+                await collect(
+                    reader.messages, lambda seen: SHARD2 in seen.message_shards
+                )
+
+            [claimed] = await save([request(2, claim_epoch=epoch)], now=BASE)
+            assert claimed.claimed
+            [duplicate] = await save(
+                [request(3, shard_id=SHARD2, primary_key="k")], now=BASE
+            )
+            assert duplicate.duplicate
+            # A marker: notifications arrive in order, so once it is seen,
+            # any notification of the two saves above would have been too.
+            await save([request(4, shard_id=shard(3))], now=BASE)
+            for reader in (session, other):
+                seen = await collect(
+                    reader.messages, lambda seen: shard(3) in seen.message_shards
+                )
+                assert SHARD not in seen.message_shards
+                assert SHARD2 not in seen.message_shards
+
+    async def test_replies_notify_every_session(
+        self, session: StorageSession, other: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            await session.messages.save_requests(
+                [request(1), request(2, stream=True)], now=BASE
+            )
+            await session.messages.save_replies(
+                [final(1, epoch), chunk(2, epoch, 0)], now=BASE
+            )
+            for reader in (session, other):
+                await collect(reader.messages, lambda seen: {1, 2} <= seen.reply_ids)
+
+    async def test_interrupt_notifies_every_session(
+        self, session: StorageSession, other: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            await session.messages.save_requests(
+                [request(1, shard_id=SHARD2), request(2)], now=BASE
+            )
+            await other.messages.interrupt([1])
+            for reader in (session, other):
+                seen = await collect(
+                    reader.messages, lambda seen: 1 in seen.interrupted_ids
+                )
+                assert SHARD2 in seen.interrupted_shards
+                assert 2 not in seen.interrupted_ids
+
+    async def test_wait_notifications_blocks_until_a_write(
+        self,
+        session: StorageSession,
+        other: StorageSession,
+        clock: trio.abc.Clock | None,
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            with trio.move_on_after(0.2) as scope:
+                await other.messages.wait_notifications()
+            assert scope.cancelled_caught, (
+                "wait_notifications returned without any write"
+            )
+            seen: list[Seen] = []
+
+            async def wait() -> None:
+                seen.append(
+                    await collect(other.messages, lambda s: SHARD in s.message_shards)
+                )
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait)
+                await session.messages.save_requests([request(1)], now=BASE)
+            assert len(seen) == 1
+
+    async def test_cancelled_wait_loses_nothing(
+        self, session: StorageSession, other: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            await session.messages.save_requests([request(1)], now=BASE)
+            await session.messages.save_requests(
+                [request(2, shard_id=SHARD2)], now=BASE
+            )
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await other.messages.wait_notifications()
+            assert scope.cancelled_caught
+            await collect(
+                other.messages, lambda seen: {SHARD, SHARD2} <= seen.message_shards
+            )
+
+    async def test_coalesced_notifications_lose_nothing(
+        self, session: StorageSession, other: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epochs = await acquire(session.runners, SHARD, SHARD2)
+            save = session.messages.save_requests
+            await save([request(1)], now=BASE)
+            await save([request(2, shard_id=SHARD2)], now=BASE)
+            await session.messages.save_replies([final(1, epochs[SHARD])], now=BASE)
+            await session.messages.save_replies(
+                [final(2, epochs[SHARD2], shard_id=SHARD2)], now=BASE
+            )
+            await collect(
+                other.messages,
+                lambda seen: (
+                    {SHARD, SHARD2} <= seen.message_shards and {1, 2} <= seen.reply_ids
+                ),
+            )
+
+    async def test_messages_available_carries_earliest_deliver_at(
+        self, session: StorageSession, other: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            batch = [
+                request(1, deliver_at=BASE + 50),
+                request(2, entity="e2", deliver_at=BASE + 40),
+                request(3, entity="e3", deliver_at=BASE + 60),
+            ]
+            await session.messages.save_requests(batch, now=BASE)
+            await collect(
+                other.messages,
+                lambda seen: _earliest_deliver_at(seen, SHARD) == BASE + 40,
+            )

@@ -1,0 +1,2 @@
+"""The deterministic cluster simulator (private; public names in
+`trio_cluster.testing`)."""

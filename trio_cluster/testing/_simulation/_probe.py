@@ -1,0 +1,221 @@
+"""`Probe`: an entity that reports every execution to the simulator (test support).
+
+Storage shows what happened to persisted requests, but not what ran where.
+The probe's handlers record each execution (which runner, which shard epoch,
+which message) in the `ProbeJournal` of the open simulated cluster, which
+checks, at the instant a handler starts and again when it ends its work:
+
+* **single executor**: no other living runner is running a handler of the
+  same shard, and the runner running it serves the shard;
+* **volatile at most once**: a volatile message (``touch``) never runs twice;
+* **per-entity FIFO**: the persisted writes of one client stream first run
+  in the order they were stored, and within one shard epoch on one runner
+  they run in increasing order, each at most once.
+
+Replies name the execution (``r1@3#17``: run ``r1``, epoch 3, 17th
+execution), so a client that gets two different replies for one primary key
+has seen a request answered twice.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from trio_cluster._context import current_runner
+from trio_cluster._core._addresses import ShardId
+from trio_cluster._entity import Entity
+from trio_cluster._handlers import rpc
+
+if TYPE_CHECKING:
+    from trio_cluster._storage_abc import PersistedRequest
+
+    from ._cluster import SimulatedCluster
+
+__all__ = ["Probe", "ProbeJournal", "ProbeTouch", "ProbeWrite"]
+
+
+@attrs.frozen
+class ProbeWrite:
+    """A persisted write: message ``seq`` of client stream ``stream``."""
+
+    stream: int
+    seq: int
+    work: float = 0.0
+    """Seconds the handler works (sleeps) before answering."""
+
+
+@attrs.frozen
+class ProbeTouch:
+    """A volatile message; ``op`` is unique in the simulation."""
+
+    op: int
+    work: float = 0.0
+
+
+def write_key(message: ProbeWrite) -> str:
+    """The primary key of a write (its stream and number)."""
+    return f"{message.stream}.{message.seq}"
+
+
+class Probe(Entity):
+    """An entity whose handlers report to the simulation's `ProbeJournal`.
+
+    Only usable inside `open_simulated_cluster`.
+    """
+
+    type_name = "trio_cluster.testing.Probe"
+
+    @rpc(persisted=True, primary_key=write_key)
+    async def write(self, message: ProbeWrite) -> str:
+        return await _journal().run(self, message)
+
+    @rpc
+    async def touch(self, message: ProbeTouch) -> str:
+        return await _journal().run(self, message)
+
+
+def _journal() -> ProbeJournal:
+    from ._run import current_simulation
+
+    return current_simulation().probes
+
+
+@attrs.define(eq=False)
+class _Execution:
+    runner: str
+    shard: ShardId
+    epoch: int | None
+    what: str
+
+
+class ProbeJournal:
+    """The executions of `Probe` handlers in one simulated cluster."""
+
+    def __init__(self, cluster: SimulatedCluster) -> None:
+        self._cluster = cluster
+        self.executions = 0
+        self._running: dict[ShardId, list[_Execution]] = {}
+        self._touched: dict[int, str] = {}
+        self._waiting: dict[int, set[int]] = {}
+        """Per stream, the writes stored that never ran yet."""
+        self._last_in_epoch: dict[tuple[str, ShardId, int | None, int], int] = {}
+        self._ops = 0
+
+    def next_op(self) -> int:
+        """A fresh ``ProbeTouch.op`` number."""
+        self._ops += 1
+        return self._ops
+
+    async def run(self, entity: Probe, message: ProbeWrite | ProbeTouch) -> str:
+        runner = current_runner()
+        incarnation = self._cluster.incarnation_of(runner)
+        label = "?" if incarnation is None else incarnation.label
+        shard = entity.address.shard
+        host = runner._sharding.hosts.get(shard)
+        epoch = None if host is None else host.epoch
+        what = (
+            f"write {write_key(message)}"
+            if isinstance(message, ProbeWrite)
+            else f"touch {message.op}"
+        )
+        execution = _Execution(label, shard, epoch, what)
+        self.executions += 1
+        number = self.executions
+        self._cluster.trace.record(
+            "volatile" if isinstance(message, ProbeTouch) else "persisted",
+            "%s runs %s on %s at %s@%s",
+            label,
+            what,
+            entity.address.entity_id,
+            shard,
+            epoch,
+        )
+        if incarnation is None or incarnation.dead:
+            # A killed process runs nothing: what its cancelled tasks still
+            # do is an artefact of simulating the kill.
+            if message.work:
+                await trio.sleep(message.work)
+            return f"{label}@{epoch}#{number}"
+        if host is None or not host.active:
+            self._cluster.fail(
+                f"single owner: {label} runs {what} of {entity.address} although it"
+                f" does not serve shard {shard}"
+            )
+        self._check_alone(execution)
+        if isinstance(message, ProbeWrite):
+            self._check_order(entity, execution, message)
+        else:
+            self._check_once(execution, message)
+        running = self._running.setdefault(shard, [])
+        running.append(execution)
+        try:
+            if message.work:
+                await trio.sleep(message.work)
+            if not incarnation.dead:  # killed meanwhile: it runs nothing
+                self._check_alone(execution)
+        finally:
+            running.remove(execution)
+        return f"{label}@{epoch}#{number}"
+
+    def _living(self, label: str) -> bool:
+        for incarnation in self._cluster.checker.incarnations.values():
+            if incarnation.label == label:
+                return not incarnation.dead
+        return False
+
+    def _check_alone(self, execution: _Execution) -> None:
+        for other in self._running.get(execution.shard, ()):
+            if other.runner != execution.runner and self._living(other.runner):
+                self._cluster.fail(
+                    f"single owner: {execution.runner} runs {execution.what} of shard"
+                    f" {execution.shard} at epoch {execution.epoch} while"
+                    f" {other.runner} runs {other.what} at epoch {other.epoch}"
+                )
+
+    def _check_once(self, execution: _Execution, message: ProbeTouch) -> None:
+        earlier = self._touched.get(message.op)
+        if earlier is not None:
+            self._cluster.fail(
+                f"volatile at most once: {execution.what} ran on {earlier} and"
+                f" again on {execution.runner}"
+            )
+        self._touched[message.op] = execution.runner
+
+    def _check_order(
+        self, entity: Probe, execution: _Execution, message: ProbeWrite
+    ) -> None:
+        key = (execution.runner, execution.shard, execution.epoch, message.stream)
+        last = self._last_in_epoch.get(key)
+        if last is not None and message.seq <= last:
+            self._cluster.fail(
+                f"FIFO: {execution.runner} ran write {write_key(message)} after"
+                f" write {message.stream}.{last} in the same epoch"
+                f" {execution.epoch} of shard {execution.shard}"
+            )
+        self._last_in_epoch[key] = message.seq
+        waiting = self._waiting.get(message.stream)
+        if waiting is None or message.seq not in waiting:
+            return  # it ran before
+        waiting.discard(message.seq)
+        earlier = [seq for seq in waiting if seq < message.seq]
+        if earlier:
+            self._cluster.fail(
+                f"FIFO: write {write_key(message)} to {entity.address} ran"
+                f" (on {execution.runner}) before write {message.stream}.{min(earlier)},"
+                " which was stored earlier"
+            )
+        if not waiting:
+            del self._waiting[message.stream]
+
+    def stored(self, request: PersistedRequest) -> None:
+        """Storage accepted ``request`` (called by the checker)."""
+        if (
+            request.address.entity_type == Probe.type_name
+            and request.tag == "write"
+            and request.primary_key is not None
+        ):
+            stream, _, seq = request.primary_key.partition(".")
+            self._waiting.setdefault(int(stream), set()).add(int(seq))

@@ -1,0 +1,226 @@
+"""One simulated runner: a "process" running `open_runner` (test support, Trio).
+
+A `SimulatedRunner` is a runner's machine: its number, address, wall clock
+skew and fault state survive restarts. Each run (an `Incarnation`) is a task
+of the cluster holding a cancel scope, the *process*: the runner and every
+task started "on" it (`SimulatedRunner.start_soon`) live inside it.
+
+* Stopping it gracefully cancels the process: `open_runner` then shuts down
+  as it would on SIGTERM (handlers finish, locks are released).
+* Killing it first kills its storage session (locks free now, every further
+  call fails) and its network endpoint (peers see the connections drop),
+  cancels its shards' handlers, and only then cancels the process, whose
+  shutdown can no longer reach anything: nothing of a graceful stop leaks
+  out, as with SIGKILL.
+
+A run that fails to *start* (storage down) is retried with a backoff, as a
+supervisor would restart a crashing process; a failure after it started is
+a bug and ends the simulation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from trio_cluster._clock import TrioWallClock
+from trio_cluster._core._addresses import RunnerAddress
+from trio_cluster._errors import PersistenceError, RunnerUnavailableError
+from trio_cluster._runner import open_runner
+from trio_cluster.transport import MemoryTransport
+
+from ._invariants import Incarnation
+from ._io import HoldingTransport, RunnerFaults
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
+    import cattrs
+
+    from trio_cluster._broadcast import Broadcast
+    from trio_cluster._core._config import ShardingConfig
+    from trio_cluster._cron import Cron
+    from trio_cluster._entity import Entity
+    from trio_cluster._runner import Runner
+    from trio_cluster._singletons import Singleton
+    from trio_cluster._storage_abc import Storage
+    from trio_cluster.storage import MemoryStorage
+    from trio_cluster.transport import MemoryNetwork
+
+    from ._cluster import SimulatedCluster
+    from ._trace import SimulationTrace
+
+__all__ = ["SIMULATION_EPOCH", "SimulatedRunner", "serve_simulated_runner"]
+
+SIMULATION_EPOCH = 1_767_225_600.0
+"""Wall time (2026-01-01T00:00:00Z) of virtual time 0 in every simulation."""
+
+PORT = 7000
+"""Every simulated runner listens on ``r<i>:7000``."""
+
+_MAX_START_DELAY = 2.0
+
+
+class SimulatedRunner:
+    """One runner of a simulated cluster (see the module docstring)."""
+
+    def __init__(
+        self,
+        index: int,
+        *,
+        base_config: ShardingConfig,
+        entities: Sequence[type[Entity]],
+        singletons: Sequence[Singleton],
+        crons: Sequence[Cron],
+        broadcasts: Sequence[Broadcast],
+        converter: cattrs.Converter | None,
+        storage: Storage,
+        network: MemoryNetwork,
+        trace: SimulationTrace | None,
+    ) -> None:
+        self.index = index
+        self.name = f"r{index}"
+        self.address = RunnerAddress(self.name, PORT)
+        self.config = attrs.evolve(base_config, runner_address=self.address)
+        self.faults = RunnerFaults(self.name)
+        self.transport = HoldingTransport(MemoryTransport(network), self.faults, trace)
+        self.skew = 0.0
+        self.clock: TrioWallClock | None = None
+        """The wall clock of the current run."""
+        self.runner: Runner | None = None
+        """The running `Runner`, None while down or starting."""
+        self.incarnation: Incarnation | None = None
+        """The current run (None before the first)."""
+        self.runs = 0
+        self._open_args: dict[str, Any] = {
+            "entities": entities,
+            "singletons": singletons,
+            "crons": crons,
+            "broadcasts": broadcasts,
+            "converter": converter,
+            "storage": storage,
+        }
+        self._up = trio.Event()
+        self._stopped = trio.Event()
+        self._stopped.set()
+        self._process = trio.CancelScope()
+        self._tasks: trio.Nursery | None = None
+
+    def __repr__(self) -> str:
+        state = "up" if self.runner is not None else "down"
+        return f"<SimulatedRunner {self.incarnation or self.name} {state}>"
+
+    def new_incarnation(self) -> Incarnation:
+        self.runs += 1
+        label = self.name if self.runs == 1 else f"{self.name}#{self.runs}"
+        self.incarnation = Incarnation(label)
+        self._up = trio.Event()
+        self._stopped = trio.Event()
+        self._process = trio.CancelScope()
+        return self.incarnation
+
+    async def wait_up(self) -> None:
+        """Wait until the current run is up and serving."""
+        await self._up.wait()
+
+    async def wait_stopped(self) -> None:
+        """Wait until the current run's tasks are gone."""
+        await self._stopped.wait()
+
+    def start_soon(
+        self, async_fn: Callable[..., Awaitable[object]], *args: Any
+    ) -> None:
+        """Run a task in this runner's process (it dies with the runner).
+
+        Raises:
+            RuntimeError: the runner is down.
+        """
+        if self._tasks is None or self.runner is None:
+            raise RuntimeError(f"runner {self.name} is down")
+        self._tasks.start_soon(async_fn, *args)
+
+    def set_skew(self, seconds: float) -> None:
+        self.skew = seconds
+        if self.clock is not None:
+            self.clock.skew = seconds
+
+    def stop(self) -> None:
+        """Stop gracefully (cancel the process; `open_runner` shuts down)."""
+        self._process.cancel()
+
+    async def kill(self, storage: MemoryStorage, network: MemoryNetwork) -> None:
+        """Kill the current run as with SIGKILL (see the module docstring)."""
+        incarnation = self.incarnation
+        assert incarnation is not None
+        incarnation.dead = True
+        while self.faults.frozen:
+            self.faults.thaw(drop=True)
+        with contextlib.suppress(KeyError):  # no session yet: still starting
+            storage.kill_session(str(self.address))
+        if self.address in network.addresses():
+            network.kill(self.address)
+        if incarnation.sharding is not None:
+            hosts = [*incarnation.sharding.hosts.values(), *incarnation.stopping]
+            for host in hosts:
+                host.cancel_all()
+        self._process.cancel()
+        await self._stopped.wait()
+
+
+async def serve_simulated_runner(
+    handle: SimulatedRunner, cluster: SimulatedCluster
+) -> None:
+    """Run ``handle``'s current incarnation until it is stopped or killed."""
+    incarnation = handle.incarnation
+    assert incarnation is not None
+    try:
+        with handle._process:
+            async with trio.open_nursery() as tasks:
+                handle._tasks = tasks
+                await _run(handle, incarnation, cluster)
+    finally:
+        handle.runner = None
+        handle._tasks = None
+        cluster.trace.record(
+            "runner", "%s %s", incarnation, "killed" if incarnation.dead else "stopped"
+        )
+        handle._stopped.set()
+
+
+async def _run(
+    handle: SimulatedRunner, incarnation: Incarnation, cluster: SimulatedCluster
+) -> None:
+    delay = 0.1
+    while True:
+        clock = handle.clock = TrioWallClock(
+            origin=SIMULATION_EPOCH + trio.current_time(), skew=handle.skew
+        )
+        started = False
+        try:
+            async with open_runner(
+                config=handle.config,
+                transport=handle.transport,
+                clock=clock,
+                **handle._open_args,
+            ) as runner:
+                started = True
+                handle.runner = runner
+                cluster.trace.record(
+                    "runner",
+                    "%s up (machine id %s)",
+                    incarnation,
+                    runner._sharding.machine_id,
+                )
+                handle._up.set()
+                await trio.sleep_forever()
+        except (PersistenceError, trio.TooSlowError, RunnerUnavailableError) as exc:
+            if started:
+                raise  # failing after it started is a bug in the runtime
+            cluster.trace.record(
+                "runner", "%s could not start (%r); retrying", incarnation, exc
+            )
+        await trio.sleep(delay)
+        delay = min(delay * 2, _MAX_START_DELAY)

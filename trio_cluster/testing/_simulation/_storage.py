@@ -1,0 +1,192 @@
+"""The storage a simulated cluster's runners see: the real `MemoryStorage`,
+observed (test support, edge adapter).
+
+`ObservedStorage` implements `trio_cluster.abc.Storage` by forwarding every
+call to a `MemoryStorage` and, when the call returns, handing the request and
+its result to the `Checker`. A memory operation does all its work after its
+last checkpoint and returns without another one, so the checker sees each
+result at the very instant it took effect, before any other task runs: it can
+compare it with the backend's current state (epochs, locks) exactly.
+
+Each session is bound to the `Incarnation` of the runner that opened it; the
+runner itself (for its served shards) is found on its first `register`, which
+runs in the runner's own context.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from trio_cluster._context import current_runner_var
+from trio_cluster._storage_abc import (
+    MessageStorage,
+    RunnerStorage,
+    Storage,
+    StorageSession,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+
+    from trio_cluster._core._addresses import EntityAddress, ShardId
+    from trio_cluster._storage_abc import (
+        ClaimBatch,
+        Notification,
+        PersistedRequest,
+        ReplyOutcome,
+        ReplyQuery,
+        ReplyRecord,
+        RunnerInfo,
+        SaveResult,
+        ShardOwner,
+        StorageTransaction,
+        StoredReplies,
+    )
+    from trio_cluster.storage import MemoryStorage
+
+    from ._invariants import Checker, Incarnation
+
+__all__ = ["ObservedStorage"]
+
+
+class ObservedStorage(Storage):
+    """A `MemoryStorage` whose every call is checked by a `Checker`.
+
+    Args:
+        inner: the shared memory storage.
+        checker: receives every call's request and result.
+    """
+
+    def __init__(self, inner: MemoryStorage, checker: Checker) -> None:
+        self.inner = inner
+        self._checker = checker
+        self.next_incarnation: dict[str, Incarnation] = {}
+        """Set by the cluster before a runner starts: the incarnation that
+        the session named after its address belongs to."""
+
+    def open_session(
+        self, *, name: str, lease_duration: float
+    ) -> AbstractAsyncContextManager[StorageSession]:
+        inner = self.inner.open_session(name=name, lease_duration=lease_duration)
+        return self._session(name, inner)
+
+    @asynccontextmanager
+    async def _session(
+        self, name: str, inner: AbstractAsyncContextManager[StorageSession]
+    ) -> AsyncIterator[StorageSession]:
+        incarnation = self.next_incarnation[name]
+        async with inner as session:
+            yield StorageSession(
+                messages=_Messages(session.messages, self._checker, incarnation),
+                runners=_Runners(session.runners, self._checker, incarnation),
+            )
+
+
+class _Messages(MessageStorage):
+    def __init__(
+        self, inner: MessageStorage, checker: Checker, incarnation: Incarnation
+    ) -> None:
+        self._inner = inner
+        self._checker = checker
+        self._by = incarnation
+
+    async def save_requests(
+        self, requests: Sequence[PersistedRequest], *, now: float
+    ) -> list[SaveResult]:
+        results = await self._inner.save_requests(requests, now=now)
+        self._checker.saved(self._by, requests, results)
+        return results
+
+    async def claim(
+        self, shards: Mapping[ShardId, int], *, now: float, limit: int
+    ) -> ClaimBatch:
+        batch = await self._inner.claim(shards, now=now, limit=limit)
+        self._checker.claimed(self._by, shards, batch)
+        return batch
+
+    async def save_replies(
+        self,
+        replies: Sequence[ReplyRecord],
+        *,
+        now: float,
+        transaction: StorageTransaction | None = None,
+    ) -> list[ReplyOutcome]:
+        outcomes = await self._inner.save_replies(
+            replies, now=now, transaction=transaction
+        )
+        if transaction is None:
+            # NOTE: replies written in a transaction take effect at commit;
+            # the simulator does not follow them (its probe entities do not
+            # use transactional handlers).
+            self._checker.replies_saved(self._by, replies, outcomes)
+        return outcomes
+
+    def open_transaction(self) -> AbstractAsyncContextManager[StorageTransaction]:
+        return self._inner.open_transaction()
+
+    async def replies_for(self, queries: Sequence[ReplyQuery]) -> list[StoredReplies]:
+        return await self._inner.replies_for(queries)
+
+    async def ack_chunks(self, acks: Sequence[tuple[int, int]]) -> None:
+        await self._inner.ack_chunks(acks)
+
+    async def interrupt(self, request_ids: Sequence[int]) -> None:
+        await self._inner.interrupt(request_ids)
+
+    async def clear_address(self, address: EntityAddress) -> int:
+        count = await self._inner.clear_address(address)
+        self._checker.cleared(address)
+        return count
+
+    async def delete_processed(self, *, older_than: float, limit: int) -> int:
+        return await self._inner.delete_processed(older_than=older_than, limit=limit)
+
+    async def wait_notifications(self) -> list[Notification]:
+        return await self._inner.wait_notifications()
+
+
+class _Runners(RunnerStorage):
+    def __init__(
+        self, inner: RunnerStorage, checker: Checker, incarnation: Incarnation
+    ) -> None:
+        self._inner = inner
+        self._checker = checker
+        self._by = incarnation
+
+    async def register(self, runner: RunnerInfo) -> int:
+        if self._by.sharding is None:
+            # Called from the runner's own task: its context names it.
+            current: Any = current_runner_var.get(None)
+            if current is not None:
+                self._by.watch(current._sharding)
+        return await self._inner.register(runner)
+
+    async def unregister(self) -> None:
+        await self._inner.unregister()
+
+    async def live_runners(self) -> list[RunnerInfo]:
+        return await self._inner.live_runners()
+
+    async def acquire(self, shards: Collection[ShardId]) -> dict[ShardId, int]:
+        epochs = await self._inner.acquire(shards)
+        self._checker.acquired(self._by, epochs)
+        return epochs
+
+    async def refresh(self, shards: Collection[ShardId]) -> set[ShardId]:
+        held = await self._inner.refresh(shards)
+        self._checker.refreshed(self._by, list(shards), held)
+        return held
+
+    async def release(self, shards: Collection[ShardId]) -> None:
+        await self._inner.release(shards)
+        self._checker.released(self._by, list(shards))
+
+    async def release_all(self) -> None:
+        await self._inner.release_all()
+
+    async def wait_session_lost(self) -> None:
+        await self._inner.wait_session_lost()
+
+    async def shard_owners(self) -> list[ShardOwner]:
+        return await self._inner.shard_owners()
