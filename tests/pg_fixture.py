@@ -19,6 +19,11 @@ Loaded from ``tests/conftest.py`` (``pytest_plugins``). Fixtures:
   impossible the test fails with the reason.
 
 Mark PostgreSQL tests with ``pytest.mark.postgres``.
+
+Shared by the PostgreSQL tests: `LEASE` and `TIMEOUT`, `unique_prefix` (the
+table prefix also names the NOTIFY channel and the advisory-lock namespace,
+which are database-wide, so each test needs its own), and `pg_messages` /
+`pg_runners`, a session's PostgreSQL halves.
 """
 
 from __future__ import annotations
@@ -42,9 +47,39 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
+    from trio_cluster.abc import StorageSession
+    from trio_cluster.storage._postgres._messages import PgMessages
+    from trio_cluster.storage._postgres._runners import PgRunners
+
+LEASE = 1.0
+"""Lease of the storage sessions of PostgreSQL tests, in seconds (real time)."""
+TIMEOUT = 20
+"""Guard of one PostgreSQL test (``trio.fail_after``), in seconds."""
+
 ENV_DSN = "TRIO_CLUSTER_TEST_DSN"
 DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
 _PROBE_TIMEOUT = 2  # seconds (libpq's connect_timeout is whole seconds)
+
+
+def unique_prefix() -> str:
+    """A fresh table prefix, so concurrent tests never share a cluster."""
+    return f"tc_{uuid.uuid4().hex[:12]}"
+
+
+def pg_messages(session: StorageSession) -> PgMessages:
+    """The `PgMessages` of a `PostgresStorage` session."""
+    from trio_cluster.storage._postgres._messages import PgMessages
+
+    assert isinstance(session.messages, PgMessages)
+    return session.messages
+
+
+def pg_runners(session: StorageSession) -> PgRunners:
+    """The `PgRunners` of a `PostgresStorage` session."""
+    from trio_cluster.storage._postgres._runners import PgRunners
+
+    assert isinstance(session.runners, PgRunners)
+    return session.runners
 
 
 def probe(dsn: str) -> str | None:

@@ -26,6 +26,11 @@ clock (which may be virtual in tests), passed in explicitly.
 
 Errors: a backend raises `PersistenceError` (with the driver's exception as
 ``__cause__``) for any storage failure; no driver exception type escapes.
+Misuse (an argument of the wrong type or value) raises `TypeError` /
+`ValueError` before anything is stored: every backend checks its arguments
+with the contract's checks, one ``check_<operation>`` per method in
+`trio_cluster.storage._validation`, so the messages are the same whatever
+the backend.
 """
 
 from __future__ import annotations
@@ -183,8 +188,12 @@ class ReplyQuery:
 
 @attrs.frozen
 class StoredChunk:
+    """One stored item of a reply (a stream's items, before its final reply)."""
+
     sequence: int
+    """The item's position in the reply, from 0."""
     payload: bytes
+    """The encoded item."""
 
 
 @attrs.frozen

@@ -19,6 +19,7 @@ import attrs
 
 from .._errors import ConfigError
 from ._addresses import RunnerAddress
+from ._checks import positive_count, positive_number, positive_seconds
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -33,17 +34,11 @@ _MAX_SHARDS_PER_GROUP = 65_536
 
 
 def _positive(_: object, attribute: attrs.Attribute[T], value: T) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{attribute.name} must be a number, got {value!r}")
-    if not value > 0 or value == float("inf"):
-        raise ConfigError(
-            f"{attribute.name} must be a positive, finite number of seconds, got {value!r}"
-        )
+    positive_seconds(attribute.name, value)
 
 
 def _positive_int(_: object, attribute: attrs.Attribute[T], value: T) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{attribute.name} must be an integer >= 1, got {value!r}")
+    positive_count(attribute.name, value)
 
 
 def _check_bool(_: object, attribute: attrs.Attribute[T], value: T) -> None:
@@ -89,7 +84,7 @@ def _check_address(_: object, attribute: attrs.Attribute[T], value: T) -> None:
 
 
 def _check_weight(_: object, attribute: attrs.Attribute[float], value: float) -> None:
-    _positive(_, attribute, value)
+    positive_number(attribute.name, value)
     if value > 1000:
         raise ConfigError(f"runner_weight is {value}; use a weight in (0, 1000]")
 
@@ -137,6 +132,10 @@ class ShardingConfig:
     lease_refresh_interval: float = attrs.field(default=1.0, validator=_positive)
     """How often leases are refreshed (heartbeat). Must be at most a third of
     ``lease_duration``, so that two refreshes may fail before the lease lapses."""
+
+    membership_poll_interval: float = attrs.field(default=0.25, validator=_positive)
+    """How often the live runners are read (and shards still held by another
+    runner retried). A dropped connection to a peer triggers a poll at once."""
 
     entity_max_idle: float = attrs.field(default=60.0, validator=_positive)
     """Default ``max_idle`` for entity classes that do not set their own."""

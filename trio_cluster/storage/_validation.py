@@ -1,17 +1,28 @@
-"""Argument checks shared by storage backends (edge adapter helpers).
+"""Argument checks of the storage contract, one per operation (edge adapter helpers).
 
 The storage records are plain attrs classes without validators, so a backend
-checks what it is given before touching its tables, and every backend reports
-misuse with the same `TypeError` / `ValueError` messages.
+checks what it is given before touching its tables. Each method of the
+storage ABCs (`trio_cluster.abc`) that takes arguments has one
+``check_<operation>`` here, which every backend calls first: they raise the
+same `TypeError` / `ValueError` messages whatever the backend, and return the
+arguments normalised (sequences as lists, times as floats), so a new backend
+copies none of this. The number checks come from `trio_cluster._core._checks`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
 from .._core._addresses import EntityAddress, RunnerAddress, ShardId
+from .._core._checks import ARGUMENT, count, integer, positive_seconds, timestamp
+from .._storage_abc import (
+    PersistedRequest,
+    ReplyQuery,
+    ReplyRecord,
+    RunnerInfo,
+    StorageTransaction,
+)
 
 __all__ = [
     "MACHINE_IDS",
@@ -19,13 +30,27 @@ __all__ = [
     "REPLY_FIELDS",
     "REQUEST_FIELDS",
     "RUNNER_FIELDS",
+    "check_ack_chunks",
+    "check_acquire",
+    "check_claim",
+    "check_clear_address",
+    "check_delete_processed",
     "check_fields",
     "check_int",
+    "check_interrupt",
     "check_items",
     "check_limit",
     "check_mapping",
     "check_now",
+    "check_open_session",
     "check_pairs",
+    "check_refresh",
+    "check_register",
+    "check_release",
+    "check_replies_for",
+    "check_save_replies",
+    "check_save_requests",
+    "check_transaction",
 ]
 
 T = TypeVar("T")
@@ -80,30 +105,17 @@ def _is_instance(value: object, types: Types) -> bool:
 
 def check_int(value: object, what: str) -> int:
     """Return ``value`` if it is an int (not a bool), else raise `TypeError`."""
-    if not _is_instance(value, int):
-        raise TypeError(f"{what} must be an int, got {value!r}")
-    assert isinstance(value, int)
-    return value
+    return integer(what, value, errors=ARGUMENT)
 
 
 def check_now(value: object, what: str = "now") -> float:
     """Check a time in seconds: a finite int or float."""
-    if not _is_instance(value, (int, float)):
-        raise TypeError(
-            f"{what} must be a float (seconds since the epoch), got {value!r}"
-        )
-    assert isinstance(value, int | float)
-    if not math.isfinite(value):
-        raise ValueError(f"{what} must be finite, got {value!r}")
-    return float(value)
+    return timestamp(what, value, errors=ARGUMENT)
 
 
 def check_limit(value: object) -> int:
     """Check a batch limit: an int >= 0."""
-    limit = check_int(value, "limit")
-    if limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
-    return limit
+    return count("limit", value, errors=ARGUMENT)
 
 
 def check_items(items: object, cls: type[T], what: str) -> list[T]:
@@ -150,3 +162,110 @@ def check_pairs(items: object, what: str) -> list[tuple[int, int]]:
         check_int(pair[0], f"{what} request id")
         check_int(pair[1], f"{what} sequence")
     return checked
+
+
+# --------------------------------------------------------------------------
+# One check per storage operation
+
+
+def check_open_session(name: object, lease_duration: object) -> float:
+    """`Storage.open_session`: returns the lease duration as a float."""
+    if not isinstance(name, str):
+        raise TypeError(f"session name must be a str, got {name!r}")
+    return positive_seconds("lease_duration", lease_duration, errors=ARGUMENT)
+
+
+def check_save_requests(
+    requests: object, now: object
+) -> tuple[list[PersistedRequest], float]:
+    """`MessageStorage.save_requests`: returns ``(requests, now)``."""
+    checked = check_items(requests, PersistedRequest, "requests")
+    for request in checked:
+        check_fields(request, REQUEST_FIELDS)
+        if request.deliver_at is not None:
+            check_now(request.deliver_at, "PersistedRequest.deliver_at")
+    return checked, check_now(now)
+
+
+def check_claim(
+    shards: object, now: object, limit: object
+) -> tuple[dict[ShardId, int], float, int]:
+    """`MessageStorage.claim`: returns ``(shards, now, limit)``."""
+    return check_mapping(shards, ShardId, "shards"), check_now(now), check_limit(limit)
+
+
+def check_save_replies(replies: object, now: object) -> tuple[list[ReplyRecord], float]:
+    """`MessageStorage.save_replies` (but its ``transaction``, see
+    `check_transaction`): returns ``(replies, now)``."""
+    checked = check_items(replies, ReplyRecord, "replies")
+    for reply in checked:
+        check_fields(reply, REPLY_FIELDS)
+        if reply.sequence is not None and reply.sequence < 0:
+            raise ValueError(f"ReplyRecord.sequence must be >= 0, got {reply.sequence}")
+    return checked, check_now(now)
+
+
+def check_transaction(
+    transaction: StorageTransaction, kind: type[T], owner: object
+) -> T:
+    """The ``transaction`` of `MessageStorage.save_replies`: a ``kind``
+    (the backend's transaction class) whose ``owner`` attribute is ``owner``
+    (the storage that opened it)."""
+    if (
+        not isinstance(transaction, kind)
+        or getattr(transaction, "owner", None) is not owner
+    ):
+        raise ValueError(
+            "transaction must come from open_transaction() of this storage"
+        )
+    return transaction
+
+
+def check_replies_for(queries: object) -> list[ReplyQuery]:
+    """`MessageStorage.replies_for`."""
+    checked = check_items(queries, ReplyQuery, "queries")
+    for query in checked:
+        check_fields(query, QUERY_FIELDS)
+    return checked
+
+
+def check_ack_chunks(acks: object) -> list[tuple[int, int]]:
+    """`MessageStorage.ack_chunks`."""
+    return check_pairs(acks, "acks")
+
+
+def check_interrupt(request_ids: object) -> list[int]:
+    """`MessageStorage.interrupt`."""
+    return [
+        check_int(i, "request id") for i in check_items(request_ids, int, "request_ids")
+    ]
+
+
+def check_clear_address(address: object) -> EntityAddress:
+    """`MessageStorage.clear_address`."""
+    if not isinstance(address, EntityAddress):
+        raise TypeError(f"address must be an EntityAddress, got {address!r}")
+    return address
+
+
+def check_delete_processed(older_than: object, limit: object) -> tuple[float, int]:
+    """`MessageStorage.delete_processed`: returns ``(older_than, limit)``."""
+    return check_now(older_than, "older_than"), check_limit(limit)
+
+
+def check_register(runner: object) -> RunnerInfo:
+    """`RunnerStorage.register`."""
+    if not isinstance(runner, RunnerInfo):
+        raise TypeError(f"runner must be a RunnerInfo, got {runner!r}")
+    check_fields(runner, RUNNER_FIELDS)
+    check_items(runner.groups, str, "RunnerInfo.groups")
+    return runner
+
+
+def check_acquire(shards: object) -> list[ShardId]:
+    """`RunnerStorage.acquire`, `refresh` and `release`."""
+    return check_items(shards, ShardId, "shards")
+
+
+check_refresh = check_acquire
+check_release = check_acquire

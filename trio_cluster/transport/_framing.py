@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import msgpack
 
 from .._core._addresses import RunnerAddress
-from .._errors import ConfigError, MalformedMessageError, MessageTooLargeError
+from .._core._checks import count
+from .._errors import MalformedMessageError, MessageTooLargeError
 
 if TYPE_CHECKING:
     from .._transport_abc import Envelope
@@ -83,13 +84,7 @@ def check_max_message_size(value: object) -> int:
     Raises:
         ConfigError: ``value`` is not an int, or is below `MIN_MESSAGE_SIZE`.
     """
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"max_message_size must be an int (bytes), got {value!r}")
-    if value < MIN_MESSAGE_SIZE:
-        raise ConfigError(
-            f"max_message_size must be at least {MIN_MESSAGE_SIZE} bytes, got {value}"
-        )
-    return value
+    return count("max_message_size", value, minimum=MIN_MESSAGE_SIZE, unit="bytes")
 
 
 class Packer(Protocol):

@@ -1,9 +1,8 @@
 """The PostgreSQL `MessageStorage`: durable requests and replies (edge adapter).
 
-Theory of operation: every call validates its arguments exactly like
-`MemoryStorage` (same `TypeError`/`ValueError` messages, from
-`._validation`), borrows a connection of the session's pool, and runs *one*
-statement (`._pg_queries`) whatever the batch size. Only the parts of the
+Theory of operation: every call validates its arguments with the contract's
+checks (`.._validation`, the same as every backend's), borrows a connection of the session's pool, and runs *one*
+statement (`._queries`) whatever the batch size. Only the parts of the
 contract that a statement cannot express cheaply are done here:
 
 * duplicates *within* a `save_requests` batch (same request id, or same
@@ -15,7 +14,7 @@ contract that a statement cannot express cheaply are done here:
   again (a new statement sees the winner as the original).
 
 The dedup hash, the reply-outcome rules and the transaction of
-transactional handlers are in `._pg_message_parts`.
+transactional handlers are in `._message_parts`.
 
 Errors: the driver's `PgError`/`ConnectionLostError` are `PersistenceError`
 subclasses (with the psycopg error as ``__cause__``); a call on a closed
@@ -47,21 +46,20 @@ from trio_cluster._storage_abc import (
 )
 
 from .._validation import (
-    QUERY_FIELDS,
-    REPLY_FIELDS,
-    REQUEST_FIELDS,
-    check_fields,
-    check_int,
-    check_items,
-    check_limit,
-    check_mapping,
-    check_now,
-    check_pairs,
+    check_ack_chunks,
+    check_claim,
+    check_clear_address,
+    check_delete_processed,
+    check_interrupt,
+    check_replies_for,
+    check_save_replies,
+    check_save_requests,
+    check_transaction,
 )
 from ._message_parts import PgTransaction, dedup_key, reply_outcomes
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Mapping, Sequence
+    from collections.abc import AsyncIterator, Mapping, Sequence, Sized
 
     from ._driver._driver import PgResult
     from ._driver._pool import PgPool, PgPoolStatistics
@@ -129,15 +127,8 @@ class PgMessages(MessageStorage):
     async def save_requests(
         self, requests: Sequence[PersistedRequest], *, now: float
     ) -> list[SaveResult]:
-        checked = check_items(requests, PersistedRequest, "requests")
-        for request in checked:
-            check_fields(request, REQUEST_FIELDS)
-            if request.deliver_at is not None:
-                check_now(request.deliver_at, "PersistedRequest.deliver_at")
-        now = check_now(now)
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if not checked:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        checked, now = check_save_requests(requests, now)
+        if not await _any_work(checked):
             return []
         keys = [dedup_key(request) for request in checked]
         # Resolve duplicates within the batch: item -> index of its first occurrence.
@@ -232,12 +223,8 @@ class PgMessages(MessageStorage):
     async def claim(
         self, shards: Mapping[ShardId, int], *, now: float, limit: int
     ) -> ClaimBatch:
-        checked = check_mapping(shards, ShardId, "shards")
-        now = check_now(now)
-        limit = check_limit(limit)
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if not checked:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        checked, now, limit = check_claim(shards, now, limit)
+        if not await _any_work(checked):
             return ClaimBatch(requests=[], next_deliver_at=None)
         order = list(checked)
         params: list[object] = [
@@ -298,24 +285,11 @@ class PgMessages(MessageStorage):
         now: float,
         transaction: StorageTransaction | None = None,
     ) -> list[ReplyOutcome]:
-        checked = check_items(replies, ReplyRecord, "replies")
-        for reply in checked:
-            check_fields(reply, REPLY_FIELDS)
-            if reply.sequence is not None and reply.sequence < 0:
-                raise ValueError(
-                    f"ReplyRecord.sequence must be >= 0, got {reply.sequence}"
-                )
-        now = check_now(now)
-        if transaction is not None and (
-            not isinstance(transaction, PgTransaction)
-            or transaction.owner is not self._owner
-        ):
-            raise ValueError(
-                "transaction must come from open_transaction() of this storage"
-            )
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if not checked:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        checked, now = check_save_replies(replies, now)
+        mine = None
+        if transaction is not None:
+            mine = check_transaction(transaction, PgTransaction, self._owner)
+        if not await _any_work(checked):
             return []
         params: list[object] = [
             list(range(len(checked))),
@@ -328,10 +302,10 @@ class PgMessages(MessageStorage):
             now,
             self._channel,
         ]
-        if transaction is None:
+        if mine is None:
             rows = (await self._execute(self._q.save_replies, params)).rows
         else:
-            rows = await transaction.execute_internal(self._q.save_replies, params)
+            rows = await mine.execute_internal(self._q.save_replies, params)
         statuses: list[str] = ["d"] * len(checked)
         written: set[tuple[int, int | None]] = set()
         for kind, number, status, sequence in rows:
@@ -359,12 +333,8 @@ class PgMessages(MessageStorage):
                 transaction.finished = True
 
     async def replies_for(self, queries: Sequence[ReplyQuery]) -> list[StoredReplies]:
-        checked = check_items(queries, ReplyQuery, "queries")
-        for query in checked:
-            check_fields(query, QUERY_FIELDS)
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if not checked:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        checked = check_replies_for(queries)
+        if not await _any_work(checked):
             return []
         params: list[object] = [
             list(range(len(checked))),
@@ -394,28 +364,20 @@ class PgMessages(MessageStorage):
         return results
 
     async def ack_chunks(self, acks: Sequence[tuple[int, int]]) -> None:
-        checked = check_pairs(acks, "acks")
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if not checked:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        checked = check_ack_chunks(acks)
+        if not await _any_work(checked):
             return
         params = [[a[0] for a in checked], [a[1] for a in checked]]
         await self._execute(self._q.ack_chunks, params)
 
     async def interrupt(self, request_ids: Sequence[int]) -> None:
-        checked = [
-            check_int(i, "request id")
-            for i in check_items(request_ids, int, "request_ids")
-        ]
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if not checked:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        checked = check_interrupt(request_ids)
+        if not await _any_work(checked):
             return
         await self._execute(self._q.interrupt, [checked, self._channel])
 
     async def clear_address(self, address: EntityAddress) -> int:
-        if not isinstance(address, EntityAddress):
-            raise TypeError(f"address must be an EntityAddress, got {address!r}")
+        address = check_clear_address(address)
         params = [
             address.entity_id.value,
             address.entity_type,
@@ -425,14 +387,21 @@ class PgMessages(MessageStorage):
         return (await self._execute(self._q.clear_address, params)).rowcount
 
     async def delete_processed(self, *, older_than: float, limit: int) -> int:
-        older_than = check_now(older_than, "older_than")
-        limit = check_limit(limit)
-        await trio.lowlevel.checkpoint_if_cancelled()
-        if limit == 0:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        older_than, limit = check_delete_processed(older_than, limit)
+        if not await _any_work(limit):
             return 0
         params = [older_than, limit]
         return (await self._execute(self._q.delete_processed, params)).rowcount
 
     async def wait_notifications(self) -> list[Notification]:
         return await self._listener.wait()
+
+
+async def _any_work(batch: Sized | int) -> bool:
+    """Checkpoint at the start of a call; False if ``batch`` (or a limit) is
+    empty, so there is no statement to send."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    if batch:  # a limit is checked to be >= 0
+        return True
+    await trio.lowlevel.cancel_shielded_checkpoint()
+    return False

@@ -2,7 +2,7 @@
 
 Theory of operation: each storage session keeps one connection that LISTENs
 on the cluster's channel (`PgNames.channel`). The message statements
-``pg_notify`` small JSON payloads (see `._pg_queries`) that PostgreSQL
+``pg_notify`` small JSON payloads (see `._queries`) that PostgreSQL
 delivers at commit to every listening session, the writer's own included.
 `Listener.wait` returns them coalesced by kind, like `MemoryStorage` does.
 

@@ -1,7 +1,7 @@
 """The PostgreSQL `RunnerStorage`: registry, shard locks, leases (edge adapter).
 
 Theory of operation: every call is one operation of the session's
-`LockSession` (the dedicated lock connection, see `._pg_locks`), so it renews
+`LockSession` (the dedicated lock connection, see `._locks`), so it renews
 the server session's ``idle_session_timeout`` lease, runs under the lock
 deadline, and on failure ends the session (a new generation holds nothing).
 
@@ -45,136 +45,26 @@ from trio_cluster._core._addresses import RunnerAddress, ShardId
 from trio_cluster._errors import PersistenceError
 from trio_cluster._storage_abc import RunnerInfo, RunnerStorage, ShardOwner
 
-from .._validation import MACHINE_IDS, RUNNER_FIELDS, check_fields, check_items
+from .._validation import (
+    MACHINE_IDS,
+    check_acquire,
+    check_refresh,
+    check_register,
+    check_release,
+)
+from ._locks import LockSession
+from ._runner_queries import RunnerQueries
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Collection
 
     from ._driver._driver import PgConnection
-    from ._locks import Generation, LockSession, LockSessionStatistics
+    from ._locks import Generation, LockSessionStatistics
     from ._schema import PgNames
 
-__all__ = ["LOCKS_QUERY", "RUNNER_KEY", "PgRunners"]
+__all__ = ["PgRunners"]
 
 T = TypeVar("T")
-
-
-# The cluster's granted two-int advisory locks in this database ($1: the
-# namespace as pg_locks' classid): pid and key (objid, the second int).
-LOCKS_QUERY = """
-SELECT pid, objid::int8 AS key FROM pg_locks
-WHERE locktype = 'advisory' AND objsubid = 2 AND granted
-  AND classid = $1::int8::oid
-  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-"""
-RUNNER_KEY = "4294967296 - r.id"
-"""``objid`` of runner ``r``'s liveness lock ``(namespace, -r.id)``."""
-
-
-@attrs.frozen
-class _Queries:
-    insert_shards: str
-    lock_shards: str
-    unlock: str
-    restore: str
-    heartbeat: str
-    register_gc: str
-    register_takeover: str
-    register: str
-    unregister: str
-    live: str
-    owners: str
-    close: str
-
-    @classmethod
-    def build(cls, names: PgNames) -> _Queries:
-        r, s = names.runners, names.shards
-        return cls(
-            insert_shards=f"""
-INSERT INTO {s} (shard_group, shard_number)
-SELECT * FROM unnest($1::text[], $2::int4[])
-ON CONFLICT DO NOTHING""",
-            lock_shards=f"""
-WITH tried AS MATERIALIZED (
-    SELECT s.id, s.shard_group, s.shard_number,
-           pg_try_advisory_lock($3::int4, s.id) AS got
-    FROM {s} s JOIN unnest($1::text[], $2::int4[]) AS w(g, n)
-        ON s.shard_group = w.g AND s.shard_number = w.n
-), bumped AS (
-    UPDATE {s} s SET epoch = s.epoch + 1, owner = $4::text
-    FROM tried t WHERE s.id = t.id AND t.got
-    RETURNING s.shard_group, s.shard_number, s.id, s.epoch
-)
-SELECT shard_group, shard_number, id, NULL::int8 FROM tried WHERE NOT got
-UNION ALL
-SELECT shard_group, shard_number, id, epoch FROM bumped""",
-            unlock="""
-SELECT count(*) FILTER (WHERE pg_advisory_unlock($1::int4, k))
-FROM unnest($2::int4[]) AS k""",
-            restore=f"""
-SELECT pg_try_advisory_lock($1::int4, -id) FROM {r}
-WHERE id = $2::int4 AND token = $3::text""",
-            heartbeat=f"""
-UPDATE {r} SET seen_at = now() WHERE id = $1::int4 AND token = $2::text
-RETURNING port >= 0""",
-            register_gc=f"""
-DELETE FROM {r} r
-WHERE r.token <> $2::text
-  AND r.seen_at < now() - make_interval(secs => greatest(60, 10 * r.lease))
-  AND NOT EXISTS (SELECT 1 FROM ({LOCKS_QUERY}) l WHERE l.key = {RUNNER_KEY})""",
-            register_takeover=f"""
-WITH old AS MATERIALIZED (
-    SELECT r.id, EXISTS (SELECT 1 FROM ({LOCKS_QUERY}) l WHERE l.key = {RUNNER_KEY}) AS live
-    FROM {r} r
-    WHERE r.host = $2::text AND r.port = $3::int4 AND r.token <> $4::text
-), displaced AS (
-    UPDATE {r} r SET port = -r.id FROM old WHERE r.id = old.id AND old.live
-)
-DELETE FROM {r} r USING old WHERE r.id = old.id AND NOT old.live""",
-            register=f"""
-WITH mine AS (
-    UPDATE {r} SET host = $1::text, port = $2::int4, groups = $3::text[],
-        weight = $4::float8, lease = $5::float8, seen_at = now()
-    WHERE token = $6::text
-    RETURNING id, machine_id
-), free AS (
-    SELECT min(g) AS machine_id FROM generate_series(0, {MACHINE_IDS - 1}) AS g
-    WHERE NOT EXISTS (SELECT 1 FROM {r} x WHERE x.machine_id = g)
-), ins AS (
-    INSERT INTO {r} (host, port, groups, weight, lease, token, machine_id)
-    SELECT $1::text, $2::int4, $3::text[], $4::float8, $5::float8, $6::text,
-           free.machine_id
-    FROM free
-    WHERE free.machine_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM mine)
-    RETURNING id, machine_id
-)
-SELECT id, machine_id,
-       CASE WHEN id = $8::int4 THEN true ELSE pg_try_advisory_lock($7::int4, -id) END
-FROM (SELECT * FROM mine UNION ALL SELECT * FROM ins) AS registered""",
-            unregister=f"""
-WITH gone AS (DELETE FROM {r} WHERE token = $1::text RETURNING id)
-SELECT CASE WHEN id = $3::int4 THEN pg_advisory_unlock($2::int4, -id) END
-FROM gone""",
-            live=f"""
-SELECT r.host, r.port, r.groups, r.weight, r.machine_id
-FROM {r} r
-WHERE r.port >= 0
-  AND EXISTS (SELECT 1 FROM ({LOCKS_QUERY}) l WHERE l.key = {RUNNER_KEY})""",
-            owners=f"""
-WITH locks AS MATERIALIZED ({LOCKS_QUERY}),
-holders AS (
-    SELECT l.pid, r.host, r.port FROM locks l JOIN {r} r ON l.key = {RUNNER_KEY}
-    WHERE r.port >= 0
-)
-SELECT s.shard_group, s.shard_number, s.epoch, h.host, h.port
-FROM {s} s
-LEFT JOIN locks l ON l.key = s.id
-LEFT JOIN holders h ON h.pid = l.pid
-WHERE s.epoch > 0""",
-            close=f"""
-WITH gone AS (DELETE FROM {r} WHERE token = $1::text)
-SELECT pg_advisory_unlock_all()""",
-        )
 
 
 @attrs.define(eq=False)
@@ -204,14 +94,23 @@ class PgRunners(RunnerStorage):
     Args:
         names: the cluster's names.
         lease_duration: the session's lease (stored with its registration).
-        locks: created by the caller with `on_new_generation` as its hook.
+        connect: opens a new lock connection (with the lease as its
+            ``idle_session_timeout``), for the `LockSession`.
+        operation_timeout: deadline of each lock-connection operation.
     """
 
-    def __init__(self, names: PgNames, *, lease_duration: float) -> None:
+    def __init__(
+        self,
+        names: PgNames,
+        *,
+        lease_duration: float,
+        connect: Callable[[], Awaitable[PgConnection]],
+        operation_timeout: float,
+    ) -> None:
         self._names = names
         self._ns = names.namespace
         self._lock_class = names.namespace & 0xFFFF_FFFF  # classid in pg_locks
-        self._q = _Queries.build(names)
+        self._q = RunnerQueries.build(names)
         self._lease = lease_duration
         self._token = secrets.token_hex(16)
         self._registration: RunnerInfo | None = None
@@ -221,32 +120,39 @@ class PgRunners(RunnerStorage):
         """`release` calls whose shards no statement has unlocked yet."""
         self._barrier = 0
         """Lock operations other than `release` started so far."""
-        self.locks: LockSession | None = None
-        """Set by the session right after construction."""
-
-    def _session(self) -> LockSession:
-        assert self.locks is not None
-        return self.locks
+        self.locks = LockSession(
+            connect,
+            operation_timeout=operation_timeout,
+            on_new_generation=self._restore_liveness,
+        )
+        """The session's lock connection (its backend pid is shown by tests)."""
 
     async def _run(
         self, what: str, operation: Callable[[PgConnection, Generation], Awaitable[T]]
     ) -> T:
         """Run an operation other than `release` on the lock connection."""
         self._barrier += 1
-        return await self._session().run(what, operation)
+        return await self.locks.run(what, operation)
 
     def statistics(self) -> LockSessionStatistics:
         """Counters of the lock connection (statements, generations)."""
-        return self._session().statistics()
+        return self.locks.statistics()
+
+    async def connect(self) -> None:
+        """Open the first lock connection (fails if the server is unreachable)."""
+        await self.locks.run("connect", _nothing)
+
+    async def aclose(self) -> None:
+        """Unregister, unlock everything and close the lock connection
+        (shielded, bounded; see `LockSession.aclose`)."""
+        await self.locks.aclose(self._cleanup)
 
     # ------------------------------------------------------------------
     # Generations
 
-    async def on_new_generation(self, conn: PgConnection, state: Generation) -> None:
-        """Take the liveness lock again in a new lock session."""
-        await self._restore_liveness(conn, state)
-
     async def _restore_liveness(self, conn: PgConnection, state: Generation) -> None:
+        """Take the liveness lock again (in a new lock session, or if an
+        earlier attempt found the previous backend still holding it)."""
         if self._row_id is None or state.live_id == self._row_id:
             return
         result = await conn.execute(
@@ -271,7 +177,7 @@ class PgRunners(RunnerStorage):
             # while this session lives, so keep heartbeating it.
             self._registration = None
 
-    async def cleanup(self, conn: PgConnection, state: Generation) -> None:
+    async def _cleanup(self, conn: PgConnection, state: Generation) -> None:
         """At session exit: unregister and unlock everything."""
         await conn.execute(self._q.close, [self._token])
         state.held.clear()
@@ -282,10 +188,7 @@ class PgRunners(RunnerStorage):
     # Registry
 
     async def register(self, runner: RunnerInfo) -> int:
-        if not isinstance(runner, RunnerInfo):
-            raise TypeError(f"runner must be a RunnerInfo, got {runner!r}")
-        check_fields(runner, RUNNER_FIELDS)
-        check_items(runner.groups, str, "RunnerInfo.groups")
+        runner = check_register(runner)
         registered = await self._run(
             "register", lambda conn, state: self._register(runner, conn, state)
         )
@@ -369,7 +272,7 @@ class PgRunners(RunnerStorage):
     # Shard locks
 
     async def acquire(self, shards: Collection[ShardId]) -> dict[ShardId, int]:
-        checked = list(dict.fromkeys(check_items(shards, ShardId, "shards")))
+        checked = list(dict.fromkeys(check_acquire(shards)))
         return await self._run(
             "acquire", lambda conn, state: self._acquire(checked, conn, state)
         )
@@ -400,7 +303,7 @@ class PgRunners(RunnerStorage):
         return acquired
 
     async def refresh(self, shards: Collection[ShardId]) -> set[ShardId]:
-        checked = check_items(shards, ShardId, "shards")
+        checked = check_refresh(shards)
         return await self._run(
             "refresh", lambda conn, state: self._refresh(checked, conn, state)
         )
@@ -418,11 +321,11 @@ class PgRunners(RunnerStorage):
         On cancellation (or failure) before its statement ran, nothing of
         this call is released by a later one.
         """
-        checked = check_items(shards, ShardId, "shards")
+        checked = check_release(shards)
         request = _Release(checked, self._barrier)
         self._releases.append(request)
         try:
-            await self._session().run(
+            await self.locks.run(
                 "release",
                 lambda conn, state: self._release_batch(request, conn, state),
             )
@@ -464,7 +367,7 @@ class PgRunners(RunnerStorage):
             del state.held[shard]
 
     async def wait_session_lost(self) -> None:
-        await self._session().wait_session_lost()
+        await self.locks.wait_session_lost()
 
     async def shard_owners(self) -> list[ShardOwner]:
         return await self._run("shard_owners", self._shard_owners)
@@ -483,3 +386,7 @@ class PgRunners(RunnerStorage):
             for group, number, epoch, host, port in rows
         ]
         return sorted(owners, key=lambda owner: owner.shard)
+
+
+async def _nothing(conn: PgConnection, state: Generation) -> None:
+    await trio.lowlevel.checkpoint()

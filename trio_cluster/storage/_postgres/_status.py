@@ -1,10 +1,10 @@
 """`cluster_status`: runners, shard map and backlog read from PostgreSQL (edge adapter).
 
 What ``trio-cluster status`` prints. It needs no runner: it reads the
-cluster's tables (`._pg_schema`) and ``pg_locks`` over one short-lived
+cluster's tables (`._schema`) and ``pg_locks`` over one short-lived
 connection, with every query in one pipeline (one round trip). Liveness and
 ownership come from the advisory locks, exactly as the runners see them
-(`._pg_runners`): a runner is *live* while its lock session holds its
+(`._runners`): a runner is *live* while its lock session holds its
 liveness lock; a shard's *owner* is the live runner whose session holds the
 shard's lock. Ages are measured against the database server's clock; the
 backlog age needs schema version 2 (requests saved earlier have none).
@@ -22,7 +22,7 @@ import attrs
 from trio_cluster._errors import PersistenceError
 
 from ._driver._driver import PgConnection
-from ._runners import LOCKS_QUERY, RUNNER_KEY
+from ._runner_queries import LOCKS_QUERY, RUNNER_KEY
 from ._schema import LATEST_VERSION, PgNames, schema_version
 
 if TYPE_CHECKING:

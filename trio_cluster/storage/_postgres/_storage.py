@@ -4,17 +4,17 @@ A runner's session (`PostgresStorage.open_session`) owns four kinds of
 connections, each with its own ``application_name``:
 
 * a small pool (``trio_cluster <name>``) for message traffic
-  (`._pg_messages`): one statement per batch call;
+  (`._messages`): one statement per batch call;
 * a pool for the transactions of transactional handlers
   (``trio_cluster tx <name>``), opened lazily, so that handlers holding
   transactions open never starve message traffic;
 * the dedicated lock connection (``trio_cluster lock <name>``) that holds the
-  session advisory locks (`._pg_locks`, `._pg_runners`), with the lease as its
+  session advisory locks (`._locks`, `._runners`), with the lease as its
   ``idle_session_timeout`` so a frozen runner loses its locks on the server;
 * a LISTEN connection (``trio_cluster listen <name>``) for notifications
-  (`._pg_notify`).
+  (`._notify`).
 
-Opening a session applies the schema migrations (`._pg_schema`) unless told
+Opening a session applies the schema migrations (`._schema`) unless told
 not to. Several clusters can share a database under different table
 prefixes: tables, channel and advisory-lock namespace are all derived from the
 prefix (which must therefore be unique per database, not per schema).
@@ -22,20 +22,19 @@ prefix (which must therefore be unique per database, not per schema).
 
 from __future__ import annotations
 
-import math
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING
 
 import attrs
-import trio
 
+from trio_cluster._core._checks import positive_count, positive_seconds
 from trio_cluster._errors import ConfigError
 from trio_cluster._storage_abc import Storage, StorageSession
 
+from .._validation import check_open_session
 from ._driver._driver import PgConnection, build_conninfo
 from ._driver._pool import open_pool
-from ._locks import LockSession
 from ._messages import PgMessages
 from ._notify import Listener
 from ._queries import MessageQueries
@@ -47,7 +46,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from contextlib import AbstractAsyncContextManager
 
-__all__ = ["PostgresStatistics", "PostgresStorage", "cluster_status", "postgres"]
+__all__ = ["PostgresStatistics", "PostgresStorage", "cluster_status"]
 
 
 @attrs.frozen
@@ -67,21 +66,39 @@ class PostgresStatistics:
     """Round trips on the lock connections."""
 
 
-def _positive(name: str, value: object, *, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{name} must be a number of seconds, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"{name} must be positive and finite, got {value!r}")
-    return float(value)
+def _optional_seconds(name: str, value: object) -> float | None:
+    return None if value is None else positive_seconds(name, value)
 
 
 class PostgresStorage(Storage):
-    """Storage on a PostgreSQL database (15 or later); create it with `postgres`.
+    """A PostgreSQL storage backend (PostgreSQL 15 or later) for
+    `trio_cluster.open_runner`.
 
     Every runner opens its own session with `open_session`. The object itself
     holds no connection and can be shared by any number of sessions.
+
+    Args:
+        dsn: A libpq connection string or URI (``"postgresql://..."``).
+        table_prefix: Prefix of every table, index, channel and advisory-lock
+            namespace: clusters sharing a database need different prefixes.
+            A lower-case SQL identifier of at most 40 characters.
+        pool_size: Connections for message traffic per runner.
+        transaction_pool_size: Most transactions of transactional handlers
+            open at once per runner, each on its own connection (opened when
+            first needed). Kept apart from message traffic, which slow
+            handlers therefore never starve.
+        lock_operation_timeout: Deadline of each lock-connection operation,
+            in seconds; default a third of the session's lease. On expiry the
+            lock connection is reset (the runner's locks are freed).
+        transaction_idle_timeout: The server aborts a transaction of a
+            transactional handler that stays idle this long (so a frozen
+            runner cannot hold row locks forever); None for no limit.
+        auto_migrate: Apply missing schema migrations when a session opens;
+            if False, an outdated schema fails with `PersistenceError` (run
+            ``trio-cluster migrate``).
+
+    Raises:
+        ConfigError: a malformed DSN, table prefix or option.
     """
 
     def __init__(
@@ -100,22 +117,16 @@ class PostgresStorage(Storage):
         build_conninfo(dsn, application_name="trio_cluster")  # validates the DSN
         self.names = PgNames.for_prefix(table_prefix)
         """The cluster's table, channel and lock names."""
-        for option, size in (
-            ("pool_size", pool_size),
-            ("transaction_pool_size", transaction_pool_size),
-        ):
-            if isinstance(size, bool) or not isinstance(size, int):
-                raise ConfigError(f"{option} must be an int, got {size!r}")
-            if size < 1:
-                raise ConfigError(f"{option} must be >= 1, got {size!r}")
         self._dsn = dsn
-        self._pool_size = pool_size
-        self._transaction_pool_size = transaction_pool_size
-        self._lock_timeout = _positive(
-            "lock_operation_timeout", lock_operation_timeout, allow_none=True
+        self._pool_size = positive_count("pool_size", pool_size)
+        self._transaction_pool_size = positive_count(
+            "transaction_pool_size", transaction_pool_size
         )
-        self._transaction_idle = _positive(
-            "transaction_idle_timeout", transaction_idle_timeout, allow_none=True
+        self._lock_timeout = _optional_seconds(
+            "lock_operation_timeout", lock_operation_timeout
+        )
+        self._transaction_idle = _optional_seconds(
+            "transaction_idle_timeout", transaction_idle_timeout
         )
         self._auto_migrate = bool(auto_migrate)
         self._queries = MessageQueries.build(self.names)
@@ -156,19 +167,7 @@ class PostgresStorage(Storage):
         closed lock connection frees the locks on the server anyway. The
         body's exception propagates unchanged.
         """
-        if not isinstance(name, str):
-            raise TypeError(f"session name must be a str, got {name!r}")
-        if isinstance(lease_duration, bool) or not isinstance(
-            lease_duration, int | float
-        ):
-            raise TypeError(
-                f"lease_duration must be a number of seconds, got {lease_duration!r}"
-            )
-        if not 0 < lease_duration < math.inf:
-            raise ValueError(
-                f"lease_duration must be positive and finite, got {lease_duration!r}"
-            )
-        return self._session(name, float(lease_duration))
+        return self._session(name, check_open_session(name, lease_duration))
 
     @asynccontextmanager
     async def _session(
@@ -210,9 +209,10 @@ class PostgresStorage(Storage):
             )
             await listener.open()
             try:
-                runners = PgRunners(self.names, lease_duration=lease_duration)
-                locks = LockSession(
-                    partial(
+                runners = PgRunners(
+                    self.names,
+                    lease_duration=lease_duration,
+                    connect=partial(
                         PgConnection.connect,
                         self._dsn,
                         application_name=f"trio_cluster lock {name}",
@@ -232,10 +232,8 @@ class PostgresStorage(Storage):
                         recovery_timeout=0,
                     ),
                     operation_timeout=timeout,
-                    on_new_generation=runners.on_new_generation,
                 )
-                runners.locks = locks
-                await locks.run("connect", _nothing)
+                await runners.connect()
                 session = StorageSession(
                     messages=PgMessages(
                         pool=pool,
@@ -252,7 +250,7 @@ class PostgresStorage(Storage):
                     yield session
                 finally:
                     try:
-                        await locks.aclose(runners.cleanup)
+                        await runners.aclose()
                     finally:
                         self._sessions.remove(session)
                         for i, count in enumerate(_session_counts(session)):
@@ -272,57 +270,4 @@ def _session_counts(session: StorageSession) -> tuple[int, int, int, int]:
         pool.round_trips + tx.round_trips,
         lock.statements,
         lock.round_trips,
-    )
-
-
-async def _nothing(conn: PgConnection, state: object) -> None:
-    await trio.lowlevel.checkpoint()
-
-
-def postgres(
-    dsn: str,
-    *,
-    table_prefix: str = "trio_cluster",
-    pool_size: int = 4,
-    transaction_pool_size: int = 4,
-    lock_operation_timeout: float | None = None,
-    transaction_idle_timeout: float | None = 60.0,
-    auto_migrate: bool = True,
-) -> PostgresStorage:
-    """A PostgreSQL storage backend for `trio_cluster.open_runner`.
-
-    Args:
-        dsn: A libpq connection string or URI (``"postgresql://..."``).
-        table_prefix: Prefix of every table, index, channel and advisory-lock
-            namespace: clusters sharing a database need different prefixes.
-            A lower-case SQL identifier of at most 40 characters.
-        pool_size: Connections for message traffic per runner.
-        transaction_pool_size: Most transactions of transactional handlers
-            open at once per runner, each on its own connection (opened when
-            first needed). Kept apart from message traffic, which slow
-            handlers therefore never starve.
-        lock_operation_timeout: Deadline of each lock-connection operation,
-            in seconds; default a third of the session's lease. On expiry the
-            lock connection is reset (the runner's locks are freed).
-        transaction_idle_timeout: The server aborts a transaction of a
-            transactional handler that stays idle this long (so a frozen
-            runner cannot hold row locks forever); None for no limit.
-        auto_migrate: Apply missing schema migrations when a session opens;
-            if False, an outdated schema fails with `PersistenceError` (run
-            ``trio-cluster migrate``).
-
-    Returns:
-        The storage; open a session per runner with `PostgresStorage.open_session`.
-
-    Raises:
-        ConfigError: a malformed DSN, table prefix or option.
-    """
-    return PostgresStorage(
-        dsn,
-        table_prefix=table_prefix,
-        pool_size=pool_size,
-        transaction_pool_size=transaction_pool_size,
-        lock_operation_timeout=lock_operation_timeout,
-        transaction_idle_timeout=transaction_idle_timeout,
-        auto_migrate=auto_migrate,
     )

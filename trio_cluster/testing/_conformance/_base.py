@@ -1,5 +1,11 @@
 """Fixtures and helpers shared by the storage conformance tests (test support).
 
+The helpers build storage records and run the steps most tests start with;
+those a backend's own tests need too are public in `trio_cluster.testing`
+(`persisted_request`, `final_reply`, `runner_info`, `entity_address`,
+`conformance_shard`, `SHARD`, `SHARD2`, `BASE_TIME`, `acquire_shards`,
+`replies_of`, `saved_and_claimed`).
+
 The tests only use the public storage contract (`trio_cluster.abc`), pass
 explicit ``now`` values, and wait for asynchronous effects (notifications,
 lease expiry) by polling under a deadline, so they pass on a real clock with
@@ -39,45 +45,50 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
 __all__ = [
-    "BASE",
+    "BASE_TIME",
     "SHARD",
     "SHARD2",
     "TIMEOUT",
     "ConformanceBase",
     "Seen",
-    "acquire",
-    "address",
+    "acquire_shards",
     "collect",
-    "final",
-    "info",
+    "conformance_shard",
+    "entity_address",
+    "final_reply",
+    "persisted_request",
     "poll_until",
-    "replies",
-    "request",
-    "shard",
+    "replies_of",
+    "runner_info",
+    "saved_and_claimed",
 ]
 
-BASE = 1_800_000_000.0
+BASE_TIME = 1_800_000_000.0
 """A fixed wall-clock time (2027-01-15): every ``now`` is relative to it."""
 TIMEOUT = 20.0
 """Guard for one test; generous for a real database on a slow CI machine."""
 GROUP = "conformance"
 
 
-def shard(number: int) -> ShardId:
+def conformance_shard(number: int) -> ShardId:
+    """Shard ``number`` of the conformance tests' shard group."""
     return ShardId(GROUP, number)
 
 
-SHARD = shard(1)
-SHARD2 = shard(2)
+SHARD = conformance_shard(1)
+"""The shard of most conformance tests' requests."""
+SHARD2 = conformance_shard(2)
+"""A second shard, for tests that need two."""
 
 
-def address(
+def entity_address(
     entity: str = "e1", shard_id: ShardId = SHARD, entity_type: str = "Counter"
 ) -> EntityAddress:
+    """The address of entity ``entity_type/entity`` in ``shard_id``."""
     return EntityAddress(entity_type, EntityId(entity), shard_id)
 
 
-def request(
+def persisted_request(
     request_id: int,
     *,
     entity: str = "e1",
@@ -90,10 +101,11 @@ def request(
     claim_epoch: int | None = None,
     entity_type: str = "Counter",
 ) -> PersistedRequest:
-    """A request with a payload derived from its id unless given."""
+    """A `PersistedRequest` to entity ``e1`` of `SHARD` (unless told
+    otherwise), with a payload derived from its id unless given."""
     return PersistedRequest(
         request_id=request_id,
-        address=address(entity, shard_id, entity_type),
+        address=entity_address(entity, shard_id, entity_type),
         tag=tag,
         payload=f"payload-{request_id}".encode() if payload is None else payload,
         primary_key=primary_key,
@@ -103,35 +115,65 @@ def request(
     )
 
 
-def final(
+def final_reply(
     request_id: int, epoch: int, payload: bytes = b"done", *, shard_id: ShardId = SHARD
 ) -> ReplyRecord:
+    """The final reply to request ``request_id``, under ``epoch``."""
     return ReplyRecord(
         request_id=request_id, shard=shard_id, epoch=epoch, payload=payload
     )
 
 
-def info(
+def runner_info(
     port: int, *, weight: float = 1.0, groups: tuple[str, ...] = (GROUP,)
 ) -> RunnerInfo:
+    """A runner at ``10.0.0.1:<port>`` hosting the conformance shard group."""
     return RunnerInfo(
         address=RunnerAddress("10.0.0.1", port), groups=groups, weight=weight
     )
 
 
-async def acquire(runners: RunnerStorage, *shards: ShardId) -> dict[ShardId, int]:
+async def acquire_shards(
+    runners: RunnerStorage, *shards: ShardId
+) -> dict[ShardId, int]:
     """Acquire shards that nobody holds; fail if one was not acquired."""
     epochs = await runners.acquire(list(shards))
     assert set(epochs) == set(shards), f"could not acquire {set(shards) - set(epochs)}"
     return epochs
 
 
-async def replies(
+async def replies_of(
     messages: MessageStorage, request_id: int, after: int = -1
 ) -> StoredReplies:
+    """The stored replies of one request (chunks after ``after``)."""
     [stored] = await messages.replies_for([ReplyQuery(request_id, after)])
     assert stored.request_id == request_id
     return stored
+
+
+async def saved_and_claimed(
+    session: StorageSession,
+    *requests: PersistedRequest,
+    now: float = BASE_TIME,
+    claim: bool = True,
+) -> int:
+    """Acquire `SHARD`, save ``requests`` (all of `SHARD`) and claim them.
+
+    The steps most message tests start with. With ``claim=False`` the
+    requests are only saved.
+
+    Returns:
+        The epoch at which the session holds `SHARD`.
+    """
+    assert all(r.address.shard == SHARD for r in requests), "requests of SHARD only"
+    epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
+    if requests:
+        await session.messages.save_requests(list(requests), now=now)
+    if claim:
+        batch = await session.messages.claim({SHARD: epoch}, now=now, limit=1000)
+        claimed = [r.request_id for r in batch.requests]
+        assert claimed == [r.request_id for r in requests], claimed
+    return epoch
 
 
 class Seen:

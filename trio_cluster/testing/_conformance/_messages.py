@@ -20,16 +20,17 @@ from trio_cluster._storage_abc import (
 )
 
 from ._base import (
-    BASE,
+    BASE_TIME,
     SHARD,
     SHARD2,
     TIMEOUT,
     ConformanceBase,
-    acquire,
-    address,
-    final,
-    replies,
-    request,
+    acquire_shards,
+    entity_address,
+    final_reply,
+    persisted_request,
+    replies_of,
+    saved_and_claimed,
 )
 
 __all__ = ["MessageStorageTests"]
@@ -49,7 +50,7 @@ def chunk(
 
 
 async def claim_ids(
-    session: StorageSession, epoch: int, *, now: float = BASE, limit: int = 100
+    session: StorageSession, epoch: int, *, now: float = BASE_TIME, limit: int = 100
 ) -> list[int]:
     batch = await session.messages.claim({SHARD: epoch}, now=now, limit=limit)
     return [claimed.request_id for claimed in batch.requests]
@@ -58,7 +59,7 @@ async def claim_ids(
 async def new_epoch(session: StorageSession) -> int:
     """Release and re-acquire `SHARD` (a new owner, as far as epochs go)."""
     await session.runners.release([SHARD])
-    return (await acquire(session.runners, SHARD))[SHARD]
+    return (await acquire_shards(session.runners, SHARD))[SHARD]
 
 
 class MessageStorageTests(ConformanceBase):
@@ -71,44 +72,50 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            batch = [request(1), request(2, entity="e2"), request(3, shard_id=SHARD2)]
-            results = await session.messages.save_requests(batch, now=BASE)
+            batch = [
+                persisted_request(1),
+                persisted_request(2, entity="e2"),
+                persisted_request(3, shard_id=SHARD2),
+            ]
+            results = await session.messages.save_requests(batch, now=BASE_TIME)
             assert results == [SaveResult(i, duplicate=False) for i in (1, 2, 3)]
-            assert await session.messages.save_requests([], now=BASE) == []
+            assert await session.messages.save_requests([], now=BASE_TIME) == []
 
     async def test_save_duplicate_primary_key_returns_original(
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
             await session.messages.save_requests(
-                [request(1, primary_key="k")], now=BASE
+                [persisted_request(1, primary_key="k")], now=BASE_TIME
             )
-            again = request(2, primary_key="k", payload=b"other")
-            assert await session.messages.save_requests([again], now=BASE + 1) == [
+            again = persisted_request(2, primary_key="k", payload=b"other")
+            assert await session.messages.save_requests([again], now=BASE_TIME + 1) == [
                 SaveResult(1, duplicate=True)
             ]
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            batch = await session.messages.claim({SHARD: epoch}, now=BASE, limit=10)
+            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
+            batch = await session.messages.claim(
+                {SHARD: epoch}, now=BASE_TIME, limit=10
+            )
             assert [(c.request_id, c.payload) for c in batch.requests] == [
                 (1, b"payload-1")
             ]
-            assert (await replies(session.messages, 2)).known is False
+            assert (await replies_of(session.messages, 2)).known is False
 
     async def test_save_duplicate_within_batch(self, session: StorageSession) -> None:
         with trio.fail_after(TIMEOUT):
             batch = [
-                request(1, primary_key="k"),
-                request(2, primary_key="k"),
-                request(3),
-                request(3),
+                persisted_request(1, primary_key="k"),
+                persisted_request(2, primary_key="k"),
+                persisted_request(3),
+                persisted_request(3),
             ]
-            assert await session.messages.save_requests(batch, now=BASE) == [
+            assert await session.messages.save_requests(batch, now=BASE_TIME) == [
                 SaveResult(1, duplicate=False),
                 SaveResult(1, duplicate=True),
                 SaveResult(3, duplicate=False),
                 SaveResult(3, duplicate=True),
             ]
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
             assert await claim_ids(session, epoch) == [1, 3]
 
     async def test_save_retry_with_same_request_id_is_idempotent(
@@ -116,20 +123,22 @@ class MessageStorageTests(ConformanceBase):
     ) -> None:
         with trio.fail_after(TIMEOUT):
             first = await session.messages.save_requests(
-                [request(1), request(2, primary_key="k")], now=BASE
+                [persisted_request(1), persisted_request(2, primary_key="k")],
+                now=BASE_TIME,
             )
             assert first == [
                 SaveResult(1, duplicate=False),
                 SaveResult(2, duplicate=False),
             ]
             retried = await session.messages.save_requests(
-                [request(1), request(2, primary_key="k")], now=BASE
+                [persisted_request(1), persisted_request(2, primary_key="k")],
+                now=BASE_TIME,
             )
             assert retried == [
                 SaveResult(1, duplicate=True),
                 SaveResult(2, duplicate=True),
             ]
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
             assert await claim_ids(session, epoch) == [1, 2]
 
     async def test_save_same_key_elsewhere_is_not_duplicate(
@@ -137,32 +146,31 @@ class MessageStorageTests(ConformanceBase):
     ) -> None:
         with trio.fail_after(TIMEOUT):
             batch = [
-                request(1, primary_key="k"),
-                request(2, primary_key="k", tag="other-handler"),
-                request(3, primary_key="k", entity="e2"),
-                request(4, primary_key="k", entity_type="Other"),
-                request(5),
-                request(6),
+                persisted_request(1, primary_key="k"),
+                persisted_request(2, primary_key="k", tag="other-handler"),
+                persisted_request(3, primary_key="k", entity="e2"),
+                persisted_request(4, primary_key="k", entity_type="Other"),
+                persisted_request(5),
+                persisted_request(6),
             ]
-            results = await session.messages.save_requests(batch, now=BASE)
+            results = await session.messages.save_requests(batch, now=BASE_TIME)
             assert results == [SaveResult(i, duplicate=False) for i in range(1, 7)]
 
     async def test_save_duplicate_of_finished_request_returns_final_reply(
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            await session.messages.save_requests(
-                [request(1, primary_key="k")], now=BASE
+            epoch = await saved_and_claimed(
+                session, persisted_request(1, primary_key="k"), claim=False
             )
             await session.messages.save_replies(
-                [final(1, epoch, b"result")], now=BASE + 1
+                [final_reply(1, epoch, b"result")], now=BASE_TIME + 1
             )
             assert await session.messages.save_requests(
-                [request(2, primary_key="k")], now=BASE + 2
+                [persisted_request(2, primary_key="k")], now=BASE_TIME + 2
             ) == [SaveResult(1, duplicate=True, final_reply=b"result")]
             assert await session.messages.save_requests(
-                [request(1, primary_key="k")], now=BASE + 2
+                [persisted_request(1, primary_key="k")], now=BASE_TIME + 2
             ) == [SaveResult(1, duplicate=True, final_reply=b"result")]
 
     async def test_save_after_clear_address_is_not_duplicate(
@@ -170,11 +178,11 @@ class MessageStorageTests(ConformanceBase):
     ) -> None:
         with trio.fail_after(TIMEOUT):
             await session.messages.save_requests(
-                [request(1, primary_key="k")], now=BASE
+                [persisted_request(1, primary_key="k")], now=BASE_TIME
             )
-            assert await session.messages.clear_address(address()) == 1
+            assert await session.messages.clear_address(entity_address()) == 1
             result = await session.messages.save_requests(
-                [request(2, primary_key="k")], now=BASE
+                [persisted_request(2, primary_key="k")], now=BASE_TIME
             )
             assert result == [SaveResult(2, duplicate=False)]
 
@@ -185,13 +193,14 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epochs = await acquire(session.runners, SHARD, SHARD2)
+            epochs = await acquire_shards(session.runners, SHARD, SHARD2)
             await session.messages.save_requests(
-                [request(1), request(2, shard_id=SHARD2)], now=BASE
+                [persisted_request(1), persisted_request(2, shard_id=SHARD2)],
+                now=BASE_TIME,
             )
             assert await claim_ids(session, epochs[SHARD]) == [1]
             batch = await session.messages.claim(
-                {SHARD2: epochs[SHARD2]}, now=BASE, limit=10
+                {SHARD2: epochs[SHARD2]}, now=BASE_TIME, limit=10
             )
             assert [c.request_id for c in batch.requests] == [2]
 
@@ -200,11 +209,22 @@ class MessageStorageTests(ConformanceBase):
     ) -> None:
         with trio.fail_after(TIMEOUT):
             save = session.messages.save_requests
-            await save([request(1), request(2, entity="e2"), request(3)], now=BASE)
-            await save([request(4, entity="e2"), request(5)], now=BASE)
-            await save([request(6)], now=BASE)
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            batch = await session.messages.claim({SHARD: epoch}, now=BASE, limit=10)
+            await save(
+                [
+                    persisted_request(1),
+                    persisted_request(2, entity="e2"),
+                    persisted_request(3),
+                ],
+                now=BASE_TIME,
+            )
+            await save(
+                [persisted_request(4, entity="e2"), persisted_request(5)], now=BASE_TIME
+            )
+            await save([persisted_request(6)], now=BASE_TIME)
+            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
+            batch = await session.messages.claim(
+                {SHARD: epoch}, now=BASE_TIME, limit=10
+            )
             by_entity: dict[str, list[int]] = {}
             for claimed in batch.requests:
                 by_entity.setdefault(str(claimed.address.entity_id), []).append(
@@ -216,26 +236,28 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            saved = request(
+            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
+            saved = persisted_request(
                 7,
                 tag="watch",
                 primary_key="pk",
-                deliver_at=BASE - 5,
+                deliver_at=BASE_TIME - 5,
                 stream=True,
                 payload=b"\x00\xff",
             )
-            await session.messages.save_requests([saved], now=BASE)
-            batch = await session.messages.claim({SHARD: epoch}, now=BASE, limit=10)
+            await session.messages.save_requests([saved], now=BASE_TIME)
+            batch = await session.messages.claim(
+                {SHARD: epoch}, now=BASE_TIME, limit=10
+            )
             assert batch == ClaimBatch(
                 requests=[
                     ClaimedRequest(
                         request_id=7,
-                        address=address(),
+                        address=entity_address(),
                         tag="watch",
                         payload=b"\x00\xff",
                         primary_key="pk",
-                        deliver_at=BASE - 5,
+                        deliver_at=BASE_TIME - 5,
                         stream=True,
                         interrupted=False,
                         next_sequence=0,
@@ -247,19 +269,23 @@ class MessageStorageTests(ConformanceBase):
 
     async def test_claim_without_requests(self, session: StorageSession) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            batch = await session.messages.claim({SHARD: epoch}, now=BASE, limit=10)
+            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
+            batch = await session.messages.claim(
+                {SHARD: epoch}, now=BASE_TIME, limit=10
+            )
             assert batch == ClaimBatch(requests=[], next_deliver_at=None)
 
     async def test_claim_limit_and_more(self, session: StorageSession) -> None:
         with trio.fail_after(TIMEOUT):
             await session.messages.save_requests(
-                [request(i) for i in range(1, 6)], now=BASE
+                [persisted_request(i) for i in range(1, 6)], now=BASE_TIME
             )
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
             seen = []
             for expected_more in (True, True, False):
-                batch = await session.messages.claim({SHARD: epoch}, now=BASE, limit=2)
+                batch = await session.messages.claim(
+                    {SHARD: epoch}, now=BASE_TIME, limit=2
+                )
                 assert batch.more is expected_more
                 seen += [c.request_id for c in batch.requests]
             assert seen == [1, 2, 3, 4, 5]
@@ -267,18 +293,24 @@ class MessageStorageTests(ConformanceBase):
 
     async def test_claim_respects_deliver_at(self, session: StorageSession) -> None:
         with trio.fail_after(TIMEOUT):
-            epochs = await acquire(session.runners, SHARD, SHARD2)
+            epochs = await acquire_shards(session.runners, SHARD, SHARD2)
             batch = [
-                request(1, deliver_at=BASE + 30),
-                request(2, deliver_at=BASE + 10),
-                request(3),
-                request(4, deliver_at=BASE),
-                request(5, shard_id=SHARD2, deliver_at=BASE + 5),
+                persisted_request(1, deliver_at=BASE_TIME + 30),
+                persisted_request(2, deliver_at=BASE_TIME + 10),
+                persisted_request(3),
+                persisted_request(4, deliver_at=BASE_TIME),
+                persisted_request(5, shard_id=SHARD2, deliver_at=BASE_TIME + 5),
             ]
-            await session.messages.save_requests(batch, now=BASE - 100)
+            await session.messages.save_requests(batch, now=BASE_TIME - 100)
             steps: list[tuple[float, list[int], float | None]]
-            steps = [(BASE, [3, 4], BASE + 10), (BASE + 9, [], BASE + 10)]
-            steps += [(BASE + 10, [2], BASE + 30), (BASE + 31, [1], None)]
+            steps = [
+                (BASE_TIME, [3, 4], BASE_TIME + 10),
+                (BASE_TIME + 9, [], BASE_TIME + 10),
+            ]
+            steps += [
+                (BASE_TIME + 10, [2], BASE_TIME + 30),
+                (BASE_TIME + 31, [1], None),
+            ]
             for now, ids, next_at in steps:
                 claimed = await session.messages.claim(
                     {SHARD: epochs[SHARD]}, now=now, limit=10
@@ -290,37 +322,38 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            await session.messages.save_requests([request(1)], now=BASE)
-            assert await claim_ids(session, epoch) == [1]
+            epoch = await saved_and_claimed(session, persisted_request(1))
             assert await claim_ids(session, epoch) == []
-            await session.messages.save_requests([request(2)], now=BASE)
+            await session.messages.save_requests([persisted_request(2)], now=BASE_TIME)
             assert await claim_ids(session, epoch) == [2]
 
     async def test_new_epoch_reclaims_unfinished_requests(
         self, session: StorageSession, other: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            first = (await acquire(session.runners, SHARD))[SHARD]
-            await session.messages.save_requests([request(1), request(2)], now=BASE)
+            first = (await acquire_shards(session.runners, SHARD))[SHARD]
+            await session.messages.save_requests(
+                [persisted_request(1), persisted_request(2)], now=BASE_TIME
+            )
             assert await claim_ids(session, first) == [1, 2]
-            await session.messages.save_replies([final(1, first)], now=BASE)
+            await session.messages.save_replies([final_reply(1, first)], now=BASE_TIME)
             await session.runners.release([SHARD])
-            second = (await acquire(other.runners, SHARD))[SHARD]
+            second = (await acquire_shards(other.runners, SHARD))[SHARD]
             assert second == first + 1
-            batch = await other.messages.claim({SHARD: second}, now=BASE, limit=10)
+            batch = await other.messages.claim({SHARD: second}, now=BASE_TIME, limit=10)
             assert [(c.request_id, c.epoch) for c in batch.requests] == [(2, second)]
 
     async def test_claim_skips_and_reports_stale_epochs(
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epochs = await acquire(session.runners, SHARD, SHARD2)
+            epochs = await acquire_shards(session.runners, SHARD, SHARD2)
             await session.messages.save_requests(
-                [request(1), request(2, shard_id=SHARD2)], now=BASE
+                [persisted_request(1), persisted_request(2, shard_id=SHARD2)],
+                now=BASE_TIME,
             )
             current = await new_epoch(session)
-            batch = await session.messages.claim(epochs, now=BASE, limit=10)
+            batch = await session.messages.claim(epochs, now=BASE_TIME, limit=10)
             assert [c.request_id for c in batch.requests] == [2]
             assert batch.stale_shards == {SHARD}
             assert await claim_ids(session, current) == [1]
@@ -332,12 +365,12 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
             batch = [
-                request(1, claim_epoch=epoch),
-                request(2, claim_epoch=epoch, deliver_at=BASE),
+                persisted_request(1, claim_epoch=epoch),
+                persisted_request(2, claim_epoch=epoch, deliver_at=BASE_TIME),
             ]
-            assert await session.messages.save_requests(batch, now=BASE) == [
+            assert await session.messages.save_requests(batch, now=BASE_TIME) == [
                 SaveResult(1, duplicate=False, claimed=True),
                 SaveResult(2, duplicate=False, claimed=True),
             ]
@@ -348,10 +381,10 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            old = (await acquire(session.runners, SHARD))[SHARD]
+            old = (await acquire_shards(session.runners, SHARD))[SHARD]
             current = await new_epoch(session)
             result = await session.messages.save_requests(
-                [request(1, claim_epoch=old)], now=BASE
+                [persisted_request(1, claim_epoch=old)], now=BASE_TIME
             )
             assert result == [SaveResult(1, duplicate=False, claimed=False)]
             assert await claim_ids(session, current) == [1]
@@ -360,14 +393,16 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            saved = request(1, claim_epoch=epoch, deliver_at=BASE + 10)
-            assert await session.messages.save_requests([saved], now=BASE) == [
+            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
+            saved = persisted_request(1, claim_epoch=epoch, deliver_at=BASE_TIME + 10)
+            assert await session.messages.save_requests([saved], now=BASE_TIME) == [
                 SaveResult(1, duplicate=False, claimed=False)
             ]
-            batch = await session.messages.claim({SHARD: epoch}, now=BASE, limit=10)
-            assert (batch.requests, batch.next_deliver_at) == ([], BASE + 10)
-            assert await claim_ids(session, epoch, now=BASE + 10) == [1]
+            batch = await session.messages.claim(
+                {SHARD: epoch}, now=BASE_TIME, limit=10
+            )
+            assert (batch.requests, batch.next_deliver_at) == ([], BASE_TIME + 10)
+            assert await claim_ids(session, epoch, now=BASE_TIME + 10) == [1]
 
     # ------------------------------------------------------------------
     # Replies
@@ -376,13 +411,11 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            await session.messages.save_requests([request(1)], now=BASE)
-            assert await claim_ids(session, epoch) == [1]
+            epoch = await saved_and_claimed(session, persisted_request(1))
             assert await session.messages.save_replies(
-                [final(1, epoch, b"result")], now=BASE + 1
+                [final_reply(1, epoch, b"result")], now=BASE_TIME + 1
             ) == [RECORDED]
-            assert await replies(session.messages, 1) == StoredReplies(
+            assert await replies_of(session.messages, 1) == StoredReplies(
                 1, known=True, final=b"result"
             )
             assert await claim_ids(session, await new_epoch(session)) == []
@@ -391,44 +424,43 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            await session.messages.save_requests([request(1)], now=BASE)
-            both = [final(1, epoch, b"a"), final(1, epoch, b"b")]
-            assert await session.messages.save_replies(both, now=BASE) == [
+            epoch = await saved_and_claimed(session, persisted_request(1), claim=False)
+            both = [final_reply(1, epoch, b"a"), final_reply(1, epoch, b"b")]
+            assert await session.messages.save_replies(both, now=BASE_TIME) == [
                 RECORDED,
                 DUPLICATE,
             ]
             assert await session.messages.save_replies(
-                [final(1, epoch, b"c")], now=BASE
+                [final_reply(1, epoch, b"c")], now=BASE_TIME
             ) == [DUPLICATE]
-            assert (await replies(session.messages, 1)).final == b"a"
+            assert (await replies_of(session.messages, 1)).final == b"a"
 
     async def test_reply_with_stale_epoch_is_refused(
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            old = (await acquire(session.runners, SHARD))[SHARD]
+            old = (await acquire_shards(session.runners, SHARD))[SHARD]
             await session.messages.save_requests(
-                [request(1), request(2, stream=True)], now=BASE
+                [persisted_request(1), persisted_request(2, stream=True)], now=BASE_TIME
             )
             current = await new_epoch(session)
-            batch = [final(1, old), chunk(2, old, 0), chunk(2, current, 0)]
-            assert await session.messages.save_replies(batch, now=BASE) == [
+            batch = [final_reply(1, old), chunk(2, old, 0), chunk(2, current, 0)]
+            assert await session.messages.save_replies(batch, now=BASE_TIME) == [
                 STALE,
                 STALE,
                 RECORDED,
             ]
-            assert await replies(session.messages, 1) == StoredReplies(1, known=True)
-            assert (await replies(session.messages, 2)).chunks == [
+            assert await replies_of(session.messages, 1) == StoredReplies(1, known=True)
+            assert (await replies_of(session.messages, 2)).chunks == [
                 StoredChunk(0, b"chunk-0")
             ]
             assert await claim_ids(session, current) == [1, 2]
 
     async def test_reply_to_unknown_request(self, session: StorageSession) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
             outcomes = await session.messages.save_replies(
-                [final(404, epoch), chunk(405, epoch, 0)], now=BASE
+                [final_reply(404, epoch), chunk(405, epoch, 0)], now=BASE_TIME
             )
             assert outcomes == [ReplyOutcome.UNKNOWN_REQUEST] * 2
 
@@ -436,25 +468,27 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            await session.messages.save_requests([request(1, stream=True)], now=BASE)
+            epoch = await saved_and_claimed(
+                session, persisted_request(1, stream=True), claim=False
+            )
             [claimed] = (
-                await session.messages.claim({SHARD: epoch}, now=BASE, limit=1)
+                await session.messages.claim({SHARD: epoch}, now=BASE_TIME, limit=1)
             ).requests
             assert (claimed.stream, claimed.next_sequence) == (True, 0)
             chunks = [chunk(1, epoch, seq) for seq in range(3)]
             assert (
-                await session.messages.save_replies(chunks, now=BASE) == [RECORDED] * 3
+                await session.messages.save_replies(chunks, now=BASE_TIME)
+                == [RECORDED] * 3
             )
             epoch = await new_epoch(session)
             [claimed] = (
-                await session.messages.claim({SHARD: epoch}, now=BASE, limit=1)
+                await session.messages.claim({SHARD: epoch}, now=BASE_TIME, limit=1)
             ).requests
             assert claimed.next_sequence == 3
-            assert await session.messages.save_replies([final(1, epoch)], now=BASE) == [
-                RECORDED
-            ]
-            stored = await replies(session.messages, 1)
+            assert await session.messages.save_replies(
+                [final_reply(1, epoch)], now=BASE_TIME
+            ) == [RECORDED]
+            stored = await replies_of(session.messages, 1)
             assert stored.chunks == [
                 StoredChunk(i, f"chunk-{i}".encode()) for i in range(3)
             ]
@@ -464,39 +498,46 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            await session.messages.save_requests([request(1, stream=True)], now=BASE)
+            epoch = await saved_and_claimed(
+                session, persisted_request(1, stream=True), claim=False
+            )
             batch = [chunk(1, epoch, 0, b"a"), chunk(1, epoch, 0, b"b")]
-            assert await session.messages.save_replies(batch, now=BASE) == [
+            assert await session.messages.save_replies(batch, now=BASE_TIME) == [
                 RECORDED,
                 DUPLICATE,
             ]
-            assert (await replies(session.messages, 1)).chunks == [StoredChunk(0, b"a")]
+            assert (await replies_of(session.messages, 1)).chunks == [
+                StoredChunk(0, b"a")
+            ]
 
     async def test_chunk_after_final_is_duplicate(
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            await session.messages.save_requests([request(1, stream=True)], now=BASE)
-            batch = [chunk(1, epoch, 0), final(1, epoch), chunk(1, epoch, 1)]
-            assert await session.messages.save_replies(batch, now=BASE) == [
+            epoch = await saved_and_claimed(
+                session, persisted_request(1, stream=True), claim=False
+            )
+            batch = [chunk(1, epoch, 0), final_reply(1, epoch), chunk(1, epoch, 1)]
+            assert await session.messages.save_replies(batch, now=BASE_TIME) == [
                 RECORDED,
                 RECORDED,
                 DUPLICATE,
             ]
-            assert await replies(session.messages, 1) == StoredReplies(
+            assert await replies_of(session.messages, 1) == StoredReplies(
                 1, known=True, chunks=[StoredChunk(0, b"chunk-0")], final=b"done"
             )
 
     async def test_replies_for_after_sequence(self, session: StorageSession) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            await session.messages.save_requests([request(1, stream=True)], now=BASE)
-            batch = [chunk(1, epoch, seq) for seq in (2, 0, 3, 1)] + [final(1, epoch)]
-            await session.messages.save_replies(batch, now=BASE)
+            epoch = await saved_and_claimed(
+                session, persisted_request(1, stream=True), claim=False
+            )
+            batch = [chunk(1, epoch, seq) for seq in (2, 0, 3, 1)] + [
+                final_reply(1, epoch)
+            ]
+            await session.messages.save_replies(batch, now=BASE_TIME)
             for after, expected in ((-1, [0, 1, 2, 3]), (1, [2, 3]), (3, [])):
-                stored = await replies(session.messages, 1, after)
+                stored = await replies_of(session.messages, 1, after)
                 assert [c.sequence for c in stored.chunks] == expected
                 assert stored.final == b"done"
 
@@ -504,9 +545,12 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            await session.messages.save_requests([request(1), request(2)], now=BASE)
-            await session.messages.save_replies([final(2, epoch, b"two")], now=BASE)
+            epoch = await saved_and_claimed(
+                session, persisted_request(1), persisted_request(2), claim=False
+            )
+            await session.messages.save_replies(
+                [final_reply(2, epoch, b"two")], now=BASE_TIME
+            )
             queries = [ReplyQuery(2), ReplyQuery(999), ReplyQuery(1)]
             assert await session.messages.replies_for(queries) == [
                 StoredReplies(2, known=True, final=b"two"),
@@ -519,42 +563,50 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
             await session.messages.save_requests(
-                [request(1, stream=True), request(2, stream=True)], now=BASE
+                [persisted_request(1, stream=True), persisted_request(2, stream=True)],
+                now=BASE_TIME,
             )
             await session.messages.save_replies(
-                [chunk(1, epoch, seq) for seq in range(3)], now=BASE
+                [chunk(1, epoch, seq) for seq in range(3)], now=BASE_TIME
             )
-            assert (await replies(session.messages, 1)).acked_sequence == -1
+            assert (await replies_of(session.messages, 1)).acked_sequence == -1
             for acks, expected in (
                 ([(1, 1)], 1),
                 ([(1, 0)], 1),
                 ([(1, 2), (999, 5)], 2),
             ):
                 await session.messages.ack_chunks(acks)
-                assert (await replies(session.messages, 1)).acked_sequence == expected
-            assert (await replies(session.messages, 2)).acked_sequence == -1
-            assert len((await replies(session.messages, 1)).chunks) == 3
+                assert (
+                    await replies_of(session.messages, 1)
+                ).acked_sequence == expected
+            assert (await replies_of(session.messages, 2)).acked_sequence == -1
+            assert len((await replies_of(session.messages, 1)).chunks) == 3
 
     # ------------------------------------------------------------------
     # Interrupts and deletion
 
     async def test_interrupt_is_seen_by_claims(self, session: StorageSession) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
             await session.messages.save_requests(
-                [request(1), request(2), request(3)], now=BASE
+                [persisted_request(1), persisted_request(2), persisted_request(3)],
+                now=BASE_TIME,
             )
             assert await claim_ids(session, epoch, limit=1) == [1]
             await session.messages.interrupt([1, 2])
-            batch = await session.messages.claim({SHARD: epoch}, now=BASE, limit=10)
+            batch = await session.messages.claim(
+                {SHARD: epoch}, now=BASE_TIME, limit=10
+            )
             assert [(c.request_id, c.interrupted) for c in batch.requests] == [
                 (2, True),
                 (3, False),
             ]
             epoch = await new_epoch(session)
-            batch = await session.messages.claim({SHARD: epoch}, now=BASE, limit=10)
+            batch = await session.messages.claim(
+                {SHARD: epoch}, now=BASE_TIME, limit=10
+            )
             assert [(c.request_id, c.interrupted) for c in batch.requests] == [
                 (1, True),
                 (2, True),
@@ -565,31 +617,32 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            await session.messages.save_requests([request(1)], now=BASE)
-            await session.messages.save_replies([final(1, epoch, b"x")], now=BASE)
+            epoch = await saved_and_claimed(session, persisted_request(1), claim=False)
+            await session.messages.save_replies(
+                [final_reply(1, epoch, b"x")], now=BASE_TIME
+            )
             await session.messages.interrupt([1, 999])
-            assert await replies(session.messages, 1) == StoredReplies(
+            assert await replies_of(session.messages, 1) == StoredReplies(
                 1, known=True, final=b"x"
             )
-            assert (await replies(session.messages, 999)).known is False
+            assert (await replies_of(session.messages, 999)).known is False
             assert await claim_ids(session, await new_epoch(session)) == []
 
     async def test_clear_address_deletes_requests_and_replies(
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
             batch = [
-                request(1),
-                request(2, primary_key="k", stream=True),
-                request(3, entity="e2"),
+                persisted_request(1),
+                persisted_request(2, primary_key="k", stream=True),
+                persisted_request(3, entity="e2"),
             ]
-            await session.messages.save_requests(batch, now=BASE)
+            await session.messages.save_requests(batch, now=BASE_TIME)
             await session.messages.save_replies(
-                [final(1, epoch), chunk(2, epoch, 0)], now=BASE
+                [final_reply(1, epoch), chunk(2, epoch, 0)], now=BASE_TIME
             )
-            assert await session.messages.clear_address(address("e1")) == 2
+            assert await session.messages.clear_address(entity_address("e1")) == 2
             known = [
                 r.known
                 for r in await session.messages.replies_for(
@@ -597,27 +650,34 @@ class MessageStorageTests(ConformanceBase):
                 )
             ]
             assert known == [False, False, True]
-            assert await session.messages.save_replies([final(2, epoch)], now=BASE) == [
-                ReplyOutcome.UNKNOWN_REQUEST
-            ]
+            assert await session.messages.save_replies(
+                [final_reply(2, epoch)], now=BASE_TIME
+            ) == [ReplyOutcome.UNKNOWN_REQUEST]
             assert await claim_ids(session, epoch) == [3]
-            assert await session.messages.clear_address(address("e1")) == 0
+            assert await session.messages.clear_address(entity_address("e1")) == 0
 
     async def test_delete_processed_by_age(self, session: StorageSession) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            batch = [request(1), request(2), request(3), request(4, stream=True)]
-            await session.messages.save_requests(batch, now=BASE)
-            await session.messages.save_replies([final(1, epoch)], now=BASE + 10)
+            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
+            batch = [
+                persisted_request(1),
+                persisted_request(2),
+                persisted_request(3),
+                persisted_request(4, stream=True),
+            ]
+            await session.messages.save_requests(batch, now=BASE_TIME)
             await session.messages.save_replies(
-                [final(2, epoch), chunk(4, epoch, 0)], now=BASE + 20
+                [final_reply(1, epoch)], now=BASE_TIME + 10
+            )
+            await session.messages.save_replies(
+                [final_reply(2, epoch), chunk(4, epoch, 0)], now=BASE_TIME + 20
             )
             delete = session.messages.delete_processed
-            assert await delete(older_than=BASE + 10, limit=100) == 0
-            assert await delete(older_than=BASE + 15, limit=100) == 1
-            assert (await replies(session.messages, 1)).known is False
-            assert (await replies(session.messages, 2)).final == b"done"
-            assert await delete(older_than=BASE + 10_000, limit=100) == 1
+            assert await delete(older_than=BASE_TIME + 10, limit=100) == 0
+            assert await delete(older_than=BASE_TIME + 15, limit=100) == 1
+            assert (await replies_of(session.messages, 1)).known is False
+            assert (await replies_of(session.messages, 2)).final == b"done"
+            assert await delete(older_than=BASE_TIME + 10_000, limit=100) == 1
             known = [
                 r.known
                 for r in await session.messages.replies_for(
@@ -631,15 +691,16 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            await session.messages.save_requests(
-                [request(i) for i in range(1, 6)], now=BASE
+            epoch = await saved_and_claimed(
+                session, *(persisted_request(i) for i in range(1, 6)), claim=False
             )
             await session.messages.save_replies(
-                [final(i, epoch) for i in range(1, 6)], now=BASE
+                [final_reply(i, epoch) for i in range(1, 6)], now=BASE_TIME
             )
             counts = [
-                await session.messages.delete_processed(older_than=BASE + 1, limit=n)
+                await session.messages.delete_processed(
+                    older_than=BASE_TIME + 1, limit=n
+                )
                 for n in (0, 2, 2, 2, 2)
             ]
             assert counts == [0, 2, 2, 1, 0]

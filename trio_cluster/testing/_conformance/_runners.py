@@ -14,18 +14,18 @@ import trio
 from trio_cluster._storage_abc import ReplyOutcome, ShardOwner, Storage, StorageSession
 
 from ._base import (
-    BASE,
+    BASE_TIME,
     SHARD,
     SHARD2,
     TIMEOUT,
     ConformanceBase,
-    acquire,
-    final,
-    info,
+    acquire_shards,
+    conformance_shard,
+    final_reply,
+    persisted_request,
     poll_until,
-    replies,
-    request,
-    shard,
+    replies_of,
+    runner_info,
 )
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RunnerStorageTests"]
 
-SHARD3 = shard(3)
+SHARD3 = conformance_shard(3)
 
 
 class RunnerStorageTests(ConformanceBase):
@@ -54,9 +54,9 @@ class RunnerStorageTests(ConformanceBase):
                 name="conformance-c", lease_duration=lease_duration
             ) as third:
                 ids = [
-                    await session.runners.register(info(7001)),
-                    await other.runners.register(info(7002)),
-                    await third.runners.register(info(7003)),
+                    await session.runners.register(runner_info(7001)),
+                    await other.runners.register(runner_info(7002)),
+                    await third.runners.register(runner_info(7003)),
                 ]
                 assert len(set(ids)) == 3
                 assert all(0 <= machine_id <= 1023 for machine_id in ids)
@@ -66,24 +66,24 @@ class RunnerStorageTests(ConformanceBase):
     ) -> None:
         with trio.fail_after(TIMEOUT):
             assert await session.runners.live_runners() == []
-            second = await other.runners.register(info(7002))
+            second = await other.runners.register(runner_info(7002))
             first = await session.runners.register(
-                info(7001, weight=2.5, groups=("conformance", "x"))
+                runner_info(7001, weight=2.5, groups=("conformance", "x"))
             )
             assert await session.runners.live_runners() == [
                 attrs.evolve(
-                    info(7001, weight=2.5, groups=("conformance", "x")),
+                    runner_info(7001, weight=2.5, groups=("conformance", "x")),
                     machine_id=first,
                 ),
-                attrs.evolve(info(7002), machine_id=second),
+                attrs.evolve(runner_info(7002), machine_id=second),
             ]
 
     async def test_unregister_removes_runner(
         self, session: StorageSession, other: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            await session.runners.register(info(7001))
-            await other.runners.register(info(7002))
+            await session.runners.register(runner_info(7001))
+            await other.runners.register(runner_info(7002))
             await session.runners.unregister()
             live = await other.runners.live_runners()
             assert [runner.address.port for runner in live] == [7002]
@@ -92,15 +92,15 @@ class RunnerStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            await session.runners.register(info(7001))
-            machine_id = await session.runners.register(info(7001, weight=3.0))
+            await session.runners.register(runner_info(7001))
+            machine_id = await session.runners.register(runner_info(7001, weight=3.0))
             [live] = await session.runners.live_runners()
             assert (live.address.port, live.weight, live.machine_id) == (
                 7001,
                 3.0,
                 machine_id,
             )
-            await session.runners.register(info(7005))
+            await session.runners.register(runner_info(7005))
             assert [r.address.port for r in await session.runners.live_runners()] == [
                 7005
             ]
@@ -109,11 +109,11 @@ class RunnerStorageTests(ConformanceBase):
         self, storage: Storage, session: StorageSession, lease_duration: float
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            await session.runners.register(info(7001))
+            await session.runners.register(runner_info(7001))
             async with storage.open_session(
                 name="conformance-c", lease_duration=lease_duration
             ) as third:
-                await third.runners.register(info(7003))
+                await third.runners.register(runner_info(7003))
                 live = await session.runners.live_runners()
                 assert [r.address.port for r in live] == [7001, 7003]
             live = await session.runners.live_runners()
@@ -126,18 +126,24 @@ class RunnerStorageTests(ConformanceBase):
         self, session: StorageSession, other: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epochs = await acquire(session.runners, SHARD, SHARD2)
+            epochs = await acquire_shards(session.runners, SHARD, SHARD2)
             await session.runners.release([SHARD, SHARD2])
-            assert await acquire(other.runners, SHARD) == {SHARD: epochs[SHARD] + 1}
+            assert await acquire_shards(other.runners, SHARD) == {
+                SHARD: epochs[SHARD] + 1
+            }
             await other.runners.release([SHARD])
-            assert await acquire(session.runners, SHARD) == {SHARD: epochs[SHARD] + 2}
-            assert await acquire(other.runners, SHARD2) == {SHARD2: epochs[SHARD2] + 1}
+            assert await acquire_shards(session.runners, SHARD) == {
+                SHARD: epochs[SHARD] + 2
+            }
+            assert await acquire_shards(other.runners, SHARD2) == {
+                SHARD2: epochs[SHARD2] + 1
+            }
 
     async def test_acquire_leaves_out_shards_held_by_others(
         self, session: StorageSession, other: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            await acquire(session.runners, SHARD)
+            await acquire_shards(session.runners, SHARD)
             assert set(await other.runners.acquire([SHARD, SHARD2])) == {SHARD2}
             assert await other.runners.refresh([SHARD, SHARD2]) == {SHARD2}
 
@@ -145,7 +151,7 @@ class RunnerStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epochs = await acquire(session.runners, SHARD)
+            epochs = await acquire_shards(session.runners, SHARD)
             assert await session.runners.acquire([SHARD]) == epochs
             assert await session.runners.acquire([]) == {}
 
@@ -153,8 +159,8 @@ class RunnerStorageTests(ConformanceBase):
         self, session: StorageSession, other: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            await acquire(session.runners, SHARD, SHARD2, SHARD3)
-            await session.runners.release([SHARD, shard(99)])
+            await acquire_shards(session.runners, SHARD, SHARD2, SHARD3)
+            await session.runners.release([SHARD, conformance_shard(99)])
             assert set(await other.runners.acquire([SHARD, SHARD2])) == {SHARD}
             await session.runners.release_all()
             assert set(await other.runners.acquire([SHARD2, SHARD3])) == {
@@ -173,7 +179,7 @@ class RunnerStorageTests(ConformanceBase):
                 async with storage.open_session(
                     name=name, lease_duration=lease_duration
                 ) as s:
-                    held.update(await acquire(s.runners, SHARD))
+                    held.update(await acquire_shards(s.runners, SHARD))
                     if ending == "error":
                         raise RuntimeError("crash in the session body")
                     if ending == "cancel":
@@ -189,16 +195,20 @@ class RunnerStorageTests(ConformanceBase):
                     else:
                         await hold(name, ending, scope)
                 assert scope.cancelled_caught is (ending == "cancel")
-                assert await acquire(session.runners, SHARD) == {SHARD: held[SHARD] + 1}
+                assert await acquire_shards(session.runners, SHARD) == {
+                    SHARD: held[SHARD] + 1
+                }
                 await session.runners.release([SHARD])
 
     async def test_refresh_reports_the_held_subset(
         self, session: StorageSession, other: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            await acquire(session.runners, SHARD, SHARD2)
-            await acquire(other.runners, SHARD3)
-            assert await session.runners.refresh([SHARD, SHARD2, SHARD3, shard(9)]) == {
+            await acquire_shards(session.runners, SHARD, SHARD2)
+            await acquire_shards(other.runners, SHARD3)
+            assert await session.runners.refresh(
+                [SHARD, SHARD2, SHARD3, conformance_shard(9)]
+            ) == {
                 SHARD,
                 SHARD2,
             }
@@ -210,15 +220,15 @@ class RunnerStorageTests(ConformanceBase):
         self, session: StorageSession, other: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            await session.runners.register(info(7001))
-            await other.runners.register(info(7002))
-            first = await acquire(session.runners, SHARD)
-            second = await acquire(other.runners, SHARD2)
+            await session.runners.register(runner_info(7001))
+            await other.runners.register(runner_info(7002))
+            first = await acquire_shards(session.runners, SHARD)
+            second = await acquire_shards(other.runners, SHARD2)
             assert sorted(
                 await session.runners.shard_owners(), key=lambda o: o.shard
             ) == [
-                ShardOwner(SHARD, info(7001).address, first[SHARD]),
-                ShardOwner(SHARD2, info(7002).address, second[SHARD2]),
+                ShardOwner(SHARD, runner_info(7001).address, first[SHARD]),
+                ShardOwner(SHARD2, runner_info(7002).address, second[SHARD2]),
             ]
             await session.runners.release([SHARD])
             owners = {
@@ -237,7 +247,7 @@ class RunnerStorageTests(ConformanceBase):
         clock: trio.abc.Clock | None,
     ) -> None:
         with trio.fail_after(TIMEOUT + 4 * lease_duration):
-            first = await acquire(session.runners, SHARD)
+            first = await acquire_shards(session.runners, SHARD)
 
             async def taken() -> bool:
                 return SHARD in await other.runners.acquire([SHARD])
@@ -255,7 +265,7 @@ class RunnerStorageTests(ConformanceBase):
         clock: trio.abc.Clock | None,
     ) -> None:
         with trio.fail_after(TIMEOUT + 6 * lease_duration):
-            await acquire(session.runners, SHARD)
+            await acquire_shards(session.runners, SHARD)
             lost = trio.Event()
 
             async def watch() -> None:
@@ -285,10 +295,12 @@ class RunnerStorageTests(ConformanceBase):
         clock: trio.abc.Clock | None,
     ) -> None:
         with trio.fail_after(TIMEOUT + 4 * lease_duration):
-            first = await acquire(session.runners, SHARD)
+            first = await acquire_shards(session.runners, SHARD)
             await trio.sleep(2 * lease_duration)
             assert await session.runners.refresh([SHARD]) == set()
-            assert await acquire(session.runners, SHARD) == {SHARD: first[SHARD] + 1}
+            assert await acquire_shards(session.runners, SHARD) == {
+                SHARD: first[SHARD] + 1
+            }
             assert await session.runners.refresh([SHARD]) == {SHARD}
 
     async def test_registration_is_live_again_after_a_call(
@@ -299,8 +311,8 @@ class RunnerStorageTests(ConformanceBase):
         clock: trio.abc.Clock | None,
     ) -> None:
         with trio.fail_after(TIMEOUT + 4 * lease_duration):
-            await session.runners.register(info(7001))
-            await other.runners.register(info(7002))
+            await session.runners.register(runner_info(7001))
+            await other.runners.register(runner_info(7002))
 
             async def ports() -> list[int]:
                 await other.runners.refresh([])  # keep the observer's own lease
@@ -322,40 +334,49 @@ class RunnerStorageTests(ConformanceBase):
         self, session: StorageSession, other: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            old = (await acquire(session.runners, SHARD))[SHARD]
+            old = (await acquire_shards(session.runners, SHARD))[SHARD]
             await session.messages.save_requests(
-                [request(1), request(2, stream=True)], now=BASE
+                [persisted_request(1), persisted_request(2, stream=True)], now=BASE_TIME
             )
-            claimed = await session.messages.claim({SHARD: old}, now=BASE, limit=10)
+            claimed = await session.messages.claim(
+                {SHARD: old}, now=BASE_TIME, limit=10
+            )
             assert [c.request_id for c in claimed.requests] == [1, 2]
             await session.runners.release([SHARD])  # e.g. its lease lapsed
-            new = (await acquire(other.runners, SHARD))[SHARD]
-            late = [final(1, old), final(2, old)]
+            new = (await acquire_shards(other.runners, SHARD))[SHARD]
+            late = [final_reply(1, old), final_reply(2, old)]
             stale = ReplyOutcome.STALE_EPOCH
-            assert await session.messages.save_replies(late, now=BASE) == [stale, stale]
-            assert (await replies(other.messages, 1)).final is None
-            reclaimed = await other.messages.claim({SHARD: new}, now=BASE, limit=10)
+            assert await session.messages.save_replies(late, now=BASE_TIME) == [
+                stale,
+                stale,
+            ]
+            assert (await replies_of(other.messages, 1)).final is None
+            reclaimed = await other.messages.claim(
+                {SHARD: new}, now=BASE_TIME, limit=10
+            )
             assert [(c.request_id, c.epoch) for c in reclaimed.requests] == [
                 (1, new),
                 (2, new),
             ]
             assert await other.messages.save_replies(
-                [final(1, new, b"new")], now=BASE
+                [final_reply(1, new, b"new")], now=BASE_TIME
             ) == [ReplyOutcome.RECORDED]
-            assert await session.messages.save_replies([final(2, old)], now=BASE) == [
-                stale
-            ]
-            assert (await replies(session.messages, 1)).final == b"new"
+            assert await session.messages.save_replies(
+                [final_reply(2, old)], now=BASE_TIME
+            ) == [stale]
+            assert (await replies_of(session.messages, 1)).final == b"new"
 
     async def test_fencing_reports_stale_claims_of_previous_owner(
         self, session: StorageSession, other: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            old = (await acquire(session.runners, SHARD))[SHARD]
-            await session.messages.save_requests([request(1)], now=BASE)
+            old = (await acquire_shards(session.runners, SHARD))[SHARD]
+            await session.messages.save_requests([persisted_request(1)], now=BASE_TIME)
             await session.runners.release([SHARD])
-            new = (await acquire(other.runners, SHARD))[SHARD]
-            batch = await session.messages.claim({SHARD: old}, now=BASE, limit=10)
+            new = (await acquire_shards(other.runners, SHARD))[SHARD]
+            batch = await session.messages.claim({SHARD: old}, now=BASE_TIME, limit=10)
             assert (batch.requests, batch.stale_shards) == ([], frozenset({SHARD}))
-            reclaimed = await other.messages.claim({SHARD: new}, now=BASE, limit=10)
+            reclaimed = await other.messages.claim(
+                {SHARD: new}, now=BASE_TIME, limit=10
+            )
             assert [c.request_id for c in reclaimed.requests] == [1]

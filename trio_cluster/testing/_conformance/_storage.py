@@ -9,7 +9,7 @@ concept: `_conformance_messages` (saving, claiming, replies, deletion),
 notifications.
 
 Every test runs under a ``trio.fail_after`` guard, passes explicit ``now``
-values (relative to a fixed `BASE` time), and waits for asynchronous effects
+values (relative to a fixed `BASE_TIME` time), and waits for asynchronous effects
 by polling or waiting under that deadline, so the suite works on a real clock
 against a real database as well as on virtual time. Only the lease tests
 sleep; they take the `clock` fixture, so a memory backend can run them on a
@@ -23,16 +23,17 @@ import trio
 from trio_cluster._storage_abc import MessagesAvailable, StorageSession
 
 from ._base import (
-    BASE,
+    BASE_TIME,
     SHARD,
     SHARD2,
     TIMEOUT,
     Seen,
-    acquire,
+    acquire_shards,
     collect,
-    final,
-    request,
-    shard,
+    conformance_shard,
+    final_reply,
+    persisted_request,
+    saved_and_claimed,
 )
 from ._messages import MessageStorageTests, chunk
 from ._runners import RunnerStorageTests
@@ -86,7 +87,7 @@ class StorageConformance(MessageStorageTests, RunnerStorageTests, TransactionTes
     ) -> None:
         with trio.fail_after(TIMEOUT):
             await session.messages.save_requests(
-                [request(1, shard_id=SHARD2)], now=BASE
+                [persisted_request(1, shard_id=SHARD2)], now=BASE_TIME
             )
             for reader in (session, other):
                 await collect(
@@ -97,26 +98,33 @@ class StorageConformance(MessageStorageTests, RunnerStorageTests, TransactionTes
         self, session: StorageSession, other: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
+            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
             save = session.messages.save_requests
-            await save([request(1, shard_id=SHARD2, primary_key="k")], now=BASE)
+            await save(
+                [persisted_request(1, shard_id=SHARD2, primary_key="k")], now=BASE_TIME
+            )
             for reader in (session, other):
                 await collect(
                     reader.messages, lambda seen: SHARD2 in seen.message_shards
                 )
 
-            [claimed] = await save([request(2, claim_epoch=epoch)], now=BASE)
+            [claimed] = await save(
+                [persisted_request(2, claim_epoch=epoch)], now=BASE_TIME
+            )
             assert claimed.claimed
             [duplicate] = await save(
-                [request(3, shard_id=SHARD2, primary_key="k")], now=BASE
+                [persisted_request(3, shard_id=SHARD2, primary_key="k")], now=BASE_TIME
             )
             assert duplicate.duplicate
             # A marker: notifications arrive in order, so once it is seen,
             # any notification of the two saves above would have been too.
-            await save([request(4, shard_id=shard(3))], now=BASE)
+            await save(
+                [persisted_request(4, shard_id=conformance_shard(3))], now=BASE_TIME
+            )
             for reader in (session, other):
                 seen = await collect(
-                    reader.messages, lambda seen: shard(3) in seen.message_shards
+                    reader.messages,
+                    lambda seen: conformance_shard(3) in seen.message_shards,
                 )
                 assert SHARD not in seen.message_shards
                 assert SHARD2 not in seen.message_shards
@@ -125,12 +133,14 @@ class StorageConformance(MessageStorageTests, RunnerStorageTests, TransactionTes
         self, session: StorageSession, other: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            await session.messages.save_requests(
-                [request(1), request(2, stream=True)], now=BASE
+            epoch = await saved_and_claimed(
+                session,
+                persisted_request(1),
+                persisted_request(2, stream=True),
+                claim=False,
             )
             await session.messages.save_replies(
-                [final(1, epoch), chunk(2, epoch, 0)], now=BASE
+                [final_reply(1, epoch), chunk(2, epoch, 0)], now=BASE_TIME
             )
             for reader in (session, other):
                 await collect(reader.messages, lambda seen: {1, 2} <= seen.reply_ids)
@@ -140,7 +150,8 @@ class StorageConformance(MessageStorageTests, RunnerStorageTests, TransactionTes
     ) -> None:
         with trio.fail_after(TIMEOUT):
             await session.messages.save_requests(
-                [request(1, shard_id=SHARD2), request(2)], now=BASE
+                [persisted_request(1, shard_id=SHARD2), persisted_request(2)],
+                now=BASE_TIME,
             )
             await other.messages.interrupt([1])
             for reader in (session, other):
@@ -171,16 +182,18 @@ class StorageConformance(MessageStorageTests, RunnerStorageTests, TransactionTes
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(wait)
-                await session.messages.save_requests([request(1)], now=BASE)
+                await session.messages.save_requests(
+                    [persisted_request(1)], now=BASE_TIME
+                )
             assert len(seen) == 1
 
     async def test_cancelled_wait_loses_nothing(
         self, session: StorageSession, other: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            await session.messages.save_requests([request(1)], now=BASE)
+            await session.messages.save_requests([persisted_request(1)], now=BASE_TIME)
             await session.messages.save_requests(
-                [request(2, shard_id=SHARD2)], now=BASE
+                [persisted_request(2, shard_id=SHARD2)], now=BASE_TIME
             )
             with trio.CancelScope() as scope:
                 scope.cancel()
@@ -194,13 +207,15 @@ class StorageConformance(MessageStorageTests, RunnerStorageTests, TransactionTes
         self, session: StorageSession, other: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epochs = await acquire(session.runners, SHARD, SHARD2)
+            epochs = await acquire_shards(session.runners, SHARD, SHARD2)
             save = session.messages.save_requests
-            await save([request(1)], now=BASE)
-            await save([request(2, shard_id=SHARD2)], now=BASE)
-            await session.messages.save_replies([final(1, epochs[SHARD])], now=BASE)
+            await save([persisted_request(1)], now=BASE_TIME)
+            await save([persisted_request(2, shard_id=SHARD2)], now=BASE_TIME)
             await session.messages.save_replies(
-                [final(2, epochs[SHARD2], shard_id=SHARD2)], now=BASE
+                [final_reply(1, epochs[SHARD])], now=BASE_TIME
+            )
+            await session.messages.save_replies(
+                [final_reply(2, epochs[SHARD2], shard_id=SHARD2)], now=BASE_TIME
             )
             await collect(
                 other.messages,
@@ -214,12 +229,12 @@ class StorageConformance(MessageStorageTests, RunnerStorageTests, TransactionTes
     ) -> None:
         with trio.fail_after(TIMEOUT):
             batch = [
-                request(1, deliver_at=BASE + 50),
-                request(2, entity="e2", deliver_at=BASE + 40),
-                request(3, entity="e3", deliver_at=BASE + 60),
+                persisted_request(1, deliver_at=BASE_TIME + 50),
+                persisted_request(2, entity="e2", deliver_at=BASE_TIME + 40),
+                persisted_request(3, entity="e3", deliver_at=BASE_TIME + 60),
             ]
-            await session.messages.save_requests(batch, now=BASE)
+            await session.messages.save_requests(batch, now=BASE_TIME)
             await collect(
                 other.messages,
-                lambda seen: _earliest_deliver_at(seen, SHARD) == BASE + 40,
+                lambda seen: _earliest_deliver_at(seen, SHARD) == BASE_TIME + 40,
             )

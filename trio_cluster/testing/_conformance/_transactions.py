@@ -14,7 +14,16 @@ import trio
 
 from trio_cluster._storage_abc import ReplyOutcome, StorageSession, StoredReplies
 
-from ._base import BASE, SHARD, TIMEOUT, acquire, final, replies, request
+from ._base import (
+    BASE_TIME,
+    SHARD,
+    TIMEOUT,
+    acquire_shards,
+    final_reply,
+    persisted_request,
+    replies_of,
+    saved_and_claimed,
+)
 
 __all__ = ["TransactionTests"]
 
@@ -30,14 +39,15 @@ class TransactionTests:
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            await session.messages.save_requests([request(1)], now=BASE)
+            epoch = await saved_and_claimed(session, persisted_request(1), claim=False)
             async with session.messages.open_transaction() as transaction:
                 outcomes = await session.messages.save_replies(
-                    [final(1, epoch, b"committed")], now=BASE, transaction=transaction
+                    [final_reply(1, epoch, b"committed")],
+                    now=BASE_TIME,
+                    transaction=transaction,
                 )
                 assert outcomes == [ReplyOutcome.RECORDED]
-            assert await replies(session.messages, 1) == StoredReplies(
+            assert await replies_of(session.messages, 1) == StoredReplies(
                 1, known=True, final=b"committed"
             )
 
@@ -45,13 +55,12 @@ class TransactionTests:
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            await session.messages.save_requests([request(1)], now=BASE)
+            epoch = await saved_and_claimed(session, persisted_request(1), claim=False)
 
             async def save_then_fail() -> None:
                 async with session.messages.open_transaction() as transaction:
                     await session.messages.save_replies(
-                        [final(1, epoch)], now=BASE, transaction=transaction
+                        [final_reply(1, epoch)], now=BASE_TIME, transaction=transaction
                     )
                     raise _Abort
 
@@ -61,32 +70,33 @@ class TransactionTests:
             with trio.CancelScope() as scope:  # cancellation rolls back too
                 async with session.messages.open_transaction() as transaction:
                     await session.messages.save_replies(
-                        [final(1, epoch)], now=BASE, transaction=transaction
+                        [final_reply(1, epoch)], now=BASE_TIME, transaction=transaction
                     )
                     scope.cancel()
                     await trio.sleep_forever()
-            assert (await replies(session.messages, 1)).final is None
+            assert (await replies_of(session.messages, 1)).final is None
             # The request is still open: a reply outside any transaction lands.
             assert await session.messages.save_replies(
-                [final(1, epoch, b"later")], now=BASE
+                [final_reply(1, epoch, b"later")], now=BASE_TIME
             ) == [ReplyOutcome.RECORDED]
 
     async def test_transaction_reports_duplicates_and_stale_epochs(
         self, session: StorageSession, other: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire(session.runners, SHARD))[SHARD]
-            await session.messages.save_requests([request(1), request(2)], now=BASE)
-            await session.messages.save_replies([final(2, epoch)], now=BASE)
+            epoch = await saved_and_claimed(
+                session, persisted_request(1), persisted_request(2), claim=False
+            )
+            await session.messages.save_replies([final_reply(2, epoch)], now=BASE_TIME)
             async with session.messages.open_transaction() as transaction:
                 outcomes = await session.messages.save_replies(
                     [
-                        final(1, epoch),
-                        final(1, epoch),
-                        final(2, epoch),
-                        final(9, epoch),
+                        final_reply(1, epoch),
+                        final_reply(1, epoch),
+                        final_reply(2, epoch),
+                        final_reply(9, epoch),
                     ],
-                    now=BASE,
+                    now=BASE_TIME,
                     transaction=transaction,
                 )
             assert outcomes == [
@@ -95,11 +105,11 @@ class TransactionTests:
                 ReplyOutcome.DUPLICATE,
                 ReplyOutcome.UNKNOWN_REQUEST,
             ]
-            await session.messages.save_requests([request(3)], now=BASE)
+            await session.messages.save_requests([persisted_request(3)], now=BASE_TIME)
             await session.runners.release([SHARD])
-            await acquire(other.runners, SHARD)  # the epoch moves on
+            await acquire_shards(other.runners, SHARD)  # the epoch moves on
             async with session.messages.open_transaction() as transaction:
                 assert await session.messages.save_replies(
-                    [final(3, epoch)], now=BASE, transaction=transaction
+                    [final_reply(3, epoch)], now=BASE_TIME, transaction=transaction
                 ) == [ReplyOutcome.STALE_EPOCH]
-            assert (await replies(session.messages, 3)).final is None
+            assert (await replies_of(session.messages, 3)).final is None

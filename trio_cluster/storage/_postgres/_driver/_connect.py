@@ -1,17 +1,16 @@
-"""Opening libpq connections from Trio (Trio driver, part of `._pg_driver`).
+"""Opening libpq connections from Trio (Trio driver, part of `._driver`).
 
 `build_conninfo` turns a DSN plus the driver's own parameters into libpq
 connection parameters; `connect_pgconn` opens a non-blocking ``PGconn``
 without ever blocking the event loop (the host name is resolved by Trio, the
 connection handshake is polled with ``trio.lowlevel.wait_readable`` /
 ``wait_writable``). Errors are translated as everywhere in the driver
-(``._pg_errors``).
+(``._errors``).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
 import socket
 from contextlib import suppress
@@ -22,6 +21,7 @@ import trio
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from trio_cluster._core._checks import positive_seconds
 from trio_cluster._errors import ConfigError
 
 from ._errors import map_errors
@@ -76,11 +76,9 @@ def build_conninfo(
     params.update(application_name=application_name, client_encoding="UTF8")
     extra = dict(settings or {})
     if idle_session_timeout is not None:
-        if not (math.isfinite(idle_session_timeout) and idle_session_timeout > 0):
-            raise ConfigError(
-                "idle_session_timeout must be a positive number of seconds,"
-                f" got {idle_session_timeout!r}"
-            )
+        idle_session_timeout = positive_seconds(
+            "idle_session_timeout", idle_session_timeout
+        )
         extra["idle_session_timeout"] = f"{max(1, round(idle_session_timeout * 1e3))}"
     options = [params["options"]] if params.get("options") else []
     for name, value in extra.items():

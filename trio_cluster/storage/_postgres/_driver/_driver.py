@@ -16,11 +16,11 @@ broken: it is never left half-read. One operation at a time: a second task
 using a busy connection gets ``trio.BusyResourceError``, as with Trio streams.
 
 The module is in three parts: `PgConnection` (here) has the public
-operations and translates errors, ``._pg_protocol`` has the wire-level steps
-(planning, sending, reading, cancel-and-drain recovery), ``._pg_connect``
+operations and translates errors, ``._protocol`` has the wire-level steps
+(planning, sending, reading, cancel-and-drain recovery), ``._connect``
 opens connections.
 
-Errors leave as `PgError`/`ConnectionLostError` (``._pg_errors``) with the
+Errors leave as `PgError`/`ConnectionLostError` (``._errors``) with the
 psycopg exception as ``__cause__``. A closed connection raises
 ``trio.ClosedResourceError`` ("you closed it"), a broken one
 `ConnectionLostError` ("it broke").
@@ -28,7 +28,6 @@ psycopg exception as ``__cause__``. A closed connection raises
 
 from __future__ import annotations
 
-import math
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from typing import TYPE_CHECKING
@@ -37,7 +36,8 @@ import psycopg
 import trio
 from psycopg import pq
 
-from trio_cluster._errors import ClusterInternalError, ConfigError
+from trio_cluster._core._checks import count, non_negative_seconds
+from trio_cluster._errors import ClusterInternalError
 
 from ._connect import build_conninfo, connect_pgconn, finish_pgconn, quote_ident
 from ._errors import (
@@ -48,8 +48,8 @@ from ._errors import (
     translate,
 )
 from ._protocol import (
-    SCRIPT,
     Command,
+    CommandKind,
     PgConnectionStatistics,
     PgNotification,
     PgProtocol,
@@ -110,10 +110,8 @@ class PgConnection(PgProtocol, trio.abc.AsyncResource):
 
         On cancellation the half-open connection is closed; nothing leaks.
         """
-        if not (math.isfinite(recovery_timeout) and recovery_timeout >= 0):
-            raise ConfigError(f"recovery_timeout must be >= 0: {recovery_timeout!r}")
-        if max_prepared < 0:
-            raise ConfigError(f"max_prepared must be >= 0: {max_prepared!r}")
+        non_negative_seconds("recovery_timeout", recovery_timeout)
+        count("max_prepared", max_prepared)
         params = build_conninfo(
             dsn,
             application_name=application_name,
@@ -265,7 +263,7 @@ class PgConnection(PgProtocol, trio.abc.AsyncResource):
         await trio.lowlevel.checkpoint_if_cancelled()
         with self._operation():
             send = partial(self._pgconn.send_query, sql.encode())
-            command = Command(SCRIPT, send)
+            command = Command(CommandKind.SCRIPT, send)
             groups = await self._run([command])
             if failed := self._absorb([command], groups):
                 raise error_from_result(failed[1], self._tx.encoding)

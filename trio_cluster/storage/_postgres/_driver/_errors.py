@@ -1,6 +1,6 @@
 """Translation of psycopg and socket errors into trio_cluster errors (edge adapter).
 
-The PostgreSQL driver (`._pg_driver`) is the one edge where psycopg meets
+The PostgreSQL driver (`._driver`) is the one edge where psycopg meets
 trio_cluster. Every ``psycopg.Error`` and ``OSError`` raised there goes through
 `map_errors` (or `error_from_result` for a failed statement) and leaves the
 driver as a `PgError`, a private subclass of the public `PersistenceError`,

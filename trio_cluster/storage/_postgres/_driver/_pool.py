@@ -18,7 +18,6 @@ database outage surfaces as `ConnectionLostError` at a bounded rate.
 
 from __future__ import annotations
 
-import math
 import random
 from contextlib import asynccontextmanager
 from functools import partial
@@ -27,8 +26,9 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
+from trio_cluster._core._checks import non_negative_seconds, positive_count
 from trio_cluster._core._retry import Backoff
-from trio_cluster._errors import ClusterError, ConfigError, PersistenceError
+from trio_cluster._errors import ClusterError, PersistenceError
 
 from ._driver import PgConnection
 
@@ -314,10 +314,8 @@ async def open_pool(
     On exit (normal, error or cancellation) the pool is closed as `PgPool.aclose`
     describes.
     """
-    if size < 1:
-        raise ConfigError(f"pool size must be >= 1, got {size!r}")
-    if not (math.isfinite(close_grace) and close_grace >= 0):
-        raise ConfigError(f"close_grace must be >= 0 seconds, got {close_grace!r}")
+    positive_count("pool size", size)
+    non_negative_seconds("close_grace", close_grace)
     connect = partial(
         PgConnection.connect,
         dsn,

@@ -1,4 +1,4 @@
-"""The libpq protocol engine under `PgConnection` (Trio driver, part of `._pg_driver`).
+"""The libpq protocol engine under `PgConnection` (Trio driver, part of `._driver`).
 
 `PgProtocol` holds one non-blocking ``PGconn`` and its state (prepared
 statements, counters, queued notifications) and implements the wire-level
@@ -13,6 +13,7 @@ and bounded by ``recovery_timeout``, else the connection is broken (closed).
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -35,8 +36,8 @@ if TYPE_CHECKING:
     from psycopg.abc import Buffer
 
 __all__ = [
-    "SCRIPT",
     "Command",
+    "CommandKind",
     "PgConnectionStatistics",
     "PgNotification",
     "PgProtocol",
@@ -59,8 +60,6 @@ _STATEMENTS_GONE = (b"DISCARD ALL", b"DEALLOCATE ALL")
 # Resend the cancel request if the server has not answered by then: the first
 # one can overtake the statement and be ignored by a backend not yet busy.
 _CANCEL_RESEND_INTERVAL = 0.25
-_STATEMENT, SCRIPT, _PREPARE = range(3)
-"""Kinds of `Command`: one statement, a script, a prepare."""
 _COUNTERS = ("statements", "round_trips", "prepares", "cancels", "notifications")
 
 
@@ -107,11 +106,22 @@ class PgConnectionStatistics:
     """Notifications received."""
 
 
+class CommandKind(enum.Enum):
+    """What a `Command` sends, so what its results mean."""
+
+    STATEMENT = enum.auto()
+    """One statement (prepared or not): its results are returned."""
+    SCRIPT = enum.auto()
+    """A script of statements (simple query protocol)."""
+    PREPARE = enum.auto()
+    """Prepares a statement on the server (no rows)."""
+
+
 @attrs.frozen
 class Command:
     """One command queued in libpq, and what its results mean."""
 
-    kind: int  # _STATEMENT, SCRIPT or _PREPARE
+    kind: CommandKind
     send: Callable[[], None]
     key: _Key | None = None
     name: bytes | None = None
@@ -171,13 +181,13 @@ class PgProtocol:
                 self._names += 1
                 name = new[key] = b"_tc%d" % self._names
                 send = partial(pgconn.send_prepare, name, text, types or None)
-                commands.append(Command(_PREPARE, send, key, name))
+                commands.append(Command(CommandKind.PREPARE, send, key, name))
             if name is None:
                 send = partial(pgconn.send_query_params, text, values, types or None)
             else:
                 send = partial(pgconn.send_query_prepared, name, values)
             send = partial(send, param_formats=formats, result_format=pq.Format.BINARY)
-            commands.append(Command(_STATEMENT, send, key, name))
+            commands.append(Command(CommandKind.STATEMENT, send, key, name))
         return commands
 
     async def _execute_commands(
@@ -195,9 +205,9 @@ class PgProtocol:
             groups = await self._run(commands)
             if not (failed := self._absorb(commands, groups)):
                 pairs = zip(commands, groups, strict=True)
-                return [g for c, g in pairs if c.kind == _STATEMENT]
+                return [g for c, g in pairs if c.kind is CommandKind.STATEMENT]
             error = error_from_result(failed[1], self._tx.encoding)
-            key = failed[0].key if failed[0].kind == _STATEMENT else None
+            key = failed[0].key if failed[0].kind is CommandKind.STATEMENT else None
             stale = error.sqlstate == "26000" and key in self._prepared
             if stale and key is not None:
                 del self._prepared[key]
@@ -218,11 +228,11 @@ class PgProtocol:
                         failed = (command, result)
                 elif result.command_status in _STATEMENTS_GONE:
                     self._prepared.clear()
-            if command.kind == _STATEMENT:
+            if command.kind is CommandKind.STATEMENT:
                 self._counts["statements"] += 1
-            elif command.kind == SCRIPT:
+            elif command.kind is CommandKind.SCRIPT:
                 self._counts["statements"] += len(group)
-            elif command.kind == _PREPARE and ok and command.key and command.name:
+            elif ok and command.key and command.name:  # a PREPARE that succeeded
                 self._prepared[command.key] = command.name
                 self._counts["prepares"] += 1
         return failed

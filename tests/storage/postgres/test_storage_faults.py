@@ -10,12 +10,12 @@ in flight. Every wait is bounded by ``trio.fail_after``.
 
 from __future__ import annotations
 
-import uuid
 from typing import TYPE_CHECKING
 
 import pytest
 import trio
 
+from tests.pg_fixture import LEASE, TIMEOUT, pg_messages, pg_runners
 from trio_cluster import PersistenceError
 from trio_cluster.abc import (
     MessagesAvailable,
@@ -23,7 +23,7 @@ from trio_cluster.abc import (
     StorageSession,
     StorageTransaction,
 )
-from trio_cluster.storage import PostgresStorage, postgres
+from trio_cluster.storage import PostgresStorage
 from trio_cluster.storage._postgres._driver._driver import PgConnection
 from trio_cluster.storage._postgres._driver._errors import (
     ConnectionLostError,
@@ -31,17 +31,15 @@ from trio_cluster.storage._postgres._driver._errors import (
     is_storage_failure,
 )
 from trio_cluster.storage._postgres._message_parts import PgTransaction
-from trio_cluster.storage._postgres._messages import PgMessages
-from trio_cluster.storage._postgres._runners import PgRunners
-from trio_cluster.testing._conformance._base import (
-    BASE,
+from trio_cluster.testing import (
+    BASE_TIME,
     SHARD,
     SHARD2,
-    acquire,
-    final,
-    info,
-    replies,
-    request,
+    acquire_shards,
+    final_reply,
+    persisted_request,
+    replies_of,
+    runner_info,
 )
 
 if TYPE_CHECKING:
@@ -51,26 +49,9 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.postgres
 
-LEASE = 1.0
-TIMEOUT = 20
-
-
-def unique_prefix() -> str:
-    return f"tc_{uuid.uuid4().hex[:12]}"
-
-
-def messages(session: StorageSession) -> PgMessages:
-    assert isinstance(session.messages, PgMessages)
-    return session.messages
-
-
-def runners(session: StorageSession) -> PgRunners:
-    assert isinstance(session.runners, PgRunners)
-    return session.runners
-
 
 def lock_pid(session: StorageSession) -> int:
-    pid = runners(session)._session().backend_pid
+    pid = pg_runners(session).locks.backend_pid
     assert pid is not None
     return pid
 
@@ -99,11 +80,6 @@ async def active_queries(dsn: str, application_name: str) -> list[str]:
 
 
 @pytest.fixture
-def storage(pg_schema: PgSchema) -> PostgresStorage:
-    return postgres(pg_schema.dsn, table_prefix=unique_prefix())
-
-
-@pytest.fixture
 async def a(storage: PostgresStorage) -> AsyncIterator[StorageSession]:
     async with storage.open_session(name="fault-a", lease_duration=LEASE) as session:
         yield session
@@ -123,8 +99,8 @@ async def test_terminated_lock_connection_is_lost_before_anyone_takes_its_locks(
     a: StorageSession, b: StorageSession, pg_schema: PgSchema
 ) -> None:
     with trio.fail_after(TIMEOUT):
-        await a.runners.register(info(7001))
-        epochs = await acquire(a.runners, SHARD, SHARD2)
+        await a.runners.register(runner_info(7001))
+        epochs = await acquire_shards(a.runners, SHARD, SHARD2)
         lost = trio.Event()
 
         async def watch() -> None:
@@ -144,7 +120,7 @@ async def test_terminated_lock_connection_is_lost_before_anyone_takes_its_locks(
         # a's next session holds nothing, but its runner is live again.
         assert await a.runners.refresh([SHARD, SHARD2]) == set()
         assert [r.address.port for r in await b.runners.live_runners()] == [7001]
-        assert runners(a).statistics().losses == 1
+        assert pg_runners(a).statistics().losses == 1
 
 
 def failure_of(transaction: StorageTransaction) -> PersistenceError | None:
@@ -203,30 +179,32 @@ async def test_stale_epoch_writes_are_refused_after_a_takeover(
     a: StorageSession, b: StorageSession, pg_schema: PgSchema
 ) -> None:
     with trio.fail_after(TIMEOUT):
-        old = (await acquire(a.runners, SHARD))[SHARD]
-        await a.messages.save_requests([request(1), request(2)], now=BASE)
-        batch = await a.messages.claim({SHARD: old}, now=BASE, limit=10)
+        old = (await acquire_shards(a.runners, SHARD))[SHARD]
+        await a.messages.save_requests(
+            [persisted_request(1), persisted_request(2)], now=BASE_TIME
+        )
+        batch = await a.messages.claim({SHARD: old}, now=BASE_TIME, limit=10)
         assert [r.request_id for r in batch.requests] == [1, 2]
         await terminate(pg_schema.base_dsn, lock_pid(a))
-        new = (await acquire(b.runners, SHARD))[SHARD]
+        new = (await acquire_shards(b.runners, SHARD))[SHARD]
         assert new == old + 1
         # a does not know yet (it made no call): every fenced write fails.
-        assert await a.messages.save_replies([final(1, old)], now=BASE) == [
+        assert await a.messages.save_replies([final_reply(1, old)], now=BASE_TIME) == [
             ReplyOutcome.STALE_EPOCH
         ]
-        stale = await a.messages.claim({SHARD: old}, now=BASE, limit=10)
+        stale = await a.messages.claim({SHARD: old}, now=BASE_TIME, limit=10)
         assert (stale.requests, stale.stale_shards) == ([], frozenset({SHARD}))
         [saved] = await a.messages.save_requests(
-            [request(3, claim_epoch=old)], now=BASE
+            [persisted_request(3, claim_epoch=old)], now=BASE_TIME
         )
         assert not saved.claimed  # stored for the new owner instead
         # The new owner re-claims everything and its replies are recorded.
-        batch = await b.messages.claim({SHARD: new}, now=BASE, limit=10)
+        batch = await b.messages.claim({SHARD: new}, now=BASE_TIME, limit=10)
         assert [r.request_id for r in batch.requests] == [1, 2, 3]
-        assert await b.messages.save_replies([final(1, new, b"new")], now=BASE) == [
-            ReplyOutcome.RECORDED
-        ]
-        assert (await replies(a.messages, 1)).final == b"new"
+        assert await b.messages.save_replies(
+            [final_reply(1, new, b"new")], now=BASE_TIME
+        ) == [ReplyOutcome.RECORDED]
+        assert (await replies_of(a.messages, 1)).final == b"new"
 
 
 # ----------------------------------------------------------------------
@@ -237,19 +215,21 @@ async def test_lock_session_of_a_silent_client_is_ended_by_the_server(
     a: StorageSession, b: StorageSession
 ) -> None:
     with trio.fail_after(TIMEOUT):
-        epoch = (await acquire(a.runners, SHARD))[SHARD]
+        epoch = (await acquire_shards(a.runners, SHARD))[SHARD]
         # a makes no call on its lock connection any more (its heartbeat
         # stopped): after one lease of silence the server ends the session.
         silent_since = trio.current_time()
-        await a.messages.save_requests([request(1)], now=BASE)  # not a heartbeat
+        await a.messages.save_requests(
+            [persisted_request(1)], now=BASE_TIME
+        )  # not a heartbeat
         await a.runners.wait_session_lost()
         silence = trio.current_time() - silent_since
         assert LEASE * 0.9 < silence < LEASE + 2.0
         got = await b.runners.acquire([SHARD])
         assert got == {SHARD: epoch + 1}
-        assert await a.messages.save_replies([final(1, epoch)], now=BASE) == [
-            ReplyOutcome.STALE_EPOCH
-        ]
+        assert await a.messages.save_replies(
+            [final_reply(1, epoch)], now=BASE_TIME
+        ) == [ReplyOutcome.STALE_EPOCH]
         assert await a.runners.refresh([SHARD]) == set()
 
 
@@ -257,8 +237,8 @@ async def test_heartbeats_keep_the_lock_session(
     a: StorageSession, b: StorageSession
 ) -> None:
     with trio.fail_after(TIMEOUT):
-        await acquire(a.runners, SHARD)
-        generation = runners(a).statistics().generation
+        await acquire_shards(a.runners, SHARD)
+        generation = pg_runners(a).statistics().generation
         with trio.move_on_after(LEASE * 2.5):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(a.runners.wait_session_lost)
@@ -266,7 +246,7 @@ async def test_heartbeats_keep_the_lock_session(
                     await trio.sleep(LEASE / 4)
                     assert await a.runners.refresh([SHARD]) == {SHARD}
                 pytest.fail("the heartbeat loop ended early")
-        assert runners(a).statistics().generation == generation
+        assert pg_runners(a).statistics().generation == generation
         assert await b.runners.acquire([SHARD]) == {}
 
 
@@ -277,7 +257,7 @@ async def test_heartbeats_keep_the_lock_session(
 async def test_cancelled_query_is_cancelled_on_the_server_and_the_connection_reused(
     a: StorageSession, pg_schema: PgSchema
 ) -> None:
-    pool = messages(a)._pool
+    pool = pg_messages(a)._pool
     with trio.fail_after(TIMEOUT):
         before = pool.statistics()
         started = trio.current_time()
@@ -291,7 +271,7 @@ async def test_cancelled_query_is_cancelled_on_the_server_and_the_connection_reu
         assert after.discarded == before.discarded  # drained, back in the pool
         assert after.connects == before.connects
         # The same connections keep working.
-        assert await a.messages.save_requests([request(1)], now=BASE)
+        assert await a.messages.save_requests([persisted_request(1)], now=BASE_TIME)
         assert pool.statistics().connects == before.connects
 
 
@@ -304,7 +284,7 @@ async def test_cancelled_lock_operation_closes_the_lock_connection(
     import psycopg
 
     with trio.fail_after(TIMEOUT):
-        await acquire(a.runners, SHARD)
+        await acquire_shards(a.runners, SHARD)
         await a.runners.release([SHARD])
         pid = lock_pid(a)
         shards = pg_schema.qualified(storage.names.shards)
@@ -334,7 +314,7 @@ async def test_cancelled_lock_operation_closes_the_lock_connection(
 async def test_notifications_resume_after_the_listen_connection_is_terminated(
     a: StorageSession, b: StorageSession, pg_schema: PgSchema
 ) -> None:
-    listener = messages(a)._listener
+    listener = pg_messages(a)._listener
     with trio.fail_after(TIMEOUT):
         pid = listener.backend_pid
         assert pid is not None
@@ -364,6 +344,6 @@ async def test_notifications_resume_after_the_listen_connection_is_terminated(
                     break
                 await trio.sleep(0.01)
             await trio.sleep(0.05)  # LISTEN has run once the pid is known
-            await b.messages.save_requests([request(1)], now=BASE)
+            await b.messages.save_requests([persisted_request(1)], now=BASE_TIME)
         assert got == [MessagesAvailable(frozenset({SHARD}))]
         assert listener.reconnects == 1

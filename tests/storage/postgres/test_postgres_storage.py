@@ -8,7 +8,6 @@ NOTIFY channel and the advisory-lock namespace, which are database-wide.
 from __future__ import annotations
 
 import re
-import uuid
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ import trio
 import trio.testing
 
 import trio_cluster
+from tests.pg_fixture import LEASE, TIMEOUT, pg_messages, pg_runners, unique_prefix
 from trio_cluster import ConfigError, PersistenceError
 from trio_cluster.abc import (
     MessagesAvailable,
@@ -26,21 +26,20 @@ from trio_cluster.abc import (
     SaveResult,
     StorageSession,
 )
-from trio_cluster.storage import PostgresStorage, migrate, postgres
+from trio_cluster.storage import PostgresStorage, migrate
 from trio_cluster.storage._postgres._driver._driver import PgConnection
-from trio_cluster.storage._postgres._messages import PgMessages
-from trio_cluster.storage._postgres._runners import PgRunners
 from trio_cluster.storage._postgres._schema import LATEST_VERSION, PgNames
-from trio_cluster.testing import StorageConformance
-from trio_cluster.testing._conformance._base import (
-    BASE,
+from trio_cluster.testing import (
+    BASE_TIME,
     SHARD,
-    acquire,
-    final,
-    info,
-    replies,
-    request,
-    shard,
+    StorageConformance,
+    acquire_shards,
+    conformance_shard,
+    final_reply,
+    persisted_request,
+    replies_of,
+    runner_info,
+    saved_and_claimed,
 )
 
 if TYPE_CHECKING:
@@ -50,18 +49,9 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.postgres
 
-LEASE = 1.0
-TIMEOUT = 20
-
-
-def unique_prefix() -> str:
-    return f"tc_{uuid.uuid4().hex[:12]}"
-
 
 class TestPostgresConformance(StorageConformance):
-    @pytest.fixture
-    def storage(self, pg_schema: PgSchema) -> PostgresStorage:
-        return postgres(pg_schema.dsn, table_prefix=unique_prefix())
+    """The conformance suite on the ``storage`` fixture of ``conftest.py``."""
 
     @pytest.fixture
     def lease_duration(self) -> float:
@@ -69,24 +59,9 @@ class TestPostgresConformance(StorageConformance):
 
 
 @pytest.fixture
-def storage(pg_schema: PgSchema) -> PostgresStorage:
-    return postgres(pg_schema.dsn, table_prefix=unique_prefix())
-
-
-@pytest.fixture
 async def a(storage: PostgresStorage) -> AsyncIterator[StorageSession]:
     async with storage.open_session(name="pg-a", lease_duration=LEASE) as session:
         yield session
-
-
-def messages(session: StorageSession) -> PgMessages:
-    assert isinstance(session.messages, PgMessages)
-    return session.messages
-
-
-def runners(session: StorageSession) -> PgRunners:
-    assert isinstance(session.runners, PgRunners)
-    return session.runners
 
 
 async def table_count(schema: PgSchema, table: str) -> int:
@@ -107,25 +82,26 @@ async def table_count(schema: PgSchema, table: str) -> int:
         ({"table_prefix": "1abc"}, "lower-case SQL identifier"),
         ({"table_prefix": "a; drop"}, "lower-case SQL identifier"),
         ({"table_prefix": "x" * 41}, "at most 40"),
-        ({"pool_size": 0}, "pool_size must be >= 1"),
+        ({"pool_size": 0}, "pool_size must be an integer >= 1"),
         ({"pool_size": 2.0}, "pool_size must be an int"),
-        ({"transaction_pool_size": 0}, "transaction_pool_size must be >= 1"),
+        ({"transaction_pool_size": 0}, "transaction_pool_size must be an integer >= 1"),
         ({"lock_operation_timeout": 0}, "positive"),
         ({"transaction_idle_timeout": "1s"}, "number of seconds"),
     ],
 )
 def test_bad_options_raise_config_error(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        postgres("host=127.0.0.1 dbname=test", **kwargs)
+        PostgresStorage("host=127.0.0.1 dbname=test", **kwargs)
 
 
 def test_bad_dsn_raises_config_error() -> None:
     with pytest.raises(ConfigError, match="DSN"):
-        postgres("host=127.0.0.1 nonsense_option=1")
+        PostgresStorage("host=127.0.0.1 nonsense_option=1")
 
 
 def test_public_names() -> None:
-    assert trio_cluster.storage.postgres is postgres
+    assert trio_cluster.storage.PostgresStorage is PostgresStorage
+    assert not hasattr(trio_cluster.storage, "postgres")  # one constructor
     assert trio_cluster.storage.migrate is migrate
     assert PgNames.for_prefix("abc").namespace == PgNames.for_prefix("abc").namespace
     assert PgNames.for_prefix("abc").namespace != PgNames.for_prefix("abd").namespace
@@ -136,12 +112,12 @@ async def test_open_session_checks_arguments(storage: PostgresStorage) -> None:
         storage.open_session(name=1, lease_duration=1.0)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="lease_duration"):
         storage.open_session(name="x", lease_duration="1")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="positive and finite"):
+    with pytest.raises(ValueError, match="positive, finite"):
         storage.open_session(name="x", lease_duration=0)
 
 
 async def test_unreachable_database_fails_to_open() -> None:
-    storage = postgres("host=127.0.0.1 port=1 dbname=test connect_timeout=2")
+    storage = PostgresStorage("host=127.0.0.1 port=1 dbname=test connect_timeout=2")
     with trio.fail_after(TIMEOUT), pytest.raises(PersistenceError):
         async with storage.open_session(name="x", lease_duration=LEASE):
             pytest.fail("opened a session on a closed port")
@@ -168,23 +144,23 @@ async def test_migrate_upgrades_an_older_schema_keeping_its_data(
     pg_schema: PgSchema, pg_admin: PgAdmin
 ) -> None:
     prefix = unique_prefix()
-    storage = postgres(pg_schema.dsn, table_prefix=prefix)
+    storage = PostgresStorage(pg_schema.dsn, table_prefix=prefix)
     with trio.fail_after(TIMEOUT):
         async with storage.open_session(name="v1", lease_duration=LEASE) as a:
-            await a.messages.save_requests([request(1)], now=BASE)
+            await a.messages.save_requests([persisted_request(1)], now=BASE_TIME)
         # Back to version 1, as a database of the first release would be.
         messages_table = pg_schema.qualified(storage.names.messages)
         pg_admin.execute(f"ALTER TABLE {messages_table} DROP COLUMN saved_at")
         version_table = pg_schema.qualified(storage.names.version)
         pg_admin.execute(f"DELETE FROM {version_table} WHERE version > 1")
-        manual = postgres(pg_schema.dsn, table_prefix=prefix, auto_migrate=False)
+        manual = PostgresStorage(pg_schema.dsn, table_prefix=prefix, auto_migrate=False)
         with pytest.raises(PersistenceError, match="at version 1"):
             async with manual.open_session(name="old", lease_duration=LEASE):
                 pytest.fail("opened a session on an outdated schema")
         assert await migrate(pg_schema.dsn, table_prefix=prefix) == LATEST_VERSION
         async with manual.open_session(name="new", lease_duration=LEASE) as b:
-            epoch = (await acquire(b.runners, SHARD))[SHARD]
-            batch = await b.messages.claim({SHARD: epoch}, now=BASE, limit=10)
+            epoch = (await acquire_shards(b.runners, SHARD))[SHARD]
+            batch = await b.messages.claim({SHARD: epoch}, now=BASE_TIME, limit=10)
             assert [c.request_id for c in batch.requests] == [1]
         rows = pg_admin.execute(f"SELECT saved_at FROM {messages_table}")
         assert rows == [(None,)]
@@ -213,7 +189,7 @@ async def test_migrate_rejects_a_bad_prefix(pg_schema: PgSchema) -> None:
 
 
 async def test_sessions_starting_together_migrate_once(pg_schema: PgSchema) -> None:
-    storage = postgres(pg_schema.dsn, table_prefix=unique_prefix(), pool_size=1)
+    storage = PostgresStorage(pg_schema.dsn, table_prefix=unique_prefix(), pool_size=1)
     opened: list[int] = []
     all_registered = trio.Event()
 
@@ -221,7 +197,7 @@ async def test_sessions_starting_together_migrate_once(pg_schema: PgSchema) -> N
         async with storage.open_session(
             name=f"starter-{number}", lease_duration=LEASE
         ) as session:
-            opened.append(await session.runners.register(info(7000 + number)))
+            opened.append(await session.runners.register(runner_info(7000 + number)))
             if len(opened) == 5:
                 all_registered.set()
             # Stay registered until everyone is, so machine ids must differ.
@@ -247,7 +223,7 @@ async def test_newer_schema_is_refused(pg_schema: PgSchema, pg_admin: PgAdmin) -
         )
         with pytest.raises(PersistenceError, match="upgrade trio_cluster"):
             await migrate(pg_schema.dsn, table_prefix=prefix)
-        storage = postgres(pg_schema.dsn, table_prefix=prefix)
+        storage = PostgresStorage(pg_schema.dsn, table_prefix=prefix)
         with pytest.raises(PersistenceError, match="newer than"):
             async with storage.open_session(name="old", lease_duration=LEASE):
                 pytest.fail("opened a session on a newer schema")
@@ -255,7 +231,7 @@ async def test_newer_schema_is_refused(pg_schema: PgSchema, pg_admin: PgAdmin) -
 
 async def test_auto_migrate_off_needs_a_migrated_schema(pg_schema: PgSchema) -> None:
     prefix = unique_prefix()
-    storage = postgres(pg_schema.dsn, table_prefix=prefix, auto_migrate=False)
+    storage = PostgresStorage(pg_schema.dsn, table_prefix=prefix, auto_migrate=False)
     with trio.fail_after(TIMEOUT):
         with pytest.raises(PersistenceError, match="trio-cluster migrate"):
             async with storage.open_session(name="x", lease_duration=LEASE):
@@ -290,26 +266,26 @@ async def test_each_connection_names_itself(
 
 
 async def test_prefixes_isolate_clusters(pg_schema: PgSchema) -> None:
-    first = postgres(pg_schema.dsn, table_prefix=unique_prefix())
-    second = postgres(pg_schema.dsn, table_prefix=unique_prefix())
+    first = PostgresStorage(pg_schema.dsn, table_prefix=unique_prefix())
+    second = PostgresStorage(pg_schema.dsn, table_prefix=unique_prefix())
     with trio.fail_after(TIMEOUT):
         async with (
             first.open_session(name="one", lease_duration=LEASE) as one,
             second.open_session(name="two", lease_duration=LEASE) as two,
         ):
             # Same shard numbers, same request ids: no collision anywhere.
-            assert await acquire(one.runners, SHARD) == {SHARD: 1}
-            assert await acquire(two.runners, SHARD) == {SHARD: 1}
-            await one.runners.register(info(7001))
-            await two.runners.register(info(7001))
+            assert await acquire_shards(one.runners, SHARD) == {SHARD: 1}
+            assert await acquire_shards(two.runners, SHARD) == {SHARD: 1}
+            await one.runners.register(runner_info(7001))
+            await two.runners.register(runner_info(7001))
             assert [r.machine_id for r in await two.runners.live_runners()] == [0]
-            assert await one.messages.save_requests([request(1)], now=BASE) == [
-                SaveResult(1, duplicate=False)
-            ]
-            assert await two.messages.save_requests(
-                [request(1, payload=b"other")], now=BASE
+            assert await one.messages.save_requests(
+                [persisted_request(1)], now=BASE_TIME
             ) == [SaveResult(1, duplicate=False)]
-            batch = await two.messages.claim({SHARD: 1}, now=BASE, limit=10)
+            assert await two.messages.save_requests(
+                [persisted_request(1, payload=b"other")], now=BASE_TIME
+            ) == [SaveResult(1, duplicate=False)]
+            batch = await two.messages.claim({SHARD: 1}, now=BASE_TIME, limit=10)
             assert [c.payload for c in batch.requests] == [b"other"]
             # The first cluster's notification never reaches the second.
             note = await one.messages.wait_notifications()
@@ -326,8 +302,8 @@ async def test_prefixes_isolate_clusters(pg_schema: PgSchema) -> None:
 
 async def test_one_statement_per_batch(a: StorageSession) -> None:
     with trio.fail_after(TIMEOUT):
-        pool = messages(a)
-        epoch = (await acquire(a.runners, SHARD))[SHARD]
+        pool = pg_messages(a)
+        epoch = (await acquire_shards(a.runners, SHARD))[SHARD]
 
         async def statements(call: Any) -> int:
             before = pool.statistics()
@@ -336,20 +312,20 @@ async def test_one_statement_per_batch(a: StorageSession) -> None:
             assert after.round_trips - before.round_trips == 1
             return after.statements - before.statements
 
-        hundred = [request(i, primary_key=f"k{i}") for i in range(1, 101)]
-        assert await statements(a.messages.save_requests(hundred, now=BASE)) == 1
-        assert await statements(a.messages.save_requests(hundred, now=BASE)) == 1
-        claim = a.messages.claim({SHARD: epoch}, now=BASE, limit=1024)
+        hundred = [persisted_request(i, primary_key=f"k{i}") for i in range(1, 101)]
+        assert await statements(a.messages.save_requests(hundred, now=BASE_TIME)) == 1
+        assert await statements(a.messages.save_requests(hundred, now=BASE_TIME)) == 1
+        claim = a.messages.claim({SHARD: epoch}, now=BASE_TIME, limit=1024)
         assert await statements(claim) == 1
-        finals = [final(i, epoch) for i in range(1, 101)]
-        assert await statements(a.messages.save_replies(finals, now=BASE)) == 1
+        finals = [final_reply(i, epoch) for i in range(1, 101)]
+        assert await statements(a.messages.save_replies(finals, now=BASE_TIME)) == 1
         queries = [ReplyQuery(i) for i in range(1, 101)]
         assert await statements(a.messages.replies_for(queries)) == 1
-        delete = a.messages.delete_processed(older_than=BASE + 1, limit=1000)
+        delete = a.messages.delete_processed(older_than=BASE_TIME + 1, limit=1000)
         assert await statements(delete) == 1
 
-        lock = runners(a)
-        shards = [shard(n) for n in range(10, 310)]
+        lock = pg_runners(a)
+        shards = [conformance_shard(n) for n in range(10, 310)]
         before = lock.statistics()
         assert len(await a.runners.acquire(shards)) == 300  # creates the rows too
         await a.runners.release(shards)
@@ -363,9 +339,9 @@ async def test_concurrent_releases_share_a_statement(
     a: StorageSession, storage: PostgresStorage
 ) -> None:
     with trio.fail_after(TIMEOUT):
-        shards = [shard(n) for n in range(1, 301)]
+        shards = [conformance_shard(n) for n in range(1, 301)]
         assert len(await a.runners.acquire(shards)) == 300
-        lock = runners(a)
+        lock = pg_runners(a)
         before = lock.statistics()
         async with trio.open_nursery() as nursery:
             for one in shards:  # as a runner stopping its shards one by one
@@ -383,15 +359,15 @@ async def test_releases_are_not_moved_across_other_lock_operations(
     # epoch), release Y. The second release must not join the first one's
     # statement: Y would be unlocked before the acquire, which would lock it
     # again at a new epoch, and it would stay locked after "release Y".
-    x, y = shard(1), shard(2)
+    x, y = conformance_shard(1), conformance_shard(2)
     with trio.fail_after(TIMEOUT):
-        epochs = await acquire(a.runners, x, y)
+        epochs = await acquire_shards(a.runners, x, y)
         acquired: list[dict[Any, int]] = []
 
         async def acquire_y() -> None:
             acquired.append(await a.runners.acquire([y]))
 
-        locks = runners(a)._session()
+        locks = pg_runners(a).locks
         # Test hook: the connection is busy while the three calls queue up.
         async with trio.open_nursery() as nursery, locks._mutex:
             for task in (
@@ -412,7 +388,7 @@ async def test_releases_are_not_moved_across_other_lock_operations(
 async def test_runner_shutdown_releases_its_shards_in_a_few_statements(
     pg_schema: PgSchema,
 ) -> None:
-    storage = postgres(pg_schema.dsn, table_prefix=unique_prefix())
+    storage = PostgresStorage(pg_schema.dsn, table_prefix=unique_prefix())
     config = trio_cluster.ShardingConfig(shards_per_group=300)
     with trio.fail_after(TIMEOUT):
         async with trio_cluster.open_runner(
@@ -435,8 +411,8 @@ async def test_machine_ids_are_reused_after_a_session_ends(
 ) -> None:
     with trio.fail_after(TIMEOUT):
         async with storage.open_session(name="pg-b", lease_duration=LEASE) as b:
-            assert await b.runners.register(info(7002)) == 0
-        assert await a.runners.register(info(7001)) == 0
+            assert await b.runners.register(runner_info(7002)) == 0
+        assert await a.runners.register(runner_info(7001)) == 0
         assert [r.address.port for r in await a.runners.live_runners()] == [7001]
 
 
@@ -446,10 +422,10 @@ async def test_newest_registration_of_an_address_wins(
     # The displaced session is still open (its process may still mint
     # Snowflake ids), so its machine id stays reserved until it ends.
     with trio.fail_after(TIMEOUT):
-        first = await a.runners.register(info(7001))
-        epoch = (await acquire(a.runners, SHARD))[SHARD]
+        first = await a.runners.register(runner_info(7001))
+        epoch = (await acquire_shards(a.runners, SHARD))[SHARD]
         async with storage.open_session(name="pg-b", lease_duration=LEASE) as b:
-            second = await b.runners.register(info(7001))
+            second = await b.runners.register(runner_info(7001))
             assert second != first
             [live] = await a.runners.live_runners()
             assert (live.address.port, live.machine_id) == (7001, second)
@@ -460,12 +436,12 @@ async def test_newest_registration_of_an_address_wins(
                 (SHARD, None, epoch)
             ]
             async with storage.open_session(name="pg-c", lease_duration=LEASE) as c:
-                third = await c.runners.register(info(7003))
+                third = await c.runners.register(runner_info(7003))
                 assert third not in (first, second)
             await a.runners.unregister()  # frees the displaced row
             assert [r.machine_id for r in await b.runners.live_runners()] == [second]
             async with storage.open_session(name="pg-d", lease_duration=LEASE) as d:
-                assert await d.runners.register(info(7004)) == first
+                assert await d.runners.register(runner_info(7004)) == first
 
 
 async def test_address_of_an_ended_session_is_taken_over(
@@ -474,17 +450,17 @@ async def test_address_of_an_ended_session_is_taken_over(
     # A registration whose session is gone is simply replaced.
     with trio.fail_after(TIMEOUT):
         async with storage.open_session(name="pg-b", lease_duration=LEASE) as b:
-            first = await b.runners.register(info(7001))
-            pid = runners(b)._session().backend_pid
+            first = await b.runners.register(runner_info(7001))
+            pid = pg_runners(b).locks.backend_pid
             assert pid is not None
             assert pg_admin.terminate(pid=pid) == 1
-            assert await a.runners.register(info(7001)) == first
+            assert await a.runners.register(runner_info(7001)) == first
             assert [r.machine_id for r in await a.runners.live_runners()] == [first]
 
 
 async def test_shard_owner_without_registration(a: StorageSession) -> None:
     with trio.fail_after(TIMEOUT):
-        epoch = (await acquire(a.runners, SHARD))[SHARD]
+        epoch = (await acquire_shards(a.runners, SHARD))[SHARD]
         owners = await a.runners.shard_owners()
         assert [(o.shard, o.runner, o.epoch) for o in owners] == [(SHARD, None, epoch)]
 
@@ -495,27 +471,29 @@ async def test_shard_owner_without_registration(a: StorageSession) -> None:
 
 async def test_large_notifications_are_split(a: StorageSession) -> None:
     group = "a-rather-long-shard-group-name-" + "x" * 40
-    shards = [shard(n) for n in range(1, 4)] + [
+    shards = [conformance_shard(n) for n in range(1, 4)] + [
         type(SHARD)(group, n) for n in range(1, 301)
     ]
     with trio.fail_after(TIMEOUT):
-        batch = [request(i, shard_id=s) for i, s in enumerate(shards, 1)]
-        await a.messages.save_requests(batch, now=BASE)
+        batch = [persisted_request(i, shard_id=s) for i, s in enumerate(shards, 1)]
+        await a.messages.save_requests(batch, now=BASE_TIME)
         seen: set[Any] = set()
         while seen != set(shards):
             for note in await a.messages.wait_notifications():
                 assert isinstance(note, MessagesAvailable)
                 seen |= note.shards
-        epochs = await acquire(a.runners, *shards)
-        finals = [final(i, epochs[s], shard_id=s) for i, s in enumerate(shards, 1)]
-        await a.messages.save_replies(finals, now=BASE)
+        epochs = await acquire_shards(a.runners, *shards)
+        finals = [
+            final_reply(i, epochs[s], shard_id=s) for i, s in enumerate(shards, 1)
+        ]
+        await a.messages.save_replies(finals, now=BASE_TIME)
         ids: set[int] = set()
         while ids != set(range(1, len(shards) + 1)):
             for note in await a.messages.wait_notifications():
                 assert isinstance(note, RepliesAvailable)
                 ids |= note.request_ids
         # Over 8000 bytes of ids and shards: several NOTIFYs were needed.
-        assert messages(a)._listener.reconnects == 0
+        assert pg_messages(a)._listener.reconnects == 0
 
 
 async def test_foreign_payloads_on_the_channel_are_ignored(
@@ -525,7 +503,7 @@ async def test_foreign_payloads_on_the_channel_are_ignored(
         channel = storage.names.channel
         pg_admin.execute("SELECT pg_notify(%s, 'not json')", [channel])
         pg_admin.execute("SELECT pg_notify(%s, '{\"z\": 1}')", [channel])
-        await a.messages.save_requests([request(1)], now=BASE)
+        await a.messages.save_requests([persisted_request(1)], now=BASE_TIME)
         assert await a.messages.wait_notifications() == [
             MessagesAvailable(frozenset({SHARD}))
         ]
@@ -539,8 +517,9 @@ async def test_transaction_commits_handler_writes_with_the_reply(
     a: StorageSession, pg_schema: PgSchema
 ) -> None:
     with trio.fail_after(TIMEOUT):
-        epoch = (await acquire(a.runners, SHARD))[SHARD]
-        await a.messages.save_requests([request(1), request(2)], now=BASE)
+        epoch = await saved_and_claimed(
+            a, persisted_request(1), persisted_request(2), claim=False
+        )
         async with a.messages.open_transaction() as tx:
             await tx.execute("CREATE TABLE ledger (id int PRIMARY KEY, note text)")
         async with a.messages.open_transaction() as tx:
@@ -548,11 +527,11 @@ async def test_transaction_commits_handler_writes_with_the_reply(
                 "INSERT INTO ledger VALUES ($1, $2) RETURNING id", [1, "one"]
             ) == [(1,)]
             assert await a.messages.save_replies(
-                [final(1, epoch, b"ok")], now=BASE, transaction=tx
+                [final_reply(1, epoch, b"ok")], now=BASE_TIME, transaction=tx
             ) == [ReplyOutcome.RECORDED]
             # Not visible outside the transaction before it commits.
-            assert (await replies(a.messages, 1)).final is None
-        assert (await replies(a.messages, 1)).final == b"ok"
+            assert (await replies_of(a.messages, 1)).final is None
+        assert (await replies_of(a.messages, 1)).final == b"ok"
         assert await table_count(pg_schema, "ledger") == 1
         with pytest.raises(trio.ClosedResourceError):
             await tx.execute("SELECT 1")
@@ -564,13 +543,13 @@ async def test_transaction_commits_handler_writes_with_the_reply(
             async with a.messages.open_transaction() as tx:
                 await tx.execute("INSERT INTO ledger VALUES (2, 'two')")
                 await a.messages.save_replies(
-                    [final(2, epoch)], now=BASE, transaction=tx
+                    [final_reply(2, epoch)], now=BASE_TIME, transaction=tx
                 )
                 raise Abort
 
         with pytest.raises(Abort):
             await aborted()
-        assert (await replies(a.messages, 2)).final is None
+        assert (await replies_of(a.messages, 2)).final is None
         assert await table_count(pg_schema, "ledger") == 1
 
 
@@ -578,15 +557,14 @@ async def test_failed_statement_makes_the_commit_fail(
     a: StorageSession, pg_schema: PgSchema
 ) -> None:
     with trio.fail_after(TIMEOUT):
-        epoch = (await acquire(a.runners, SHARD))[SHARD]
-        await a.messages.save_requests([request(1)], now=BASE)
+        epoch = await saved_and_claimed(a, persisted_request(1), claim=False)
         async with a.messages.open_transaction() as tx:
             await tx.execute("CREATE TABLE ledger (id int PRIMARY KEY)")
 
         async def failing() -> None:
             async with a.messages.open_transaction() as tx:
                 await a.messages.save_replies(
-                    [final(1, epoch)], now=BASE, transaction=tx
+                    [final_reply(1, epoch)], now=BASE_TIME, transaction=tx
                 )
                 await tx.execute("INSERT INTO ledger VALUES (1)")
                 with pytest.raises(PersistenceError, match="duplicate key"):
@@ -596,14 +574,14 @@ async def test_failed_statement_makes_the_commit_fail(
         with pytest.raises(PersistenceError) as failure:
             await failing()
         assert "rolled back" in str(failure.value)
-        assert (await replies(a.messages, 1)).final is None
+        assert (await replies_of(a.messages, 1)).final is None
         assert await table_count(pg_schema, "ledger") == 0
 
 
 async def test_open_transactions_never_starve_message_traffic(
     pg_schema: PgSchema,
 ) -> None:
-    storage = postgres(
+    storage = PostgresStorage(
         pg_schema.dsn,
         table_prefix=unique_prefix(),
         pool_size=1,
@@ -611,12 +589,12 @@ async def test_open_transactions_never_starve_message_traffic(
     )
     with trio.fail_after(TIMEOUT):
         async with storage.open_session(name="tx", lease_duration=LEASE) as a:
-            assert messages(a).transaction_statistics().connects == 0  # lazy
+            assert pg_messages(a).transaction_statistics().connects == 0  # lazy
             async with a.messages.open_transaction() as tx:
                 await tx.execute("SELECT 1")
                 # The only message connection is free for other work.
-                await a.messages.save_requests([request(1)], now=BASE)
-                assert (await replies(a.messages, 1)).known
+                await a.messages.save_requests([persisted_request(1)], now=BASE_TIME)
+                assert (await replies_of(a.messages, 1)).known
                 # A second transaction waits for the first one's connection.
                 with trio.move_on_after(0.2) as waited:
                     async with a.messages.open_transaction():
@@ -624,20 +602,22 @@ async def test_open_transactions_never_starve_message_traffic(
                 assert waited.cancelled_caught
             async with a.messages.open_transaction() as tx:
                 assert await tx.execute("SELECT 2") == [(2,)]
-            assert messages(a).transaction_statistics().connects == 1
+            assert pg_messages(a).transaction_statistics().connects == 1
 
 
 async def test_transaction_of_another_storage_is_refused(
     a: StorageSession, pg_schema: PgSchema
 ) -> None:
-    other = postgres(pg_schema.dsn, table_prefix=unique_prefix())
+    other = PostgresStorage(pg_schema.dsn, table_prefix=unique_prefix())
     with trio.fail_after(TIMEOUT):
         async with (
             other.open_session(name="other", lease_duration=LEASE) as b,
             b.messages.open_transaction() as tx,
         ):
             with pytest.raises(ValueError, match="open_transaction"):
-                await a.messages.save_replies([final(1, 1)], now=BASE, transaction=tx)
+                await a.messages.save_replies(
+                    [final_reply(1, 1)], now=BASE_TIME, transaction=tx
+                )
             with pytest.raises(TypeError, match="query must be a str"):
                 await tx.execute(b"SELECT 1")  # type: ignore[arg-type]
 
@@ -650,28 +630,32 @@ async def test_delete_processed_removes_replies_in_bounded_batches(
     storage: PostgresStorage, a: StorageSession, pg_schema: PgSchema
 ) -> None:
     with trio.fail_after(TIMEOUT):
-        epoch = (await acquire(a.runners, SHARD))[SHARD]
-        batch = [request(i, stream=True) for i in range(1, 11)] + [request(11)]
-        await a.messages.save_requests(batch, now=BASE)
+        epoch = (await acquire_shards(a.runners, SHARD))[SHARD]
+        batch = [persisted_request(i, stream=True) for i in range(1, 11)] + [
+            persisted_request(11)
+        ]
+        await a.messages.save_requests(batch, now=BASE_TIME)
         for i in range(1, 11):
             chunks = [
-                type(final(i, epoch))(i, SHARD, epoch, b"c", sequence=s)
+                type(final_reply(i, epoch))(i, SHARD, epoch, b"c", sequence=s)
                 for s in range(3)
             ]
-            await a.messages.save_replies([*chunks, final(i, epoch)], now=BASE + i)
+            await a.messages.save_replies(
+                [*chunks, final_reply(i, epoch)], now=BASE_TIME + i
+            )
         replies_table = storage.names.replies
         assert await table_count(pg_schema, replies_table) == 40
         delete = a.messages.delete_processed
-        assert await delete(older_than=BASE + 4.5, limit=3) == 3  # 1, 2, 3
-        assert await delete(older_than=BASE + 4.5, limit=3) == 1  # 4
-        assert await delete(older_than=BASE + 4.5, limit=3) == 0
+        assert await delete(older_than=BASE_TIME + 4.5, limit=3) == 3  # 1, 2, 3
+        assert await delete(older_than=BASE_TIME + 4.5, limit=3) == 1  # 4
+        assert await delete(older_than=BASE_TIME + 4.5, limit=3) == 0
         assert await table_count(pg_schema, replies_table) == 24
         known = [
             r.known
             for r in await a.messages.replies_for([ReplyQuery(i) for i in (4, 5, 11)])
         ]
         assert known == [False, True, True]
-        assert await delete(older_than=BASE + 100, limit=100) == 6
+        assert await delete(older_than=BASE_TIME + 100, limit=100) == 6
         assert await table_count(pg_schema, replies_table) == 0
         assert await table_count(pg_schema, storage.names.messages) == 1
 
@@ -687,7 +671,7 @@ async def test_closed_session_raises_closed_resource_error(
         async with storage.open_session(name="closing", lease_duration=LEASE) as s:
             pass
         with pytest.raises(trio.ClosedResourceError):
-            await s.messages.save_requests([request(1)], now=BASE)
+            await s.messages.save_requests([persisted_request(1)], now=BASE_TIME)
         with pytest.raises(trio.ClosedResourceError):
             await s.runners.refresh([])
         with pytest.raises(trio.ClosedResourceError):
@@ -697,14 +681,14 @@ async def test_closed_session_raises_closed_resource_error(
 
 async def test_arguments_are_checked_like_memory_storage(a: StorageSession) -> None:
     with pytest.raises(TypeError, match="requests must be a sequence"):
-        await a.messages.save_requests("x", now=BASE)  # type: ignore[arg-type]
+        await a.messages.save_requests("x", now=BASE_TIME)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="now must be a float"):
         await a.messages.claim({}, now="x", limit=1)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="limit must be >= 0"):
-        await a.messages.claim({}, now=BASE, limit=-1)
-    bad = type(final(1, 1))(1, SHARD, 1, b"", sequence=-1)
+    with pytest.raises(ValueError, match="limit must be an integer >= 0"):
+        await a.messages.claim({}, now=BASE_TIME, limit=-1)
+    bad = type(final_reply(1, 1))(1, SHARD, 1, b"", sequence=-1)
     with pytest.raises(ValueError, match="sequence must be >= 0"):
-        await a.messages.save_replies([bad], now=BASE)
+        await a.messages.save_replies([bad], now=BASE_TIME)
     with pytest.raises(TypeError, match="RunnerInfo"):
         await a.runners.register("me")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="address must be an EntityAddress"):
@@ -712,15 +696,15 @@ async def test_arguments_are_checked_like_memory_storage(a: StorageSession) -> N
 
 
 async def test_empty_batches_do_not_touch_the_database(a: StorageSession) -> None:
-    pool = messages(a)
+    pool = pg_messages(a)
     before = pool.statistics().statements
-    assert await a.messages.save_requests([], now=BASE) == []
-    assert await a.messages.save_replies([], now=BASE) == []
+    assert await a.messages.save_requests([], now=BASE_TIME) == []
+    assert await a.messages.save_replies([], now=BASE_TIME) == []
     assert await a.messages.replies_for([]) == []
     await a.messages.ack_chunks([])
     await a.messages.interrupt([])
-    assert await a.messages.delete_processed(older_than=BASE, limit=0) == 0
-    batch = await a.messages.claim({}, now=BASE, limit=10)
+    assert await a.messages.delete_processed(older_than=BASE_TIME, limit=0) == 0
+    batch = await a.messages.claim({}, now=BASE_TIME, limit=10)
     assert (batch.requests, batch.more) == ([], False)
     assert pool.statistics().statements == before
 

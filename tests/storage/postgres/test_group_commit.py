@@ -9,7 +9,6 @@ each) the cost per request must fall to at most one statement amortised.
 
 from __future__ import annotations
 
-import uuid
 from typing import TYPE_CHECKING
 
 import attrs
@@ -17,7 +16,8 @@ import pytest
 import trio
 
 import trio_cluster as tc
-from trio_cluster.storage import postgres
+from tests.pg_fixture import unique_prefix
+from trio_cluster.storage import PostgresStorage
 
 if TYPE_CHECKING:
     from tests.pg_fixture import PgSchema
@@ -48,7 +48,7 @@ class Tally(tc.Entity):
 async def test_at_most_one_statement_per_persisted_request_with_50_callers(
     pg_schema: PgSchema,
 ) -> None:
-    storage = postgres(pg_schema.dsn, table_prefix=f"tc_{uuid.uuid4().hex[:12]}")
+    storage = PostgresStorage(pg_schema.dsn, table_prefix=unique_prefix())
     config = tc.ShardingConfig(shards_per_group=16, storage_poll_interval=5.0)
     with trio.fail_after(60):
         async with tc.open_runner(

@@ -1,6 +1,6 @@
 """Fault tests of a real runner on `PostgresStorage` (real server, real time).
 
-The runner is `trio_cluster.open_runner` with ``storage=postgres(...)`` and no
+The runner is `trio_cluster.open_runner` with ``storage=PostgresStorage(...)`` and no
 transport. Faults: its lock connection terminated by the server, its lock
 session gone silent (a frozen runner, simulated by a test hook that blocks
 every lock-connection operation), a restart of a private server while
@@ -11,7 +11,6 @@ handler's transaction terminated between two of its statements.
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -19,7 +18,8 @@ import pytest
 import trio
 
 import trio_cluster as tc
-from trio_cluster.storage import PostgresStorage, postgres
+from tests.pg_fixture import unique_prefix
+from trio_cluster.storage import PostgresStorage
 from trio_cluster.storage._postgres._driver._driver import PgConnection
 from trio_cluster.storage._postgres._message_parts import PgTransaction
 from trio_cluster.storage._postgres._runners import PgRunners
@@ -82,10 +82,6 @@ class Account(tc.Entity):
         await trio.sleep_forever()
 
 
-def unique_prefix() -> str:
-    return f"tc_{uuid.uuid4().hex[:12]}"
-
-
 def config(**overrides: Any) -> tc.ShardingConfig:
     values: dict[str, Any] = {
         "shards_per_group": SHARDS,
@@ -135,14 +131,13 @@ async def ledger(pg_schema: PgSchema) -> None:
 async def test_runner_stops_serving_when_its_lock_connection_is_terminated(
     pg_schema: PgSchema, ledger: None
 ) -> None:
-    storage = postgres(pg_schema.dsn, table_prefix=unique_prefix())
+    storage = PostgresStorage(pg_schema.dsn, table_prefix=unique_prefix())
     with trio.fail_after(TIMEOUT):
         async with tc.open_runner(
             entities=[Account], storage=storage, config=config()
         ) as runner:
             await runner.wait_shards_acquired()
-            sharding = runner._sharding
-            before = sharding.serving_epochs()
+            before = runner.served_shards()
             assert len(before) == SHARDS
             cancelled = trio.Event()
 
@@ -155,7 +150,7 @@ async def test_runner_stops_serving_when_its_lock_connection_is_terminated(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(hold)
                 await until(lambda: runner.statistics().running_handlers == 1, "held")
-                locks = lock_session_of(storage)._session()
+                locks = lock_session_of(storage).locks
                 pid = locks.backend_pid
                 # Test hook: the runner's next lock connection waits, so the
                 # intruder surely gets its chance to take the freed locks.
@@ -179,15 +174,15 @@ async def test_runner_stops_serving_when_its_lock_connection_is_terminated(
                     # The locks were free at once, and the runner had
                     # already stopped serving every shard.
                     assert got == {s: before[s] + 1 for s in before}
-                    assert sharding.serving_epochs() == {}
+                    assert runner.served_shards() == {}
                     reconnect.set()
                     await intruder.runners.release(list(got))
                 await until(cancelled.is_set, "the held handler was cancelled")
             # The runner takes every shard back, at new epochs, and works.
             await until(
-                lambda: len(sharding.serving_epochs()) == SHARDS, "all shards back"
+                lambda: len(runner.served_shards()) == SHARDS, "all shards back"
             )
-            after = sharding.serving_epochs()
+            after = runner.served_shards()
             assert all(after[s] > before[s] for s in before)
             assert await runner.client(Account)("x").deposit(Deposit("k")) == "k"
 
@@ -196,19 +191,18 @@ async def test_frozen_runner_stops_serving_before_its_locks_are_taken(
     pg_schema: PgSchema, ledger: None, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="trio_cluster")
-    storage = postgres(pg_schema.dsn, table_prefix=unique_prefix())
+    storage = PostgresStorage(pg_schema.dsn, table_prefix=unique_prefix())
     cfg = config()
     with trio.fail_after(TIMEOUT):
         async with tc.open_runner(
             entities=[Account], storage=storage, config=cfg
         ) as runner:
             await runner.wait_shards_acquired()
-            sharding = runner._sharding
-            before = sharding.serving_epochs()
+            before = runner.served_shards()
             # Test hook: every operation on the lock connection hangs, as if
             # the runner's process were frozen: no heartbeat reaches the
             # server any more (its local clock keeps running).
-            locks = lock_session_of(storage)._session()
+            locks = lock_session_of(storage).locks
             original = locks.run
             thawed = trio.Event()
 
@@ -225,7 +219,7 @@ async def test_frozen_runner_stops_serving_before_its_locks_are_taken(
                 while len(got) < SHARDS:
                     got |= await successor.runners.acquire(list(before))
                     # The moment it gets a shard, the runner no longer serves it.
-                    assert not set(got) & set(sharding.serving_epochs())
+                    assert not set(got) & set(runner.served_shards())
                     await trio.sleep(0.02)
                 taken_after = trio.current_time() - frozen_at
                 assert all(got[s] == before[s] + 1 for s in before)
@@ -236,7 +230,7 @@ async def test_frozen_runner_stops_serving_before_its_locks_are_taken(
             lapsed = [r for r in caplog.records if "lapsed" in r.getMessage()]
             assert lapsed, "the local lease did not lapse"
             await until(
-                lambda: len(sharding.serving_epochs()) == SHARDS, "all shards back"
+                lambda: len(runner.served_shards()) == SHARDS, "all shards back"
             )
             assert await runner.client(Account)("x").deposit(Deposit("k")) == "k"
 
@@ -247,7 +241,7 @@ async def test_server_restart_with_persisted_requests_in_flight(
     prefix = unique_prefix()
     await sql(private_dsn, "DROP TABLE IF EXISTS ledger")
     await sql(private_dsn, "CREATE TABLE ledger (key text NOT NULL)")
-    storage = postgres(private_dsn, table_prefix=prefix, transaction_pool_size=8)
+    storage = PostgresStorage(private_dsn, table_prefix=prefix, transaction_pool_size=8)
     keys = [f"k{i}" for i in range(60)]
     # Six handlers are mid-transaction when the server stops.
     gate = trio.Event()
@@ -329,7 +323,7 @@ async def test_handler_statement_on_a_dropped_connection_is_retried(
     # That is not the handler's outcome (it would be recorded for good): the
     # request runs again, and its writes commit once.
     prefix = unique_prefix()
-    storage = postgres(pg_schema.dsn, table_prefix=prefix)
+    storage = PostgresStorage(pg_schema.dsn, table_prefix=prefix)
     gate = GATES["once"] = trio.Event()
     try:
         with trio.fail_after(TIMEOUT):

@@ -18,11 +18,11 @@ import psycopg
 import pytest
 import trio
 
-from tests.pg_fixture import dsn_with_options
+from tests.pg_fixture import dsn_with_options, unique_prefix
 from trio_cluster import ShardId
-from trio_cluster.storage import postgres
+from trio_cluster.storage import PostgresStorage
 from trio_cluster.storage._postgres._queries import MessageQueries
-from trio_cluster.testing._conformance._base import BASE, request
+from trio_cluster.testing import BASE_TIME, persisted_request
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -60,11 +60,11 @@ SELECT i, i, 'default', 1 + i % {SHARDS}, 'Counter', 'e' || (i % 100000),
        'increment', '\\x00'::bytea,
        CASE WHEN i % 2 = 0 THEN 'k' || i END,
        CASE WHEN i % 2 = 0 THEN decode(md5(i::text), 'hex') END,
-       CASE WHEN i % 100 = 1 THEN {BASE + 3600} END,
+       CASE WHEN i % 100 = 1 THEN {BASE_TIME + 3600} END,
        false,
        CASE WHEN i % 100 = 2 THEN 1 END,
-       CASE WHEN i % 100 >= 5 THEN {BASE} - i END,
-       {BASE} - i
+       CASE WHEN i % 100 >= 5 THEN {BASE_TIME} - i END,
+       {BASE_TIME} - i
 FROM generate_series(1, {ROWS}) AS i"""
     )
     # seq given explicitly above (nextval per row is the slowest part).
@@ -104,14 +104,14 @@ def scans_of(plan: list[dict[str, Any]], table: str) -> list[tuple[str, str | No
 def filled(postgres_dsn: str) -> Iterator[tuple[str, str]]:
     """A cluster (dsn, prefix) with ROWS messages, in a schema of its own."""
     schema = f"test_{uuid.uuid4().hex}"
-    prefix = f"tc_{uuid.uuid4().hex[:12]}"
+    prefix = unique_prefix()
     with psycopg.connect(postgres_dsn, autocommit=True) as admin:
         admin.execute(f'CREATE SCHEMA "{schema}"')
         try:
             dsn = dsn_with_options(postgres_dsn, f"-csearch_path={schema}")
 
             async def migrate_only() -> None:
-                storage = postgres(dsn, table_prefix=prefix)
+                storage = PostgresStorage(dsn, table_prefix=prefix)
                 async with storage.open_session(name="idx", lease_duration=5.0):
                     pass
 
@@ -125,7 +125,7 @@ def filled(postgres_dsn: str) -> Iterator[tuple[str, str]]:
 
 def test_claim_and_dedup_lookup_use_indexes(filled: tuple[str, str]) -> None:
     dsn, prefix = filled
-    names = postgres(dsn, table_prefix=prefix).names
+    names = PostgresStorage(dsn, table_prefix=prefix).names
     queries = MessageQueries.build(names)
     messages = names.messages
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -137,7 +137,10 @@ def test_claim_and_dedup_lookup_use_indexes(filled: tuple[str, str]) -> None:
         numbers = "ARRAY[" + ",".join(str(n) for n in range(1, SHARDS + 1)) + "]"
         epochs = "ARRAY[" + ",".join(["2"] * SHARDS) + "]::int8[]"
         claim = generic_plan(
-            conn, "claim", queries.claim, f"{groups}, {numbers}, {epochs}, {BASE}, 1024"
+            conn,
+            "claim",
+            queries.claim,
+            f"{groups}, {numbers}, {epochs}, {BASE_TIME}, 1024",
         )
         scans = scans_of(claim, messages)
         assert scans, claim
@@ -153,7 +156,7 @@ def test_claim_and_dedup_lookup_use_indexes(filled: tuple[str, str]) -> None:
             "ARRAY[1::int8], ARRAY['default'], ARRAY[1], ARRAY['Counter'], ARRAY['e1'],"
             " ARRAY['increment'], ARRAY['\\x00'::bytea], ARRAY['k2'],"
             " ARRAY[decode(md5('2'), 'hex')], ARRAY[NULL::float8], ARRAY[false],"
-            f" ARRAY[NULL::int8], ARRAY[0], {BASE}, 'channel'"
+            f" ARRAY[NULL::int8], ARRAY[0], {BASE_TIME}, 'channel'"
         )
         save = generic_plan(conn, "save", queries.save, args)
         scans = scans_of(save, messages)
@@ -172,22 +175,22 @@ async def test_claim_and_save_stay_fast_at_a_million_rows(
     filled: tuple[str, str],
 ) -> None:
     dsn, prefix = filled
-    storage = postgres(dsn, table_prefix=prefix)
+    storage = PostgresStorage(dsn, table_prefix=prefix)
     with trio.fail_after(30):
         async with storage.open_session(name="idx-fast", lease_duration=5.0) as a:
             shards = [ShardId("default", n) for n in range(1, SHARDS + 1)]
             epochs = await a.runners.acquire(shards)
             assert len(epochs) == SHARDS
             started = trio.current_time()
-            batch = await a.messages.claim(epochs, now=BASE, limit=1024)
+            batch = await a.messages.claim(epochs, now=BASE_TIME, limit=1024)
             claim_time = trio.current_time() - started
             assert len(batch.requests) == 1024
             assert batch.more
-            first = request(ROWS + 1, shard_id=shards[0], primary_key="once")
-            await a.messages.save_requests([first], now=BASE)
+            first = persisted_request(ROWS + 1, shard_id=shards[0], primary_key="once")
+            await a.messages.save_requests([first], now=BASE_TIME)
             again = attrs.evolve(first, request_id=ROWS + 2)
             started = trio.current_time()
-            [saved] = await a.messages.save_requests([again], now=BASE)
+            [saved] = await a.messages.save_requests([again], now=BASE_TIME)
             save_time = trio.current_time() - started
     assert (saved.duplicate, saved.request_id) == (True, ROWS + 1)
     # Generous bounds (a shared machine): a sequential scan of 10^6 rows

@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import json
-import uuid
 from typing import TYPE_CHECKING
 
 import pytest
 import trio
 
+from tests.pg_fixture import TIMEOUT, unique_prefix
 from trio_cluster import PersistenceError
 from trio_cluster._cli._main import main
-from trio_cluster.storage import ClusterStatus, cluster_status, migrate, postgres
+from trio_cluster.storage import ClusterStatus, PostgresStorage, cluster_status, migrate
 from trio_cluster.storage._postgres._driver._driver import PgConnection
 from trio_cluster.storage._postgres._schema import LATEST_VERSION
-from trio_cluster.testing._conformance._base import (
-    BASE,
-    acquire,
-    final,
-    info,
-    request,
-    shard,
+from trio_cluster.testing import (
+    BASE_TIME,
+    acquire_shards,
+    conformance_shard,
+    final_reply,
+    persisted_request,
+    runner_info,
 )
 
 if TYPE_CHECKING:
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.postgres
 
 LEASE = 2.0
-TIMEOUT = 20
 
 
 async def server_time(dsn: str) -> float:
@@ -42,42 +41,40 @@ async def server_time(dsn: str) -> float:
     return float(result.rows[0][0])
 
 
-def unique_prefix() -> str:
-    return f"tc_{uuid.uuid4().hex[:12]}"
-
-
 async def test_status_of_a_running_cluster(
     pg_schema: PgSchema, pg_admin: PgAdmin
 ) -> None:
     prefix = unique_prefix()
-    storage = postgres(pg_schema.dsn, table_prefix=prefix)
-    one, two, three = shard(1), shard(2), shard(3)
+    storage = PostgresStorage(pg_schema.dsn, table_prefix=prefix)
+    one, two, three = conformance_shard(1), conformance_shard(2), conformance_shard(3)
     with trio.fail_after(TIMEOUT):
         async with (
             storage.open_session(name="st-a", lease_duration=LEASE) as a,
             storage.open_session(name="st-b", lease_duration=LEASE) as b,
             storage.open_session(name="st-c", lease_duration=LEASE) as c,
         ):
-            id_a = await a.runners.register(info(7001))
-            id_b = await b.runners.register(info(7002, weight=2.0))
-            await c.runners.register(info(7003))
-            epochs = await acquire(a.runners, one, two)
-            await acquire(c.runners, three)
+            id_a = await a.runners.register(runner_info(7001))
+            id_b = await b.runners.register(runner_info(7002, weight=2.0))
+            await c.runners.register(runner_info(7003))
+            epochs = await acquire_shards(a.runners, one, two)
+            await acquire_shards(c.runners, three)
             # Requests: shard 1 has 3 (one processed, one claimed, one
             # scheduled), shard 4 (never acquired) has 1. Saved 10 s ago.
             now = await server_time(pg_schema.dsn)
             batch = [
-                request(1, shard_id=one),
-                request(2, shard_id=one),
-                request(3, shard_id=one, deliver_at=now + 3600),
-                request(4, shard_id=shard(4)),
+                persisted_request(1, shard_id=one),
+                persisted_request(2, shard_id=one),
+                persisted_request(3, shard_id=one, deliver_at=now + 3600),
+                persisted_request(4, shard_id=conformance_shard(4)),
             ]
             await a.messages.save_requests(batch, now=now - 10)
             claimed = await a.messages.claim({one: epochs[one]}, now=now, limit=1)
             assert [r.request_id for r in claimed.requests] == [1]
-            await a.messages.save_requests([request(5, shard_id=one)], now=now)
+            await a.messages.save_requests(
+                [persisted_request(5, shard_id=one)], now=now
+            )
             await a.messages.save_replies(
-                [final(5, epochs[one], shard_id=one)], now=now
+                [final_reply(5, epochs[one], shard_id=one)], now=now
             )
             # c's session dies: it stays registered but is not live any more.
             pid = c.runners.locks.backend_pid  # type: ignore[attr-defined]
@@ -148,14 +145,14 @@ async def test_status_without_a_schema_says_to_migrate(pg_schema: PgSchema) -> N
 
 async def test_status_counts_displaced_registrations(pg_schema: PgSchema) -> None:
     prefix = unique_prefix()
-    storage = postgres(pg_schema.dsn, table_prefix=prefix)
+    storage = PostgresStorage(pg_schema.dsn, table_prefix=prefix)
     with trio.fail_after(TIMEOUT):
         async with (
             storage.open_session(name="d-a", lease_duration=LEASE) as a,
             storage.open_session(name="d-b", lease_duration=LEASE) as b,
         ):
-            first = await a.runners.register(info(7001))
-            second = await b.runners.register(info(7001))
+            first = await a.runners.register(runner_info(7001))
+            second = await b.runners.register(runner_info(7001))
             status = await cluster_status(pg_schema.dsn, table_prefix=prefix)
     assert [(r.address, r.machine_id, r.live) for r in status.runners] == [
         ("10.0.0.1:7001", second, True),
@@ -181,9 +178,11 @@ def test_cli_migrate_then_status(
     capsys.readouterr()
 
     async def populate() -> None:
-        storage = postgres(pg_schema.dsn, table_prefix=prefix, auto_migrate=False)
+        storage = PostgresStorage(
+            pg_schema.dsn, table_prefix=prefix, auto_migrate=False
+        )
         async with storage.open_session(name="cli", lease_duration=LEASE) as a:
-            await a.messages.save_requests([request(1)], now=BASE)
+            await a.messages.save_requests([persisted_request(1)], now=BASE_TIME)
 
     trio.run(populate)
     assert main(["status", "--dsn", pg_schema.dsn, "--prefix", prefix]) == 0
