@@ -8,6 +8,7 @@ in the package itself knows about them.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import attrs
 import pytest
@@ -25,7 +26,7 @@ def release_without_cancelling(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def stop_shard(self: Sharding, command: object) -> None:
         shard = command.shard  # type: ignore[attr-defined]
-        if shard in self.hosts:
+        if shard in self.table.hosts:
             assert self._nursery is not None
             self._nursery.start_soon(self._release_until_done, frozenset({shard}))
 
@@ -37,8 +38,15 @@ def lease_never_lapses(monkeypatch: pytest.MonkeyPatch) -> None:
     serving until it hears that its lock is gone."""
     original = ShardHost.__init__
 
-    def init(self: ShardHost, shard_id: object, epoch: int, deadline: float) -> None:
-        original(self, shard_id, epoch, math.inf)  # type: ignore[arg-type]
+    def init(
+        self: ShardHost,
+        shard_id: ShardId,
+        epoch: int,
+        deadline: float,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        original(self, shard_id, epoch, math.inf, *args, **kwargs)
 
     def extend_lease(self: ShardHost, deadline: float) -> None:
         self.lease_deadline = math.inf

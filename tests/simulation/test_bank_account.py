@@ -21,11 +21,6 @@ twice.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
 import trio
 from hypothesis import given, strategies as st
@@ -39,24 +34,11 @@ from trio_cluster.testing import (
     run_simulation,
 )
 
+from ..helpers import load_example
+
 pytestmark = pytest.mark.simulation
 
-EXAMPLES = Path(__file__).parent.parent.parent / "examples"
-
-
-def load_bank() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "example_bank_account_sim", EXAMPLES / "bank_account.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # attrs/cattrs resolve annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
-bank = load_bank()
+bank = load_example("bank_account", module_name="example_bank_account_sim")
 
 
 async def deposit(cluster: SimulatedCluster, account: str, number: int) -> int:

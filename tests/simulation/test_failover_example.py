@@ -3,33 +3,15 @@ runs, and its check rejects what it must."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
 
 from trio_cluster.testing import FaultSchedule, KillRunner, run_simulation
 
+from ..helpers import load_example
+
 pytestmark = pytest.mark.simulation
 
-EXAMPLES = Path(__file__).parent.parent.parent / "examples"
-
-
-def load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "example_failover_property", EXAMPLES / "failover_property.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-example = load()
+example = load_example("failover_property")
 
 
 def test_the_example_property_holds():

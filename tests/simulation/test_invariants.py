@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import trio
 
-from trio_cluster._core._addresses import EntityAddress, EntityId, ShardId
-from trio_cluster._engine._slots import ShardHost
-from trio_cluster._storage_abc import (
+from trio_cluster import EntityAddress, EntityId, RunnerAddress, ShardId
+from trio_cluster.abc import (
     ClaimBatch,
     ClaimedRequest,
     PersistedRequest,
@@ -25,14 +22,7 @@ pytestmark = pytest.mark.simulation
 
 SHARD = ShardId("default", 1)
 ADDRESS = EntityAddress("E", EntityId("e"), SHARD)
-
-
-class FakeSharding:
-    def __init__(self) -> None:
-        self.hosts: dict[ShardId, ShardHost] = {}
-
-    def serving_epochs(self) -> dict[ShardId, int]:
-        return {shard: host.epoch for shard, host in self.hosts.items()}
+R0 = RunnerAddress("r0", 1)
 
 
 def make() -> tuple[Checker, list[str], MemoryStorage]:
@@ -46,19 +36,11 @@ def request(request_id: int, key: str | None = "k") -> PersistedRequest:
     return PersistedRequest(request_id, ADDRESS, "go", b"", primary_key=key)
 
 
-def incarnation(label: str) -> Incarnation:
-    runner = Incarnation(label)
-    fake: Any = FakeSharding()
-    runner.sharding = fake
-    return runner
-
-
 async def test_single_owner_fails_when_another_runner_still_serves(autojump_clock):
     checker, failures, _ = make()
-    r0, r1 = incarnation("r0"), incarnation("r1")
+    r0, r1 = Incarnation("r0"), Incarnation("r1")
     checker.incarnations = {"r0": r0, "r1": r1}
-    assert r0.sharding is not None
-    r0.sharding.hosts[SHARD] = ShardHost(SHARD, 1, 10.0)
+    r0.shard_acquired(R0, SHARD, 1)
     checker.acquired(r1, {SHARD: 2})
     assert failures == [
         "single owner: r1 acquired shard default:1 at epoch 2 while r0 still"
@@ -72,14 +54,24 @@ async def test_single_owner_fails_when_another_runner_still_serves(autojump_cloc
     checker.acquired(r1, {SHARD: 4})
     assert len(failures) == 1
     assert checker.overlaps == 1
+    # Nor once it said it stops serving the shard (at that epoch).
+    r0.session_lost_at = None
+    r0.shard_stopping(R0, SHARD, 0, graceful=True)  # another epoch's host
+    checker.acquired(r1, {SHARD: 5})
+    assert len(failures) == 2
+    r0.shard_stopping(R0, SHARD, 1, graceful=False)
+    checker.acquired(r1, {SHARD: 6})
+    assert len(failures) == 2
     await trio.lowlevel.checkpoint()
 
 
 async def test_dedup_catches_keys_stored_twice_and_id_collisions(autojump_clock):
     checker, failures, storage = make()
-    by = incarnation("r0")
+    by = Incarnation("r0")
     checker.saved(by, [request(1)], [SaveResult(1, duplicate=False)])
-    storage._messages._requests[1] = object()  # type: ignore[assignment]
+    async with storage.open_session(name="s", lease_duration=5.0) as session:
+        await session.messages.save_requests([request(1)], now=0.0)
+    assert storage.has_request(1)
     checker.saved(by, [request(2)], [SaveResult(2, duplicate=False)])
     assert failures[-1].startswith("dedup: r0 stored key 'k'")
     checker.saved(by, [request(3, "other")], [SaveResult(1, duplicate=True)])
@@ -98,7 +90,7 @@ async def test_dedup_catches_keys_stored_twice_and_id_collisions(autojump_clock)
 
 async def test_fencing_and_one_reply(autojump_clock):
     checker, failures, storage = make()
-    by = incarnation("r0")
+    by = Incarnation("r0")
     session = storage.open_session(name="s", lease_duration=5.0)
     async with session as opened:
         await opened.runners.acquire([SHARD])  # epoch 1

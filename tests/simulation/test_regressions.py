@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import ClassVar
 
 import attrs
@@ -87,7 +87,7 @@ async def test_a_persisted_discard_from_outside_runs_with_its_runner(autojump_cl
         with trio.fail_after(5):
             while len(Journal.log) < 2:  # noqa: ASYNC110
                 await trio.sleep(0.1)
-        assert runner._manager.crashes == 0
+        assert runner.statistics().entity_crashes == 0
         nursery.cancel_scope.cancel()
     assert Journal.log == ["a", "b"]
 
@@ -114,7 +114,8 @@ async def test_a_job_granted_after_its_shard_stopped_does_not_run(autojump_clock
         entities=[Journal], config=config(), clock=wall_clock()
     ) as runner:
         client = runner.client(Journal)("j")
-        host = runner._sharding.hosts[client.address.shard]
+        # White box: the engine's own host of the shard.
+        host = runner._parts.sharding.table.hosts[client.address.shard]
         await client.wait.discard(Note("first"))
         await client.note.discard(Note("second"))  # queued behind "first"
         await trio.testing.wait_all_tasks_blocked()
@@ -133,9 +134,22 @@ async def test_stopping_a_shard_deactivates_its_host_at_once(autojump_clock):
         entities=[Journal], config=config(), clock=wall_clock()
     ) as runner:
         shard = runner.client(Journal).address_of("j").shard
-        host = runner._sharding.hosts[shard]
-        runner._sharding._stop_shard(StopShard(shard, graceful=False))
+        sharding = runner._parts.sharding  # white box
+        host = sharding.table.hosts[shard]
+        sharding._stop_shard(StopShard(shard, graceful=False))
         assert not host.active  # before the manager gets to stop it
+
+
+def journal_runner(
+    storage: MemoryStorage, port: int
+) -> AbstractAsyncContextManager[tc.Runner]:
+    """A runner of `Journal` at ``r:<port>`` on ``storage``."""
+    return tc.open_runner(
+        entities=[Journal],
+        config=config(runner_address=tc.RunnerAddress("r", port)),
+        storage=storage,
+        clock=wall_clock(),
+    )
 
 
 async def test_a_senders_messages_keep_their_order_across_a_failover(autojump_clock):
@@ -147,28 +161,14 @@ async def test_a_senders_messages_keep_their_order_across_a_failover(autojump_cl
             raise OSError("claims are down")
 
     async with AsyncExitStack() as stack:
-        first = await stack.enter_async_context(
-            tc.open_runner(
-                entities=[Journal],
-                config=config(runner_address=tc.RunnerAddress("r", 1)),
-                storage=storage,
-                clock=wall_clock(),
-            )
-        )
+        first = await stack.enter_async_context(journal_runner(storage, 1))
         second_stack = AsyncExitStack()
-        second = await second_stack.enter_async_context(
-            tc.open_runner(
-                entities=[Journal],
-                config=config(runner_address=tc.RunnerAddress("r", 2)),
-                storage=storage,
-                clock=wall_clock(),
-            )
-        )
+        second = await second_stack.enter_async_context(journal_runner(storage, 2))
         await trio.sleep(1)  # the shards are split
         entity = next(
             f"j{i}"
             for i in range(100)
-            if first.client(Journal).address_of(f"j{i}").shard in second._sharding.hosts
+            if first.client(Journal).address_of(f"j{i}").shard in second.served_shards()
         )
         storage.fault_hook = hook
         # Stored unclaimed (the sender does not serve the entity) and not
@@ -177,7 +177,7 @@ async def test_a_senders_messages_keep_their_order_across_a_failover(autojump_cl
         shard = first.client(Journal).address_of(entity).shard
         await second_stack.aclose()
         with trio.fail_after(5):
-            while shard not in first._sharding.hosts:  # noqa: ASYNC110
+            while shard not in first.served_shards():  # noqa: ASYNC110
                 await trio.sleep(0.05)
         # The sender now serves the entity, but m1 is still in storage: m2
         # must not overtake it through the fast path.

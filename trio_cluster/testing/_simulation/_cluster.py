@@ -1,21 +1,25 @@
 """`SimulatedCluster`: the handle on a simulated cluster, and its faults (test support).
 
-Made by `open_simulated_cluster` (``_simulation``). It reaches every runner
+Made by `open_simulated_cluster` (``._run``). It reaches every runner
 (`SimulatedRunner`), and injects faults at the edges a real process has: its
 storage session (`StorageFaults`), its network endpoint (`MemoryNetwork`,
 `HoldingTransport`) and its existence (kill, restart). Each fault primitive
 acts at once and is recorded in the trace; `run_schedule` plays a
 `FaultSchedule` over virtual time. It also waits for the cluster to settle and
-checks liveness (`wait_stable`, `wait_quiescent`).
+checks liveness (`wait_stable`, `wait_quiescent`). `open_runners` starts and
+stops its runners (for `open_simulated_cluster`).
 """
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from trio_cluster._errors import ConfigError
+from trio_cluster import ConfigError
+from trio_cluster._groups import unwrap_single
+from trio_cluster.transport import RandomFaults
 
 from ._faults import FaultSchedule, run_schedule
 from ._probe import ProbeJournal
@@ -23,19 +27,17 @@ from ._runner import SimulatedRunner, serve_simulated_runner
 from ._trace import InvariantViolation, SimulationTrace
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
-    from trio_cluster._client import EntityClient
-    from trio_cluster._core._addresses import EntityAddress, ShardId
-    from trio_cluster._entity import Entity
+    from trio_cluster import Entity, EntityAddress, EntityClient, Runner, ShardId
     from trio_cluster.storage import MemoryStorage
     from trio_cluster.transport import MemoryNetwork
 
     from ._invariants import Checker, Incarnation
-    from ._io import StorageFaults
+    from ._io import RunnerFaults, StorageFaults
     from ._storage import ObservedStorage
 
-__all__ = ["NOTICE_WITHIN", "SimulatedCluster"]
+__all__ = ["NOTICE_WITHIN", "SimulatedCluster", "open_runners"]
 
 E = TypeVar("E", bound="Entity")
 
@@ -78,14 +80,19 @@ class SimulatedCluster:
         self.settle_time = settle_time
         """Virtual seconds the cluster gets to settle after healing."""
         self.violation: InvariantViolation | None = None
-        self.probes = ProbeJournal(self)
+        self.probes = ProbeJournal(
+            trace=trace,
+            fail=self.fail,
+            incarnation_of=self.incarnation_of,
+            current_runs=checker.incarnations.values,
+        )
         """Executions of `Probe` entities."""
         checker.stored_hooks.append(self.probes.stored)
         self._observed = observed
         self._storage_faults = storage_faults
         self._shard_count = shard_count
         self._cuts: dict[frozenset[int], int] = {}
-        self._frame_faults: list[object] = []
+        self._frame_faults: list[RandomFaults] = []
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
 
@@ -106,7 +113,7 @@ class SimulatedCluster:
 
     def up(self) -> list[SimulatedRunner]:
         """Runners that are up (started, not killed), frozen ones included."""
-        return [handle for handle in self.runners if handle.runner is not None]
+        return [handle for handle in self.runners if handle.up]
 
     def client(self, cls: type[E], *, via: int | None = None) -> EntityClient[E]:
         """A client for ``cls`` on runner ``via`` (default: the first one up).
@@ -126,8 +133,7 @@ class SimulatedCluster:
         """The number of the runner serving ``address``'s shard now, if any
         (``cluster.owner_of(client("alice").address)``)."""
         for handle in self.up():
-            assert handle.runner is not None
-            if address.shard in handle.runner._sharding.hosts:
+            if address.shard in handle.served():
                 return handle.index
         return None
 
@@ -142,14 +148,15 @@ class SimulatedCluster:
         """
         self.runner(index).start_soon(async_fn, *args)
 
-    def incarnation_of(self, runner: object) -> Incarnation | None:
+    def incarnation_of(self, runner: Runner) -> Incarnation | None:
         """The run of a `Runner` of this cluster (None if not one of ours)."""
         for handle in self.runners:
-            if handle.runner is runner:
-                return handle.incarnation
+            incarnation = handle.run_of(runner)
+            if incarnation is not None:
+                return incarnation
         return None
 
-    def label_of(self, runner: object) -> str:
+    def label_of(self, runner: Runner) -> str:
         """The name (``r1``, ``r1#2``) of a `Runner` of this cluster."""
         incarnation = self.incarnation_of(runner)
         return "?" if incarnation is None else incarnation.label
@@ -238,33 +245,26 @@ class SimulatedCluster:
         """Cut runner ``index`` (None: every runner) off from storage: its
         calls fail at once, or with ``hang`` wait until the outage ends and
         then go through, late (unless their caller gave up meanwhile)."""
-        faults = (
-            self._storage_faults.everyone
-            if index is None
-            else self.runner(index).faults
-        )
+        faults, whom = self._storage_faults_of(index)
         faults.start_outage(hang=hang)
         self._storage_faults.update()
-        self._fault(
-            "storage %s for %s",
-            "hangs" if hang else "fails",
-            "every runner" if index is None else f"r{index}",
-        )
+        self._fault("storage %s for %s", "hangs" if hang else "fails", whom)
 
     def end_storage_outage(
         self, index: int | None = None, *, hang: bool = False
     ) -> None:
         """Undo one `storage_outage` (with the same arguments)."""
-        faults = (
-            self._storage_faults.everyone
-            if index is None
-            else self.runner(index).faults
-        )
+        faults, whom = self._storage_faults_of(index)
         faults.end_outage(hang=hang)
         self._storage_faults.update()
-        self._fault(
-            "storage back for %s", "every runner" if index is None else f"r{index}"
-        )
+        self._fault("storage back for %s", whom)
+
+    def _storage_faults_of(self, index: int | None) -> tuple[RunnerFaults, str]:
+        """The fault state a storage outage of ``index`` (None: every
+        runner) acts on, and who that is for the trace."""
+        if index is None:
+            return self._storage_faults.everyone, "every runner"
+        return self.runner(index).faults, f"r{index}"
 
     def lose_session(self, index: int) -> None:
         """End runner ``index``'s lock session now, as if the database lost
@@ -278,26 +278,26 @@ class SimulatedCluster:
             return
         self._fault("lose the lock session of %s", handle.name)
         incarnation = handle.incarnation
-        if incarnation is not None and incarnation.sharding is not None:
+        if incarnation is not None:
             incarnation.session_lost_at = trio.current_time()
-            serving = incarnation.sharding.serving_epochs()
+            serving = dict(handle.served())
             assert self._nursery is not None
-            self._nursery.start_soon(self._check_noticed, incarnation, serving)
+            self._nursery.start_soon(self._check_noticed, handle, incarnation, serving)
 
     async def _check_noticed(
-        self, incarnation: Incarnation, serving: dict[ShardId, int]
+        self,
+        handle: SimulatedRunner,
+        incarnation: Incarnation,
+        serving: Mapping[ShardId, int],
     ) -> None:
         """A runner whose lock session storage ended must stop serving its
         shards before any time passes (another runner may hold them now)."""
         await trio.sleep(NOTICE_WITHIN)
-        sharding = incarnation.sharding
-        if incarnation.dead or sharding is None:
+        if incarnation.dead:
             return
+        served = handle.served()
         still = [
-            shard
-            for shard, epoch in serving.items()
-            if sharding.hosts.get(shard) is not None
-            and sharding.hosts[shard].epoch == epoch
+            shard for shard, epoch in serving.items() if served.get(shard) == epoch
         ]
         if still:
             self.fail(
@@ -319,12 +319,10 @@ class SimulatedCluster:
         duplicate: float = 0.0,
         delay: float = 0.0,
         max_delay: float = 0.1,
-    ) -> object:
+    ) -> RandomFaults:
         """Drop, duplicate and/or delay transport frames between all runners
         with these probabilities (seeded) until `end_frame_faults` is called
-        with the returned token."""
-        from trio_cluster.transport import RandomFaults
-
+        with the returned token (the network's fault hook)."""
         faults = RandomFaults(
             f"{self.seed}/{len(self._frame_faults)}/{self.trace.recorded}",
             drop=drop,
@@ -343,11 +341,11 @@ class SimulatedCluster:
         )
         return faults
 
-    def end_frame_faults(self, token: object) -> None:
+    def end_frame_faults(self, token: RandomFaults) -> None:
         """Stop the frame faults `frame_faults` started (others stay)."""
         if token in self._frame_faults:
             self._frame_faults.remove(token)
-            fault: Any = self._frame_faults[-1] if self._frame_faults else None
+            fault = self._frame_faults[-1] if self._frame_faults else None
             self.network.fault = fault
             self._fault("frames: %s", "normal" if fault is None else "previous faults")
 
@@ -399,31 +397,30 @@ class SimulatedCluster:
         )
 
     def _stable(self) -> bool:
-        up = [h for h in self.runners if h.runner is not None and not h.faults.frozen]
+        up = [h for h in self.runners if h.up and not h.faults.frozen]
         if len(up) != len(self.up()):
             return False
         addresses = {h.address for h in up}
-        served: dict[object, object] = {}
+        served: set[ShardId] = set()
         for handle in up:
-            assert handle.runner is not None
-            sharding = handle.runner._sharding
-            if {info.address for info in sharding.live} != addresses:
+            runner = handle.runner
+            assert runner is not None
+            if {info.address for info in runner.live_runners()} != addresses:
                 return False
-            for shard in sharding.hosts:
-                if shard in served or sharding.assignment.get(shard) != handle.address:
+            assignment = runner.assignment()
+            for shard in runner.served_shards():
+                if shard in served or assignment.get(shard) != handle.address:
                     return False
-                served[shard] = handle
+                served.add(shard)
         return len(served) == self._shard_count
 
     def _serving_summary(self) -> str:
         parts = []
         for handle in self.runners:
-            if handle.runner is None:
+            if not handle.up:
                 parts.append(f"{handle.name}: down")
             else:
-                parts.append(
-                    f"{handle.name}: {len(handle.runner._sharding.hosts)} shards"
-                )
+                parts.append(f"{handle.name}: {len(handle.served())} shards")
         return ", ".join(parts)
 
     async def wait_quiescent(self) -> None:
@@ -467,7 +464,7 @@ class SimulatedCluster:
         self.checker.incarnations[str(handle.address)] = incarnation
         self._observed.next_incarnation[str(handle.address)] = incarnation
         self._storage_faults.sessions[str(handle.address)] = handle.faults
-        self._nursery.start_soon(serve_simulated_runner, handle, self)
+        self._nursery.start_soon(serve_simulated_runner, handle, self.trace)
 
     async def _close(self) -> None:
         """Stop every runner gracefully (as at the end of a test)."""
@@ -478,3 +475,26 @@ class SimulatedCluster:
             handle.stop()
         for handle in self.runners:
             await handle.wait_stopped()
+
+
+@asynccontextmanager
+async def open_runners(cluster: SimulatedCluster) -> AsyncIterator[None]:
+    """Start every runner of ``cluster``, wait until the shards are spread,
+    run the block, then stop every runner gracefully.
+
+    `SimulatedCluster.fail` cancels the block (and the runners); the
+    violation is the caller's to raise.
+    """
+    with cluster._scope:
+        async with unwrap_single(), trio.open_nursery() as nursery:
+            cluster._nursery = nursery
+            for handle in cluster.runners:
+                cluster._start(handle)
+                await handle.wait_up()
+            await cluster.wait_stable()
+            try:
+                yield
+            finally:
+                with trio.CancelScope(shield=not cluster._scope.cancel_called):
+                    await cluster._close()
+            nursery.cancel_scope.cancel()

@@ -10,28 +10,30 @@ to the few faults that matter; their ``repr`` reads as a story::
                           FreezeRunner(at=4.5, runner=0, duration=6.0)))
 
 `run_schedule` plays a schedule on a `SimulatedCluster`; the faults act
-through its primitives (`SimulatedCluster.kill` and friends).
+through its primitives (`SimulatedCluster.kill` and friends), which this
+module knows only as a `FaultTarget`.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import attrs
 import trio
 
-from trio_cluster._errors import ConfigError
+from trio_cluster import ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from ._cluster import SimulatedCluster
+    from trio_cluster.transport import RandomFaults
 
 __all__ = [
     "Fault",
     "FaultSchedule",
+    "FaultTarget",
     "FrameFaults",
     "FreezeRunner",
     "KillRunner",
@@ -41,6 +43,32 @@ __all__ = [
     "StorageOutage",
     "run_schedule",
 ]
+
+
+class FaultTarget(Protocol):
+    """What faults act on: the primitives of a `SimulatedCluster`."""
+
+    def runner(self, index: int) -> object:
+        """Runner ``index``; raises `ConfigError` if there is none."""
+
+    async def kill(self, index: int) -> None: ...
+    def restart_soon(self, index: int) -> None: ...
+    def freeze(self, index: int) -> None: ...
+    def thaw(self, index: int) -> None: ...
+    def partition(self, a: int, b: int) -> None: ...
+    def heal(self, a: int, b: int) -> None: ...
+    def storage_outage(
+        self, index: int | None = None, *, hang: bool = False
+    ) -> None: ...
+    def end_storage_outage(
+        self, index: int | None = None, *, hang: bool = False
+    ) -> None: ...
+    def lose_session(self, index: int) -> None: ...
+    def skew_clock(self, index: int, seconds: float) -> None: ...
+    def frame_faults(
+        self, *, drop: float, duplicate: float, delay: float, max_delay: float
+    ) -> RandomFaults: ...
+    def end_frame_faults(self, token: RandomFaults) -> None: ...
 
 
 def _time(_: object, attribute: attrs.Attribute[float], value: object) -> None:
@@ -85,10 +113,10 @@ class KillRunner:
     def end(self) -> float:
         return self.at + self.down_for
 
-    async def _start(self, cluster: SimulatedCluster) -> None:
+    async def _start(self, cluster: FaultTarget) -> None:
         await cluster.kill(self.runner)
 
-    async def _stop(self, cluster: SimulatedCluster) -> None:
+    async def _stop(self, cluster: FaultTarget) -> None:
         cluster.restart_soon(self.runner)
         await trio.lowlevel.checkpoint()
 
@@ -106,11 +134,11 @@ class FreezeRunner:
     def end(self) -> float:
         return self.at + self.duration
 
-    async def _start(self, cluster: SimulatedCluster) -> None:
+    async def _start(self, cluster: FaultTarget) -> None:
         cluster.freeze(self.runner)
         await trio.lowlevel.checkpoint()
 
-    async def _stop(self, cluster: SimulatedCluster) -> None:
+    async def _stop(self, cluster: FaultTarget) -> None:
         cluster.thaw(self.runner)
         await trio.lowlevel.checkpoint()
 
@@ -128,12 +156,12 @@ class PartitionRunners:
     def end(self) -> float:
         return self.at + self.duration
 
-    async def _start(self, cluster: SimulatedCluster) -> None:
+    async def _start(self, cluster: FaultTarget) -> None:
         if self.a != self.b:
             cluster.partition(self.a, self.b)
         await trio.lowlevel.checkpoint()
 
-    async def _stop(self, cluster: SimulatedCluster) -> None:
+    async def _stop(self, cluster: FaultTarget) -> None:
         if self.a != self.b:
             cluster.heal(self.a, self.b)
         await trio.lowlevel.checkpoint()
@@ -154,11 +182,11 @@ class StorageOutage:
     def end(self) -> float:
         return self.at + self.duration
 
-    async def _start(self, cluster: SimulatedCluster) -> None:
+    async def _start(self, cluster: FaultTarget) -> None:
         cluster.storage_outage(self.runner, hang=self.hang)
         await trio.lowlevel.checkpoint()
 
-    async def _stop(self, cluster: SimulatedCluster) -> None:
+    async def _stop(self, cluster: FaultTarget) -> None:
         cluster.end_storage_outage(self.runner, hang=self.hang)
         await trio.lowlevel.checkpoint()
 
@@ -175,11 +203,11 @@ class LoseLockSession:
     def end(self) -> float:
         return self.at
 
-    async def _start(self, cluster: SimulatedCluster) -> None:
+    async def _start(self, cluster: FaultTarget) -> None:
         cluster.lose_session(self.runner)
         await trio.lowlevel.checkpoint()
 
-    async def _stop(self, cluster: SimulatedCluster) -> None:
+    async def _stop(self, cluster: FaultTarget) -> None:
         await trio.lowlevel.checkpoint()
 
 
@@ -196,11 +224,11 @@ class SkewClock:
     def end(self) -> float:
         return self.at
 
-    async def _start(self, cluster: SimulatedCluster) -> None:
+    async def _start(self, cluster: FaultTarget) -> None:
         cluster.skew_clock(self.runner, self.seconds)
         await trio.lowlevel.checkpoint()
 
-    async def _stop(self, cluster: SimulatedCluster) -> None:
+    async def _stop(self, cluster: FaultTarget) -> None:
         await trio.lowlevel.checkpoint()
 
 
@@ -220,7 +248,7 @@ class FrameFaults:
     def end(self) -> float:
         return self.at + self.duration
 
-    async def _start(self, cluster: SimulatedCluster) -> Any:
+    async def _start(self, cluster: FaultTarget) -> RandomFaults:
         await trio.lowlevel.checkpoint()
         return cluster.frame_faults(
             drop=self.drop,
@@ -268,7 +296,7 @@ class FaultSchedule:
         return frozenset(named)
 
 
-async def run_schedule(cluster: SimulatedCluster, schedule: FaultSchedule) -> None:
+async def run_schedule(cluster: FaultTarget, schedule: FaultSchedule) -> None:
     """Play ``schedule`` on ``cluster`` from now; return when every fault
     has been undone.
 
@@ -283,13 +311,16 @@ async def run_schedule(cluster: SimulatedCluster, schedule: FaultSchedule) -> No
     # then schedule order.
     timeline = [(fault.at, 1, order) for order, fault in enumerate(schedule.faults)]
     heapq.heapify(timeline)
-    tokens: dict[int, Any] = {}
+    tokens: dict[int, RandomFaults] = {}
     while timeline:
         at, phase, order = heapq.heappop(timeline)
         await trio.sleep_until(start + at)
         fault = schedule.faults[order]
         if phase == 1:
-            tokens[order] = await fault._start(cluster)
+            if isinstance(fault, FrameFaults):
+                tokens[order] = await fault._start(cluster)
+            else:
+                await fault._start(cluster)
             heapq.heappush(timeline, (fault.end, 0, order))
         elif isinstance(fault, FrameFaults):
             cluster.end_frame_faults(tokens.pop(order))

@@ -1,13 +1,15 @@
 """Invariants of a simulated cluster, checked as it runs (test support).
 
-`Checker` is fed by the observed storage (`_simulation_storage`), which sees
-every storage call of every runner and its result, atomically with the
-backend's own work. From that it checks, continuously:
+`Checker` is fed by the observed storage (`._storage`), which sees every
+storage call of every runner and its result, atomically with the backend's
+own work, and by each run's `Incarnation`, the `RunnerListener` that hears
+from its runner which shards it serves. From that it checks, continuously:
 
 * **single owner**: when a runner acquires a shard, no other living runner
-  still serves it (has an active host for it). Together with the lock this
-  is "at most one runner serves a shard at any instant": the acquisition is
-  the only moment a second server could appear;
+  still serves it (its runner said it acquired the shard and did not say it
+  is stopping it yet). Together with the lock this is "at most one runner
+  serves a shard at any instant": the acquisition is the only moment a
+  second server could appear;
 * **fencing**: every reply storage *recorded* carries the shard's current
   epoch, and every claim was made at the current epoch;
 * **dedup**: a primary key is stored once (while its request exists), a
@@ -28,17 +30,14 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from trio_cluster._core._addresses import EntityAddress
-from trio_cluster._engine._sharding import Sharding
-from trio_cluster._engine._slots import ShardHost
-from trio_cluster._storage_abc import ReplyOutcome
+from trio_cluster import EntityAddress, ShardId
+from trio_cluster.abc import ReplyOutcome, RunnerListener
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
-    from trio_cluster._core._addresses import ShardId
-    from trio_cluster._core._ownership import StopShard
-    from trio_cluster._storage_abc import (
+    from trio_cluster import RunnerAddress
+    from trio_cluster.abc import (
         ClaimBatch,
         PersistedRequest,
         ReplyRecord,
@@ -52,34 +51,33 @@ __all__ = ["Checker", "Incarnation"]
 
 
 @attrs.define(eq=False)
-class Incarnation:
-    """One run of one simulated runner, from start to death (or shutdown)."""
+class Incarnation(RunnerListener):
+    """One run of one simulated runner, from start to death (or shutdown).
+
+    It is the run's `RunnerListener` (given to ``open_runner``): it follows
+    which shards the run serves, as the runner tells them.
+    """
 
     label: str
     """``r1``, or ``r1#2`` for its second run (after a restart)."""
-    sharding: Sharding | None = None
-    """Its sharding, once it registered."""
     dead: bool = False
     """Killed: it no longer counts as serving anything."""
     session_lost_at: float | None = None
     """When storage last ended its lock session behind its back."""
-    stopping: list[ShardHost] = attrs.Factory(list)
-    """Hosts it stopped (gracefully, they may still run handlers); a kill
-    cancels them with the serving ones."""
+    serving: dict[ShardId, int] = attrs.Factory(dict)
+    """The shards it serves, with their epochs: told acquired and not yet
+    told stopping (gracefully or not)."""
 
-    def watch(self, sharding: Sharding) -> None:
-        """Follow ``sharding``, this run's: remember the hosts it stops."""
-        self.sharding = sharding
-        stop_shard = sharding._stop_shard
+    def shard_acquired(self, runner: RunnerAddress, shard: ShardId, epoch: int) -> None:
+        self.serving[shard] = epoch
 
-        def stopping(command: StopShard) -> None:
-            host = sharding.hosts.get(command.shard)
-            if host is not None:
-                self.stopping = [h for h in self.stopping if h.running]
-                self.stopping.append(host)
-            stop_shard(command)
-
-        sharding._stop_shard = stopping  # type: ignore[method-assign]
+    def shard_stopping(
+        self, runner: RunnerAddress, shard: ShardId, epoch: int, *, graceful: bool
+    ) -> None:
+        # NOTE: only at that epoch: a host of an older epoch (or one told
+        # twice) stopping leaves a newer one serving.
+        if self.serving.get(shard) == epoch:
+            del self.serving[shard]
 
     def __str__(self) -> str:
         return self.label
@@ -150,18 +148,17 @@ class Checker:
         )
 
     def _epoch(self, shard: ShardId) -> int | None:
-        return self._storage._epoch_of(shard)
+        return self._storage.epoch_of(shard)
 
     # ------------------------------------------------------------------
     # Runner storage
 
     def acquired(self, by: Incarnation, epochs: Mapping[ShardId, int]) -> None:
         """``by`` holds these shards now (some may have been held already)."""
-        served = by.sharding.serving_epochs() if by.sharding is not None else {}
         fresh = {
             shard: epoch
             for shard, epoch in epochs.items()
-            if served.get(shard) != epoch
+            if by.serving.get(shard) != epoch
         }
         if not fresh:
             return
@@ -173,12 +170,11 @@ class Checker:
             " ".join(_owned(s, e) for s, e in fresh.items()),
         )
         for other in self.incarnations.values():
-            if other is by or other.dead or other.sharding is None:
+            if other is by or other.dead:
                 continue
-            hosts = other.sharding.hosts
             for shard, epoch in fresh.items():
-                host = hosts.get(shard)
-                if host is None or not host.active:
+                serving = other.serving.get(shard)
+                if serving is None:
                     continue
                 if other.session_lost_at == trio.current_time():
                     # NOTE: storage freed the locks of a session it ended (as
@@ -200,7 +196,7 @@ class Checker:
                 else:
                     self._fail(
                         f"single owner: {by} acquired shard {shard} at epoch {epoch}"
-                        f" while {other} still serves it at epoch {host.epoch}"
+                        f" while {other} still serves it at epoch {serving}"
                     )
 
     def released(self, by: Incarnation, shards: Sequence[ShardId]) -> None:
@@ -310,7 +306,7 @@ class Checker:
 
     def _still_stored(self, request_id: int) -> bool:
         # Retention (or clear_address) may have deleted the original.
-        return request_id in self._storage._messages._requests
+        return self._storage.has_request(request_id)
 
     def claimed(
         self, by: Incarnation, shards: Mapping[ShardId, int], batch: ClaimBatch

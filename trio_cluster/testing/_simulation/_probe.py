@@ -24,17 +24,22 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from trio_cluster._context import current_runner
-from trio_cluster._core._addresses import ShardId
-from trio_cluster._entity import Entity
-from trio_cluster._handlers import rpc
+from trio_cluster import Entity, ShardId, current_runner, rpc
 
 if TYPE_CHECKING:
-    from trio_cluster._storage_abc import PersistedRequest
+    from collections.abc import Callable, Iterable
 
-    from ._cluster import SimulatedCluster
+    from trio_cluster import Runner
+    from trio_cluster.abc import PersistedRequest
 
-__all__ = ["Probe", "ProbeJournal", "ProbeTouch", "ProbeWrite"]
+    from ._invariants import Incarnation
+    from ._trace import SimulationTrace
+
+__all__ = ["Probe", "ProbeJournal", "ProbeTouch", "ProbeWrite", "install_journal"]
+
+_JOURNAL: trio.lowlevel.RunVar[ProbeJournal] = trio.lowlevel.RunVar(
+    "trio_cluster.simulation.probes"
+)
 
 
 @attrs.frozen
@@ -78,9 +83,19 @@ class Probe(Entity):
 
 
 def _journal() -> ProbeJournal:
-    from ._run import current_simulation
+    try:
+        return _JOURNAL.get()
+    except (LookupError, RuntimeError):
+        raise RuntimeError(
+            "no simulated cluster is open (use open_simulated_cluster)"
+        ) from None
 
-    return current_simulation().probes
+
+def install_journal(journal: ProbeJournal) -> Callable[[], None]:
+    """Make ``journal`` the one `Probe` handlers of this ``trio.run`` report
+    to (the open simulated cluster's); returns an undo."""
+    token = _JOURNAL.set(journal)
+    return lambda: _JOURNAL.reset(token)
 
 
 @attrs.define(eq=False)
@@ -92,10 +107,28 @@ class _Execution:
 
 
 class ProbeJournal:
-    """The executions of `Probe` handlers in one simulated cluster."""
+    """The executions of `Probe` handlers in one simulated cluster.
 
-    def __init__(self, cluster: SimulatedCluster) -> None:
-        self._cluster = cluster
+    Args:
+        trace: where executions are recorded.
+        fail: called with the text of a violation.
+        incarnation_of: the run of a `Runner` of the cluster (None if it is
+            not one of its runners).
+        current_runs: the latest run of each runner (dead or alive).
+    """
+
+    def __init__(
+        self,
+        *,
+        trace: SimulationTrace,
+        fail: Callable[[str], None],
+        incarnation_of: Callable[[Runner], Incarnation | None],
+        current_runs: Callable[[], Iterable[Incarnation]],
+    ) -> None:
+        self._trace = trace
+        self._fail = fail
+        self._incarnation_of = incarnation_of
+        self._current_runs = current_runs
         self.executions = 0
         self._running: dict[ShardId, list[_Execution]] = {}
         self._touched: dict[int, str] = {}
@@ -110,12 +143,10 @@ class ProbeJournal:
         return self._ops
 
     async def run(self, entity: Probe, message: ProbeWrite | ProbeTouch) -> str:
-        runner = current_runner()
-        incarnation = self._cluster.incarnation_of(runner)
+        incarnation = self._incarnation_of(current_runner())
         label = "?" if incarnation is None else incarnation.label
         shard = entity.address.shard
-        host = runner._sharding.hosts.get(shard)
-        epoch = None if host is None else host.epoch
+        epoch = None if incarnation is None else incarnation.serving.get(shard)
         what = (
             f"write {write_key(message)}"
             if isinstance(message, ProbeWrite)
@@ -124,7 +155,7 @@ class ProbeJournal:
         execution = _Execution(label, shard, epoch, what)
         self.executions += 1
         number = self.executions
-        self._cluster.trace.record(
+        self._trace.record(
             "volatile" if isinstance(message, ProbeTouch) else "persisted",
             "%s runs %s on %s at %s@%s",
             label,
@@ -139,8 +170,8 @@ class ProbeJournal:
             if message.work:
                 await trio.sleep(message.work)
             return f"{label}@{epoch}#{number}"
-        if host is None or not host.active:
-            self._cluster.fail(
+        if epoch is None:
+            self._fail(
                 f"single owner: {label} runs {what} of {entity.address} although it"
                 f" does not serve shard {shard}"
             )
@@ -161,7 +192,7 @@ class ProbeJournal:
         return f"{label}@{epoch}#{number}"
 
     def _living(self, label: str) -> bool:
-        for incarnation in self._cluster.checker.incarnations.values():
+        for incarnation in self._current_runs():
             if incarnation.label == label:
                 return not incarnation.dead
         return False
@@ -169,7 +200,7 @@ class ProbeJournal:
     def _check_alone(self, execution: _Execution) -> None:
         for other in self._running.get(execution.shard, ()):
             if other.runner != execution.runner and self._living(other.runner):
-                self._cluster.fail(
+                self._fail(
                     f"single owner: {execution.runner} runs {execution.what} of shard"
                     f" {execution.shard} at epoch {execution.epoch} while"
                     f" {other.runner} runs {other.what} at epoch {other.epoch}"
@@ -178,7 +209,7 @@ class ProbeJournal:
     def _check_once(self, execution: _Execution, message: ProbeTouch) -> None:
         earlier = self._touched.get(message.op)
         if earlier is not None:
-            self._cluster.fail(
+            self._fail(
                 f"volatile at most once: {execution.what} ran on {earlier} and"
                 f" again on {execution.runner}"
             )
@@ -190,7 +221,7 @@ class ProbeJournal:
         key = (execution.runner, execution.shard, execution.epoch, message.stream)
         last = self._last_in_epoch.get(key)
         if last is not None and message.seq <= last:
-            self._cluster.fail(
+            self._fail(
                 f"FIFO: {execution.runner} ran write {write_key(message)} after"
                 f" write {message.stream}.{last} in the same epoch"
                 f" {execution.epoch} of shard {execution.shard}"
@@ -202,7 +233,7 @@ class ProbeJournal:
         waiting.discard(message.seq)
         earlier = [seq for seq in waiting if seq < message.seq]
         if earlier:
-            self._cluster.fail(
+            self._fail(
                 f"FIFO: write {write_key(message)} to {entity.address} ran"
                 f" (on {execution.runner}) before write {message.stream}.{min(earlier)},"
                 " which was stored earlier"

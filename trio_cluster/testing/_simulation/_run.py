@@ -6,7 +6,8 @@ entity manager and delivery code) on one shared `MemoryStorage` and one
 Nothing of the logic under test is reimplemented: faults are injected only at
 the edges a real process has (its storage session, its network endpoint, its
 existence), and invariants are checked by observing storage and the runners'
-served shards (`_simulation_invariants`).
+served shards, which every runner tells through the public `RunnerListener`
+seam (`._invariants`).
 
 Determinism: Trio's scheduler is made deterministic and seeded with the
 seed, wall clocks start at a fixed origin, and frame faults draw from seeded
@@ -27,15 +28,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import trio
 import trio.testing
 
-from trio_cluster._context import current_runner_var
-from trio_cluster._errors import ConfigError
+from trio_cluster import (
+    ConfigError,
+    NoCurrentRunnerError,
+    ShardingConfig,
+    current_runner,
+)
 from trio_cluster.storage import MemoryStorage
 from trio_cluster.transport import MemoryNetwork
 
-from ..._groups import unwrap_single as _unwrap_single
-from ._cluster import SimulatedCluster
+from ._cluster import SimulatedCluster, open_runners
 from ._invariants import Checker
 from ._io import StorageFaults
+from ._probe import install_journal
 from ._runner import SimulatedRunner
 from ._storage import ObservedStorage
 from ._trace import (
@@ -50,11 +55,7 @@ if TYPE_CHECKING:
 
     import cattrs
 
-    from trio_cluster._broadcast import Broadcast
-    from trio_cluster._core._config import ShardingConfig
-    from trio_cluster._cron import Cron
-    from trio_cluster._entity import Entity
-    from trio_cluster._singletons import Singleton
+    from trio_cluster import Broadcast, Cron, Entity, Singleton
 
 __all__ = [
     "current_simulation",
@@ -138,8 +139,6 @@ async def open_simulated_cluster(
     gets a note with the seed and the end of the trace. Cancelling the
     enclosing scope cancels the runners too.
     """
-    from trio_cluster._core._config import ShardingConfig
-
     _check_clock()
     if runners < 1:
         raise ConfigError(f"a simulated cluster needs at least 1 runner, got {runners}")
@@ -183,23 +182,13 @@ async def open_simulated_cluster(
     )
     restore = _deterministic_scheduler(seed)
     token = _CURRENT.set(cluster)
+    uninstall_journal = install_journal(cluster.probes)
     log_handler = _TraceHandler(cluster)
     logger = logging.getLogger("trio_cluster")
     logger.addHandler(log_handler)
     try:
-        with cluster._scope:
-            async with _unwrap_single(), trio.open_nursery() as nursery:
-                cluster._nursery = nursery
-                for handle in handles:
-                    cluster._start(handle)
-                    await handle.wait_up()
-                await cluster.wait_stable()
-                try:
-                    yield cluster
-                finally:
-                    with trio.CancelScope(shield=not cluster._scope.cancel_called):
-                        await cluster._close()
-                nursery.cancel_scope.cancel()
+        async with open_runners(cluster):
+            yield cluster
     except Exception as exc:
         if isinstance(exc, InvariantViolation):
             raise
@@ -210,6 +199,7 @@ async def open_simulated_cluster(
         raise
     finally:
         logger.removeHandler(log_handler)
+        uninstall_journal()
         _CURRENT.reset(token)
         restore()
     if cluster.violation is not None:
@@ -268,8 +258,10 @@ class _TraceHandler(logging.Handler):
         self._cluster = cluster
 
     def emit(self, record: logging.LogRecord) -> None:
-        runner = current_runner_var.get(None)
-        who = "-" if runner is None else self._cluster.label_of(runner)
+        try:
+            who = self._cluster.label_of(current_runner())
+        except NoCurrentRunnerError:
+            who = "-"
         try:
             message = record.getMessage()
         except Exception:  # pragma: no cover - a bad log call

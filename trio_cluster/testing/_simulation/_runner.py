@@ -9,9 +9,9 @@ task started "on" it (`SimulatedRunner.start_soon`) live inside it.
   as it would on SIGTERM (handlers finish, locks are released).
 * Killing it first kills its storage session (locks free now, every further
   call fails) and its network endpoint (peers see the connections drop),
-  cancels its shards' handlers, and only then cancels the process, whose
-  shutdown can no longer reach anything: nothing of a graceful stop leaks
-  out, as with SIGKILL.
+  aborts the runner (`Runner.abort`: every handler cancelled now, no
+  graceful stop), and only then cancels the process: nothing of a graceful
+  stop leaks out, as with SIGKILL.
 
 A run that fails to *start* (storage down) is retried with a backoff, as a
 supervisor would restart a crashing process; a failure after it started is
@@ -21,36 +21,43 @@ a bug and ends the simulation.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
-from trio_cluster._clock import TrioWallClock
-from trio_cluster._core._addresses import RunnerAddress
-from trio_cluster._errors import PersistenceError, RunnerUnavailableError
-from trio_cluster._runner import open_runner
+from trio_cluster import (
+    PersistenceError,
+    RunnerAddress,
+    RunnerUnavailableError,
+    TrioWallClock,
+    open_runner,
+)
+from trio_cluster._core._retry import Backoff
 from trio_cluster.transport import MemoryTransport
 
 from ._invariants import Incarnation
 from ._io import HoldingTransport, RunnerFaults
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
 
     import cattrs
 
-    from trio_cluster._broadcast import Broadcast
-    from trio_cluster._core._config import ShardingConfig
-    from trio_cluster._cron import Cron
-    from trio_cluster._entity import Entity
-    from trio_cluster._runner import Runner
-    from trio_cluster._singletons import Singleton
-    from trio_cluster._storage_abc import Storage
+    from trio_cluster import (
+        Broadcast,
+        Cron,
+        Entity,
+        Runner,
+        ShardId,
+        ShardingConfig,
+        Singleton,
+    )
+    from trio_cluster.abc import Storage
     from trio_cluster.storage import MemoryStorage
     from trio_cluster.transport import MemoryNetwork
 
-    from ._cluster import SimulatedCluster
     from ._trace import SimulationTrace
 
 __all__ = ["SIMULATION_EPOCH", "SimulatedRunner", "serve_simulated_runner"]
@@ -61,7 +68,8 @@ SIMULATION_EPOCH = 1_767_225_600.0
 PORT = 7000
 """Every simulated runner listens on ``r<i>:7000``."""
 
-_MAX_START_DELAY = 2.0
+_START_BACKOFF = Backoff(0.1, 2.0)
+"""How long a run that failed to start waits before it tries again."""
 
 
 class SimulatedRunner:
@@ -108,10 +116,39 @@ class SimulatedRunner:
         self._stopped.set()
         self._process = trio.CancelScope()
         self._tasks: trio.Nursery | None = None
+        self._ended: weakref.WeakSet[Runner] = weakref.WeakSet()
+        """The runners of its past runs."""
 
     def __repr__(self) -> str:
-        state = "up" if self.runner is not None else "down"
+        state = "up" if self.up else "down"
         return f"<SimulatedRunner {self.incarnation or self.name} {state}>"
+
+    @property
+    def up(self) -> bool:
+        """Whether the current run is up: started and not killed (a run is
+        down from the instant `kill` begins, not once its tasks are gone)."""
+        return (
+            self.runner is not None
+            and self.incarnation is not None
+            and not self.incarnation.dead
+        )
+
+    def run_of(self, runner: Runner) -> Incarnation | None:
+        """The run of this runner that ``runner`` is, if it is one."""
+        if self.runner is runner:
+            return self.incarnation
+        starting = (
+            self.runner is None
+            and self.incarnation is not None
+            and not self.incarnation.dead
+            and not self._stopped.is_set()
+        )
+        if starting and runner.address == self.address and runner not in self._ended:
+            # NOTE: `open_runner` has not returned it yet, but it already
+            # serves the shards of its first poll and runs their handlers
+            # (its listener heard them): it is the run that is starting.
+            return self.incarnation
+        return None
 
     def new_incarnation(self) -> Incarnation:
         self.runs += 1
@@ -138,7 +175,7 @@ class SimulatedRunner:
         Raises:
             RuntimeError: the runner is down.
         """
-        if self._tasks is None or self.runner is None:
+        if self._tasks is None or not self.up:
             raise RuntimeError(f"runner {self.name} is down")
         self._tasks.start_soon(async_fn, *args)
 
@@ -146,6 +183,14 @@ class SimulatedRunner:
         self.skew = seconds
         if self.clock is not None:
             self.clock.skew = seconds
+
+    def served(self) -> Mapping[ShardId, int]:
+        """The shards the current run serves, with their epochs: the
+        runner's own view once it is up (`Runner.served_shards`), what its
+        listener heard before that (while it starts)."""
+        if self.runner is not None:
+            return self.runner.served_shards()
+        return {} if self.incarnation is None else dict(self.incarnation.serving)
 
     def stop(self) -> None:
         """Stop gracefully (cancel the process; `open_runner` shuts down)."""
@@ -162,16 +207,17 @@ class SimulatedRunner:
             storage.kill_session(str(self.address))
         if self.address in network.addresses():
             network.kill(self.address)
-        if incarnation.sharding is not None:
-            hosts = [*incarnation.sharding.hosts.values(), *incarnation.stopping]
-            for host in hosts:
-                host.cancel_all()
+        if self.runner is not None:
+            self.runner.abort()
+        # NOTE: a run still starting has no `Runner` to abort yet: its system
+        # scope is not shielded yet, so cancelling the process cuts it at
+        # once; if `open_runner` returns it meanwhile, `_run` aborts it.
         self._process.cancel()
         await self._stopped.wait()
 
 
 async def serve_simulated_runner(
-    handle: SimulatedRunner, cluster: SimulatedCluster
+    handle: SimulatedRunner, trace: SimulationTrace
 ) -> None:
     """Run ``handle``'s current incarnation until it is stopped or killed."""
     incarnation = handle.incarnation
@@ -180,20 +226,22 @@ async def serve_simulated_runner(
         with handle._process:
             async with trio.open_nursery() as tasks:
                 handle._tasks = tasks
-                await _run(handle, incarnation, cluster)
+                await _run(handle, incarnation, trace)
     finally:
+        if handle.runner is not None:
+            handle._ended.add(handle.runner)
         handle.runner = None
         handle._tasks = None
-        cluster.trace.record(
+        trace.record(
             "runner", "%s %s", incarnation, "killed" if incarnation.dead else "stopped"
         )
         handle._stopped.set()
 
 
 async def _run(
-    handle: SimulatedRunner, incarnation: Incarnation, cluster: SimulatedCluster
+    handle: SimulatedRunner, incarnation: Incarnation, trace: SimulationTrace
 ) -> None:
-    delay = 0.1
+    attempt = 0
     while True:
         clock = handle.clock = TrioWallClock(
             origin=SIMULATION_EPOCH + trio.current_time(), skew=handle.skew
@@ -204,23 +252,25 @@ async def _run(
                 config=handle.config,
                 transport=handle.transport,
                 clock=clock,
+                listeners=[incarnation],
                 **handle._open_args,
             ) as runner:
                 started = True
                 handle.runner = runner
-                cluster.trace.record(
-                    "runner",
-                    "%s up (machine id %s)",
-                    incarnation,
-                    runner._sharding.machine_id,
+                if incarnation.dead:
+                    # Killed between starting and getting here: the kill
+                    # found no runner to abort.
+                    runner.abort()
+                trace.record(
+                    "runner", "%s up (machine id %s)", incarnation, runner.machine_id
                 )
                 handle._up.set()
                 await trio.sleep_forever()
         except (PersistenceError, trio.TooSlowError, RunnerUnavailableError) as exc:
             if started:
                 raise  # failing after it started is a bug in the runtime
-            cluster.trace.record(
+            trace.record(
                 "runner", "%s could not start (%r); retrying", incarnation, exc
             )
-        await trio.sleep(delay)
-        delay = min(delay * 2, _MAX_START_DELAY)
+        await trio.sleep(_START_BACKOFF.delay(attempt))
+        attempt += 1

@@ -8,18 +8,16 @@ last checkpoint and returns without another one, so the checker sees each
 result at the very instant it took effect, before any other task runs: it can
 compare it with the backend's current state (epochs, locks) exactly.
 
-Each session is bound to the `Incarnation` of the runner that opened it; the
-runner itself (for its served shards) is found on its first `register`, which
-runs in the runner's own context.
+Each session is bound to the `Incarnation` of the runner that opened it
+(which hears of the runner's served shards as its `RunnerListener`).
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from trio_cluster._context import current_runner_var
-from trio_cluster._storage_abc import (
+from trio_cluster.abc import (
     MessageStorage,
     RunnerStorage,
     Storage,
@@ -29,8 +27,8 @@ from trio_cluster._storage_abc import (
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 
-    from trio_cluster._core._addresses import EntityAddress, ShardId
-    from trio_cluster._storage_abc import (
+    from trio_cluster import EntityAddress, ShardId
+    from trio_cluster.abc import (
         ClaimBatch,
         Notification,
         PersistedRequest,
@@ -155,11 +153,6 @@ class _Runners(RunnerStorage):
         self._by = incarnation
 
     async def register(self, runner: RunnerInfo) -> int:
-        if self._by.sharding is None:
-            # Called from the runner's own task: its context names it.
-            current: Any = current_runner_var.get(None)
-            if current is not None:
-                self._by.watch(current._sharding)
         return await self._inner.register(runner)
 
     async def unregister(self) -> None:

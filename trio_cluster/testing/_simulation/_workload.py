@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from trio_cluster._core._config import ShardingConfig
-from trio_cluster._errors import ClusterError
+from trio_cluster import ClusterError, ShardingConfig
 
 from ._faults import FaultSchedule
 from ._probe import Probe, ProbeTouch, ProbeWrite, write_key
@@ -183,7 +182,7 @@ async def run_workload(
         count = len(cluster.runners)
         for step in range(count):
             handle = cluster.runners[(op.via + step) % count]
-            if handle.runner is not None:
+            if handle.up:
                 clients.running[stream] = op
                 clients.all_done = trio.Event()
                 handle.start_soon(_client, clients, handle.index, stream, op)
