@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+from .helpers import Tracked
 
 pytest_plugins = ["tests.pg_fixture"]
 
-# `dev` keeps the default test command fast; `ci` explores much more
-# (selected with HYPOTHESIS_PROFILE=ci, as `tox -e simulation` does).
+# `dev` keeps the default test command fast and deterministic; `ci` explores
+# much more (selected with HYPOTHESIS_PROFILE=ci, as `tox -e simulation` does).
 settings.register_profile(
     "dev",
     max_examples=25,
     deadline=None,
+    # The default test command is deterministic: the same examples every run
+    # (the `ci` profile explores new ones).
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(
@@ -23,3 +29,9 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture
+def clear_tracked_log() -> None:
+    """A fresh `tests.helpers.Tracked.log` (it is shared across incarnations)."""
+    Tracked.log = []

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from trio_cluster.storage import PostgresStorage, postgres
+from trio_cluster.storage import PostgresStorage
 
-from .test_examples import load
+from .helpers import load_example
 
 if TYPE_CHECKING:
     from tests.pg_fixture import PgAdmin, PgSchema
@@ -28,25 +28,25 @@ TIMEOUT = 60
 
 
 def storage_in(schema: PgSchema) -> PostgresStorage:
-    return postgres(schema.dsn, table_prefix=f"ex_{uuid.uuid4().hex[:12]}")
+    return PostgresStorage(schema.dsn, table_prefix=f"ex_{uuid.uuid4().hex[:12]}")
 
 
 async def test_counter_example_on_postgres(pg_schema, capsys):
     with trio.fail_after(TIMEOUT):
-        assert await load("counter").main(storage_in(pg_schema)) == [7, 11]
+        assert await load_example("counter").main(storage_in(pg_schema)) == [7, 11]
     assert "apples=7 pears=11" in capsys.readouterr().out
 
 
 async def test_chat_room_example_on_postgres(pg_schema):
     with trio.fail_after(TIMEOUT):
-        seen = await load("chat_room").main(storage_in(pg_schema))
+        seen = await load_example("chat_room").main(storage_in(pg_schema))
     assert seen == ["ada: hello", "ada: anyone here?", "bob: hi ada!"]
 
 
 async def test_bank_account_example_on_postgres(
     pg_schema: PgSchema, pg_admin: PgAdmin, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    module = load("bank_account")
+    module = load_example("bank_account")
     storage = storage_in(pg_schema)
     with trio.fail_after(TIMEOUT):
         assert await module.main(storage) == 120

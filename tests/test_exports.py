@@ -102,6 +102,34 @@ def test_wire_errors_pickle(error):
     assert str(copy) == str(error)
 
 
+NAMESPACES_WITH_METADATA = [
+    "trio_cluster",
+    "trio_cluster.abc",
+    "trio_cluster.storage",
+    "trio_cluster.transport",
+    "trio_cluster.serialization",
+    "trio_cluster.testing",
+]
+
+
+@pytest.mark.parametrize("name", NAMESPACES_WITH_METADATA)
+def test_public_names_report_their_public_module(name):
+    """Classes and functions show the public path (``trio_cluster.X``, not
+    ``trio_cluster._runner.X``) in reprs, tracebacks and docs, like trio's
+    ``fixup_module_metadata``."""
+    module = importlib.import_module(name)
+    wrong = [
+        f"{name}.{symbol} has __module__ {value.__module__!r}"
+        for symbol in module.__all__
+        if (
+            inspect.isclass(value := getattr(module, symbol))
+            or inspect.isfunction(value)
+        )
+        and value.__module__ != name
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
 def test_testing_namespace_is_lazy():
     import sys
 

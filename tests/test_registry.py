@@ -1,18 +1,23 @@
-"""Entity definitions are validated eagerly with errors that say what to do."""
+"""Registration of entity types (`trio_cluster._registry`): eager validation
+with errors that say what to do, codecs, and which handlers may suspend."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import attrs
 import pytest
+import trio
+import trio.lowlevel
+import trio.testing
 
 import trio_cluster as tc
-from trio_cluster._registry import EntityType, resolve_entity_type
+from trio_cluster._registry import EntityType, may_suspend, resolve_entity_type
 from trio_cluster.serialization import make_converter
 
-from .helpers import Add, Counter
+from .helpers import Add, Counter, Get, Quick, config
 
 if TYPE_CHECKING:
     from .helpers import Get as HiddenGet
@@ -175,25 +180,6 @@ def test_stream_needs_an_element_type():
         resolve(Untyped)
 
 
-def test_persisted_only_options():
-    with pytest.raises(tc.EntityDefinitionError, match="persisted=True"):
-        tc.rpc(primary_key=lambda m: "k")
-    with pytest.raises(tc.EntityDefinitionError, match="persisted=True"):
-        tc.rpc(deliver_at=lambda m: 0.0)
-    with pytest.raises(tc.EntityDefinitionError, match="primary_key must be"):
-        tc.rpc(persisted=True, primary_key="tx_id")  # type: ignore[call-overload]
-
-
-def test_declared_errors_must_be_attrs_exceptions():
-    class Plain(Exception):
-        pass
-
-    with pytest.raises(tc.EntityDefinitionError, match="must be an attrs class"):
-        tc.rpc(errors=[Plain])
-    with pytest.raises(tc.EntityDefinitionError, match="Exception classes"):
-        tc.rpc(errors=[int])  # type: ignore[list-item]
-
-
 def test_declared_error_tags_must_be_unique():
     @attrs.define(eq=False)
     class A(Exception):
@@ -214,17 +200,6 @@ def test_declared_error_tags_must_be_unique():
         resolve(Clash)
 
 
-def test_wire_name_must_be_sane():
-    with pytest.raises(tc.EntityDefinitionError, match="wire name"):
-
-        class BadName(tc.Entity):
-            type_name = "BadName"
-
-            @tc.rpc(name="has space")
-            async def f(self, msg: Add) -> int:
-                return 1
-
-
 def test_duplicate_type_names_are_refused():
     class Other(tc.Entity):
         type_name = "Counter"
@@ -239,31 +214,6 @@ def test_duplicate_type_names_are_refused():
         )
 
 
-def test_subclass_overrides_handlers():
-    class Base(tc.Entity):
-        type_name = "Base"
-
-        @tc.rpc
-        async def f(self, msg: Add) -> int:
-            return 1
-
-        @tc.rpc
-        async def g(self, msg: Add) -> int:
-            return 2
-
-    class Child(Base):
-        type_name = "Child"
-
-        @tc.rpc(name="f2")
-        async def f(self, msg: Add) -> int:
-            return 3
-
-        g = None  # type: ignore[assignment]
-
-    assert set(Child.__tc_handlers__) == {"f2"}
-    assert set(Base.__tc_handlers__) == {"f", "g"}
-
-
 async def test_open_runner_validates_before_starting():
     class NoName(tc.Entity):
         @tc.rpc
@@ -275,14 +225,83 @@ async def test_open_runner_validates_before_starting():
             pytest.fail("must not start")
 
 
-async def test_duplicate_singleton_names_are_refused():
-    async def run() -> None:
+async def test_unencodable_reply_is_a_malformed_message_error(autojump_clock):
+    class Liar(tc.Entity):
+        type_name = "Liar"
+
+        @tc.rpc
+        async def answer(self, msg: Get) -> int:
+            return "not an int"  # type: ignore[return-value]
+
+    async with tc.open_runner(entities=[Liar], config=config()) as runner:
+        with pytest.raises(tc.MalformedMessageError, match="reply"):
+            await runner.client(Liar)("l").answer(Get())
+        assert runner.statistics().entity_crashes == 0
+
+
+async def plain(self: object, msg: object) -> int:
+    return 1
+
+
+async def awaits(self: object, msg: object) -> None:
+    await trio.lowlevel.checkpoint()
+
+
+async def async_with(self: object, msg: trio.Lock) -> None:
+    async with msg:
         pass
 
-    with pytest.raises(tc.EntityDefinitionError, match="unique"):
-        async with tc.open_runner(
-            singletons=[tc.Singleton("s", run), tc.Singleton("s", run)]
-        ):
-            pytest.fail("must not start")
-    with pytest.raises(tc.EntityDefinitionError, match="singleton name"):
-        tc.Singleton("", run)
+
+async def async_for(self: object, msg: trio.MemoryReceiveChannel[int]) -> None:
+    async for _ in msg:
+        pass
+
+
+async def comprehension(self: object, msg: trio.MemoryReceiveChannel[int]) -> list[int]:
+    return [x async for x in msg]
+
+
+async def awaits_in_branch(self: object, msg: bool) -> None:
+    if msg:
+        await trio.lowlevel.checkpoint()
+
+
+def not_a_coroutine_function(self: object, msg: object) -> Awaitable[None]:
+    return awaits(self, msg)
+
+
+def wrapped(fn: Callable[..., Awaitable[object]]) -> Callable[..., Awaitable[object]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: object) -> object:
+        return await fn(*args)
+
+    return wrapper
+
+
+@pytest.mark.parametrize(
+    ("fn", "expected"),
+    [
+        (plain, False),
+        (awaits, True),
+        (async_with, True),
+        (async_for, True),
+        (comprehension, True),
+        (awaits_in_branch, True),
+        (not_a_coroutine_function, True),
+        (wrapped(plain), True),
+        (functools.partial(plain, None), True),
+    ],
+)
+def test_may_suspend(fn: object, expected: bool) -> None:
+    assert may_suspend(fn) is expected
+
+
+def test_registry_marks_the_fast_handlers() -> None:
+    from trio_cluster._registry import resolve_entity_type
+    from trio_cluster.serialization import make_converter
+
+    entity_type = resolve_entity_type(
+        Quick, config=tc.ShardingConfig(), converter=make_converter()
+    )
+    assert not entity_type.handlers["add"].suspends
+    assert not entity_type.start_suspends

@@ -1,20 +1,36 @@
-"""Singletons (restarted with backoff) and persisted cron schedules."""
+"""Singletons (`trio_cluster._singletons`): restarted with backoff, run once,
+move to a survivor; their names."""
 
 from __future__ import annotations
 
 import itertools
-from datetime import UTC, datetime
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
+import trio.testing
 
 import trio_cluster as tc
-from trio_cluster.storage import MemoryStorage
 
 from .helpers import config
+from .memory_cluster import open_cluster
 
-# 2027-01-15T10:00:00Z, a round instant for readable schedules.
-ORIGIN = datetime(2027, 1, 15, 10, 0, tzinfo=UTC).timestamp()
+if TYPE_CHECKING:
+    pass
+
+
+async def run_singleton(
+    singleton: tc.Singleton, seconds: float, cfg: tc.ShardingConfig | None = None
+) -> tuple[tc.Runner, tc.RunnerStatistics]:
+    """Run a runner with ``singleton`` for ``seconds``; return the runner and
+    its statistics at the end."""
+    async with tc.open_runner(
+        singletons=[singleton], config=config() if cfg is None else cfg
+    ) as runner:
+        await trio.sleep(seconds)
+        stats = runner.statistics()
+    return runner, stats
 
 
 async def test_singleton_runs_and_is_restarted_with_backoff(autojump_clock):
@@ -27,11 +43,8 @@ async def test_singleton_runs_and_is_restarted_with_backoff(autojump_clock):
         await trio.sleep_forever()
 
     cfg = config(entity_restart_backoff=0.5, entity_restart_backoff_max=1.5)
-    async with tc.open_runner(
-        singletons=[tc.Singleton("flaky", flaky)], config=cfg
-    ) as runner:
-        await trio.sleep(10)
-        assert runner.statistics().singletons_running == 2  # with the janitor
+    _, stats = await run_singleton(tc.Singleton("flaky", flaky), 10, cfg)
+    assert stats.singletons_running == 2  # with the janitor
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert gaps == pytest.approx([0.5, 1.0, 1.5])
 
@@ -42,11 +55,8 @@ async def test_singleton_that_returns_stays_finished(autojump_clock):
     async def once() -> None:
         runs.append(trio.current_time())
 
-    async with tc.open_runner(
-        singletons=[tc.Singleton("once", once)], config=config()
-    ) as runner:
-        await trio.sleep(5)
-        assert runner.statistics().singletons_running == 1  # the janitor
+    _, stats = await run_singleton(tc.Singleton("once", once), 5)
+    assert stats.singletons_running == 1  # the janitor
     assert len(runs) == 1
 
 
@@ -56,106 +66,46 @@ async def test_singleton_has_the_runner_in_context(autojump_clock):
     async def look() -> None:
         seen.append(tc.current_runner())
 
-    async with tc.open_runner(
-        singletons=[tc.Singleton("look", look)], config=config()
-    ) as runner:
-        await trio.sleep(1)
+    runner, _ = await run_singleton(tc.Singleton("look", look), 1)
     assert seen == [runner]
 
 
-async def test_cron_runs_once_per_instant(autojump_clock):
-    instants: list[datetime] = []
-
-    async def job(instant: datetime) -> None:
-        instants.append(instant)
-
-    cron = tc.Cron("every-5-minutes", "*/5 * * * *", job)
-    clock = tc.TrioWallClock(origin=ORIGIN + 30)
-    async with tc.open_runner(crons=[cron], config=config(), clock=clock):
-        await trio.sleep(16 * 60)
-    assert [i.strftime("%H:%M") for i in instants] == ["10:05", "10:10", "10:15"]
-    assert all(i.tzinfo is not None for i in instants)
-
-
-async def test_cron_survives_a_restart_without_double_runs(autojump_clock):
-    instants: list[str] = []
-
-    async def job(instant: datetime) -> None:
-        instants.append(instant.strftime("%H:%M"))
-
-    storage = MemoryStorage()
-    cron = tc.Cron("minutely", "* * * * *", job)
-    origin = ORIGIN + 10
-    start = trio.current_time()
-    async with tc.open_runner(
-        crons=[cron],
-        config=config(),
-        storage=storage,
-        clock=tc.TrioWallClock(origin=origin),
-    ):
-        await trio.sleep(125)
-    # Restart on the same storage (same wall clock, continued).
-    elapsed = trio.current_time() - start
-    async with tc.open_runner(
-        crons=[cron],
-        config=config(),
-        storage=storage,
-        clock=tc.TrioWallClock(origin=origin + elapsed),
-    ):
-        await trio.sleep(120)
-    assert instants == ["10:01", "10:02", "10:03", "10:04"]
+async def test_singleton_restarts_on_a_survivor_when_its_runner_dies(autojump_clock):
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1, 2, 3])
+        with trio.fail_after(5):
+            while not cluster.singleton_active:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        [first_host] = cluster.singleton_active
+        port = int(first_host.rsplit(":", 1)[1])
+        runs = len(cluster.singleton_runs)
+        cluster.kill(port)
+        with trio.fail_after(1):
+            while len(cluster.singleton_runs) == runs:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        assert cluster.singleton_active != [first_host]
+        assert len(cluster.singleton_active) == 1
 
 
-async def test_cron_skips_runs_that_are_too_old(autojump_clock):
-    instants: list[str] = []
-
-    async def job(instant: datetime) -> None:
-        instants.append(instant.strftime("%H:%M"))
-
-    storage = MemoryStorage()
-    cron = tc.Cron("hourly", "0 * * * *", job, skip_if_older_than=600)
-    async with tc.open_runner(
-        crons=[cron],
-        config=config(),
-        storage=storage,
-        clock=tc.TrioWallClock(origin=ORIGIN + 5),
-    ):
-        await trio.sleep(1)
-    # The cluster is down from 10:00:06 until 13:30: the 11:00 tick is stale.
-    later = datetime(2027, 1, 15, 13, 30, tzinfo=UTC).timestamp()
-    async with tc.open_runner(
-        crons=[cron],
-        config=config(),
-        storage=storage,
-        clock=tc.TrioWallClock(origin=later),
-    ):
-        await trio.sleep(31 * 60)
-    assert instants == ["14:00"]
-
-
-async def test_cron_failure_is_logged_and_the_schedule_goes_on(autojump_clock, caplog):
-    calls: list[str] = []
-
-    async def job(instant: datetime) -> None:
-        calls.append(instant.strftime("%H:%M"))
-        raise RuntimeError("report failed")
-
-    cron = tc.Cron("failing", "* * * * *", job)
-    async with tc.open_runner(
-        crons=[cron], config=config(), clock=tc.TrioWallClock(origin=ORIGIN)
-    ):
-        await trio.sleep(150)
-    assert calls == ["10:01", "10:02"]
-    assert "cron failing failed" in caplog.text
-
-
-def test_cron_rejects_bad_schedules():
-    async def job(instant: datetime) -> None:
+async def test_reserved_singleton_names(autojump_clock):
+    async def run() -> None:
         pass
 
-    with pytest.raises(tc.ConfigError):
-        tc.Cron("bad", "61 * * * *", job)
-    with pytest.raises(tc.ConfigError):
-        tc.Cron("bad", "* * * * *", job, skip_if_older_than=0)
-    with pytest.raises(tc.EntityDefinitionError):
-        tc.Cron(" bad", "* * * * *", job)
+    with pytest.raises(tc.EntityDefinitionError, match="reserved"):
+        async with tc.open_runner(
+            singletons=[tc.Singleton("trio_cluster.janitor", run)]
+        ):
+            pytest.fail("must not start")
+
+
+async def test_duplicate_singleton_names_are_refused():
+    async def run() -> None:
+        pass
+
+    with pytest.raises(tc.EntityDefinitionError, match="unique"):
+        async with tc.open_runner(
+            singletons=[tc.Singleton("s", run), tc.Singleton("s", run)]
+        ):
+            pytest.fail("must not start")
+    with pytest.raises(tc.EntityDefinitionError, match="singleton name"):
+        tc.Singleton("", run)

@@ -14,7 +14,6 @@ from ._client import EntityClient as EntityClient
 from ._clock import Clock as Clock, TrioWallClock as TrioWallClock
 from ._context import (
     current_entity_address as current_entity_address,
-    current_runner as current_runner,
     current_transaction as current_transaction,
 )
 from ._core._addresses import (
@@ -26,7 +25,6 @@ from ._core._addresses import (
 from ._core._config import ShardingConfig as ShardingConfig
 from ._core._snowflake import Snowflake as Snowflake
 from ._cron import Cron as Cron
-from ._engine._routing import RunnerClosedError as RunnerClosedError
 from ._entity import Entity as Entity
 from ._errors import (
     AlreadyProcessingError as AlreadyProcessingError,
@@ -38,6 +36,8 @@ from ._errors import (
     MailboxFullError as MailboxFullError,
     MalformedMessageError as MalformedMessageError,
     MessageTooLargeError as MessageTooLargeError,
+    NoCurrentRunnerError as NoCurrentRunnerError,
+    NotInTransactionError as NotInTransactionError,
     PersistenceError as PersistenceError,
     RemoteError as RemoteError,
     RequestInterruptedError as RequestInterruptedError,
@@ -45,12 +45,14 @@ from ._errors import (
     StaleEpochError as StaleEpochError,
     UnknownEntityTypeError as UnknownEntityTypeError,
 )
+from ._errors._closed import RunnerClosedError as RunnerClosedError
 from ._handlers import (
     BoundRpc as BoundRpc,
     BoundStream as BoundStream,
     rpc as rpc,
     stream as stream,
 )
+from ._metadata import fixup_module_metadata
 from ._operations._metrics import serve_metrics as serve_metrics
 from ._operations._statistics import (
     LatencySnapshot as LatencySnapshot,
@@ -58,6 +60,7 @@ from ._operations._statistics import (
 )
 from ._runner import (
     Runner as Runner,
+    current_runner as current_runner,
     open_runner as open_runner,
     serve_runner as serve_runner,
 )
@@ -84,6 +87,8 @@ __all__ = [
     "MailboxFullError",
     "MalformedMessageError",
     "MessageTooLargeError",
+    "NoCurrentRunnerError",
+    "NotInTransactionError",
     "PersistenceError",
     "RemoteError",
     "RequestInterruptedError",
@@ -108,3 +113,6 @@ __all__ = [
     "serve_runner",
     "stream",
 ]
+
+fixup_module_metadata(__name__, globals())
+del fixup_module_metadata

@@ -1,26 +1,52 @@
-"""Context lookups: the current runner and the current entity (Trio driver).
+"""Context lookups: the current runner, entity and transaction (API).
 
-Both live in `contextvars`, never in module globals, so several runners can
+They live in `contextvars`, never in module globals, so several runners can
 share one process (tests, the simulator, the demo). Tasks a runner starts
 inherit its context; handlers that run in a caller's task get the variables
-set around the handler.
+set around the handler by the engine.
+
+The engine sets `current_runner_var` to the value the façade gives it at
+assembly (the `Runner`), without knowing its type: what the declarative API
+may use of it is `RunnerContext`; the public, fully typed lookup is
+`trio_cluster.current_runner`.
 """
 
 from __future__ import annotations
 
-from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from contextvars import ContextVar, Token
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ._errors import NoCurrentRunnerError, NotInTransactionError
 
 if TYPE_CHECKING:
-    from ._core._addresses import EntityAddress
-    from ._entity import Entity
-    from ._runner import Runner
+    from ._clock import Clock
+    from ._core._addresses import Addressed, EntityAddress, RunnerAddress
     from ._storage_abc import StorageTransaction
 
-__all__ = ["current_entity_address", "current_runner", "current_transaction"]
+__all__ = [
+    "RunnerContext",
+    "current_entity_address",
+    "current_transaction",
+    "enter_runner",
+    "leave_runner",
+    "runner_context",
+]
 
-current_runner_var: ContextVar[Runner] = ContextVar("trio_cluster.runner")
-current_entity_var: ContextVar[Entity | None] = ContextVar(
+
+class RunnerContext(Protocol):
+    """What code below the façade may use of the current runner."""
+
+    @property
+    def address(self) -> RunnerAddress: ...
+
+    @property
+    def clock(self) -> Clock: ...
+
+    def client(self, cls: type[Any], /) -> Any: ...
+
+
+current_runner_var: ContextVar[RunnerContext] = ContextVar("trio_cluster.runner")
+current_entity_var: ContextVar[Addressed | None] = ContextVar(
     "trio_cluster.entity", default=None
 )
 current_transaction_var: ContextVar[StorageTransaction | None] = ContextVar(
@@ -28,19 +54,34 @@ current_transaction_var: ContextVar[StorageTransaction | None] = ContextVar(
 )
 
 
-def current_runner() -> Runner:
+def runner_context() -> RunnerContext:
     """The runner whose task (or handler) is calling.
 
     Raises:
-        RuntimeError: called outside a runner's tasks and handlers.
+        NoCurrentRunnerError: called outside a runner's tasks and handlers.
     """
     try:
         return current_runner_var.get()
     except LookupError:
-        raise RuntimeError(
+        raise NoCurrentRunnerError(
             "no current runner: call this from an entity handler, a singleton,"
             " or a task started inside open_runner()"
         ) from None
+
+
+def enter_runner(context: RunnerContext) -> Token[RunnerContext] | None:
+    """Make ``context`` the current runner of this task, unless it already is
+    (the common case, checked first because calls do this); returns what to
+    give `leave_runner`. Tasks started meanwhile inherit it."""
+    if current_runner_var.get(None) is context:
+        return None
+    return current_runner_var.set(context)
+
+
+def leave_runner(token: Token[RunnerContext] | None) -> None:
+    """Undo `enter_runner`."""
+    if token is not None:
+        current_runner_var.reset(token)
 
 
 def current_entity_address() -> EntityAddress | None:
@@ -55,11 +96,11 @@ def current_transaction() -> StorageTransaction:
     ``execute`` so it commits atomically with the handler's reply.
 
     Raises:
-        RuntimeError: called outside a transactional handler.
+        NotInTransactionError: called outside a transactional handler.
     """
     transaction = current_transaction_var.get()
     if transaction is None:
-        raise RuntimeError(
+        raise NotInTransactionError(
             "no current transaction: only handlers declared with"
             " @rpc(persisted=True, transactional=True) run in one"
         )

@@ -18,13 +18,14 @@ looked up by name on the runner that runs the tick). Crons live in the
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import attrs
 
-from ._context import current_runner
+from ._context import runner_context
+from ._core._checks import positive_seconds
 from ._core._cron import CronSchedule
 from ._entity import Entity
 from ._errors import ConfigError, EntityDefinitionError
@@ -33,7 +34,7 @@ from ._singletons import Singleton
 
 T = TypeVar("T")
 
-__all__ = ["Cron", "CronEntity", "CronTick", "cron_singletons"]
+__all__ = ["Cron", "CronEntity", "CronTick", "cron_entity", "cron_singletons"]
 
 log = logging.getLogger("trio_cluster.cron")
 
@@ -59,10 +60,7 @@ def _check_name(_: object, __: object, value: T) -> None:
 
 
 def _check_age(_: object, __: object, value: T) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(
-            f"skip_if_older_than must be a positive number of seconds, got {value!r}"
-        )
+    positive_seconds("skip_if_older_than", value)
 
 
 @attrs.frozen
@@ -103,11 +101,13 @@ class CronEntity(Entity):
 
     type_name = "trio_cluster.Cron"
     max_idle = 60.0
+    crons: ClassVar[Mapping[str, Cron]] = {}
+    """The crons of the runner this class was made for (see `cron_entity`)."""
 
     @rpc(persisted=True, primary_key=_tick_key, deliver_at=_tick_time)
     async def tick(self, tick: CronTick) -> None:
-        runner = current_runner()
-        cron = runner._crons.get(tick.name)
+        runner = runner_context()
+        cron = self.crons.get(tick.name)
         if cron is None:
             log.error(
                 "cron %r is not configured on runner %s; tick dropped",
@@ -138,19 +138,27 @@ def _iso(instant: float) -> str:
     return datetime.fromtimestamp(instant, UTC).isoformat()
 
 
-def cron_singletons(crons: Sequence[Cron]) -> list[Singleton]:
-    """One bootstrap singleton per cron (see the module docstring)."""
+def cron_entity(crons: Sequence[Cron]) -> type[CronEntity]:
+    """The cron entity class of one runner: `CronEntity` with its crons
+    (same wire name, so every runner's ticks are the same messages)."""
+    return type("CronEntity", (CronEntity,), {"crons": {c.name: c for c in crons}})
+
+
+def cron_singletons(crons: Sequence[Cron], entity: type[CronEntity]) -> list[Singleton]:
+    """One bootstrap singleton per cron (see the module docstring); ``entity``
+    is the runner's class from `cron_entity`."""
     return [
-        Singleton(f"trio_cluster.cron:{cron.name}", _bootstrap(cron)) for cron in crons
+        Singleton(f"trio_cluster.cron:{cron.name}", _bootstrap(cron, entity))
+        for cron in crons
     ]
 
 
-def _bootstrap(cron: Cron) -> Callable[[], Awaitable[None]]:
+def _bootstrap(cron: Cron, entity: type[CronEntity]) -> Callable[[], Awaitable[None]]:
     async def bootstrap() -> None:
-        runner = current_runner()
+        runner = runner_context()
         now = datetime.fromtimestamp(runner.clock.now(), UTC)
         instant = cron.schedule.next_after(now).timestamp()
-        await runner.client(CronEntity)(cron.name).tick.discard(
+        await runner.client(entity)(cron.name).tick.discard(
             CronTick(cron.name, instant)
         )
 

@@ -20,15 +20,16 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, over
 
 import attrs
 
+from ._context import runner_context
 from ._errors import EntityDefinitionError
 from .serialization._replies import check_declared_error
 
 if TYPE_CHECKING:
-    from ._entity import Entity
+    from ._core._addresses import Addressed
 
 __all__ = ["BoundRpc", "BoundStream", "HandlerSpec", "Rpc", "Stream", "rpc", "stream"]
 
-E = TypeVar("E", bound="Entity")
+E = TypeVar("E", bound="Addressed")
 M = TypeVar("M")
 M_contra = TypeVar("M_contra", contravariant=True)
 R = TypeVar("R")
@@ -128,7 +129,7 @@ class _HandlerDescriptor:
 class _LocalRpc:
     __slots__ = ("_fn", "_instance", "_spec")
 
-    def __init__(self, instance: Entity, spec: HandlerSpec) -> None:
+    def __init__(self, instance: Addressed, spec: HandlerSpec) -> None:
         self._instance = instance
         self._spec = spec
         self._fn = spec.fn
@@ -137,12 +138,13 @@ class _LocalRpc:
         return self._fn(self._instance, message)  # type: ignore[no-any-return]
 
     async def discard(self, message: Any, /) -> None:
-        # Inside an entity, discard means: send to myself through the mailbox.
-        from ._context import current_runner
-
-        await current_runner()._route_discard(
-            self._instance.address, self._spec, message
+        # Inside an entity, discard means: send to myself through the mailbox,
+        # as any client of this entity would.
+        instance = self._instance
+        handle = runner_context().client(type(instance))(
+            instance.address.entity_id.value
         )
+        await getattr(handle, self._spec.attribute).discard(message)
 
 
 class Rpc(_HandlerDescriptor, Generic[E, M, R]):

@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 
+from ._core._checks import positive_count, positive_seconds
 from ._entity import Entity
 from ._errors import EntityDefinitionError
 from ._handlers import HandlerSpec
@@ -186,33 +187,22 @@ def resolve_entity_type(
             " (1-150 characters; it is the wire name, never derived from the class)"
         )
     _check_constructor(cls, where)
-    max_idle: object = (
-        cls.max_idle if cls.max_idle is not None else config.entity_max_idle
+    definition = (EntityDefinitionError, EntityDefinitionError)
+    max_idle = positive_seconds(
+        f"{where}: max_idle",
+        cls.max_idle if cls.max_idle is not None else config.entity_max_idle,
+        errors=definition,
     )
-    if (
-        isinstance(max_idle, bool)
-        or not isinstance(max_idle, int | float)
-        or max_idle <= 0
-    ):
-        raise EntityDefinitionError(
-            f"{where}: max_idle must be a positive number of seconds"
-        )
-    capacity: object = (
+    capacity = positive_count(
+        f"{where}: mailbox_capacity",
         cls.mailbox_capacity
         if cls.mailbox_capacity is not None
-        else config.entity_mailbox_capacity
+        else config.entity_mailbox_capacity,
+        errors=definition,
     )
-    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-        raise EntityDefinitionError(
-            f"{where}: mailbox_capacity must be an integer >= 1"
-        )
-    concurrency: object = cls.concurrency
-    if (
-        isinstance(concurrency, bool)
-        or not isinstance(concurrency, int)
-        or concurrency < 1
-    ):
-        raise EntityDefinitionError(f"{where}: concurrency must be an integer >= 1")
+    concurrency = positive_count(
+        f"{where}: concurrency", cls.concurrency, errors=definition
+    )
     group: object = cls.shard_group
     if not isinstance(group, str) or not group or len(group) > 64:
         raise EntityDefinitionError(f"{where}: shard_group must be a shard group name")

@@ -17,52 +17,65 @@ from __future__ import annotations
 
 import logging
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
 import trio
 
-from ._broadcast import Broadcast, Broadcasts
 from ._client import EntityClient
 from ._clock import Clock, TrioWallClock
-from ._context import current_runner_var
+from ._context import current_runner_var, enter_runner, leave_runner, runner_context
 from ._core._config import ShardingConfig
-from ._core._snowflake import SnowflakeGenerator
-from ._cron import Cron, CronEntity, cron_singletons
-from ._engine._inbound import ClusterHandler, InboundCalls
+from ._cron import cron_entity, cron_singletons
+from ._engine._assembly import assemble
+from ._engine._broadcasts import broadcast_codecs
+from ._engine._inbound import HandlerRelay
 from ._engine._janitor import janitor
-from ._engine._manager import EntityManager
-from ._engine._persisted import PersistedDelivery
-from ._engine._remote import OutboundCalls
-from ._engine._routing import Router, RunnerClosedError
-from ._engine._sharding import Sharding
 from ._entity import Entity
-from ._errors import EntityNotAssignedError
+from ._errors import EntityDefinitionError
 from ._groups import unwrap_single as _unwrap_single
-from ._operations._statistics import RunnerStatistics, collect_statistics
 from ._registry import Registry
-from ._singletons import Singleton, SingletonSupervisor
 from .serialization._converter import make_converter
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Mapping, Sequence
 
     import cattrs
 
-    from ._core._addresses import EntityAddress, RunnerAddress
-    from ._engine._slots import ShardHost
-    from ._storage_abc import Storage
+    from ._broadcast import Broadcast
+    from ._core._addresses import RunnerAddress, ShardId
+    from ._cron import Cron
+    from ._engine._assembly import RunnerParts
+    from ._engine._broadcasts import BroadcastCodecs
+    from ._listener import RunnerListener
+    from ._operations._statistics import RunnerStatistics
+    from ._singletons import Singleton
+    from ._storage_abc import RunnerInfo, Storage, StorageSession
     from ._transport_abc import Endpoint, Transport
 
-__all__ = ["Runner", "RunnerClosedError", "open_runner", "serve_runner"]
+__all__ = ["Runner", "current_runner", "open_runner", "serve_runner"]
 
 log = logging.getLogger("trio_cluster.runner")
 
 E = TypeVar("E", bound=Entity)
 
 
+def current_runner() -> Runner:
+    """The runner whose task (or handler) is calling.
+
+    Raises:
+        NoCurrentRunnerError: called outside a runner's tasks and handlers
+            (it is also a `RuntimeError`).
+    """
+    return cast("Runner", runner_context())
+
+
 class Runner:
-    """A running member of the cluster. Made by `open_runner`/`serve_runner`."""
+    """A running member of the cluster. Made by `open_runner`/`serve_runner`.
+
+    Its engine is built whole by ``trio_cluster._engine._assembly.assemble``
+    when it is constructed; it holds nothing else but its clients.
+    """
 
     def __init__(
         self,
@@ -70,28 +83,29 @@ class Runner:
         config: ShardingConfig,
         registry: Registry,
         clock: Clock,
-        manager: EntityManager,
-        sharding: Sharding,
-        persisted: PersistedDelivery,
-        supervisor: SingletonSupervisor,
-        broadcasts: Broadcasts,
-        crons: Sequence[Cron] = (),
+        session: StorageSession,
+        singletons: Sequence[Singleton],
+        broadcasts: BroadcastCodecs,
+        listeners: Sequence[RunnerListener],
+        scope: trio.CancelScope,
+        endpoint: Endpoint | None = None,
+        relay: HandlerRelay | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self._registry = registry
-        self._manager = manager
-        self._sharding = sharding
-        self._persisted = persisted
-        self._supervisor = supervisor
-        self._broadcasts = broadcasts
-        self._crons = {cron.name: cron for cron in crons}
-        self._router = Router(
-            runner=self,
+        self._scope = scope
+        self._parts: RunnerParts = assemble(
             config=config,
-            sharding=sharding,
-            manager=manager,
-            persisted=persisted,
+            registry=registry,
+            session=session,
+            clock=clock,
+            singletons=singletons,
+            broadcasts=broadcasts,
+            listeners=listeners,
+            context=self,
+            endpoint=endpoint,
+            relay=relay,
         )
         self._clients: dict[type[Entity], EntityClient[Any]] = {}
 
@@ -105,6 +119,26 @@ class Runner:
         """The converter messages and replies are encoded with."""
         return self._registry.converter
 
+    @property
+    def machine_id(self) -> int | None:
+        """This runner's Snowflake machine id (None until it registered)."""
+        return self._parts.sharding.table.machine_id
+
+    def served_shards(self) -> Mapping[ShardId, int]:
+        """The shards this runner serves now, with their lease epochs (a
+        fresh mapping: shards that are stopping are not in it)."""
+        return self._parts.sharding.table.active_epochs()
+
+    def live_runners(self) -> Sequence[RunnerInfo]:
+        """The live runners of the cluster, as of the last membership poll."""
+        return tuple(self._parts.sharding.table.live)
+
+    def assignment(self) -> Mapping[ShardId, RunnerAddress]:
+        """Which runner each shard is assigned to, as of the last poll (a
+        shard may still be moving: see `served_shards` for what this runner
+        serves)."""
+        return dict(self._parts.sharding.table.assignment)
+
     def client(self, cls: type[E]) -> EntityClient[E]:
         """A client for entities of ``cls``: ``runner.client(Account)("alice")``.
 
@@ -117,7 +151,7 @@ class Runner:
         existing = self._clients.get(cls)
         if existing is None:
             existing = self._clients[cls] = EntityClient(
-                self._router, self._registry.for_class(cls), self.config
+                self._parts.router, self._registry.for_class(cls), self.config
             )
         return existing
 
@@ -132,54 +166,54 @@ class Runner:
         Raises:
             EntityDefinitionError: no broadcast of that name is declared here.
             MalformedMessageError: the message cannot be encoded.
+            RunnerClosedError: the runner is shut down.
         """
-        self._router.check_open()
+        self._parts.router.check_open()
         # The local handler task inherits this context: make it the runner's.
-        token = current_runner_var.set(self)
+        token = enter_runner(self)
         try:
-            return await self._broadcasts.send(self._sharding, name, message)
+            return await self._parts.broadcasts.send(name, message)
         finally:
-            current_runner_var.reset(token)
+            leave_runner(token)
 
     def statistics(self) -> RunnerStatistics:
         """A snapshot of this runner's state and counters."""
-        return collect_statistics(self, self._manager, self._sharding, self._persisted)
+        return self._parts.statistics()
 
     async def wait_shards_acquired(self) -> None:
         """Wait until this runner serves every shard assigned to it."""
-        while self._sharding.ownership.wanted() or len(self._sharding.hosts) < len(
-            self._sharding.ownership.assigned
-        ):
-            await self._sharding.wait_changed(trio.current_time() + 1.0)
+        sharding = self._parts.sharding
+        while not sharding.serves_all_assigned():
+            await sharding.table.wait_changed(trio.current_time() + 1.0)
         await trio.lowlevel.checkpoint()
 
-    async def _route_discard(
-        self, address: EntityAddress, spec: Any, message: Any
-    ) -> None:
-        """``self.handler.discard(msg)`` inside an entity."""
-        entity_type = self._registry.get(address.entity_type)
-        if entity_type is None:  # pragma: no cover - an entity's own type is registered
-            raise EntityNotAssignedError(address=str(address))
-        await self._router.discard(
-            entity_type, address, entity_type.handlers[spec.name], message
-        )
+    def abort(self) -> None:
+        """Stop at once, as if the process were killed: every handler is
+        cancelled now, with no termination timeout, no ``on_stop`` hook and
+        no lock released (the cluster takes the shards over when the leases
+        lapse), and the runner takes no more calls (`RunnerClosedError`).
+        For tests of what a crash does; the ``async with`` block of
+        `open_runner` goes on until it ends.
+        """
+        self._parts.abort()
+        self._scope.shield = False
+        self._scope.cancel()
 
     async def _shutdown(self) -> None:
-        self._router.closed = True
-        self._persisted.closing = True
-        await self._sharding.shutdown()
+        await self._parts.shutdown()
 
 
-def _build(
+def _registry(
     *,
     entities: Sequence[type[Entity]],
     config: ShardingConfig,
     converter: cattrs.Converter | None,
-    crons: Sequence[Cron],
+    cron_class: type[Entity] | None,
 ) -> Registry:
+    """The entity types a runner hosts: ``entities``, and its crons' entity."""
     classes = list(entities)
-    if crons:
-        classes.append(CronEntity)
+    if cron_class is not None:
+        classes.append(cron_class)
     return Registry(classes, config=config, converter=converter or make_converter())
 
 
@@ -195,6 +229,7 @@ async def open_runner(
     broadcasts: Sequence[Broadcast] = (),
     converter: cattrs.Converter | None = None,
     clock: Clock | None = None,
+    listeners: Sequence[RunnerListener] = (),
 ) -> AsyncIterator[Runner]:
     """Open a runner that serves ``entities`` until the block ends.
 
@@ -213,6 +248,9 @@ async def open_runner(
         converter: from `trio_cluster.serialization.make_converter`, with your
             own hooks registered; a fresh one by default.
         clock: wall clock for persisted times; `TrioWallClock` by default.
+        listeners: `RunnerListener` objects told of the runner's lifecycle
+            events (shards acquired and stopped, handlers started and
+            finished; see `trio_cluster.abc.RunnerListener`).
 
     Raises:
         EntityDefinitionError: an entity class or singleton is invalid (before
@@ -228,12 +266,13 @@ async def open_runner(
     from .storage._memory._storage import MemoryStorage
 
     config = config if config is not None else ShardingConfig()
-    registry = _build(
-        entities=entities, config=config, converter=converter, crons=crons
+    wall_clock = clock if clock is not None else TrioWallClock()
+    cron_class = cron_entity(crons) if crons else None
+    registry = _registry(
+        entities=entities, config=config, converter=converter, cron_class=cron_class
     )
     _check_singletons(singletons)
-    broadcast_set = Broadcasts(broadcasts, registry.converter)
-    handler = ClusterHandler()
+    codecs = broadcast_codecs(broadcasts, registry.converter)
     stop = trio.Event()
 
     async def serve_system(*, task_status: trio.TaskStatus[Runner]) -> None:
@@ -246,9 +285,11 @@ async def open_runner(
         with trio.CancelScope() as system_scope:
             async with AsyncExitStack() as stack:
                 endpoint: Endpoint | None = None
+                relay = None
                 if transport is not None:
+                    relay = HandlerRelay()
                     endpoint = await stack.enter_async_context(
-                        transport.open_endpoint(config.runner_address, handler)
+                        transport.open_endpoint(config.runner_address, relay)
                     )
                     config = attrs.evolve(config, runner_address=endpoint.address)
                 backend = storage if storage is not None else MemoryStorage()
@@ -258,72 +299,31 @@ async def open_runner(
                         lease_duration=config.lease_duration,
                     )
                 )
-                wall_clock = clock if clock is not None else TrioWallClock()
-                all_singletons = [
-                    *singletons,
-                    *cron_singletons(crons),
-                    janitor(session.messages, config, wall_clock),
-                ]
-                manager = EntityManager(
-                    config=config, runner_label=str(config.runner_address)
-                )
-                ids = SnowflakeGenerator(0)
-                supervisor = SingletonSupervisor(all_singletons, config=config)
-                sharding = Sharding(
-                    config=config, runners=session.runners, manager=manager
-                )
-                persisted = PersistedDelivery(
-                    storage=session.messages,
-                    sharding=sharding,
-                    manager=manager,
-                    registry=registry,
-                    config=config,
-                    clock=wall_clock,
-                    ids=ids,
-                )
                 runner = Runner(
                     config=config,
                     registry=registry,
                     clock=wall_clock,
-                    manager=manager,
-                    sharding=sharding,
-                    persisted=persisted,
-                    supervisor=supervisor,
-                    broadcasts=broadcast_set,
-                    crons=crons,
+                    session=session,
+                    singletons=[
+                        *singletons,
+                        *(
+                            cron_singletons(crons, cron_class)
+                            if cron_class is not None
+                            else ()
+                        ),
+                        janitor(session.messages, config, wall_clock),
+                    ],
+                    broadcasts=codecs,
+                    listeners=listeners,
+                    scope=system_scope,
+                    endpoint=endpoint,
+                    relay=relay,
                 )
-
-                def shard_started(host: ShardHost) -> None:
-                    persisted.shard_started(host)
-                    supervisor.shard_started(host)
-
-                sharding._on_shard_started = shard_started
                 current_runner_var.set(runner)  # this task's own context
                 async with trio.open_nursery() as nursery:
-                    manager.nursery = nursery
-                    broadcast_set.nursery = nursery
-                    if endpoint is not None:
-                        runner._router.outbound = outbound = OutboundCalls(endpoint)
-                        inbound = InboundCalls(
-                            endpoint=endpoint,
-                            sharding=sharding,
-                            manager=manager,
-                            registry=registry,
-                        )
-                        persisted.endpoint = broadcast_set.endpoint = endpoint
-                        handler.attach(
-                            runner=runner,
-                            outbound=outbound,
-                            inbound=inbound,
-                            sharding=sharding,
-                            persisted=persisted,
-                            broadcasts=broadcast_set,
-                        )
-                    await nursery.start(persisted.run)
-                    await nursery.start(sharding.run)
-                    ids.machine_id = sharding.machine_id or 0
-                    nursery.start_soon(manager.idle.run)
+                    await nursery.start(runner._parts.serve)
                     system_scope.shield = True
+                    runner._parts.listeners.runner_started()
                     task_status.started(runner)
                     await stop.wait()
                     await runner._shutdown()
@@ -350,6 +350,7 @@ async def serve_runner(
     broadcasts: Sequence[Broadcast] = (),
     converter: cattrs.Converter | None = None,
     clock: Clock | None = None,
+    listeners: Sequence[RunnerListener] = (),
     task_status: trio.TaskStatus[Runner] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a runner until cancelled::
@@ -373,14 +374,13 @@ async def serve_runner(
         broadcasts=broadcasts,
         converter=converter,
         clock=clock,
+        listeners=listeners,
     ) as runner:
         task_status.started(runner)
         await trio.sleep_forever()
 
 
 def _check_singletons(singletons: Sequence[Singleton]) -> None:
-    from ._errors import EntityDefinitionError
-
     reserved = [s.name for s in singletons if s.name.startswith("trio_cluster.")]
     if reserved:
         raise EntityDefinitionError(

@@ -1,37 +1,27 @@
-"""Singletons: tasks that run on exactly one runner of the cluster (Trio driver).
+"""Singletons: tasks that run on exactly one runner of the cluster (API).
 
 A singleton belongs to the shard its name hashes to (in its shard group). It
 runs in that shard's nursery on the runner that serves the shard, so it moves
 with the shard, stops when the lease is lost, and never runs twice at once
 (the shard's lock guarantees it). If it raises, it is restarted after an
 exponential backoff; if it returns, it stays finished until its shard next
-starts somewhere.
+starts somewhere. The engine's `SingletonSupervisor` runs them.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar, cast
+from collections.abc import Awaitable, Callable
+from typing import TypeVar, cast
 
 import attrs
-import trio
 
-from ._context import current_runner_var
 from ._core._addresses import ShardId
 from ._core._hashing import shard_number
-from ._core._retry import Backoff
 from ._errors import EntityDefinitionError
-
-if TYPE_CHECKING:
-    from ._core._config import ShardingConfig
-    from ._engine._slots import ShardHost
 
 T = TypeVar("T")
 
-__all__ = ["Singleton", "SingletonSupervisor"]
-
-log = logging.getLogger("trio_cluster.singleton")
+__all__ = ["Singleton"]
 
 
 def _check_name(_: object, __: object, value: T) -> None:
@@ -66,54 +56,3 @@ class Singleton:
     def shard(self, shards_per_group: int) -> ShardId:
         """The shard this singleton lives in."""
         return ShardId(self.shard_group, shard_number(self.name, shards_per_group))
-
-
-class SingletonSupervisor:
-    """Starts singletons in their shards' nurseries and restarts them."""
-
-    def __init__(
-        self, singletons: Sequence[Singleton], *, config: ShardingConfig
-    ) -> None:
-        self._by_shard: dict[ShardId, list[Singleton]] = {}
-        for singleton in singletons:
-            self._by_shard.setdefault(
-                singleton.shard(config.shards_per_group), []
-            ).append(singleton)
-        self._backoff = Backoff(
-            config.entity_restart_backoff, config.entity_restart_backoff_max
-        )
-        self.running: set[str] = set()
-        self.restarts = 0
-
-    def shard_started(self, host: ShardHost) -> None:
-        for singleton in self._by_shard.get(host.shard_id, ()):
-            assert host.nursery is not None
-            host.nursery.start_soon(
-                self._supervise, singleton, current_runner_var.get(None)
-            )
-
-    async def _supervise(self, singleton: Singleton, runner: object) -> None:
-        if runner is not None:
-            current_runner_var.set(runner)  # type: ignore[arg-type]
-        attempt = 0
-        self.running.add(singleton.name)
-        try:
-            while True:
-                try:
-                    await singleton.run()
-                except Exception as exc:
-                    delay = self._backoff.delay(attempt)
-                    attempt += 1
-                    self.restarts += 1
-                    log.error(
-                        "singleton %s crashed; restarting in %.2f s",
-                        singleton.name,
-                        delay,
-                        exc_info=exc,
-                    )
-                    await trio.sleep(delay)
-                    continue
-                log.info("singleton %s finished", singleton.name)
-                return
-        finally:
-            self.running.discard(singleton.name)

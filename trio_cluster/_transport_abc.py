@@ -33,12 +33,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
+import attrs
+
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
     from ._core._addresses import RunnerAddress
 
-__all__ = ["Endpoint", "EndpointHandler", "Envelope", "Transport"]
+__all__ = ["Endpoint", "EndpointHandler", "EndpointStatistics", "Envelope", "Transport"]
 
 Envelope = list[Any]
 """One message between runners: a list of msgpack-encodable primitives."""
@@ -59,6 +61,32 @@ class EndpointHandler(ABC):
     @abstractmethod
     def peer_lost(self, peer: RunnerAddress, reason: str) -> None:
         """The connection to ``peer`` dropped or stopped answering."""
+
+
+@attrs.frozen
+class EndpointStatistics:
+    """A snapshot of one endpoint's traffic since it opened."""
+
+    connections: int
+    """Connections up now (one per connected peer)."""
+    frames_sent: int
+    """Frames written (each carries one or more envelopes)."""
+    envelopes_sent: int
+    """Envelopes written in those frames."""
+    bytes_sent: int
+    """Bytes of those frames."""
+    frames_received: int
+    """Frames read and decoded."""
+    envelopes_received: int
+    """Envelopes delivered to the handler."""
+    envelopes_dropped: int
+    """Queued envelopes dropped because their connection was lost."""
+    connects: int
+    """Connections established (dialed or accepted)."""
+    connect_failures: int
+    """Connection attempts that failed."""
+    bad_peers: int
+    """Connections closed because the peer sent bad input."""
 
 
 class Endpoint(ABC):
@@ -84,6 +112,11 @@ class Endpoint(ABC):
     @abstractmethod
     def is_connected(self, peer: RunnerAddress) -> bool:
         """Whether a connection to ``peer`` is up now."""
+
+    def statistics(self) -> EndpointStatistics | None:
+        """A snapshot of this endpoint's traffic since it opened (it shows in
+        `RunnerStatistics.transport`); None if the transport keeps none."""
+        return None
 
 
 class Transport(ABC):

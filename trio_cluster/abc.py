@@ -8,6 +8,8 @@ runners to reach each other.
 
 from __future__ import annotations
 
+from ._listener import RunnerListener as RunnerListener
+from ._metadata import fixup_module_metadata
 from ._storage_abc import (
     ClaimBatch as ClaimBatch,
     ClaimedRequest as ClaimedRequest,
@@ -53,6 +55,7 @@ __all__ = [
     "ReplyRecord",
     "RequestsInterrupted",
     "RunnerInfo",
+    "RunnerListener",
     "RunnerStorage",
     "SaveResult",
     "ShardOwner",
@@ -63,3 +66,6 @@ __all__ = [
     "StoredReplies",
     "Transport",
 ]
+
+fixup_module_metadata(__name__, globals())
+del fixup_module_metadata

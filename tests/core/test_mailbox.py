@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
+from trio_cluster import ClusterInternalError
 from trio_cluster._core._mailbox import Admission, Mailbox
 
 
@@ -36,7 +37,7 @@ def test_late_arrival_cannot_overtake_the_queue():
 
 def test_release_without_running_job_is_a_bug():
     box: Mailbox[str] = Mailbox(capacity=1, concurrency=1)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ClusterInternalError):
         box.release()
 
 

@@ -1,21 +1,17 @@
-"""Single-runner runtime: calls, ordering, errors, crashes, cancellation."""
+"""The entity manager (`trio_cluster._engine._manager`): calls, ordering,
+errors, crashes and restarts, concurrency, mailboxes, cancellation, the
+fast path of handlers that cannot suspend."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 import trio_cluster as tc
 
-from .helpers import Add, Boom, Count, Counter, Get, Sleep, TooBig, config
-
-
-@pytest.fixture(params=[True, False], ids=["serialized", "direct"])
-def serialize(request):
-    return request.param
+from ..helpers import Add, Boom, Counter, Get, Quick, Sleep, TooBig, config
 
 
 async def test_calls_keep_state_per_entity(autojump_clock, serialize):
@@ -28,17 +24,6 @@ async def test_calls_keep_state_per_entity(autojump_clock, serialize):
             assert await counters("a").add(Add(3)) == 5
             assert await counters("b").add(Add(7)) == 7
             assert await counters("a").get(Get()) == 5
-
-
-async def test_handle_exposes_id_and_address(autojump_clock):
-    async with tc.open_runner(entities=[Counter], config=config()) as runner:
-        ref = runner.client(Counter)("x")
-        assert ref.id == "x"
-        assert ref.address.entity_type == "Counter"
-        assert ref.address.shard.group == "default"
-        assert 1 <= ref.address.shard.number <= 8
-        with pytest.raises(AttributeError, match="no handler 'value'"):
-            _ = ref.value
 
 
 async def test_declared_error_is_reraised_as_itself(autojump_clock, serialize):
@@ -231,81 +216,101 @@ async def test_handler_checkpoints_even_when_it_does_not(autojump_clock):
         assert await ref.get(Get()) == 0  # the cancelled call never ran
 
 
-async def test_streams_deliver_items_in_order(autojump_clock, serialize):
-    async with tc.open_runner(
-        entities=[Counter], config=config(serialize_local_calls=serialize)
-    ) as runner:
-        ref = runner.client(Counter)("a")
-        async with ref.count(Count(4)) as items:
-            assert [item async for item in items] == [0, 1, 2, 3]
+class FlakyStart(tc.Entity):
+    type_name = "FlakyStart"
+    failures = 0
 
-
-async def test_stream_runs_alongside_other_handlers(autojump_clock):
-    async with tc.open_runner(entities=[Counter], config=config()) as runner:
-        ref = runner.client(Counter)("a")
-        async with ref.count(Count(100)) as items:
-            assert await items.__anext__() == 0
-            # The entity still answers while its stream is open.
-            assert await ref.add(Add(1)) == 1
-            assert await items.__anext__() == 1
-
-
-class Watched(tc.Entity):
-    type_name = "Watched"
-
-    def __init__(self) -> None:
-        self.closed = False
-
-    @tc.stream
-    async def ticks(self, msg: Get) -> AsyncIterator[int]:
-        try:
-            i = 0
-            while True:
-                yield i
-                i += 1
-                await trio.sleep(1)
-        finally:
-            self.closed = True
+    async def on_start(self) -> None:
+        if FlakyStart.failures:
+            FlakyStart.failures -= 1
+            raise OSError("cannot load state")
 
     @tc.rpc
-    async def closed_yet(self, msg: Get) -> bool:
-        return self.closed
+    async def ping(self, msg: Get) -> str:
+        return "pong"
 
 
-async def test_leaving_a_stream_early_interrupts_the_generator(autojump_clock):
-    async with tc.open_runner(entities=[Watched], config=config()) as runner:
-        ref = runner.client(Watched)("w")
-        async with ref.ticks(Get()) as items:
-            async for item in items:
-                if item == 2:
-                    break
-        await trio.sleep(0.1)
-        assert await ref.closed_yet(Get()) is True
+async def test_on_start_failure_fails_the_call_and_restarts(autojump_clock):
+    FlakyStart.failures = 1
+    async with tc.open_runner(
+        entities=[FlakyStart], config=config(entity_restart_backoff=1.0)
+    ) as runner:
+        ref = runner.client(FlakyStart)("f")
+        with pytest.raises(tc.RemoteError, match="cannot load state"):
+            await ref.ping(Get())
+        start = trio.current_time()
+        assert await ref.ping(Get()) == "pong"
+        assert trio.current_time() - start == pytest.approx(1.0)
 
 
-class FailingStream(tc.Entity):
-    type_name = "FailingStream"
+class Pair(tc.Entity):
+    type_name = "Pair"
+    concurrency = 2
 
-    @tc.stream(errors=[TooBig])
-    async def items(self, msg: Count) -> AsyncIterator[int]:
-        yield 1
-        if msg.upto > 10:
-            raise TooBig(limit=10)
-        raise RuntimeError("broken generator")
+    @tc.rpc
+    async def wait(self, msg: Sleep) -> None:
+        await trio.sleep(msg.seconds)
+
+    @tc.rpc
+    async def fail(self, msg: Get) -> None:
+        raise ValueError("boom")
 
 
-async def test_stream_errors_reach_the_caller(autojump_clock):
-    async with tc.open_runner(entities=[FailingStream], config=config()) as runner:
-        ref = runner.client(FailingStream)("f")
-        seen: list[int] = []
+async def test_crash_fails_running_volatile_siblings(autojump_clock):
+    outcome: list[BaseException] = []
+    async with tc.open_runner(entities=[Pair], config=config()) as runner:
+        ref = runner.client(Pair)("p")
 
-        async def read(upto: int) -> None:
-            async with ref.items(Count(upto)) as items:
-                async for item in items:
-                    seen.append(item)  # noqa: PERF401 - keep items seen before the error
+        async def waiter() -> None:
+            try:
+                await ref.wait(Sleep(10))
+            except tc.RemoteError as exc:
+                outcome.append(exc)
 
-        with pytest.raises(TooBig):
-            await read(20)
-        assert seen == [1]
-        with pytest.raises(tc.RemoteError, match="broken generator"):
-            await read(1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(tc.RemoteError, match="boom"):
+                await ref.fail(Get())
+    assert len(outcome) == 1
+    assert outcome[0].type_name == "trio_cluster.EntityRestarted"  # type: ignore[attr-defined]
+
+
+async def test_fast_handlers_still_checkpoint_and_count(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with tc.open_runner(entities=[Quick], config=config()) as runner:
+        ref = runner.client(Quick)("q")
+        with trio.testing.assert_checkpoints():
+            assert await ref.add(Add(2)) == 2
+        assert await ref.started_with(Get()) == str(ref.address)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            with pytest.raises(trio.Cancelled):
+                await ref.add(Add(1))
+        assert await ref.add(Add(0)) == 2  # the cancelled call never ran
+        assert runner.statistics().messages_handled == 3
+
+
+async def test_fast_handlers_do_not_starve_other_tasks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    async with tc.open_runner(entities=[Quick], config=config()) as runner:
+        ref = runner.client(Quick)("q")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            await trio.lowlevel.checkpoint()
+            before = ticks
+
+            for _ in range(100):
+                await ref.add(Add(1))
+            assert ticks - before >= 90
+            nursery.cancel_scope.cancel()

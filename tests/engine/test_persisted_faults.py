@@ -27,8 +27,7 @@ from trio_cluster.testing import (
     run_scenario,
 )
 
-from .helpers import config
-from .test_persisted import clock
+from ..helpers import FailFirst, config, open_clocked_runner, runner_config
 
 
 @attrs.frozen
@@ -69,10 +68,6 @@ class Vault(tc.Entity):
         return object()  # type: ignore[return-value]
 
 
-def runner_config(port: int, **overrides: object) -> tc.ShardingConfig:
-    return config(runner_address=tc.RunnerAddress("127.0.0.1", port), **overrides)
-
-
 async def until(check: Callable[[], bool], what: str) -> None:
     """Poll ``check()`` every 10 ms of virtual time (bounded)."""
     for _ in range(10_000):
@@ -110,12 +105,7 @@ async def test_commit_failing_while_the_shard_stops_leaves_the_request_to_the_ne
         with trio.fail_after(600):
             async with AsyncExitStack() as outer:
                 first = await outer.enter_async_context(
-                    tc.open_runner(
-                        entities=[Vault],
-                        config=runner_config(1, **cfg),
-                        storage=storage,
-                        clock=clock(),
-                    )
+                    open_clocked_runner([Vault], runner_config(1, **cfg), storage)
                 )
                 await first.wait_shards_acquired()
                 client = first.client(Vault)
@@ -130,24 +120,21 @@ async def test_commit_failing_while_the_shard_stops_leaves_the_request_to_the_ne
                     lambda: first.statistics().running_handlers == len(keys),
                     "every handler runs",
                 )
-                served = set(first._sharding.hosts)
+                served = set(first.served_shards())
                 failing = True
-                async with tc.open_runner(
-                    entities=[Vault],
-                    config=runner_config(2, **cfg),
-                    storage=storage,
-                    clock=clock(),
+                async with open_clocked_runner(
+                    [Vault], runner_config(2, **cfg), storage
                 ) as second:
                     # The first runner hands half its shards over: it stops
                     # them gracefully, waiting for their running handlers...
                     await until(
-                        lambda: len(first._sharding.hosts) < len(served),
+                        lambda: len(first.served_shards()) < len(served),
                         "a shard is handed over",
                     )
                     moving = {
                         k
                         for k in keys
-                        if client.address_of(k).shard not in first._sharding.hosts
+                        if client.address_of(k).shard not in first.served_shards()
                     }
                     assert moving
                     Vault.gate.set()  # ... which finish; their commits fail.
@@ -157,7 +144,7 @@ async def test_commit_failing_while_the_shard_stops_leaves_the_request_to_the_ne
                     )
                     await until(
                         lambda: (
-                            not set(first._sharding.hosts) & set(second._sharding.hosts)
+                            not set(first.served_shards()) & set(second.served_shards())
                             and first.statistics().persisted_in_flight
                             == len(keys) - len(moving)
                         ),
@@ -192,40 +179,30 @@ async def test_storage_failure_under_a_handlers_statement_is_retried(
     the error out or swallows it): nothing is recorded, the handler runs
     again after a backoff, and its next outcome is the reply."""
     storage = MemoryStorage()
-    failures = 2
-
-    async def statements_fail(session: str, operation: str) -> None:
-        nonlocal failures
-        if operation == "execute" and failures:
-            failures -= 1
-            raise OSError("connection lost")
-
-    storage.fault_hook = statements_fail
+    storage.fault_hook = FailFirst("execute", 2, "connection lost")
     cfg = config(entity_restart_backoff=0.5, entity_restart_backoff_max=5.0)
     key = f"retried-{swallow}"
     with trio.fail_after(60):
-        async with tc.open_runner(
-            entities=[Vault], config=cfg, storage=storage, clock=clock()
-        ) as runner:
+        async with open_clocked_runner([Vault], cfg, storage) as runner:
             start = trio.current_time()
             ref = runner.client(Vault)("v")
-            if swallow:
-                assert await ref.tally(Job(key, swallow=True)) == 3
-            else:
-                # The third run's own error (no SQL on memory storage) is
-                # the reply, not the first run's storage failure.
-                with pytest.raises(tc.RemoteError, match="has no SQL"):
-                    await ref.tally(Job(key))
+
+            async def tally_replies_with_the_third_outcome() -> None:
+                if swallow:
+                    assert await ref.tally(Job(key, swallow=True)) == 3
+                else:
+                    # The third run's own error (no SQL on memory storage)
+                    # is the reply, not the first run's storage failure.
+                    with pytest.raises(tc.RemoteError, match="has no SQL"):
+                        await ref.tally(Job(key))
+
+            await tally_replies_with_the_third_outcome()
             assert Vault.runs[key] == 3
             # Two backoffs (0.5 s, then 1 s), one restart each.
             assert trio.current_time() - start == pytest.approx(1.5)
             assert runner.statistics().entity_crashes == 2 + (not swallow)
             # The reply is stored: a duplicate gets it without running again.
-            if swallow:
-                assert await ref.tally(Job(key, swallow=True)) == 3
-            else:
-                with pytest.raises(tc.RemoteError, match="has no SQL"):
-                    await ref.tally(Job(key))
+            await tally_replies_with_the_third_outcome()
             assert Vault.runs[key] == 3
 
 
@@ -235,9 +212,7 @@ async def test_statement_error_of_the_handlers_own_is_its_reply(
     """A statement at fault (here: memory storage has no SQL) is a handler
     error like any other: recorded at once, not retried."""
     with trio.fail_after(60):
-        async with tc.open_runner(
-            entities=[Vault], config=config(), clock=clock()
-        ) as runner:
+        async with open_clocked_runner([Vault]) as runner:
             ref = runner.client(Vault)("v")
             for _ in range(2):
                 with pytest.raises(tc.RemoteError, match="has no SQL"):
@@ -254,9 +229,7 @@ async def test_unencodable_reply_of_a_transactional_handler_is_an_error_reply(
     is: encoding it there fails, which rolls back (not crash the runner)."""
     cfg = config(serialize_local_calls=serialize)
     with trio.fail_after(60):
-        async with tc.open_runner(
-            entities=[Vault], config=cfg, clock=clock()
-        ) as runner:
+        async with open_clocked_runner([Vault], cfg) as runner:
             with pytest.raises(tc.MalformedMessageError):
                 await runner.client(Vault)("v").unencodable(Job("x"))
             assert runner.statistics().persisted_in_flight == 0

@@ -1,4 +1,5 @@
-"""Transactional handlers: the handler's writes and its reply commit together."""
+"""Transactional persisted handlers (`trio_cluster._engine._persisted`): the
+handler's writes and its reply commit together."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ import trio
 
 import trio_cluster as tc
 from trio_cluster.abc import StorageSession, StorageTransaction
-from trio_cluster.storage import MemoryStorage
 
-from .helpers import Get, config
-from .test_persisted import clock
+from ..helpers import (
+    Deposit as Transfer,
+    Get,
+    PatchingStorage,
+    config,
+    open_clocked_runner,
+)
 
 
 class JournalTransaction(StorageTransaction):
@@ -35,7 +40,7 @@ class JournalTransaction(StorageTransaction):
         return []
 
 
-class JournalStorage(MemoryStorage):
+class JournalStorage(PatchingStorage):
     """MemoryStorage whose transactions can run journal statements."""
 
     def __init__(self) -> None:
@@ -47,57 +52,42 @@ class JournalStorage(MemoryStorage):
         """Commits that take effect but report a failure (the connection
         dropped before the client heard back: the outcome is unknown)."""
 
-    @asynccontextmanager
-    async def open_session(
-        self, *, name: str, lease_duration: float
-    ) -> AsyncIterator[StorageSession]:
-        async with super().open_session(
-            name=name, lease_duration=lease_duration
-        ) as session:
-            messages = session.messages
-            original_open = messages.open_transaction
-            original_save = messages.save_replies
-            storage = self
+    def patch_session(self, session: StorageSession) -> None:
+        messages = session.messages
+        original_open = messages.open_transaction
+        original_save = messages.save_replies
+        storage = self
 
-            @asynccontextmanager
-            async def open_transaction() -> AsyncIterator[StorageTransaction]:
-                async with original_open() as inner:
-                    wrapper = JournalTransaction(inner, storage.journal)
-                    try:
-                        yield wrapper
-                    except BaseException:
-                        storage.rollbacks += 1
-                        raise
-                    if storage.fail_commits:
-                        storage.fail_commits -= 1
-                        storage.rollbacks += 1
-                        raise tc.PersistenceError(
-                            "commit failed: serialization failure"
-                        )
-                    storage.journal.extend(wrapper.pending)
-                if storage.lose_commit_acks:
-                    storage.lose_commit_acks -= 1
-                    raise tc.PersistenceError("connection lost during COMMIT")
+        @asynccontextmanager
+        async def open_transaction() -> AsyncIterator[StorageTransaction]:
+            async with original_open() as inner:
+                wrapper = JournalTransaction(inner, storage.journal)
+                try:
+                    yield wrapper
+                except BaseException:
+                    storage.rollbacks += 1
+                    raise
+                if storage.fail_commits:
+                    storage.fail_commits -= 1
+                    storage.rollbacks += 1
+                    raise tc.PersistenceError("commit failed: serialization failure")
+                storage.journal.extend(wrapper.pending)
+            if storage.lose_commit_acks:
+                storage.lose_commit_acks -= 1
+                raise tc.PersistenceError("connection lost during COMMIT")
 
-            async def save_replies(
-                replies: Any, *, now: float, transaction: Any = None
-            ) -> Any:
-                inner = (
-                    transaction.inner
-                    if isinstance(transaction, JournalTransaction)
-                    else transaction
-                )
-                return await original_save(replies, now=now, transaction=inner)
+        async def save_replies(
+            replies: Any, *, now: float, transaction: Any = None
+        ) -> Any:
+            inner = (
+                transaction.inner
+                if isinstance(transaction, JournalTransaction)
+                else transaction
+            )
+            return await original_save(replies, now=now, transaction=inner)
 
-            messages.open_transaction = open_transaction  # type: ignore[method-assign]
-            messages.save_replies = save_replies  # type: ignore[method-assign]
-            yield session
-
-
-@attrs.frozen
-class Transfer:
-    tx_id: str
-    amount: int
+        messages.open_transaction = open_transaction  # type: ignore[method-assign]
+        messages.save_replies = save_replies  # type: ignore[method-assign]
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -134,9 +124,7 @@ class Ledger(tc.Entity):
 
 async def test_value_commits_writes_and_reply_together(autojump_clock):
     storage = JournalStorage()
-    async with tc.open_runner(
-        entities=[Ledger], config=config(), storage=storage, clock=clock()
-    ) as runner:
+    async with open_clocked_runner([Ledger], config(), storage) as runner:
         ref = runner.client(Ledger)("l")
         assert await ref.transfer(Transfer("t1", 5)) == "ok t1"
         assert storage.journal == ["insert t1 5"]
@@ -147,9 +135,7 @@ async def test_value_commits_writes_and_reply_together(autojump_clock):
 
 async def test_declared_error_commits_and_crash_rolls_back(autojump_clock):
     storage = JournalStorage()
-    async with tc.open_runner(
-        entities=[Ledger], config=config(), storage=storage, clock=clock()
-    ) as runner:
+    async with open_clocked_runner([Ledger], config(), storage) as runner:
         ref = runner.client(Ledger)("l")
         with pytest.raises(Refused):
             await ref.transfer(Transfer("t2", -1))
@@ -166,9 +152,7 @@ async def test_declared_error_commits_and_crash_rolls_back(autojump_clock):
 
 async def test_interrupted_transactional_handler_rolls_back(autojump_clock):
     storage = JournalStorage()
-    async with tc.open_runner(
-        entities=[Ledger], config=config(), storage=storage, clock=clock()
-    ) as runner:
+    async with open_clocked_runner([Ledger], config(), storage) as runner:
         with trio.move_on_after(1):
             await runner.client(Ledger)("l").slow(Transfer("s", 1))
         await trio.sleep(20)
@@ -180,9 +164,7 @@ async def test_failed_commit_is_retried_after_a_backoff(autojump_clock):
     storage = JournalStorage()
     storage.fail_commits = 2
     cfg = config(entity_restart_backoff=0.5)
-    async with tc.open_runner(
-        entities=[Ledger], config=cfg, storage=storage, clock=clock()
-    ) as runner:
+    async with open_clocked_runner([Ledger], cfg, storage) as runner:
         start = trio.current_time()
         assert await runner.client(Ledger)("l").transfer(Transfer("t4", 1)) == "ok t4"
         assert trio.current_time() - start == pytest.approx(0.5 + 1.0)
@@ -198,9 +180,7 @@ async def test_rerun_after_a_commit_of_unknown_outcome_does_not_apply_twice(
     storage = JournalStorage()
     storage.lose_commit_acks = 1
     cfg = config(entity_restart_backoff=0.5)
-    async with tc.open_runner(
-        entities=[Ledger], config=cfg, storage=storage, clock=clock()
-    ) as runner:
+    async with open_clocked_runner([Ledger], cfg, storage) as runner:
         ref = runner.client(Ledger)("l")
         # The caller hears of the recorded reply (a notification) at once.
         assert await ref.transfer(Transfer("t6", 1)) == "ok t6"
@@ -212,23 +192,12 @@ async def test_rerun_after_a_commit_of_unknown_outcome_does_not_apply_twice(
 
 
 async def test_current_transaction_outside_a_transactional_handler(autojump_clock):
-    async with tc.open_runner(
-        entities=[Ledger], config=config(), clock=clock()
-    ) as runner:
+    async with open_clocked_runner([Ledger]) as runner:
         with pytest.raises(tc.RemoteError, match="no current transaction"):
             await runner.client(Ledger)("l").outside(Get())
 
 
 async def test_memory_storage_transactions_have_no_sql(autojump_clock):
-    async with tc.open_runner(
-        entities=[Ledger], config=config(), clock=clock()
-    ) as runner:
+    async with open_clocked_runner([Ledger]) as runner:
         with pytest.raises(tc.RemoteError, match="has no SQL"):
             await runner.client(Ledger)("l").transfer(Transfer("t5", 1))
-
-
-def test_transactional_needs_persisted():
-    with pytest.raises(
-        tc.EntityDefinitionError, match="transactional=True needs persisted=True"
-    ):
-        tc.rpc(transactional=True)

@@ -3,6 +3,8 @@ and the per-peer send queue that assembles frames."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import msgpack
 import pytest
 import trio
@@ -72,6 +74,17 @@ def test_envelope_size_limit_leaves_room_for_the_header():
     assert "over the limit" in str(caught.value)
 
 
+def assert_malformed(
+    what: str, problem: str, fn: Callable[..., object], *args: object
+) -> None:
+    """``fn(*args)`` raises `MalformedMessageError` about ``what``, whose first
+    problem says ``problem``."""
+    with pytest.raises(MalformedMessageError) as caught:
+        fn(*args)
+    assert caught.value.what == what
+    assert problem in caught.value.problems[0]
+
+
 @pytest.mark.parametrize(
     ("envelope", "problem"),
     [
@@ -85,10 +98,7 @@ def test_envelope_size_limit_leaves_room_for_the_header():
     ],
 )
 def test_unencodable_envelopes_are_malformed(envelope, problem):
-    with pytest.raises(MalformedMessageError) as caught:
-        encode_envelope(envelope, LIMIT)
-    assert caught.value.what == "envelope"
-    assert problem in caught.value.problems[0]
+    assert_malformed("envelope", problem, encode_envelope, envelope, LIMIT)
 
 
 def test_decodable_maps_with_odd_keys_pass():
@@ -113,10 +123,7 @@ def test_decodable_maps_with_odd_keys_pass():
     ],
 )
 def test_bad_frames_are_malformed_without_allocating(data, problem):
-    with pytest.raises(MalformedMessageError) as caught:
-        decode_frame(data, LIMIT)
-    assert caught.value.what == "frame"
-    assert problem in caught.value.problems[0]
+    assert_malformed("frame", problem, decode_frame, data, LIMIT)
 
 
 def test_frame_over_the_limit_is_malformed_before_decoding():

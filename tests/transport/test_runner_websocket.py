@@ -30,25 +30,15 @@ from trio_cluster.transport import WebSocketEndpoint, WebSocketTransport
 from trio_cluster.transport._framing import encode_hello
 from trio_cluster.transport._ws_handshake import RESOURCE
 
-from ..helpers import config
+from ..helpers import Add, Get as Status, config
 
 TIMEOUT = 15
 SHARDS = 8
 
 
 @attrs.frozen
-class Add:
-    amount: int
-
-
-@attrs.frozen
 class Hang:
     tag: str
-
-
-@attrs.frozen
-class Status:
-    pass
 
 
 @attrs.frozen
@@ -157,7 +147,7 @@ async def open_pair() -> AsyncIterator[tuple[tc.Runner, tc.Runner]]:
 
 
 def endpoint_of(runner: tc.Runner) -> WebSocketEndpoint:
-    outbound = runner._router.outbound
+    outbound = runner._parts.router.outbound
     assert outbound is not None
     endpoint = outbound._endpoint
     assert isinstance(endpoint, WebSocketEndpoint)
@@ -169,7 +159,7 @@ def remote_id(sender: tc.Runner, *, skip: int = 0) -> str:
     client = sender.client(Tally)
     found = 0
     for i in range(1000):
-        if client.address_of(f"t{i}").shard not in sender._sharding.hosts:
+        if client.address_of(f"t{i}").shard not in sender.served_shards():
             if found == skip:
                 return f"t{i}"
             found += 1
@@ -360,4 +350,4 @@ async def test_bad_envelopes_are_refused_and_the_runner_keeps_serving(caplog):
             # The runtime decoded both errors as typed on a real caller's side:
             # check with a real call, and that the runner serves everyone.
             assert await second.client(Tally)(entity).add(Add(1)) == 5
-            assert endpoint_of(first)._handler.malformed == 3  # type: ignore[attr-defined]
+            assert endpoint_of(first)._handler._target.malformed == 3  # type: ignore[attr-defined]

@@ -150,6 +150,22 @@ async def wait_connected(endpoint: Endpoint, peer: RunnerAddress) -> None:
         await trio.sleep(0.005)
 
 
+@asynccontextmanager
+async def two_endpoints(
+    transport: WebSocketTransport,
+) -> AsyncIterator[
+    tuple[WebSocketEndpoint, RecordingHandler, WebSocketEndpoint, RecordingHandler]
+]:
+    """Two endpoints of ``transport`` on loopback: ``(a, ha, b, hb)``, each
+    endpoint with its recording handler."""
+    ha, hb = RecordingHandler(), RecordingHandler()
+    async with (
+        transport.open_endpoint(LOCALHOST, ha) as a,
+        transport.open_endpoint(LOCALHOST, hb) as b,
+    ):
+        yield a, ha, b, hb
+
+
 async def still_works(a: Endpoint, c: Endpoint, hc: RecordingHandler) -> None:
     """The normal peer ``c`` of ``a`` still gets envelopes from it."""
     before = len(hc.received)
@@ -182,12 +198,8 @@ async def still_works(a: Endpoint, c: Endpoint, hc: RecordingHandler) -> None:
 async def test_bad_hello_is_refused_with_a_reason(
     transport, caplog, first, code, problem
 ):
-    ha, hc = RecordingHandler(), RecordingHandler()
     with trio.fail_after(TIMEOUT), caplog.at_level(logging.INFO, logger=LOG):
-        async with (
-            transport.open_endpoint(LOCALHOST, ha) as a,
-            transport.open_endpoint(LOCALHOST, hc) as c,
-        ):
+        async with two_endpoints(transport) as (a, ha, c, hc):
             await still_works(a, c, hc)
             async with raw_client(a) as ws:
                 await ws.send_message(first)
@@ -228,12 +240,8 @@ async def test_own_address_in_a_hello_is_refused(transport, caplog):
 async def test_bad_frame_closes_only_that_connection(
     transport, caplog, message, code, problem
 ):
-    ha, hc = RecordingHandler(), RecordingHandler()
     with trio.fail_after(TIMEOUT), caplog.at_level(logging.INFO, logger=LOG):
-        async with (
-            transport.open_endpoint(LOCALHOST, ha) as a,
-            transport.open_endpoint(LOCALHOST, hc) as c,
-        ):
+        async with two_endpoints(transport) as (a, ha, c, hc):
             await still_works(a, c, hc)
             me = RunnerAddress("127.0.0.1", free_port())
             async with raw_client(a) as ws:
@@ -321,6 +329,24 @@ async def fake_server(
         nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def dialing(
+    transport: WebSocketTransport,
+    serve: Callable[[trio_websocket.WebSocketRequest, RunnerAddress], Awaitable[None]],
+    *,
+    server_host: str = "127.0.0.1",
+    host: str = "127.0.0.1",
+) -> AsyncIterator[tuple[RunnerAddress, WebSocketEndpoint, RecordingHandler]]:
+    """A `fake_server` running ``serve`` at ``server_host``, and an endpoint
+    at ``host`` to dial it: ``(server address, endpoint, its handler)``."""
+    handler = RecordingHandler()
+    async with (
+        fake_server(serve, host=server_host) as where,
+        transport.open_endpoint(RunnerAddress(host, 0), handler) as endpoint,
+    ):
+        yield where, endpoint, handler
+
+
 async def test_server_with_another_version_is_refused(transport, caplog):
     async def old_server(request, address):
         ws = await request.accept()
@@ -331,12 +357,8 @@ async def test_server_with_another_version_is_refused(transport, caplog):
         assert ws.closed is not None
         assert ws.closed.code == CloseCode.PROTOCOL_ERROR
 
-    handler = RecordingHandler()
     with trio.fail_after(TIMEOUT), caplog.at_level(logging.INFO, logger=LOG):
-        async with (
-            fake_server(old_server) as where,
-            transport.open_endpoint(LOCALHOST, handler) as a,
-        ):
+        async with dialing(transport, old_server) as (where, a, handler):
             a.send_nowait(where, ["hi"])
             await handler.wait_lost(where)
             [(_, reason)] = handler.lost
@@ -360,12 +382,8 @@ async def test_server_announcing_another_address_is_refused(transport):
             "the endpoint did not close the connection"
         )  # pragma: no cover
 
-    handler = RecordingHandler()
     with trio.fail_after(TIMEOUT):
-        async with (
-            fake_server(impostor) as where,
-            transport.open_endpoint(LOCALHOST, handler) as a,
-        ):
+        async with dialing(transport, impostor) as (where, a, handler):
             a.send_nowait(where, ["hi"])
             await handler.wait_lost(where)
             assert "announced itself as 10.9.9.9:1" in handler.lost[0][1]
@@ -378,12 +396,8 @@ async def test_connect_timeout_is_a_failure():
         await request.accept()
         await trio.sleep_forever()
 
-    handler = RecordingHandler()
     with trio.fail_after(TIMEOUT):
-        async with (
-            fake_server(silent) as where,
-            transport.open_endpoint(LOCALHOST, handler) as a,
-        ):
+        async with dialing(transport, silent) as (where, a, handler):
             start = trio.current_time()
             a.send_nowait(where, ["hi"])
             await handler.wait_lost(where)
@@ -431,12 +445,8 @@ async def test_backoff_grows_after_each_failure():
 
 async def test_simultaneous_dials_keep_the_lower_addresss_connection(transport):
     for _ in range(5):
-        ha, hb = RecordingHandler(), RecordingHandler()
         with trio.fail_after(TIMEOUT):
-            async with (
-                transport.open_endpoint(LOCALHOST, ha) as a,
-                transport.open_endpoint(LOCALHOST, hb) as b,
-            ):
+            async with two_endpoints(transport) as (a, ha, b, hb):
                 a.send_nowait(b.address, ["from a"])
                 b.send_nowait(a.address, ["from b"])
                 await ha.wait_received(1)
@@ -446,8 +456,12 @@ async def test_simultaneous_dials_keep_the_lower_addresss_connection(transport):
                 low, high = sorted([a, b], key=lambda e: e.address)
                 assert low.statistics().connects == 1
                 assert high.statistics().connects == 1
-                assert low._peers[high.address].connection.initiated
-                assert not high._peers[low.address].connection.initiated
+                dialed = low._peers[high.address].connection
+                accepted = high._peers[low.address].connection
+                assert dialed is not None
+                assert dialed.initiated
+                assert accepted is not None
+                assert not accepted.initiated
                 assert ha.lost == hb.lost == []
 
 
@@ -463,13 +477,10 @@ async def test_a_lower_peers_connection_wins_over_our_pending_dial():
         await release.wait()
         await ws.aclose(CloseCode.DUPLICATE, "duplicate")
 
-    transport = make_transport()
-    handler = RecordingHandler()
     with trio.fail_after(TIMEOUT):
-        async with (
-            fake_server(slow_lower, host="127.0.0.1") as lower,
-            transport.open_endpoint(RunnerAddress("127.0.0.2", 0), handler) as a,
-        ):
+        async with dialing(
+            make_transport(), slow_lower, server_host="127.0.0.1", host="127.0.0.2"
+        ) as (lower, a, handler):
             a.send_nowait(lower, ["queued while dialing"])
             async with raw_client(a) as ws:
                 await ws.send_message(encode_hello(lower))
@@ -499,13 +510,10 @@ async def test_a_higher_peer_is_refused_while_we_dial_it():
         got_hi.set()
         await ws.get_message()
 
-    transport = make_transport()
-    handler = RecordingHandler()
     with trio.fail_after(TIMEOUT):
-        async with (
-            fake_server(slow_higher, host="127.0.0.2") as higher,
-            transport.open_endpoint(RunnerAddress("127.0.0.1", 0), handler) as a,
-        ):
+        async with dialing(
+            make_transport(), slow_higher, server_host="127.0.0.2", host="127.0.0.1"
+        ) as (higher, a, handler):
             a.send_nowait(higher, ["hi"])
             await trio.sleep(0.1)
             async with raw_client(a) as ws:
@@ -603,12 +611,8 @@ async def test_peer_that_stops_answering_pings_is_lost_within_the_timeout():
 
 async def test_pings_keep_an_idle_connection_up():
     transport = make_transport(ping_interval=0.02, ping_timeout=0.5)
-    ha, hb = RecordingHandler(), RecordingHandler()
     with trio.fail_after(TIMEOUT):
-        async with (
-            transport.open_endpoint(LOCALHOST, ha) as a,
-            transport.open_endpoint(LOCALHOST, hb) as b,
-        ):
+        async with two_endpoints(transport) as (a, ha, b, hb):
             a.send_nowait(b.address, ["x"])
             await hb.wait_received(1)
             await trio.sleep(0.3)
@@ -683,12 +687,8 @@ async def test_tls_round_trip(certificate):
     server.load_cert_chain(cert, key)
     client = ssl.create_default_context(cafile=cert)
     transport = make_transport(server_ssl_context=server, client_ssl_context=client)
-    ha, hb = RecordingHandler(), RecordingHandler()
     with trio.fail_after(TIMEOUT):
-        async with (
-            transport.open_endpoint(LOCALHOST, ha) as a,
-            transport.open_endpoint(LOCALHOST, hb) as b,
-        ):
+        async with two_endpoints(transport) as (a, ha, b, hb):
             a.send_nowait(b.address, ["secret"])
             await hb.wait_received(1)
             b.send_nowait(a.address, ["reply"])

@@ -16,13 +16,12 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from .._context import current_runner
 from .._core._addresses import RunnerAddress
 from .._core._config import ShardingConfig
 from .._entity import Entity
 from .._errors import ClusterError
 from .._handlers import rpc
-from .._runner import Runner, open_runner
+from .._runner import Runner, current_runner, open_runner
 from ..storage._memory._storage import MemoryStorage
 from ..transport import MemoryNetwork, MemoryTransport
 

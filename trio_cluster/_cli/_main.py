@@ -20,14 +20,17 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import trio
 
 __all__ = ["main"]
 
 log = logging.getLogger("trio_cluster.cli")
+
+
+T = TypeVar("T")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -86,12 +89,12 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..storage import postgres
+    from ..storage import PostgresStorage
     from ..transport import WebSocketTransport
 
     options = load_target(args.target)
     config = _config(args)
-    storage = postgres(args.dsn, table_prefix=args.prefix)
+    storage = PostgresStorage(args.dsn, table_prefix=args.prefix)
     transport = WebSocketTransport()
     trio.run(_serve, options, config, storage, transport, args.metrics)
     return 0
@@ -139,35 +142,43 @@ async def _serve(
     print(json.dumps({"event": "stopped"}), flush=True)
 
 
-def _migrate(args: argparse.Namespace) -> int:
-    """Exit status 0, 1 if the database failed, 2 for a bad DSN or prefix."""
+def _run_db_command(
+    command: str, fn: Callable[[], Awaitable[T]]
+) -> tuple[int, T | None]:
+    """Run a database command's coroutine: ``(0, result)``, or, after printing
+    one line, ``(1, None)`` if the database failed and ``(2, None)`` for a bad
+    DSN or prefix (`ConfigError`)."""
     from .._errors import ConfigError, PersistenceError
-    from ..storage import migrate
 
     try:
-        version = trio.run(lambda: migrate(args.dsn, table_prefix=args.prefix))
+        return 0, trio.run(fn)
     except (ConfigError, PersistenceError) as exc:
-        print(f"trio-cluster migrate: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
-    print(f"schema {args.prefix!r} is at version {version}")
-    return 0
+        print(f"trio-cluster {command}: {exc}", file=sys.stderr)
+        return (2 if isinstance(exc, ConfigError) else 1), None
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    """Exit status 0, 1 if the database failed, 2 for a bad DSN or prefix."""
+    from ..storage import migrate
+
+    code, version = _run_db_command(
+        "migrate", lambda: migrate(args.dsn, table_prefix=args.prefix)
+    )
+    if version is not None:
+        print(f"schema {args.prefix!r} is at version {version}")
+    return code
 
 
 def _status(args: argparse.Namespace) -> int:
     """Exit status 0, 1 if the database failed, 2 for a bad DSN or prefix."""
-    from .._errors import ConfigError, PersistenceError
-    from ..storage._postgres._storage import cluster_status
+    from ..storage import cluster_status
 
-    try:
-        status = trio.run(lambda: cluster_status(args.dsn, table_prefix=args.prefix))
-    except (ConfigError, PersistenceError) as exc:
-        print(f"trio-cluster status: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
-    if args.json:
-        print(json.dumps(status.to_dict(), indent=2))
-    else:
-        print(status.render())
-    return 0
+    code, status = _run_db_command(
+        "status", lambda: cluster_status(args.dsn, table_prefix=args.prefix)
+    )
+    if status is not None:
+        print(json.dumps(status.to_dict(), indent=2) if args.json else status.render())
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:

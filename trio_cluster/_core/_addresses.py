@@ -7,7 +7,7 @@ messages and storage keys, and a ``parse`` classmethod that inverts it.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import attrs
 
@@ -15,6 +15,7 @@ T = TypeVar("T")
 
 __all__ = [
     "MAX_ENTITY_ID_LENGTH",
+    "Addressed",
     "EntityAddress",
     "EntityId",
     "RunnerAddress",
@@ -121,3 +122,11 @@ class RunnerAddress:
         ):
             raise ValueError(f"not a runner address: {text!r} (expected 'host:port')")
         return cls(host, int(port))
+
+
+class Addressed(Protocol):
+    """Anything with an entity address: an entity instance, seen by modules
+    that must not import the entity class (it imports them)."""
+
+    @property
+    def address(self) -> EntityAddress: ...

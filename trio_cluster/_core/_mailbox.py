@@ -19,6 +19,8 @@ import enum
 from collections import deque
 from typing import Generic, TypeVar
 
+from .._errors import ClusterInternalError
+
 __all__ = ["Admission", "Mailbox"]
 
 J = TypeVar("J")
@@ -94,7 +96,7 @@ class Mailbox(Generic[J]):
         """A running job finished: return the next job to start, with the
         permit already transferred to it, or None."""
         if self.running < 1:
-            raise RuntimeError("release() without a running job")
+            raise ClusterInternalError("release() without a running job")
         self.running -= 1
         return self._grant()
 

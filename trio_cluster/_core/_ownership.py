@@ -188,14 +188,6 @@ class Ownership:
             commands.insert(0, ExtendLeases(frozenset(extended), deadline))
         return commands
 
-    def expire(self, now: float) -> list[Command]:
-        """Stop (forced) every serving shard whose lease deadline has passed."""
-        return [
-            self._stop(shard, record, graceful=False)
-            for shard, record in self._records.items()
-            if record.phase is Phase.SERVING and record.deadline <= now
-        ]
-
     def lapsed(self, shard: ShardId) -> list[Command]:
         """The driver saw the lease of a serving shard run out (its scope was
         cancelled by the deadline): stop it, forced."""

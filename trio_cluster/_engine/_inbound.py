@@ -14,7 +14,7 @@ Bad envelopes are logged and dropped; they never disturb other requests.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 
@@ -32,19 +32,20 @@ from ._streams import STREAM_BUFFER, open_stream_channel
 from ._wire import Kind, Mode, address_from, parse
 
 if TYPE_CHECKING:
-    from .._broadcast import Broadcasts
-    from .._core._addresses import RunnerAddress
-    from .._registry import Handler, Registry
-    from .._runner import Runner
+    from .._context import RunnerContext
+    from .._core._addresses import EntityAddress, RunnerAddress
+    from .._registry import EntityType, Handler, Registry
     from .._transport_abc import Endpoint, Envelope
     from ..serialization._replies import Exit
+    from ._broadcasts import Broadcasts
     from ._manager import EntityManager
     from ._persisted import PersistedDelivery
     from ._remote import OutboundCalls
+    from ._shard_table import ShardTable
     from ._sharding import Sharding
-    from ._slots import Job, Sink
+    from ._slots import Job, ShardHost, Sink
 
-__all__ = ["ClusterHandler", "InboundCalls"]
+__all__ = ["ClusterHandler", "HandlerRelay", "InboundCalls"]
 
 log = logging.getLogger("trio_cluster.transport")
 
@@ -70,6 +71,16 @@ class _Credit:
         self.available -= 1
 
 
+class _Target(NamedTuple):
+    """A request resolved to what runs it."""
+
+    host: ShardHost
+    address: EntityAddress
+    entity_type: EntityType
+    handler: Handler
+    message: Any
+
+
 class InboundCalls:
     """Requests other runners sent to entities this runner serves."""
 
@@ -77,12 +88,12 @@ class InboundCalls:
         self,
         *,
         endpoint: Endpoint,
-        sharding: Sharding,
+        shards: ShardTable,
         manager: EntityManager,
         registry: Registry,
     ) -> None:
         self._endpoint = endpoint
-        self._sharding = sharding
+        self._shards = shards
         self._manager = manager
         self._registry = registry
         self._jobs: dict[tuple[RunnerAddress, int], Job] = {}
@@ -99,6 +110,11 @@ class InboundCalls:
             log.info("could not answer %s: %s", peer, exc)
 
     def request(self, peer: RunnerAddress, fields: list[Any]) -> None:
+        """A ``REQUEST`` envelope's fields: run it here, or answer why not.
+
+        Raises:
+            MalformedMessageError: the mode is unknown (the caller logs it).
+        """
         call_id, mode_value, *where, tag, payload, left = fields
         if self._seen(peer, call_id):
             # NOTE: a transport that delivers a frame twice must not make a
@@ -111,8 +127,22 @@ class InboundCalls:
             raise MalformedMessageError(
                 what="REQUEST envelope", problems=[f"unknown mode {mode_value}"]
             )
-        address = address_from(where)
-        host = self._sharding.hosts.get(address.shard)
+        target = self._resolve(peer, call_id, mode, address_from(where), tag, payload)
+        if target is not None:
+            self._start(peer, call_id, mode, target, left)
+
+    def _resolve(
+        self,
+        peer: RunnerAddress,
+        call_id: int,
+        mode: Mode,
+        address: EntityAddress,
+        tag: str,
+        payload: bytes,
+    ) -> _Target | None:
+        """The host, entity type, handler and decoded message of a request,
+        or None after answering why it cannot run here."""
+        host = self._shards.hosts.get(address.shard)
         if host is None:
             if mode is not Mode.DISCARD:
                 self._send(
@@ -123,7 +153,7 @@ class InboundCalls:
                         f"{self._endpoint.address} does not serve {address.shard}",
                     ],
                 )
-            return
+            return None
         entity_type = self._registry.get(address.entity_type)
         handler = None if entity_type is None else entity_type.handlers.get(tag)
         if entity_type is None or handler is None:
@@ -132,21 +162,33 @@ class InboundCalls:
                 handler=None if entity_type is None else tag,
             )
             self._answer_error(peer, call_id, mode, handler, error)
-            return
+            return None
         try:
             message = handler.message.decode(payload)
         except MalformedMessageError as exc:
             self._answer_error(peer, call_id, mode, handler, exc)
-            return
-        key = (peer, call_id)
-        send = None
+            return None
+        return _Target(host, address, entity_type, handler, message)
+
+    def _start(
+        self,
+        peer: RunnerAddress,
+        call_id: int,
+        mode: Mode,
+        target: _Target,
+        left: float | None,
+    ) -> None:
+        """Run a resolved request: at once if it cannot suspend (the fast
+        path), else as a detached or stream job whose outcome goes back."""
+        host, address, handler = target.host, target.address, target.handler
+        send = receive = None
         if mode is Mode.STREAM:
             send, receive = open_stream_channel()
         try:
             if mode is not Mode.STREAM:
                 # The fast path: a handler that cannot suspend runs right here.
                 exit_ = self._manager.run_nowait(
-                    host, address, entity_type, handler, message
+                    host, address, target.entity_type, handler, target.message
                 )
                 if exit_ is not None:
                     self.handled += 1
@@ -155,9 +197,9 @@ class InboundCalls:
             job = self._manager.submit(
                 host,
                 address,
-                entity_type,
+                target.entity_type,
                 handler,
-                message,
+                target.message,
                 kind=JobKind.STREAM if mode is Mode.STREAM else JobKind.DETACHED,
                 sink=self._reply_sink(peer, call_id) if mode is Mode.CALL else None,
                 stream_channel=send,
@@ -176,8 +218,9 @@ class InboundCalls:
             job.deadline = trio.current_time() + left
         if mode is Mode.DISCARD:
             return
+        key = (peer, call_id)
         self._jobs[key] = job
-        if mode is Mode.STREAM:
+        if receive is not None:
             credit = self._credits[key] = _Credit()
             assert host.nursery is not None
             host.nursery.start_soon(self._pump, peer, call_id, handler, receive, credit)
@@ -297,46 +340,40 @@ def _encode(handler: Handler, exit_: Exit) -> bytes:
 
 
 class ClusterHandler(EndpointHandler):
-    """Dispatches envelopes from peers to the caller and owner sides.
+    """Dispatches envelopes from peers to the caller and owner sides."""
 
-    Created before the endpoint (which needs it) and attached once the
-    runner's parts exist; envelopes arriving before that are dropped (no
-    peer knows this runner before it registers).
-    """
-
-    def __init__(self) -> None:
-        self.outbound: OutboundCalls | None = None
-        self.inbound: InboundCalls | None = None
-        self._sharding: Sharding | None = None
-        self._persisted: PersistedDelivery | None = None
-        self._broadcasts: Broadcasts | None = None
-        self._runner: Runner | None = None
-        self.malformed = 0
-
-    def attach(
+    def __init__(
         self,
         *,
-        runner: Runner,
         outbound: OutboundCalls,
         inbound: InboundCalls,
         sharding: Sharding,
         persisted: PersistedDelivery,
         broadcasts: Broadcasts,
+        context: RunnerContext,
     ) -> None:
-        self._runner = runner
+        """
+        Args:
+            outbound: the caller side (replies, stream items).
+            inbound: the owner side (requests, credits, interrupts).
+            sharding: polled again when a peer is lost.
+            persisted: persisted-request notices and replies.
+            broadcasts: broadcasts from peers.
+            context: the current runner handlers dispatched from here see.
+        """
         self.outbound = outbound
         self.inbound = inbound
         self._sharding = sharding
         self._persisted = persisted
         self._broadcasts = broadcasts
+        self._context = context
+        self.malformed = 0
 
     def envelope_received(self, peer: RunnerAddress, envelope: Envelope) -> None:
         # The transport may call from any task (a memory link runs in the
         # sender's context): dispatch in this runner's context, so handlers,
         # tasks they start and log records see the right runner.
-        if self._runner is None:
-            return  # still starting
-        runner_token = current_runner_var.set(self._runner)
+        runner_token = current_runner_var.set(self._context)
         entity_token = current_entity_var.set(None)
         try:
             self._dispatch(peer, envelope)
@@ -346,15 +383,7 @@ class ClusterHandler(EndpointHandler):
 
     def _dispatch(self, peer: RunnerAddress, envelope: Envelope) -> None:
         outbound, inbound = self.outbound, self.inbound
-
         persisted, broadcasts = self._persisted, self._broadcasts
-        if (
-            outbound is None
-            or inbound is None
-            or persisted is None
-            or broadcasts is None
-        ):
-            return  # still starting
         try:
             kind, fields = parse(envelope)
             if kind is Kind.REQUEST:
@@ -386,9 +415,35 @@ class ClusterHandler(EndpointHandler):
 
     def peer_lost(self, peer: RunnerAddress, reason: str) -> None:
         log.info("lost the connection to %s: %s", peer, reason)
-        if self.outbound is not None:
-            self.outbound.peer_lost(peer)
-        if self.inbound is not None:
-            self.inbound.peer_lost(peer)
-        if self._sharding is not None:
-            self._sharding.poll_soon()
+        self.outbound.peer_lost(peer)
+        self.inbound.peer_lost(peer)
+        self._sharding.poll_soon()
+
+
+class HandlerRelay(EndpointHandler):
+    """The endpoint's handler until the runner's parts exist.
+
+    A transport needs its handler to open the endpoint, and the parts that
+    answer envelopes need the open endpoint: the assembly opens the endpoint
+    with a relay and binds the `ClusterHandler` once, when the parts are
+    built. Envelopes before that are dropped (no peer knows this runner
+    before it registers, which happens after the binding).
+    """
+
+    __slots__ = ("_target",)
+
+    def __init__(self) -> None:
+        self._target: EndpointHandler | None = None
+
+    def bind(self, target: EndpointHandler) -> None:
+        """Send every envelope and loss to ``target`` from now on (once)."""
+        assert self._target is None, "a relay is bound once"
+        self._target = target
+
+    def envelope_received(self, peer: RunnerAddress, envelope: Envelope) -> None:
+        if self._target is not None:
+            self._target.envelope_received(peer, envelope)
+
+    def peer_lost(self, peer: RunnerAddress, reason: str) -> None:
+        if self._target is not None:
+            self._target.peer_lost(peer, reason)

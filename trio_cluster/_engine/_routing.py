@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .._context import current_runner_var
+from .._context import enter_runner, leave_runner
 from .._core._histogram import Histogram
-from .._errors import ClusterError, EntityNotAssignedError, MessageTooLargeError
+from .._errors import EntityNotAssignedError, MessageTooLargeError
+from .._errors._closed import RunnerClosedError
 from ._manager import NotDelivered
 from ._remote import NotSent, RouteAgain
 from ._slots import JobKind
@@ -33,23 +34,16 @@ from ._streams import StreamReceiver, consume, open_stream_channel
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from .._context import RunnerContext
     from .._core._addresses import EntityAddress, RunnerAddress
     from .._core._config import ShardingConfig
     from .._registry import EntityType, Handler
-    from .._runner import Runner
     from ._manager import EntityManager
     from ._persisted import PersistedDelivery
     from ._remote import OutboundCalls
-    from ._sharding import Sharding
+    from ._shard_table import ShardTable
 
-__all__ = ["Router", "RunnerClosedError"]
-
-
-class RunnerClosedError(ClusterError, trio.ClosedResourceError):
-    """The runner is shut down (or shutting down): it takes no more calls."""
-
-
-RunnerClosedError.__module__ = "trio_cluster"
+__all__ = ["Router"]
 
 
 class Router:
@@ -58,25 +52,39 @@ class Router:
     def __init__(
         self,
         *,
-        runner: Runner,
         config: ShardingConfig,
-        sharding: Sharding,
+        shards: ShardTable,
         manager: EntityManager,
         persisted: PersistedDelivery,
+        outbound: OutboundCalls | None,
+        context: RunnerContext,
     ) -> None:
-        self._runner = runner
+        """
+        Args:
+            config: the runner's policies.
+            shards: which shards are served here, and the assignment.
+            manager: runs local handlers.
+            persisted: sends persisted requests.
+            outbound: calls to other runners; None without a transport.
+            context: what handlers started from a call see as their
+                current runner (the façade).
+        """
+        self._context = context
         self._config = config
-        self._sharding = sharding
+        self._shards = shards
         self._manager = manager
         self._persisted = persisted
         self._serialize = config.serialize_local_calls
-        self.outbound: OutboundCalls | None = None
-        """Set when the runner has a transport."""
+        self.outbound = outbound
         self.closed = False
         self.remote_calls = 0
         self.latency = {"volatile": Histogram(), "persisted": Histogram()}
         """Caller-observed latency of rpc calls (completed, failed or
         cancelled), per delivery kind, in seconds."""
+
+    def close(self) -> None:
+        """Take no more calls (the runner is shutting down)."""
+        self.closed = True
 
     def check_open(self) -> None:
         if self.closed:
@@ -93,8 +101,8 @@ class Router:
     def _remote_owner(self, address: EntityAddress) -> RunnerAddress | None:
         if self.outbound is None:
             return None
-        owner = self._sharding.assignment.get(address.shard)
-        return None if owner is None or owner == self._sharding.address else owner
+        owner = self._shards.assignment.get(address.shard)
+        return None if owner is None or owner == self._shards.address else owner
 
     async def _wait(self, address: EntityAddress, deadline: float | None) -> float:
         """Wait for the routing to change; return the (set) routing deadline.
@@ -107,9 +115,9 @@ class Router:
         now = trio.current_time()
         if deadline is None:
             deadline = now + self._config.send_retry_timeout
-        if now >= deadline or not self._sharding.hosts_group(address.shard.group):
+        if now >= deadline or not self._shards.hosts_group(address.shard.group):
             raise EntityNotAssignedError(address=str(address))
-        await self._sharding.wait_changed(
+        await self._shards.wait_changed(
             min(deadline, now + self._config.send_retry_interval)
         )
         self.check_open()
@@ -125,11 +133,7 @@ class Router:
         """A call through a client handle (see `BoundRpc.__call__`)."""
         self.check_open()
         started = perf_counter()
-        token = (
-            None
-            if current_runner_var.get(None) is self._runner
-            else current_runner_var.set(self._runner)
-        )
+        token = enter_runner(self._context)
         persisted = handler.spec.persisted
         try:
             if persisted:
@@ -142,7 +146,7 @@ class Router:
             )
             deadline: float | None = None
             while True:
-                host = self._sharding.hosts.get(address.shard)
+                host = self._shards.hosts.get(address.shard)
                 if host is not None:
                     try:
                         return await self._manager.call(
@@ -164,8 +168,7 @@ class Router:
             self.latency["persisted" if persisted else "volatile"].observe(
                 perf_counter() - started
             )
-            if token is not None:
-                current_runner_var.reset(token)
+            leave_runner(token)
 
     async def discard(
         self,
@@ -180,16 +183,11 @@ class Router:
         # inherits this context: it must name this runner (found by the
         # simulator: a discard from outside the runner's tasks ran handlers
         # where `current_runner()` failed).
-        token = (
-            None
-            if current_runner_var.get(None) is self._runner
-            else current_runner_var.set(self._runner)
-        )
+        token = enter_runner(self._context)
         try:
             await self._discard(entity_type, address, handler, message)
         finally:
-            if token is not None:
-                current_runner_var.reset(token)
+            leave_runner(token)
 
     async def _discard(
         self,
@@ -207,7 +205,7 @@ class Router:
         local_message = message if payload is None else handler.message.decode(payload)
         deadline: float | None = None
         while True:
-            host = self._sharding.hosts.get(address.shard)
+            host = self._shards.hosts.get(address.shard)
             if host is not None:
                 try:
                     self._manager.submit(
@@ -247,7 +245,7 @@ class Router:
         local_message = message if payload is None else handler.message.decode(payload)
         deadline: float | None = None
         while True:
-            host = self._sharding.hosts.get(address.shard)
+            host = self._shards.hosts.get(address.shard)
             if host is not None:
                 send, receive = open_stream_channel()
                 try:

@@ -18,8 +18,7 @@ taken by anyone else. Every storage operation runs under a deadline.
 from __future__ import annotations
 
 import logging
-import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, assert_never
 
 import trio
 
@@ -31,25 +30,26 @@ from .._core._ownership import (
     StartShard,
     StopShard,
 )
+from .._core._retry import Backoff
 from .._core._ring import Member, assign_shards
 from .._errors import PersistenceError
 from .._storage_abc import RunnerInfo, RunnerStorage
 from ._slots import ShardHost, ShardState
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Iterable, Sequence
 
     from .._core._addresses import RunnerAddress, ShardId
     from .._core._config import ShardingConfig
     from .._core._ownership import Command
+    from .._core._snowflake import SnowflakeGenerator
+    from ._listeners import Listeners
     from ._manager import EntityManager
+    from ._shard_table import ShardTable
 
 __all__ = ["Sharding"]
 
 log = logging.getLogger("trio_cluster.sharding")
-
-MEMBERSHIP_POLL_INTERVAL = 0.25
-"""Seconds between polls of the live runners (and retries of wanted shards)."""
 
 
 class Sharding:
@@ -59,55 +59,58 @@ class Sharding:
         self,
         *,
         config: ShardingConfig,
+        table: ShardTable,
         runners: RunnerStorage,
         manager: EntityManager,
-        on_shard_started: Callable[[ShardHost], None] = lambda host: None,
+        listeners: Listeners,
+        ids: SnowflakeGenerator,
+        on_shard_started: Sequence[Callable[[ShardHost], None]] = (),
     ) -> None:
+        """
+        Args:
+            config: the runner's policies (address, groups, lease timing).
+            table: the state it maintains for the other parts to read.
+            runners: the storage session's runner registry and shard locks.
+            manager: runs the served shards' entities (and stops them).
+            listeners: told of shard lifecycle events.
+            ids: the runner's id generator; registration sets its machine id.
+            on_shard_started: the engine's own hooks, called with each host
+                that starts serving (persisted delivery, singletons).
+        """
         self._config = config
         self._runners = runners
         self._manager = manager
-        self._on_shard_started = on_shard_started
+        self._listeners = listeners
+        self._ids = ids
+        self._on_shard_started = tuple(on_shard_started)
+        self.table = table
         self.address: RunnerAddress = config.runner_address
         self.ownership = Ownership(
             lease_duration=config.lease_duration,
             refresh_interval=config.lease_refresh_interval,
         )
-        self.hosts: dict[ShardId, ShardHost] = {}
-        """Shards served now (ACTIVE hosts only)."""
-        self.assignment: dict[ShardId, RunnerAddress] = {}
         self._members: frozenset[Member] = frozenset()
         self._mine: list[ShardId] = []
-        self.live: list[RunnerInfo] = []
-        self.machine_id: int | None = None
-        self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._shard_tasks: dict[ShardId, trio.Event] = {}
+        self._alive: set[ShardHost] = set()
+        """Every host whose task has not ended: serving, stopping, or
+        stopped while starting (what `abort` must cut)."""
+        self._cleanups: set[trio.CancelScope] = set()
+        """Shielded stop scopes in progress (`abort` cancels them too)."""
         self._closing = False
         self._poll_now = trio.Event()
+        self._release_backoff = Backoff(0.05, config.lease_refresh_interval)
         self.failovers = 0
 
     # ------------------------------------------------------------------
-    # Queries used by routing
+    # Queries
 
-    def host(self, shard: ShardId) -> ShardHost | None:
-        """The host serving ``shard`` here, if it is active."""
-        return self.hosts.get(shard)
-
-    def serving_epochs(self) -> dict[ShardId, int]:
-        return {shard: host.epoch for shard, host in self.hosts.items()}
-
-    def hosts_group(self, group: str) -> bool:
-        """Whether any live runner hosts ``group`` (as of the last poll)."""
-        return any(group in runner.groups for runner in self.live)
-
-    async def wait_changed(self, deadline: float) -> None:
-        """Wait until the served shards or the assignment change, or ``deadline``."""
-        with trio.move_on_at(deadline):
-            await self._changed.wait()
-
-    def _signal_changed(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+    def serves_all_assigned(self) -> bool:
+        """Whether every shard assigned to this runner is served here."""
+        return not self.ownership.wanted() and len(self.table.hosts) >= len(
+            self.ownership.assigned
+        )
 
     # ------------------------------------------------------------------
     # Lifecycle
@@ -127,7 +130,8 @@ class Sharding:
             weight=self._config.runner_weight,
         )
         with trio.fail_after(self._operation_timeout):
-            self.machine_id = await self._runners.register(info)
+            self.table.machine_id = await self._runners.register(info)
+        self._ids.machine_id = self.table.machine_id
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await self._poll_assignment()
@@ -142,7 +146,7 @@ class Sharding:
 
     async def _assignment_loop(self) -> None:
         while True:
-            with trio.move_on_after(MEMBERSHIP_POLL_INTERVAL):
+            with trio.move_on_after(self._config.membership_poll_interval):
                 await self._poll_now.wait()
             self._poll_now = trio.Event()
             if self._closing:
@@ -158,8 +162,8 @@ class Sharding:
         # NOTE: most polls see the same runners: then nothing below can
         # change (profiled in the simulator: 10 runners polling 4 times a
         # second spent half their idle time rebuilding the same members).
-        changed = live != self.live or not self._members
-        self.live = live
+        changed = live != self.table.live or not self._members
+        self.table.live = live
         if changed:
             by_address = {
                 r.address: Member(r.address, tuple(r.groups), r.weight) for r in live
@@ -171,15 +175,15 @@ class Sharding:
             if members != self._members:
                 # Only a change of membership changes the assignment.
                 self._members = members
-                self.assignment = assign_shards(
+                self.table.assignment = assign_shards(
                     members, shards_per_group=self._config.shards_per_group
                 )
                 self._mine = [
                     shard
-                    for shard, owner in self.assignment.items()
+                    for shard, owner in self.table.assignment.items()
                     if owner == self.address
                 ]
-                self._signal_changed()
+                self.table.signal_changed()
         if self._closing:
             return
         if changed:
@@ -244,21 +248,31 @@ class Sharding:
                 for start in starts:
                     starting.start_soon(self._start_shard, start)
         for command in commands:
-            if isinstance(command, StartShard):
-                continue
-            if isinstance(command, ExtendLeases):
-                for shard in command.shards:
-                    host = self.hosts.get(shard)
-                    if host is not None:
-                        host.extend_lease(command.deadline)
-            elif isinstance(command, StopShard):
-                self._stop_shard(command)
-            else:
-                self._release(command)
+            match command:
+                case StartShard():
+                    pass  # started above
+                case ExtendLeases(shards=shards, deadline=deadline):
+                    for shard in shards:
+                        host = self.table.hosts.get(shard)
+                        if host is not None:
+                            host.extend_lease(deadline)
+                case StopShard():
+                    self._stop_shard(command)
+                case ReleaseShards(shards=shards):
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._release_until_done, shards)
+                case _:  # pragma: no cover - the core's command union is closed
+                    assert_never(command)
 
     async def _start_shard(self, command: StartShard) -> None:
         assert self._nursery is not None
-        host = ShardHost(command.shard, command.epoch, command.deadline)
+        host = ShardHost(
+            command.shard,
+            command.epoch,
+            command.deadline,
+            self._listeners,
+            background=self._nursery,
+        )
         done = trio.Event()
         self._shard_tasks[command.shard] = done
         await self._nursery.start(self._serve_shard, host, done)
@@ -269,15 +283,18 @@ class Sharding:
             # runner may take the shard at once). Stop it here, never serving.
             self._nursery.start_soon(self._stop_host, host, self._closing)
             return
-        self.hosts[command.shard] = host
+        self.table.hosts[command.shard] = host
+        host.announced = True
+        self._listeners.shard_acquired(command.shard, command.epoch)
         log.debug(
             "serving shard %s at epoch %d",
             command.shard,
             command.epoch,
             extra={"shard": str(command.shard)},
         )
-        self._signal_changed()
-        self._on_shard_started(host)
+        self.table.signal_changed()
+        for hook in self._on_shard_started:
+            hook(host)
 
     def _still_serving(self, command: StartShard) -> bool:
         """Whether ``command``'s shard is still to be served at its epoch."""
@@ -290,6 +307,7 @@ class Sharding:
     async def _serve_shard(
         self, host: ShardHost, done: trio.Event, *, task_status: trio.TaskStatus[None]
     ) -> None:
+        self._alive.add(host)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.cancel_scope.deadline = host.lease_deadline
@@ -301,8 +319,15 @@ class Sharding:
                     # Cancelled: the nursery closes once its tasks end, and
                     # a task started in it after that would fail.
                     host.closing = True
+                    if host.state is ShardState.ACTIVE and host.announced:
+                        # The lease lapsed (or the runner is cancelled): its
+                        # handlers are being cancelled now.
+                        self._listeners.shard_stopping(
+                            host.shard_id, host.epoch, graceful=False
+                        )
         finally:
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True) as cleanup:
+                self._cleanups.add(cleanup)
                 if host.state is ShardState.ACTIVE:
                     # Nobody asked us to stop: the lease deadline passed, or
                     # the runner itself is being cancelled.
@@ -313,23 +338,31 @@ class Sharding:
                             extra={"shard": str(host.shard_id)},
                         )
                         self.failovers += 1
-                    self.hosts.pop(host.shard_id, None)
-                    self._signal_changed()
+                    self.table.hosts.pop(host.shard_id, None)
+                    self.table.signal_changed()
                     self.ownership.lapsed(host.shard_id)
                     await self._manager.stop_shard(host, graceful=False)
 
                 self._shard_tasks.pop(host.shard_id, None)
+                self._alive.discard(host)
+                host.ended()
                 done.set()
                 await self._execute(self.ownership.stopped(host.shard_id))
+            self._cleanups.discard(cleanup)
 
     def _stop_shard(self, command: StopShard) -> None:
-        host = self.hosts.pop(command.shard, None)
+        host = self.table.hosts.pop(command.shard, None)
         if host is None:
             return
         # Not active from now on, before the manager gets to stop it: a job
         # granted meanwhile must not start (found by the simulator).
+        was_active = host.active  # not already stopping after a lapse
         host.state = ShardState.STOPPING
-        self._signal_changed()
+        self.table.signal_changed()
+        if was_active:
+            self._listeners.shard_stopping(
+                host.shard_id, host.epoch, graceful=command.graceful
+            )
         if not command.graceful:
             self.failovers += 1
             log.warning(
@@ -342,27 +375,37 @@ class Sharding:
         self._nursery.start_soon(self._stop_host, host, command.graceful)
 
     async def _stop_host(self, host: ShardHost, graceful: bool) -> None:
-        with trio.CancelScope(shield=True):
+        with trio.CancelScope(shield=True) as cleanup:
+            self._cleanups.add(cleanup)
             await self._manager.stop_shard(host, graceful=graceful)
-
-    def _release(self, command: ReleaseShards) -> None:
-        assert self._nursery is not None
-        self._nursery.start_soon(self._release_until_done, command.shards)
+        self._cleanups.discard(cleanup)
 
     async def _release_until_done(self, shards: frozenset[ShardId]) -> None:
-        delay = 0.05
+        attempt = 0
         while True:
             try:
                 with trio.fail_after(self._operation_timeout):
                     await self._runners.release(_in_order(shards))
             except (PersistenceError, trio.TooSlowError) as exc:
                 log.warning("releasing shards failed, retrying: %r", exc)
-                await trio.sleep(delay)
-                delay = min(delay * 2, self._config.lease_refresh_interval)
+                await trio.sleep(self._release_backoff.delay(attempt))
+                attempt += 1
                 continue
             self.ownership.released(shards)
             self.poll_soon()
             return
+
+    def abort(self) -> None:
+        """Stop at once, as a killed process does: cancel every handler and
+        every shard task, graceful stops included, with no termination
+        timeout and no ``on_stop`` hook. Locks are not released (the leases
+        lapse, as after a crash). The runner's own scope is cancelled by its
+        owner."""
+        self._closing = True
+        for cleanup in list(self._cleanups):
+            cleanup.cancel()
+        for host in list(self._alive):
+            host.cancel_all()
 
     async def shutdown(self) -> None:
         """Stop every shard gracefully (bounded by the termination timeout),
@@ -374,9 +417,9 @@ class Sharding:
         with trio.move_on_after(self._config.entity_termination_timeout + 1.0):
             for event in pending:
                 await event.wait()
-        for host in list(self.hosts.values()):  # pragma: no cover - defensive
+        for host in list(self.table.hosts.values()):  # pragma: no cover - defensive
             await self._manager.stop_shard(host, graceful=False)
-        self.hosts.clear()
+        self.table.hosts.clear()
         try:
             with trio.fail_after(self._operation_timeout):
                 await self._runners.release_all()
@@ -384,13 +427,9 @@ class Sharding:
                 await self._runners.unregister()
         except (PersistenceError, trio.TooSlowError) as exc:
             log.warning("could not release locks or unregister cleanly: %r", exc)
-        self._signal_changed()
+        self.table.signal_changed()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
-
-    def next_lease_deadline(self) -> float:
-        deadline = self.ownership.next_deadline()
-        return math.inf if deadline is None else deadline
 
 
 def _in_order(shards: Iterable[ShardId]) -> list[ShardId]:

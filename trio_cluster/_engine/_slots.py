@@ -5,7 +5,8 @@
   callers' tasks, and its entities.
 * `Slot`: one entity on this runner: its mailbox (it *is* a `Mailbox`), its
   current incarnation (the user's object, or None), and idle bookkeeping.
-* `Job`: one message on its way through a slot.
+* `Job`: one message on its way through a slot. Its lifecycle (`JobState`)
+  is the table of `trio_cluster._core._job`.
 
 These are plain ``__slots__`` classes, because an idle entity must cost only a
 few hundred bytes of them.
@@ -19,22 +20,26 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .._core._job import JobState
 from .._core._mailbox import Mailbox
 
 if TYPE_CHECKING:
     from .._core._addresses import EntityAddress, ShardId
+    from .._core._job import StopReason
     from .._entity import Entity
     from .._registry import EntityType, Handler
     from ..serialization._replies import Exit
+    from ._listeners import Listeners
+    from ._outcomes import Outcome
 
 __all__ = [
+    "Around",
     "Job",
     "JobKind",
-    "JobState",
     "ShardHost",
     "ShardState",
+    "Sink",
     "Slot",
-    "StopReason",
 ]
 
 
@@ -42,17 +47,6 @@ class ShardState(enum.Enum):
     ACTIVE = "active"
     STOPPING = "stopping"
     STOPPED = "stopped"
-
-
-class StopReason(enum.Enum):
-    """Why a running handler's scope was cancelled by the runtime."""
-
-    SHARD_STOPPED = "shard stopped"
-    """The shard was released, its lease lapsed, or the runner shut down."""
-    SIBLING_CRASHED = "entity restarted"
-    """Another handler of the same entity crashed; the incarnation is gone."""
-    INTERRUPTED = "interrupted"
-    """The sender of a persisted request asked for it to be interrupted."""
 
 
 class JobKind(enum.Enum):
@@ -64,16 +58,9 @@ class JobKind(enum.Enum):
     """A stream producer task in the shard's nursery."""
 
 
-class JobState(enum.Enum):
-    QUEUED = "queued"
-    GRANTED = "granted"
-    """Holds a permit (running, or about to)."""
-    BOUNCED = "bounced"
-    """Never ran: the shard stopped while it was queued."""
-    DONE = "done"
-
-
-Around = Callable[["Job", Callable[[], Awaitable["Exit"]]], Awaitable["Exit | None"]]
+Around = Callable[
+    ["Job", Callable[[], Awaitable["Outcome"]]], Awaitable["Outcome | None"]
+]
 """Runs a detached job's execution (the callable) inside something, such as a
 storage transaction. Returns the outcome for the sink, or None if it already
 dealt with it; raises `RetryLater` to run the job again after a backoff."""
@@ -94,8 +81,6 @@ class Job:
         "handler",
         "kind",
         "message",
-        "next_sequence",
-        "payload",
         "request_id",
         "scope",
         "sink",
@@ -110,28 +95,35 @@ class Job:
         handler: Handler,
         message: Any,
         kind: JobKind,
+        slot: Slot,
         *,
         request_id: int | None = None,
         sink: Sink | None = None,
+        stream_channel: trio.MemorySendChannel[Any] | None = None,
+        around: Around | None = None,
     ) -> None:
         self.handler = handler
         self.message = message
         self.kind = kind
+        self.slot = slot
+        """The entity's slot (mailbox) the job was offered to."""
         self.request_id = request_id
+        """A persisted request's id; None for volatile messages."""
         self.sink = sink
+        """Receives the outcome of a detached job; see `Sink`."""
+        self.stream_channel = stream_channel
+        """Where a stream job sends its items (kind STREAM only)."""
+        self.around = around
+        """Wraps the job's execution (transactional handlers); see `Around`."""
         self.state = JobState.QUEUED
+        """Changed only through `trio_cluster._core._job.advance`."""
         self.granted: trio.Event | None = None
+        """Set when a queued inline job gets its permit (or is bounced)."""
         self.scope: trio.CancelScope | None = None
         self.stop_reason: StopReason | None = None
-        self.payload: bytes | None = None
-        self.next_sequence = 0
-        self.stream_channel: trio.MemorySendChannel[Any] | None = None
-        self.slot: Slot | None = None
         self.deadline: float | None = None
         """Trio time after which the handler is cancelled (the remote
         caller's deadline); None: no limit."""
-        self.around: Around | None = None
-        """Wraps the job's execution (transactional handlers); see `Around`."""
 
     @property
     def persisted(self) -> bool:
@@ -183,10 +175,14 @@ class ShardHost:
     """A shard served by this runner, for as long as it holds the lease."""
 
     __slots__ = (
+        "announced",
+        "background",
         "closing",
+        "done",
         "epoch",
         "idle_event",
         "lease_deadline",
+        "listeners",
         "nursery",
         "running",
         "scopes",
@@ -195,8 +191,25 @@ class ShardHost:
         "state",
     )
 
-    def __init__(self, shard_id: ShardId, epoch: int, lease_deadline: float) -> None:
+    def __init__(
+        self,
+        shard_id: ShardId,
+        epoch: int,
+        lease_deadline: float,
+        listeners: Listeners,
+        background: trio.Nursery,
+    ) -> None:
         self.shard_id = shard_id
+        self.listeners = listeners
+        self.background = background
+        """Where work that outlives the shard runs (a finished job's async
+        sink, such as recording its reply): the nursery of every shard task,
+        so it is open as long as any of them can finish a job."""
+        self.announced = False
+        """`shard_acquired` was told (so `shard_stopping`/`stopped` are due)."""
+        self.done = False
+        """Its task ended: nothing new runs here; handlers cancelled in
+        callers' tasks may still be unwinding (see `ended`)."""
         self.epoch = epoch
         self.lease_deadline = lease_deadline
         self.state = ShardState.ACTIVE
@@ -226,6 +239,10 @@ class ShardHost:
         self.scopes.add(scope)
         self.running += 1
         slot.add_running(job)
+        if self.listeners.any:
+            self.listeners.handler_started(
+                slot.address, job.handler.spec.name, self.epoch
+            )
         return scope
 
     def finish_handler(self, slot: Slot, job: Job, scope: trio.CancelScope) -> None:
@@ -233,8 +250,27 @@ class ShardHost:
         self.scopes.discard(scope)
         self.running -= 1
         slot.discard_running(job)
-        if self.running == 0 and self.idle_event is not None:
-            self.idle_event.set()
+        if self.listeners.any:
+            self.listeners.handler_finished(
+                slot.address, job.handler.spec.name, self.epoch
+            )
+        if self.running == 0:
+            if self.idle_event is not None:
+                self.idle_event.set()
+            if self.done:
+                self._stopped()
+
+    def ended(self) -> None:
+        """The shard's task ended (every handler was told to stop): once no
+        handler runs any more, listeners hear that the shard stopped."""
+        self.done = True
+        if self.running == 0:
+            self._stopped()
+
+    def _stopped(self) -> None:
+        if self.announced:
+            self.announced = False
+            self.listeners.shard_stopped(self.shard_id, self.epoch)
 
     def extend_lease(self, deadline: float) -> None:
         """Move the lease deadline (the shard nursery's deadline) forward."""

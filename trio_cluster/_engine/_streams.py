@@ -11,26 +11,33 @@ The caller's ``async with`` owns the request: leaving the block early (or
 being cancelled) interrupts the generator with Trio cancellation. Errors the
 generator raises reach the caller at the point of iteration: declared errors
 as themselves, others as `RemoteError` (and the entity restarts).
+
+The producer reaches the entity manager only through `StreamOwner` (permits,
+outcomes, the end of the job), so this module does not import the manager.
 """
 
 from __future__ import annotations
 
 from contextlib import asynccontextmanager, suppress
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
 from .._context import current_entity_var
+from .._core._job import StopReason
 from ..serialization._replies import Exit
-from ._slots import JobState, StopReason
+from ._entity_lifecycle import activate
+from ._outcomes import stream_item
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from ._manager import EntityManager
+    from ._outcomes import Outcome, Requeue
     from ._slots import Job, Slot
 
 __all__ = [
+    "STREAM_BUFFER",
+    "StreamOwner",
     "StreamReceiver",
     "consume",
     "end_stream_nowait",
@@ -45,63 +52,81 @@ _ITEM: Final = 0
 _END: Final = 1
 
 
-async def run_stream(manager: EntityManager, slot: Slot, job: Job) -> None:
+class StreamOwner(Protocol):
+    """What a stream's producer and consumer need from the owner of its job
+    (the entity manager)."""
+
+    @property
+    def serialize(self) -> bool:
+        """Items make their codec's round trip even in-process."""
+
+    def release_stream_permit(self, slot: Slot) -> None:
+        """The stream started: hand its permit on to the next job."""
+
+    def stream_ended(self, slot: Slot, job: Job, *, released: bool) -> None:
+        """The producer ended; ``released``: its permit was handed on."""
+
+    def handler_failed(
+        self, slot: Slot, job: Job, exc: Exception, *, during_start: bool
+    ) -> Exit | Requeue:
+        """The generator (or ``on_start``) raised ``exc``: its outcome."""
+
+    def handler_stopped(self, slot: Slot, job: Job) -> Outcome:
+        """The runtime cancelled the generator: its outcome."""
+
+    def cancel_job(self, job: Job) -> None:
+        """The caller went away: withdraw or cancel the job."""
+
+
+async def run_stream(owner: StreamOwner, slot: Slot, job: Job) -> None:
     """Producer task of one stream job (runs in the shard's nursery)."""
     channel = job.stream_channel
     assert channel is not None
     shard = slot.shard
     handler = job.handler
+    serialize = owner.serialize
     scope = shard.start_handler(slot, job)
     released = False
-    exit_: Exit = Exit()
+    outcome: Outcome = Exit()
     starting = False
     try:
         with scope:
             instance = slot.instance
             if instance is None:
                 starting = True
-                instance = await manager.activate(slot)
+                instance = await activate(slot)
                 starting = False
-            manager.release_stream_permit(slot, job)
+            owner.release_stream_permit(slot)
             released = True
             token = current_entity_var.set(instance)
             try:
                 generator = handler.spec.fn(instance, job.message)
                 try:
                     async for item in generator:
-                        await channel.send((_ITEM, _roundtrip(manager, job, item)))
+                        await channel.send(
+                            (_ITEM, stream_item(handler, item, serialize))
+                        )
                 finally:
                     with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                         await generator.aclose()
             finally:
                 current_entity_var.reset(token)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        exit_ = Exit()  # the caller went away: nothing to report
+        outcome = Exit()  # the caller went away: nothing to report
     except Exception as exc:
-        exit_ = manager._on_error(slot, job, exc, during_start=starting)
+        outcome = owner.handler_failed(slot, job, exc, during_start=starting)
     finally:
         shard.finish_handler(slot, job, scope)
-        job.scope = None
-
-        job.state = JobState.DONE
-        if not released:
-            manager.release_stream_permit(slot, job)
-        manager._after_change(slot)
+        owner.stream_ended(slot, job, released=released)
     if scope.cancelled_caught:
-        exit_ = manager._stopped(slot, job)
+        outcome = owner.handler_stopped(slot, job)
         if job.stop_reason is StopReason.INTERRUPTED:
-            exit_ = Exit()
+            outcome = Exit()
+    assert isinstance(outcome, Exit), "stream jobs are never persisted"
     with trio.move_on_after(1.0):
         with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await channel.send((_END, exit_))
+            await channel.send((_END, outcome))
     await channel.aclose()
-
-
-def _roundtrip(manager: EntityManager, job: Job, item: Any) -> Any:
-    if not manager._serialize:
-        return item
-    codec = job.handler.reply.value
-    return codec.decode(codec.encode(item))
 
 
 class StreamReceiver:
@@ -146,7 +171,7 @@ def end_stream_nowait(channel: trio.MemorySendChannel[Any], exit_: Exit) -> None
 
 @asynccontextmanager
 async def consume(
-    manager: EntityManager, job: Job, receive: trio.MemoryReceiveChannel[Any]
+    owner: StreamOwner, job: Job, receive: trio.MemoryReceiveChannel[Any]
 ) -> AsyncIterator[StreamReceiver]:
     """Own a submitted stream job from the caller's side (see module doc)."""
     receiver = StreamReceiver(receive)
@@ -154,5 +179,5 @@ async def consume(
         yield receiver
     finally:
         if not receiver.finished:
-            manager.cancel_job(job)
+            owner.cancel_job(job)
         await receive.aclose()

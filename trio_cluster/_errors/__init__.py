@@ -5,8 +5,10 @@ cross the wire between runners, or be recorded as a persisted reply, are
 ``attrs`` exception classes with plain fields, so they pickle and encode.
 
 Foreign exceptions (psycopg, trio-websocket, msgpack, cattrs) are translated at
-exactly one edge each and never escape the public API. This module imports no
-I/O library, so the sans-IO core may raise these errors too.
+exactly one edge each and never escape the public API. This package's
+``__init__`` imports no I/O library, so the sans-IO core may raise these errors
+too; the one error that must also be a Trio resource error,
+`RunnerClosedError`, lives beside it in `trio_cluster._errors._closed`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ __all__ = [
     "MailboxFullError",
     "MalformedMessageError",
     "MessageTooLargeError",
+    "NoCurrentRunnerError",
+    "NotInTransactionError",
     "PersistenceError",
     "RemoteError",
     "RequestInterruptedError",
@@ -56,6 +60,14 @@ class _WireError(ClusterError):
 
 class ClusterInternalError(ClusterError):
     """An invariant of trio_cluster was broken: this is a bug, please report it."""
+
+
+class NoCurrentRunnerError(ClusterError, RuntimeError):
+    """`current_runner()` was called outside a runner's tasks and handlers."""
+
+
+class NotInTransactionError(ClusterError, RuntimeError):
+    """`current_transaction()` was called outside a transactional handler."""
 
 
 class ConfigError(ClusterError, ValueError):
@@ -211,7 +223,8 @@ class RemoteError(_WireError):
     """
 
     type_name: str
-    """Qualified name of the original exception type, e.g. ``builtins.KeyError``."""
+    """Name of the original exception type: the bare name for builtins
+    (``KeyError``), else ``module.QualName`` (``myapp.errors.Overdrawn``)."""
     message: str
     """``str()`` of the original exception."""
     address: str

@@ -10,12 +10,17 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from .._transport_abc import EndpointStatistics
+
 if TYPE_CHECKING:
+    from .._core._addresses import RunnerAddress
     from .._core._histogram import Histogram
     from .._engine._manager import EntityManager
     from .._engine._persisted import PersistedDelivery
+    from .._engine._routing import Router
     from .._engine._sharding import Sharding
-    from .._runner import Runner
+    from .._engine._singletons import SingletonSupervisor
+    from .._transport_abc import Endpoint
 
 __all__ = ["LatencySnapshot", "RunnerStatistics", "collect_statistics"]
 
@@ -84,20 +89,28 @@ class RunnerStatistics:
     """Volatile calls this runner sent to another runner, since start."""
     call_latency: dict[str, LatencySnapshot]
     """Caller-observed rpc latency made here, keyed ``volatile``/``persisted``."""
+    transport: EndpointStatistics | None = None
+    """The transport endpoint's traffic (frames, envelopes, bytes, connects),
+    if the runner has a transport that keeps counters."""
 
 
 def collect_statistics(
-    runner: Runner,
+    *,
+    address: RunnerAddress,
     manager: EntityManager,
     sharding: Sharding,
     persisted: PersistedDelivery,
+    router: Router,
+    supervisor: SingletonSupervisor,
+    endpoint: Endpoint | None,
 ) -> RunnerStatistics:
+    """A snapshot of the runner made of these parts."""
     by_type: dict[str, int] = {}
     queued = 0
     deepest = 0
     running = 0
     entities = 0
-    for host in sharding.hosts.values():
+    for host in sharding.table.hosts.values():
         running += host.running
         for slot in host.slots.values():
             entities += 1
@@ -107,10 +120,10 @@ def collect_statistics(
             deepest = max(deepest, slot.depth)
     stats = persisted.statistics
     return RunnerStatistics(
-        address=str(runner.address),
-        shards=len(sharding.hosts),
+        address=str(address),
+        shards=len(sharding.table.hosts),
         shards_assigned=len(sharding.ownership.assigned),
-        runners=len(sharding.live),
+        runners=len(sharding.table.live),
         entities=entities,
         entities_by_type=by_type,
         idle_entities=len(manager.idle),
@@ -125,11 +138,12 @@ def collect_statistics(
         save_batches=stats["save_batches"],
         reply_batches=stats["reply_batches"],
         waiting_callers=stats["waiting_callers"],
-        singletons_running=len(runner._supervisor.running),
+        singletons_running=len(supervisor.running),
         failovers=sharding.failovers,
-        remote_calls=runner._router.remote_calls,
+        remote_calls=router.remote_calls,
         call_latency={
             kind: LatencySnapshot.of(histogram)
-            for kind, histogram in runner._router.latency.items()
+            for kind, histogram in router.latency.items()
         },
+        transport=None if endpoint is None else endpoint.statistics(),
     )

@@ -8,6 +8,7 @@ fields, so the wire format carries explicit, stable tags.
 
 from __future__ import annotations
 
+from .._metadata import fixup_module_metadata
 from ._converter import (
     Codec as Codec,
     make_converter as make_converter,
@@ -15,3 +16,6 @@ from ._converter import (
 )
 
 __all__ = ["Codec", "make_converter", "register_tagged_union"]
+
+fixup_module_metadata(__name__, globals())
+del fixup_module_metadata

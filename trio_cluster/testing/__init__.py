@@ -11,6 +11,13 @@ virtual time, with fault injection (`SimulatedCluster.kill`, ``freeze``,
 (`InvariantViolation`); `run_scenario` plays a `Scenario` of faults and a
 `Workload` of `Probe` clients in its own ``trio.run``. See
 ``docs/testing.md``.
+
+Storage backends: subclass `StorageConformance` (and `TransportConformance`
+for transports) to run the contract's tests on yours. Your backend's own
+tests can build the same records and steps: `persisted_request`,
+`final_reply`, `runner_info`, `entity_address`, `conformance_shard`
+(`SHARD`, `SHARD2`), the fixed time `BASE_TIME`, `acquire_shards`,
+`replies_of` and `saved_and_claimed`.
 """
 
 from __future__ import annotations
@@ -18,11 +25,27 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from .._metadata import fixup_name
+
 if TYPE_CHECKING:
+    from ._conformance._base import (
+        BASE_TIME as BASE_TIME,
+        SHARD as SHARD,
+        SHARD2 as SHARD2,
+        acquire_shards as acquire_shards,
+        conformance_shard as conformance_shard,
+        entity_address as entity_address,
+        final_reply as final_reply,
+        persisted_request as persisted_request,
+        replies_of as replies_of,
+        runner_info as runner_info,
+        saved_and_claimed as saved_and_claimed,
+    )
     from ._conformance._storage import StorageConformance as StorageConformance
     from ._conformance._transport import (
         TransportConformance as TransportConformance,
     )
+    from ._processes import ChildProcess as ChildProcess
     from ._simulation._cluster import SimulatedCluster as SimulatedCluster
     from ._simulation._faults import (
         FaultSchedule as FaultSchedule,
@@ -67,7 +90,9 @@ if TYPE_CHECKING:
         run_scenario as run_scenario,
     )
 
-__all__ = [
+__all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.py)
+    "BASE_TIME",
+    "ChildProcess",
     "ClientOp",
     "FaultSchedule",
     "FrameFaults",
@@ -80,6 +105,8 @@ __all__ = [
     "Probe",
     "ProbeTouch",
     "ProbeWrite",
+    "SHARD",
+    "SHARD2",
     "Scenario",
     "ScenarioReport",
     "SimulatedCluster",
@@ -91,20 +118,40 @@ __all__ = [
     "TraceEvent",
     "TransportConformance",
     "Workload",
+    "acquire_shards",
     "check_scenario",
+    "conformance_shard",
     "current_simulation",
+    "entity_address",
     "fault_schedules",
+    "final_reply",
     "open_simulated_cluster",
+    "persisted_request",
+    "replies_of",
     "run_scenario",
     "run_simulation",
+    "runner_info",
+    "saved_and_claimed",
     "scenarios",
     "workloads",
 ]
 
 # Public name -> private module that defines it (add new names here).
 _LAZY: dict[str, str] = {
+    "BASE_TIME": "._conformance._base",
+    "SHARD": "._conformance._base",
+    "SHARD2": "._conformance._base",
+    "acquire_shards": "._conformance._base",
+    "conformance_shard": "._conformance._base",
+    "entity_address": "._conformance._base",
+    "final_reply": "._conformance._base",
+    "persisted_request": "._conformance._base",
+    "replies_of": "._conformance._base",
+    "runner_info": "._conformance._base",
+    "saved_and_claimed": "._conformance._base",
     "StorageConformance": "._conformance._storage",
     "TransportConformance": "._conformance._transport",
+    "ChildProcess": "._processes",
     "ClientOp": "._simulation._workload",
     "FaultSchedule": "._simulation._faults",
     "FrameFaults": "._simulation._faults",
@@ -142,6 +189,7 @@ def __getattr__(name: str) -> object:
     if module_name is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(module_name, __name__), name)
+    fixup_name(__name__, name, value)
     globals()[name] = value  # later lookups skip __getattr__
     return value
 

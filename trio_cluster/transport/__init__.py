@@ -10,6 +10,7 @@ implement `trio_cluster.abc.Transport`.
 
 from __future__ import annotations
 
+from .._metadata import fixup_module_metadata
 from ._faults import FrameFault as FrameFault, RandomFaults as RandomFaults
 from ._framing import PROTOCOL_VERSION as PROTOCOL_VERSION
 from ._memory import (
@@ -36,3 +37,6 @@ __all__ = [  # noqa: RUF022
     "WebSocketEndpoint",
     "WebSocketTransport",
 ]
+
+fixup_module_metadata(__name__, globals())
+del fixup_module_metadata

@@ -22,6 +22,7 @@ import trio
 
 from .._errors import ConfigError, RunnerUnavailableError
 from .._groups import unwrap_single as unwrap_single
+from .._transport_abc import EndpointStatistics
 from ._framing import FRAME_OVERHEAD, check_max_message_size, frame_header
 
 if TYPE_CHECKING:
@@ -88,32 +89,6 @@ class Limits:
                 f"max_queued_bytes ({self.max_queued_bytes}) must be at least"
                 f" max_message_size ({self.max_message_size})"
             )
-
-
-@attrs.frozen
-class EndpointStatistics:
-    """A snapshot of one endpoint's traffic since it opened."""
-
-    connections: int
-    """Connections up now (one per connected peer)."""
-    frames_sent: int
-    """Frames written (each carries one or more envelopes)."""
-    envelopes_sent: int
-    """Envelopes written in those frames."""
-    bytes_sent: int
-    """Bytes of those frames."""
-    frames_received: int
-    """Frames read and decoded."""
-    envelopes_received: int
-    """Envelopes delivered to the handler."""
-    envelopes_dropped: int
-    """Queued envelopes dropped because their connection was lost."""
-    connects: int
-    """Connections established (dialed or accepted)."""
-    connect_failures: int
-    """Connection attempts that failed."""
-    bad_peers: int
-    """Connections closed because the peer sent bad input."""
 
 
 @attrs.define

@@ -35,7 +35,7 @@ from .._core._retry import Backoff
 from .._errors import ConfigError, RunnerUnavailableError
 from .._transport_abc import EndpointHandler, Transport
 from ._peers import DEFAULT_MAX_MESSAGE_SIZE, Limits, unwrap_single
-from ._ws_connection import Timing, describe
+from ._ws_connection import Settings, Timing, describe
 from ._ws_endpoint import Listener, WebSocketEndpoint
 
 if TYPE_CHECKING:
@@ -165,8 +165,15 @@ class WebSocketTransport(Transport):
     ) -> AsyncIterator[WebSocketEndpoint]:
         listeners, port = await self._listen(address)
         async with unwrap_single(), trio.open_nursery() as nursery:
+            settings = Settings(
+                limits=self.limits,
+                timing=self.timing,
+                backoff=self.backoff,
+                rng=self.rng,
+                client_ssl_context=self.client_ssl_context,
+            )
             endpoint = WebSocketEndpoint(
-                self, RunnerAddress(address.host, port), handler, nursery
+                settings, RunnerAddress(address.host, port), handler, nursery
             )
             await nursery.start(endpoint.serve, listeners)
             try:

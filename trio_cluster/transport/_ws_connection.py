@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import enum
 import math
+import random
+import ssl
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -39,6 +41,7 @@ from trio_websocket import (
 )
 from wsproto.utilities import ProtocolError
 
+from .._core._retry import Backoff
 from .._errors import ConfigError, MalformedMessageError
 from ._framing import decode_frame
 from ._peers import Counters, Limits, SendQueue, deliver, log
@@ -53,6 +56,7 @@ __all__ = [
     "CloseCode",
     "ConnectFailedError",
     "Connection",
+    "Settings",
     "Timing",
     "close_websocket",
     "describe",
@@ -126,6 +130,21 @@ class Timing:
     """Longest time to connect and exchange hellos."""
     close_timeout: float = attrs.field(validator=_duration)
     """Longest wait for the peer to answer a close frame."""
+
+
+@attrs.frozen
+class Settings:
+    """What an endpoint needs of its transport's options (one record, so the
+    endpoint does not hold the transport)."""
+
+    limits: Limits
+    timing: Timing
+    backoff: Backoff
+    """Delays before redialing a peer after failed attempts."""
+    rng: random.Random
+    """The random source of the backoff's jitter."""
+    client_ssl_context: ssl.SSLContext | None
+    """TLS for dialed connections; None for plain WebSocket."""
 
 
 def close_reason_text(text: str) -> str:

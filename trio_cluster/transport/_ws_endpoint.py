@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from .._core._addresses import RunnerAddress
     from .._transport_abc import EndpointHandler, Envelope
     from ._peers import Limits
-    from ._websocket import WebSocketTransport
+    from ._ws_connection import Settings
 
 __all__ = ["MAX_IDLE_PEERS", "Listener", "WebSocketEndpoint"]
 
@@ -94,13 +94,13 @@ class WebSocketEndpoint(Endpoint):
 
     def __init__(
         self,
-        transport: WebSocketTransport,
+        settings: Settings,
         address: RunnerAddress,
         handler: EndpointHandler,
         nursery: trio.Nursery,
     ) -> None:
-        self._transport = transport
-        self._limits = transport.limits
+        self._settings = settings
+        self._limits = settings.limits
         self._address = address
         self._handler = handler
         self._nursery = nursery
@@ -203,7 +203,7 @@ class WebSocketEndpoint(Endpoint):
                     "endpoint closed", code=CloseCode.GOING_AWAY, report=False
                 )
         try:
-            with trio.move_on_after(self._transport.timing.close_timeout):
+            with trio.move_on_after(self._settings.timing.close_timeout):
                 for conn in closing:
                     await conn.closed.wait()
         finally:
@@ -242,10 +242,10 @@ class WebSocketEndpoint(Endpoint):
             report_lost(self._handler, conn.peer, reason)
 
     def _dial_failed(self, entry: _Peer, reason: str) -> None:
-        transport = self._transport
+        settings = self._settings
         self._counters.connect_failures += 1
         entry.failures += 1
-        delay = transport.backoff.delay(entry.failures - 1, transport.rng.random())
+        delay = settings.backoff.delay(entry.failures - 1, settings.rng.random())
         entry.retry_at = trio.current_time() + delay
         entry.last_failure = reason
         self._counters.envelopes_dropped += entry.queue.clear()
@@ -262,7 +262,7 @@ class WebSocketEndpoint(Endpoint):
             queue=entry.queue,
             handler=self._handler,
             limits=self._limits,
-            timing=self._transport.timing,
+            timing=self._settings.timing,
             counters=self._counters,
         )
 
@@ -314,14 +314,14 @@ class WebSocketEndpoint(Endpoint):
     ) -> Connection | None:
         """Connect and exchange hellos; return the attached connection, or
         None if the peer keeps its own connection to us instead."""
-        transport = self._transport
-        timing = transport.timing
+        settings = self._settings
+        timing = settings.timing
         with trio.move_on_after(timing.connect_timeout):
             ws = await open_client(
                 nursery,
                 entry.address,
                 self._limits,
-                transport.client_ssl_context,
+                settings.client_ssl_context,
                 streams,
             )
             await ws.send_message(encode_hello(self._address))
@@ -393,7 +393,7 @@ class WebSocketEndpoint(Endpoint):
     async def _server_handshake(
         self, nursery: trio.Nursery, stream: trio.abc.Stream, remote: str
     ) -> Connection | None:
-        timing = self._transport.timing
+        timing = self._settings.timing
         with trio.move_on_after(timing.connect_timeout):
             ws, first = await open_server(nursery, stream, self._limits)
             peer = await check_client_hello(
@@ -419,7 +419,7 @@ class WebSocketEndpoint(Endpoint):
     ) -> Connection | None:
         """Keep an inbound connection from ``peer`` as the pair's one (and
         answer with our hello), or close it (`keep_inbound`)."""
-        close_timeout = self._transport.timing.close_timeout
+        close_timeout = self._settings.timing.close_timeout
         if self._closing:
             await close_websocket(ws, CloseCode.GOING_AWAY, "closing", close_timeout)
             return None

@@ -1,0 +1,59 @@
+"""Requests from other runners, the owner's side
+(`trio_cluster._engine._inbound`): interrupts and unknown entity types."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+import pytest
+import trio
+
+import trio_cluster as tc
+from trio_cluster.transport import MemoryTransport
+
+from ..helpers import Add, config
+from ..memory_cluster import Nap, Tally, open_cluster
+
+
+async def test_cancelling_a_remote_call_interrupts_the_handler(autojump_clock):
+    Tally.naps_finished = 0
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1, 2])
+        first = cluster.runners[1]
+        entity = cluster.remote_id(first)
+        with trio.move_on_after(1):
+            await first.client(Tally)(entity).nap(Nap(10))
+        await trio.sleep(20)
+        assert Tally.naps_finished == 0
+        await first.client(Tally)(entity).nap(Nap(0.5))
+        assert Tally.naps_finished == 1
+
+
+async def test_unknown_entity_type_on_the_owner_is_a_typed_error(autojump_clock):
+    class Stranger(tc.Entity):
+        type_name = "cluster.Stranger"
+
+        @tc.rpc
+        async def hello(self, msg: Add) -> int:
+            return msg.amount
+
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1])
+        # A runner that knows Stranger, the other does not (a rolling deploy).
+        lonely = await stack.enter_async_context(
+            tc.open_runner(
+                entities=[Tally, Stranger],
+                config=config(runner_address=tc.RunnerAddress("127.0.0.1", 9)),
+                storage=cluster.storage,
+                transport=MemoryTransport(cluster.network),
+            )
+        )
+        cluster.runners[9] = lonely
+        await cluster.settled()
+        client = lonely.client(Stranger)
+        for i in range(100):
+            address = client.address_of(f"s{i}")
+            if address.shard not in lonely.served_shards():
+                break
+        with pytest.raises(tc.UnknownEntityTypeError):
+            await client(f"s{i}").hello(Add(1))

@@ -1,0 +1,61 @@
+"""Calls to entities on other runners, the caller's side
+(`trio_cluster._engine._remote`), over the memory transport."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+import trio
+
+from ..helpers import Add, Count
+from ..memory_cluster import Tally, Where, open_cluster
+
+
+async def test_volatile_calls_run_on_the_owner(autojump_clock):
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1, 2])
+        first = cluster.runners[1]
+        entity = cluster.remote_id(first)
+        owner = cluster.owner(entity)
+        tally = first.client(Tally)(entity)
+        assert await tally.add(Add(2)) == Where(str(owner.address), 2)
+        assert await tally.add(Add(3)) == Where(str(owner.address), 5)
+        assert first.statistics().remote_calls == 2
+        latency = first.statistics().call_latency["volatile"]
+        assert latency.count == 2
+
+
+async def test_many_concurrent_remote_calls_keep_per_entity_order(autojump_clock):
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1, 2])
+        first = cluster.runners[1]
+        entity = cluster.remote_id(first)
+        seen: list[int] = []
+
+        async def add(n: int) -> None:
+            seen.append((await first.client(Tally)(entity).add(Add(1))).total)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(200):
+                nursery.start_soon(add, n)
+        assert sorted(seen) == list(range(1, 201))
+
+
+async def test_remote_discard_and_persisted_calls(autojump_clock):
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1, 2])
+        first = cluster.runners[1]
+        entity = cluster.remote_id(first)
+        tally = first.client(Tally)(entity)
+        await tally.add.discard(Add(10))
+        answer = await tally.add_persisted(Add(1))
+        assert answer == Where(str(cluster.owner(entity).address), 11)
+
+
+async def test_remote_stream(autojump_clock):
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1, 2])
+        first = cluster.runners[1]
+        entity = cluster.remote_id(first)
+        async with first.client(Tally)(entity).count(Count(50)) as items:
+            assert [item async for item in items] == list(range(50))

@@ -1,0 +1,217 @@
+"""The assembly: builds a runner's engine whole, and runs it (Trio driver).
+
+`assemble` is the one place that knows how the parts fit. Each part gets its
+collaborators in its constructor, in dependency order:
+
+    listeners, ids, table         (the served shards and the assignment)
+    manager                       (runs entities)
+    supervisor                    (singletons)
+    persisted  <- table, manager, registry, endpoint
+    sharding   <- table, manager, listeners, ids, hooks of persisted and
+                  supervisor (it writes the table)
+    outbound   <- endpoint
+    router     <- table, manager, persisted, outbound
+    broadcasts <- table, endpoint
+    inbound, handler <- all of the above, bound to the endpoint's relay
+
+The parts read the served shards through the `ShardTable`, which sharding
+alone writes; the two that react to a shard starting (persisted delivery
+claims its backlog, the supervisor starts its singletons) are built first and
+handed to sharding as hooks. The only late binding is the transport's: an endpoint
+needs its handler before the parts that answer it exist, so it is opened with
+a `HandlerRelay` that `assemble` binds once.
+
+`RunnerParts.serve` starts the parts' tasks in the order they need: the
+manager's and broadcasts' nurseries, then persisted delivery (listening for
+notifications before anyone can send), then sharding (registers the runner
+and acquires its first shards).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from .._core._config import ShardingConfig
+from .._core._snowflake import SnowflakeGenerator
+from .._operations._statistics import RunnerStatistics, collect_statistics
+from .._transport_abc import Endpoint
+from ._broadcasts import Broadcasts
+from ._inbound import ClusterHandler, InboundCalls
+from ._listeners import Listeners
+from ._manager import EntityManager
+from ._persisted import PersistedDelivery
+from ._remote import OutboundCalls
+from ._routing import Router
+from ._shard_table import ShardTable
+from ._sharding import Sharding
+from ._singletons import SingletonSupervisor
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from .._clock import Clock
+    from .._context import RunnerContext
+    from .._listener import RunnerListener
+    from .._registry import Registry
+    from .._singletons import Singleton
+    from .._storage_abc import StorageSession
+    from ._broadcasts import BroadcastCodecs
+    from ._inbound import HandlerRelay
+
+__all__ = ["RunnerParts", "assemble"]
+
+
+@attrs.frozen(eq=False)
+class RunnerParts:
+    """The engine of one runner, built by `assemble`."""
+
+    config: ShardingConfig
+    listeners: Listeners
+    manager: EntityManager
+    supervisor: SingletonSupervisor
+    sharding: Sharding
+    persisted: PersistedDelivery
+    router: Router
+    broadcasts: Broadcasts
+    endpoint: Endpoint | None
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run every part until cancelled; ``started`` once the runner is
+        registered and acted on its first assignment.
+
+        Raises:
+            PersistenceError: storage failed before ``started`` (registering,
+                or the first assignment).
+        """
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.manager.run)
+            await nursery.start(self.broadcasts.run)
+            await nursery.start(self.persisted.run)
+            await nursery.start(self.sharding.run)
+            task_status.started()
+
+    async def shutdown(self) -> None:
+        """Refuse new calls, then stop every shard gracefully (bounded by the
+        termination timeout), release the locks and unregister. Call it
+        shielded."""
+        self.router.close()
+        self.persisted.begin_shutdown()
+        self.listeners.runner_stopping()
+        await self.sharding.shutdown()
+
+    def abort(self) -> None:
+        """Refuse new calls and cut every handler now (see `Runner.abort`)."""
+        self.router.close()
+        self.persisted.begin_shutdown()
+        self.sharding.abort()
+
+    def statistics(self) -> RunnerStatistics:
+        """A snapshot of the runner's state and counters."""
+        return collect_statistics(
+            address=self.config.runner_address,
+            manager=self.manager,
+            sharding=self.sharding,
+            persisted=self.persisted,
+            router=self.router,
+            supervisor=self.supervisor,
+            endpoint=self.endpoint,
+        )
+
+
+def assemble(
+    *,
+    config: ShardingConfig,
+    registry: Registry,
+    session: StorageSession,
+    clock: Clock,
+    singletons: Sequence[Singleton],
+    broadcasts: BroadcastCodecs,
+    listeners: Sequence[RunnerListener],
+    context: RunnerContext,
+    endpoint: Endpoint | None = None,
+    relay: HandlerRelay | None = None,
+) -> RunnerParts:
+    """Build a runner's parts, each whole (see the module docstring).
+
+    Args:
+        config: the runner's policies; ``runner_address`` is the address
+            peers reach it at (the endpoint's, if it has one).
+        registry: the entity types it hosts (and those it calls).
+        session: its storage session.
+        clock: wall clock for persisted times.
+        singletons: every singleton, the runtime's own included.
+        broadcasts: the broadcasts it handles (from `broadcast_codecs`).
+        listeners: told of its lifecycle events.
+        context: what its handlers and tasks see as the current runner.
+        endpoint: its transport endpoint, if it has one; then ``relay`` is
+            the handler the endpoint was opened with.
+
+    """
+    hub = Listeners(listeners, address=config.runner_address)
+    ids = SnowflakeGenerator(0)
+    manager = EntityManager(config=config, runner_label=str(config.runner_address))
+    supervisor = SingletonSupervisor(singletons, config=config)
+    table = ShardTable(config.runner_address)
+    persisted = PersistedDelivery(
+        storage=session.messages,
+        shards=table,
+        manager=manager,
+        registry=registry,
+        config=config,
+        clock=clock,
+        ids=ids,
+        endpoint=endpoint,
+    )
+    sharding = Sharding(
+        config=config,
+        table=table,
+        runners=session.runners,
+        manager=manager,
+        listeners=hub,
+        ids=ids,
+        on_shard_started=(persisted.shard_started, supervisor.shard_started),
+    )
+    outbound = None if endpoint is None else OutboundCalls(endpoint)
+    router = Router(
+        config=config,
+        shards=table,
+        manager=manager,
+        persisted=persisted,
+        outbound=outbound,
+        context=context,
+    )
+    broadcast_set = Broadcasts(broadcasts, shards=table, endpoint=endpoint)
+    if endpoint is not None:
+        assert relay is not None
+        assert outbound is not None
+        relay.bind(
+            ClusterHandler(
+                outbound=outbound,
+                inbound=InboundCalls(
+                    endpoint=endpoint,
+                    shards=table,
+                    manager=manager,
+                    registry=registry,
+                ),
+                sharding=sharding,
+                persisted=persisted,
+                broadcasts=broadcast_set,
+                context=context,
+            )
+        )
+    return RunnerParts(
+        config=config,
+        listeners=hub,
+        manager=manager,
+        supervisor=supervisor,
+        sharding=sharding,
+        persisted=persisted,
+        router=router,
+        broadcasts=broadcast_set,
+        endpoint=endpoint,
+    )

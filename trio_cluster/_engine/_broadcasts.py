@@ -1,0 +1,142 @@
+"""`Broadcasts`: encoding, sending and running a runner's broadcasts (Trio driver).
+
+See `trio_cluster._broadcast` for what a broadcast is. Each delivery runs in
+its own task of `Broadcasts.run`'s nursery; an exception is logged, never
+propagated.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .._broadcast import message_type
+from .._errors import (
+    EntityDefinitionError,
+    MalformedMessageError,
+    RunnerUnavailableError,
+)
+from ..serialization._converter import Codec
+from ._wire import Kind
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import cattrs
+
+    from .._broadcast import Broadcast
+    from .._core._addresses import RunnerAddress
+    from .._transport_abc import Endpoint
+    from ._shard_table import ShardTable
+
+__all__ = ["BroadcastCodecs", "Broadcasts", "broadcast_codecs"]
+
+log = logging.getLogger("trio_cluster.broadcast")
+
+
+BroadcastCodecs = dict[str, tuple["Broadcast", Codec[Any]]]
+"""Each declared broadcast, by name, with the codec of its message."""
+
+
+def broadcast_codecs(
+    broadcasts: Sequence[Broadcast], converter: cattrs.Converter
+) -> BroadcastCodecs:
+    """Check the declared broadcasts and build their codecs (eagerly, before
+    a runner starts).
+
+    Raises:
+        EntityDefinitionError: a name is declared twice, or a handler's
+            message type cannot be read.
+    """
+    codecs: BroadcastCodecs = {}
+    for broadcast in broadcasts:
+        if broadcast.name in codecs:
+            raise EntityDefinitionError(
+                f"broadcast {broadcast.name!r} is declared twice"
+            )
+        codecs[broadcast.name] = (
+            broadcast,
+            Codec(converter, message_type(broadcast), f"broadcast {broadcast.name}"),
+        )
+    return codecs
+
+
+class Broadcasts:
+    """The broadcasts of one runner: encoding, sending and dispatching."""
+
+    def __init__(
+        self,
+        codecs: BroadcastCodecs,
+        *,
+        shards: ShardTable,
+        endpoint: Endpoint | None,
+    ) -> None:
+        self._handlers = codecs
+        self._shards = shards
+        self._endpoint = endpoint
+        self._nursery: trio.Nursery | None = None
+        self.received = 0
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the deliveries' tasks until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def send(self, name: str, message: Any) -> int:
+        """See `Runner.broadcast`."""
+        entry = self._handlers.get(name)
+        if entry is None:
+            raise EntityDefinitionError(
+                f"no broadcast named {name!r} is declared on this runner"
+            )
+        payload = entry[1].encode(message)
+        self._run(name, payload)
+        sent = 1
+        if self._endpoint is not None:
+            for runner in self._shards.live:
+                if runner.address == self._shards.address:
+                    continue
+                try:
+                    self._endpoint.send_nowait(
+                        runner.address, [Kind.BROADCAST, name, payload]
+                    )
+                except RunnerUnavailableError as exc:
+                    log.info(
+                        "broadcast %s not sent to %s: %s", name, runner.address, exc
+                    )
+                else:
+                    sent += 1
+        await trio.lowlevel.checkpoint()
+        return sent
+
+    def received_from(self, peer: RunnerAddress, name: str, payload: bytes) -> None:
+        """A peer broadcast ``name`` (called by the endpoint handler)."""
+        if name not in self._handlers:
+            log.warning(
+                "broadcast %r from %s is not declared here; dropped", name, peer
+            )
+            return
+        self._run(name, payload)
+
+    def _run(self, name: str, payload: bytes) -> None:
+        broadcast, codec = self._handlers[name]
+        try:
+            message = codec.decode(payload)
+        except MalformedMessageError as exc:
+            log.warning("dropped a malformed broadcast %s: %s", name, exc)
+            return
+        assert self._nursery is not None, "Broadcasts.run has started"
+        self.received += 1
+        self._nursery.start_soon(self._deliver, broadcast, message)
+
+    async def _deliver(self, broadcast: Broadcast, message: Any) -> None:
+        try:
+            await broadcast.handler(message)
+        except Exception as exc:
+            log.error("broadcast handler %s failed", broadcast.name, exc_info=exc)

@@ -1,0 +1,188 @@
+"""Claiming stored persisted requests and delivering them to entities (Trio driver).
+
+The read loop claims deliverable requests of the shards this runner serves,
+under their epochs, and submits each to the entity manager with the reply
+recorder as its sink. It claims when woken (`ClaimSignal`: a local send, a
+storage notification, a shard acquired, a reply that frees budget, the next
+``deliver_at`` timer) and, as a safety net, every ``storage_poll_interval``.
+At most ``max_persisted_in_flight`` persisted jobs are in memory: when that
+budget is spent the loop is *starved* and waits for replies to be recorded.
+
+A claim that found nothing more to take marks its shards *caught up* at
+their epochs; until then, older requests of a shard may still wait in
+storage, so a local send must not take the fast path of being saved already
+claimed (it would overtake them: the simulator found a sender's second
+message running before its first after a failover).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from .._errors import MalformedMessageError, PersistenceError, UnknownEntityTypeError
+from ._manager import NotDelivered
+
+if TYPE_CHECKING:
+    from .._core._addresses import EntityAddress, ShardId
+    from .._registry import EntityType, Handler
+    from .._storage_abc import ClaimBatch, ClaimedRequest
+    from ._delivery import DeliveryParts
+    from ._replies import ReplyRecorder
+    from ._slots import ShardHost
+
+__all__ = ["Claims"]
+
+log = logging.getLogger("trio_cluster.persisted")
+
+_FLOAT_TOLERANCE: Final = 1e-6
+"""Seconds of slack when a ``deliver_at`` timer fires, for float rounding
+between the timer and the wall clock."""
+
+
+class Claims:
+    """The read loop and the delivery of persisted requests to entities."""
+
+    def __init__(self, parts: DeliveryParts, recorder: ReplyRecorder) -> None:
+        self._parts = parts
+        self._recorder = recorder
+        self._caught_up: dict[ShardId, int] = {}
+        """Shard -> the epoch at which a claim found nothing more to take
+        (see the module docstring)."""
+        self.delivered = 0
+        self.claims = 0
+
+    def caught_up(self, shard: ShardId, epoch: int) -> bool:
+        """Whether no older request of ``shard`` can wait in storage at
+        ``epoch`` (a local send may then be saved already claimed)."""
+        return self._caught_up.get(shard) == epoch
+
+    async def run(self) -> None:
+        """The read loop (see the module docstring), until cancelled."""
+        signal = self._parts.signal
+        poll = self._parts.config.storage_poll_interval
+        while True:
+            signal.rearm()
+            shards = self._parts.shards.serving_epochs()
+            budget = self._parts.config.max_persisted_in_flight - len(
+                self._parts.manager.persisted_jobs
+            )
+            signal.starved = bool(shards) and budget <= 0
+            if shards and budget > 0:
+                signal.next_deliver_at = math.inf
+                try:
+                    with trio.fail_after(self._parts.config.lease_refresh_interval):
+                        batch = await self._parts.storage.claim(
+                            shards,
+                            now=self._parts.clock.now() + _FLOAT_TOLERANCE,
+                            limit=min(self._parts.config.persisted_batch_size, budget),
+                        )
+                except (PersistenceError, trio.TooSlowError) as exc:
+                    log.warning("claiming persisted messages failed: %r", exc)
+                    await trio.sleep(min(1.0, poll))
+                    continue
+                self._take(shards, batch)
+                if batch.more:
+                    await trio.lowlevel.checkpoint()
+                    continue
+            timeout = poll
+            if signal.next_deliver_at != math.inf:
+                timeout = min(
+                    timeout, max(0.0, signal.next_deliver_at - self._parts.clock.now())
+                )
+            with trio.move_on_after(timeout):
+                await signal.wait()
+
+    def _take(self, shards: dict[ShardId, int], batch: ClaimBatch) -> None:
+        """Deliver a claimed batch and note what it says about the shards."""
+        self.claims += 1
+        if not batch.more:
+            for shard, epoch in shards.items():
+                if shard not in batch.stale_shards:
+                    self._caught_up[shard] = epoch
+        for request in batch.requests:
+            self._deliver_claimed(request)
+        if batch.next_deliver_at is not None:
+            self._parts.signal.next_deliver_at = min(
+                self._parts.signal.next_deliver_at, batch.next_deliver_at
+            )
+
+    def deliver(
+        self,
+        host: ShardHost,
+        address: EntityAddress,
+        entity_type: EntityType,
+        handler: Handler,
+        message: Any,
+        request_id: int,
+    ) -> None:
+        """Submit a claimed request to its entity (once: a request already in
+        memory is left alone)."""
+        if request_id in self._parts.manager.persisted_jobs:
+            return
+        recorder = self._recorder
+        try:
+            self._parts.manager.submit(
+                host,
+                address,
+                entity_type,
+                handler,
+                message,
+                request_id=request_id,
+                sink=recorder.record,
+                force=True,
+                around=recorder.in_transaction if handler.spec.transactional else None,
+            )
+        except NotDelivered:
+            # The shard is stopping: its next owner claims the request again.
+            self._parts.signal.nudge()
+        else:
+            self.delivered += 1
+
+    def _deliver_claimed(self, request: ClaimedRequest) -> None:
+        host = self._parts.shards.host(request.address.shard)
+        if host is None or host.epoch != request.epoch:
+            return
+        if request.request_id in self._parts.manager.persisted_jobs:
+            return
+        entity_type = self._parts.registry.get(request.address.entity_type)
+        handler = None if entity_type is None else entity_type.handlers.get(request.tag)
+        record_soon = self._recorder.record_soon
+        if entity_type is None or handler is None:
+            error = UnknownEntityTypeError(
+                entity_type=request.address.entity_type,
+                handler=None if entity_type is None else request.tag,
+            )
+            log.error("cannot deliver request %d: %s", request.request_id, error)
+            record_soon(
+                host,
+                request.request_id,
+                self._parts.registry.generic_reply.encode_error(error),
+            )
+            return
+        if request.interrupted:
+            record_soon(host, request.request_id, handler.reply.encode_interrupted())
+            return
+        if request.stream:
+            error = UnknownEntityTypeError(
+                entity_type=entity_type.name, handler=request.tag
+            )
+            record_soon(host, request.request_id, handler.reply.encode_error(error))
+            return
+        try:
+            message = handler.message.decode(request.payload)
+        except MalformedMessageError as exc:
+            log.error(
+                "request %d to %s is malformed: %s",
+                request.request_id,
+                request.address,
+                exc,
+            )
+            record_soon(host, request.request_id, handler.reply.encode_error(exc))
+            return
+        self.deliver(
+            host, request.address, entity_type, handler, message, request.request_id
+        )

@@ -1,0 +1,287 @@
+"""Recording the final replies of persisted requests (Trio driver).
+
+A persisted job's outcome is encoded and saved fenced by its shard's epoch
+(group commit, `Batcher`): a runner that lost the shard cannot record a reply
+any more (`ReplyOutcome.STALE_EPOCH`), and a second reply to the same request
+is refused (`ReplyOutcome.DUPLICATE`: the first one stands and is fetched).
+Storage failures are retried with a backoff while the shard is served; then
+the request is left stored for its next owner to deliver again. The recorded
+reply wakes the callers waiting in this process (`ReplyWaiters`).
+
+Transactional handlers run inside a storage transaction (`in_transaction`,
+the jobs' `Around`), and their reply is saved in that same transaction: the
+handler's writes and its reply commit together, or neither does.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from .._context import current_transaction_var
+from .._core._retry import Backoff
+from .._errors import MalformedMessageError, PersistenceError
+from .._storage_abc import ReplyOutcome, ReplyQuery, ReplyRecord
+from ..serialization._replies import Exit
+from ._batching import Batcher
+from ._outcomes import RetryLater
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
+    from .._registry import Handler
+    from .._storage_abc import StorageTransaction
+    from ._delivery import DeliveryParts
+    from ._outcomes import Outcome
+    from ._slots import Job, ShardHost
+
+__all__ = ["ReplyRecorder"]
+
+log = logging.getLogger("trio_cluster.persisted")
+
+_MAX_BATCH = 1024
+
+
+class ReplyRecorder:
+    """Records final replies and fetches those recorded elsewhere.
+
+    Args:
+        storage: where replies are saved.
+        config: the retry cap (``lease_refresh_interval``).
+        clock: the wall clock of the records.
+        waiters: woken by each final reply.
+        on_recorded: called after each attempt to record a reply (it may
+            free budget for the read loop).
+    """
+
+    def __init__(self, parts: DeliveryParts) -> None:
+        self._parts = parts
+        self._backoff = Backoff(0.05, parts.config.lease_refresh_interval)
+        self._batcher: Batcher[ReplyRecord, ReplyOutcome] = Batcher(
+            self._flush, max_batch=_MAX_BATCH, name="recording replies"
+        )
+        self.recording: dict[int, bool] = {}
+        """Requests whose reply this runner is recording -> whether a
+        `RepliesAvailable` for them arrived meanwhile."""
+        self.closing = False
+        """The runner shuts down: give up instead of retrying."""
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def batches(self) -> int:
+        return self._batcher.batches
+
+    @property
+    def recorded(self) -> int:
+        return self._batcher.items
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run the group commit, and the tasks of `record_soon`, until
+        cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._batcher.run)
+            task_status.started()
+
+    async def _flush(self, items: Sequence[ReplyRecord]) -> list[ReplyOutcome]:
+        return await self._parts.storage.save_replies(
+            items, now=self._parts.clock.now()
+        )
+
+    async def record(self, job: Job, exit_: Exit | None) -> None:
+        """Sink of persisted jobs: record the final reply, then wake waiters."""
+        if exit_ is None or job.request_id is None:
+            return  # not run here: the next owner redelivers it
+        handler = job.handler
+        try:
+            payload = handler.reply.encode_exit(exit_)
+        except MalformedMessageError as exc:
+            exit_ = Exit(error=exc)
+            payload = handler.reply.encode_error(exc)
+        await self._record_payload(job.slot.shard, job.request_id, payload, exit_)
+
+    def record_soon(self, host: ShardHost, request_id: int, payload: bytes) -> None:
+        """Record an encoded final reply in a task of its own."""
+        assert self._nursery is not None, "ReplyRecorder.run has started"
+        self._nursery.start_soon(self._record_payload, host, request_id, payload, None)
+
+    async def _record_payload(
+        self, host: ShardHost, request_id: int, payload: bytes, exit_: Exit | None
+    ) -> None:
+        record = ReplyRecord(
+            request_id=request_id,
+            shard=host.shard_id,
+            epoch=host.epoch,
+            payload=payload,
+        )
+        # Our own reply's notification may arrive before the write returns:
+        # the notification loop leaves it to us (see `_notices`).
+        self.recording[request_id] = False
+        try:
+            outcome = await self._submit(host, record)
+        finally:
+            notified = self.recording.pop(request_id, False)
+        if outcome is ReplyOutcome.DUPLICATE:
+            await self.fetch_final([request_id])
+        elif outcome is None or outcome is ReplyOutcome.STALE_EPOCH:
+            if notified and request_id in self._parts.waiters:
+                await self.fetch_final([request_id])  # recorded by another runner
+        else:
+            self._parts.waiters.resolve(request_id, payload, exit_)
+        self._parts.signal.wake_if_starved()
+
+    async def _submit(
+        self, host: ShardHost, record: ReplyRecord
+    ) -> ReplyOutcome | None:
+        """Record ``record`` (group commit), retrying storage failures while
+        the shard is served; None if it gave up (the request is redelivered)."""
+        attempt = 0
+        while True:
+            try:
+                outcome = await self._batcher.submit(record)
+            except PersistenceError as exc:
+                if not host.active or self.closing:
+                    log.warning(
+                        "reply to %d not recorded (%s); it will be redelivered",
+                        record.request_id,
+                        exc,
+                    )
+                    return None
+                log.warning(
+                    "recording reply to %d failed, retrying: %s",
+                    record.request_id,
+                    exc,
+                )
+                await trio.sleep(self._backoff.delay(attempt))
+                attempt += 1
+                continue
+            if outcome is ReplyOutcome.STALE_EPOCH:
+                log.warning(
+                    "reply to %d refused: shard %s moved on (fencing)",
+                    record.request_id,
+                    host.shard_id,
+                )
+            return outcome
+
+    async def fetch_final(self, request_ids: Sequence[int]) -> None:
+        """Fetch the stored final replies of ``request_ids`` and wake their
+        waiters (failures are logged: polling tries again)."""
+        try:
+            with trio.fail_after(self._parts.config.lease_refresh_interval):
+                stored = await self._parts.storage.replies_for(
+                    [ReplyQuery(rid) for rid in request_ids]
+                )
+        except (PersistenceError, trio.TooSlowError) as exc:
+            log.warning("fetching replies failed: %r", exc)
+            return
+        for replies in stored:
+            if replies.final is not None:
+                self._parts.waiters.resolve(replies.request_id, replies.final, None)
+
+    # ------------------------------------------------------------------
+    # Transactional handlers
+
+    async def in_transaction(
+        self, job: Job, execute: Callable[[], Awaitable[Outcome]]
+    ) -> Outcome | None:
+        """`Around` of transactional handlers: run the handler in a storage
+        transaction and record its reply in the same transaction. A value or
+        a declared error commits; anything else rolls back and is returned
+        for the sink to record (or replay) as usual.
+
+        Raises:
+            RetryLater: storage failed (to open or commit the transaction, or
+                under the handler's own statements: `StorageTransaction.failure`);
+                nothing was recorded, and the request runs again.
+        """
+        assert job.request_id is not None
+        try:
+            async with self._parts.storage.open_transaction() as transaction:
+                token = current_transaction_var.set(transaction)
+                try:
+                    outcome = await execute()
+                finally:
+                    current_transaction_var.reset(token)
+                if not isinstance(outcome, Exit):
+                    raise _Rollback(outcome)  # replayed, or not run here
+                failure = transaction.failure
+                if failure is not None:
+                    # Storage failed under the handler's own statements
+                    # (whatever the handler made of the error): as after a
+                    # failed commit, record nothing and run it again, rather
+                    # than keep that error as its reply for good.
+                    raise RetryLater(str(failure)) from failure
+                payload = _committed_reply(job.handler, outcome)
+                await self._save_in(transaction, job, payload)
+        except _Rollback as rollback:
+            if rollback.duplicate:
+                await self.fetch_final([job.request_id])
+                self._parts.signal.wake_if_starved()
+            return rollback.outcome
+        except PersistenceError as exc:
+            raise RetryLater(str(exc)) from exc
+        self._parts.waiters.resolve(job.request_id, payload, outcome)
+        self._parts.signal.wake_if_starved()
+        return None
+
+    async def _save_in(
+        self, transaction: StorageTransaction, job: Job, payload: bytes
+    ) -> None:
+        """Save ``job``'s reply in ``transaction``.
+
+        Raises:
+            _Rollback: the reply was refused; roll back.
+        """
+        assert job.request_id is not None
+        host = job.slot.shard
+        record = ReplyRecord(
+            request_id=job.request_id,
+            shard=host.shard_id,
+            epoch=host.epoch,
+            payload=payload,
+        )
+        [outcome] = await self._parts.storage.save_replies(
+            [record], now=self._parts.clock.now(), transaction=transaction
+        )
+        if outcome is ReplyOutcome.STALE_EPOCH:
+            log.warning(
+                "reply to %d refused: shard %s moved on; rolled back",
+                job.request_id,
+                host.shard_id,
+            )
+            raise _Rollback(None)
+        if outcome is ReplyOutcome.DUPLICATE:
+            # Answered already, by an earlier run whose commit seemed to fail
+            # (its outcome was unknown): keep that reply, and not this run's
+            # writes (they would apply twice).
+            raise _Rollback(None, duplicate=True)
+
+
+class _Rollback(Exception):
+    """Leave a transaction without committing; carries the outcome to hand
+    back to the manager (None: nothing more to do)."""
+
+    def __init__(self, outcome: Outcome | None, *, duplicate: bool = False) -> None:
+        super().__init__("rollback")
+        self.outcome = outcome
+        self.duplicate = duplicate
+        """The request was answered already: fetch that reply."""
+
+
+def _committed_reply(handler: Handler, exit_: Exit) -> bytes:
+    """The encoded reply of a transactional handler whose writes commit: with
+    a value or a declared error.
+
+    Raises:
+        _Rollback: anything else; roll back and hand the outcome on.
+    """
+    if exit_.error is not None and not handler.reply.is_declared(exit_.error):
+        raise _Rollback(exit_)
+    try:
+        return handler.reply.encode_exit(exit_)
+    except MalformedMessageError as exc:  # the reply cannot travel
+        raise _Rollback(Exit(error=exc)) from exc

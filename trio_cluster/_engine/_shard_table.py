@@ -1,0 +1,66 @@
+"""`ShardTable`: what this runner serves and what it knows of the cluster
+(Trio driver state).
+
+Sharding writes it; routing, persisted delivery, inbound requests, broadcasts
+and the runner's read-only views read it. It holds the served hosts (ACTIVE
+only: a host leaves the table the moment it starts stopping), the shard
+assignment and the live runners as of the last membership poll, and an event
+that fires when either changes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    from .._core._addresses import RunnerAddress, ShardId
+    from .._storage_abc import RunnerInfo
+    from ._slots import ShardHost
+
+__all__ = ["ShardTable"]
+
+
+class ShardTable:
+    """The shards one runner serves, and its view of the assignment."""
+
+    def __init__(self, address: RunnerAddress) -> None:
+        self.address = address
+        """The address peers reach this runner at."""
+        self.hosts: dict[ShardId, ShardHost] = {}
+        """Shards served now (ACTIVE hosts only)."""
+        self.assignment: dict[ShardId, RunnerAddress] = {}
+        """Which runner each shard is assigned to, as of the last poll."""
+        self.live: list[RunnerInfo] = []
+        """The live runners, as of the last poll."""
+        self.machine_id: int | None = None
+        """This runner's Snowflake machine id, once registered."""
+        self._changed = trio.Event()
+
+    def host(self, shard: ShardId) -> ShardHost | None:
+        """The host serving ``shard`` here, if it is active."""
+        return self.hosts.get(shard)
+
+    def serving_epochs(self) -> dict[ShardId, int]:
+        """The shards served now, with their epochs."""
+        return {shard: host.epoch for shard, host in self.hosts.items()}
+
+    def active_epochs(self) -> dict[ShardId, int]:
+        """The shards served now that still take work, with their epochs (a
+        host whose lease just lapsed stays in `hosts` until its tasks end)."""
+        return {shard: host.epoch for shard, host in self.hosts.items() if host.active}
+
+    def hosts_group(self, group: str) -> bool:
+        """Whether any live runner hosts ``group`` (as of the last poll)."""
+        return any(group in runner.groups for runner in self.live)
+
+    async def wait_changed(self, deadline: float) -> None:
+        """Wait until the served shards or the assignment change, or ``deadline``."""
+        with trio.move_on_at(deadline):
+            await self._changed.wait()
+
+    def signal_changed(self) -> None:
+        """Wake everyone in `wait_changed`."""
+        self._changed.set()
+        self._changed = trio.Event()
