@@ -1,17 +1,31 @@
-"""Shared pieces of the benchmarks: the Counter entity, timing and output."""
+"""Shared pieces of the benchmarks: the Counter entity, timing and output, the
+PostgreSQL database, and helper processes."""
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
+import psycopg
+import trio
 
 import trio_cluster as tc
+from trio_cluster.testing import ChildProcess
+
+ENV_DSN = "TRIO_CLUSTER_BENCH_DSN"
+DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
+TABLES = ("replies", "messages", "shards", "runners", "schema_version")
+"""The tables of a PostgreSQL storage, under its table prefix."""
+REPO = Path(__file__).resolve().parents[1]
+READY_DEADLINE = 60.0
+"""Longest wait for a helper process's ``ready`` line (the machine is shared)."""
 
 
 @attrs.frozen
@@ -90,8 +104,6 @@ async def concurrent(
     call: Callable[[int], Awaitable[object]], count: int, callers: int
 ) -> tuple[float, list[float]]:
     """``callers`` tasks pull request numbers from a shared counter."""
-    import trio
-
     latencies: list[float] = []
     clock = time.perf_counter
     next_request = 0
@@ -118,3 +130,61 @@ def summary(latencies: list[float]) -> dict[str, float]:
         "p99_us": percentile(latencies, 99) * 1e6,
         "mean_us": statistics.fmean(latencies) * 1e6,
     }
+
+
+def emit_phase(
+    workload: str,
+    phase: str,
+    rate: float,
+    latencies: list[float],
+    common: Mapping[str, Any] = {},
+    /,
+    **rate_extra: Any,
+) -> None:
+    """Emit ``<phase>_msgs_per_s`` (with ``rate_extra``), ``<phase>_p50`` and
+    ``<phase>_p99`` (all three with ``common``)."""
+    stats = summary(latencies)
+    emit(workload, f"{phase}_msgs_per_s", rate, "msg/s", **common, **rate_extra)
+    emit(workload, f"{phase}_p50", stats["p50_us"], "us", **common)
+    emit(workload, f"{phase}_p99", stats["p99_us"], "us", **common)
+
+
+def round_robin(
+    runner: tc.Runner, entity: type[Counter | PersistedCounter], names: list[str]
+) -> Callable[[int], Awaitable[object]]:
+    """``call(i)``: ``increment(1)`` on the ``i``-th id of ``names``, round robin."""
+    client = runner.client(entity)
+    refs = [client(name) for name in names]
+    one = Increment(1)
+
+    async def call(i: int) -> object:
+        return await refs[i % len(refs)].increment(one)
+
+    return call
+
+
+# ----------------------------------------------------------------------
+# PostgreSQL and helper processes
+
+
+def bench_dsn() -> str:
+    """``TRIO_CLUSTER_BENCH_DSN``, else the local server's database ``test``."""
+    return os.environ.get(ENV_DSN) or DEFAULT_DSN
+
+
+def drop_tables(dsn: str, prefix: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for table in TABLES:
+            conn.execute(f"DROP TABLE IF EXISTS {prefix}_{table} CASCADE")
+
+
+async def start_ready_process(
+    command: Sequence[str], nursery: trio.Nursery, *, name: str, **options: Any
+) -> tuple[ChildProcess, dict[str, Any]]:
+    """Start ``command`` (from the repository, with it on ``PYTHONPATH``) in
+    ``nursery`` and wait for its ``ready`` event line; return the process and
+    that event. ``options`` go to `ChildProcess` (``env``, ``stdin``)."""
+    options.setdefault("cwd", REPO)
+    child = ChildProcess(command, name=name, **options)
+    await nursery.start(child.run)
+    return child, await child.wait_event("ready", seconds=READY_DEADLINE)

@@ -19,42 +19,46 @@ Before those, ``floor_ws_echo_*``: sequential round trips to a bare
 trio-websocket echo server in the server process, the floor any call over
 this library pays on this machine.
 
-``python -m benchmarks.w2_remote serve`` prints ``READY host:port echo-port``
-on stdout once it serves every shard, and exits gracefully when its stdin
-closes.
+``python -m benchmarks.w2_remote serve`` prints ``{"event": "ready",
+"address": "host:port", "echo_port": port}`` on stdout once it serves every
+shard (read with `trio_cluster.testing.ChildProcess`), and exits gracefully
+when its stdin closes.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import subprocess
 import sys
 import uuid
 from functools import partial
 
-import psycopg
 import trio
 import trio_websocket
 
 import trio_cluster as tc
-from trio_cluster.storage import postgres
+from trio_cluster.storage import PostgresStorage
+from trio_cluster.testing import ChildProcess
 from trio_cluster.transport import WebSocketTransport
 
 from ._common import (
     Counter,
-    Increment,
+    bench_dsn,
     concurrent,
+    drop_tables,
     emit,
+    emit_phase,
     ids,
     progress,
+    round_robin,
     sequential,
+    start_ready_process,
     summary,
 )
 
-ENV_DSN = "TRIO_CLUSTER_BENCH_DSN"
-DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
 CALLERS = 100
 LOCALHOST = tc.RunnerAddress("127.0.0.1", 0)
 
@@ -79,7 +83,7 @@ async def _echo(request: trio_websocket.WebSocketRequest) -> None:
 
 
 async def _serve(dsn: str, prefix: str) -> None:
-    storage = postgres(dsn, table_prefix=prefix)
+    storage = PostgresStorage(dsn, table_prefix=prefix)
     async with (
         trio.open_nursery() as nursery,
         tc.open_runner(
@@ -94,7 +98,12 @@ async def _serve(dsn: str, prefix: str) -> None:
             trio_websocket.serve_websocket, _echo, "127.0.0.1", 0, None
         )
         await runner.wait_shards_acquired()
-        print(f"READY {runner.address} {echo.port}", flush=True)
+        ready = {
+            "event": "ready",
+            "address": str(runner.address),
+            "echo_port": echo.port,
+        }
+        print(json.dumps(ready), flush=True)
         stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
         async with stdin:
             while await stdin.receive_some(4096):
@@ -108,31 +117,13 @@ async def _serve(dsn: str, prefix: str) -> None:
 
 async def _start_server(
     dsn: str, prefix: str, nursery: trio.Nursery
-) -> tuple[trio.Process, tc.RunnerAddress, int]:
+) -> tuple[ChildProcess, tc.RunnerAddress, int]:
     command = [sys.executable, "-m", "benchmarks.w2_remote", "serve"]
     command += ["--dsn", dsn, "--prefix", prefix]
-    process: trio.Process = await nursery.start(
-        partial(
-            trio.run_process,
-            command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            check=False,
-        )
+    process, ready = await start_ready_process(
+        command, nursery, name="the W2 server", stdin=subprocess.PIPE
     )
-    assert process.stdout is not None
-    buffer = b""
-    with trio.fail_after(60):
-        while b"\n" not in buffer:
-            chunk = await process.stdout.receive_some(4096)
-            if not chunk:
-                raise RuntimeError("the W2 server exited before it was ready")
-            buffer += chunk
-    line = buffer.split(b"\n", 1)[0].decode()
-    if not line.startswith("READY "):
-        raise RuntimeError(f"unexpected line from the W2 server: {line!r}")
-    _, address, echo_port = line.split()
-    return process, tc.RunnerAddress.parse(address), int(echo_port)
+    return process, tc.RunnerAddress.parse(ready["address"]), int(ready["echo_port"])
 
 
 async def _measure_floor(port: int, *, quick: bool) -> None:
@@ -158,13 +149,13 @@ async def _measure_floor(port: int, *, quick: bool) -> None:
     emit("W2", "floor_ws_echo_p99", stats["p99_us"], "us")
 
 
-async def _stop_server(process: trio.Process) -> None:
-    assert process.stdin is not None
-    await process.stdin.aclose()
+async def _stop_server(server: ChildProcess) -> None:
+    assert server.process is not None
+    assert server.process.stdin is not None
+    await server.process.stdin.aclose()
     with trio.move_on_after(20):
-        await process.wait()
-    if process.returncode is None:  # pragma: no cover - a hung server
-        process.kill()
+        await server.process.wait()
+    server.kill_leftover()  # a hung server
 
 
 async def _measure(
@@ -175,44 +166,28 @@ async def _measure(
     ``<label>concurrent_*`` figures."""
     sequential_calls = 1000 if quick else 5000
     concurrent_calls = 4000 if quick else 20000
-    refs = [runner.client(Counter)(name) for name in ids()]
-    one = Increment(1)
-
-    async def call(i: int) -> object:
-        return await refs[i % len(refs)].increment(one)
+    names = ids()
+    call = round_robin(runner, Counter, names)
 
     name = "mixed: " if label else "pure remote: "
-    progress(f"W2 {name}warm-up: activating {len(refs)} entities")
-    await concurrent(call, len(refs), CALLERS)
+    progress(f"W2 {name}warm-up: activating {len(names)} entities")
+    await concurrent(call, len(names), CALLERS)
 
     progress(f"W2 {name}sequential: {sequential_calls} calls")
     rate, latencies = await sequential(call, sequential_calls)
-    stats = summary(latencies)
-    emit(
-        "W2",
-        f"{label}sequential_msgs_per_s",
-        rate,
-        "msg/s",
-        n=sequential_calls,
-        **extra,
-    )
-    emit("W2", f"{label}sequential_p50", stats["p50_us"], "us")
-    emit("W2", f"{label}sequential_p99", stats["p99_us"], "us")
+    emit_phase("W2", f"{label}sequential", rate, latencies, n=sequential_calls, **extra)
 
     progress(f"W2 {name}concurrent: {concurrent_calls} calls, {CALLERS} callers")
     rate, latencies = await concurrent(call, concurrent_calls, CALLERS)
-    stats = summary(latencies)
-    emit(
+    emit_phase(
         "W2",
-        f"{label}concurrent_msgs_per_s",
+        f"{label}concurrent",
         rate,
-        "msg/s",
-        callers=CALLERS,
+        latencies,
+        {"callers": CALLERS},
         n=concurrent_calls,
         **extra,
     )
-    emit("W2", f"{label}concurrent_p50", stats["p50_us"], "us", callers=CALLERS)
-    emit("W2", f"{label}concurrent_p99", stats["p99_us"], "us", callers=CALLERS)
 
 
 async def _wait_split(runner: tc.Runner, server: tc.RunnerAddress) -> float:
@@ -223,7 +198,7 @@ async def _wait_split(runner: tc.Runner, server: tc.RunnerAddress) -> float:
     with trio.fail_after(60):
         while True:
             await runner.wait_shards_acquired()
-            owners = runner._sharding.assignment
+            owners = runner.assignment()
             if server in owners.values() and runner.address in owners.values():
                 break
             await trio.sleep(0.1)
@@ -245,7 +220,7 @@ async def run(dsn: str, prefix: str, *, quick: bool) -> None:
             async with tc.open_runner(
                 entities=[Counter],
                 config=_config(()),
-                storage=postgres(dsn, table_prefix=prefix),
+                storage=PostgresStorage(dsn, table_prefix=prefix),
                 transport=WebSocketTransport(),
             ) as runner:
                 await _measure(runner, quick=quick, label="", **extra)
@@ -256,7 +231,7 @@ async def run(dsn: str, prefix: str, *, quick: bool) -> None:
             async with tc.open_runner(
                 entities=[Counter],
                 config=_config(("default",)),
-                storage=postgres(dsn, table_prefix=prefix),
+                storage=PostgresStorage(dsn, table_prefix=prefix),
                 transport=WebSocketTransport(),
             ) as runner:
                 local = await _wait_split(runner, server)
@@ -269,19 +244,13 @@ async def run(dsn: str, prefix: str, *, quick: bool) -> None:
                 await _stop_server(process)
 
 
-def _drop_tables(dsn: str, prefix: str) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for table in ("replies", "messages", "shards", "runners", "schema_version"):
-            conn.execute(f"DROP TABLE IF EXISTS {prefix}_{table} CASCADE")
-
-
 def main(quick: bool = False) -> None:
-    dsn = os.environ.get(ENV_DSN) or DEFAULT_DSN
+    dsn = bench_dsn()
     prefix = f"w2_{uuid.uuid4().hex[:12]}"
     try:
         trio.run(partial(run, dsn, prefix, quick=quick))
     finally:
-        _drop_tables(dsn, prefix)
+        drop_tables(dsn, prefix)
 
 
 def _cli() -> None:

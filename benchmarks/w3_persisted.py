@@ -18,7 +18,6 @@ after each short idle wait.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from functools import partial
@@ -27,23 +26,22 @@ import psycopg
 import trio
 
 import trio_cluster as tc
-from trio_cluster.storage import PostgresStorage, postgres
+from trio_cluster.storage import PostgresStorage
 
 from ._common import (
-    Increment,
     PersistedCounter,
+    bench_dsn,
     concurrent,
+    drop_tables,
     emit,
+    emit_phase,
     ids,
     progress,
+    round_robin,
     sequential,
-    summary,
 )
 
-ENV_DSN = "TRIO_CLUSTER_BENCH_DSN"
-DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
 CALLERS = 50
-TABLES = ("replies", "messages", "shards", "runners", "schema_version")
 
 
 def _server_settings(dsn: str) -> dict[str, str]:
@@ -53,12 +51,6 @@ def _server_settings(dsn: str) -> dict[str, str]:
             row = conn.execute(f"SHOW {name}").fetchone()
             settings[name] = "?" if row is None else str(row[0])
         return settings
-
-
-def _drop_tables(dsn: str, prefix: str) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for table in TABLES:
-            conn.execute(f"DROP TABLE IF EXISTS {prefix}_{table} CASCADE")
 
 
 class _Phase:
@@ -95,16 +87,11 @@ async def run(dsn: str, prefix: str, settings: dict[str, str], *, quick: bool) -
     sequential_calls = 200 if quick else 500
     concurrent_calls = 1000 if quick else 2000
     names = ids()
-    storage = postgres(dsn, table_prefix=prefix)
+    storage = PostgresStorage(dsn, table_prefix=prefix)
     extra = {"storage": "postgres", "fsync": settings["fsync"]}
     async with tc.open_runner(entities=[PersistedCounter], storage=storage) as runner:
         await runner.wait_shards_acquired()
-        client = runner.client(PersistedCounter)
-        refs = [client(name) for name in names]
-        one = Increment(1)
-
-        async def call(i: int) -> object:
-            return await refs[i % len(refs)].increment(one)
+        call = round_robin(runner, PersistedCounter, names)
 
         progress(f"W3 warm-up: activating {len(names)} entities, {CALLERS} callers")
         await concurrent(call, len(names), CALLERS)
@@ -113,10 +100,7 @@ async def run(dsn: str, prefix: str, settings: dict[str, str], *, quick: bool) -
         phase = _Phase(storage)
         rate, latencies = await sequential(call, sequential_calls)
         cost = phase.per_request(sequential_calls)
-        stats = summary(latencies)
-        emit("W3", "sequential_msgs_per_s", rate, "msg/s", n=sequential_calls, **extra)
-        emit("W3", "sequential_p50", stats["p50_us"], "us")
-        emit("W3", "sequential_p99", stats["p99_us"], "us")
+        emit_phase("W3", "sequential", rate, latencies, n=sequential_calls, **extra)
         emit(
             "W3",
             "sequential_statements_per_request",
@@ -132,18 +116,15 @@ async def run(dsn: str, prefix: str, settings: dict[str, str], *, quick: bool) -
         rate, latencies = await concurrent(call, concurrent_calls, CALLERS)
         cost = phase.per_request(concurrent_calls)
         after = runner.statistics()
-        stats = summary(latencies)
-        emit(
+        emit_phase(
             "W3",
-            "concurrent_msgs_per_s",
+            "concurrent",
             rate,
-            "msg/s",
-            callers=CALLERS,
+            latencies,
+            {"callers": CALLERS},
             n=concurrent_calls,
             **extra,
         )
-        emit("W3", "concurrent_p50", stats["p50_us"], "us", callers=CALLERS)
-        emit("W3", "concurrent_p99", stats["p99_us"], "us", callers=CALLERS)
         emit(
             "W3",
             "concurrent_statements_per_request",
@@ -166,7 +147,7 @@ async def run(dsn: str, prefix: str, settings: dict[str, str], *, quick: bool) -
 
 
 def main(quick: bool = False) -> None:
-    dsn = os.environ.get(ENV_DSN) or DEFAULT_DSN
+    dsn = bench_dsn()
     settings = _server_settings(dsn)
     progress(
         f"W3 PostgreSQL {settings['server_version']}, fsync={settings['fsync']},"
@@ -176,4 +157,4 @@ def main(quick: bool = False) -> None:
     try:
         trio.run(partial(run, dsn, prefix, settings, quick=quick))
     finally:
-        _drop_tables(dsn, prefix)
+        drop_tables(dsn, prefix)

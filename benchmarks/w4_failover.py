@@ -26,29 +26,33 @@ at most twice the lease (10 s) after SIGSTOP.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import subprocess
 import sys
 import uuid
 from functools import partial
-from pathlib import Path
 
-import psycopg
 import trio
 
 import trio_cluster as tc
-from trio_cluster.storage import postgres
+from trio_cluster.storage import PostgresStorage
+from trio_cluster.testing import ChildProcess
 from trio_cluster.transport import WebSocketTransport
 
-from ._common import Counter, Increment, emit, ids, percentile, progress
+from ._common import (
+    REPO,
+    Counter,
+    Increment,
+    bench_dsn,
+    drop_tables,
+    emit,
+    ids,
+    percentile,
+    progress,
+    start_ready_process,
+)
 
-ENV_DSN = "TRIO_CLUSTER_BENCH_DSN"
-DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
 ENTITIES = [Counter]
 """What runner B hosts (``trio-cluster run benchmarks.w4_failover:ENTITIES``)."""
-REPO = Path(__file__).resolve().parents[1]
 LOAD_BEFORE = 1.0
 PAUSE = 0.02
 ATTEMPT = 1.0
@@ -57,34 +61,15 @@ GIVE_UP = 30.0
 
 async def _start_b(
     dsn: str, prefix: str, nursery: trio.Nursery
-) -> tuple[trio.Process, tc.RunnerAddress]:
+) -> tuple[ChildProcess, tc.RunnerAddress]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_CLUSTER_")}
     env["PYTHONPATH"] = str(REPO)
     command = [sys.executable, "-m", "trio_cluster", "run", f"{__name__}:ENTITIES"]
     command += ["--dsn", dsn, "--prefix", prefix, "--listen", "127.0.0.1:0"]
-    process: trio.Process = await nursery.start(
-        partial(
-            trio.run_process,
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            check=False,
-            env=env,
-            cwd=REPO,
-        )
+    process, ready = await start_ready_process(
+        command, nursery, name="runner B", env=env
     )
-    assert process.stdout is not None
-    buffer = b""
-    with trio.fail_after(60):
-        while b"\n" not in buffer:
-            chunk = await process.stdout.receive_some(4096)
-            if not chunk:
-                raise RuntimeError("runner B exited before it was ready")
-            buffer += chunk
-    event = json.loads(buffer.split(b"\n", 1)[0])
-    if event.get("event") != "ready":
-        raise RuntimeError(f"unexpected line from runner B: {event!r}")
-    return process, tc.RunnerAddress.parse(event["address"])
+    return process, tc.RunnerAddress.parse(ready["address"])
 
 
 class _Failover:
@@ -107,7 +92,7 @@ async def _watch(
     while True:
         assert run.signalled_at is not None
         now = trio.current_time() - run.signalled_at
-        if run.reassigned is None and b not in runner._sharding.assignment.values():
+        if run.reassigned is None and b not in runner.assignment().values():
             run.reassigned = now
         if run.all_served is None and runner.statistics().shards == shards:
             run.all_served = now
@@ -125,17 +110,14 @@ async def _one_run(dsn: str, how: str, number: int) -> _Failover:
                 async with tc.open_runner(
                     entities=[Counter],
                     config=config,
-                    storage=postgres(dsn, table_prefix=prefix),
+                    storage=PostgresStorage(dsn, table_prefix=prefix),
                     transport=WebSocketTransport(),
                 ) as runner:
                     await _run_load(runner, process, b, how, run, config)
             finally:
-                if process.returncode is None:
-                    process.send_signal(signal.SIGKILL)
-                with trio.CancelScope(shield=True), trio.move_on_after(10):
-                    await process.wait()
+                await process.aclose()
     finally:
-        _drop_tables(dsn, prefix)
+        drop_tables(dsn, prefix)
     last = max(run.first_success.values())
     first = min(run.first_success.values())
     progress(
@@ -153,7 +135,7 @@ def _fmt(value: float | None) -> str:
 
 async def _run_load(
     runner: tc.Runner,
-    process: trio.Process,
+    process: ChildProcess,
     b: tc.RunnerAddress,
     how: str,
     run: _Failover,
@@ -164,7 +146,7 @@ async def _run_load(
     with trio.fail_after(60):
         while True:
             await runner.wait_shards_acquired()
-            owners = runner._sharding.assignment
+            owners = runner.assignment()
             if {b, runner.address} <= set(owners.values()):
                 break
             await trio.sleep(0.05)
@@ -205,20 +187,17 @@ async def _run_load(
             load.start_soon(caller, name)
         await trio.sleep(LOAD_BEFORE)
         run.signalled_at = trio.current_time()
-        process.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        if how == "kill":
+            process.kill()
+        else:
+            process.freeze()
         load.start_soon(_watch, runner, b, run, config.shards_per_group)
         with trio.fail_after(GIVE_UP):
             while len(run.first_success) < len(on_b):  # noqa: ASYNC110
                 await trio.sleep(0.01)
         load.cancel_scope.cancel()
     if how == "stop":
-        process.send_signal(signal.SIGKILL)
-
-
-def _drop_tables(dsn: str, prefix: str) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for table in ("replies", "messages", "shards", "runners", "schema_version"):
-            conn.execute(f"DROP TABLE IF EXISTS {prefix}_{table} CASCADE")
+        process.kill()
 
 
 def _report(how: str, runs: list[_Failover]) -> None:
@@ -242,7 +221,7 @@ async def run(dsn: str, *, quick: bool) -> None:
 
 
 def main(quick: bool = False) -> None:
-    dsn = os.environ.get(ENV_DSN) or DEFAULT_DSN
+    dsn = bench_dsn()
     trio.run(partial(run, dsn, quick=quick))
 
 

@@ -45,9 +45,9 @@ class Served:
 def _served(entity: Probe) -> Served:
     runner = tc.current_runner()
     # Test introspection: the epoch at which this runner holds the shard.
-    host = runner._sharding.host(entity.address.shard)
+    epoch = runner.served_shards().get(entity.address.shard, -1)
     entity.calls += 1
-    return Served(str(runner.address), -1 if host is None else host.epoch, entity.calls)
+    return Served(str(runner.address), epoch, entity.calls)
 
 
 class Probe(tc.Entity):

@@ -2,10 +2,11 @@
 
 * `RunnerProcess`: one ``python -m trio_cluster run
   tests.multiprocess.entities:ENTITIES`` process on 127.0.0.1, on the test's
-  PostgreSQL table prefix: it waits for the ``ready`` line with a deadline and
-  can be killed (SIGKILL), frozen (SIGSTOP), resumed (SIGCONT) or stopped
-  gracefully (SIGTERM, then the ``stopped`` line). Its stderr (the runner's
-  log) goes to a file the test can read.
+  PostgreSQL table prefix, a `trio_cluster.testing.ChildProcess`: it waits
+  for the ``ready`` line with a deadline and can be killed (SIGKILL), frozen
+  (SIGSTOP), resumed (SIGCONT) or stopped gracefully (SIGTERM, then the
+  ``stopped`` line). Its stderr (the runner's log) goes to a file the test
+  can read.
 * `MultiCluster`: the processes of one test, its client-only runner (in the
   test process, hosting nothing), SQL on its tables and ``trio-cluster
   status``. Its ``aclose`` kills whatever is still running.
@@ -18,12 +19,9 @@ bounded by a deadline.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -32,9 +30,11 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 import trio_cluster as tc
-from trio_cluster.storage import postgres
+from trio_cluster.storage import PostgresStorage
+from trio_cluster.testing import ChildProcess
 from trio_cluster.transport import WebSocketTransport
 
+from ..helpers import http_get as http_get
 from .entities import ENTITIES
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def runner_env(extra: Mapping[str, str] = {}) -> dict[str, str]:
     return env
 
 
-class RunnerProcess:
+class RunnerProcess(ChildProcess):
     """One runner process (see the module docstring)."""
 
     def __init__(
@@ -85,8 +85,7 @@ class RunnerProcess:
         metrics: bool = False,
         log_format: str = "text",
     ) -> None:
-        self.name = name
-        self.command = [
+        command = [
             sys.executable,
             "-m",
             "trio_cluster",
@@ -102,95 +101,38 @@ class RunnerProcess:
             log_format,
         ]
         if metrics:
-            self.command += ["--metrics", "127.0.0.1:0"]
-        self.env = runner_env(env)
-        self.log_path = log_dir / f"{name}.log"
-        self.process: trio.Process | None = None
-        self.events: list[dict[str, Any]] = []
-        self._address: str | None = None
-        self.metrics_port: int | None = None
-        self._ready = trio.Event()
-        self._stopped = trio.Event()
-        self._eof = trio.Event()
+            command += ["--metrics", "127.0.0.1:0"]
+        super().__init__(
+            command,
+            name=f"runner {name}",
+            env=runner_env(env),
+            cwd=REPO,
+            log_path=log_dir / f"{name}.log",
+        )
+        self.short_name = name
 
     def __repr__(self) -> str:
-        return f"<RunnerProcess {self.name} {self._address} pid={self.pid}>"
+        ready = self.event("ready")
+        address = None if ready is None else ready["address"]
+        return f"<RunnerProcess {self.short_name} {address} pid={self.pid}>"
 
     @property
     def address(self) -> str:
         """The runner's address (from its ``ready`` line)."""
-        assert self._address is not None, f"{self.name} was never ready"
-        return self._address
+        ready = self.event("ready")
+        assert ready is not None, f"{self.name} was never ready"
+        address: str = ready["address"]
+        return address
 
     @property
-    def pid(self) -> int | None:
-        return None if self.process is None else self.process.pid
+    def metrics_port(self) -> int | None:
+        """The port of ``--metrics`` (from its ``ready`` line)."""
+        ready = self.event("ready")
+        return None if ready is None else ready.get("metrics_port")
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Start the process (not waiting for it to be ready)."""
-        with self.log_path.open("ab") as log:
-            self.process = await trio.lowlevel.open_process(
-                self.command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                env=self.env,
-                cwd=REPO,
-            )
-        nursery.start_soon(self._read_stdout)
-
-    async def _read_stdout(self) -> None:
-        assert self.process is not None
-        assert self.process.stdout is not None
-        buffer = b""
-        try:
-            while chunk := await self.process.stdout.receive_some(65536):
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    self._on_line(line.decode(errors="replace"))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            self._eof.set()
-
-    def _on_line(self, line: str) -> None:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            return
-        self.events.append(event)
-        if event.get("event") == "ready":
-            self._address = event["address"]
-            self.metrics_port = event.get("metrics_port")
-            self._ready.set()
-        elif event.get("event") == "stopped":
-            self._stopped.set()
-
-    def log_text(self) -> str:
-        """The runner's stderr so far."""
-        return self.log_path.read_text(errors="replace")
-
-    def _failure(self, what: str) -> AssertionError:
-        returncode = None if self.process is None else self.process.returncode
-        tail = self.log_text()[-3000:]
-        return AssertionError(
-            f"runner {self.name} {what} (exit status {returncode}); its log ends:\n{tail}"
-        )
-
-    async def _wait_for(self, event: trio.Event, seconds: float, what: str) -> None:
-        with trio.move_on_after(seconds):
-            async with trio.open_nursery() as nursery:
-
-                async def watch_eof() -> None:
-                    await self._eof.wait()
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(watch_eof)
-                await event.wait()
-                nursery.cancel_scope.cancel()
-        if not event.is_set():
-            raise self._failure(what)
+        await nursery.start(self.run)
 
     async def wait_ready(self, seconds: float = START_DEADLINE) -> str:
         """Wait for the ``ready`` line; return the runner's address.
@@ -198,55 +140,15 @@ class RunnerProcess:
         Raises:
             AssertionError: the process exited, or the deadline passed first.
         """
-        await self._wait_for(self._ready, seconds, f"was not ready within {seconds} s")
+        await self.wait_event("ready", seconds=seconds)
         return self.address
-
-    def signal(self, signum: signal.Signals) -> None:
-        assert self.process is not None
-        self.process.send_signal(signum)
-
-    def kill(self) -> None:
-        """SIGKILL (``kill -9``)."""
-        self.signal(signal.SIGKILL)
-
-    def freeze(self) -> None:
-        """SIGSTOP."""
-        self.signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        """SIGCONT."""
-        self.signal(signal.SIGCONT)
-
-    def terminate(self) -> None:
-        """SIGTERM: the runner shuts down gracefully."""
-        self.signal(signal.SIGTERM)
 
     async def wait_stopped(self, seconds: float = 30.0) -> None:
         """Wait for the ``stopped`` line and a zero exit status."""
-        await self._wait_for(
-            self._stopped, seconds, f"did not print 'stopped' within {seconds} s"
-        )
+        await self.wait_event("stopped", seconds=seconds)
         returncode = await self.wait_exit(seconds)
         if returncode != 0:
-            raise self._failure("stopped with a non-zero exit status")
-
-    async def wait_exit(self, seconds: float = 30.0) -> int:
-        assert self.process is not None
-        with trio.move_on_after(seconds):
-            return await self.process.wait()
-        raise self._failure(f"did not exit within {seconds} s")
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def kill_leftover(self) -> None:
-        """SIGCONT then SIGKILL, if the process still runs (no waiting)."""
-        if self.running:
-            assert self.process is not None
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(signal.SIGCONT)
-                self.process.send_signal(signal.SIGKILL)
+            raise self.failure("stopped with a non-zero exit status")
 
 
 class MultiCluster:
@@ -311,7 +213,7 @@ class MultiCluster:
         async with tc.open_runner(
             entities=ENTITIES,
             config=config,
-            storage=postgres(self.dsn, table_prefix=self.prefix),
+            storage=PostgresStorage(self.dsn, table_prefix=self.prefix),
             transport=WebSocketTransport(),
         ) as runner:
             yield runner
@@ -361,19 +263,3 @@ class MultiCluster:
     def kill_leftovers(self) -> None:
         for process in self.processes:
             process.kill_leftover()
-
-
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    """GET ``path`` on 127.0.0.1:``port``; (status code, body)."""
-    with trio.fail_after(10):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        async with stream:
-            await stream.send_all(
-                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
-            )
-            response = b""
-            while chunk := await stream.receive_some(65536):
-                response += chunk
-    head, _, body = response.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    return status, body.decode()

@@ -27,7 +27,7 @@ from .entities import Ping, Probe, Record, Served
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable
 
-    from .helpers import MultiCluster
+    from .helpers import MultiCluster, RunnerProcess
 
 RETRIED = (tc.RunnerUnavailableError, tc.EntityNotAssignedError)
 """Errors a caller expects while ownership moves (it tries again)."""
@@ -303,3 +303,18 @@ class PersistedLoad:
         for key in sorted(self.results)[:: max(1, len(self.results) // 100)]:
             again = await self.client(self.entity_of[key]).record(Record(key))
             assert again == self.results[key], (key, again, self.results[key])
+
+
+@asynccontextmanager
+async def running_load(
+    cluster: MultiCluster, ids: list[str], *names: str
+) -> AsyncIterator[tuple[list[RunnerProcess], Load]]:
+    """Start the runner processes ``names``, wait until ``ids`` are spread
+    over them (seen from a client runner), and run a `Load` on ``ids`` for
+    half a second; yield the processes and the load."""
+    runners = await cluster.start(*names)
+    async with cluster.client() as client:
+        await wait_owned_by(client, ids, [runner.address for runner in runners])
+        async with Load(client, ids).running() as load:
+            await trio.sleep(0.5)
+            yield runners, load

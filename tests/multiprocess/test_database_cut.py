@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from .helpers import MultiCluster, log
-from .loads import Load, entity_ids, wait_owned_by
+from .loads import entity_ids, running_load
 
 pytestmark = [pytest.mark.postgres, pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -51,48 +51,43 @@ def cut_connections(dsn: str, names: list[str], seconds: float) -> int:
 async def test_runner_cut_from_the_database_hands_over_and_rejoins(
     cluster: MultiCluster,
 ) -> None:
-    a, b = await cluster.start("a", "b")
-    async with cluster.client() as client:
-        await wait_owned_by(client, ENTITIES, [a.address, b.address])
-        async with Load(client, ENTITIES).running() as load:
-            await trio.sleep(0.5)
-            cut_at = trio.current_time()
-            on_b = [e for e, owner in load.owners(cut_at).items() if owner == b.address]
-            async with trio.open_nursery() as nursery:
-                terminated: list[int] = []
+    async with running_load(cluster, ENTITIES, "a", "b") as ((a, b), load):
+        cut_at = trio.current_time()
+        on_b = [e for e, owner in load.owners(cut_at).items() if owner == b.address]
+        async with trio.open_nursery() as nursery:
+            terminated: list[int] = []
 
-                async def cut() -> None:
-                    terminated.append(
-                        await trio.to_thread.run_sync(
-                            cut_connections,
-                            cluster.dsn,
-                            application_names(b.address),
-                            CUT,
-                        )
+            async def cut() -> None:
+                terminated.append(
+                    await trio.to_thread.run_sync(
+                        cut_connections,
+                        cluster.dsn,
+                        application_names(b.address),
+                        CUT,
                     )
-
-                nursery.start_soon(cut)
-                # While it is cut off, A serves everything.
-                takeover = await load.wait_all_answer(
-                    on_b, after=cut_at, not_from=b.address, seconds=CUT
                 )
-            log.info("database cut: taken over after %.3f s", takeover)
-            assert terminated[0] >= 3
-            assert "the lock session was lost; stopping every shard now" in b.log_text()
-            # Then B reconnects, registers again and serves shards again.
-            healed_at = trio.current_time()
-            with trio.fail_after(20):
-                while not any(  # noqa: ASYNC110
-                    load.first_success(e, healed_at, not_from=a.address)
-                    for e in ENTITIES
-                ):
-                    await trio.sleep(0.02)
-            rejoined = trio.current_time() - healed_at
-            log.info("database cut: B serves again %.3f s after the cut", rejoined)
-            await load.wait_all_answer(ENTITIES, after=trio.current_time(), seconds=10)
-        assert not load.unexpected, load.unexpected[:5]
-        load.check_single_owner()
-        assert b.running
-        status = await cluster.status()
-        live = {r["address"]: r["shards"] for r in status["runners"] if r["live"]}
-        assert live.get(b.address, 0) > 0, status["runners"]
+
+            nursery.start_soon(cut)
+            # While it is cut off, A serves everything.
+            takeover = await load.wait_all_answer(
+                on_b, after=cut_at, not_from=b.address, seconds=CUT
+            )
+        log.info("database cut: taken over after %.3f s", takeover)
+        assert terminated[0] >= 3
+        assert "the lock session was lost; stopping every shard now" in b.log_text()
+        # Then B reconnects, registers again and serves shards again.
+        healed_at = trio.current_time()
+        with trio.fail_after(20):
+            while not any(  # noqa: ASYNC110
+                load.first_success(e, healed_at, not_from=a.address) for e in ENTITIES
+            ):
+                await trio.sleep(0.02)
+        rejoined = trio.current_time() - healed_at
+        log.info("database cut: B serves again %.3f s after the cut", rejoined)
+        await load.wait_all_answer(ENTITIES, after=trio.current_time(), seconds=10)
+    assert not load.unexpected, load.unexpected[:5]
+    load.check_single_owner()
+    assert b.running
+    status = await cluster.status()
+    live = {r["address"]: r["shards"] for r in status["runners"] if r["live"]}
+    assert live.get(b.address, 0) > 0, status["runners"]
