@@ -8,7 +8,15 @@ import itertools
 import pytest
 
 from trio_cluster import ClusterInternalError
-from trio_cluster._core._job import TRANSITIONS, JobEvent, JobState, advance
+from trio_cluster._core._job import (
+    FINISH,
+    GRANT,
+    ON,
+    TRANSITIONS,
+    JobEvent,
+    JobState,
+    advance,
+)
 
 Q, G, B, D = JobState.QUEUED, JobState.GRANTED, JobState.BOUNCED, JobState.DONE
 
@@ -53,3 +61,16 @@ def test_a_replayed_job_runs_again():
     for event in (JobEvent.GRANT, JobEvent.REQUEUE, JobEvent.GRANT, JobEvent.FINISH):
         state = advance(state, event)
     assert state is D
+
+
+def test_the_hot_path_moves_are_the_table_checked():
+    assert GRANT[JobState.QUEUED] is JobState.GRANTED
+    assert FINISH[JobState.GRANTED] is JobState.DONE
+    for event, moves in ON.items():
+        assert dict(moves) == {
+            source: target
+            for (source, on), target in TRANSITIONS.items()
+            if on is event
+        }
+    with pytest.raises(ClusterInternalError, match="a done job cannot grant"):
+        GRANT[JobState.DONE]

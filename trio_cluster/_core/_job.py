@@ -19,9 +19,10 @@ the front of the queue again. DONE and BOUNCED are final.
 The Trio driver never assigns a state directly: it asks `advance` for the
 next one, which refuses an event the table does not allow in the current
 state with `ClusterInternalError` (a bug in the driver, not a user error).
-`advance` is on the path of every local call, so it is two lookups in a
-nested dict derived from the table, with no allocation, hashing the enum
-members by identity.
+Every local call makes two transitions, so the hot path indexes the `Moves`
+of an event directly (``GRANT[state]``: one dict lookup derived from the
+table, no function call, the enum members hashed by identity); `advance`
+is the same lookup for the other paths.
 
 `StopReason` says why the runtime cancelled a granted job before it
 finished: the driver maps it to the caller's outcome.
@@ -34,7 +35,17 @@ from typing import Final
 
 from .._errors import ClusterInternalError
 
-__all__ = ["TRANSITIONS", "JobEvent", "JobState", "StopReason", "advance"]
+__all__ = [
+    "FINISH",
+    "GRANT",
+    "ON",
+    "TRANSITIONS",
+    "JobEvent",
+    "JobState",
+    "Moves",
+    "StopReason",
+    "advance",
+]
 
 
 class JobState(enum.Enum):
@@ -92,16 +103,33 @@ TRANSITIONS: Final[dict[tuple[JobState, JobEvent], JobState]] = {
 """Every allowed transition: (state, event) -> next state. Anything else is
 refused."""
 
-# NOTE: the hot path looks transitions up by state, then event: a tuple key
-# would allocate a tuple on every call.
-_NEXT: Final[dict[JobState, dict[JobEvent, JobState]]] = {
-    state: {
-        event: target
-        for (source, event), target in TRANSITIONS.items()
-        if source is state
-    }
-    for state in JobState
-}
+
+class Moves(dict[JobState, JobState]):
+    """What one event does: the state a job moves to from each state that
+    allows it. Indexing it with any other state raises `ClusterInternalError`
+    (``__missing__``), so ``job.state = GRANT[job.state]`` is a checked
+    transition at the cost of one dict lookup (no function call)."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event: JobEvent) -> None:
+        super().__init__(
+            (source, target)
+            for (source, on), target in TRANSITIONS.items()
+            if on is event
+        )
+        self.event = event
+
+    def __missing__(self, state: JobState) -> JobState:
+        raise ClusterInternalError(f"a {state.value} job cannot {self.event.value}")
+
+
+ON: Final[dict[JobEvent, Moves]] = {event: Moves(event) for event in JobEvent}
+"""The `Moves` of every event."""
+
+GRANT: Final = ON[JobEvent.GRANT]
+FINISH: Final = ON[JobEvent.FINISH]
+"""The two transitions of every local call, for the hot path."""
 
 
 def advance(state: JobState, event: JobEvent) -> JobState:
@@ -110,9 +138,4 @@ def advance(state: JobState, event: JobEvent) -> JobState:
     Raises:
         ClusterInternalError: ``event`` is not allowed in ``state``.
     """
-    try:
-        return _NEXT[state][event]
-    except KeyError:
-        raise ClusterInternalError(
-            f"a {state.value} job cannot {event.value}"
-        ) from None
+    return ON[event][state]

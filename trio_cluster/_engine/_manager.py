@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import trio
 
 from .._context import current_entity_var
-from .._core._job import JobEvent, JobState, StopReason, advance
+from .._core._job import FINISH, GRANT, JobEvent, JobState, StopReason, advance
 from .._core._mailbox import Admission
 from .._errors import MailboxFullError
 from ._entity_lifecycle import EntityLifecycle, activate, new_instance
@@ -165,7 +165,7 @@ class EntityManager:
         if admission is Admission.QUEUED:
             await self._wait_granted(slot, job)
         else:
-            job.state = advance(job.state, JobEvent.GRANT)
+            job.state = GRANT[job.state]
         try:
             outcome = await self._execute(slot, job)
         finally:
@@ -273,7 +273,11 @@ class EntityManager:
         slot.offer(job)  # a permit: the slot is idle and not paused
         job.state = advance(job.state, JobEvent.GRANT)
         try:
-            outcome = _run_to_completion(self._execute_in_one_step(slot, job))
+            outcome = _run_to_completion(
+                self._observed_one_step(slot, job)
+                if shard.listeners.any
+                else self._execute_in_one_step(slot, job)
+            )
         finally:
             self._finish(slot, job)
         assert outcome is not REQUEUE, "only persisted jobs are replayed"
@@ -375,6 +379,8 @@ class EntityManager:
             and slot.starting is None
             and (slot.instance is not None or not slot.entity_type.start_suspends)
         ):
+            if slot.shard.listeners.any:
+                return await self._observed_one_step(slot, job)
             return await self._execute_in_one_step(slot, job)
         shard = slot.shard
         scope = shard.start_handler(slot, job)
@@ -418,9 +424,6 @@ class EntityManager:
         handler = job.handler
         instance = slot.instance
         starting = instance is None
-        listeners = slot.shard.listeners
-        if listeners.any:
-            listeners.handler_started(slot.address, handler.spec.name, slot.shard.epoch)
         try:
             if instance is None:
                 instance = new_instance(slot)
@@ -438,14 +441,24 @@ class EntityManager:
 
         except Exception as exc:
             return self.handler_failed(slot, job, exc, during_start=starting)
-        finally:
-            if listeners.any:
-                listeners.handler_finished(
-                    slot.address, handler.spec.name, slot.shard.epoch
-                )
         slot.crashes = 0
         self.messages_handled += 1
         return returned(handler, value, self.serialize)
+
+    async def _observed_one_step(self, slot: Slot, job: Job) -> Exit | Requeue:
+        """`_execute_in_one_step`, told to the listeners (its callers check
+        that there are any first: a runner without listeners pays one
+        attribute read per handler)."""
+        listeners, name, epoch = (
+            slot.shard.listeners,
+            job.handler.spec.name,
+            slot.shard.epoch,
+        )
+        listeners.handler_started(slot.address, name, epoch)
+        try:
+            return await self._execute_in_one_step(slot, job)
+        finally:
+            listeners.handler_finished(slot.address, name, epoch)
 
     def handler_failed(
         self, slot: Slot, job: Job, exc: Exception, *, during_start: bool
@@ -489,7 +502,7 @@ class EntityManager:
             job.state = advance(job.state, JobEvent.REQUEUE)
             slot.requeue_front([job])
         else:
-            job.state = advance(job.state, JobEvent.FINISH)
+            job.state = FINISH[job.state]
             if job.request_id is not None:
                 self.persisted_jobs.pop(job.request_id, None)
         if next_job is not None:
