@@ -290,6 +290,30 @@ RULES = {
         ),
         "the libpq driver knows nothing of the cluster",
     ),
+    "simulator-uses-only-public-seams": Rule(
+        ("trio_cluster.testing._simulation",),
+        lambda imported: (
+            imported
+            in (
+                "trio_cluster",
+                "trio_cluster.abc",
+                "trio_cluster.storage",
+                "trio_cluster.transport",
+                "trio_cluster.testing",
+                # Pure helpers with no state of a runner: the core's backoff,
+                # the exception-group helper, and the envelope kinds the trace
+                # names frames by.
+                "trio_cluster._groups",
+                "trio_cluster._engine._wire",
+            )
+            or within(
+                imported, ("trio_cluster._core", "trio_cluster.testing._simulation")
+            )
+        ),
+        "the simulator observes runners through the public seam only"
+        " (RunnerListener, the Runner's views), so an engine refactoring cannot"
+        " blind its invariants",
+    ),
     "postgres-never-imports-memory": Rule(
         ("trio_cluster.storage._postgres",),
         lambda imported: not within(imported, ("trio_cluster.storage._memory",)),

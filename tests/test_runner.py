@@ -88,3 +88,30 @@ async def test_error_in_the_block_propagates_unwrapped(autojump_clock):
     with pytest.raises(ZeroDivisionError):
         async with tc.open_runner(entities=[Counter], config=config()):
             1 / 0  # noqa: B018
+
+
+async def test_abort_cuts_handlers_at_once_as_a_crash_would(autojump_clock):
+    outcome: list[BaseException] = []
+    async with trio.open_nursery() as nursery:
+        async with tc.open_runner(
+            entities=[Tracked], config=config(entity_termination_timeout=30)
+        ) as runner:
+
+            async def call() -> None:
+                try:
+                    await runner.client(Tracked)("a").nap(Sleep(100))
+                except tc.ClusterError as exc:
+                    outcome.append(exc)
+
+            nursery.start_soon(call)
+            await trio.testing.wait_all_tasks_blocked()
+            aborted_at = trio.current_time()
+            runner.abort()
+            await trio.testing.wait_all_tasks_blocked()
+            # Cut now: no termination timeout, no on_stop hook.
+            assert trio.current_time() == aborted_at
+            assert [type(exc) for exc in outcome] == [tc.EntityNotAssignedError]
+            with pytest.raises(tc.RunnerClosedError):
+                await runner.client(Tracked)("b").nap(Sleep(1))
+        assert trio.current_time() == aborted_at
+    assert "stop a" not in Tracked.log
