@@ -29,6 +29,7 @@ import trio
 
 import trio_cluster as tc
 from trio_cluster.testing import (
+    Fault,
     FaultSchedule,
     FrameFaults,
     FreezeRunner,
@@ -43,7 +44,6 @@ from trio_cluster.testing import (
     open_simulated_cluster,
     run_simulation,
 )
-from trio_cluster.testing._simulation._faults import Fault
 
 from ._common import emit, progress
 

@@ -25,8 +25,10 @@ from contextlib import (
 )
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import attrs
+import pytest
 import trio
 import trio.lowlevel
 import trio.testing
@@ -381,3 +383,17 @@ class Quick(tc.Entity):
     @tc.rpc
     async def started_with(self, msg: Get) -> str:
         return str(self.address_at_start)
+
+
+def session_fixture(name: str, *, lease: float, session: str | None = None) -> Any:
+    """The fixture ``name``: a session (named ``session``, default ``name``,
+    with lease ``lease``) of the test's ``storage`` fixture."""
+
+    @pytest.fixture(name=name)
+    async def opened(storage: Storage) -> AsyncIterator[StorageSession]:
+        async with storage.open_session(
+            name=session or name, lease_duration=lease
+        ) as opened:
+            yield opened
+
+    return opened

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
+import attrs
+
 from ._core._addresses import EntityAddress, EntityId, ShardId
 from ._core._hashing import shard_number
+from ._engine._routing import Router
 from ._entity import Entity
+from ._registry import EntityType, Handler
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from contextlib import AbstractAsyncContextManager
 
     from ._core._config import ShardingConfig
-    from ._engine._routing import Router
-    from ._registry import EntityType, Handler
 
 __all__ = ["EntityClient", "EntityRef"]
 
@@ -63,17 +65,13 @@ class EntityClient(Generic[E]):
         )
 
 
+@attrs.define(eq=False)
 class EntityRef:
     """Runtime type of entity handles; see the module docstring."""
 
-    __slots__ = ("_address", "_router", "_type")
-
-    def __init__(
-        self, router: Router, entity_type: EntityType, address: EntityAddress
-    ) -> None:
-        self._router = router
-        self._type = entity_type
-        self._address = address
+    _router: Router
+    _type: EntityType = attrs.field(alias="entity_type")
+    _address: EntityAddress
 
     @property
     def id(self) -> str:
@@ -98,22 +96,14 @@ class EntityRef:
         return f"<handle on {self._address}>"
 
 
+@attrs.define(eq=False)
 class _Bound:
     """A handler bound to one entity, sending through a runner."""
 
-    __slots__ = ("_address", "_handler", "_router", "_type")
-
-    def __init__(
-        self,
-        router: Router,
-        entity_type: EntityType,
-        address: EntityAddress,
-        handler: Handler,
-    ) -> None:
-        self._router = router
-        self._type = entity_type
-        self._address = address
-        self._handler = handler
+    _router: Router
+    _type: EntityType = attrs.field(alias="entity_type")
+    _address: EntityAddress
+    _handler: Handler
 
 
 class _BoundRpc(_Bound):

@@ -41,11 +41,10 @@ def test_release_without_running_job_is_a_bug():
         box.release()
 
 
-def test_invalid_sizes():
+@pytest.mark.parametrize(("capacity", "concurrency"), [(0, 1), (1, 0)])
+def test_invalid_sizes(capacity, concurrency):
     with pytest.raises(ValueError, match=">= 1"):
-        Mailbox(capacity=0, concurrency=1)
-    with pytest.raises(ValueError, match=">= 1"):
-        Mailbox(capacity=1, concurrency=0)
+        Mailbox(capacity=capacity, concurrency=concurrency)
 
 
 def test_remove_withdraws_only_queued_jobs():

@@ -26,11 +26,10 @@ def make() -> Ownership:
     return Ownership(lease_duration=5.0, refresh_interval=1.0)
 
 
-def test_invalid_timing():
+@pytest.mark.parametrize("refresh_interval", [1.0, 0.0])
+def test_invalid_timing(refresh_interval):
     with pytest.raises(ValueError, match="refresh_interval"):
-        Ownership(lease_duration=1.0, refresh_interval=1.0)
-    with pytest.raises(ValueError, match="refresh_interval"):
-        Ownership(lease_duration=1.0, refresh_interval=0.0)
+        Ownership(lease_duration=1.0, refresh_interval=refresh_interval)
 
 
 def test_acquire_serve_and_extend():

@@ -12,11 +12,13 @@ import trio.testing
 
 import trio_cluster as tc
 from trio_cluster.testing import (
+    ClientOp,
     FaultSchedule,
     FrameFaults,
     FreezeRunner,
     InvariantViolation,
     KillRunner,
+    OpKind,
     Probe,
     ProbeTouch,
     ProbeWrite,
@@ -30,7 +32,6 @@ from trio_cluster.testing import (
     run_scenario,
     run_simulation,
 )
-from trio_cluster.testing._simulation._workload import ClientOp, OpKind
 
 from .planted import release_without_cancelling
 
@@ -91,7 +92,6 @@ def test_the_same_seed_gives_the_same_trace_in_another_process():
     code = textwrap.dedent(
         """
         from trio_cluster.testing import *
-        from trio_cluster.testing._simulation._workload import ClientOp, OpKind
         scenario = Scenario(
             seed=9, runners=3,
             faults=FaultSchedule((KillRunner(at=1.0, runner=0, down_for=2.0),)),

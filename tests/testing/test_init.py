@@ -8,7 +8,6 @@ import sys
 import pytest
 
 import trio_cluster.testing
-from trio_cluster.testing._conformance._storage import StorageConformance
 
 
 def test_import_does_not_import_pytest_or_hypothesis():
@@ -25,7 +24,10 @@ def test_import_does_not_import_pytest_or_hypothesis():
 
 
 def test_names_resolve_lazily():
-    assert trio_cluster.testing.StorageConformance is StorageConformance
+    conformance = trio_cluster.testing.StorageConformance
+    assert conformance.__name__ == "StorageConformance"
+    assert conformance.__module__ == "trio_cluster.testing"  # the public path
+    assert trio_cluster.testing.StorageConformance is conformance  # cached
     assert set(trio_cluster.testing.__all__) <= set(dir(trio_cluster.testing))
     with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
         trio_cluster.testing.Nope  # noqa: B018

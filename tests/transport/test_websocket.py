@@ -28,11 +28,7 @@ from wsproto.events import AcceptConnection, BytesMessage, Request
 
 from trio_cluster import ConfigError, RunnerAddress, RunnerUnavailableError
 from trio_cluster.abc import Endpoint, Transport
-from trio_cluster.testing import TransportConformance
-from trio_cluster.testing._conformance._transport import (
-    LOCALHOST,
-    RecordingHandler,
-)
+from trio_cluster.testing import RecordingHandler, TransportConformance
 from trio_cluster.transport import WebSocketEndpoint, WebSocketTransport, _ws_endpoint
 from trio_cluster.transport._framing import MAGIC, encode_hello
 from trio_cluster.transport._ws_connection import (
@@ -41,8 +37,11 @@ from trio_cluster.transport._ws_connection import (
     close_reason_text,
     describe,
 )
+from trio_cluster.transport._ws_endpoint import AfterDial, after_dial
 from trio_cluster.transport._ws_handshake import RESOURCE, keep_inbound
 
+LOCALHOST = RunnerAddress("127.0.0.1", 0)
+"""Where the tests open endpoints (port 0: any free port)."""
 TIMEOUT = 10
 LOG = "trio_cluster.transport"
 
@@ -79,10 +78,6 @@ class TestWebSocketConformance(TransportConformance):
     @pytest.fixture
     def unreachable(self) -> RunnerAddress:
         return RunnerAddress("127.0.0.1", free_port())
-
-    def frames_sent(self, endpoint: Endpoint) -> int | None:
-        assert isinstance(endpoint, WebSocketEndpoint)
-        return endpoint.statistics().frames_sent
 
 
 @pytest.fixture
@@ -567,6 +562,26 @@ def test_keep_inbound_table(peer_is_lower, dialing, dialed_up, keep):
     assert keep_inbound(local, peer, dialing=dialing, dialed_up=dialed_up) is keep
 
 
+@pytest.mark.parametrize(
+    ("connected", "failure", "peer_connected", "pending", "after"),
+    [
+        # The dial made a connection, which has ended.
+        (True, None, False, True, AfterDial.REDIAL),
+        (True, None, False, False, AfterDial.NOTHING),
+        (True, "reset", True, True, AfterDial.NOTHING),
+        # It made none: the peer's own connection, a failure, or neither.
+        (False, "refused", True, True, AfterDial.NOTHING),
+        (False, "refused", False, False, AfterDial.FAILED),
+        (False, None, False, True, AfterDial.DROP),
+        (False, None, False, False, AfterDial.NOTHING),
+    ],
+)
+def test_after_dial_table(connected, failure, peer_connected, pending, after):
+    conn = object() if connected else None
+    attempt = _ws_endpoint._Attempt(conn, failure)  # type: ignore[arg-type]
+    assert after_dial(attempt, peer_connected=peer_connected, pending=pending) is after
+
+
 # ----------------------------------------------------------------------
 # Liveness
 
@@ -804,7 +819,6 @@ async def test_a_send_from_peer_lost_is_not_stranded_behind_the_ended_dial():
     """The runtime routes a failed call again from inside ``peer_lost``: that
     envelope must start a new dial (and fail or arrive), not wait forever in
     the queue of the connection that just ended."""
-    from trio_cluster.testing._conformance._transport import RecordingHandler
 
     class Resender(RecordingHandler):
         endpoint: Endpoint | None = None

@@ -9,14 +9,13 @@ adding a timer delay at low load (a lone item is flushed at once).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Generic, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
 
+import attrs
 import trio
 
 from .._errors import PersistenceError
-
-if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
 
 __all__ = ["Batcher"]
 
@@ -34,30 +33,21 @@ class _Pending(Generic[I, O]):
         self.error: BaseException | None = None
 
 
+@attrs.define(eq=False)
 class Batcher(Generic[I, O]):
-    """Batches items for ``flush``, which returns one result per item, in order.
+    """Batches items for ``flush``, which returns one result per item, in order."""
 
-    Args:
-        flush: writes a batch; must return ``len(items)`` results.
-        max_batch: most items per flush.
-        name: for error messages.
-    """
-
-    def __init__(
-        self,
-        flush: Callable[[Sequence[I]], Awaitable[Sequence[O]]],
-        *,
-        max_batch: int,
-        name: str,
-    ) -> None:
-        self._flush = flush
-        self._max_batch = max_batch
-        self._name = name
-        self._pending: list[_Pending[I, O]] = []
-        self._wake = trio.Event()
-        self._closed = False
-        self.batches = 0
-        self.items = 0
+    _flush: Callable[[Sequence[I]], Awaitable[Sequence[O]]]
+    """Writes a batch; must return ``len(items)`` results."""
+    _max_batch: int = attrs.field(kw_only=True)
+    """Most items per flush."""
+    _name: str = attrs.field(kw_only=True)
+    """For error messages."""
+    _pending: list[_Pending[I, O]] = attrs.field(init=False, factory=list)
+    _wake: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _closed: bool = attrs.field(init=False, default=False)
+    batches: int = attrs.field(init=False, default=0)
+    items: int = attrs.field(init=False, default=0)
 
     async def submit(self, item: I) -> O:
         """Write ``item`` with the next batch and return its result.

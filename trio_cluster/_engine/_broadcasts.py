@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from .._broadcast import message_type
@@ -18,7 +19,9 @@ from .._errors import (
     MalformedMessageError,
     RunnerUnavailableError,
 )
+from .._transport_abc import Endpoint
 from ..serialization._converter import Codec
+from ._shard_table import ShardTable
 from ._wire import Kind
 
 if TYPE_CHECKING:
@@ -28,8 +31,6 @@ if TYPE_CHECKING:
 
     from .._broadcast import Broadcast
     from .._core._addresses import RunnerAddress
-    from .._transport_abc import Endpoint
-    from ._shard_table import ShardTable
 
 __all__ = ["BroadcastCodecs", "Broadcasts", "broadcast_codecs"]
 
@@ -63,21 +64,15 @@ def broadcast_codecs(
     return codecs
 
 
+@attrs.define(eq=False)
 class Broadcasts:
     """The broadcasts of one runner: encoding, sending and dispatching."""
 
-    def __init__(
-        self,
-        codecs: BroadcastCodecs,
-        *,
-        shards: ShardTable,
-        endpoint: Endpoint | None,
-    ) -> None:
-        self._handlers = codecs
-        self._shards = shards
-        self._endpoint = endpoint
-        self._nursery: trio.Nursery | None = None
-        self.received = 0
+    _codecs: BroadcastCodecs
+    _shards: ShardTable = attrs.field(kw_only=True)
+    _endpoint: Endpoint | None = attrs.field(kw_only=True)
+    _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
+    received: int = attrs.field(init=False, default=0)
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -90,7 +85,7 @@ class Broadcasts:
 
     async def send(self, name: str, message: Any) -> int:
         """See `Runner.broadcast`."""
-        entry = self._handlers.get(name)
+        entry = self._codecs.get(name)
         if entry is None:
             raise EntityDefinitionError(
                 f"no broadcast named {name!r} is declared on this runner"
@@ -117,7 +112,7 @@ class Broadcasts:
 
     def received_from(self, peer: RunnerAddress, name: str, payload: bytes) -> None:
         """A peer broadcast ``name`` (called by the endpoint handler)."""
-        if name not in self._handlers:
+        if name not in self._codecs:
             log.warning(
                 "broadcast %r from %s is not declared here; dropped", name, peer
             )
@@ -125,7 +120,7 @@ class Broadcasts:
         self._run(name, payload)
 
     def _run(self, name: str, payload: bytes) -> None:
-        broadcast, codec = self._handlers[name]
+        broadcast, codec = self._codecs[name]
         try:
             message = codec.decode(payload)
         except MalformedMessageError as exc:

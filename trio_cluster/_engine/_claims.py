@@ -21,17 +21,19 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any, Final
 
+import attrs
 import trio
 
+from .._core._addresses import ShardId
 from .._errors import MalformedMessageError, PersistenceError, UnknownEntityTypeError
+from ._delivery import DeliveryParts
 from ._manager import NotDelivered
+from ._replies import ReplyRecorder
 
 if TYPE_CHECKING:
-    from .._core._addresses import EntityAddress, ShardId
+    from .._core._addresses import EntityAddress
     from .._registry import EntityType, Handler
     from .._storage_abc import ClaimBatch, ClaimedRequest
-    from ._delivery import DeliveryParts
-    from ._replies import ReplyRecorder
     from ._slots import ShardHost
 
 __all__ = ["Claims"]
@@ -43,17 +45,17 @@ _FLOAT_TOLERANCE: Final = 1e-6
 between the timer and the wall clock."""
 
 
+@attrs.define(eq=False)
 class Claims:
     """The read loop and the delivery of persisted requests to entities."""
 
-    def __init__(self, parts: DeliveryParts, recorder: ReplyRecorder) -> None:
-        self._parts = parts
-        self._recorder = recorder
-        self._caught_up: dict[ShardId, int] = {}
-        """Shard -> the epoch at which a claim found nothing more to take
-        (see the module docstring)."""
-        self.delivered = 0
-        self.claims = 0
+    _parts: DeliveryParts
+    _recorder: ReplyRecorder
+    _caught_up: dict[ShardId, int] = attrs.field(init=False, factory=dict)
+    """Shard -> the epoch at which a claim found nothing more to take
+    (see the module docstring)."""
+    delivered: int = attrs.field(init=False, default=0)
+    claims: int = attrs.field(init=False, default=0)
 
     def caught_up(self, shard: ShardId, epoch: int) -> bool:
         """Whether no older request of ``shard`` can wait in storage at

@@ -4,7 +4,7 @@ Theory of operation:
 
 * A slot (an entity on this runner) is created by its first message, within
   ``max_resident_entities``: at the cap, the least recently used idle entity
-  is passivated to make room (`EntityLifecycle.new_slot`).
+  is passivated to make room (`EntityLifecycle.add_slot`).
 * Its incarnation (the user's object) is created, and ``on_start`` runs, when
   the first handler is about to run (`activate`, or the manager's one-step
   fast path with `new_instance`).
@@ -39,10 +39,8 @@ from ._passivation import IdleTracker
 from ._slots import ShardState, Slot
 
 if TYPE_CHECKING:
-    from .._core._addresses import EntityAddress
     from .._core._config import ShardingConfig
     from .._entity import Entity
-    from .._registry import EntityType
     from ._outcomes import RetryLater
     from ._slots import Job, ShardHost
 
@@ -84,16 +82,9 @@ class EntityLifecycle:
         self.crashes = 0
         """Incarnations crashed so far."""
 
-    def new_slot(
-        self,
-        shard: ShardHost,
-        address: EntityAddress,
-        entity_type: EntityType,
-        *,
-        force: bool,
-    ) -> Slot:
-        """Create the slot of an entity that has none, making room under
-        ``max_resident_entities`` if needed (unless ``force``).
+    def add_slot(self, slot: Slot, *, force: bool) -> Slot:
+        """Add the new slot of an entity that has none to its shard, making
+        room under ``max_resident_entities`` if needed (unless ``force``).
 
         Raises:
             MailboxFullError: the runner is at the cap and no entity is idle.
@@ -105,11 +96,10 @@ class EntityLifecycle:
             and not force
         ):
             raise MailboxFullError(
-                address=str(address),
+                address=str(slot.address),
                 reason="runner at max_resident_entities, none idle",
             )
-        slot = Slot(address, entity_type, shard)
-        shard.slots[address] = slot
+        slot.shard.slots[slot.address] = slot
         self.resident += 1
         return slot
 

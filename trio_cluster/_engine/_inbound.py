@@ -16,34 +16,35 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import attrs
 import trio
 
-from .._context import current_entity_var, current_runner_var
+from .._context import RunnerContext, current_entity_var, current_runner_var
+from .._core._addresses import RunnerAddress
 from .._errors import (
     MailboxFullError,
     MalformedMessageError,
     RunnerUnavailableError,
     UnknownEntityTypeError,
 )
-from .._transport_abc import EndpointHandler
-from ._manager import NotDelivered
-from ._slots import JobKind
+from .._registry import Registry
+from .._transport_abc import Endpoint, EndpointHandler
+from ._broadcasts import Broadcasts
+from ._manager import EntityManager, NotDelivered
+from ._persisted import PersistedDelivery
+from ._remote import OutboundCalls
+from ._shard_table import ShardTable
+from ._sharding import Sharding
+from ._slots import Job, JobKind
 from ._streams import STREAM_BUFFER, open_stream_channel
 from ._wire import Kind, Mode, address_from, parse
 
 if TYPE_CHECKING:
-    from .._context import RunnerContext
-    from .._core._addresses import EntityAddress, RunnerAddress
-    from .._registry import EntityType, Handler, Registry
-    from .._transport_abc import Endpoint, Envelope
+    from .._core._addresses import EntityAddress
+    from .._registry import EntityType, Handler
+    from .._transport_abc import Envelope
     from ..serialization._replies import Exit
-    from ._broadcasts import Broadcasts
-    from ._manager import EntityManager
-    from ._persisted import PersistedDelivery
-    from ._remote import OutboundCalls
-    from ._shard_table import ShardTable
-    from ._sharding import Sharding
-    from ._slots import Job, ShardHost, Sink
+    from ._slots import ShardHost, Sink
 
 __all__ = ["ClusterHandler", "HandlerRelay", "InboundCalls"]
 
@@ -81,27 +82,24 @@ class _Target(NamedTuple):
     message: Any
 
 
+@attrs.define(eq=False, kw_only=True)
 class InboundCalls:
     """Requests other runners sent to entities this runner serves."""
 
-    def __init__(
-        self,
-        *,
-        endpoint: Endpoint,
-        shards: ShardTable,
-        manager: EntityManager,
-        registry: Registry,
-    ) -> None:
-        self._endpoint = endpoint
-        self._shards = shards
-        self._manager = manager
-        self._registry = registry
-        self._jobs: dict[tuple[RunnerAddress, int], Job] = {}
-        self._credits: dict[tuple[RunnerAddress, int], _Credit] = {}
-        self._recent: dict[RunnerAddress, dict[int, None]] = {}
-        """Per peer, the call ids of its last requests (cleared when the
-        connection drops): a request seen twice runs once."""
-        self.handled = 0
+    _endpoint: Endpoint
+    _shards: ShardTable
+    _manager: EntityManager
+    _registry: Registry
+    _jobs: dict[tuple[RunnerAddress, int], Job] = attrs.field(init=False, factory=dict)
+    _credits: dict[tuple[RunnerAddress, int], _Credit] = attrs.field(
+        init=False, factory=dict
+    )
+    _recent: dict[RunnerAddress, dict[int, None]] = attrs.field(
+        init=False, factory=dict
+    )
+    """Per peer, the call ids of its last requests (cleared when the
+    connection drops): a request seen twice runs once."""
+    handled: int = attrs.field(init=False, default=0)
 
     def _send(self, peer: RunnerAddress, envelope: list[Any]) -> None:
         try:
@@ -339,35 +337,23 @@ def _encode(handler: Handler, exit_: Exit) -> bytes:
         return handler.reply.encode_error(exc)
 
 
+@attrs.define(eq=False, kw_only=True)
 class ClusterHandler(EndpointHandler):
     """Dispatches envelopes from peers to the caller and owner sides."""
 
-    def __init__(
-        self,
-        *,
-        outbound: OutboundCalls,
-        inbound: InboundCalls,
-        sharding: Sharding,
-        persisted: PersistedDelivery,
-        broadcasts: Broadcasts,
-        context: RunnerContext,
-    ) -> None:
-        """
-        Args:
-            outbound: the caller side (replies, stream items).
-            inbound: the owner side (requests, credits, interrupts).
-            sharding: polled again when a peer is lost.
-            persisted: persisted-request notices and replies.
-            broadcasts: broadcasts from peers.
-            context: the current runner handlers dispatched from here see.
-        """
-        self.outbound = outbound
-        self.inbound = inbound
-        self._sharding = sharding
-        self._persisted = persisted
-        self._broadcasts = broadcasts
-        self._context = context
-        self.malformed = 0
+    outbound: OutboundCalls
+    """The caller side (replies, stream items)."""
+    inbound: InboundCalls
+    """The owner side (requests, credits, interrupts)."""
+    _sharding: Sharding
+    """Polled again when a peer is lost."""
+    _persisted: PersistedDelivery
+    """Persisted-request notices and replies."""
+    _broadcasts: Broadcasts
+    """Broadcasts from peers."""
+    _context: RunnerContext
+    """The current runner handlers dispatched from here see."""
+    malformed: int = attrs.field(init=False, default=0)
 
     def envelope_received(self, peer: RunnerAddress, envelope: Envelope) -> None:
         # The transport may call from any task (a memory link runs in the

@@ -55,7 +55,7 @@ from ._outcomes import (
     returned,
     stopped,
 )
-from ._slots import Job, JobKind
+from ._slots import Job, JobKind, Slot
 from ._streams import end_stream_nowait, run_stream
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from .._registry import EntityType, Handler
     from ..serialization._replies import Exit
     from ._outcomes import Outcome, Requeue
-    from ._slots import Around, ShardHost, Sink, Slot
+    from ._slots import Around, ShardHost, Sink
 
 __all__ = ["EntityManager", "NotDelivered"]
 
@@ -134,7 +134,9 @@ class EntityManager:
             raise NotDelivered(str(address))
         slot = shard.slots.get(address)
         if slot is None:
-            return self._lifecycle.new_slot(shard, address, entity_type, force=force)
+            return self._lifecycle.add_slot(
+                Slot(address, entity_type, shard), force=force
+            )
         self.idle.remove(slot)
         return slot
 

@@ -14,30 +14,31 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import attrs
 import trio
 
 from .._errors import PersistenceError
 from .._storage_abc import MessagesAvailable, RepliesAvailable, RequestsInterrupted
+from ._delivery import DeliveryParts
+from ._replies import ReplyRecorder
 from ._waiters import send_directly
 from ._wire import Kind, address_fields
 
 if TYPE_CHECKING:
     from .._core._addresses import EntityAddress, RunnerAddress
-    from ._delivery import DeliveryParts
-    from ._replies import ReplyRecorder
 
 __all__ = ["Notices"]
 
 log = logging.getLogger("trio_cluster.persisted")
 
 
+@attrs.define(eq=False)
 class Notices:
     """Direct notices to other runners, and the loops that read storage's
     notifications and poll for replies."""
 
-    def __init__(self, parts: DeliveryParts, recorder: ReplyRecorder) -> None:
-        self._parts = parts
-        self._recorder = recorder
+    _parts: DeliveryParts
+    _recorder: ReplyRecorder
 
     def notice_owner(
         self,

@@ -48,12 +48,10 @@ class ReplyRecorder:
     """Records final replies and fetches those recorded elsewhere.
 
     Args:
-        storage: where replies are saved.
-        config: the retry cap (``lease_refresh_interval``).
-        clock: the wall clock of the records.
-        waiters: woken by each final reply.
-        on_recorded: called after each attempt to record a reply (it may
-            free budget for the read loop).
+        parts: the storage replies are saved in, the retry cap
+            (``config.lease_refresh_interval``), the wall clock of the records,
+            the waiters woken by each final reply, and the read loop's signal
+            (a recorded reply may free budget for it).
     """
 
     def __init__(self, parts: DeliveryParts) -> None:

@@ -20,67 +20,59 @@ from contextlib import asynccontextmanager
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
-from .._context import current_runner_var, enter_runner, leave_runner
+from .._context import RunnerContext, current_runner_var, enter_runner, leave_runner
+from .._core._config import ShardingConfig
 from .._core._histogram import Histogram
 from .._errors import EntityNotAssignedError, MessageTooLargeError
 from .._errors._closed import RunnerClosedError
-from ._manager import NotDelivered
-from ._remote import NotSent, RouteAgain
+from ._manager import EntityManager, NotDelivered
+from ._persisted import PersistedDelivery
+from ._remote import NotSent, OutboundCalls, RouteAgain
+from ._shard_table import ShardTable
 from ._slots import JobKind
 from ._streams import StreamReceiver, consume, open_stream_channel
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from .._context import RunnerContext
     from .._core._addresses import EntityAddress, RunnerAddress
-    from .._core._config import ShardingConfig
     from .._registry import EntityType, Handler
-    from ._manager import EntityManager
-    from ._persisted import PersistedDelivery
-    from ._remote import OutboundCalls
-    from ._shard_table import ShardTable
 
 __all__ = ["Router"]
 
 
+@attrs.define(eq=False, kw_only=True)
 class Router:
     """Sends each call to the runner that serves its entity."""
 
-    def __init__(
-        self,
-        *,
-        config: ShardingConfig,
-        shards: ShardTable,
-        manager: EntityManager,
-        persisted: PersistedDelivery,
-        outbound: OutboundCalls | None,
-        context: RunnerContext,
-    ) -> None:
-        """
-        Args:
-            config: the runner's policies.
-            shards: which shards are served here, and the assignment.
-            manager: runs local handlers.
-            persisted: sends persisted requests.
-            outbound: calls to other runners; None without a transport.
-            context: what handlers started from a call see as their
-                current runner (the façade).
-        """
-        self._context = context
-        self._config = config
-        self._shards = shards
-        self._manager = manager
-        self._persisted = persisted
-        self._serialize = config.serialize_local_calls
-        self.outbound = outbound
-        self.closed = False
-        self.remote_calls = 0
-        self.latency = {"volatile": Histogram(), "persisted": Histogram()}
-        """Caller-observed latency of rpc calls (completed, failed or
-        cancelled), per delivery kind, in seconds."""
+    _config: ShardingConfig
+    """The runner's policies."""
+    _shards: ShardTable
+    """Which shards are served here, and the assignment."""
+    _manager: EntityManager
+    """Runs local handlers."""
+    _persisted: PersistedDelivery
+    """Sends persisted requests."""
+    outbound: OutboundCalls | None
+    """Calls to other runners; None without a transport."""
+    _context: RunnerContext
+    """What handlers started from a call see as their current runner (the
+    façade)."""
+    _serialize: bool = attrs.field(init=False)
+    closed: bool = attrs.field(init=False, default=False)
+    remote_calls: int = attrs.field(init=False, default=0)
+    latency: dict[str, Histogram] = attrs.field(
+        init=False, factory=lambda: {"volatile": Histogram(), "persisted": Histogram()}
+    )
+    """Caller-observed latency of rpc calls (completed, failed or
+    cancelled), per delivery kind, in seconds."""
+
+    @_serialize.default
+    def _serialize_default(self) -> bool:
+        return self._config.serialize_local_calls
 
     def close(self) -> None:
         """Take no more calls (the runner is shutting down)."""
@@ -192,51 +184,44 @@ class Router:
         # where `current_runner()` failed).
         token = enter_runner(self._context)
         try:
-            await self._discard(entity_type, address, handler, message)
+            if handler.spec.persisted:
+                await self._persisted.call(
+                    address, entity_type, handler, message, discard=True
+                )
+                return
+            payload = self._encode(handler, message) if self._serialize else None
+            local_message = (
+                message if payload is None else handler.message.decode(payload)
+            )
+            deadline: float | None = None
+            while True:
+                host = self._shards.hosts.get(address.shard)
+                if host is not None:
+                    try:
+                        self._manager.submit(
+                            host, address, entity_type, handler, local_message
+                        )
+                    except NotDelivered:
+                        pass
+                    else:
+                        await trio.lowlevel.checkpoint()
+                        return
+                elif (peer := self._remote_owner(address)) is not None:
+                    assert self.outbound is not None
+                    try:
+                        await self.outbound.discard(
+                            peer,
+                            address,
+                            handler,
+                            payload or self._encode(handler, message),
+                        )
+                    except NotSent:
+                        pass
+                    else:
+                        return
+                deadline = await self._wait(address, deadline)
         finally:
             leave_runner(token)
-
-    async def _discard(
-        self,
-        entity_type: EntityType,
-        address: EntityAddress,
-        handler: Handler,
-        message: Any,
-    ) -> None:
-        if handler.spec.persisted:
-            await self._persisted.call(
-                address, entity_type, handler, message, discard=True
-            )
-            return
-        payload = self._encode(handler, message) if self._serialize else None
-        local_message = message if payload is None else handler.message.decode(payload)
-        deadline: float | None = None
-        while True:
-            host = self._shards.hosts.get(address.shard)
-            if host is not None:
-                try:
-                    self._manager.submit(
-                        host, address, entity_type, handler, local_message
-                    )
-                except NotDelivered:
-                    pass
-                else:
-                    await trio.lowlevel.checkpoint()
-                    return
-            elif (peer := self._remote_owner(address)) is not None:
-                assert self.outbound is not None
-                try:
-                    await self.outbound.discard(
-                        peer,
-                        address,
-                        handler,
-                        payload or self._encode(handler, message),
-                    )
-                except NotSent:
-                    pass
-                else:
-                    return
-            deadline = await self._wait(address, deadline)
 
     @asynccontextmanager
     async def stream(

@@ -8,8 +8,8 @@
 * `Job`: one message on its way through a slot. Its lifecycle (`JobState`)
   is the table of `trio_cluster._core._job`.
 
-These are plain ``__slots__`` classes, because an idle entity must cost only a
-few hundred bytes of them.
+These are slotted classes (``__slots__``, or attrs' slots for `Job`), because
+an idle entity must cost only a few hundred bytes of them.
 """
 
 from __future__ import annotations
@@ -18,16 +18,17 @@ import enum
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
-from .._core._job import JobState
+from .._core._job import JobState, StopReason
 from .._core._mailbox import Mailbox
+from .._registry import Handler
 
 if TYPE_CHECKING:
     from .._core._addresses import EntityAddress, ShardId
-    from .._core._job import StopReason
     from .._entity import Entity
-    from .._registry import EntityType, Handler
+    from .._registry import EntityType
     from ..serialization._replies import Exit
     from ._listeners import Listeners
     from ._outcomes import Outcome
@@ -71,59 +72,34 @@ must be redelivered (persisted) or rerouted (remote). A synchronous sink is
 called in place; an async one runs in a task of its own."""
 
 
+@attrs.define(eq=False)
 class Job:
     """One message on its way through an entity's mailbox."""
 
-    __slots__ = (
-        "around",
-        "deadline",
-        "granted",
-        "handler",
-        "kind",
-        "message",
-        "request_id",
-        "scope",
-        "sink",
-        "slot",
-        "state",
-        "stop_reason",
-        "stream_channel",
+    handler: Handler
+    message: Any
+    kind: JobKind
+    slot: Slot
+    """The entity's slot (mailbox) the job was offered to."""
+    request_id: int | None = attrs.field(default=None, kw_only=True)
+    """A persisted request's id; None for volatile messages."""
+    sink: Sink | None = attrs.field(default=None, kw_only=True)
+    """Receives the outcome of a detached job; see `Sink`."""
+    stream_channel: trio.MemorySendChannel[Any] | None = attrs.field(
+        default=None, kw_only=True
     )
-
-    def __init__(
-        self,
-        handler: Handler,
-        message: Any,
-        kind: JobKind,
-        slot: Slot,
-        *,
-        request_id: int | None = None,
-        sink: Sink | None = None,
-        stream_channel: trio.MemorySendChannel[Any] | None = None,
-        around: Around | None = None,
-    ) -> None:
-        self.handler = handler
-        self.message = message
-        self.kind = kind
-        self.slot = slot
-        """The entity's slot (mailbox) the job was offered to."""
-        self.request_id = request_id
-        """A persisted request's id; None for volatile messages."""
-        self.sink = sink
-        """Receives the outcome of a detached job; see `Sink`."""
-        self.stream_channel = stream_channel
-        """Where a stream job sends its items (kind STREAM only)."""
-        self.around = around
-        """Wraps the job's execution (transactional handlers); see `Around`."""
-        self.state = JobState.QUEUED
-        """Changed only through `trio_cluster._core._job.advance`."""
-        self.granted: trio.Event | None = None
-        """Set when a queued inline job gets its permit (or is bounced)."""
-        self.scope: trio.CancelScope | None = None
-        self.stop_reason: StopReason | None = None
-        self.deadline: float | None = None
-        """Trio time after which the handler is cancelled (the remote
-        caller's deadline); None: no limit."""
+    """Where a stream job sends its items (kind STREAM only)."""
+    around: Around | None = attrs.field(default=None, kw_only=True)
+    """Wraps the job's execution (transactional handlers); see `Around`."""
+    state: JobState = attrs.field(init=False, default=JobState.QUEUED)
+    """Changed only through `trio_cluster._core._job.advance`."""
+    granted: trio.Event | None = attrs.field(init=False, default=None)
+    """Set when a queued inline job gets its permit (or is bounced)."""
+    scope: trio.CancelScope | None = attrs.field(init=False, default=None)
+    stop_reason: StopReason | None = attrs.field(init=False, default=None)
+    deadline: float | None = attrs.field(init=False, default=None)
+    """Trio time after which the handler is cancelled (the remote
+    caller's deadline); None: no limit."""
 
     @property
     def persisted(self) -> bool:

@@ -1,7 +1,5 @@
-"""`RunnerStatistics`: a snapshot of a runner's state and counters (Trio driver).
-
-Collecting walks the served shards and their entities (linear in resident
-entities), so call it for monitoring, not per message.
+"""`RunnerStatistics`: a snapshot of a runner's state and counters (Trio driver
+data). `RunnerParts.statistics` collects it.
 """
 
 from __future__ import annotations
@@ -13,16 +11,9 @@ import attrs
 from .._transport_abc import EndpointStatistics
 
 if TYPE_CHECKING:
-    from .._core._addresses import RunnerAddress
     from .._core._histogram import Histogram
-    from .._engine._manager import EntityManager
-    from .._engine._persisted import PersistedDelivery
-    from .._engine._routing import Router
-    from .._engine._sharding import Sharding
-    from .._engine._singletons import SingletonSupervisor
-    from .._transport_abc import Endpoint
 
-__all__ = ["LatencySnapshot", "RunnerStatistics", "collect_statistics"]
+__all__ = ["LatencySnapshot", "RunnerStatistics"]
 
 
 @attrs.frozen
@@ -92,58 +83,3 @@ class RunnerStatistics:
     transport: EndpointStatistics | None = None
     """The transport endpoint's traffic (frames, envelopes, bytes, connects),
     if the runner has a transport that keeps counters."""
-
-
-def collect_statistics(
-    *,
-    address: RunnerAddress,
-    manager: EntityManager,
-    sharding: Sharding,
-    persisted: PersistedDelivery,
-    router: Router,
-    supervisor: SingletonSupervisor,
-    endpoint: Endpoint | None,
-) -> RunnerStatistics:
-    """A snapshot of the runner made of these parts."""
-    by_type: dict[str, int] = {}
-    queued = 0
-    deepest = 0
-    running = 0
-    entities = 0
-    for host in sharding.table.hosts.values():
-        running += host.running
-        for slot in host.slots.values():
-            entities += 1
-            name = slot.entity_type.name
-            by_type[name] = by_type.get(name, 0) + 1
-            queued += slot.queued
-            deepest = max(deepest, slot.depth)
-    stats = persisted.statistics
-    return RunnerStatistics(
-        address=str(address),
-        shards=len(sharding.table.hosts),
-        shards_assigned=len(sharding.ownership.assigned),
-        runners=len(sharding.table.live),
-        entities=entities,
-        entities_by_type=by_type,
-        idle_entities=len(manager.idle),
-        running_handlers=running,
-        queued_messages=queued,
-        max_mailbox_depth=deepest,
-        messages_handled=manager.messages_handled,
-        entity_crashes=manager.crashes,
-        persisted_in_flight=len(manager.persisted_jobs),
-        persisted_delivered=persisted.delivered,
-        storage_claims=stats["claims"],
-        save_batches=stats["save_batches"],
-        reply_batches=stats["reply_batches"],
-        waiting_callers=stats["waiting_callers"],
-        singletons_running=len(supervisor.running),
-        failovers=sharding.failovers,
-        remote_calls=router.remote_calls,
-        call_latency={
-            kind: LatencySnapshot.of(histogram)
-            for kind, histogram in router.latency.items()
-        },
-        transport=None if endpoint is None else endpoint.statistics(),
-    )

@@ -11,10 +11,14 @@ copies none of this. The number checks come from `trio_cluster._core._checks`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import TypeVar
+from collections.abc import Collection, Iterable, Mapping
+from types import UnionType
+from typing import TypeVar, get_args, get_origin, get_type_hints
 
-from .._core._addresses import EntityAddress, RunnerAddress, ShardId
+import attrs
+
+from .. import _storage_abc
+from .._core._addresses import EntityAddress, ShardId
 from .._core._checks import ARGUMENT, count, integer, positive_seconds, timestamp
 from .._storage_abc import (
     PersistedRequest,
@@ -57,37 +61,40 @@ T = TypeVar("T")
 
 Types = type | tuple[type, ...]
 
-# The field types of the storage records, checked by every backend.
 MACHINE_IDS = 1024
 """Snowflake machine ids are 0..1023."""
 
-RUNNER_FIELDS: dict[str, Types] = {
-    "address": RunnerAddress,
-    "groups": tuple,
-    "weight": (int, float),
-}
 
-REQUEST_FIELDS: dict[str, Types] = {
-    "request_id": int,
-    "address": EntityAddress,
-    "tag": str,
-    "payload": bytes,
-    "primary_key": (str, type(None)),
-    "deliver_at": (int, float, type(None)),
-    "stream": bool,
-    "claim_epoch": (int, type(None)),
-}
-REPLY_FIELDS: dict[str, Types] = {
-    "request_id": int,
-    "shard": ShardId,
-    "epoch": int,
-    "payload": bytes,
-    "sequence": (int, type(None)),
-}
-QUERY_FIELDS: dict[str, Types] = {
-    "request_id": int,
-    "after_sequence": int,
-}
+def _record_fields(cls: type, *, skip: Collection[str] = ()) -> dict[str, Types]:
+    """The field types of a storage record (of `trio_cluster.abc`), read
+    from its annotations.
+
+    ``float`` admits an int too, and ``X | None`` admits None; a generic
+    (``tuple[str, ...]``) is checked by its class only.
+    """
+    # NOTE: resolved in the module that defines the records: their public
+    # ``__module__`` (`trio_cluster`) may still be importing.
+    hints = get_type_hints(cls, vars(_storage_abc))
+    fields: dict[str, Types] = {}
+    for field in attrs.fields(cls):
+        if field.name in skip:
+            continue
+        hint = hints[field.name]
+        options = get_args(hint) if isinstance(hint, UnionType) else (hint,)
+        runtime: list[type] = []
+        for option in options:
+            origin = get_origin(option) or option
+            runtime += [int, float] if origin is float else [origin]
+        fields[field.name] = runtime[0] if len(runtime) == 1 else tuple(runtime)
+    return fields
+
+
+# The field types of the storage records, checked by every backend.
+RUNNER_FIELDS = _record_fields(RunnerInfo, skip={"machine_id"})
+"""`RunnerInfo`'s, but its ``machine_id``: storage assigns that one."""
+REQUEST_FIELDS = _record_fields(PersistedRequest)
+REPLY_FIELDS = _record_fields(ReplyRecord)
+QUERY_FIELDS = _record_fields(ReplyQuery)
 
 
 def _names(types: Types) -> str:

@@ -13,7 +13,8 @@ virtual time, with fault injection (`SimulatedCluster.kill`, ``freeze``,
 ``docs/testing.md``.
 
 Storage backends: subclass `StorageConformance` (and `TransportConformance`
-for transports) to run the contract's tests on yours. Your backend's own
+for transports, whose tests can use its `RecordingHandler`) to run the
+contract's tests on yours. Your backend's own
 tests can build the same records and steps: `persisted_request`,
 `final_reply`, `runner_info`, `entity_address`, `conformance_shard`
 (`SHARD`, `SHARD2`), the fixed time `BASE_TIME`, `acquire_shards`,
@@ -43,11 +44,13 @@ if TYPE_CHECKING:
     )
     from ._conformance._storage import StorageConformance as StorageConformance
     from ._conformance._transport import (
+        RecordingHandler as RecordingHandler,
         TransportConformance as TransportConformance,
     )
     from ._processes import ChildProcess as ChildProcess
     from ._simulation._cluster import SimulatedCluster as SimulatedCluster
     from ._simulation._faults import (
+        Fault as Fault,
         FaultSchedule as FaultSchedule,
         FrameFaults as FrameFaults,
         FreezeRunner as FreezeRunner,
@@ -94,6 +97,7 @@ __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.p
     "BASE_TIME",
     "ChildProcess",
     "ClientOp",
+    "Fault",
     "FaultSchedule",
     "FrameFaults",
     "FreezeRunner",
@@ -105,6 +109,7 @@ __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.p
     "Probe",
     "ProbeTouch",
     "ProbeWrite",
+    "RecordingHandler",
     "SHARD",
     "SHARD2",
     "Scenario",
@@ -151,6 +156,8 @@ _LAZY: dict[str, str] = {
     "saved_and_claimed": "._conformance._base",
     "StorageConformance": "._conformance._storage",
     "TransportConformance": "._conformance._transport",
+    "RecordingHandler": "._conformance._transport",
+    "Fault": "._simulation._faults",
     "ChildProcess": "._processes",
     "ClientOp": "._simulation._workload",
     "FaultSchedule": "._simulation._faults",

@@ -169,6 +169,17 @@ def _unpack(data: bytes) -> Any:
     )
 
 
+def _unpack_checked(data: bytes, what: str) -> Any:
+    """Unpack a frame or hello; raise `MalformedMessageError` if it is not
+    msgpack."""
+    try:
+        return _unpack(data)
+    except _DECODE_ERRORS as exc:
+        raise MalformedMessageError(
+            what=what, problems=[f"not msgpack: {str(exc) or type(exc).__name__}"]
+        ) from exc
+
+
 def decode_frame(data: bytes, max_message_size: int) -> list[Envelope]:
     """Decode a frame received from a peer into its envelopes.
 
@@ -184,12 +195,7 @@ def decode_frame(data: bytes, max_message_size: int) -> list[Envelope]:
                 f"{len(data)} bytes is over max_message_size ({max_message_size})"
             ],
         )
-    try:
-        value = _unpack(data)
-    except _DECODE_ERRORS as exc:
-        raise MalformedMessageError(
-            what="frame", problems=[f"not msgpack: {str(exc) or type(exc).__name__}"]
-        ) from exc
+    value = _unpack_checked(data, "frame")
     if not isinstance(value, list):
         raise MalformedMessageError(
             what="frame",
@@ -246,12 +252,7 @@ def decode_hello(data: bytes | str) -> RunnerAddress:
             what="hello",
             problems=[f"{len(data)} bytes is over the hello limit ({MAX_HELLO_SIZE})"],
         )
-    try:
-        value = _unpack(data)
-    except _DECODE_ERRORS as exc:
-        raise MalformedMessageError(
-            what="hello", problems=[f"not msgpack: {str(exc) or type(exc).__name__}"]
-        ) from exc
+    value = _unpack_checked(data, "hello")
     problem = _hello_problem(value)
     if problem is not None:
         raise MalformedMessageError(what="hello", problems=[problem])

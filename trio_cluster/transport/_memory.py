@@ -33,17 +33,21 @@ import math
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
+import attrs
 import trio
 
+from .._core._addresses import RunnerAddress
 from .._errors import MalformedMessageError, RunnerUnavailableError
 from .._transport_abc import Endpoint, EndpointHandler, Transport
 from ._framing import (
+    Packer,
     decode_frame,
     decode_hello,
     encode_envelope,
     encode_hello,
     new_packer,
 )
+from ._memory_network import MemoryNetwork
 from ._peers import (
     DEFAULT_MAX_MESSAGE_SIZE,
     Counters,
@@ -59,9 +63,7 @@ from ._peers import (
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from .._core._addresses import RunnerAddress
     from .._transport_abc import Envelope
-    from ._memory_network import MemoryNetwork
 
 __all__ = ["MemoryEndpoint", "MemoryTransport"]
 
@@ -145,29 +147,28 @@ class _Link:
         side.endpoint.detach(side)
 
 
+@attrs.define(eq=False)
 class MemoryEndpoint(Endpoint):
     """An endpoint on a `MemoryNetwork` (made by `MemoryTransport.open_endpoint`)."""
 
-    def __init__(
-        self,
-        network: MemoryNetwork,
-        limits: Limits,
-        address: RunnerAddress,
-        handler: EndpointHandler,
-    ) -> None:
-        self.network = network
-        self.limits = limits
-        self.handler = handler
-        self.links: dict[RunnerAddress, _Link] = {}
-        self.killed = False
-        self.closed = False
-        self.nursery: trio.Nursery | None = None
-        """Where connection tasks run (set when the endpoint's block starts)."""
-        self._sides: dict[RunnerAddress, _Side] = {}
-        self._counters = Counters()
-        self._address = network.register(address, self)
-        self._context = contextvars.copy_context()
-        self._packer = new_packer()
+    network: MemoryNetwork
+    limits: Limits
+    _address: RunnerAddress
+    handler: EndpointHandler
+    links: dict[RunnerAddress, _Link] = attrs.field(init=False, factory=dict)
+    killed: bool = attrs.field(init=False, default=False)
+    closed: bool = attrs.field(init=False, default=False)
+    nursery: trio.Nursery | None = attrs.field(init=False, default=None)
+    """Where connection tasks run (set when the endpoint's block starts)."""
+    _sides: dict[RunnerAddress, _Side] = attrs.field(init=False, factory=dict)
+    _counters: Counters = attrs.field(init=False, factory=Counters)
+    _context: contextvars.Context = attrs.field(
+        init=False, factory=contextvars.copy_context
+    )
+    _packer: Packer = attrs.field(init=False, factory=new_packer)
+
+    def __attrs_post_init__(self) -> None:
+        self._address = self.network.register(self._address, self)
 
     @property
     def address(self) -> RunnerAddress:

@@ -41,14 +41,15 @@ from trio_websocket import (
 )
 from wsproto.utilities import ProtocolError
 
+from .._core._addresses import RunnerAddress
 from .._core._retry import Backoff
 from .._errors import ConfigError, MalformedMessageError
+from .._transport_abc import EndpointHandler
 from ._framing import decode_frame
 from ._peers import Counters, Limits, SendQueue, deliver, log
 
 if TYPE_CHECKING:
-    from .._core._addresses import RunnerAddress
-    from .._transport_abc import EndpointHandler
+    from collections.abc import Awaitable, Callable
 
 __all__ = [
     "CONNECTION_ERRORS",
@@ -209,36 +210,25 @@ class _Ending:
     """Whether the handler hears of it (not when this endpoint closed it)."""
 
 
+@attrs.define(eq=False)
 class Connection:
     """A connection to ``peer`` after the hellos; see the module docstring."""
 
-    def __init__(
-        self,
-        ws: WebSocketConnection,
-        peer: RunnerAddress,
-        *,
-        initiated: bool,
-        queue: SendQueue,
-        handler: EndpointHandler,
-        limits: Limits,
-        timing: Timing,
-        counters: Counters,
-    ) -> None:
-        self.ws = ws
-        self.peer = peer
-        """The address the peer announced."""
-        self.initiated = initiated
-        """Whether this endpoint dialed it."""
-        self.ending: _Ending | None = None
-        self._queue = queue
-        self._handler = handler
-        self._limits = limits
-        self._timing = timing
-        self._counters = counters
-        self.closed = trio.Event()
-        """Set once the connection is closed (its task is done)."""
-        self._scope = trio.CancelScope()
-        self._pings = 0
+    ws: WebSocketConnection
+    peer: RunnerAddress
+    """The address the peer announced."""
+    initiated: bool = attrs.field(kw_only=True)
+    """Whether this endpoint dialed it."""
+    _queue: SendQueue = attrs.field(kw_only=True)
+    _handler: EndpointHandler = attrs.field(kw_only=True)
+    _limits: Limits = attrs.field(kw_only=True)
+    _timing: Timing = attrs.field(kw_only=True)
+    _counters: Counters = attrs.field(kw_only=True)
+    ending: _Ending | None = attrs.field(init=False, default=None)
+    closed: trio.Event = attrs.field(init=False, factory=trio.Event)
+    """Set once the connection is closed (its task is done)."""
+    _scope: trio.CancelScope = attrs.field(init=False, factory=trio.CancelScope)
+    _pings: int = attrs.field(init=False, default=0)
 
     def end(
         self,
@@ -262,9 +252,15 @@ class Connection:
         """
         with self._scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read)
-                nursery.start_soon(self._write)
-                nursery.start_soon(self._ping)
+                for loop in (self._read, self._write, self._ping):
+                    nursery.start_soon(self._until_broken, loop)
+
+    async def _until_broken(self, loop: Callable[[], Awaitable[None]]) -> None:
+        """Run one of the connection's loops; a connection error ends it."""
+        try:
+            await loop()
+        except CONNECTION_ERRORS as exc:
+            self.end(describe(exc))
 
     async def close(self) -> None:
         """Send the close frame and wait (bounded) for the answer."""
@@ -320,36 +316,28 @@ class Connection:
                     describe_close(reason),
                 )
             self.end(describe_close(reason))
-        except CONNECTION_ERRORS as exc:
-            self.end(describe(exc))
 
     async def _write(self) -> None:
         queue = self._queue
-        try:
-            while True:
-                await queue.wait()
-                if self.ending is not None:
-                    return
-                frame, count = queue.take_frame()
-                await self.ws.send_message(frame)
-                self._counters.sent(frame, count)
-        except CONNECTION_ERRORS as exc:
-            self.end(describe(exc))
+        while True:
+            await queue.wait()
+            if self.ending is not None:
+                return
+            frame, count = queue.take_frame()
+            await self.ws.send_message(frame)
+            self._counters.sent(frame, count)
 
     async def _ping(self) -> None:
         timing = self._timing
-        try:
-            while True:
-                await trio.sleep(timing.ping_interval)
-                self._pings += 1
-                with trio.move_on_after(timing.ping_timeout) as scope:
-                    # Unique per connection, as trio-websocket requires.
-                    await self.ws.ping(self._pings.to_bytes(8, "big"))
-                if scope.cancelled_caught:
-                    self.end(
-                        f"no pong within {timing.ping_timeout} s",
-                        code=CloseCode.PING_TIMEOUT,
-                    )
-                    return
-        except CONNECTION_ERRORS as exc:
-            self.end(describe(exc))
+        while True:
+            await trio.sleep(timing.ping_interval)
+            self._pings += 1
+            with trio.move_on_after(timing.ping_timeout) as scope:
+                # Unique per connection, as trio-websocket requires.
+                await self.ws.ping(self._pings.to_bytes(8, "big"))
+            if scope.cancelled_caught:
+                self.end(
+                    f"no pong within {timing.ping_timeout} s",
+                    code=CloseCode.PING_TIMEOUT,
+                )
+                return

@@ -31,9 +31,12 @@ such as the current entity must not leak into a connection's reader).
 from __future__ import annotations
 
 import contextvars
+import enum
 import math
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
+import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
@@ -60,7 +63,7 @@ from ._ws_handshake import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from .._core._addresses import RunnerAddress
     from .._transport_abc import EndpointHandler, Envelope
@@ -73,6 +76,46 @@ Listener = trio.abc.Listener[trio.abc.Stream]
 
 MAX_IDLE_PEERS: Final = 256
 """Peers tracked before idle ones are forgotten (see `_new_peer`)."""
+
+
+@attrs.define
+class _Attempt:
+    """One connection, dialed or accepted, and how it failed (if it did)."""
+
+    conn: Connection | None = None
+    """The connection, once the handshake made one."""
+    failure: str | None = None
+    """A connection error that ended it."""
+
+
+class AfterDial(enum.Enum):
+    """What a dialing task does once its connection attempt is over."""
+
+    NOTHING = enum.auto()
+    REDIAL = enum.auto()
+    """Envelopes were queued while the connection ended: dial again."""
+    FAILED = enum.auto()
+    """The attempt failed: back off and report the peer lost."""
+    DROP = enum.auto()
+    """The peer's own connection came and went: drop what is queued."""
+
+
+def after_dial(attempt: _Attempt, *, peer_connected: bool, pending: bool) -> AfterDial:
+    """The step after a dial ended (pure).
+
+    Args:
+        attempt: the dial, its connection already detached.
+        peer_connected: whether the peer has a connection now.
+        pending: whether envelopes are queued for the peer (and the
+            endpoint is not closing).
+    """
+    if attempt.conn is not None:
+        return AfterDial.REDIAL if pending and not peer_connected else AfterDial.NOTHING
+    if peer_connected:
+        return AfterDial.NOTHING  # the peer's own connection is up instead
+    if attempt.failure is not None:
+        return AfterDial.FAILED
+    return AfterDial.DROP if pending else AfterDial.NOTHING
 
 
 class _Peer:
@@ -274,43 +317,61 @@ class WebSocketEndpoint(Endpoint):
     # ------------------------------------------------------------------
     # Dialing
 
-    async def _dial(self, entry: _Peer) -> None:
-        conn: Connection | None = None
-        failure: str | None = None
-        streams: list[trio.abc.Stream] = []
+    async def _attempt(
+        self,
+        attempt: _Attempt,
+        handshake: Callable[[trio.Nursery], Awaitable[Connection | None]],
+    ) -> None:
+        """Run ``handshake``, then serve its connection until it ends; a
+        connection error is recorded as ``attempt.failure``."""
         try:
             async with trio.open_nursery() as nursery:
-                conn = await self._client_handshake(nursery, entry, streams)
-                if conn is not None:
-                    await self._serve(conn)
+                attempt.conn = await handshake(nursery)
+                if attempt.conn is not None:
+                    await self._serve(attempt.conn)
                 nursery.cancel_scope.cancel()
         except* CONNECTION_ERRORS as group:
-            failure = describe(group)
+            attempt.failure = describe(group)
+
+    def _finish(self, attempt: _Attempt) -> None:
+        if attempt.conn is not None:
+            self._detach(attempt.conn, attempt.failure)
+            attempt.conn.closed.set()
+
+    async def _dial(self, entry: _Peer) -> None:
+        attempt = _Attempt()
+        streams: list[trio.abc.Stream] = []
+        try:
+            await self._attempt(
+                attempt, partial(self._client_handshake, entry=entry, streams=streams)
+            )
         finally:
             for stream in streams:
                 await trio.aclose_forcefully(stream)
             entry.dialing = False
-            if conn is not None:
-                self._detach(conn, failure)
-                conn.closed.set()
-                if entry.connection is None and entry.queue and not self._closing:
-                    # Sent while this connection was ending (e.g. a call
-                    # routed again from peer_lost): dial again for them now,
-                    # rather than leave them queued with no dial to send them.
-                    entry.dialing = True
-                    entry.attached = trio.Event()
-                    self._spawn(self._dial, entry)
-            elif entry.connection is not None:
-                pass  # the peer's own connection is up instead
-            elif failure is not None:
-                self._dial_failed(entry, failure)
-            elif entry.queue and not self._closing:
+            self._finish(attempt)
+            after = after_dial(
+                attempt,
+                peer_connected=entry.connection is not None,
+                pending=bool(entry.queue) and not self._closing,
+            )
+            if after is AfterDial.REDIAL:
+                # Sent while this connection was ending (e.g. a call routed
+                # again from peer_lost): dial again for them now, rather than
+                # leave them queued with no dial to send them.
+                entry.dialing = True
+                entry.attached = trio.Event()
+                self._spawn(self._dial, entry)
+            elif after is AfterDial.FAILED:
+                assert attempt.failure is not None
+                self._dial_failed(entry, attempt.failure)
+            elif after is AfterDial.DROP:
                 # The peer's connection came up and is already gone.
                 self._counters.envelopes_dropped += entry.queue.clear()
                 report_lost(self._handler, entry.address, "connection closed")
 
     async def _client_handshake(
-        self, nursery: trio.Nursery, entry: _Peer, streams: list[trio.abc.Stream]
+        self, nursery: trio.Nursery, *, entry: _Peer, streams: list[trio.abc.Stream]
     ) -> Connection | None:
         """Connect and exchange hellos; return the attached connection, or
         None if the peer keeps its own connection to us instead."""
@@ -372,26 +433,19 @@ class WebSocketEndpoint(Endpoint):
 
     async def _accept(self, stream: trio.abc.Stream) -> None:
         remote = remote_name(stream)
-        conn: Connection | None = None
-        failure: str | None = None
+        attempt = _Attempt()
         try:
-            async with trio.open_nursery() as nursery:
-                conn = await self._server_handshake(nursery, stream, remote)
-                if conn is not None:
-                    await self._serve(conn)
-                nursery.cancel_scope.cancel()
-        except* CONNECTION_ERRORS as group:
-            failure = describe(group)
-            if conn is None:
-                log.info("connection from %s failed: %s", remote, failure)
+            await self._attempt(
+                attempt, partial(self._server_handshake, stream=stream, remote=remote)
+            )
+            if attempt.conn is None and attempt.failure is not None:
+                log.info("connection from %s failed: %s", remote, attempt.failure)
         finally:
-            if conn is not None:
-                self._detach(conn, failure)
-                conn.closed.set()
+            self._finish(attempt)
             await trio.aclose_forcefully(stream)
 
     async def _server_handshake(
-        self, nursery: trio.Nursery, stream: trio.abc.Stream, remote: str
+        self, nursery: trio.Nursery, *, stream: trio.abc.Stream, remote: str
     ) -> Connection | None:
         timing = self._settings.timing
         with trio.move_on_after(timing.connect_timeout):

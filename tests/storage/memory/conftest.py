@@ -6,12 +6,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.helpers import session_fixture
 from trio_cluster.storage import MemoryStorage
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
-    from trio_cluster.abc import StorageSession
+    pass
 
 LEASE = 0.5
 """Lease of the sessions of the memory tests (on virtual time mostly)."""
@@ -22,13 +21,5 @@ def storage() -> MemoryStorage:
     return MemoryStorage()
 
 
-@pytest.fixture
-async def a(storage: MemoryStorage) -> AsyncIterator[StorageSession]:
-    async with storage.open_session(name="a", lease_duration=LEASE) as session:
-        yield session
-
-
-@pytest.fixture
-async def b(storage: MemoryStorage) -> AsyncIterator[StorageSession]:
-    async with storage.open_session(name="b", lease_duration=LEASE) as session:
-        yield session
+a = session_fixture("a", lease=LEASE)
+b = session_fixture("b", lease=LEASE)

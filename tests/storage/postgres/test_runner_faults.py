@@ -11,6 +11,7 @@ handler's transaction terminated between two of its statements.
 from __future__ import annotations
 
 import logging
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -25,7 +26,7 @@ from trio_cluster.storage._postgres._message_parts import PgTransaction
 from trio_cluster.storage._postgres._runners import PgRunners
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from tests.pg_fixture import PgSchema, ThrowawayServer
 
@@ -96,6 +97,18 @@ def config(**overrides: Any) -> tc.ShardingConfig:
     return tc.ShardingConfig(**values)
 
 
+@asynccontextmanager
+async def serving(
+    storage: PostgresStorage, cfg: tc.ShardingConfig | None = None
+) -> AsyncIterator[tc.Runner]:
+    """A runner of `Account` on ``storage``, once it holds its shards."""
+    async with tc.open_runner(
+        entities=[Account], storage=storage, config=cfg or config()
+    ) as runner:
+        await runner.wait_shards_acquired()
+        yield runner
+
+
 def lock_session_of(storage: PostgresStorage) -> PgRunners:
     [session] = storage._sessions
     assert isinstance(session.runners, PgRunners)
@@ -133,10 +146,7 @@ async def test_runner_stops_serving_when_its_lock_connection_is_terminated(
 ) -> None:
     storage = PostgresStorage(pg_schema.dsn, table_prefix=unique_prefix())
     with trio.fail_after(TIMEOUT):
-        async with tc.open_runner(
-            entities=[Account], storage=storage, config=config()
-        ) as runner:
-            await runner.wait_shards_acquired()
+        async with serving(storage) as runner:
             before = runner.served_shards()
             assert len(before) == SHARDS
             cancelled = trio.Event()
@@ -194,10 +204,7 @@ async def test_frozen_runner_stops_serving_before_its_locks_are_taken(
     storage = PostgresStorage(pg_schema.dsn, table_prefix=unique_prefix())
     cfg = config()
     with trio.fail_after(TIMEOUT):
-        async with tc.open_runner(
-            entities=[Account], storage=storage, config=cfg
-        ) as runner:
-            await runner.wait_shards_acquired()
+        async with serving(storage, cfg) as runner:
             before = runner.served_shards()
             # Test hook: every operation on the lock connection hangs, as if
             # the runner's process were frozen: no heartbeat reaches the
@@ -272,10 +279,7 @@ async def test_server_restart_with_persisted_requests_in_flight(
 
     try:
         with trio.fail_after(TIMEOUT):
-            async with tc.open_runner(
-                entities=[Account], storage=storage, config=config()
-            ) as runner:
-                await runner.wait_shards_acquired()
+            async with serving(storage) as runner:
                 client = runner.client(Account)
                 async with trio.open_nursery() as nursery:
                     for key in keys[:40]:
@@ -327,10 +331,7 @@ async def test_handler_statement_on_a_dropped_connection_is_retried(
     gate = GATES["once"] = trio.Event()
     try:
         with trio.fail_after(TIMEOUT):
-            async with tc.open_runner(
-                entities=[Account], storage=storage, config=config()
-            ) as runner:
-                await runner.wait_shards_acquired()
+            async with serving(storage) as runner:
                 ref = runner.client(Account)("acct")
                 answers: list[str] = []
 

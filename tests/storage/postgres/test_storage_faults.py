@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
+from tests.helpers import session_fixture
 from tests.pg_fixture import LEASE, TIMEOUT, pg_messages, pg_runners
 from trio_cluster import PersistenceError
 from trio_cluster.abc import (
@@ -43,8 +44,6 @@ from trio_cluster.testing import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
     from tests.pg_fixture import PgAdmin, PgSchema
 
 pytestmark = pytest.mark.postgres
@@ -79,16 +78,8 @@ async def active_queries(dsn: str, application_name: str) -> list[str]:
     return [row[0] for row in result.rows]
 
 
-@pytest.fixture
-async def a(storage: PostgresStorage) -> AsyncIterator[StorageSession]:
-    async with storage.open_session(name="fault-a", lease_duration=LEASE) as session:
-        yield session
-
-
-@pytest.fixture
-async def b(storage: PostgresStorage) -> AsyncIterator[StorageSession]:
-    async with storage.open_session(name="fault-b", lease_duration=LEASE) as session:
-        yield session
+a = session_fixture("a", lease=LEASE, session="fault-a")
+b = session_fixture("b", lease=LEASE, session="fault-b")
 
 
 # ----------------------------------------------------------------------

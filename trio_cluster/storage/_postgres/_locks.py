@@ -34,7 +34,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import attrs
 import trio
@@ -43,12 +44,8 @@ from trio_cluster._core._addresses import ShardId
 from trio_cluster._core._retry import Backoff
 from trio_cluster._errors import PersistenceError
 
+from ._driver._driver import PgConnection
 from ._driver._errors import ConnectionLostError
-
-if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
-
-    from ._driver._driver import PgConnection
 
 __all__ = ["Generation", "LockSession", "LockSessionStatistics"]
 
@@ -84,6 +81,8 @@ class LockSessionStatistics:
     """Generations lost (connection died, failed or timed out)."""
 
 
+# NOTE: no slots, so that fault tests can hang one session's `run`.
+@attrs.define(eq=False, slots=False)
 class LockSession:
     """The lock connection of one storage session (see the module docstring).
 
@@ -96,38 +95,33 @@ class LockSession:
         backoff: delays between failed connection attempts.
     """
 
-    def __init__(
-        self,
-        connect: Callable[[], Awaitable[PgConnection]],
-        *,
-        operation_timeout: float,
-        on_new_generation: Callable[[PgConnection, Generation], Awaitable[None]],
-        backoff: Backoff = DEFAULT_BACKOFF,
-        random_unit: Callable[[], float] = random.random,
-    ) -> None:
-        self._connect = connect
-        self._timeout = operation_timeout
-        self._on_new_generation = on_new_generation
-        self._backoff = backoff
-        self._random_unit = random_unit
-        self._conn: PgConnection | None = None
-        self.state = Generation(0)
-        """The current generation (number 0: not connected yet)."""
-        self._lost = trio.Event()
-        self._renewed = trio.Event()
-        self._reported: trio.Event | None = None
-        self._mutex = trio.Lock()
-        self._ops = 0
-        self._watching = False
-        self._watch_scope: trio.CancelScope | None = None
-        self._changes = trio.lowlevel.ParkingLot()
-        self._failures = 0
-        self._retry_at = -math.inf
-        self._last_error = ""
-        self._closed = False
-        self._losses = 0
-        self._retired_statements = 0
-        self._retired_round_trips = 0
+    _connect: Callable[[], Awaitable[PgConnection]]
+    _timeout: float = attrs.field(alias="operation_timeout", kw_only=True)
+    _on_new_generation: Callable[[PgConnection, Generation], Awaitable[None]] = (
+        attrs.field(kw_only=True)
+    )
+    _backoff: Backoff = attrs.field(default=DEFAULT_BACKOFF, kw_only=True)
+    _random_unit: Callable[[], float] = attrs.field(default=random.random, kw_only=True)
+    _conn: PgConnection | None = attrs.field(init=False, default=None)
+    state: Generation = attrs.field(init=False, factory=lambda: Generation(0))
+    """The current generation (number 0: not connected yet)."""
+    _lost: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _renewed: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _reported: trio.Event | None = attrs.field(init=False, default=None)
+    _mutex: trio.Lock = attrs.field(init=False, factory=trio.Lock)
+    _ops: int = attrs.field(init=False, default=0)
+    _watching: bool = attrs.field(init=False, default=False)
+    _watch_scope: trio.CancelScope | None = attrs.field(init=False, default=None)
+    _changes: trio.lowlevel.ParkingLot = attrs.field(
+        init=False, factory=trio.lowlevel.ParkingLot
+    )
+    _failures: int = attrs.field(init=False, default=0)
+    _retry_at: float = attrs.field(init=False, default=-math.inf)
+    _last_error: str = attrs.field(init=False, default="")
+    _closed: bool = attrs.field(init=False, default=False)
+    _losses: int = attrs.field(init=False, default=0)
+    _retired_statements: int = attrs.field(init=False, default=0)
+    _retired_round_trips: int = attrs.field(init=False, default=0)
 
     @property
     def backend_pid(self) -> int | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from trio_cluster._core._addresses import EntityAddress, EntityId, ShardId
@@ -56,21 +57,23 @@ from .._validation import (
     check_save_requests,
     check_transaction,
 )
+from ._driver._pool import PgPool
 from ._message_parts import PgTransaction, dedup_key, reply_outcomes
+from ._notify import Listener
+from ._queries import MessageQueries
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping, Sequence, Sized
 
     from ._driver._driver import PgResult
-    from ._driver._pool import PgPool, PgPoolStatistics
-    from ._notify import Listener
-    from ._queries import MessageQueries
+    from ._driver._pool import PgPoolStatistics
 
 __all__ = ["PgMessages"]
 
 _SAVE_ATTEMPTS = 5
 
 
+@attrs.define(eq=False, kw_only=True)
 class PgMessages(MessageStorage):
     """One session's `MessageStorage` on PostgreSQL.
 
@@ -84,23 +87,13 @@ class PgMessages(MessageStorage):
         owner: identifies the `PostgresStorage` (transactions must come from it).
     """
 
-    def __init__(
-        self,
-        *,
-        pool: PgPool,
-        transaction_pool: PgPool,
-        queries: MessageQueries,
-        listener: Listener,
-        channel: str,
-        owner: object,
-    ) -> None:
-        self._pool = pool
-        self._transaction_pool = transaction_pool
-        self._q = queries
-        self._listener = listener
-        self._channel = channel
-        self._owner = owner
-        self._shard_ids: dict[tuple[str, int], ShardId] = {}
+    _pool: PgPool
+    _transaction_pool: PgPool
+    _q: MessageQueries = attrs.field(alias="queries")
+    _listener: Listener
+    _channel: str
+    _owner: object
+    _shard_ids: dict[tuple[str, int], ShardId] = attrs.field(init=False, factory=dict)
 
     def statistics(self) -> PgPoolStatistics:
         """The message pool's counters (statements and round trips included)."""

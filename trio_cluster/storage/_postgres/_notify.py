@@ -19,8 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+import attrs
 import trio
 
 from trio_cluster._core._addresses import ShardId
@@ -28,15 +30,16 @@ from trio_cluster._core._retry import Backoff
 from trio_cluster._errors import PersistenceError
 
 from .._coalesce import Coalescer
+from ._driver._driver import PgConnection
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterable
+    from collections.abc import Iterable
 
     from trio_cluster._storage_abc import (
         Notification,
     )
 
-    from ._driver._driver import PgConnection, PgNotification
+    from ._driver._driver import PgNotification
 
 __all__ = ["Listener", "coalesce"]
 
@@ -85,6 +88,7 @@ def coalesce(raw: Iterable[PgNotification]) -> list[Notification]:
     return inbox.take()
 
 
+@attrs.define(eq=False)
 class Listener:
     """The LISTEN connection of one storage session.
 
@@ -94,25 +98,17 @@ class Listener:
         backoff: delays between failed connection attempts.
     """
 
-    def __init__(
-        self,
-        connect: Callable[[], Awaitable[PgConnection]],
-        channel: str,
-        *,
-        backoff: Backoff = DEFAULT_BACKOFF,
-        random_unit: Callable[[], float] = random.random,
-    ) -> None:
-        self._connect = connect
-        self._channel = channel
-        self._backoff = backoff
-        self._random_unit = random_unit
-        self._failures = 0
-        self._retry_at = 0.0
-        self._conn: PgConnection | None = None
-        self._mutex = trio.Lock()
-        self._closed = False
-        self.reconnects = 0
-        """Connections opened after the first one."""
+    _connect: Callable[[], Awaitable[PgConnection]]
+    _channel: str
+    _backoff: Backoff = attrs.field(default=DEFAULT_BACKOFF, kw_only=True)
+    _random_unit: Callable[[], float] = attrs.field(default=random.random, kw_only=True)
+    _failures: int = attrs.field(init=False, default=0)
+    _retry_at: float = attrs.field(init=False, default=0.0)
+    _conn: PgConnection | None = attrs.field(init=False, default=None)
+    _mutex: trio.Lock = attrs.field(init=False, factory=trio.Lock)
+    _closed: bool = attrs.field(init=False, default=False)
+    reconnects: int = attrs.field(init=False, default=0)
+    """Connections opened after the first one."""
 
     async def open(self) -> None:
         """Connect and LISTEN (at session start).

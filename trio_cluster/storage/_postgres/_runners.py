@@ -36,6 +36,7 @@ deadline, and on failure ends the session (a new generation holds nothing).
 from __future__ import annotations
 
 import secrets
+from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
 import attrs
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Collection
 
     from ._driver._driver import PgConnection
+    from ._driver._protocol import Row
     from ._locks import Generation, LockSessionStatistics
     from ._schema import PgNames
 
@@ -249,14 +251,15 @@ class PgRunners(RunnerStorage):
         state.live_id = None
         self._registration = self._row_id = None
 
-    async def live_runners(self) -> list[RunnerInfo]:
-        return await self._run("live_runners", self._live_runners)
-
-    async def _live_runners(
-        self, conn: PgConnection, state: Generation
-    ) -> list[RunnerInfo]:
+    async def _listing(
+        self, query: str, conn: PgConnection, state: Generation
+    ) -> list[Row]:
+        """The rows of a query on the cluster's locks (``self._lock_class``)."""
         await self._restore_liveness(conn, state)
-        rows = (await conn.execute(self._q.live, [self._lock_class])).rows
+        return (await conn.execute(query, [self._lock_class])).rows
+
+    async def live_runners(self) -> list[RunnerInfo]:
+        rows = await self._run("live_runners", partial(self._listing, self._q.live))
         runners = [
             RunnerInfo(
                 address=RunnerAddress(host, port),
@@ -370,13 +373,7 @@ class PgRunners(RunnerStorage):
         await self.locks.wait_session_lost()
 
     async def shard_owners(self) -> list[ShardOwner]:
-        return await self._run("shard_owners", self._shard_owners)
-
-    async def _shard_owners(
-        self, conn: PgConnection, state: Generation
-    ) -> list[ShardOwner]:
-        await self._restore_liveness(conn, state)
-        rows = (await conn.execute(self._q.owners, [self._lock_class])).rows
+        rows = await self._run("shard_owners", partial(self._listing, self._q.owners))
         owners = [
             ShardOwner(
                 ShardId(group, number),

@@ -31,7 +31,7 @@ with ``n > 0`` shard ``n``, ``(namespace, -n)`` the liveness of runner ``n``.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -55,6 +55,11 @@ _PREFIX = re.compile(r"[a-z_][a-z0-9_]*\Z")
 _MAX_PREFIX = 40
 """Longest prefix: the longest derived name (an index name) stays within
 PostgreSQL's 63-byte identifier limit."""
+
+
+def _prefixed(suffix: str) -> Any:
+    """The default of a `PgNames` field: the prefix, then ``_<suffix>``."""
+    return attrs.Factory(lambda names: f"{names.prefix}_{suffix}", takes_self=True)
 
 
 @attrs.frozen
@@ -89,30 +94,13 @@ class PgNames:
             )
         return cls(prefix)
 
-    @property
-    def version(self) -> str:
-        return f"{self.prefix}_schema_version"
-
-    @property
-    def runners(self) -> str:
-        return f"{self.prefix}_runners"
-
-    @property
-    def shards(self) -> str:
-        return f"{self.prefix}_shards"
-
-    @property
-    def messages(self) -> str:
-        return f"{self.prefix}_messages"
-
-    @property
-    def replies(self) -> str:
-        return f"{self.prefix}_replies"
-
-    @property
-    def channel(self) -> str:
-        """The LISTEN/NOTIFY channel of the cluster."""
-        return f"{self.prefix}_events"
+    version: str = attrs.field(init=False, default=_prefixed("schema_version"))
+    runners: str = attrs.field(init=False, default=_prefixed("runners"))
+    shards: str = attrs.field(init=False, default=_prefixed("shards"))
+    messages: str = attrs.field(init=False, default=_prefixed("messages"))
+    replies: str = attrs.field(init=False, default=_prefixed("replies"))
+    channel: str = attrs.field(init=False, default=_prefixed("events"))
+    """The LISTEN/NOTIFY channel of the cluster."""
 
     @property
     def index_names(self) -> dict[str, str]:

@@ -14,7 +14,7 @@ a real database as well as on a ``MockClock`` with `MemoryStorage`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
@@ -26,6 +26,7 @@ from trio_cluster._core._addresses import (
     ShardId,
 )
 from trio_cluster._storage_abc import (
+    ClaimBatch,
     MessagesAvailable,
     MessageStorage,
     Notification,
@@ -51,7 +52,9 @@ __all__ = [
     "TIMEOUT",
     "ConformanceBase",
     "Seen",
+    "acquire_shard",
     "acquire_shards",
+    "claim_batch",
     "collect",
     "conformance_shard",
     "entity_address",
@@ -142,6 +145,23 @@ async def acquire_shards(
     return epochs
 
 
+async def acquire_shard(session: StorageSession, shard: ShardId = SHARD) -> int:
+    """Acquire ``shard`` (nobody holds it) for ``session``; return its epoch."""
+    return (await acquire_shards(session.runners, shard))[shard]
+
+
+async def claim_batch(
+    session: StorageSession,
+    epoch: int,
+    *,
+    shard: ShardId = SHARD,
+    now: float = BASE_TIME,
+    limit: int = 10,
+) -> ClaimBatch:
+    """Claim the ready requests of ``shard``, held under ``epoch``."""
+    return await session.messages.claim({shard: epoch}, now=now, limit=limit)
+
+
 async def replies_of(
     messages: MessageStorage, request_id: int, after: int = -1
 ) -> StoredReplies:
@@ -166,11 +186,11 @@ async def saved_and_claimed(
         The epoch at which the session holds `SHARD`.
     """
     assert all(r.address.shard == SHARD for r in requests), "requests of SHARD only"
-    epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
+    epoch = await acquire_shard(session)
     if requests:
         await session.messages.save_requests(list(requests), now=now)
     if claim:
-        batch = await session.messages.claim({SHARD: epoch}, now=now, limit=1000)
+        batch = await claim_batch(session, epoch, now=now, limit=1000)
         claimed = [r.request_id for r in batch.requests]
         assert claimed == [r.request_id for r in requests], claimed
     return epoch
@@ -217,6 +237,21 @@ async def poll_until(check: Callable[[], Awaitable[bool]], interval: float) -> N
         await trio.sleep(interval)
 
 
+def _session_fixture(name: str) -> Any:
+    """A fixture: a session named ``name`` of the `storage` fixture's backend."""
+
+    @pytest.fixture
+    async def opened(
+        self: ConformanceBase, storage: Storage, lease_duration: float
+    ) -> AsyncIterator[StorageSession]:
+        async with storage.open_session(
+            name=name, lease_duration=lease_duration
+        ) as session:
+            yield session
+
+    return opened
+
+
 class ConformanceBase:
     """Fixtures of the conformance suite; see `StorageConformance`."""
 
@@ -231,20 +266,7 @@ class ConformanceBase:
         real time, or a ``MockClock`` (e.g. pytest-trio's ``autojump_clock``)."""
         return None
 
-    @pytest.fixture
-    async def session(
-        self, storage: Storage, lease_duration: float
-    ) -> AsyncIterator[StorageSession]:
-        async with storage.open_session(
-            name="conformance-a", lease_duration=lease_duration
-        ) as opened:
-            yield opened
-
-    @pytest.fixture
-    async def other(
-        self, storage: Storage, lease_duration: float
-    ) -> AsyncIterator[StorageSession]:
-        async with storage.open_session(
-            name="conformance-b", lease_duration=lease_duration
-        ) as opened:
-            yield opened
+    session = _session_fixture("conformance-a")
+    """A session of the backend under test."""
+    other = _session_fixture("conformance-b")
+    """A second session of the same backend (another runner's)."""

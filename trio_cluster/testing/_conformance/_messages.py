@@ -25,7 +25,9 @@ from ._base import (
     SHARD2,
     TIMEOUT,
     ConformanceBase,
+    acquire_shard,
     acquire_shards,
+    claim_batch,
     entity_address,
     final_reply,
     persisted_request,
@@ -52,14 +54,14 @@ def chunk(
 async def claim_ids(
     session: StorageSession, epoch: int, *, now: float = BASE_TIME, limit: int = 100
 ) -> list[int]:
-    batch = await session.messages.claim({SHARD: epoch}, now=now, limit=limit)
+    batch = await claim_batch(session, epoch, now=now, limit=limit)
     return [claimed.request_id for claimed in batch.requests]
 
 
 async def new_epoch(session: StorageSession) -> int:
     """Release and re-acquire `SHARD` (a new owner, as far as epochs go)."""
     await session.runners.release([SHARD])
-    return (await acquire_shards(session.runners, SHARD))[SHARD]
+    return await acquire_shard(session)
 
 
 class MessageStorageTests(ConformanceBase):
@@ -92,10 +94,8 @@ class MessageStorageTests(ConformanceBase):
             assert await session.messages.save_requests([again], now=BASE_TIME + 1) == [
                 SaveResult(1, duplicate=True)
             ]
-            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
-            batch = await session.messages.claim(
-                {SHARD: epoch}, now=BASE_TIME, limit=10
-            )
+            epoch = await acquire_shard(session)
+            batch = await claim_batch(session, epoch)
             assert [(c.request_id, c.payload) for c in batch.requests] == [
                 (1, b"payload-1")
             ]
@@ -115,8 +115,7 @@ class MessageStorageTests(ConformanceBase):
                 SaveResult(3, duplicate=False),
                 SaveResult(3, duplicate=True),
             ]
-            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
-            assert await claim_ids(session, epoch) == [1, 3]
+            assert await claim_ids(session, await acquire_shard(session)) == [1, 3]
 
     async def test_save_retry_with_same_request_id_is_idempotent(
         self, session: StorageSession
@@ -138,8 +137,7 @@ class MessageStorageTests(ConformanceBase):
                 SaveResult(1, duplicate=True),
                 SaveResult(2, duplicate=True),
             ]
-            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
-            assert await claim_ids(session, epoch) == [1, 2]
+            assert await claim_ids(session, await acquire_shard(session)) == [1, 2]
 
     async def test_save_same_key_elsewhere_is_not_duplicate(
         self, session: StorageSession
@@ -199,9 +197,7 @@ class MessageStorageTests(ConformanceBase):
                 now=BASE_TIME,
             )
             assert await claim_ids(session, epochs[SHARD]) == [1]
-            batch = await session.messages.claim(
-                {SHARD2: epochs[SHARD2]}, now=BASE_TIME, limit=10
-            )
+            batch = await claim_batch(session, epochs[SHARD2], shard=SHARD2)
             assert [c.request_id for c in batch.requests] == [2]
 
     async def test_claim_keeps_save_order_per_entity(
@@ -221,10 +217,8 @@ class MessageStorageTests(ConformanceBase):
                 [persisted_request(4, entity="e2"), persisted_request(5)], now=BASE_TIME
             )
             await save([persisted_request(6)], now=BASE_TIME)
-            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
-            batch = await session.messages.claim(
-                {SHARD: epoch}, now=BASE_TIME, limit=10
-            )
+            epoch = await acquire_shard(session)
+            batch = await claim_batch(session, epoch)
             by_entity: dict[str, list[int]] = {}
             for claimed in batch.requests:
                 by_entity.setdefault(str(claimed.address.entity_id), []).append(
@@ -236,7 +230,7 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
+            epoch = await acquire_shard(session)
             saved = persisted_request(
                 7,
                 tag="watch",
@@ -246,9 +240,7 @@ class MessageStorageTests(ConformanceBase):
                 payload=b"\x00\xff",
             )
             await session.messages.save_requests([saved], now=BASE_TIME)
-            batch = await session.messages.claim(
-                {SHARD: epoch}, now=BASE_TIME, limit=10
-            )
+            batch = await claim_batch(session, epoch)
             assert batch == ClaimBatch(
                 requests=[
                     ClaimedRequest(
@@ -269,10 +261,8 @@ class MessageStorageTests(ConformanceBase):
 
     async def test_claim_without_requests(self, session: StorageSession) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
-            batch = await session.messages.claim(
-                {SHARD: epoch}, now=BASE_TIME, limit=10
-            )
+            epoch = await acquire_shard(session)
+            batch = await claim_batch(session, epoch)
             assert batch == ClaimBatch(requests=[], next_deliver_at=None)
 
     async def test_claim_limit_and_more(self, session: StorageSession) -> None:
@@ -280,12 +270,10 @@ class MessageStorageTests(ConformanceBase):
             await session.messages.save_requests(
                 [persisted_request(i) for i in range(1, 6)], now=BASE_TIME
             )
-            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
+            epoch = await acquire_shard(session)
             seen = []
             for expected_more in (True, True, False):
-                batch = await session.messages.claim(
-                    {SHARD: epoch}, now=BASE_TIME, limit=2
-                )
+                batch = await claim_batch(session, epoch, limit=2)
                 assert batch.more is expected_more
                 seen += [c.request_id for c in batch.requests]
             assert seen == [1, 2, 3, 4, 5]
@@ -312,9 +300,7 @@ class MessageStorageTests(ConformanceBase):
                 (BASE_TIME + 31, [1], None),
             ]
             for now, ids, next_at in steps:
-                claimed = await session.messages.claim(
-                    {SHARD: epochs[SHARD]}, now=now, limit=10
-                )
+                claimed = await claim_batch(session, epochs[SHARD], now=now)
                 assert [c.request_id for c in claimed.requests] == ids
                 assert claimed.next_deliver_at == next_at
 
@@ -331,16 +317,16 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession, other: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            first = (await acquire_shards(session.runners, SHARD))[SHARD]
+            first = await acquire_shard(session)
             await session.messages.save_requests(
                 [persisted_request(1), persisted_request(2)], now=BASE_TIME
             )
             assert await claim_ids(session, first) == [1, 2]
             await session.messages.save_replies([final_reply(1, first)], now=BASE_TIME)
             await session.runners.release([SHARD])
-            second = (await acquire_shards(other.runners, SHARD))[SHARD]
+            second = await acquire_shard(other)
             assert second == first + 1
-            batch = await other.messages.claim({SHARD: second}, now=BASE_TIME, limit=10)
+            batch = await claim_batch(other, second)
             assert [(c.request_id, c.epoch) for c in batch.requests] == [(2, second)]
 
     async def test_claim_skips_and_reports_stale_epochs(
@@ -365,7 +351,7 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
+            epoch = await acquire_shard(session)
             batch = [
                 persisted_request(1, claim_epoch=epoch),
                 persisted_request(2, claim_epoch=epoch, deliver_at=BASE_TIME),
@@ -381,7 +367,7 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            old = (await acquire_shards(session.runners, SHARD))[SHARD]
+            old = await acquire_shard(session)
             current = await new_epoch(session)
             result = await session.messages.save_requests(
                 [persisted_request(1, claim_epoch=old)], now=BASE_TIME
@@ -393,14 +379,12 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
+            epoch = await acquire_shard(session)
             saved = persisted_request(1, claim_epoch=epoch, deliver_at=BASE_TIME + 10)
             assert await session.messages.save_requests([saved], now=BASE_TIME) == [
                 SaveResult(1, duplicate=False, claimed=False)
             ]
-            batch = await session.messages.claim(
-                {SHARD: epoch}, now=BASE_TIME, limit=10
-            )
+            batch = await claim_batch(session, epoch)
             assert (batch.requests, batch.next_deliver_at) == ([], BASE_TIME + 10)
             assert await claim_ids(session, epoch, now=BASE_TIME + 10) == [1]
 
@@ -439,7 +423,7 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            old = (await acquire_shards(session.runners, SHARD))[SHARD]
+            old = await acquire_shard(session)
             await session.messages.save_requests(
                 [persisted_request(1), persisted_request(2, stream=True)], now=BASE_TIME
             )
@@ -458,7 +442,7 @@ class MessageStorageTests(ConformanceBase):
 
     async def test_reply_to_unknown_request(self, session: StorageSession) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
+            epoch = await acquire_shard(session)
             outcomes = await session.messages.save_replies(
                 [final_reply(404, epoch), chunk(405, epoch, 0)], now=BASE_TIME
             )
@@ -471,9 +455,7 @@ class MessageStorageTests(ConformanceBase):
             epoch = await saved_and_claimed(
                 session, persisted_request(1, stream=True), claim=False
             )
-            [claimed] = (
-                await session.messages.claim({SHARD: epoch}, now=BASE_TIME, limit=1)
-            ).requests
+            [claimed] = (await claim_batch(session, epoch, limit=1)).requests
             assert (claimed.stream, claimed.next_sequence) == (True, 0)
             chunks = [chunk(1, epoch, seq) for seq in range(3)]
             assert (
@@ -481,9 +463,7 @@ class MessageStorageTests(ConformanceBase):
                 == [RECORDED] * 3
             )
             epoch = await new_epoch(session)
-            [claimed] = (
-                await session.messages.claim({SHARD: epoch}, now=BASE_TIME, limit=1)
-            ).requests
+            [claimed] = (await claim_batch(session, epoch, limit=1)).requests
             assert claimed.next_sequence == 3
             assert await session.messages.save_replies(
                 [final_reply(1, epoch)], now=BASE_TIME
@@ -563,7 +543,7 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
+            epoch = await acquire_shard(session)
             await session.messages.save_requests(
                 [persisted_request(1, stream=True), persisted_request(2, stream=True)],
                 now=BASE_TIME,
@@ -589,24 +569,20 @@ class MessageStorageTests(ConformanceBase):
 
     async def test_interrupt_is_seen_by_claims(self, session: StorageSession) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
+            epoch = await acquire_shard(session)
             await session.messages.save_requests(
                 [persisted_request(1), persisted_request(2), persisted_request(3)],
                 now=BASE_TIME,
             )
             assert await claim_ids(session, epoch, limit=1) == [1]
             await session.messages.interrupt([1, 2])
-            batch = await session.messages.claim(
-                {SHARD: epoch}, now=BASE_TIME, limit=10
-            )
+            batch = await claim_batch(session, epoch)
             assert [(c.request_id, c.interrupted) for c in batch.requests] == [
                 (2, True),
                 (3, False),
             ]
             epoch = await new_epoch(session)
-            batch = await session.messages.claim(
-                {SHARD: epoch}, now=BASE_TIME, limit=10
-            )
+            batch = await claim_batch(session, epoch)
             assert [(c.request_id, c.interrupted) for c in batch.requests] == [
                 (1, True),
                 (2, True),
@@ -632,7 +608,7 @@ class MessageStorageTests(ConformanceBase):
         self, session: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
+            epoch = await acquire_shard(session)
             batch = [
                 persisted_request(1),
                 persisted_request(2, primary_key="k", stream=True),
@@ -658,7 +634,7 @@ class MessageStorageTests(ConformanceBase):
 
     async def test_delete_processed_by_age(self, session: StorageSession) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
+            epoch = await acquire_shard(session)
             batch = [
                 persisted_request(1),
                 persisted_request(2),

@@ -19,7 +19,9 @@ from ._base import (
     SHARD2,
     TIMEOUT,
     ConformanceBase,
+    acquire_shard,
     acquire_shards,
+    claim_batch,
     conformance_shard,
     final_reply,
     persisted_request,
@@ -334,16 +336,14 @@ class RunnerStorageTests(ConformanceBase):
         self, session: StorageSession, other: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            old = (await acquire_shards(session.runners, SHARD))[SHARD]
+            old = await acquire_shard(session)
             await session.messages.save_requests(
                 [persisted_request(1), persisted_request(2, stream=True)], now=BASE_TIME
             )
-            claimed = await session.messages.claim(
-                {SHARD: old}, now=BASE_TIME, limit=10
-            )
+            claimed = await claim_batch(session, old)
             assert [c.request_id for c in claimed.requests] == [1, 2]
             await session.runners.release([SHARD])  # e.g. its lease lapsed
-            new = (await acquire_shards(other.runners, SHARD))[SHARD]
+            new = await acquire_shard(other)
             late = [final_reply(1, old), final_reply(2, old)]
             stale = ReplyOutcome.STALE_EPOCH
             assert await session.messages.save_replies(late, now=BASE_TIME) == [
@@ -351,9 +351,7 @@ class RunnerStorageTests(ConformanceBase):
                 stale,
             ]
             assert (await replies_of(other.messages, 1)).final is None
-            reclaimed = await other.messages.claim(
-                {SHARD: new}, now=BASE_TIME, limit=10
-            )
+            reclaimed = await claim_batch(other, new)
             assert [(c.request_id, c.epoch) for c in reclaimed.requests] == [
                 (1, new),
                 (2, new),
@@ -370,13 +368,11 @@ class RunnerStorageTests(ConformanceBase):
         self, session: StorageSession, other: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            old = (await acquire_shards(session.runners, SHARD))[SHARD]
+            old = await acquire_shard(session)
             await session.messages.save_requests([persisted_request(1)], now=BASE_TIME)
             await session.runners.release([SHARD])
-            new = (await acquire_shards(other.runners, SHARD))[SHARD]
-            batch = await session.messages.claim({SHARD: old}, now=BASE_TIME, limit=10)
+            new = await acquire_shard(other)
+            batch = await claim_batch(session, old)
             assert (batch.requests, batch.stale_shards) == ([], frozenset({SHARD}))
-            reclaimed = await other.messages.claim(
-                {SHARD: new}, now=BASE_TIME, limit=10
-            )
+            reclaimed = await claim_batch(other, new)
             assert [c.request_id for c in reclaimed.requests] == [1]

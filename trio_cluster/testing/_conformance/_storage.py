@@ -28,6 +28,7 @@ from ._base import (
     SHARD2,
     TIMEOUT,
     Seen,
+    acquire_shard,
     acquire_shards,
     collect,
     conformance_shard,
@@ -98,7 +99,7 @@ class StorageConformance(MessageStorageTests, RunnerStorageTests, TransactionTes
         self, session: StorageSession, other: StorageSession
     ) -> None:
         with trio.fail_after(TIMEOUT):
-            epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
+            epoch = await acquire_shard(session)
             save = session.messages.save_requests
             await save(
                 [persisted_request(1, shard_id=SHARD2, primary_key="k")], now=BASE_TIME

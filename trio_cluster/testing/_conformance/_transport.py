@@ -28,6 +28,7 @@ from trio_cluster._errors import (
     RunnerUnavailableError,
 )
 from trio_cluster._transport_abc import Endpoint, EndpointHandler, Envelope, Transport
+from trio_cluster.transport import MemoryEndpoint, WebSocketEndpoint
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -126,7 +127,8 @@ class TransportConformance:
     * ``unreachable``: an address where nothing listens (default
       ``127.0.0.1:1``);
     * `frames_sent`: how many frames an endpoint has written, if the
-      transport can tell; the batching tests then check the frame counts.
+      transport can tell (the built-in ones can); the batching tests then
+      check the frame counts.
 
     Example::
 
@@ -160,7 +162,10 @@ class TransportConformance:
         return RunnerAddress("127.0.0.1", 1)
 
     def frames_sent(self, endpoint: Endpoint) -> int | None:
-        """Frames written by ``endpoint`` so far, or None if unknown."""
+        """Frames written by ``endpoint`` so far, or None if unknown (the
+        built-in transports' endpoints tell)."""
+        if isinstance(endpoint, MemoryEndpoint | WebSocketEndpoint):
+            return endpoint.statistics().frames_sent
         return None
 
     # ------------------------------------------------------------------

@@ -15,27 +15,29 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import attrs
 import trio
 
 from trio_cluster import ConfigError
 from trio_cluster._groups import unwrap_single
-from trio_cluster.transport import RandomFaults
+from trio_cluster.storage import MemoryStorage
+from trio_cluster.transport import MemoryNetwork, RandomFaults
 
 from ._faults import FaultSchedule, run_schedule
+from ._invariants import Checker
+from ._io import StorageFaults
 from ._probe import ProbeJournal
 from ._runner import SimulatedRunner, serve_simulated_runner
+from ._storage import ObservedStorage
 from ._trace import InvariantViolation, SimulationTrace
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
     from trio_cluster import Entity, EntityAddress, EntityClient, Runner, ShardId
-    from trio_cluster.storage import MemoryStorage
-    from trio_cluster.transport import MemoryNetwork
 
-    from ._invariants import Checker, Incarnation
-    from ._io import RunnerFaults, StorageFaults
-    from ._storage import ObservedStorage
+    from ._invariants import Incarnation
+    from ._io import RunnerFaults
 
 __all__ = ["NOTICE_WITHIN", "SimulatedCluster", "open_runners"]
 
@@ -48,6 +50,7 @@ NOTICE_WITHIN = 0.001
 session (it must react at once: no time passes in between)."""
 
 
+@attrs.define(eq=False, kw_only=True)
 class SimulatedCluster:
     """A cluster of simulated runners; made by `open_simulated_cluster`.
 
@@ -55,46 +58,35 @@ class SimulatedCluster:
     restarted runner keeps its number and address (its new run is ``r1#2``).
     """
 
-    def __init__(
-        self,
-        *,
-        seed: int,
-        runners: Sequence[SimulatedRunner],
-        storage: MemoryStorage,
-        network: MemoryNetwork,
-        trace: SimulationTrace,
-        checker: Checker,
-        observed: ObservedStorage,
-        storage_faults: StorageFaults,
-        settle_time: float,
-        shard_count: int,
-    ) -> None:
-        self.seed = seed
-        self.runners = list(runners)
-        self.storage = storage
-        """The shared memory storage (its ``fault_hook`` belongs to the simulator)."""
-        self.network = network
-        """The shared memory network (its ``fault`` belongs to the simulator)."""
-        self.trace = trace
-        self.checker = checker
-        self.settle_time = settle_time
-        """Virtual seconds the cluster gets to settle after healing."""
-        self.violation: InvariantViolation | None = None
+    seed: int
+    runners: list[SimulatedRunner]
+    storage: MemoryStorage
+    """The shared memory storage (its ``fault_hook`` belongs to the simulator)."""
+    network: MemoryNetwork
+    """The shared memory network (its ``fault`` belongs to the simulator)."""
+    trace: SimulationTrace
+    checker: Checker
+    _observed: ObservedStorage
+    _storage_faults: StorageFaults
+    settle_time: float
+    """Virtual seconds the cluster gets to settle after healing."""
+    _shard_count: int
+    violation: InvariantViolation | None = attrs.field(init=False, default=None)
+    probes: ProbeJournal = attrs.field(init=False)
+    """Executions of `Probe` entities."""
+    _cuts: dict[frozenset[int], int] = attrs.field(init=False, factory=dict)
+    _frame_faults: list[RandomFaults] = attrs.field(init=False, factory=list)
+    _scope: trio.CancelScope = attrs.field(init=False, factory=trio.CancelScope)
+    _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
+
+    def __attrs_post_init__(self) -> None:
         self.probes = ProbeJournal(
-            trace=trace,
+            trace=self.trace,
             fail=self.fail,
             incarnation_of=self.incarnation_of,
-            current_runs=checker.incarnations.values,
+            current_runs=self.checker.incarnations.values,
         )
-        """Executions of `Probe` entities."""
-        checker.stored_hooks.append(self.probes.stored)
-        self._observed = observed
-        self._storage_faults = storage_faults
-        self._shard_count = shard_count
-        self._cuts: dict[frozenset[int], int] = {}
-        self._frame_faults: list[RandomFaults] = []
-        self._scope = trio.CancelScope()
-        self._nursery: trio.Nursery | None = None
+        self.checker.stored_hooks.append(self.probes.stored)
 
     # ------------------------------------------------------------------
     # Access

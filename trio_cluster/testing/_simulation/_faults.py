@@ -101,6 +101,32 @@ def _probability(_: object, attribute: attrs.Attribute[float], value: object) ->
         )
 
 
+class _Lasting:
+    """A fault undone ``duration`` seconds after it started."""
+
+    __slots__ = ()
+    at: float
+    duration: float
+
+    @property
+    def end(self) -> float:
+        return self.at + self.duration
+
+
+class _Instant:
+    """A fault that is not undone (it ends when it starts)."""
+
+    __slots__ = ()
+    at: float
+
+    @property
+    def end(self) -> float:
+        return self.at
+
+    async def _stop(self, cluster: FaultTarget) -> None:
+        await trio.lowlevel.checkpoint()
+
+
 @attrs.frozen
 class KillRunner:
     """Kill a runner (SIGKILL) at ``at``; restart it ``down_for`` later."""
@@ -122,17 +148,13 @@ class KillRunner:
 
 
 @attrs.frozen
-class FreezeRunner:
+class FreezeRunner(_Lasting):
     """Freeze a runner (its storage calls and envelopes held, as with
     SIGSTOP) at ``at``, for ``duration``; then its held I/O goes through."""
 
     at: float = attrs.field(validator=_time)
     runner: int = attrs.field(validator=_index)
     duration: float = attrs.field(validator=_time)
-
-    @property
-    def end(self) -> float:
-        return self.at + self.duration
 
     async def _start(self, cluster: FaultTarget) -> None:
         cluster.freeze(self.runner)
@@ -144,17 +166,13 @@ class FreezeRunner:
 
 
 @attrs.frozen
-class PartitionRunners:
+class PartitionRunners(_Lasting):
     """Cut the network between runners ``a`` and ``b`` for ``duration``."""
 
     at: float = attrs.field(validator=_time)
     a: int = attrs.field(validator=_index)
     b: int = attrs.field(validator=_index)
     duration: float = attrs.field(validator=_time)
-
-    @property
-    def end(self) -> float:
-        return self.at + self.duration
 
     async def _start(self, cluster: FaultTarget) -> None:
         if self.a != self.b:
@@ -168,7 +186,7 @@ class PartitionRunners:
 
 
 @attrs.frozen
-class StorageOutage:
+class StorageOutage(_Lasting):
     """Cut ``runner`` (None: every runner) off from storage for ``duration``:
     calls fail at once, or with ``hang`` wait for the end and then go
     through, late (those whose caller did not give up)."""
@@ -177,10 +195,6 @@ class StorageOutage:
     runner: int | None = attrs.field(validator=attrs.validators.optional(_index))
     duration: float = attrs.field(validator=_time)
     hang: bool = False
-
-    @property
-    def end(self) -> float:
-        return self.at + self.duration
 
     async def _start(self, cluster: FaultTarget) -> None:
         cluster.storage_outage(self.runner, hang=self.hang)
@@ -192,27 +206,20 @@ class StorageOutage:
 
 
 @attrs.frozen
-class LoseLockSession:
+class LoseLockSession(_Instant):
     """At ``at``, storage ends ``runner``'s lock session (a lost database
     connection): its locks are free at once."""
 
     at: float = attrs.field(validator=_time)
     runner: int = attrs.field(validator=_index)
 
-    @property
-    def end(self) -> float:
-        return self.at
-
     async def _start(self, cluster: FaultTarget) -> None:
         cluster.lose_session(self.runner)
         await trio.lowlevel.checkpoint()
 
-    async def _stop(self, cluster: FaultTarget) -> None:
-        await trio.lowlevel.checkpoint()
-
 
 @attrs.frozen
-class SkewClock:
+class SkewClock(_Instant):
     """At ``at``, ``runner``'s wall clock jumps to ``seconds`` off true time
     (for good: skew is not undone)."""
 
@@ -220,20 +227,13 @@ class SkewClock:
     runner: int = attrs.field(validator=_index)
     seconds: float = 0.0
 
-    @property
-    def end(self) -> float:
-        return self.at
-
     async def _start(self, cluster: FaultTarget) -> None:
         cluster.skew_clock(self.runner, self.seconds)
         await trio.lowlevel.checkpoint()
 
-    async def _stop(self, cluster: FaultTarget) -> None:
-        await trio.lowlevel.checkpoint()
-
 
 @attrs.frozen
-class FrameFaults:
+class FrameFaults(_Lasting):
     """Drop, duplicate and/or delay transport frames between every pair of
     runners for ``duration`` (seeded by the cluster's seed)."""
 
@@ -243,10 +243,6 @@ class FrameFaults:
     duplicate: float = attrs.field(default=0.0, validator=_probability)
     delay: float = attrs.field(default=0.0, validator=_probability)
     max_delay: float = attrs.field(default=0.1, validator=_time)
-
-    @property
-    def end(self) -> float:
-        return self.at + self.duration
 
     async def _start(self, cluster: FaultTarget) -> RandomFaults:
         await trio.lowlevel.checkpoint()

@@ -23,6 +23,7 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from trio_cluster import RunnerUnavailableError
@@ -32,6 +33,8 @@ from trio_cluster import RunnerUnavailableError
 from trio_cluster._engine._wire import Kind
 from trio_cluster.abc import Endpoint, EndpointHandler, Transport
 
+from ._trace import SimulationTrace
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
@@ -39,7 +42,6 @@ if TYPE_CHECKING:
     from trio_cluster.abc import Envelope
     from trio_cluster.storage import MemoryStorage
 
-    from ._trace import SimulationTrace
 
 __all__ = ["HoldingTransport", "RunnerFaults", "StorageFaults"]
 
@@ -157,6 +159,7 @@ class StorageFaults:
                 await scope.restored.wait()
 
 
+@attrs.define(eq=False)
 class HoldingTransport(Transport):
     """A `Transport` that holds its runner's envelopes while it is frozen.
 
@@ -166,15 +169,9 @@ class HoldingTransport(Transport):
         trace: if given, every envelope sent and held is recorded in it.
     """
 
-    def __init__(
-        self,
-        inner: Transport,
-        faults: RunnerFaults,
-        trace: SimulationTrace | None,
-    ) -> None:
-        self._inner = inner
-        self._faults = faults
-        self._trace = trace
+    _inner: Transport
+    _faults: RunnerFaults
+    _trace: SimulationTrace | None
 
     def open_endpoint(
         self, address: RunnerAddress, handler: EndpointHandler
@@ -196,10 +193,10 @@ class HoldingTransport(Transport):
                     self._faults.endpoint = None
 
 
+@attrs.define(eq=False)
 class _HoldingHandler(EndpointHandler):
-    def __init__(self, inner: EndpointHandler, faults: RunnerFaults) -> None:
-        self.inner = inner
-        self._faults = faults
+    inner: EndpointHandler
+    _faults: RunnerFaults
 
     def envelope_received(self, peer: RunnerAddress, envelope: Envelope) -> None:
         if self._faults.frozen:
@@ -214,20 +211,14 @@ class _HoldingHandler(EndpointHandler):
             self.inner.peer_lost(peer, reason)
 
 
+@attrs.define(eq=False)
 class HoldingEndpoint(Endpoint):
     """The endpoint a simulated runner sees (see `HoldingTransport`)."""
 
-    def __init__(
-        self,
-        inner: Endpoint,
-        handler: _HoldingHandler,
-        faults: RunnerFaults,
-        trace: SimulationTrace | None,
-    ) -> None:
-        self.inner = inner
-        self.handler = handler
-        self._faults = faults
-        self._trace = trace
+    inner: Endpoint
+    handler: _HoldingHandler
+    _faults: RunnerFaults
+    _trace: SimulationTrace | None
 
     @property
     def address(self) -> RunnerAddress:

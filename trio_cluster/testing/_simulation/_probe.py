@@ -19,21 +19,20 @@ has seen a request answered twice.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
-from trio_cluster import Entity, ShardId, current_runner, rpc
+from trio_cluster import Entity, Runner, ShardId, current_runner, rpc
+
+from ._invariants import Incarnation
+from ._trace import SimulationTrace
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
-
-    from trio_cluster import Runner
     from trio_cluster.abc import PersistedRequest
 
-    from ._invariants import Incarnation
-    from ._trace import SimulationTrace
 
 __all__ = ["Probe", "ProbeJournal", "ProbeTouch", "ProbeWrite", "install_journal"]
 
@@ -106,6 +105,7 @@ class _Execution:
     what: str
 
 
+@attrs.define(eq=False, kw_only=True)
 class ProbeJournal:
     """The executions of `Probe` handlers in one simulated cluster.
 
@@ -117,25 +117,19 @@ class ProbeJournal:
         current_runs: the latest run of each runner (dead or alive).
     """
 
-    def __init__(
-        self,
-        *,
-        trace: SimulationTrace,
-        fail: Callable[[str], None],
-        incarnation_of: Callable[[Runner], Incarnation | None],
-        current_runs: Callable[[], Iterable[Incarnation]],
-    ) -> None:
-        self._trace = trace
-        self._fail = fail
-        self._incarnation_of = incarnation_of
-        self._current_runs = current_runs
-        self.executions = 0
-        self._running: dict[ShardId, list[_Execution]] = {}
-        self._touched: dict[int, str] = {}
-        self._waiting: dict[int, set[int]] = {}
-        """Per stream, the writes stored that never ran yet."""
-        self._last_in_epoch: dict[tuple[str, ShardId, int | None, int], int] = {}
-        self._ops = 0
+    _trace: SimulationTrace
+    _fail: Callable[[str], None]
+    _incarnation_of: Callable[[Runner], Incarnation | None]
+    _current_runs: Callable[[], Iterable[Incarnation]]
+    executions: int = attrs.field(init=False, default=0)
+    _running: dict[ShardId, list[_Execution]] = attrs.field(init=False, factory=dict)
+    _touched: dict[int, str] = attrs.field(init=False, factory=dict)
+    _waiting: dict[int, set[int]] = attrs.field(init=False, factory=dict)
+    """Per stream, the writes stored that never ran yet."""
+    _last_in_epoch: dict[tuple[str, ShardId, int | None, int], int] = attrs.field(
+        init=False, factory=dict
+    )
+    _ops: int = attrs.field(init=False, default=0)
 
     def next_op(self) -> int:
         """A fresh ``ProbeTouch.op`` number."""

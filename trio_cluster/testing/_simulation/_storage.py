@@ -17,12 +17,17 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
+import attrs
+
 from trio_cluster.abc import (
     MessageStorage,
     RunnerStorage,
     Storage,
     StorageSession,
 )
+from trio_cluster.storage import MemoryStorage
+
+from ._invariants import Checker, Incarnation
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Collection, Mapping, Sequence
@@ -41,13 +46,12 @@ if TYPE_CHECKING:
         StorageTransaction,
         StoredReplies,
     )
-    from trio_cluster.storage import MemoryStorage
 
-    from ._invariants import Checker, Incarnation
 
 __all__ = ["ObservedStorage"]
 
 
+@attrs.define(eq=False)
 class ObservedStorage(Storage):
     """A `MemoryStorage` whose every call is checked by a `Checker`.
 
@@ -56,12 +60,11 @@ class ObservedStorage(Storage):
         checker: receives every call's request and result.
     """
 
-    def __init__(self, inner: MemoryStorage, checker: Checker) -> None:
-        self.inner = inner
-        self._checker = checker
-        self.next_incarnation: dict[str, Incarnation] = {}
-        """Set by the cluster before a runner starts: the incarnation that
-        the session named after its address belongs to."""
+    inner: MemoryStorage
+    _checker: Checker
+    next_incarnation: dict[str, Incarnation] = attrs.field(init=False, factory=dict)
+    """Set by the cluster before a runner starts: the incarnation that
+    the session named after its address belongs to."""
 
     def open_session(
         self, *, name: str, lease_duration: float
@@ -81,13 +84,11 @@ class ObservedStorage(Storage):
             )
 
 
+@attrs.define(eq=False)
 class _Messages(MessageStorage):
-    def __init__(
-        self, inner: MessageStorage, checker: Checker, incarnation: Incarnation
-    ) -> None:
-        self._inner = inner
-        self._checker = checker
-        self._by = incarnation
+    _inner: MessageStorage
+    _checker: Checker
+    _by: Incarnation
 
     async def save_requests(
         self, requests: Sequence[PersistedRequest], *, now: float
@@ -144,13 +145,11 @@ class _Messages(MessageStorage):
         return await self._inner.wait_notifications()
 
 
+@attrs.define(eq=False)
 class _Runners(RunnerStorage):
-    def __init__(
-        self, inner: RunnerStorage, checker: Checker, incarnation: Incarnation
-    ) -> None:
-        self._inner = inner
-        self._checker = checker
-        self._by = incarnation
+    _inner: RunnerStorage
+    _checker: Checker
+    _by: Incarnation
 
     async def register(self, runner: RunnerInfo) -> int:
         return await self._inner.register(runner)

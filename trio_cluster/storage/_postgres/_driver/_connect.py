@@ -114,19 +114,30 @@ async def connect_pgconn(params: dict[str, str]) -> pq.abc.PGconn:
         pgconn = pq.PGconn.connect_start(make_conninfo("", **params).encode())
     try:
         with map_errors(lost=True):
-            while (status := pgconn.connect_poll()) != _POLL.OK:
-                # The socket can change between attempts: read it every time.
-                if status == _POLL.READING:
-                    await trio.lowlevel.wait_readable(pgconn.socket)
-                elif status == _POLL.WRITING:
-                    await trio.lowlevel.wait_writable(pgconn.socket)
-                else:
-                    raise psycopg.OperationalError(pgconn.get_error_message())
+            if not await poll_until_ok(pgconn.connect_poll, lambda: pgconn.socket):
+                raise psycopg.OperationalError(pgconn.get_error_message())
             pgconn.nonblocking = 1
     except BaseException:
         finish_pgconn(pgconn)
         raise
     return pgconn
+
+
+async def poll_until_ok(poll: Callable[[], int], socket_of: Callable[[], int]) -> bool:
+    """Drive a libpq polling loop (connect, cancel) until it is done.
+
+    Returns whether it succeeded (``False``: it failed, see the libpq object's
+    error message).
+    """
+    while (status := poll()) != _POLL.OK:
+        # The socket can change between attempts: read it every time.
+        if status == _POLL.READING:
+            await trio.lowlevel.wait_readable(socket_of())
+        elif status == _POLL.WRITING:
+            await trio.lowlevel.wait_writable(socket_of())
+        else:
+            return False
+    return True
 
 
 def finish_pgconn(pgconn: pq.abc.PGconn) -> None:

@@ -19,6 +19,7 @@ database outage surfaces as `ConnectionLostError` at a bounded rate.
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING
@@ -33,7 +34,7 @@ from trio_cluster._errors import ClusterError, PersistenceError
 from ._driver import PgConnection
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+    from collections.abc import AsyncIterator, Mapping
 
 __all__ = ["PgPool", "PgPoolStatistics", "open_pool"]
 
@@ -73,37 +74,36 @@ class _Entry:
     generation: int
 
 
+@attrs.define(eq=False)
 class PgPool:
     """Up to ``size`` PostgreSQL connections shared by many tasks.
 
     Create it with `open_pool`; borrow with ``async with pool.connection()``.
     """
 
-    def __init__(
-        self,
-        connect: Callable[[], Awaitable[PgConnection]],
-        *,
-        size: int,
-        backoff: Backoff,
-        close_grace: float,
-        random_unit: Callable[[], float] = random.random,
-    ) -> None:
-        self._connect_fn = connect
-        self._size = size
-        self._backoff = backoff
-        self._close_grace = close_grace
-        self._random_unit = random_unit
-        self._idle: list[_Entry] = []
-        self._borrowed: set[_Entry] = set()
-        self._free_slots = size
-        self._lot = trio.lowlevel.ParkingLot()
-        self._closed = False
-        self._all_returned = trio.Event()
-        self._generation = 0
-        self._failures = 0
-        self._retry_at = 0.0
-        self._connects = self._connect_failures = self._discarded = 0
-        self._retired_statements = self._retired_round_trips = 0
+    _connect_fn: Callable[[], Awaitable[PgConnection]] = attrs.field(alias="connect")
+    _size: int = attrs.field(kw_only=True)
+    _backoff: Backoff = attrs.field(kw_only=True)
+    _close_grace: float = attrs.field(kw_only=True)
+    _random_unit: Callable[[], float] = attrs.field(default=random.random, kw_only=True)
+    _idle: list[_Entry] = attrs.field(init=False, factory=list)
+    _borrowed: set[_Entry] = attrs.field(init=False, factory=set)
+    _free_slots: int = attrs.field(
+        init=False, default=attrs.Factory(lambda self: self._size, takes_self=True)
+    )
+    _lot: trio.lowlevel.ParkingLot = attrs.field(
+        init=False, factory=trio.lowlevel.ParkingLot
+    )
+    _closed: bool = attrs.field(init=False, default=False)
+    _all_returned: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _generation: int = attrs.field(init=False, default=0)
+    _failures: int = attrs.field(init=False, default=0)
+    _retry_at: float = attrs.field(init=False, default=0.0)
+    _connects: int = attrs.field(init=False, default=0)
+    _connect_failures: int = attrs.field(init=False, default=0)
+    _discarded: int = attrs.field(init=False, default=0)
+    _retired_statements: int = attrs.field(init=False, default=0)
+    _retired_round_trips: int = attrs.field(init=False, default=0)
 
     @property
     def generation(self) -> int:

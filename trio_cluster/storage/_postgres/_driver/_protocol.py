@@ -27,7 +27,7 @@ import trio
 from psycopg import pq
 from psycopg.adapt import PyFormat, Transformer
 
-from ._connect import finish_pgconn, wait_readable_or_writable
+from ._connect import finish_pgconn, poll_until_ok, wait_readable_or_writable
 from ._errors import PgError, error_from_result
 
 if TYPE_CHECKING:
@@ -54,7 +54,6 @@ _Result: TypeAlias = pq.abc.PGresult
 
 _ES = pq.ExecStatus
 _TS = pq.TransactionStatus
-_POLL = pq.PollingStatus
 _COPY_STATES = frozenset({_ES.COPY_IN, _ES.COPY_OUT, _ES.COPY_BOTH})
 _STATEMENTS_GONE = (b"DISCARD ALL", b"DEALLOCATE ALL")
 # Resend the cancel request if the server has not answered by then: the first
@@ -378,14 +377,9 @@ class PgProtocol:
         cancel = self._pgconn.cancel_conn()
         try:
             cancel.start()
-            while (status := cancel.poll()) != _POLL.OK:
-                if status == _POLL.READING:
-                    await trio.lowlevel.wait_readable(cancel.socket)
-                elif status == _POLL.WRITING:
-                    await trio.lowlevel.wait_writable(cancel.socket)
-                else:
-                    msg = cancel.get_error_message()
-                    raise psycopg.OperationalError(f"cancel request failed: {msg}")
+            if not await poll_until_ok(cancel.poll, lambda: cancel.socket):
+                msg = cancel.get_error_message()
+                raise psycopg.OperationalError(f"cancel request failed: {msg}")
         finally:
             cancel.finish()
 
