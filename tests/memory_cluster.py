@@ -55,6 +55,12 @@ class Tally(tc.Entity):
         for n in range(msg.upto):
             yield n
 
+    @tc.stream
+    async def tallies(self, msg: Count) -> AsyncIterator[Where]:
+        """A stream of attrs items (their codec cannot encode None)."""
+        for n in range(msg.upto):
+            yield Where("here", n)
+
 
 class Cluster:
     """Runners on one memory storage and one memory network."""

@@ -59,3 +59,19 @@ async def test_remote_stream(autojump_clock):
         entity = cluster.remote_id(first)
         async with first.client(Tally)(entity).count(Count(50)) as items:
             assert [item async for item in items] == list(range(50))
+
+
+async def test_remote_stream_of_attrs_items_ends_cleanly(autojump_clock):
+    # Regression: the end of the stream was encoded with the item codec,
+    # which cannot encode None for an attrs item type, so the caller got
+    # MalformedMessageError after the last item.
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1, 2])
+        first = cluster.runners[1]
+        entity = cluster.remote_id(first)
+        async with first.client(Tally)(entity).tallies(Count(3)) as items:
+            assert [item async for item in items] == [
+                Where("here", n) for n in range(3)
+            ]
+        async with first.client(Tally)(entity).tallies(Count(0)) as items:
+            assert [item async for item in items] == []

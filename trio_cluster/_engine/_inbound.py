@@ -306,7 +306,8 @@ class InboundCalls:
                         )
                     else:
                         self._send(
-                            peer, [Kind.STREAM_END, call_id, _encode(handler, value)]
+                            peer,
+                            [Kind.STREAM_END, call_id, _encode_end(handler, value)],
                         )
                         return
         finally:
@@ -334,6 +335,14 @@ def _encode(handler: Handler, exit_: Exit) -> bytes:
     try:
         return handler.reply.encode_exit(exit_)
     except MalformedMessageError as exc:  # the value cannot travel
+        return handler.reply.encode_error(exc)
+
+
+def _encode_end(handler: Handler, exit_: Exit) -> bytes:
+    """How a stream ended, for ``STREAM_END`` (never with the item codec)."""
+    try:
+        return handler.reply.encode_stream_end(exit_)
+    except MalformedMessageError as exc:  # the error cannot travel
         return handler.reply.encode_error(exc)
 
 

@@ -264,16 +264,12 @@ def _decode_exit(handler: Handler, payload: bytes, call_id: int) -> Exit:
 
 
 def _decode_stream_end(handler: Handler, payload: bytes, call_id: int) -> Exit:
-    """A stream's final reply: an error, or the end of the generator. The
-    owner encodes the end as the value None (`Exit()`), which is not of the
-    item type, so it is recognised rather than decoded."""
+    """A stream's final reply: an error, or the end of the generator
+    (`ReplyCodec.encode_stream_end`)."""
     try:
-        ended = handler.reply.encode_value(None)
-    except Exception:  # pragma: no cover - the owner then sent an error
-        ended = None
-    if payload == ended:
-        return Exit()
-    return _decode_exit(handler, payload, call_id)
+        return handler.reply.decode_stream_end(payload, request_id=call_id)
+    except Exception as exc:  # MalformedMessageError: report it to the caller
+        return Exit(error=exc)
 
 
 class _CreditingReceiver(StreamReceiver):

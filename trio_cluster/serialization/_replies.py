@@ -97,6 +97,11 @@ def check_declared_error(cls: object, where: str) -> type[Exception]:
     return cast("type[Exception]", cls)
 
 
+STREAM_END: Final = msgpack.packb([_VALUE, None])
+"""The clean end of a stream on the wire: the reply "returned None" (the
+bytes a None-able item codec makes too, so peers agree whatever the type)."""
+
+
 class ReplyCodec:
     """Encodes and decodes the replies of one handler.
 
@@ -161,6 +166,22 @@ class ReplyCodec:
             raise TypeError(f"cannot encode {type(exc).__name__} as a reply")
         fields = self._cluster_codecs[tag].unstructure(exc)
         return _pack([_CLUSTER, tag, fields], "reply")
+
+    def encode_stream_end(self, exit_: Exit) -> bytes:
+        """Encode how a stream ended: an error, or `STREAM_END` for the end
+        of the generator (it carries no item, so the item codec, which may
+        not encode None, is not used)."""
+        return STREAM_END if exit_.error is None else self.encode_error(exit_.error)
+
+    def decode_stream_end(self, data: bytes, *, request_id: int = 0) -> Exit:
+        """Decode what `encode_stream_end` made.
+
+        Raises:
+            MalformedMessageError: not a valid end of this handler's stream.
+        """
+        if data == STREAM_END:
+            return Exit()
+        return self.decode_exit(data, request_id=request_id)
 
     def encode_interrupted(self) -> bytes:
         """Encode "interrupted by its sender" as a final reply."""

@@ -1,0 +1,38 @@
+"""Reply codecs (`trio_cluster.serialization._replies`): the end of a stream."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+
+import trio_cluster as tc
+from trio_cluster.serialization import make_converter
+from trio_cluster.serialization._replies import STREAM_END, Exit, ReplyCodec
+
+
+@attrs.frozen
+class Item:
+    n: int
+
+
+@pytest.mark.parametrize("item_type", [int, Item, str, list[Item]])
+def test_a_stream_ends_the_same_way_whatever_its_item_type(item_type):
+    codec = ReplyCodec(make_converter(), item_type, (), "test stream")
+    assert codec.encode_stream_end(Exit()) == STREAM_END
+    assert codec.decode_stream_end(STREAM_END) == Exit()
+
+
+def test_a_stream_that_failed_ends_with_its_error():
+    codec = ReplyCodec(make_converter(), Item, (), "test stream")
+    error = tc.MailboxFullError(address="a", reason="full")
+    data = codec.encode_stream_end(Exit(error=error))
+    assert data != STREAM_END
+    ended = codec.decode_stream_end(data)
+    assert isinstance(ended.error, tc.MailboxFullError)
+
+
+def test_stream_end_matches_what_a_none_able_item_codec_made():
+    # Peers that encode the end with an item codec that can encode None
+    # (ints, optional types) send the same bytes: the wire is unchanged there.
+    codec = ReplyCodec(make_converter(), int | None, (), "test stream")
+    assert codec.encode_value(None) == STREAM_END
