@@ -3,6 +3,8 @@ partitioned owner, a client-only runner."""
 
 from __future__ import annotations
 
+import contextvars
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
 import pytest
@@ -12,7 +14,7 @@ import trio.testing
 import trio_cluster as tc
 from trio_cluster.transport import MemoryTransport
 
-from ..helpers import Add, Elsewhere, Get, config
+from ..helpers import Add, Count, Elsewhere, Get, config
 from ..memory_cluster import Tally, open_cluster
 
 
@@ -62,3 +64,42 @@ async def test_client_only_runner_sends_every_call_to_the_others(autojump_clock)
                 await client.client(Tally)(f"e{i}").add_persisted(Add(1))
             ).total == 2
         assert client.statistics().remote_calls == 10
+
+
+class Whoami(tc.Entity):
+    type_name = "Whoami"
+
+    @tc.stream
+    async def runners(self, msg: Count) -> AsyncIterator[str]:
+        for _ in range(msg.upto):
+            yield str(tc.current_runner().address)
+
+
+@pytest.mark.parametrize("kind", ["stream", "call", "discard"])
+async def test_handlers_see_their_runner_whoever_calls(autojump_clock, kind):
+    # Regression (stream): a stream opened from a task outside the runner's
+    # context started its producer where `current_runner()` failed.
+    seen: list[str] = []
+    async with (
+        trio.open_nursery() as nursery,
+        tc.open_runner(entities=[Whoami, Tally], config=config()) as runner,
+    ):
+        await runner.wait_shards_acquired()
+
+        async def use() -> None:
+            if kind == "stream":
+                async with runner.client(Whoami)("a").runners(Count(2)) as items:
+                    seen.extend([item async for item in items])
+            elif kind == "call":
+                where = await runner.client(Tally)("a").add(Add(1))
+                seen.append(where.runner)
+            else:
+                await runner.client(Tally)("a").add.discard(Add(1))
+                await trio.testing.wait_all_tasks_blocked()
+                where = await runner.client(Tally)("a").add(Add(1))
+                seen.append(where.runner)
+
+        # A task with an empty context: not the runner's, not the test's.
+        contextvars.Context().run(nursery.start_soon, use)
+        await trio.testing.wait_all_tasks_blocked()
+    assert seen == [str(runner.address)] * (2 if kind == "stream" else 1)

@@ -240,6 +240,11 @@ class Router:
             host = self._shards.hosts.get(address.shard)
             if host is not None:
                 send, receive = open_stream_channel()
+                # NOTE: as in `call`, the producer task starts in this task's
+                # context: it must name this runner (a stream opened from
+                # outside the runner's tasks ran where `current_runner()`
+                # failed).
+                token = enter_runner(self._context)
                 try:
                     job = self._manager.submit(
                         host,
@@ -253,7 +258,10 @@ class Router:
                 except NotDelivered:
                     send.close()
                     receive.close()
-                else:
+                    job = None
+                finally:
+                    leave_runner(token)
+                if job is not None:
                     async with consume(self._manager, job, receive) as items:
                         yield items
                     return
