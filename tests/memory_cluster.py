@@ -56,6 +56,15 @@ class Tally(tc.Entity):
             yield n
 
     @tc.stream
+    async def slow_count(self, msg: Count) -> AsyncIterator[int]:
+        """One item every ``msg.upto`` seconds, forever."""
+        n = 0
+        while True:
+            yield n
+            n += 1
+            await trio.sleep(msg.upto)
+
+    @tc.stream
     async def tallies(self, msg: Count) -> AsyncIterator[Where]:
         """A stream of attrs items (their codec cannot encode None)."""
         for n in range(msg.upto):

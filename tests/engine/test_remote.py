@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from contextlib import AsyncExitStack
 
+import pytest
 import trio
+import trio.testing
+
+import trio_cluster as tc
 
 from ..helpers import Add, Count
-from ..memory_cluster import Tally, Where, open_cluster
+from ..memory_cluster import Nap, Tally, Where, open_cluster
 
 
 async def test_volatile_calls_run_on_the_owner(autojump_clock):
@@ -75,3 +79,35 @@ async def test_remote_stream_of_attrs_items_ends_cleanly(autojump_clock):
             ]
         async with first.client(Tally)(entity).tallies(Count(0)) as items:
             assert [item async for item in items] == []
+
+
+@pytest.mark.parametrize("kind", ["call", "stream"])
+async def test_a_remote_call_fails_when_its_own_runner_shuts_down(autojump_clock, kind):
+    # Regression: a call waiting on another runner hung until cancelled when
+    # the caller's own runner shut down meanwhile.
+    outcome: list[BaseException] = []
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1, 2], entity_termination_timeout=1)
+        first = cluster.runners[1]
+        entity = cluster.remote_id(first)
+        tally = first.client(Tally)(entity)
+
+        async def wait_on_the_other_runner() -> None:
+            try:
+                if kind == "call":
+                    await tally.nap(Nap(100))
+                else:
+                    async with tally.slow_count(Count(100)) as items:
+                        async for _ in items:
+                            pass
+            except tc.ClusterError as exc:
+                outcome.append(exc)
+
+        with trio.fail_after(60):  # it hung: fail on virtual time instead
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_on_the_other_runner)
+                await trio.testing.wait_all_tasks_blocked()
+                started = trio.current_time()
+                cluster.stop(1)
+        assert trio.current_time() - started < 10
+    assert [type(exc) for exc in outcome] == [tc.RunnerClosedError]

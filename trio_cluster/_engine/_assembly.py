@@ -88,12 +88,18 @@ class RunnerParts:
             PersistenceError: storage failed before ``started`` (registering,
                 or the first assignment).
         """
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.manager.run)
-            await nursery.start(self.broadcasts.run)
-            await nursery.start(self.persisted.run)
-            await nursery.start(self.sharding.run)
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.manager.run)
+                await nursery.start(self.broadcasts.run)
+                await nursery.start(self.persisted.run)
+                await nursery.start(self.sharding.run)
+                task_status.started()
+        finally:
+            # Callers still waiting on other runners get RunnerClosedError
+            # (persisted callers get theirs from `PersistedDelivery.run`).
+            if self.router.outbound is not None:
+                self.router.outbound.close()
 
     async def shutdown(self) -> None:
         """Refuse new calls, then stop every shard gracefully (bounded by the

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from .._errors import RunnerUnavailableError
+from .._errors._closed import RunnerClosedError
 from ..serialization._replies import Exit
 from ._streams import STREAM_BUFFER, StreamReceiver
 from ._wire import Kind, Mode, address_fields
@@ -234,6 +235,24 @@ class OutboundCalls:
         ):
             pending.stream.send_nowait((1, exit_))
         pending.stream.close()
+
+    def close(self) -> None:
+        """This runner stops: fail every call still waiting for an answer
+        with `RunnerClosedError` (its answer could no longer arrive)."""
+        pending_calls, self._pending = self._pending, {}
+        for pending in pending_calls.values():
+            error = RunnerClosedError(
+                "the runner shut down while the call waited for another"
+                f" runner ({pending.peer}); the handler may have run there"
+            )
+            pending.exit = Exit(error=error)
+            pending.done.set()
+            if pending.stream is not None:
+                with suppress(
+                    trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
+                ):
+                    pending.stream.send_nowait((1, Exit(error=error)))
+                pending.stream.close()
 
     def peer_lost(self, peer: RunnerAddress) -> None:
         """Fail every call waiting on ``peer``."""
