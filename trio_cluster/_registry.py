@@ -106,6 +106,8 @@ class EntityType:
     has_on_stop: bool
     start_suspends: bool = True
     """Whether ``on_start`` may suspend (see `may_suspend`)."""
+    hosted: bool = True
+    """Whether this runner hosts the type (False: known only to call it)."""
 
 
 class Registry:
@@ -127,11 +129,14 @@ class Registry:
         """Encodes replies that are cluster errors, for requests whose
         handler is unknown."""
         self.types: dict[str, EntityType] = {}
+        """The types this runner hosts, by type name."""
         self._by_class: dict[type[Entity], EntityType] = {}
+        self._by_name: dict[str, EntityType] = {}
+        """Every type known here, hosted or only called."""
         for cls in classes:
             self.add(cls)
 
-    def add(self, cls: type[Entity]) -> EntityType:
+    def add(self, cls: type[Entity], *, hosted: bool = True) -> EntityType:
         """Validate and register one class (idempotent for the same class).
 
         Raises:
@@ -146,22 +151,32 @@ class Registry:
             converter=self.converter,
             cluster_codecs=self.cluster_codecs,
         )
-        other = self.types.get(entity_type.name)
+        other = self._by_name.get(entity_type.name)
         if other is not None:
             raise EntityDefinitionError(
                 f"type_name {entity_type.name!r} is used by both {other.cls.__qualname__}"
                 f" and {cls.__qualname__}; type names must be unique"
             )
-        self.types[entity_type.name] = entity_type
+        if not hosted:
+            entity_type = attrs.evolve(entity_type, hosted=False)
+        else:
+            self.types[entity_type.name] = entity_type
+        self._by_name[entity_type.name] = entity_type
         self._by_class[cls] = entity_type
         return entity_type
 
     def for_class(self, cls: type[Entity]) -> EntityType:
-        """The registered type of ``cls``, registering it if needed (a runner
-        can call entities whose class it does not host)."""
-        return self._by_class.get(cls) or self.add(cls)
+        """The registered type of ``cls``; a class this runner does not host
+        is registered to be called only (``hosted=False``): requests for it
+        are never run here.
+
+        Raises:
+            EntityDefinitionError: ``cls`` is not a valid entity class.
+        """
+        return self._by_class.get(cls) or self.add(cls, hosted=False)
 
     def get(self, type_name: str) -> EntityType | None:
+        """The hosted type of that name, or None."""
         return self.types.get(type_name)
 
 

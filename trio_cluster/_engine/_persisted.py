@@ -188,7 +188,9 @@ class PersistedDelivery:
             RequestInterruptedError: the request (attached by primary key) was
                 interrupted by its original sender.
         """
-        host = self._parts.shards.host(address.shard)
+        # A type only called from here is never run here: its owner (maybe
+        # this runner) answers it from storage.
+        host = self._parts.shards.host(address.shard) if entity_type.hosted else None
         request = self._request(address, handler, message, host)
         request_id = request.request_id
         waiter = None if discard else self._parts.waiters.register(request_id)

@@ -26,7 +26,11 @@ import trio
 from .._context import RunnerContext, current_runner_var, enter_runner, leave_runner
 from .._core._config import ShardingConfig
 from .._core._histogram import Histogram
-from .._errors import EntityNotAssignedError, MessageTooLargeError
+from .._errors import (
+    EntityNotAssignedError,
+    MessageTooLargeError,
+    UnknownEntityTypeError,
+)
 from .._errors._closed import RunnerClosedError
 from ._manager import EntityManager, NotDelivered
 from ._persisted import PersistedDelivery
@@ -146,6 +150,8 @@ class Router:
             while True:
                 host = self._shards.hosts.get(address.shard)
                 if host is not None:
+                    if not entity_type.hosted:
+                        raise _not_hosted(entity_type)
                     try:
                         return await self._manager.call(
                             host, address, entity_type, handler, local_message
@@ -197,6 +203,8 @@ class Router:
             while True:
                 host = self._shards.hosts.get(address.shard)
                 if host is not None:
+                    if not entity_type.hosted:
+                        raise _not_hosted(entity_type)
                     try:
                         self._manager.submit(
                             host, address, entity_type, handler, local_message
@@ -239,6 +247,8 @@ class Router:
         while True:
             host = self._shards.hosts.get(address.shard)
             if host is not None:
+                if not entity_type.hosted:
+                    raise _not_hosted(entity_type)
                 send, receive = open_stream_channel()
                 # NOTE: as in `call`, the producer task starts in this task's
                 # context: it must name this runner (a stream opened from
@@ -279,6 +289,12 @@ class Router:
                         yield items
                     return
             deadline = await self._wait(address, deadline)
+
+
+def _not_hosted(entity_type: EntityType) -> UnknownEntityTypeError:
+    """This runner serves the shard but does not host the type (it only calls
+    it): what any owner that does not host it answers."""
+    return UnknownEntityTypeError(entity_type=entity_type.name, handler=None)
 
 
 class _Exit:
