@@ -397,3 +397,22 @@ def session_fixture(name: str, *, lease: float, session: str | None = None) -> A
             yield opened
 
     return opened
+
+
+async def deposit_beside_a_bad_one(runner: tc.Runner, bad_key: str) -> list[object]:
+    """100 innocent persisted calls at once with one whose key storage cannot
+    hold; returns every outcome (the bad one last)."""
+    accounts = runner.client(Account)
+    outcomes: list[object] = [None] * 101
+
+    async def deposit(i: int, key: str) -> None:
+        try:
+            outcomes[i] = await accounts(f"a{i % 7}").deposit(Deposit(key, 1))
+        except tc.ClusterError as exc:
+            outcomes[i] = exc
+
+    async with trio.open_nursery() as nursery:
+        for i in range(100):
+            nursery.start_soon(deposit, i, f"tx{i}")
+        nursery.start_soon(deposit, 100, bad_key)
+    return outcomes

@@ -28,6 +28,7 @@ from ..helpers import (
     Ledger,
     PatchingStorage,
     config,
+    deposit_beside_a_bad_one,
     open_clocked_runner,
     open_pair,
     remote_id,
@@ -514,3 +515,34 @@ async def test_recorded_replies_refill_an_exhausted_budget(autojump_clock):
         assert finished[2] >= 2.5  # the budget held the third one back
         assert finished[-1] <= 5
         assert runner.statistics().persisted_in_flight == 0
+
+
+BAD_KEYS = [
+    ("a\x00b", tc.InvalidIdError),
+    # The key is the message's own field: the message cannot be encoded.
+    ("lone \ud800 surrogate", tc.MalformedMessageError),
+]
+
+
+@pytest.mark.parametrize(("bad_key", "error"), BAD_KEYS)
+async def test_a_key_storage_cannot_hold_fails_only_its_own_call(
+    autojump_clock, bad_key, error
+):
+    # Regression: on PostgreSQL a NUL in one primary key failed the whole
+    # batched save, so every concurrent persisted call failed.
+    async with tc.open_runner(entities=[Account], config=config()) as runner:
+        outcomes = await deposit_beside_a_bad_one(runner, bad_key)
+    innocent = [o for o in outcomes[:-1] if not isinstance(o, int)]
+    assert innocent == [], f"{len(innocent)} innocent calls failed: {innocent[:1]}"
+    assert isinstance(outcomes[-1], error)
+
+
+@pytest.mark.parametrize("bad_id", ["a\x00b", "\udfff", "", " padded", "x" * 256])
+async def test_an_entity_id_storage_cannot_hold_is_a_typed_error(
+    autojump_clock, bad_id
+):
+    async with tc.open_runner(entities=[Account], config=config()) as runner:
+        with pytest.raises(tc.InvalidIdError):
+            runner.client(Account)(bad_id)
+        with pytest.raises(ValueError, match="entity id"):  # a ValueError too
+            runner.client(Account)(bad_id)

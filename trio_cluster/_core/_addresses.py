@@ -11,6 +11,8 @@ from typing import Protocol, TypeVar
 
 import attrs
 
+from .._errors import InvalidIdError
+
 T = TypeVar("T")
 
 __all__ = [
@@ -20,23 +22,40 @@ __all__ = [
     "EntityId",
     "RunnerAddress",
     "ShardId",
+    "check_storable",
 ]
 
 MAX_ENTITY_ID_LENGTH = 255
 """Longest entity id accepted, in characters (it is part of storage keys)."""
 
 
+def check_storable(what: str, value: str) -> None:
+    """Refuse text that storage cannot hold, with `InvalidIdError`: a NUL
+    character (PostgreSQL text refuses it) or a lone surrogate (not encodable
+    as UTF-8). Checked before a request is sent, so one bad id or key never
+    fails a batch of other requests."""
+    if "\x00" in value:
+        raise InvalidIdError(f"{what} must not contain a NUL character: {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidIdError(
+            f"{what} must be valid Unicode text (it has a lone surrogate): {value!r}"
+        ) from None
+
+
 def _check_entity_id(_: object, __: object, value: str) -> None:
     if not isinstance(value, str):
         raise TypeError(f"entity id must be a str, got {type(value).__name__}")
     if not value or value.strip() != value:
-        raise ValueError(
+        raise InvalidIdError(
             f"entity id must be non-empty without surrounding whitespace: {value!r}"
         )
     if len(value) > MAX_ENTITY_ID_LENGTH:
-        raise ValueError(
+        raise InvalidIdError(
             f"entity id is {len(value)} characters, over {MAX_ENTITY_ID_LENGTH}"
         )
+    check_storable("entity id", value)
 
 
 @attrs.frozen(order=True)

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .._core._addresses import check_storable
 from .._errors import EntityDefinitionError, MessageTooLargeError, PersistenceError
 from .._storage_abc import PersistedRequest, SaveResult
 from ._batching import Batcher
@@ -311,6 +312,7 @@ def _primary_key(handler: Handler, message: Any) -> str | None:
         raise EntityDefinitionError(
             f"{handler.what}: primary_key must return a non-empty str, got {key!r}"
         )
+    check_storable(f"{handler.what}: the primary key", key)
     return key
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "EntityDefinitionError",
     "EntityNotAssignedError",
+    "InvalidIdError",
     "MailboxFullError",
     "MalformedMessageError",
     "MessageTooLargeError",
@@ -60,6 +61,12 @@ class _WireError(ClusterError):
 
 class ClusterInternalError(ClusterError):
     """An invariant of trio_cluster was broken: this is a bug, please report it."""
+
+
+class InvalidIdError(ClusterError, ValueError):
+    """An entity id or primary key that cannot be stored: empty, padded with
+    whitespace, too long, or holding a NUL character or a lone surrogate.
+    Raised before anything is sent or stored; other calls are not affected."""
 
 
 class NoCurrentRunnerError(ClusterError, RuntimeError):
