@@ -3,6 +3,7 @@ runners, failover, graceful leave, rebalancing, lost lock sessions."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any
@@ -12,14 +13,17 @@ import trio
 import trio.testing
 
 import trio_cluster as tc
+from trio_cluster.abc import StorageSession
 from trio_cluster.storage import MemoryStorage
 from trio_cluster.transport import MemoryNetwork, MemoryTransport
 
 from ..helpers import (
     Add,
+    Counter,
     Elsewhere,
     Get,
     Ledger,
+    PatchingStorage,
     config,
     open_clocked_runner,
     open_pair,
@@ -196,3 +200,48 @@ async def test_rebalance_drains_in_flight_persisted_work_and_bumps_epochs(
 async def owners(storage: MemoryStorage) -> list[Any]:
     async with storage.open_session(name="observer", lease_duration=5.0) as session:
         return [o for o in await session.runners.shard_owners() if o.runner is not None]
+
+
+class HangingRefreshStorage(PatchingStorage):
+    """MemoryStorage whose lease refreshes hang from ``hang_at`` on (a frozen
+    lock connection), and which records every release call."""
+
+    def __init__(self, hang_at: float) -> None:
+        super().__init__()
+        self.hang_at = hang_at
+        self.releases: list[list[tc.ShardId]] = []
+
+    def patch_session(self, session: StorageSession) -> None:
+        runners = session.runners
+        refresh, release = runners.refresh, runners.release
+
+        async def hanging_refresh(shards: Collection[tc.ShardId]) -> set[tc.ShardId]:
+            if trio.current_time() >= self.hang_at:
+                await trio.sleep_forever()
+            return await refresh(shards)
+
+        async def recorded_release(shards: Collection[tc.ShardId]) -> None:
+            self.releases.append(list(shards))
+            await release(shards)
+
+        runners.refresh = hanging_refresh  # type: ignore[method-assign]
+        runners.release = recorded_release  # type: ignore[method-assign]
+
+
+async def test_shards_whose_leases_lapse_together_are_released_together(
+    autojump_clock,
+):
+    # Regression: each lapsed shard released its lock with a storage call of
+    # its own (one task and one statement per shard when a whole runner's
+    # leases lapse at once).
+    storage = HangingRefreshStorage(hang_at=3.0)
+    async with tc.open_runner(
+        entities=[Counter], storage=storage, config=config()
+    ) as runner:
+        await runner.wait_shards_acquired()
+        assert len(runner.served_shards()) == 8
+        with trio.fail_after(30):
+            while not storage.releases:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        # The eight leases lapsed at one deadline: one release, of all eight.
+        assert [len(shards) for shards in storage.releases] == [8]

@@ -27,8 +27,8 @@ def release_without_cancelling(monkeypatch: pytest.MonkeyPatch) -> None:
     def stop_shard(self: Sharding, command: object) -> None:
         shard = command.shard  # type: ignore[attr-defined]
         if shard in self.table.hosts:
-            assert self._nursery is not None
-            self._nursery.start_soon(self._release_until_done, frozenset({shard}))
+            self._to_release.add(shard)
+            self._release_wanted.set()
 
     monkeypatch.setattr(Sharding, "_stop_shard", stop_shard)
 

@@ -101,6 +101,9 @@ class Sharding:
         self._closing = False
         self._poll_now = trio.Event()
         self._release_backoff = Backoff(0.05, config.lease_refresh_interval)
+        self._to_release: set[ShardId] = set()
+        """Stopped shards whose locks `_release_loop` releases next."""
+        self._release_wanted = trio.Event()
         self.failovers = 0
 
     # ------------------------------------------------------------------
@@ -134,6 +137,7 @@ class Sharding:
         self._ids.machine_id = self.table.machine_id
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._release_loop)
             await self._poll_assignment()
             nursery.start_soon(self._lease_loop)
             nursery.start_soon(self._watch_session)
@@ -259,8 +263,8 @@ class Sharding:
                 case StopShard():
                     self._stop_shard(command)
                 case ReleaseShards(shards=shards):
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._release_until_done, shards)
+                    self._to_release |= shards
+                    self._release_wanted.set()
                 case _:  # pragma: no cover - the core's command union is closed
                     assert_never(command)
 
@@ -380,20 +384,31 @@ class Sharding:
             await self._manager.stop_shard(host, graceful=graceful)
         self._cleanups.discard(cleanup)
 
-    async def _release_until_done(self, shards: frozenset[ShardId]) -> None:
+    async def _release_loop(self) -> None:
+        """Release the locks of stopped shards in batches: shards that stop
+        together (every lease lapsing at one deadline, a lost session) take
+        one storage call, not one each. A failed release is retried, with
+        whatever stopped meanwhile, after a backoff."""
         attempt = 0
         while True:
+            await self._release_wanted.wait()
+            # Let the shards that stop in this same scheduling round join.
+            await trio.lowlevel.checkpoint()
+            self._release_wanted = trio.Event()
+            shards, self._to_release = frozenset(self._to_release), set()
             try:
                 with trio.fail_after(self._operation_timeout):
                     await self._runners.release(_in_order(shards))
             except (PersistenceError, trio.TooSlowError) as exc:
                 log.warning("releasing shards failed, retrying: %r", exc)
+                self._to_release |= shards
                 await trio.sleep(self._release_backoff.delay(attempt))
                 attempt += 1
+                self._release_wanted.set()
                 continue
+            attempt = 0
             self.ownership.released(shards)
             self.poll_soon()
-            return
 
     def abort(self) -> None:
         """Stop at once, as a killed process does: cancel every handler and
