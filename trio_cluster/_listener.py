@@ -61,8 +61,11 @@ class RunnerListener:
         self, runner: RunnerAddress, shard: ShardId, epoch: int, *, graceful: bool
     ) -> None:
         """``runner`` takes no more work for ``shard``; graceful stops let
-        running handlers finish (within the termination timeout), forced
-        stops (lease lapsed, lock lost) cancel them now."""
+        running handlers finish (within the termination timeout) while the
+        shard keeps its lease, forced stops (lease lapsed, lock lost) cancel
+        them now. A graceful stop whose lock is lost or whose lease runs out
+        meanwhile is escalated: this is called again, with ``graceful``
+        false."""
 
     def shard_stopped(self, runner: RunnerAddress, shard: ShardId, epoch: int) -> None:
         """No handler of ``shard`` runs on ``runner`` any more."""

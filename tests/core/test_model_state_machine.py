@@ -124,11 +124,15 @@ class Driver:
         self.members: frozenset[str] = frozenset()
         self.serving: dict[ShardId, tuple[int, float]] = {}
         self.stopping: set[ShardId] = set()
+        self.draining: dict[ShardId, tuple[int, float]] = {}
+        """Stopping gracefully (a subset of ``stopping``): leases extended."""
         self.releasing: set[ShardId] = set()
 
     def lapse(self, now: float, storage: ModelStorage) -> None:
-        """Every served shard whose lease deadline has passed lapses."""
-        for shard, (_, deadline) in sorted(self.serving.items()):
+        """Every served or draining shard whose lease deadline has passed
+        lapses."""
+        leases = {**self.serving, **self.draining}
+        for shard, (_, deadline) in sorted(leases.items()):
             if deadline <= now:
                 self.apply(self.own.lapsed(shard), storage)
 
@@ -142,11 +146,20 @@ class Driver:
                 self.serving[command.shard] = (command.epoch, command.deadline)
             elif isinstance(command, ExtendLeases):
                 for shard in command.shards:
-                    epoch, deadline = self.serving[shard]
+                    leases = self.serving if shard in self.serving else self.draining
+                    epoch, deadline = leases[shard]
                     assert command.deadline >= deadline
-                    self.serving[shard] = (epoch, command.deadline)
+                    leases[shard] = (epoch, command.deadline)
             elif isinstance(command, StopShard):
-                del self.serving[command.shard]
+                if command.shard in self.serving:
+                    lease = self.serving.pop(command.shard)
+                    if command.graceful:
+                        self.draining[command.shard] = lease
+                else:
+                    # Escalation: the lock of a draining shard was lost, or
+                    # its lease ran out.
+                    assert not command.graceful
+                    del self.draining[command.shard]
                 self.stopping.add(command.shard)
             else:
                 assert isinstance(command, ReleaseShards)
@@ -265,6 +278,7 @@ class ClusterCore(RuleBasedStateMachine):
         driver = self.drivers[name]
         shard = data.draw(st.sampled_from(sorted(driver.stopping, key=_number)))
         driver.stopping.discard(shard)
+        driver.draining.pop(shard, None)
         driver.apply(driver.own.stopped(shard), self.storage)
 
     @precondition(lambda self: any(d.releasing for d in self.drivers.values()))
@@ -294,6 +308,7 @@ class ClusterCore(RuleBasedStateMachine):
                 self._refresh(driver)
                 for shard in sorted(driver.stopping, key=_number):
                     driver.stopping.discard(shard)
+                    driver.draining.pop(shard, None)
                     driver.apply(driver.own.stopped(shard), self.storage)
                 self._release(driver)
             self.now += REFRESH
@@ -327,12 +342,27 @@ class ClusterCore(RuleBasedStateMachine):
                 assert self.storage.epoch[shard] == epoch
 
     @invariant()
+    def a_draining_shard_keeps_its_lock(self) -> None:
+        """While a shard drains under its lease, nobody else can lock it."""
+        for driver in self.drivers.values():
+            for shard, (epoch, _) in driver.draining.items():
+                assert self.storage.holder.get(shard) == driver.name, (
+                    f"{shard} drained by {driver.name} is locked by"
+                    f" {self.storage.holder.get(shard)}"
+                )
+                assert self.storage.epoch[shard] == epoch
+
+    @invariant()
     def ownership_matches_the_model(self) -> None:
         for driver in self.drivers.values():
             own = driver.own
             assert own.serving() == {s: e for s, (e, _) in driver.serving.items()}
             for shard, (_, deadline) in driver.serving.items():
                 assert own.phase(shard) is Phase.SERVING
+                assert deadline > self.now
+            for shard, (_, deadline) in driver.draining.items():
+                assert own.phase(shard) is Phase.STOPPING
+                assert shard in driver.stopping
                 assert deadline > self.now
             for shard in driver.stopping:
                 assert own.phase(shard) is Phase.STOPPING
@@ -342,7 +372,10 @@ class ClusterCore(RuleBasedStateMachine):
                 own.held() == set(driver.serving) | driver.stopping | driver.releasing
             )
             assert own.wanted() == own.assigned - own.held()
-            deadlines = [deadline for _, deadline in driver.serving.values()]
+            deadlines = [
+                deadline
+                for _, deadline in (*driver.serving.values(), *driver.draining.values())
+            ]
             assert own.next_deadline() == (min(deadlines) if deadlines else None)
 
     @invariant()

@@ -111,12 +111,42 @@ def test_refresh_that_started_after_the_deadline_does_not_extend():
     assert own.refreshed({A}, started_at=4.5) == [StopShard(A, graceful=False)]
 
 
-def test_refresh_ignores_shards_not_serving():
+def test_a_draining_shard_keeps_its_lease_until_stopped():
     own = make()
     own.assignment_changed([A])
-    own.acquired({A: 1}, started_at=0.0)
+    own.acquired({A: 1}, started_at=0.0)  # deadline 4.0
+    assert own.assignment_changed([]) == [StopShard(A, graceful=True)]
+    # Its handlers still run: refreshes go on extending its lease.
+    assert own.refreshed({A}, started_at=1.0) == [ExtendLeases(frozenset({A}), 5.0)]
+    assert own.next_deadline() == 5.0
+    assert own.stopped(A) == [ReleaseShards(frozenset({A}))]
+    # Released (or on its way): no lease to extend any more.
+    assert own.refreshed({A}, started_at=2.0) == []
+    assert own.next_deadline() is None
+
+
+def test_a_draining_shard_whose_lock_is_lost_is_stopped_forced():
+    own = make()
+    own.assignment_changed([A, B])
+    own.acquired({A: 1, B: 1}, started_at=0.0)
+    own.assignment_changed([B])
+    assert own.refreshed({B}, started_at=1.0) == [
+        ExtendLeases(frozenset({B}), 5.0),
+        StopShard(A, graceful=False),
+    ]
+    # Escalated once: a later refresh or lapse does not stop it again.
+    assert own.refreshed({B}, started_at=2.0) == [ExtendLeases(frozenset({B}), 6.0)]
+    assert own.lapsed(A) == []
+
+
+def test_a_draining_shard_whose_lease_runs_out_is_stopped_forced():
+    own = make()
+    own.assignment_changed([A])
+    own.acquired({A: 1}, started_at=0.0)  # deadline 4.0
     own.assignment_changed([])
-    assert own.refreshed({A}, started_at=1.0) == []
+    assert own.lapsed(A) == [StopShard(A, graceful=False)]
+    assert own.refreshed({A}, started_at=4.5) == []
+    assert own.stopped(A) == [ReleaseShards(frozenset({A}))]
 
 
 def test_expiry_and_lapse():
@@ -163,6 +193,8 @@ class OwnershipMachine(RuleBasedStateMachine):
         self.now = 0.0
         self.serving: dict[ShardId, float] = {}
         self.stopping: set[ShardId] = set()
+        self.draining: dict[ShardId, float] = {}
+        """Stopping gracefully: a lease still extended, until escalated."""
         self.releasing: set[ShardId] = set()
         self.next_epoch = 1
 
@@ -174,12 +206,18 @@ class OwnershipMachine(RuleBasedStateMachine):
                 self.serving[command.shard] = command.deadline
             elif isinstance(command, ExtendLeases):
                 for shard in command.shards:
-                    assert shard in self.serving
-                    assert command.deadline >= self.serving[shard]
-                    self.serving[shard] = command.deadline
+                    leases = self.serving if shard in self.serving else self.draining
+                    assert shard in leases
+                    assert command.deadline >= leases[shard]
+                    leases[shard] = command.deadline
             elif isinstance(command, StopShard):
-                assert command.shard in self.serving
-                del self.serving[command.shard]
+                if command.shard in self.serving:
+                    deadline = self.serving.pop(command.shard)
+                    if command.graceful:
+                        self.draining[command.shard] = deadline
+                else:  # escalating a graceful stop, once
+                    assert not command.graceful
+                    del self.draining[command.shard]
                 self.stopping.add(command.shard)
             else:
                 assert isinstance(command, ReleaseShards)
@@ -215,7 +253,7 @@ class OwnershipMachine(RuleBasedStateMachine):
         self.now += step
         # The shard scopes whose deadline passed fire, one lapse each (the
         # path `Sharding._serve_shard` takes).
-        for shard, deadline in sorted(self.serving.items()):
+        for shard, deadline in sorted({**self.serving, **self.draining}.items()):
             if deadline <= self.now:
                 self._apply(self.own.lapsed(shard))
 
@@ -226,6 +264,7 @@ class OwnershipMachine(RuleBasedStateMachine):
             st.sampled_from(sorted(self.stopping, key=lambda s: s.number))
         )
         self.stopping.discard(shard)
+        self.draining.pop(shard, None)
         self._apply(self.own.stopped(shard))
 
     @precondition(lambda self: self.releasing)
@@ -243,7 +282,7 @@ class OwnershipMachine(RuleBasedStateMachine):
         for shard in self.stopping:
             assert self.own.phase(shard) is Phase.STOPPING
         assert not (self.own.wanted() & self.own.held())
-        deadlines = list(self.serving.values())
+        deadlines = [*self.serving.values(), *self.draining.values()]
         assert self.own.next_deadline() == (min(deadlines) if deadlines else None)
         assert all(deadline > self.now for deadline in deadlines)
 

@@ -3,6 +3,7 @@ runners, failover, graceful leave, rebalancing, lost lock sessions."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection
 from contextlib import AsyncExitStack
 from functools import partial
@@ -245,3 +246,103 @@ async def test_shards_whose_leases_lapse_together_are_released_together(
                 await trio.sleep(0.1)
         # The eight leases lapsed at one deadline: one release, of all eight.
         assert [len(shards) for shards in storage.releases] == [8]
+
+
+class Drained(tc.Entity):
+    """Handlers that outlive several leases; each run is logged with its
+    runner and its interval."""
+
+    type_name = "cluster.Drained"
+    runs: list[tuple[str, str, float, float | None]] = []  # noqa: RUF012
+
+    async def _work(self, msg: Slow) -> str:
+        here = str(tc.current_runner().address)
+        run = [self.id, here, trio.current_time(), None]
+        try:
+            await trio.sleep(msg.seconds)
+            run[3] = trio.current_time()
+        finally:
+            Drained.runs.append((run[0], run[1], run[2], run[3]))  # type: ignore[arg-type]
+        return here
+
+    @tc.rpc(persisted=True, primary_key=lambda m: m.key)
+    async def write(self, msg: Slow) -> str:
+        return await self._work(msg)
+
+    @tc.rpc
+    async def read(self, msg: Slow) -> str:
+        return await self._work(msg)
+
+
+async def test_a_draining_shard_keeps_its_lease_until_its_handlers_finish(
+    autojump_clock,
+):
+    # Regression (issue 11, item 1): a shard that moved away stopped having
+    # its lease extended, so while its handlers still ran (gracefully, within
+    # the termination timeout) the lease lapsed: they were cut at one lease,
+    # the lock was freed, and the newcomer ran the same entities at once.
+    Drained.runs = []
+    async with AsyncExitStack() as stack:
+        storage, network = MemoryStorage(), MemoryNetwork()
+        hosts = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(hosts.cancel_scope.cancel)
+
+        async def start(port: int) -> tc.Runner:
+            runner: tc.Runner = await hosts.start(
+                partial(
+                    tc.serve_runner,
+                    [Drained],
+                    config(
+                        runner_address=tc.RunnerAddress("127.0.0.1", port),
+                        entity_termination_timeout=30.0,
+                    ),
+                    storage,
+                    MemoryTransport(network),
+                )
+            )
+            return runner
+
+        first = await start(1)
+        await first.wait_shards_acquired()
+        work = 12.0  # more than two leases (5 s), less than the timeout
+        results: dict[str, str] = {}
+
+        async def call(key: str, persisted: bool, turn: int = 1) -> None:
+            entity = first.client(Drained)(key)
+            message = Slow(f"{key}/{turn}", work)
+            results[key] = await (entity.write if persisted else entity.read)(message)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(16):
+                nursery.start_soon(call, f"w{i}", True)
+                nursery.start_soon(call, f"r{i}", False)
+            await trio.sleep(0.5)
+            second = await start(2)
+            # A second round while the first still drains: the newcomer must
+            # not start these before the old owner's runs ended.
+            await trio.sleep(1.0)
+            for i in range(16):
+                nursery.start_soon(call, f"w{i}", True, 2)
+        await second.wait_shards_acquired()
+        moved = [
+            key
+            for key in results
+            if first.client(Drained).address_of(key).shard in second.served_shards()
+        ]
+        assert moved, "runner 2 took no entity"
+        # Every first-round run finished where it started, uncut.
+        first_round = [run for run in Drained.runs if run[2] < 0.5]
+        assert len(first_round) == 32
+        assert all(end is not None for *_, end in first_round)
+        assert all(runner == "127.0.0.1:1" for _, runner, _, _ in first_round)
+        # No entity ran on two runners at once.
+        for key in moved:
+            spans = sorted(
+                (start, end, runner)
+                for entity, runner, start, end in Drained.runs
+                if entity == key
+            )
+            for (_, end, _), (begin, _, _) in itertools.pairwise(spans):
+                assert end is not None, (key, spans)
+                assert end <= begin, (key, spans)
+        assert first.statistics().failovers == 0

@@ -16,6 +16,12 @@ Theory of operation: each shard this runner cares about has a phase::
   refresh that reports the lock gone, or a deadline that passes, stops the
   shard *forced* (no grace: it may already be served elsewhere). A shard no
   longer assigned is stopped *gracefully*, then released.
+* A shard stopping gracefully (*draining*: its handlers finish within the
+  termination timeout) keeps its lease: refreshes go on extending its
+  deadline until it is stopped and released, so its lock is never freed
+  while one of its handlers still runs. If its lock is lost meanwhile, or its
+  deadline passes, the graceful stop is escalated: a forced `StopShard` for
+  a shard already STOPPING.
 
 Records are kept in insertion order (dicts), so for the same inputs the
 commands come out in the same order: runs are reproducible without sorting.
@@ -72,7 +78,10 @@ class ExtendLeases:
 
 @attrs.frozen
 class StopShard:
-    """Stop serving ``shard``; ``graceful`` lets running handlers finish."""
+    """Stop serving ``shard``; ``graceful`` lets running handlers finish.
+
+    A forced stop of a shard already stopping gracefully escalates that stop:
+    its lock was lost or its lease ran out while it was draining."""
 
     shard: ShardId
     graceful: bool
@@ -93,6 +102,8 @@ class _Record:
     phase: Phase
     epoch: int
     deadline: float
+    draining: bool = False
+    """STOPPING gracefully: its lease is still extended."""
 
 
 class Ownership:
@@ -170,13 +181,15 @@ class Ownership:
         return commands
 
     def refreshed(self, held: Iterable[ShardId], *, started_at: float) -> list[Command]:
-        """A refresh that started at ``started_at`` reported ``held`` still locked."""
+        """A refresh that started at ``started_at`` reported ``held`` still
+        locked: extend the leases of serving and draining shards, stop
+        (forced) those whose lock is gone or whose deadline passed."""
         held = frozenset(held)
         commands: list[Command] = []
         extended: set[ShardId] = set()
         deadline = started_at + self._validity
         for shard, record in self._records.items():
-            if record.phase is not Phase.SERVING:
+            if record.phase is not Phase.SERVING and not record.draining:
                 continue
             if shard in held and record.deadline > started_at:
                 if deadline > record.deadline:
@@ -189,17 +202,21 @@ class Ownership:
         return commands
 
     def lapsed(self, shard: ShardId) -> list[Command]:
-        """The driver saw the lease of a serving shard run out (its scope was
-        cancelled by the deadline): stop it, forced."""
+        """The driver saw the lease of a serving or draining shard run out
+        (its scope was cancelled by the deadline): stop it, forced."""
         record = self._records.get(shard)
-        if record is None or record.phase is not Phase.SERVING:
+        if record is None or (
+            record.phase is not Phase.SERVING and not record.draining
+        ):
             return []
         return [self._stop(shard, record, graceful=False)]
 
     def next_deadline(self) -> float | None:
-        """Earliest lease deadline of a serving shard."""
+        """Earliest lease deadline of a serving or draining shard."""
         deadlines = [
-            r.deadline for r in self._records.values() if r.phase is Phase.SERVING
+            r.deadline
+            for r in self._records.values()
+            if r.phase is Phase.SERVING or r.draining
         ]
         return min(deadlines) if deadlines else None
 
@@ -209,6 +226,7 @@ class Ownership:
         if record is None or record.phase is not Phase.STOPPING:
             return []
         record.phase = Phase.RELEASING
+        record.draining = False
         return [ReleaseShards(frozenset({shard}))]
 
     def released(self, shards: Iterable[ShardId]) -> None:
@@ -229,4 +247,5 @@ class Ownership:
 
     def _stop(self, shard: ShardId, record: _Record, *, graceful: bool) -> StopShard:
         record.phase = Phase.STOPPING
+        record.draining = graceful
         return StopShard(shard, graceful)

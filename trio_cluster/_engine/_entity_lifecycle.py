@@ -241,13 +241,15 @@ class EntityLifecycle:
             for job in slot.drain():
                 self._jobs.bounce(job)
         if graceful:
-            with trio.move_on_after(self._termination_timeout):
-                while shard.running:
-                    shard.idle_event = trio.Event()
-                    await shard.idle_event.wait()
+            # The shard keeps its lease meanwhile (refreshes extend it); a lost
+            # lock or a lapsed lease cancels this scope (`force_stop`).
+            with trio.move_on_after(self._termination_timeout) as drain:
+                shard.drain_scope = drain
+                await shard.wait_idle()
                 for slot in slots:
                     if slot.instance is not None and slot.entity_type.has_on_stop:
                         await self.run_on_stop(slot.instance)
+            shard.drain_scope = None
         shard.cancel_all()
         for slot in slots:
             slot.instance = None

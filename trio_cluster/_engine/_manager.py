@@ -369,10 +369,11 @@ class EntityManager:
     async def _execute(self, slot: Slot, job: Job) -> Outcome:
         """Run one granted job. Returns its outcome; lets the caller's own
         cancellation propagate."""
-        if not slot.shard.active:
-            # Its shard stopped after the job got its permit (the simulator
-            # found handlers starting on a runner that no longer served the
-            # shard): it did not run; it is redelivered or routed again.
+        if not (slot.shard.active and slot.shard.leased()):
+            # Its shard stopped (or its lease ran out) after the job got its
+            # permit (the simulator found handlers starting on a runner that
+            # no longer served the shard): it did not run; it is redelivered
+            # or routed again.
             return NOT_RUN
         handler = job.handler
         if (
@@ -412,7 +413,9 @@ class EntityManager:
         finally:
             shard.finish_handler(slot, job, scope)
 
-        if scope.cancelled_caught:
+        if scope.cancelled_caught or not shard.leased():
+            # Cancelled, or it returned after its shard's lease ran out (no
+            # checkpoint since): its result must not leave this runner.
             return self.handler_stopped(slot, job)
         slot.crashes = 0
         self.messages_handled += 1

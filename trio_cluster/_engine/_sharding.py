@@ -6,8 +6,14 @@ Drives the sans-IO `Ownership` state machine with two loops:
   assignment, stops shards that moved away, and tries to lock wanted shards
   (retrying on every poll while another runner still holds them);
 * the **lease loop** refreshes the locks every ``lease_refresh_interval``,
-  which is also the session heartbeat; each success pushes the shards' lease
-  deadlines forward.
+  which is also the session heartbeat; each success pushes the lease
+  deadlines of served and *draining* shards forward.
+
+A shard that moved away is drained: it keeps its lease (and lock) while its
+handlers finish, within ``entity_termination_timeout``, and its lock is
+released only once none of them runs any more, so its next owner never
+activates an entity the previous one is still running. If the lock is lost
+or the lease runs out while it drains, the stop is escalated to a forced one.
 
 Each served shard gets a `ShardHost` and a task whose nursery's cancel scope
 has the lease deadline, so if refreshes stop succeeding (frozen process, lost
@@ -93,6 +99,9 @@ class Sharding:
         self._mine: list[ShardId] = []
         self._nursery: trio.Nursery | None = None
         self._shard_tasks: dict[ShardId, trio.Event] = {}
+        self._draining: dict[ShardId, ShardHost] = {}
+        """Hosts stopping gracefully: their leases are still extended, and a
+        forced stop escalates them."""
         self._alive: set[ShardHost] = set()
         """Every host whose task has not ended: serving, stopping, or
         stopped while starting (what `abort` must cut)."""
@@ -257,7 +266,7 @@ class Sharding:
                     pass  # started above
                 case ExtendLeases(shards=shards, deadline=deadline):
                     for shard in shards:
-                        host = self.table.hosts.get(shard)
+                        host = self.table.hosts.get(shard) or self._draining.get(shard)
                         if host is not None:
                             host.extend_lease(deadline)
                 case StopShard():
@@ -285,6 +294,8 @@ class Sharding:
             # shutdown() began (an acquisition woken by a peer leaving), or
             # the lock was lost meanwhile (the lock session ended: another
             # runner may take the shard at once). Stop it here, never serving.
+            if self._closing:
+                self._draining[command.shard] = host
             self._nursery.start_soon(self._stop_host, host, self._closing)
             return
         self.table.hosts[command.shard] = host
@@ -332,10 +343,11 @@ class Sharding:
         finally:
             with trio.CancelScope(shield=True) as cleanup:
                 self._cleanups.add(cleanup)
+                lapsed = trio.current_time() >= host.lease_deadline
                 if host.state is ShardState.ACTIVE:
                     # Nobody asked us to stop: the lease deadline passed, or
                     # the runner itself is being cancelled.
-                    if trio.current_time() >= host.lease_deadline:
+                    if lapsed:
                         log.warning(
                             "lease of shard %s lapsed; stopped serving it",
                             host.shard_id,
@@ -346,6 +358,29 @@ class Sharding:
                     self.table.signal_changed()
                     self.ownership.lapsed(host.shard_id)
                     await self._manager.stop_shard(host, graceful=False)
+                elif self._draining.get(host.shard_id) is host and lapsed:
+                    # The lease ran out while the shard drained (refreshes
+                    # failed): nothing of it may run on from here.
+                    log.warning(
+                        "lease of draining shard %s lapsed; cancelling its handlers",
+                        host.shard_id,
+                        extra={"shard": str(host.shard_id)},
+                    )
+                    self.failovers += 1
+                    self.ownership.lapsed(host.shard_id)
+                    self._listeners.shard_stopping(
+                        host.shard_id, host.epoch, graceful=False
+                    )
+                    host.force_stop()
+                # The lock is released only once no handler of the shard runs
+                # (handlers in callers' tasks unwind after their scopes are
+                # cancelled), so the next owner never runs an entity that
+                # still runs here. Bounded: a handler that ignores
+                # cancellation does not hold the shard forever.
+                with trio.move_on_after(self._config.entity_termination_timeout):
+                    await host.wait_idle()
+                if self._draining.get(host.shard_id) is host:
+                    del self._draining[host.shard_id]
 
                 self._shard_tasks.pop(host.shard_id, None)
                 self._alive.discard(host)
@@ -357,6 +392,9 @@ class Sharding:
     def _stop_shard(self, command: StopShard) -> None:
         host = self.table.hosts.pop(command.shard, None)
         if host is None:
+            draining = self._draining.get(command.shard)
+            if draining is not None and not command.graceful:
+                self._escalate(draining)
             return
         # Not active from now on, before the manager gets to stop it: a job
         # granted meanwhile must not start (found by the simulator).
@@ -374,9 +412,25 @@ class Sharding:
                 command.shard,
                 extra={"shard": str(command.shard)},
             )
+            # Now, not when the stopping task gets to run: another runner
+            # may hold the lock already.
+            host.force_stop()
 
+        if command.graceful:
+            self._draining[host.shard_id] = host
         assert self._nursery is not None
         self._nursery.start_soon(self._stop_host, host, command.graceful)
+
+    def _escalate(self, host: ShardHost) -> None:
+        """The lock of a draining shard was lost: stop it now, forced."""
+        self.failovers += 1
+        log.warning(
+            "lost the lock of draining shard %s; cancelling its handlers now",
+            host.shard_id,
+            extra={"shard": str(host.shard_id)},
+        )
+        self._listeners.shard_stopping(host.shard_id, host.epoch, graceful=False)
+        host.force_stop()
 
     async def _stop_host(self, host: ShardHost, graceful: bool) -> None:
         with trio.CancelScope(shield=True) as cleanup:

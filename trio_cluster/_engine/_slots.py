@@ -15,6 +15,7 @@ an idle entity must cost only a few hundred bytes of them.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -155,6 +156,7 @@ class ShardHost:
         "background",
         "closing",
         "done",
+        "drain_scope",
         "epoch",
         "idle_event",
         "lease_deadline",
@@ -191,11 +193,16 @@ class ShardHost:
         self.state = ShardState.ACTIVE
         self.nursery: trio.Nursery | None = None
         self.slots: dict[EntityAddress, Slot] = {}
-        self.scopes: set[trio.CancelScope] = set()
-        """Scopes of handlers running in this shard (inline and detached)."""
+        self.scopes: dict[trio.CancelScope, float] = {}
+        """Scopes of handlers running in this shard (inline and detached),
+        each with its job's own deadline (its scope's deadline is the
+        earlier of that and the lease deadline)."""
         self.running = 0
         """Handlers running now; a graceful stop waits for zero."""
         self.idle_event: trio.Event | None = None
+        self.drain_scope: trio.CancelScope | None = None
+        """The scope of a graceful stop's wait (and ``on_stop`` hooks), which
+        `force_stop` cuts short."""
         self.closing = False
         """Its nursery was cancelled (lease deadline, `cancel_all`, or the
         runner's own cancellation) and may close before the state changes:
@@ -205,14 +212,23 @@ class ShardHost:
     def active(self) -> bool:
         return self.state is ShardState.ACTIVE and not self.closing
 
+    def leased(self) -> bool:
+        """Whether its lease still runs (serving or draining). After that,
+        nothing of this shard may have effects: a thawed process may run a
+        task before the lease's own cleanup has stopped the shard."""
+        return trio.current_time() < self.lease_deadline
+
     def start_handler(self, slot: Slot, job: Job) -> trio.CancelScope:
         """Register a handler about to run: a cancel scope the shard can
         cancel, counted until `finish_handler`."""
-        scope = trio.CancelScope()
-        if job.deadline is not None:
-            scope.deadline = job.deadline
+        # NOTE: the lease deadline too, not only the shard nursery's: a
+        # handler running in a caller's task must be cancelled by Trio at its
+        # first checkpoint after the lease lapsed (a frozen process that
+        # thaws), before any cleanup task gets to run.
+        own = math.inf if job.deadline is None else job.deadline
+        scope = trio.CancelScope(deadline=min(own, self.lease_deadline))
         job.scope = scope
-        self.scopes.add(scope)
+        self.scopes[scope] = own
         self.running += 1
         slot.add_running(job)
         if self.listeners.any:
@@ -223,7 +239,7 @@ class ShardHost:
 
     def finish_handler(self, slot: Slot, job: Job, scope: trio.CancelScope) -> None:
         """Undo `start_handler`; wakes a graceful stop waiting for the last one."""
-        self.scopes.discard(scope)
+        del self.scopes[scope]
         self.running -= 1
         slot.discard_running(job)
         if self.listeners.any:
@@ -253,6 +269,28 @@ class ShardHost:
         self.lease_deadline = deadline
         if self.nursery is not None:
             self.nursery.cancel_scope.deadline = deadline
+        for scope, own in self.scopes.items():
+            scope.deadline = min(own, deadline)
+
+    async def wait_idle(self) -> None:
+        """Return once no handler of this shard runs (several tasks may wait).
+
+        Cancellation: raises `trio.Cancelled`; nothing changes."""
+        while self.running:
+            if self.idle_event is None or self.idle_event.is_set():
+                self.idle_event = trio.Event()
+            await self.idle_event.wait()
+        await trio.lowlevel.checkpoint()
+
+    def force_stop(self) -> None:
+        """Stop now, forced (the lock was lost, or the lease ran out; also
+        escalates a graceful stop): end the lease here, so that nothing of
+        this shard has effects any more, cut a graceful stop's wait and
+        ``on_stop`` hooks short, and cancel every handler."""
+        self.lease_deadline = min(self.lease_deadline, trio.current_time())
+        if self.drain_scope is not None:
+            self.drain_scope.cancel()
+        self.cancel_all()
 
     def cancel_all(self) -> None:
         """Cancel every handler and task of this shard now."""

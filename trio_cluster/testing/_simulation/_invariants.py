@@ -6,10 +6,14 @@ own work, and by each run's `Incarnation`, the `RunnerListener` that hears
 from its runner which shards it serves. From that it checks, continuously:
 
 * **single owner**: when a runner acquires a shard, no other living runner
-  still serves it (its runner said it acquired the shard and did not say it
-  is stopping it yet). Together with the lock this is "at most one runner
-  serves a shard at any instant": the acquisition is the only moment a
-  second server could appear;
+  still serves it or drains it (its runner said it acquired the shard and did
+  not say it is stopping it yet, or said it stops it gracefully and did not
+  say that its handlers are done or were cancelled). Together with the lock
+  this is "at most one runner serves a shard at any instant": the
+  acquisition is the only moment a second server could appear. A handler
+  counts as an owner only while it can still have effects: once its runner
+  stopped the shard forced (lease lapsed, lock lost), its handlers are
+  cancelled at their next checkpoint and nothing of theirs leaves;
 * **fencing**: every reply storage *recorded* carries the shard's current
   epoch, and every claim was made at the current epoch;
 * **dedup**: a primary key is stored once (while its request exists), a
@@ -67,6 +71,10 @@ class Incarnation(RunnerListener):
     serving: dict[ShardId, int] = attrs.Factory(dict)
     """The shards it serves, with their epochs: told acquired and not yet
     told stopping (gracefully or not)."""
+    draining: dict[ShardId, int] = attrs.Factory(dict)
+    """The shards it stops gracefully, with their epochs: their handlers may
+    still run and have effects (told stopping gracefully, and neither
+    stopped nor stopping forced since)."""
 
     def shard_acquired(self, runner: RunnerAddress, shard: ShardId, epoch: int) -> None:
         self.serving[shard] = epoch
@@ -78,6 +86,21 @@ class Incarnation(RunnerListener):
         # twice) stopping leaves a newer one serving.
         if self.serving.get(shard) == epoch:
             del self.serving[shard]
+            if graceful:
+                self.draining[shard] = epoch
+        if not graceful and self.draining.get(shard) == epoch:
+            del self.draining[shard]  # escalated: its handlers are cancelled
+
+    def shard_stopped(self, runner: RunnerAddress, shard: ShardId, epoch: int) -> None:
+        if self.draining.get(shard) == epoch:
+            del self.draining[shard]
+
+    def owns(self, shard: ShardId, epoch: int | None) -> bool:
+        """Whether its handlers of ``shard`` at ``epoch`` can still have
+        effects (it serves or drains the shard at that epoch)."""
+        if self.dead or epoch is None:
+            return False
+        return epoch in (self.serving.get(shard), self.draining.get(shard))
 
     def __str__(self) -> str:
         return self.label
@@ -173,7 +196,7 @@ class Checker:
             if other is by or other.dead:
                 continue
             for shard, epoch in fresh.items():
-                serving = other.serving.get(shard)
+                serving = other.serving.get(shard, other.draining.get(shard))
                 if serving is None:
                     continue
                 if other.session_lost_at == trio.current_time():

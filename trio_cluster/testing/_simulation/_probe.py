@@ -181,19 +181,29 @@ class ProbeJournal:
                 await trio.sleep(message.work)
             if not incarnation.dead:  # killed meanwhile: it runs nothing
                 self._check_alone(execution)
+                if message.work and not incarnation.owns(shard, epoch):
+                    self._fail(
+                        f"lapsed lease: {label} ran {what} of shard {shard} on"
+                        f" after it stopped serving it forced at epoch {epoch}"
+                        " (the handler should have been cancelled)"
+                    )
         finally:
             running.remove(execution)
         return f"{label}@{epoch}#{number}"
 
-    def _living(self, label: str) -> bool:
+    def _may_act(self, execution: _Execution) -> bool:
+        """Whether ``execution`` can still have effects: its run lives and
+        still serves or drains its shard at its epoch (a handler of a shard
+        stopped forced is cancelled at its next checkpoint and nothing of it
+        leaves its runner)."""
         for incarnation in self._current_runs():
-            if incarnation.label == label:
-                return not incarnation.dead
+            if incarnation.label == execution.runner:
+                return incarnation.owns(execution.shard, execution.epoch)
         return False
 
     def _check_alone(self, execution: _Execution) -> None:
         for other in self._running.get(execution.shard, ()):
-            if other.runner != execution.runner and self._living(other.runner):
+            if other.runner != execution.runner and self._may_act(other):
                 self._fail(
                     f"single owner: {execution.runner} runs {execution.what} of shard"
                     f" {execution.shard} at epoch {execution.epoch} while"
