@@ -288,3 +288,14 @@ class OwnershipMachine(RuleBasedStateMachine):
 
 
 TestOwnershipMachine = pytest.mark.simulation(OwnershipMachine.TestCase)
+
+
+def test_untrusted_locks_are_released_unserved():
+    own = make()
+    own.assignment_changed([A, B])
+    own.acquired({B: 1}, started_at=0.0)
+    assert own.untrusted({A: 3, B: 1}) == [ReleaseShards(frozenset({A}))]
+    assert own.phase(A) is Phase.RELEASING
+    assert own.wanted() == frozenset()
+    own.released([A])
+    assert own.wanted() == {A}

@@ -346,3 +346,74 @@ async def test_a_draining_shard_keeps_its_lease_until_its_handlers_finish(
                 assert end is not None, (key, spans)
                 assert end <= begin, (key, spans)
         assert first.statistics().failovers == 0
+
+
+class LosingOnAcquireStorage(PatchingStorage):
+    """MemoryStorage that ends a runner's lock session right after its first
+    acquisition committed, before the runner starts the shards it got (the
+    lock session dropped while the answer was on its way)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.lost_after: list[tc.ShardId] = []
+
+    def patch_session(self, session: StorageSession) -> None:
+        runners = session.runners
+        acquire = runners.acquire
+        name = self.name
+
+        async def losing_acquire(shards: Collection[tc.ShardId]) -> Any:
+            epochs = await acquire(shards)
+            if epochs and not self.lost_after:
+                self.lost_after = list(epochs)
+                self.expire_session(name)
+                # The runner hears of the loss before the answer arrives.
+                await trio.testing.wait_all_tasks_blocked()
+            return epochs
+
+        runners.acquire = losing_acquire  # type: ignore[method-assign]
+
+
+class ShardLog(tc.abc.RunnerListener):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, tc.ShardId, int]] = []
+
+    def shard_acquired(
+        self, runner: tc.RunnerAddress, shard: tc.ShardId, epoch: int
+    ) -> None:
+        self.events.append(("acquired", shard, epoch))
+
+    def handler_started(
+        self, runner: tc.RunnerAddress, address: Any, handler: str, epoch: int
+    ) -> None:
+        self.events.append(("handler", address.shard, epoch))
+
+
+async def test_a_shard_whose_lock_is_lost_while_it_starts_is_never_served(
+    autojump_clock,
+):
+    # A split-brain race in shard start (issue 11, item 11): the lock session
+    # ended while the acquisition's answer was on its way, and the runner
+    # heard of the loss first (so the forced stop found nothing to stop); it
+    # then served the shards it "got" until its next refresh, while any other
+    # runner could lock them. They must never serve at that epoch, and come
+    # back at a new one.
+    address = tc.RunnerAddress("127.0.0.1", 1)
+    storage = LosingOnAcquireStorage(str(address))
+    listener = ShardLog()
+    async with tc.open_runner(
+        entities=[Counter],
+        storage=storage,
+        config=config(
+            runner_address=address, lease_duration=30.0, lease_refresh_interval=10.0
+        ),
+        listeners=[listener],
+    ) as runner:
+        await runner.wait_shards_acquired()
+        lost = set(storage.lost_after)
+        assert len(lost) == 8
+        # Not one shard was announced (nor ran a handler) at the lost epoch 1.
+        assert [e for e in listener.events if e[2] == 1] == []
+        assert all(epoch == 2 for epoch in runner.served_shards().values())
+        assert await runner.client(Counter)("c").add(Add(1)) == 1

@@ -180,6 +180,15 @@ class Ownership:
             commands.append(ReleaseShards(frozenset(stray)))
         return commands
 
+    def untrusted(self, epochs: Mapping[ShardId, int]) -> list[Command]:
+        """The driver got these locks, but its lock session was lost while
+        the answer was on its way (they may be gone, or held by a session it
+        cannot trust): release them without serving."""
+        got = frozenset(shard for shard in epochs if shard not in self._records)
+        for shard in got:
+            self._records[shard] = _Record(Phase.RELEASING, epochs[shard], 0.0)
+        return [ReleaseShards(got)] if got else []
+
     def refreshed(self, held: Iterable[ShardId], *, started_at: float) -> list[Command]:
         """A refresh that started at ``started_at`` reported ``held`` still
         locked: extend the leases of serving and draining shards, stop

@@ -114,6 +114,9 @@ class Sharding:
         """Stopped shards whose locks `_release_loop` releases next."""
         self._release_wanted = trio.Event()
         self.failovers = 0
+        self._sessions_lost = 0
+        """Lock sessions lost so far (an acquisition that overlapped a loss
+        got locks that are gone already)."""
 
     # ------------------------------------------------------------------
     # Queries
@@ -147,9 +150,12 @@ class Sharding:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._release_loop)
+            # Watching from before the first acquisition: a loss during it
+            # must be heard (see `_poll_assignment`).
+            nursery.start_soon(self._watch_session)
+            await trio.lowlevel.checkpoint()
             await self._poll_assignment()
             nursery.start_soon(self._lease_loop)
-            nursery.start_soon(self._watch_session)
             nursery.start_soon(self._assignment_loop)
             task_status.started()
 
@@ -205,8 +211,21 @@ class Sharding:
         wanted = self.ownership.wanted()
         if wanted:
             started_at = trio.current_time()
+            lost_before = self._sessions_lost
             with trio.fail_after(self._operation_timeout):
                 epochs = await self._runners.acquire(_in_order(wanted))
+            if self._sessions_lost != lost_before:
+                # A lock session was lost while the answer was on its way:
+                # those locks may have gone with it (another runner may hold
+                # them now). Never serve them: release them (if they are
+                # still held), and they are wanted again at the next poll.
+                log.warning(
+                    "lock session lost during an acquisition; releasing its %d"
+                    " shard(s) unserved",
+                    len(epochs),
+                )
+                await self._execute(self.ownership.untrusted(epochs))
+                return
             await self._execute(self.ownership.acquired(epochs, started_at=started_at))
 
     async def _lease_loop(self) -> None:
@@ -236,6 +255,7 @@ class Sharding:
                 log.warning("cannot watch the lock session: %r", exc)
                 await trio.sleep(self._config.lease_refresh_interval)
                 continue
+            self._sessions_lost += 1
             if self._closing:
                 return
             log.warning("the lock session was lost; stopping every shard now")
