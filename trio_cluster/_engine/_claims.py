@@ -7,6 +7,11 @@ storage notification, a shard acquired, a reply that frees budget, the next
 ``deliver_at`` timer) and, as a safety net, every ``storage_poll_interval``.
 At most ``max_persisted_in_flight`` persisted jobs are in memory: when that
 budget is spent the loop is *starved* and waits for replies to be recorded.
+A request for an entity that is not resident while the runner is at
+``max_resident_entities`` is not refused: the manager keeps it waiting for
+room (see `EntityLifecycle.new_slot`), claimed at this epoch so that no claim
+returns it again, and within the budget; if its shard stops meanwhile, it is
+given back like a queued job, and the shard's next owner claims it again.
 
 A claim that found nothing more to take marks its shards *caught up* at
 their epochs; until then, older requests of a shard may still wait in

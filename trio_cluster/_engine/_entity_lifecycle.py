@@ -4,7 +4,14 @@ Theory of operation:
 
 * A slot (an entity on this runner) is created by its first message, within
   ``max_resident_entities``: at the cap, the least recently used idle entity
-  is passivated to make room (`EntityLifecycle.add_slot`).
+  is passivated to make room (`EntityLifecycle.new_slot`). With no idle
+  entity, a volatile message is refused (`MailboxFullError`), and a persisted
+  one (already stored and claimed) *waits*: its slot is kept aside, not
+  resident, its mailbox paused, and the messages that follow for the same
+  entity queue behind it. Waiting slots are admitted in the order they began
+  to wait, as soon as there is room: when a resident entity is forgotten
+  (passivated, or its shard stopped) or goes idle (it is then passivated for
+  them). While any waits, new entities are not admitted ahead of them.
 * Its incarnation (the user's object) is created, and ``on_start`` runs, when
   the first handler is about to run (`activate`, or the manager's one-step
   fast path with `new_instance`).
@@ -39,8 +46,10 @@ from ._passivation import IdleTracker
 from ._slots import ShardState, Slot
 
 if TYPE_CHECKING:
+    from .._core._addresses import EntityAddress
     from .._core._config import ShardingConfig
     from .._entity import Entity
+    from .._registry import EntityType
     from ._outcomes import RetryLater
     from ._slots import Job, ShardHost
 
@@ -79,33 +88,105 @@ class EntityLifecycle:
         """Idle entities, for passivation and the residency cap."""
         self.resident = 0
         """Slots on this runner."""
+        self._waiting: dict[EntityAddress, Slot] = {}
+        """Slots of persisted messages waiting for room under the cap, in the
+        order they began to wait (see the module docstring)."""
+        self._admitting = False
+        self._passivating = 0
+        """Incarnations running ``on_stop`` on their way out of memory."""
         self.crashes = 0
         """Incarnations crashed so far."""
 
-    def add_slot(self, slot: Slot, *, force: bool) -> Slot:
-        """Add the new slot of an entity that has none to its shard, making
-        room under ``max_resident_entities`` if needed (unless ``force``).
+    def new_slot(
+        self,
+        shard: ShardHost,
+        address: EntityAddress,
+        entity_type: EntityType,
+        *,
+        wait: bool,
+    ) -> Slot:
+        """The slot for a message to an entity with no resident slot: a new
+        resident one, making room under ``max_resident_entities`` if needed.
+        Else, with ``wait`` (a persisted message: it must not be refused), the
+        entity's waiting slot, created if needed: its mailbox admits messages
+        but starts none until there is room.
 
         Raises:
-            MailboxFullError: the runner is at the cap and no entity is idle.
+            MailboxFullError: the runner is at the cap and no entity is idle
+                (or persisted messages already wait for room), and not ``wait``.
         """
-        if (
-            self._cap is not None
-            and self.resident >= self._cap
-            and not self.idle.evict_one(trio.current_time())
-            and not force
+        if wait and (slot := self._waiting.get(address)) is not None:
+            return slot
+        slot = Slot(address, entity_type, shard)
+        if self._cap is None or (
+            # NOTE: while messages wait, newcomers queue behind them.
+            not self._waiting
+            and (
+                self.resident < self._cap
+                # A volatile message cannot wait: an idle entity is
+                # passivated for it, even if its on_stop has yet to run.
+                or (not wait and self.idle.evict_one(trio.current_time()))
+            )
         ):
+            self._add(slot)
+        elif wait:
+            slot.pause()
+            self._waiting[address] = slot
+            # Passivate an idle entity for it; if that freed a place at once,
+            # it is admitted now, before its first message is offered (which
+            # then starts as usual).
+            self._admit_waiting()
+        else:
             raise MailboxFullError(
-                address=str(slot.address),
+                address=str(address),
                 reason="runner at max_resident_entities, none idle",
             )
+        return slot
+
+    def _add(self, slot: Slot) -> None:
         slot.shard.slots[slot.address] = slot
         self.resident += 1
-        return slot
+
+    def _admit_waiting(self) -> None:
+        """Admit waiting slots, oldest first, while there is room."""
+        if self._admitting:
+            return  # room made within the loop is seen by the loop
+        self._admitting = True
+        try:
+            while self._waiting and self._room():
+                slot = self._waiting.pop(next(iter(self._waiting)))
+                if not slot.shard.active:
+                    # Its shard's nursery is closing: the next owner (or the
+                    # next epoch here) claims its messages again.
+                    for job in slot.drain():
+                        self._jobs.bounce(job)
+                    continue
+                self._add(slot)
+                # NOTE: not `_resume`: a slot admitted with no message is the
+                # one `new_slot` is creating, whose message comes next.
+                for job in slot.resume():
+                    self._jobs.start(slot, job)
+        finally:
+            self._admitting = False
+
+    def _room(self) -> bool:
+        """Whether a waiting slot fits now. At the cap, idle entities are
+        passivated for the slots that wait, one each beyond the passivations
+        already under way (an entity counts until its ``on_stop`` returns)."""
+        while self._cap is not None and self.resident >= self._cap:
+            if self._passivating >= len(self._waiting) or not self.idle.evict_one(
+                trio.current_time()
+            ):
+                return False
+        return True
 
     def after_change(self, slot: Slot) -> None:
         """The slot's mailbox changed: if it went idle, track it for
         passivation, or forget it if there is nothing worth keeping."""
+        if self._waiting and self._waiting.get(slot.address) is slot:
+            if slot.idle:  # every message it waited with was withdrawn
+                del self._waiting[slot.address]
+            return
         if not slot.idle or slot.stopping or slot.paused:
             return
         if slot.shard.state is not ShardState.ACTIVE:
@@ -114,6 +195,10 @@ class EntityLifecycle:
             self._drop(slot)  # nothing worth keeping: recreate on demand
             return
         self.idle.add(slot, trio.current_time())
+        if self._waiting and not slot.keep_alive:
+            # Nothing else is idle (it would have made room already): this
+            # entity is passivated for the messages that wait.
+            self._admit_waiting()
 
     # ------------------------------------------------------------------
     # Crash and restart
@@ -214,17 +299,31 @@ class EntityLifecycle:
         nursery = slot.shard.nursery
         assert nursery is not None
         nursery.start_soon(self._stop_incarnation, slot, instance)
+        self._passivating += 1
 
     async def _stop_incarnation(self, slot: Slot, instance: Entity) -> None:
-        await self.run_on_stop(instance)
+        try:
+            await self.run_on_stop(instance)
+        except BaseException:
+            # Cancelled: its shard stops and forgets it. The stop may have
+            # looked for room while this passivation still counted.
+            self._passivating -= 1
+            if self._waiting:
+                self._admit_waiting()
+            raise
+        self._passivating -= 1
         slot.instance = None
         slot.stopping = False
-        self._resume(slot)
+        self._resume(slot)  # forgotten, unless a message came meanwhile
+        if self._waiting:
+            self._admit_waiting()
 
     def _drop(self, slot: Slot) -> None:
         self.idle.remove(slot)
         if slot.shard.slots.pop(slot.address, None) is not None:
             self.resident -= 1
+            if self._waiting:
+                self._admit_waiting()
 
     async def stop_shard(self, shard: ShardHost, *, graceful: bool) -> None:
         """Stop serving a shard: bounce queued messages, then (graceful) wait
@@ -234,6 +333,10 @@ class EntityLifecycle:
         Call it shielded: it is cleanup and must finish.
         """
         shard.state = ShardState.STOPPING
+        for waiting in [s for s in self._waiting.values() if s.shard is shard]:
+            del self._waiting[waiting.address]
+            for job in waiting.drain():
+                self._jobs.bounce(job)
         slots = list(shard.slots.values())
         for slot in slots:
             self.idle.remove(slot)
@@ -256,6 +359,8 @@ class EntityLifecycle:
         self.resident -= len(shard.slots)
         shard.slots.clear()
         shard.state = ShardState.STOPPED
+        if self._waiting:
+            self._admit_waiting()
 
 
 # ----------------------------------------------------------------------

@@ -120,23 +120,23 @@ class EntityManager:
         shard: ShardHost,
         address: EntityAddress,
         entity_type: EntityType,
-        force: bool,
+        wait: bool,
     ) -> Slot:
         """The admission prologue of `call`, `submit` and `run_nowait`: the
         slot a message to ``address`` is offered to, created if needed
-        (``force``: even beyond the residency cap).
+        (``wait``: at the residency cap, a slot that waits for room; see
+        `EntityLifecycle.new_slot`).
 
         Raises:
             NotDelivered: the shard is not served here.
-            MailboxFullError: the runner is at ``max_resident_entities``.
+            MailboxFullError: the runner is at ``max_resident_entities``, and
+                not ``wait``.
         """
         if not shard.active:
             raise NotDelivered(str(address))
         slot = shard.slots.get(address)
         if slot is None:
-            return self._lifecycle.add_slot(
-                Slot(address, entity_type, shard), force=force
-            )
+            return self._lifecycle.new_slot(shard, address, entity_type, wait=wait)
         self.idle.remove(slot)
         return slot
 
@@ -208,12 +208,19 @@ class EntityManager:
     ) -> Job:
         """Queue a job that runs without a waiting caller in this task.
 
-        Persisted jobs (``request_id`` set on a persisted handler) are never
-        refused for capacity and are remembered by request id.
+        Persisted jobs (``request_id`` set on a persisted handler) are
+        remembered by request id.
+
+        Args:
+            force: a persisted delivery, which is never refused: it is queued
+                beyond the mailbox capacity, and for an entity that is not
+                resident while the runner is at ``max_resident_entities``, it
+                waits (not started, the entity not created) until there is
+                room.
 
         Raises:
             NotDelivered: the shard is not served here.
-            MailboxFullError: the mailbox is full (volatile only).
+            MailboxFullError: the mailbox, or the runner, is full (not ``force``).
         """
         slot = self._slot_for(shard, address, entity_type, force)
         job = Job(

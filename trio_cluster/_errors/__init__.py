@@ -94,7 +94,9 @@ class MailboxFullError(_WireError):
     """The entity's mailbox is at ``mailbox_capacity``, or the runner is at
     ``max_resident_entities`` with no idle entity to passivate.
 
-    The message was not delivered; retrying later is safe.
+    Volatile messages only: a persisted one is queued beyond the capacity, or
+    waits for room under the cap. The message was not delivered; retrying
+    later is safe.
     """
 
     address: str
