@@ -120,6 +120,16 @@ async def test_message_during_on_stop_waits_and_reactivates(autojump_clock):
     ]
 
 
+async def test_a_shutdown_during_passivation_runs_on_stop_once(autojump_clock):
+    # The graceful stop of the shard ran ``on_stop`` a second time, at the
+    # same time, for an entity whose passivation was running it.
+    SlowStop.log = []
+    async with tc.open_runner(entities=[SlowStop], config=config()) as runner:
+        await runner.client(SlowStop)("s").ping(Get())
+        await trio.sleep(6)  # passivation started at t=5: on_stop until t=8
+    assert SlowStop.log == ["start 0", "ping 0", "stopping 5", "stopped 8"]
+
+
 # ----------------------------------------------------------------------
 # Persisted messages at the residency cap wait for room (issue 11, item 10)
 

@@ -93,6 +93,8 @@ class EntityLifecycle:
         order they began to wait (see the module docstring)."""
         self._admitting = False
         self._passivating = 0
+        self._passivated = trio.Event()
+        """Set (and replaced) each time a passivation's ``on_stop`` ends."""
         """Incarnations running ``on_stop`` on their way out of memory."""
         self.crashes = 0
         """Incarnations crashed so far."""
@@ -314,6 +316,8 @@ class EntityLifecycle:
         self._passivating -= 1
         slot.instance = None
         slot.stopping = False
+        self._passivated.set()
+        self._passivated = trio.Event()
         self._resume(slot)  # forgotten, unless a message came meanwhile
         if self._waiting:
             self._admit_waiting()
@@ -350,8 +354,16 @@ class EntityLifecycle:
                 shard.drain_scope = drain
                 await shard.wait_idle()
                 for slot in slots:
-                    if slot.instance is not None and slot.entity_type.has_on_stop:
+                    # A slot being passivated runs its ``on_stop`` already
+                    # (once: it is waited for below, not run again).
+                    if (
+                        slot.instance is not None
+                        and slot.entity_type.has_on_stop
+                        and not slot.stopping
+                    ):
                         await self.run_on_stop(slot.instance)
+                while any(slot.stopping for slot in slots):
+                    await self._passivated.wait()
             shard.drain_scope = None
         shard.cancel_all()
         for slot in slots:
