@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from ._core._addresses import EntityAddress, RunnerAddress, ShardId
+from ._errors import ClusterError
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping, Sequence
@@ -71,6 +72,7 @@ __all__ = [
     "StorageTransaction",
     "StoredChunk",
     "StoredReplies",
+    "UnreadableRequest",
 ]
 
 
@@ -151,6 +153,25 @@ class ClaimBatch:
     """Shards skipped because the given epoch is no longer current."""
     more: bool = False
     """The batch hit ``limit``: claim again soon."""
+    unreadable: list[UnreadableRequest] = attrs.field(factory=list)
+    """Requests claimed (like those of ``requests``) whose stored fields
+    cannot be read back as a `ClaimedRequest`, e.g. an entity id that is not
+    a valid `EntityId`. The claimer answers each with its ``error`` as the
+    final reply; a backend never raises for one bad row."""
+
+
+@attrs.frozen
+class UnreadableRequest:
+    """A claimed request that cannot be read back (see
+    `ClaimBatch.unreadable`): enough to record its final reply."""
+
+    request_id: int
+    shard: ShardId
+    epoch: int
+    """The epoch it was claimed under."""
+    error: ClusterError
+    """What is wrong with it: `InvalidIdError` for an entity id, else
+    `MalformedMessageError`. Recorded as its reply."""
 
 
 @attrs.frozen
