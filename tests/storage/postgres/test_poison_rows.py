@@ -15,6 +15,7 @@ import trio
 import trio_cluster as tc
 from tests import helpers
 from tests.pg_fixture import unique_prefix
+from trio_cluster._core._hashing import advisory_namespace
 from trio_cluster.storage import PostgresStorage
 from trio_cluster.storage._postgres._driver._driver import PgConnection
 
@@ -135,3 +136,43 @@ async def test_a_row_with_an_invalid_entity_id_gets_an_error_and_the_runner_serv
         )
         assert kept == [(len(first + second),)]  # kept, for inspection
 
+
+ODD_RUNNERS = {
+    "port out of range": (70000, "{default}", 1.0),
+    "weight zero": (7001, "{default}", 0.0),
+    "weight NaN": (7002, "{default}", float("nan")),
+    "a NULL group": (7003, "{default,NULL}", 1.0),
+}
+
+
+@pytest.mark.parametrize("case", list(ODD_RUNNERS))
+async def test_a_live_registration_no_runner_would_write_is_left_out(
+    pg_schema: PgSchema, case: str
+) -> None:
+    # Regression: reading it back raised (a RunnerAddress or an assignment
+    # member refused it) out of the assignment poll, and the runner died.
+    port, groups, weight = ODD_RUNNERS[case]
+    prefix = unique_prefix()
+    storage = PostgresStorage(pg_schema.dsn, table_prefix=prefix)
+    with trio.fail_after(TIMEOUT):
+        async with serving(storage) as runner:
+            [(row_id,)] = await sql(
+                pg_schema.dsn,
+                f"INSERT INTO {prefix}_runners"
+                " (host, port, groups, weight, machine_id, token, lease)"
+                " VALUES ('10.9.9.9', $1, $2::text[], $3, 1000, 'odd', 1)"
+                " RETURNING id",
+                [port, groups, weight],
+            )
+            # Live: its liveness lock is held (by this test's connection).
+            holder = await PgConnection.connect(pg_schema.dsn, application_name="odd")
+            async with holder:
+                await holder.execute(
+                    "SELECT pg_advisory_lock($1::int4, $2::int4)",
+                    [advisory_namespace(prefix), -row_id],
+                    prepare=False,
+                )
+                await trio.sleep(1.0)  # several assignment polls
+                assert len(runner.served_shards()) == helpers.config().shards_per_group
+                accounts = runner.client(helpers.Account)
+                assert await accounts("ivy").deposit(helpers.Deposit("a", 2)) == 2
