@@ -30,7 +30,11 @@ Misuse (an argument of the wrong type or value) raises `TypeError` /
 `ValueError` before anything is stored: every backend checks its arguments
 with the contract's checks, one ``check_<operation>`` per method in
 `trio_cluster.storage._validation`, so the messages are the same whatever
-the backend.
+the backend. A write the backend refuses for the data it carries (a value it
+cannot hold, a violated constraint) raises `StorageRefusedError` (a
+`PersistenceError`), again with nothing of the batch stored. For both, the
+runtime writes the batch's items apart, so that only the item at fault
+fails; a plain `PersistenceError` fails the whole batch.
 """
 
 from __future__ import annotations
