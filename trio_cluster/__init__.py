@@ -44,6 +44,7 @@ from ._errors import (
     RequestInterruptedError as RequestInterruptedError,
     RunnerUnavailableError as RunnerUnavailableError,
     StaleEpochError as StaleEpochError,
+    StorageRefusedError as StorageRefusedError,
     UnknownEntityTypeError as UnknownEntityTypeError,
 )
 from ._errors._closed import RunnerClosedError as RunnerClosedError
@@ -104,6 +105,7 @@ __all__ = [
     "Singleton",
     "Snowflake",
     "StaleEpochError",
+    "StorageRefusedError",
     "TrioWallClock",
     "UnknownEntityTypeError",
     "current_entity_address",

@@ -30,7 +30,11 @@ Misuse (an argument of the wrong type or value) raises `TypeError` /
 `ValueError` before anything is stored: every backend checks its arguments
 with the contract's checks, one ``check_<operation>`` per method in
 `trio_cluster.storage._validation`, so the messages are the same whatever
-the backend.
+the backend. A write the backend refuses for the data it carries (a value it
+cannot hold, a violated constraint) raises `StorageRefusedError` (a
+`PersistenceError`), again with nothing of the batch stored. For both, the
+runtime writes the batch's items apart, so that only the item at fault
+fails; a plain `PersistenceError` fails the whole batch.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from ._core._addresses import EntityAddress, RunnerAddress, ShardId
+from ._errors import ClusterError
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping, Sequence
@@ -71,6 +76,7 @@ __all__ = [
     "StorageTransaction",
     "StoredChunk",
     "StoredReplies",
+    "UnreadableRequest",
 ]
 
 
@@ -151,6 +157,25 @@ class ClaimBatch:
     """Shards skipped because the given epoch is no longer current."""
     more: bool = False
     """The batch hit ``limit``: claim again soon."""
+    unreadable: list[UnreadableRequest] = attrs.field(factory=list)
+    """Requests claimed (like those of ``requests``) whose stored fields
+    cannot be read back as a `ClaimedRequest`, e.g. an entity id that is not
+    a valid `EntityId`. The claimer answers each with its ``error`` as the
+    final reply; a backend never raises for one bad row."""
+
+
+@attrs.frozen
+class UnreadableRequest:
+    """A claimed request that cannot be read back (see
+    `ClaimBatch.unreadable`): enough to record its final reply."""
+
+    request_id: int
+    shard: ShardId
+    epoch: int
+    """The epoch it was claimed under."""
+    error: ClusterError
+    """What is wrong with it: `InvalidIdError` for an entity id, else
+    `MalformedMessageError`. Recorded as its reply."""
 
 
 @attrs.frozen

@@ -31,6 +31,7 @@ from ._storage_abc import (
     StorageTransaction as StorageTransaction,
     StoredChunk as StoredChunk,
     StoredReplies as StoredReplies,
+    UnreadableRequest as UnreadableRequest,
 )
 from ._transport_abc import (
     Endpoint as Endpoint,
@@ -65,6 +66,7 @@ __all__ = [
     "StoredChunk",
     "StoredReplies",
     "Transport",
+    "UnreadableRequest",
 ]
 
 fixup_module_metadata(__name__, globals())

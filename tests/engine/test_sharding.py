@@ -14,7 +14,7 @@ import trio
 import trio.testing
 
 import trio_cluster as tc
-from trio_cluster.abc import StorageSession
+from trio_cluster.abc import RunnerInfo, StorageSession
 from trio_cluster.storage import MemoryStorage
 from trio_cluster.transport import MemoryNetwork, MemoryTransport
 
@@ -417,3 +417,24 @@ async def test_a_shard_whose_lock_is_lost_while_it_starts_is_never_served(
         assert [e for e in listener.events if e[2] == 1] == []
         assert all(epoch == 2 for epoch in runner.served_shards().values())
         assert await runner.client(Counter)("c").add(Add(1)) == 1
+
+
+async def test_a_registered_runner_the_assignment_cannot_use_is_left_out(
+    autojump_clock,
+):
+    # Regression (issue 11, item 6): a registration read back from storage
+    # with a weight or groups no runner would register (written by another
+    # program, or by hand) raised out of the assignment poll, and every
+    # runner of the cluster died, on every restart.
+    storage = MemoryStorage()
+    async with open_clocked_runner([Counter], config(), storage) as runner:
+        await runner.wait_shards_acquired()
+        async with storage.open_session(name="odd", lease_duration=60) as odd:
+            odd_address = tc.RunnerAddress("10.9.9.9", 1)
+            await odd.runners.register(
+                RunnerInfo(odd_address, ("default",), weight=0.0)
+            )
+            await trio.sleep(10)  # many assignment polls
+            assert odd_address in {r.address for r in runner.live_runners()}
+            assert len(runner.served_shards()) == 8  # it was left out
+            assert await runner.client(Counter)("c").add(Add(2)) == 2

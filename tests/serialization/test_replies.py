@@ -36,3 +36,13 @@ def test_stream_end_matches_what_a_none_able_item_codec_made():
     # (ints, optional types) send the same bytes: the wire is unchanged there.
     codec = ReplyCodec(make_converter(), int | None, (), "test stream")
     assert codec.encode_value(None) == STREAM_END
+
+
+@pytest.mark.parametrize("error", [tc.InvalidIdError, tc.PersistenceError])
+def test_plain_cluster_errors_travel_as_their_message(error):
+    # An invalid id read back from storage is answered with InvalidIdError
+    # (issue 11, item 6): the caller gets the type and the message.
+    codec = ReplyCodec(make_converter(), int, (), "test")
+    exit_ = codec.decode_exit(codec.encode_error(error("entity id must be ...")))
+    assert type(exit_.error) is error
+    assert str(exit_.error) == "entity id must be ..."

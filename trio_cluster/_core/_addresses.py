@@ -22,6 +22,7 @@ __all__ = [
     "EntityId",
     "RunnerAddress",
     "ShardId",
+    "check_entity_id",
     "check_storable",
 ]
 
@@ -44,7 +45,16 @@ def check_storable(what: str, value: str) -> None:
         ) from None
 
 
-def _check_entity_id(_: object, __: object, value: str) -> None:
+def check_entity_id(value: object) -> None:
+    """Refuse what is not a valid entity id: a non-empty str without
+    surrounding whitespace, of at most `MAX_ENTITY_ID_LENGTH` characters,
+    that storage can hold (`check_storable`). The rules of `EntityId`, also
+    applied to ids read back from storage.
+
+    Raises:
+        TypeError: ``value`` is not a str.
+        InvalidIdError: it is not a valid id.
+    """
     if not isinstance(value, str):
         raise TypeError(f"entity id must be a str, got {type(value).__name__}")
     if not value or value.strip() != value:
@@ -56,6 +66,10 @@ def _check_entity_id(_: object, __: object, value: str) -> None:
             f"entity id is {len(value)} characters, over {MAX_ENTITY_ID_LENGTH}"
         )
     check_storable("entity id", value)
+
+
+def _check_entity_id(_: object, __: object, value: str) -> None:
+    check_entity_id(value)
 
 
 @attrs.frozen(order=True)

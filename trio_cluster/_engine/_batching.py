@@ -5,6 +5,15 @@ everything pending, writes it with a single batch call, and hands each caller
 its own result. While a batch is being written, new items accumulate, so the
 batch size grows with the load and the cost per item falls, without ever
 adding a timer delay at low load (a lone item is flushed at once).
+
+One item must never fail a batch of others (issue 11, item 9). A batch that
+storage *refuses* for the data it carries (`refused`: `StorageRefusedError`,
+or the `TypeError`/`ValueError` a backend raises for an argument it checks,
+both raised before anything of the batch is stored) is written again in
+halves, down to the item at fault, which alone gets the error: a batch of
+``n`` with one bad item costs about ``2 log2(n)`` more writes, and only when
+it happens. A failure of storage itself (a lost connection) fails the whole
+batch, as nobody can tell which item it was.
 """
 
 from __future__ import annotations
@@ -15,9 +24,9 @@ from typing import Generic, TypeVar
 import attrs
 import trio
 
-from .._errors import PersistenceError
+from .._errors import PersistenceError, StorageRefusedError
 
-__all__ = ["Batcher"]
+__all__ = ["Batcher", "refused"]
 
 I = TypeVar("I")  # noqa: E741
 O = TypeVar("O")  # noqa: E741
@@ -54,6 +63,9 @@ class Batcher(Generic[I, O]):
 
         Raises:
             PersistenceError: the batch failed, or the batcher is closed.
+            StorageRefusedError, TypeError, ValueError: storage refused this
+                item (see `refused`); the other items of its batch were
+                written without it.
 
         If cancelled while waiting, the item may still be written; its result
         is dropped.
@@ -83,32 +95,51 @@ class Batcher(Generic[I, O]):
         finally:
             self._closed = True
             failure = PersistenceError(f"{self._name}: the runner is shutting down")
-            for pending in self._pending:
-                pending.error = failure
-                pending.done.set()
+            _fail(self._pending, failure)
             self._pending.clear()
 
     async def _write(self, batch: list[_Pending[I, O]]) -> None:
-        try:
-            results = await self._flush([pending.item for pending in batch])
-        except PersistenceError as exc:
-            for pending in batch:
-                pending.error = exc
+        """Write ``batch``; a part of it refused for its data is written
+        again in halves, first half first (see the module docstring)."""
+        parts = [batch]
+        while parts:
+            part = parts.pop()
+            try:
+                results = await self._flush([pending.item for pending in part])
+            except BaseException as exc:
+                if refused(exc) and len(part) > 1:
+                    middle = len(part) // 2
+                    parts += [part[middle:], part[:middle]]
+                elif refused(exc) or isinstance(exc, PersistenceError):
+                    _fail(part, exc)
+                else:
+                    failure = PersistenceError(f"{self._name}: batch write interrupted")
+                    failure.__cause__ = exc
+                    for unwritten in (part, *parts):
+                        _fail(unwritten, failure)
+                    raise
+                continue
+            if len(results) != len(part):  # pragma: no cover - backend contract
+                raise PersistenceError(
+                    f"{self._name}: backend returned {len(results)} results"
+                    f" for {len(part)}"
+                )
+            self.batches += 1
+            self.items += len(part)
+            for pending, result in zip(part, results, strict=True):
+                pending.result = result
                 pending.done.set()
-            return
-        except BaseException as exc:
-            failure = PersistenceError(f"{self._name}: batch write interrupted")
-            failure.__cause__ = exc
-            for pending in batch:
-                pending.error = failure
-                pending.done.set()
-            raise
-        if len(results) != len(batch):  # pragma: no cover - backend contract
-            raise PersistenceError(
-                f"{self._name}: backend returned {len(results)} results for {len(batch)}"
-            )
-        self.batches += 1
-        self.items += len(batch)
-        for pending, result in zip(batch, results, strict=True):
-            pending.result = result
-            pending.done.set()
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether storage refused a write for the data it carries (so writing
+    the same items again fails again): `StorageRefusedError`, or the
+    `TypeError`/`ValueError` of the storage contract's argument checks.
+    Never a failure of storage itself, nor a cancellation."""
+    return isinstance(exc, StorageRefusedError | TypeError | ValueError)
+
+
+def _fail(batch: Sequence[_Pending[I, O]], error: BaseException) -> None:
+    for pending in batch:
+        pending.error = error
+        pending.done.set()

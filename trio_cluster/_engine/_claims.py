@@ -18,6 +18,14 @@ their epochs; until then, older requests of a shard may still wait in
 storage, so a local send must not take the fast path of being saved already
 claimed (it would overtake them: the simulator found a sender's second
 message running before its first after a failover).
+
+A claimed request that cannot be delivered, a *poison row* (an entity id the
+API edge refuses, an entity in a shard that is not its own, an unknown type
+or handler, a stream handler, a payload that does not decode, or a row
+storage could not read back at all: `ClaimBatch.unreadable`), is answered
+with a typed error as its final reply and stays stored, for inspection; the
+loop serves on (issue 11, item 6: one such row killed the runner on every
+restart).
 """
 
 from __future__ import annotations
@@ -29,8 +37,15 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
-from .._core._addresses import ShardId
-from .._errors import MalformedMessageError, PersistenceError, UnknownEntityTypeError
+from .._core._addresses import ShardId, check_entity_id
+from .._core._hashing import shard_for
+from .._errors import (
+    ClusterError,
+    InvalidIdError,
+    MalformedMessageError,
+    PersistenceError,
+    UnknownEntityTypeError,
+)
 from ._delivery import DeliveryParts
 from ._manager import NotDelivered
 from ._replies import ReplyRecorder
@@ -38,7 +53,7 @@ from ._replies import ReplyRecorder
 if TYPE_CHECKING:
     from .._core._addresses import EntityAddress
     from .._registry import EntityType, Handler
-    from .._storage_abc import ClaimBatch, ClaimedRequest
+    from .._storage_abc import ClaimBatch, ClaimedRequest, UnreadableRequest
     from ._slots import ShardHost
 
 __all__ = ["Claims"]
@@ -112,6 +127,8 @@ class Claims:
                     self._caught_up[shard] = epoch
         for request in batch.requests:
             self._deliver_claimed(request)
+        for unreadable in batch.unreadable:
+            self._answer_unreadable(unreadable)
         if batch.next_deliver_at is not None:
             self._parts.signal.next_deliver_at = min(
                 self._parts.signal.next_deliver_at, batch.next_deliver_at
@@ -157,39 +174,88 @@ class Claims:
             return
         entity_type = self._parts.registry.get(request.address.entity_type)
         handler = None if entity_type is None else entity_type.handlers.get(request.tag)
-        record_soon = self._recorder.record_soon
-        if entity_type is None or handler is None:
-            error = UnknownEntityTypeError(
-                entity_type=request.address.entity_type,
-                handler=None if entity_type is None else request.tag,
-            )
-            log.error("cannot deliver request %d: %s", request.request_id, error)
-            record_soon(
-                host,
-                request.request_id,
-                self._parts.registry.generic_reply.encode_error(error),
-            )
+        error = self._undeliverable(request, entity_type, handler)
+        if error is not None:
+            self._refuse(host, request.request_id, error, handler)
             return
+        assert entity_type is not None
+        assert handler is not None
         if request.interrupted:
-            record_soon(host, request.request_id, handler.reply.encode_interrupted())
-            return
-        if request.stream:
-            error = UnknownEntityTypeError(
-                entity_type=entity_type.name, handler=request.tag
-            )
-            record_soon(host, request.request_id, handler.reply.encode_error(error))
+            interrupted = handler.reply.encode_interrupted()
+            self._recorder.record_soon(host, request.request_id, interrupted)
             return
         try:
             message = handler.message.decode(request.payload)
         except MalformedMessageError as exc:
-            log.error(
-                "request %d to %s is malformed: %s",
-                request.request_id,
-                request.address,
-                exc,
-            )
-            record_soon(host, request.request_id, handler.reply.encode_error(exc))
+            self._refuse(host, request.request_id, exc, handler)
             return
         self.deliver(
             host, request.address, entity_type, handler, message, request.request_id
         )
+
+    def _undeliverable(
+        self,
+        request: ClaimedRequest,
+        entity_type: EntityType | None,
+        handler: Handler | None,
+    ) -> ClusterError | None:
+        """Why a claimed request cannot be delivered, if it cannot.
+
+        Storage gives back what was stored, and a row may have been written
+        by hand, by another program or by an older version: its address is
+        checked again as the API edge checks it, so an entity never runs
+        under an id the API refuses, nor in a shard that is not its own (a
+        second instance of it).
+        """
+        address = request.address
+        try:
+            check_entity_id(address.entity_id.value)
+        except InvalidIdError as exc:
+            return exc
+        except TypeError as exc:
+            return InvalidIdError(str(exc))
+        if entity_type is None or handler is None:
+            return UnknownEntityTypeError(
+                entity_type=address.entity_type,
+                handler=None if entity_type is None else request.tag,
+            )
+        if request.stream or handler.spec.kind == "stream":
+            # Stream handlers are never persisted: no sender stores one.
+            return UnknownEntityTypeError(
+                entity_type=entity_type.name, handler=request.tag
+            )
+        home = shard_for(
+            address.entity_id.value,
+            entity_type.shard_group,
+            self._parts.config.shards_per_group,
+        )
+        if home != address.shard:
+            return MalformedMessageError(
+                what=f"stored request {request.request_id}",
+                problems=[
+                    f"stored in shard {address.shard}, but {entity_type.name}"
+                    f" {address.entity_id.value!r} belongs to shard {home}"
+                ],
+            )
+        return None
+
+    def _answer_unreadable(self, request: UnreadableRequest) -> None:
+        """A claimed request storage could not read back: answer it with
+        what is wrong with it (kept in storage, for inspection)."""
+        host = self._parts.shards.host(request.shard)
+        if host is None or host.epoch != request.epoch:
+            return
+        self._refuse(host, request.request_id, request.error, None)
+
+    def _refuse(
+        self,
+        host: ShardHost,
+        request_id: int,
+        error: ClusterError,
+        handler: Handler | None,
+    ) -> None:
+        """Record ``error`` as the final reply of a request that cannot be
+        delivered; the request stays stored (answered), for inspection."""
+        log.error("stored request %d cannot be delivered: %s", request_id, error)
+        codec = self._parts.registry.generic_reply if handler is None else handler.reply
+        self._recorder.record_soon(host, request_id, codec.encode_error(error))

@@ -39,9 +39,14 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .._core._addresses import check_storable
-from .._errors import EntityDefinitionError, MessageTooLargeError, PersistenceError
+from .._errors import (
+    EntityDefinitionError,
+    MalformedMessageError,
+    MessageTooLargeError,
+    PersistenceError,
+)
 from .._storage_abc import PersistedRequest, SaveResult
-from ._batching import Batcher
+from ._batching import Batcher, refused
 from ._claims import Claims
 from ._delivery import ClaimSignal, DeliveryParts
 from ._notices import Notices
@@ -184,7 +189,9 @@ class PersistedDelivery:
         ``discard``, wait for its reply.
 
         Raises:
-            MalformedMessageError, MessageTooLargeError: the message cannot be stored.
+            MalformedMessageError, MessageTooLargeError: the message cannot be
+                stored (or storage refused it: the cause is the backend's
+                `StorageRefusedError`; other requests are not affected).
             PersistenceError: storage failed before the request was stored.
             RequestInterruptedError: the request (attached by primary key) was
                 interrupted by its original sender.
@@ -197,9 +204,14 @@ class PersistedDelivery:
         waiter = None if discard else self._parts.waiters.register(request_id)
         try:
             result = await self._saves.submit(request)
-        except BaseException:
+        except BaseException as exc:
             if waiter is not None:
                 self._parts.waiters.unregister(request_id, waiter)
+            if refused(exc):  # this request alone (see `Batcher`)
+                raise MalformedMessageError(
+                    what=f"{handler.what} request",
+                    problems=[f"storage refused to store it: {exc}"],
+                ) from exc
             raise
         if result.duplicate:
             if waiter is not None:

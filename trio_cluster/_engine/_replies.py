@@ -5,8 +5,10 @@ A persisted job's outcome is encoded and saved fenced by its shard's epoch
 any more (`ReplyOutcome.STALE_EPOCH`), and a second reply to the same request
 is refused (`ReplyOutcome.DUPLICATE`: the first one stands and is fetched).
 Storage failures are retried with a backoff while the shard is served; then
-the request is left stored for its next owner to deliver again. The recorded
-reply wakes the callers waiting in this process (`ReplyWaiters`).
+the request is left stored for its next owner to deliver again. A reply
+storage refuses for its data (`refused`: it would be refused again) is not
+retried: the `MalformedMessageError` that says so is recorded instead. The
+recorded reply wakes the callers waiting in this process (`ReplyWaiters`).
 
 Transactional handlers run inside a storage transaction (`in_transaction`,
 the jobs' `Around`), and their reply is saved in that same transaction: the
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import attrs
 import trio
 
 from .._context import current_transaction_var
@@ -25,7 +28,7 @@ from .._core._retry import Backoff
 from .._errors import MalformedMessageError, PersistenceError
 from .._storage_abc import ReplyOutcome, ReplyQuery, ReplyRecord
 from ..serialization._replies import Exit
-from ._batching import Batcher
+from ._batching import Batcher, refused
 from ._outcomes import RetryLater
 
 if TYPE_CHECKING:
@@ -120,9 +123,11 @@ class ReplyRecorder:
         # the notification loop leaves it to us (see `_notices`).
         self.recording[request_id] = False
         try:
-            outcome = await self._submit(host, record)
+            outcome, written = await self._submit(host, record)
         finally:
             notified = self.recording.pop(request_id, False)
+        if written is not record:  # storage refused it: the error went instead
+            payload, exit_ = written.payload, None
         if outcome is ReplyOutcome.DUPLICATE:
             await self.fetch_final([request_id])
         elif outcome is None or outcome is ReplyOutcome.STALE_EPOCH:
@@ -134,21 +139,41 @@ class ReplyRecorder:
 
     async def _submit(
         self, host: ShardHost, record: ReplyRecord
-    ) -> ReplyOutcome | None:
+    ) -> tuple[ReplyOutcome | None, ReplyRecord]:
         """Record ``record`` (group commit), retrying storage failures while
-        the shard is served; None if it gave up (the request is redelivered)."""
+        the shard is served. Returns the outcome (None if it gave up: the
+        request is redelivered) and the record written: a reply storage
+        refuses for its data (`refused`) is replaced, once, by the
+        `MalformedMessageError` that says so, rather than retried forever.
+        """
         attempt = 0
+        written = record
         while True:
             try:
-                outcome = await self._batcher.submit(record)
-            except PersistenceError as exc:
+                outcome = await self._batcher.submit(written)
+            except Exception as exc:
+                if refused(exc):
+                    if written is not record:
+                        log.error(
+                            "storage refused the error reply to %d too: %s",
+                            record.request_id,
+                            exc,
+                        )
+                        return None, written
+                    log.error(
+                        "storage refused the reply to %d: %s", record.request_id, exc
+                    )
+                    written = attrs.evolve(record, payload=self._refused_reply(exc))
+                    continue
+                if not isinstance(exc, PersistenceError):
+                    raise
                 if not host.active or self.closing:
                     log.warning(
                         "reply to %d not recorded (%s); it will be redelivered",
                         record.request_id,
                         exc,
                     )
-                    return None
+                    return None, written
                 log.warning(
                     "recording reply to %d failed, retrying: %s",
                     record.request_id,
@@ -163,7 +188,11 @@ class ReplyRecorder:
                     record.request_id,
                     host.shard_id,
                 )
-            return outcome
+            return outcome, written
+
+    def _refused_reply(self, exc: Exception) -> bytes:
+        """The final reply that says storage refused a request's own."""
+        return self._parts.registry.generic_reply.encode_error(_refusal(exc))
 
     async def fetch_final(self, request_ids: Sequence[int]) -> None:
         """Fetch the stored final replies of ``request_ids`` and wake their
@@ -232,7 +261,8 @@ class ReplyRecorder:
         """Save ``job``'s reply in ``transaction``.
 
         Raises:
-            _Rollback: the reply was refused; roll back.
+            _Rollback: the reply was refused (fencing, a duplicate, or storage
+                refused its data); roll back.
         """
         assert job.request_id is not None
         host = job.slot.shard
@@ -242,9 +272,17 @@ class ReplyRecorder:
             epoch=host.epoch,
             payload=payload,
         )
-        [outcome] = await self._parts.storage.save_replies(
-            [record], now=self._parts.clock.now(), transaction=transaction
-        )
+        try:
+            [outcome] = await self._parts.storage.save_replies(
+                [record], now=self._parts.clock.now(), transaction=transaction
+            )
+        except Exception as exc:
+            if not refused(exc):
+                raise
+            # Running it again would be refused again: roll back, and record
+            # the error that says so instead (outside the transaction).
+            log.error("storage refused the reply to %d: %s", job.request_id, exc)
+            raise _Rollback(Exit(error=_refusal(exc))) from exc
         if outcome is ReplyOutcome.STALE_EPOCH:
             log.warning(
                 "reply to %d refused: shard %s moved on; rolled back",
@@ -283,3 +321,10 @@ def _committed_reply(handler: Handler, exit_: Exit) -> bytes:
         return handler.reply.encode_exit(exit_)
     except MalformedMessageError as exc:  # the reply cannot travel
         raise _Rollback(Exit(error=exc)) from exc
+
+
+def _refusal(exc: Exception) -> MalformedMessageError:
+    """The error that replaces a reply storage refused (``exc``)."""
+    return MalformedMessageError(
+        what="reply", problems=[f"storage refused to store it: {exc}"]
+    )

@@ -184,9 +184,7 @@ class Sharding:
         changed = live != self.table.live or not self._members
         self.table.live = live
         if changed:
-            by_address = {
-                r.address: Member(r.address, tuple(r.groups), r.weight) for r in live
-            }
+            by_address = _members(live)
             by_address[self.address] = Member(
                 self.address, self._config.shard_groups, self._config.runner_weight
             )
@@ -528,3 +526,25 @@ def _in_order(shards: Iterable[ShardId]) -> list[ShardId]:
 
 def _shard_key(shard: ShardId) -> tuple[str, int]:
     return (shard.group, shard.number)
+
+
+def _members(live: Iterable[RunnerInfo]) -> dict[RunnerAddress, Member]:
+    """The assignment's members for the live runners, by address.
+
+    A registration the assignment cannot use (a weight that is not positive
+    and finite, groups that are not names), read back from storage as
+    another program or a hand edit left it, is logged and left out: it must
+    not stop this runner's assignment (issue 11, item 6). No runner of ours
+    registers one.
+    """
+    members: dict[RunnerAddress, Member] = {}
+    for runner in live:
+        try:
+            members[runner.address] = Member(
+                runner.address, tuple(runner.groups), runner.weight
+            )
+        except (TypeError, ValueError) as exc:
+            log.warning(
+                "leaving runner %s out of the assignment: %s", runner.address, exc
+            )
+    return members

@@ -35,6 +35,7 @@ __all__ = [
     "RequestInterruptedError",
     "RunnerUnavailableError",
     "StaleEpochError",
+    "StorageRefusedError",
     "UnknownEntityTypeError",
 ]
 
@@ -160,6 +161,18 @@ class PersistenceError(ClusterError):
     """The storage backend failed (lost connection, query error, timeout).
 
     The underlying driver exception, if any, is the ``__cause__``.
+    """
+
+
+class StorageRefusedError(PersistenceError):
+    """Storage refused a write because of the data it carries (a value the
+    backend cannot hold, a violated constraint), not because storage failed:
+    writing the same data again fails again.
+
+    A backend raises it for a batch that one item makes fail, before any of
+    the batch is stored; the runtime then writes the batch's items apart, so
+    only that item's caller gets an error (a persisted call whose request is
+    refused raises `MalformedMessageError`, with this error as its cause).
     """
 
 

@@ -57,6 +57,12 @@ _CLUSTER_ERRORS: Final[dict[str, type[errors.ClusterError]]] = {
 _CLUSTER_TAGS: Final[dict[type[BaseException], str]] = {
     cls: tag for tag, cls in _CLUSTER_ERRORS.items()
 }
+# Plain (not attrs) trio_cluster errors that travel as their message alone;
+# a subclass travels as its base (a backend's `PersistenceError`).
+_MESSAGE_ERRORS: Final[dict[str, type[errors.ClusterError]]] = {
+    "Persistence": errors.PersistenceError,
+    "InvalidId": errors.InvalidIdError,
+}
 
 
 @attrs.frozen(slots=True)
@@ -159,8 +165,10 @@ class ReplyCodec:
         if tag is not None:
             fields = self._declared[tag].unstructure(exc)
             return _pack([_DECLARED, tag, fields], self.value.what)
-        if isinstance(exc, errors.PersistenceError) and not attrs.has(type(exc)):
-            return _pack([_CLUSTER, "Persistence", {"message": str(exc)}], "reply")
+        if not attrs.has(type(exc)):
+            for tag, cls in _MESSAGE_ERRORS.items():
+                if isinstance(exc, cls):
+                    return _pack([_CLUSTER, tag, {"message": str(exc)}], "reply")
         tag = _CLUSTER_TAGS.get(type(exc))
         if tag is None:
             raise TypeError(f"cannot encode {type(exc).__name__} as a reply")
@@ -225,8 +233,8 @@ class ReplyCodec:
     def _decode_error(self, kind: int, tag: str, fields: object) -> BaseException:
         if kind == _DECLARED:
             codec = self._declared.get(tag)
-        elif tag == "Persistence" and isinstance(fields, dict):
-            return errors.PersistenceError(str(fields.get("message", "")))
+        elif tag in _MESSAGE_ERRORS and isinstance(fields, dict):
+            return _MESSAGE_ERRORS[tag](str(fields.get("message", "")))
         else:
             codec = self._cluster_codecs.get(tag)
         if codec is None:

@@ -26,7 +26,12 @@ import trio.testing
 from psycopg import pq
 
 from tests.pg_fixture import throwaway_cluster
-from trio_cluster import ClusterInternalError, ConfigError, PersistenceError
+from trio_cluster import (
+    ClusterInternalError,
+    ConfigError,
+    PersistenceError,
+    StorageRefusedError,
+)
 from trio_cluster.storage._postgres._driver._connect import (
     resolve_host as _resolve_host,
 )
@@ -600,6 +605,31 @@ async def test_syntax_error_is_translated(conn: PgConnection) -> None:
         assert isinstance(error.__cause__, psycopg.errors.SyntaxError)
         assert "42601" in str(error)
         assert await scalar(conn, "select 1") == 1
+
+
+async def test_data_the_server_refuses_is_a_storage_refused_error(
+    conn: PgConnection,
+) -> None:
+    # Classes 22 (data exception) and 23 (integrity constraint violation)
+    # say the statement's data is at fault: the runtime writes a refused
+    # batch's items apart (issue 11, item 9). Nothing else is refused.
+    with trio.fail_after(10):
+        await conn.execute_script("create table u (x int primary key)")
+        await conn.execute("insert into u values (1)")
+        refused: list[tuple[str, list[object], str]] = [
+            ("select $1::text", ["a\x00b"], "22021"),
+            ("select 1 / $1::int", [0], "22012"),
+            ("insert into u values ($1)", [1], "23505"),
+        ]
+        for query, params, sqlstate in refused:
+            with pytest.raises(StorageRefusedError) as caught:
+                await conn.execute(query, params)
+            assert isinstance(caught.value, PgError)
+            assert caught.value.sqlstate == sqlstate
+        with pytest.raises(PgError) as other:
+            await conn.execute("select * from missing_table")
+        assert not isinstance(other.value, StorageRefusedError)
+        assert await scalar(conn, "select 3") == 3
 
 
 async def test_no_psycopg_error_escapes(conn: PgConnection) -> None:

@@ -1,4 +1,5 @@
-"""Group commit on PostgreSQL: SQL statements per persisted request under load.
+"""Group commit on PostgreSQL: SQL statements per persisted request under
+load, and one refused request among many.
 
 A runner on `PostgresStorage` serves a persisted RPC to 50 concurrent
 callers. The driver counts every statement it sends (message connections,
@@ -16,7 +17,9 @@ import pytest
 import trio
 
 import trio_cluster as tc
+from tests import helpers
 from tests.pg_fixture import unique_prefix
+from trio_cluster._engine import _persisted
 from trio_cluster.storage import PostgresStorage
 
 if TYPE_CHECKING:
@@ -86,3 +89,33 @@ async def test_at_most_one_statement_per_persisted_request_with_50_callers(
     # lease refresh).
     assert per_request <= 1.0, (per_request, batches)
     assert batches < CALLS  # batches really formed
+
+
+async def test_a_request_postgres_refuses_fails_only_its_own_call(
+    pg_schema: PgSchema, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The API edge refuses a NUL in a primary key (check_storable); with
+    # that check patched away, as for any refusal no edge check knows of,
+    # PostgreSQL refuses the whole batched save (SQLSTATE 22021).
+    # Regression (issue 11, item 9): every innocent call of the batch failed
+    # with a PersistenceError that never succeeded on retry.
+    monkeypatch.setattr(_persisted, "check_storable", lambda what, value: None)
+    storage = PostgresStorage(pg_schema.dsn, table_prefix=unique_prefix())
+    with trio.fail_after(60):
+        async with tc.open_runner(
+            entities=[helpers.Account],
+            storage=storage,
+            config=tc.ShardingConfig(shards_per_group=8),
+        ) as runner:
+            await runner.wait_shards_acquired()
+            outcomes = await helpers.deposit_beside_a_bad_one(runner, "a\x00b")
+            accounts = runner.client(helpers.Account)
+            assert await accounts("z").deposit(helpers.Deposit("later", 1)) == 1
+            batches = runner.statistics().save_batches
+    innocent = [o for o in outcomes[:-1] if not isinstance(o, int)]
+    assert innocent == [], f"{len(innocent)} innocent calls failed: {innocent[:1]}"
+    refused = outcomes[-1]
+    assert isinstance(refused, tc.MalformedMessageError), refused
+    assert "22021" in str(refused)
+    assert isinstance(refused.__cause__, tc.StorageRefusedError)
+    assert batches < 100  # the saves were batched

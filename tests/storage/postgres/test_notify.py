@@ -53,3 +53,21 @@ def test_coalesce_merges_by_kind_and_skips_foreign_payloads() -> None:
         RepliesAvailable(frozenset({7, 8})),
         RequestsInterrupted(frozenset({9}), frozenset({ShardId("g", 3)})),
     ]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        '{"r": [1e999]}',  # an int out of range: OverflowError
+        '{"m": [["g", 1e999]]}',
+        '{"i": [1], "s": [["g", -Infinity]]}',
+        "[" * 7000 + "]" * 7000,  # nested too deep: RecursionError
+        '{"r": [NaN]}',
+    ],
+)
+def test_coalesce_skips_a_payload_that_fails_to_parse_in_any_way(payload: str) -> None:
+    # Regression (issue 11, item 6): anything on the channel is read back
+    # from storage; an error other than ValueError/TypeError/KeyError left
+    # the notification loop and killed the runner.
+    raw = [PgNotification("c", payload, 1), PgNotification("c", '{"r": [7]}', 1)]
+    assert coalesce(raw) == [RepliesAvailable(frozenset({7}))]

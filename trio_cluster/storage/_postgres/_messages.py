@@ -12,6 +12,10 @@ contract that a statement cannot express cheaply are done here:
 * a request saved concurrently by another session can be invisible to the
   statement's snapshot although it blocks our insert; such items are saved
   again (a new statement sees the winner as the original).
+* a claimed row that cannot be read back as a `ClaimedRequest` (an entity
+  id that is no valid `EntityId`, written by hand or by another program) is
+  reported in `ClaimBatch.unreadable`, never raised: one such row would
+  otherwise fail every claim of its shards, on every restart.
 
 The dedup hash, the reply-outcome rules and the transaction of
 transactional handlers are in `._message_parts`.
@@ -24,6 +28,7 @@ replaced by the pool on the next call.
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +36,11 @@ import attrs
 import trio
 
 from trio_cluster._core._addresses import EntityAddress, EntityId, ShardId
+from trio_cluster._errors import (
+    ClusterError,
+    InvalidIdError,
+    MalformedMessageError,
+)
 from trio_cluster._storage_abc import (
     ClaimBatch,
     ClaimedRequest,
@@ -44,6 +54,7 @@ from trio_cluster._storage_abc import (
     StorageTransaction,
     StoredChunk,
     StoredReplies,
+    UnreadableRequest,
 )
 
 from .._validation import (
@@ -69,6 +80,8 @@ if TYPE_CHECKING:
     from ._driver._pool import PgPoolStatistics
 
 __all__ = ["PgMessages"]
+
+log = logging.getLogger("trio_cluster.storage.postgres")
 
 _SAVE_ATTEMPTS = 5
 
@@ -229,13 +242,17 @@ class PgMessages(MessageStorage):
         ]
         rows = (await self._execute(self._q.claim, params)).rows
         claimed: list[tuple[int, ClaimedRequest]] = []
+        unreadable: list[UnreadableRequest] = []
         stale: set[ShardId] = set()
         next_deliver_at: float | None = None
         more = False
         for row in rows:
             kind = row[0]
             if kind == 0:
-                claimed.append((row[2], self._claimed(row)))
+                try:
+                    claimed.append((row[2], self._claimed(row)))
+                except (TypeError, ValueError) as exc:  # InvalidIdError included
+                    unreadable.append(self._unreadable(row, exc))
             elif kind == 1:
                 stale.add(self._shard(row[3], row[4]))
             else:
@@ -246,6 +263,7 @@ class PgMessages(MessageStorage):
             next_deliver_at=next_deliver_at,
             stale_shards=frozenset(stale),
             more=more,
+            unreadable=unreadable,
         )
 
     def _claimed(self, row: tuple[Any, ...]) -> ClaimedRequest:
@@ -266,6 +284,24 @@ class PgMessages(MessageStorage):
             interrupted=interrupted,
             next_sequence=next_sequence,
             epoch=epoch,
+        )
+
+    def _unreadable(self, row: tuple[Any, ...], exc: Exception) -> UnreadableRequest:
+        """A claimed row `_claimed` could not read (see `ClaimBatch.unreadable`)."""
+        request_id, group, number, epoch = row[1], row[3], row[4], row[14]
+        error: ClusterError = (
+            exc
+            if isinstance(exc, InvalidIdError)
+            else MalformedMessageError(
+                what=f"stored request {request_id}", problems=[str(exc)]
+            )
+        )
+        log.error("stored request %d cannot be read: %s", request_id, error)
+        return UnreadableRequest(
+            request_id=request_id,
+            shard=self._shard(group, number),
+            epoch=epoch,
+            error=error,
         )
 
     # ------------------------------------------------------------------

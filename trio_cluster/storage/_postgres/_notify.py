@@ -78,7 +78,16 @@ def coalesce(raw: Iterable[PgNotification]) -> list[Notification]:
     for notification in raw:
         try:
             inbox.add(notification.payload)
-        except (ValueError, TypeError, KeyError) as exc:
+        # NOTE: anyone may NOTIFY on the channel: a payload that fails to
+        # parse in any way (an int out of range, JSON nested too deep) is
+        # skipped, never raised into the runner's notification loop.
+        except (
+            ValueError,
+            TypeError,
+            KeyError,
+            ArithmeticError,
+            RecursionError,
+        ) as exc:
             log.warning(
                 "ignoring a malformed notification on %s: %r (%s)",
                 notification.channel,

@@ -35,6 +35,7 @@ deadline, and on failure ends the session (a new generation holds nothing).
 
 from __future__ import annotations
 
+import logging
 import secrets
 from functools import partial
 from typing import TYPE_CHECKING, TypeVar
@@ -65,6 +66,8 @@ if TYPE_CHECKING:
     from ._schema import PgNames
 
 __all__ = ["PgRunners"]
+
+log = logging.getLogger("trio_cluster.storage.postgres")
 
 T = TypeVar("T")
 
@@ -260,15 +263,25 @@ class PgRunners(RunnerStorage):
 
     async def live_runners(self) -> list[RunnerInfo]:
         rows = await self._run("live_runners", partial(self._listing, self._q.live))
-        runners = [
-            RunnerInfo(
-                address=RunnerAddress(host, port),
-                groups=tuple(groups),
-                weight=weight,
-                machine_id=machine_id,
+        runners: list[RunnerInfo] = []
+        for host, port, groups, weight, machine_id in rows:
+            try:
+                address = RunnerAddress(host, port)
+            except (TypeError, ValueError) as exc:
+                # Not a registration of ours (a hand edit, another program):
+                # leave it out rather than fail every caller's poll.
+                log.warning(
+                    "ignoring a registered runner at %r:%r: %s", host, port, exc
+                )
+                continue
+            runners.append(
+                RunnerInfo(
+                    address=address,
+                    groups=tuple(groups),
+                    weight=weight,
+                    machine_id=machine_id,
+                )
             )
-            for host, port, groups, weight, machine_id in rows
-        ]
         return sorted(runners, key=lambda runner: runner.address)
 
     # ------------------------------------------------------------------

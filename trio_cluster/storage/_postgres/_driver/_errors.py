@@ -9,7 +9,10 @@ with the original exception as ``__cause__``. No psycopg type escapes.
 `ConnectionLostError` is the connection-level kind: the server ended the
 session (``FATAL``), the socket failed, or the connection could not be
 established. A connection that raised it is marked broken and never used
-again; the pool replaces it.
+again; the pool replaces it. `PgRefusedError` is the statement-level kind
+for data the server refuses (SQLSTATE classes 22 and 23): it is also the
+public `StorageRefusedError`, so the runtime can write a refused batch's
+items apart and fail only the one at fault.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING
 import psycopg
 from psycopg import errors as pg_errors
 
-from trio_cluster._errors import PersistenceError
+from trio_cluster._errors import PersistenceError, StorageRefusedError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ConnectionLostError",
     "PgError",
+    "PgRefusedError",
     "error_from_result",
     "is_session_fatal",
     "is_storage_failure",
@@ -44,6 +48,10 @@ _SESSION_FATAL_STATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
 # deadlock, lock or statement timeout, outcome unknown) or lacks resources.
 _TRANSIENT_STATES = frozenset({"40001", "40003", "40P01", "55P03", "57014"})
 _TRANSIENT_CLASSES = ("08", "53", "57P")
+
+# SQLSTATE classes of a statement refused for its data: data exception and
+# integrity constraint violation (see `PgRefusedError`).
+_REFUSED_CLASSES = ("22", "23")
 
 
 class PgError(PersistenceError):
@@ -65,6 +73,14 @@ class PgError(PersistenceError):
     def __str__(self) -> str:
         text = super().__str__()
         return f"{text} (SQLSTATE {self.sqlstate})" if self.sqlstate else text
+
+
+class PgRefusedError(PgError, StorageRefusedError):
+    """A statement the server refused for the data it carries: SQLSTATE
+    class ``22`` (data exception: a NUL in text, a value out of range, ...)
+    or ``23`` (integrity constraint violation). The same statement fails
+    again; a batch of other items without the one at fault would not.
+    """
 
 
 class ConnectionLostError(PgError):
@@ -118,11 +134,16 @@ def translate(exc: psycopg.Error | OSError, *, lost: bool) -> PgError:
         lost: Whether the connection is gone; selects `ConnectionLostError`.
 
     Returns:
-        A `PgError` (or `ConnectionLostError`) whose ``__cause__`` is ``exc``.
+        A `PgError` (`ConnectionLostError` if ``lost``, `PgRefusedError` for
+        a statement refused for its data) whose ``__cause__`` is ``exc``.
     """
     sqlstate = exc.sqlstate if isinstance(exc, psycopg.Error) else None
     message = str(exc).strip() or type(exc).__name__
-    cls = ConnectionLostError if lost else PgError
+    cls: type[PgError] = PgError
+    if lost:
+        cls = ConnectionLostError
+    elif sqlstate is not None and sqlstate.startswith(_REFUSED_CLASSES):
+        cls = PgRefusedError
     error = cls(message, sqlstate=sqlstate)
     error.__cause__ = exc
     return error
