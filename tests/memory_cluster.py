@@ -31,6 +31,10 @@ class Where:
 class Tally(tc.Entity):
     type_name = "cluster.Tally"
     naps_finished = 0
+    produced = 0
+    """Items `numbers` has made, over all its streams (reset it in a test)."""
+    numbers_closed = 0
+    """`numbers` streams whose generator ended or was interrupted."""
 
     def __init__(self) -> None:
         self.total = 0
@@ -63,6 +67,19 @@ class Tally(tc.Entity):
             yield n
             n += 1
             await trio.sleep(msg.upto)
+
+    @tc.stream
+    async def numbers(self, msg: Count) -> AsyncIterator[int]:
+        """0, 1, 2, ... forever, counted in `Tally.produced`; ``msg.upto`` is
+        ignored."""
+        n = 0
+        try:
+            while True:
+                Tally.produced += 1
+                yield n
+                n += 1
+        finally:
+            Tally.numbers_closed += 1
 
     @tc.stream
     async def tallies(self, msg: Count) -> AsyncIterator[Where]:

@@ -5,8 +5,8 @@ A ``REQUEST`` for a shard this runner serves becomes a detached job whose
 outcome is sent back as ``REPLY``; for a shard it does not serve the answer is
 ``NOT_DELIVERED`` (the caller routes again). The caller's remaining deadline
 travels with the request and bounds the handler here. ``INTERRUPT`` and a lost
-connection cancel the caller's jobs. Streams are pumped back item by item
-within the credit the caller grants.
+connection cancel the caller's jobs. Streams are pumped back item by item,
+numbered, within the credit limit the caller grants (`SendCredit`).
 
 Bad envelopes are logged and dropped; they never disturb other requests.
 """
@@ -36,7 +36,7 @@ from ._remote import OutboundCalls
 from ._shard_table import ShardTable
 from ._sharding import Sharding
 from ._slots import Job, JobKind
-from ._streams import STREAM_BUFFER, open_stream_channel
+from ._streams import ITEM, SendCredit, open_stream_channel
 from ._wire import Kind, Mode, address_from, parse
 
 if TYPE_CHECKING:
@@ -52,24 +52,6 @@ log = logging.getLogger("trio_cluster.transport")
 
 _RECENT_CALLS = 256
 """Call ids remembered per peer to ignore a request delivered twice."""
-
-
-class _Credit:
-    __slots__ = ("available", "changed")
-
-    def __init__(self) -> None:
-        self.available = STREAM_BUFFER
-        self.changed = trio.Event()
-
-    def add(self, count: int) -> None:
-        self.available += count
-        self.changed.set()
-
-    async def take(self) -> None:
-        while self.available <= 0:
-            self.changed = trio.Event()
-            await self.changed.wait()
-        self.available -= 1
 
 
 class _Target(NamedTuple):
@@ -91,7 +73,7 @@ class InboundCalls:
     _manager: EntityManager
     _registry: Registry
     _jobs: dict[tuple[RunnerAddress, int], Job] = attrs.field(init=False, factory=dict)
-    _credits: dict[tuple[RunnerAddress, int], _Credit] = attrs.field(
+    _credits: dict[tuple[RunnerAddress, int], SendCredit] = attrs.field(
         init=False, factory=dict
     )
     _recent: dict[RunnerAddress, dict[int, None]] = attrs.field(
@@ -219,7 +201,7 @@ class InboundCalls:
         key = (peer, call_id)
         self._jobs[key] = job
         if receive is not None:
-            credit = self._credits[key] = _Credit()
+            credit = self._credits[key] = SendCredit()
             assert host.nursery is not None
             host.nursery.start_soon(self._pump, peer, call_id, handler, receive, credit)
 
@@ -247,8 +229,10 @@ class InboundCalls:
         if mode is Mode.DISCARD:
             return
         codec = handler.reply if handler is not None else self._registry.generic_reply
-        kind = Kind.STREAM_END if mode is Mode.STREAM else Kind.REPLY
-        self._send(peer, [kind, call_id, codec.encode_error(error)])
+        if mode is Mode.STREAM:
+            self._send(peer, [Kind.STREAM_END, call_id, 0, codec.encode_error(error)])
+        else:
+            self._send(peer, [Kind.REPLY, call_id, codec.encode_error(error)])
 
     def _answer_now(
         self,
@@ -288,36 +272,44 @@ class InboundCalls:
         call_id: int,
         handler: Handler,
         receive: trio.MemoryReceiveChannel[Any],
-        credit: _Credit,
+        credit: SendCredit,
     ) -> None:
+        """Send a stream job's items to its caller, numbered, as its credit
+        allows, then its end with the count of items sent. Cancellation (the
+        shard stops) ends the pump; the caller learns of it by the end the
+        producer sends, if it is already queued, or by the connection."""
         key = (peer, call_id)
         try:
             async with receive:
                 async for kind, value in receive:
-                    if kind == 0:
-                        await credit.take()
-                        self._send(
-                            peer,
-                            [
-                                Kind.STREAM_ITEM,
-                                call_id,
-                                handler.reply.value.encode(value),
-                            ],
-                        )
-                    else:
-                        self._send(
-                            peer,
-                            [Kind.STREAM_END, call_id, _encode_end(handler, value)],
-                        )
+                    if kind != ITEM:
+                        end = _encode_end(handler, value)
+                        self._send(peer, [Kind.STREAM_END, call_id, credit.sent, end])
                         return
+                    try:
+                        payload = handler.reply.value.encode(value)
+                    except MalformedMessageError as exc:
+                        # Only without serialize_local_calls does an item
+                        # that cannot travel get this far: end the stream
+                        # with the error rather than lose the item.
+                        end = handler.reply.encode_error(exc)
+                        self._send(peer, [Kind.STREAM_END, call_id, credit.sent, end])
+                        job = self._jobs.pop(key, None)
+                        if job is not None:
+                            self._manager.cancel_job(job)
+                        return
+                    number = await credit.take()
+                    self._send(peer, [Kind.STREAM_ITEM, call_id, number, payload])
         finally:
             self._jobs.pop(key, None)
             self._credits.pop(key, None)
 
-    def credit(self, peer: RunnerAddress, call_id: int, count: int) -> None:
+    def credit(self, peer: RunnerAddress, call_id: int, limit: int) -> None:
+        """The caller of stream ``call_id`` accepts items up to number
+        ``limit`` (cumulative: a repeated or late credit grants nothing)."""
         credit = self._credits.get((peer, call_id))
-        if credit is not None and count > 0:
-            credit.add(count)
+        if credit is not None:
+            credit.grant(limit)
 
     def interrupt(self, peer: RunnerAddress, call_id: int) -> None:
         job = self._jobs.pop((peer, call_id), None)
@@ -384,13 +376,13 @@ class ClusterHandler(EndpointHandler):
             if kind is Kind.REQUEST:
                 inbound.request(peer, fields)
             elif kind is Kind.REPLY:
-                outbound.reply(*fields)
+                outbound.reply(peer, *fields)
             elif kind is Kind.NOT_DELIVERED:
-                outbound.not_delivered(*fields)
+                outbound.not_delivered(peer, *fields)
             elif kind is Kind.STREAM_ITEM:
-                outbound.stream_item(*fields)
+                outbound.stream_item(peer, *fields)
             elif kind is Kind.STREAM_END:
-                outbound.stream_end(*fields)
+                outbound.stream_end(peer, *fields)
             elif kind is Kind.STREAM_CREDIT:
                 inbound.credit(peer, *fields)
             elif kind is Kind.INTERRUPT:

@@ -14,6 +14,17 @@ as themselves, others as `RemoteError` (and the entity restarts).
 
 The producer reaches the entity manager only through `StreamOwner` (permits,
 outcomes, the end of the job), so this module does not import the manager.
+
+A stream whose caller is on another runner crosses the wire as numbered
+``STREAM_ITEM`` envelopes within a cumulative credit (`SendCredit` on the
+owner, `ReceiveWindow` on the caller): items are numbered 1, 2, 3, ...; the
+request grants items up to `STREAM_BUFFER`, and each ``STREAM_CREDIT`` raises
+that *limit* (the highest item number the caller accepts), never adds to it.
+So a frame the transport delivers twice changes nothing: a repeated item is
+dropped by its number, a repeated credit grants no more. A missing number
+(items lost in transit) or an item beyond the limit ends the stream with a
+typed error instead of being skipped; ``STREAM_END`` carries the number of
+items sent, so the loss of the last items is seen too.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import trio
 
 from .._context import current_entity_var
 from .._core._job import StopReason
+from .._errors import MalformedMessageError, RunnerUnavailableError
 from ..serialization._replies import Exit
 from ._entity_lifecycle import activate
 from ._outcomes import stream_item
@@ -36,7 +48,12 @@ if TYPE_CHECKING:
     from ._slots import Job, Slot
 
 __all__ = [
+    "CREDIT_BATCH",
+    "END",
+    "ITEM",
     "STREAM_BUFFER",
+    "ReceiveWindow",
+    "SendCredit",
     "StreamOwner",
     "StreamReceiver",
     "consume",
@@ -46,10 +63,16 @@ __all__ = [
 ]
 
 STREAM_BUFFER: Final = 16
-"""Items buffered between a stream's generator and its caller."""
+"""Items buffered between a stream's generator and its caller; for a remote
+caller, also its credit window (items sent but not yet read)."""
+CREDIT_BATCH: Final = STREAM_BUFFER // 2
+"""A remote caller raises the owner's limit once its consumer has read this
+many items since the last grant."""
 
-_ITEM: Final = 0
-_END: Final = 1
+ITEM: Final = 0
+"""Tag of ``(ITEM, value)`` in a stream's channel."""
+END: Final = 1
+"""Tag of ``(END, exit)``, the last thing in a stream's channel."""
 
 
 class StreamOwner(Protocol):
@@ -104,7 +127,7 @@ async def run_stream(owner: StreamOwner, slot: Slot, job: Job) -> None:
                 try:
                     async for item in generator:
                         await channel.send(
-                            (_ITEM, stream_item(handler, item, serialize))
+                            (ITEM, stream_item(handler, item, serialize))
                         )
                 finally:
                     with trio.CancelScope(shield=True), trio.move_on_after(1.0):
@@ -125,7 +148,7 @@ async def run_stream(owner: StreamOwner, slot: Slot, job: Job) -> None:
     assert isinstance(outcome, Exit), "stream jobs are never persisted"
     with trio.move_on_after(1.0):
         with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await channel.send((_END, outcome))
+            await channel.send((END, outcome))
     await channel.aclose()
 
 
@@ -147,7 +170,7 @@ class StreamReceiver:
         except trio.EndOfChannel:
             self.finished = True
             raise StopAsyncIteration from None
-        if kind == _ITEM:
+        if kind == ITEM:
             return value
         self.finished = True
         exit_: Exit = value
@@ -165,7 +188,7 @@ def open_stream_channel() -> tuple[
 def end_stream_nowait(channel: trio.MemorySendChannel[Any], exit_: Exit) -> None:
     """End a stream that never started (its job was bounced)."""
     with suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-        channel.send_nowait((_END, exit_))
+        channel.send_nowait((END, exit_))
     channel.close()
 
 
@@ -181,3 +204,116 @@ async def consume(
         if not receiver.finished:
             owner.cancel_job(job)
         await receive.aclose()
+
+
+class SendCredit:
+    """A remote stream's numbering and credit on the owner's side.
+
+    `take` numbers the next item once the caller's limit allows it; `grant`
+    raises the limit (a lower or equal limit, from a repeated or late
+    ``STREAM_CREDIT``, changes nothing).
+    """
+
+    __slots__ = ("_changed", "limit", "sent")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        """The number of the last item sent (0: none yet)."""
+        self.limit = STREAM_BUFFER
+        """The highest item number the caller accepts."""
+        self._changed = trio.Event()
+
+    def grant(self, limit: int) -> None:
+        """The caller accepts items up to number ``limit`` (cumulative)."""
+        if limit > self.limit:
+            self.limit = limit
+            self._changed.set()
+
+    async def take(self) -> int:
+        """Wait until the caller accepts one more item; return its number.
+
+        Cancellation: nothing is taken (the next call returns the same
+        number).
+        """
+        while self.sent >= self.limit:
+            self._changed = trio.Event()
+            await self._changed.wait()
+        self.sent += 1
+        return self.sent
+
+
+class ReceiveWindow:
+    """A remote stream's numbering and credit on the caller's side (pure
+    bookkeeping; the caller sends what `consumed` returns).
+
+    Args:
+        peer: the owner, named in the errors.
+    """
+
+    __slots__ = ("limit", "peer", "read", "received")
+
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
+        self.received = 0
+        """The number of the last item accepted."""
+        self.read = 0
+        """Items the consumer has read."""
+        self.limit = STREAM_BUFFER
+        """The highest item number granted to the owner."""
+
+    def arrived(self, number: int) -> bool:
+        """Item ``number`` arrived: True if it is the next one (deliver it),
+        False if it arrived before (drop it).
+
+        Raises:
+            RunnerUnavailableError: items before it were lost in transit.
+            MalformedMessageError: it is beyond the credit granted (the owner
+                does not keep to the protocol).
+        """
+        if number <= self.received:
+            return False
+        if number > self.limit:
+            raise MalformedMessageError(
+                what="STREAM_ITEM envelope",
+                problems=[f"item {number} is beyond the credit granted ({self.limit})"],
+            )
+        if number != self.received + 1:
+            raise self._lost(f"item {number} arrived after item {self.received}")
+        self.received = number
+        return True
+
+    def ended(self, count: int) -> None:
+        """The owner ended the stream after sending ``count`` items.
+
+        Raises:
+            RunnerUnavailableError: some of them never arrived.
+            MalformedMessageError: ``count`` is less than the items received,
+                or beyond the credit granted.
+        """
+        if count < self.received or count > self.limit:
+            raise MalformedMessageError(
+                what="STREAM_END envelope",
+                problems=[
+                    f"{count} items sent, but {self.received} received"
+                    f" and {self.limit} granted"
+                ],
+            )
+        if count != self.received:
+            raise self._lost(
+                f"the stream ended after item {count}, the last received"
+                f" is {self.received}"
+            )
+
+    def consumed(self) -> int | None:
+        """The consumer read one more item: the new limit to send to the
+        owner, or None if no grant is due yet."""
+        self.read += 1
+        if self.read + STREAM_BUFFER - self.limit < CREDIT_BATCH:
+            return None
+        self.limit = self.read + STREAM_BUFFER
+        return self.limit
+
+    def _lost(self, detail: str) -> RunnerUnavailableError:
+        return RunnerUnavailableError(
+            runner=self.peer, detail=f"stream items lost in transit ({detail})"
+        )
