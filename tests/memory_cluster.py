@@ -82,6 +82,14 @@ class Tally(tc.Entity):
             Tally.numbers_closed += 1
 
     @tc.stream
+    async def unsendable(self, msg: Count) -> AsyncIterator[int]:
+        """``msg.upto`` items, then one no codec can encode (it reaches the
+        wire only without ``serialize_local_calls``)."""
+        for n in range(msg.upto):
+            yield n
+        yield object()  # type: ignore[misc]
+
+    @tc.stream
     async def tallies(self, msg: Count) -> AsyncIterator[Where]:
         """A stream of attrs items (their codec cannot encode None)."""
         for n in range(msg.upto):

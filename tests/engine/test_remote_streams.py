@@ -414,3 +414,20 @@ async def test_credit_is_a_cumulative_limit_raised_as_items_are_read(
             STREAM_BUFFER + CREDIT_BATCH,
             STREAM_BUFFER + 2 * CREDIT_BATCH,
         ]
+
+
+async def test_an_item_the_owner_cannot_encode_ends_the_stream(autojump_clock):
+    # Without serialize_local_calls nothing checks an item before the owner
+    # encodes it for the wire: it raised in the pump, a task of the shard.
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1, 2], serialize_local_calls=False)
+        first = cluster.runners[1]
+        entity = cluster.remote_id(first)
+        tally = first.client(Tally)(entity)
+        with trio.fail_after(100):
+            async with tally.unsendable(Count(3)) as items:
+                assert [await items.__anext__() for _ in range(3)] == [0, 1, 2]
+                with pytest.raises(tc.MalformedMessageError, match="cannot encode"):
+                    await items.__anext__()
+            async with tally.count(Count(3)) as items:
+                assert [item async for item in items] == [0, 1, 2]
