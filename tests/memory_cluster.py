@@ -90,6 +90,19 @@ class Tally(tc.Entity):
         yield object()  # type: ignore[misc]
 
     @tc.stream
+    async def mistyped(self, msg: Count) -> AsyncIterator[int]:
+        """``msg.upto`` items, then text forever (the caller cannot decode
+        it; it reaches the wire only without ``serialize_local_calls``);
+        counts its end in `Tally.numbers_closed`."""
+        try:
+            for n in range(msg.upto):
+                yield n
+            while True:
+                yield "text"  # type: ignore[misc]
+        finally:
+            Tally.numbers_closed += 1
+
+    @tc.stream
     async def tallies(self, msg: Count) -> AsyncIterator[Where]:
         """A stream of attrs items (their codec cannot encode None)."""
         for n in range(msg.upto):

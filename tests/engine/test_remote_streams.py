@@ -431,3 +431,23 @@ async def test_an_item_the_owner_cannot_encode_ends_the_stream(autojump_clock):
                     await items.__anext__()
             async with tally.count(Count(3)) as items:
                 assert [item async for item in items] == [0, 1, 2]
+
+
+async def test_an_item_the_caller_cannot_decode_interrupts_the_owner(
+    autojump_clock,
+):
+    # The consumer got the error, but the generator ran on at the owner
+    # until the connection closed.
+    Tally.numbers_closed = 0
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1, 2], serialize_local_calls=False)
+        first = cluster.runners[1]
+        entity = cluster.remote_id(first)
+        tally = first.client(Tally)(entity)
+        with trio.fail_after(100):
+            async with tally.mistyped(Count(2)) as items:
+                assert [await items.__anext__() for _ in range(2)] == [0, 1]
+                with pytest.raises(tc.MalformedMessageError):
+                    await items.__anext__()
+            await trio.sleep(1)
+            assert Tally.numbers_closed == 1
