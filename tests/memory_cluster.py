@@ -28,6 +28,11 @@ class Where:
     total: int
 
 
+@attrs.define(eq=False, kw_only=True)
+class Refused(Exception):
+    after: int
+
+
 class Tally(tc.Entity):
     type_name = "cluster.Tally"
     naps_finished = 0
@@ -101,6 +106,13 @@ class Tally(tc.Entity):
                 yield "text"  # type: ignore[misc]
         finally:
             Tally.numbers_closed += 1
+
+    @tc.stream(errors=[Refused])
+    async def count_then_refuse(self, msg: Count) -> AsyncIterator[int]:
+        """0 .. ``msg.upto - 1``, then the declared error `Refused`."""
+        for n in range(msg.upto):
+            yield n
+        raise Refused(after=msg.upto)
 
     @tc.stream
     async def tallies(self, msg: Count) -> AsyncIterator[Where]:

@@ -27,7 +27,7 @@ from trio_cluster.transport import FrameFault, MemoryTransport, RandomFaults
 from trio_cluster.transport._faults import FaultHook
 
 from ..helpers import Count, config
-from ..memory_cluster import Cluster, Tally, Where, open_cluster
+from ..memory_cluster import Cluster, Refused, Tally, Where, open_cluster
 
 AHEAD = 2 * STREAM_BUFFER + 2
 """How far a stream's generator may run ahead of its remote consumer: the
@@ -451,3 +451,112 @@ async def test_an_item_the_caller_cannot_decode_interrupts_the_owner(
                     await items.__anext__()
             await trio.sleep(1)
             assert Tally.numbers_closed == 1
+
+
+async def test_streams_whose_shard_moves_away_end_with_a_typed_error(
+    autojump_clock,
+):
+    # A third runner takes some shards of the second: their streams, read
+    # from the first runner (remote) and from the second itself (local),
+    # end with EntityNotAssignedError after the items sent. The end was
+    # lost with the shard's nursery (the producer's and the pump's): their
+    # consumers waited forever, and one that was not reading when the shard
+    # stopped saw a clean end.
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1, 2])
+        first, second = cluster.runners[1], cluster.runners[2]
+        served = [f"e{i}" for i in range(120) if cluster.owner(f"e{i}") is second]
+        remote, stalled = set(served[1::3]), set(served[2::3])
+        outcome: dict[str, str] = {}
+
+        async def consume(entity: str) -> None:
+            runner = first if entity in remote else second
+            client = runner.client(Tally)(entity)
+            try:
+                async with client.slow_count(Count(1)) as items:
+                    if entity in stalled:
+                        await trio.sleep(100)  # its channel fills up
+                    async for _ in items:
+                        pass
+            except tc.EntityNotAssignedError as exc:
+                outcome[entity] = exc.detail
+            else:
+                outcome[entity] = "ended cleanly"
+
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(nursery.cancel_scope.cancel)
+        for entity in served:
+            nursery.start_soon(consume, entity)
+        await trio.sleep(2 * STREAM_BUFFER)
+        await cluster.start(3)
+        await cluster.settled()
+        moved = {e for e in served if cluster.owner(e) is not second}
+        assert moved & remote, "no remote stream's shard moved"
+        assert moved & stalled, "no stalled stream's shard moved"
+        assert moved - remote - stalled, "no local stream's shard moved"
+        with trio.fail_after(200):
+            while set(outcome) != moved:  # noqa: ASYNC110
+                await trio.sleep(1)
+        assert set(outcome.values()) == {
+            "shard stopped while the handler ran (it may have partly run)"
+        }
+        await trio.sleep(30)
+        assert set(outcome) == moved  # the others go on
+
+
+def pumps() -> int:
+    """How many tasks pump a stream to a remote caller (`InboundCalls._pump`)."""
+
+    def walk(task: trio.lowlevel.Task) -> int:
+        found = int(task.name.endswith("._pump"))
+        for nursery in task.child_nurseries:
+            found += sum(walk(child) for child in nursery.child_tasks)
+        return found
+
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    return walk(root)
+
+
+async def read_slowly(items: AsyncIterator[Any], read: list[Any]) -> None:
+    """Read ``items`` into ``read``, one every 2 seconds."""
+    async for item in items:
+        read.append(item)
+        await trio.sleep(2)
+
+
+async def test_a_slow_consumer_gets_the_error_that_ends_a_stream(autojump_clock):
+    # The end waited at most a second for room in the full channel, then
+    # was dropped: a local consumer saw a clean end instead of the error, a
+    # remote one waited forever.
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1, 2])
+        first = cluster.runners[1]
+        entity = cluster.remote_id(first)
+        for runner in (first, cluster.owner(entity)):  # remote, then local
+            read: list[int] = []
+            with trio.fail_after(1000):
+                async with runner.client(Tally)(entity).count_then_refuse(
+                    Count(3 * STREAM_BUFFER)
+                ) as items:
+                    with pytest.raises(Refused) as caught:
+                        await read_slowly(items, read)
+            assert read == list(range(3 * STREAM_BUFFER))
+            assert caught.value.after == 3 * STREAM_BUFFER
+
+
+async def test_leaving_early_after_the_generator_ended_stops_the_pump(
+    autojump_clock,
+):
+    # The generator had already ended, so the interrupt found no job to
+    # cancel, and the pump waited for credit that never came.
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1, 2])
+        first = cluster.runners[1]
+        entity = cluster.remote_id(first)
+        async with first.client(Tally)(entity).count(Count(STREAM_BUFFER + 5)) as items:
+            assert await items.__anext__() == 0
+            await trio.sleep(1)
+            assert pumps() == 1  # it waits for credit
+        await trio.sleep(1)
+        assert pumps() == 0

@@ -173,7 +173,10 @@ class OutboundCalls:
         pending.stream = send
         window = pending.window = ReceiveWindow(str(peer))
         receiver = _CreditingReceiver(
-            receive, window, lambda limit: self._credit(peer, call_id, limit)
+            receive,
+            str(address),
+            window,
+            lambda limit: self._credit(peer, call_id, limit),
         )
         try:
             yield receiver
@@ -374,10 +377,11 @@ class _CreditingReceiver(StreamReceiver):
     def __init__(
         self,
         receive: trio.MemoryReceiveChannel[Any],
+        address: str,
         window: ReceiveWindow,
         grant: Callable[[int], None],
     ) -> None:
-        super().__init__(receive)
+        super().__init__(receive, address)
         self._window = window
         self._grant = grant
 

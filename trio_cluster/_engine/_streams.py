@@ -36,7 +36,11 @@ import trio
 
 from .._context import current_entity_var
 from .._core._job import StopReason
-from .._errors import MalformedMessageError, RunnerUnavailableError
+from .._errors import (
+    EntityNotAssignedError,
+    MalformedMessageError,
+    RunnerUnavailableError,
+)
 from ..serialization._replies import Exit
 from ._entity_lifecycle import activate
 from ._outcomes import stream_item
@@ -102,9 +106,29 @@ class StreamOwner(Protocol):
 
 
 async def run_stream(owner: StreamOwner, slot: Slot, job: Job) -> None:
-    """Producer task of one stream job (runs in the shard's nursery)."""
+    """Producer task of one stream job (runs in the shard's nursery).
+
+    The stream's end always reaches the channel, then the channel closes,
+    even when the shard's nursery is cancelled (its lease lapsed, or it
+    stopped past the termination timeout): the end then says the shard
+    stopped."""
     channel = job.stream_channel
     assert channel is not None
+    end: Exit | None = None
+    try:
+        end = await _produce(owner, slot, job, channel)
+    finally:
+        if end is None:  # cancelled from outside the handler's scope
+            stopped = owner.handler_stopped(slot, job)
+            assert isinstance(stopped, Exit), "stream jobs are never persisted"
+            end = stopped
+        await _end(channel, end)
+
+
+async def _produce(
+    owner: StreamOwner, slot: Slot, job: Job, channel: trio.MemorySendChannel[Any]
+) -> Exit:
+    """Run the generator, sending its items; return how it ended."""
     shard = slot.shard
     handler = job.handler
     serialize = owner.serialize
@@ -146,17 +170,48 @@ async def run_stream(owner: StreamOwner, slot: Slot, job: Job) -> None:
         if job.stop_reason is StopReason.INTERRUPTED:
             outcome = Exit()
     assert isinstance(outcome, Exit), "stream jobs are never persisted"
-    with trio.move_on_after(1.0):
-        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await channel.send((END, outcome))
-    await channel.aclose()
+    return outcome
+
+
+async def _end(channel: trio.MemorySendChannel[Any], exit_: Exit) -> None:
+    """Put a stream's end in its channel and close it.
+
+    The end waits behind the items for the consumer to make room, as long as
+    the consumer is there (a consumer that leaves closes its end: nothing to
+    report then). If the shard's nursery is cancelled meanwhile (or already),
+    the consumer gets one more second, shielded; after that the channel
+    closes without the end, which the consumer reports as the shard
+    stopping (`StreamReceiver`).
+    """
+    try:
+        try:
+            channel.send_nowait((END, exit_))
+        except trio.WouldBlock:
+            try:
+                await channel.send((END, exit_))
+            except trio.Cancelled:
+                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                    await channel.send((END, exit_))
+                raise
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the consumer is gone
+    finally:
+        channel.close()
 
 
 class StreamReceiver:
-    """The caller's side of a stream: an async iterator of items."""
+    """The caller's side of a stream: an async iterator of items.
 
-    def __init__(self, receive: trio.MemoryReceiveChannel[Any]) -> None:
+    Args:
+        receive: the stream's channel: items, then its end.
+        address: the entity, named in the error raised if the channel
+            closes without an end (the producer could not deliver it before
+            its shard stopped).
+    """
+
+    def __init__(self, receive: trio.MemoryReceiveChannel[Any], address: str) -> None:
         self._receive = receive
+        self._address = address
         self.finished = False
 
     def __aiter__(self) -> StreamReceiver:
@@ -168,8 +223,13 @@ class StreamReceiver:
         try:
             kind, value = await self._receive.receive()
         except trio.EndOfChannel:
+            # Not a clean end: that would come as an END, so the items the
+            # consumer has are not the whole stream.
             self.finished = True
-            raise StopAsyncIteration from None
+            raise EntityNotAssignedError(
+                address=self._address,
+                detail="shard stopped while the handler ran (it may have partly run)",
+            ) from None
         if kind == ITEM:
             return value
         self.finished = True
@@ -197,7 +257,7 @@ async def consume(
     owner: StreamOwner, job: Job, receive: trio.MemoryReceiveChannel[Any]
 ) -> AsyncIterator[StreamReceiver]:
     """Own a submitted stream job from the caller's side (see module doc)."""
-    receiver = StreamReceiver(receive)
+    receiver = StreamReceiver(receive, str(job.slot.address))
     try:
         yield receiver
     finally:
