@@ -28,9 +28,18 @@ class Where:
     total: int
 
 
+@attrs.define(eq=False, kw_only=True)
+class Refused(Exception):
+    after: int
+
+
 class Tally(tc.Entity):
     type_name = "cluster.Tally"
     naps_finished = 0
+    produced = 0
+    """Items `numbers` has made, over all its streams (reset it in a test)."""
+    numbers_closed = 0
+    """`numbers` streams whose generator ended or was interrupted."""
 
     def __init__(self) -> None:
         self.total = 0
@@ -63,6 +72,47 @@ class Tally(tc.Entity):
             yield n
             n += 1
             await trio.sleep(msg.upto)
+
+    @tc.stream
+    async def numbers(self, msg: Count) -> AsyncIterator[int]:
+        """0, 1, 2, ... forever, counted in `Tally.produced`; ``msg.upto`` is
+        ignored."""
+        n = 0
+        try:
+            while True:
+                Tally.produced += 1
+                yield n
+                n += 1
+        finally:
+            Tally.numbers_closed += 1
+
+    @tc.stream
+    async def unsendable(self, msg: Count) -> AsyncIterator[int]:
+        """``msg.upto`` items, then one no codec can encode (it reaches the
+        wire only without ``serialize_local_calls``)."""
+        for n in range(msg.upto):
+            yield n
+        yield object()  # type: ignore[misc]
+
+    @tc.stream
+    async def mistyped(self, msg: Count) -> AsyncIterator[int]:
+        """``msg.upto`` items, then text forever (the caller cannot decode
+        it; it reaches the wire only without ``serialize_local_calls``);
+        counts its end in `Tally.numbers_closed`."""
+        try:
+            for n in range(msg.upto):
+                yield n
+            while True:
+                yield "text"  # type: ignore[misc]
+        finally:
+            Tally.numbers_closed += 1
+
+    @tc.stream(errors=[Refused])
+    async def count_then_refuse(self, msg: Count) -> AsyncIterator[int]:
+        """0 .. ``msg.upto - 1``, then the declared error `Refused`."""
+        for n in range(msg.upto):
+            yield n
+        raise Refused(after=msg.upto)
 
     @tc.stream
     async def tallies(self, msg: Count) -> AsyncIterator[Where]:

@@ -38,6 +38,10 @@ def with_field(envelope: list[Any], index: int, value: Any) -> list[Any]:
         with_field([int(x) if isinstance(x, int) else x for x in REQUEST], 9, None),
         with_field([int(x) if isinstance(x, int) else x for x in REQUEST], 9, 2),
         [2, 7, b"reply"],
+        [4, 7, 1, b"item"],
+        [5, 7, 0, b"end"],
+        [6, 7, 0],
+        [6, 7, 2**64 - 1],
         [8, 1, "Counter", "c", "default", 3, True],
         [10, "name", b""],
     ],
@@ -61,6 +65,15 @@ def test_well_formed_envelopes_parse(envelope):
         ([8, 1, "Counter", "c", "default", 3, 1], "field 6: unexpected int"),
         ([2, 7.0, b"x"], "field 1: unexpected float"),
         ([1, 7, 0, "C", "c", "default", 3, "h", b"", "soon"], "field 9"),
+        # Stream counters: items are numbered from 1, counts and limits
+        # cannot be negative.
+        ([4, 7, 0, b"item"], "field 2: 0 is below 1"),
+        ([4, 7, -3, b"item"], "field 2: -3 is below 1"),
+        ([4, 7, b"item"], "expected 3 fields, got 2"),
+        ([4, 7, 1.0, b"item"], "field 2: unexpected float"),
+        ([5, 7, -1, b"end"], "field 2: -1 is below 0"),
+        ([6, 7, -(2**63)], "is below 0"),
+        ([6, 7, False], "field 2: unexpected bool"),
     ],
 )
 def test_malformed_envelopes_are_refused(envelope, problem):

@@ -5,8 +5,8 @@ A ``REQUEST`` for a shard this runner serves becomes a detached job whose
 outcome is sent back as ``REPLY``; for a shard it does not serve the answer is
 ``NOT_DELIVERED`` (the caller routes again). The caller's remaining deadline
 travels with the request and bounds the handler here. ``INTERRUPT`` and a lost
-connection cancel the caller's jobs. Streams are pumped back item by item
-within the credit the caller grants.
+connection cancel the caller's jobs. Streams are pumped back item by item,
+numbered, within the credit limit the caller grants (`SendCredit`).
 
 Bad envelopes are logged and dropped; they never disturb other requests.
 """
@@ -14,6 +14,7 @@ Bad envelopes are logged and dropped; they never disturb other requests.
 from __future__ import annotations
 
 import logging
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import attrs
@@ -21,6 +22,7 @@ import trio
 
 from .._context import RunnerContext, current_entity_var, current_runner_var
 from .._core._addresses import RunnerAddress
+from .._core._job import StopReason
 from .._errors import (
     MailboxFullError,
     MalformedMessageError,
@@ -29,21 +31,22 @@ from .._errors import (
 )
 from .._registry import Registry
 from .._transport_abc import Endpoint, EndpointHandler
+from ..serialization._replies import Exit
 from ._broadcasts import Broadcasts
 from ._manager import EntityManager, NotDelivered
+from ._outcomes import stopped
 from ._persisted import PersistedDelivery
 from ._remote import OutboundCalls
 from ._shard_table import ShardTable
 from ._sharding import Sharding
 from ._slots import Job, JobKind
-from ._streams import STREAM_BUFFER, open_stream_channel
+from ._streams import ITEM, SendCredit, open_stream_channel
 from ._wire import Kind, Mode, address_from, parse
 
 if TYPE_CHECKING:
     from .._core._addresses import EntityAddress
     from .._registry import EntityType, Handler
     from .._transport_abc import Envelope
-    from ..serialization._replies import Exit
     from ._slots import ShardHost, Sink
 
 __all__ = ["ClusterHandler", "HandlerRelay", "InboundCalls"]
@@ -54,22 +57,15 @@ _RECENT_CALLS = 256
 """Call ids remembered per peer to ignore a request delivered twice."""
 
 
-class _Credit:
-    __slots__ = ("available", "changed")
+class _Outgoing:
+    """A stream pumped back to its caller: its numbering and credit, and
+    the pump's scope, cancelled when the caller goes away."""
+
+    __slots__ = ("credit", "scope")
 
     def __init__(self) -> None:
-        self.available = STREAM_BUFFER
-        self.changed = trio.Event()
-
-    def add(self, count: int) -> None:
-        self.available += count
-        self.changed.set()
-
-    async def take(self) -> None:
-        while self.available <= 0:
-            self.changed = trio.Event()
-            await self.changed.wait()
-        self.available -= 1
+        self.credit = SendCredit()
+        self.scope = trio.CancelScope()
 
 
 class _Target(NamedTuple):
@@ -91,7 +87,7 @@ class InboundCalls:
     _manager: EntityManager
     _registry: Registry
     _jobs: dict[tuple[RunnerAddress, int], Job] = attrs.field(init=False, factory=dict)
-    _credits: dict[tuple[RunnerAddress, int], _Credit] = attrs.field(
+    _streams: dict[tuple[RunnerAddress, int], _Outgoing] = attrs.field(
         init=False, factory=dict
     )
     _recent: dict[RunnerAddress, dict[int, None]] = attrs.field(
@@ -219,9 +215,11 @@ class InboundCalls:
         key = (peer, call_id)
         self._jobs[key] = job
         if receive is not None:
-            credit = self._credits[key] = _Credit()
+            stream = self._streams[key] = _Outgoing()
             assert host.nursery is not None
-            host.nursery.start_soon(self._pump, peer, call_id, handler, receive, credit)
+            host.nursery.start_soon(
+                self._pump, peer, call_id, address, handler, receive, stream
+            )
 
     def _seen(self, peer: RunnerAddress, call_id: int) -> bool:
         """Whether ``call_id`` came from ``peer`` lately; remember it if not."""
@@ -247,8 +245,10 @@ class InboundCalls:
         if mode is Mode.DISCARD:
             return
         codec = handler.reply if handler is not None else self._registry.generic_reply
-        kind = Kind.STREAM_END if mode is Mode.STREAM else Kind.REPLY
-        self._send(peer, [kind, call_id, codec.encode_error(error)])
+        if mode is Mode.STREAM:
+            self._send(peer, [Kind.STREAM_END, call_id, 0, codec.encode_error(error)])
+        else:
+            self._send(peer, [Kind.REPLY, call_id, codec.encode_error(error)])
 
     def _answer_now(
         self,
@@ -286,49 +286,115 @@ class InboundCalls:
         self,
         peer: RunnerAddress,
         call_id: int,
+        address: EntityAddress,
         handler: Handler,
         receive: trio.MemoryReceiveChannel[Any],
-        credit: _Credit,
+        stream: _Outgoing,
     ) -> None:
+        """Send a stream job's items to its caller, numbered, as its credit
+        allows, then its end with the count of items sent.
+
+        The pump runs in the shard's nursery: if that is cancelled (the
+        shard stops) before the producer's end comes through, the caller is
+        still sent an end, saying the shard stopped. If the caller goes away
+        (``INTERRUPT``, lost connection), its scope is cancelled: it stops
+        at once, with nothing to send.
+        """
         key = (peer, call_id)
+        credit = stream.credit
+        end: Exit | None = None
         try:
-            async with receive:
-                async for kind, value in receive:
-                    if kind == 0:
-                        await credit.take()
-                        self._send(
-                            peer,
-                            [
-                                Kind.STREAM_ITEM,
-                                call_id,
-                                handler.reply.value.encode(value),
-                            ],
-                        )
-                    else:
-                        self._send(
-                            peer,
-                            [Kind.STREAM_END, call_id, _encode_end(handler, value)],
-                        )
-                        return
+            with stream.scope:
+                async with receive:
+                    end = await self._forward(key, handler, receive, credit)
         finally:
             self._jobs.pop(key, None)
-            self._credits.pop(key, None)
+            self._streams.pop(key, None)
+            if not stream.scope.cancelled_caught:
+                self._send_end(peer, call_id, address, handler, credit.sent, end)
 
-    def credit(self, peer: RunnerAddress, call_id: int, count: int) -> None:
-        credit = self._credits.get((peer, call_id))
-        if credit is not None and count > 0:
-            credit.add(count)
+    def _send_end(
+        self,
+        peer: RunnerAddress,
+        call_id: int,
+        address: EntityAddress,
+        handler: Handler,
+        count: int,
+        end: Exit | None,
+    ) -> None:
+        """Send ``STREAM_END`` after ``count`` items: ``end``, or if the
+        producer's end never came, that the shard stopped."""
+        if end is None:
+            outcome = stopped(
+                StopReason.SHARD_STOPPED,
+                persisted=False,
+                request_id=None,
+                address=address,
+                runner=str(self._endpoint.address),
+            )
+            assert isinstance(outcome, Exit), "stream jobs are never persisted"
+            end = outcome
+        payload = _encode_end(handler, end)
+        # Not if this runner is closing (its endpoint is closed): then the
+        # caller sees the connection go.
+        with suppress(trio.ClosedResourceError):
+            self._send(peer, [Kind.STREAM_END, call_id, count, payload])
+
+    async def _forward(
+        self,
+        key: tuple[RunnerAddress, int],
+        handler: Handler,
+        receive: trio.MemoryReceiveChannel[Any],
+        credit: SendCredit,
+    ) -> Exit | None:
+        """Send the items of a stream as its credit allows; return its end
+        (None: the channel closed without one)."""
+        peer, call_id = key
+        async for kind, value in receive:
+            if kind != ITEM:
+                end: Exit = value
+                return end
+            try:
+                payload = handler.reply.value.encode(value)
+            except MalformedMessageError as exc:
+                # Only without serialize_local_calls does an item that
+                # cannot travel get this far: end the stream with the error
+                # rather than lose the item, and stop the generator.
+                job = self._jobs.pop(key, None)
+                if job is not None:
+                    self._manager.cancel_job(job)
+                return Exit(error=exc)
+            number = await credit.take()
+            self._send(peer, [Kind.STREAM_ITEM, call_id, number, payload])
+        return None
+
+    def credit(self, peer: RunnerAddress, call_id: int, limit: int) -> None:
+        """The caller of stream ``call_id`` accepts items up to number
+        ``limit`` (cumulative: a repeated or late credit grants nothing)."""
+        stream = self._streams.get((peer, call_id))
+        if stream is not None:
+            stream.credit.grant(limit)
 
     def interrupt(self, peer: RunnerAddress, call_id: int) -> None:
-        job = self._jobs.pop((peer, call_id), None)
-        if job is not None:
-            self._manager.cancel_job(job)
+        """The caller gave up on ``call_id``: cancel its job, and stop its
+        stream's pump (the generator may have ended already)."""
+        self._stop((peer, call_id))
 
     def peer_lost(self, peer: RunnerAddress) -> None:
         """The caller is gone: cancel what it was waiting for."""
         self._recent.pop(peer, None)
-        for key in [key for key in self._jobs if key[0] == peer]:
-            self._manager.cancel_job(self._jobs.pop(key))
+        keys = {key for key in self._jobs if key[0] == peer}
+        keys.update(key for key in self._streams if key[0] == peer)
+        for key in keys:
+            self._stop(key)
+
+    def _stop(self, key: tuple[RunnerAddress, int]) -> None:
+        job = self._jobs.pop(key, None)
+        if job is not None:
+            self._manager.cancel_job(job)
+        stream = self._streams.pop(key, None)
+        if stream is not None:
+            stream.scope.cancel()
 
 
 def _encode(handler: Handler, exit_: Exit) -> bytes:
@@ -384,13 +450,13 @@ class ClusterHandler(EndpointHandler):
             if kind is Kind.REQUEST:
                 inbound.request(peer, fields)
             elif kind is Kind.REPLY:
-                outbound.reply(*fields)
+                outbound.reply(peer, *fields)
             elif kind is Kind.NOT_DELIVERED:
-                outbound.not_delivered(*fields)
+                outbound.not_delivered(peer, *fields)
             elif kind is Kind.STREAM_ITEM:
-                outbound.stream_item(*fields)
+                outbound.stream_item(peer, *fields)
             elif kind is Kind.STREAM_END:
-                outbound.stream_end(*fields)
+                outbound.stream_end(peer, *fields)
             elif kind is Kind.STREAM_CREDIT:
                 inbound.credit(peer, *fields)
             elif kind is Kind.INTERRUPT:

@@ -9,25 +9,35 @@ call waits, the call fails with `RunnerUnavailableError`: the handler may or
 may not have run (at most once).
 
 Streams flow with credits: the caller grants the owner a window of items and
-tops it up as its consumer reads, so a slow consumer slows the producer down
-across the wire too.
+raises its limit as its consumer reads, so a slow consumer slows the producer
+down across the wire too. Items are numbered: one that arrives twice is
+delivered once, and a gap ends the stream with `RunnerUnavailableError`
+(items lost) and interrupts the owner (see `trio_cluster._engine._streams`).
+Answers are matched by (peer, call id): an answer from another runner than
+the one asked is ignored.
 """
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager, suppress
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .._errors import RunnerUnavailableError
+from .._errors import (
+    ClusterError,
+    ClusterInternalError,
+    MalformedMessageError,
+    RunnerUnavailableError,
+)
 from .._errors._closed import RunnerClosedError
 from ..serialization._replies import Exit
-from ._streams import STREAM_BUFFER, StreamReceiver
+from ._streams import END, ITEM, STREAM_BUFFER, ReceiveWindow, StreamReceiver
 from ._wire import Kind, Mode, address_fields
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
     from .._core._addresses import EntityAddress, RunnerAddress
     from .._registry import Handler
@@ -35,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = ["NotSent", "OutboundCalls", "RouteAgain"]
 
-_CREDIT_BATCH: Final = STREAM_BUFFER // 2
+log = logging.getLogger("trio_cluster.transport")
 
 
 class NotSent(RunnerUnavailableError):
@@ -48,7 +58,7 @@ class RouteAgain(Exception):
 
 
 class _Pending:
-    __slots__ = ("done", "exit", "handler", "peer", "reason", "stream")
+    __slots__ = ("done", "exit", "handler", "peer", "reason", "stream", "window")
 
     def __init__(self, peer: RunnerAddress, handler: Handler) -> None:
         self.peer = peer
@@ -57,6 +67,7 @@ class _Pending:
         self.exit: Exit | None = None
         self.reason: str | None = None
         self.stream: trio.MemorySendChannel[Any] | None = None
+        self.window: ReceiveWindow | None = None
 
 
 class OutboundCalls:
@@ -156,21 +167,31 @@ class OutboundCalls:
         """Open a stream on ``peer``; see `Runner` streams. Leaving early
         interrupts the generator on the owner."""
         call_id, pending = self._request(peer, Mode.STREAM, address, handler, payload)
+        # Room for a full window of items and the end: the window check in
+        # stream_item keeps the buffer from overflowing.
         send, receive = trio.open_memory_channel[Any](STREAM_BUFFER + 1)
         pending.stream = send
-        receiver = _CreditingReceiver(receive, lambda n: self._credit(peer, call_id, n))
+        window = pending.window = ReceiveWindow(str(peer))
+        receiver = _CreditingReceiver(
+            receive,
+            str(address),
+            window,
+            lambda limit: self._credit(peer, call_id, limit),
+        )
         try:
             yield receiver
         finally:
-            self._pending.pop(call_id, None)
-            if not receiver.finished:
+            # Still pending: the owner has not ended the stream, nor has it
+            # been ended here (a gap, a bad item): stop its generator.
+            if self._pending.pop(call_id, None) is not None:
                 self._interrupt(peer, call_id)
             await receive.aclose()
 
-    def _credit(self, peer: RunnerAddress, call_id: int, count: int) -> None:
-        # If the connection is gone, peer_lost ends the stream.
+    def _credit(self, peer: RunnerAddress, call_id: int, limit: int) -> None:
+        # If the connection is gone, peer_lost ends the stream. A credit that
+        # is lost is made up for by the next one (the limit is cumulative).
         with suppress(RunnerUnavailableError, trio.ClosedResourceError):
-            self._endpoint.send_nowait(peer, [Kind.STREAM_CREDIT, call_id, count])
+            self._endpoint.send_nowait(peer, [Kind.STREAM_CREDIT, call_id, limit])
 
     def _interrupt(self, peer: RunnerAddress, call_id: int) -> None:
         # If unreachable, the owner sees the connection drop instead. If
@@ -193,48 +214,105 @@ class OutboundCalls:
     # ------------------------------------------------------------------
     # Answers from owners (called by the endpoint handler)
 
-    def reply(self, call_id: int, payload: bytes) -> None:
-        pending = self._pending.pop(call_id, None)
+    def _answered(self, peer: RunnerAddress, call_id: int) -> _Pending | None:
+        """The call ``peer`` answers (now done), or None if it is over or
+        was not sent to ``peer``."""
+        pending = self._pending.get(call_id)
+        if pending is None or pending.peer != peer:
+            return None
+        del self._pending[call_id]
+        return pending
+
+    def reply(self, peer: RunnerAddress, call_id: int, payload: bytes) -> None:
+        pending = self._answered(peer, call_id)
         if pending is None:
             return  # the caller gave up
         pending.exit = _decode_exit(pending.handler, payload, call_id)
         pending.done.set()
 
-    def not_delivered(self, call_id: int, reason: str) -> None:
-        pending = self._pending.pop(call_id, None)
+    def not_delivered(self, peer: RunnerAddress, call_id: int, reason: str) -> None:
+        pending = self._answered(peer, call_id)
         if pending is None:
             return
         pending.reason = reason
         pending.done.set()
         if pending.stream is not None:
-            pending.stream.send_nowait((1, Exit(error=RouteAgain(reason))))
-            pending.stream.close()
+            _end_channel(pending.stream, Exit(error=RouteAgain(reason)))
 
-    def stream_item(self, call_id: int, payload: bytes) -> None:
+    def stream_item(
+        self, peer: RunnerAddress, call_id: int, number: int, payload: bytes
+    ) -> None:
+        """Item ``number`` of a stream: delivered if it is the next one,
+        dropped if it arrived before.
+
+        A gap (items lost in transit), an item beyond the credit granted or
+        one that does not decode ends the stream with that error at the
+        consumer, and interrupts the owner.
+
+        Raises:
+            MalformedMessageError: the item is beyond the credit or does not
+                decode (after ending the stream; the dispatcher logs it).
+        """
         pending = self._pending.get(call_id)
-        if pending is None or pending.stream is None:
+        if pending is None or pending.peer != peer or pending.window is None:
+            return
+        assert pending.stream is not None
+        try:
+            if not pending.window.arrived(number):
+                return  # a duplicate
+            value = pending.handler.reply.value.decode(payload)
+        except ClusterError as exc:
+            self._end_here(call_id, pending, exc)
+            if isinstance(exc, MalformedMessageError):
+                raise
+            log.warning("ended a stream from %s: %s", peer, exc)
             return
         try:
-            item: Any = (0, pending.handler.reply.value.decode(payload))
-        except Exception as exc:  # MalformedMessageError
-            item = (1, Exit(error=exc))
-        # Dropped if over the granted credit (a misbehaving peer) or if the
-        # consumer is gone.
-        with suppress(
-            trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
-        ):
-            pending.stream.send_nowait(item)
+            pending.stream.send_nowait((ITEM, value))
+        except trio.WouldBlock:  # pragma: no cover - the window prevents it
+            error = ClusterInternalError("a remote stream overflowed its window")
+            self._end_here(call_id, pending, error)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the consumer is gone; leaving its block interrupts
 
-    def stream_end(self, call_id: int, payload: bytes) -> None:
-        pending = self._pending.pop(call_id, None)
+    def stream_end(
+        self, peer: RunnerAddress, call_id: int, count: int, payload: bytes
+    ) -> None:
+        """The owner ended a stream after ``count`` items; ``payload`` says
+        how (`ReplyCodec.encode_stream_end`). Items missing before the end
+        make the stream end with `RunnerUnavailableError` instead.
+
+        Raises:
+            MalformedMessageError: ``count`` contradicts the items received
+                (after ending the stream; the dispatcher logs it).
+        """
+        pending = self._answered(peer, call_id)
         if pending is None or pending.stream is None:
             return
-        exit_ = _decode_stream_end(pending.handler, payload, call_id)
-        with suppress(
-            trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
-        ):
-            pending.stream.send_nowait((1, exit_))
-        pending.stream.close()
+        problem: ClusterError | None = None
+        if pending.window is not None:
+            try:
+                pending.window.ended(count)
+            except ClusterError as exc:
+                problem = exc
+        if problem is None:
+            _end_channel(
+                pending.stream, _decode_stream_end(pending.handler, payload, call_id)
+            )
+            return
+        _end_channel(pending.stream, Exit(error=problem))
+        if isinstance(problem, MalformedMessageError):
+            raise problem
+        log.warning("ended a stream from %s: %s", peer, problem)
+
+    def _end_here(self, call_id: int, pending: _Pending, error: ClusterError) -> None:
+        """End a stream on this side: ``error`` after the items already
+        delivered, and an interrupt to the owner (its generator may still
+        run)."""
+        del self._pending[call_id]
+        assert pending.stream is not None
+        _end_channel(pending.stream, Exit(error=error))
+        self._interrupt(pending.peer, call_id)
 
     def close(self) -> None:
         """This runner stops: fail every call still waiting for an answer
@@ -248,11 +326,7 @@ class OutboundCalls:
             pending.exit = Exit(error=error)
             pending.done.set()
             if pending.stream is not None:
-                with suppress(
-                    trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
-                ):
-                    pending.stream.send_nowait((1, Exit(error=error)))
-                pending.stream.close()
+                _end_channel(pending.stream, Exit(error=error))
 
     def peer_lost(self, peer: RunnerAddress) -> None:
         """Fail every call waiting on ``peer``."""
@@ -268,11 +342,16 @@ class OutboundCalls:
                 error = RunnerUnavailableError(
                     runner=str(peer), detail="connection lost during the stream"
                 )
-                with suppress(
-                    trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
-                ):
-                    pending.stream.send_nowait((1, Exit(error=error)))
-                pending.stream.close()
+                _end_channel(pending.stream, Exit(error=error))
+
+
+def _end_channel(stream: trio.MemorySendChannel[Any], exit_: Exit) -> None:
+    """Put a stream's end after its items and close its channel. The buffer
+    keeps a place for it (see `OutboundCalls.stream`); a consumer that is
+    gone does not need it."""
+    with suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        stream.send_nowait((END, exit_))
+    stream.close()
 
 
 def _decode_exit(handler: Handler, payload: bytes, call_id: int) -> Exit:
@@ -292,17 +371,23 @@ def _decode_stream_end(handler: Handler, payload: bytes, call_id: int) -> Exit:
 
 
 class _CreditingReceiver(StreamReceiver):
-    """A stream receiver that tops up the owner's credit as items are read."""
+    """A stream receiver that raises the owner's credit limit as items are
+    read."""
 
-    def __init__(self, receive: trio.MemoryReceiveChannel[Any], grant: Any) -> None:
-        super().__init__(receive)
+    def __init__(
+        self,
+        receive: trio.MemoryReceiveChannel[Any],
+        address: str,
+        window: ReceiveWindow,
+        grant: Callable[[int], None],
+    ) -> None:
+        super().__init__(receive, address)
+        self._window = window
         self._grant = grant
-        self._read = 0
 
     async def __anext__(self) -> Any:
         item = await super().__anext__()
-        self._read += 1
-        if self._read >= _CREDIT_BATCH:
-            self._grant(self._read)
-            self._read = 0
+        limit = self._window.consumed()
+        if limit is not None:
+            self._grant(limit)
         return item

@@ -14,9 +14,12 @@ kind                      fields
                           (or None)
 ``REPLY``                 call id, encoded final reply (`ReplyCodec` exit)
 ``NOT_DELIVERED``         call id, reason: the handler did not run; route again
-``STREAM_ITEM``           call id, encoded item
-``STREAM_END``            call id, encoded final reply
-``STREAM_CREDIT``         call id, how many more items the caller accepts
+``STREAM_ITEM``           call id, item number (1, 2, 3, ... per stream),
+                          encoded item
+``STREAM_END``            call id, how many items were sent, encoded end
+                          (`ReplyCodec.encode_stream_end`)
+``STREAM_CREDIT``         call id, the highest item number the caller
+                          accepts (cumulative: it only ever grows)
 ``INTERRUPT``             call id: the caller gave up; cancel the handler
 ``PERSISTED``             request id, entity type, entity id, shard group,
                           shard number, wants reply: a persisted request was
@@ -25,9 +28,10 @@ kind                      fields
 ``BROADCAST``             name, payload
 ========================  ===================================================
 
-`parse` checks shapes and types, so a malformed envelope from a peer is a
-`MalformedMessageError` (logged and dropped), never an `IndexError` deep in
-the runtime.
+`parse` checks shapes, types and the range of the stream counters, so a
+malformed envelope from a peer is a `MalformedMessageError` (logged and
+dropped), never an `IndexError` deep in the runtime. Numbering and credit
+make stream envelopes idempotent: see `trio_cluster._engine._streams`.
 """
 
 from __future__ import annotations
@@ -86,13 +90,20 @@ _SHAPES: Final[dict[Kind, tuple[frozenset[type], ...]]] = {
     ),
     Kind.REPLY: (_INT, _BYTES),
     Kind.NOT_DELIVERED: (_INT, _STR),
-    Kind.STREAM_ITEM: (_INT, _BYTES),
-    Kind.STREAM_END: (_INT, _BYTES),
+    Kind.STREAM_ITEM: (_INT, _INT, _BYTES),
+    Kind.STREAM_END: (_INT, _INT, _BYTES),
     Kind.STREAM_CREDIT: (_INT, _INT),
     Kind.INTERRUPT: (_INT,),
     Kind.PERSISTED: (_INT, _STR, _STR, _STR, _INT, _BOOL),
     Kind.PERSISTED_REPLY: (_INT, _BYTES),
     Kind.BROADCAST: (_STR, _BYTES),
+}
+# Smallest value of the counters, by kind and field index (after the kind):
+# item numbers start at 1, counts and credit limits at 0.
+_MINIMUMS: Final[dict[Kind, tuple[tuple[int, int], ...]]] = {
+    Kind.STREAM_ITEM: ((1, 1),),
+    Kind.STREAM_END: ((1, 0),),
+    Kind.STREAM_CREDIT: ((1, 0),),
 }
 _KINDS: Final = {int(kind): kind for kind in Kind}
 
@@ -101,7 +112,8 @@ def parse(envelope: Envelope) -> tuple[Kind, list[Any]]:
     """Check an envelope from a peer; return its kind and fields.
 
     Raises:
-        MalformedMessageError: unknown kind, wrong length or field types.
+        MalformedMessageError: unknown kind, wrong length or field types, a
+            stream counter out of range.
     """
     if not envelope or type(envelope[0]) is not int:
         raise MalformedMessageError(what="envelope", problems=["missing kind"])
@@ -122,6 +134,12 @@ def parse(envelope: Envelope) -> tuple[Kind, list[Any]]:
             raise MalformedMessageError(
                 what=f"{kind.name} envelope",
                 problems=[f"field {index + 1}: unexpected {type(value).__name__}"],
+            )
+    for index, minimum in _MINIMUMS.get(kind, ()):
+        if fields[index] < minimum:
+            raise MalformedMessageError(
+                what=f"{kind.name} envelope",
+                problems=[f"field {index + 1}: {fields[index]} is below {minimum}"],
             )
     return kind, fields
 

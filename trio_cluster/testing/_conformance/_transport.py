@@ -4,6 +4,8 @@ The suite checks what the transport contract (`trio_cluster.abc.Transport`)
 promises, through its public methods only: delivery both ways with the
 announced addresses, order under load, batching, the size, encoding and queue
 limits, unreachable peers, ``peer_lost`` and reconnection, and a clean close.
+Then what the runtime builds on it: remote streams of every item kind between
+two runners on the transport (`RemoteStreamTests`).
 
 Every test opens its endpoints on ``127.0.0.1`` port 0, runs under a
 ``trio.fail_after`` guard and waits for effects with events (never sleeps for
@@ -29,6 +31,8 @@ from trio_cluster._errors import (
 )
 from trio_cluster._transport_abc import Endpoint, EndpointHandler, Envelope, Transport
 from trio_cluster.transport import MemoryEndpoint, WebSocketEndpoint
+
+from ._streams import RemoteStreamTests
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -111,14 +115,16 @@ async def send_retrying(
             return
 
 
-class TransportConformance:
+class TransportConformance(RemoteStreamTests):
     """Base class of a transport's conformance tests (pytest with pytest-trio).
 
     Subclass it in a test module (``class TestMyTransport(TransportConformance)``)
     and provide a ``transport`` fixture that returns a `Transport` built with
     the limits in the class attributes: ``max_message_size=MAX_MESSAGE_SIZE``,
     at most ``MAX_QUEUED_ENVELOPES`` envelopes and ``MAX_QUEUED_BYTES`` bytes
-    queued per peer. Each endpoint the suite opens is on `LOCALHOST` (port 0).
+    queued per peer. Each endpoint the suite opens is on `LOCALHOST` (port 0);
+    the remote-stream tests open two runners on the transport (one
+    ``transport`` object opens both endpoints) with a shared `MemoryStorage`.
     Optionally override:
 
     * ``clock``: None (real time, the default) or a `trio.abc.Clock`, e.g.
