@@ -165,10 +165,10 @@ class MemoryMessages(MessageStorage):
 
 class MemoryTransaction(StorageTransaction):
     """A transaction on memory storage: replies saved in it are applied when
-    it commits, and their shards' fences are held until it ends. It has no SQL: `execute` raises `PersistenceError`, after the
-    entry steps of an operation named ``"execute"`` (so the fault hook can
-    make it fail as storage would: that failure is the transaction's
-    `failure`)."""
+    it commits, and their shards' fences are held until it ends. It has no
+    SQL: `execute` raises `PersistenceError`, after the entry steps of an
+    operation named ``"execute"`` (so the fault hook can make it fail as
+    storage would: that failure is the transaction's `failure`)."""
 
     def __init__(
         self, store: MessageStore, *, enter: Callable[[str], Awaitable[None]]
