@@ -15,7 +15,11 @@ Two services make up a backend, both opened per runner through
 Fencing: writes that depend on owning a shard (claiming messages, saving
 replies, claiming on save) carry the epoch under which the shard was acquired,
 and the backend refuses them when the shard's epoch has moved on. A runner that
-lost its shard can therefore never record a reply over its successor.
+lost its shard can therefore never record a reply over its successor. The
+check is strict: no write under an epoch takes effect after the acquisition
+that moved the shard past it (a write racing the acquisition either takes
+effect first or is refused; an acquisition leaves out a shard whose epoch a
+write still to commit depends on, e.g. one saved in an open transaction).
 
 Every method is batch-first, so a backend can turn a batch into one statement;
 the runner coalesces concurrent callers into batches (group commit). Payloads
@@ -464,7 +468,9 @@ class RunnerStorage(ABC):
 
         Each shard newly acquired gets ``epoch = previous epoch + 1``; a shard
         this session already holds is returned with its current epoch; a shard
-        held by another session is left out.
+        held by another session is left out, and so is one that a fenced
+        write still to commit depends on (see fencing above; it is free again
+        once that write ends). Never waits for either.
         """
 
     @abstractmethod

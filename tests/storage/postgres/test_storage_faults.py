@@ -280,9 +280,11 @@ async def test_cancelled_lock_operation_closes_the_lock_connection(
         pid = lock_pid(a)
         shards = pg_schema.qualified(storage.names.shards)
         with psycopg.connect(pg_schema.base_dsn) as blocker:
-            blocker.execute(f"SELECT * FROM {shards} FOR UPDATE")  # holds row locks
+            # Blocks every writer of the table (a locked row would not do:
+            # acquisitions skip the shards whose row is locked).
+            blocker.execute(f"LOCK TABLE {shards} IN SHARE MODE")
             with trio.move_on_after(0.3) as scope:
-                await a.runners.acquire([SHARD])  # blocks on the row lock
+                await a.runners.acquire([SHARD])  # blocks on the table lock
             assert scope.cancelled_caught
             await a.runners.wait_session_lost()
             for _ in range(100):  # the server notices the closed client

@@ -5,7 +5,9 @@ Theory of operation: each session gets a `MemoryMessages` view on the shared
 (`.._validation`), runs the session's entry steps (fault hook, checkpoint,
 session checks) and then calls the store synchronously, so every operation
 is atomic. A `MemoryTransaction` buffers the replies saved in it and applies
-them to the store, without a checkpoint, when it commits.
+them to the store, without a checkpoint, when it commits; until it ends it
+holds the fences of their shards (`MessageStore.hold_fences`), so no
+acquisition moves their epochs before the commit.
 """
 
 from __future__ import annotations
@@ -102,6 +104,9 @@ class MemoryMessages(MessageStorage):
             return self._store.save_replies(checked, now)
         mine = check_transaction(transaction, MemoryTransaction, self._store)
         mine.check_usable()
+        shards = {reply.shard for reply in checked} - mine.fences
+        mine.fences |= shards
+        self._store.hold_fences(shards)
         # Preview against everything this transaction saves, so a duplicate
         # within the transaction is reported as such.
         earlier = [reply for batch, _ in mine.pending for reply in batch]
@@ -113,14 +118,16 @@ class MemoryMessages(MessageStorage):
         await self._enter("open_transaction")
         transaction = MemoryTransaction(self._store, enter=self._enter)
         try:
-            yield transaction
-        except BaseException:
-            transaction.finished = True
-            raise
-        transaction.finished = True
-        # Commit: apply the buffered replies atomically (no checkpoint between).
-        for replies, now in transaction.pending:
-            self._store.save_replies(replies, now)
+            try:
+                yield transaction
+            finally:
+                transaction.finished = True
+            # Commit: apply the buffered replies atomically (no checkpoint
+            # between), under the fences held since they were saved.
+            for replies, now in transaction.pending:
+                self._store.save_replies(replies, now)
+        finally:
+            self._store.drop_fences(transaction.fences)
 
     async def replies_for(self, queries: Sequence[ReplyQuery]) -> list[StoredReplies]:
         checked = check_replies_for(queries)
@@ -158,10 +165,10 @@ class MemoryMessages(MessageStorage):
 
 class MemoryTransaction(StorageTransaction):
     """A transaction on memory storage: replies saved in it are applied when
-    it commits. It has no SQL: `execute` raises `PersistenceError`, after the
-    entry steps of an operation named ``"execute"`` (so the fault hook can
-    make it fail as storage would: that failure is the transaction's
-    `failure`)."""
+    it commits, and their shards' fences are held until it ends. It has no
+    SQL: `execute` raises `PersistenceError`, after the entry steps of an
+    operation named ``"execute"`` (so the fault hook can make it fail as
+    storage would: that failure is the transaction's `failure`)."""
 
     def __init__(
         self, store: MessageStore, *, enter: Callable[[str], Awaitable[None]]
@@ -169,6 +176,8 @@ class MemoryTransaction(StorageTransaction):
         self.owner = store
         """The store it commits to (`check_transaction` compares it)."""
         self.pending: list[tuple[list[ReplyRecord], float]] = []
+        self.fences: set[ShardId] = set()
+        """The shards whose fences it holds (those of its replies)."""
         self.finished = False
         self._enter = enter
 

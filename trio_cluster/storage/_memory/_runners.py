@@ -83,6 +83,8 @@ class RunnerTable:
     Args:
         sessions: the storage's open sessions, by name (shared, not copied).
         on_acquired: called with each shard acquired at a new epoch.
+        fenced: whether a write still to commit holds a shard's fence (its
+            epoch must not move: `acquire` leaves the shard out).
     """
 
     def __init__(
@@ -90,10 +92,12 @@ class RunnerTable:
         sessions: dict[str, Session],
         *,
         on_acquired: Callable[[ShardId], None],
+        fenced: Callable[[ShardId], bool],
     ) -> None:
         self._sessions = sessions
         self._locks: dict[ShardId, _ShardLock] = {}
         self._on_acquired = on_acquired
+        self._fenced = fenced
 
     def epoch_of(self, shard: ShardId) -> int | None:
         """The current fencing epoch of ``shard`` (None if never acquired)."""
@@ -174,7 +178,7 @@ class RunnerTable:
             lock = self._locks.get(shard)
             if lock is None:
                 lock = self._locks[shard] = _ShardLock()
-            if lock.holder is None:
+            if lock.holder is None and not self._fenced(shard):
                 lock.holder = session
                 lock.epoch += 1
                 session.held.add(shard)

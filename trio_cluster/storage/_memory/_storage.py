@@ -73,13 +73,18 @@ class MemoryStorage(Storage):
         self.fault_hook: Callable[[str, str], Awaitable[None]] | None = None
         """Awaited at the start of every operation (see the class docstring)."""
         self._sessions: dict[str, Session] = {}
-        self._runners = RunnerTable(self._sessions, on_acquired=self._new_epoch)
+        self._runners = RunnerTable(
+            self._sessions, on_acquired=self._new_epoch, fenced=self._fenced
+        )
         self._messages = MessageStore(
             epoch_of=self._runners.epoch_of, inboxes=self._inboxes
         )
 
     def _new_epoch(self, shard: ShardId) -> None:
         self._messages.new_epoch(shard)
+
+    def _fenced(self, shard: ShardId) -> bool:
+        return self._messages.fenced(shard)
 
     def _epoch_of(self, shard: ShardId) -> int | None:
         """The current epoch of ``shard`` (read by the simulator's checks)."""

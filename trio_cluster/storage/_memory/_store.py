@@ -16,11 +16,17 @@ Finished requests sit in one retention heap ordered by the ``now`` of their
 final reply. Heaps drop entries of deleted requests lazily.
 
 Notifications go to every open session's `Inbox`.
+
+Fences: an open transaction that saved replies *holds* the fence of their
+shards until it ends (`hold_fences`), the counterpart of PostgreSQL's share
+lock on the shard row; an acquisition leaves such a shard out (`fenced`), so
+a shard's epoch never moves under a write that is still to commit.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 import enum
 import heapq
 from typing import TYPE_CHECKING
@@ -158,6 +164,25 @@ class MessageStore:
         self._processed: list[tuple[float, int, _Request]] = []
         self._garbage = 0
         self._seq = 0
+        self._fences: collections.Counter[ShardId] = collections.Counter()
+
+    # ------------------------------------------------------------------
+    # Fences
+
+    def hold_fences(self, shards: Iterable[ShardId]) -> None:
+        """An open transaction saved replies under these shards' epochs."""
+        self._fences.update(shards)
+
+    def drop_fences(self, shards: Iterable[ShardId]) -> None:
+        """That transaction ended (committed or rolled back)."""
+        for shard in shards:
+            self._fences[shard] -= 1
+            if not self._fences[shard]:
+                del self._fences[shard]
+
+    def fenced(self, shard: ShardId) -> bool:
+        """Whether an open transaction holds ``shard``'s fence."""
+        return shard in self._fences
 
     def new_epoch(self, shard: ShardId) -> None:
         """``shard`` was acquired again: its claimed requests are claimable."""

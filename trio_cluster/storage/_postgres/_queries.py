@@ -18,12 +18,19 @@ Notification payloads are JSON, at most ~7 kB each (PostgreSQL's limit is
 Shards whose group name is longer than 1000 bytes are left out of
 notifications (they are hints; consumers also poll).
 
-Fencing is checked against the ``shards`` row as of the statement's snapshot:
-a reply or a claim that races with the acquisition that bumps the epoch may
-still be accepted under the old epoch. That never records two final replies
-(the request row is updated under its row lock, ``processed_at IS NULL``
-re-checked), and claims made under a stale epoch are claimed again by the new
-owner.
+Fencing is strict: no write under an epoch commits after the acquisition
+that moved the shard past it committed. Before it writes, every fenced
+statement (a claim, a save of requests claimed by their sender, a reply)
+locks the ``shards`` rows it writes under, ``FOR SHARE``, in a ``fence`` CTE,
+and compares the epoch *it locked* with the writer's. ``FOR SHARE`` waits for
+an acquisition in flight (its update of the row) and then reads the row's
+newest version (READ COMMITTED re-reads a locked row that changed), so a
+writer either sees the new epoch and is refused, or holds the lock until its
+transaction ends (a transactional handler's reply: until the handler's
+transaction commits or rolls back); the acquisition (`._runner_queries`)
+skips shards whose row is locked, so it never bumps an epoch under a write
+in flight. Only the rows a write needs are locked: a claim locks the shards
+it found requests in, a save only the shards of requests saved claimed.
 """
 
 from __future__ import annotations
@@ -106,20 +113,30 @@ WHERE m.request_id = d.request_id""",
 
 def _save(m: str, r: str, s: str) -> str:
     # Parameters: $1..$13 one array per field, $14 now, $15 the channel.
+    # Only requests saved claimed are fenced: ``fence`` locks their shards.
     # Rows: kind 0 = inserted (request id, claimed epoch); kind 1 = per input
     # row (ord, the original found in the statement's snapshot, the epoch it
     # is claimed at *currently* or NULL, its final reply); kind 2 = summary.
     # Inserted rows are not in the snapshot: the client merges both kinds.
     return f"""
-WITH input AS MATERIALIZED (
-    SELECT i.*, sh.epoch AS shard_epoch
+WITH fence AS MATERIALIZED (
+    SELECT sh.shard_group, sh.shard_number, sh.epoch
+    FROM {s} sh
+    WHERE (sh.shard_group, sh.shard_number) IN (
+        SELECT c.g, c.n
+        FROM unnest($2::text[], $3::int4[], $10::float8[], $12::int8[])
+            AS c(g, n, d, e)
+        WHERE c.e IS NOT NULL AND (c.d IS NULL OR c.d <= $14::float8))
+    FOR SHARE OF sh
+), input AS MATERIALIZED (
+    SELECT i.*, f.epoch AS shard_epoch
     FROM unnest($1::int8[], $2::text[], $3::int4[], $4::text[], $5::text[],
                 $6::text[], $7::bytea[], $8::text[], $9::bytea[], $10::float8[],
                 $11::bool[], $12::int8[], $13::int4[])
         AS i(request_id, shard_group, shard_number, entity_type, entity_id, tag,
              payload, primary_key, dedup, deliver_at, stream, claim_epoch, ord)
-    LEFT JOIN {s} sh
-        ON sh.shard_group = i.shard_group AND sh.shard_number = i.shard_number
+    LEFT JOIN fence f
+        ON f.shard_group = i.shard_group AND f.shard_number = i.shard_number
 ), ins AS (
     INSERT INTO {m} (request_id, shard_group, shard_number, entity_type, entity_id,
                      tag, payload, primary_key, dedup, deliver_at, stream,
@@ -181,15 +198,17 @@ def _claim(m: str, s: str) -> str:
     # limit + 1 per shard: ready (unclaimed, no deliver_at), delayed
     # (unclaimed, due) and claimed (at an older epoch, by a previous owner).
     # Requests claimed at the current epoch are in none of these ranges.
-    # Rows: kind 0 = a claimed request, 1 = a stale shard, 2 = the summary
-    # (next deliver_at in column 10, "more" in column 11).
+    # ``want`` checks the epochs in the snapshot (no lock: most claims find
+    # nothing); ``fence`` locks the shards of the requests to claim and checks
+    # again. Rows: kind 0 = a claimed request, 1 = a stale shard, 2 = the
+    # summary (next deliver_at in column 10, "more" in column 11).
     return f"""
 WITH want AS MATERIALIZED (
     SELECT w.g, w.n, w.e, coalesce(sh.epoch = w.e, false) AS ok
     FROM unnest($1::text[], $2::int4[], $3::int8[]) AS w(g, n, e)
     LEFT JOIN {s} sh ON sh.shard_group = w.g AND sh.shard_number = w.n
 ), cand AS MATERIALIZED (
-    SELECT c.request_id, c.seq, w.e
+    SELECT c.request_id, c.seq, w.g, w.n, w.e
     FROM want w CROSS JOIN LATERAL (
         (SELECT x.request_id, x.seq FROM {m} x
          WHERE x.shard_group = w.g AND x.shard_number = w.n
@@ -211,9 +230,18 @@ WITH want AS MATERIALIZED (
          ORDER BY x.seq LIMIT $5::int4 + 1)
     ) c
     WHERE w.ok
+), top AS MATERIALIZED (
+    SELECT * FROM cand ORDER BY seq LIMIT $5::int4
+), fence AS MATERIALIZED (
+    SELECT sh.shard_group, sh.shard_number, sh.epoch
+    FROM {s} sh
+    WHERE (sh.shard_group, sh.shard_number) IN (SELECT t.g, t.n FROM top t)
+    FOR SHARE OF sh
 ), pick AS MATERIALIZED (
     SELECT x.request_id, c.e
-    FROM (SELECT * FROM cand ORDER BY seq LIMIT $5::int4) c
+    FROM top c
+    JOIN fence f
+        ON f.shard_group = c.g AND f.shard_number = c.n AND f.epoch = c.e
     JOIN {m} x ON x.request_id = c.request_id
     WHERE x.processed_at IS NULL
       AND (x.claimed_epoch IS NULL OR x.claimed_epoch < c.e)
@@ -230,7 +258,8 @@ SELECT 0, request_id, seq, shard_group, shard_number, entity_type, entity_id, ta
 FROM upd
 UNION ALL
 SELECT 1, NULL, NULL, g, n, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
-FROM want WHERE NOT ok
+FROM want w LEFT JOIN fence f ON f.shard_group = w.g AND f.shard_number = w.n
+WHERE NOT w.ok OR f.epoch <> w.e
 UNION ALL
 SELECT 2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        (SELECT min(d.deliver_at) FROM want w CROSS JOIN LATERAL (
@@ -255,12 +284,18 @@ def _save_replies(m: str, r: str, s: str) -> str:
     # NULLs not distinct admits one final reply even against concurrent
     # writers; then the request row is updated from what was written.
     return f"""
-WITH input AS MATERIALIZED (
+WITH fence AS MATERIALIZED (
+    SELECT sh.shard_group, sh.shard_number, sh.epoch
+    FROM {s} sh
+    WHERE (sh.shard_group, sh.shard_number) IN (
+        SELECT * FROM unnest($3::text[], $4::int4[]))
+    FOR SHARE OF sh
+), input AS MATERIALIZED (
     SELECT i.*,
            CASE WHEN x.request_id IS NULL THEN 'u'
                 WHEN x.shard_group <> i.shard_group
                      OR x.shard_number <> i.shard_number
-                     OR sh.epoch IS DISTINCT FROM i.epoch THEN 's'
+                     OR f.epoch IS DISTINCT FROM i.epoch THEN 's'
                 WHEN x.processed_at IS NOT NULL THEN 'd'
                 WHEN i.sequence IS NOT NULL AND EXISTS (
                     SELECT 1 FROM {r} y
@@ -271,8 +306,8 @@ WITH input AS MATERIALIZED (
                 $6::bytea[], $7::int8[])
         AS i(ord, request_id, shard_group, shard_number, epoch, payload, sequence)
     LEFT JOIN {m} x ON x.request_id = i.request_id
-    LEFT JOIN {s} sh
-        ON sh.shard_group = i.shard_group AND sh.shard_number = i.shard_number
+    LEFT JOIN fence f
+        ON f.shard_group = i.shard_group AND f.shard_number = i.shard_number
 ), written AS (
     INSERT INTO {r} (request_id, sequence, payload)
     SELECT request_id, sequence, payload FROM (

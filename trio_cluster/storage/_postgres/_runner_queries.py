@@ -57,18 +57,34 @@ class RunnerQueries:
 INSERT INTO {s} (shard_group, shard_number)
 SELECT * FROM unnest($1::text[], $2::int4[])
 ON CONFLICT DO NOTHING""",
+            # Try-lock every wanted shard; bump the epoch of those got whose
+            # row no fenced write holds locked (``FOR SHARE``, see `._queries`);
+            # a shard whose row is locked is unlocked again and left out (for
+            # the next attempt), so an acquisition never waits on a write nor
+            # moves the epoch under one.
             lock_shards=f"""
 WITH tried AS MATERIALIZED (
     SELECT s.id, s.shard_group, s.shard_number,
            pg_try_advisory_lock($3::int4, s.id) AS got
     FROM {s} s JOIN unnest($1::text[], $2::int4[]) AS w(g, n)
         ON s.shard_group = w.g AND s.shard_number = w.n
+), free AS MATERIALIZED (
+    SELECT s.id FROM {s} s
+    WHERE s.id IN (SELECT t.id FROM tried t WHERE t.got)
+    FOR NO KEY UPDATE OF s SKIP LOCKED
+), busy AS MATERIALIZED (
+    SELECT t.shard_group, t.shard_number, t.id,
+           pg_advisory_unlock($3::int4, t.id) AS unlocked
+    FROM tried t
+    WHERE t.got AND NOT EXISTS (SELECT 1 FROM free f WHERE f.id = t.id)
 ), bumped AS (
     UPDATE {s} s SET epoch = s.epoch + 1, owner = $4::text
-    FROM tried t WHERE s.id = t.id AND t.got
+    FROM free f WHERE s.id = f.id
     RETURNING s.shard_group, s.shard_number, s.id, s.epoch
 )
 SELECT shard_group, shard_number, id, NULL::int8 FROM tried WHERE NOT got
+UNION ALL
+SELECT shard_group, shard_number, id, NULL::int8 FROM busy
 UNION ALL
 SELECT shard_group, shard_number, id, epoch FROM bumped""",
             unlock="""

@@ -9,7 +9,9 @@ deadline, and on failure ends the session (a new generation holds nothing).
   ``id`` is its row in ``shards`` (created on first acquisition). `acquire`
   is one statement: try-lock every wanted shard this generation does not hold
   yet (advisory locks are re-entrant, so a held key is never locked twice),
-  then bump the epoch of those it got. `release`/`release_all` unlock in one
+  then bump the epoch of those it got, except those whose ``shards`` row a
+  fenced write in flight holds (``SKIP LOCKED``): they are unlocked again and
+  left out, so the statement never waits for a row lock. `release`/`release_all` unlock in one
   statement, and concurrent `release` calls share one (`_Release`): a runner
   that stops its shards one by one at shutdown does not send one statement
   per shard. `refresh` is a heartbeat plus the generation's own bookkeeping:
