@@ -438,3 +438,76 @@ async def test_a_registered_runner_the_assignment_cannot_use_is_left_out(
             assert odd_address in {r.address for r in runner.live_runners()}
             assert len(runner.served_shards()) == 8  # it was left out
             assert await runner.client(Counter)("c").add(Add(2)) == 2
+
+
+class StopLog(tc.abc.RunnerListener):
+    def __init__(self) -> None:
+        self.stops: list[tuple[tc.ShardId, bool]] = []
+
+    def shard_stopping(
+        self, runner: tc.RunnerAddress, shard: tc.ShardId, epoch: int, *, graceful: bool
+    ) -> None:
+        self.stops.append((shard, graceful))
+
+
+async def test_a_lost_lock_escalates_a_drain_once(autojump_clock):
+    # A draining shard whose lock is lost is stopped forced at once (its
+    # handlers cancelled), told once, and counted as one failover.
+    Drained.runs = []
+    storage, network = MemoryStorage(), MemoryNetwork()
+    listener = StopLog()
+    async with trio.open_nursery() as hosts:
+
+        async def start(port: int, **extra: Any) -> tc.Runner:
+            return await hosts.start(  # type: ignore[no-any-return]
+                partial(
+                    tc.serve_runner,
+                    [Drained],
+                    config(
+                        runner_address=tc.RunnerAddress("127.0.0.1", port),
+                        entity_termination_timeout=30.0,
+                    ),
+                    storage,
+                    MemoryTransport(network),
+                    **extra,
+                )
+            )
+
+        first = await start(1, listeners=[listener])
+        await first.wait_shards_acquired()
+        refused: list[str] = []
+
+        async def read(key: str) -> None:
+            try:
+                await first.client(Drained)(key).read(Slow(key, 20.0))
+            except tc.EntityNotAssignedError:
+                refused.append(key)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(8):
+                nursery.start_soon(read, f"d{i}")
+            await trio.sleep(0.5)
+            second = await start(2)
+            await trio.sleep(2.0)  # draining now (graceful stops told)
+            draining = {shard for shard, graceful in listener.stops if graceful}
+            assert draining
+            storage.expire_session("127.0.0.1:1")
+            await trio.sleep(1.0)
+            nursery.cancel_scope.cancel()
+        forced = [shard for shard, graceful in listener.stops if not graceful]
+        # Every draining shard escalated once (and the others, served, forced
+        # once too: the whole session was lost).
+        assert sorted(map(str, forced)) == sorted(set(map(str, forced)))
+        assert draining <= set(forced)
+        # The handlers of the draining shards were cancelled at the loss.
+        cut = [
+            run
+            for run in Drained.runs
+            if first.client(Drained).address_of(run[0]).shard in draining
+        ]
+        assert cut
+        assert all(end is None for *_, end in cut)
+        assert sorted(refused) == sorted(run[0] for run in Drained.runs)
+        assert first.statistics().failovers == len(forced)
+        await second.wait_shards_acquired()
+        hosts.cancel_scope.cancel()

@@ -376,7 +376,11 @@ class Sharding:
                     self.table.signal_changed()
                     self.ownership.lapsed(host.shard_id)
                     await self._manager.stop_shard(host, graceful=False)
-                elif self._draining.get(host.shard_id) is host and lapsed:
+                elif (
+                    self._draining.get(host.shard_id) is host
+                    and lapsed
+                    and not host.forced
+                ):
                     # The lease ran out while the shard drained (refreshes
                     # failed): nothing of it may run on from here.
                     log.warning(

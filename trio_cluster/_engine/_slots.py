@@ -158,6 +158,7 @@ class ShardHost:
         "done",
         "drain_scope",
         "epoch",
+        "forced",
         "idle_event",
         "lease_deadline",
         "listeners",
@@ -200,6 +201,8 @@ class ShardHost:
         self.running = 0
         """Handlers running now; a graceful stop waits for zero."""
         self.idle_event: trio.Event | None = None
+        self.forced = False
+        """`force_stop` was called: its lease ended here."""
         self.drain_scope: trio.CancelScope | None = None
         """The scope of a graceful stop's wait (and ``on_stop`` hooks), which
         `force_stop` cuts short."""
@@ -287,6 +290,7 @@ class ShardHost:
         escalates a graceful stop): end the lease here, so that nothing of
         this shard has effects any more, cut a graceful stop's wait and
         ``on_stop`` hooks short, and cancel every handler."""
+        self.forced = True
         self.lease_deadline = min(self.lease_deadline, trio.current_time())
         if self.drain_scope is not None:
             self.drain_scope.cancel()
