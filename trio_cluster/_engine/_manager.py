@@ -14,6 +14,9 @@ Theory of operation:
   - *detached*, in a task of the shard's nursery, when nobody waits here
     (``discard``, persisted deliveries, requests from other runners).
 
+  Either way it runs in a fresh copy of the runner's base context, never in
+  the caller's context or in that of the task that started it (`_isolation`).
+
 * Every running handler is inside a cancel scope registered with its shard;
   detached ones also run in the shard's nursery, whose deadline is the lease
   deadline. When that deadline passes, the shard's cleanup cancels every
@@ -44,6 +47,7 @@ from .._core._job import FINISH, GRANT, JobEvent, JobState, StopReason, advance
 from .._core._mailbox import Admission
 from .._errors import MailboxFullError
 from ._entity_lifecycle import EntityLifecycle, activate, new_instance
+from ._isolation import run_in, spawn
 from ._outcomes import (
     NOT_RUN,
     REQUEUE,
@@ -60,6 +64,7 @@ from ._streams import end_stream_nowait, run_stream
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
+    from contextvars import Context
 
     from .._core._addresses import EntityAddress
     from .._core._config import ShardingConfig
@@ -81,13 +86,23 @@ class NotDelivered(Exception):
 
 
 class EntityManager:
-    """Runs the entities of the shards this runner serves."""
+    """Runs the entities of the shards this runner serves.
 
-    def __init__(self, *, config: ShardingConfig, runner_label: str) -> None:
+    Args:
+        config: the runner's policies.
+        runner_label: the runner's address, for logs and errors.
+        context: the runner's base context (`_isolation.base_context`).
+    """
+
+    def __init__(
+        self, *, config: ShardingConfig, runner_label: str, context: Context
+    ) -> None:
         self.serialize = config.serialize_local_calls
         """Values and errors make their codecs' round trip even in-process."""
         self.runner_label = runner_label
-        self._lifecycle = EntityLifecycle(config=config, jobs=self)
+        self._context = context
+        """The runner's base context: every handler runs in a copy of it."""
+        self._lifecycle = EntityLifecycle(config=config, jobs=self, context=context)
         self.idle = self._lifecycle.idle
         """Idle entities (passivation and the residency cap)."""
         self.persisted_jobs: dict[int, Job] = {}
@@ -168,8 +183,23 @@ class EntityManager:
             await self._wait_granted(slot, job)
         else:
             job.state = GRANT[job.state]
+        outcome: Outcome
         try:
-            outcome = await self._execute(slot, job)
+            if not shard.active:
+                outcome = NOT_RUN  # see `_execute`
+            elif _in_one_step(slot, job):
+                outcome = self._context.copy().run(
+                    _run_to_completion,
+                    self._observed_one_step(slot, job)
+                    if shard.listeners.any
+                    else self._execute_in_one_step(slot, job),
+                )
+            else:
+                # In the caller's task (its cancellation is the handler's),
+                # in a context of the entity's.
+                outcome = await run_in(
+                    self._context.copy(), self._execute_in_scope(slot, job)
+                )
         finally:
             self._finish(slot, job)
         if outcome is NOT_RUN:
@@ -275,10 +305,11 @@ class EntityManager:
         slot.offer(job)  # a permit: the slot is idle and not paused
         job.state = advance(job.state, JobEvent.GRANT)
         try:
-            outcome = _run_to_completion(
+            outcome = self._context.copy().run(
+                _run_to_completion,
                 self._observed_one_step(slot, job)
                 if shard.listeners.any
-                else self._execute_in_one_step(slot, job)
+                else self._execute_in_one_step(slot, job),
             )
         finally:
             self._finish(slot, job)
@@ -321,7 +352,8 @@ class EntityManager:
 
     def start(self, slot: Slot, job: Job) -> None:
         """Start a job that was just granted a permit: wake its inline caller,
-        or spawn its task in the shard's nursery."""
+        or spawn its task in the shard's nursery (in the base context: the
+        current task is whichever sent it, or finished the job before it)."""
         job.state = advance(job.state, JobEvent.GRANT)
         if job.kind is JobKind.INLINE:
             assert job.granted is not None
@@ -330,9 +362,9 @@ class EntityManager:
         nursery = slot.shard.nursery
         assert nursery is not None
         if job.kind is JobKind.STREAM:
-            nursery.start_soon(run_stream, self, slot, job)
+            spawn(self._context, nursery, run_stream, self, slot, job)
         else:
-            nursery.start_soon(self._run_detached, slot, job)
+            spawn(self._context, nursery, self._run_detached, slot, job)
 
     async def _run_detached(self, slot: Slot, job: Job) -> None:
         outcome: Outcome | None = None
@@ -361,29 +393,30 @@ class EntityManager:
         pending = job.sink(job, exit_)
         if pending is not None:  # an async sink: run it in its own task
             try:
-                job.slot.shard.background.start_soon(_await, pending)
+                spawn(self._context, job.slot.shard.background, _await, pending)
             except BaseException:
                 pending.close()  # never started: not "never awaited"
                 raise
 
     async def _execute(self, slot: Slot, job: Job) -> Outcome:
-        """Run one granted job. Returns its outcome; lets the caller's own
-        cancellation propagate."""
+        """Run one granted job in the current task and its context (a
+        detached job's task; see `call` for inline jobs). Returns its outcome;
+        lets the caller's own cancellation propagate."""
         if not slot.shard.active:
             # Its shard stopped after the job got its permit (the simulator
             # found handlers starting on a runner that no longer served the
             # shard): it did not run; it is redelivered or routed again.
             return NOT_RUN
-        handler = job.handler
-        if (
-            not handler.suspends
-            and not slot.paused
-            and slot.starting is None
-            and (slot.instance is not None or not slot.entity_type.start_suspends)
-        ):
+        if _in_one_step(slot, job):
             if slot.shard.listeners.any:
                 return await self._observed_one_step(slot, job)
             return await self._execute_in_one_step(slot, job)
+        return await self._execute_in_scope(slot, job)
+
+    async def _execute_in_scope(self, slot: Slot, job: Job) -> Outcome:
+        """Run a job whose handler (or ``on_start``) can suspend, in a cancel
+        scope its shard can cancel."""
+        handler = job.handler
         shard = slot.shard
         scope = shard.start_handler(slot, job)
         starting = False
@@ -545,6 +578,18 @@ class EntityManager:
             self.persisted_jobs.pop(job.request_id, None)
             return
         self._notify_sink(job, None)
+
+
+def _in_one_step(slot: Slot, job: Job) -> bool:
+    """Whether ``job`` can run to completion without suspending: its handler
+    cannot (nor ``on_start``, if it is to run), and the entity is neither
+    paused nor starting."""
+    return (
+        not job.handler.suspends
+        and not slot.paused
+        and slot.starting is None
+        and (slot.instance is not None or not slot.entity_type.start_suspends)
+    )
 
 
 async def _await(coroutine: Coroutine[Any, Any, None]) -> None:
