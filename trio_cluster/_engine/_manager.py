@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -76,8 +76,6 @@ if TYPE_CHECKING:
 __all__ = ["EntityManager", "NotDelivered"]
 
 log = logging.getLogger("trio_cluster.entity")
-
-T = TypeVar("T")
 
 
 class NotDelivered(Exception):
@@ -188,12 +186,7 @@ class EntityManager:
             if not shard.active:
                 outcome = NOT_RUN  # see `_execute`
             elif _in_one_step(slot, job):
-                outcome = self._context.copy().run(
-                    _run_to_completion,
-                    self._observed_one_step(slot, job)
-                    if shard.listeners.any
-                    else self._execute_in_one_step(slot, job),
-                )
+                outcome = self._run_one_step(slot, job)
             else:
                 # In the caller's task (its cancellation is the handler's),
                 # in a context of the entity's.
@@ -305,12 +298,7 @@ class EntityManager:
         slot.offer(job)  # a permit: the slot is idle and not paused
         job.state = advance(job.state, JobEvent.GRANT)
         try:
-            outcome = self._context.copy().run(
-                _run_to_completion,
-                self._observed_one_step(slot, job)
-                if shard.listeners.any
-                else self._execute_in_one_step(slot, job),
-            )
+            outcome = self._run_one_step(slot, job)
         finally:
             self._finish(slot, job)
         assert outcome is not REQUEUE, "only persisted jobs are replayed"
@@ -408,10 +396,23 @@ class EntityManager:
             # shard): it did not run; it is redelivered or routed again.
             return NOT_RUN
         if _in_one_step(slot, job):
-            if slot.shard.listeners.any:
-                return await self._observed_one_step(slot, job)
-            return await self._execute_in_one_step(slot, job)
+            return self._run_one_step(slot, job)
         return await self._execute_in_scope(slot, job)
+
+    def _run_one_step(self, slot: Slot, job: Job) -> Exit | Requeue:
+        """Run a job `_in_one_step` admits, to completion and now, in a fresh
+        copy of the base context. This is the fast path of handlers that only
+        update state: synchronous, so inline callers and the owner's fast
+        path need no task switch and no stepping (see `_isolation`)."""
+        self._context.copy().run(
+            _drive,
+            self._observed_one_step(slot, job)
+            if slot.shard.listeners.any
+            else self._execute_in_one_step(slot, job),
+        )
+        outcome = job.outcome
+        assert outcome is not None, "a one-step run leaves its outcome"
+        return outcome
 
     async def _execute_in_scope(self, slot: Slot, job: Job) -> Outcome:
         """Run a job whose handler (or ``on_start``) can suspend, in a cancel
@@ -451,11 +452,12 @@ class EntityManager:
         self.messages_handled += 1
         return returned(handler, value, self.serialize)
 
-    async def _execute_in_one_step(self, slot: Slot, job: Job) -> Exit | Requeue:
+    async def _execute_in_one_step(self, slot: Slot, job: Job) -> None:
         """Run a job whose handler (and ``on_start``, if it must run) cannot
         suspend: it runs to completion without yielding, so nothing can
-        interrupt it and it needs no cancel scope. This is the fast path of
-        handlers that only update state."""
+        interrupt it and it needs no cancel scope. Its outcome is left in
+        ``job.outcome``, not returned: `_run_one_step` drives this from
+        synchronous code, where a return value costs a StopIteration."""
         handler = job.handler
         instance = slot.instance
         starting = instance is None
@@ -475,12 +477,13 @@ class EntityManager:
                 current_entity_var.reset(token)
 
         except Exception as exc:
-            return self.handler_failed(slot, job, exc, during_start=starting)
+            job.outcome = self.handler_failed(slot, job, exc, during_start=starting)
+            return
         slot.crashes = 0
         self.messages_handled += 1
-        return returned(handler, value, self.serialize)
+        job.outcome = returned(handler, value, self.serialize)
 
-    async def _observed_one_step(self, slot: Slot, job: Job) -> Exit | Requeue:
+    async def _observed_one_step(self, slot: Slot, job: Job) -> None:
         """`_execute_in_one_step`, told to the listeners (its callers check
         that there are any first: a runner without listeners pays one
         attribute read per handler)."""
@@ -491,7 +494,7 @@ class EntityManager:
         )
         listeners.handler_started(slot.address, name, epoch)
         try:
-            return await self._execute_in_one_step(slot, job)
+            await self._execute_in_one_step(slot, job)
         finally:
             listeners.handler_finished(slot.address, name, epoch)
 
@@ -596,12 +599,11 @@ async def _await(coroutine: Coroutine[Any, Any, None]) -> None:
     await coroutine
 
 
-def _run_to_completion(coroutine: Coroutine[Any, Any, T]) -> T:
+def _drive(coroutine: Coroutine[Any, Any, None]) -> None:
     """Drive a coroutine that cannot suspend (its bytecode has no suspension
-    point on the path taken) from synchronous code."""
-    try:
-        coroutine.send(None)
-    except StopIteration as done:
-        return cast("T", done.value)
-    coroutine.close()  # pragma: no cover - the caller checked it cannot suspend
-    raise RuntimeError("a handler that cannot suspend suspended")  # pragma: no cover
+    point on the path taken) to completion from synchronous code. It returns
+    None: a ``for`` loop then ends it without raising StopIteration in
+    Python, which would cost more than the rest of the context switch."""
+    for _ in coroutine.__await__():  # pragma: no cover - cannot suspend
+        coroutine.close()
+        raise RuntimeError("a handler that cannot suspend suspended")
