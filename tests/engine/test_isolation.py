@@ -95,6 +95,12 @@ class Probe(tc.Entity):
     async def persisted(self, msg: Get) -> str:
         return look("persisted")
 
+    @tc.rpc(persisted=True, transactional=True)
+    async def transactional(self, msg: Get) -> str:
+        """Cannot suspend: the one-step path, in the job's transaction."""
+        tc.current_transaction()  # raises NotInTransactionError if unset
+        return look("transactional")
+
     @tc.stream
     async def watch(self, msg: Count) -> AsyncIterator[str]:
         for _ in range(msg.upto):
@@ -177,6 +183,14 @@ async def test_a_persisted_handler_does_not_see_the_callers_context(autojump_clo
         CALLER.set("caller")
         assert await runner.client(Probe)("a").persisted(Get()) == "-"
         assert Probe.seen == saw(runner, "on_start", "persisted")
+
+
+async def test_a_transactional_handler_sees_its_transaction_only(autojump_clock):
+    APP.set("app")
+    async with open_clocked_runner([Probe]) as runner:
+        CALLER.set("caller")
+        assert await runner.client(Probe)("a").transactional(Get()) == "-"
+        assert Probe.seen == saw(runner, "on_start", "transactional")
 
 
 async def test_a_stream_handler_does_not_see_the_callers_context(autojump_clock):

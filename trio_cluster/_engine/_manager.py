@@ -189,7 +189,7 @@ class EntityManager:
                 outcome = self._run_one_step(slot, job)
             else:
                 # In the caller's task (its cancellation is the handler's),
-                # in a context of the entity's.
+                # each step in a fresh copy of the base context.
                 outcome = await run_in(
                     self._context.copy(), self._execute_in_scope(slot, job)
                 )
@@ -396,23 +396,33 @@ class EntityManager:
             # shard): it did not run; it is redelivered or routed again.
             return NOT_RUN
         if _in_one_step(slot, job):
-            return self._run_one_step(slot, job)
+            # In this task's context: the job's own (a copy of the base
+            # context, with what `job.around` set, such as the transaction).
+            await self._one_step(slot, job)
+            return _one_step_outcome(job)
         return await self._execute_in_scope(slot, job)
 
     def _run_one_step(self, slot: Slot, job: Job) -> Exit | Requeue:
         """Run a job `_in_one_step` admits, to completion and now, in a fresh
         copy of the base context. This is the fast path of handlers that only
-        update state: synchronous, so inline callers and the owner's fast
-        path need no task switch and no stepping (see `_isolation`)."""
+        update state, for inline callers and the owner's fast path:
+        synchronous, so they need no task switch and no stepping (see
+        `_isolation`)."""
+        # NOTE: `_one_step` inlined (the hot path of W1).
         self._context.copy().run(
             _drive,
             self._observed_one_step(slot, job)
             if slot.shard.listeners.any
             else self._execute_in_one_step(slot, job),
         )
-        outcome = job.outcome
-        assert outcome is not None, "a one-step run leaves its outcome"
-        return outcome
+        return _one_step_outcome(job)
+
+    def _one_step(self, slot: Slot, job: Job) -> Coroutine[Any, Any, None]:
+        """The coroutine of a one-step run (observed if there are listeners:
+        a runner without any pays one attribute read per handler)."""
+        if slot.shard.listeners.any:
+            return self._observed_one_step(slot, job)
+        return self._execute_in_one_step(slot, job)
 
     async def _execute_in_scope(self, slot: Slot, job: Job) -> Outcome:
         """Run a job whose handler (or ``on_start``) can suspend, in a cancel
@@ -464,7 +474,8 @@ class EntityManager:
         try:
             if instance is None:
                 instance = new_instance(slot)
-            # NOTE: set and reset by hand on the hot path (see `_execute`).
+            # NOTE: set and reset by hand on the hot path (see
+            # `_execute_in_scope`).
             token = current_entity_var.set(instance)
             try:
                 if starting:
@@ -484,9 +495,7 @@ class EntityManager:
         job.outcome = returned(handler, value, self.serialize)
 
     async def _observed_one_step(self, slot: Slot, job: Job) -> None:
-        """`_execute_in_one_step`, told to the listeners (its callers check
-        that there are any first: a runner without listeners pays one
-        attribute read per handler)."""
+        """`_execute_in_one_step`, told to the listeners."""
         listeners, name, epoch = (
             slot.shard.listeners,
             job.handler.spec.name,
@@ -599,11 +608,18 @@ async def _await(coroutine: Coroutine[Any, Any, None]) -> None:
     await coroutine
 
 
+def _one_step_outcome(job: Job) -> Exit | Requeue:
+    outcome = job.outcome
+    assert outcome is not None, "a one-step run leaves its outcome in the job"
+    return outcome
+
+
 def _drive(coroutine: Coroutine[Any, Any, None]) -> None:
     """Drive a coroutine that cannot suspend (its bytecode has no suspension
     point on the path taken) to completion from synchronous code. It returns
     None: a ``for`` loop then ends it without raising StopIteration in
     Python, which would cost more than the rest of the context switch."""
-    for _ in coroutine.__await__():  # pragma: no cover - cannot suspend
+    # The body is unreachable: the caller checked that it cannot suspend.
+    for _ in coroutine.__await__():  # pragma: no cover
         coroutine.close()
         raise RuntimeError("a handler that cannot suspend suspended")
