@@ -1,9 +1,11 @@
 """Context lookups: the current runner, entity and transaction (API).
 
 They live in `contextvars`, never in module globals, so several runners can
-share one process (tests, the simulator, the demo). Tasks a runner starts
-inherit its context; handlers that run in a caller's task get the variables
-set around the handler by the engine.
+share one process (tests, the simulator, the demo). Entity code (handlers,
+``on_start``, ``on_stop``) runs in a fresh copy of its runner's base context,
+where the runner is set, never in its caller's context, even when it runs in
+the caller's task (`trio_cluster._engine._isolation`); the engine sets the
+current entity (and transaction) inside that copy.
 
 The engine sets `current_runner_var` to the value the façade gives it at
 assembly (the `Runner`), without knowing its type: what the declarative API

@@ -169,7 +169,8 @@ class Runner:
             RunnerClosedError: the runner is shut down.
         """
         self._parts.router.check_open()
-        # The local handler task inherits this context: make it the runner's.
+        # For this task's log records (the local handler's task starts in the
+        # runner's base context, whoever broadcasts).
         token = enter_runner(self)
         try:
             return await self._parts.broadcasts.send(name, message)

@@ -40,6 +40,7 @@ from .._operations._statistics import LatencySnapshot, RunnerStatistics
 from .._transport_abc import Endpoint
 from ._broadcasts import Broadcasts
 from ._inbound import ClusterHandler, InboundCalls
+from ._isolation import base_context
 from ._listeners import Listeners
 from ._manager import EntityManager
 from ._persisted import PersistedDelivery
@@ -190,13 +191,18 @@ def assemble(
         broadcasts: the broadcasts it handles (from `broadcast_codecs`).
         listeners: told of its lifecycle events.
         context: what its handlers and tasks see as the current runner.
+            Call `assemble` where ``open_runner`` was entered: entity code
+            runs in copies of the current context (`_isolation`).
         endpoint: its transport endpoint, if it has one; then ``relay`` is
             the handler the endpoint was opened with.
 
     """
     hub = Listeners(listeners, address=config.runner_address)
     ids = SnowflakeGenerator(0)
-    manager = EntityManager(config=config, runner_label=str(config.runner_address))
+    base = base_context(context)
+    manager = EntityManager(
+        config=config, runner_label=str(config.runner_address), context=base
+    )
     supervisor = SingletonSupervisor(singletons, config=config)
     table = ShardTable(config.runner_address)
     persisted = PersistedDelivery(
@@ -227,7 +233,9 @@ def assemble(
         outbound=outbound,
         context=context,
     )
-    broadcast_set = Broadcasts(broadcasts, shards=table, endpoint=endpoint)
+    broadcast_set = Broadcasts(
+        broadcasts, shards=table, endpoint=endpoint, context=base
+    )
     if endpoint is not None:
         assert relay is not None
         assert outbound is not None

@@ -1,13 +1,15 @@
 """`Broadcasts`: encoding, sending and running a runner's broadcasts (Trio driver).
 
 See `trio_cluster._broadcast` for what a broadcast is. Each delivery runs in
-its own task of `Broadcasts.run`'s nursery; an exception is logged, never
+its own task of `Broadcasts.run`'s nursery, started in the runner's base
+context (`_isolation`), never in the sender's; an exception is logged, never
 propagated.
 """
 
 from __future__ import annotations
 
 import logging
+from contextvars import Context
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -21,6 +23,7 @@ from .._errors import (
 )
 from .._transport_abc import Endpoint
 from ..serialization._converter import Codec
+from ._isolation import spawn
 from ._shard_table import ShardTable
 from ._wire import Kind
 
@@ -71,6 +74,8 @@ class Broadcasts:
     _codecs: BroadcastCodecs
     _shards: ShardTable = attrs.field(kw_only=True)
     _endpoint: Endpoint | None = attrs.field(kw_only=True)
+    _context: Context = attrs.field(kw_only=True)
+    """The runner's base context: deliveries start in a copy of it."""
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
     received: int = attrs.field(init=False, default=0)
 
@@ -128,7 +133,7 @@ class Broadcasts:
             return
         assert self._nursery is not None, "Broadcasts.run has started"
         self.received += 1
-        self._nursery.start_soon(self._deliver, broadcast, message)
+        spawn(self._context, self._nursery, self._deliver, broadcast, message)
 
     async def _deliver(self, broadcast: Broadcast, message: Any) -> None:
         try:

@@ -15,6 +15,9 @@ Theory of operation:
 * Its incarnation (the user's object) is created, and ``on_start`` runs, when
   the first handler is about to run (`activate`, or the manager's one-step
   fast path with `new_instance`).
+* ``on_start``, ``on_stop`` and the tasks started here run in the runner's
+  base context (`_isolation`), never in that of the task that happened to
+  crash, passivate or stop the entity.
 * An undeclared exception crashes the incarnation (`EntityLifecycle.crash`):
   the mailbox pauses, sibling handlers are cancelled, ``on_stop`` runs, and
   the mailbox resumes after an exponential backoff with a fresh incarnation
@@ -42,10 +45,13 @@ from .._context import current_entity_var
 from .._core._job import StopReason
 from .._core._retry import Backoff
 from .._errors import MailboxFullError
+from ._isolation import run_in, spawn
 from ._passivation import IdleTracker
 from ._slots import ShardState, Slot
 
 if TYPE_CHECKING:
+    from contextvars import Context
+
     from .._core._addresses import EntityAddress
     from .._core._config import ShardingConfig
     from .._entity import Entity
@@ -75,10 +81,14 @@ class EntityLifecycle:
         config: ``max_resident_entities``, the restart backoff and the
             termination timeout.
         jobs: starts and bounces jobs (the manager).
+        context: the runner's base context (`_isolation.base_context`).
     """
 
-    def __init__(self, *, config: ShardingConfig, jobs: JobStarter) -> None:
+    def __init__(
+        self, *, config: ShardingConfig, jobs: JobStarter, context: Context
+    ) -> None:
         self._jobs = jobs
+        self._context = context
         self._cap = config.max_resident_entities
         self._termination_timeout = config.entity_termination_timeout
         self._backoff = Backoff(
@@ -221,7 +231,7 @@ class EntityLifecycle:
         delay = self._backoff.delay(slot.crashes - 1)
         nursery = slot.shard.nursery
         assert nursery is not None
-        nursery.start_soon(self._restart_later, slot, old, delay)
+        spawn(self._context, nursery, self._restart_later, slot, old, delay)
 
     def retry_later(
         self, slot: Slot, job: Job, crashes: int, failure: RetryLater
@@ -270,18 +280,15 @@ class EntityLifecycle:
         self.after_change(slot)
 
     async def run_on_stop(self, instance: Entity) -> None:
-        """Run ``on_stop`` within the termination timeout; its failure or
-        timeout is logged, not raised."""
+        """Run ``on_stop`` within the termination timeout, in a fresh copy of
+        the base context; its failure or timeout is logged, not raised."""
         with trio.move_on_after(self._termination_timeout) as scope:
-            token = current_entity_var.set(instance)
             try:
-                await instance.on_stop()
+                await run_in(self._context.copy(), _on_stop(instance))
             except Exception as exc:
                 log.warning(
                     "on_stop of %s failed: %r", instance.address, exc, exc_info=exc
                 )
-            finally:
-                current_entity_var.reset(token)
         if scope.cancelled_caught:
             log.warning(
                 "on_stop of %s was cancelled after the termination timeout",
@@ -300,7 +307,7 @@ class EntityLifecycle:
         slot.pause()
         nursery = slot.shard.nursery
         assert nursery is not None
-        nursery.start_soon(self._stop_incarnation, slot, instance)
+        spawn(self._context, nursery, self._stop_incarnation, slot, instance)
         self._passivating += 1
 
     async def _stop_incarnation(self, slot: Slot, instance: Entity) -> None:
@@ -381,7 +388,8 @@ class EntityLifecycle:
 
 async def activate(slot: Slot) -> Entity:
     """Return the slot's incarnation, creating it (and running ``on_start``)
-    if needed. Must run inside the caller's job scope."""
+    if needed. Must run inside the job's scope and in the job's context (a
+    copy of the base context: see `_isolation`)."""
     while slot.starting is not None:
         await slot.starting.wait()
     if slot.instance is not None:
@@ -400,6 +408,11 @@ async def activate(slot: Slot) -> Entity:
     finally:
         slot.starting = None
         event.set()
+
+
+async def _on_stop(instance: Entity) -> None:
+    current_entity_var.set(instance)  # in a context of its own: no reset
+    await instance.on_stop()
 
 
 def new_instance(slot: Slot) -> Entity:

@@ -14,6 +14,9 @@ Theory of operation:
   - *detached*, in a task of the shard's nursery, when nobody waits here
     (``discard``, persisted deliveries, requests from other runners).
 
+  Either way it runs in a fresh copy of the runner's base context, never in
+  the caller's context or in that of the task that started it (`_isolation`).
+
 * Every running handler is inside a cancel scope registered with its shard;
   detached ones also run in the shard's nursery, whose deadline is the lease
   deadline. When that deadline passes, the shard's cleanup cancels every
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -44,6 +47,7 @@ from .._core._job import FINISH, GRANT, JobEvent, JobState, StopReason, advance
 from .._core._mailbox import Admission
 from .._errors import MailboxFullError
 from ._entity_lifecycle import EntityLifecycle, activate, new_instance
+from ._isolation import run_in, spawn
 from ._outcomes import (
     NOT_RUN,
     REQUEUE,
@@ -60,6 +64,7 @@ from ._streams import end_stream_nowait, run_stream
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
+    from contextvars import Context
 
     from .._core._addresses import EntityAddress
     from .._core._config import ShardingConfig
@@ -72,8 +77,6 @@ __all__ = ["EntityManager", "NotDelivered"]
 
 log = logging.getLogger("trio_cluster.entity")
 
-T = TypeVar("T")
-
 
 class NotDelivered(Exception):
     """The message was not run here (shard not served, or stopped while it was
@@ -81,13 +84,23 @@ class NotDelivered(Exception):
 
 
 class EntityManager:
-    """Runs the entities of the shards this runner serves."""
+    """Runs the entities of the shards this runner serves.
 
-    def __init__(self, *, config: ShardingConfig, runner_label: str) -> None:
+    Args:
+        config: the runner's policies.
+        runner_label: the runner's address, for logs and errors.
+        context: the runner's base context (`_isolation.base_context`).
+    """
+
+    def __init__(
+        self, *, config: ShardingConfig, runner_label: str, context: Context
+    ) -> None:
         self.serialize = config.serialize_local_calls
         """Values and errors make their codecs' round trip even in-process."""
         self.runner_label = runner_label
-        self._lifecycle = EntityLifecycle(config=config, jobs=self)
+        self._context = context
+        """The runner's base context: every handler runs in a copy of it."""
+        self._lifecycle = EntityLifecycle(config=config, jobs=self, context=context)
         self.idle = self._lifecycle.idle
         """Idle entities (passivation and the residency cap)."""
         self.persisted_jobs: dict[int, Job] = {}
@@ -168,8 +181,18 @@ class EntityManager:
             await self._wait_granted(slot, job)
         else:
             job.state = GRANT[job.state]
+        outcome: Outcome
         try:
-            outcome = await self._execute(slot, job)
+            if not (shard.active and shard.leased()):
+                outcome = NOT_RUN  # see `_execute`
+            elif _in_one_step(slot, job):
+                outcome = self._run_one_step(slot, job)
+            else:
+                # In the caller's task (its cancellation is the handler's),
+                # each step in a fresh copy of the base context.
+                outcome = await run_in(
+                    self._context.copy(), self._execute_in_scope(slot, job)
+                )
         finally:
             self._finish(slot, job)
         if outcome is NOT_RUN:
@@ -266,7 +289,7 @@ class EntityManager:
             NotDelivered: the shard is not served here.
             MailboxFullError: the runner is at ``max_resident_entities``.
         """
-        if not shard.active:
+        if not (shard.active and shard.leased()):
             raise NotDelivered(str(address))
         if handler.suspends:
             return None
@@ -282,11 +305,7 @@ class EntityManager:
         slot.offer(job)  # a permit: the slot is idle and not paused
         job.state = advance(job.state, JobEvent.GRANT)
         try:
-            outcome = _run_to_completion(
-                self._observed_one_step(slot, job)
-                if shard.listeners.any
-                else self._execute_in_one_step(slot, job)
-            )
+            outcome = self._run_one_step(slot, job)
         finally:
             self._finish(slot, job)
         assert outcome is not REQUEUE, "only persisted jobs are replayed"
@@ -328,7 +347,8 @@ class EntityManager:
 
     def start(self, slot: Slot, job: Job) -> None:
         """Start a job that was just granted a permit: wake its inline caller,
-        or spawn its task in the shard's nursery."""
+        or spawn its task in the shard's nursery (in the base context: the
+        current task is whichever sent it, or finished the job before it)."""
         job.state = advance(job.state, JobEvent.GRANT)
         if job.kind is JobKind.INLINE:
             assert job.granted is not None
@@ -337,9 +357,9 @@ class EntityManager:
         nursery = slot.shard.nursery
         assert nursery is not None
         if job.kind is JobKind.STREAM:
-            nursery.start_soon(run_stream, self, slot, job)
+            spawn(self._context, nursery, run_stream, self, slot, job)
         else:
-            nursery.start_soon(self._run_detached, slot, job)
+            spawn(self._context, nursery, self._run_detached, slot, job)
 
     async def _run_detached(self, slot: Slot, job: Job) -> None:
         outcome: Outcome | None = None
@@ -368,30 +388,54 @@ class EntityManager:
         pending = job.sink(job, exit_)
         if pending is not None:  # an async sink: run it in its own task
             try:
-                job.slot.shard.background.start_soon(_await, pending)
+                spawn(self._context, job.slot.shard.background, _await, pending)
             except BaseException:
                 pending.close()  # never started: not "never awaited"
                 raise
 
     async def _execute(self, slot: Slot, job: Job) -> Outcome:
-        """Run one granted job. Returns its outcome; lets the caller's own
-        cancellation propagate."""
+        """Run one granted job in the current task and its context (a
+        detached job's task; see `call` for inline jobs). Returns its outcome;
+        lets the caller's own cancellation propagate."""
         if not (slot.shard.active and slot.shard.leased()):
             # Its shard stopped (or its lease ran out) after the job got its
             # permit (the simulator found handlers starting on a runner that
             # no longer served the shard): it did not run; it is redelivered
             # or routed again.
             return NOT_RUN
+        if _in_one_step(slot, job):
+            # In this task's context: the job's own (a copy of the base
+            # context, with what `job.around` set, such as the transaction).
+            await self._one_step(slot, job)
+            return _one_step_outcome(job)
+        return await self._execute_in_scope(slot, job)
+
+    def _run_one_step(self, slot: Slot, job: Job) -> Exit | Requeue:
+        """Run a job `_in_one_step` admits, to completion and now, in a fresh
+        copy of the base context. This is the fast path of handlers that only
+        update state, for inline callers and the owner's fast path:
+        synchronous, so they need no task switch and no stepping (see
+        `_isolation`)."""
+        # NOTE: `_one_step` inlined (the hot path of W1).
+        self._context.copy().run(
+            _drive,
+            self._observed_one_step(slot, job)
+            if slot.shard.listeners.any
+            else self._execute_in_one_step(slot, job),
+        )
+        return _one_step_outcome(job)
+
+    def _one_step(self, slot: Slot, job: Job) -> Coroutine[Any, Any, None]:
+        """The coroutine of a one-step run (observed if there are listeners:
+        a runner without any pays one attribute read per handler)."""
+        if slot.shard.listeners.any:
+            return self._observed_one_step(slot, job)
+        return self._execute_in_one_step(slot, job)
+
+    async def _execute_in_scope(self, slot: Slot, job: Job) -> Outcome:
+        """Run a job whose handler (or ``on_start``) can suspend, in a cancel
+        scope its shard can cancel."""
         handler = job.handler
-        if (
-            not handler.suspends
-            and not slot.paused
-            and slot.starting is None
-            and (slot.instance is not None or not slot.entity_type.start_suspends)
-        ):
-            if slot.shard.listeners.any:
-                return await self._observed_one_step(slot, job)
-            return await self._execute_in_one_step(slot, job)
         shard = slot.shard
         scope = shard.start_handler(slot, job)
         starting = False
@@ -428,18 +472,20 @@ class EntityManager:
         self.messages_handled += 1
         return returned(handler, value, self.serialize)
 
-    async def _execute_in_one_step(self, slot: Slot, job: Job) -> Exit | Requeue:
+    async def _execute_in_one_step(self, slot: Slot, job: Job) -> None:
         """Run a job whose handler (and ``on_start``, if it must run) cannot
         suspend: it runs to completion without yielding, so nothing can
-        interrupt it and it needs no cancel scope. This is the fast path of
-        handlers that only update state."""
+        interrupt it and it needs no cancel scope. Its outcome is left in
+        ``job.outcome``, not returned: `_run_one_step` drives this from
+        synchronous code, where a return value costs a StopIteration."""
         handler = job.handler
         instance = slot.instance
         starting = instance is None
         try:
             if instance is None:
                 instance = new_instance(slot)
-            # NOTE: set and reset by hand on the hot path (see `_execute`).
+            # NOTE: set and reset by hand on the hot path (see
+            # `_execute_in_scope`).
             token = current_entity_var.set(instance)
             try:
                 if starting:
@@ -452,15 +498,14 @@ class EntityManager:
                 current_entity_var.reset(token)
 
         except Exception as exc:
-            return self.handler_failed(slot, job, exc, during_start=starting)
+            job.outcome = self.handler_failed(slot, job, exc, during_start=starting)
+            return
         slot.crashes = 0
         self.messages_handled += 1
-        return returned(handler, value, self.serialize)
+        job.outcome = returned(handler, value, self.serialize)
 
-    async def _observed_one_step(self, slot: Slot, job: Job) -> Exit | Requeue:
-        """`_execute_in_one_step`, told to the listeners (its callers check
-        that there are any first: a runner without listeners pays one
-        attribute read per handler)."""
+    async def _observed_one_step(self, slot: Slot, job: Job) -> None:
+        """`_execute_in_one_step`, told to the listeners."""
         listeners, name, epoch = (
             slot.shard.listeners,
             job.handler.spec.name,
@@ -468,7 +513,7 @@ class EntityManager:
         )
         listeners.handler_started(slot.address, name, epoch)
         try:
-            return await self._execute_in_one_step(slot, job)
+            await self._execute_in_one_step(slot, job)
         finally:
             listeners.handler_finished(slot.address, name, epoch)
 
@@ -557,16 +602,34 @@ class EntityManager:
         self._notify_sink(job, None)
 
 
+def _in_one_step(slot: Slot, job: Job) -> bool:
+    """Whether ``job`` can run to completion without suspending: its handler
+    cannot (nor ``on_start``, if it is to run), and the entity is neither
+    paused nor starting."""
+    return (
+        not job.handler.suspends
+        and not slot.paused
+        and slot.starting is None
+        and (slot.instance is not None or not slot.entity_type.start_suspends)
+    )
+
+
 async def _await(coroutine: Coroutine[Any, Any, None]) -> None:
     await coroutine
 
 
-def _run_to_completion(coroutine: Coroutine[Any, Any, T]) -> T:
+def _one_step_outcome(job: Job) -> Exit | Requeue:
+    outcome = job.outcome
+    assert outcome is not None, "a one-step run leaves its outcome in the job"
+    return outcome
+
+
+def _drive(coroutine: Coroutine[Any, Any, None]) -> None:
     """Drive a coroutine that cannot suspend (its bytecode has no suspension
-    point on the path taken) from synchronous code."""
-    try:
-        coroutine.send(None)
-    except StopIteration as done:
-        return cast("T", done.value)
-    coroutine.close()  # pragma: no cover - the caller checked it cannot suspend
-    raise RuntimeError("a handler that cannot suspend suspended")  # pragma: no cover
+    point on the path taken) to completion from synchronous code. It returns
+    None: a ``for`` loop then ends it without raising StopIteration in
+    Python, which would cost more than the rest of the context switch."""
+    # The body is unreachable: the caller checked that it cannot suspend.
+    for _ in coroutine.__await__():  # pragma: no cover
+        coroutine.close()
+        raise RuntimeError("a handler that cannot suspend suspended")

@@ -129,8 +129,9 @@ class Router:
         """A call through a client handle (see `BoundRpc.__call__`)."""
         self.check_open()
         started = perf_counter()
-        # NOTE: `enter_runner` inlined: this runs for every call (W1's hot
-        # path), where two more function calls are measurable.
+        # NOTE: this task's log records name this runner. `enter_runner`
+        # inlined: this runs for every call (W1's hot path), where two more
+        # function calls are measurable.
         token = (
             None
             if current_runner_var.get(None) is self._context
@@ -184,10 +185,9 @@ class Router:
     ) -> None:
         """A fire-and-forget send (see `BoundRpc.discard`)."""
         self.check_open()
-        # NOTE: as in `call`, a handler started from here runs in a task that
-        # inherits this context: it must name this runner (found by the
-        # simulator: a discard from outside the runner's tasks ran handlers
-        # where `current_runner()` failed).
+        # NOTE: as in `call`, this task's log records name this runner.
+        # (Handlers never run in the caller's context: they find their
+        # runner in the runner's base context, see `_isolation`.)
         token = enter_runner(self._context)
         try:
             if handler.spec.persisted:
@@ -250,11 +250,6 @@ class Router:
                 if not entity_type.hosted:
                     raise _not_hosted(entity_type)
                 send, receive = open_stream_channel()
-                # NOTE: as in `call`, the producer task starts in this task's
-                # context: it must name this runner (a stream opened from
-                # outside the runner's tasks ran where `current_runner()`
-                # failed).
-                token = enter_runner(self._context)
                 try:
                     job = self._manager.submit(
                         host,
@@ -269,8 +264,6 @@ class Router:
                     send.close()
                     receive.close()
                     job = None
-                finally:
-                    leave_runner(token)
                 if job is not None:
                     async with consume(self._manager, job, receive) as items:
                         yield items

@@ -25,12 +25,13 @@ import trio
 from .._core._job import JobState, StopReason
 from .._core._mailbox import Mailbox
 from .._registry import Handler
+from ..serialization._replies import Exit
+from ._outcomes import Requeue
 
 if TYPE_CHECKING:
     from .._core._addresses import EntityAddress, ShardId
     from .._entity import Entity
     from .._registry import EntityType
-    from ..serialization._replies import Exit
     from ._listeners import Listeners
     from ._outcomes import Outcome
 
@@ -101,6 +102,8 @@ class Job:
     deadline: float | None = attrs.field(init=False, default=None)
     """Trio time after which the handler is cancelled (the remote
     caller's deadline); None: no limit."""
+    outcome: Exit | Requeue | None = attrs.field(init=False, default=None)
+    """How a one-step run ended (see `EntityManager._run_one_step`)."""
 
     @property
     def persisted(self) -> bool:

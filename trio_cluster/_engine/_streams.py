@@ -1,8 +1,9 @@
 """Stream handlers: the producer task and the caller's iterator (Trio driver).
 
 A stream request is a `Job` of kind STREAM. When it gets a permit, a producer
-task starts in the shard's nursery: it activates the entity, hands its permit
-to the next message (streams run alongside other handlers), then drives the
+task starts in the shard's nursery (in a copy of the runner's base context,
+never in the caller's: see `_isolation`): it activates the entity, hands its
+permit to the next message (streams run alongside other handlers), then drives the
 handler's async generator and sends each item through a small memory channel
 to the caller, who reads it with ``async for``. The channel's buffer is the
 backpressure: a slow caller slows the generator down.
