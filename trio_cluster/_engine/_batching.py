@@ -6,7 +6,7 @@ its own result. While a batch is being written, new items accumulate, so the
 batch size grows with the load and the cost per item falls, without ever
 adding a timer delay at low load (a lone item is flushed at once).
 
-One item must never fail a batch of others (issue 11, item 9). A batch that
+One item must never fail a batch of others. A batch that
 storage *refuses* for the data it carries (`refused`: `StorageRefusedError`,
 or the `TypeError`/`ValueError` a backend raises for an argument it checks,
 both raised before anything of the batch is stored) is written again in

@@ -24,8 +24,7 @@ API edge refuses, an entity in a shard that is not its own, an unknown type
 or handler, a stream handler, a payload that does not decode, or a row
 storage could not read back at all: `ClaimBatch.unreadable`), is answered
 with a typed error as its final reply and stays stored, for inspection; the
-loop serves on (issue 11, item 6: one such row killed the runner on every
-restart).
+loop serves on (such a row must never stop the runner, on any restart).
 """
 
 from __future__ import annotations

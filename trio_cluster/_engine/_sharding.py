@@ -538,7 +538,7 @@ def _members(live: Iterable[RunnerInfo]) -> dict[RunnerAddress, Member]:
     A registration the assignment cannot use (a weight that is not positive
     and finite, groups that are not names), read back from storage as
     another program or a hand edit left it, is logged and left out: it must
-    not stop this runner's assignment (issue 11, item 6). No runner of ours
+    not stop this runner's assignment. No runner of ours
     registers one.
     """
     members: dict[RunnerAddress, Member] = {}
