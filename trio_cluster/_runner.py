@@ -29,7 +29,7 @@ from ._core._config import ShardingConfig
 from ._cron import cron_entity, cron_singletons
 from ._engine._assembly import assemble
 from ._engine._broadcasts import broadcast_codecs
-from ._engine._inbound import HandlerRelay
+from ._engine._dispatch import HandlerRelay
 from ._engine._janitor import janitor
 from ._entity import Entity
 from ._errors import EntityDefinitionError

@@ -39,7 +39,8 @@ from .._core._snowflake import SnowflakeGenerator
 from .._operations._statistics import LatencySnapshot, RunnerStatistics
 from .._transport_abc import Endpoint
 from ._broadcasts import Broadcasts
-from ._inbound import ClusterHandler, InboundCalls
+from ._dispatch import ClusterHandler
+from ._inbound import InboundCalls
 from ._isolation import base_context
 from ._listeners import Listeners
 from ._manager import EntityManager
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
     from .._singletons import Singleton
     from .._storage_abc import StorageSession
     from ._broadcasts import BroadcastCodecs
-    from ._inbound import HandlerRelay
+    from ._dispatch import HandlerRelay
 
 __all__ = ["RunnerParts", "assemble"]
 

@@ -1,5 +1,5 @@
-"""Requests from other runners: the owner's side, and the endpoint handler
-that dispatches every envelope (Trio driver).
+"""Requests from other runners: the owner's side (Trio driver; the endpoint
+handler that dispatches envelopes here is `_dispatch`).
 
 A ``REQUEST`` for a shard this runner serves becomes a detached job whose
 outcome is sent back as ``REPLY``; for a shard it does not serve the answer is
@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import attrs
 import trio
 
-from .._context import RunnerContext, current_entity_var, current_runner_var
 from .._core._addresses import RunnerAddress
 from .._core._job import StopReason
 from .._errors import (
@@ -30,26 +29,21 @@ from .._errors import (
     UnknownEntityTypeError,
 )
 from .._registry import Registry
-from .._transport_abc import Endpoint, EndpointHandler
+from .._transport_abc import Endpoint
 from ..serialization._replies import Exit
-from ._broadcasts import Broadcasts
 from ._manager import EntityManager, NotDelivered
 from ._outcomes import stopped
-from ._persisted import PersistedDelivery
-from ._remote import OutboundCalls
 from ._shard_table import ShardTable
-from ._sharding import Sharding
 from ._slots import Job, JobKind
 from ._streams import ITEM, SendCredit, open_stream_channel
-from ._wire import Kind, Mode, address_from, parse
+from ._wire import Kind, Mode, address_from
 
 if TYPE_CHECKING:
     from .._core._addresses import EntityAddress
     from .._registry import EntityType, Handler
-    from .._transport_abc import Envelope
     from ._slots import ShardHost, Sink
 
-__all__ = ["ClusterHandler", "HandlerRelay", "InboundCalls"]
+__all__ = ["InboundCalls"]
 
 log = logging.getLogger("trio_cluster.transport")
 
@@ -410,101 +404,3 @@ def _encode_end(handler: Handler, exit_: Exit) -> bytes:
         return handler.reply.encode_stream_end(exit_)
     except MalformedMessageError as exc:  # the error cannot travel
         return handler.reply.encode_error(exc)
-
-
-@attrs.define(eq=False, kw_only=True)
-class ClusterHandler(EndpointHandler):
-    """Dispatches envelopes from peers to the caller and owner sides."""
-
-    outbound: OutboundCalls
-    """The caller side (replies, stream items)."""
-    inbound: InboundCalls
-    """The owner side (requests, credits, interrupts)."""
-    _sharding: Sharding
-    """Polled again when a peer is lost."""
-    _persisted: PersistedDelivery
-    """Persisted-request notices and replies."""
-    _broadcasts: Broadcasts
-    """Broadcasts from peers."""
-    _context: RunnerContext
-    """The current runner handlers dispatched from here see."""
-    malformed: int = attrs.field(init=False, default=0)
-
-    def envelope_received(self, peer: RunnerAddress, envelope: Envelope) -> None:
-        # The transport may call from any task (a memory link runs in the
-        # sender's context): dispatch in this runner's context, so handlers,
-        # tasks they start and log records see the right runner.
-        runner_token = current_runner_var.set(self._context)
-        entity_token = current_entity_var.set(None)
-        try:
-            self._dispatch(peer, envelope)
-        finally:
-            current_entity_var.reset(entity_token)
-            current_runner_var.reset(runner_token)
-
-    def _dispatch(self, peer: RunnerAddress, envelope: Envelope) -> None:
-        outbound, inbound = self.outbound, self.inbound
-        persisted, broadcasts = self._persisted, self._broadcasts
-        try:
-            kind, fields = parse(envelope)
-            if kind is Kind.REQUEST:
-                inbound.request(peer, fields)
-            elif kind is Kind.REPLY:
-                outbound.reply(peer, *fields)
-            elif kind is Kind.NOT_DELIVERED:
-                outbound.not_delivered(peer, *fields)
-            elif kind is Kind.STREAM_ITEM:
-                outbound.stream_item(peer, *fields)
-            elif kind is Kind.STREAM_END:
-                outbound.stream_end(peer, *fields)
-            elif kind is Kind.STREAM_CREDIT:
-                inbound.credit(peer, *fields)
-            elif kind is Kind.INTERRUPT:
-                inbound.interrupt(peer, *fields)
-            elif kind is Kind.PERSISTED:
-                request_id, *where, wants_reply = fields
-                persisted.remote_notice(
-                    request_id, address_from(where), peer if wants_reply else None
-                )
-            elif kind is Kind.PERSISTED_REPLY:
-                persisted.remote_reply(*fields)
-            else:
-                broadcasts.received_from(peer, *fields)
-        except MalformedMessageError as exc:
-            self.malformed += 1
-            log.warning("dropped a malformed envelope from %s: %s", peer, exc)
-
-    def peer_lost(self, peer: RunnerAddress, reason: str) -> None:
-        log.info("lost the connection to %s: %s", peer, reason)
-        self.outbound.peer_lost(peer)
-        self.inbound.peer_lost(peer)
-        self._sharding.poll_soon()
-
-
-class HandlerRelay(EndpointHandler):
-    """The endpoint's handler until the runner's parts exist.
-
-    A transport needs its handler to open the endpoint, and the parts that
-    answer envelopes need the open endpoint: the assembly opens the endpoint
-    with a relay and binds the `ClusterHandler` once, when the parts are
-    built. Envelopes before that are dropped (no peer knows this runner
-    before it registers, which happens after the binding).
-    """
-
-    __slots__ = ("_target",)
-
-    def __init__(self) -> None:
-        self._target: EndpointHandler | None = None
-
-    def bind(self, target: EndpointHandler) -> None:
-        """Send every envelope and loss to ``target`` from now on (once)."""
-        assert self._target is None, "a relay is bound once"
-        self._target = target
-
-    def envelope_received(self, peer: RunnerAddress, envelope: Envelope) -> None:
-        if self._target is not None:
-            self._target.envelope_received(peer, envelope)
-
-    def peer_lost(self, peer: RunnerAddress, reason: str) -> None:
-        if self._target is not None:
-            self._target.peer_lost(peer, reason)
