@@ -14,8 +14,10 @@ from its runner which shards it serves. From that it checks, continuously:
   counts as an owner only while it can still have effects: once its runner
   stopped the shard forced (lease lapsed, lock lost), its handlers are
   cancelled at their next checkpoint and nothing of theirs leaves;
-* **fencing**: every reply storage *recorded* carries the shard's current
-  epoch, and every claim was made at the current epoch;
+* **fencing**: no write of a stale epoch commits after the successor's
+  acquisition committed: every reply storage *recorded* carries the shard's
+  current epoch, every claim was made at the current epoch, and every
+  request stored *claimed* was claimed at the current epoch;
 * **dedup**: a primary key is stored once (while its request exists), a
   duplicate always names the stored request, and request ids never collide;
 * **one reply**: a request gets at most one recorded final reply;
@@ -263,6 +265,14 @@ class Checker:
                     f"dedup: storing {request.request_id} returned id"
                     f" {result.request_id} without saying it is a duplicate"
                 )
+            if result.claimed:
+                current = self._epoch(request.address.shard)
+                if request.claim_epoch != current:
+                    self._fail(
+                        f"fencing: {by} stored #{request.request_id} claimed at"
+                        f" epoch {request.claim_epoch}, but shard"
+                        f" {request.address.shard} is at epoch {current}"
+                    )
             if key is not None:
                 earlier = self.keys.get(key)
                 if earlier is not None and self._still_stored(earlier):
