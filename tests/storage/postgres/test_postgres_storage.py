@@ -242,22 +242,26 @@ async def test_auto_migrate_off_needs_a_migrated_schema(pg_schema: PgSchema) -> 
 
 
 async def test_each_connection_names_itself(
-    a: StorageSession, pg_admin: PgAdmin
+    storage: PostgresStorage, pg_admin: PgAdmin
 ) -> None:
+    # A session name of its own: another test run on the same database (a
+    # second suite at the same time) has sessions named like the fixtures'.
+    name = unique_prefix()
     with trio.fail_after(TIMEOUT):
-        await a.runners.refresh([])
-        async with a.messages.open_transaction() as tx:
-            await tx.execute("SELECT 1")
-            rows = pg_admin.execute(
-                "SELECT application_name, count(*) FROM pg_stat_activity"
-                " WHERE application_name LIKE %s GROUP BY 1",
-                ["trio_cluster%pg-a"],
-            )
+        async with storage.open_session(name=name, lease_duration=LEASE) as a:
+            await a.runners.refresh([])
+            async with a.messages.open_transaction() as tx:
+                await tx.execute("SELECT 1")
+                rows = pg_admin.execute(
+                    "SELECT application_name, count(*) FROM pg_stat_activity"
+                    " WHERE application_name LIKE %s GROUP BY 1",
+                    [f"trio_cluster%{name}"],
+                )
     assert dict(rows) == {
-        "trio_cluster pg-a": 4,  # the message pool
-        "trio_cluster tx pg-a": 1,  # opened for the transaction
-        "trio_cluster lock pg-a": 1,
-        "trio_cluster listen pg-a": 1,
+        f"trio_cluster {name}": 4,  # the message pool
+        f"trio_cluster tx {name}": 1,  # opened for the transaction
+        f"trio_cluster lock {name}": 1,
+        f"trio_cluster listen {name}": 1,
     }
 
 

@@ -10,6 +10,7 @@ in flight. Every wait is bounded by ``trio.fail_after``.
 
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING
 
 import pytest
@@ -78,8 +79,10 @@ async def active_queries(dsn: str, application_name: str) -> list[str]:
     return [row[0] for row in result.rows]
 
 
-a = session_fixture("a", lease=LEASE, session="fault-a")
-b = session_fixture("b", lease=LEASE, session="fault-b")
+# Names of this process's own (another suite may run on the same database).
+SESSION_A = f"fault-a-{uuid.uuid4().hex[:8]}"
+a = session_fixture("a", lease=LEASE, session=SESSION_A)
+b = session_fixture("b", lease=LEASE, session=f"fault-b-{uuid.uuid4().hex[:8]}")
 
 
 # ----------------------------------------------------------------------
@@ -257,7 +260,9 @@ async def test_cancelled_query_is_cancelled_on_the_server_and_the_connection_reu
                 await tx.execute("SELECT pg_sleep(30)")
         assert scope.cancelled_caught
         assert trio.current_time() - started < 2.5
-        assert await active_queries(pg_schema.base_dsn, "trio_cluster fault-a") == []
+        assert (
+            await active_queries(pg_schema.base_dsn, f"trio_cluster {SESSION_A}") == []
+        )
         after = pool.statistics()
         assert after.discarded == before.discarded  # drained, back in the pool
         assert after.connects == before.connects
