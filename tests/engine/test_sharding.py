@@ -274,6 +274,31 @@ class Drained(tc.Entity):
         return await self._work(msg)
 
 
+async def start_drained(
+    hosts: trio.Nursery,
+    storage: MemoryStorage,
+    network: MemoryNetwork,
+    port: int,
+    **extra: Any,
+) -> tc.Runner:
+    """A runner of `Drained` on port ``port``, with a long termination
+    timeout (30 s), served in ``hosts``."""
+    runner: tc.Runner = await hosts.start(
+        partial(
+            tc.serve_runner,
+            [Drained],
+            config(
+                runner_address=tc.RunnerAddress("127.0.0.1", port),
+                entity_termination_timeout=30.0,
+            ),
+            storage,
+            MemoryTransport(network),
+            **extra,
+        )
+    )
+    return runner
+
+
 async def test_a_draining_shard_keeps_its_lease_until_its_handlers_finish(
     autojump_clock,
 ):
@@ -286,21 +311,7 @@ async def test_a_draining_shard_keeps_its_lease_until_its_handlers_finish(
         storage, network = MemoryStorage(), MemoryNetwork()
         hosts = await stack.enter_async_context(trio.open_nursery())
         stack.callback(hosts.cancel_scope.cancel)
-
-        async def start(port: int) -> tc.Runner:
-            runner: tc.Runner = await hosts.start(
-                partial(
-                    tc.serve_runner,
-                    [Drained],
-                    config(
-                        runner_address=tc.RunnerAddress("127.0.0.1", port),
-                        entity_termination_timeout=30.0,
-                    ),
-                    storage,
-                    MemoryTransport(network),
-                )
-            )
-            return runner
+        start = partial(start_drained, hosts, storage, network)
 
         first = await start(1)
         await first.wait_shards_acquired()
@@ -457,21 +468,7 @@ async def test_a_lost_lock_escalates_a_drain_once(autojump_clock):
     storage, network = MemoryStorage(), MemoryNetwork()
     listener = StopLog()
     async with trio.open_nursery() as hosts:
-
-        async def start(port: int, **extra: Any) -> tc.Runner:
-            return await hosts.start(  # type: ignore[no-any-return]
-                partial(
-                    tc.serve_runner,
-                    [Drained],
-                    config(
-                        runner_address=tc.RunnerAddress("127.0.0.1", port),
-                        entity_termination_timeout=30.0,
-                    ),
-                    storage,
-                    MemoryTransport(network),
-                    **extra,
-                )
-            )
+        start = partial(start_drained, hosts, storage, network)
 
         first = await start(1, listeners=[listener])
         await first.wait_shards_acquired()

@@ -103,9 +103,9 @@ class EntityLifecycle:
         order they began to wait (see the module docstring)."""
         self._admitting = False
         self._passivating = 0
+        """Incarnations running ``on_stop`` on their way out of memory."""
         self._passivated = trio.Event()
         """Set (and replaced) each time a passivation's ``on_stop`` ends."""
-        """Incarnations running ``on_stop`` on their way out of memory."""
         self.crashes = 0
         """Incarnations crashed so far."""
 
