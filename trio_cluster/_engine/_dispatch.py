@@ -90,7 +90,7 @@ class ClusterHandler(EndpointHandler):
                     request_id, address_from(where), peer if wants_reply else None
                 )
             elif kind is Kind.PERSISTED_REPLY:
-                persisted.remote_reply(*fields)
+                persisted.remote_reply(peer, *fields)
             else:
                 broadcasts.received_from(peer, *fields)
         except MalformedMessageError as exc:

@@ -57,11 +57,13 @@ class Notices:
         ):
             self._parts.signal.nudge(deliver_at)
             return
-        send_directly(
+        sent = send_directly(
             self._parts.endpoint,
             owner,
             [Kind.PERSISTED, request_id, *address_fields(address), wants_reply],
         )
+        if sent and wants_reply:
+            self._parts.waiters.expect_from(request_id, owner)
 
     def remote_notice(
         self, request_id: int, address: EntityAddress, reply_to: RunnerAddress | None

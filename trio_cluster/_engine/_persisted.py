@@ -111,6 +111,9 @@ class PersistedDelivery:
         self._notices = Notices(self._parts, self._recorder)
         self.closing = False
         """The runner is shutting down (see `begin_shutdown`)."""
+        self.stray_replies = 0
+        """Final replies pushed by a runner that was not asked for them
+        (ignored: forged, or late after a failover)."""
 
     # ------------------------------------------------------------------
     # Service
@@ -164,9 +167,19 @@ class PersistedDelivery:
         """Another runner stored ``request_id`` for a shard served here."""
         self._notices.remote_notice(request_id, address, reply_to)
 
-    def remote_reply(self, request_id: int, payload: bytes) -> None:
-        """The owner sent the final reply of a request sent from here."""
-        self._parts.waiters.resolve(request_id, payload, None)
+    def remote_reply(
+        self, peer: RunnerAddress, request_id: int, payload: bytes
+    ) -> None:
+        """``peer`` sent the final reply of a request sent from here: taken
+        only from the owner asked for it, while a caller waits (a reply from
+        anyone else is ignored, and the caller gets the reply from storage)."""
+        if not self._parts.waiters.pushed(peer, request_id, payload):
+            self.stray_replies += 1
+            log.debug(
+                "ignored a final reply to request %d from %s (not asked of it)",
+                request_id,
+                peer,
+            )
 
     async def _flush_saves(self, items: Sequence[PersistedRequest]) -> list[SaveResult]:
         return await self._parts.storage.save_requests(

@@ -62,6 +62,9 @@ class ReplyWaiters:
         self._waiters: dict[int, list[Waiter]] = {}
         self._reply_to: dict[int, RunnerAddress] = {}
         """Requests another runner waits for: send it the final reply."""
+        self._owners: dict[int, RunnerAddress] = {}
+        """Requests callers here wait for, with the runner asked to send
+        their final reply directly: the only one it is taken from."""
 
     def __contains__(self, request_id: int) -> bool:
         """Whether a caller in this process waits for ``request_id``."""
@@ -90,6 +93,23 @@ class ReplyWaiters:
                 waiters.remove(waiter)
             if not waiters:
                 del self._waiters[request_id]
+                self._owners.pop(request_id, None)
+
+    def expect_from(self, request_id: int, owner: RunnerAddress) -> None:
+        """``owner`` was asked to send the final reply of ``request_id``
+        directly (while a caller here waits for it)."""
+        if request_id in self._waiters:
+            self._owners[request_id] = owner
+
+    def pushed(self, peer: RunnerAddress, request_id: int, payload: bytes) -> bool:
+        """``peer`` sent the final reply of ``request_id`` directly: resolve
+        it if ``peer`` is the runner asked for it, for a reply still awaited.
+        Else (a forged or stray reply) it is ignored: False; the reply then
+        comes from storage, which alone is authoritative."""
+        if self._owners.get(request_id) != peer:
+            return False
+        self.resolve(request_id, payload, None)
+        return True
 
     def reply_to(self, request_id: int, peer: RunnerAddress) -> None:
         """``peer`` waits for the final reply of ``request_id``."""
@@ -99,6 +119,7 @@ class ReplyWaiters:
 
     def resolve(self, request_id: int, payload: bytes, exit_: Exit | None) -> None:
         """The final reply of ``request_id`` is known: wake its waiters."""
+        self._owners.pop(request_id, None)
         for waiter in self._waiters.pop(request_id, ()):
             waiter.payload = payload
             waiter.exit = exit_
@@ -124,6 +145,7 @@ class ReplyWaiters:
                 )
                 waiter.event.set()
         self._waiters.clear()
+        self._owners.clear()
 
 
 def send_directly(
