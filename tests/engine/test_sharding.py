@@ -508,3 +508,24 @@ async def test_a_lost_lock_escalates_a_drain_once(autojump_clock):
         assert first.statistics().failovers == len(forced)
         await second.wait_shards_acquired()
         hosts.cancel_scope.cancel()
+
+
+async def test_a_lost_lock_session_logs_one_line_not_one_per_shard(
+    autojump_clock, caplog
+):
+    # A lost session stopped every shard with a warning each: one runner of
+    # 1,000 shards wrote 1,000 lines for one event (issue 12, item 8).
+    storage = MemoryStorage()
+    cfg = config(lease_duration=30.0, lease_refresh_interval=10.0)
+    async with open_clocked_runner([Ledger], cfg, storage) as runner:
+        await runner.wait_shards_acquired()
+        caplog.clear()
+        storage.expire_session(str(runner.address))
+        await trio.testing.wait_all_tasks_blocked()
+        lines = [
+            r.getMessage() for r in caplog.records if r.name == "trio_cluster.sharding"
+        ]
+        assert runner.statistics().failovers == 8
+    lost = [line for line in lines if line.startswith("lost the lock")]
+    assert len(lost) == 1, lines
+    assert "8 shard(s)" in lost[0]

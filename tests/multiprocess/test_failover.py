@@ -103,7 +103,7 @@ async def test_frozen_runner_is_replaced_fenced_and_rejoins(
             with trio.fail_after(10):
                 while "(fencing)" not in b.log_text():  # noqa: ASYNC110
                     await trio.sleep(0.02)
-            assert "lapsed; stopped serving it" in b.log_text()
+            assert "lease lapsed; stopped serving" in b.log_text()
             # B rejoins: it serves shards again (at newer epochs: checked
             # below), and every entity answers.
             with trio.fail_after(20):

@@ -55,6 +55,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Sharding"]
 
+_SHOWN = 16
+"""Shards named in one log line (the rest are counted)."""
+
 log = logging.getLogger("trio_cluster.sharding")
 
 
@@ -114,6 +117,8 @@ class Sharding:
         """Stopped shards whose locks `_release_loop` releases next."""
         self._release_wanted = trio.Event()
         self.failovers = 0
+        self._reports: dict[str, list[ShardId]] = {}
+        """Shards per event, logged together by `_report`."""
         self._sessions_lost = 0
         """Lock sessions lost so far (an acquisition that overlapped a loss
         got locks that are gone already)."""
@@ -366,11 +371,7 @@ class Sharding:
                     # Nobody asked us to stop: the lease deadline passed, or
                     # the runner itself is being cancelled.
                     if lapsed:
-                        log.warning(
-                            "lease of shard %s lapsed; stopped serving it",
-                            host.shard_id,
-                            extra={"shard": str(host.shard_id)},
-                        )
+                        self._report("lease lapsed; stopped serving", host.shard_id)
                         self.failovers += 1
                     self.table.hosts.pop(host.shard_id, None)
                     self.table.signal_changed()
@@ -383,10 +384,9 @@ class Sharding:
                 ):
                     # The lease ran out while the shard drained (refreshes
                     # failed): nothing of it may run on from here.
-                    log.warning(
-                        "lease of draining shard %s lapsed; cancelling its handlers",
+                    self._report(
+                        "lease lapsed while draining; cancelled its handlers",
                         host.shard_id,
-                        extra={"shard": str(host.shard_id)},
                     )
                     self.failovers += 1
                     self.ownership.lapsed(host.shard_id)
@@ -429,11 +429,7 @@ class Sharding:
             )
         if not command.graceful:
             self.failovers += 1
-            log.warning(
-                "lost the lock of shard %s; stopping it now",
-                command.shard,
-                extra={"shard": str(command.shard)},
-            )
+            self._report("lost the lock; stopping now", command.shard)
             # Now, not when the stopping task gets to run: another runner
             # may hold the lock already.
             host.force_stop()
@@ -446,13 +442,44 @@ class Sharding:
     def _escalate(self, host: ShardHost) -> None:
         """The lock of a draining shard was lost: stop it now, forced."""
         self.failovers += 1
-        log.warning(
-            "lost the lock of draining shard %s; cancelling its handlers now",
-            host.shard_id,
-            extra={"shard": str(host.shard_id)},
+        self._report(
+            "lost the lock while draining; cancelling its handlers", host.shard_id
         )
         self._listeners.shard_stopping(host.shard_id, host.epoch, graceful=False)
         host.force_stop()
+
+    def _report(self, what: str, shard: ShardId) -> None:
+        """Log that ``what`` happened to ``shard``: one line for all the
+        shards it happens to in one scheduling round (a lost lock session or
+        leases lapsing together stop every shard at once)."""
+        shards = self._reports.get(what)
+        if shards is not None:
+            shards.append(shard)
+            return
+        self._reports[what] = [shard]
+        try:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._flush_report, what)
+        except RuntimeError:  # the nursery is closed: log it now
+            self._log_report(what)
+
+    async def _flush_report(self, what: str) -> None:
+        await trio.lowlevel.checkpoint()
+        self._log_report(what)
+
+    def _log_report(self, what: str) -> None:
+        shards = self._reports.pop(what, [])
+        if shards:
+            shown = " ".join(str(shard) for shard in shards[:_SHOWN])
+            more = f" and {len(shards) - _SHOWN} more" if len(shards) > _SHOWN else ""
+            log.warning(
+                "%s: %d shard(s): %s%s",
+                what,
+                len(shards),
+                shown,
+                more,
+                extra={"shard": str(shards[0])},
+            )
 
     async def _stop_host(self, host: ShardHost, graceful: bool) -> None:
         with trio.CancelScope(shield=True) as cleanup:
