@@ -416,3 +416,7 @@ async def deposit_beside_a_bad_one(runner: tc.Runner, bad_key: str) -> list[obje
             nursery.start_soon(deposit, i, f"tx{i}")
         nursery.start_soon(deposit, 100, bad_key)
     return outcomes
+
+
+ENTITIES_FOR_CLI = [Counter]
+"""What ``trio-cluster run tests.helpers:ENTITIES_FOR_CLI`` hosts."""

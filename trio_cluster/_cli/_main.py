@@ -79,24 +79,67 @@ def load_target(target: str) -> dict[str, Any]:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from .._core._addresses import RunnerAddress
     from .._core._config import ShardingConfig
 
     overrides: dict[str, Any] = {}
     if getattr(args, "listen", None):
-        overrides["runner_address"] = RunnerAddress.parse(args.listen)
+        overrides["runner_address"] = _address("--listen", args.listen)
     return ShardingConfig.from_env(os.environ, **overrides)
+
+
+def _address(option: str, text: str) -> Any:
+    """``host:port`` given to ``option``.
+
+    Raises:
+        ConfigError: it is not one.
+    """
+    from .._core._addresses import RunnerAddress
+    from .._errors import ConfigError
+
+    try:
+        return RunnerAddress.parse(text)
+    except ValueError as exc:
+        raise ConfigError(f"{option}: {exc}") from None
+
+
+def _operator_error(exc: BaseException) -> tuple[int, str] | None:
+    """Exit status and one line for an error of the operator's making or of
+    the environment (bad option or variable, database unreachable, port in
+    use), found anywhere in ``exc`` (a group of the runner's tasks, too);
+    None for anything else (a bug: its traceback is worth showing)."""
+    from .._errors import ConfigError, PersistenceError, RunnerUnavailableError
+
+    if isinstance(exc, BaseExceptionGroup):
+        found = [_operator_error(inner) for inner in exc.exceptions]
+        known = [item for item in found if item is not None]
+        if known and len(known) == len(found):
+            return max(known, key=lambda item: item[0])  # a ConfigError first
+        return None
+    if isinstance(exc, ConfigError):
+        return 2, str(exc)
+    if isinstance(exc, PersistenceError | RunnerUnavailableError | OSError):
+        return 1, str(exc)
+    return None
 
 
 def _run(args: argparse.Namespace) -> int:
     from ..storage import PostgresStorage
     from ..transport import WebSocketTransport
 
-    options = load_target(args.target)
-    config = _config(args)
-    storage = PostgresStorage(args.dsn, table_prefix=args.prefix)
-    transport = WebSocketTransport()
-    trio.run(_serve, options, config, storage, transport, args.metrics)
+    try:
+        options = load_target(args.target)
+        config = _config(args)
+        metrics = _address("--metrics", args.metrics) if args.metrics else None
+        storage = PostgresStorage(args.dsn, table_prefix=args.prefix)
+        transport = WebSocketTransport()
+        trio.run(_serve, options, config, storage, transport, metrics)
+    except Exception as exc:
+        found = _operator_error(exc)
+        if found is None:
+            raise
+        code, message = found
+        print(f"trio-cluster run: {message}", file=sys.stderr)
+        return code
     return 0
 
 
@@ -105,9 +148,8 @@ async def _serve(
     config: Any,
     storage: Any,
     transport: Any,
-    metrics: str | None,
+    metrics: Any,
 ) -> None:
-    from .._core._addresses import RunnerAddress
     from .._operations._metrics import serve_metrics
     from .._runner import open_runner
 
@@ -119,11 +161,15 @@ async def _serve(
             trio.open_nursery() as nursery,
         ):
             metrics_port = None
-            if metrics:
-                where = RunnerAddress.parse(metrics)
-                metrics_port = await nursery.start(
-                    serve_metrics, runner, where.host, where.port
-                )
+            if metrics is not None:
+                try:
+                    metrics_port = await nursery.start(
+                        serve_metrics, runner, metrics.host, metrics.port
+                    )
+                except OSError as exc:
+                    raise OSError(
+                        exc.errno, f"--metrics {metrics}: {exc.strerror}"
+                    ) from exc
             await runner.wait_shards_acquired()
             print(
                 json.dumps(
@@ -243,9 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(log_format: str) -> None:
     """Log to stderr at ``TRIO_CLUSTER_LOG_LEVEL`` (default WARNING), with
     runner/shard/entity context; ``json`` gives one JSON object per line."""
+    from .._errors import ConfigError
     from ..logs import ContextFilter, JsonFormatter
 
     level = os.environ.get("TRIO_CLUSTER_LOG_LEVEL", "WARNING").upper()
+    if level not in _LEVELS:
+        raise ConfigError(
+            f"TRIO_CLUSTER_LOG_LEVEL={level!r} is not a log level"
+            f" (known ones are {', '.join(_LEVELS)})"
+        )
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(ContextFilter())
     if log_format == "json":
@@ -262,18 +314,26 @@ def _configure_logging(log_format: str) -> None:
         h for h in logger.handlers if h.get_name() != "trio-cluster-cli"
     ]
     logger.addHandler(handler)
-    logger.setLevel(getattr(logging, level, logging.WARNING))
+    logger.setLevel(getattr(logging, level))
+
+
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``trio-cluster`` console script."""
+    from .._errors import ConfigError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logger = logging.getLogger("trio_cluster")
     saved = (logger.level, list(logger.handlers))
-    _configure_logging(getattr(args, "log_format", "text"))
     try:
+        _configure_logging(getattr(args, "log_format", "text"))
         return int(args.handler(args))
+    except ConfigError as exc:  # a bad TRIO_CLUSTER_LOG_LEVEL
+        print(f"trio-cluster {args.command}: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -73,6 +73,9 @@ def build_conninfo(
     except psycopg.Error as exc:
         raise ConfigError(f"invalid PostgreSQL DSN: {exc}") from exc
     params = _KEEPALIVES | {k: str(v) for k, v in raw.items() if v is not None}
+    for port in params.get("port", "").split(","):
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(f"invalid PostgreSQL DSN: port {port!r} is not 1-65535")
     params.update(application_name=application_name, client_encoding="UTF8")
     extra = dict(settings or {})
     if idle_session_timeout is not None:
@@ -100,7 +103,13 @@ async def resolve_host(params: dict[str, str]) -> None:
         ipaddress.ip_address(host)
         return
     port = params.get("port") or 5432
-    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    try:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        # The resolver's own text does not name the host.
+        raise socket.gaierror(
+            exc.errno, f"cannot resolve host {host!r}: {exc.strerror}"
+        ) from exc
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     # One host entry per address, so that libpq still tries each in turn.
     params.update(host=",".join([host] * len(addresses)), hostaddr=",".join(addresses))
