@@ -145,3 +145,22 @@ async def test_a_host_that_does_not_resolve_is_named(monkeypatch):
     monkeypatch.setattr(trio.socket, "getaddrinfo", nowhere)
     with pytest.raises(socket.gaierror, match=r"'db\.example'"):
         await resolve_host({"host": "db.example"})
+
+
+def test_run_refuses_to_advertise_a_listen_anywhere_address(capsys, pg_schema):
+    # `--listen 0.0.0.0:PORT` was accepted and advertised to the other
+    # runners, which then dialed 0.0.0.0 (issue 12, item 10).
+    got, err = run_cli(capsys, "--dsn", pg_schema.dsn, "--listen", "0.0.0.0:0")
+    assert got == 2
+    assert "--advertise" in err
+
+
+def test_advertise_is_the_address_peers_dial():
+    from trio_cluster._cli._main import _advertised
+
+    listen = "0.0.0.0:34431"
+    assert str(_advertised(listen, "10.0.0.5")) == "10.0.0.5:34431"
+    assert str(_advertised(listen, "10.0.0.5:40000")) == "10.0.0.5:40000"
+    assert str(_advertised(listen, "fd00::5")) == "[fd00::5]:34431"
+    assert str(_advertised(listen, "[fd00::5]:1")) == "[fd00::5]:1"
+    assert str(_advertised("10.0.0.5:1", None)) == "10.0.0.5:1"

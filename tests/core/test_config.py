@@ -250,3 +250,9 @@ def test_from_env_values_are_validated_too():
 def test_no_shard_groups_is_a_client_only_runner():
     assert ShardingConfig(shard_groups=()).shard_groups == ()
     assert ShardingConfig.from_env({"TRIO_CLUSTER_SHARD_GROUPS": ""}).shard_groups == ()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", ""])
+def test_a_listen_anywhere_address_is_not_a_runner_address(host):
+    with pytest.raises(ConfigError, match="not an address other runners can dial"):
+        ShardingConfig(runner_address=RunnerAddress(host, 34431))

@@ -844,3 +844,27 @@ async def test_a_send_from_peer_lost_is_not_stranded_behind_the_ended_dial():
             # fails, which is reported as a second peer_lost.
             while len(first.lost) < 2:  # noqa: ASYNC110
                 await trio.sleep(0.01)
+
+
+# ----------------------------------------------------------------------
+# Listening at one address, advertising another (issue 12, item 10)
+
+
+async def test_an_endpoint_listens_at_listen_at_and_advertises_its_address():
+    # It listens on loopback's numeric address and advertises the name
+    # peers dial ("localhost"), with the port it got.
+    listen = WebSocketTransport(listen_at=RunnerAddress("127.0.0.1", 0))
+    plain = WebSocketTransport()
+    hb = RecordingHandler()
+    with trio.fail_after(10):
+        async with (
+            listen.open_endpoint(
+                RunnerAddress("localhost", 0), RecordingHandler()
+            ) as a,
+            plain.open_endpoint(LOCALHOST, hb) as b,
+        ):
+            assert a.address.host == "localhost"
+            assert a.address.port != 0
+            a.send_nowait(b.address, ["hello", 1])
+            await hb.wait_received(1)
+            assert hb.received[0][0] == a.address

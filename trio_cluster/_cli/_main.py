@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import ipaddress
 import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import suppress
 from typing import Any, TypeVar
 
 import trio
@@ -83,8 +85,29 @@ def _config(args: argparse.Namespace) -> Any:
 
     overrides: dict[str, Any] = {}
     if getattr(args, "listen", None):
-        overrides["runner_address"] = _address("--listen", args.listen)
+        overrides["runner_address"] = _advertised(args.listen, args.advertise)
     return ShardingConfig.from_env(os.environ, **overrides)
+
+
+def _advertised(listen: str, advertise: str | None) -> Any:
+    """The address other runners dial: ``--advertise`` (``host`` or
+    ``host:port``; the port defaults to ``--listen``'s), else ``--listen``.
+
+    Raises:
+        ConfigError: either is malformed.
+    """
+    from .._core._addresses import RunnerAddress
+
+    where = _address("--listen", listen)
+    if advertise is None:
+        return where
+    bare = advertise.strip("[]")
+    with suppress(ValueError):
+        if ipaddress.ip_address(bare).version == 6:
+            return RunnerAddress(bare, where.port)  # an IPv6 host, no port
+    if ":" not in advertise:
+        return RunnerAddress(advertise, where.port)
+    return _address("--advertise", advertise)
 
 
 def _address(option: str, text: str) -> Any:
@@ -131,7 +154,9 @@ def _run(args: argparse.Namespace) -> int:
         config = _config(args)
         metrics = _address("--metrics", args.metrics) if args.metrics else None
         storage = PostgresStorage(args.dsn, table_prefix=args.prefix)
-        transport = WebSocketTransport()
+        transport = WebSocketTransport(
+            listen_at=_address("--listen", args.listen) if args.advertise else None
+        )
         trio.run(_serve, options, config, storage, transport, metrics)
     except Exception as exc:
         found = _operator_error(exc)
@@ -254,7 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--listen",
         required=True,
-        help="host:port other runners reach this one at (port 0: any)",
+        help="host:port to listen on for other runners (port 0: any); also the"
+        " address they dial, unless --advertise says otherwise",
+    )
+    run.add_argument(
+        "--advertise",
+        help="host[:port] other runners dial to reach this one (when --listen"
+        " is 0.0.0.0 or behind NAT); the port defaults to --listen's",
     )
     run.add_argument(
         "--prefix", default="trio_cluster", help="table prefix (one cluster per prefix)"

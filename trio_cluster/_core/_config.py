@@ -81,6 +81,17 @@ def _check_address(_: object, attribute: attrs.Attribute[T], value: T) -> None:
             f"{attribute.name} must be a RunnerAddress, e.g."
             f" RunnerAddress.parse('10.0.0.5:34431'); got {value!r}"
         )
+    if value.host.strip("[]") in _UNSPECIFIED:
+        raise ConfigError(
+            f"{attribute.name} {value} is not an address other runners can"
+            " dial: give this runner's own address (to listen on every"
+            " interface, pass that to the transport, e.g. `trio-cluster run"
+            " --listen 0.0.0.0:PORT --advertise HOST`)"
+        )
+
+
+_UNSPECIFIED = frozenset({"", "0.0.0.0", "::", "0:0:0:0:0:0:0:0"})
+"""Hosts that name no machine in particular (listen-anywhere addresses)."""
 
 
 def _check_weight(_: object, attribute: attrs.Attribute[float], value: float) -> None:

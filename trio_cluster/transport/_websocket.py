@@ -72,6 +72,9 @@ class WebSocketTransport(Transport):
         server_ssl_context: TLS for accepted connections (with
             ``client_ssl_context``); None for plain WebSocket.
         client_ssl_context: TLS for dialed connections.
+        listen_at: where endpoints listen (e.g. ``0.0.0.0:34431``: every
+            interface), if not at the address they advertise (behind NAT,
+            or on every interface); None: at the advertised address.
 
     Raises:
         ConfigError: an invalid option, or only one of the TLS contexts.
@@ -94,6 +97,7 @@ class WebSocketTransport(Transport):
         rng: random.Random | None = None,
         server_ssl_context: ssl.SSLContext | None = None,
         client_ssl_context: ssl.SSLContext | None = None,
+        listen_at: RunnerAddress | None = None,
     ) -> None:
         self.limits = Limits(
             max_message_size=max_message_size,
@@ -118,12 +122,14 @@ class WebSocketTransport(Transport):
             )
         self.server_ssl_context = server_ssl_context
         self.client_ssl_context = client_ssl_context
+        self.listen_at = listen_at
 
     def open_endpoint(
         self, address: RunnerAddress, handler: EndpointHandler
     ) -> AbstractAsyncContextManager[WebSocketEndpoint]:
         """Listen at ``address`` (port 0: a free port, in
-        ``Endpoint.address``) and serve until the block ends.
+        ``Endpoint.address``; at ``listen_at`` instead, if given, with
+        ``address`` advertised) and serve until the block ends.
 
         On a normal exit every connection is closed with a close frame (at
         most ``close_timeout`` seconds in all); on cancellation they are
@@ -138,19 +144,23 @@ class WebSocketTransport(Transport):
 
     async def _listen(self, address: RunnerAddress) -> tuple[list[Listener], int]:
         """Open the listeners; return them and the port they listen on."""
+        bind = address if self.listen_at is None else self.listen_at
         try:
-            listeners = await trio.open_tcp_listeners(address.port, host=address.host)
+            listeners = await trio.open_tcp_listeners(bind.port, host=bind.host)
         except OSError as exc:
             raise RunnerUnavailableError(
-                runner=str(address), detail=f"cannot listen: {describe(exc)}"
+                runner=str(address),
+                detail=f"cannot listen on {bind}: {describe(exc)}",
             ) from exc
-        if address.port == 0 and len(listeners) > 1:
+        if bind.port == 0 and len(listeners) > 1:
             # Port 0 gives each listener (IPv4, IPv6...) its own port: keep
             # one, so the endpoint has one address.
             for extra in listeners[1:]:
                 await extra.aclose()
             listeners = listeners[:1]
         port: int = listeners[0].socket.getsockname()[1]
+        if address.port != 0:
+            port = address.port  # advertised as given (a NAT's port)
         context = self.server_ssl_context
         if context is None:
             return list(listeners), port
