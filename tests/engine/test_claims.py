@@ -134,6 +134,13 @@ POISON_ROWS: dict[str, Row] = {
         tc.UnknownEntityTypeError,
         "count",
     ),
+    "volatile handler": (
+        lambda r: account_at(r, tc.EntityId("ivy")),
+        "applied_ids",
+        Get(),
+        tc.MalformedMessageError,
+        "Account.applied_ids is volatile",
+    ),
     "undecodable payload": (
         lambda r: account_at(r, tc.EntityId("ivy")),
         "deposit",
@@ -162,7 +169,8 @@ async def test_a_poison_row_gets_a_typed_error_and_the_runner_serves_on(
     # Regression (issue 11, item 6): such a row was delivered anyway (an
     # entity ran under an id the API refuses, or a second instance of an
     # entity ran in a shard that is not its own; a stream handler crashed its
-    # entity), and on PostgreSQL it killed the runner on every restart.
+    # entity), and on PostgreSQL it killed the runner on every restart. A
+    # volatile handler ran from storage, redelivered (issue 12, item 5).
     make_address, tag, msg, error, match = POISON_ROWS[case]
     storage = MemoryStorage()
     entities = [Account, Counter, Elsewhere]

@@ -1,18 +1,24 @@
 """Requests from other runners, the owner's side
-(`trio_cluster._engine._inbound`): interrupts and unknown entity types."""
+(`trio_cluster._engine._inbound`): interrupts, unknown entity types, and
+requests in another mode than their handler's."""
 
 from __future__ import annotations
 
+import logging
 from contextlib import AsyncExitStack
+from typing import Any
 
+import msgpack
 import pytest
 import trio
 
 import trio_cluster as tc
+from trio_cluster._engine._wire import Kind, Mode, address_fields
 from trio_cluster.transport import MemoryTransport
 
-from ..helpers import Add, config
+from ..helpers import Add, Count, config
 from ..memory_cluster import Nap, Tally, open_cluster
+from .test_remote_streams import open_raw_caller
 
 
 async def test_cancelling_a_remote_call_interrupts_the_handler(autojump_clock):
@@ -57,3 +63,108 @@ async def test_unknown_entity_type_on_the_owner_is_a_typed_error(autojump_clock)
                 break
         with pytest.raises(tc.UnknownEntityTypeError):
             await client(f"s{i}").hello(Add(1))
+
+
+# ----------------------------------------------------------------------
+# A request runs only in its handler's delivery mode (issue 12, item 5)
+
+
+def raw_request(
+    runner: tc.Runner, call_id: int, mode: Mode, tag: str, payload: bytes
+) -> list[Any]:
+    address = runner.client(Tally).address_of("m")
+    return [Kind.REQUEST, call_id, mode, *address_fields(address), tag, payload, None]
+
+
+def refusal(runner: tc.Runner, envelope: list[Any]) -> BaseException:
+    """The error a refused request was answered with."""
+    codec = runner._registry.generic_reply
+    if envelope[0] == Kind.STREAM_END:
+        assert envelope[2] == 0
+        exit_ = codec.decode_stream_end(envelope[3])
+    else:
+        assert envelope[0] == Kind.REPLY
+        exit_ = codec.decode_exit(envelope[2])
+    assert exit_.error is not None, exit_
+    return exit_.error
+
+
+async def test_a_raw_request_never_runs_a_persisted_handler(autojump_clock, caplog):
+    # Regression (issue 12, item 5): a plain REQUEST naming a persisted
+    # handler ran it volatile: not stored, not deduplicated, a transactional
+    # handler's effects applied again.
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1])
+        owner = cluster.runners[1]
+        raw, answers = await open_raw_caller(stack, cluster)
+        payload = msgpack.packb({"amount": 5})
+        with caplog.at_level(logging.WARNING, "trio_cluster.transport"):
+            for call_id, mode in ((1, Mode.CALL), (2, Mode.DISCARD), (3, Mode.STREAM)):
+                raw.send_nowait(
+                    owner.address,
+                    raw_request(owner, call_id, mode, "add_persisted", payload),
+                )
+            await trio.sleep(5)
+        # Answered with a typed error (a discard gets no answer), never run.
+        call, stream = answers.envelopes()
+        assert call[:2] == [Kind.REPLY, 1]
+        assert stream[:2] == [Kind.STREAM_END, 3]
+        for envelope in (call, stream):
+            error = refusal(owner, envelope)
+            assert isinstance(error, tc.MalformedMessageError)
+            assert "add_persisted is persisted" in str(error)
+        dropped = [
+            r.getMessage()
+            for r in caplog.records
+            if "dropped a malformed envelope" in r.getMessage()
+        ]
+        assert len(dropped) == 3, dropped
+        assert owner.statistics().persisted_delivered == 0
+        tally = owner.client(Tally)("m")
+        assert (await tally.add(Add(0))).total == 0
+        # Called as declared, it is stored and delivered once.
+        assert (await tally.add_persisted(Add(5))).total == 5
+        assert owner.statistics().persisted_delivered == 1
+        assert (await tally.add(Add(0))).total == 5
+
+
+@pytest.mark.parametrize(
+    ("mode", "tag", "payload", "problem"),
+    [
+        (Mode.CALL, "numbers", {"upto": 3}, "Tally.numbers is a stream handler"),
+        (Mode.DISCARD, "numbers", {"upto": 3}, "Tally.numbers is a stream handler"),
+        (Mode.STREAM, "add", {"amount": 5}, "Tally.add is an rpc handler"),
+    ],
+    ids=["call a stream", "discard a stream", "stream an rpc"],
+)
+async def test_a_request_in_another_mode_than_its_handlers_is_refused(
+    autojump_clock, caplog, mode, tag, payload, problem
+):
+    Tally.produced = Tally.numbers_closed = 0
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1])
+        owner = cluster.runners[1]
+        raw, answers = await open_raw_caller(stack, cluster)
+        request = raw_request(owner, 1, mode, tag, msgpack.packb(payload))
+        with caplog.at_level(logging.WARNING, "trio_cluster.transport"):
+            raw.send_nowait(owner.address, request)
+            await trio.sleep(5)
+        assert any(
+            "dropped a malformed envelope" in r.getMessage()
+            and problem in r.getMessage()
+            for r in caplog.records
+        )
+        if mode is Mode.DISCARD:
+            assert answers.envelopes() == []
+        else:
+            [answer] = answers.envelopes()
+            assert answer[1] == 1
+            error = refusal(owner, answer)
+            assert isinstance(error, tc.MalformedMessageError)
+            assert problem in str(error)
+        # Nothing ran: no item made, the total untouched; it serves on.
+        assert Tally.produced == Tally.numbers_closed == 0
+        tally = owner.client(Tally)("m")
+        assert (await tally.add(Add(0))).total == 0
+        async with tally.count(Count(2)) as items:
+            assert [item async for item in items] == [0, 1]

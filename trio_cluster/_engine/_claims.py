@@ -204,7 +204,8 @@ class Claims:
         by hand, by another program or by an older version: its address is
         checked again as the API edge checks it, so an entity never runs
         under an id the API refuses, nor in a shard that is not its own (a
-        second instance of it).
+        second instance of it), and only a persisted ``@rpc`` handler runs
+        from storage.
         """
         address = request.address
         try:
@@ -235,6 +236,13 @@ class Claims:
                     f"stored in shard {address.shard}, but {entity_type.name}"
                     f" {address.entity_id.value!r} belongs to shard {home}"
                 ],
+            )
+        if not handler.spec.persisted:
+            # A volatile handler runs at most once, never redelivered from
+            # storage (no sender here stores one; an older version may have).
+            return MalformedMessageError(
+                what=f"stored request {request.request_id}",
+                problems=[f"{handler.what} is volatile: it never runs from storage"],
             )
         return None
 

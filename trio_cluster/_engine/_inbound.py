@@ -8,6 +8,12 @@ travels with the request and bounds the handler here. ``INTERRUPT`` and a lost
 connection cancel the caller's jobs. Streams are pumped back item by item,
 numbered, within the credit limit the caller grants (`SendCredit`).
 
+A request runs only in its handler's delivery mode: a volatile ``@rpc``
+handler called or discarded, a ``@stream`` handler streamed. A persisted
+handler never runs from a ``REQUEST``: its requests reach the owner only
+through storage (a ``PERSISTED`` notice names a stored request id, which the
+owner claims), where they are stored, deduplicated and answered once.
+
 Bad envelopes are logged and dropped; they never disturb other requests.
 """
 
@@ -101,7 +107,11 @@ class InboundCalls:
         """A ``REQUEST`` envelope's fields: run it here, or answer why not.
 
         Raises:
-            MalformedMessageError: the mode is unknown (the caller logs it).
+            MalformedMessageError: the mode is unknown, or is not the
+                handler's delivery mode (a persisted handler, a stream
+                handler called or discarded, an ``@rpc`` handler streamed:
+                answered with this error first, except a discard). The
+                caller counts and logs it.
         """
         call_id, mode_value, *where, tag, payload, left = fields
         if self._seen(peer, call_id):
@@ -129,7 +139,12 @@ class InboundCalls:
         payload: bytes,
     ) -> _Target | None:
         """The host, entity type, handler and decoded message of a request,
-        or None after answering why it cannot run here."""
+        or None after answering why it cannot run here.
+
+        Raises:
+            MalformedMessageError: ``mode`` is not the handler's delivery
+                mode (answered with this error first, except a discard).
+        """
         host = self._shards.hosts.get(address.shard)
         if host is None:
             if mode is not Mode.DISCARD:
@@ -151,6 +166,12 @@ class InboundCalls:
             )
             self._answer_error(peer, call_id, mode, handler, error)
             return None
+        problem = _mode_problem(handler, mode)
+        if problem is not None:
+            refused = MalformedMessageError(what="REQUEST envelope", problems=[problem])
+            # The generic codec: the caller's handler may be another kind.
+            self._send_error(peer, call_id, mode, None, refused)
+            raise refused
         try:
             message = handler.message.decode(payload)
         except MalformedMessageError as exc:
@@ -236,6 +257,17 @@ class InboundCalls:
         error: Exception,
     ) -> None:
         log.warning("refused a request from %s: %s", peer, error)
+        self._send_error(peer, call_id, mode, handler, error)
+
+    def _send_error(
+        self,
+        peer: RunnerAddress,
+        call_id: int,
+        mode: Mode,
+        handler: Handler | None,
+        error: Exception,
+    ) -> None:
+        """Answer a request with ``error`` (nothing for a discard)."""
         if mode is Mode.DISCARD:
             return
         codec = handler.reply if handler is not None else self._registry.generic_reply
@@ -389,6 +421,20 @@ class InboundCalls:
         stream = self._streams.pop(key, None)
         if stream is not None:
             stream.scope.cancel()
+
+
+def _mode_problem(handler: Handler, mode: Mode) -> str | None:
+    """Why ``handler`` may not run from a ``REQUEST`` in ``mode``, if not."""
+    if handler.spec.persisted:
+        return (
+            f"{handler.what} is persisted: its requests are delivered from"
+            " storage, never run from a REQUEST"
+        )
+    if handler.spec.kind == "stream" and mode is not Mode.STREAM:
+        return f"{handler.what} is a stream handler, not run in {mode.name} mode"
+    if handler.spec.kind != "stream" and mode is Mode.STREAM:
+        return f"{handler.what} is an rpc handler, not run in STREAM mode"
+    return None
 
 
 def _encode(handler: Handler, exit_: Exit) -> bytes:
