@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+import socket
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import trio
 
 import trio_cluster as tc
-from trio_cluster._operations._metrics import render_metrics, serve_metrics
+from trio_cluster._operations._metrics import (
+    MAX_HEAD,
+    render_metrics,
+    serve_metrics,
+)
 
 from ..helpers import Echo, Ping, config, http_get
+
+LOG = "trio_cluster.metrics"
 
 
 async def test_metrics_render_gauges_counters_and_latency_histograms(autojump_clock):
@@ -66,3 +76,92 @@ async def test_readiness_is_503_while_shards_are_missing():
             status, body = await http_get(port, "/readyz")
             assert status == 503
             assert "serving 0 of 8 shards" in body
+
+
+# ----------------------------------------------------------------------
+# Bad clients: each one ends its own connection, never the server
+
+
+def reset(sock: trio.socket.SocketType) -> None:
+    """Close ``sock`` with a TCP reset (SO_LINGER 0), not a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send ``data`` on a raw connection and read until the server closes."""
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(data)
+            answer = b""
+            while chunk := await stream.receive_some(65536):
+                answer += chunk
+    return answer
+
+
+async def still_serving(runner: tc.Runner, port: int) -> None:
+    """Health and metrics answer, and an entity call succeeds."""
+    assert (await http_get(port, "/healthz")) == (200, "ok\n")
+    status, body = await http_get(port, "/metrics")
+    assert status == 200
+    assert "trio_cluster_shards" in body
+    assert await runner.client(Echo)("still").ping(Ping("x")) == "x"
+
+
+async def test_a_reset_mid_request_ends_only_its_connection(caplog):
+    with trio.fail_after(20), caplog.at_level(logging.DEBUG, logger=LOG):
+        async with metrics_served() as (runner, port):
+            for _ in range(10):
+                sock = trio.socket.socket()
+                await sock.connect(("127.0.0.1", port))
+                await sock.send(b"GET /metr")
+                await trio.sleep(0.01)  # the server is reading now
+                reset(sock)
+            # and one reset once the whole request is in (mid-response)
+            sock = trio.socket.socket()
+            await sock.connect(("127.0.0.1", port))
+            await sock.send(b"GET /metrics HTTP/1.1\r\n\r\n")
+            reset(sock)
+            await trio.sleep(0.2)
+            await still_serving(runner, port)
+    assert not [r for r in caplog.records if r.name == LOG and r.exc_info]
+
+
+async def test_garbage_and_oversized_requests_get_4xx():
+    with trio.fail_after(20):
+        async with metrics_served() as (runner, port):
+            answer = await raw_exchange(port, b"\x00\xff\xfe garbage\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 400 ")
+            answer = await raw_exchange(port, b"\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 400 ")
+            # one byte past the bound, without the blank line that ends a head
+            big = b"GET /metrics HTTP/1.1\r\nX-Big: "
+            big += b"a" * (MAX_HEAD + 1 - len(big))
+            answer = await raw_exchange(port, big)
+            assert answer.startswith(b"HTTP/1.1 431 ")
+            # and much more than that, reset by the client after
+            sock = trio.socket.socket()
+            await sock.connect(("127.0.0.1", port))
+            with trio.move_on_after(1):
+                await sock.send(big * 8)
+            reset(sock)
+            await still_serving(runner, port)
+
+
+async def test_a_silent_client_is_dropped_after_the_request_timeout():
+    with trio.fail_after(20):
+        async with (
+            tc.open_runner(entities=[Echo], config=config()) as runner,
+            trio.open_nursery() as nursery,
+        ):
+            port = await nursery.start(
+                partial(serve_metrics, request_timeout=0.3), runner, "127.0.0.1", 0
+            )
+            start = trio.current_time()
+            answer = await raw_exchange(port, b"GET /healthz HTTP/1.1\r\n")
+            assert answer.startswith(b"HTTP/1.1 408 ")
+            assert await raw_exchange(port, b"") == b""  # says nothing at all
+            assert trio.current_time() - start < 5
+            await still_serving(runner, port)
+            nursery.cancel_scope.cancel()

@@ -11,12 +11,12 @@ Kubernetes probes:
   before (readiness).
 
 It is deliberately tiny: one request per connection, a bounded request head,
-no keep-alive, GET only.
+no keep-alive, GET only. A malformed request is answered 400, an oversized
+head 431, an incomplete one 408 once the request timeout is over.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from functools import partial
 from typing import TYPE_CHECKING, Final
@@ -31,8 +31,11 @@ __all__ = ["render_metrics", "serve_metrics"]
 
 log = logging.getLogger("trio_cluster.metrics")
 
-_MAX_HEAD: Final = 8192
-_READ_TIMEOUT: Final = 5.0
+MAX_HEAD: Final = 8192
+"""Bytes of a request head read at most; a longer one is answered 431."""
+REQUEST_TIMEOUT: Final = 5.0
+"""Seconds `serve_metrics` waits for a request, and then for the client to
+take its answer, by default."""
 
 
 def _line(name: str, value: float, labels: dict[str, str] | None = None) -> str:
@@ -152,54 +155,135 @@ async def serve_metrics(
     host: str,
     port: int,
     *,
+    request_timeout: float = REQUEST_TIMEOUT,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the endpoints until cancelled; ``started`` gets the real port.
 
+    Each connection is on its own: whatever goes wrong with one (a reset, a
+    malformed or oversized request, a client that says nothing or never
+    reads the answer) ends that connection only, logged at debug or info
+    level, and never the server. Reading the request and sending the answer
+    are each bounded by ``request_timeout`` seconds.
+
     Raises:
         OSError: the port cannot be bound (before ``started``).
+
+    Cancellation: stops listening and closes every open connection.
     """
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(partial(_handle, runner), listeners)
+    await trio.serve_listeners(partial(_handle, runner, request_timeout), listeners)
 
 
-async def _handle(runner: Runner, stream: trio.SocketStream) -> None:
-    async with stream:
-        head = b""
-        with trio.move_on_after(_READ_TIMEOUT):
-            while b"\r\n\r\n" not in head and len(head) < _MAX_HEAD:
-                chunk = await stream.receive_some(_MAX_HEAD)
-                if not chunk:
-                    break
-                head += chunk
-        status, body, content_type = _respond(runner, head)
-        response = (
-            f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        ).encode() + body
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await stream.send_all(response)
+_CONNECTION_ERRORS: Final = (
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    OSError,
+)
+"""What a connection raises because of the network or the client."""
 
 
-def _respond(runner: Runner, head: bytes) -> tuple[str, bytes, str]:
-    text = "text/plain; charset=utf-8"
-    request_line = head.split(b"\r\n", 1)[0].decode("latin-1", "replace").split()
-    if len(request_line) < 2 or request_line[0] != "GET":
-        return "405 Method Not Allowed", b"GET only\n", text
-    path = request_line[1].split("?", 1)[0]
+async def _handle(
+    runner: Runner, request_timeout: float, stream: trio.SocketStream
+) -> None:
+    """Answer one request on ``stream``; every failure of this connection
+    is contained here (trio.Cancelled is not: it propagates)."""
+    client = _client_name(stream)
+    try:
+        async with stream:
+            await _exchange(runner, request_timeout, stream, client)
+    except _CONNECTION_ERRORS as exc:
+        log.debug("metrics connection from %s failed: %r", client, exc)
+
+
+async def _exchange(
+    runner: Runner, request_timeout: float, stream: trio.SocketStream, client: str
+) -> None:
+    head = bytearray()
+    with trio.move_on_after(request_timeout) as reading:
+        await _read_head(stream, head)
+    if not head:  # a TCP probe, or a client that said nothing in time
+        log.debug("metrics connection from %s sent no request", client)
+        return
+    status, body, content_type = _answer(
+        runner, bytes(head), timed_out=reading.cancelled_caught
+    )
+    if not status.startswith(("200", "503")):
+        log.info("metrics request from %s: %s", client, status)
+    response = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    with trio.move_on_after(request_timeout) as writing:
+        await stream.send_all(response)
+    if writing.cancelled_caught:
+        log.debug("metrics client %s did not read its answer in time", client)
+
+
+async def _read_head(stream: trio.SocketStream, head: bytearray) -> None:
+    """Read the request head into ``head``: up to its blank line, the end of
+    the stream, or one byte past `MAX_HEAD` (never more than that is read).
+    On cancellation ``head`` keeps what was read."""
+    while b"\r\n\r\n" not in head and len(head) <= MAX_HEAD:
+        chunk = await stream.receive_some(MAX_HEAD + 1 - len(head))
+        if not chunk:
+            break
+        head += chunk
+
+
+def _client_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = stream.socket.getpeername()
+    except OSError:
+        return "an unknown client"
+    return f"{host}:{port}"
+
+
+_TEXT: Final = "text/plain; charset=utf-8"
+
+
+def _answer(runner: Runner, head: bytes, *, timed_out: bool) -> tuple[str, bytes, str]:
+    """Status line, body and content type for a request ``head``."""
+    if b"\r\n\r\n" not in head:
+        if len(head) > MAX_HEAD:
+            return "431 Request Header Fields Too Large", b"request too large\n", _TEXT
+        if timed_out:
+            return "408 Request Timeout", b"request incomplete\n", _TEXT
+    request_line = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+    if not _is_request_line(request_line):
+        return "400 Bad Request", b"malformed request line\n", _TEXT
+    if request_line[0] != "GET":
+        return "405 Method Not Allowed", b"GET only\n", _TEXT
+    try:
+        return _respond(runner, request_line[1].split("?", 1)[0])
+    except Exception:  # a bug: answer 500 rather than end the server
+        log.exception("metrics: cannot answer %s", request_line[1])
+        return "500 Internal Server Error", b"internal error\n", _TEXT
+
+
+def _is_request_line(words: list[str]) -> bool:
+    """``METHOD /path [HTTP/x.y]``, the method a token of letters."""
+    if len(words) not in (2, 3) or not words[1].startswith("/"):
+        return False
+    if len(words) == 3 and not words[2].startswith("HTTP/"):
+        return False
+    return words[0].isascii() and words[0].isalpha()
+
+
+def _respond(runner: Runner, path: str) -> tuple[str, bytes, str]:
     if path == "/metrics":
         body = render_metrics(runner.statistics()).encode()
         return "200 OK", body, "text/plain; version=0.0.4; charset=utf-8"
     if path == "/healthz":
-        return "200 OK", b"ok\n", text
+        return "200 OK", b"ok\n", _TEXT
     if path == "/readyz":
         stats = runner.statistics()
         if stats.shards_assigned and stats.shards == stats.shards_assigned:
-            return "200 OK", b"ready\n", text
+            return "200 OK", b"ready\n", _TEXT
         return (
             "503 Service Unavailable",
             f"serving {stats.shards} of {stats.shards_assigned} shards\n".encode(),
-            text,
+            _TEXT,
         )
-    return "404 Not Found", b"not found\n", text
+    return "404 Not Found", b"not found\n", _TEXT

@@ -18,7 +18,8 @@ tasks until one of them ends it:
 waits a bounded time for the peer's answer.
 
 This module is also where trio-websocket and wsproto exceptions are
-translated (`CONNECTION_ERRORS`, `describe`): none of them leaves the
+translated (`CONNECTION_ERRORS`, `describe`; anything else a connection
+raises is described by `unexpected_failure`): none of them leaves the
 transport.
 """
 
@@ -61,6 +62,7 @@ __all__ = [
     "Timing",
     "close_websocket",
     "describe",
+    "unexpected_failure",
 ]
 
 
@@ -181,6 +183,14 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
         return f"connection broken: {exc.__cause__}"
     return str(exc) or type(exc).__name__
+
+
+def unexpected_failure(exc: BaseException) -> str:
+    """Words for an exception that is not a connection error (the first of
+    a group): its type and message."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return f"unexpected {type(exc).__name__}: {exc}"
 
 
 async def close_websocket(

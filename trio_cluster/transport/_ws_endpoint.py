@@ -51,6 +51,7 @@ from ._ws_connection import (
     Connection,
     close_websocket,
     describe,
+    unexpected_failure,
 )
 from ._ws_handshake import (
     check_client_hello,
@@ -322,8 +323,15 @@ class WebSocketEndpoint(Endpoint):
         attempt: _Attempt,
         handshake: Callable[[trio.Nursery], Awaitable[Connection | None]],
     ) -> None:
-        """Run ``handshake``, then serve its connection until it ends; a
-        connection error is recorded as ``attempt.failure``."""
+        """Run ``handshake``, then serve its connection until it ends.
+
+        Every failure of this one connection ends here, recorded as
+        ``attempt.failure``: a connection error, and any other exception
+        (a library's or our own bug hit by what this peer sent, such as
+        wsproto's `UnicodeDecodeError` for a header that is not ASCII),
+        whose traceback is logged at debug level only (a client could send
+        the same bytes again and again). `trio.Cancelled` propagates.
+        """
         try:
             async with trio.open_nursery() as nursery:
                 attempt.conn = await handshake(nursery)
@@ -332,6 +340,11 @@ class WebSocketEndpoint(Endpoint):
                 nursery.cancel_scope.cancel()
         except* CONNECTION_ERRORS as group:
             attempt.failure = describe(group)
+        except* Exception as group:
+            attempt.failure = unexpected_failure(group)
+            # Reported by the caller like any failure; the traceback only at
+            # debug level.
+            log.debug("%s", attempt.failure, exc_info=group)
 
     def _finish(self, attempt: _Attempt) -> None:
         if attempt.conn is not None:
