@@ -3,16 +3,21 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from contextlib import AsyncExitStack
 
+import msgpack
 import pytest
 import trio
 
 import trio_cluster as tc
+from trio_cluster._engine._wire import Kind, Mode, address_fields
 from trio_cluster.transport import MemoryTransport
 
 from ..helpers import Add, config
 from ..memory_cluster import Nap, Tally, open_cluster
+from .test_remote_streams import open_raw_caller
 
 
 async def test_cancelling_a_remote_call_interrupts_the_handler(autojump_clock):
@@ -57,3 +62,39 @@ async def test_unknown_entity_type_on_the_owner_is_a_typed_error(autojump_clock)
                 break
         with pytest.raises(tc.UnknownEntityTypeError):
             await client(f"s{i}").hello(Add(1))
+
+
+@pytest.mark.parametrize("left", [math.nan, math.inf, -math.inf, -1.0, 1e300, True])
+async def test_a_request_with_a_bad_deadline_is_dropped_and_the_runner_serves_on(
+    autojump_clock, caplog, left
+):
+    # Issue 12, item 1: NaN seconds left made the owner's shard task raise
+    # ("deadline must not be NaN") and ended the runner.
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1])
+        owner = cluster.runners[1]
+        raw, handler = await open_raw_caller(stack, cluster)
+        address = owner.client(Tally).address_of("napper")
+        payload = msgpack.packb({"seconds": 0.5})
+
+        def request(call_id: int, seconds_left: object) -> list[object]:
+            return [
+                Kind.REQUEST,
+                call_id,
+                Mode.CALL,
+                *address_fields(address),
+                "nap",
+                payload,
+                seconds_left,
+            ]
+
+        with caplog.at_level(logging.WARNING, "trio_cluster.transport"):
+            raw.send_nowait(owner.address, request(1, left))
+            await trio.sleep(2)
+        assert [r for r in caplog.records if "malformed" in r.getMessage()]
+        raw.send_nowait(owner.address, request(2, 5.0))
+        await trio.sleep(2)
+        assert [e[:2] for e in handler.envelopes()] == [[Kind.REPLY, 2]]
+        assert handler.lost == []
+        await owner.client(Tally)("napper").nap(Nap(0.5))
+        assert (await owner.client(Tally)("napper").add(Add(1))).total == 1
