@@ -98,3 +98,30 @@ async def test_a_request_with_a_bad_deadline_is_dropped_and_the_runner_serves_on
         assert handler.lost == []
         await owner.client(Tally)("napper").nap(Nap(0.5))
         assert (await owner.client(Tally)("napper").add(Add(1))).total == 1
+
+
+async def test_a_request_in_the_wrong_mode_gets_an_error_and_the_entity_lives_on(
+    autojump_clock,
+):
+    # A stream handler requested for one reply, or an rpc as a stream, ran
+    # the handler the wrong way and crashed (and restarted) its entity.
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1])
+        owner = cluster.runners[1]
+        tally = owner.client(Tally)("keeper")
+        assert (await tally.add(Add(5))).total == 5
+        raw, handler = await open_raw_caller(stack, cluster)
+        address = address_fields(owner.client(Tally).address_of("keeper"))
+        for call_id, mode, tag, payload in [
+            (1, Mode.CALL, "count", {"upto": 3}),
+            (2, Mode.DISCARD, "count", {"upto": 3}),
+            (3, Mode.STREAM, "add", {"amount": 1}),
+        ]:
+            envelope = [Kind.REQUEST, call_id, mode, *address, tag]
+            raw.send_nowait(owner.address, [*envelope, msgpack.packb(payload), None])
+        await trio.sleep(1)
+        answers = {e[1]: e for e in handler.envelopes()}
+        assert sorted(answers) == [1, 3]
+        assert answers[1][0] == Kind.REPLY
+        assert answers[3][:3] == [Kind.STREAM_END, 3, 0]
+        assert (await tally.add(Add(1))).total == 6
