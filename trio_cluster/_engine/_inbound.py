@@ -153,11 +153,11 @@ class InboundCalls:
         if (mode is Mode.STREAM) != (handler.spec.kind == "stream"):
             # A stream handler called for one reply (or the reverse) would
             # crash its entity: no caller sends it, so it is malformed.
-            error = MalformedMessageError(
+            wrong_mode = MalformedMessageError(
                 what="REQUEST envelope",
                 problems=[f"{handler.what} is a {handler.spec.kind} handler"],
             )
-            self._answer_error(peer, call_id, mode, handler, error)
+            self._answer_error(peer, call_id, mode, handler, wrong_mode)
             return None
         try:
             message = handler.message.decode(payload)
