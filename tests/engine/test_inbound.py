@@ -5,6 +5,7 @@ requests in another mode than their handler's."""
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -168,3 +169,66 @@ async def test_a_request_in_another_mode_than_its_handlers_is_refused(
         assert (await tally.add(Add(0))).total == 0
         async with tally.count(Count(2)) as items:
             assert [item async for item in items] == [0, 1]
+
+
+@pytest.mark.parametrize("left", [math.nan, math.inf, -math.inf, -1.0, 1e300, True])
+async def test_a_request_with_a_bad_deadline_is_dropped_and_the_runner_serves_on(
+    autojump_clock, caplog, left
+):
+    # Issue 12, item 1: NaN seconds left made the owner's shard task raise
+    # ("deadline must not be NaN") and ended the runner.
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1])
+        owner = cluster.runners[1]
+        raw, handler = await open_raw_caller(stack, cluster)
+        address = owner.client(Tally).address_of("napper")
+        payload = msgpack.packb({"seconds": 0.5})
+
+        def request(call_id: int, seconds_left: object) -> list[object]:
+            return [
+                Kind.REQUEST,
+                call_id,
+                Mode.CALL,
+                *address_fields(address),
+                "nap",
+                payload,
+                seconds_left,
+            ]
+
+        with caplog.at_level(logging.WARNING, "trio_cluster.transport"):
+            raw.send_nowait(owner.address, request(1, left))
+            await trio.sleep(2)
+        assert [r for r in caplog.records if "malformed" in r.getMessage()]
+        raw.send_nowait(owner.address, request(2, 5.0))
+        await trio.sleep(2)
+        assert [e[:2] for e in handler.envelopes()] == [[Kind.REPLY, 2]]
+        assert handler.lost == []
+        await owner.client(Tally)("napper").nap(Nap(0.5))
+        assert (await owner.client(Tally)("napper").add(Add(1))).total == 1
+
+
+async def test_a_request_in_the_wrong_mode_gets_an_error_and_the_entity_lives_on(
+    autojump_clock,
+):
+    # A stream handler requested for one reply, or an rpc as a stream, ran
+    # the handler the wrong way and crashed (and restarted) its entity.
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1])
+        owner = cluster.runners[1]
+        tally = owner.client(Tally)("keeper")
+        assert (await tally.add(Add(5))).total == 5
+        raw, handler = await open_raw_caller(stack, cluster)
+        address = address_fields(owner.client(Tally).address_of("keeper"))
+        for call_id, mode, tag, payload in [
+            (1, Mode.CALL, "count", {"upto": 3}),
+            (2, Mode.DISCARD, "count", {"upto": 3}),
+            (3, Mode.STREAM, "add", {"amount": 1}),
+        ]:
+            envelope = [Kind.REQUEST, call_id, mode, *address, tag]
+            raw.send_nowait(owner.address, [*envelope, msgpack.packb(payload), None])
+        await trio.sleep(1)
+        answers = {e[1]: e for e in handler.envelopes()}
+        assert sorted(answers) == [1, 3]
+        assert answers[1][0] == Kind.REPLY
+        assert answers[3][:3] == [Kind.STREAM_END, 3, 0]
+        assert (await tally.add(Add(1))).total == 6

@@ -3,12 +3,21 @@ send, checked before anything in the runtime looks at it."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
 
 from trio_cluster import MalformedMessageError
-from trio_cluster._engine._wire import Kind, Mode, address_fields, address_from, parse
+from trio_cluster._engine._wire import (
+    MAX_REASON_LENGTH,
+    MAX_SECONDS_LEFT,
+    Kind,
+    Mode,
+    address_fields,
+    address_from,
+    parse,
+)
 
 REQUEST: list[Any] = [
     Kind.REQUEST,
@@ -44,6 +53,15 @@ def with_field(envelope: list[Any], index: int, value: Any) -> list[Any]:
         [6, 7, 2**64 - 1],
         [8, 1, "Counter", "c", "default", 3, True],
         [10, "name", b""],
+        # The bounds themselves are well formed.
+        [1, 0, 2, "T" * 150, "i" * 255, "g" * 64, 65536, "h" * 100, b"", 0.0],
+        [1, 2**64 - 1, 0, "T", "i", "g", 1, "h", b"", MAX_SECONDS_LEFT],
+        [3, 7, ""],
+        [3, 7, "r" * MAX_REASON_LENGTH],
+        [4, 7, 2**64 - 1, b""],
+        [8, 2**63 - 1, "T" * 150, "i" * 255, "g" * 64, 65536, False],
+        [9, 0, b""],
+        [10, "n" * 200, b""],
     ],
 )
 def test_well_formed_envelopes_parse(envelope):
@@ -60,20 +78,26 @@ def test_well_formed_envelopes_parse(envelope):
         ([True, 1], "missing kind"),
         ([99], "unknown kind 99"),
         ([2, 7], "expected 2 fields, got 1"),
-        ([2, True, b"x"], "field 1: unexpected bool"),
-        ([2, 7, "text"], "field 2: unexpected str"),
-        ([8, 1, "Counter", "c", "default", 3, 1], "field 6: unexpected int"),
-        ([2, 7.0, b"x"], "field 1: unexpected float"),
-        ([1, 7, 0, "C", "c", "default", 3, "h", b"", "soon"], "field 9"),
+        ([2, True, b"x"], "field 1 (call id): unexpected bool"),
+        ([2, 7, "text"], "field 2 (payload): unexpected str"),
+        (
+            [8, 1, "Counter", "c", "default", 3, 1],
+            "field 6 (wants reply): unexpected int",
+        ),
+        ([2, 7.0, b"x"], "field 1 (call id): unexpected float"),
+        (
+            [1, 7, 0, "C", "c", "default", 3, "h", b"", "soon"],
+            "field 9 (seconds left): unexpected str",
+        ),
         # Stream counters: items are numbered from 1, counts and limits
         # cannot be negative.
-        ([4, 7, 0, b"item"], "field 2: 0 is below 1"),
-        ([4, 7, -3, b"item"], "field 2: -3 is below 1"),
+        ([4, 7, 0, b"item"], "field 2 (item number): 0 is below 1"),
+        ([4, 7, -3, b"item"], "field 2 (item number): -3 is below 1"),
         ([4, 7, b"item"], "expected 3 fields, got 2"),
-        ([4, 7, 1.0, b"item"], "field 2: unexpected float"),
-        ([5, 7, -1, b"end"], "field 2: -1 is below 0"),
+        ([4, 7, 1.0, b"item"], "field 2 (item number): unexpected float"),
+        ([5, 7, -1, b"end"], "field 2 (item count): -1 is below 0"),
         ([6, 7, -(2**63)], "is below 0"),
-        ([6, 7, False], "field 2: unexpected bool"),
+        ([6, 7, False], "field 2 (credit limit): unexpected bool"),
     ],
 )
 def test_malformed_envelopes_are_refused(envelope, problem):
@@ -89,3 +113,95 @@ def test_addresses_are_rebuilt_and_validated():
     assert address_from(list(fields)) == address
     with pytest.raises(MalformedMessageError, match="entity address"):
         address_from(["Counter", "", "default", 3])
+
+
+# One well-formed envelope of each kind (plain values, as msgpack decodes
+# them), and what a hostile peer may put in each of its fields instead.
+WELL_FORMED: dict[Kind, list[Any]] = {
+    Kind.REQUEST: [1, 7, 0, "Counter", "c-1", "default", 3, "add", b"\x81", 1.5],
+    Kind.REPLY: [2, 7, b"reply"],
+    Kind.NOT_DELIVERED: [3, 7, "not here"],
+    Kind.STREAM_ITEM: [4, 7, 1, b"item"],
+    Kind.STREAM_END: [5, 7, 0, b"end"],
+    Kind.STREAM_CREDIT: [6, 7, 4],
+    Kind.INTERRUPT: [7, 7],
+    Kind.PERSISTED: [8, 1, "Counter", "c-1", "default", 3, True],
+    Kind.PERSISTED_REPLY: [9, 1, b"reply"],
+    Kind.BROADCAST: [10, "reload", b"\x80"],
+}
+NOT_INTS = [True, False, 1.0, math.nan, math.inf, None, "1", b"1", [1], {1: 1}]
+U64 = [*NOT_INTS, -1, -(2**63), 2**64, 2**100]
+NOT_TEXT = [None, 1, 1.5, True, b"text", ["t"], {"t": 1}]
+NOT_BYTES = [None, 1, 1.5, True, "text", [b"x"], {b"x": 1}]
+HOSTILE: dict[Kind, list[list[Any]]] = {
+    Kind.REQUEST: [
+        U64,  # call id
+        [*U64, 3, 4, 255],  # mode
+        [*NOT_TEXT, "", "T" * 151],  # entity type
+        [*NOT_TEXT, "", "i" * 256],  # entity id
+        [*NOT_TEXT, "", "g" * 65],  # shard group
+        [*NOT_INTS, 0, -1, 65537, 2**64],  # shard number
+        [*NOT_TEXT, "", "h" * 101],  # handler tag
+        NOT_BYTES,  # payload
+        [  # seconds left
+            math.nan,
+            -math.nan,
+            math.inf,
+            -math.inf,
+            -1,
+            -1.0,
+            -1e-9,
+            MAX_SECONDS_LEFT * 2,
+            1e300,
+            2**64,
+            True,
+            False,
+            "1",
+            b"1",
+            [1.0],
+        ],
+    ],
+    Kind.REPLY: [U64, NOT_BYTES],
+    Kind.NOT_DELIVERED: [U64, [*NOT_TEXT, "r" * (MAX_REASON_LENGTH + 1)]],
+    Kind.STREAM_ITEM: [U64, [*U64, 0], NOT_BYTES],
+    Kind.STREAM_END: [U64, U64, NOT_BYTES],
+    Kind.STREAM_CREDIT: [U64, U64],
+    Kind.INTERRUPT: [U64],
+    Kind.PERSISTED: [
+        [*NOT_INTS, -1, 2**63],  # request id (a storage bigint)
+        [*NOT_TEXT, "", "T" * 151],
+        [*NOT_TEXT, "", "i" * 256],
+        [*NOT_TEXT, "", "g" * 65],
+        [*NOT_INTS, 0, 65537],
+        [1, 0, None, "yes", 1.0, b""],  # wants reply
+    ],
+    Kind.PERSISTED_REPLY: [[*NOT_INTS, -1, 2**63], NOT_BYTES],
+    Kind.BROADCAST: [[*NOT_TEXT, "", "n" * 201], NOT_BYTES],
+}
+
+
+def hostile_envelopes() -> list[Any]:
+    cases = []
+    for kind, fields in HOSTILE.items():
+        assert len(fields) == len(WELL_FORMED[kind]) - 1, kind
+        for index, values in enumerate(fields, start=1):
+            for value in values:
+                envelope = with_field(WELL_FORMED[kind], index, value)
+                label = f"{kind.name}-field{index}-{value!r:.20}"
+                cases.append(pytest.param(envelope, index, id=label))
+    return cases
+
+
+@pytest.mark.parametrize("envelope", list(WELL_FORMED.values()))
+def test_the_table_starts_from_well_formed_envelopes(envelope):
+    assert parse(envelope)[1] == envelope[1:]
+
+
+@pytest.mark.parametrize(("envelope", "index"), hostile_envelopes())
+def test_every_hostile_field_value_is_malformed(envelope, index):
+    # Issue 12, item 1: each field is checked where it arrives, and the
+    # error is always MalformedMessageError (the dispatcher drops the
+    # envelope), never another exception or a value the runtime chokes on.
+    with pytest.raises(MalformedMessageError) as caught:
+        parse(envelope)
+    assert caught.value.problems[0].startswith(f"field {index} (")

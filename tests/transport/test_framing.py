@@ -149,6 +149,14 @@ def test_max_message_size_check_refuses(value):
 
 def test_hello_round_trip():
     assert decode_hello(encode_hello(PEER)) == PEER
+    for host in (
+        "h" * 63,
+        ("h" * 63 + ".") * 3 + "h" * 61,
+        "a-b_c.example.",
+        "fe80::1%eth0",
+    ):
+        address = RunnerAddress(host, 1)
+        assert decode_hello(encode_hello(address)) == address
     ipv6 = RunnerAddress("::1", 5)
     assert decode_hello(encode_hello(ipv6)) == ipv6
     assert msgpack.unpackb(encode_hello(PEER)) == [MAGIC, PROTOCOL_VERSION, str(PEER)]
@@ -174,6 +182,21 @@ def test_hello_round_trip():
         (msgpack.packb([MAGIC, 1, "no-port"]), "not a runner address"),
         (msgpack.packb([MAGIC, 1, "h:99999"]), "not a runner address"),
         (msgpack.packb([MAGIC, 1, "h" * 2000 + ":1"]), "over the hello limit"),
+        # Issue 12, item 1: the version is an int, the host one that can be
+        # dialed back (a label over 63 characters raised UnicodeError there).
+        (msgpack.packb([MAGIC, 1.0, "a:1"]), "protocol version 1.0"),
+        (msgpack.packb([MAGIC, 1, "h" * 64 + ":1"]), "not a host name"),
+        (msgpack.packb([MAGIC, 1, ("h" * 60 + ".") * 5 + "h:1"]), "not a host name"),
+        (msgpack.packb([MAGIC, 1, "a..b:1"]), "not a host name"),
+        (msgpack.packb([MAGIC, 1, ".:1"]), "not a host name"),
+        (msgpack.packb([MAGIC, 1, "a b:1"]), "not a host name"),
+        (msgpack.packb([MAGIC, 1, "a\x00:1"]), "not a host name"),
+        (msgpack.packb([MAGIC, 1, "h\u00e9:1"]), "not a host name"),
+        (msgpack.packb([MAGIC, 1, "a/b:1"]), "not a host name"),
+        (msgpack.packb([MAGIC, 1, "[fe80::zz]:1"]), "not a host name"),
+        (msgpack.packb([MAGIC, 1, "h:" + "9" * 900]), "not a runner address"),
+        (msgpack.packb([MAGIC, 1, "h:-1"]), "not a runner address"),
+        (msgpack.packb([MAGIC, 1, "h:\u0661"]), "not a runner address"),
     ],
 )
 def test_bad_hellos_are_malformed(data, problem):

@@ -344,7 +344,7 @@ async def test_bad_envelopes_are_refused_and_the_runner_keeps_serving(caplog):
                 ]
             warnings = [r.getMessage() for r in caplog.records]
             assert any("unknown kind 99" in text for text in warnings)
-            assert any("field 1: unexpected str" in text for text in warnings)
+            assert any("field 1 (call id): unexpected str" in text for text in warnings)
             assert any("missing kind" in text for text in warnings)
             assert any("no_such_handler" in text for text in warnings)
             # The runtime decoded both errors as typed on a real caller's side:

@@ -188,6 +188,10 @@ async def still_works(a: Endpoint, c: Endpoint, hc: RecordingHandler) -> None:
             "protocol version 2 is not supported (this runner speaks version 1)",
         ),
         (hello("nonsense"), CloseCode.PROTOCOL_ERROR, "not a runner address"),
+        # Issue 12, item 1: an address this endpoint could not dial back.
+        (hello("h" * 64 + ":1"), CloseCode.PROTOCOL_ERROR, "not a host name"),
+        (hello("a b:1"), CloseCode.PROTOCOL_ERROR, "not a host name"),
+        (hello("[fe80::zz]:1"), CloseCode.PROTOCOL_ERROR, "not a host name"),
     ],
 )
 async def test_bad_hello_is_refused_with_a_reason(
@@ -206,6 +210,33 @@ async def test_bad_hello_is_refused_with_a_reason(
             await still_works(a, c, hc)
             assert ha.lost == []
             assert a.statistics().bad_peers == 1
+
+
+async def test_an_undialable_host_is_refused_and_never_ends_the_endpoint(
+    transport,
+):
+    # Issue 12, item 1: a hello announcing a host name with a label over 63
+    # characters was accepted; dialing it back (to answer once its
+    # connection had gone) raised UnicodeError out of the endpoint's tasks.
+    announced = RunnerAddress("h" * 64, free_port())
+    with trio.fail_after(TIMEOUT):
+        async with two_endpoints(transport) as (a, ha, c, hc):
+            async with raw_client(a) as ws:
+                await ws.send_message(hello(str(announced)))
+                with contextlib.suppress(trio_websocket.ConnectionClosed):
+                    await ws.get_message()
+                    await ws.send_message(msgpack.packb([["request"]]))
+                    await ha.wait_received(1)
+            assert ha.received == []
+            assert a.statistics().bad_peers == 1
+            # Such an address from elsewhere (a registration) is unreachable.
+            a.send_nowait(announced, ["reply"])
+            while not ha.lost:  # noqa: ASYNC110
+                await trio.sleep(0.005)
+            [(peer, reason)] = ha.lost
+            assert peer == announced
+            assert "cannot resolve" in reason
+            await still_works(a, c, hc)
 
 
 async def test_own_address_in_a_hello_is_refused(transport, caplog):

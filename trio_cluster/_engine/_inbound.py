@@ -106,6 +106,8 @@ class InboundCalls:
     def request(self, peer: RunnerAddress, fields: list[Any]) -> None:
         """A ``REQUEST`` envelope's fields: run it here, or answer why not.
 
+        ``fields`` were checked by `_wire.parse`.
+
         Raises:
             MalformedMessageError: the mode is unknown, or is not the
                 handler's delivery mode (a persisted handler, a stream
@@ -120,11 +122,7 @@ class InboundCalls:
             # duplication; at most once).
             log.info("ignored a repeated request %s from %s", call_id, peer)
             return
-        mode = Mode(mode_value) if mode_value in Mode._value2member_map_ else None
-        if mode is None:
-            raise MalformedMessageError(
-                what="REQUEST envelope", problems=[f"unknown mode {mode_value}"]
-            )
+        mode = Mode(mode_value)  # in range: checked by `_wire.parse`
         target = self._resolve(peer, call_id, mode, address_from(where), tag, payload)
         if target is not None:
             self._start(peer, call_id, mode, target, left)

@@ -34,7 +34,7 @@ from .._errors import (
 from .._errors._closed import RunnerClosedError
 from ..serialization._replies import Exit
 from ._streams import END, ITEM, STREAM_BUFFER, ReceiveWindow, StreamReceiver
-from ._wire import Kind, Mode, address_fields
+from ._wire import MAX_SECONDS_LEFT, Kind, Mode, address_fields
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -95,11 +95,7 @@ class OutboundCalls:
         self._next_id += 1
         call_id = self._next_id
         deadline = trio.current_effective_deadline()
-        left = (
-            None
-            if deadline == float("inf")
-            else max(0.0, deadline - trio.current_time())
-        )
+        left = max(0.0, deadline - trio.current_time())
         envelope = [
             Kind.REQUEST,
             call_id,
@@ -107,7 +103,8 @@ class OutboundCalls:
             *address_fields(address),
             handler.spec.name,
             payload,
-            left,
+            # No deadline: infinite, or as good as (the owner refuses more).
+            None if left > MAX_SECONDS_LEFT else left,
         ]
         self._send(peer, envelope)
         pending = _Pending(peer, handler)

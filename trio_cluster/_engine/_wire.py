@@ -28,9 +28,10 @@ kind                      fields
 ``BROADCAST``             name, payload
 ========================  ===================================================
 
-`parse` checks shapes, types and the range of the stream counters, so a
-malformed envelope from a peer is a `MalformedMessageError` (logged and
-dropped), never an `IndexError` deep in the runtime. Numbering and credit
+`parse` checks every field (its type, the range of a number, the length of
+text), so a malformed envelope from a peer is a `MalformedMessageError`
+(logged and dropped), never an `IndexError` or a NaN deadline deep in the
+runtime. Numbering and credit
 make stream envelopes idempotent: see `trio_cluster._engine._streams`.
 """
 
@@ -38,15 +39,22 @@ from __future__ import annotations
 
 import enum
 import functools
-from typing import TYPE_CHECKING, Any, Final
+import math
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
-from .._core._addresses import EntityAddress, EntityId, ShardId
+from .._core._addresses import (
+    MAX_ENTITY_ID_LENGTH,
+    EntityAddress,
+    EntityId,
+    ShardId,
+)
+from .._core._config import _MAX_SHARDS_PER_GROUP
 from .._errors import MalformedMessageError
 
 if TYPE_CHECKING:
     from .._transport_abc import Envelope
 
-__all__ = ["Kind", "Mode", "parse"]
+__all__ = ["MAX_REASON_LENGTH", "MAX_SECONDS_LEFT", "Kind", "Mode", "parse"]
 
 
 class Kind(enum.IntEnum):
@@ -68,42 +76,71 @@ class Mode(enum.IntEnum):
     STREAM = 2
 
 
-_INT: Final[frozenset[type]] = frozenset({int})
-_STR: Final[frozenset[type]] = frozenset({str})
-_BYTES: Final[frozenset[type]] = frozenset({bytes})
-_BOOL: Final[frozenset[type]] = frozenset({bool})
-_OPT_FLOAT: Final[frozenset[type]] = frozenset({int, float, type(None)})
+MAX_SECONDS_LEFT: Final = 1e9
+"""Longest deadline a ``REQUEST`` carries, in seconds (about 31 years): a
+caller whose deadline is further away sends None (no deadline)."""
+MAX_REASON_LENGTH: Final = 1024
+"""Longest ``NOT_DELIVERED`` reason accepted, in characters."""
+_MAX_TYPE_NAME: Final = 150  # `_registry`: type names are 1-150 characters
+_MAX_GROUP_NAME: Final = 64  # `_core._config`: group names are 1-64 characters
+_MAX_HANDLER_NAME: Final = 100  # `_handlers`: wire names are 1-100 characters
+_MAX_BROADCAST_NAME: Final = 200  # `_broadcast`: names are 1-200 characters
+_MAX_U64: Final = (1 << 64) - 1
+_MAX_I64: Final = (1 << 63) - 1
 
-# Exact field types after the kind, per kind: msgpack decodes to exactly these
-# (so a bool, an int subclass, is refused where an int is expected).
-_SHAPES: Final[dict[Kind, tuple[frozenset[type], ...]]] = {
+
+class _Field(NamedTuple):
+    """What one field may hold: its exact types (msgpack decodes to exactly
+    these, so a bool, an int subclass, is refused where an int is expected)
+    and the bounds of its value (a number) or of its length (text, bytes)."""
+
+    name: str
+    types: frozenset[type]
+    low: float = 0
+    high: float = _MAX_U64
+
+
+def _text(name: str, longest: int, shortest: int = 1) -> _Field:
+    return _Field(name, frozenset({str}), shortest, longest)
+
+
+_CALL_ID: Final = _Field("call id", frozenset({int}))
+_REQUEST_ID: Final = _Field("request id", frozenset({int}), 0, _MAX_I64)
+_BYTES: Final = _Field("payload", frozenset({bytes}), 0, math.inf)
+# Payloads need no bound of their own: a frame is at most max_message_size.
+_ADDRESS: Final = (
+    _text("entity type", _MAX_TYPE_NAME),
+    _text("entity id", MAX_ENTITY_ID_LENGTH),
+    _text("shard group", _MAX_GROUP_NAME),
+    _Field("shard number", frozenset({int}), 1, _MAX_SHARDS_PER_GROUP),
+)
+
+_SHAPES: Final[dict[Kind, tuple[_Field, ...]]] = {
     Kind.REQUEST: (
-        _INT,
-        _INT,
-        _STR,
-        _STR,
-        _STR,
-        _INT,
-        _STR,
+        _CALL_ID,
+        _Field("mode", frozenset({int}), int(min(Mode)), int(max(Mode))),
+        *_ADDRESS,
+        _text("handler tag", _MAX_HANDLER_NAME),
         _BYTES,
-        _OPT_FLOAT,
+        # The caller never sends a negative, infinite or NaN time left.
+        _Field(
+            "seconds left", frozenset({int, float, type(None)}), 0, MAX_SECONDS_LEFT
+        ),
     ),
-    Kind.REPLY: (_INT, _BYTES),
-    Kind.NOT_DELIVERED: (_INT, _STR),
-    Kind.STREAM_ITEM: (_INT, _INT, _BYTES),
-    Kind.STREAM_END: (_INT, _INT, _BYTES),
-    Kind.STREAM_CREDIT: (_INT, _INT),
-    Kind.INTERRUPT: (_INT,),
-    Kind.PERSISTED: (_INT, _STR, _STR, _STR, _INT, _BOOL),
-    Kind.PERSISTED_REPLY: (_INT, _BYTES),
-    Kind.BROADCAST: (_STR, _BYTES),
-}
-# Smallest value of the counters, by kind and field index (after the kind):
-# item numbers start at 1, counts and credit limits at 0.
-_MINIMUMS: Final[dict[Kind, tuple[tuple[int, int], ...]]] = {
-    Kind.STREAM_ITEM: ((1, 1),),
-    Kind.STREAM_END: ((1, 0),),
-    Kind.STREAM_CREDIT: ((1, 0),),
+    Kind.REPLY: (_CALL_ID, _BYTES),
+    Kind.NOT_DELIVERED: (_CALL_ID, _text("reason", MAX_REASON_LENGTH, 0)),
+    # Item numbers start at 1, counts and credit limits at 0.
+    Kind.STREAM_ITEM: (_CALL_ID, _Field("item number", frozenset({int}), 1), _BYTES),
+    Kind.STREAM_END: (_CALL_ID, _Field("item count", frozenset({int})), _BYTES),
+    Kind.STREAM_CREDIT: (_CALL_ID, _Field("credit limit", frozenset({int}))),
+    Kind.INTERRUPT: (_CALL_ID,),
+    Kind.PERSISTED: (
+        _REQUEST_ID,
+        *_ADDRESS,
+        _Field("wants reply", frozenset({bool})),
+    ),
+    Kind.PERSISTED_REPLY: (_REQUEST_ID, _BYTES),
+    Kind.BROADCAST: (_text("broadcast name", _MAX_BROADCAST_NAME), _BYTES),
 }
 _KINDS: Final = {int(kind): kind for kind in Kind}
 
@@ -111,9 +148,13 @@ _KINDS: Final = {int(kind): kind for kind in Kind}
 def parse(envelope: Envelope) -> tuple[Kind, list[Any]]:
     """Check an envelope from a peer; return its kind and fields.
 
+    Every field is checked: its exact type, and the range of a number (NaN
+    and infinities are out of every range) or the length of text, so what
+    the runtime reads from the fields is what a well-behaved peer sends.
+
     Raises:
-        MalformedMessageError: unknown kind, wrong length or field types, a
-            stream counter out of range.
+        MalformedMessageError: unknown kind, wrong length, a field of the
+            wrong type, a number out of range, text too long or empty.
     """
     if not envelope or type(envelope[0]) is not int:
         raise MalformedMessageError(what="envelope", problems=["missing kind"])
@@ -129,19 +170,37 @@ def parse(envelope: Envelope) -> tuple[Kind, list[Any]]:
             what=f"{kind.name} envelope",
             problems=[f"expected {len(shape)} fields, got {len(fields)}"],
         )
-    for index, value in enumerate(fields):
-        if type(value) not in shape[index]:
+    for index, (field, value) in enumerate(zip(shape, fields, strict=True)):
+        problem = _problem(field, value)
+        if problem is not None:
             raise MalformedMessageError(
                 what=f"{kind.name} envelope",
-                problems=[f"field {index + 1}: unexpected {type(value).__name__}"],
-            )
-    for index, minimum in _MINIMUMS.get(kind, ()):
-        if fields[index] < minimum:
-            raise MalformedMessageError(
-                what=f"{kind.name} envelope",
-                problems=[f"field {index + 1}: {fields[index]} is below {minimum}"],
+                problems=[f"field {index + 1} ({field.name}): {problem}"],
             )
     return kind, fields
+
+
+def _problem(field: _Field, value: Any) -> str | None:
+    """What is wrong with ``value`` as ``field``, or None."""
+    kind = type(value)
+    if kind not in field.types:
+        return f"unexpected {kind.__name__}"
+    if kind is int or kind is float:
+        if field.low <= value <= field.high:
+            return None
+        if value < field.low:
+            return f"{value} is below {field.low}"
+        if value > field.high:
+            return f"{value} is above {field.high}"
+        return f"{value} is not a number"
+    if kind is str or kind is bytes:
+        if field.low <= len(value) <= field.high:
+            return None
+        unit = "characters" if kind is str else "bytes"
+        if not value:
+            return "empty"
+        return f"{len(value)} {unit}, over {field.high}"
+    return None  # None, or a bool
 
 
 def address_fields(address: EntityAddress) -> list[Any]:

@@ -28,6 +28,8 @@ multiple of its own size.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import struct
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -72,6 +74,8 @@ MIN_MESSAGE_SIZE: Final = 1024
 MAX_HELLO_SIZE: Final = 1024
 """Largest hello accepted, in bytes."""
 
+_LABEL: Final = re.compile(r"[A-Za-z0-9_-]{1,63}")
+_MAX_HOST_NAME: Final = 253
 _UINT16: Final = struct.Struct(">BH")
 _UINT32: Final = struct.Struct(">BI")
 _CONTAINERS: Final = frozenset((list, tuple, dict))
@@ -224,7 +228,7 @@ def _hello_problem(value: Any) -> str | None:
     magic, version = value[0], value[1]
     if magic != MAGIC:
         return f"not a trio_cluster peer: magic {magic!r}, expected {MAGIC!r}"
-    if version != PROTOCOL_VERSION or isinstance(version, bool):
+    if type(version) is not int or version != PROTOCOL_VERSION:
         return (
             f"protocol version {version!r} is not supported"
             f" (this runner speaks version {PROTOCOL_VERSION})"
@@ -240,7 +244,8 @@ def decode_hello(data: bytes | str) -> RunnerAddress:
     Raises:
         MalformedMessageError: ``data`` is not a binary hello of at most
             `MAX_HELLO_SIZE` bytes, has another magic string or protocol
-            version, or announces no valid address. ``problems[0]`` says
+            version, or announces no valid address (a port in 0..65535 and
+            an IP address or host name this runner could dial back). ``problems[0]`` says
             which, in words fit for a log line or a close reason.
     """
     if not isinstance(data, bytes):
@@ -257,6 +262,26 @@ def decode_hello(data: bytes | str) -> RunnerAddress:
     if problem is not None:
         raise MalformedMessageError(what="hello", problems=[problem])
     try:
-        return RunnerAddress.parse(value[2])
+        address = RunnerAddress.parse(value[2])
     except ValueError as exc:
         raise MalformedMessageError(what="hello", problems=[str(exc)]) from exc
+    if not _is_host(address.host):
+        raise MalformedMessageError(
+            what="hello",
+            problems=[f"not a host name or IP address: {address.host!r:.80}"],
+        )
+    return address
+
+
+def _is_host(host: str) -> bool:
+    """Whether ``host`` can be dialed back: an IP address, or a host name of
+    at most 253 characters in labels of 1-63 ASCII letters, digits, '-' or
+    '_' (anything else fails to resolve, some of it with `UnicodeError`)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        name = host.removesuffix(".")
+        return len(name) <= _MAX_HOST_NAME and all(
+            _LABEL.fullmatch(label) for label in name.split(".")
+        )
+    return True

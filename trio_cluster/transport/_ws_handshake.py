@@ -107,16 +107,22 @@ async def open_client(
 
     Raises:
         OSError, HandshakeError, trio.BrokenResourceError: could not connect.
+        ConnectFailedError: ``peer.host`` is no host name (IDNA refuses it).
 
     Cancellation: propagates; the stream (if any) is in ``streams``.
     """
     stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
-    if ssl_context is None:
-        stream = await trio.open_tcp_stream(peer.host, peer.port)
-    else:
-        stream = await trio.open_ssl_over_tcp_stream(
-            peer.host, peer.port, ssl_context=ssl_context, https_compatible=True
-        )
+    try:
+        if ssl_context is None:
+            stream = await trio.open_tcp_stream(peer.host, peer.port)
+        else:
+            stream = await trio.open_ssl_over_tcp_stream(
+                peer.host, peer.port, ssl_context=ssl_context, https_compatible=True
+            )
+    except UnicodeError as exc:
+        # A host name the IDNA codec refuses (a label over 63 characters,
+        # an empty one): as unreachable as one that does not resolve.
+        raise ConnectFailedError(f"cannot resolve {peer.host!r:.80}: {exc}") from exc
     streams.append(stream)
     return await wrap_client_stream(
         nursery,
