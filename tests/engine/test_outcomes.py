@@ -177,3 +177,18 @@ def test_stream_items_make_the_round_trip_when_serializing():
     copy = stream_item(handler("items"), item, True)
     assert copy == item
     assert copy is not item
+
+
+def test_a_crash_message_that_travels_is_cut():
+    from trio_cluster._core._addresses import EntityAddress, EntityId, ShardId
+    from trio_cluster._engine._outcomes import REMOTE_MESSAGE_LIMIT, crashed
+
+    address = EntityAddress("T", EntityId("e"), ShardId("default", 1))
+    exit_ = crashed(ValueError("x" * 50_000), address=address, runner="r:1")
+    error = exit_.error
+    assert isinstance(error, tc.RemoteError)
+    assert error.message.startswith("x" * REMOTE_MESSAGE_LIMIT)
+    assert error.message.endswith("(49000 more characters)")
+    short = crashed(ValueError("short"), address=address, runner="r:1").error
+    assert isinstance(short, tc.RemoteError)
+    assert short.message == "short"

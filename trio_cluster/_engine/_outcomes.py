@@ -117,15 +117,28 @@ def declared(handler: Handler, exc: Exception, serialize: bool) -> Exit:
 
 def crashed(exc: Exception, *, address: EntityAddress, runner: str) -> Exit:
     """The outcome of a handler that raised an undeclared exception: a
-    `RemoteError` naming it, with the original as its ``__cause__``."""
+    `RemoteError` naming it, with the original as its ``__cause__``. Its
+    message is cut to `REMOTE_MESSAGE_LIMIT` characters: it travels to the
+    caller, and an exception's text may carry a whole payload."""
     remote = RemoteError(
         type_name=type_name(exc),
-        message=str(exc),
+        message=_cut(str(exc)),
         address=str(address),
         runner=runner,
     )
     remote.__cause__ = exc
     return Exit(error=remote)
+
+
+REMOTE_MESSAGE_LIMIT = 1000
+"""Characters of an undeclared exception's message that reach its caller."""
+
+
+def _cut(message: str) -> str:
+    if len(message) <= REMOTE_MESSAGE_LIMIT:
+        return message
+    rest = len(message) - REMOTE_MESSAGE_LIMIT
+    return f"{message[:REMOTE_MESSAGE_LIMIT]}... ({rest} more characters)"
 
 
 def interrupted(request_id: int) -> Exit:
