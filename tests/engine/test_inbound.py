@@ -232,3 +232,38 @@ async def test_a_request_in_the_wrong_mode_gets_an_error_and_the_entity_lives_on
         assert answers[1][0] == Kind.REPLY
         assert answers[3][:3] == [Kind.STREAM_END, 3, 0]
         assert (await tally.add(Add(1))).total == 6
+
+
+async def test_a_request_naming_another_shard_than_its_entitys_is_refused(
+    autojump_clock,
+):
+    # A REQUEST may name any shard: one this runner serves, for an entity
+    # whose own shard is elsewhere, ran a second instance of that entity here
+    # (one per shard named), beside the real one on its owner.
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1])
+        owner = cluster.runners[1]
+        raw, answers = await open_raw_caller(stack, cluster)
+        home = owner.client(Tally).address_of("m")
+        other = tc.ShardId(home.shard.group, home.shard.number % 8 + 1)
+        elsewhere = tc.EntityAddress(home.entity_type, home.entity_id, other)
+        payload = msgpack.packb({"amount": 5})
+        raw.send_nowait(
+            owner.address,
+            [
+                Kind.REQUEST,
+                1,
+                Mode.CALL,
+                *address_fields(elsewhere),
+                "add",
+                payload,
+                None,
+            ],
+        )
+        await trio.sleep(1)
+        [answer] = answers.envelopes()
+        error = refusal(owner, answer)
+        assert isinstance(error, tc.MalformedMessageError)
+        assert f"belongs to shard {home.shard}" in str(error)
+        # Nothing ran: the real entity has seen no message.
+        assert (await owner.client(Tally)("m").add(Add(1))).total == 1

@@ -248,6 +248,7 @@ def assemble(
                     shards=table,
                     manager=manager,
                     registry=registry,
+                    shards_per_group=config.shards_per_group,
                 ),
                 sharding=sharding,
                 persisted=persisted,
