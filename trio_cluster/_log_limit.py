@@ -8,9 +8,9 @@ thousand warnings, nor copy a hostile payload into the logs in full (issue
 
     ... and 9995 more malformed envelopes from 127.0.0.1:7001 in the last 10 s
 
-Every argument of a logged message is cut to ``max_length`` characters, with
-control characters escaped (a payload cannot forge log lines). It keeps no
-task and no thread: a summary is written by the next occurrence after the
+Every argument of a logged message (its ``%s`` or ``%r``) is cut to
+``max_length`` characters, with control characters escaped (a payload cannot
+forge log lines). It keeps no task and no thread: a summary is written by the next occurrence after the
 interval, or by `LogLimiter.flush` (when the peer's connection ends, say).
 The clock is an argument, so tests drive it with ``MockClock``.
 
@@ -42,6 +42,30 @@ def shorten(value: object, limit: int = MAX_LENGTH) -> str:
     if not text.isprintable():
         text = text.encode("unicode_escape").decode("ascii")
     return text
+
+
+class _Short:
+    """A logged argument: ``%s`` and ``%r`` render it `shorten`-ed."""
+
+    __slots__ = ("_limit", "_value")
+
+    def __init__(self, value: object, limit: int) -> None:
+        self._value = value
+        self._limit = limit
+
+    def __str__(self) -> str:
+        return shorten(self._value, self._limit)
+
+    def __repr__(self) -> str:
+        return shorten(repr(self._value), self._limit)
+
+
+def _shortened(value: object, limit: int) -> object:
+    """``value`` as logged: numbers as they are (``%d`` needs them), the
+    rest wrapped in `_Short`."""
+    if value is None or type(value) in (int, float, bool):
+        return value
+    return _Short(value, limit)
 
 
 @attrs.define(eq=False)
@@ -76,7 +100,7 @@ class LogLimiter:
     """
 
     logger: logging.Logger
-    burst: int = 3
+    burst: int = 10
     interval: float = 10.0
     max_length: int = MAX_LENGTH
     max_keys: int = 1024
@@ -115,7 +139,7 @@ class LogLimiter:
         count.logged += 1
         if self.logger.isEnabledFor(level):
             self.logger.log(
-                level, message, *(shorten(arg, self.max_length) for arg in args)
+                level, message, *(_shortened(arg, self.max_length) for arg in args)
             )
         return True
 
