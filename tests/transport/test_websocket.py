@@ -212,6 +212,24 @@ async def test_bad_hello_is_refused_with_a_reason(
             assert a.statistics().bad_peers == 1
 
 
+async def test_a_client_repeating_bad_hellos_is_logged_a_few_times(transport, caplog):
+    # Regression (issue 12, item 8): each refused connection wrote its
+    # warning, so a client reconnecting in a loop flooded the logs.
+    attempts = 30
+    with trio.fail_after(TIMEOUT), caplog.at_level(logging.INFO, logger=LOG):
+        async with two_endpoints(transport) as (a, _ha, c, hc):
+            for _ in range(attempts):
+                async with raw_client(a) as ws:
+                    await ws.send_message(hello("nonsense"))
+                    reason = await closed_with(ws)
+                assert reason.code == CloseCode.PROTOCOL_ERROR
+            # Every one counted, a few logged.
+            assert a.statistics().bad_peers == attempts
+            refused = warnings_about(caplog, "refusing the connection from")
+            assert 1 <= len(refused) <= 10
+            await still_works(a, c, hc)
+
+
 async def test_an_undialable_host_is_refused_and_never_ends_the_endpoint(
     transport,
 ):

@@ -21,6 +21,7 @@ from .._errors import (
     MalformedMessageError,
     RunnerUnavailableError,
 )
+from .._log_limit import LogLimiter
 from .._transport_abc import Endpoint
 from ..serialization._converter import Codec
 from ._isolation import spawn
@@ -78,6 +79,10 @@ class Broadcasts:
     """The runner's base context: deliveries start in a copy of it."""
     _nursery: trio.Nursery | None = attrs.field(init=False, default=None)
     received: int = attrs.field(init=False, default=0)
+    warnings: LogLimiter = attrs.field(
+        init=False, factory=lambda: LogLimiter(logger=log)
+    )
+    """Bounds what a peer's broadcasts make this log (issue 12, item 8)."""
 
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -96,7 +101,7 @@ class Broadcasts:
                 f"no broadcast named {name!r} is declared on this runner"
             )
         payload = entry[1].encode(message)
-        self._run(name, payload)
+        self._run(self._shards.address, name, payload)
         sent = 1
         if self._endpoint is not None:
             for runner in self._shards.live:
@@ -118,18 +123,29 @@ class Broadcasts:
     def received_from(self, peer: RunnerAddress, name: str, payload: bytes) -> None:
         """A peer broadcast ``name`` (called by the endpoint handler)."""
         if name not in self._codecs:
-            log.warning(
-                "broadcast %r from %s is not declared here; dropped", name, peer
+            self.warnings.warning(
+                peer,
+                "undeclared broadcasts",
+                "broadcast %r from %s is not declared here; dropped",
+                name,
+                peer,
             )
             return
-        self._run(name, payload)
+        self._run(peer, name, payload)
 
-    def _run(self, name: str, payload: bytes) -> None:
+    def _run(self, sender: RunnerAddress, name: str, payload: bytes) -> None:
         broadcast, codec = self._codecs[name]
         try:
             message = codec.decode(payload)
         except MalformedMessageError as exc:
-            log.warning("dropped a malformed broadcast %s: %s", name, exc)
+            self.warnings.warning(
+                sender,
+                "malformed broadcasts",
+                "dropped a malformed broadcast %s from %s: %s",
+                name,
+                sender,
+                exc,
+            )
             return
         assert self._nursery is not None, "Broadcasts.run has started"
         self.received += 1

@@ -5,6 +5,7 @@ that answers it (Trio driver).
 side (`OutboundCalls`: replies, stream items and ends), the owner side
 (`InboundCalls`: requests, stream credits, interrupts), persisted delivery
 (notices and replies) or broadcasts. A malformed envelope is counted, logged
+(a few per peer in full, then one summary line per interval: `LogLimiter`)
 and dropped; it never disturbs other requests. `HandlerRelay` stands in for
 it while the runner's parts are being built.
 """
@@ -18,6 +19,7 @@ import attrs
 
 from .._context import RunnerContext, current_entity_var, current_runner_var
 from .._errors import MalformedMessageError
+from .._log_limit import LogLimiter
 from .._transport_abc import EndpointHandler
 from ._broadcasts import Broadcasts
 from ._inbound import InboundCalls
@@ -52,6 +54,11 @@ class ClusterHandler(EndpointHandler):
     _context: RunnerContext
     """The current runner handlers dispatched from here see."""
     malformed: int = attrs.field(init=False, default=0)
+    """Malformed envelopes received, all counted (only a few are logged)."""
+    warnings: LogLimiter = attrs.field(
+        init=False, factory=lambda: LogLimiter(logger=log)
+    )
+    """Bounds the warnings a peer causes (issue 12, item 8)."""
 
     def envelope_received(self, peer: RunnerAddress, envelope: Envelope) -> None:
         # The transport may call from any task (a memory link runs in the
@@ -95,10 +102,17 @@ class ClusterHandler(EndpointHandler):
                 broadcasts.received_from(peer, *fields)
         except MalformedMessageError as exc:
             self.malformed += 1
-            log.warning("dropped a malformed envelope from %s: %s", peer, exc)
+            self.warnings.warning(
+                peer,
+                "malformed envelopes",
+                "dropped a malformed envelope from %s: %s",
+                peer,
+                exc,
+            )
 
     def peer_lost(self, peer: RunnerAddress, reason: str) -> None:
         log.info("lost the connection to %s: %s", peer, reason)
+        self.warnings.flush(peer)
         self.outbound.peer_lost(peer)
         self.inbound.peer_lost(peer)
         self._sharding.poll_soon()

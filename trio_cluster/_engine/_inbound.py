@@ -35,6 +35,7 @@ from .._errors import (
     RunnerUnavailableError,
     UnknownEntityTypeError,
 )
+from .._log_limit import LogLimiter
 from .._registry import Registry
 from .._transport_abc import Endpoint
 from ..serialization._replies import Exit
@@ -99,6 +100,10 @@ class InboundCalls:
     """Per peer, the call ids of its last requests (cleared when the
     connection drops): a request seen twice runs once."""
     handled: int = attrs.field(init=False, default=0)
+    warnings: LogLimiter = attrs.field(
+        init=False, factory=lambda: LogLimiter(logger=log)
+    )
+    """Bounds what a peer's requests make this log (issue 12, item 8)."""
 
     def _send(self, peer: RunnerAddress, envelope: list[Any]) -> None:
         try:
@@ -123,7 +128,14 @@ class InboundCalls:
             # NOTE: a transport that delivers a frame twice must not make a
             # volatile request run twice (found by the simulator's frame
             # duplication; at most once).
-            log.info("ignored a repeated request %s from %s", call_id, peer)
+            self.warnings.log(
+                logging.INFO,
+                peer,
+                "repeated requests",
+                "ignored a repeated request %s from %s",
+                call_id,
+                peer,
+            )
             return
         mode = Mode(mode_value)  # in range: checked by `_wire.parse`
         target = self._resolve(peer, call_id, mode, address_from(where), tag, payload)
@@ -267,7 +279,9 @@ class InboundCalls:
         handler: Handler | None,
         error: Exception,
     ) -> None:
-        log.warning("refused a request from %s: %s", peer, error)
+        self.warnings.warning(
+            peer, "refused requests", "refused a request from %s: %s", peer, error
+        )
         self._send_error(peer, call_id, mode, handler, error)
 
     def _send_error(
@@ -420,6 +434,7 @@ class InboundCalls:
     def peer_lost(self, peer: RunnerAddress) -> None:
         """The caller is gone: cancel what it was waiting for."""
         self._recent.pop(peer, None)
+        self.warnings.flush(peer)
         keys = {key for key in self._jobs if key[0] == peer}
         keys.update(key for key in self._streams if key[0] == peer)
         for key in keys:

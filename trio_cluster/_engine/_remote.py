@@ -32,6 +32,7 @@ from .._errors import (
     RunnerUnavailableError,
 )
 from .._errors._closed import RunnerClosedError
+from .._log_limit import LogLimiter
 from ..serialization._replies import Exit
 from ._streams import END, ITEM, STREAM_BUFFER, ReceiveWindow, StreamReceiver
 from ._wire import MAX_SECONDS_LEFT, Kind, Mode, address_fields
@@ -77,6 +78,9 @@ class OutboundCalls:
         self._endpoint = endpoint
         self._pending: dict[int, _Pending] = {}
         self._next_id = 0
+        self.warnings = LogLimiter(logger=log)
+        """Bounds what a peer's stream answers make this log (issue 12,
+        item 8)."""
 
     def _send(self, peer: RunnerAddress, envelope: list[Any]) -> None:
         try:
@@ -262,7 +266,9 @@ class OutboundCalls:
             self._end_here(call_id, pending, exc)
             if isinstance(exc, MalformedMessageError):
                 raise
-            log.warning("ended a stream from %s: %s", peer, exc)
+            self.warnings.warning(
+                peer, "ended streams", "ended a stream from %s: %s", peer, exc
+            )
             return
         try:
             pending.stream.send_nowait((ITEM, value))
@@ -300,7 +306,9 @@ class OutboundCalls:
         _end_channel(pending.stream, Exit(error=problem))
         if isinstance(problem, MalformedMessageError):
             raise problem
-        log.warning("ended a stream from %s: %s", peer, problem)
+        self.warnings.warning(
+            peer, "ended streams", "ended a stream from %s: %s", peer, problem
+        )
 
     def _end_here(self, call_id: int, pending: _Pending, error: ClusterError) -> None:
         """End a stream on this side: ``error`` after the items already
@@ -327,6 +335,7 @@ class OutboundCalls:
 
     def peer_lost(self, peer: RunnerAddress) -> None:
         """Fail every call waiting on ``peer``."""
+        self.warnings.flush(peer)
         lost = [
             call_id
             for call_id, pending in self._pending.items()

@@ -38,6 +38,7 @@ import trio
 
 from .._core._addresses import RunnerAddress
 from .._errors import MalformedMessageError, RunnerUnavailableError
+from .._log_limit import LogLimiter
 from .._transport_abc import Endpoint, EndpointHandler, Transport
 from ._framing import (
     Packer,
@@ -162,6 +163,10 @@ class MemoryEndpoint(Endpoint):
     """Where connection tasks run (set when the endpoint's block starts)."""
     _sides: dict[RunnerAddress, _Side] = attrs.field(init=False, factory=dict)
     _counters: Counters = attrs.field(init=False, factory=Counters)
+    _warnings: LogLimiter = attrs.field(
+        init=False, factory=lambda: LogLimiter(logger=log)
+    )
+    """Bounds what peers make this endpoint log (issue 12, item 8)."""
     _context: contextvars.Context = attrs.field(
         init=False, factory=contextvars.copy_context
     )
@@ -285,7 +290,13 @@ class MemoryEndpoint(Endpoint):
             envelopes = decode_frame(frame, self.limits.max_message_size)
         except MalformedMessageError as exc:
             self._counters.bad_peers += 1
-            log.warning("closing the connection from %s: %s", side.peer, exc)
+            self._warnings.warning(
+                side.peer,
+                "refused connections",
+                "closing the connection from %s: %s",
+                side.peer,
+                exc,
+            )
             link.abort(*self._reasons(side, str(exc), f"refused by peer: {exc}"))
             return str(exc)
         self._counters.frames_received += 1

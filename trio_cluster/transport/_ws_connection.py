@@ -45,6 +45,7 @@ from wsproto.utilities import ProtocolError
 from .._core._addresses import RunnerAddress
 from .._core._retry import Backoff
 from .._errors import ConfigError, MalformedMessageError
+from .._log_limit import LogLimiter
 from .._transport_abc import EndpointHandler
 from ._framing import decode_frame
 from ._peers import Counters, Limits, SendQueue, deliver, log
@@ -234,6 +235,8 @@ class Connection:
     _limits: Limits = attrs.field(kw_only=True)
     _timing: Timing = attrs.field(kw_only=True)
     _counters: Counters = attrs.field(kw_only=True)
+    _warnings: LogLimiter = attrs.field(kw_only=True)
+    """The endpoint's: bounds what the peer makes it log (issue 12, item 8)."""
     ending: _Ending | None = attrs.field(init=False, default=None)
     closed: trio.Event = attrs.field(init=False, factory=trio.Event)
     """Set once the connection is closed (its task is done)."""
@@ -282,7 +285,13 @@ class Connection:
 
     def _bad_input(self, problem: str, code: CloseCode) -> None:
         self._counters.bad_peers += 1
-        log.warning("closing the connection from %s: %s", self.peer, problem)
+        self._warnings.warning(
+            self.peer,
+            "refused connections",
+            "closing the connection from %s: %s",
+            self.peer,
+            problem,
+        )
         self.end(problem, code=code)
 
     async def _read(self) -> None:
@@ -320,7 +329,9 @@ class Connection:
             reason = exc.reason
             if reason is not None and reason.code == CloseCode.MESSAGE_TOO_BIG:
                 self._counters.bad_peers += 1
-                log.warning(
+                self._warnings.warning(
+                    self.peer,
+                    "oversized messages",
                     "connection with %s closed, a message was over max_message_size: %s",
                     self.peer,
                     describe_close(reason),

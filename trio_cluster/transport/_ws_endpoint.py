@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextvars
 import enum
+import logging
 import math
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final
@@ -41,6 +42,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .._errors import RunnerUnavailableError
+from .._log_limit import LogLimiter
 from .._transport_abc import Endpoint
 from ._framing import encode_envelope, encode_hello, new_packer
 from ._peers import Counters, EndpointStatistics, SendQueue, log, report_lost
@@ -60,6 +62,7 @@ from ._ws_handshake import (
     keep_inbound,
     open_client,
     open_server,
+    remote_host,
     remote_name,
 )
 
@@ -152,6 +155,8 @@ class WebSocketEndpoint(Endpoint):
         self._packer = new_packer()
         self._peers: dict[RunnerAddress, _Peer] = {}
         self._counters = Counters()
+        self._warnings = LogLimiter(logger=log)
+        """Bounds what peers make this endpoint log (issue 12, item 8)."""
         self._closing = False
         self._listen_scope = trio.CancelScope()
 
@@ -308,6 +313,7 @@ class WebSocketEndpoint(Endpoint):
             limits=self._limits,
             timing=self._settings.timing,
             counters=self._counters,
+            warnings=self._warnings,
         )
 
     async def _serve(self, conn: Connection) -> None:
@@ -412,6 +418,7 @@ class WebSocketEndpoint(Endpoint):
                 reply,
                 dialed=entry.address,
                 counters=self._counters,
+                warnings=self._warnings,
                 close_timeout=timing.close_timeout,
             )
             if entry.connection is not None:  # its own connection won meanwhile
@@ -452,7 +459,14 @@ class WebSocketEndpoint(Endpoint):
                 attempt, partial(self._server_handshake, stream=stream, remote=remote)
             )
             if attempt.conn is None and attempt.failure is not None:
-                log.info("connection from %s failed: %s", remote, attempt.failure)
+                self._warnings.log(
+                    logging.INFO,
+                    remote_host(remote),
+                    "failed connections",
+                    "connection from %s failed: %s",
+                    remote,
+                    attempt.failure,
+                )
         finally:
             self._finish(attempt)
             await trio.aclose_forcefully(stream)
@@ -469,12 +483,16 @@ class WebSocketEndpoint(Endpoint):
                 local=self._address,
                 remote=remote,
                 counters=self._counters,
+                warnings=self._warnings,
                 close_timeout=timing.close_timeout,
             )
             if peer is None:
                 return None
             return await self._keep_or_refuse(ws, peer)
-        log.info(
+        self._warnings.log(
+            logging.INFO,
+            remote_host(remote),
+            "connections without a hello",
             "no WebSocket handshake and hello from %s within %s s: closing",
             remote,
             timing.connect_timeout,

@@ -27,13 +27,13 @@ from trio_websocket import (
 
 from .._errors import MalformedMessageError
 from ._framing import decode_hello
-from ._peers import log
 from ._ws_connection import CloseCode, ConnectFailedError, close_websocket
 
 if TYPE_CHECKING:
     import ssl
 
     from .._core._addresses import RunnerAddress
+    from .._log_limit import LogLimiter
     from ._peers import Counters, Limits
 
 __all__ = [
@@ -84,6 +84,13 @@ def remote_name(stream: trio.abc.Stream) -> str:
             return "an unknown client"
         return f"{host}:{port}"
     return repr(stream)  # pragma: no cover - only TCP (or TLS) listeners
+
+
+def remote_host(remote: str) -> str:
+    """The host of a `remote_name` (its port changes with each connection):
+    what warnings about a client are grouped by."""
+    host, colon, _ = remote.rpartition(":")
+    return host if colon else remote
 
 
 def is_duplicate(exc: ConnectionClosed) -> bool:
@@ -164,6 +171,7 @@ async def check_client_hello(
     local: RunnerAddress,
     remote: str,
     counters: Counters,
+    warnings: LogLimiter,
     close_timeout: float,
 ) -> RunnerAddress | None:
     """Check the hello an accepting endpoint at ``local`` got from ``remote``.
@@ -182,7 +190,13 @@ async def check_client_hello(
             )
     except MalformedMessageError as exc:
         counters.bad_peers += 1
-        log.warning("refusing the connection from %s: %s", remote, exc)
+        warnings.warning(
+            remote_host(remote),
+            "refused connections",
+            "refusing the connection from %s: %s",
+            remote,
+            exc,
+        )
         await close_websocket(
             ws, CloseCode.PROTOCOL_ERROR, exc.problems[0], close_timeout
         )
@@ -196,6 +210,7 @@ async def check_server_hello(
     *,
     dialed: RunnerAddress,
     counters: Counters,
+    warnings: LogLimiter,
     close_timeout: float,
 ) -> None:
     """Check the hello the endpoint that was dialed at ``dialed`` answered.
@@ -209,13 +224,25 @@ async def check_server_hello(
         announced = decode_hello(reply)
     except MalformedMessageError as exc:
         counters.bad_peers += 1
-        log.warning("refusing the connection to %s: %s", dialed, exc)
+        warnings.warning(
+            dialed,
+            "refused connections",
+            "refusing the connection to %s: %s",
+            dialed,
+            exc,
+        )
         await close_websocket(
             ws, CloseCode.PROTOCOL_ERROR, exc.problems[0], close_timeout
         )
         raise ConnectFailedError(str(exc)) from exc
     if announced != dialed:
         problem = f"the runner there announced itself as {announced}"
-        log.warning("refusing the connection to %s: %s", dialed, problem)
+        warnings.warning(
+            dialed,
+            "refused connections",
+            "refusing the connection to %s: %s",
+            dialed,
+            problem,
+        )
         await close_websocket(ws, CloseCode.PROTOCOL_ERROR, problem, close_timeout)
         raise ConnectFailedError(problem)

@@ -1,0 +1,119 @@
+"""The endpoint handler (`trio_cluster._engine._dispatch`): what a peer sends
+is dispatched, and a flood of bad envelopes is counted in full but logged in
+a few bounded lines (issue 12, item 8)."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AsyncExitStack
+
+import msgpack
+import pytest
+import trio
+
+import trio_cluster as tc
+from trio_cluster._engine._dispatch import ClusterHandler
+from trio_cluster._engine._wire import Mode
+from trio_cluster.transport._memory import MemoryEndpoint
+
+from ..helpers import Add
+from ..memory_cluster import Tally, open_cluster
+from .test_inbound import raw_request
+from .test_remote_streams import open_raw_caller
+
+FLOOD = 10_000
+REQUESTS = 30
+HOSTILE = "<" + "x" * 300_000 + ">"
+
+
+def cluster_handler(runner: tc.Runner) -> ClusterHandler:
+    endpoint = runner._parts.endpoint
+    assert isinstance(endpoint, MemoryEndpoint)
+    handler = endpoint.handler._target  # type: ignore[attr-defined]
+    assert isinstance(handler, ClusterHandler)
+    return handler
+
+
+def logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records]
+
+
+async def test_a_flood_of_malformed_envelopes_is_counted_but_logged_briefly(
+    autojump_clock, caplog
+):
+    # Regression (issue 12, item 8): one frame of unknown envelopes wrote a
+    # warning per envelope, each copying what the peer sent.
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1])
+        owner = cluster.runners[1]
+        handler = cluster_handler(owner)
+        raw, answers = await open_raw_caller(stack, cluster)
+        hostile = msgpack.packb({"amount": HOSTILE})
+        with caplog.at_level(logging.DEBUG, "trio_cluster"):
+            # An oversized hostile string field, then unknown envelopes.
+            oversized = raw_request(owner, 0, Mode.CALL, "add", hostile)
+            oversized[3] = HOSTILE  # the entity type
+            raw.send_nowait(owner.address, oversized)
+            for number in range(1, FLOOD):
+                raw.send_nowait(owner.address, [99, number])
+                if number % 1000 == 999:
+                    await trio.sleep(0.01)  # the send queue drains
+            for call_id in range(1, REQUESTS + 1):
+                # A hostile string in a request's message: refused, and the
+                # refusal names the value.
+                raw.send_nowait(
+                    owner.address,
+                    raw_request(owner, call_id, Mode.CALL, "add", hostile),
+                )
+                await trio.sleep(0.01)
+            await trio.sleep(1)
+            assert handler.malformed == FLOOD
+            assert len(answers.envelopes()) == REQUESTS  # every one answered
+            lines = logged(caplog)
+            assert sum("dropped a malformed envelope" in line for line in lines) <= 10
+            assert sum("refused a request" in line for line in lines) <= 10
+            assert len(lines) <= 25, lines[:30]
+            assert sum(map(len, lines)) < 10_000
+            assert not any(HOSTILE[:1000] in line for line in lines)
+            # After the interval, the next one writes the summary line.
+            caplog.clear()
+            await trio.sleep(15)
+            raw.send_nowait(owner.address, [99, FLOOD])
+            raw.send_nowait(
+                owner.address,
+                raw_request(owner, REQUESTS + 1, Mode.CALL, "add", hostile),
+            )
+            await trio.sleep(1)
+        assert handler.malformed == FLOOD + 1
+        summaries = [line for line in logged(caplog) if "more" in line]
+        assert any(
+            f"and {FLOOD - 10} more malformed envelopes from 127.0.0.1:99" in line
+            for line in summaries
+        ), summaries
+        assert any(
+            f"and {REQUESTS - 10} more refused requests from 127.0.0.1:99" in line
+            for line in summaries
+        ), summaries
+        assert len(logged(caplog)) == 2
+        # The runner serves on.
+        assert (await owner.client(Tally)("m").add(Add(2))).total == 2
+
+
+async def test_the_summary_is_written_when_the_peer_is_lost(autojump_clock, caplog):
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1])
+        owner = cluster.runners[1]
+        async with AsyncExitStack() as peer:
+            raw, _ = await open_raw_caller(peer, cluster)
+            with caplog.at_level(logging.WARNING, "trio_cluster"):
+                for number in range(100):
+                    raw.send_nowait(owner.address, [99, number])
+                await trio.sleep(1)
+        await trio.sleep(1)
+        assert cluster_handler(owner).malformed == 100
+        lines = logged(caplog)
+        assert sum("dropped a malformed envelope" in line for line in lines) == 10
+        assert any(
+            "and 90 more malformed envelopes from 127.0.0.1:99" in line
+            for line in lines
+        ), lines
