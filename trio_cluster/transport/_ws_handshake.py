@@ -73,7 +73,7 @@ def allow_messages(ws: WebSocketConnection, limits: Limits) -> None:
     trio-websocket fixes the size at the handshake and has no public way to
     change it later: this sets the attribute its reader checks.
     """
-    ws._max_message_size = limits.max_message_size  # noqa: SLF001
+    ws._max_message_size = limits.max_message_size
 
 
 def keep_inbound(
