@@ -87,6 +87,9 @@ class EndpointStatistics:
     """Connection attempts that failed."""
     bad_peers: int
     """Connections closed because the peer sent bad input."""
+    connections_refused: int = 0
+    """Accepted connections closed at once because the endpoint held as
+    many as its limits allow (WebSocket transport)."""
 
 
 class Endpoint(ABC):

@@ -10,6 +10,7 @@ format). The parts:
   tasks, close codes, translation of trio-websocket's exceptions);
 * `_ws_endpoint`: an endpoint (peers, one connection per pair, dialing with
   backoff, accepting);
+* `_ws_admission`: how many accepted connections an endpoint holds;
 * this module: the transport's options, listening, and the endpoint's
   lifetime.
 
@@ -35,6 +36,7 @@ from .._core._retry import Backoff
 from .._errors import ConfigError, RunnerUnavailableError
 from .._transport_abc import EndpointHandler, Transport
 from ._peers import DEFAULT_MAX_MESSAGE_SIZE, Limits, unwrap_single
+from ._ws_admission import ConnectionLimits
 from ._ws_connection import Settings, Timing, describe
 from ._ws_endpoint import Listener, WebSocketEndpoint
 
@@ -75,9 +77,17 @@ class WebSocketTransport(Transport):
         listen_at: where endpoints listen (e.g. ``0.0.0.0:34431``: every
             interface), if not at the address they advertise (behind NAT,
             or on every interface); None: at the advertised address.
+        max_connections: most accepted connections an endpoint holds at
+            once (handshaking or up); more are closed at once, unread, and
+            counted in ``connections_refused``. Dialed connections are not
+            counted.
+        max_pending_handshakes: most accepted connections whose hello is
+            not done yet (at most ``max_connections``); each is closed if
+            its hello is not done within ``connect_timeout``.
 
     Raises:
-        ConfigError: an invalid option, or only one of the TLS contexts.
+        ConfigError: an invalid option, only one of the TLS contexts, or
+            ``max_pending_handshakes`` over ``max_connections``.
     """
 
     def __init__(
@@ -98,6 +108,8 @@ class WebSocketTransport(Transport):
         server_ssl_context: ssl.SSLContext | None = None,
         client_ssl_context: ssl.SSLContext | None = None,
         listen_at: RunnerAddress | None = None,
+        max_connections: int = 1024,
+        max_pending_handshakes: int = 64,
     ) -> None:
         self.limits = Limits(
             max_message_size=max_message_size,
@@ -110,6 +122,10 @@ class WebSocketTransport(Transport):
             ping_timeout=ping_timeout,
             connect_timeout=connect_timeout,
             close_timeout=close_timeout,
+        )
+        self.connections = ConnectionLimits(
+            max_connections=max_connections,
+            max_pending_handshakes=max_pending_handshakes,
         )
         self.backoff = Backoff(
             reconnect_backoff, reconnect_backoff_max, 2.0, reconnect_jitter
@@ -181,6 +197,7 @@ class WebSocketTransport(Transport):
                 backoff=self.backoff,
                 rng=self.rng,
                 client_ssl_context=self.client_ssl_context,
+                connections=self.connections,
             )
             endpoint = WebSocketEndpoint(
                 settings, RunnerAddress(address.host, port), handler, nursery

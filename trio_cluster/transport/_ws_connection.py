@@ -49,6 +49,7 @@ from .._log_limit import LogLimiter
 from .._transport_abc import EndpointHandler
 from ._framing import decode_frame
 from ._peers import Counters, Limits, SendQueue, deliver, log
+from ._ws_admission import ConnectionLimits
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -149,6 +150,8 @@ class Settings:
     """The random source of the backoff's jitter."""
     client_ssl_context: ssl.SSLContext | None
     """TLS for dialed connections; None for plain WebSocket."""
+    connections: ConnectionLimits
+    """How many accepted connections the endpoint holds at once."""
 
 
 def close_reason_text(text: str) -> str:

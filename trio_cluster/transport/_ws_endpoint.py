@@ -12,8 +12,9 @@ and its backoff state.
   connection runs until it ends. A refused dial (`CloseCode.DUPLICATE`, the
   peer keeps its own connection to us) waits for that connection instead of
   failing.
-* **Accepting** (`_accept`, one task per accepted stream): handshake, hello,
-  then `keep_inbound` decides whether this connection is the pair's one.
+* **Accepting** (`_accept`, one task per accepted stream): a slot from
+  `Admission` (or the stream is closed at once), handshake, hello, then
+  `keep_inbound` decides whether this connection is the pair's one.
 * **One connection per pair.** `_attach` makes a connection the peer's
   (ending an older one); `_detach` forgets it, drops what was queued and
   reports ``peer_lost`` (a liveness signal for sharding), unless this
@@ -46,6 +47,7 @@ from .._log_limit import LogLimiter
 from .._transport_abc import Endpoint
 from ._framing import encode_envelope, encode_hello, new_packer
 from ._peers import Counters, EndpointStatistics, SendQueue, log, report_lost
+from ._ws_admission import Admission, Slot
 from ._ws_connection import (
     CONNECTION_ERRORS,
     CloseCode,
@@ -56,6 +58,7 @@ from ._ws_connection import (
     unexpected_failure,
 )
 from ._ws_handshake import (
+    allow_messages,
     check_client_hello,
     check_server_hello,
     is_duplicate,
@@ -159,6 +162,7 @@ class WebSocketEndpoint(Endpoint):
         """Bounds what peers make this endpoint log (issue 12, item 8)."""
         self._closing = False
         self._listen_scope = trio.CancelScope()
+        self._admission = Admission(settings.connections)
 
     @property
     def address(self) -> RunnerAddress:
@@ -452,11 +456,28 @@ class WebSocketEndpoint(Endpoint):
             )
 
     async def _accept(self, stream: trio.abc.Stream) -> None:
+        """Serve one accepted stream, if `Admission` has a slot for it;
+        otherwise close it at once, unread (counted in
+        ``connections_refused``)."""
+        slot = self._admission.admit()
+        if slot is None:
+            self._counters.connections_refused += 1
+            log.debug(
+                "refusing the connection from %s: %d connections, %d handshaking",
+                remote_name(stream),
+                self._admission.open,
+                self._admission.pending,
+            )
+            await trio.aclose_forcefully(stream)
+            return
         remote = remote_name(stream)
         attempt = _Attempt()
         try:
             await self._attempt(
-                attempt, partial(self._server_handshake, stream=stream, remote=remote)
+                attempt,
+                partial(
+                    self._server_handshake, stream=stream, remote=remote, slot=slot
+                ),
             )
             if attempt.conn is None and attempt.failure is not None:
                 self._warnings.log(
@@ -468,11 +489,19 @@ class WebSocketEndpoint(Endpoint):
                     attempt.failure,
                 )
         finally:
-            self._finish(attempt)
-            await trio.aclose_forcefully(stream)
+            try:
+                self._finish(attempt)
+                await trio.aclose_forcefully(stream)
+            finally:
+                slot.release()
 
     async def _server_handshake(
-        self, nursery: trio.Nursery, *, stream: trio.abc.Stream, remote: str
+        self,
+        nursery: trio.Nursery,
+        *,
+        stream: trio.abc.Stream,
+        remote: str,
+        slot: Slot,
     ) -> Connection | None:
         timing = self._settings.timing
         with trio.move_on_after(timing.connect_timeout):
@@ -488,6 +517,8 @@ class WebSocketEndpoint(Endpoint):
             )
             if peer is None:
                 return None
+            slot.hello_done()
+            allow_messages(ws, self._limits)
             return await self._keep_or_refuse(ws, peer)
         self._warnings.log(
             logging.INFO,

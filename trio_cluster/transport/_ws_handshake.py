@@ -26,7 +26,7 @@ from trio_websocket import (
 )
 
 from .._errors import MalformedMessageError
-from ._framing import decode_hello
+from ._framing import MAX_HELLO_SIZE, decode_hello
 from ._ws_connection import CloseCode, ConnectFailedError, close_websocket
 
 if TYPE_CHECKING:
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RECEIVE_BUFFER_SIZE",
     "RESOURCE",
+    "allow_messages",
     "check_client_hello",
     "check_server_hello",
     "is_duplicate",
@@ -54,6 +55,25 @@ RESOURCE: Final = "/trio_cluster"
 RECEIVE_BUFFER_SIZE: Final = 64 * 1024
 """Bytes read from the socket at once (trio-websocket's default is 4 KiB,
 which splits a batch of a hundred envelopes over two reads)."""
+
+
+def allow_messages(ws: WebSocketConnection, limits: Limits) -> None:
+    """Lift ``ws``'s message size limit from `MAX_HELLO_SIZE` to
+    ``limits.max_message_size``, once the peer's hello is checked.
+
+    Until then (`open_server`) a larger message closes the connection
+    (1009), so what an accepted connection holds before its hello is at most
+    ``message_queue_size`` messages of `MAX_HELLO_SIZE` bytes plus a read
+    buffer, not ``message_queue_size`` times ``max_message_size`` (a client
+    that connects and streams bytes). A client sends nothing more before our
+    hello, so no real message can meet the lower limit. Dialed connections
+    keep ``max_message_size`` from the start: the listener may send frames
+    right behind its hello, before the dialer's task has seen it.
+
+    trio-websocket fixes the size at the handshake and has no public way to
+    change it later: this sets the attribute its reader checks.
+    """
+    ws._max_message_size = limits.max_message_size
 
 
 def keep_inbound(
@@ -157,7 +177,7 @@ async def open_server(
         nursery,
         stream,
         message_queue_size=limits.message_queue_size,
-        max_message_size=limits.max_message_size,
+        max_message_size=MAX_HELLO_SIZE,  # until allow_messages
         receive_buffer_size=RECEIVE_BUFFER_SIZE,
     )
     ws = await request.accept()
