@@ -39,10 +39,11 @@ from __future__ import annotations
 import hashlib
 import struct
 
-from ._addresses import ShardId
+from ._addresses import EntityAddress, ShardId
 
 __all__ = [
     "advisory_namespace",
+    "misplaced",
     "shard_for",
     "shard_number",
     "stable_hash64",
@@ -122,6 +123,22 @@ def shard_for(entity_id: str, group: str, shards_per_group: int) -> ShardId:
         ValueError: ``shards_per_group`` is less than 1.
     """
     return ShardId(group, shard_number(entity_id, shards_per_group))
+
+
+def misplaced(address: EntityAddress, group: str, shards_per_group: int) -> str | None:
+    """Why ``address`` names a shard its entity (of shard group ``group``)
+    does not belong to, or None if it names the entity's own shard.
+
+    Raises:
+        ValueError: ``shards_per_group`` is less than 1.
+    """
+    home = shard_for(address.entity_id.value, group, shards_per_group)
+    if home == address.shard:
+        return None
+    return (
+        f"{address.entity_type} {address.entity_id.value!r} belongs to shard"
+        f" {home}, not {address.shard}"
+    )
 
 
 def advisory_namespace(prefix: str) -> int:

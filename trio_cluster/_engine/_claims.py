@@ -37,7 +37,7 @@ import attrs
 import trio
 
 from .._core._addresses import ShardId, check_entity_id
-from .._core._hashing import shard_for
+from .._core._hashing import misplaced
 from .._errors import (
     ClusterError,
     InvalidIdError,
@@ -224,18 +224,12 @@ class Claims:
             return UnknownEntityTypeError(
                 entity_type=entity_type.name, handler=request.tag
             )
-        home = shard_for(
-            address.entity_id.value,
-            entity_type.shard_group,
-            self._parts.config.shards_per_group,
+        problem = misplaced(
+            address, entity_type.shard_group, self._parts.config.shards_per_group
         )
-        if home != address.shard:
+        if problem is not None:
             return MalformedMessageError(
-                what=f"stored request {request.request_id}",
-                problems=[
-                    f"stored in shard {address.shard}, but {entity_type.name}"
-                    f" {address.entity_id.value!r} belongs to shard {home}"
-                ],
+                what=f"stored request {request.request_id}", problems=[problem]
             )
         if not handler.spec.persisted:
             # A volatile handler runs at most once, never redelivered from

@@ -27,7 +27,7 @@ import attrs
 import trio
 
 from .._core._addresses import RunnerAddress
-from .._core._hashing import shard_for
+from .._core._hashing import misplaced
 from .._core._job import StopReason
 from .._errors import (
     MailboxFullError,
@@ -179,17 +179,12 @@ class InboundCalls:
             )
             self._answer_error(peer, call_id, mode, handler, error)
             return None
-        problem = _mode_problem(handler, mode)
-        home = shard_for(
-            address.entity_id.value, entity_type.shard_group, self._shards_per_group
+        # A request for an entity of another shard, run here, would be a
+        # second instance of it (its own shard another runner may serve):
+        # no caller sends one.
+        problem = _mode_problem(handler, mode) or misplaced(
+            address, entity_type.shard_group, self._shards_per_group
         )
-        if home != address.shard:
-            # Run here, it would be a second instance of an entity whose
-            # own shard another runner may serve: no caller sends it.
-            problem = (
-                f"{entity_type.name} {address.entity_id.value!r} belongs to"
-                f" shard {home}, not {address.shard}"
-            )
         if problem is not None:
             refused = MalformedMessageError(what="REQUEST envelope", problems=[problem])
             # The generic codec: the caller's handler may be another kind.
