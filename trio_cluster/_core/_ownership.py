@@ -165,25 +165,27 @@ class Ownership:
     ) -> list[Command]:
         """The driver locked these shards (an acquire that started at ``started_at``)."""
         commands: list[Command] = []
-        stray: set[ShardId] = set()
+        stray: dict[ShardId, int] = {}
         deadline = started_at + self._validity
         for shard, epoch in epochs.items():
             if shard in self._records:
                 continue  # already ours (serving or on its way out)
             if shard not in self.assigned:
-                stray.add(shard)  # assignment moved while we were acquiring
-                self._records[shard] = _Record(Phase.RELEASING, epoch, deadline)
+                stray[shard] = epoch  # assignment moved while we were acquiring
                 continue
             self._records[shard] = _Record(Phase.SERVING, epoch, deadline)
             commands.append(StartShard(shard, epoch, deadline))
-        if stray:
-            commands.append(ReleaseShards(frozenset(stray)))
-        return commands
+        return commands + self._release_unserved(stray)
 
     def untrusted(self, epochs: Mapping[ShardId, int]) -> list[Command]:
         """The driver got these locks, but its lock session was lost while
         the answer was on its way (they may be gone, or held by a session it
         cannot trust): release them without serving."""
+        return self._release_unserved(epochs)
+
+    def _release_unserved(self, epochs: Mapping[ShardId, int]) -> list[Command]:
+        """Release locks got that are not to be served (those of shards
+        already known here aside)."""
         got = frozenset(shard for shard in epochs if shard not in self._records)
         for shard in got:
             self._records[shard] = _Record(Phase.RELEASING, epochs[shard], 0.0)

@@ -384,16 +384,10 @@ class Sharding:
                 ):
                     # The lease ran out while the shard drained (refreshes
                     # failed): nothing of it may run on from here.
-                    self._report(
-                        "lease lapsed while draining; cancelled its handlers",
-                        host.shard_id,
-                    )
-                    self.failovers += 1
                     self.ownership.lapsed(host.shard_id)
-                    self._listeners.shard_stopping(
-                        host.shard_id, host.epoch, graceful=False
+                    self._escalate(
+                        host, "lease lapsed while draining; cancelled its handlers"
                     )
-                    host.force_stop()
                 # The lock is released only once no handler of the shard runs
                 # (handlers in callers' tasks unwind after their scopes are
                 # cancelled), so the next owner never runs an entity that
@@ -416,7 +410,9 @@ class Sharding:
         if host is None:
             draining = self._draining.get(command.shard)
             if draining is not None and not command.graceful:
-                self._escalate(draining)
+                self._escalate(
+                    draining, "lost the lock while draining; cancelling its handlers"
+                )
             return
         # Not active from now on, before the manager gets to stop it: a job
         # granted meanwhile must not start (found by the simulator).
@@ -439,12 +435,11 @@ class Sharding:
         assert self._nursery is not None
         self._nursery.start_soon(self._stop_host, host, command.graceful)
 
-    def _escalate(self, host: ShardHost) -> None:
-        """The lock of a draining shard was lost: stop it now, forced."""
+    def _escalate(self, host: ShardHost, what: str) -> None:
+        """The lock of a draining shard was lost, or its lease ran out
+        (``what``, for the log): stop it now, forced."""
         self.failovers += 1
-        self._report(
-            "lost the lock while draining; cancelling its handlers", host.shard_id
-        )
+        self._report(what, host.shard_id)
         self._listeners.shard_stopping(host.shard_id, host.epoch, graceful=False)
         host.force_stop()
 
