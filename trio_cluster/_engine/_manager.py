@@ -183,7 +183,7 @@ class EntityManager:
             job.state = GRANT[job.state]
         outcome: Outcome
         try:
-            if not (shard.active and shard.leased()):
+            if not shard.may_start():
                 outcome = NOT_RUN  # see `_execute`
             elif _in_one_step(slot, job):
                 outcome = self._run_one_step(slot, job)
@@ -289,7 +289,7 @@ class EntityManager:
             NotDelivered: the shard is not served here.
             MailboxFullError: the runner is at ``max_resident_entities``.
         """
-        if not (shard.active and shard.leased()):
+        if not shard.may_start():
             raise NotDelivered(str(address))
         if handler.suspends:
             return None
@@ -397,7 +397,7 @@ class EntityManager:
         """Run one granted job in the current task and its context (a
         detached job's task; see `call` for inline jobs). Returns its outcome;
         lets the caller's own cancellation propagate."""
-        if not (slot.shard.active and slot.shard.leased()):
+        if not slot.shard.may_start():
             # Its shard stopped (or its lease ran out) after the job got its
             # permit (the simulator found handlers starting on a runner that
             # no longer served the shard): it did not run; it is redelivered

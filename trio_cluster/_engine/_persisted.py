@@ -111,9 +111,6 @@ class PersistedDelivery:
         self._notices = Notices(self._parts, self._recorder)
         self.closing = False
         """The runner is shutting down (see `begin_shutdown`)."""
-        self.stray_replies = 0
-        """Final replies pushed by a runner that was not asked for them
-        (ignored: forged, or late after a failover)."""
 
     # ------------------------------------------------------------------
     # Service
@@ -174,7 +171,6 @@ class PersistedDelivery:
         only from the owner asked for it, while a caller waits (a reply from
         anyone else is ignored, and the caller gets the reply from storage)."""
         if not self._parts.waiters.pushed(peer, request_id, payload):
-            self.stray_replies += 1
             log.debug(
                 "ignored a final reply to request %d from %s (not asked of it)",
                 request_id,

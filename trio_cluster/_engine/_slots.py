@@ -218,6 +218,15 @@ class ShardHost:
     def active(self) -> bool:
         return self.state is ShardState.ACTIVE and not self.closing
 
+    def may_start(self) -> bool:
+        """Whether a job may start here now: the shard is active and its
+        lease has not run out (see `leased`)."""
+        return (
+            self.state is ShardState.ACTIVE
+            and not self.closing
+            and trio.current_time() < self.lease_deadline
+        )
+
     def leased(self) -> bool:
         """Whether its lease still runs (serving or draining). After that,
         nothing of this shard may have effects: a thawed process may run a
