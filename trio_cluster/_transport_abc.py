@@ -90,6 +90,9 @@ class EndpointStatistics:
     connections_refused: int = 0
     """Accepted connections closed at once because the endpoint held as
     many as its limits allow (WebSocket transport)."""
+    unauthenticated_peers: int = 0
+    """Connections refused because the peer did not prove the cluster
+    secret, or (dialing) the runner dialed did not (WebSocket transport)."""
 
 
 class Endpoint(ABC):

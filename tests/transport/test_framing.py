@@ -21,17 +21,22 @@ from trio_cluster.transport import PROTOCOL_VERSION
 from trio_cluster.transport._framing import (
     FRAME_OVERHEAD,
     MAGIC,
+    Hello,
     check_max_message_size,
     decode_frame,
     decode_hello,
+    decode_proof,
     encode_envelope,
     encode_hello,
+    encode_proof,
     frame_header,
 )
 from trio_cluster.transport._peers import Limits, SendQueue
 
 LIMIT = 4096
 PEER = RunnerAddress("10.0.0.7", 4000)
+NONCE = b"n" * 32
+PROOF = b"p" * 32
 
 
 def frame_of(*envelopes: list[object]) -> bytes:
@@ -148,7 +153,7 @@ def test_max_message_size_check_refuses(value):
 
 
 def test_hello_round_trip():
-    assert decode_hello(encode_hello(PEER)) == PEER
+    assert decode_hello(encode_hello(PEER)) == Hello(PEER)
     for host in (
         "h" * 63,
         ("h" * 63 + ".") * 3 + "h" * 61,
@@ -156,10 +161,39 @@ def test_hello_round_trip():
         "fe80::1%eth0",
     ):
         address = RunnerAddress(host, 1)
-        assert decode_hello(encode_hello(address)) == address
+        assert decode_hello(encode_hello(address)) == Hello(address)
     ipv6 = RunnerAddress("::1", 5)
-    assert decode_hello(encode_hello(ipv6)) == ipv6
+    assert decode_hello(encode_hello(ipv6)) == Hello(ipv6)
     assert msgpack.unpackb(encode_hello(PEER)) == [MAGIC, PROTOCOL_VERSION, str(PEER)]
+
+
+def test_hellos_with_a_nonce_and_proofs_round_trip():
+    assert decode_hello(encode_hello(PEER, NONCE)) == Hello(PEER, NONCE)
+    assert decode_hello(encode_hello(PEER, NONCE, [PROOF, PROOF])) == Hello(
+        PEER, NONCE, (PROOF, PROOF)
+    )
+    assert decode_proof(encode_proof([PROOF])) == (PROOF,)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        "text",
+        b"\xc1",
+        msgpack.packb([MAGIC, "proof"]),
+        msgpack.packb([MAGIC, "proof", []]),
+        msgpack.packb([MAGIC, "proof", [b"short"]]),
+        msgpack.packb([MAGIC, "proof", [PROOF] * 9]),
+        msgpack.packb([MAGIC, "other", [PROOF]]),
+        msgpack.packb(["HTTP", "proof", [PROOF]]),
+        msgpack.packb([MAGIC, "proof", [PROOF], 1]),
+        msgpack.packb([MAGIC, "proof", [PROOF] * 8]) + b"x" * 1024,
+    ],
+)
+def test_bad_proofs_are_malformed(data):
+    with pytest.raises(MalformedMessageError) as caught:
+        decode_proof(data)
+    assert caught.value.what == "proof"
 
 
 @pytest.mark.parametrize(
@@ -176,9 +210,15 @@ def test_hello_round_trip():
         ),
         (msgpack.packb([MAGIC, 2]), "protocol version 2 is not supported"),
         (msgpack.packb([MAGIC, True, "a:1"]), "protocol version True"),
-        (msgpack.packb([MAGIC, 1]), "[magic, version, address string]"),
-        (msgpack.packb([MAGIC, 1, 42]), "[magic, version, address string]"),
-        (msgpack.packb([MAGIC, 1, "a:1", "extra"]), "address string]"),
+        (msgpack.packb([MAGIC, 1]), "[magic, version, address string"),
+        (msgpack.packb([MAGIC, 1, 42]), "[magic, version, address string"),
+        (msgpack.packb([MAGIC, 1, "a:1", "extra"]), "nonce must be 32 bytes"),
+        (msgpack.packb([MAGIC, 1, "a:1", b"n" * 31]), "nonce must be 32 bytes"),
+        (msgpack.packb([MAGIC, 1, "a:1", NONCE, []]), "proofs must be an array"),
+        (msgpack.packb([MAGIC, 1, "a:1", NONCE, [b"p"]]), "binaries of 32 bytes"),
+        (msgpack.packb([MAGIC, 1, "a:1", NONCE, [PROOF] * 9]), "1 to 8 binaries"),
+        (msgpack.packb([MAGIC, 1, "a:1", NONCE, PROOF]), "proofs must be an array"),
+        (msgpack.packb([MAGIC, 1, "a:1", NONCE, [PROOF], 0]), "address string ["),
         (msgpack.packb([MAGIC, 1, "no-port"]), "not a runner address"),
         (msgpack.packb([MAGIC, 1, "h:99999"]), "not a runner address"),
         (msgpack.packb([MAGIC, 1, "h" * 2000 + ":1"]), "over the hello limit"),

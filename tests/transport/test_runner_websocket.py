@@ -13,7 +13,7 @@ the configs keep every interval short.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import attrs
@@ -25,12 +25,14 @@ import trio_websocket
 
 import trio_cluster as tc
 from trio_cluster._engine._wire import Kind, Mode
+from trio_cluster._operations._metrics import render_metrics
 from trio_cluster.storage import MemoryStorage
 from trio_cluster.transport import WebSocketEndpoint, WebSocketTransport
-from trio_cluster.transport._framing import encode_hello
-from trio_cluster.transport._ws_handshake import RESOURCE
+from trio_cluster.transport._framing import encode_hello, encode_proof
 
 from ..helpers import Add, Get as Status, config
+from . import wire_peers
+from .test_websocket import closed_with
 
 TIMEOUT = 15
 SHARDS = 8
@@ -104,9 +106,13 @@ class Tally(tc.Entity):
             await trio.sleep(0.001)
 
 
-def transport() -> WebSocketTransport:
+def transport(secrets: Sequence[bytes] = ()) -> WebSocketTransport:
     return WebSocketTransport(
-        connect_timeout=2.0, close_timeout=0.5, ping_interval=0.5, ping_timeout=1.0
+        connect_timeout=2.0,
+        close_timeout=0.5,
+        ping_interval=0.5,
+        ping_timeout=1.0,
+        cluster_secrets=secrets,
     )
 
 
@@ -120,8 +126,11 @@ def runner_config() -> tc.ShardingConfig:
 
 
 @asynccontextmanager
-async def open_pair() -> AsyncIterator[tuple[tc.Runner, tc.Runner]]:
-    """Two runners over WebSocket, once the shards are split between them."""
+async def open_pair(
+    secrets: Sequence[bytes] = (),
+) -> AsyncIterator[tuple[tc.Runner, tc.Runner]]:
+    """Two runners over WebSocket (proving ``secrets``, if any), once the
+    shards are split between them."""
     storage = MemoryStorage()
     async with AsyncExitStack() as stack:
         first, second = [
@@ -130,7 +139,7 @@ async def open_pair() -> AsyncIterator[tuple[tc.Runner, tc.Runner]]:
                     entities=[Tally],
                     config=runner_config(),
                     storage=storage,
-                    transport=transport(),
+                    transport=transport(secrets),
                 )
             )
             for _ in range(2)
@@ -275,22 +284,12 @@ async def test_the_callers_deadline_travels_with_the_request():
 
 @asynccontextmanager
 async def raw_peer(
-    runner: tc.Runner, me: tc.RunnerAddress
+    runner: tc.Runner, me: tc.RunnerAddress, secrets: Sequence[bytes] = ()
 ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
-    """A hand-driven WebSocket peer of ``runner`` announcing ``me``."""
-    address = runner.address
-    stream = await trio.open_tcp_stream(address.host, address.port)
-    try:
-        async with trio.open_nursery() as nursery:
-            ws = await trio_websocket.wrap_client_stream(
-                nursery, stream, str(address), RESOURCE
-            )
-            await ws.send_message(encode_hello(me))
-            assert await ws.get_message() == encode_hello(address)
-            yield ws
-            nursery.cancel_scope.cancel()
-    finally:
-        await trio.aclose_forcefully(stream)
+    """A hand-driven WebSocket peer of ``runner`` announcing ``me``, past
+    the handshake (proving ``secrets``, if any)."""
+    async with wire_peers.raw_peer(runner.address, me, secrets) as ws:
+        yield ws
 
 
 def request(
@@ -351,3 +350,37 @@ async def test_bad_envelopes_are_refused_and_the_runner_keeps_serving(caplog):
             # check with a real call, and that the runner serves everyone.
             assert await second.client(Tally)(entity).add(Add(1)) == 5
             assert endpoint_of(first)._handler._target.malformed == 3  # type: ignore[attr-defined]
+
+
+async def test_only_members_reach_the_handlers():
+    # A process that is not a member completed the hello under any address
+    # and called any handler: with a cluster secret, an outsider's requests
+    # never reach the runtime, and a member's (hand-driven) do.
+    outsider = tc.RunnerAddress("127.0.0.1", 9)
+    secrets = [wire_peers.SECRET]
+    with trio.fail_after(TIMEOUT):
+        async with open_pair(secrets) as (first, second):
+            entity = remote_id(second)  # served by first
+            add = msgpack.packb({"amount": 5})
+            frame = msgpack.packb([request(first, 1, entity, "add", add)])
+            # Without a secret: the request right behind the hello.
+            async with wire_peers.raw_websocket(first.address) as ws:
+                await ws.send_message(encode_hello(outsider))
+                await ws.send_message(frame)
+                assert (await closed_with(ws)).code == 1008
+            # With the wrong one: the request right behind the proofs.
+            async with wire_peers.raw_websocket(first.address) as ws:
+                await ws.send_message(encode_hello(outsider, b"n" * 32))
+                await ws.get_message()
+                await ws.send_message(encode_proof([b"p" * 32]))
+                await ws.send_message(frame)
+                assert (await closed_with(ws)).code == 1008
+            assert await second.client(Tally)(entity).add(Add(0)) == 0
+            async with raw_peer(first, outsider, secrets) as ws:
+                await ws.send_message(frame)
+                [[kind, call_id, _]] = msgpack.unpackb(await ws.get_message())
+                assert (kind, call_id) == (Kind.REPLY, 1)
+            assert await second.client(Tally)(entity).add(Add(0)) == 5
+            counted = "trio_cluster_transport_unauthenticated_peers_total"
+            text = render_metrics(first.statistics())
+            assert f'{counted}{{runner="{first.address}"}} 2' in text

@@ -5,7 +5,8 @@ Kubernetes probes:
 
 * ``/metrics``: Prometheus text format (entities per type, shards, runners,
   mailbox depth, handled messages, persisted traffic, storage claims,
-  failovers, and a histogram of call latencies);
+  failovers, a histogram of call latencies, and the transport's traffic and
+  refused peers);
 * ``/healthz``: 200 while the runner's tasks run (liveness);
 * ``/readyz``: 200 once the runner serves every shard assigned to it, 503
   before (readiness).
@@ -121,6 +122,24 @@ _COUNTERS: Final = {
 }
 _LATENCY: Final = "trio_cluster_call_latency_seconds"
 
+_TRANSPORT: Final = {
+    "frames_sent": "Frames written to other runners.",
+    "envelopes_sent": "Envelopes written to other runners.",
+    "bytes_sent": "Bytes of frames written to other runners.",
+    "frames_received": "Frames read from other runners.",
+    "envelopes_received": "Envelopes read from other runners.",
+    "envelopes_dropped": "Queued envelopes dropped with a lost connection.",
+    "connects": "Connections to other runners established.",
+    "connect_failures": "Connection attempts to other runners that failed.",
+    "bad_peers": "Connections closed because the peer sent bad input.",
+    "connections_refused": "Accepted connections closed at once, over the limits.",
+    "unauthenticated_peers": (
+        "Connections refused because the peer did not prove the cluster secret."
+    ),
+}
+"""Counters of the transport endpoint, exported as
+``trio_cluster_transport_<field>_total`` (when the transport keeps them)."""
+
 
 def render_metrics(stats: RunnerStatistics) -> str:
     """Prometheus text exposition of a statistics snapshot."""
@@ -140,6 +159,18 @@ def render_metrics(stats: RunnerStatistics) -> str:
         f"# HELP {_LATENCY} Caller-observed rpc latency, per delivery kind.",
         f"# TYPE {_LATENCY} histogram",
     ]
+    transport = stats.transport
+    if transport is not None:
+        name = "trio_cluster_transport_connections"
+        lines += [
+            f"# HELP {name} Connections to other runners up now.",
+            f"# TYPE {name} gauge",
+            _line(name, transport.connections, runner),
+        ]
+        for field, help_text in _TRANSPORT.items():
+            name = f"trio_cluster_transport_{field}_total"
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+            lines.append(_line(name, getattr(transport, field), runner))
     for kind, snapshot in sorted(stats.call_latency.items()):
         labels = {**runner, "kind": kind}
         for bound, count in snapshot.buckets:

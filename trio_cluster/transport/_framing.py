@@ -7,7 +7,11 @@ message, or one memory-transport frame) is a single msgpack value:
   ``["trio_cluster", PROTOCOL_VERSION, "host:port"]``: the magic string, the
   protocol version the sender speaks and the address it announces (the
   ``str()`` of its `RunnerAddress`). A peer with another magic or version is
-  refused (`decode_hello` says why);
+  refused (`decode_hello` says why). When the cluster authenticates, the
+  dialer's hello also carries its challenge nonce, and the listener's its own
+  nonce and its proofs of the cluster secret; the dialer then sends its
+  proofs (`encode_proof`) and the listener confirms with `ACCEPTED` (see
+  `trio_cluster.transport._ws_handshake`);
 * every later message is a *frame*: a msgpack array of envelopes, each
   envelope itself an array.
 
@@ -33,27 +37,35 @@ import re
 import struct
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
+import attrs
 import msgpack
 
 from .._core._addresses import RunnerAddress
+from .._core._auth import MAX_SECRETS, NONCE_SIZE, PROOF_SIZE
 from .._core._checks import count
 from .._errors import MalformedMessageError, MessageTooLargeError
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from .._transport_abc import Envelope
 
 __all__ = [
+    "ACCEPTED",
     "FRAME_OVERHEAD",
     "MAGIC",
     "MAX_HELLO_SIZE",
     "MIN_MESSAGE_SIZE",
     "PROTOCOL_VERSION",
+    "Hello",
     "Packer",
     "check_max_message_size",
     "decode_frame",
     "decode_hello",
+    "decode_proof",
     "encode_envelope",
     "encode_hello",
+    "encode_proof",
     "frame_header",
     "new_packer",
 ]
@@ -216,9 +228,32 @@ def decode_frame(data: bytes, max_message_size: int) -> list[Envelope]:
     return value
 
 
-def encode_hello(address: RunnerAddress) -> bytes:
-    """The hello announcing ``address``."""
-    data: bytes = msgpack.packb([MAGIC, PROTOCOL_VERSION, str(address)])
+@attrs.frozen
+class Hello:
+    """A peer's hello, checked (see `decode_hello`)."""
+
+    address: RunnerAddress
+    """The address the peer announces."""
+    nonce: bytes | None = None
+    """Its challenge, if it authenticates (`NONCE_SIZE` bytes)."""
+    proofs: tuple[bytes, ...] | None = None
+    """Its proofs of the cluster secret (only in a listener's hello)."""
+
+
+def encode_hello(
+    address: RunnerAddress,
+    nonce: bytes | None = None,
+    proofs: Sequence[bytes] | None = None,
+) -> bytes:
+    """The hello announcing ``address``: ``[magic, version, address]``, then
+    the sender's ``nonce`` if it authenticates, then (a listener's answer)
+    its ``proofs``."""
+    value: list[Any] = [MAGIC, PROTOCOL_VERSION, str(address)]
+    if nonce is not None:
+        value.append(nonce)
+        if proofs is not None:
+            value.append(list(proofs))
+    data: bytes = msgpack.packb(value)
     return data
 
 
@@ -227,37 +262,62 @@ def _hello_problem(value: Any) -> str | None:
         return "a hello must be an array [magic, version, address]"
     magic, version = value[0], value[1]
     if magic != MAGIC:
-        return f"not a trio_cluster peer: magic {magic!r}, expected {MAGIC!r}"
+        return f"not a trio_cluster peer: magic {magic!r:.80}, expected {MAGIC!r}"
     if type(version) is not int or version != PROTOCOL_VERSION:
         return (
-            f"protocol version {version!r} is not supported"
+            f"protocol version {version!r:.80} is not supported"
             f" (this runner speaks version {PROTOCOL_VERSION})"
         )
-    if len(value) != 3 or not isinstance(value[2], str):
-        return "a version 1 hello must be [magic, version, address string]"
+    if not 3 <= len(value) <= 5 or not isinstance(value[2], str):
+        return (
+            "a version 1 hello must be [magic, version, address string"
+            " [, nonce [, proofs]]]"
+        )
+    if len(value) > 3 and not (
+        isinstance(value[3], bytes) and len(value[3]) == NONCE_SIZE
+    ):
+        return f"a hello's nonce must be {NONCE_SIZE} bytes"
+    if len(value) > 4 and not _are_proofs(value[4]):
+        return (
+            f"a hello's proofs must be an array of 1 to {MAX_SECRETS}"
+            f" binaries of {PROOF_SIZE} bytes"
+        )
     return None
 
 
-def decode_hello(data: bytes | str) -> RunnerAddress:
-    """Check a peer's hello and return the address it announces.
+def _are_proofs(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and 0 < len(value) <= MAX_SECRETS
+        and all(isinstance(item, bytes) and len(item) == PROOF_SIZE for item in value)
+    )
+
+
+def _check_size(data: bytes | str, what: str) -> bytes:
+    if not isinstance(data, bytes):
+        raise MalformedMessageError(
+            what=what, problems=[f"a {what} must be a binary message, got text"]
+        )
+    if len(data) > MAX_HELLO_SIZE:
+        raise MalformedMessageError(
+            what=what,
+            problems=[f"{len(data)} bytes is over the {what} limit ({MAX_HELLO_SIZE})"],
+        )
+    return data
+
+
+def decode_hello(data: bytes | str) -> Hello:
+    """Check a peer's hello.
 
     Raises:
         MalformedMessageError: ``data`` is not a binary hello of at most
             `MAX_HELLO_SIZE` bytes, has another magic string or protocol
-            version, or announces no valid address (a port in 0..65535 and
-            an IP address or host name this runner could dial back). ``problems[0]`` says
+            version, announces no valid address (a port in 0..65535 and
+            an IP address or host name this runner could dial back), or has
+            a nonce or proofs of the wrong shape. ``problems[0]`` says
             which, in words fit for a log line or a close reason.
     """
-    if not isinstance(data, bytes):
-        raise MalformedMessageError(
-            what="hello", problems=["a hello must be a binary message, got text"]
-        )
-    if len(data) > MAX_HELLO_SIZE:
-        raise MalformedMessageError(
-            what="hello",
-            problems=[f"{len(data)} bytes is over the hello limit ({MAX_HELLO_SIZE})"],
-        )
-    value = _unpack_checked(data, "hello")
+    value = _unpack_checked(_check_size(data, "hello"), "hello")
     problem = _hello_problem(value)
     if problem is not None:
         raise MalformedMessageError(what="hello", problems=[problem])
@@ -270,7 +330,44 @@ def decode_hello(data: bytes | str) -> RunnerAddress:
             what="hello",
             problems=[f"not a host name or IP address: {address.host!r:.80}"],
         )
-    return address
+    nonce = value[3] if len(value) > 3 else None
+    proofs = tuple(value[4]) if len(value) > 4 else None
+    return Hello(address, nonce, proofs)
+
+
+def encode_proof(proofs: Sequence[bytes]) -> bytes:
+    """A dialer's answer to the listener's challenge: ``[magic, "proof",
+    proofs]``."""
+    data: bytes = msgpack.packb([MAGIC, "proof", list(proofs)])
+    return data
+
+
+def decode_proof(data: bytes | str) -> tuple[bytes, ...]:
+    """The proofs of a dialer's answer (`encode_proof`).
+
+    Raises:
+        MalformedMessageError: it is not one.
+    """
+    value = _unpack_checked(_check_size(data, "proof"), "proof")
+    if (
+        not isinstance(value, list)
+        or len(value) != 3
+        or value[:2] != [MAGIC, "proof"]
+        or not _are_proofs(value[2])
+    ):
+        raise MalformedMessageError(
+            what="proof",
+            problems=[
+                f"a proof must be [{MAGIC!r}, 'proof', 1 to {MAX_SECRETS}"
+                f" binaries of {PROOF_SIZE} bytes]"
+            ],
+        )
+    return tuple(value[2])
+
+
+ACCEPTED: Final = msgpack.packb([MAGIC, "accepted"])
+"""What a listener sends once it keeps an authenticated connection: the
+dialer's signal that frames may flow."""
 
 
 def _is_host(host: str) -> bool:

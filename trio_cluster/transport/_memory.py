@@ -201,9 +201,9 @@ class MemoryEndpoint(Endpoint):
             # The hellos go through the real codec, as on the wire.
             _Link(
                 self,
-                decode_hello(encode_hello(remote.address)),
+                decode_hello(encode_hello(remote.address)).address,
                 remote,
-                decode_hello(encode_hello(self.address)),
+                decode_hello(encode_hello(self.address)).address,
             )
             side = self._sides[peer]
         side.queue.push(data)

@@ -105,6 +105,7 @@ class Counters:
     connect_failures: int = 0
     bad_peers: int = 0
     connections_refused: int = 0
+    unauthenticated_peers: int = 0
 
     def snapshot(self, connections: int) -> EndpointStatistics:
         """Freeze the counters, with ``connections`` up now."""

@@ -25,13 +25,16 @@ python-trio/trio-websocket#184).
 
 from __future__ import annotations
 
+import ipaddress
 import random
+import ssl
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING
 
 import trio
 
 from .._core._addresses import RunnerAddress
+from .._core._auth import ClusterSecrets
 from .._core._retry import Backoff
 from .._errors import ConfigError, RunnerUnavailableError
 from .._transport_abc import EndpointHandler, Transport
@@ -41,8 +44,7 @@ from ._ws_connection import Settings, Timing, describe
 from ._ws_endpoint import Listener, WebSocketEndpoint
 
 if TYPE_CHECKING:
-    import ssl
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Sequence
 
 __all__ = ["WebSocketEndpoint", "WebSocketTransport"]
 
@@ -84,10 +86,24 @@ class WebSocketTransport(Transport):
         max_pending_handshakes: most accepted connections whose hello is
             not done yet (at most ``max_connections``); each is closed if
             its hello is not done within ``connect_timeout``.
+        cluster_secrets: the shared secrets of the cluster (``bytes``, or
+            ``str`` taken as UTF-8; each at least 16 bytes, at most 8):
+            every connection then starts with a challenge-response in which
+            both ends prove they hold one of them, and a peer that does not
+            is closed before anything it sends is read (counted in
+            ``unauthenticated_peers``). Every runner of a cluster needs one
+            secret in common; hold two while rotating. Empty: no
+            authentication.
+        allow_unauthenticated: listen on an address that is not loopback
+            without ``cluster_secrets`` and without mutual TLS (a
+            ``server_ssl_context`` whose ``verify_mode`` is
+            `ssl.CERT_REQUIRED`). Refused by default: anyone who reaches the
+            port could call every handler and pose as any runner.
 
     Raises:
-        ConfigError: an invalid option, only one of the TLS contexts, or
-            ``max_pending_handshakes`` over ``max_connections``.
+        ConfigError: an invalid option, only one of the TLS contexts,
+            ``max_pending_handshakes`` over ``max_connections``, or a
+            secret too short (the message never shows a secret).
     """
 
     def __init__(
@@ -110,6 +126,8 @@ class WebSocketTransport(Transport):
         listen_at: RunnerAddress | None = None,
         max_connections: int = 1024,
         max_pending_handshakes: int = 64,
+        cluster_secrets: Sequence[bytes | str] = (),
+        allow_unauthenticated: bool = False,
     ) -> None:
         self.limits = Limits(
             max_message_size=max_message_size,
@@ -139,6 +157,17 @@ class WebSocketTransport(Transport):
         self.server_ssl_context = server_ssl_context
         self.client_ssl_context = client_ssl_context
         self.listen_at = listen_at
+        self.secrets = ClusterSecrets.of(cluster_secrets) if cluster_secrets else None
+        self.allow_unauthenticated = allow_unauthenticated
+
+    @property
+    def authenticates(self) -> bool:
+        """Whether peers must prove who they are: a cluster secret, or
+        client certificates (mutual TLS)."""
+        context = self.server_ssl_context
+        return self.secrets is not None or (
+            context is not None and context.verify_mode == ssl.CERT_REQUIRED
+        )
 
     def open_endpoint(
         self, address: RunnerAddress, handler: EndpointHandler
@@ -155,8 +184,33 @@ class WebSocketTransport(Transport):
         Raises:
             RunnerUnavailableError: cannot listen there (address in use,
                 unknown host...); the `OSError` is the ``__cause__``.
+            ConfigError: the listening address is not loopback, and the
+                transport neither authenticates nor ``allow_unauthenticated``.
         """
         return self._open(address, handler)
+
+    async def _check_exposure(self, listeners: list[trio.SocketListener]) -> None:
+        """Refuse to listen beyond loopback without authentication (closing
+        ``listeners`` first).
+
+        Raises:
+            ConfigError: a listener is bound to an address that is not
+                loopback, and peers need not prove who they are.
+        """
+        if self.authenticates or self.allow_unauthenticated:
+            return
+        for listener in listeners:
+            host = listener.socket.getsockname()[0]
+            if not ipaddress.ip_address(host.partition("%")[0]).is_loopback:
+                for each in listeners:
+                    await each.aclose()
+                raise ConfigError(
+                    f"listening on {host}, which is not a loopback address, needs"
+                    " cluster authentication: give cluster_secrets (trio-cluster"
+                    " run: TRIO_CLUSTER_SECRET or --secret-file) or mutual TLS;"
+                    " or allow_unauthenticated=True (--allow-unauthenticated)"
+                    " if the network is closed to everyone else"
+                )
 
     async def _listen(self, address: RunnerAddress) -> tuple[list[Listener], int]:
         """Open the listeners; return them and the port they listen on."""
@@ -168,6 +222,7 @@ class WebSocketTransport(Transport):
                 runner=str(address),
                 detail=f"cannot listen on {bind}: {describe(exc)}",
             ) from exc
+        await self._check_exposure(listeners)
         if bind.port == 0 and len(listeners) > 1:
             # Port 0 gives each listener (IPv4, IPv6...) its own port: keep
             # one, so the endpoint has one address.
@@ -198,6 +253,7 @@ class WebSocketTransport(Transport):
                 rng=self.rng,
                 client_ssl_context=self.client_ssl_context,
                 connections=self.connections,
+                secrets=self.secrets,
             )
             endpoint = WebSocketEndpoint(
                 settings, RunnerAddress(address.host, port), handler, nursery

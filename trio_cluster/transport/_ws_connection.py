@@ -43,6 +43,7 @@ from trio_websocket import (
 from wsproto.utilities import ProtocolError
 
 from .._core._addresses import RunnerAddress
+from .._core._auth import ClusterSecrets
 from .._core._retry import Backoff
 from .._errors import ConfigError, MalformedMessageError
 from .._log_limit import LogLimiter
@@ -76,6 +77,8 @@ class CloseCode(enum.IntEnum):
     PROTOCOL_ERROR = 1002
     UNSUPPORTED_DATA = 1003
     INVALID_PAYLOAD = 1007
+    POLICY_VIOLATION = 1008
+    """The peer did not prove the cluster secret."""
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     DUPLICATE = 4001
@@ -152,6 +155,9 @@ class Settings:
     """TLS for dialed connections; None for plain WebSocket."""
     connections: ConnectionLimits
     """How many accepted connections the endpoint holds at once."""
+    secrets: ClusterSecrets | None = None
+    """The cluster secrets peers must prove (and this endpoint proves);
+    None: the cluster does not authenticate."""
 
 
 def close_reason_text(text: str) -> str:

@@ -40,14 +40,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .._errors import RunnerUnavailableError
 from .._log_limit import LogLimiter
 from .._transport_abc import Endpoint
-from ._framing import encode_envelope, encode_hello, new_packer
+from ._framing import ACCEPTED, encode_envelope, encode_hello, new_packer
 from ._peers import Counters, EndpointStatistics, SendQueue, log, report_lost
 from ._ws_admission import Admission, Slot
+from ._ws_auth import authenticate_dialer, authenticate_listener, new_nonce
 from ._ws_connection import (
     CONNECTION_ERRORS,
     CloseCode,
@@ -61,16 +61,18 @@ from ._ws_handshake import (
     allow_messages,
     check_client_hello,
     check_server_hello,
-    is_duplicate,
     keep_inbound,
     open_client,
     open_server,
+    receive_unless_duplicate,
     remote_host,
     remote_name,
 )
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+
+    from trio_websocket import WebSocketConnection
 
     from .._core._addresses import RunnerAddress
     from .._transport_abc import EndpointHandler, Envelope
@@ -396,10 +398,12 @@ class WebSocketEndpoint(Endpoint):
     async def _client_handshake(
         self, nursery: trio.Nursery, *, entry: _Peer, streams: list[trio.abc.Stream]
     ) -> Connection | None:
-        """Connect and exchange hellos; return the attached connection, or
-        None if the peer keeps its own connection to us instead."""
+        """Connect, exchange hellos (and proofs, if the cluster
+        authenticates); return the attached connection, or None if the peer
+        keeps its own connection to us instead."""
         settings = self._settings
         timing = settings.timing
+        secrets = settings.secrets
         with trio.move_on_after(timing.connect_timeout):
             ws = await open_client(
                 nursery,
@@ -408,23 +412,37 @@ class WebSocketEndpoint(Endpoint):
                 settings.client_ssl_context,
                 streams,
             )
-            await ws.send_message(encode_hello(self._address))
-            try:
-                reply = await ws.get_message()
-            except ConnectionClosed as exc:
-                if not is_duplicate(exc):
-                    raise
+            nonce = None if secrets is None else new_nonce()
+            await ws.send_message(encode_hello(self._address, nonce))
+            reply = await receive_unless_duplicate(ws)
+            if reply is not None:
+                hello = await check_server_hello(
+                    ws,
+                    reply,
+                    dialed=entry.address,
+                    authenticating=secrets is not None,
+                    counters=self._counters,
+                    warnings=self._warnings,
+                    close_timeout=timing.close_timeout,
+                )
+                if secrets is not None:
+                    assert nonce is not None
+                    accepted = await authenticate_listener(
+                        ws,
+                        hello,
+                        nonce=nonce,
+                        local=self._address,
+                        secrets=secrets,
+                        counters=self._counters,
+                        warnings=self._warnings,
+                        close_timeout=timing.close_timeout,
+                    )
+                    if not accepted:
+                        reply = None
+            if reply is None:
                 # The peer keeps the connection it is dialing to us.
                 await entry.attached.wait()
                 return None
-            await check_server_hello(
-                ws,
-                reply,
-                dialed=entry.address,
-                counters=self._counters,
-                warnings=self._warnings,
-                close_timeout=timing.close_timeout,
-            )
             if entry.connection is not None:  # its own connection won meanwhile
                 await close_websocket(
                     ws, CloseCode.DUPLICATE, "duplicate", timing.close_timeout
@@ -504,22 +522,35 @@ class WebSocketEndpoint(Endpoint):
         slot: Slot,
     ) -> Connection | None:
         timing = self._settings.timing
+        secrets = self._settings.secrets
         with trio.move_on_after(timing.connect_timeout):
             ws, first = await open_server(nursery, stream, self._limits)
-            peer = await check_client_hello(
+            hello = await check_client_hello(
                 ws,
                 first,
                 local=self._address,
                 remote=remote,
+                secrets=secrets,
                 counters=self._counters,
                 warnings=self._warnings,
                 close_timeout=timing.close_timeout,
             )
-            if peer is None:
+            if hello is None:
+                return None
+            if secrets is not None and not await authenticate_dialer(
+                ws,
+                hello,
+                local=self._address,
+                remote=remote,
+                secrets=secrets,
+                counters=self._counters,
+                warnings=self._warnings,
+                close_timeout=timing.close_timeout,
+            ):
                 return None
             slot.hello_done()
             allow_messages(ws, self._limits)
-            return await self._keep_or_refuse(ws, peer)
+            return await self._keep_or_refuse(ws, hello.address)
         self._warnings.log(
             logging.INFO,
             remote_host(remote),
@@ -551,5 +582,8 @@ class WebSocketEndpoint(Endpoint):
             return None
         conn = self._new_connection(ws, entry, initiated=False)
         self._attach(entry, conn)  # before any await: no dial may start now
-        await ws.send_message(encode_hello(self._address))
+        if self._settings.secrets is None:
+            await ws.send_message(encode_hello(self._address))
+        else:
+            await ws.send_message(ACCEPTED)  # our hello is sent already
         return conn

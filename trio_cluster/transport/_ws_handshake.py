@@ -8,6 +8,12 @@ with its own hello, or closes with `CloseCode.PROTOCOL_ERROR` and the
 problem as the close reason. The dialer then checks the listener's hello the
 same way, and also that the listener announces the address it dialed.
 
+When the endpoint holds cluster secrets, the dialer's hello carries a nonce
+and the listener must prove the secret before the dialer does (see
+`_ws_auth`); a listener with secrets refuses a hello without a nonce, and one
+without secrets refuses a hello with one: both ends must agree on whether the
+cluster authenticates, and a mismatch is named in the close reason.
+
 Whether a connection is kept once the hellos are fine is the endpoint's
 decision (`keep_inbound`, one connection per pair of runners); this module
 only moves bytes and checks hellos, and logs and counts every bad hello.
@@ -26,13 +32,14 @@ from trio_websocket import (
 )
 
 from .._errors import MalformedMessageError
-from ._framing import MAX_HELLO_SIZE, decode_hello
+from ._framing import MAX_HELLO_SIZE, Hello, decode_hello
 from ._ws_connection import CloseCode, ConnectFailedError, close_websocket
 
 if TYPE_CHECKING:
     import ssl
 
     from .._core._addresses import RunnerAddress
+    from .._core._auth import ClusterSecrets
     from .._log_limit import LogLimiter
     from ._peers import Counters, Limits
 
@@ -46,6 +53,7 @@ __all__ = [
     "keep_inbound",
     "open_client",
     "open_server",
+    "receive_unless_duplicate",
     "remote_name",
 ]
 
@@ -184,44 +192,105 @@ async def open_server(
     return ws, await ws.get_message()
 
 
+async def receive_unless_duplicate(ws: WebSocketConnection) -> bytes | str | None:
+    """The next message of a dialed connection; None if the listener closed it
+    as a duplicate (it keeps the connection it is dialing to us).
+
+    Raises:
+        ConnectionClosed: the listener closed it for another reason.
+    """
+    try:
+        return await ws.get_message()
+    except ConnectionClosed as exc:
+        if not is_duplicate(exc):
+            raise
+        return None
+
+
+async def refuse(
+    ws: WebSocketConnection,
+    problem: str,
+    *,
+    code: CloseCode,
+    key: object,
+    what: str,
+    warnings: LogLimiter,
+    close_timeout: float,
+    sent: str | None = None,
+) -> None:
+    """Log ``problem`` (rate-limited under ``key``) and close ``ws`` with
+    ``code`` and ``sent`` (default: ``problem``) as the reason."""
+    warnings.warning(key, "refused connections", "refusing %s: %s", what, problem)
+    await close_websocket(ws, code, problem if sent is None else sent, close_timeout)
+
+
 async def check_client_hello(
     ws: WebSocketConnection,
     first: bytes | str,
     *,
     local: RunnerAddress,
     remote: str,
+    secrets: ClusterSecrets | None,
     counters: Counters,
     warnings: LogLimiter,
     close_timeout: float,
-) -> RunnerAddress | None:
+) -> Hello | None:
     """Check the hello an accepting endpoint at ``local`` got from ``remote``.
 
     Returns:
-        The address the client announces; or None, once the connection is
-        closed with `CloseCode.PROTOCOL_ERROR` (and the problem logged and
-        counted in ``bad_peers``): a bad hello, or the client announcing
-        ``local`` itself.
+        The hello; or None, once the connection is closed (the problem
+        logged and counted): a bad hello or the client announcing ``local``
+        itself (`CloseCode.PROTOCOL_ERROR`, counted in ``bad_peers``); a
+        hello without a nonce while this endpoint holds ``secrets``
+        (`CloseCode.POLICY_VIOLATION`, counted in ``unauthenticated_peers``);
+        a hello with a nonce while it holds none (`CloseCode.PROTOCOL_ERROR`,
+        ``bad_peers``).
     """
+    what = f"the connection from {remote}"
+    key = remote_host(remote)
     try:
-        peer = decode_hello(first)
-        if peer == local:
+        hello = decode_hello(first)
+        if hello.address == local:
             raise MalformedMessageError(
-                what="hello", problems=[f"the peer announced our address {peer}"]
+                what="hello",
+                problems=[f"the peer announced our address {hello.address}"],
+            )
+        if hello.proofs is not None:
+            raise MalformedMessageError(
+                what="hello", problems=["a dialer's hello carries no proofs"]
+            )
+        if secrets is None and hello.nonce is not None:
+            raise MalformedMessageError(
+                what="hello",
+                problems=[
+                    "the peer authenticates with a cluster secret; this runner has none"
+                ],
             )
     except MalformedMessageError as exc:
         counters.bad_peers += 1
-        warnings.warning(
-            remote_host(remote),
-            "refused connections",
-            "refusing the connection from %s: %s",
-            remote,
-            exc,
-        )
-        await close_websocket(
-            ws, CloseCode.PROTOCOL_ERROR, exc.problems[0], close_timeout
+        await refuse(
+            ws,
+            exc.problems[0],
+            code=CloseCode.PROTOCOL_ERROR,
+            key=key,
+            what=what,
+            warnings=warnings,
+            close_timeout=close_timeout,
         )
         return None
-    return peer
+    if secrets is not None and hello.nonce is None:
+        counters.unauthenticated_peers += 1
+        await refuse(
+            ws,
+            "authentication required: this runner needs the cluster secret",
+            code=CloseCode.POLICY_VIOLATION,
+            key=key,
+            what=what,
+            warnings=warnings,
+            close_timeout=close_timeout,
+        )
+        return None
+    return hello
 
 
 async def check_server_hello(
@@ -229,40 +298,53 @@ async def check_server_hello(
     reply: bytes | str,
     *,
     dialed: RunnerAddress,
+    authenticating: bool,
     counters: Counters,
     warnings: LogLimiter,
     close_timeout: float,
-) -> None:
-    """Check the hello the endpoint that was dialed at ``dialed`` answered.
+) -> Hello:
+    """Check the hello the endpoint that was dialed at ``dialed`` answered
+    (``authenticating``: whether this endpoint sent a nonce).
 
     Raises:
-        ConnectFailedError: a bad hello (logged and counted in
-            ``bad_peers``), or another address than ``dialed``; the
-            connection is closed with `CloseCode.PROTOCOL_ERROR` first.
+        ConnectFailedError: a bad hello (counted in ``bad_peers``), another
+            address than ``dialed``, or a hello whose nonce and proofs do not
+            match ``authenticating``; the connection is closed with
+            `CloseCode.PROTOCOL_ERROR` first.
     """
+    what = f"the connection to {dialed}"
     try:
-        announced = decode_hello(reply)
+        hello = decode_hello(reply)
     except MalformedMessageError as exc:
         counters.bad_peers += 1
-        warnings.warning(
-            dialed,
-            "refused connections",
-            "refusing the connection to %s: %s",
-            dialed,
-            exc,
-        )
-        await close_websocket(
-            ws, CloseCode.PROTOCOL_ERROR, exc.problems[0], close_timeout
+        await refuse(
+            ws,
+            exc.problems[0],
+            code=CloseCode.PROTOCOL_ERROR,
+            key=dialed,
+            what=what,
+            warnings=warnings,
+            close_timeout=close_timeout,
         )
         raise ConnectFailedError(str(exc)) from exc
-    if announced != dialed:
-        problem = f"the runner there announced itself as {announced}"
-        warnings.warning(
-            dialed,
-            "refused connections",
-            "refusing the connection to %s: %s",
-            dialed,
-            problem,
-        )
-        await close_websocket(ws, CloseCode.PROTOCOL_ERROR, problem, close_timeout)
-        raise ConnectFailedError(problem)
+    else:
+        if hello.address != dialed:
+            problem = f"the runner there announced itself as {hello.address}"
+        elif authenticating and (hello.nonce is None or hello.proofs is None):
+            counters.unauthenticated_peers += 1
+            problem = "the runner there does not prove the cluster secret"
+        elif not authenticating and hello.nonce is not None:
+            counters.bad_peers += 1
+            problem = "the runner there authenticates; this one has no cluster secret"
+        else:
+            return hello
+    await refuse(
+        ws,
+        problem,
+        code=CloseCode.PROTOCOL_ERROR,
+        key=dialed,
+        what=what,
+        warnings=warnings,
+        close_timeout=close_timeout,
+    )
+    raise ConnectFailedError(problem)
