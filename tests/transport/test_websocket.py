@@ -38,7 +38,9 @@ from trio_cluster.transport._ws_connection import (
     describe,
 )
 from trio_cluster.transport._ws_endpoint import AfterDial, after_dial
-from trio_cluster.transport._ws_handshake import RESOURCE, keep_inbound
+from trio_cluster.transport._ws_handshake import keep_inbound
+
+from .wire_peers import raw_websocket
 
 LOCALHOST = RunnerAddress("127.0.0.1", 0)
 """Where the tests open endpoints (port 0: any free port)."""
@@ -99,22 +101,9 @@ def warnings_about(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
 async def raw_client(
     endpoint: Endpoint,
 ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
-    """A plain trio-websocket client connected to ``endpoint``.
-
-    Not ``open_websocket``: it leaves the TCP stream open when the server
-    closes first, so the stream is ours to close here.
-    """
-    address = endpoint.address
-    stream = await trio.open_tcp_stream(address.host, address.port)
-    try:
-        async with trio.open_nursery() as nursery:
-            ws = await trio_websocket.wrap_client_stream(
-                nursery, stream, str(address), RESOURCE, message_queue_size=8
-            )
-            yield ws
-            nursery.cancel_scope.cancel()
-    finally:
-        await trio.aclose_forcefully(stream)
+    """A plain trio-websocket client connected to ``endpoint``."""
+    async with raw_websocket(endpoint.address) as ws:
+        yield ws
 
 
 async def closed_with(

@@ -31,17 +31,16 @@ from typing import TYPE_CHECKING, Final
 from .._core._auth import NONCE_SIZE
 from .._errors import MalformedMessageError
 from ._framing import ACCEPTED, decode_proof, encode_hello, encode_proof
-from ._ws_connection import CloseCode, ConnectFailedError
-from ._ws_handshake import receive_unless_duplicate, refuse, remote_host
+from ._ws_connection import ConnectFailedError
+from ._ws_handshake import receive_unless_duplicate, remote_host
 
 if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
 
     from .._core._addresses import RunnerAddress
     from .._core._auth import ClusterSecrets
-    from .._log_limit import LogLimiter
     from ._framing import Hello
-    from ._peers import Counters
+    from ._ws_handshake import Refusals
 
 __all__ = [
     "DIALER",
@@ -81,18 +80,15 @@ async def authenticate_dialer(
     local: RunnerAddress,
     remote: str,
     secrets: ClusterSecrets,
-    counters: Counters,
-    warnings: LogLimiter,
-    close_timeout: float,
+    refusals: Refusals,
 ) -> bool:
     """The listener's side, after a dialer's ``hello`` with a nonce: send our
     hello with our proofs, then check the dialer's (messages 2 and 3).
 
     Returns:
         Whether the dialer proved the secret. If not, the connection is
-        closed (`CloseCode.POLICY_VIOLATION` for wrong proofs, counted in
-        ``unauthenticated_peers``; `CloseCode.PROTOCOL_ERROR` for a message
-        that is no proof, counted in ``bad_peers``) and the problem logged.
+        refused (see `Refusals`): unauthenticated for wrong proofs, bad
+        input for a message that is no proof.
 
     Raises:
         ConnectionClosed, OSError...: the dialer went away.
@@ -103,32 +99,16 @@ async def authenticate_dialer(
     await ws.send_message(encode_hello(local, nonce, secrets.prove(LISTENER, parts)))
     answer = await ws.get_message()
     what = f"the connection from {remote} ({hello.address})"
+    key = remote_host(remote)
     try:
         proofs = decode_proof(answer)
     except MalformedMessageError as exc:
-        counters.bad_peers += 1
-        await refuse(
-            ws,
-            exc.problems[0],
-            code=CloseCode.PROTOCOL_ERROR,
-            key=remote_host(remote),
-            what=what,
-            warnings=warnings,
-            close_timeout=close_timeout,
-        )
+        await refusals.bad(ws, exc.problems[0], key=key, what=what)
         return False
-    if secrets.verify(DIALER, parts, list(proofs)):
+    if secrets.verify(DIALER, parts, proofs):
         return True
-    counters.unauthenticated_peers += 1
-    await refuse(
-        ws,
-        "wrong proof of the cluster secret",
-        code=CloseCode.POLICY_VIOLATION,
-        key=remote_host(remote),
-        what=what,
-        warnings=warnings,
-        close_timeout=close_timeout,
-        sent=FAILED,
+    await refusals.unauthenticated(
+        ws, "wrong proof of the cluster secret", key=key, what=what, sent=FAILED
     )
     return False
 
@@ -140,9 +120,7 @@ async def authenticate_listener(
     nonce: bytes,
     local: RunnerAddress,
     secrets: ClusterSecrets,
-    counters: Counters,
-    warnings: LogLimiter,
-    close_timeout: float,
+    refusals: Refusals,
 ) -> bool:
     """The dialer's side, after the listener's ``hello`` (checked by
     `check_server_hello`): check its proofs, send ours, wait for `ACCEPTED`
@@ -153,28 +131,18 @@ async def authenticate_listener(
         a duplicate (it keeps its own connection to us).
 
     Raises:
-        ConnectFailedError: the listener's proofs are wrong (counted in
-            ``unauthenticated_peers``; the connection is closed with
-            `CloseCode.POLICY_VIOLATION`), or it answered something else
-            than `ACCEPTED` (`CloseCode.PROTOCOL_ERROR`).
+        ConnectFailedError: the connection was refused (see `Refusals`):
+            the listener's proofs are wrong (unauthenticated), or it
+            answered ours with something else than `ACCEPTED` (bad input).
         ConnectionClosed: the listener refused our proofs or went away.
     """
     assert hello.nonce is not None
-    assert hello.proofs is not None
     parts = _parts(nonce, hello.nonce, local, hello.address)
     what = f"the connection to {hello.address}"
-    if not secrets.verify(LISTENER, parts, list(hello.proofs)):
-        counters.unauthenticated_peers += 1
+    if not secrets.verify(LISTENER, parts, hello.proofs):
         problem = "the runner there does not prove the cluster secret"
-        await refuse(
-            ws,
-            problem,
-            code=CloseCode.POLICY_VIOLATION,
-            key=hello.address,
-            what=what,
-            warnings=warnings,
-            close_timeout=close_timeout,
-            sent=FAILED,
+        await refusals.unauthenticated(
+            ws, problem, key=hello.address, what=what, sent=FAILED
         )
         raise ConnectFailedError(problem)
     await ws.send_message(encode_proof(secrets.prove(DIALER, parts)))
@@ -182,16 +150,7 @@ async def authenticate_listener(
     if answer is None:
         return False
     if answer != ACCEPTED:
-        counters.bad_peers += 1
         problem = "the runner there answered our proofs with something else"
-        await refuse(
-            ws,
-            problem,
-            code=CloseCode.PROTOCOL_ERROR,
-            key=hello.address,
-            what=what,
-            warnings=warnings,
-            close_timeout=close_timeout,
-        )
+        await refusals.bad(ws, problem, key=hello.address, what=what)
         raise ConnectFailedError(problem)
     return True

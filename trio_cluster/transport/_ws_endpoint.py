@@ -58,6 +58,7 @@ from ._ws_connection import (
     unexpected_failure,
 )
 from ._ws_handshake import (
+    Refusals,
     allow_messages,
     check_client_hello,
     check_server_hello,
@@ -165,6 +166,9 @@ class WebSocketEndpoint(Endpoint):
         self._closing = False
         self._listen_scope = trio.CancelScope()
         self._admission = Admission(settings.connections)
+        self._refusals = Refusals(
+            self._counters, self._warnings, settings.timing.close_timeout
+        )
 
     @property
     def address(self) -> RunnerAddress:
@@ -421,9 +425,7 @@ class WebSocketEndpoint(Endpoint):
                     reply,
                     dialed=entry.address,
                     authenticating=secrets is not None,
-                    counters=self._counters,
-                    warnings=self._warnings,
-                    close_timeout=timing.close_timeout,
+                    refusals=self._refusals,
                 )
                 if secrets is not None:
                     assert nonce is not None
@@ -433,9 +435,7 @@ class WebSocketEndpoint(Endpoint):
                         nonce=nonce,
                         local=self._address,
                         secrets=secrets,
-                        counters=self._counters,
-                        warnings=self._warnings,
-                        close_timeout=timing.close_timeout,
+                        refusals=self._refusals,
                     )
                     if not accepted:
                         reply = None
@@ -531,9 +531,7 @@ class WebSocketEndpoint(Endpoint):
                 local=self._address,
                 remote=remote,
                 secrets=secrets,
-                counters=self._counters,
-                warnings=self._warnings,
-                close_timeout=timing.close_timeout,
+                refusals=self._refusals,
             )
             if hello is None:
                 return None
@@ -543,9 +541,7 @@ class WebSocketEndpoint(Endpoint):
                 local=self._address,
                 remote=remote,
                 secrets=secrets,
-                counters=self._counters,
-                warnings=self._warnings,
-                close_timeout=timing.close_timeout,
+                refusals=self._refusals,
             ):
                 return None
             slot.hello_done()

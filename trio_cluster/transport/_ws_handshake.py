@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
+import attrs
 import trio
 from trio_websocket import (
     ConnectionClosed,
@@ -32,7 +33,9 @@ from trio_websocket import (
 )
 
 from .._errors import MalformedMessageError
+from .._log_limit import LogLimiter
 from ._framing import MAX_HELLO_SIZE, Hello, decode_hello
+from ._peers import Counters
 from ._ws_connection import CloseCode, ConnectFailedError, close_websocket
 
 if TYPE_CHECKING:
@@ -40,12 +43,12 @@ if TYPE_CHECKING:
 
     from .._core._addresses import RunnerAddress
     from .._core._auth import ClusterSecrets
-    from .._log_limit import LogLimiter
-    from ._peers import Counters, Limits
+    from ._peers import Limits
 
 __all__ = [
     "RECEIVE_BUFFER_SIZE",
     "RESOURCE",
+    "Refusals",
     "allow_messages",
     "check_client_hello",
     "check_server_hello",
@@ -207,21 +210,56 @@ async def receive_unless_duplicate(ws: WebSocketConnection) -> bytes | str | Non
         return None
 
 
-async def refuse(
-    ws: WebSocketConnection,
-    problem: str,
-    *,
-    code: CloseCode,
-    key: object,
-    what: str,
-    warnings: LogLimiter,
-    close_timeout: float,
-    sent: str | None = None,
-) -> None:
-    """Log ``problem`` (rate-limited under ``key``) and close ``ws`` with
-    ``code`` and ``sent`` (default: ``problem``) as the reason."""
-    warnings.warning(key, "refused connections", "refusing %s: %s", what, problem)
-    await close_websocket(ws, code, problem if sent is None else sent, close_timeout)
+@attrs.frozen
+class Refusals:
+    """How an endpoint turns a connection away during the handshake: a
+    warning (rate-limited per ``key``), a counter, a close frame."""
+
+    counters: Counters
+    warnings: LogLimiter
+    close_timeout: float
+
+    async def refuse(
+        self,
+        ws: WebSocketConnection,
+        problem: str,
+        *,
+        key: object,
+        what: str,
+        code: CloseCode = CloseCode.PROTOCOL_ERROR,
+        sent: str | None = None,
+    ) -> None:
+        """Log ``problem`` about ``what`` and close ``ws`` with ``code`` and
+        ``sent`` (default: ``problem``) as the reason; counts nothing."""
+        self.warnings.warning(
+            key, "refused connections", "refusing %s: %s", what, problem
+        )
+        reason = problem if sent is None else sent
+        await close_websocket(ws, code, reason, self.close_timeout)
+
+    async def bad(
+        self, ws: WebSocketConnection, problem: str, *, key: object, what: str
+    ) -> None:
+        """Refuse a peer for a message it should not have sent (1002,
+        counted in ``bad_peers``)."""
+        self.counters.bad_peers += 1
+        await self.refuse(ws, problem, key=key, what=what)
+
+    async def unauthenticated(
+        self,
+        ws: WebSocketConnection,
+        problem: str,
+        *,
+        key: object,
+        what: str,
+        sent: str | None = None,
+    ) -> None:
+        """Refuse a peer that did not prove the cluster secret (1008, counted
+        in ``unauthenticated_peers``)."""
+        self.counters.unauthenticated_peers += 1
+        await self.refuse(
+            ws, problem, key=key, what=what, code=CloseCode.POLICY_VIOLATION, sent=sent
+        )
 
 
 async def check_client_hello(
@@ -231,20 +269,16 @@ async def check_client_hello(
     local: RunnerAddress,
     remote: str,
     secrets: ClusterSecrets | None,
-    counters: Counters,
-    warnings: LogLimiter,
-    close_timeout: float,
+    refusals: Refusals,
 ) -> Hello | None:
     """Check the hello an accepting endpoint at ``local`` got from ``remote``.
 
     Returns:
-        The hello; or None, once the connection is closed (the problem
-        logged and counted): a bad hello or the client announcing ``local``
-        itself (`CloseCode.PROTOCOL_ERROR`, counted in ``bad_peers``); a
-        hello without a nonce while this endpoint holds ``secrets``
-        (`CloseCode.POLICY_VIOLATION`, counted in ``unauthenticated_peers``);
-        a hello with a nonce while it holds none (`CloseCode.PROTOCOL_ERROR`,
-        ``bad_peers``).
+        The hello; or None, once the connection is refused (see
+        `Refusals`): a bad hello, the client announcing ``local`` itself,
+        or a hello with a nonce while this endpoint holds no secrets (bad
+        input); a hello without a nonce while it holds ``secrets``
+        (unauthenticated).
     """
     what = f"the connection from {remote}"
     key = remote_host(remote)
@@ -267,27 +301,14 @@ async def check_client_hello(
                 ],
             )
     except MalformedMessageError as exc:
-        counters.bad_peers += 1
-        await refuse(
-            ws,
-            exc.problems[0],
-            code=CloseCode.PROTOCOL_ERROR,
-            key=key,
-            what=what,
-            warnings=warnings,
-            close_timeout=close_timeout,
-        )
+        await refusals.bad(ws, exc.problems[0], key=key, what=what)
         return None
     if secrets is not None and hello.nonce is None:
-        counters.unauthenticated_peers += 1
-        await refuse(
+        await refusals.unauthenticated(
             ws,
             "authentication required: this runner needs the cluster secret",
-            code=CloseCode.POLICY_VIOLATION,
             key=key,
             what=what,
-            warnings=warnings,
-            close_timeout=close_timeout,
         )
         return None
     return hello
@@ -299,52 +320,32 @@ async def check_server_hello(
     *,
     dialed: RunnerAddress,
     authenticating: bool,
-    counters: Counters,
-    warnings: LogLimiter,
-    close_timeout: float,
+    refusals: Refusals,
 ) -> Hello:
     """Check the hello the endpoint that was dialed at ``dialed`` answered
     (``authenticating``: whether this endpoint sent a nonce).
 
     Raises:
-        ConnectFailedError: a bad hello (counted in ``bad_peers``), another
-            address than ``dialed``, or a hello whose nonce and proofs do not
-            match ``authenticating``; the connection is closed with
-            `CloseCode.PROTOCOL_ERROR` first.
+        ConnectFailedError: the connection was refused (see `Refusals`): a
+            bad hello, another address than ``dialed``, a nonce while we
+            sent none (bad input), or no proofs while we sent a nonce
+            (unauthenticated).
     """
     what = f"the connection to {dialed}"
     try:
         hello = decode_hello(reply)
     except MalformedMessageError as exc:
-        counters.bad_peers += 1
-        await refuse(
-            ws,
-            exc.problems[0],
-            code=CloseCode.PROTOCOL_ERROR,
-            key=dialed,
-            what=what,
-            warnings=warnings,
-            close_timeout=close_timeout,
-        )
+        await refusals.bad(ws, exc.problems[0], key=dialed, what=what)
         raise ConnectFailedError(str(exc)) from exc
+    if hello.address != dialed:
+        problem = f"the runner there announced itself as {hello.address}"
+        await refusals.refuse(ws, problem, key=dialed, what=what)
+    elif authenticating and (hello.nonce is None or hello.proofs is None):
+        problem = "the runner there does not prove the cluster secret"
+        await refusals.unauthenticated(ws, problem, key=dialed, what=what)
+    elif not authenticating and hello.nonce is not None:
+        problem = "the runner there authenticates; this one has no cluster secret"
+        await refusals.bad(ws, problem, key=dialed, what=what)
     else:
-        if hello.address != dialed:
-            problem = f"the runner there announced itself as {hello.address}"
-        elif authenticating and (hello.nonce is None or hello.proofs is None):
-            counters.unauthenticated_peers += 1
-            problem = "the runner there does not prove the cluster secret"
-        elif not authenticating and hello.nonce is not None:
-            counters.bad_peers += 1
-            problem = "the runner there authenticates; this one has no cluster secret"
-        else:
-            return hello
-    await refuse(
-        ws,
-        problem,
-        code=CloseCode.PROTOCOL_ERROR,
-        key=dialed,
-        what=what,
-        warnings=warnings,
-        close_timeout=close_timeout,
-    )
+        return hello
     raise ConnectFailedError(problem)
