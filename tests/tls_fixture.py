@@ -33,8 +33,9 @@ def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
 
 
-def make_pki(folder: Path) -> Pki:
-    """A new CA and a runner certificate it signs, in ``folder``."""
+def make_pki(folder: Path, ca_name: str = "trio-cluster test CA") -> Pki:
+    """A new CA (common name ``ca_name``) and a runner certificate it signs,
+    in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     ca, ca_key = folder / "ca.pem", folder / "ca.key"
     cert, key, csr = folder / "runner.pem", folder / "runner.key", folder / "runner.csr"
@@ -43,7 +44,7 @@ def make_pki(folder: Path) -> Pki:
     curve = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
     _openssl(
         "req", "-x509", *curve, "-keyout", str(ca_key), "-out", str(ca),
-        "-days", "1", "-subj", "/CN=trio-cluster test CA",
+        "-days", "1", "-subj", f"/CN={ca_name}",
     )  # fmt: skip
     _openssl(
         "req", *curve, "-keyout", str(key), "-out", str(csr),
@@ -63,4 +64,4 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture(scope="session")
 def other_pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("other-pki"))
+    return make_pki(tmp_path_factory.mktemp("other-pki"), "another CA")
