@@ -10,6 +10,8 @@ every problem with them is a `ConfigError` naming the file.
 
 from __future__ import annotations
 
+import os
+import re
 import ssl
 from typing import NoReturn
 
@@ -19,10 +21,10 @@ __all__ = ["tls_contexts"]
 
 
 def tls_contexts(
-    cert_file: str,
-    key_file: str,
+    cert_file: str | os.PathLike[str],
+    key_file: str | os.PathLike[str],
     *,
-    ca_file: str | None = None,
+    ca_file: str | os.PathLike[str] | None = None,
     mutual: bool = False,
 ) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """The server and client TLS contexts of one runner of a cluster.
@@ -64,6 +66,8 @@ def tls_contexts(
             "mutual TLS needs the certificate authority that signs client"
             " certificates (ca_file)"
         )
+    cert_file, key_file = os.fspath(cert_file), os.fspath(key_file)
+    ca_file = None if ca_file is None else os.fspath(ca_file)
     for path in (cert_file, key_file, *([ca_file] if ca_file else [])):
         _check_readable(path)
     _check_certificates(cert_file, "certificate file")
@@ -136,5 +140,5 @@ def _load_chain(context: ssl.SSLContext, cert_file: str, key_file: str) -> None:
 
 def _reason(exc: BaseException) -> str:
     """OpenSSL's reason, on one line (``exc`` itself if it has none)."""
-    reason = getattr(exc, "reason", None) or str(exc)
+    reason = getattr(exc, "reason", None) or re.sub(r"\(_ssl\.c:\d+\)", "", str(exc))
     return " ".join(str(reason).split())
