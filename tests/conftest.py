@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, settings
 
 from .helpers import Tracked
 
-pytest_plugins = ["tests.pg_fixture"]
+pytest_plugins = ["tests.pg_fixture", "tests.tls_fixture"]
 
 # `dev` keeps the default test command fast and deterministic; `ci` explores
 # much more (selected with HYPOTHESIS_PROFILE=ci, as `tox -e simulation` does).

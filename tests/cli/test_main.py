@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import sys
 
@@ -155,6 +156,31 @@ def test_run_refuses_to_advertise_a_listen_anywhere_address(capsys, pg_schema):
     assert "--advertise" in err
 
 
+def test_run_refuses_to_listen_beyond_loopback_without_authentication(
+    capsys, pg_schema
+):
+    got, err = run_cli(
+        capsys,
+        "--dsn",
+        pg_schema.dsn,
+        "--listen",
+        "0.0.0.0:0",
+        "--advertise",
+        "127.0.0.1",
+    )
+    assert got == 2
+    assert "not a loopback address" in err
+    assert "TRIO_CLUSTER_SECRET" in err
+
+
+def test_run_takes_no_abbreviated_options(capsys):
+    # `--secret VALUE` must not pass for `--secret-file VALUE`: the secret
+    # would be read as a path and shown in the error.
+    with pytest.raises(SystemExit):
+        main(["run", TARGET, "--dsn", "x", "--listen", "a:1", "--secret", "hunter2"])
+    assert "unrecognized arguments: --secret hunter2" in capsys.readouterr().err
+
+
 def test_advertise_is_the_address_peers_dial():
     from trio_cluster._cli._main import _advertised
 
@@ -164,3 +190,135 @@ def test_advertise_is_the_address_peers_dial():
     assert str(_advertised(listen, "fd00::5")) == "[fd00::5]:34431"
     assert str(_advertised(listen, "[fd00::5]:1")) == "[fd00::5]:1"
     assert str(_advertised("10.0.0.5:1", None)) == "10.0.0.5:1"
+
+
+# ----------------------------------------------------------------------
+# Security options: cluster secrets and TLS
+
+NO_DATABASE = ("--dsn", "host=127.0.0.1 port=1 dbname=test", "--listen", "127.0.0.1:0")
+"""Options of a runner whose database is never reached: a mistake in the
+security options is reported (exit 2) before it would be (exit 1)."""
+
+
+@pytest.fixture
+def transport_options(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """The keyword arguments ``run`` gives `WebSocketTransport`, which here
+    records them and stops the command (exit 2, "stopped by the test")."""
+    import trio_cluster.transport
+    from trio_cluster import ConfigError
+
+    seen: dict[str, object] = {}
+
+    def recording(**options: object) -> None:
+        seen.update(options)
+        raise ConfigError("stopped by the test")
+
+    monkeypatch.setattr(trio_cluster.transport, "WebSocketTransport", recording)
+    for name in ("SECRET", "SECRET_FILE", "TLS_CERT", "TLS_KEY", "TLS_CA"):
+        monkeypatch.delenv(f"TRIO_CLUSTER_{name}", raising=False)
+    return seen
+
+
+def test_run_passes_the_security_options_to_the_transport(
+    capsys, tmp_path, pki, transport_options
+):
+    secrets = tmp_path / "secrets"
+    secrets.write_text("a-first-secret-of-32-characters!\n")
+    secrets.chmod(0o600)
+    got, err = run_cli(
+        capsys,
+        *NO_DATABASE,
+        "--secret-file",
+        str(secrets),
+        "--allow-unauthenticated",
+        "--tls-cert",
+        pki.cert,
+        "--tls-key",
+        pki.key,
+        "--tls-ca",
+        pki.ca,
+        "--tls-mutual",
+    )
+    assert (got, err) == (2, "trio-cluster run: stopped by the test\n")
+    server = transport_options.pop("server_ssl_context")
+    client = transport_options.pop("client_ssl_context")
+    assert transport_options == {
+        "listen_at": None,
+        "cluster_secrets": (b"a-first-secret-of-32-characters!",),
+        "allow_unauthenticated": True,
+    }
+    assert server.verify_mode == ssl.CERT_REQUIRED
+    assert client.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_run_reads_the_security_variables(capsys, monkeypatch, pki, transport_options):
+    monkeypatch.setenv(
+        "TRIO_CLUSTER_SECRET", "secret-number-one-of-32-chars-ok second-secret"
+    )
+    monkeypatch.setenv("TRIO_CLUSTER_TLS_CERT", pki.cert)
+    monkeypatch.setenv("TRIO_CLUSTER_TLS_KEY", pki.key)
+    monkeypatch.setenv("TRIO_CLUSTER_TLS_CA", pki.ca)
+    got, err = run_cli(capsys, *NO_DATABASE)
+    assert (got, err) == (2, "trio-cluster run: stopped by the test\n")
+    assert transport_options["cluster_secrets"] == (
+        b"secret-number-one-of-32-chars-ok",
+        b"second-secret",
+    )
+    server = transport_options["server_ssl_context"]
+    assert isinstance(server, ssl.SSLContext)
+    assert server.verify_mode == ssl.CERT_NONE
+    assert "allow_unauthenticated" not in transport_options
+
+
+def test_run_without_security_options_passes_none(capsys, transport_options):
+    got, _ = run_cli(capsys, *NO_DATABASE)
+    assert got == 2
+    assert transport_options == {"listen_at": None}
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--tls-cert", "{cert}"], "give both --tls-cert and --tls-key"),
+        (["--tls-key", "{key}"], "give both --tls-cert and --tls-key"),
+        (
+            ["--tls-cert", "{cert}", "--tls-key", "{key}", "--tls-mutual"],
+            "--tls-mutual needs --tls-ca",
+        ),
+        (["--tls-ca", "{ca}"], "--tls-ca needs --tls-cert and --tls-key"),
+        (
+            ["--tls-cert", "{missing}", "--tls-key", "{key}"],
+            "TLS file '{missing}' cannot be read",
+        ),
+        (
+            ["--tls-cert", "{cert}", "--tls-key", "{key}", "--tls-ca", "{key}"],
+            "TLS CA file '{key}' holds no valid PEM certificate",
+        ),
+        (["--secret-file", "{missing}"], "--secret-file {missing}: cannot read it"),
+    ],
+)
+def test_run_refuses_bad_security_options_in_one_line(
+    capsys, tmp_path, pki, argv, says
+):
+    files = {
+        "cert": pki.cert,
+        "key": pki.key,
+        "ca": pki.ca,
+        "missing": str(tmp_path / "missing.pem"),
+    }
+    got, err = run_cli(capsys, *NO_DATABASE, *(arg.format(**files) for arg in argv))
+    assert got == 2
+    assert err.startswith(f"trio-cluster run: {says.format(**files)}"), err
+    assert err.count("\n") == 1, err
+
+
+def test_run_refuses_a_secret_file_with_the_secret_variable(
+    capsys, monkeypatch, tmp_path
+):
+    secrets = tmp_path / "secrets"
+    secrets.write_text("a-first-secret-of-32-characters!\n")
+    monkeypatch.setenv("TRIO_CLUSTER_SECRET", "another-secret-of-32-characters!")
+    got, err = run_cli(capsys, *NO_DATABASE, "--secret-file", str(secrets))
+    assert got == 2
+    assert "TRIO_CLUSTER_SECRET are both given" in err
+    assert err.count("\n") == 1, err

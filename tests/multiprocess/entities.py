@@ -36,6 +36,13 @@ class Record:
 
 
 @attrs.frozen
+class Relay:
+    to: str
+    """The id of the `Probe` to call from this one (perhaps on another
+    runner)."""
+
+
+@attrs.frozen
 class Served:
     runner: str
     epoch: int
@@ -69,6 +76,12 @@ class Probe(tc.Entity):
         if msg.block:
             time.sleep(msg.block)  # noqa: ASYNC251, TID251 - blocking on purpose
         return _served(self)
+
+    @tc.rpc
+    async def relay(self, msg: Relay) -> Served:
+        """Where the `Probe` ``msg.to`` answered a call from this one."""
+        served: Served = await tc.current_runner().client(Probe)(msg.to).where(Ping())
+        return served
 
 
 ENTITIES = [Probe]

@@ -38,7 +38,7 @@ from ..helpers import http_get as http_get
 from .entities import ENTITIES
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterable, Mapping
+    from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 
     from tests.pg_fixture import PgAdmin
 
@@ -84,6 +84,7 @@ class RunnerProcess(ChildProcess):
         env: Mapping[str, str] = {},
         metrics: bool = False,
         log_format: str = "text",
+        args: Sequence[str] = (),
     ) -> None:
         command = [
             sys.executable,
@@ -102,6 +103,7 @@ class RunnerProcess(ChildProcess):
         ]
         if metrics:
             command += ["--metrics", "127.0.0.1:0"]
+        command += args
         super().__init__(
             command,
             name=f"runner {name}",
@@ -177,8 +179,10 @@ class MultiCluster:
         env: Mapping[str, str] = {},
         metrics: bool = False,
         log_format: str = "text",
+        args: Sequence[str] = (),
     ) -> RunnerProcess:
-        """Start a runner process (call `RunnerProcess.wait_ready` next)."""
+        """Start a runner process (call `RunnerProcess.wait_ready` next);
+        ``args`` are more options of ``trio-cluster run``."""
         process = RunnerProcess(
             name,
             dsn=self.dsn,
@@ -187,23 +191,27 @@ class MultiCluster:
             env=env,
             metrics=metrics,
             log_format=log_format,
+            args=args,
         )
         self.processes.append(process)
         await process.start(self.nursery)
         return process
 
     async def start(
-        self, *names: str, env: Mapping[str, str] = {}
+        self, *names: str, env: Mapping[str, str] = {}, args: Sequence[str] = ()
     ) -> list[RunnerProcess]:
         """Start runners at once and wait until every one is ready."""
-        processes = [await self.spawn(name, env=env) for name in names]
+        processes = [await self.spawn(name, env=env, args=args) for name in names]
         for process in processes:
             await process.wait_ready()
         return processes
 
     @asynccontextmanager
-    async def client(self, **overrides: Any) -> AsyncIterator[tc.Runner]:
-        """A client-only runner in this process (hosts no shard)."""
+    async def client(
+        self, transport: WebSocketTransport | None = None, **overrides: Any
+    ) -> AsyncIterator[tc.Runner]:
+        """A client-only runner in this process (hosts no shard), on
+        ``transport`` (default: a plain `WebSocketTransport`)."""
         config = tc.ShardingConfig(
             shard_groups=(),
             runner_address=tc.RunnerAddress("127.0.0.1", 0),
@@ -214,7 +222,7 @@ class MultiCluster:
             entities=ENTITIES,
             config=config,
             storage=PostgresStorage(self.dsn, table_prefix=self.prefix),
-            transport=WebSocketTransport(),
+            transport=transport if transport is not None else WebSocketTransport(),
         ) as runner:
             yield runner
 

@@ -82,11 +82,12 @@ def load_target(target: str) -> dict[str, Any]:
 
 def _config(args: argparse.Namespace) -> Any:
     from .._core._config import ShardingConfig
+    from ._security import ENV_VARIABLES
 
     overrides: dict[str, Any] = {}
     if getattr(args, "listen", None):
         overrides["runner_address"] = _advertised(args.listen, args.advertise)
-    return ShardingConfig.from_env(os.environ, **overrides)
+    return ShardingConfig.from_env(os.environ, ignore=ENV_VARIABLES, **overrides)
 
 
 def _advertised(listen: str, advertise: str | None) -> Any:
@@ -148,14 +149,25 @@ def _operator_error(exc: BaseException) -> tuple[int, str] | None:
 def _run(args: argparse.Namespace) -> int:
     from ..storage import PostgresStorage
     from ..transport import WebSocketTransport
+    from ._security import transport_security
 
     try:
         options = load_target(args.target)
         config = _config(args)
         metrics = _address("--metrics", args.metrics) if args.metrics else None
         storage = PostgresStorage(args.dsn, table_prefix=args.prefix)
+        security = transport_security(
+            os.environ,
+            secret_file=args.secret_file,
+            allow_unauthenticated=args.allow_unauthenticated,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_ca=args.tls_ca,
+            tls_mutual=args.tls_mutual,
+        )
         transport = WebSocketTransport(
-            listen_at=_address("--listen", args.listen) if args.advertise else None
+            listen_at=_address("--listen", args.listen) if args.advertise else None,
+            **security,
         )
         trio.run(_serve, options, config, storage, transport, metrics)
     except Exception as exc:
@@ -270,7 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=_demo)
 
-    run = commands.add_parser("run", help="run one runner of a cluster until SIGTERM")
+    # No abbreviated options: `--secret VALUE` must not be taken for
+    # `--secret-file VALUE` (and a secret printed as a file name).
+    run = commands.add_parser(
+        "run", help="run one runner of a cluster until SIGTERM", allow_abbrev=False
+    )
     run.add_argument(
         "target",
         help="module:ATTRIBUTE with a list of entity classes, or a mapping of runner options",
@@ -297,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="text",
         help="stderr log format",
     )
-
+    _add_security_options(run)
     run.set_defaults(handler=_run)
 
     migrate = commands.add_parser(
@@ -315,6 +331,57 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=_status)
     return parser
+
+
+def _add_security_options(run: argparse.ArgumentParser) -> None:
+    security = run.add_argument_group(
+        "security",
+        "Cluster secrets authenticate runners to each other; TLS encrypts"
+        " their connections. Secrets never go on the command line: use"
+        " --secret-file, TRIO_CLUSTER_SECRET_FILE or TRIO_CLUSTER_SECRET"
+        " (secrets separated by whitespace). A runner listening on a"
+        " non-loopback address needs secrets, mutual TLS or"
+        " --allow-unauthenticated.",
+    )
+    security.add_argument(
+        "--secret-file",
+        metavar="PATH",
+        help="file of cluster secrets, one per line (blank lines and #"
+        " comments ignored); every one is accepted and proven, so add the new"
+        " secret before removing the old one (default: TRIO_CLUSTER_SECRET_FILE)",
+    )
+    security.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="accept peers without a cluster secret or client certificate on"
+        " a non-loopback address (only on a network you trust entirely)",
+    )
+    security.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="PEM certificate chain of this runner, naming its advertised host"
+        " or IP in subjectAltName; with --tls-key, enables TLS"
+        " (default: TRIO_CLUSTER_TLS_CERT)",
+    )
+    security.add_argument(
+        "--tls-key",
+        metavar="FILE",
+        help="PEM private key of --tls-cert, unencrypted"
+        " (default: TRIO_CLUSTER_TLS_KEY)",
+    )
+    security.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="PEM certificate of the authority that signs the runners'"
+        " certificates (default: TRIO_CLUSTER_TLS_CA, else the system's"
+        " trust store)",
+    )
+    security.add_argument(
+        "--tls-mutual",
+        action="store_true",
+        help="mutual TLS: require a client certificate signed by --tls-ca"
+        " from every peer that connects",
+    )
 
 
 def _configure_logging(log_format: str) -> None:

@@ -113,7 +113,7 @@ class ClusterHandler(EndpointHandler):
     def peer_lost(self, peer: RunnerAddress, reason: str) -> None:
         log.info("lost the connection to %s: %s", peer, reason)
         self.warnings.flush(peer)
-        self.outbound.peer_lost(peer)
+        self.outbound.peer_lost(peer, reason)
         self.inbound.peer_lost(peer)
         self._sharding.poll_soon()
 

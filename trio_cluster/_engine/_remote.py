@@ -59,7 +59,16 @@ class RouteAgain(Exception):
 
 
 class _Pending:
-    __slots__ = ("done", "exit", "handler", "peer", "reason", "stream", "window")
+    __slots__ = (
+        "done",
+        "exit",
+        "handler",
+        "lost",
+        "peer",
+        "reason",
+        "stream",
+        "window",
+    )
 
     def __init__(self, peer: RunnerAddress, handler: Handler) -> None:
         self.peer = peer
@@ -67,6 +76,8 @@ class _Pending:
         self.done = trio.Event()
         self.exit: Exit | None = None
         self.reason: str | None = None
+        self.lost = ""
+        """Why the connection to the peer was lost (the transport's words)."""
         self.stream: trio.MemorySendChannel[Any] | None = None
         self.window: ReceiveWindow | None = None
 
@@ -208,7 +219,8 @@ class OutboundCalls:
         if pending.exit is None:
             raise RunnerUnavailableError(
                 runner=str(pending.peer),
-                detail="connection lost while waiting for the reply (the handler may have run)",
+                detail="connection lost while waiting for the reply (the handler"
+                f" may have run): {pending.lost}",
             )
         return pending.exit
 
@@ -333,8 +345,9 @@ class OutboundCalls:
             if pending.stream is not None:
                 _end_channel(pending.stream, Exit(error=error))
 
-    def peer_lost(self, peer: RunnerAddress) -> None:
-        """Fail every call waiting on ``peer``."""
+    def peer_lost(self, peer: RunnerAddress, reason: str) -> None:
+        """Fail every call waiting on ``peer`` (``reason``: the transport's
+        words, given to the callers)."""
         self.warnings.flush(peer)
         lost = [
             call_id
@@ -343,10 +356,12 @@ class OutboundCalls:
         ]
         for call_id in lost:
             pending = self._pending.pop(call_id)
+            pending.lost = reason
             pending.done.set()
             if pending.stream is not None:
                 error = RunnerUnavailableError(
-                    runner=str(peer), detail="connection lost during the stream"
+                    runner=str(peer),
+                    detail=f"connection lost during the stream: {reason}",
                 )
                 _end_channel(pending.stream, Exit(error=error))
 

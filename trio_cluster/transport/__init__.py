@@ -3,9 +3,10 @@
 `MemoryTransport` connects runners of one process over a shared
 `MemoryNetwork` (tests, the simulator, the demo), with fault injection
 (`MemoryNetwork.partition`, `MemoryNetwork.kill`, and frame faults such as
-`RandomFaults`). `WebSocketTransport` connects runners in different processes.
-Both speak the same framing, protocol version `PROTOCOL_VERSION`, and
-implement `trio_cluster.abc.Transport`.
+`RandomFaults`). `WebSocketTransport` connects runners in different processes
+(over TLS with the contexts `tls_contexts` builds from PEM files). Both speak
+the same framing, protocol version `PROTOCOL_VERSION`, and implement
+`trio_cluster.abc.Transport`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ._memory import (
 )
 from ._memory_network import MemoryNetwork as MemoryNetwork
 from ._peers import EndpointStatistics as EndpointStatistics
+from ._tls import tls_contexts as tls_contexts
 from ._websocket import (
     WebSocketEndpoint as WebSocketEndpoint,
     WebSocketTransport as WebSocketTransport,
@@ -36,6 +38,7 @@ __all__ = [  # noqa: RUF022
     "RandomFaults",
     "WebSocketEndpoint",
     "WebSocketTransport",
+    "tls_contexts",
 ]
 
 fixup_module_metadata(__name__, globals())

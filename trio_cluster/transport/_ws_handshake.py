@@ -162,6 +162,10 @@ async def open_client(
         # an empty one): as unreachable as one that does not resolve.
         raise ConnectFailedError(f"cannot resolve {peer.host!r:.80}: {exc}") from exc
     streams.append(stream)
+    if isinstance(stream, trio.SSLStream):
+        # The TLS handshake now, so that a certificate refused (by either
+        # side) is the reason given for the failure, not a timeout.
+        await stream.do_handshake()
     return await wrap_client_stream(
         nursery,
         stream,
