@@ -340,3 +340,21 @@ async def test_a_client_only_runner_can_still_call_entities(autojump_clock):
         assert host.statistics().ready
         assert client.owner_of(client.client(Counter)("c")) == host.address
         assert not client.is_local(client.client(Counter)("c"))
+
+
+async def test_a_hosting_runner_assigned_no_shard_is_ready(autojump_clock):
+    """More runners than shards: the one the assignment gives none is ready."""
+    storage = MemoryStorage()
+    cfg = {"shards_per_group": 1}
+    async with (
+        tc.open_runner(config=runner_config(1, **cfg), storage=storage) as first,
+        tc.open_runner(config=runner_config(2, **cfg), storage=storage) as second,
+    ):
+        with trio.fail_after(5):
+            while first.statistics().runners < 2 or second.statistics().runners < 2:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+            await first.wait_shards_acquired()
+            await second.wait_shards_acquired()
+        stats = [first.statistics(), second.statistics()]
+        assert sorted(s.shards_assigned for s in stats) == [0, 1]
+        assert [s.ready for s in stats] == [True, True]
