@@ -4,6 +4,7 @@ shard epoch and singleton, on every path entity code runs on."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import ClassVar
 
 import attrs
@@ -13,8 +14,9 @@ import trio.lowlevel
 
 import trio_cluster as tc
 from trio_cluster.storage import MemoryStorage
+from trio_cluster.transport import MemoryNetwork, MemoryTransport
 
-from .helpers import config
+from .helpers import config, runner_config
 
 
 @attrs.frozen
@@ -174,3 +176,34 @@ async def test_the_epoch_is_the_new_lease_after_the_shard_moves(autojump_clock):
         assert first_epoch is not None
         assert state.shard_epoch == second.served_shards()[state.address.shard]
         assert state.shard_epoch > first_epoch
+
+
+async def test_a_call_from_another_runner_sees_the_owner(autojump_clock):
+    storage, network = MemoryStorage(), MemoryNetwork()
+
+    def runner(port: int) -> AbstractAsyncContextManager[tc.Runner]:
+        return tc.open_runner(
+            entities=[Probe],
+            config=runner_config(port),
+            storage=storage,
+            transport=MemoryTransport(network),
+        )
+
+    async with runner(1) as first, runner(2) as second:
+        with trio.fail_after(5):
+            while first.statistics().runners < 2 or not second.served_shards():  # noqa: ASYNC110
+                await trio.sleep(0.1)
+        client = first.client(Probe)
+        probe = next(
+            client(f"p{n}")
+            for n in range(100)
+            if first.owner_of(client(f"p{n}")) == second.address
+        )
+        await probe.slow(Note("remote"))
+        (state,) = states("remote")
+        assert state == tc.ClusterState(
+            runner=second.address,
+            address=probe.address,
+            shard_epoch=second.served_shards()[probe.address.shard],
+            singleton=None,
+        )
