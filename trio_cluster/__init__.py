@@ -12,6 +12,10 @@ from __future__ import annotations
 from ._broadcast import Broadcast as Broadcast
 from ._client import EntityClient as EntityClient
 from ._clock import Clock as Clock, TrioWallClock as TrioWallClock
+from ._cluster_state import (
+    ClusterState as ClusterState,
+    current_cluster_state as current_cluster_state,
+)
 from ._context import (
     current_entity_address as current_entity_address,
     current_transaction as current_transaction,
@@ -77,6 +81,7 @@ __all__ = [
     "Clock",
     "ClusterError",
     "ClusterInternalError",
+    "ClusterState",
     "ConfigError",
     "Cron",
     "Entity",
@@ -108,6 +113,7 @@ __all__ = [
     "StorageRefusedError",
     "TrioWallClock",
     "UnknownEntityTypeError",
+    "current_cluster_state",
     "current_entity_address",
     "current_runner",
     "current_transaction",

@@ -54,6 +54,11 @@ current_entity_var: ContextVar[Addressed | None] = ContextVar(
 current_transaction_var: ContextVar[StorageTransaction | None] = ContextVar(
     "trio_cluster.transaction", default=None
 )
+current_singleton_var: ContextVar[tuple[str, int] | None] = ContextVar(
+    "trio_cluster.singleton", default=None
+)
+"""``(name, shard epoch)`` of the singleton whose task (or a task it started)
+is running; set once per singleton start, never per call."""
 
 
 def runner_context() -> RunnerContext:

@@ -25,6 +25,7 @@ import trio
 from ._client import EntityClient
 from ._clock import Clock, TrioWallClock
 from ._context import current_runner_var, enter_runner, leave_runner, runner_context
+from ._core._addresses import EntityAddress
 from ._core._config import ShardingConfig
 from ._cron import cron_entity, cron_singletons
 from ._engine._assembly import assemble
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
     from ._broadcast import Broadcast
     from ._core._addresses import RunnerAddress, ShardId
+    from ._core._snowflake import Snowflake
     from ._cron import Cron
     from ._engine._assembly import RunnerParts
     from ._engine._broadcasts import BroadcastCodecs
@@ -121,7 +123,8 @@ class Runner:
 
     @property
     def machine_id(self) -> int | None:
-        """This runner's Snowflake machine id (None until it registered)."""
+        """This runner's Snowflake machine id (None until it registered, and
+        again once it shut down)."""
         return self._parts.sharding.table.machine_id
 
     def served_shards(self) -> Mapping[ShardId, int]:
@@ -138,6 +141,40 @@ class Runner:
         shard may still be moving: see `served_shards` for what this runner
         serves)."""
         return dict(self._parts.sharding.table.assignment)
+
+    # ------------------------------------------------------------------
+    # Ids and ownership
+
+    def new_id(self) -> Snowflake:
+        """A new cluster-wide unique id: 64-bit, time-ordered (see
+        `Snowflake`). It comes from the generator the runtime makes
+        persisted request ids with, so it never equals one of them, nor an
+        id any other live runner makes; ids from one runner only grow.
+
+        Raises:
+            RunnerClosedError: the runner shut down (its machine id may be
+                another runner's by now).
+        """
+        return self._parts.views.new_id()
+
+    def owner_of(self, target: EntityAddress | Entity) -> RunnerAddress | None:
+        """The runner the entity's shard is assigned to, as of the last
+        membership poll: where calls to it go. None if no live runner hosts
+        the shard's group. The shard may still be moving (the new owner
+        waiting for the old one to let go): `is_local` tells whether this
+        runner serves it now.
+
+        Args:
+            target: an `EntityAddress`, or anything with an ``address``: a
+                client handle (``runner.client(Account)("alice")``) or an
+                entity (``self`` in a handler).
+        """
+        return self._parts.views.owner_of(_address_of(target))
+
+    def is_local(self, target: EntityAddress | Entity) -> bool:
+        """Whether this runner serves the entity's shard now (calls to it
+        run here). ``target`` as for `owner_of`."""
+        return self._parts.views.is_local(_address_of(target))
 
     def client(self, cls: type[E]) -> EntityClient[E]:
         """A client for entities of ``cls``: ``runner.client(Account)("alice")``.
@@ -202,6 +239,10 @@ class Runner:
 
     async def _shutdown(self) -> None:
         await self._parts.shutdown()
+
+
+def _address_of(target: EntityAddress | Entity) -> EntityAddress:
+    return target if isinstance(target, EntityAddress) else target.address
 
 
 def _registry(

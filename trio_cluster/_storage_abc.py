@@ -146,6 +146,10 @@ class ClaimedRequest:
     """For streams: the number of chunks already recorded (resume point)."""
     epoch: int
     """The epoch it was claimed under."""
+    claimed_before: bool = False
+    """It had been claimed (or saved claimed) under an earlier epoch and is
+    claimed again unfinished: an earlier delivery did not finish (a failover,
+    a restart, a shard that moved with work still queued)."""
 
 
 @attrs.frozen

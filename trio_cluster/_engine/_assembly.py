@@ -29,7 +29,7 @@ and acquires its first shards).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -50,6 +50,7 @@ from ._routing import Router
 from ._shard_table import ShardTable
 from ._sharding import Sharding
 from ._singletons import SingletonSupervisor
+from ._views import ClusterViews
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -79,6 +80,7 @@ class RunnerParts:
     router: Router
     broadcasts: Broadcasts
     endpoint: Endpoint | None
+    views: ClusterViews
 
     async def serve(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -164,7 +166,19 @@ class RunnerParts:
                 for kind, histogram in self.router.latency.items()
             },
             transport=None if self.endpoint is None else self.endpoint.statistics(),
+            **self._cluster_view_statistics(),
         )
+
+    def _cluster_view_statistics(self) -> dict[str, Any]:
+        """Errors by type, redeliveries, healthy runners and readiness."""
+        not_ready = self.views.not_ready()
+        return {
+            "errors_by_type": dict(self.router.errors.by_label),
+            "redeliveries": self.persisted.redelivered + self.manager.requeued,
+            "runners_healthy": self.views.runners_healthy(),
+            "ready": not_ready is None,
+            "not_ready_reason": not_ready,
+        }
 
 
 def assemble(
@@ -266,4 +280,12 @@ def assemble(
         router=router,
         broadcasts=broadcast_set,
         endpoint=endpoint,
+        views=ClusterViews(
+            table=table,
+            sharding=sharding,
+            router=router,
+            ids=ids,
+            clock=clock,
+            endpoint=endpoint,
+        ),
     )

@@ -75,6 +75,9 @@ class Claims:
     (see the module docstring)."""
     delivered: int = attrs.field(init=False, default=0)
     claims: int = attrs.field(init=False, default=0)
+    redelivered: int = attrs.field(init=False, default=0)
+    """Claimed requests delivered that had been claimed before, under an
+    earlier epoch (`ClaimedRequest.claimed_before`)."""
 
     def caught_up(self, shard: ShardId, epoch: int) -> bool:
         """Whether no older request of ``shard`` can wait in storage at
@@ -188,9 +191,12 @@ class Claims:
         except MalformedMessageError as exc:
             self._refuse(host, request.request_id, exc, handler)
             return
+        delivered = self.delivered
         self.deliver(
             host, request.address, entity_type, handler, message, request.request_id
         )
+        if request.claimed_before and self.delivered != delivered:
+            self.redelivered += 1
 
     def _undeliverable(
         self,

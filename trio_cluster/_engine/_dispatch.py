@@ -115,6 +115,7 @@ class ClusterHandler(EndpointHandler):
         self.warnings.flush(peer)
         self.outbound.peer_lost(peer, reason)
         self.inbound.peer_lost(peer)
+        self._sharding.table.lost_peers.add(peer)
         self._sharding.poll_soon()
 
 

@@ -15,7 +15,7 @@ So the rule is: every run of entity code (a handler, with ``on_start`` when
 the incarnation starts with it; ``on_stop``) starts from a fresh copy of the
 runner's *base context* (`base_context`): the context ``open_runner`` was
 entered in, with the runtime's own variables set (the current runner; no
-current entity, no transaction). What the application set around
+current entity, no transaction, no singleton). What the application set around
 ``open_runner`` is visible; nothing a caller set is, and what entity code sets
 ends with its run. What a handler needs from its caller travels in the
 message.
@@ -41,7 +41,12 @@ import types
 from contextvars import Context, copy_context
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .._context import current_entity_var, current_runner_var, current_transaction_var
+from .._context import (
+    current_entity_var,
+    current_runner_var,
+    current_singleton_var,
+    current_transaction_var,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Generator
@@ -58,7 +63,7 @@ T = TypeVar("T")
 def base_context(runner: RunnerContext) -> Context:
     """The base context of ``runner``'s entity code: a copy of the current
     context (call it where ``open_runner`` was entered) with ``runner`` as the
-    current runner and no current entity or transaction."""
+    current runner and no current entity, transaction or singleton."""
     context = copy_context()
     context.run(_enter_runner, runner)
     return context
@@ -68,6 +73,7 @@ def _enter_runner(runner: RunnerContext) -> None:
     current_runner_var.set(runner)
     current_entity_var.set(None)
     current_transaction_var.set(None)
+    current_singleton_var.set(None)
 
 
 def spawn(

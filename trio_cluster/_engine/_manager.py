@@ -106,6 +106,9 @@ class EntityManager:
         self.persisted_jobs: dict[int, Job] = {}
         """Persisted requests in memory (queued or running), by request id."""
         self.messages_handled = 0
+        self.requeued = 0
+        """Persisted jobs put back in their mailbox to run again (a crash of
+        their entity or of its ``on_start``, a failed transaction)."""
 
     @property
     def crashes(self) -> int:
@@ -558,6 +561,7 @@ class EntityManager:
         if requeue:
             job.state = advance(job.state, JobEvent.REQUEUE)
             slot.requeue_front([job])
+            self.requeued += 1
         else:
             job.state = FINISH[job.state]
             if job.request_id is not None:

@@ -154,6 +154,12 @@ class PersistedDelivery:
         """Persisted requests handed to entities so far."""
         return self._claims.delivered
 
+    @property
+    def redelivered(self) -> int:
+        """Claimed requests handed to entities so far that an earlier claim
+        had not finished (after a failover, a restart, a moved shard)."""
+        return self._claims.redelivered
+
     def shard_started(self, host: ShardHost) -> None:
         """A shard is served here now: claim its requests."""
         self._parts.signal.nudge()

@@ -32,12 +32,13 @@ from .._errors import (
     UnknownEntityTypeError,
 )
 from .._errors._closed import RunnerClosedError
+from ._error_counts import ErrorCounts
 from ._manager import EntityManager, NotDelivered
 from ._persisted import PersistedDelivery
 from ._remote import NotSent, OutboundCalls, RouteAgain
 from ._shard_table import ShardTable
 from ._slots import JobKind
-from ._streams import StreamReceiver, consume, open_stream_channel
+from ._streams import consume, open_stream_channel
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -73,6 +74,8 @@ class Router:
     )
     """Caller-observed latency of rpc calls (completed, failed or
     cancelled), per delivery kind, in seconds."""
+    errors: ErrorCounts = attrs.field(init=False, factory=ErrorCounts)
+    """Errors raised to this runner's callers (calls, sends, streams)."""
 
     @_serialize.default
     def _serialize_default(self) -> bool:
@@ -169,6 +172,9 @@ class Router:
                     except (NotSent, RouteAgain):
                         pass
                 deadline = await self._wait(address, deadline)
+        except Exception as exc:
+            self.errors.count(handler, exc)
+            raise
         finally:
             self.latency["persisted" if persisted else "volatile"].observe(
                 perf_counter() - started
@@ -228,6 +234,9 @@ class Router:
                     else:
                         return
                 deadline = await self._wait(address, deadline)
+        except Exception as exc:
+            self.errors.count(handler, exc)
+            raise
         finally:
             leave_runner(token)
 
@@ -238,8 +247,27 @@ class Router:
         address: EntityAddress,
         handler: Handler,
         message: Any,
-    ) -> AsyncIterator[StreamReceiver]:
-        """Open a stream (see `BoundStream.__call__`)."""
+    ) -> AsyncIterator[AsyncIterator[Any]]:
+        """Open a stream (see `BoundStream.__call__`). Errors raised while
+        opening it and while reading its items are counted (`ErrorCounts`);
+        what the caller's own block raises is not."""
+        opened = self._open_stream(entity_type, address, handler, message)
+        try:
+            items = await opened.__aenter__()
+        except Exception as exc:
+            self.errors.count(handler, exc)
+            raise
+        async with _Exit(opened):
+            yield _CountedItems(items, self.errors, handler)
+
+    @asynccontextmanager
+    async def _open_stream(
+        self,
+        entity_type: EntityType,
+        address: EntityAddress,
+        handler: Handler,
+        message: Any,
+    ) -> AsyncIterator[AsyncIterator[Any]]:
         self.check_open()
         payload = self._encode(handler, message) if self._serialize else None
         local_message = message if payload is None else handler.message.decode(payload)
@@ -288,6 +316,31 @@ def _not_hosted(entity_type: EntityType) -> UnknownEntityTypeError:
     """This runner serves the shard but does not host the type (it only calls
     it): what any owner that does not host it answers."""
     return UnknownEntityTypeError(entity_type=entity_type.name, handler=None)
+
+
+class _CountedItems:
+    """A stream's items, counting the errors reading them raises."""
+
+    __slots__ = ("_errors", "_handler", "_items")
+
+    def __init__(
+        self, items: AsyncIterator[Any], errors: ErrorCounts, handler: Handler
+    ) -> None:
+        self._items = items
+        self._errors = errors
+        self._handler = handler
+
+    def __aiter__(self) -> _CountedItems:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self._items.__anext__()
+        except StopAsyncIteration:
+            raise
+        except Exception as exc:
+            self._errors.count(self._handler, exc)
+            raise
 
 
 class _Exit:

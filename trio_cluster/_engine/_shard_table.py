@@ -35,7 +35,12 @@ class ShardTable:
         self.live: list[RunnerInfo] = []
         """The live runners, as of the last poll."""
         self.machine_id: int | None = None
-        """This runner's Snowflake machine id, once registered."""
+        """This runner's Snowflake machine id, once registered (None again
+        once it shut down)."""
+        self.lost_peers: set[RunnerAddress] = set()
+        """Peers the transport reported lost (`EndpointHandler.peer_lost`);
+        forgotten once a connection to them is up again or they leave the
+        live runners (see `ClusterViews.runners_healthy`)."""
         self._changed = trio.Event()
 
     def host(self, shard: ShardId) -> ShardHost | None:

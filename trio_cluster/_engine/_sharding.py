@@ -122,9 +122,23 @@ class Sharding:
         self._sessions_lost = 0
         """Lock sessions lost so far (an acquisition that overlapped a loss
         got locks that are gone already)."""
+        self.heartbeat_at: float | None = None
+        """When the last successful registration or lease refresh started
+        (Trio time); None before registering, after the lock session was
+        lost (until the next refresh succeeds) and after unregistering."""
 
     # ------------------------------------------------------------------
     # Queries
+
+    def session_up(self) -> bool:
+        """Whether the storage session is up: registered, and its last
+        heartbeat (a registration or lease refresh) started less than a lease
+        duration ago, with no loss of the lock session since."""
+        return (
+            self.heartbeat_at is not None
+            and not self._closing
+            and trio.current_time() - self.heartbeat_at < self._config.lease_duration
+        )
 
     def serves_all_assigned(self) -> bool:
         """Whether every shard assigned to this runner is served here."""
@@ -149,8 +163,10 @@ class Sharding:
             groups=self._config.shard_groups,
             weight=self._config.runner_weight,
         )
+        started_at = trio.current_time()
         with trio.fail_after(self._operation_timeout):
             self.table.machine_id = await self._runners.register(info)
+        self.heartbeat_at = started_at
         self._ids.machine_id = self.table.machine_id
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -244,6 +260,7 @@ class Sharding:
             except (PersistenceError, trio.TooSlowError) as exc:
                 log.warning("lease refresh failed (leases not extended): %r", exc)
                 continue
+            self.heartbeat_at = started_at
             await self._execute(self.ownership.refreshed(held, started_at=started_at))
             # Never fall behind by more than one interval after a slow refresh.
             next_at = max(next_at, trio.current_time() - interval)
@@ -259,6 +276,7 @@ class Sharding:
                 await trio.sleep(self._config.lease_refresh_interval)
                 continue
             self._sessions_lost += 1
+            self.heartbeat_at = None
             if self._closing:
                 return
             log.warning("the lock session was lost; stopping every shard now")
@@ -540,6 +558,9 @@ class Sharding:
                 await self._runners.unregister()
         except (PersistenceError, trio.TooSlowError) as exc:
             log.warning("could not release locks or unregister cleanly: %r", exc)
+        self.heartbeat_at = None
+        # Another runner may get the machine id now: no more ids from it.
+        self.table.machine_id = None
         self.table.signal_changed()
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()

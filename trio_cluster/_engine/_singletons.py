@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .._context import current_runner_var
+from .._context import current_runner_var, current_singleton_var
 from .._core._retry import Backoff
 
 if TYPE_CHECKING:
@@ -51,14 +51,17 @@ class SingletonSupervisor:
         for singleton in self._by_shard.get(host.shard_id, ()):
             assert host.nursery is not None
             host.nursery.start_soon(
-                self._supervise, singleton, current_runner_var.get(None)
+                self._supervise, singleton, current_runner_var.get(None), host.epoch
             )
 
     async def _supervise(
-        self, singleton: Singleton, runner: RunnerContext | None
+        self, singleton: Singleton, runner: RunnerContext | None, epoch: int
     ) -> None:
         if runner is not None:
             current_runner_var.set(runner)
+        # In this task's own context: `current_cluster_state` names the
+        # singleton (and its shard's epoch) here and in tasks it starts.
+        current_singleton_var.set((singleton.name, epoch))
         attempt = 0
         self.running.add(singleton.name)
         try:

@@ -8,8 +8,9 @@ Kubernetes probes:
   failovers, a histogram of call latencies, and the transport's traffic and
   refused peers);
 * ``/healthz``: 200 while the runner's tasks run (liveness);
-* ``/readyz``: 200 once the runner serves every shard assigned to it, 503
-  before (readiness).
+* ``/readyz``: 200 while the runner is ready (its storage session and
+  transport are up and it serves every shard assigned to it; a client-only
+  runner has none to wait for), 503 otherwise (readiness).
 
 It is deliberately tiny: one request per connection, a bounded request head,
 no keep-alive, GET only. A malformed request is answered 400, an oversized
@@ -88,6 +89,10 @@ _GAUGES: Final = {
         "trio_cluster_singletons_running",
         "Singletons running on this runner.",
     ),
+    "runners_healthy": (
+        "trio_cluster_runners_healthy",
+        "Live runners this runner can reach now, itself included.",
+    ),
 }
 _COUNTERS: Final = {
     "messages_handled": ("trio_cluster_messages_handled_total", "Handlers completed."),
@@ -119,7 +124,12 @@ _COUNTERS: Final = {
         "trio_cluster_remote_calls_total",
         "Volatile calls sent to other runners.",
     ),
+    "redeliveries": (
+        "trio_cluster_redeliveries_total",
+        "Persisted requests delivered again after an unfinished delivery.",
+    ),
 }
+_ERRORS: Final = "trio_cluster_errors_total"
 _LATENCY: Final = "trio_cluster_call_latency_seconds"
 
 _TRANSPORT: Final = {
@@ -155,6 +165,12 @@ def render_metrics(stats: RunnerStatistics) -> str:
     for field, (name, help_text) in _COUNTERS.items():
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
         lines.append(_line(name, getattr(stats, field), runner))
+    lines += [
+        f"# HELP {_ERRORS} Errors raised to callers on this runner, by type.",
+        f"# TYPE {_ERRORS} counter",
+    ]
+    for error_type, count in sorted(stats.errors_by_type.items()):
+        lines.append(_line(_ERRORS, count, {**runner, "type": error_type}))
     lines += [
         f"# HELP {_LATENCY} Caller-observed rpc latency, per delivery kind.",
         f"# TYPE {_LATENCY} histogram",
@@ -310,11 +326,11 @@ def _respond(runner: Runner, path: str) -> tuple[str, bytes, str]:
         return "200 OK", b"ok\n", _TEXT
     if path == "/readyz":
         stats = runner.statistics()
-        if stats.shards_assigned and stats.shards == stats.shards_assigned:
+        if stats.ready:
             return "200 OK", b"ready\n", _TEXT
         return (
             "503 Service Unavailable",
-            f"serving {stats.shards} of {stats.shards_assigned} shards\n".encode(),
+            f"{stats.not_ready_reason}\n".encode(),
             _TEXT,
         )
     return "404 Not Found", b"not found\n", _TEXT

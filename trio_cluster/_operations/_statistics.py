@@ -83,3 +83,24 @@ class RunnerStatistics:
     transport: EndpointStatistics | None = None
     """The transport endpoint's traffic (frames, envelopes, bytes, connects),
     if the runner has a transport that keeps counters."""
+    errors_by_type: dict[str, int] = attrs.field(factory=dict)
+    """Errors raised to callers on this runner (calls, sends, streams) since
+    start, by type: the library's own errors by class name (a subclass under
+    its public parent's: `StorageRefusedError` as ``PersistenceError``), the
+    handlers' declared errors as ``declared``, anything else as ``other``.
+    Types never raised are absent."""
+    redeliveries: int = 0
+    """Persisted requests delivered again since start after an earlier
+    delivery did not finish: claimed again after a failover, a restart or a
+    moved shard, or put back in the mailbox after a crash of their entity or
+    a failed transaction."""
+    runners_healthy: int = 0
+    """Live runners (as of the last membership poll) this runner can reach
+    now: itself, and each peer the transport has not reported lost since it
+    was last connected. Without a transport, itself only."""
+    ready: bool = False
+    """What ``/readyz`` answers: the runner takes calls, its storage session
+    is up, its transport listens and it serves every shard assigned to it
+    (a client-only runner has none to wait for)."""
+    not_ready_reason: str | None = None
+    """Why it is not `ready` (None when it is)."""

@@ -288,8 +288,9 @@ class MessageStore:
             queue, epoch = queues[index]
             stored = heapq.heappop(queue.ready)[1]
             stored.state = _State.CLAIMED
+            claimed_before = stored.claimed_epoch is not None
             stored.claimed_epoch = epoch
-            claimed.append(_claimed(stored, epoch))
+            claimed.append(_claimed(stored, epoch, claimed_before=claimed_before))
             head = queue.head(now)
             if head is None:
                 heapq.heappop(heads)
@@ -488,7 +489,7 @@ class MessageStore:
             inbox.lot.unpark_all()
 
 
-def _claimed(stored: _Request, epoch: int) -> ClaimedRequest:
+def _claimed(stored: _Request, epoch: int, *, claimed_before: bool) -> ClaimedRequest:
     request = stored.request
     return ClaimedRequest(
         request_id=request.request_id,
@@ -501,4 +502,5 @@ def _claimed(stored: _Request, epoch: int) -> ClaimedRequest:
         interrupted=stored.interrupted,
         next_sequence=stored.chunk_order[-1] + 1 if stored.chunk_order else 0,
         epoch=epoch,
+        claimed_before=claimed_before,
     )

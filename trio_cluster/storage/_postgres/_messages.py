@@ -270,7 +270,7 @@ class PgMessages(MessageStorage):
         (_, request_id, _, group, number, entity_type, entity_id, tag, payload) = row[
             :9
         ]
-        (primary_key, deliver_at, stream, interrupted, next_sequence, epoch) = row[9:]
+        (primary_key, deliver_at, stream, interrupted, next_sequence, epoch) = row[9:15]
         return ClaimedRequest(
             request_id=request_id,
             address=EntityAddress(
@@ -284,6 +284,7 @@ class PgMessages(MessageStorage):
             interrupted=interrupted,
             next_sequence=next_sequence,
             epoch=epoch,
+            claimed_before=bool(row[15]),
         )
 
     def _unreadable(self, row: tuple[Any, ...], exc: Exception) -> UnreadableRequest:

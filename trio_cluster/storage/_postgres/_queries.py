@@ -200,8 +200,9 @@ def _claim(m: str, s: str) -> str:
     # Requests claimed at the current epoch are in none of these ranges.
     # ``want`` checks the epochs in the snapshot (no lock: most claims find
     # nothing); ``fence`` locks the shards of the requests to claim and checks
-    # again. Rows: kind 0 = a claimed request, 1 = a stale shard, 2 = the
-    # summary (next deliver_at in column 10, "more" in column 11).
+    # again. Rows: kind 0 = a claimed request (column 15: it had been
+    # claimed before, at an older epoch), 1 = a stale shard, 2 = the summary
+    # (next deliver_at in column 10, "more" in column 11).
     return f"""
 WITH want AS MATERIALIZED (
     SELECT w.g, w.n, w.e, coalesce(sh.epoch = w.e, false) AS ok
@@ -238,7 +239,7 @@ WITH want AS MATERIALIZED (
     WHERE (sh.shard_group, sh.shard_number) IN (SELECT t.g, t.n FROM top t)
     FOR SHARE OF sh
 ), pick AS MATERIALIZED (
-    SELECT x.request_id, c.e
+    SELECT x.request_id, c.e, x.claimed_epoch IS NOT NULL AS before
     FROM top c
     JOIN fence f
         ON f.shard_group = c.g AND f.shard_number = c.n AND f.epoch = c.e
@@ -251,13 +252,15 @@ WITH want AS MATERIALIZED (
     FROM pick p WHERE x.request_id = p.request_id
     RETURNING x.request_id, x.seq, x.shard_group, x.shard_number, x.entity_type,
               x.entity_id, x.tag, x.payload, x.primary_key, x.deliver_at,
-              x.stream, x.interrupted, x.next_sequence, p.e
+              x.stream, x.interrupted, x.next_sequence, p.e, p.before
 )
 SELECT 0, request_id, seq, shard_group, shard_number, entity_type, entity_id, tag,
-       payload, primary_key, deliver_at, stream, interrupted, next_sequence, e
+       payload, primary_key, deliver_at, stream, interrupted, next_sequence, e,
+       before
 FROM upd
 UNION ALL
-SELECT 1, NULL, NULL, g, n, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+SELECT 1, NULL, NULL, g, n, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL
 FROM want w LEFT JOIN fence f ON f.shard_group = w.g AND f.shard_number = w.n
 WHERE NOT w.ok OR f.epoch <> w.e
 UNION ALL
@@ -270,7 +273,7 @@ SELECT 2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
             ORDER BY x.deliver_at LIMIT 1
         ) d WHERE w.ok),
        (SELECT count(*) FROM cand) > $5::int4,
-       NULL, NULL, NULL"""
+       NULL, NULL, NULL, NULL"""
 
 
 def _save_replies(m: str, r: str, s: str) -> str:

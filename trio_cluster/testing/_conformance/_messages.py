@@ -329,6 +329,29 @@ class MessageStorageTests(ConformanceBase):
             batch = await claim_batch(other, second)
             assert [(c.request_id, c.epoch) for c in batch.requests] == [(2, second)]
 
+    async def test_claimed_before_tells_a_reclaimed_request(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            first = await acquire_shard(session)
+            await session.messages.save_requests(
+                [persisted_request(1), persisted_request(2, claim_epoch=first)],
+                now=BASE_TIME,
+            )
+            batch = await claim_batch(session, first)
+            assert [(c.request_id, c.claimed_before) for c in batch.requests] == [
+                (1, False)
+            ]
+            await session.messages.save_requests([persisted_request(3)], now=BASE_TIME)
+            second = await new_epoch(session)
+            batch = await claim_batch(session, second)
+            # 1 was claimed, 2 saved claimed: both were delivered before.
+            assert [(c.request_id, c.claimed_before) for c in batch.requests] == [
+                (1, True),
+                (2, True),
+                (3, False),
+            ]
+
     async def test_claim_skips_and_reports_stale_epochs(
         self, session: StorageSession
     ) -> None:
