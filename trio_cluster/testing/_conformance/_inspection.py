@@ -52,9 +52,7 @@ class InspectionTests(ConformanceBase):
             epoch = await acquire_shard(session)
             batch = await claim_batch(session, epoch)
             assert [c.request_id for c in batch.requests] == [30, 40]
-            await session.messages.save_replies(
-                [final_reply(40, epoch)], now=BASE_TIME
-            )
+            await session.messages.save_replies([final_reply(40, epoch)], now=BASE_TIME)
             page = await session.messages.scan_unprocessed(limit=10)
             assert [r.request_id for r in page] == [10, 20, 30]
             first, delayed, claimed = page
