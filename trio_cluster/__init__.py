@@ -59,6 +59,13 @@ from ._handlers import (
     stream as stream,
 )
 from ._metadata import fixup_module_metadata
+from ._operations._check_messages import (
+    MessageCheck as MessageCheck,
+    MessageExample as MessageExample,
+    MessageProblem as MessageProblem,
+    ProblemKind as ProblemKind,
+    check_messages as check_messages,
+)
 from ._operations._metrics import serve_metrics as serve_metrics
 from ._operations._statistics import (
     LatencySnapshot as LatencySnapshot,
@@ -94,10 +101,14 @@ __all__ = [
     "LatencySnapshot",
     "MailboxFullError",
     "MalformedMessageError",
+    "MessageCheck",
+    "MessageExample",
+    "MessageProblem",
     "MessageTooLargeError",
     "NoCurrentRunnerError",
     "NotInTransactionError",
     "PersistenceError",
+    "ProblemKind",
     "RemoteError",
     "RequestInterruptedError",
     "Runner",
@@ -113,6 +124,7 @@ __all__ = [
     "StorageRefusedError",
     "TrioWallClock",
     "UnknownEntityTypeError",
+    "check_messages",
     "current_cluster_state",
     "current_entity_address",
     "current_runner",

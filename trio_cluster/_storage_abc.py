@@ -80,6 +80,7 @@ __all__ = [
     "StorageTransaction",
     "StoredChunk",
     "StoredReplies",
+    "StoredRequest",
     "UnreadableRequest",
 ]
 
@@ -240,6 +241,28 @@ class StoredReplies:
     final: bytes | None = None
     acked_sequence: int = -1
     """highest chunk sequence acknowledged with ack_chunks, -1 if none"""
+
+
+@attrs.frozen
+class StoredRequest:
+    """An unprocessed request as `MessageStorage.scan_unprocessed` reads it
+    back, for inspection: the stored fields as they are, so that a row no
+    `EntityAddress` can be made of (written by hand or by another program)
+    is reported rather than refused."""
+
+    request_id: int
+    shard: ShardId
+    entity_type: str
+    entity_id: str
+    """The stored entity id, unchecked."""
+    tag: str
+    payload: bytes
+    deliver_at: float | None
+    stream: bool
+    claimed_epoch: int | None
+    """The epoch it was last claimed at (being handled, or to be claimed
+    again by the shard's next owner); None if it was never claimed."""
+    interrupted: bool
 
 
 # Notifications: hints that something changed; delivery is best effort and
@@ -403,6 +426,21 @@ class MessageStorage(ABC):
     async def delete_processed(self, *, older_than: float, limit: int) -> int:
         """Retention: delete up to ``limit`` finished requests (and their
         replies) whose final reply was recorded before ``older_than``."""
+
+    @abstractmethod
+    async def scan_unprocessed(
+        self, *, after_id: int | None = None, limit: int
+    ) -> list[StoredRequest]:
+        """Read up to ``limit`` unprocessed requests (no final reply yet,
+        claimed or not, due or not), those with ``request_id > after_id``
+        (all if None), in ascending ``request_id`` order.
+
+        Read-only: it claims, locks and changes nothing, and costs one page
+        of memory; page through the table by passing the last id returned
+        as the next ``after_id`` (a request saved meanwhile with a smaller id
+        than the page's last is not seen). For inspection tools such as
+        ``trio-cluster check-messages``, not for the runtime.
+        """
 
     @abstractmethod
     async def wait_notifications(self) -> list[Notification]:

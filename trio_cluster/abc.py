@@ -31,6 +31,7 @@ from ._storage_abc import (
     StorageTransaction as StorageTransaction,
     StoredChunk as StoredChunk,
     StoredReplies as StoredReplies,
+    StoredRequest as StoredRequest,
     UnreadableRequest as UnreadableRequest,
 )
 from ._transport_abc import (
@@ -65,6 +66,7 @@ __all__ = [
     "StorageTransaction",
     "StoredChunk",
     "StoredReplies",
+    "StoredRequest",
     "Transport",
     "UnreadableRequest",
 ]

@@ -5,7 +5,9 @@
 * ``run MODULE:ATTRIBUTE``: run one runner of a cluster (PostgreSQL storage,
   WebSocket transport) until SIGTERM/SIGINT, then shut down gracefully;
 * ``migrate``: create or upgrade the PostgreSQL schema;
-* ``status``: print runners, shard owners, epochs and backlog.
+* ``status``: print runners, shard owners, epochs and backlog;
+* ``check-messages MODULE:ATTRIBUTE``: before a deploy, check that the new
+  code decodes every stored, unprocessed persisted message.
 
 Policy comes from ``TRIO_CLUSTER_*`` environment variables (see
 `ShardingConfig.from_env`); options on the command line win.
@@ -264,6 +266,44 @@ def _status(args: argparse.Namespace) -> int:
     return code
 
 
+def _check_messages(args: argparse.Namespace) -> int:
+    """Exit status 0 if every stored message decodes, 1 if some would fail,
+    2 for an operator error (bad target, DSN, prefix or variable; database
+    unreachable, schema missing or outdated), printed as one line."""
+    from .._errors import ConfigError, EntityDefinitionError, PersistenceError
+    from .._operations._check_messages import check_messages
+    from ..storage import PostgresStorage
+
+    try:
+        options = load_target(args.target)
+    except SystemExit as exc:  # its message says what is wrong
+        print(f"trio-cluster check-messages: {exc}", file=sys.stderr)
+        return 2
+    try:
+        config = _config(args)
+        storage = PostgresStorage(
+            args.dsn, table_prefix=args.prefix, pool_size=1, auto_migrate=False
+        )
+        report = trio.run(
+            lambda: check_messages(
+                storage,
+                entities=options.get("entities", ()),
+                crons=options.get("crons", ()),
+                converter=options.get("converter"),
+                config=config,
+            )
+        )
+    except (ConfigError, EntityDefinitionError, PersistenceError) as exc:
+        # One line, also for libpq's multi-line messages.
+        print(
+            f"trio-cluster check-messages: {' '.join(str(exc).split())}",
+            file=sys.stderr,
+        )
+        return 2
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trio-cluster",
@@ -330,6 +370,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--prefix", default="trio_cluster")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=_status)
+
+    check = commands.add_parser(
+        "check-messages",
+        help="check that the given code decodes every stored, unprocessed"
+        " persisted message (exit 1 if some would fail)",
+    )
+    check.add_argument(
+        "target",
+        help="module:ATTRIBUTE of the new code, as given to `run`",
+    )
+    check.add_argument("--dsn", required=True, help="PostgreSQL connection string")
+    check.add_argument("--prefix", default="trio_cluster")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.set_defaults(handler=_check_messages)
     return parser
 
 

@@ -19,7 +19,12 @@ import attrs
 
 from .._errors import ConfigError
 from ._addresses import RunnerAddress
-from ._checks import positive_count, positive_number, positive_seconds
+from ._checks import (
+    non_negative_seconds,
+    positive_count,
+    positive_number,
+    positive_seconds,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -35,6 +40,10 @@ _MAX_SHARDS_PER_GROUP = 65_536
 
 def _positive(_: object, attribute: attrs.Attribute[T], value: T) -> None:
     positive_seconds(attribute.name, value)
+
+
+def _non_negative(_: object, attribute: attrs.Attribute[T], value: T) -> None:
+    non_negative_seconds(attribute.name, value)
 
 
 def _positive_int(_: object, attribute: attrs.Attribute[T], value: T) -> None:
@@ -182,6 +191,14 @@ class ShardingConfig:
     storage_poll_interval: float = attrs.field(default=5.0, validator=_positive)
     """Safety-net poll of storage for persisted messages. Normal delivery is
     pushed (direct notification, LISTEN/NOTIFY, ``deliver_at`` timers)."""
+
+    unknown_type_grace: float = attrs.field(default=300.0, validator=_non_negative)
+    """Rolling deploys: how long a persisted request for an entity type this
+    runner does not host is kept, unanswered, instead of being answered with
+    `UnknownEntityTypeError` at once, counted from when it was sent (or from
+    its ``deliver_at``, if later). It stays stored and claimed here, so the
+    shard's next owner (a runner of the new version) delivers it; other
+    requests of the shard are not held up. ``0`` answers at once."""
 
     send_retry_interval: float = attrs.field(default=0.05, validator=_positive)
     """Delay between attempts to route a message while its shard moves."""

@@ -25,10 +25,25 @@ or handler, a stream handler, a payload that does not decode, or a row
 storage could not read back at all: `ClaimBatch.unreadable`), is answered
 with a typed error as its final reply and stays stored, for inspection; the
 loop serves on (such a row must never stop the runner, on any restart).
+
+Rolling deploys: a request for an entity type this runner does not host
+may be for a type that only the new version of the code has, sent by a
+runner already upgraded. For ``unknown_type_grace`` seconds after it was
+sent (its Snowflake id's time, or its ``deliver_at`` if later; an id not
+made by a runner counts as old), it is *held*: left claimed at this epoch
+and unanswered, with only its id and deadline in memory. Claims do not
+return it again (no retry loop: the types a runner hosts never change
+while it runs), and the shard's next owner, a runner of the new version
+once this one stops, claims it again and delivers it. Other requests of
+the shard go on meanwhile. When the grace is over and this runner still
+serves the shard at that epoch, the request is answered with
+`UnknownEntityTypeError` as before; the read loop wakes for the earliest
+such deadline.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from typing import TYPE_CHECKING, Any, Final
@@ -38,6 +53,7 @@ import trio
 
 from .._core._addresses import ShardId, check_entity_id
 from .._core._hashing import misplaced
+from .._core._snowflake import Snowflake
 from .._errors import (
     ClusterError,
     InvalidIdError,
@@ -64,6 +80,17 @@ _FLOAT_TOLERANCE: Final = 1e-6
 between the timer and the wall clock."""
 
 
+@attrs.frozen
+class _Held:
+    """A request for a type not hosted here, kept during the grace period."""
+
+    shard: ShardId
+    epoch: int
+    entity_type: str
+    until: float
+    """Wall-clock time at which it is answered, if still ours."""
+
+
 @attrs.define(eq=False)
 class Claims:
     """The read loop and the delivery of persisted requests to entities."""
@@ -73,11 +100,20 @@ class Claims:
     _caught_up: dict[ShardId, int] = attrs.field(init=False, factory=dict)
     """Shard -> the epoch at which a claim found nothing more to take
     (see the module docstring)."""
+    _held: dict[int, _Held] = attrs.field(init=False, factory=dict)
+    """Request id -> a request held during the unknown-type grace period."""
+    _deadlines: list[tuple[float, int]] = attrs.field(init=False, factory=list)
+    """Heap of ``(until, request id)`` of the held requests."""
     delivered: int = attrs.field(init=False, default=0)
     claims: int = attrs.field(init=False, default=0)
     redelivered: int = attrs.field(init=False, default=0)
     """Claimed requests delivered that had been claimed before, under an
     earlier epoch (`ClaimedRequest.claimed_before`)."""
+
+    @property
+    def held(self) -> int:
+        """Requests for types not hosted here, held during their grace."""
+        return len(self._held)
 
     def caught_up(self, shard: ShardId, epoch: int) -> bool:
         """Whether no older request of ``shard`` can wait in storage at
@@ -90,6 +126,7 @@ class Claims:
         poll = self._parts.config.storage_poll_interval
         while True:
             signal.rearm()
+            self._answer_expired()
             shards = self._parts.shards.serving_epochs()
             budget = self._parts.config.max_persisted_in_flight - len(
                 self._parts.manager.persisted_jobs
@@ -113,10 +150,11 @@ class Claims:
                     await trio.lowlevel.checkpoint()
                     continue
             timeout = poll
-            if signal.next_deliver_at != math.inf:
-                timeout = min(
-                    timeout, max(0.0, signal.next_deliver_at - self._parts.clock.now())
-                )
+            wake = signal.next_deliver_at
+            if self._deadlines:
+                wake = min(wake, self._deadlines[0][0])
+            if wake != math.inf:
+                timeout = min(timeout, max(0.0, wake - self._parts.clock.now()))
             with trio.move_on_after(timeout):
                 await signal.wait()
 
@@ -178,6 +216,8 @@ class Claims:
         handler = None if entity_type is None else entity_type.handlers.get(request.tag)
         error = self._undeliverable(request, entity_type, handler)
         if error is not None:
+            if entity_type is None and self._hold(request, error):
+                return
             self._refuse(host, request.request_id, error, handler)
             return
         assert entity_type is not None
@@ -245,6 +285,49 @@ class Claims:
                 problems=[f"{handler.what} is volatile: it never runs from storage"],
             )
         return None
+
+    def _hold(self, request: ClaimedRequest, error: ClusterError) -> bool:
+        """Hold a request for a type not hosted here if it is still in its
+        grace period (see the module docstring); False if it is not."""
+        if not isinstance(error, UnknownEntityTypeError):
+            return False  # an invalid id: never deliverable
+        grace = self._parts.config.unknown_type_grace
+        try:
+            sent = Snowflake(request.request_id).timestamp_ms / 1000
+        except (TypeError, ValueError):
+            return False  # not a Snowflake id: counts as old
+        until = max(sent, request.deliver_at or sent) + grace
+        if until <= self._parts.clock.now():
+            return False
+        if request.request_id not in self._held:
+            log.info(
+                "stored request %d is for entity type %r, which this runner does"
+                " not host: kept for the shard's next owner until its grace"
+                " period ends",
+                request.request_id,
+                request.address.entity_type,
+            )
+        self._held[request.request_id] = _Held(
+            request.address.shard, request.epoch, request.address.entity_type, until
+        )
+        heapq.heappush(self._deadlines, (until, request.request_id))
+        return True
+
+    def _answer_expired(self) -> None:
+        """Answer the held requests whose grace period is over, if this
+        runner still serves their shard at the epoch they were held at."""
+        now = self._parts.clock.now() + _FLOAT_TOLERANCE
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, request_id = heapq.heappop(self._deadlines)
+            held = self._held.get(request_id)
+            if held is None or held.until > now:
+                continue  # answered already, or held again later
+            del self._held[request_id]
+            host = self._parts.shards.host(held.shard)
+            if host is None or host.epoch != held.epoch:
+                continue  # the shard moved on: its new owner has it
+            error = UnknownEntityTypeError(entity_type=held.entity_type, handler=None)
+            self._refuse(host, request_id, error, None)
 
     def _answer_unreadable(self, request: UnreadableRequest) -> None:
         """A claimed request storage could not read back: answer it with

@@ -146,6 +146,7 @@ class PersistedDelivery:
             "reply_batches": self._recorder.batches,
             "replies": self._recorder.recorded,
             "claims": self._claims.claims,
+            "held_unknown_type": self._claims.held,
             "waiting_callers": self._parts.waiters.waiting,
         }
 

@@ -54,6 +54,7 @@ __all__ = [
     "check_replies_for",
     "check_save_replies",
     "check_save_requests",
+    "check_scan_unprocessed",
     "check_transaction",
 ]
 
@@ -258,6 +259,12 @@ def check_clear_address(address: object) -> EntityAddress:
 def check_delete_processed(older_than: object, limit: object) -> tuple[float, int]:
     """`MessageStorage.delete_processed`: returns ``(older_than, limit)``."""
     return check_now(older_than, "older_than"), check_limit(limit)
+
+
+def check_scan_unprocessed(after_id: object, limit: object) -> tuple[int | None, int]:
+    """`MessageStorage.scan_unprocessed`: returns ``(after_id, limit)``."""
+    after = None if after_id is None else check_int(after_id, "after_id")
+    return after, check_limit(limit)
 
 
 def check_register(runner: object) -> RunnerInfo:

@@ -29,6 +29,7 @@ from .._validation import (
     check_replies_for,
     check_save_replies,
     check_save_requests,
+    check_scan_unprocessed,
     check_transaction,
 )
 from ._store import MessageStore
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
         ReplyRecord,
         SaveResult,
         StoredReplies,
+        StoredRequest,
     )
 
     from ._store import Inbox
@@ -153,6 +155,13 @@ class MemoryMessages(MessageStorage):
         older_than, limit = check_delete_processed(older_than, limit)
         await self._enter("delete_processed")
         return self._store.delete_processed(older_than, limit)
+
+    async def scan_unprocessed(
+        self, *, after_id: int | None = None, limit: int
+    ) -> list[StoredRequest]:
+        after_id, limit = check_scan_unprocessed(after_id, limit)
+        await self._enter("scan_unprocessed")
+        return self._store.scan_unprocessed(after_id, limit)
 
     async def wait_notifications(self) -> list[Notification]:
         await self._enter("wait_notifications")

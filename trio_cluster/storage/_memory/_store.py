@@ -44,6 +44,7 @@ from trio_cluster._storage_abc import (
     SaveResult,
     StoredChunk,
     StoredReplies,
+    StoredRequest,
 )
 
 from .._coalesce import Coalescer
@@ -411,6 +412,20 @@ class MessageStore:
         if ids:
             self._notify(shards=list(shards), interrupted=list(ids))
 
+    def scan_unprocessed(self, after_id: int | None, limit: int) -> list[StoredRequest]:
+        """The first ``limit`` unprocessed requests after ``after_id`` by id
+        (one pass over the unprocessed requests, keeping ``limit`` of them)."""
+        candidates = (
+            stored
+            for queue in self._queues.values()
+            for request_id, stored in queue.pending.items()
+            if after_id is None or request_id > after_id
+        )
+        page = heapq.nsmallest(
+            limit, candidates, key=lambda stored: stored.request.request_id
+        )
+        return [_inspected(stored) for stored in page]
+
     # ------------------------------------------------------------------
     # Deletion
 
@@ -503,4 +518,20 @@ def _claimed(stored: _Request, epoch: int, *, claimed_before: bool) -> ClaimedRe
         next_sequence=stored.chunk_order[-1] + 1 if stored.chunk_order else 0,
         epoch=epoch,
         claimed_before=claimed_before,
+    )
+
+
+def _inspected(stored: _Request) -> StoredRequest:
+    request = stored.request
+    return StoredRequest(
+        request_id=request.request_id,
+        shard=request.address.shard,
+        entity_type=request.address.entity_type,
+        entity_id=request.address.entity_id.value,
+        tag=request.tag,
+        payload=request.payload,
+        deliver_at=request.deliver_at,
+        stream=request.stream,
+        claimed_epoch=stored.claimed_epoch,
+        interrupted=stored.interrupted,
     )

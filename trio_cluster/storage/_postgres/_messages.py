@@ -54,6 +54,7 @@ from trio_cluster._storage_abc import (
     StorageTransaction,
     StoredChunk,
     StoredReplies,
+    StoredRequest,
     UnreadableRequest,
 )
 
@@ -66,6 +67,7 @@ from .._validation import (
     check_replies_for,
     check_save_replies,
     check_save_requests,
+    check_scan_unprocessed,
     check_transaction,
 )
 from ._driver._pool import PgPool
@@ -84,6 +86,8 @@ __all__ = ["PgMessages"]
 log = logging.getLogger("trio_cluster.storage.postgres")
 
 _SAVE_ATTEMPTS = 5
+_MIN_BIGINT = -(2**63)
+_MAX_BIGINT = 2**63 - 1
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -422,6 +426,45 @@ class PgMessages(MessageStorage):
             return 0
         params = [older_than, limit]
         return (await self._execute(self._q.delete_processed, params)).rowcount
+
+    async def scan_unprocessed(
+        self, *, after_id: int | None = None, limit: int
+    ) -> list[StoredRequest]:
+        after_id, limit = check_scan_unprocessed(after_id, limit)
+        if not await _any_work(limit) or (after_id or 0) >= _MAX_BIGINT:
+            return []
+        params: list[object] = [
+            _MIN_BIGINT if after_id is None else max(after_id + 1, _MIN_BIGINT),
+            limit,
+        ]
+        rows = (await self._execute(self._q.scan_unprocessed, params)).rows
+        return [
+            StoredRequest(
+                request_id=request_id,
+                shard=self._shard(group, number),
+                entity_type=entity_type,
+                entity_id=entity_id,
+                tag=tag,
+                payload=payload,
+                deliver_at=deliver_at,
+                stream=stream,
+                claimed_epoch=claimed_epoch,
+                interrupted=interrupted,
+            )
+            for (
+                request_id,
+                group,
+                number,
+                entity_type,
+                entity_id,
+                tag,
+                payload,
+                deliver_at,
+                stream,
+                claimed_epoch,
+                interrupted,
+            ) in rows
+        ]
 
     async def wait_notifications(self) -> list[Notification]:
         return await self._listener.wait()

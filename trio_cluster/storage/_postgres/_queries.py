@@ -61,6 +61,7 @@ class MessageQueries:
     interrupt: str
     clear_address: str
     delete_processed: str
+    scan_unprocessed: str
 
     @classmethod
     def build(cls, names: PgNames) -> MessageQueries:
@@ -108,6 +109,15 @@ DELETE FROM {m} m USING (
     FOR UPDATE SKIP LOCKED
 ) d
 WHERE m.request_id = d.request_id""",
+            # Read-only, along the primary key: one page of an inspection ($1 the
+            # first id wanted, $2 the page size).
+            scan_unprocessed=f"""
+SELECT request_id, shard_group, shard_number, entity_type, entity_id, tag,
+       payload, deliver_at, stream, claimed_epoch, interrupted
+FROM {m}
+WHERE request_id >= $1::int8 AND processed_at IS NULL
+ORDER BY request_id
+LIMIT $2::int8""",
         )
 
 

@@ -5,7 +5,8 @@ promises, through its public methods only, so `MemoryStorage` and the
 PostgreSQL backend are held to the same behaviour. The tests are split by
 concept: `_conformance_messages` (saving, claiming, replies, deletion),
 `_conformance_runners` (registry, locks, leases, fencing),
-`_conformance_transactions` (transactions) and, here,
+`_conformance_transactions` (transactions), `_inspection` (read-only
+paging of unprocessed requests) and, here,
 notifications.
 
 Every test runs under a ``trio.fail_after`` guard, passes explicit ``now``
@@ -36,6 +37,7 @@ from ._base import (
     persisted_request,
     saved_and_claimed,
 )
+from ._inspection import InspectionTests
 from ._messages import MessageStorageTests, chunk
 from ._runners import RunnerStorageTests
 from ._transactions import TransactionTests
@@ -54,7 +56,9 @@ def _earliest_deliver_at(seen: Seen, shard: object) -> float | None:
     return min(times, default=None)
 
 
-class StorageConformance(MessageStorageTests, RunnerStorageTests, TransactionTests):
+class StorageConformance(
+    MessageStorageTests, InspectionTests, RunnerStorageTests, TransactionTests
+):
     """Base class of a backend's conformance tests (pytest with pytest-trio).
 
     Subclass it in a test module whose name pytest collects (``Test...``) and

@@ -45,6 +45,7 @@ if TYPE_CHECKING:
         ShardOwner,
         StorageTransaction,
         StoredReplies,
+        StoredRequest,
     )
 
 
@@ -140,6 +141,11 @@ class _Messages(MessageStorage):
 
     async def delete_processed(self, *, older_than: float, limit: int) -> int:
         return await self._inner.delete_processed(older_than=older_than, limit=limit)
+
+    async def scan_unprocessed(
+        self, *, after_id: int | None = None, limit: int
+    ) -> list[StoredRequest]:
+        return await self._inner.scan_unprocessed(after_id=after_id, limit=limit)
 
     async def wait_notifications(self) -> list[Notification]:
         return await self._inner.wait_notifications()
