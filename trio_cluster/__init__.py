@@ -10,6 +10,10 @@ and call entities by id from anywhere in the cluster::
 from __future__ import annotations
 
 from ._broadcast import Broadcast as Broadcast
+from ._call_metadata import (
+    current_metadata as current_metadata,
+    with_metadata as with_metadata,
+)
 from ._client import EntityClient as EntityClient
 from ._clock import Clock as Clock, TrioWallClock as TrioWallClock
 from ._context import (
@@ -34,6 +38,7 @@ from ._errors import (
     EntityDefinitionError as EntityDefinitionError,
     EntityNotAssignedError as EntityNotAssignedError,
     InvalidIdError as InvalidIdError,
+    InvalidMetadataError as InvalidMetadataError,
     MailboxFullError as MailboxFullError,
     MalformedMessageError as MalformedMessageError,
     MessageTooLargeError as MessageTooLargeError,
@@ -86,6 +91,7 @@ __all__ = [
     "EntityId",
     "EntityNotAssignedError",
     "InvalidIdError",
+    "InvalidMetadataError",
     "LatencySnapshot",
     "MailboxFullError",
     "MalformedMessageError",
@@ -109,6 +115,7 @@ __all__ = [
     "TrioWallClock",
     "UnknownEntityTypeError",
     "current_entity_address",
+    "current_metadata",
     "current_runner",
     "current_transaction",
     "open_runner",
@@ -116,6 +123,7 @@ __all__ = [
     "serve_metrics",
     "serve_runner",
     "stream",
+    "with_metadata",
 ]
 
 fixup_module_metadata(__name__, globals())

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from ._operations._statistics import RunnerStatistics
     from ._singletons import Singleton
     from ._storage_abc import RunnerInfo, Storage, StorageSession
+    from ._tracing import Tracer
     from ._transport_abc import Endpoint, Transport
 
 __all__ = ["Runner", "current_runner", "open_runner", "serve_runner"]
@@ -90,6 +91,7 @@ class Runner:
         scope: trio.CancelScope,
         endpoint: Endpoint | None = None,
         relay: HandlerRelay | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -106,6 +108,7 @@ class Runner:
             context=self,
             endpoint=endpoint,
             relay=relay,
+            tracer=tracer,
         )
         self._clients: dict[type[Entity], EntityClient[Any]] = {}
 
@@ -231,6 +234,7 @@ async def open_runner(
     converter: cattrs.Converter | None = None,
     clock: Clock | None = None,
     listeners: Sequence[RunnerListener] = (),
+    tracer: Tracer | None = None,
 ) -> AsyncIterator[Runner]:
     """Open a runner that serves ``entities`` until the block ends.
 
@@ -252,6 +256,11 @@ async def open_runner(
         listeners: `RunnerListener` objects told of the runner's lifecycle
             events (shards acquired and stopped, handlers started and
             finished; see `trio_cluster.abc.RunnerListener`).
+        tracer: makes a span per call on the caller's side and on the
+            owner's, and carries the trace context in the call metadata
+            (see `trio_cluster.abc.Tracer`;
+            `trio_cluster.contrib.opentelemetry.OpenTelemetryTracer` is
+            ready-made). None: no tracing, at no cost.
 
     Raises:
         EntityDefinitionError: an entity class or singleton is invalid (before
@@ -319,6 +328,7 @@ async def open_runner(
                     scope=system_scope,
                     endpoint=endpoint,
                     relay=relay,
+                    tracer=tracer,
                 )
                 current_runner_var.set(runner)  # this task's own context
                 async with trio.open_nursery() as nursery:
@@ -352,6 +362,7 @@ async def serve_runner(
     converter: cattrs.Converter | None = None,
     clock: Clock | None = None,
     listeners: Sequence[RunnerListener] = (),
+    tracer: Tracer | None = None,
     task_status: trio.TaskStatus[Runner] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a runner until cancelled::
@@ -376,6 +387,7 @@ async def serve_runner(
         converter=converter,
         clock=clock,
         listeners=listeners,
+        tracer=tracer,
     ) as runner:
         task_status.started(runner)
         await trio.sleep_forever()

@@ -3,7 +3,7 @@
 Implement `Storage` (with its `MessageStorage` and `RunnerStorage` services) to
 add a storage backend, and run `trio_cluster.testing.StorageConformance`
 against it. Implement `Transport` (with its `Endpoint`) to add a way for
-runners to reach each other.
+runners to reach each other. Implement `Tracer` to make spans of calls.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ from ._storage_abc import (
     StoredChunk as StoredChunk,
     StoredReplies as StoredReplies,
     UnreadableRequest as UnreadableRequest,
+)
+from ._tracing import (
+    TracedCall as TracedCall,
+    Tracer as Tracer,
+    TraceSpan as TraceSpan,
 )
 from ._transport_abc import (
     Endpoint as Endpoint,
@@ -65,6 +70,9 @@ __all__ = [
     "StorageTransaction",
     "StoredChunk",
     "StoredReplies",
+    "TraceSpan",
+    "TracedCall",
+    "Tracer",
     "Transport",
     "UnreadableRequest",
 ]

@@ -36,6 +36,7 @@ from ._base import (
     persisted_request,
     saved_and_claimed,
 )
+from ._call_metadata import CallMetadataTests
 from ._messages import MessageStorageTests, chunk
 from ._runners import RunnerStorageTests
 from ._transactions import TransactionTests
@@ -54,7 +55,9 @@ def _earliest_deliver_at(seen: Seen, shard: object) -> float | None:
     return min(times, default=None)
 
 
-class StorageConformance(MessageStorageTests, RunnerStorageTests, TransactionTests):
+class StorageConformance(
+    MessageStorageTests, RunnerStorageTests, TransactionTests, CallMetadataTests
+):
     """Base class of a backend's conformance tests (pytest with pytest-trio).
 
     Subclass it in a test module whose name pytest collects (``Test...``) and
