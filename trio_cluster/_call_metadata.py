@@ -30,6 +30,7 @@ from contextvars import ContextVar
 from types import MappingProxyType
 from typing import Final
 
+from ._core._addresses import check_storable
 from ._errors import InvalidIdError, InvalidMetadataError
 
 __all__ = [
@@ -153,23 +154,13 @@ def _entry_problem(key: object, value: object) -> str | None:
             f"the value of {key!r} is {len(value)} characters,"
             f" over {MAX_METADATA_VALUE_LENGTH}"
         )
-    for what, text in (("key", key), ("value", value)):
-        try:
-            _check_storable(text)
-        except InvalidIdError as exc:
-            return f"the {what} of {key!r} {exc}"
-    return None
-
-
-def _check_storable(text: str) -> None:
-    # As `_core._addresses.check_storable`: what PostgreSQL text and UTF-8
-    # cannot hold.
-    if "\x00" in text:
-        raise InvalidIdError("holds a NUL character")
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidIdError("is not valid Unicode (a lone surrogate)") from None
+        # What PostgreSQL text and UTF-8 cannot hold.
+        check_storable(f"the key {key!r}", key)
+        check_storable(f"the value of {key!r}", value)
+    except InvalidIdError as exc:
+        return str(exc)
+    return None
 
 
 def _check_totals(metadata: Mapping[str, str]) -> None:
