@@ -18,6 +18,7 @@ PUBLIC_NAMESPACES = [
     "trio_cluster.testing",
     "trio_cluster.transport",
     "trio_cluster.logs",
+    "trio_cluster.contrib.opentelemetry",
 ]
 
 
@@ -51,6 +52,9 @@ def test_top_level_api_is_complete():
         "RunnerAddress",
         "current_runner",
         "current_entity_address",
+        "with_metadata",
+        "current_metadata",
+        "InvalidMetadataError",
         "ClusterError",
         "ConfigError",
         "MailboxFullError",

@@ -10,6 +10,10 @@ and call entities by id from anywhere in the cluster::
 from __future__ import annotations
 
 from ._broadcast import Broadcast as Broadcast
+from ._call_metadata import (
+    current_metadata as current_metadata,
+    with_metadata as with_metadata,
+)
 from ._client import EntityClient as EntityClient
 from ._clock import Clock as Clock, TrioWallClock as TrioWallClock
 from ._cluster_state import (
@@ -38,6 +42,7 @@ from ._errors import (
     EntityDefinitionError as EntityDefinitionError,
     EntityNotAssignedError as EntityNotAssignedError,
     InvalidIdError as InvalidIdError,
+    InvalidMetadataError as InvalidMetadataError,
     MailboxFullError as MailboxFullError,
     MalformedMessageError as MalformedMessageError,
     MessageTooLargeError as MessageTooLargeError,
@@ -98,6 +103,7 @@ __all__ = [
     "EntityId",
     "EntityNotAssignedError",
     "InvalidIdError",
+    "InvalidMetadataError",
     "LatencySnapshot",
     "MailboxFullError",
     "MalformedMessageError",
@@ -127,6 +133,7 @@ __all__ = [
     "check_messages",
     "current_cluster_state",
     "current_entity_address",
+    "current_metadata",
     "current_runner",
     "current_transaction",
     "open_runner",
@@ -134,6 +141,7 @@ __all__ = [
     "serve_metrics",
     "serve_runner",
     "stream",
+    "with_metadata",
 ]
 
 fixup_module_metadata(__name__, globals())

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from ._operations._statistics import RunnerStatistics
     from ._singletons import Singleton
     from ._storage_abc import RunnerInfo, Storage, StorageSession
+    from ._tracing import Tracer
     from ._transport_abc import Endpoint, Transport
 
 __all__ = ["Runner", "current_runner", "open_runner", "serve_runner"]
@@ -92,6 +93,7 @@ class Runner:
         scope: trio.CancelScope,
         endpoint: Endpoint | None = None,
         relay: HandlerRelay | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -108,6 +110,7 @@ class Runner:
             context=self,
             endpoint=endpoint,
             relay=relay,
+            tracer=tracer,
         )
         self._clients: dict[type[Entity], EntityClient[Any]] = {}
 
@@ -272,6 +275,7 @@ async def open_runner(
     converter: cattrs.Converter | None = None,
     clock: Clock | None = None,
     listeners: Sequence[RunnerListener] = (),
+    tracer: Tracer | None = None,
 ) -> AsyncIterator[Runner]:
     """Open a runner that serves ``entities`` until the block ends.
 
@@ -293,6 +297,11 @@ async def open_runner(
         listeners: `RunnerListener` objects told of the runner's lifecycle
             events (shards acquired and stopped, handlers started and
             finished; see `trio_cluster.abc.RunnerListener`).
+        tracer: makes a span per call on the caller's side and on the
+            owner's, and carries the trace context in the call metadata
+            (see `trio_cluster.abc.Tracer`;
+            `trio_cluster.contrib.opentelemetry.OpenTelemetryTracer` is
+            ready-made). None: no tracing, at no cost.
 
     Raises:
         EntityDefinitionError: an entity class or singleton is invalid (before
@@ -360,6 +369,7 @@ async def open_runner(
                     scope=system_scope,
                     endpoint=endpoint,
                     relay=relay,
+                    tracer=tracer,
                 )
                 current_runner_var.set(runner)  # this task's own context
                 async with trio.open_nursery() as nursery:
@@ -393,6 +403,7 @@ async def serve_runner(
     converter: cattrs.Converter | None = None,
     clock: Clock | None = None,
     listeners: Sequence[RunnerListener] = (),
+    tracer: Tracer | None = None,
     task_status: trio.TaskStatus[Runner] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a runner until cancelled::
@@ -417,6 +428,7 @@ async def serve_runner(
         converter=converter,
         clock=clock,
         listeners=listeners,
+        tracer=tracer,
     ) as runner:
         task_status.started(runner)
         await trio.sleep_forever()

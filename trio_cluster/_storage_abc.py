@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -53,7 +55,7 @@ from ._core._addresses import EntityAddress, RunnerAddress, ShardId
 from ._errors import ClusterError
 
 if TYPE_CHECKING:
-    from collections.abc import Collection, Mapping, Sequence
+    from collections.abc import Collection, Sequence
     from contextlib import AbstractAsyncContextManager
 
     from ._errors import PersistenceError
@@ -112,6 +114,12 @@ class PersistedRequest:
     request itself, so store it already claimed. If the epoch is stale the
     request is stored unclaimed and `SaveResult.claimed` is False. Ignored when
     ``deliver_at`` is in the future relative to ``now``."""
+    metadata: Mapping[str, str] = attrs.field(default=MappingProxyType({}), hash=False)
+    """The call metadata the request carries (`trio_cluster.with_metadata`,
+    and the tracer's trace context): stored with it and handed back by
+    `MessageStorage.claim`, so the handler sees it whichever runner claims
+    the request. At most 34 entries of str to str, 5120 characters of keys
+    and values in all; a backend refuses other values (``ValueError``)."""
 
 
 @attrs.frozen
@@ -151,6 +159,8 @@ class ClaimedRequest:
     """It had been claimed (or saved claimed) under an earlier epoch and is
     claimed again unfinished: an earlier delivery did not finish (a failover,
     a restart, a shard that moved with work still queued)."""
+    metadata: Mapping[str, str] = attrs.field(default=MappingProxyType({}), hash=False)
+    """The `PersistedRequest.metadata` it was saved with."""
 
 
 @attrs.frozen

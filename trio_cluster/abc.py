@@ -3,7 +3,7 @@
 Implement `Storage` (with its `MessageStorage` and `RunnerStorage` services) to
 add a storage backend, and run `trio_cluster.testing.StorageConformance`
 against it. Implement `Transport` (with its `Endpoint`) to add a way for
-runners to reach each other.
+runners to reach each other. Implement `Tracer` to make spans of calls.
 """
 
 from __future__ import annotations
@@ -33,6 +33,11 @@ from ._storage_abc import (
     StoredReplies as StoredReplies,
     StoredRequest as StoredRequest,
     UnreadableRequest as UnreadableRequest,
+)
+from ._tracing import (
+    TracedCall as TracedCall,
+    Tracer as Tracer,
+    TraceSpan as TraceSpan,
 )
 from ._transport_abc import (
     Endpoint as Endpoint,
@@ -67,6 +72,9 @@ __all__ = [
     "StoredChunk",
     "StoredReplies",
     "StoredRequest",
+    "TraceSpan",
+    "TracedCall",
+    "Tracer",
     "Transport",
     "UnreadableRequest",
 ]

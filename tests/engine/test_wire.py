@@ -205,3 +205,60 @@ def test_every_hostile_field_value_is_malformed(envelope, index):
     with pytest.raises(MalformedMessageError) as caught:
         parse(envelope)
     assert caught.value.problems[0].startswith(f"field {index} (")
+
+
+# The optional metadata field of REQUEST (the call metadata, sent only when
+# the call carries some).
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {},
+        {"tenant": "acme"},
+        {"tenant": "acme", "traceparent": TRACEPARENT, "tracestate": "v=1"},
+        {f"k{i:02}": "v" * 120 for i in range(32)},  # at the caller's limits
+    ],
+)
+def test_a_request_may_carry_metadata(metadata):
+    envelope = [*WELL_FORMED[Kind.REQUEST], metadata]
+    kind, fields = parse(envelope)
+    assert kind is Kind.REQUEST
+    assert fields[9] == metadata
+
+
+@pytest.mark.parametrize(
+    ("metadata", "problem"),
+    [
+        (None, "unexpected NoneType"),
+        ("k=v", "unexpected str"),
+        ([["k", "v"]], "unexpected list"),
+        ({1: "v"}, "keys must be str, got int"),
+        ({b"k": "v"}, "keys must be str, got bytes"),
+        ({"k": 1}, "the value of 'k' must be a str, got int"),
+        ({"k": None}, "the value of 'k' must be a str, got NoneType"),
+        ({"k": ["v"]}, "must be a str, got list"),
+        ({"": "v"}, "keys must not be empty"),
+        ({"k" * 65: "v"}, "65 characters, over 64"),
+        ({"k": "v" * 1025}, "1025 characters, over 1024"),
+        ({"k": "a\x00b"}, "NUL"),
+        ({f"k{i}": "v" for i in range(35)}, "35 entries, over 34"),
+        ({f"k{i}": "v" * 1000 for i in range(6)}, "over 5120"),
+    ],
+)
+def test_bad_metadata_makes_a_request_malformed(metadata, problem):
+    with pytest.raises(MalformedMessageError) as caught:
+        parse([*WELL_FORMED[Kind.REQUEST], metadata])
+    assert caught.value.problems[0].startswith("field 10 (metadata): ")
+    assert problem in caught.value.problems[0]
+
+
+def test_a_request_has_nine_or_ten_fields():
+    with pytest.raises(MalformedMessageError, match="expected 9 to 10 fields, got 8"):
+        parse(WELL_FORMED[Kind.REQUEST][:-1])
+    with pytest.raises(MalformedMessageError, match="expected 9 to 10 fields, got 11"):
+        parse([*WELL_FORMED[Kind.REQUEST], {}, {}])
+    # Other kinds have no optional field.
+    with pytest.raises(MalformedMessageError, match="expected 2 fields, got 3"):
+        parse([*WELL_FORMED[Kind.REPLY], {}])

@@ -11,10 +11,12 @@ down) and that a request re-run by a successor is recorded only once.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import attrs
+import trio
 
 import trio_cluster as tc
 
@@ -84,4 +86,37 @@ class Probe(tc.Entity):
         return served
 
 
-ENTITIES = [Probe]
+# Call metadata across a crash: `Holder.hold` blocks on its first run, so a
+# test can kill its runner with the request in flight and see what the
+# runner that takes the request over runs it with.
+
+
+@attrs.frozen
+class Hold:
+    log: str
+    """A file each run appends a JSON line to (its runner, its metadata)."""
+
+
+@attrs.frozen
+class Carried:
+    runner: str
+    metadata: dict[str, str]
+
+
+class Holder(tc.Entity):
+    type_name = "mp.Holder"
+
+    @tc.rpc(persisted=True)
+    async def hold(self, msg: Hold) -> Carried:
+        """Logs its run; blocks forever on the first, answers after."""
+        log = Path(msg.log)
+        first = not log.exists()  # noqa: ASYNC240
+        carried = Carried(str(tc.current_runner().address), dict(tc.current_metadata()))
+        with log.open("a") as file:  # noqa: ASYNC230
+            file.write(json.dumps(attrs.asdict(carried)) + "\n")
+        if first:
+            await trio.sleep_forever()
+        return carried
+
+
+ENTITIES = [Probe, Holder]

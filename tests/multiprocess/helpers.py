@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 
     from tests.pg_fixture import PgAdmin
+    from trio_cluster.abc import Tracer
 
 log = logging.getLogger("tests.multiprocess")
 """Measured figures are logged here (``--log-cli-level=INFO`` shows them)."""
@@ -208,10 +209,15 @@ class MultiCluster:
 
     @asynccontextmanager
     async def client(
-        self, transport: WebSocketTransport | None = None, **overrides: Any
+        self,
+        transport: WebSocketTransport | None = None,
+        *,
+        tracer: Tracer | None = None,
+        **overrides: Any,
     ) -> AsyncIterator[tc.Runner]:
         """A client-only runner in this process (hosts no shard), on
-        ``transport`` (default: a plain `WebSocketTransport`)."""
+        ``transport`` (default: a plain `WebSocketTransport`), with
+        ``tracer`` if given."""
         config = tc.ShardingConfig(
             shard_groups=(),
             runner_address=tc.RunnerAddress("127.0.0.1", 0),
@@ -223,6 +229,7 @@ class MultiCluster:
             config=config,
             storage=PostgresStorage(self.dsn, table_prefix=self.prefix),
             transport=transport if transport is not None else WebSocketTransport(),
+            tracer=tracer,
         ) as runner:
             yield runner
 

@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from .._registry import Registry
     from .._singletons import Singleton
     from .._storage_abc import StorageSession
+    from .._tracing import Tracer
     from ._broadcasts import BroadcastCodecs
     from ._dispatch import HandlerRelay
 
@@ -193,6 +194,7 @@ def assemble(
     context: RunnerContext,
     endpoint: Endpoint | None = None,
     relay: HandlerRelay | None = None,
+    tracer: Tracer | None = None,
 ) -> RunnerParts:
     """Build a runner's parts, each whole (see the module docstring).
 
@@ -210,13 +212,18 @@ def assemble(
             runs in copies of the current context (`_isolation`).
         endpoint: its transport endpoint, if it has one; then ``relay`` is
             the handler the endpoint was opened with.
+        tracer: makes a span per call on each side (the router's for the
+            caller, the manager's for the owner), if given.
 
     """
     hub = Listeners(listeners, address=config.runner_address)
     ids = SnowflakeGenerator(0)
     base = base_context(context)
     manager = EntityManager(
-        config=config, runner_label=str(config.runner_address), context=base
+        config=config,
+        runner_label=str(config.runner_address),
+        context=base,
+        tracer=tracer,
     )
     supervisor = SingletonSupervisor(singletons, config=config)
     table = ShardTable(config.runner_address)
@@ -247,6 +254,7 @@ def assemble(
         persisted=persisted,
         outbound=outbound,
         context=context,
+        tracer=tracer,
     )
     broadcast_set = Broadcasts(
         broadcasts, shards=table, endpoint=endpoint, context=base

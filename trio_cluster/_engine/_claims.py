@@ -66,6 +66,8 @@ from ._manager import NotDelivered
 from ._replies import ReplyRecorder
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from .._core._addresses import EntityAddress
     from .._registry import EntityType, Handler
     from .._storage_abc import ClaimBatch, ClaimedRequest, UnreadableRequest
@@ -182,9 +184,10 @@ class Claims:
         handler: Handler,
         message: Any,
         request_id: int,
+        metadata: Mapping[str, str] | None,
     ) -> None:
         """Submit a claimed request to its entity (once: a request already in
-        memory is left alone)."""
+        memory is left alone), to run with ``metadata``."""
         if request_id in self._parts.manager.persisted_jobs:
             return
         recorder = self._recorder
@@ -199,6 +202,7 @@ class Claims:
                 sink=recorder.record,
                 force=True,
                 around=recorder.in_transaction if handler.spec.transactional else None,
+                metadata=metadata,
             )
         except NotDelivered:
             # The shard is stopping: its next owner claims the request again.
@@ -233,7 +237,13 @@ class Claims:
             return
         delivered = self.delivered
         self.deliver(
-            host, request.address, entity_type, handler, message, request.request_id
+            host,
+            request.address,
+            entity_type,
+            handler,
+            message,
+            request.request_id,
+            request.metadata or None,
         )
         if request.claimed_before and self.delivered != delivered:
             self.redelivered += 1

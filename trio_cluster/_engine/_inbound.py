@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import suppress
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import attrs
@@ -47,6 +48,8 @@ from ._streams import ITEM, SendCredit, open_stream_channel
 from ._wire import Kind, Mode, address_from
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from .._core._addresses import EntityAddress
     from .._registry import EntityType, Handler
     from ._slots import ShardHost, Sink
@@ -123,7 +126,12 @@ class InboundCalls:
                 answered with this error first, except a discard). The
                 caller counts and logs it.
         """
-        call_id, mode_value, *where, tag, payload, left = fields
+        call_id, mode_value, *where, tag, payload, left = fields[:9]
+        # The optional metadata field (checked by `_wire.parse`); an empty
+        # map is as good as none.
+        metadata = (
+            MappingProxyType(fields[9]) if len(fields) > 9 and fields[9] else None
+        )
         if self._seen(peer, call_id):
             # NOTE: a transport that delivers a frame twice must not make a
             # volatile request run twice (found by the simulator's frame
@@ -140,7 +148,7 @@ class InboundCalls:
         mode = Mode(mode_value)  # in range: checked by `_wire.parse`
         target = self._resolve(peer, call_id, mode, address_from(where), tag, payload)
         if target is not None:
-            self._start(peer, call_id, mode, target, left)
+            self._start(peer, call_id, mode, target, left, metadata)
 
     def _resolve(
         self,
@@ -204,6 +212,7 @@ class InboundCalls:
         mode: Mode,
         target: _Target,
         left: float | None,
+        metadata: Mapping[str, str] | None,
     ) -> None:
         """Run a resolved request: at once if it cannot suspend (the fast
         path), else as a detached or stream job whose outcome goes back."""
@@ -215,7 +224,7 @@ class InboundCalls:
             if mode is not Mode.STREAM:
                 # The fast path: a handler that cannot suspend runs right here.
                 exit_ = self._manager.run_nowait(
-                    host, address, target.entity_type, handler, target.message
+                    host, address, target.entity_type, handler, target.message, metadata
                 )
                 if exit_ is not None:
                     self.handled += 1
@@ -230,6 +239,7 @@ class InboundCalls:
                 kind=JobKind.STREAM if mode is Mode.STREAM else JobKind.DETACHED,
                 sink=self._reply_sink(peer, call_id) if mode is Mode.CALL else None,
                 stream_channel=send,
+                metadata=metadata,
             )
         except NotDelivered:
             self._send(

@@ -15,10 +15,11 @@ So the rule is: every run of entity code (a handler, with ``on_start`` when
 the incarnation starts with it; ``on_stop``) starts from a fresh copy of the
 runner's *base context* (`base_context`): the context ``open_runner`` was
 entered in, with the runtime's own variables set (the current runner; no
-current entity, no transaction, no singleton). What the application set around
-``open_runner`` is visible; nothing a caller set is, and what entity code sets
-ends with its run. What a handler needs from its caller travels in the
-message.
+current entity, no transaction, no singleton, no call metadata). What the
+application set around ``open_runner`` is visible; nothing a caller set is,
+and what entity code sets ends with its run. What a handler needs from its
+caller travels in the message, or in the call metadata
+(`trio_cluster.with_metadata`), which the manager sets in the handler's copy.
 
 Three ways to get there, from the cheapest:
 
@@ -41,6 +42,7 @@ import types
 from contextvars import Context, copy_context
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .._call_metadata import current_metadata_var
 from .._context import (
     current_entity_var,
     current_runner_var,
@@ -63,7 +65,9 @@ T = TypeVar("T")
 def base_context(runner: RunnerContext) -> Context:
     """The base context of ``runner``'s entity code: a copy of the current
     context (call it where ``open_runner`` was entered) with ``runner`` as the
-    current runner and no current entity, transaction or singleton."""
+    current runner and no current entity, transaction, singleton or call
+    metadata (a handler runs with its caller's, set in its copy by the
+    manager)."""
     context = copy_context()
     context.run(_enter_runner, runner)
     return context
@@ -74,6 +78,7 @@ def _enter_runner(runner: RunnerContext) -> None:
     current_entity_var.set(None)
     current_transaction_var.set(None)
     current_singleton_var.set(None)
+    current_metadata_var.set(None)
 
 
 def spawn(

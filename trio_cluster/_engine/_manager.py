@@ -38,14 +38,17 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
+from .._call_metadata import EMPTY_METADATA, current_metadata_var
 from .._context import current_entity_var
 from .._core._job import FINISH, GRANT, JobEvent, JobState, StopReason, advance
 from .._core._mailbox import Admission
 from .._errors import MailboxFullError
+from .._tracing import TracedCall
+from ..serialization._replies import Exit
 from ._entity_lifecycle import EntityLifecycle, activate, new_instance
 from ._isolation import run_in, spawn
 from ._outcomes import (
@@ -63,19 +66,21 @@ from ._slots import Job, JobKind, Slot
 from ._streams import end_stream_nowait, run_stream
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
+    from collections.abc import Coroutine, Mapping
     from contextvars import Context
 
     from .._core._addresses import EntityAddress
     from .._core._config import ShardingConfig
     from .._registry import EntityType, Handler
-    from ..serialization._replies import Exit
+    from .._tracing import Tracer
     from ._outcomes import Outcome, Requeue
     from ._slots import Around, ShardHost, Sink
 
 __all__ = ["EntityManager", "NotDelivered"]
 
 log = logging.getLogger("trio_cluster.entity")
+
+T = TypeVar("T")
 
 
 class NotDelivered(Exception):
@@ -90,10 +95,16 @@ class EntityManager:
         config: the runner's policies.
         runner_label: the runner's address, for logs and errors.
         context: the runner's base context (`_isolation.base_context`).
+        tracer: makes a span around each handler's execution, if given.
     """
 
     def __init__(
-        self, *, config: ShardingConfig, runner_label: str, context: Context
+        self,
+        *,
+        config: ShardingConfig,
+        runner_label: str,
+        context: Context,
+        tracer: Tracer | None = None,
     ) -> None:
         self.serialize = config.serialize_local_calls
         """Values and errors make their codecs' round trip even in-process."""
@@ -109,6 +120,8 @@ class EntityManager:
         self.requeued = 0
         """Persisted jobs put back in their mailbox to run again (a crash of
         their entity or of its ``on_start``, a failed transaction)."""
+        self.tracer = tracer
+        """Makes the owner's span of each handler run (None: no tracing)."""
 
     @property
     def crashes(self) -> int:
@@ -163,8 +176,10 @@ class EntityManager:
         entity_type: EntityType,
         handler: Handler,
         message: Any,
+        metadata: Mapping[str, str] | None = None,
     ) -> Any:
-        """Run a volatile request in the caller's task and return its value.
+        """Run a volatile request in the caller's task and return its value;
+        the handler runs with ``metadata`` as its call metadata.
 
         Raises:
             NotDelivered: the shard is not served here (route again).
@@ -177,6 +192,8 @@ class EntityManager:
         await trio.lowlevel.checkpoint_if_cancelled()
         slot = self._slot_for(shard, address, entity_type, False)
         job = Job(handler, message, JobKind.INLINE, slot)
+        if metadata is not None:
+            job.metadata = metadata
         admission = slot.offer(job)
         if admission is Admission.FULL:
             raise MailboxFullError(address=str(address))
@@ -193,9 +210,10 @@ class EntityManager:
             else:
                 # In the caller's task (its cancellation is the handler's),
                 # each step in a fresh copy of the base context.
-                outcome = await run_in(
-                    self._context.copy(), self._execute_in_scope(slot, job)
-                )
+                run: Coroutine[Any, Any, Outcome] = self._execute_in_scope(slot, job)
+                if self.tracer is not None:
+                    run = self._traced(slot, job, run)
+                outcome = await run_in(self._job_context(job), run)
         finally:
             self._finish(slot, job)
         if outcome is NOT_RUN:
@@ -231,6 +249,7 @@ class EntityManager:
         force: bool = False,
         stream_channel: trio.MemorySendChannel[Any] | None = None,
         around: Around | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> Job:
         """Queue a job that runs without a waiting caller in this task.
 
@@ -243,6 +262,7 @@ class EntityManager:
                 resident while the runner is at ``max_resident_entities``, it
                 waits (not started, the entity not created) until there is
                 room.
+            metadata: the call metadata the handler runs with.
 
         Raises:
             NotDelivered: the shard is not served here.
@@ -259,6 +279,8 @@ class EntityManager:
             stream_channel=stream_channel,
             around=around,
         )
+        if metadata is not None:
+            job.metadata = metadata
         admission = slot.offer(job, force=force)
         if admission is Admission.FULL:
             self._lifecycle.after_change(slot)
@@ -276,6 +298,7 @@ class EntityManager:
         entity_type: EntityType,
         handler: Handler,
         message: Any,
+        metadata: Mapping[str, str] | None = None,
     ) -> Exit | None:
         """Run a volatile request to completion now, in the calling code and
         without a task, when nothing can make it wait: the handler cannot
@@ -305,6 +328,8 @@ class EntityManager:
             return None
         slot = self._slot_for(shard, address, entity_type, False)
         job = Job(handler, message, JobKind.INLINE, slot)
+        if metadata is not None:
+            job.metadata = metadata
         slot.offer(job)  # a permit: the slot is idle and not paused
         job.state = advance(job.state, JobEvent.GRANT)
         try:
@@ -365,6 +390,9 @@ class EntityManager:
             spawn(self._context, nursery, self._run_detached, slot, job)
 
     async def _run_detached(self, slot: Slot, job: Job) -> None:
+        if job.metadata is not None:
+            # This task's own context: a fresh copy of the base context.
+            current_metadata_var.set(job.metadata)
         outcome: Outcome | None = None
         retry = False
         try:
@@ -406,6 +434,12 @@ class EntityManager:
             # no longer served the shard): it did not run; it is redelivered
             # or routed again.
             return NOT_RUN
+        if self.tracer is not None:
+            return await self._traced(slot, job, self._execute_now(slot, job))
+        return await self._execute_now(slot, job)
+
+    async def _execute_now(self, slot: Slot, job: Job) -> Outcome:
+        """`_execute` past its checks (and inside its span, if traced)."""
         if _in_one_step(slot, job):
             # In this task's context: the job's own (a copy of the base
             # context, with what `job.around` set, such as the transaction).
@@ -419,14 +453,52 @@ class EntityManager:
         update state, for inline callers and the owner's fast path:
         synchronous, so they need no task switch and no stepping (see
         `_isolation`)."""
-        # NOTE: `_one_step` inlined (the hot path of W1).
-        self._context.copy().run(
-            _drive,
+        # NOTE: `_one_step` and `_job_context` inlined (the hot path of W1).
+        context = self._context.copy()
+        if job.metadata is not None:
+            context.run(current_metadata_var.set, job.metadata)
+        run = (
             self._observed_one_step(slot, job)
             if slot.shard.listeners.any
-            else self._execute_in_one_step(slot, job),
+            else self._execute_in_one_step(slot, job)
         )
+        if self.tracer is not None:
+            run = self._traced(slot, job, run)
+        context.run(_drive, run)
         return _one_step_outcome(job)
+
+    def _job_context(self, job: Job) -> Context:
+        """A fresh copy of the base context, with the job's call metadata."""
+        context = self._context.copy()
+        if job.metadata is not None:
+            context.run(current_metadata_var.set, job.metadata)
+        return context
+
+    def traced_call(self, slot: Slot, job: Job) -> TracedCall:
+        """What the owner's span of ``job`` is about."""
+        handler = job.handler
+        address = slot.address
+        return TracedCall(
+            kind="stream" if handler.spec.kind == "stream" else "call",
+            entity_type=address.entity_type,
+            entity_id=address.entity_id.value,
+            handler=handler.spec.name,
+            persisted=handler.spec.persisted,
+            runner=self.runner_label,
+        )
+
+    async def _traced(self, slot: Slot, job: Job, run: Coroutine[Any, Any, T]) -> T:
+        """Await ``run`` (a run of ``job``) inside the owner's span, which
+        records the handler's failure (an outcome, not an exception)."""
+        tracer = self.tracer
+        assert tracer is not None
+        carrier = EMPTY_METADATA if job.metadata is None else job.metadata
+        with tracer.owner_span(self.traced_call(slot, job), carrier) as span:
+            result = await run
+            outcome = job.outcome if result is None else result
+            if isinstance(outcome, Exit) and outcome.error is not None:
+                span.record_error(outcome.error)
+        return result
 
     def _one_step(self, slot: Slot, job: Job) -> Coroutine[Any, Any, None]:
         """The coroutine of a one-step run (observed if there are listeners:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .._call_metadata import EMPTY_METADATA
 from .._core._addresses import check_storable
 from .._errors import (
     EntityDefinitionError,
@@ -54,7 +55,7 @@ from ._replies import ReplyRecorder
 from ._waiters import ReplyWaiters
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
     from .._clock import Clock
     from .._core._addresses import EntityAddress, RunnerAddress
@@ -200,9 +201,11 @@ class PersistedDelivery:
         message: Any,
         *,
         discard: bool,
+        metadata: Mapping[str, str] | None = None,
     ) -> Any:
         """Send a persisted request (see the module docstring) and, unless
-        ``discard``, wait for its reply.
+        ``discard``, wait for its reply. It is stored with ``metadata``, the
+        call metadata its handler runs with.
 
         Raises:
             MalformedMessageError, MessageTooLargeError: the message cannot be
@@ -215,7 +218,7 @@ class PersistedDelivery:
         # A type only called from here is never run here: its owner (maybe
         # this runner) answers it from storage.
         host = self._parts.shards.host(address.shard) if entity_type.hosted else None
-        request = self._request(address, handler, message, host)
+        request = self._request(address, handler, message, host, metadata)
         request_id = request.request_id
         waiter = None if discard else self._parts.waiters.register(request_id)
         try:
@@ -240,7 +243,7 @@ class PersistedDelivery:
                 handler.message.decode(request.payload) if self._serialize else message
             )
             self._claims.deliver(
-                host, address, entity_type, handler, local_message, request_id
+                host, address, entity_type, handler, local_message, request_id, metadata
             )
         else:
             self._notices.notice_owner(
@@ -256,6 +259,7 @@ class PersistedDelivery:
         handler: Handler,
         message: Any,
         host: ShardHost | None,
+        metadata: Mapping[str, str] | None,
     ) -> PersistedRequest:
         """The request to store; claimed already when this runner serves the
         shard, has caught up with it, and the request is deliverable now.
@@ -289,6 +293,7 @@ class PersistedDelivery:
                 and self._claims.caught_up(address.shard, host.epoch)
                 else None
             ),
+            metadata=EMPTY_METADATA if metadata is None else metadata,
         )
 
     async def _attach(self, handler: Handler, result: SaveResult) -> Any:

@@ -38,7 +38,7 @@ from ._streams import END, ITEM, STREAM_BUFFER, ReceiveWindow, StreamReceiver
 from ._wire import MAX_SECONDS_LEFT, Kind, Mode, address_fields
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Callable, Mapping
 
     from .._core._addresses import EntityAddress, RunnerAddress
     from .._registry import Handler
@@ -106,6 +106,7 @@ class OutboundCalls:
         address: EntityAddress,
         handler: Handler,
         payload: bytes,
+        metadata: Mapping[str, str] | None,
     ) -> tuple[int, _Pending]:
         self._next_id += 1
         call_id = self._next_id
@@ -121,6 +122,8 @@ class OutboundCalls:
             # No deadline: infinite, or as good as (the owner refuses more).
             None if left > MAX_SECONDS_LEFT else left,
         ]
+        if metadata:
+            envelope.append(dict(metadata))
         self._send(peer, envelope)
         pending = _Pending(peer, handler)
         if mode is not Mode.DISCARD:
@@ -133,8 +136,10 @@ class OutboundCalls:
         address: EntityAddress,
         handler: Handler,
         payload: bytes,
+        metadata: Mapping[str, str] | None = None,
     ) -> Any:
-        """Run a volatile request on ``peer`` and return its value.
+        """Run a volatile request on ``peer`` and return its value; it
+        carries ``metadata`` (if any).
 
         Raises:
             NotSent: could not send (route again).
@@ -144,7 +149,9 @@ class OutboundCalls:
 
         Cancellation sends ``INTERRUPT`` to the owner.
         """
-        call_id, pending = self._request(peer, Mode.CALL, address, handler, payload)
+        call_id, pending = self._request(
+            peer, Mode.CALL, address, handler, payload, metadata
+        )
         try:
             await pending.done.wait()
         except BaseException:
@@ -159,13 +166,14 @@ class OutboundCalls:
         address: EntityAddress,
         handler: Handler,
         payload: bytes,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         """Send a volatile request without waiting (at most once).
 
         Raises:
             NotSent: could not send (route again).
         """
-        self._request(peer, Mode.DISCARD, address, handler, payload)
+        self._request(peer, Mode.DISCARD, address, handler, payload, metadata)
         await trio.lowlevel.checkpoint()
 
     @asynccontextmanager
@@ -175,10 +183,13 @@ class OutboundCalls:
         address: EntityAddress,
         handler: Handler,
         payload: bytes,
+        metadata: Mapping[str, str] | None = None,
     ) -> AsyncIterator[StreamReceiver]:
         """Open a stream on ``peer``; see `Runner` streams. Leaving early
         interrupts the generator on the owner."""
-        call_id, pending = self._request(peer, Mode.STREAM, address, handler, payload)
+        call_id, pending = self._request(
+            peer, Mode.STREAM, address, handler, payload, metadata
+        )
         # Room for a full window of items and the end: the window check in
         # stream_item keeps the buffer from overflowing.
         send, receive = trio.open_memory_channel[Any](STREAM_BUFFER + 1)

@@ -12,26 +12,36 @@ Only requests that certainly did not run are routed again: a queued message
 bounced by a stopping shard, a ``NOT_DELIVERED`` answer, a send that never
 left. A volatile request whose owner vanished while it waited fails with
 `RunnerUnavailableError` (it may have run: at most once).
+
+Every call carries the call metadata current in the caller's context
+(`trio_cluster.with_metadata`; inside a handler, what its caller sent). With
+a tracer, a call first opens the caller's span, which writes the trace
+context into a copy of that metadata (the carrier), then runs as usual with
+the carrier as its metadata; without one, that costs one ``is None`` check.
 """
 
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 import trio
 
+from .._call_metadata import EMPTY_METADATA, current_metadata_var, metadata_problem
 from .._context import RunnerContext, current_runner_var, enter_runner, leave_runner
 from .._core._config import ShardingConfig
 from .._core._histogram import Histogram
 from .._errors import (
     EntityNotAssignedError,
+    InvalidMetadataError,
     MessageTooLargeError,
     UnknownEntityTypeError,
 )
 from .._errors._closed import RunnerClosedError
+from .._tracing import TracedCall, Tracer
 from ._error_counts import ErrorCounts
 from ._manager import EntityManager, NotDelivered
 from ._persisted import PersistedDelivery
@@ -41,7 +51,7 @@ from ._slots import JobKind
 from ._streams import consume, open_stream_channel
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Mapping
 
     from .._core._addresses import EntityAddress, RunnerAddress
     from .._registry import EntityType, Handler
@@ -76,6 +86,8 @@ class Router:
     cancelled), per delivery kind, in seconds."""
     errors: ErrorCounts = attrs.field(init=False, factory=ErrorCounts)
     """Errors raised to this runner's callers (calls, sends, streams)."""
+    tracer: Tracer | None = None
+    """Makes the caller's span of each call (None: no tracing)."""
 
     @_serialize.default
     def _serialize_default(self) -> bool:
@@ -128,8 +140,14 @@ class Router:
         address: EntityAddress,
         handler: Handler,
         message: Any,
+        *,
+        traced: bool = False,
     ) -> Any:
-        """A call through a client handle (see `BoundRpc.__call__`)."""
+        """A call through a client handle (see `BoundRpc.__call__`).
+
+        ``traced``: the caller's span is open already (`_traced_call`)."""
+        if self.tracer is not None and not traced:
+            return await self._traced_call(entity_type, address, handler, message)
         self.check_open()
         started = perf_counter()
         # NOTE: this task's log records name this runner. `enter_runner`
@@ -141,10 +159,16 @@ class Router:
             else current_runner_var.set(self._context)
         )
         persisted = handler.spec.persisted
+        metadata = current_metadata_var.get()
         try:
             if persisted:
                 return await self._persisted.call(
-                    address, entity_type, handler, message, discard=False
+                    address,
+                    entity_type,
+                    handler,
+                    message,
+                    discard=False,
+                    metadata=metadata,
                 )
             payload = self._encode(handler, message) if self._serialize else None
             local_message = (
@@ -158,7 +182,7 @@ class Router:
                         raise _not_hosted(entity_type)
                     try:
                         return await self._manager.call(
-                            host, address, entity_type, handler, local_message
+                            host, address, entity_type, handler, local_message, metadata
                         )
                     except NotDelivered:
                         pass
@@ -168,7 +192,9 @@ class Router:
                         payload = self._encode(handler, message)
                     try:
                         self.remote_calls += 1
-                        return await self.outbound.call(peer, address, handler, payload)
+                        return await self.outbound.call(
+                            peer, address, handler, payload, metadata
+                        )
                     except (NotSent, RouteAgain):
                         pass
                 deadline = await self._wait(address, deadline)
@@ -188,17 +214,32 @@ class Router:
         address: EntityAddress,
         handler: Handler,
         message: Any,
+        *,
+        traced: bool = False,
     ) -> None:
-        """A fire-and-forget send (see `BoundRpc.discard`)."""
+        """A fire-and-forget send (see `BoundRpc.discard`).
+
+        ``traced``: the caller's span is open already (`_traced_call`)."""
+        if self.tracer is not None and not traced:
+            await self._traced_call(
+                entity_type, address, handler, message, kind="discard"
+            )
+            return
         self.check_open()
         # NOTE: as in `call`, this task's log records name this runner.
         # (Handlers never run in the caller's context: they find their
         # runner in the runner's base context, see `_isolation`.)
         token = enter_runner(self._context)
+        metadata = current_metadata_var.get()
         try:
             if handler.spec.persisted:
                 await self._persisted.call(
-                    address, entity_type, handler, message, discard=True
+                    address,
+                    entity_type,
+                    handler,
+                    message,
+                    discard=True,
+                    metadata=metadata,
                 )
                 return
             payload = self._encode(handler, message) if self._serialize else None
@@ -213,7 +254,12 @@ class Router:
                         raise _not_hosted(entity_type)
                     try:
                         self._manager.submit(
-                            host, address, entity_type, handler, local_message
+                            host,
+                            address,
+                            entity_type,
+                            handler,
+                            local_message,
+                            metadata=metadata,
                         )
                     except NotDelivered:
                         pass
@@ -228,6 +274,7 @@ class Router:
                             address,
                             handler,
                             payload or self._encode(handler, message),
+                            metadata,
                         )
                     except NotSent:
                         pass
@@ -248,10 +295,14 @@ class Router:
         handler: Handler,
         message: Any,
     ) -> AsyncIterator[AsyncIterator[Any]]:
-        """Open a stream (see `BoundStream.__call__`). Errors raised while
-        opening it and while reading its items are counted (`ErrorCounts`);
-        what the caller's own block raises is not."""
-        opened = self._open_stream(entity_type, address, handler, message)
+        """Open a stream (see `BoundStream.__call__`), inside the caller's
+        span if there is a tracer. Errors raised while opening it and while
+        reading its items are counted (`ErrorCounts`); what the caller's own
+        block raises is not."""
+        if self.tracer is None:
+            opened = self._open_stream(entity_type, address, handler, message)
+        else:
+            opened = self._traced_stream(entity_type, address, handler, message)
         try:
             items = await opened.__aenter__()
         except Exception as exc:
@@ -269,6 +320,7 @@ class Router:
         message: Any,
     ) -> AsyncIterator[AsyncIterator[Any]]:
         self.check_open()
+        metadata = current_metadata_var.get()
         payload = self._encode(handler, message) if self._serialize else None
         local_message = message if payload is None else handler.message.decode(payload)
         deadline: float | None = None
@@ -287,6 +339,7 @@ class Router:
                         local_message,
                         kind=JobKind.STREAM,
                         stream_channel=send,
+                        metadata=metadata,
                     )
                 except NotDelivered:
                     send.close()
@@ -299,7 +352,11 @@ class Router:
             elif (peer := self._remote_owner(address)) is not None:
                 assert self.outbound is not None
                 opened = self.outbound.stream(
-                    peer, address, handler, payload or self._encode(handler, message)
+                    peer,
+                    address,
+                    handler,
+                    payload or self._encode(handler, message),
+                    metadata,
                 )
                 try:
                     items = await opened.__aenter__()
@@ -310,6 +367,92 @@ class Router:
                         yield items
                     return
             deadline = await self._wait(address, deadline)
+
+    # ------------------------------------------------------------------
+    # Tracing (the caller's side)
+
+    def _traced(
+        self,
+        kind: Literal["call", "discard", "stream"],
+        entity_type: EntityType,
+        address: EntityAddress,
+        handler: Handler,
+    ) -> TracedCall:
+        return TracedCall(
+            kind=kind,
+            entity_type=entity_type.name,
+            entity_id=address.entity_id.value,
+            handler=handler.spec.name,
+            persisted=handler.spec.persisted,
+            runner=str(self._shards.address),
+        )
+
+    async def _traced_call(
+        self,
+        entity_type: EntityType,
+        address: EntityAddress,
+        handler: Handler,
+        message: Any,
+        *,
+        kind: Literal["call", "discard"] = "call",
+    ) -> Any:
+        """`call` (or `discard`) inside the caller's span, carrying the
+        trace context the tracer writes into a copy of the metadata."""
+        tracer = self.tracer
+        assert tracer is not None
+        carrier = dict(current_metadata_var.get() or EMPTY_METADATA)
+        traced = self._traced(kind, entity_type, address, handler)
+        with tracer.caller_span(traced, carrier):
+            token = current_metadata_var.set(_checked(carrier))
+            try:
+                if kind == "discard":
+                    return await self.discard(
+                        entity_type, address, handler, message, traced=True
+                    )
+                return await self.call(
+                    entity_type, address, handler, message, traced=True
+                )
+            finally:
+                current_metadata_var.reset(token)
+
+    @asynccontextmanager
+    async def _traced_stream(
+        self,
+        entity_type: EntityType,
+        address: EntityAddress,
+        handler: Handler,
+        message: Any,
+    ) -> AsyncIterator[AsyncIterator[Any]]:
+        """`stream` inside the caller's span (open while the block runs);
+        the carrier is the stream's metadata only while it is opened."""
+        tracer = self.tracer
+        assert tracer is not None
+        carrier = dict(current_metadata_var.get() or EMPTY_METADATA)
+        traced = self._traced("stream", entity_type, address, handler)
+        with tracer.caller_span(traced, carrier):
+            token = current_metadata_var.set(_checked(carrier))
+            try:
+                opened = self._open_stream(entity_type, address, handler, message)
+                items = await opened.__aenter__()
+            finally:
+                current_metadata_var.reset(token)
+            async with _Exit(opened):
+                yield items
+
+
+def _checked(carrier: dict[str, str]) -> Mapping[str, str]:
+    """The carrier a tracer wrote into, as the call's metadata.
+
+    Raises:
+        InvalidMetadataError: the tracer wrote what cannot travel (a peer
+            would drop the request; better fail the call here, at once).
+    """
+    problem = metadata_problem(carrier)
+    if problem is not None:
+        raise InvalidMetadataError(
+            f"the tracer wrote call metadata that cannot travel: {problem}"
+        )
+    return MappingProxyType(carrier)
 
 
 def _not_hosted(entity_type: EntityType) -> UnknownEntityTypeError:

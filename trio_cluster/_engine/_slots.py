@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -104,6 +104,9 @@ class Job:
     caller's deadline); None: no limit."""
     outcome: Exit | Requeue | None = attrs.field(init=False, default=None)
     """How a one-step run ended (see `EntityManager._run_one_step`)."""
+    metadata: Mapping[str, str] | None = attrs.field(init=False, default=None)
+    """The call metadata the handler runs with (None: none). Set after
+    construction, and only when there is some: most calls carry none."""
 
     @property
     def persisted(self) -> bool:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
+from .._call_metadata import current_metadata_var
 from .._context import current_entity_var
 from .._core._job import StopReason
 from .._errors import (
@@ -49,6 +50,7 @@ from ._outcomes import stream_item
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from .._tracing import TracedCall, Tracer
     from ._outcomes import Outcome, Requeue
     from ._slots import Job, Slot
 
@@ -105,6 +107,13 @@ class StreamOwner(Protocol):
     def cancel_job(self, job: Job) -> None:
         """The caller went away: withdraw or cancel the job."""
 
+    @property
+    def tracer(self) -> Tracer | None:
+        """Makes the owner's span of the stream (None: no tracing)."""
+
+    def traced_call(self, slot: Slot, job: Job) -> TracedCall:
+        """What the owner's span of ``job`` is about."""
+
 
 async def run_stream(owner: StreamOwner, slot: Slot, job: Job) -> None:
     """Producer task of one stream job (runs in the shard's nursery).
@@ -115,9 +124,21 @@ async def run_stream(owner: StreamOwner, slot: Slot, job: Job) -> None:
     stopped."""
     channel = job.stream_channel
     assert channel is not None
+    if job.metadata is not None:
+        # This task's own context: a fresh copy of the base context.
+        current_metadata_var.set(job.metadata)
     end: Exit | None = None
     try:
-        end = await _produce(owner, slot, job, channel)
+        tracer = owner.tracer
+        if tracer is None:
+            end = await _produce(owner, slot, job, channel)
+        else:
+            carrier = {} if job.metadata is None else job.metadata
+            call = owner.traced_call(slot, job)
+            with tracer.owner_span(call, carrier) as span:
+                end = await _produce(owner, slot, job, channel)
+                if end.error is not None:
+                    span.record_error(end.error)
     finally:
         if end is None:  # cancelled from outside the handler's scope
             stopped = owner.handler_stopped(slot, job)

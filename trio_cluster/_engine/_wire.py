@@ -11,7 +11,8 @@ kind                      fields
 ``REQUEST``               call id, mode (call / discard / stream), entity type,
                           entity id, shard group, shard number, handler tag,
                           payload, seconds left before the caller's deadline
-                          (or None)
+                          (or None), and optionally the call metadata (a map
+                          of str to str, sent only when there is some)
 ``REPLY``                 call id, encoded final reply (`ReplyCodec` exit)
 ``NOT_DELIVERED``         call id, reason: the handler did not run; route again
 ``STREAM_ITEM``           call id, item number (1, 2, 3, ... per stream),
@@ -42,6 +43,7 @@ import functools
 import math
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
+from .._call_metadata import metadata_problem
 from .._core._addresses import (
     MAX_ENTITY_ID_LENGTH,
     EntityAddress,
@@ -126,6 +128,8 @@ _SHAPES: Final[dict[Kind, tuple[_Field, ...]]] = {
         _Field(
             "seconds left", frozenset({int, float, type(None)}), 0, MAX_SECONDS_LEFT
         ),
+        # Optional: left out when the call carries none (`_OPTIONAL`).
+        _Field("metadata", frozenset({dict})),
     ),
     Kind.REPLY: (_CALL_ID, _BYTES),
     Kind.NOT_DELIVERED: (_CALL_ID, _text("reason", MAX_REASON_LENGTH, 0)),
@@ -143,6 +147,8 @@ _SHAPES: Final[dict[Kind, tuple[_Field, ...]]] = {
     Kind.BROADCAST: (_text("broadcast name", _MAX_BROADCAST_NAME), _BYTES),
 }
 _KINDS: Final = {int(kind): kind for kind in Kind}
+_OPTIONAL: Final = {Kind.REQUEST: 1}
+"""How many trailing fields of a kind may be left out."""
 
 
 def parse(envelope: Envelope) -> tuple[Kind, list[Any]]:
@@ -165,12 +171,17 @@ def parse(envelope: Envelope) -> tuple[Kind, list[Any]]:
         )
     shape = _SHAPES[kind]
     fields = envelope[1:]
-    if len(fields) != len(shape):
+    if not len(shape) - _OPTIONAL.get(kind, 0) <= len(fields) <= len(shape):
+        expected = (
+            f"{len(shape) - _OPTIONAL[kind]} to {len(shape)}"
+            if kind in _OPTIONAL
+            else str(len(shape))
+        )
         raise MalformedMessageError(
             what=f"{kind.name} envelope",
-            problems=[f"expected {len(shape)} fields, got {len(fields)}"],
+            problems=[f"expected {expected} fields, got {len(fields)}"],
         )
-    for index, (field, value) in enumerate(zip(shape, fields, strict=True)):
+    for index, (field, value) in enumerate(zip(shape, fields, strict=False)):
         problem = _problem(field, value)
         if problem is not None:
             raise MalformedMessageError(
@@ -200,6 +211,8 @@ def _problem(field: _Field, value: Any) -> str | None:
         if not value:
             return "empty"
         return f"{len(value)} {unit}, over {field.high}"
+    if kind is dict:
+        return metadata_problem(value)
     return None  # None, or a bool
 
 

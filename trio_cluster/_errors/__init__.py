@@ -25,6 +25,7 @@ __all__ = [
     "EntityDefinitionError",
     "EntityNotAssignedError",
     "InvalidIdError",
+    "InvalidMetadataError",
     "MailboxFullError",
     "MalformedMessageError",
     "MessageTooLargeError",
@@ -68,6 +69,13 @@ class InvalidIdError(ClusterError, ValueError):
     """An entity id or primary key that cannot be stored: empty, padded with
     whitespace, too long, or holding a NUL character or a lone surrogate.
     Raised before anything is sent or stored; other calls are not affected."""
+
+
+class InvalidMetadataError(ClusterError, ValueError):
+    """Call metadata that cannot travel: a key or value that is not a str,
+    empty (keys), too long, reserved for the tracer, or holding a NUL
+    character or a lone surrogate; or too many entries or characters in all
+    (see `trio_cluster.with_metadata`). Raised before anything is sent."""
 
 
 class NoCurrentRunnerError(ClusterError, RuntimeError):

@@ -18,6 +18,7 @@ from typing import TypeVar, get_args, get_origin, get_type_hints
 import attrs
 
 from .. import _storage_abc
+from .._call_metadata import metadata_problem
 from .._core._addresses import EntityAddress, ShardId
 from .._core._checks import ARGUMENT, count, integer, positive_seconds, timestamp
 from .._storage_abc import (
@@ -192,6 +193,10 @@ def check_save_requests(
         check_fields(request, REQUEST_FIELDS)
         if request.deliver_at is not None:
             check_now(request.deliver_at, "PersistedRequest.deliver_at")
+        if request.metadata:
+            problem = metadata_problem(request.metadata)
+            if problem is not None:
+                raise ValueError(f"PersistedRequest.metadata: {problem}")
     return checked, check_now(now)
 
 

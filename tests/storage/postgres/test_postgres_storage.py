@@ -151,6 +151,7 @@ async def test_migrate_upgrades_an_older_schema_keeping_its_data(
         # Back to version 1, as a database of the first release would be.
         messages_table = pg_schema.qualified(storage.names.messages)
         pg_admin.execute(f"ALTER TABLE {messages_table} DROP COLUMN saved_at")
+        pg_admin.execute(f"ALTER TABLE {messages_table} DROP COLUMN metadata")
         version_table = pg_schema.qualified(storage.names.version)
         pg_admin.execute(f"DELETE FROM {version_table} WHERE version > 1")
         manual = PostgresStorage(pg_schema.dsn, table_prefix=prefix, auto_migrate=False)
@@ -162,8 +163,9 @@ async def test_migrate_upgrades_an_older_schema_keeping_its_data(
             epoch = (await acquire_shards(b.runners, SHARD))[SHARD]
             batch = await b.messages.claim({SHARD: epoch}, now=BASE_TIME, limit=10)
             assert [c.request_id for c in batch.requests] == [1]
-        rows = pg_admin.execute(f"SELECT saved_at FROM {messages_table}")
-        assert rows == [(None,)]
+            assert batch.requests[0].metadata == {}
+        rows = pg_admin.execute(f"SELECT saved_at, metadata FROM {messages_table}")
+        assert rows == [(None, None)]
 
 
 async def test_concurrent_migrations_apply_each_step_once(

@@ -156,7 +156,7 @@ def test_claim_and_dedup_lookup_use_indexes(filled: tuple[str, str]) -> None:
             "ARRAY[1::int8], ARRAY['default'], ARRAY[1], ARRAY['Counter'], ARRAY['e1'],"
             " ARRAY['increment'], ARRAY['\\x00'::bytea], ARRAY['k2'],"
             " ARRAY[decode(md5('2'), 'hex')], ARRAY[NULL::float8], ARRAY[false],"
-            f" ARRAY[NULL::int8], ARRAY[0], {BASE_TIME}, 'channel'"
+            f" ARRAY[NULL::int8], ARRAY[0], {BASE_TIME}, 'channel', ARRAY[NULL::text]"
         )
         save = generic_plan(conn, "save", queries.save, args)
         scans = scans_of(save, messages)

@@ -29,6 +29,7 @@ import bisect
 import collections
 import enum
 import heapq
+from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 import attrs
@@ -249,6 +250,11 @@ class MessageStore:
         )
 
     def _store(self, request: PersistedRequest, *, claimed: bool, due: bool) -> None:
+        if request.metadata and type(request.metadata) is not MappingProxyType:
+            # A copy: the saver may change its dict later.
+            request = attrs.evolve(
+                request, metadata=MappingProxyType(dict(request.metadata))
+            )
         self._seq += 1
         stored = _Request(self._seq, request)
         self._requests[request.request_id] = stored
@@ -518,6 +524,7 @@ def _claimed(stored: _Request, epoch: int, *, claimed_before: bool) -> ClaimedRe
         next_sequence=stored.chunk_order[-1] + 1 if stored.chunk_order else 0,
         epoch=epoch,
         claimed_before=claimed_before,
+        metadata=request.metadata,
     )
 
 

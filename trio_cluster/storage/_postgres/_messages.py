@@ -28,13 +28,16 @@ replaced by the pool on the next call.
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import asynccontextmanager
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
+from trio_cluster._call_metadata import EMPTY_METADATA, metadata_problem
 from trio_cluster._core._addresses import EntityAddress, EntityId, ShardId
 from trio_cluster._errors import (
     ClusterError,
@@ -224,6 +227,12 @@ class PgMessages(MessageStorage):
             ords,
             now,
             self._channel,
+            [
+                json.dumps(dict(request.metadata), ensure_ascii=False)
+                if request.metadata
+                else None
+                for request in requests
+            ],
         ]
         return (await self._execute(self._q.save, params)).rows
 
@@ -289,6 +298,7 @@ class PgMessages(MessageStorage):
             next_sequence=next_sequence,
             epoch=epoch,
             claimed_before=bool(row[15]),
+            metadata=_metadata(row[16]),
         )
 
     def _unreadable(self, row: tuple[Any, ...], exc: Exception) -> UnreadableRequest:
@@ -478,3 +488,19 @@ async def _any_work(batch: Sized | int) -> bool:
         return True
     await trio.lowlevel.cancel_shielded_checkpoint()
     return False
+
+
+def _metadata(text: str | None) -> Mapping[str, str]:
+    """Stored call metadata (JSON text, or NULL for none).
+
+    Raises:
+        ValueError: it is not a JSON object of str to str within the limits
+            (the row is then unreadable: see `ClaimBatch.unreadable`).
+    """
+    if text is None:
+        return EMPTY_METADATA
+    value = json.loads(text)
+    problem = metadata_problem(value)
+    if problem is not None:
+        raise ValueError(f"stored call metadata: {problem}")
+    return MappingProxyType(value)

@@ -122,7 +122,8 @@ LIMIT $2::int8""",
 
 
 def _save(m: str, r: str, s: str) -> str:
-    # Parameters: $1..$13 one array per field, $14 now, $15 the channel.
+    # Parameters: $1..$13 one array per field, $14 now, $15 the channel,
+    # $16 the metadata (JSON text, NULL when empty).
     # Only requests saved claimed are fenced: ``fence`` locks their shards.
     # Rows: kind 0 = inserted (request id, claimed epoch); kind 1 = per input
     # row (ord, the original found in the statement's snapshot, the epoch it
@@ -142,21 +143,22 @@ WITH fence AS MATERIALIZED (
     SELECT i.*, f.epoch AS shard_epoch
     FROM unnest($1::int8[], $2::text[], $3::int4[], $4::text[], $5::text[],
                 $6::text[], $7::bytea[], $8::text[], $9::bytea[], $10::float8[],
-                $11::bool[], $12::int8[], $13::int4[])
+                $11::bool[], $12::int8[], $13::int4[], $16::text[])
         AS i(request_id, shard_group, shard_number, entity_type, entity_id, tag,
-             payload, primary_key, dedup, deliver_at, stream, claim_epoch, ord)
+             payload, primary_key, dedup, deliver_at, stream, claim_epoch, ord,
+             metadata)
     LEFT JOIN fence f
         ON f.shard_group = i.shard_group AND f.shard_number = i.shard_number
 ), ins AS (
     INSERT INTO {m} (request_id, shard_group, shard_number, entity_type, entity_id,
                      tag, payload, primary_key, dedup, deliver_at, stream,
-                     claimed_epoch, saved_at)
+                     claimed_epoch, saved_at, metadata)
     SELECT request_id, shard_group, shard_number, entity_type, entity_id, tag,
            payload, primary_key, dedup, deliver_at, stream,
            CASE WHEN (deliver_at IS NULL OR deliver_at <= $14::float8)
                      AND claim_epoch = shard_epoch
                 THEN claim_epoch END,
-           $14::float8
+           $14::float8, metadata::jsonb
     FROM input ORDER BY ord
     ON CONFLICT DO NOTHING
     RETURNING request_id, shard_group, shard_number, deliver_at, claimed_epoch
@@ -262,15 +264,15 @@ WITH want AS MATERIALIZED (
     FROM pick p WHERE x.request_id = p.request_id
     RETURNING x.request_id, x.seq, x.shard_group, x.shard_number, x.entity_type,
               x.entity_id, x.tag, x.payload, x.primary_key, x.deliver_at,
-              x.stream, x.interrupted, x.next_sequence, p.e, p.before
+              x.stream, x.interrupted, x.next_sequence, p.e, p.before, x.metadata
 )
 SELECT 0, request_id, seq, shard_group, shard_number, entity_type, entity_id, tag,
        payload, primary_key, deliver_at, stream, interrupted, next_sequence, e,
-       before
+       before, metadata::text
 FROM upd
 UNION ALL
 SELECT 1, NULL, NULL, g, n, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       NULL
+       NULL, NULL
 FROM want w LEFT JOIN fence f ON f.shard_group = w.g AND f.shard_number = w.n
 WHERE NOT w.ok OR f.epoch <> w.e
 UNION ALL
@@ -283,7 +285,7 @@ SELECT 2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
             ORDER BY x.deliver_at LIMIT 1
         ) d WHERE w.ok),
        (SELECT count(*) FROM cand) > $5::int4,
-       NULL, NULL, NULL, NULL"""
+       NULL, NULL, NULL, NULL, NULL"""
 
 
 def _save_replies(m: str, r: str, s: str) -> str:

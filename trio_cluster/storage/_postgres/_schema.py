@@ -20,7 +20,8 @@ Tables (see ``_MIGRATIONS``):
 * ``messages``: persisted requests (``seq`` = save order, ``dedup`` = a
   128-bit hash of address, tag and primary key, ``claimed_epoch``,
   ``processed_at`` set with the final reply, ``saved_at`` the saver's clock
-  at saving, since version 2).
+  at saving, since version 2; ``metadata`` the call metadata as a JSON
+  object, NULL when none, since version 3).
 * ``replies``: chunks (``sequence`` >= 0) and the final reply (``sequence``
   NULL), unique per ``(request_id, sequence)`` with NULLs not distinct.
 
@@ -187,10 +188,17 @@ def _migration_2(n: PgNames) -> str:
     return f"ALTER TABLE {n.messages} ADD COLUMN saved_at double precision;"
 
 
+def _migration_3(n: PgNames) -> str:
+    # The call metadata of a request (`with_metadata`, trace context), NULL
+    # when it has none (and for requests saved before version 3).
+    return f"ALTER TABLE {n.messages} ADD COLUMN metadata jsonb;"
+
+
 # (version, description, SQL builder). Append only: never edit a released one.
 _STEPS: Sequence[tuple[int, str, Callable[[PgNames], str]]] = (
     (1, "runners, shards, messages, replies", _migration_1),
     (2, "messages.saved_at (backlog age)", _migration_2),
+    (3, "messages.metadata (call metadata)", _migration_3),
 )
 
 LATEST_VERSION = _STEPS[-1][0]

@@ -37,6 +37,7 @@ from ._base import (
     persisted_request,
     saved_and_claimed,
 )
+from ._call_metadata import CallMetadataTests
 from ._inspection import InspectionTests
 from ._messages import MessageStorageTests, chunk
 from ._runners import RunnerStorageTests
@@ -57,7 +58,11 @@ def _earliest_deliver_at(seen: Seen, shard: object) -> float | None:
 
 
 class StorageConformance(
-    MessageStorageTests, InspectionTests, RunnerStorageTests, TransactionTests
+    MessageStorageTests,
+    InspectionTests,
+    RunnerStorageTests,
+    TransactionTests,
+    CallMetadataTests,
 ):
     """Base class of a backend's conformance tests (pytest with pytest-trio).
 
