@@ -110,6 +110,8 @@ async def test_local_calls_streams_and_discards_are_traced(
         async with probe("a").look_stream(Hop()) as items:
             assert len([item async for item in items]) == 2
         await probe("a").note.discard(Hop())
+        # A discarded message runs later, in a task of its own.
+        await trio.testing.wait_all_tasks_blocked()
         await probe("a").look_persisted(Hop())
         await trio.testing.wait_all_tasks_blocked()
     names = [(s.side, s.call.name) for s in tracer.spans]
