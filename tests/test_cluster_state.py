@@ -207,3 +207,17 @@ async def test_a_call_from_another_runner_sees_the_owner(autojump_clock):
             shard_epoch=second.served_shards()[probe.address.shard],
             singleton=None,
         )
+
+
+async def test_the_state_carries_the_call_metadata(autojump_clock):
+    async with tc.open_runner(entities=[Probe], config=config()) as runner:
+        probe = runner.client(Probe)("p1")
+        with tc.with_metadata(tenant="acme"):
+            assert tc.current_cluster_state().metadata == {"tenant": "acme"}
+            await probe.quick(Note("with metadata"))
+            await probe.kept(Note("persisted, with metadata"))
+        await probe.quick(Note("without"))
+        assert dict(states("with metadata")[0].metadata) == {"tenant": "acme"}
+        persisted = states("persisted, with metadata")[0]
+        assert dict(persisted.metadata) == {"tenant": "acme"}
+        assert dict(states("without")[0].metadata) == {}

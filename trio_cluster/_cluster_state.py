@@ -11,10 +11,12 @@ sets its name and epoch once, when its task starts.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 
+from ._call_metadata import EMPTY_METADATA, current_metadata
 from ._context import current_entity_var, current_singleton_var, runner_context
 from ._core._addresses import EntityAddress, RunnerAddress
 
@@ -38,11 +40,15 @@ class ClusterState:
     singleton: str | None
     """The name of the singleton whose task (or a task it started) is
     running; None elsewhere, entity handlers it calls included."""
+    metadata: Mapping[str, str] = attrs.field(
+        factory=lambda: EMPTY_METADATA, kw_only=True
+    )
+    """The call metadata in effect (`trio_cluster.current_metadata`)."""
 
 
 def current_cluster_state() -> ClusterState:
     """Where the calling code runs: its runner, entity, shard epoch and
-    singleton.
+    singleton, and the call metadata in effect.
 
     Works in entity handlers on every path (in the caller's task or a task
     of the runner, streams, persisted and transactional handlers,
@@ -54,6 +60,7 @@ def current_cluster_state() -> ClusterState:
         NoCurrentRunnerError: called outside a runner's tasks and handlers.
     """
     runner = runner_context().address
+    metadata = current_metadata()
     entity = current_entity_var.get()
     if entity is not None:
         return ClusterState(
@@ -61,14 +68,25 @@ def current_cluster_state() -> ClusterState:
             address=entity.address,
             shard_epoch=_epoch_of(entity),
             singleton=None,
+            metadata=metadata,
         )
     singleton = current_singleton_var.get()
     if singleton is not None:
         name, epoch = singleton
         return ClusterState(
-            runner=runner, address=None, shard_epoch=epoch, singleton=name
+            runner=runner,
+            address=None,
+            shard_epoch=epoch,
+            singleton=name,
+            metadata=metadata,
         )
-    return ClusterState(runner=runner, address=None, shard_epoch=None, singleton=None)
+    return ClusterState(
+        runner=runner,
+        address=None,
+        shard_epoch=None,
+        singleton=None,
+        metadata=metadata,
+    )
 
 
 def _epoch_of(entity: Any) -> int | None:
