@@ -322,3 +322,21 @@ def test_run_refuses_a_secret_file_with_the_secret_variable(
     assert got == 2
     assert "TRIO_CLUSTER_SECRET are both given" in err
     assert err.count("\n") == 1, err
+
+
+def test_a_target_mapping_may_give_a_tracer_and_listeners(monkeypatch):
+    import types
+
+    from trio_cluster._cli._main import load_target
+
+    tracer, listener = object(), object()
+    module = types.ModuleType("target_with_tracer")
+    module.RUNNER = {  # type: ignore[attr-defined]
+        "entities": [],
+        "tracer": tracer,
+        "listeners": [listener],
+    }
+    monkeypatch.setitem(sys.modules, "target_with_tracer", module)
+    options = load_target("target_with_tracer:RUNNER")
+    assert options["tracer"] is tracer
+    assert options["listeners"] == [listener]

@@ -54,7 +54,7 @@ def _demo(args: argparse.Namespace) -> int:
 def load_target(target: str) -> dict[str, Any]:
     """Import ``module:attribute``: a sequence of entity classes, or a
     mapping of `open_runner` keyword arguments (``entities``, ``singletons``,
-    ``crons``, ``broadcasts``, ``converter``).
+    ``crons``, ``broadcasts``, ``converter``, ``tracer``, ``listeners``).
 
     Raises:
         SystemExit: the target cannot be imported or has the wrong shape.
@@ -68,7 +68,15 @@ def load_target(target: str) -> dict[str, Any]:
     if value is None:
         raise SystemExit(f"{module_name} has no attribute {attribute or 'ENTITIES'!r}")
     if isinstance(value, Mapping):
-        allowed = {"entities", "singletons", "crons", "broadcasts", "converter"}
+        allowed = {
+            "entities",
+            "singletons",
+            "crons",
+            "broadcasts",
+            "converter",
+            "tracer",
+            "listeners",
+        }
         unknown = set(value) - allowed
         if unknown:
             raise SystemExit(
