@@ -591,7 +591,14 @@ def scripts(
     eager = draw(st.integers(0, 7)) == 0
     # What runs: each valid request once, unless an interrupt may cancel it
     # before its handler starts; each broadcast once per copy delivered.
-    interrupted = {e[1] for e in envelopes if len(e) == 2 and e[0] == Kind.INTERRUPT}
+    interrupted = {
+        e[1]
+        for e in envelopes
+        if len(e) == 2
+        and type(e[0]) is int
+        and e[0] == Kind.INTERRUPT
+        and type(e[1]) is int
+    }
     # A request behind a hanging one, on the same entity, waits for ever.
     hanging = {(e[1], e[4]) for e in requests.values() if e[7] == "hang"}
     cut_off = {
