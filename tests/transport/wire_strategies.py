@@ -20,6 +20,7 @@ import attrs
 import msgpack
 from hypothesis import strategies as st
 
+from trio_cluster._call_metadata import MAX_CARRIED_ENTRIES, MAX_CARRIED_SIZE
 from trio_cluster._core._addresses import MAX_ENTITY_ID_LENGTH
 from trio_cluster._engine._wire import MAX_REASON_LENGTH, Kind, Mode
 
@@ -45,6 +46,8 @@ OUTSIDER: Final = "outsider"
 BROADCAST: Final = "probe"
 """The name of the broadcast the fuzzed runner declares."""
 _U64: Final = (1 << 64) - 1
+_NO_METADATA: Final = object()
+"""No metadata field: a request of the shorter shape."""
 _I64: Final = (1 << 63) - 1
 
 
@@ -221,12 +224,13 @@ def _request(
     tag: Any,
     payload: Any,
     left: Any,
+    metadata: Any = _NO_METADATA,
 ) -> list[Any]:
     if isinstance(place, Place):
         entity_id, group, number = place.entity_id, place.group, place.number
     else:
         entity_id, group, number = place
-    return [
+    request = [
         Kind.REQUEST,
         call_id,
         mode,
@@ -238,6 +242,33 @@ def _request(
         payload,
         left,
     ]
+    if metadata is not _NO_METADATA:
+        request.append(metadata)
+    return request
+
+
+_GOOD_METADATA: Final = st.one_of(
+    st.just(_NO_METADATA),
+    st.dictionaries(
+        st.text(min_size=1, max_size=64).filter(lambda k: "\x00" not in k),
+        st.text(max_size=100).filter(lambda v: "\x00" not in v),
+        max_size=5,
+    ),
+    st.just({"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}),
+)
+"""Call metadata a member may send with a valid request (or none)."""
+
+_BAD_METADATA: Final = st.one_of(
+    _NOT_BYTES.filter(lambda v: not isinstance(v, dict)),
+    st.just({"": "empty key"}),
+    st.just({"k": 1}),
+    st.just({1: "v"}),
+    st.just({"k": "\x00"}),
+    st.just({f"k{i}": "v" for i in range(MAX_CARRIED_ENTRIES + 1)}),
+    st.just({"k": "v" * (MAX_CARRIED_SIZE + 1)}),
+    st.just({"k" * 65: "v"}),
+)
+"""Call metadata no runner sends: the request is malformed."""
 
 
 @st.composite
@@ -254,7 +285,14 @@ def _valid_request(
     place = draw(st.sampled_from(target.served))
     left = draw(_GOOD_SECONDS)
     return _request(
-        call_id, mode, place, target.entity_type, handler, mark_payload(tag), left
+        call_id,
+        mode,
+        place,
+        target.entity_type,
+        handler,
+        mark_payload(tag),
+        left,
+        draw(_GOOD_METADATA),
     )
 
 
@@ -290,6 +328,7 @@ def _hostile_request(draw: st.DrawFn, target: Target, call_id: int) -> list[Any]
                 "wrong_mode",
                 "payload",
                 "left",
+                "metadata",
             ]
         )
     )
@@ -353,6 +392,8 @@ def _hostile_request(draw: st.DrawFn, target: Target, call_id: int) -> list[Any]
         )
     elif problem == "payload":
         fields["payload"] = draw(st.one_of(_BAD_PAYLOAD, _NOT_BYTES))
+    elif problem == "metadata":
+        fields["metadata"] = draw(_BAD_METADATA)
     else:
         fields["left"] = draw(_BAD_SECONDS)
     return _request(**fields)
@@ -558,7 +599,7 @@ def scripts(
         first = next(
             i
             for i, e in enumerate(envelopes)
-            if len(e) == 10 and e[0] == Kind.REQUEST and e[1] == reused
+            if len(e) in (10, 11) and e[0] == Kind.REQUEST and e[1] == reused
         )
         where = draw(st.integers(first + 1, len(envelopes)))
         place = draw(st.sampled_from(target.served))
