@@ -36,6 +36,39 @@ async def test_cancelling_a_remote_call_interrupts_the_handler(autojump_clock):
         assert Tally.naps_finished == 1
 
 
+async def test_an_interrupt_right_behind_its_request_stops_the_handler(
+    autojump_clock,
+):
+    # The request is granted its permit at once (the entity is idle) and its
+    # task starts at the next scheduling round; the interrupt arrived in the
+    # same frame, before the handler had a cancel scope, and was lost: the
+    # handler ran its whole nap (found by the wire fuzzing suite, where a
+    # handler that never returns then kept its entity busy for good).
+    Tally.naps_finished = 0
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1])
+        owner = cluster.runners[1]
+        raw, answers = await open_raw_caller(stack, cluster)
+        nap = msgpack.packb({"seconds": 10.0})
+        for call_id in (1, 2):
+            request = raw_request(owner, call_id, Mode.CALL, "nap", nap)
+            raw.send_nowait(owner.address, request)
+            raw.send_nowait(owner.address, [Kind.INTERRUPT, call_id])
+        # A stream too: interrupted before its generator started.
+        count = msgpack.packb({"upto": 3})
+        raw.send_nowait(
+            owner.address, raw_request(owner, 3, Mode.STREAM, "count", count)
+        )
+        raw.send_nowait(owner.address, [Kind.INTERRUPT, 3])
+        await trio.sleep(30)
+        assert Tally.naps_finished == 0
+        assert not any(e[0] == Kind.STREAM_ITEM for e in answers.envelopes())
+        # The entity is free for the next caller.
+        with trio.fail_after(5):
+            await owner.client(Tally)("m").nap(Nap(0.5))
+        assert Tally.naps_finished == 1
+
+
 async def test_unknown_entity_type_on_the_owner_is_a_typed_error(autojump_clock):
     class Stranger(tc.Entity):
         type_name = "cluster.Stranger"

@@ -551,15 +551,15 @@ def _last_message(
 
 @st.composite
 def scripts(
-    draw: st.DrawFn, target: Target, *, max_envelopes: int = 12, hangs: bool = False
+    draw: st.DrawFn, target: Target, *, max_envelopes: int = 12, hangs: bool = True
 ) -> Script:
     """What an authenticated peer sends: valid requests and broadcasts (each
     tagged ``ok<n>``), hostile envelopes of every kind, control envelopes
     naming the valid requests' call ids, duplicates, a second request reusing
     a valid call id (which must not run), all shuffled and split into
     frames; maybe a last message that is no proper frame. With ``hangs``,
-    valid requests include calls of a handler that never returns (see the
-    note in `test_wire_fuzz`)."""
+    valid requests include calls of a handler that never returns (the
+    peer's INTERRUPT or its leaving must cancel it)."""
     next_id = 1
     envelopes: list[list[Any]] = []
     valid: dict[int, str] = {}  # call id -> tag

@@ -354,12 +354,18 @@ class EntityManager:
         return True
 
     def cancel_job(self, job: Job) -> None:
-        """Withdraw or cancel a job whose consumer went away (streams)."""
+        """Withdraw or cancel a job whose consumer went away (a remote
+        caller, a stream's reader, an interrupted persisted request).
+
+        A job granted its permit whose task has not started the handler yet
+        (no scope) is marked: it does not run (`_execute`), or its scope is
+        cancelled as it is made (`ShardHost.start_handler`)."""
         if job.state is JobState.QUEUED:
             self._withdraw(job)
-        elif job.scope is not None:
+        elif job.state is JobState.GRANTED:
             job.stop_reason = StopReason.INTERRUPTED
-            job.scope.cancel()
+            if job.scope is not None:
+                job.scope.cancel()
 
     def _withdraw(self, job: Job) -> bool:
         """Take a queued job out of its mailbox; False if it is not queued."""
@@ -434,6 +440,10 @@ class EntityManager:
             # no longer served the shard): it did not run; it is redelivered
             # or routed again.
             return NOT_RUN
+        if job.stop_reason is StopReason.INTERRUPTED:
+            # Interrupted between its grant and now (`cancel_job`): its
+            # caller is gone, or asked for it not to run.
+            return self.handler_stopped(slot, job)
         if self.tracer is not None:
             return await self._traced(slot, job, self._execute_now(slot, job))
         return await self._execute_now(slot, job)

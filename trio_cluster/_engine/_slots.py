@@ -245,6 +245,8 @@ class ShardHost:
         # thaws), before any cleanup task gets to run.
         own = math.inf if job.deadline is None else job.deadline
         scope = trio.CancelScope(deadline=min(own, self.lease_deadline))
+        if job.stop_reason is StopReason.INTERRUPTED:
+            scope.cancel()  # interrupted before it started (`cancel_job`)
         job.scope = scope
         self.scopes[scope] = own
         self.running += 1
