@@ -89,6 +89,34 @@ PINNED = {
         ),
         workload=Workload((), background=4),
     ),
+    # r0 stopped while a caller's inline handler still ran on one of its
+    # shards: finishing, it handed its permit to a queued persisted job,
+    # whose task went to the shard's nursery, closed meanwhile
+    # ("Nursery is closed to new arrivals" in the caller). Such a job is
+    # now bounced, as the shard's stop bounces the others.
+    "permit-handed-on-after-the-shard-closed": Scenario(
+        seed=8,
+        runners=2,
+        faults=FaultSchedule(
+            (
+                FreezeRunner(at=0.0, runner=0, duration=12.0),
+                LoseLockSession(at=0.0, runner=0),
+                FreezeRunner(at=0.3, runner=0, duration=1.0),
+                KillRunner(at=16.5, runner=1, down_for=1.0),
+            )
+        ),
+        workload=Workload(
+            (
+                ClientOp(0.0, 0, 0, CALL),
+                ClientOp(0.0, 0, 0, CALL),
+                ClientOp(0.0, 0, 0, CALL),
+                ClientOp(0.0, 0, 3, CALL, count=2),
+                ClientOp(0.0, 1, 3, CALL, count=3, work=3.0),
+                ClientOp(3.6, 1, 3, OpKind.VOLATILE, count=3, work=3.0),
+            ),
+            background=4,
+        ),
+    ),
 }
 
 

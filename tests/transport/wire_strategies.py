@@ -46,6 +46,8 @@ OUTSIDER: Final = "outsider"
 BROADCAST: Final = "probe"
 """The name of the broadcast the fuzzed runner declares."""
 _U64: Final = (1 << 64) - 1
+_MSGPACK_INT: Final = st.integers(-(1 << 63), (1 << 64) - 1)
+"""Integers msgpack can encode."""
 _NO_METADATA: Final = object()
 """No metadata field: a request of the shorter shape."""
 _I64: Final = (1 << 63) - 1
@@ -532,9 +534,9 @@ def _last_message(
     if kind == "not_an_array":
         value = draw(
             st.one_of(
-                st.integers(),
+                _MSGPACK_INT,
                 _weird_text(20),
-                st.dictionaries(st.integers(0, 9), st.integers(), max_size=3),
+                st.dictionaries(st.integers(0, 9), _MSGPACK_INT, max_size=3),
                 st.binary(max_size=10),
                 st.none(),
             )
@@ -543,7 +545,7 @@ def _last_message(
     if kind == "not_an_envelope":
         # The frame is refused whole: nothing in it is delivered.
         where = draw(st.integers(0, len(tail)))
-        stray = draw(st.one_of(st.integers(), st.none(), _weird_text(10)))
+        stray = draw(st.one_of(_MSGPACK_INT, st.none(), _weird_text(10)))
         return _frame([*tail[:where], stray, *tail[where:]]), "fatal"
     count = draw(st.integers(1, 2000))
     return _frame([[]] * count), "ok"
@@ -599,7 +601,10 @@ def scripts(
         first = next(
             i
             for i, e in enumerate(envelopes)
-            if len(e) in (10, 11) and e[0] == Kind.REQUEST and e[1] == reused
+            if len(e) in (10, 11)
+            and e[0] == Kind.REQUEST
+            and type(e[1]) is int  # not True, which equals 1
+            and e[1] == reused
         )
         where = draw(st.integers(first + 1, len(envelopes)))
         place = draw(st.sampled_from(target.served))
@@ -636,7 +641,7 @@ def scripts(
         e[1]
         for e in envelopes
         if len(e) == 2
-        and type(e[0]) is int
+        and type(e[0]) in (int, Kind)  # `Kind.INTERRUPT` itself, or 7
         and e[0] == Kind.INTERRUPT
         and type(e[1]) is int
     }
@@ -710,9 +715,9 @@ def _bad_hello(draw: st.DrawFn, address: str) -> bytes | str:
         value: bytes = msgpack.packb(
             draw(
                 st.one_of(
-                    st.lists(st.one_of(st.integers(), _weird_text(20)), max_size=5),
-                    st.dictionaries(_weird_text(5), st.integers(), max_size=3),
-                    st.integers(),
+                    st.lists(st.one_of(_MSGPACK_INT, _weird_text(20)), max_size=5),
+                    st.dictionaries(_weird_text(5), _MSGPACK_INT, max_size=3),
+                    _MSGPACK_INT,
                     st.none(),
                 )
             )

@@ -382,7 +382,19 @@ class EntityManager:
     def start(self, slot: Slot, job: Job) -> None:
         """Start a job that was just granted a permit: wake its inline caller,
         or spawn its task in the shard's nursery (in the base context: the
-        current task is whichever sent it, or finished the job before it)."""
+        current task is whichever sent it, or finished the job before it).
+
+        A job that needs a task, of a shard whose nursery is closing
+        (`ShardHost.closing`: it would refuse the task), is bounced instead,
+        as the shard's stop bounces the others, and the permit goes on to
+        the next job: an inline handler that ends in its caller's task
+        after its shard stopped hands its permit on to queued jobs."""
+        while job.kind is not JobKind.INLINE and slot.shard.closing:
+            self.bounce(job)
+            next_job = slot.release()
+            if next_job is None:
+                return
+            job = next_job
         job.state = advance(job.state, JobEvent.GRANT)
         if job.kind is JobKind.INLINE:
             assert job.granted is not None
