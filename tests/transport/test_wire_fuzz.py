@@ -1,7 +1,7 @@
 """Wire fuzzing: Hypothesis-generated input sent over real sockets to a real
 runner, one of two in-process runners that share a cluster secret.
 
-What is generated (`tests.transport.wire_strategies`):
+What is generated (`tests.transport.wire_strategies` and `.wire_outsiders`):
 
 * from a peer that proves the secret (`scripts`): valid requests in every
   delivery mode and valid broadcasts; hostile envelopes of every kind (a
@@ -86,19 +86,17 @@ from trio_cluster.transport._ws_auth import DIALER, LISTENER
 
 from ..helpers import config
 from .test_runner_websocket import endpoint_of
+from .wire_outsiders import Computed, OutsiderScript, outsider_scripts
 from .wire_peers import OTHER_SECRET, SECRET, handshake, raw_websocket
 from .wire_strategies import (
     BROADCAST,
     FORBIDDEN,
     OUTSIDER,
-    Computed,
     Mark,
-    OutsiderScript,
     Place,
     Script,
     Target,
     mark_payload,
-    outsider_scripts,
     scripts,
 )
 
