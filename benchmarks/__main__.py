@@ -1,9 +1,12 @@
-"""``python -m benchmarks <name>|all [--quick]``."""
+"""``python -m benchmarks <name>|all [--quick]``, or
+``python -m benchmarks compare REV [--new REV] [--workload w1] [--runs 3]``
+(see `benchmarks.compare`)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 
 WORKLOADS = {
     "w1": "benchmarks.w1_volatile",
@@ -15,6 +18,11 @@ WORKLOADS = {
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["compare"]:
+        from .compare import main as compare
+
+        compare(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument("name", choices=[*WORKLOADS, "all"])
     parser.add_argument(
