@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeGuard
 
 import attrs
 
@@ -43,6 +43,7 @@ __all__ = [
     "NONCE_SIZE",
     "PROOF_SIZE",
     "ClusterSecrets",
+    "are_proofs",
     "proof_message",
 ]
 
@@ -65,6 +66,17 @@ def proof_message(label: str, parts: Iterable[bytes]) -> bytes:
     chunks = [label.encode()]
     chunks.extend(parts)
     return b"".join(len(chunk).to_bytes(4, "big") + chunk for chunk in chunks)
+
+
+def are_proofs(value: object) -> TypeGuard[Sequence[bytes]]:
+    """Whether ``value`` (as received: anything) has the shape of proofs: a
+    list (or tuple) of 1 to `MAX_SECRETS` byte strings of `PROOF_SIZE`
+    bytes."""
+    return (
+        isinstance(value, list | tuple)
+        and 0 < len(value) <= MAX_SECRETS
+        and all(isinstance(item, bytes) and len(item) == PROOF_SIZE for item in value)
+    )
 
 
 def _as_secret(value: object, index: int) -> bytes:
@@ -133,14 +145,7 @@ class ClusterSecrets:
         byte strings of `PROOF_SIZE` bytes. Every pair is compared, in
         constant time each, whatever matches.
         """
-        if (
-            not isinstance(proofs, list | tuple)
-            or not 0 < len(proofs) <= MAX_SECRETS
-            or not all(
-                isinstance(proof, bytes) and len(proof) == PROOF_SIZE
-                for proof in proofs
-            )
-        ):
+        if not are_proofs(proofs):
             return False
         expected = self.prove(label, parts)
         found = False

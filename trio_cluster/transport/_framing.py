@@ -41,7 +41,7 @@ import attrs
 import msgpack
 
 from .._core._addresses import RunnerAddress
-from .._core._auth import MAX_SECRETS, NONCE_SIZE, PROOF_SIZE
+from .._core._auth import MAX_SECRETS, NONCE_SIZE, PROOF_SIZE, are_proofs
 from .._core._checks import count
 from .._errors import MalformedMessageError, MessageTooLargeError
 
@@ -277,20 +277,12 @@ def _hello_problem(value: Any) -> str | None:
         isinstance(value[3], bytes) and len(value[3]) == NONCE_SIZE
     ):
         return f"a hello's nonce must be {NONCE_SIZE} bytes"
-    if len(value) > 4 and not _are_proofs(value[4]):
+    if len(value) > 4 and not are_proofs(value[4]):
         return (
             f"a hello's proofs must be an array of 1 to {MAX_SECRETS}"
             f" binaries of {PROOF_SIZE} bytes"
         )
     return None
-
-
-def _are_proofs(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and 0 < len(value) <= MAX_SECRETS
-        and all(isinstance(item, bytes) and len(item) == PROOF_SIZE for item in value)
-    )
 
 
 def _check_size(data: bytes | str, what: str) -> bytes:
@@ -353,7 +345,7 @@ def decode_proof(data: bytes | str) -> tuple[bytes, ...]:
         not isinstance(value, list)
         or len(value) != 3
         or value[:2] != [MAGIC, "proof"]
-        or not _are_proofs(value[2])
+        or not are_proofs(value[2])
     ):
         raise MalformedMessageError(
             what="proof",
