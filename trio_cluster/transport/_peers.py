@@ -38,6 +38,7 @@ __all__ = [
     "SendQueue",
     "deliver",
     "log",
+    "positive_int",
     "report_lost",
     "unwrap_single",
 ]
@@ -52,7 +53,12 @@ QUEUE_FULL: Final = "send queue full"
 is over its limit."""
 
 
-def _positive_int(_: object, attribute: attrs.Attribute[int], value: Any) -> None:
+def positive_int(_: object, attribute: attrs.Attribute[int], value: Any) -> None:
+    """An attrs validator of the transports' counts: an int >= 1.
+
+    Raises:
+        ConfigError: anything else (a bool too).
+    """
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{attribute.name} must be an int >= 1, got {value!r}")
 
@@ -75,12 +81,12 @@ class Limits:
     max_message_size: int = attrs.field(validator=_message_size)
     """Largest frame, in bytes; an envelope may use all of it but
     `FRAME_OVERHEAD`."""
-    message_queue_size: int = attrs.field(validator=_positive_int)
+    message_queue_size: int = attrs.field(validator=positive_int)
     """Frames buffered between a connection's network reader and its
     dispatcher."""
-    max_queued_envelopes: int = attrs.field(validator=_positive_int)
+    max_queued_envelopes: int = attrs.field(validator=positive_int)
     """Most envelopes queued for one peer."""
-    max_queued_bytes: int = attrs.field(validator=_positive_int)
+    max_queued_bytes: int = attrs.field(validator=positive_int)
     """Most encoded bytes queued for one peer."""
 
     def __attrs_post_init__(self) -> None:

@@ -20,18 +20,12 @@ are bounded by the peers the runtime sends to, not by what clients do.
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 
 from .._errors import ConfigError
+from ._peers import positive_int
 
 __all__ = ["Admission", "ConnectionLimits", "Slot"]
-
-
-def _positive_int(_: object, attribute: attrs.Attribute[int], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{attribute.name} must be an int >= 1, got {value!r}")
 
 
 @attrs.frozen
@@ -43,9 +37,9 @@ class ConnectionLimits:
             ``max_pending_handshakes`` over ``max_connections``.
     """
 
-    max_connections: int = attrs.field(validator=_positive_int)
+    max_connections: int = attrs.field(validator=positive_int)
     """Most accepted connections open at once (handshaking or up)."""
-    max_pending_handshakes: int = attrs.field(validator=_positive_int)
+    max_pending_handshakes: int = attrs.field(validator=positive_int)
     """Most accepted connections whose hello is not done yet."""
 
     def __attrs_post_init__(self) -> None:
