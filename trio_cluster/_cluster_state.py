@@ -60,32 +60,22 @@ def current_cluster_state() -> ClusterState:
         NoCurrentRunnerError: called outside a runner's tasks and handlers.
     """
     runner = runner_context().address
-    metadata = current_metadata()
+    address: EntityAddress | None = None
+    epoch: int | None = None
+    name: str | None = None
     entity = current_entity_var.get()
     if entity is not None:
-        return ClusterState(
-            runner=runner,
-            address=entity.address,
-            shard_epoch=_epoch_of(entity),
-            singleton=None,
-            metadata=metadata,
-        )
-    singleton = current_singleton_var.get()
-    if singleton is not None:
-        name, epoch = singleton
-        return ClusterState(
-            runner=runner,
-            address=None,
-            shard_epoch=epoch,
-            singleton=name,
-            metadata=metadata,
-        )
+        address, epoch = entity.address, _epoch_of(entity)
+    else:
+        singleton = current_singleton_var.get()
+        if singleton is not None:
+            name, epoch = singleton
     return ClusterState(
         runner=runner,
-        address=None,
-        shard_epoch=None,
-        singleton=None,
-        metadata=metadata,
+        address=address,
+        shard_epoch=epoch,
+        singleton=name,
+        metadata=current_metadata(),
     )
 
 
