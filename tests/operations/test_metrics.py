@@ -165,3 +165,35 @@ async def test_a_silent_client_is_dropped_after_the_request_timeout():
             assert trio.current_time() - start < 5
             await still_serving(runner, port)
             nursery.cancel_scope.cancel()
+
+
+async def test_each_metric_familys_samples_follow_its_type_line(autojump_clock):
+    # The text format wants a family's samples right behind its `# TYPE`
+    # line; the transport's families once sat between the latency
+    # histogram's header and its samples.
+    from trio_cluster.transport import MemoryNetwork, MemoryTransport
+
+    async with tc.open_runner(
+        entities=[Echo],
+        config=config(runner_address=tc.RunnerAddress("127.0.0.1", 7000)),
+        transport=MemoryTransport(MemoryNetwork()),
+    ) as runner:
+        await runner.client(Echo)("e").ping(Ping("x"))
+        stats = runner.statistics()
+        assert stats.transport is not None
+        text = render_metrics(stats)
+    family = None
+    seen: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            family = line.split()[2]
+            assert family not in seen, family
+            seen.add(family)
+        elif not line.startswith("#"):
+            assert family is not None
+            sample = line.split("{")[0].split()[0]
+            assert sample == family or sample.startswith(
+                (f"{family}_bucket", f"{family}_sum", f"{family}_count")
+            ), (line, family)
+    assert "trio_cluster_transport_connections" in seen
+    assert "trio_cluster_call_latency_seconds" in seen

@@ -151,42 +151,43 @@ _TRANSPORT: Final = {
 ``trio_cluster_transport_<field>_total`` (when the transport keeps them)."""
 
 
+def _header(name: str, help_text: str, kind: str) -> list[str]:
+    """The ``# HELP`` and ``# TYPE`` lines that open a metric family."""
+    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+
+
 def render_metrics(stats: RunnerStatistics) -> str:
-    """Prometheus text exposition of a statistics snapshot."""
+    """Prometheus text exposition of a statistics snapshot: each family's
+    ``# HELP`` and ``# TYPE`` lines, then its samples."""
     lines: list[str] = []
     runner = {"runner": stats.address}
     for field, (name, help_text) in _GAUGES.items():
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        lines += _header(name, help_text, "gauge")
         lines.append(_line(name, getattr(stats, field), runner))
     name = "trio_cluster_entities_by_type"
-    lines += [f"# HELP {name} Entities in memory, per type.", f"# TYPE {name} gauge"]
+    lines += _header(name, "Entities in memory, per type.", "gauge")
     for entity_type, count in sorted(stats.entities_by_type.items()):
         lines.append(_line(name, count, {**runner, "type": entity_type}))
     for field, (name, help_text) in _COUNTERS.items():
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+        lines += _header(name, help_text, "counter")
         lines.append(_line(name, getattr(stats, field), runner))
-    lines += [
-        f"# HELP {_ERRORS} Errors raised to callers on this runner, by type.",
-        f"# TYPE {_ERRORS} counter",
-    ]
+    lines += _header(
+        _ERRORS, "Errors raised to callers on this runner, by type.", "counter"
+    )
     for error_type, count in sorted(stats.errors_by_type.items()):
         lines.append(_line(_ERRORS, count, {**runner, "type": error_type}))
-    lines += [
-        f"# HELP {_LATENCY} Caller-observed rpc latency, per delivery kind.",
-        f"# TYPE {_LATENCY} histogram",
-    ]
     transport = stats.transport
     if transport is not None:
         name = "trio_cluster_transport_connections"
-        lines += [
-            f"# HELP {name} Connections to other runners up now.",
-            f"# TYPE {name} gauge",
-            _line(name, transport.connections, runner),
-        ]
+        lines += _header(name, "Connections to other runners up now.", "gauge")
+        lines.append(_line(name, transport.connections, runner))
         for field, help_text in _TRANSPORT.items():
             name = f"trio_cluster_transport_{field}_total"
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+            lines += _header(name, help_text, "counter")
             lines.append(_line(name, getattr(transport, field), runner))
+    lines += _header(
+        _LATENCY, "Caller-observed rpc latency, per delivery kind.", "histogram"
+    )
     for kind, snapshot in sorted(stats.call_latency.items()):
         labels = {**runner, "kind": kind}
         for bound, count in snapshot.buckets:
