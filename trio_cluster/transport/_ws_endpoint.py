@@ -419,6 +419,7 @@ class WebSocketEndpoint(Endpoint):
             nonce = None if secrets is None else new_nonce()
             await ws.send_message(encode_hello(self._address, nonce))
             reply = await receive_unless_duplicate(ws)
+            accepted = reply is not None
             if reply is not None:
                 hello = await check_server_hello(
                     ws,
@@ -437,9 +438,7 @@ class WebSocketEndpoint(Endpoint):
                         secrets=secrets,
                         refusals=self._refusals,
                     )
-                    if not accepted:
-                        reply = None
-            if reply is None:
+            if not accepted:
                 # The peer keeps the connection it is dialing to us.
                 await entry.attached.wait()
                 return None
