@@ -88,6 +88,15 @@ def test_returned_value(serialize):
     item = Item("pen")
     outcome = returned(handler("buy"), item, serialize)
     assert outcome == Exit(value=item)
+    # Immutable and unchanged by its round trip: not copied either way.
+    assert outcome.value is item
+
+
+@pytest.mark.parametrize("serialize", [True, False])
+def test_returned_value_that_encoding_changes(serialize):
+    item = Item("caf\u00e9")  # not ASCII: copied by its codec
+    outcome = returned(handler("buy"), item, serialize)
+    assert outcome == Exit(value=item)
     assert (outcome.value is item) is not serialize  # a decoded copy
 
 

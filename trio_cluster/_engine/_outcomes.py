@@ -90,10 +90,11 @@ def type_name(exc: BaseException) -> str:
 def returned(handler: Handler, value: object, serialize: bool) -> Exit:
     """The outcome of a handler that returned ``value``.
 
-    With ``serialize``, the value as the caller would decode it, or the
+    With ``serialize``, the value as the caller would decode it (the value
+    itself when that is the same immutable value), or the
     `MalformedMessageError` saying why it cannot travel.
     """
-    if serialize:
+    if serialize and handler.reply.value.size_if_unchanged(value) is None:
         try:
             return handler.reply.decode_exit(handler.reply.encode_value(value))
         except Exception as exc:  # MalformedMessageError: the reply cannot travel

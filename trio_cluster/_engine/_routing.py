@@ -109,6 +109,23 @@ class Router:
             )
         return payload
 
+    def _for_local(self, handler: Handler, message: Any) -> tuple[bytes | None, Any]:
+        """The encoded message (None: not encoded yet) and the message a
+        handler here gets: with ``serialize_local_calls``, the message as
+        decoded, or the message itself when that is the same immutable value
+        (see `serialization._unchanged`).
+
+        Raises:
+            MalformedMessageError, MessageTooLargeError: it cannot travel.
+        """
+        if not self._serialize:
+            return None, message
+        size = handler.message.size_if_unchanged(message)
+        if size is not None and size <= self._config.max_message_size:
+            return None, message
+        payload = self._encode(handler, message)
+        return payload, handler.message.decode(payload)
+
     def _remote_owner(self, address: EntityAddress) -> RunnerAddress | None:
         if self.outbound is None:
             return None
@@ -170,10 +187,7 @@ class Router:
                     discard=False,
                     metadata=metadata,
                 )
-            payload = self._encode(handler, message) if self._serialize else None
-            local_message = (
-                message if payload is None else handler.message.decode(payload)
-            )
+            payload, local_message = self._for_local(handler, message)
             deadline: float | None = None
             while True:
                 host = self._shards.hosts.get(address.shard)
@@ -242,10 +256,7 @@ class Router:
                     metadata=metadata,
                 )
                 return
-            payload = self._encode(handler, message) if self._serialize else None
-            local_message = (
-                message if payload is None else handler.message.decode(payload)
-            )
+            payload, local_message = self._for_local(handler, message)
             deadline: float | None = None
             while True:
                 host = self._shards.hosts.get(address.shard)
@@ -321,8 +332,7 @@ class Router:
     ) -> AsyncIterator[AsyncIterator[Any]]:
         self.check_open()
         metadata = current_metadata_var.get()
-        payload = self._encode(handler, message) if self._serialize else None
-        local_message = message if payload is None else handler.message.decode(payload)
+        payload, local_message = self._for_local(handler, message)
         deadline: float | None = None
         while True:
             host = self._shards.hosts.get(address.shard)

@@ -23,6 +23,7 @@ from cattrs.preconf.msgpack import MsgpackConverter, make_converter as _make_msg
 from cattrs.strategies import configure_tagged_union
 
 from .._errors import EntityDefinitionError, MalformedMessageError
+from ._unchanged import mark_exact, unchanged_check
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -40,9 +41,10 @@ def _strict(tp: type[Any]) -> Callable[[object, object], object]:
             raise TypeError(f"expected {name}, got {type(value).__name__}")
         return value
 
-    return hook
+    return mark_exact(hook)
 
 
+@mark_exact
 def _strict_float(value: object, _: object) -> float:
     # msgpack keeps the distinction between 1 and 1.0; accept an int where a
     # float is expected (widening is lossless for sane values), never a bool.
@@ -53,11 +55,13 @@ def _strict_float(value: object, _: object) -> float:
     raise TypeError(f"expected float, got {type(value).__name__}")
 
 
+@mark_exact
 def _strict_none(value: object, _: object) -> None:
     if value is not None:
         raise TypeError(f"expected None, got {type(value).__name__}")
 
 
+@mark_exact
 def _identity(value: object) -> object:
     return value
 
@@ -147,7 +151,7 @@ class Codec(Generic[T]):
         EntityDefinitionError: the converter cannot handle ``tp``.
     """
 
-    __slots__ = ("_structure", "_tp", "_unstructure", "what")
+    __slots__ = ("_structure", "_tp", "_unstructure", "size_if_unchanged", "what")
 
     def __init__(self, converter: cattrs.Converter, tp: Any, what: str) -> None:
         self._tp = tp
@@ -160,6 +164,10 @@ class Codec(Generic[T]):
                 f"{what}: cannot encode type {tp!r}; use attrs classes, builtins,"
                 " or register hooks on the converter"
             ) from exc
+        self.size_if_unchanged = unchanged_check(converter, tp)
+        """For a value that decoding its encoding gives back unchanged (and
+        that is immutable): an upper bound on its encoded size; else None
+        (see `_unchanged`)."""
 
     def unstructure(self, value: T) -> object:
         """Turn a value into msgpack-ready primitives.
