@@ -106,9 +106,12 @@ class ShardId:
         return cls(group, int(number))
 
 
-@attrs.frozen(order=True)
+@attrs.frozen(order=True, cache_hash=True)
 class EntityAddress:
-    """Where an entity lives: its type name, its id and its shard."""
+    """Where an entity lives: its type name, its id and its shard.
+
+    Its hash is computed once: every call looks its entity up by address.
+    """
 
     entity_type: str
     entity_id: EntityId
