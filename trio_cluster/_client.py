@@ -34,7 +34,7 @@ E = TypeVar("E", bound=Entity)
 class EntityClient(Generic[E]):
     """Makes handles on entities of one type: ``accounts("alice")``."""
 
-    __slots__ = ("_config", "_router", "_type", "cls")
+    __slots__ = ("_config", "_router", "_shard_ids", "_type", "cls")
 
     def __init__(
         self, router: Router, entity_type: EntityType, config: ShardingConfig
@@ -43,16 +43,18 @@ class EntityClient(Generic[E]):
         self._type = entity_type
         self._config = config
         self.cls = entity_type.cls
+        self._shard_ids: dict[int, ShardId] = {}
+        """One `ShardId` per shard of the type's group, shared by every
+        address made here (so by every entity resident here)."""
 
     def address_of(self, entity_id: str) -> EntityAddress:
         """The address (and so the shard) of an entity id."""
-        shards = self._config.shards_per_group
-        group = self._type.shard_group
-        return EntityAddress(
-            self._type.name,
-            EntityId(entity_id),
-            ShardId(group, shard_number(entity_id, shards)),
-        )
+        checked = EntityId(entity_id)  # raises ValueError for a bad id
+        number = shard_number(entity_id, self._config.shards_per_group)
+        shard = self._shard_ids.get(number)
+        if shard is None:
+            shard = self._shard_ids[number] = ShardId(self._type.shard_group, number)
+        return EntityAddress(self._type.name, checked, shard)
 
     def __call__(self, entity_id: str) -> E:
         """A handle on the entity with this id (no message is sent yet).
