@@ -49,6 +49,11 @@ class Hidden:
 
 
 @attrs.frozen
+class Converted:
+    x: int = attrs.field(converter=lambda v: v + 1)
+
+
+@attrs.frozen
 class Listing:
     items: list[int]
 
@@ -96,6 +101,7 @@ def test_immutable_values_that_decode_to_themselves_are_not_copied(tp, value):
         (Point, Point(1, 2)),  # an int in a float field
         (Mutable, Mutable(1)),
         (Hidden, Hidden(1)),
+        (Converted, Converted(1)),  # decoding would convert it again
         (Listing, Listing([1])),
         (list[int], [1]),
         (int | str, 1),

@@ -14,7 +14,8 @@ value is such a value and, if so, bounds its encoded size (local calls still
 refuse messages over ``max_message_size``). It only answers for types whose
 hooks on the converter are the strict defaults of `make_converter` and
 cattrs' generated ones for attrs classes; a type with a hook of its own, a
-field hook override, a mutable class or anything else is always copied.
+field hook override, a field ``converter``, a mutable class or anything else
+is always copied.
 """
 
 from __future__ import annotations
@@ -174,6 +175,8 @@ def _frozen_class(
     for field in fields:
         if not field.init:
             return None  # decoding would not restore it
+        if field.converter is not None:
+            return None  # decoding runs it again: not the identity unless idempotent
         tp = hints.get(field.name, field.type)
         check = _check(converter, tp, depth=depth + 1)
         if check is None or not _field_hooks_are_the_types(
