@@ -206,7 +206,7 @@ class EntityLifecycle:
         if slot.instance is None and slot.crashes == 0:
             self._drop(slot)  # nothing worth keeping: recreate on demand
             return
-        self.idle.add(slot, trio.current_time())
+        self.idle.add(slot, slot.shard.current_time())
         if self._waiting and not slot.keep_alive:
             # Nothing else is idle (it would have made room already): this
             # entity is passivated for the messages that wait.
