@@ -138,10 +138,15 @@ def extract(revision: str, into: Path, repo: Path = REPO) -> str:
 
 
 def run_once(
-    workdir: Path, side: Path, workload: str, quick: bool, timeout: float
+    workdir: Path,
+    side: Path,
+    workload: str,
+    quick: bool,
+    timeout: float,
+    options: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-    """Run ``python -m benchmarks WORKLOAD`` once with ``side`` first on the
-    path; return its figures.
+    """Run ``python -m benchmarks WORKLOAD [OPTIONS]`` once with ``side``
+    first on the path; return its figures.
 
     Raises:
         SystemExit: the benchmark failed (its stderr is shown).
@@ -150,6 +155,7 @@ def run_once(
     command = [sys.executable, "-m", "benchmarks", workload]
     if quick:
         command.append("--quick")
+    command += options
     done = subprocess.run(
         command,
         cwd=workdir,
@@ -174,9 +180,11 @@ def compare(
     quick: bool = False,
     timeout: float = 1800.0,
     repo: Path = REPO,
+    options: Sequence[str] = (),
 ) -> tuple[str, str, list[dict[str, Any]]]:
     """Run ``workload`` ``runs`` times against each side, alternating;
-    return the labels of both sides and `summarize`'s records."""
+    return the labels of both sides and `summarize`'s records. ``options``
+    go to every run's command line (e.g. ``--under-load``)."""
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as temp:
         workdir = Path(temp)
         shutil.copytree(
@@ -193,7 +201,7 @@ def compare(
         for _ in range(runs):
             for side in ("base", "new"):
                 results[side].append(
-                    run_once(workdir, sides[side], workload, quick, timeout)
+                    run_once(workdir, sides[side], workload, quick, timeout, options)
                 )
     return labels["base"], labels["new"], summarize(results)
 
@@ -226,11 +234,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workload", default="w1", help="w1..w5 (default w1)")
     parser.add_argument("--runs", type=int, default=3, help="runs per side (3)")
     parser.add_argument("--quick", action="store_true", help="smaller runs")
+    parser.add_argument(
+        "--under-load",
+        action="store_true",
+        help="w4: one core kept busy by an unrelated process during each run",
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     base, new, records = compare(
-        args.base, args.new, args.workload, runs=args.runs, quick=args.quick
+        args.base,
+        args.new,
+        args.workload,
+        runs=args.runs,
+        quick=args.quick,
+        options=["--under-load"] if args.under_load else [],
     )
     for record in records:
         print(
