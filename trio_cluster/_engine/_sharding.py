@@ -9,6 +9,18 @@ Drives the sans-IO `Ownership` state machine with two loops:
   which is also the session heartbeat; each success pushes the lease
   deadlines of served and *draining* shards forward.
 
+A dropped connection to a peer is the first sign that it died: it triggers a
+poll at once. The storage session of a killed process ends a few
+milliseconds later (PostgreSQL sees the socket close and frees its locks), so
+that poll may still find the peer live, or its shards locked. Until the
+peer has left the live runners and every wanted shard is locked, the loop
+polls again after short, doubling delays (`QUICK_POLLS`, up to the poll
+interval) rather than one whole ``membership_poll_interval`` later. The locks
+stay the authority: a shard is served only once its lock is acquired, at a
+new epoch. A peer that is alive but unreachable (frozen, partitioned) stays
+live in storage: the quick polls then stop at the poll interval, and its
+shards move when its session ends (the lease).
+
 A shard that moved away is drained: it keeps its lease (and lock) while its
 handlers finish, within ``entity_termination_timeout``, and its lock is
 released only once none of them runs any more, so its next owner never
@@ -57,6 +69,9 @@ __all__ = ["Sharding"]
 
 _SHOWN = 16
 """Shards named in one log line (the rest are counted)."""
+QUICK_POLLS = 0.01
+"""First delay between the polls that follow a peer's lost connection (it
+doubles up to ``membership_poll_interval``)."""
 
 log = logging.getLogger("trio_cluster.sharding")
 
@@ -112,6 +127,13 @@ class Sharding:
         """Shielded stop scopes in progress (`abort` cancels them too)."""
         self._closing = False
         self._poll_now = trio.Event()
+        self._lost_peers: set[RunnerAddress] = set()
+        """Peers whose connection dropped, still live as of the last poll."""
+        interval = config.membership_poll_interval
+        self._quick_polls = Backoff(min(QUICK_POLLS, interval), interval)
+        self._quick_attempt: int | None = None
+        """Quick polls made since a peer's connection dropped (None: polls
+        at the interval)."""
         self._release_backoff = Backoff(0.05, config.lease_refresh_interval)
         self._to_release: set[ShardId] = set()
         """Stopped shards whose locks `_release_loop` releases next."""
@@ -186,7 +208,7 @@ class Sharding:
 
     async def _assignment_loop(self) -> None:
         while True:
-            with trio.move_on_after(self._config.membership_poll_interval):
+            with trio.move_on_after(self._next_poll_delay()):
                 await self._poll_now.wait()
             self._poll_now = trio.Event()
             if self._closing:
@@ -288,6 +310,32 @@ class Sharding:
     def poll_soon(self) -> None:
         """Ask for an assignment poll now (a runner joined or left)."""
         self._poll_now.set()
+
+    def peer_lost(self, peer: RunnerAddress) -> None:
+        """The connection to ``peer`` dropped: poll now, and again soon while
+        it is still live in storage or shards are still locked elsewhere
+        (see the module docstring)."""
+        self._lost_peers.add(peer)
+        self._quick_attempt = 0
+        self.poll_soon()
+
+    def _next_poll_delay(self) -> float:
+        """How long the assignment loop waits for the next poll (unless it
+        is asked to poll sooner)."""
+        interval = self._config.membership_poll_interval
+        attempt = self._quick_attempt
+        if attempt is None:
+            return interval
+        self._lost_peers &= {runner.address for runner in self.table.live}
+        delay = self._quick_polls.delay(attempt)
+        if (not self._lost_peers and not self.ownership.wanted()) or delay >= interval:
+            # Gone and taken over, or alive after all (a frozen or
+            # partitioned peer stays live until its session ends).
+            self._quick_attempt = None
+            self._lost_peers.clear()
+            return interval
+        self._quick_attempt = attempt + 1
+        return delay
 
     # ------------------------------------------------------------------
     # Commands
