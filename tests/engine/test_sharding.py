@@ -596,3 +596,61 @@ async def test_quick_polls_after_a_dropped_connection_stop_if_the_peer_stays_liv
         assert 4 <= sum(t < 0.5 for t in since) <= 8
         # ... then at the interval again.
         assert sum(t >= 0.5 for t in since) <= 11
+
+
+class _Rounds(trio.abc.Instrument):
+    """Counts the scheduler's rounds (one wait for I/O each)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.count += 1
+
+
+async def test_acquired_shards_are_served_in_the_next_scheduling_round(
+    autojump_clock,
+):
+    # Under load one scheduling round takes tens of milliseconds: a runner
+    # taking over a dead runner's shards must not spend several of them per
+    # start (a starting task per shard that waits for the shard's own task
+    # to run and then runs again itself took three).
+    rounds = _Rounds()
+    acquired_in: list[int] = []
+
+    class Noting(PatchingStorage):
+        def patch_session(self, session: StorageSession) -> None:
+            runners = session.runners
+            acquire = runners.acquire
+
+            async def noted(shards: Collection[tc.ShardId]) -> dict[tc.ShardId, int]:
+                epochs = await acquire(shards)
+                acquired_in.append(rounds.count)
+                return epochs
+
+            runners.acquire = noted  # type: ignore[method-assign]
+
+    class Served(tc.abc.RunnerListener):
+        def __init__(self) -> None:
+            self.rounds: list[int] = []
+
+        def shard_acquired(
+            self, runner: tc.RunnerAddress, shard: tc.ShardId, epoch: int
+        ) -> None:
+            self.rounds.append(rounds.count)
+
+    served = Served()
+    trio.lowlevel.add_instrument(rounds)
+    try:
+        async with tc.open_runner(
+            entities=[Counter],
+            storage=Noting(),
+            config=config(runner_address=tc.RunnerAddress("127.0.0.1", 1)),
+            listeners=[served],
+        ) as runner:
+            await runner.wait_shards_acquired()
+    finally:
+        trio.lowlevel.remove_instrument(rounds)
+    [acquired] = acquired_in
+    assert len(served.rounds) == 8
+    assert set(served.rounds) == {acquired + 1}
