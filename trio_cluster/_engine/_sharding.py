@@ -364,7 +364,9 @@ class Sharding:
     async def _start_shards(self, starts: list[StartShard]) -> None:
         """Serve the shards of ``starts``: one task each, which registers its
         host itself once its nursery is open. Returns once every one of them
-        is registered, or stopped at once (see `_announce`).
+        is registered, or stopped at once (see `_announce`). If cancelled
+        while waiting, the shard tasks go on starting in the sharding nursery
+        (cancelled with it when the runner stops).
 
         Together, and with no round trip through a starting task: under load
         a scheduling round is tens of milliseconds (one by one, 150 shards
