@@ -558,6 +558,50 @@ async def test_a_peer_whose_connection_drops_first_is_taken_over_before_the_next
         assert trio.current_time() - killed_at < 0.2
 
 
+async def test_shards_still_locked_after_a_peer_left_are_retried_before_the_next_poll(
+    autojump_clock,
+):
+    # The dead peer has left the live runners, but some of its shards are not
+    # free yet at the first acquisition: they are tried again soon, not one
+    # whole poll interval later.
+    partial = [False]
+
+    class SlowToFree(PatchingStorage):
+        first = True
+
+        def patch_session(self, session: StorageSession) -> None:
+            if not SlowToFree.first:
+                return
+            SlowToFree.first = False  # the survivor's session (opened first)
+            runners = session.runners
+            acquire = runners.acquire
+
+            async def half(shards: Collection[tc.ShardId]) -> dict[tc.ShardId, int]:
+                if partial[0]:
+                    partial[0] = False
+                    shards = sorted(shards, key=str)[: len(shards) // 2]
+                return await acquire(shards)
+
+            runners.acquire = half  # type: ignore[method-assign]
+
+    async with AsyncExitStack() as stack:
+        cluster = Cluster(stack, membership_poll_interval=5.0, lease_duration=30.0)
+        cluster.storage = SlowToFree()
+        for port in (1, 2):
+            await cluster.start(port)
+        await cluster.settled()
+        survivor = cluster.runners[1]
+        await survivor.client(Tally)(cluster.remote_id(survivor)).add(Add(1))
+        partial[0] = True
+        killed_at = trio.current_time()
+        cluster.kill(2)
+        with trio.fail_after(1.0):
+            while survivor.statistics().shards < 8:  # noqa: ASYNC110
+                await trio.sleep(0.001)
+        assert not partial[0]  # the first acquisition got half
+        assert trio.current_time() - killed_at < 0.2
+
+
 async def test_quick_polls_after_a_dropped_connection_stop_if_the_peer_stays_live(
     autojump_clock,
 ):
