@@ -144,9 +144,11 @@ def run_once(
     quick: bool,
     timeout: float,
     options: Sequence[str] = (),
+    log: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``python -m benchmarks WORKLOAD [OPTIONS]`` once with ``side``
-    first on the path; return its figures.
+    first on the path; return its figures. Its stderr (progress lines) is
+    written to ``log``, if given.
 
     Raises:
         SystemExit: the benchmark failed (its stderr is shown).
@@ -164,6 +166,8 @@ def run_once(
         text=True,
         timeout=timeout,
     )
+    if log is not None:
+        log.write_text(done.stderr)
     if done.returncode != 0:
         raise SystemExit(
             f"compare: {' '.join(command[2:])} failed with {side.name}:\n{done.stderr}"
@@ -181,10 +185,13 @@ def compare(
     timeout: float = 1800.0,
     repo: Path = REPO,
     options: Sequence[str] = (),
+    logs: Path | None = None,
 ) -> tuple[str, str, list[dict[str, Any]]]:
     """Run ``workload`` ``runs`` times against each side, alternating;
     return the labels of both sides and `summarize`'s records. ``options``
-    go to every run's command line (e.g. ``--under-load``)."""
+    go to every run's command line (e.g. ``--under-load``); with ``logs``
+    (a directory), each run's stderr is kept there as ``base-1.log``,
+    ``new-1.log``..."""
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as temp:
         workdir = Path(temp)
         shutil.copytree(
@@ -198,10 +205,15 @@ def compare(
             "new": extract(new, sides["new"], repo),
         }
         results: dict[str, list[list[dict[str, Any]]]] = {"base": [], "new": []}
-        for _ in range(runs):
+        if logs is not None:
+            logs.mkdir(parents=True, exist_ok=True)
+        for number in range(1, runs + 1):
             for side in ("base", "new"):
+                log = None if logs is None else logs / f"{side}-{number}.log"
                 results[side].append(
-                    run_once(workdir, sides[side], workload, quick, timeout, options)
+                    run_once(
+                        workdir, sides[side], workload, quick, timeout, options, log
+                    )
                 )
     return labels["base"], labels["new"], summarize(results)
 
@@ -239,6 +251,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="w4: one core kept busy by an unrelated process during each run",
     )
+    parser.add_argument(
+        "--logs",
+        type=Path,
+        help="keep each run's progress lines (stderr) in this directory",
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -249,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         runs=args.runs,
         quick=args.quick,
         options=["--under-load"] if args.under_load else [],
+        logs=args.logs,
     )
     for record in records:
         print(
