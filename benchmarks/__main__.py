@@ -1,6 +1,6 @@
-"""``python -m benchmarks <name>|all [--quick]``, or
-``python -m benchmarks compare REV [--new REV] [--workload w1] [--runs 3]``
-(see `benchmarks.compare`)."""
+"""``python -m benchmarks <name>|all [--quick] [--under-load]``, or
+``python -m benchmarks compare REV [--new REV] [--workload w1] [--runs 3]
+[--under-load]`` (see `benchmarks.compare`)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ WORKLOADS = {
     "w4": "benchmarks.w4_failover",
     "w5": "benchmarks.w5_entities",
 }
+LOADED = {"w4"}
+"""Workloads with an ``--under-load`` variant."""
 
 
 def main() -> None:
@@ -28,10 +30,22 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="smaller runs (smoke test)"
     )
+    parser.add_argument(
+        "--under-load",
+        action="store_true",
+        help="w4 only: keep one core busy with an unrelated CPU-bound process"
+        " during each run",
+    )
     args = parser.parse_args()
+    if args.under_load and args.name not in LOADED:
+        parser.error(f"--under-load is for {', '.join(sorted(LOADED))} only")
     names = list(WORKLOADS) if args.name == "all" else [args.name]
     for name in names:
-        importlib.import_module(WORKLOADS[name]).main(quick=args.quick)
+        module = importlib.import_module(WORKLOADS[name])
+        if name in LOADED:
+            module.main(quick=args.quick, under_load=args.under_load)
+        else:
+            module.main(quick=args.quick)
 
 
 if __name__ == "__main__":

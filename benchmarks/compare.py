@@ -138,10 +138,17 @@ def extract(revision: str, into: Path, repo: Path = REPO) -> str:
 
 
 def run_once(
-    workdir: Path, side: Path, workload: str, quick: bool, timeout: float
+    workdir: Path,
+    side: Path,
+    workload: str,
+    quick: bool,
+    timeout: float,
+    options: Sequence[str] = (),
+    log: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Run ``python -m benchmarks WORKLOAD`` once with ``side`` first on the
-    path; return its figures.
+    """Run ``python -m benchmarks WORKLOAD [OPTIONS]`` once with ``side``
+    first on the path; return its figures. Its stderr (progress lines) is
+    written to ``log``, if given.
 
     Raises:
         SystemExit: the benchmark failed (its stderr is shown).
@@ -150,6 +157,7 @@ def run_once(
     command = [sys.executable, "-m", "benchmarks", workload]
     if quick:
         command.append("--quick")
+    command += options
     done = subprocess.run(
         command,
         cwd=workdir,
@@ -158,6 +166,8 @@ def run_once(
         text=True,
         timeout=timeout,
     )
+    if log is not None:
+        log.write_text(done.stderr)
     if done.returncode != 0:
         raise SystemExit(
             f"compare: {' '.join(command[2:])} failed with {side.name}:\n{done.stderr}"
@@ -174,9 +184,14 @@ def compare(
     quick: bool = False,
     timeout: float = 1800.0,
     repo: Path = REPO,
+    options: Sequence[str] = (),
+    logs: Path | None = None,
 ) -> tuple[str, str, list[dict[str, Any]]]:
     """Run ``workload`` ``runs`` times against each side, alternating;
-    return the labels of both sides and `summarize`'s records."""
+    return the labels of both sides and `summarize`'s records. ``options``
+    go to every run's command line (e.g. ``--under-load``); with ``logs``
+    (a directory), each run's stderr is kept there as ``base-1.log``,
+    ``new-1.log``..."""
     with tempfile.TemporaryDirectory(prefix="bench-compare-") as temp:
         workdir = Path(temp)
         shutil.copytree(
@@ -190,10 +205,15 @@ def compare(
             "new": extract(new, sides["new"], repo),
         }
         results: dict[str, list[list[dict[str, Any]]]] = {"base": [], "new": []}
-        for _ in range(runs):
+        if logs is not None:
+            logs.mkdir(parents=True, exist_ok=True)
+        for number in range(1, runs + 1):
             for side in ("base", "new"):
+                log = None if logs is None else logs / f"{side}-{number}.log"
                 results[side].append(
-                    run_once(workdir, sides[side], workload, quick, timeout)
+                    run_once(
+                        workdir, sides[side], workload, quick, timeout, options, log
+                    )
                 )
     return labels["base"], labels["new"], summarize(results)
 
@@ -226,11 +246,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workload", default="w1", help="w1..w5 (default w1)")
     parser.add_argument("--runs", type=int, default=3, help="runs per side (3)")
     parser.add_argument("--quick", action="store_true", help="smaller runs")
+    parser.add_argument(
+        "--under-load",
+        action="store_true",
+        help="w4: one core kept busy by an unrelated process during each run",
+    )
+    parser.add_argument(
+        "--logs",
+        type=Path,
+        help="keep each run's progress lines (stderr) in this directory",
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     base, new, records = compare(
-        args.base, args.new, args.workload, runs=args.runs, quick=args.quick
+        args.base,
+        args.new,
+        args.workload,
+        runs=args.runs,
+        quick=args.quick,
+        options=["--under-load"] if args.under_load else [],
+        logs=args.logs,
     )
     for record in records:
         print(

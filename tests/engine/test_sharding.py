@@ -29,7 +29,7 @@ from ..helpers import (
     open_clocked_runner,
     open_pair,
 )
-from ..memory_cluster import Tally, open_cluster
+from ..memory_cluster import Cluster, Tally, open_cluster
 
 
 async def test_a_second_group_is_served_when_configured(autojump_clock):
@@ -529,3 +529,172 @@ async def test_a_lost_lock_session_logs_one_line_not_one_per_shard(
     lost = [line for line in lines if line.startswith("lost the lock")]
     assert len(lost) == 1, lines
     assert "8 shard(s)" in lost[0]
+
+
+async def test_a_peer_whose_connection_drops_first_is_taken_over_before_the_next_poll(
+    autojump_clock,
+):
+    # A killed process's connections drop at once; its storage session ends a
+    # little later (PostgreSQL frees its locks milliseconds after the socket
+    # closes). The poll the dropped connection triggers still sees it live:
+    # the survivor polls again soon, not one whole poll interval later.
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(
+            stack, [1, 2], membership_poll_interval=5.0, lease_duration=30.0
+        )
+        survivor, dying = cluster.runners[1], cluster.runners[2]
+        await survivor.client(Tally)(cluster.remote_id(survivor)).add(Add(1))
+        killed_at = trio.current_time()
+        cluster.network.kill(dying.address)
+        await trio.sleep(0.03)
+        assert survivor.statistics().runners == 2  # polled: still live
+        cluster.storage.kill_session(str(dying.address))
+        cluster.scopes[2].cancel()
+        del cluster.runners[2]
+        with trio.fail_after(1.0):
+            await survivor.wait_shards_acquired()
+            while survivor.statistics().shards < 8:  # noqa: ASYNC110
+                await trio.sleep(0.001)
+        assert trio.current_time() - killed_at < 0.2
+
+
+async def test_shards_still_locked_after_a_peer_left_are_retried_before_the_next_poll(
+    autojump_clock,
+):
+    # The dead peer has left the live runners, but some of its shards are not
+    # free yet at the first acquisition: they are tried again soon, not one
+    # whole poll interval later.
+    partial = [False]
+
+    class SlowToFree(PatchingStorage):
+        first = True
+
+        def patch_session(self, session: StorageSession) -> None:
+            if not SlowToFree.first:
+                return
+            SlowToFree.first = False  # the survivor's session (opened first)
+            runners = session.runners
+            acquire = runners.acquire
+
+            async def half(shards: Collection[tc.ShardId]) -> dict[tc.ShardId, int]:
+                if partial[0]:
+                    partial[0] = False
+                    shards = sorted(shards, key=str)[: len(shards) // 2]
+                return await acquire(shards)
+
+            runners.acquire = half  # type: ignore[method-assign]
+
+    async with AsyncExitStack() as stack:
+        cluster = Cluster(stack, membership_poll_interval=5.0, lease_duration=30.0)
+        cluster.storage = SlowToFree()
+        for port in (1, 2):
+            await cluster.start(port)
+        await cluster.settled()
+        survivor = cluster.runners[1]
+        await survivor.client(Tally)(cluster.remote_id(survivor)).add(Add(1))
+        partial[0] = True
+        killed_at = trio.current_time()
+        cluster.kill(2)
+        with trio.fail_after(1.0):
+            while survivor.statistics().shards < 8:  # noqa: ASYNC110
+                await trio.sleep(0.001)
+        assert not partial[0]  # the first acquisition got half
+        assert trio.current_time() - killed_at < 0.2
+
+
+async def test_quick_polls_after_a_dropped_connection_stop_if_the_peer_stays_live(
+    autojump_clock,
+):
+    # A frozen or partitioned peer keeps its storage session (its locks) until
+    # its lease runs out: the survivor goes back to polling at the interval.
+    sessions: list[list[float]] = []
+
+    class Counting(PatchingStorage):
+        def patch_session(self, session: StorageSession) -> None:
+            runners = session.runners
+            live_runners = runners.live_runners
+            polls: list[float] = []
+            sessions.append(polls)
+
+            async def counted() -> list[RunnerInfo]:
+                polls.append(trio.current_time())
+                return await live_runners()
+
+            runners.live_runners = counted  # type: ignore[method-assign]
+
+    async with AsyncExitStack() as stack:
+        cluster = Cluster(stack, membership_poll_interval=1.0, lease_duration=30.0)
+        cluster.storage = Counting()
+        for port in (1, 2):
+            await cluster.start(port)
+        await cluster.settled()
+        survivor = cluster.runners[1]
+        await survivor.client(Tally)(cluster.remote_id(survivor)).add(Add(1))
+        polls = sessions[0]  # the survivor's
+        cut_at = trio.current_time()
+        cluster.network.kill(cluster.runners[2].address)
+        await trio.sleep(10.0)
+        assert survivor.statistics().runners == 2
+        since = [t - cut_at for t in polls if t >= cut_at]
+        # At once, then after 10, 20, 40, 80 and 160 ms...
+        assert 4 <= sum(t < 0.5 for t in since) <= 8
+        # ... then at the interval again.
+        assert sum(t >= 0.5 for t in since) <= 11
+
+
+class _Rounds(trio.abc.Instrument):
+    """Counts the scheduler's rounds (one wait for I/O each)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.count += 1
+
+
+async def test_acquired_shards_are_served_in_the_next_scheduling_round(
+    autojump_clock,
+):
+    # Under load one scheduling round takes tens of milliseconds: a runner
+    # taking over a dead runner's shards must not spend several of them per
+    # start (a starting task per shard that waits for the shard's own task
+    # to run and then runs again itself took three).
+    rounds = _Rounds()
+    acquired_in: list[int] = []
+
+    class Noting(PatchingStorage):
+        def patch_session(self, session: StorageSession) -> None:
+            runners = session.runners
+            acquire = runners.acquire
+
+            async def noted(shards: Collection[tc.ShardId]) -> dict[tc.ShardId, int]:
+                epochs = await acquire(shards)
+                acquired_in.append(rounds.count)
+                return epochs
+
+            runners.acquire = noted  # type: ignore[method-assign]
+
+    class Served(tc.abc.RunnerListener):
+        def __init__(self) -> None:
+            self.rounds: list[int] = []
+
+        def shard_acquired(
+            self, runner: tc.RunnerAddress, shard: tc.ShardId, epoch: int
+        ) -> None:
+            self.rounds.append(rounds.count)
+
+    served = Served()
+    trio.lowlevel.add_instrument(rounds)
+    try:
+        async with tc.open_runner(
+            entities=[Counter],
+            storage=Noting(),
+            config=config(runner_address=tc.RunnerAddress("127.0.0.1", 1)),
+            listeners=[served],
+        ) as runner:
+            await runner.wait_shards_acquired()
+    finally:
+        trio.lowlevel.remove_instrument(rounds)
+    [acquired] = acquired_in
+    assert len(served.rounds) == 8
+    assert set(served.rounds) == {acquired + 1}

@@ -155,7 +155,9 @@ class ShardingConfig:
 
     membership_poll_interval: float = attrs.field(default=0.25, validator=_positive)
     """How often the live runners are read (and shards still held by another
-    runner retried). A dropped connection to a peer triggers a poll at once."""
+    runner retried). A dropped connection to a peer triggers a poll at once,
+    then more after 10, 20, 40... ms (up to this interval) while the peer is
+    still live in storage or wanted shards are still locked."""
 
     entity_max_idle: float = attrs.field(default=60.0, validator=_positive)
     """Default ``max_idle`` for entity classes that do not set their own."""

@@ -116,7 +116,7 @@ class ClusterHandler(EndpointHandler):
         self.outbound.peer_lost(peer, reason)
         self.inbound.peer_lost(peer)
         self._sharding.table.lost_peers.add(peer)
-        self._sharding.poll_soon()
+        self._sharding.peer_lost(peer)
 
 
 class HandlerRelay(EndpointHandler):
