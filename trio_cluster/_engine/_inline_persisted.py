@@ -109,15 +109,17 @@ class InlinePersisted:
         except BaseException:
             # The handler was interrupted by its caller (or never started):
             # its interrupted reply, as `EntityManager.interrupt` would have
-            # it recorded for a job running in a task of its own.
-            try:
-                self._recorder.record_soon(
-                    host,
-                    request_id,
-                    handler.reply.encode_exit(interrupted(request_id)),
-                )
-            except RuntimeError:  # shutting down: the next owner redelivers
-                log.debug("interrupted reply to %d not recorded", request_id)
+            # it recorded for a job running in a task of its own. Not past
+            # the lease: the next owner answers the stored interruption.
+            if host.leased():
+                try:
+                    self._recorder.record_soon(
+                        host,
+                        request_id,
+                        handler.reply.encode_exit(interrupted(request_id)),
+                    )
+                except RuntimeError:  # shutting down: the next owner redelivers
+                    log.debug("interrupted reply to %d not recorded", request_id)
             raise
         if exit_ is not None:
             await self._recorder.record_here(job, exit_)
