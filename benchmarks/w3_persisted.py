@@ -10,10 +10,25 @@ calls, then calls from 50 concurrent callers. SQL statements per request come
 from the driver's own counters (`PostgresStorage.statistics`: every statement
 sent on the runner's message connections, ``BEGIN``/``COMMIT`` included; the
 lock connection's lease heartbeats are reported apart), read before and after
-each phase. Client CPU (concurrent phase only) is this process's CPU time per
-request, without the database server's; it is not reported for the
-sequential phase, where this VM runs the same code up to twice as slowly
-after each short idle wait.
+each phase.
+
+Right after the sequential phase, ``floor_two_commits_*``: the floor of a
+persisted call on this machine, measured the same way (sequentially, in the
+same run): per request, two single-row ``INSERT`` statements one after the
+other, each committed on its own (autocommit: one implicit transaction per
+statement, as the storage sends its writes), through the project's driver
+with the session settings of the storage's pool, fsync as the server has it.
+A persisted call pays at least that: its request is stored before the
+handler runs, its reply after. ``sequential_p50_over_floor`` is the ratio of
+the two p50s.
+
+Runner CPU per request is this process's CPU time (`time.process_time`)
+over a phase divided by its requests, without the database server's: the
+runner runs in this process, and the benchmark's own loop costs a few
+microseconds per call of it. After each short idle wait this VM runs the
+same code up to twice as slowly, so the sequential figure is inflated by
+that as much as by the code; ``floor_two_commits_cpu_per_request`` (the
+driver alone, the same waits) is what to read it against.
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ import trio
 
 import trio_cluster as tc
 from trio_cluster.storage import PostgresStorage
+from trio_cluster.storage._postgres._driver._driver import PgConnection
 
 from ._common import (
     PersistedCounter,
@@ -39,6 +55,7 @@ from ._common import (
     progress,
     round_robin,
     sequential,
+    summary,
 )
 
 CALLERS = 50
@@ -109,6 +126,11 @@ async def run(dsn: str, prefix: str, settings: dict[str, str], *, quick: bool) -
             round_trips=round(cost["round_trips"], 3),
             lock_statements=round(cost["lock_statements"], 3),
         )
+        emit("W3", "sequential_runner_cpu_per_request", cost["cpu_us"], "us")
+
+        floor = await _measure_floor(dsn, prefix, sequential_calls)
+        sequential_p50 = summary(latencies)["p50_us"]
+        emit("W3", "sequential_p50_over_floor", sequential_p50 / floor, "ratio")
 
         progress(f"W3 concurrent: {concurrent_calls} calls, {CALLERS} callers")
         phase = _Phase(storage)
@@ -139,11 +161,46 @@ async def run(dsn: str, prefix: str, settings: dict[str, str], *, quick: bool) -
         )
         emit(
             "W3",
-            "concurrent_client_cpu_per_request",
+            "concurrent_runner_cpu_per_request",
             cost["cpu_us"],
             "us",
             callers=CALLERS,
         )
+
+
+async def _measure_floor(dsn: str, prefix: str, count: int) -> float:
+    """Emit the ``floor_two_commits_*`` figures (see the module docstring)
+    and return their p50 (µs)."""
+    table = f"{prefix}_floor"
+    payload = b"x" * 60
+    # The session settings of the storage's message pool (`PostgresStorage`).
+    settings = {"plan_cache_mode": "force_generic_plan"}
+    conn = await PgConnection.connect(
+        dsn, application_name="trio_cluster bench floor", settings=settings
+    )
+    async with conn:
+        await conn.execute(
+            f"CREATE TABLE {table} (id bigint PRIMARY KEY, payload bytea NOT NULL)",
+            prepare=False,
+        )
+        insert = f"INSERT INTO {table} (id, payload) VALUES ($1, $2)"
+
+        async def two_commits(i: int) -> None:
+            await conn.execute(insert, (2 * i, payload))
+            await conn.execute(insert, (2 * i + 1, payload))
+
+        progress(f"W3 floor: {count} pairs of single-row commits")
+        await sequential(two_commits, 50)  # prepares the statement
+        await conn.execute(f"TRUNCATE {table}", prepare=False)
+        cpu = time.process_time()
+        rate, latencies = await sequential(two_commits, count)
+        cpu = time.process_time() - cpu
+    stats = summary(latencies)
+    emit("W3", "floor_two_commits_per_s", rate, "pairs/s", n=count)
+    emit("W3", "floor_two_commits_p50", stats["p50_us"], "us")
+    emit("W3", "floor_two_commits_p99", stats["p99_us"], "us")
+    emit("W3", "floor_two_commits_cpu_per_request", cpu / count * 1e6, "us")
+    return stats["p50_us"]
 
 
 def main(quick: bool = False) -> None:
@@ -158,3 +215,5 @@ def main(quick: bool = False) -> None:
         trio.run(partial(run, dsn, prefix, settings, quick=quick))
     finally:
         drop_tables(dsn, prefix)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {prefix}_floor")

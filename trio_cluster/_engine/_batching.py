@@ -26,13 +26,15 @@ import trio
 
 from .._errors import PersistenceError, StorageRefusedError
 
-__all__ = ["Batcher", "refused"]
+__all__ = ["Batcher", "Pending", "refused"]
 
 I = TypeVar("I")  # noqa: E741
 O = TypeVar("O")  # noqa: E741
 
 
-class _Pending(Generic[I, O]):
+class Pending(Generic[I, O]):
+    """One item on its way to storage (see `Batcher.enqueue`)."""
+
     __slots__ = ("done", "error", "item", "result")
 
     def __init__(self, item: I) -> None:
@@ -52,7 +54,7 @@ class Batcher(Generic[I, O]):
     """Most items per flush."""
     _name: str = attrs.field(kw_only=True)
     """For error messages."""
-    _pending: list[_Pending[I, O]] = attrs.field(init=False, factory=list)
+    _pending: list[Pending[I, O]] = attrs.field(init=False, factory=list)
     _wake: trio.Event = attrs.field(init=False, factory=trio.Event)
     _closed: bool = attrs.field(init=False, default=False)
     batches: int = attrs.field(init=False, default=0)
@@ -73,10 +75,31 @@ class Batcher(Generic[I, O]):
         if self._closed:
             await trio.lowlevel.checkpoint()
             raise PersistenceError(f"{self._name}: the runner is shutting down")
-        pending: _Pending[I, O] = _Pending(item)
+        pending = self.enqueue(item)
+        await pending.done.wait()
+        return self.result(pending)
+
+    def enqueue(self, item: I) -> Pending[I, O]:
+        """Queue ``item`` for the next batch, without waiting: its result is
+        `result` once ``done`` is set, whoever waits for it.
+
+        Raises:
+            PersistenceError: the batcher is closed.
+        """
+        if self._closed:
+            raise PersistenceError(f"{self._name}: the runner is shutting down")
+        pending: Pending[I, O] = Pending(item)
         self._pending.append(pending)
         self._wake.set()
-        await pending.done.wait()
+        return pending
+
+    @staticmethod
+    def result(pending: Pending[I, O]) -> O:
+        """The result of an item whose ``done`` is set.
+
+        Raises:
+            as `submit`.
+        """
         if pending.error is not None:
             raise pending.error
         return pending.result  # type: ignore[return-value]
@@ -98,7 +121,7 @@ class Batcher(Generic[I, O]):
             _fail(self._pending, failure)
             self._pending.clear()
 
-    async def _write(self, batch: list[_Pending[I, O]]) -> None:
+    async def _write(self, batch: list[Pending[I, O]]) -> None:
         """Write ``batch``; a part of it refused for its data is written
         again in halves, first half first (see the module docstring)."""
         parts = [batch]
@@ -139,7 +162,7 @@ def refused(exc: BaseException) -> bool:
     return isinstance(exc, StorageRefusedError | TypeError | ValueError)
 
 
-def _fail(batch: Sequence[_Pending[I, O]], error: BaseException) -> None:
+def _fail(batch: Sequence[Pending[I, O]], error: BaseException) -> None:
     for pending in batch:
         pending.error = error
         pending.done.set()

@@ -71,7 +71,7 @@ if TYPE_CHECKING:
     from .._core._addresses import EntityAddress
     from .._registry import EntityType, Handler
     from .._storage_abc import ClaimBatch, ClaimedRequest, UnreadableRequest
-    from ._slots import ShardHost
+    from ._slots import Job, ShardHost
 
 __all__ = ["Claims"]
 
@@ -185,14 +185,17 @@ class Claims:
         message: Any,
         request_id: int,
         metadata: Mapping[str, str] | None,
-    ) -> None:
+        *,
+        here: bool = False,
+    ) -> Job | None:
         """Submit a claimed request to its entity (once: a request already in
-        memory is left alone), to run with ``metadata``."""
+        memory is left alone), to run with ``metadata``. Returns its job, if
+        submitted (``here``: see `EntityManager.submit`)."""
         if request_id in self._parts.manager.persisted_jobs:
-            return
+            return None
         recorder = self._recorder
         try:
-            self._parts.manager.submit(
+            job = self._parts.manager.submit(
                 host,
                 address,
                 entity_type,
@@ -203,12 +206,14 @@ class Claims:
                 force=True,
                 around=recorder.in_transaction if handler.spec.transactional else None,
                 metadata=metadata,
+                here=here,
             )
         except NotDelivered:
             # The shard is stopping: its next owner claims the request again.
             self._parts.signal.nudge()
-        else:
-            self.delivered += 1
+            return None
+        self.delivered += 1
+        return job
 
     def _deliver_claimed(self, request: ClaimedRequest) -> None:
         host = self._parts.shards.host(request.address.shard)

@@ -250,6 +250,7 @@ class EntityManager:
         stream_channel: trio.MemorySendChannel[Any] | None = None,
         around: Around | None = None,
         metadata: Mapping[str, str] | None = None,
+        here: bool = False,
     ) -> Job:
         """Queue a job that runs without a waiting caller in this task.
 
@@ -263,6 +264,9 @@ class EntityManager:
                 waits (not started, the entity not created) until there is
                 room.
             metadata: the call metadata the handler runs with.
+            here: a job granted its permit at once is not started: the
+                caller runs it in its own task with `run_here` (its state is
+                then `JobState.GRANTED`); a queued one runs as usual.
 
         Raises:
             NotDelivered: the shard is not served here.
@@ -288,8 +292,27 @@ class EntityManager:
         if request_id is not None and job.persisted:
             self.persisted_jobs[request_id] = job
         if admission is Admission.RUN:
-            self.start(slot, job)
+            if here:
+                job.state = GRANT[job.state]
+            else:
+                self.start(slot, job)
         return job
+
+    async def run_here(self, job: Job) -> Exit | None:
+        """Run a job granted by ``submit(here=True)`` in the current task, as
+        its own task would run it (in a fresh copy of the base context), and
+        return what its sink is to receive: None if there is nothing to
+        deliver (it did not run here, it was put back in its mailbox to run
+        again later with its sink, or its ``around`` dealt with its outcome).
+
+        Cancellation of the current task is the handler's (it is interrupted
+        as its caller's would be); the job's permit is handed on and the
+        cancellation propagates, the sink told nothing.
+        """
+        deliver, exit_ = await run_in(
+            self._job_context(job), self._run_job(job.slot, job)
+        )
+        return exit_ if deliver else None
 
     def run_nowait(
         self,
@@ -411,6 +434,14 @@ class EntityManager:
         if job.metadata is not None:
             # This task's own context: a fresh copy of the base context.
             current_metadata_var.set(job.metadata)
+        deliver, exit_ = await self._run_job(slot, job)
+        if deliver:
+            self._notify_sink(job, exit_)
+
+    async def _run_job(self, slot: Slot, job: Job) -> tuple[bool, Exit | None]:
+        """Run a granted job (with its ``around``) and finish it; returns
+        whether its sink is to be told, and what (None: it did not run here,
+        or ``around`` dealt with its outcome)."""
         outcome: Outcome | None = None
         retry = False
         try:
@@ -424,8 +455,9 @@ class EntityManager:
                     retry = self._lifecycle.retry_later(slot, job, crashes, failure)
         finally:
             self._finish(slot, job, requeue=retry or outcome is REQUEUE)
-        if not retry and outcome is not REQUEUE:
-            self._notify_sink(job, None if outcome is NOT_RUN else outcome)
+        if retry or outcome is REQUEUE:
+            return False, None
+        return True, None if outcome is NOT_RUN else outcome
 
     def _notify_sink(self, job: Job, exit_: Exit | None) -> None:
         if job.sink is None:

@@ -50,6 +50,7 @@ from .._storage_abc import PersistedRequest, SaveResult
 from ._batching import Batcher, refused
 from ._claims import Claims
 from ._delivery import ClaimSignal, DeliveryParts
+from ._inline_persisted import InlinePersisted
 from ._notices import Notices
 from ._replies import ReplyRecorder
 from ._waiters import ReplyWaiters
@@ -109,6 +110,7 @@ class PersistedDelivery:
         )
         self._recorder = ReplyRecorder(self._parts)
         self._claims = Claims(self._parts, self._recorder)
+        self._inline = InlinePersisted(manager, self._recorder, self._claims)
         self._notices = Notices(self._parts, self._recorder)
         self.closing = False
         """The runner is shutting down (see `begin_shutdown`)."""
@@ -147,6 +149,7 @@ class PersistedDelivery:
             "reply_batches": self._recorder.batches,
             "replies": self._recorder.recorded,
             "claims": self._claims.claims,
+            "run_by_callers": self._inline.ran,
             "held_unknown_type": self._claims.held,
             "waiting_callers": self._parts.waiters.waiting,
         }
@@ -242,9 +245,30 @@ class PersistedDelivery:
             local_message = (
                 handler.message.decode(request.payload) if self._serialize else message
             )
-            self._claims.deliver(
-                host, address, entity_type, handler, local_message, request_id, metadata
-            )
+            if waiter is None:
+                self._claims.deliver(
+                    host,
+                    address,
+                    entity_type,
+                    handler,
+                    local_message,
+                    request_id,
+                    metadata,
+                )
+                return None
+            try:
+                await self._inline.run(
+                    host,
+                    address,
+                    entity_type,
+                    handler,
+                    local_message,
+                    request_id,
+                    metadata,
+                )
+            except BaseException:
+                await self._give_up(request_id, waiter, interrupt=True)
+                raise
         else:
             self._notices.notice_owner(
                 address, request_id, not discard, request.deliver_at
@@ -308,18 +332,26 @@ class PersistedDelivery:
     async def _wait(
         self, handler: Handler, request_id: int, waiter: Waiter, *, interrupt: bool
     ) -> Any:
-        try:
-            await waiter.event.wait()
-        except BaseException:
-            self._parts.waiters.unregister(request_id, waiter)
-            if interrupt and not self.closing:
-                with trio.CancelScope(shield=True):
-                    await self._interrupt(request_id)
-            raise
+        if not waiter.event.is_set():  # set already: recorded by this task
+            try:
+                await waiter.event.wait()
+            except BaseException:
+                await self._give_up(request_id, waiter, interrupt=interrupt)
+                raise
         if waiter.exit is not None and (not self._serialize or waiter.payload is None):
             return waiter.exit.unwrap()
         assert waiter.payload is not None
         return handler.reply.decode_exit(waiter.payload, request_id=request_id).unwrap()
+
+    async def _give_up(
+        self, request_id: int, waiter: Waiter, *, interrupt: bool
+    ) -> None:
+        """The caller stops waiting (it was cancelled); with ``interrupt``,
+        its request is interrupted (`_interrupt`, shielded)."""
+        self._parts.waiters.unregister(request_id, waiter)
+        if interrupt and not self.closing:
+            with trio.CancelScope(shield=True):
+                await self._interrupt(request_id)
 
     async def _interrupt(self, request_id: int) -> None:
         self._parts.manager.interrupt(request_id)

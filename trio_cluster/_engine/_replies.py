@@ -28,7 +28,7 @@ from .._core._retry import Backoff
 from .._errors import MalformedMessageError, PersistenceError
 from .._storage_abc import ReplyOutcome, ReplyQuery, ReplyRecord
 from ..serialization._replies import Exit
-from ._batching import Batcher, refused
+from ._batching import Batcher, Pending, refused
 from ._outcomes import RetryLater
 
 if TYPE_CHECKING:
@@ -97,21 +97,65 @@ class ReplyRecorder:
         """Sink of persisted jobs: record the final reply, then wake waiters."""
         if exit_ is None or job.request_id is None:
             return  # not run here: the next owner redelivers it
-        handler = job.handler
-        try:
-            payload = handler.reply.encode_exit(exit_)
-        except MalformedMessageError as exc:
-            exit_ = Exit(error=exc)
-            payload = handler.reply.encode_error(exc)
+        payload, exit_ = _encoded(job.handler, exit_)
         await self._record_payload(job.slot.shard, job.request_id, payload, exit_)
 
-    def record_soon(self, host: ShardHost, request_id: int, payload: bytes) -> None:
-        """Record an encoded final reply in a task of its own."""
+    async def record_here(self, job: Job, exit_: Exit) -> None:
+        """`record`, in the current task rather than a sink's task of its own
+        (a job run by its caller: `EntityManager.run_here`).
+
+        If the current task is cancelled while the reply is being written,
+        the recording goes on in a task of its own (as `record_soon`), for
+        the same write: the reply is not lost, nor written twice. The
+        cancellation then propagates.
+        """
+        assert job.request_id is not None
+        request_id, host = job.request_id, job.slot.shard
+        payload, exit_ = _encoded(job.handler, exit_)
+        record = ReplyRecord(
+            request_id=request_id,
+            shard=host.shard_id,
+            epoch=host.epoch,
+            payload=payload,
+        )
+        self.recording.setdefault(request_id, False)  # see `_record_payload`
+        pending: Pending[ReplyRecord, ReplyOutcome] | None = None
+        try:
+            pending = self._batcher.enqueue(record)
+            await pending.done.wait()
+        except PersistenceError:
+            pass  # shutting down: `_record_payload` says what becomes of it
+        except BaseException:
+            # Cancelled: another task waits for this very write.
+            try:
+                self.record_soon(host, request_id, payload, exit_, pending)
+            except RuntimeError:  # shutting down: the next owner redelivers
+                self.recording.pop(request_id, None)
+            raise
+        await self._record_payload(host, request_id, payload, exit_, pending)
+
+    def record_soon(
+        self,
+        host: ShardHost,
+        request_id: int,
+        payload: bytes,
+        exit_: Exit | None = None,
+        pending: Pending[ReplyRecord, ReplyOutcome] | None = None,
+    ) -> None:
+        """Record an encoded final reply in a task of its own (``pending``:
+        its write, queued already)."""
         assert self._nursery is not None, "ReplyRecorder.run has started"
-        self._nursery.start_soon(self._record_payload, host, request_id, payload, None)
+        self._nursery.start_soon(
+            self._record_payload, host, request_id, payload, exit_, pending
+        )
 
     async def _record_payload(
-        self, host: ShardHost, request_id: int, payload: bytes, exit_: Exit | None
+        self,
+        host: ShardHost,
+        request_id: int,
+        payload: bytes,
+        exit_: Exit | None,
+        pending: Pending[ReplyRecord, ReplyOutcome] | None = None,
     ) -> None:
         record = ReplyRecord(
             request_id=request_id,
@@ -121,9 +165,9 @@ class ReplyRecorder:
         )
         # Our own reply's notification may arrive before the write returns:
         # the notification loop leaves it to us (see `_notices`).
-        self.recording[request_id] = False
+        self.recording.setdefault(request_id, False)
         try:
-            outcome, written = await self._submit(host, record)
+            outcome, written = await self._submit(host, record, pending)
         finally:
             notified = self.recording.pop(request_id, False)
         if written is not record:  # storage refused it: the error went instead
@@ -138,19 +182,29 @@ class ReplyRecorder:
         self._parts.signal.wake_if_starved()
 
     async def _submit(
-        self, host: ShardHost, record: ReplyRecord
+        self,
+        host: ShardHost,
+        record: ReplyRecord,
+        pending: Pending[ReplyRecord, ReplyOutcome] | None = None,
     ) -> tuple[ReplyOutcome | None, ReplyRecord]:
         """Record ``record`` (group commit), retrying storage failures while
         the shard is served. Returns the outcome (None if it gave up: the
         request is redelivered) and the record written: a reply storage
         refuses for its data (`refused`) is replaced, once, by the
         `MalformedMessageError` that says so, rather than retried forever.
+        ``pending``: the first attempt, queued already (maybe done).
         """
         attempt = 0
         written = record
         while True:
             try:
-                outcome = await self._batcher.submit(written)
+                if pending is None:
+                    outcome = await self._batcher.submit(written)
+                else:
+                    first, pending = pending, None
+                    if not first.done.is_set():
+                        await first.done.wait()
+                    outcome = self._batcher.result(first)
             except Exception as exc:
                 if refused(exc):
                     if written is not record:
@@ -295,6 +349,15 @@ class ReplyRecorder:
             # (its outcome was unknown): keep that reply, and not this run's
             # writes (they would apply twice).
             raise _Rollback(None, duplicate=True)
+
+
+def _encoded(handler: Handler, exit_: Exit) -> tuple[bytes, Exit]:
+    """``exit_`` encoded as a final reply, and the exit that stands for it
+    (the `MalformedMessageError` that says it could not be encoded, if so)."""
+    try:
+        return handler.reply.encode_exit(exit_), exit_
+    except MalformedMessageError as exc:
+        return handler.reply.encode_error(exc), Exit(error=exc)
 
 
 class _Rollback(Exception):

@@ -304,3 +304,54 @@ async def test_borrowing_checkpoints(pg_schema: PgSchema, app_name: str) -> None
             with trio.testing.assert_checkpoints():
                 async with pool.connection():
                     pass
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the steps of one task."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+async def test_execute_lends_gives_back_and_wakes_its_task_once(
+    pg_schema: PgSchema, app_name: str
+) -> None:
+    with trio.fail_after(10):
+        async with open_pool(pg_schema.dsn, size=1, application_name=app_name) as pool:
+            pid = await pid_of(pool)
+            with trio.testing.assert_checkpoints():
+                result = await pool.execute("select $1::int8 + 1", [41])
+            assert result.rows == [(42,)]
+            with pytest.raises(PgError):
+                await pool.execute("selec 1")
+            with trio.move_on_after(0.1):
+                await pool.execute("select pg_sleep(5)")
+            assert await pid_of(pool) == pid  # given back every time
+            assert pool.statistics().discarded == 0
+
+            async def one(borrow: bool, steps: list[int]) -> None:
+                counter = _Steps(trio.lowlevel.current_task())
+                trio.lowlevel.add_instrument(counter)
+                try:
+                    if borrow:
+                        async with pool.connection() as conn:
+                            await conn.execute("select 1")
+                    else:
+                        await pool.execute("select 1")
+                finally:
+                    trio.lowlevel.remove_instrument(counter)
+                steps.append(counter.steps)
+
+            borrowed: list[int] = []
+            direct: list[int] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, True, borrowed)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(one, False, direct)
+            # The statement's own wait is its only scheduling point.
+            assert direct[0] == borrowed[0] - 1

@@ -124,8 +124,7 @@ class PgMessages(MessageStorage):
         return self._transaction_pool.statistics()
 
     async def _execute(self, query: str, params: Sequence[object]) -> PgResult:
-        async with self._pool.connection() as conn:
-            return await conn.execute(query, params)
+        return await self._pool.execute(query, params)
 
     def _shard(self, group: str, number: int) -> ShardId:
         key = (group, number)

@@ -34,7 +34,9 @@ from trio_cluster._errors import ClusterError, PersistenceError
 from ._driver import PgConnection
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Mapping
+    from collections.abc import AsyncIterator, Mapping, Sequence
+
+    from ._driver import PgResult
 
 __all__ = ["PgPool", "PgPoolStatistics", "open_pool"]
 
@@ -142,19 +144,44 @@ class PgPool:
             ConnectionLostError: a replacement connection could not be opened
                 (after waiting out the reconnect backoff).
         """
-        await self._acquire_slot()
+        entry = await self._lend(checkpoint=True)
+        try:
+            yield entry.connection
+        finally:
+            self._return(entry)
+
+    async def execute(self, query: str, params: Sequence[object] = ()) -> PgResult:
+        """`PgConnection.execute` on a borrowed connection, given back at
+        once. A free connection is lent without the scheduling point of
+        `connection`: the statement's wait for its reply is one (a lone
+        statement then wakes its task once, not twice).
+
+        Raises:
+            as `connection` and `PgConnection.execute`.
+
+        Cancellation: as for both.
+        """
+        entry = await self._lend(checkpoint=False)
+        try:
+            return await entry.connection.execute(query, params)
+        finally:
+            self._return(entry)
+
+    async def _lend(self, *, checkpoint: bool) -> _Entry:
+        """Take a slot and a connection (see `connection`)."""
+        await self._acquire_slot(checkpoint=checkpoint)
         try:
             entry = await self._take()
         except BaseException:
             self._release_slot()
             raise
         self._borrowed.add(entry)
-        try:
-            yield entry.connection
-        finally:
-            self._borrowed.discard(entry)
-            self._give_back(entry)
-            self._release_slot()
+        return entry
+
+    def _return(self, entry: _Entry) -> None:
+        self._borrowed.discard(entry)
+        self._give_back(entry)
+        self._release_slot()
 
     async def aclose(self) -> None:
         """Close the pool and all its connections.
@@ -202,13 +229,16 @@ class PgPool:
             await self.aclose()
             raise
 
-    async def _acquire_slot(self) -> None:
+    async def _acquire_slot(self, *, checkpoint: bool = True) -> None:
+        """Take a slot; a free one at once (``checkpoint``: after a
+        scheduling point), else wait for one (FIFO)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._closed:
             raise trio.ClosedResourceError("the PostgreSQL pool is closed")
         if self._free_slots and not self._lot:
             self._free_slots -= 1
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if checkpoint:
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return
         await self._lot.park()  # a releasing task hands its slot over to us
         if self._closed:
