@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 import pytest
@@ -258,3 +258,71 @@ def test_delivery_to_a_shard_whose_nursery_closed_is_refused() -> None:
     run_scenario(
         Scenario(seed=0, runners=3, faults=faults, workload=Workload(background=4))
     )
+
+
+# ----------------------------------------------------------------------
+# A sender cancelled while its request is being saved
+
+
+class Noter(tc.Entity):
+    type_name = "FaultNoter"
+    runs: ClassVar[list[str]] = []
+
+    @tc.rpc(persisted=True, primary_key=lambda m: m.key)
+    async def note(self, msg: Job) -> str:
+        Noter.runs.append(msg.key)
+        return msg.key
+
+
+def slow_first_save() -> Callable[[str, str], Any]:
+    """A fault hook: the first ``save_requests`` takes 2 s, then succeeds."""
+    slow = [1]
+
+    async def hook(session: str, operation: str) -> None:
+        if operation == "save_requests" and slow:
+            slow.pop()
+            await trio.sleep(2)
+
+    return hook
+
+
+async def test_a_call_cancelled_while_it_is_saved_is_interrupted_not_left_claimed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The save lands after the caller gave up: the request was saved
+    claimed by this runner, so nobody else will claim it until the shard's
+    next epoch. It is interrupted like a call cancelled later: its handler
+    does not run, the interruption is its reply, nothing stays unprocessed."""
+    Noter.runs = []
+    storage = MemoryStorage()
+    with trio.fail_after(60):
+        async with open_clocked_runner([Noter], config(), storage) as runner:
+            ref = runner.client(Noter)("n")
+            storage.fault_hook = slow_first_save()
+            with trio.move_on_after(1) as scope:
+                await ref.note(Job("gone"))
+            assert scope.cancelled_caught
+            await trio.sleep(5)
+            with pytest.raises(tc.RequestInterruptedError):
+                await ref.note(Job("gone"))  # attaches to the stored one
+            assert Noter.runs == []
+            async with storage.open_session(name="look", lease_duration=5) as look:
+                assert await look.messages.scan_unprocessed(limit=10) == []
+
+
+async def test_a_discard_cancelled_while_it_is_saved_still_runs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Sent and forgotten: once saved, it runs (its sender did not wait for
+    a reply, so there is nobody to interrupt it for)."""
+    Noter.runs = []
+    storage = MemoryStorage()
+    with trio.fail_after(60):
+        async with open_clocked_runner([Noter], config(), storage) as runner:
+            ref = runner.client(Noter)("n")
+            storage.fault_hook = slow_first_save()
+            with trio.move_on_after(1) as scope:
+                await ref.note.discard(Job("sent"))
+            assert scope.cancelled_caught
+            await until(lambda: Noter.runs == ["sent"], "the discarded request ran")
+            assert await ref.note(Job("sent")) == "sent"  # its recorded reply

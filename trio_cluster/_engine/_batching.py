@@ -35,13 +35,17 @@ O = TypeVar("O")  # noqa: E741
 class Pending(Generic[I, O]):
     """One item on its way to storage (see `Batcher.enqueue`)."""
 
-    __slots__ = ("done", "error", "item", "result")
+    __slots__ = ("abandoned", "done", "error", "item", "result")
 
     def __init__(self, item: I) -> None:
         self.item = item
         self.done = trio.Event()
         self.result: O | None = None
         self.error: BaseException | None = None
+        self.abandoned: Callable[[O], None] | None = None
+        """Set by a waiter that gave up (it was cancelled) while the item was
+        being written: called with the item's result once it is written, so
+        that what was stored is not left without anyone to act on it."""
 
 
 @attrs.define(eq=False)
@@ -152,6 +156,8 @@ class Batcher(Generic[I, O]):
             for pending, result in zip(part, results, strict=True):
                 pending.result = result
                 pending.done.set()
+                if pending.abandoned is not None:
+                    pending.abandoned(result)
 
 
 def refused(exc: BaseException) -> bool:

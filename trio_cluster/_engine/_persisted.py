@@ -47,7 +47,7 @@ from .._errors import (
     PersistenceError,
 )
 from .._storage_abc import PersistedRequest, SaveResult
-from ._batching import Batcher, refused
+from ._batching import Batcher, Pending, refused
 from ._claims import Claims
 from ._delivery import ClaimSignal, DeliveryParts
 from ._inline_persisted import InlinePersisted
@@ -225,7 +225,17 @@ class PersistedDelivery:
         request_id = request.request_id
         waiter = None if discard else self._parts.waiters.register(request_id)
         try:
-            result = await self._saves.submit(request)
+            try:
+                pending = self._saves.enqueue(request)
+            except PersistenceError:  # shutting down
+                await trio.lowlevel.checkpoint()
+                raise
+            try:
+                await pending.done.wait()
+            except BaseException:
+                self._abandon(pending, entity_type, handler, message, discard=discard)
+                raise
+            result = self._saves.result(pending)
         except BaseException as exc:
             if waiter is not None:
                 self._parts.waiters.unregister(request_id, waiter)
@@ -276,6 +286,51 @@ class PersistedDelivery:
         if waiter is None:
             return None
         return await self._wait(handler, request_id, waiter, interrupt=True)
+
+    def _abandon(
+        self,
+        pending: Pending[PersistedRequest, SaveResult],
+        entity_type: EntityType,
+        handler: Handler,
+        message: Any,
+        *,
+        discard: bool,
+    ) -> None:
+        """The sender was cancelled while its request was being saved: the
+        save may land anyway. A request saved already claimed by this runner
+        is delivered to its entity as a sent one would be (otherwise it would
+        wait, claimed, for the shard's next epoch), and, unless ``discard``,
+        interrupted there at once: the handler does not run and the
+        interrupted reply is recorded, as for a caller cancelled later. A
+        request saved unclaimed is left to its owner."""
+
+        def saved(result: SaveResult) -> None:
+            request = pending.item
+            host = self._parts.shards.host(request.address.shard)
+            if result.duplicate or not result.claimed or host is None:
+                return
+            if host.epoch != request.claim_epoch:
+                return  # the shard moved on: its next owner claims it again
+            local_message = (
+                handler.message.decode(request.payload) if self._serialize else message
+            )
+            self._claims.deliver(
+                host,
+                request.address,
+                entity_type,
+                handler,
+                local_message,
+                request.request_id,
+                request.metadata or None,
+            )
+            if not discard:
+                self._parts.manager.interrupt(request.request_id)
+
+        if not pending.done.is_set():
+            pending.abandoned = saved
+        elif pending.error is None:
+            assert pending.result is not None
+            saved(pending.result)
 
     def _request(
         self,
