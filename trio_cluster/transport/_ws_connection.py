@@ -5,13 +5,31 @@ Theory of operation: once both hellos are exchanged, a `Connection` runs three
 tasks until one of them ends it:
 
 * the *reader* gets each WebSocket message, decodes it as a frame and hands
-  the envelopes to the endpoint handler, yielding every `DISPATCH_SLICE`
-  envelopes (bad input from the peer, a handler exception, or the peer
-  closing ends the connection);
+  the envelopes to the endpoint handler, every `DISPATCH_SLICE` envelopes
+  sending what the handler queued meanwhile (its answers) itself, if it can
+  (`send_now`), else yielding (bad input from the peer, a handler exception,
+  or the peer closing ends the connection);
 * the *writer* waits on the peer's `SendQueue` and sends one frame per wake-up
-  with everything queued meanwhile (up to ``max_message_size``);
+  with everything queued meanwhile (up to ``max_message_size``), once the
+  previous frames are written out (`Outbox.wait_drained`: the bound on what
+  waits for a slow peer);
 * the *pinger* sends a ping with a unique payload every ``ping_interval``; no
   pong within ``ping_timeout`` means the peer is gone.
+
+**Sending from the calling task** (`send_now`). Over plain TCP the socket is
+an `Outbox`, whose writes never wait for the peer. When the connection is
+idle (no task is sending a frame, nothing waits in the outbox), the task that
+queued an envelope (a caller, or the reader with its answers) writes the queue
+out as one frame itself, rather than wake the writer for it: a request or an
+answer then leaves in the task that made it. When the connection is busy it
+leaves the envelope queued instead, and it goes in the writer's next batch.
+Order is kept: whoever sends takes the queue's head and enters
+trio-websocket's lock (a FIFO) in the same scheduler step. The send is
+shielded from cancellation: it cannot wait for the peer (the `Outbox` keeps
+what the kernel does not take), only for the lock, held by another such
+send; so a frame is never cut in the middle, and a cancelled caller is
+cancelled at its next checkpoint. Over TLS (no `Outbox`), the writer sends
+everything, as its frames may wait for the peer.
 
 `Connection.end` records the first reason and cancels the three tasks;
 `Connection.close` then sends the WebSocket close frame (code and reason) and
@@ -51,9 +69,12 @@ from .._transport_abc import EndpointHandler
 from ._framing import decode_frame
 from ._peers import Counters, Limits, SendQueue, deliver, log
 from ._ws_admission import ConnectionLimits
+from ._ws_outbox import Outbox, outbox_of
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+
+    from .._transport_abc import Envelope
 
 __all__ = [
     "CONNECTION_ERRORS",
@@ -104,10 +125,11 @@ CONNECTION_ERRORS: Final = (
 _MAX_CLOSE_REASON: Final = 123  # bytes, RFC 6455 §5.5.1
 
 DISPATCH_SLICE: Final = 32
-"""The reader yields to the scheduler after this many envelopes of one frame,
-so the writer can send the answers to the first ones while the rest are
-processed: with many callers, both runners then work at once instead of in
-turns (the frames of a busy connection carry about a hundred envelopes)."""
+"""The reader sends (or has the writer send) the answers queued so far and
+yields after this many envelopes of one frame, so the answers to the first
+ones leave while the rest are processed: with many callers, both runners then
+work at once instead of in turns (the frames of a busy connection carry about
+a hundred envelopes)."""
 
 
 def _duration(_: object, attribute: attrs.Attribute[float], value: Any) -> None:
@@ -251,6 +273,55 @@ class Connection:
     """Set once the connection is closed (its task is done)."""
     _scope: trio.CancelScope = attrs.field(init=False, factory=trio.CancelScope)
     _pings: int = attrs.field(init=False, default=0)
+    _outbox: Outbox | None = attrs.field(init=False)
+    """The socket, when the calling task may send (plain TCP)."""
+    _sending: bool = attrs.field(init=False, default=False)
+    """Whether a task (in `send_now`, or the writer) is sending a frame:
+    then envelopes wait in the queue for the next one."""
+
+    @_outbox.default
+    def _find_outbox(self) -> Outbox | None:
+        return outbox_of(self.ws)
+
+    def can_send_now(self) -> bool:
+        """Whether the calling task may send the queue itself (`send_now`):
+        over plain TCP, when no other task is sending a frame, nothing waits
+        in the outbox and the connection is not ending."""
+        outbox = self._outbox
+        return (
+            outbox is not None
+            and not self._sending
+            and not outbox.backlog
+            and self.ending is None
+        )
+
+    async def send_now(self) -> None:
+        """Send the head of the queue (one frame) from the calling task, if
+        `can_send_now` (check it first, in the same scheduler step as the
+        envelope was queued). What is queued meanwhile is left to the
+        writer (woken if needed).
+
+        A connection error ends the connection (the envelopes are then lost,
+        as with any lost connection); nothing is raised.
+
+        Cancellation: the send is shielded (it cannot wait for the peer, see
+        the module docstring); a cancellation is seen at the caller's next
+        checkpoint.
+        """
+        queue = self._queue
+        assert queue
+        assert self.can_send_now()
+        self._sending = True
+        try:
+            with trio.CancelScope(shield=True):
+                frame, count = queue.take_frame()
+                await self.ws.send_message(frame)
+                self._counters.sent(frame, count)
+        except CONNECTION_ERRORS as exc:
+            self.end(describe(exc))
+        finally:
+            self._sending = False
+            queue.wake()
 
     def end(
         self,
@@ -320,20 +391,10 @@ class Connection:
                     self._bad_input(str(exc), CloseCode.INVALID_PAYLOAD)
                     return
                 counters.frames_received += 1
-                for index, envelope in enumerate(envelopes):
-                    if index and not index % DISPATCH_SLICE:
-                        await trio.lowlevel.checkpoint()
-                    if self.ending is not None:
+                for start in range(0, len(envelopes), DISPATCH_SLICE):
+                    if not self._dispatch(envelopes, start):
                         return
-                    counters.envelopes_received += 1
-                    problem = deliver(self._handler, self.peer, envelope)
-                    if problem is not None:
-                        self.end(
-                            problem,
-                            code=CloseCode.INTERNAL_ERROR,
-                            sent="internal error",
-                        )
-                        return
+                    await self._answer(more=start + DISPATCH_SLICE < len(envelopes))
         except ConnectionClosed as exc:
             reason = exc.reason
             if reason is not None and reason.code == CloseCode.MESSAGE_TOO_BIG:
@@ -347,14 +408,59 @@ class Connection:
                 )
             self.end(describe_close(reason))
 
+    def _dispatch(self, envelopes: list[Envelope], start: int) -> bool:
+        """Hand envelopes ``start`` to ``start + DISPATCH_SLICE`` to the
+        handler, holding the queue (what it queues is sent by `_answer`);
+        False if the connection ends."""
+        counters = self._counters
+        queue = self._queue
+        queue.held = True
+        try:
+            for envelope in envelopes[start : start + DISPATCH_SLICE]:
+                if self.ending is not None:
+                    return False
+                counters.envelopes_received += 1
+                problem = deliver(self._handler, self.peer, envelope)
+                if problem is not None:
+                    self.end(
+                        problem, code=CloseCode.INTERNAL_ERROR, sent="internal error"
+                    )
+                    return False
+        finally:
+            queue.held = False
+        return True
+
+    async def _answer(self, *, more: bool) -> None:
+        """Send what the handler queued: from the reader if the connection is
+        idle, else by the writer. With ``more`` envelopes of the frame to
+        dispatch, yield to the scheduler either way."""
+        queue = self._queue
+        if queue and self.can_send_now():
+            await self.send_now()
+            return
+        queue.wake()
+        if more:
+            await trio.lowlevel.checkpoint()
+
     async def _write(self) -> None:
         queue = self._queue
+        outbox = self._outbox
         while True:
             await queue.wait()
+            if outbox is not None:
+                # At most one frame waits for a slow peer in the outbox:
+                # beyond it, envelopes wait in the (bounded) queue.
+                await outbox.wait_drained()
             if self.ending is not None:
                 return
+            if not queue:
+                continue  # sent by send_now meanwhile
             frame, count = queue.take_frame()
-            await self.ws.send_message(frame)
+            self._sending = True
+            try:
+                await self.ws.send_message(frame)
+            finally:
+                self._sending = False
             self._counters.sent(frame, count)
 
     async def _ping(self) -> None:
