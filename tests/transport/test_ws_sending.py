@@ -1,7 +1,8 @@
-"""Tests of how the WebSocket transport writes: the `Outbox` (writes that never
-wait for the peer), frames sent from the calling task (`Endpoint.send`,
-the reader's answers), and what must hold whoever sends: order, whole
-frames under cancellation, a slow peer blocking nobody.
+"""Tests of how the WebSocket transport writes and reads: the `Outbox` (writes
+that never wait for the peer), frames sent from the calling task
+(`Endpoint.send`, the reader's answers), what must hold whoever sends
+(order, whole frames under cancellation, a slow peer blocking nobody), and
+frames handled in trio-websocket's reader task (the `Tap`).
 
 Real sockets on loopback; each test keeps its timeouts short.
 """
@@ -14,6 +15,8 @@ from typing import Any
 import msgpack
 import pytest
 import trio
+import trio_websocket
+from wsproto.events import BytesMessage
 
 from trio_cluster import RunnerAddress
 from trio_cluster.testing import RecordingHandler
@@ -310,3 +313,47 @@ async def test_a_peer_that_does_not_read_blocks_no_caller():
                 if frames[-1] == ["cancelled"]:
                     break
             assert frames[-2:] == [["queued, not written"], ["cancelled"]]
+
+
+# ----------------------------------------------------------------------
+# Reading in trio-websocket's reader task (the Tap)
+
+
+async def test_frames_right_behind_the_listeners_hello_arrive_in_order():
+    # A listener sends frames right behind its hello: some wait in
+    # trio-websocket's channel before the connection (and its tap) exists,
+    # some arrive while the tap hands those over, the rest after. All are
+    # delivered, in order.
+    count = 50
+    handler = RecordingHandler()
+
+    async def listener(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.get_message()  # the dialer's hello
+        # The hello and the first frames in one write (trio-websocket's
+        # protocol object and stream: its API writes one message at a time).
+        messages = [encode_hello(address)]
+        messages += [msgpack.packb([["n", seq]]) for seq in range(count // 2)]
+        await ws._stream.send_all(
+            b"".join(ws._wsproto.send(BytesMessage(data=m)) for m in messages)
+        )
+        for seq in range(count // 2, count):
+            await ws.send_message(msgpack.packb([["n", seq]]))
+        await trio.sleep_forever()
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                trio_websocket.serve_websocket, listener, "127.0.0.1", 0, None
+            )
+            address = RunnerAddress("127.0.0.1", server.port)
+            for attempt in range(5):
+                transport = make_transport()
+                handler = RecordingHandler()
+                async with transport.open_endpoint(LOCALHOST, handler) as a:
+                    a.send_nowait(address, ["hello", attempt])
+                    await handler.wait_received(count)
+                    assert [e for _, e in handler.received] == [
+                        ["n", seq] for seq in range(count)
+                    ]
+            nursery.cancel_scope.cancel()

@@ -4,11 +4,14 @@ the transport edge).
 Theory of operation: once both hellos are exchanged, a `Connection` runs three
 tasks until one of them ends it:
 
-* the *reader* gets each WebSocket message, decodes it as a frame and hands
-  the envelopes to the endpoint handler, every `DISPATCH_SLICE` envelopes
+* the *reader* decodes each WebSocket message as a frame and hands the
+  envelopes to the endpoint handler, every `DISPATCH_SLICE` envelopes
   sending what the handler queued meanwhile (its answers) itself, if it can
   (`send_now`), else yielding (bad input from the peer, a handler exception,
-  or the peer closing ends the connection);
+  or the peer closing ends the connection). The messages are handled in
+  trio-websocket's own reader task, as it parses them (`_ws_tap.Tap`: no
+  task wakes per message); the reader task itself hands over the messages
+  that arrived before the connection existed, then waits for the end;
 * the *writer* waits on the peer's `SendQueue` and sends one frame per wake-up
   with everything queued meanwhile (up to ``max_message_size``), once the
   previous frames are written out (`Outbox.wait_drained`: the bound on what
@@ -70,6 +73,7 @@ from ._framing import decode_frame
 from ._peers import Counters, Limits, SendQueue, deliver, log
 from ._ws_admission import ConnectionLimits
 from ._ws_outbox import Outbox, outbox_of
+from ._ws_tap import Tap, install_tap
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -279,9 +283,16 @@ class Connection:
     """Whether a task (in `send_now`, or the writer) is sending a frame:
     then envelopes wait in the queue for the next one."""
 
+    _tap: Tap | None = attrs.field(init=False)
+    """Where trio-websocket's reader hands messages over (see `_ws_tap`)."""
+
     @_outbox.default
     def _find_outbox(self) -> Outbox | None:
         return outbox_of(self.ws)
+
+    @_tap.default
+    def _install_tap(self) -> Tap | None:
+        return install_tap(self.ws, self._received)
 
     def can_send_now(self) -> bool:
         """Whether the calling task may send the queue itself (`send_now`):
@@ -375,26 +386,12 @@ class Connection:
         self.end(problem, code=code)
 
     async def _read(self) -> None:
-        counters = self._counters
         try:
-            while True:
-                message = await self.ws.get_message()
-                if isinstance(message, str):
-                    self._bad_input(
-                        "text message received; runners exchange binary frames only",
-                        CloseCode.UNSUPPORTED_DATA,
-                    )
-                    return
-                try:
-                    envelopes = decode_frame(message, self._limits.max_message_size)
-                except MalformedMessageError as exc:
-                    self._bad_input(str(exc), CloseCode.INVALID_PAYLOAD)
-                    return
-                counters.frames_received += 1
-                for start in range(0, len(envelopes), DISPATCH_SLICE):
-                    if not self._dispatch(envelopes, start):
-                        return
-                    await self._answer(more=start + DISPATCH_SLICE < len(envelopes))
+            if self._tap is not None:
+                await self._tap.run()
+            else:
+                while await self._received(await self.ws.get_message()):
+                    pass
         except ConnectionClosed as exc:
             reason = exc.reason
             if reason is not None and reason.code == CloseCode.MESSAGE_TOO_BIG:
@@ -407,6 +404,30 @@ class Connection:
                     describe_close(reason),
                 )
             self.end(describe_close(reason))
+
+    async def _received(self, message: bytes | str) -> bool:
+        """Decode a message and dispatch its envelopes (from the reader, or
+        from trio-websocket's reader through the `Tap`); False once the
+        connection ends."""
+        if self.ending is not None:
+            return False
+        if isinstance(message, str):
+            self._bad_input(
+                "text message received; runners exchange binary frames only",
+                CloseCode.UNSUPPORTED_DATA,
+            )
+            return False
+        try:
+            envelopes = decode_frame(message, self._limits.max_message_size)
+        except MalformedMessageError as exc:
+            self._bad_input(str(exc), CloseCode.INVALID_PAYLOAD)
+            return False
+        self._counters.frames_received += 1
+        for start in range(0, len(envelopes), DISPATCH_SLICE):
+            if not self._dispatch(envelopes, start):
+                return False
+            await self._answer(more=start + DISPATCH_SLICE < len(envelopes))
+        return True
 
     def _dispatch(self, envelopes: list[Envelope], start: int) -> bool:
         """Hand envelopes ``start`` to ``start + DISPATCH_SLICE`` to the
