@@ -180,9 +180,9 @@ async def test_send_writes_from_the_calling_task_when_idle():
 
 async def test_cancelled_send_still_writes_the_whole_frame():
     # The caller is cancelled before it sends: the envelope was queued, so
-    # it must leave whole (the send is shielded), and the connection stays
-    # usable. Without the shield trio-websocket's lock would raise
-    # Cancelled after the frame was taken from the queue: it would be lost.
+    # it must leave whole, and the connection stays usable. (Sent with
+    # trio-websocket's send_message, its lock would raise Cancelled after
+    # the frame was taken from the queue: it would be lost.)
     transport = make_transport()
     ha, hb = RecordingHandler(), RecordingHandler()
     with trio.fail_after(TIMEOUT):

@@ -20,19 +20,18 @@ tasks until one of them ends it:
   pong within ``ping_timeout`` means the peer is gone.
 
 **Sending from the calling task** (`send_now`). Over plain TCP the socket is
-an `Outbox`, whose writes never wait for the peer. When the connection is
-idle (no task is sending a frame, nothing waits in the outbox), the task that
-queued an envelope (a caller, or the reader with its answers) writes the queue
-out as one frame itself, rather than wake the writer for it: a request or an
-answer then leaves in the task that made it. When the connection is busy it
-leaves the envelope queued instead, and it goes in the writer's next batch.
-Order is kept: whoever sends takes the queue's head and enters
-trio-websocket's lock (a FIFO) in the same scheduler step. The send is
-shielded from cancellation: it cannot wait for the peer (the `Outbox` keeps
-what the kernel does not take), only for the lock, held by another such
-send; so a frame is never cut in the middle, and a cancelled caller is
-cancelled at its next checkpoint. Over TLS (no `Outbox`), the writer sends
-everything, as its frames may wait for the peer.
+an `Outbox`, whose writes never wait for the peer, and every frame of ours
+is written synchronously (`write_message`: wsproto makes the frame, the
+outbox takes it, no lock and no checkpoint). When the connection is idle
+(nothing waits in the outbox), the task that queued an envelope (a caller,
+or the reader with its answers) writes the queue out as one frame itself,
+rather than wake the writer for it: a request or an answer leaves in the
+task that made it. When frames wait in the outbox it leaves the envelope
+queued instead, for the writer, which waits until the outbox is drained.
+Order is kept as every write takes the queue's head and writes it in one
+step; a write cannot be cut by a cancellation, and never waits for a slow
+peer. Over TLS (no `Outbox`), the writer sends everything with
+trio-websocket's ``send_message``, as those frames may wait for the peer.
 
 `Connection.end` records the first reason and cancels the three tasks;
 `Connection.close` then sends the WebSocket close frame (code and reason) and
@@ -72,7 +71,7 @@ from .._transport_abc import EndpointHandler
 from ._framing import decode_frame
 from ._peers import Counters, Limits, SendQueue, deliver, log
 from ._ws_admission import ConnectionLimits
-from ._ws_outbox import Outbox, outbox_of
+from ._ws_outbox import Outbox, outbox_of, write_message
 from ._ws_tap import Tap, install_tap
 
 if TYPE_CHECKING:
@@ -280,8 +279,8 @@ class Connection:
     _outbox: Outbox | None = attrs.field(init=False)
     """The socket, when the calling task may send (plain TCP)."""
     _sending: bool = attrs.field(init=False, default=False)
-    """Whether a task (in `send_now`, or the writer) is sending a frame:
-    then envelopes wait in the queue for the next one."""
+    """Whether the writer is in trio-websocket's ``send_message`` (which
+    may yield): then envelopes wait in the queue for its next frame."""
 
     _tap: Tap | None = attrs.field(init=False)
     """Where trio-websocket's reader hands messages over (see `_ws_tap`)."""
@@ -295,9 +294,9 @@ class Connection:
         return install_tap(self.ws, self._received)
 
     def can_send_now(self) -> bool:
-        """Whether the calling task may send the queue itself (`send_now`):
-        over plain TCP, when no other task is sending a frame, nothing waits
-        in the outbox and the connection is not ending."""
+        """Whether the calling task may write the queue itself (`send_now`):
+        over plain TCP, when the writer is not in ``send_message``, nothing
+        waits in the outbox and the connection is not ending."""
         outbox = self._outbox
         return (
             outbox is not None
@@ -306,33 +305,29 @@ class Connection:
             and self.ending is None
         )
 
-    async def send_now(self) -> None:
-        """Send the head of the queue (one frame) from the calling task, if
-        `can_send_now` (check it first, in the same scheduler step as the
-        envelope was queued). What is queued meanwhile is left to the
-        writer (woken if needed).
+    def send_now(self) -> None:
+        """Write the head of the queue (one frame) now, from the calling
+        task, if `can_send_now` (check it first, in the same scheduler step
+        as the envelope was queued): a synchronous write (`write_message`),
+        so neither a cancellation nor another sender can come between.
+        What is queued after it is left to the writer (woken if needed).
 
         A connection error ends the connection (the envelopes are then lost,
         as with any lost connection); nothing is raised.
-
-        Cancellation: the send is shielded (it cannot wait for the peer, see
-        the module docstring); a cancellation is seen at the caller's next
-        checkpoint.
         """
         queue = self._queue
+        outbox = self._outbox
         assert queue
+        assert outbox is not None
         assert self.can_send_now()
-        self._sending = True
+        frame, count = queue.take_frame()
         try:
-            with trio.CancelScope(shield=True):
-                frame, count = queue.take_frame()
-                await self.ws.send_message(frame)
-                self._counters.sent(frame, count)
+            write_message(self.ws, outbox, frame)
         except CONNECTION_ERRORS as exc:
             self.end(describe(exc))
-        finally:
-            self._sending = False
-            queue.wake()
+        else:
+            self._counters.sent(frame, count)
+        queue.wake()
 
     def end(
         self,
@@ -454,12 +449,12 @@ class Connection:
     async def _answer(self, *, more: bool) -> None:
         """Send what the handler queued: from the reader if the connection is
         idle, else by the writer. With ``more`` envelopes of the frame to
-        dispatch, yield to the scheduler either way."""
+        dispatch, yield to the scheduler."""
         queue = self._queue
         if queue and self.can_send_now():
-            await self.send_now()
-            return
-        queue.wake()
+            self.send_now()
+        else:
+            queue.wake()
         if more:
             await trio.lowlevel.checkpoint()
 
@@ -476,6 +471,9 @@ class Connection:
                 return
             if not queue:
                 continue  # sent by send_now meanwhile
+            if outbox is not None and self.can_send_now():
+                self.send_now()  # no wait: the outbox is drained
+                continue
             frame, count = queue.take_frame()
             self._sending = True
             try:

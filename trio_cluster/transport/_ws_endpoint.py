@@ -235,8 +235,8 @@ class WebSocketEndpoint(Endpoint):
         assert entry is not None
         data = encode_envelope(envelope, self._limits.max_message_size, self._packer)
         entry.queue.push(data, wake=False)
-        await conn.send_now()
-        await trio.lowlevel.checkpoint_if_cancelled()
+        conn.send_now()
+        await trio.lowlevel.checkpoint()
 
     def is_connected(self, peer: RunnerAddress) -> bool:
         entry = self._peers.get(peer)

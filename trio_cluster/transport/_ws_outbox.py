@@ -16,7 +16,8 @@ socket and writes differently:
   until the socket is writable and writes the backlog out.
 
 So a frame is never cut by a cancellation, and any task may send a frame
-itself, even one that must never wait for the peer (a connection's reader).
+itself, even one that must never wait for the peer (a connection's reader):
+`write_message` writes one synchronously.
 Bounding the backlog is the sender's business: `Outbox.backlog` says how
 many bytes wait, and `Outbox.wait_drained` waits until none do (the
 connection's writer task waits there before each frame; a task sending on
@@ -35,11 +36,13 @@ from collections import deque
 from typing import TYPE_CHECKING, Final
 
 import trio
+from trio_websocket import ConnectionClosed
+from wsproto.events import BytesMessage
 
 if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
 
-__all__ = ["Outbox", "open_outbox", "outbox_of"]
+__all__ = ["Outbox", "open_outbox", "outbox_of", "write_message"]
 
 _WOULD_BLOCK: Final = frozenset((errno.EAGAIN, errno.EWOULDBLOCK))
 
@@ -211,3 +214,27 @@ def outbox_of(ws: WebSocketConnection) -> Outbox | None:
     """
     stream = getattr(ws, "_stream", None)
     return stream if isinstance(stream, Outbox) else None
+
+
+def write_message(ws: WebSocketConnection, outbox: Outbox, message: bytes) -> None:
+    """Write ``message`` as one binary WebSocket message on ``ws`` (whose
+    stream is ``outbox``) now, from the calling task, without trio-websocket's
+    ``send_message``: its frame is made by the connection's wsproto object
+    and handed to `Outbox.write_nowait`, with no lock and no checkpoint.
+
+    Why this is sound: a data message is one whole frame (no extension is
+    negotiated, nothing is fragmented), so frames written this way and by
+    trio-websocket (pings, pongs, the close frame) may interleave only as
+    whole frames; wsproto refuses a message after a close frame was made.
+
+    Raises:
+        ConnectionClosed: the WebSocket is closed or closing.
+        wsproto.utilities.LocalProtocolError: it is closing (wsproto's
+            state).
+        trio.BrokenResourceError, trio.ClosedResourceError: the stream
+            failed or is closed.
+    """
+    reason = ws.closed
+    if reason is not None:
+        raise ConnectionClosed(reason)
+    outbox.write_nowait(ws._wsproto.send(BytesMessage(data=message)))
