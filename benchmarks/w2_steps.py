@@ -155,16 +155,21 @@ async def _profile(
     server: ChildProcess,
     call: Callable[[int], Awaitable[object]],
     calls: int,
+    callers: int = 1,
 ) -> None:
-    """cProfile ``calls`` sequential calls on both sides; write
-    ``DIR/NAME-client.prof`` and ``DIR/NAME-server.prof``."""
+    """cProfile ``calls`` calls (sequential, or from ``callers`` tasks) on
+    both sides; write ``DIR/NAME-client.prof`` and
+    ``DIR/NAME-server.prof``."""
     server_path = str(directory / f"{name}-server.prof")
     client_path = str(directory / f"{name}-client.prof")
     await control.send_all(b"profile\n")
     await trio.sleep(0.1)
     profile = cProfile.Profile()
     profile.enable()
-    await sequential(call, calls)
+    if callers == 1:
+        await sequential(call, calls)
+    else:
+        await concurrent(call, calls, callers)
     profile.disable()
     profile.dump_stats(client_path)
     await control.send_all(f"dump {server_path}\n".encode())
@@ -173,7 +178,9 @@ async def _profile(
     _summarise(server_path, f"{name}: server (owner) side")
 
 
-async def run(dsn: str, prefix: str, calls: int, profile_dir: Path | None) -> None:
+async def run(
+    dsn: str, prefix: str, calls: int, concurrent_calls: int, profile_dir: Path | None
+) -> None:
     counter = StepCounter()
     trio.lowlevel.add_instrument(counter)
     async with trio.open_nursery() as nursery:
@@ -237,9 +244,9 @@ async def run(dsn: str, prefix: str, calls: int, profile_dir: Path | None) -> No
             before = runner.statistics().transport
             await mark()
             counter.take()
-            rate, latencies = await concurrent(call, calls * 5, 100)
+            rate, latencies = await concurrent(call, concurrent_calls, 100)
             client_steps = counter.take()
-            _report("100 callers", calls * 5, client_steps, await mark())
+            _report("100 callers", concurrent_calls, client_steps, await mark())
             after = runner.statistics().transport
             assert before is not None
             assert after is not None
@@ -247,9 +254,19 @@ async def run(dsn: str, prefix: str, calls: int, profile_dir: Path | None) -> No
             received = after.frames_received - before.frames_received
             print(
                 f"100 callers: {rate:.0f} calls/s, client frames sent"
-                f" {frames} received {received} for {calls * 5} calls",
+                f" {frames} received {received} for {concurrent_calls} calls",
                 file=sys.stderr,
             )
+            if profile_dir is not None:
+                await _profile(
+                    profile_dir,
+                    "concurrent",
+                    control,
+                    server,
+                    call,
+                    concurrent_calls,
+                    100,
+                )
         await control.aclose()
         await server.wait_exit(20)
 
@@ -260,6 +277,7 @@ def _cli() -> None:
     parser.add_argument("--dsn")
     parser.add_argument("--prefix")
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--concurrent-calls", type=int, default=10000)
     parser.add_argument("--profile", metavar="DIR")
     args = parser.parse_args()
     if args.command == "serve":
@@ -272,7 +290,7 @@ def _cli() -> None:
         profile = Path(args.profile).resolve()
         profile.mkdir(parents=True, exist_ok=True)
     try:
-        trio.run(partial(run, dsn, prefix, args.calls, profile))
+        trio.run(partial(run, dsn, prefix, args.calls, args.concurrent_calls, profile))
     finally:
         drop_tables(dsn, prefix)
 
