@@ -84,8 +84,9 @@ class Limits:
     """Largest frame, in bytes; an envelope may use all of it but
     `FRAME_OVERHEAD`."""
     message_queue_size: int = attrs.field(validator=positive_int)
-    """Frames buffered between a connection's network reader and its
-    dispatcher."""
+    """Frames a connection buffers on the receiving side (memory: in flight
+    per direction; WebSocket: until the connection is up, then each is
+    handled as it is parsed)."""
     max_queued_envelopes: int = attrs.field(validator=positive_int)
     """Most envelopes queued for one peer."""
     max_queued_bytes: int = attrs.field(validator=positive_int)
