@@ -1,15 +1,17 @@
-"""W2's sequential remote call, counted: Trio task steps per call on both
+"""W2's remote call, counted: Trio task steps and CPU time per call on both
 sides (and optionally a cProfile of each side), next to the bare
 trio-websocket echo's.
 
-``python -m benchmarks.w2_steps [--calls N] [--profile DIR]`` starts the W2
-server runner in a subprocess (``serve``, the same runner as
-`benchmarks.w2_remote` with a Trio instrument counting task steps), then, in
-this process, counts the steps of ``N`` sequential echo round trips and of
-``N`` sequential all-remote calls, on each side. Each side's count is
-divided by ``N``; the tasks that ran are listed by name. With ``--profile``,
-each side's cProfile of the calls is written to ``DIR`` (``client.prof``,
-``server.prof``) and summarised on stderr.
+``python -m benchmarks.w2_steps [--calls N] [--concurrent-calls M]
+[--profile DIR]`` starts the W2 server runner in a subprocess (``serve``,
+the same runner as `benchmarks.w2_remote` with a Trio instrument counting
+task steps), then, in this process, measures ``N`` sequential echo round
+trips, ``N`` sequential all-remote calls and ``M`` calls from 100 callers,
+on each side: steps and CPU time (``os.times()``) divided by the number of
+calls, and the tasks that ran, by name. With ``--profile``, each side's
+cProfile of each phase is written to ``DIR`` (``echo-client.prof``,
+``call-server.prof``, ``concurrent-client.prof``...) and summarised on
+stderr.
 
 The server is driven through its stdin, one command per line: ``mark NAME``
 (print ``{"event": NAME, ...}`` with the steps since the last mark),
