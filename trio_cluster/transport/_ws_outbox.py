@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 from trio_websocket import ConnectionClosed
+from wsproto import WSConnection
 from wsproto.events import BytesMessage
 
 if TYPE_CHECKING:
@@ -207,13 +208,19 @@ def open_outbox(nursery: trio.Nursery, stream: trio.abc.Stream) -> trio.abc.Stre
 
 
 def outbox_of(ws: WebSocketConnection) -> Outbox | None:
-    """The `Outbox` ``ws`` writes to, if `open_outbox` made one.
+    """The `Outbox` ``ws`` writes to, if `open_outbox` made one and
+    `write_message` can write on ``ws``; else None (then only
+    trio-websocket's ``send_message`` writes).
 
-    trio-websocket keeps its stream private: this reads the attribute its
-    reader and writer use.
+    trio-websocket keeps its stream and its wsproto object private: this
+    reads the attributes its reader and writer use, and finds nothing with
+    a trio-websocket that names them otherwise.
     """
     stream = getattr(ws, "_stream", None)
-    return stream if isinstance(stream, Outbox) else None
+    protocol = getattr(ws, "_wsproto", None)
+    if isinstance(stream, Outbox) and isinstance(protocol, WSConnection):
+        return stream
+    return None
 
 
 def write_message(ws: WebSocketConnection, outbox: Outbox, message: bytes) -> None:
