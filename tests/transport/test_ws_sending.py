@@ -20,7 +20,7 @@ from wsproto.events import BytesMessage
 
 from trio_cluster import RunnerAddress
 from trio_cluster.testing import RecordingHandler
-from trio_cluster.transport import WebSocketEndpoint
+from trio_cluster.transport import WebSocketEndpoint, _ws_connection
 from trio_cluster.transport._framing import encode_hello
 from trio_cluster.transport._ws_connection import Connection
 from trio_cluster.transport._ws_outbox import Outbox, open_outbox
@@ -357,3 +357,28 @@ async def test_frames_right_behind_the_listeners_hello_arrive_in_order():
                         ["n", seq] for seq in range(count)
                     ]
             nursery.cancel_scope.cancel()
+
+
+async def test_without_wsproto_access_the_writer_sends_everything(monkeypatch):
+    # A trio-websocket whose wsproto object is not found: no synchronous
+    # writes, every frame through send_message by the writer, in order.
+    monkeypatch.setattr(_ws_connection, "can_write_message", lambda ws: False)
+    transport = make_transport()
+    ha, hb = RecordingHandler(), RecordingHandler()
+    with trio.fail_after(TIMEOUT):
+        async with (
+            transport.open_endpoint(LOCALHOST, ha) as a,
+            transport.open_endpoint(LOCALHOST, hb) as b,
+        ):
+            a.send_nowait(b.address, ["connect"])
+            await hb.wait_received(1)
+            assert not connection(a, b.address).can_send_now()
+            frames = a.statistics().frames_sent
+            await a.send(b.address, ["queued"])
+            assert a.statistics().frames_sent == frames  # left to the writer
+            for seq in range(20):
+                a.send_nowait(b.address, [seq])
+            await hb.wait_received(22)
+            assert [e for _, e in hb.received[1:]] == [["queued"]] + [
+                [seq] for seq in range(20)
+            ]

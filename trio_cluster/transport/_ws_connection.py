@@ -71,7 +71,7 @@ from .._transport_abc import EndpointHandler
 from ._framing import decode_frame
 from ._peers import Counters, Limits, SendQueue, deliver, log
 from ._ws_admission import ConnectionLimits
-from ._ws_outbox import Outbox, outbox_of, write_message
+from ._ws_outbox import Outbox, can_write_message, outbox_of, write_message
 from ._ws_tap import Tap, install_tap
 
 if TYPE_CHECKING:
@@ -277,7 +277,10 @@ class Connection:
     _scope: trio.CancelScope = attrs.field(init=False, factory=trio.CancelScope)
     _pings: int = attrs.field(init=False, default=0)
     _outbox: Outbox | None = attrs.field(init=False)
-    """The socket, when the calling task may send (plain TCP)."""
+    """The socket, over plain TCP."""
+    _direct: bool = attrs.field(init=False)
+    """Whether our frames are written synchronously (`write_message`): an
+    outbox, and a trio-websocket whose wsproto object is found."""
     _sending: bool = attrs.field(init=False, default=False)
     """Whether the writer is in trio-websocket's ``send_message`` (which
     may yield): then envelopes wait in the queue for its next frame."""
@@ -289,6 +292,10 @@ class Connection:
     def _find_outbox(self) -> Outbox | None:
         return outbox_of(self.ws)
 
+    @_direct.default
+    def _writes_directly(self) -> bool:
+        return self._outbox is not None and can_write_message(self.ws)
+
     @_tap.default
     def _install_tap(self) -> Tap | None:
         return install_tap(self.ws, self._received)
@@ -299,7 +306,8 @@ class Connection:
         waits in the outbox and the connection is not ending."""
         outbox = self._outbox
         return (
-            outbox is not None
+            self._direct
+            and outbox is not None
             and not self._sending
             and not outbox.backlog
             and self.ending is None
@@ -471,7 +479,7 @@ class Connection:
                 return
             if not queue:
                 continue  # sent by send_now meanwhile
-            if outbox is not None and self.can_send_now():
+            if self.can_send_now():
                 self.send_now()  # no wait: the outbox is drained
                 continue
             frame, count = queue.take_frame()

@@ -43,7 +43,7 @@ from wsproto.events import BytesMessage
 if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
 
-__all__ = ["Outbox", "open_outbox", "outbox_of", "write_message"]
+__all__ = ["Outbox", "can_write_message", "open_outbox", "outbox_of", "write_message"]
 
 _WOULD_BLOCK: Final = frozenset((errno.EAGAIN, errno.EWOULDBLOCK))
 
@@ -208,19 +208,20 @@ def open_outbox(nursery: trio.Nursery, stream: trio.abc.Stream) -> trio.abc.Stre
 
 
 def outbox_of(ws: WebSocketConnection) -> Outbox | None:
-    """The `Outbox` ``ws`` writes to, if `open_outbox` made one and
-    `write_message` can write on ``ws``; else None (then only
-    trio-websocket's ``send_message`` writes).
+    """The `Outbox` ``ws`` writes to, if `open_outbox` made one.
 
-    trio-websocket keeps its stream and its wsproto object private: this
-    reads the attributes its reader and writer use, and finds nothing with
-    a trio-websocket that names them otherwise.
+    trio-websocket keeps its stream private: this reads the attribute its
+    reader and writer use.
     """
     stream = getattr(ws, "_stream", None)
-    protocol = getattr(ws, "_wsproto", None)
-    if isinstance(stream, Outbox) and isinstance(protocol, WSConnection):
-        return stream
-    return None
+    return stream if isinstance(stream, Outbox) else None
+
+
+def can_write_message(ws: WebSocketConnection) -> bool:
+    """Whether `write_message` can write on ``ws``: trio-websocket keeps its
+    wsproto object private, and one that names it otherwise has none that
+    this finds (then only its ``send_message`` writes)."""
+    return isinstance(getattr(ws, "_wsproto", None), WSConnection)
 
 
 def write_message(ws: WebSocketConnection, outbox: Outbox, message: bytes) -> None:
