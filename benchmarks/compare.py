@@ -34,12 +34,18 @@ WORKTREE = "WORKTREE"
 """``--new`` value for the files as they are now (committed or not)."""
 
 Key = tuple[tuple[str, Any], ...]
-"""A figure's identity: its JSON fields but the value."""
+"""A figure's identity: its JSON fields but those a run measures."""
+
+
+MEASURED = frozenset({"value", "local_fraction"})
+"""Fields a run measures, which differ between runs of one figure (W2's
+mixed figures say which fraction of the ids was local in that run)."""
 
 
 def figure_key(line: Mapping[str, Any]) -> Key:
-    """What identifies a figure across runs: every field but ``value``."""
-    return tuple(sorted((k, v) for k, v in line.items() if k != "value"))
+    """What identifies a figure across runs: every field but those of
+    `MEASURED`."""
+    return tuple(sorted((k, v) for k, v in line.items() if k not in MEASURED))
 
 
 def figures(output: str) -> list[dict[str, Any]]:
@@ -91,7 +97,7 @@ def summarize(
             continue
         base_median = statistics.median(values["base"][key])
         new_median = statistics.median(new)
-        record = {k: v for k, v in line.items() if k != "value"}
+        record = {k: v for k, v in line.items() if k not in MEASURED}
         record.update(
             base=base_median,
             new=new_median,

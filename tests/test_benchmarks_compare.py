@@ -54,6 +54,21 @@ def test_summarize_takes_medians_per_figure_and_side():
     assert "value" not in direct
 
 
+def test_what_a_run_measures_does_not_split_a_figure():
+    # W2's mixed figures say which fraction of the ids was local: it varies
+    # from run to run, and the figure is still the same one.
+    def mixed(value: float, local: float) -> dict[str, object]:
+        return {**line("mixed_p50", value), "local_fraction": local}
+
+    runs = {
+        "base": [[mixed(10, 0.49)], [mixed(12, 0.51)]],
+        "new": [[mixed(5, 0.5)], [mixed(7, 0.52)]],
+    }
+    [record] = summarize(runs)
+    assert (record["base"], record["new"]) == (11, 6)
+    assert "local_fraction" not in record
+
+
 def test_a_zero_base_has_no_ratio():
     [record] = summarize({"base": [[line("errors", 0)]], "new": [[line("errors", 2)]]})
     assert record["ratio"] is None

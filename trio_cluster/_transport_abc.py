@@ -34,6 +34,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import trio
 
 if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
@@ -114,6 +115,22 @@ class Endpoint(ABC):
                 send queue is full.
             MalformedMessageError: the envelope is not encodable.
         """
+
+    async def send(self, peer: RunnerAddress, envelope: Envelope) -> None:
+        """`send_nowait`, from a task that may wait: a transport may then
+        write the envelope from the calling task (when the connection is
+        idle) rather than wake another task for it. The default queues it
+        with `send_nowait`.
+
+        Raises:
+            MessageTooLargeError, RunnerUnavailableError,
+            MalformedMessageError: as `send_nowait` (nothing was queued).
+
+        Cancellation: a checkpoint after the envelope is queued; if
+        cancelled, the envelope leaves anyway.
+        """
+        self.send_nowait(peer, envelope)
+        await trio.lowlevel.checkpoint()
 
     @abstractmethod
     def is_connected(self, peer: RunnerAddress) -> bool:

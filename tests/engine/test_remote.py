@@ -3,15 +3,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AsyncExitStack
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
 import trio_cluster as tc
+from trio_cluster._core._addresses import EntityAddress, EntityId, ShardId
+from trio_cluster._engine._remote import NotSent, OutboundCalls
+from trio_cluster._engine._wire import Kind
+from trio_cluster._registry import Handler, Registry
+from trio_cluster._transport_abc import Endpoint
+from trio_cluster.serialization._converter import make_converter
+from trio_cluster.serialization._replies import Exit
 
-from ..helpers import Add, Count
+from ..helpers import Add, Count, config
 from ..memory_cluster import Nap, Tally, Where, open_cluster
 
 
@@ -111,3 +120,92 @@ async def test_a_remote_call_fails_when_its_own_runner_shuts_down(autojump_clock
                 cluster.stop(1)
         assert trio.current_time() - started < 10
     assert [type(exc) for exc in outcome] == [tc.RunnerClosedError]
+
+
+# ----------------------------------------------------------------------
+# How a call's request is sent (OutboundCalls with a recording endpoint)
+
+
+class _Sending(Endpoint):
+    """Records what is sent; `send` (the calling task writes) can be made
+    to fail, or be cancelled after queueing."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.nowait: list[list[Any]] = []
+        self.sent: list[list[Any]] = []
+        self.fail = fail
+        self.answer: Callable[[list[Any]], None] | None = None
+
+    @property
+    def address(self) -> tc.RunnerAddress:
+        return tc.RunnerAddress("127.0.0.1", 7000)
+
+    def send_nowait(self, peer: tc.RunnerAddress, envelope: list[Any]) -> None:
+        self.nowait.append(envelope)
+
+    async def send(self, peer: tc.RunnerAddress, envelope: list[Any]) -> None:
+        if self.fail is not None:
+            raise self.fail
+        self.sent.append(envelope)
+        if self.answer is not None:
+            self.answer(envelope)  # the answer arrives while still sending
+        await trio.lowlevel.checkpoint()
+
+    def is_connected(self, peer: tc.RunnerAddress) -> bool:
+        return True
+
+
+def _add_handler() -> Handler:
+    registry = Registry([Tally], config=config(), converter=make_converter())
+    return registry.types[Tally.type_name].by_attribute["add"]
+
+
+_OWNER = tc.RunnerAddress("127.0.0.1", 7001)
+_WHERE = EntityAddress(Tally.type_name, EntityId("e"), ShardId("default", 1))
+
+
+async def test_the_only_call_is_sent_by_send_and_may_be_answered_meanwhile():
+    endpoint = _Sending()
+    calls = OutboundCalls(endpoint)
+    handler = _add_handler()
+    reply = handler.reply.encode_exit(Exit(value=Where("owner", 3)))
+    endpoint.answer = lambda envelope: calls.reply(_OWNER, envelope[1], reply)
+    with trio.fail_after(1):
+        result = await calls.call(_OWNER, _WHERE, handler, b"\x80")
+    assert result == Where("owner", 3)
+    assert len(endpoint.sent) == 1
+    assert endpoint.nowait == []
+
+
+async def test_a_call_made_while_others_wait_is_queued():
+    endpoint = _Sending()
+    calls = OutboundCalls(endpoint)
+    handler = _add_handler()
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(calls.call, _OWNER, _WHERE, handler, b"\x80")
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(endpoint.sent) == 1
+        assert len(endpoint.nowait) == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_refused_send_is_not_sent_and_not_interrupted():
+    endpoint = _Sending(fail=tc.RunnerUnavailableError(runner="x", detail="full"))
+    calls = OutboundCalls(endpoint)
+    with pytest.raises(NotSent):
+        await calls.call(_OWNER, _WHERE, _add_handler(), b"\x80")
+    assert endpoint.nowait == []  # no interrupt
+    assert calls._pending == {}
+
+
+async def test_a_call_cancelled_in_send_interrupts_the_owner():
+    endpoint = _Sending()
+    calls = OutboundCalls(endpoint)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await calls.call(_OWNER, _WHERE, _add_handler(), b"\x80")
+    assert scope.cancelled_caught
+    [request] = endpoint.sent
+    assert endpoint.nowait == [[Kind.INTERRUPT, request[1]]]
+    assert calls._pending == {}

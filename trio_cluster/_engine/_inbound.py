@@ -19,6 +19,7 @@ Bad envelopes are logged and dropped; they never disturb other requests.
 
 from __future__ import annotations
 
+import functools
 import logging
 from contextlib import suppress
 from types import MappingProxyType
@@ -190,7 +191,7 @@ class InboundCalls:
         # A request for an entity of another shard, run here, would be a
         # second instance of it (its own shard another runner may serve):
         # no caller sends one.
-        problem = _mode_problem(handler, mode) or misplaced(
+        problem = _mode_problem(handler, mode) or _misplaced(
             address, entity_type.shard_group, self._shards_per_group
         )
         if problem is not None:
@@ -452,6 +453,12 @@ class InboundCalls:
         stream = self._streams.pop(key, None)
         if stream is not None:
             stream.scope.cancel()
+
+
+_misplaced = functools.lru_cache(maxsize=4096)(misplaced)
+"""`misplaced`, remembered: the same hot entities are asked for over and
+over (`_wire.address_from` caches their addresses the same way), and the
+hash of an entity id costs more than the lookup."""
 
 
 def _mode_problem(handler: Handler, mode: Mode) -> str | None:

@@ -20,6 +20,7 @@ the one asked is ignored.
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +100,38 @@ class OutboundCalls:
         except RunnerUnavailableError as exc:
             raise NotSent(runner=str(peer), detail=exc.detail) from exc
 
+    def _envelope(
+        self,
+        mode: Mode,
+        address: EntityAddress,
+        handler: Handler,
+        payload: bytes,
+        metadata: Mapping[str, str] | None,
+    ) -> tuple[int, list[Any]]:
+        """A new call id and its ``REQUEST`` envelope."""
+        self._next_id += 1
+        call_id = self._next_id
+        deadline = trio.current_effective_deadline()
+        if deadline == math.inf:
+            left = None
+        else:
+            left = max(0.0, deadline - trio.current_time())
+            # No deadline: infinite, or as good as (the owner refuses more).
+            if left > MAX_SECONDS_LEFT:
+                left = None
+        envelope = [
+            Kind.REQUEST,
+            call_id,
+            mode,
+            *address_fields(address),
+            handler.spec.name,
+            payload,
+            left,
+        ]
+        if metadata:
+            envelope.append(dict(metadata))
+        return call_id, envelope
+
     def _request(
         self,
         peer: RunnerAddress,
@@ -108,22 +141,7 @@ class OutboundCalls:
         payload: bytes,
         metadata: Mapping[str, str] | None,
     ) -> tuple[int, _Pending]:
-        self._next_id += 1
-        call_id = self._next_id
-        deadline = trio.current_effective_deadline()
-        left = max(0.0, deadline - trio.current_time())
-        envelope = [
-            Kind.REQUEST,
-            call_id,
-            mode,
-            *address_fields(address),
-            handler.spec.name,
-            payload,
-            # No deadline: infinite, or as good as (the owner refuses more).
-            None if left > MAX_SECONDS_LEFT else left,
-        ]
-        if metadata:
-            envelope.append(dict(metadata))
+        call_id, envelope = self._envelope(mode, address, handler, payload, metadata)
         self._send(peer, envelope)
         pending = _Pending(peer, handler)
         if mode is not Mode.DISCARD:
@@ -149,9 +167,16 @@ class OutboundCalls:
 
         Cancellation sends ``INTERRUPT`` to the owner.
         """
-        call_id, pending = self._request(
-            peer, Mode.CALL, address, handler, payload, metadata
+        call_id, envelope = self._envelope(
+            Mode.CALL, address, handler, payload, metadata
         )
+        if self._pending:
+            # Other calls wait: queue it, to leave in the next frame with
+            # theirs (a batch per scheduler pass).
+            self._send(peer, envelope)
+            pending = self._pending[call_id] = _Pending(peer, handler)
+        else:
+            pending = await self._send_alone(peer, call_id, envelope, handler)
         try:
             await pending.done.wait()
         except BaseException:
@@ -159,6 +184,37 @@ class OutboundCalls:
             self._interrupt(peer, call_id)
             raise
         return self._outcome(pending).unwrap()
+
+    async def _send_alone(
+        self, peer: RunnerAddress, call_id: int, envelope: list[Any], handler: Handler
+    ) -> _Pending:
+        """Send the request of the only call waiting from the calling task
+        (`Endpoint.send`: no other task is woken to write it when the
+        connection is idle); return its waiter.
+
+        Raises:
+            NotSent: could not send (route again).
+
+        Cancellation: after the request is queued, interrupts it.
+        """
+        # Waiting before it is sent: the answer may come while the sending
+        # task is still in `Endpoint.send`.
+        pending = self._pending[call_id] = _Pending(peer, handler)
+        try:
+            await self._endpoint.send(peer, envelope)
+        except RunnerUnavailableError as exc:
+            self._pending.pop(call_id, None)
+            raise NotSent(runner=str(peer), detail=exc.detail) from exc
+        except Exception:
+            # Refused before anything was queued (as by send_nowait).
+            self._pending.pop(call_id, None)
+            raise
+        except BaseException:
+            # Queued, then cancelled.
+            self._pending.pop(call_id, None)
+            self._interrupt(peer, call_id)
+            raise
+        return pending
 
     async def discard(
         self,

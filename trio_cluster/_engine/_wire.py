@@ -182,6 +182,18 @@ def parse(envelope: Envelope) -> tuple[Kind, list[Any]]:
             problems=[f"expected {expected} fields, got {len(fields)}"],
         )
     for index, (field, value) in enumerate(zip(shape, fields, strict=False)):
+        # The common cases inline (a call per field costs more than the
+        # check); anything else, and every failure, through `_problem`.
+        value_type = type(value)
+        if value_type in field.types:
+            if value_type is int or value_type is float:
+                if field.low <= value <= field.high:
+                    continue
+            elif value_type is str or value_type is bytes:
+                if field.low <= len(value) <= field.high:
+                    continue
+            elif value is None or value_type is bool:
+                continue
         problem = _problem(field, value)
         if problem is not None:
             raise MalformedMessageError(

@@ -2,10 +2,12 @@
 transports (Trio driver helpers of the transport edge).
 
 Theory of operation: ``send_nowait`` encodes an envelope and appends the bytes
-to the peer's `SendQueue`, which wakes the connection's writer task. The writer
-takes, each time it runs, as many queued envelopes as fit in one frame
-(`SendQueue.take_frame`): everything queued since it last ran leaves together,
-in queue order, and no frame is over ``max_message_size``. The queue is bounded
+to the peer's `SendQueue`, which wakes the connection's writer task (unless
+the sending task writes the queue out itself: see
+`trio_cluster.transport._ws_connection`). Whoever sends takes as many queued
+envelopes as fit in one frame (`SendQueue.take_frame`): everything queued
+since the last frame leaves together, in queue order, and no frame is over
+``max_message_size``. The queue is bounded
 in envelopes and in bytes; over either bound, ``send_nowait`` raises
 `RunnerUnavailableError` and queues nothing. When the connection is lost the
 queue is cleared (those envelopes are dropped: the runtime fails over).
@@ -82,8 +84,9 @@ class Limits:
     """Largest frame, in bytes; an envelope may use all of it but
     `FRAME_OVERHEAD`."""
     message_queue_size: int = attrs.field(validator=positive_int)
-    """Frames buffered between a connection's network reader and its
-    dispatcher."""
+    """Frames a connection buffers on the receiving side (memory: in flight
+    per direction; WebSocket: until the connection is up, then each is
+    handled as it is parsed)."""
     max_queued_envelopes: int = attrs.field(validator=positive_int)
     """Most envelopes queued for one peer."""
     max_queued_bytes: int = attrs.field(validator=positive_int)
@@ -133,12 +136,18 @@ class SendQueue:
         self._items: deque[bytes] = deque()
         self._bytes = 0
         self._ready = trio.Event()
+        self.held = False
+        """While true, `push` does not wake the writer: a connection's
+        reader holds the queue while it dispatches a frame, then sends
+        what the handler queued itself (or wakes the writer)."""
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def push(self, data: bytes) -> None:
-        """Queue one encoded envelope and wake the writer.
+    def push(self, data: bytes, *, wake: bool = True) -> None:
+        """Queue one encoded envelope and wake the writer (unless ``wake``
+        is false or the queue is `held`: then the caller sends the queue
+        itself or calls `wake`).
 
         Raises:
             RunnerUnavailableError: the queue is at its envelope or byte
@@ -152,7 +161,13 @@ class SendQueue:
             raise RunnerUnavailableError(runner=str(self._peer), detail=QUEUE_FULL)
         self._items.append(data)
         self._bytes += len(data)
-        self._ready.set()
+        if wake and not self.held:
+            self._ready.set()
+
+    def wake(self) -> None:
+        """Wake the writer (if anything is queued)."""
+        if self._items:
+            self._ready.set()
 
     async def wait(self) -> None:
         """Block until something is queued (returns at once if it is).

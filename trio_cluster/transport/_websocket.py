@@ -58,7 +58,8 @@ class WebSocketTransport(Transport):
             accepted; an envelope may use all of it but 5 bytes. Every runner
             of a cluster should use the same value.
         message_queue_size: received messages buffered per connection before
-            trio-websocket stops reading the socket.
+            trio-websocket stops reading the socket, until the connection is
+            up (then each message is handled as it is parsed).
         max_queued_envelopes: most envelopes queued for one peer.
         max_queued_bytes: most encoded bytes queued for one peer (at least
             ``max_message_size``).

@@ -4,14 +4,34 @@ the transport edge).
 Theory of operation: once both hellos are exchanged, a `Connection` runs three
 tasks until one of them ends it:
 
-* the *reader* gets each WebSocket message, decodes it as a frame and hands
-  the envelopes to the endpoint handler, yielding every `DISPATCH_SLICE`
-  envelopes (bad input from the peer, a handler exception, or the peer
-  closing ends the connection);
+* the *reader* decodes each WebSocket message as a frame and hands the
+  envelopes to the endpoint handler, every `DISPATCH_SLICE` envelopes
+  sending what the handler queued meanwhile (its answers) itself, if it can
+  (`send_now`), else yielding (bad input from the peer, a handler exception,
+  or the peer closing ends the connection). The messages are handled in
+  trio-websocket's own reader task, as it parses them (`_ws_tap.Tap`: no
+  task wakes per message); the reader task itself hands over the messages
+  that arrived before the connection existed, then waits for the end;
 * the *writer* waits on the peer's `SendQueue` and sends one frame per wake-up
-  with everything queued meanwhile (up to ``max_message_size``);
+  with everything queued meanwhile (up to ``max_message_size``), once the
+  previous frames are written out (`Outbox.wait_drained`: the bound on what
+  waits for a slow peer);
 * the *pinger* sends a ping with a unique payload every ``ping_interval``; no
   pong within ``ping_timeout`` means the peer is gone.
+
+**Sending from the calling task** (`send_now`). Over plain TCP the socket is
+an `Outbox`, whose writes never wait for the peer, and every frame of ours
+is written synchronously (`write_message`: wsproto makes the frame, the
+outbox takes it, no lock and no checkpoint). When the connection is idle
+(nothing waits in the outbox), the task that queued an envelope (a caller,
+or the reader with its answers) writes the queue out as one frame itself,
+rather than wake the writer for it: a request or an answer leaves in the
+task that made it. When frames wait in the outbox it leaves the envelope
+queued instead, for the writer, which waits until the outbox is drained.
+Order is kept as every write takes the queue's head and writes it in one
+step; a write cannot be cut by a cancellation, and never waits for a slow
+peer. Over TLS (no `Outbox`), the writer sends everything with
+trio-websocket's ``send_message``, as those frames may wait for the peer.
 
 `Connection.end` records the first reason and cancels the three tasks;
 `Connection.close` then sends the WebSocket close frame (code and reason) and
@@ -51,9 +71,13 @@ from .._transport_abc import EndpointHandler
 from ._framing import decode_frame
 from ._peers import Counters, Limits, SendQueue, deliver, log
 from ._ws_admission import ConnectionLimits
+from ._ws_outbox import Outbox, can_write_message, outbox_of, write_message
+from ._ws_tap import Tap, install_tap
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+
+    from .._transport_abc import Envelope
 
 __all__ = [
     "CONNECTION_ERRORS",
@@ -104,10 +128,11 @@ CONNECTION_ERRORS: Final = (
 _MAX_CLOSE_REASON: Final = 123  # bytes, RFC 6455 §5.5.1
 
 DISPATCH_SLICE: Final = 32
-"""The reader yields to the scheduler after this many envelopes of one frame,
-so the writer can send the answers to the first ones while the rest are
-processed: with many callers, both runners then work at once instead of in
-turns (the frames of a busy connection carry about a hundred envelopes)."""
+"""The reader sends (or has the writer send) the answers queued so far and
+yields after this many envelopes of one frame, so the answers to the first
+ones leave while the rest are processed: with many callers, both runners then
+work at once instead of in turns (the frames of a busy connection carry about
+a hundred envelopes)."""
 
 
 def _duration(_: object, attribute: attrs.Attribute[float], value: Any) -> None:
@@ -251,6 +276,66 @@ class Connection:
     """Set once the connection is closed (its task is done)."""
     _scope: trio.CancelScope = attrs.field(init=False, factory=trio.CancelScope)
     _pings: int = attrs.field(init=False, default=0)
+    _outbox: Outbox | None = attrs.field(init=False)
+    """The socket, over plain TCP."""
+    _direct: bool = attrs.field(init=False)
+    """Whether our frames are written synchronously (`write_message`): an
+    outbox, and a trio-websocket whose wsproto object is found."""
+    _sending: bool = attrs.field(init=False, default=False)
+    """Whether the writer is in trio-websocket's ``send_message`` (which
+    may yield): then envelopes wait in the queue for its next frame."""
+
+    _tap: Tap | None = attrs.field(init=False)
+    """Where trio-websocket's reader hands messages over (see `_ws_tap`)."""
+
+    @_outbox.default
+    def _find_outbox(self) -> Outbox | None:
+        return outbox_of(self.ws)
+
+    @_direct.default
+    def _writes_directly(self) -> bool:
+        return self._outbox is not None and can_write_message(self.ws)
+
+    @_tap.default
+    def _install_tap(self) -> Tap | None:
+        return install_tap(self.ws, self._received)
+
+    def can_send_now(self) -> bool:
+        """Whether the calling task may write the queue itself (`send_now`):
+        over plain TCP, when the writer is not in ``send_message``, nothing
+        waits in the outbox and the connection is not ending."""
+        outbox = self._outbox
+        return (
+            self._direct
+            and outbox is not None
+            and not self._sending
+            and not outbox.backlog
+            and self.ending is None
+        )
+
+    def send_now(self) -> None:
+        """Write the head of the queue (one frame) now, from the calling
+        task, if `can_send_now` (check it first, in the same scheduler step
+        as the envelope was queued): a synchronous write (`write_message`),
+        so neither a cancellation nor another sender can come between.
+        What is queued after it is left to the writer (woken if needed).
+
+        A connection error ends the connection (the envelopes are then lost,
+        as with any lost connection); nothing is raised.
+        """
+        queue = self._queue
+        outbox = self._outbox
+        assert queue
+        assert outbox is not None
+        assert self.can_send_now()
+        frame, count = queue.take_frame()
+        try:
+            write_message(self.ws, outbox, frame)
+        except CONNECTION_ERRORS as exc:
+            self.end(describe(exc))
+        else:
+            self._counters.sent(frame, count)
+        queue.wake()
 
     def end(
         self,
@@ -304,36 +389,12 @@ class Connection:
         self.end(problem, code=code)
 
     async def _read(self) -> None:
-        counters = self._counters
         try:
-            while True:
-                message = await self.ws.get_message()
-                if isinstance(message, str):
-                    self._bad_input(
-                        "text message received; runners exchange binary frames only",
-                        CloseCode.UNSUPPORTED_DATA,
-                    )
-                    return
-                try:
-                    envelopes = decode_frame(message, self._limits.max_message_size)
-                except MalformedMessageError as exc:
-                    self._bad_input(str(exc), CloseCode.INVALID_PAYLOAD)
-                    return
-                counters.frames_received += 1
-                for index, envelope in enumerate(envelopes):
-                    if index and not index % DISPATCH_SLICE:
-                        await trio.lowlevel.checkpoint()
-                    if self.ending is not None:
-                        return
-                    counters.envelopes_received += 1
-                    problem = deliver(self._handler, self.peer, envelope)
-                    if problem is not None:
-                        self.end(
-                            problem,
-                            code=CloseCode.INTERNAL_ERROR,
-                            sent="internal error",
-                        )
-                        return
+            if self._tap is not None:
+                await self._tap.run()
+            else:
+                while await self._received(await self.ws.get_message()):
+                    pass
         except ConnectionClosed as exc:
             reason = exc.reason
             if reason is not None and reason.code == CloseCode.MESSAGE_TOO_BIG:
@@ -347,14 +408,86 @@ class Connection:
                 )
             self.end(describe_close(reason))
 
+    async def _received(self, message: bytes | str) -> bool:
+        """Decode a message and dispatch its envelopes (from the reader, or
+        from trio-websocket's reader through the `Tap`); False once the
+        connection ends."""
+        if self.ending is not None:
+            return False
+        if isinstance(message, str):
+            self._bad_input(
+                "text message received; runners exchange binary frames only",
+                CloseCode.UNSUPPORTED_DATA,
+            )
+            return False
+        try:
+            envelopes = decode_frame(message, self._limits.max_message_size)
+        except MalformedMessageError as exc:
+            self._bad_input(str(exc), CloseCode.INVALID_PAYLOAD)
+            return False
+        self._counters.frames_received += 1
+        for start in range(0, len(envelopes), DISPATCH_SLICE):
+            if not self._dispatch(envelopes, start):
+                return False
+            await self._answer(more=start + DISPATCH_SLICE < len(envelopes))
+        return True
+
+    def _dispatch(self, envelopes: list[Envelope], start: int) -> bool:
+        """Hand envelopes ``start`` to ``start + DISPATCH_SLICE`` to the
+        handler, holding the queue (what it queues is sent by `_answer`);
+        False if the connection ends."""
+        counters = self._counters
+        queue = self._queue
+        queue.held = True
+        try:
+            for envelope in envelopes[start : start + DISPATCH_SLICE]:
+                if self.ending is not None:
+                    return False
+                counters.envelopes_received += 1
+                problem = deliver(self._handler, self.peer, envelope)
+                if problem is not None:
+                    self.end(
+                        problem, code=CloseCode.INTERNAL_ERROR, sent="internal error"
+                    )
+                    return False
+        finally:
+            queue.held = False
+        return True
+
+    async def _answer(self, *, more: bool) -> None:
+        """Send what the handler queued: from the reader if the connection is
+        idle, else by the writer. With ``more`` envelopes of the frame to
+        dispatch, yield to the scheduler."""
+        queue = self._queue
+        if queue and self.can_send_now():
+            self.send_now()
+        else:
+            queue.wake()
+        if more:
+            await trio.lowlevel.checkpoint()
+
     async def _write(self) -> None:
         queue = self._queue
+        outbox = self._outbox
         while True:
             await queue.wait()
+            if outbox is not None:
+                # At most one frame waits for a slow peer in the outbox:
+                # beyond it, envelopes wait in the (bounded) queue.
+                await outbox.wait_drained()
             if self.ending is not None:
                 return
+            if not queue:
+                continue  # sent by send_now meanwhile
+            if self.can_send_now():
+                self.send_now()  # no wait: the outbox is drained
+                continue
             frame, count = queue.take_frame()
-            await self.ws.send_message(frame)
+            self._sending = True
+            try:
+                await self.ws.send_message(frame)
+            finally:
+                self._sending = False
             self._counters.sent(frame, count)
 
     async def _ping(self) -> None:

@@ -212,6 +212,32 @@ class WebSocketEndpoint(Endpoint):
         entry.attached = trio.Event()
         self._spawn(self._dial, entry)
 
+    async def send(self, peer: RunnerAddress, envelope: Envelope) -> None:
+        """See `trio_cluster.abc.Endpoint.send`: when the connection to
+        ``peer`` is up and idle, the envelope is written from the calling
+        task (`Connection.send_now`), else it is queued as by
+        `send_nowait`.
+
+        Raises:
+            trio.ClosedResourceError, ValueError, MessageTooLargeError,
+            RunnerUnavailableError, MalformedMessageError: as
+            `send_nowait` (nothing was queued).
+
+        Cancellation: as the default (if cancelled, the envelope leaves
+        anyway).
+        """
+        entry = self._peers.get(peer)
+        conn = None if entry is None else entry.connection
+        if conn is None or self._closing or not conn.can_send_now():
+            self.send_nowait(peer, envelope)
+            await trio.lowlevel.checkpoint()
+            return
+        assert entry is not None
+        data = encode_envelope(envelope, self._limits.max_message_size, self._packer)
+        entry.queue.push(data, wake=False)
+        conn.send_now()
+        await trio.lowlevel.checkpoint()
+
     def is_connected(self, peer: RunnerAddress) -> bool:
         entry = self._peers.get(peer)
         return entry is not None and entry.connection is not None

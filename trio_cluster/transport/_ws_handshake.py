@@ -37,6 +37,7 @@ from .._log_limit import LogLimiter
 from ._framing import MAX_HELLO_SIZE, Hello, decode_hello
 from ._peers import Counters
 from ._ws_connection import CloseCode, ConnectFailedError, close_websocket
+from ._ws_outbox import open_outbox
 
 if TYPE_CHECKING:
     import ssl
@@ -138,7 +139,8 @@ async def open_client(
 ) -> WebSocketConnection:
     """Connect to ``peer`` and complete the WebSocket handshake.
 
-    trio-websocket's reader task runs in ``nursery``. The TCP (or TLS)
+    trio-websocket's reader task runs in ``nursery``, and over plain TCP the
+    `Outbox`'s flusher. The TCP (or TLS)
     stream is appended to ``streams`` as soon as it exists: trio-websocket
     leaves a client's stream open once the peer has closed the WebSocket, so
     closing it is the caller's job.
@@ -168,7 +170,8 @@ async def open_client(
         await stream.do_handshake()
     return await wrap_client_stream(
         nursery,
-        stream,
+        # Typed as a TCP or TLS stream; any trio Stream works.
+        open_outbox(nursery, stream),  # type: ignore[arg-type]
         str(peer),
         RESOURCE,
         message_queue_size=limits.message_queue_size,
@@ -190,7 +193,7 @@ async def open_server(
     """
     request = await wrap_server_stream(
         nursery,
-        stream,
+        open_outbox(nursery, stream),
         message_queue_size=limits.message_queue_size,
         max_message_size=MAX_HELLO_SIZE,  # until allow_messages
         receive_buffer_size=RECEIVE_BUFFER_SIZE,

@@ -1,0 +1,248 @@
+"""`Outbox`: a TCP stream whose writes never wait for the network (Trio
+driver of the transport edge).
+
+Theory of operation. trio-websocket writes each WebSocket frame with one
+``send_all`` on its stream, under its own lock. Over a plain `trio.SocketStream`
+that ``send_all`` waits whenever the kernel's send buffer is full, and a
+cancellation while it waits leaves half a frame on the wire: the connection
+is then broken for every caller. `Outbox` sits between trio-websocket and the
+socket and writes differently:
+
+* ``send_all`` writes what the kernel takes at once (a non-blocking
+  ``send``), keeps the rest in a *backlog*, and returns: it never waits for
+  the peer. While a backlog exists, later data is appended to it, so bytes
+  leave in the order they were given.
+* the *flusher* (one task per stream, in the connection's nursery) waits
+  until the socket is writable and writes the backlog out.
+
+So a frame is never cut by a cancellation, and any task may send a frame
+itself, even one that must never wait for the peer (a connection's reader):
+`write_message` writes one synchronously.
+Bounding the backlog is the sender's business: `Outbox.backlog` says how
+many bytes wait, and `Outbox.wait_drained` waits until none do (the
+connection's writer task waits there before each frame; a task sending on
+its own does so only when nothing waits).
+
+A failed write (the peer reset the connection) is kept and raised as
+`trio.BrokenResourceError` by every later ``send_all``; the reader sees the
+connection end in its own way.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections import deque
+from typing import TYPE_CHECKING, Final
+
+import trio
+from trio_websocket import ConnectionClosed
+from wsproto import WSConnection
+from wsproto.events import BytesMessage
+
+if TYPE_CHECKING:
+    from trio_websocket import WebSocketConnection
+
+__all__ = ["Outbox", "can_write_message", "open_outbox", "outbox_of", "write_message"]
+
+_WOULD_BLOCK: Final = frozenset((errno.EAGAIN, errno.EWOULDBLOCK))
+
+
+class Outbox(trio.abc.Stream):
+    """A `trio.SocketStream` with non-waiting writes (see the module
+    docstring). Reads go to the socket stream unchanged."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self._fd = stream.socket.fileno()
+        self._backlog: deque[memoryview] = deque()
+        self.backlog = 0
+        """Bytes given to `send_all` and not written yet."""
+        self._failure: BaseException | None = None
+        self._closed = False
+        self._queued = trio.Event()
+        """Set when the backlog goes from empty to not empty."""
+        self._drained = trio.Event()
+        self._drained.set()
+
+    def _write(self, data: memoryview) -> int:
+        """Write what the kernel takes now; return how much that was.
+
+        Raises:
+            OSError: the socket failed (not for a full buffer).
+        """
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            if exc.errno in _WOULD_BLOCK:  # pragma: no cover - BlockingIOError
+                return 0
+            raise
+
+    def _check(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream is closed")
+        if self._failure is not None:
+            raise trio.BrokenResourceError(
+                f"the connection failed: {self._failure}"
+            ) from self._failure
+
+    def write_nowait(self, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data``, or keep what the kernel did not take in the backlog
+        (after what is there already).
+
+        Raises:
+            trio.ClosedResourceError: the stream is closed.
+            trio.BrokenResourceError: a write failed (now or before).
+        """
+        self._check()
+        view = memoryview(data)
+        if not self._backlog:
+            try:
+                sent = self._write(view)
+            except OSError as exc:
+                self._failure = exc
+                raise trio.BrokenResourceError(f"the connection failed: {exc}") from exc
+            if sent == len(view):
+                return
+            view = view[sent:]
+            self._drained = trio.Event()
+            self._queued.set()
+        self._backlog.append(view)
+        self.backlog += len(view)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """See `write_nowait`. Cancelled: nothing was written.
+
+        Only trio-websocket calls this, under its lock, whose acquisition is
+        already a schedule point: this one is a cancellation point only (a
+        second pass through the scheduler per frame would cost as much as
+        the write).
+
+        Raises:
+            trio.ClosedResourceError: the stream is closed.
+            trio.BrokenResourceError: a write failed (now or before).
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self.write_nowait(data)
+
+    async def wait_drained(self) -> None:
+        """Wait until the backlog is written (returns at once if it is).
+
+        Raises:
+            trio.BrokenResourceError: a write failed.
+            trio.ClosedResourceError: the stream was closed.
+
+        Cancellation: safe.
+        """
+        if self.backlog:
+            await self._drained.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+        self._check()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.wait_drained()
+
+    async def flush_forever(self) -> None:
+        """The flusher: write the backlog whenever there is one, until the
+        stream is closed or fails. Cancellation: stops (the backlog stays)."""
+        try:
+            while not self._closed and self._failure is None:
+                await self._queued.wait()
+                self._queued = trio.Event()
+                await self._flush()
+        except trio.ClosedResourceError:
+            pass  # the socket was closed while the flusher waited
+        finally:
+            self._drained.set()
+
+    async def _flush(self) -> None:
+        while self._backlog:
+            await trio.lowlevel.wait_writable(self._fd)
+            view = self._backlog[0]
+            try:
+                sent = self._write(view)
+            except OSError as exc:
+                self._failure = exc
+                break
+            self.backlog -= sent
+            if sent == len(view):
+                self._backlog.popleft()
+            else:
+                self._backlog[0] = view[sent:]
+        self._drained.set()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        """Write the backlog out (until cancelled), then close the socket.
+
+        Cancellation: the socket is closed at once, the backlog dropped.
+        """
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            if self.backlog and self._failure is None:
+                await self._drained.wait()
+        finally:
+            self._closed = True
+            self._backlog.clear()
+            self.backlog = 0
+            self._drained.set()
+            self._queued.set()
+            await self.stream.aclose()
+
+
+def open_outbox(nursery: trio.Nursery, stream: trio.abc.Stream) -> trio.abc.Stream:
+    """``stream`` as an `Outbox` with its flusher running in ``nursery``, if
+    it is a plain TCP stream; any other stream (TLS) unchanged."""
+    if not isinstance(stream, trio.SocketStream):
+        return stream
+    outbox = Outbox(stream)
+    nursery.start_soon(outbox.flush_forever)
+    return outbox
+
+
+def outbox_of(ws: WebSocketConnection) -> Outbox | None:
+    """The `Outbox` ``ws`` writes to, if `open_outbox` made one.
+
+    trio-websocket keeps its stream private: this reads the attribute its
+    reader and writer use.
+    """
+    stream = getattr(ws, "_stream", None)
+    return stream if isinstance(stream, Outbox) else None
+
+
+def can_write_message(ws: WebSocketConnection) -> bool:
+    """Whether `write_message` can write on ``ws``: trio-websocket keeps its
+    wsproto object private, and one that names it otherwise has none that
+    this finds (then only its ``send_message`` writes)."""
+    return isinstance(getattr(ws, "_wsproto", None), WSConnection)
+
+
+def write_message(ws: WebSocketConnection, outbox: Outbox, message: bytes) -> None:
+    """Write ``message`` as one binary WebSocket message on ``ws`` (whose
+    stream is ``outbox``) now, from the calling task, without trio-websocket's
+    ``send_message``: its frame is made by the connection's wsproto object
+    and handed to `Outbox.write_nowait`, with no lock and no checkpoint.
+
+    Why this is sound: a data message is one whole frame (no extension is
+    negotiated, nothing is fragmented), so frames written this way and by
+    trio-websocket (pings, pongs, the close frame) may interleave only as
+    whole frames; wsproto refuses a message after a close frame was made.
+
+    Raises:
+        ConnectionClosed: the WebSocket is closed or closing.
+        wsproto.utilities.LocalProtocolError: it is closing (wsproto's
+            state).
+        trio.BrokenResourceError, trio.ClosedResourceError: the stream
+            failed or is closed.
+    """
+    reason = ws.closed
+    if reason is not None:
+        raise ConnectionClosed(reason)
+    outbox.write_nowait(ws._wsproto.send(BytesMessage(data=message)))
