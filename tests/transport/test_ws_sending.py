@@ -23,7 +23,12 @@ from trio_cluster.testing import RecordingHandler
 from trio_cluster.transport import WebSocketEndpoint, _ws_connection
 from trio_cluster.transport._framing import encode_hello
 from trio_cluster.transport._ws_connection import Connection
-from trio_cluster.transport._ws_outbox import Outbox, open_outbox
+from trio_cluster.transport._ws_outbox import (
+    Outbox,
+    can_write_message,
+    open_outbox,
+    outbox_of,
+)
 
 from .test_websocket import (
     LOCALHOST,
@@ -382,3 +387,23 @@ async def test_without_wsproto_access_the_writer_sends_everything(monkeypatch):
             assert [e for _, e in hb.received[1:]] == [["queued"]] + [
                 [seq] for seq in range(20)
             ]
+
+
+async def test_the_installed_trio_websocket_takes_the_direct_paths():
+    """The direct paths read trio-websocket's private attributes (its message
+    channel, stream and wsproto object) and fall back to the public API when
+    they are not there: this fails when a trio-websocket release changes them,
+    instead of every connection silently taking the slower path."""
+    transport = make_transport()
+    ha, hb = RecordingHandler(), RecordingHandler()
+    with trio.fail_after(TIMEOUT):
+        async with (
+            transport.open_endpoint(LOCALHOST, ha) as a,
+            transport.open_endpoint(LOCALHOST, hb) as b,
+        ):
+            a.send_nowait(b.address, ["connect"])
+            await hb.wait_received(1)
+            conn = connection(a, b.address)
+            assert conn.tapped
+            assert outbox_of(conn.ws) is not None
+            assert can_write_message(conn.ws)

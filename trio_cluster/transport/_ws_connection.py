@@ -300,6 +300,12 @@ class Connection:
     def _install_tap(self) -> Tap | None:
         return install_tap(self.ws, self._received)
 
+    @property
+    def tapped(self) -> bool:
+        """Whether trio-websocket's reader hands messages over directly (see
+        `_ws_tap`; False with a trio-websocket that keeps them otherwise)."""
+        return self._tap is not None
+
     def can_send_now(self) -> bool:
         """Whether the calling task may write the queue itself (`send_now`):
         over plain TCP, when the writer is not in ``send_message``, nothing
