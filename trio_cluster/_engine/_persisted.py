@@ -252,9 +252,7 @@ class PersistedDelivery:
                 return None
             return await self._attach(handler, result)
         if result.claimed and host is not None:
-            local_message = (
-                handler.message.decode(request.payload) if self._serialize else message
-            )
+            local_message = self._local_message(handler, request, message)
             if waiter is None:
                 self._claims.deliver(
                     host,
@@ -287,6 +285,19 @@ class PersistedDelivery:
             return None
         return await self._wait(handler, request_id, waiter, interrupt=True)
 
+    def _local_message(
+        self, handler: Handler, request: PersistedRequest, message: Any
+    ) -> Any:
+        """The message a handler here gets: with ``serialize_local_calls``,
+        as decoded from the stored payload, or the message itself when that
+        is the same immutable value (see `serialization._unchanged`)."""
+        if (
+            not self._serialize
+            or handler.message.size_if_unchanged(message) is not None
+        ):
+            return message
+        return handler.message.decode(request.payload)
+
     def _abandon(
         self,
         pending: Pending[PersistedRequest, SaveResult],
@@ -311,9 +322,7 @@ class PersistedDelivery:
                 return
             if host.epoch != request.claim_epoch:
                 return  # the shard moved on: its next owner claims it again
-            local_message = (
-                handler.message.decode(request.payload) if self._serialize else message
-            )
+            local_message = self._local_message(handler, request, message)
             self._claims.deliver(
                 host,
                 request.address,
