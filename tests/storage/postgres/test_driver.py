@@ -34,6 +34,7 @@ from trio_cluster import (
 )
 from trio_cluster.storage._postgres._driver._connect import (
     resolve_host as _resolve_host,
+    wait_readable_or_writable,
 )
 from trio_cluster.storage._postgres._driver._driver import (
     PgConnection,
@@ -505,6 +506,21 @@ async def test_hung_server_breaks_the_connection_within_the_recovery_timeout(
         assert 0.45 < elapsed < 1.5
         with pytest.raises(ConnectionLostError):
             await conn.execute("select 1")
+
+
+async def test_a_wait_that_starts_after_the_socket_closed_says_closed() -> None:
+    """`wait_readable_or_writable` starts its two waiters as tasks: one that
+    starts after another task closed the connection (`finish_pgconn`) finds
+    the descriptor gone. Found in CI: `PgError: [Errno 9] Bad file descriptor`
+    instead of the closed connection, from a send stuck in recovery."""
+    a, b = socket.socketpair()
+    fd = a.fileno()
+    a.close()
+    try:
+        with trio.fail_after(5), pytest.raises(trio.ClosedResourceError):
+            await wait_readable_or_writable(fd)
+    finally:
+        b.close()
 
 
 async def test_close_from_another_task_during_recovery_of_a_stuck_send(

@@ -10,6 +10,7 @@ connection handshake is polled with ``trio.lowlevel.wait_readable`` /
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import re
 import socket
@@ -158,10 +159,22 @@ def finish_pgconn(pgconn: pq.abc.PGconn) -> None:
 
 async def wait_readable_or_writable(sock: int) -> None:
     """Return once ``sock`` is readable or writable: reading while the send
-    buffer is full avoids a deadlock with a server busy sending results."""
+    buffer is full avoids a deadlock with a server busy sending results.
+
+    Raises:
+        trio.ClosedResourceError: the socket was closed (`finish_pgconn`),
+            before or while waiting.
+    """
 
     async def wait(waiter: Callable[[int], Any], scope: trio.CancelScope) -> None:
-        await waiter(sock)
+        try:
+            await waiter(sock)
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise
+            # Closed (`finish_pgconn`, from another task) before this waiter
+            # started: the socket is gone, as for the waiters it woke.
+            raise trio.ClosedResourceError("the connection was closed") from None
         scope.cancel()
 
     try:
