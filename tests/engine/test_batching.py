@@ -96,6 +96,30 @@ async def test_one_refused_item_fails_alone(autojump_clock, refusal):
     assert batcher.items == len(items) - 1
 
 
+async def test_abandoned_items_are_followed_up_and_a_failing_follow_up_harms_none(
+    autojump_clock, caplog
+):
+    storage = FakeStorage(tc.PersistenceError("unused"))
+    batcher: Batcher[int, int] = Batcher(storage.flush, max_batch=64, name="test")
+    followed: list[int] = []
+
+    def boom(result: int) -> None:
+        raise RuntimeError("follow-up failed")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.run)
+        first, second, third = (batcher.enqueue(i) for i in (1, 2, 3))
+        first.abandoned = followed.append
+        second.abandoned = boom
+        await third.done.wait()
+        later = await batcher.submit(4)
+        nursery.cancel_scope.cancel()
+    assert followed == [2]
+    assert Batcher.result(third) == 6
+    assert later == 8  # the batcher's task survived the failing follow-up
+    assert "acting on an abandoned item failed" in caplog.text
+
+
 async def test_a_failure_of_storage_fails_its_batch_without_retrying(
     autojump_clock,
 ):

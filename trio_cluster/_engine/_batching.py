@@ -18,6 +18,7 @@ batch, as nobody can tell which item it was.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -27,6 +28,8 @@ import trio
 from .._errors import PersistenceError, StorageRefusedError
 
 __all__ = ["Batcher", "Pending", "refused"]
+
+log = logging.getLogger("trio_cluster.persisted")
 
 I = TypeVar("I")  # noqa: E741
 O = TypeVar("O")  # noqa: E741
@@ -157,7 +160,12 @@ class Batcher(Generic[I, O]):
                 pending.result = result
                 pending.done.set()
                 if pending.abandoned is not None:
-                    pending.abandoned(result)
+                    try:
+                        pending.abandoned(result)
+                    except Exception:  # one item's follow-up fails no batch
+                        log.exception(
+                            "%s: acting on an abandoned item failed", self._name
+                        )
 
 
 def refused(exc: BaseException) -> bool:
