@@ -35,6 +35,7 @@ import subprocess
 import sys
 import uuid
 from functools import partial
+from typing import TYPE_CHECKING
 
 import trio
 import trio_websocket
@@ -59,6 +60,9 @@ from ._common import (
     summary,
 )
 
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
 CALLERS = 100
 LOCALHOST = tc.RunnerAddress("127.0.0.1", 0)
 
@@ -82,7 +86,12 @@ async def _echo(request: trio_websocket.WebSocketRequest) -> None:
             await ws.send_message(await ws.get_message())
 
 
-async def _serve(dsn: str, prefix: str) -> None:
+@contextlib.asynccontextmanager
+async def serving(dsn: str, prefix: str) -> AsyncIterator[trio.lowlevel.FdStream]:
+    """W2's server runner, with a bare trio-websocket echo server beside it
+    (the transport's floor): announces both on stdout (one JSON line), then
+    yields stdin, where the caller's commands arrive; the caller closes it
+    at the end."""
     storage = PostgresStorage(dsn, table_prefix=prefix)
     async with (
         trio.open_nursery() as nursery,
@@ -93,7 +102,6 @@ async def _serve(dsn: str, prefix: str) -> None:
             transport=WebSocketTransport(),
         ) as runner,
     ):
-        # A bare trio-websocket echo server: the transport's floor.
         echo = await nursery.start(
             trio_websocket.serve_websocket, _echo, "127.0.0.1", 0, None
         )
@@ -106,9 +114,14 @@ async def _serve(dsn: str, prefix: str) -> None:
         print(json.dumps(ready), flush=True)
         stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
         async with stdin:
-            while await stdin.receive_some(4096):
-                pass
+            yield stdin
         nursery.cancel_scope.cancel()
+
+
+async def _serve(dsn: str, prefix: str) -> None:
+    async with serving(dsn, prefix) as stdin:
+        while await stdin.receive_some(4096):
+            pass
 
 
 # ----------------------------------------------------------------------

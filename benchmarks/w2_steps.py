@@ -51,7 +51,7 @@ from ._common import (
     sequential,
     start_ready_process,
 )
-from .w2_remote import _config, _echo
+from .w2_remote import _config, serving
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -84,44 +84,23 @@ async def _serve(dsn: str, prefix: str) -> None:
     counter = StepCounter()
     trio.lowlevel.add_instrument(counter)
     profile: cProfile.Profile | None = None
-    async with (
-        trio.open_nursery() as nursery,
-        tc.open_runner(
-            entities=[Counter],
-            config=_config(("default",)),
-            storage=PostgresStorage(dsn, table_prefix=prefix),
-            transport=WebSocketTransport(),
-        ) as runner,
-    ):
-        echo = await nursery.start(
-            trio_websocket.serve_websocket, _echo, "127.0.0.1", 0, None
-        )
-        await runner.wait_shards_acquired()
-        ready = {
-            "event": "ready",
-            "address": str(runner.address),
-            "echo_port": echo.port,
-        }
-        print(json.dumps(ready), flush=True)
-        stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
+    async with serving(dsn, prefix) as stdin:
         buffer = b""
-        async with stdin:
-            while chunk := await stdin.receive_some(4096):
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    command, _, argument = line.decode().partition(" ")
-                    if command == "mark":
-                        record = {"event": argument, **counter.take()}
-                        print(json.dumps(record), flush=True)
-                    elif command == "profile":
-                        profile = cProfile.Profile()
-                        profile.enable()
-                    elif command == "dump" and profile is not None:
-                        profile.disable()
-                        profile.dump_stats(argument)
-                        print(json.dumps({"event": "dumped"}), flush=True)
-        nursery.cancel_scope.cancel()
+        while chunk := await stdin.receive_some(4096):
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                command, _, argument = line.decode().partition(" ")
+                if command == "mark":
+                    record = {"event": argument, **counter.take()}
+                    print(json.dumps(record), flush=True)
+                elif command == "profile":
+                    profile = cProfile.Profile()
+                    profile.enable()
+                elif command == "dump" and profile is not None:
+                    profile.disable()
+                    profile.dump_stats(argument)
+                    print(json.dumps({"event": "dumped"}), flush=True)
 
 
 def _report(
