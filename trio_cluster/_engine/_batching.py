@@ -48,7 +48,8 @@ class Pending(Generic[I, O]):
         self.abandoned: Callable[[O], None] | None = None
         """Set by a waiter that gave up (it was cancelled) while the item was
         being written: called with the item's result once it is written, so
-        that what was stored is not left without anyone to act on it."""
+        that what was stored is not left without anyone to act on it (see
+        `Batcher.submit`)."""
 
 
 @attrs.define(eq=False)
@@ -67,7 +68,9 @@ class Batcher(Generic[I, O]):
     batches: int = attrs.field(init=False, default=0)
     items: int = attrs.field(init=False, default=0)
 
-    async def submit(self, item: I) -> O:
+    async def submit(
+        self, item: I, *, abandoned: Callable[[O], None] | None = None
+    ) -> O:
         """Write ``item`` with the next batch and return its result.
 
         Raises:
@@ -76,14 +79,23 @@ class Batcher(Generic[I, O]):
                 item (see `refused`); the other items of its batch were
                 written without it.
 
-        If cancelled while waiting, the item may still be written; its result
-        is dropped.
+        If cancelled while waiting, the item may still be written: its
+        result is then given to ``abandoned`` (at once if it was written
+        already; else by the flusher task, so it must not block), or dropped.
         """
         if self._closed:
             await trio.lowlevel.checkpoint()
             raise PersistenceError(f"{self._name}: the runner is shutting down")
         pending = self.enqueue(item)
-        await pending.done.wait()
+        try:
+            await pending.done.wait()
+        except BaseException:
+            if abandoned is not None:
+                if not pending.done.is_set():
+                    pending.abandoned = abandoned
+                elif pending.error is None:
+                    abandoned(self.result(pending))
+            raise
         return self.result(pending)
 
     def enqueue(self, item: I) -> Pending[I, O]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from datetime import datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -47,7 +48,7 @@ from .._errors import (
     PersistenceError,
 )
 from .._storage_abc import PersistedRequest, SaveResult
-from ._batching import Batcher, Pending, refused
+from ._batching import Batcher, refused
 from ._claims import Claims
 from ._delivery import ClaimSignal, DeliveryParts
 from ._inline_persisted import InlinePersisted
@@ -225,17 +226,17 @@ class PersistedDelivery:
         request_id = request.request_id
         waiter = None if discard else self._parts.waiters.register(request_id)
         try:
-            try:
-                pending = self._saves.enqueue(request)
-            except PersistenceError:  # shutting down
-                await trio.lowlevel.checkpoint()
-                raise
-            try:
-                await pending.done.wait()
-            except BaseException:
-                self._abandon(pending, entity_type, handler, message, discard=discard)
-                raise
-            result = self._saves.result(pending)
+            result = await self._saves.submit(
+                request,
+                abandoned=partial(
+                    self._saved_abandoned,
+                    request,
+                    entity_type,
+                    handler,
+                    message,
+                    discard,
+                ),
+            )
         except BaseException as exc:
             if waiter is not None:
                 self._parts.waiters.unregister(request_id, waiter)
@@ -298,48 +299,38 @@ class PersistedDelivery:
             return message
         return handler.message.decode(request.payload)
 
-    def _abandon(
+    def _saved_abandoned(
         self,
-        pending: Pending[PersistedRequest, SaveResult],
+        request: PersistedRequest,
         entity_type: EntityType,
         handler: Handler,
         message: Any,
-        *,
         discard: bool,
+        result: SaveResult,
     ) -> None:
-        """The sender was cancelled while its request was being saved: the
-        save may land anyway. A request saved already claimed by this runner
-        is delivered to its entity as a sent one would be (otherwise it would
-        wait, claimed, for the shard's next epoch), and, unless ``discard``,
+        """``request`` was saved after its sender was cancelled while waiting
+        for the save. Saved already claimed by this runner, it is delivered
+        to its entity as a sent one would be (otherwise it would wait,
+        claimed, for the shard's next epoch) and, unless ``discard``,
         interrupted there at once: the handler does not run and the
         interrupted reply is recorded, as for a caller cancelled later. A
         request saved unclaimed is left to its owner."""
-
-        def saved(result: SaveResult) -> None:
-            request = pending.item
-            host = self._parts.shards.host(request.address.shard)
-            if result.duplicate or not result.claimed or host is None:
-                return
-            if host.epoch != request.claim_epoch:
-                return  # the shard moved on: its next owner claims it again
-            local_message = self._local_message(handler, request, message)
-            self._claims.deliver(
-                host,
-                request.address,
-                entity_type,
-                handler,
-                local_message,
-                request.request_id,
-                request.metadata or None,
-            )
-            if not discard:
-                self._parts.manager.interrupt(request.request_id)
-
-        if not pending.done.is_set():
-            pending.abandoned = saved
-        elif pending.error is None:
-            assert pending.result is not None
-            saved(pending.result)
+        host = self._parts.shards.host(request.address.shard)
+        if result.duplicate or not result.claimed or host is None:
+            return
+        if host.epoch != request.claim_epoch:
+            return  # the shard moved on: its next owner claims it again
+        self._claims.deliver(
+            host,
+            request.address,
+            entity_type,
+            handler,
+            self._local_message(handler, request, message),
+            request.request_id,
+            request.metadata or None,
+        )
+        if not discard:
+            self._parts.manager.interrupt(request.request_id)
 
     def _request(
         self,
