@@ -112,12 +112,7 @@ class ReplyRecorder:
         assert job.request_id is not None
         request_id, host = job.request_id, job.slot.shard
         payload, exit_ = _encoded(job.handler, exit_)
-        record = ReplyRecord(
-            request_id=request_id,
-            shard=host.shard_id,
-            epoch=host.epoch,
-            payload=payload,
-        )
+        record = _reply_record(host, request_id, payload)
         self.recording.setdefault(request_id, False)  # see `_record_payload`
         pending: Pending[ReplyRecord, ReplyOutcome] | None = None
         try:
@@ -157,12 +152,7 @@ class ReplyRecorder:
         exit_: Exit | None,
         pending: Pending[ReplyRecord, ReplyOutcome] | None = None,
     ) -> None:
-        record = ReplyRecord(
-            request_id=request_id,
-            shard=host.shard_id,
-            epoch=host.epoch,
-            payload=payload,
-        )
+        record = _reply_record(host, request_id, payload)
         # Our own reply's notification may arrive before the write returns:
         # the notification loop leaves it to us (see `_notices`).
         self.recording.setdefault(request_id, False)
@@ -320,12 +310,7 @@ class ReplyRecorder:
         """
         assert job.request_id is not None
         host = job.slot.shard
-        record = ReplyRecord(
-            request_id=job.request_id,
-            shard=host.shard_id,
-            epoch=host.epoch,
-            payload=payload,
-        )
+        record = _reply_record(host, job.request_id, payload)
         try:
             [outcome] = await self._parts.storage.save_replies(
                 [record], now=self._parts.clock.now(), transaction=transaction
@@ -390,4 +375,12 @@ def _refusal(exc: Exception) -> MalformedMessageError:
     """The error that replaces a reply storage refused (``exc``)."""
     return MalformedMessageError(
         what="reply", problems=[f"storage refused to store it: {exc}"]
+    )
+
+
+def _reply_record(host: ShardHost, request_id: int, payload: bytes) -> ReplyRecord:
+    """The final reply ``payload`` to ``request_id``, fenced by ``host``'s
+    epoch."""
+    return ReplyRecord(
+        request_id=request_id, shard=host.shard_id, epoch=host.epoch, payload=payload
     )
