@@ -188,12 +188,12 @@ class ShardHost:
         self.shard_id = shard_id
         self.listeners = listeners
         self.background = background
-        self.current_time = trio.lowlevel.current_clock().current_time
-        """``trio.current_time()`` without its two lookups (read on every
-        call: the lease check, and when its entity goes idle)."""
         """Where work that outlives the shard runs (a finished job's async
         sink, such as recording its reply): the nursery of every shard task,
         so it is open as long as any of them can finish a job."""
+        self.current_time = trio.lowlevel.current_clock().current_time
+        """``trio.current_time()`` without its two lookups (read on every
+        call: the lease check, and when its entity goes idle)."""
         self.announced = False
         """`shard_acquired` was told (so `shard_stopping`/`stopped` are due)."""
         self.done = False
