@@ -11,6 +11,7 @@ import re
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -28,6 +29,7 @@ from trio_cluster.abc import (
 )
 from trio_cluster.storage import PostgresStorage, migrate
 from trio_cluster.storage._postgres._driver._driver import PgConnection
+from trio_cluster.storage._postgres._queries import MessageQueries
 from trio_cluster.storage._postgres._schema import LATEST_VERSION, PgNames
 from trio_cluster.testing import (
     BASE_TIME,
@@ -56,6 +58,28 @@ class TestPostgresConformance(StorageConformance):
     @pytest.fixture
     def lease_duration(self) -> float:
         return LEASE
+
+
+class TestPostgresConformanceBatchForms(StorageConformance):
+    """The conformance suite again, with every save written by the batch
+    statements: a batch of one otherwise uses the single-row forms, so this
+    is the suite's run of the batch statements on single items."""
+
+    @pytest.fixture
+    def lease_duration(self) -> float:
+        return LEASE
+
+    @pytest.fixture
+    def storage(
+        self, pg_schema: PgSchema, monkeypatch: pytest.MonkeyPatch
+    ) -> PostgresStorage:
+        build = MessageQueries.build
+
+        def batch_forms_only(names: PgNames) -> MessageQueries:
+            return attrs.evolve(build(names), save_one=None, save_reply_one=None)
+
+        monkeypatch.setattr(MessageQueries, "build", batch_forms_only)
+        return PostgresStorage(pg_schema.dsn, table_prefix=unique_prefix())
 
 
 @pytest.fixture
@@ -717,8 +741,6 @@ async def test_empty_batches_do_not_touch_the_database(a: StorageSession) -> Non
 
 def test_queries_use_only_generic_plan_friendly_parameters() -> None:
     # Every parameter is cast, so prepared generic plans have fixed types.
-    from trio_cluster.storage._postgres._queries import MessageQueries
-
     queries = MessageQueries.build(PgNames.for_prefix("x"))
     for name in ("save", "claim", "save_replies", "replies_for"):
         text: str = getattr(queries, name)
@@ -728,3 +750,10 @@ def test_queries_use_only_generic_plan_friendly_parameters() -> None:
                 name,
                 match.group(),
             )
+    # The single-row forms cast every occurrence: one scalar per parameter.
+    for text in (queries.save_one, queries.save_reply_one):
+        assert text is not None
+        occurrences = list(re.finditer(r"\$\d+", text))
+        assert occurrences
+        for match in occurrences:
+            assert text[match.end() : match.end() + 2] == "::", match.group()

@@ -165,9 +165,33 @@ def test_claim_and_dedup_lookup_use_indexes(filled: tuple[str, str]) -> None:
             scans
         )
         assert index["dedup"] in {index_name for _, index_name in scans}
+        # The single-row forms of the saves (a batch of one).
+        save_one = generic_plan(
+            conn,
+            "save_one",
+            queries.save_one or "",
+            "1::int8, 'default', 1, 'Counter', 'e1', 'increment', '\\x00'::bytea,"
+            " 'k2', decode(md5('2'), 'hex'), NULL::float8, false, NULL::int8, 0,"
+            f" {BASE_TIME}, 'channel', NULL::text",
+        )
+        scans = scans_of(save_one, messages)
+        assert scans, save_one
+        assert {kind for kind, _ in scans} <= {"Index Scan", "Index Only Scan"}, scans
+        assert index["dedup"] in {index_name for _, index_name in scans}
+        reply_one = generic_plan(
+            conn,
+            "save_reply_one",
+            queries.save_reply_one or "",
+            f"3::int8, 'default', 4, 2::int8, '\\x00'::bytea, NULL::int8, {BASE_TIME},"
+            " 'channel'",
+        )
+        scans = scans_of(reply_one, messages)
+        assert scans, reply_one
+        assert {kind for kind, _ in scans} <= {"Index Scan", "Index Only Scan"}, scans
         assert not any(
-            node["Node Type"] == "Seq Scan" and node.get("Relation Name") == messages
-            for node in [*claim, *save]
+            node["Node Type"] == "Seq Scan"
+            and node.get("Relation Name") in (messages, names.replies)
+            for node in [*claim, *save, *save_one, *reply_one]
         )
 
 

@@ -206,6 +206,28 @@ class PgMessages(MessageStorage):
         keys: list[bytes | None],
         now: float,
     ) -> list[tuple[Any, ...]]:
+        if len(requests) == 1 and self._q.save_one is not None:  # no arrays
+            (request,) = requests
+            address = request.address
+            one: list[object] = [
+                request.request_id,
+                address.shard.group,
+                address.shard.number,
+                address.entity_type,
+                address.entity_id.value,
+                request.tag,
+                request.payload,
+                request.primary_key,
+                keys[ords[0]],
+                None if request.deliver_at is None else float(request.deliver_at),
+                request.stream,
+                request.claim_epoch,
+                ords[0],
+                now,
+                self._channel,
+                _metadata_text(request),
+            ]
+            return (await self._execute(self._q.save_one, one)).rows
         addresses = [request.address for request in requests]
         params: list[object] = [
             [request.request_id for request in requests],
@@ -226,12 +248,7 @@ class PgMessages(MessageStorage):
             ords,
             now,
             self._channel,
-            [
-                json.dumps(dict(request.metadata), ensure_ascii=False)
-                if request.metadata
-                else None
-                for request in requests
-            ],
+            [_metadata_text(request) for request in requests],
         ]
         return (await self._execute(self._q.save, params)).rows
 
@@ -334,7 +351,39 @@ class PgMessages(MessageStorage):
             mine = check_transaction(transaction, PgTransaction, self._owner)
         if not await _any_work(checked):
             return []
-        params: list[object] = [
+        one = self._q.save_reply_one
+        if len(checked) == 1 and one is not None:  # no arrays
+            (reply,) = checked
+            query = one
+            params: list[object] = [
+                reply.request_id,
+                reply.shard.group,
+                reply.shard.number,
+                reply.epoch,
+                reply.payload,
+                reply.sequence,
+                now,
+                self._channel,
+            ]
+        else:
+            query = self._q.save_replies
+            params = self._reply_arrays(checked, now)
+        if mine is None:
+            rows = (await self._execute(query, params)).rows
+        else:
+            rows = await mine.execute_internal(query, params)
+        statuses: list[str] = ["d"] * len(checked)
+        written: set[tuple[int, int | None]] = set()
+        for kind, number, status, sequence in rows:
+            if kind == 0:
+                statuses[number] = status
+            elif kind == 1:
+                written.add((number, sequence))
+        return reply_outcomes(checked, statuses, written)
+
+    def _reply_arrays(self, checked: Sequence[ReplyRecord], now: float) -> list[object]:
+        """The batch ``save_replies`` statement's parameters."""
+        return [
             list(range(len(checked))),
             [reply.request_id for reply in checked],
             [reply.shard.group for reply in checked],
@@ -345,18 +394,6 @@ class PgMessages(MessageStorage):
             now,
             self._channel,
         ]
-        if mine is None:
-            rows = (await self._execute(self._q.save_replies, params)).rows
-        else:
-            rows = await mine.execute_internal(self._q.save_replies, params)
-        statuses: list[str] = ["d"] * len(checked)
-        written: set[tuple[int, int | None]] = set()
-        for kind, number, status, sequence in rows:
-            if kind == 0:
-                statuses[number] = status
-            elif kind == 1:
-                written.add((number, sequence))
-        return reply_outcomes(checked, statuses, written)
 
     @asynccontextmanager
     async def open_transaction(self) -> AsyncIterator[StorageTransaction]:
@@ -487,6 +524,13 @@ async def _any_work(batch: Sized | int) -> bool:
         return True
     await trio.lowlevel.cancel_shielded_checkpoint()
     return False
+
+
+def _metadata_text(request: PersistedRequest) -> str | None:
+    """A request's call metadata as stored (JSON text, NULL for none)."""
+    if not request.metadata:
+        return None
+    return json.dumps(dict(request.metadata), ensure_ascii=False)
 
 
 def _metadata(text: str | None) -> Mapping[str, str]:

@@ -2,7 +2,9 @@
 
 Every batch operation is a single statement over ``unnest``-ed array
 parameters, so its cost in round trips does not grow with the batch; the
-runtime's group commit makes batches grow with the load. Data-modifying CTEs
+runtime's group commit makes batches grow with the load. A save of one
+request or one reply, the common case at low load, has a single-row form
+over scalar parameters (`._one_row`) that returns the same rows. Data-modifying CTEs
 do the work and ``pg_notify`` the listeners in the same statement (delivered
 at commit). The statements are built once per table prefix and prepared on
 each connection by the driver.
@@ -39,6 +41,8 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from ._one_row import save_one, save_reply_one
+
 if TYPE_CHECKING:
     from ._schema import PgNames
 
@@ -54,8 +58,13 @@ class MessageQueries:
     """The message statements of one cluster (see the module docstring)."""
 
     save: str
+    save_one: str | None
+    """The single-row form of ``save`` (`._one_row`); None: a batch of one
+    uses ``save`` too (the tests run the contract on both forms)."""
     claim: str
     save_replies: str
+    save_reply_one: str | None
+    """The single-row form of ``save_replies``; None as for ``save_one``."""
     replies_for: str
     ack_chunks: str
     interrupt: str
@@ -68,8 +77,10 @@ class MessageQueries:
         m, r, s = names.messages, names.replies, names.shards
         return cls(
             save=_save(m, r, s),
+            save_one=save_one(m, r, s, longest_group=_LONGEST_GROUP),
             claim=_claim(m, s),
             save_replies=_save_replies(m, r, s),
+            save_reply_one=save_reply_one(m, r, s),
             replies_for=_replies_for(m, r),
             ack_chunks=f"""
 UPDATE {m} m SET acked_sequence = a.seq
