@@ -42,12 +42,14 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import psycopg
 import pytest
+import trio
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     from trio_cluster.abc import StorageSession
+    from trio_cluster.storage._postgres._driver._driver import PgConnection
     from trio_cluster.storage._postgres._messages import PgMessages
     from trio_cluster.storage._postgres._runners import PgRunners
 
@@ -67,6 +69,27 @@ _PROBE_TIMEOUT = 2  # seconds (libpq's connect_timeout is whole seconds)
 def unique_prefix() -> str:
     """A fresh table prefix, so concurrent tests never share a cluster."""
     return f"tc_{uuid.uuid4().hex[:12]}"
+
+
+async def wait_blocked(
+    watcher: PgConnection,
+    application_name: str,
+    done: Callable[[], bool] = lambda: False,
+) -> None:
+    """Wait until a session named ``application_name`` waits for a lock (or
+    ``done()``, for a write that did not wait), polling ``pg_stat_activity``
+    on ``watcher`` (a connection outside any transaction)."""
+    while not done():
+        rows = (
+            await watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = $1 AND wait_event_type = 'Lock'",
+                [application_name],
+            )
+        ).rows
+        if rows[0][0]:
+            return
+        await trio.sleep(0.005)
 
 
 def pg_messages(session: StorageSession) -> PgMessages:

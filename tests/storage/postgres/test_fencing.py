@@ -24,7 +24,7 @@ import attrs
 import pytest
 import trio
 
-from tests.pg_fixture import LEASE, TIMEOUT, unique_prefix
+from tests.pg_fixture import LEASE, TIMEOUT, unique_prefix, wait_blocked
 from trio_cluster.abc import ReplyOutcome, StorageSession
 from trio_cluster.storage import PostgresStorage
 from trio_cluster.storage._postgres._driver._driver import PgConnection
@@ -96,17 +96,7 @@ class Race:
     ) -> None:
         """Wait until the session ``application_name`` waits for a lock (or
         ``done()``, for a write that did not wait)."""
-        while not done():
-            rows = (
-                await self.watcher.execute(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE application_name = $1 AND wait_event_type = 'Lock'",
-                    [application_name],
-                )
-            ).rows
-            if rows[0][0]:
-                return
-            await trio.sleep(0.005)
+        await wait_blocked(self.watcher, application_name, done)
 
     async def request_row(self, request_id: int) -> tuple[Any, ...] | None:
         rows = (

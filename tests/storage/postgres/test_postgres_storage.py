@@ -17,7 +17,14 @@ import trio
 import trio.testing
 
 import trio_cluster
-from tests.pg_fixture import LEASE, TIMEOUT, pg_messages, pg_runners, unique_prefix
+from tests.pg_fixture import (
+    LEASE,
+    TIMEOUT,
+    pg_messages,
+    pg_runners,
+    unique_prefix,
+    wait_blocked,
+)
 from trio_cluster import ConfigError, PersistenceError
 from trio_cluster.abc import (
     MessagesAvailable,
@@ -73,13 +80,78 @@ class TestPostgresConformanceBatchForms(StorageConformance):
     def storage(
         self, pg_schema: PgSchema, monkeypatch: pytest.MonkeyPatch
     ) -> PostgresStorage:
-        build = MessageQueries.build
-
-        def batch_forms_only(names: PgNames) -> MessageQueries:
-            return attrs.evolve(build(names), save_one=None, save_reply_one=None)
-
-        monkeypatch.setattr(MessageQueries, "build", batch_forms_only)
+        use_batch_forms_only(monkeypatch)
         return PostgresStorage(pg_schema.dsn, table_prefix=unique_prefix())
+
+
+def use_batch_forms_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Storages built from now on write every save with the batch statements."""
+    build = MessageQueries.build
+
+    def batch_forms_only(names: PgNames) -> MessageQueries:
+        return attrs.evolve(build(names), save_one=None, save_reply_one=None)
+
+    monkeypatch.setattr(MessageQueries, "build", batch_forms_only)
+
+
+@pytest.mark.parametrize("form", ["single-row", "batch"])
+async def test_a_save_blocked_by_an_uncommitted_save_reports_it_as_the_original(
+    pg_schema: PgSchema, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    # Another session's uncommitted row with the same id blocks our insert;
+    # once it commits, our statement's snapshot still cannot see it, so the
+    # save is written again and then finds it.
+    if form == "batch":
+        use_batch_forms_only(monkeypatch)
+    storage = PostgresStorage(pg_schema.dsn, table_prefix=unique_prefix())
+    saved: list[SaveResult] = []
+    with trio.fail_after(TIMEOUT):
+        async with storage.open_session(name="race", lease_duration=LEASE) as a:
+            other = await PgConnection.connect(pg_schema.dsn, application_name="other")
+            watch = await PgConnection.connect(pg_schema.dsn, application_name="watch")
+            async with other, watch, trio.open_nursery() as nursery:
+                await other.execute("BEGIN", prepare=False)
+                await other.execute(
+                    f"INSERT INTO {storage.names.messages} (request_id, shard_group,"
+                    " shard_number, entity_type, entity_id, tag, payload)"
+                    f" VALUES (7, '{SHARD.group}', {SHARD.number}, 'Counter', 'e1',"
+                    " 'increment', '\\x00'::bytea)",
+                    prepare=False,
+                )
+
+                async def save() -> None:
+                    request = persisted_request(7)
+                    saved.extend(
+                        await a.messages.save_requests([request], now=BASE_TIME)
+                    )
+
+                nursery.start_soon(save)
+                await wait_blocked(watch, "trio_cluster race")
+                await other.execute("COMMIT", prepare=False)
+    [result] = saved
+    assert (result.request_id, result.duplicate, result.claimed) == (7, True, False)
+
+
+async def test_a_save_that_keeps_meeting_invisible_conflicts_raises_persistence_error(
+    storage: PostgresStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every attempt's statement reports the request blocked by a row its
+    # snapshot cannot see (a concurrent save that keeps racing it).
+    async with storage.open_session(name="racing", lease_duration=LEASE) as session:
+        messages = pg_messages(session)
+        attempts: list[int] = []
+
+        async def always_blocked(
+            requests: list[Any], ords: list[int], *args: object
+        ) -> list[tuple[Any, ...]]:
+            await trio.lowlevel.checkpoint()
+            attempts.append(len(requests))
+            return [(1, ords[0], None, None, None), (2, 0, None, None, None)]
+
+        monkeypatch.setattr(messages, "_save_rows", always_blocked)
+        with pytest.raises(PersistenceError, match="concurrent saves 5 times"):
+            await session.messages.save_requests([persisted_request(1)], now=BASE_TIME)
+    assert attempts == [1] * 5
 
 
 @pytest.fixture
@@ -751,9 +823,9 @@ def test_queries_use_only_generic_plan_friendly_parameters() -> None:
                 match.group(),
             )
     # The single-row forms cast every occurrence: one scalar per parameter.
-    for text in (queries.save_one, queries.save_reply_one):
-        assert text is not None
-        occurrences = list(re.finditer(r"\$\d+", text))
+    for one_row in (queries.save_one, queries.save_reply_one):
+        assert one_row is not None
+        occurrences = list(re.finditer(r"\$\d+", one_row))
         assert occurrences
         for match in occurrences:
-            assert text[match.end() : match.end() + 2] == "::", match.group()
+            assert one_row[match.end() : match.end() + 2] == "::", match.group()

@@ -43,6 +43,7 @@ from trio_cluster._errors import (
     ClusterError,
     InvalidIdError,
     MalformedMessageError,
+    PersistenceError,
 )
 from trio_cluster._storage_abc import (
     ClaimBatch,
@@ -166,20 +167,26 @@ class PgMessages(MessageStorage):
                 [checked[i] for i in pending], pending, keys, now
             )
             inserted = {row[2]: row[3] for row in rows if row[0] == 0}
-            retry = []
-            for kind, ord_, original, claimed_epoch, final in rows:
-                if kind != 1:
-                    continue
+            for ord_ in pending:
                 request_id = checked[ord_].request_id
                 if request_id in inserted:
                     outcome[ord_] = (True, request_id, inserted[request_id], None)
-                elif original is not None:
+            retry = []
+            for kind, ord_, original, claimed_epoch, final in rows:
+                if kind != 1 or ord_ in outcome:
+                    continue
+                if original is not None:
                     outcome[ord_] = (False, original, claimed_epoch, final)
                 else:  # blocked by a concurrent save our snapshot cannot see
                     retry.append(ord_)
             if not retry:
                 break
             pending = sorted(retry)
+        else:
+            raise PersistenceError(
+                f"saving {len(pending)} request(s) conflicted with concurrent saves"
+                f" {_SAVE_ATTEMPTS} times in a row"
+            )
         results: list[SaveResult] = []
         for index, request in enumerate(checked):
             stored, original, claimed_epoch, final = outcome[first[index]]

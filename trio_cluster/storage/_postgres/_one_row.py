@@ -10,7 +10,8 @@ executing the CTEs) and in the client (dumping fourteen one-element
 arrays). These statements do the same for one row from scalar parameters,
 under the same rules (the same fence, the same duplicate lookup, the same
 notification payloads), and return rows of the same shape, so that
-`PgMessages` reads both alike.
+`PgMessages` reads both alike (but for the row of kind 1 of a request
+inserted, which is left out: it has no original to look up).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ LEFT JOIN LATERAL (
 LEFT JOIN {s} os
     ON os.shard_group = o.shard_group AND os.shard_number = o.shard_number
 LEFT JOIN {r} f ON f.request_id = o.request_id AND f.sequence IS NULL
+WHERE NOT EXISTS (SELECT FROM ins)
 UNION ALL
 SELECT 2, count(*), NULL, NULL, NULL FROM notes"""
 
