@@ -31,6 +31,7 @@ from ._core._addresses import (
     ShardId as ShardId,
 )
 from ._core._config import ShardingConfig as ShardingConfig
+from ._core._retry import Backoff as Backoff, RetryPolicy as RetryPolicy
 from ._core._snowflake import Snowflake as Snowflake
 from ._cron import Cron as Cron
 from ._entity import Entity as Entity
@@ -39,6 +40,7 @@ from ._errors import (
     ClusterError as ClusterError,
     ClusterInternalError as ClusterInternalError,
     ConfigError as ConfigError,
+    DeadLetteredError as DeadLetteredError,
     EntityDefinitionError as EntityDefinitionError,
     EntityNotAssignedError as EntityNotAssignedError,
     InvalidIdError as InvalidIdError,
@@ -87,6 +89,7 @@ from ._version import __version__ as __version__
 
 __all__ = [
     "AlreadyProcessingError",
+    "Backoff",
     "BoundRpc",
     "BoundStream",
     "Broadcast",
@@ -96,6 +99,7 @@ __all__ = [
     "ClusterState",
     "ConfigError",
     "Cron",
+    "DeadLetteredError",
     "Entity",
     "EntityAddress",
     "EntityClient",
@@ -117,6 +121,7 @@ __all__ = [
     "ProblemKind",
     "RemoteError",
     "RequestInterruptedError",
+    "RetryPolicy",
     "Runner",
     "RunnerAddress",
     "RunnerClosedError",

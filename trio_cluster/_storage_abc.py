@@ -53,6 +53,7 @@ import attrs
 
 from ._core._addresses import EntityAddress, RunnerAddress, ShardId
 from ._errors import ClusterError
+from ._storage_retries import DeadLetterStorage
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Sequence
@@ -161,6 +162,11 @@ class ClaimedRequest:
     a restart, a shard that moved with work still queued)."""
     metadata: Mapping[str, str] = attrs.field(default=MappingProxyType({}), hash=False)
     """The `PersistedRequest.metadata` it was saved with."""
+    attempts: int = 1
+    """Its attempts so far, this one included: one per claim, or save
+    claimed (see `trio_cluster._storage_retries`)."""
+    last_error: str | None = None
+    """What ended its previous attempt, if `retry_later` recorded it."""
 
 
 @attrs.frozen
@@ -208,6 +214,11 @@ class ReplyRecord:
     payload: bytes
     sequence: int | None = None
     """Chunk number (0, 1, ...) of a stream; None for the final reply."""
+    dead_letter: str | None = None
+    """For a final reply: dead-letter the request with this error text (at
+    most `MAX_ERROR_TEXT` characters) as its last error. If the reply is
+    recorded, a `DeadLetter` copy of the request is stored with it, in the
+    same write (see `trio_cluster._storage_retries`)."""
 
 
 class ReplyOutcome(enum.Enum):
@@ -342,8 +353,9 @@ class StorageTransaction(ABC):
         """
 
 
-class MessageStorage(ABC):
-    """Durable requests and replies. See the module docstring for fencing."""
+class MessageStorage(DeadLetterStorage):
+    """Durable requests and replies. See the module docstring for fencing,
+    and `trio_cluster._storage_retries` for attempts and dead letters."""
 
     @abstractmethod
     async def save_requests(
@@ -354,7 +366,8 @@ class MessageStorage(ABC):
         A request with a primary key that matches a stored request (same
         address, tag and key), or an earlier request of the same batch, is a
         duplicate: it is not stored, and the result names the original.
-        A request whose ``request_id`` is already stored is a duplicate of
+        A request stored claimed has had one attempt; one stored unclaimed,
+        none. A request whose ``request_id`` is already stored is a duplicate of
         itself (saving is idempotent under retries); if it is still claimed at
         the given ``claim_epoch``, the result says ``claimed=True`` again, so a
         sender whose first attempt committed but timed out still delivers it.
@@ -374,7 +387,8 @@ class MessageStorage(ABC):
         request is deliverable when it has no final reply, its ``deliver_at``
         is None or ``<= now``, and it was not claimed at this epoch already.
         Claimed requests are marked with the epoch, so they are not returned
-        again until the shard's epoch changes (a new owner re-claims all).
+        again until the shard's epoch changes (a new owner re-claims all),
+        and their attempts count grows by one (`ClaimedRequest.attempts`).
         Shards whose epoch is stale are skipped and reported.
         """
 

@@ -34,6 +34,11 @@ from ._storage_abc import (
     StoredRequest as StoredRequest,
     UnreadableRequest as UnreadableRequest,
 )
+from ._storage_retries import (
+    DeadLetter as DeadLetter,
+    DeadLetterStorage as DeadLetterStorage,
+    RetryRecord as RetryRecord,
+)
 from ._tracing import (
     TracedCall as TracedCall,
     Tracer as Tracer,
@@ -49,6 +54,8 @@ from ._transport_abc import (
 __all__ = [
     "ClaimBatch",
     "ClaimedRequest",
+    "DeadLetter",
+    "DeadLetterStorage",
     "Endpoint",
     "EndpointHandler",
     "Envelope",
@@ -61,6 +68,7 @@ __all__ = [
     "ReplyQuery",
     "ReplyRecord",
     "RequestsInterrupted",
+    "RetryRecord",
     "RunnerInfo",
     "RunnerListener",
     "RunnerStorage",

@@ -28,7 +28,7 @@ from .._errors import ConfigError
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
-__all__ = ["Backoff"]
+__all__ = ["DEFAULT_RETRY_BACKOFF", "MAX_ATTEMPTS_LIMIT", "Backoff", "RetryPolicy"]
 
 _MAX_EXPONENT = 1 << 64
 
@@ -135,3 +135,88 @@ class Backoff:
         """
         for attempt, random_unit in enumerate(random_units):
             yield self.delay(attempt, random_unit)
+
+
+DEFAULT_RETRY_BACKOFF = Backoff(0.1, 10.0, jitter=0.5)
+"""The backoff of `RetryPolicy` unless told otherwise: 0.1, 0.2, 0.4... s
+up to 10 s, each delay shortened by up to half at random."""
+
+MAX_ATTEMPTS_LIMIT = 1000
+"""The most attempts a `RetryPolicy` may allow."""
+
+
+def _check_attempts(_: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"max_attempts must be an int, got {value!r}")
+    if not 1 <= value <= MAX_ATTEMPTS_LIMIT:
+        raise ConfigError(
+            f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}, got {value!r}"
+        )
+
+
+def _check_backoff(
+    _: object, attribute: attrs.Attribute[Backoff], value: object
+) -> None:
+    if not isinstance(value, Backoff):
+        raise ConfigError(f"backoff must be a Backoff, got {value!r}")
+
+
+def _exception_types(value: object) -> tuple[type[Exception], ...]:
+    if isinstance(value, type):
+        value = (value,)
+    if not isinstance(value, tuple | list | frozenset | set):
+        raise ConfigError(
+            f"non_retryable must be a tuple of exception classes, got {value!r}"
+        )
+    types = tuple(value)
+    for cls in types:
+        if not isinstance(cls, type) or not issubclass(cls, Exception):
+            raise ConfigError(
+                f"non_retryable must contain Exception subclasses, got {cls!r}"
+            )
+    return types
+
+
+@attrs.frozen
+class RetryPolicy:
+    """How often a persisted request is attempted before it is dead-lettered.
+
+    An *attempt* is one hand-over of the request to its handler: storage
+    counts one each time the request is claimed (or saved already claimed
+    by its sender), so an attempt that ended with its runner (killed, out of
+    memory, a lost lease) counts like one that raised. When an attempt's
+    handler raises an exception it did not declare, the request is attempted
+    again after ``backoff.delay(attempt - 1)`` unless it has had
+    ``max_attempts`` attempts or the exception is ``non_retryable``; then it
+    is dead-lettered: its final reply is `DeadLetteredError` and a copy of it
+    is kept with the dead letters (``trio-cluster dlq``). A request claimed
+    for an attempt beyond ``max_attempts`` (its earlier attempts all ended
+    with their runner) is dead-lettered without running.
+
+    Declared errors (the handler's ``errors=``) are replies, never retried.
+
+    Raises:
+        ConfigError: on construction, for ``max_attempts`` not an int in
+            [1, 1000], a ``backoff`` that is not a `Backoff`, or
+            ``non_retryable`` not a tuple of Exception subclasses.
+    """
+
+    max_attempts: int = attrs.field(default=3, validator=_check_attempts)
+    """Attempts in all, the first included (1: never retried)."""
+    backoff: Backoff = attrs.field(
+        default=DEFAULT_RETRY_BACKOFF, validator=_check_backoff
+    )
+    """The delay before each retry (and, as an entity type's
+    ``defect_retry``, before each restart of a crashed entity)."""
+    non_retryable: tuple[type[Exception], ...] = attrs.field(
+        default=(), converter=_exception_types
+    )
+    """Exceptions (and their subclasses) that dead-letter the request at once."""
+
+    def retries(self, attempt: int, error: BaseException | None) -> bool:
+        """Whether a request whose attempt number ``attempt`` (1 for the
+        first) failed with ``error`` (None: its runner stopped) gets
+        another attempt."""
+        if attempt >= self.max_attempts:
+            return False
+        return error is None or not isinstance(error, self.non_retryable)

@@ -22,6 +22,7 @@ __all__ = [
     "ClusterError",
     "ClusterInternalError",
     "ConfigError",
+    "DeadLetteredError",
     "EntityDefinitionError",
     "EntityNotAssignedError",
     "InvalidIdError",
@@ -264,6 +265,31 @@ class RemoteError(_WireError):
 
     def __str__(self) -> str:
         return f"{self.type_name}: {self.message} (in {self.address} on {self.runner})"
+
+
+@attrs.define(eq=False, kw_only=True)
+class DeadLetteredError(_WireError):
+    """A persisted request was dead-lettered: its attempts ran out (see
+    `RetryPolicy`), or its last error was ``non_retryable``.
+
+    It is its final reply, recorded once; a copy of the request is kept with
+    the dead letters (``trio-cluster dlq list``), from where it can be
+    replayed as a new request.
+    """
+
+    request_id: int
+    """The request's id (its dead letter's id)."""
+    attempts: int
+    """Attempts it had (each a hand-over to its handler)."""
+    error: str
+    """What ended its last attempt: the exception its handler raised (as
+    `RemoteError` reports one), or that its runner stopped during it."""
+
+    def __str__(self) -> str:
+        return (
+            f"request {self.request_id} was dead-lettered after"
+            f" {self.attempts} attempt(s): {self.error}"
+        )
 
 
 def _fixup_module_metadata() -> None:

@@ -52,6 +52,7 @@ _CLUSTER_ERRORS: Final[dict[str, type[errors.ClusterError]]] = {
     "MessageTooLarge": errors.MessageTooLargeError,
     "UnknownEntityType": errors.UnknownEntityTypeError,
     "Remote": errors.RemoteError,
+    "DeadLettered": errors.DeadLetteredError,
     "StaleEpoch": errors.StaleEpochError,
 }
 _CLUSTER_TAGS: Final[dict[type[BaseException], str]] = {

@@ -17,7 +17,7 @@ from typing import TypeVar, get_args, get_origin, get_type_hints
 
 import attrs
 
-from .. import _storage_abc
+from .. import _storage_abc, _storage_retries
 from .._call_metadata import metadata_problem
 from .._core._addresses import EntityAddress, ShardId
 from .._core._checks import ARGUMENT, count, integer, positive_seconds, timestamp
@@ -28,6 +28,7 @@ from .._storage_abc import (
     RunnerInfo,
     StorageTransaction,
 )
+from .._storage_retries import MAX_ERROR_TEXT, RetryRecord
 
 __all__ = [
     "MACHINE_IDS",
@@ -67,7 +68,9 @@ MACHINE_IDS = 1024
 """Snowflake machine ids are 0..1023."""
 
 
-def _record_fields(cls: type, *, skip: Collection[str] = ()) -> dict[str, Types]:
+def _record_fields(
+    cls: type, *, skip: Collection[str] = (), module: object = _storage_abc
+) -> dict[str, Types]:
     """The field types of a storage record (of `trio_cluster.abc`), read
     from its annotations.
 
@@ -76,7 +79,7 @@ def _record_fields(cls: type, *, skip: Collection[str] = ()) -> dict[str, Types]
     """
     # NOTE: resolved in the module that defines the records: their public
     # ``__module__`` (`trio_cluster`) may still be importing.
-    hints = get_type_hints(cls, vars(_storage_abc))
+    hints = get_type_hints(cls, vars(module))
     fields: dict[str, Types] = {}
     for field in attrs.fields(cls):
         if field.name in skip:
@@ -97,6 +100,7 @@ RUNNER_FIELDS = _record_fields(RunnerInfo, skip={"machine_id"})
 REQUEST_FIELDS = _record_fields(PersistedRequest)
 REPLY_FIELDS = _record_fields(ReplyRecord)
 QUERY_FIELDS = _record_fields(ReplyQuery)
+RETRY_FIELDS = _record_fields(RetryRecord, module=_storage_retries)
 
 
 def _names(types: Types) -> str:
@@ -215,7 +219,51 @@ def check_save_replies(replies: object, now: object) -> tuple[list[ReplyRecord],
         check_fields(reply, REPLY_FIELDS)
         if reply.sequence is not None and reply.sequence < 0:
             raise ValueError(f"ReplyRecord.sequence must be >= 0, got {reply.sequence}")
+        if reply.dead_letter is not None:
+            if reply.sequence is not None:
+                raise ValueError(
+                    "ReplyRecord.dead_letter is for a final reply (sequence None)"
+                )
+            _check_error_text(reply.dead_letter, "ReplyRecord.dead_letter")
     return checked, check_now(now)
+
+
+def _check_error_text(text: str, what: str) -> None:
+    if len(text) > MAX_ERROR_TEXT:
+        raise ValueError(
+            f"{what} must be at most {MAX_ERROR_TEXT} characters, got {len(text)}"
+        )
+
+
+def check_retry_later(retries: object, now: object) -> tuple[list[RetryRecord], float]:
+    """`MessageStorage.retry_later`: returns ``(retries, now)``."""
+    checked = check_items(retries, RetryRecord, "retries")
+    for retry in checked:
+        check_fields(retry, RETRY_FIELDS)
+        check_now(retry.deliver_at, "RetryRecord.deliver_at")
+        _check_error_text(retry.error, "RetryRecord.error")
+    return checked, check_now(now)
+
+
+def check_dead_letters(after_id: object, limit: object) -> tuple[int | None, int]:
+    """`MessageStorage.dead_letters`: returns ``(after_id, limit)``."""
+    return check_scan_unprocessed(after_id, limit)
+
+
+def check_replay_dead_letter(
+    request_id: object, new_request_id: object, now: object
+) -> tuple[int, int, float]:
+    """`MessageStorage.replay_dead_letter`: returns the three, checked."""
+    return (
+        check_int(request_id, "request_id"),
+        check_int(new_request_id, "new_request_id"),
+        check_now(now),
+    )
+
+
+def check_purge_dead_letters(request_ids: object) -> list[int]:
+    """`MessageStorage.purge_dead_letters`."""
+    return check_interrupt(request_ids)
 
 
 def check_transaction(

@@ -24,9 +24,13 @@ from .._validation import (
     check_ack_chunks,
     check_claim,
     check_clear_address,
+    check_dead_letters,
     check_delete_processed,
     check_interrupt,
+    check_purge_dead_letters,
+    check_replay_dead_letter,
     check_replies_for,
+    check_retry_later,
     check_save_replies,
     check_save_requests,
     check_scan_unprocessed,
@@ -49,6 +53,7 @@ if TYPE_CHECKING:
         StoredReplies,
         StoredRequest,
     )
+    from trio_cluster._storage_retries import DeadLetter, RetryRecord
 
     from ._store import Inbox
 
@@ -162,6 +167,34 @@ class MemoryMessages(MessageStorage):
         after_id, limit = check_scan_unprocessed(after_id, limit)
         await self._enter("scan_unprocessed")
         return self._store.scan_unprocessed(after_id, limit)
+
+    async def retry_later(
+        self, retries: Sequence[RetryRecord], *, now: float
+    ) -> list[ReplyOutcome]:
+        checked, now = check_retry_later(retries, now)
+        await self._enter("retry_later")
+        return self._store.retry_later(checked, now)
+
+    async def dead_letters(
+        self, *, after_id: int | None = None, limit: int
+    ) -> list[DeadLetter]:
+        after_id, limit = check_dead_letters(after_id, limit)
+        await self._enter("dead_letters")
+        return self._store.list_dead_letters(after_id, limit)
+
+    async def replay_dead_letter(
+        self, request_id: int, *, new_request_id: int, now: float
+    ) -> bool:
+        request_id, new_request_id, now = check_replay_dead_letter(
+            request_id, new_request_id, now
+        )
+        await self._enter("replay_dead_letter")
+        return self._store.replay_dead_letter(request_id, new_request_id, now)
+
+    async def purge_dead_letters(self, request_ids: Sequence[int]) -> int:
+        checked = check_purge_dead_letters(request_ids)
+        await self._enter("purge_dead_letters")
+        return self._store.purge_dead_letters(checked)
 
     async def wait_notifications(self) -> list[Notification]:
         await self._enter("wait_notifications")

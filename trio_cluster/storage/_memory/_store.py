@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
+from trio_cluster._core._addresses import EntityAddress, EntityId
+from trio_cluster._errors import StorageRefusedError
 from trio_cluster._storage_abc import (
     ClaimBatch,
     ClaimedRequest,
@@ -47,13 +49,14 @@ from trio_cluster._storage_abc import (
     StoredReplies,
     StoredRequest,
 )
+from trio_cluster._storage_retries import DeadLetter, RetryRecord
 
 from .._coalesce import Coalescer
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
 
-    from trio_cluster._core._addresses import EntityAddress, ShardId
+    from trio_cluster._core._addresses import ShardId
 
 __all__ = ["Inbox", "MessageStore"]
 
@@ -81,6 +84,10 @@ class _Request:
     """The keys of ``chunks``, sorted."""
     final: bytes | None = None
     acked_sequence: int = -1
+    attempts: int = 0
+    """Claims of it so far (saved claimed: one)."""
+    last_error: str | None = None
+    """What ended its previous attempt (`MessageStore.retry_later`)."""
 
 
 @attrs.define(eq=False)
@@ -167,6 +174,8 @@ class MessageStore:
         self._garbage = 0
         self._seq = 0
         self._fences: collections.Counter[ShardId] = collections.Counter()
+        self.dead_letters: dict[int, DeadLetter] = {}
+        """Request id -> its dead letter."""
 
     # ------------------------------------------------------------------
     # Fences
@@ -268,6 +277,7 @@ class MessageStore:
         if claimed:
             stored.state = _State.CLAIMED
             stored.claimed_epoch = request.claim_epoch
+            stored.attempts = 1
         else:
             queue.push(stored, _State.READY if due else _State.DELAYED)
 
@@ -297,6 +307,7 @@ class MessageStore:
             stored.state = _State.CLAIMED
             claimed_before = stored.claimed_epoch is not None
             stored.claimed_epoch = epoch
+            stored.attempts += 1
             claimed.append(_claimed(stored, epoch, claimed_before=claimed_before))
             head = queue.head(now)
             if head is None:
@@ -372,10 +383,81 @@ class MessageStore:
             stored.state = _State.PROCESSED
             stored.final = reply.payload
             heapq.heappush(self._processed, (now, stored.seq, stored))
+            if reply.dead_letter is not None:
+                self.dead_letters[reply.request_id] = _dead_letter(
+                    stored, reply.dead_letter, now
+                )
         else:
             stored.chunks[reply.sequence] = reply.payload
             bisect.insort(stored.chunk_order, reply.sequence)
         return outcome
+
+    # ------------------------------------------------------------------
+    # Retries and dead letters
+
+    def retry_later(
+        self, retries: Sequence[RetryRecord], now: float
+    ) -> list[ReplyOutcome]:
+        outcomes: list[ReplyOutcome] = []
+        shards: dict[ShardId, None] = {}
+        earliest: float | None = None
+        for retry in retries:
+            outcome = self._check_reply(
+                ReplyRecord(retry.request_id, retry.shard, retry.epoch, b"")
+            )
+            outcomes.append(outcome)
+            if outcome is not ReplyOutcome.RECORDED:
+                continue
+            stored = self._requests[retry.request_id]
+            stored.last_error = retry.error
+            stored.request = attrs.evolve(stored.request, deliver_at=retry.deliver_at)
+            due = retry.deliver_at <= now
+            self._queues[retry.shard].push(
+                stored, _State.READY if due else _State.DELAYED
+            )
+            shards[retry.shard] = None
+            if earliest is None or retry.deliver_at < earliest:
+                earliest = retry.deliver_at
+        if shards:
+            self._notify(shards=list(shards), deliver_at=earliest)
+        return outcomes
+
+    def list_dead_letters(self, after_id: int | None, limit: int) -> list[DeadLetter]:
+        ids = sorted(
+            request_id
+            for request_id in self.dead_letters
+            if after_id is None or request_id > after_id
+        )
+        return [self.dead_letters[request_id] for request_id in ids[:limit]]
+
+    def replay_dead_letter(
+        self, request_id: int, new_request_id: int, now: float
+    ) -> bool:
+        """Raises `StorageRefusedError` if ``new_request_id`` is taken."""
+        letter = self.dead_letters.get(request_id)
+        if letter is None or letter.replayed_as is not None:
+            return False
+        if new_request_id in self._requests:
+            raise StorageRefusedError(f"request id {new_request_id} is taken")
+        address = EntityAddress(
+            letter.entity_type, EntityId(letter.entity_id), letter.shard
+        )
+        request = PersistedRequest(
+            request_id=new_request_id,
+            address=address,
+            tag=letter.tag,
+            payload=letter.payload,
+            metadata=letter.metadata,
+        )
+        self.save([request], now)
+        self.dead_letters[request_id] = attrs.evolve(letter, replayed_as=new_request_id)
+        return True
+
+    def purge_dead_letters(self, request_ids: Sequence[int]) -> int:
+        return sum(
+            self.dead_letters.pop(request_id, None) is not None
+            for request_id in set(request_ids)
+        )
 
     def replies_for(self, queries: Sequence[ReplyQuery]) -> list[StoredReplies]:
         results: list[StoredReplies] = []
@@ -524,6 +606,25 @@ def _claimed(stored: _Request, epoch: int, *, claimed_before: bool) -> ClaimedRe
         next_sequence=stored.chunk_order[-1] + 1 if stored.chunk_order else 0,
         epoch=epoch,
         claimed_before=claimed_before,
+        metadata=request.metadata,
+        attempts=stored.attempts,
+        last_error=stored.last_error,
+    )
+
+
+def _dead_letter(stored: _Request, error: str, now: float) -> DeadLetter:
+    request = stored.request
+    return DeadLetter(
+        request_id=request.request_id,
+        shard=request.address.shard,
+        entity_type=request.address.entity_type,
+        entity_id=request.address.entity_id.value,
+        tag=request.tag,
+        payload=request.payload,
+        primary_key=request.primary_key,
+        attempts=stored.attempts,
+        error=error,
+        dead_at=now,
         metadata=request.metadata,
     )
 

@@ -6,8 +6,8 @@ PostgreSQL backend are held to the same behaviour. The tests are split by
 concept: `_conformance_messages` (saving, claiming, replies, deletion),
 `_conformance_runners` (registry, locks, leases, fencing),
 `_conformance_transactions` (transactions), `_inspection` (read-only
-paging of unprocessed requests) and, here,
-notifications.
+paging of unprocessed requests), `_dead_letters` (attempts, retries and
+dead letters) and, here, notifications.
 
 Every test runs under a ``trio.fail_after`` guard, passes explicit ``now``
 values (relative to a fixed `BASE_TIME` time), and waits for asynchronous effects
@@ -38,6 +38,7 @@ from ._base import (
     saved_and_claimed,
 )
 from ._call_metadata import CallMetadataTests
+from ._dead_letters import DeadLetterTests
 from ._inspection import InspectionTests
 from ._messages import MessageStorageTests, chunk
 from ._runners import RunnerStorageTests
@@ -63,6 +64,7 @@ class StorageConformance(
     RunnerStorageTests,
     TransactionTests,
     CallMetadataTests,
+    DeadLetterTests,
 ):
     """Base class of a backend's conformance tests (pytest with pytest-trio).
 

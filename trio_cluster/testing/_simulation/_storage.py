@@ -35,11 +35,13 @@ if TYPE_CHECKING:
     from trio_cluster import EntityAddress, ShardId
     from trio_cluster.abc import (
         ClaimBatch,
+        DeadLetter,
         Notification,
         PersistedRequest,
         ReplyOutcome,
         ReplyQuery,
         ReplyRecord,
+        RetryRecord,
         RunnerInfo,
         SaveResult,
         ShardOwner,
@@ -146,6 +148,26 @@ class _Messages(MessageStorage):
         self, *, after_id: int | None = None, limit: int
     ) -> list[StoredRequest]:
         return await self._inner.scan_unprocessed(after_id=after_id, limit=limit)
+
+    async def retry_later(
+        self, retries: Sequence[RetryRecord], *, now: float
+    ) -> list[ReplyOutcome]:
+        return await self._inner.retry_later(retries, now=now)
+
+    async def dead_letters(
+        self, *, after_id: int | None = None, limit: int
+    ) -> list[DeadLetter]:
+        return await self._inner.dead_letters(after_id=after_id, limit=limit)
+
+    async def replay_dead_letter(
+        self, request_id: int, *, new_request_id: int, now: float
+    ) -> bool:
+        return await self._inner.replay_dead_letter(
+            request_id, new_request_id=new_request_id, now=now
+        )
+
+    async def purge_dead_letters(self, request_ids: Sequence[int]) -> int:
+        return await self._inner.purge_dead_letters(request_ids)
 
     async def wait_notifications(self) -> list[Notification]:
         return await self._inner.wait_notifications()
