@@ -17,6 +17,7 @@ from ._handlers import HandlerSpec, _HandlerDescriptor
 
 if TYPE_CHECKING:
     from ._core._addresses import EntityAddress
+    from ._core._retry import RetryPolicy
 
 __all__ = ["Entity"]
 
@@ -47,6 +48,11 @@ class Entity:
             volatile callers get `MailboxFullError`. None: the runner's default.
         concurrency: handlers running at once (1: one at a time, in order).
         shard_group: the shard group the entities of this type live in.
+        defect_retry: a `RetryPolicy` for the type's defects (exceptions its
+            handlers did not declare): its backoff spaces the restarts of a
+            crashed entity (default: the runner's ``entity_restart_backoff``),
+            and it is the retry policy of the type's persisted handlers that
+            set none (default: ``RetryPolicy()``, 3 attempts).
 
     The constructor takes no arguments; initialise state in ``__init__`` or
     in `on_start`, where ``self.id`` and ``self.address`` are available.
@@ -57,6 +63,7 @@ class Entity:
     mailbox_capacity: ClassVar[int | None] = None
     concurrency: ClassVar[int] = 1
     shard_group: ClassVar[str] = "default"
+    defect_retry: ClassVar[RetryPolicy | None] = None
 
     __tc_handlers__: ClassVar[dict[str, HandlerSpec]] = {}
     """Handlers by wire name, collected from the class and its bases."""

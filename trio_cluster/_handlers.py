@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar, over
 import attrs
 
 from ._context import runner_context
+from ._core._retry import RetryPolicy
 from ._errors import EntityDefinitionError
 from .serialization._replies import check_declared_error
 
@@ -59,6 +60,9 @@ class HandlerSpec:
     transactional: bool = False
     """Persisted only: the handler runs in a storage transaction (see
     `trio_cluster.current_transaction`) that also records its reply."""
+    retry: RetryPolicy | None = None
+    """Persisted only: its attempts and their backoff (None: the entity
+    type's ``defect_retry``, else the default `RetryPolicy`)."""
 
 
 class BoundRpc(Protocol[M_contra, R_co]):
@@ -194,8 +198,19 @@ def _validate_options(
     deliver_at: object,
     errors: Sequence[type[Exception]],
     transactional: bool = False,
+    retry: object = None,
 ) -> tuple[type[Exception], ...]:
     where = f"@{kind}"
+    if retry is not None:
+        if not isinstance(retry, RetryPolicy):
+            raise EntityDefinitionError(
+                f"{where}: retry must be a RetryPolicy, got {retry!r}"
+            )
+        if not persisted:
+            raise EntityDefinitionError(
+                f"{where}: retry needs persisted=True (a volatile message is"
+                " attempted once: its caller decides)"
+            )
     if not isinstance(persisted, bool):
         raise EntityDefinitionError(
             f"{where}: persisted must be a bool, got {persisted!r}"
@@ -235,6 +250,7 @@ def rpc(
     errors: Sequence[type[Exception]] = (),
     name: str | None = None,
     transactional: bool = False,
+    retry: RetryPolicy | None = None,
 ) -> Callable[[Callable[[E, M], Awaitable[R]]], Rpc[E, M, R]]: ...
 def rpc(
     fn: Callable[[E, M], Awaitable[R]] | None = None,
@@ -246,6 +262,7 @@ def rpc(
     errors: Sequence[type[Exception]] = (),
     name: str | None = None,
     transactional: bool = False,
+    retry: RetryPolicy | None = None,
 ) -> Rpc[E, M, R] | Callable[[Callable[[E, M], Awaitable[R]]], Rpc[E, M, R]]:
     """Declare an RPC handler: ``async def method(self, message: M) -> R``.
 
@@ -274,12 +291,17 @@ def rpc(
             atomically with the reply when it returns a value or raises a
             declared error; they roll back if it crashes, is interrupted, or
             its shard moved on (the request then runs again).
+        retry: persisted only: how often a request is attempted when the
+            handler raises an exception it did not declare (or its runner
+            stops while it runs), with what backoff, before it is
+            dead-lettered (`DeadLetteredError`). Default: the entity type's
+            ``defect_retry``, else ``RetryPolicy()`` (3 attempts).
 
     Raises:
         EntityDefinitionError: inconsistent options.
     """
     declared = _validate_options(
-        "rpc", persisted, primary_key, deliver_at, errors, transactional
+        "rpc", persisted, primary_key, deliver_at, errors, transactional, retry
     )
 
     def decorate(function: Callable[[E, M], Awaitable[R]]) -> Rpc[E, M, R]:
@@ -292,6 +314,7 @@ def rpc(
             errors=declared,
             name=name,
             transactional=transactional,
+            retry=retry,
         )
 
     if fn is not None:

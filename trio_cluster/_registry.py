@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 
 from ._core._checks import positive_count, positive_seconds
+from ._core._retry import Backoff, RetryPolicy
 from ._entity import Entity
 from ._errors import EntityDefinitionError
 from ._handlers import HandlerSpec
@@ -71,6 +72,10 @@ def may_suspend(fn: object) -> bool:
     )
 
 
+DEFAULT_RETRY_POLICY = RetryPolicy()
+"""The retry policy of persisted handlers that name none (nor their type)."""
+
+
 @attrs.frozen
 class Handler:
     """A handler with its codecs, ready for the runtime."""
@@ -82,6 +87,9 @@ class Handler:
     suspends: bool = True
     """False if the handler can never suspend (see `may_suspend`): it then
     runs without a cancel scope of its own."""
+    retry: RetryPolicy = DEFAULT_RETRY_POLICY
+    """Its retry policy (persisted handlers): its own, else its entity
+    type's ``defect_retry``, else the default."""
 
     @property
     def what(self) -> str:
@@ -108,6 +116,9 @@ class EntityType:
     """Whether ``on_start`` may suspend (see `may_suspend`)."""
     hosted: bool = True
     """Whether this runner hosts the type (False: known only to call it)."""
+    restart_backoff: Backoff | None = None
+    """The backoff between restarts of a crashed entity, from the type's
+    ``defect_retry`` (None: the runner's)."""
 
 
 class Registry:
@@ -225,10 +236,18 @@ def resolve_entity_type(
         raise EntityDefinitionError(
             f"{where}: declare at least one @rpc or @stream handler"
         )
+    defect_retry: object = cls.defect_retry
+    if defect_retry is not None and not isinstance(defect_retry, RetryPolicy):
+        raise EntityDefinitionError(
+            f"{where}: defect_retry must be a RetryPolicy or None, got {defect_retry!r}"
+        )
     handlers: dict[str, Handler] = {}
     by_attribute: dict[str, Handler] = {}
     for spec in cls.__tc_handlers__.values():
         handler = _resolve_handler(cls, name, spec, converter, cluster_codecs)
+        retry = spec.retry or defect_retry
+        if retry is not None:
+            handler = attrs.evolve(handler, retry=retry)
         handlers[spec.name] = handler
         by_attribute[spec.attribute] = handler
     return EntityType(
@@ -244,6 +263,7 @@ def resolve_entity_type(
         has_on_stop=cls.on_stop is not Entity.on_stop,
         start_suspends=cls.on_start is not Entity.on_start
         and may_suspend(cls.on_start),
+        restart_backoff=None if defect_retry is None else defect_retry.backoff,
     )
 
 

@@ -52,11 +52,16 @@ class RetryRecord:
     shard: ShardId
     epoch: int
     """Epoch under which the caller owns the shard (fencing, as for replies)."""
-    deliver_at: float
-    """When the next attempt may be claimed (wall-clock seconds)."""
-    error: str
+    deliver_at: float | None
+    """When the next attempt may be claimed (wall-clock seconds); None: as
+    the request's own ``deliver_at`` allows (it was due: it was claimed)."""
+    error: str | None
     """What ended this attempt: kept as the request's last error (at most
-    `MAX_ERROR_TEXT` characters)."""
+    `MAX_ERROR_TEXT` characters); None keeps the last error as it is."""
+    started: bool = True
+    """False: the claimed request was given back without running (its shard
+    stopped before its turn came), so its claim is taken back from its
+    attempts count."""
 
 
 @attrs.frozen
@@ -97,9 +102,10 @@ class DeadLetterStorage(ABC):
         like replies; one outcome per record, in order.
 
         A request without a final reply, in a shard still at ``epoch``, is
-        made claimable again from its ``deliver_at`` on (its attempts count
-        stays: the next claim adds one), with ``error`` as its last error
-        (`ReplyOutcome.RECORDED`); every session is notified
+        made claimable again from the record's ``deliver_at`` on (its attempts count
+        stays, the next claim adds one; one less for a record not
+        ``started``, never below zero), with ``error`` as its last error
+        unless it is None (`ReplyOutcome.RECORDED`); every session is notified
         (`MessagesAvailable`) of its shard and ``deliver_at``. A request with
         a final reply is left alone (`ReplyOutcome.DUPLICATE`); a stale epoch
         or an unknown request changes nothing (`STALE_EPOCH`,

@@ -125,16 +125,17 @@ async def test_crash_replays_sibling_persisted_requests(autojump_clock):
         async def crash() -> None:
             try:
                 await ref.crash(Deposit("c1", 0))
-            except tc.RemoteError as exc:
-                results["crash"] = exc.message
+            except tc.DeadLetteredError as exc:
+                results["crash"] = (exc.attempts, exc.error.split(" (in ")[0])
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(slow)
             await trio.testing.wait_all_tasks_blocked()
             nursery.start_soon(crash)
         # slow_deposit was cancelled by the crash and replayed on the new
-        # incarnation: applied exactly once, one reply.
-        assert results == {"slow": 3, "crash": "crash c1"}
+        # incarnation: applied exactly once, one reply. The crashing request
+        # was attempted three times (the default policy), then dead-lettered.
+        assert results == {"slow": 3, "crash": (3, "RuntimeError: crash c1")}
         assert await ref.applied_ids(Get()) == ["s1"]
 
 

@@ -51,10 +51,16 @@ class Vault(tc.Entity):
             await Vault.gate.wait()
         return msg.key
 
-    @tc.rpc(persisted=True, transactional=True, primary_key=lambda m: m.key)
+    @tc.rpc(
+        persisted=True,
+        transactional=True,
+        primary_key=lambda m: m.key,
+        retry=tc.RetryPolicy(max_attempts=1),
+    )
     async def tally(self, msg: Job) -> int:
         """Runs one statement; memory storage has no SQL, so it fails anyway
-        (unless the fault hook made it fail first)."""
+        (unless the fault hook made it fail first). One attempt: its error
+        dead-letters it at once."""
         runs = Vault.runs[msg.key] = Vault.runs.get(msg.key, 0) + 1
         try:
             await tc.current_transaction().execute("UPDATE tally SET n = n + 1")
@@ -193,7 +199,7 @@ async def test_storage_failure_under_a_handlers_statement_is_retried(
                 else:
                     # The third run's own error (no SQL on memory storage)
                     # is the reply, not the first run's storage failure.
-                    with pytest.raises(tc.RemoteError, match="has no SQL"):
+                    with pytest.raises(tc.DeadLetteredError, match="has no SQL"):
                         await ref.tally(Job(key))
 
             await tally_replies_with_the_third_outcome()
@@ -210,12 +216,13 @@ async def test_statement_error_of_the_handlers_own_is_its_reply(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """A statement at fault (here: memory storage has no SQL) is a handler
-    error like any other: recorded at once, not retried."""
+    error like any other: its retry policy decides (here: one attempt, so it
+    is dead-lettered at once), it is not retried as a storage failure."""
     with trio.fail_after(60):
         async with open_clocked_runner([Vault]) as runner:
             ref = runner.client(Vault)("v")
             for _ in range(2):
-                with pytest.raises(tc.RemoteError, match="has no SQL"):
+                with pytest.raises(tc.DeadLetteredError, match="has no SQL"):
                     await ref.tally(Job("strict"))
             assert Vault.runs["strict"] == 1
             assert runner.statistics().entity_crashes == 1

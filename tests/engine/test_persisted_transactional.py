@@ -140,14 +140,16 @@ async def test_declared_error_commits_and_crash_rolls_back(autojump_clock):
         with pytest.raises(Refused):
             await ref.transfer(Transfer("t2", -1))
         assert storage.journal == ["insert t2 -1"]
-        with pytest.raises(tc.RemoteError, match="bug"):
+        with pytest.raises(tc.DeadLetteredError, match="bug") as raised:
             await ref.transfer(Transfer("t3", 0))
-        assert storage.journal == ["insert t2 -1"]  # rolled back
-        assert storage.rollbacks == 1
-        # The crash reply was recorded (outside the transaction): no rerun.
-        with pytest.raises(tc.RemoteError, match="bug"):
+        assert raised.value.attempts == 3  # the default policy
+        assert storage.journal == ["insert t2 -1"]  # every attempt rolled back
+        assert storage.rollbacks == 3
+        # The dead-lettered reply was recorded (outside the transaction): no
+        # rerun.
+        with pytest.raises(tc.DeadLetteredError, match="bug"):
             await ref.transfer(Transfer("t3", 0))
-        assert storage.rollbacks == 1
+        assert storage.rollbacks == 3
 
 
 async def test_interrupted_transactional_handler_rolls_back(autojump_clock):
@@ -199,5 +201,5 @@ async def test_current_transaction_outside_a_transactional_handler(autojump_cloc
 
 async def test_memory_storage_transactions_have_no_sql(autojump_clock):
     async with open_clocked_runner([Ledger]) as runner:
-        with pytest.raises(tc.RemoteError, match="has no SQL"):
+        with pytest.raises(tc.DeadLetteredError, match="has no SQL"):
             await runner.client(Ledger)("l").transfer(Transfer("t5", 1))

@@ -24,11 +24,18 @@ from typing import TYPE_CHECKING
 import attrs
 
 from .._errors import ConfigError
+from ._hashing import stable_hash64
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
-__all__ = ["DEFAULT_RETRY_BACKOFF", "MAX_ATTEMPTS_LIMIT", "Backoff", "RetryPolicy"]
+__all__ = [
+    "DEFAULT_RETRY_BACKOFF",
+    "MAX_ATTEMPTS_LIMIT",
+    "Backoff",
+    "RetryPolicy",
+    "spread",
+]
 
 _MAX_EXPONENT = 1 << 64
 
@@ -220,3 +227,11 @@ class RetryPolicy:
         if attempt >= self.max_attempts:
             return False
         return error is None or not isinstance(error, self.non_retryable)
+
+
+def spread(key: str) -> float:
+    """A number in [0, 1) derived from ``key``, for the ``random_unit`` of a
+    jittered delay that must be reproducible: the same key (a request's id
+    and attempt, an entity's address and crash count) always gets the same
+    delay, in a simulation too, while different keys spread evenly."""
+    return stable_hash64(key) / 2**64

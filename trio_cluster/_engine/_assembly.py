@@ -245,6 +245,7 @@ def assemble(
         listeners=hub,
         ids=ids,
         on_shard_started=(persisted.shard_started, supervisor.shard_started),
+        on_shard_stopped=(persisted.shard_stopped,),
     )
     outbound = None if endpoint is None else OutboundCalls(endpoint)
     router = Router(

@@ -61,6 +61,7 @@ from .._errors import (
     PersistenceError,
     UnknownEntityTypeError,
 )
+from ._attempts import Attempts
 from ._delivery import DeliveryParts
 from ._manager import NotDelivered
 from ._replies import ReplyRecorder
@@ -99,6 +100,7 @@ class Claims:
 
     _parts: DeliveryParts
     _recorder: ReplyRecorder
+    _attempts: Attempts
     _caught_up: dict[ShardId, int] = attrs.field(init=False, factory=dict)
     """Shard -> the epoch at which a claim found nothing more to take
     (see the module docstring)."""
@@ -116,6 +118,18 @@ class Claims:
     def held(self) -> int:
         """Requests for types not hosted here, held during their grace."""
         return len(self._held)
+
+    def take_held(self, host: ShardHost) -> list[int]:
+        """The requests held for ``host``'s shard at its epoch, forgotten
+        here (its shard stopped: the next owner claims them again)."""
+        taken = [
+            request_id
+            for request_id, held in self._held.items()
+            if held.shard == host.shard_id and held.epoch == host.epoch
+        ]
+        for request_id in taken:
+            del self._held[request_id]
+        return taken
 
     def caught_up(self, shard: ShardId, epoch: int) -> bool:
         """Whether no older request of ``shard`` can wait in storage at
@@ -235,13 +249,21 @@ class Claims:
             interrupted = handler.reply.encode_interrupted()
             self._recorder.record_soon(host, request.request_id, interrupted)
             return
+        beyond = self._attempts.beyond_attempts(request, handler)
+        if beyond is not None:
+            exit_, text = beyond
+            payload = handler.reply.encode_exit(exit_)
+            self._recorder.record_soon(
+                host, request.request_id, payload, exit_, dead_letter=text
+            )
+            return
         try:
             message = handler.message.decode(request.payload)
         except MalformedMessageError as exc:
             self._refuse(host, request.request_id, exc, handler)
             return
         delivered = self.delivered
-        self.deliver(
+        job = self.deliver(
             host,
             request.address,
             entity_type,
@@ -250,6 +272,8 @@ class Claims:
             request.request_id,
             request.metadata or None,
         )
+        if job is not None:
+            job.attempt = request.attempts
         if request.claimed_before and self.delivered != delivered:
             self.redelivered += 1
 

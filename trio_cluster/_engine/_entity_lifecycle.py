@@ -43,7 +43,7 @@ import trio
 
 from .._context import current_entity_var
 from .._core._job import StopReason
-from .._core._retry import Backoff
+from .._core._retry import Backoff, spread
 from .._errors import MailboxFullError
 from ._isolation import run_in, spawn
 from ._passivation import IdleTracker
@@ -228,7 +228,10 @@ class EntityLifecycle:
                 if other is not job and other.scope is not None:
                     other.stop_reason = StopReason.SIBLING_CRASHED
                     other.scope.cancel()
-        delay = self._backoff.delay(slot.crashes - 1)
+        backoff = slot.entity_type.restart_backoff or self._backoff
+        delay = backoff.delay(
+            slot.crashes - 1, spread(f"{slot.address}/{slot.crashes}")
+        )
         nursery = slot.shard.nursery
         assert nursery is not None
         spawn(self._context, nursery, self._restart_later, slot, old, delay)

@@ -726,8 +726,9 @@ class EntityManager:
             return
         if job.request_id is not None and job.persisted:
             # Still stored, claimed at an epoch that is ending: the next
-            # owner claims it again.
+            # owner claims it again (the shard's stop gives its attempt back).
             self.persisted_jobs.pop(job.request_id, None)
+            job.slot.shard.bounced.append(job.request_id)
             return
         self._notify_sink(job, None)
 

@@ -128,7 +128,7 @@ def crashed(exc: Exception, *, address: EntityAddress, runner: str) -> Exit:
         runner=runner,
     )
     remote.__cause__ = exc
-    return Exit(error=remote)
+    return Exit(error=remote, failure=exc)
 
 
 REMOTE_MESSAGE_LIMIT = 1000

@@ -48,6 +48,7 @@ from .._errors import (
     PersistenceError,
 )
 from .._storage_abc import PersistedRequest, SaveResult
+from ._attempts import DEAD_LETTER_KINDS, Attempts
 from ._batching import Batcher, refused
 from ._claims import Claims
 from ._delivery import ClaimSignal, DeliveryParts
@@ -109,8 +110,9 @@ class PersistedDelivery:
         self._saves: Batcher[PersistedRequest, SaveResult] = Batcher(
             self._flush_saves, max_batch=_MAX_BATCH, name="saving requests"
         )
-        self._recorder = ReplyRecorder(self._parts)
-        self._claims = Claims(self._parts, self._recorder)
+        self._attempts = Attempts(self._parts)
+        self._recorder = ReplyRecorder(self._parts, self._attempts)
+        self._claims = Claims(self._parts, self._recorder, self._attempts)
         self._inline = InlinePersisted(manager, self._recorder, self._claims)
         self._notices = Notices(self._parts, self._recorder)
         self.closing = False
@@ -153,7 +155,14 @@ class PersistedDelivery:
             "run_by_callers": self._inline.ran,
             "held_unknown_type": self._claims.held,
             "waiting_callers": self._parts.waiters.waiting,
+            "retries": self._attempts.retried,
         }
+
+    @property
+    def dead_lettered(self) -> dict[str, int]:
+        """Requests dead-lettered by this runner so far, by kind
+        (`trio_cluster._engine._attempts.DEAD_LETTER_KINDS`)."""
+        return {kind: self._attempts.dead_lettered[kind] for kind in DEAD_LETTER_KINDS}
 
     @property
     def delivered(self) -> int:
@@ -169,6 +178,18 @@ class PersistedDelivery:
     def shard_started(self, host: ShardHost) -> None:
         """A shard is served here now: claim its requests."""
         self._parts.signal.nudge()
+
+    async def shard_stopped(self, host: ShardHost) -> None:
+        """A shard stopped gracefully, its lease still held: give back the
+        requests claimed here that did not run (queued behind others, or
+        held for a type not hosted here), so that their claims do not count
+        as attempts (see `Attempts.give_back`)."""
+        request_ids = host.bounced + self._claims.take_held(host)
+        host.bounced = []
+        if request_ids:
+            await self._attempts.give_back(host, request_ids)
+        else:
+            await trio.lowlevel.checkpoint()
 
     def remote_notice(
         self, request_id: int, address: EntityAddress, reply_to: RunnerAddress | None

@@ -18,6 +18,7 @@ handler's writes and its reply commit together, or neither does.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import TYPE_CHECKING
 
 import attrs
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
     from .._registry import Handler
     from .._storage_abc import StorageTransaction
+    from ._attempts import Attempts
     from ._delivery import DeliveryParts
     from ._outcomes import Outcome
     from ._slots import Job, ShardHost
@@ -57,8 +59,9 @@ class ReplyRecorder:
             (a recorded reply may free budget for it).
     """
 
-    def __init__(self, parts: DeliveryParts) -> None:
+    def __init__(self, parts: DeliveryParts, attempts: Attempts) -> None:
         self._parts = parts
+        self._attempts = attempts
         self._backoff = Backoff(0.05, parts.config.lease_refresh_interval)
         self._batcher: Batcher[ReplyRecord, ReplyOutcome] = Batcher(
             self._flush, max_batch=_MAX_BATCH, name="recording replies"
@@ -94,11 +97,22 @@ class ReplyRecorder:
         )
 
     async def record(self, job: Job, exit_: Exit | None) -> None:
-        """Sink of persisted jobs: record the final reply, then wake waiters."""
+        """Sink of persisted jobs: record the final reply, then wake waiters;
+        or, for a handler that failed with attempts left, give the request
+        back for its next attempt (`Attempts`)."""
         if exit_ is None or job.request_id is None:
             return  # not run here: the next owner redelivers it
+        dead_letter = None
+        if exit_.failure is not None:
+            decision = self._attempts.after_failure(job, exit_)
+            if not isinstance(decision, tuple):
+                await self._attempts.retry_later(job.slot.shard, job, exit_, decision)
+                return
+            exit_, dead_letter = decision
         payload, exit_ = _encoded(job.handler, exit_)
-        await self._record_payload(job.slot.shard, job.request_id, payload, exit_)
+        await self._record_payload(
+            job.slot.shard, job.request_id, payload, exit_, dead_letter=dead_letter
+        )
 
     async def record_here(self, job: Job, exit_: Exit) -> None:
         """`record`, in the current task rather than a sink's task of its own
@@ -111,8 +125,22 @@ class ReplyRecorder:
         """
         assert job.request_id is not None
         request_id, host = job.request_id, job.slot.shard
+        dead_letter = None
+        if exit_.failure is not None:
+            decision = self._attempts.after_failure(job, exit_)
+            if not isinstance(decision, tuple):
+                # In a task of its own: the caller waits for the final reply
+                # of the next attempt as usual, and its cancellation cannot
+                # cut the write.
+                assert self._nursery is not None, "ReplyRecorder.run has started"
+                self._nursery.start_soon(
+                    self._attempts.retry_later, host, job, exit_, decision
+                )
+                await trio.lowlevel.checkpoint()
+                return
+            exit_, dead_letter = decision
         payload, exit_ = _encoded(job.handler, exit_)
-        record = _reply_record(host, request_id, payload)
+        record = _reply_record(host, request_id, payload, dead_letter)
         self.recording.setdefault(request_id, False)  # see `_record_payload`
         pending: Pending[ReplyRecord, ReplyOutcome] | None = None
         try:
@@ -123,11 +151,15 @@ class ReplyRecorder:
         except BaseException:
             # Cancelled: another task waits for this very write.
             try:
-                self.record_soon(host, request_id, payload, exit_, pending)
+                self.record_soon(
+                    host, request_id, payload, exit_, pending, dead_letter=dead_letter
+                )
             except RuntimeError:  # shutting down: the next owner redelivers
                 self.recording.pop(request_id, None)
             raise
-        await self._record_payload(host, request_id, payload, exit_, pending)
+        await self._record_payload(
+            host, request_id, payload, exit_, pending, dead_letter=dead_letter
+        )
 
     def record_soon(
         self,
@@ -136,12 +168,22 @@ class ReplyRecorder:
         payload: bytes,
         exit_: Exit | None = None,
         pending: Pending[ReplyRecord, ReplyOutcome] | None = None,
+        *,
+        dead_letter: str | None = None,
     ) -> None:
         """Record an encoded final reply in a task of its own (``pending``:
-        its write, queued already)."""
+        its write, queued already; ``dead_letter``: see `ReplyRecord`)."""
         assert self._nursery is not None, "ReplyRecorder.run has started"
         self._nursery.start_soon(
-            self._record_payload, host, request_id, payload, exit_, pending
+            partial(
+                self._record_payload,
+                host,
+                request_id,
+                payload,
+                exit_,
+                pending,
+                dead_letter=dead_letter,
+            )
         )
 
     async def _record_payload(
@@ -151,8 +193,10 @@ class ReplyRecorder:
         payload: bytes,
         exit_: Exit | None,
         pending: Pending[ReplyRecord, ReplyOutcome] | None = None,
+        *,
+        dead_letter: str | None = None,
     ) -> None:
-        record = _reply_record(host, request_id, payload)
+        record = _reply_record(host, request_id, payload, dead_letter)
         # Our own reply's notification may arrive before the write returns:
         # the notification loop leaves it to us (see `_notices`).
         self.recording.setdefault(request_id, False)
@@ -378,9 +422,15 @@ def _refusal(exc: Exception) -> MalformedMessageError:
     )
 
 
-def _reply_record(host: ShardHost, request_id: int, payload: bytes) -> ReplyRecord:
+def _reply_record(
+    host: ShardHost, request_id: int, payload: bytes, dead_letter: str | None = None
+) -> ReplyRecord:
     """The final reply ``payload`` to ``request_id``, fenced by ``host``'s
-    epoch."""
+    epoch (``dead_letter``: see `ReplyRecord`)."""
     return ReplyRecord(
-        request_id=request_id, shard=host.shard_id, epoch=host.epoch, payload=payload
+        request_id=request_id,
+        shard=host.shard_id,
+        epoch=host.epoch,
+        payload=payload,
+        dead_letter=dead_letter,
     )

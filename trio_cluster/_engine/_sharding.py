@@ -55,7 +55,7 @@ from .._storage_abc import RunnerInfo, RunnerStorage
 from ._slots import ShardHost, ShardState
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Awaitable, Callable, Iterable, Sequence
 
     from .._core._addresses import RunnerAddress, ShardId
     from .._core._config import ShardingConfig
@@ -89,6 +89,7 @@ class Sharding:
         listeners: Listeners,
         ids: SnowflakeGenerator,
         on_shard_started: Sequence[Callable[[ShardHost], None]] = (),
+        on_shard_stopped: Sequence[Callable[[ShardHost], Awaitable[None]]] = (),
     ) -> None:
         """
         Args:
@@ -100,6 +101,10 @@ class Sharding:
             ids: the runner's id generator; registration sets its machine id.
             on_shard_started: the engine's own hooks, called with each host
                 that starts serving (persisted delivery, singletons).
+            on_shard_stopped: awaited with each host that stopped gracefully,
+                its lease still held, before its lock is released (bounded
+                by the lock operation timeout; persisted delivery gives back
+                the requests it claimed and did not run).
         """
         self._config = config
         self._runners = runners
@@ -107,6 +112,7 @@ class Sharding:
         self._listeners = listeners
         self._ids = ids
         self._on_shard_started = tuple(on_shard_started)
+        self._on_shard_stopped = tuple(on_shard_stopped)
         self.table = table
         self.address: RunnerAddress = config.runner_address
         self.ownership = Ownership(
@@ -574,6 +580,10 @@ class Sharding:
         with trio.CancelScope(shield=True) as cleanup:
             self._cleanups.add(cleanup)
             await self._manager.stop_shard(host, graceful=graceful)
+            if graceful and host.leased():
+                with trio.move_on_after(self._operation_timeout):
+                    for hook in self._on_shard_stopped:
+                        await hook(host)
         self._cleanups.discard(cleanup)
 
     async def _release_loop(self) -> None:

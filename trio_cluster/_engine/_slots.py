@@ -107,6 +107,8 @@ class Job:
     metadata: Mapping[str, str] | None = attrs.field(init=False, default=None)
     """The call metadata the handler runs with (None: none). Set after
     construction, and only when there is some: most calls carry none."""
+    attempt: int = attrs.field(init=False, default=1)
+    """A persisted request's attempt number (`ClaimedRequest.attempts`)."""
 
     @property
     def persisted(self) -> bool:
@@ -160,6 +162,7 @@ class ShardHost:
     __slots__ = (
         "announced",
         "background",
+        "bounced",
         "closing",
         "current_time",
         "done",
@@ -220,6 +223,9 @@ class ShardHost:
         """Its nursery was cancelled (lease deadline, `cancel_all`, or the
         runner's own cancellation) and may close before the state changes:
         it must not be given new tasks."""
+        self.bounced: list[int] = []
+        """Persisted requests claimed here that its stop gave back unrun
+        (`EntityManager.bounce`): their claim did not make an attempt."""
 
     @property
     def active(self) -> bool:

@@ -72,6 +72,11 @@ class Exit:
 
     value: object = None
     error: BaseException | None = None
+    failure: Exception | None = None
+    """For a handler that raised an exception it did not declare: that
+    exception (``error`` is then the `RemoteError` naming it). Never encoded:
+    it stays on the runner, which decides from it whether a persisted request
+    is attempted again."""
 
     def unwrap(self) -> Any:
         """Return the value, or raise the error."""

@@ -240,8 +240,10 @@ def check_retry_later(retries: object, now: object) -> tuple[list[RetryRecord], 
     checked = check_items(retries, RetryRecord, "retries")
     for retry in checked:
         check_fields(retry, RETRY_FIELDS)
-        check_now(retry.deliver_at, "RetryRecord.deliver_at")
-        _check_error_text(retry.error, "RetryRecord.error")
+        if retry.deliver_at is not None:
+            check_now(retry.deliver_at, "RetryRecord.deliver_at")
+        if retry.error is not None:
+            _check_error_text(retry.error, "RetryRecord.error")
     return checked, check_now(now)
 
 

@@ -409,15 +409,22 @@ class MessageStore:
             if outcome is not ReplyOutcome.RECORDED:
                 continue
             stored = self._requests[retry.request_id]
-            stored.last_error = retry.error
-            stored.request = attrs.evolve(stored.request, deliver_at=retry.deliver_at)
-            due = retry.deliver_at <= now
+            if retry.error is not None:
+                stored.last_error = retry.error
+            if not retry.started:
+                stored.attempts = max(0, stored.attempts - 1)
+            if retry.deliver_at is not None:
+                stored.request = attrs.evolve(
+                    stored.request, deliver_at=retry.deliver_at
+                )
+            at = stored.request.deliver_at
+            due = at is None or at <= now
             self._queues[retry.shard].push(
                 stored, _State.READY if due else _State.DELAYED
             )
             shards[retry.shard] = None
-            if earliest is None or retry.deliver_at < earliest:
-                earliest = retry.deliver_at
+            if at is not None and (earliest is None or at < earliest):
+                earliest = at
         if shards:
             self._notify(shards=list(shards), deliver_at=earliest)
         return outcomes

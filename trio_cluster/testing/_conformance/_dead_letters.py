@@ -99,6 +99,30 @@ class DeadLetterTests(ConformanceBase):
             later = await claim_batch(session, epoch, now=BASE_TIME + 20)
             assert later.requests == []
 
+    async def test_a_request_given_back_unstarted_keeps_its_attempts_count(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = await saved_and_claimed(session, persisted_request(1))
+            await session.messages.retry_later(
+                [retry(1, epoch, BASE_TIME + 1, "KeyError: 'x'")], now=BASE_TIME
+            )
+            [second] = (await claim_batch(session, epoch, now=BASE_TIME + 1)).requests
+            assert second.attempts == 2
+            unstarted = attrs.evolve(
+                retry(1, epoch, BASE_TIME + 2), error=None, started=False
+            )
+            outcomes = await session.messages.retry_later([unstarted], now=BASE_TIME)
+            assert outcomes == [ReplyOutcome.RECORDED]
+            [again] = (await claim_batch(session, epoch, now=BASE_TIME + 2)).requests
+            # The unstarted claim is taken back; the last error is kept.
+            assert (again.attempts, again.last_error) == (2, "KeyError: 'x'")
+            # Without a deliver_at, it is due as its own deliver_at allows.
+            back = attrs.evolve(unstarted, deliver_at=None)
+            await session.messages.retry_later([back], now=BASE_TIME)
+            [due] = (await claim_batch(session, epoch, now=BASE_TIME + 2)).requests
+            assert (due.request_id, due.deliver_at) == (1, BASE_TIME + 2)
+
     async def test_retry_later_notifies_the_shards_owner(
         self, session: StorageSession, other: StorageSession
     ) -> None:
@@ -301,7 +325,8 @@ class DeadLetterTests(ConformanceBase):
                 await messages.retry_later([retry(1, epoch, BASE_TIME, long)], now=0)
             with pytest.raises(TypeError):
                 await messages.retry_later(
-                    [attrs.evolve(retry(1, epoch, BASE_TIME), error=None)], now=0
+                    [attrs.evolve(retry(1, epoch, BASE_TIME), error=b"x")],  # type: ignore[arg-type]
+                    now=0,
                 )
             with pytest.raises(TypeError):
                 await messages.dead_letters(limit="10")  # type: ignore[arg-type]
