@@ -84,6 +84,7 @@ def test_constructor_with_arguments():
         ("mailbox_capacity", 0, "mailbox_capacity"),
         ("concurrency", True, "concurrency"),
         ("shard_group", "", "shard_group"),
+        ("defect_retry", 3, "defect_retry must be a RetryPolicy"),
     ],
 )
 def test_bad_policies(attribute, value, message):
@@ -305,3 +306,35 @@ def test_registry_marks_the_fast_handlers() -> None:
     )
     assert not entity_type.handlers["add"].suspends
     assert not entity_type.start_suspends
+
+
+def test_retry_policies_resolve_handler_then_type_then_default():
+    own = tc.RetryPolicy(max_attempts=7)
+    typed = tc.RetryPolicy(max_attempts=2, backoff=tc.Backoff(3.0, 3.0))
+
+    class Policies(tc.Entity):
+        type_name = "Policies"
+        defect_retry = typed
+
+        @tc.rpc(persisted=True, retry=own)
+        async def mine(self, msg: Add) -> int:
+            return 1
+
+        @tc.rpc(persisted=True)
+        async def theirs(self, msg: Add) -> int:
+            return 1
+
+    class Plain(tc.Entity):
+        type_name = "Plain"
+
+        @tc.rpc(persisted=True)
+        async def f(self, msg: Add) -> int:
+            return 1
+
+    policies = resolve(Policies)
+    assert policies.handlers["mine"].retry is own
+    assert policies.handlers["theirs"].retry is typed
+    assert policies.restart_backoff == tc.Backoff(3.0, 3.0)
+    plain = resolve(Plain)
+    assert plain.handlers["f"].retry == tc.RetryPolicy()
+    assert plain.restart_backoff is None

@@ -73,6 +73,7 @@ from ._operations._check_messages import (
     ProblemKind as ProblemKind,
     check_messages as check_messages,
 )
+from ._operations._dead_letters import DeadLetterQueue as DeadLetterQueue
 from ._operations._metrics import serve_metrics as serve_metrics
 from ._operations._statistics import (
     LatencySnapshot as LatencySnapshot,
@@ -85,6 +86,7 @@ from ._runner import (
     serve_runner as serve_runner,
 )
 from ._singletons import Singleton as Singleton
+from ._storage_retries import DeadLetter as DeadLetter
 from ._version import __version__ as __version__
 
 __all__ = [
@@ -99,6 +101,8 @@ __all__ = [
     "ClusterState",
     "ConfigError",
     "Cron",
+    "DeadLetter",
+    "DeadLetterQueue",
     "DeadLetteredError",
     "Entity",
     "EntityAddress",

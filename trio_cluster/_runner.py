@@ -35,6 +35,7 @@ from ._engine._janitor import janitor
 from ._entity import Entity
 from ._errors import EntityDefinitionError
 from ._groups import unwrap_single as _unwrap_single
+from ._operations._dead_letters import DeadLetterQueue
 from ._registry import Registry
 from .serialization._converter import make_converter
 
@@ -113,6 +114,11 @@ class Runner:
             tracer=tracer,
         )
         self._clients: dict[type[Entity], EntityClient[Any]] = {}
+        self.dead_letters = DeadLetterQueue(
+            session.messages, new_id=lambda: int(self.new_id()), clock=clock
+        )
+        """The cluster's dead letters: list, replay, purge (see
+        `DeadLetterQueue`; ``trio-cluster dlq`` on the command line)."""
 
     @property
     def address(self) -> RunnerAddress:

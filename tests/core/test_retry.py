@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from trio_cluster import ConfigError
-from trio_cluster._core._retry import Backoff
+from trio_cluster._core._retry import Backoff, RetryPolicy, spread
 
 
 def test_doubles_up_to_the_maximum():
@@ -128,3 +128,58 @@ def test_attempt_must_not_be_negative():
 def test_random_unit_must_be_in_unit_interval(unit):
     with pytest.raises(ValueError, match=r"random_unit must be in \[0, 1\)"):
         Backoff(1, 2, jitter=0.5).delay(0, unit)
+
+
+# ----------------------------------------------------------------------
+# RetryPolicy
+
+
+def test_retry_policy_allows_attempts_up_to_its_maximum():
+    policy = RetryPolicy(max_attempts=3)
+    assert policy.retries(1, RuntimeError())
+    assert policy.retries(2, None)  # the runner stopped during attempt 2
+    assert not policy.retries(3, RuntimeError())
+    assert not RetryPolicy(max_attempts=1).retries(1, RuntimeError())
+
+
+def test_non_retryable_errors_and_their_subclasses_end_the_attempts():
+    policy = RetryPolicy(max_attempts=5, non_retryable=(LookupError,))
+    assert not policy.retries(1, KeyError("k"))
+    assert policy.retries(1, ValueError("v"))
+    assert policy.retries(1, None)
+    assert RetryPolicy(non_retryable=KeyError).non_retryable == (KeyError,)
+
+
+def test_default_policy():
+    policy = RetryPolicy()
+    assert policy.max_attempts == 3
+    assert policy.backoff == Backoff(0.1, 10.0, jitter=0.5)
+    assert policy.non_retryable == ()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_attempts": 0}, "between 1 and 1000"),
+        ({"max_attempts": 1001}, "between 1 and 1000"),
+        ({"max_attempts": 2.0}, "must be an int"),
+        ({"max_attempts": True}, "must be an int"),
+        ({"backoff": 1.0}, "must be a Backoff"),
+        ({"non_retryable": (KeyError, "x")}, "Exception subclasses"),
+        ({"non_retryable": (BaseException,)}, "Exception subclasses"),
+        ({"non_retryable": "KeyError"}, "tuple of exception classes"),
+    ],
+)
+def test_bad_retry_policies_raise_config_error(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        RetryPolicy(**kwargs)
+
+
+def test_spread_is_reproducible_and_spread_out():
+    assert spread("123/1") == spread("123/1")
+    values = [spread(f"{n}/1") for n in range(1000)]
+    assert all(0 <= value < 1 for value in values)
+    # Roughly uniform: every tenth of [0, 1) gets a fair share.
+    for tenth in range(10):
+        share = sum(tenth / 10 <= value < (tenth + 1) / 10 for value in values)
+        assert 60 < share < 140, (tenth, share)

@@ -7,7 +7,9 @@
 * ``migrate``: create or upgrade the PostgreSQL schema;
 * ``status``: print runners, shard owners, epochs and backlog;
 * ``check-messages MODULE:ATTRIBUTE``: before a deploy, check that the new
-  code decodes every stored, unprocessed persisted message.
+  code decodes every stored, unprocessed persisted message;
+* ``dlq list|show|replay|purge``: the dead-lettered persisted requests
+  (`._dlq`).
 
 Policy comes from ``TRIO_CLUSTER_*`` environment variables (see
 `ShardingConfig.from_env`); options on the command line win.
@@ -28,6 +30,8 @@ from contextlib import suppress
 from typing import Any, TypeVar
 
 import trio
+
+from ._dlq import add_dlq_parser
 
 __all__ = ["main"]
 
@@ -392,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--prefix", default="trio_cluster")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(handler=_check_messages)
+    add_dlq_parser(commands)
     return parser
 
 

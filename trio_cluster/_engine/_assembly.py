@@ -176,6 +176,8 @@ class RunnerParts:
         return {
             "errors_by_type": dict(self.router.errors.by_label),
             "redeliveries": self.persisted.redelivered + self.manager.requeued,
+            "persisted_retries": self.persisted.statistics["retries"],
+            "dead_letters": self.persisted.dead_lettered,
             "runners_healthy": self.views.runners_healthy(),
             "ready": not_ready is None,
             "not_ready_reason": not_ready,

@@ -128,7 +128,12 @@ _COUNTERS: Final = {
         "trio_cluster_redeliveries_total",
         "Persisted requests delivered again after an unfinished delivery.",
     ),
+    "persisted_retries": (
+        "trio_cluster_persisted_retries_total",
+        "Persisted requests given back for a later attempt after a failure.",
+    ),
 }
+_DEAD_LETTERS: Final = "trio_cluster_dead_letters_total"
 _ERRORS: Final = "trio_cluster_errors_total"
 _LATENCY: Final = "trio_cluster_call_latency_seconds"
 
@@ -171,6 +176,11 @@ def render_metrics(stats: RunnerStatistics) -> str:
     for field, (name, help_text) in _COUNTERS.items():
         lines += _header(name, help_text, "counter")
         lines.append(_line(name, getattr(stats, field), runner))
+    lines += _header(
+        _DEAD_LETTERS, "Persisted requests dead-lettered here, by kind.", "counter"
+    )
+    for kind, count in sorted(stats.dead_letters.items()):
+        lines.append(_line(_DEAD_LETTERS, count, {**runner, "kind": kind}))
     lines += _header(
         _ERRORS, "Errors raised to callers on this runner, by type.", "counter"
     )

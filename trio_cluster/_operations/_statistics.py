@@ -94,6 +94,14 @@ class RunnerStatistics:
     delivery did not finish: claimed again after a failover, a restart or a
     moved shard, or put back in the mailbox after a crash of their entity or
     a failed transaction."""
+    persisted_retries: int = 0
+    """Persisted requests given back for a later attempt after their handler
+    failed (see `RetryPolicy`), since start."""
+    dead_letters: dict[str, int] = attrs.field(factory=dict)
+    """Persisted requests this runner dead-lettered since start, by kind:
+    ``exhausted`` (the last allowed attempt failed), ``non_retryable`` (an
+    exception the policy names), ``runner_lost`` (claimed beyond its
+    attempts: its runners kept stopping during it)."""
     runners_healthy: int = 0
     """Live runners (as of the last membership poll) this runner can reach
     now: itself, and each peer the transport has not reported lost since it
