@@ -243,14 +243,17 @@ async def test_dead_letters_can_be_listed_replayed_and_purged(autojump_clock):
         # Replayed: a new request, run again (and dead-lettered again here,
         # since the handler still fails), at most once per dead letter.
         new_id = await queue.replay(first.request_id)
-        assert new_id is not None and new_id != first.request_id
+        assert new_id is not None
+        assert new_id != first.request_id
         assert await queue.replay(first.request_id) is None
         await trio.sleep(1)
         assert Flaky.runs["a"] == 2
         replayed = await queue.get(first.request_id)
-        assert replayed is not None and replayed.replayed_as == new_id
+        assert replayed is not None
+        assert replayed.replayed_as == new_id
         again = await queue.get(new_id)
-        assert again is not None and again.primary_key is None
+        assert again is not None
+        assert again.primary_key is None
         assert await queue.purge([first.request_id]) == 1
         assert await queue.purge_all(limit=1) == 1
         assert len(await queue.list()) == 2
