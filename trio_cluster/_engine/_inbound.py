@@ -23,7 +23,7 @@ import functools
 import logging
 from contextlib import suppress
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import attrs
 import trio
@@ -46,7 +46,7 @@ from ._outcomes import stopped
 from ._shard_table import ShardTable
 from ._slots import Job, JobKind
 from ._streams import ITEM, SendCredit, open_stream_channel
-from ._wire import Kind, Mode, address_from
+from ._wire import Kind, Mode, address_of
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -127,7 +127,8 @@ class InboundCalls:
                 answered with this error first, except a discard). The
                 caller counts and logs it.
         """
-        call_id, mode_value, *where, tag, payload, left = fields[:9]
+        (call_id, mode_value, entity_type, entity_id, group, number, tag, payload,
+         left) = fields[:9]  # fmt: skip
         # The optional metadata field (checked by `_wire.parse`); an empty
         # map is as good as none.
         metadata = (
@@ -146,8 +147,9 @@ class InboundCalls:
                 peer,
             )
             return
-        mode = Mode(mode_value)  # in range: checked by `_wire.parse`
-        target = self._resolve(peer, call_id, mode, address_from(where), tag, payload)
+        mode = _MODES[mode_value]  # in range: checked by `_wire.parse`
+        address = address_of(entity_type, entity_id, group, number)
+        target = self._resolve(peer, call_id, mode, address, tag, payload)
         if target is not None:
             self._start(peer, call_id, mode, target, left, metadata)
 
@@ -455,9 +457,13 @@ class InboundCalls:
             stream.scope.cancel()
 
 
+_MODES: Final = tuple(Mode)
+"""The modes by value (`Mode(value)` costs more than the index)."""
+assert all(mode == value for value, mode in enumerate(_MODES))
+
 _misplaced = functools.lru_cache(maxsize=4096)(misplaced)
 """`misplaced`, remembered: the same hot entities are asked for over and
-over (`_wire.address_from` caches their addresses the same way), and the
+over (`_wire.address_of` caches their addresses the same way), and the
 hash of an entity id costs more than the lookup."""
 
 
