@@ -906,3 +906,29 @@ async def test_an_endpoint_listens_at_listen_at_and_advertises_its_address():
             a.send_nowait(b.address, ["hello", 1])
             await hb.wait_received(1)
             assert hb.received[0][0] == a.address
+
+
+async def test_a_handler_raising_mid_frame_ends_the_connection_there(transport, caplog):
+    # The envelopes of a frame before the failing one were handled; none
+    # after it is; the traceback is logged and the peer hears why.
+    ha, hb = RecordingHandler(), RecordingHandler(fail_on=["boom"])
+    with trio.fail_after(TIMEOUT):
+        async with (
+            transport.open_endpoint(LOCALHOST, ha) as a,
+            transport.open_endpoint(LOCALHOST, hb) as b,
+        ):
+            a.send_nowait(b.address, ["connect"])
+            await hb.wait_received(1)
+            frames = b.statistics().frames_received
+            for envelope in (["before"], ["boom"], ["after"]):  # one frame
+                a.send_nowait(b.address, envelope)
+            await ha.wait_lost(b.address)
+            await hb.wait_lost(a.address)
+            assert b.statistics().frames_received == frames + 1
+    assert hb.envelopes() == [["connect"], ["before"], ["boom"]]
+    [(_, reason)] = hb.lost
+    assert reason == "the handler raised RuntimeError"
+    [record] = [r for r in caplog.records if "handler raised on" in r.getMessage()]
+    assert record.levelno == logging.ERROR
+    assert record.exc_info is not None
+    assert record.exc_info[0] is RuntimeError

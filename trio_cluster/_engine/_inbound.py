@@ -23,7 +23,7 @@ import functools
 import logging
 from contextlib import suppress
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
@@ -74,14 +74,10 @@ class _Outgoing:
         self.scope = trio.CancelScope()
 
 
-class _Target(NamedTuple):
-    """A request resolved to what runs it."""
-
-    host: ShardHost
-    address: EntityAddress
-    entity_type: EntityType
-    handler: Handler
-    message: Any
+_Target = tuple["ShardHost", "EntityAddress", "EntityType", "Handler", Any]
+"""A request resolved to what runs it: the shard's host, the entity's
+address, its type, the handler and the decoded message (a plain tuple: a
+named one costs a call per request)."""
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -206,7 +202,7 @@ class InboundCalls:
         except MalformedMessageError as exc:
             self._answer_error(peer, call_id, mode, handler, exc)
             return None
-        return _Target(host, address, entity_type, handler, message)
+        return host, address, entity_type, handler, message
 
     def _start(
         self,
@@ -219,7 +215,7 @@ class InboundCalls:
     ) -> None:
         """Run a resolved request: at once if it cannot suspend (the fast
         path), else as a detached or stream job whose outcome goes back."""
-        host, address, handler = target.host, target.address, target.handler
+        host, address, entity_type, handler, message = target
         send = receive = None
         if mode is Mode.STREAM:
             send, receive = open_stream_channel()
@@ -227,7 +223,7 @@ class InboundCalls:
             if mode is not Mode.STREAM:
                 # The fast path: a handler that cannot suspend runs right here.
                 exit_ = self._manager.run_nowait(
-                    host, address, target.entity_type, handler, target.message, metadata
+                    host, address, entity_type, handler, message, metadata
                 )
                 if exit_ is not None:
                     self.handled += 1
@@ -236,9 +232,9 @@ class InboundCalls:
             job = self._manager.submit(
                 host,
                 address,
-                target.entity_type,
+                entity_type,
                 handler,
-                target.message,
+                message,
                 kind=JobKind.STREAM if mode is Mode.STREAM else JobKind.DETACHED,
                 sink=self._reply_sink(peer, call_id) if mode is Mode.CALL else None,
                 stream_channel=send,
