@@ -211,55 +211,57 @@ async def test_a_call_cancelled_in_send_interrupts_the_owner():
     assert calls._pending == {}
 
 
+class _Caller:
+    """Calls through `OutboundCalls` with a recording endpoint, each answer
+    in ``results``; ``reply`` is the owner's answer ``Where("owner", n)``."""
+
+    def __init__(self, n: int) -> None:
+        self.endpoint = _Sending()
+        self.calls = OutboundCalls(self.endpoint)
+        self.handler = _add_handler()
+        self.reply = self.handler.reply.encode_exit(Exit(value=Where("owner", n)))
+        self.results: list[Any] = []
+
+    async def call(self) -> None:
+        answer = await self.calls.call(_OWNER, _WHERE, self.handler, b"\x80")
+        self.results.append(answer)
+
+
 async def test_a_call_cancelled_while_waiting_interrupts_and_a_late_reply_wakes_nobody():
-    endpoint = _Sending()
-    calls = OutboundCalls(endpoint)
-    handler = _add_handler()
-    reply = handler.reply.encode_exit(Exit(value=Where("owner", 1)))
-    results: list[Any] = []
-
-    async def call() -> None:
-        results.append(await calls.call(_OWNER, _WHERE, handler, b"\x80"))
-
+    caller = _Caller(1)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(call)  # the first: sent by `send`
+        nursery.start_soon(caller.call)  # the first: sent by `send`
         await trio.testing.wait_all_tasks_blocked()
         async with trio.open_nursery() as doomed:
-            doomed.start_soon(call)  # queued behind the first
+            doomed.start_soon(caller.call)  # queued behind the first
             await trio.testing.wait_all_tasks_blocked()
             doomed.cancel_scope.cancel()
         assert doomed.cancel_scope.cancelled_caught
-        [first] = endpoint.sent
-        [second, interrupt] = endpoint.nowait
+        [first] = caller.endpoint.sent
+        [second, interrupt] = caller.endpoint.nowait
         assert interrupt == [Kind.INTERRUPT, second[1]]
         # The late answer to the cancelled call changes nothing; the other
         # call still gets its own.
-        calls.reply(_OWNER, second[1], reply)
+        caller.calls.reply(_OWNER, second[1], caller.reply)
         await trio.testing.wait_all_tasks_blocked()
-        assert results == []
-        calls.reply(_OWNER, first[1], reply)
-    assert results == [Where("owner", 1)]
-    assert calls._pending == {}
+        assert caller.results == []
+        caller.calls.reply(_OWNER, first[1], caller.reply)
+    assert caller.results == [Where("owner", 1)]
+    assert caller.calls._pending == {}
 
 
 async def test_a_reply_counts_from_the_runner_asked_only():
-    endpoint = _Sending()
-    calls = OutboundCalls(endpoint)
-    handler = _add_handler()
-    reply = handler.reply.encode_exit(Exit(value=Where("owner", 2)))
-    results: list[Any] = []
-
-    async def call() -> None:
-        results.append(await calls.call(_OWNER, _WHERE, handler, b"\x80"))
-
+    caller = _Caller(2)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(call)
+        nursery.start_soon(caller.call)
         await trio.testing.wait_all_tasks_blocked()
-        [request] = endpoint.sent
-        calls.reply(tc.RunnerAddress("127.0.0.1", 7002), request[1], reply)
+        [request] = caller.endpoint.sent
+        other = tc.RunnerAddress("127.0.0.1", 7002)
+        caller.calls.reply(other, request[1], caller.reply)
         await trio.testing.wait_all_tasks_blocked()
-        assert results == []
+        assert caller.results == []
         # The same address, as another object (the transport's own): it is
         # the runner asked.
-        calls.reply(tc.RunnerAddress("127.0.0.1", 7001), request[1], reply)
-    assert results == [Where("owner", 2)]
+        owner = tc.RunnerAddress("127.0.0.1", 7001)
+        caller.calls.reply(owner, request[1], caller.reply)
+    assert caller.results == [Where("owner", 2)]

@@ -136,13 +136,14 @@ async def wait_connected(endpoint: Endpoint, peer: RunnerAddress) -> None:
 
 @asynccontextmanager
 async def two_endpoints(
-    transport: WebSocketTransport,
+    transport: WebSocketTransport, hb: RecordingHandler | None = None
 ) -> AsyncIterator[
     tuple[WebSocketEndpoint, RecordingHandler, WebSocketEndpoint, RecordingHandler]
 ]:
     """Two endpoints of ``transport`` on loopback: ``(a, ha, b, hb)``, each
-    endpoint with its recording handler."""
-    ha, hb = RecordingHandler(), RecordingHandler()
+    endpoint with its recording handler (``hb``, if given, for ``b``)."""
+    ha = RecordingHandler()
+    hb = RecordingHandler() if hb is None else hb
     async with (
         transport.open_endpoint(LOCALHOST, ha) as a,
         transport.open_endpoint(LOCALHOST, hb) as b,
@@ -911,12 +912,9 @@ async def test_an_endpoint_listens_at_listen_at_and_advertises_its_address():
 async def test_a_handler_raising_mid_frame_ends_the_connection_there(transport, caplog):
     # The envelopes of a frame before the failing one were handled; none
     # after it is; the traceback is logged and the peer hears why.
-    ha, hb = RecordingHandler(), RecordingHandler(fail_on=["boom"])
+    failing = RecordingHandler(fail_on=["boom"])
     with trio.fail_after(TIMEOUT):
-        async with (
-            transport.open_endpoint(LOCALHOST, ha) as a,
-            transport.open_endpoint(LOCALHOST, hb) as b,
-        ):
+        async with two_endpoints(transport, failing) as (a, ha, b, hb):
             a.send_nowait(b.address, ["connect"])
             await hb.wait_received(1)
             frames = b.statistics().frames_received

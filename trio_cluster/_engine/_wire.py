@@ -88,6 +88,8 @@ _MAX_GROUP_NAME: Final = 64  # `_core._config`: group names are 1-64 characters
 _MAX_HANDLER_NAME: Final = 100  # `_handlers`: wire names are 1-100 characters
 _MAX_BROADCAST_NAME: Final = 200  # `_broadcast`: names are 1-200 characters
 _MAX_U64: Final = (1 << 64) - 1
+_REQUEST: Final = int(Kind.REQUEST)
+_REPLY: Final = int(Kind.REPLY)
 _MIN_MODE: Final = int(min(Mode))
 _MAX_MODE: Final = int(max(Mode))
 _MAX_I64: Final = (1 << 63) - 1
@@ -226,44 +228,52 @@ def _plain(envelope: Envelope) -> bool:
     size = len(envelope)
     if size == 3:
         kind, call_id, payload = envelope
-        return (
-            kind == 2
-            and type(kind) is int
-            and type(call_id) is int
-            and 0 <= call_id <= _MAX_U64
+        wanted, rest = _REPLY, type(payload) is bytes
+    elif size == 10:
+        (
+            kind,
+            call_id,
+            mode,
+            entity_type,
+            entity_id,
+            group,
+            number,
+            tag,
+            payload,
+            left,
+        ) = envelope
+        left_type = type(left)
+        wanted = _REQUEST
+        rest = (
+            type(mode) is int
+            and _MIN_MODE <= mode <= _MAX_MODE
+            and type(entity_type) is str
+            and 0 < len(entity_type) <= _MAX_TYPE_NAME
+            and type(entity_id) is str
+            and 0 < len(entity_id) <= MAX_ENTITY_ID_LENGTH
+            and type(group) is str
+            and 0 < len(group) <= _MAX_GROUP_NAME
+            and type(number) is int
+            and 1 <= number <= _MAX_SHARDS_PER_GROUP
+            and type(tag) is str
+            and 0 < len(tag) <= _MAX_HANDLER_NAME
             and type(payload) is bytes
+            and (
+                left is None
+                or (
+                    (left_type is float or left_type is int)
+                    and 0 <= left <= MAX_SECONDS_LEFT
+                )
+            )
         )
-    if size != 10:
+    else:
         return False
-    kind, call_id, mode, entity_type, entity_id, group, number, tag, payload, left = (
-        envelope
-    )
-    left_type = type(left)
     return (
-        kind == 1
+        rest
+        and kind == wanted
         and type(kind) is int
         and type(call_id) is int
         and 0 <= call_id <= _MAX_U64
-        and type(mode) is int
-        and _MIN_MODE <= mode <= _MAX_MODE
-        and type(entity_type) is str
-        and 0 < len(entity_type) <= _MAX_TYPE_NAME
-        and type(entity_id) is str
-        and 0 < len(entity_id) <= MAX_ENTITY_ID_LENGTH
-        and type(group) is str
-        and 0 < len(group) <= _MAX_GROUP_NAME
-        and type(number) is int
-        and 1 <= number <= _MAX_SHARDS_PER_GROUP
-        and type(tag) is str
-        and 0 < len(tag) <= _MAX_HANDLER_NAME
-        and type(payload) is bytes
-        and (
-            left is None
-            or (
-                (left_type is float or left_type is int)
-                and 0 <= left <= MAX_SECONDS_LEFT
-            )
-        )
     )
 
 
