@@ -203,6 +203,19 @@ async def _measure(
     )
 
 
+def caller_runner(
+    dsn: str, prefix: str, groups: tuple[str, ...]
+) -> contextlib.AbstractAsyncContextManager[tc.Runner]:
+    """The caller's runner of W2 (serving ``groups``: none, all remote; or
+    ``("default",)``, mixed) beside the server's, on its storage."""
+    return tc.open_runner(
+        entities=[Counter],
+        config=_config(groups),
+        storage=PostgresStorage(dsn, table_prefix=prefix),
+        transport=WebSocketTransport(),
+    )
+
+
 async def _wait_split(runner: tc.Runner, server: tc.RunnerAddress) -> float:
     """Wait until the shards are split between ``runner`` and the server and
     ``runner`` serves all of its own; return the fraction of the ids it
@@ -230,23 +243,13 @@ async def run(dsn: str, prefix: str, *, quick: bool) -> None:
         try:
             await _measure_floor(echo_port, quick=quick)
             # 1. Pure remote: a client-only caller, every call goes to B.
-            async with tc.open_runner(
-                entities=[Counter],
-                config=_config(()),
-                storage=PostgresStorage(dsn, table_prefix=prefix),
-                transport=WebSocketTransport(),
-            ) as runner:
+            async with caller_runner(dsn, prefix, ()) as runner:
                 await _measure(runner, quick=quick, label="", **extra)
                 assert runner.statistics().entities == 0
                 assert runner.statistics().remote_calls >= 1000
             # 2. Mixed, as in BENCHMARKS.md: the caller's runner hosts
             # Counter too, so about half the ids are local.
-            async with tc.open_runner(
-                entities=[Counter],
-                config=_config(("default",)),
-                storage=PostgresStorage(dsn, table_prefix=prefix),
-                transport=WebSocketTransport(),
-            ) as runner:
+            async with caller_runner(dsn, prefix, ("default",)) as runner:
                 local = await _wait_split(runner, server)
                 progress(f"W2 mixed: {local:.0%} of the ids are local")
                 await _measure(

@@ -37,8 +37,6 @@ import trio
 import trio_websocket
 
 import trio_cluster as tc
-from trio_cluster.storage import PostgresStorage
-from trio_cluster.transport import WebSocketTransport
 
 from ._common import (
     Counter,
@@ -51,7 +49,7 @@ from ._common import (
     sequential,
     start_ready_process,
 )
-from .w2_remote import _config, serving
+from .w2_remote import _wait_split, caller_runner, serving
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -159,8 +157,68 @@ async def _profile(
     _summarise(server_path, f"{name}: server (owner) side")
 
 
+async def _measure_concurrent(
+    name: str,
+    runner: tc.Runner,
+    call: Callable[[int], Awaitable[object]],
+    calls: int,
+    mark: Callable[[], Awaitable[dict[str, Any]]],
+    counter: StepCounter,
+) -> None:
+    """``calls`` calls from 100 callers: steps and CPU time per call on
+    both sides, and the frames the caller's endpoint sent and received."""
+    before = runner.statistics().transport
+    await mark()
+    counter.take()
+    rate, _ = await concurrent(call, calls, 100)
+    client_steps = counter.take()
+    _report(name, calls, client_steps, await mark())
+    after = runner.statistics().transport
+    assert before is not None
+    assert after is not None
+    print(
+        f"{name}: {rate:.0f} calls/s, client frames sent"
+        f" {after.frames_sent - before.frames_sent} received"
+        f" {after.frames_received - before.frames_received} for"
+        f" {after.envelopes_sent - before.envelopes_sent} requests",
+        file=sys.stderr,
+    )
+
+
+async def _mixed(
+    dsn: str,
+    prefix: str,
+    ready: dict[str, Any],
+    mark: Callable[[], Awaitable[dict[str, Any]]],
+    counter: StepCounter,
+    calls: int,
+    profile_dir: Path | None,
+    control: trio.abc.SendStream,
+    server: ChildProcess,
+) -> None:
+    """W2's mixed phase: the caller's runner hosts ``Counter`` too (about
+    half the ids local); 100 callers, steps and CPU time on both sides."""
+    async with caller_runner(dsn, prefix, ("default",)) as runner:
+        local = await _wait_split(runner, tc.RunnerAddress.parse(ready["address"]))
+        progress(f"mixed: {local:.0%} of the ids are local")
+        call = round_robin(runner, Counter, ids())
+        await concurrent(call, 1000, 100)
+        await concurrent(call, calls // 2, 100)
+        await _measure_concurrent(
+            "mixed 100 callers", runner, call, calls, mark, counter
+        )
+        if profile_dir is not None:
+            await _profile(profile_dir, "mixed", control, server, call, calls, 100)
+
+
 async def run(
-    dsn: str, prefix: str, calls: int, concurrent_calls: int, profile_dir: Path | None
+    dsn: str,
+    prefix: str,
+    calls: int,
+    concurrent_calls: int,
+    profile_dir: Path | None,
+    *,
+    mixed: bool = False,
 ) -> None:
     counter = StepCounter()
     trio.lowlevel.add_instrument(counter)
@@ -200,19 +258,14 @@ async def run(
             if profile_dir is not None:
                 await _profile(profile_dir, "echo", control, server, echo, calls)
 
-        async with tc.open_runner(
-            entities=[Counter],
-            config=_config(()),
-            storage=PostgresStorage(dsn, table_prefix=prefix),
-            transport=WebSocketTransport(),
-        ) as runner:
+        async with caller_runner(dsn, prefix, ()) as runner:
             call = round_robin(runner, Counter, ids())
             progress("warm-up")
             await concurrent(call, 1000, 100)
             await sequential(call, 500)
             await mark()
             counter.take()
-            rate, latencies = await sequential(call, calls)
+            _, latencies = await sequential(call, calls)
             client_steps = counter.take()
             _report("remote call", calls, client_steps, await mark())
             latencies.sort()
@@ -222,21 +275,8 @@ async def run(
             )
             if profile_dir is not None:
                 await _profile(profile_dir, "call", control, server, call, calls)
-            before = runner.statistics().transport
-            await mark()
-            counter.take()
-            rate, latencies = await concurrent(call, concurrent_calls, 100)
-            client_steps = counter.take()
-            _report("100 callers", concurrent_calls, client_steps, await mark())
-            after = runner.statistics().transport
-            assert before is not None
-            assert after is not None
-            frames = after.frames_sent - before.frames_sent
-            received = after.frames_received - before.frames_received
-            print(
-                f"100 callers: {rate:.0f} calls/s, client frames sent"
-                f" {frames} received {received} for {concurrent_calls} calls",
-                file=sys.stderr,
+            await _measure_concurrent(
+                "100 callers", runner, call, concurrent_calls, mark, counter
             )
             if profile_dir is not None:
                 await _profile(
@@ -248,6 +288,18 @@ async def run(
                     concurrent_calls,
                     100,
                 )
+        if mixed:
+            await _mixed(
+                dsn,
+                prefix,
+                ready,
+                mark,
+                counter,
+                concurrent_calls,
+                profile_dir,
+                control,
+                server,
+            )
         await control.aclose()
         await server.wait_exit(20)
 
@@ -260,6 +312,9 @@ def _cli() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--concurrent-calls", type=int, default=10000)
     parser.add_argument("--profile", metavar="DIR")
+    parser.add_argument(
+        "--mixed", action="store_true", help="then the mixed phase (100 callers)"
+    )
     args = parser.parse_args()
     if args.command == "serve":
         trio.run(_serve, args.dsn, args.prefix)
@@ -271,7 +326,17 @@ def _cli() -> None:
         profile = Path(args.profile).resolve()
         profile.mkdir(parents=True, exist_ok=True)
     try:
-        trio.run(partial(run, dsn, prefix, args.calls, args.concurrent_calls, profile))
+        trio.run(
+            partial(
+                run,
+                dsn,
+                prefix,
+                args.calls,
+                args.concurrent_calls,
+                profile,
+                mixed=args.mixed,
+            )
+        )
     finally:
         drop_tables(dsn, prefix)
 

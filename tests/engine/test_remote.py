@@ -209,3 +209,59 @@ async def test_a_call_cancelled_in_send_interrupts_the_owner():
     [request] = endpoint.sent
     assert endpoint.nowait == [[Kind.INTERRUPT, request[1]]]
     assert calls._pending == {}
+
+
+class _Caller:
+    """Calls through `OutboundCalls` with a recording endpoint, each answer
+    in ``results``; ``reply`` is the owner's answer ``Where("owner", n)``."""
+
+    def __init__(self, n: int) -> None:
+        self.endpoint = _Sending()
+        self.calls = OutboundCalls(self.endpoint)
+        self.handler = _add_handler()
+        self.reply = self.handler.reply.encode_exit(Exit(value=Where("owner", n)))
+        self.results: list[Any] = []
+
+    async def call(self) -> None:
+        answer = await self.calls.call(_OWNER, _WHERE, self.handler, b"\x80")
+        self.results.append(answer)
+
+
+async def test_a_call_cancelled_while_waiting_interrupts_and_a_late_reply_wakes_nobody():
+    caller = _Caller(1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(caller.call)  # the first: sent by `send`
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as doomed:
+            doomed.start_soon(caller.call)  # queued behind the first
+            await trio.testing.wait_all_tasks_blocked()
+            doomed.cancel_scope.cancel()
+        assert doomed.cancel_scope.cancelled_caught
+        [first] = caller.endpoint.sent
+        [second, interrupt] = caller.endpoint.nowait
+        assert interrupt == [Kind.INTERRUPT, second[1]]
+        # The late answer to the cancelled call changes nothing; the other
+        # call still gets its own.
+        caller.calls.reply(_OWNER, second[1], caller.reply)
+        await trio.testing.wait_all_tasks_blocked()
+        assert caller.results == []
+        caller.calls.reply(_OWNER, first[1], caller.reply)
+    assert caller.results == [Where("owner", 1)]
+    assert caller.calls._pending == {}
+
+
+async def test_a_reply_counts_from_the_runner_asked_only():
+    caller = _Caller(2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(caller.call)
+        await trio.testing.wait_all_tasks_blocked()
+        [request] = caller.endpoint.sent
+        other = tc.RunnerAddress("127.0.0.1", 7002)
+        caller.calls.reply(other, request[1], caller.reply)
+        await trio.testing.wait_all_tasks_blocked()
+        assert caller.results == []
+        # The same address, as another object (the transport's own): it is
+        # the runner asked.
+        owner = tc.RunnerAddress("127.0.0.1", 7001)
+        caller.calls.reply(owner, request[1], caller.reply)
+    assert caller.results == [Where("owner", 2)]

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from trio_cluster import MalformedMessageError
 from trio_cluster._engine._wire import (
@@ -14,6 +15,8 @@ from trio_cluster._engine._wire import (
     MAX_SECONDS_LEFT,
     Kind,
     Mode,
+    _checked,
+    _plain,
     address_fields,
     address_from,
     parse,
@@ -262,3 +265,61 @@ def test_a_request_has_nine_or_ten_fields():
     # Other kinds have no optional field.
     with pytest.raises(MalformedMessageError, match="expected 2 fields, got 3"):
         parse([*WELL_FORMED[Kind.REPLY], {}])
+
+
+# The short check of the two envelopes of every remote call (`_plain`):
+# what it accepts, the field loop accepts too, with the same fields.
+
+
+def test_the_envelopes_of_a_call_take_the_short_check():
+    assert _plain(WELL_FORMED[Kind.REQUEST])
+    assert _plain(with_field(WELL_FORMED[Kind.REQUEST], 9, None))
+    assert _plain(with_field(WELL_FORMED[Kind.REQUEST], 9, 3))
+    assert _plain(WELL_FORMED[Kind.REPLY])
+    # Metadata, other kinds and the runtime's own enums (never on the wire):
+    # field by field.
+    assert not _plain([*WELL_FORMED[Kind.REQUEST], {"k": "v"}])
+    assert not _plain(WELL_FORMED[Kind.STREAM_END])
+    assert not _plain([Kind.REPLY, 7, b"reply"])
+
+
+@pytest.mark.parametrize(("envelope", "index"), hostile_envelopes())
+def test_the_short_check_refuses_every_hostile_field_value(envelope, index):
+    assert not _plain(envelope)
+
+
+_CALL_FIELD_VALUES = st.sampled_from(
+    [
+        *{repr(v): v for values in HOSTILE[Kind.REQUEST] for v in values}.values(),
+        *WELL_FORMED[Kind.REQUEST],
+        *WELL_FORMED[Kind.REPLY],
+        0,
+        1,
+        2,
+        2**64 - 1,
+        65536,
+        MAX_SECONDS_LEFT,
+        "",
+        "x" * 255,
+    ]
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.sampled_from([Kind.REQUEST, Kind.REPLY]),
+    st.booleans(),
+    st.lists(st.tuples(st.integers(1, 9), _CALL_FIELD_VALUES), max_size=3),
+)
+def test_the_short_check_accepts_only_what_the_field_loop_accepts(
+    kind, plain_kind, changes
+):
+    envelope = list(WELL_FORMED[kind])
+    for index, value in changes:
+        if index < len(envelope):
+            envelope[index] = value
+    if not plain_kind:
+        envelope[0] = Kind(envelope[0])  # an int subclass: never on the wire
+    if _plain(envelope):
+        assert _checked(envelope) == (kind, envelope[1:])
+        assert parse(envelope) == (kind, envelope[1:])

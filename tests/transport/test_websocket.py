@@ -136,13 +136,14 @@ async def wait_connected(endpoint: Endpoint, peer: RunnerAddress) -> None:
 
 @asynccontextmanager
 async def two_endpoints(
-    transport: WebSocketTransport,
+    transport: WebSocketTransport, hb: RecordingHandler | None = None
 ) -> AsyncIterator[
     tuple[WebSocketEndpoint, RecordingHandler, WebSocketEndpoint, RecordingHandler]
 ]:
     """Two endpoints of ``transport`` on loopback: ``(a, ha, b, hb)``, each
-    endpoint with its recording handler."""
-    ha, hb = RecordingHandler(), RecordingHandler()
+    endpoint with its recording handler (``hb``, if given, for ``b``)."""
+    ha = RecordingHandler()
+    hb = RecordingHandler() if hb is None else hb
     async with (
         transport.open_endpoint(LOCALHOST, ha) as a,
         transport.open_endpoint(LOCALHOST, hb) as b,
@@ -906,3 +907,26 @@ async def test_an_endpoint_listens_at_listen_at_and_advertises_its_address():
             a.send_nowait(b.address, ["hello", 1])
             await hb.wait_received(1)
             assert hb.received[0][0] == a.address
+
+
+async def test_a_handler_raising_mid_frame_ends_the_connection_there(transport, caplog):
+    # The envelopes of a frame before the failing one were handled; none
+    # after it is; the traceback is logged and the peer hears why.
+    failing = RecordingHandler(fail_on=["boom"])
+    with trio.fail_after(TIMEOUT):
+        async with two_endpoints(transport, failing) as (a, ha, b, hb):
+            a.send_nowait(b.address, ["connect"])
+            await hb.wait_received(1)
+            frames = b.statistics().frames_received
+            for envelope in (["before"], ["boom"], ["after"]):  # one frame
+                a.send_nowait(b.address, envelope)
+            await ha.wait_lost(b.address)
+            await hb.wait_lost(a.address)
+            assert b.statistics().frames_received == frames + 1
+    assert hb.envelopes() == [["connect"], ["before"], ["boom"]]
+    [(_, reason)] = hb.lost
+    assert reason == "the handler raised RuntimeError"
+    [record] = [r for r in caplog.records if "handler raised on" in r.getMessage()]
+    assert record.levelno == logging.ERROR
+    assert record.exc_info is not None
+    assert record.exc_info[0] is RuntimeError

@@ -64,13 +64,25 @@ class ClusterHandler(EndpointHandler):
         # The transport may call from any task (a memory link runs in the
         # sender's context): dispatch in this runner's context, so handlers,
         # tasks they start and log records see the right runner.
-        runner_token = current_runner_var.set(self._context)
-        entity_token = current_entity_var.set(None)
+        # (Each only if it is not so already: a WebSocket connection's reader
+        # has no current entity, and setting a variable costs.)
+        runner_token = (
+            None
+            if current_runner_var.get(None) is self._context
+            else current_runner_var.set(self._context)
+        )
+        entity_token = (
+            None
+            if current_entity_var.get(None) is None
+            else current_entity_var.set(None)
+        )
         try:
             self._dispatch(peer, envelope)
         finally:
-            current_entity_var.reset(entity_token)
-            current_runner_var.reset(runner_token)
+            if entity_token is not None:
+                current_entity_var.reset(entity_token)
+            if runner_token is not None:
+                current_runner_var.reset(runner_token)
 
     def _dispatch(self, peer: RunnerAddress, envelope: Envelope) -> None:
         outbound, inbound = self.outbound, self.inbound

@@ -23,7 +23,7 @@ import functools
 import logging
 from contextlib import suppress
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
@@ -46,7 +46,7 @@ from ._outcomes import stopped
 from ._shard_table import ShardTable
 from ._slots import Job, JobKind
 from ._streams import ITEM, SendCredit, open_stream_channel
-from ._wire import Kind, Mode, address_from
+from ._wire import Kind, Mode, address_of
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -74,14 +74,10 @@ class _Outgoing:
         self.scope = trio.CancelScope()
 
 
-class _Target(NamedTuple):
-    """A request resolved to what runs it."""
-
-    host: ShardHost
-    address: EntityAddress
-    entity_type: EntityType
-    handler: Handler
-    message: Any
+_Target = tuple["ShardHost", "EntityAddress", "EntityType", "Handler", Any]
+"""A request resolved to what runs it: the shard's host, the entity's
+address, its type, the handler and the decoded message (a plain tuple: a
+named one costs a call per request)."""
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -127,7 +123,8 @@ class InboundCalls:
                 answered with this error first, except a discard). The
                 caller counts and logs it.
         """
-        call_id, mode_value, *where, tag, payload, left = fields[:9]
+        (call_id, mode_value, entity_type, entity_id, group, number, tag, payload,
+         left) = fields[:9]  # fmt: skip
         # The optional metadata field (checked by `_wire.parse`); an empty
         # map is as good as none.
         metadata = (
@@ -146,8 +143,9 @@ class InboundCalls:
                 peer,
             )
             return
-        mode = Mode(mode_value)  # in range: checked by `_wire.parse`
-        target = self._resolve(peer, call_id, mode, address_from(where), tag, payload)
+        mode = _MODES[mode_value]  # in range: checked by `_wire.parse`
+        address = address_of(entity_type, entity_id, group, number)
+        target = self._resolve(peer, call_id, mode, address, tag, payload)
         if target is not None:
             self._start(peer, call_id, mode, target, left, metadata)
 
@@ -204,7 +202,7 @@ class InboundCalls:
         except MalformedMessageError as exc:
             self._answer_error(peer, call_id, mode, handler, exc)
             return None
-        return _Target(host, address, entity_type, handler, message)
+        return host, address, entity_type, handler, message
 
     def _start(
         self,
@@ -217,7 +215,7 @@ class InboundCalls:
     ) -> None:
         """Run a resolved request: at once if it cannot suspend (the fast
         path), else as a detached or stream job whose outcome goes back."""
-        host, address, handler = target.host, target.address, target.handler
+        host, address, entity_type, handler, message = target
         send = receive = None
         if mode is Mode.STREAM:
             send, receive = open_stream_channel()
@@ -225,7 +223,7 @@ class InboundCalls:
             if mode is not Mode.STREAM:
                 # The fast path: a handler that cannot suspend runs right here.
                 exit_ = self._manager.run_nowait(
-                    host, address, target.entity_type, handler, target.message, metadata
+                    host, address, entity_type, handler, message, metadata
                 )
                 if exit_ is not None:
                     self.handled += 1
@@ -234,9 +232,9 @@ class InboundCalls:
             job = self._manager.submit(
                 host,
                 address,
-                target.entity_type,
+                entity_type,
                 handler,
-                target.message,
+                message,
                 kind=JobKind.STREAM if mode is Mode.STREAM else JobKind.DETACHED,
                 sink=self._reply_sink(peer, call_id) if mode is Mode.CALL else None,
                 stream_channel=send,
@@ -455,9 +453,13 @@ class InboundCalls:
             stream.scope.cancel()
 
 
+_MODES: Final = tuple(Mode)
+"""The modes by value (`Mode(value)` costs more than the index)."""
+assert all(mode == value for value, mode in enumerate(_MODES))
+
 _misplaced = functools.lru_cache(maxsize=4096)(misplaced)
 """`misplaced`, remembered: the same hot entities are asked for over and
-over (`_wire.address_from` caches their addresses the same way), and the
+over (`_wire.address_of` caches their addresses the same way), and the
 hash of an entity id costs more than the lookup."""
 
 

@@ -345,16 +345,18 @@ class EntityManager:
         slot = shard.slots.get(address)
         if (slot is None or slot.instance is None) and entity_type.start_suspends:
             return None  # on_start would run, and it can suspend
-        if slot is not None and (
-            not slot.idle or slot.paused or slot.starting is not None
-        ):
+        if slot is None:
+            slot = self._lifecycle.new_slot(shard, address, entity_type, wait=False)
+        elif not slot.idle or slot.paused or slot.starting is not None:
             return None
-        slot = self._slot_for(shard, address, entity_type, False)
+        else:
+            # `_slot_for`, whose checks were just made (`may_start`).
+            self.idle.remove(slot)
         job = Job(handler, message, JobKind.INLINE, slot)
         if metadata is not None:
             job.metadata = metadata
         slot.offer(job)  # a permit: the slot is idle and not paused
-        job.state = advance(job.state, JobEvent.GRANT)
+        job.state = GRANT[job.state]
         try:
             outcome = self._run_one_step(slot, job)
         finally:

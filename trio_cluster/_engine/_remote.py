@@ -36,7 +36,7 @@ from .._errors._closed import RunnerClosedError
 from .._log_limit import LogLimiter
 from ..serialization._replies import Exit
 from ._streams import END, ITEM, STREAM_BUFFER, ReceiveWindow, StreamReceiver
-from ._wire import MAX_SECONDS_LEFT, Kind, Mode, address_fields
+from ._wire import MAX_SECONDS_LEFT, Kind, Mode
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Mapping
@@ -60,27 +60,60 @@ class RouteAgain(Exception):
 
 
 class _Pending:
+    """A request waiting for its answer, and the task waiting for it.
+
+    `wait` parks the caller's task itself and `done` reschedules it: a
+    `trio.Event` per call would cost more (its own object, a set of tasks,
+    a closure per wait), and a call has exactly one waiter."""
+
     __slots__ = (
-        "done",
+        "answered",
         "exit",
         "handler",
         "lost",
         "peer",
         "reason",
         "stream",
+        "task",
         "window",
     )
 
     def __init__(self, peer: RunnerAddress, handler: Handler) -> None:
         self.peer = peer
         self.handler = handler
-        self.done = trio.Event()
+        self.answered = False
+        self.task: trio.lowlevel.Task | None = None
+        """The task parked in `wait`, until `done` or its cancellation."""
         self.exit: Exit | None = None
         self.reason: str | None = None
         self.lost = ""
         """Why the connection to the peer was lost (the transport's words)."""
         self.stream: trio.MemorySendChannel[Any] | None = None
         self.window: ReceiveWindow | None = None
+
+    def done(self) -> None:
+        """The answer is in (or will never come): wake the waiting task."""
+        self.answered = True
+        task = self.task
+        if task is not None:
+            self.task = None
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> None:
+        """Wait until `done` (a checkpoint if it was already).
+
+        Cancellation: propagates (the caller interrupts the request); a
+        later `done` wakes nobody.
+        """
+        if self.answered:
+            await trio.lowlevel.checkpoint()
+            return
+        self.task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, _: Any) -> trio.lowlevel.Abort:
+        self.task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class OutboundCalls:
@@ -119,11 +152,16 @@ class OutboundCalls:
             # No deadline: infinite, or as good as (the owner refuses more).
             if left > MAX_SECONDS_LEFT:
                 left = None
+        shard = address.shard
+        # `_wire.address_fields`, inlined: this runs for every remote call.
         envelope = [
             Kind.REQUEST,
             call_id,
             mode,
-            *address_fields(address),
+            address.entity_type,
+            address.entity_id.value,
+            shard.group,
+            shard.number,
             handler.spec.name,
             payload,
             left,
@@ -178,12 +216,13 @@ class OutboundCalls:
         else:
             pending = await self._send_alone(peer, call_id, envelope, handler)
         try:
-            await pending.done.wait()
+            await pending.wait()
         except BaseException:
             self._pending.pop(call_id, None)
             self._interrupt(peer, call_id)
             raise
-        return self._outcome(pending).unwrap()
+        exit_ = pending.exit  # set only with an answer (never with a reason)
+        return (self._outcome(pending) if exit_ is None else exit_).unwrap()
 
     async def _send_alone(
         self, peer: RunnerAddress, call_id: int, envelope: list[Any], handler: Handler
@@ -304,18 +343,20 @@ class OutboundCalls:
         return pending
 
     def reply(self, peer: RunnerAddress, call_id: int, payload: bytes) -> None:
-        pending = self._answered(peer, call_id)
-        if pending is None:
-            return  # the caller gave up
+        # `_answered`, inlined: one reply per remote call.
+        pending = self._pending.get(call_id)
+        if pending is None or (pending.peer is not peer and pending.peer != peer):
+            return  # the caller gave up, or another runner answers
+        del self._pending[call_id]
         pending.exit = _decode_exit(pending.handler, payload, call_id)
-        pending.done.set()
+        pending.done()
 
     def not_delivered(self, peer: RunnerAddress, call_id: int, reason: str) -> None:
         pending = self._answered(peer, call_id)
         if pending is None:
             return
         pending.reason = reason
-        pending.done.set()
+        pending.done()
         if pending.stream is not None:
             _end_channel(pending.stream, Exit(error=RouteAgain(reason)))
 
@@ -408,7 +449,7 @@ class OutboundCalls:
                 f" runner ({pending.peer}); the handler may have run there"
             )
             pending.exit = Exit(error=error)
-            pending.done.set()
+            pending.done()
             if pending.stream is not None:
                 _end_channel(pending.stream, Exit(error=error))
 
@@ -424,7 +465,7 @@ class OutboundCalls:
         for call_id in lost:
             pending = self._pending.pop(call_id)
             pending.lost = reason
-            pending.done.set()
+            pending.done()
             if pending.stream is not None:
                 error = RunnerUnavailableError(
                     runner=str(peer),

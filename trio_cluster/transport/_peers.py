@@ -39,6 +39,7 @@ __all__ = [
     "Limits",
     "SendQueue",
     "deliver",
+    "handler_raised",
     "log",
     "positive_int",
     "report_lost",
@@ -216,9 +217,15 @@ def deliver(
     try:
         handler.envelope_received(peer, envelope)
     except Exception as exc:
-        log.exception("the endpoint handler raised on an envelope from %s", peer)
-        return f"the handler raised {type(exc).__name__}"
+        return handler_raised(peer, exc)
     return None
+
+
+def handler_raised(peer: RunnerAddress, exc: Exception) -> str:
+    """Log that the handler raised ``exc`` on an envelope from ``peer`` (with
+    its traceback); return why the connection must close."""
+    log.error("the endpoint handler raised on an envelope from %s", peer, exc_info=exc)
+    return f"the handler raised {type(exc).__name__}"
 
 
 def report_lost(handler: EndpointHandler, peer: RunnerAddress, reason: str) -> None:

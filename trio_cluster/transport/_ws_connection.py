@@ -69,7 +69,7 @@ from .._errors import ConfigError, MalformedMessageError
 from .._log_limit import LogLimiter
 from .._transport_abc import EndpointHandler
 from ._framing import decode_frame
-from ._peers import Counters, Limits, SendQueue, deliver, log
+from ._peers import Counters, Limits, SendQueue, handler_raised, log
 from ._ws_admission import ConnectionLimits
 from ._ws_outbox import Outbox, can_write_message, outbox_of, write_message
 from ._ws_tap import Tap, install_tap
@@ -444,18 +444,23 @@ class Connection:
         False if the connection ends."""
         counters = self._counters
         queue = self._queue
+        handler, peer = self._handler, self.peer
         queue.held = True
         try:
+            # `deliver`, with its `try` around the loop: a call less per
+            # envelope.
             for envelope in envelopes[start : start + DISPATCH_SLICE]:
                 if self.ending is not None:
                     return False
                 counters.envelopes_received += 1
-                problem = deliver(self._handler, self.peer, envelope)
-                if problem is not None:
-                    self.end(
-                        problem, code=CloseCode.INTERNAL_ERROR, sent="internal error"
-                    )
-                    return False
+                handler.envelope_received(peer, envelope)
+        except Exception as exc:
+            self.end(
+                handler_raised(peer, exc),
+                code=CloseCode.INTERNAL_ERROR,
+                sent="internal error",
+            )
+            return False
         finally:
             queue.held = False
         return True
