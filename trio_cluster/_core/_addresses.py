@@ -126,7 +126,7 @@ def _check_port(_: object, __: object, value: T) -> None:
         raise ValueError(f"port must be an integer in 0..65535, got {value!r}")
 
 
-@attrs.frozen(order=True)
+@attrs.frozen(order=True, cache_hash=True)
 class RunnerAddress:
     """The address a runner is reachable at by other runners."""
 
