@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
@@ -50,6 +50,12 @@ class ShardState(enum.Enum):
     ACTIVE = "active"
     STOPPING = "stopping"
     STOPPED = "stopped"
+
+
+_ACTIVE: Final = ShardState.ACTIVE
+"""``ShardState.ACTIVE``, read on every call: an enum member read through its
+class costs a Python-level ``__getattr__`` hook of the enum's metaclass (on
+Python 3.11), a module constant one dictionary lookup."""
 
 
 class JobKind(enum.Enum):
@@ -223,13 +229,13 @@ class ShardHost:
 
     @property
     def active(self) -> bool:
-        return self.state is ShardState.ACTIVE and not self.closing
+        return self.state is _ACTIVE and not self.closing
 
     def may_start(self) -> bool:
         """Whether a job may start here now: the shard is active and its
         lease has not run out (see `leased`)."""
         return (
-            self.state is ShardState.ACTIVE
+            self.state is _ACTIVE
             and not self.closing
             and self.current_time() < self.lease_deadline
         )
