@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import pytest
 
@@ -60,7 +62,7 @@ class Shadowed(tc.Entity):
     async def address(self, msg: Ping) -> int:  # type: ignore[override]
         return msg.n
 
-    @tc.rpc
+    @tc.rpc  # type: ignore[type-var]
     async def echo(self, msg: Ping) -> int:
         return msg.n
 
@@ -70,12 +72,13 @@ async def test_a_handle_finds_its_handlers_without_getattr(autojump_clock, monke
     # that falls through to `__getattr__` first builds an AttributeError.
     async with tc.open_runner(entities=[Counter], config=config()) as runner:
         ref = runner.client(Counter)("x")
+        handle: object = ref
 
         def no_getattr(self: object, name: str) -> None:
             raise AssertionError(f"__getattr__ asked for {name}")
 
         monkeypatch.setattr(EntityRef, "__getattr__", no_getattr)
-        assert isinstance(ref, EntityRef)
+        assert isinstance(handle, EntityRef)
         assert await ref.add(Add(2)) == 2
         await ref.add.discard(Add(3))
         assert await ref.get(Get()) == 5
@@ -85,7 +88,7 @@ async def test_handle_attributes_keep_their_meaning_over_handler_names(
     autojump_clock,
 ):
     async with tc.open_runner(entities=[Shadowed], config=config()) as runner:
-        ref = runner.client(Shadowed)("s")
+        ref: Any = runner.client(Shadowed)("s")
         assert isinstance(ref.address, EntityAddress)
         assert ref.id == "s"
         assert await ref.echo(Ping(4)) == 4
