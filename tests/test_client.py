@@ -84,6 +84,18 @@ async def test_a_handle_finds_its_handlers_without_getattr(autojump_clock, monke
         assert await ref.get(Get()) == 5
 
 
+async def test_a_handle_keeps_its_bound_handlers(autojump_clock):
+    async with tc.open_runner(entities=[Counter], config=config()) as runner:
+        client = runner.client(Counter)
+        ref, other = client("x"), client("y")
+        assert ref.add is ref.add
+        assert ref.add is not other.add
+        assert ref.add is not ref.get  # type: ignore[comparison-overlap]
+        assert await ref.add(Add(1)) == 1
+        assert await other.add(Add(5)) == 5
+        assert await ref.get(Get()) == 1
+
+
 async def test_handle_attributes_keep_their_meaning_over_handler_names(
     autojump_clock,
 ):

@@ -11,8 +11,9 @@ Each client makes its handles of a subclass of `EntityRef` with one class
 attribute (a descriptor) per handler, so that ``ref.deposit`` is found by
 the ordinary attribute lookup: on Python 3.11 a lookup that falls through to
 ``__getattr__`` first builds the `AttributeError` it then discards, which
-cost more than the rest of a local call's client side. ``__getattr__`` still
-answers names that are not handlers.
+cost more than the rest of a local call's client side. The bound handler is
+kept in the handle (`_HandlerAttribute`). ``__getattr__`` still answers
+names that are not handlers.
 """
 
 from __future__ import annotations
@@ -110,31 +111,37 @@ class EntityRef:
 
 
 class _HandlerAttribute:
-    """A handler of a handle's class: ``ref.deposit`` is a new `_BoundRpc`
-    (or `_BoundStream`) of that handle."""
+    """A handler of a handle's class: ``ref.deposit`` is a `_BoundRpc` (or
+    `_BoundStream`) of that handle, made on first use and then kept in the
+    handle's ``__dict__``, where the next lookups find it (this descriptor
+    has no ``__set__``): a handle kept and called again pays one lookup."""
 
-    __slots__ = ("_bound", "_handler")
+    __slots__ = ("_bound", "_handler", "_name")
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, name: str) -> None:
         self._handler = handler
+        self._name = name
         self._bound = _BoundStream if handler.spec.kind == "stream" else _BoundRpc
 
     def __get__(self, ref: EntityRef | None, owner: type[Any] | None = None) -> Any:
         if ref is None:
             return self
-        return self._bound(ref._router, ref._type, ref._address, self._handler)
+        bound = self._bound(ref._router, ref._type, ref._address, self._handler)
+        ref.__dict__[self._name] = bound
+        return bound
 
 
 def _ref_class(entity_type: EntityType) -> type[EntityRef]:
     """The class of handles on entities of ``entity_type``: `EntityRef` with
     one `_HandlerAttribute` per handler, but for names `EntityRef` has
-    already (``id``, ``address``: those keep their meaning, as before)."""
+    already (``id``, ``address``: those keep their meaning, as before), and
+    a ``__dict__`` for the bound handlers."""
     handlers = {
-        name: _HandlerAttribute(handler)
+        name: _HandlerAttribute(handler, name)
         for name, handler in entity_type.by_attribute.items()
         if not hasattr(EntityRef, name)
     }
-    return type(EntityRef.__name__, (EntityRef,), {"__slots__": (), **handlers})
+    return type(EntityRef.__name__, (EntityRef,), handlers)
 
 
 @attrs.define(eq=False)
