@@ -136,7 +136,7 @@ class Router:
         if not self._serialize:
             return None, message
         size = handler.message.size_if_unchanged(message)
-        if size is not None and size <= self._config.max_message_size:
+        if size is not None and size <= self._max_message_size:
             return None, message
         payload = self._encode(handler, message)
         return payload, handler.message.decode(payload)
@@ -279,14 +279,7 @@ class Router:
                     metadata=metadata,
                 )
                 return
-            # NOTE: `_for_local` inlined (the hot path of W1).
-            payload: bytes | None = None
-            local_message = message
-            if self._serialize:
-                size = handler.message.size_if_unchanged(message)
-                if size is None or size > self._max_message_size:
-                    payload = self._encode(handler, message)
-                    local_message = handler.message.decode(payload)
+            payload, local_message = self._for_local(handler, message)
             deadline: float | None = None
             while True:
                 host = self._shards.hosts.get(address.shard)
