@@ -35,7 +35,6 @@ from ._storage_abc import (
     UnreadableRequest as UnreadableRequest,
 )
 from ._storage_retries import (
-    DeadLetter as DeadLetter,
     DeadLetterStorage as DeadLetterStorage,
     RetryRecord as RetryRecord,
 )
@@ -54,7 +53,6 @@ from ._transport_abc import (
 __all__ = [
     "ClaimBatch",
     "ClaimedRequest",
-    "DeadLetter",
     "DeadLetterStorage",
     "Endpoint",
     "EndpointHandler",

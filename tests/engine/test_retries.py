@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 import trio_cluster as tc
-from trio_cluster.abc import DeadLetter
+from trio_cluster import DeadLetter
 from trio_cluster.storage import MemoryStorage
 
 from ..helpers import config, open_clocked_runner

@@ -7,7 +7,12 @@ import pytest
 
 import trio_cluster as tc
 from trio_cluster.serialization import make_converter
-from trio_cluster.serialization._replies import STREAM_END, Exit, ReplyCodec
+from trio_cluster.serialization._replies import (
+    STREAM_END,
+    Exit,
+    ReplyCodec,
+    value_exit,
+)
 
 
 @attrs.frozen
@@ -46,3 +51,14 @@ def test_plain_cluster_errors_travel_as_their_message(error):
     exit_ = codec.decode_exit(codec.encode_error(error("entity id must be ...")))
     assert type(exit_.error) is error
     assert str(exit_.error) == "entity id must be ..."
+
+
+@pytest.mark.parametrize("value", [None, 0, "text", Item(3), [1, 2]])
+def test_value_exit_is_the_exit_attrs_makes(value):
+    made = value_exit(value)
+    assert type(made) is Exit
+    assert made == Exit(value=value)
+    assert made.error is None
+    assert made.unwrap() is value
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        made.value = 1  # type: ignore[misc]

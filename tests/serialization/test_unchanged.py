@@ -32,6 +32,16 @@ class Line:
     end: Point
 
 
+@attrs.frozen
+class Single:
+    x: int
+
+
+@attrs.frozen
+class DerivedSingle(Single):
+    pass
+
+
 @attrs.define
 class Mutable:
     x: int
@@ -77,6 +87,7 @@ def codec(tp: Any, converter: cattrs.Converter | None = None) -> Codec[Any]:
         (int | None, 3),
         (Point, Point(1, 2.0, "a", True, b"z")),
         (Line, Line(Point(1, 2.0), Point(3, 4.0))),
+        (Single, Single(-5)),
     ],
 )
 def test_immutable_values_that_decode_to_themselves_are_not_copied(tp, value):
@@ -98,6 +109,9 @@ def test_immutable_values_that_decode_to_themselves_are_not_copied(tp, value):
         (str, "caf\u00e9"),  # not ASCII: may hold a lone surrogate
         (str, "\ud800"),
         (Point, Derived(1, 2.0)),  # a subclass
+        (Single, DerivedSingle(1)),  # the same, for a one-field class
+        (Single, Single(2**64)),
+        (Single, Single(True)),
         (Point, Point(1, 2)),  # an int in a float field
         (Mutable, Mutable(1)),
         (Hidden, Hidden(1)),
@@ -145,7 +159,13 @@ points = st.builds(
 )
 
 
-@given(st.one_of(points, st.builds(Line, points, points)))
+@given(
+    st.one_of(
+        points,
+        st.builds(Line, points, points),
+        st.builds(Single, st.integers(min_value=-(2**63), max_value=2**64 - 1)),
+    )
+)
 def test_the_size_bounds_the_encoding_and_the_round_trip_is_the_identity(value):
     c = codec(type(value))
     size = c.size_if_unchanged(value)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from .._errors import ClusterInternalError
 
@@ -35,6 +35,14 @@ class Admission(enum.Enum):
     """The job waits in the queue; `Mailbox.release` will hand it a permit."""
     FULL = "full"
     """Refused: the mailbox is at capacity."""
+
+
+_RUN: Final = Admission.RUN
+_QUEUED: Final = Admission.QUEUED
+_FULL: Final = Admission.FULL
+# NOTE: `offer` runs on every call; a module constant is one dictionary
+# lookup, an enum member read through its class a Python-level
+# ``__getattr__`` hook of the enum's metaclass (on Python 3.11).
 
 
 class Mailbox(Generic[J]):
@@ -74,13 +82,13 @@ class Mailbox(Generic[J]):
         """
         if not self.paused and self.running < self.concurrency and not self._queue:
             self.running += 1
-            return Admission.RUN
+            return _RUN
         if not force and self.depth >= self.capacity:
-            return Admission.FULL
+            return _FULL
         if self._queue is None:
             self._queue = deque()
         self._queue.append(job)
-        return Admission.QUEUED
+        return _QUEUED
 
     def requeue_front(self, jobs: list[J]) -> None:
         """Put jobs back at the front of the queue, keeping their order (used

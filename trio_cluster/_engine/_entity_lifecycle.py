@@ -37,7 +37,7 @@ not import the manager.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
@@ -62,6 +62,9 @@ if TYPE_CHECKING:
 __all__ = ["EntityLifecycle", "JobStarter", "activate", "new_instance"]
 
 log = logging.getLogger("trio_cluster.entity")
+
+_ACTIVE: Final = ShardState.ACTIVE
+"""Read on every call (see `_slots._ACTIVE`)."""
 
 
 class JobStarter(Protocol):
@@ -201,7 +204,7 @@ class EntityLifecycle:
             return
         if not slot.idle or slot.stopping or slot.paused:
             return
-        if slot.shard.state is not ShardState.ACTIVE:
+        if slot.shard.state is not _ACTIVE:
             return
         if slot.instance is None and slot.crashes == 0:
             self._drop(slot)  # nothing worth keeping: recreate on demand

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
 
@@ -81,6 +81,13 @@ __all__ = ["EntityManager", "NotDelivered"]
 log = logging.getLogger("trio_cluster.entity")
 
 T = TypeVar("T")
+
+_INLINE: Final = JobKind.INLINE
+_QUEUED: Final = Admission.QUEUED
+_FULL: Final = Admission.FULL
+# NOTE: enum members `call` reads on every call: a module constant is one
+# dictionary lookup, a member read through its class a Python-level
+# ``__getattr__`` hook of the enum's metaclass (on Python 3.11).
 
 
 class NotDelivered(Exception):
@@ -190,14 +197,21 @@ class EntityManager:
         Cancellation interrupts the handler (or withdraws the queued message).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        slot = self._slot_for(shard, address, entity_type, False)
-        job = Job(handler, message, JobKind.INLINE, slot)
+        # NOTE: `_slot_for` inlined (the hot path of W1).
+        if not shard.active:
+            raise NotDelivered(str(address))
+        slot = shard.slots.get(address)
+        if slot is None:
+            slot = self._lifecycle.new_slot(shard, address, entity_type, wait=False)
+        else:
+            self.idle.remove(slot)
+        job = Job(handler, message, _INLINE, slot)
         if metadata is not None:
             job.metadata = metadata
         admission = slot.offer(job)
-        if admission is Admission.FULL:
+        if admission is _FULL:
             raise MailboxFullError(address=str(address))
-        if admission is Admission.QUEUED:
+        if admission is _QUEUED:
             await self._wait_granted(slot, job)
         else:
             job.state = GRANT[job.state]
@@ -521,7 +535,9 @@ class EntityManager:
         if self.tracer is not None:
             run = self._traced(slot, job, run)
         context.run(_drive, run)
-        return _one_step_outcome(job)
+        outcome = job.outcome
+        assert outcome is not None, "a one-step run leaves its outcome in the job"
+        return outcome
 
     def _job_context(self, job: Job) -> Context:
         """A fresh copy of the base context, with the job's call metadata."""

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from .._core._job import StopReason
 from .._errors import EntityNotAssignedError, RemoteError, RequestInterruptedError
-from ..serialization._replies import Exit
+from ..serialization._replies import Exit, value_exit
 
 if TYPE_CHECKING:
     from .._core._addresses import EntityAddress
@@ -99,7 +99,7 @@ def returned(handler: Handler, value: object, serialize: bool) -> Exit:
             return handler.reply.decode_exit(handler.reply.encode_value(value))
         except Exception as exc:  # MalformedMessageError: the reply cannot travel
             return Exit(error=exc)
-    return Exit(value=value)
+    return value_exit(value)
 
 
 def declared(handler: Handler, exc: Exception, serialize: bool) -> Exit:

@@ -53,7 +53,7 @@ from ._streams import consume, open_stream_channel
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping
 
-    from .._core._addresses import EntityAddress, RunnerAddress
+    from .._core._addresses import EntityAddress, RunnerAddress, ShardId
     from .._registry import EntityType, Handler
 
 __all__ = ["Router"]
@@ -89,9 +89,19 @@ class Router:
     tracer: Tracer | None = None
     """Makes the caller's span of each call (None: no tracing)."""
 
+    _max_message_size: int = attrs.field(init=False)
+    _volatile_latency: Histogram = attrs.field(init=False)
+    _persisted_latency: Histogram = attrs.field(init=False)
+
     @_serialize.default
     def _serialize_default(self) -> bool:
         return self._config.serialize_local_calls
+
+    def __attrs_post_init__(self) -> None:
+        # Read on every call (W1's hot path): one attribute each.
+        self._max_message_size = self._config.max_message_size
+        self._volatile_latency = self.latency["volatile"]
+        self._persisted_latency = self.latency["persisted"]
 
     def close(self) -> None:
         """Take no more calls (the runner is shutting down)."""
@@ -100,6 +110,11 @@ class Router:
     def check_open(self) -> None:
         if self.closed:
             raise RunnerClosedError("the runner is shut down; it takes no more calls")
+
+    def shard_id(self, shard: ShardId) -> ShardId:
+        """The object for ``shard`` that addresses made for this runner's
+        clients should hold (see `ShardTable.shard_id`)."""
+        return self._shards.shard_id(shard)
 
     def _encode(self, handler: Handler, message: Any) -> bytes:
         payload = handler.message.encode(message)
@@ -121,7 +136,7 @@ class Router:
         if not self._serialize:
             return None, message
         size = handler.message.size_if_unchanged(message)
-        if size is not None and size <= self._config.max_message_size:
+        if size is not None and size <= self._max_message_size:
             return None, message
         payload = self._encode(handler, message)
         return payload, handler.message.decode(payload)
@@ -165,7 +180,8 @@ class Router:
         ``traced``: the caller's span is open already (`_traced_call`)."""
         if self.tracer is not None and not traced:
             return await self._traced_call(entity_type, address, handler, message)
-        self.check_open()
+        if self.closed:  # `check_open`, called only when it raises
+            self.check_open()
         started = perf_counter()
         # NOTE: this task's log records name this runner. `enter_runner`
         # inlined: this runs for every call (W1's hot path), where two more
@@ -187,7 +203,14 @@ class Router:
                     discard=False,
                     metadata=metadata,
                 )
-            payload, local_message = self._for_local(handler, message)
+            # NOTE: `_for_local` inlined (the hot path of W1).
+            payload: bytes | None = None
+            local_message = message
+            if self._serialize:
+                size = handler.message.size_if_unchanged(message)
+                if size is None or size > self._max_message_size:
+                    payload = self._encode(handler, message)
+                    local_message = handler.message.decode(payload)
             deadline: float | None = None
             while True:
                 host = self._shards.hosts.get(address.shard)
@@ -216,7 +239,7 @@ class Router:
             self.errors.count(handler, exc)
             raise
         finally:
-            self.latency["persisted" if persisted else "volatile"].observe(
+            (self._persisted_latency if persisted else self._volatile_latency).observe(
                 perf_counter() - started
             )
             if token is not None:

@@ -42,6 +42,19 @@ class ShardTable:
         forgotten once a connection to them is up again or they leave the
         live runners (see `ClusterViews.runners_healthy`)."""
         self._changed = trio.Event()
+        self._shard_ids: dict[ShardId, ShardId] = {}
+        """One object per shard id (see `shard_id`)."""
+
+    def shard_id(self, shard: ShardId) -> ShardId:
+        """The one object equal to ``shard`` that the keys of `hosts` and the
+        addresses clients make share: a dict lookup with the very key object
+        skips ``ShardId.__eq__``, a Python call (every local call looks its
+        shard up)."""
+        return self._shard_ids.setdefault(shard, shard)
+
+    def serve(self, shard: ShardId, host: ShardHost) -> None:
+        """Serve ``shard`` with ``host`` from now on (an ACTIVE host)."""
+        self.hosts[self.shard_id(shard)] = host
 
     def host(self, shard: ShardId) -> ShardHost | None:
         """The host serving ``shard`` here, if it is active."""

@@ -414,7 +414,7 @@ class Sharding:
                 self._draining[command.shard] = host
             self._nursery.start_soon(self._stop_host, host, self._closing)
             return
-        self.table.hosts[command.shard] = host
+        self.table.serve(command.shard, host)
         host.announced = True
         self._listeners.shard_acquired(command.shard, command.epoch)
         log.debug(

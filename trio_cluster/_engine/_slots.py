@@ -8,8 +8,9 @@
 * `Job`: one message on its way through a slot. Its lifecycle (`JobState`)
   is the table of `trio_cluster._core._job`.
 
-These are slotted classes (``__slots__``, or attrs' slots for `Job`), because
-an idle entity must cost only a few hundred bytes of them.
+`ShardHost` and `Slot` are slotted classes (``__slots__``), because an idle
+entity must cost only a few hundred bytes of them; a `Job` lives as long as
+its message, and is made cheaply (see its docstring).
 """
 
 from __future__ import annotations
@@ -17,23 +18,20 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
-import attrs
 import trio
 
 from .._core._job import JobState, StopReason
 from .._core._mailbox import Mailbox
-from .._registry import Handler
-from ..serialization._replies import Exit
-from ._outcomes import Requeue
 
 if TYPE_CHECKING:
     from .._core._addresses import EntityAddress, ShardId
     from .._entity import Entity
-    from .._registry import EntityType
+    from .._registry import EntityType, Handler
+    from ..serialization._replies import Exit
     from ._listeners import Listeners
-    from ._outcomes import Outcome
+    from ._outcomes import Outcome, Requeue
 
 __all__ = [
     "Around",
@@ -50,6 +48,12 @@ class ShardState(enum.Enum):
     ACTIVE = "active"
     STOPPING = "stopping"
     STOPPED = "stopped"
+
+
+_ACTIVE: Final = ShardState.ACTIVE
+"""``ShardState.ACTIVE``, read on every call: an enum member read through its
+class costs a Python-level ``__getattr__`` hook of the enum's metaclass (on
+Python 3.11), a module constant one dictionary lookup."""
 
 
 class JobKind(enum.Enum):
@@ -74,41 +78,73 @@ must be redelivered (persisted) or rerouted (remote). A synchronous sink is
 called in place; an async one runs in a task of its own."""
 
 
-@attrs.define(eq=False)
 class Job:
-    """One message on its way through an entity's mailbox."""
+    """One message on its way through an entity's mailbox.
+
+    A plain class, not an attrs one: one is made for every call, and its
+    ``__init__`` sets only the four fields every job has (and the optional
+    ones given); the others read their class-level defaults until set."""
 
     handler: Handler
     message: Any
     kind: JobKind
     slot: Slot
     """The entity's slot (mailbox) the job was offered to."""
-    request_id: int | None = attrs.field(default=None, kw_only=True)
+    request_id: int | None = None
     """A persisted request's id; None for volatile messages."""
-    sink: Sink | None = attrs.field(default=None, kw_only=True)
+    sink: Sink | None = None
     """Receives the outcome of a detached job; see `Sink`."""
-    stream_channel: trio.MemorySendChannel[Any] | None = attrs.field(
-        default=None, kw_only=True
-    )
+    stream_channel: trio.MemorySendChannel[Any] | None = None
     """Where a stream job sends its items (kind STREAM only)."""
-    around: Around | None = attrs.field(default=None, kw_only=True)
+    around: Around | None = None
     """Wraps the job's execution (transactional handlers); see `Around`."""
-    state: JobState = attrs.field(init=False, default=JobState.QUEUED)
+    state: JobState = JobState.QUEUED
     """Changed only through `trio_cluster._core._job.advance`."""
-    granted: trio.Event | None = attrs.field(init=False, default=None)
+    granted: trio.Event | None = None
     """Set when a queued inline job gets its permit (or is bounced)."""
-    scope: trio.CancelScope | None = attrs.field(init=False, default=None)
-    stop_reason: StopReason | None = attrs.field(init=False, default=None)
-    deadline: float | None = attrs.field(init=False, default=None)
+    scope: trio.CancelScope | None = None
+    stop_reason: StopReason | None = None
+    deadline: float | None = None
     """Trio time after which the handler is cancelled (the remote
     caller's deadline); None: no limit."""
-    outcome: Exit | Requeue | None = attrs.field(init=False, default=None)
+    outcome: Exit | Requeue | None = None
     """How a one-step run ended (see `EntityManager._run_one_step`)."""
-    metadata: Mapping[str, str] | None = attrs.field(init=False, default=None)
+    metadata: Mapping[str, str] | None = None
     """The call metadata the handler runs with (None: none). Set after
     construction, and only when there is some: most calls carry none."""
-    attempt: int = attrs.field(init=False, default=1)
+    attempt: int = 1
     """A persisted request's attempt number (`ClaimedRequest.attempts`)."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        message: Any,
+        kind: JobKind,
+        slot: Slot,
+        *,
+        request_id: int | None = None,
+        sink: Sink | None = None,
+        stream_channel: trio.MemorySendChannel[Any] | None = None,
+        around: Around | None = None,
+    ) -> None:
+        self.handler = handler
+        self.message = message
+        self.kind = kind
+        self.slot = slot
+        if request_id is not None:
+            self.request_id = request_id
+        if sink is not None:
+            self.sink = sink
+        if stream_channel is not None:
+            self.stream_channel = stream_channel
+        if around is not None:
+            self.around = around
+
+    def __repr__(self) -> str:
+        return (
+            f"<Job {self.handler.what} to {self.slot.address}: {self.state.value}"
+            f"{'' if self.request_id is None else f', request {self.request_id}'}>"
+        )
 
     @property
     def persisted(self) -> bool:
@@ -229,13 +265,13 @@ class ShardHost:
 
     @property
     def active(self) -> bool:
-        return self.state is ShardState.ACTIVE and not self.closing
+        return self.state is _ACTIVE and not self.closing
 
     def may_start(self) -> bool:
         """Whether a job may start here now: the shard is active and its
         lease has not run out (see `leased`)."""
         return (
-            self.state is ShardState.ACTIVE
+            self.state is _ACTIVE
             and not self.closing
             and self.current_time() < self.lease_deadline
         )

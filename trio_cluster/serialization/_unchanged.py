@@ -243,6 +243,19 @@ def _class_check(
     checks: tuple[tuple[str, Callable[[object], int | None]], ...],
     header: int,
 ) -> Callable[[object], int | None]:
+    if len(checks) == 1:
+        # A one-field message (the commonest kind) without the loop: this
+        # check runs on every serialized local call, for its message.
+        ((name, field_check),) = checks
+
+        def check_one(value: object) -> int | None:
+            if type(value) is not cls:
+                return None  # see `check`
+            field_size = field_check(getattr(value, name))
+            return None if field_size is None else header + field_size
+
+        return check_one
+
     def check(value: object) -> int | None:
         if type(value) is not cls:
             return None  # a subclass may add state the codec drops
