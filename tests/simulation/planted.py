@@ -83,6 +83,19 @@ def claims_out_of_order(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(MessageStore, "claim", claim)
 
 
+def attempts_not_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claims count no attempt: a request whose runners keep dying is
+    claimed and started again without end."""
+    original = MessageStore.claim
+
+    def claim(self: MessageStore, *args: Any, **kwargs: Any) -> ClaimBatch:
+        batch = original(self, *args, **kwargs)
+        requests = [attrs.evolve(request, attempts=1) for request in batch.requests]
+        return attrs.evolve(batch, requests=requests)
+
+    monkeypatch.setattr(MessageStore, "claim", claim)
+
+
 PLANTED = {
     "release_without_cancelling": release_without_cancelling,
     "lease_never_lapses": lease_never_lapses,

@@ -10,7 +10,11 @@ checks, at the instant a handler starts and again when it ends its work:
 * **volatile at most once**: a volatile message (``touch``) never runs twice;
 * **per-entity FIFO**: the persisted writes of one client stream first run
   in the order they were stored, and within one shard epoch on one runner
-  they run in increasing order, each at most once.
+  they run in increasing order, each at most once;
+* **bounded attempts**: a persisted write starts at most as many times as
+  its retry policy allows attempts (storage counts one per claim, and
+  gives back the claims of writes a stopping shard never started), however
+  often the runners running it are killed.
 
 Replies name the execution (``r1@3#17``: run ``r1``, epoch 3, 17th
 execution), so a client that gets two different replies for one primary key
@@ -25,7 +29,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from trio_cluster import Entity, Runner, ShardId, current_runner, rpc
+from trio_cluster import Entity, RetryPolicy, Runner, ShardId, current_runner, rpc
 
 from ._invariants import Incarnation
 from ._trace import SimulationTrace
@@ -64,6 +68,11 @@ def write_key(message: ProbeWrite) -> str:
     return f"{message.stream}.{message.seq}"
 
 
+_WRITE_ATTEMPTS = 2
+"""`Probe.write`'s attempts: few, so that two kills of the runners running
+a write exhaust them (and a claim that failed to count would show)."""
+
+
 class Probe(Entity):
     """An entity whose handlers report to the simulation's `ProbeJournal`.
 
@@ -72,7 +81,11 @@ class Probe(Entity):
 
     type_name = "trio_cluster.testing.Probe"
 
-    @rpc(persisted=True, primary_key=write_key)
+    @rpc(
+        persisted=True,
+        primary_key=write_key,
+        retry=RetryPolicy(max_attempts=_WRITE_ATTEMPTS),
+    )
     async def write(self, message: ProbeWrite) -> str:
         return await _journal().run(self, message)
 
@@ -130,6 +143,8 @@ class ProbeJournal:
         init=False, factory=dict
     )
     _ops: int = attrs.field(init=False, default=0)
+    _starts: dict[str, int] = attrs.field(init=False, factory=dict)
+    """Per write key, the times it started on a living runner."""
 
     def next_op(self) -> int:
         """A fresh ``ProbeTouch.op`` number."""
@@ -172,6 +187,7 @@ class ProbeJournal:
         self._check_alone(execution)
         if isinstance(message, ProbeWrite):
             self._check_order(entity, execution, message)
+            self._check_attempts(execution, message)
         else:
             self._check_once(execution, message)
         running = self._running.setdefault(shard, [])
@@ -209,6 +225,16 @@ class ProbeJournal:
                     f" {execution.shard} at epoch {execution.epoch} while"
                     f" {other.runner} runs {other.what} at epoch {other.epoch}"
                 )
+
+    def _check_attempts(self, execution: _Execution, message: ProbeWrite) -> None:
+        key = write_key(message)
+        starts = self._starts[key] = self._starts.get(key, 0) + 1
+        limit = _WRITE_ATTEMPTS
+        if starts > limit:
+            self._fail(
+                f"bounded attempts: {execution.what} started {starts} times (now on"
+                f" {execution.runner}), more than its {limit} attempts"
+            )
 
     def _check_once(self, execution: _Execution, message: ProbeTouch) -> None:
         earlier = self._touched.get(message.op)

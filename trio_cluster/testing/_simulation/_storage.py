@@ -32,10 +32,9 @@ from ._invariants import Checker, Incarnation
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 
-    from trio_cluster import EntityAddress, ShardId
+    from trio_cluster import DeadLetter, EntityAddress, ShardId
     from trio_cluster.abc import (
         ClaimBatch,
-        DeadLetter,
         Notification,
         PersistedRequest,
         ReplyOutcome,

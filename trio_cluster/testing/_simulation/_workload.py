@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from trio_cluster import ClusterError, ShardingConfig
+from trio_cluster import ClusterError, DeadLetteredError, ShardingConfig
 
 from ._faults import FaultSchedule
 from ._probe import Probe, ProbeTouch, ProbeWrite, write_key
@@ -250,6 +250,10 @@ async def _retry(
     while True:
         try:
             return await send(message)  # type: ignore[operator]
+        except DeadLetteredError as exc:
+            # Its attempts ran out (its runners kept dying): a final reply,
+            # the same for every re-send of the write.
+            return f"dead-lettered after {exc.attempts} attempt(s): {exc.error}"
         except ClusterError as exc:
             cluster.trace.record(
                 "persisted", "client: write %s failed: %r", write_key(message), exc
