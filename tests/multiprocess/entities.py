@@ -12,6 +12,7 @@ down) and that a request re-run by a successor is recorded only once.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -119,4 +120,25 @@ class Holder(tc.Entity):
         return carried
 
 
-ENTITIES = [Probe, Holder]
+# A message that kills every runner it reaches: its handler ends the
+# process (as a segfault or the kernel's OOM killer would), so the test sees
+# it dead-lettered after its attempts while the cluster serves the rest.
+
+
+@attrs.frozen
+class Explode:
+    log: str
+    """A file each attempt appends its runner's address to, before exiting."""
+
+
+class Poison(tc.Entity):
+    type_name = "mp.Poison"
+
+    @tc.rpc(persisted=True, retry=tc.RetryPolicy(max_attempts=2))
+    async def explode(self, msg: Explode) -> None:
+        with Path(msg.log).open("a") as file:  # noqa: ASYNC230
+            file.write(f"{tc.current_runner().address}\n")
+        os._exit(3)
+
+
+ENTITIES = [Probe, Holder, Poison]
