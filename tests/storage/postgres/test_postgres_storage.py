@@ -248,6 +248,11 @@ async def test_migrate_upgrades_an_older_schema_keeping_its_data(
         messages_table = pg_schema.qualified(storage.names.messages)
         pg_admin.execute(f"ALTER TABLE {messages_table} DROP COLUMN saved_at")
         pg_admin.execute(f"ALTER TABLE {messages_table} DROP COLUMN metadata")
+        pg_admin.execute(f"ALTER TABLE {messages_table} DROP COLUMN attempts")
+        pg_admin.execute(f"ALTER TABLE {messages_table} DROP COLUMN last_error")
+        pg_admin.execute(
+            f"DROP TABLE {pg_schema.qualified(storage.names.dead_letters)}"
+        )
         version_table = pg_schema.qualified(storage.names.version)
         pg_admin.execute(f"DELETE FROM {version_table} WHERE version > 1")
         manual = PostgresStorage(pg_schema.dsn, table_prefix=prefix, auto_migrate=False)
