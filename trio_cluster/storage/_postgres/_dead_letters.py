@@ -15,7 +15,7 @@ cancelled (it either committed, as a whole, or not at all).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -124,37 +124,7 @@ class PgDeadLetters:
             limit,
         ]
         rows = (await self._pool.execute(self._q.dead_letters, params)).rows
-        return [
-            DeadLetter(
-                request_id=request_id,
-                shard=ShardId(group, number),
-                entity_type=entity_type,
-                entity_id=entity_id,
-                tag=tag,
-                payload=payload,
-                primary_key=primary_key,
-                attempts=attempts,
-                error=error,
-                dead_at=dead_at,
-                metadata=stored_metadata(metadata),
-                replayed_as=replayed_as,
-            )
-            for (
-                request_id,
-                group,
-                number,
-                entity_type,
-                entity_id,
-                tag,
-                payload,
-                primary_key,
-                attempts,
-                error,
-                dead_at,
-                metadata,
-                replayed_as,
-            ) in rows
-        ]
+        return [_dead_letter(row) for row in rows]
 
     async def replay_dead_letter(
         self, request_id: int, *, new_request_id: int, now: float
@@ -186,3 +156,21 @@ class PgDeadLetters:
             return 0
         params: list[object] = [checked]
         return (await self._pool.execute(self._q.purge_dead_letters, params)).rowcount
+
+
+def _dead_letter(row: tuple[Any, ...]) -> DeadLetter:
+    """A row of the ``dead_letters`` statement."""
+    return DeadLetter(
+        request_id=row[0],
+        shard=ShardId(row[1], row[2]),
+        entity_type=row[3],
+        entity_id=row[4],
+        tag=row[5],
+        payload=row[6],
+        primary_key=row[7],
+        attempts=row[8],
+        error=row[9],
+        dead_at=row[10],
+        metadata=stored_metadata(row[11]),
+        replayed_as=row[12],
+    )

@@ -43,15 +43,12 @@ import attrs
 
 from ._one_row import save_one, save_reply_one
 from ._retry_queries import RetryQueries, copy_dead_letters
+from ._statement_parts import CHUNK, LONGEST_GROUP, fenced_input, shard_notes
 
 if TYPE_CHECKING:
     from ._schema import PgNames
 
 __all__ = ["MessageQueries"]
-
-# Cumulative payload size per notification, and the longest group name sent.
-_CHUNK = 6000
-_LONGEST_GROUP = 1000
 
 
 @attrs.frozen
@@ -81,7 +78,7 @@ class MessageQueries:
         d = names.dead_letters
         return cls(
             save=_save(m, r, s),
-            save_one=save_one(m, r, s, longest_group=_LONGEST_GROUP),
+            save_one=save_one(m, r, s, longest_group=LONGEST_GROUP),
             claim=_claim(m, s),
             save_replies=_save_replies(m, r, s, d),
             save_reply_one=save_reply_one(m, r, s, d),
@@ -105,8 +102,8 @@ WITH hit AS (
     FROM (
         SELECT request_id, shard_group AS g, shard_number AS n,
                sum(octet_length(to_json(shard_group)::text) + 40)
-                   OVER (ORDER BY request_id) / {_CHUNK} AS chunk
-        FROM hit WHERE octet_length(shard_group) <= {_LONGEST_GROUP}
+                   OVER (ORDER BY request_id) / {CHUNK} AS chunk
+        FROM hit WHERE octet_length(shard_group) <= {LONGEST_GROUP}
     ) x
     GROUP BY chunk
 )
@@ -183,23 +180,7 @@ WITH fence AS MATERIALIZED (
     ORDER BY ord
     ON CONFLICT DO NOTHING
     RETURNING request_id, shard_group, shard_number, deliver_at, claimed_epoch
-), notes AS MATERIALIZED (
-    SELECT pg_notify($15::text, json_build_object(
-        'm', json_agg(json_build_array(g, n)), 'd', min(d))::text)
-    FROM (
-        SELECT g, n, d,
-               sum(octet_length(to_json(g)::text) + 16)
-                   OVER (ORDER BY g, n) / {_CHUNK} AS chunk
-        FROM (
-            SELECT shard_group AS g, shard_number AS n, min(deliver_at) AS d
-            FROM ins
-            WHERE claimed_epoch IS NULL
-              AND octet_length(shard_group) <= {_LONGEST_GROUP}
-            GROUP BY 1, 2
-        ) per_shard
-    ) x
-    GROUP BY chunk
-)
+), notes AS MATERIALIZED ({shard_notes("$15::text", "ins", "claimed_epoch IS NULL")})
 SELECT 0, NULL::int4, request_id, claimed_epoch, NULL::bytea FROM ins
 UNION ALL
 SELECT 1, i.ord, o.request_id,
@@ -326,33 +307,18 @@ def _save_replies(m: str, r: str, s: str, d: str) -> str:
     # writers; then the request row is updated from what was written, and a
     # final reply written with a dead-letter text copies its request (as in
     # the statement's snapshot: its attempts) to the dead letters.
-    return f"""
-WITH fence AS MATERIALIZED (
-    SELECT sh.shard_group, sh.shard_number, sh.epoch
-    FROM {s} sh
-    WHERE (sh.shard_group, sh.shard_number) IN (
-        SELECT * FROM unnest($3::text[], $4::int4[]))
-    FOR SHARE OF sh
-), input AS MATERIALIZED (
-    SELECT i.*,
-           CASE WHEN x.request_id IS NULL THEN 'u'
-                WHEN x.shard_group <> i.shard_group
-                     OR x.shard_number <> i.shard_number
-                     OR f.epoch IS DISTINCT FROM i.epoch THEN 's'
-                WHEN x.processed_at IS NOT NULL THEN 'd'
+    rows = """unnest($1::int4[], $2::int8[], $3::text[], $4::int4[], $5::int8[],
+                $6::bytea[], $7::int8[], $10::text[])
+        AS i(ord, request_id, shard_group, shard_number, epoch, payload, sequence,
+             dead_letter)"""
+    duplicate = f"""
                 WHEN i.sequence IS NOT NULL AND EXISTS (
                     SELECT 1 FROM {r} y
                     WHERE y.request_id = i.request_id AND y.sequence = i.sequence
-                ) THEN 'd'
-                ELSE 'v' END AS status
-    FROM unnest($1::int4[], $2::int8[], $3::text[], $4::int4[], $5::int8[],
-                $6::bytea[], $7::int8[], $10::text[])
-        AS i(ord, request_id, shard_group, shard_number, epoch, payload, sequence,
-             dead_letter)
-    LEFT JOIN {m} x ON x.request_id = i.request_id
-    LEFT JOIN fence f
-        ON f.shard_group = i.shard_group AND f.shard_number = i.shard_number
-), chosen AS MATERIALIZED (
+                ) THEN 'd'"""
+    return f"""{
+        fenced_input(m, s, rows=rows, duplicate=duplicate)
+    }, chosen AS MATERIALIZED (
     SELECT request_id, sequence, payload, dead_letter FROM (
         SELECT v.*,
                row_number() OVER (PARTITION BY request_id, sequence ORDER BY ord)

@@ -20,14 +20,12 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from ._statement_parts import LONGEST_GROUP, fenced_input, shard_notes
+
 if TYPE_CHECKING:
     from ._schema import PgNames
 
 __all__ = ["RetryQueries", "copy_dead_letters"]
-
-_CHUNK = 6000
-_LONGEST_GROUP = 1000
-"""As in `._queries`: notification chunk size, longest group notified."""
 
 _COLUMNS = (
     "shard_group",
@@ -115,28 +113,10 @@ def _retry_later(m: str, s: str) -> str:
     # committed meanwhile: READ COMMITTED re-reads the row it waited for).
     # Rows: kind 0 = per input (ord, status); kind 1 = a request given back
     # (request id); kind 2 = summary.
-    return f"""
-WITH fence AS MATERIALIZED (
-    SELECT sh.shard_group, sh.shard_number, sh.epoch
-    FROM {s} sh
-    WHERE (sh.shard_group, sh.shard_number) IN (
-        SELECT * FROM unnest($3::text[], $4::int4[]))
-    FOR SHARE OF sh
-), input AS MATERIALIZED (
-    SELECT i.*,
-           CASE WHEN x.request_id IS NULL THEN 'u'
-                WHEN x.shard_group <> i.shard_group
-                     OR x.shard_number <> i.shard_number
-                     OR f.epoch IS DISTINCT FROM i.epoch THEN 's'
-                WHEN x.processed_at IS NOT NULL THEN 'd'
-                ELSE 'v' END AS status
-    FROM unnest($1::int4[], $2::int8[], $3::text[], $4::int4[], $5::int8[],
+    rows = """unnest($1::int4[], $2::int8[], $3::text[], $4::int4[], $5::int8[],
                 $6::float8[], $7::text[])
-        AS i(ord, request_id, shard_group, shard_number, epoch, deliver_at, error)
-    LEFT JOIN {m} x ON x.request_id = i.request_id
-    LEFT JOIN fence f
-        ON f.shard_group = i.shard_group AND f.shard_number = i.shard_number
-), given AS (
+        AS i(ord, request_id, shard_group, shard_number, epoch, deliver_at, error)"""
+    return f"""{fenced_input(m, s, rows=rows)}, given AS (
     UPDATE {m} x
     SET claimed_epoch = NULL, deliver_at = v.deliver_at, last_error = v.error
     FROM (
@@ -146,22 +126,7 @@ WITH fence AS MATERIALIZED (
     ) v
     WHERE x.request_id = v.request_id AND x.processed_at IS NULL
     RETURNING x.request_id, x.shard_group, x.shard_number, x.deliver_at
-), notes AS MATERIALIZED (
-    SELECT pg_notify($8::text, json_build_object(
-        'm', json_agg(json_build_array(g, n)), 'd', min(d))::text)
-    FROM (
-        SELECT g, n, d,
-               sum(octet_length(to_json(g)::text) + 16)
-                   OVER (ORDER BY g, n) / {_CHUNK} AS chunk
-        FROM (
-            SELECT shard_group AS g, shard_number AS n, min(deliver_at) AS d
-            FROM given
-            WHERE octet_length(shard_group) <= {_LONGEST_GROUP}
-            GROUP BY 1, 2
-        ) per_shard
-    ) x
-    GROUP BY chunk
-)
+), notes AS MATERIALIZED ({shard_notes("$8::text", "given")})
 SELECT 0, ord::int8, status FROM input
 UNION ALL
 SELECT 1, request_id, NULL FROM given
@@ -194,6 +159,6 @@ WITH mark AS (
         'm', json_build_array(json_build_array(shard_group, shard_number)),
         'd', NULL)::text)
     FROM ins
-    WHERE octet_length(shard_group) <= {_LONGEST_GROUP}
+    WHERE octet_length(shard_group) <= {LONGEST_GROUP}
 )
 SELECT (SELECT count(*) FROM ins), (SELECT count(*) FROM notes)"""
