@@ -18,7 +18,9 @@ contract that a statement cannot express cheaply are done here:
   otherwise fail every claim of its shards, on every restart.
 
 The dedup hash, the reply-outcome rules and the transaction of
-transactional handlers are in `._message_parts`.
+transactional handlers are in `._message_parts`; retries and the dead
+letters (`DeadLetterStorage`) in `._dead_letters`, but for dead-lettering
+itself, which the save-replies statements do with the final reply.
 
 Errors: the driver's `PgError`/`ConnectionLostError` are `PersistenceError`
 subclasses (with the psycopg error as ``__cause__``); a call on a closed
