@@ -21,7 +21,14 @@ from trio_cluster.testing import ChildProcess
 
 ENV_DSN = "TRIO_CLUSTER_BENCH_DSN"
 DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
-TABLES = ("replies", "messages", "shards", "runners", "schema_version")
+TABLES = (
+    "dead_letters",
+    "replies",
+    "messages",
+    "shards",
+    "runners",
+    "schema_version",
+)
 """The tables of a PostgreSQL storage, under its table prefix."""
 REPO = Path(__file__).resolve().parents[1]
 READY_DEADLINE = 60.0

@@ -232,7 +232,7 @@ async def test_migrate_creates_the_schema_and_is_idempotent(
         assert await migrate(pg_schema.dsn, table_prefix=prefix) == LATEST_VERSION
         steps = await table_count(pg_schema, f"{prefix}_schema_version")
         assert steps == LATEST_VERSION
-        for table in ("runners", "shards", "messages", "replies"):
+        for table in ("runners", "shards", "messages", "replies", "dead_letters"):
             assert await table_count(pg_schema, f"{prefix}_{table}") == 0
 
 
@@ -248,6 +248,11 @@ async def test_migrate_upgrades_an_older_schema_keeping_its_data(
         messages_table = pg_schema.qualified(storage.names.messages)
         pg_admin.execute(f"ALTER TABLE {messages_table} DROP COLUMN saved_at")
         pg_admin.execute(f"ALTER TABLE {messages_table} DROP COLUMN metadata")
+        pg_admin.execute(f"ALTER TABLE {messages_table} DROP COLUMN attempts")
+        pg_admin.execute(f"ALTER TABLE {messages_table} DROP COLUMN last_error")
+        pg_admin.execute(
+            f"DROP TABLE {pg_schema.qualified(storage.names.dead_letters)}"
+        )
         version_table = pg_schema.qualified(storage.names.version)
         pg_admin.execute(f"DELETE FROM {version_table} WHERE version > 1")
         manual = PostgresStorage(pg_schema.dsn, table_prefix=prefix, auto_migrate=False)
@@ -814,8 +819,9 @@ async def test_empty_batches_do_not_touch_the_database(a: StorageSession) -> Non
 def test_queries_use_only_generic_plan_friendly_parameters() -> None:
     # Every parameter is cast, so prepared generic plans have fixed types.
     queries = MessageQueries.build(PgNames.for_prefix("x"))
-    for name in ("save", "claim", "save_replies", "replies_for"):
-        text: str = getattr(queries, name)
+    retries = attrs.asdict(queries.retries)
+    for name in ("save", "claim", "save_replies", "replies_for", *retries):
+        text: str = retries.get(name) or getattr(queries, name)
         for match in re.finditer(r"\$\d+", text):
             following = text[match.end() : match.end() + 2]
             assert following == "::" or following.startswith((")", ",", " ")), (
@@ -823,7 +829,14 @@ def test_queries_use_only_generic_plan_friendly_parameters() -> None:
                 match.group(),
             )
     # The single-row forms cast every occurrence: one scalar per parameter.
-    for one_row in (queries.save_one, queries.save_reply_one):
+    retry = queries.retries
+    for one_row in (
+        queries.save_one,
+        queries.save_reply_one,
+        retry.dead_letters,
+        retry.replay_dead_letter,
+        retry.purge_dead_letters,
+    ):
         assert one_row is not None
         occurrences = list(re.finditer(r"\$\d+", one_row))
         assert occurrences

@@ -1,4 +1,4 @@
-"""The claim query and the dedup lookup use indexes at 10^6 messages (real server).
+"""The message statements use indexes at 10^6 messages (real server).
 
 One million message rows are generated server-side (``generate_series``): 95 %
 processed, the rest spread over 300 shards (ready, due later, claimed at an
@@ -183,15 +183,40 @@ def test_claim_and_dedup_lookup_use_indexes(filled: tuple[str, str]) -> None:
             "save_reply_one",
             queries.save_reply_one or "",
             f"3::int8, 'default', 4, 2::int8, '\\x00'::bytea, NULL::int8, {BASE_TIME},"
-            " 'channel'",
+            " 'channel', 'boom'",
         )
         scans = scans_of(reply_one, messages)
         assert scans, reply_one
         assert {kind for kind, _ in scans} <= {"Index Scan", "Index Only Scan"}, scans
+        # Replies, the batch form (with the dead-letter copy's lookup): its
+        # reads of ``messages`` (the test's ``replies`` table is empty and
+        # never analyzed, so its plan there proves nothing).
+        replies = generic_plan(
+            conn,
+            "save_replies",
+            queries.save_replies,
+            "ARRAY[0], ARRAY[3::int8], ARRAY['default'], ARRAY[4], ARRAY[2::int8],"
+            f" ARRAY['\\x00'::bytea], ARRAY[NULL::int8], {BASE_TIME}, 'channel',"
+            " ARRAY['boom']",
+        )
+        scans = scans_of(replies, messages)
+        assert scans, replies
+        assert {kind for kind, _ in scans} <= {"Index Scan", "Index Only Scan"}, scans
+        # Giving a request back: found by its id (the primary key).
+        retry = generic_plan(
+            conn,
+            "retry_later",
+            queries.retries.retry_later,
+            "ARRAY[0], ARRAY[3::int8], ARRAY['default'], ARRAY[4], ARRAY[2::int8],"
+            f" ARRAY[{BASE_TIME}::float8], ARRAY['boom'], 'channel'",
+        )
+        scans = scans_of(retry, messages)
+        assert scans, retry
+        assert set(scans) == {("Index Scan", f"{messages}_pkey")}, scans
         assert not any(
             node["Node Type"] == "Seq Scan"
             and node.get("Relation Name") in (messages, names.replies)
-            for node in [*claim, *save, *save_one, *reply_one]
+            for node in [*claim, *save, *save_one, *reply_one, *retry]
         )
 
 

@@ -2,17 +2,21 @@
 
 `dedup_key` hashes a request's dedup identity, `reply_outcomes` turns what
 the save-replies statement saw and wrote into `ReplyOutcome` s (the rules of
-`MemoryStorage`), and `PgTransaction` is the transaction handed to
-transactional handlers (`PgMessages.open_transaction`).
+`MemoryStorage`), `PgTransaction` is the transaction handed to
+transactional handlers (`PgMessages.open_transaction`), `any_work` starts
+every call and `stored_metadata` reads stored call metadata.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import trio
 
+from trio_cluster._call_metadata import EMPTY_METADATA, metadata_problem
 from trio_cluster._errors import PersistenceError
 from trio_cluster._storage_abc import (
     PersistedRequest,
@@ -24,12 +28,18 @@ from trio_cluster._storage_abc import (
 from ._driver._errors import is_storage_failure
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence, Sized
 
     from ._driver._driver import PgConnection
 
 
-__all__ = ["PgTransaction", "dedup_key", "reply_outcomes"]
+__all__ = [
+    "PgTransaction",
+    "any_work",
+    "dedup_key",
+    "reply_outcomes",
+    "stored_metadata",
+]
 
 _OUTCOMES = {"u": ReplyOutcome.UNKNOWN_REQUEST, "s": ReplyOutcome.STALE_EPOCH}
 
@@ -128,3 +138,29 @@ class PgTransaction(StorageTransaction):
                 if self.failure is None and is_storage_failure(exc):
                     self.failure = exc
                 raise
+
+
+async def any_work(batch: Sized | int) -> bool:
+    """Checkpoint at the start of a call; False if ``batch`` (or a limit) is
+    empty, so there is no statement to send."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    if batch:  # a limit is checked to be >= 0
+        return True
+    await trio.lowlevel.cancel_shielded_checkpoint()
+    return False
+
+
+def stored_metadata(text: str | None) -> Mapping[str, str]:
+    """Stored call metadata (JSON text, or NULL for none).
+
+    Raises:
+        ValueError: it is not a JSON object of str to str within the limits
+            (the row is then unreadable: see `ClaimBatch.unreadable`).
+    """
+    if text is None:
+        return EMPTY_METADATA
+    value = json.loads(text)
+    problem = metadata_problem(value)
+    if problem is not None:
+        raise ValueError(f"stored call metadata: {problem}")
+    return MappingProxyType(value)

@@ -18,7 +18,9 @@ contract that a statement cannot express cheaply are done here:
   otherwise fail every claim of its shards, on every restart.
 
 The dedup hash, the reply-outcome rules and the transaction of
-transactional handlers are in `._message_parts`.
+transactional handlers are in `._message_parts`; retries and the dead
+letters (`DeadLetterStorage`) in `._dead_letters`, but for dead-lettering
+itself, which the save-replies statements do with the final reply.
 
 Errors: the driver's `PgError`/`ConnectionLostError` are `PersistenceError`
 subclasses (with the psycopg error as ``__cause__``); a call on a closed
@@ -31,13 +33,10 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import asynccontextmanager
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import trio
 
-from trio_cluster._call_metadata import EMPTY_METADATA, metadata_problem
 from trio_cluster._core._addresses import EntityAddress, EntityId, ShardId
 from trio_cluster._errors import (
     ClusterError,
@@ -74,13 +73,22 @@ from .._validation import (
     check_scan_unprocessed,
     check_transaction,
 )
+from ._dead_letters import PgDeadLetters
 from ._driver._pool import PgPool
-from ._message_parts import PgTransaction, dedup_key, reply_outcomes
+from ._message_parts import (
+    PgTransaction,
+    any_work,
+    dedup_key,
+    reply_outcomes,
+    stored_metadata,
+)
 from ._notify import Listener
 from ._queries import MessageQueries
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Mapping, Sequence, Sized
+    from collections.abc import AsyncIterator, Mapping, Sequence
+
+    from trio_cluster._storage_retries import DeadLetter, RetryRecord
 
     from ._driver._driver import PgResult
     from ._driver._pool import PgPoolStatistics
@@ -106,6 +114,7 @@ class PgMessages(MessageStorage):
         listener: the session's LISTEN connection.
         channel: the NOTIFY channel.
         owner: identifies the `PostgresStorage` (transactions must come from it).
+        dead_letters: runs the `DeadLetterStorage` methods (on ``pool``).
     """
 
     _pool: PgPool
@@ -114,6 +123,7 @@ class PgMessages(MessageStorage):
     _listener: Listener
     _channel: str
     _owner: object
+    _dead_letters: PgDeadLetters
     _shard_ids: dict[tuple[str, int], ShardId] = attrs.field(init=False, factory=dict)
 
     def statistics(self) -> PgPoolStatistics:
@@ -141,7 +151,7 @@ class PgMessages(MessageStorage):
         self, requests: Sequence[PersistedRequest], *, now: float
     ) -> list[SaveResult]:
         checked, now = check_save_requests(requests, now)
-        if not await _any_work(checked):
+        if not await any_work(checked):
             return []
         keys = [dedup_key(request) for request in checked]
         # Resolve duplicates within the batch: item -> index of its first occurrence.
@@ -266,7 +276,7 @@ class PgMessages(MessageStorage):
         self, shards: Mapping[ShardId, int], *, now: float, limit: int
     ) -> ClaimBatch:
         checked, now, limit = check_claim(shards, now, limit)
-        if not await _any_work(checked):
+        if not await any_work(checked):
             return ClaimBatch(requests=[], next_deliver_at=None)
         order = list(checked)
         params: list[object] = [
@@ -321,7 +331,9 @@ class PgMessages(MessageStorage):
             next_sequence=next_sequence,
             epoch=epoch,
             claimed_before=bool(row[15]),
-            metadata=_metadata(row[16]),
+            metadata=stored_metadata(row[16]),
+            attempts=row[17],
+            last_error=row[18],
         )
 
     def _unreadable(self, row: tuple[Any, ...], exc: Exception) -> UnreadableRequest:
@@ -356,7 +368,7 @@ class PgMessages(MessageStorage):
         mine = None
         if transaction is not None:
             mine = check_transaction(transaction, PgTransaction, self._owner)
-        if not await _any_work(checked):
+        if not await any_work(checked):
             return []
         one = self._q.save_reply_one
         if len(checked) == 1 and one is not None:  # no arrays
@@ -371,6 +383,7 @@ class PgMessages(MessageStorage):
                 reply.sequence,
                 now,
                 self._channel,
+                reply.dead_letter,
             ]
         else:
             query = self._q.save_replies
@@ -400,6 +413,7 @@ class PgMessages(MessageStorage):
             [reply.sequence for reply in checked],
             now,
             self._channel,
+            [reply.dead_letter for reply in checked],
         ]
 
     @asynccontextmanager
@@ -421,7 +435,7 @@ class PgMessages(MessageStorage):
 
     async def replies_for(self, queries: Sequence[ReplyQuery]) -> list[StoredReplies]:
         checked = check_replies_for(queries)
-        if not await _any_work(checked):
+        if not await any_work(checked):
             return []
         params: list[object] = [
             list(range(len(checked))),
@@ -452,14 +466,14 @@ class PgMessages(MessageStorage):
 
     async def ack_chunks(self, acks: Sequence[tuple[int, int]]) -> None:
         checked = check_ack_chunks(acks)
-        if not await _any_work(checked):
+        if not await any_work(checked):
             return
         params = [[a[0] for a in checked], [a[1] for a in checked]]
         await self._execute(self._q.ack_chunks, params)
 
     async def interrupt(self, request_ids: Sequence[int]) -> None:
         checked = check_interrupt(request_ids)
-        if not await _any_work(checked):
+        if not await any_work(checked):
             return
         await self._execute(self._q.interrupt, [checked, self._channel])
 
@@ -475,7 +489,7 @@ class PgMessages(MessageStorage):
 
     async def delete_processed(self, *, older_than: float, limit: int) -> int:
         older_than, limit = check_delete_processed(older_than, limit)
-        if not await _any_work(limit):
+        if not await any_work(limit):
             return 0
         params = [older_than, limit]
         return (await self._execute(self._q.delete_processed, params)).rowcount
@@ -484,7 +498,7 @@ class PgMessages(MessageStorage):
         self, *, after_id: int | None = None, limit: int
     ) -> list[StoredRequest]:
         after_id, limit = check_scan_unprocessed(after_id, limit)
-        if not await _any_work(limit) or (after_id or 0) >= _MAX_BIGINT:
+        if not await any_work(limit) or (after_id or 0) >= _MAX_BIGINT:
             return []
         params: list[object] = [
             _MIN_BIGINT if after_id is None else max(after_id + 1, _MIN_BIGINT),
@@ -519,18 +533,31 @@ class PgMessages(MessageStorage):
             ) in rows
         ]
 
+    # ------------------------------------------------------------------
+    # Retries and dead letters (`._dead_letters`)
+
+    async def retry_later(
+        self, retries: Sequence[RetryRecord], *, now: float
+    ) -> list[ReplyOutcome]:
+        return await self._dead_letters.retry_later(retries, now=now)
+
+    async def dead_letters(
+        self, *, after_id: int | None = None, limit: int
+    ) -> list[DeadLetter]:
+        return await self._dead_letters.dead_letters(after_id=after_id, limit=limit)
+
+    async def replay_dead_letter(
+        self, request_id: int, *, new_request_id: int, now: float
+    ) -> bool:
+        return await self._dead_letters.replay_dead_letter(
+            request_id, new_request_id=new_request_id, now=now
+        )
+
+    async def purge_dead_letters(self, request_ids: Sequence[int]) -> int:
+        return await self._dead_letters.purge_dead_letters(request_ids)
+
     async def wait_notifications(self) -> list[Notification]:
         return await self._listener.wait()
-
-
-async def _any_work(batch: Sized | int) -> bool:
-    """Checkpoint at the start of a call; False if ``batch`` (or a limit) is
-    empty, so there is no statement to send."""
-    await trio.lowlevel.checkpoint_if_cancelled()
-    if batch:  # a limit is checked to be >= 0
-        return True
-    await trio.lowlevel.cancel_shielded_checkpoint()
-    return False
 
 
 def _metadata_text(request: PersistedRequest) -> str | None:
@@ -538,19 +565,3 @@ def _metadata_text(request: PersistedRequest) -> str | None:
     if not request.metadata:
         return None
     return json.dumps(dict(request.metadata), ensure_ascii=False)
-
-
-def _metadata(text: str | None) -> Mapping[str, str]:
-    """Stored call metadata (JSON text, or NULL for none).
-
-    Raises:
-        ValueError: it is not a JSON object of str to str within the limits
-            (the row is then unreadable: see `ClaimBatch.unreadable`).
-    """
-    if text is None:
-        return EMPTY_METADATA
-    value = json.loads(text)
-    problem = metadata_problem(value)
-    if problem is not None:
-        raise ValueError(f"stored call metadata: {problem}")
-    return MappingProxyType(value)

@@ -16,6 +16,8 @@ inserted, which is left out: it has no original to look up).
 
 from __future__ import annotations
 
+from ._retry_queries import copy_dead_letters
+
 __all__ = ["save_one", "save_reply_one"]
 
 
@@ -40,11 +42,11 @@ WITH fence AS MATERIALIZED (
 ), ins AS (
     INSERT INTO {m} (request_id, shard_group, shard_number, entity_type, entity_id,
                      tag, payload, primary_key, dedup, deliver_at, stream,
-                     claimed_epoch, saved_at, metadata)
+                     claimed_epoch, saved_at, metadata, attempts)
     SELECT $1::int8, $2::text, $3::int4, $4::text, $5::text, $6::text, $7::bytea,
-           $8::text, $9::bytea, $10::float8, $11::bool,
-           (SELECT f.epoch FROM fence f WHERE f.epoch = $12::int8),
-           $14::float8, $16::text::jsonb
+           $8::text, $9::bytea, $10::float8, $11::bool, c.epoch,
+           $14::float8, $16::text::jsonb, CASE WHEN c.epoch IS NULL THEN 0 ELSE 1 END
+    FROM (SELECT (SELECT f.epoch FROM fence f WHERE f.epoch = $12::int8) AS epoch) c
     ON CONFLICT DO NOTHING
     RETURNING request_id, claimed_epoch
 ), notes AS MATERIALIZED (
@@ -80,12 +82,14 @@ UNION ALL
 SELECT 2, count(*), NULL, NULL, NULL FROM notes"""
 
 
-def save_reply_one(m: str, r: str, s: str) -> str:
+def save_reply_one(m: str, r: str, s: str, d: str) -> str:
     """Save one reply.
 
     Parameters: $1 request id, $2 group, $3 number, $4 epoch, $5 payload, $6
-    sequence (NULL: final), $7 now, $8 the channel. Rows: as the batch
-    ``save_replies`` (the input's ord is 0).
+    sequence (NULL: final), $7 now, $8 the channel, $9 the dead-letter error
+    text (NULL: none). Rows: as the batch ``save_replies`` (the input's ord
+    is 0); a final reply written with a dead-letter text copies its request
+    to the dead letters (``d``), as there.
     """
     return f"""
 WITH fence AS MATERIALIZED (
@@ -111,6 +115,16 @@ WITH fence AS MATERIALIZED (
     SELECT $1::int8, $6::int8, $5::bytea FROM input WHERE status = 'v'
     ON CONFLICT DO NOTHING
     RETURNING request_id, sequence
+), dead AS ({
+        copy_dead_letters(
+            d,
+            m,
+            source="written w",
+            where="w.sequence IS NULL AND $9::text IS NOT NULL",
+            error="$9::text",
+            now="$7::float8",
+        )
+    }
 ), touched AS (
     UPDATE {m} x
     SET processed_at = CASE WHEN w.sequence IS NULL THEN $7::float8

@@ -42,15 +42,13 @@ from typing import TYPE_CHECKING
 import attrs
 
 from ._one_row import save_one, save_reply_one
+from ._retry_queries import RetryQueries, copy_dead_letters
+from ._statement_parts import CHUNK, LONGEST_GROUP, fenced_input, shard_notes
 
 if TYPE_CHECKING:
     from ._schema import PgNames
 
 __all__ = ["MessageQueries"]
-
-# Cumulative payload size per notification, and the longest group name sent.
-_CHUNK = 6000
-_LONGEST_GROUP = 1000
 
 
 @attrs.frozen
@@ -71,16 +69,19 @@ class MessageQueries:
     clear_address: str
     delete_processed: str
     scan_unprocessed: str
+    retries: RetryQueries
+    """The statements of retries and dead letters (`._retry_queries`)."""
 
     @classmethod
     def build(cls, names: PgNames) -> MessageQueries:
         m, r, s = names.messages, names.replies, names.shards
+        d = names.dead_letters
         return cls(
             save=_save(m, r, s),
-            save_one=save_one(m, r, s, longest_group=_LONGEST_GROUP),
+            save_one=save_one(m, r, s, longest_group=LONGEST_GROUP),
             claim=_claim(m, s),
-            save_replies=_save_replies(m, r, s),
-            save_reply_one=save_reply_one(m, r, s),
+            save_replies=_save_replies(m, r, s, d),
+            save_reply_one=save_reply_one(m, r, s, d),
             replies_for=_replies_for(m, r),
             ack_chunks=f"""
 UPDATE {m} m SET acked_sequence = a.seq
@@ -101,8 +102,8 @@ WITH hit AS (
     FROM (
         SELECT request_id, shard_group AS g, shard_number AS n,
                sum(octet_length(to_json(shard_group)::text) + 40)
-                   OVER (ORDER BY request_id) / {_CHUNK} AS chunk
-        FROM hit WHERE octet_length(shard_group) <= {_LONGEST_GROUP}
+                   OVER (ORDER BY request_id) / {CHUNK} AS chunk
+        FROM hit WHERE octet_length(shard_group) <= {LONGEST_GROUP}
     ) x
     GROUP BY chunk
 )
@@ -129,6 +130,7 @@ FROM {m}
 WHERE request_id >= $1::int8 AND processed_at IS NULL
 ORDER BY request_id
 LIMIT $2::int8""",
+            retries=RetryQueries.build(names),
         )
 
 
@@ -163,33 +165,22 @@ WITH fence AS MATERIALIZED (
 ), ins AS (
     INSERT INTO {m} (request_id, shard_group, shard_number, entity_type, entity_id,
                      tag, payload, primary_key, dedup, deliver_at, stream,
-                     claimed_epoch, saved_at, metadata)
+                     claimed_epoch, saved_at, metadata, attempts)
     SELECT request_id, shard_group, shard_number, entity_type, entity_id, tag,
            payload, primary_key, dedup, deliver_at, stream,
-           CASE WHEN (deliver_at IS NULL OR deliver_at <= $14::float8)
-                     AND claim_epoch = shard_epoch
-                THEN claim_epoch END,
-           $14::float8, metadata::jsonb
-    FROM input ORDER BY ord
+           CASE WHEN claimable THEN claim_epoch END,
+           $14::float8, metadata::jsonb,
+           CASE WHEN claimable THEN 1 ELSE 0 END
+    FROM (
+        SELECT input.*,
+               coalesce((deliver_at IS NULL OR deliver_at <= $14::float8)
+                        AND claim_epoch = shard_epoch, false) AS claimable
+        FROM input
+    ) c
+    ORDER BY ord
     ON CONFLICT DO NOTHING
     RETURNING request_id, shard_group, shard_number, deliver_at, claimed_epoch
-), notes AS MATERIALIZED (
-    SELECT pg_notify($15::text, json_build_object(
-        'm', json_agg(json_build_array(g, n)), 'd', min(d))::text)
-    FROM (
-        SELECT g, n, d,
-               sum(octet_length(to_json(g)::text) + 16)
-                   OVER (ORDER BY g, n) / {_CHUNK} AS chunk
-        FROM (
-            SELECT shard_group AS g, shard_number AS n, min(deliver_at) AS d
-            FROM ins
-            WHERE claimed_epoch IS NULL
-              AND octet_length(shard_group) <= {_LONGEST_GROUP}
-            GROUP BY 1, 2
-        ) per_shard
-    ) x
-    GROUP BY chunk
-)
+), notes AS MATERIALIZED ({shard_notes("$15::text", "ins", "claimed_epoch IS NULL")})
 SELECT 0, NULL::int4, request_id, claimed_epoch, NULL::bytea FROM ins
 UNION ALL
 SELECT 1, i.ord, o.request_id,
@@ -223,9 +214,12 @@ def _claim(m: str, s: str) -> str:
     # Requests claimed at the current epoch are in none of these ranges.
     # ``want`` checks the epochs in the snapshot (no lock: most claims find
     # nothing); ``fence`` locks the shards of the requests to claim and checks
-    # again. Rows: kind 0 = a claimed request (column 15: it had been
-    # claimed before, at an older epoch), 1 = a stale shard, 2 = the summary
-    # (next deliver_at in column 10, "more" in column 11).
+    # again. Claiming counts an attempt. Rows: kind 0 = a claimed request
+    # (column 15: it had been claimed before, at an older epoch; 17, 18: its
+    # attempts, this one included, and last error), 1 = a stale shard, 2 =
+    # the summary (next deliver_at in column 10, "more" in column 11).
+    # A request given back by ``retry_later`` is unclaimed with a
+    # ``deliver_at``: the ``delayed`` range finds it once it is due.
     return f"""
 WITH want AS MATERIALIZED (
     SELECT w.g, w.n, w.e, coalesce(sh.epoch = w.e, false) AS ok
@@ -271,19 +265,20 @@ WITH want AS MATERIALIZED (
       AND (x.claimed_epoch IS NULL OR x.claimed_epoch < c.e)
     FOR UPDATE OF x SKIP LOCKED
 ), upd AS (
-    UPDATE {m} x SET claimed_epoch = p.e
+    UPDATE {m} x SET claimed_epoch = p.e, attempts = x.attempts + 1
     FROM pick p WHERE x.request_id = p.request_id
     RETURNING x.request_id, x.seq, x.shard_group, x.shard_number, x.entity_type,
               x.entity_id, x.tag, x.payload, x.primary_key, x.deliver_at,
-              x.stream, x.interrupted, x.next_sequence, p.e, p.before, x.metadata
+              x.stream, x.interrupted, x.next_sequence, p.e, p.before, x.metadata,
+              x.attempts, x.last_error
 )
 SELECT 0, request_id, seq, shard_group, shard_number, entity_type, entity_id, tag,
        payload, primary_key, deliver_at, stream, interrupted, next_sequence, e,
-       before, metadata::text
+       before, metadata::text, attempts, last_error
 FROM upd
 UNION ALL
 SELECT 1, NULL, NULL, g, n, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       NULL, NULL
+       NULL, NULL, NULL, NULL
 FROM want w LEFT JOIN fence f ON f.shard_group = w.g AND f.shard_number = w.n
 WHERE NOT w.ok OR f.epoch <> w.e
 UNION ALL
@@ -296,47 +291,35 @@ SELECT 2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
             ORDER BY x.deliver_at LIMIT 1
         ) d WHERE w.ok),
        (SELECT count(*) FROM cand) > $5::int4,
-       NULL, NULL, NULL, NULL, NULL"""
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL"""
 
 
-def _save_replies(m: str, r: str, s: str) -> str:
+def _save_replies(m: str, r: str, s: str, d: str) -> str:
     # Parameters: $1 ord, $2 request ids, $3 groups, $4 numbers, $5 epochs,
-    # $6 payloads, $7 sequences (NULL: final), $8 now, $9 the channel.
+    # $6 payloads, $7 sequences (NULL: final), $8 now, $9 the channel,
+    # $10 dead-letter error texts (NULL: none; only on final replies).
     # Rows: kind 0 = per input (ord, status: u = unknown, s = stale,
     # d = recorded before, v = valid); kind 1 = a reply written (request id,
     # sequence); kind 2 = summary. The client picks each written reply's
     # input (the first valid one with that key, not after a final).
     # The reply is inserted first: the unique key (request_id, sequence) with
     # NULLs not distinct admits one final reply even against concurrent
-    # writers; then the request row is updated from what was written.
-    return f"""
-WITH fence AS MATERIALIZED (
-    SELECT sh.shard_group, sh.shard_number, sh.epoch
-    FROM {s} sh
-    WHERE (sh.shard_group, sh.shard_number) IN (
-        SELECT * FROM unnest($3::text[], $4::int4[]))
-    FOR SHARE OF sh
-), input AS MATERIALIZED (
-    SELECT i.*,
-           CASE WHEN x.request_id IS NULL THEN 'u'
-                WHEN x.shard_group <> i.shard_group
-                     OR x.shard_number <> i.shard_number
-                     OR f.epoch IS DISTINCT FROM i.epoch THEN 's'
-                WHEN x.processed_at IS NOT NULL THEN 'd'
+    # writers; then the request row is updated from what was written, and a
+    # final reply written with a dead-letter text copies its request (as in
+    # the statement's snapshot: its attempts) to the dead letters.
+    rows = """unnest($1::int4[], $2::int8[], $3::text[], $4::int4[], $5::int8[],
+                $6::bytea[], $7::int8[], $10::text[])
+        AS i(ord, request_id, shard_group, shard_number, epoch, payload, sequence,
+             dead_letter)"""
+    duplicate = f"""
                 WHEN i.sequence IS NOT NULL AND EXISTS (
                     SELECT 1 FROM {r} y
                     WHERE y.request_id = i.request_id AND y.sequence = i.sequence
-                ) THEN 'd'
-                ELSE 'v' END AS status
-    FROM unnest($1::int4[], $2::int8[], $3::text[], $4::int4[], $5::int8[],
-                $6::bytea[], $7::int8[])
-        AS i(ord, request_id, shard_group, shard_number, epoch, payload, sequence)
-    LEFT JOIN {m} x ON x.request_id = i.request_id
-    LEFT JOIN fence f
-        ON f.shard_group = i.shard_group AND f.shard_number = i.shard_number
-), written AS (
-    INSERT INTO {r} (request_id, sequence, payload)
-    SELECT request_id, sequence, payload FROM (
+                ) THEN 'd'"""
+    return f"""{
+        fenced_input(m, s, rows=rows, duplicate=duplicate)
+    }, chosen AS MATERIALIZED (
+    SELECT request_id, sequence, payload, dead_letter FROM (
         SELECT v.*,
                row_number() OVER (PARTITION BY request_id, sequence ORDER BY ord)
                    AS rank,
@@ -345,8 +328,22 @@ WITH fence AS MATERIALIZED (
         FROM input v WHERE status = 'v'
     ) ranked
     WHERE rank = 1 AND (final_ord IS NULL OR ord <= final_ord)
+), written AS (
+    INSERT INTO {r} (request_id, sequence, payload)
+    SELECT request_id, sequence, payload FROM chosen
     ON CONFLICT DO NOTHING
     RETURNING request_id, sequence
+), dead AS ({
+        copy_dead_letters(
+            d,
+            m,
+            source="written w JOIN chosen c"
+            " ON c.request_id = w.request_id AND c.sequence IS NULL",
+            where="w.sequence IS NULL AND c.dead_letter IS NOT NULL",
+            error="c.dead_letter",
+            now="$8::float8",
+        )
+    }
 ), touched AS (
     UPDATE {m} x
     SET processed_at = CASE WHEN w.has_final THEN $8::float8 ELSE x.processed_at END,

@@ -24,6 +24,11 @@ Tables (see ``_MIGRATIONS``):
   object, NULL when none, since version 3).
 * ``replies``: chunks (``sequence`` >= 0) and the final reply (``sequence``
   NULL), unique per ``(request_id, sequence)`` with NULLs not distinct.
+* since version 4, ``messages.attempts`` (claims so far; saved claimed: 1)
+  and ``messages.last_error`` (what ended the previous attempt, written by
+  ``retry_later``), and ``dead_letters``: copies of dead-lettered requests
+  by request id (no foreign key: they outlive the request's retention),
+  ``replayed_as`` the id of the request a replay saved from one.
 
 Lock keys: ``(namespace, 0)`` migrations and registrations, ``(namespace, n)``
 with ``n > 0`` shard ``n``, ``(namespace, -n)`` the liveness of runner ``n``.
@@ -100,6 +105,7 @@ class PgNames:
     shards: str = attrs.field(init=False, default=_prefixed("shards"))
     messages: str = attrs.field(init=False, default=_prefixed("messages"))
     replies: str = attrs.field(init=False, default=_prefixed("replies"))
+    dead_letters: str = attrs.field(init=False, default=_prefixed("dead_letters"))
     channel: str = attrs.field(init=False, default=_prefixed("events"))
     """The LISTEN/NOTIFY channel of the cluster."""
 
@@ -194,11 +200,39 @@ def _migration_3(n: PgNames) -> str:
     return f"ALTER TABLE {n.messages} ADD COLUMN metadata jsonb;"
 
 
+def _migration_4(n: PgNames) -> str:
+    # Attempts (one per claim, or save claimed) and the error that ended the
+    # previous one; the dead letters, kept until purged (no foreign key to
+    # the request: retention deletes requests, never their dead letters).
+    # Rows saved before version 4 count no attempts yet.
+    m = n.messages
+    return f"""
+ALTER TABLE {m} ADD COLUMN attempts integer NOT NULL DEFAULT 0;
+ALTER TABLE {m} ADD COLUMN last_error text;
+CREATE TABLE {n.dead_letters} (
+    request_id bigint PRIMARY KEY,
+    shard_group text NOT NULL,
+    shard_number integer NOT NULL,
+    entity_type text NOT NULL,
+    entity_id text NOT NULL,
+    tag text NOT NULL,
+    payload bytea NOT NULL,
+    primary_key text,
+    metadata jsonb,
+    attempts integer NOT NULL,
+    error text NOT NULL,
+    dead_at double precision NOT NULL,
+    replayed_as bigint
+);
+"""
+
+
 # (version, description, SQL builder). Append only: never edit a released one.
 _STEPS: Sequence[tuple[int, str, Callable[[PgNames], str]]] = (
     (1, "runners, shards, messages, replies", _migration_1),
     (2, "messages.saved_at (backlog age)", _migration_2),
     (3, "messages.metadata (call metadata)", _migration_3),
+    (4, "messages.attempts, messages.last_error, dead_letters", _migration_4),
 )
 
 LATEST_VERSION = _STEPS[-1][0]

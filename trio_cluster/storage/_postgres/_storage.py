@@ -33,6 +33,7 @@ from trio_cluster._errors import ConfigError
 from trio_cluster._storage_abc import Storage, StorageSession
 
 from .._validation import check_open_session
+from ._dead_letters import PgDeadLetters
 from ._driver._driver import PgConnection, build_conninfo
 from ._driver._pool import open_pool
 from ._messages import PgMessages
@@ -242,6 +243,11 @@ class PostgresStorage(Storage):
                         listener=listener,
                         channel=self.names.channel,
                         owner=self,
+                        dead_letters=PgDeadLetters(
+                            pool=pool,
+                            queries=self._queries.retries,
+                            channel=self.names.channel,
+                        ),
                     ),
                     runners=runners,
                 )
