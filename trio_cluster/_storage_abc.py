@@ -218,7 +218,8 @@ class ReplyRecord:
     """For a final reply: dead-letter the request with this error text (at
     most `MAX_ERROR_TEXT` characters) as its last error. If the reply is
     recorded, a `DeadLetter` copy of the request is stored with it, in the
-    same write (see `trio_cluster._storage_retries`)."""
+    same write (see `trio_cluster._storage_retries`), replacing one stored
+    under the same request id (its id reused after retention)."""
 
 
 class ReplyOutcome(enum.Enum):

@@ -102,7 +102,8 @@ class DeadLetterStorage(ABC):
         like replies; one outcome per record, in order.
 
         A request without a final reply, in a shard still at ``epoch``, is
-        made claimable again from the record's ``deliver_at`` on (its attempts count
+        made unclaimed (its next claim is no redelivery: ``claimed_before``
+        is False) and claimable again from the record's ``deliver_at`` on (its attempts count
         stays, the next claim adds one; one less for a record not
         ``started``, never below zero), with ``error`` as its last error
         unless it is None (`ReplyOutcome.RECORDED`); every session is notified

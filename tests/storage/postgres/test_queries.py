@@ -208,7 +208,7 @@ def test_claim_and_dedup_lookup_use_indexes(filled: tuple[str, str]) -> None:
             "retry_later",
             queries.retries.retry_later,
             "ARRAY[0], ARRAY[3::int8], ARRAY['default'], ARRAY[4], ARRAY[2::int8],"
-            f" ARRAY[{BASE_TIME}::float8], ARRAY['boom'], 'channel'",
+            f" ARRAY[{BASE_TIME}::float8], ARRAY['boom'], 'channel', ARRAY[true]",
         )
         scans = scans_of(retry, messages)
         assert scans, retry

@@ -413,6 +413,7 @@ class MessageStore:
                 stored.last_error = retry.error
             if not retry.started:
                 stored.attempts = max(0, stored.attempts - 1)
+            stored.claimed_epoch = None  # given back: claimable, unclaimed
             if retry.deliver_at is not None:
                 stored.request = attrs.evolve(
                     stored.request, deliver_at=retry.deliver_at

@@ -82,9 +82,13 @@ class PgDeadLetters:
             [retry.shard.group for retry in checked],
             [retry.shard.number for retry in checked],
             [retry.epoch for retry in checked],
-            [float(retry.deliver_at) for retry in checked],
+            [
+                None if retry.deliver_at is None else float(retry.deliver_at)
+                for retry in checked
+            ],
             [retry.error for retry in checked],
             self._channel,
+            [retry.started for retry in checked],
         ]
         rows = (await self._pool.execute(self._q.retry_later, params)).rows
         statuses = ["d"] * len(checked)

@@ -105,7 +105,9 @@ LIMIT $2::int8""",
 
 def _retry_later(m: str, s: str) -> str:
     # Parameters: $1 ord, $2 request ids, $3 groups, $4 numbers, $5 epochs,
-    # $6 deliver_at, $7 errors, $8 the channel.
+    # $6 deliver_at (NULL: keep the request's), $7 errors (NULL: keep the
+    # last one), $8 the channel, $9 started (false: take the claim back from
+    # the attempts count, never below zero).
     # Each record's status is decided as a reply's is (u = unknown, s = stale:
     # another shard than the request's or another epoch, d = processed,
     # v = valid); of the valid records of a request the last one wins. The
@@ -114,13 +116,18 @@ def _retry_later(m: str, s: str) -> str:
     # Rows: kind 0 = per input (ord, status); kind 1 = a request given back
     # (request id); kind 2 = summary.
     rows = """unnest($1::int4[], $2::int8[], $3::text[], $4::int4[], $5::int8[],
-                $6::float8[], $7::text[])
-        AS i(ord, request_id, shard_group, shard_number, epoch, deliver_at, error)"""
+                $6::float8[], $7::text[], $9::bool[])
+        AS i(ord, request_id, shard_group, shard_number, epoch, deliver_at, error,
+             started)"""
     return f"""{fenced_input(m, s, rows=rows)}, given AS (
     UPDATE {m} x
-    SET claimed_epoch = NULL, deliver_at = v.deliver_at, last_error = v.error
+    SET claimed_epoch = NULL,
+        deliver_at = coalesce(v.deliver_at, x.deliver_at),
+        last_error = coalesce(v.error, x.last_error),
+        attempts = CASE WHEN v.started THEN x.attempts
+                        ELSE greatest(x.attempts - 1, 0) END
     FROM (
-        SELECT DISTINCT ON (request_id) request_id, deliver_at, error
+        SELECT DISTINCT ON (request_id) request_id, deliver_at, error, started
         FROM input WHERE status = 'v'
         ORDER BY request_id, ord DESC
     ) v

@@ -95,6 +95,7 @@ class DeadLetterTests(ConformanceBase):
             [due] = (await claim_batch(session, epoch, now=BASE_TIME + 10)).requests
             assert (due.request_id, due.epoch) == (1, epoch)
             assert (due.attempts, due.last_error) == (2, "KeyError: 'x'")
+            assert not due.claimed_before  # given back: unclaimed
             # Claimed again: not returned twice at this epoch.
             later = await claim_batch(session, epoch, now=BASE_TIME + 20)
             assert later.requests == []
