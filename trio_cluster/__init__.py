@@ -37,6 +37,7 @@ from ._cron import Cron as Cron
 from ._entity import Entity as Entity
 from ._errors import (
     AlreadyProcessingError as AlreadyProcessingError,
+    CallInTransactionError as CallInTransactionError,
     ClusterError as ClusterError,
     ClusterInternalError as ClusterInternalError,
     ConfigError as ConfigError,
@@ -95,6 +96,7 @@ __all__ = [
     "BoundRpc",
     "BoundStream",
     "Broadcast",
+    "CallInTransactionError",
     "Clock",
     "ClusterError",
     "ClusterInternalError",

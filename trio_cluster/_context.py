@@ -99,16 +99,20 @@ def current_entity_address() -> EntityAddress | None:
 
 def current_transaction() -> StorageTransaction:
     """The storage transaction of the running transactional handler
-    (``@rpc(persisted=True, transactional=True)``): run your SQL through its
-    ``execute`` so it commits atomically with the handler's reply.
+    (``@rpc(persisted=True, transactional=True)``), or of the block of
+    ``runner.transaction()``: run your SQL through its ``execute`` so it
+    commits atomically with the handler's reply; persisted messages sent
+    meanwhile (``.discard``) are saved in it too (the outbox).
 
     Raises:
-        NotInTransactionError: called outside a transactional handler.
+        NotInTransactionError: called outside a transactional handler or
+            a ``runner.transaction()`` block.
     """
     transaction = current_transaction_var.get()
     if transaction is None:
         raise NotInTransactionError(
             "no current transaction: only handlers declared with"
-            " @rpc(persisted=True, transactional=True) run in one"
+            " @rpc(persisted=True, transactional=True), and runner.transaction()"
+            " blocks, run in one"
         )
     return transaction

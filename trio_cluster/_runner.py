@@ -16,7 +16,7 @@ a dropped connection makes the runner re-check membership at once.
 from __future__ import annotations
 
 import logging
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import attrs
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     from ._listener import RunnerListener
     from ._operations._statistics import RunnerStatistics
     from ._singletons import Singleton
-    from ._storage_abc import RunnerInfo, Storage, StorageSession
+    from ._storage_abc import RunnerInfo, Storage, StorageSession, StorageTransaction
     from ._tracing import Tracer
     from ._transport_abc import Endpoint, Transport
 
@@ -222,6 +222,26 @@ class Runner:
             return await self._parts.broadcasts.send(name, message)
         finally:
             leave_runner(token)
+
+    def transaction(self) -> AbstractAsyncContextManager[StorageTransaction]:
+        """Open a storage transaction for application code: the outbox.
+
+        Inside the block, ``trio_cluster.current_transaction()`` is this
+        transaction (run your SQL through its ``execute``), and persisted
+        messages sent with ``.discard(...)`` are saved in it: they exist, and
+        are delivered, once it commits, and never if it rolls back. It
+        commits when the block exits normally and rolls back on an
+        exception or cancellation, which propagates. A persisted call that
+        waits for its reply raises `CallInTransactionError` inside it;
+        volatile messages are sent at once, not in the transaction.
+
+        Raises:
+            PersistenceError: the transaction could not be opened, or its
+                commit failed (nothing of it took effect); or this storage
+                has no transactions of SQL (`MemoryStorage`: ``execute``
+                raises, the outbox works).
+        """
+        return self._parts.persisted.transaction()
 
     def statistics(self) -> RunnerStatistics:
         """A snapshot of this runner's state and counters."""

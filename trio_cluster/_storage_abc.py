@@ -360,7 +360,11 @@ class MessageStorage(DeadLetterStorage):
 
     @abstractmethod
     async def save_requests(
-        self, requests: Sequence[PersistedRequest], *, now: float
+        self,
+        requests: Sequence[PersistedRequest],
+        *,
+        now: float,
+        transaction: StorageTransaction | None = None,
     ) -> list[SaveResult]:
         """Store requests, one `SaveResult` per request, in order.
 
@@ -376,6 +380,13 @@ class MessageStorage(DeadLetterStorage):
         Every session is notified (`MessagesAvailable`) of the shards of the
         requests stored unclaimed; not of those stored claimed, nor of
         duplicates.
+
+        With ``transaction`` (from `open_transaction` on this storage: the
+        *transactional outbox*), the requests are saved inside it: they
+        exist, and are notified, when it commits, and not at all if it rolls
+        back. They cannot be saved claimed (a ``claim_epoch`` is refused
+        with ``ValueError``: they are claimed once committed). The results
+        are those the saves will have if it commits.
         """
 
     @abstractmethod

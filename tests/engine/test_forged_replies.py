@@ -17,7 +17,7 @@ import trio
 
 import trio_cluster as tc
 from trio_cluster._engine._wire import Kind
-from trio_cluster.abc import PersistedRequest, StorageSession
+from trio_cluster.abc import PersistedRequest, StorageSession, StorageTransaction
 from trio_cluster.testing import RecordingHandler
 from trio_cluster.transport import MemoryTransport
 
@@ -39,11 +39,16 @@ class HeldSaves(PatchingStorage):
         messages = session.messages
         save = messages.save_requests
 
-        async def held_save(requests: Sequence[PersistedRequest], *, now: float) -> Any:
+        async def held_save(
+            requests: Sequence[PersistedRequest],
+            *,
+            now: float,
+            transaction: StorageTransaction | None = None,
+        ) -> Any:
             self.saved.extend(request.request_id for request in requests)
             if self.hold:
                 await self.release.wait()
-            return await save(requests, now=now)
+            return await save(requests, now=now, transaction=transaction)
 
         messages.save_requests = held_save  # type: ignore[method-assign]
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import asynccontextmanager
 from datetime import datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -40,8 +41,10 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .._call_metadata import EMPTY_METADATA
+from .._context import current_transaction_var
 from .._core._addresses import check_storable
 from .._errors import (
+    CallInTransactionError,
     EntityDefinitionError,
     MalformedMessageError,
     MessageTooLargeError,
@@ -58,14 +61,14 @@ from ._replies import ReplyRecorder
 from ._waiters import ReplyWaiters
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import AsyncIterator, Mapping, Sequence
 
     from .._clock import Clock
     from .._core._addresses import EntityAddress, RunnerAddress
     from .._core._config import ShardingConfig
     from .._core._snowflake import SnowflakeGenerator
     from .._registry import EntityType, Handler, Registry
-    from .._storage_abc import MessageStorage
+    from .._storage_abc import MessageStorage, StorageTransaction
     from .._transport_abc import Endpoint
     from ._manager import EntityManager
     from ._shard_table import ShardTable
@@ -240,6 +243,12 @@ class PersistedDelivery:
             RequestInterruptedError: the request (attached by primary key) was
                 interrupted by its original sender.
         """
+        transaction = current_transaction_var.get()
+        if transaction is not None:
+            await self._send_in(
+                transaction, address, handler, message, discard, metadata
+            )
+            return None
         # A type only called from here is never run here: its owner (maybe
         # this runner) answers it from storage.
         host = self._parts.shards.host(address.shard) if entity_type.hosted else None
@@ -306,6 +315,62 @@ class PersistedDelivery:
         if waiter is None:
             return None
         return await self._wait(handler, request_id, waiter, interrupt=True)
+
+    async def _send_in(
+        self,
+        transaction: StorageTransaction,
+        address: EntityAddress,
+        handler: Handler,
+        message: Any,
+        discard: bool,
+        metadata: Mapping[str, str] | None,
+    ) -> None:
+        """The outbox: save a persisted message inside the current storage
+        transaction. It exists, and its owner is notified (by storage), when
+        the transaction commits; it never exists if it rolls back.
+
+        Raises:
+            CallInTransactionError: not ``discard``: its reply could never
+                come before the commit it would wait for.
+            as `call` otherwise.
+        """
+        if not discard:
+            await trio.lowlevel.checkpoint()
+            raise CallInTransactionError(
+                f"{handler.what}: a persisted call inside a transaction would wait"
+                " for a reply to a request that exists only once the transaction"
+                " commits; send it with .discard(...), or call after the transaction"
+            )
+        request = self._request(address, handler, message, None, metadata)
+        try:
+            await self._parts.storage.save_requests(
+                [request], now=self._parts.clock.now(), transaction=transaction
+            )
+        except Exception as exc:
+            if refused(exc):
+                raise MalformedMessageError(
+                    what=f"{handler.what} request",
+                    problems=[f"storage refused to store it: {exc}"],
+                ) from exc
+            raise
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[StorageTransaction]:
+        """A storage transaction for application code (``runner.transaction()``):
+        ``current_transaction()`` inside the block, persisted messages sent
+        there saved in it. It commits when the block exits normally, and
+        rolls back on an exception or cancellation (which propagates).
+
+        Raises:
+            PersistenceError: the transaction could not be opened, or its
+                commit failed (nothing of it took effect).
+        """
+        async with self._parts.storage.open_transaction() as transaction:
+            token = current_transaction_var.set(transaction)
+            try:
+                yield transaction
+            finally:
+                current_transaction_var.reset(token)
 
     def _local_message(
         self, handler: Handler, request: PersistedRequest, message: Any

@@ -19,6 +19,7 @@ import attrs
 
 __all__ = [
     "AlreadyProcessingError",
+    "CallInTransactionError",
     "ClusterError",
     "ClusterInternalError",
     "ConfigError",
@@ -85,6 +86,14 @@ class NoCurrentRunnerError(ClusterError, RuntimeError):
 
 class NotInTransactionError(ClusterError, RuntimeError):
     """`current_transaction()` was called outside a transactional handler."""
+
+
+class CallInTransactionError(ClusterError, RuntimeError):
+    """A persisted call that waits for its reply was made inside a storage
+    transaction (a transactional handler, ``runner.transaction()``): its
+    request would exist only once the transaction commits, after the reply
+    it waits for. Send it with ``.discard(...)`` (it is then saved in the
+    transaction), or call after the transaction."""
 
 
 class ConfigError(ClusterError, ValueError):

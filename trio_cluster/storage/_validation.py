@@ -11,7 +11,7 @@ copies none of this. The number checks come from `trio_cluster._core._checks`.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from types import UnionType
 from typing import TypeVar, get_args, get_origin, get_type_hints
 
@@ -202,6 +202,17 @@ def check_save_requests(
             if problem is not None:
                 raise ValueError(f"PersistedRequest.metadata: {problem}")
     return checked, check_now(now)
+
+
+def check_transactional_saves(requests: Sequence[PersistedRequest]) -> None:
+    """`MessageStorage.save_requests` in a transaction: none saved claimed."""
+    for request in requests:
+        if request.claim_epoch is not None:
+            raise ValueError(
+                "a request saved in a transaction cannot be saved claimed"
+                f" (request {request.request_id} has claim_epoch"
+                f" {request.claim_epoch}): it is claimed once committed"
+            )
 
 
 def check_claim(

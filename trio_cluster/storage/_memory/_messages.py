@@ -35,6 +35,7 @@ from .._validation import (
     check_save_requests,
     check_scan_unprocessed,
     check_transaction,
+    check_transactional_saves,
 )
 from ._store import MessageStore
 
@@ -85,11 +86,25 @@ class MemoryMessages(MessageStorage):
         self._check_open = check_open
 
     async def save_requests(
-        self, requests: Sequence[PersistedRequest], *, now: float
+        self,
+        requests: Sequence[PersistedRequest],
+        *,
+        now: float,
+        transaction: StorageTransaction | None = None,
     ) -> list[SaveResult]:
         checked, now = check_save_requests(requests, now)
+        if transaction is None:
+            await self._enter("save_requests")
+            return self._store.save(checked, now)
+        mine = check_transaction(transaction, MemoryTransaction, self._store)
+        check_transactional_saves(checked)
         await self._enter("save_requests")
-        return self._store.save(checked, now)
+        mine.check_usable()
+        # Preview against everything this transaction saves, so a duplicate
+        # within the transaction is reported as such.
+        earlier = [request for batch, _ in mine.saves for request in batch]
+        mine.saves.append((checked, now))
+        return self._store.preview_saves(earlier + checked)[len(earlier) :]
 
     async def claim(
         self, shards: Mapping[ShardId, int], *, now: float, limit: int
@@ -129,8 +144,10 @@ class MemoryMessages(MessageStorage):
                 yield transaction
             finally:
                 transaction.finished = True
-            # Commit: apply the buffered replies atomically (no checkpoint
-            # between), under the fences held since they were saved.
+            # Commit: apply the buffered saves and replies atomically (no
+            # checkpoint between), under the fences held since they were saved.
+            for requests, now in transaction.saves:
+                self._store.save(requests, now)
             for replies, now in transaction.pending:
                 self._store.save_replies(replies, now)
         finally:
@@ -206,8 +223,9 @@ class MemoryMessages(MessageStorage):
 
 
 class MemoryTransaction(StorageTransaction):
-    """A transaction on memory storage: replies saved in it are applied when
-    it commits, and their shards' fences are held until it ends. It has no
+    """A transaction on memory storage: requests and replies saved in it are
+    applied when it commits, and the fences of its replies' shards are held
+    until it ends. It has no
     SQL: `execute` raises `PersistenceError`, after the entry steps of an
     operation named ``"execute"`` (so the fault hook can make it fail as
     storage would: that failure is the transaction's `failure`)."""
@@ -218,6 +236,9 @@ class MemoryTransaction(StorageTransaction):
         self.owner = store
         """The store it commits to (`check_transaction` compares it)."""
         self.pending: list[tuple[list[ReplyRecord], float]] = []
+        """The replies saved in it, applied at commit."""
+        self.saves: list[tuple[list[PersistedRequest], float]] = []
+        """The requests saved in it (its outbox), applied at commit."""
         self.fences: set[ShardId] = set()
         """The shards whose fences it holds (those of its replies)."""
         self.finished = False

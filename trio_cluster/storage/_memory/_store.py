@@ -241,6 +241,39 @@ class MessageStore:
             self._notify(shards=list(saved_shards), deliver_at=earliest)
         return results
 
+    def preview_saves(self, requests: Sequence[PersistedRequest]) -> list[SaveResult]:
+        """The results `save` would give now (none saved claimed), changing
+        nothing; a request that repeats an earlier one of ``requests`` (its
+        id, or its address, tag and primary key) is its duplicate."""
+        results: list[SaveResult] = []
+        by_id: dict[int, int] = {}
+        by_key: dict[tuple[EntityAddress, str, str], int] = {}
+        for request in requests:
+            original = self._requests.get(request.request_id)
+            if original is None and request.primary_key is not None:
+                original = self._keys.get(
+                    (request.address, request.tag, request.primary_key)
+                )
+            if original is not None:
+                results.append(self._duplicate(original, request))
+                continue
+            key = (
+                None
+                if request.primary_key is None
+                else (request.address, request.tag, request.primary_key)
+            )
+            earlier = by_id.get(request.request_id)
+            if earlier is None and key is not None:
+                earlier = by_key.get(key)
+            if earlier is not None:
+                results.append(SaveResult(earlier, duplicate=True))
+                continue
+            by_id[request.request_id] = request.request_id
+            if key is not None:
+                by_key[key] = request.request_id
+            results.append(SaveResult(request.request_id, duplicate=False))
+        return results
+
     @staticmethod
     def _duplicate(original: _Request, request: PersistedRequest) -> SaveResult:
         # NOTE: a retry of the *same* request id with the same claim epoch gets

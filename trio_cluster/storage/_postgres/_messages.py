@@ -72,6 +72,7 @@ from .._validation import (
     check_save_requests,
     check_scan_unprocessed,
     check_transaction,
+    check_transactional_saves,
 )
 from ._dead_letters import PgDeadLetters
 from ._driver._pool import PgPool
@@ -137,6 +138,13 @@ class PgMessages(MessageStorage):
     async def _execute(self, query: str, params: Sequence[object]) -> PgResult:
         return await self._pool.execute(query, params)
 
+    async def _rows(
+        self, query: str, params: Sequence[object], transaction: PgTransaction | None
+    ) -> list[tuple[Any, ...]]:
+        if transaction is None:
+            return (await self._execute(query, params)).rows
+        return await transaction.execute_internal(query, params)
+
     def _shard(self, group: str, number: int) -> ShardId:
         key = (group, number)
         shard = self._shard_ids.get(key)
@@ -148,9 +156,17 @@ class PgMessages(MessageStorage):
     # Saving
 
     async def save_requests(
-        self, requests: Sequence[PersistedRequest], *, now: float
+        self,
+        requests: Sequence[PersistedRequest],
+        *,
+        now: float,
+        transaction: StorageTransaction | None = None,
     ) -> list[SaveResult]:
         checked, now = check_save_requests(requests, now)
+        mine = None
+        if transaction is not None:
+            mine = check_transaction(transaction, PgTransaction, self._owner)
+            check_transactional_saves(checked)
         if not await any_work(checked):
             return []
         keys = [dedup_key(request) for request in checked]
@@ -174,7 +190,7 @@ class PgMessages(MessageStorage):
         pending = sent
         for _ in range(_SAVE_ATTEMPTS):
             rows = await self._save_rows(
-                [checked[i] for i in pending], pending, keys, now
+                [checked[i] for i in pending], pending, keys, now, mine
             )
             inserted = {row[2]: row[3] for row in rows if row[0] == 0}
             for ord_ in pending:
@@ -222,7 +238,10 @@ class PgMessages(MessageStorage):
         ords: list[int],
         keys: list[bytes | None],
         now: float,
+        transaction: PgTransaction | None,
     ) -> list[tuple[Any, ...]]:
+        """The rows of one save statement (on ``transaction``'s connection,
+        if given)."""
         if len(requests) == 1 and self._q.save_one is not None:  # no arrays
             (request,) = requests
             address = request.address
@@ -244,7 +263,7 @@ class PgMessages(MessageStorage):
                 self._channel,
                 _metadata_text(request),
             ]
-            return (await self._execute(self._q.save_one, one)).rows
+            return await self._rows(self._q.save_one, one, transaction)
         addresses = [request.address for request in requests]
         params: list[object] = [
             [request.request_id for request in requests],
@@ -267,7 +286,7 @@ class PgMessages(MessageStorage):
             self._channel,
             [_metadata_text(request) for request in requests],
         ]
-        return (await self._execute(self._q.save, params)).rows
+        return await self._rows(self._q.save, params, transaction)
 
     # ------------------------------------------------------------------
     # Claiming

@@ -7,7 +7,8 @@ concept: `_conformance_messages` (saving, claiming, replies, deletion),
 `_conformance_runners` (registry, locks, leases, fencing),
 `_conformance_transactions` (transactions), `_inspection` (read-only
 paging of unprocessed requests), `_dead_letters` (attempts, retries and
-dead letters) and, here, notifications.
+dead letters), `_outbox` (requests saved in a transaction) and, here,
+notifications.
 
 Every test runs under a ``trio.fail_after`` guard, passes explicit ``now``
 values (relative to a fixed `BASE_TIME` time), and waits for asynchronous effects
@@ -41,6 +42,7 @@ from ._call_metadata import CallMetadataTests
 from ._dead_letters import DeadLetterTests
 from ._inspection import InspectionTests
 from ._messages import MessageStorageTests, chunk
+from ._outbox import OutboxTests
 from ._runners import RunnerStorageTests
 from ._transactions import TransactionTests
 
@@ -65,6 +67,7 @@ class StorageConformance(
     TransactionTests,
     CallMetadataTests,
     DeadLetterTests,
+    OutboxTests,
 ):
     """Base class of a backend's conformance tests (pytest with pytest-trio).
 
