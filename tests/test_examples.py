@@ -53,3 +53,10 @@ async def test_readme_example_runs(autojump_clock, capsys):
     )
     await module.main()
     assert capsys.readouterr().out.split() == ["10", "10"]
+
+
+async def test_job_queue_example(autojump_clock, capsys):
+    assert await load_example("job_queue").main() == ["o1", "o2", "o3", "o4"]
+    out = capsys.readouterr().out
+    assert "o6 rolled back: no confirmation" in out
+    assert "ValueError: no mailbox for nobody" in out

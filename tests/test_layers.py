@@ -314,6 +314,15 @@ RULES = {
         " (RunnerListener, the Runner's views), so an engine refactoring cannot"
         " blind its invariants",
     ),
+    "delivery-parts-use-only-public-seams": Rule(
+        ("trio_cluster.queues",),
+        lambda imported: (
+            imported in ("trio_cluster", "trio_cluster.abc")
+            or within(imported, ("trio_cluster._core", "trio_cluster.queues"))
+        ),
+        "the delivery parts (queues) stand on the runtime's public API, so the"
+        " engine can change under them",
+    ),
     "postgres-never-imports-memory": Rule(
         ("trio_cluster.storage._postgres",),
         lambda imported: not within(imported, ("trio_cluster.storage._memory",)),
