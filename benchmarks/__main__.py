@@ -14,6 +14,7 @@ WORKLOADS = {
     "w3": "benchmarks.w3_persisted",
     "w4": "benchmarks.w4_failover",
     "w5": "benchmarks.w5_entities",
+    "queue": "benchmarks.queue_jobs",
 }
 LOADED = {"w4"}
 """Workloads with an ``--under-load`` variant."""
