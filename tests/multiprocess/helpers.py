@@ -241,14 +241,15 @@ class MultiCluster:
             self.admin.execute, query.format(p=self.prefix), list(params)
         )
 
-    async def status(self) -> dict[str, Any]:
-        """``trio-cluster status --json`` of this cluster."""
+    async def command(self, *args: str) -> tuple[int, str, str]:
+        """``trio-cluster ARGS --dsn ... --prefix ... --json`` on this
+        cluster: its exit status, stdout and stderr."""
         done = await trio.run_process(
             [
                 sys.executable,
                 "-m",
                 "trio_cluster",
-                "status",
+                *args,
                 "--dsn",
                 self.dsn,
                 "--prefix",
@@ -261,8 +262,13 @@ class MultiCluster:
             cwd=REPO,
             check=False,
         )
-        assert done.returncode == 0, done.stderr.decode()
-        data: dict[str, Any] = json.loads(done.stdout)
+        return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+    async def status(self) -> dict[str, Any]:
+        """``trio-cluster status --json`` of this cluster."""
+        code, out, err = await self.command("status")
+        assert code == 0, err
+        data: dict[str, Any] = json.loads(out)
         return data
 
     async def aclose(self) -> None:

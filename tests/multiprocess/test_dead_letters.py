@@ -6,15 +6,17 @@ after its attempts, while the cluster serves everything else; then
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
 
 from .entities import Explode, Poison
-from .helpers import REPO, MultiCluster, log, runner_env
+from .helpers import MultiCluster, log
 from .loads import Load, entity_ids, warm_up
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 pytestmark = [pytest.mark.postgres, pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -23,26 +25,8 @@ ENTITIES = entity_ids(60)
 
 async def dlq(cluster: MultiCluster, *args: str) -> tuple[int, str]:
     """``trio-cluster dlq ARGS --json`` on the cluster: exit status, stdout."""
-    done = await trio.run_process(
-        [
-            sys.executable,
-            "-m",
-            "trio_cluster",
-            "dlq",
-            *args,
-            "--dsn",
-            cluster.dsn,
-            "--prefix",
-            cluster.prefix,
-            "--json",
-        ],
-        capture_stdout=True,
-        capture_stderr=True,
-        env=runner_env(),
-        cwd=REPO,
-        check=False,
-    )
-    return done.returncode, done.stdout.decode()
+    code, out, _ = await cluster.command("dlq", *args)
+    return code, out
 
 
 async def test_a_message_that_kills_its_runners_is_dead_lettered(
