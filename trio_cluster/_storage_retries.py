@@ -80,7 +80,9 @@ class DeadLetter:
     """The encoded message."""
     primary_key: str | None
     attempts: int
-    """Attempts it had."""
+    """Its attempts count when it was dead-lettered: the attempts it had,
+    plus the claim that found them spent for one dead-lettered without
+    running (`DeadLetteredError.attempts` counts only those that ran)."""
     error: str
     """What ended its last attempt."""
     dead_at: float
