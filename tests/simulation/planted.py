@@ -14,6 +14,7 @@ import attrs
 import pytest
 
 from trio_cluster._core._addresses import ShardId
+from trio_cluster._engine._persisted import PersistedDelivery
 from trio_cluster._engine._sharding import Sharding
 from trio_cluster._engine._slots import ShardHost
 from trio_cluster._storage_abc import ClaimBatch, ReplyOutcome, ReplyRecord
@@ -94,6 +95,19 @@ def attempts_not_counted(monkeypatch: pytest.MonkeyPatch) -> None:
         return attrs.evolve(batch, requests=requests)
 
     monkeypatch.setattr(MessageStore, "claim", claim)
+
+
+def outbox_outside_the_transaction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A persisted message sent in a transaction is saved at once, in a
+    transaction of its own, not in the sender's: it exists even if the
+    sender's transaction rolls back."""
+    original = PersistedDelivery._send_in
+
+    async def send_in(self: PersistedDelivery, transaction: Any, *args: Any) -> None:
+        async with self._parts.storage.open_transaction() as own:
+            await original(self, own, *args)
+
+    monkeypatch.setattr(PersistedDelivery, "_send_in", send_in)
 
 
 PLANTED = {
