@@ -117,6 +117,36 @@ PINNED = {
             background=4,
         ),
     ),
+    # FIFO after retries and dead letters: a write queued (unstarted) behind
+    # others was claimed by r2, then by r1 whose graceful stop gave it back
+    # too late (its lock was released before the give-back, so the claim
+    # stayed counted), then dead-lettered on r2's third claim; the next
+    # write ran, and the journal still waited for the dead-lettered one.
+    # Fixed: a graceful stop's give-back runs before its lock is released,
+    # and a write answered without running waits no more.
+    "dead-lettered-write-and-late-give-back": Scenario(
+        seed=0,
+        runners=3,
+        faults=FaultSchedule(
+            (
+                FreezeRunner(at=0.0, runner=0, duration=1.0),
+                FreezeRunner(at=0.0, runner=1, duration=1.0),
+                KillRunner(at=0.1, runner=1, down_for=1.0),
+                KillRunner(at=5.4, runner=0, down_for=6.0),
+                FreezeRunner(at=13.3, runner=2, duration=8.0),
+                FreezeRunner(at=19.6, runner=0, duration=3.0),
+            )
+        ),
+        workload=Workload(
+            (
+                ClientOp(0.0, 0, 0, CALL),
+                ClientOp(1.1, 1, 0, CALL, count=5, pause=2.0),
+                ClientOp(5.5, 2, 0, OpKind.DISCARD, count=4, work=3.0),
+                ClientOp(0.0, 0, 0, CALL),
+            ),
+            background=4,
+        ),
+    ),
 }
 
 

@@ -495,6 +495,11 @@ class Sharding:
                 # cancellation does not hold the shard forever.
                 with trio.move_on_after(self._config.entity_termination_timeout):
                     await host.wait_idle()
+                if host.stop_hooks_done is not None:
+                    # A graceful stop's hooks write under the shard's epoch
+                    # (requests given back unrun): before the lock goes.
+                    with trio.move_on_after(self._operation_timeout):
+                        await host.stop_hooks_done.wait()
                 if self._draining.get(host.shard_id) is host:
                     del self._draining[host.shard_id]
 
@@ -532,6 +537,7 @@ class Sharding:
 
         if command.graceful:
             self._draining[host.shard_id] = host
+            host.stop_hooks_done = trio.Event()
         assert self._nursery is not None
         self._nursery.start_soon(self._stop_host, host, command.graceful)
 
@@ -579,11 +585,15 @@ class Sharding:
     async def _stop_host(self, host: ShardHost, graceful: bool) -> None:
         with trio.CancelScope(shield=True) as cleanup:
             self._cleanups.add(cleanup)
-            await self._manager.stop_shard(host, graceful=graceful)
-            if graceful and host.leased():
-                with trio.move_on_after(self._operation_timeout):
-                    for hook in self._on_shard_stopped:
-                        await hook(host)
+            try:
+                await self._manager.stop_shard(host, graceful=graceful)
+                if graceful and host.leased():
+                    with trio.move_on_after(self._operation_timeout):
+                        for hook in self._on_shard_stopped:
+                            await hook(host)
+            finally:
+                if host.stop_hooks_done is not None:
+                    host.stop_hooks_done.set()
         self._cleanups.discard(cleanup)
 
     async def _release_loop(self) -> None:

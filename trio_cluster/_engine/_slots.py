@@ -214,6 +214,7 @@ class ShardHost:
         "shard_id",
         "slots",
         "state",
+        "stop_hooks_done",
     )
 
     def __init__(
@@ -262,6 +263,9 @@ class ShardHost:
         self.bounced: list[int] = []
         """Persisted requests claimed here that its stop gave back unrun
         (`EntityManager.bounce`): their claim did not make an attempt."""
+        self.stop_hooks_done: trio.Event | None = None
+        """Set once the hooks of its graceful stop ran (it is released
+        after them); None unless it stops gracefully."""
 
     @property
     def active(self) -> bool:

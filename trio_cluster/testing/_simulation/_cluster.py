@@ -87,6 +87,7 @@ class SimulatedCluster:
             current_runs=self.checker.incarnations.values,
         )
         self.checker.stored_hooks.append(self.probes.stored)
+        self.checker.answered_hooks.append(self.probes.answered)
 
     # ------------------------------------------------------------------
     # Access

@@ -150,6 +150,9 @@ class Checker:
         """Reply writes refused by fencing (late writes of old owners)."""
         self.stored_hooks: list[Callable[[PersistedRequest], None]] = []
         """Called with each persisted request storage accepts."""
+        self.answered_hooks: list[Callable[[str, str | None], None]] = []
+        """Called with the tag and primary key of each request whose final
+        reply is recorded (ran or not: a dead-lettered one never runs)."""
         self.acquisitions = 0
         self.overlaps = 0
         """Acquisitions made while the previous holder, whose lock session
@@ -418,6 +421,8 @@ class Checker:
         accepted = self.accepted.get(request_id)
         if accepted is None:
             return
+        for hook in self.answered_hooks:
+            hook(accepted.tag, accepted.primary_key)
         accepted.finals += 1
         if accepted.finals > 1:
             self._fail(

@@ -271,6 +271,19 @@ class ProbeJournal:
         if not waiting:
             del self._waiting[message.stream]
 
+    def answered(self, tag: str, primary_key: str | None) -> None:
+        """A request got its final reply (called by the checker): a write
+        answered without running (dead-lettered) waits no more, so the
+        writes stored after it may run."""
+        if tag != "write" or primary_key is None:
+            return
+        stream, _, seq = primary_key.partition(".")
+        waiting = self._waiting.get(int(stream))
+        if waiting is not None:
+            waiting.discard(int(seq))
+            if not waiting:
+                del self._waiting[int(stream)]
+
     def stored(self, request: PersistedRequest) -> None:
         """Storage accepted ``request`` (called by the checker)."""
         if (
