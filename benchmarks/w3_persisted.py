@@ -6,7 +6,10 @@ table prefix and drops them at the end.
 
 After a warm-up that activates the 1,000 entities (and prepares the
 statements on the pool's connections), two phases are measured: sequential
-calls, then calls from 50 concurrent callers. SQL statements per request come
+calls, then calls from 50 concurrent callers. ``TRIO_CLUSTER_BENCH_W3_CALLERS``
+(comma-separated caller counts, e.g. ``50,200,500``) runs the concurrent
+phase once per count instead, in that order, each with 2,000 calls per 50
+callers (figures carry ``callers``); later phases run on larger tables. SQL statements per request come
 from the driver's own counters (`PostgresStorage.statistics`: every statement
 sent on the runner's message connections, ``BEGIN``/``COMMIT`` included; the
 lock connection's lease heartbeats are reported apart), read before and after
@@ -33,8 +36,10 @@ driver alone, the same waits) is what to read it against.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import psycopg
@@ -59,6 +64,7 @@ from ._common import (
 )
 
 CALLERS = 50
+ENV_CALLERS = "TRIO_CLUSTER_BENCH_W3_CALLERS"
 
 
 def _server_settings(dsn: str) -> dict[str, str]:
@@ -132,40 +138,63 @@ async def run(dsn: str, prefix: str, settings: dict[str, str], *, quick: bool) -
         sequential_p50 = summary(latencies)["p50_us"]
         emit("W3", "sequential_p50_over_floor", sequential_p50 / floor, "ratio")
 
-        progress(f"W3 concurrent: {concurrent_calls} calls, {CALLERS} callers")
-        phase = _Phase(storage)
-        before = runner.statistics()
-        rate, latencies = await concurrent(call, concurrent_calls, CALLERS)
-        cost = phase.per_request(concurrent_calls)
-        after = runner.statistics()
-        emit_phase(
-            "W3",
-            "concurrent",
-            rate,
-            latencies,
-            {"callers": CALLERS},
-            n=concurrent_calls,
-            **extra,
-        )
-        emit(
-            "W3",
-            "concurrent_statements_per_request",
-            cost["statements"],
-            "statements",
-            callers=CALLERS,
-            round_trips=round(cost["round_trips"], 3),
-            lock_statements=round(cost["lock_statements"], 3),
-            save_batches=after.save_batches - before.save_batches,
-            reply_batches=after.reply_batches - before.reply_batches,
-            claims=after.storage_claims - before.storage_claims,
-        )
-        emit(
-            "W3",
-            "concurrent_runner_cpu_per_request",
-            cost["cpu_us"],
-            "us",
-            callers=CALLERS,
-        )
+        for callers in _callers():
+            calls = concurrent_calls * max(1, callers // CALLERS)
+            await _concurrent_phase(runner, storage, call, calls, callers, extra)
+
+
+def _callers() -> list[int]:
+    """The caller counts of the concurrent phase: ``CALLERS``, or those of
+    ``TRIO_CLUSTER_BENCH_W3_CALLERS`` (comma-separated, e.g. ``50,200,500``).
+
+    Raises:
+        ValueError: a count is not a positive integer.
+    """
+    value = os.environ.get(ENV_CALLERS, "").strip()
+    if not value:
+        return [CALLERS]
+    counts = [int(part) for part in value.split(",")]
+    if any(count < 1 for count in counts):
+        raise ValueError(f"{ENV_CALLERS}: caller counts must be positive: {value}")
+    return counts
+
+
+async def _concurrent_phase(
+    runner: tc.Runner,
+    storage: PostgresStorage,
+    call: Callable[[int], Awaitable[object]],
+    calls: int,
+    callers: int,
+    extra: dict[str, str],
+) -> None:
+    progress(f"W3 concurrent: {calls} calls, {callers} callers")
+    phase = _Phase(storage)
+    before = runner.statistics()
+    rate, latencies = await concurrent(call, calls, callers)
+    cost = phase.per_request(calls)
+    after = runner.statistics()
+    emit_phase(
+        "W3", "concurrent", rate, latencies, {"callers": callers}, n=calls, **extra
+    )
+    emit(
+        "W3",
+        "concurrent_statements_per_request",
+        cost["statements"],
+        "statements",
+        callers=callers,
+        round_trips=round(cost["round_trips"], 3),
+        lock_statements=round(cost["lock_statements"], 3),
+        save_batches=after.save_batches - before.save_batches,
+        reply_batches=after.reply_batches - before.reply_batches,
+        claims=after.storage_claims - before.storage_claims,
+    )
+    emit(
+        "W3",
+        "concurrent_runner_cpu_per_request",
+        cost["cpu_us"],
+        "us",
+        callers=callers,
+    )
 
 
 async def _measure_floor(dsn: str, prefix: str, count: int) -> float:
