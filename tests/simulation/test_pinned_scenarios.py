@@ -147,6 +147,33 @@ PINNED = {
             background=4,
         ),
     ),
+    # FIFO and dead letters: writes queued behind a long one were claimed by
+    # two runners whose lock sessions were lost (no graceful give-back), and
+    # dead-lettered without running on the third claim, in the same claim
+    # as a later write of their stream, which ran before their dead-letter
+    # replies were recorded. Not a violation: a write answered without
+    # running is overtaken by no run (the journal now reports an overtaken
+    # write only when it runs).
+    "writes-dead-lettered-behind-a-long-one": Scenario(
+        seed=0,
+        runners=3,
+        faults=FaultSchedule(
+            (
+                StorageOutage(at=4.3, runner=None, duration=6.0),
+                LoseLockSession(at=11.5, runner=2),
+                LoseLockSession(at=14.4, runner=1),
+            )
+        ),
+        workload=Workload(
+            (
+                ClientOp(0.0, 0, 0, CALL),
+                ClientOp(5.3, 0, 3, OpKind.DISCARD, count=3, pause=0.5),
+                ClientOp(0.0, 0, 0, CALL, count=2),
+                ClientOp(4.9, 0, 3, CALL, work=3.0),
+            ),
+            background=4,
+        ),
+    ),
 }
 
 

@@ -9,7 +9,9 @@ checks, at the instant a handler starts and again when it ends its work:
   same shard, and the runner running it serves the shard;
 * **volatile at most once**: a volatile message (``touch``) never runs twice;
 * **per-entity FIFO**: the persisted writes of one client stream first run
-  in the order they were stored, and within one shard epoch on one runner
+  in the order they were stored (a write that runs after a later one of its
+  stream ran is a violation when it runs; one answered without running,
+  dead-lettered, overtakes nothing), and within one shard epoch on one runner
   they run in increasing order, each at most once;
 * **bounded attempts**: a persisted write starts at most as many times as
   its retry policy allows attempts (storage counts one per claim, and
@@ -139,6 +141,10 @@ class ProbeJournal:
     _touched: dict[int, str] = attrs.field(init=False, factory=dict)
     _waiting: dict[int, set[int]] = attrs.field(init=False, factory=dict)
     """Per stream, the writes stored that never ran yet."""
+    _overtaken: dict[tuple[int, int], str] = attrs.field(init=False, factory=dict)
+    """Writes (stream, seq) a later write of their stream ran before, with
+    the violation to report if they run after all (a write answered without
+    running, dead-lettered, was overtaken by no run)."""
     _last_in_epoch: dict[tuple[str, ShardId, int | None, int], int] = attrs.field(
         init=False, factory=dict
     )
@@ -257,17 +263,23 @@ class ProbeJournal:
                 f" {execution.epoch} of shard {execution.shard}"
             )
         self._last_in_epoch[key] = message.seq
+        overtaken = self._overtaken.pop((message.stream, message.seq), None)
+        if overtaken is not None:
+            self._fail(overtaken)
         waiting = self._waiting.get(message.stream)
         if waiting is None or message.seq not in waiting:
             return  # it ran before
         waiting.discard(message.seq)
-        earlier = [seq for seq in waiting if seq < message.seq]
-        if earlier:
-            self._fail(
-                f"FIFO: write {write_key(message)} to {entity.address} ran"
-                f" (on {execution.runner}) before write {message.stream}.{min(earlier)},"
-                " which was stored earlier"
-            )
+        for seq in waiting:
+            if seq < message.seq:
+                # A violation once the earlier write runs; none if it is
+                # answered without running (dead-lettered).
+                self._overtaken.setdefault(
+                    (message.stream, seq),
+                    f"FIFO: write {write_key(message)} to {entity.address} ran"
+                    f" (on {execution.runner}) before write {message.stream}.{seq},"
+                    " which was stored earlier",
+                )
         if not waiting:
             del self._waiting[message.stream]
 
@@ -278,11 +290,14 @@ class ProbeJournal:
         if tag != "write" or primary_key is None:
             return
         stream, _, seq = primary_key.partition(".")
-        waiting = self._waiting.get(int(stream))
-        if waiting is not None:
-            waiting.discard(int(seq))
+        key = (int(stream), int(seq))
+        waiting = self._waiting.get(key[0])
+        if waiting is not None and key[1] in waiting:
+            # Answered without running: nothing overtook a run of it.
+            waiting.discard(key[1])
+            self._overtaken.pop(key, None)
             if not waiting:
-                del self._waiting[int(stream)]
+                del self._waiting[key[0]]
 
     def stored(self, request: PersistedRequest) -> None:
         """Storage accepted ``request`` (called by the checker)."""
