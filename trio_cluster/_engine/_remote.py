@@ -35,6 +35,7 @@ from .._errors import (
 from .._errors._closed import RunnerClosedError
 from .._log_limit import LogLimiter
 from ..serialization._replies import Exit
+from ._deadline import effective_deadline
 from ._streams import END, ITEM, STREAM_BUFFER, ReceiveWindow, StreamReceiver
 from ._wire import MAX_SECONDS_LEFT, Kind, Mode
 
@@ -144,7 +145,7 @@ class OutboundCalls:
         """A new call id and its ``REQUEST`` envelope."""
         self._next_id += 1
         call_id = self._next_id
-        deadline = trio.current_effective_deadline()
+        deadline = effective_deadline()
         if deadline == math.inf:
             left = None
         else:
