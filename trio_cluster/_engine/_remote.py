@@ -50,6 +50,11 @@ __all__ = ["NotSent", "OutboundCalls", "RouteAgain"]
 
 log = logging.getLogger("trio_cluster.transport")
 
+# Read on every remote call: on Python 3.11 a member read from its enum
+# class costs a Python-level lookup, a module constant does not.
+_REQUEST = Kind.REQUEST
+_CALL = Mode.CALL
+
 
 class NotSent(RunnerUnavailableError):
     """The request could not be handed to the transport: nothing left this
@@ -156,7 +161,7 @@ class OutboundCalls:
         shard = address.shard
         # `_wire.address_fields`, inlined: this runs for every remote call.
         envelope = [
-            Kind.REQUEST,
+            _REQUEST,
             call_id,
             mode,
             address.entity_type,
@@ -206,9 +211,7 @@ class OutboundCalls:
 
         Cancellation sends ``INTERRUPT`` to the owner.
         """
-        call_id, envelope = self._envelope(
-            Mode.CALL, address, handler, payload, metadata
-        )
+        call_id, envelope = self._envelope(_CALL, address, handler, payload, metadata)
         if self._pending:
             # Other calls wait: queue it, to leave in the next frame with
             # theirs (a batch per scheduler pass).
