@@ -24,7 +24,7 @@ def _same() -> float:
     return ours
 
 
-def test_the_pinned_trio_has_the_layout_the_loop_reads():
+def test_the_installed_trio_has_the_layout_the_loop_reads():
     # A Trio that renames these falls back to its own function (correct,
     # slower): this says so, so that it is noticed.
     assert effective_deadline is _deadline._walk
