@@ -114,8 +114,8 @@ def _report(
         user = counts["user"] / calls * 1e6
         system = counts["system"] / calls * 1e6
         print(
-            f"{name} {side}: {per_call:.2f} steps/call, CPU/call {user:.0f} us user"
-            f" + {system:.0f} us system ({tasks})",
+            f"{name} {side}: {per_call:.2f} steps/call, CPU/call {user:.1f} us user"
+            f" + {system:.1f} us system ({tasks})",
             file=sys.stderr,
         )
 

@@ -265,3 +265,65 @@ async def test_a_reply_counts_from_the_runner_asked_only():
         owner = tc.RunnerAddress("127.0.0.1", 7001)
         caller.calls.reply(owner, request[1], caller.reply)
     assert caller.results == [Where("owner", 2)]
+
+
+# ----------------------------------------------------------------------
+# The caller's deadline travels with its request
+
+
+async def _request_sent_by(caller: Callable[[OutboundCalls], Any]) -> list[Any]:
+    """The ``REQUEST`` envelope of the one call ``caller`` makes (the call
+    is then cancelled: no answer comes)."""
+    endpoint = _Sending()
+    calls = OutboundCalls(endpoint)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(caller, calls)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    [request] = endpoint.sent
+    assert request[0] == Kind.REQUEST
+    return request
+
+
+async def test_a_request_carries_no_time_left_when_the_caller_has_no_deadline(
+    autojump_clock,
+):
+    async def caller(calls: OutboundCalls) -> None:
+        await calls.call(_OWNER, _WHERE, _add_handler(), b"\x80")
+
+    request = await _request_sent_by(caller)
+    assert request[9] is None
+
+
+async def test_a_request_carries_the_time_its_caller_has_left(autojump_clock):
+    async def caller(calls: OutboundCalls) -> None:
+        with trio.move_on_after(30):
+            with trio.CancelScope():  # a scope without a deadline between
+                with trio.move_on_after(12.5):
+                    await calls.call(_OWNER, _WHERE, _add_handler(), b"\x80")
+
+    request = await _request_sent_by(caller)
+    assert request[9] == 12.5
+
+
+async def test_a_shielded_caller_sends_no_deadline_from_above_its_shield(
+    autojump_clock,
+):
+    async def caller(calls: OutboundCalls) -> None:
+        with trio.move_on_after(5), trio.CancelScope(shield=True):
+            with trio.move_on_after(1e12):  # beyond the wire's limit: none
+                await calls.call(_OWNER, _WHERE, _add_handler(), b"\x80")
+
+    endpoint = _Sending()
+    await caller(OutboundCalls(endpoint))  # ends at the far deadline
+    [request] = endpoint.sent
+    assert request[9] is None
+
+
+async def test_a_cancelled_caller_sends_no_time_left(autojump_clock):
+    endpoint = _Sending()
+    with trio.move_on_after(30) as scope:
+        scope.cancel()
+        await OutboundCalls(endpoint).call(_OWNER, _WHERE, _add_handler(), b"\x80")
+    [request] = endpoint.sent
+    assert request[9] == 0

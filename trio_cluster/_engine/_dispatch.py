@@ -36,6 +36,12 @@ __all__ = ["ClusterHandler", "HandlerRelay"]
 
 log = logging.getLogger("trio_cluster.transport")
 
+# The two kinds of every remote call, as module constants: on Python 3.11
+# reading a member from its enum class costs a Python-level lookup, twice
+# per envelope here.
+_REQUEST = Kind.REQUEST
+_REPLY = Kind.REPLY
+
 
 @attrs.define(eq=False, kw_only=True)
 class ClusterHandler(EndpointHandler):
@@ -89,9 +95,9 @@ class ClusterHandler(EndpointHandler):
         persisted, broadcasts = self._persisted, self._broadcasts
         try:
             kind, fields = parse(envelope)
-            if kind is Kind.REQUEST:
+            if kind is _REQUEST:
                 inbound.request(peer, fields)
-            elif kind is Kind.REPLY:
+            elif kind is _REPLY:
                 outbound.reply(peer, *fields)
             elif kind is Kind.NOT_DELIVERED:
                 outbound.not_delivered(peer, *fields)

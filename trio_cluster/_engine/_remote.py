@@ -35,6 +35,7 @@ from .._errors import (
 from .._errors._closed import RunnerClosedError
 from .._log_limit import LogLimiter
 from ..serialization._replies import Exit
+from ._deadline import effective_deadline
 from ._streams import END, ITEM, STREAM_BUFFER, ReceiveWindow, StreamReceiver
 from ._wire import MAX_SECONDS_LEFT, Kind, Mode
 
@@ -48,6 +49,11 @@ if TYPE_CHECKING:
 __all__ = ["NotSent", "OutboundCalls", "RouteAgain"]
 
 log = logging.getLogger("trio_cluster.transport")
+
+# Read on every remote call: on Python 3.11 a member read from its enum
+# class costs a Python-level lookup, a module constant does not.
+_REQUEST = Kind.REQUEST
+_CALL = Mode.CALL
 
 
 class NotSent(RunnerUnavailableError):
@@ -144,7 +150,7 @@ class OutboundCalls:
         """A new call id and its ``REQUEST`` envelope."""
         self._next_id += 1
         call_id = self._next_id
-        deadline = trio.current_effective_deadline()
+        deadline = effective_deadline()
         if deadline == math.inf:
             left = None
         else:
@@ -155,7 +161,7 @@ class OutboundCalls:
         shard = address.shard
         # `_wire.address_fields`, inlined: this runs for every remote call.
         envelope = [
-            Kind.REQUEST,
+            _REQUEST,
             call_id,
             mode,
             address.entity_type,
@@ -205,9 +211,7 @@ class OutboundCalls:
 
         Cancellation sends ``INTERRUPT`` to the owner.
         """
-        call_id, envelope = self._envelope(
-            Mode.CALL, address, handler, payload, metadata
-        )
+        call_id, envelope = self._envelope(_CALL, address, handler, payload, metadata)
         if self._pending:
             # Other calls wait: queue it, to leave in the next frame with
             # theirs (a batch per scheduler pass).

@@ -144,8 +144,7 @@ class Router:
     def _remote_owner(self, address: EntityAddress) -> RunnerAddress | None:
         if self.outbound is None:
             return None
-        owner = self._shards.assignment.get(address.shard)
-        return None if owner is None or owner == self._shards.address else owner
+        return self._shards.remote_owners.get(address.shard)
 
     async def _wait(self, address: EntityAddress, deadline: float | None) -> float:
         """Wait for the routing to change; return the (set) routing deadline.
@@ -223,13 +222,15 @@ class Router:
                         )
                     except NotDelivered:
                         pass
-                elif (peer := self._remote_owner(address)) is not None:
-                    assert self.outbound is not None
+                elif (outbound := self.outbound) is not None and (
+                    peer := self._shards.remote_owners.get(address.shard)
+                ) is not None:
+                    # `_remote_owner`, inlined: one call less per remote call.
                     if payload is None:
                         payload = self._encode(handler, message)
                     try:
                         self.remote_calls += 1
-                        return await self.outbound.call(
+                        return await outbound.call(
                             peer, address, handler, payload, metadata
                         )
                     except (NotSent, RouteAgain):

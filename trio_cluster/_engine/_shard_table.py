@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import trio
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from .._core._addresses import RunnerAddress, ShardId
     from .._storage_abc import RunnerInfo
     from ._slots import ShardHost
@@ -30,8 +32,13 @@ class ShardTable:
         """The address peers reach this runner at."""
         self.hosts: dict[ShardId, ShardHost] = {}
         """Shards served now (ACTIVE hosts only)."""
-        self.assignment: dict[ShardId, RunnerAddress] = {}
-        """Which runner each shard is assigned to, as of the last poll."""
+        self.assignment: Mapping[ShardId, RunnerAddress] = {}
+        """Which runner each shard is assigned to, as of the last poll (set
+        by `assign`)."""
+        self.remote_owners: Mapping[ShardId, RunnerAddress] = {}
+        """`assignment` without this runner's shards, keyed by the objects
+        of `shard_id` (set by `assign`): a remote call finds its owner with
+        one lookup that compares no shard ids and no addresses."""
         self.live: list[RunnerInfo] = []
         """The live runners, as of the last poll."""
         self.machine_id: int | None = None
@@ -51,6 +58,16 @@ class ShardTable:
         skips ``ShardId.__eq__``, a Python call (every local call looks its
         shard up)."""
         return self._shard_ids.setdefault(shard, shard)
+
+    def assign(self, assignment: dict[ShardId, RunnerAddress]) -> None:
+        """Take ``assignment`` (a membership poll's) as `assignment`, and
+        its shards assigned elsewhere as `remote_owners`."""
+        self.assignment = assignment
+        self.remote_owners = {
+            self.shard_id(shard): owner
+            for shard, owner in assignment.items()
+            if owner != self.address
+        }
 
     def serve(self, shard: ShardId, host: ShardHost) -> None:
         """Serve ``shard`` with ``host`` from now on (an ACTIVE host)."""

@@ -241,8 +241,10 @@ class Sharding:
             if members != self._members:
                 # Only a change of membership changes the assignment.
                 self._members = members
-                self.table.assignment = assign_shards(
-                    members, shards_per_group=self._config.shards_per_group
+                self.table.assign(
+                    assign_shards(
+                        members, shards_per_group=self._config.shards_per_group
+                    )
                 )
                 self._mine = [
                     shard
