@@ -88,10 +88,10 @@ class Attempts:
         assert failure is not None
         assert job.request_id is not None
         policy = job.handler.retry
-        text = error_text(str(exit_.error))
         if policy.retries(job.attempt, failure):
             key = f"{job.request_id}/{job.attempt}"
             return policy.backoff.delay(job.attempt - 1, spread(key))
+        text = error_text(str(exit_.error))
         kind = "non_retryable" if job.attempt < policy.max_attempts else "exhausted"
         return self._dead(job.request_id, job.attempt, text, kind), text
 

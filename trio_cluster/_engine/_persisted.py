@@ -271,10 +271,7 @@ class PersistedDelivery:
             if waiter is not None:
                 self._parts.waiters.unregister(request_id, waiter)
             if refused(exc):  # this request alone (see `Batcher`)
-                raise MalformedMessageError(
-                    what=f"{handler.what} request",
-                    problems=[f"storage refused to store it: {exc}"],
-                ) from exc
+                raise _refused_request(handler, exc) from exc
             raise
         if result.duplicate:
             if waiter is not None:
@@ -348,10 +345,7 @@ class PersistedDelivery:
             )
         except Exception as exc:
             if refused(exc):
-                raise MalformedMessageError(
-                    what=f"{handler.what} request",
-                    problems=[f"storage refused to store it: {exc}"],
-                ) from exc
+                raise _refused_request(handler, exc) from exc
             raise
 
     @asynccontextmanager
@@ -507,6 +501,14 @@ class PersistedDelivery:
                 )
         if scope.cancelled_caught:
             log.warning("storing the interruption of request %d timed out", request_id)
+
+
+def _refused_request(handler: Handler, exc: BaseException) -> MalformedMessageError:
+    """The error of a request storage refused for its data (`refused`)."""
+    return MalformedMessageError(
+        what=f"{handler.what} request",
+        problems=[f"storage refused to store it: {exc}"],
+    )
 
 
 def _primary_key(handler: Handler, message: Any) -> str | None:

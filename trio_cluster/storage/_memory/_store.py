@@ -213,11 +213,7 @@ class MessageStore:
         saved_shards: dict[ShardId, None] = {}
         earliest: float | None = None
         for request in requests:
-            original = self._requests.get(request.request_id)
-            if original is None and request.primary_key is not None:
-                original = self._keys.get(
-                    (request.address, request.tag, request.primary_key)
-                )
+            original = self._original(request)
             if original is not None:
                 results.append(self._duplicate(original, request))
                 continue
@@ -249,11 +245,7 @@ class MessageStore:
         by_id: dict[int, int] = {}
         by_key: dict[tuple[EntityAddress, str, str], int] = {}
         for request in requests:
-            original = self._requests.get(request.request_id)
-            if original is None and request.primary_key is not None:
-                original = self._keys.get(
-                    (request.address, request.tag, request.primary_key)
-                )
+            original = self._original(request)
             if original is not None:
                 results.append(self._duplicate(original, request))
                 continue
@@ -273,6 +265,16 @@ class MessageStore:
                 by_key[key] = request.request_id
             results.append(SaveResult(request.request_id, duplicate=False))
         return results
+
+    def _original(self, request: PersistedRequest) -> _Request | None:
+        """The stored request ``request`` duplicates (same id, or same
+        address, tag and primary key), if any."""
+        original = self._requests.get(request.request_id)
+        if original is None and request.primary_key is not None:
+            original = self._keys.get(
+                (request.address, request.tag, request.primary_key)
+            )
+        return original
 
     @staticmethod
     def _duplicate(original: _Request, request: PersistedRequest) -> SaveResult:

@@ -65,6 +65,12 @@ class ProbeTouch:
     work: float = 0.0
 
 
+def _write_number(key: str) -> tuple[int, int]:
+    """The (stream, seq) of a write's primary key (`write_key`)."""
+    stream, _, seq = key.partition(".")
+    return int(stream), int(seq)
+
+
 def write_key(message: ProbeWrite) -> str:
     """The primary key of a write (its stream and number)."""
     return f"{message.stream}.{message.seq}"
@@ -289,8 +295,7 @@ class ProbeJournal:
         writes stored after it may run."""
         if tag != "write" or primary_key is None:
             return
-        stream, _, seq = primary_key.partition(".")
-        key = (int(stream), int(seq))
+        key = _write_number(primary_key)
         waiting = self._waiting.get(key[0])
         if waiting is not None and key[1] in waiting:
             # Answered without running: nothing overtook a run of it.
@@ -306,5 +311,5 @@ class ProbeJournal:
             and request.tag == "write"
             and request.primary_key is not None
         ):
-            stream, _, seq = request.primary_key.partition(".")
-            self._waiting.setdefault(int(stream), set()).add(int(seq))
+            stream, seq = _write_number(request.primary_key)
+            self._waiting.setdefault(stream, set()).add(seq)
