@@ -15,7 +15,15 @@ Whenever the connection fails, times out, or is interrupted (the outcome of a
 lock statement is then unknown), it is closed and its generation is *lost*:
 the server frees its locks as the backend exits. The next operation opens a
 new connection, a new generation, after a `Backoff` delay if connecting
-failed before; only one rebuild runs at a time, since operations take turns.
+failed before or if the lost generation was short-lived (it lived less than
+``stable_after``); only one rebuild runs at a time, since operations take
+turns. The second rule matters when something keeps ending the runner's
+sessions (an operator terminating its backends, a flapping network): a runner
+that reconnected at once would take its liveness lock and its shards back
+within milliseconds of every loss, the other runners would keep seeing it live,
+and none of them would take over. Backing off leaves it without a session for
+growing stretches, long enough for the others' membership polls to see it gone;
+a single loss after a stable session still reconnects at once.
 If an operation fails because the connection was already dead, it is tried
 once more on a new connection: the dead session held nothing any more, so a
 fresh one answers truthfully (e.g. ``refresh`` reports every shard gone).
@@ -54,6 +62,8 @@ log = logging.getLogger("trio_cluster.storage.postgres")
 T = TypeVar("T")
 
 DEFAULT_BACKOFF = Backoff(0.05, 2.0, jitter=0.5)
+DEFAULT_STABLE_AFTER = 2.0
+"""Seconds a generation must live for its loss to be reconnected at once."""
 
 
 @attrs.define(eq=False)
@@ -92,7 +102,11 @@ class LockSession:
         operation_timeout: deadline of each operation, in seconds.
         on_new_generation: awaited with each new connection and its
             generation before it is used (e.g. to restore the liveness lock).
-        backoff: delays between failed connection attempts.
+        backoff: delays between failed connection attempts, and before
+            reconnecting after the loss of a short-lived generation.
+        stable_after: a generation lost sooner than this many seconds after
+            it began counts as a failure for the backoff; one that lived
+            longer resets it.
     """
 
     _connect: Callable[[], Awaitable[PgConnection]]
@@ -101,6 +115,9 @@ class LockSession:
         attrs.field(kw_only=True)
     )
     _backoff: Backoff = attrs.field(default=DEFAULT_BACKOFF, kw_only=True)
+    _stable_after: float = attrs.field(
+        default=DEFAULT_STABLE_AFTER, kw_only=True, alias="stable_after"
+    )
     _random_unit: Callable[[], float] = attrs.field(default=random.random, kw_only=True)
     _conn: PgConnection | None = attrs.field(init=False, default=None)
     state: Generation = attrs.field(init=False, factory=lambda: Generation(0))
@@ -117,6 +134,7 @@ class LockSession:
     )
     _failures: int = attrs.field(init=False, default=0)
     _retry_at: float = attrs.field(init=False, default=-math.inf)
+    _began: float = attrs.field(init=False, default=-math.inf)
     _last_error: str = attrs.field(init=False, default="")
     _closed: bool = attrs.field(init=False, default=False)
     _losses: int = attrs.field(init=False, default=0)
@@ -207,20 +225,17 @@ class LockSession:
         if wait > 0:
             if wait > self._timeout:
                 raise PersistenceError(
-                    f"cannot open the lock connection (next attempt in {wait:.2f} s):"
+                    f"the lock connection is down (next attempt in {wait:.2f} s):"
                     f" {self._last_error}"
                 )
             await trio.sleep(wait)
         try:
             conn = await self._connect()
         except PersistenceError as exc:
-            self._failures += 1
-            self._last_error = str(exc)
-            delay = self._backoff.delay(self._failures - 1, self._random_unit())
-            self._retry_at = trio.current_time() + delay
+            self._failed(str(exc))
             raise
-        self._failures = 0
         self._retry_at = -math.inf
+        self._began = trio.current_time()
         self._conn = conn
         self.state = Generation(self.state.number + 1)
         if self.state.number > 1:
@@ -249,8 +264,20 @@ class LockSession:
             log.warning(
                 "lock session generation %d lost: %s", self.state.number, reason
             )
+            if trio.current_time() - self._began < self._stable_after:
+                self._failed(reason)
+            else:
+                self._failures = 0
         self._lost.set()
         self._changes.unpark_all()
+
+    def _failed(self, reason: str) -> None:
+        """A connection attempt failed, or a short-lived generation was lost:
+        the next attempt waits for the backoff."""
+        self._failures += 1
+        self._last_error = reason
+        delay = self._backoff.delay(self._failures - 1, self._random_unit())
+        self._retry_at = trio.current_time() + delay
 
     # ------------------------------------------------------------------
     # Loss detection
