@@ -38,6 +38,7 @@ from trio_cluster._storage_abc import (
 from .._validation import check_open_session
 from ._messages import MemoryMessages
 from ._runners import MemoryRunners, RunnerTable, Session
+from ._state import StateTable
 from ._store import Inbox, MessageStore
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ class MemoryStorage(Storage):
         self._messages = MessageStore(
             epoch_of=self._runners.epoch_of, inboxes=self._inboxes
         )
+        self._states = StateTable(self._runners.epoch_of)
 
     def _new_epoch(self, shard: ShardId) -> None:
         self._messages.new_epoch(shard)
@@ -156,6 +158,7 @@ class MemoryStorage(Storage):
         self._sessions[name] = session
         messages = MemoryMessages(
             self._messages,
+            states=self._states,
             enter=partial(self._enter, session),
             inbox=session.inbox,
             check_open=session.check_open,
