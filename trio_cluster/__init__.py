@@ -34,6 +34,7 @@ from ._core._config import ShardingConfig as ShardingConfig
 from ._core._retry import Backoff as Backoff, RetryPolicy as RetryPolicy
 from ._core._snowflake import Snowflake as Snowflake
 from ._cron import Cron as Cron
+from ._durable import Durable as Durable, durable as durable
 from ._entity import Entity as Entity
 from ._errors import (
     AlreadyProcessingError as AlreadyProcessingError,
@@ -42,6 +43,7 @@ from ._errors import (
     ClusterInternalError as ClusterInternalError,
     ConfigError as ConfigError,
     DeadLetteredError as DeadLetteredError,
+    DurableStateError as DurableStateError,
     EntityDefinitionError as EntityDefinitionError,
     EntityNotAssignedError as EntityNotAssignedError,
     InvalidIdError as InvalidIdError,
@@ -106,6 +108,8 @@ __all__ = [
     "DeadLetter",
     "DeadLetterQueue",
     "DeadLetteredError",
+    "Durable",
+    "DurableStateError",
     "Entity",
     "EntityAddress",
     "EntityClient",
@@ -147,6 +151,7 @@ __all__ = [
     "current_metadata",
     "current_runner",
     "current_transaction",
+    "durable",
     "open_runner",
     "rpc",
     "serve_metrics",

@@ -12,9 +12,10 @@ Theory of operation:
   to wait, as soon as there is room: when a resident entity is forgotten
   (passivated, or its shard stopped) or goes idle (it is then passivated for
   them). While any waits, new entities are not admitted ahead of them.
-* Its incarnation (the user's object) is created, and ``on_start`` runs, when
-  the first handler is about to run (`activate`, or the manager's one-step
-  fast path with `new_instance`).
+* Its incarnation (the user's object) is created, its durable state loaded
+  (`_durable_state`), and ``on_start`` run, when the first handler is about
+  to run (`activate`, or the manager's one-step fast path with
+  `new_instance`, never taken for a type with durable state).
 * ``on_start``, ``on_stop`` and the tasks started here run in the runner's
   base context (`_isolation`), never in that of the task that happened to
   crash, passivate or stop the entity.
@@ -403,6 +404,10 @@ async def activate(slot: Slot) -> Entity:
     event = slot.starting = trio.Event()
     try:
         instance = new_instance(slot)
+        if slot.entity_type.durable is not None:
+            states = slot.shard.states
+            assert states is not None, "set when the shard started"
+            await states.load(slot, instance)
         if slot.entity_type.has_on_start:
             token = current_entity_var.set(instance)
             try:

@@ -24,6 +24,7 @@ __all__ = [
     "ClusterInternalError",
     "ConfigError",
     "DeadLetteredError",
+    "DurableStateError",
     "EntityDefinitionError",
     "EntityNotAssignedError",
     "InvalidIdError",
@@ -94,6 +95,12 @@ class CallInTransactionError(ClusterError, RuntimeError):
     request would exist only once the transaction commits, after the reply
     it waits for. Send it with ``.discard(...)`` (it is then saved in the
     transaction), or call after the transaction."""
+
+
+class DurableStateError(ClusterError, RuntimeError):
+    """Durable entity state was changed where the change could not be
+    saved: outside a transactional handler of its entity (see
+    `trio_cluster.durable`). Nothing changed."""
 
 
 class ConfigError(ClusterError, ValueError):

@@ -1,0 +1,247 @@
+"""Durable entity state (`trio_cluster._engine._durable_state`): loaded at
+activation, saved with a transactional handler's reply, rolled back with
+its transaction, and never changed where it could not be saved."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+import trio_cluster as tc
+from trio_cluster.storage import MemoryStorage
+
+from ..helpers import ORIGIN, FailFirst, config, open_clocked_runner
+
+
+@attrs.frozen
+class Tally:
+    count: int = 0
+    last: str = ""
+
+
+@attrs.frozen
+class Bump:
+    key: str
+    amount: int = 1
+
+
+@attrs.frozen
+class Read:
+    pass
+
+
+@attrs.define(eq=False, kw_only=True)
+class Refused(Exception):
+    reason: str
+
+
+class Counter(tc.Entity):
+    type_name = "DurableCounter"
+    max_idle = 5.0
+    state = tc.durable(Tally)
+    starts: list[int] = []  # noqa: RUF012 - shared on purpose: seen by the tests
+
+    async def on_start(self) -> None:
+        # The stored state is loaded before on_start.
+        Counter.starts.append(self.state.count)
+
+    @tc.rpc(persisted=True, transactional=True, primary_key=lambda m: m.key)
+    async def bump(self, msg: Bump) -> int:
+        self.state = Tally(self.state.count + msg.amount, msg.key)
+        return self.state.count
+
+    @tc.rpc(persisted=True, transactional=True, errors=[Refused])
+    async def bump_then_fail(self, msg: Bump) -> int:
+        self.state = Tally(self.state.count + msg.amount, msg.key)
+        if msg.amount < 0:
+            raise Refused(reason="declared: committed with the state")
+        raise RuntimeError("a bug: rolled back")
+
+    @tc.rpc(persisted=True, transactional=True)
+    async def bump_slowly(self, msg: Bump) -> int:
+        self.state = Tally(self.state.count + msg.amount, msg.key)
+        await trio.sleep(10)
+        return self.state.count
+
+    @tc.rpc
+    async def read(self, msg: Read) -> Tally:
+        return self.state
+
+    @tc.rpc
+    async def bump_volatile(self, msg: Bump) -> int:
+        self.state = Tally(self.state.count + msg.amount, msg.key)
+        return self.state.count
+
+    @tc.rpc(persisted=True)
+    async def bump_persisted(self, msg: Bump) -> int:
+        self.state = Tally(self.state.count + msg.amount, msg.key)
+        return self.state.count
+
+
+@pytest.fixture(autouse=True)
+def _reset_starts() -> None:
+    Counter.starts = []
+
+
+async def test_state_is_saved_with_the_reply_and_survives_passivation(
+    autojump_clock: Any,
+) -> None:
+    storage = MemoryStorage()
+    async with open_clocked_runner([Counter], config(), storage) as runner:
+        ref = runner.client(Counter)("c")
+        assert await ref.bump(Bump("k1")) == 1
+        assert await ref.bump(Bump("k2", 5)) == 6
+        # A duplicate gets its recorded reply and changes nothing.
+        assert await ref.bump(Bump("k1")) == 1
+        assert await ref.read(Read()) == Tally(6, "k2")
+        await trio.sleep(10)  # passivated (max_idle 5 s)
+        assert await ref.read(Read()) == Tally(6, "k2")
+        assert Counter.starts == [0, 6]
+    # A new runner on the same storage continues from the last commit (its
+    # wall clock goes on from the first one's, so its request ids are new).
+    later = tc.TrioWallClock(origin=ORIGIN + trio.current_time())
+    async with tc.open_runner(
+        entities=[Counter], config=config(), storage=storage, clock=later
+    ) as runner:
+        ref = runner.client(Counter)("c")
+        assert await ref.bump(Bump("k3")) == 7
+        assert await runner.client(Counter)("other").read(Read()) == Tally()
+    assert Counter.starts == [0, 6, 6, 0]
+
+
+async def test_declared_error_commits_the_state_and_a_crash_rolls_it_back(
+    autojump_clock: Any,
+) -> None:
+    async with open_clocked_runner([Counter]) as runner:
+        ref = runner.client(Counter)("c")
+        await ref.bump(Bump("k1", 10))
+        with pytest.raises(Refused):
+            await ref.bump_then_fail(Bump("k2", -3))
+        assert await ref.read(Read()) == Tally(7, "k2")
+        with pytest.raises(tc.DeadLetteredError, match="a bug"):
+            await ref.bump_then_fail(Bump("k3", 100))
+        assert await ref.read(Read()) == Tally(7, "k2")
+        assert await ref.bump(Bump("k4")) == 8
+
+
+async def test_interrupted_handler_puts_the_state_back(autojump_clock: Any) -> None:
+    async with open_clocked_runner([Counter]) as runner:
+        ref = runner.client(Counter)("c")
+        await ref.bump(Bump("k1"))
+        with trio.move_on_after(1):
+            await ref.bump_slowly(Bump("k2", 100))
+        # While it ran, the state had changed in memory only; now it is back.
+        assert await ref.read(Read()) == Tally(1, "k1")
+        assert await ref.bump(Bump("k3")) == 2
+
+
+async def test_failed_state_write_rolls_back_and_runs_again(
+    autojump_clock: Any,
+) -> None:
+    storage = MemoryStorage()
+    storage.fault_hook = FailFirst("save_state", 2, "connection lost")
+    cfg = config(entity_restart_backoff=0.5)
+    async with open_clocked_runner([Counter], cfg, storage) as runner:
+        ref = runner.client(Counter)("c")
+        assert await ref.bump(Bump("k1", 3)) == 3  # on its third run
+        assert await ref.read(Read()) == Tally(3, "k1")
+        assert await ref.bump(Bump("k2", 3)) == 6
+
+
+async def test_failed_load_is_retried_and_loses_nothing(autojump_clock: Any) -> None:
+    storage = MemoryStorage()
+    async with open_clocked_runner([Counter], config(), storage) as runner:
+        await runner.client(Counter)("c").bump(Bump("k1", 4))
+    storage.fault_hook = FailFirst("load_state", 1, "connection lost")
+    cfg = config(entity_restart_backoff=0.5)
+    later = tc.TrioWallClock(origin=ORIGIN + 1 + trio.current_time())
+    async with tc.open_runner(
+        entities=[Counter], config=cfg, storage=storage, clock=later
+    ) as runner:
+        ref = runner.client(Counter)("c")
+        assert await ref.bump(Bump("k2", 1)) == 5
+        assert Counter.starts == [0, 4]
+
+
+async def test_state_changes_outside_a_transactional_handler_are_refused(
+    autojump_clock: Any,
+) -> None:
+    async with open_clocked_runner([Counter]) as runner:
+        ref = runner.client(Counter)("c")
+        await ref.bump(Bump("k1"))
+        with pytest.raises(tc.RemoteError, match="only in a transactional handler"):
+            await ref.bump_volatile(Bump("v"))
+        with pytest.raises(tc.DeadLetteredError, match="only in a transactional"):
+            await ref.bump_persisted(Bump("p"))
+        assert await ref.read(Read()) == Tally(1, "k1")
+
+
+class StartsWrong(tc.Entity):
+    type_name = "StartsWrong"
+    state = tc.durable(Tally)
+
+    async def on_start(self) -> None:
+        self.state = Tally(99)
+
+    @tc.rpc
+    async def read(self, msg: Read) -> Tally:
+        return self.state
+
+
+async def test_on_start_cannot_change_the_state(autojump_clock: Any) -> None:
+    async with open_clocked_runner([StartsWrong]) as runner:
+        with pytest.raises(tc.RemoteError, match="only in a transactional handler"):
+            await runner.client(StartsWrong)("s").read(Read())
+
+
+def test_an_entity_made_by_hand_keeps_its_state_as_an_attribute() -> None:
+    counter = Counter()
+    assert counter.state == Tally()
+    counter.state = Tally(3)
+    assert counter.state == Tally(3)
+    with pytest.raises(TypeError, match="must be a Tally"):
+        counter.state = 3  # type: ignore[assignment]
+    assert Counter.state.type is Tally  # the declaration, on the class
+
+
+def test_definition_errors() -> None:
+    with pytest.raises(tc.EntityDefinitionError, match="more than once"):
+
+        class Twice(tc.Entity):
+            type_name = "Twice"
+            a = tc.durable(Tally)
+            b = tc.durable(Tally)
+
+    with pytest.raises(tc.EntityDefinitionError, match="must be a class"):
+        tc.durable(Tally | None)  # type: ignore[arg-type]
+    with pytest.raises(tc.EntityDefinitionError, match="initial"):
+        tc.durable(Tally, initial=Tally(1))  # type: ignore[arg-type]
+
+
+class Parallel(tc.Entity):
+    type_name = "Parallel"
+    concurrency = 2
+    state = tc.durable(int, initial=lambda: 0)
+
+    @tc.rpc
+    async def read(self, msg: Read) -> int:
+        return self.state
+
+
+async def test_durable_state_needs_one_handler_at_a_time(autojump_clock: Any) -> None:
+    with pytest.raises(tc.EntityDefinitionError, match="concurrency = 1"):
+        async with open_clocked_runner([Parallel]):
+            pass  # pragma: no cover
+
+
+class Overridden(Counter):
+    type_name = "Overridden"
+    state = tc.durable(Tally, initial=lambda: Tally(100))
+
+
+async def test_a_subclass_may_redeclare_the_state(autojump_clock: Any) -> None:
+    async with open_clocked_runner([Overridden]) as runner:
+        assert await runner.client(Overridden)("o").bump(Bump("k")) == 101

@@ -1,0 +1,176 @@
+"""Durable entity state: the `durable` declaration and its descriptor (definition layer).
+
+An entity class declares at most one durable state attribute::
+
+    @attrs.frozen
+    class Tally:
+        count: int = 0
+
+    class Counter(Entity):
+        type_name = "Counter"
+        state = durable(Tally)                # Durable[Tally]; initial Tally()
+
+        @rpc(persisted=True, transactional=True)
+        async def add(self, msg: Add) -> int:
+            self.state = Tally(self.state.count + msg.amount)
+            return self.state.count
+
+Theory of operation: the value lives in a `StateCell` on the incarnation
+(``Entity._tc_state``), with the encoding and version of the snapshot it
+was loaded from or last saved as. The engine loads the snapshot at
+activation (before ``on_start``), saves the value in the transaction of
+each transactional handler whose value changed (with its reply, fenced by
+the shard epoch), and puts the last committed value back when that
+transaction does not commit (`trio_cluster._engine._durable_state`).
+
+Assignment is the only way to change the state (state values are meant to
+be immutable: frozen attrs classes, builtins), and it is allowed only in a
+transactional handler of the entity (`state_writer_var`): anywhere else
+(a volatile or non-transactional handler, a stream, ``on_start``) it raises
+`DurableStateError` and changes nothing, so no change is ever silently lost.
+An entity constructed by hand, outside any runner (a unit test), keeps its
+state as a plain attribute.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, overload
+
+from ._errors import DurableStateError, EntityDefinitionError
+from .serialization._converter import Codec
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import cattrs
+
+__all__ = ["Durable", "StateCell", "StateCodec", "durable", "state_writer_var"]
+
+S = TypeVar("S")
+
+state_writer_var: ContextVar[object | None] = ContextVar(
+    "trio_cluster.state_writer", default=None
+)
+"""The slot (the engine's record of an entity) whose transactional handler
+is running in this context: the only one whose durable state may change."""
+
+
+class StateCodec(Protocol):
+    """Encodes and decodes one entity type's state."""
+
+    def encode(self, value: Any, /) -> bytes: ...
+
+    def decode(self, data: bytes, /) -> Any: ...
+
+
+class StateCell:
+    """An incarnation's durable state: its value, and the snapshot it stands
+    on (what a rollback goes back to)."""
+
+    __slots__ = ("payload", "value", "version")
+
+    def __init__(self, value: object, payload: bytes | None, version: int) -> None:
+        self.value = value
+        self.payload = payload
+        """The encoding of the last committed (or loaded) value; None if
+        nothing is stored (the initial value stands)."""
+        self.version = version
+        """The stored version ``payload`` is (0: none)."""
+
+
+class Durable(Generic[S]):
+    """The descriptor made by `durable`: reads and assigns the entity's
+    durable state (``self.state``). On the class, it is the declaration."""
+
+    __slots__ = ("attribute", "initial", "type")
+
+    def __init__(self, type_: Any, initial: Callable[[], S]) -> None:
+        self.type = type_
+        """The state's type (what the converter encodes)."""
+        self.initial = initial
+        """Makes the value of an entity with no stored state."""
+        self.attribute = "state"
+
+    def __set_name__(self, owner: type, attribute: str) -> None:
+        self.attribute = attribute
+
+    def codec(self, converter: cattrs.Converter, where: str) -> StateCodec:
+        """The codec of the state, on the runner's converter.
+
+        Raises:
+            EntityDefinitionError: the converter cannot encode the type.
+        """
+        return Codec(converter, self.type, f"{where} durable state")
+
+    def check(self, value: object) -> None:
+        """Raise `TypeError` if ``value`` is not a state of this type."""
+        if isinstance(self.type, type) and not isinstance(value, self.type):
+            raise TypeError(
+                f"{self.attribute} must be a {self.type.__name__},"
+                f" got {type(value).__name__}"
+            )
+
+    def cell(self, instance: Any) -> StateCell:
+        """``instance``'s cell, made with the initial value if it has none."""
+        try:
+            cell: StateCell = instance._tc_state
+        except AttributeError:
+            cell = instance._tc_state = StateCell(self.initial(), None, 0)
+        return cell
+
+    @overload
+    def __get__(self, instance: None, owner: type[Any]) -> Durable[S]: ...
+    @overload
+    def __get__(self, instance: object, owner: type[Any]) -> S: ...
+    def __get__(self, instance: object, owner: type[Any]) -> Durable[S] | S:
+        if instance is None:
+            return self
+        return cast("S", self.cell(instance).value)
+
+    def __set__(self, instance: object, value: S) -> None:
+        slot = getattr(instance, "_tc_slot", None)
+        if slot is not None and state_writer_var.get() is not slot:
+            raise DurableStateError(
+                f"{type(instance).__name__}.{self.attribute} can change only in a"
+                " transactional handler of its entity"
+                " (@rpc(persisted=True, transactional=True)), where it is saved"
+                " with the reply; nothing changed"
+            )
+        self.check(value)
+        self.cell(instance).value = value
+
+
+def durable(type_: type[S], /, *, initial: Callable[[], S] | None = None) -> Durable[S]:
+    """Declare an entity's durable state: ``state = durable(Tally)``.
+
+    The state is loaded when the entity is activated (before ``on_start``;
+    an entity with no stored state starts from ``initial()``), and saved
+    when a transactional handler (``@rpc(persisted=True,
+    transactional=True)``) that changed it commits: in the handler's
+    storage transaction, together with its reply, fenced by the shard's
+    epoch. If the transaction does not commit (the handler crashed, was
+    interrupted, its shard moved on, storage failed), the value goes back to
+    the last committed one. Assigning it anywhere else raises
+    `DurableStateError`. See ``docs/state.md``.
+
+    Args:
+        type_: the state's type: an immutable value the runner's converter
+            encodes (a frozen attrs class, a builtin).
+        initial: makes the initial value; default ``type_()``.
+
+    Raises:
+        EntityDefinitionError: ``type_`` is not a type, or ``initial`` is not
+            callable.
+    """
+    if not isinstance(type_, type):
+        raise EntityDefinitionError(
+            f"durable(): the state type must be a class, got {type_!r}"
+        )
+    if initial is None:
+        initial = type_
+    elif not callable(initial):
+        raise EntityDefinitionError(
+            f"durable(): initial must make the initial value, got {initial!r}"
+        )
+    return Durable(type_, initial)
