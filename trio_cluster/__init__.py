@@ -48,6 +48,7 @@ from ._errors import (
     EntityNotAssignedError as EntityNotAssignedError,
     InvalidIdError as InvalidIdError,
     InvalidMetadataError as InvalidMetadataError,
+    InvalidTransitionError as InvalidTransitionError,
     MailboxFullError as MailboxFullError,
     MalformedMessageError as MalformedMessageError,
     MessageTooLargeError as MessageTooLargeError,
@@ -62,6 +63,14 @@ from ._errors import (
     UnknownEntityTypeError as UnknownEntityTypeError,
 )
 from ._errors._closed import RunnerClosedError as RunnerClosedError
+from ._fsm import (
+    GetState as GetState,
+    StateMachine as StateMachine,
+    StateTimedOut as StateTimedOut,
+    StateTimeout as StateTimeout,
+    WatchState as WatchState,
+    transition as transition,
+)
 from ._handlers import (
     BoundRpc as BoundRpc,
     BoundStream as BoundStream,
@@ -116,8 +125,10 @@ __all__ = [
     "EntityDefinitionError",
     "EntityId",
     "EntityNotAssignedError",
+    "GetState",
     "InvalidIdError",
     "InvalidMetadataError",
+    "InvalidTransitionError",
     "LatencySnapshot",
     "MailboxFullError",
     "MalformedMessageError",
@@ -142,9 +153,13 @@ __all__ = [
     "Singleton",
     "Snowflake",
     "StaleEpochError",
+    "StateMachine",
+    "StateTimedOut",
+    "StateTimeout",
     "StorageRefusedError",
     "TrioWallClock",
     "UnknownEntityTypeError",
+    "WatchState",
     "check_messages",
     "current_cluster_state",
     "current_entity_address",
@@ -157,6 +172,7 @@ __all__ = [
     "serve_metrics",
     "serve_runner",
     "stream",
+    "transition",
     "with_metadata",
 ]
 

@@ -37,6 +37,9 @@ from __future__ import annotations
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, overload
 
+import attrs
+import trio
+
 from ._errors import DurableStateError, EntityDefinitionError
 from .serialization._converter import Codec
 
@@ -45,7 +48,14 @@ if TYPE_CHECKING:
 
     import cattrs
 
-__all__ = ["Durable", "StateCell", "StateCodec", "durable", "state_writer_var"]
+__all__ = [
+    "Durable",
+    "PendingSave",
+    "StateCell",
+    "StateCodec",
+    "durable",
+    "state_writer_var",
+]
 
 S = TypeVar("S")
 
@@ -68,15 +78,46 @@ class StateCell:
     """An incarnation's durable state: its value, and the snapshot it stands
     on (what a rollback goes back to)."""
 
-    __slots__ = ("payload", "value", "version")
+    __slots__ = ("committed", "payload", "value", "version", "watchers")
 
     def __init__(self, value: object, payload: bytes | None, version: int) -> None:
         self.value = value
+        """The current value (changed by the running transactional handler
+        before it commits)."""
+        self.committed = value
+        """The last committed (or loaded) value."""
         self.payload = payload
-        """The encoding of the last committed (or loaded) value; None if
-        nothing is stored (the initial value stands)."""
+        """The encoding of ``committed``; None if it was never encoded (an
+        entity made by hand)."""
         self.version = version
         """The stored version ``payload`` is (0: none)."""
+        self.watchers: trio.lowlevel.ParkingLot | None = None
+        """Tasks waiting for the next commit (`wait_commit`)."""
+
+    def commit(self, value: object, payload: bytes, version: int) -> None:
+        """``value`` (encoded as ``payload``) was saved as ``version``."""
+        self.committed, self.payload, self.version = value, payload, version
+        if self.watchers is not None:
+            self.watchers.unpark_all()
+
+    async def wait_commit(self) -> None:
+        """Wait until the next commit (cancellable; no other error)."""
+        if self.watchers is None:
+            self.watchers = trio.lowlevel.ParkingLot()
+        await self.watchers.park()
+
+
+@attrs.frozen(eq=False)
+class PendingSave:
+    """A state saved in an open transaction, committed with it."""
+
+    cell: StateCell
+    value: object
+    payload: bytes
+    version: int
+
+    def commit(self) -> None:
+        self.cell.commit(self.value, self.payload, self.version)
 
 
 class Durable(Generic[S]):

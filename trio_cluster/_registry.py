@@ -253,6 +253,9 @@ def resolve_entity_type(
         raise EntityDefinitionError(
             f"{where}: defect_retry must be a RetryPolicy or None, got {defect_retry!r}"
         )
+    # The state's codec first: a state machine's registers its states' union
+    # on the converter, which its handlers' replies use.
+    state_codec = None if state is None else state.codec(converter, where)
     handlers: dict[str, Handler] = {}
     by_attribute: dict[str, Handler] = {}
     for spec in cls.__tc_handlers__.values():
@@ -278,7 +281,7 @@ def resolve_entity_type(
         or (cls.on_start is not Entity.on_start and may_suspend(cls.on_start)),
         restart_backoff=None if defect_retry is None else defect_retry.backoff,
         durable=state,
-        state_codec=None if state is None else state.codec(converter, where),
+        state_codec=state_codec,
     )
 
 

@@ -33,7 +33,7 @@ import logging
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from .._durable import StateCell, state_writer_var
+from .._durable import PendingSave, StateCell, state_writer_var
 from .._errors import ConfigError, MalformedMessageError
 from .._storage_state import StateOutcome, StateStorage, StateWrite
 from ._outcomes import RetryLater
@@ -128,7 +128,7 @@ class StateKeeper:
 
     async def save_in(
         self, transaction: StorageTransaction, slot: Slot
-    ) -> tuple[StateCell, bytes, int] | None:
+    ) -> PendingSave | None:
         """Save ``slot``'s state in ``transaction`` if it changed; returns
         what `settle` applies once it commits (None: nothing to save).
 
@@ -168,17 +168,14 @@ class StateKeeper:
                 f"the stored state of {slot.address} is newer than version"
                 f" {cell.version}: reloading it"
             )
-        return cell, payload, cell.version + 1
+        return PendingSave(cell, cell.value, payload, cell.version + 1)
 
-    def settle(
-        self, slot: Slot, saved: tuple[StateCell, bytes, int] | None, committed: bool
-    ) -> None:
+    def settle(self, slot: Slot, saved: PendingSave | None, committed: bool) -> None:
         """The transaction of ``slot``'s handler ended: keep what committed
         (``saved``), or put the last committed value back."""
         if committed:
             if saved is not None:
-                cell, payload, version = saved
-                cell.payload, cell.version = payload, version
+                saved.commit()
             return
         current = _cell(slot)
         codec = slot.entity_type.state_codec

@@ -37,7 +37,7 @@ from ._outcomes import RetryLater
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
 
-    from .._durable import StateCell
+    from .._durable import PendingSave
     from .._registry import Handler
     from .._storage_abc import StorageTransaction
     from ._attempts import Attempts
@@ -364,7 +364,7 @@ class ReplyRecorder:
 
     async def _save_state_in(
         self, states: EntityStates, transaction: StorageTransaction, job: Job
-    ) -> tuple[StateCell, bytes, int] | None:
+    ) -> PendingSave | None:
         """Save ``job``'s entity's durable state in ``transaction`` (see
         `StateKeeper.save_in`).
 

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
     from .._core._addresses import EntityAddress, ShardId
-    from .._durable import StateCell
+    from .._durable import PendingSave
     from .._entity import Entity
     from .._registry import EntityType, Handler
     from .._storage_abc import StorageTransaction
@@ -93,10 +93,10 @@ class EntityStates(Protocol):
 
     async def save_in(
         self, transaction: StorageTransaction, slot: Slot
-    ) -> tuple[StateCell, bytes, int] | None: ...
+    ) -> PendingSave | None: ...
 
     def settle(
-        self, slot: Slot, saved: tuple[StateCell, bytes, int] | None, committed: bool
+        self, slot: Slot, saved: PendingSave | None, committed: bool
     ) -> None: ...
 
 
