@@ -11,9 +11,10 @@ import pytest
 import trio
 
 import trio_cluster as tc
+from trio_cluster.abc import StateOutcome, StorageSession
 from trio_cluster.storage import MemoryStorage
 
-from ..helpers import ORIGIN, FailFirst, config, open_clocked_runner
+from ..helpers import ORIGIN, FailFirst, PatchingStorage, config, open_clocked_runner
 
 
 @attrs.frozen
@@ -245,3 +246,49 @@ class Overridden(Counter):
 async def test_a_subclass_may_redeclare_the_state(autojump_clock: Any) -> None:
     async with open_clocked_runner([Overridden]) as runner:
         assert await runner.client(Overridden)("o").bump(Bump("k")) == 101
+
+
+class StaleStateStorage(PatchingStorage):
+    """MemoryStorage whose next ``stale`` state writes are refused by
+    fencing, as if the shard had moved on meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stale = 0
+
+    def patch_session(self, session: StorageSession) -> None:
+        messages: Any = session.messages
+        original = messages.save_state
+        storage = self
+
+        async def save_state(write: Any, *, now: float, transaction: Any = None) -> Any:
+            if storage.stale:
+                storage.stale -= 1
+                await trio.lowlevel.checkpoint()
+                return StateOutcome.STALE_EPOCH
+            return await original(write, now=now, transaction=transaction)
+
+        messages.save_state = save_state
+
+
+async def test_a_state_write_refused_by_fencing_rolls_back_reply_and_state(
+    autojump_clock: Any,
+) -> None:
+    storage = StaleStateStorage()
+    async with open_clocked_runner([Counter], config(), storage) as runner:
+        ref = runner.client(Counter)("c")
+        assert await ref.bump(Bump("k1", 2)) == 2
+        storage.stale = 1
+        with trio.move_on_after(30) as waited:
+            await ref.bump(Bump("k2", 40))  # the next owner would run it
+        assert waited.cancelled_caught
+        # No reply was recorded, and memory went back to the committed state.
+        assert await ref.read(Read()) == Tally(2, "k1")
+        # (Snapshots are keyed by type and id: any shard finds it.)
+        address = tc.EntityAddress(
+            "DurableCounter", tc.EntityId("c"), tc.ShardId("default", 1)
+        )
+        stored = storage._states.load(address)
+        assert stored is not None
+        assert stored.version == 1
+        assert await ref.bump(Bump("k3", 1)) == 3
