@@ -5,8 +5,8 @@ tests, the simulator and the demo) opens its own session on it, exactly as it
 would open its own connection to PostgreSQL, so a cluster in one process
 behaves like a real one. This module opens and ends the sessions and runs
 the entry steps of every operation; the runner registry and the shard locks
-live in `._runners`, the message "table" in `._store` and each session's
-view on it in `._messages`.
+live in `._runners`, the message "table" in `._store`, each session's
+view on it in `._messages`, and durable entity state in `._state`.
 
 Theory of operation: every operation runs the optional fault hook, then
 checkpoints, and then does all its work synchronously, so each operation is
