@@ -45,6 +45,7 @@ import trio
 from .._context import current_entity_var
 from .._core._job import StopReason
 from .._core._retry import Backoff, spread
+from .._durable import state_writer_var
 from .._errors import MailboxFullError
 from ._isolation import run_in, spawn
 from ._passivation import IdleTracker
@@ -410,9 +411,13 @@ async def activate(slot: Slot) -> Entity:
             await states.load(slot, instance)
         if slot.entity_type.has_on_start:
             token = current_entity_var.set(instance)
+            # Even when a transactional handler activates it, on_start may
+            # not change durable state (its change would be saved only then).
+            writer = state_writer_var.set(None)
             try:
                 await instance.on_start()
             finally:
+                state_writer_var.reset(writer)
                 current_entity_var.reset(token)
         slot.instance = instance
         return instance
