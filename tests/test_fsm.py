@@ -4,6 +4,7 @@ timeouts, the state query and watch, and definition errors."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AsyncExitStack
 from typing import Any, ClassVar
 
 import attrs
@@ -12,8 +13,16 @@ import trio
 
 import trio_cluster as tc
 from trio_cluster.storage import MemoryStorage
+from trio_cluster.transport import MemoryNetwork, MemoryTransport
 
-from .helpers import ORIGIN, config, open_clocked_runner
+from .helpers import (
+    ORIGIN,
+    clock,
+    config,
+    open_clocked_runner,
+    remote_id,
+    runner_config,
+)
 
 
 @attrs.frozen
@@ -220,3 +229,52 @@ def test_states_are_checked_at_definition() -> None:
 
     with pytest.raises(tc.EntityDefinitionError, match="must be classes"):
         tc.transition(from_=[Off, "on"], to=On)  # type: ignore[list-item]
+
+
+async def test_state_query_and_watch_from_another_runner(autojump_clock: Any) -> None:
+    storage, network = MemoryStorage(), MemoryNetwork()
+    async with AsyncExitStack() as stack:
+        first, second = [
+            await stack.enter_async_context(
+                tc.open_runner(
+                    entities=[Lamp],
+                    config=runner_config(port),
+                    storage=storage,
+                    transport=MemoryTransport(network),
+                    clock=clock(),
+                )
+            )
+            for port in (1, 2)
+        ]
+
+        def settled() -> bool:
+            stats = [first.statistics(), second.statistics()]
+            return sum(s.shards for s in stats) == 8 and all(
+                s.runners == 2 and s.shards == s.shards_assigned for s in stats
+            )
+
+        with trio.fail_after(30):
+            while not settled():  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        lamp = first.client(Lamp)(remote_id(first, Lamp))
+        assert await lamp.current_state(tc.GetState()) == Off()
+        seen: list[object] = []
+
+        async def watch(task_status: trio.TaskStatus[None]) -> None:
+            async with lamp.watch_state(tc.WatchState()) as states:
+                task_status.started()
+                async for state in states:
+                    seen.append(state)
+                    if isinstance(state, On) and state.level == 7:
+                        return
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(watch)
+            await lamp.switch_on(Switch(1))
+            await lamp.dim(Switch(7))
+        assert seen == [Off(), On(1), On(7)]
+        assert await lamp.current_state(tc.GetState()) == On(7)
+        with pytest.raises(tc.InvalidTransitionError) as raised:
+            await lamp.switch_on(Switch(2))
+        assert raised.value.state == "on"
+        assert first.statistics().remote_calls >= 2  # the queries, over the transport
