@@ -304,3 +304,19 @@ async def test_a_state_write_refused_by_fencing_rolls_back_reply_and_state(
         assert stored is not None
         assert stored.version == 1
         assert await ref.bump(Bump("k3", 1)) == 3
+
+
+async def test_clear_address_resets_the_state_of_a_live_entity(
+    autojump_clock: Any,
+) -> None:
+    storage = MemoryStorage()
+    async with open_clocked_runner([Counter], config(), storage) as runner:
+        ref = runner.client(Counter)("c")
+        assert await ref.bump(Bump("k1", 5)) == 5
+        address = runner.client(Counter).address_of("c")
+        async with storage.open_session(name="operator", lease_duration=10) as op:
+            await op.messages.clear_address(address)
+        # The incarnation in memory still reads 5, but its next save is
+        # refused for its version: the request runs again from the start.
+        assert await ref.bump(Bump("k2", 1)) == 1
+        assert await ref.read(Read()) == Tally(1, "k2")
