@@ -32,6 +32,9 @@ Theory of operation:
   timeout survives failover and restarts.
 * ``current_state`` (an rpc) answers the committed state; ``watch_state``
   (a stream) yields it, then every state committed after it.
+
+Its messages and records are in `._fsm_records`, its definition checks in
+`._fsm_checks`.
 """
 
 from __future__ import annotations
@@ -41,13 +44,14 @@ import typing
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, ClassVar, Generic, TypeVar, cast
 
-import attrs
 import msgpack
 
 from ._context import runner_context
 from ._durable import Durable, StateCell
 from ._entity import Entity
-from ._errors import EntityDefinitionError, InvalidTransitionError
+from ._errors import InvalidTransitionError
+from ._fsm_checks import check_machine, check_transitions, state_classes
+from ._fsm_records import Entry, GetState, StateTimedOut, StateTimeout, WatchState
 from ._handlers import Rpc, rpc, stream
 from .serialization._converter import Codec, register_tagged_union
 
@@ -73,47 +77,8 @@ _TAG_KEY = "_state"
 replies)."""
 
 
-@attrs.frozen
-class StateTimeout:
-    """A state's timeout: ``after`` seconds in it, run ``transition``."""
-
-    after: float
-    """Seconds after entering the state."""
-    transition: str
-    """The attribute name of the `transition` to run; it takes a
-    `StateTimedOut` message."""
-
-
-@attrs.frozen
-class StateTimedOut:
-    """The message of a state timeout (and of the transition it runs)."""
-
-    entry: int
-    """The entry (transitions made so far) that armed it."""
-    at: float
-    """When it was due (Unix seconds)."""
-
-
-@attrs.frozen
-class GetState:
-    """The message of ``current_state``."""
-
-
-@attrs.frozen
-class WatchState:
-    """The message of ``watch_state``."""
-
-
-@attrs.frozen
-class _Entry:
-    """The stored value of a machine: its state and entry number."""
-
-    state: Any
-    number: int
-
-
 class _MachineCodec:
-    """Encodes an `_Entry` as ``[tagged state, entry number]``."""
+    """Encodes an `Entry` as ``[tagged state, entry number]``."""
 
     def __init__(self, states: Codec[Any]) -> None:
         self._states = states
@@ -127,7 +92,7 @@ class _MachineCodec:
         state, number = primitive
         if type(number) is not int:
             raise TypeError(f"entry number must be an int, got {number!r}")
-        return _Entry(self._states.structure(state), number)
+        return Entry(self._states.structure(state), number)
 
 
 class _MachineState(Durable[Any]):
@@ -139,7 +104,7 @@ class _MachineState(Durable[Any]):
     def __init__(self, machine: type[StateMachine[Any]]) -> None:
         classes = tuple(machine.states.values())
         union = classes[0] if len(classes) == 1 else typing.Union[classes]  # noqa: UP007
-        super().__init__(union, lambda: _Entry(machine.initial_state(), 0))
+        super().__init__(union, lambda: Entry(machine.initial_state(), 0))
         self.machine = machine
         self.tags = {cls: tag for tag, cls in machine.states.items()}
 
@@ -154,7 +119,7 @@ class _MachineState(Durable[Any]):
         return _MachineCodec(Codec(converter, self.type, f"{where} state"))
 
     def check(self, value: object) -> None:
-        state = value.state if isinstance(value, _Entry) else value
+        state = value.state if isinstance(value, Entry) else value
         if type(state) not in self.tags:
             raise TypeError(
                 f"{self.machine.__name__} has no state {type(state).__name__};"
@@ -168,10 +133,10 @@ class _MachineState(Durable[Any]):
 
     def __set__(self, instance: object, value: Any) -> None:
         entry = self.entry(instance)
-        super().__set__(instance, _Entry(value, entry.number + 1))
+        super().__set__(instance, Entry(value, entry.number + 1))
 
-    def entry(self, instance: object) -> _Entry:
-        return cast("_Entry", self.cell(instance).value)
+    def entry(self, instance: object) -> Entry:
+        return cast("Entry", self.cell(instance).value)
 
 
 def _machine_state(instance: StateMachine[Any]) -> _MachineState:
@@ -200,7 +165,7 @@ class StateMachine(Entity, Generic[S]):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         if "states" in cls.__dict__:
-            _check_machine(cls)
+            check_machine(cls)
             descriptor = _MachineState(cls)
             descriptor.__set_name__(cls, "state")
             cls.state = descriptor
@@ -209,7 +174,7 @@ class StateMachine(Entity, Generic[S]):
             _set_handler(cls, "watch_state", _watch_state, WatchState, union)
         super().__init_subclass__(**kwargs)
         if "states" in cls.__dict__:
-            _check_transitions(cls)
+            check_transitions(cls)
 
     # Typed for clients; each subclass gets its own, with its state type.
     @rpc
@@ -245,14 +210,14 @@ class StateMachine(Entity, Generic[S]):
 
 async def _current_state(self: StateMachine[Any], msg: GetState) -> Any:
     cell: StateCell = _machine_state(self).cell(self)
-    return cast("_Entry", cell.committed).state
+    return cast("Entry", cell.committed).state
 
 
 async def _watch_state(self: StateMachine[Any], msg: WatchState) -> AsyncIterator[Any]:
     cell: StateCell = _machine_state(self).cell(self)
     last = None
     while True:
-        entry = cast("_Entry", cell.committed)
+        entry = cast("Entry", cell.committed)
         if entry is not last:
             last = entry
             yield entry.state
@@ -318,7 +283,7 @@ def transition(
     Raises:
         EntityDefinitionError: ``from_`` or ``to`` is not a class or classes.
     """
-    sources, targets = _classes(from_, "from_"), _classes(to, "to")
+    sources, targets = state_classes(from_, "from_"), state_classes(to, "to")
 
     def decorate(fn: Callable[[E, M], Awaitable[R]]) -> Rpc[E, M, R]:
         @functools.wraps(fn)
@@ -365,78 +330,3 @@ async def _arm_timeout(self: StateMachine[Any], machine: _MachineState) -> None:
     entry = machine.entry(self).number
     at = runner_context().clock.now() + timeout.after
     await self.state_timeout.discard(StateTimedOut(entry=entry, at=at))
-
-
-def _classes(value: object, what: str) -> tuple[type, ...]:
-    listed = (value,) if isinstance(value, type) else value
-    if not isinstance(listed, Sequence) or not listed:
-        raise EntityDefinitionError(f"transition(): {what} must name state classes")
-    classes = tuple(listed)
-    if not all(isinstance(c, type) for c in classes):
-        raise EntityDefinitionError(
-            f"transition(): {what} must be classes, got {value!r}"
-        )
-    return classes
-
-
-def _check_machine(cls: type[StateMachine[Any]]) -> None:
-    where = cls.__qualname__
-    states = cls.__dict__["states"]
-    if not isinstance(states, Mapping) or len(states) < 2:
-        raise EntityDefinitionError(
-            f"{where}: states must map two or more stable tags to state classes"
-        )
-    for tag, state in states.items():
-        if not isinstance(tag, str) or not tag:
-            raise EntityDefinitionError(f"{where}: state tags must be strings")
-        if not isinstance(state, type) or not attrs.has(state):
-            raise EntityDefinitionError(
-                f"{where}: state {tag!r} must be an attrs class, got {state!r}"
-            )
-    if len(set(states.values())) != len(states):
-        raise EntityDefinitionError(f"{where}: a state class is listed twice")
-    if not callable(getattr(cls, "initial_state", None)):
-        raise EntityDefinitionError(
-            f"{where}: set initial_state to a state class (or a function making"
-            " the initial state)"
-        )
-    for state, timeout in cls.state_timeouts.items():
-        if state not in states.values() or not isinstance(timeout, StateTimeout):
-            raise EntityDefinitionError(
-                f"{where}: state_timeouts maps state classes to StateTimeout,"
-                f" got {state!r}: {timeout!r}"
-            )
-        if not timeout.after >= 0:
-            raise EntityDefinitionError(f"{where}: a StateTimeout's after is >= 0")
-
-
-def _check_transitions(cls: type[StateMachine[Any]]) -> None:
-    """Every transition's states are the machine's; every timeout's
-    transition is one of its transitions."""
-    where = cls.__qualname__
-    known = set(cls.states.values())
-    transitions = {}
-    for spec in cls.__tc_handlers__.values():
-        declared = getattr(spec.fn, "__tc_transition__", None)
-        if declared is not None:
-            transitions[spec.attribute] = declared
-            unknown = [
-                c.__name__ for c in (*declared[0], *declared[1]) if c not in known
-            ]
-            if unknown:
-                raise EntityDefinitionError(
-                    f"{where}.{spec.attribute}: {', '.join(unknown)} is not a state"
-                    " of the machine (list it in states)"
-                )
-    for state, timeout in cls.state_timeouts.items():
-        declared = transitions.get(timeout.transition)
-        if declared is None:
-            raise EntityDefinitionError(
-                f"{where}: the timeout of {state.__name__} names"
-                f" {timeout.transition!r}, which is no transition of the machine"
-            )
-        if state not in declared[0]:
-            raise EntityDefinitionError(
-                f"{where}: the timeout of {state.__name__} runs"
-                f" {timeout.transition}, which does not start from it"
-            )
