@@ -8,10 +8,13 @@ from contextlib import AsyncExitStack
 from typing import Any, ClassVar
 
 import attrs
+import msgpack
 import pytest
 import trio
 
 import trio_cluster as tc
+from trio_cluster.abc import StoredState
+from trio_cluster.serialization import make_converter
 from trio_cluster.storage import MemoryStorage
 from trio_cluster.transport import MemoryNetwork, MemoryTransport
 
@@ -278,3 +281,28 @@ async def test_state_query_and_watch_from_another_runner(autojump_clock: Any) ->
             await lamp.switch_on(Switch(2))
         assert raised.value.state == "on"
         assert first.statistics().remote_calls >= 2  # the queries, over the transport
+
+
+async def test_a_stored_machine_that_does_not_decode_is_left_alone(
+    autojump_clock: Any,
+) -> None:
+    durable = Lamp.__tc_durable__
+    assert durable is not None
+    codec = durable.codec(make_converter(), "Lamp")
+    garbage = [
+        b"\xc1",
+        msgpack.packb(["x"]),
+        msgpack.packb([{"_state": "on", "level": 1}, "1"]),
+        msgpack.packb([{"_state": "dimmed", "level": 1}, 1]),
+    ]
+    for payload in garbage:
+        with pytest.raises(tc.MalformedMessageError):
+            codec.decode(payload)
+    storage = MemoryStorage()
+    address = tc.EntityAddress("Lamp", tc.EntityId("l"), tc.ShardId("default", 1))
+    bad = StoredState(payload=garbage[-1], version=3, epoch=1)
+    storage._states.apply({("Lamp", "l"): bad})
+    async with open_clocked_runner([Lamp], config(), storage) as runner:
+        with pytest.raises(tc.RemoteError, match="MalformedMessageError"):
+            await runner.client(Lamp)("l").current_state(tc.GetState())
+    assert storage._states.load(address) == bad

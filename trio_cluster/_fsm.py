@@ -49,11 +49,15 @@ import msgpack
 from ._context import runner_context
 from ._durable import Durable, StateCell
 from ._entity import Entity
-from ._errors import InvalidTransitionError
+from ._errors import InvalidTransitionError, MalformedMessageError
 from ._fsm_checks import check_machine, check_transitions, state_classes
 from ._fsm_records import Entry, GetState, StateTimedOut, StateTimeout, WatchState
 from ._handlers import Rpc, rpc, stream
-from .serialization._converter import Codec, register_tagged_union
+from .serialization._converter import (
+    Codec,
+    describe_decode_error,
+    register_tagged_union,
+)
 
 if typing.TYPE_CHECKING:
     import cattrs
@@ -88,10 +92,15 @@ class _MachineCodec:
         return cast("bytes", msgpack.packb(primitive))
 
     def decode(self, data: bytes, /) -> Any:
-        primitive = msgpack.unpackb(data)
-        state, number = primitive
-        if type(number) is not int:
-            raise TypeError(f"entry number must be an int, got {number!r}")
+        """Raises: MalformedMessageError: ``data`` is no stored machine."""
+        try:
+            state, number = msgpack.unpackb(data)
+            if type(number) is not int:
+                raise TypeError(f"entry number must be an int, got {number!r}")
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise MalformedMessageError(
+                what=self._states.what, problems=describe_decode_error(exc)
+            ) from None
         return Entry(self._states.structure(state), number)
 
 
