@@ -100,6 +100,10 @@ class _Messages(MessageStorage, StateStorage):
     )
     """Replies saved in each open transaction (by its id), told to the
     checker when it commits."""
+    _states_in_transactions: dict[int, list[tuple[Any, Any]]] = attrs.field(
+        init=False, factory=dict
+    )
+    """Durable states saved in each open transaction, likewise."""
 
     # Durable entity state: forwarded (the memory backend keeps it).
 
@@ -117,7 +121,16 @@ class _Messages(MessageStorage, StateStorage):
         now: float,
         transaction: StorageTransaction | None = None,
     ) -> StateOutcome:
-        return await self._states().save_state(write, now=now, transaction=transaction)
+        outcome = await self._states().save_state(
+            write, now=now, transaction=transaction
+        )
+        if transaction is None:
+            self._checker.states_saved(self._by, [write], [outcome])
+        else:  # in effect at commit: told then (`open_transaction`)
+            self._states_in_transactions.setdefault(id(transaction), []).append(
+                (write, outcome)
+            )
+        return outcome
 
     async def delete_state(self, address: EntityAddress) -> bool:
         return await self._states().delete_state(address)
@@ -172,11 +185,17 @@ class _Messages(MessageStorage, StateStorage):
                 yield transaction
             except BaseException:
                 self._in_transactions.pop(id(transaction), None)
+                self._states_in_transactions.pop(id(transaction), None)
                 raise
         # Committed: the memory backend applied its replies with no
         # checkpoint since, so the checker sees them as they took effect.
         for replies, outcomes in self._in_transactions.pop(id(transaction), []):
             self._checker.replies_saved(self._by, replies, outcomes)
+        states = self._states_in_transactions.pop(id(transaction), [])
+        if states:
+            self._checker.states_saved(
+                self._by, [w for w, _ in states], [o for _, o in states]
+            )
 
     async def replies_for(self, queries: Sequence[ReplyQuery]) -> list[StoredReplies]:
         return await self._inner.replies_for(queries)
