@@ -11,10 +11,20 @@ import pytest
 import trio
 
 import trio_cluster as tc
+from trio_cluster._engine._durable_state import StateKeeper
+from trio_cluster._registry import Registry
 from trio_cluster.abc import StateOutcome, StorageSession
+from trio_cluster.serialization import make_converter
 from trio_cluster.storage import MemoryStorage
 
-from ..helpers import ORIGIN, FailFirst, PatchingStorage, config, open_clocked_runner
+from ..helpers import (
+    ORIGIN,
+    FailFirst,
+    PatchingStorage,
+    clock,
+    config,
+    open_clocked_runner,
+)
 
 
 @attrs.frozen
@@ -320,3 +330,21 @@ async def test_clear_address_resets_the_state_of_a_live_entity(
         # refused for its version: the request runs again from the start.
         assert await ref.bump(Bump("k2", 1)) == 1
         assert await ref.read(Read()) == Tally(1, "k2")
+
+
+async def test_a_storage_without_state_is_refused_for_durable_types() -> None:
+    registry = Registry([Counter, Plain], config=config(), converter=make_converter())
+    not_states: Any = object()  # a MessageStorage that keeps no entity state
+    with pytest.raises(tc.ConfigError, match="DurableCounter declare durable"):
+        StateKeeper(not_states, clock(), registry.types.values())
+    # Types without durable state need nothing of it.
+    plain = Registry([Plain], config=config(), converter=make_converter())
+    StateKeeper(not_states, clock(), plain.types.values())
+
+
+class Plain(tc.Entity):
+    type_name = "Plain"
+
+    @tc.rpc
+    async def read(self, msg: Read) -> int:
+        return 0
