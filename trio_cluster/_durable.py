@@ -53,17 +53,34 @@ __all__ = [
     "PendingSave",
     "StateCell",
     "StateCodec",
+    "StateWriter",
     "durable",
     "state_writer_var",
 ]
 
 S = TypeVar("S")
 
-state_writer_var: ContextVar[object | None] = ContextVar(
+
+class StateWriter:
+    """The transactional handler running in this context (`state_writer_var`):
+    the entity whose durable state it may change, and the state it changed."""
+
+    __slots__ = ("cell", "slot")
+
+    def __init__(self, slot: object) -> None:
+        self.slot = slot
+        """The slot (the engine's record of the entity) it runs for."""
+        self.cell: StateCell | None = None
+        """The state it assigned (None: it changed nothing). Kept here, not
+        looked up on the entity afterwards: by the time the transaction
+        saves it, the incarnation may already be gone from its slot (its
+        shard stopped while the transaction was still being written)."""
+
+
+state_writer_var: ContextVar[StateWriter | None] = ContextVar(
     "trio_cluster.state_writer", default=None
 )
-"""The slot (the engine's record of an entity) whose transactional handler
-is running in this context: the only one whose durable state may change."""
+"""The transactional handler running in this context, if any."""
 
 
 class StateCodec(Protocol):
@@ -171,7 +188,8 @@ class Durable(Generic[S]):
 
     def __set__(self, instance: object, value: S) -> None:
         slot = getattr(instance, "_tc_slot", None)
-        if slot is not None and state_writer_var.get() is not slot:
+        writer = state_writer_var.get()
+        if slot is not None and (writer is None or writer.slot is not slot):
             raise DurableStateError(
                 f"{type(instance).__name__}.{self.attribute} can change only in a"
                 " transactional handler of its entity"
@@ -179,7 +197,10 @@ class Durable(Generic[S]):
                 " with the reply; nothing changed"
             )
         self.check(value)
-        self.cell(instance).value = value
+        cell = self.cell(instance)
+        cell.value = value
+        if writer is not None:
+            writer.cell = cell
 
 
 def durable(type_: type[S], /, *, initial: Callable[[], S] | None = None) -> Durable[S]:

@@ -15,11 +15,13 @@ from __future__ import annotations
 import attrs
 import pytest
 import trio
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 import trio_cluster as tc
 from trio_cluster.testing import (
     FaultSchedule,
+    FreezeRunner,
+    KillRunner,
     SimulatedCluster,
     fault_schedules,
     open_simulated_cluster,
@@ -120,6 +122,21 @@ async def tallies_under_failure(
     adds=st.dictionaries(
         st.sampled_from(["t1", "t2", "t3", "t4"]), st.integers(1, 6), min_size=1
     ),
+)
+# Found by this test: the handler of t2's third add returned on a runner
+# frozen before its reply was written; its lease lapsed meanwhile (the
+# shard stopped, the incarnation left its slot), then it thawed with the
+# fence still its own and committed the reply, but no state: the state to
+# save was looked up on the slot's incarnation, gone by then.
+@example(
+    faults=FaultSchedule(
+        faults=(
+            KillRunner(at=0.0, runner=0, down_for=1.0),
+            FreezeRunner(at=0.5, runner=2, duration=5.0),
+        )
+    ),
+    seed=0,
+    adds={"t1": 1, "t2": 3},
 )
 def test_no_acknowledged_change_is_lost_or_applied_twice(faults, seed, adds):
     answers, finals = run_simulation(tallies_under_failure, faults, seed, adds)

@@ -7,8 +7,9 @@ Theory of operation (`trio_cluster._durable` has the user's side):
   the stored value, its encoding and version, or the initial value (its
   encoding, version 0) if nothing is stored.
 * A transactional handler of such an entity runs with `state_writer_var`
-  set to its slot (`StateKeeper.writing`), the only place its state may be
-  assigned. When it returns a value or a declared error, its reply is saved
+  set to a `StateWriter` for its slot (`StateKeeper.writing`), the only
+  place its state may be assigned; the writer keeps the state it assigned
+  (not the slot's incarnation at saving time, which may be gone by then). When it returns a value or a declared error, its reply is saved
   in its transaction and then, if the state's encoding changed,
   `StateKeeper.save_in` saves the state in the same transaction, fenced by
   the shard's epoch and by the version it replaces.
@@ -31,9 +32,9 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .._durable import PendingSave, StateCell, state_writer_var
+from .._durable import PendingSave, StateCell, StateWriter, state_writer_var
 from .._errors import ConfigError, MalformedMessageError
 from .._storage_state import StateOutcome, StateStorage, StateWrite
 from ._outcomes import RetryLater
@@ -118,26 +119,29 @@ class StateKeeper:
         instance._tc_state = cell
 
     @contextmanager
-    def writing(self, slot: Slot) -> Iterator[None]:
-        """Let the handler running in this context change ``slot``'s state."""
-        token = state_writer_var.set(slot)
+    def writing(self, slot: Slot) -> Iterator[StateWriter]:
+        """Let the handler running in this context change ``slot``'s state;
+        the writer yielded keeps what it changed (for `save_in`, `settle`)."""
+        writer = StateWriter(slot)
+        token = state_writer_var.set(writer)
         try:
-            yield
+            yield writer
         finally:
             state_writer_var.reset(token)
 
     async def save_in(
-        self, transaction: StorageTransaction, slot: Slot
+        self, transaction: StorageTransaction, slot: Slot, writer: StateWriter
     ) -> PendingSave | None:
-        """Save ``slot``'s state in ``transaction`` if it changed; returns
-        what `settle` applies once it commits (None: nothing to save).
+        """Save the state ``writer``'s handler changed, if its encoding
+        changed, in ``transaction``; returns what `settle` applies once it
+        commits (None: nothing to save).
 
         Raises:
             StateRefused: the shard's epoch moved on (fencing).
             RetryLater: the stored snapshot is newer than the incarnation's.
             MalformedMessageError: the state does not encode.
         """
-        cell = _cell(slot)
+        cell = writer.cell
         codec = slot.entity_type.state_codec
         if cell is None or codec is None:
             return None
@@ -170,24 +174,24 @@ class StateKeeper:
             )
         return PendingSave(cell, cell.value, payload, cell.version + 1)
 
-    def settle(self, slot: Slot, saved: PendingSave | None, committed: bool) -> None:
-        """The transaction of ``slot``'s handler ended: keep what committed
-        (``saved``), or put the last committed value back."""
+    def settle(
+        self,
+        slot: Slot,
+        writer: StateWriter,
+        saved: PendingSave | None,
+        committed: bool,
+    ) -> None:
+        """The transaction of ``writer``'s handler ended: keep what
+        committed (``saved``), or put the last committed value back."""
         if committed:
             if saved is not None:
                 saved.commit()
             return
-        current = _cell(slot)
+        cell = writer.cell
         codec = slot.entity_type.state_codec
-        if current is None or codec is None or current.payload is None:
+        if cell is None or codec is None or cell.payload is None:
             return
         try:
-            current.value = codec.decode(current.payload)
+            cell.value = codec.decode(cell.payload)
         except MalformedMessageError:  # pragma: no cover - it decoded before
             log.exception("state of %s cannot be restored", slot.address)
-
-
-def _cell(slot: Slot) -> StateCell | None:
-    instance: Any = slot.instance
-    cell: StateCell | None = getattr(instance, "_tc_state", None)
-    return cell

@@ -37,7 +37,7 @@ from ._outcomes import RetryLater
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
 
-    from .._durable import PendingSave
+    from .._durable import PendingSave, StateWriter
     from .._registry import Handler
     from .._storage_abc import StorageTransaction
     from ._attempts import Attempts
@@ -321,7 +321,7 @@ class ReplyRecorder:
         # Durable entity state (`_durable_state`): the handler may change it,
         # and it is saved in the transaction, after the reply.
         states = slot.shard.states if slot.entity_type.durable is not None else None
-        saved = None
+        writer = saved = None
         committed = False
         try:
             async with self._parts.storage.open_transaction() as transaction:
@@ -330,7 +330,7 @@ class ReplyRecorder:
                     if states is None:
                         outcome = await execute()
                     else:
-                        with states.writing(slot):
+                        with states.writing(slot) as writer:
                             outcome = await execute()
                 finally:
                     current_transaction_var.reset(token)
@@ -345,8 +345,8 @@ class ReplyRecorder:
                     raise RetryLater(str(failure)) from failure
                 payload = _committed_reply(job.handler, outcome)
                 await self._save_in(transaction, job, payload)
-                if states is not None:
-                    saved = await self._save_state_in(states, transaction, job)
+                if states is not None and writer is not None:
+                    saved = await self._save_state_in(states, transaction, job, writer)
             committed = True
         except _Rollback as rollback:
             if rollback.duplicate:
@@ -356,14 +356,18 @@ class ReplyRecorder:
         except PersistenceError as exc:
             raise RetryLater(str(exc)) from exc
         finally:
-            if states is not None:
-                states.settle(slot, saved, committed)
+            if states is not None and writer is not None:
+                states.settle(slot, writer, saved, committed)
         self._parts.waiters.resolve(job.request_id, payload, outcome)
         self._parts.signal.wake_if_starved()
         return None
 
     async def _save_state_in(
-        self, states: EntityStates, transaction: StorageTransaction, job: Job
+        self,
+        states: EntityStates,
+        transaction: StorageTransaction,
+        job: Job,
+        writer: StateWriter,
     ) -> PendingSave | None:
         """Save ``job``'s entity's durable state in ``transaction`` (see
         `StateKeeper.save_in`).
@@ -374,7 +378,7 @@ class ReplyRecorder:
             RetryLater: the stored state is newer than the entity's.
         """
         try:
-            return await states.save_in(transaction, job.slot)
+            return await states.save_in(transaction, job.slot, writer)
         except StateRefused:
             raise _Rollback(None) from None
         except MalformedMessageError as exc:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
     from .._core._addresses import EntityAddress, ShardId
-    from .._durable import PendingSave
+    from .._durable import PendingSave, StateWriter
     from .._entity import Entity
     from .._registry import EntityType, Handler
     from .._storage_abc import StorageTransaction
@@ -89,14 +89,18 @@ class EntityStates(Protocol):
 
     async def load(self, slot: Slot, instance: Entity) -> None: ...
 
-    def writing(self, slot: Slot) -> AbstractContextManager[None]: ...
+    def writing(self, slot: Slot) -> AbstractContextManager[StateWriter]: ...
 
     async def save_in(
-        self, transaction: StorageTransaction, slot: Slot
+        self, transaction: StorageTransaction, slot: Slot, writer: StateWriter
     ) -> PendingSave | None: ...
 
     def settle(
-        self, slot: Slot, saved: PendingSave | None, committed: bool
+        self,
+        slot: Slot,
+        writer: StateWriter,
+        saved: PendingSave | None,
+        committed: bool,
     ) -> None: ...
 
 
