@@ -348,3 +348,28 @@ class Plain(tc.Entity):
     @tc.rpc
     async def read(self, msg: Read) -> int:
         return 0
+
+
+class RefusingStateStorage(PatchingStorage):
+    """MemoryStorage that refuses every state write for its data."""
+
+    def patch_session(self, session: StorageSession) -> None:
+        messages: Any = session.messages
+
+        async def save_state(write: Any, *, now: float, transaction: Any = None) -> Any:
+            await trio.lowlevel.checkpoint()
+            raise tc.StorageRefusedError("value too long for type bytea")
+
+        messages.save_state = save_state
+
+
+async def test_a_state_storage_refuses_is_the_callers_error(
+    autojump_clock: Any,
+) -> None:
+    async with open_clocked_runner(
+        [Counter], config(), RefusingStateStorage()
+    ) as runner:
+        ref = runner.client(Counter)("c")
+        with pytest.raises(tc.MalformedMessageError, match="storage refused"):
+            await ref.bump(Bump("k1"))
+        assert await ref.read(Read()) == Tally()  # nothing changed

@@ -374,7 +374,8 @@ class ReplyRecorder:
 
         Raises:
             _Rollback: the write was refused by fencing (record nothing), or
-                the state does not encode (record that error instead).
+                the state does not encode or storage refused it for its data
+                (record that error instead).
             RetryLater: the stored state is newer than the entity's.
         """
         try:
@@ -384,6 +385,14 @@ class ReplyRecorder:
         except MalformedMessageError as exc:
             log.error("state of %s cannot be saved: %s", job.slot.address, exc)
             raise _Rollback(Exit(error=exc)) from exc
+        except Exception as exc:
+            if not refused(exc):
+                raise
+            # Storage refused the state for its data: running the handler
+            # again would be refused again. Roll back, and record the error
+            # that says so instead (outside the transaction), as for a reply.
+            log.error("storage refused the state of %s: %s", job.slot.address, exc)
+            raise _Rollback(Exit(error=_refusal(exc, "state"))) from exc
 
     async def _save_in(
         self, transaction: StorageTransaction, job: Job, payload: bytes
@@ -457,10 +466,11 @@ def _committed_reply(handler: Handler, exit_: Exit) -> bytes:
         raise _Rollback(Exit(error=exc)) from exc
 
 
-def _refusal(exc: Exception) -> MalformedMessageError:
-    """The error that replaces a reply storage refused (``exc``)."""
+def _refusal(exc: Exception, what: str = "reply") -> MalformedMessageError:
+    """The error that replaces a reply (or ``what``) storage refused
+    (``exc``)."""
     return MalformedMessageError(
-        what="reply", problems=[f"storage refused to store it: {exc}"]
+        what=what, problems=[f"storage refused to store it: {exc}"]
     )
 
 
