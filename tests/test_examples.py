@@ -5,9 +5,11 @@ from __future__ import annotations
 import sys
 from types import ModuleType
 
+import pytest
+
 from trio_cluster.storage import MemoryStorage
 
-from .helpers import EXAMPLES, load_example
+from .helpers import EXAMPLES, ORIGIN, load_example
 
 
 async def test_counter_example(autojump_clock, capsys):
@@ -31,6 +33,38 @@ async def test_bank_account_example_on_shared_storage(autojump_clock):
     # entity's balance lives in memory only, so the new incarnation reads 0:
     # persisted messages are not persisted state.
     assert await module.main(storage) == 0
+
+
+async def test_order_fsm_example(autojump_clock, capsys):
+    module = load_example("order_fsm")
+    assert await module.main() == [
+        module.Shipped(30, "TRACK-1"),
+        module.Cancelled("changed my mind", refunded=0),
+        module.Cancelled("not shipped in time", refunded=50),
+    ]
+    out = capsys.readouterr().out
+    assert "o1 went through ['Pending', 'Paid', 'Shipped']" in out
+    assert "o2: transition pay is not allowed in state cancelled" in out
+
+
+async def test_order_fsm_example_state_is_durable(autojump_clock):
+    # A second run on the same storage continues every order from its
+    # stored state: each transition of the script is now invalid.
+    module = load_example("order_fsm")
+    storage = MemoryStorage()
+    first = await module.main(storage)
+    clock = module.tc.TrioWallClock(origin=ORIGIN + 1000)
+    async with module.tc.open_runner(
+        entities=[module.Order], storage=storage, clock=clock
+    ) as runner:
+        orders = runner.client(module.Order)
+        states = [
+            await orders(o).current_state(module.tc.GetState())
+            for o in ("o1", "o2", "o3")
+        ]
+        assert states == first
+        with pytest.raises(module.tc.InvalidTransitionError, match="state shipped"):
+            await orders("o1").pay(module.Pay(1))
 
 
 async def test_chat_room_example(autojump_clock):

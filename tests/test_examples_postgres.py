@@ -37,6 +37,18 @@ async def test_counter_example_on_postgres(pg_schema, capsys):
     assert "apples=7 pears=11" in capsys.readouterr().out
 
 
+async def test_order_fsm_example_on_postgres(pg_schema, capsys):
+    module = load_example("order_fsm")
+    with trio.fail_after(TIMEOUT):
+        states = await module.main(storage_in(pg_schema))
+    assert states == [
+        module.Shipped(30, "TRACK-1"),
+        module.Cancelled("changed my mind", refunded=0),
+        module.Cancelled("not shipped in time", refunded=50),
+    ]
+    assert "o1 went through ['Pending', 'Paid', 'Shipped']" in capsys.readouterr().out
+
+
 async def test_chat_room_example_on_postgres(pg_schema):
     with trio.fail_after(TIMEOUT):
         seen = await load_example("chat_room").main(storage_in(pg_schema))

@@ -45,6 +45,10 @@ API = tuple(
     for name in (
         "_entity",
         "_handlers",
+        "_durable",
+        "_fsm",
+        "_fsm_checks",
+        "_fsm_records",
         "_client",
         "_registry",
         "_singletons",

@@ -34,6 +34,7 @@ from ._core._config import ShardingConfig as ShardingConfig
 from ._core._retry import Backoff as Backoff, RetryPolicy as RetryPolicy
 from ._core._snowflake import Snowflake as Snowflake
 from ._cron import Cron as Cron
+from ._durable import Durable as Durable, durable as durable
 from ._entity import Entity as Entity
 from ._errors import (
     AlreadyProcessingError as AlreadyProcessingError,
@@ -42,10 +43,12 @@ from ._errors import (
     ClusterInternalError as ClusterInternalError,
     ConfigError as ConfigError,
     DeadLetteredError as DeadLetteredError,
+    DurableStateError as DurableStateError,
     EntityDefinitionError as EntityDefinitionError,
     EntityNotAssignedError as EntityNotAssignedError,
     InvalidIdError as InvalidIdError,
     InvalidMetadataError as InvalidMetadataError,
+    InvalidTransitionError as InvalidTransitionError,
     MailboxFullError as MailboxFullError,
     MalformedMessageError as MalformedMessageError,
     MessageTooLargeError as MessageTooLargeError,
@@ -60,6 +63,14 @@ from ._errors import (
     UnknownEntityTypeError as UnknownEntityTypeError,
 )
 from ._errors._closed import RunnerClosedError as RunnerClosedError
+from ._fsm import (
+    GetState as GetState,
+    StateMachine as StateMachine,
+    StateTimedOut as StateTimedOut,
+    StateTimeout as StateTimeout,
+    WatchState as WatchState,
+    transition as transition,
+)
 from ._handlers import (
     BoundRpc as BoundRpc,
     BoundStream as BoundStream,
@@ -106,14 +117,18 @@ __all__ = [
     "DeadLetter",
     "DeadLetterQueue",
     "DeadLetteredError",
+    "Durable",
+    "DurableStateError",
     "Entity",
     "EntityAddress",
     "EntityClient",
     "EntityDefinitionError",
     "EntityId",
     "EntityNotAssignedError",
+    "GetState",
     "InvalidIdError",
     "InvalidMetadataError",
+    "InvalidTransitionError",
     "LatencySnapshot",
     "MailboxFullError",
     "MalformedMessageError",
@@ -138,20 +153,26 @@ __all__ = [
     "Singleton",
     "Snowflake",
     "StaleEpochError",
+    "StateMachine",
+    "StateTimedOut",
+    "StateTimeout",
     "StorageRefusedError",
     "TrioWallClock",
     "UnknownEntityTypeError",
+    "WatchState",
     "check_messages",
     "current_cluster_state",
     "current_entity_address",
     "current_metadata",
     "current_runner",
     "current_transaction",
+    "durable",
     "open_runner",
     "rpc",
     "serve_metrics",
     "serve_runner",
     "stream",
+    "transition",
     "with_metadata",
 ]
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ._durable import Durable
+from ._errors import EntityDefinitionError
 from ._handlers import HandlerSpec, _HandlerDescriptor
 
 if TYPE_CHECKING:
@@ -56,6 +58,8 @@ class Entity:
 
     The constructor takes no arguments; initialise state in ``__init__`` or
     in `on_start`, where ``self.id`` and ``self.address`` are available.
+    State that must survive passivation and crashes is declared with
+    `trio_cluster.durable` and changed by transactional handlers.
     """
 
     type_name: ClassVar[str]
@@ -67,25 +71,38 @@ class Entity:
 
     __tc_handlers__: ClassVar[dict[str, HandlerSpec]] = {}
     """Handlers by wire name, collected from the class and its bases."""
+    __tc_durable__: ClassVar[Durable[Any] | None] = None
+    """The durable state declaration (`trio_cluster.durable`), if any."""
 
-    __slots__ = ("_tc_address", "_tc_slot")
+    __slots__ = ("_tc_address", "_tc_slot", "_tc_state")
 
     _tc_address: EntityAddress
     _tc_slot: Any
+    _tc_state: Any
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         handlers: dict[str, HandlerSpec] = {}
         attributes: dict[str, str] = {}
+        states: dict[str, Durable[Any]] = {}
         for klass in reversed(cls.__mro__):
             for attribute, value in vars(klass).items():
                 if attribute in attributes:
                     # Overridden in a subclass (by a handler or anything else).
                     del handlers[attributes.pop(attribute)]
+                states.pop(attribute, None)
                 if isinstance(value, _HandlerDescriptor):
                     handlers[value.spec.name] = value.spec
                     attributes[attribute] = value.spec.name
+                elif isinstance(value, Durable) and attribute != "__tc_durable__":
+                    states[attribute] = value
         cls.__tc_handlers__ = handlers
+        if len(states) > 1:
+            raise EntityDefinitionError(
+                f"{cls.__qualname__} declares durable state more than once"
+                f" ({', '.join(sorted(states))}); keep it in one attrs class"
+            )
+        cls.__tc_durable__ = next(iter(states.values()), None)
 
     @property
     def id(self) -> str:

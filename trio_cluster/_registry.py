@@ -19,6 +19,7 @@ import attrs
 
 from ._core._checks import positive_count, positive_seconds
 from ._core._retry import Backoff, RetryPolicy
+from ._durable import Durable, StateCodec
 from ._entity import Entity
 from ._errors import EntityDefinitionError
 from ._handlers import HandlerSpec
@@ -119,6 +120,10 @@ class EntityType:
     restart_backoff: Backoff | None = None
     """The backoff between restarts of a crashed entity, from the type's
     ``defect_retry`` (None: the runner's)."""
+    durable: Durable[Any] | None = None
+    """Its durable state declaration (`trio_cluster.durable`), if any."""
+    state_codec: StateCodec | None = None
+    """The codec of its durable state (with ``durable``)."""
 
 
 class Registry:
@@ -236,11 +241,21 @@ def resolve_entity_type(
         raise EntityDefinitionError(
             f"{where}: declare at least one @rpc or @stream handler"
         )
+    state = cls.__tc_durable__
+    if state is not None and concurrency != 1:
+        raise EntityDefinitionError(
+            f"{where}: an entity with durable state runs one handler at a time"
+            " (concurrency = 1): each transactional handler saves the state it"
+            " leaves, and puts it back if it rolls back"
+        )
     defect_retry: object = cls.defect_retry
     if defect_retry is not None and not isinstance(defect_retry, RetryPolicy):
         raise EntityDefinitionError(
             f"{where}: defect_retry must be a RetryPolicy or None, got {defect_retry!r}"
         )
+    # The state's codec first: a state machine's registers its states' union
+    # on the converter, which its handlers' replies use.
+    state_codec = None if state is None else state.codec(converter, where)
     handlers: dict[str, Handler] = {}
     by_attribute: dict[str, Handler] = {}
     for spec in cls.__tc_handlers__.values():
@@ -261,9 +276,12 @@ def resolve_entity_type(
         by_attribute=by_attribute,
         has_on_start=cls.on_start is not Entity.on_start,
         has_on_stop=cls.on_stop is not Entity.on_stop,
-        start_suspends=cls.on_start is not Entity.on_start
-        and may_suspend(cls.on_start),
+        # Activating an entity with durable state loads it from storage.
+        start_suspends=state is not None
+        or (cls.on_start is not Entity.on_start and may_suspend(cls.on_start)),
         restart_backoff=None if defect_retry is None else defect_retry.backoff,
+        durable=state,
+        state_codec=state_codec,
     )
 
 

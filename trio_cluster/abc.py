@@ -38,6 +38,12 @@ from ._storage_retries import (
     DeadLetterStorage as DeadLetterStorage,
     RetryRecord as RetryRecord,
 )
+from ._storage_state import (
+    StateOutcome as StateOutcome,
+    StateStorage as StateStorage,
+    StateWrite as StateWrite,
+    StoredState as StoredState,
+)
 from ._tracing import (
     TracedCall as TracedCall,
     Tracer as Tracer,
@@ -72,12 +78,16 @@ __all__ = [
     "RunnerStorage",
     "SaveResult",
     "ShardOwner",
+    "StateOutcome",
+    "StateStorage",
+    "StateWrite",
     "Storage",
     "StorageSession",
     "StorageTransaction",
     "StoredChunk",
     "StoredReplies",
     "StoredRequest",
+    "StoredState",
     "TraceSpan",
     "TracedCall",
     "Tracer",

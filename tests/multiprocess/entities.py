@@ -141,4 +141,41 @@ class Poison(tc.Entity):
         os._exit(3)
 
 
-ENTITIES = [Probe, Holder, Poison]
+# Durable entity state: a tally kept in the runners' storage, which a test
+# grows while it kills the runner serving it (`test_durable_state.py`).
+
+
+@attrs.frozen
+class Count:
+    adds: int = 0
+    """Acknowledged ``Add`` requests (each counted once: its primary key)."""
+    total: int = 0
+
+
+@attrs.frozen
+class Add:
+    key: str
+    amount: int = 1
+
+
+@attrs.frozen
+class Counted:
+    runner: str
+    count: Count
+
+
+class Tally(tc.Entity):
+    type_name = "mp.Tally"
+    state = tc.durable(Count)
+
+    @tc.rpc(persisted=True, transactional=True, primary_key=lambda msg: msg.key)
+    async def add(self, msg: Add) -> Counted:
+        self.state = Count(self.state.adds + 1, self.state.total + msg.amount)
+        return Counted(str(tc.current_runner().address), self.state)
+
+    @tc.rpc
+    async def read(self, msg: Ping) -> Counted:
+        return Counted(str(tc.current_runner().address), self.state)
+
+
+ENTITIES = [Probe, Holder, Poison, Tally]

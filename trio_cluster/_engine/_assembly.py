@@ -40,6 +40,7 @@ from .._operations._statistics import LatencySnapshot, RunnerStatistics
 from .._transport_abc import Endpoint
 from ._broadcasts import Broadcasts
 from ._dispatch import ClusterHandler
+from ._durable_state import StateKeeper
 from ._inbound import InboundCalls
 from ._isolation import base_context
 from ._listeners import Listeners
@@ -239,6 +240,7 @@ def assemble(
         ids=ids,
         endpoint=endpoint,
     )
+    states = StateKeeper(session.messages, clock, registry.types.values())
     sharding = Sharding(
         config=config,
         table=table,
@@ -246,7 +248,11 @@ def assemble(
         manager=manager,
         listeners=hub,
         ids=ids,
-        on_shard_started=(persisted.shard_started, supervisor.shard_started),
+        on_shard_started=(
+            states.shard_started,
+            persisted.shard_started,
+            supervisor.shard_started,
+        ),
         on_shard_stopped=(persisted.shard_stopped,),
     )
     outbound = None if endpoint is None else OutboundCalls(endpoint)

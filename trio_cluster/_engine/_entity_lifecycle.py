@@ -12,9 +12,10 @@ Theory of operation:
   to wait, as soon as there is room: when a resident entity is forgotten
   (passivated, or its shard stopped) or goes idle (it is then passivated for
   them). While any waits, new entities are not admitted ahead of them.
-* Its incarnation (the user's object) is created, and ``on_start`` runs, when
-  the first handler is about to run (`activate`, or the manager's one-step
-  fast path with `new_instance`).
+* Its incarnation (the user's object) is created, its durable state loaded
+  (`_durable_state`), and ``on_start`` run, when the first handler is about
+  to run (`activate`, or the manager's one-step fast path with
+  `new_instance`, never taken for a type with durable state).
 * ``on_start``, ``on_stop`` and the tasks started here run in the runner's
   base context (`_isolation`), never in that of the task that happened to
   crash, passivate or stop the entity.
@@ -44,6 +45,7 @@ import trio
 from .._context import current_entity_var
 from .._core._job import StopReason
 from .._core._retry import Backoff, spread
+from .._durable import state_writer_var
 from .._errors import MailboxFullError
 from ._isolation import run_in, spawn
 from ._passivation import IdleTracker
@@ -403,11 +405,19 @@ async def activate(slot: Slot) -> Entity:
     event = slot.starting = trio.Event()
     try:
         instance = new_instance(slot)
+        if slot.entity_type.durable is not None:
+            states = slot.shard.states
+            assert states is not None, "set when the shard started"
+            await states.load(slot, instance)
         if slot.entity_type.has_on_start:
             token = current_entity_var.set(instance)
+            # Even when a transactional handler activates it, on_start may
+            # not change durable state (its change would be saved only then).
+            writer = state_writer_var.set(None)
             try:
                 await instance.on_start()
             finally:
+                state_writer_var.reset(writer)
                 current_entity_var.reset(token)
         slot.instance = instance
         return instance

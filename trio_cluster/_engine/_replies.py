@@ -12,7 +12,8 @@ recorded reply wakes the callers waiting in this process (`ReplyWaiters`).
 
 Transactional handlers run inside a storage transaction (`in_transaction`,
 the jobs' `Around`), and their reply is saved in that same transaction: the
-handler's writes and its reply commit together, or neither does.
+handler's writes and its reply commit together, or neither does. So does
+the durable state of its entity (`_durable_state`), saved after the reply.
 """
 
 from __future__ import annotations
@@ -30,17 +31,19 @@ from .._errors import MalformedMessageError, PersistenceError
 from .._storage_abc import ReplyOutcome, ReplyQuery, ReplyRecord
 from ..serialization._replies import Exit
 from ._batching import Batcher, Pending, refused
+from ._durable_state import StateRefused
 from ._outcomes import RetryLater
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
 
+    from .._durable import PendingSave, StateWriter
     from .._registry import Handler
     from .._storage_abc import StorageTransaction
     from ._attempts import Attempts
     from ._delivery import DeliveryParts
     from ._outcomes import Outcome
-    from ._slots import Job, ShardHost
+    from ._slots import EntityStates, Job, ShardHost
 
 __all__ = ["ReplyRecorder"]
 
@@ -314,11 +317,21 @@ class ReplyRecorder:
                 nothing was recorded, and the request runs again.
         """
         assert job.request_id is not None
+        slot = job.slot
+        # Durable entity state (`_durable_state`): the handler may change it,
+        # and it is saved in the transaction, after the reply.
+        states = slot.shard.states if slot.entity_type.durable is not None else None
+        writer = saved = None
+        committed = False
         try:
             async with self._parts.storage.open_transaction() as transaction:
                 token = current_transaction_var.set(transaction)
                 try:
-                    outcome = await execute()
+                    if states is None:
+                        outcome = await execute()
+                    else:
+                        with states.writing(slot) as writer:
+                            outcome = await execute()
                 finally:
                     current_transaction_var.reset(token)
                 if not isinstance(outcome, Exit):
@@ -332,6 +345,9 @@ class ReplyRecorder:
                     raise RetryLater(str(failure)) from failure
                 payload = _committed_reply(job.handler, outcome)
                 await self._save_in(transaction, job, payload)
+                if states is not None and writer is not None:
+                    saved = await self._save_state_in(states, transaction, job, writer)
+            committed = True
         except _Rollback as rollback:
             if rollback.duplicate:
                 await self.fetch_final([job.request_id])
@@ -339,9 +355,44 @@ class ReplyRecorder:
             return rollback.outcome
         except PersistenceError as exc:
             raise RetryLater(str(exc)) from exc
+        finally:
+            if states is not None and writer is not None:
+                states.settle(slot, writer, saved, committed)
         self._parts.waiters.resolve(job.request_id, payload, outcome)
         self._parts.signal.wake_if_starved()
         return None
+
+    async def _save_state_in(
+        self,
+        states: EntityStates,
+        transaction: StorageTransaction,
+        job: Job,
+        writer: StateWriter,
+    ) -> PendingSave | None:
+        """Save ``job``'s entity's durable state in ``transaction`` (see
+        `StateKeeper.save_in`).
+
+        Raises:
+            _Rollback: the write was refused by fencing (record nothing), or
+                the state does not encode or storage refused it for its data
+                (record that error instead).
+            RetryLater: the stored state is newer than the entity's.
+        """
+        try:
+            return await states.save_in(transaction, job.slot, writer)
+        except StateRefused:
+            raise _Rollback(None) from None
+        except MalformedMessageError as exc:
+            log.error("state of %s cannot be saved: %s", job.slot.address, exc)
+            raise _Rollback(Exit(error=exc)) from exc
+        except Exception as exc:
+            if not refused(exc):
+                raise
+            # Storage refused the state for its data: running the handler
+            # again would be refused again. Roll back, and record the error
+            # that says so instead (outside the transaction), as for a reply.
+            log.error("storage refused the state of %s: %s", job.slot.address, exc)
+            raise _Rollback(Exit(error=_refusal(exc, "state"))) from exc
 
     async def _save_in(
         self, transaction: StorageTransaction, job: Job, payload: bytes
@@ -415,10 +466,11 @@ def _committed_reply(handler: Handler, exit_: Exit) -> bytes:
         raise _Rollback(Exit(error=exc)) from exc
 
 
-def _refusal(exc: Exception) -> MalformedMessageError:
-    """The error that replaces a reply storage refused (``exc``)."""
+def _refusal(exc: Exception, what: str = "reply") -> MalformedMessageError:
+    """The error that replaces a reply (or ``what``) storage refused
+    (``exc``)."""
     return MalformedMessageError(
-        what="reply", problems=[f"storage refused to store it: {exc}"]
+        what=what, problems=[f"storage refused to store it: {exc}"]
     )
 
 

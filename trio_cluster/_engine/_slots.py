@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
@@ -26,15 +26,20 @@ from .._core._job import JobState, StopReason
 from .._core._mailbox import Mailbox
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from .._core._addresses import EntityAddress, ShardId
+    from .._durable import PendingSave, StateWriter
     from .._entity import Entity
     from .._registry import EntityType, Handler
+    from .._storage_abc import StorageTransaction
     from ..serialization._replies import Exit
     from ._listeners import Listeners
     from ._outcomes import Outcome, Requeue
 
 __all__ = [
     "Around",
+    "EntityStates",
     "Job",
     "JobKind",
     "ShardHost",
@@ -76,6 +81,27 @@ Sink = Callable[["Job", "Exit | None"], "Coroutine[Any, Any, None] | None"]
 """Receives the outcome of a detached job; None means it was not run and
 must be redelivered (persisted) or rerouted (remote). A synchronous sink is
 called in place; an async one runs in a task of its own."""
+
+
+class EntityStates(Protocol):
+    """What a shard's entities need of the keeper of their durable state
+    (`._durable_state.StateKeeper`, which documents each method)."""
+
+    async def load(self, slot: Slot, instance: Entity) -> None: ...
+
+    def writing(self, slot: Slot) -> AbstractContextManager[StateWriter]: ...
+
+    async def save_in(
+        self, transaction: StorageTransaction, slot: Slot, writer: StateWriter
+    ) -> PendingSave | None: ...
+
+    def settle(
+        self,
+        slot: Slot,
+        writer: StateWriter,
+        saved: PendingSave | None,
+        committed: bool,
+    ) -> None: ...
 
 
 class Job:
@@ -214,6 +240,7 @@ class ShardHost:
         "shard_id",
         "slots",
         "state",
+        "states",
         "stop_hooks_done",
     )
 
@@ -242,6 +269,8 @@ class ShardHost:
         self.epoch = epoch
         self.lease_deadline = lease_deadline
         self.state = ShardState.ACTIVE
+        self.states: EntityStates | None = None
+        """Keeps its entities' durable state (set when it starts serving)."""
         self.nursery: trio.Nursery | None = None
         self.slots: dict[EntityAddress, Slot] = {}
         self.scopes: dict[trio.CancelScope, float] = {}

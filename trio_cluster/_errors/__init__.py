@@ -24,10 +24,12 @@ __all__ = [
     "ClusterInternalError",
     "ConfigError",
     "DeadLetteredError",
+    "DurableStateError",
     "EntityDefinitionError",
     "EntityNotAssignedError",
     "InvalidIdError",
     "InvalidMetadataError",
+    "InvalidTransitionError",
     "MailboxFullError",
     "MalformedMessageError",
     "MessageTooLargeError",
@@ -94,6 +96,12 @@ class CallInTransactionError(ClusterError, RuntimeError):
     request would exist only once the transaction commits, after the reply
     it waits for. Send it with ``.discard(...)`` (it is then saved in the
     transaction), or call after the transaction."""
+
+
+class DurableStateError(ClusterError, RuntimeError):
+    """Durable entity state was changed where the change could not be
+    saved: outside a transactional handler of its entity (see
+    `trio_cluster.durable`). Nothing changed."""
 
 
 class ConfigError(ClusterError, ValueError):
@@ -192,6 +200,35 @@ class StorageRefusedError(PersistenceError):
     only that item's caller gets an error (a persisted call whose request is
     refused raises `MalformedMessageError`, with this error as its cause).
     """
+
+
+@attrs.define(eq=False, kw_only=True)
+class InvalidTransitionError(_WireError):
+    """A state machine's transition was asked for in a state it does not
+    start from, or its handler returned a state it does not lead to (see
+    `trio_cluster.transition`). Nothing changed."""
+
+    transition: str
+    """The transition's wire name."""
+    state: str
+    """The tag of the state the machine was in."""
+    expected: tuple[str, ...]
+    """The tags the transition starts from (or, for a returned state of
+    another kind, leads to)."""
+    returned: str | None = None
+    """The tag (or class name) of the state the handler returned, if that
+    was the fault."""
+
+    def __str__(self) -> str:
+        if self.returned is not None:
+            return (
+                f"transition {self.transition} returned {self.returned}, not one of"
+                f" {', '.join(self.expected)}; the machine stays {self.state}"
+            )
+        return (
+            f"transition {self.transition} is not allowed in state {self.state}"
+            f" (only from {', '.join(self.expected)})"
+        )
 
 
 @attrs.define(eq=False, kw_only=True)

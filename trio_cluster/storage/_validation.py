@@ -29,6 +29,7 @@ from .._storage_abc import (
     StorageTransaction,
 )
 from .._storage_retries import MAX_ERROR_TEXT, RetryRecord
+from .._storage_state import StateWrite
 
 __all__ = [
     "MACHINE_IDS",
@@ -57,6 +58,7 @@ __all__ = [
     "check_save_replies",
     "check_save_requests",
     "check_scan_unprocessed",
+    "check_state_write",
     "check_transaction",
 ]
 
@@ -320,6 +322,25 @@ def check_clear_address(address: object) -> EntityAddress:
     if not isinstance(address, EntityAddress):
         raise TypeError(f"address must be an EntityAddress, got {address!r}")
     return address
+
+
+def check_state_write(write: object, now: object) -> tuple[StateWrite, float]:
+    """`StateStorage.save_state`: returns ``(write, now)``."""
+    if not isinstance(write, StateWrite):
+        raise TypeError(f"write must be a StateWrite, got {write!r}")
+    check_clear_address(write.address)
+    check_int(write.epoch, "StateWrite.epoch")
+    if count("StateWrite.expected_version", write.expected_version, errors=ARGUMENT) > (
+        _MAX_VERSION
+    ):
+        raise ValueError(f"StateWrite.expected_version is too large: {write!r}")
+    if not isinstance(write.payload, bytes):
+        raise TypeError(f"StateWrite.payload must be bytes, got {write.payload!r}")
+    return write, check_now(now)
+
+
+_MAX_VERSION = 2**63 - 2
+"""The largest version a save may replace (the next one fits an int8)."""
 
 
 def check_delete_processed(older_than: object, limit: object) -> tuple[float, int]:

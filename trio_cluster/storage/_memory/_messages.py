@@ -4,9 +4,9 @@ Theory of operation: each session gets a `MemoryMessages` view on the shared
 `MessageStore` (`._store`). An operation checks its arguments
 (`.._validation`), runs the session's entry steps (fault hook, checkpoint,
 session checks) and then calls the store synchronously, so every operation
-is atomic. A `MemoryTransaction` buffers the replies saved in it and applies
-them to the store, without a checkpoint, when it commits; until it ends it
-holds the fences of their shards (`MessageStore.hold_fences`), so no
+is atomic. A `MemoryTransaction` buffers the replies (and durable states,
+`._state`) saved in it and applies them to the store, without a checkpoint,
+when it commits; until it ends it holds the fences of their shards (`MessageStore.hold_fences`), so no
 acquisition moves their epochs before the commit.
 """
 
@@ -37,6 +37,7 @@ from .._validation import (
     check_transaction,
     check_transactional_saves,
 )
+from ._state import MemoryStates, StateTable
 from ._store import MessageStore
 
 if TYPE_CHECKING:
@@ -55,17 +56,20 @@ if TYPE_CHECKING:
         StoredRequest,
     )
     from trio_cluster._storage_retries import DeadLetter, RetryRecord
+    from trio_cluster._storage_state import StoredState
 
     from ._store import Inbox
 
 __all__ = ["MemoryMessages", "MemoryTransaction", "MessageStore"]
 
 
-class MemoryMessages(MessageStorage):
-    """One session's `MessageStorage` view on a `MessageStore`.
+class MemoryMessages(MessageStorage, MemoryStates):
+    """One session's `MessageStorage` view on a `MessageStore`, with its
+    durable entity state (`MemoryStates`).
 
     Args:
         store: the shared store.
+        states: the shared snapshots of durable entity state.
         enter: runs the entry steps of an operation (fault hook, checkpoint,
             session checks), given the operation's name.
         inbox: this session's notifications.
@@ -76,11 +80,13 @@ class MemoryMessages(MessageStorage):
         self,
         store: MessageStore,
         *,
+        states: StateTable,
         enter: Callable[[str], Awaitable[None]],
         inbox: Inbox,
         check_open: Callable[[], None],
     ) -> None:
         self._store = store
+        self._states = states
         self._enter = enter
         self._inbox = inbox
         self._check_open = check_open
@@ -150,6 +156,7 @@ class MemoryMessages(MessageStorage):
                 self._store.save(requests, now)
             for replies, now in transaction.pending:
                 self._store.save_replies(replies, now)
+            self._states.apply(transaction.states)
         finally:
             self._store.drop_fences(transaction.fences)
 
@@ -171,7 +178,11 @@ class MemoryMessages(MessageStorage):
     async def clear_address(self, address: EntityAddress) -> int:
         address = check_clear_address(address)
         await self._enter("clear_address")
+        self._states.delete(address)
         return self._store.clear_address(address)
+
+    def _mine(self, transaction: StorageTransaction) -> MemoryTransaction:
+        return check_transaction(transaction, MemoryTransaction, self._store)
 
     async def delete_processed(self, *, older_than: float, limit: int) -> int:
         older_than, limit = check_delete_processed(older_than, limit)
@@ -240,7 +251,11 @@ class MemoryTransaction(StorageTransaction):
         self.saves: list[tuple[list[PersistedRequest], float]] = []
         """The requests saved in it (its outbox), applied at commit."""
         self.fences: set[ShardId] = set()
-        """The shards whose fences it holds (those of its replies)."""
+        """The shards whose fences it holds (those of its replies and
+        durable states)."""
+        self.states: dict[tuple[str, str], StoredState] = {}
+        """The durable states saved in it by entity type and id, applied at
+        commit (`._state`)."""
         self.finished = False
         self._enter = enter
 

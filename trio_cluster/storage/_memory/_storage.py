@@ -5,8 +5,8 @@ tests, the simulator and the demo) opens its own session on it, exactly as it
 would open its own connection to PostgreSQL, so a cluster in one process
 behaves like a real one. This module opens and ends the sessions and runs
 the entry steps of every operation; the runner registry and the shard locks
-live in `._runners`, the message "table" in `._store` and each session's
-view on it in `._messages`.
+live in `._runners`, the message "table" in `._store`, each session's
+view on it in `._messages`, and durable entity state in `._state`.
 
 Theory of operation: every operation runs the optional fault hook, then
 checkpoints, and then does all its work synchronously, so each operation is
@@ -38,6 +38,7 @@ from trio_cluster._storage_abc import (
 from .._validation import check_open_session
 from ._messages import MemoryMessages
 from ._runners import MemoryRunners, RunnerTable, Session
+from ._state import StateTable
 from ._store import Inbox, MessageStore
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ class MemoryStorage(Storage):
         self._messages = MessageStore(
             epoch_of=self._runners.epoch_of, inboxes=self._inboxes
         )
+        self._states = StateTable(self._runners.epoch_of)
 
     def _new_epoch(self, shard: ShardId) -> None:
         self._messages.new_epoch(shard)
@@ -156,6 +158,7 @@ class MemoryStorage(Storage):
         self._sessions[name] = session
         messages = MemoryMessages(
             self._messages,
+            states=self._states,
             enter=partial(self._enter, session),
             inbox=session.inbox,
             check_open=session.check_open,

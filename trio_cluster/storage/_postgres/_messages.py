@@ -85,6 +85,7 @@ from ._message_parts import (
 )
 from ._notify import Listener
 from ._queries import MessageQueries
+from ._state import PgStates, StateQueries
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping, Sequence
@@ -104,8 +105,9 @@ _MAX_BIGINT = 2**63 - 1
 
 
 @attrs.define(eq=False, kw_only=True)
-class PgMessages(MessageStorage):
-    """One session's `MessageStorage` on PostgreSQL.
+class PgMessages(MessageStorage, PgStates):
+    """One session's `MessageStorage` on PostgreSQL, with its durable entity
+    state (`PgStates`).
 
     Args:
         pool: the session's connection pool for message traffic.
@@ -116,6 +118,7 @@ class PgMessages(MessageStorage):
         channel: the NOTIFY channel.
         owner: identifies the `PostgresStorage` (transactions must come from it).
         dead_letters: runs the `DeadLetterStorage` methods (on ``pool``).
+        state_queries: the statements of durable entity state.
     """
 
     _pool: PgPool
@@ -125,6 +128,7 @@ class PgMessages(MessageStorage):
     _channel: str
     _owner: object
     _dead_letters: PgDeadLetters
+    _sq: StateQueries = attrs.field(alias="state_queries")
     _shard_ids: dict[tuple[str, int], ShardId] = attrs.field(init=False, factory=dict)
 
     def statistics(self) -> PgPoolStatistics:
@@ -144,6 +148,9 @@ class PgMessages(MessageStorage):
         if transaction is None:
             return (await self._execute(query, params)).rows
         return await transaction.execute_internal(query, params)
+
+    def _mine(self, transaction: StorageTransaction) -> PgTransaction:
+        return check_transaction(transaction, PgTransaction, self._owner)
 
     def _shard(self, group: str, number: int) -> ShardId:
         key = (group, number)

@@ -109,6 +109,10 @@ WITH hit AS (
 )
 SELECT (SELECT count(*) FROM hit), (SELECT count(*) FROM notes)""",
             clear_address=f"""
+WITH state AS (
+    DELETE FROM {names.entity_state}
+    WHERE entity_id = $1::text AND entity_type = $2::text
+)
 DELETE FROM {m}
 WHERE entity_id = $1::text AND entity_type = $2::text
   AND shard_group = $3::text AND shard_number = $4::int4""",

@@ -29,6 +29,9 @@ Tables (see ``_MIGRATIONS``):
   ``retry_later``), and ``dead_letters``: copies of dead-lettered requests
   by request id (no foreign key: they outlive the request's retention),
   ``replayed_as`` the id of the request a replay saved from one.
+* since version 5, ``entity_state``: the durable state of entities, one
+  snapshot per ``(entity_type, entity_id)`` with its ``version`` (1, 2, ...)
+  and the shard and ``epoch`` of the write that stored it (`._state`).
 
 Lock keys: ``(namespace, 0)`` migrations and registrations, ``(namespace, n)``
 with ``n > 0`` shard ``n``, ``(namespace, -n)`` the liveness of runner ``n``.
@@ -106,6 +109,7 @@ class PgNames:
     messages: str = attrs.field(init=False, default=_prefixed("messages"))
     replies: str = attrs.field(init=False, default=_prefixed("replies"))
     dead_letters: str = attrs.field(init=False, default=_prefixed("dead_letters"))
+    entity_state: str = attrs.field(init=False, default=_prefixed("entity_state"))
     channel: str = attrs.field(init=False, default=_prefixed("events"))
     """The LISTEN/NOTIFY channel of the cluster."""
 
@@ -227,12 +231,33 @@ CREATE TABLE {n.dead_letters} (
 """
 
 
+def _migration_5(n: PgNames) -> str:
+    # Durable entity state: one snapshot per entity type and id (not per
+    # shard: a change of shards_per_group moves an entity, and its state goes
+    # with it); the shard and epoch of the write that stored it, for
+    # inspection (fencing reads the shards table).
+    return f"""
+CREATE TABLE {n.entity_state} (
+    entity_type text NOT NULL,
+    entity_id text NOT NULL,
+    shard_group text NOT NULL,
+    shard_number integer NOT NULL,
+    epoch bigint NOT NULL,
+    version bigint NOT NULL CHECK (version > 0),
+    payload bytea NOT NULL,
+    saved_at double precision NOT NULL,
+    PRIMARY KEY (entity_type, entity_id)
+);
+"""
+
+
 # (version, description, SQL builder). Append only: never edit a released one.
 _STEPS: Sequence[tuple[int, str, Callable[[PgNames], str]]] = (
     (1, "runners, shards, messages, replies", _migration_1),
     (2, "messages.saved_at (backlog age)", _migration_2),
     (3, "messages.metadata (call metadata)", _migration_3),
     (4, "messages.attempts, messages.last_error, dead_letters", _migration_4),
+    (5, "entity_state (durable entity state)", _migration_5),
 )
 
 LATEST_VERSION = _STEPS[-1][0]

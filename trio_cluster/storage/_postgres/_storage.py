@@ -41,6 +41,7 @@ from ._notify import Listener
 from ._queries import MessageQueries
 from ._runners import PgRunners
 from ._schema import PgNames, migrate_connection
+from ._state import StateQueries
 from ._status import cluster_status
 
 if TYPE_CHECKING:
@@ -131,6 +132,7 @@ class PostgresStorage(Storage):
         )
         self._auto_migrate = bool(auto_migrate)
         self._queries = MessageQueries.build(self.names)
+        self._state_queries = StateQueries.build(self.names)
         self._sessions: list[StorageSession] = []
         self._retired = [0, 0, 0, 0]
 
@@ -240,6 +242,7 @@ class PostgresStorage(Storage):
                         pool=pool,
                         transaction_pool=transaction_pool,
                         queries=self._queries,
+                        state_queries=self._state_queries,
                         listener=listener,
                         channel=self.names.channel,
                         owner=self,

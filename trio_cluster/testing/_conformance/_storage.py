@@ -7,8 +7,8 @@ concept: `_conformance_messages` (saving, claiming, replies, deletion),
 `_conformance_runners` (registry, locks, leases, fencing),
 `_conformance_transactions` (transactions), `_inspection` (read-only
 paging of unprocessed requests), `_dead_letters` (attempts, retries and
-dead letters), `_outbox` (requests saved in a transaction) and, here,
-notifications.
+dead letters), `_outbox` (requests saved in a transaction), `_state`
+(durable entity state) and, here, notifications.
 
 Every test runs under a ``trio.fail_after`` guard, passes explicit ``now``
 values (relative to a fixed `BASE_TIME` time), and waits for asynchronous effects
@@ -44,6 +44,7 @@ from ._inspection import InspectionTests
 from ._messages import MessageStorageTests, chunk
 from ._outbox import OutboxTests
 from ._runners import RunnerStorageTests
+from ._state import StateTests
 from ._transactions import TransactionTests
 
 __all__ = ["StorageConformance"]
@@ -68,6 +69,7 @@ class StorageConformance(
     CallMetadataTests,
     DeadLetterTests,
     OutboxTests,
+    StateTests,
 ):
     """Base class of a backend's conformance tests (pytest with pytest-trio).
 

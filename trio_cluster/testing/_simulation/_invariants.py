@@ -16,8 +16,10 @@ from its runner which shards it serves. From that it checks, continuously:
   cancelled at their next checkpoint and nothing of theirs leaves;
 * **fencing**: no write of a stale epoch commits after the successor's
   acquisition committed: every reply storage *recorded* carries the shard's
-  current epoch, every claim was made at the current epoch, and every
-  request stored *claimed* was claimed at the current epoch;
+  current epoch, every claim was made at the current epoch, every
+  request stored *claimed* was claimed at the current epoch, and every
+  durable entity state storage *saved* carries the current epoch (replies
+  and states saved in a transaction are checked when it commits);
 * **dedup**: a primary key is stored once (while its request exists), a
   duplicate always names the stored request, and request ids never collide;
 * **one reply**: a request gets at most one recorded final reply;
@@ -37,7 +39,7 @@ import attrs
 import trio
 
 from trio_cluster import EntityAddress, ShardId
-from trio_cluster.abc import ReplyOutcome, RunnerListener
+from trio_cluster.abc import ReplyOutcome, RunnerListener, StateOutcome
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
         PersistedRequest,
         ReplyRecord,
         SaveResult,
+        StateWrite,
     )
     from trio_cluster.storage import MemoryStorage
 
@@ -414,6 +417,42 @@ class Checker:
             )
             if final:
                 self._final(by, reply.request_id)
+
+    def states_saved(
+        self,
+        by: Incarnation,
+        writes: Sequence[StateWrite],
+        outcomes: Sequence[StateOutcome],
+    ) -> None:
+        """Durable entity states took effect (at commit, for those saved in
+        a transaction): each saved one was written under its shard's
+        current epoch (fencing)."""
+        for write, outcome in zip(writes, outcomes, strict=True):
+            if outcome is not StateOutcome.SAVED:
+                self._trace.record(
+                    "state",
+                    "%s state of %s at %s: %s",
+                    by,
+                    write.address,
+                    _owned(write.address.shard, write.epoch),
+                    outcome.value,
+                )
+                continue
+            current = self._epoch(write.address.shard)
+            if write.epoch != current:
+                self._fail(
+                    f"fencing: {by} saved the state of {write.address} under epoch"
+                    f" {write.epoch} of shard {write.address.shard}, whose epoch"
+                    f" is {current}"
+                )
+            self._trace.record(
+                "state",
+                "%s saved state v%d of %s at %s",
+                by,
+                write.expected_version + 1,
+                write.address,
+                _owned(write.address.shard, write.epoch),
+            )
 
     def _final(self, by: Incarnation, request_id: int) -> None:
         self.finals += 1

@@ -15,13 +15,14 @@ Each session is bound to the `Incarnation` of the runner that opened it
 from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from trio_cluster.abc import (
     MessageStorage,
     RunnerStorage,
+    StateStorage,
     Storage,
     StorageSession,
 )
@@ -44,9 +45,12 @@ if TYPE_CHECKING:
         RunnerInfo,
         SaveResult,
         ShardOwner,
+        StateOutcome,
+        StateWrite,
         StorageTransaction,
         StoredReplies,
         StoredRequest,
+        StoredState,
     )
 
 
@@ -87,10 +91,49 @@ class ObservedStorage(Storage):
 
 
 @attrs.define(eq=False)
-class _Messages(MessageStorage):
+class _Messages(MessageStorage, StateStorage):
     _inner: MessageStorage
     _checker: Checker
     _by: Incarnation
+    _in_transactions: dict[int, list[tuple[list[Any], list[Any]]]] = attrs.field(
+        init=False, factory=dict
+    )
+    """Replies saved in each open transaction (by its id), told to the
+    checker when it commits."""
+    _states_in_transactions: dict[int, list[tuple[Any, Any]]] = attrs.field(
+        init=False, factory=dict
+    )
+    """Durable states saved in each open transaction, likewise."""
+
+    # Durable entity state: forwarded (the memory backend keeps it).
+
+    def _states(self) -> StateStorage:
+        assert isinstance(self._inner, StateStorage)
+        return self._inner
+
+    async def load_state(self, address: EntityAddress) -> StoredState | None:
+        return await self._states().load_state(address)
+
+    async def save_state(
+        self,
+        write: StateWrite,
+        *,
+        now: float,
+        transaction: StorageTransaction | None = None,
+    ) -> StateOutcome:
+        outcome = await self._states().save_state(
+            write, now=now, transaction=transaction
+        )
+        if transaction is None:
+            self._checker.states_saved(self._by, [write], [outcome])
+        else:  # in effect at commit: told then (`open_transaction`)
+            self._states_in_transactions.setdefault(id(transaction), []).append(
+                (write, outcome)
+            )
+        return outcome
+
+    async def delete_state(self, address: EntityAddress) -> bool:
+        return await self._states().delete_state(address)
 
     async def save_requests(
         self,
@@ -126,14 +169,33 @@ class _Messages(MessageStorage):
             replies, now=now, transaction=transaction
         )
         if transaction is None:
-            # NOTE: replies written in a transaction take effect at commit;
-            # the simulator does not follow them (its probe entities do not
-            # use transactional handlers).
             self._checker.replies_saved(self._by, replies, outcomes)
+        else:
+            # Replies written in a transaction take effect at commit: the
+            # checker hears of them then (`open_transaction`).
+            self._in_transactions.setdefault(id(transaction), []).append(
+                (list(replies), outcomes)
+            )
         return outcomes
 
-    def open_transaction(self) -> AbstractAsyncContextManager[StorageTransaction]:
-        return self._inner.open_transaction()
+    @asynccontextmanager
+    async def open_transaction(self) -> AsyncIterator[StorageTransaction]:
+        async with self._inner.open_transaction() as transaction:
+            try:
+                yield transaction
+            except BaseException:
+                self._in_transactions.pop(id(transaction), None)
+                self._states_in_transactions.pop(id(transaction), None)
+                raise
+        # Committed: the memory backend applied its replies with no
+        # checkpoint since, so the checker sees them as they took effect.
+        for replies, outcomes in self._in_transactions.pop(id(transaction), []):
+            self._checker.replies_saved(self._by, replies, outcomes)
+        states = self._states_in_transactions.pop(id(transaction), [])
+        if states:
+            self._checker.states_saved(
+                self._by, [w for w, _ in states], [o for _, o in states]
+            )
 
     async def replies_for(self, queries: Sequence[ReplyQuery]) -> list[StoredReplies]:
         return await self._inner.replies_for(queries)

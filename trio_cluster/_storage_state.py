@@ -1,0 +1,119 @@
+"""The storage contract's durable entity state (interface).
+
+An optional capability of a backend's `MessageStorage`: a backend whose
+session ``messages`` is also a `StateStorage` can keep *durable entity
+state* (``trio_cluster.durable``). Both built-in backends are.
+
+One snapshot per entity, keyed by entity type and id (not by shard: a
+change of ``shards_per_group`` moves an entity to another shard, and its
+state goes with it). Each snapshot has a *version*, 1 for the first save and
+one more for each save after it, like an etag:
+
+* `StateStorage.load_state` reads it (None: never saved, or deleted);
+* `StateStorage.save_state` replaces it, *fenced* like replies: the write
+  carries the epoch under which its writer owns the entity's shard, and is
+  refused (`StateOutcome.STALE_EPOCH`) when the shard's epoch has moved on;
+  it also carries the version it replaces (0: none), and is refused
+  (`StateOutcome.CONFLICT`) when the stored version is another one, so a
+  writer whose copy fell behind storage never overwrites a newer snapshot.
+
+Saved in a transaction (``transaction``, from ``open_transaction`` on the
+same storage), a snapshot takes effect when the transaction commits, with
+the reply saved in it, and not at all if it rolls back; while the
+transaction is open, no acquisition moves the shard's epoch (as for replies:
+the module docstring of `trio_cluster._storage_abc` says what fencing
+guarantees). `MessageStorage.clear_address` deletes an entity's snapshot
+along with its requests.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+import attrs
+
+from ._core._addresses import EntityAddress
+
+if TYPE_CHECKING:
+    from ._storage_abc import StorageTransaction
+
+__all__ = ["StateOutcome", "StateStorage", "StateWrite", "StoredState"]
+
+
+@attrs.frozen
+class StoredState:
+    """An entity's stored snapshot."""
+
+    payload: bytes
+    """The encoded state (opaque to storage)."""
+    version: int
+    """1 for the first save, one more for each save after it."""
+    epoch: int
+    """The shard epoch of the write that stored it."""
+
+
+@attrs.frozen
+class StateWrite:
+    """Replace one entity's snapshot (see `StateStorage.save_state`)."""
+
+    address: EntityAddress
+    """The entity; its shard is the one whose epoch fences the write."""
+    epoch: int
+    """Epoch under which the writer owns the shard (fencing)."""
+    expected_version: int
+    """The version this write replaces (0: nothing is stored)."""
+    payload: bytes
+
+
+class StateOutcome(enum.Enum):
+    """What happened to one `StateWrite`."""
+
+    SAVED = "saved"
+    """Stored as version ``expected_version + 1``."""
+    STALE_EPOCH = "stale_epoch"
+    """Refused: the shard's epoch moved on (fencing); nothing changed."""
+    CONFLICT = "conflict"
+    """Refused: the stored version is not ``expected_version``; nothing
+    changed."""
+
+
+class StateStorage(ABC):
+    """Durable entity state: the optional capability of a `MessageStorage`
+    (see the module docstring)."""
+
+    @abstractmethod
+    async def load_state(self, address: EntityAddress) -> StoredState | None:
+        """The stored snapshot of the entity at ``address`` (found by its
+        type and id), or None.
+
+        Raises:
+            TypeError: ``address`` is not an `EntityAddress`.
+            PersistenceError: storage failed.
+        """
+
+    @abstractmethod
+    async def save_state(
+        self,
+        write: StateWrite,
+        *,
+        now: float,
+        transaction: StorageTransaction | None = None,
+    ) -> StateOutcome:
+        """Replace an entity's snapshot, fenced by epoch and version (see
+        `StateOutcome`); ``now`` is kept as the time of the save.
+
+        With ``transaction``, the write takes effect when it commits, and
+        the outcome is the one it will have if it does.
+
+        Raises:
+            TypeError, ValueError: a malformed write (nothing is stored).
+            PersistenceError: storage failed.
+        """
+
+    @abstractmethod
+    async def delete_state(self, address: EntityAddress) -> bool:
+        """Delete the snapshot of the entity at ``address``, unfenced (an
+        operator's action, as `MessageStorage.clear_address`); whether one
+        was stored."""

@@ -1,0 +1,163 @@
+"""Durable entity state on PostgreSQL (edge adapter).
+
+Theory of operation: one row per entity in ``<prefix>_entity_state``
+(`._schema`, version 5), keyed by entity type and id. A save is one
+statement, in the caller's transaction or on a pooled connection:
+
+* ``fence`` locks the shard's row ``FOR SHARE``, as the replies statements
+  do: an acquisition (which updates the row) waits for the transaction that
+  wrote under the old epoch to end, and a write that waited for an
+  acquisition reads the new epoch and is refused (``s``);
+* ``current`` locks the entity's row, if any (``FOR UPDATE``), and a write
+  whose expected version is not the stored one is refused (``c``);
+* otherwise the row is inserted or updated to the next version. Two first
+  saves racing (no row to lock yet) meet in ``ON CONFLICT``, whose update
+  applies only at the expected version: the loser writes nothing and is
+  reported as a conflict.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from trio_cluster._storage_state import (
+    StateOutcome,
+    StateStorage,
+    StateWrite,
+    StoredState,
+)
+
+from .._validation import check_clear_address, check_state_write
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from trio_cluster._core._addresses import EntityAddress
+    from trio_cluster._storage_abc import StorageTransaction
+
+    from ._message_parts import PgTransaction
+    from ._schema import PgNames
+
+__all__ = ["PgStates", "StateQueries"]
+
+_OUTCOMES = {
+    "v": StateOutcome.SAVED,
+    "s": StateOutcome.STALE_EPOCH,
+    "c": StateOutcome.CONFLICT,
+}
+
+
+@attrs.frozen
+class StateQueries:
+    """The durable-state statements of one cluster."""
+
+    load: str
+    save: str
+    delete: str
+
+    @classmethod
+    def build(cls, names: PgNames) -> StateQueries:
+        t, s = names.entity_state, names.shards
+        return cls(
+            load=f"""
+SELECT payload, version, epoch FROM {t}
+WHERE entity_type = $1::text AND entity_id = $2::text""",
+            # $1 type, $2 id, $3 group, $4 number, $5 epoch, $6 expected
+            # version, $7 payload, $8 now
+            save=f"""
+WITH fence AS MATERIALIZED (
+    SELECT sh.epoch FROM {s} sh
+    WHERE sh.shard_group = $3::text AND sh.shard_number = $4::int4
+    FOR SHARE OF sh
+), current AS MATERIALIZED (
+    SELECT st.version FROM {t} st
+    WHERE st.entity_type = $1::text AND st.entity_id = $2::text
+    FOR UPDATE OF st
+), verdict AS MATERIALIZED (
+    SELECT CASE
+        WHEN (SELECT epoch FROM fence) IS DISTINCT FROM $5::int8 THEN 's'
+        WHEN coalesce((SELECT version FROM current), 0) <> $6::int8 THEN 'c'
+        ELSE 'v' END AS status
+), written AS (
+    INSERT INTO {t} AS st (entity_type, entity_id, shard_group, shard_number,
+                           epoch, version, payload, saved_at)
+    SELECT $1::text, $2::text, $3::text, $4::int4, $5::int8, $6::int8 + 1,
+           $7::bytea, $8::float8
+    FROM verdict WHERE status = 'v'
+    ON CONFLICT (entity_type, entity_id) DO UPDATE SET
+        shard_group = EXCLUDED.shard_group,
+        shard_number = EXCLUDED.shard_number,
+        epoch = EXCLUDED.epoch,
+        version = EXCLUDED.version,
+        payload = EXCLUDED.payload,
+        saved_at = EXCLUDED.saved_at
+    WHERE st.version = $6::int8
+    RETURNING 1
+)
+SELECT CASE WHEN status = 'v' AND NOT EXISTS (SELECT 1 FROM written)
+            THEN 'c' ELSE status END
+FROM verdict""",
+            delete=f"""
+DELETE FROM {t} WHERE entity_type = $1::text AND entity_id = $2::text
+RETURNING 1""",
+        )
+
+
+class PgStates(StateStorage):
+    """The `StateStorage` part of `._messages.PgMessages` (mixed in): it
+    runs its statements with the session's ``_rows`` and ``_execute``, and
+    checks transactions with ``_mine``."""
+
+    _sq: StateQueries
+
+    async def _rows(
+        self, query: str, params: Sequence[object], transaction: PgTransaction | None
+    ) -> list[tuple[Any, ...]]:
+        raise NotImplementedError  # pragma: no cover - PgMessages has it
+
+    def _mine(self, transaction: StorageTransaction) -> PgTransaction:
+        raise NotImplementedError  # pragma: no cover - PgMessages has it
+
+    async def load_state(self, address: EntityAddress) -> StoredState | None:
+        address = check_clear_address(address)
+        rows = await self._rows(
+            self._sq.load, [address.entity_type, address.entity_id.value], None
+        )
+        if not rows:
+            return None
+        payload, version, epoch = rows[0]
+        return StoredState(payload=bytes(payload), version=version, epoch=epoch)
+
+    async def save_state(
+        self,
+        write: StateWrite,
+        *,
+        now: float,
+        transaction: StorageTransaction | None = None,
+    ) -> StateOutcome:
+        write, now = check_state_write(write, now)
+        mine = None if transaction is None else self._mine(transaction)
+        address = write.address
+        params: list[object] = [
+            address.entity_type,
+            address.entity_id.value,
+            address.shard.group,
+            address.shard.number,
+            write.epoch,
+            write.expected_version,
+            write.payload,
+            now,
+        ]
+        [(status,)] = await self._rows(self._sq.save, params, mine)
+        return _OUTCOMES[status]
+
+    async def delete_state(self, address: EntityAddress) -> bool:
+        address = check_clear_address(address)
+        rows = await self._rows(
+            self._sq.delete,
+            [address.entity_type, address.entity_id.value],
+            None,
+        )
+        return bool(rows)
