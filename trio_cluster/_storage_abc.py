@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
     from ._errors import PersistenceError
+    from ._storage_events import EventStorage
 
 
 __all__ = [
@@ -590,6 +591,9 @@ class StorageSession:
 
     messages: MessageStorage
     runners: RunnerStorage
+    events: EventStorage | None = None
+    """The durable event log, if the backend has one (see
+    `trio_cluster._storage_events`)."""
 
 
 class Storage(ABC):

@@ -34,6 +34,14 @@ from ._storage_abc import (
     StoredRequest as StoredRequest,
     UnreadableRequest as UnreadableRequest,
 )
+from ._storage_events import (
+    CursorAdvance as CursorAdvance,
+    CursorOutcome as CursorOutcome,
+    EventRecord as EventRecord,
+    EventStorage as EventStorage,
+    PartitionPosition as PartitionPosition,
+    StoredEvent as StoredEvent,
+)
 from ._storage_retries import (
     DeadLetterStorage as DeadLetterStorage,
     RetryRecord as RetryRecord,
@@ -51,6 +59,12 @@ from ._transport_abc import (
 )
 
 __all__ = [
+    "CursorAdvance",
+    "CursorOutcome",
+    "EventRecord",
+    "EventStorage",
+    "PartitionPosition",
+    "StoredEvent",
     "ClaimBatch",
     "ClaimedRequest",
     "DeadLetterStorage",
