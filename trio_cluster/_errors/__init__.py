@@ -26,6 +26,7 @@ __all__ = [
     "DeadLetteredError",
     "EntityDefinitionError",
     "EntityNotAssignedError",
+    "EventsUnsupportedError",
     "InvalidIdError",
     "InvalidMetadataError",
     "MailboxFullError",
@@ -98,6 +99,12 @@ class CallInTransactionError(ClusterError, RuntimeError):
 
 class ConfigError(ClusterError, ValueError):
     """A configuration value is invalid. The message says what to do instead."""
+
+
+class EventsUnsupportedError(ClusterError, RuntimeError):
+    """The runner's storage has no durable event log (a third-party backend
+    whose sessions leave ``StorageSession.events`` None): use
+    `MemoryStorage` or `PostgresStorage` for the event bus."""
 
 
 class EntityDefinitionError(ClusterError, TypeError):
