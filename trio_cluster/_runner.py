@@ -406,7 +406,7 @@ async def open_runner(
                             if cron_class is not None
                             else ()
                         ),
-                        janitor(session.messages, config, wall_clock),
+                        janitor(session.messages, config, wall_clock, session.events),
                     ],
                     broadcasts=codecs,
                     listeners=listeners,

@@ -53,11 +53,19 @@ def test_events_lag_prints_each_cursor(pg_schema, capsys):
 
     trio.run(scenario)
     capsys.readouterr()
-    assert main(["events", "lag", "--dsn", pg_schema.dsn, "--prefix", prefix, "--json"]) == 0
+    assert (
+        main(["events", "lag", "--dsn", pg_schema.dsn, "--prefix", prefix, "--json"])
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)
-    assert [(r["subscription"], r["partition"]) for r in rows] == [("pinger", 0), ("pinger", 1)]
+    assert [(r["subscription"], r["partition"]) for r in rows] == [
+        ("pinger", 0),
+        ("pinger", 1),
+    ]
     busy = [r for r in rows if r["end"]]
-    assert [(r["cursor"], r["end"], r["lag"], r["skipped"]) for r in busy] == [(3, 5, 2, 1)]
+    assert [(r["cursor"], r["end"], r["lag"], r["skipped"]) for r in busy] == [
+        (3, 5, 2, 1)
+    ]
     assert main(["events", "lag", "--dsn", pg_schema.dsn, "--prefix", prefix]) == 0
     assert "pinger" in capsys.readouterr().out
     assert main(["events", "lag", "--dsn", "not a dsn", "--prefix", "Bad-"]) == 2

@@ -117,7 +117,8 @@ async def test_a_failing_event_is_retried_then_skipped_and_counted(autojump_cloc
         # 0 handled in a batch that failed, then one by one: 0 delivered
         # twice at most; 1 after two failures; 2 skipped after three.
         assert [e.value.n for e in seen.events if e.value.n != 0] == [1, 3]
-        assert seen.attempts[2] == 3
+        # Three attempts of its own, after at most one in a failed batch.
+        assert 3 <= seen.attempts[2] <= 4
         [position] = await bus.lag(sub)
         assert (position.cursor, position.skipped) == (4, 1)
 
