@@ -25,7 +25,7 @@ import attrs
 import trio
 
 import trio_cluster as tc
-from trio_cluster.events import Event, Subscription, Topic, event_bus
+from trio_cluster.events import Event, EventBus, Subscription, Topic, event_bus
 from trio_cluster.storage import PostgresStorage
 
 from ._common import bench_dsn, drop_tables, emit, percentile, progress
@@ -63,7 +63,7 @@ class _Seen:
         await trio.lowlevel.checkpoint()
 
 
-async def _publish_all(bus, topic, n: int, tag: str) -> float:
+async def _publish_all(bus: EventBus, topic: Topic[Tick], n: int, tag: str) -> float:
     per_key = n // KEYS
 
     async def publisher(k: int) -> None:

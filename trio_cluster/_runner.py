@@ -44,8 +44,6 @@ if TYPE_CHECKING:
 
     import cattrs
 
-    from ._storage_events import EventStorage
-
     from ._broadcast import Broadcast
     from ._core._addresses import RunnerAddress, ShardId
     from ._core._snowflake import Snowflake
@@ -56,6 +54,7 @@ if TYPE_CHECKING:
     from ._operations._statistics import RunnerStatistics
     from ._singletons import Singleton
     from ._storage_abc import RunnerInfo, Storage, StorageSession, StorageTransaction
+    from ._storage_events import EventStorage
     from ._tracing import Tracer
     from ._transport_abc import Endpoint, Transport
 

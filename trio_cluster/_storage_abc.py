@@ -53,6 +53,7 @@ import attrs
 
 from ._core._addresses import EntityAddress, RunnerAddress, ShardId
 from ._errors import ClusterError
+from ._storage_events import EventStorage
 from ._storage_retries import DeadLetterStorage
 
 if TYPE_CHECKING:
@@ -60,7 +61,6 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
 
     from ._errors import PersistenceError
-    from ._storage_events import EventStorage
 
 
 __all__ = [

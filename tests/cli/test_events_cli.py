@@ -11,7 +11,7 @@ import trio
 
 import trio_cluster as tc
 from trio_cluster._cli._main import main
-from trio_cluster.events import Subscription, Topic, event_bus
+from trio_cluster.events import Event, Subscription, Topic, event_bus
 from trio_cluster.storage import PostgresStorage
 
 pytestmark = pytest.mark.postgres
@@ -27,7 +27,7 @@ def test_events_lag_prints_each_cursor(pg_schema, capsys):
     topic = Topic("pings", Ping, partitions=2)
     handled: list[int] = []
 
-    async def handle(event) -> None:
+    async def handle(event: Event[Ping]) -> None:
         handled.append(event.value.n)
         if event.value.n == 1:
             raise RuntimeError("poison")

@@ -43,14 +43,14 @@ from trio_cluster import (
     current_cluster_state,
     current_runner,
 )
-from trio_cluster.abc import CursorAdvance, CursorOutcome
+from trio_cluster.abc import CursorAdvance, CursorOutcome, EventStorage
+from trio_cluster.serialization import Codec
 
 from ._bus import event_bus
 from ._topic import Event, Topic, check_name
 
 if TYPE_CHECKING:
-    from trio_cluster.abc import EventStorage, StoredEvent
-    from trio_cluster.serialization import Codec
+    from trio_cluster.abc import StoredEvent
 
 __all__ = ["Subscription"]
 

@@ -49,7 +49,9 @@ from .._event_checks import (
     check_read,
 )
 from .._validation import check_transaction
+from ._driver._pool import PgPool
 from ._message_parts import PgTransaction
+from ._notify import Listener
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -57,8 +59,6 @@ if TYPE_CHECKING:
     from trio_cluster._storage_abc import StorageTransaction
 
     from ._driver._driver import PgNotification
-    from ._driver._pool import PgPool
-    from ._notify import Listener
     from ._schema import PgNames
 
 __all__ = ["EventQueries", "PgEvents", "parse_heads"]

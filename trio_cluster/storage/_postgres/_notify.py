@@ -30,14 +30,12 @@ from trio_cluster._core._retry import Backoff
 from trio_cluster._errors import PersistenceError
 
 from .._coalesce import Coalescer
-from ._driver._driver import PgConnection
+from ._driver._driver import PgConnection, PgNotification
 
 if TYPE_CHECKING:
     from trio_cluster._storage_abc import (
         Notification,
     )
-
-    from ._driver._driver import PgNotification
 
 __all__ = ["Listener", "coalesce"]
 

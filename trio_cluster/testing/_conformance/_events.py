@@ -10,10 +10,11 @@ cursor has not passed.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 import trio
 
-from trio_cluster._storage_abc import StorageSession
 from trio_cluster._storage_events import (
     CursorAdvance,
     CursorOutcome,
@@ -22,6 +23,9 @@ from trio_cluster._storage_events import (
 )
 
 from ._base import BASE_TIME, SHARD, TIMEOUT, acquire_shards
+
+if TYPE_CHECKING:
+    from trio_cluster._storage_abc import StorageSession
 
 __all__ = ["EventTests"]
 
@@ -127,10 +131,14 @@ class EventTests:
     ) -> None:
         with trio.fail_after(TIMEOUT):
             log = _log(session)
-            with pytest.raises(_Abort):
+
+            async def publish_then_fail() -> None:
                 async with session.messages.open_transaction() as transaction:
                     await log.publish([_event(1)], transaction=transaction)
                     raise _Abort
+
+            with pytest.raises(_Abort):
+                await publish_then_fail()
             await log.publish([_event(2)])
             read = await log.read("orders", 0, offset=0, limit=10)
             assert [(e.offset, e.key) for e in read] == [(0, "k2")]
@@ -210,13 +218,17 @@ class EventTests:
             log = _log(session)
             epoch = (await acquire_shards(session.runners, SHARD))[SHARD]
             await log.advance_cursor(_advance(epoch, None, 0))
-            with pytest.raises(_Abort):
+
+            async def advance_then_fail() -> None:
                 async with session.messages.open_transaction() as transaction:
                     outcome = await log.advance_cursor(
                         _advance(epoch, 0, 5), transaction=transaction
                     )
                     assert outcome is CursorOutcome.ADVANCED
                     raise _Abort
+
+            with pytest.raises(_Abort):
+                await advance_then_fail()
             [position] = await log.positions("billing", "orders", [0])
             assert position.cursor == 0
             async with session.messages.open_transaction() as transaction:
@@ -282,7 +294,7 @@ class EventTests:
                 await log.publish([_event(1), "nope"])  # type: ignore[list-item]
             with pytest.raises(ValueError, match="partition"):
                 await log.publish([_event(1), _event(2, partition=-1)])
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError, match="topic"):
                 await log.read("", 0, offset=0, limit=1)
             with pytest.raises(TypeError):
                 await log.advance_cursor("x")  # type: ignore[arg-type]
