@@ -39,6 +39,7 @@ from trio_cluster import (
     PersistenceError,
     RetryPolicy,
     Runner,
+    ShardId,
     Singleton,
     current_cluster_state,
     current_runner,
@@ -171,7 +172,7 @@ class _Consumer:
     sub: Subscription[Any]
     partition: int
     runner: Runner
-    shard: Any
+    shard: ShardId
     epoch: int
     storage: EventStorage = attrs.field(init=False)
     codec: Codec[Any] = attrs.field(init=False)
@@ -277,7 +278,8 @@ class _Consumer:
                 exc,
             )
             self.isolate_until = events[-1].offset
-            return CursorOutcome.ADVANCED  # nothing moved: read again, singly
+            # The cursor stays: the next reads take these events singly.
+            return CursorOutcome.ADVANCED
         if outcome is CursorOutcome.ADVANCED:
             self.cursor = end
         return outcome
