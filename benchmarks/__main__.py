@@ -16,6 +16,7 @@ WORKLOADS = {
     "w5": "benchmarks.w5_entities",
     "queue": "benchmarks.queue_jobs",
     "state": "benchmarks.durable_state",
+    "events": "benchmarks.events_bus",
 }
 LOADED = {"w4"}
 """Workloads with an ``--under-load`` variant."""

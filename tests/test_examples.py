@@ -94,3 +94,10 @@ async def test_job_queue_example(autojump_clock, capsys):
     out = capsys.readouterr().out
     assert "o6 rolled back: no confirmation" in out
     assert "ValueError: no mailbox for nobody" in out
+
+
+async def test_store_then_publish_example(autojump_clock, capsys):
+    assert await load_example("store_then_publish").main() == ["o1", "o3"]
+    out = capsys.readouterr().out
+    assert "o2 failed: nothing stored, nothing published" in out
+    assert "shipping o2" not in out

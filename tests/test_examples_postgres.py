@@ -101,3 +101,12 @@ async def test_bank_account_example_on_postgres(
     assert "withdraw w2: 120" in out
     count = pg_admin.execute(f"SELECT count(*) FROM {messages}")
     assert count == [(4,)]
+
+
+async def test_store_then_publish_example_on_postgres(pg_schema, capsys):
+    with trio.fail_after(TIMEOUT):
+        module = load_example("store_then_publish")
+        assert await module.main(storage_in(pg_schema)) == ["o1", "o3"]
+    out = capsys.readouterr().out
+    assert "o2 failed: nothing stored, nothing published" in out
+    assert "shipping o2" not in out

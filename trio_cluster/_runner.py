@@ -33,7 +33,7 @@ from ._engine._broadcasts import broadcast_codecs
 from ._engine._dispatch import HandlerRelay
 from ._engine._janitor import janitor
 from ._entity import Entity
-from ._errors import EntityDefinitionError
+from ._errors import EntityDefinitionError, EventsUnsupportedError
 from ._groups import unwrap_single as _unwrap_single
 from ._operations._dead_letters import DeadLetterQueue
 from ._registry import Registry
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from ._operations._statistics import RunnerStatistics
     from ._singletons import Singleton
     from ._storage_abc import RunnerInfo, Storage, StorageSession, StorageTransaction
+    from ._storage_events import EventStorage
     from ._tracing import Tracer
     from ._transport_abc import Endpoint, Transport
 
@@ -114,6 +115,7 @@ class Runner:
             tracer=tracer,
         )
         self._clients: dict[type[Entity], EntityClient[Any]] = {}
+        self._events = session.events
         self.dead_letters = DeadLetterQueue(
             session.messages, new_id=lambda: int(self.new_id()), clock=clock
         )
@@ -222,6 +224,21 @@ class Runner:
             return await self._parts.broadcasts.send(name, message)
         finally:
             leave_runner(token)
+
+    @property
+    def event_storage(self) -> EventStorage:
+        """The storage session's durable event log, which
+        ``trio_cluster.events`` publishes to and consumes from.
+
+        Raises:
+            EventsUnsupportedError: the storage backend has none.
+        """
+        if self._events is None:
+            raise EventsUnsupportedError(
+                "this runner's storage has no durable event log"
+                " (StorageSession.events is None)"
+            )
+        return self._events
 
     def transaction(self) -> AbstractAsyncContextManager[StorageTransaction]:
         """Open a storage transaction for application code: the outbox.
@@ -388,7 +405,7 @@ async def open_runner(
                             if cron_class is not None
                             else ()
                         ),
-                        janitor(session.messages, config, wall_clock),
+                        janitor(session.messages, config, wall_clock, session.events),
                     ],
                     broadcasts=codecs,
                     listeners=listeners,
@@ -461,7 +478,14 @@ async def serve_runner(
 
 
 def _check_singletons(singletons: Sequence[Singleton]) -> None:
-    reserved = [s.name for s in singletons if s.name.startswith("trio_cluster.")]
+    # The event bus's consumers (`trio_cluster.events.Subscription.consumers`)
+    # are the one kind of reserved name users pass in themselves.
+    reserved = [
+        s.name
+        for s in singletons
+        if s.name.startswith("trio_cluster.")
+        and not s.name.startswith("trio_cluster.events.")
+    ]
     if reserved:
         raise EntityDefinitionError(
             f"singleton names starting with 'trio_cluster.' are reserved: {reserved}"

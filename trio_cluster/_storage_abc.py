@@ -53,6 +53,7 @@ import attrs
 
 from ._core._addresses import EntityAddress, RunnerAddress, ShardId
 from ._errors import ClusterError
+from ._storage_events import EventStorage
 from ._storage_retries import DeadLetterStorage
 
 if TYPE_CHECKING:
@@ -590,6 +591,9 @@ class StorageSession:
 
     messages: MessageStorage
     runners: RunnerStorage
+    events: EventStorage | None = None
+    """The durable event log, if the backend has one (see
+    `trio_cluster._storage_events`)."""
 
 
 class Storage(ABC):

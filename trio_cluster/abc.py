@@ -34,6 +34,14 @@ from ._storage_abc import (
     StoredRequest as StoredRequest,
     UnreadableRequest as UnreadableRequest,
 )
+from ._storage_events import (
+    CursorAdvance as CursorAdvance,
+    CursorOutcome as CursorOutcome,
+    EventRecord as EventRecord,
+    EventStorage as EventStorage,
+    PartitionPosition as PartitionPosition,
+    StoredEvent as StoredEvent,
+)
 from ._storage_retries import (
     DeadLetterStorage as DeadLetterStorage,
     RetryRecord as RetryRecord,
@@ -59,13 +67,18 @@ from ._transport_abc import (
 __all__ = [
     "ClaimBatch",
     "ClaimedRequest",
+    "CursorAdvance",
+    "CursorOutcome",
     "DeadLetterStorage",
     "Endpoint",
     "EndpointHandler",
     "Envelope",
+    "EventRecord",
+    "EventStorage",
     "MessageStorage",
     "MessagesAvailable",
     "Notification",
+    "PartitionPosition",
     "PersistedRequest",
     "RepliesAvailable",
     "ReplyOutcome",
@@ -85,6 +98,7 @@ __all__ = [
     "StorageSession",
     "StorageTransaction",
     "StoredChunk",
+    "StoredEvent",
     "StoredReplies",
     "StoredRequest",
     "StoredState",

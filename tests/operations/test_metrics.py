@@ -197,3 +197,24 @@ async def test_each_metric_familys_samples_follow_its_type_line(autojump_clock):
             ), (line, family)
     assert "trio_cluster_transport_connections" in seen
     assert "trio_cluster_call_latency_seconds" in seen
+
+
+async def test_metrics_report_each_subscriptions_lag_and_skipped_events():
+    from trio_cluster.abc import CursorAdvance, EventRecord
+
+    with trio.fail_after(20):
+        async with metrics_served() as (runner, port):
+            status, body = await http_get(port, "/metrics")
+            assert "trio_cluster_subscription_lag" not in body.split("# TYPE")[-1]
+            await runner.wait_shards_acquired()
+            log = runner.event_storage
+            await log.publish([EventRecord("t", 1, None, b"x", 0.0)] * 3)
+            shard, epoch = next(iter(runner.served_shards().items()))
+            await log.advance_cursor(
+                CursorAdvance("s", "t", 1, None, 1, shard, epoch, 1)
+            )
+            status, body = await http_get(port, "/metrics")
+    assert status == 200
+    labels = 'partition="1",subscription="s",topic="t"'
+    assert f"trio_cluster_subscription_lag{{{labels}}} 2" in body
+    assert f"trio_cluster_subscription_skipped_total{{{labels}}} 1" in body

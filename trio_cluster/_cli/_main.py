@@ -9,7 +9,8 @@
 * ``check-messages MODULE:ATTRIBUTE``: before a deploy, check that the new
   code decodes every stored, unprocessed persisted message;
 * ``dlq list|show|replay|purge``: the dead-lettered persisted requests
-  (`._dlq`).
+  (`._dlq`);
+* ``events lag``: the event bus's subscriptions (`._events`).
 
 Policy comes from ``TRIO_CLUSTER_*`` environment variables (see
 `ShardingConfig.from_env`); options on the command line win.
@@ -32,6 +33,7 @@ from typing import Any, TypeVar
 import trio
 
 from ._dlq import add_dlq_parser
+from ._events import add_events_parser
 
 __all__ = ["main"]
 
@@ -397,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(handler=_check_messages)
     add_dlq_parser(commands)
+    add_events_parser(commands)
     return parser
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "DurableStateError",
     "EntityDefinitionError",
     "EntityNotAssignedError",
+    "EventsUnsupportedError",
     "InvalidIdError",
     "InvalidMetadataError",
     "InvalidTransitionError",
@@ -106,6 +107,12 @@ class DurableStateError(ClusterError, RuntimeError):
 
 class ConfigError(ClusterError, ValueError):
     """A configuration value is invalid. The message says what to do instead."""
+
+
+class EventsUnsupportedError(ClusterError, RuntimeError):
+    """The runner's storage has no durable event log (a third-party backend
+    whose sessions leave ``StorageSession.events`` None): use
+    `MemoryStorage` or `PostgresStorage` for the event bus."""
 
 
 class EntityDefinitionError(ClusterError, TypeError):

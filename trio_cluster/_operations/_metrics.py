@@ -5,8 +5,9 @@ Kubernetes probes:
 
 * ``/metrics``: Prometheus text format (entities per type, shards, runners,
   mailbox depth, handled messages, persisted traffic, storage claims,
-  failovers, a histogram of call latencies, and the transport's traffic and
-  refused peers);
+  failovers, a histogram of call latencies, the transport's traffic and
+  refused peers, and the event bus's lag per subscription and partition,
+  read from storage at each scrape);
 * ``/healthz``: 200 while the runner's tasks run (liveness);
 * ``/readyz``: 200 while the runner is ready (its storage session and
   transport are up and it serves every shard assigned to it; a client-only
@@ -24,6 +25,8 @@ from functools import partial
 from typing import TYPE_CHECKING, Final
 
 import trio
+
+from .._errors import EventsUnsupportedError, PersistenceError
 
 if TYPE_CHECKING:
     from .._runner import Runner
@@ -264,7 +267,7 @@ async def _exchange(
     if not head:  # a TCP probe, or a client that said nothing in time
         log.debug("metrics connection from %s sent no request", client)
         return
-    status, body, content_type = _answer(
+    status, body, content_type = await _answer(
         runner, bytes(head), timed_out=reading.cancelled_caught
     )
     if not status.startswith(("200", "503")):
@@ -290,6 +293,50 @@ async def _read_head(stream: trio.SocketStream, head: bytearray) -> None:
         head += chunk
 
 
+LAG_TIMEOUT: Final = 2.0
+"""Seconds a scrape waits for the event bus's positions before leaving them out."""
+_LAG = "trio_cluster_subscription_lag"
+_SKIPPED = "trio_cluster_subscription_skipped_total"
+
+
+async def _subscription_lag(runner: Runner) -> str:
+    """The event bus's lag and skipped events per subscription and partition,
+    read from storage (the whole cluster's: the same on every runner); empty
+    without an event log, or if storage does not answer in `LAG_TIMEOUT`."""
+    try:
+        events = runner.event_storage
+    except EventsUnsupportedError:
+        return ""
+    positions = None
+    with trio.move_on_after(LAG_TIMEOUT):
+        try:
+            positions = await events.all_positions()
+        except PersistenceError as exc:
+            log.info("metrics: no subscription lag: %r", exc)
+    if positions is None:
+        return ""
+    lines = _header(
+        _LAG,
+        "Events published and not yet consumed, per subscription and partition"
+        " (cluster-wide: every runner reports the same).",
+        "gauge",
+    )
+    skipped = _header(
+        _SKIPPED,
+        "Events a subscription gave up on (its handler kept failing).",
+        "counter",
+    )
+    for p in positions:
+        labels = {
+            "subscription": p.subscription,
+            "topic": p.topic,
+            "partition": str(p.partition),
+        }
+        lines.append(_line(_LAG, p.lag, labels))
+        skipped.append(_line(_SKIPPED, p.skipped, labels))
+    return "\n".join(lines + skipped) + "\n"
+
+
 def _client_name(stream: trio.SocketStream) -> str:
     try:
         host, port, *_ = stream.socket.getpeername()
@@ -301,7 +348,9 @@ def _client_name(stream: trio.SocketStream) -> str:
 _TEXT: Final = "text/plain; charset=utf-8"
 
 
-def _answer(runner: Runner, head: bytes, *, timed_out: bool) -> tuple[str, bytes, str]:
+async def _answer(
+    runner: Runner, head: bytes, *, timed_out: bool
+) -> tuple[str, bytes, str]:
     """Status line, body and content type for a request ``head``."""
     if b"\r\n\r\n" not in head:
         if len(head) > MAX_HEAD:
@@ -314,7 +363,11 @@ def _answer(runner: Runner, head: bytes, *, timed_out: bool) -> tuple[str, bytes
     if request_line[0] != "GET":
         return "405 Method Not Allowed", b"GET only\n", _TEXT
     try:
-        return _respond(runner, request_line[1].split("?", 1)[0])
+        path = request_line[1].split("?", 1)[0]
+        status, body, content_type = _respond(runner, path)
+        if path == "/metrics":
+            body += (await _subscription_lag(runner)).encode()
+        return status, body, content_type
     except Exception:  # a bug: answer 500 rather than end the server
         log.exception("metrics: cannot answer %s", request_line[1])
         return "500 Internal Server Error", b"internal error\n", _TEXT

@@ -70,7 +70,7 @@ async def test_a_database_at_version_3_migrates_to_4_keeping_its_rows(
     prefix = unique_prefix()
     names = PgNames.for_prefix(prefix)
     m = names.messages
-    assert LATEST_VERSION >= 4  # later migrations apply after it
+    assert LATEST_VERSION >= 4  # later migrations apply on top
     with trio.fail_after(TIMEOUT):
         conn = await PgConnection.connect(pg_schema.dsn, application_name="v3")
         async with conn:

@@ -253,9 +253,9 @@ async def test_migrate_upgrades_an_older_schema_keeping_its_data(
         pg_admin.execute(
             f"DROP TABLE {pg_schema.qualified(storage.names.dead_letters)}"
         )
-        pg_admin.execute(
-            f"DROP TABLE {pg_schema.qualified(storage.names.entity_state)}"
-        )
+        for table in ("entity_state", "events", "event_heads", "event_cursors"):
+            name = getattr(storage.names, table)
+            pg_admin.execute(f"DROP TABLE {pg_schema.qualified(name)}")
         version_table = pg_schema.qualified(storage.names.version)
         pg_admin.execute(f"DELETE FROM {version_table} WHERE version > 1")
         manual = PostgresStorage(pg_schema.dsn, table_prefix=prefix, auto_migrate=False)

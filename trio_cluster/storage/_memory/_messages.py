@@ -150,13 +150,18 @@ class MemoryMessages(MessageStorage, MemoryStates):
                 yield transaction
             finally:
                 transaction.finished = True
-            # Commit: apply the buffered saves and replies atomically (no
-            # checkpoint between), under the fences held since they were saved.
+            # Commit: check, then apply the buffered saves, replies and the
+            # other parts' writes (the event log) atomically (no checkpoint
+            # between), under the fences held since they were saved.
+            for check in transaction.commit_checks:
+                check()
             for requests, now in transaction.saves:
                 self._store.save(requests, now)
             for replies, now in transaction.pending:
                 self._store.save_replies(replies, now)
             self._states.apply(transaction.states)
+            for action in transaction.commit_actions:
+                action()
         finally:
             self._store.drop_fences(transaction.fences)
 
@@ -251,11 +256,17 @@ class MemoryTransaction(StorageTransaction):
         self.saves: list[tuple[list[PersistedRequest], float]] = []
         """The requests saved in it (its outbox), applied at commit."""
         self.fences: set[ShardId] = set()
-        """The shards whose fences it holds (those of its replies and
-        durable states)."""
+        """The shards whose fences it holds (those of its replies, durable
+        states and cursor moves)."""
         self.states: dict[tuple[str, str], StoredState] = {}
         """The durable states saved in it by entity type and id, applied at
         commit (`._state`)."""
+        self.commit_checks: list[Callable[[], None]] = []
+        """Run first at commit; one raising `PersistenceError` rolls the
+        whole transaction back (e.g. a cursor moved meanwhile)."""
+        self.commit_actions: list[Callable[[], None]] = []
+        """Applied at commit after its saves, replies and states (the event
+        log)."""
         self.finished = False
         self._enter = enter
 

@@ -36,6 +36,7 @@ from trio_cluster._storage_abc import (
 )
 
 from .._validation import check_open_session
+from ._events import EventStore, MemoryEvents
 from ._messages import MemoryMessages
 from ._runners import MemoryRunners, RunnerTable, Session
 from ._state import StateTable
@@ -81,6 +82,7 @@ class MemoryStorage(Storage):
             epoch_of=self._runners.epoch_of, inboxes=self._inboxes
         )
         self._states = StateTable(self._runners.epoch_of)
+        self._events = EventStore(self._runners.epoch_of)
 
     def _new_epoch(self, shard: ShardId) -> None:
         self._messages.new_epoch(shard)
@@ -167,7 +169,12 @@ class MemoryStorage(Storage):
             runners = MemoryRunners(
                 self._runners, session, enter=partial(self._enter_leases, session)
             )
-            yield StorageSession(messages=messages, runners=runners)
+            events = MemoryEvents(
+                self._events,
+                messages=self._messages,
+                enter=partial(self._enter, session),
+            )
+            yield StorageSession(messages=messages, runners=runners, events=events)
         finally:
             if session.status == "open":
                 session.status = "closed"

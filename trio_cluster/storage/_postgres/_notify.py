@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
@@ -30,16 +30,12 @@ from trio_cluster._core._retry import Backoff
 from trio_cluster._errors import PersistenceError
 
 from .._coalesce import Coalescer
-from ._driver._driver import PgConnection
+from ._driver._driver import PgConnection, PgNotification
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
     from trio_cluster._storage_abc import (
         Notification,
     )
-
-    from ._driver._driver import PgNotification
 
 __all__ = ["Listener", "coalesce"]
 
@@ -110,6 +106,10 @@ class Listener:
     _connect: Callable[[], Awaitable[PgConnection]]
     _channel: str
     _backoff: Backoff = attrs.field(default=DEFAULT_BACKOFF, kw_only=True)
+    _parse: Callable[[Iterable[PgNotification]], list[Any]] = attrs.field(
+        default=coalesce, kw_only=True
+    )
+    """Turns raw notifications into what `wait` returns (nothing: wait on)."""
     _random_unit: Callable[[], float] = attrs.field(default=random.random, kw_only=True)
     _failures: int = attrs.field(init=False, default=0)
     _retry_at: float = attrs.field(init=False, default=0.0)
@@ -154,7 +154,7 @@ class Listener:
         self._conn = conn
         return conn
 
-    async def wait(self) -> list[Notification]:
+    async def wait(self) -> list[Any]:
         """Wait for notifications; return them coalesced (at least one).
 
         Raises:
@@ -182,7 +182,7 @@ class Listener:
                     raise PersistenceError(
                         f"the notification connection failed: {exc}"
                     ) from exc
-                notifications = coalesce(raw)
+                notifications = self._parse(raw)
                 if notifications:
                     return notifications
 
@@ -193,6 +193,11 @@ class Listener:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    @property
+    def is_listening(self) -> bool:
+        """Whether a connection is open (notifications are not being missed)."""
+        return self._conn is not None and not self._conn.is_broken
 
     @property
     def backend_pid(self) -> int | None:

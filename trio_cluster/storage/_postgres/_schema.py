@@ -32,6 +32,11 @@ Tables (see ``_MIGRATIONS``):
 * since version 5, ``entity_state``: the durable state of entities, one
   snapshot per ``(entity_type, entity_id)`` with its ``version`` (1, 2, ...)
   and the shard and ``epoch`` of the write that stored it (`._state`).
+* since version 6, the event bus: ``event_log`` (every topic partition's
+  events by ``(topic, part, event_offset)``), ``event_heads`` (each
+  partition's next offset: the row a publishing transaction locks until it
+  commits) and ``event_cursors`` (each subscription's next offset per
+  partition, and the events it gave up on).
 
 Lock keys: ``(namespace, 0)`` migrations and registrations, ``(namespace, n)``
 with ``n > 0`` shard ``n``, ``(namespace, -n)`` the liveness of runner ``n``.
@@ -112,6 +117,12 @@ class PgNames:
     entity_state: str = attrs.field(init=False, default=_prefixed("entity_state"))
     channel: str = attrs.field(init=False, default=_prefixed("events"))
     """The LISTEN/NOTIFY channel of the cluster."""
+    events: str = attrs.field(init=False, default=_prefixed("event_log"))
+    """The event bus's log (``_events`` would read like the channel)."""
+    event_heads: str = attrs.field(init=False, default=_prefixed("event_heads"))
+    event_cursors: str = attrs.field(init=False, default=_prefixed("event_cursors"))
+    event_channel: str = attrs.field(init=False, default=_prefixed("published"))
+    """The LISTEN/NOTIFY channel of the event bus's wake-ups."""
 
     @property
     def index_names(self) -> dict[str, str]:
@@ -251,6 +262,41 @@ CREATE TABLE {n.entity_state} (
 """
 
 
+def _migration_6(n: PgNames) -> str:
+    # The event bus: the log of every topic's partitions, keyed by offset;
+    # each partition's next offset (its head row, locked by a publishing
+    # transaction until it commits, so offsets commit in order, gap-free);
+    # the subscriptions' cursors.
+    e = n.events
+    return f"""
+CREATE TABLE {e} (
+    topic text NOT NULL,
+    part integer NOT NULL,
+    event_offset bigint NOT NULL,
+    key text,
+    payload bytea NOT NULL,
+    published_at double precision NOT NULL,
+    PRIMARY KEY (topic, part, event_offset)
+);
+CREATE INDEX {e}_published ON {e} (published_at);
+CREATE TABLE {n.event_heads} (
+    topic text NOT NULL,
+    part integer NOT NULL,
+    next_offset bigint NOT NULL,
+    PRIMARY KEY (topic, part)
+);
+CREATE TABLE {n.event_cursors} (
+    subscription text NOT NULL,
+    topic text NOT NULL,
+    part integer NOT NULL,
+    next_offset bigint NOT NULL,
+    skipped bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (subscription, topic, part)
+);
+CREATE INDEX {n.event_cursors}_partition ON {n.event_cursors} (topic, part);
+"""
+
+
 # (version, description, SQL builder). Append only: never edit a released one.
 _STEPS: Sequence[tuple[int, str, Callable[[PgNames], str]]] = (
     (1, "runners, shards, messages, replies", _migration_1),
@@ -258,6 +304,7 @@ _STEPS: Sequence[tuple[int, str, Callable[[PgNames], str]]] = (
     (3, "messages.metadata (call metadata)", _migration_3),
     (4, "messages.attempts, messages.last_error, dead_letters", _migration_4),
     (5, "entity_state (durable entity state)", _migration_5),
+    (6, "event bus: event_log, event_heads, event_cursors", _migration_6),
 )
 
 LATEST_VERSION = _STEPS[-1][0]

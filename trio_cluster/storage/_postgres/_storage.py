@@ -1,6 +1,6 @@
 """`PostgresStorage`: the storage contract on PostgreSQL (edge adapter).
 
-A runner's session (`PostgresStorage.open_session`) owns four kinds of
+A runner's session (`PostgresStorage.open_session`) owns five kinds of
 connections, each with its own ``application_name``:
 
 * a small pool (``trio_cluster <name>``) for message traffic
@@ -12,7 +12,9 @@ connections, each with its own ``application_name``:
   session advisory locks (`._locks`, `._runners`), with the lease as its
   ``idle_session_timeout`` so a frozen runner loses its locks on the server;
 * a LISTEN connection (``trio_cluster listen <name>``) for notifications
-  (`._notify`).
+  (`._notify`);
+* a LISTEN connection for the event bus's wake-ups (``trio_cluster bus
+  <name>``, `._events`), opened only when a subscriber first waits.
 
 Opening a session applies the schema migrations (`._schema`) unless told
 not to. Several clusters can share a database under different table
@@ -36,6 +38,7 @@ from .._validation import check_open_session
 from ._dead_letters import PgDeadLetters
 from ._driver._driver import PgConnection, build_conninfo
 from ._driver._pool import open_pool
+from ._events import EventQueries, PgEvents, parse_heads
 from ._messages import PgMessages
 from ._notify import Listener
 from ._queries import MessageQueries
@@ -133,6 +136,7 @@ class PostgresStorage(Storage):
         self._auto_migrate = bool(auto_migrate)
         self._queries = MessageQueries.build(self.names)
         self._state_queries = StateQueries.build(self.names)
+        self._event_queries = EventQueries.build(self.names)
         self._sessions: list[StorageSession] = []
         self._retired = [0, 0, 0, 0]
 
@@ -237,6 +241,21 @@ class PostgresStorage(Storage):
                     operation_timeout=timeout,
                 )
                 await runners.connect()
+                events = PgEvents(
+                    pool=pool,
+                    queries=self._event_queries,
+                    listener=Listener(
+                        partial(
+                            PgConnection.connect,
+                            self._dsn,
+                            application_name=f"trio_cluster bus {name}",
+                        ),
+                        self.names.event_channel,
+                        parse=parse_heads,
+                    ),
+                    channel=self.names.event_channel,
+                    owner=self,
+                )
                 session = StorageSession(
                     messages=PgMessages(
                         pool=pool,
@@ -253,11 +272,13 @@ class PostgresStorage(Storage):
                         ),
                     ),
                     runners=runners,
+                    events=events,
                 )
                 self._sessions.append(session)
                 try:
                     yield session
                 finally:
+                    events.close()
                     try:
                         await runners.aclose()
                     finally:

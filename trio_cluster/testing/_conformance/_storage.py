@@ -8,7 +8,8 @@ concept: `_conformance_messages` (saving, claiming, replies, deletion),
 `_conformance_transactions` (transactions), `_inspection` (read-only
 paging of unprocessed requests), `_dead_letters` (attempts, retries and
 dead letters), `_outbox` (requests saved in a transaction), `_state`
-(durable entity state) and, here, notifications.
+(durable entity state), `_events` (the durable event log) and, here,
+notifications.
 
 Every test runs under a ``trio.fail_after`` guard, passes explicit ``now``
 values (relative to a fixed `BASE_TIME` time), and waits for asynchronous effects
@@ -40,6 +41,7 @@ from ._base import (
 )
 from ._call_metadata import CallMetadataTests
 from ._dead_letters import DeadLetterTests
+from ._events import EventTests
 from ._inspection import InspectionTests
 from ._messages import MessageStorageTests, chunk
 from ._outbox import OutboxTests
@@ -70,6 +72,7 @@ class StorageConformance(
     DeadLetterTests,
     OutboxTests,
     StateTests,
+    EventTests,
 ):
     """Base class of a backend's conformance tests (pytest with pytest-trio).
 

@@ -87,6 +87,8 @@ class ObservedStorage(Storage):
             yield StorageSession(
                 messages=_Messages(session.messages, self._checker, incarnation),
                 runners=_Runners(session.runners, self._checker, incarnation),
+                # The event log is not traced by the checker: passed through.
+                events=session.events,
             )
 
 
