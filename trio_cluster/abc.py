@@ -38,6 +38,12 @@ from ._storage_retries import (
     DeadLetterStorage as DeadLetterStorage,
     RetryRecord as RetryRecord,
 )
+from ._storage_webhooks import (
+    AttemptRecord as AttemptRecord,
+    EndpointRecord as EndpointRecord,
+    WebhookStorage as WebhookStorage,
+    WebhookStorageProvider as WebhookStorageProvider,
+)
 from ._tracing import (
     TracedCall as TracedCall,
     Tracer as Tracer,
@@ -51,11 +57,13 @@ from ._transport_abc import (
 )
 
 __all__ = [
+    "AttemptRecord",
     "ClaimBatch",
     "ClaimedRequest",
     "DeadLetterStorage",
     "Endpoint",
     "EndpointHandler",
+    "EndpointRecord",
     "Envelope",
     "MessageStorage",
     "MessagesAvailable",
@@ -83,6 +91,8 @@ __all__ = [
     "Tracer",
     "Transport",
     "UnreadableRequest",
+    "WebhookStorage",
+    "WebhookStorageProvider",
 ]
 
 fixup_module_metadata(__name__, globals())
