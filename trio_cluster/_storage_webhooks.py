@@ -108,6 +108,12 @@ def _number(name: str, value: object) -> float:
     return float(value)
 
 
+def _is_int(value: object, low: int, high: int) -> bool:
+    return (
+        isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+    )
+
+
 def check_endpoint(record: object) -> EndpointRecord:
     """``record`` if it is a well-formed `EndpointRecord`.
 
@@ -143,19 +149,11 @@ def check_attempt(record: object) -> AttemptRecord:
         raise TypeError(f"expected an AttemptRecord, got {record!r}")
     _text("message_id", record.message_id, limit=200)
     _text("endpoint_id", record.endpoint_id, limit=200)
-    if (
-        isinstance(record.attempt, bool)
-        or not isinstance(record.attempt, int)
-        or not 1 <= record.attempt < 2**31
-    ):
+    if not _is_int(record.attempt, 1, 2**31 - 1):
         raise ValueError(f"attempt must be an int >= 1, got {record.attempt!r}")
     if record.outcome not in ATTEMPT_OUTCOMES:
         raise ValueError(f"outcome must be one of {ATTEMPT_OUTCOMES}")
-    if record.status is not None and (
-        isinstance(record.status, bool)
-        or not isinstance(record.status, int)
-        or not 100 <= record.status <= 999
-    ):
+    if record.status is not None and not _is_int(record.status, 100, 999):
         raise ValueError(
             f"status must be an HTTP status or None, got {record.status!r}"
         )

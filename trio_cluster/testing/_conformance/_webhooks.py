@@ -10,7 +10,7 @@ explicit times, so they pass on a real database and on virtual time.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import pytest
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["WebhookStorageConformance", "attempt_record", "endpoint_record"]
 
 
-def endpoint_record(endpoint_id: str = "ep1", **changes: object) -> EndpointRecord:
+def endpoint_record(endpoint_id: str = "ep1", **changes: Any) -> EndpointRecord:
     """An `EndpointRecord` with test values, changed by ``changes``."""
     record = EndpointRecord(
         endpoint_id=endpoint_id,
@@ -46,14 +46,14 @@ def endpoint_record(endpoint_id: str = "ep1", **changes: object) -> EndpointReco
         disabled_reason=None,
         updated_at=BASE_TIME,
     )
-    return attrs.evolve(record, **changes)  # type: ignore[misc]
+    return attrs.evolve(record, **changes)
 
 
 def attempt_record(
     message_id: str = "msg1",
     endpoint_id: str = "ep1",
     attempt: int = 1,
-    **changes: object,
+    **changes: Any,
 ) -> AttemptRecord:
     """An `AttemptRecord` with test values, changed by ``changes``."""
     record = AttemptRecord(
@@ -67,7 +67,7 @@ def attempt_record(
         error="HTTP 503",
         next_at=BASE_TIME + attempt + 5,
     )
-    return attrs.evolve(record, **changes)  # type: ignore[misc]
+    return attrs.evolve(record, **changes)
 
 
 class WebhookStorageConformance:
