@@ -60,3 +60,15 @@ async def test_job_queue_example(autojump_clock, capsys):
     out = capsys.readouterr().out
     assert "o6 rolled back: no confirmation" in out
     assert "ValueError: no mailbox for nobody" in out
+
+
+async def test_webhooks_example(capsys):
+    # Real time: a real HTTP receiver on the loopback interface.
+    processed = await load_example("webhooks").main()
+    assert processed == ["invoice.paid", "invoice.sent", "customer.created"]
+    out = capsys.readouterr().out
+    assert "receiver: refused (no matching signature)" in out
+    assert "forged request: HTTP 401" in out
+    assert "again: already handled" in out
+    assert ": failure (HTTP 500)" in out
+    assert ": success (HTTP 200)" in out
