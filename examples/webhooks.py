@@ -15,6 +15,7 @@ Run it with ``python examples/webhooks.py``.
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import h11
 import httpx
@@ -72,10 +73,10 @@ async def serve_receiver(
     """Serve ``receiver`` over HTTP/1.1 on 127.0.0.1 until cancelled."""
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(lambda stream: _connection(receiver, stream), listeners)
+    await trio.serve_listeners(partial(_connection, receiver), listeners)
 
 
-async def _connection(receiver: Receiver, stream: trio.abc.Stream) -> None:
+async def _connection(receiver: Receiver, stream: trio.SocketStream) -> None:
     conn = h11.Connection(h11.SERVER)
     try:
         while True:
@@ -87,7 +88,7 @@ async def _connection(receiver: Receiver, stream: trio.abc.Stream) -> None:
                     data = await stream.receive_some(65536)
                     if not data:
                         return
-                    conn.receive_data(data)
+                    conn.receive_data(bytes(data))
                 elif isinstance(event, h11.Request):
                     request = event
                 elif isinstance(event, h11.Data):
