@@ -26,7 +26,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextlib import suppress
+from contextlib import AsyncExitStack, suppress
 from typing import Any, TypeVar
 
 import trio
@@ -58,7 +58,9 @@ def _demo(args: argparse.Namespace) -> int:
 def load_target(target: str) -> dict[str, Any]:
     """Import ``module:attribute``: a sequence of entity classes, or a
     mapping of `open_runner` keyword arguments (``entities``, ``singletons``,
-    ``crons``, ``broadcasts``, ``converter``, ``tracer``, ``listeners``).
+    ``crons``, ``broadcasts``, ``converter``, ``tracer``, ``listeners``) and
+    ``webhooks`` (`trio_cluster.webhooks.Webhooks` parts the runner hosts
+    and opens on its storage).
 
     Raises:
         SystemExit: the target cannot be imported or has the wrong shape.
@@ -80,12 +82,20 @@ def load_target(target: str) -> dict[str, Any]:
             "converter",
             "tracer",
             "listeners",
+            "webhooks",
         }
         unknown = set(value) - allowed
         if unknown:
             raise SystemExit(
                 f"{target}: unknown keys {sorted(unknown)}; use {sorted(allowed)}"
             )
+        from ..webhooks import Webhooks
+
+        parts = value.get("webhooks", ())
+        if not isinstance(parts, Sequence) or not all(
+            isinstance(part, Webhooks) for part in parts
+        ):
+            raise SystemExit(f"{target}: 'webhooks' must be a list of Webhooks")
         return dict(value)
     if isinstance(value, Sequence):
         return {"entities": list(value)}
@@ -204,13 +214,24 @@ async def _serve(
     from .._operations._metrics import serve_metrics
     from .._runner import open_runner
 
+    parts = list(options.pop("webhooks", ()))
+    entities = list(options.pop("entities", ()))
+    for part in parts:
+        entities += [cls for cls in part.entities if cls not in entities]
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with (
             open_runner(
-                config=config, storage=storage, transport=transport, **options
+                config=config,
+                storage=storage,
+                transport=transport,
+                entities=entities,
+                **options,
             ) as runner,
+            AsyncExitStack() as stack,
             trio.open_nursery() as nursery,
         ):
+            for part in parts:
+                await stack.enter_async_context(part.open(runner, storage))
             metrics_port = None
             if metrics is not None:
                 try:
