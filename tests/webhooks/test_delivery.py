@@ -151,6 +151,13 @@ async def test_exhausted_deliveries_are_dead_letters_and_can_be_replayed(
         await settle(5)
         assert [m for _, m, _ in sink.calls["a"]][-1] == sent.message_id
         assert len(sink.calls["a"]) == 4
+        attempts = await client.attempts(message_id=sent.message_id)
+        assert [(a.attempt, a.outcome) for a in attempts] == [
+            (1, "failure"),
+            (2, "failure"),
+            (3, "failure"),
+            (4, "success"),
+        ]
         assert await client.dead_deliveries() == []
         assert await client.replay(sent.message_id) == 0
 

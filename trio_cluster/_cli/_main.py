@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import trio
 
 from ._dlq import add_dlq_parser
+from ._webhooks import add_webhooks_parser
 
 __all__ = ["main"]
 
@@ -418,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.set_defaults(handler=_check_messages)
     add_dlq_parser(commands)
+    add_webhooks_parser(commands)
     return parser
 
 

@@ -320,6 +320,7 @@ class WebhookClient:
                 postponed=0,
                 due=None,
                 generation=dead.message.generation + 1,
+                earlier=dead.message.earlier + dead.message.attempt,
             )
             await self._save(
                 dead.endpoint_id, record is not None and record.ordered, again
@@ -397,7 +398,7 @@ class WebhookClient:
                 AttemptRecord(
                     message_id=message.message_id,
                     endpoint_id=endpoint_id,
-                    attempt=message.attempt,
+                    attempt=message.earlier + message.attempt,
                     at=at,
                     outcome=result.outcome,
                     status=result.status,

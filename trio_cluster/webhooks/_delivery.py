@@ -76,6 +76,9 @@ class WebhookMessage:
     """Not before (wall-clock seconds); None: at once."""
     generation: int = 0
     """Times the delivery was replayed from the dead letters."""
+    earlier: int = 0
+    """Attempts made before the replay that started this schedule (its
+    attempts are recorded as numbers ``earlier + attempt``)."""
 
 
 @attrs.frozen
