@@ -22,6 +22,8 @@ from trio_cluster.testing import ChildProcess
 ENV_DSN = "TRIO_CLUSTER_BENCH_DSN"
 DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
 TABLES = (
+    "webhook_attempts",
+    "webhook_endpoints",
     "dead_letters",
     "replies",
     "messages",

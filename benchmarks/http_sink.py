@@ -3,15 +3,15 @@ benchmarks and tests: keep-alive, h11, one task per connection.
 
 ``serve_http(respond)`` calls ``await respond(path, headers, body)`` for each
 request and answers with the status it returns. Run as a program
-(``python -m benchmarks.http_sink``), it prints ``{"port": N}`` and answers
-every request 204 at once, except paths under ``/hang/``, which it never
-answers (a receiver that times out).
+(``python -m benchmarks.http_sink``), it prints ``{"event": "ready",
+"port": N}`` and answers every request 204 at once, except paths under
+``/hang/``, which it never answers (a receiver that times out), until it is
+killed.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -78,9 +78,7 @@ async def _default(path: str, headers: dict[str, str], body: bytes) -> int:
 async def _main() -> None:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve_http, _default)
-        print(json.dumps({"port": port}), flush=True)
-        await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
-        nursery.cancel_scope.cancel()
+        print(json.dumps({"event": "ready", "port": port}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """`WebhookClient`: one runner's face of a `Webhooks` part (delivery part).
 
 Opened by `Webhooks.open` with the runner, the storage of the webhook
-records and an ``httpx.AsyncClient`` (one keep-alive pool per runner, closed
-with the client). Application code registers endpoints and sends events
+records and the runner's HTTP pools (`HttpPools`: a keep-alive pool per
+endpoint, closed with the client). Application code registers endpoints and sends events
 through it; the endpoint entities running on this runner make their HTTP
 attempts with its pool and write their attempts through its storage.
 """
@@ -31,12 +31,10 @@ from ._errors import UnknownEndpointError
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    import httpx
-
     from trio_cluster import Runner
     from trio_cluster.abc import WebhookStorage
 
-    from ._http import AttemptResult
+    from ._http import AttemptResult, HttpPools
     from ._webhooks import Webhooks
 
 __all__ = ["SentWebhook", "WebhookClient", "WebhookStatistics"]
@@ -114,14 +112,14 @@ class WebhookClient:
         webhooks: Webhooks,
         runner: Runner,
         storage: WebhookStorage,
-        http: httpx.AsyncClient,
+        pools: HttpPools,
     ) -> None:
         self.webhooks = webhooks
         self.runner = runner
         self.storage = storage
         """The webhook records (endpoints and attempts)."""
-        self.http = http
-        """The runner's keep-alive pool."""
+        self.pools = pools
+        """The runner's keep-alive pools."""
         self._endpoints = runner.client(webhooks.endpoint_type)
         self._ordered = runner.client(webhooks.ordered_type)
         self._dead = runner.client(webhooks.dead_type)

@@ -212,7 +212,12 @@ async def _deliver(
     await _take_rate(state, endpoint)
     wall = client.runner.clock.now()
     result = await post_attempt(
-        client.http, endpoint, message.message_id, message.body, wall
+        client.pools.for_endpoint(state.id),
+        client.pools.limiter,
+        endpoint,
+        message.message_id,
+        message.body,
+        wall,
     )
     if result.outcome == "success":
         state.breaker.succeeded()

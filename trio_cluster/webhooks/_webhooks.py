@@ -9,7 +9,6 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import attrs
-import httpx
 
 from trio_cluster import ConfigError, Entity, Runner
 from trio_cluster.abc import WebhookStorageProvider
@@ -18,9 +17,12 @@ from .._core._breaker import BreakerPolicy
 from .._core._schedule import RetrySchedule
 from ._client import WebhookClient
 from ._delivery import entity_classes
+from ._http import HttpPools
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+
+    import httpx
 
 __all__ = ["Webhooks"]
 
@@ -42,7 +44,9 @@ def _check_concurrency(
     _: object, attribute: attrs.Attribute[int], value: object
 ) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
-        raise ConfigError(f"concurrency must be an int from 1 to 1000, got {value!r}")
+        raise ConfigError(
+            f"{attribute.name} must be an int from 1 to 1000, got {value!r}"
+        )
 
 
 def _check_refresh(_: object, attribute: attrs.Attribute[float], value: object) -> None:
@@ -85,6 +89,9 @@ class Webhooks:
             on its runner; an ordered endpoint runs one at a time.
         endpoint_refresh: seconds a runner keeps an endpoint's record before
             reading it again (so a change reaches the deliveries within it).
+        in_flight: HTTP attempts in flight at once on one runner, every
+            endpoint together (an attempt's timeout starts when it is let
+            in); each endpoint still gets at most ``concurrency`` of them.
 
     Raises:
         ConfigError: on construction, for an invalid value.
@@ -101,6 +108,7 @@ class Webhooks:
     )
     concurrency: int = attrs.field(default=10, validator=_check_concurrency)
     endpoint_refresh: float = attrs.field(default=5.0, validator=_check_refresh)
+    in_flight: int = attrs.field(default=200, validator=_check_concurrency)
     entities: tuple[type[Entity], ...] = attrs.field(init=False)
     """Its entity types: give them to ``open_runner(entities=...)``."""
     _clients: weakref.WeakKeyDictionary[Runner, WebhookClient] = attrs.field(
@@ -136,7 +144,6 @@ class Webhooks:
         storage: WebhookStorageProvider,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
-        max_connections: int = 1000,
     ) -> AsyncIterator[WebhookClient]:
         """Open the part on ``runner``: a `WebhookClient` (and its HTTP
         pool) that the endpoint entities on this runner deliver with.
@@ -146,11 +153,9 @@ class Webhooks:
                 to deliver here; any runner may register and send).
             storage: the runner's storage (`MemoryStorage`,
                 `PostgresStorage`): it keeps the endpoints and attempts.
-            transport: the httpx transport (tests pass an
-                ``httpx.MockTransport``); default a keep-alive pool.
-            max_connections: connections the pool may open at once (all
-                endpoints together; each endpoint uses at most its
-                ``concurrency``).
+            transport: an httpx transport every endpoint shares (tests pass
+                an ``httpx.MockTransport``); default a keep-alive pool per
+                endpoint, of up to ``concurrency`` connections.
 
         Raises:
             TypeError: a bad argument.
@@ -172,24 +177,16 @@ class Webhooks:
             raise RuntimeError(
                 f"webhooks {self.name!r} are open on this runner already"
             )
-        limits = httpx.Limits(
-            max_connections=max_connections,
-            max_keepalive_connections=max_connections,
-            keepalive_expiry=30.0,
-        )
-        async with (
-            storage.open_webhook_storage(name=f"{runner.address}") as records,
-            httpx.AsyncClient(
-                transport=transport,
-                limits=limits,
-                timeout=None,  # an attempt's deadline is a cancel scope
-                follow_redirects=False,
-                trust_env=False,
-            ) as http,
-        ):
-            client = WebhookClient(self, runner, records, http)
-            self._clients[runner] = client
-            try:
-                yield client
-            finally:
-                self._clients.pop(runner, None)
+        pools = HttpPools(self.concurrency, self.in_flight, transport)
+        try:
+            async with storage.open_webhook_storage(
+                name=f"{runner.address}"
+            ) as records:
+                client = WebhookClient(self, runner, records, pools)
+                self._clients[runner] = client
+                try:
+                    yield client
+                finally:
+                    self._clients.pop(runner, None)
+        finally:
+            await pools.aclose()
