@@ -413,3 +413,45 @@ def test_definitions_are_validated():
 async def test_client_is_typed(autojump_clock):
     async with opened(Webhooks()) as (_, client, _):
         assert isinstance(client, WebhookClient)
+
+
+async def test_endpoints_are_listed_read_and_deleted(autojump_clock):
+    webhooks = Webhooks(endpoint_refresh=0)
+    async with opened(webhooks) as (_, client, sink):
+        sink.scripts["a"] = lambda n: httpx.Response(500)
+        first = endpoint("a", event_types=["x", "y"], rate=RateLimit(5.0, 2.0))
+        await client.register(first)
+        await client.register(endpoint("b"))
+        assert [e.id for e in await client.endpoints()] == ["a", "b"]
+        assert await client.endpoint("a") == first
+        assert await client.endpoint("zz") is None
+        sent = await client.send("x", 1)
+        await settle(1)
+        assert await client.delete("a")
+        assert not await client.delete("a")
+        await settle(100)
+        assert len(sink.calls["a"]) == 1  # the retry was not attempted
+        [(_, dead)] = await client.dead_deliveries()
+        assert dead.disabled
+        assert "deleted" in dead.error
+        assert await client.replay(sent.message_id, endpoint_id="b") == 0
+        with pytest.raises(TypeError):
+            await client.register("a")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"event_types": "x"},
+        {"event_types": {""}},
+        {"secret": "whsec_" + "QUJD"},  # 3 bytes
+        {"secret": "whsec_!!"},
+        {"ordered": 1},
+        {"url": "http://"},
+        {"url": 5},
+    ],
+)
+def test_invalid_endpoints_are_config_errors(options: dict[str, object]) -> None:
+    fields: dict[str, object] = {"id": "a", "url": "http://x/", **options}
+    with pytest.raises(tc.ConfigError):
+        WebhookEndpoint(**fields)  # type: ignore[arg-type]
