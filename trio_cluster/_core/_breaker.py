@@ -63,8 +63,9 @@ class BreakerPolicy:
     """Seconds it stays open the first time."""
     max_cool_down: float = attrs.field(default=600.0, validator=_positive)
     """Longest cool-down (each failed probe doubles it up to this)."""
-    probe_wait: float = attrs.field(default=1.0, validator=_positive)
-    """How long calls wait while the probe is out."""
+    probe_wait: float = attrs.field(default=15.0, validator=_positive)
+    """How long calls wait while the probe is out (by default the default
+    timeout of a webhook attempt, the longest a probe takes)."""
 
     def __attrs_post_init__(self) -> None:
         if self.max_cool_down < self.cool_down:

@@ -368,7 +368,11 @@ class WebhookClient:
             endpoint_id,
             error,
         )
-        handle: Any = self._dead(endpoint_id)
+        # One dead entity per delivery: its handler raises (that is how the
+        # runtime keeps a dead letter), and an entity restarts with a
+        # growing backoff after each exception.
+        dead_id = f"{endpoint_id}|{message.message_id}|{message.generation}"
+        handle: Any = self._dead(dead_id)
         await handle.dead.discard(DeadDelivery(endpoint_id, message, error, disabled))
 
     async def disable_gone(self, endpoint_id: str) -> None:
