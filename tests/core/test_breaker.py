@@ -34,6 +34,17 @@ def test_half_open_admits_one_probe_that_decides() -> None:
     assert breaker.admit(11.0) == 0
 
 
+def test_an_abandoned_probe_lets_the_next_call_probe() -> None:
+    breaker = CircuitBreaker(BreakerPolicy(threshold=1, cool_down=10, probe_wait=2))
+    breaker.failed(0.0)
+    assert breaker.admit(10.0) == 0
+    assert breaker.admit(10.0) == 2
+    breaker.abandoned()
+    assert breaker.admit(10.5) == 0  # a new probe
+    breaker.succeeded()
+    assert breaker.state(11.0) is BreakerState.CLOSED
+
+
 def test_a_failed_probe_doubles_the_cool_down_up_to_the_maximum() -> None:
     policy = BreakerPolicy(threshold=1, cool_down=10, max_cool_down=30)
     breaker = CircuitBreaker(policy)

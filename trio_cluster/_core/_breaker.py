@@ -119,6 +119,11 @@ class CircuitBreaker:
         self._cool_down = self._policy.cool_down
         self._probing = False
 
+    def abandoned(self) -> None:
+        """A call admitted by `admit` ended without an outcome (cancelled):
+        if it was the probe, the next call may probe instead."""
+        self._probing = False
+
     def failed(self, now: float) -> None:
         """A call admitted by `admit` failed at ``now``."""
         self._failures += 1

@@ -209,16 +209,23 @@ async def _deliver(
             continue
         await client.postpone(state.id, endpoint.ordered, message, wait)
         return
-    await _take_rate(state, endpoint)
     wall = client.runner.clock.now()
-    result = await post_attempt(
-        client.pools.for_endpoint(state.id),
-        client.pools.limiter,
-        endpoint,
-        message.message_id,
-        message.body,
-        wall,
-    )
+    try:
+        await _take_rate(state, endpoint)
+        wall = client.runner.clock.now()
+        result = await post_attempt(
+            client.pools.for_endpoint(state.id),
+            client.pools.limiter,
+            endpoint,
+            message.message_id,
+            message.body,
+            wall,
+        )
+    except BaseException:
+        # Cancelled (or the pools closed): no outcome, and a probe must not
+        # stay out forever.
+        state.breaker.abandoned()
+        raise
     if result.outcome == "success":
         state.breaker.succeeded()
         await client.record(state.id, message, wall, result, None)
