@@ -342,6 +342,10 @@ async def test_bad_sends_are_refused_and_lose_nothing(autojump_clock):
             await client.send("e", object())
         with pytest.raises(TypeError, match="event_type"):
             await client.send("", 1)
+        with pytest.raises(TypeError, match="endpoint_ids"):
+            await client.send("e", 1, endpoint_ids="a")
+        only = await client.send("e", 3, endpoint_ids=["zz"])
+        assert only.endpoint_ids == ()
         ok = await client.send("e", 2)
         await settle(5)
         assert [m for _, m, _ in sink.calls["a"]] == [ok.message_id]

@@ -228,6 +228,8 @@ class WebhookClient:
             message_id = message_id_for(
                 _check_text("idempotency_key", idempotency_key, MAX_KEY)
             )
+        if isinstance(endpoint_ids, str):
+            raise TypeError("endpoint_ids must be a sequence of ids, not a str")
         wanted = None if endpoint_ids is None else set(endpoint_ids)
         targets = [
             record
