@@ -70,7 +70,7 @@ async def test_a_database_at_version_3_migrates_to_4_keeping_its_rows(
     prefix = unique_prefix()
     names = PgNames.for_prefix(prefix)
     m = names.messages
-    assert LATEST_VERSION == 4
+    assert LATEST_VERSION >= 4  # later migrations apply on top
     with trio.fail_after(TIMEOUT):
         conn = await PgConnection.connect(pg_schema.dsn, application_name="v3")
         async with conn:
@@ -115,7 +115,7 @@ async def test_a_database_at_version_3_migrates_to_4_keeping_its_rows(
                 " VALUES (3, NULL, '\\x02'::bytea)"
             )
         manual = PostgresStorage(pg_schema.dsn, table_prefix=prefix, auto_migrate=False)
-        assert await migrate(pg_schema.dsn, table_prefix=prefix) == 4
+        assert await migrate(pg_schema.dsn, table_prefix=prefix) == LATEST_VERSION
         async with manual.open_session(name="v4", lease_duration=LEASE) as b:
             epoch = (await acquire_shards(b.runners, SHARD))[SHARD]
             assert epoch == 2
