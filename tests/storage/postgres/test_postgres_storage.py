@@ -253,6 +253,8 @@ async def test_migrate_upgrades_an_older_schema_keeping_its_data(
         pg_admin.execute(
             f"DROP TABLE {pg_schema.qualified(storage.names.dead_letters)}"
         )
+        for table in (storage.names.webhook_endpoints, storage.names.webhook_attempts):
+            pg_admin.execute(f"DROP TABLE {pg_schema.qualified(table)}")
         version_table = pg_schema.qualified(storage.names.version)
         pg_admin.execute(f"DELETE FROM {version_table} WHERE version > 1")
         manual = PostgresStorage(pg_schema.dsn, table_prefix=prefix, auto_migrate=False)
