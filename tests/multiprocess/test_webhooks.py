@@ -16,7 +16,7 @@ from trio_cluster.storage import PostgresStorage
 from trio_cluster.webhooks import WebhookEndpoint, verify_webhook
 
 from .entities import WEBHOOKS
-from .helpers import FAST_LEASES, MultiCluster, log
+from .helpers import FAST_LEASES, MultiCluster, http_get, log
 
 pytestmark = [pytest.mark.postgres, pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -38,7 +38,12 @@ async def test_webhook_retries_fire_on_schedule_across_a_failover(
         arrivals.append((datetime.now(UTC).timestamp(), message_id))
         return 503 if len(arrivals) < 4 else 200
 
-    runners = await cluster.start("a", "b", env=FAST_LEASES, target=TARGET)
+    runners = [
+        await cluster.spawn(name, env=FAST_LEASES, target=TARGET, metrics=True)
+        for name in ("a", "b")
+    ]
+    for runner in runners:
+        await runner.wait_ready()
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve_http, respond)
         storage = PostgresStorage(cluster.dsn, table_prefix=cluster.prefix)
@@ -87,3 +92,10 @@ async def test_webhook_retries_fire_on_schedule_across_a_failover(
     )
     assert survivor.process is not None
     assert survivor.process.returncode is None
+    # `trio-cluster run --metrics` serves the part's counters too: the
+    # survivor made attempts 2 to 4.
+    assert survivor.metrics_port is not None
+    status, body = await http_get(survivor.metrics_port, "/metrics")
+    assert status == 200
+    assert 'trio_cluster_webhook_attempts_total{outcome="success"} 1' in body
+    assert 'trio_cluster_webhook_attempts_total{outcome="failure"} 2' in body

@@ -197,3 +197,25 @@ async def test_each_metric_familys_samples_follow_its_type_line(autojump_clock):
             ), (line, family)
     assert "trio_cluster_transport_connections" in seen
     assert "trio_cluster_call_latency_seconds" in seen
+
+
+async def test_extra_metrics_are_appended_to_metrics():
+    with trio.fail_after(20):
+        async with (
+            tc.open_runner(entities=[Echo], config=config()) as runner,
+            trio.open_nursery() as nursery,
+        ):
+            port = await nursery.start(
+                partial(
+                    serve_metrics,
+                    extra_metrics=[lambda: "part_a_total 1\n", lambda: "part_b 2\n"],
+                ),
+                runner,
+                "127.0.0.1",
+                0,
+            )
+            status, body = await http_get(port, "/metrics")
+            assert status == 200
+            assert "trio_cluster_shards" in body
+            assert body.endswith("part_a_total 1\npart_b 2\n")
+            nursery.cancel_scope.cancel()

@@ -27,6 +27,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, suppress
+from functools import partial
 from typing import Any, TypeVar
 
 import trio
@@ -231,13 +232,21 @@ async def _serve(
             AsyncExitStack() as stack,
             trio.open_nursery() as nursery,
         ):
-            for part in parts:
+            clients = [
                 await stack.enter_async_context(part.open(runner, storage))
+                for part in parts
+            ]
             metrics_port = None
             if metrics is not None:
                 try:
                     metrics_port = await nursery.start(
-                        serve_metrics, runner, metrics.host, metrics.port
+                        partial(
+                            serve_metrics,
+                            extra_metrics=[c.metrics_text for c in clients],
+                        ),
+                        runner,
+                        metrics.host,
+                        metrics.port,
                     )
                 except OSError as exc:
                     raise OSError(
