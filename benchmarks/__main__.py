@@ -17,6 +17,7 @@ WORKLOADS = {
     "queue": "benchmarks.queue_jobs",
     "state": "benchmarks.durable_state",
     "events": "benchmarks.events_bus",
+    "w10": "benchmarks.w10_webhooks",
 }
 LOADED = {"w4"}
 """Workloads with an ``--under-load`` variant."""

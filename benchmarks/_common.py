@@ -23,6 +23,8 @@ ENV_DSN = "TRIO_CLUSTER_BENCH_DSN"
 DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
 TABLES = (
     "entity_state",
+    "webhook_attempts",
+    "webhook_endpoints",
     "dead_letters",
     "replies",
     "messages",

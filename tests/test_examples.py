@@ -101,3 +101,15 @@ async def test_store_then_publish_example(autojump_clock, capsys):
     out = capsys.readouterr().out
     assert "o2 failed: nothing stored, nothing published" in out
     assert "shipping o2" not in out
+
+
+async def test_webhooks_example(capsys):
+    # Real time: a real HTTP receiver on the loopback interface.
+    processed = await load_example("webhooks").main()
+    assert processed == ["invoice.paid", "invoice.sent", "customer.created"]
+    out = capsys.readouterr().out
+    assert "receiver: refused (no matching signature)" in out
+    assert "forged request: HTTP 401" in out
+    assert "again: already handled" in out
+    assert ": failure (HTTP 500)" in out
+    assert ": success (HTTP 200)" in out

@@ -319,17 +319,22 @@ RULES = {
         " blind its invariants",
     ),
     "delivery-parts-use-only-public-seams": Rule(
-        ("trio_cluster.queues", "trio_cluster.events"),
+        ("trio_cluster.queues", "trio_cluster.events", "trio_cluster.webhooks"),
         lambda imported: (
             imported
             in ("trio_cluster", "trio_cluster.abc", "trio_cluster.serialization")
             or within(
                 imported,
-                ("trio_cluster._core", "trio_cluster.queues", "trio_cluster.events"),
+                (
+                    "trio_cluster._core",
+                    "trio_cluster.queues",
+                    "trio_cluster.events",
+                    "trio_cluster.webhooks",
+                ),
             )
         ),
-        "the delivery parts (queues, events) stand on the runtime's public API,"
-        " so the engine can change under them",
+        "the delivery parts (queues, events, webhooks) stand on the runtime's"
+        " public API, so the engine can change under them",
     ),
     "postgres-never-imports-memory": Rule(
         ("trio_cluster.storage._postgres",),

@@ -52,6 +52,12 @@ from ._storage_state import (
     StateWrite as StateWrite,
     StoredState as StoredState,
 )
+from ._storage_webhooks import (
+    AttemptRecord as AttemptRecord,
+    EndpointRecord as EndpointRecord,
+    WebhookStorage as WebhookStorage,
+    WebhookStorageProvider as WebhookStorageProvider,
+)
 from ._tracing import (
     TracedCall as TracedCall,
     Tracer as Tracer,
@@ -65,6 +71,7 @@ from ._transport_abc import (
 )
 
 __all__ = [
+    "AttemptRecord",
     "ClaimBatch",
     "ClaimedRequest",
     "CursorAdvance",
@@ -72,6 +79,7 @@ __all__ = [
     "DeadLetterStorage",
     "Endpoint",
     "EndpointHandler",
+    "EndpointRecord",
     "Envelope",
     "EventRecord",
     "EventStorage",
@@ -107,6 +115,8 @@ __all__ = [
     "Tracer",
     "Transport",
     "UnreadableRequest",
+    "WebhookStorage",
+    "WebhookStorageProvider",
 ]
 
 fixup_module_metadata(__name__, globals())

@@ -20,6 +20,7 @@ import attrs
 import trio
 
 import trio_cluster as tc
+from trio_cluster.webhooks import BreakerPolicy, RetrySchedule, Webhooks
 
 
 @attrs.frozen
@@ -179,3 +180,14 @@ class Tally(tc.Entity):
 
 
 ENTITIES = [Probe, Holder, Poison, Tally]
+
+
+# Webhooks on a compressed schedule (3 s between attempts), hosted by the
+# runners of ``WEBHOOK_TARGET``; a breaker that never opens in these tests.
+WEBHOOKS = Webhooks(
+    name="mp",
+    schedule=RetrySchedule((0, 3, 3, 3, 3), jitter=0),
+    breaker=BreakerPolicy(threshold=1000),
+    endpoint_refresh=0.5,
+)
+WEBHOOK_TARGET = {"entities": ENTITIES, "webhooks": [WEBHOOKS]}

@@ -86,13 +86,14 @@ class RunnerProcess(ChildProcess):
         metrics: bool = False,
         log_format: str = "text",
         args: Sequence[str] = (),
+        target: str = TARGET,
     ) -> None:
         command = [
             sys.executable,
             "-m",
             "trio_cluster",
             "run",
-            TARGET,
+            target,
             "--dsn",
             dsn,
             "--listen",
@@ -181,9 +182,11 @@ class MultiCluster:
         metrics: bool = False,
         log_format: str = "text",
         args: Sequence[str] = (),
+        target: str = TARGET,
     ) -> RunnerProcess:
         """Start a runner process (call `RunnerProcess.wait_ready` next);
-        ``args`` are more options of ``trio-cluster run``."""
+        ``args`` are more options of ``trio-cluster run``, ``target`` what
+        it runs."""
         process = RunnerProcess(
             name,
             dsn=self.dsn,
@@ -193,16 +196,23 @@ class MultiCluster:
             metrics=metrics,
             log_format=log_format,
             args=args,
+            target=target,
         )
         self.processes.append(process)
         await process.start(self.nursery)
         return process
 
     async def start(
-        self, *names: str, env: Mapping[str, str] = {}, args: Sequence[str] = ()
+        self,
+        *names: str,
+        env: Mapping[str, str] = {},
+        args: Sequence[str] = (),
+        target: str = TARGET,
     ) -> list[RunnerProcess]:
         """Start runners at once and wait until every one is ready."""
-        processes = [await self.spawn(name, env=env, args=args) for name in names]
+        processes = [
+            await self.spawn(name, env=env, args=args, target=target) for name in names
+        ]
         for process in processes:
             await process.wait_ready()
         return processes

@@ -218,3 +218,25 @@ async def test_metrics_report_each_subscriptions_lag_and_skipped_events():
     labels = 'partition="1",subscription="s",topic="t"'
     assert f"trio_cluster_subscription_lag{{{labels}}} 2" in body
     assert f"trio_cluster_subscription_skipped_total{{{labels}}} 1" in body
+
+
+async def test_extra_metrics_are_appended_to_metrics():
+    with trio.fail_after(20):
+        async with (
+            tc.open_runner(entities=[Echo], config=config()) as runner,
+            trio.open_nursery() as nursery,
+        ):
+            port = await nursery.start(
+                partial(
+                    serve_metrics,
+                    extra_metrics=[lambda: "part_a_total 1\n", lambda: "part_b 2\n"],
+                ),
+                runner,
+                "127.0.0.1",
+                0,
+            )
+            status, body = await http_get(port, "/metrics")
+            assert status == 200
+            assert "trio_cluster_shards" in body
+            assert body.endswith("part_a_total 1\npart_b 2\n")
+            nursery.cancel_scope.cancel()

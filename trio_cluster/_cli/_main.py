@@ -27,13 +27,15 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextlib import suppress
+from contextlib import AsyncExitStack, suppress
+from functools import partial
 from typing import Any, TypeVar
 
 import trio
 
 from ._dlq import add_dlq_parser
 from ._events import add_events_parser
+from ._webhooks import add_webhooks_parser
 
 __all__ = ["main"]
 
@@ -60,7 +62,9 @@ def _demo(args: argparse.Namespace) -> int:
 def load_target(target: str) -> dict[str, Any]:
     """Import ``module:attribute``: a sequence of entity classes, or a
     mapping of `open_runner` keyword arguments (``entities``, ``singletons``,
-    ``crons``, ``broadcasts``, ``converter``, ``tracer``, ``listeners``).
+    ``crons``, ``broadcasts``, ``converter``, ``tracer``, ``listeners``) and
+    ``webhooks`` (`trio_cluster.webhooks.Webhooks` parts the runner hosts
+    and opens on its storage).
 
     Raises:
         SystemExit: the target cannot be imported or has the wrong shape.
@@ -82,12 +86,20 @@ def load_target(target: str) -> dict[str, Any]:
             "converter",
             "tracer",
             "listeners",
+            "webhooks",
         }
         unknown = set(value) - allowed
         if unknown:
             raise SystemExit(
                 f"{target}: unknown keys {sorted(unknown)}; use {sorted(allowed)}"
             )
+        from ..webhooks import Webhooks
+
+        parts = value.get("webhooks", ())
+        if not isinstance(parts, Sequence) or not all(
+            isinstance(part, Webhooks) for part in parts
+        ):
+            raise SystemExit(f"{target}: 'webhooks' must be a list of Webhooks")
         return dict(value)
     if isinstance(value, Sequence):
         return {"entities": list(value)}
@@ -206,18 +218,37 @@ async def _serve(
     from .._operations._metrics import serve_metrics
     from .._runner import open_runner
 
+    parts = list(options.pop("webhooks", ()))
+    entities = list(options.pop("entities", ()))
+    for part in parts:
+        entities += [cls for cls in part.entities if cls not in entities]
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with (
             open_runner(
-                config=config, storage=storage, transport=transport, **options
+                config=config,
+                storage=storage,
+                transport=transport,
+                entities=entities,
+                **options,
             ) as runner,
+            AsyncExitStack() as stack,
             trio.open_nursery() as nursery,
         ):
+            clients = [
+                await stack.enter_async_context(part.open(runner, storage))
+                for part in parts
+            ]
             metrics_port = None
             if metrics is not None:
                 try:
                     metrics_port = await nursery.start(
-                        serve_metrics, runner, metrics.host, metrics.port
+                        partial(
+                            serve_metrics,
+                            extra_metrics=[c.metrics_text for c in clients],
+                        ),
+                        runner,
+                        metrics.host,
+                        metrics.port,
                     )
                 except OSError as exc:
                     raise OSError(
@@ -400,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(handler=_check_messages)
     add_dlq_parser(commands)
     add_events_parser(commands)
+    add_webhooks_parser(commands)
     return parser
 
 

@@ -29,6 +29,8 @@ import trio
 from .._errors import EventsUnsupportedError, PersistenceError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
     from .._runner import Runner
     from ._statistics import RunnerStatistics
 
@@ -217,9 +219,13 @@ async def serve_metrics(
     port: int,
     *,
     request_timeout: float = REQUEST_TIMEOUT,
+    extra_metrics: Sequence[Callable[[], str]] = (),
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the endpoints until cancelled; ``started`` gets the real port.
+
+    ``extra_metrics`` render more metrics (Prometheus text, e.g.
+    ``WebhookClient.metrics_text``), appended to ``/metrics`` in order.
 
     Each connection is on its own: whatever goes wrong with one (a reset, a
     malformed or oversized request, a client that says nothing or never
@@ -234,7 +240,9 @@ async def serve_metrics(
     """
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(partial(_handle, runner, request_timeout), listeners)
+    await trio.serve_listeners(
+        partial(_handle, runner, request_timeout, tuple(extra_metrics)), listeners
+    )
 
 
 _CONNECTION_ERRORS: Final = (
@@ -246,20 +254,27 @@ _CONNECTION_ERRORS: Final = (
 
 
 async def _handle(
-    runner: Runner, request_timeout: float, stream: trio.SocketStream
+    runner: Runner,
+    request_timeout: float,
+    extra: Sequence[Callable[[], str]],
+    stream: trio.SocketStream,
 ) -> None:
     """Answer one request on ``stream``; every failure of this connection
     is contained here (trio.Cancelled is not: it propagates)."""
     client = _client_name(stream)
     try:
         async with stream:
-            await _exchange(runner, request_timeout, stream, client)
+            await _exchange(runner, request_timeout, stream, client, extra)
     except _CONNECTION_ERRORS as exc:
         log.debug("metrics connection from %s failed: %r", client, exc)
 
 
 async def _exchange(
-    runner: Runner, request_timeout: float, stream: trio.SocketStream, client: str
+    runner: Runner,
+    request_timeout: float,
+    stream: trio.SocketStream,
+    client: str,
+    extra: Sequence[Callable[[], str]] = (),
 ) -> None:
     head = bytearray()
     with trio.move_on_after(request_timeout) as reading:
@@ -268,7 +283,7 @@ async def _exchange(
         log.debug("metrics connection from %s sent no request", client)
         return
     status, body, content_type = await _answer(
-        runner, bytes(head), timed_out=reading.cancelled_caught
+        runner, bytes(head), timed_out=reading.cancelled_caught, extra=extra
     )
     if not status.startswith(("200", "503")):
         log.info("metrics request from %s: %s", client, status)
@@ -349,7 +364,11 @@ _TEXT: Final = "text/plain; charset=utf-8"
 
 
 async def _answer(
-    runner: Runner, head: bytes, *, timed_out: bool
+    runner: Runner,
+    head: bytes,
+    *,
+    timed_out: bool,
+    extra: Sequence[Callable[[], str]] = (),
 ) -> tuple[str, bytes, str]:
     """Status line, body and content type for a request ``head``."""
     if b"\r\n\r\n" not in head:
@@ -364,10 +383,8 @@ async def _answer(
         return "405 Method Not Allowed", b"GET only\n", _TEXT
     try:
         path = request_line[1].split("?", 1)[0]
-        status, body, content_type = _respond(runner, path)
-        if path == "/metrics":
-            body += (await _subscription_lag(runner)).encode()
-        return status, body, content_type
+        lag = await _subscription_lag(runner) if path == "/metrics" else ""
+        return _respond(runner, path, extra, lag)
     except Exception:  # a bug: answer 500 rather than end the server
         log.exception("metrics: cannot answer %s", request_line[1])
         return "500 Internal Server Error", b"internal error\n", _TEXT
@@ -382,9 +399,15 @@ def _is_request_line(words: list[str]) -> bool:
     return words[0].isascii() and words[0].isalpha()
 
 
-def _respond(runner: Runner, path: str) -> tuple[str, bytes, str]:
+def _respond(
+    runner: Runner,
+    path: str,
+    extra: Sequence[Callable[[], str]] = (),
+    lag: str = "",
+) -> tuple[str, bytes, str]:
     if path == "/metrics":
-        body = render_metrics(runner.statistics()).encode()
+        text = render_metrics(runner.statistics())
+        body = "".join([text, lag, *(render() for render in extra)]).encode()
         return "200 OK", body, "text/plain; version=0.0.4; charset=utf-8"
     if path == "/healthz":
         return "200 OK", b"ok\n", _TEXT

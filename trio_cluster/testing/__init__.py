@@ -47,6 +47,9 @@ if TYPE_CHECKING:
         RecordingHandler as RecordingHandler,
         TransportConformance as TransportConformance,
     )
+    from ._conformance._webhooks import (
+        WebhookStorageConformance as WebhookStorageConformance,
+    )
     from ._processes import ChildProcess as ChildProcess
     from ._simulation._cluster import SimulatedCluster as SimulatedCluster
     from ._simulation._faults import (
@@ -122,6 +125,7 @@ __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.p
     "StorageOutage",
     "TraceEvent",
     "TransportConformance",
+    "WebhookStorageConformance",
     "Workload",
     "acquire_shards",
     "check_scenario",
@@ -157,6 +161,7 @@ _LAZY: dict[str, str] = {
     "StorageConformance": "._conformance._storage",
     "TransportConformance": "._conformance._transport",
     "RecordingHandler": "._conformance._transport",
+    "WebhookStorageConformance": "._conformance._webhooks",
     "Fault": "._simulation._faults",
     "ChildProcess": "._processes",
     "ClientOp": "._simulation._workload",

@@ -253,7 +253,14 @@ async def test_migrate_upgrades_an_older_schema_keeping_its_data(
         pg_admin.execute(
             f"DROP TABLE {pg_schema.qualified(storage.names.dead_letters)}"
         )
-        for table in ("entity_state", "events", "event_heads", "event_cursors"):
+        for table in (
+            "entity_state",
+            "events",
+            "event_heads",
+            "event_cursors",
+            "webhook_endpoints",
+            "webhook_attempts",
+        ):
             name = getattr(storage.names, table)
             pg_admin.execute(f"DROP TABLE {pg_schema.qualified(name)}")
         version_table = pg_schema.qualified(storage.names.version)

@@ -34,6 +34,7 @@ from trio_cluster._storage_abc import (
     Storage,
     StorageSession,
 )
+from trio_cluster._storage_webhooks import WebhookStorageProvider
 
 from .._validation import check_open_session
 from ._events import EventStore, MemoryEvents
@@ -41,6 +42,7 @@ from ._messages import MemoryMessages
 from ._runners import MemoryRunners, RunnerTable, Session
 from ._state import StateTable
 from ._store import Inbox, MessageStore
+from ._webhooks import MemoryWebhooks, WebhookTables
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -50,7 +52,7 @@ if TYPE_CHECKING:
 __all__ = ["MemoryStorage"]
 
 
-class MemoryStorage(Storage):
+class MemoryStorage(Storage, WebhookStorageProvider):
     """An in-process storage backend shared by every runner of the process.
 
     Open one session per runner with `open_session`. It behaves as the
@@ -83,6 +85,7 @@ class MemoryStorage(Storage):
         )
         self._states = StateTable(self._runners.epoch_of)
         self._events = EventStore(self._runners.epoch_of)
+        self._webhooks = WebhookTables()
 
     def _new_epoch(self, shard: ShardId) -> None:
         self._messages.new_epoch(shard)
@@ -179,6 +182,21 @@ class MemoryStorage(Storage):
             if session.status == "open":
                 session.status = "closed"
                 self._end(session)
+
+    @asynccontextmanager
+    async def open_webhook_storage(self, *, name: str) -> AsyncIterator[MemoryWebhooks]:
+        """Open a connection to this storage's webhook endpoints and attempts
+        (see `trio_cluster.abc.WebhookStorageProvider`); ``name`` is what the
+        fault hook is given as the session name. Nothing to close on exit."""
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {name!r}")
+        await self._call_hook(name, "open_webhook_storage")
+        await trio.lowlevel.checkpoint()
+        yield MemoryWebhooks(self._webhooks, partial(self._enter_webhooks, name))
+
+    async def _enter_webhooks(self, name: str, operation: str) -> None:
+        await self._call_hook(name, operation)
+        await trio.lowlevel.checkpoint()
 
     def kill_session(self, name: str) -> None:
         """End the open session ``name`` as if its process was SIGKILLed.

@@ -37,6 +37,8 @@ Tables (see ``_MIGRATIONS``):
   partition's next offset: the row a publishing transaction locks until it
   commits) and ``event_cursors`` (each subscription's next offset per
   partition, and the events it gave up on).
+* since version 7, ``webhook_endpoints`` and ``webhook_attempts``: the
+  webhooks part's endpoints and HTTP attempts (`._webhooks`).
 
 Lock keys: ``(namespace, 0)`` migrations and registrations, ``(namespace, n)``
 with ``n > 0`` shard ``n``, ``(namespace, -n)`` the liveness of runner ``n``.
@@ -115,6 +117,12 @@ class PgNames:
     replies: str = attrs.field(init=False, default=_prefixed("replies"))
     dead_letters: str = attrs.field(init=False, default=_prefixed("dead_letters"))
     entity_state: str = attrs.field(init=False, default=_prefixed("entity_state"))
+    webhook_endpoints: str = attrs.field(
+        init=False, default=_prefixed("webhook_endpoints")
+    )
+    webhook_attempts: str = attrs.field(
+        init=False, default=_prefixed("webhook_attempts")
+    )
     channel: str = attrs.field(init=False, default=_prefixed("events"))
     """The LISTEN/NOTIFY channel of the cluster."""
     events: str = attrs.field(init=False, default=_prefixed("event_log"))
@@ -297,6 +305,41 @@ CREATE INDEX {n.event_cursors}_partition ON {n.event_cursors} (topic, part);
 """
 
 
+def _migration_7(n: PgNames) -> str:
+    # The webhooks part's records: endpoints by id, and one row per HTTP
+    # attempt of a delivery (rewritten when a redelivered attempt runs
+    # again), found by message or by endpoint, most recent first.
+    a = n.webhook_attempts
+    return f"""
+CREATE TABLE {n.webhook_endpoints} (
+    endpoint_id text PRIMARY KEY,
+    url text NOT NULL,
+    secret text NOT NULL,
+    event_types text[],
+    enabled boolean NOT NULL,
+    ordered boolean NOT NULL,
+    rate_per_second double precision,
+    rate_burst double precision NOT NULL,
+    timeout double precision NOT NULL,
+    disabled_reason text,
+    updated_at double precision NOT NULL
+);
+CREATE TABLE {a} (
+    message_id text NOT NULL,
+    endpoint_id text NOT NULL,
+    attempt integer NOT NULL,
+    at double precision NOT NULL,
+    outcome text NOT NULL,
+    status integer,
+    latency double precision NOT NULL,
+    error text,
+    next_at double precision,
+    PRIMARY KEY (message_id, endpoint_id, attempt)
+);
+CREATE INDEX {n.prefix}_wh_attempts_ep ON {a} (endpoint_id, at);
+"""
+
+
 # (version, description, SQL builder). Append only: never edit a released one.
 _STEPS: Sequence[tuple[int, str, Callable[[PgNames], str]]] = (
     (1, "runners, shards, messages, replies", _migration_1),
@@ -305,6 +348,7 @@ _STEPS: Sequence[tuple[int, str, Callable[[PgNames], str]]] = (
     (4, "messages.attempts, messages.last_error, dead_letters", _migration_4),
     (5, "entity_state (durable entity state)", _migration_5),
     (6, "event bus: event_log, event_heads, event_cursors", _migration_6),
+    (7, "webhook_endpoints, webhook_attempts", _migration_7),
 )
 
 LATEST_VERSION = _STEPS[-1][0]

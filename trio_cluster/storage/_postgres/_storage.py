@@ -33,6 +33,7 @@ import attrs
 from trio_cluster._core._checks import positive_count, positive_seconds
 from trio_cluster._errors import ConfigError
 from trio_cluster._storage_abc import Storage, StorageSession
+from trio_cluster._storage_webhooks import WebhookStorageProvider
 
 from .._validation import check_open_session
 from ._dead_letters import PgDeadLetters
@@ -46,6 +47,7 @@ from ._runners import PgRunners
 from ._schema import PgNames, migrate_connection
 from ._state import StateQueries
 from ._status import cluster_status
+from ._webhooks import PgWebhooks
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -75,7 +77,7 @@ def _optional_seconds(name: str, value: object) -> float | None:
     return None if value is None else positive_seconds(name, value)
 
 
-class PostgresStorage(Storage):
+class PostgresStorage(Storage, WebhookStorageProvider):
     """A PostgreSQL storage backend (PostgreSQL 15 or later) for
     `trio_cluster.open_runner`.
 
@@ -175,6 +177,34 @@ class PostgresStorage(Storage):
         body's exception propagates unchanged.
         """
         return self._session(name, check_open_session(name, lease_duration))
+
+    @asynccontextmanager
+    async def open_webhook_storage(
+        self, *, name: str, pool_size: int = 2
+    ) -> AsyncIterator[PgWebhooks]:
+        """Open a pool of ``pool_size`` connections (``trio_cluster webhooks
+        <name>``) for the webhooks part's endpoints and attempts (see
+        `trio_cluster.abc.WebhookStorageProvider`), applying the schema
+        migrations first unless ``auto_migrate`` is False.
+
+        Raises:
+            PersistenceError: (on entry) the database could not be reached,
+                or its schema is newer than this code (or older, with
+                ``auto_migrate=False``).
+
+        On exit (also on cancellation) the pool is closed.
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {name!r}")
+        async with open_pool(
+            self._dsn,
+            size=positive_count("pool_size", pool_size),
+            application_name=f"trio_cluster webhooks {name}",
+            settings={"plan_cache_mode": "force_generic_plan"},
+        ) as pool:
+            async with pool.connection() as conn:
+                await migrate_connection(conn, self.names, apply=self._auto_migrate)
+            yield PgWebhooks(pool, self.names)
 
     @asynccontextmanager
     async def _session(
