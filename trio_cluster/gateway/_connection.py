@@ -1,0 +1,512 @@
+"""One client's socket on the gateway, after its upgrade (Trio driver).
+
+Theory of operation. `ClientConnection.run` is the socket's task; all its
+work runs in one nursery under the connection's own cancel scope, so ending
+the connection (`ClientConnection.end`, the first reason wins) cancels
+exactly its work and nothing else:
+
+* the *reader* (the task itself) takes each message, counts it against the
+  socket's message rate (`TokenBucket.try_take`; over it: close 4008),
+  tells the heartbeats the client is alive, decodes it (unreadable: close
+  with `BadFrame`'s code) and dispatches it by kind. A readable frame that
+  is wrong is answered with an error frame and the socket stays up;
+* each request (call or stream) is a task with its own cancel scope, kept
+  by request id while it runs: a ``cancel`` frame cancels that scope only,
+  and is answered ``cancelled``. At most ``max_concurrent_requests`` run at
+  once; one more is refused (``too_many_requests``), so the reader never
+  waits for a request;
+* the *writer* drains the bounded send queue. A frame that finds the queue
+  full, or a write that takes over ``send_timeout``, closes the socket with
+  4001 (slow consumer): a client that stops reading costs a bounded queue,
+  then nothing;
+* pings come from the server's one heartbeat structure
+  (`trio_cluster._core._heartbeat`), never from a task of this socket.
+
+Frames are encoded once, in the task that makes them. Cancellation: the
+socket's work is cancelled, then the close frame is sent (bounded by
+``close_timeout``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed
+
+from .._core._addresses import EntityId
+from .._core._ratelimit import TokenBucket
+from .._errors import (
+    AlreadyProcessingError,
+    EntityNotAssignedError,
+    MailboxFullError,
+    MalformedMessageError,
+    PersistenceError,
+    RequestInterruptedError,
+    RunnerUnavailableError,
+)
+from .._errors._closed import RunnerClosedError
+from ..transport._ws_connection import CONNECTION_ERRORS, close_reason_text, describe
+from ._protocol import (
+    BadFrame,
+    Call,
+    Cancel,
+    CloseCode,
+    Credit,
+    ErrorCode,
+    FrameError,
+    OpenStream,
+    Ping,
+    Pong,
+    decode_frame,
+    encode_frame,
+    error_frame,
+    parse_client_frame,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from trio_websocket import WebSocketConnection
+
+    from .._log_limit import LogLimiter
+    from ._definition import GatewayConfig, Operation, Route
+    from ._statistics import GatewayCounters
+
+__all__ = ["ClientConnection", "ClientInfo", "current_client"]
+
+log = logging.getLogger("trio_cluster.gateway")
+
+UNAVAILABLE: Final = (
+    RunnerUnavailableError,
+    EntityNotAssignedError,
+    MailboxFullError,
+    RunnerClosedError,
+    PersistenceError,
+    RequestInterruptedError,
+    AlreadyProcessingError,
+)
+"""Cluster errors a client may retry: answered ``unavailable``."""
+
+
+@attrs.frozen
+class ClientInfo:
+    """Who a request comes from (see `current_client`)."""
+
+    id: str
+    """The connection's id, unique in the cluster."""
+    principal: object
+    """What the authentication hook returned (None without one)."""
+    remote: str
+    """The client's ``host:port``."""
+    subprotocol: str
+
+
+_current: contextvars.ContextVar[ClientInfo] = contextvars.ContextVar(
+    "trio_cluster_gateway_client"
+)
+
+
+def current_client() -> ClientInfo:
+    """The client whose request is running (in a service method, an
+    ``authorize`` hook, or anything they call in the same task).
+
+    Raises:
+        LookupError: not inside a gateway request.
+    """
+    return _current.get()
+
+
+class _Credit:
+    """A stream's items the client still accepts."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._granted = trio.Event()
+
+    def grant(self, n: int) -> None:
+        self.n += n
+        self._granted.set()
+
+    async def take(self) -> None:
+        while self.n <= 0:
+            self._granted = trio.Event()
+            await self._granted.wait()
+        self.n -= 1
+
+
+@attrs.define
+class _Ending:
+    code: int
+    reason: str
+
+
+class ClientConnection:
+    """One upgraded socket (see the module docstring)."""
+
+    def __init__(
+        self,
+        ws: WebSocketConnection,
+        info: ClientInfo,
+        *,
+        number: int,
+        routes: dict[str, Route],
+        config: GatewayConfig,
+        authorize: Callable[[object, Operation], Any] | None,
+        counters: GatewayCounters,
+        warnings: LogLimiter,
+        seen: Callable[[int], None],
+    ) -> None:
+        self.ws = ws
+        self.info = info
+        self.number = number
+        self._routes = routes
+        self._config = config
+        self._authorize = authorize
+        self._counters = counters
+        self._warnings = warnings
+        self._seen = seen
+        self._scope = trio.CancelScope()
+        self._nursery: trio.Nursery | None = None
+        self._requests: dict[int, trio.CancelScope] = {}
+        self._credits: dict[int, _Credit] = {}
+        self._send_channel, self._receive_channel = trio.open_memory_channel[
+            bytes | str
+        ](config.send_queue)
+        rate = config.message_rate
+        self._bucket = None if rate is None else TokenBucket(rate, trio.current_time())
+        self.ending: _Ending | None = None
+        self.frames_received = 0
+        self.frames_sent = 0
+        self.errors = 0
+        self.rtt: float | None = None
+        """Round-trip time of the last ping answered, in seconds."""
+        self._ping_sent_at: float | None = None
+
+    # ------------------------------------------------------------------
+    # Lifecycle
+
+    def end(self, code: int, reason: str) -> None:
+        """End the connection with ``code`` (the first reason wins): its
+        work is cancelled, then `run` sends the close frame."""
+        if self.ending is None:
+            self.ending = _Ending(code, reason)
+            self._counters.closed(code)
+        self._scope.cancel()
+
+    async def run(self) -> None:
+        """Serve the socket until the client closes it or `end` is called;
+        then close it (bounded by ``close_timeout``).
+
+        Cancellation: the work is cancelled; the close frame is not sent.
+        """
+        token = _current.set(self.info)
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    nursery.start_soon(self._write)
+                    await self._read()
+                    nursery.cancel_scope.cancel()
+        finally:
+            _current.reset(token)
+            self._warnings.flush(self.info.remote)
+        ending = self.ending
+        if ending is not None:
+            with trio.move_on_after(self._config.close_timeout):
+                try:
+                    await self.ws.aclose(ending.code, close_reason_text(ending.reason))
+                except CONNECTION_ERRORS as exc:
+                    log.debug("closing %s: %s", self.info.remote, describe(exc))
+
+    def ping(self) -> None:
+        """Send a ping frame (the heartbeats found the client quiet)."""
+        self._ping_sent_at = trio.current_time()
+        self._send({"t": "ping"})
+
+    def send_welcome(self) -> None:
+        config = self._config
+        self._send(
+            {
+                "t": "welcome",
+                "v": 1,
+                "id": self.info.id,
+                "ping_interval": config.ping_interval,
+                "ping_timeout": config.ping_timeout,
+                "max_message_size": config.max_message_size,
+            }
+        )
+
+    # ------------------------------------------------------------------
+    # Reading
+
+    async def _read(self) -> None:
+        ws = self.ws
+        subprotocol = self.info.subprotocol
+        while True:
+            try:
+                message = await ws.get_message()
+            except ConnectionClosed as exc:
+                reason = exc.reason
+                if self.ending is None and reason is not None and reason.code == 1009:
+                    self._counters.closed(CloseCode.MESSAGE_TOO_BIG)
+                return
+            self.frames_received += 1
+            self._counters.frames_received += 1
+            now = trio.current_time()
+            self._seen(self.number)
+            bucket = self._bucket
+            if bucket is not None and bucket.try_take(now) > 0:
+                self.end(CloseCode.RATE_LIMITED, "message rate limit exceeded")
+                return
+            try:
+                frame = decode_frame(message, subprotocol)
+            except BadFrame as exc:
+                self._warn("unreadable frames", "unreadable frame: %s", exc.reason)
+                self.end(exc.code, exc.reason)
+                return
+            try:
+                self._dispatch(parse_client_frame(frame))
+            except FrameError as exc:
+                self._refuse(exc.request_id, exc.code, exc.message)
+
+    def _dispatch(self, frame: object) -> None:
+        if isinstance(frame, Call | OpenStream):
+            self._start(frame)
+        elif isinstance(frame, Cancel):
+            scope = self._requests.get(frame.id)
+            if scope is not None:
+                scope.cancel()
+        elif isinstance(frame, Credit):
+            credit = self._credits.get(frame.id)
+            if credit is not None:
+                credit.grant(frame.n)
+        elif isinstance(frame, Ping):
+            self._send({"t": "pong"})
+        elif isinstance(frame, Pong) and self._ping_sent_at is not None:
+            self.rtt = trio.current_time() - self._ping_sent_at
+            self._ping_sent_at = None
+
+    def _refuse(self, request_id: int | None, code: ErrorCode, message: str) -> None:
+        self.errors += 1
+        self._counters.requests_refused += 1
+        self._send(error_frame(request_id, code, message))
+
+    def _warn(self, kind: str, message: str, *args: object) -> None:
+        self._warnings.log(logging.INFO, self.info.remote, kind, message, *args)
+
+    # ------------------------------------------------------------------
+    # Requests
+
+    def _admit(self, frame: Call | OpenStream) -> tuple[Route, Any]:
+        """The route and decoded message of a request.
+
+        Raises:
+            FrameError: it is refused (see `ErrorCode`).
+        """
+        request_id = frame.id
+        if request_id in self._requests:
+            raise FrameError(request_id, ErrorCode.DUPLICATE_ID, "request id in use")
+        if len(self._requests) >= self._config.max_concurrent_requests:
+            raise FrameError(
+                request_id,
+                ErrorCode.TOO_MANY_REQUESTS,
+                f"at most {self._config.max_concurrent_requests} requests at once",
+            )
+        kind = "call" if isinstance(frame, Call) else "stream"
+        route = self._routes.get(frame.op)
+        if route is None or route.kind != kind:
+            raise FrameError(
+                request_id,
+                ErrorCode.NOT_FOUND,
+                f"no {kind} operation {frame.op!r:.100}",
+            )
+        if route.keyed:
+            if frame.key is None:
+                raise FrameError(
+                    request_id,
+                    ErrorCode.BAD_REQUEST,
+                    '"key" (the entity id) is required',
+                )
+            try:
+                EntityId(frame.key)
+            except ValueError as exc:
+                raise FrameError(request_id, ErrorCode.BAD_REQUEST, str(exc)) from None
+        elif frame.key is not None:
+            raise FrameError(
+                request_id, ErrorCode.BAD_REQUEST, f"{frame.op} takes no key"
+            )
+        try:
+            message = route.message.structure(frame.msg)
+        except MalformedMessageError as exc:
+            raise FrameError(request_id, ErrorCode.BAD_REQUEST, str(exc)) from None
+        return route, message
+
+    def _start(self, frame: Call | OpenStream) -> None:
+        route, message = self._admit(frame)
+        scope = self._requests[frame.id] = trio.CancelScope()
+        self._counters.requests += 1
+        assert self._nursery is not None
+        if isinstance(frame, OpenStream):
+            credit = self._credits[frame.id] = _Credit(frame.credit)
+            self._nursery.start_soon(
+                self._request,
+                frame.id,
+                scope,
+                self._stream(frame.id, route, frame.key, message, credit),
+            )
+        else:
+            self._nursery.start_soon(
+                self._request,
+                frame.id,
+                scope,
+                self._call(frame.id, route, frame.key, message),
+            )
+
+    async def _request(
+        self, request_id: int, scope: trio.CancelScope, work: Any
+    ) -> None:
+        frame: dict[str, Any] | None = None
+        try:
+            with scope:
+                frame = await work
+            if scope.cancelled_caught:
+                frame = error_frame(request_id, ErrorCode.CANCELLED, "cancelled")
+        finally:
+            del self._requests[request_id]
+            self._credits.pop(request_id, None)
+        if frame is not None:
+            self._send(frame, request_id=request_id)
+
+    async def _authorized(self, route: Route, key: str | None, message: Any) -> bool:
+        authorize = self._authorize
+        if authorize is None:
+            return True
+        from ._definition import Operation
+
+        operation = Operation(route.kind, route.name, key, message)
+        return bool(await authorize(self.info.principal, operation))
+
+    async def _call(
+        self, request_id: int, route: Route, key: str | None, message: Any
+    ) -> dict[str, Any]:
+        try:
+            if not await self._authorized(route, key, message):
+                return self._forbidden(request_id, route)
+            assert route.invoke is not None
+            value = await route.invoke(key, message)
+            return {"t": "reply", "id": request_id, "v": route.reply.unstructure(value)}
+        except Exception as exc:
+            return self._failure(request_id, route, exc)
+
+    async def _stream(
+        self,
+        request_id: int,
+        route: Route,
+        key: str | None,
+        message: Any,
+        credit: _Credit,
+    ) -> dict[str, Any]:
+        try:
+            if not await self._authorized(route, key, message):
+                return self._forbidden(request_id, route)
+            assert route.open_items is not None
+            async with route.open_items(key, message) as items:
+                while True:
+                    await credit.take()
+                    try:
+                        item = await items.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    self._send(
+                        {
+                            "t": "item",
+                            "id": request_id,
+                            "v": route.reply.unstructure(item),
+                        },
+                        request_id=request_id,
+                    )
+            return {"t": "end", "id": request_id}
+        except Exception as exc:
+            return self._failure(request_id, route, exc)
+
+    def _forbidden(self, request_id: int, route: Route) -> dict[str, Any]:
+        self.errors += 1
+        self._counters.requests_refused += 1
+        return error_frame(
+            request_id, ErrorCode.FORBIDDEN, f"not allowed: {route.name}"
+        )
+
+    def _failure(self, request_id: int, route: Route, exc: Exception) -> dict[str, Any]:
+        """The error frame for a request that raised ``exc``: typed if its
+        handler declares it, ``unavailable`` for a cluster error a retry may
+        cure, else ``internal`` (logged here, nothing of it sent)."""
+        self.errors += 1
+        self._counters.requests_failed += 1
+        declared = route.declared(exc)
+        if declared is not None:
+            tag, codec = declared
+            try:
+                data = codec.unstructure(exc)
+            except MalformedMessageError:
+                data = None
+            return error_frame(
+                request_id, ErrorCode.DECLARED, str(exc), type_name=tag, data=data
+            )
+        if isinstance(exc, UNAVAILABLE):
+            return error_frame(
+                request_id,
+                ErrorCode.UNAVAILABLE,
+                "the cluster cannot serve this request now; retry later",
+                type_name=type(exc).__name__,
+            )
+        self._warnings.log(
+            logging.ERROR,
+            route.name,
+            "failed requests",
+            "gateway request %s failed: %r",
+            route.name,
+            exc,
+        )
+        return error_frame(request_id, ErrorCode.INTERNAL, "internal error")
+
+    # ------------------------------------------------------------------
+    # Writing
+
+    def _send(self, frame: dict[str, Any], *, request_id: int | None = None) -> None:
+        """Encode ``frame`` and queue it; a full queue ends the connection
+        (slow consumer). A reply the subprotocol cannot carry (bytes in
+        JSON) is replaced by an ``internal`` error for its request."""
+        try:
+            data = encode_frame(frame, self.info.subprotocol)
+        except ValueError as exc:
+            self._warn("unencodable replies", "cannot encode a frame: %s", exc)
+            data = encode_frame(
+                error_frame(request_id, ErrorCode.INTERNAL, "reply cannot be encoded"),
+                self.info.subprotocol,
+            )
+        try:
+            self._send_channel.send_nowait(data)
+        except trio.WouldBlock:
+            self.end(CloseCode.SLOW_CONSUMER, "send queue full")
+        except trio.ClosedResourceError:
+            pass  # the writer is gone: the connection is ending
+
+    async def _write(self) -> None:
+        timeout = self._config.send_timeout
+        async with self._receive_channel:
+            async for data in self._receive_channel:
+                with trio.move_on_after(timeout) as waited:
+                    try:
+                        await self.ws.send_message(data)
+                    except CONNECTION_ERRORS:
+                        self._scope.cancel()  # the client is gone
+                        return
+                if waited.cancelled_caught:
+                    self.end(CloseCode.SLOW_CONSUMER, "write over send_timeout")
+                    return
+                self.frames_sent += 1
+                self._counters.frames_sent += 1
