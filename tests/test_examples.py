@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from types import ModuleType
 
+import trio
+
 from trio_cluster.storage import MemoryStorage
 
 from .helpers import EXAMPLES, load_example
@@ -60,3 +62,14 @@ async def test_job_queue_example(autojump_clock, capsys):
     out = capsys.readouterr().out
     assert "o6 rolled back: no confirmation" in out
     assert "ValueError: no mailbox for nobody" in out
+
+
+async def test_gateway_counter_example(capsys):
+    """Real sockets on 127.0.0.1 (no virtual time)."""
+    with trio.fail_after(30):
+        assert await load_example("gateway_counter").main() == [
+            2,
+            5,
+            "refused: at most 100",
+        ]
+    assert "refused: at most 100" in capsys.readouterr().out

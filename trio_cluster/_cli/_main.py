@@ -27,6 +27,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import suppress
+from functools import partial
 from typing import Any, TypeVar
 
 import trio
@@ -58,7 +59,9 @@ def _demo(args: argparse.Namespace) -> int:
 def load_target(target: str) -> dict[str, Any]:
     """Import ``module:attribute``: a sequence of entity classes, or a
     mapping of `open_runner` keyword arguments (``entities``, ``singletons``,
-    ``crons``, ``broadcasts``, ``converter``, ``tracer``, ``listeners``).
+    ``crons``, ``broadcasts``, ``converter``, ``tracer``, ``listeners``),
+    plus ``gateway``: the `trio_cluster.gateway.Gateway` that ``--gateway``
+    serves.
 
     Raises:
         SystemExit: the target cannot be imported or has the wrong shape.
@@ -80,6 +83,7 @@ def load_target(target: str) -> dict[str, Any]:
             "converter",
             "tracer",
             "listeners",
+            "gateway",
         }
         unknown = set(value) - allowed
         if unknown:
@@ -167,6 +171,7 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         options = load_target(args.target)
+        gateway = _gateway(args, options.pop("gateway", None))
         config = _config(args)
         metrics = _address("--metrics", args.metrics) if args.metrics else None
         storage = PostgresStorage(args.dsn, table_prefix=args.prefix)
@@ -183,7 +188,7 @@ def _run(args: argparse.Namespace) -> int:
             listen_at=_address("--listen", args.listen) if args.advertise else None,
             **security,
         )
-        trio.run(_serve, options, config, storage, transport, metrics)
+        trio.run(_serve, options, config, storage, transport, metrics, gateway)
     except Exception as exc:
         found = _operator_error(exc)
         if found is None:
@@ -194,15 +199,46 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway(args: argparse.Namespace, gateway: Any) -> tuple[Any, Any] | None:
+    """The gateway definition and the address ``--gateway`` serves it at,
+    or None without ``--gateway``.
+
+    Raises:
+        ConfigError: ``--gateway`` without a ``gateway`` in the target (or
+            the other way round), or a malformed address.
+    """
+    from .._errors import ConfigError
+    from ..gateway import Gateway
+
+    if gateway is not None and not isinstance(gateway, Gateway):
+        raise ConfigError(
+            f"{args.target}: 'gateway' must be a Gateway, got {gateway!r}"
+        )
+    if args.gateway is None:
+        if gateway is not None:
+            raise ConfigError(
+                f"{args.target} defines a gateway: serve it with --gateway HOST:PORT"
+            )
+        return None
+    if gateway is None:
+        raise ConfigError(
+            f"--gateway: {args.target} names no gateway; make it a mapping with"
+            " 'gateway': trio_cluster.gateway.Gateway(...)"
+        )
+    return gateway, _address("--gateway", args.gateway)
+
+
 async def _serve(
     options: dict[str, Any],
     config: Any,
     storage: Any,
     transport: Any,
     metrics: Any,
+    gateway: tuple[Any, Any] | None = None,
 ) -> None:
     from .._operations._metrics import serve_metrics
     from .._runner import open_runner
+    from ..gateway import serve_gateway
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with (
@@ -211,11 +247,28 @@ async def _serve(
             ) as runner,
             trio.open_nursery() as nursery,
         ):
-            metrics_port = None
+            metrics_port = gateway_port = None
+            extra = []
+            server = None
+            if gateway is not None:
+                definition, where = gateway
+                try:
+                    server = await nursery.start(
+                        serve_gateway, runner, definition, where.host, where.port
+                    )
+                except OSError as exc:
+                    raise OSError(
+                        exc.errno, f"--gateway {where}: {exc.strerror}"
+                    ) from exc
+                gateway_port = server.port
+                extra.append(server.render_metrics)
             if metrics is not None:
                 try:
                     metrics_port = await nursery.start(
-                        serve_metrics, runner, metrics.host, metrics.port
+                        partial(serve_metrics, extra=extra),
+                        runner,
+                        metrics.host,
+                        metrics.port,
                     )
                 except OSError as exc:
                     raise OSError(
@@ -228,6 +281,7 @@ async def _serve(
                         "event": "ready",
                         "address": str(runner.address),
                         "metrics_port": metrics_port,
+                        "gateway_port": gateway_port,
                     }
                 ),
                 flush=True,
@@ -235,6 +289,8 @@ async def _serve(
             async for signum in signals:
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 break
+            if server is not None:
+                await server.aclose()  # clients reconnect to another runner
             nursery.cancel_scope.cancel()
     print(json.dumps({"event": "stopped"}), flush=True)
 
@@ -359,6 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefix", default="trio_cluster", help="table prefix (one cluster per prefix)"
     )
     run.add_argument("--metrics", help="host:port for /metrics, /healthz and /readyz")
+    run.add_argument(
+        "--gateway",
+        help="host:port to serve the target's realtime client gateway on"
+        " (the target is a mapping with a 'gateway' key; see docs/gateway.md)",
+    )
     run.add_argument(
         "--log-format",
         choices=["text", "json"],

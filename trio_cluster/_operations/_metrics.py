@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
     from .._runner import Runner
     from ._statistics import RunnerStatistics
 
@@ -214,9 +216,13 @@ async def serve_metrics(
     port: int,
     *,
     request_timeout: float = REQUEST_TIMEOUT,
+    extra: Sequence[Callable[[], str]] = (),
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the endpoints until cancelled; ``started`` gets the real port.
+
+    ``extra``: callables that return more Prometheus lines for ``/metrics``
+    (a gateway's `GatewayServer.render_metrics`), appended in order.
 
     Each connection is on its own: whatever goes wrong with one (a reset, a
     malformed or oversized request, a client that says nothing or never
@@ -231,7 +237,9 @@ async def serve_metrics(
     """
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners[0].socket.getsockname()[1])
-    await trio.serve_listeners(partial(_handle, runner, request_timeout), listeners)
+    await trio.serve_listeners(
+        partial(_handle, runner, request_timeout, tuple(extra)), listeners
+    )
 
 
 _CONNECTION_ERRORS: Final = (
@@ -243,20 +251,27 @@ _CONNECTION_ERRORS: Final = (
 
 
 async def _handle(
-    runner: Runner, request_timeout: float, stream: trio.SocketStream
+    runner: Runner,
+    request_timeout: float,
+    extra: tuple[Callable[[], str], ...],
+    stream: trio.SocketStream,
 ) -> None:
     """Answer one request on ``stream``; every failure of this connection
     is contained here (trio.Cancelled is not: it propagates)."""
     client = _client_name(stream)
     try:
         async with stream:
-            await _exchange(runner, request_timeout, stream, client)
+            await _exchange(runner, extra, request_timeout, stream, client)
     except _CONNECTION_ERRORS as exc:
         log.debug("metrics connection from %s failed: %r", client, exc)
 
 
 async def _exchange(
-    runner: Runner, request_timeout: float, stream: trio.SocketStream, client: str
+    runner: Runner,
+    extra: tuple[Callable[[], str], ...],
+    request_timeout: float,
+    stream: trio.SocketStream,
+    client: str,
 ) -> None:
     head = bytearray()
     with trio.move_on_after(request_timeout) as reading:
@@ -265,7 +280,7 @@ async def _exchange(
         log.debug("metrics connection from %s sent no request", client)
         return
     status, body, content_type = _answer(
-        runner, bytes(head), timed_out=reading.cancelled_caught
+        runner, bytes(head), timed_out=reading.cancelled_caught, extra=extra
     )
     if not status.startswith(("200", "503")):
         log.info("metrics request from %s: %s", client, status)
@@ -301,7 +316,13 @@ def _client_name(stream: trio.SocketStream) -> str:
 _TEXT: Final = "text/plain; charset=utf-8"
 
 
-def _answer(runner: Runner, head: bytes, *, timed_out: bool) -> tuple[str, bytes, str]:
+def _answer(
+    runner: Runner,
+    head: bytes,
+    *,
+    timed_out: bool,
+    extra: tuple[Callable[[], str], ...] = (),
+) -> tuple[str, bytes, str]:
     """Status line, body and content type for a request ``head``."""
     if b"\r\n\r\n" not in head:
         if len(head) > MAX_HEAD:
@@ -314,7 +335,7 @@ def _answer(runner: Runner, head: bytes, *, timed_out: bool) -> tuple[str, bytes
     if request_line[0] != "GET":
         return "405 Method Not Allowed", b"GET only\n", _TEXT
     try:
-        return _respond(runner, request_line[1].split("?", 1)[0])
+        return _respond(runner, request_line[1].split("?", 1)[0], extra)
     except Exception:  # a bug: answer 500 rather than end the server
         log.exception("metrics: cannot answer %s", request_line[1])
         return "500 Internal Server Error", b"internal error\n", _TEXT
@@ -329,9 +350,12 @@ def _is_request_line(words: list[str]) -> bool:
     return words[0].isascii() and words[0].isalpha()
 
 
-def _respond(runner: Runner, path: str) -> tuple[str, bytes, str]:
+def _respond(
+    runner: Runner, path: str, extra: tuple[Callable[[], str], ...] = ()
+) -> tuple[str, bytes, str]:
     if path == "/metrics":
-        body = render_metrics(runner.statistics()).encode()
+        text = render_metrics(runner.statistics())
+        body = "".join([text, *(source() for source in extra)]).encode()
         return "200 OK", body, "text/plain; version=0.0.4; charset=utf-8"
     if path == "/healthz":
         return "200 OK", b"ok\n", _TEXT

@@ -227,6 +227,10 @@ class Gateway:
     runs; False refuses it (``forbidden``). None: every exposed operation
     is allowed."""
     config: GatewayConfig = GatewayConfig()
+    pages: Mapping[str, str] = attrs.field(factory=dict)
+    """Small HTML pages served on GET by path (``{"/": "<html>..."}``),
+    besides ``/gateway.js``: a demo page of the same origin as the
+    socket. Not a web server: no files, no caching rules."""
 
     def __attrs_post_init__(self) -> None:
         for item in self.entities:

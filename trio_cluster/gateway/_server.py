@@ -153,6 +153,16 @@ class GatewayServer:
     # ------------------------------------------------------------------
     # Accepting
 
+    async def handle_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one accepted stream as the accept loop does (steps 1-6 of
+        the module docstring), until its socket ends; the stream is closed
+        then. For a listener of your own, or a test over memory streams.
+
+        Nothing the client does raises here (failures are logged, bounded).
+        Cancellation: the socket's work is cancelled, the stream closed.
+        """
+        await self._accept(stream)
+
     async def _accept(self, stream: trio.abc.Stream) -> None:
         slot = self._admission.admit()
         if slot is None:
@@ -254,8 +264,8 @@ class GatewayServer:
     ) -> tuple[int, str, tuple[tuple[str, str], ...]] | None:
         """Status, reason and headers to refuse ``head`` with, or None."""
         config = self._config
-        if head.method == "GET" and head.path == "/gateway.js" and not head.upgrade:
-            return 200, "", ()  # the client script: answered, not refused
+        if head.method == "GET" and not head.upgrade and self._static(head.path):
+            return 200, head.path, ()  # a file: answered, not refused
         if self._connect_rate is not None:
             wait = self._connect_rate.check(remote_host(remote), trio.current_time())
             if wait > 0:
@@ -284,11 +294,13 @@ class GatewayServer:
         reason: str,
         headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
-        if status == 200:
+        static = self._static(reason) if status == 200 else None
+        if static is not None:
+            body, content_type = static
             response = http_response(
                 200,
-                client_script(),
-                content_type="text/javascript; charset=utf-8",
+                body,
+                content_type=content_type,
                 headers=(
                     ("Access-Control-Allow-Origin", "*"),
                     ("Cache-Control", "max-age=300"),
@@ -297,6 +309,16 @@ class GatewayServer:
         else:
             response = http_response(status, f"{reason}\n".encode(), headers=headers)
         await stream.send_all(response)
+
+    def _static(self, path: str) -> tuple[bytes, str] | None:
+        """The body and content type of a file served at ``path``: the
+        JavaScript client, or one of the definition's ``pages``."""
+        if path == "/gateway.js":
+            return client_script(), "text/javascript; charset=utf-8"
+        page = self._gateway.pages.get(path)
+        if page is None:
+            return None
+        return page.encode(), "text/html; charset=utf-8"
 
     async def _authenticate(self, stream: trio.abc.Stream, handshake: Handshake) -> Any:
         hook = self._gateway.authenticate
