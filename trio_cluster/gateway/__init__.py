@@ -16,12 +16,8 @@ from __future__ import annotations
 
 from .._core._ratelimit import RateLimit, WindowLimit
 from .._metadata import fixup_module_metadata
-from ._client import (
-    ClientConfig,
-    ConnectionState,
-    GatewayClient,
-    open_gateway_client,
-)
+from ._client import GatewayClient, open_gateway_client
+from ._client_config import ClientConfig, ConnectionState
 from ._connection import ClientInfo, current_client
 from ._definition import (
     Exposed,
@@ -43,10 +39,7 @@ from ._protocol import JSON, MSGPACK, PROTOCOL_VERSION, CloseCode, ErrorCode
 from ._server import GatewayServer, serve_gateway
 from ._statistics import GatewayStatistics
 
-__all__ = [
-    "JSON",
-    "MSGPACK",
-    "PROTOCOL_VERSION",
+__all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.py)
     "ClientConfig",
     "ClientInfo",
     "CloseCode",
@@ -63,7 +56,10 @@ __all__ = [
     "GatewayServer",
     "GatewayStatistics",
     "Handshake",
+    "JSON",
+    "MSGPACK",
     "Operation",
+    "PROTOCOL_VERSION",
     "RateLimit",
     "Service",
     "UnauthorizedError",

@@ -24,25 +24,26 @@ from __future__ import annotations
 import logging
 import random
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import urlsplit
 
 import attrs
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, wrap_client_stream
 
-from .._core._retry import Backoff
 from .._entity import Entity
 from .._errors import ConfigError
 from ..serialization import make_converter
 from ..transport._ws_connection import CONNECTION_ERRORS, describe
+from ._client_config import ClientConfig, ConnectionState
 from ._definition import Service, client_routes
 from ._errors import (
     GatewayCallError,
     GatewayDisconnectedError,
     GatewayRefusedError,
 )
-from ._protocol import JSON, MSGPACK, BadFrame, CloseCode, decode_frame, encode_frame
+from ._handles import EntityHandles, Handle
+from ._protocol import BadFrame, CloseCode, decode_frame, encode_frame
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -61,55 +62,6 @@ S = TypeVar("S", bound=Service)
 
 _PERMANENT = frozenset({400, 401, 403, 404})
 """HTTP refusals a retry cannot cure."""
-
-
-def _positive(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigError(f"{attribute.name} must be a positive number, got {value!r}")
-
-
-@attrs.frozen
-class ClientConfig:
-    """How a `GatewayClient` connects (validated eagerly).
-
-    Raises:
-        ConfigError: a value of the wrong type or out of range.
-    """
-
-    subprotocol: str = attrs.field(default=MSGPACK)
-    open_timeout: float = attrs.field(default=10.0, validator=_positive)
-    """Longest time to connect and read the welcome frame."""
-    reconnect: Backoff = attrs.field(factory=lambda: Backoff(0.1, 30.0, jitter=0.5))
-    """Delays before reconnecting: ``delay(0)`` after a socket that was up
-    ends, growing with each failed attempt after that."""
-    max_attempts: int | None = None
-    """Consecutive failed attempts before the client gives up (None: never)."""
-    max_message_size: int = 1 << 20
-    close_timeout: float = attrs.field(default=2.0, validator=_positive)
-
-    @subprotocol.validator
-    def _check_subprotocol(self, _: object, value: object) -> None:
-        if value not in (JSON, MSGPACK):
-            raise ConfigError(
-                f"subprotocol must be {JSON!r} or {MSGPACK!r}, got {value!r}"
-            )
-
-
-@attrs.frozen
-class ConnectionState:
-    """A snapshot of a client's connection (`GatewayClient.state`)."""
-
-    connected: bool
-    last_error: str | None
-    """Why the last attempt or socket failed (None: none has)."""
-    reconnect_count: int
-    """Sockets opened after the first one."""
-    last_connect_time: float | None
-    """``trio.current_time()`` of the last socket opened."""
-    failed_attempts: int
-    """Attempts failed since the last socket opened."""
-    connection_id: str | None
-    """The server's id of the current socket."""
 
 
 class _Pending:
@@ -175,19 +127,19 @@ class GatewayClient:
     # ------------------------------------------------------------------
     # Typed handles
 
-    def entities(self, cls: type[E]) -> _EntityHandles[E]:
+    def entities(self, cls: type[E]) -> EntityHandles[E]:
         """Typed handles on entities of ``cls``: ``client.entities(Counter)("a").increment(msg)``.
 
         Raises:
             ConfigError, EntityDefinitionError: ``cls`` cannot be encoded.
         """
         self._learn(cls)
-        return _EntityHandles(self, cls)
+        return EntityHandles(self, cls)
 
     def service(self, cls: type[S]) -> S:
         """A typed handle on a service: ``client.service(Clock).now(msg)``."""
         self._learn(cls)
-        return cast("S", _Handle(self, cls, None))
+        return cast("S", Handle(self, cls, None))
 
     def _learn(self, cls: type) -> None:
         self._routes.update(client_routes([cls], self._converter))
@@ -521,42 +473,6 @@ class GatewayClient:
             return
         pending.frame = frame
         pending.done.set()
-
-
-class _EntityHandles(Generic[E]):
-    def __init__(self, client: GatewayClient, cls: type[E]) -> None:
-        self._client = client
-        self._cls = cls
-
-    def __call__(self, entity_id: str) -> E:
-        return cast("E", _Handle(self._client, self._cls, entity_id))
-
-
-class _Handle:
-    """A typed handle: its handler attributes call through the client."""
-
-    def __init__(self, client: GatewayClient, cls: type, key: str | None) -> None:
-        self._client = client
-        self._cls = cls
-        self._key = key
-        self._prefix = cls.type_name if key is not None else cls.name  # type: ignore[attr-defined]
-
-    def __getattr__(self, name: str) -> Any:
-        spec = getattr(getattr(self._cls, name, None), "spec", None)
-        if spec is None:
-            raise AttributeError(f"{self._cls.__qualname__} has no handler {name!r}")
-        op = f"{self._prefix}.{spec.name}"
-        client, key = self._client, self._key
-        route = client._routes[op]
-        if spec.kind == "stream":
-            return lambda message, credit=16: client._stream(
-                route, op, key, message, credit
-            )
-
-        async def call(message: Any) -> Any:
-            return await client._call(route, op, key, message)
-
-        return call
 
 
 @asynccontextmanager
