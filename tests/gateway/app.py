@@ -197,3 +197,9 @@ async def exchange(ws: WebSocketConnection, frame: Any, subprotocol: str = JSON)
         answer = decode(await ws.get_message())
         if answer["t"] != "ping":
             return answer
+
+
+async def read_until_closed(ws: WebSocketConnection) -> None:
+    """Read (and drop) frames until the socket closes (raises ConnectionClosed)."""
+    while True:
+        await ws.get_message()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected, WebSocketConnection
+from trio_websocket import ConnectionClosed, ConnectionRejected
 
 from trio_cluster.gateway import (
     JSON,
@@ -28,6 +28,7 @@ from .app import (
     open_gateway,
     open_raw,
     open_websocket,
+    read_until_closed,
 )
 
 pytestmark = pytest.mark.parametrize("subprotocol", [JSON, MSGPACK])
@@ -179,11 +180,6 @@ async def test_a_wrong_frame_is_answered_and_the_socket_stays_up(
 def _code(closed: ConnectionClosed) -> int:
     assert closed.reason is not None
     return closed.reason.code
-
-
-async def _drain(ws: WebSocketConnection) -> None:
-    while True:
-        await ws.get_message()
 
 
 def _garbage(subprotocol: str) -> list[tuple[bytes | str, int]]:
@@ -419,7 +415,7 @@ async def test_a_flooding_socket_is_closed_and_others_are_served(
             for _ in range(1000):
                 await flood.send_message(encode({"t": "ping"}, subprotocol))
             with pytest.raises(ConnectionClosed) as caught:
-                await _drain(flood)
+                await read_until_closed(flood)
             assert _code(caught.value) == CloseCode.RATE_LIMITED
             call = {
                 "t": "call",

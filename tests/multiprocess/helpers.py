@@ -86,13 +86,14 @@ class RunnerProcess(ChildProcess):
         metrics: bool = False,
         log_format: str = "text",
         args: Sequence[str] = (),
+        target: str = TARGET,
     ) -> None:
         command = [
             sys.executable,
             "-m",
             "trio_cluster",
             "run",
-            TARGET,
+            target,
             "--dsn",
             dsn,
             "--listen",
@@ -181,9 +182,11 @@ class MultiCluster:
         metrics: bool = False,
         log_format: str = "text",
         args: Sequence[str] = (),
+        target: str = TARGET,
     ) -> RunnerProcess:
         """Start a runner process (call `RunnerProcess.wait_ready` next);
-        ``args`` are more options of ``trio-cluster run``."""
+        ``args`` are more options of ``trio-cluster run``, ``target`` its
+        ``module:ATTRIBUTE``."""
         process = RunnerProcess(
             name,
             dsn=self.dsn,
@@ -193,6 +196,7 @@ class MultiCluster:
             metrics=metrics,
             log_format=log_format,
             args=args,
+            target=target,
         )
         self.processes.append(process)
         await process.start(self.nursery)

@@ -101,6 +101,8 @@ async def read_head(stream: trio.abc.Stream) -> Head | None:
             return None  # ConnectionClosed: nothing to answer
         data = bytes(await stream.receive_some(4096))
         raw += data
+        if len(raw) > MAX_HEAD:
+            raise HeadError(431, "request head too large")
         parser.receive_data(data)
         if not data:
             continue  # h11 reports the close (or a truncated head)
