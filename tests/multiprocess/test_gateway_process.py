@@ -11,13 +11,15 @@ from trio_websocket import ConnectionClosed
 from trio_cluster.gateway import open_gateway_client
 
 from ..gateway.app import open_raw, read_until_closed
+from ..helpers import load_example
 from .helpers import MultiCluster, http_get
 
 pytestmark = [pytest.mark.postgres, pytest.mark.multiprocess, pytest.mark.slow]
 
 
 async def test_run_serves_the_gateway_of_its_target(cluster: MultiCluster) -> None:
-    from examples.gateway_counter import Add, Counter, TooMuchError
+    example = load_example("gateway_counter")
+    Add, Counter, TooMuchError = example.Add, example.Counter, example.TooMuchError
 
     runner = await cluster.spawn(
         "g",
