@@ -15,6 +15,7 @@ WORKLOADS = {
     "w4": "benchmarks.w4_failover",
     "w5": "benchmarks.w5_entities",
     "queue": "benchmarks.queue_jobs",
+    "w8": "benchmarks.w8_gateway",
 }
 LOADED = {"w4"}
 """Workloads with an ``--under-load`` variant."""

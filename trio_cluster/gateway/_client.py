@@ -35,6 +35,7 @@ from .._entity import Entity
 from .._errors import ConfigError
 from ..serialization import make_converter
 from ..transport._ws_connection import CONNECTION_ERRORS, describe
+from ..transport._ws_tap import install_tap
 from ._client_config import ClientConfig, ConnectionState
 from ._definition import Service, client_routes
 from ._errors import (
@@ -105,6 +106,10 @@ class GatewayClient:
         self._fatal: GatewayRefusedError | None = None
         self._opened = 0
         self._welcome: dict[str, Any] = {}
+        self._silence: tuple[trio.CancelScope, float] = (trio.CancelScope(), 0.0)
+        """The scope of the socket being read, cancelled when the server
+        has been silent too long, and how long that is."""
+        self._ending: tuple[int, str] | None = None
         self._retry_after = 0.0
         """Seconds a 429's ``Retry-After`` asks to wait at least."""
 
@@ -431,29 +436,51 @@ class GatewayClient:
         return error
 
     async def _read(self, ws: WebSocketConnection, silence: float) -> tuple[int, str]:
-        subprotocol = self._config.subprotocol
-        while True:
-            with trio.move_on_after(silence):
-                try:
-                    message = await ws.get_message()
-                except ConnectionClosed as exc:
-                    reason = exc.reason
-                    if reason is None:
-                        return 1006, "connection lost"
-                    return reason.code, reason.reason or reason.name
-                try:
-                    frame = decode_frame(message, subprotocol)
-                except BadFrame as exc:
-                    return 1007, exc.reason
-                await self._received(frame)
-                continue
-            return 4000, "heartbeat timeout: the server was silent"
+        """Handle the socket's frames until it ends: the close code and
+        reason (4000 if the server was silent for ``silence`` seconds).
+        Frames are handled in trio-websocket's reader task (`install_tap`):
+        a reply wakes its caller, and no other task."""
+        self._ending = None
+        with trio.CancelScope(deadline=trio.current_time() + silence) as scope:
+            self._silence = (scope, silence)
+            try:
+                tap = install_tap(ws, self._deliver)
+                if tap is not None:
+                    await tap.run()
+                else:  # pragma: no cover - another trio-websocket
+                    while await self._deliver(await ws.get_message()):
+                        pass
+            except ConnectionClosed as exc:
+                reason = exc.reason
+                if reason is None:
+                    return 1006, "connection lost"
+                return reason.code, reason.reason or reason.name
+        return self._ending_or_silence()
+
+    def _ending_or_silence(self) -> tuple[int, str]:
+        """Why `_read`'s scope was cancelled: a bad frame, else silence."""
+        return self._ending or (4000, "heartbeat timeout: the server was silent")
+
+    async def _deliver(self, message: bytes | str) -> bool:
+        """Handle one frame (in trio-websocket's reader task); False if it
+        ends the socket."""
+        scope, silence = self._silence
+        scope.deadline = trio.current_time() + silence
+        try:
+            frame = decode_frame(message, self._config.subprotocol)
+        except BadFrame as exc:
+            self._ending = (1007, exc.reason)
+            scope.cancel()
+            return False
+        await self._received(frame)
+        return True
 
     async def _received(self, frame: dict[str, Any]) -> None:
         kind = frame["t"]
         if kind == "ping":
             await self._send({"t": "pong"})
             return
+        await trio.lowlevel.checkpoint()
         request_id = frame.get("id")
         pending = self._pending.get(request_id) if isinstance(request_id, int) else None
         if pending is None:

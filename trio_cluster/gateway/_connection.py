@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -50,6 +51,7 @@ from .._errors import (
 )
 from .._errors._closed import RunnerClosedError
 from ..transport._ws_connection import CONNECTION_ERRORS, close_reason_text, describe
+from ..transport._ws_tap import install_tap
 from ._protocol import (
     BadFrame,
     Call,
@@ -68,7 +70,7 @@ from ._protocol import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from trio_websocket import WebSocketConnection
 
@@ -185,6 +187,9 @@ class ClientConnection:
         self.rtt: float | None = None
         """Round-trip time of the last ping answered, in seconds."""
         self._ping_sent_at: float | None = None
+        self._writes = 0
+        """Messages being written now (by the writer or a request's task)."""
+        self._context = contextvars.copy_context()
 
     # ------------------------------------------------------------------
     # Lifecycle
@@ -204,6 +209,9 @@ class ClientConnection:
         Cancellation: the work is cancelled; the close frame is not sent.
         """
         token = _current.set(self.info)
+        # Requests start from trio-websocket's reader task (`_deliver`): in
+        # this task's context, so that they see `current_client`.
+        self._context = contextvars.copy_context()
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
@@ -244,34 +252,46 @@ class ClientConnection:
     # Reading
 
     async def _read(self) -> None:
+        """Hand every message to `_deliver` until the client closes the
+        socket or a message ends the connection. Messages are handled in
+        trio-websocket's own reader task (`install_tap`): no task wakes per
+        message."""
         ws = self.ws
-        subprotocol = self.info.subprotocol
-        while True:
-            try:
-                message = await ws.get_message()
-            except ConnectionClosed as exc:
-                reason = exc.reason
-                if self.ending is None and reason is not None and reason.code == 1009:
-                    self._counters.closed(CloseCode.MESSAGE_TOO_BIG)
-                return
-            self.frames_received += 1
-            self._counters.frames_received += 1
-            now = trio.current_time()
-            self._seen(self.number)
-            bucket = self._bucket
-            if bucket is not None and bucket.try_take(now) > 0:
-                self.end(CloseCode.RATE_LIMITED, "message rate limit exceeded")
-                return
-            try:
-                frame = decode_frame(message, subprotocol)
-            except BadFrame as exc:
-                self._warn("unreadable frames", "unreadable frame: %s", exc.reason)
-                self.end(exc.code, exc.reason)
-                return
-            try:
-                self._dispatch(parse_client_frame(frame))
-            except FrameError as exc:
-                self._refuse(exc.request_id, exc.code, exc.message)
+        try:
+            tap = install_tap(ws, self._deliver)
+            if tap is not None:
+                await tap.run()
+            else:  # pragma: no cover - another trio-websocket
+                while await self._deliver(await ws.get_message()):
+                    pass
+        except ConnectionClosed as exc:
+            reason = exc.reason
+            if self.ending is None and reason is not None and reason.code == 1009:
+                self._counters.closed(CloseCode.MESSAGE_TOO_BIG)
+
+    async def _deliver(self, message: bytes | str) -> bool:
+        """Handle one message; False once the connection ends. It runs in
+        trio-websocket's reader task: it never waits."""
+        self.frames_received += 1
+        self._counters.frames_received += 1
+        now = trio.current_time()
+        self._seen(self.number)
+        bucket = self._bucket
+        if bucket is not None and bucket.try_take(now) > 0:
+            self.end(CloseCode.RATE_LIMITED, "message rate limit exceeded")
+            return False
+        try:
+            frame = decode_frame(message, self.info.subprotocol)
+        except BadFrame as exc:
+            self._warn("unreadable frames", "unreadable frame: %s", exc.reason)
+            self.end(exc.code, exc.reason)
+            return False
+        try:
+            self._dispatch(parse_client_frame(frame))
+        except FrameError as exc:
+            self._refuse(exc.request_id, exc.code, exc.message)
+        await trio.lowlevel.checkpoint()
+        return self.ending is None
 
     def _dispatch(self, frame: object) -> None:
         if isinstance(frame, Call | OpenStream):
@@ -350,36 +370,42 @@ class ClientConnection:
         scope = self._requests[frame.id] = trio.CancelScope()
         self._counters.requests += 1
         assert self._nursery is not None
+        start_soon = self._nursery.start_soon
         if isinstance(frame, OpenStream):
             credit = self._credits[frame.id] = _Credit(frame.credit)
-            self._nursery.start_soon(
+            self._context.run(
+                start_soon,
                 self._request,
                 frame.id,
                 scope,
-                self._stream(frame.id, route, frame.key, message, credit),
+                partial(self._stream, frame.id, route, frame.key, message, credit),
             )
         else:
-            self._nursery.start_soon(
+            self._context.run(
+                start_soon,
                 self._request,
                 frame.id,
                 scope,
-                self._call(frame.id, route, frame.key, message),
+                partial(self._call, frame.id, route, frame.key, message),
             )
 
     async def _request(
-        self, request_id: int, scope: trio.CancelScope, work: Any
+        self,
+        request_id: int,
+        scope: trio.CancelScope,
+        work: Callable[[], Awaitable[dict[str, Any]]],
     ) -> None:
         frame: dict[str, Any] | None = None
         try:
             with scope:
-                frame = await work
+                frame = await work()
             if scope.cancelled_caught:
                 frame = error_frame(request_id, ErrorCode.CANCELLED, "cancelled")
         finally:
             del self._requests[request_id]
             self._credits.pop(request_id, None)
         if frame is not None:
-            self._send(frame, request_id=request_id)
+            await self._send_now(frame, request_id=request_id)
 
     async def _authorized(self, route: Route, key: str | None, message: Any) -> bool:
         authorize = self._authorize
@@ -476,18 +502,22 @@ class ClientConnection:
     # ------------------------------------------------------------------
     # Writing
 
-    def _send(self, frame: dict[str, Any], *, request_id: int | None = None) -> None:
-        """Encode ``frame`` and queue it; a full queue ends the connection
-        (slow consumer). A reply the subprotocol cannot carry (bytes in
-        JSON) is replaced by an ``internal`` error for its request."""
+    def _encode(self, frame: dict[str, Any], request_id: int | None) -> bytes | str:
+        """``frame`` as a message; a reply the subprotocol cannot carry
+        (bytes in JSON) becomes an ``internal`` error for its request."""
         try:
-            data = encode_frame(frame, self.info.subprotocol)
+            return encode_frame(frame, self.info.subprotocol)
         except ValueError as exc:
             self._warn("unencodable replies", "cannot encode a frame: %s", exc)
-            data = encode_frame(
+            return encode_frame(
                 error_frame(request_id, ErrorCode.INTERNAL, "reply cannot be encoded"),
                 self.info.subprotocol,
             )
+
+    def _send(self, frame: dict[str, Any], *, request_id: int | None = None) -> None:
+        """Encode ``frame`` and queue it for the writer; a full queue ends
+        the connection (slow consumer)."""
+        data = self._encode(frame, request_id)
         try:
             self._send_channel.send_nowait(data)
         except trio.WouldBlock:
@@ -495,18 +525,38 @@ class ClientConnection:
         except trio.ClosedResourceError:
             pass  # the writer is gone: the connection is ending
 
+    async def _send_now(self, frame: dict[str, Any], *, request_id: int) -> None:
+        """Write a request's last frame from its own task when nothing is
+        queued or being written (a reply leaves without waking the writer);
+        else queue it behind the others (a stream's end after its items)."""
+        if self._writes or self._send_channel.statistics().current_buffer_used:
+            self._send(frame, request_id=request_id)
+            await trio.lowlevel.checkpoint()
+            return
+        await self._write_one(self._encode(frame, request_id))
+
+    async def _write_one(self, data: bytes | str) -> bool:
+        """Write one message within ``send_timeout``; False if that ended
+        the connection (the client is gone, or too slow)."""
+        self._writes += 1
+        try:
+            with trio.move_on_after(self._config.send_timeout) as waited:
+                try:
+                    await self.ws.send_message(data)
+                except CONNECTION_ERRORS:
+                    self._scope.cancel()  # the client is gone
+                    return False
+            if waited.cancelled_caught:
+                self.end(CloseCode.SLOW_CONSUMER, "write over send_timeout")
+                return False
+        finally:
+            self._writes -= 1
+        self.frames_sent += 1
+        self._counters.frames_sent += 1
+        return True
+
     async def _write(self) -> None:
-        timeout = self._config.send_timeout
         async with self._receive_channel:
             async for data in self._receive_channel:
-                with trio.move_on_after(timeout) as waited:
-                    try:
-                        await self.ws.send_message(data)
-                    except CONNECTION_ERRORS:
-                        self._scope.cancel()  # the client is gone
-                        return
-                if waited.cancelled_caught:
-                    self.end(CloseCode.SLOW_CONSUMER, "write over send_timeout")
+                if not await self._write_one(data):
                     return
-                self.frames_sent += 1
-                self._counters.frames_sent += 1
