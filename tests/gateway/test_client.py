@@ -41,32 +41,35 @@ FAST = ClientConfig(open_timeout=5.0)
 async def test_typed_calls_errors_and_streams(subprotocol: str) -> None:
     config = ClientConfig(subprotocol=subprotocol)
     with trio.fail_after(30):
-        async with (
-            open_gateway() as server,
-            open_gateway_client(server.url, config=config) as client,
-        ):
-            counter = client.entities(Counter)("c1")
-            assert await counter.add(Add(2)) == 2
-            assert await counter.add(Add(3)) == 5
-            with pytest.raises(LimitExceededError) as declared:
-                await counter.add(Add(1000))
-            assert declared.value.limit == 100
-            with pytest.raises(GatewayCallError) as internal:
-                await client.entities(Counter)("crashes").crash(Add(1))
-            assert internal.value.code == "internal"
-            assert "secret" not in str(internal.value)
-            with pytest.raises(GatewayCallError) as hidden:
-                await counter.reset(Add(1))  # not exposed
-            assert hidden.value.code == "not_found"
-            assert await client.service(Whoami).get(None) == "None"
-            async with counter.count(Count(40)) as items:
-                assert [item async for item in items] == list(range(40))
-            assert await client.call("Counter.add", {"amount": 1}, key="c1") == 6
-            state = client.state
-            assert state.connected
-            assert state.reconnect_count == 0
-            assert state.last_connect_time is not None
-            assert state.connection_id is not None
+        async with open_gateway() as server:
+            async with open_gateway_client(server.url, config=config) as client:
+                counter = client.entities(Counter)("c1")
+                assert await counter.add(Add(2)) == 2
+                assert await counter.add(Add(3)) == 5
+                with pytest.raises(LimitExceededError) as declared:
+                    await counter.add(Add(1000))
+                assert declared.value.limit == 100
+                with pytest.raises(GatewayCallError) as internal:
+                    await client.entities(Counter)("crashes").crash(Add(1))
+                assert internal.value.code == "internal"
+                assert "secret" not in str(internal.value)
+                with pytest.raises(GatewayCallError) as hidden:
+                    await counter.reset(Add(1))  # not exposed
+                assert hidden.value.code == "not_found"
+                assert await client.service(Whoami).get(None) == "None"
+                async with counter.count(Count(40)) as items:
+                    assert [item async for item in items] == list(range(40))
+                assert await client.call("Counter.add", {"amount": 1}, key="c1") == 6
+                state = client.state
+                assert state.connected
+                assert state.reconnect_count == 0
+                assert state.last_connect_time is not None
+                assert state.connection_id is not None
+                assert [c.statistics().id for c in server.connections()] == [
+                    state.connection_id
+                ]
+        # The client closed its socket on the way out.
+        assert server.connections() == []
 
 
 async def test_cancelling_a_call_cancels_it_on_the_server() -> None:

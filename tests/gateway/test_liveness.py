@@ -72,7 +72,11 @@ async def test_a_client_answering_pings_stays(
                     await ws.send_message(encode({"t": "pong"}))
         assert pings == 10
         (connection,) = server.connections()
-        assert connection.rtt == 0.0
+        stats = connection.statistics()
+        assert stats.rtt == 0.0  # virtual time: the pong came at once
+        assert stats.frames_sent == 11  # the welcome and ten pings
+        assert stats.frames_received == 10
+        assert (stats.errors, stats.requests_in_flight, stats.send_queue) == (0, 0, 0)
         # The one timer structure serves every socket: no task per socket.
         assert server.statistics().closed == {}
 

@@ -18,7 +18,8 @@ from .._core._ratelimit import RateLimit, WindowLimit
 from .._metadata import fixup_module_metadata
 from ._client import GatewayClient, open_gateway_client
 from ._client_config import ClientConfig, ConnectionState
-from ._connection import ClientInfo, current_client
+from ._client_info import ClientInfo, current_client
+from ._connection import ClientConnection
 from ._definition import (
     Exposed,
     Gateway,
@@ -37,13 +38,15 @@ from ._errors import (
 )
 from ._protocol import JSON, MSGPACK, PROTOCOL_VERSION, CloseCode, ErrorCode
 from ._server import GatewayServer, serve_gateway
-from ._statistics import GatewayStatistics
+from ._statistics import ConnectionStatistics, GatewayStatistics
 
 __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.py)
     "ClientConfig",
+    "ClientConnection",
     "ClientInfo",
     "CloseCode",
     "ConnectionState",
+    "ConnectionStatistics",
     "ErrorCode",
     "Exposed",
     "Gateway",

@@ -110,6 +110,8 @@ class GatewayClient:
         """The scope of the socket being read, cancelled when the server
         has been silent too long, and how long that is."""
         self._ending: tuple[int, str] | None = None
+        self._closing: trio.Event | None = None
+        """Set once the client's own close handshake is over."""
         self._retry_after = 0.0
         """Seconds a 429's ``Retry-After`` asks to wait at least."""
 
@@ -398,6 +400,8 @@ class GatewayClient:
             welcome.get("ping_timeout", 10.0)
         )
         code, reason = await self._read(ws, silence)
+        if self._closing is not None:
+            await self._closing.wait()
         self._ws = None
         self._connected = trio.Event()
         self._state = attrs.evolve(
@@ -456,6 +460,25 @@ class GatewayClient:
                     return 1006, "connection lost"
                 return reason.code, reason.reason or reason.name
         return self._ending_or_silence()
+
+    async def _close(self) -> None:
+        """Close the socket, if one is up, with 1000 (bounded by
+        ``close_timeout``)."""
+        ws = self._ws
+        if ws is None:
+            await trio.lowlevel.checkpoint()
+            return
+        # The socket's reader must live until the server's answer arrives:
+        # `_serve` waits for this before its nursery is cancelled.
+        self._closing = trio.Event()
+        try:
+            with (
+                trio.move_on_after(self._config.close_timeout),
+                suppress(*CONNECTION_ERRORS),
+            ):
+                await ws.aclose(1000, "client closed")
+        finally:
+            self._closing.set()
 
     def _ending_or_silence(self) -> tuple[int, str]:
         """Why `_read`'s scope was cancelled: a bad frame, else silence."""
@@ -524,7 +547,9 @@ async def open_gateway_client(
             hooks on it).
         rng: the jitter's random source (tests pass a seeded one).
 
-    Cancellation: the socket is dropped and pending calls are cancelled.
+    On exit the socket is closed with 1000, waiting at most
+    ``close_timeout`` for the server's answer (also when the block is
+    cancelled); calls still waiting are cancelled.
     """
     config = config or ClientConfig()
     all_headers = list(headers)
@@ -538,4 +563,6 @@ async def open_gateway_client(
         try:
             yield client
         finally:
+            with trio.CancelScope(shield=True):
+                await client._close()
             nursery.cancel_scope.cancel()

@@ -32,26 +32,16 @@ from __future__ import annotations
 import contextvars
 import logging
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 from trio_websocket import ConnectionClosed
 
-from .._core._addresses import EntityId
 from .._core._ratelimit import TokenBucket
-from .._errors import (
-    AlreadyProcessingError,
-    EntityNotAssignedError,
-    MailboxFullError,
-    MalformedMessageError,
-    PersistenceError,
-    RequestInterruptedError,
-    RunnerUnavailableError,
-)
-from .._errors._closed import RunnerClosedError
 from ..transport._ws_connection import CONNECTION_ERRORS, close_reason_text, describe
 from ..transport._ws_tap import install_tap
+from ._client_info import ClientInfo, current_info
 from ._protocol import (
     BadFrame,
     Call,
@@ -68,6 +58,8 @@ from ._protocol import (
     error_frame,
     parse_client_frame,
 )
+from ._requests import StreamCredit, admit, failure_frame
+from ._statistics import ConnectionStatistics
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -78,66 +70,9 @@ if TYPE_CHECKING:
     from ._definition import GatewayConfig, Operation, Route
     from ._statistics import GatewayCounters
 
-__all__ = ["ClientConnection", "ClientInfo", "current_client"]
+__all__ = ["ClientConnection"]
 
 log = logging.getLogger("trio_cluster.gateway")
-
-UNAVAILABLE: Final = (
-    RunnerUnavailableError,
-    EntityNotAssignedError,
-    MailboxFullError,
-    RunnerClosedError,
-    PersistenceError,
-    RequestInterruptedError,
-    AlreadyProcessingError,
-)
-"""Cluster errors a client may retry: answered ``unavailable``."""
-
-
-@attrs.frozen
-class ClientInfo:
-    """Who a request comes from (see `current_client`)."""
-
-    id: str
-    """The connection's id, unique in the cluster."""
-    principal: object
-    """What the authentication hook returned (None without one)."""
-    remote: str
-    """The client's ``host:port``."""
-    subprotocol: str
-
-
-_current: contextvars.ContextVar[ClientInfo] = contextvars.ContextVar(
-    "trio_cluster_gateway_client"
-)
-
-
-def current_client() -> ClientInfo:
-    """The client whose request is running (in a service method, an
-    ``authorize`` hook, or anything they call in the same task).
-
-    Raises:
-        LookupError: not inside a gateway request.
-    """
-    return _current.get()
-
-
-class _Credit:
-    """A stream's items the client still accepts."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self._granted = trio.Event()
-
-    def grant(self, n: int) -> None:
-        self.n += n
-        self._granted.set()
-
-    async def take(self) -> None:
-        while self.n <= 0:
-            self._granted = trio.Event()
-            await self._granted.wait()
-        self.n -= 1
 
 
 @attrs.define
@@ -174,7 +109,7 @@ class ClientConnection:
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._requests: dict[int, trio.CancelScope] = {}
-        self._credits: dict[int, _Credit] = {}
+        self._credits: dict[int, StreamCredit] = {}
         self._send_channel, self._receive_channel = trio.open_memory_channel[
             bytes | str
         ](config.send_queue)
@@ -208,7 +143,7 @@ class ClientConnection:
 
         Cancellation: the work is cancelled; the close frame is not sent.
         """
-        token = _current.set(self.info)
+        token = current_info.set(self.info)
         # Requests start from trio-websocket's reader task (`_deliver`): in
         # this task's context, so that they see `current_client`.
         self._context = contextvars.copy_context()
@@ -220,7 +155,7 @@ class ClientConnection:
                     await self._read()
                     nursery.cancel_scope.cancel()
         finally:
-            _current.reset(token)
+            current_info.reset(token)
             self._warnings.flush(self.info.remote)
         ending = self.ending
         if ending is not None:
@@ -229,6 +164,21 @@ class ClientConnection:
                     await self.ws.aclose(ending.code, close_reason_text(ending.reason))
                 except CONNECTION_ERRORS as exc:
                     log.debug("closing %s: %s", self.info.remote, describe(exc))
+
+    def statistics(self) -> ConnectionStatistics:
+        """A snapshot of this socket's traffic."""
+        info = self.info
+        return ConnectionStatistics(
+            id=info.id,
+            remote=info.remote,
+            subprotocol=info.subprotocol,
+            frames_received=self.frames_received,
+            frames_sent=self.frames_sent,
+            errors=self.errors,
+            requests_in_flight=len(self._requests),
+            send_queue=self._send_channel.statistics().current_buffer_used,
+            rtt=self.rtt,
+        )
 
     def ping(self) -> None:
         """Send a ping frame (the heartbeats found the client quiet)."""
@@ -321,58 +271,16 @@ class ClientConnection:
     # ------------------------------------------------------------------
     # Requests
 
-    def _admit(self, frame: Call | OpenStream) -> tuple[Route, Any]:
-        """The route and decoded message of a request.
-
-        Raises:
-            FrameError: it is refused (see `ErrorCode`).
-        """
-        request_id = frame.id
-        if request_id in self._requests:
-            raise FrameError(request_id, ErrorCode.DUPLICATE_ID, "request id in use")
-        if len(self._requests) >= self._config.max_concurrent_requests:
-            raise FrameError(
-                request_id,
-                ErrorCode.TOO_MANY_REQUESTS,
-                f"at most {self._config.max_concurrent_requests} requests at once",
-            )
-        kind = "call" if isinstance(frame, Call) else "stream"
-        route = self._routes.get(frame.op)
-        if route is None or route.kind != kind:
-            raise FrameError(
-                request_id,
-                ErrorCode.NOT_FOUND,
-                f"no {kind} operation {frame.op!r:.100}",
-            )
-        if route.keyed:
-            if frame.key is None:
-                raise FrameError(
-                    request_id,
-                    ErrorCode.BAD_REQUEST,
-                    '"key" (the entity id) is required',
-                )
-            try:
-                EntityId(frame.key)
-            except ValueError as exc:
-                raise FrameError(request_id, ErrorCode.BAD_REQUEST, str(exc)) from None
-        elif frame.key is not None:
-            raise FrameError(
-                request_id, ErrorCode.BAD_REQUEST, f"{frame.op} takes no key"
-            )
-        try:
-            message = route.message.structure(frame.msg)
-        except MalformedMessageError as exc:
-            raise FrameError(request_id, ErrorCode.BAD_REQUEST, str(exc)) from None
-        return route, message
-
     def _start(self, frame: Call | OpenStream) -> None:
-        route, message = self._admit(frame)
+        route, message = admit(
+            frame, self._routes, self._requests, self._config.max_concurrent_requests
+        )
         scope = self._requests[frame.id] = trio.CancelScope()
         self._counters.requests += 1
         assert self._nursery is not None
         start_soon = self._nursery.start_soon
         if isinstance(frame, OpenStream):
-            credit = self._credits[frame.id] = _Credit(frame.credit)
+            credit = self._credits[frame.id] = StreamCredit(frame.credit)
             self._context.run(
                 start_soon,
                 self._request,
@@ -434,7 +342,7 @@ class ClientConnection:
         route: Route,
         key: str | None,
         message: Any,
-        credit: _Credit,
+        credit: StreamCredit,
     ) -> dict[str, Any]:
         try:
             if not await self._authorized(route, key, message):
@@ -467,37 +375,9 @@ class ClientConnection:
         )
 
     def _failure(self, request_id: int, route: Route, exc: Exception) -> dict[str, Any]:
-        """The error frame for a request that raised ``exc``: typed if its
-        handler declares it, ``unavailable`` for a cluster error a retry may
-        cure, else ``internal`` (logged here, nothing of it sent)."""
         self.errors += 1
         self._counters.requests_failed += 1
-        declared = route.declared(exc)
-        if declared is not None:
-            tag, codec = declared
-            try:
-                data = codec.unstructure(exc)
-            except MalformedMessageError:
-                data = None
-            return error_frame(
-                request_id, ErrorCode.DECLARED, str(exc), type_name=tag, data=data
-            )
-        if isinstance(exc, UNAVAILABLE):
-            return error_frame(
-                request_id,
-                ErrorCode.UNAVAILABLE,
-                "the cluster cannot serve this request now; retry later",
-                type_name=type(exc).__name__,
-            )
-        self._warnings.log(
-            logging.ERROR,
-            route.name,
-            "failed requests",
-            "gateway request %s failed: %r",
-            route.name,
-            exc,
-        )
-        return error_frame(request_id, ErrorCode.INTERNAL, "internal error")
+        return failure_frame(request_id, route, exc, self._warnings)
 
     # ------------------------------------------------------------------
     # Writing

@@ -39,7 +39,8 @@ from .._log_limit import LogLimiter
 from ..transport._ws_admission import Admission, ConnectionLimits
 from ..transport._ws_connection import CONNECTION_ERRORS, describe
 from ..transport._ws_handshake import remote_host, remote_name
-from ._connection import ClientConnection, ClientInfo
+from ._client_info import ClientInfo
+from ._connection import ClientConnection
 from ._definition import Gateway, Handshake, resolve_routes
 from ._errors import UnauthorizedError
 from ._http import HeadError, ReplayStream, client_script, http_response, read_head

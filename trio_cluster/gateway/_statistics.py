@@ -14,7 +14,12 @@ import attrs
 
 from ._protocol import CloseCode
 
-__all__ = ["GatewayCounters", "GatewayStatistics", "render_gateway_metrics"]
+__all__ = [
+    "ConnectionStatistics",
+    "GatewayCounters",
+    "GatewayStatistics",
+    "render_gateway_metrics",
+]
 
 
 @attrs.frozen
@@ -45,6 +50,26 @@ class GatewayStatistics:
     """Sockets the gateway closed, by reason (``rate_limited``,
     ``slow_consumer``, ``heartbeat_timeout``, ``bad_frame``,
     ``message_too_big``, ``going_away``...)."""
+
+
+@attrs.frozen
+class ConnectionStatistics:
+    """A snapshot of one socket (`ClientConnection.statistics`)."""
+
+    id: str
+    """The connection's id, unique in the cluster."""
+    remote: str
+    """The client's ``host:port``."""
+    subprotocol: str
+    frames_received: int
+    frames_sent: int
+    errors: int
+    """Requests refused or failed."""
+    requests_in_flight: int
+    send_queue: int
+    """Frames waiting to be written."""
+    rtt: float | None
+    """Seconds between the last ping and its pong (None: none answered)."""
 
 
 _REASONS: Final = {
