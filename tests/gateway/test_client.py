@@ -41,7 +41,7 @@ FAST = ClientConfig(open_timeout=5.0)
 async def test_typed_calls_errors_and_streams(subprotocol: str) -> None:
     config = ClientConfig(subprotocol=subprotocol)
     with trio.fail_after(30):
-        async with open_gateway() as server:
+        async with open_gateway() as server:  # noqa: SIM117 - checked after the client
             async with open_gateway_client(server.url, config=config) as client:
                 counter = client.entities(Counter)("c1")
                 assert await counter.add(Add(2)) == 2
