@@ -1,6 +1,7 @@
 """The JavaScript client in a real headless Chromium (Debian's package),
-against a real gateway: calls, a declared error, an aborted call, and a
-reconnect after the gateway dropped the socket. `.ci/run` installs
+against a real gateway: calls, a declared error, streams (with credit, and
+left early), an aborted call, and a reconnect after the gateway dropped the
+socket. `.ci/run` installs
 Chromium; without it this test FAILS (it is never skipped)."""
 
 from __future__ import annotations
@@ -38,6 +39,14 @@ try {
     await client.call("Counter.reset", { amount: 1 }, { key: "web" });
   } catch (error) {
     first.push(error.code);
+  }
+  const counted = [];
+  for await (const number of client.stream("Counter.count", { upto: 7 }, { key: "web", credit: 2 })) {
+    counted.push(number);
+  }
+  first.push(counted.join(","));
+  for await (const number of client.stream("Counter.count", { upto: 1000 }, { key: "web" })) {
+    if (number === 3) break;  // cancels the rest
   }
   const abort = new AbortController();
   setTimeout(() => abort.abort(new Error("aborted")), 100);
@@ -104,7 +113,7 @@ async def wait_report(report: Report, count: int) -> list[str]:
 async def test_the_javascript_client_in_headless_chromium(tmp_path: Path) -> None:
     report = Report()
     gateway = Gateway(
-        entities=[expose(Counter, "add"), expose(Blocker)],
+        entities=[expose(Counter, "add", "count"), expose(Blocker)],
         services=[report],
         pages={"/": PAGE},
     )
@@ -136,6 +145,7 @@ async def test_the_javascript_client_in_headless_chromium(tmp_path: Path) -> Non
                     "5",
                     "declared LimitExceededError 100",
                     "not_found",
+                    "0,1,2,3,4,5,6",
                     "aborted",
                 ]
                 await report.holding.wait()

@@ -2,8 +2,9 @@
 // served by the gateway at GET /gateway.js. Protocol: trio_cluster.json.v1
 // (docs/gateway.md). Same behaviour as the Trio client: one socket kept up
 // with jittered exponential backoff, calls with request ids, cancellation
-// (AbortSignal -> "cancel" frame), typed errors, application-level
-// ping/pong and a silent server detected within ping_interval + ping_timeout.
+// (AbortSignal -> "cancel" frame), streams with credit, typed errors,
+// application-level ping/pong and a silent server detected within
+// ping_interval + ping_timeout.
 
 export const SUBPROTOCOL = "trio_cluster.json.v1";
 
@@ -96,6 +97,57 @@ export class GatewayClient {
     });
   }
 
+  /**
+   * Open a stream: `for await (const item of client.stream(op, msg, { key }))`.
+   * The server sends at most `credit` items ahead of those read; leaving
+   * the loop early cancels the stream's handler on the server.
+   */
+  stream(op, msg, { key = null, credit = 16 } = {}) {
+    const client = this;
+    return {
+      async *[Symbol.asyncIterator]() {
+        await client.waitConnected();
+        const id = ++client._nextId;
+        const items = [];
+        let wake = null;
+        let ended = false;
+        let failure = null;
+        const notify = () => wake?.();
+        client._pending.set(id, {
+          item: (value) => { items.push(value); notify(); },
+          resolve: () => { ended = true; notify(); },
+          reject: (error) => { failure = error; notify(); },
+        });
+        const frame = { t: "stream", id, op, msg, credit };
+        if (key !== null) frame.key = key;
+        client._send(frame);
+        const batch = Math.max(1, Math.floor(credit / 2));
+        let read = 0;
+        try {
+          while (true) {
+            if (items.length > 0) {
+              read += 1;
+              if (read >= batch) {
+                client._send({ t: "credit", id, n: read });
+                read = 0;
+              }
+              yield items.shift();
+            } else if (failure !== null) {
+              throw failure;
+            } else if (ended) {
+              return;
+            } else {
+              await new Promise((resolve) => { wake = resolve; });
+              wake = null;
+            }
+          }
+        } finally {
+          if (client._pending.delete(id)) client._send({ t: "cancel", id });
+        }
+      },
+    };
+  }
+
   /** Close the socket for good; pending calls are rejected. */
   close() {
     this._closed = true;
@@ -186,8 +238,13 @@ export class GatewayClient {
     }
     const pending = this._pending.get(frame.id);
     if (pending === undefined) return; // a reply to a call given up, a pong
+    if (frame.t === "item") {
+      pending.item?.(frame.v);
+      return;
+    }
     this._pending.delete(frame.id);
     if (frame.t === "reply") pending.resolve(frame.v);
+    else if (frame.t === "end") pending.resolve();
     else if (frame.t === "error") pending.reject(new GatewayCallError(frame));
   }
 
