@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
 from functools import partial
@@ -87,6 +88,13 @@ async def _serve() -> None:
         nursery.cancel_scope.cancel()
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _floor(port: int, count: int) -> float:
     message = b"x" * 60
     async with trio_websocket.open_websocket(
@@ -103,7 +111,7 @@ async def _floor(port: int, count: int) -> float:
     return summary(latencies)["p50_us"]
 
 
-async def _sequential(url: str, count: int, floor_p50: float) -> None:
+async def _sequential(url: str, count: int, floor_p50: float, pid: int) -> None:
     async with open_gateway_client(url) as client:
         counter = client.entities(Counter)("sequential")
         one = Increment(1)
@@ -112,13 +120,16 @@ async def _sequential(url: str, count: int, floor_p50: float) -> None:
             return await counter.increment(one)
 
         await sequential(call, 200)
+        before = _cpu_seconds(pid)
         rate, latencies = await sequential(call, count)
+        server_cpu = (_cpu_seconds(pid) - before) / count
     emit_phase("W8", "sequential", rate, latencies, n=count)
+    emit("W8", "sequential_server_cpu_per_call", server_cpu * 1e6, "us")
     p50 = summary(latencies)["p50_us"]
     emit("W8", "sequential_p50_over_floor", p50 / floor_p50, "ratio")
 
 
-async def _many(url: str, count: int, clients: int) -> None:
+async def _many(url: str, count: int, clients: int, pid: int | None = None) -> None:
     config = ClientConfig()
     async with contextlib.AsyncExitStack() as stack:
         handles = []
@@ -134,8 +145,13 @@ async def _many(url: str, count: int, clients: int) -> None:
             return await handles[i % clients].increment(one)
 
         await concurrent(call, clients * 10, clients)
+        before = None if pid is None else _cpu_seconds(pid)
         rate, latencies = await concurrent(call, count, clients)
+        after = None if pid is None else _cpu_seconds(pid)
     emit_phase("W8", f"clients_{clients}", rate, latencies, n=count)
+    if before is not None and after is not None:
+        per_call = (after - before) / count * 1e6
+        emit("W8", f"clients_{clients}_server_cpu_per_call", per_call, "us")
 
 
 async def run(*, quick: bool) -> None:
@@ -154,9 +170,11 @@ async def run(*, quick: bool) -> None:
             progress(f"W8 floor: {count} bare trio-websocket round trips")
             floor = await _floor(int(ready["echo_port"]), count)
             progress(f"W8 sequential: {count} gateway calls")
-            await _sequential(url, count, floor)
+            assert server.process is not None
+            pid = server.process.pid
+            await _sequential(url, count, floor, pid)
             progress("W8 100 clients")
-            await _many(url, 5000 if quick else 30000, 100)
+            await _many(url, 5000 if quick else 30000, 100, pid)
         finally:
             with trio.CancelScope(shield=True):
                 assert server.process is not None
