@@ -347,6 +347,7 @@ RULES = {
                     "trio_cluster.transport._ws_admission",
                     "trio_cluster.transport._ws_connection",
                     "trio_cluster.transport._ws_handshake",
+                    "trio_cluster.transport._ws_outbox",
                     "trio_cluster.transport._ws_tap",
                     # Type-only: what `runner.client` returns, the façade.
                     "trio_cluster._client",

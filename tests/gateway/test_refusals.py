@@ -4,9 +4,11 @@ carry; the CLI's ``--gateway`` mistakes."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
+import trio.lowlevel
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
 import trio_cluster as tc
@@ -24,6 +26,7 @@ from trio_cluster.gateway import (
 
 from .app import (
     Counter,
+    encode,
     exchange,
     open_gateway,
     open_raw,
@@ -181,3 +184,36 @@ def test_run_refuses_a_gateway_option_without_a_gateway(
     )
     assert code == 2
     assert "names no gateway" in capsys.readouterr().err
+
+
+class Firehose(Service):
+    name = "firehose"
+
+    @tc.stream
+    async def blobs(self, msg: None) -> AsyncIterator[str]:
+        while True:
+            yield "x" * 60_000
+            await trio.lowlevel.checkpoint()
+
+
+async def test_a_tcp_client_that_stops_reading_is_closed_as_slow_consumer() -> None:
+    """Over TCP, replies go through the socket's outbox without waiting;
+    once the kernel's buffers are full they queue, and a full queue (or a
+    write waiting over send_timeout) closes the socket: 4001."""
+    gateway = Gateway(
+        services=[Firehose()], config=GatewayConfig(send_queue=8, send_timeout=1.0)
+    )
+    stream = {
+        "t": "stream",
+        "id": 1,
+        "op": "firehose.blobs",
+        "msg": None,
+        "credit": 100_000,
+    }
+    with trio.fail_after(30):
+        async with open_gateway(gateway) as server:
+            async with open_raw(server.url, MSGPACK, message_queue_size=1) as ws:
+                await ws.send_message(encode(stream, MSGPACK))
+                while server.statistics().closed != {"slow_consumer": 1}:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            assert server.connections() == []

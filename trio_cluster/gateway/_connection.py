@@ -40,6 +40,7 @@ from trio_websocket import ConnectionClosed
 
 from .._core._ratelimit import TokenBucket
 from ..transport._ws_connection import CONNECTION_ERRORS, close_reason_text, describe
+from ..transport._ws_outbox import Outbox, write_message
 from ..transport._ws_tap import install_tap
 from ._client_info import ClientInfo, current_info
 from ._protocol import (
@@ -96,6 +97,7 @@ class ClientConnection:
         counters: GatewayCounters,
         warnings: LogLimiter,
         seen: Callable[[int], None],
+        outbox: Outbox | None = None,
     ) -> None:
         self.ws = ws
         self.info = info
@@ -106,6 +108,8 @@ class ClientConnection:
         self._counters = counters
         self._warnings = warnings
         self._seen = seen
+        self._outbox = outbox
+        """The socket's `Outbox` over plain TCP (writes never wait)."""
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._requests: dict[int, trio.CancelScope] = {}
@@ -122,8 +126,6 @@ class ClientConnection:
         self.rtt: float | None = None
         """Round-trip time of the last ping answered, in seconds."""
         self._ping_sent_at: float | None = None
-        self._writes = 0
-        """Messages being written now (by the writer or a request's task)."""
         self._context = contextvars.copy_context()
 
     # ------------------------------------------------------------------
@@ -313,7 +315,7 @@ class ClientConnection:
             del self._requests[request_id]
             self._credits.pop(request_id, None)
         if frame is not None:
-            await self._send_now(frame, request_id=request_id)
+            self._send(frame, request_id=request_id)
 
     async def _authorized(self, route: Route, key: str | None, message: Any) -> bool:
         authorize = self._authorize
@@ -395,9 +397,25 @@ class ClientConnection:
             )
 
     def _send(self, frame: dict[str, Any], *, request_id: int | None = None) -> None:
-        """Encode ``frame`` and queue it for the writer; a full queue ends
-        the connection (slow consumer)."""
+        """Encode ``frame`` and write it now if nothing waits (over TCP: into
+        the `Outbox`, synchronously, without waking the writer), else queue
+        it for the writer; a full queue ends the connection (slow
+        consumer)."""
         data = self._encode(frame, request_id)
+        outbox = self._outbox
+        if (
+            outbox is not None
+            and not outbox.backlog
+            and not self._send_channel.statistics().current_buffer_used
+        ):
+            try:
+                write_message(self.ws, outbox, data)
+            except CONNECTION_ERRORS:
+                self._scope.cancel()  # the client is gone
+                return
+            self.frames_sent += 1
+            self._counters.frames_sent += 1
+            return
         try:
             self._send_channel.send_nowait(data)
         except trio.WouldBlock:
@@ -405,32 +423,25 @@ class ClientConnection:
         except trio.ClosedResourceError:
             pass  # the writer is gone: the connection is ending
 
-    async def _send_now(self, frame: dict[str, Any], *, request_id: int) -> None:
-        """Write a request's last frame from its own task when nothing is
-        queued or being written (a reply leaves without waking the writer);
-        else queue it behind the others (a stream's end after its items)."""
-        if self._writes or self._send_channel.statistics().current_buffer_used:
-            self._send(frame, request_id=request_id)
-            await trio.lowlevel.checkpoint()
-            return
-        await self._write_one(self._encode(frame, request_id))
-
     async def _write_one(self, data: bytes | str) -> bool:
-        """Write one message within ``send_timeout``; False if that ended
-        the connection (the client is gone, or too slow)."""
-        self._writes += 1
-        try:
-            with trio.move_on_after(self._config.send_timeout) as waited:
-                try:
+        """Write one message within ``send_timeout``: over TCP once the
+        `Outbox` has drained, else with trio-websocket's ``send_message``;
+        False if that ended the connection (the client is gone, or too
+        slow)."""
+        outbox = self._outbox
+        with trio.move_on_after(self._config.send_timeout) as waited:
+            try:
+                if outbox is not None:
+                    await outbox.wait_drained()
+                    write_message(self.ws, outbox, data)
+                else:
                     await self.ws.send_message(data)
-                except CONNECTION_ERRORS:
-                    self._scope.cancel()  # the client is gone
-                    return False
-            if waited.cancelled_caught:
-                self.end(CloseCode.SLOW_CONSUMER, "write over send_timeout")
+            except CONNECTION_ERRORS:
+                self._scope.cancel()  # the client is gone
                 return False
-        finally:
-            self._writes -= 1
+        if waited.cancelled_caught:
+            self.end(CloseCode.SLOW_CONSUMER, "write over send_timeout")
+            return False
         self.frames_sent += 1
         self._counters.frames_sent += 1
         return True

@@ -39,6 +39,7 @@ from .._log_limit import LogLimiter
 from ..transport._ws_admission import Admission, ConnectionLimits
 from ..transport._ws_connection import CONNECTION_ERRORS, describe
 from ..transport._ws_handshake import remote_host, remote_name
+from ..transport._ws_outbox import Outbox, open_outbox
 from ._client_info import ClientInfo
 from ._connection import ClientConnection
 from ._definition import Gateway, Handshake, resolve_routes
@@ -230,9 +231,10 @@ class GatewayServer:
             principal = await self._authenticate(stream, handshake)
             if principal is _REFUSED:
                 return None
+            outbox = open_outbox(nursery, stream)
             request = await wrap_server_stream(
                 nursery,
-                ReplayStream(head.raw, stream),
+                ReplayStream(head.raw, outbox),
                 message_queue_size=config.message_queue_size,
                 max_message_size=config.max_message_size,
             )
@@ -255,6 +257,7 @@ class GatewayServer:
                 counters=self._counters,
                 warnings=self._warnings,
                 seen=self._seen,
+                outbox=outbox if isinstance(outbox, Outbox) else None,
             )
         self._counters.refused_other += 1
         log.debug("no upgrade from %s within %s s", remote, config.open_timeout)
