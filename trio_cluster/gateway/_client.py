@@ -35,6 +35,7 @@ from .._entity import Entity
 from .._errors import ConfigError
 from ..serialization import make_converter
 from ..transport._ws_connection import CONNECTION_ERRORS, describe
+from ..transport._ws_outbox import Outbox, open_outbox, write_message
 from ..transport._ws_tap import install_tap
 from ._client_config import ClientConfig, ConnectionState
 from ._definition import Service, client_routes
@@ -111,6 +112,8 @@ class GatewayClient:
         has been silent too long, and how long that is."""
         self._ending: tuple[int, str] | None = None
         self._closing: trio.Event | None = None
+        self._outbox: Outbox | None = None
+        """The current socket's `Outbox` (writes that never wait)."""
         """Set once the client's own close handshake is over."""
         self._retry_after = 0.0
         """Seconds a 429's ``Retry-After`` asks to wait at least."""
@@ -253,13 +256,31 @@ class GatewayClient:
                 continue
             self._pending[request_id] = pending
             try:
-                await ws.send_message(encode_frame(frame, self._config.subprotocol))
+                await self._write(ws, encode_frame(frame, self._config.subprotocol))
             except CONNECTION_ERRORS as exc:
                 self._pending.pop(request_id, None)
                 raise GatewayDisconnectedError(
                     code=1006, reason=describe(exc)
                 ) from None
             return request_id
+
+    async def _write(self, ws: WebSocketConnection, data: bytes | str) -> None:
+        """Write one message: over TCP into the socket's `Outbox`, from this
+        task and without a lock, once what waits in it is written out; else
+        with trio-websocket's ``send_message``.
+
+        Raises:
+            CONNECTION_ERRORS: the socket is closed or broken.
+        """
+        outbox = self._outbox
+        if outbox is None:
+            await ws.send_message(data)
+            return
+        if outbox.backlog:
+            await outbox.wait_drained()
+        else:
+            await trio.lowlevel.checkpoint()
+        write_message(ws, outbox, data)
 
     async def _send(self, frame: dict[str, Any]) -> None:
         ws = self._ws
@@ -268,7 +289,7 @@ class GatewayClient:
             return
         # A socket ending: its reader fails the requests.
         with suppress(*CONNECTION_ERRORS):
-            await ws.send_message(encode_frame(frame, self._config.subprotocol))
+            await self._write(ws, encode_frame(frame, self._config.subprotocol))
 
     async def _cancel(self, request_id: int) -> None:
         with (
@@ -366,9 +387,11 @@ class GatewayClient:
         with trio.move_on_after(config.open_timeout):
             stream = await trio.open_tcp_stream(parts.hostname, parts.port or 80)
             streams.append(stream)
+            outbox = open_outbox(nursery, stream)
+            self._outbox = outbox if isinstance(outbox, Outbox) else None
             ws = await wrap_client_stream(
                 nursery,
-                stream,
+                outbox,  # type: ignore[arg-type]  # any trio Stream works
                 parts.netloc,
                 resource,
                 subprotocols=[config.subprotocol],
