@@ -126,7 +126,11 @@ class GatewayClient:
         """Wait until a socket is up.
 
         Raises:
-            GatewayRefusedError: the client gave up (see the module docstring).
+            GatewayRefusedError: the client gave up (see the module
+                docstring); its ``status`` is 0 when it gave up after
+                ``max_attempts`` failed attempts.
+
+        Cancellation: stops waiting (the client keeps connecting).
         """
         if self._fatal is not None:
             raise self._fatal

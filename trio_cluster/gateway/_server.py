@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Final
 
+import attrs
 import trio
 from trio_websocket import wrap_server_stream
 
@@ -210,13 +211,13 @@ class GatewayServer:
                 head = await read_head(stream)
             except HeadError as exc:
                 self._counters.refused_other += 1
-                await self._answer(stream, exc.status, str(exc))
+                await _Answer.text(exc.status, str(exc)).send(stream)
                 return None
             if head is None:
                 return None
-            refusal = self._refusal(head, remote)
-            if refusal is not None:
-                await self._answer(stream, *refusal)
+            answer = self._answer_for(head, remote)
+            if answer is not None:
+                await answer.send(stream)
                 return None
             subprotocol = next(
                 item for item in head.subprotocols if item in SUBPROTOCOLS
@@ -228,8 +229,9 @@ class GatewayServer:
                 headers=head.headers,
                 subprotocol=subprotocol,
             )
-            principal = await self._authenticate(stream, handshake)
-            if principal is _REFUSED:
+            principal, refusal = await self._authenticate(handshake)
+            if refusal is not None:
+                await refusal.send(stream)
                 return None
             outbox = open_outbox(nursery, stream)
             request = await wrap_server_stream(
@@ -263,56 +265,31 @@ class GatewayServer:
         log.debug("no upgrade from %s within %s s", remote, config.open_timeout)
         return None
 
-    def _refusal(
-        self, head: Head, remote: str
-    ) -> tuple[int, str, tuple[tuple[str, str], ...]] | None:
-        """Status, reason and headers to refuse ``head`` with, or None."""
+    def _answer_for(self, head: Head, remote: str) -> _Answer | None:
+        """The HTTP answer to ``head`` instead of an upgrade (a file, or a
+        refusal), or None to go on."""
         config = self._config
-        if head.method == "GET" and not head.upgrade and self._static(head.path):
-            return 200, head.path, ()  # a file: answered, not refused
+        static = self._static(head.path)
+        if static is not None and head.method == "GET" and not head.upgrade:
+            body, content_type = static
+            return _Answer(200, body, content_type, _STATIC_HEADERS)
         if self._connect_rate is not None:
             wait = self._connect_rate.check(remote_host(remote), trio.current_time())
             if wait > 0:
                 self._counters.refused_rate_limited += 1
-                return (
-                    429,
-                    "too many connections",
-                    (("Retry-After", str(math.ceil(wait))),),
-                )
-        problem: tuple[int, str] | None = None
+                retry = (("Retry-After", str(math.ceil(wait))),)
+                return _Answer.text(429, "too many connections", retry)
+        answer: _Answer | None = None
         if head.path != config.path:
-            problem = 404, f"the gateway is at {config.path}"
+            answer = _Answer.text(404, f"the gateway is at {config.path}")
         elif head.method != "GET" or not head.upgrade:
-            problem = 426, "a WebSocket upgrade is required"
+            answer = _Answer.text(426, "a WebSocket upgrade is required")
         elif not any(item in SUBPROTOCOLS for item in head.subprotocols):
-            problem = 400, f"offer one of the subprotocols {', '.join(SUBPROTOCOLS)}"
-        if problem is None:
-            return None
-        self._counters.refused_other += 1
-        return (*problem, ())
-
-    async def _answer(
-        self,
-        stream: trio.abc.Stream,
-        status: int,
-        reason: str,
-        headers: tuple[tuple[str, str], ...] = (),
-    ) -> None:
-        static = self._static(reason) if status == 200 else None
-        if static is not None:
-            body, content_type = static
-            response = http_response(
-                200,
-                body,
-                content_type=content_type,
-                headers=(
-                    ("Access-Control-Allow-Origin", "*"),
-                    ("Cache-Control", "max-age=300"),
-                ),
-            )
-        else:
-            response = http_response(status, f"{reason}\n".encode(), headers=headers)
-        await stream.send_all(response)
+            offer = ", ".join(SUBPROTOCOLS)
+            answer = _Answer.text(400, f"offer one of the subprotocols {offer}")
+        if answer is not None:
+            self._counters.refused_other += 1
+        return answer
 
     def _static(self, path: str) -> tuple[bytes, str] | None:
         """The body and content type of a file served at ``path``: the
@@ -324,14 +301,21 @@ class GatewayServer:
             return None
         return page.encode(), "text/html; charset=utf-8"
 
-    async def _authenticate(self, stream: trio.abc.Stream, handshake: Handshake) -> Any:
+    async def _authenticate(
+        self, handshake: Handshake
+    ) -> tuple[object, _Answer | None]:
+        """The principal, or the refusal to answer (None for the principal
+        then). A hook that raises anything but `UnauthorizedError` is a bug
+        of the application: 500, logged (bounded)."""
         hook = self._gateway.authenticate
         if hook is None:
-            return None
+            await trio.lowlevel.checkpoint()
+            return None, None
         try:
             principal = await hook(handshake)
         except UnauthorizedError as exc:
-            principal, status, reason = None, exc.status, exc.reason
+            self._counters.refused_unauthorized += 1
+            return None, _Answer.text(exc.status, exc.reason)
         except Exception as exc:
             self._warnings.log(
                 logging.ERROR,
@@ -341,15 +325,11 @@ class GatewayServer:
                 exc,
             )
             self._counters.refused_other += 1
-            await self._answer(stream, 500, "authentication failed")
-            return _REFUSED
-        else:
-            if principal is not None:
-                return principal
-            status, reason = 401, "unauthorized"
-        self._counters.refused_unauthorized += 1
-        await self._answer(stream, status, reason)
-        return _REFUSED
+            return None, _Answer.text(500, "authentication failed")
+        if principal is None:
+            self._counters.refused_unauthorized += 1
+            return None, _Answer.text(401, "unauthorized")
+        return principal, None
 
     async def aclose(self) -> None:
         """Close every socket with 1001 (going away) and wait, at most
@@ -365,7 +345,36 @@ class GatewayServer:
         await trio.lowlevel.checkpoint()
 
 
-_REFUSED: Any = object()
+_STATIC_HEADERS: Final = (
+    ("Access-Control-Allow-Origin", "*"),
+    ("Cache-Control", "max-age=300"),
+)
+
+
+@attrs.frozen
+class _Answer:
+    """An HTTP response given instead of an upgrade."""
+
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def text(
+        cls, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()
+    ) -> _Answer:
+        return cls(status, f"{reason}\n".encode(), headers=headers)
+
+    async def send(self, stream: trio.abc.Stream) -> None:
+        await stream.send_all(
+            http_response(
+                self.status,
+                self.body,
+                content_type=self.content_type,
+                headers=self.headers,
+            )
+        )
 
 
 async def serve_gateway(
