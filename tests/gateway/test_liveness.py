@@ -100,3 +100,36 @@ async def test_a_client_that_stops_reading_is_closed_as_slow_consumer(
         await trio.sleep(5.0)  # read nothing
         assert server.statistics().closed == {"slow_consumer": 1}
         assert server.connections() == []
+
+
+async def test_frames_waiting_for_a_slow_socket_leave_as_batches(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with (
+        open_gateway() as server,
+        connect(server, trio.testing.lockstep_stream_pair) as ws,
+    ):
+        stream = {
+            "t": "stream",
+            "id": 1,
+            "op": "Counter.count",
+            "key": "a",
+            "msg": {"upto": 200},
+            "credit": 1000,
+        }
+        await ws.send_message(encode(stream))
+        await trio.sleep(1.0)  # the frames wait meanwhile
+        frames: list[dict[str, object]] = []
+        batches = 0
+        while not frames or frames[-1]["t"] != "end":
+            message = decode(await ws.get_message())
+            if isinstance(message, list):
+                batches += 1
+                frames += message
+            else:
+                frames.append(message)
+        assert [frame.get("v") for frame in frames[:-1]] == list(range(200))
+        assert batches >= 1
+        await trio.testing.wait_all_tasks_blocked()  # the writer's last batch is done
+        (connection,) = server.connections()
+        assert connection.statistics().frames_sent == 1 + 201  # with the welcome

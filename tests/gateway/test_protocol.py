@@ -24,8 +24,10 @@ from trio_cluster.gateway._protocol import (
     Ping,
     Pong,
     decode_frame,
+    decode_frames,
     encode_frame,
     error_frame,
+    join_frames,
     parse_client_frame,
 )
 
@@ -143,3 +145,31 @@ def test_json_frames_are_compact_text() -> None:
     assert encode_frame({"t": "ping"}, JSON) == json.dumps(
         {"t": "ping"}, separators=(",", ":")
     )
+
+
+@pytest.mark.parametrize("subprotocol", [JSON, MSGPACK])
+@pytest.mark.parametrize("count", [1, 2, 15, 16, 300])
+def test_batches_join_encoded_frames_and_decode_in_order(
+    subprotocol: str, count: int
+) -> None:
+    frames = [{"t": "item", "id": 1, "v": number} for number in range(count)]
+    joined = join_frames(
+        [encode_frame(frame, subprotocol) for frame in frames], subprotocol
+    )
+    assert decode_frames(joined, subprotocol) == frames
+    single = encode_frame(frames[0], subprotocol)
+    assert decode_frames(single, subprotocol) == frames[:1]
+
+
+@pytest.mark.parametrize("subprotocol", [JSON, MSGPACK])
+def test_a_batch_of_anything_but_frames_is_unreadable(subprotocol: str) -> None:
+    for value in ([{"t": "ping"}, 3], [{"t": "ping"}, {"id": 1}], [[{"t": "ping"}]]):
+        with pytest.raises(BadFrame) as caught:
+            decode_frames(_raw(value, subprotocol), subprotocol)
+        assert caught.value.code == CloseCode.INVALID_PAYLOAD
+    with pytest.raises(BadFrame):
+        decode_frame(_raw([{"t": "ping"}], subprotocol), subprotocol)  # one frame only
+
+
+def _raw(value: object, subprotocol: str) -> bytes | str:
+    return json.dumps(value) if subprotocol == JSON else msgpack.packb(value)

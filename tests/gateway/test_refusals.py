@@ -217,3 +217,28 @@ async def test_a_tcp_client_that_stops_reading_is_closed_as_slow_consumer() -> N
                 while server.statistics().closed != {"slow_consumer": 1}:  # noqa: ASYNC110
                     await trio.sleep(0.05)
             assert server.connections() == []
+
+
+class Big(Service):
+    name = "big"
+
+    @tc.rpc
+    async def get(self, msg: int) -> str:
+        return "x" * msg
+
+
+async def test_a_reply_over_max_message_size_is_an_error_not_a_close() -> None:
+    gateway = Gateway(services=[Big()], config=GatewayConfig(max_message_size=1000))
+    with trio.fail_after(30):
+        async with open_gateway(gateway) as server, open_raw(server.url, JSON) as ws:
+            big = await exchange(
+                ws, {"t": "call", "id": 1, "op": "big.get", "msg": 5000}
+            )
+            assert (big["code"], big["message"]) == (
+                "internal",
+                "reply over max_message_size",
+            )
+            small = await exchange(
+                ws, {"t": "call", "id": 2, "op": "big.get", "msg": 10}
+            )
+            assert small["v"] == "x" * 10

@@ -3,6 +3,8 @@ and how each kind of bad input is answered (the socket at fault only)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected
@@ -449,3 +451,30 @@ async def test_wrong_path_subprotocol_or_plain_http_are_refused(
             assert response.startswith(b"HTTP/1.1 200 OK")
             assert b"export class GatewayClient" in response
             assert server.statistics().refused_other == 2
+
+
+async def test_a_batch_of_frames_is_handled_in_order(subprotocol: str) -> None:
+    calls = [
+        {
+            "t": "call",
+            "id": n,
+            "op": "Counter.add",
+            "key": "batch",
+            "msg": {"amount": 1},
+        }
+        for n in range(1, 4)
+    ]
+    with trio.fail_after(30):
+        async with open_gateway() as server, open_raw(server.url, subprotocol) as ws:
+            await ws.send_message(encode([*calls, {"t": "nope", "id": 9}], subprotocol))
+            answers: list[dict[str, Any]] = []
+            while len(answers) < 4:
+                message = decode(await ws.get_message())
+                answers += message if isinstance(message, list) else [message]
+            # The calls run concurrently: each is answered once, in any order.
+            replies = {a["id"]: a["v"] for a in answers if a["t"] == "reply"}
+            assert sorted(replies) == [1, 2, 3]
+            assert sorted(replies.values()) == [1, 2, 3]
+            (refused,) = [a for a in answers if a["t"] == "error"]
+            assert (refused["id"], refused["code"]) == (9, "unknown_kind")
+            assert server.statistics().frames_received == 4

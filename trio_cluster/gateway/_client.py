@@ -45,7 +45,14 @@ from ._errors import (
     GatewayRefusedError,
 )
 from ._handles import EntityHandles, Handle
-from ._protocol import BadFrame, CloseCode, decode_frame, encode_frame
+from ._protocol import (
+    PROTOCOL_VERSION,
+    BadFrame,
+    CloseCode,
+    decode_frame,
+    decode_frames,
+    encode_frame,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -405,6 +412,12 @@ class GatewayClient:
             welcome = decode_frame(await ws.get_message(), config.subprotocol)
             if welcome.get("t") != "welcome":
                 raise BadFrame(CloseCode.INVALID_PAYLOAD, "no welcome frame first")
+            if welcome.get("v") != PROTOCOL_VERSION:
+                raise BadFrame(
+                    CloseCode.INVALID_PAYLOAD,
+                    f"protocol version {welcome.get('v')!r:.20}, expected"
+                    f" {PROTOCOL_VERSION}",
+                )
             self._welcome = welcome
             return ws
         return None
@@ -517,12 +530,13 @@ class GatewayClient:
         scope, silence = self._silence
         scope.deadline = trio.current_time() + silence
         try:
-            frame = decode_frame(message, self._config.subprotocol)
+            frames = decode_frames(message, self._config.subprotocol)
         except BadFrame as exc:
             self._ending = (1007, exc.reason)
             scope.cancel()
             return False
-        await self._received(frame)
+        for frame in frames:
+            await self._received(frame)
         return True
 
     async def _received(self, frame: dict[str, Any]) -> None:

@@ -54,9 +54,10 @@ from ._protocol import (
     OpenStream,
     Ping,
     Pong,
-    decode_frame,
+    decode_frames,
     encode_frame,
     error_frame,
+    join_frames,
     parse_client_frame,
 )
 from ._requests import StreamCredit, admit, failure_frame
@@ -222,26 +223,30 @@ class ClientConnection:
                 self._counters.closed(CloseCode.MESSAGE_TOO_BIG)
 
     async def _deliver(self, message: bytes | str) -> bool:
-        """Handle one message; False once the connection ends. It runs in
-        trio-websocket's reader task: it never waits."""
-        self.frames_received += 1
-        self._counters.frames_received += 1
+        """Handle one message (a frame or a batch of them, each counted
+        against the message rate); False once the connection ends. It runs
+        in trio-websocket's reader task: it never waits."""
         now = trio.current_time()
         self._seen(self.number)
-        bucket = self._bucket
-        if bucket is not None and bucket.try_take(now) > 0:
-            self.end(CloseCode.RATE_LIMITED, "message rate limit exceeded")
-            return False
         try:
-            frame = decode_frame(message, self.info.subprotocol)
+            frames = decode_frames(message, self.info.subprotocol)
         except BadFrame as exc:
             self._warn("unreadable frames", "unreadable frame: %s", exc.reason)
             self.end(exc.code, exc.reason)
             return False
-        try:
-            self._dispatch(parse_client_frame(frame))
-        except FrameError as exc:
-            self._refuse(exc.request_id, exc.code, exc.message)
+        bucket = self._bucket
+        for frame in frames:
+            self.frames_received += 1
+            self._counters.frames_received += 1
+            if bucket is not None and bucket.try_take(now) > 0:
+                self.end(CloseCode.RATE_LIMITED, "message rate limit exceeded")
+                return False
+            try:
+                self._dispatch(parse_client_frame(frame))
+            except FrameError as exc:
+                self._refuse(exc.request_id, exc.code, exc.message)
+            if self.ending is not None:
+                return False
         await trio.lowlevel.checkpoint()
         return self.ending is None
 
@@ -386,15 +391,23 @@ class ClientConnection:
 
     def _encode(self, frame: dict[str, Any], request_id: int | None) -> bytes | str:
         """``frame`` as a message; a reply the subprotocol cannot carry
-        (bytes in JSON) becomes an ``internal`` error for its request."""
+        (bytes in JSON), or one over ``max_message_size`` (the client would
+        close the socket for it), becomes an ``internal`` error for its
+        request."""
+        subprotocol = self.info.subprotocol
         try:
-            return encode_frame(frame, self.info.subprotocol)
+            data = encode_frame(frame, subprotocol)
         except ValueError as exc:
             self._warn("unencodable replies", "cannot encode a frame: %s", exc)
-            return encode_frame(
-                error_frame(request_id, ErrorCode.INTERNAL, "reply cannot be encoded"),
-                self.info.subprotocol,
-            )
+            problem = "reply cannot be encoded"
+        else:
+            if len(data) <= self._config.max_message_size:
+                return data
+            self._warn("oversized replies", "a frame of %d bytes", len(data))
+            problem = "reply over max_message_size"
+        return encode_frame(
+            error_frame(request_id, ErrorCode.INTERNAL, problem), subprotocol
+        )
 
     def _send(self, frame: dict[str, Any], *, request_id: int | None = None) -> None:
         """Encode ``frame`` and write it now if nothing waits (over TCP: into
@@ -447,7 +460,36 @@ class ClientConnection:
         return True
 
     async def _write(self) -> None:
-        async with self._receive_channel:
-            async for data in self._receive_channel:
-                if not await self._write_one(data):
+        """Write what waits in the send queue: everything queued at once
+        (as long as it fits in ``max_message_size``) as one batch."""
+        receive = self._receive_channel
+        limit = self._config.max_message_size - 16  # room for the list's own bytes
+        carry: bytes | str | None = None
+        async with receive:
+            while True:
+                if carry is None:
+                    try:
+                        carry = await receive.receive()
+                    except trio.EndOfChannel:
+                        return
+                batch, carry = [carry], None
+                size = len(batch[0])
+                while True:
+                    try:
+                        more = receive.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    if size + len(more) + 1 > limit:
+                        carry = more  # the next batch's first frame
+                        break
+                    batch.append(more)
+                    size += len(more) + 1
+                message = (
+                    batch[0]
+                    if len(batch) == 1
+                    else join_frames(batch, self.info.subprotocol)
+                )
+                if not await self._write_one(message):
                     return
+                self.frames_sent += len(batch) - 1
+                self._counters.frames_sent += len(batch) - 1

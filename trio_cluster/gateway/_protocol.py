@@ -1,8 +1,10 @@
 """The gateway's wire protocol: subprotocols, frames, error codes, close
 codes (pure: no I/O).
 
-Theory of operation. Every WebSocket message is one *frame*: a map with a
-kind ``"t"`` and the kind's fields. The two subprotocols carry the same
+Theory of operation. Every WebSocket message is one *frame* (a map with a
+kind ``"t"`` and the kind's fields) or a *batch*: a list of frames, handled
+in order as if each had come alone (either side may batch; the gateway
+does when frames wait for a slow socket). The two subprotocols carry the same
 maps: ``trio_cluster.json.v1`` as JSON in text messages (a browser's
 native ``WebSocket`` speaks it), ``trio_cluster.msgpack.v1`` as msgpack in
 binary messages. The version is in the subprotocol's name: a later
@@ -10,8 +12,8 @@ incompatible protocol is a new name, and a server offers both while clients
 move. Unknown fields of a frame are ignored (a newer peer may add some);
 an unknown kind is answered with an ``unknown_kind`` error frame.
 
-`decode_frame` turns a message into a map, or raises `BadFrame` with the
-close code to use (the message cannot be read at all: the socket is
+`decode_frames` turns a message into its frames, or raises `BadFrame`
+with the close code to use (the message cannot be read at all: the socket is
 closed). `parse_client_frame` turns a map into one of the client frame
 records, or raises `FrameError`, which is answered with an error frame (the
 socket stays up: one bad request never fails another). The full
@@ -47,7 +49,9 @@ __all__ = [
     "Ping",
     "Pong",
     "decode_frame",
+    "decode_frames",
     "encode_frame",
+    "join_frames",
     "parse_client_frame",
 ]
 
@@ -198,13 +202,64 @@ def encode_frame(frame: Mapping[str, Any], subprotocol: str) -> bytes | str:
         raise ValueError(str(exc)) from None
 
 
+def decode_frames(message: bytes | str, subprotocol: str) -> list[dict[str, Any]]:
+    """The frames of a received message: one frame, or a list of frames
+    (a batch), in order.
+
+    Raises:
+        BadFrame: the wrong message type for the subprotocol, not valid
+            JSON/msgpack, or not a frame (a map with a string ``"t"``) nor
+            a list of frames.
+    """
+    value = _decode(message, subprotocol)
+    if isinstance(value, list):
+        if not all(_is_frame(item) for item in value):
+            raise BadFrame(CloseCode.INVALID_PAYLOAD, "a batch is a list of frames")
+        return value
+    if not _is_frame(value):
+        raise BadFrame(CloseCode.INVALID_PAYLOAD, 'a frame is a map with a string "t"')
+    return [value]
+
+
+def _is_frame(value: object) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("t"), str)
+
+
+def join_frames(messages: list[bytes | str], subprotocol: str) -> bytes | str:
+    """One message carrying the already encoded frames ``messages`` as a
+    batch (a JSON array, a msgpack array), without decoding them again."""
+    if subprotocol == JSON:
+        return (
+            "["
+            + ",".join(message for message in messages if isinstance(message, str))
+            + "]"
+        )
+    count = len(messages)
+    if count < 16:
+        header = bytes([0x90 | count])
+    elif count < 1 << 16:
+        header = b"\xdc" + count.to_bytes(2, "big")
+    else:
+        header = b"\xdd" + count.to_bytes(4, "big")
+    return header + b"".join(
+        message for message in messages if isinstance(message, bytes)
+    )
+
+
 def decode_frame(message: bytes | str, subprotocol: str) -> dict[str, Any]:
-    """A received message as a frame map.
+    """A received message as one frame map (not a batch).
 
     Raises:
         BadFrame: the wrong message type for the subprotocol, not valid
             JSON/msgpack, or not a map with a string ``"t"``.
     """
+    value = _decode(message, subprotocol)
+    if not _is_frame(value):
+        raise BadFrame(CloseCode.INVALID_PAYLOAD, 'a frame is a map with a string "t"')
+    return value  # type: ignore[no-any-return]
+
+
+def _decode(message: bytes | str, subprotocol: str) -> Any:
     try:
         if subprotocol == JSON:
             if not isinstance(message, str):
@@ -218,8 +273,6 @@ def decode_frame(message: bytes | str, subprotocol: str) -> dict[str, Any]:
         raise
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise BadFrame(CloseCode.INVALID_PAYLOAD, f"not a frame: {exc}") from None
-    if not isinstance(value, dict) or not isinstance(value.get("t"), str):
-        raise BadFrame(CloseCode.INVALID_PAYLOAD, 'a frame is a map with a string "t"')
     return value
 
 

@@ -7,6 +7,7 @@
 // ping_interval + ping_timeout.
 
 export const SUBPROTOCOL = "trio_cluster.json.v1";
+export const PROTOCOL_VERSION = 1;
 
 /** A call refused or failed on the server (code: see docs/gateway.md). */
 export class GatewayCallError extends Error {
@@ -189,29 +190,38 @@ export class GatewayClient {
       }
     };
     ws.onmessage = (event) => {
-      let frame;
+      let message;
       try {
-        frame = JSON.parse(event.data);
+        message = JSON.parse(event.data);
       } catch {
         ws.close(1007, "not JSON");
         return;
       }
-      if (frame.t === "welcome") {
-        welcomed = true;
-        clearTimeout(openTimer);
-        silence = (frame.ping_interval + frame.ping_timeout) * 1000;
-        this._opened += 1;
-        this._setState({
-          connected: true,
-          reconnectCount: this._opened - 1,
-          lastConnectTime: Date.now(),
-          failedAttempts: 0,
-          connectionId: frame.id,
-        });
-        for (const waiter of this._waiters.splice(0)) waiter.resolve();
-      }
       heard();
-      this._received(frame);
+      // A message is one frame, or a batch: a list of frames, in order.
+      for (const frame of Array.isArray(message) ? message : [message]) {
+        if (frame.t === "welcome") onWelcome(frame);
+        else this._received(frame);
+      }
+    };
+    const onWelcome = (frame) => {
+      if (frame.v !== PROTOCOL_VERSION) {
+        ws.close(4000, `protocol version ${frame.v}, expected ${PROTOCOL_VERSION}`);
+        return;
+      }
+      welcomed = true;
+      clearTimeout(openTimer);
+      silence = (frame.ping_interval + frame.ping_timeout) * 1000;
+      heard();
+      this._opened += 1;
+      this._setState({
+        connected: true,
+        reconnectCount: this._opened - 1,
+        lastConnectTime: Date.now(),
+        failedAttempts: 0,
+        connectionId: frame.id,
+      });
+      for (const waiter of this._waiters.splice(0)) waiter.resolve();
     };
     ws.onclose = (event) => {
       clearTimeout(openTimer);
