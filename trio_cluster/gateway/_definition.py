@@ -88,7 +88,9 @@ class GatewayConfig:
     max_message_size: int = attrs.field(default=1 << 20, validator=_positive_int)
     """Largest message either way, in bytes (over it: close 1009)."""
     message_queue_size: int = attrs.field(default=16, validator=_positive_int)
-    """Received messages buffered per socket before reading stops."""
+    """Messages a socket buffers before its reader takes over (those that
+    arrive right after the upgrade); then each is handled as it arrives,
+    bounded by ``message_rate`` and ``max_concurrent_requests``."""
     send_queue: int = attrs.field(default=1024, validator=_positive_int)
     """Frames waiting to be written per socket; one more closes it (4001)."""
     send_timeout: float = attrs.field(default=5.0, validator=_positive)
