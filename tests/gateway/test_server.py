@@ -158,7 +158,7 @@ async def test_declared_errors_are_typed_and_others_say_nothing(
         ),
         ({"t": "call", "id": 1, "op": 7, "msg": {}}, "bad_frame"),
         ({"t": "credit", "id": 1, "n": -3}, "bad_frame"),
-        ({"t": "subscribe", "id": 1, "topic": "x"}, "unknown_kind"),
+        ({"t": "publish", "id": 1, "topic": "x"}, "unknown_kind"),
     ],
 )
 async def test_a_wrong_frame_is_answered_and_the_socket_stays_up(

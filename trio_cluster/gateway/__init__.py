@@ -14,6 +14,10 @@ gateway serves at ``/gateway.js``.
 
 from __future__ import annotations
 
+# The messages of topics are attrs classes shown as trio_cluster.gateway.X:
+# their annotations (``data: Any``) resolve in this module's namespace.
+from typing import Any
+
 from .._core._ratelimit import RateLimit, WindowLimit
 from .._metadata import fixup_module_metadata
 from ._client import GatewayClient, open_gateway_client
@@ -39,6 +43,7 @@ from ._errors import (
 from ._protocol import JSON, MSGPACK, PROTOCOL_VERSION, CloseCode, ErrorCode
 from ._server import GatewayServer, serve_gateway
 from ._statistics import ConnectionStatistics, GatewayStatistics
+from ._topics import Position, Publication, Topic, publish
 
 __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.py)
     "ClientConfig",
@@ -63,13 +68,17 @@ __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.p
     "MSGPACK",
     "Operation",
     "PROTOCOL_VERSION",
+    "Position",
+    "Publication",
     "RateLimit",
     "Service",
+    "Topic",
     "UnauthorizedError",
     "WindowLimit",
     "current_client",
     "expose",
     "open_gateway_client",
+    "publish",
     "serve_gateway",
 ]
 

@@ -42,6 +42,7 @@ from ._definition import Service, client_routes
 from ._errors import (
     GatewayCallError,
     GatewayDisconnectedError,
+    GatewayError,
     GatewayRefusedError,
 )
 from ._handles import EntityHandles, Handle
@@ -53,6 +54,7 @@ from ._protocol import (
     decode_frames,
     encode_frame,
 )
+from ._subscriptions import Subscription
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -110,6 +112,7 @@ class GatewayClient:
         self._connected = trio.Event()
         self._next_id = 0
         self._pending: dict[int, _Pending] = {}
+        self._subscriptions: dict[str, Subscription] = {}
         self._state = ConnectionState(False, None, 0, None, 0, None)
         self._fatal: GatewayRefusedError | None = None
         self._opened = 0
@@ -244,6 +247,102 @@ class GatewayClient:
             if self._pending.pop(request_id, None) is not None:
                 await self._cancel(request_id)
 
+    @asynccontextmanager
+    async def subscribe(
+        self, topic: str, *, buffer: int = 10_000
+    ) -> AsyncIterator[Subscription]:
+        """Subscribe to ``topic``: ``async with client.subscribe("room:1") as
+        sub: async for publication in sub``. After a reconnect the
+        subscription resumes from the last publication it handed out (see
+        `Subscription`). ``buffer`` publications may wait unread; one more
+        closes the subscription (its iteration raises `GatewayError`).
+
+        Raises:
+            ValueError: already subscribed to ``topic`` on this client.
+            GatewayCallError: refused (``not_found``: no such topic;
+                ``forbidden``), or the topic's entity failed.
+            GatewayDisconnectedError, GatewayRefusedError: as `call`.
+
+        Cancellation: the subscription ends (an ``unsubscribe`` is sent).
+        """
+        if topic in self._subscriptions:
+            raise ValueError(f"already subscribed to {topic!r} on this client")
+        subscription = self._subscriptions[topic] = Subscription(topic, buffer)
+        try:
+            while subscription.connection != self._opened or not self._state.connected:
+                await self.wait_connected()
+                await self._subscribe(subscription)
+            yield subscription
+        finally:
+            del self._subscriptions[topic]
+            subscription.close()
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(self._config.close_timeout),
+            ):
+                await self._send(
+                    {"t": "unsubscribe", "id": self._new_id(), "topic": topic}
+                )
+
+    async def _subscribe(self, subscription: Subscription) -> None:
+        """(Re)subscribe on the current socket, from the subscription's
+        position."""
+        number = self._opened
+        frame: dict[str, Any] = {"t": "subscribe", "topic": subscription.topic}
+        since = subscription.since()
+        if since is not None:
+            frame["since"] = since
+        value = await self._exchange(frame)
+        if isinstance(value, dict) and since is not None:
+            subscription.recovered = bool(value.get("recovered"))
+        subscription.connection = number
+
+    async def _resubscribe_all(self) -> None:
+        """Subscribe every subscription again on a new socket."""
+        for subscription in list(self._subscriptions.values()):
+            if subscription.connection == self._opened:
+                continue
+            try:
+                await self._subscribe(subscription)
+            except GatewayError as exc:
+                log.warning("resubscribing to %s failed: %s", subscription.topic, exc)
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    async def _exchange(self, frame: dict[str, Any]) -> Any:
+        """Send a request frame (its id is added) and wait for its reply's
+        value.
+
+        Raises:
+            GatewayCallError, GatewayDisconnectedError: as `call`.
+        """
+        pending = _Pending(None, stream=False)
+        request_id = self._new_id()
+        message = encode_frame({**frame, "id": request_id}, self._config.subprotocol)
+        while True:
+            await self.wait_connected()
+            ws = self._ws
+            if ws is None:
+                continue
+            self._pending[request_id] = pending
+            try:
+                await self._write(ws, message)
+            except CONNECTION_ERRORS as exc:
+                self._pending.pop(request_id, None)
+                raise GatewayDisconnectedError(
+                    code=1006, reason=describe(exc)
+                ) from None
+            break
+        try:
+            await pending.done.wait()
+        except trio.Cancelled:
+            self._pending.pop(request_id, None)
+            raise
+        assert pending.frame is not None
+        return self._result(pending.frame, None)
+
     async def _request(
         self,
         kind: str,
@@ -368,7 +467,7 @@ class GatewayClient:
                 if ws is None:
                     failure.append("no welcome frame in time")
                 else:
-                    await self._serve(ws)
+                    await self._serve(ws, nursery)
                 nursery.cancel_scope.cancel()
         except* ConnectionRejected as group:
             failure.append(self._rejected(group.exceptions[0]))  # type: ignore[arg-type]
@@ -422,8 +521,9 @@ class GatewayClient:
             return ws
         return None
 
-    async def _serve(self, ws: WebSocketConnection) -> None:
-        """Read the socket until it ends, then fail the requests in flight."""
+    async def _serve(self, ws: WebSocketConnection, nursery: trio.Nursery) -> None:
+        """Read the socket until it ends, then fail the requests in flight.
+        The subscriptions subscribe again meanwhile (in ``nursery``)."""
         welcome = self._welcome
         self._ws = ws
         self._opened += 1
@@ -436,6 +536,8 @@ class GatewayClient:
             str(welcome.get("id")),
         )
         self._connected.set()
+        if self._subscriptions:
+            nursery.start_soon(self._resubscribe_all)
         silence = float(welcome.get("ping_interval", 25.0)) + float(
             welcome.get("ping_timeout", 10.0)
         )
@@ -545,6 +647,11 @@ class GatewayClient:
             await self._send({"t": "pong"})
             return
         await trio.lowlevel.checkpoint()
+        if kind == "pub":
+            subscription = self._subscriptions.get(frame.get("topic"))  # type: ignore[arg-type]
+            if subscription is not None:
+                subscription.deliver(frame)
+            return
         request_id = frame.get("id")
         pending = self._pending.get(request_id) if isinstance(request_id, int) else None
         if pending is None:

@@ -38,11 +38,13 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed
 
+from .._core._addresses import EntityId
 from .._core._ratelimit import TokenBucket
 from ..transport._ws_connection import CONNECTION_ERRORS, close_reason_text, describe
 from ..transport._ws_outbox import Outbox, write_message
 from ..transport._ws_tap import install_tap
 from ._client_info import ClientInfo, current_info
+from ._definition import Operation
 from ._protocol import (
     BadFrame,
     Call,
@@ -54,6 +56,8 @@ from ._protocol import (
     OpenStream,
     Ping,
     Pong,
+    Subscribe,
+    Unsubscribe,
     decode_frames,
     encode_frame,
     error_frame,
@@ -62,6 +66,7 @@ from ._protocol import (
 )
 from ._requests import StreamCredit, admit, failure_frame
 from ._statistics import ConnectionStatistics
+from ._topics import Position, TopicAccess
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -69,7 +74,7 @@ if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
 
     from .._log_limit import LogLimiter
-    from ._definition import GatewayConfig, Operation, Route
+    from ._definition import GatewayConfig, Route
     from ._statistics import GatewayCounters
 
 __all__ = ["ClientConnection"]
@@ -99,6 +104,7 @@ class ClientConnection:
         warnings: LogLimiter,
         seen: Callable[[int], None],
         outbox: Outbox | None = None,
+        topics: TopicAccess | None = None,
     ) -> None:
         self.ws = ws
         self.info = info
@@ -110,6 +116,7 @@ class ClientConnection:
         self._warnings = warnings
         self._seen = seen
         self._outbox = outbox
+        self._topics = topics
         """The socket's `Outbox` over plain TCP (writes never wait)."""
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
@@ -159,6 +166,8 @@ class ClientConnection:
                     nursery.cancel_scope.cancel()
         finally:
             current_info.reset(token)
+            if self._topics is not None:
+                self._topics.hub.forget(self)
             self._warnings.flush(self.info.remote)
         ending = self.ending
         if ending is not None:
@@ -261,6 +270,12 @@ class ClientConnection:
             credit = self._credits.get(frame.id)
             if credit is not None:
                 credit.grant(frame.n)
+        elif isinstance(frame, Subscribe):
+            self._start_subscription(frame)
+        elif isinstance(frame, Unsubscribe):
+            topics = self._topics
+            dropped = topics is not None and topics.hub.unsubscribe(self, frame.topic)
+            self._send({"t": "reply", "id": frame.id, "v": dropped})
         elif isinstance(frame, Ping):
             self._send({"t": "pong"})
         elif isinstance(frame, Pong) and self._ping_sent_at is not None:
@@ -304,6 +319,59 @@ class ClientConnection:
                 partial(self._call, frame.id, route, frame.key, message),
             )
 
+    def _start_subscription(self, frame: Subscribe) -> None:
+        topics = self._topics
+        request_id = frame.id
+        if request_id in self._requests:
+            raise FrameError(request_id, ErrorCode.DUPLICATE_ID, "request id in use")
+        if len(self._requests) >= self._config.max_concurrent_requests:
+            raise FrameError(
+                request_id, ErrorCode.TOO_MANY_REQUESTS, "too many requests at once"
+            )
+        if topics is None or not topics.allowed(frame.topic):
+            raise FrameError(
+                request_id, ErrorCode.NOT_FOUND, f"no topic {frame.topic!r:.100}"
+            )
+        try:
+            EntityId(frame.topic)
+        except ValueError as exc:
+            raise FrameError(request_id, ErrorCode.BAD_REQUEST, str(exc)) from None
+        since = None if frame.since is None else Position(*frame.since)
+        scope = self._requests[request_id] = trio.CancelScope()
+        self._counters.requests += 1
+        assert self._nursery is not None
+        self._context.run(
+            self._nursery.start_soon,
+            self._request,
+            request_id,
+            scope,
+            partial(self._subscribe, request_id, topics, frame.topic, since),
+        )
+
+    async def _subscribe(
+        self,
+        request_id: int,
+        topics: TopicAccess,
+        topic: str,
+        since: Position | None,
+    ) -> dict[str, Any]:
+        try:
+            authorize = self._authorize
+            if authorize is not None:
+                operation = Operation("subscribe", topic, None, since)
+                if not await authorize(self.info.principal, operation):
+                    self.errors += 1
+                    self._counters.requests_refused += 1
+                    return error_frame(
+                        request_id, ErrorCode.FORBIDDEN, f"not allowed: {topic}"
+                    )
+            value = await topics.hub.subscribe(self, topic, since)
+            return {"t": "reply", "id": request_id, "v": value}
+        except Exception as exc:
+            self.errors += 1
+            self._counters.requests_failed += 1
+            return failure_frame(request_id, None, exc, self._warnings)
+
     async def _request(
         self,
         request_id: int,
@@ -326,8 +394,6 @@ class ClientConnection:
         authorize = self._authorize
         if authorize is None:
             return True
-        from ._definition import Operation
-
         operation = Operation(route.kind, route.name, key, message)
         return bool(await authorize(self.info.principal, operation))
 
@@ -410,11 +476,13 @@ class ClientConnection:
         )
 
     def _send(self, frame: dict[str, Any], *, request_id: int | None = None) -> None:
-        """Encode ``frame`` and write it now if nothing waits (over TCP: into
-        the `Outbox`, synchronously, without waking the writer), else queue
-        it for the writer; a full queue ends the connection (slow
-        consumer)."""
-        data = self._encode(frame, request_id)
+        """Encode ``frame`` and send it (`send_encoded`)."""
+        self.send_encoded(self._encode(frame, request_id))
+
+    def send_encoded(self, data: bytes | str) -> None:
+        """Write an encoded frame now if nothing waits (over TCP: into the
+        `Outbox`, synchronously, without waking the writer), else queue it
+        for the writer; a full queue ends the connection (slow consumer)."""
         outbox = self._outbox
         if (
             outbox is not None

@@ -138,13 +138,15 @@ class Handshake:
 class Operation:
     """One request, as the ``authorize`` hook sees it."""
 
-    kind: Literal["call", "stream"]
+    kind: Literal["call", "stream", "subscribe"]
     name: str
-    """``"Counter.increment"``, ``"clock.now"``."""
+    """``"Counter.increment"``, ``"clock.now"``; the topic's name for
+    ``"subscribe"``."""
     key: str | None
-    """The entity id (None for a service)."""
+    """The entity id (None for a service or a topic)."""
     message: object
-    """The decoded message."""
+    """The decoded message (for ``"subscribe"``: the `Position` to resume
+    from, or None)."""
 
 
 class Service:
@@ -229,6 +231,9 @@ class Gateway:
     runs; False refuses it (``forbidden``). None: every exposed operation
     is allowed."""
     config: GatewayConfig = GatewayConfig()
+    topics: Callable[[str], bool] | None = None
+    """Which topic names clients may subscribe to (None: no topics). The
+    runners must host `trio_cluster.gateway.Topic`."""
     pages: Mapping[str, str] = attrs.field(factory=dict)
     """Small HTML pages served on GET by path (``{"/": "<html>..."}``),
     besides ``/gateway.js``: a demo page of the same origin as the

@@ -48,6 +48,8 @@ __all__ = [
     "OpenStream",
     "Ping",
     "Pong",
+    "Subscribe",
+    "Unsubscribe",
     "decode_frame",
     "decode_frames",
     "encode_frame",
@@ -173,6 +175,23 @@ class Cancel:
 
 
 @attrs.frozen
+class Subscribe:
+    """``{"t": "subscribe", "id": 3, "topic": "room:1", "since": {"epoch": "e", "offset": 7}}``"""
+
+    id: int
+    topic: str
+    since: tuple[str, int] | None
+
+
+@attrs.frozen
+class Unsubscribe:
+    """``{"t": "unsubscribe", "id": 4, "topic": "room:1"}``"""
+
+    id: int
+    topic: str
+
+
+@attrs.frozen
 class Ping:
     """``{"t": "ping"}``: answer with a pong (either side sends them)."""
 
@@ -182,7 +201,9 @@ class Pong:
     """``{"t": "pong"}``"""
 
 
-ClientFrame = Call | OpenStream | Credit | Cancel | Ping | Pong
+ClientFrame = (
+    Call | OpenStream | Credit | Cancel | Subscribe | Unsubscribe | Ping | Pong
+)
 
 
 def encode_frame(frame: Mapping[str, Any], subprotocol: str) -> bytes | str:
@@ -330,6 +351,40 @@ def _stream(frame: Mapping[str, Any]) -> OpenStream:
     )
 
 
+def _topic(frame: Mapping[str, Any], request_id: int) -> str:
+    topic = frame.get("topic")
+    if not isinstance(topic, str) or not topic:
+        raise FrameError(request_id, ErrorCode.BAD_FRAME, '"topic" must be a string')
+    return topic
+
+
+def _subscribe(frame: Mapping[str, Any]) -> Subscribe:
+    request_id = _request_id(frame)
+    topic = _topic(frame, request_id)
+    since = frame.get("since")
+    if since is None:
+        return Subscribe(request_id, topic, None)
+    epoch = since.get("epoch") if isinstance(since, dict) else None
+    offset = since.get("offset") if isinstance(since, dict) else None
+    if (
+        not isinstance(epoch, str)
+        or isinstance(offset, bool)
+        or not isinstance(offset, int)
+        or not 0 <= offset <= MAX_REQUEST_ID
+    ):
+        raise FrameError(
+            request_id,
+            ErrorCode.BAD_FRAME,
+            '"since" must be {"epoch": string, "offset": integer >= 0}',
+        )
+    return Subscribe(request_id, topic, (epoch, offset))
+
+
+def _unsubscribe(frame: Mapping[str, Any]) -> Unsubscribe:
+    request_id = _request_id(frame)
+    return Unsubscribe(request_id, _topic(frame, request_id))
+
+
 def _credit(frame: Mapping[str, Any]) -> Credit:
     request_id = _request_id(frame)
     return Credit(request_id, _count(frame, "n", request_id))
@@ -340,6 +395,8 @@ _PARSERS: Final[dict[str, Callable[[Mapping[str, Any]], ClientFrame]]] = {
     "stream": _stream,
     "credit": _credit,
     "cancel": lambda frame: Cancel(_request_id(frame)),
+    "subscribe": _subscribe,
+    "unsubscribe": _unsubscribe,
     "ping": lambda frame: Ping(),
     "pong": lambda frame: Pong(),
 }

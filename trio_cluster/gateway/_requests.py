@@ -116,11 +116,11 @@ class StreamCredit:
 
 
 def failure_frame(
-    request_id: int, route: Route, exc: Exception, warnings: LogLimiter
+    request_id: int, route: Route | None, exc: Exception, warnings: LogLimiter
 ) -> dict[str, Any]:
     """The error frame for a request that raised ``exc`` (see the module
     docstring)."""
-    declared = route.declared(exc)
+    declared = None if route is None else route.declared(exc)
     if declared is not None:
         tag, codec = declared
         try:
@@ -139,10 +139,10 @@ def failure_frame(
         )
     warnings.log(
         logging.ERROR,
-        route.name,
+        "topics" if route is None else route.name,
         "failed requests",
         "gateway request %s failed: %r",
-        route.name,
+        "subscribe" if route is None else route.name,
         exc,
     )
     return error_frame(request_id, ErrorCode.INTERNAL, "internal error")

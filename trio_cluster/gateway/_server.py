@@ -48,6 +48,7 @@ from ._errors import UnauthorizedError
 from ._http import HeadError, ReplayStream, client_script, http_response, read_head
 from ._protocol import SUBPROTOCOLS, CloseCode
 from ._statistics import GatewayCounters, GatewayStatistics, render_gateway_metrics
+from ._topics import Topic, TopicAccess, TopicHub
 
 if TYPE_CHECKING:
     from .._runner import Runner
@@ -93,6 +94,7 @@ class GatewayServer:
         self._numbers = 0
         self._sleep: trio.CancelScope | None = None
         self._closing = False
+        self._topics: TopicAccess | None = None
         self._emptied = trio.Event()
         """Set when the last socket is forgotten."""
 
@@ -260,6 +262,7 @@ class GatewayServer:
                 warnings=self._warnings,
                 seen=self._seen,
                 outbox=outbox if isinstance(outbox, Outbox) else None,
+                topics=self._topics,
             )
         self._counters.refused_other += 1
         log.debug("no upgrade from %s within %s s", remote, config.open_timeout)
@@ -404,6 +407,9 @@ async def serve_gateway(
     bound = listeners[0].socket.getsockname()
     server = GatewayServer(runner, gateway, routes, host, bound[1])
     async with trio.open_nursery() as nursery:
+        if gateway.topics is not None:
+            hub = TopicHub(runner.client(Topic), nursery)
+            server._topics = TopicAccess(hub, gateway.topics)
         nursery.start_soon(server._beat)
         await nursery.start(trio.serve_listeners, server._accept, listeners)
         task_status.started(server)
