@@ -1,7 +1,7 @@
 """The JavaScript client in a real headless Chromium (Debian's package),
 against a real gateway: calls, a declared error, streams (with credit, and
-left early), an aborted call, and a reconnect after the gateway dropped the
-socket. `.ci/run` installs
+left early), an aborted call, a topic, and a reconnect after the gateway
+dropped the socket (the topic resumes: nothing lost, nothing twice). `.ci/run` installs
 Chromium; without it this test FAILS (it is never skipped)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import attrs
 import trio
 
 import trio_cluster as tc
-from trio_cluster.gateway import CloseCode, Gateway, Service, expose
+from trio_cluster.gateway import CloseCode, Gateway, Service, expose, publish
 
 from .app import Blocker, Counter, open_gateway
 
@@ -27,6 +27,8 @@ import { GatewayClient, GatewayDisconnectedError } from "/gateway.js";
 const client = new GatewayClient(`ws://${location.host}/ws`);
 const report = (lines) => client.call("report.done", { lines: lines.map(String) });
 try {
+  const seen = [];
+  const room = await client.subscribe("room:web", (publication) => seen.push(publication.data));
   const first = [];
   first.push(await client.call("Counter.add", { amount: 2 }, { key: "web" }));
   first.push(await client.call("Counter.add", { amount: 3 }, { key: "web" }));
@@ -63,7 +65,14 @@ try {
     held = `${error instanceof GatewayDisconnectedError} ${error.code}`;
   }
   await client.waitConnected();  // reconnects by itself, after a backoff delay
-  await report(["second", held, client.state.reconnectCount, client.state.connected]);
+  // The replay comes before the answer to the resubscribe: wait for both.
+  while (seen.length < 3 || room.recovered === null) {
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  await report([
+    "second", held, client.state.reconnectCount, client.state.connected,
+    seen.join(","), room.recovered,
+  ]);
 } catch (error) {
   await report(["failed", error.stack ?? error]);
 }
@@ -115,6 +124,7 @@ async def test_the_javascript_client_in_headless_chromium(tmp_path: Path) -> Non
     gateway = Gateway(
         entities=[expose(Counter, "add", "count"), expose(Blocker)],
         services=[report],
+        topics=lambda name: name.startswith("room:"),
         pages={"/": PAGE},
     )
     with trio.fail_after(90):
@@ -148,11 +158,14 @@ async def test_the_javascript_client_in_headless_chromium(tmp_path: Path) -> Non
                     "0,1,2,3,4,5,6",
                     "aborted",
                 ]
+                await publish(server.runner, "room:web", "a")
+                await publish(server.runner, "room:web", "b")
                 await report.holding.wait()
                 for connection in server.connections():
                     connection.end(CloseCode.GOING_AWAY, "maintenance")
+                await publish(server.runner, "room:web", "c")  # while it is away
                 second = await wait_report(report, 2)
-                assert second == ["second", "true 1001", "1", "true"]
+                assert second == ["second", "true 1001", "1", "true", "a,b,c", "true"]
                 assert server.statistics().connections_accepted == 2
             finally:
                 process.send_signal(signal.SIGTERM)

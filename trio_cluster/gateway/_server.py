@@ -99,6 +99,11 @@ class GatewayServer:
         """Set when the last socket is forgotten."""
 
     @property
+    def runner(self) -> Runner:
+        """The runner the gateway serves."""
+        return self._runner
+
+    @property
     def url(self) -> str:
         """``ws://host:port/path`` of the gateway."""
         host = f"[{self.host}]" if ":" in self.host else self.host

@@ -2,7 +2,8 @@
 // served by the gateway at GET /gateway.js. Protocol: trio_cluster.json.v1
 // (docs/gateway.md). Same behaviour as the Trio client: one socket kept up
 // with jittered exponential backoff, calls with request ids, cancellation
-// (AbortSignal -> "cancel" frame), streams with credit, typed errors,
+// (AbortSignal -> "cancel" frame), streams with credit, topics with
+// resume (from the last offset delivered), typed errors,
 // application-level ping/pong and a silent server detected within
 // ping_interval + ping_timeout.
 
@@ -57,6 +58,7 @@ export class GatewayClient {
     };
     this._nextId = 0;
     this._pending = new Map();
+    this._topics = new Map();
     this._ws = null;
     this._closed = false;
     this._opened = 0;
@@ -149,6 +151,58 @@ export class GatewayClient {
     };
   }
 
+  /**
+   * Subscribe to a topic: `onPublication({ topic, epoch, offset, data })`
+   * is called for each publication, in offset order, once. After a
+   * reconnect the subscription resumes from the last publication it
+   * delivered; `subscription.recovered` then says whether nothing was lost.
+   * Resolves once subscribed (rejects with GatewayCallError if refused);
+   * `subscription.unsubscribe()` ends it.
+   */
+  async subscribe(topic, onPublication) {
+    if (this._topics.has(topic)) throw new Error(`already subscribed to ${topic}`);
+    const subscription = {
+      topic,
+      position: null,
+      recovered: null,
+      onPublication,
+      unsubscribe: () => {
+        if (this._topics.get(topic) !== subscription) return;
+        this._topics.delete(topic);
+        this._send({ t: "unsubscribe", id: ++this._nextId, topic });
+      },
+    };
+    this._topics.set(topic, subscription);
+    try {
+      await this._subscribe(subscription);
+    } catch (error) {
+      this._topics.delete(topic);
+      throw error;
+    }
+    return subscription;
+  }
+
+  async _subscribe(subscription) {
+    await this.waitConnected();
+    const frame = { t: "subscribe", id: ++this._nextId, topic: subscription.topic };
+    const since = subscription.position;
+    if (since !== null) frame.since = since;
+    const value = await new Promise((resolve, reject) => {
+      this._pending.set(frame.id, { resolve, reject });
+      this._send(frame);
+    });
+    if (since !== null) subscription.recovered = value.recovered;
+  }
+
+  _publication(frame) {
+    const subscription = this._topics.get(frame.topic);
+    if (subscription === undefined) return;
+    const last = subscription.position;
+    if (last !== null && last.epoch === frame.epoch && frame.offset <= last.offset) return;
+    subscription.position = { epoch: frame.epoch, offset: frame.offset };
+    subscription.onPublication({ topic: frame.topic, epoch: frame.epoch, offset: frame.offset, data: frame.data });
+  }
+
   /** Close the socket for good; pending calls are rejected. */
   close() {
     this._closed = true;
@@ -222,6 +276,10 @@ export class GatewayClient {
         connectionId: frame.id,
       });
       for (const waiter of this._waiters.splice(0)) waiter.resolve();
+      // Subscribe again, from the last publication delivered.
+      for (const subscription of this._topics.values()) {
+        this._subscribe(subscription).catch(() => {});
+      }
     };
     ws.onclose = (event) => {
       clearTimeout(openTimer);
@@ -244,6 +302,10 @@ export class GatewayClient {
   _received(frame) {
     if (frame.t === "ping") {
       this._send({ t: "pong" });
+      return;
+    }
+    if (frame.t === "pub") {
+      this._publication(frame);
       return;
     }
     const pending = this._pending.get(frame.id);
