@@ -194,6 +194,10 @@ async def test_subscribers_on_one_runner_the_publisher_on_another() -> None:
                     1,
                     2,
                 ]
+            # One entity stream per topic on this gateway, for its 3 sockets.
+            hub = server._topics.hub  # type: ignore[union-attr]
+            assert sorted(hub._followers) == topics
+            assert all(len(f.subscribers) == 3 for f in hub._followers.values())
             assert {a.owner_of(a.client(Topic)(t)) for t in topics} == {
                 a.address,
                 b.address,

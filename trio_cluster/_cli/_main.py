@@ -172,6 +172,13 @@ def _run(args: argparse.Namespace) -> int:
     try:
         options = load_target(args.target)
         gateway = _gateway(args, options.pop("gateway", None))
+        if gateway is not None and gateway[0].topics is not None:
+            from ..gateway import Topic
+
+            # A gateway with topics needs their sequencer entity hosted.
+            entities = list(options.get("entities", ()))
+            if Topic not in entities:
+                options["entities"] = [*entities, Topic]
         config = _config(args)
         metrics = _address("--metrics", args.metrics) if args.metrics else None
         storage = PostgresStorage(args.dsn, table_prefix=args.prefix)
