@@ -18,6 +18,7 @@ WORKLOADS = {
     "state": "benchmarks.durable_state",
     "events": "benchmarks.events_bus",
     "w10": "benchmarks.w10_webhooks",
+    "w8": "benchmarks.w8_gateway",
 }
 LOADED = {"w4"}
 """Workloads with an ``--under-load`` variant."""

@@ -6,6 +6,7 @@ import sys
 from types import ModuleType
 
 import pytest
+import trio
 
 from trio_cluster.storage import MemoryStorage
 
@@ -113,3 +114,14 @@ async def test_webhooks_example(capsys):
     assert "again: already handled" in out
     assert ": failure (HTTP 500)" in out
     assert ": success (HTTP 200)" in out
+
+
+async def test_gateway_counter_example(capsys):
+    """Real sockets on 127.0.0.1 (no virtual time)."""
+    with trio.fail_after(30):
+        assert await load_example("gateway_counter").main() == [
+            2,
+            5,
+            "refused: at most 100",
+        ]
+    assert "refused: at most 100" in capsys.readouterr().out

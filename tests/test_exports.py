@@ -13,6 +13,7 @@ import trio_cluster as tc
 PUBLIC_NAMESPACES = [
     "trio_cluster",
     "trio_cluster.abc",
+    "trio_cluster.gateway",
     "trio_cluster.queues",
     "trio_cluster.storage",
     "trio_cluster.serialization",
@@ -110,6 +111,7 @@ def test_wire_errors_pickle(error):
 NAMESPACES_WITH_METADATA = [
     "trio_cluster",
     "trio_cluster.abc",
+    "trio_cluster.gateway",
     "trio_cluster.storage",
     "trio_cluster.transport",
     "trio_cluster.serialization",

@@ -336,6 +336,41 @@ RULES = {
         "the delivery parts (queues, events, webhooks) stand on the runtime's"
         " public API, so the engine can change under them",
     ),
+    "gateway-uses-only-public-seams": Rule(
+        ("trio_cluster.gateway",),
+        lambda imported: (
+            imported in ("trio_cluster", "trio_cluster.abc")
+            or within(
+                imported,
+                (
+                    "trio_cluster._core",
+                    "trio_cluster.gateway",
+                    # The declarative API (entity classes, handler specs and
+                    # their codecs), errors, log limits and serialization:
+                    # contracts, never the engine.
+                    "trio_cluster._entity",
+                    "trio_cluster._handlers",
+                    "trio_cluster._registry",
+                    "trio_cluster._errors",
+                    "trio_cluster._log_limit",
+                    "trio_cluster._metadata",
+                    "trio_cluster.serialization",
+                    # Code of the WebSocket edge it reuses (admission, close
+                    # helpers), never its wire.
+                    "trio_cluster.transport._ws_admission",
+                    "trio_cluster.transport._ws_connection",
+                    "trio_cluster.transport._ws_handshake",
+                    "trio_cluster.transport._ws_outbox",
+                    "trio_cluster.transport._ws_tap",
+                    # Type-only: what `runner.client` returns, the façade.
+                    "trio_cluster._client",
+                    "trio_cluster._runner",
+                ),
+            )
+        ),
+        "the realtime gateway stands on the runtime's public API and its"
+        " contracts, so the engine can change under it",
+    ),
     "postgres-never-imports-memory": Rule(
         ("trio_cluster.storage._postgres",),
         lambda imported: not within(imported, ("trio_cluster.storage._memory",)),

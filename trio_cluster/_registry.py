@@ -31,7 +31,7 @@ if typing.TYPE_CHECKING:
 
     from ._core._config import ShardingConfig
 
-__all__ = ["EntityType", "Handler", "Registry"]
+__all__ = ["EntityType", "Handler", "Registry", "resolve_handler"]
 
 _STREAM_ORIGINS = (
     collections.abc.AsyncIterator,
@@ -259,7 +259,7 @@ def resolve_entity_type(
     handlers: dict[str, Handler] = {}
     by_attribute: dict[str, Handler] = {}
     for spec in cls.__tc_handlers__.values():
-        handler = _resolve_handler(cls, name, spec, converter, cluster_codecs)
+        handler = resolve_handler(cls, name, spec, converter, cluster_codecs)
         retry = spec.retry or defect_retry
         if retry is not None:
             handler = attrs.evolve(handler, retry=retry)
@@ -302,7 +302,7 @@ def _check_constructor(cls: type[Entity], where: str) -> None:
         )
 
 
-def _resolve_handler(
+def resolve_handler(
     cls: type[Entity],
     type_name: str,
     spec: HandlerSpec,

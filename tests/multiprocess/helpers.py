@@ -186,7 +186,7 @@ class MultiCluster:
     ) -> RunnerProcess:
         """Start a runner process (call `RunnerProcess.wait_ready` next);
         ``args`` are more options of ``trio-cluster run``, ``target`` what
-        it runs."""
+        it runs (its ``module:ATTRIBUTE``)."""
         process = RunnerProcess(
             name,
             dsn=self.dsn,

@@ -62,9 +62,10 @@ def _demo(args: argparse.Namespace) -> int:
 def load_target(target: str) -> dict[str, Any]:
     """Import ``module:attribute``: a sequence of entity classes, or a
     mapping of `open_runner` keyword arguments (``entities``, ``singletons``,
-    ``crons``, ``broadcasts``, ``converter``, ``tracer``, ``listeners``) and
-    ``webhooks`` (`trio_cluster.webhooks.Webhooks` parts the runner hosts
-    and opens on its storage).
+    ``crons``, ``broadcasts``, ``converter``, ``tracer``, ``listeners``),
+    plus ``webhooks`` (`trio_cluster.webhooks.Webhooks` parts the runner
+    hosts and opens on its storage) and ``gateway`` (the
+    `trio_cluster.gateway.Gateway` that ``--gateway`` serves).
 
     Raises:
         SystemExit: the target cannot be imported or has the wrong shape.
@@ -87,6 +88,7 @@ def load_target(target: str) -> dict[str, Any]:
             "tracer",
             "listeners",
             "webhooks",
+            "gateway",
         }
         unknown = set(value) - allowed
         if unknown:
@@ -181,6 +183,14 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         options = load_target(args.target)
+        gateway = _gateway(args, options.pop("gateway", None))
+        if gateway is not None and gateway[0].topics is not None:
+            from ..gateway import Topic
+
+            # A gateway with topics needs their sequencer entity hosted.
+            entities = list(options.get("entities", ()))
+            if Topic not in entities:
+                options["entities"] = [*entities, Topic]
         config = _config(args)
         metrics = _address("--metrics", args.metrics) if args.metrics else None
         storage = PostgresStorage(args.dsn, table_prefix=args.prefix)
@@ -197,7 +207,7 @@ def _run(args: argparse.Namespace) -> int:
             listen_at=_address("--listen", args.listen) if args.advertise else None,
             **security,
         )
-        trio.run(_serve, options, config, storage, transport, metrics)
+        trio.run(_serve, options, config, storage, transport, metrics, gateway)
     except Exception as exc:
         found = _operator_error(exc)
         if found is None:
@@ -208,15 +218,46 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gateway(args: argparse.Namespace, gateway: Any) -> tuple[Any, Any] | None:
+    """The gateway definition and the address ``--gateway`` serves it at,
+    or None without ``--gateway``.
+
+    Raises:
+        ConfigError: ``--gateway`` without a ``gateway`` in the target (or
+            the other way round), or a malformed address.
+    """
+    from .._errors import ConfigError
+    from ..gateway import Gateway
+
+    if gateway is not None and not isinstance(gateway, Gateway):
+        raise ConfigError(
+            f"{args.target}: 'gateway' must be a Gateway, got {gateway!r}"
+        )
+    if args.gateway is None:
+        if gateway is not None:
+            raise ConfigError(
+                f"{args.target} defines a gateway: serve it with --gateway HOST:PORT"
+            )
+        return None
+    if gateway is None:
+        raise ConfigError(
+            f"--gateway: {args.target} names no gateway; make it a mapping with"
+            " 'gateway': trio_cluster.gateway.Gateway(...)"
+        )
+    return gateway, _address("--gateway", args.gateway)
+
+
 async def _serve(
     options: dict[str, Any],
     config: Any,
     storage: Any,
     transport: Any,
     metrics: Any,
+    gateway: tuple[Any, Any] | None = None,
 ) -> None:
     from .._operations._metrics import serve_metrics
     from .._runner import open_runner
+    from ..gateway import serve_gateway
 
     parts = list(options.pop("webhooks", ()))
     entities = list(options.pop("entities", ()))
@@ -238,14 +279,25 @@ async def _serve(
                 await stack.enter_async_context(part.open(runner, storage))
                 for part in parts
             ]
-            metrics_port = None
+            metrics_port = gateway_port = None
+            extra: list[Callable[[], str]] = [c.metrics_text for c in clients]
+            server = None
+            if gateway is not None:
+                definition, where = gateway
+                try:
+                    server = await nursery.start(
+                        serve_gateway, runner, definition, where.host, where.port
+                    )
+                except OSError as exc:
+                    raise OSError(
+                        exc.errno, f"--gateway {where}: {exc.strerror}"
+                    ) from exc
+                gateway_port = server.port
+                extra.append(server.render_metrics)
             if metrics is not None:
                 try:
                     metrics_port = await nursery.start(
-                        partial(
-                            serve_metrics,
-                            extra_metrics=[c.metrics_text for c in clients],
-                        ),
+                        partial(serve_metrics, extra_metrics=extra),
                         runner,
                         metrics.host,
                         metrics.port,
@@ -261,6 +313,7 @@ async def _serve(
                         "event": "ready",
                         "address": str(runner.address),
                         "metrics_port": metrics_port,
+                        "gateway_port": gateway_port,
                     }
                 ),
                 flush=True,
@@ -268,6 +321,8 @@ async def _serve(
             async for signum in signals:
                 log.info("received %s: shutting down", signal.Signals(signum).name)
                 break
+            if server is not None:
+                await server.aclose()  # clients reconnect to another runner
             nursery.cancel_scope.cancel()
     print(json.dumps({"event": "stopped"}), flush=True)
 
@@ -392,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefix", default="trio_cluster", help="table prefix (one cluster per prefix)"
     )
     run.add_argument("--metrics", help="host:port for /metrics, /healthz and /readyz")
+    run.add_argument(
+        "--gateway",
+        help="host:port to serve the target's realtime client gateway on"
+        " (the target is a mapping with a 'gateway' key; see docs/gateway.md)",
+    )
     run.add_argument(
         "--log-format",
         choices=["text", "json"],

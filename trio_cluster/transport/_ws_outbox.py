@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 from trio_websocket import ConnectionClosed
 from wsproto import WSConnection
-from wsproto.events import BytesMessage
+from wsproto.events import BytesMessage, TextMessage
 
 if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
@@ -224,9 +224,12 @@ def can_write_message(ws: WebSocketConnection) -> bool:
     return isinstance(getattr(ws, "_wsproto", None), WSConnection)
 
 
-def write_message(ws: WebSocketConnection, outbox: Outbox, message: bytes) -> None:
-    """Write ``message`` as one binary WebSocket message on ``ws`` (whose
-    stream is ``outbox``) now, from the calling task, without trio-websocket's
+def write_message(
+    ws: WebSocketConnection, outbox: Outbox, message: bytes | str
+) -> None:
+    """Write ``message`` as one binary (text, for a ``str``) WebSocket
+    message on ``ws`` (whose stream is ``outbox``) now, from the calling
+    task, without trio-websocket's
     ``send_message``: its frame is made by the connection's wsproto object
     and handed to `Outbox.write_nowait`, with no lock and no checkpoint.
 
@@ -245,4 +248,9 @@ def write_message(ws: WebSocketConnection, outbox: Outbox, message: bytes) -> No
     reason = ws.closed
     if reason is not None:
         raise ConnectionClosed(reason)
-    outbox.write_nowait(ws._wsproto.send(BytesMessage(data=message)))
+    event = (
+        BytesMessage(data=message)
+        if isinstance(message, bytes)
+        else TextMessage(data=message)
+    )
+    outbox.write_nowait(ws._wsproto.send(event))

@@ -1,0 +1,480 @@
+"""The gateway server over real sockets on 127.0.0.1: what clients may do,
+and how each kind of bad input is answered (the socket at fault only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected
+
+from trio_cluster.gateway import (
+    JSON,
+    MSGPACK,
+    CloseCode,
+    Gateway,
+    RateLimit,
+    UnauthorizedError,
+    WindowLimit,
+    expose,
+)
+
+from .app import (
+    Blocker,
+    Counter,
+    Whoami,
+    decode,
+    encode,
+    exchange,
+    open_gateway,
+    open_raw,
+    open_websocket,
+    read_until_closed,
+)
+
+pytestmark = pytest.mark.parametrize("subprotocol", [JSON, MSGPACK])
+
+
+async def test_exposed_handlers_and_services_answer(subprotocol: str) -> None:
+    with trio.fail_after(30):
+        async with open_gateway() as server, open_raw(server.url, subprotocol) as ws:
+            call = {
+                "t": "call",
+                "id": 1,
+                "op": "Counter.add",
+                "key": "a",
+                "msg": {"amount": 2},
+            }
+            assert await exchange(ws, call, subprotocol) == {
+                "t": "reply",
+                "id": 1,
+                "v": 2,
+            }
+            call = {"t": "call", "id": 2, "op": "whoami.get", "msg": None}
+            assert await exchange(ws, call, subprotocol) == {
+                "t": "reply",
+                "id": 2,
+                "v": "None",
+            }
+
+
+async def test_declared_errors_are_typed_and_others_say_nothing(
+    subprotocol: str,
+) -> None:
+    with trio.fail_after(30):
+        async with open_gateway() as server, open_raw(server.url, subprotocol) as ws:
+            call = {
+                "t": "call",
+                "id": 1,
+                "op": "Counter.add",
+                "key": "a",
+                "msg": {"amount": 101},
+            }
+            answer = await exchange(ws, call, subprotocol)
+            assert answer["code"] == "declared"
+            assert answer["type"] == "LimitExceededError"
+            assert answer["data"] == {"limit": 100}
+            call = {
+                "t": "call",
+                "id": 2,
+                "op": "Counter.crash",
+                "key": "a",
+                "msg": {"amount": 1},
+            }
+            answer = await exchange(ws, call, subprotocol)
+            assert answer == {
+                "t": "error",
+                "id": 2,
+                "code": "internal",
+                "message": "internal error",
+            }
+            assert server.statistics().requests_failed == 2
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (
+            {
+                "t": "call",
+                "id": 1,
+                "op": "Counter.reset",
+                "key": "a",
+                "msg": {"amount": 1},
+            },
+            "not_found",
+        ),
+        (
+            {"t": "call", "id": 1, "op": "Nothing.here", "key": "a", "msg": {}},
+            "not_found",
+        ),
+        (
+            {
+                "t": "stream",
+                "id": 1,
+                "op": "Counter.add",
+                "key": "a",
+                "msg": {},
+                "credit": 1,
+            },
+            "not_found",
+        ),
+        (
+            {"t": "call", "id": 1, "op": "Counter.add", "msg": {"amount": 1}},
+            "bad_request",
+        ),
+        (
+            {
+                "t": "call",
+                "id": 1,
+                "op": "Counter.add",
+                "key": " a",
+                "msg": {"amount": 1},
+            },
+            "bad_request",
+        ),
+        (
+            {"t": "call", "id": 1, "op": "whoami.get", "key": "a", "msg": None},
+            "bad_request",
+        ),
+        (
+            {
+                "t": "call",
+                "id": 1,
+                "op": "Counter.add",
+                "key": "a",
+                "msg": {"amount": "x"},
+            },
+            "bad_request",
+        ),
+        (
+            {"t": "call", "id": 1, "op": "Counter.add", "key": "a", "msg": [1, 2]},
+            "bad_request",
+        ),
+        (
+            {"t": "call", "id": -1, "op": "Counter.add", "key": "a", "msg": {}},
+            "bad_frame",
+        ),
+        ({"t": "call", "id": 1, "op": 7, "msg": {}}, "bad_frame"),
+        ({"t": "credit", "id": 1, "n": -3}, "bad_frame"),
+        ({"t": "publish", "id": 1, "topic": "x"}, "unknown_kind"),
+    ],
+)
+async def test_a_wrong_frame_is_answered_and_the_socket_stays_up(
+    subprotocol: str, frame: dict[str, object], code: str
+) -> None:
+    with trio.fail_after(30):
+        async with open_gateway() as server, open_raw(server.url, subprotocol) as ws:
+            answer = await exchange(ws, frame, subprotocol)
+            assert answer["t"] == "error"
+            assert answer["code"] == code
+            call = {
+                "t": "call",
+                "id": 9,
+                "op": "Counter.add",
+                "key": "a",
+                "msg": {"amount": 1},
+            }
+            assert (await exchange(ws, call, subprotocol))["v"] == 1
+
+
+def _code(closed: ConnectionClosed) -> int:
+    assert closed.reason is not None
+    return closed.reason.code
+
+
+def _garbage(subprotocol: str) -> list[tuple[bytes | str, int]]:
+    wrong_type: bytes | str = b"\x81" if subprotocol == JSON else "{}"
+    unreadable: bytes | str = "{not json" if subprotocol == JSON else b"\xc1"
+    not_a_map: bytes | str = "[1]" if subprotocol == JSON else b"\x91\x01"
+    return [
+        (wrong_type, CloseCode.UNSUPPORTED_DATA),
+        (unreadable, CloseCode.INVALID_PAYLOAD),
+        (not_a_map, CloseCode.INVALID_PAYLOAD),
+    ]
+
+
+async def test_unreadable_frames_close_only_that_socket(subprotocol: str) -> None:
+    """Garbage closes the socket that sent it with a close code; a call in
+    flight on another socket is answered all the same."""
+    with trio.fail_after(30):
+        async with open_gateway() as server, open_raw(server.url, subprotocol) as good:
+            call = {"t": "call", "id": 1, "op": "Blocker.wait", "key": "b", "msg": {}}
+            await good.send_message(encode(call, subprotocol))
+            for message, code in _garbage(subprotocol):
+                async with open_raw(server.url, subprotocol) as bad:
+                    await bad.send_message(message)
+                    with pytest.raises(ConnectionClosed) as caught:
+                        await bad.get_message()
+                    assert _code(caught.value) == code
+            # The first socket's request is still running: cancel it.
+            answer = await exchange(good, {"t": "cancel", "id": 1}, subprotocol)
+            assert answer == {
+                "t": "error",
+                "id": 1,
+                "code": "cancelled",
+                "message": "cancelled",
+            }
+            assert server.statistics().closed == {"bad_frame": 3}
+
+
+async def test_an_oversized_message_closes_1009(subprotocol: str) -> None:
+    with trio.fail_after(30):
+        async with (
+            open_gateway(max_message_size=1000) as server,
+            open_raw(server.url, subprotocol) as ws,
+        ):
+            big = {
+                "t": "call",
+                "id": 1,
+                "op": "Counter.add",
+                "key": "a",
+                "msg": {"pad": "x" * 2000},
+            }
+            await ws.send_message(encode(big, subprotocol))
+            with pytest.raises(ConnectionClosed) as caught:
+                await ws.get_message()
+            assert _code(caught.value) == CloseCode.MESSAGE_TOO_BIG
+
+
+async def test_cancel_cancels_that_request_only(subprotocol: str) -> None:
+    Blocker.cancelled = 0
+    with trio.fail_after(30):
+        async with open_gateway() as server, open_raw(server.url, subprotocol) as ws:
+            for request_id in (1, 2):
+                call: dict[str, object] = {
+                    "t": "call",
+                    "id": request_id,
+                    "op": "Blocker.wait",
+                    "key": f"b{request_id}",
+                    "msg": {},
+                }
+                await ws.send_message(encode(call, subprotocol))
+            answer = await exchange(ws, {"t": "cancel", "id": 2}, subprotocol)
+            assert answer["id"] == 2
+            assert answer["code"] == "cancelled"
+            assert Blocker.cancelled == 1
+            duplicate = {
+                "t": "call",
+                "id": 1,
+                "op": "Counter.add",
+                "key": "a",
+                "msg": {"amount": 1},
+            }
+            assert (await exchange(ws, duplicate, subprotocol))[
+                "code"
+            ] == "duplicate_id"
+        # Closing the socket cancels the rest of its work.
+        with trio.fail_after(5):
+            while Blocker.cancelled < 2:  # noqa: ASYNC110 - set in another runner task
+                await trio.sleep(0.01)
+
+
+async def test_concurrent_requests_are_bounded_per_socket(subprotocol: str) -> None:
+    with trio.fail_after(30):
+        async with (
+            open_gateway(max_concurrent_requests=2) as server,
+            open_raw(server.url, subprotocol) as ws,
+        ):
+            for request_id in (1, 2):
+                call: dict[str, object] = {
+                    "t": "call",
+                    "id": request_id,
+                    "op": "Blocker.wait",
+                    "key": "b",
+                    "msg": {},
+                }
+                await ws.send_message(encode(call, subprotocol))
+            call = {
+                "t": "call",
+                "id": 3,
+                "op": "Counter.add",
+                "key": "a",
+                "msg": {"amount": 1},
+            }
+            assert (await exchange(ws, call, subprotocol))[
+                "code"
+            ] == "too_many_requests"
+            async with open_raw(server.url, subprotocol) as other:  # its own bound
+                assert (await exchange(other, call, subprotocol))["v"] == 1
+
+
+async def test_streams_send_no_more_than_the_credit(subprotocol: str) -> None:
+    with trio.fail_after(30):
+        async with open_gateway() as server, open_raw(server.url, subprotocol) as ws:
+            frame = {
+                "t": "stream",
+                "id": 1,
+                "op": "Counter.count",
+                "key": "a",
+                "msg": {"upto": 5},
+                "credit": 2,
+            }
+            assert await exchange(ws, frame, subprotocol) == {
+                "t": "item",
+                "id": 1,
+                "v": 0,
+            }
+            assert decode(await ws.get_message()) == {"t": "item", "id": 1, "v": 1}
+            with trio.move_on_after(0.3):
+                extra = decode(await ws.get_message())
+                pytest.fail(f"sent beyond the credit: {extra}")
+            await ws.send_message(
+                encode({"t": "credit", "id": 1, "n": 10}, subprotocol)
+            )
+            items = [decode(await ws.get_message()) for _ in range(4)]
+            assert [item.get("v") for item in items[:3]] == [2, 3, 4]
+            assert items[3] == {"t": "end", "id": 1}
+
+
+async def test_authentication_refuses_before_the_upgrade(subprotocol: str) -> None:
+    async def authenticate(handshake: object) -> str:
+        token = handshake.query.get("token") or handshake.headers.get("authorization")  # type: ignore[attr-defined]
+        if token == "banned":
+            raise UnauthorizedError(reason="banned", status=403)
+        if token not in ("s3cret", "Bearer s3cret"):
+            raise UnauthorizedError(reason="bad token")
+        return "alice"
+
+    gateway = Gateway(
+        entities=[expose(Counter)], services=[Whoami()], authenticate=authenticate
+    )
+    with trio.fail_after(30):
+        async with open_gateway(gateway) as server:
+            for query, status in (
+                ("", 401),
+                ("?token=nope", 401),
+                ("?token=banned", 403),
+            ):
+                with pytest.raises(ConnectionRejected) as caught:
+                    async with open_websocket(
+                        server.url + query, subprotocols=[subprotocol]
+                    ):
+                        pass
+                assert caught.value.status_code == status
+            async with open_raw(server.url + "?token=s3cret", subprotocol) as ws:
+                call = {"t": "call", "id": 1, "op": "whoami.get", "msg": None}
+                assert (await exchange(ws, call, subprotocol))["v"] == "alice"
+            assert server.statistics().refused_unauthorized == 3
+
+
+async def test_authorization_is_asked_per_operation(subprotocol: str) -> None:
+    asked: list[tuple[object, str, str | None]] = []
+
+    async def authorize(principal: object, operation: object) -> bool:
+        asked.append((principal, operation.name, operation.key))  # type: ignore[attr-defined]
+        return bool(operation.key != "private")  # type: ignore[attr-defined]
+
+    gateway = Gateway(entities=[expose(Counter)], authorize=authorize)
+    with trio.fail_after(30):
+        async with (
+            open_gateway(gateway) as server,
+            open_raw(server.url, subprotocol) as ws,
+        ):
+            call = {
+                "t": "call",
+                "id": 1,
+                "op": "Counter.add",
+                "key": "private",
+                "msg": {"amount": 1},
+            }
+            assert (await exchange(ws, call, subprotocol))["code"] == "forbidden"
+            call["key"] = "public"
+            assert (await exchange(ws, call, subprotocol))["v"] == 1
+            assert asked == [
+                (None, "Counter.add", "private"),
+                (None, "Counter.add", "public"),
+            ]
+
+
+async def test_connects_over_the_rate_get_429_then_a_block(subprotocol: str) -> None:
+    with trio.fail_after(30):
+        async with open_gateway(
+            connect_rate=WindowLimit(2, per=60.0, block_for=300.0)
+        ) as server:
+            for _ in range(2):
+                async with open_raw(server.url, subprotocol):
+                    pass
+            with pytest.raises(ConnectionRejected) as caught:
+                async with open_websocket(server.url, subprotocols=[subprotocol]):
+                    pass
+            assert caught.value.status_code == 429
+            headers = dict(caught.value.headers or [])
+            assert headers[b"retry-after"] == b"300"
+            assert server.statistics().refused_rate_limited == 1
+
+
+async def test_a_flooding_socket_is_closed_and_others_are_served(
+    subprotocol: str,
+) -> None:
+    with trio.fail_after(30):
+        async with (
+            open_gateway(message_rate=RateLimit(10.0, burst=20.0)) as server,
+            open_raw(server.url, subprotocol) as calm,
+            open_raw(server.url, subprotocol) as flood,
+        ):
+            for _ in range(1000):
+                await flood.send_message(encode({"t": "ping"}, subprotocol))
+            with pytest.raises(ConnectionClosed) as caught:
+                await read_until_closed(flood)
+            assert _code(caught.value) == CloseCode.RATE_LIMITED
+            call = {
+                "t": "call",
+                "id": 1,
+                "op": "Counter.add",
+                "key": "a",
+                "msg": {"amount": 1},
+            }
+            assert (await exchange(calm, call, subprotocol))["v"] == 1
+            assert server.statistics().closed == {"rate_limited": 1}
+
+
+async def test_wrong_path_subprotocol_or_plain_http_are_refused(
+    subprotocol: str,
+) -> None:
+    with trio.fail_after(30):
+        async with open_gateway() as server:
+            with pytest.raises(ConnectionRejected) as caught:
+                async with open_websocket(server.url + "x", subprotocols=[subprotocol]):
+                    pass
+            assert caught.value.status_code == 404
+            with pytest.raises(ConnectionRejected) as caught:
+                async with open_websocket(server.url, subprotocols=["chat.v2"]):
+                    pass
+            assert caught.value.status_code == 400
+            async with await trio.open_tcp_stream("127.0.0.1", server.port) as stream:
+                await stream.send_all(b"GET /gateway.js HTTP/1.1\r\nHost: x\r\n\r\n")
+                response = b""
+                while chunk := await stream.receive_some():
+                    response += chunk
+            assert response.startswith(b"HTTP/1.1 200 OK")
+            assert b"export class GatewayClient" in response
+            assert server.statistics().refused_other == 2
+
+
+async def test_a_batch_of_frames_is_handled_in_order(subprotocol: str) -> None:
+    calls = [
+        {
+            "t": "call",
+            "id": n,
+            "op": "Counter.add",
+            "key": "batch",
+            "msg": {"amount": 1},
+        }
+        for n in range(1, 4)
+    ]
+    with trio.fail_after(30):
+        async with open_gateway() as server, open_raw(server.url, subprotocol) as ws:
+            await ws.send_message(encode([*calls, {"t": "nope", "id": 9}], subprotocol))
+            answers: list[dict[str, Any]] = []
+            while len(answers) < 4:
+                message = decode(await ws.get_message())
+                answers += message if isinstance(message, list) else [message]
+            # The calls run concurrently: each is answered once, in any order.
+            replies = {a["id"]: a["v"] for a in answers if a["t"] == "reply"}
+            assert sorted(replies) == [1, 2, 3]
+            assert sorted(replies.values()) == [1, 2, 3]
+            (refused,) = [a for a in answers if a["t"] == "error"]
+            assert (refused["id"], refused["code"]) == (9, "unknown_kind")
+            assert server.statistics().frames_received == 4

@@ -1,0 +1,204 @@
+"""Topics over real sockets: publications in offset order, each once;
+resume after a dropped socket loses and duplicates nothing; a position out
+of the history says ``recovered: false``; two runners: subscribers on one,
+the publisher on the other."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+import trio_cluster as tc
+from trio_cluster.gateway import (
+    JSON,
+    MSGPACK,
+    ClientConfig,
+    CloseCode,
+    Gateway,
+    GatewayCallError,
+    GatewayServer,
+    Publication,
+    Topic,
+    open_gateway_client,
+    publish,
+    serve_gateway,
+)
+from trio_cluster.storage import MemoryStorage
+from trio_cluster.transport import MemoryNetwork, MemoryTransport
+
+from ..helpers import config
+from .app import decode, encode, exchange, open_raw
+
+ROOMS = Gateway(topics=lambda name: name.startswith("room:"))
+
+
+@asynccontextmanager
+async def open_topic_gateway(
+    gateway: Gateway = ROOMS,
+) -> AsyncIterator[tuple[tc.Runner, GatewayServer]]:
+    async with (
+        tc.open_runner(entities=[Topic]) as runner,
+        trio.open_nursery() as nursery,
+    ):
+        server: GatewayServer = await nursery.start(
+            serve_gateway, runner, gateway, "127.0.0.1", 0
+        )
+        yield runner, server
+        nursery.cancel_scope.cancel()
+
+
+async def take(items: AsyncIterator[Publication], n: int) -> list[Any]:
+    """The next ``n`` publications' (offset, data)."""
+    got = []
+    async for item in items:
+        got.append((item.offset, item.data))
+        if len(got) == n:
+            break
+    return got
+
+
+@pytest.mark.parametrize("subprotocol", [JSON, MSGPACK])
+async def test_subscribers_get_every_publication_in_order(subprotocol: str) -> None:
+    with trio.fail_after(30):
+        async with (
+            open_topic_gateway() as (runner, server),
+            open_gateway_client(
+                server.url, config=ClientConfig(subprotocol=subprotocol)
+            ) as client,
+            client.subscribe("room:1") as room,
+        ):
+            iterator = aiter(room)
+            for n in range(3):
+                await publish(runner, "room:1", {"n": n})
+            assert await take(iterator, 3) == [
+                (1, {"n": 0}),
+                (2, {"n": 1}),
+                (3, {"n": 2}),
+            ]
+            with pytest.raises(GatewayCallError) as caught:
+                async with client.subscribe("secret:1"):
+                    pass
+            assert caught.value.code == "not_found"
+
+
+async def test_a_dropped_socket_resumes_without_loss_or_duplicates() -> None:
+    with trio.fail_after(30):
+        async with (
+            open_topic_gateway() as (runner, server),
+            open_gateway_client(server.url) as client,
+            client.subscribe("room:2") as room,
+        ):
+            iterator = aiter(room)
+            for n in range(2):
+                await publish(runner, "room:2", n)
+            assert [data for _, data in await take(iterator, 2)] == [0, 1]
+            for connection in server.connections():
+                connection.end(CloseCode.GOING_AWAY, "maintenance")
+            for n in range(2, 5):  # published while the client reconnects
+                await publish(runner, "room:2", n)
+            await publish(runner, "room:2", 5)
+            got = await take(iterator, 4)
+            assert got == [(3, 2), (4, 3), (5, 4), (6, 5)]
+            assert client.state.reconnect_count == 1
+            while room.recovered is None:  # noqa: ASYNC110 - the answer follows the replay
+                await trio.sleep(0.01)
+            assert room.recovered is True
+
+
+async def test_a_position_out_of_the_history_is_not_recovered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(Topic, "history_size", 2)
+    with trio.fail_after(30):
+        async with (
+            open_topic_gateway() as (runner, server),
+            open_raw(server.url) as ws,
+        ):
+            first = await exchange(ws, {"t": "subscribe", "id": 1, "topic": "room:3"})
+            epoch = first["v"]["epoch"]
+            assert first["v"] == {"epoch": epoch, "offset": 0, "recovered": False}
+            for n in range(5):
+                await publish(runner, "room:3", n)
+            async with open_raw(server.url) as again:
+                since = {"epoch": epoch, "offset": 1}
+                answer = await exchange(
+                    again,
+                    {"t": "subscribe", "id": 1, "topic": "room:3", "since": since},
+                )
+                assert answer["v"] == {"epoch": epoch, "offset": 5, "recovered": False}
+                since = {"epoch": epoch, "offset": 3}
+                answer = await exchange(
+                    again,
+                    {"t": "subscribe", "id": 2, "topic": "room:3", "since": since},
+                )
+                # Recovered: the two it missed, then the answer.
+                assert answer == {
+                    "t": "pub",
+                    "topic": "room:3",
+                    "epoch": epoch,
+                    "offset": 4,
+                    "data": 3,
+                }
+            await ws.send_message(
+                encode({"t": "unsubscribe", "id": 9, "topic": "room:3"})
+            )
+            while (frame := decode(await ws.get_message()))["t"] == "pub":
+                pass  # the five publications it was sent meanwhile
+            assert frame == {"t": "reply", "id": 9, "v": True}
+
+
+async def test_subscribers_on_one_runner_the_publisher_on_another() -> None:
+    storage, network = MemoryStorage(), MemoryNetwork()
+
+    async def serve(port: int, *, task_status: trio.TaskStatus[tc.Runner]) -> None:
+        async with tc.open_runner(
+            entities=[Topic],
+            config=config(runner_address=tc.RunnerAddress("127.0.0.1", port)),
+            storage=storage,
+            transport=MemoryTransport(network),
+        ) as runner:
+            task_status.started(runner)
+            await trio.sleep_forever()
+
+    with trio.fail_after(60):
+        async with AsyncExitStack() as stack:
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            stack.callback(nursery.cancel_scope.cancel)
+            a: tc.Runner = await nursery.start(serve, 7001)
+            b: tc.Runner = await nursery.start(serve, 7002)
+            await a.wait_shards_acquired()
+            await b.wait_shards_acquired()
+            server: GatewayServer = await nursery.start(
+                serve_gateway, a, ROOMS, "127.0.0.1", 0
+            )
+            topics = [f"room:{n}" for n in range(6)]  # some live on b
+            clients = [
+                await stack.enter_async_context(open_gateway_client(server.url))
+                for _ in range(3)
+            ]
+            subscriptions = [
+                await stack.enter_async_context(client.subscribe(topic))
+                for client in clients
+                for topic in topics
+            ]
+            for topic in topics:
+                for n in range(3):
+                    await publish(b, topic, n)
+            for subscription in subscriptions:
+                assert [data for _, data in await take(aiter(subscription), 3)] == [
+                    0,
+                    1,
+                    2,
+                ]
+            # One entity stream per topic on this gateway, for its 3 sockets.
+            hub = server._topics.hub  # type: ignore[union-attr]
+            assert sorted(hub._followers) == topics
+            assert all(len(f.subscribers) == 3 for f in hub._followers.values())
+            assert {a.owner_of(a.client(Topic)(t)) for t in topics} == {
+                a.address,
+                b.address,
+            }

@@ -1,0 +1,420 @@
+"""`serve_gateway`: the gateway's accept loop, refusals, and heartbeats
+(Trio driver).
+
+Theory of operation. Each accepted TCP connection is one task
+(`GatewayServer._accept`), in this order, each step able to refuse it with
+nothing the client sent processed further:
+
+1. a slot (`Admission`: ``max_connections`` sockets, ``max_pending_upgrades``
+   of them before their upgrade), else the stream is closed unread;
+2. the request head (`read_head`), within ``open_timeout`` of the accept;
+   ``GET /gateway.js`` is answered with the JavaScript client here;
+3. the connect rate of the client's IP address (`KeyedWindows`): HTTP 429
+   with ``Retry-After``;
+4. the path, the upgrade, a subprotocol both sides speak: else 404, 426 or
+   400;
+5. the authentication hook with the `Handshake`: `UnauthorizedError` (or a
+   None principal) is HTTP 401/403, any other exception 500 (logged);
+6. the upgrade (trio-websocket, on the bytes read replayed), the welcome
+   frame, then `ClientConnection.run` until the socket ends.
+
+Heartbeats: one task per gateway drives one `Heartbeats` structure for all
+sockets; it sleeps in a cancel scope whose deadline is the next due time
+(moved earlier when a socket is added), so an idle gateway with ten
+thousand sockets has one timer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Final
+
+import attrs
+import trio
+from trio_websocket import wrap_server_stream
+
+from .._core._heartbeat import Disconnect, Heartbeats, SendPing
+from .._core._ratelimit import KeyedWindows
+from .._log_limit import LogLimiter
+from ..transport._ws_admission import Admission, ConnectionLimits
+from ..transport._ws_connection import CONNECTION_ERRORS, describe
+from ..transport._ws_handshake import remote_host, remote_name
+from ..transport._ws_outbox import Outbox, open_outbox
+from ._client_info import ClientInfo
+from ._connection import ClientConnection
+from ._definition import Gateway, Handshake, resolve_routes
+from ._errors import UnauthorizedError
+from ._http import HeadError, ReplayStream, client_script, http_response, read_head
+from ._protocol import SUBPROTOCOLS, CloseCode
+from ._statistics import GatewayCounters, GatewayStatistics, render_gateway_metrics
+from ._topics import Topic, TopicAccess, TopicHub
+
+if TYPE_CHECKING:
+    from .._runner import Runner
+    from ._definition import Route
+    from ._http import Head
+
+__all__ = ["GatewayServer", "serve_gateway"]
+
+log = logging.getLogger("trio_cluster.gateway")
+
+
+class GatewayServer:
+    """A running gateway (what ``nursery.start(serve_gateway, ...)`` returns)."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        gateway: Gateway,
+        routes: dict[str, Route],
+        host: str,
+        port: int,
+    ) -> None:
+        config = gateway.config
+        self.host = host
+        self.port = port
+        """The port listened on (the real one when 0 was asked)."""
+        self._runner = runner
+        self._gateway = gateway
+        self._config = config
+        self._routes = routes
+        self._counters = GatewayCounters()
+        self._warnings = LogLimiter(logger=log)
+        self._admission = Admission(
+            ConnectionLimits(config.max_connections, config.max_pending_upgrades)
+        )
+        self._connect_rate = (
+            None if config.connect_rate is None else KeyedWindows(config.connect_rate)
+        )
+        self._heartbeats = Heartbeats(
+            interval=config.ping_interval, timeout=config.ping_timeout
+        )
+        self._connections: dict[int, ClientConnection] = {}
+        self._numbers = 0
+        self._sleep: trio.CancelScope | None = None
+        self._closing = False
+        self._topics: TopicAccess | None = None
+        self._emptied = trio.Event()
+        """Set when the last socket is forgotten."""
+
+    @property
+    def runner(self) -> Runner:
+        """The runner the gateway serves."""
+        return self._runner
+
+    @property
+    def url(self) -> str:
+        """``ws://host:port/path`` of the gateway."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}{self._config.path}"
+
+    def statistics(self) -> GatewayStatistics:
+        """A snapshot of the gateway's counters."""
+        self._counters.connections = len(self._connections)
+        return self._counters.snapshot()
+
+    def connections(self) -> list[ClientConnection]:
+        """The sockets up now."""
+        return list(self._connections.values())
+
+    def render_metrics(self) -> str:
+        """Prometheus lines of the gateway (give it to `serve_metrics`'
+        ``extra``)."""
+        return render_gateway_metrics(
+            self.statistics(), {"runner": str(self._runner.address)}
+        )
+
+    # ------------------------------------------------------------------
+    # Heartbeats
+
+    async def _beat(self) -> None:
+        heartbeats = self._heartbeats
+        while True:
+            with trio.CancelScope(deadline=heartbeats.next_deadline()) as self._sleep:
+                await trio.sleep_forever()
+            for command in heartbeats.due(trio.current_time()):
+                connection = self._connections.get(command.key)
+                if connection is None:
+                    continue
+                if isinstance(command, SendPing):
+                    connection.ping()
+                elif isinstance(command, Disconnect):
+                    connection.end(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+
+    def _seen(self, number: int) -> None:
+        self._heartbeats.seen(number, trio.current_time())
+
+    def _watch(self, connection: ClientConnection) -> None:
+        if self._closing:
+            connection.end(CloseCode.GOING_AWAY, "gateway shutting down")
+        self._connections[connection.number] = connection
+        due = self._heartbeats.add(connection.number, trio.current_time())
+        sleep = self._sleep
+        if sleep is not None and due < sleep.deadline:
+            sleep.deadline = due
+
+    def _forget(self, connection: ClientConnection) -> None:
+        self._connections.pop(connection.number, None)
+        self._heartbeats.remove(connection.number)
+        if not self._connections:
+            self._emptied.set()
+
+    # ------------------------------------------------------------------
+    # Accepting
+
+    async def handle_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one accepted stream as the accept loop does (steps 1-6 of
+        the module docstring), until its socket ends; the stream is closed
+        then. For a listener of your own, or a test over memory streams.
+
+        Nothing the client does raises here (failures are logged, bounded).
+        Cancellation: the socket's work is cancelled, the stream closed.
+        """
+        await self._accept(stream)
+
+    async def _accept(self, stream: trio.abc.Stream) -> None:
+        slot = self._admission.admit()
+        if slot is None:
+            self._counters.refused_other += 1
+            await trio.aclose_forcefully(stream)
+            return
+        remote = remote_name(stream)
+        try:
+            async with trio.open_nursery() as nursery:
+                connection = await self._open(nursery, stream, remote)
+                slot.hello_done()
+                if connection is not None:
+                    self._watch(connection)
+                    try:
+                        connection.send_welcome()
+                        await connection.run()
+                    finally:
+                        self._forget(connection)
+                nursery.cancel_scope.cancel()
+        except* CONNECTION_ERRORS as group:
+            log.debug("gateway connection from %s: %s", remote, describe(group))
+        except* Exception as group:
+            self._warnings.log(
+                logging.WARNING,
+                remote_host(remote),
+                "failed connections",
+                "gateway connection from %s failed: %r",
+                remote,
+                group.exceptions[0],
+            )
+        finally:
+            slot.release()
+            await trio.aclose_forcefully(stream)
+
+    async def _open(
+        self, nursery: trio.Nursery, stream: trio.abc.Stream, remote: str
+    ) -> ClientConnection | None:
+        """Steps 2-6 of the module docstring: the upgraded connection, or
+        None once the client has been answered (or gave up)."""
+        config = self._config
+        with trio.move_on_after(config.open_timeout):
+            try:
+                head = await read_head(stream)
+            except HeadError as exc:
+                self._counters.refused_other += 1
+                await _Answer.text(exc.status, str(exc)).send(stream)
+                return None
+            if head is None:
+                return None
+            answer = self._answer_for(head, remote)
+            if answer is not None:
+                await answer.send(stream)
+                return None
+            subprotocol = next(
+                item for item in head.subprotocols if item in SUBPROTOCOLS
+            )
+            handshake = Handshake(
+                remote=remote,
+                path=head.path,
+                query=head.query,
+                headers=head.headers,
+                subprotocol=subprotocol,
+            )
+            principal, refusal = await self._authenticate(handshake)
+            if refusal is not None:
+                await refusal.send(stream)
+                return None
+            outbox = open_outbox(nursery, stream)
+            request = await wrap_server_stream(
+                nursery,
+                ReplayStream(head.raw, outbox),
+                message_queue_size=config.message_queue_size,
+                max_message_size=config.max_message_size,
+            )
+            ws = await request.accept(subprotocol=subprotocol)
+            self._numbers += 1
+            self._counters.connections_accepted += 1
+            info = ClientInfo(
+                id=str(self._runner.new_id()),
+                principal=principal,
+                remote=remote,
+                subprotocol=subprotocol,
+            )
+            return ClientConnection(
+                ws,
+                info,
+                number=self._numbers,
+                routes=self._routes,
+                config=config,
+                authorize=self._gateway.authorize,
+                counters=self._counters,
+                warnings=self._warnings,
+                seen=self._seen,
+                outbox=outbox if isinstance(outbox, Outbox) else None,
+                topics=self._topics,
+            )
+        self._counters.refused_other += 1
+        log.debug("no upgrade from %s within %s s", remote, config.open_timeout)
+        return None
+
+    def _answer_for(self, head: Head, remote: str) -> _Answer | None:
+        """The HTTP answer to ``head`` instead of an upgrade (a file, or a
+        refusal), or None to go on."""
+        config = self._config
+        static = self._static(head.path)
+        if static is not None and head.method == "GET" and not head.upgrade:
+            body, content_type = static
+            return _Answer(200, body, content_type, _STATIC_HEADERS)
+        if self._connect_rate is not None:
+            wait = self._connect_rate.check(remote_host(remote), trio.current_time())
+            if wait > 0:
+                self._counters.refused_rate_limited += 1
+                retry = (("Retry-After", str(math.ceil(wait))),)
+                return _Answer.text(429, "too many connections", retry)
+        answer: _Answer | None = None
+        if head.path != config.path:
+            answer = _Answer.text(404, f"the gateway is at {config.path}")
+        elif head.method != "GET" or not head.upgrade:
+            answer = _Answer.text(426, "a WebSocket upgrade is required")
+        elif not any(item in SUBPROTOCOLS for item in head.subprotocols):
+            offer = ", ".join(SUBPROTOCOLS)
+            answer = _Answer.text(400, f"offer one of the subprotocols {offer}")
+        if answer is not None:
+            self._counters.refused_other += 1
+        return answer
+
+    def _static(self, path: str) -> tuple[bytes, str] | None:
+        """The body and content type of a file served at ``path``: the
+        JavaScript client, or one of the definition's ``pages``."""
+        if path == "/gateway.js":
+            return client_script(), "text/javascript; charset=utf-8"
+        page = self._gateway.pages.get(path)
+        if page is None:
+            return None
+        return page.encode(), "text/html; charset=utf-8"
+
+    async def _authenticate(
+        self, handshake: Handshake
+    ) -> tuple[object, _Answer | None]:
+        """The principal, or the refusal to answer (None for the principal
+        then). A hook that raises anything but `UnauthorizedError` is a bug
+        of the application: 500, logged (bounded)."""
+        hook = self._gateway.authenticate
+        if hook is None:
+            await trio.lowlevel.checkpoint()
+            return None, None
+        try:
+            principal = await hook(handshake)
+        except UnauthorizedError as exc:
+            self._counters.refused_unauthorized += 1
+            return None, _Answer.text(exc.status, exc.reason)
+        except Exception as exc:
+            self._warnings.log(
+                logging.ERROR,
+                "authenticate",
+                "failed authentications",
+                "the gateway's authenticate hook raised %r",
+                exc,
+            )
+            self._counters.refused_other += 1
+            return None, _Answer.text(500, "authentication failed")
+        if principal is None:
+            self._counters.refused_unauthorized += 1
+            return None, _Answer.text(401, "unauthorized")
+        return principal, None
+
+    async def aclose(self) -> None:
+        """Close every socket with 1001 (going away) and wait, at most
+        ``close_timeout``, for the clients to answer. Sockets that open
+        meanwhile are closed too. Cancellation: stops waiting."""
+        self._closing = True
+        for connection in list(self._connections.values()):
+            connection.end(CloseCode.GOING_AWAY, "gateway shutting down")
+        with trio.move_on_after(self._config.close_timeout):
+            while self._connections:
+                self._emptied = trio.Event()
+                await self._emptied.wait()
+        await trio.lowlevel.checkpoint()
+
+
+_STATIC_HEADERS: Final = (
+    ("Access-Control-Allow-Origin", "*"),
+    ("Cache-Control", "max-age=300"),
+)
+
+
+@attrs.frozen
+class _Answer:
+    """An HTTP response given instead of an upgrade."""
+
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def text(
+        cls, status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()
+    ) -> _Answer:
+        return cls(status, f"{reason}\n".encode(), headers=headers)
+
+    async def send(self, stream: trio.abc.Stream) -> None:
+        await stream.send_all(
+            http_response(
+                self.status,
+                self.body,
+                content_type=self.content_type,
+                headers=self.headers,
+            )
+        )
+
+
+async def serve_gateway(
+    runner: Runner,
+    gateway: Gateway,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[GatewayServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``gateway`` for ``runner`` on ``host:port`` until cancelled;
+    ``started`` gets the `GatewayServer` (its ``port`` is the real one).
+
+    Each socket is a task of its own; whatever one client does (bad frames,
+    floods, stalls, a reset) ends that socket only, never the server.
+
+    Raises:
+        ConfigError, EntityDefinitionError: the definition cannot be served
+            (before ``started``).
+        OSError: the port cannot be bound (before ``started``).
+
+    Cancellation: stops listening and cancels every socket's work (no close
+    frames are sent: call `GatewayServer.aclose` first for a graceful end).
+    """
+    routes = resolve_routes(runner, gateway)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()
+    server = GatewayServer(runner, gateway, routes, host, bound[1])
+    async with trio.open_nursery() as nursery:
+        if gateway.topics is not None:
+            hub = TopicHub(runner.client(Topic), nursery)
+            server._topics = TopicAccess(hub, gateway.topics)
+        nursery.start_soon(server._beat)
+        await nursery.start(trio.serve_listeners, server._accept, listeners)
+        task_status.started(server)

@@ -1,0 +1,341 @@
+// trio_cluster gateway client for browsers: a dependency-free ES module,
+// served by the gateway at GET /gateway.js. Protocol: trio_cluster.json.v1
+// (docs/gateway.md). Same behaviour as the Trio client: one socket kept up
+// with jittered exponential backoff, calls with request ids, cancellation
+// (AbortSignal -> "cancel" frame), streams with credit, topics with
+// resume (from the last offset delivered), typed errors,
+// application-level ping/pong and a silent server detected within
+// ping_interval + ping_timeout.
+
+export const SUBPROTOCOL = "trio_cluster.json.v1";
+export const PROTOCOL_VERSION = 1;
+
+/** A call refused or failed on the server (code: see docs/gateway.md). */
+export class GatewayCallError extends Error {
+  constructor(frame) {
+    super(`${frame.code}: ${frame.message}`);
+    this.name = "GatewayCallError";
+    this.code = frame.code;
+    this.type = frame.type ?? null; // the declared error's tag, or the cluster error's type
+    this.data = frame.data ?? null; // the declared error's fields
+  }
+  get retryable() {
+    return this.code === "unavailable" || this.code === "too_many_requests";
+  }
+}
+
+/** The socket closed before the reply: whether the call ran is unknown. */
+export class GatewayDisconnectedError extends Error {
+  constructor(code, reason) {
+    super(`gateway connection closed (${code}: ${reason})`);
+    this.name = "GatewayDisconnectedError";
+    this.code = code;
+    this.reason = reason;
+  }
+}
+
+const DEFAULTS = {
+  token: null, // sent as ?token=... (a browser cannot set headers)
+  openTimeout: 10000, // ms to open the socket and read the welcome frame
+  backoff: { initial: 100, maximum: 30000, factor: 2, jitter: 0.5 },
+  maxAttempts: null, // consecutive failed attempts before giving up
+  onStateChange: null, // called with the state after every change
+};
+
+export class GatewayClient {
+  constructor(url, options = {}) {
+    this.options = { ...DEFAULTS, ...options, backoff: { ...DEFAULTS.backoff, ...options.backoff } };
+    const target = new URL(url, globalThis.location?.href);
+    if (this.options.token !== null) target.searchParams.set("token", this.options.token);
+    this.url = target.toString();
+    this.state = {
+      connected: false,
+      lastError: null,
+      reconnectCount: 0,
+      lastConnectTime: null,
+      failedAttempts: 0,
+      connectionId: null,
+    };
+    this._nextId = 0;
+    this._pending = new Map();
+    this._topics = new Map();
+    this._ws = null;
+    this._closed = false;
+    this._opened = 0;
+    this._waiters = [];
+    this._timer = null;
+    this._connect();
+  }
+
+  /** Resolves once a socket is up (rejects if the client gave up or was closed). */
+  waitConnected() {
+    if (this.state.connected) return Promise.resolve();
+    if (this._closed) return Promise.reject(new Error(this.state.lastError ?? "closed"));
+    return new Promise((resolve, reject) => this._waiters.push({ resolve, reject }));
+  }
+
+  /**
+   * Call operation `op` ("Counter.increment") with a plain-data message;
+   * `key` is the entity id (none for a service). Rejects with
+   * GatewayCallError or GatewayDisconnectedError; `signal` aborts the call
+   * (the server cancels it).
+   */
+  async call(op, msg, { key = null, signal = null } = {}) {
+    await this.waitConnected();
+    signal?.throwIfAborted();
+    const id = ++this._nextId;
+    const frame = { t: "call", id, op, msg };
+    if (key !== null) frame.key = key;
+    return new Promise((resolve, reject) => {
+      const onAbort = () => {
+        if (this._pending.delete(id)) this._send({ t: "cancel", id });
+        reject(signal.reason);
+      };
+      this._pending.set(id, {
+        resolve: (value) => { signal?.removeEventListener("abort", onAbort); resolve(value); },
+        reject: (error) => { signal?.removeEventListener("abort", onAbort); reject(error); },
+      });
+      signal?.addEventListener("abort", onAbort, { once: true });
+      this._send(frame);
+    });
+  }
+
+  /**
+   * Open a stream: `for await (const item of client.stream(op, msg, { key }))`.
+   * The server sends at most `credit` items ahead of those read; leaving
+   * the loop early cancels the stream's handler on the server.
+   */
+  stream(op, msg, { key = null, credit = 16 } = {}) {
+    const client = this;
+    return {
+      async *[Symbol.asyncIterator]() {
+        await client.waitConnected();
+        const id = ++client._nextId;
+        const items = [];
+        let wake = null;
+        let ended = false;
+        let failure = null;
+        const notify = () => wake?.();
+        client._pending.set(id, {
+          item: (value) => { items.push(value); notify(); },
+          resolve: () => { ended = true; notify(); },
+          reject: (error) => { failure = error; notify(); },
+        });
+        const frame = { t: "stream", id, op, msg, credit };
+        if (key !== null) frame.key = key;
+        client._send(frame);
+        const batch = Math.max(1, Math.floor(credit / 2));
+        let read = 0;
+        try {
+          while (true) {
+            if (items.length > 0) {
+              read += 1;
+              if (read >= batch) {
+                client._send({ t: "credit", id, n: read });
+                read = 0;
+              }
+              yield items.shift();
+            } else if (failure !== null) {
+              throw failure;
+            } else if (ended) {
+              return;
+            } else {
+              await new Promise((resolve) => { wake = resolve; });
+              wake = null;
+            }
+          }
+        } finally {
+          if (client._pending.delete(id)) client._send({ t: "cancel", id });
+        }
+      },
+    };
+  }
+
+  /**
+   * Subscribe to a topic: `onPublication({ topic, epoch, offset, data })`
+   * is called for each publication, in offset order, once. After a
+   * reconnect the subscription resumes from the last publication it
+   * delivered; `subscription.recovered` then says whether nothing was lost.
+   * Resolves once subscribed (rejects with GatewayCallError if refused);
+   * `subscription.unsubscribe()` ends it.
+   */
+  async subscribe(topic, onPublication) {
+    if (this._topics.has(topic)) throw new Error(`already subscribed to ${topic}`);
+    const subscription = {
+      topic,
+      position: null,
+      recovered: null,
+      onPublication,
+      unsubscribe: () => {
+        if (this._topics.get(topic) !== subscription) return;
+        this._topics.delete(topic);
+        this._send({ t: "unsubscribe", id: ++this._nextId, topic });
+      },
+    };
+    this._topics.set(topic, subscription);
+    try {
+      await this._subscribe(subscription);
+    } catch (error) {
+      this._topics.delete(topic);
+      throw error;
+    }
+    return subscription;
+  }
+
+  async _subscribe(subscription) {
+    await this.waitConnected();
+    const frame = { t: "subscribe", id: ++this._nextId, topic: subscription.topic };
+    const since = subscription.position;
+    if (since !== null) frame.since = since;
+    const value = await new Promise((resolve, reject) => {
+      this._pending.set(frame.id, { resolve, reject });
+      this._send(frame);
+    });
+    if (since !== null) subscription.recovered = value.recovered;
+  }
+
+  _publication(frame) {
+    const subscription = this._topics.get(frame.topic);
+    if (subscription === undefined) return;
+    const last = subscription.position;
+    if (last !== null && last.epoch === frame.epoch && frame.offset <= last.offset) return;
+    subscription.position = { epoch: frame.epoch, offset: frame.offset };
+    subscription.onPublication({ topic: frame.topic, epoch: frame.epoch, offset: frame.offset, data: frame.data });
+  }
+
+  /** Close the socket for good; pending calls are rejected. */
+  close() {
+    this._closed = true;
+    clearTimeout(this._timer);
+    this._ws?.close(1000, "client closed");
+    this._setState({ connected: false, lastError: "closed" });
+    for (const waiter of this._waiters.splice(0)) waiter.reject(new Error("closed"));
+  }
+
+  _setState(changes) {
+    this.state = { ...this.state, ...changes };
+    this.options.onStateChange?.(this.state);
+  }
+
+  _send(frame) {
+    if (this._ws?.readyState === WebSocket.OPEN) this._ws.send(JSON.stringify(frame));
+  }
+
+  _connect() {
+    if (this._closed) return;
+    let welcomed = false;
+    let ws;
+    try {
+      ws = new WebSocket(this.url, [SUBPROTOCOL]);
+    } catch (error) {
+      this._failed(String(error));
+      return;
+    }
+    this._ws = ws;
+    const openTimer = setTimeout(() => {
+      if (!welcomed) ws.close(4000, "no welcome frame in time");
+    }, this.options.openTimeout);
+    let silence = null;
+    let silenceTimer = null;
+    const heard = () => {
+      clearTimeout(silenceTimer);
+      if (silence !== null) {
+        silenceTimer = setTimeout(() => ws.close(4000, "heartbeat timeout"), silence);
+      }
+    };
+    ws.onmessage = (event) => {
+      let message;
+      try {
+        message = JSON.parse(event.data);
+      } catch {
+        ws.close(1007, "not JSON");
+        return;
+      }
+      heard();
+      // A message is one frame, or a batch: a list of frames, in order.
+      for (const frame of Array.isArray(message) ? message : [message]) {
+        if (frame.t === "welcome") onWelcome(frame);
+        else this._received(frame);
+      }
+    };
+    const onWelcome = (frame) => {
+      if (frame.v !== PROTOCOL_VERSION) {
+        ws.close(4000, `protocol version ${frame.v}, expected ${PROTOCOL_VERSION}`);
+        return;
+      }
+      welcomed = true;
+      clearTimeout(openTimer);
+      silence = (frame.ping_interval + frame.ping_timeout) * 1000;
+      heard();
+      this._opened += 1;
+      this._setState({
+        connected: true,
+        reconnectCount: this._opened - 1,
+        lastConnectTime: Date.now(),
+        failedAttempts: 0,
+        connectionId: frame.id,
+      });
+      for (const waiter of this._waiters.splice(0)) waiter.resolve();
+      // Subscribe again, from the last publication delivered.
+      for (const subscription of this._topics.values()) {
+        this._subscribe(subscription).catch(() => {});
+      }
+    };
+    ws.onclose = (event) => {
+      clearTimeout(openTimer);
+      clearTimeout(silenceTimer);
+      const reason = event.reason || (event.code === 1006 ? "connection lost" : "closed");
+      for (const [id, pending] of this._pending) {
+        this._pending.delete(id);
+        pending.reject(new GatewayDisconnectedError(event.code, reason));
+      }
+      if (this._ws === ws) this._ws = null;
+      if (welcomed) {
+        this._setState({ connected: false, lastError: `closed (${event.code}: ${reason})` });
+        this._schedule(0);
+      } else {
+        this._failed(`could not connect (${event.code}: ${reason})`);
+      }
+    };
+  }
+
+  _received(frame) {
+    if (frame.t === "ping") {
+      this._send({ t: "pong" });
+      return;
+    }
+    if (frame.t === "pub") {
+      this._publication(frame);
+      return;
+    }
+    const pending = this._pending.get(frame.id);
+    if (pending === undefined) return; // a reply to a call given up, a pong
+    if (frame.t === "item") {
+      pending.item?.(frame.v);
+      return;
+    }
+    this._pending.delete(frame.id);
+    if (frame.t === "reply") pending.resolve(frame.v);
+    else if (frame.t === "end") pending.resolve();
+    else if (frame.t === "error") pending.reject(new GatewayCallError(frame));
+  }
+
+  _failed(error) {
+    const failed = this.state.failedAttempts + 1;
+    this._setState({ connected: false, lastError: error, failedAttempts: failed });
+    const max = this.options.maxAttempts;
+    if (max !== null && failed >= max) {
+      this._closed = true;
+      for (const waiter of this._waiters.splice(0)) waiter.reject(new Error(error));
+      return;
+    }
+    this._schedule(failed - 1);
+  }
+
+  _schedule(attempt) {
+    if (this._closed) return;
+    const { initial, maximum, factor, jitter } = this.options.backoff;
+    const delay = Math.min(maximum, initial * factor ** attempt);
+    this._timer = setTimeout(() => this._connect(), delay * (1 - jitter * Math.random()));
+  }
+}
