@@ -156,7 +156,7 @@ async def test_exhausted_attempts_dead_letter_the_request(autojump_clock):
     assert (letter.primary_key, letter.error) == ("never", error.error)
 
 
-async def test_a_non_retryable_error_dead_letters_at_once(autojump_clock):
+async def test_a_non_retryable_error_dead_letters_at_once(autojump_clock, caplog):
     Flaky.reset()
     async with open_clocked_runner([Flaky]) as runner:
         with pytest.raises(tc.DeadLetteredError, match="KeyError") as raised:
@@ -164,6 +164,13 @@ async def test_a_non_retryable_error_dead_letters_at_once(autojump_clock):
         assert raised.value.attempts == 1
         assert Flaky.runs["k"] == 1
         assert runner.statistics().dead_letters["non_retryable"] == 1
+        # The handler's final answer, not a crash: the entity was not
+        # restarted (no crash logged, no restart backoff before the next call).
+        before = trio.current_time()
+        assert await runner.client(Flaky)("f").note(Job("n")) == 1
+        assert trio.current_time() == before
+    assert not [r for r in caplog.records if "crashed" in r.getMessage()]
+    assert [r.levelname for r in caplog.records if "dead-lettered" in r.getMessage()]
 
 
 async def test_declared_errors_are_replies_not_failures(autojump_clock):

@@ -668,13 +668,19 @@ class EntityManager:
         self, slot: Slot, job: Job, exc: Exception, *, during_start: bool
     ) -> Exit | Requeue:
         """``job``'s handler (or ``on_start``, ``during_start``) raised
-        ``exc``: its outcome. Anything but a declared error of the handler
-        crashes the incarnation (see `EntityLifecycle.crash`)."""
+        ``exc``: its outcome. Anything but a declared error of the handler,
+        or an error its retry policy names ``non_retryable`` (a persisted
+        request's final failure: dead-lettered, see `Attempts`), crashes the
+        incarnation (see `EntityLifecycle.crash`)."""
         handler = job.handler
-        if not during_start and handler.reply.is_declared(exc):
-            slot.crashes = 0
-            self.messages_handled += 1
-            return declared(handler, exc, self.serialize)
+        if not during_start:
+            if handler.reply.is_declared(exc):
+                slot.crashes = 0
+                self.messages_handled += 1
+                return declared(handler, exc, self.serialize)
+            if job.persisted and isinstance(exc, handler.retry.non_retryable):
+                self.messages_handled += 1
+                return crashed(exc, address=slot.address, runner=self.runner_label)
         phase = "on_start" if during_start else handler.spec.name
         log.error(
             "entity %s crashed in %s; restarting it",

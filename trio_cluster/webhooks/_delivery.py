@@ -159,7 +159,9 @@ def entity_classes(webhooks: Webhooks) -> tuple[type[Entity], ...]:
         "dead": rpc(
             persisted=True,
             primary_key=_dead_key,
-            retry=RetryPolicy(max_attempts=1),
+            # Its error is the delivery's final answer: dead-lettered at
+            # once, no restart, no traceback (the dead letter says why).
+            retry=RetryPolicy(max_attempts=1, non_retryable=(WebhookDeliveryError,)),
         )(dead),
         "__module__": __name__,
     }
