@@ -345,6 +345,9 @@ RULES = {
                 (
                     "trio_cluster._core",
                     "trio_cluster.gateway",
+                    # The bridge from the event bus (a delivery part on the
+                    # public API itself).
+                    "trio_cluster.events",
                     # The declarative API (entity classes, handler specs and
                     # their codecs), errors, log limits and serialization:
                     # contracts, never the engine.

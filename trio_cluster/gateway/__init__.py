@@ -20,6 +20,7 @@ from typing import Any
 
 from .._core._ratelimit import RateLimit, WindowLimit
 from .._metadata import fixup_module_metadata
+from ._bridge import bridge, event_data
 from ._client import GatewayClient, open_gateway_client
 from ._client_config import ClientConfig, ConnectionState
 from ._client_info import ClientInfo, current_client
@@ -75,7 +76,9 @@ __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.p
     "Topic",
     "UnauthorizedError",
     "WindowLimit",
+    "bridge",
     "current_client",
+    "event_data",
     "expose",
     "open_gateway_client",
     "publish",
