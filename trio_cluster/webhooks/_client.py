@@ -354,6 +354,11 @@ class WebhookClient:
             attrs.evolve(message, postponed=message.postponed + 1, due=due),
         )
 
+    def count_postponed(self) -> None:
+        """Count a delivery the circuit breaker holds in its handler (an
+        ordered endpoint's: it waits there rather than being saved again)."""
+        self._postponed += 1
+
     async def dead(
         self,
         endpoint_id: str,
