@@ -48,7 +48,7 @@ from ._errors import (
     WebhookDeliveryError,
     WebhooksNotOpenError,
 )
-from ._ordered import deliver_in_order
+from ._ordered import RECHECK, deliver_in_order
 
 if TYPE_CHECKING:
     from ._client import WebhookClient
@@ -129,7 +129,7 @@ def entity_classes(webhooks: Webhooks) -> tuple[type[Entity], ...]:
         await _deliver(webhooks, self, message)
 
     async def deliver_ordered(self: EndpointState, message: WebhookMessage) -> None:
-        await deliver_in_order(webhooks, self, _client(webhooks), message)
+        await deliver_in_order(webhooks, self, await _wait_client(webhooks), message)
 
     classes: list[type[Entity]] = []
     for suffix, concurrency, handler, retry in (
@@ -223,6 +223,26 @@ async def _deliver(
     next_at = client.runner.clock.now() + delay
     await client.retry(state.id, endpoint.ordered, message, next_at)
     await client.record(state.id, message, wall, result, next_at)
+
+
+async def _wait_client(webhooks: Webhooks) -> WebhookClient:
+    """The part's client on the runner running the handler, once the part
+    is open there (checked every `RECHECK` seconds): an ordered delivery
+    waits in its handler, so that the next one cannot pass it.
+    Cancellation propagates."""
+    runner = current_runner()
+    warned = False
+    while (client := webhooks.client_of(runner)) is None:
+        if not warned:
+            log.warning(
+                "webhooks %r are not open on this runner (Webhooks.open(runner,"
+                " storage)): an ordered delivery waits for them",
+                webhooks.name,
+            )
+            warned = True
+        await trio.sleep(RECHECK)
+    await trio.lowlevel.checkpoint()
+    return client
 
 
 def _client(webhooks: Webhooks) -> WebhookClient:
