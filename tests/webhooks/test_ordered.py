@@ -19,7 +19,7 @@ from trio_cluster.webhooks import (
     Webhooks,
 )
 
-from ..helpers import clock, config
+from ..helpers import FailFirst, clock, config
 from .sink import Sink, endpoint, opened, settle
 
 SHORT = RetrySchedule((0, 5, 30, 60), jitter=0)
@@ -210,6 +210,31 @@ async def test_a_restart_mid_wait_continues_the_schedule(autojump_clock):
         assert attempts[1].at == failed.next_at
 
 
+async def test_a_storage_failure_while_held_does_not_let_the_next_pass(
+    autojump_clock,
+):
+    storage = MemoryStorage()
+    async with opened(Webhooks(schedule=SHORT), storage) as (_, client, sink):
+        sink.scripts["a"] = lambda n: httpx.Response(500 if n == 1 else 200)
+        await client.register(endpoint("a", ordered=True))
+        storage.fault_hook = FailFirst("record_attempts", 2, "connection lost")
+        start = trio.current_time()
+        first = (await client.send("e", 1)).message_id
+        second = (await client.send("e", 2)).message_id
+        await settle(100)
+        # the record is written again in the handler; the retry keeps its time
+        assert rounded(sink, "a", start) == [
+            (0.0, first),
+            (5.01, first),
+            (5.02, second),
+        ]
+        attempts = await client.attempts(message_id=first)
+        assert [(a.attempt, a.outcome) for a in attempts] == [
+            (1, "failure"),
+            (2, "success"),
+        ]
+
+
 def record(attempt: int, outcome: str, wall: float, due: float | None) -> AttemptRecord:
     """A recorded attempt of ``msg_1`` to ``a``, its next one ``due``
     seconds after wall time ``wall``."""
@@ -240,10 +265,10 @@ def record(attempt: int, outcome: str, wall: float, due: float | None) -> Attemp
     ],
 )
 async def test_a_delivery_resumes_from_its_recorded_attempts(
-    autojump_clock,
+    autojump_clock: object,
     recorded: list[tuple[int, str, float | None]],
     expected: list[tuple[float, int]],
-):
+) -> None:
     webhooks = Webhooks(schedule=SHORT)
     async with opened(webhooks) as (runner, client, sink):
         await client.register(endpoint("a", ordered=True))
