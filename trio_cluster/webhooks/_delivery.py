@@ -10,6 +10,9 @@ saved twice); when an attempt fails, the handler saves the next one with
 before it returns. So every retry is in storage before the attempt before
 it is done, is delivered at its time by whichever runner owns the endpoint
 then, and an attempt interrupted by a crash is made again by the next owner.
+That is the unordered endpoints' handler (`_deliver`); an ordered
+endpoint's handler keeps the delivery through its retries instead, so its
+later deliveries wait (`_ordered`).
 
 The handler never raises for a failed attempt: a delivery that ends
 without success (attempts exhausted, endpoint disabled, 410 Gone) is handed
@@ -21,8 +24,10 @@ entity restarts it and cancels its other handlers).
 
 The circuit breaker and the rate limit are per endpoint and per
 incarnation of its entity (in memory: a new owner starts closed). While the
-breaker is open a delivery is saved again for the end of the cool-down,
-with the same attempt number: waiting is not an attempt.
+breaker is open a delivery to an unordered endpoint is saved again for the
+end of the cool-down, with the same attempt number: waiting is not an
+attempt. The HTTP attempt itself, with the rate limit and the breaker's
+bookkeeping, is `_attempt.make_attempt`.
 """
 
 from __future__ import annotations
