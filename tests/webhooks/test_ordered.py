@@ -19,7 +19,7 @@ from trio_cluster.webhooks import (
     Webhooks,
 )
 
-from ..helpers import FailFirst, clock, config
+from ..helpers import FailFirst, clock, config, open_clocked_runner
 from .sink import Sink, endpoint, opened, settle
 
 SHORT = RetrySchedule((0, 5, 30, 60), jitter=0)
@@ -233,6 +233,34 @@ async def test_a_storage_failure_while_held_does_not_let_the_next_pass(
             (1, "failure"),
             (2, "success"),
         ]
+
+
+async def test_a_held_delivery_waits_for_the_part_to_open_again(autojump_clock):
+    webhooks = Webhooks(schedule=SHORT)
+    storage = MemoryStorage()
+    async with open_clocked_runner(webhooks.entities, storage=storage) as runner:
+        sink = Sink(runner.clock.now)
+        sink.scripts["a"] = lambda n: httpx.Response(500 if n == 1 else 200)
+        transport = httpx.MockTransport(sink.handler)
+        start = trio.current_time()
+        async with webhooks.open(runner, storage, transport=transport) as client:
+            await client.register(endpoint("a", ordered=True))
+            first = (await client.send("e", 1)).message_id
+            second = (await client.send("e", 2)).message_id
+            await settle(1)
+        # closed while the first waits for its retry (due at 5.01): the
+        # retry waits for the part, checked every second; the second waits
+        await settle(7)
+        assert rounded(sink, "a", start) == [(0.0, first)]
+        async with webhooks.open(runner, storage, transport=transport) as client:
+            await settle(100)
+            assert rounded(sink, "a", start) == [
+                (0.0, first),
+                (8.01, first),
+                (8.02, second),
+            ]
+            attempts = await client.attempts(message_id=first)
+            assert [a.attempt for a in attempts] == [1, 2]
 
 
 def record(attempt: int, outcome: str, wall: float, due: float | None) -> AttemptRecord:

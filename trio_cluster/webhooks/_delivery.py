@@ -53,7 +53,7 @@ from ._errors import (
     WebhookDeliveryError,
     WebhooksNotOpenError,
 )
-from ._ordered import RECHECK, deliver_in_order
+from ._ordered import deliver_in_order
 
 if TYPE_CHECKING:
     from ._client import WebhookClient
@@ -125,7 +125,7 @@ def entity_classes(webhooks: Webhooks) -> tuple[type[Entity], ...]:
     # An ordered delivery is held in its handler through its retries (hours
     # on the default schedule): a wait is not a failure, but every new owner
     # of its shard claims it again, and storage counts each claim as an
-    # attempt. Room for that many failovers (and restarts of the part).
+    # attempt. Room for that many failovers.
     ordered_retry = RetryPolicy(
         max_attempts=ORDERED_MAX_CLAIMS, backoff=Backoff(0.5, 30.0, jitter=0.5)
     )
@@ -134,7 +134,7 @@ def entity_classes(webhooks: Webhooks) -> tuple[type[Entity], ...]:
         await _deliver(webhooks, self, message)
 
     async def deliver_ordered(self: EndpointState, message: WebhookMessage) -> None:
-        await deliver_in_order(webhooks, self, await _wait_client(webhooks), message)
+        await deliver_in_order(webhooks, self, message)
 
     classes: list[type[Entity]] = []
     for suffix, concurrency, handler, retry in (
@@ -228,26 +228,6 @@ async def _deliver(
     next_at = client.runner.clock.now() + delay
     await client.retry(state.id, endpoint.ordered, message, next_at)
     await client.record(state.id, message, wall, result, next_at)
-
-
-async def _wait_client(webhooks: Webhooks) -> WebhookClient:
-    """The part's client on the runner running the handler, once the part
-    is open there (checked every `RECHECK` seconds): an ordered delivery
-    waits in its handler, so that the next one cannot pass it.
-    Cancellation propagates."""
-    runner = current_runner()
-    warned = False
-    while (client := webhooks.client_of(runner)) is None:
-        if not warned:
-            log.warning(
-                "webhooks %r are not open on this runner (Webhooks.open(runner,"
-                " storage)): an ordered delivery waits for them",
-                webhooks.name,
-            )
-            warned = True
-        await trio.sleep(RECHECK)
-    await trio.lowlevel.checkpoint()
-    return client
 
 
 def _client(webhooks: Webhooks) -> WebhookClient:

@@ -26,29 +26,33 @@ endpoint drains its deliveries to the dead letters without waiting for
 their retries. The circuit breaker holds a delivery in the handler too (not
 counted as an attempt).
 
-A storage failure while the delivery is held (reading the endpoint,
-recording an attempt) is retried in the handler with a backoff, so it does
-not hand the request back to the runtime (which would let the next
-delivery pass it); the shard's lease bounds how long that lasts.
+Nothing while the delivery is held hands the request back to the runtime
+(which would let the next delivery pass it): each step uses the part's
+client open on the runner then, waiting for one if the part is not open
+(yet, or again: `open_client`), and a storage failure (reading the
+endpoint, recording an attempt) is retried in the handler with a backoff;
+the shard's lease bounds how long that lasts. Only a part closed during an
+HTTP attempt raises (its pools are closed).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import attrs
 import trio
 
-from trio_cluster import Backoff, PersistenceError
+from trio_cluster import Backoff, PersistenceError, current_runner
 from trio_cluster.abc import AttemptRecord
 
 from .._core._retry import spread
 from ._attempt import breaker_of, endpoint_record, make_attempt, not_enabled
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Sequence
 
     from trio_cluster.abc import EndpointRecord
 
@@ -57,7 +61,7 @@ if TYPE_CHECKING:
     from ._delivery import WebhookMessage
     from ._webhooks import Webhooks
 
-__all__ = ["RECHECK", "Resume", "deliver_in_order", "resume"]
+__all__ = ["RECHECK", "Resume", "deliver_in_order", "open_client", "resume"]
 
 log = logging.getLogger("trio_cluster.webhooks")
 
@@ -70,6 +74,7 @@ STORAGE_BACKOFF = Backoff(0.5, 30.0, jitter=0.5)
 is held."""
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 @attrs.frozen
@@ -85,19 +90,10 @@ class Resume:
     nothing is left to attempt."""
 
 
-async def resume(
-    client: WebhookClient, endpoint_id: str, message: WebhookMessage
-) -> Resume:
-    """Where ``message``'s schedule stands: past the attempts recorded for it
-    (this generation's, numbered after ``message.earlier``), else where the
-    message itself says.
-
-    Raises:
-        PersistenceError: storage failed.
-    """
-    records = await client.storage.attempts(
-        message_id=message.message_id, endpoint_id=endpoint_id
-    )
+def resume(message: WebhookMessage, records: Sequence[AttemptRecord]) -> Resume:
+    """Where ``message``'s schedule stands, given the attempts recorded for
+    its delivery: past this generation's (numbered after
+    ``message.earlier``), else where the message itself says."""
     mine = [r for r in records if r.attempt - message.earlier >= message.attempt]
     if not mine:
         return Resume(message.attempt, message.due)
@@ -108,71 +104,95 @@ async def resume(
 
 
 async def deliver_in_order(
-    webhooks: Webhooks,
-    state: EndpointState,
-    client: WebhookClient,
-    message: WebhookMessage,
+    webhooks: Webhooks, state: EndpointState, message: WebhookMessage
 ) -> None:
     """Deliver ``message`` to its ordered endpoint, retrying in this handler
     until it succeeds or ends with the dead letters (see the module
-    docstring); continues a schedule already started (`resume`).
+    docstring); continues a schedule already started (`resume`). It uses
+    the part's client open on this runner at each step, waiting for one
+    (`open_client`).
 
     Cancellation (the shard stops) propagates at once: the request stays
-    claimed, for the shard's next owner to resume. Raises what the HTTP
-    pools raise once closed (`RuntimeError`): the runtime retries the
-    request.
+    claimed, for the shard's next owner to resume. Raises `RuntimeError`
+    if the part closes during an HTTP attempt (its pools close): the
+    runtime retries the request.
     """
-    where = await _stubborn(resume, client, state.id, message)
+    records = await _stubborn(
+        webhooks,
+        lambda c: c.storage.attempts,
+        message_id=message.message_id,
+        endpoint_id=state.id,
+    )
+    where = resume(message, records)
     if where.last is not None:
-        await _finished(client, state.id, message, where.last)
+        await _finished(webhooks, state.id, message, where.last)
         return
-    attempt, due = where.attempt, where.due
-    while True:
-        current = attrs.evolve(message, attempt=attempt, due=due)
-        endpoint = await _hold(webhooks, state, client, due)
-        if (why := not_enabled(endpoint)) is not None:
-            await _stubborn(client.dead, state.id, current, why, disabled=True)
-            return
-        assert endpoint is not None
-        await _admit(webhooks, state, client)
-        wall, result = await make_attempt(
-            webhooks, state, client, endpoint, message.message_id, message.body
+    step: Resume | None = where
+    while step is not None:
+        step = await _attempt_once(webhooks, state, message, step)
+
+
+async def _attempt_once(
+    webhooks: Webhooks, state: EndpointState, message: WebhookMessage, step: Resume
+) -> Resume | None:
+    """Wait for attempt ``step`` and make it; the next one, or None if the
+    delivery ended (success, dead letters)."""
+    current = attrs.evolve(message, attempt=step.attempt, due=step.due)
+    endpoint = await _hold(webhooks, state, step.due)
+    if (why := not_enabled(endpoint)) is not None:
+        await _stubborn(
+            webhooks, lambda c: c.dead, state.id, current, why, disabled=True
         )
-        if result.outcome == "success":
-            await _stubborn(client.record, state.id, current, wall, result, None)
-            return
-        if result.outcome == "gone":
-            state.record = attrs.evolve(endpoint, enabled=False)
-            await _stubborn(client.disable_gone, state.id)
-            await _stubborn(client.record, state.id, current, wall, result, None)
-            await _stubborn(
-                client.dead,
-                state.id,
-                current,
-                "the endpoint answered 410 Gone",
-                disabled=True,
-            )
-            return
-        delay = webhooks.schedule.next_delay(
-            attempt,
-            retry_after=result.retry_after,
-            random_unit=spread(f"{message.message_id}/{state.id}/{attempt}"),
+        return None
+    assert endpoint is not None
+    client = await open_client(webhooks)
+    await _admit(webhooks, state, client)
+    wall, result = await make_attempt(
+        webhooks, state, client, endpoint, message.message_id, message.body
+    )
+    if result.outcome == "success":
+        await _stubborn(
+            webhooks, lambda c: c.record, state.id, current, wall, result, None
         )
-        next_at = None if delay is None else client.runner.clock.now() + delay
-        await _stubborn(client.record, state.id, current, wall, result, next_at)
-        if next_at is None:
-            await _stubborn(
-                client.dead,
-                state.id,
-                current,
-                f"{attempt} attempt(s) failed, the last with {result.error}",
-            )
-            return
-        attempt, due = attempt + 1, next_at
+        return None
+    if result.outcome == "gone":
+        state.record = attrs.evolve(endpoint, enabled=False)
+        await _stubborn(webhooks, lambda c: c.disable_gone, state.id)
+        await _stubborn(
+            webhooks, lambda c: c.record, state.id, current, wall, result, None
+        )
+        await _stubborn(
+            webhooks,
+            lambda c: c.dead,
+            state.id,
+            current,
+            "the endpoint answered 410 Gone",
+            disabled=True,
+        )
+        return None
+    delay = webhooks.schedule.next_delay(
+        step.attempt,
+        retry_after=result.retry_after,
+        random_unit=spread(f"{message.message_id}/{state.id}/{step.attempt}"),
+    )
+    next_at = None if delay is None else client.runner.clock.now() + delay
+    await _stubborn(
+        webhooks, lambda c: c.record, state.id, current, wall, result, next_at
+    )
+    if next_at is None:
+        await _stubborn(
+            webhooks,
+            lambda c: c.dead,
+            state.id,
+            current,
+            f"{step.attempt} attempt(s) failed, the last with {result.error}",
+        )
+        return None
+    return Resume(step.attempt + 1, next_at)
 
 
 async def _finished(
-    client: WebhookClient,
+    webhooks: Webhooks,
     endpoint_id: str,
     message: WebhookMessage,
     last: AttemptRecord,
@@ -189,22 +209,44 @@ async def _finished(
     else:
         error = f"{current.attempt} attempt(s) failed, the last with {last.error}"
         disabled = False
-    await _stubborn(client.dead, endpoint_id, current, error, disabled=disabled)
+    await _stubborn(
+        webhooks, lambda c: c.dead, endpoint_id, current, error, disabled=disabled
+    )
+
+
+async def open_client(webhooks: Webhooks) -> WebhookClient:
+    """The part's client on the runner running the handler, once the part
+    is open there (checked every `RECHECK` seconds): an ordered delivery
+    waits in its handler, so that the next one cannot pass it.
+    Cancellation propagates."""
+    runner = current_runner()
+    warned = False
+    while (client := webhooks.client_of(runner)) is None:
+        if not warned:
+            log.warning(
+                "webhooks %r are not open on this runner (Webhooks.open(runner,"
+                " storage)): an ordered delivery waits for them",
+                webhooks.name,
+            )
+            warned = True
+        await trio.sleep(RECHECK)
+    await trio.lowlevel.checkpoint()
+    return client
 
 
 async def _hold(
-    webhooks: Webhooks,
-    state: EndpointState,
-    client: WebhookClient,
-    due: float | None,
+    webhooks: Webhooks, state: EndpointState, due: float | None
 ) -> EndpointRecord | None:
     """Wait until wall time ``due``; return the endpoint's record then, or
     as soon as it is disabled or deleted (read again every
     ``max(endpoint_refresh, RECHECK)`` seconds)."""
     interval = max(webhooks.endpoint_refresh, RECHECK)
     while True:
-        endpoint = await _stubborn(endpoint_record, webhooks, state, client)
-        left = -math.inf if due is None else due - client.runner.clock.now()
+        endpoint = await _stubborn(
+            webhooks, lambda c: functools.partial(endpoint_record, webhooks, state, c)
+        )
+        now = current_runner().clock.now()
+        left = -math.inf if due is None else due - now
         if left <= 0 or not_enabled(endpoint) is not None:
             return endpoint
         await trio.sleep(min(left, interval))
@@ -225,16 +267,24 @@ async def _admit(
 
 
 async def _stubborn(
-    fn: Callable[..., Awaitable[T]], *args: object, **kwargs: object
+    webhooks: Webhooks,
+    method: Callable[[WebhookClient], Callable[P, Awaitable[T]]],
+    *args: P.args,
+    **kwargs: P.kwargs,
 ) -> T:
-    """``fn(*args, **kwargs)``, tried again with a backoff while it raises
-    `PersistenceError` (a held delivery must not be handed back to the
-    runtime: the next one would pass it). Cancellation propagates."""
+    """``method(client)(*args, **kwargs)`` with the part's open client,
+    tried again while it raises `PersistenceError`: with a backoff, or at
+    once with the next client if the part was closed meanwhile (a held
+    delivery must not be handed back to the runtime: the next one would
+    pass it). Cancellation propagates."""
     failures = 0
     while True:
+        client = await open_client(webhooks)
         try:
-            return await fn(*args, **kwargs)
+            return await method(client)(*args, **kwargs)
         except PersistenceError as exc:
+            if not client.is_open:
+                continue  # closed under it: its successor (when open) goes on
             delay = STORAGE_BACKOFF.delay(failures, random_unit=spread(f"{failures}"))
             failures += 1
             log.warning(
