@@ -99,3 +99,71 @@ async def test_webhook_retries_fire_on_schedule_across_a_failover(
     assert status == 200
     assert 'trio_cluster_webhook_attempts_total{outcome="success"} 1' in body
     assert 'trio_cluster_webhook_attempts_total{outcome="failure"} 2' in body
+
+
+async def test_an_ordered_delivery_resumes_its_schedule_across_a_failover(
+    cluster: MultiCluster,
+) -> None:
+    arrivals: list[tuple[float, str]] = []
+
+    async def respond(path: str, headers: dict[str, str], body: bytes) -> int:
+        message_id = verify_webhook(headers, body, SECRET)
+        arrivals.append((datetime.now(UTC).timestamp(), message_id))
+        return 503 if len(arrivals) < 4 else 200
+
+    runners = [
+        await cluster.spawn(name, env=FAST_LEASES, target=TARGET) for name in ("a", "b")
+    ]
+    for runner in runners:
+        await runner.wait_ready()
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_http, respond)
+        storage = PostgresStorage(cluster.dsn, table_prefix=cluster.prefix)
+        async with cluster.client() as client, WEBHOOKS.open(client, storage) as hooks:
+            await hooks.register(
+                WebhookEndpoint(
+                    "ord", f"http://127.0.0.1:{port}/hook", SECRET, ordered=True
+                )
+            )
+            first = await hooks.send("order.paid", {"order": 1})
+            second = await hooks.send("order.paid", {"order": 2})
+            with trio.fail_after(30):
+                while True:
+                    if await hooks.attempts(message_id=first.message_id):
+                        break
+                    await trio.sleep(0.05)
+            holder = client.owner_of(
+                client.client(WEBHOOKS.ordered_type).address_of("ord")
+            )
+            victim = next(r for r in runners if r.address == str(holder))
+            survivor = next(r for r in runners if r is not victim)
+            victim.kill()  # SIGKILL, while the first delivery waits in its handler
+            with trio.fail_after(60):
+                while True:
+                    done = await hooks.attempts(message_id=second.message_id)
+                    if done and done[-1].outcome == "success":
+                        break
+                    await trio.sleep(0.1)
+            attempts = await hooks.attempts(message_id=first.message_id)
+        nursery.cancel_scope.cancel()
+    # The survivor continued the first delivery's schedule (attempt numbers
+    # and due times), and the second went only after it succeeded.
+    assert [(a.attempt, a.outcome) for a in attempts] == [
+        (1, "failure"),
+        (2, "failure"),
+        (3, "failure"),
+        (4, "success"),
+    ]
+    assert [m for _, m in arrivals] == [first.message_id] * 4 + [second.message_id]
+    lateness = []
+    for before, after in itertools.pairwise(attempts):
+        assert before.next_at is not None
+        late = after.at - before.next_at
+        lateness.append(late)
+        assert -0.05 <= late <= LATE, (before, after)
+    log.info(
+        "ordered webhook retries across a failover: lateness %s s",
+        [round(x, 3) for x in lateness],
+    )
+    assert survivor.process is not None
+    assert survivor.process.returncode is None

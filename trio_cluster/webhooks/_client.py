@@ -354,6 +354,17 @@ class WebhookClient:
             attrs.evolve(message, postponed=message.postponed + 1, due=due),
         )
 
+    @property
+    def is_open(self) -> bool:
+        """Whether it is still its part's open client on its runner (not
+        closed by the exit of `Webhooks.open`)."""
+        return self.webhooks.client_of(self.runner) is self
+
+    def count_postponed(self) -> None:
+        """Count a delivery the circuit breaker holds in its handler (an
+        ordered endpoint's: it waits there rather than being saved again)."""
+        self._postponed += 1
+
     async def dead(
         self,
         endpoint_id: str,

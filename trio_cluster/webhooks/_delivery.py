@@ -10,6 +10,9 @@ saved twice); when an attempt fails, the handler saves the next one with
 before it returns. So every retry is in storage before the attempt before
 it is done, is delivered at its time by whichever runner owns the endpoint
 then, and an attempt interrupted by a crash is made again by the next owner.
+That is the unordered endpoints' handler (`_deliver`); an ordered
+endpoint's handler keeps the delivery through its retries instead, so its
+later deliveries wait (`_ordered`).
 
 The handler never raises for a failed attempt: a delivery that ends
 without success (attempts exhausted, endpoint disabled, 410 Gone) is handed
@@ -21,39 +24,48 @@ entity restarts it and cancels its other handlers).
 
 The circuit breaker and the rate limit are per endpoint and per
 incarnation of its entity (in memory: a new owner starts closed). While the
-breaker is open a delivery is saved again for the end of the cool-down,
-with the same attempt number: waiting is not an attempt.
+breaker is open a delivery to an unordered endpoint is saved again for the
+end of the cool-down, with the same attempt number: waiting is not an
+attempt. The HTTP attempt itself, with the rate limit and the breaker's
+bookkeeping, is `_attempt.make_attempt`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
 
 from trio_cluster import Backoff, Entity, RetryPolicy, current_runner, rpc
 
-from .._core._breaker import CircuitBreaker
-from .._core._ratelimit import RateLimit, TokenBucket
 from .._core._retry import spread
+from ._attempt import (
+    EndpointState,
+    breaker_of,
+    endpoint_record,
+    make_attempt,
+    not_enabled,
+)
 from ._errors import (
     EndpointDisabledError,
     WebhookDeliveryError,
     WebhooksNotOpenError,
 )
-from ._http import post_attempt
+from ._ordered import deliver_in_order
 
 if TYPE_CHECKING:
-    from trio_cluster.abc import EndpointRecord
-
     from ._client import WebhookClient
     from ._webhooks import Webhooks
 
 __all__ = ["DeadDelivery", "WebhookMessage", "entity_classes"]
 
 log = logging.getLogger("trio_cluster.webhooks")
+
+ORDERED_MAX_CLAIMS = 1000
+"""Attempts the runtime allows an ordered delivery's request (each claim by
+a new owner of its shard counts one; see `entity_classes`)."""
 
 MIN_POSTPONE = 0.05
 """A delivery the circuit breaker holds for less than this (seconds) waits
@@ -107,45 +119,44 @@ def _dead_key(dead: DeadDelivery) -> str:
     return f"{dead.message.message_id}/{dead.message.generation}/dead"
 
 
-class _EndpointState(Entity):
-    """Base of the endpoint entity types: the endpoint's record (cached),
-    circuit breaker and token bucket, in memory."""
-
-    type_name = "trio_cluster.webhooks"
-
-    def __init__(self) -> None:
-        self.record: EndpointRecord | None = None
-        self.loaded_at = -float("inf")
-        self.breaker: CircuitBreaker | None = None
-        self.bucket: TokenBucket | None = None
-        self.limit: RateLimit | None = None
-
-
 def entity_classes(webhooks: Webhooks) -> tuple[type[Entity], ...]:
     """The endpoint, ordered endpoint and dead entity types of ``webhooks``."""
     engine_retry = RetryPolicy(max_attempts=20, backoff=Backoff(0.5, 30.0, jitter=0.5))
+    # An ordered delivery is held in its handler through its retries (hours
+    # on the default schedule): a wait is not a failure, but every new owner
+    # of its shard claims it again, and storage counts each claim as an
+    # attempt. Room for that many failovers.
+    ordered_retry = RetryPolicy(
+        max_attempts=ORDERED_MAX_CLAIMS, backoff=Backoff(0.5, 30.0, jitter=0.5)
+    )
 
-    async def deliver(self: _EndpointState, message: WebhookMessage) -> None:
+    async def deliver(self: EndpointState, message: WebhookMessage) -> None:
         await _deliver(webhooks, self, message)
 
-    deliver.__annotations__ = {"message": WebhookMessage, "return": type(None)}
-    options: dict[str, Any] = {
-        "persisted": True,
-        "primary_key": _key,
-        "deliver_at": _due,
-        "retry": engine_retry,
-    }
+    async def deliver_ordered(self: EndpointState, message: WebhookMessage) -> None:
+        await deliver_in_order(webhooks, self, message)
+
     classes: list[type[Entity]] = []
-    for suffix, concurrency in (("", webhooks.concurrency), (".ordered", 1)):
+    for suffix, concurrency, handler, retry in (
+        ("", webhooks.concurrency, deliver, engine_retry),
+        (".ordered", 1, deliver_ordered, ordered_retry),
+    ):
+        handler.__annotations__ = {"message": WebhookMessage, "return": type(None)}
         namespace = {
             "type_name": f"trio_cluster.webhooks.{webhooks.name}{suffix}",
             "concurrency": concurrency,
             "max_idle": 300.0,
-            "deliver": rpc(**options)(deliver),
+            "deliver": rpc(
+                persisted=True,
+                primary_key=_key,
+                deliver_at=_due,
+                retry=retry,
+                name="deliver",
+            )(handler),
             "__module__": __name__,
         }
         name = f"WebhookEndpoint_{webhooks.name}{suffix.replace('.', '_')}"
-        classes.append(type(name, (_EndpointState,), namespace))
+        classes.append(type(name, (EndpointState,), namespace))
 
     async def dead(self: Entity, dead: DeadDelivery) -> None:
         error = EndpointDisabledError if dead.disabled else WebhookDeliveryError
@@ -169,41 +180,17 @@ def entity_classes(webhooks: Webhooks) -> tuple[type[Entity], ...]:
     return tuple(classes)
 
 
-async def _endpoint(
-    webhooks: Webhooks, state: _EndpointState, client: WebhookClient
-) -> EndpointRecord | None:
-    """The endpoint's record, read again when older than the part's
-    ``endpoint_refresh``."""
-    now = trio.current_time()
-    if now - state.loaded_at >= webhooks.endpoint_refresh:
-        state.record = await client.storage.get_endpoint(state.id)
-        state.loaded_at = now
-    else:
-        await trio.lowlevel.checkpoint()
-    return state.record
-
-
 async def _deliver(
-    webhooks: Webhooks, state: _EndpointState, message: WebhookMessage
+    webhooks: Webhooks, state: EndpointState, message: WebhookMessage
 ) -> None:
-    client = webhooks.client_of(current_runner())
-    if client is None:
-        raise WebhooksNotOpenError(
-            f"webhooks {webhooks.name!r} are not open on this runner"
-            " (Webhooks.open(runner, storage)): the delivery is retried later"
-        )
-    endpoint = await _endpoint(webhooks, state, client)
-    if endpoint is None or not endpoint.enabled:
-        why = (
-            "it is deleted"
-            if endpoint is None
-            else f"it is disabled ({endpoint.disabled_reason or 'by hand'})"
-        )
-        await client.dead(state.id, message, f"not attempted: {why}", disabled=True)
+    client = _client(webhooks)
+    endpoint = await endpoint_record(webhooks, state, client)
+    if (why := not_enabled(endpoint)) is not None:
+        await client.dead(state.id, message, why, disabled=True)
         return
-    if state.breaker is None:
-        state.breaker = CircuitBreaker(webhooks.breaker)
-    while (wait := state.breaker.admit(trio.current_time())) > 0:
+    assert endpoint is not None
+    breaker = breaker_of(webhooks, state)
+    while (wait := breaker.admit(trio.current_time())) > 0:
         if wait < MIN_POSTPONE:
             # Due at the end of the cool-down, give or take the rounding of
             # wall-clock times: wait here rather than save it again.
@@ -211,28 +198,12 @@ async def _deliver(
             continue
         await client.postpone(state.id, endpoint.ordered, message, wait)
         return
-    wall = client.runner.clock.now()
-    try:
-        await _take_rate(state, endpoint)
-        wall = client.runner.clock.now()
-        result = await post_attempt(
-            client.pools.for_endpoint(state.id),
-            client.pools.limiter,
-            endpoint,
-            message.message_id,
-            message.body,
-            wall,
-        )
-    except BaseException:
-        # Cancelled (or the pools closed): no outcome, and a probe must not
-        # stay out forever.
-        state.breaker.abandoned()
-        raise
+    wall, result = await make_attempt(
+        webhooks, state, client, endpoint, message.message_id, message.body
+    )
     if result.outcome == "success":
-        state.breaker.succeeded()
         await client.record(state.id, message, wall, result, None)
         return
-    state.breaker.failed(trio.current_time())
     if result.outcome == "gone":
         state.record = attrs.evolve(endpoint, enabled=False)
         await client.disable_gone(state.id)
@@ -259,15 +230,17 @@ async def _deliver(
     await client.record(state.id, message, wall, result, next_at)
 
 
-async def _take_rate(state: _EndpointState, endpoint: EndpointRecord) -> None:
-    """Wait for the endpoint's rate limit, if it has one."""
-    if endpoint.rate_per_second is None:
-        state.bucket = state.limit = None
-        return
-    limit = RateLimit(endpoint.rate_per_second, endpoint.rate_burst)
-    if state.bucket is None or state.limit != limit:
-        state.bucket = TokenBucket(limit, trio.current_time())
-        state.limit = limit
-    delay = state.bucket.take(trio.current_time())
-    if delay > 0:
-        await trio.sleep(delay)
+def _client(webhooks: Webhooks) -> WebhookClient:
+    """The part's client on the runner running the handler.
+
+    Raises:
+        WebhooksNotOpenError: the part is not open on this runner (the
+            runtime retries the delivery later).
+    """
+    client = webhooks.client_of(current_runner())
+    if client is None:
+        raise WebhooksNotOpenError(
+            f"webhooks {webhooks.name!r} are not open on this runner"
+            " (Webhooks.open(runner, storage)): the delivery is retried later"
+        )
+    return client

@@ -99,10 +99,11 @@ class WebhookEndpoint:
             default: read it back to give it to the receiver).
         event_types: the event types it receives (None: every one).
         enabled: False: sends skip it and queued deliveries to it fail.
-        ordered: its deliveries are attempted one at a time, in the order
-            they were sent (a delivery waiting for a retry does not hold
-            back the next ones); otherwise up to the part's ``concurrency``
-            at once.
+        ordered: its deliveries form a FIFO: attempted one at a time, in
+            the order they were sent, and a delivery waiting for a retry
+            holds back the next ones until it succeeds or goes to the dead
+            letters; otherwise up to the part's ``concurrency`` at once,
+            retries passed by later deliveries.
         rate: at most this many attempts per second (None: no limit).
         timeout: seconds an attempt may take to get its answer; slower is a
             failed attempt (``timeout``).

@@ -75,7 +75,10 @@ class Webhooks:
     timeout ends it; other answers, timeouts and network errors are retried
     on ``schedule`` (``Retry-After`` pushes a retry later, never earlier);
     410 Gone disables the endpoint; after the last attempt, the delivery is
-    kept with the dead letters (`WebhookClient.replay`).
+    kept with the dead letters (`WebhookClient.replay`). An ordered
+    endpoint's deliveries are a FIFO: one waiting for a retry holds back
+    the later ones, and continues its schedule on the next owner after a
+    failover.
 
     Args:
         name: the part's name (its entity types are
