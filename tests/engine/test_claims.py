@@ -196,3 +196,70 @@ async def test_a_poison_row_gets_a_typed_error_and_the_runner_serves_on(
         assert isinstance(reply.error, error), reply
         assert match in str(reply.error)
         assert runner.statistics().persisted_delivered == 1  # only "after" ran
+
+
+# ----------------------------------------------------------------------
+# The read loop waits while it cannot claim
+
+
+@attrs.frozen
+class Hold:
+    key: str
+    at: float | None = None
+
+
+class Holder(tc.Entity):
+    """Its persisted handler runs until cancelled; ``later`` is due at ``at``."""
+
+    type_name = "ClaimsHolder"
+
+    @tc.rpc(persisted=True, primary_key=lambda m: m.key)
+    async def hold(self, msg: Hold) -> None:
+        await trio.sleep_forever()
+
+    @tc.rpc(persisted=True, primary_key=lambda m: m.key, deliver_at=lambda m: m.at)
+    async def later(self, msg: Hold) -> str:
+        return msg.key
+
+
+class StepBudget(trio.abc.Instrument):
+    """Cancels ``scope`` after ``limit`` task steps: a busy loop stops
+    virtual time, so the test would otherwise never end."""
+
+    def __init__(self, scope: trio.CancelScope, limit: int) -> None:
+        self.scope, self.limit, self.steps = scope, limit, 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+        if self.steps == self.limit:
+            self.scope.cancel()
+
+
+async def test_a_due_request_at_the_in_flight_limit_does_not_spin(autojump_clock):
+    # Regression (found by the simulator's state machine property): at the
+    # in-flight limit the read loop does not claim, but it took a request's
+    # due time, once past, as a reason to wake at once, again and again: a
+    # busy loop (virtual time stood still; a real runner burned a core)
+    # until a job ended.
+    cfg = attrs.evolve(config(), max_persisted_in_flight=1)
+    with trio.CancelScope() as scope:
+        budget = StepBudget(scope, 200_000)
+        trio.lowlevel.add_instrument(budget)
+        try:
+            async with (
+                open_clocked_runner([Holder], cfg) as runner,
+                trio.open_nursery() as nursery,
+            ):
+                client = runner.client(Holder)("h")
+                nursery.start_soon(client.hold, Hold("busy"))
+                await trio.sleep(0.1)  # the one job in flight runs
+                at = runner.clock.now() + 1.0
+                await client.later.discard(Hold("due", at=at))
+                await trio.sleep(30)  # due after 1 s; the limit keeps it
+                steps = budget.steps
+                await trio.sleep(30)
+                assert budget.steps - steps < 5_000, "the read loop spins"
+                nursery.cancel_scope.cancel()
+        finally:
+            trio.lowlevel.remove_instrument(budget)
+    assert not scope.cancelled_caught, "the read loop spins (virtual time stopped)"

@@ -148,7 +148,8 @@ class Claims:
                 self._parts.manager.persisted_jobs
             )
             signal.starved = bool(shards) and budget <= 0
-            if shards and budget > 0:
+            claiming = bool(shards) and budget > 0
+            if claiming:
                 signal.next_deliver_at = math.inf
                 try:
                     with trio.fail_after(self._parts.config.lease_refresh_interval):
@@ -166,7 +167,11 @@ class Claims:
                     await trio.lowlevel.checkpoint()
                     continue
             timeout = poll
-            wake = signal.next_deliver_at
+            # A request due is worth waking for only if it can be claimed:
+            # without a shard, or at the in-flight limit, a due time past
+            # would make every wait zero (a busy loop, and virtual time
+            # standing still); a nudge, or a job's end, wakes the loop.
+            wake = signal.next_deliver_at if claiming else math.inf
             if self._deadlines:
                 wake = min(wake, self._deadlines[0][0])
             if wake != math.inf:
