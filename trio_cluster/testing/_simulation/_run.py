@@ -40,6 +40,7 @@ from trio_cluster.transport import MemoryNetwork
 from ._cluster import SimulatedCluster, open_runners
 from ._invariants import Checker
 from ._io import StorageFaults
+from ._livelock import DEFAULT_LIVELOCK_ROUNDS, LivelockWatch
 from ._probe import install_journal
 from ._runner import SimulatedRunner
 from ._storage import ObservedStorage
@@ -107,6 +108,7 @@ async def open_simulated_cluster(
     trace_frames: bool = True,
     trace_limit: int = DEFAULT_TRACE_LIMIT,
     settle_time: float | None = None,
+    livelock_rounds: int | None = DEFAULT_LIVELOCK_ROUNDS,
 ) -> AsyncIterator[SimulatedCluster]:
     """Open a cluster of ``runners`` simulated runners hosting ``entities``.
 
@@ -130,10 +132,15 @@ async def open_simulated_cluster(
             answer every persisted request); by default
             ``3 * lease_duration + 2 * storage_poll_interval +
             entity_termination_timeout``.
+        livelock_rounds: scheduler rounds at one virtual instant after which
+            the run fails as a livelock (a task looping without waiting stops
+            virtual time, so no deadline of the test would ever fire); None:
+            not watched.
 
     Raises:
         ConfigError: not on an autojump ``MockClock``, or ``runners < 1``.
-        InvariantViolation: an invariant broke (the block is cancelled).
+        InvariantViolation: an invariant broke, or virtual time stood still
+            (a livelock: see ``livelock_rounds``); the block is cancelled.
 
     On exit every runner shuts down gracefully. An exception leaving the block
     gets a note with the seed and the end of the trace. Cancelling the
@@ -186,6 +193,10 @@ async def open_simulated_cluster(
     log_handler = _TraceHandler(cluster)
     logger = logging.getLogger("trio_cluster")
     logger.addHandler(log_handler)
+    watch = None
+    if livelock_rounds is not None:
+        watch = LivelockWatch(cluster.fail, rounds=livelock_rounds)
+        trio.lowlevel.add_instrument(watch)
     try:
         async with open_runners(cluster):
             yield cluster
@@ -198,6 +209,8 @@ async def open_simulated_cluster(
         exc.add_note(describe(trace, seed))
         raise
     finally:
+        if watch is not None:
+            watch.stop()
         logger.removeHandler(log_handler)
         uninstall_journal()
         _CURRENT.reset(token)
