@@ -44,7 +44,7 @@ from ._errors import (
 from ._protocol import JSON, MSGPACK, PROTOCOL_VERSION, CloseCode, ErrorCode
 from ._server import GatewayServer, serve_gateway
 from ._statistics import ConnectionStatistics, GatewayStatistics
-from ._topics import Position, Publication, Topic, publish
+from ._topics import Position, Publication, Topic, presence, publish
 
 __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.py)
     "ClientConfig",
@@ -81,6 +81,7 @@ __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.p
     "event_data",
     "expose",
     "open_gateway_client",
+    "presence",
     "publish",
     "serve_gateway",
 ]

@@ -249,13 +249,15 @@ class GatewayClient:
 
     @asynccontextmanager
     async def subscribe(
-        self, topic: str, *, buffer: int = 10_000
+        self, topic: str, *, buffer: int = 10_000, presence: bool = False
     ) -> AsyncIterator[Subscription]:
         """Subscribe to ``topic``: ``async with client.subscribe("room:1") as
         sub: async for publication in sub``. After a reconnect the
         subscription resumes from the last publication it handed out (see
         `Subscription`). ``buffer`` publications may wait unread; one more
         closes the subscription (its iteration raises `GatewayError`).
+        With ``presence``, ``sub.presence`` is the topic's presence, kept
+        up to date (``await sub.presence_changed()``).
 
         Raises:
             ValueError: already subscribed to ``topic`` on this client.
@@ -267,7 +269,9 @@ class GatewayClient:
         """
         if topic in self._subscriptions:
             raise ValueError(f"already subscribed to {topic!r} on this client")
-        subscription = self._subscriptions[topic] = Subscription(topic, buffer)
+        subscription = self._subscriptions[topic] = Subscription(
+            topic, buffer, presence=presence
+        )
         try:
             while subscription.connection != self._opened or not self._state.connected:
                 await self.wait_connected()
@@ -292,10 +296,26 @@ class GatewayClient:
         since = subscription.since()
         if since is not None:
             frame["since"] = since
+        if subscription.presence is not None:
+            frame["presence"] = True
         value = await self._exchange(frame)
-        if isinstance(value, dict) and since is not None:
-            subscription.recovered = bool(value.get("recovered"))
+        if isinstance(value, dict):
+            subscription.answered(value, resumed=since is not None)
         subscription.connection = number
+
+    async def presence(self, topic: str) -> dict[str, Any]:
+        """The presence of ``topic`` (``{connection id: data}``), whether
+        this client subscribes to it or not.
+
+        Raises:
+            GatewayCallError: refused (``not_found``, ``forbidden``), or the
+                topic's entity failed.
+            GatewayDisconnectedError, GatewayRefusedError: as `call`.
+
+        Cancellation: as `call`.
+        """
+        value = await self._exchange({"t": "presence", "topic": topic})
+        return value if isinstance(value, dict) else {}
 
     async def _resubscribe_all(self) -> None:
         """Subscribe every subscription again on a new socket."""
@@ -647,7 +667,7 @@ class GatewayClient:
             await self._send({"t": "pong"})
             return
         await trio.lowlevel.checkpoint()
-        if kind == "pub":
+        if kind in ("pub", "presence"):
             subscription = self._subscriptions.get(frame.get("topic"))  # type: ignore[arg-type]
             if subscription is not None:
                 subscription.deliver(frame)

@@ -53,6 +53,7 @@ from ._protocol import (
     Credit,
     ErrorCode,
     FrameError,
+    ListPresence,
     OpenStream,
     Ping,
     Pong,
@@ -270,7 +271,7 @@ class ClientConnection:
             credit = self._credits.get(frame.id)
             if credit is not None:
                 credit.grant(frame.n)
-        elif isinstance(frame, Subscribe):
+        elif isinstance(frame, Subscribe | ListPresence):
             self._start_subscription(frame)
         elif isinstance(frame, Unsubscribe):
             topics = self._topics
@@ -319,7 +320,7 @@ class ClientConnection:
                 partial(self._call, frame.id, route, frame.key, message),
             )
 
-    def _start_subscription(self, frame: Subscribe) -> None:
+    def _start_subscription(self, frame: Subscribe | ListPresence) -> None:
         topics = self._topics
         request_id = frame.id
         if request_id in self._requests:
@@ -336,7 +337,6 @@ class ClientConnection:
             EntityId(frame.topic)
         except ValueError as exc:
             raise FrameError(request_id, ErrorCode.BAD_REQUEST, str(exc)) from None
-        since = None if frame.since is None else Position(*frame.since)
         scope = self._requests[request_id] = trio.CancelScope()
         self._counters.requests += 1
         assert self._nursery is not None
@@ -345,27 +345,42 @@ class ClientConnection:
             self._request,
             request_id,
             scope,
-            partial(self._subscribe, request_id, topics, frame.topic, since),
+            partial(self._subscribe, topics, frame),
         )
 
     async def _subscribe(
-        self,
-        request_id: int,
-        topics: TopicAccess,
-        topic: str,
-        since: Position | None,
+        self, topics: TopicAccess, frame: Subscribe | ListPresence
     ) -> dict[str, Any]:
+        """A subscribe's answer (after the publications it missed), or a
+        presence list's."""
+        request_id, topic = frame.id, frame.topic
         try:
+            since = None
+            if isinstance(frame, Subscribe) and frame.since is not None:
+                since = Position(*frame.since)
             authorize = self._authorize
             if authorize is not None:
-                operation = Operation("subscribe", topic, None, since)
+                operation = Operation(
+                    "subscribe" if isinstance(frame, Subscribe) else "presence",
+                    topic,
+                    None,
+                    since,
+                )
                 if not await authorize(self.info.principal, operation):
                     self.errors += 1
                     self._counters.requests_refused += 1
                     return error_frame(
                         request_id, ErrorCode.FORBIDDEN, f"not allowed: {topic}"
                     )
-            value = await topics.hub.subscribe(self, topic, since)
+            value: Any
+            if isinstance(frame, ListPresence):
+                value = await topics.hub.presence(topic)
+            else:
+                hook = topics.presence
+                data = None if hook is None else hook(self.info, topic)
+                value = await topics.hub.subscribe(
+                    self, topic, since, data, with_presence=frame.presence
+                )
             return {"t": "reply", "id": request_id, "v": value}
         except Exception as exc:
             self.errors += 1

@@ -45,6 +45,7 @@ __all__ = [
     "Credit",
     "ErrorCode",
     "FrameError",
+    "ListPresence",
     "OpenStream",
     "Ping",
     "Pong",
@@ -181,6 +182,18 @@ class Subscribe:
     id: int
     topic: str
     since: tuple[str, int] | None
+    presence: bool = False
+    """Whether the answer has the topic's presence, and presence diffs
+    follow."""
+
+
+@attrs.frozen
+class ListPresence:
+    """``{"t": "presence", "id": 5, "topic": "room:1"}``: answered with
+    ``{connection id: data}``."""
+
+    id: int
+    topic: str
 
 
 @attrs.frozen
@@ -202,7 +215,15 @@ class Pong:
 
 
 ClientFrame = (
-    Call | OpenStream | Credit | Cancel | Subscribe | Unsubscribe | Ping | Pong
+    Call
+    | OpenStream
+    | Credit
+    | Cancel
+    | Subscribe
+    | Unsubscribe
+    | ListPresence
+    | Ping
+    | Pong
 )
 
 
@@ -362,8 +383,11 @@ def _subscribe(frame: Mapping[str, Any]) -> Subscribe:
     request_id = _request_id(frame)
     topic = _topic(frame, request_id)
     since = frame.get("since")
+    presence = frame.get("presence", False)
+    if not isinstance(presence, bool):
+        raise FrameError(request_id, ErrorCode.BAD_FRAME, '"presence" must be a bool')
     if since is None:
-        return Subscribe(request_id, topic, None)
+        return Subscribe(request_id, topic, None, presence)
     epoch = since.get("epoch") if isinstance(since, dict) else None
     offset = since.get("offset") if isinstance(since, dict) else None
     if (
@@ -377,7 +401,12 @@ def _subscribe(frame: Mapping[str, Any]) -> Subscribe:
             ErrorCode.BAD_FRAME,
             '"since" must be {"epoch": string, "offset": integer >= 0}',
         )
-    return Subscribe(request_id, topic, (epoch, offset))
+    return Subscribe(request_id, topic, (epoch, offset), presence)
+
+
+def _list_presence(frame: Mapping[str, Any]) -> ListPresence:
+    request_id = _request_id(frame)
+    return ListPresence(request_id, _topic(frame, request_id))
 
 
 def _unsubscribe(frame: Mapping[str, Any]) -> Unsubscribe:
@@ -397,6 +426,7 @@ _PARSERS: Final[dict[str, Callable[[Mapping[str, Any]], ClientFrame]]] = {
     "cancel": lambda frame: Cancel(_request_id(frame)),
     "subscribe": _subscribe,
     "unsubscribe": _unsubscribe,
+    "presence": _list_presence,
     "ping": lambda frame: Ping(),
     "pong": lambda frame: Pong(),
 }

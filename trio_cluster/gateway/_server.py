@@ -413,8 +413,8 @@ async def serve_gateway(
     server = GatewayServer(runner, gateway, routes, host, bound[1])
     async with trio.open_nursery() as nursery:
         if gateway.topics is not None:
-            hub = TopicHub(runner.client(Topic), nursery)
-            server._topics = TopicAccess(hub, gateway.topics)
+            hub = TopicHub(runner.client(Topic), nursery, str(runner.address))
+            server._topics = TopicAccess(hub, gateway.topics, gateway.presence)
         nursery.start_soon(server._beat)
         await nursery.start(trio.serve_listeners, server._accept, listeners)
         task_status.started(server)

@@ -42,6 +42,16 @@ import trio
 from .._core._retry import Backoff
 from .._entity import Entity
 from .._handlers import rpc, stream
+from ._client_info import ClientInfo
+from ._presence import (
+    ListPresence,
+    PresenceDiff,
+    PresenceMirror,
+    PresenceTable,
+    Track,
+    Untrack,
+    presence_frame,
+)
 from ._protocol import encode_frame
 
 if TYPE_CHECKING:
@@ -51,6 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Follow",
+    "Followed",
     "History",
     "Position",
     "Publication",
@@ -58,6 +69,7 @@ __all__ = [
     "Topic",
     "TopicAccess",
     "TopicHub",
+    "presence",
     "publication_frame",
     "publish",
 ]
@@ -91,6 +103,21 @@ class Publish:
 class Follow:
     since: Position | None = None
     """Replay the history after this position first (same epoch only)."""
+    runner: str | None = None
+    """The following runner: its present sockets are ``present``."""
+    present: dict[str, Any] = attrs.field(factory=dict)
+    """``{connection id: data}`` of the runner's sockets in the topic's
+    presence (they replace its entries)."""
+
+
+@attrs.frozen
+class Followed:
+    """One item of `Topic.follow`: a publication, or a presence change (the
+    first item is the whole presence, ``snapshot``)."""
+
+    publication: Publication | None = None
+    presence: PresenceDiff | None = None
+    snapshot: dict[str, Any] | None = None
 
 
 @attrs.frozen
@@ -120,20 +147,43 @@ class Topic(Entity):
         self.epoch = secrets.token_hex(8)
         self.offset = 0
         self.kept: deque[Publication] = deque(maxlen=self.history_size)
-        self.followers: list[trio.MemorySendChannel[Publication]] = []
+        self.followers: list[trio.MemorySendChannel[Followed]] = []
+        self.present = PresenceTable()
+
+    def _emit(self, item: Followed) -> None:
+        for follower in list(self.followers):
+            try:
+                follower.send_nowait(item)
+            except (trio.WouldBlock, trio.BrokenResourceError):
+                self.followers.remove(follower)  # too slow, or gone
+                follower.close()
+
+    def _changed(self, diff: PresenceDiff) -> None:
+        if diff:
+            self._emit(Followed(presence=diff))
 
     @rpc
     async def publish(self, msg: Publish) -> Position:
         self.offset += 1
         publication = Publication(self.epoch, self.offset, msg.data)
         self.kept.append(publication)
-        for follower in list(self.followers):
-            try:
-                follower.send_nowait(publication)
-            except (trio.WouldBlock, trio.BrokenResourceError):
-                self.followers.remove(follower)  # too slow, or gone
-                follower.close()
+        self._emit(Followed(publication))
         return Position(self.epoch, self.offset)
+
+    @rpc
+    async def track(self, msg: Track) -> None:
+        """A socket joins the presence (or changes its data)."""
+        self._changed(self.present.track(msg.runner, msg.connection, msg.data))
+
+    @rpc
+    async def untrack(self, msg: Untrack) -> None:
+        """A socket leaves the presence."""
+        self._changed(self.present.untrack(msg.connection))
+
+    @rpc
+    async def presence(self, msg: ListPresence) -> dict[str, Any]:
+        """``{connection id: data}`` of the sockets present."""
+        return self.present.snapshot()
 
     @rpc
     async def history(self, msg: Follow) -> History:
@@ -141,20 +191,31 @@ class Topic(Entity):
         return History(self.epoch, self.offset, recovered, items)
 
     @stream
-    async def follow(self, msg: Follow) -> AsyncIterator[Publication]:
-        send, receive = trio.open_memory_channel[Publication](self.follower_buffer)
+    async def follow(self, msg: Follow) -> AsyncIterator[Followed]:
+        """The whole presence, the publications after ``msg.since`` in the
+        history, then every publication and presence change as they come.
+        While it runs, the sockets of ``msg.runner`` in ``msg.present`` are
+        present; when the runner's last stream ends (cancelled because its
+        connection was lost, say), its entries leave."""
+        send, receive = trio.open_memory_channel[Followed](self.follower_buffer)
         _, missed = self._since(msg.since)
+        runner = msg.runner
+        if runner is not None:
+            self._changed(self.present.stream_opened(runner, msg.present))
         self.followers.append(send)
         self.keep_alive(True)
         try:
+            yield Followed(snapshot=self.present.snapshot())
             for publication in missed:
-                yield publication
+                yield Followed(publication)
             async with receive:
-                async for publication in receive:
-                    yield publication
+                async for item in receive:
+                    yield item
         finally:
             if send in self.followers:
                 self.followers.remove(send)
+            if runner is not None:
+                self._changed(self.present.stream_closed(runner))
             if not self.followers:
                 self.keep_alive(False)
 
@@ -181,6 +242,8 @@ class _Subscriber:
         self.epoch: str | None = None
         self.buffer: list[Publication] | None = []
         """Publications held while its history is fetched."""
+        self.presence = False
+        """Whether it gets presence diffs (from its subscribe answer on)."""
 
 
 class _Follower:
@@ -191,38 +254,70 @@ class _Follower:
         self.subscribers: dict[ClientConnection, _Subscriber] = {}
         self.scope = trio.CancelScope()
         self.position: Position | None = None
+        self.present: dict[str, Any] = {}
+        """``{connection id: data}`` of the local sockets in its presence."""
+        self.mirror = PresenceMirror()
+        self.synced = trio.Event()
+        """Set when the stream's first item (the presence) arrived."""
+        self.changed = trio.Event()
+        """Set (and replaced) when the mirror changes."""
+
+    def mirror_changed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
 
 
 class TopicHub:
     """A gateway's subscriptions (see the module docstring)."""
 
-    def __init__(self, topics: EntityClient[Topic], nursery: trio.Nursery) -> None:
+    def __init__(
+        self, topics: EntityClient[Topic], nursery: trio.Nursery, runner: str
+    ) -> None:
         self._topics = topics
         self._nursery = nursery
+        self._runner = runner
         self._followers: dict[str, _Follower] = {}
         self._backoff = Backoff(0.05, 2.0, jitter=0.5)
 
     async def subscribe(
-        self, connection: ClientConnection, topic: str, since: Position | None
+        self,
+        connection: ClientConnection,
+        topic: str,
+        since: Position | None,
+        data: Any = None,
+        *,
+        with_presence: bool = False,
     ) -> dict[str, Any]:
         """Add ``connection`` to ``topic``'s subscribers and send it what it
-        missed after ``since``; the subscribe reply's value."""
+        missed after ``since``; the subscribe reply's value. With ``data``
+        (not None), the socket joins the topic's presence; with
+        ``with_presence``, the reply has the presence and the socket gets
+        its diffs."""
         follower = self._followers.get(topic)
         new = follower is None
         if follower is None:
             follower = self._followers[topic] = _Follower(topic)
         subscriber = _Subscriber(connection)
         follower.subscribers[connection] = subscriber
+        key = connection.info.id
+        if data is not None:
+            follower.present[key] = data
         try:
             page = await self._topics(topic).history(Follow(since))
+            if new and follower.subscribers:
+                # Follow from the position just read: nothing published
+                # after it can be missed, whenever the stream opens.
+                follower.position = Position(page.epoch, page.offset)
+                self._nursery.start_soon(self._follow, follower)
+            if data is not None:
+                await self._topics(topic).track(Track(self._runner, key, data))
+            if with_presence:
+                await follower.synced.wait()
+                while data is not None and key not in follower.mirror.entries:
+                    await follower.changed.wait()  # its own join, on its way
         except BaseException:
             self._drop(follower, connection)
             raise
-        if new and follower.subscribers:
-            # Follow from the position just read: nothing published after
-            # it can be missed, whenever the stream opens.
-            follower.position = Position(page.epoch, page.offset)
-            self._nursery.start_soon(self._follow, follower)
         recovered = since is not None and page.recovered
         subscriber.epoch = page.epoch
         subscriber.last = (
@@ -237,7 +332,21 @@ class TopicHub:
         for item in held:
             cache.clear()
             self._deliver(follower, subscriber, item, cache)
-        return {"epoch": page.epoch, "offset": subscriber.last, "recovered": recovered}
+        value = {"epoch": page.epoch, "offset": subscriber.last, "recovered": recovered}
+        if with_presence:
+            subscriber.presence = True
+            value["presence"] = dict(follower.mirror.entries)
+        return value
+
+    async def presence(self, topic: str) -> dict[str, Any]:
+        """The presence of ``topic`` (from this gateway's mirror when it
+        follows the topic)."""
+        follower = self._followers.get(topic)
+        if follower is not None and follower.mirror.synced:
+            await trio.lowlevel.checkpoint()
+            return dict(follower.mirror.entries)
+        entries: dict[str, Any] = await self._topics(topic).presence(ListPresence())
+        return entries
 
     def unsubscribe(self, connection: ClientConnection, topic: str) -> bool:
         follower = self._followers.get(topic)
@@ -254,6 +363,9 @@ class TopicHub:
 
     def _drop(self, follower: _Follower, connection: ClientConnection) -> None:
         follower.subscribers.pop(connection, None)
+        key = connection.info.id
+        if follower.present.pop(key, None) is not None:
+            self._nursery.start_soon(self._untrack, follower.name, key)
         if not follower.subscribers:
             follower.scope.cancel()
             if self._followers.get(follower.name) is follower:
@@ -287,21 +399,68 @@ class TopicHub:
             cache[subprotocol] = data
         connection.send_encoded(data)
 
+    async def _untrack(self, topic: str, key: str) -> None:
+        try:
+            await self._topics(topic).untrack(Untrack(key))
+        except Exception as exc:  # its runner's stream ending drops it too
+            log.debug("untracking %s in topic %s: %r", key, topic, exc)
+
+    def _changed(self, follower: _Follower, diff: PresenceDiff) -> None:
+        """Send a presence diff to the subscribers that get them."""
+        if not diff:
+            return
+        cache: dict[str, bytes | str] = {}
+        for subscriber in list(follower.subscribers.values()):
+            if not subscriber.presence:
+                continue
+            connection = subscriber.connection
+            subprotocol = connection.info.subprotocol
+            data = cache.get(subprotocol)
+            if data is None:
+                try:
+                    data = presence_frame(follower.name, diff, subprotocol)
+                except ValueError as exc:
+                    log.warning("presence of %s: %s", follower.name, exc)
+                    return
+                cache[subprotocol] = data
+            connection.send_encoded(data)
+
+    def _followed(self, follower: _Follower, item: Followed) -> None:
+        if item.snapshot is not None:
+            self._changed(follower, follower.mirror.reset(item.snapshot))
+            follower.synced.set()
+            follower.mirror_changed()
+        if item.presence is not None:
+            follower.mirror.apply(item.presence)
+            self._changed(follower, item.presence)
+            follower.mirror_changed()
+        publication = item.publication
+        if publication is not None:
+            follower.position = Position(publication.epoch, publication.offset)
+            cache: dict[str, bytes | str] = {}
+            for subscriber in list(follower.subscribers.values()):
+                self._deliver(follower, subscriber, publication, cache)
+
     async def _follow(self, follower: _Follower) -> None:
         failures = 0
         with follower.scope:
             while True:
                 try:
                     handle = self._topics(follower.name)
-                    async with handle.follow(Follow(follower.position)) as items:
+                    request = Follow(
+                        follower.position, self._runner, dict(follower.present)
+                    )
+                    async with handle.follow(request) as items:
                         async for item in items:
                             failures = 0
-                            follower.position = Position(item.epoch, item.offset)
-                            cache: dict[str, bytes | str] = {}
-                            for subscriber in list(follower.subscribers.values()):
-                                self._deliver(follower, subscriber, item, cache)
+                            self._followed(follower, item)
                 except Exception as exc:
                     log.debug("following topic %s: %r", follower.name, exc)
+                # Until the topic answers again, this gateway knows its own
+                # sockets only: the others leave (and come back with the
+                # snapshot of the next stream).
+                self._changed(follower, follower.mirror.reset(follower.present))
+                follower.mirror_changed()
                 failures += 1
                 await trio.sleep(
                     self._backoff.delay(failures - 1, secrets.randbelow(1000) / 1000)
@@ -327,12 +486,29 @@ async def publish(runner: Runner, topic: str, data: Any) -> Position:
     return position
 
 
+async def presence(runner: Runner, topic: str) -> dict[str, Any]:
+    """The presence of ``topic``: ``{connection id: data}`` of the sockets
+    in it, on every gateway of the cluster.
+
+    Raises:
+        ValueError: ``topic`` is not a valid name (an entity id).
+        RunnerUnavailableError, EntityNotAssignedError...: as any call to
+            an entity (no runner hosts `Topic`, say).
+
+    Cancellation: as a call; nothing changes.
+    """
+    entries: dict[str, Any] = await runner.client(Topic)(topic).presence(ListPresence())
+    return entries
+
+
 @attrs.frozen
 class TopicAccess:
     """What a socket needs of topics: the hub, and which names it may use."""
 
     hub: TopicHub
     allowed: Callable[[str], bool]
+    presence: Callable[[ClientInfo, str], Any] | None = None
+    """The gateway's ``presence`` hook."""
 
 
 def publication_frame(topic: str, item: Publication, subprotocol: str) -> bytes | str:

@@ -3,7 +3,7 @@
 // (docs/gateway.md). Same behaviour as the Trio client: one socket kept up
 // with jittered exponential backoff, calls with request ids, cancellation
 // (AbortSignal -> "cancel" frame), streams with credit, topics with
-// resume (from the last offset delivered), typed errors,
+// resume (from the last offset delivered) and presence, typed errors,
 // application-level ping/pong and a silent server detected within
 // ping_interval + ping_timeout.
 
@@ -157,15 +157,21 @@ export class GatewayClient {
    * reconnect the subscription resumes from the last publication it
    * delivered; `subscription.recovered` then says whether nothing was lost.
    * Resolves once subscribed (rejects with GatewayCallError if refused);
-   * `subscription.unsubscribe()` ends it.
+   * `subscription.unsubscribe()` ends it. With `onPresence`,
+   * `subscription.presence` is the topic's presence ({connection id: data})
+   * and `onPresence(presence, { joins, leaves })` is called after each
+   * change (the first call, and after each reconnect, with the whole
+   * presence as `joins`).
    */
-  async subscribe(topic, onPublication) {
+  async subscribe(topic, onPublication, { onPresence = null } = {}) {
     if (this._topics.has(topic)) throw new Error(`already subscribed to ${topic}`);
     const subscription = {
       topic,
       position: null,
       recovered: null,
+      presence: onPresence === null ? null : {},
       onPublication,
+      onPresence,
       unsubscribe: () => {
         if (this._topics.get(topic) !== subscription) return;
         this._topics.delete(topic);
@@ -187,11 +193,34 @@ export class GatewayClient {
     const frame = { t: "subscribe", id: ++this._nextId, topic: subscription.topic };
     const since = subscription.position;
     if (since !== null) frame.since = since;
+    if (subscription.presence !== null) frame.presence = true;
     const value = await new Promise((resolve, reject) => {
       this._pending.set(frame.id, { resolve, reject });
       this._send(frame);
     });
     if (since !== null) subscription.recovered = value.recovered;
+    if (subscription.presence !== null && value.presence) {
+      subscription.presence = { ...value.presence };
+      subscription.onPresence(subscription.presence, { joins: value.presence, leaves: {} });
+    }
+  }
+
+  /** The presence of a topic ({connection id: data}), subscribed or not. */
+  async presence(topic) {
+    await this.waitConnected();
+    const id = ++this._nextId;
+    return new Promise((resolve, reject) => {
+      this._pending.set(id, { resolve, reject });
+      this._send({ t: "presence", id, topic });
+    });
+  }
+
+  _presenceDiff(frame) {
+    const subscription = this._topics.get(frame.topic);
+    if (subscription === undefined || subscription.presence === null) return;
+    for (const key of Object.keys(frame.leaves ?? {})) delete subscription.presence[key];
+    Object.assign(subscription.presence, frame.joins ?? {});
+    subscription.onPresence(subscription.presence, { joins: frame.joins ?? {}, leaves: frame.leaves ?? {} });
   }
 
   _publication(frame) {
@@ -306,6 +335,10 @@ export class GatewayClient {
     }
     if (frame.t === "pub") {
       this._publication(frame);
+      return;
+    }
+    if (frame.t === "presence" && frame.id === undefined) {
+      this._presenceDiff(frame);
       return;
     }
     const pending = this._pending.get(frame.id);
