@@ -42,7 +42,9 @@ from ._errors import (
     UnauthorizedError,
 )
 from ._protocol import JSON, MSGPACK, PROTOCOL_VERSION, CloseCode, ErrorCode
+from ._pushes import ReceivedPush
 from ._server import GatewayServer, serve_gateway
+from ._sessions import PushFailedError, Session, SessionTakenError, send_reliable
 from ._statistics import ConnectionStatistics, GatewayStatistics
 from ._topics import Position, Publication, Topic, presence, publish
 
@@ -71,8 +73,12 @@ __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.p
     "PROTOCOL_VERSION",
     "Position",
     "Publication",
+    "PushFailedError",
     "RateLimit",
+    "ReceivedPush",
     "Service",
+    "Session",
+    "SessionTakenError",
     "Topic",
     "UnauthorizedError",
     "WindowLimit",
@@ -83,6 +89,7 @@ __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.p
     "open_gateway_client",
     "presence",
     "publish",
+    "send_reliable",
     "serve_gateway",
 ]
 

@@ -54,6 +54,7 @@ from ._protocol import (
     decode_frames,
     encode_frame,
 )
+from ._pushes import PushInbox, new_session, with_session
 from ._subscriptions import Subscription
 
 if TYPE_CHECKING:
@@ -127,6 +128,9 @@ class GatewayClient:
         """Set once the client's own close handshake is over."""
         self._retry_after = 0.0
         """Seconds a 429's ``Retry-After`` asks to wait at least."""
+        self.pushes = PushInbox(self._send)
+        """The pushes of the client's session (``async for push in
+        client.pushes``: each once, acked when taken)."""
 
     @property
     def state(self) -> ConnectionState:
@@ -667,6 +671,9 @@ class GatewayClient:
             await self._send({"t": "pong"})
             return
         await trio.lowlevel.checkpoint()
+        if kind == "push":
+            await self.pushes.deliver(frame)
+            return
         if kind in ("pub", "presence"):
             subscription = self._subscriptions.get(frame.get("topic"))  # type: ignore[arg-type]
             if subscription is not None:
@@ -702,6 +709,7 @@ async def open_gateway_client(
     headers: Sequence[tuple[str, str]] = (),
     converter: cattrs.Converter | None = None,
     rng: random.Random | None = None,
+    session: str | None = None,
 ) -> AsyncIterator[GatewayClient]:
     """A client of the gateway at ``url`` (``ws://host:port/ws``), kept
     connected in the background for the block.
@@ -714,6 +722,10 @@ async def open_gateway_client(
             `make_converter()` otherwise; use the runner's if you registered
             hooks on it).
         rng: the jitter's random source (tests pass a seeded one).
+        session: the session's token (16-64 of ``A-Z a-z 0-9 _ -``; a
+            random one by default), sent as ``?session=`` on every connect:
+            `send_reliable` reaches the client through it
+            (``client.pushes``), across reconnects to any gateway.
 
     On exit the socket is closed with 1000, waiting at most
     ``close_timeout`` for the server's answer (also when the block is
@@ -723,6 +735,7 @@ async def open_gateway_client(
     all_headers = list(headers)
     if token is not None:
         all_headers.append(("Authorization", f"Bearer {token}"))
+    url = with_session(url, session or new_session())
     client = GatewayClient(
         url, config, all_headers, converter or make_converter(), rng or random.Random()
     )
@@ -731,6 +744,7 @@ async def open_gateway_client(
         try:
             yield client
         finally:
+            client.pushes.close()
             with trio.CancelScope(shield=True):
                 await client._close()
             nursery.cancel_scope.cancel()

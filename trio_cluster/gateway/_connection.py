@@ -46,6 +46,7 @@ from ..transport._ws_tap import install_tap
 from ._client_info import ClientInfo, current_info
 from ._definition import Operation
 from ._protocol import (
+    Ack,
     BadFrame,
     Call,
     Cancel,
@@ -76,6 +77,7 @@ if TYPE_CHECKING:
 
     from .._log_limit import LogLimiter
     from ._definition import GatewayConfig, Route
+    from ._sessions import Pushed, SessionLink
     from ._statistics import GatewayCounters
 
 __all__ = ["ClientConnection"]
@@ -106,6 +108,8 @@ class ClientConnection:
         seen: Callable[[int], None],
         outbox: Outbox | None = None,
         topics: TopicAccess | None = None,
+        session: SessionLink | None = None,
+        user: str | None = None,
     ) -> None:
         self.ws = ws
         self.info = info
@@ -119,6 +123,9 @@ class ClientConnection:
         self._outbox = outbox
         self._topics = topics
         """The socket's `Outbox` over plain TCP (writes never wait)."""
+        self._session = session
+        """Its link to its session's entity (None: no session)."""
+        self._user = user
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._requests: dict[int, trio.CancelScope] = {}
@@ -163,6 +170,10 @@ class ClientConnection:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._write)
+                    if self._session is not None:
+                        nursery.start_soon(
+                            self._session.run, self._user, self._push, self._detached
+                        )
                     await self._read()
                     nursery.cancel_scope.cancel()
         finally:
@@ -200,16 +211,26 @@ class ClientConnection:
 
     def send_welcome(self) -> None:
         config = self._config
+        frame = {
+            "t": "welcome",
+            "v": 1,
+            "id": self.info.id,
+            "ping_interval": config.ping_interval,
+            "ping_timeout": config.ping_timeout,
+            "max_message_size": config.max_message_size,
+        }
+        if self._session is not None:
+            frame["session"] = self._session.name
+        self._send(frame)
+
+    def _push(self, pushed: Pushed) -> None:
+        """A push of the socket's session: to the client."""
         self._send(
-            {
-                "t": "welcome",
-                "v": 1,
-                "id": self.info.id,
-                "ping_interval": config.ping_interval,
-                "ping_timeout": config.ping_timeout,
-                "max_message_size": config.max_message_size,
-            }
+            {"t": "push", "epoch": pushed.epoch, "seq": pushed.seq, "data": pushed.data}
         )
+
+    def _detached(self, reason: str) -> None:
+        self.end(CloseCode.SESSION_DETACHED, reason)
 
     # ------------------------------------------------------------------
     # Reading
@@ -277,6 +298,9 @@ class ClientConnection:
             topics = self._topics
             dropped = topics is not None and topics.hub.unsubscribe(self, frame.topic)
             self._send({"t": "reply", "id": frame.id, "v": dropped})
+        elif isinstance(frame, Ack):
+            if self._session is not None and self._nursery is not None:
+                self._nursery.start_soon(self._session.ack, frame.epoch, frame.seqs)
         elif isinstance(frame, Ping):
             self._send({"t": "pong"})
         elif isinstance(frame, Pong) and self._ping_sent_at is not None:

@@ -243,6 +243,14 @@ class Gateway:
     """Called with a subscribing client and the topic: the data of its
     presence entry in the topic (plain data, e.g. its user name), or None
     to leave it out of the topic's presence. None: no presence."""
+    sessions: bool = False
+    """Whether sockets attach to their session (the client's ``?session=``
+    token) for reliable pushes. The runners must host
+    `trio_cluster.gateway.Session`."""
+    user: Callable[[object], str | None] | None = None
+    """The user a principal is (None: none): a session is bound to the
+    user of its first socket; a socket of another user cannot attach to
+    it."""
 
     def __attrs_post_init__(self) -> None:
         for item in self.entities:

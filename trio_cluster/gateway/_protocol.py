@@ -34,10 +34,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "JSON",
+    "MAX_ACKS",
     "MAX_REQUEST_ID",
     "MSGPACK",
     "PROTOCOL_VERSION",
     "SUBPROTOCOLS",
+    "Ack",
     "BadFrame",
     "Call",
     "Cancel",
@@ -89,6 +91,10 @@ class CloseCode(enum.IntEnum):
     SLOW_CONSUMER = 4001
     """The client did not read fast enough: its send queue was full, or one
     message took longer than send_timeout to write."""
+    SESSION_DETACHED = 4002
+    """The socket's session attached to another socket (the client
+    connected again elsewhere), fell too far behind, or belongs to another
+    user."""
     RATE_LIMITED = 4008
     """More messages than the per-connection rate limit allows."""
 
@@ -205,6 +211,15 @@ class Unsubscribe:
 
 
 @attrs.frozen
+class Ack:
+    """``{"t": "ack", "epoch": "e", "seqs": [1, 2]}``: the client got these
+    pushes of its session."""
+
+    epoch: str
+    seqs: list[int]
+
+
+@attrs.frozen
 class Ping:
     """``{"t": "ping"}``: answer with a pong (either side sends them)."""
 
@@ -222,6 +237,7 @@ ClientFrame = (
     | Subscribe
     | Unsubscribe
     | ListPresence
+    | Ack
     | Ping
     | Pong
 )
@@ -414,6 +430,31 @@ def _unsubscribe(frame: Mapping[str, Any]) -> Unsubscribe:
     return Unsubscribe(request_id, _topic(frame, request_id))
 
 
+MAX_ACKS: Final = 1000
+"""Most sequence numbers one ``ack`` frame carries."""
+
+
+def _ack(frame: Mapping[str, Any]) -> Ack:
+    epoch, seqs = frame.get("epoch"), frame.get("seqs")
+    if (
+        not isinstance(epoch, str)
+        or not isinstance(seqs, list)
+        or len(seqs) > MAX_ACKS
+        or not all(
+            isinstance(seq, int)
+            and not isinstance(seq, bool)
+            and 0 <= seq <= MAX_REQUEST_ID
+            for seq in seqs
+        )
+    ):
+        raise FrameError(
+            None,
+            ErrorCode.BAD_FRAME,
+            f'an ack is {{"epoch": string, "seqs": [up to {MAX_ACKS} integers]}}',
+        )
+    return Ack(epoch, seqs)
+
+
 def _credit(frame: Mapping[str, Any]) -> Credit:
     request_id = _request_id(frame)
     return Credit(request_id, _count(frame, "n", request_id))
@@ -427,6 +468,7 @@ _PARSERS: Final[dict[str, Callable[[Mapping[str, Any]], ClientFrame]]] = {
     "subscribe": _subscribe,
     "unsubscribe": _unsubscribe,
     "presence": _list_presence,
+    "ack": _ack,
     "ping": lambda frame: Ping(),
     "pong": lambda frame: Pong(),
 }

@@ -47,6 +47,7 @@ from ._definition import Gateway, Handshake, resolve_routes
 from ._errors import UnauthorizedError
 from ._http import HeadError, ReplayStream, client_script, http_response, read_head
 from ._protocol import SUBPROTOCOLS, CloseCode
+from ._sessions import Session, SessionLink, valid_session
 from ._statistics import GatewayCounters, GatewayStatistics, render_gateway_metrics
 from ._topics import Topic, TopicAccess, TopicHub
 
@@ -250,6 +251,14 @@ class GatewayServer:
             ws = await request.accept(subprotocol=subprotocol)
             self._numbers += 1
             self._counters.connections_accepted += 1
+            gateway = self._gateway
+            token = head.query.get("session")
+            session = (
+                SessionLink(self._runner.client(Session), token)
+                if gateway.sessions and token is not None and valid_session(token)
+                else None
+            )
+            user = None if gateway.user is None else gateway.user(principal)
             info = ClientInfo(
                 id=str(self._runner.new_id()),
                 principal=principal,
@@ -268,6 +277,8 @@ class GatewayServer:
                 seen=self._seen,
                 outbox=outbox if isinstance(outbox, Outbox) else None,
                 topics=self._topics,
+                session=session,
+                user=user,
             )
         self._counters.refused_other += 1
         log.debug("no upgrade from %s within %s s", remote, config.open_timeout)

@@ -3,7 +3,8 @@
 // (docs/gateway.md). Same behaviour as the Trio client: one socket kept up
 // with jittered exponential backoff, calls with request ids, cancellation
 // (AbortSignal -> "cancel" frame), streams with credit, topics with
-// resume (from the last offset delivered) and presence, typed errors,
+// resume (from the last offset delivered) and presence, reliable pushes
+// of the client's session (acked, each handed over once), typed errors,
 // application-level ping/pong and a silent server detected within
 // ping_interval + ping_timeout.
 
@@ -40,13 +41,25 @@ const DEFAULTS = {
   backoff: { initial: 100, maximum: 30000, factor: 2, jitter: 0.5 },
   maxAttempts: null, // consecutive failed attempts before giving up
   onStateChange: null, // called with the state after every change
+  session: null, // the session's token (a random one by default), sent as ?session=
+  onPush: null, // called with each push of the session ({ epoch, seq, data }), once; acked after
 };
+
+function newSession() {
+  const bytes = new Uint8Array(16);
+  crypto.getRandomValues(bytes);
+  return Array.from(bytes, (byte) => byte.toString(16).padStart(2, "0")).join("");
+}
 
 export class GatewayClient {
   constructor(url, options = {}) {
     this.options = { ...DEFAULTS, ...options, backoff: { ...DEFAULTS.backoff, ...options.backoff } };
     const target = new URL(url, globalThis.location?.href);
     if (this.options.token !== null) target.searchParams.set("token", this.options.token);
+    this.session = this.options.session ?? newSession();
+    target.searchParams.set("session", this.session);
+    this._pushesSeen = new Set(); // "epoch:seq" of the pushes handed over (recent ones)
+    this._pushOrder = [];
     this.url = target.toString();
     this.state = {
       connected: false,
@@ -232,6 +245,19 @@ export class GatewayClient {
     subscription.onPublication({ topic: frame.topic, epoch: frame.epoch, offset: frame.offset, data: frame.data });
   }
 
+  _push(frame) {
+    const key = `${frame.epoch}:${frame.seq}`;
+    if (!this._pushesSeen.has(key)) {
+      if (this.options.onPush === null) return; // not acked: it fails at its sender
+      this.options.onPush({ epoch: frame.epoch, seq: frame.seq, data: frame.data });
+      this._pushesSeen.add(key);
+      this._pushOrder.push(key);
+      if (this._pushOrder.length > 100000) this._pushesSeen.delete(this._pushOrder.shift());
+    }
+    // Acked after it was handed over; a copy (a redelivery) is acked again.
+    this._send({ t: "ack", epoch: frame.epoch, seqs: [frame.seq] });
+  }
+
   /** Close the socket for good; pending calls are rejected. */
   close() {
     this._closed = true;
@@ -335,6 +361,10 @@ export class GatewayClient {
     }
     if (frame.t === "pub") {
       this._publication(frame);
+      return;
+    }
+    if (frame.t === "push") {
+      this._push(frame);
       return;
     }
     if (frame.t === "presence" && frame.id === undefined) {
