@@ -32,11 +32,11 @@ from __future__ import annotations
 import contextvars
 import logging
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed
+from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .._core._addresses import EntityId
 from .._core._ratelimit import TokenBucket
@@ -73,16 +73,31 @@ from ._topics import Position, TopicAccess
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from trio_websocket import WebSocketConnection
-
     from .._log_limit import LogLimiter
     from ._definition import GatewayConfig, Route
     from ._sessions import Pushed, SessionLink
     from ._statistics import GatewayCounters
 
-__all__ = ["ClientConnection"]
+__all__ = ["ClientConnection", "MessageSocket"]
 
 log = logging.getLogger("trio_cluster.gateway")
+
+
+class MessageSocket(Protocol):
+    """What a connection needs of its WebSocket: trio-websocket's
+    `WebSocketConnection`, or the ASGI server's socket (`asgi_app`)."""
+
+    async def get_message(self) -> bytes | str:
+        """The next message.
+
+        Raises:
+            ConnectionClosed: the socket closed.
+        """
+        ...
+
+    async def send_message(self, message: bytes | str) -> None: ...
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
 
 
 @attrs.define
@@ -96,7 +111,7 @@ class ClientConnection:
 
     def __init__(
         self,
-        ws: WebSocketConnection,
+        ws: MessageSocket,
         info: ClientInfo,
         *,
         number: int,
@@ -120,9 +135,13 @@ class ClientConnection:
         self._counters = counters
         self._warnings = warnings
         self._seen = seen
-        self._outbox = outbox
+        self._direct: tuple[WebSocketConnection, Outbox] | None = (
+            (ws, outbox)
+            if outbox is not None and isinstance(ws, WebSocketConnection)
+            else None
+        )
+        """The socket and its `Outbox`, over plain TCP (writes never wait)."""
         self._topics = topics
-        """The socket's `Outbox` over plain TCP (writes never wait)."""
         self._session = session
         """Its link to its session's entity (None: no session)."""
         self._user = user
@@ -242,10 +261,14 @@ class ClientConnection:
         message."""
         ws = self.ws
         try:
-            tap = install_tap(ws, self._deliver)
+            tap = (
+                install_tap(ws, self._deliver)
+                if isinstance(ws, WebSocketConnection)
+                else None
+            )
             if tap is not None:
                 await tap.run()
-            else:  # pragma: no cover - another trio-websocket
+            else:  # the ASGI server's socket
                 while await self._deliver(await ws.get_message()):
                     pass
         except ConnectionClosed as exc:
@@ -522,14 +545,14 @@ class ClientConnection:
         """Write an encoded frame now if nothing waits (over TCP: into the
         `Outbox`, synchronously, without waking the writer), else queue it
         for the writer; a full queue ends the connection (slow consumer)."""
-        outbox = self._outbox
+        direct = self._direct
         if (
-            outbox is not None
-            and not outbox.backlog
+            direct is not None
+            and not direct[1].backlog
             and not self._send_channel.statistics().current_buffer_used
         ):
             try:
-                write_message(self.ws, outbox, data)
+                write_message(*direct, data)
             except CONNECTION_ERRORS:
                 self._scope.cancel()  # the client is gone
                 return
@@ -548,12 +571,12 @@ class ClientConnection:
         `Outbox` has drained, else with trio-websocket's ``send_message``;
         False if that ended the connection (the client is gone, or too
         slow)."""
-        outbox = self._outbox
+        direct = self._direct
         with trio.move_on_after(self._config.send_timeout) as waited:
             try:
-                if outbox is not None:
-                    await outbox.wait_drained()
-                    write_message(self.ws, outbox, data)
+                if direct is not None:
+                    await direct[1].wait_drained()
+                    write_message(*direct, data)
                 else:
                     await self.ws.send_message(data)
             except CONNECTION_ERRORS:

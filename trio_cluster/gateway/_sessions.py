@@ -36,7 +36,7 @@ import logging
 import re
 import secrets
 from collections.abc import AsyncIterator  # noqa: TC003 - handler annotations resolve at runtime
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeGuard
 
 import attrs
 import trio
@@ -68,7 +68,7 @@ log = logging.getLogger("trio_cluster.gateway")
 _SESSION_NAME: Final = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 
-def valid_session(name: str | None) -> bool:
+def valid_session(name: str | None) -> TypeGuard[str]:
     """Whether ``name`` is a session token clients may use (16-64 of
     ``A-Z a-z 0-9 _ -``)."""
     return name is not None and _SESSION_NAME.fullmatch(name) is not None
