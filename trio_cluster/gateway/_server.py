@@ -345,6 +345,40 @@ class GatewayServer:
             self._counters.refused_other += 1
         return answer
 
+    @property
+    def admission(self) -> Admission:
+        """The connection slots (``max_connections``, ``max_pending_upgrades``)."""
+        return self._admission
+
+    def static(
+        self, path: str
+    ) -> tuple[bytes, str, tuple[tuple[str, str], ...]] | None:
+        """The body, content type and headers of a file served at ``path``
+        (the JavaScript client, a page), or None."""
+        static = self._static(path)
+        return None if static is None else (*static, _STATIC_HEADERS)
+
+    def refusal(
+        self, head: Head, remote: str
+    ) -> tuple[int, str, tuple[tuple[str, str], ...]] | None:
+        """Steps 3-4 of the module docstring for an upgrade request: the
+        HTTP status, reason and headers to refuse it with (counted), or
+        None to go on."""
+        answer = self._answer_for(head, remote)
+        if answer is None:
+            return None
+        return answer.status, answer.body.decode().strip(), answer.headers
+
+    async def authenticate(
+        self, handshake: Handshake
+    ) -> tuple[object, tuple[int, str] | None]:
+        """Step 5: the principal, or the HTTP status and reason to refuse
+        with (counted; a failing hook is logged)."""
+        principal, answer = await self._authenticate(handshake)
+        if answer is None:
+            return principal, None
+        return None, (answer.status, answer.body.decode().strip())
+
     def _static(self, path: str) -> tuple[bytes, str] | None:
         """The body and content type of a file served at ``path``: the
         JavaScript client, or one of the definition's ``pages``."""
