@@ -68,13 +68,14 @@ from ._protocol import (
 )
 from ._requests import StreamCredit, admit, failure_frame
 from ._statistics import ConnectionStatistics
-from ._topics import Position, TopicAccess
+from ._topics import Position
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from .._log_limit import LogLimiter
     from ._definition import GatewayConfig, Route
+    from ._hub import TopicAccess
     from ._sessions import Pushed, SessionLink
     from ._statistics import GatewayCounters
 

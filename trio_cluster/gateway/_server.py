@@ -46,10 +46,11 @@ from ._connection import ClientConnection
 from ._definition import Gateway, Handshake, resolve_routes
 from ._errors import UnauthorizedError
 from ._http import HeadError, ReplayStream, client_script, http_response, read_head
+from ._hub import TopicAccess, TopicHub
 from ._protocol import SUBPROTOCOLS, CloseCode
 from ._sessions import Session, SessionLink, valid_session
 from ._statistics import GatewayCounters, GatewayStatistics, render_gateway_metrics
-from ._topics import Topic, TopicAccess, TopicHub
+from ._topics import Topic
 
 if TYPE_CHECKING:
     from .._runner import Runner
