@@ -8,17 +8,21 @@ from __future__ import annotations
 from contextlib import AsyncExitStack
 from typing import Any
 
+import attrs
 import pytest
 import trio
+from trio.testing import MockClock
 from trio_websocket import ConnectionClosed
 
 import trio_cluster as tc
 from trio_cluster.gateway import (
     CloseCode,
     Gateway,
+    GatewayConfig,
     GatewayServer,
     Handshake,
     PushFailedError,
+    RateLimit,
     Session,
     open_gateway_client,
     send_reliable,
@@ -210,25 +214,59 @@ async def test_the_session_moves_to_another_runner() -> None:
                         assert await close_code(intruder) == CloseCode.SESSION_DETACHED
 
 
-async def test_the_inbox_hands_each_push_over_once() -> None:
+async def test_the_inbox_hands_each_push_over_once(autojump_clock: MockClock) -> None:
     sent: list[dict[str, Any]] = []
 
     async def send(frame: dict[str, Any]) -> None:
         await trio.lowlevel.checkpoint()
         sent.append(frame)
 
-    inbox = PushInbox(send)
-    frame = {"t": "push", "epoch": "e", "seq": 1, "data": "x"}
-    await inbox.deliver(frame)
-    await inbox.deliver(frame)  # queued already: dropped, not acked
-    assert sent == []
-    push = await anext(aiter(inbox))
-    assert (push.epoch, push.seq, push.data) == ("e", 1, "x")
-    assert sent == [{"t": "ack", "epoch": "e", "seqs": [1]}]
-    await inbox.deliver(frame)  # taken already: acked again, dropped
-    assert sent[-1] == {"t": "ack", "epoch": "e", "seqs": [1]}
-    assert len(sent) == 2
-    assert inbox.duplicates == 2
-    inbox.close()
-    with pytest.raises(StopAsyncIteration):
-        await anext(aiter(inbox))
+    inbox = PushInbox(send, ack_delay=0.05)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(inbox.send_acks)
+        frame = {"t": "push", "epoch": "e", "seq": 1, "data": "x"}
+        await inbox.deliver(frame)
+        await inbox.deliver(frame)  # queued already: dropped, not acked
+        await trio.sleep(1)
+        assert sent == []
+        push = await anext(aiter(inbox))
+        assert (push.epoch, push.seq, push.data) == ("e", 1, "x")
+        await trio.sleep(1)
+        assert sent == [{"t": "ack", "epoch": "e", "seqs": [1]}]
+        await inbox.deliver(frame)  # taken already: acked again, dropped
+        # Taken together, acked together: one frame.
+        for seq in (2, 3):
+            await inbox.deliver({"t": "push", "epoch": "e", "seq": seq, "data": seq})
+        assert [(await anext(aiter(inbox))).seq for _ in range(2)] == [2, 3]
+        await trio.sleep(1)
+        assert sent[1:] == [{"t": "ack", "epoch": "e", "seqs": [1, 2, 3]}]
+        assert inbox.duplicates == 2
+        inbox.close()
+        with pytest.raises(StopAsyncIteration):
+            await anext(aiter(inbox))
+        nursery.cancel_scope.cancel()
+
+
+async def test_acks_of_pushes_sent_do_not_count_against_the_message_rate() -> None:
+    gateway = attrs.evolve(
+        GATEWAY, config=GatewayConfig(message_rate=RateLimit(2.0, burst=5.0))
+    )
+    with trio.fail_after(30):
+        async with (
+            tc.open_runner(entities=[Session]) as runner,
+            trio.open_nursery() as nursery,
+        ):
+            server: GatewayServer = await nursery.start(
+                serve_gateway, runner, gateway, "127.0.0.1", 0
+            )
+            async with open_raw(f"{server.url}?session={SESSION}") as ws:
+                for n in range(20):  # each acked in its own frame, at once
+                    nursery.start_soon(send_reliable, runner, SESSION, n)
+                    push = await next_push(ws)
+                    ack = {"t": "ack", "epoch": push["epoch"], "seqs": [push["seq"]]}
+                    await ws.send_message(encode(ack))
+                # Acks of nothing it was sent count: over the rate, closed.
+                for _ in range(10):
+                    await ws.send_message(encode({**ack, "seqs": [10**6]}))
+                assert await close_code(ws) == CloseCode.RATE_LIMITED
+            nursery.cancel_scope.cancel()

@@ -741,6 +741,7 @@ async def open_gateway_client(
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client._maintain)
+        nursery.start_soon(client.pushes.send_acks)
         try:
             yield client
         finally:

@@ -6,7 +6,9 @@ the connection (`ClientConnection.end`, the first reason wins) cancels
 exactly its work and nothing else:
 
 * the *reader* (the task itself) takes each message, counts it against the
-  socket's message rate (`TokenBucket.try_take`; over it: close 4008),
+  socket's message rate (`TokenBucket.try_take`; over it: close 4008; an
+  ack of pushes the socket was sent and still owes is not counted: their
+  number is bounded by the pushes),
   tells the heartbeats the client is alive, decodes it (unreadable: close
   with `BadFrame`'s code) and dispatches it by kind. A readable frame that
   is wrong is answered with an error frame and the socket stays up;
@@ -32,7 +34,7 @@ from __future__ import annotations
 import contextvars
 import logging
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import attrs
 import trio
@@ -101,6 +103,11 @@ class MessageSocket(Protocol):
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
 
 
+_MAX_OWED: Final = 4096
+"""Pushes a socket remembers as owed an ack (more: the oldest are
+forgotten, and their late acks count against the message rate)."""
+
+
 @attrs.define
 class _Ending:
     code: int
@@ -146,6 +153,8 @@ class ClientConnection:
         self._session = session
         """Its link to its session's entity (None: no session)."""
         self._user = user
+        self._owed: dict[tuple[str, int], None] = {}
+        """Pushes sent and not acked yet (epoch, seq), oldest first."""
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._requests: dict[int, trio.CancelScope] = {}
@@ -245,8 +254,26 @@ class ClientConnection:
 
     def _push(self, pushed: Pushed) -> None:
         """A push of the socket's session: to the client."""
+        owed = self._owed
+        owed[(pushed.epoch, pushed.seq)] = None
+        if len(owed) > _MAX_OWED:  # pushes never acked (given up by now)
+            del owed[next(iter(owed))]
         self._send(
             {"t": "push", "epoch": pushed.epoch, "seq": pushed.seq, "data": pushed.data}
+        )
+
+    def _owed_ack(self, frame: dict[str, Any]) -> bool:
+        """Whether ``frame`` acks only pushes this socket was sent and did
+        not ack yet: such acks are not counted against the message rate
+        (their number is bounded by the pushes)."""
+        if frame["t"] != "ack" or not self._owed:
+            return False
+        epoch, seqs = frame.get("epoch"), frame.get("seqs")
+        return (
+            isinstance(epoch, str)
+            and isinstance(seqs, list)
+            and 0 < len(seqs) <= len(self._owed)
+            and all(isinstance(seq, int) and (epoch, seq) in self._owed for seq in seqs)
         )
 
     def _detached(self, reason: str) -> None:
@@ -293,7 +320,11 @@ class ClientConnection:
         for frame in frames:
             self.frames_received += 1
             self._counters.frames_received += 1
-            if bucket is not None and bucket.try_take(now) > 0:
+            if (
+                bucket is not None
+                and not self._owed_ack(frame)
+                and bucket.try_take(now) > 0
+            ):
                 self.end(CloseCode.RATE_LIMITED, "message rate limit exceeded")
                 return False
             try:
@@ -324,6 +355,8 @@ class ClientConnection:
             self._send({"t": "reply", "id": frame.id, "v": dropped})
         elif isinstance(frame, Ack):
             if self._session is not None and self._nursery is not None:
+                for seq in frame.seqs:
+                    self._owed.pop((frame.epoch, seq), None)
                 self._nursery.start_soon(self._session.ack, frame.epoch, frame.seqs)
         elif isinstance(frame, Ping):
             self._send({"t": "pong"})

@@ -174,7 +174,10 @@ class TopicHub:
         follower.subscribers.pop(connection, None)
         key = connection.info.id
         if follower.present.pop(key, None) is not None:
-            self._nursery.start_soon(self._untrack, follower.name, key)
+            try:
+                self._nursery.start_soon(self._untrack, follower.name, key)
+            except RuntimeError:  # the gateway stopped: its streams' end untracks
+                log.debug("not untracking %s: the gateway stopped", key)
         if not follower.subscribers:
             follower.scope.cancel()
             if self._followers.get(follower.name) is follower:

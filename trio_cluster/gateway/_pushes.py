@@ -9,7 +9,10 @@ first time it arrives and acks it when the application takes it (``async
 for push in client.pushes``): a push the application never takes is not
 acked, is sent again, and fails at its sender in the end. A copy of a push
 already taken (its ack was lost, or crossed a redelivery) is acked again
-and dropped; a copy of one still queued is dropped.
+and dropped; a copy of one still queued is dropped. Acks are sent by one
+task (`PushInbox.send_acks`): those that wait while it writes go together
+in one frame (the gateway does not count acks of the pushes it sent
+against the message rate).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import attrs
 import trio
 
 from ._errors import GatewayError
+from ._protocol import MAX_ACKS
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -62,8 +66,12 @@ class PushInbox:
         send: Callable[[dict[str, Any]], Awaitable[None]],
         buffer: int = 10_000,
         remember: int = 100_000,
+        ack_delay: float = 0.0,
     ) -> None:
         self._send_frame = send
+        self._ack_delay = ack_delay
+        self._to_ack: dict[str, list[int]] = {}
+        self._acks_waiting = trio.Event()
         self._send, self._receive = trio.open_memory_channel[ReceivedPush](buffer)
         self._taken: dict[tuple[str, int], bool] = {}
         """Pushes seen recently: whether handed over (True) or queued."""
@@ -83,9 +91,8 @@ class PushInbox:
         if taken is not None:
             self.duplicates += 1
             if taken:
-                await self._ack(key)
-            else:
-                await trio.lowlevel.checkpoint()
+                self._ack(key)
+            await trio.lowlevel.checkpoint()
             return
         try:
             self._send.send_nowait(ReceivedPush(epoch, seq, frame.get("data")))
@@ -98,9 +105,29 @@ class PushInbox:
             self._taken.pop(self._order.popleft(), None)
         await trio.lowlevel.checkpoint()
 
-    async def _ack(self, key: tuple[str, int]) -> None:
-        with suppress(GatewayError):  # not connected: it comes again, acked then
-            await self._send_frame({"t": "ack", "epoch": key[0], "seqs": [key[1]]})
+    def _ack(self, key: tuple[str, int]) -> None:
+        self._to_ack.setdefault(key[0], []).append(key[1])
+        self._acks_waiting.set()
+
+    async def send_acks(self) -> None:
+        """Send the acks waiting (``ack_delay`` after the first: none by
+        default), as few frames as possible; until cancelled (a task of the
+        client). An ack lost to a disconnection is sent again when the push
+        comes again."""
+        while True:
+            await self._acks_waiting.wait()
+            await trio.sleep(self._ack_delay)
+            self._acks_waiting = trio.Event()
+            waiting, self._to_ack = self._to_ack, {}
+            for epoch, seqs in waiting.items():
+                for start in range(0, len(seqs), MAX_ACKS):
+                    frame = {
+                        "t": "ack",
+                        "epoch": epoch,
+                        "seqs": seqs[start : start + MAX_ACKS],
+                    }
+                    with suppress(GatewayError):
+                        await self._send_frame(frame)
 
     def close(self) -> None:
         self._send.close()
@@ -109,7 +136,7 @@ class PushInbox:
         return self
 
     async def __anext__(self) -> ReceivedPush:
-        """The next push (acked now).
+        """The next push (its ack is sent by `send_acks`).
 
         Raises:
             StopAsyncIteration: the client's block ended.
@@ -121,5 +148,5 @@ class PushInbox:
         key = (push.epoch, push.seq)
         if key in self._taken:
             self._taken[key] = True
-        await self._ack(key)
+        self._ack(key)
         return push

@@ -60,6 +60,8 @@ export class GatewayClient {
     target.searchParams.set("session", this.session);
     this._pushesSeen = new Set(); // "epoch:seq" of the pushes handed over (recent ones)
     this._pushOrder = [];
+    this._acks = new Map(); // epoch -> seqs waiting to be acked
+    this._ackTimer = null;
     this.url = target.toString();
     this.state = {
       connected: false,
@@ -255,7 +257,19 @@ export class GatewayClient {
       if (this._pushOrder.length > 100000) this._pushesSeen.delete(this._pushOrder.shift());
     }
     // Acked after it was handed over; a copy (a redelivery) is acked again.
-    this._send({ t: "ack", epoch: frame.epoch, seqs: [frame.seq] });
+    // The acks of one message (a batch of pushes) go together.
+    const seqs = this._acks.get(frame.epoch) ?? [];
+    seqs.push(frame.seq);
+    this._acks.set(frame.epoch, seqs);
+    this._ackTimer ??= setTimeout(() => {
+      this._ackTimer = null;
+      for (const [epoch, waiting] of this._acks) {
+        for (let start = 0; start < waiting.length; start += 1000) {
+          this._send({ t: "ack", epoch, seqs: waiting.slice(start, start + 1000) });
+        }
+      }
+      this._acks.clear();
+    }, 0);
   }
 
   /** Close the socket for good; pending calls are rejected. */
