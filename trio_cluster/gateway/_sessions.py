@@ -286,7 +286,9 @@ class SessionLink:
                     async for pushed in items:
                         failures = 0
                         deliver(pushed)
-                detached("the session is attached to another socket")
+                detached(
+                    "the session attached to another socket, or this one fell behind"
+                )
                 return
             except SessionTakenError:
                 detached("the session belongs to another user")
