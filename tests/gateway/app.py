@@ -20,6 +20,7 @@ from trio_cluster.gateway import (
     GatewayConfig,
     GatewayServer,
     Service,
+    Session,
     Topic,
     current_client,
     expose,
@@ -111,7 +112,7 @@ async def open_gateway(
 ) -> AsyncIterator[GatewayServer]:
     """A runner on memory storage with ``gateway`` served on 127.0.0.1."""
     async with (
-        tc.open_runner(entities=[Counter, Blocker, Topic]) as runner,
+        tc.open_runner(entities=[Counter, Blocker, Topic, Session]) as runner,
         trio.open_nursery() as nursery,
     ):
         server: GatewayServer = await nursery.start(

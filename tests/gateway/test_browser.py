@@ -1,7 +1,9 @@
 """The JavaScript client in a real headless Chromium (Debian's package),
 against a real gateway: calls, a declared error, streams (with credit, and
-left early), an aborted call, a topic, and a reconnect after the gateway
-dropped the socket (the topic resumes: nothing lost, nothing twice). `.ci/run` installs
+left early), an aborted call, a topic, a reconnect after the gateway
+dropped the socket (the topic resumes: nothing lost, nothing twice), a
+topic's presence shared with a Trio client, and acked pushes to the page's
+session. `.ci/run` installs
 Chromium; without it this test FAILS (it is never skipped)."""
 
 from __future__ import annotations
@@ -17,14 +19,28 @@ import attrs
 import trio
 
 import trio_cluster as tc
-from trio_cluster.gateway import CloseCode, Gateway, Service, expose, publish
+from trio_cluster.gateway import (
+    JSON,
+    MSGPACK,
+    CloseCode,
+    Gateway,
+    Service,
+    expose,
+    open_gateway_client,
+    publish,
+    send_reliable,
+)
 
 from .app import Blocker, Counter, open_gateway
 
 PAGE = """<!doctype html>
 <script type="module">
 import { GatewayClient, GatewayDisconnectedError } from "/gateway.js";
-const client = new GatewayClient(`ws://${location.host}/ws`);
+const pushes = [];
+const client = new GatewayClient(`ws://${location.host}/ws`, {
+  onPush: (push) => pushes.push(push.data),
+});
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const report = (lines) => client.call("report.done", { lines: lines.map(String) });
 try {
   const seen = [];
@@ -72,6 +88,18 @@ try {
   await report([
     "second", held, client.state.reconnectCount, client.state.connected,
     seen.join(","), room.recovered,
+  ]);
+  let people = {};
+  await client.subscribe("room:people", () => {}, {
+    onPresence: (presence) => { people = { ...presence }; },
+  });
+  await report(["third", client.session]);
+  while (pushes.length < 2 || Object.keys(people).length < 2) await sleep(20);
+  const listed = await client.presence("room:people");
+  await report([
+    "fourth", pushes.join(","),
+    Object.values(people).map((entry) => entry.who).sort().join(","),
+    Object.keys(listed).length,
   ]);
 } catch (error) {
   await report(["failed", error.stack ?? error]);
@@ -125,6 +153,8 @@ async def test_the_javascript_client_in_headless_chromium(tmp_path: Path) -> Non
         entities=[expose(Counter, "add", "count"), expose(Blocker)],
         services=[report],
         topics=lambda name: name.startswith("room:"),
+        presence=lambda client, topic: {"who": client.subprotocol},
+        sessions=True,
         pages={"/": PAGE},
     )
     with trio.fail_after(90):
@@ -167,5 +197,16 @@ async def test_the_javascript_client_in_headless_chromium(tmp_path: Path) -> Non
                 second = await wait_report(report, 2)
                 assert second == ["second", "true 1001", "1", "true", "a,b,c", "true"]
                 assert server.statistics().connections_accepted == 2
+                # Presence with a Trio client, and two acked pushes.
+                async with (
+                    open_gateway_client(server.url) as trio_client,
+                    trio_client.subscribe("room:people", presence=True),
+                ):
+                    _, session = await wait_report(report, 3)
+                    runner = server.runner
+                    assert await send_reliable(runner, session, "p1") == 1
+                    assert await send_reliable(runner, session, "p2") == 2
+                    fourth = await wait_report(report, 4)
+                assert fourth == ["fourth", "p1,p2", f"{JSON},{MSGPACK}", "2"]
             finally:
                 process.send_signal(signal.SIGTERM)

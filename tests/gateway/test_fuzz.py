@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import attrs
 import msgpack
 import trio
 import trio.testing
@@ -13,10 +14,21 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from trio_cluster.gateway import JSON, MSGPACK
 
-from .app import decode, encode, exchange, open_gateway
+from .app import decode, encode, exchange, gateway_definition, open_gateway
 from .test_liveness import connect
 
-KINDS = ["call", "stream", "credit", "cancel", "ping", "pong", "nope"]
+KINDS = [
+    "call",
+    "stream",
+    "credit",
+    "cancel",
+    "ping",
+    "pong",
+    "subscribe",
+    "presence",
+    "ack",
+    "nope",
+]
 values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=8),
     lambda inner: (
@@ -35,6 +47,10 @@ frames = st.fixed_dictionaries(
         "msg": values,
         "credit": st.integers(-1, 2**21) | values,
         "n": st.integers(-1, 5) | values,
+        "topic": st.sampled_from(["room:1", ""]) | values,
+        "presence": st.booleans() | values,
+        "epoch": st.text(max_size=4) | values,
+        "seqs": st.lists(st.integers(-1, 3), max_size=3) | values,
     },
 )
 
@@ -69,7 +85,12 @@ def test_one_client_cannot_hurt_another(
     subprotocol: str, messages: list[object]
 ) -> None:
     async def scenario() -> None:
-        async with open_gateway(message_rate=None) as server, connect(server) as good:
+        gateway = attrs.evolve(
+            gateway_definition(message_rate=None),
+            topics=lambda name: name.startswith("room:"),
+            presence=lambda client, topic: "someone",
+        )
+        async with open_gateway(gateway) as server, connect(server) as good:
             async with connect(server) as bad:
                 closed: int | None = None
                 try:

@@ -184,13 +184,20 @@ def _run(args: argparse.Namespace) -> int:
     try:
         options = load_target(args.target)
         gateway = _gateway(args, options.pop("gateway", None))
-        if gateway is not None and gateway[0].topics is not None:
-            from ..gateway import Topic
+        if gateway is not None:
+            from ..gateway import Session, Topic
 
-            # A gateway with topics needs their sequencer entity hosted.
+            # A gateway with topics needs their sequencer entity hosted, one
+            # with sessions the session entity.
+            needed = [
+                *([Topic] if gateway[0].topics is not None else []),
+                *([Session] if gateway[0].sessions else []),
+            ]
             entities = list(options.get("entities", ()))
-            if Topic not in entities:
-                options["entities"] = [*entities, Topic]
+            options["entities"] = [
+                *entities,
+                *(cls for cls in needed if cls not in entities),
+            ]
         config = _config(args)
         metrics = _address("--metrics", args.metrics) if args.metrics else None
         storage = PostgresStorage(args.dsn, table_prefix=args.prefix)

@@ -7,7 +7,8 @@ A `Gateway` names what clients may reach (entity handlers through
 `serve_gateway` serves it for a runner (``nursery.start``) and
 ``trio-cluster run --gateway HOST:PORT`` from the command line. Clients
 speak the protocol of ``docs/gateway.md`` over the ``trio_cluster.json.v1``
-or ``trio_cluster.msgpack.v1`` subprotocol: from Trio with
+or ``trio_cluster.msgpack.v1`` subprotocol (`asgi_app` serves the same
+under an ASGI server on Trio, such as hypercorn): from Trio with
 `open_gateway_client`, from a browser with the JavaScript module the
 gateway serves at ``/gateway.js``.
 """
@@ -20,6 +21,7 @@ from typing import Any
 
 from .._core._ratelimit import RateLimit, WindowLimit
 from .._metadata import fixup_module_metadata
+from ._asgi import GatewayAsgiApp, asgi_app
 from ._bridge import bridge, event_data
 from ._client import GatewayClient, open_gateway_client
 from ._client_config import ClientConfig, ConnectionState
@@ -42,9 +44,11 @@ from ._errors import (
     UnauthorizedError,
 )
 from ._protocol import JSON, MSGPACK, PROTOCOL_VERSION, CloseCode, ErrorCode
+from ._pushes import ReceivedPush
 from ._server import GatewayServer, serve_gateway
+from ._sessions import PushFailedError, Session, SessionTakenError, send_reliable
 from ._statistics import ConnectionStatistics, GatewayStatistics
-from ._topics import Position, Publication, Topic, publish
+from ._topics import Position, Publication, Topic, presence, publish
 
 __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.py)
     "ClientConfig",
@@ -56,6 +60,7 @@ __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.p
     "ErrorCode",
     "Exposed",
     "Gateway",
+    "GatewayAsgiApp",
     "GatewayCallError",
     "GatewayClient",
     "GatewayConfig",
@@ -71,17 +76,24 @@ __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.p
     "PROTOCOL_VERSION",
     "Position",
     "Publication",
+    "PushFailedError",
     "RateLimit",
+    "ReceivedPush",
     "Service",
+    "Session",
+    "SessionTakenError",
     "Topic",
     "UnauthorizedError",
     "WindowLimit",
+    "asgi_app",
     "bridge",
     "current_client",
     "event_data",
     "expose",
     "open_gateway_client",
+    "presence",
     "publish",
+    "send_reliable",
     "serve_gateway",
 ]
 

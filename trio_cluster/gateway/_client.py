@@ -54,6 +54,7 @@ from ._protocol import (
     decode_frames,
     encode_frame,
 )
+from ._pushes import PushInbox, new_session, with_session
 from ._subscriptions import Subscription
 
 if TYPE_CHECKING:
@@ -127,6 +128,9 @@ class GatewayClient:
         """Set once the client's own close handshake is over."""
         self._retry_after = 0.0
         """Seconds a 429's ``Retry-After`` asks to wait at least."""
+        self.pushes = PushInbox(self._send)
+        """The pushes of the client's session (``async for push in
+        client.pushes``: each once, acked when taken)."""
 
     @property
     def state(self) -> ConnectionState:
@@ -249,13 +253,15 @@ class GatewayClient:
 
     @asynccontextmanager
     async def subscribe(
-        self, topic: str, *, buffer: int = 10_000
+        self, topic: str, *, buffer: int = 10_000, presence: bool = False
     ) -> AsyncIterator[Subscription]:
         """Subscribe to ``topic``: ``async with client.subscribe("room:1") as
         sub: async for publication in sub``. After a reconnect the
         subscription resumes from the last publication it handed out (see
         `Subscription`). ``buffer`` publications may wait unread; one more
         closes the subscription (its iteration raises `GatewayError`).
+        With ``presence``, ``sub.presence`` is the topic's presence, kept
+        up to date (``await sub.presence_changed()``).
 
         Raises:
             ValueError: already subscribed to ``topic`` on this client.
@@ -267,7 +273,9 @@ class GatewayClient:
         """
         if topic in self._subscriptions:
             raise ValueError(f"already subscribed to {topic!r} on this client")
-        subscription = self._subscriptions[topic] = Subscription(topic, buffer)
+        subscription = self._subscriptions[topic] = Subscription(
+            topic, buffer, presence=presence
+        )
         try:
             while subscription.connection != self._opened or not self._state.connected:
                 await self.wait_connected()
@@ -292,10 +300,26 @@ class GatewayClient:
         since = subscription.since()
         if since is not None:
             frame["since"] = since
+        if subscription.presence is not None:
+            frame["presence"] = True
         value = await self._exchange(frame)
-        if isinstance(value, dict) and since is not None:
-            subscription.recovered = bool(value.get("recovered"))
+        if isinstance(value, dict):
+            subscription.answered(value, resumed=since is not None)
         subscription.connection = number
+
+    async def presence(self, topic: str) -> dict[str, Any]:
+        """The presence of ``topic`` (``{connection id: data}``), whether
+        this client subscribes to it or not.
+
+        Raises:
+            GatewayCallError: refused (``not_found``, ``forbidden``), or the
+                topic's entity failed.
+            GatewayDisconnectedError, GatewayRefusedError: as `call`.
+
+        Cancellation: as `call`.
+        """
+        value = await self._exchange({"t": "presence", "topic": topic})
+        return value if isinstance(value, dict) else {}
 
     async def _resubscribe_all(self) -> None:
         """Subscribe every subscription again on a new socket."""
@@ -647,7 +671,10 @@ class GatewayClient:
             await self._send({"t": "pong"})
             return
         await trio.lowlevel.checkpoint()
-        if kind == "pub":
+        if kind == "push":
+            await self.pushes.deliver(frame)
+            return
+        if kind in ("pub", "presence"):
             subscription = self._subscriptions.get(frame.get("topic"))  # type: ignore[arg-type]
             if subscription is not None:
                 subscription.deliver(frame)
@@ -682,6 +709,7 @@ async def open_gateway_client(
     headers: Sequence[tuple[str, str]] = (),
     converter: cattrs.Converter | None = None,
     rng: random.Random | None = None,
+    session: str | None = None,
 ) -> AsyncIterator[GatewayClient]:
     """A client of the gateway at ``url`` (``ws://host:port/ws``), kept
     connected in the background for the block.
@@ -694,6 +722,10 @@ async def open_gateway_client(
             `make_converter()` otherwise; use the runner's if you registered
             hooks on it).
         rng: the jitter's random source (tests pass a seeded one).
+        session: the session's token (16-64 of ``A-Z a-z 0-9 _ -``; a
+            random one by default), sent as ``?session=`` on every connect:
+            `send_reliable` reaches the client through it
+            (``client.pushes``), across reconnects to any gateway.
 
     On exit the socket is closed with 1000, waiting at most
     ``close_timeout`` for the server's answer (also when the block is
@@ -703,14 +735,17 @@ async def open_gateway_client(
     all_headers = list(headers)
     if token is not None:
         all_headers.append(("Authorization", f"Bearer {token}"))
+    url = with_session(url, session or new_session())
     client = GatewayClient(
         url, config, all_headers, converter or make_converter(), rng or random.Random()
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client._maintain)
+        nursery.start_soon(client.pushes.send_acks)
         try:
             yield client
         finally:
+            client.pushes.close()
             with trio.CancelScope(shield=True):
                 await client._close()
             nursery.cancel_scope.cancel()

@@ -6,7 +6,9 @@ the connection (`ClientConnection.end`, the first reason wins) cancels
 exactly its work and nothing else:
 
 * the *reader* (the task itself) takes each message, counts it against the
-  socket's message rate (`TokenBucket.try_take`; over it: close 4008),
+  socket's message rate (`TokenBucket.try_take`; over it: close 4008; an
+  ack of pushes the socket was sent and still owes is not counted: their
+  number is bounded by the pushes),
   tells the heartbeats the client is alive, decodes it (unreadable: close
   with `BadFrame`'s code) and dispatches it by kind. A readable frame that
   is wrong is answered with an error frame and the socket stays up;
@@ -32,11 +34,11 @@ from __future__ import annotations
 import contextvars
 import logging
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed
+from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .._core._addresses import EntityId
 from .._core._ratelimit import TokenBucket
@@ -46,6 +48,7 @@ from ..transport._ws_tap import install_tap
 from ._client_info import ClientInfo, current_info
 from ._definition import Operation
 from ._protocol import (
+    Ack,
     BadFrame,
     Call,
     Cancel,
@@ -53,6 +56,7 @@ from ._protocol import (
     Credit,
     ErrorCode,
     FrameError,
+    ListPresence,
     OpenStream,
     Ping,
     Pong,
@@ -66,20 +70,42 @@ from ._protocol import (
 )
 from ._requests import StreamCredit, admit, failure_frame
 from ._statistics import ConnectionStatistics
-from ._topics import Position, TopicAccess
+from ._topics import Position
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from trio_websocket import WebSocketConnection
-
     from .._log_limit import LogLimiter
     from ._definition import GatewayConfig, Route
+    from ._hub import TopicAccess
+    from ._sessions import Pushed, SessionLink
     from ._statistics import GatewayCounters
 
-__all__ = ["ClientConnection"]
+__all__ = ["ClientConnection", "MessageSocket"]
 
 log = logging.getLogger("trio_cluster.gateway")
+
+
+class MessageSocket(Protocol):
+    """What a connection needs of its WebSocket: trio-websocket's
+    `WebSocketConnection`, or the ASGI server's socket (`asgi_app`)."""
+
+    async def get_message(self) -> bytes | str:
+        """The next message.
+
+        Raises:
+            ConnectionClosed: the socket closed.
+        """
+        ...
+
+    async def send_message(self, message: bytes | str) -> None: ...
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
+
+
+_MAX_OWED: Final = 4096
+"""Pushes a socket remembers as owed an ack (more: the oldest are
+forgotten, and their late acks count against the message rate)."""
 
 
 @attrs.define
@@ -93,7 +119,7 @@ class ClientConnection:
 
     def __init__(
         self,
-        ws: WebSocketConnection,
+        ws: MessageSocket,
         info: ClientInfo,
         *,
         number: int,
@@ -105,6 +131,8 @@ class ClientConnection:
         seen: Callable[[int], None],
         outbox: Outbox | None = None,
         topics: TopicAccess | None = None,
+        session: SessionLink | None = None,
+        user: str | None = None,
     ) -> None:
         self.ws = ws
         self.info = info
@@ -115,9 +143,18 @@ class ClientConnection:
         self._counters = counters
         self._warnings = warnings
         self._seen = seen
-        self._outbox = outbox
+        self._direct: tuple[WebSocketConnection, Outbox] | None = (
+            (ws, outbox)
+            if outbox is not None and isinstance(ws, WebSocketConnection)
+            else None
+        )
+        """The socket and its `Outbox`, over plain TCP (writes never wait)."""
         self._topics = topics
-        """The socket's `Outbox` over plain TCP (writes never wait)."""
+        self._session = session
+        """Its link to its session's entity (None: no session)."""
+        self._user = user
+        self._owed: dict[tuple[str, int], None] = {}
+        """Pushes sent and not acked yet (epoch, seq), oldest first."""
         self._scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._requests: dict[int, trio.CancelScope] = {}
@@ -162,6 +199,10 @@ class ClientConnection:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     nursery.start_soon(self._write)
+                    if self._session is not None:
+                        nursery.start_soon(
+                            self._session.run, self._user, self._push, self._detached
+                        )
                     await self._read()
                     nursery.cancel_scope.cancel()
         finally:
@@ -199,16 +240,44 @@ class ClientConnection:
 
     def send_welcome(self) -> None:
         config = self._config
+        frame = {
+            "t": "welcome",
+            "v": 1,
+            "id": self.info.id,
+            "ping_interval": config.ping_interval,
+            "ping_timeout": config.ping_timeout,
+            "max_message_size": config.max_message_size,
+        }
+        if self._session is not None:
+            frame["session"] = self._session.name
+        self._send(frame)
+
+    def _push(self, pushed: Pushed) -> None:
+        """A push of the socket's session: to the client."""
+        owed = self._owed
+        owed[(pushed.epoch, pushed.seq)] = None
+        if len(owed) > _MAX_OWED:  # pushes never acked (given up by now)
+            del owed[next(iter(owed))]
         self._send(
-            {
-                "t": "welcome",
-                "v": 1,
-                "id": self.info.id,
-                "ping_interval": config.ping_interval,
-                "ping_timeout": config.ping_timeout,
-                "max_message_size": config.max_message_size,
-            }
+            {"t": "push", "epoch": pushed.epoch, "seq": pushed.seq, "data": pushed.data}
         )
+
+    def _owed_ack(self, frame: dict[str, Any]) -> bool:
+        """Whether ``frame`` acks only pushes this socket was sent and did
+        not ack yet: such acks are not counted against the message rate
+        (their number is bounded by the pushes)."""
+        if frame["t"] != "ack" or not self._owed:
+            return False
+        epoch, seqs = frame.get("epoch"), frame.get("seqs")
+        return (
+            isinstance(epoch, str)
+            and isinstance(seqs, list)
+            and 0 < len(seqs) <= len(self._owed)
+            and all(isinstance(seq, int) and (epoch, seq) in self._owed for seq in seqs)
+        )
+
+    def _detached(self, reason: str) -> None:
+        self.end(CloseCode.SESSION_DETACHED, reason)
 
     # ------------------------------------------------------------------
     # Reading
@@ -220,10 +289,14 @@ class ClientConnection:
         message."""
         ws = self.ws
         try:
-            tap = install_tap(ws, self._deliver)
+            tap = (
+                install_tap(ws, self._deliver)
+                if isinstance(ws, WebSocketConnection)
+                else None
+            )
             if tap is not None:
                 await tap.run()
-            else:  # pragma: no cover - another trio-websocket
+            else:  # the ASGI server's socket
                 while await self._deliver(await ws.get_message()):
                     pass
         except ConnectionClosed as exc:
@@ -247,7 +320,11 @@ class ClientConnection:
         for frame in frames:
             self.frames_received += 1
             self._counters.frames_received += 1
-            if bucket is not None and bucket.try_take(now) > 0:
+            if (
+                bucket is not None
+                and not self._owed_ack(frame)
+                and bucket.try_take(now) > 0
+            ):
                 self.end(CloseCode.RATE_LIMITED, "message rate limit exceeded")
                 return False
             try:
@@ -270,12 +347,17 @@ class ClientConnection:
             credit = self._credits.get(frame.id)
             if credit is not None:
                 credit.grant(frame.n)
-        elif isinstance(frame, Subscribe):
+        elif isinstance(frame, Subscribe | ListPresence):
             self._start_subscription(frame)
         elif isinstance(frame, Unsubscribe):
             topics = self._topics
             dropped = topics is not None and topics.hub.unsubscribe(self, frame.topic)
             self._send({"t": "reply", "id": frame.id, "v": dropped})
+        elif isinstance(frame, Ack):
+            if self._session is not None and self._nursery is not None:
+                for seq in frame.seqs:
+                    self._owed.pop((frame.epoch, seq), None)
+                self._nursery.start_soon(self._session.ack, frame.epoch, frame.seqs)
         elif isinstance(frame, Ping):
             self._send({"t": "pong"})
         elif isinstance(frame, Pong) and self._ping_sent_at is not None:
@@ -319,7 +401,7 @@ class ClientConnection:
                 partial(self._call, frame.id, route, frame.key, message),
             )
 
-    def _start_subscription(self, frame: Subscribe) -> None:
+    def _start_subscription(self, frame: Subscribe | ListPresence) -> None:
         topics = self._topics
         request_id = frame.id
         if request_id in self._requests:
@@ -336,7 +418,6 @@ class ClientConnection:
             EntityId(frame.topic)
         except ValueError as exc:
             raise FrameError(request_id, ErrorCode.BAD_REQUEST, str(exc)) from None
-        since = None if frame.since is None else Position(*frame.since)
         scope = self._requests[request_id] = trio.CancelScope()
         self._counters.requests += 1
         assert self._nursery is not None
@@ -345,27 +426,42 @@ class ClientConnection:
             self._request,
             request_id,
             scope,
-            partial(self._subscribe, request_id, topics, frame.topic, since),
+            partial(self._subscribe, topics, frame),
         )
 
     async def _subscribe(
-        self,
-        request_id: int,
-        topics: TopicAccess,
-        topic: str,
-        since: Position | None,
+        self, topics: TopicAccess, frame: Subscribe | ListPresence
     ) -> dict[str, Any]:
+        """A subscribe's answer (after the publications it missed), or a
+        presence list's."""
+        request_id, topic = frame.id, frame.topic
         try:
+            since = None
+            if isinstance(frame, Subscribe) and frame.since is not None:
+                since = Position(*frame.since)
             authorize = self._authorize
             if authorize is not None:
-                operation = Operation("subscribe", topic, None, since)
+                operation = Operation(
+                    "subscribe" if isinstance(frame, Subscribe) else "presence",
+                    topic,
+                    None,
+                    since,
+                )
                 if not await authorize(self.info.principal, operation):
                     self.errors += 1
                     self._counters.requests_refused += 1
                     return error_frame(
                         request_id, ErrorCode.FORBIDDEN, f"not allowed: {topic}"
                     )
-            value = await topics.hub.subscribe(self, topic, since)
+            value: Any
+            if isinstance(frame, ListPresence):
+                value = await topics.hub.presence(topic)
+            else:
+                hook = topics.presence
+                data = None if hook is None else hook(self.info, topic)
+                value = await topics.hub.subscribe(
+                    self, topic, since, data, with_presence=frame.presence
+                )
             return {"t": "reply", "id": request_id, "v": value}
         except Exception as exc:
             self.errors += 1
@@ -483,14 +579,14 @@ class ClientConnection:
         """Write an encoded frame now if nothing waits (over TCP: into the
         `Outbox`, synchronously, without waking the writer), else queue it
         for the writer; a full queue ends the connection (slow consumer)."""
-        outbox = self._outbox
+        direct = self._direct
         if (
-            outbox is not None
-            and not outbox.backlog
+            direct is not None
+            and not direct[1].backlog
             and not self._send_channel.statistics().current_buffer_used
         ):
             try:
-                write_message(self.ws, outbox, data)
+                write_message(*direct, data)
             except CONNECTION_ERRORS:
                 self._scope.cancel()  # the client is gone
                 return
@@ -509,12 +605,12 @@ class ClientConnection:
         `Outbox` has drained, else with trio-websocket's ``send_message``;
         False if that ended the connection (the client is gone, or too
         slow)."""
-        outbox = self._outbox
+        direct = self._direct
         with trio.move_on_after(self._config.send_timeout) as waited:
             try:
-                if outbox is not None:
-                    await outbox.wait_drained()
-                    write_message(self.ws, outbox, data)
+                if direct is not None:
+                    await direct[1].wait_drained()
+                    write_message(*direct, data)
                 else:
                     await self.ws.send_message(data)
             except CONNECTION_ERRORS:

@@ -32,6 +32,7 @@ from .._handlers import HandlerSpec
 from .._registry import resolve_handler
 from ..serialization import Codec
 from ..serialization._replies import error_tag
+from ._client_info import ClientInfo
 
 if TYPE_CHECKING:
     import cattrs
@@ -138,10 +139,10 @@ class Handshake:
 class Operation:
     """One request, as the ``authorize`` hook sees it."""
 
-    kind: Literal["call", "stream", "subscribe"]
+    kind: Literal["call", "stream", "subscribe", "presence"]
     name: str
     """``"Counter.increment"``, ``"clock.now"``; the topic's name for
-    ``"subscribe"``."""
+    ``"subscribe"`` and ``"presence"`` (listing a topic's presence)."""
     key: str | None
     """The entity id (None for a service or a topic)."""
     message: object
@@ -238,6 +239,18 @@ class Gateway:
     """Small HTML pages served on GET by path (``{"/": "<html>..."}``),
     besides ``/gateway.js``: a demo page of the same origin as the
     socket. Not a web server: no files, no caching rules."""
+    presence: Callable[[ClientInfo, str], object] | None = None
+    """Called with a subscribing client and the topic: the data of its
+    presence entry in the topic (plain data, e.g. its user name), or None
+    to leave it out of the topic's presence. None: no presence."""
+    sessions: bool = False
+    """Whether sockets attach to their session (the client's ``?session=``
+    token) for reliable pushes. The runners must host
+    `trio_cluster.gateway.Session`."""
+    user: Callable[[object], str | None] | None = None
+    """The user a principal is (None: none): a session is bound to the
+    user of its first socket; a socket of another user cannot attach to
+    it."""
 
     def __attrs_post_init__(self) -> None:
         for item in self.entities:

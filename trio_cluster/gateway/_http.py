@@ -60,6 +60,13 @@ class Head:
     raw: bytes
     """Every byte read from the stream so far (replayed to trio-websocket)."""
 
+    @classmethod
+    def from_parts(
+        cls, method: str, path: str, query_string: str, headers: dict[str, str]
+    ) -> Head:
+        """A head from parts another server parsed (no raw bytes)."""
+        return cls(method, path, dict(parse_qsl(query_string)), headers, b"")
+
     @property
     def upgrade(self) -> bool:
         return "websocket" in self.headers.get("upgrade", "").lower()

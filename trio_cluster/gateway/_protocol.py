@@ -34,10 +34,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "JSON",
+    "MAX_ACKS",
     "MAX_REQUEST_ID",
     "MSGPACK",
     "PROTOCOL_VERSION",
     "SUBPROTOCOLS",
+    "Ack",
     "BadFrame",
     "Call",
     "Cancel",
@@ -45,6 +47,7 @@ __all__ = [
     "Credit",
     "ErrorCode",
     "FrameError",
+    "ListPresence",
     "OpenStream",
     "Ping",
     "Pong",
@@ -88,6 +91,10 @@ class CloseCode(enum.IntEnum):
     SLOW_CONSUMER = 4001
     """The client did not read fast enough: its send queue was full, or one
     message took longer than send_timeout to write."""
+    SESSION_DETACHED = 4002
+    """The socket's session attached to another socket (the client
+    connected again elsewhere), fell too far behind, or belongs to another
+    user."""
     RATE_LIMITED = 4008
     """More messages than the per-connection rate limit allows."""
 
@@ -181,6 +188,18 @@ class Subscribe:
     id: int
     topic: str
     since: tuple[str, int] | None
+    presence: bool = False
+    """Whether the answer has the topic's presence, and presence diffs
+    follow."""
+
+
+@attrs.frozen
+class ListPresence:
+    """``{"t": "presence", "id": 5, "topic": "room:1"}``: answered with
+    ``{connection id: data}``."""
+
+    id: int
+    topic: str
 
 
 @attrs.frozen
@@ -189,6 +208,15 @@ class Unsubscribe:
 
     id: int
     topic: str
+
+
+@attrs.frozen
+class Ack:
+    """``{"t": "ack", "epoch": "e", "seqs": [1, 2]}``: the client got these
+    pushes of its session."""
+
+    epoch: str
+    seqs: list[int]
 
 
 @attrs.frozen
@@ -202,7 +230,16 @@ class Pong:
 
 
 ClientFrame = (
-    Call | OpenStream | Credit | Cancel | Subscribe | Unsubscribe | Ping | Pong
+    Call
+    | OpenStream
+    | Credit
+    | Cancel
+    | Subscribe
+    | Unsubscribe
+    | ListPresence
+    | Ack
+    | Ping
+    | Pong
 )
 
 
@@ -362,8 +399,11 @@ def _subscribe(frame: Mapping[str, Any]) -> Subscribe:
     request_id = _request_id(frame)
     topic = _topic(frame, request_id)
     since = frame.get("since")
+    presence = frame.get("presence", False)
+    if not isinstance(presence, bool):
+        raise FrameError(request_id, ErrorCode.BAD_FRAME, '"presence" must be a bool')
     if since is None:
-        return Subscribe(request_id, topic, None)
+        return Subscribe(request_id, topic, None, presence)
     epoch = since.get("epoch") if isinstance(since, dict) else None
     offset = since.get("offset") if isinstance(since, dict) else None
     if (
@@ -377,12 +417,42 @@ def _subscribe(frame: Mapping[str, Any]) -> Subscribe:
             ErrorCode.BAD_FRAME,
             '"since" must be {"epoch": string, "offset": integer >= 0}',
         )
-    return Subscribe(request_id, topic, (epoch, offset))
+    return Subscribe(request_id, topic, (epoch, offset), presence)
+
+
+def _list_presence(frame: Mapping[str, Any]) -> ListPresence:
+    request_id = _request_id(frame)
+    return ListPresence(request_id, _topic(frame, request_id))
 
 
 def _unsubscribe(frame: Mapping[str, Any]) -> Unsubscribe:
     request_id = _request_id(frame)
     return Unsubscribe(request_id, _topic(frame, request_id))
+
+
+MAX_ACKS: Final = 1000
+"""Most sequence numbers one ``ack`` frame carries."""
+
+
+def _ack(frame: Mapping[str, Any]) -> Ack:
+    epoch, seqs = frame.get("epoch"), frame.get("seqs")
+    if (
+        not isinstance(epoch, str)
+        or not isinstance(seqs, list)
+        or len(seqs) > MAX_ACKS
+        or not all(
+            isinstance(seq, int)
+            and not isinstance(seq, bool)
+            and 0 <= seq <= MAX_REQUEST_ID
+            for seq in seqs
+        )
+    ):
+        raise FrameError(
+            None,
+            ErrorCode.BAD_FRAME,
+            f'an ack is {{"epoch": string, "seqs": [up to {MAX_ACKS} integers]}}',
+        )
+    return Ack(epoch, seqs)
 
 
 def _credit(frame: Mapping[str, Any]) -> Credit:
@@ -397,6 +467,8 @@ _PARSERS: Final[dict[str, Callable[[Mapping[str, Any]], ClientFrame]]] = {
     "cancel": lambda frame: Cancel(_request_id(frame)),
     "subscribe": _subscribe,
     "unsubscribe": _unsubscribe,
+    "presence": _list_presence,
+    "ack": _ack,
     "ping": lambda frame: Ping(),
     "pong": lambda frame: Pong(),
 }

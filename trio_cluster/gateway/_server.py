@@ -46,12 +46,15 @@ from ._connection import ClientConnection
 from ._definition import Gateway, Handshake, resolve_routes
 from ._errors import UnauthorizedError
 from ._http import HeadError, ReplayStream, client_script, http_response, read_head
+from ._hub import TopicAccess, TopicHub
 from ._protocol import SUBPROTOCOLS, CloseCode
+from ._sessions import Session, SessionLink, valid_session
 from ._statistics import GatewayCounters, GatewayStatistics, render_gateway_metrics
-from ._topics import Topic, TopicAccess, TopicHub
+from ._topics import Topic
 
 if TYPE_CHECKING:
     from .._runner import Runner
+    from ._connection import MessageSocket
     from ._definition import Route
     from ._http import Head
 
@@ -185,12 +188,7 @@ class GatewayServer:
                 connection = await self._open(nursery, stream, remote)
                 slot.hello_done()
                 if connection is not None:
-                    self._watch(connection)
-                    try:
-                        connection.send_welcome()
-                        await connection.run()
-                    finally:
-                        self._forget(connection)
+                    await self.serve_connection(connection)
                 nursery.cancel_scope.cancel()
         except* CONNECTION_ERRORS as group:
             log.debug("gateway connection from %s: %s", remote, describe(group))
@@ -248,30 +246,79 @@ class GatewayServer:
                 max_message_size=config.max_message_size,
             )
             ws = await request.accept(subprotocol=subprotocol)
-            self._numbers += 1
-            self._counters.connections_accepted += 1
-            info = ClientInfo(
-                id=str(self._runner.new_id()),
-                principal=principal,
-                remote=remote,
-                subprotocol=subprotocol,
-            )
-            return ClientConnection(
+            return self.connection_for(
                 ws,
-                info,
-                number=self._numbers,
-                routes=self._routes,
-                config=config,
-                authorize=self._gateway.authorize,
-                counters=self._counters,
-                warnings=self._warnings,
-                seen=self._seen,
-                outbox=outbox if isinstance(outbox, Outbox) else None,
-                topics=self._topics,
+                handshake,
+                principal,
+                head.query.get("session"),
+                outbox if isinstance(outbox, Outbox) else None,
             )
         self._counters.refused_other += 1
         log.debug("no upgrade from %s within %s s", remote, config.open_timeout)
         return None
+
+    def connection_for(
+        self,
+        ws: MessageSocket,
+        handshake: Handshake,
+        principal: object,
+        session_token: str | None,
+        outbox: Outbox | None = None,
+    ) -> ClientConnection:
+        """The `ClientConnection` of a socket just upgraded (counted as
+        accepted), attached to its session if the gateway has sessions and
+        ``session_token`` is a valid one."""
+        self._numbers += 1
+        self._counters.connections_accepted += 1
+        gateway = self._gateway
+        session = (
+            SessionLink(self._runner.client(Session), session_token)
+            if gateway.sessions and valid_session(session_token)
+            else None
+        )
+        info = ClientInfo(
+            id=str(self._runner.new_id()),
+            principal=principal,
+            remote=handshake.remote,
+            subprotocol=handshake.subprotocol,
+        )
+        return ClientConnection(
+            ws,
+            info,
+            number=self._numbers,
+            routes=self._routes,
+            config=self._config,
+            authorize=gateway.authorize,
+            counters=self._counters,
+            warnings=self._warnings,
+            seen=self._seen,
+            outbox=outbox,
+            topics=self._topics,
+            session=session,
+            user=None if gateway.user is None else gateway.user(principal),
+        )
+
+    async def serve_connection(self, connection: ClientConnection) -> None:
+        """Serve an upgraded socket until it ends (step 6 of the module
+        docstring): its welcome frame, then `ClientConnection.run`, watched
+        by the heartbeats meanwhile."""
+        self._watch(connection)
+        try:
+            connection.send_welcome()
+            await connection.run()
+        finally:
+            self._forget(connection)
+
+    def start_background(self, nursery: trio.Nursery) -> None:
+        """Start the gateway's own tasks in ``nursery``: the heartbeats and
+        the topics' fan-out."""
+        gateway = self._gateway
+        if gateway.topics is not None:
+            hub = TopicHub(
+                self._runner.client(Topic), nursery, str(self._runner.address)
+            )
+            self._topics = TopicAccess(hub, gateway.topics, gateway.presence)
+        nursery.start_soon(self._beat)
 
     def _answer_for(self, head: Head, remote: str) -> _Answer | None:
         """The HTTP answer to ``head`` instead of an upgrade (a file, or a
@@ -298,6 +345,40 @@ class GatewayServer:
         if answer is not None:
             self._counters.refused_other += 1
         return answer
+
+    @property
+    def admission(self) -> Admission:
+        """The connection slots (``max_connections``, ``max_pending_upgrades``)."""
+        return self._admission
+
+    def static(
+        self, path: str
+    ) -> tuple[bytes, str, tuple[tuple[str, str], ...]] | None:
+        """The body, content type and headers of a file served at ``path``
+        (the JavaScript client, a page), or None."""
+        static = self._static(path)
+        return None if static is None else (*static, _STATIC_HEADERS)
+
+    def refusal(
+        self, head: Head, remote: str
+    ) -> tuple[int, str, tuple[tuple[str, str], ...]] | None:
+        """Steps 3-4 of the module docstring for an upgrade request: the
+        HTTP status, reason and headers to refuse it with (counted), or
+        None to go on."""
+        answer = self._answer_for(head, remote)
+        if answer is None:
+            return None
+        return answer.status, answer.body.decode().strip(), answer.headers
+
+    async def authenticate(
+        self, handshake: Handshake
+    ) -> tuple[object, tuple[int, str] | None]:
+        """Step 5: the principal, or the HTTP status and reason to refuse
+        with (counted; a failing hook is logged)."""
+        principal, answer = await self._authenticate(handshake)
+        if answer is None:
+            return principal, None
+        return None, (answer.status, answer.body.decode().strip())
 
     def _static(self, path: str) -> tuple[bytes, str] | None:
         """The body and content type of a file served at ``path``: the
@@ -412,9 +493,6 @@ async def serve_gateway(
     bound = listeners[0].socket.getsockname()
     server = GatewayServer(runner, gateway, routes, host, bound[1])
     async with trio.open_nursery() as nursery:
-        if gateway.topics is not None:
-            hub = TopicHub(runner.client(Topic), nursery)
-            server._topics = TopicAccess(hub, gateway.topics)
-        nursery.start_soon(server._beat)
+        server.start_background(nursery)
         await nursery.start(trio.serve_listeners, server._accept, listeners)
         task_status.started(server)

@@ -10,6 +10,10 @@ are dropped here, so a resume never duplicates. When the topic's epoch
 changed (its history was lost) or the position left its history,
 ``recovered`` is False after that resubscribe: the publications in between
 are lost, and the subscription says so.
+
+With presence, the subscribe answer carries the topic's presence (it
+replaces ``presence``, after every reconnect too) and each ``presence``
+frame after it is applied: joins set, leaves deleted.
 """
 
 from __future__ import annotations
@@ -28,8 +32,12 @@ class Subscription:
     """A topic subscription of a `GatewayClient` (``async for publication
     in subscription``), made by `GatewayClient.subscribe`."""
 
-    def __init__(self, topic: str, buffer: int) -> None:
+    def __init__(self, topic: str, buffer: int, *, presence: bool = False) -> None:
         self.topic = topic
+        self.presence: dict[str, Any] | None = {} if presence else None
+        """The topic's presence, ``{connection id: data}`` (None: not
+        asked for)."""
+        self._presence_changed = trio.Event()
         self.position: Position | None = None
         """The last publication handed out (None: none yet)."""
         self.recovered: bool | None = None
@@ -40,8 +48,44 @@ class Subscription:
         self._send, self._receive = trio.open_memory_channel[Publication](buffer)
         self._overflow = False
 
+    def answered(self, value: dict[str, Any], *, resumed: bool) -> None:
+        """The answer to a (re)subscribe arrived."""
+        if resumed:
+            self.recovered = bool(value.get("recovered"))
+        entries = value.get("presence")
+        if self.presence is not None and isinstance(entries, dict):
+            self.presence = dict(entries)
+            self._notify()
+
+    def _notify(self) -> None:
+        self._presence_changed.set()
+        self._presence_changed = trio.Event()
+
+    async def presence_changed(self) -> dict[str, Any]:
+        """Wait for the next change of ``presence``; the new presence.
+
+        Raises:
+            ValueError: the subscription was made without presence.
+
+        Cancellation: stops waiting.
+        """
+        if self.presence is None:
+            raise ValueError(f"subscription to {self.topic!r} has no presence")
+        await self._presence_changed.wait()
+        return dict(self.presence)
+
     def deliver(self, frame: dict[str, Any]) -> None:
-        """A ``pub`` frame for this topic arrived."""
+        """A ``pub`` or ``presence`` frame for this topic arrived."""
+        if frame["t"] == "presence":
+            joins, leaves = frame.get("joins"), frame.get("leaves")
+            present = self.presence
+            if present is None or not isinstance(joins, dict):
+                return
+            for key in leaves if isinstance(leaves, dict) else ():
+                present.pop(key, None)
+            present.update(joins)
+            self._notify()
+            return
         epoch = frame.get("epoch")
         offset = frame.get("offset")
         if not isinstance(epoch, str) or not isinstance(offset, int):

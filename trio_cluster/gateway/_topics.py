@@ -1,5 +1,6 @@
 """Topics: ordered publications with offsets, bounded history and resume
-(an entity, and each gateway's fan-out to its sockets; Trio driver).
+(the `Topic` entity; each gateway's fan-out to its sockets is
+`trio_cluster.gateway._hub`; Trio driver).
 
 Theory of operation.
 
@@ -27,42 +28,38 @@ Theory of operation.
 
 from __future__ import annotations
 
-import logging
 import secrets
 from collections import deque
-from collections.abc import (
-    AsyncIterator,
-    Callable,
-)
+from collections.abc import AsyncIterator  # noqa: TC003 - handler annotations resolve at runtime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 import trio
 
-from .._core._retry import Backoff
 from .._entity import Entity
 from .._handlers import rpc, stream
-from ._protocol import encode_frame
+from ._presence import (
+    ListPresence,
+    PresenceDiff,
+    PresenceTable,
+    Track,
+    Untrack,
+)
 
 if TYPE_CHECKING:
-    from .._client import EntityClient
     from .._runner import Runner
-    from ._connection import ClientConnection
 
 __all__ = [
     "Follow",
+    "Followed",
     "History",
     "Position",
     "Publication",
     "Publish",
     "Topic",
-    "TopicAccess",
-    "TopicHub",
-    "publication_frame",
+    "presence",
     "publish",
 ]
-
-log = logging.getLogger("trio_cluster.gateway")
 
 
 @attrs.frozen
@@ -91,6 +88,21 @@ class Publish:
 class Follow:
     since: Position | None = None
     """Replay the history after this position first (same epoch only)."""
+    runner: str | None = None
+    """The following runner: its present sockets are ``present``."""
+    present: dict[str, Any] = attrs.field(factory=dict)
+    """``{connection id: data}`` of the runner's sockets in the topic's
+    presence (they replace its entries)."""
+
+
+@attrs.frozen
+class Followed:
+    """One item of `Topic.follow`: a publication, or a presence change (the
+    first item is the whole presence, ``snapshot``)."""
+
+    publication: Publication | None = None
+    presence: PresenceDiff | None = None
+    snapshot: dict[str, Any] | None = None
 
 
 @attrs.frozen
@@ -120,20 +132,43 @@ class Topic(Entity):
         self.epoch = secrets.token_hex(8)
         self.offset = 0
         self.kept: deque[Publication] = deque(maxlen=self.history_size)
-        self.followers: list[trio.MemorySendChannel[Publication]] = []
+        self.followers: list[trio.MemorySendChannel[Followed]] = []
+        self.present = PresenceTable()
+
+    def _emit(self, item: Followed) -> None:
+        for follower in list(self.followers):
+            try:
+                follower.send_nowait(item)
+            except (trio.WouldBlock, trio.BrokenResourceError):
+                self.followers.remove(follower)  # too slow, or gone
+                follower.close()
+
+    def _changed(self, diff: PresenceDiff) -> None:
+        if diff:
+            self._emit(Followed(presence=diff))
 
     @rpc
     async def publish(self, msg: Publish) -> Position:
         self.offset += 1
         publication = Publication(self.epoch, self.offset, msg.data)
         self.kept.append(publication)
-        for follower in list(self.followers):
-            try:
-                follower.send_nowait(publication)
-            except (trio.WouldBlock, trio.BrokenResourceError):
-                self.followers.remove(follower)  # too slow, or gone
-                follower.close()
+        self._emit(Followed(publication))
         return Position(self.epoch, self.offset)
+
+    @rpc
+    async def track(self, msg: Track) -> None:
+        """A socket joins the presence (or changes its data)."""
+        self._changed(self.present.track(msg.runner, msg.connection, msg.data))
+
+    @rpc
+    async def untrack(self, msg: Untrack) -> None:
+        """A socket leaves the presence."""
+        self._changed(self.present.untrack(msg.connection))
+
+    @rpc
+    async def presence(self, msg: ListPresence) -> dict[str, Any]:
+        """``{connection id: data}`` of the sockets present."""
+        return self.present.snapshot()
 
     @rpc
     async def history(self, msg: Follow) -> History:
@@ -141,20 +176,31 @@ class Topic(Entity):
         return History(self.epoch, self.offset, recovered, items)
 
     @stream
-    async def follow(self, msg: Follow) -> AsyncIterator[Publication]:
-        send, receive = trio.open_memory_channel[Publication](self.follower_buffer)
+    async def follow(self, msg: Follow) -> AsyncIterator[Followed]:
+        """The whole presence, the publications after ``msg.since`` in the
+        history, then every publication and presence change as they come.
+        While it runs, the sockets of ``msg.runner`` in ``msg.present`` are
+        present; when the runner's last stream ends (cancelled because its
+        connection was lost, say), its entries leave."""
+        send, receive = trio.open_memory_channel[Followed](self.follower_buffer)
         _, missed = self._since(msg.since)
+        runner = msg.runner
+        if runner is not None:
+            self._changed(self.present.stream_opened(runner, msg.present))
         self.followers.append(send)
         self.keep_alive(True)
         try:
+            yield Followed(snapshot=self.present.snapshot())
             for publication in missed:
-                yield publication
+                yield Followed(publication)
             async with receive:
-                async for publication in receive:
-                    yield publication
+                async for item in receive:
+                    yield item
         finally:
             if send in self.followers:
                 self.followers.remove(send)
+            if runner is not None:
+                self._changed(self.present.stream_closed(runner))
             if not self.followers:
                 self.keep_alive(False)
 
@@ -169,143 +215,6 @@ class Topic(Entity):
         oldest = kept[0].offset if kept else self.offset + 1
         items = [item for item in kept if item.offset > since.offset]
         return since.offset >= oldest - 1, items
-
-
-class _Subscriber:
-    """One socket subscribed to a topic."""
-
-    def __init__(self, connection: ClientConnection) -> None:
-        self.connection = connection
-        self.last = 0
-        """The last offset sent to it (in ``epoch``)."""
-        self.epoch: str | None = None
-        self.buffer: list[Publication] | None = []
-        """Publications held while its history is fetched."""
-
-
-class _Follower:
-    """One topic followed by this gateway, and its local subscribers."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.subscribers: dict[ClientConnection, _Subscriber] = {}
-        self.scope = trio.CancelScope()
-        self.position: Position | None = None
-
-
-class TopicHub:
-    """A gateway's subscriptions (see the module docstring)."""
-
-    def __init__(self, topics: EntityClient[Topic], nursery: trio.Nursery) -> None:
-        self._topics = topics
-        self._nursery = nursery
-        self._followers: dict[str, _Follower] = {}
-        self._backoff = Backoff(0.05, 2.0, jitter=0.5)
-
-    async def subscribe(
-        self, connection: ClientConnection, topic: str, since: Position | None
-    ) -> dict[str, Any]:
-        """Add ``connection`` to ``topic``'s subscribers and send it what it
-        missed after ``since``; the subscribe reply's value."""
-        follower = self._followers.get(topic)
-        new = follower is None
-        if follower is None:
-            follower = self._followers[topic] = _Follower(topic)
-        subscriber = _Subscriber(connection)
-        follower.subscribers[connection] = subscriber
-        try:
-            page = await self._topics(topic).history(Follow(since))
-        except BaseException:
-            self._drop(follower, connection)
-            raise
-        if new and follower.subscribers:
-            # Follow from the position just read: nothing published after
-            # it can be missed, whenever the stream opens.
-            follower.position = Position(page.epoch, page.offset)
-            self._nursery.start_soon(self._follow, follower)
-        recovered = since is not None and page.recovered
-        subscriber.epoch = page.epoch
-        subscriber.last = (
-            since.offset if since is not None and recovered else page.offset
-        )
-        cache: dict[str, bytes | str] = {}
-        if recovered:
-            for item in page.items:
-                cache.clear()
-                self._deliver(follower, subscriber, item, cache)
-        held, subscriber.buffer = subscriber.buffer or [], None
-        for item in held:
-            cache.clear()
-            self._deliver(follower, subscriber, item, cache)
-        return {"epoch": page.epoch, "offset": subscriber.last, "recovered": recovered}
-
-    def unsubscribe(self, connection: ClientConnection, topic: str) -> bool:
-        follower = self._followers.get(topic)
-        if follower is None or connection not in follower.subscribers:
-            return False
-        self._drop(follower, connection)
-        return True
-
-    def forget(self, connection: ClientConnection) -> None:
-        """The socket closed: drop its subscriptions."""
-        for follower in list(self._followers.values()):
-            if connection in follower.subscribers:
-                self._drop(follower, connection)
-
-    def _drop(self, follower: _Follower, connection: ClientConnection) -> None:
-        follower.subscribers.pop(connection, None)
-        if not follower.subscribers:
-            follower.scope.cancel()
-            if self._followers.get(follower.name) is follower:
-                del self._followers[follower.name]
-
-    def _deliver(
-        self,
-        follower: _Follower,
-        subscriber: _Subscriber,
-        item: Publication,
-        cache: dict[str, bytes | str],
-    ) -> None:
-        """Send ``item`` to ``subscriber`` unless it had it; ``cache`` holds
-        the item's frame encoded once per subprotocol."""
-        if subscriber.buffer is not None:
-            subscriber.buffer.append(item)
-            return
-        if item.epoch == subscriber.epoch and item.offset <= subscriber.last:
-            return  # sent already (history, or a replay after a re-follow)
-        subscriber.epoch = item.epoch
-        subscriber.last = item.offset
-        connection = subscriber.connection
-        subprotocol = connection.info.subprotocol
-        data = cache.get(subprotocol)
-        if data is None:
-            try:
-                data = publication_frame(follower.name, item, subprotocol)
-            except ValueError as exc:  # bytes or NaN for a JSON socket
-                log.warning("publication %s/%d: %s", follower.name, item.offset, exc)
-                return
-            cache[subprotocol] = data
-        connection.send_encoded(data)
-
-    async def _follow(self, follower: _Follower) -> None:
-        failures = 0
-        with follower.scope:
-            while True:
-                try:
-                    handle = self._topics(follower.name)
-                    async with handle.follow(Follow(follower.position)) as items:
-                        async for item in items:
-                            failures = 0
-                            follower.position = Position(item.epoch, item.offset)
-                            cache: dict[str, bytes | str] = {}
-                            for subscriber in list(follower.subscribers.values()):
-                                self._deliver(follower, subscriber, item, cache)
-                except Exception as exc:
-                    log.debug("following topic %s: %r", follower.name, exc)
-                failures += 1
-                await trio.sleep(
-                    self._backoff.delay(failures - 1, secrets.randbelow(1000) / 1000)
-                )
 
 
 async def publish(runner: Runner, topic: str, data: Any) -> Position:
@@ -327,23 +236,16 @@ async def publish(runner: Runner, topic: str, data: Any) -> Position:
     return position
 
 
-@attrs.frozen
-class TopicAccess:
-    """What a socket needs of topics: the hub, and which names it may use."""
+async def presence(runner: Runner, topic: str) -> dict[str, Any]:
+    """The presence of ``topic``: ``{connection id: data}`` of the sockets
+    in it, on every gateway of the cluster.
 
-    hub: TopicHub
-    allowed: Callable[[str], bool]
+    Raises:
+        ValueError: ``topic`` is not a valid name (an entity id).
+        RunnerUnavailableError, EntityNotAssignedError...: as any call to
+            an entity (no runner hosts `Topic`, say).
 
-
-def publication_frame(topic: str, item: Publication, subprotocol: str) -> bytes | str:
-    """The ``pub`` frame of a publication, encoded."""
-    return encode_frame(
-        {
-            "t": "pub",
-            "topic": topic,
-            "epoch": item.epoch,
-            "offset": item.offset,
-            "data": item.data,
-        },
-        subprotocol,
-    )
+    Cancellation: as a call; nothing changes.
+    """
+    entries: dict[str, Any] = await runner.client(Topic)(topic).presence(ListPresence())
+    return entries

@@ -3,7 +3,8 @@
 // (docs/gateway.md). Same behaviour as the Trio client: one socket kept up
 // with jittered exponential backoff, calls with request ids, cancellation
 // (AbortSignal -> "cancel" frame), streams with credit, topics with
-// resume (from the last offset delivered), typed errors,
+// resume (from the last offset delivered) and presence, reliable pushes
+// of the client's session (acked, each handed over once), typed errors,
 // application-level ping/pong and a silent server detected within
 // ping_interval + ping_timeout.
 
@@ -40,13 +41,27 @@ const DEFAULTS = {
   backoff: { initial: 100, maximum: 30000, factor: 2, jitter: 0.5 },
   maxAttempts: null, // consecutive failed attempts before giving up
   onStateChange: null, // called with the state after every change
+  session: null, // the session's token (a random one by default), sent as ?session=
+  onPush: null, // called with each push of the session ({ epoch, seq, data }), once; acked after
 };
+
+function newSession() {
+  const bytes = new Uint8Array(16);
+  crypto.getRandomValues(bytes);
+  return Array.from(bytes, (byte) => byte.toString(16).padStart(2, "0")).join("");
+}
 
 export class GatewayClient {
   constructor(url, options = {}) {
     this.options = { ...DEFAULTS, ...options, backoff: { ...DEFAULTS.backoff, ...options.backoff } };
     const target = new URL(url, globalThis.location?.href);
     if (this.options.token !== null) target.searchParams.set("token", this.options.token);
+    this.session = this.options.session ?? newSession();
+    target.searchParams.set("session", this.session);
+    this._pushesSeen = new Set(); // "epoch:seq" of the pushes handed over (recent ones)
+    this._pushOrder = [];
+    this._acks = new Map(); // epoch -> seqs waiting to be acked
+    this._ackTimer = null;
     this.url = target.toString();
     this.state = {
       connected: false,
@@ -157,15 +172,21 @@ export class GatewayClient {
    * reconnect the subscription resumes from the last publication it
    * delivered; `subscription.recovered` then says whether nothing was lost.
    * Resolves once subscribed (rejects with GatewayCallError if refused);
-   * `subscription.unsubscribe()` ends it.
+   * `subscription.unsubscribe()` ends it. With `onPresence`,
+   * `subscription.presence` is the topic's presence ({connection id: data})
+   * and `onPresence(presence, { joins, leaves })` is called after each
+   * change (the first call, and after each reconnect, with the whole
+   * presence as `joins`).
    */
-  async subscribe(topic, onPublication) {
+  async subscribe(topic, onPublication, { onPresence = null } = {}) {
     if (this._topics.has(topic)) throw new Error(`already subscribed to ${topic}`);
     const subscription = {
       topic,
       position: null,
       recovered: null,
+      presence: onPresence === null ? null : {},
       onPublication,
+      onPresence,
       unsubscribe: () => {
         if (this._topics.get(topic) !== subscription) return;
         this._topics.delete(topic);
@@ -187,11 +208,34 @@ export class GatewayClient {
     const frame = { t: "subscribe", id: ++this._nextId, topic: subscription.topic };
     const since = subscription.position;
     if (since !== null) frame.since = since;
+    if (subscription.presence !== null) frame.presence = true;
     const value = await new Promise((resolve, reject) => {
       this._pending.set(frame.id, { resolve, reject });
       this._send(frame);
     });
     if (since !== null) subscription.recovered = value.recovered;
+    if (subscription.presence !== null && value.presence) {
+      subscription.presence = { ...value.presence };
+      subscription.onPresence(subscription.presence, { joins: value.presence, leaves: {} });
+    }
+  }
+
+  /** The presence of a topic ({connection id: data}), subscribed or not. */
+  async presence(topic) {
+    await this.waitConnected();
+    const id = ++this._nextId;
+    return new Promise((resolve, reject) => {
+      this._pending.set(id, { resolve, reject });
+      this._send({ t: "presence", id, topic });
+    });
+  }
+
+  _presenceDiff(frame) {
+    const subscription = this._topics.get(frame.topic);
+    if (subscription === undefined || subscription.presence === null) return;
+    for (const key of Object.keys(frame.leaves ?? {})) delete subscription.presence[key];
+    Object.assign(subscription.presence, frame.joins ?? {});
+    subscription.onPresence(subscription.presence, { joins: frame.joins ?? {}, leaves: frame.leaves ?? {} });
   }
 
   _publication(frame) {
@@ -201,6 +245,31 @@ export class GatewayClient {
     if (last !== null && last.epoch === frame.epoch && frame.offset <= last.offset) return;
     subscription.position = { epoch: frame.epoch, offset: frame.offset };
     subscription.onPublication({ topic: frame.topic, epoch: frame.epoch, offset: frame.offset, data: frame.data });
+  }
+
+  _push(frame) {
+    const key = `${frame.epoch}:${frame.seq}`;
+    if (!this._pushesSeen.has(key)) {
+      if (this.options.onPush === null) return; // not acked: it fails at its sender
+      this.options.onPush({ epoch: frame.epoch, seq: frame.seq, data: frame.data });
+      this._pushesSeen.add(key);
+      this._pushOrder.push(key);
+      if (this._pushOrder.length > 100000) this._pushesSeen.delete(this._pushOrder.shift());
+    }
+    // Acked after it was handed over; a copy (a redelivery) is acked again.
+    // The acks of one message (a batch of pushes) go together.
+    const seqs = this._acks.get(frame.epoch) ?? [];
+    seqs.push(frame.seq);
+    this._acks.set(frame.epoch, seqs);
+    this._ackTimer ??= setTimeout(() => {
+      this._ackTimer = null;
+      for (const [epoch, waiting] of this._acks) {
+        for (let start = 0; start < waiting.length; start += 1000) {
+          this._send({ t: "ack", epoch, seqs: waiting.slice(start, start + 1000) });
+        }
+      }
+      this._acks.clear();
+    }, 0);
   }
 
   /** Close the socket for good; pending calls are rejected. */
@@ -306,6 +375,14 @@ export class GatewayClient {
     }
     if (frame.t === "pub") {
       this._publication(frame);
+      return;
+    }
+    if (frame.t === "push") {
+      this._push(frame);
+      return;
+    }
+    if (frame.t === "presence" && frame.id === undefined) {
+      this._presenceDiff(frame);
       return;
     }
     const pending = this._pending.get(frame.id);

@@ -1,0 +1,303 @@
+"""Each gateway's side of topics: one entity stream per followed topic,
+the fan-out of its publications and presence changes to the subscribed
+sockets, and resume (Trio driver).
+
+Theory of operation: see `trio_cluster.gateway._topics` (the sequencer,
+one stream per runner, resume) and `trio_cluster.gateway._presence`. A
+`TopicHub` keeps, per topic this gateway follows, its local subscribers,
+the stream's last position, the tracked sockets of this gateway, and its
+mirror of the topic's presence.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from .._core._retry import Backoff
+from ._client_info import ClientInfo
+from ._presence import (
+    ListPresence,
+    PresenceDiff,
+    PresenceMirror,
+    Track,
+    Untrack,
+    presence_frame,
+)
+from ._protocol import encode_frame
+from ._topics import Follow, Followed, Position, Publication, Topic
+
+if TYPE_CHECKING:
+    from .._client import EntityClient
+    from ._connection import ClientConnection
+
+__all__ = ["TopicAccess", "TopicHub", "publication_frame"]
+
+log = logging.getLogger("trio_cluster.gateway")
+
+
+class _Subscriber:
+    """One socket subscribed to a topic."""
+
+    def __init__(self, connection: ClientConnection) -> None:
+        self.connection = connection
+        self.last = 0
+        """The last offset sent to it (in ``epoch``)."""
+        self.epoch: str | None = None
+        self.buffer: list[Publication] | None = []
+        """Publications held while its history is fetched."""
+        self.presence = False
+        """Whether it gets presence diffs (from its subscribe answer on)."""
+
+
+class _Follower:
+    """One topic followed by this gateway, and its local subscribers."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.subscribers: dict[ClientConnection, _Subscriber] = {}
+        self.scope = trio.CancelScope()
+        self.position: Position | None = None
+        self.present: dict[str, Any] = {}
+        """``{connection id: data}`` of the local sockets in its presence."""
+        self.mirror = PresenceMirror()
+        self.synced = trio.Event()
+        """Set when the stream's first item (the presence) arrived."""
+        self.changed = trio.Event()
+        """Set (and replaced) when the mirror changes."""
+
+    def mirror_changed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class TopicHub:
+    """A gateway's subscriptions (see the module docstring)."""
+
+    def __init__(
+        self, topics: EntityClient[Topic], nursery: trio.Nursery, runner: str
+    ) -> None:
+        self._topics = topics
+        self._nursery = nursery
+        self._runner = runner
+        self._followers: dict[str, _Follower] = {}
+        self._backoff = Backoff(0.05, 2.0, jitter=0.5)
+
+    async def subscribe(
+        self,
+        connection: ClientConnection,
+        topic: str,
+        since: Position | None,
+        data: Any = None,
+        *,
+        with_presence: bool = False,
+    ) -> dict[str, Any]:
+        """Add ``connection`` to ``topic``'s subscribers and send it what it
+        missed after ``since``; the subscribe reply's value. With ``data``
+        (not None), the socket joins the topic's presence; with
+        ``with_presence``, the reply has the presence and the socket gets
+        its diffs."""
+        follower = self._followers.get(topic)
+        new = follower is None
+        if follower is None:
+            follower = self._followers[topic] = _Follower(topic)
+        subscriber = _Subscriber(connection)
+        follower.subscribers[connection] = subscriber
+        key = connection.info.id
+        if data is not None:
+            follower.present[key] = data
+        try:
+            page = await self._topics(topic).history(Follow(since))
+            if new and follower.subscribers:
+                # Follow from the position just read: nothing published
+                # after it can be missed, whenever the stream opens.
+                follower.position = Position(page.epoch, page.offset)
+                self._nursery.start_soon(self._follow, follower)
+            if data is not None:
+                await self._topics(topic).track(Track(self._runner, key, data))
+            if with_presence:
+                await follower.synced.wait()
+                while data is not None and key not in follower.mirror.entries:
+                    await follower.changed.wait()  # its own join, on its way
+        except BaseException:
+            self._drop(follower, connection)
+            raise
+        recovered = since is not None and page.recovered
+        subscriber.epoch = page.epoch
+        subscriber.last = (
+            since.offset if since is not None and recovered else page.offset
+        )
+        cache: dict[str, bytes | str] = {}
+        if recovered:
+            for item in page.items:
+                cache.clear()
+                self._deliver(follower, subscriber, item, cache)
+        held, subscriber.buffer = subscriber.buffer or [], None
+        for item in held:
+            cache.clear()
+            self._deliver(follower, subscriber, item, cache)
+        value = {"epoch": page.epoch, "offset": subscriber.last, "recovered": recovered}
+        if with_presence:
+            subscriber.presence = True
+            value["presence"] = dict(follower.mirror.entries)
+        return value
+
+    async def presence(self, topic: str) -> dict[str, Any]:
+        """The presence of ``topic`` (from this gateway's mirror when it
+        follows the topic)."""
+        follower = self._followers.get(topic)
+        if follower is not None and follower.mirror.synced:
+            await trio.lowlevel.checkpoint()
+            return dict(follower.mirror.entries)
+        entries: dict[str, Any] = await self._topics(topic).presence(ListPresence())
+        return entries
+
+    def unsubscribe(self, connection: ClientConnection, topic: str) -> bool:
+        follower = self._followers.get(topic)
+        if follower is None or connection not in follower.subscribers:
+            return False
+        self._drop(follower, connection)
+        return True
+
+    def forget(self, connection: ClientConnection) -> None:
+        """The socket closed: drop its subscriptions."""
+        for follower in list(self._followers.values()):
+            if connection in follower.subscribers:
+                self._drop(follower, connection)
+
+    def _drop(self, follower: _Follower, connection: ClientConnection) -> None:
+        follower.subscribers.pop(connection, None)
+        key = connection.info.id
+        if follower.present.pop(key, None) is not None:
+            try:
+                self._nursery.start_soon(self._untrack, follower.name, key)
+            except RuntimeError:  # the gateway stopped: its streams' end untracks
+                log.debug("not untracking %s: the gateway stopped", key)
+        if not follower.subscribers:
+            follower.scope.cancel()
+            if self._followers.get(follower.name) is follower:
+                del self._followers[follower.name]
+
+    def _deliver(
+        self,
+        follower: _Follower,
+        subscriber: _Subscriber,
+        item: Publication,
+        cache: dict[str, bytes | str],
+    ) -> None:
+        """Send ``item`` to ``subscriber`` unless it had it; ``cache`` holds
+        the item's frame encoded once per subprotocol."""
+        if subscriber.buffer is not None:
+            subscriber.buffer.append(item)
+            return
+        if item.epoch == subscriber.epoch and item.offset <= subscriber.last:
+            return  # sent already (history, or a replay after a re-follow)
+        subscriber.epoch = item.epoch
+        subscriber.last = item.offset
+        connection = subscriber.connection
+        subprotocol = connection.info.subprotocol
+        data = cache.get(subprotocol)
+        if data is None:
+            try:
+                data = publication_frame(follower.name, item, subprotocol)
+            except ValueError as exc:  # bytes or NaN for a JSON socket
+                log.warning("publication %s/%d: %s", follower.name, item.offset, exc)
+                return
+            cache[subprotocol] = data
+        connection.send_encoded(data)
+
+    async def _untrack(self, topic: str, key: str) -> None:
+        try:
+            await self._topics(topic).untrack(Untrack(key))
+        except Exception as exc:  # its runner's stream ending drops it too
+            log.debug("untracking %s in topic %s: %r", key, topic, exc)
+
+    def _changed(self, follower: _Follower, diff: PresenceDiff) -> None:
+        """Send a presence diff to the subscribers that get them."""
+        if not diff:
+            return
+        cache: dict[str, bytes | str] = {}
+        for subscriber in list(follower.subscribers.values()):
+            if not subscriber.presence:
+                continue
+            connection = subscriber.connection
+            subprotocol = connection.info.subprotocol
+            data = cache.get(subprotocol)
+            if data is None:
+                try:
+                    data = presence_frame(follower.name, diff, subprotocol)
+                except ValueError as exc:
+                    log.warning("presence of %s: %s", follower.name, exc)
+                    return
+                cache[subprotocol] = data
+            connection.send_encoded(data)
+
+    def _followed(self, follower: _Follower, item: Followed) -> None:
+        if item.snapshot is not None:
+            self._changed(follower, follower.mirror.reset(item.snapshot))
+            follower.synced.set()
+            follower.mirror_changed()
+        if item.presence is not None:
+            follower.mirror.apply(item.presence)
+            self._changed(follower, item.presence)
+            follower.mirror_changed()
+        publication = item.publication
+        if publication is not None:
+            follower.position = Position(publication.epoch, publication.offset)
+            cache: dict[str, bytes | str] = {}
+            for subscriber in list(follower.subscribers.values()):
+                self._deliver(follower, subscriber, publication, cache)
+
+    async def _follow(self, follower: _Follower) -> None:
+        failures = 0
+        with follower.scope:
+            while True:
+                try:
+                    handle = self._topics(follower.name)
+                    request = Follow(
+                        follower.position, self._runner, dict(follower.present)
+                    )
+                    async with handle.follow(request) as items:
+                        async for item in items:
+                            failures = 0
+                            self._followed(follower, item)
+                except Exception as exc:
+                    log.debug("following topic %s: %r", follower.name, exc)
+                # Until the topic answers again, this gateway knows its own
+                # sockets only: the others leave (and come back with the
+                # snapshot of the next stream).
+                self._changed(follower, follower.mirror.reset(follower.present))
+                follower.mirror_changed()
+                failures += 1
+                await trio.sleep(
+                    self._backoff.delay(failures - 1, secrets.randbelow(1000) / 1000)
+                )
+
+
+@attrs.frozen
+class TopicAccess:
+    """What a socket needs of topics: the hub, and which names it may use."""
+
+    hub: TopicHub
+    allowed: Callable[[str], bool]
+    presence: Callable[[ClientInfo, str], Any] | None = None
+    """The gateway's ``presence`` hook."""
+
+
+def publication_frame(topic: str, item: Publication, subprotocol: str) -> bytes | str:
+    """The ``pub`` frame of a publication, encoded."""
+    return encode_frame(
+        {
+            "t": "pub",
+            "topic": topic,
+            "epoch": item.epoch,
+            "offset": item.offset,
+            "data": item.data,
+        },
+        subprotocol,
+    )
