@@ -141,7 +141,12 @@ async def main() -> list[str]:
                 )
                 print(f"forged request: HTTP {answer.status_code}")
             with trio.fail_after(30):
-                while receiver.deliveries < 4:  # noqa: ASYNC110
+                # Every event handled, and the redelivered one's success
+                # recorded by the sender (after the receiver answered it).
+                while receiver.deliveries < 4 or not any(  # noqa: ASYNC110
+                    attempt.outcome == "success"
+                    for attempt in await hooks.attempts(message_id=paid.message_id)
+                ):
                     await trio.sleep(0.05)
             for attempt in await hooks.attempts(message_id=paid.message_id):
                 print(

@@ -107,7 +107,8 @@ async def test_store_then_publish_example(autojump_clock, capsys):
 async def test_webhooks_example(capsys):
     # Real time: a real HTTP receiver on the loopback interface.
     processed = await load_example("webhooks").main()
-    assert processed == ["invoice.paid", "invoice.sent", "customer.created"]
+    # Deliveries of an unordered endpoint may run in any order.
+    assert sorted(processed) == ["customer.created", "invoice.paid", "invoice.sent"]
     out = capsys.readouterr().out
     assert "receiver: refused (no matching signature)" in out
     assert "forged request: HTTP 401" in out
