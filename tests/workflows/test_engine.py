@@ -19,7 +19,8 @@ from trio_cluster.workflows import (
     workflow,
 )
 
-from ..helpers import ORIGIN, config, open_clocked_runner
+from ..helpers import ORIGIN, config
+from .helpers import open_clocked_runner
 
 CALLS: list[str] = []
 
