@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import msgpack
 
-from trio_cluster import RemoteError, Runner
+from trio_cluster import RemoteError, Runner, RunnerUnavailableError
 
 from ._errors import WorkflowFailedError
 from ._records import (
@@ -116,7 +116,8 @@ class WorkflowHandle(Generic[R]):
         """Wait until the execution ends; its result.
 
         Waits through suspensions and restarts (re-opening its watch when
-        its entity moves). On cancellation nothing happens to the execution.
+        its entity restarts or moves). Keeps the execution's entity in
+        memory while it waits. On cancellation nothing happens to the execution.
 
         Raises:
             WorkflowFailedError: it ended failed or compensated.
@@ -127,7 +128,7 @@ class WorkflowHandle(Generic[R]):
                     async for info in infos:
                         if info.status in TERMINAL:
                             return self._outcome(info)
-            except RemoteError:
+            except (RemoteError, RunnerUnavailableError):
                 pass  # its entity restarted or moved: watch it again
 
     def _outcome(self, info: WorkflowInfo) -> R:
