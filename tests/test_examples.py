@@ -126,3 +126,21 @@ async def test_gateway_counter_example(capsys):
             "refused: at most 100",
         ]
     assert "refused: at most 100" in capsys.readouterr().out
+
+
+async def test_order_saga_example(autojump_clock, capsys):
+    ledger = await load_example("order_saga").main()
+    assert ledger == [
+        "reserve book for o1",
+        "charge 30 for o1",
+        "ship o1",
+        "reserve lamp for o2",
+        "release res-o2",
+        "reserve desk for o3",
+        "charge 200 for o3",
+        "refund ch-o3",
+        "release res-o3",
+    ]
+    out = capsys.readouterr().out
+    assert "o2: workflow 'o2' compensated: StepFailedError" in out
+    assert "o3 is compensated" in out

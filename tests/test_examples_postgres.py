@@ -110,3 +110,13 @@ async def test_store_then_publish_example_on_postgres(pg_schema, capsys):
     out = capsys.readouterr().out
     assert "o2 failed: nothing stored, nothing published" in out
     assert "shipping o2" not in out
+
+
+async def test_order_saga_example_on_postgres(pg_schema, capsys, monkeypatch):
+    # Real time: o3's confirmation timeout is shortened to keep it quick.
+    module = load_example("order_saga")
+    monkeypatch.setattr(module, "CONFIRM_WITHIN", 1.0)
+    with trio.fail_after(TIMEOUT):
+        ledger = await module.main(storage_in(pg_schema))
+    assert ledger[-2:] == ["refund ch-o3", "release res-o3"]
+    assert "o3 is compensated" in capsys.readouterr().out

@@ -319,7 +319,12 @@ RULES = {
         " blind its invariants",
     ),
     "delivery-parts-use-only-public-seams": Rule(
-        ("trio_cluster.queues", "trio_cluster.events", "trio_cluster.webhooks"),
+        (
+            "trio_cluster.queues",
+            "trio_cluster.events",
+            "trio_cluster.webhooks",
+            "trio_cluster.workflows",
+        ),
         lambda imported: (
             imported
             in ("trio_cluster", "trio_cluster.abc", "trio_cluster.serialization")
@@ -330,10 +335,11 @@ RULES = {
                     "trio_cluster.queues",
                     "trio_cluster.events",
                     "trio_cluster.webhooks",
+                    "trio_cluster.workflows",
                 ),
             )
         ),
-        "the delivery parts (queues, events, webhooks) stand on the runtime's"
+        "the delivery parts (queues, events, webhooks, workflows) stand on the runtime's"
         " public API, so the engine can change under them",
     ),
     "gateway-uses-only-public-seams": Rule(

@@ -362,7 +362,14 @@ class OutboundCalls:
         pending.reason = reason
         pending.done()
         if pending.stream is not None:
-            _end_channel(pending.stream, Exit(error=RouteAgain(reason)))
+            # NOTE: a stream is not routed again (its caller may have read
+            # items already): it ends with a public error, never with the
+            # internal `RouteAgain`, which only call routing catches.
+            gone = RunnerUnavailableError(
+                runner=str(peer),
+                detail=f"the stream's runner no longer serves its entity ({reason})",
+            )
+            _end_channel(pending.stream, Exit(error=gone))
 
     def stream_item(
         self, peer: RunnerAddress, call_id: int, number: int, payload: bytes

@@ -1,0 +1,176 @@
+"""`Workflow`: a workflow function and its options; the `workflow` decorator (delivery part).
+
+A workflow is a plain ``async def wf(ctx: WorkflowContext, arg: A) -> R``.
+Its definition makes the entity type that runs its executions
+(``trio_cluster.workflow.<name>``): host it on the runners that should run
+them (``open_runner(entities=[..., wf.entity])``), and start executions
+through any runner (``wf.client(runner)``).
+"""
+
+from __future__ import annotations
+
+import math
+import typing
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+import attrs
+
+from trio_cluster import ConfigError, Entity, RetryPolicy, durable
+
+from ._context import WorkflowContext
+from ._entity import WorkflowEntity
+from ._records import Journal
+
+if TYPE_CHECKING:
+    from trio_cluster import Runner
+
+    from ._handle import Workflows
+
+__all__ = ["Workflow", "workflow"]
+
+A = TypeVar("A")
+R = TypeVar("R")
+
+_NAME_CHARS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"
+)
+
+
+def _check_name(_: object, attribute: attrs.Attribute[str], value: object) -> None:
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > 100
+        or not set(value) <= _NAME_CHARS
+    ):
+        raise ConfigError(
+            f"a workflow name must be 1-100 letters, digits, '_', '.' or '-',"
+            f" got {value!r}"
+        )
+
+
+def _check_fn(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not callable(value):
+        raise ConfigError(
+            f"a workflow must be an async function (ctx, arg), got {value!r}"
+        )
+
+
+def _check_sleep(_: object, attribute: attrs.Attribute[float], value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ConfigError(
+            f"in_memory_sleep must be a finite number of seconds >= 0, got {value!r}"
+        )
+
+
+@attrs.frozen(eq=False)
+class Workflow(Generic[A, R]):
+    """A workflow definition (see `workflow`).
+
+    Raises:
+        ConfigError: on construction, for an invalid name, function, retry
+            policy or ``in_memory_sleep``.
+    """
+
+    name: str = attrs.field(validator=_check_name)
+    fn: Callable[[WorkflowContext, A], Awaitable[R]] = attrs.field(validator=_check_fn)
+    idempotency_key: Callable[[A], str] | None = None
+    """Derives an execution id from the argument (None: a digest of the
+    encoded argument)."""
+    retry: RetryPolicy = attrs.field(
+        factory=RetryPolicy, validator=attrs.validators.instance_of(RetryPolicy)
+    )
+    """The default retry policy of its steps."""
+    in_memory_sleep: float = attrs.field(default=1.0, validator=_check_sleep)
+    """Sleeps up to this long stay in memory (in the running handler);
+    longer ones suspend the execution on a durable timer."""
+    arg_type: Any = attrs.field(init=False)
+    result_type: Any = attrs.field(init=False)
+    entity: type[Entity] = attrs.field(init=False)
+    """The entity type of its executions (host it on runners)."""
+
+    def __attrs_post_init__(self) -> None:
+        hints = _hints(self.fn)
+        params = [k for k in hints if k != "return"]
+        object.__setattr__(
+            self, "arg_type", hints[params[1]] if len(params) > 1 else Any
+        )
+        object.__setattr__(self, "result_type", hints.get("return", Any))
+        object.__setattr__(self, "entity", _entity_class(self))
+
+    def client(self, runner: Runner) -> Workflows[A, R]:
+        """Start and follow executions through ``runner`` (any runner of the
+        cluster; it need not host the executions).
+
+        Raises:
+            TypeError: ``runner`` is not a `trio_cluster.Runner`.
+        """
+        from ._handle import Workflows
+
+        return Workflows(self, runner)
+
+
+class WorkflowDecorator(Protocol):
+    """What `workflow` returns: makes a `Workflow` of a function."""
+
+    def __call__(
+        self, fn: Callable[[WorkflowContext, A], Awaitable[R]], /
+    ) -> Workflow[A, R]: ...
+
+
+def workflow(
+    *,
+    name: str,
+    idempotency_key: Callable[[Any], str] | None = None,
+    retry: RetryPolicy | None = None,
+    in_memory_sleep: float = 1.0,
+) -> WorkflowDecorator:
+    """Define a workflow: ``@workflow(name="order") async def order(ctx, arg)``.
+
+    Args:
+        name: stable name (its entity type is ``trio_cluster.workflow.<name>``).
+        idempotency_key: derives the execution id from the argument.
+        retry: the default retry policy of its steps.
+        in_memory_sleep: the longest sleep kept in memory (seconds).
+
+    Raises:
+        ConfigError: an invalid option (when decorating).
+    """
+
+    def decorate(fn: Callable[[WorkflowContext, A], Awaitable[R]], /) -> Workflow[A, R]:
+        return Workflow(
+            name,
+            fn,
+            idempotency_key,
+            retry if retry is not None else RetryPolicy(),
+            in_memory_sleep,
+        )
+
+    return decorate
+
+
+def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:
+        return {}
+
+
+def _entity_class(definition: Workflow[Any, Any]) -> type[Entity]:
+    namespace = {
+        "type_name": f"trio_cluster.workflow.{definition.name}",
+        "definition": definition,
+        "state": durable(Journal),
+        "__module__": __name__,
+    }
+    return type(
+        f"Workflow_{definition.name.replace('.', '_').replace('-', '_')}",
+        (WorkflowEntity,),
+        namespace,
+    )
