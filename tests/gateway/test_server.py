@@ -3,6 +3,7 @@ and how each kind of bad input is answered (the socket at fault only)."""
 
 from __future__ import annotations
 
+from contextlib import suppress
 from typing import Any
 
 import pytest
@@ -414,8 +415,9 @@ async def test_a_flooding_socket_is_closed_and_others_are_served(
             open_raw(server.url, subprotocol) as calm,
             open_raw(server.url, subprotocol) as flood,
         ):
-            for _ in range(1000):
-                await flood.send_message(encode({"t": "ping"}, subprotocol))
+            with suppress(ConnectionClosed):  # closed before the last, perhaps
+                for _ in range(1000):
+                    await flood.send_message(encode({"t": "ping"}, subprotocol))
             with pytest.raises(ConnectionClosed) as caught:
                 await read_until_closed(flood)
             assert _code(caught.value) == CloseCode.RATE_LIMITED
