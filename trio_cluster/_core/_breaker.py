@@ -17,11 +17,11 @@ argument of every call.
 from __future__ import annotations
 
 import enum
-import math
 
 import attrs
 
 from .._errors import ConfigError
+from ._checks import positive_count, positive_seconds
 
 __all__ = ["BreakerPolicy", "BreakerState", "CircuitBreaker"]
 
@@ -33,18 +33,11 @@ class BreakerState(enum.Enum):
 
 
 def _positive(_: object, attribute: attrs.Attribute[float], value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigError(f"{attribute.name} must be a positive number, got {value!r}")
+    positive_seconds(attribute.name, value)
 
 
 def _count(_: object, attribute: attrs.Attribute[int], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{attribute.name} must be an int >= 1, got {value!r}")
+    positive_count(attribute.name, value)
 
 
 @attrs.frozen

@@ -27,19 +27,13 @@ from collections import OrderedDict
 import attrs
 
 from .._errors import ConfigError
-from ._checks import positive_count
+from ._checks import non_negative_seconds, positive_count, positive_number
 
 __all__ = ["KeyedWindows", "RateLimit", "TokenBucket", "WindowLimit"]
 
 
 def _positive(_: object, attribute: attrs.Attribute[float], value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigError(f"{attribute.name} must be a positive number, got {value!r}")
+    positive_number(attribute.name, value)
 
 
 @attrs.frozen
@@ -95,20 +89,11 @@ class TokenBucket:
 
 
 def _non_negative(_: object, attribute: attrs.Attribute[float], value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ConfigError(
-            f"{attribute.name} must be a finite number >= 0, got {value!r}"
-        )
+    non_negative_seconds(attribute.name, value)
 
 
 def _count(_: object, attribute: attrs.Attribute[int], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{attribute.name} must be an int >= 1, got {value!r}")
+    positive_count(attribute.name, value)
 
 
 @attrs.frozen

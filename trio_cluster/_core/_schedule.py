@@ -26,6 +26,7 @@ from email.utils import parsedate_to_datetime
 import attrs
 
 from .._errors import ConfigError
+from ._checks import non_negative_seconds
 
 __all__ = ["SVIX_DELAYS", "RetrySchedule", "parse_retry_after"]
 
@@ -65,13 +66,7 @@ def _fraction(_: object, attribute: attrs.Attribute[float], value: object) -> No
 
 
 def _seconds(_: object, attribute: attrs.Attribute[float], value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ConfigError(f"{attribute.name} must be seconds >= 0, got {value!r}")
+    non_negative_seconds(attribute.name, value)
 
 
 @attrs.frozen

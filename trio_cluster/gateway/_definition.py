@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
 
+from .._core._checks import positive_count, positive_number
 from .._core._ratelimit import RateLimit, WindowLimit
 from .._entity import Entity
 from .._errors import ConfigError
@@ -56,15 +57,11 @@ __all__ = [
 
 
 def _positive(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigError(f"{attribute.name} must be a positive number, got {value!r}")
-    if value == float("inf"):
-        raise ConfigError(f"{attribute.name} must be finite, got {value!r}")
+    positive_number(attribute.name, value)
 
 
 def _positive_int(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{attribute.name} must be an int >= 1, got {value!r}")
+    positive_count(attribute.name, value)
 
 
 @attrs.frozen

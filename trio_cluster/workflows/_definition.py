@@ -9,7 +9,6 @@ through any runner (``wf.client(runner)``).
 
 from __future__ import annotations
 
-import math
 import typing
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
@@ -18,6 +17,7 @@ import attrs
 
 from trio_cluster import ConfigError, Entity, RetryPolicy, durable
 
+from .._core._checks import non_negative_seconds
 from ._context import WorkflowContext
 from ._entity import WorkflowEntity
 from ._records import Journal
@@ -58,15 +58,7 @@ def _check_fn(_: object, attribute: attrs.Attribute[Any], value: object) -> None
 
 
 def _check_sleep(_: object, attribute: attrs.Attribute[float], value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ConfigError(
-            f"in_memory_sleep must be a finite number of seconds >= 0, got {value!r}"
-        )
+    non_negative_seconds(attribute.name, value)
 
 
 @attrs.frozen(eq=False)
