@@ -36,6 +36,8 @@ check                               message
 `timestamp`                         ``n must be a float (seconds since the
                                     epoch), got v`` / ``n must be finite, ...``
 `aware_time`                        ``n must be an aware datetime, got v``
+`part_name`                         ``a w name must be 1-100 letters, digits,
+                                    '_', '.' or '-', got v`` (for what ``w``)
 ==================================  ==========================================
 """
 
@@ -57,6 +59,7 @@ __all__ = [
     "is_integer",
     "is_number",
     "non_negative_seconds",
+    "part_name",
     "positive_count",
     "positive_number",
     "positive_seconds",
@@ -73,6 +76,9 @@ ARGUMENT: Final[Errors] = (TypeError, ValueError)
 """For call arguments: the builtin `TypeError` and `ValueError`."""
 
 _SECONDS_HINT = ": give a number of seconds"
+_NAME_CHARS: Final = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"
+)
 
 
 def is_number(value: object) -> bool:
@@ -177,5 +183,25 @@ def aware_time(name: str, value: object, *, errors: Errors = CONFIG) -> datetime
         raise errors[1](
             f"{name} must be an aware datetime, got the naive {value!r};"
             " give it a tzinfo, e.g. tzinfo=UTC"
+        )
+    return value
+
+
+def part_name(what: str, value: object) -> str:
+    """Check the name of a queue, topic, subscription or workflow: 1-100
+    letters, digits, ``_``, ``.`` or ``-`` (it becomes part of entity ids
+    and storage keys); return it.
+
+    Raises:
+        ConfigError: it is not (``what`` names the kind in the message).
+    """
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > 100
+        or not set(value) <= _NAME_CHARS
+    ):
+        raise ConfigError(
+            f"a {what} name must be 1-100 letters, digits, '_', '.' or '-', got {value!r}"
         )
     return value

@@ -47,8 +47,9 @@ from trio_cluster import (
 from trio_cluster.abc import CursorAdvance, CursorOutcome, EventStorage
 from trio_cluster.serialization import Codec
 
+from .._core._checks import part_name
 from ._bus import event_bus
-from ._topic import Event, Topic, check_name
+from ._topic import Event, Topic
 
 if TYPE_CHECKING:
     from trio_cluster.abc import StoredEvent
@@ -78,7 +79,7 @@ def _check_handler(_: object, __: attrs.Attribute[Any], value: object) -> None:
 def _check_subscription_name(
     _: object, __: attrs.Attribute[str], value: object
 ) -> None:
-    check_name("subscription", value)
+    part_name("subscription", value)
 
 
 def _check_start(_: object, __: attrs.Attribute[str], value: object) -> None:

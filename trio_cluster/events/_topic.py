@@ -17,38 +17,18 @@ import attrs
 
 from trio_cluster import ConfigError
 
+from .._core._checks import part_name
 from .._core._hashing import stable_hash64
 
 __all__ = ["Event", "Topic"]
 
 T = TypeVar("T")
 
-_NAME_CHARS = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"
-)
 MAX_PARTITIONS = 4096
 
 
-def check_name(what: str, value: object) -> str:
-    """A topic or subscription name: 1-100 letters, digits, '_', '.', '-'.
-
-    Raises:
-        ConfigError: it is not.
-    """
-    if (
-        not isinstance(value, str)
-        or not value
-        or len(value) > 100
-        or not set(value) <= _NAME_CHARS
-    ):
-        raise ConfigError(
-            f"a {what} name must be 1-100 letters, digits, '_', '.' or '-', got {value!r}"
-        )
-    return value
-
-
 def _check_name(_: object, __: attrs.Attribute[str], value: object) -> None:
-    check_name("topic", value)
+    part_name("topic", value)
 
 
 def _check_partitions(_: object, __: attrs.Attribute[int], value: object) -> None:

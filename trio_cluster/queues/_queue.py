@@ -36,6 +36,7 @@ import trio
 
 from trio_cluster import ConfigError, Entity, RetryPolicy, rpc
 
+from .._core._checks import part_name
 from .._core._hashing import stable_hash64
 from .._core._ratelimit import RateLimit, TokenBucket
 
@@ -48,9 +49,6 @@ __all__ = ["Queue", "QueuedJob", "check_run_at", "worker_id"]
 
 T = TypeVar("T")
 
-_NAME_CHARS = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"
-)
 MAX_CONCURRENCY = 10_000
 
 
@@ -65,15 +63,7 @@ class QueuedJob(Generic[T]):
 
 
 def _check_name(_: object, attribute: attrs.Attribute[str], value: object) -> None:
-    if (
-        not isinstance(value, str)
-        or not value
-        or len(value) > 100
-        or not set(value) <= _NAME_CHARS
-    ):
-        raise ConfigError(
-            f"a queue name must be 1-100 letters, digits, '_', '.' or '-', got {value!r}"
-        )
+    part_name("queue", value)
 
 
 def _check_concurrency(

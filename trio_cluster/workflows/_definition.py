@@ -17,7 +17,7 @@ import attrs
 
 from trio_cluster import ConfigError, Entity, RetryPolicy, durable
 
-from .._core._checks import non_negative_seconds
+from .._core._checks import non_negative_seconds, part_name
 from ._context import WorkflowContext
 from ._entity import WorkflowEntity
 from ._records import Journal
@@ -32,22 +32,9 @@ __all__ = ["Workflow", "workflow"]
 A = TypeVar("A")
 R = TypeVar("R")
 
-_NAME_CHARS = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-"
-)
-
 
 def _check_name(_: object, attribute: attrs.Attribute[str], value: object) -> None:
-    if (
-        not isinstance(value, str)
-        or not value
-        or len(value) > 100
-        or not set(value) <= _NAME_CHARS
-    ):
-        raise ConfigError(
-            f"a workflow name must be 1-100 letters, digits, '_', '.' or '-',"
-            f" got {value!r}"
-        )
+    part_name("workflow", value)
 
 
 def _check_fn(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
