@@ -16,18 +16,18 @@ such dead letter), 2 for a bad DSN, prefix or argument.
 
 from __future__ import annotations
 
-import json
 import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import trio
+from ._cluster import print_result, run_on_cluster
 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Awaitable, Callable
 
     from .._operations._dead_letters import DeadLetterQueue
+    from .._runner import Runner
     from .._storage_retries import DeadLetter
 
 __all__ = ["add_dlq_parser"]
@@ -99,38 +99,20 @@ def _line(letter: DeadLetter) -> str:
 def _run(
     args: argparse.Namespace, body: Callable[[DeadLetterQueue], Awaitable[int]]
 ) -> int:
-    """Open a client-only runner on the cluster's storage, run ``body``."""
-    import trio_cluster as tc
+    """Run ``body`` on the cluster's dead letters (see `run_on_cluster`)."""
 
-    from ..storage import PostgresStorage
+    async def on_cluster(runner: Runner, storage: object) -> int:
+        return await body(runner.dead_letters)
 
-    async def main() -> int:
-        storage = PostgresStorage(
-            args.dsn, table_prefix=args.prefix, pool_size=1, auto_migrate=False
-        )
-        config = tc.ShardingConfig(shard_groups=())
-        async with tc.open_runner(storage=storage, config=config) as runner:
-            return await body(runner.dead_letters)
-
-    try:
-        return trio.run(main)
-    except (tc.ConfigError, TypeError, ValueError) as exc:
-        print(f"trio-cluster dlq: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except tc.PersistenceError as exc:
-        print(f"trio-cluster dlq: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1
-
-
-def _print(args: argparse.Namespace, data: object, text: str) -> None:
-    print(json.dumps(data, indent=2) if args.json else text)
+    code, result = run_on_cluster("dlq", args, on_cluster)
+    return code if result is None else result
 
 
 def _list(args: argparse.Namespace) -> int:
     async def body(queue: DeadLetterQueue) -> int:
         letters = await queue.list(after_id=args.after, limit=args.limit)
         text = "\n".join(_line(x) for x in letters) or "no dead letters"
-        _print(args, [_summary(x) for x in letters], text)
+        print_result(args, [_summary(x) for x in letters], text)
         return 0
 
     return _run(args, body)
@@ -144,7 +126,7 @@ def _show(args: argparse.Namespace) -> int:
             return 1
         detail = _detail(letter)
         text = "\n".join(f"{key}: {value}" for key, value in detail.items())
-        _print(args, detail, text)
+        print_result(args, detail, text)
         return 0
 
     return _run(args, body)
@@ -161,7 +143,7 @@ def _replay(args: argparse.Namespace) -> int:
             else f"{old}: not replayed (no such dead letter, or replayed already)"
             for old, new in replayed.items()
         ]
-        _print(args, {str(k): v for k, v in replayed.items()}, "\n".join(lines))
+        print_result(args, {str(k): v for k, v in replayed.items()}, "\n".join(lines))
         return 0 if all(new is not None for new in replayed.values()) else 1
 
     return _run(args, body)
@@ -174,7 +156,7 @@ def _purge(args: argparse.Namespace) -> int:
 
     async def body(queue: DeadLetterQueue) -> int:
         purged = await queue.purge_all() if args.all else await queue.purge(args.ids)
-        _print(args, {"purged": purged}, f"{purged} dead letter(s) purged")
+        print_result(args, {"purged": purged}, f"{purged} dead letter(s) purged")
         return 0
 
     return _run(args, body)

@@ -11,13 +11,14 @@ Exit status: 0, 1 if the database failed, 2 for a bad DSN, prefix or argument.
 from __future__ import annotations
 
 import json
-import sys
 from typing import TYPE_CHECKING, Any
 
-import trio
+from ._cluster import run_on_cluster
 
 if TYPE_CHECKING:
     import argparse
+
+    from .._runner import Runner
 
 __all__ = ["add_events_parser"]
 
@@ -36,17 +37,8 @@ def add_events_parser(commands: Any) -> None:
 
 
 def _lag(args: argparse.Namespace) -> int:
-    import trio_cluster as tc
-
-    from ..storage import PostgresStorage
-
-    async def main() -> list[dict[str, Any]]:
-        storage = PostgresStorage(
-            args.dsn, table_prefix=args.prefix, pool_size=1, auto_migrate=False
-        )
-        config = tc.ShardingConfig(shard_groups=())
-        async with tc.open_runner(storage=storage, config=config) as runner:
-            positions = await runner.event_storage.all_positions()
+    async def on_cluster(runner: Runner, storage: object) -> list[dict[str, Any]]:
+        positions = await runner.event_storage.all_positions()
         return [
             {
                 "subscription": p.subscription,
@@ -60,14 +52,9 @@ def _lag(args: argparse.Namespace) -> int:
             for p in positions
         ]
 
-    try:
-        rows = trio.run(main)
-    except (tc.ConfigError, TypeError, ValueError) as exc:
-        print(f"trio-cluster events: {exc}", file=sys.stderr)
-        return 2
-    except tc.PersistenceError as exc:
-        print(f"trio-cluster events: the database failed: {exc}", file=sys.stderr)
-        return 1
+    code, rows = run_on_cluster("events", args, on_cluster)
+    if rows is None:
+        return code
     if args.json:
         print(json.dumps(rows))
         return 0

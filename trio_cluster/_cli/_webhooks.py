@@ -19,18 +19,19 @@ replay), 2 for a bad DSN, prefix or argument.
 
 from __future__ import annotations
 
-import json
 import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import trio
+from ._cluster import print_result, run_on_cluster
 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Awaitable, Callable
 
+    from .._runner import Runner
     from ..abc import AttemptRecord
+    from ..storage import PostgresStorage
     from ..webhooks import WebhookClient
 
 __all__ = ["add_webhooks_parser"]
@@ -98,39 +99,18 @@ def _line(item: dict[str, Any]) -> str:
 def _run(
     args: argparse.Namespace, body: Callable[[WebhookClient], Awaitable[int]]
 ) -> int:
-    """Open a client-only runner and the part on the cluster's storage, run
+    """Open the part on the cluster's storage (see `run_on_cluster`), run
     ``body``."""
-    import trio_cluster as tc
-
-    from ..storage import PostgresStorage
     from ..webhooks import Webhooks
 
-    async def main() -> int:
-        part = Webhooks(name=args.name)
-        storage = PostgresStorage(
-            args.dsn, table_prefix=args.prefix, pool_size=1, auto_migrate=False
-        )
-        config = tc.ShardingConfig(shard_groups=())
-        async with (
-            tc.open_runner(
-                entities=part.entities, storage=storage, config=config
-            ) as runner,
-            part.open(runner, storage) as client,
-        ):
+    part = Webhooks(name=args.name)
+
+    async def on_cluster(runner: Runner, storage: PostgresStorage) -> int:
+        async with part.open(runner, storage) as client:
             return await body(client)
 
-    try:
-        return trio.run(main)
-    except (tc.ConfigError, TypeError, ValueError) as exc:
-        print(f"trio-cluster webhooks: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except tc.PersistenceError as exc:
-        print(f"trio-cluster webhooks: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1
-
-
-def _print(args: argparse.Namespace, data: object, text: str) -> None:
-    print(json.dumps(data, indent=2) if args.json else text)
+    code, result = run_on_cluster("webhooks", args, on_cluster, entities=part.entities)
+    return code if result is None else result
 
 
 def _attempts(args: argparse.Namespace) -> int:
@@ -146,7 +126,7 @@ def _attempts(args: argparse.Namespace) -> int:
             message_id=args.message, endpoint_id=args.endpoint, limit=args.limit
         )
         items = [_attempt(record) for record in found]
-        _print(args, items, "\n".join(map(_line, items)) or "no attempts")
+        print_result(args, items, "\n".join(map(_line, items)) or "no attempts")
         return 0
 
     return _run(args, body)
@@ -168,7 +148,7 @@ def _dead(args: argparse.Namespace) -> int:
             f"{i['message']} -> {i['endpoint']} ({i['event_type']}): {i['error']}"
             for i in items
         )
-        _print(args, items, text or "no dead deliveries")
+        print_result(args, items, text or "no dead deliveries")
         return 0
 
     return _run(args, body)
@@ -177,7 +157,7 @@ def _dead(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     async def body(client: WebhookClient) -> int:
         replayed = await client.replay(args.message, endpoint_id=args.endpoint)
-        _print(
+        print_result(
             args,
             {"replayed": replayed},
             f"{replayed} deliver{'y' if replayed == 1 else 'ies'} replayed",
