@@ -226,7 +226,12 @@ class RetryPolicy:
         another attempt."""
         if attempt >= self.max_attempts:
             return False
-        return error is None or not isinstance(error, self.non_retryable)
+        return error is None or not self.is_final(error)
+
+    def is_final(self, error: BaseException) -> bool:
+        """Whether ``error`` is ``non_retryable``: the handler's final
+        answer (its request is dead-lettered at once)."""
+        return isinstance(error, self.non_retryable)
 
 
 def spread(key: str) -> float:

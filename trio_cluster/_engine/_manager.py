@@ -678,7 +678,7 @@ class EntityManager:
                 slot.crashes = 0
                 self.messages_handled += 1
                 return declared(handler, exc, self.serialize)
-            if job.persisted and isinstance(exc, handler.retry.non_retryable):
+            if job.persisted and handler.retry.is_final(exc):
                 self.messages_handled += 1
                 return crashed(exc, address=slot.address, runner=self.runner_label)
         phase = "on_start" if during_start else handler.spec.name
