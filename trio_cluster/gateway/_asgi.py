@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
 
-from ._definition import Handshake, resolve_routes
+from ._definition import resolve_routes
 from ._http import Head
-from ._protocol import SUBPROTOCOLS, CloseCode
-from ._server import GatewayServer
+from ._protocol import CloseCode
+from ._server import GatewayServer, handshake_of
 
 if TYPE_CHECKING:
     from .._runner import Runner
@@ -198,19 +198,12 @@ class GatewayAsgiApp:
             status, reason, extra = refusal
             await _refuse(scope, send, status, reason, extra)
             return
-        subprotocol = next(item for item in head.subprotocols if item in SUBPROTOCOLS)
-        handshake = Handshake(
-            remote=remote,
-            path=head.path,
-            query=head.query,
-            headers=head.headers,
-            subprotocol=subprotocol,
-        )
+        handshake = handshake_of(head, remote)
         principal, denied = await server.authenticate(handshake)
         if denied is not None:
             await _refuse(scope, send, denied[0], denied[1], ())
             return
-        await send({"type": "websocket.accept", "subprotocol": subprotocol})
+        await send({"type": "websocket.accept", "subprotocol": handshake.subprotocol})
         config = self._gateway.config
         socket = AsgiSocket(receive, send, config.max_message_size)
         connection = server.connection_for(

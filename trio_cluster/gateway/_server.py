@@ -224,16 +224,7 @@ class GatewayServer:
             if answer is not None:
                 await answer.send(stream)
                 return None
-            subprotocol = next(
-                item for item in head.subprotocols if item in SUBPROTOCOLS
-            )
-            handshake = Handshake(
-                remote=remote,
-                path=head.path,
-                query=head.query,
-                headers=head.headers,
-                subprotocol=subprotocol,
-            )
+            handshake = handshake_of(head, remote)
             principal, refusal = await self._authenticate(handshake)
             if refusal is not None:
                 await refusal.send(stream)
@@ -245,7 +236,7 @@ class GatewayServer:
                 message_queue_size=config.message_queue_size,
                 max_message_size=config.max_message_size,
             )
-            ws = await request.accept(subprotocol=subprotocol)
+            ws = await request.accept(subprotocol=handshake.subprotocol)
             return self.connection_for(
                 ws,
                 handshake,
@@ -496,3 +487,16 @@ async def serve_gateway(
         server.start_background(nursery)
         await nursery.start(trio.serve_listeners, server._accept, listeners)
         task_status.started(server)
+
+
+def handshake_of(head: Head, remote: str) -> Handshake:
+    """The `Handshake` of an upgrade request that passed `refusal` (so it
+    offers one of our subprotocols: the first one it offers is chosen)."""
+    subprotocol = next(item for item in head.subprotocols if item in SUBPROTOCOLS)
+    return Handshake(
+        remote=remote,
+        path=head.path,
+        query=head.query,
+        headers=head.headers,
+        subprotocol=subprotocol,
+    )
