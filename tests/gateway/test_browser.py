@@ -8,7 +8,6 @@ Chromium; without it this test FAILS (it is never skipped)."""
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 from functools import partial
@@ -32,6 +31,7 @@ from trio_cluster.gateway import (
 )
 
 from .app import Blocker, Counter, open_gateway
+from .chromium import chromium
 
 PAGE = """<!doctype html>
 <script type="module">
@@ -131,14 +131,6 @@ class Report(Service):
     async def hold(self, msg: None) -> None:
         self.holding.set()
         await trio.sleep_forever()
-
-
-def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert path is not None, (
-        "Chromium is not installed: `apt-get install -y chromium` (.ci/run does it)"
-    )
-    return path
 
 
 async def wait_report(report: Report, count: int) -> list[str]:
