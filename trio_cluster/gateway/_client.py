@@ -727,9 +727,9 @@ async def open_gateway_client(
             `send_reliable` reaches the client through it
             (``client.pushes``), across reconnects to any gateway.
 
-    On exit the socket is closed with 1000, waiting at most
-    ``close_timeout`` for the server's answer (also when the block is
-    cancelled); calls still waiting are cancelled.
+    On exit the acks of the pushes taken are sent, then the socket is
+    closed with 1000, each waiting at most ``close_timeout`` (also when the
+    block is cancelled); calls still waiting are cancelled.
     """
     config = config or ClientConfig()
     all_headers = list(headers)
@@ -747,5 +747,8 @@ async def open_gateway_client(
         finally:
             client.pushes.close()
             with trio.CancelScope(shield=True):
+                # The acks of the pushes taken, then the close handshake.
+                with trio.move_on_after(config.close_timeout):
+                    await client.pushes.flush()
                 await client._close()
             nursery.cancel_scope.cancel()
