@@ -1,0 +1,148 @@
+"""The gateway examples (the seeds' cases) run, and do what they say.
+
+They serve real sockets on 127.0.0.1, so they run in real time, each
+bounded by ``trio.fail_after``; the parts that need no socket (the framer,
+the batching) are tested in virtual time. The chat page runs in headless
+Chromium in ``tests/gateway/test_chat_browser.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from trio_cluster.gateway import (
+    GatewayCallError,
+    GatewayRefusedError,
+    Session,
+    open_gateway_client,
+)
+
+from .helpers import load_example
+
+
+async def test_chat_server_rooms_need_a_name_and_a_valid_room() -> None:
+    example = load_example("chat_server")
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            (server,) = await nursery.start(example.serve_chat, (0,))
+            async with open_gateway_client(server.url) as anonymous:
+                with pytest.raises(GatewayRefusedError) as refused:
+                    await anonymous.wait_connected()
+                assert refused.value.status == 401
+            async with (
+                open_gateway_client(server.url, token="cy") as cy,
+                cy.subscribe("room:general", presence=True) as room,
+            ):
+                assert room.presence is not None
+                assert list(room.presence.values()) == [{"user": "cy"}]
+                chat = cy.service(example.Chat)
+                assert await chat.say(example.Say("general", " hi ")) == 1
+                async for publication in room:
+                    assert publication.data == {"user": "cy", "text": "hi"}
+                    break
+                with pytest.raises(example.RefusedError) as refused:
+                    await chat.say(example.Say("Not A Room", "hi"))
+                assert refused.value.reason == "no room 'Not A Room'"
+                with pytest.raises(GatewayCallError) as caught:
+                    async with cy.subscribe("lobby"):
+                        pass
+                assert caught.value.code == "not_found"
+            nursery.cancel_scope.cancel()
+
+
+async def test_message_bus_example(capsys: pytest.CaptureFixture[str]) -> None:
+    with trio.fail_after(60):
+        lines = await load_example("message_bus").main()
+    assert lines == [
+        "orders: sent 3 messages to billing, which is offline",
+        "billing got order-placed {'order': 1}",
+        "billing got order-placed {'order': 2}",
+        "billing got order-placed {'order': 3}",
+        "orders got invoice-sent {'order': 1}",
+        "orders got invoice-sent {'order': 2}",
+        "orders got invoice-sent {'order': 3}",
+    ]
+    assert "billing got order-placed {'order': 3}" in capsys.readouterr().out
+
+
+async def test_message_bus_keeps_messages_past_the_session_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Offline longer than the session keeps a push: the mailbox pushes it
+    again until the service is back; it still gets each message once."""
+    example = load_example("message_bus")
+    monkeypatch.setattr(Session, "ack_timeout", 0.2)
+    monkeypatch.setattr(Session, "max_redeliveries", 1)
+    pushes: list[Any] = []
+    send_reliable = example.send_reliable
+
+    async def counting(runner: Any, session: str, data: Any) -> int:
+        pushes.append(data["id"])
+        seq: int = await send_reliable(runner, session, data)
+        return seq
+
+    monkeypatch.setattr(example, "send_reliable", counting)
+    with trio.fail_after(60):
+        lines = await example.main(offline_for=1.5)
+    assert lines[1:4] == [
+        f"billing got order-placed {{'order': {n}}}" for n in (1, 2, 3)
+    ]
+    # The first message was pushed again after each 0.4 s window offline.
+    assert len(pushes) >= 3 + 3
+    assert pushes.count(pushes[0]) >= 3
+
+
+async def test_message_bus_acks_dedup_and_refusals() -> None:
+    example = load_example("message_bus")
+    with trio.fail_after(60):
+        async with (
+            example.tc.open_runner(entities=[example.Mailbox, Session]) as runner,
+            trio.open_nursery() as nursery,
+        ):
+            server = await nursery.start(
+                example.serve_gateway, runner, example.GATEWAY, "127.0.0.1", 0
+            )
+            async with example.connect(server.url, "orders-secret") as orders:
+                bus = orders.service(example.Bus)
+                # A retried send (same id) is queued once.
+                again = example.Send("m-1", "billing", "t", 1)
+                await bus.send(again)
+                await bus.send(again)
+                for number in (2, 3):
+                    await bus.send(example.Send(f"m-{number}", "billing", "t", number))
+                with pytest.raises(example.UnknownServiceError) as unknown:
+                    await bus.send(example.Send("m-4", "shipping", "t", 4))
+                assert unknown.value.service == "shipping"
+                seen: set[str] = set()
+                async with example.connect(server.url, "billing-secret") as billing:
+                    (first,) = await example.receive(billing, seen, 1)
+                    assert (first.id, first.sender) == ("m-1", "orders")
+                    # m-2 comes next (after m-1's ack); it is not taken.
+                    await trio.sleep(0.5)
+                # Back: what was acked is not sent again, what was not is.
+                async with example.connect(server.url, "billing-secret") as billing:
+                    rest = await example.receive(billing, seen, 2)
+                    assert [envelope.id for envelope in rest] == ["m-2", "m-3"]
+                    assert billing.pushes.duplicates == 0
+                    # m-1, sent twice, was queued once: nothing more comes.
+                    with trio.move_on_after(1.0):
+                        async for push in billing.pushes:
+                            pytest.fail(f"{push} came again")
+                # Nobody else reads billing's mailbox: a wrong session is
+                # refused (403), as is an unknown token (401).
+                async with open_gateway_client(
+                    server.url,
+                    token="orders-secret",
+                    session=example.session_for("billing"),
+                ) as thief:
+                    with pytest.raises(GatewayRefusedError) as refused:
+                        await thief.wait_connected()
+                    assert refused.value.status == 403
+                async with open_gateway_client(server.url, token="guess") as guess:
+                    with pytest.raises(GatewayRefusedError) as refused:
+                        await guess.wait_connected()
+                    assert refused.value.status == 401
+            nursery.cancel_scope.cancel()
