@@ -146,3 +146,69 @@ async def test_message_bus_acks_dedup_and_refusals() -> None:
                         await guess.wait_connected()
                     assert refused.value.status == 401
             nursery.cancel_scope.cancel()
+
+
+async def test_event_projection_example(monkeypatch: pytest.MonkeyPatch) -> None:
+    example = load_example("event_projection")
+    monkeypatch.setattr(example.Directory, "batch_window", 0.3)
+    with trio.fail_after(60):
+        batches, emails = await example.main()
+    assert batches == [
+        {
+            "count": 4,
+            "kinds": ["email-updated", "registered"],
+            "changes": [
+                {"kind": "registered", "user": "ada", "email": "ada@acme.test"},
+                {"kind": "registered", "user": "bob", "email": "bob@acme.test"},
+                {"kind": "registered", "user": "cy", "email": "cy@acme.test"},
+                {"kind": "email-updated", "user": "bob", "email": "bob@acme.example"},
+            ],
+        }
+    ]
+    assert emails == {
+        "ada": "ada@acme.test",
+        "bob": "bob@acme.example",
+        "cy": "cy@acme.test",
+    }
+
+
+async def test_event_projection_batches_by_size_and_time(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Virtual time: a full batch (100 changes) is published at once, the
+    rest ``batch_window`` (5 s) after its first change; one organisation's
+    changes never go to another's topic."""
+    example = load_example("event_projection")
+    published: list[tuple[str, int, float]] = []
+
+    async def record(runner: Any, topic: str, data: Any) -> None:
+        await trio.lowlevel.checkpoint()
+        published.append((topic, data["count"], trio.current_time()))
+        assert all(change["user"].startswith(topic[10:]) for change in data["changes"])
+
+    monkeypatch.setattr(example, "publish", record)
+    async with example.tc.open_runner(
+        entities=[example.Directory], singletons=example.DIRECTORY.consumers
+    ) as runner:
+        bus = example.event_bus(runner)
+        start = trio.current_time()
+        for n in range(250):
+            event = example.UserEvent("registered", "acme", f"acme-{n}", "x@acme")
+            await bus.publish(example.USERS, event, key="acme")
+        event = example.UserEvent("registered", "globex", "globex-1", "x@globex")
+        await bus.publish(example.USERS, event, key="globex")
+        with trio.fail_after(60):
+            while sum(count for _, count, _ in published) < 251:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+    by_topic = sorted((topic, count) for topic, count, _ in published)
+    assert by_topic == [
+        ("directory:acme", 50),
+        ("directory:acme", 100),
+        ("directory:acme", 100),
+        ("directory:globex", 1),
+    ]
+    for _, count, at in published:
+        if count == 100:
+            assert at - start < 1.0
+        else:
+            assert 5.0 <= at - start < 6.0
