@@ -212,3 +212,62 @@ async def test_event_projection_batches_by_size_and_time(
             assert at - start < 1.0
         else:
             assert 5.0 <= at - start < 6.0
+
+
+async def test_rate_limited_server_example(capsys: pytest.CaptureFixture[str]) -> None:
+    with trio.fail_after(60):
+        lines = await load_example("rate_limited_server").main()
+    assert lines == [
+        "connection 11: refused, HTTP 429, retry after 300 s",
+        "10 clients connected",
+        "the flooder's socket was closed: 4008 (message rate limit exceeded)",
+        "the others carry on: hello",
+        "the flooder is refused: HTTP 429, retry after 300 s",
+    ]
+    assert "HTTP 429" in capsys.readouterr().out
+
+
+@pytest.fixture
+def wall_speed_clock() -> trio.testing.MockClock:
+    """Virtual time that runs at the wall clock's speed (real sockets work)
+    and can be jumped ahead: the 5-minute block takes no 5 minutes."""
+    return trio.testing.MockClock(rate=1.0)
+
+
+async def test_rate_limited_server_blocks_for_five_minutes(
+    wall_speed_clock: trio.testing.MockClock,
+) -> None:
+    example = load_example("rate_limited_server")
+
+    async def connect(url: str) -> float | None:
+        """None if the connection is accepted, else its Retry-After."""
+        async with open_gateway_client(url, config=example.ONCE) as client:
+            try:
+                await client.wait_connected()
+            except GatewayRefusedError as exc:
+                refused = exc
+            else:
+                assert await client.service(example.Echo).say("hi") == "hi"
+                return None
+        assert refused.status == 429
+        return refused.retry_after
+
+    # Leases longer than the jumps: the runner keeps its shards.
+    config = example.tc.ShardingConfig(lease_duration=3600.0)
+    with trio.fail_after(60 + 301):  # virtual time: 60 s of wall time
+        async with (
+            example.tc.open_runner(config=config) as runner,
+            trio.open_nursery() as nursery,
+        ):
+            server = await nursery.start(
+                example.serve_gateway, runner, example.GATEWAY, "127.0.0.1", 0
+            )
+            assert [await connect(server.url) for _ in range(10)] == [None] * 10
+            assert await connect(server.url) == 300.0  # the 11th: blocked
+            wall_speed_clock.jump(240.0)
+            # Refused attempts during the block do not make it longer.
+            assert 55.0 <= (await connect(server.url) or 0) <= 60.0
+            wall_speed_clock.jump(61.0)
+            assert await connect(server.url) is None
+            assert server.statistics().refused_rate_limited == 2
+            nursery.cancel_scope.cancel()
