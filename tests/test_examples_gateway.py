@@ -15,6 +15,7 @@ import trio
 
 from trio_cluster.gateway import (
     GatewayCallError,
+    GatewayDisconnectedError,
     GatewayRefusedError,
     Session,
     open_gateway_client,
@@ -271,3 +272,43 @@ async def test_rate_limited_server_blocks_for_five_minutes(
             assert await connect(server.url) is None
             assert server.statistics().refused_rate_limited == 2
             nursery.cancel_scope.cancel()
+
+
+async def test_resilient_client_example(capsys: pytest.CaptureFixture[str]) -> None:
+    """The gateway is killed under the client and started again: the client
+    reconnects, resumes its topic and retries its adds (each counts once)."""
+    with trio.fail_after(60):
+        lines = await load_example("resilient_client").main()
+    assert lines == [
+        "gateway killed: connected=False, reconnects=0",
+        "gateway back: connected=True, reconnects=1",
+        "ticks: each once, in order: True",
+        "resumed without loss: True",
+        "20 adds, total: 20",
+    ]
+    assert "last error: " in capsys.readouterr().out
+
+
+async def test_resilient_client_retries_only_dropped_calls(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    example = load_example("resilient_client")
+    outcomes: list[Exception | str] = []
+
+    async def call() -> str:
+        await trio.lowlevel.checkpoint()
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    dropped = GatewayDisconnectedError(code=1006, reason="connection lost")
+    outcomes += [dropped, dropped, "done"]
+    assert await example.retry_dropped(call) == "done"
+    outcomes += [dropped, dropped, dropped, "never"]
+    with pytest.raises(GatewayDisconnectedError):
+        await example.retry_dropped(call)
+    outcomes[:] = [GatewayCallError(code="forbidden", message="no"), "never"]
+    with pytest.raises(GatewayCallError):  # not a dropped socket: not retried
+        await example.retry_dropped(call)
+    assert outcomes == ["never"]
