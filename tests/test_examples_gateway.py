@@ -8,20 +8,25 @@ Chromium in ``tests/gateway/test_chat_browser.py``.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
 import trio
 
+import trio_cluster as tc
 from trio_cluster.gateway import (
     GatewayCallError,
     GatewayDisconnectedError,
     GatewayRefusedError,
     Session,
+    Topic,
     open_gateway_client,
 )
+from trio_cluster.storage import MemoryStorage
+from trio_cluster.transport import MemoryNetwork, MemoryTransport
 
-from .helpers import load_example
+from .helpers import config, load_example
 
 
 async def test_chat_server_rooms_need_a_name_and_a_valid_room() -> None:
@@ -312,3 +317,88 @@ async def test_resilient_client_retries_only_dropped_calls(
     with pytest.raises(GatewayCallError):  # not a dropped socket: not retried
         await example.retry_dropped(call)
     assert outcomes == ["never"]
+
+
+async def test_health_checker_example(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="examples.health_checker")
+    with trio.fail_after(60):
+        lines = await load_example("health_checker").main(interval=0.2)
+    assert lines == [
+        "api up (0 failures), cache DOWN",
+        "api DOWN (1 failures), cache DOWN",
+        "the board: [('api', False), ('cache', False)]",
+    ]
+    changes = [record.getMessage() for record in caplog.records]
+    assert changes.count("api: HEALTHY") == 1
+    assert changes.count("api: UNHEALTHY") == 1
+    assert changes.count("cache: UNHEALTHY") == 1
+
+
+async def test_health_checker_moves_with_its_singleton(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Virtual time, two runners: the runner running the checker is killed;
+    the other runs it within the failover time, counting on from the
+    board's statuses."""
+    example = load_example("health_checker")
+    dead = example.Endpoint("cache", "127.0.0.1", 9, timeout=0.5)  # discard port
+    checker = example.health_checker([dead], interval=1.0)
+    storage, network = MemoryStorage(), MemoryNetwork()
+    options = {
+        "entities": [example.HealthBoard, Topic],
+        "singletons": [checker],
+        "storage": storage,
+    }
+    runners: list[tc.Runner] = []
+    scopes: list[trio.CancelScope] = []
+
+    async def serve(port: int, *, task_status: trio.TaskStatus[None]) -> None:
+        with trio.CancelScope() as scope:
+            scopes.append(scope)
+            async with tc.open_runner(
+                config=config(
+                    lease_duration=2.0,
+                    lease_refresh_interval=0.5,
+                    runner_address=tc.RunnerAddress("127.0.0.1", port),
+                ),
+                transport=MemoryTransport(network),
+                **options,  # type: ignore[arg-type]
+            ) as runner:
+                runners.append(runner)
+                await runner.wait_shards_acquired()
+                task_status.started()
+                await trio.sleep_forever()
+
+    async def failures(runner: tc.Runner) -> int:
+        (status,) = await runner.client(example.HealthBoard)("board").current(None)
+        assert status.healthy is False
+        return int(status.consecutive_failures)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve, 7201)
+        await nursery.start(serve, 7202)
+        for runner in runners:
+            await runner.wait_shards_acquired()
+        shard = checker.shard(8)
+        while not any(shard in r.served_shards() for r in runners):  # noqa: ASYNC110
+            await trio.sleep(0.1)
+        victim = 0 if shard in runners[0].served_shards() else 1
+        survivor = runners[1 - victim]
+        await trio.sleep(5)
+        before = await failures(survivor)
+        assert before >= 3
+        network.kill(runners[victim].address)
+        storage.kill_session(str(runners[victim].address))
+        scopes[victim].cancel()
+        killed = trio.current_time()
+        while shard not in survivor.served_shards():  # noqa: ASYNC110
+            await trio.sleep(0.1)
+        assert trio.current_time() - killed < 5.0
+        # The board lives on the survivor (the shards fall so with these
+        # addresses): the checker goes on from its last statuses, where a
+        # fresh start would count from 1 again.
+        board = survivor.client(example.HealthBoard)("board")
+        assert survivor.owner_of(board) == survivor.address
+        await trio.sleep(3)
+        assert await failures(survivor) > before
+        nursery.cancel_scope.cancel()
