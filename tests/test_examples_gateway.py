@@ -15,7 +15,9 @@ import pytest
 import trio
 
 import trio_cluster as tc
+from trio_cluster._cli._main import load_target
 from trio_cluster.gateway import (
+    Gateway,
     GatewayCallError,
     GatewayDisconnectedError,
     GatewayRefusedError,
@@ -402,3 +404,21 @@ async def test_health_checker_moves_with_its_singleton(
         await trio.sleep(3)
         assert await failures(survivor) > before
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "chat_server",
+        "message_bus",
+        "event_projection",
+        "rate_limited_server",
+        "resilient_client",
+        "health_checker",
+    ],
+)
+def test_the_examples_apps_load_for_trio_cluster_run(name: str) -> None:
+    """What ``trio-cluster run examples.<name>:APP --gateway ...`` loads."""
+    options = load_target(f"examples.{name}:APP")
+    assert isinstance(options.pop("gateway"), Gateway)
+    assert set(options) <= {"entities", "singletons"}
