@@ -8,7 +8,6 @@ Chromium; without it this test FAILS (it is never skipped)."""
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 from functools import partial
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 import trio
 
 import trio_cluster as tc
@@ -25,6 +25,7 @@ from trio_cluster.gateway import (
     CloseCode,
     Gateway,
     Service,
+    Session,
     expose,
     open_gateway_client,
     publish,
@@ -32,6 +33,7 @@ from trio_cluster.gateway import (
 )
 
 from .app import Blocker, Counter, open_gateway
+from .chromium import chromium, open_chromium
 
 PAGE = """<!doctype html>
 <script type="module">
@@ -133,14 +135,6 @@ class Report(Service):
         await trio.sleep_forever()
 
 
-def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert path is not None, (
-        "Chromium is not installed: `apt-get install -y chromium` (.ci/run does it)"
-    )
-    return path
-
-
 async def wait_report(report: Report, count: int) -> list[str]:
     while len(report.reports) < count:
         await report.changed.wait()
@@ -210,3 +204,36 @@ async def test_the_javascript_client_in_headless_chromium(tmp_path: Path) -> Non
                 assert fourth == ["fourth", "p1,p2", f"{JSON},{MSGPACK}", "2"]
             finally:
                 process.send_signal(signal.SIGTERM)
+
+
+CLOSING_PAGE = """<!doctype html>
+<script type="module">
+import { GatewayClient } from "/gateway.js";
+window.got = [];
+window.client = new GatewayClient(`ws://${location.host}/ws`, {
+  onPush: (push) => { window.got.push(push.data); window.client.close(); },
+});
+</script>
+"""
+
+
+async def test_javascript_close_sends_the_acks_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page that closes its client right in ``onPush``: the push is
+    acked anyway (the ack goes before the close frame)."""
+    monkeypatch.setattr(Session, "ack_timeout", 20.0)
+    gateway = Gateway(sessions=True, pages={"/": CLOSING_PAGE})
+    with trio.fail_after(90):
+        async with (
+            open_gateway(gateway) as server,
+            open_chromium(tmp_path / "profile") as browser,
+        ):
+            page = await browser.open_page(f"http://127.0.0.1:{server.port}/")
+            session = await page.wait_for(
+                "window.client?.state.connected && window.client.session"
+            )
+            with trio.fail_after(10):  # well before a redelivery (20 s)
+                assert await send_reliable(server.runner, session, "bye") == 1
+            assert await page.evaluate("window.got") == ["bye"]
+            assert await page.evaluate("window.client.state.connected") is False

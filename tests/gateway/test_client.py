@@ -19,6 +19,7 @@ from trio_cluster.gateway import (
     GatewayDisconnectedError,
     GatewayRefusedError,
     UnauthorizedError,
+    WindowLimit,
     expose,
     open_gateway_client,
 )
@@ -201,3 +202,20 @@ async def test_no_welcome_within_open_timeout_counts_as_a_failed_attempt() -> No
                 assert "no welcome frame in time" in caught.value.reason
                 assert client.state.failed_attempts == 2
             nursery.cancel_scope.cancel()
+
+
+async def test_giving_up_after_a_429_says_so_with_its_retry_after() -> None:
+    config = ClientConfig(max_attempts=1)
+    limit = WindowLimit(1, per=60.0, block_for=300.0)
+    with trio.fail_after(30):
+        async with (
+            open_gateway(connect_rate=limit) as server,
+            open_gateway_client(server.url) as first,
+        ):
+            await first.wait_connected()
+            async with open_gateway_client(server.url, config=config) as second:
+                with pytest.raises(GatewayRefusedError) as caught:
+                    await second.wait_connected()
+            assert caught.value.status == 429
+            assert caught.value.retry_after == 300.0
+            assert "gave up after 1 attempts: HTTP 429" in caught.value.reason

@@ -214,6 +214,38 @@ async def test_the_session_moves_to_another_runner() -> None:
                         assert await close_code(intruder) == CloseCode.SESSION_DETACHED
 
 
+async def test_a_push_taken_as_the_client_leaves_is_acked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The acks of the pushes taken go before the close frame: a client
+    that leaves its block right after taking a push does not get it again
+    (and its sender learns it was acked)."""
+    monkeypatch.setattr(Session, "ack_timeout", 20.0)
+    with trio.fail_after(30):
+        async with (
+            tc.open_runner(entities=[Session]) as runner,
+            trio.open_nursery() as nursery,
+        ):
+            server: GatewayServer = await nursery.start(
+                serve_gateway, runner, GATEWAY, "127.0.0.1", 0
+            )
+            acked: list[int] = []
+
+            async def send() -> None:
+                acked.append(await send_reliable(runner, SESSION, "last"))
+
+            async with open_gateway_client(server.url, session=SESSION) as client:
+                nursery.start_soon(send)
+                async for push in client.pushes:
+                    assert push.data == "last"
+                    break  # and leave at once
+            with trio.fail_after(10):  # well before a redelivery (20 s)
+                while not acked:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            assert acked == [1]
+            nursery.cancel_scope.cancel()
+
+
 async def test_the_inbox_hands_each_push_over_once(autojump_clock: MockClock) -> None:
     sent: list[dict[str, Any]] = []
 

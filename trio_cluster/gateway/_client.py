@@ -128,6 +128,8 @@ class GatewayClient:
         """Set once the client's own close handshake is over."""
         self._retry_after = 0.0
         """Seconds a 429's ``Retry-After`` asks to wait at least."""
+        self._refusal: GatewayRefusedError | None = None
+        """The last attempt's HTTP refusal (None: it failed otherwise)."""
         self.pushes = PushInbox(self._send)
         """The pushes of the client's session (``async for push in
         client.pushes``: each once, acked when taken)."""
@@ -141,8 +143,9 @@ class GatewayClient:
 
         Raises:
             GatewayRefusedError: the client gave up (see the module
-                docstring); its ``status`` is 0 when it gave up after
-                ``max_attempts`` failed attempts.
+                docstring). After ``max_attempts`` failed attempts, its
+                ``status`` is the last attempt's HTTP status if it was
+                refused (429 with ``retry_after``, say), else 0.
 
         Cancellation: stops waiting (the client keeps connecting).
         """
@@ -463,8 +466,11 @@ class GatewayClient:
             if self._fatal is None and error:
                 failures += 1
                 if config.max_attempts is not None and failures >= config.max_attempts:
+                    refusal = self._refusal
                     self._fatal = GatewayRefusedError(
-                        status=0, reason=f"gave up after {failures} attempts: {error}"
+                        status=0 if refusal is None else refusal.status,
+                        reason=f"gave up after {failures} attempts: {error}",
+                        retry_after=None if refusal is None else refusal.retry_after,
                     )
             elif not error:
                 failures = 0
@@ -483,6 +489,7 @@ class GatewayClient:
         first: the stream is opened and closed here.
         """
         failed_before = self._state.failed_attempts
+        self._refusal = None
         streams: list[trio.SocketStream] = []
         failure: list[str] = []
         try:
@@ -593,6 +600,11 @@ class GatewayClient:
                 self._retry_after = float(headers.get(b"retry-after", b"1"))
             except ValueError:
                 self._retry_after = 1.0
+        self._refusal = GatewayRefusedError(
+            status=status,
+            reason=body,
+            retry_after=self._retry_after if status == 429 else None,
+        )
         return f"HTTP {status} {body}"
 
     def _failed(self, error: str, failed_before: int) -> str:
@@ -727,9 +739,9 @@ async def open_gateway_client(
             `send_reliable` reaches the client through it
             (``client.pushes``), across reconnects to any gateway.
 
-    On exit the socket is closed with 1000, waiting at most
-    ``close_timeout`` for the server's answer (also when the block is
-    cancelled); calls still waiting are cancelled.
+    On exit the acks of the pushes taken are sent, then the socket is
+    closed with 1000, each waiting at most ``close_timeout`` (also when the
+    block is cancelled); calls still waiting are cancelled.
     """
     config = config or ClientConfig()
     all_headers = list(headers)
@@ -747,5 +759,8 @@ async def open_gateway_client(
         finally:
             client.pushes.close()
             with trio.CancelScope(shield=True):
+                # The acks of the pushes taken, then the close handshake.
+                with trio.move_on_after(config.close_timeout):
+                    await client.pushes.flush()
                 await client._close()
             nursery.cancel_scope.cancel()

@@ -21,6 +21,7 @@ from collections.abc import (
     Sequence,
 )
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
@@ -380,6 +381,9 @@ def _entity_routes(
             assert key is not None
             return getattr(client(key), attribute)(message)
 
+        if spec.persisted and spec.primary_key is not None:
+            invoke = partial(_outliving_the_socket, client, attribute)
+
         yield _route(
             f"{type_name}.{spec.name}",
             cls,
@@ -389,6 +393,22 @@ def _entity_routes(
             invoke=invoke if spec.kind == "rpc" else None,
             open_items=invoke if spec.kind == "stream" else None,
         )
+
+
+async def _outliving_the_socket(
+    client: EntityClient[Any], attribute: str, key: str | None, message: Any
+) -> Any:
+    """Call a persisted handler with a primary key so that the socket's
+    end does not interrupt it: the request is stored first (``discard``),
+    then the call attaches to it by its primary key, and a caller that
+    attached does not interrupt the request when cancelled. A client whose
+    socket dropped sends the call again and gets the recorded reply; the
+    handler runs once either way.
+    """
+    assert key is not None
+    handler = getattr(client(key), attribute)
+    await handler.discard(message)
+    return await handler(message)
 
 
 def _service_routes(service: Service, converter: cattrs.Converter) -> Iterable[Route]:

@@ -72,6 +72,8 @@ class PushInbox:
         self._ack_delay = ack_delay
         self._to_ack: dict[str, list[int]] = {}
         self._acks_waiting = trio.Event()
+        self._sending = trio.Lock()
+        """Held while acks are written: `flush` waits for those in flight."""
         self._send, self._receive = trio.open_memory_channel[ReceivedPush](buffer)
         self._taken: dict[tuple[str, int], bool] = {}
         """Pushes seen recently: whether handed over (True) or queued."""
@@ -118,6 +120,19 @@ class PushInbox:
             await self._acks_waiting.wait()
             await trio.sleep(self._ack_delay)
             self._acks_waiting = trio.Event()
+            await self._send_waiting()
+
+    async def flush(self) -> None:
+        """Send every ack waiting now, after those being sent: the client's
+        block is ending, and a push it took must not come again.
+
+        Cancellation: the acks not sent yet are lost (their pushes come
+        again, and are acked again, on the session's next socket).
+        """
+        await self._send_waiting()
+
+    async def _send_waiting(self) -> None:
+        async with self._sending:
             waiting, self._to_ack = self._to_ack, {}
             for epoch, seqs in waiting.items():
                 for start in range(0, len(seqs), MAX_ACKS):

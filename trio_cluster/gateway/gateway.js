@@ -261,22 +261,31 @@ export class GatewayClient {
     const seqs = this._acks.get(frame.epoch) ?? [];
     seqs.push(frame.seq);
     this._acks.set(frame.epoch, seqs);
-    this._ackTimer ??= setTimeout(() => {
-      this._ackTimer = null;
-      for (const [epoch, waiting] of this._acks) {
-        for (let start = 0; start < waiting.length; start += 1000) {
-          this._send({ t: "ack", epoch, seqs: waiting.slice(start, start + 1000) });
-        }
-      }
-      this._acks.clear();
-    }, 0);
+    this._ackTimer ??= setTimeout(() => this._sendAcks(), 0);
   }
 
-  /** Close the socket for good; pending calls are rejected. */
+  _sendAcks() {
+    clearTimeout(this._ackTimer);
+    this._ackTimer = null;
+    for (const [epoch, waiting] of this._acks) {
+      for (let start = 0; start < waiting.length; start += 1000) {
+        this._send({ t: "ack", epoch, seqs: waiting.slice(start, start + 1000) });
+      }
+    }
+    this._acks.clear();
+  }
+
+  /** Close the socket for good; pending calls are rejected. The socket
+   * closes once the code running now has returned (close() may be called
+   * from onPush): the acks of the pushes handed over go first. */
   close() {
     this._closed = true;
     clearTimeout(this._timer);
-    this._ws?.close(1000, "client closed");
+    const ws = this._ws;
+    queueMicrotask(() => {
+      this._sendAcks();
+      ws?.close(1000, "client closed");
+    });
     this._setState({ connected: false, lastError: "closed" });
     for (const waiter of this._waiters.splice(0)) waiter.reject(new Error("closed"));
   }
