@@ -102,6 +102,8 @@ class StateQuery:
     """Match ``entity_type`` as a prefix."""
     label: str | None = None
     """Only the snapshots with this label (None: any, or none)."""
+    entity_id: str | None = None
+    """Only the snapshots of entities with this id (None: any)."""
 
 
 @attrs.frozen

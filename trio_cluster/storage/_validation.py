@@ -364,6 +364,10 @@ def check_state_query(query: object) -> StateQuery:
     if not isinstance(query.prefix, bool):
         raise TypeError(f"StateQuery.prefix must be a bool, got {query.prefix!r}")
     _check_label(query.label, "StateQuery.label")
+    if query.entity_id is not None and not isinstance(query.entity_id, str):
+        raise TypeError(
+            f"StateQuery.entity_id must be a str or None, got {query.entity_id!r}"
+        )
     return query
 
 

@@ -116,6 +116,8 @@ def _matches(query: StateQuery, row: ListedState) -> bool:
             return False
     elif row.entity_type != query.entity_type:
         return False
+    if query.entity_id is not None and row.entity_id != query.entity_id:
+        return False
     return query.label is None or row.state.label == query.label
 
 

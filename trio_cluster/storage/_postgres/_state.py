@@ -63,9 +63,12 @@ _OUTCOMES = {
 }
 
 
-_TYPES = """entity_type COLLATE "C" >= $1::text
-  AND ($2::text IS NULL OR entity_type COLLATE "C" < $2::text)"""
-"""The entity types of a listing or count: ``[$1, $2)`` in code-point order."""
+_SELECTED = """entity_type COLLATE "C" >= $1::text
+  AND ($2::text IS NULL OR entity_type COLLATE "C" < $2::text)
+  AND ($3::text IS NULL OR label COLLATE "C" = $3::text)
+  AND ($4::text IS NULL OR entity_id = $4::text)"""
+"""The rows of a listing or count: entity types in ``[$1, $2)`` (code-point
+order), label $3 and entity id $4 (NULL: any)."""
 
 
 def _successor(prefix: str) -> str | None:
@@ -145,23 +148,22 @@ FROM verdict""",
             delete=f"""
 DELETE FROM {t} WHERE entity_type = $1::text AND entity_id = $2::text
 RETURNING 1""",
-            # $1 lowest type, $2 type bound (exclusive; NULL: none), $3
-            # label (NULL: any), $4 $5 after (type, id; NULL: from the
-            # start), $6 limit
+            # $1-$4 as in _SELECTED, $5 $6 after (type, id; NULL: from the
+            # start), $7 limit
             listing=f"""
 SELECT entity_type, entity_id, shard_group, shard_number, epoch, version,
        payload, label, saved_at
 FROM {t}
-WHERE {_TYPES} AND ($3::text IS NULL OR label COLLATE "C" = $3::text)
-  AND ($4::text IS NULL
-       OR entity_type COLLATE "C" > $4::text
-       OR (entity_type COLLATE "C" = $4::text
-           AND entity_id COLLATE "C" > $5::text))
+WHERE {_SELECTED}
+  AND ($5::text IS NULL
+       OR entity_type COLLATE "C" > $5::text
+       OR (entity_type COLLATE "C" = $5::text
+           AND entity_id COLLATE "C" > $6::text))
 ORDER BY entity_type COLLATE "C", entity_id COLLATE "C"
-LIMIT $6::int8""",
+LIMIT $7::int8""",
             count=f"""
 SELECT entity_type, label, count(*) FROM {t}
-WHERE {_TYPES} AND ($3::text IS NULL OR label COLLATE "C" = $3::text)
+WHERE {_SELECTED}
 GROUP BY entity_type, label
 ORDER BY entity_type COLLATE "C", label COLLATE "C" NULLS FIRST""",
         )
@@ -239,7 +241,7 @@ class PgStates(StateStorage):
         after_type, after_id = (None, None) if after is None else after
         rows = await self._rows(
             self._sq.listing,
-            [lowest, bound, query.label, after_type, after_id, limit],
+            [lowest, bound, query.label, query.entity_id, after_type, after_id, limit],
             None,
         )
         return [
@@ -268,5 +270,6 @@ class PgStates(StateStorage):
     async def count_states(self, query: StateQuery) -> list[StateCount]:
         query = check_state_query(query)
         lowest, bound = type_range(query)
-        rows = await self._rows(self._sq.count, [lowest, bound, query.label], None)
+        params = [lowest, bound, query.label, query.entity_id]
+        rows = await self._rows(self._sq.count, params, None)
         return [StateCount(entity_type, label, n) for entity_type, label, n in rows]

@@ -127,6 +127,13 @@ class StateListingTests:
                 StateQuery(WORKFLOWS, prefix=True, label="failed"), limit=100
             )
             assert _keys(failed) == [("wf.a", "x"), ("wf.b", "2")]
+            one = await store.list_states(
+                StateQuery(WORKFLOWS, prefix=True, entity_id="x"), limit=100
+            )
+            assert _keys(one) == [("wf.a", "x")]
+            assert await store.count_states(StateQuery("wf.a", entity_id="y")) == [
+                StateCount("wf.a", "running", 1)
+            ]
             assert await store.list_states(StateQuery("wf.c"), limit=100) == []
             assert await store.list_states(StateQuery("wf."), limit=100) == []
             every_type = await store.list_states(StateQuery("", prefix=True), limit=100)
@@ -229,6 +236,8 @@ class StateListingTests:
                 await store.list_states(query, limit=-1)
             with pytest.raises(TypeError):
                 await store.count_states(StateQuery("wf.", label=3))  # type: ignore[arg-type]
+            with pytest.raises(TypeError):
+                await store.count_states(StateQuery("wf.", entity_id=3))  # type: ignore[arg-type]
             with pytest.raises(ValueError):  # noqa: PT011 - the contract's message
                 await store.count_states(StateQuery("wf.", label="x" * 201))
             with pytest.raises(ValueError):  # noqa: PT011 - the contract's message
