@@ -56,6 +56,10 @@ STATUSES = (
 """`trio_cluster.workflows.Status` values (checked against it in the tests:
 the parser is built without importing the workflows)."""
 
+_SHOWN = frozenset({"error", "problem", "wake"})
+"""Journal fields the text of ``show`` leaves out: in the summary above it,
+or internal (the wake token)."""
+
 _TIMES = frozenset({"until", "wake_at", "waiting_until", "saved_at"})
 """Fields that are Unix times: printed as ISO 8601."""
 
@@ -208,7 +212,7 @@ def _detail_text(detail: dict[str, Any]) -> str:
     lines += [
         f"{key}: {json.dumps(value)}"
         for key, value in journal.items()
-        if value not in (None, "", [], 0)
+        if value not in (None, "", [], 0) and key not in _SHOWN
     ]
     lines.append(f"journal ({len(entries)} operation(s)):")
     for seq, entry in enumerate(entries):
@@ -216,7 +220,9 @@ def _detail_text(detail: dict[str, Any]) -> str:
         rest = [
             f"{key}={json.dumps(value)}"
             for key, value in entry.items()
-            if key not in ("kind", "name") and value not in (None, "", [])
+            if key not in ("kind", "name")
+            and value not in (None, "", [])
+            and (key, value) != ("attempts", 1)
         ]
         lines.append("  ".join([head, *rest]))
     return "\n".join(lines)
