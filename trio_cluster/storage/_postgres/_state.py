@@ -63,14 +63,6 @@ _OUTCOMES = {
 }
 
 
-_SELECTED = """entity_type COLLATE "C" >= $1::text
-  AND ($2::text IS NULL OR entity_type COLLATE "C" < $2::text)
-  AND ($3::text IS NULL OR label COLLATE "C" = $3::text)
-  AND ($4::text IS NULL OR entity_id = $4::text)"""
-"""The rows of a listing or count: entity types in ``[$1, $2)`` (code-point
-order), label $3 and entity id $4 (NULL: any)."""
-
-
 def _successor(prefix: str) -> str | None:
     """The least string greater than every string that starts with
     ``prefix`` (None: there is none, for ``""``)."""
@@ -99,8 +91,9 @@ class StateQueries:
     load: str
     save: str
     delete: str
-    listing: str
-    count: str
+    table: str
+    """The entity-state table (listings and counts are composed per query:
+    `selection`)."""
 
     @classmethod
     def build(cls, names: PgNames) -> StateQueries:
@@ -148,25 +141,43 @@ FROM verdict""",
             delete=f"""
 DELETE FROM {t} WHERE entity_type = $1::text AND entity_id = $2::text
 RETURNING 1""",
-            # $1-$4 as in _SELECTED, $5 $6 after (type, id; NULL: from the
-            # start), $7 limit
-            listing=f"""
-SELECT entity_type, entity_id, shard_group, shard_number, epoch, version,
-       payload, label, saved_at
-FROM {t}
-WHERE {_SELECTED}
-  AND ($5::text IS NULL
-       OR entity_type COLLATE "C" > $5::text
-       OR (entity_type COLLATE "C" = $5::text
-           AND entity_id COLLATE "C" > $6::text))
-ORDER BY entity_type COLLATE "C", entity_id COLLATE "C"
-LIMIT $7::int8""",
-            count=f"""
-SELECT entity_type, label, count(*) FROM {t}
-WHERE {_SELECTED}
-GROUP BY entity_type, label
-ORDER BY entity_type COLLATE "C", label COLLATE "C" NULLS FIRST""",
+            table=t,
         )
+
+
+def selection(
+    query: StateQuery, after: tuple[str, str] | None = None
+) -> tuple[str, list[object]]:
+    """The ``WHERE`` conditions of a listing or count, and their parameters.
+
+    Only the conditions ``query`` (and ``after``) need are written, each
+    with its own parameter, so that a prepared statement's generic plan
+    reads the ``(entity_type, label, entity_id)`` index (a condition like
+    ``$3 IS NULL OR label = $3`` would make it scan the table); the texts
+    are few (one per combination of the optional filters).
+    """
+    lowest, bound = type_range(query)
+    conditions = ['entity_type COLLATE "C" >= $1::text']
+    params: list[object] = [lowest]
+
+    def param(value: object) -> str:
+        params.append(value)
+        return f"${len(params)}::text"
+
+    if bound is not None:
+        conditions.append(f'entity_type COLLATE "C" < {param(bound)}')
+    if query.label is not None:
+        conditions.append(f'label COLLATE "C" = {param(query.label)}')
+    if query.entity_id is not None:
+        conditions.append(f"entity_id = {param(query.entity_id)}")
+    if after is not None:
+        after_type, after_id = param(after[0]), param(after[1])
+        conditions.append(
+            f'(entity_type COLLATE "C" > {after_type}'
+            f' OR (entity_type COLLATE "C" = {after_type}'
+            f' AND entity_id COLLATE "C" > {after_id}))'
+        )
+    return " AND ".join(conditions), params
 
 
 class PgStates(StateStorage):
@@ -237,11 +248,17 @@ class PgStates(StateStorage):
         limit: int,
     ) -> list[ListedState]:
         query, after, limit = check_list_states(query, after, limit)
-        lowest, bound = type_range(query)
-        after_type, after_id = (None, None) if after is None else after
+        where, params = selection(query, after)
+        params.append(limit)
         rows = await self._rows(
-            self._sq.listing,
-            [lowest, bound, query.label, query.entity_id, after_type, after_id, limit],
+            f"""
+SELECT entity_type, entity_id, shard_group, shard_number, epoch, version,
+       payload, label, saved_at
+FROM {self._sq.table}
+WHERE {where}
+ORDER BY entity_type COLLATE "C", entity_id COLLATE "C"
+LIMIT ${len(params)}::int8""",
+            params,
             None,
         )
         return [
@@ -269,7 +286,14 @@ class PgStates(StateStorage):
 
     async def count_states(self, query: StateQuery) -> list[StateCount]:
         query = check_state_query(query)
-        lowest, bound = type_range(query)
-        params = [lowest, bound, query.label, query.entity_id]
-        rows = await self._rows(self._sq.count, params, None)
+        where, params = selection(query)
+        rows = await self._rows(
+            f"""
+SELECT entity_type, label, count(*) FROM {self._sq.table}
+WHERE {where}
+GROUP BY entity_type, label
+ORDER BY entity_type COLLATE "C", label COLLATE "C" NULLS FIRST""",
+            params,
+            None,
+        )
         return [StateCount(entity_type, label, n) for entity_type, label, n in rows]
