@@ -272,16 +272,20 @@ class WorkflowAdmin:
         return client(execution_id)
 
 
-def _decoded(value: Any) -> Any:
+def _decoded(value: Any, *, encoded: bool = True) -> Any:
+    """``value`` with its encoded bytes decoded (once: bytes inside a
+    decoded value stay bytes)."""
     if isinstance(value, bytes):
+        if not encoded:
+            return value
         try:
-            return _decoded(msgpack.unpackb(value))
+            return _decoded(msgpack.unpackb(value), encoded=False)
         except (ValueError, msgpack.UnpackException):
             return value
     if isinstance(value, dict):
-        return {k: _decoded(v) for k, v in value.items()}
+        return {k: _decoded(v, encoded=encoded) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_decoded(item) for item in value]
+        return [_decoded(item, encoded=encoded) for item in value]
     return value
 
 
