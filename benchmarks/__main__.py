@@ -20,6 +20,7 @@ WORKLOADS = {
     "w10": "benchmarks.w10_webhooks",
     "w8": "benchmarks.w8_gateway",
     "wf": "benchmarks.workflow_steps",
+    "wfops": "benchmarks.workflow_listing",
 }
 LOADED = {"w4"}
 """Workloads with an ``--under-load`` variant."""

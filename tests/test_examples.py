@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from types import ModuleType
 
 import pytest
@@ -144,3 +145,24 @@ async def test_order_saga_example(autojump_clock, capsys):
     out = capsys.readouterr().out
     assert "o2: workflow 'o2' compensated: StepFailedError" in out
     assert "o3 is compensated" in out
+
+
+async def test_durable_sleep_example(autojump_clock, capsys):
+    assert (await load_example("durable_sleep").main(delay=5.0)).sent_by.endswith(":2")
+    out = capsys.readouterr().out
+    assert "127.0.0.1:1 sleeps until" in out
+    assert "reminder r1: 'water the plants' (sent by 127.0.0.1:2)" in out
+
+
+async def test_durable_sleep_example_sleeps_30_days_through_a_kill(autojump_clock):
+    # Virtual time: 30 days pass in a fraction of a second; the runner that
+    # noted the reminder is killed at once, and the one that took over its
+    # shard sends it when the 30 days are over, not before.
+    module = load_example("durable_sleep")
+    start = trio.current_time()
+    cpu = time.process_time()
+    sent = await module.main(delay=30 * 86400.0, lease=3 * 86400.0)
+    assert (sent.noted_by, sent.sent_by) == ("127.0.0.1:1", "127.0.0.1:2")
+    assert 0 <= sent.sent_at - sent.due < 1.0  # two clocks, read at two instants
+    assert trio.current_time() - start == pytest.approx(30 * 86400.0, abs=10)
+    assert time.process_time() - cpu < 1.0

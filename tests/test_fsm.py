@@ -13,7 +13,13 @@ import pytest
 import trio
 
 import trio_cluster as tc
-from trio_cluster.abc import StoredState
+from trio_cluster.abc import (
+    ListedState,
+    StateCount,
+    StateQuery,
+    StateStorage,
+    StoredState,
+)
 from trio_cluster.serialization import make_converter
 from trio_cluster.storage import MemoryStorage
 from trio_cluster.transport import MemoryNetwork, MemoryTransport
@@ -301,8 +307,37 @@ async def test_a_stored_machine_that_does_not_decode_is_left_alone(
     storage = MemoryStorage()
     address = tc.EntityAddress("Lamp", tc.EntityId("l"), tc.ShardId("default", 1))
     bad = StoredState(payload=garbage[-1], version=3, epoch=1)
-    storage._states.apply({("Lamp", "l"): bad})
+    storage._states.apply(
+        {("Lamp", "l"): ListedState("Lamp", "l", address.shard, bad, ORIGIN)}
+    )
     async with open_clocked_runner([Lamp], config(), storage) as runner:
         with pytest.raises(tc.RemoteError, match="MalformedMessageError"):
             await runner.client(Lamp)("l").current_state(tc.GetState())
     assert storage._states.load(address) == bad
+
+
+async def test_an_invalid_transition_stores_nothing_and_machines_count_by_state(
+    autojump_clock: Any,
+) -> None:
+    storage = MemoryStorage()
+    async with open_clocked_runner([Lamp], config(), storage) as runner:
+        lamps = runner.client(Lamp)
+        await lamps("a").switch_on(Switch(2))
+        await lamps("b").switch_on(Switch(3))
+        await lamps("b").switch_off(Nothing())
+        address = lamps.address_of("a")
+        before = storage._states.load(address)
+        assert before is not None
+        assert (before.version, before.label) == (1, "on")
+        for invalid in (
+            lamps("a").switch_on(Switch(5)),
+            lamps("a").misbehave(Switch(1)),
+        ):
+            with pytest.raises(tc.InvalidTransitionError):
+                await invalid
+        # The refused transitions saved nothing: same snapshot, same version.
+        assert storage._states.load(address) == before
+        async with storage.open_session(name="operator", lease_duration=10) as op:
+            assert isinstance(op.messages, StateStorage)
+            counts = await op.messages.count_states(StateQuery("Lamp"))
+        assert counts == [StateCount("Lamp", "off", 1), StateCount("Lamp", "on", 1)]

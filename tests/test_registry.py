@@ -338,3 +338,25 @@ def test_retry_policies_resolve_handler_then_type_then_default():
     plain = resolve(Plain)
     assert plain.handlers["f"].retry == tc.RetryPolicy()
     assert plain.restart_backoff is None
+
+
+def test_a_stand_in_gives_way_to_the_real_class():
+    from trio_cluster._registry import Registry
+
+    stand_in = type(
+        "CounterStandIn", (Counter,), {"__tc_stand_in__": True, "__module__": __name__}
+    )
+    # The real class first: the stand-in uses its type.
+    registry = Registry([Counter], config=config(), converter=make_converter())
+    assert registry.for_class(stand_in) is registry.for_class(Counter)
+    # The stand-in first: the real class, called later, replaces it.
+    registry = Registry([], config=config(), converter=make_converter())
+    first = registry.for_class(stand_in)
+    assert first.cls is stand_in
+    real = registry.for_class(Counter)
+    assert real.cls is Counter
+    assert registry.for_class(stand_in) is first  # its clients keep working
+    # Two real classes of one name still clash.
+    clash = type("Counter2", (Counter,), {"__module__": __name__})
+    with pytest.raises(tc.EntityDefinitionError, match="unique"):
+        registry.for_class(clash)

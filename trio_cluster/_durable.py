@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, overloa
 import attrs
 import trio
 
-from ._errors import DurableStateError, EntityDefinitionError
+from ._errors import DurableStateError, EntityDefinitionError, MalformedMessageError
+from ._storage_state import MAX_LABEL
 from .serialization._converter import Codec
 
 if TYPE_CHECKING:
@@ -141,13 +142,20 @@ class Durable(Generic[S]):
     """The descriptor made by `durable`: reads and assigns the entity's
     durable state (``self.state``). On the class, it is the declaration."""
 
-    __slots__ = ("attribute", "initial", "type")
+    __slots__ = ("attribute", "initial", "label", "type")
 
-    def __init__(self, type_: Any, initial: Callable[[], S]) -> None:
+    def __init__(
+        self,
+        type_: Any,
+        initial: Callable[[], S],
+        label: Callable[[S], str] | None = None,
+    ) -> None:
         self.type = type_
         """The state's type (what the converter encodes)."""
         self.initial = initial
         """Makes the value of an entity with no stored state."""
+        self.label = label
+        """Makes the label a value is saved with (None: no label)."""
         self.attribute = "state"
 
     def __set_name__(self, owner: type, attribute: str) -> None:
@@ -160,6 +168,26 @@ class Durable(Generic[S]):
             EntityDefinitionError: the converter cannot encode the type.
         """
         return Codec(converter, self.type, f"{where} durable state")
+
+    def label_of(self, value: Any) -> str | None:
+        """The label ``value`` is saved with (listed and counted by).
+
+        Raises:
+            MalformedMessageError: the label function raised, or made no str
+                of at most `MAX_LABEL` characters (the state cannot be saved,
+                as when it does not encode: nothing changes).
+        """
+        if self.label is None:
+            return None
+        what = f"label of the durable {self.attribute}"
+        try:
+            label: object = self.label(value)
+        except Exception as exc:
+            raise MalformedMessageError(what=what, problems=[repr(exc)]) from exc
+        if not isinstance(label, str) or len(label) > MAX_LABEL:
+            problem = f"must be a str of at most {MAX_LABEL} characters, got {label!r}"
+            raise MalformedMessageError(what=what, problems=[problem])
+        return label
 
     def check(self, value: object) -> None:
         """Raise `TypeError` if ``value`` is not a state of this type."""
@@ -203,7 +231,13 @@ class Durable(Generic[S]):
             writer.cell = cell
 
 
-def durable(type_: type[S], /, *, initial: Callable[[], S] | None = None) -> Durable[S]:
+def durable(
+    type_: type[S],
+    /,
+    *,
+    initial: Callable[[], S] | None = None,
+    label: Callable[[S], str] | None = None,
+) -> Durable[S]:
     """Declare an entity's durable state: ``state = durable(Tally)``.
 
     The state is loaded when the entity is activated (before ``on_start``;
@@ -220,10 +254,14 @@ def durable(type_: type[S], /, *, initial: Callable[[], S] | None = None) -> Dur
         type_: the state's type: an immutable value the runner's converter
             encodes (a frozen attrs class, a builtin).
         initial: makes the initial value; default ``type_()``.
+        label: makes, from a value, the short text (at most 200 characters)
+            it is saved with, which storage can list and count snapshots by
+            (``StateStorage.list_states``/``count_states``) without decoding
+            them: a status, a state's name. None: no label.
 
     Raises:
-        EntityDefinitionError: ``type_`` is not a type, or ``initial`` is not
-            callable.
+        EntityDefinitionError: ``type_`` is not a type, or ``initial`` or
+            ``label`` is not callable.
     """
     if not isinstance(type_, type):
         raise EntityDefinitionError(
@@ -235,4 +273,8 @@ def durable(type_: type[S], /, *, initial: Callable[[], S] | None = None) -> Dur
         raise EntityDefinitionError(
             f"durable(): initial must make the initial value, got {initial!r}"
         )
-    return Durable(type_, initial)
+    if label is not None and not callable(label):
+        raise EntityDefinitionError(
+            f"durable(): label must make a str of a value, got {label!r}"
+        )
+    return Durable(type_, initial, label)

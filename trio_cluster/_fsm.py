@@ -123,6 +123,11 @@ class _MachineState(Durable[Any]):
     def tag_of_class(self, cls: type) -> str:
         return self.tags.get(cls, cls.__name__)
 
+    def label_of(self, value: Any) -> str:
+        """A machine is saved labelled with its state's tag (storage lists
+        and counts machines by state)."""
+        return self.tag_of(value.state)
+
     def codec(self, converter: cattrs.Converter, where: str) -> _MachineCodec:
         register_tagged_union(converter, self.type, self.tags, tag_name=_TAG_KEY)
         return _MachineCodec(Codec(converter, self.type, f"{where} state"))

@@ -4,6 +4,11 @@ When a runner opens, every entity class is checked eagerly (type name,
 policies, handler signatures, message and reply types the converter can
 handle), and each handler gets its codecs. Problems raise
 `EntityDefinitionError` naming the class and handler, before any message moves.
+
+A class that sets ``__tc_stand_in__ = True`` only sends to a type it does
+not define (``trio-cluster workflows`` sends to workflows by name without
+their code): it gives way to the type's real class, registered before it
+(it then uses that class's type) or after it (which then replaces it).
 """
 
 from __future__ import annotations
@@ -168,6 +173,11 @@ class Registry:
             cluster_codecs=self.cluster_codecs,
         )
         other = self._by_name.get(entity_type.name)
+        if other is not None and _stand_in(cls):
+            self._by_class[cls] = other
+            return other
+        if other is not None and _stand_in(other.cls) and not hosted:
+            other = None  # the real class replaces the stand-in
         if other is not None:
             raise EntityDefinitionError(
                 f"type_name {entity_type.name!r} is used by both {other.cls.__qualname__}"
@@ -194,6 +204,10 @@ class Registry:
     def get(self, type_name: str) -> EntityType | None:
         """The hosted type of that name, or None."""
         return self.types.get(type_name)
+
+
+def _stand_in(cls: type[Entity]) -> bool:
+    return cls.__dict__.get("__tc_stand_in__", False) is True
 
 
 def resolve_entity_type(

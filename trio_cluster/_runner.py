@@ -33,10 +33,11 @@ from ._engine._broadcasts import broadcast_codecs
 from ._engine._dispatch import HandlerRelay
 from ._engine._janitor import janitor
 from ._entity import Entity
-from ._errors import EntityDefinitionError, EventsUnsupportedError
+from ._errors import ConfigError, EntityDefinitionError, EventsUnsupportedError
 from ._groups import unwrap_single as _unwrap_single
 from ._operations._dead_letters import DeadLetterQueue
 from ._registry import Registry
+from ._storage_state import StateStorage
 from .serialization._converter import make_converter
 
 if TYPE_CHECKING:
@@ -116,6 +117,8 @@ class Runner:
         )
         self._clients: dict[type[Entity], EntityClient[Any]] = {}
         self._events = session.events
+        messages = session.messages
+        self._states = messages if isinstance(messages, StateStorage) else None
         self.dead_letters = DeadLetterQueue(
             session.messages, new_id=lambda: int(self.new_id()), clock=clock
         )
@@ -239,6 +242,22 @@ class Runner:
                 " (StorageSession.events is None)"
             )
         return self._events
+
+    @property
+    def state_storage(self) -> StateStorage:
+        """The storage session's durable entity state (`StateStorage`): the
+        snapshots of ``durable`` state, workflows' journals among them, to
+        list and count by label (``trio-cluster workflows`` reads it).
+
+        Raises:
+            ConfigError: the storage backend keeps no durable state.
+        """
+        if self._states is None:
+            raise ConfigError(
+                "this runner's storage keeps no durable entity state"
+                " (its session's messages are no StateStorage)"
+            )
+        return self._states
 
     def transaction(self) -> AbstractAsyncContextManager[StorageTransaction]:
         """Open a storage transaction for application code: the outbox.

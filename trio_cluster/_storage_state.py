@@ -24,6 +24,12 @@ transaction is open, no acquisition moves the shard's epoch (as for replies:
 the module docstring of `trio_cluster._storage_abc` says what fencing
 guarantees). `MessageStorage.clear_address` deletes an entity's snapshot
 along with its requests.
+
+Each snapshot may carry a *label*: a short text the entity's state declares
+(``durable(..., label=...)``; a workflow's status, a state machine's state)
+and storage keeps beside the opaque payload, so operators can list
+(`StateStorage.list_states`) and count (`StateStorage.count_states`) the
+snapshots of some entity types by label without decoding any payload.
 """
 
 from __future__ import annotations
@@ -34,12 +40,24 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from ._core._addresses import EntityAddress
+from ._core._addresses import EntityAddress, ShardId
 
 if TYPE_CHECKING:
     from ._storage_abc import StorageTransaction
 
-__all__ = ["StateOutcome", "StateStorage", "StateWrite", "StoredState"]
+__all__ = [
+    "MAX_LABEL",
+    "ListedState",
+    "StateCount",
+    "StateOutcome",
+    "StateQuery",
+    "StateStorage",
+    "StateWrite",
+    "StoredState",
+]
+
+MAX_LABEL = 200
+"""The longest label (characters) a snapshot may carry."""
 
 
 @attrs.frozen
@@ -52,6 +70,8 @@ class StoredState:
     """1 for the first save, one more for each save after it."""
     epoch: int
     """The shard epoch of the write that stored it."""
+    label: str | None = None
+    """The label it was saved with (None: none)."""
 
 
 @attrs.frozen
@@ -65,6 +85,47 @@ class StateWrite:
     expected_version: int
     """The version this write replaces (0: nothing is stored)."""
     payload: bytes
+    label: str | None = None
+    """What the snapshot is listed and counted by (at most `MAX_LABEL`
+    characters; None: no label)."""
+
+
+@attrs.frozen
+class StateQuery:
+    """Which snapshots `StateStorage.list_states` and
+    `StateStorage.count_states` read."""
+
+    entity_type: str
+    """The entity type; with ``prefix``, every entity type that starts with
+    it (``""``: all of them)."""
+    prefix: bool = False
+    """Match ``entity_type`` as a prefix."""
+    label: str | None = None
+    """Only the snapshots with this label (None: any, or none)."""
+    entity_id: str | None = None
+    """Only the snapshots of entities with this id (None: any)."""
+
+
+@attrs.frozen
+class ListedState:
+    """A snapshot as listed by `StateStorage.list_states`."""
+
+    entity_type: str
+    entity_id: str
+    shard: ShardId
+    """The shard of the write that stored it."""
+    state: StoredState
+    saved_at: float
+    """The writer's clock when it was saved (Unix seconds)."""
+
+
+@attrs.frozen
+class StateCount:
+    """How many snapshots of one entity type carry one label."""
+
+    entity_type: str
+    label: str | None
+    count: int
 
 
 class StateOutcome(enum.Enum):
@@ -117,3 +178,32 @@ class StateStorage(ABC):
         """Delete the snapshot of the entity at ``address``, unfenced (an
         operator's action, as `MessageStorage.clear_address`); whether one
         was stored."""
+
+    @abstractmethod
+    async def list_states(
+        self,
+        query: StateQuery,
+        *,
+        after: tuple[str, str] | None = None,
+        limit: int,
+    ) -> list[ListedState]:
+        """Up to ``limit`` snapshots matching ``query``, in order of entity
+        type then id (compared by code point: the order of Python's ``str``),
+        starting after ``after`` (an ``(entity_type, entity_id)`` pair, the
+        last one of the previous page). Committed snapshots only.
+
+        Raises:
+            TypeError, ValueError: a malformed argument.
+            PersistenceError: storage failed.
+        """
+
+    @abstractmethod
+    async def count_states(self, query: StateQuery) -> list[StateCount]:
+        """How many snapshots match ``query``, per entity type and label, in
+        order of entity type then label (None first); only the pairs that
+        have some.
+
+        Raises:
+            TypeError, ValueError: a malformed argument.
+            PersistenceError: storage failed.
+        """

@@ -47,7 +47,10 @@ from ._storage_retries import (
     RetryRecord as RetryRecord,
 )
 from ._storage_state import (
+    ListedState as ListedState,
+    StateCount as StateCount,
     StateOutcome as StateOutcome,
+    StateQuery as StateQuery,
     StateStorage as StateStorage,
     StateWrite as StateWrite,
     StoredState as StoredState,
@@ -83,6 +86,7 @@ __all__ = [
     "Envelope",
     "EventRecord",
     "EventStorage",
+    "ListedState",
     "MessageStorage",
     "MessagesAvailable",
     "Notification",
@@ -99,7 +103,9 @@ __all__ = [
     "RunnerStorage",
     "SaveResult",
     "ShardOwner",
+    "StateCount",
     "StateOutcome",
+    "StateQuery",
     "StateStorage",
     "StateWrite",
     "Storage",

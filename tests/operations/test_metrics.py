@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 
+import pytest
 import trio
+import trio.lowlevel
 
 import trio_cluster as tc
 from trio_cluster._operations._metrics import (
@@ -240,3 +242,45 @@ async def test_extra_metrics_are_appended_to_metrics():
             assert "trio_cluster_shards" in body
             assert body.endswith("part_a_total 1\npart_b 2\n")
             nursery.cancel_scope.cancel()
+
+
+async def test_async_extra_metrics_are_awaited_and_left_out_when_they_fail(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from trio_cluster._operations import _metrics
+
+    monkeypatch.setattr(_metrics, "LAG_TIMEOUT", 0.2)
+
+    async def counted() -> str:
+        await trio.lowlevel.checkpoint()
+        return "read_from_storage 3\n"
+
+    async def failing() -> str:
+        await trio.lowlevel.checkpoint()
+        raise tc.PersistenceError("the database is down")
+
+    async def hanging() -> str:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    with trio.fail_after(20):
+        async with (
+            tc.open_runner(entities=[Echo], config=config()) as runner,
+            trio.open_nursery() as nursery,
+        ):
+            port = await nursery.start(
+                partial(
+                    serve_metrics,
+                    extra_metrics=[counted, failing, hanging, lambda: "sync 1\n"],
+                ),
+                runner,
+                "127.0.0.1",
+                0,
+            )
+            with caplog.at_level("INFO", logger="trio_cluster.metrics"):
+                status, body = await http_get(port, "/metrics")
+            nursery.cancel_scope.cancel()
+    assert status == 200
+    assert body.endswith("read_from_storage 3\nsync 1\n")
+    assert "the database is down" in caplog.text
+    assert "no answer in 0.2 s" in caplog.text

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import Awaitable, Callable, Sequence
 
+    from .._core._config import ShardingConfig
     from .._entity import Entity
     from .._runner import Runner
     from ..storage import PostgresStorage
@@ -33,9 +34,11 @@ def run_on_cluster(
     body: Callable[[Runner, PostgresStorage], Awaitable[T]],
     *,
     entities: Sequence[type[Entity]] = (),
+    config: ShardingConfig | None = None,
 ) -> tuple[int, T | None]:
     """Run ``body(runner, storage)`` on a client-only runner hosting
-    ``entities`` (for their clients) on the cluster's storage.
+    ``entities`` (for their clients) on the cluster's storage; ``config``
+    is its config (it must host no shard group; default: the defaults).
 
     Returns:
         ``(0, result)``; or, after one line on stderr naming ``command``,
@@ -51,9 +54,10 @@ def run_on_cluster(
         storage = PostgresStorage(
             args.dsn, table_prefix=args.prefix, pool_size=1, auto_migrate=False
         )
-        config = tc.ShardingConfig(shard_groups=())
         async with tc.open_runner(
-            entities=entities, storage=storage, config=config
+            entities=entities,
+            storage=storage,
+            config=tc.ShardingConfig(shard_groups=()) if config is None else config,
         ) as runner:
             return await body(runner, storage)
 

@@ -10,7 +10,10 @@
   code decodes every stored, unprocessed persisted message;
 * ``dlq list|show|replay|purge``: the dead-lettered persisted requests
   (`._dlq`);
-* ``events lag``: the event bus's subscriptions (`._events`).
+* ``events lag``: the event bus's subscriptions (`._events`);
+* ``webhooks attempts|dead|replay``: webhook deliveries (`._webhooks`);
+* ``workflows list|show|signal|interrupt|resume``: workflow executions
+  (`._workflows`).
 
 Policy comes from ``TRIO_CLUSTER_*`` environment variables (see
 `ShardingConfig.from_env`); options on the command line win.
@@ -36,6 +39,7 @@ import trio
 from ._dlq import add_dlq_parser
 from ._events import add_events_parser
 from ._webhooks import add_webhooks_parser
+from ._workflows import add_workflows_parser
 
 __all__ = ["main"]
 
@@ -262,7 +266,7 @@ async def _serve(
     metrics: Any,
     gateway: tuple[Any, Any] | None = None,
 ) -> None:
-    from .._operations._metrics import serve_metrics
+    from .._operations._metrics import ExtraMetrics, serve_metrics
     from .._runner import open_runner
     from ..gateway import serve_gateway
 
@@ -287,7 +291,11 @@ async def _serve(
                 for part in parts
             ]
             metrics_port = gateway_port = None
-            extra: list[Callable[[], str]] = [c.metrics_text for c in clients]
+            extra: list[ExtraMetrics] = [c.metrics_text for c in clients]
+            if any(_is_workflow(cls) for cls in entities):
+                from ..workflows import workflow_metrics
+
+                extra.append(workflow_metrics(runner).render)
             server = None
             if gateway is not None:
                 definition, where = gateway
@@ -332,6 +340,13 @@ async def _serve(
                 await server.aclose()  # clients reconnect to another runner
             nursery.cancel_scope.cancel()
     print(json.dumps({"event": "stopped"}), flush=True)
+
+
+def _is_workflow(cls: type) -> bool:
+    """Whether ``cls`` is the entity of a workflow's executions."""
+    from ..workflows._entity import WorkflowEntity
+
+    return issubclass(cls, WorkflowEntity)
 
 
 def _run_db_command(
@@ -499,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dlq_parser(commands)
     add_events_parser(commands)
     add_webhooks_parser(commands)
+    add_workflows_parser(commands)
     return parser
 
 

@@ -139,7 +139,8 @@ class StateKeeper:
         Raises:
             StateRefused: the shard's epoch moved on (fencing).
             RetryLater: the stored snapshot is newer than the incarnation's.
-            MalformedMessageError: the state does not encode.
+            MalformedMessageError: the state does not encode, or its label
+                function failed.
         """
         cell = writer.cell
         codec = slot.entity_type.state_codec
@@ -149,6 +150,8 @@ class StateKeeper:
         if payload == cell.payload:
             return None
         assert self._storage is not None, "checked at assembly"
+        durable = slot.entity_type.durable
+        label = None if durable is None else durable.label_of(cell.value)
         host = slot.shard
         outcome = await self._storage.save_state(
             StateWrite(
@@ -156,6 +159,7 @@ class StateKeeper:
                 epoch=host.epoch,
                 expected_version=cell.version,
                 payload=payload,
+                label=label,
             ),
             now=self._clock.now(),
             transaction=transaction,

@@ -20,26 +20,31 @@ head 431, an incomplete one 408 once the request timeout is over.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from functools import partial
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 import trio
 
 from .._errors import EventsUnsupportedError, PersistenceError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Awaitable, Callable, Sequence
 
     from .._runner import Runner
     from ._statistics import RunnerStatistics
 
-__all__ = ["render_metrics", "serve_metrics"]
+__all__ = ["ExtraMetrics", "render_metrics", "serve_metrics"]
 
 log = logging.getLogger("trio_cluster.metrics")
 
 MAX_HEAD: Final = 8192
 """Bytes of a request head read at most; a longer one is answered 431."""
+ExtraMetrics: TypeAlias = "Callable[[], str] | Callable[[], Awaitable[str]]"
+"""What ``serve_metrics(extra_metrics=...)`` takes: renders more metrics,
+synchronously or not."""
+
 REQUEST_TIMEOUT: Final = 5.0
 """Seconds `serve_metrics` waits for a request, and then for the client to
 take its answer, by default."""
@@ -219,13 +224,17 @@ async def serve_metrics(
     port: int,
     *,
     request_timeout: float = REQUEST_TIMEOUT,
-    extra_metrics: Sequence[Callable[[], str]] = (),
+    extra_metrics: Sequence[ExtraMetrics] = (),
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the endpoints until cancelled; ``started`` gets the real port.
 
     ``extra_metrics`` render more metrics (Prometheus text, e.g.
-    ``WebhookClient.metrics_text``), appended to ``/metrics`` in order.
+    ``WebhookClient.metrics_text``), appended to ``/metrics`` in order. An
+    async one (e.g. ``workflow_metrics(runner).render``, which reads
+    storage) is awaited at each scrape for at most `LAG_TIMEOUT` seconds;
+    if it takes longer or raises `PersistenceError`, its text is left out of
+    that scrape (and logged).
 
     Each connection is on its own: whatever goes wrong with one (a reset, a
     malformed or oversized request, a client that says nothing or never
@@ -256,7 +265,7 @@ _CONNECTION_ERRORS: Final = (
 async def _handle(
     runner: Runner,
     request_timeout: float,
-    extra: Sequence[Callable[[], str]],
+    extra: Sequence[ExtraMetrics],
     stream: trio.SocketStream,
 ) -> None:
     """Answer one request on ``stream``; every failure of this connection
@@ -274,7 +283,7 @@ async def _exchange(
     request_timeout: float,
     stream: trio.SocketStream,
     client: str,
-    extra: Sequence[Callable[[], str]] = (),
+    extra: Sequence[ExtraMetrics] = (),
 ) -> None:
     head = bytearray()
     with trio.move_on_after(request_timeout) as reading:
@@ -368,7 +377,7 @@ async def _answer(
     head: bytes,
     *,
     timed_out: bool,
-    extra: Sequence[Callable[[], str]] = (),
+    extra: Sequence[ExtraMetrics] = (),
 ) -> tuple[str, bytes, str]:
     """Status line, body and content type for a request ``head``."""
     if b"\r\n\r\n" not in head:
@@ -383,8 +392,11 @@ async def _answer(
         return "405 Method Not Allowed", b"GET only\n", _TEXT
     try:
         path = request_line[1].split("?", 1)[0]
-        lag = await _subscription_lag(runner) if path == "/metrics" else ""
-        return _respond(runner, path, extra, lag)
+        texts: list[str] = []
+        if path == "/metrics":
+            texts.append(await _subscription_lag(runner))
+            texts += [await _render_extra(render) for render in extra]
+        return _respond(runner, path, texts)
     except Exception:  # a bug: answer 500 rather than end the server
         log.exception("metrics: cannot answer %s", request_line[1])
         return "500 Internal Server Error", b"internal error\n", _TEXT
@@ -399,15 +411,32 @@ def _is_request_line(words: list[str]) -> bool:
     return words[0].isascii() and words[0].isalpha()
 
 
+async def _render_extra(render: ExtraMetrics) -> str:
+    """The text of one extra renderer ("" if an async one failed or took
+    longer than `LAG_TIMEOUT`)."""
+    result = render()
+    if not inspect.isawaitable(result):
+        await trio.lowlevel.checkpoint()
+        return result
+    text = None
+    with trio.move_on_after(LAG_TIMEOUT):
+        try:
+            text = await result
+        except PersistenceError as exc:
+            log.info("metrics: %r left out: %r", render, exc)
+            return ""
+    if text is None:
+        log.info("metrics: %r left out: no answer in %s s", render, LAG_TIMEOUT)
+        return ""
+    return text
+
+
 def _respond(
-    runner: Runner,
-    path: str,
-    extra: Sequence[Callable[[], str]] = (),
-    lag: str = "",
+    runner: Runner, path: str, texts: Sequence[str] = ()
 ) -> tuple[str, bytes, str]:
     if path == "/metrics":
         text = render_metrics(runner.statistics())
-        body = "".join([text, lag, *(render() for render in extra)]).encode()
+        body = "".join([text, *texts]).encode()
         return "200 OK", body, "text/plain; version=0.0.4; charset=utf-8"
     if path == "/healthz":
         return "200 OK", b"ok\n", _TEXT

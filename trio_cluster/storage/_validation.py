@@ -29,7 +29,7 @@ from .._storage_abc import (
     StorageTransaction,
 )
 from .._storage_retries import MAX_ERROR_TEXT, RetryRecord
-from .._storage_state import StateWrite
+from .._storage_state import MAX_LABEL, StateQuery, StateWrite
 
 __all__ = [
     "MACHINE_IDS",
@@ -47,6 +47,7 @@ __all__ = [
     "check_interrupt",
     "check_items",
     "check_limit",
+    "check_list_states",
     "check_mapping",
     "check_now",
     "check_open_session",
@@ -58,6 +59,7 @@ __all__ = [
     "check_save_replies",
     "check_save_requests",
     "check_scan_unprocessed",
+    "check_state_query",
     "check_state_write",
     "check_transaction",
 ]
@@ -336,7 +338,53 @@ def check_state_write(write: object, now: object) -> tuple[StateWrite, float]:
         raise ValueError(f"StateWrite.expected_version is too large: {write!r}")
     if not isinstance(write.payload, bytes):
         raise TypeError(f"StateWrite.payload must be bytes, got {write.payload!r}")
+    _check_label(write.label, "StateWrite.label")
     return write, check_now(now)
+
+
+def _check_label(label: object, what: str) -> None:
+    if label is None:
+        return
+    if not isinstance(label, str):
+        raise TypeError(f"{what} must be a str or None, got {label!r}")
+    if len(label) > MAX_LABEL:
+        raise ValueError(
+            f"{what} must be at most {MAX_LABEL} characters, got {len(label)}"
+        )
+
+
+def check_state_query(query: object) -> StateQuery:
+    """`StateStorage.count_states` (and the query of ``list_states``)."""
+    if not isinstance(query, StateQuery):
+        raise TypeError(f"query must be a StateQuery, got {query!r}")
+    if not isinstance(query.entity_type, str):
+        raise TypeError(
+            f"StateQuery.entity_type must be a str, got {query.entity_type!r}"
+        )
+    if not isinstance(query.prefix, bool):
+        raise TypeError(f"StateQuery.prefix must be a bool, got {query.prefix!r}")
+    _check_label(query.label, "StateQuery.label")
+    if query.entity_id is not None and not isinstance(query.entity_id, str):
+        raise TypeError(
+            f"StateQuery.entity_id must be a str or None, got {query.entity_id!r}"
+        )
+    return query
+
+
+def check_list_states(
+    query: object, after: object, limit: object
+) -> tuple[StateQuery, tuple[str, str] | None, int]:
+    """`StateStorage.list_states`: returns ``(query, after, limit)``."""
+    checked = check_state_query(query)
+    if after is not None and not (
+        isinstance(after, tuple)
+        and len(after) == 2
+        and all(isinstance(part, str) for part in after)
+    ):
+        raise TypeError(
+            f"after must be an (entity_type, entity_id) pair of str, got {after!r}"
+        )
+    return checked, after, check_limit(limit)
 
 
 _MAX_VERSION = 2**63 - 2

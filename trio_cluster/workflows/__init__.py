@@ -11,11 +11,14 @@ A workflow is a plain async function whose steps are journaled::
     async with tc.open_runner(entities=[order.entity]) as runner:
         receipt = await order.client(runner).execute(Order(...))
 
-See `docs/workflows.md` for what runs at least once and what exactly once.
+See `docs/workflows.md` for what runs at least once and what exactly once,
+and for operating them (`WorkflowAdmin`, ``trio-cluster workflows``,
+`workflow_metrics`).
 """
 
 from __future__ import annotations
 
+from ._admin import ExecutionNotFoundError, WorkflowAdmin, WorkflowExecution
 from ._context import WorkflowContext
 from ._definition import Workflow, workflow
 from ._errors import (
@@ -25,18 +28,25 @@ from ._errors import (
     WorkflowFailedError,
 )
 from ._handle import WorkflowHandle, Workflows
+from ._metrics import WorkflowMetrics, WorkflowStatistics, workflow_metrics
 from ._records import Status, WorkflowInfo
 
 __all__ = [
+    "ExecutionNotFoundError",
     "NonDeterminismError",
     "SignalTimeoutError",
     "Status",
     "StepFailedError",
     "Workflow",
+    "WorkflowAdmin",
     "WorkflowContext",
+    "WorkflowExecution",
     "WorkflowFailedError",
     "WorkflowHandle",
     "WorkflowInfo",
+    "WorkflowMetrics",
+    "WorkflowStatistics",
     "Workflows",
     "workflow",
+    "workflow_metrics",
 ]

@@ -28,6 +28,7 @@ import trio
 from trio_cluster import RetryPolicy, Snowflake
 
 from ._errors import NonDeterminismError, SignalTimeoutError, StepFailedError
+from ._metrics import run_step
 from ._records import Entry, Failure, Kind
 
 if TYPE_CHECKING:
@@ -219,7 +220,7 @@ class WorkflowContext:
                 raise Yield(None)  # commit the step that ran first
             await trio.lowlevel.checkpoint()
             try:
-                value = await fn(arg)
+                value = await run_step(fn, arg)  # timed for the metrics
             except Exception as exc:
                 failure = Failure(type(exc).__name__, str(exc))
                 attempt = self.attempts + 1

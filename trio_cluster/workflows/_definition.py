@@ -145,7 +145,8 @@ def _entity_class(definition: Workflow[Any, Any]) -> type[Entity]:
     namespace = {
         "type_name": f"trio_cluster.workflow.{definition.name}",
         "definition": definition,
-        "state": durable(Journal),
+        # Labelled with its status: listed and counted by it (`._admin`).
+        "state": durable(Journal, label=lambda journal: journal.status.value),
         "__module__": __name__,
     }
     return type(

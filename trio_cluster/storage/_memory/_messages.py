@@ -56,7 +56,7 @@ if TYPE_CHECKING:
         StoredRequest,
     )
     from trio_cluster._storage_retries import DeadLetter, RetryRecord
-    from trio_cluster._storage_state import StoredState
+    from trio_cluster._storage_state import ListedState
 
     from ._store import Inbox
 
@@ -258,7 +258,7 @@ class MemoryTransaction(StorageTransaction):
         self.fences: set[ShardId] = set()
         """The shards whose fences it holds (those of its replies, durable
         states and cursor moves)."""
-        self.states: dict[tuple[str, str], StoredState] = {}
+        self.states: dict[tuple[str, str], ListedState] = {}
         """The durable states saved in it by entity type and id, applied at
         commit (`._state`)."""
         self.commit_checks: list[Callable[[], None]] = []

@@ -8,6 +8,10 @@ synchronous, like `._store.MessageStore`: `MemoryStates`, the
 operation's entry steps and then calls it without a checkpoint, so every
 operation is atomic.
 
+A row is the `ListedState` listings return (the snapshot, with the shard
+and time of its save); listings and counts read the committed rows, in
+code-point order of entity type and id.
+
 A write in a transaction is *previewed* (its outcome computed against the
 table and the transaction's earlier writes), buffered in the transaction
 (`MemoryTransaction.states`) and applied when it commits; meanwhile the
@@ -17,16 +21,25 @@ acquisition moves that epoch before the commit.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from trio_cluster._storage_state import (
+    ListedState,
+    StateCount,
     StateOutcome,
+    StateQuery,
     StateStorage,
     StateWrite,
     StoredState,
 )
 
-from .._validation import check_clear_address, check_state_write
+from .._validation import (
+    check_clear_address,
+    check_list_states,
+    check_state_query,
+    check_state_write,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
@@ -37,7 +50,7 @@ if TYPE_CHECKING:
     from ._messages import MemoryTransaction
     from ._store import MessageStore
 
-__all__ = ["MemoryStates", "StateTable"]
+__all__ = ["MemoryStates", "StateTable", "row_of"]
 
 _Key = tuple[str, str]
 """An entity's type and id: what a snapshot is stored under."""
@@ -56,13 +69,14 @@ class StateTable:
 
     def __init__(self, epoch_of: Callable[[ShardId], int | None]) -> None:
         self._epoch_of = epoch_of
-        self._rows: dict[_Key, StoredState] = {}
+        self._rows: dict[_Key, ListedState] = {}
 
     def load(self, address: EntityAddress) -> StoredState | None:
-        return self._rows.get(_key(address))
+        row = self._rows.get(_key(address))
+        return None if row is None else row.state
 
     def preview(
-        self, write: StateWrite, pending: Mapping[_Key, StoredState] | None = None
+        self, write: StateWrite, pending: Mapping[_Key, ListedState] | None = None
     ) -> StateOutcome:
         """The outcome of ``write`` now, after the writes ``pending`` (those
         of the same transaction), changing nothing."""
@@ -70,28 +84,62 @@ class StateTable:
             return StateOutcome.STALE_EPOCH
         key = _key(write.address)
         stored = (pending or {}).get(key) or self._rows.get(key)
-        current = 0 if stored is None else stored.version
+        current = 0 if stored is None else stored.state.version
         if current != write.expected_version:
             return StateOutcome.CONFLICT
         return StateOutcome.SAVED
 
-    def save(self, write: StateWrite) -> StateOutcome:
+    def save(self, write: StateWrite, now: float) -> StateOutcome:
         outcome = self.preview(write)
         if outcome is StateOutcome.SAVED:
-            self.apply({_key(write.address): _stored(write)})
+            self.apply({_key(write.address): row_of(write, now)})
         return outcome
 
-    def apply(self, rows: Mapping[_Key, StoredState]) -> None:
+    def apply(self, rows: Mapping[_Key, ListedState]) -> None:
         """Store rows previewed as saved (a transaction commits)."""
         self._rows.update(rows)
 
     def delete(self, address: EntityAddress) -> bool:
         return self._rows.pop(_key(address), None) is not None
 
+    def matching(self, query: StateQuery) -> list[ListedState]:
+        """The rows ``query`` selects, in order of entity type and id."""
+        return sorted(
+            (row for row in self._rows.values() if _matches(query, row)),
+            key=lambda row: (row.entity_type, row.entity_id),
+        )
 
-def _stored(write: StateWrite) -> StoredState:
-    return StoredState(
-        payload=write.payload, version=write.expected_version + 1, epoch=write.epoch
+
+def _matches(query: StateQuery, row: ListedState) -> bool:
+    if query.prefix:
+        if not row.entity_type.startswith(query.entity_type):
+            return False
+    elif row.entity_type != query.entity_type:
+        return False
+    if query.entity_id is not None and row.entity_id != query.entity_id:
+        return False
+    return query.label is None or row.state.label == query.label
+
+
+def _count_order(item: tuple[tuple[str, str | None], int]) -> tuple[str, bool, str]:
+    (entity_type, label), _ = item
+    return (entity_type, label is not None, label or "")
+
+
+def row_of(write: StateWrite, now: float) -> ListedState:
+    """The row ``write`` stores (saved at ``now``)."""
+    address = write.address
+    return ListedState(
+        entity_type=address.entity_type,
+        entity_id=address.entity_id.value,
+        shard=address.shard,
+        state=StoredState(
+            payload=write.payload,
+            version=write.expected_version + 1,
+            epoch=write.epoch,
+            label=write.label,
+        ),
+        saved_at=now,
     )
 
 
@@ -125,7 +173,7 @@ class MemoryStates(StateStorage):
         write, now = check_state_write(write, now)
         if transaction is None:
             await self._enter("save_state")
-            return self._states.save(write)
+            return self._states.save(write, now)
         mine = self._mine(transaction)
         await self._enter("save_state")
         mine.check_usable()
@@ -135,10 +183,35 @@ class MemoryStates(StateStorage):
             if shard not in mine.fences:
                 mine.fences.add(shard)
                 self._store.hold_fences([shard])
-            mine.states[_key(write.address)] = _stored(write)
+            mine.states[_key(write.address)] = row_of(write, now)
         return outcome
 
     async def delete_state(self, address: EntityAddress) -> bool:
         address = check_clear_address(address)
         await self._enter("delete_state")
         return self._states.delete(address)
+
+    async def list_states(
+        self,
+        query: StateQuery,
+        *,
+        after: tuple[str, str] | None = None,
+        limit: int,
+    ) -> list[ListedState]:
+        query, after, limit = check_list_states(query, after, limit)
+        await self._enter("list_states")
+        rows = self._states.matching(query)
+        if after is not None:
+            rows = [r for r in rows if (r.entity_type, r.entity_id) > after]
+        return rows[:limit]
+
+    async def count_states(self, query: StateQuery) -> list[StateCount]:
+        query = check_state_query(query)
+        await self._enter("count_states")
+        counts = Counter(
+            (row.entity_type, row.state.label) for row in self._states.matching(query)
+        )
+        return [
+            StateCount(entity_type, label, n)
+            for (entity_type, label), n in sorted(counts.items(), key=_count_order)
+        ]

@@ -39,6 +39,9 @@ Tables (see ``_MIGRATIONS``):
   partition, and the events it gave up on).
 * since version 7, ``webhook_endpoints`` and ``webhook_attempts``: the
   webhooks part's endpoints and HTTP attempts (`._webhooks`).
+* since version 8, ``entity_state.label``: what a snapshot is listed and
+  counted by (a workflow's status, a state machine's state), indexed with
+  the entity type and id in code-point (``"C"``) order (`._state`).
 
 Lock keys: ``(namespace, 0)`` migrations and registrations, ``(namespace, n)``
 with ``n > 0`` shard ``n``, ``(namespace, -n)`` the liveness of runner ``n``.
@@ -340,6 +343,18 @@ CREATE INDEX {n.prefix}_wh_attempts_ep ON {a} (endpoint_id, at);
 """
 
 
+def _migration_8(n: PgNames) -> str:
+    # Durable state labels: operators list and count the snapshots of some
+    # entity types by label (workflows by status) without reading payloads.
+    # "C" collation: the order of Python's str, whatever the database's.
+    t = n.entity_state
+    return f"""
+ALTER TABLE {t} ADD COLUMN label text;
+CREATE INDEX {t}_label ON {t}
+    (entity_type COLLATE "C", label COLLATE "C", entity_id COLLATE "C");
+"""
+
+
 # (version, description, SQL builder). Append only: never edit a released one.
 _STEPS: Sequence[tuple[int, str, Callable[[PgNames], str]]] = (
     (1, "runners, shards, messages, replies", _migration_1),
@@ -349,6 +364,7 @@ _STEPS: Sequence[tuple[int, str, Callable[[PgNames], str]]] = (
     (5, "entity_state (durable entity state)", _migration_5),
     (6, "event bus: event_log, event_heads, event_cursors", _migration_6),
     (7, "webhook_endpoints, webhook_attempts", _migration_7),
+    (8, "entity_state.label (listing durable state by label)", _migration_8),
 )
 
 LATEST_VERSION = _STEPS[-1][0]

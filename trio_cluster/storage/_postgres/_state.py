@@ -14,6 +14,11 @@ statement, in the caller's transaction or on a pooled connection:
   saves racing (no row to lock yet) meet in ``ON CONFLICT``, whose update
   applies only at the expected version: the loser writes nothing and is
   reported as a conflict.
+
+Listings and counts (since version 8, with ``label``) select the entity
+types as a range in ``"C"`` collation (code-point order, as Python's
+``str``), which the ``(entity_type, label, entity_id)`` index serves: an
+exact type is ``[t, t || chr(1))``, a prefix ``p`` is ``[p, successor(p))``.
 """
 
 from __future__ import annotations
@@ -22,14 +27,23 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from trio_cluster._core._addresses import ShardId
 from trio_cluster._storage_state import (
+    ListedState,
+    StateCount,
     StateOutcome,
+    StateQuery,
     StateStorage,
     StateWrite,
     StoredState,
 )
 
-from .._validation import check_clear_address, check_state_write
+from .._validation import (
+    check_clear_address,
+    check_list_states,
+    check_state_query,
+    check_state_write,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -49,6 +63,27 @@ _OUTCOMES = {
 }
 
 
+def _successor(prefix: str) -> str | None:
+    """The least string greater than every string that starts with
+    ``prefix`` (None: there is none, for ``""``)."""
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        if last < 0x10FFFF:
+            following = last + 1 if last + 1 != 0xD800 else 0xE000  # no surrogates
+            return "".join(chars) + chr(following)
+    return None
+
+
+def type_range(query: StateQuery) -> tuple[str, str | None]:
+    """``(lowest, bound)``: the entity types ``query`` selects are
+    ``lowest <= type < bound`` in code-point order (no bound: None)."""
+    if query.prefix:
+        return query.entity_type, _successor(query.entity_type)
+    # No text holds NUL: nothing sorts between t and t + chr(1) but t.
+    return query.entity_type, query.entity_type + "\x01"
+
+
 @attrs.frozen
 class StateQueries:
     """The durable-state statements of one cluster."""
@@ -56,16 +91,19 @@ class StateQueries:
     load: str
     save: str
     delete: str
+    table: str
+    """The entity-state table (listings and counts are composed per query:
+    `selection`)."""
 
     @classmethod
     def build(cls, names: PgNames) -> StateQueries:
         t, s = names.entity_state, names.shards
         return cls(
             load=f"""
-SELECT payload, version, epoch FROM {t}
+SELECT payload, version, epoch, label FROM {t}
 WHERE entity_type = $1::text AND entity_id = $2::text""",
             # $1 type, $2 id, $3 group, $4 number, $5 epoch, $6 expected
-            # version, $7 payload, $8 now
+            # version, $7 payload, $8 now, $9 label
             save=f"""
 WITH fence AS MATERIALIZED (
     SELECT sh.epoch FROM {s} sh
@@ -82,9 +120,9 @@ WITH fence AS MATERIALIZED (
         ELSE 'v' END AS status
 ), written AS (
     INSERT INTO {t} AS st (entity_type, entity_id, shard_group, shard_number,
-                           epoch, version, payload, saved_at)
+                           epoch, version, payload, saved_at, label)
     SELECT $1::text, $2::text, $3::text, $4::int4, $5::int8, $6::int8 + 1,
-           $7::bytea, $8::float8
+           $7::bytea, $8::float8, $9::text
     FROM verdict WHERE status = 'v'
     ON CONFLICT (entity_type, entity_id) DO UPDATE SET
         shard_group = EXCLUDED.shard_group,
@@ -92,7 +130,8 @@ WITH fence AS MATERIALIZED (
         epoch = EXCLUDED.epoch,
         version = EXCLUDED.version,
         payload = EXCLUDED.payload,
-        saved_at = EXCLUDED.saved_at
+        saved_at = EXCLUDED.saved_at,
+        label = EXCLUDED.label
     WHERE st.version = $6::int8
     RETURNING 1
 )
@@ -102,7 +141,43 @@ FROM verdict""",
             delete=f"""
 DELETE FROM {t} WHERE entity_type = $1::text AND entity_id = $2::text
 RETURNING 1""",
+            table=t,
         )
+
+
+def selection(
+    query: StateQuery, after: tuple[str, str] | None = None
+) -> tuple[str, list[object]]:
+    """The ``WHERE`` conditions of a listing or count, and their parameters.
+
+    Only the conditions ``query`` (and ``after``) need are written, each
+    with its own parameter, so that a prepared statement's generic plan
+    reads the ``(entity_type, label, entity_id)`` index (a condition like
+    ``$3 IS NULL OR label = $3`` would make it scan the table); the texts
+    are few (one per combination of the optional filters).
+    """
+    lowest, bound = type_range(query)
+    conditions = ['entity_type COLLATE "C" >= $1::text']
+    params: list[object] = [lowest]
+
+    def param(value: object) -> str:
+        params.append(value)
+        return f"${len(params)}::text"
+
+    if bound is not None:
+        conditions.append(f'entity_type COLLATE "C" < {param(bound)}')
+    if query.label is not None:
+        conditions.append(f'label COLLATE "C" = {param(query.label)}')
+    if query.entity_id is not None:
+        conditions.append(f"entity_id = {param(query.entity_id)}")
+    if after is not None:
+        after_type, after_id = param(after[0]), param(after[1])
+        conditions.append(
+            f'(entity_type COLLATE "C" > {after_type}'
+            f' OR (entity_type COLLATE "C" = {after_type}'
+            f' AND entity_id COLLATE "C" > {after_id}))'
+        )
+    return " AND ".join(conditions), params
 
 
 class PgStates(StateStorage):
@@ -127,8 +202,10 @@ class PgStates(StateStorage):
         )
         if not rows:
             return None
-        payload, version, epoch = rows[0]
-        return StoredState(payload=bytes(payload), version=version, epoch=epoch)
+        payload, version, epoch, label = rows[0]
+        return StoredState(
+            payload=bytes(payload), version=version, epoch=epoch, label=label
+        )
 
     async def save_state(
         self,
@@ -149,6 +226,7 @@ class PgStates(StateStorage):
             write.expected_version,
             write.payload,
             now,
+            write.label,
         ]
         [(status,)] = await self._rows(self._sq.save, params, mine)
         return _OUTCOMES[status]
@@ -161,3 +239,61 @@ class PgStates(StateStorage):
             None,
         )
         return bool(rows)
+
+    async def list_states(
+        self,
+        query: StateQuery,
+        *,
+        after: tuple[str, str] | None = None,
+        limit: int,
+    ) -> list[ListedState]:
+        query, after, limit = check_list_states(query, after, limit)
+        where, params = selection(query, after)
+        params.append(limit)
+        rows = await self._rows(
+            f"""
+SELECT entity_type, entity_id, shard_group, shard_number, epoch, version,
+       payload, label, saved_at
+FROM {self._sq.table}
+WHERE {where}
+ORDER BY entity_type COLLATE "C", entity_id COLLATE "C"
+LIMIT ${len(params)}::int8""",
+            params,
+            None,
+        )
+        return [
+            ListedState(
+                entity_type=entity_type,
+                entity_id=entity_id,
+                shard=ShardId(group, number),
+                state=StoredState(
+                    payload=bytes(payload), version=version, epoch=epoch, label=label
+                ),
+                saved_at=saved_at,
+            )
+            for (
+                entity_type,
+                entity_id,
+                group,
+                number,
+                epoch,
+                version,
+                payload,
+                label,
+                saved_at,
+            ) in rows
+        ]
+
+    async def count_states(self, query: StateQuery) -> list[StateCount]:
+        query = check_state_query(query)
+        where, params = selection(query)
+        rows = await self._rows(
+            f"""
+SELECT entity_type, label, count(*) FROM {self._sq.table}
+WHERE {where}
+GROUP BY entity_type, label
+ORDER BY entity_type COLLATE "C", label COLLATE "C" NULLS FIRST""",
+            params,
+            None,
+        )
+        return [StateCount(entity_type, label, n) for entity_type, label, n in rows]

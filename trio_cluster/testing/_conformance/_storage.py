@@ -47,6 +47,7 @@ from ._messages import MessageStorageTests, chunk
 from ._outbox import OutboxTests
 from ._runners import RunnerStorageTests
 from ._state import StateTests
+from ._state_listing import StateListingTests
 from ._transactions import TransactionTests
 
 __all__ = ["StorageConformance"]
@@ -72,6 +73,7 @@ class StorageConformance(
     DeadLetterTests,
     OutboxTests,
     StateTests,
+    StateListingTests,
     EventTests,
 ):
     """Base class of a backend's conformance tests (pytest with pytest-trio).

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from trio_cluster import DeadLetter, EntityAddress, ShardId
     from trio_cluster.abc import (
         ClaimBatch,
+        ListedState,
         Notification,
         PersistedRequest,
         ReplyOutcome,
@@ -45,7 +46,9 @@ if TYPE_CHECKING:
         RunnerInfo,
         SaveResult,
         ShardOwner,
+        StateCount,
         StateOutcome,
+        StateQuery,
         StateWrite,
         StorageTransaction,
         StoredReplies,
@@ -136,6 +139,18 @@ class _Messages(MessageStorage, StateStorage):
 
     async def delete_state(self, address: EntityAddress) -> bool:
         return await self._states().delete_state(address)
+
+    async def list_states(
+        self,
+        query: StateQuery,
+        *,
+        after: tuple[str, str] | None = None,
+        limit: int,
+    ) -> list[ListedState]:
+        return await self._states().list_states(query, after=after, limit=limit)
+
+    async def count_states(self, query: StateQuery) -> list[StateCount]:
+        return await self._states().count_states(query)
 
     async def save_requests(
         self,
