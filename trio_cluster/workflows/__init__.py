@@ -19,24 +19,35 @@ from __future__ import annotations
 from ._context import WorkflowContext
 from ._definition import Workflow, workflow
 from ._errors import (
+    ChildWorkflowFailedError,
     NonDeterminismError,
     SignalTimeoutError,
     StepFailedError,
     WorkflowFailedError,
+    WorkflowUsageError,
 )
 from ._handle import WorkflowHandle, Workflows
-from ._records import Status, WorkflowInfo
+from ._history import WorkflowHistory
+from ._nursery import StepNursery
+from ._records import Entry, Journal, Kind, Status, WorkflowInfo
 
 __all__ = [
+    "ChildWorkflowFailedError",
+    "Entry",
+    "Journal",
+    "Kind",
     "NonDeterminismError",
     "SignalTimeoutError",
     "Status",
     "StepFailedError",
+    "StepNursery",
     "Workflow",
     "WorkflowContext",
     "WorkflowFailedError",
     "WorkflowHandle",
+    "WorkflowHistory",
     "WorkflowInfo",
+    "WorkflowUsageError",
     "Workflows",
     "workflow",
 ]

@@ -20,6 +20,7 @@ from trio_cluster import ConfigError, Entity, RetryPolicy, durable
 from .._core._checks import non_negative_seconds, part_name
 from ._context import WorkflowContext
 from ._entity import WorkflowEntity
+from ._peers import entity_type_name, remember
 from ._records import Journal
 
 if TYPE_CHECKING:
@@ -143,13 +144,15 @@ def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
 
 def _entity_class(definition: Workflow[Any, Any]) -> type[Entity]:
     namespace = {
-        "type_name": f"trio_cluster.workflow.{definition.name}",
+        "type_name": entity_type_name(definition.name),
         "definition": definition,
         "state": durable(Journal),
         "__module__": __name__,
     }
-    return type(
+    cls = type(
         f"Workflow_{definition.name.replace('.', '_').replace('-', '_')}",
         (WorkflowEntity,),
         namespace,
     )
+    remember(definition.name, cls)
+    return cls
