@@ -45,6 +45,11 @@ def _check_fn(_: object, attribute: attrs.Attribute[Any], value: object) -> None
         )
 
 
+def _check_group(_: object, attribute: attrs.Attribute[str], value: object) -> None:
+    if not isinstance(value, str) or not value or value.strip() != value:
+        raise ConfigError(f"a shard group must be a non-empty str, got {value!r}")
+
+
 def _check_sleep(_: object, attribute: attrs.Attribute[float], value: object) -> None:
     non_negative_seconds(attribute.name, value)
 
@@ -70,6 +75,9 @@ class Workflow(Generic[A, R]):
     in_memory_sleep: float = attrs.field(default=1.0, validator=_check_sleep)
     """Sleeps up to this long stay in memory (in the running handler);
     longer ones suspend the execution on a durable timer."""
+    shard_group: str = attrs.field(default="default", validator=_check_group)
+    """The shard group of its executions' entities: the runners that host
+    that group (and the workflow's entity) run them."""
     arg_type: Any = attrs.field(init=False)
     result_type: Any = attrs.field(init=False)
     entity: type[Entity] = attrs.field(init=False)
@@ -110,6 +118,7 @@ def workflow(
     idempotency_key: Callable[[Any], str] | None = None,
     retry: RetryPolicy | None = None,
     in_memory_sleep: float = 1.0,
+    shard_group: str = "default",
 ) -> WorkflowDecorator:
     """Define a workflow: ``@workflow(name="order") async def order(ctx, arg)``.
 
@@ -118,6 +127,8 @@ def workflow(
         idempotency_key: derives the execution id from the argument.
         retry: the default retry policy of its steps.
         in_memory_sleep: the longest sleep kept in memory (seconds).
+        shard_group: the shard group of its executions (run by the runners
+            hosting that group and its entity).
 
     Raises:
         ConfigError: an invalid option (when decorating).
@@ -130,6 +141,7 @@ def workflow(
             idempotency_key,
             retry if retry is not None else RetryPolicy(),
             in_memory_sleep,
+            shard_group,
         )
 
     return decorate
@@ -147,6 +159,7 @@ def _entity_class(definition: Workflow[Any, Any]) -> type[Entity]:
         "type_name": entity_type_name(definition.name),
         "definition": definition,
         "state": durable(Journal),
+        "shard_group": definition.shard_group,
         "__module__": __name__,
     }
     cls = type(

@@ -284,7 +284,12 @@ class WorkflowEntity(Entity):
             patches=tuple(replay.patches.items()),
         )
         for start in ctx.started:
-            parent = ParentRef(definition.name, ctx.execution_id, start.position)
+            parent = ParentRef(
+                definition.name,
+                ctx.execution_id,
+                start.position,
+                definition.shard_group,
+            )
             child: Any = current_runner().client(start.workflow.entity)
             await child(start.execution_id).start.discard(Start(start.arg, parent))
         if yielded is not None:
@@ -331,7 +336,11 @@ class WorkflowEntity(Entity):
                 journal.error,
             )
             target = execution_of(
-                runner, parent.workflow, parent.execution_id, base=WorkflowEntity
+                runner,
+                parent.workflow,
+                parent.execution_id,
+                base=WorkflowEntity,
+                shard_group=parent.shard_group,
             )
             await target.child_done.discard(ChildDone(outcome))
 

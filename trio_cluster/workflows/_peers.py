@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["entity_type_name", "execution_of", "remember"]
 
 _CLASSES: dict[str, list[weakref.ref[type[Entity]]]] = {}
-_STAND_INS: dict[str, type[Entity]] = {}
+_STAND_INS: dict[tuple[str, str], type[Entity]] = {}
 
 
 def entity_type_name(workflow: str) -> str:
@@ -39,23 +39,34 @@ def remember(workflow: str, cls: type[Entity]) -> None:
 
 
 def execution_of(
-    runner: Runner, workflow: str, execution_id: str, *, base: type[Entity]
+    runner: Runner,
+    workflow: str,
+    execution_id: str,
+    *,
+    base: type[Entity],
+    shard_group: str | None = None,
 ) -> Any:
     """A handle on the execution ``execution_id`` of the workflow
-    ``workflow`` (``base``: the entity base class, for a stand-in)."""
+    ``workflow`` (``base``: the entity base class, and ``shard_group`` the
+    workflow's, for a stand-in; None: take it from a known class)."""
     candidates = [cls for ref in reversed(_CLASSES.get(workflow, ())) if (cls := ref())]
     for cls in candidates:
         try:
             return runner.client(cls)(execution_id)
         except EntityDefinitionError:
             continue  # the runner knows another class of that name
-    stand_in = _STAND_INS.get(workflow)
+    group = shard_group or "default"
+    stand_in = _STAND_INS.get((workflow, group))
     if stand_in is None:
         name = f"Workflow_{workflow.replace('.', '_').replace('-', '_')}_ref"
         stand_in = type(
             name,
             (base,),
-            {"type_name": entity_type_name(workflow), "__module__": __name__},
+            {
+                "type_name": entity_type_name(workflow),
+                "shard_group": group,
+                "__module__": __name__,
+            },
         )
-        _STAND_INS[workflow] = stand_in
+        _STAND_INS[workflow, group] = stand_in
     return runner.client(stand_in)(execution_id)

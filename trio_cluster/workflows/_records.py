@@ -158,6 +158,8 @@ class ParentRef:
     workflow: str
     execution_id: str
     position: tuple[int, ...]
+    shard_group: str = "default"
+    """The shard group of the parent's workflow."""
 
 
 @attrs.frozen
