@@ -158,7 +158,7 @@ class WorkflowContext:
             assert entry.value is not None
             return msgpack.unpackb(entry.value)
         if replay.replay_only:
-            replay.stop(kind, kind.value)
+            replay.stop(position, kind, kind.value)
         value = make()
         replay.record(Entry(kind, kind.value, position, msgpack.packb(value)))
         return value
@@ -290,7 +290,7 @@ class WorkflowContext:
                 is not due yet (or was just scheduled).
         """
         replay = self.replay
-        scope = await replay.begin(Kind.STEP, name)
+        scope = await replay.begin(position, Kind.STEP, name)
         if scope.ran_step:
             raise Yield(None)  # commit the task's previous step first
         key = (position, False)
@@ -370,7 +370,7 @@ class WorkflowContext:
         replay = self.replay
         position, entry = replay.take(Kind.SLEEP, Kind.SLEEP.value)
         if entry is None:
-            scope = await replay.begin(Kind.SLEEP, Kind.SLEEP.value)
+            scope = await replay.begin(position, Kind.SLEEP, Kind.SLEEP.value)
             until = self._runtime.now() + max(0.0, float(seconds))
             replay.record(Entry(Kind.SLEEP, Kind.SLEEP.value, position, until=until))
         elif replay.replay_only:
@@ -409,13 +409,13 @@ class WorkflowContext:
         replay = self.replay
         position, entry = replay.take(Kind.SIGNAL, name)
         if entry is None:
-            await replay.begin(Kind.SIGNAL, name)
+            await replay.begin(position, Kind.SIGNAL, name)
             until = None if timeout is None else self._runtime.now() + max(0.0, timeout)
             entry = Entry(Kind.SIGNAL, name, position, until=until)
             replay.record(entry)
         elif not entry.resolved:
             if replay.replay_only:
-                replay.stop(Kind.SIGNAL, name)
+                replay.stop(position, Kind.SIGNAL, name)
             await trio.lowlevel.checkpoint()
         if not entry.resolved:
             payload = replay.journal.signal(name)
@@ -470,7 +470,7 @@ class WorkflowContext:
         replay = self.replay
         position, entry = replay.take(Kind.CHILD, workflow.name)
         if entry is None:
-            await replay.begin(Kind.CHILD, workflow.name)
+            await replay.begin(position, Kind.CHILD, workflow.name)
             ident = self._child_id(position, execution_id)
             payload = self.encode(arg, workflow.arg_type)
             entry = Entry(Kind.CHILD, workflow.name, position, execution_id=ident)
@@ -482,7 +482,7 @@ class WorkflowContext:
             outcome = replay.outcomes.get(position)
             if outcome is None:
                 if replay.replay_only:
-                    replay.stop(Kind.CHILD, workflow.name)
+                    replay.stop(position, Kind.CHILD, workflow.name)
                 raise Yield(None, waiting=True)
             if outcome.result is not None:
                 entry = attrs.evolve(entry, value=outcome.result)
@@ -536,7 +536,7 @@ class _NurseryOpener:
     async def __aenter__(self) -> StepNursery:
         replay = self._ctx.replay
         if self._new:
-            scope = await replay.begin(Kind.NURSERY, Kind.NURSERY.value)
+            scope = await replay.begin(self._position, Kind.NURSERY, Kind.NURSERY.value)
             if scope.ran_step:
                 raise Yield(None)  # commit the step before its tasks start
             replay.record(Entry(Kind.NURSERY, Kind.NURSERY.value, self._position))

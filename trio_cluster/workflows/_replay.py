@@ -131,8 +131,8 @@ class Replay:
         }
         self.problem: ClusterError | None = None
         """Why the code cannot be replayed (the execution is suspended)."""
-        self.stopped_at: str | None = None
-        """The first new operation a replay-only run stopped at."""
+        self.stopped_at: tuple[Position, str] | None = None
+        """Where a replay-only run first stopped, and the operation."""
         self.root = Scope(self, (), trio.lowlevel.current_task())
 
     def scope(self) -> Scope:
@@ -163,24 +163,29 @@ class Replay:
                 every later call, once a problem was found).
             WorkflowUsageError: see `scope`.
         """
-        if self.problem is not None:
-            raise self.problem
         scope = self.scope()
         position = (*scope.path, scope.cursor)
         scope.cursor += 1
         i = self.index.get(position)
-        if i is None:
-            return position, None
-        entry = self.entries[i]
-        if entry.kind is not kind or entry.name != name:
-            self.problem = NonDeterminismError(
+        entry = None if i is None else self.entries[i]
+        if entry is not None and (entry.kind is not kind or entry.name != name):
+            found = NonDeterminismError(
                 self.execution_id, position, describe(entry), f"{kind.value} {name!r}"
             )
+            # The first in position order, whichever task asked first.
+            problem = self.problem
+            if not isinstance(problem, NonDeterminismError) or (
+                problem.position > position
+            ):
+                self.problem = problem = found
+            raise problem
+        if self.problem is not None:
             raise self.problem
-        self.consumed.add(position)
+        if entry is not None:
+            self.consumed.add(position)
         return position, entry
 
-    async def begin(self, kind: Kind, name: str) -> Scope:
+    async def begin(self, position: Position, kind: Kind, name: str) -> Scope:
         """Start a new operation: a checkpoint; in replay-only mode, stop.
 
         Raises:
@@ -188,17 +193,17 @@ class Replay:
         """
         await trio.lowlevel.checkpoint()
         if self.replay_only:
-            self.stop(kind, name)
+            self.stop(position, kind, name)
         return self.scope()
 
-    def stop(self, kind: Kind, name: str) -> None:
-        """Stop a replay-only run at a new operation.
+    def stop(self, position: Position, kind: Kind, name: str) -> None:
+        """Stop a replay-only run at an operation it cannot replay.
 
         Raises:
             Yield: always.
         """
         if self.stopped_at is None:
-            self.stopped_at = f"{kind.value} {name!r}"
+            self.stopped_at = (position, f"{kind.value} {name!r}")
         raise Yield(None)
 
     def record(self, entry: Entry) -> None:
