@@ -131,7 +131,8 @@ def current_transaction() -> StorageTransaction:
     if transaction is None:
         raise NotInTransactionError(
             "no current transaction: only handlers declared with"
-            " @rpc(persisted=True, transactional=True), and runner.transaction()"
-            " blocks, run in one"
+            " @rpc(persisted=True, transactional=True), runner.transaction()"
+            " blocks and workflow steps with transactional=True run in one"
+            " (outside_transaction() blocks do not)"
         )
     return transaction

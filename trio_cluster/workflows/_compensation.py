@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from ._context import Compensation, Yield
 from ._records import Kind, Retry, Status, dotted
+from ._replay import Compensation, Yield
 
 if TYPE_CHECKING:
     from ._context import WorkflowContext

@@ -15,7 +15,6 @@ in the same advance, concurrently; their results commit together.
 
 from __future__ import annotations
 
-import hashlib
 import random as _random
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
@@ -31,16 +30,15 @@ from trio_cluster import (
     outside_transaction,
 )
 
-from .._core._addresses import MAX_ENTITY_ID_LENGTH, check_entity_id
-from ._errors import ChildWorkflowFailedError, SignalTimeoutError, StepFailedError
+from ._children import await_child
+from ._errors import SignalTimeoutError, StepFailedError
 from ._nursery import open_step_nursery
 from ._records import Entry, Failure, Kind, Retry, dotted
-from ._replay import Replay, Yield
+from ._replay import Compensation, Replay, Yield
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from contextlib import AbstractAsyncContextManager
-    from types import TracebackType
 
     import cattrs
 
@@ -48,7 +46,7 @@ if TYPE_CHECKING:
     from ._nursery import StepNursery
     from ._records import Journal, Position
 
-__all__ = ["ChildStart", "Compensation", "Runtime", "WorkflowContext", "Yield"]
+__all__ = ["Compensation", "Runtime", "WorkflowContext", "Yield"]
 
 A = TypeVar("A")
 R = TypeVar("R")
@@ -64,50 +62,6 @@ class Runtime(Protocol):
     def now(self) -> float: ...
 
     def new_id(self) -> Snowflake: ...
-
-
-class Compensation:
-    """A recorded step's (or child's) compensation, as registered by the replay."""
-
-    __slots__ = (
-        "arg",
-        "fn",
-        "name",
-        "position",
-        "result",
-        "retry",
-        "transactional",
-    )
-
-    def __init__(
-        self,
-        position: Position,
-        name: str,
-        fn: Callable[[Any, Any], Awaitable[None]],
-        arg: object,
-        result: object,
-        retry: RetryPolicy,
-        transactional: bool,
-    ) -> None:
-        self.position, self.name, self.fn = position, name, fn
-        self.arg, self.result, self.retry = arg, result, retry
-        self.transactional = transactional
-
-
-class ChildStart:
-    """A child execution this advance started (sent when it commits)."""
-
-    __slots__ = ("arg", "execution_id", "position", "workflow")
-
-    def __init__(
-        self,
-        workflow: Workflow[Any, Any],
-        execution_id: str,
-        position: Position,
-        arg: bytes,
-    ) -> None:
-        self.workflow, self.execution_id = workflow, execution_id
-        self.position, self.arg = position, arg
 
 
 class WorkflowContext:
@@ -132,10 +86,12 @@ class WorkflowContext:
         """The execution's id (its idempotency key)."""
         self.replay = Replay(execution_id, journal, replay_only=replay_only)
         self._runtime = runtime
-        self._retry = retry
+        self.retry_policy = retry
+        """The workflow's default retry policy (of its steps and children's
+        compensations)."""
         self._in_memory_sleep = in_memory_sleep
-        self.compensations: list[Compensation] = []
-        self.started: list[ChildStart] = []
+        self.compensations = self.replay.compensations
+        self.started = self.replay.started
         self._transaction_lock = trio.Lock()
 
     # ------------------------------------------------------------------
@@ -254,7 +210,7 @@ class WorkflowContext:
             NonDeterminismError: the journal recorded another operation here.
         """
         step_name = name if name is not None else getattr(fn, "__name__", "step")
-        policy = retry if retry is not None else self._retry
+        policy = retry if retry is not None else self.retry_policy
         result_type = _return_type(fn)
         position, entry = self.replay.take(Kind.STEP, step_name)
         if entry is None:
@@ -347,10 +303,8 @@ class WorkflowContext:
         Raises:
             NonDeterminismError: the journal recorded another operation here.
         """
-        replay = self.replay
-        position, entry = replay.take(Kind.NURSERY, Kind.NURSERY.value)
-        new = entry is None
-        return _NurseryOpener(self, position, new)
+        position, entry = self.replay.take(Kind.NURSERY, Kind.NURSERY.value)
+        return open_step_nursery(self.replay, position, new=entry is None)
 
     # ------------------------------------------------------------------
     # Time and signals
@@ -467,90 +421,9 @@ class WorkflowContext:
             InvalidIdError: ``execution_id`` is not a valid entity id.
             NonDeterminismError: the journal recorded another operation here.
         """
-        replay = self.replay
-        position, entry = replay.take(Kind.CHILD, workflow.name)
-        if entry is None:
-            await replay.begin(position, Kind.CHILD, workflow.name)
-            ident = self._child_id(position, execution_id)
-            payload = self.encode(arg, workflow.arg_type)
-            entry = Entry(Kind.CHILD, workflow.name, position, execution_id=ident)
-            replay.record(entry)
-            self.started.append(ChildStart(workflow, ident, position, payload))
-        elif not entry.resolved and not replay.replay_only:
-            await trio.lowlevel.checkpoint()
-        if not entry.resolved:
-            outcome = replay.outcomes.get(position)
-            if outcome is None:
-                if replay.replay_only:
-                    replay.stop(position, Kind.CHILD, workflow.name)
-                raise Yield(None, waiting=True)
-            if outcome.result is not None:
-                entry = attrs.evolve(entry, value=outcome.result)
-            else:
-                error = outcome.error or Failure("Unknown", "")
-                entry = attrs.evolve(
-                    entry, error=Failure(outcome.status.value, str(error))
-                )
-            replay.update(entry)
-        assert entry.execution_id is not None
-        if entry.error is not None:
-            raise ChildWorkflowFailedError(
-                workflow.name, entry.execution_id, entry.error.type, entry.error.message
-            )
-        assert entry.value is not None
-        value: R = self.decode(entry.value, workflow.result_type)
-        if compensate is not None:
-            self.compensations.append(
-                Compensation(
-                    position,
-                    f"child {workflow.name}",
-                    compensate,
-                    arg,
-                    value,
-                    self._retry,
-                    False,
-                )
-            )
-        return value
-
-    def _child_id(self, position: Position, given: str | None) -> str:
-        if given is not None:
-            check_entity_id(given)
-            return given
-        ident = f"{self.execution_id}/{dotted(position)}"
-        if len(ident) > MAX_ENTITY_ID_LENGTH:
-            digest = hashlib.sha256(ident.encode("utf-8", "surrogatepass"))
-            ident = f"child-{digest.hexdigest()[:32]}"
-        return ident
-
-
-class _NurseryOpener:
-    """``ctx.open_nursery()``: records the nursery when it is entered."""
-
-    def __init__(self, ctx: WorkflowContext, position: Position, new: bool) -> None:
-        self._ctx = ctx
-        self._position = position
-        self._new = new
-        self._inner: AbstractAsyncContextManager[StepNursery] | None = None
-
-    async def __aenter__(self) -> StepNursery:
-        replay = self._ctx.replay
-        if self._new:
-            scope = await replay.begin(self._position, Kind.NURSERY, Kind.NURSERY.value)
-            if scope.ran_step:
-                raise Yield(None)  # commit the step before its tasks start
-            replay.record(Entry(Kind.NURSERY, Kind.NURSERY.value, self._position))
-        self._inner = open_step_nursery(replay, self._position)
-        return await self._inner.__aenter__()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> bool | None:
-        assert self._inner is not None
-        return await self._inner.__aexit__(exc_type, exc, traceback)
+        return await await_child(
+            self, workflow, arg, execution_id=execution_id, compensate=compensate
+        )
 
 
 def _return_type(fn: Callable[..., Any]) -> Any:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ._records import Entry, Kind
 from ._replay import Scope, Yield, enter_scope
 
 if TYPE_CHECKING:
@@ -90,10 +91,20 @@ class StepNursery:
 
 @asynccontextmanager
 async def open_step_nursery(
-    replay: Replay, position: Position
+    replay: Replay, position: Position, *, new: bool
 ) -> AsyncIterator[StepNursery]:
-    """The nursery of ``ctx.open_nursery()`` at ``position`` (recorded by
-    the caller). See the module docstring."""
+    """The nursery of ``ctx.open_nursery()`` at ``position`` (``new``: not
+    recorded yet; recorded on entry). See the module docstring.
+
+    Raises:
+        Yield: new, and its task ran a step in this advance (commit that
+            first); or a task (or the block) yielded.
+    """
+    if new:
+        scope = await replay.begin(position, Kind.NURSERY, Kind.NURSERY.value)
+        if scope.ran_step:
+            raise Yield(None)  # commit the step before its tasks start
+        replay.record(Entry(Kind.NURSERY, Kind.NURSERY.value, position))
     stops: list[Yield] = []
     async with trio.open_nursery() as nursery:
         steps = StepNursery(replay, nursery, position)

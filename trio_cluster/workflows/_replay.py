@@ -30,20 +30,21 @@ operation yields at once: nothing runs for real, nothing is recorded.
 from __future__ import annotations
 
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ._errors import NonDeterminismError, WorkflowUsageError
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Sequence
 
-    from trio_cluster import ClusterError
+    from trio_cluster import ClusterError, RetryPolicy
 
+    from ._children import ChildStart
     from ._records import ChildOutcome, Entry, Journal, Kind, Position, Retry
 
-__all__ = ["Replay", "Scope", "Yield", "describe", "enter_scope"]
+__all__ = ["Compensation", "Replay", "Scope", "Yield", "describe", "enter_scope"]
 
 
 class Yield(BaseException):
@@ -64,6 +65,34 @@ class Yield(BaseException):
             return Yield(None)
         times = [stop.at for stop in stops if stop.at is not None]
         return Yield(min(times)) if times else Yield(None, waiting=True)
+
+
+class Compensation:
+    """A recorded step's (or child's) compensation, as registered by the replay."""
+
+    __slots__ = (
+        "arg",
+        "fn",
+        "name",
+        "position",
+        "result",
+        "retry",
+        "transactional",
+    )
+
+    def __init__(
+        self,
+        position: Position,
+        name: str,
+        fn: Callable[[Any, Any], Awaitable[None]],
+        arg: object,
+        result: object,
+        retry: RetryPolicy,
+        transactional: bool,
+    ) -> None:
+        self.position, self.name, self.fn = position, name, fn
+        self.arg, self.result, self.retry = arg, result, retry
+        self.transactional = transactional
 
 
 class Scope:
@@ -129,6 +158,10 @@ class Replay:
         self.outcomes: dict[Position, ChildOutcome] = {
             outcome.position: outcome for outcome in journal.children
         }
+        self.compensations: list[Compensation] = []
+        """Those of the recorded steps and children the code went past."""
+        self.started: list[ChildStart] = []
+        """The children started by this advance (sent when it commits)."""
         self.problem: ClusterError | None = None
         """Why the code cannot be replayed (the execution is suspended)."""
         self.stopped_at: tuple[Position, str] | None = None
