@@ -246,3 +246,11 @@ async def test_outside_transaction_sends_at_once_what_the_rollback_keeps(
     # Each run's send outside the transaction was stored; none inside was.
     assert SUNK
     assert set(SUNK) == {"outside"}
+
+
+def test_a_transaction_without_savepoints_says_so():
+    transaction = JournalTransaction(None, [])  # type: ignore[arg-type]
+    with pytest.raises(
+        tc.PersistenceError, match="JournalTransaction has no savepoints"
+    ):
+        transaction.savepoint()

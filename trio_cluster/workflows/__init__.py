@@ -5,8 +5,11 @@ A workflow is a plain async function whose steps are journaled::
     @workflow(name="order")
     async def order(ctx: WorkflowContext, order: Order) -> Receipt:
         payment = await ctx.step(charge, order, compensate=refund)
+        async with ctx.open_nursery() as nursery:  # parallel steps
+            for parcel in order.parcels:
+                nursery.start_soon(ctx.child, ship_parcel, parcel)
         await ctx.sleep(3 * 86400)
-        return await ctx.step(ship, order)
+        return await ctx.step(invoice, order, transactional=True)
 
     async with tc.open_runner(entities=[order.entity]) as runner:
         receipt = await order.client(runner).execute(Order(...))

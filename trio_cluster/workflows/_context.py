@@ -70,6 +70,13 @@ class WorkflowContext:
     Use only its methods for anything that must be the same on replay
     (time, randomness, ids, effects, concurrency): the function runs again
     from the start each time the execution advances.
+
+    Cancellation: an operation the journal recorded returns (or raises) its
+    recorded outcome at once, without a checkpoint, so a task replays the
+    same whatever its sibling tasks do; a new operation starts with a
+    checkpoint. A step cancelled while it runs records nothing (it runs
+    again, unless its task is cancelled again on replay). A transactional
+    step's writes roll back with it.
     """
 
     def __init__(
