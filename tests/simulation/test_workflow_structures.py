@@ -229,8 +229,11 @@ async def sagas_under_failure(
         finals: dict[str, Final] = {}
         with trio.fail_after(900):
             for plan in plans:
-                finals[plan.id] = await final_of(cluster, sim_tree, plan.id, plan.id)
-                if plan.child:
+                final = finals[plan.id] = await final_of(
+                    cluster, sim_tree, plan.id, plan.id
+                )
+                entries = final.history.journal.entries
+                if any(entry.kind is Kind.CHILD for entry in entries):
                     leaf = f"{plan.id}/2.{plan.width}.0"
                     finals[leaf] = await final_of(cluster, sim_leaf, leaf, leaf)
     return finals
