@@ -129,6 +129,40 @@ async def test_gateway_counter_example(capsys):
     assert "refused: at most 100" in capsys.readouterr().out
 
 
+async def test_parallel_shipping_example(autojump_clock, capsys):
+    ledger = await load_example("parallel_shipping").main()
+    out = capsys.readouterr().out
+    assert "o1: ['signed-book', 'signed-lamp']" in out
+    assert "o1 took 3 minutes" in out  # the parcels travelled at once
+    assert (
+        "o1 journal: [('step', (0,)), ('nursery', (1,)), ('child', (1, 0, 0)),"
+        " ('child', (1, 1, 0))]"
+    ) in out
+    assert "o2 compensated: ((1, 0, 0), (0,))" in out
+    assert "o3: compensated - Interrupted: customer cancelled" in out
+    # Each note to Accounts once (sent with its transactional step's result).
+    notes = [line for line in ledger if line.startswith("accounts:")]
+    assert sorted(notes) == sorted(
+        [
+            "accounts: charged 40 for o1",
+            "accounts: charged 70 for o2",
+            "accounts: refunded ch-o2",
+            "accounts: charged 90 for o3",
+            "accounts: refunded ch-o3",
+        ]
+    )
+    # Compensations newest position first: the lost parcel's child undid
+    # itself, then the delivered parcel was recalled, then the refund.
+    order = [
+        ledger.index(line)
+        for line in ("unpack box-vase", "recall signed-desk", "refund ch-o2")
+    ]
+    assert order == sorted(order)
+    # The interrupt reached the child in transit before the refund.
+    assert ledger.index("unpack box-rug") < ledger.index("refund ch-o3")
+    assert "deliver rug" not in ledger
+
+
 async def test_order_saga_example(autojump_clock, capsys):
     ledger = await load_example("order_saga").main()
     assert ledger == [

@@ -23,6 +23,7 @@ from ._cluster_state import (
 from ._context import (
     current_entity_address as current_entity_address,
     current_transaction as current_transaction,
+    outside_transaction as outside_transaction,
 )
 from ._core._addresses import (
     EntityAddress as EntityAddress,
@@ -170,6 +171,7 @@ __all__ = [
     "current_transaction",
     "durable",
     "open_runner",
+    "outside_transaction",
     "rpc",
     "serve_metrics",
     "serve_runner",

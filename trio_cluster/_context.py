@@ -15,12 +15,15 @@ may use of it is `RunnerContext`; the public, fully typed lookup is
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ._errors import NoCurrentRunnerError, NotInTransactionError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from ._clock import Clock
     from ._core._addresses import Addressed, EntityAddress, RunnerAddress
     from ._storage_abc import StorageTransaction
@@ -31,6 +34,7 @@ __all__ = [
     "current_transaction",
     "enter_runner",
     "leave_runner",
+    "outside_transaction",
     "runner_context",
 ]
 
@@ -97,6 +101,21 @@ def current_entity_address() -> EntityAddress | None:
     return None if entity is None else entity.address
 
 
+@contextmanager
+def outside_transaction() -> Iterator[None]:
+    """Run a block of a transactional handler (or of a ``runner.transaction()``
+    block) outside its transaction: inside, `current_transaction` raises
+    `NotInTransactionError`, persisted messages sent with ``.discard`` are
+    stored at once (not with the transaction), and persisted calls may wait
+    for their replies. The transaction goes on around the block. (Workflows
+    run their steps that are not transactional this way.)"""
+    token = current_transaction_var.set(None)
+    try:
+        yield
+    finally:
+        current_transaction_var.reset(token)
+
+
 def current_transaction() -> StorageTransaction:
     """The storage transaction of the running transactional handler
     (``@rpc(persisted=True, transactional=True)``), or of the block of
@@ -112,7 +131,8 @@ def current_transaction() -> StorageTransaction:
     if transaction is None:
         raise NotInTransactionError(
             "no current transaction: only handlers declared with"
-            " @rpc(persisted=True, transactional=True), and runner.transaction()"
-            " blocks, run in one"
+            " @rpc(persisted=True, transactional=True), runner.transaction()"
+            " blocks and workflow steps with transactional=True run in one"
+            " (outside_transaction() blocks do not)"
         )
     return transaction

@@ -52,15 +52,13 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from ._core._addresses import EntityAddress, RunnerAddress, ShardId
-from ._errors import ClusterError
+from ._errors import ClusterError, PersistenceError
 from ._storage_events import EventStorage
 from ._storage_retries import DeadLetterStorage
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Sequence
     from contextlib import AbstractAsyncContextManager
-
-    from ._errors import PersistenceError
 
 
 __all__ = [
@@ -353,6 +351,27 @@ class StorageTransaction(ABC):
                 rolled back at the end of the handler; if storage was at
                 fault, `failure` is set), or this backend has no SQL.
         """
+
+    def savepoint(self) -> AbstractAsyncContextManager[None]:
+        """A savepoint: what the block writes in the transaction (SQL through
+        `execute`, requests saved in it, replies, states, events) is kept
+        in the transaction when the block exits normally, and undone alone
+        when it raises or is cancelled (the exception propagates), the rest
+        of the transaction going on. Savepoints nest; the writes of
+        concurrent tasks in one transaction are not told apart (give the
+        block the transaction to itself).
+
+        Raises:
+            PersistenceError: the savepoint could not be made or released
+                (as for `execute`), or this backend has none (the default).
+                When the block raised and undoing its writes failed, the
+                block's exception propagates and `failure` is set: the
+                transaction can then never commit.
+        """
+        raise PersistenceError(
+            f"{type(self).__name__} has no savepoints: implement"
+            " StorageTransaction.savepoint in this storage backend"
+        )
 
 
 class MessageStorage(DeadLetterStorage):

@@ -152,7 +152,7 @@ def test_workflows_commands_on_postgres(
     ]
     assert entries[1]["error"] == {"type": "ValueError", "message": "declined"}
     assert shown["journal"]["arg"] == 500
-    assert shown["journal"]["compensated"] == [0]
+    assert shown["journal"]["compensated"] == [[0]]
     assert cli(dsn, prefix, "show", "cli.order", "o3") == 0
     text = capsys.readouterr().out
     assert "status: completed" in text

@@ -203,3 +203,54 @@ async def test_memory_storage_transactions_have_no_sql(autojump_clock):
     async with open_clocked_runner([Ledger]) as runner:
         with pytest.raises(tc.DeadLetteredError, match="has no SQL"):
             await runner.client(Ledger)("l").transfer(Transfer("t5", 1))
+
+
+SUNK: list[str] = []
+
+
+@attrs.frozen
+class Sent:
+    where: str
+
+
+class Sink(tc.Entity):
+    type_name = "TxSink"
+
+    @tc.rpc(persisted=True)
+    async def note(self, msg: Sent) -> None:
+        SUNK.append(msg.where)
+
+
+class Mixed(tc.Entity):
+    type_name = "TxMixed"
+
+    @tc.rpc(persisted=True, transactional=True)
+    async def send_then_roll_back(self, msg: Get) -> None:
+        sink: Any = tc.current_runner().client(Sink)("s")
+        await sink.note.discard(Sent("inside"))
+        with tc.outside_transaction():
+            with pytest.raises(tc.NotInTransactionError):
+                tc.current_transaction()
+            await sink.note.discard(Sent("outside"))
+        tc.current_transaction()  # inside again
+        raise RuntimeError("an undeclared error rolls the transaction back")
+
+
+async def test_outside_transaction_sends_at_once_what_the_rollback_keeps(
+    autojump_clock,
+):
+    SUNK.clear()
+    async with open_clocked_runner([Mixed, Sink]) as runner:
+        await runner.client(Mixed)("m").send_then_roll_back.discard(Get())
+        await trio.sleep(30)
+    # Each run's send outside the transaction was stored; none inside was.
+    assert SUNK
+    assert set(SUNK) == {"outside"}
+
+
+def test_a_transaction_without_savepoints_says_so():
+    transaction = JournalTransaction(None, [])  # type: ignore[arg-type]
+    with pytest.raises(
+        tc.PersistenceError, match="JournalTransaction has no savepoints"
+    ):
+        transaction.savepoint()

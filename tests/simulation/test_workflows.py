@@ -191,7 +191,7 @@ def test_every_saga_completes_or_compensates_under_failures(
         # the steps recorded (all of them before the failing one). Step i is
         # operation 2i (each step is followed by a sleep).
         done = len(info.compensated)
-        assert info.compensated == tuple(2 * i for i in reversed(range(done))), (
+        assert info.compensated == tuple((2 * i,) for i in reversed(range(done))), (
             plan,
             info,
         )

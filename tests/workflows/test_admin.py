@@ -158,7 +158,7 @@ async def test_executions_are_listed_counted_and_shown_by_name_and_status(
             "type": "ValueError",
             "message": "declined",
         }
-        assert data["compensated"] == [0]
+        assert data["compensated"] == [[0]]
         suspended = await admin.get("ops.flaky", "f1")
         assert suspended is not None
         assert suspended.info is not None

@@ -75,7 +75,7 @@ async def test_a_failing_saga_compensates_in_reverse_order(autojump_clock: Any) 
         ]
         info = await flows.get(flows.execution_id(500)).poll()
         assert info.status is Status.COMPENSATED
-        assert info.compensated == (1, 0)
+        assert info.compensated == ((1,), (0,))
         assert info.error is not None
         assert info.error.type == "StepFailedError"
 
@@ -115,7 +115,7 @@ async def test_interrupt_runs_compensations_each_recorded_once(
         assert FLAKY_RELEASES == ["x2", "x2", "x", "x"]
         assert LOG == ["reserve x", "reserve x2", "release x2", "release x"]
         info = await handle.poll()
-        assert (info.status, info.compensated) == (Status.COMPENSATED, (1, 0))
+        assert (info.status, info.compensated) == (Status.COMPENSATED, ((1,), (0,)))
         # A signal or interrupt after the end changes nothing.
         await handle.signal("approved", True)
         await handle.interrupt()
@@ -235,7 +235,11 @@ async def test_a_changed_step_suspends_the_execution_until_resumed(
 
 
 def test_non_determinism_error_names_both_operations() -> None:
-    error = NonDeterminismError("e", 3, "step 'a'", "sleep 'sleep'")
+    error = NonDeterminismError("e", (3, 1, 0), "step 'a'", "sleep 'sleep'")
     assert isinstance(error, tc.ClusterError)
-    assert (error.seq, error.expected, error.got) == (3, "step 'a'", "sleep 'sleep'")
-    assert "operation 3" in str(error)
+    assert (error.position, error.expected, error.got) == (
+        (3, 1, 0),
+        "step 'a'",
+        "sleep 'sleep'",
+    )
+    assert "operation 3.1.0" in str(error)

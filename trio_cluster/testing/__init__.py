@@ -19,6 +19,9 @@ tests can build the same records and steps: `persisted_request`,
 `final_reply`, `runner_info`, `entity_address`, `conformance_shard`
 (`SHARD`, `SHARD2`), the fixed time `BASE_TIME`, `acquire_shards`,
 `replies_of` and `saved_and_claimed`.
+
+Workflows: `replay_workflow` replays a recorded execution's journal
+against today's code (``docs/workflows.md``).
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ if TYPE_CHECKING:
         check_scenario as check_scenario,
         run_scenario as run_scenario,
     )
+    from ._workflows import replay_workflow as replay_workflow
 
 __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.py)
     "BASE_TIME",
@@ -136,6 +140,7 @@ __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.p
     "final_reply",
     "open_simulated_cluster",
     "persisted_request",
+    "replay_workflow",
     "replies_of",
     "run_scenario",
     "run_simulation",
@@ -193,6 +198,7 @@ _LAZY: dict[str, str] = {
     "run_simulation": "._simulation._run",
     "scenarios": "._simulation._strategies",
     "workloads": "._simulation._strategies",
+    "replay_workflow": "._workflows",
 }
 
 

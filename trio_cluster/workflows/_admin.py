@@ -34,7 +34,7 @@ from trio_cluster.serialization import Codec
 from .._core._addresses import ShardId
 from .._core._checks import part_name
 from ._entity import WorkflowEntity, info_of
-from ._metrics import TYPE_PREFIX
+from ._peers import TYPE_PREFIX
 from ._records import Interrupt, Journal, Resume, SignalMessage, Status, WorkflowInfo
 
 if TYPE_CHECKING:

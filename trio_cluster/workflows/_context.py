@@ -1,91 +1,90 @@
 """`WorkflowContext`: the workflow function's journaled operations (delivery part).
 
-Theory of operation: each time the execution advances, its workflow
-function runs again from the start against the journal (*replay*). Every
-operation takes the next sequence number. If the journal has an entry
-there, the operation checks it is the same kind and name (else
-`NonDeterminismError`) and returns the recorded outcome without running
-anything. At the end of the journal it runs for real and appends its
-entry, in the transaction of the handler that advances the execution.
+Each operation takes the next position of its task (`_replay`): recorded,
+it returns the recorded outcome without running anything; new, it runs for
+real and records its outcome, in the transaction of the handler that
+advances the execution (`_entity`).
 
-At most one step runs per advance: a second new step (or a sleep, a wait)
-*yields* (`Yield`, a `BaseException` the workflow function cannot catch by
-accident) and the entity handler commits the journal, with a wake message
-(now, or at a time) that advances it again. So each step's result is
-committed before the next step starts, and a replay after a crash,
-failover or passivation skips every committed step.
+At most one step runs per task and advance: a task's next new step yields
+(`Yield`), and the handler commits the journal with a wake message that
+advances it again. So each step's result is committed before that task's
+next step starts, and a replay after a crash, failover or passivation skips
+every committed step. The tasks of a step nursery each run their next step
+in the same advance, concurrently; their results commit together.
 """
 
 from __future__ import annotations
 
 import random as _random
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
+import attrs
 import msgpack
 import trio
 
-from trio_cluster import RetryPolicy, Snowflake
+from trio_cluster import (
+    RetryPolicy,
+    Snowflake,
+    current_transaction,
+    outside_transaction,
+)
 
-from ._errors import NonDeterminismError, SignalTimeoutError, StepFailedError
+from ._children import await_child
+from ._errors import SignalTimeoutError, StepFailedError
 from ._metrics import run_step
-from ._records import Entry, Failure, Kind
+from ._nursery import open_step_nursery
+from ._records import Entry, Failure, Kind, Retry, dotted
+from ._replay import Compensation, Replay, Yield
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+    from contextlib import AbstractAsyncContextManager
 
-    from trio_cluster import Runner
+    import cattrs
 
-    from ._records import Journal
+    from ._definition import Workflow
+    from ._nursery import StepNursery
+    from ._records import Journal, Position
 
-__all__ = ["Compensation", "WorkflowContext", "Yield"]
+__all__ = ["Compensation", "Runtime", "WorkflowContext", "Yield"]
 
 A = TypeVar("A")
 R = TypeVar("R")
 T = TypeVar("T")
 
 
-class Yield(BaseException):
-    """Stop this advance here; commit the journal and wake at ``at`` (None:
-    now), or wait for a signal with no timer (``waiting``)."""
+class Runtime(Protocol):
+    """What a context needs of its runner."""
 
-    def __init__(self, at: float | None, *, waiting: bool = False) -> None:
-        super().__init__(at, waiting)
-        self.at = at
-        self.waiting = waiting
+    @property
+    def converter(self) -> cattrs.Converter: ...
 
+    def now(self) -> float: ...
 
-class Compensation:
-    """A journaled step's compensation, as registered by the replay."""
-
-    __slots__ = ("arg", "fn", "name", "result", "retry", "seq")
-
-    def __init__(
-        self,
-        seq: int,
-        name: str,
-        fn: Callable[[Any, Any], Awaitable[None]],
-        arg: object,
-        result: object,
-        retry: RetryPolicy,
-    ) -> None:
-        self.seq, self.name, self.fn = seq, name, fn
-        self.arg, self.result, self.retry = arg, result, retry
+    def new_id(self) -> Snowflake: ...
 
 
 class WorkflowContext:
     """What a workflow function records its operations through.
 
     Use only its methods for anything that must be the same on replay
-    (time, randomness, ids, effects): the function runs again from the start
-    each time the execution advances.
+    (time, randomness, ids, effects, concurrency): the function runs again
+    from the start each time the execution advances.
+
+    Cancellation: an operation the journal recorded returns (or raises) its
+    recorded outcome at once, without a checkpoint, so a task replays the
+    same whatever its sibling tasks do; a new operation starts with a
+    checkpoint. A step cancelled while it runs records nothing (it runs
+    again, unless its task is cancelled again on replay). A transactional
+    step's writes roll back with it.
     """
 
     def __init__(
         self,
         execution_id: str,
         journal: Journal,
-        runner: Runner,
+        runtime: Runtime,
         *,
         retry: RetryPolicy,
         in_memory_sleep: float,
@@ -93,82 +92,86 @@ class WorkflowContext:
     ) -> None:
         self.execution_id = execution_id
         """The execution's id (its idempotency key)."""
-        self._journal = journal
-        self._runner = runner
-        self._retry = retry
+        self.replay = Replay(execution_id, journal, replay_only=replay_only)
+        self._runtime = runtime
+        self.retry_policy = retry
+        """The workflow's default retry policy (of its steps and children's
+        compensations)."""
         self._in_memory_sleep = in_memory_sleep
-        self.entries: list[Entry] = list(journal.entries)
-        self.attempts = journal.attempts
-        self.compensations: list[Compensation] = []
-        self.problem: NonDeterminismError | None = None
-        self.cursor = 0
-        self._ran_step = False
-        self._replay_only = replay_only
+        self.compensations = self.replay.compensations
+        self.started = self.replay.started
+        self._transaction_lock = trio.Lock()
 
     # ------------------------------------------------------------------
-    # Replay machinery
+    # Encoding
 
-    def _next(self, kind: Kind, name: str) -> Entry | None:
-        """Take the next sequence number: its recorded entry (checked to be
-        ``kind``/``name``), or None at the end of the journal.
-
-        Raises:
-            NonDeterminismError: the entry is of another kind or name (also
-                on every later call, once one was found).
-        """
-        if self.problem is not None:
-            raise self.problem
-        seq = self.cursor
-        self.cursor += 1
-        if seq >= len(self.entries):
-            if self._replay_only:
-                raise Yield(None)  # collecting compensations: run nothing new
-            return None
-        entry = self.entries[seq]
-        if entry.kind is not kind or entry.name != name:
-            self.problem = NonDeterminismError(
-                self.execution_id,
-                seq,
-                f"{entry.kind.value} {entry.name!r}",
-                f"{kind.value} {name!r}",
-            )
-            raise self.problem
-        return entry
-
-    def _now(self) -> float:
-        return self._runner.clock.now()
-
-    def _encode(self, value: object, tp: object) -> bytes:
-        primitive = self._runner.converter.unstructure(value, tp)
+    def encode(self, value: object, tp: object) -> bytes:
+        primitive = self._runtime.converter.unstructure(value, tp)
         return msgpack.packb(primitive)  # type: ignore[no-any-return]
 
-    def _decode(self, data: bytes, tp: Any) -> Any:
-        return self._runner.converter.structure(msgpack.unpackb(data), tp)
-
-    def _record(self, kind: Kind, value: object) -> object:
-        entry = self._next(kind, kind.value)
-        if entry is not None:
-            assert entry.value is not None
-            return msgpack.unpackb(entry.value)
-        self.entries.append(Entry(kind, kind.value, msgpack.packb(value)))
-        return value
+    def decode(self, data: bytes, tp: Any) -> Any:
+        return self._runtime.converter.structure(msgpack.unpackb(data), tp)
 
     # ------------------------------------------------------------------
     # Recorded values
 
+    def _record(self, kind: Kind, make: Callable[[], object]) -> object:
+        replay = self.replay
+        position, entry = replay.take(kind, kind.value)
+        if entry is not None:
+            assert entry.value is not None
+            return msgpack.unpackb(entry.value)
+        if replay.replay_only:
+            replay.stop(position, kind, kind.value)
+        value = make()
+        replay.record(Entry(kind, kind.value, position, msgpack.packb(value)))
+        return value
+
     def now(self) -> datetime:
         """The current time, recorded: the same on every replay."""
-        return datetime.fromtimestamp(float(self._record(Kind.NOW, self._now())), UTC)  # type: ignore[arg-type]
+        stamp = self._record(Kind.NOW, self._runtime.now)
+        return datetime.fromtimestamp(cast("float", stamp), UTC)
 
     def random(self) -> _random.Random:
         """A random generator seeded with a recorded seed: it yields the
         same numbers on every replay."""
-        seed = self._record(Kind.RANDOM, int(self._runner.new_id()))
-        return _random.Random(seed)  # type: ignore[arg-type]
+        seed = self._record(Kind.RANDOM, lambda: int(self._runtime.new_id()))
+        return _random.Random(cast("int", seed))
 
     def new_id(self) -> Snowflake:
         """A new cluster-unique id, recorded: the same on every replay."""
-        return Snowflake(int(self._record(Kind.NEW_ID, int(self._runner.new_id()))))  # type: ignore[call-overload]
+        value = self._record(Kind.NEW_ID, lambda: int(self._runtime.new_id()))
+        return Snowflake(cast("int", value))
+
+    def patched(self, change_id: str) -> bool:
+        """Whether this execution takes the new branch of a code change.
+
+        ``if ctx.patched("free-shipping"): <new code> else: <old code>``
+        lets executions that ran the old code past this point replay it,
+        while the others (new ones, and old ones that had not got here yet)
+        take the new code. Decided on the first call for ``change_id`` in
+        the execution and recorded: False if the journal holds an operation
+        at the position the call is at (the old code went past it), True
+        otherwise; every later call (and replay) returns the same. It takes
+        no position itself. Once no execution that took the old branch is
+        running, delete the old branch and the call.
+
+        Raises:
+            TypeError: ``change_id`` is not a non-empty str.
+            NonDeterminismError, WorkflowUsageError: as the other operations.
+        """
+        if not isinstance(cast("object", change_id), str) or not change_id:
+            raise TypeError(f"a change id must be a non-empty str, got {change_id!r}")
+        replay = self.replay
+        decided = replay.patches.get(change_id)
+        if decided is not None:
+            return decided
+        if replay.problem is not None:
+            raise replay.problem
+        scope = replay.scope()
+        decided = (*scope.path, scope.cursor) not in replay.index
+        replay.patches[change_id] = decided
+        return decided
 
     # ------------------------------------------------------------------
     # Steps
@@ -182,6 +185,7 @@ class WorkflowContext:
         name: str | None = None,
         retry: RetryPolicy | None = None,
         compensate: Callable[[A, R], Awaitable[None]] | None = None,
+        transactional: bool = False,
     ) -> R:
         """Run ``fn(arg)`` once for the execution, or return its recorded result.
 
@@ -196,8 +200,16 @@ class WorkflowContext:
                 timer.
             compensate: ``async def undo(arg: A, result: R) -> None``, run if
                 the workflow fails or is interrupted after this step.
+            transactional: run each attempt in a savepoint of the advance's
+                storage transaction, reachable with
+                `trio_cluster.current_transaction` (its SQL and persisted
+                sends commit with the step's result, exactly once; a failed
+                attempt's are rolled back). Transactional steps of one
+                advance take turns. Otherwise ``fn`` runs outside any
+                transaction: persisted sends are stored at once, and
+                persisted calls may wait for their replies.
 
-        ``fn`` runs at least once, and its result is recorded exactly once:
+        ``fn`` runs at least once, and its outcome is recorded exactly once:
         once recorded, ``fn`` never runs again for this execution.
 
         Raises:
@@ -206,50 +218,102 @@ class WorkflowContext:
             NonDeterminismError: the journal recorded another operation here.
         """
         step_name = name if name is not None else getattr(fn, "__name__", "step")
-        policy = retry if retry is not None else self._retry
+        policy = retry if retry is not None else self.retry_policy
         result_type = _return_type(fn)
-        seq = self.cursor
-        entry = self._next(Kind.STEP, step_name)
-        if entry is not None:
-            if entry.error is not None:
-                raise StepFailedError(step_name, entry.error.type, entry.error.message)
-            assert entry.value is not None
-            value: R = self._decode(entry.value, result_type)
-        else:
-            if self._ran_step:
-                raise Yield(None)  # commit the step that ran first
-            await trio.lowlevel.checkpoint()
-            try:
-                value = await run_step(fn, arg)  # timed for the metrics
-            except Exception as exc:
-                failure = Failure(type(exc).__name__, str(exc))
-                attempt = self.attempts + 1
-                if policy.retries(attempt, exc):
-                    self.attempts = attempt
-                    unit = _random.Random(f"{self.execution_id}/{seq}/{attempt}")
-                    delay = policy.backoff.delay(attempt - 1, unit.random())
-                    raise Yield(self._now() + delay) from exc
-                self.entries.append(
-                    Entry(Kind.STEP, step_name, error=failure, attempts=attempt)
-                )
-                self.attempts = 0
-                self._ran_step = True
-                raise StepFailedError(step_name, failure.type, failure.message) from exc
-            self.entries.append(
-                Entry(
-                    Kind.STEP,
-                    step_name,
-                    self._encode(value, result_type),
-                    attempts=self.attempts + 1,
-                )
+        position, entry = self.replay.take(Kind.STEP, step_name)
+        if entry is None:
+            entry = await self._run_step(
+                position, step_name, fn, arg, policy, transactional, result_type
             )
-            self.attempts = 0
-            self._ran_step = True
+        if entry.error is not None:
+            raise StepFailedError(step_name, entry.error.type, entry.error.message)
+        assert entry.value is not None
+        value: R = self.decode(entry.value, result_type)
         if compensate is not None:
             self.compensations.append(
-                Compensation(seq, step_name, compensate, arg, value, policy)
+                Compensation(
+                    position, step_name, compensate, arg, value, policy, transactional
+                )
             )
         return value
+
+    async def _run_step(
+        self,
+        position: Position,
+        name: str,
+        fn: Callable[[A], Awaitable[R]],
+        arg: A,
+        policy: RetryPolicy,
+        transactional: bool,
+        result_type: Any,
+    ) -> Entry:
+        """Attempt a new step; its entry once it succeeded or failed for good.
+
+        Raises:
+            Yield: its task ran a step in this advance already, or a retry
+                is not due yet (or was just scheduled).
+        """
+        replay = self.replay
+        scope = await replay.begin(position, Kind.STEP, name)
+        if scope.ran_step:
+            raise Yield(None)  # commit the task's previous step first
+        key = (position, False)
+        pending = replay.retries.get(key)
+        now = self._runtime.now()
+        if pending is not None and pending.not_before > now:
+            raise Yield(pending.not_before)
+        attempt = 1 if pending is None else pending.attempts + 1
+        try:
+            # Timed for the metrics (`workflow_metrics`).
+            value = await run_step(lambda: self.attempt(fn, arg, transactional))
+        except Exception as exc:
+            if policy.retries(attempt, exc):
+                unit = _random.Random(
+                    f"{self.execution_id}/{dotted(position)}/{attempt}"
+                )
+                at = now + policy.backoff.delay(attempt - 1, unit.random())
+                replay.retries[key] = Retry(position, attempt, at)
+                raise Yield(at) from exc
+            failure = Failure(type(exc).__name__, str(exc))
+            entry = Entry(Kind.STEP, name, position, error=failure, attempts=attempt)
+        else:
+            data = self.encode(value, result_type)
+            entry = Entry(Kind.STEP, name, position, data, attempts=attempt)
+        replay.retries.pop(key, None)
+        replay.record(entry)
+        scope.ran_step = True
+        return entry
+
+    async def attempt(
+        self, fn: Callable[[A], Awaitable[R]], arg: A, transactional: bool
+    ) -> R:
+        """One attempt of a step (or a compensation): in a savepoint of the
+        current transaction (transactional), or outside any transaction."""
+        if transactional:
+            transaction = current_transaction()
+            async with self._transaction_lock, transaction.savepoint():
+                return await fn(arg)
+        with outside_transaction():
+            return await fn(arg)
+
+    def open_nursery(self) -> AbstractAsyncContextManager[StepNursery]:
+        """A nursery for concurrent operations:
+        ``async with ctx.open_nursery() as n: n.start_soon(fn, *args)``.
+
+        Each task started in it numbers its operations apart (by the order
+        it was started, never by the order things finish), so every replay
+        finds each task's recorded results; the tasks run their next steps
+        concurrently, in one advance. Trio's rules hold: the block waits for
+        its tasks, an exception in one cancels the others and propagates in
+        an `ExceptionGroup` (``except* StepFailedError``), and
+        ``n.cancel_scope.cancel()`` cancels them. Do not start tasks that use
+        ``ctx`` in any other nursery (`WorkflowUsageError`).
+
+        Raises:
+            NonDeterminismError: the journal recorded another operation here.
+        """
+        position, entry = self.replay.take(Kind.NURSERY, Kind.NURSERY.value)
+        return open_step_nursery(self.replay, position, new=entry is None)
 
     # ------------------------------------------------------------------
     # Time and signals
@@ -266,19 +330,22 @@ class WorkflowContext:
         Raises:
             NonDeterminismError: the journal recorded another operation here.
         """
-        entry = self._next(Kind.SLEEP, Kind.SLEEP.value)
+        replay = self.replay
+        position, entry = replay.take(Kind.SLEEP, Kind.SLEEP.value)
         if entry is None:
-            until = self._now() + max(0.0, float(seconds))
-            self.entries.append(Entry(Kind.SLEEP, Kind.SLEEP.value, until=until))
+            scope = await replay.begin(position, Kind.SLEEP, Kind.SLEEP.value)
+            until = self._runtime.now() + max(0.0, float(seconds))
+            replay.record(Entry(Kind.SLEEP, Kind.SLEEP.value, position, until=until))
+        elif replay.replay_only:
+            return  # what follows tells whether it ended
         else:
             assert entry.until is not None
             until = entry.until
-        remaining = until - self._now()
+            scope = replay.scope()
+        remaining = until - self._runtime.now()
         if remaining <= 0:
-            await trio.lowlevel.checkpoint()
-        elif self._replay_only:
-            raise Yield(None)
-        elif remaining <= self._in_memory_sleep and not self._ran_step:
+            return
+        if remaining <= self._in_memory_sleep and not scope.ran_step:
             await trio.sleep(remaining)
         else:
             raise Yield(until)
@@ -302,29 +369,70 @@ class WorkflowContext:
             NonDeterminismError: the journal recorded another operation here.
             cattrs errors: the payload is not a ``type_``.
         """
-        seq = self.cursor
-        entry = self._next(Kind.SIGNAL, name)
+        replay = self.replay
+        position, entry = replay.take(Kind.SIGNAL, name)
         if entry is None:
-            until = None if timeout is None else self._now() + max(0.0, timeout)
-            entry = Entry(Kind.SIGNAL, name, until=until)
-            self.entries.append(entry)
+            await replay.begin(position, Kind.SIGNAL, name)
+            until = None if timeout is None else self._runtime.now() + max(0.0, timeout)
+            entry = Entry(Kind.SIGNAL, name, position, until=until)
+            replay.record(entry)
+        elif not entry.resolved:
+            if replay.replay_only:
+                replay.stop(position, Kind.SIGNAL, name)
+            await trio.lowlevel.checkpoint()
         if not entry.resolved:
-            if self._replay_only:
-                raise Yield(None)
-            payload = self._journal.signal(name)
+            payload = replay.journal.signal(name)
             if payload is not None:
-                entry = Entry(Kind.SIGNAL, name, payload, until=entry.until)
-            elif entry.until is not None and self._now() >= entry.until:
+                entry = attrs.evolve(entry, value=payload)
+            elif entry.until is not None and self._runtime.now() >= entry.until:
                 timed_out = Failure("SignalTimeoutError", f"no signal {name!r}")
-                entry = Entry(Kind.SIGNAL, name, error=timed_out, until=entry.until)
+                entry = attrs.evolve(entry, error=timed_out)
             else:
                 raise Yield(entry.until, waiting=True)
-            self.entries[seq] = entry
-        await trio.lowlevel.checkpoint()
+            replay.update(entry)
         if entry.error is not None:
             raise SignalTimeoutError(f"no signal {name!r} before its timeout")
         assert entry.value is not None
-        return self._decode(entry.value, type_)  # type: ignore[no-any-return]
+        return self.decode(entry.value, type_)  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------
+    # Child workflows
+
+    async def child(
+        self,
+        workflow: Workflow[A, R],
+        arg: A,
+        /,
+        *,
+        execution_id: str | None = None,
+        compensate: Callable[[A, R], Awaitable[None]] | None = None,
+    ) -> R:
+        """Start an execution of ``workflow`` as this one's child and wait,
+        durably, for its result.
+
+        The child's execution id is recorded: ``execution_id``, else one
+        derived from this execution's id and the call's position. The start
+        is stored with this advance's commit (once); this execution then
+        waits with no task and no timer until the child, when it ends, tells
+        it in a persisted message. If this execution is interrupted (or
+        fails) while the child runs, the child is interrupted and this
+        execution's compensation waits for it to end. The child runs wherever
+        its workflow's entity is hosted. An existing execution with that id
+        is adopted as is (it tells this one when it ends).
+
+        Args:
+            compensate: ``async def undo(arg: A, result: R) -> None``, run if
+                this workflow fails or is interrupted after the child
+                completed (under the workflow's retry policy).
+
+        Raises:
+            ChildWorkflowFailedError: the child ended failed or compensated.
+            InvalidIdError: ``execution_id`` is not a valid entity id.
+            NonDeterminismError: the journal recorded another operation here.
+        """
+        return await await_child(
+            self, workflow, arg, execution_id=execution_id, compensate=compensate
+        )
 
 
 def _return_type(fn: Callable[..., Any]) -> Any:

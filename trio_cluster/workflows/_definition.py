@@ -20,6 +20,7 @@ from trio_cluster import ConfigError, Entity, RetryPolicy, durable
 from .._core._checks import non_negative_seconds, part_name
 from ._context import WorkflowContext
 from ._entity import WorkflowEntity
+from ._peers import entity_type_name, remember
 from ._records import Journal
 
 if TYPE_CHECKING:
@@ -42,6 +43,11 @@ def _check_fn(_: object, attribute: attrs.Attribute[Any], value: object) -> None
         raise ConfigError(
             f"a workflow must be an async function (ctx, arg), got {value!r}"
         )
+
+
+def _check_group(_: object, attribute: attrs.Attribute[str], value: object) -> None:
+    if not isinstance(value, str) or not value or value.strip() != value:
+        raise ConfigError(f"a shard group must be a non-empty str, got {value!r}")
 
 
 def _check_sleep(_: object, attribute: attrs.Attribute[float], value: object) -> None:
@@ -69,6 +75,9 @@ class Workflow(Generic[A, R]):
     in_memory_sleep: float = attrs.field(default=1.0, validator=_check_sleep)
     """Sleeps up to this long stay in memory (in the running handler);
     longer ones suspend the execution on a durable timer."""
+    shard_group: str = attrs.field(default="default", validator=_check_group)
+    """The shard group of its executions' entities: the runners that host
+    that group (and the workflow's entity) run them."""
     arg_type: Any = attrs.field(init=False)
     result_type: Any = attrs.field(init=False)
     entity: type[Entity] = attrs.field(init=False)
@@ -109,6 +118,7 @@ def workflow(
     idempotency_key: Callable[[Any], str] | None = None,
     retry: RetryPolicy | None = None,
     in_memory_sleep: float = 1.0,
+    shard_group: str = "default",
 ) -> WorkflowDecorator:
     """Define a workflow: ``@workflow(name="order") async def order(ctx, arg)``.
 
@@ -117,6 +127,8 @@ def workflow(
         idempotency_key: derives the execution id from the argument.
         retry: the default retry policy of its steps.
         in_memory_sleep: the longest sleep kept in memory (seconds).
+        shard_group: the shard group of its executions (run by the runners
+            hosting that group and its entity).
 
     Raises:
         ConfigError: an invalid option (when decorating).
@@ -129,6 +141,7 @@ def workflow(
             idempotency_key,
             retry if retry is not None else RetryPolicy(),
             in_memory_sleep,
+            shard_group,
         )
 
     return decorate
@@ -143,14 +156,17 @@ def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
 
 def _entity_class(definition: Workflow[Any, Any]) -> type[Entity]:
     namespace = {
-        "type_name": f"trio_cluster.workflow.{definition.name}",
+        "type_name": entity_type_name(definition.name),
         "definition": definition,
         # Labelled with its status: listed and counted by it (`._admin`).
         "state": durable(Journal, label=lambda journal: journal.status.value),
+        "shard_group": definition.shard_group,
         "__module__": __name__,
     }
-    return type(
+    cls = type(
         f"Workflow_{definition.name.replace('.', '_').replace('-', '_')}",
         (WorkflowEntity,),
         namespace,
     )
+    remember(definition.name, cls)
+    return cls

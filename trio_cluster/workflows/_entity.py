@@ -4,29 +4,30 @@ Each execution is a persisted entity, ``trio_cluster.workflow.<name>``,
 keyed by its execution id, whose durable state is its `Journal`. Every
 handler that changes the execution is a persisted, transactional rpc, so
 the journal is saved with its reply, fenced by the shard epoch, and the
-wake messages it sends are saved in the same transaction (the outbox):
+messages it sends (wakes, children's starts and interrupts, a parent's
+notice) are saved in the same transaction (the outbox):
 
-* ``start`` (primary key ``start``: a second start is the first one)
-  records the argument and wakes the execution;
+* ``start`` (primary key ``start``, or ``start/<parent>`` for a child:
+  a second start is the first one) records the argument and wakes the
+  execution; a parent's start also records the parent, told when it ends;
 * ``wake`` (primary key ``wake/<token>``, ``deliver_at``) advances it,
   unless its token is stale (the execution advanced since it was sent);
 * ``signal`` (primary key ``signal/<name>``) records a signal and advances
-  an execution waiting for it;
+  an execution waiting for it; ``child_done`` (``child/<position>``)
+  likewise records how a child ended;
 * ``interrupt`` starts the compensations; ``resume`` replays a suspended
   execution again;
 * ``watch`` (a stream) yields the committed `WorkflowInfo`, then each new
-  one: `WorkflowHandle.poll` and `WorkflowHandle.result` read it.
+  one: `WorkflowHandle.poll` and `WorkflowHandle.result` read it;
+  ``history`` answers the committed journal.
 
 An advance replays the workflow function (`WorkflowContext`) until it
-yields, returns or raises, or, once it failed or was interrupted, runs the
-next compensation (one per advance, newest step first, each recorded in
-``Journal.compensated`` when it returns).
+yields, returns or raises, or, once it failed or was interrupted, takes the
+next compensation (`_compensation`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import random as _random
 from collections.abc import AsyncIterator  # noqa: TC003 - the stream's reply type
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -34,26 +35,46 @@ import attrs
 
 from trio_cluster import Entity, current_runner, rpc, stream
 
-from ._context import Compensation, WorkflowContext, Yield
+from ._compensation import compensate
+from ._context import WorkflowContext, Yield
 from ._errors import NonDeterminismError
+from ._peers import execution_of
 from ._records import (
     TERMINAL,
+    ChildDone,
+    ChildOutcome,
     Failure,
     GetInfo,
+    GetJournal,
     Interrupt,
     Journal,
+    Kind,
+    ParentRef,
     Resume,
     SignalMessage,
     Start,
     Status,
     Wake,
     WorkflowInfo,
+    dotted,
 )
+from ._replay import describe
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from trio_cluster import Snowflake
+
     from ._definition import Workflow
 
-__all__ = ["WorkflowEntity", "info_of"]
+__all__ = ["RunnerRuntime", "WorkflowEntity", "info_of"]
+
+
+def _start_key(msg: Start) -> str:
+    parent = msg.parent
+    if parent is None:
+        return "start"
+    return f"start/{parent.workflow}/{parent.execution_id}/{dotted(parent.position)}"
 
 
 def _wake_key(msg: Wake) -> str:
@@ -68,6 +89,29 @@ def _signal_key(msg: SignalMessage) -> str:
     return f"signal/{msg.name}"
 
 
+def _child_key(msg: ChildDone) -> str:
+    return f"child/{dotted(msg.outcome.position)}"
+
+
+class RunnerRuntime:
+    """The `Runtime` of a context in a handler: the current runner's."""
+
+    __slots__ = ("_runner",)
+
+    def __init__(self) -> None:
+        self._runner = current_runner()
+
+    @property
+    def converter(self) -> Any:
+        return self._runner.converter
+
+    def now(self) -> float:
+        return self._runner.clock.now()
+
+    def new_id(self) -> Snowflake:
+        return self._runner.new_id()
+
+
 class WorkflowEntity(Entity):
     """Base of the execution entity types (one per `Workflow`)."""
 
@@ -79,11 +123,20 @@ class WorkflowEntity(Entity):
     _watchers: int = 0
     """Open ``watch`` streams (the entity stays in memory while watched)."""
 
-    @rpc(persisted=True, transactional=True, primary_key=lambda msg: "start")
+    @rpc(persisted=True, transactional=True, primary_key=_start_key)
     async def start(self, msg: Start) -> None:
-        if self.state.status is Status.NOT_STARTED:
-            self.state = attrs.evolve(self.state, status=Status.RUNNING, arg=msg.arg)
-            await self._schedule(None)
+        journal = self.state
+        parent = msg.parent
+        if parent is not None and parent not in journal.parents:
+            journal = attrs.evolve(journal, parents=(*journal.parents, parent))
+            if journal.status in TERMINAL:
+                await self._tell_parents(journal, [parent])
+        if journal.status is Status.NOT_STARTED:
+            journal = attrs.evolve(journal, status=Status.RUNNING, arg=msg.arg)
+            self.state = journal
+            await self.schedule(None)
+        else:
+            self.state = journal
 
     @rpc(
         persisted=True,
@@ -106,6 +159,16 @@ class WorkflowEntity(Entity):
         if journal.status is Status.WAITING:
             await self._advance()
 
+    @rpc(persisted=True, transactional=True, primary_key=_child_key)
+    async def child_done(self, msg: ChildDone) -> None:
+        journal = self.state
+        position = msg.outcome.position
+        if any(known.position == position for known in journal.children):
+            return
+        self.state = attrs.evolve(journal, children=(*journal.children, msg.outcome))
+        if journal.status in (Status.WAITING, Status.COMPENSATING):
+            await self._advance()
+
     @rpc(persisted=True, transactional=True, primary_key=lambda msg: "interrupt")
     async def interrupt(self, msg: Interrupt) -> None:
         journal = self.state
@@ -116,17 +179,20 @@ class WorkflowEntity(Entity):
             interrupted=msg.reason,
             status=Status.COMPENSATING,
             error=journal.error or Failure("Interrupted", msg.reason),
-            attempts=0,
         )
-        await self._schedule(None)
+        await self.schedule(None)
 
     @rpc(persisted=True, transactional=True)
     async def resume(self, msg: Resume) -> None:
         journal = self.state
         if journal.status is Status.SUSPENDED:
             again = Status.COMPENSATING if journal.error else Status.RUNNING
-            self.state = attrs.evolve(journal, status=again, problem=None, attempts=0)
-            await self._schedule(None)
+            self.state = attrs.evolve(journal, status=again, problem=None)
+            await self.schedule(None)
+
+    @rpc
+    async def history(self, msg: GetJournal) -> Journal:
+        return type(self).__dict__["state"].cell(self).committed  # type: ignore[no-any-return]
 
     @stream
     async def watch(self, msg: GetInfo) -> AsyncIterator[WorkflowInfo]:
@@ -153,9 +219,9 @@ class WorkflowEntity(Entity):
 
     # ------------------------------------------------------------------
 
-    async def _schedule(self, at: float | None, *, waiting: bool = False) -> None:
+    async def schedule(self, at: float | None, *, waiting: bool = False) -> None:
         """Make a new wake token (older timers are now stale) and send the
-        wake message for it, unless waiting for a signal with no timer."""
+        wake message for it, unless waiting for a message with no timer."""
         token = self.state.wake + 1
         self.state = attrs.evolve(self.state, wake=token, wake_at=at)
         if not waiting or at is not None:
@@ -166,14 +232,14 @@ class WorkflowEntity(Entity):
         if journal.status in (Status.RUNNING, Status.WAITING):
             await self._run()
         elif journal.status is Status.COMPENSATING:
-            await self._compensate()
+            await compensate(self)
 
-    def _context(self, *, replay_only: bool = False) -> WorkflowContext:
+    def context(self, *, replay_only: bool = False) -> WorkflowContext:
         definition = self.definition
         return WorkflowContext(
             str(self.address.entity_id),
             self.state,
-            current_runner(),
+            RunnerRuntime(),
             retry=definition.retry,
             in_memory_sleep=definition.in_memory_sleep,
             replay_only=replay_only,
@@ -182,10 +248,10 @@ class WorkflowEntity(Entity):
     async def _run(self) -> None:
         """Replay the workflow function and record where it got to."""
         definition = self.definition
-        ctx = self._context()
+        ctx = self.context()
         journal = self.state
         assert journal.arg is not None
-        arg = ctx._decode(journal.arg, definition.arg_type)
+        arg = ctx.decode(journal.arg, definition.arg_type)
         yielded: Yield | None = None
         failure: Failure | None = None
         result: bytes | None = None
@@ -194,103 +260,120 @@ class WorkflowEntity(Entity):
         except Yield as signal:
             yielded = signal
         except Exception as exc:  # the workflow failed (unless a problem)
-            failure = Failure(type(exc).__name__, str(exc))
+            failure = failure_of(exc)
         else:
-            result = ctx._encode(value, definition.result_type)
-        journal = attrs.evolve(
-            journal, entries=tuple(ctx.entries), attempts=ctx.attempts
-        )
-        problem = ctx.problem
-        if problem is None and yielded is None and ctx.cursor < len(ctx.entries):
+            result = ctx.encode(value, definition.result_type)
+        replay = ctx.replay
+        problem = replay.problem
+        left = replay.unconsumed() if yielded is None else None
+        if problem is None and left is not None:
             problem = NonDeterminismError(
-                ctx.execution_id,
-                ctx.cursor,
-                f"{ctx.entries[ctx.cursor].kind.value}"
-                f" {ctx.entries[ctx.cursor].name!r}",
-                "the end of the workflow",
+                ctx.execution_id, left.position, describe(left), "no operation there"
             )
         if problem is not None:
             # Keep the journal as committed: nothing of this replay counts.
             self.state = attrs.evolve(
                 self.state, status=Status.SUSPENDED, problem=str(problem)
             )
-            await self._schedule(None, waiting=True)
-        elif yielded is not None:
+            await self.schedule(None, waiting=True)
+            return
+        journal = attrs.evolve(
+            journal,
+            entries=tuple(replay.entries),
+            retries=tuple(replay.retries.values()),
+            patches=tuple(replay.patches.items()),
+        )
+        for start in ctx.started:
+            parent = ParentRef(
+                definition.name,
+                ctx.execution_id,
+                start.position,
+                definition.shard_group,
+            )
+            child: Any = current_runner().client(start.workflow.entity)
+            await child(start.execution_id).start.discard(Start(start.arg, parent))
+        if yielded is not None:
             status = (
                 Status.RUNNING
                 if yielded.at is None and not yielded.waiting
                 else Status.WAITING
             )
             self.state = attrs.evolve(journal, status=status)
-            await self._schedule(yielded.at, waiting=yielded.waiting)
+            await self.schedule(yielded.at, waiting=yielded.waiting)
         elif failure is not None:
-            status = Status.COMPENSATING if ctx.compensations else Status.FAILED
-            self.state = attrs.evolve(journal, status=status, error=failure)
-            await self._schedule(None, waiting=status is Status.FAILED)
+            running = bool(running_children(journal))
+            if ctx.compensations or running:
+                self.state = attrs.evolve(
+                    journal, status=Status.COMPENSATING, error=failure
+                )
+                await self.schedule(None)
+            else:
+                self.state = attrs.evolve(journal, status=Status.FAILED, error=failure)
+                await self.finish()
         else:
             self.state = attrs.evolve(journal, status=Status.COMPLETED, result=result)
-            await self._schedule(None, waiting=True)
-
-    async def _compensate(self) -> None:
-        """Run the next compensation (newest step first), or end compensated."""
-        ctx = self._context(replay_only=True)
-        journal = self.state
-        assert journal.arg is not None
-        arg = ctx._decode(journal.arg, self.definition.arg_type)
-        # Replay to collect the compensations of the recorded steps: the
-        # function stops where it failed, or at the end of the journal.
-        with contextlib.suppress(Yield, Exception):
-            await self.definition.fn(ctx, arg)
-        if ctx.problem is not None:
-            self.state = attrs.evolve(
-                journal, status=Status.SUSPENDED, problem=str(ctx.problem)
+            # Children whose wait the code abandoned (a cancelled task).
+            await self.interrupt_children(
+                running_children(journal), "their parent completed"
             )
-            await self._schedule(None, waiting=True)
-            return
-        recorded = len(journal.entries)
-        todo = [
-            c
-            for c in reversed(ctx.compensations)
-            if c.seq < recorded and c.seq not in journal.compensated
-        ]
-        if not todo:
-            self.state = attrs.evolve(journal, status=Status.COMPENSATED)
-            await self._schedule(None, waiting=True)
-            return
-        await self._run_compensation(todo[0], ctx)
+            await self.finish()
 
-    async def _run_compensation(
-        self, compensation: Compensation, ctx: WorkflowContext
+    async def finish(self) -> None:
+        """The execution ended (its status is final): tell its parents."""
+        await self._tell_parents(self.state, self.state.parents)
+        await self.schedule(None, waiting=True)
+
+    async def _tell_parents(
+        self, journal: Journal, parents: Iterable[ParentRef]
     ) -> None:
-        journal = self.state
-        try:
-            await compensation.fn(compensation.arg, compensation.result)
-        except Exception as exc:
-            attempt = journal.attempts + 1
-            if compensation.retry.retries(attempt, exc):
-                unit = _random.Random(
-                    f"{ctx.execution_id}/c{compensation.seq}/{attempt}"
-                )
-                delay = compensation.retry.backoff.delay(attempt - 1, unit.random())
-                self.state = attrs.evolve(journal, attempts=attempt)
-                await self._schedule(current_runner().clock.now() + delay)
-                return
-            problem = (
-                f"the compensation of step {compensation.name!r}"
-                f" (operation {compensation.seq}) failed {attempt} times:"
-                f" {type(exc).__name__}: {exc}"
+        runner = current_runner()
+        for parent in parents:
+            outcome = ChildOutcome(
+                parent.position,
+                str(self.address.entity_id),
+                journal.status,
+                journal.result,
+                journal.error,
             )
-            self.state = attrs.evolve(
-                journal, status=Status.SUSPENDED, problem=problem, attempts=0
+            target = execution_of(
+                runner,
+                parent.workflow,
+                parent.execution_id,
+                base=WorkflowEntity,
+                shard_group=parent.shard_group,
             )
-            await self._schedule(None, waiting=True)
-            return
-        self.state = attrs.evolve(
-            journal,
-            compensated=(*journal.compensated, compensation.seq),
-            attempts=0,
-        )
-        await self._schedule(None)
+            await target.child_done.discard(ChildDone(outcome))
+
+    async def interrupt_children(
+        self, children: Iterable[tuple[str, str]], reason: str
+    ) -> None:
+        """Send an interrupt to each ``(workflow name, execution id)``."""
+        runner = current_runner()
+        for workflow, execution_id in children:
+            target = execution_of(runner, workflow, execution_id, base=WorkflowEntity)
+            await target.interrupt.discard(Interrupt(reason))
+
+
+def failure_of(exc: BaseException) -> Failure:
+    """How a workflow's exception is recorded; a group (from a nursery)
+    names the exceptions in it."""
+    message = str(exc)
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = "; ".join(str(failure_of(inner)) for inner in exc.exceptions)
+        message = f"{message}: {leaves}"
+    return Failure(type(exc).__name__, message)
+
+
+def running_children(journal: Journal) -> list[tuple[str, str]]:
+    """``(workflow, execution id)`` of the children started and not ended."""
+    ended = {outcome.position for outcome in journal.children}
+    return [
+        (entry.name, entry.execution_id)
+        for entry in journal.entries
+        if entry.kind is Kind.CHILD
+        and entry.execution_id is not None
+        and entry.position not in ended
+    ]
 
 
 def info_of(journal: Journal) -> WorkflowInfo:

@@ -10,9 +10,11 @@ import msgpack
 from trio_cluster import RemoteError, Runner, RunnerUnavailableError
 
 from ._errors import WorkflowFailedError
+from ._history import WorkflowHistory
 from ._records import (
     TERMINAL,
     GetInfo,
+    GetJournal,
     Interrupt,
     Resume,
     SignalMessage,
@@ -166,6 +168,17 @@ class WorkflowHandle(Generic[R]):
             PersistenceError: storage failed; it may not be interrupted.
         """
         await self._entity.interrupt(Interrupt(reason))
+
+    async def history(self) -> WorkflowHistory:
+        """The execution's committed journal (`WorkflowHistory`): to look at,
+        or to keep and replay against new code
+        (`trio_cluster.testing.replay_workflow`).
+
+        Raises:
+            RemoteError, RunnerUnavailableError: its entity was unreachable.
+        """
+        journal = await self._entity.history(GetJournal())
+        return WorkflowHistory(self._definition.name, self.execution_id, journal)
 
     async def resume(self) -> None:
         """Replay a suspended execution again (after deploying fixed code).

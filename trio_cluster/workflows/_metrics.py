@@ -28,6 +28,7 @@ import trio
 from trio_cluster import LatencySnapshot, Runner, current_entity_address, current_runner
 
 from .._core._histogram import Histogram
+from ._peers import TYPE_PREFIX
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -152,21 +153,17 @@ class WorkflowMetrics:
         return await self.counts_text() + self.steps_text()
 
 
-async def run_step(fn: Callable[[A], Awaitable[R]], arg: A) -> R:
-    """``await fn(arg)``, one attempt of a step, timed into the metrics of
+async def run_step(attempt: Callable[[], Awaitable[R]]) -> R:
+    """``await attempt()``, one attempt of a step, timed into the metrics of
     the runner it runs on (for the workflow of the execution it runs in)."""
     started = trio.current_time()
     try:
-        value = await fn(arg)
+        value = await attempt()
     except Exception:
         _observe(trio.current_time() - started, failed=True)
         raise
     _observe(trio.current_time() - started, failed=False)
     return value
-
-
-TYPE_PREFIX = "trio_cluster.workflow."
-"""The entity types of executions: this, then the workflow's name."""
 
 
 def _observe(seconds: float, *, failed: bool) -> None:

@@ -33,6 +33,7 @@ from trio_cluster.abc import (
     ReplyQuery,
     SaveResult,
     StorageSession,
+    StorageTransaction,
 )
 from trio_cluster.storage import PostgresStorage, migrate
 from trio_cluster.storage._postgres._driver._driver import PgConnection
@@ -693,6 +694,50 @@ async def test_failed_statement_makes_the_commit_fail(
         assert "rolled back" in str(failure.value)
         assert (await replies_of(a.messages, 1)).final is None
         assert await table_count(pg_schema, "ledger") == 0
+
+
+async def test_a_savepoint_undoes_its_block_and_recovers_a_failed_statement(
+    a: StorageSession, pg_schema: PgSchema
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        epoch = await saved_and_claimed(a, persisted_request(1), claim=False)
+        async with a.messages.open_transaction() as tx:
+            await tx.execute("CREATE TABLE ledger (id int PRIMARY KEY)")
+
+        class Abort(Exception):
+            pass
+
+        async def insert_then_fail(tx: StorageTransaction) -> None:
+            async with tx.savepoint():
+                await tx.execute("INSERT INTO ledger VALUES (2)")
+                raise Abort
+
+        async def insert_twice(tx: StorageTransaction) -> None:
+            async with tx.savepoint():
+                await tx.execute("INSERT INTO ledger VALUES (3)")
+                await tx.execute("INSERT INTO ledger VALUES (1)")
+
+        async with a.messages.open_transaction() as tx:
+            await tx.execute("INSERT INTO ledger VALUES (1)")
+            with pytest.raises(Abort):
+                await insert_then_fail(tx)
+            # A failing statement aborts only its savepoint's part: the
+            # transaction goes on and commits.
+            with pytest.raises(PersistenceError, match="duplicate key"):
+                await insert_twice(tx)
+            with trio.CancelScope() as scope:
+                async with tx.savepoint():
+                    await tx.execute("INSERT INTO ledger VALUES (4)")
+                    scope.cancel()
+                    await trio.sleep_forever()
+            async with tx.savepoint():
+                await tx.execute("INSERT INTO ledger VALUES (5)")
+            assert tx.failure is None
+            await a.messages.save_replies(
+                [final_reply(1, epoch)], now=BASE_TIME, transaction=tx
+            )
+        assert (await replies_of(a.messages, 1)).final == b"done"
+        assert await table_count(pg_schema, "ledger") == 2  # 1 and 5
 
 
 async def test_open_transactions_never_starve_message_traffic(

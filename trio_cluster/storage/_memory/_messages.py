@@ -287,3 +287,29 @@ class MemoryTransaction(StorageTransaction):
             "MemoryStorage has no SQL; run transactional handlers that execute"
             " statements on a SQL backend such as trio_cluster.storage.PostgresStorage"
         )
+
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        """Remember what the transaction holds; if the block raises, drop
+        what it saved since (requests, replies, states, the event log's
+        writes and checks). Fences taken meanwhile stay held until the
+        transaction ends (harmless: they only hold off acquisitions)."""
+        self.check_usable()
+        await trio.lowlevel.checkpoint()
+        marks = (
+            len(self.pending),
+            len(self.saves),
+            len(self.commit_checks),
+            len(self.commit_actions),
+        )
+        states = dict(self.states)
+        try:
+            yield
+        except BaseException:
+            del self.pending[marks[0] :]
+            del self.saves[marks[1] :]
+            del self.commit_checks[marks[2] :]
+            del self.commit_actions[marks[3] :]
+            self.states.clear()
+            self.states.update(states)
+            raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import asynccontextmanager
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from trio_cluster._storage_abc import (
 from ._driver._errors import is_storage_failure
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence, Sized
+    from collections.abc import AsyncIterator, Mapping, Sequence, Sized
 
     from ._driver._driver import PgConnection
 
@@ -40,6 +41,13 @@ __all__ = [
     "reply_outcomes",
     "stored_metadata",
 ]
+
+_SAVEPOINT = "SAVEPOINT trio_cluster_savepoint"
+_RELEASE = "RELEASE SAVEPOINT trio_cluster_savepoint"
+_ROLLBACK_TO = "ROLLBACK TO SAVEPOINT trio_cluster_savepoint"
+# NOTE: one name for every savepoint: PostgreSQL stacks savepoints of the same
+# name (RELEASE and ROLLBACK TO take the newest), which is the nesting of
+# `savepoint` blocks, and one name keeps one prepared statement of each.
 
 _OUTCOMES = {"u": ReplyOutcome.UNKNOWN_REQUEST, "s": ReplyOutcome.STALE_EPOCH}
 
@@ -124,6 +132,44 @@ class PgTransaction(StorageTransaction):
         if not isinstance(query, str):
             raise TypeError(f"query must be a str, got {query!r}")
         return await self.execute_internal(query, list(params))
+
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
+        """``SAVEPOINT`` ... ``RELEASE SAVEPOINT``, or ``ROLLBACK TO
+        SAVEPOINT`` if the block raises (shielded from cancellation, bounded
+        by the connection's ``recovery_timeout``); if that rollback fails,
+        `failure` is set, so the transaction never commits.
+
+        Raises:
+            PersistenceError: ``SAVEPOINT`` or ``RELEASE`` failed.
+            trio.ClosedResourceError: the transaction already ended.
+        """
+        await self.execute_internal(_SAVEPOINT, ())
+        try:
+            yield
+        except BaseException:
+            await self._rollback_to_savepoint()
+            raise
+        await self.execute_internal(_RELEASE, ())
+
+    async def _rollback_to_savepoint(self) -> None:
+        bound = self.connection.recovery_timeout
+        problem: BaseException | None = None
+        with trio.CancelScope(
+            shield=True, deadline=trio.current_time() + bound
+        ) as scope:
+            try:
+                await self.execute_internal(_ROLLBACK_TO, ())
+            except (PersistenceError, trio.ClosedResourceError) as exc:
+                problem = exc
+        if scope.cancelled_caught:
+            problem = trio.TooSlowError(f"no answer in {bound} s")
+        if problem is not None and self.failure is None:
+            failure = PersistenceError(
+                f"rolling back to a savepoint failed: {problem!r}"
+            )
+            failure.__cause__ = problem
+            self.failure = failure
 
     async def execute_internal(
         self, query: str, params: Sequence[object]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from trio_cluster._storage_abc import ReplyOutcome, StorageSession
+from trio_cluster._storage_abc import ReplyOutcome, StorageSession, StorageTransaction
 
 from ._base import (
     BASE_TIME,
@@ -112,6 +112,55 @@ class OutboxTests:
                 [persisted_request(4, shard_id=SHARD2, primary_key="k")], now=BASE_TIME
             )
             assert (result.request_id, result.duplicate) == (4, False)
+
+    async def test_a_savepoint_undoes_only_what_its_block_saved(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epochs = await acquire_shards(session.runners, SHARD, SHARD2)
+            await session.messages.save_requests([persisted_request(1)], now=BASE_TIME)
+            [claimed] = (await claim_batch(session, epochs[SHARD])).requests
+            messages = session.messages
+
+            async def save(transaction: StorageTransaction, *ids: int) -> list[int]:
+                results = await messages.save_requests(
+                    [
+                        persisted_request(
+                            i, shard_id=SHARD2, primary_key=f"k{3 if i == 6 else i}"
+                        )
+                        for i in ids
+                    ],
+                    now=BASE_TIME,
+                    transaction=transaction,
+                )
+                return [r.request_id for r in results]
+
+            async def save_then_fail(transaction: StorageTransaction) -> None:
+                async with transaction.savepoint():
+                    assert await save(transaction, 3) == [3]
+                    await messages.save_replies(
+                        [final_reply(claimed.request_id, epochs[SHARD])],
+                        now=BASE_TIME,
+                        transaction=transaction,
+                    )
+                    raise _Abort
+
+            async with messages.open_transaction() as transaction:
+                assert await save(transaction, 2) == [2]
+                with pytest.raises(_Abort):
+                    await save_then_fail(transaction)
+                async with transaction.savepoint():
+                    # 6 has 3's key: 3 is gone, so it is no duplicate.
+                    assert await save(transaction, 6) == [6]
+                    with trio.CancelScope() as scope:  # nested, cancelled
+                        async with transaction.savepoint():
+                            assert await save(transaction, 4, 5) == [4, 5]
+                            scope.cancel()
+                            await trio.sleep_forever()
+                    assert await save(transaction, 7) == [7]
+            batch = await claim_batch(session, epochs[SHARD2], shard=SHARD2)
+            assert sorted(r.request_id for r in batch.requests) == [2, 6, 7], batch
+            assert (await replies_of(messages, 1)).final is None
 
     async def test_a_transaction_reports_duplicates_of_stored_requests(
         self, session: StorageSession

@@ -127,6 +127,12 @@ class PgConnection(PgProtocol, trio.abc.AsyncResource):
         return self._broken is not None
 
     @property
+    def recovery_timeout(self) -> float:
+        """Seconds allowed to cancel and drain an interrupted operation, or
+        to run a cleanup (``ROLLBACK``) shielded from cancellation."""
+        return self._recovery_timeout
+
+    @property
     def is_idle(self) -> bool:
         """Open, not broken, not in use, and no transaction open on the server."""
         usable = not self._closed and self._broken is None and not self._busy
