@@ -145,9 +145,9 @@ async def main(storage: Storage | None = None) -> list[str]:
         print("o1:", await orders.execute(o1))
         print(f"o1 took {(trio.current_time() - start) / MINUTE:.0f} minutes")
         history = await orders.get("o1").history()
-        print(
-            "o1 journal:", [(e.kind.value, e.position) for e in history.journal.entries]
-        )
+        # Recorded in the order things finished; positioned by the code.
+        entries = sorted(history.journal.entries, key=lambda entry: entry.position)
+        print("o1 journal:", [(e.kind.value, e.position) for e in entries])
 
         o2 = Order(
             "o2", 70, [Parcel("o2", "desk", 1), Parcel("o2", "vase", 2, lost=True)]
