@@ -216,11 +216,15 @@ def _detail_text(detail: dict[str, Any]) -> str:
     ]
     lines.append(f"journal ({len(entries)} operation(s)):")
     for seq, entry in enumerate(entries):
-        head = f"  {seq}  {entry.get('kind')} {entry.get('name')!r}"
+        # Each operation at its position in the code's structure ("2.1.0":
+        # a nursery's task's step), else its order in the journal.
+        position = entry.get("position")
+        at = ".".join(map(str, position)) if position else str(seq)
+        head = f"  {at}  {entry.get('kind')} {entry.get('name')!r}"
         rest = [
             f"{key}={json.dumps(value)}"
             for key, value in entry.items()
-            if key not in ("kind", "name")
+            if key not in ("kind", "name", "position")
             and value not in (None, "", [])
             and (key, value) != ("attempts", 1)
         ]
