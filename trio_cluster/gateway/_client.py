@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import random
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -58,12 +58,15 @@ from ._pushes import PushInbox, new_session, with_session
 from ._subscriptions import Subscription
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
     import cattrs
     from trio_websocket import WebSocketConnection
 
     from ._definition import Route
+
+    Connect: TypeAlias = Callable[[str, int], Awaitable[trio.abc.Stream]]
+    """Opens the byte stream to a gateway's ``host`` and ``port``."""
 
 __all__ = ["ClientConfig", "ConnectionState", "GatewayClient", "open_gateway_client"]
 
@@ -102,8 +105,10 @@ class GatewayClient:
         headers: Sequence[tuple[str, str]],
         converter: cattrs.Converter,
         rng: random.Random,
+        connect: Connect | None = None,
     ) -> None:
         self._url = url
+        self._connect: Connect = connect or trio.open_tcp_stream
         self._config = config
         self._headers = [(name.encode(), value.encode()) for name, value in headers]
         self._converter = converter
@@ -483,7 +488,7 @@ class GatewayClient:
         first: the stream is opened and closed here.
         """
         failed_before = self._state.failed_attempts
-        streams: list[trio.SocketStream] = []
+        streams: list[trio.abc.Stream] = []
         failure: list[str] = []
         try:
             async with trio.open_nursery() as nursery:
@@ -507,7 +512,7 @@ class GatewayClient:
         return self._failed(failure[0], failed_before)
 
     async def _open(
-        self, nursery: trio.Nursery, streams: list[trio.SocketStream]
+        self, nursery: trio.Nursery, streams: list[trio.abc.Stream]
     ) -> WebSocketConnection | None:
         """Connect, upgrade and read the welcome frame within
         ``open_timeout``; None if that took too long."""
@@ -519,7 +524,7 @@ class GatewayClient:
             )
         resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         with trio.move_on_after(config.open_timeout):
-            stream = await trio.open_tcp_stream(parts.hostname, parts.port or 80)
+            stream = await self._connect(parts.hostname, parts.port or 80)
             streams.append(stream)
             outbox = open_outbox(nursery, stream)
             self._outbox = outbox if isinstance(outbox, Outbox) else None
@@ -576,6 +581,8 @@ class GatewayClient:
         for request_id, pending in list(self._pending.items()):
             del self._pending[request_id]
             self._finish(pending, {"t": "closed", "code": code, "reason": reason})
+        if code == CloseCode.HEARTBEAT_TIMEOUT:
+            return  # a dead server answers no close frame: drop the socket now
         with (
             trio.move_on_after(self._config.close_timeout),
             suppress(*CONNECTION_ERRORS),
@@ -710,6 +717,7 @@ async def open_gateway_client(
     converter: cattrs.Converter | None = None,
     rng: random.Random | None = None,
     session: str | None = None,
+    connect: Connect | None = None,
 ) -> AsyncIterator[GatewayClient]:
     """A client of the gateway at ``url`` (``ws://host:port/ws``), kept
     connected in the background for the block.
@@ -726,6 +734,12 @@ async def open_gateway_client(
             random one by default), sent as ``?session=`` on every connect:
             `send_reliable` reaches the client through it
             (``client.pushes``), across reconnects to any gateway.
+        connect: ``await connect(host, port)`` opens the byte stream of
+            each attempt (`trio.open_tcp_stream` by default): a stream of
+            your own (a proxy, a choice among several gateways), or
+            `trio_cluster.testing.MemoryGateways.connect` in tests. What it
+            raises (`OSError`, `trio.BrokenResourceError`) is a failed
+            attempt, retried with the backoff.
 
     On exit the socket is closed with 1000, waiting at most
     ``close_timeout`` for the server's answer (also when the block is
@@ -737,7 +751,12 @@ async def open_gateway_client(
         all_headers.append(("Authorization", f"Bearer {token}"))
     url = with_session(url, session or new_session())
     client = GatewayClient(
-        url, config, all_headers, converter or make_converter(), rng or random.Random()
+        url,
+        config,
+        all_headers,
+        converter or make_converter(),
+        rng or random.Random(),
+        connect,
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client._maintain)

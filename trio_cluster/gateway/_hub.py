@@ -12,7 +12,7 @@ mirror of the topic's presence.
 from __future__ import annotations
 
 import logging
-import secrets
+import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -274,9 +274,10 @@ class TopicHub:
                 self._changed(follower, follower.mirror.reset(follower.present))
                 follower.mirror_changed()
                 failures += 1
-                await trio.sleep(
-                    self._backoff.delay(failures - 1, secrets.randbelow(1000) / 1000)
-                )
+                # NOTE: the jitter is a function of who retries what, not of
+                # a global random source, so a simulated run replays.
+                unit = random.Random(f"{self._runner}/{follower.name}/{failures}")
+                await trio.sleep(self._backoff.delay(failures - 1, unit.random()))
 
 
 @attrs.frozen

@@ -33,6 +33,7 @@ Theory of operation.
 from __future__ import annotations
 
 import logging
+import random
 import re
 import secrets
 from collections.abc import AsyncIterator  # noqa: TC003 - handler annotations resolve at runtime
@@ -296,9 +297,8 @@ class SessionLink:
             except Exception as exc:
                 log.debug("attaching session %s: %r", self.name, exc)
             failures += 1
-            await trio.sleep(
-                self._backoff.delay(failures - 1, secrets.randbelow(1000) / 1000)
-            )
+            unit = random.Random(f"{self.name}/{failures}")  # replays in the simulator
+            await trio.sleep(self._backoff.delay(failures - 1, unit.random()))
 
     async def ack(self, epoch: str, seqs: list[int]) -> None:
         try:
