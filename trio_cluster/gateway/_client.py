@@ -327,14 +327,31 @@ class GatewayClient:
         return value if isinstance(value, dict) else {}
 
     async def _resubscribe_all(self) -> None:
-        """Subscribe every subscription again on a new socket."""
+        """Subscribe every subscription again on a new socket (a task of
+        the socket's nursery); a refusal that may pass (``unavailable``:
+        the topic's entity is moving, say) is retried with the reconnect
+        backoff for as long as the socket is up."""
+        number = self._opened
         for subscription in list(self._subscriptions.values()):
-            if subscription.connection == self._opened:
-                continue
-            try:
-                await self._subscribe(subscription)
-            except GatewayError as exc:
-                log.warning("resubscribing to %s failed: %s", subscription.topic, exc)
+            attempt = 0
+            while (
+                subscription.connection != number
+                and self._subscriptions.get(subscription.topic) is subscription
+            ):
+                try:
+                    await self._subscribe(subscription)
+                except GatewayCallError as exc:
+                    if not exc.retryable:
+                        log.warning(
+                            "resubscribing to %s failed: %s", subscription.topic, exc
+                        )
+                        break
+                    delay = self._config.reconnect.delay(attempt, self._rng.random())
+                    attempt += 1
+                    await trio.sleep(delay)
+                except GatewayError as exc:  # the socket closed: the next resubscribes
+                    log.debug("resubscribing to %s: %s", subscription.topic, exc)
+                    return
 
     def _new_id(self) -> int:
         self._next_id += 1

@@ -597,7 +597,7 @@ class ClientConnection:
             self._send_channel.send_nowait(data)
         except trio.WouldBlock:
             self.end(CloseCode.SLOW_CONSUMER, "send queue full")
-        except trio.ClosedResourceError:
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the writer is gone: the connection is ending
 
     async def _write_one(self, data: bytes | str) -> bool:

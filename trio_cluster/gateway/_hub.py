@@ -128,12 +128,17 @@ class TopicHub:
             self._drop(follower, connection)
             raise
         recovered = since is not None and page.recovered
+        # A position in an older epoch: that epoch's end may be lost
+        # (``recovered`` is false), but the new epoch's history is all after
+        # it: send it from its start, as a following gateway does.
+        new_epoch = since is not None and since.epoch != page.epoch
         subscriber.epoch = page.epoch
-        subscriber.last = (
-            since.offset if since is not None and recovered else page.offset
-        )
+        if recovered and since is not None:
+            subscriber.last = since.offset
+        else:
+            subscriber.last = 0 if new_epoch else page.offset
         cache: dict[str, bytes | str] = {}
-        if recovered:
+        if recovered or new_epoch:
             for item in page.items:
                 cache.clear()
                 self._deliver(follower, subscriber, item, cache)
@@ -248,10 +253,12 @@ class TopicHub:
             follower.mirror_changed()
         publication = item.publication
         if publication is not None:
-            follower.position = Position(publication.epoch, publication.offset)
             cache: dict[str, bytes | str] = {}
             for subscriber in list(follower.subscribers.values()):
                 self._deliver(follower, subscriber, publication, cache)
+            # Only once every subscriber had it: if a delivery failed, the
+            # stream follows again from before it (the others drop the copy).
+            follower.position = Position(publication.epoch, publication.offset)
 
     async def _follow(self, follower: _Follower) -> None:
         failures = 0
