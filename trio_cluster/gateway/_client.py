@@ -335,7 +335,8 @@ class GatewayClient:
         for subscription in list(self._subscriptions.values()):
             attempt = 0
             while (
-                subscription.connection != number
+                # Not one being made: `subscribe` does its first itself.
+                subscription.connection not in (0, number)
                 and self._subscriptions.get(subscription.topic) is subscription
             ):
                 try:
