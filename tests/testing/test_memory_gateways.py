@@ -133,3 +133,17 @@ async def test_link_ends_behave_like_a_tcp_connection() -> None:
         await client.receive_some()
     assert not link.open
     assert gateways.links() == []
+
+
+async def test_a_writer_waits_while_its_reader_is_behind() -> None:
+    from trio_cluster.testing import MemoryLink
+
+    link = MemoryLink("c", 1, "g", buffer=4)
+    await link.client_end.send_all(b"12345")  # room when it started
+    with trio.move_on_after(0.01) as waited:
+        await link.client_end.send_all(b"6")
+    assert waited.cancelled_caught
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.client_end.send_all, b"6")
+        assert await link.server_end.receive_some() == b"12345"
+    assert await link.server_end.receive_some() == b"6"

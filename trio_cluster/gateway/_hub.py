@@ -30,9 +30,11 @@ from ._presence import (
     presence_frame,
 )
 from ._protocol import encode_frame
+from ._statistics import GatewayCounters
 from ._topics import Follow, Followed, Position, Publication, Topic
 
 if TYPE_CHECKING:
+    from .. import Clock
     from .._client import EntityClient
     from ._connection import ClientConnection
 
@@ -80,11 +82,20 @@ class TopicHub:
     """A gateway's subscriptions (see the module docstring)."""
 
     def __init__(
-        self, topics: EntityClient[Topic], nursery: trio.Nursery, runner: str
+        self,
+        topics: EntityClient[Topic],
+        nursery: trio.Nursery,
+        runner: str,
+        *,
+        clock: Clock | None = None,
+        counters: GatewayCounters | None = None,
     ) -> None:
         self._topics = topics
         self._nursery = nursery
         self._runner = runner
+        self._clock = clock
+        """This runner's wall clock (for the fan-out latency)."""
+        self._counters = counters if counters is not None else GatewayCounters()
         self._followers: dict[str, _Follower] = {}
         self._backoff = Backoff(0.05, 2.0, jitter=0.5)
 
@@ -194,14 +205,15 @@ class TopicHub:
         subscriber: _Subscriber,
         item: Publication,
         cache: dict[str, bytes | str],
-    ) -> None:
-        """Send ``item`` to ``subscriber`` unless it had it; ``cache`` holds
-        the item's frame encoded once per subprotocol."""
+    ) -> bool:
+        """Send ``item`` to ``subscriber`` unless it had it (whether it was
+        queued to its socket now); ``cache`` holds the item's frame encoded
+        once per subprotocol."""
         if subscriber.buffer is not None:
             subscriber.buffer.append(item)
-            return
+            return False
         if item.epoch == subscriber.epoch and item.offset <= subscriber.last:
-            return  # sent already (history, or a replay after a re-follow)
+            return False  # sent already (history, or a replay after a re-follow)
         subscriber.epoch = item.epoch
         subscriber.last = item.offset
         connection = subscriber.connection
@@ -212,9 +224,12 @@ class TopicHub:
                 data = publication_frame(follower.name, item, subprotocol)
             except ValueError as exc:  # bytes or NaN for a JSON socket
                 log.warning("publication %s/%d: %s", follower.name, item.offset, exc)
-                return
+                self._counters.dropped("unencodable")
+                return False
             cache[subprotocol] = data
         connection.send_encoded(data)
+        self._counters.publication_deliveries += 1
+        return True
 
     async def _untrack(self, topic: str, key: str) -> None:
         try:
@@ -259,6 +274,16 @@ class TopicHub:
             # Only once every subscriber had it: if a delivery failed, the
             # stream follows again from before it (the others drop the copy).
             follower.position = Position(publication.epoch, publication.offset)
+            self._fanned_out(item)
+
+    def _fanned_out(self, item: Followed) -> None:
+        """Count a publication fanned out to this gateway's sockets, and
+        its latency if it was live (clocks of two runners: a skew between
+        them shows; a negative one counts as 0)."""
+        self._counters.publications += 1
+        if item.published_at is not None and self._clock is not None:
+            latency = self._clock.now() - item.published_at
+            self._counters.fanout.observe(max(latency, 0.0))
 
     async def _follow(self, follower: _Follower) -> None:
         failures = 0

@@ -116,7 +116,9 @@ class GatewayServer:
     def statistics(self) -> GatewayStatistics:
         """A snapshot of the gateway's counters."""
         self._counters.connections = len(self._connections)
-        return self._counters.snapshot()
+        return self._counters.snapshot(
+            connection.link.quality for connection in self._connections.values()
+        )
 
     def connections(self) -> list[ClientConnection]:
         """The sockets up now."""
@@ -314,7 +316,11 @@ class GatewayServer:
             gateway.sessions and gateway.user is not None
         ):
             hub = TopicHub(
-                self._runner.client(Topic), nursery, str(self._runner.address)
+                self._runner.client(Topic),
+                nursery,
+                str(self._runner.address),
+                clock=self._runner.clock,
+                counters=self._counters,
             )
             self._topics = TopicAccess(
                 hub, client_topics(gateway.topics), gateway.presence

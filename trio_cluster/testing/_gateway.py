@@ -54,6 +54,13 @@ class _Direction:
         """The sending end closed (after ``data``)."""
         self.eof_held = False
         self.lot = trio.lowlevel.ParkingLot()
+        """Readers waiting for bytes."""
+        self.space = trio.lowlevel.ParkingLot()
+        """Writers waiting for room."""
+
+    @property
+    def queued(self) -> int:
+        return len(self.data) + len(self.held)
 
     def release(self) -> None:
         self.data += self.held
@@ -86,7 +93,9 @@ class MemoryLinkEnd(trio.abc.Stream):
             raise trio.BrokenResourceError("the link was reset")
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Send ``data`` to the other end (held while the link is stalled).
+        """Send ``data`` to the other end (held while the link is stalled);
+        wait first while ``buffer`` bytes or more are on their way (the
+        other end does not read, or the link is stalled).
 
         Raises:
             trio.ClosedResourceError: this end is closed.
@@ -94,10 +103,14 @@ class MemoryLinkEnd(trio.abc.Stream):
                 is closed (as TCP answers a write to a closed socket).
         """
         await trio.lowlevel.checkpoint()
-        self._check()
         outbound = self._outbound
-        if self._link.peer_of(self).closed:
-            raise trio.BrokenResourceError("the other end closed the link")
+        while True:
+            self._check()
+            if self._link.peer_of(self).closed:
+                raise trio.BrokenResourceError("the other end closed the link")
+            if outbound.queued < self._link.buffer:
+                break
+            await outbound.space.park()  # the reader is slow, or the link stalled
         if self._link.stalled:
             outbound.held += data
         else:
@@ -123,6 +136,7 @@ class MemoryLinkEnd(trio.abc.Stream):
                 size = len(inbound.data) if max_bytes is None else max_bytes
                 chunk = bytes(inbound.data[:size])
                 del inbound.data[:size]
+                inbound.space.unpark_all()
                 return chunk
             if inbound.eof:
                 return b""
@@ -136,19 +150,25 @@ class MemoryLinkEnd(trio.abc.Stream):
                 self._outbound.eof_held = True
             else:
                 self._outbound.eof = True
-            self._outbound.lot.unpark_all()
-            self._inbound.lot.unpark_all()
+            for direction in (self._outbound, self._inbound):
+                direction.lot.unpark_all()
+                direction.space.unpark_all()
         await trio.lowlevel.checkpoint()
 
 
 class MemoryLink:
     """A client's connection to a gateway of `MemoryGateways`."""
 
-    def __init__(self, client: str, number: int, gateway: str) -> None:
+    def __init__(
+        self, client: str, number: int, gateway: str, *, buffer: int = 65536
+    ) -> None:
         self.client = client
         """The client's name (its "address")."""
         self.gateway = gateway
         """The name of the gateway it reached."""
+        self.buffer = buffer
+        """Bytes on their way in each direction before writes wait (a TCP
+        connection's buffers)."""
         self.dropped = False
         self.stalled = False
         up, down = _Direction(), _Direction()
@@ -178,6 +198,7 @@ class MemoryLink:
         self.dropped = True
         for direction in self._directions:
             direction.lot.unpark_all()
+            direction.space.unpark_all()
 
     def stall(self) -> None:
         """Hold every byte both ways (until `resume`): neither end notices."""
@@ -188,6 +209,7 @@ class MemoryLink:
         self.stalled = False
         for direction in self._directions:
             direction.release()
+            direction.space.unpark_all()
 
 
 @attrs.define
@@ -200,7 +222,9 @@ class MemoryGateways:
     """Gateways by name, reached over `MemoryLink` streams (see the module
     docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, buffer: int = 65536) -> None:
+        self.buffer = buffer
+        """Bytes on their way each way on a link before writes wait."""
         self._served: dict[str, _Served] = {}
         self._links: list[MemoryLink] = []
         self._numbers = 0
@@ -275,7 +299,7 @@ class MemoryGateways:
         if served is None:
             raise OSError(errno.ECONNREFUSED, f"no gateway at {gateway}")
         self._numbers += 1
-        link = MemoryLink(client, self._numbers, gateway)
+        link = MemoryLink(client, self._numbers, gateway, buffer=self.buffer)
         try:
             served.nursery.start_soon(served.server.handle_stream, link.server_end)
         except RuntimeError:  # it is stopping
