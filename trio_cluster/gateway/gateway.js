@@ -184,6 +184,7 @@ export class GatewayClient {
       topic,
       position: null,
       recovered: null,
+      subscribed: false, // answered once (then resubscribed after each reconnect)
       presence: onPresence === null ? null : {},
       onPublication,
       onPresence,
@@ -213,6 +214,7 @@ export class GatewayClient {
       this._pending.set(frame.id, { resolve, reject });
       this._send(frame);
     });
+    subscription.subscribed = true;
     if (since !== null) subscription.recovered = value.recovered;
     if (subscription.position === null && typeof value.epoch === "string") {
       // Nothing delivered yet: resume from the answer's position, not from "now".
@@ -368,8 +370,9 @@ export class GatewayClient {
       });
       for (const waiter of this._waiters.splice(0)) waiter.resolve();
       // Subscribe again, from the last publication delivered.
+      // (Not one being made: `subscribe` does its first itself.)
       for (const subscription of this._topics.values()) {
-        this._resubscribe(subscription, this._opened);
+        if (subscription.subscribed) this._resubscribe(subscription, this._opened);
       }
     };
     ws.onclose = (event) => {
