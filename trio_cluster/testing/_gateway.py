@@ -34,7 +34,7 @@ from trio_cluster.gateway import GatewayServer
 from trio_cluster.gateway._definition import resolve_routes
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Sequence
 
     from trio_cluster import Runner
     from trio_cluster.gateway import Gateway
@@ -308,17 +308,24 @@ class MemoryGateways:
         return link.client_end
 
     def connector(
-        self, client: str = "client", *, balance: bool = False
+        self,
+        client: str = "client",
+        *,
+        balance: bool = False,
+        order: Sequence[str] = (),
     ) -> Callable[[str, int], Awaitable[trio.abc.Stream]]:
         """A ``connect`` hook for `open_gateway_client`: links from
         ``client`` (its address for the gateway: connect rates are counted
         per client) to the gateway the URL's host names; with ``balance``,
         to the gateways served, each in turn whatever the host (a load
-        balancer in front of them)."""
+        balancer in front of them); with ``order``, to the first of those
+        gateways served (a client that knows several)."""
 
         async def connect(host: str, port: int) -> trio.abc.Stream:
             name = host
-            if balance and self._served:
+            if order:
+                name = next((n for n in order if n in self._served), order[0])
+            elif balance and self._served:
                 names = self.served()
                 self._turn += 1
                 name = names[self._turn % len(names)]
