@@ -149,12 +149,12 @@ class TopicHub:
         else:
             subscriber.last = 0 if new_epoch else page.offset
         cache: dict[str, bytes | str] = {}
-        if recovered or new_epoch:
-            for item in page.items:
-                cache.clear()
-                self._deliver(follower, subscriber, item, cache)
+        # The history first, then the live publications held meanwhile
+        # (those it has too are dropped as sent). NOTE: the held ones may be
+        # newer than the history's end: the stream and the history's answer
+        # come on different connections between runners.
         held, subscriber.buffer = subscriber.buffer or [], None
-        for item in held:
+        for item in [*(page.items if recovered or new_epoch else ()), *held]:
             cache.clear()
             self._deliver(follower, subscriber, item, cache)
         value = {"epoch": page.epoch, "offset": subscriber.last, "recovered": recovered}
