@@ -48,6 +48,7 @@ from trio_cluster.testing import (
     FreezeRunner,
     KillRunner,
     MemoryGateways,
+    PartitionRunners,
     SimulatedCluster,
     SimulatedRunner,
     fault_schedules,
@@ -309,14 +310,32 @@ PINNED = {
         [0.0, 0.1],
         0,
     ),
+    # A stream opened towards a partitioned runner while its own runner was
+    # frozen never ended: the simulator dropped the envelope held during
+    # the freeze without telling the runner (a real transport reports the
+    # lost peer), so the gateway never followed the topic again. Found with
+    # four clients.
+    "follow_opened_while_frozen": (
+        FaultSchedule(
+            (
+                PartitionRunners(at=0.0, a=0, b=2, duration=3.0),
+                FreezeRunner(at=0.1, runner=0, duration=1.0),
+            )
+        ),
+        [],
+        [0.0],
+        0,
+    ),
 }
+PINNED_CLIENTS = {"follow_opened_while_frozen": 4}
+"""The others were found with three clients."""
 
 
 @pytest.mark.parametrize("name", sorted(PINNED))
 def test_pinned_examples(name: str) -> None:
     faults, links, times, seed = PINNED[name]
-    # Found with three clients.
-    check(run_simulation(topic_under_faults, faults, links, times, seed, None, 3))
+    clients = PINNED_CLIENTS.get(name, 3)
+    check(run_simulation(topic_under_faults, faults, links, times, seed, None, clients))
 
 
 def test_the_property_finds_a_planted_bug(monkeypatch: pytest.MonkeyPatch) -> None:
