@@ -18,9 +18,14 @@ upgraded), ``resubscribed_p50/p99/max`` (from the kill to each client's
 resubscribe answer), ``recovered_all`` (from the kill until every client
 has every publication accepted before it and the first accepted after
 it), ``lost`` and ``duplicated`` (publications, over all clients: both
-should be 0), ``failed_attempts`` (reconnect attempts refused or broken,
-retried with backoff), ``resubscribed`` (clients that did within 120 s).
-The clients share this process, and the machine's cores with the runners:
+should be 0 unless the topic's runner lost its shard: then ``epochs`` is
+over 1 and ``not_recovered`` counts the resubscribes told so),
+``failed_attempts`` (reconnect attempts refused or broken, retried with
+backoff), ``refused_subscribes`` (answered with an error, sent again),
+``resubscribed`` (clients that did within 120 s), and the CPU the two
+surviving runners (``servers_cpu_per_client``) and this process
+(``clients_cpu_per_client``) spent from the kill to the recovery, per
+client. The clients share this process, and the machine's cores with the runners:
 at 10,000 clients this process's CPU (every client decodes its frames in
 Python) bounds the figures as much as the runners' do.
 """
@@ -47,6 +52,7 @@ from trio_cluster.storage import PostgresStorage
 from trio_cluster.transport import WebSocketTransport
 
 from ._common import REPO, bench_dsn, drop_tables, emit, progress, start_ready_process
+from .w8_gateway import _cpu_seconds
 
 if TYPE_CHECKING:
     from trio_cluster.testing import ChildProcess
@@ -84,6 +90,11 @@ class Light:
         self.sockets = 0
         self.subscribed_at: list[float] = []
         self.failed = 0
+        self.refused = 0
+        self.not_recovered = 0
+        """Resubscribes answered ``recovered: false`` (the topic's epoch
+        changed: its runner lost its shard, say)."""
+        """Subscribes answered with an error (sent again)."""
         self.subscribed = trio.Event()
         self.welcomes: list[float] = []
 
@@ -91,12 +102,13 @@ class Light:
         port = self.ports[0]
         failures = 0
         while True:
+            answered = len(self.subscribed_at)
             try:
                 await self._serve(port)
             except* CLOSED:
                 pass
             port = self.ports[1]
-            if not self.subscribed_at or len(self.subscribed_at) < self.sockets:
+            if len(self.subscribed_at) == answered:  # no subscribe answered
                 failures += 1
                 self.failed += 1
             else:
@@ -114,18 +126,17 @@ class Light:
         ) as ws:
             self.sockets += 1
             self.welcomes.append(trio.current_time())  # upgraded
-            frame: dict[str, Any] = {
-                "t": "subscribe",
-                "id": self.sockets,
-                "topic": TOPIC,
-            }
-            if self.position is not None:
-                frame["since"] = {"epoch": self.position[0], "offset": self.position[1]}
-            await ws.send_message(msgpack.packb(frame))
+            await ws.send_message(msgpack.packb(self._subscribe_frame()))
             while True:
                 message = msgpack.unpackb(await ws.get_message())
                 for item in message if isinstance(message, list) else [message]:
                     await self._received(ws, item)
+
+    def _subscribe_frame(self) -> dict[str, Any]:
+        frame: dict[str, Any] = {"t": "subscribe", "id": self.sockets, "topic": TOPIC}
+        if self.position is not None:
+            frame["since"] = {"epoch": self.position[0], "offset": self.position[1]}
+        return frame
 
     async def _received(
         self, ws: trio_websocket.WebSocketConnection, item: Any
@@ -141,12 +152,19 @@ class Light:
             self.position = key
         elif kind == "reply" and item.get("id") == self.sockets:
             value = item["v"]
+            if len(self.subscribed_at) >= 1 and not value.get("recovered"):
+                self.not_recovered += 1
             if self.position is None:
                 self.position = (value["epoch"], value["offset"])
             self.subscribed_at.append(trio.current_time())
             self.subscribed.set()
         elif kind == "ping":
             await ws.send_message(msgpack.packb({"t": "pong"}))
+        elif kind == "error" and item.get("id") == self.sockets:
+            # Refused (the topic unavailable a moment): subscribe again.
+            self.refused += 1
+            await trio.sleep(0.5)
+            await ws.send_message(msgpack.packb(self._subscribe_frame()))
 
 
 async def _start_runner(
@@ -260,6 +278,8 @@ async def _measure(dsn: str, prefix: str, clients: int) -> None:
             since = wall.now()
             await trio.sleep(3.0)
             progress("reconnect: SIGKILL of their runner")
+            pids = [r[0].pid for r in others] + [os.getpid()]
+            cpu_before = [_cpu_seconds(pid) for pid in pids if pid is not None]
             victim[0].kill()
             killed_at, killed_wall = trio.current_time(), wall.now()
             waiting = list(lights)
@@ -277,6 +297,11 @@ async def _measure(dsn: str, prefix: str, clients: int) -> None:
                         or not after
                         or not wanted <= light.data.keys()
                     ]
+            cpu = [
+                _cpu_seconds(pid) - start
+                for pid, start in zip(pids, cpu_before, strict=True)
+                if pid is not None
+            ]
             crowd.cancel_scope.cancel()
         before, after = _published(publisher, since=since, before=killed_wall)
         wanted = {*before, *after[:1]}
@@ -305,6 +330,25 @@ async def _measure(dsn: str, prefix: str, clients: int) -> None:
             ),
             ("duplicated", sum(light.duplicates for light in lights), "publications"),
             ("failed_attempts", sum(light.failed for light in lights), "attempts"),
+            (
+                "not_recovered",
+                sum(light.not_recovered for light in lights),
+                "resubscribes",
+            ),
+            (
+                "epochs",
+                len({epoch for light in lights for epoch, _ in light.seen}),
+                "epochs",
+            ),
+            (
+                "refused_subscribes",
+                sum(light.refused for light in lights),
+                "subscribes",
+            ),
+        ]
+        figures += [
+            ("servers_cpu_per_client", sum(cpu[:-1]) / clients * 1e3, "ms"),
+            ("clients_cpu_per_client", cpu[-1] / clients * 1e3, "ms"),
         ]
         for figure, value, unit in figures:
             emit("reconnect", figure, value, unit, clients=clients)
