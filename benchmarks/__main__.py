@@ -19,6 +19,7 @@ WORKLOADS = {
     "events": "benchmarks.events_bus",
     "w10": "benchmarks.w10_webhooks",
     "w8": "benchmarks.w8_gateway",
+    "reconnect": "benchmarks.gateway_reconnect",
     "wf": "benchmarks.workflow_steps",
     "wfops": "benchmarks.workflow_listing",
 }

@@ -223,11 +223,12 @@ class MultiCluster:
         transport: WebSocketTransport | None = None,
         *,
         tracer: Tracer | None = None,
+        entities: Sequence[type[tc.Entity]] = ENTITIES,
         **overrides: Any,
     ) -> AsyncIterator[tc.Runner]:
         """A client-only runner in this process (hosts no shard), on
         ``transport`` (default: a plain `WebSocketTransport`), with
-        ``tracer`` if given."""
+        ``tracer`` if given, knowing ``entities`` (the runners' classes)."""
         config = tc.ShardingConfig(
             shard_groups=(),
             runner_address=tc.RunnerAddress("127.0.0.1", 0),
@@ -235,7 +236,7 @@ class MultiCluster:
             **overrides,
         )
         async with tc.open_runner(
-            entities=ENTITIES,
+            entities=entities,
             config=config,
             storage=PostgresStorage(self.dsn, table_prefix=self.prefix),
             transport=transport if transport is not None else WebSocketTransport(),

@@ -460,3 +460,27 @@ async def test_the_first_example_of_the_docs(autojump_clock):
         alice = cluster.client(Account)("alice")
         assert await alice.deposit(Deposit("t2", 5)) == 5
         assert await alice.deposit(Deposit("t1", 10)) == 10
+
+
+async def test_a_held_envelope_for_an_unreachable_peer_reports_it_lost(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A request queued while its runner was frozen, towards a runner cut
+    off from it, fails at the thaw (a real transport's dial fails and
+    reports the peer lost) instead of waiting forever."""
+    async with open_simulated_cluster([Probe], runners=3) as cluster:
+        entity = next(f"p{n}" for n in range(100) if owner_of(cluster, f"p{n}") == 2)
+        cluster.partition(0, 2)
+        cluster.freeze(0)
+        client = cluster.client(Probe, via=0)
+
+        async def thaw_later() -> None:
+            await trio.sleep(1.0)
+            cluster.thaw(0)
+
+        cluster.start_soon_on(1, thaw_later)
+        started = trio.current_time()
+        with trio.fail_after(30), pytest.raises(tc.RunnerUnavailableError):
+            await client(entity).touch(ProbeTouch(1))
+        assert trio.current_time() - started == pytest.approx(1.0)
+        cluster.heal(0, 2)

@@ -192,10 +192,13 @@ def _run(args: argparse.Namespace) -> int:
             from ..gateway import Session, Topic
 
             # A gateway with topics needs their sequencer entity hosted, one
-            # with sessions the session entity.
+            # with sessions the session entity (and, with users, the topics
+            # of their directories).
+            definition = gateway[0]
+            users = definition.sessions and definition.user is not None
             needed = [
-                *([Topic] if gateway[0].topics is not None else []),
-                *([Session] if gateway[0].sessions else []),
+                *([Topic] if definition.topics is not None or users else []),
+                *([Session] if definition.sessions else []),
             ]
             entities = list(options.get("entities", ()))
             options["entities"] = [

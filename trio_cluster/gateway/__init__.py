@@ -49,6 +49,7 @@ from ._server import GatewayServer, serve_gateway
 from ._sessions import PushFailedError, Session, SessionTakenError, send_reliable
 from ._statistics import ConnectionStatistics, GatewayStatistics
 from ._topics import Position, Publication, Topic, presence, publish
+from ._users import UserPushes, send_to_users
 
 __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.py)
     "ClientConfig",
@@ -84,6 +85,7 @@ __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.p
     "SessionTakenError",
     "Topic",
     "UnauthorizedError",
+    "UserPushes",
     "WindowLimit",
     "asgi_app",
     "bridge",
@@ -94,6 +96,7 @@ __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.p
     "presence",
     "publish",
     "send_reliable",
+    "send_to_users",
     "serve_gateway",
 ]
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import random
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -58,12 +58,15 @@ from ._pushes import PushInbox, new_session, with_session
 from ._subscriptions import Subscription
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
     import cattrs
     from trio_websocket import WebSocketConnection
 
     from ._definition import Route
+
+    Connect: TypeAlias = Callable[[str, int], Awaitable[trio.abc.Stream]]
+    """Opens the byte stream to a gateway's ``host`` and ``port``."""
 
 __all__ = ["ClientConfig", "ConnectionState", "GatewayClient", "open_gateway_client"]
 
@@ -102,8 +105,10 @@ class GatewayClient:
         headers: Sequence[tuple[str, str]],
         converter: cattrs.Converter,
         rng: random.Random,
+        connect: Connect | None = None,
     ) -> None:
         self._url = url
+        self._connect: Connect = connect or trio.open_tcp_stream
         self._config = config
         self._headers = [(name.encode(), value.encode()) for name, value in headers]
         self._converter = converter
@@ -325,14 +330,32 @@ class GatewayClient:
         return value if isinstance(value, dict) else {}
 
     async def _resubscribe_all(self) -> None:
-        """Subscribe every subscription again on a new socket."""
+        """Subscribe every subscription again on a new socket (a task of
+        the socket's nursery); a refusal that may pass (``unavailable``:
+        the topic's entity is moving, say) is retried with the reconnect
+        backoff for as long as the socket is up."""
+        number = self._opened
         for subscription in list(self._subscriptions.values()):
-            if subscription.connection == self._opened:
-                continue
-            try:
-                await self._subscribe(subscription)
-            except GatewayError as exc:
-                log.warning("resubscribing to %s failed: %s", subscription.topic, exc)
+            attempt = 0
+            while (
+                # Not one being made: `subscribe` does its first itself.
+                subscription.connection not in (0, number)
+                and self._subscriptions.get(subscription.topic) is subscription
+            ):
+                try:
+                    await self._subscribe(subscription)
+                except GatewayCallError as exc:
+                    if not exc.retryable:
+                        log.warning(
+                            "resubscribing to %s failed: %s", subscription.topic, exc
+                        )
+                        break
+                    delay = self._config.reconnect.delay(attempt, self._rng.random())
+                    attempt += 1
+                    await trio.sleep(delay)
+                except GatewayError as exc:  # the socket closed: the next resubscribes
+                    log.debug("resubscribing to %s: %s", subscription.topic, exc)
+                    return
 
     def _new_id(self) -> int:
         self._next_id += 1
@@ -490,7 +513,7 @@ class GatewayClient:
         """
         failed_before = self._state.failed_attempts
         self._refusal = None
-        streams: list[trio.SocketStream] = []
+        streams: list[trio.abc.Stream] = []
         failure: list[str] = []
         try:
             async with trio.open_nursery() as nursery:
@@ -514,7 +537,7 @@ class GatewayClient:
         return self._failed(failure[0], failed_before)
 
     async def _open(
-        self, nursery: trio.Nursery, streams: list[trio.SocketStream]
+        self, nursery: trio.Nursery, streams: list[trio.abc.Stream]
     ) -> WebSocketConnection | None:
         """Connect, upgrade and read the welcome frame within
         ``open_timeout``; None if that took too long."""
@@ -526,7 +549,7 @@ class GatewayClient:
             )
         resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         with trio.move_on_after(config.open_timeout):
-            stream = await trio.open_tcp_stream(parts.hostname, parts.port or 80)
+            stream = await self._connect(parts.hostname, parts.port or 80)
             streams.append(stream)
             outbox = open_outbox(nursery, stream)
             self._outbox = outbox if isinstance(outbox, Outbox) else None
@@ -583,6 +606,8 @@ class GatewayClient:
         for request_id, pending in list(self._pending.items()):
             del self._pending[request_id]
             self._finish(pending, {"t": "closed", "code": code, "reason": reason})
+        if code == CloseCode.HEARTBEAT_TIMEOUT:
+            return  # a dead server answers no close frame: drop the socket now
         with (
             trio.move_on_after(self._config.close_timeout),
             suppress(*CONNECTION_ERRORS),
@@ -722,6 +747,7 @@ async def open_gateway_client(
     converter: cattrs.Converter | None = None,
     rng: random.Random | None = None,
     session: str | None = None,
+    connect: Connect | None = None,
 ) -> AsyncIterator[GatewayClient]:
     """A client of the gateway at ``url`` (``ws://host:port/ws``), kept
     connected in the background for the block.
@@ -738,6 +764,12 @@ async def open_gateway_client(
             random one by default), sent as ``?session=`` on every connect:
             `send_reliable` reaches the client through it
             (``client.pushes``), across reconnects to any gateway.
+        connect: ``await connect(host, port)`` opens the byte stream of
+            each attempt (`trio.open_tcp_stream` by default): a stream of
+            your own (a proxy, a choice among several gateways), or
+            `trio_cluster.testing.MemoryGateways.connect` in tests. What it
+            raises (`OSError`, `trio.BrokenResourceError`) is a failed
+            attempt, retried with the backoff.
 
     On exit the acks of the pushes taken are sent, then the socket is
     closed with 1000, each waiting at most ``close_timeout`` (also when the
@@ -749,7 +781,12 @@ async def open_gateway_client(
         all_headers.append(("Authorization", f"Bearer {token}"))
     url = with_session(url, session or new_session())
     client = GatewayClient(
-        url, config, all_headers, converter or make_converter(), rng or random.Random()
+        url,
+        config,
+        all_headers,
+        converter or make_converter(),
+        rng or random.Random(),
+        connect,
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client._maintain)

@@ -41,6 +41,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .._core._addresses import EntityId
+from .._core._link_quality import LinkQuality
 from .._core._ratelimit import TokenBucket
 from ..transport._ws_connection import CONNECTION_ERRORS, close_reason_text, describe
 from ..transport._ws_outbox import Outbox, write_message
@@ -170,6 +171,8 @@ class ClientConnection:
         self.errors = 0
         self.rtt: float | None = None
         """Round-trip time of the last ping answered, in seconds."""
+        self.link = LinkQuality()
+        """The round trips' average and the link's quality."""
         self._ping_sent_at: float | None = None
         self._context = contextvars.copy_context()
 
@@ -231,6 +234,8 @@ class ClientConnection:
             requests_in_flight=len(self._requests),
             send_queue=self._send_channel.statistics().current_buffer_used,
             rtt=self.rtt,
+            rtt_average=self.link.average,
+            quality=self.link.quality,
         )
 
     def ping(self) -> None:
@@ -363,10 +368,19 @@ class ClientConnection:
         elif isinstance(frame, Pong) and self._ping_sent_at is not None:
             self.rtt = trio.current_time() - self._ping_sent_at
             self._ping_sent_at = None
+            self._measured(self.rtt)
+
+    def _measured(self, rtt: float) -> None:
+        """A ping's round trip: into the link's quality and the metrics;
+        a link turning poor is logged (bounded)."""
+        was = self.link.quality
+        self._counters.rtt.observe(rtt)
+        if self.link.observe(rtt) == "poor" and was != "poor":
+            self._warn("poor links", "poor link: round trips of %.3f s", rtt)
 
     def _refuse(self, request_id: int | None, code: ErrorCode, message: str) -> None:
         self.errors += 1
-        self._counters.requests_refused += 1
+        self._counters.refused(code)
         self._send(error_frame(request_id, code, message))
 
     def _warn(self, kind: str, message: str, *args: object) -> None:
@@ -449,7 +463,7 @@ class ClientConnection:
                 )
                 if not await authorize(self.info.principal, operation):
                     self.errors += 1
-                    self._counters.requests_refused += 1
+                    self._counters.refused(ErrorCode.FORBIDDEN)
                     return error_frame(
                         request_id, ErrorCode.FORBIDDEN, f"not allowed: {topic}"
                     )
@@ -538,7 +552,7 @@ class ClientConnection:
 
     def _forbidden(self, request_id: int, route: Route) -> dict[str, Any]:
         self.errors += 1
-        self._counters.requests_refused += 1
+        self._counters.refused(ErrorCode.FORBIDDEN)
         return error_frame(
             request_id, ErrorCode.FORBIDDEN, f"not allowed: {route.name}"
         )
@@ -588,6 +602,7 @@ class ClientConnection:
             try:
                 write_message(*direct, data)
             except CONNECTION_ERRORS:
+                self._counters.dropped("socket_closed")
                 self._scope.cancel()  # the client is gone
                 return
             self.frames_sent += 1
@@ -596,9 +611,11 @@ class ClientConnection:
         try:
             self._send_channel.send_nowait(data)
         except trio.WouldBlock:
+            self._counters.dropped("send_queue_full")
             self.end(CloseCode.SLOW_CONSUMER, "send queue full")
-        except trio.ClosedResourceError:
-            pass  # the writer is gone: the connection is ending
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            # The writer is gone: the connection is ending.
+            self._counters.dropped("socket_closed")
 
     async def _write_one(self, data: bytes | str) -> bool:
         """Write one message within ``send_timeout``: over TCP once the
@@ -654,6 +671,10 @@ class ClientConnection:
                     else join_frames(batch, self.info.subprotocol)
                 )
                 if not await self._write_one(message):
+                    left = receive.statistics().current_buffer_used
+                    self._counters.dropped(
+                        "socket_closed", len(batch) + (carry is not None) + left
+                    )
                     return
                 self.frames_sent += len(batch) - 1
                 self._counters.frames_sent += len(batch) - 1

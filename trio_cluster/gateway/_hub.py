@@ -12,7 +12,7 @@ mirror of the topic's presence.
 from __future__ import annotations
 
 import logging
-import secrets
+import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -30,9 +30,11 @@ from ._presence import (
     presence_frame,
 )
 from ._protocol import encode_frame
+from ._statistics import GatewayCounters
 from ._topics import Follow, Followed, Position, Publication, Topic
 
 if TYPE_CHECKING:
+    from .. import Clock
     from .._client import EntityClient
     from ._connection import ClientConnection
 
@@ -80,11 +82,20 @@ class TopicHub:
     """A gateway's subscriptions (see the module docstring)."""
 
     def __init__(
-        self, topics: EntityClient[Topic], nursery: trio.Nursery, runner: str
+        self,
+        topics: EntityClient[Topic],
+        nursery: trio.Nursery,
+        runner: str,
+        *,
+        clock: Clock | None = None,
+        counters: GatewayCounters | None = None,
     ) -> None:
         self._topics = topics
         self._nursery = nursery
         self._runner = runner
+        self._clock = clock
+        """This runner's wall clock (for the fan-out latency)."""
+        self._counters = counters if counters is not None else GatewayCounters()
         self._followers: dict[str, _Follower] = {}
         self._backoff = Backoff(0.05, 2.0, jitter=0.5)
 
@@ -128,17 +139,22 @@ class TopicHub:
             self._drop(follower, connection)
             raise
         recovered = since is not None and page.recovered
+        # A position in an older epoch: that epoch's end may be lost
+        # (``recovered`` is false), but the new epoch's history is all after
+        # it: send it from its start, as a following gateway does.
+        new_epoch = since is not None and since.epoch != page.epoch
         subscriber.epoch = page.epoch
-        subscriber.last = (
-            since.offset if since is not None and recovered else page.offset
-        )
+        if recovered and since is not None:
+            subscriber.last = since.offset
+        else:
+            subscriber.last = 0 if new_epoch else page.offset
         cache: dict[str, bytes | str] = {}
-        if recovered:
-            for item in page.items:
-                cache.clear()
-                self._deliver(follower, subscriber, item, cache)
+        # The history first, then the live publications held meanwhile
+        # (those it has too are dropped as sent). NOTE: the held ones may be
+        # newer than the history's end: the stream and the history's answer
+        # come on different connections between runners.
         held, subscriber.buffer = subscriber.buffer or [], None
-        for item in held:
+        for item in [*(page.items if recovered or new_epoch else ()), *held]:
             cache.clear()
             self._deliver(follower, subscriber, item, cache)
         value = {"epoch": page.epoch, "offset": subscriber.last, "recovered": recovered}
@@ -189,14 +205,15 @@ class TopicHub:
         subscriber: _Subscriber,
         item: Publication,
         cache: dict[str, bytes | str],
-    ) -> None:
-        """Send ``item`` to ``subscriber`` unless it had it; ``cache`` holds
-        the item's frame encoded once per subprotocol."""
+    ) -> bool:
+        """Send ``item`` to ``subscriber`` unless it had it (whether it was
+        queued to its socket now); ``cache`` holds the item's frame encoded
+        once per subprotocol."""
         if subscriber.buffer is not None:
             subscriber.buffer.append(item)
-            return
+            return False
         if item.epoch == subscriber.epoch and item.offset <= subscriber.last:
-            return  # sent already (history, or a replay after a re-follow)
+            return False  # sent already (history, or a replay after a re-follow)
         subscriber.epoch = item.epoch
         subscriber.last = item.offset
         connection = subscriber.connection
@@ -207,9 +224,12 @@ class TopicHub:
                 data = publication_frame(follower.name, item, subprotocol)
             except ValueError as exc:  # bytes or NaN for a JSON socket
                 log.warning("publication %s/%d: %s", follower.name, item.offset, exc)
-                return
+                self._counters.dropped("unencodable")
+                return False
             cache[subprotocol] = data
         connection.send_encoded(data)
+        self._counters.publication_deliveries += 1
+        return True
 
     async def _untrack(self, topic: str, key: str) -> None:
         try:
@@ -248,10 +268,22 @@ class TopicHub:
             follower.mirror_changed()
         publication = item.publication
         if publication is not None:
-            follower.position = Position(publication.epoch, publication.offset)
             cache: dict[str, bytes | str] = {}
             for subscriber in list(follower.subscribers.values()):
                 self._deliver(follower, subscriber, publication, cache)
+            # Only once every subscriber had it: if a delivery failed, the
+            # stream follows again from before it (the others drop the copy).
+            follower.position = Position(publication.epoch, publication.offset)
+            self._fanned_out(item)
+
+    def _fanned_out(self, item: Followed) -> None:
+        """Count a publication fanned out to this gateway's sockets, and
+        its latency if it was live (clocks of two runners: a skew between
+        them shows; a negative one counts as 0)."""
+        self._counters.publications += 1
+        if item.published_at is not None and self._clock is not None:
+            latency = self._clock.now() - item.published_at
+            self._counters.fanout.observe(max(latency, 0.0))
 
     async def _follow(self, follower: _Follower) -> None:
         failures = 0
@@ -274,9 +306,10 @@ class TopicHub:
                 self._changed(follower, follower.mirror.reset(follower.present))
                 follower.mirror_changed()
                 failures += 1
-                await trio.sleep(
-                    self._backoff.delay(failures - 1, secrets.randbelow(1000) / 1000)
-                )
+                # NOTE: the jitter is a function of who retries what, not of
+                # a global random source, so a simulated run replays.
+                unit = random.Random(f"{self._runner}/{follower.name}/{failures}")
+                await trio.sleep(self._backoff.delay(failures - 1, unit.random()))
 
 
 @attrs.frozen

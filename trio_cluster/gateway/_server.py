@@ -51,6 +51,7 @@ from ._protocol import SUBPROTOCOLS, CloseCode
 from ._sessions import Session, SessionLink, valid_session
 from ._statistics import GatewayCounters, GatewayStatistics, render_gateway_metrics
 from ._topics import Topic
+from ._users import DirectoryJoin, client_topics
 
 if TYPE_CHECKING:
     from .._runner import Runner
@@ -115,7 +116,9 @@ class GatewayServer:
     def statistics(self) -> GatewayStatistics:
         """A snapshot of the gateway's counters."""
         self._counters.connections = len(self._connections)
-        return self._counters.snapshot()
+        return self._counters.snapshot(
+            connection.link.quality for connection in self._connections.values()
+        )
 
     def connections(self) -> list[ClientConnection]:
         """The sockets up now."""
@@ -273,7 +276,8 @@ class GatewayServer:
             remote=handshake.remote,
             subprotocol=handshake.subprotocol,
         )
-        return ClientConnection(
+        user = None if gateway.user is None else gateway.user(principal)
+        connection = ClientConnection(
             ws,
             info,
             number=self._numbers,
@@ -286,8 +290,12 @@ class GatewayServer:
             outbox=outbox,
             topics=self._topics,
             session=session,
-            user=None if gateway.user is None else gateway.user(principal),
+            user=user,
         )
+        if session is not None and user is not None and self._topics is not None:
+            join = DirectoryJoin(self._topics.hub, connection, user, session.name)
+            session.alongside = join.run
+        return connection
 
     async def serve_connection(self, connection: ClientConnection) -> None:
         """Serve an upgraded socket until it ends (step 6 of the module
@@ -304,11 +312,19 @@ class GatewayServer:
         """Start the gateway's own tasks in ``nursery``: the heartbeats and
         the topics' fan-out."""
         gateway = self._gateway
-        if gateway.topics is not None:
+        if gateway.topics is not None or (
+            gateway.sessions and gateway.user is not None
+        ):
             hub = TopicHub(
-                self._runner.client(Topic), nursery, str(self._runner.address)
+                self._runner.client(Topic),
+                nursery,
+                str(self._runner.address),
+                clock=self._runner.clock,
+                counters=self._counters,
             )
-            self._topics = TopicAccess(hub, gateway.topics, gateway.presence)
+            self._topics = TopicAccess(
+                hub, client_topics(gateway.topics), gateway.presence
+            )
         nursery.start_soon(self._beat)
 
     def _answer_for(self, head: Head, remote: str) -> _Answer | None:

@@ -33,6 +33,7 @@ Theory of operation.
 from __future__ import annotations
 
 import logging
+import random
 import re
 import secrets
 from collections.abc import AsyncIterator  # noqa: TC003 - handler annotations resolve at runtime
@@ -46,7 +47,7 @@ from .._entity import Entity
 from .._handlers import rpc, stream
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from .._client import EntityClient
     from .._runner import Runner
@@ -100,6 +101,8 @@ class SessionTakenError(Exception):
 @attrs.frozen
 class Push:
     data: Any
+    user: str | None = None
+    """For a push addressed to a user: the session must be that user's."""
 
 
 @attrs.frozen
@@ -164,15 +167,22 @@ class Session(Entity):
     def _keep(self) -> None:
         self.keep_alive(self.attached is not None or bool(self.waiting))
 
-    @rpc(errors=[PushFailedError])
+    @rpc(errors=[PushFailedError, SessionTakenError])
     async def push(self, msg: Push) -> int:
         """Send ``msg.data`` to the client; return its sequence number once
-        acked.
+        acked. A push for ``msg.user`` binds a session bound to no one yet
+        to that user.
 
         Raises:
             PushFailedError: not acked after ``max_redeliveries``, or more
                 than ``max_unacked`` pushes wait already.
+            SessionTakenError: the push is for a user, and the session is
+                another user's (or no user's).
         """
+        if msg.user is not None:
+            if self.bound and self.user != msg.user:
+                raise SessionTakenError(session=self.id)
+            self.bound, self.user = True, msg.user
         self.seq += 1
         pushed = Pushed(self.epoch, self.seq, msg.data)
         if len(self.waiting) >= self.max_unacked:
@@ -268,6 +278,9 @@ class SessionLink:
         self.name = name
         self._session = sessions(name)
         self._backoff = Backoff(0.05, 2.0, jitter=0.5)
+        self.alongside: Callable[[], Awaitable[None]] | None = None
+        """Run while attached (the socket's entry in its user's directory:
+        `trio_cluster.gateway._users.DirectoryJoin`)."""
 
     async def run(
         self,
@@ -278,7 +291,20 @@ class SessionLink:
         """Attach until cancelled; ``deliver(pushed)`` for each push;
         ``detached(reason)``, then return, when the session belongs to
         another user, or its stream ended (another socket attached, or this
-        one fell ``max_unacked`` pushes behind)."""
+        one fell ``max_unacked`` pushes behind). ``alongside`` runs
+        meanwhile."""
+        async with trio.open_nursery() as nursery:
+            if self.alongside is not None:
+                nursery.start_soon(self.alongside)
+            await self._attach(user, deliver, detached)
+            nursery.cancel_scope.cancel()
+
+    async def _attach(
+        self,
+        user: str | None,
+        deliver: Callable[[Pushed], None],
+        detached: Callable[[str], None],
+    ) -> None:
         failures = 0
         while True:
             try:
@@ -296,9 +322,8 @@ class SessionLink:
             except Exception as exc:
                 log.debug("attaching session %s: %r", self.name, exc)
             failures += 1
-            await trio.sleep(
-                self._backoff.delay(failures - 1, secrets.randbelow(1000) / 1000)
-            )
+            unit = random.Random(f"{self.name}/{failures}")  # replays in the simulator
+            await trio.sleep(self._backoff.delay(failures - 1, unit.random()))
 
     async def ack(self, epoch: str, seqs: list[int]) -> None:
         try:

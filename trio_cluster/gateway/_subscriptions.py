@@ -39,7 +39,8 @@ class Subscription:
         asked for)."""
         self._presence_changed = trio.Event()
         self.position: Position | None = None
-        """The last publication handed out (None: none yet)."""
+        """The last publication handed out, or where the first subscribe
+        answer said the topic was (None: neither yet)."""
         self.recovered: bool | None = None
         """After a resubscribe from a position: whether nothing was lost
         (None: not resubscribed yet)."""
@@ -52,6 +53,12 @@ class Subscription:
         """The answer to a (re)subscribe arrived."""
         if resumed:
             self.recovered = bool(value.get("recovered"))
+        epoch, offset = value.get("epoch"), value.get("offset")
+        if self.position is None and isinstance(epoch, str) and isinstance(offset, int):
+            # Nothing handed out yet: the subscription starts at the
+            # answer's position, and a resubscribe resumes from there (not
+            # from "now", which would skip what came in between).
+            self.position = Position(epoch, offset)
         entries = value.get("presence")
         if self.presence is not None and isinstance(entries, dict):
             self.presence = dict(entries)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 import trio
 
+from .. import current_runner
 from .._entity import Entity
 from .._handlers import rpc, stream
 from ._presence import (
@@ -103,6 +104,9 @@ class Followed:
     publication: Publication | None = None
     presence: PresenceDiff | None = None
     snapshot: dict[str, Any] | None = None
+    published_at: float | None = None
+    """The topic's runner's wall clock when a live publication was made
+    (none for one replayed from the history): its fan-out latency."""
 
 
 @attrs.frozen
@@ -152,7 +156,7 @@ class Topic(Entity):
         self.offset += 1
         publication = Publication(self.epoch, self.offset, msg.data)
         self.kept.append(publication)
-        self._emit(Followed(publication))
+        self._emit(Followed(publication, published_at=current_runner().clock.now()))
         return Position(self.epoch, self.offset)
 
     @rpc

@@ -184,6 +184,7 @@ export class GatewayClient {
       topic,
       position: null,
       recovered: null,
+      subscribed: false, // answered once (then resubscribed after each reconnect)
       presence: onPresence === null ? null : {},
       onPublication,
       onPresence,
@@ -213,10 +214,33 @@ export class GatewayClient {
       this._pending.set(frame.id, { resolve, reject });
       this._send(frame);
     });
+    subscription.subscribed = true;
     if (since !== null) subscription.recovered = value.recovered;
+    if (subscription.position === null && typeof value.epoch === "string") {
+      // Nothing delivered yet: resume from the answer's position, not from "now".
+      subscription.position = { epoch: value.epoch, offset: value.offset };
+    }
     if (subscription.presence !== null && value.presence) {
       subscription.presence = { ...value.presence };
       subscription.onPresence(subscription.presence, { joins: value.presence, leaves: {} });
+    }
+  }
+
+  // Subscribe again on socket number `opened`; a refusal that may pass
+  // ("unavailable": the topic is moving) is retried with the backoff while
+  // that socket is up.
+  async _resubscribe(subscription, opened) {
+    for (let attempt = 0; ; attempt++) {
+      if (this._opened !== opened || this._topics.get(subscription.topic) !== subscription) return;
+      try {
+        await this._subscribe(subscription);
+        return;
+      } catch (error) {
+        if (!(error instanceof GatewayCallError) || !error.retryable) return;
+      }
+      const { initial, maximum, factor, jitter } = this.options.backoff;
+      const delay = Math.min(maximum, initial * factor ** attempt);
+      await new Promise((resolve) => setTimeout(resolve, delay * (1 - jitter * Math.random())));
     }
   }
 
@@ -355,8 +379,9 @@ export class GatewayClient {
       });
       for (const waiter of this._waiters.splice(0)) waiter.resolve();
       // Subscribe again, from the last publication delivered.
+      // (Not one being made: `subscribe` does its first itself.)
       for (const subscription of this._topics.values()) {
-        this._subscribe(subscription).catch(() => {});
+        if (subscription.subscribed) this._resubscribe(subscription, this._opened);
       }
     };
     ws.onclose = (event) => {

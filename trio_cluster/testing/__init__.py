@@ -10,7 +10,8 @@ virtual time, with fault injection (`SimulatedCluster.kill`, ``freeze``,
 ``partition``, ... or a `FaultSchedule`) and invariants checked as it runs
 (`InvariantViolation`); `run_scenario` plays a `Scenario` of faults and a
 `Workload` of `Probe` clients in its own ``trio.run``. See
-``docs/testing.md``.
+``docs/testing.md``. `MemoryGateways` serves gateways to clients over
+memory streams, with faults on the client links (in the simulator too).
 
 Storage backends: subclass `StorageConformance` (and `TransportConformance`
 for transports, whose tests can use its `RecordingHandler`) to run the
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     from ._conformance._webhooks import (
         WebhookStorageConformance as WebhookStorageConformance,
     )
+    from ._gateway import MemoryGateways as MemoryGateways, MemoryLink as MemoryLink
     from ._processes import ChildProcess as ChildProcess
     from ._simulation._cluster import SimulatedCluster as SimulatedCluster
     from ._simulation._faults import (
@@ -111,6 +113,8 @@ __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.p
     "InvariantViolation",
     "KillRunner",
     "LoseLockSession",
+    "MemoryGateways",
+    "MemoryLink",
     "OpKind",
     "PartitionRunners",
     "Probe",
@@ -176,6 +180,8 @@ _LAZY: dict[str, str] = {
     "InvariantViolation": "._simulation._trace",
     "KillRunner": "._simulation._faults",
     "LoseLockSession": "._simulation._faults",
+    "MemoryGateways": "._gateway",
+    "MemoryLink": "._gateway",
     "OpKind": "._simulation._workload",
     "PartitionRunners": "._simulation._faults",
     "Probe": "._simulation._probe",

@@ -244,7 +244,13 @@ class HoldingEndpoint(Endpoint):
         self.inner.send_nowait(peer, envelope)
 
     def send_late(self, peer: RunnerAddress, envelope: Envelope) -> None:
-        """Send an envelope held during a freeze; failures are only traced."""
+        """Send an envelope held during a freeze. If the peer cannot be
+        reached now, the runner hears ``peer_lost``, as from a real
+        transport whose connection (or dial) fails after the fact: the
+        sender learned nothing when it queued the envelope, so a call or
+        stream waiting for an answer would otherwise wait forever (found
+        by the gateway's topic property: a stream opened towards a
+        partitioned peer while its runner was frozen)."""
         try:
             self.send_nowait(peer, envelope)
         except (RunnerUnavailableError, trio.ClosedResourceError) as exc:
@@ -257,6 +263,8 @@ class HoldingEndpoint(Endpoint):
                     peer,
                     type(exc).__name__,
                 )
+            if isinstance(exc, RunnerUnavailableError):
+                self.handler.inner.peer_lost(peer, "unreachable after a freeze")
 
 
 def _kind(envelope: list[Any]) -> str:

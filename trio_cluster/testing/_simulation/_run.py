@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
     import cattrs
 
-    from trio_cluster import Broadcast, Cron, Entity, Singleton
+    from trio_cluster import Broadcast, Cron, Entity, Runner, Singleton
 
 __all__ = [
     "current_simulation",
@@ -109,6 +109,7 @@ async def open_simulated_cluster(
     trace_limit: int = DEFAULT_TRACE_LIMIT,
     settle_time: float | None = None,
     livelock_rounds: int | None = DEFAULT_LIVELOCK_ROUNDS,
+    runner_tasks: Sequence[Callable[[SimulatedRunner, Runner], Awaitable[object]]] = (),
 ) -> AsyncIterator[SimulatedCluster]:
     """Open a cluster of ``runners`` simulated runners hosting ``entities``.
 
@@ -136,6 +137,11 @@ async def open_simulated_cluster(
             the run fails as a livelock (a task looping without waiting stops
             virtual time, so no deadline of the test would ever fire); None:
             not watched.
+        runner_tasks: async functions started on each runner's process,
+            ``fn(handle, runner)``, each time it is up (after a restart
+            too): servers of the application, such as a gateway
+            (`MemoryGateways.serve`). They die with the runner (killed or
+            stopped).
 
     Raises:
         ConfigError: not on an autojump ``MockClock``, or ``runners < 1``.
@@ -170,6 +176,7 @@ async def open_simulated_cluster(
             storage=observed,
             network=network,
             trace=trace if trace_frames else None,
+            runner_tasks=runner_tasks,
         )
         for index in range(runners)
     ]

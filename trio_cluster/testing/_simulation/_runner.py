@@ -88,8 +88,13 @@ class SimulatedRunner:
         storage: Storage,
         network: MemoryNetwork,
         trace: SimulationTrace | None,
+        runner_tasks: Sequence[
+            Callable[[SimulatedRunner, Runner], Awaitable[object]]
+        ] = (),
     ) -> None:
         self.index = index
+        self.runner_tasks = tuple(runner_tasks)
+        """Started on its process each time it is up, with it and its runner."""
         self.name = f"r{index}"
         self.address = RunnerAddress(self.name, PORT)
         self.config = attrs.evolve(base_config, runner_address=self.address)
@@ -265,6 +270,8 @@ async def _run(
                     "runner", "%s up (machine id %s)", incarnation, runner.machine_id
                 )
                 handle._up.set()
+                for task in handle.runner_tasks if handle.up else ():
+                    handle.start_soon(task, handle, runner)
                 await trio.sleep_forever()
         except (PersistenceError, trio.TooSlowError, RunnerUnavailableError) as exc:
             if started:
