@@ -187,6 +187,8 @@ async def test_a_session_of_another_user_refuses_a_push_for_this_one(
     async with tc.open_runner(entities=[Session]) as runner:
         session = runner.client(Session)("s" * 20)
         async with session.attach(Attach("bob")):
+            # The stream's handler binds the session when it runs: let it.
+            await trio.testing.wait_all_tasks_blocked()
             with pytest.raises(SessionTakenError):
                 await session.push(Push("for ada", "ada"))
             fresh = runner.client(Session)("t" * 20)
