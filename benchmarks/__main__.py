@@ -18,6 +18,7 @@ WORKLOADS = {
     "state": "benchmarks.durable_state",
     "events": "benchmarks.events_bus",
     "w10": "benchmarks.w10_webhooks",
+    "w6": "benchmarks.w6_idle",
     "w8": "benchmarks.w8_gateway",
     "wf": "benchmarks.workflow_steps",
 }

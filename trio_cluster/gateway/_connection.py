@@ -3,9 +3,11 @@
 Theory of operation. `ClientConnection.run` is the socket's task; all its
 work runs in one nursery under the connection's own cancel scope, so ending
 the connection (`ClientConnection.end`, the first reason wins) cancels
-exactly its work and nothing else:
+exactly its work and nothing else. An idle socket has this one task and no
+other:
 
-* the *reader* (the task itself) takes each message, counts it against the
+* the *reader* (the task itself: trio-websocket's reader loop runs in it,
+  `read_messages`) takes each message, counts it against the
   socket's message rate (`TokenBucket.try_take`; over it: close 4008; an
   ack of pushes the socket was sent and still owes is not counted: their
   number is bounded by the pushes),
@@ -17,10 +19,13 @@ exactly its work and nothing else:
   and is answered ``cancelled``. At most ``max_concurrent_requests`` run at
   once; one more is refused (``too_many_requests``), so the reader never
   waits for a request;
-* the *writer* drains the bounded send queue. A frame that finds the queue
-  full, or a write that takes over ``send_timeout``, closes the socket with
-  4001 (slow consumer): a client that stops reading costs a bounded queue,
-  then nothing;
+* frames are written at once by the task that makes them (over TCP into
+  the socket's `Outbox`, which never waits) while nothing waits; else they
+  join the bounded send queue, and a *writer* task, started then and ended
+  when all is written, drains the outbox and writes what is queued as one
+  batch. A frame that finds the queue full, or a write that takes over
+  ``send_timeout``, closes the socket with 4001 (slow consumer): a client
+  that stops reading costs a bounded queue, then nothing;
 * pings come from the server's one heartbeat structure
   (`trio_cluster._core._heartbeat`), never from a task of this socket.
 
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+from collections import deque
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -44,7 +50,6 @@ from .._core._addresses import EntityId
 from .._core._ratelimit import TokenBucket
 from ..transport._ws_connection import CONNECTION_ERRORS, close_reason_text, describe
 from ..transport._ws_outbox import Outbox, write_message
-from ..transport._ws_tap import install_tap
 from ._client_info import ClientInfo, current_info
 from ._definition import Operation
 from ._protocol import (
@@ -60,6 +65,7 @@ from ._protocol import (
     OpenStream,
     Ping,
     Pong,
+    ping_frame,
     Subscribe,
     Unsubscribe,
     decode_frames,
@@ -71,6 +77,7 @@ from ._protocol import (
 from ._requests import StreamCredit, admit, failure_frame
 from ._statistics import ConnectionStatistics
 from ._topics import Position
+from ._upgrade import close_websocket, read_messages
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -143,12 +150,11 @@ class ClientConnection:
         self._counters = counters
         self._warnings = warnings
         self._seen = seen
-        self._direct: tuple[WebSocketConnection, Outbox] | None = (
-            (ws, outbox)
-            if outbox is not None and isinstance(ws, WebSocketConnection)
-            else None
-        )
+        self._direct: tuple[WebSocketConnection, Outbox] | None = None
         """The socket and its `Outbox`, over plain TCP (writes never wait)."""
+        if outbox is not None and isinstance(ws, WebSocketConnection):
+            self._direct = (ws, outbox)
+            outbox.on_backlog = self._start_writer
         self._topics = topics
         self._session = session
         """Its link to its session's entity (None: no session)."""
@@ -159,9 +165,10 @@ class ClientConnection:
         self._nursery: trio.Nursery | None = None
         self._requests: dict[int, trio.CancelScope] = {}
         self._credits: dict[int, StreamCredit] = {}
-        self._send_channel, self._receive_channel = trio.open_memory_channel[
-            bytes | str
-        ](config.send_queue)
+        self._queue: deque[bytes | str] | None = None
+        """Frames waiting for the writer (None: none)."""
+        self._writing = False
+        """Whether the writer task runs."""
         rate = config.message_rate
         self._bucket = None if rate is None else TokenBucket(rate, trio.current_time())
         self.ending: _Ending | None = None
@@ -191,30 +198,37 @@ class ClientConnection:
         Cancellation: the work is cancelled; the close frame is not sent.
         """
         token = current_info.set(self.info)
-        # Requests start from trio-websocket's reader task (`_deliver`): in
-        # this task's context, so that they see `current_client`.
+        # Requests start from the reader (`_deliver`): in this task's
+        # context, so that they see `current_client`.
         self._context = contextvars.copy_context()
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    nursery.start_soon(self._write)
                     if self._session is not None:
                         nursery.start_soon(
                             self._session.run, self._user, self._push, self._detached
                         )
+                    if self._queue:  # frames sent before the nursery opened
+                        self._start_writer()
                     await self._read()
                     nursery.cancel_scope.cancel()
         finally:
+            self._nursery = None
             current_info.reset(token)
             if self._topics is not None:
                 self._topics.hub.forget(self)
             self._warnings.flush(self.info.remote)
         ending = self.ending
         if ending is not None:
+            ws = self.ws
+            reason = close_reason_text(ending.reason)
             with trio.move_on_after(self._config.close_timeout):
                 try:
-                    await self.ws.aclose(ending.code, close_reason_text(ending.reason))
+                    if isinstance(ws, WebSocketConnection):
+                        await close_websocket(ws, ending.code, reason)
+                    else:
+                        await ws.aclose(ending.code, reason)
                 except CONNECTION_ERRORS as exc:
                     log.debug("closing %s: %s", self.info.remote, describe(exc))
 
@@ -229,14 +243,14 @@ class ClientConnection:
             frames_sent=self.frames_sent,
             errors=self.errors,
             requests_in_flight=len(self._requests),
-            send_queue=self._send_channel.statistics().current_buffer_used,
+            send_queue=len(self._queue or ()),
             rtt=self.rtt,
         )
 
     def ping(self) -> None:
         """Send a ping frame (the heartbeats found the client quiet)."""
         self._ping_sent_at = trio.current_time()
-        self._send({"t": "ping"})
+        self.send_encoded(ping_frame(self.info.subprotocol))
 
     def send_welcome(self) -> None:
         config = self._config
@@ -284,30 +298,28 @@ class ClientConnection:
 
     async def _read(self) -> None:
         """Hand every message to `_deliver` until the client closes the
-        socket or a message ends the connection. Messages are handled in
-        trio-websocket's own reader task (`install_tap`): no task wakes per
-        message."""
+        socket or a message ends the connection: in this task, with
+        trio-websocket's reader loop (`read_messages`) for the gateway's own
+        sockets, with ``get_message`` for others (the ASGI server's)."""
         ws = self.ws
-        try:
-            tap = (
-                install_tap(ws, self._deliver)
-                if isinstance(ws, WebSocketConnection)
-                else None
-            )
-            if tap is not None:
-                await tap.run()
-            else:  # the ASGI server's socket
+        if isinstance(ws, WebSocketConnection):
+            await read_messages(ws, self._deliver)
+            reason = ws.closed
+        else:
+            try:
                 while await self._deliver(await ws.get_message()):
                     pass
-        except ConnectionClosed as exc:
-            reason = exc.reason
-            if self.ending is None and reason is not None and reason.code == 1009:
-                self._counters.closed(CloseCode.MESSAGE_TOO_BIG)
+                return
+            except ConnectionClosed as exc:
+                reason = exc.reason
+        if self.ending is None and reason is not None and reason.code == 1009:
+            self._counters.closed(CloseCode.MESSAGE_TOO_BIG)
 
     async def _deliver(self, message: bytes | str) -> bool:
         """Handle one message (a frame or a batch of them, each counted
         against the message rate); False once the connection ends. It runs
-        in trio-websocket's reader task: it never waits."""
+        in the reader: it never waits (the reads are its schedule
+        points)."""
         now = trio.current_time()
         self._seen(self.number)
         try:
@@ -333,7 +345,6 @@ class ClientConnection:
                 self._refuse(exc.request_id, exc.code, exc.message)
             if self.ending is not None:
                 return False
-        await trio.lowlevel.checkpoint()
         return self.ending is None
 
     def _dispatch(self, frame: object) -> None:
@@ -577,14 +588,12 @@ class ClientConnection:
 
     def send_encoded(self, data: bytes | str) -> None:
         """Write an encoded frame now if nothing waits (over TCP: into the
-        `Outbox`, synchronously, without waking the writer), else queue it
-        for the writer; a full queue ends the connection (slow consumer)."""
+        `Outbox`, synchronously), else queue it for the writer (started if
+        it does not run); a full queue ends the connection (slow
+        consumer)."""
+        queue = self._queue
         direct = self._direct
-        if (
-            direct is not None
-            and not direct[1].backlog
-            and not self._send_channel.statistics().current_buffer_used
-        ):
+        if not queue and direct is not None and not direct[1].backlog:
             try:
                 write_message(*direct, data)
             except CONNECTION_ERRORS:
@@ -593,23 +602,82 @@ class ClientConnection:
             self.frames_sent += 1
             self._counters.frames_sent += 1
             return
-        try:
-            self._send_channel.send_nowait(data)
-        except trio.WouldBlock:
+        if self.ending is not None:
+            return  # the connection is ending: nothing more is written
+        if queue is None:
+            queue = self._queue = deque()
+        elif len(queue) >= self._config.send_queue:
             self.end(CloseCode.SLOW_CONSUMER, "send queue full")
-        except trio.ClosedResourceError:
-            pass  # the writer is gone: the connection is ending
+            return
+        queue.append(data)
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        """Start the writer unless it runs (or the connection is over: its
+        close writes what the outbox holds)."""
+        nursery = self._nursery
+        if self._writing or nursery is None:
+            return
+        self._writing = True
+        nursery.start_soon(self._write)
+
+    async def _write(self) -> None:
+        """Write the outbox's backlog, then what waits in the send queue
+        (everything queued at once, as long as it fits in
+        ``max_message_size``, as one batch); return when all is written."""
+        try:
+            while await self._drained():
+                queue = self._queue
+                if not queue:
+                    return
+                message, count = self._batch(queue)
+                if not await self._write_one(message):
+                    return
+                self.frames_sent += count
+                self._counters.frames_sent += count
+        finally:
+            self._writing = False
+
+    async def _drained(self) -> bool:
+        """Wait, at most ``send_timeout``, until the outbox's backlog is
+        written; False if that ended the connection."""
+        direct = self._direct
+        if direct is None:
+            return True
+        with trio.move_on_after(self._config.send_timeout) as waited:
+            try:
+                await direct[1].flush()
+            except CONNECTION_ERRORS:
+                self._scope.cancel()  # the client is gone
+                return False
+        if waited.cancelled_caught:
+            self.end(CloseCode.SLOW_CONSUMER, "write over send_timeout")
+            return False
+        return True
+
+    def _batch(self, queue: deque[bytes | str]) -> tuple[bytes | str, int]:
+        """Take the first frames of ``queue`` that fit in one message."""
+        first = queue.popleft()
+        if not queue:
+            return first, 1
+        limit = self._config.max_message_size - 16  # room for the list's bytes
+        batch, size = [first], len(first)
+        while queue and size + len(queue[0]) + 1 <= limit:
+            more = queue.popleft()
+            batch.append(more)
+            size += len(more) + 1
+        if len(batch) == 1:
+            return first, 1
+        return join_frames(batch, self.info.subprotocol), len(batch)
 
     async def _write_one(self, data: bytes | str) -> bool:
-        """Write one message within ``send_timeout``: over TCP once the
-        `Outbox` has drained, else with trio-websocket's ``send_message``;
-        False if that ended the connection (the client is gone, or too
-        slow)."""
+        """Write one message (within ``send_timeout``): over TCP into the
+        `Outbox`, else with trio-websocket's ``send_message``; False if that
+        ended the connection (the client is gone, or too slow)."""
         direct = self._direct
         with trio.move_on_after(self._config.send_timeout) as waited:
             try:
-                if direct is not None:
-                    await direct[1].wait_drained()
+                if direct is not None:  # `_drained` was the checkpoint
                     write_message(*direct, data)
                 else:
                     await self.ws.send_message(data)
@@ -619,41 +687,4 @@ class ClientConnection:
         if waited.cancelled_caught:
             self.end(CloseCode.SLOW_CONSUMER, "write over send_timeout")
             return False
-        self.frames_sent += 1
-        self._counters.frames_sent += 1
         return True
-
-    async def _write(self) -> None:
-        """Write what waits in the send queue: everything queued at once
-        (as long as it fits in ``max_message_size``) as one batch."""
-        receive = self._receive_channel
-        limit = self._config.max_message_size - 16  # room for the list's own bytes
-        carry: bytes | str | None = None
-        async with receive:
-            while True:
-                if carry is None:
-                    try:
-                        carry = await receive.receive()
-                    except trio.EndOfChannel:
-                        return
-                batch, carry = [carry], None
-                size = len(batch[0])
-                while True:
-                    try:
-                        more = receive.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    if size + len(more) + 1 > limit:
-                        carry = more  # the next batch's first frame
-                        break
-                    batch.append(more)
-                    size += len(more) + 1
-                message = (
-                    batch[0]
-                    if len(batch) == 1
-                    else join_frames(batch, self.info.subprotocol)
-                )
-                if not await self._write_one(message):
-                    return
-                self.frames_sent += len(batch) - 1
-                self._counters.frames_sent += len(batch) - 1
