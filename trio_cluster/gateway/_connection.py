@@ -36,7 +36,6 @@ socket's work is cancelled, then the close frame is sent (bounded by
 
 from __future__ import annotations
 
-import contextvars
 import logging
 from collections import deque
 from functools import partial
@@ -57,6 +56,7 @@ from ._protocol import (
     BadFrame,
     Call,
     Cancel,
+    ClientFrame,
     CloseCode,
     Credit,
     ErrorCode,
@@ -66,6 +66,7 @@ from ._protocol import (
     Ping,
     Pong,
     ping_frame,
+    pong_frame,
     Subscribe,
     Unsubscribe,
     decode_frames,
@@ -110,6 +111,10 @@ class MessageSocket(Protocol):
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
 
 
+_HANDLERS: Final[dict[type[Any], Callable[[ClientConnection, Any], None]]] = {}
+"""What `ClientConnection._dispatch` does with each kind of client frame
+(filled below the class)."""
+
 _MAX_OWED: Final = 4096
 """Pushes a socket remembers as owed an ack (more: the oldest are
 forgotten, and their late acks count against the message rate)."""
@@ -123,6 +128,38 @@ class _Ending:
 
 class ClientConnection:
     """One upgraded socket (see the module docstring)."""
+
+    # A gateway holds tens of thousands of these: no per-instance dict.
+    __slots__ = (
+        "__weakref__",
+        "_authorize",
+        "_bucket",
+        "_config",
+        "_counters",
+        "_credits",
+        "_direct",
+        "_gone",
+        "_nursery",
+        "_owed",
+        "_ping_sent_at",
+        "_queue",
+        "_requests",
+        "_routes",
+        "_seen",
+        "_session",
+        "_topics",
+        "_user",
+        "_warnings",
+        "_writing",
+        "ending",
+        "errors",
+        "frames_received",
+        "frames_sent",
+        "info",
+        "number",
+        "rtt",
+        "ws",
+    )
 
     def __init__(
         self,
@@ -161,8 +198,10 @@ class ClientConnection:
         self._user = user
         self._owed: dict[tuple[str, int], None] = {}
         """Pushes sent and not acked yet (epoch, seq), oldest first."""
-        self._scope = trio.CancelScope()
+        self._gone = False
+        """Whether the work is cancelled (the client is gone, or `end`)."""
         self._nursery: trio.Nursery | None = None
+        """The nursery of the socket's work, while `run` has it open."""
         self._requests: dict[int, trio.CancelScope] = {}
         self._credits: dict[int, StreamCredit] = {}
         self._queue: deque[bytes | str] | None = None
@@ -178,7 +217,6 @@ class ClientConnection:
         self.rtt: float | None = None
         """Round-trip time of the last ping answered, in seconds."""
         self._ping_sent_at: float | None = None
-        self._context = contextvars.copy_context()
 
     # ------------------------------------------------------------------
     # Lifecycle
@@ -189,7 +227,13 @@ class ClientConnection:
         if self.ending is None:
             self.ending = _Ending(code, reason)
             self._counters.closed(code)
-        self._scope.cancel()
+        self._cancel()
+
+    def _cancel(self) -> None:
+        """Cancel the socket's work (the reader included)."""
+        self._gone = True
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     async def run(self) -> None:
         """Serve the socket until the client closes it or `end` is called;
@@ -197,22 +241,22 @@ class ClientConnection:
 
         Cancellation: the work is cancelled; the close frame is not sent.
         """
+        # Requests start from the reader (`_deliver`), in this task: with
+        # this context, so that they see `current_client`.
         token = current_info.set(self.info)
-        # Requests start from the reader (`_deliver`): in this task's
-        # context, so that they see `current_client`.
-        self._context = contextvars.copy_context()
         try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    if self._session is not None:
-                        nursery.start_soon(
-                            self._session.run, self._user, self._push, self._detached
-                        )
-                    if self._queue:  # frames sent before the nursery opened
-                        self._start_writer()
-                    await self._read()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self._gone:  # ended before it ran
                     nursery.cancel_scope.cancel()
+                if self._session is not None:
+                    nursery.start_soon(
+                        self._session.run, self._user, self._push, self._detached
+                    )
+                if self._queue:  # frames sent before the nursery opened
+                    self._start_writer()
+                await self._read()
+                nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
             current_info.reset(token)
@@ -347,31 +391,35 @@ class ClientConnection:
                 return False
         return self.ending is None
 
-    def _dispatch(self, frame: object) -> None:
-        if isinstance(frame, Call | OpenStream):
-            self._start(frame)
-        elif isinstance(frame, Cancel):
-            scope = self._requests.get(frame.id)
-            if scope is not None:
-                scope.cancel()
-        elif isinstance(frame, Credit):
-            credit = self._credits.get(frame.id)
-            if credit is not None:
-                credit.grant(frame.n)
-        elif isinstance(frame, Subscribe | ListPresence):
-            self._start_subscription(frame)
-        elif isinstance(frame, Unsubscribe):
-            topics = self._topics
-            dropped = topics is not None and topics.hub.unsubscribe(self, frame.topic)
-            self._send({"t": "reply", "id": frame.id, "v": dropped})
-        elif isinstance(frame, Ack):
-            if self._session is not None and self._nursery is not None:
-                for seq in frame.seqs:
-                    self._owed.pop((frame.epoch, seq), None)
-                self._nursery.start_soon(self._session.ack, frame.epoch, frame.seqs)
-        elif isinstance(frame, Ping):
-            self._send({"t": "pong"})
-        elif isinstance(frame, Pong) and self._ping_sent_at is not None:
+    def _dispatch(self, frame: ClientFrame) -> None:
+        _HANDLERS[type(frame)](self, frame)
+
+    def _cancel_request(self, frame: Cancel) -> None:
+        scope = self._requests.get(frame.id)
+        if scope is not None:
+            scope.cancel()
+
+    def _credit(self, frame: Credit) -> None:
+        credit = self._credits.get(frame.id)
+        if credit is not None:
+            credit.grant(frame.n)
+
+    def _unsubscribe(self, frame: Unsubscribe) -> None:
+        topics = self._topics
+        dropped = topics is not None and topics.hub.unsubscribe(self, frame.topic)
+        self._send({"t": "reply", "id": frame.id, "v": dropped})
+
+    def _ack(self, frame: Ack) -> None:
+        if self._session is not None and self._nursery is not None:
+            for seq in frame.seqs:
+                self._owed.pop((frame.epoch, seq), None)
+            self._nursery.start_soon(self._session.ack, frame.epoch, frame.seqs)
+
+    def _ping(self, frame: Ping) -> None:
+        self.send_encoded(pong_frame(self.info.subprotocol))
+
+    def _pong(self, frame: Pong) -> None:
+        if self._ping_sent_at is not None:
             self.rtt = trio.current_time() - self._ping_sent_at
             self._ping_sent_at = None
 
@@ -396,16 +444,14 @@ class ClientConnection:
         start_soon = self._nursery.start_soon
         if isinstance(frame, OpenStream):
             credit = self._credits[frame.id] = StreamCredit(frame.credit)
-            self._context.run(
-                start_soon,
+            start_soon(
                 self._request,
                 frame.id,
                 scope,
                 partial(self._stream, frame.id, route, frame.key, message, credit),
             )
         else:
-            self._context.run(
-                start_soon,
+            start_soon(
                 self._request,
                 frame.id,
                 scope,
@@ -429,11 +475,24 @@ class ClientConnection:
             EntityId(frame.topic)
         except ValueError as exc:
             raise FrameError(request_id, ErrorCode.BAD_REQUEST, str(exc)) from None
+        if (
+            isinstance(frame, Subscribe)
+            and frame.since is None
+            and not frame.presence
+            and self._authorize is None
+            and topics.presence is None
+        ):
+            # Nothing to fetch or ask: answered now if the gateway follows
+            # the topic already (no task, no call to the topic's entity).
+            value = topics.hub.subscribe_now(self, frame.topic)
+            if value is not None:
+                self._counters.requests += 1
+                self._send({"t": "reply", "id": request_id, "v": value})
+                return
         scope = self._requests[request_id] = trio.CancelScope()
         self._counters.requests += 1
         assert self._nursery is not None
-        self._context.run(
-            self._nursery.start_soon,
+        self._nursery.start_soon(
             self._request,
             request_id,
             scope,
@@ -597,7 +656,7 @@ class ClientConnection:
             try:
                 write_message(*direct, data)
             except CONNECTION_ERRORS:
-                self._scope.cancel()  # the client is gone
+                self._cancel()  # the client is gone
                 return
             self.frames_sent += 1
             self._counters.frames_sent += 1
@@ -648,7 +707,7 @@ class ClientConnection:
             try:
                 await direct[1].flush()
             except CONNECTION_ERRORS:
-                self._scope.cancel()  # the client is gone
+                self._cancel()  # the client is gone
                 return False
         if waited.cancelled_caught:
             self.end(CloseCode.SLOW_CONSUMER, "write over send_timeout")
@@ -682,9 +741,25 @@ class ClientConnection:
                 else:
                     await self.ws.send_message(data)
             except CONNECTION_ERRORS:
-                self._scope.cancel()  # the client is gone
+                self._cancel()  # the client is gone
                 return False
         if waited.cancelled_caught:
             self.end(CloseCode.SLOW_CONSUMER, "write over send_timeout")
             return False
         return True
+
+
+_HANDLERS.update(
+    {
+        Call: ClientConnection._start,
+        OpenStream: ClientConnection._start,
+        Cancel: ClientConnection._cancel_request,
+        Credit: ClientConnection._credit,
+        Subscribe: ClientConnection._start_subscription,
+        ListPresence: ClientConnection._start_subscription,
+        Unsubscribe: ClientConnection._unsubscribe,
+        Ack: ClientConnection._ack,
+        Ping: ClientConnection._ping,
+        Pong: ClientConnection._pong,
+    }
+)

@@ -44,13 +44,20 @@ log = logging.getLogger("trio_cluster.gateway")
 class _Subscriber:
     """One socket subscribed to a topic."""
 
-    def __init__(self, connection: ClientConnection) -> None:
+    __slots__ = ("buffer", "connection", "epoch", "last", "presence")
+
+    def __init__(
+        self,
+        connection: ClientConnection,
+        position: Position | None = None,
+    ) -> None:
         self.connection = connection
-        self.last = 0
+        self.last = 0 if position is None else position.offset
         """The last offset sent to it (in ``epoch``)."""
-        self.epoch: str | None = None
-        self.buffer: list[Publication] | None = []
-        """Publications held while its history is fetched."""
+        self.epoch: str | None = None if position is None else position.epoch
+        self.buffer: list[Publication] | None = [] if position is None else None
+        """Publications held while its history is fetched (None: none
+        are)."""
         self.presence = False
         """Whether it gets presence diffs (from its subscribe answer on)."""
 
@@ -86,7 +93,47 @@ class TopicHub:
         self._nursery = nursery
         self._runner = runner
         self._followers: dict[str, _Follower] = {}
+        self._joined: dict[ClientConnection, str | set[str]] = {}
+        """The topics of each subscribed socket (one name, or a set of
+        several)."""
         self._backoff = Backoff(0.05, 2.0, jitter=0.5)
+
+    def subscribe_now(
+        self, connection: ClientConnection, topic: str
+    ) -> dict[str, Any] | None:
+        """Subscribe ``connection`` to ``topic`` from now on, without
+        waiting, if this gateway follows the topic already (and the socket
+        does not join its presence nor resume): the subscribe reply's value,
+        or None (then use `subscribe`).
+
+        Its position is the follower's: the last publication the topic's
+        stream brought, which every subscriber has been sent; the stream
+        brings the next ones, which the socket gets too.
+        """
+        follower = self._followers.get(topic)
+        if follower is None or follower.position is None:
+            return None
+        position = follower.position
+        follower.subscribers[connection] = _Subscriber(connection, position)
+        self._join(connection, topic)
+        return {"epoch": position.epoch, "offset": position.offset, "recovered": False}
+
+    def _join(self, connection: ClientConnection, topic: str) -> None:
+        joined = self._joined.get(connection)
+        if joined is None:
+            self._joined[connection] = topic
+        elif isinstance(joined, str):
+            if joined != topic:
+                self._joined[connection] = {joined, topic}
+        else:
+            joined.add(topic)
+
+    def _leave(self, connection: ClientConnection, topic: str) -> None:
+        joined = self._joined.get(connection)
+        if joined == topic:
+            del self._joined[connection]
+        elif isinstance(joined, set):
+            joined.discard(topic)
 
     async def subscribe(
         self,
@@ -108,6 +155,7 @@ class TopicHub:
             follower = self._followers[topic] = _Follower(topic)
         subscriber = _Subscriber(connection)
         follower.subscribers[connection] = subscriber
+        self._join(connection, topic)
         key = connection.info.id
         if data is not None:
             follower.present[key] = data
@@ -166,12 +214,15 @@ class TopicHub:
 
     def forget(self, connection: ClientConnection) -> None:
         """The socket closed: drop its subscriptions."""
-        for follower in list(self._followers.values()):
-            if connection in follower.subscribers:
+        joined = self._joined.pop(connection, None)
+        for topic in (joined,) if isinstance(joined, str) else joined or ():
+            follower = self._followers.get(topic)
+            if follower is not None and connection in follower.subscribers:
                 self._drop(follower, connection)
 
     def _drop(self, follower: _Follower, connection: ClientConnection) -> None:
         follower.subscribers.pop(connection, None)
+        self._leave(connection, follower.name)
         key = connection.info.id
         if follower.present.pop(key, None) is not None:
             try:

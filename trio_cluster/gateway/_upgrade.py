@@ -6,9 +6,10 @@ Theory of operation. The gateway reads and parses the request head itself
 (RFC 6455 §4.2.1, the checks wsproto makes: `upgrade_refusal`) and writes the
 ``101 Switching Protocols`` answer (`accept_response`), then wraps the stream
 in a trio-websocket `WebSocketConnection` whose wsproto object starts open:
-wsproto's low-level `Connection`, meant for handshakes done elsewhere
-(`server_websocket`). So the head is parsed once, and no HTTP state is kept
-for the socket's life.
+a `FastWSConnection` over wsproto's low-level `Connection`, meant for
+handshakes done elsewhere (`server_websocket`). So the head is parsed once,
+no HTTP state is kept for the socket's life, and plain data frames are read
+and written without wsproto's general machinery.
 
 `read_messages` runs trio-websocket's reader loop in the calling task (the
 socket's own task), and hands every message to a callback there: a socket
@@ -34,14 +35,12 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from trio_websocket import WebSocketConnection
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import Connection
 from wsproto.utilities import generate_accept_token
 
-if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Generator
+from ._frames import FastWSConnection
 
-    from wsproto.events import Event
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
 
     from ._http import Head
 
@@ -58,6 +57,8 @@ Refusal = tuple[int, str, tuple[tuple[str, str], ...]]
 """An HTTP status, its reason text and extra headers."""
 
 _VERSION: Final = "13"
+_MAX_FAST_FRAME: Final = 1 << 16
+"""Larger frames are read by wsproto, as they arrive (`FastWSConnection`)."""
 
 
 def upgrade_refusal(head: Head) -> Refusal | None:
@@ -105,20 +106,6 @@ def head_rest(head: Head) -> bytes:
     return b"" if end < 0 else head.raw[end + 4 :]
 
 
-class _OpenWSConnection(WSConnection):
-    """A server `WSConnection` whose handshake is done: its low-level
-    `Connection` only (wsproto's ``WSConnection`` keeps its h11 handshake
-    for the connection's life)."""
-
-    def __init__(self, trailing_data: bytes) -> None:
-        self.client = False
-        self.connection = Connection(ConnectionType.SERVER, trailing_data=trailing_data)
-
-    def events(self) -> Generator[Event, None, None]:
-        assert self.connection is not None
-        return self.connection.events()
-
-
 def server_websocket(
     stream: trio.abc.Stream,
     *,
@@ -133,7 +120,9 @@ def server_websocket(
     ``get_message``."""
     ws = WebSocketConnection(
         stream,
-        _OpenWSConnection(trailing_data),
+        FastWSConnection(
+            trailing_data, max_frame=min(max_message_size, _MAX_FAST_FRAME)
+        ),
         message_queue_size=0,
         max_message_size=max_message_size,
     )
