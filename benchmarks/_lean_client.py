@@ -24,7 +24,7 @@ Commands:
 * ``fan_arm``: start recording ``pub`` frames (``maxseq`` publications).
 * ``fan_progress`` / ``fan_report``: deliveries so far; per publication the
   count and the last arrival time (CLOCK_MONOTONIC, µs).
-* ``rpc``: every socket calls ``op`` on entity ``key_prefix + i`` in a
+* ``rpc``: every socket calls ``operation`` on entity ``key_prefix + i`` in a
   closed loop (one call in flight per socket) for ``warmup_s`` then
   ``duration_s``; answers the calls and latencies of the measured window.
 * ``seq``: one socket makes ``count`` calls one after another.
@@ -469,7 +469,7 @@ class LeanClient:
         self,
         re: int,
         *,
-        op: str,
+        operation: str,
         msg: Any,
         key_prefix: str,
         warmup_s: float,
@@ -482,7 +482,7 @@ class LeanClient:
         chosen = chosen[: sockets or len(chosen)]
         self.rpc = {
             "re": re,
-            "op": op,
+            "op": operation,
             "msg": msg,
             "measure_from": now + warmup_s,
             "measure_until": now + warmup_s + duration_s,

@@ -78,6 +78,7 @@ from ._protocol import (
 from ._requests import StreamCredit, admit, failure_frame
 from ._statistics import ConnectionStatistics
 from ._topics import Position
+from ._frames import FastWSConnection, data_frame
 from ._upgrade import close_websocket, read_messages
 
 if TYPE_CHECKING:
@@ -172,7 +173,7 @@ class ClientConnection:
         authorize: Callable[[object, Operation], Any] | None,
         counters: GatewayCounters,
         warnings: LogLimiter,
-        seen: Callable[[int], None],
+        seen: Callable[[int, float], None],
         outbox: Outbox | None = None,
         topics: TopicAccess | None = None,
         session: SessionLink | None = None,
@@ -351,7 +352,7 @@ class ClientConnection:
             reason = ws.closed
         else:
             try:
-                while await self._deliver(await ws.get_message()):
+                while self._deliver(await ws.get_message()):
                     pass
                 return
             except ConnectionClosed as exc:
@@ -359,13 +360,13 @@ class ClientConnection:
         if self.ending is None and reason is not None and reason.code == 1009:
             self._counters.closed(CloseCode.MESSAGE_TOO_BIG)
 
-    async def _deliver(self, message: bytes | str) -> bool:
+    def _deliver(self, message: bytes | str) -> bool:
         """Handle one message (a frame or a batch of them, each counted
         against the message rate); False once the connection ends. It runs
-        in the reader: it never waits (the reads are its schedule
+        in the reader, and never waits (the reads are its schedule
         points)."""
         now = trio.current_time()
-        self._seen(self.number)
+        self._seen(self.number, now)
         try:
             frames = decode_frames(message, self.info.subprotocol)
         except BadFrame as exc:
@@ -451,12 +452,7 @@ class ClientConnection:
                 partial(self._stream, frame.id, route, frame.key, message, credit),
             )
         else:
-            start_soon(
-                self._request,
-                frame.id,
-                scope,
-                partial(self._call, frame.id, route, frame.key, message),
-            )
+            start_soon(self._call, frame.id, scope, route, frame.key, message)
 
     def _start_subscription(self, frame: Subscribe | ListPresence) -> None:
         topics = self._topics
@@ -564,16 +560,39 @@ class ClientConnection:
         return bool(await authorize(self.info.principal, operation))
 
     async def _call(
-        self, request_id: int, route: Route, key: str | None, message: Any
-    ) -> dict[str, Any]:
+        self,
+        request_id: int,
+        scope: trio.CancelScope,
+        route: Route,
+        key: str | None,
+        message: Any,
+    ) -> None:
+        """A call's task (one coroutine: calls are the commonest requests):
+        its reply, error frame, or ``cancelled``."""
+        frame: dict[str, Any] | None = None
         try:
-            if not await self._authorized(route, key, message):
-                return self._forbidden(request_id, route)
-            assert route.invoke is not None
-            value = await route.invoke(key, message)
-            return {"t": "reply", "id": request_id, "v": route.reply.unstructure(value)}
-        except Exception as exc:
-            return self._failure(request_id, route, exc)
+            with scope:
+                try:
+                    if self._authorize is not None and not await self._authorized(
+                        route, key, message
+                    ):
+                        frame = self._forbidden(request_id, route)
+                    else:
+                        assert route.invoke is not None
+                        value = await route.invoke(key, message)
+                        frame = {
+                            "t": "reply",
+                            "id": request_id,
+                            "v": route.reply.unstructure(value),
+                        }
+                except Exception as exc:
+                    frame = self._failure(request_id, route, exc)
+            if scope.cancelled_caught:
+                frame = error_frame(request_id, ErrorCode.CANCELLED, "cancelled")
+        finally:
+            del self._requests[request_id]
+        if frame is not None:
+            self._send(frame, request_id=request_id)
 
     async def _stream(
         self,
@@ -654,7 +673,7 @@ class ClientConnection:
         direct = self._direct
         if not queue and direct is not None and not direct[1].backlog:
             try:
-                write_message(*direct, data)
+                _write_direct(direct, data)
             except CONNECTION_ERRORS:
                 self._cancel()  # the client is gone
                 return
@@ -737,7 +756,7 @@ class ClientConnection:
         with trio.move_on_after(self._config.send_timeout) as waited:
             try:
                 if direct is not None:  # `_drained` was the checkpoint
-                    write_message(*direct, data)
+                    _write_direct(direct, data)
                 else:
                     await self.ws.send_message(data)
             except CONNECTION_ERRORS:
@@ -747,6 +766,26 @@ class ClientConnection:
             self.end(CloseCode.SLOW_CONSUMER, "write over send_timeout")
             return False
         return True
+
+
+def _write_direct(direct: tuple[WebSocketConnection, Outbox], data: bytes | str) -> None:
+    """Write ``data`` as one message on the socket of ``direct`` now, into
+    its outbox (see `write_message`: this is its fast form for the gateway's
+    sockets, whose wsproto object is a `FastWSConnection`).
+
+    Raises:
+        ConnectionClosed: the WebSocket is closed or closing.
+        trio.BrokenResourceError, trio.ClosedResourceError: the stream
+            failed or is closed.
+    """
+    ws, outbox = direct
+    if not isinstance(ws._wsproto, FastWSConnection):
+        write_message(ws, outbox, data)
+        return
+    reason = ws.closed
+    if reason is not None:  # set before a close frame is sent or handled
+        raise ConnectionClosed(reason)
+    outbox.write_nowait(data_frame(data))
 
 
 _HANDLERS.update(

@@ -158,8 +158,8 @@ class GatewayServer:
                 elif isinstance(command, Disconnect):
                     connection.end(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
 
-    def _seen(self, number: int) -> None:
-        self._heartbeats.seen(number, trio.current_time())
+    def _seen(self, number: int, now: float) -> None:
+        self._heartbeats.seen(number, now)
 
     def _watch(self, connection: ClientConnection) -> None:
         if self._closing:

@@ -40,7 +40,7 @@ from wsproto.utilities import generate_accept_token
 from ._frames import FastWSConnection
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Callable
 
     from ._http import Head
 
@@ -164,12 +164,12 @@ class _Tap:
 
     __slots__ = ("_deliver", "stopped")
 
-    def __init__(self, deliver: Callable[[bytes | str], Awaitable[bool]]) -> None:
+    def __init__(self, deliver: Callable[[bytes | str], bool]) -> None:
         self._deliver = deliver
         self.stopped = False
 
     async def send(self, message: bytes | str) -> None:
-        if not self.stopped and not await self._deliver(message):
+        if not self.stopped and not self._deliver(message):
             self.stopped = True
 
     async def aclose(self) -> None:
@@ -184,7 +184,7 @@ class _Tap:
 
 
 async def read_messages(
-    ws: WebSocketConnection, deliver: Callable[[bytes | str], Awaitable[bool]]
+    ws: WebSocketConnection, deliver: Callable[[bytes | str], bool]
 ) -> None:
     """Run ``ws``'s reader (trio-websocket's loop) in this task until the
     socket closes, handing each message to ``deliver``, which returns False
@@ -215,5 +215,5 @@ async def close_websocket(ws: WebSocketConnection, code: int, reason: str) -> No
         nursery.cancel_scope.cancel()
 
 
-async def _drop(message: bytes | str) -> bool:
+def _drop(message: bytes | str) -> bool:
     return False

@@ -77,6 +77,7 @@ class Outbox(trio.abc.Stream):
         "_fd",
         "_flushing",
         "_queued",
+        "_read_all",
         "backlog",
         "on_backlog",
         "stream",
@@ -98,6 +99,9 @@ class Outbox(trio.abc.Stream):
         self._failure: BaseException | None = None
         self._closed = False
         self._flushing = False
+        self._read_all = False
+        """Whether the last read took less than it asked (the socket was
+        emptied)."""
         self._queued: trio.Event | None = None
         """`flush_forever` waits on it for a backlog (None: it does not)."""
         self._drained: trio.Event | None = None
@@ -269,6 +273,12 @@ class Outbox(trio.abc.Stream):
             raise ValueError("max_bytes must be >= 1")
         await trio.lowlevel.checkpoint_if_cancelled()
         waited = False
+        if self._read_all:
+            # The last read emptied the socket: most likely nothing came
+            # since, so wait first (a read now would cost a system call to
+            # learn that).
+            await trio.lowlevel.wait_readable(self._fd)
+            waited = True
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("the stream is closed")
@@ -279,6 +289,7 @@ class Outbox(trio.abc.Stream):
             # exception kept while waiting would keep its traceback alive.
             await trio.lowlevel.wait_readable(self._fd)
             waited = True
+        self._read_all = len(data) < size
         if not waited:  # data was there at once: a schedule point all the same
             await trio.lowlevel.cancel_shielded_checkpoint()
         return data
