@@ -19,6 +19,7 @@ WORKLOADS = {
     "events": "benchmarks.events_bus",
     "w10": "benchmarks.w10_webhooks",
     "w6": "benchmarks.w6_idle",
+    "w7": "benchmarks.w7_fanout",
     "w8": "benchmarks.w8_gateway",
     "wf": "benchmarks.workflow_steps",
 }

@@ -15,7 +15,8 @@ its server: compare throughput with that in mind.
 
 Commands:
 
-* ``connect``: open ``n`` sockets to ``url`` from source address ``src``,
+* ``connect``: open ``n`` sockets to ``url`` (or to a list of urls, round
+  robin: socket ``i`` to ``url[i % len(url)]``) from source address ``src``,
   at most ``concurrency`` handshakes at once; each subscribes to topic
   ``topic_prefix + str(i % topics)`` (``topics`` > 0) and waits for the
   answer. Answers ``ok``, ``failed`` and ``errors``.
@@ -24,6 +25,9 @@ Commands:
 * ``fan_arm``: start recording ``pub`` frames (``maxseq`` publications).
 * ``fan_progress`` / ``fan_report``: deliveries so far; per publication the
   count and the last arrival time (CLOCK_MONOTONIC, µs).
+* ``publish``: ``count`` calls of ``operation`` with ``{seq, ts, pad}``
+  (``ts``: CLOCK_MONOTONIC) at ``rate`` per second on one socket, not
+  waiting for replies; answers the send times when every reply came.
 * ``rpc``: every socket calls ``operation`` on entity ``key_prefix + i`` in a
   closed loop (one call in flight per socket) for ``warmup_s`` then
   ``duration_s``; answers the calls and latencies of the measured window.
@@ -113,14 +117,18 @@ class Conn:
         "next_id",
         "out",
         "sent_at",
+        "server",
         "sock",
         "state",
         "topic",
     )
 
-    def __init__(self, sock: socket.socket, index: int, topic: str | None) -> None:
+    def __init__(
+        self, sock: socket.socket, index: int, topic: str | None, server: int = 0
+    ) -> None:
         self.sock = sock
         self.index = index
+        self.server = server
         self.topic = topic
         self.state = "connecting"
         self.buffer = bytearray()
@@ -144,7 +152,7 @@ class LeanClient:
         self.reasons: dict[str, int] = defaultdict(int)
         self.pings = 0
         # connect
-        self.pending: list[Conn] = []
+        self.pending_count = 0
         self.connecting = 0
         self.connect_job: dict[str, Any] | None = None
         self.connect_result = {"ok": 0, "failed": 0, "errors": defaultdict(int)}
@@ -154,6 +162,9 @@ class LeanClient:
         self.fan_last: list[float] = []
         self.fan_total = 0
         self.fan_ts: list[float] = []
+        self.server_count: list[int] = []
+        self.server_last: list[float] = []
+        self.pub: dict[str, Any] | None = None
         # rpc
         self.rpc: dict[str, Any] | None = None
         self.latencies: list[float] = []
@@ -175,13 +186,15 @@ class LeanClient:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((job["src"], 0))
         sock.setblocking(False)
-        conn = Conn(sock, conn_index, topic)
+        server = conn_index % len(job["servers"])
+        host, port, path = job["servers"][server]
+        conn = Conn(sock, conn_index, topic, server)
         with contextlib.suppress(BlockingIOError):
-            sock.connect((job["host"], job["port"]))
+            sock.connect((host, port))
         self.conns[sock.fileno()] = conn
         key = base64.b64encode(os.urandom(16)).decode()
         conn.out = (
-            f"GET {job['path']} HTTP/1.1\r\nHost: {job['host']}:{job['port']}\r\n"
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
             "Upgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
             f"Sec-WebSocket-Protocol: {MSGPACK}\r\n\r\n"
@@ -272,7 +285,6 @@ class LeanClient:
             )
             self.connect_job = None
 
-    pending_count = 0
 
     # ------------------------------------------------------------------
     # Events
@@ -321,6 +333,8 @@ class LeanClient:
         kind = frame["t"]
         if kind == "pub":
             self.publication(conn, frame["data"], now)
+        elif self.pub is not None and frame.get("id", 0) >= 1_000_000:
+            self.pub_reply(frame)
         elif kind == "reply":
             if conn.state == "up":
                 self.rpc_reply(conn, frame, now)
@@ -345,6 +359,10 @@ class LeanClient:
             self.fan_total += 1
             if now > self.fan_last[seq]:
                 self.fan_last[seq] = now
+            server = conn.server
+            self.server_count[server] += 1
+            if now > self.server_last[server]:
+                self.server_last[server] = now
 
     # ------------------------------------------------------------------
     # RPC
@@ -416,7 +434,7 @@ class LeanClient:
         self,
         re: int,
         *,
-        url: str,
+        url: str | list[str],
         n: int,
         src: str,
         index_base: int = 0,
@@ -424,12 +442,14 @@ class LeanClient:
         topic_prefix: str = "room-",
         concurrency: int = 100,
     ) -> None:
-        parts = urlsplit(url)
+        urls = [url] if isinstance(url, str) else url
+        servers = []
+        for each in urls:
+            parts = urlsplit(each)
+            servers.append((parts.hostname, parts.port, parts.path or "/"))
         self.connect_job = {
             "re": re,
-            "host": parts.hostname,
-            "port": parts.port,
-            "path": parts.path or "/",
+            "servers": servers,
             "src": src,
             "next": index_base,
             "topics": topics,
@@ -452,18 +472,99 @@ class LeanClient:
             cpu_s=usage.ru_utime + usage.ru_stime,
         )
 
-    def op_fan_arm(self, re: int, *, maxseq: int) -> None:
+    def op_fan_arm(self, re: int, *, maxseq: int, servers: int = 1) -> None:
         self.fan_max = maxseq
         self.fan_count = [0] * maxseq
         self.fan_last = [0.0] * maxseq
         self.fan_total = 0
+        self.server_count = [0] * servers
+        self.server_last = [0.0] * servers
         self.reply(re)
 
     def op_fan_progress(self, re: int) -> None:
         self.reply(re, delivered=self.fan_total)
 
     def op_fan_report(self, re: int) -> None:
-        self.reply(re, count=self.fan_count, last=self.fan_last)
+        self.reply(
+            re,
+            count=self.fan_count,
+            last=self.fan_last,
+            server_count=self.server_count,
+            server_last=self.server_last,
+        )
+
+    def op_publish(
+        self,
+        re: int,
+        *,
+        operation: str,
+        rate: float,
+        count: int,
+        pad: int = 0,
+        first_seq: int = 0,
+    ) -> None:
+        """Send ``count`` calls of ``operation`` (message ``{seq, ts, pad}``)
+        at ``rate`` per second on the first socket, without waiting for
+        the replies (they are counted); answer when all came."""
+        conn = next(conn for conn in self.conns.values() if conn.state == "up")
+        start = time.monotonic()
+        self.pub = {
+            "re": re,
+            "conn": conn,
+            "operation": operation,
+            "interval": 1.0 / rate,
+            "count": count,
+            "sent": 0,
+            "replies": 0,
+            "errors": 0,
+            "start": start,
+            "pad": "x" * pad,
+            "first_seq": first_seq,
+            "ts": [],
+        }
+        self.pub_tick(start)
+
+    def pub_tick(self, now: float) -> float | None:
+        """Send the publications due by ``now``; the time of the next one
+        (None: all sent)."""
+        pub = self.pub
+        if pub is None:
+            return None
+        while pub["sent"] < pub["count"]:
+            due = pub["start"] + pub["sent"] * pub["interval"]
+            if due > now:
+                return due
+            conn = pub["conn"]
+            ts = time.monotonic()
+            seq = pub["first_seq"] + pub["sent"]
+            pub["ts"].append(ts)
+            pub["sent"] += 1
+            self.send(
+                conn,
+                {
+                    "t": "call",
+                    "id": 1_000_000 + seq,
+                    "op": pub["operation"],
+                    "msg": {"seq": seq, "ts": ts, "pad": pub["pad"]},
+                },
+            )
+        return None
+
+    def pub_reply(self, frame: dict[str, Any]) -> None:
+        pub = self.pub
+        assert pub is not None
+        pub["replies"] += 1
+        if frame["t"] == "error":
+            pub["errors"] += 1
+        if pub["replies"] == pub["count"]:
+            self.pub = None
+            self.reply(
+                pub["re"],
+                sent=pub["sent"],
+                errors=pub["errors"],
+                ts=pub["ts"],
+                elapsed=time.monotonic() - pub["start"],
+            )
 
     def op_rpc(
         self,
@@ -520,8 +621,9 @@ class LeanClient:
         sys.stdout.write(json.dumps({"event": "ready", "pid": os.getpid()}) + "\n")
         sys.stdout.flush()
         conns = self.conns
+        timeout = 1.0
         while True:
-            for fd, mask in self.epoll.poll(1.0):
+            for fd, mask in self.epoll.poll(timeout):
                 if fd == stdin:
                     if not self.read_stdin(stdin):
                         return
@@ -533,6 +635,12 @@ class LeanClient:
                     self.flush(conn)
                 if mask & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
                     self.readable(conn)
+            timeout = 1.0
+            if self.pub is not None:
+                now = time.monotonic()
+                due = self.pub_tick(now)
+                if due is not None:
+                    timeout = max(0.0, due - now)
 
     def read_stdin(self, fd: int) -> bool:
         try:

@@ -67,6 +67,7 @@ from ._protocol import (
     Pong,
     ping_frame,
     pong_frame,
+    SUBPROTOCOLS,
     Subscribe,
     Unsubscribe,
     decode_frames,
@@ -115,6 +116,11 @@ class MessageSocket(Protocol):
 _HANDLERS: Final[dict[type[Any], Callable[[ClientConnection, Any], None]]] = {}
 """What `ClientConnection._dispatch` does with each kind of client frame
 (filled below the class)."""
+
+_PING_FRAMES: Final = {
+    subprotocol: data_frame(ping_frame(subprotocol)) for subprotocol in SUBPROTOCOLS
+}
+"""The ping frame as a WebSocket frame, per subprotocol."""
 
 _MAX_OWED: Final = 4096
 """Pushes a socket remembers as owed an ack (more: the oldest are
@@ -295,7 +301,8 @@ class ClientConnection:
     def ping(self) -> None:
         """Send a ping frame (the heartbeats found the client quiet)."""
         self._ping_sent_at = trio.current_time()
-        self.send_encoded(ping_frame(self.info.subprotocol))
+        subprotocol = self.info.subprotocol
+        self.send_encoded(ping_frame(subprotocol), _PING_FRAMES[subprotocol])
 
     def send_welcome(self) -> None:
         config = self._config
@@ -664,16 +671,17 @@ class ClientConnection:
         """Encode ``frame`` and send it (`send_encoded`)."""
         self.send_encoded(self._encode(frame, request_id))
 
-    def send_encoded(self, data: bytes | str) -> None:
+    def send_encoded(self, data: bytes | str, framed: bytes | None = None) -> None:
         """Write an encoded frame now if nothing waits (over TCP: into the
         `Outbox`, synchronously), else queue it for the writer (started if
         it does not run); a full queue ends the connection (slow
-        consumer)."""
+        consumer). ``framed``: ``data`` as a WebSocket frame already
+        (`data_frame`), when the same frame goes to many sockets."""
         queue = self._queue
         direct = self._direct
         if not queue and direct is not None and not direct[1].backlog:
             try:
-                _write_direct(direct, data)
+                _write_direct(direct, data, framed)
             except CONNECTION_ERRORS:
                 self._cancel()  # the client is gone
                 return
@@ -768,7 +776,11 @@ class ClientConnection:
         return True
 
 
-def _write_direct(direct: tuple[WebSocketConnection, Outbox], data: bytes | str) -> None:
+def _write_direct(
+    direct: tuple[WebSocketConnection, Outbox],
+    data: bytes | str,
+    framed: bytes | None = None,
+) -> None:
     """Write ``data`` as one message on the socket of ``direct`` now, into
     its outbox (see `write_message`: this is its fast form for the gateway's
     sockets, whose wsproto object is a `FastWSConnection`).
@@ -785,7 +797,7 @@ def _write_direct(direct: tuple[WebSocketConnection, Outbox], data: bytes | str)
     reason = ws.closed
     if reason is not None:  # set before a close frame is sent or handled
         raise ConnectionClosed(reason)
-    outbox.write_nowait(data_frame(data))
+    outbox.write_nowait(data_frame(data) if framed is None else framed)
 
 
 _HANDLERS.update(

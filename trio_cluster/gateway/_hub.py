@@ -29,12 +29,14 @@ from ._presence import (
     Untrack,
     presence_frame,
 )
+from ._frames import data_frame
 from ._protocol import encode_frame
 from ._topics import Follow, Followed, Position, Publication, Topic
 
 if TYPE_CHECKING:
     from .._client import EntityClient
     from ._connection import ClientConnection
+    from ._statistics import GatewayCounters
 
 __all__ = ["TopicAccess", "TopicHub", "publication_frame"]
 
@@ -87,9 +89,14 @@ class TopicHub:
     """A gateway's subscriptions (see the module docstring)."""
 
     def __init__(
-        self, topics: EntityClient[Topic], nursery: trio.Nursery, runner: str
+        self,
+        topics: EntityClient[Topic],
+        nursery: trio.Nursery,
+        runner: str,
+        counters: GatewayCounters | None = None,
     ) -> None:
         self._topics = topics
+        self._counters = counters
         self._nursery = nursery
         self._runner = runner
         self._followers: dict[str, _Follower] = {}
@@ -180,7 +187,7 @@ class TopicHub:
         subscriber.last = (
             since.offset if since is not None and recovered else page.offset
         )
-        cache: dict[str, bytes | str] = {}
+        cache: dict[str, tuple[bytes | str, bytes]] = {}
         if recovered:
             for item in page.items:
                 cache.clear()
@@ -239,10 +246,10 @@ class TopicHub:
         follower: _Follower,
         subscriber: _Subscriber,
         item: Publication,
-        cache: dict[str, bytes | str],
+        cache: dict[str, tuple[bytes | str, bytes]],
     ) -> None:
         """Send ``item`` to ``subscriber`` unless it had it; ``cache`` holds
-        the item's frame encoded once per subprotocol."""
+        the item's frame encoded and framed once per subprotocol."""
         if subscriber.buffer is not None:
             subscriber.buffer.append(item)
             return
@@ -252,15 +259,15 @@ class TopicHub:
         subscriber.last = item.offset
         connection = subscriber.connection
         subprotocol = connection.info.subprotocol
-        data = cache.get(subprotocol)
-        if data is None:
+        encoded = cache.get(subprotocol)
+        if encoded is None:
             try:
                 data = publication_frame(follower.name, item, subprotocol)
             except ValueError as exc:  # bytes or NaN for a JSON socket
                 log.warning("publication %s/%d: %s", follower.name, item.offset, exc)
                 return
-            cache[subprotocol] = data
-        connection.send_encoded(data)
+            encoded = cache[subprotocol] = (data, data_frame(data))
+        connection.send_encoded(*encoded)
 
     async def _untrack(self, topic: str, key: str) -> None:
         try:
@@ -299,8 +306,10 @@ class TopicHub:
             follower.mirror_changed()
         publication = item.publication
         if publication is not None:
+            if self._counters is not None:
+                self._counters.publications_received += 1
             follower.position = Position(publication.epoch, publication.offset)
-            cache: dict[str, bytes | str] = {}
+            cache: dict[str, tuple[bytes | str, bytes]] = {}
             for subscriber in list(follower.subscribers.values()):
                 self._deliver(follower, subscriber, publication, cache)
 

@@ -323,7 +323,10 @@ class GatewayServer:
         gateway = self._gateway
         if gateway.topics is not None:
             hub = TopicHub(
-                self._runner.client(Topic), nursery, str(self._runner.address)
+                self._runner.client(Topic),
+                nursery,
+                str(self._runner.address),
+                self._counters,
             )
             self._topics = TopicAccess(hub, gateway.topics, gateway.presence)
         nursery.start_soon(self._beat)

@@ -50,6 +50,10 @@ class GatewayStatistics:
     """Sockets the gateway closed, by reason (``rate_limited``,
     ``slow_consumer``, ``heartbeat_timeout``, ``bad_frame``,
     ``message_too_big``, ``going_away``...)."""
+    publications_received: int = 0
+    """Publications that reached this gateway from the topics it follows:
+    one per followed topic per publication, whatever the number of its
+    subscribers here (the envelopes of a fan-out)."""
 
 
 @attrs.frozen
@@ -98,6 +102,7 @@ class GatewayCounters:
     requests_refused: int = 0
     requests_failed: int = 0
     closes: dict[str, int] = attrs.field(factory=dict)
+    publications_received: int = 0
 
     def closed(self, code: int) -> None:
         """Count a socket closed by the gateway (or by trio-websocket for
@@ -118,6 +123,7 @@ _COUNTERS: Final = {
     "requests": "Calls and streams started.",
     "requests_refused": "Frames answered with an error before any work.",
     "requests_failed": "Requests that ended with a handler error.",
+    "publications_received": "Publications received from followed topics.",
 }
 
 
