@@ -698,6 +698,31 @@ class ClientConnection:
         queue.append(data)
         self._start_writer()
 
+    def send_run(self, frames: list[bytes | str], framed: bytes) -> None:
+        """`send_encoded` for several encoded frames, which ``framed`` has
+        as WebSocket frames one after another: written in one write when
+        nothing waits."""
+        if len(frames) == 1:
+            self.send_encoded(frames[0], framed)
+            return
+        direct = self._direct
+        if (
+            not self._queue
+            and direct is not None
+            and not direct[1].backlog
+            and isinstance(direct[0]._wsproto, FastWSConnection)
+        ):
+            try:
+                _write_direct(direct, frames[0], framed)
+            except CONNECTION_ERRORS:
+                self._cancel()  # the client is gone
+                return
+            self.frames_sent += len(frames)
+            self._counters.frames_sent += len(frames)
+            return
+        for data in frames:
+            self.send_encoded(data)
+
     def _start_writer(self) -> None:
         """Start the writer unless it runs (or the connection is over: its
         close writes what the outbox holds)."""

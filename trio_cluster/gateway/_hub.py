@@ -306,12 +306,53 @@ class TopicHub:
             follower.mirror_changed()
         publication = item.publication
         if publication is not None:
+            run = [publication, *item.more] if item.more else [publication]
             if self._counters is not None:
-                self._counters.publications_received += 1
-            follower.position = Position(publication.epoch, publication.offset)
-            cache: dict[str, tuple[bytes | str, bytes]] = {}
-            for subscriber in list(follower.subscribers.values()):
-                self._deliver(follower, subscriber, publication, cache)
+                self._counters.publications_received += len(run)
+            last = run[-1]
+            follower.position = Position(last.epoch, last.offset)
+            self._deliver_run(follower, run)
+
+    def _deliver_run(self, follower: _Follower, run: list[Publication]) -> None:
+        """Send the publications of ``run`` (one epoch, in offset order) to
+        every subscriber: each socket that had none of them gets them all
+        in one write, framed once per subprotocol."""
+        first, last = run[0], run[-1]
+        same_epoch = first.epoch == last.epoch
+        frames: dict[str, tuple[list[bytes | str], bytes] | None] = {}
+        cache: dict[str, tuple[bytes | str, bytes]] = {}
+        for subscriber in list(follower.subscribers.values()):
+            if (
+                not same_epoch
+                or subscriber.buffer is not None
+                or (first.epoch == subscriber.epoch and first.offset <= subscriber.last)
+            ):
+                for publication in run:  # the general case, one by one
+                    cache.clear()
+                    self._deliver(follower, subscriber, publication, cache)
+                continue
+            connection = subscriber.connection
+            subprotocol = connection.info.subprotocol
+            if subprotocol not in frames:
+                frames[subprotocol] = self._run_frames(follower, run, subprotocol)
+            encoded = frames[subprotocol]
+            if encoded is None:
+                continue
+            subscriber.epoch = last.epoch
+            subscriber.last = last.offset
+            connection.send_run(*encoded)
+
+    def _run_frames(
+        self, follower: _Follower, run: list[Publication], subprotocol: str
+    ) -> tuple[list[bytes | str], bytes] | None:
+        """The ``pub`` frames of ``run`` encoded, and all of them framed
+        together (None: one cannot be encoded for ``subprotocol``)."""
+        try:
+            encoded = [publication_frame(follower.name, item, subprotocol) for item in run]
+        except ValueError as exc:  # bytes or NaN for a JSON socket
+            log.warning("publications of %s: %s", follower.name, exc)
+            return None
+        return encoded, b"".join(data_frame(data) for data in encoded)
 
     async def _follow(self, follower: _Follower) -> None:
         failures = 0
