@@ -702,9 +702,6 @@ class ClientConnection:
         """`send_encoded` for several encoded frames, which ``framed`` has
         as WebSocket frames one after another: written in one write when
         nothing waits."""
-        if len(frames) == 1:
-            self.send_encoded(frames[0], framed)
-            return
         direct = self._direct
         if (
             not self._queue
@@ -717,8 +714,9 @@ class ClientConnection:
             except CONNECTION_ERRORS:
                 self._cancel()  # the client is gone
                 return
-            self.frames_sent += len(frames)
-            self._counters.frames_sent += len(frames)
+            count = len(frames)
+            self.frames_sent += count
+            self._counters.frames_sent += count
             return
         for data in frames:
             self.send_encoded(data)

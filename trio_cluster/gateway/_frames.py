@@ -35,7 +35,7 @@ from wsproto.connection import Connection, ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, TextMessage
 
 if TYPE_CHECKING:
-    from collections.abc import Generator
+    from collections.abc import Iterator
 
     from wsproto.events import Event
 
@@ -85,11 +85,13 @@ class FastWSConnection(WSConnection):
 
     def __init__(self, trailing_data: bytes = b"", *, max_frame: int) -> None:
         self.client = False
-        self.connection = Connection(ConnectionType.SERVER)
+        self.connection = None
+        """wsproto's `Connection`, made when a frame is first its to read or
+        write (a close, a control frame): an idle socket has none."""
         self._max_frame = max_frame
         self._buffer = b""
         """Bytes received and not parsed yet (part of a frame)."""
-        self._events: list[Event] = []
+        self._events: list[Event] | None = None
         """Events produced and not taken yet, in order."""
         self._passing = 0
         """Bytes of the current frame still to hand to wsproto as they come."""
@@ -100,6 +102,17 @@ class FastWSConnection(WSConnection):
         if trailing_data:
             self.receive_data(trailing_data)
 
+    def _wsproto(self) -> Connection:
+        connection = self.connection
+        if connection is None:
+            connection = self.connection = Connection(ConnectionType.SERVER)
+        return connection
+
+    @property
+    def state(self) -> ConnectionState:
+        connection = self.connection
+        return ConnectionState.OPEN if connection is None else connection.state
+
     def send(self, event: Event) -> bytes:
         if (
             isinstance(event, BytesMessage | TextMessage)
@@ -107,19 +120,17 @@ class FastWSConnection(WSConnection):
             and self.state is ConnectionState.OPEN
         ):
             return data_frame(event.data)
-        return super().send(event)
+        return self._wsproto().send(event)
 
-    def events(self) -> Generator[Event, None, None]:
+    def events(self) -> Iterator[Event]:  # type: ignore[override]
         events = self._events
-        while events:
-            self._events = []
-            yield from events
-            events = self._events
+        if events is None:
+            return iter(())
+        self._events = None
+        return iter(events)
 
     def receive_data(self, data: bytes | None) -> None:
-        connection = self.connection
-        assert connection is not None
-        if data is None or self._wsproto_only or connection.state is not (
+        if data is None or self._wsproto_only or self.state is not (
             ConnectionState.OPEN
         ):
             self._to_wsproto(data)
@@ -129,12 +140,17 @@ class FastWSConnection(WSConnection):
             self._buffer = b""
         self._parse(data)
 
+    def _event(self, event: Event) -> None:
+        if self._events is None:
+            self._events = [event]
+        else:
+            self._events.append(event)
+
     def _to_wsproto(self, data: bytes | None) -> None:
-        connection = self.connection
-        assert connection is not None
+        connection = self._wsproto()
         connection.receive_data(data)
         for event in connection.events():
-            self._events.append(event)
+            self._event(event)
             if isinstance(event, CloseConnection):
                 self._wsproto_only = True
 
@@ -195,7 +211,7 @@ class FastWSConnection(WSConnection):
                 break
             payload = _unmask(data[head : frame_end], data[head - 4 : head])
             if opcode == _BINARY:
-                self._events.append(BytesMessage(data=payload))
+                self._event(BytesMessage(data=payload))
             else:
                 try:
                     text = payload.decode()
@@ -203,7 +219,7 @@ class FastWSConnection(WSConnection):
                     self._to_wsproto(data[pos:frame_end])  # wsproto refuses it
                     pos = frame_end
                     continue
-                self._events.append(TextMessage(data=text))
+                self._event(TextMessage(data=text))
             pos = frame_end
         if pos < end:
             self._buffer = data[pos:]

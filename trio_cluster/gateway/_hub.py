@@ -340,7 +340,7 @@ class TopicHub:
                 continue
             subscriber.epoch = last.epoch
             subscriber.last = last.offset
-            connection.send_run(*encoded)
+            connection.send_run(encoded[0], encoded[1])
 
     def _run_frames(
         self, follower: _Follower, run: list[Publication], subprotocol: str

@@ -138,14 +138,17 @@ class Outbox(trio.abc.Stream):
             trio.ClosedResourceError: the stream is closed.
             trio.BrokenResourceError: a write failed (now or before).
         """
-        self._check()
+        if self._closed or self._failure is not None:
+            self._check()
         backlog = self._backlog
         if backlog is not None:
             backlog.append(memoryview(data))
             self.backlog += len(data)
             return
         try:
-            sent = self._write(memoryview(data))
+            sent = os.write(self._fd, data)
+        except BlockingIOError:
+            sent = 0
         except OSError as exc:
             self._failure = exc
             raise trio.BrokenResourceError(f"the connection failed: {exc}") from exc
