@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 
 from .._core._addresses import EntityId
 from .._core._ratelimit import TokenBucket
@@ -262,7 +262,14 @@ class ClientConnection:
                     )
                 if self._queue:  # frames sent before the nursery opened
                     self._start_writer()
-                await self._read()
+                ws = self.ws
+                if isinstance(ws, WebSocketConnection):
+                    # The reader loop runs right in this frame (no wrapper
+                    # coroutine: an idle socket waits with a short chain).
+                    await read_messages(ws, self._deliver)
+                    self._closed_by_client(ws.closed)
+                else:
+                    await self._read_others(ws)
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
@@ -348,22 +355,19 @@ class ClientConnection:
     # ------------------------------------------------------------------
     # Reading
 
-    async def _read(self) -> None:
-        """Hand every message to `_deliver` until the client closes the
-        socket or a message ends the connection: in this task, with
-        trio-websocket's reader loop (`read_messages`) for the gateway's own
-        sockets, with ``get_message`` for others (the ASGI server's)."""
-        ws = self.ws
-        if isinstance(ws, WebSocketConnection):
-            await read_messages(ws, self._deliver)
-            reason = ws.closed
-        else:
-            try:
-                while self._deliver(await ws.get_message()):
-                    pass
-                return
-            except ConnectionClosed as exc:
-                reason = exc.reason
+    async def _read_others(self, ws: MessageSocket) -> None:
+        """Hand every message of a socket that is not trio-websocket's (the
+        ASGI server's) to `_deliver`, until it closes or a message ends the
+        connection."""
+        try:
+            while self._deliver(await ws.get_message()):
+                pass
+        except ConnectionClosed as exc:
+            self._closed_by_client(exc.reason)
+
+    def _closed_by_client(self, reason: CloseReason | None) -> None:
+        """Count the close of a message over ``max_message_size`` (the
+        socket's library sent it)."""
         if self.ending is None and reason is not None and reason.code == 1009:
             self._counters.closed(CloseCode.MESSAGE_TOO_BIG)
 
@@ -677,6 +681,8 @@ class ClientConnection:
         it does not run); a full queue ends the connection (slow
         consumer). ``framed``: ``data`` as a WebSocket frame already
         (`data_frame`), when the same frame goes to many sockets."""
+        if self.ending is not None:
+            return  # the connection is ending: nothing more but its close
         queue = self._queue
         direct = self._direct
         if not queue and direct is not None and not direct[1].backlog:
@@ -688,8 +694,6 @@ class ClientConnection:
             self.frames_sent += 1
             self._counters.frames_sent += 1
             return
-        if self.ending is not None:
-            return  # the connection is ending: nothing more is written
         if queue is None:
             queue = self._queue = deque()
         elif len(queue) >= self._config.send_queue:
@@ -702,6 +706,8 @@ class ClientConnection:
         """`send_encoded` for several encoded frames, which ``framed`` has
         as WebSocket frames one after another: written in one write when
         nothing waits."""
+        if self.ending is not None:
+            return
         direct = self._direct
         if (
             not self._queue

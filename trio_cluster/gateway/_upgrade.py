@@ -40,7 +40,7 @@ from wsproto.utilities import generate_accept_token
 from ._frames import FastWSConnection
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Coroutine
 
     from ._http import Head
 
@@ -183,21 +183,20 @@ class _Tap:
         await self.aclose()
 
 
-async def read_messages(
+def read_messages(
     ws: WebSocketConnection, deliver: Callable[[bytes | str], bool]
-) -> None:
-    """Run ``ws``'s reader (trio-websocket's loop) in this task until the
-    socket closes, handing each message to ``deliver``, which returns False
-    once the connection ends (later messages are dropped).
+) -> Coroutine[Any, Any, None]:
+    """``ws``'s reader (trio-websocket's loop), for the caller to await in
+    its own task: until the socket closes, each message goes to
+    ``deliver``, which returns False once the connection ends (later
+    messages are dropped). It is returned, not wrapped: an idle socket's
+    task waits in a chain of frames one shorter.
 
     Cancellation: stops reading (the socket stays as it is; see
     `close_websocket`).
     """
     ws._send_channel = _Tap(deliver)  # type: ignore[assignment]
-    try:
-        await ws._reader_task()
-    finally:
-        ws._send_channel = _NO_CHANNEL  # type: ignore[assignment]
+    return ws._reader_task()
 
 
 async def close_websocket(ws: WebSocketConnection, code: int, reason: str) -> None:
@@ -210,9 +209,13 @@ async def close_websocket(ws: WebSocketConnection, code: int, reason: str) -> No
         await trio.lowlevel.checkpoint()
         return
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(read_messages, ws, _drop)
+        nursery.start_soon(_read_dropping, ws)
         await ws.aclose(code, reason)
         nursery.cancel_scope.cancel()
+
+
+async def _read_dropping(ws: WebSocketConnection) -> None:
+    await read_messages(ws, _drop)
 
 
 def _drop(message: bytes | str) -> bool:
