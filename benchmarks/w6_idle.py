@@ -12,6 +12,10 @@ of 1,000 topics and waits for the answer; then 5 s to settle and
 
 N is capped to what the server's descriptor limit allows (soft limit −
 descriptors open − 16), as the peer's script does.
+``python -m benchmarks.w6_idle bench --gc-freeze`` has the server call
+``gc.freeze()`` before the idle window: what the sockets cost without
+Python's full collections passing over them (an option for the operator
+of a process holding that many sockets, not something the library does).
 
 Figures:
 
@@ -20,8 +24,10 @@ Figures:
 * ``connect_rate`` (bounded by the clients; see ``cpu``) and
   ``server_cpu_per_connect`` (upgrade, welcome, subscribe and its answer);
 * ``idle_cpu`` (server CPU over the idle window, % of one core) and
-  ``idle_cpu_per_10k_sockets``; ``idle_disconnects``; ``machine_load`` (CPU
-  of *other* processes in the windows).
+  ``idle_cpu_per_10k_sockets``; ``idle_gc_cpu``: the part of it spent in
+  Python's cyclic garbage collector (timed by ``gc.callbacks``);
+  ``idle_disconnects``; ``machine_load`` (CPU of *other* processes in the
+  windows).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import math
 import os
 import resource
 import sys
+import time
 from functools import partial
 from typing import Any
 
@@ -73,7 +80,23 @@ def _gateway(n: int) -> Gateway:
 # The server process
 
 
+class _GcClock:
+    """CPU seconds the process spent in the cyclic garbage collector."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.process_time()
+        else:
+            self.seconds += time.process_time() - self._started
+
+
 async def _serve(n: int) -> None:
+    gc_clock = _GcClock()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     async with (
@@ -100,10 +123,17 @@ async def _serve(n: int) -> None:
             return {
                 "sockets": len(server.connections()),
                 "closed": server.statistics().closed,
+                "gc_s": gc_clock.seconds,
+                "gc_objects": len(gc.get_objects()),
             }
 
+        async def freeze() -> dict[str, Any]:
+            await trio.lowlevel.checkpoint()
+            gc.freeze()
+            return {"frozen": gc.get_freeze_count()}
+
         await serve_commands(
-            {"gc": collect, "stats": stats},
+            {"gc": collect, "stats": stats, "freeze": freeze},
             {"url": server.url, "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)},
         )
         nursery.cancel_scope.cancel()
@@ -113,7 +143,9 @@ async def _serve(n: int) -> None:
 # The orchestrator
 
 
-async def run(*, quick: bool, n: int, per_proc: int, idle_s: float) -> None:
+async def run(
+    *, quick: bool, n: int, per_proc: int, idle_s: float, gc_freeze: bool = False
+) -> None:
     settle_s = 5.0
     load_start = load_average()
     async with trio.open_nursery() as nursery:
@@ -183,19 +215,26 @@ async def run(*, quick: bool, n: int, per_proc: int, idle_s: float) -> None:
             raise RuntimeError("no socket connected")
 
         await trio.sleep(settle_s)
+        if gc_freeze:
+            frozen = await server.call("freeze")
+            progress(f"W6 gc.freeze(): {frozen['frozen']} objects left out of collections")
         before = [await client.call("stats") for client in clients]
+        gc_before = await server.call("stats")
         window = CpuWindow(pids)
         server_cpu = cpu_seconds(server.pid)
         await trio.sleep(idle_s)
         idle_server = cpu_seconds(server.pid) - server_cpu
         idle_cpu = window.report()
+        gc_after = await server.call("stats")
         after = [await client.call("stats") for client in clients]
         memory = await server.call("gc")
         progress(
             f"W6 after idle: rss {memory['rss'] / 2**20:.1f} MiB,"
             f" {memory['sockets']} sockets, {memory['fds']} fds"
         )
-        common = {"n": ok}
+        common: dict[str, Any] = {"n": ok}
+        if gc_freeze:
+            common["gc"] = "frozen after connect"
         emit(
             "W6",
             "rss_per_socket",
@@ -238,7 +277,22 @@ async def run(*, quick: bool, n: int, per_proc: int, idle_s: float) -> None:
             cpu=idle_cpu,
             **common,
         )
-        emit("W6", "idle_cpu_per_10k_sockets", idle_pct * 10_000 / ok, "% of one core")
+        emit(
+            "W6",
+            "idle_cpu_per_10k_sockets",
+            idle_pct * 10_000 / ok,
+            "% of one core",
+            **common,
+        )
+        emit(
+            "W6",
+            "idle_gc_cpu",
+            100 * (gc_after["gc_s"] - gc_before["gc_s"]) / idle_cpu["wall_s"],
+            "% of one core",
+            note="CPU time in the cyclic GC during the idle window (part of idle_cpu)",
+            gc_tracked_objects=gc_after["gc_objects"],
+            **common,
+        )
         reasons: dict[str, int] = {}
         for answer in after:
             for key, value in answer["reasons"].items():
@@ -269,7 +323,7 @@ async def run(*, quick: bool, n: int, per_proc: int, idle_s: float) -> None:
         await server.aclose()
 
 
-def main(quick: bool = False, n: int | None = None) -> None:
+def main(quick: bool = False, n: int | None = None, gc_freeze: bool = False) -> None:
     trio.run(
         partial(
             run,
@@ -277,6 +331,7 @@ def main(quick: bool = False, n: int | None = None) -> None:
             n=n or (2000 if quick else 20_000),
             per_proc=4000,
             idle_s=5.0 if quick else 30.0,
+            gc_freeze=gc_freeze,
         )
     )
 
@@ -286,11 +341,17 @@ def _cli() -> None:
     parser.add_argument("command", choices=["bench", "serve"])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--n", type=int, default=None)
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="the server calls gc.freeze() before the idle window (its figures"
+        ' say "gc": "frozen after connect")',
+    )
     args = parser.parse_args()
     if args.command == "serve":
         trio.run(_serve, args.n or 20_000)
     else:
-        main(quick=args.quick, n=args.n)
+        main(quick=args.quick, n=args.n, gc_freeze=args.gc_freeze)
 
 
 if __name__ == "__main__":
