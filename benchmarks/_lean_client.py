@@ -140,6 +140,15 @@ class Conn:
         self.last_value: int | None = None
 
 
+class _ConnectResult:
+    """What a ``connect`` command achieved."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.failed = 0
+        self.errors: defaultdict[str, int] = defaultdict(int)
+
+
 class LeanClient:
     """The epoll loop and the commands (see the module docstring)."""
 
@@ -155,7 +164,7 @@ class LeanClient:
         self.pending_count = 0
         self.connecting = 0
         self.connect_job: dict[str, Any] | None = None
-        self.connect_result = {"ok": 0, "failed": 0, "errors": defaultdict(int)}
+        self.connect_result = _ConnectResult()
         # fan-out
         self.fan_max = 0
         self.fan_count: list[int] = []
@@ -248,14 +257,14 @@ class LeanClient:
 
     def connect_failed(self, conn: Conn, reason: str) -> None:
         result = self.connect_result
-        result["failed"] += 1
-        result["errors"][reason] += 1
+        result.failed += 1
+        result.errors[reason] += 1
         self.connecting -= 1
         self.next_connects()
 
     def connected(self, conn: Conn) -> None:
         conn.state = "up"
-        self.connect_result["ok"] += 1
+        self.connect_result.ok += 1
         self.connecting -= 1
         self.next_connects()
 
@@ -272,19 +281,18 @@ class LeanClient:
             try:
                 self.open_socket(index, topic)
             except OSError as exc:
-                self.connect_result["failed"] += 1
-                self.connect_result["errors"][f"open: {exc}"] += 1
+                self.connect_result.failed += 1
+                self.connect_result.errors[f"open: {exc}"] += 1
         if not self.pending_count and not self.connecting:
             result = self.connect_result
             self.reply(
                 job["re"],
-                ok=result["ok"],
-                failed=result["failed"],
-                errors=dict(result["errors"]),
+                ok=result.ok,
+                failed=result.failed,
+                errors=dict(result.errors),
                 seconds=time.monotonic() - job["started"],
             )
             self.connect_job = None
-
 
     # ------------------------------------------------------------------
     # Events
@@ -457,7 +465,7 @@ class LeanClient:
             "concurrency": concurrency,
             "started": time.monotonic(),
         }
-        self.connect_result = {"ok": 0, "failed": 0, "errors": defaultdict(int)}
+        self.connect_result = _ConnectResult()
         self.pending_count = n
         self.next_connects()
 
@@ -531,7 +539,7 @@ class LeanClient:
         if pub is None:
             return None
         while pub["sent"] < pub["count"]:
-            due = pub["start"] + pub["sent"] * pub["interval"]
+            due: float = pub["start"] + pub["sent"] * pub["interval"]
             if due > now:
                 return due
             conn = pub["conn"]
@@ -658,7 +666,7 @@ class LeanClient:
 
 
 def main() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     LeanClient().run()
 

@@ -14,6 +14,7 @@ machine is shared): the same split as the peer's ``cpuReport``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from typing import Any
 
 import trio
 
-from ._common import REPO, READY_DEADLINE, progress
+from ._common import READY_DEADLINE, REPO, progress
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -136,7 +137,8 @@ class Worker:
         return self.ready
 
     async def _read(self) -> None:
-        assert self.process is not None and self.process.stdout is not None
+        assert self.process is not None
+        assert self.process.stdout is not None
         buffer = b""
         try:
             while chunk := await self.process.stdout.receive_some(1 << 20):
@@ -172,7 +174,8 @@ class Worker:
         Raises:
             RuntimeError: the command failed, or the process exited.
         """
-        assert self.process is not None and self.process.stdin is not None
+        assert self.process is not None
+        assert self.process.stdin is not None
         self._next += 1
         request = self._next
         send, receive = trio.open_memory_channel[dict[str, Any]](1)
@@ -194,10 +197,10 @@ class Worker:
             return
         with trio.CancelScope(shield=True):
             if process.stdin is not None:
-                try:
+                with contextlib.suppress(
+                    trio.BrokenResourceError, trio.ClosedResourceError
+                ):
                     await process.stdin.aclose()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
             with trio.move_on_after(seconds):
                 await process.wait()
             if process.returncode is None:

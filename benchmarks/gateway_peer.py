@@ -41,9 +41,23 @@ COMPARED: dict[str, list[Compared]] = {
     "w6": [
         ("sockets", "rss_per_socket", {}, "rss_per_socket", {}, "n"),
         ("RSS per socket (B)", "rss_per_socket", {}, "rss_per_socket", {}, "lower"),
-        ("CPU per connect (us)", "server_cpu_per_connect", {}, "server_cpu_per_connect", {}, "lower"),
+        (
+            "CPU per connect (us)",
+            "server_cpu_per_connect",
+            {},
+            "server_cpu_per_connect",
+            {},
+            "lower",
+        ),
         ("idle CPU (% of a core)", "idle_cpu", {}, "idle_cpu", {}, "lower"),
-        ("idle CPU per 10k sockets", "idle_cpu_per_10k_sockets", {}, "idle_cpu_per_10k_sockets", {}, "lower"),
+        (
+            "idle CPU per 10k sockets",
+            "idle_cpu_per_10k_sockets",
+            {},
+            "idle_cpu_per_10k_sockets",
+            {},
+            "lower",
+        ),
         ("connect rate (/s)", "connect_rate", {}, "connect_rate", {}, "higher"),
         ("other load (% of a core)", "machine_load", {}, "machine_load", {}, "info"),
     ],
@@ -51,21 +65,84 @@ COMPARED: dict[str, list[Compared]] = {
         item
         for rate in RATES
         for item in (
-            (f"{rate}/s last delivery p50 (ms)", "last_delivery_p50", {"rate": rate}, "last_delivery_p50", {"rate": float(rate)}, "lower"),
-            (f"{rate}/s last delivery p99 (ms)", "last_delivery_p99", {"rate": rate}, "last_delivery_p99", {"rate": float(rate)}, "lower"),
-            (f"{rate}/s deliveries/s per server", "deliveries_per_s_per_server", {"rate": rate}, "deliveries_per_s_per_runner", {"rate": float(rate)}, "higher"),
-            (f"{rate}/s CPU per delivery (us)", "server_cpu_us_per_delivery", {"rate": rate}, "server_cpu_us_per_delivery", {"rate": float(rate)}, "lower"),
-            (f"{rate}/s envelopes per server per publication", "envelopes_per_server_per_publication", {"rate": rate}, "envelopes_per_runner_per_publication", {"rate": float(rate)}, "info"),
-            (f"{rate}/s delivered fraction", "delivered_fraction", {"rate": rate}, "delivered_fraction", {"rate": float(rate)}, "higher"),
-            (f"{rate}/s other load (% of a core)", "machine_load", {"rate": rate}, "machine_load", {"rate": float(rate)}, "info"),
+            (
+                f"{rate}/s last delivery p50 (ms)",
+                "last_delivery_p50",
+                {"rate": rate},
+                "last_delivery_p50",
+                {"rate": float(rate)},
+                "lower",
+            ),
+            (
+                f"{rate}/s last delivery p99 (ms)",
+                "last_delivery_p99",
+                {"rate": rate},
+                "last_delivery_p99",
+                {"rate": float(rate)},
+                "lower",
+            ),
+            (
+                f"{rate}/s deliveries/s per server",
+                "deliveries_per_s_per_server",
+                {"rate": rate},
+                "deliveries_per_s_per_runner",
+                {"rate": float(rate)},
+                "higher",
+            ),
+            (
+                f"{rate}/s CPU per delivery (us)",
+                "server_cpu_us_per_delivery",
+                {"rate": rate},
+                "server_cpu_us_per_delivery",
+                {"rate": float(rate)},
+                "lower",
+            ),
+            (
+                f"{rate}/s envelopes per server per publication",
+                "envelopes_per_server_per_publication",
+                {"rate": rate},
+                "envelopes_per_runner_per_publication",
+                {"rate": float(rate)},
+                "info",
+            ),
+            (
+                f"{rate}/s delivered fraction",
+                "delivered_fraction",
+                {"rate": rate},
+                "delivered_fraction",
+                {"rate": float(rate)},
+                "higher",
+            ),
+            (
+                f"{rate}/s other load (% of a core)",
+                "machine_load",
+                {"rate": rate},
+                "machine_load",
+                {"rate": float(rate)},
+                "info",
+            ),
         )
     ],
     "w8": [
         ("100 clients req/s", "rpc_req_per_s", {}, "rpc_req_per_s", {}, "higher"),
         ("100 clients p50 (us)", "rpc_p50", {}, "rpc_p50", {}, "lower"),
-        ("CPU per call (us)", "server_cpu_us_per_call", {}, "rpc_server_cpu_per_call", {}, "lower"),
+        (
+            "CPU per call (us)",
+            "server_cpu_us_per_call",
+            {},
+            "rpc_server_cpu_per_call",
+            {},
+            "lower",
+        ),
         ("sequential p50 (us)", "seq_p50", {}, "lean_seq_p50", {}, "lower"),
-        ("other load (% of a core)", "machine_load", {}, "rpc_server_cpu_per_call", {}, "info"),
+        (
+            "other load (% of a core)",
+            "machine_load",
+            {},
+            "rpc_server_cpu_per_call",
+            {},
+            "info",
+        ),
     ],
 }
 
@@ -93,21 +170,12 @@ def _peer(workload: str, peer: Path, log: Any) -> list[dict[str, Any]]:
         return _run(["node", f"{workload}.mjs"], peer, log)
     figures = []
     for rate in RATES:
-        for figure in _run(["node", "w7.mjs", "--rate", str(rate)], peer, log):
-            figures.append(figure)
+        figures += _run(["node", "w7.mjs", "--rate", str(rate)], peer, log)
     return figures
 
 
 def _ours(workload: str, log: Any) -> list[dict[str, Any]]:
     return _run([sys.executable, "-m", "benchmarks", workload], REPO, log)
-
-
-def _value(figure: dict[str, Any], name: str) -> float | None:
-    if name == "n":
-        return figure.get("n")
-    if figure["figure"] == "machine_load" or name == "machine_load":
-        return figure.get("value")
-    return figure.get("value")
 
 
 def _pick(
@@ -117,11 +185,14 @@ def _pick(
         if figure.get("figure") != name:
             continue
         if all(figure.get(key) == value for key, value in where.items()):
+            value: float | None
             if field == "n":
-                return figure.get("n")
-            if name == "rpc_server_cpu_per_call" and field == "info":
-                return figure.get("cpu", {}).get("other_cpu_pct")
-            return figure.get("value")
+                value = figure.get("n")
+            elif name == "rpc_server_cpu_per_call" and field == "info":
+                value = figure.get("cpu", {}).get("other_cpu_pct")
+            else:
+                value = figure.get("value")
+            return value
     return None
 
 
@@ -194,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         for run in range(1, args.runs + 1):
             for workload in args.only:
                 for side in ("peer", "ours"):
-                    started = time.time()
+                    started = time.time()  # noqa: TID251 - a wall-clock stamp for the log
                     with open("/proc/loadavg") as loadavg:
                         load = loadavg.read().split()[0]
                     figures = (

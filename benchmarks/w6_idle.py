@@ -10,8 +10,8 @@ of 1,000 topics and waits for the answer; then 5 s to settle and
 ``--idle-s`` (30) idle with heartbeats on. The shape of the peer's
 ``w6.mjs`` (`../shared/peer-bench/gateway-socketio`).
 
-N is capped to what the server's descriptor limit allows (soft limit −
-descriptors open − 16), as the peer's script does.
+N is capped to what the server's descriptor limit allows (soft limit -
+descriptors open - 16), as the peer's script does.
 ``python -m benchmarks.w6_idle bench --gc-freeze`` has the server call
 ``gc.freeze()`` before the idle window: what the sockets cost without
 Python's full collections passing over them (an option for the operator
@@ -19,7 +19,7 @@ of a process holding that many sockets, not something the library does).
 
 Figures:
 
-* ``rss_per_socket``: (server RSS after N sockets and the idle window −
+* ``rss_per_socket``: (server RSS after N sockets and the idle window -
   RSS of the empty server), both after ``gc.collect()``, ÷ N;
 * ``connect_rate`` (bounded by the clients; see ``cpu``) and
   ``server_cpu_per_connect`` (upgrade, welcome, subscribe and its answer);
@@ -97,15 +97,13 @@ class _GcClock:
 
 async def _serve(n: int) -> None:
     gc_clock = _GcClock()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     async with (
         tc.open_runner(entities=[Topic]) as runner,
         trio.open_nursery() as nursery,
     ):
-        server = await nursery.start(
-            serve_gateway, runner, _gateway(n), "127.0.0.1", 0
-        )
+        server = await nursery.start(serve_gateway, runner, _gateway(n), "127.0.0.1", 0)
 
         async def collect() -> dict[str, Any]:
             for _ in range(3):
@@ -217,7 +215,9 @@ async def run(
         await trio.sleep(settle_s)
         if gc_freeze:
             frozen = await server.call("freeze")
-            progress(f"W6 gc.freeze(): {frozen['frozen']} objects left out of collections")
+            progress(
+                f"W6 gc.freeze(): {frozen['frozen']} objects left out of collections"
+            )
         before = [await client.call("stats") for client in clients]
         gc_before = await server.call("stats")
         window = CpuWindow(pids)
@@ -265,7 +265,9 @@ async def run(
             **common,
         )
         idle_pct = 100 * idle_server / idle_cpu["wall_s"]
-        client_cpu = sum(a["cpu_s"] - b["cpu_s"] for a, b in zip(after, before))
+        client_cpu = sum(
+            a["cpu_s"] - b["cpu_s"] for a, b in zip(after, before, strict=True)
+        )
         emit(
             "W6",
             "idle_cpu",
@@ -273,7 +275,9 @@ async def run(
             "% of one core",
             seconds=idle_s,
             clients_cpu_pct=round(100 * client_cpu / idle_cpu["wall_s"], 2),
-            pings_answered=sum(a["pings"] - b["pings"] for a, b in zip(after, before)),
+            pings_answered=sum(
+                a["pings"] - b["pings"] for a, b in zip(after, before, strict=True)
+            ),
             cpu=idle_cpu,
             **common,
         )
@@ -300,7 +304,10 @@ async def run(
         emit(
             "W6",
             "idle_disconnects",
-            sum(a["disconnects"] - b["disconnects"] for a, b in zip(after, before)),
+            sum(
+                a["disconnects"] - b["disconnects"]
+                for a, b in zip(after, before, strict=True)
+            ),
             "sockets",
             still_connected=sum(answer["sockets"] for answer in after),
             reasons=reasons,

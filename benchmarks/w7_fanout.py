@@ -19,7 +19,7 @@ Figures per rate (``rate`` field):
 * ``last_delivery_p50`` / ``_p99``: per publication, the arrival of its
   last delivery (of the N subscribers) minus its send time;
 * ``deliveries_per_s_per_runner``: per runner, its subscribers'
-  deliveries ÷ (its last delivery − the first send), the mean (and each);
+  deliveries ÷ (its last delivery - the first send), the mean (and each);
 * ``server_cpu_us_per_delivery``: each runner's CPU over the window ÷ its
   deliveries (mean, and each);
 * ``envelopes_per_runner_per_publication``: the publications each
@@ -97,7 +97,7 @@ class Publisher(Service):
 
 
 async def _serve(dsn: str, prefix: str) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     config = tc.ShardingConfig(runner_address=tc.RunnerAddress("127.0.0.1", 0))
     async with (
@@ -130,7 +130,9 @@ async def _serve(dsn: str, prefix: str) -> None:
             snapshot = server.statistics()
             return {
                 "sockets": snapshot.connections,
-                "publications_received": snapshot.publications_received,
+                # (absent before the gateway counted them: `compare` runs
+                # this script against older commits too)
+                "publications_received": getattr(snapshot, "publications_received", 0),
                 "closed": snapshot.closed,
             }
 
@@ -351,9 +353,7 @@ async def run(*, quick: bool, subscribers: int, rates: list[float]) -> None:
                 ok += answer["ok"]
                 if answer["failed"]:
                     progress(f"W7 subscribers {i}: {answer}")
-            await publisher.call(
-                "connect", url=urls[0], n=1, src=source_address(procs)
-            )
+            await publisher.call("connect", url=urls[0], n=1, src=source_address(procs))
             sockets = [(await runner.call("stats"))["sockets"] for runner in runners]
             progress(f"W7 {ok} subscribers; sockets per runner {sockets}")
             await trio.sleep(2.0)

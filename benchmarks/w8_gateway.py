@@ -168,7 +168,9 @@ async def _lean(
     clients = [Worker(lean_client_command(), name=f"client {i}") for i in range(procs)]
     for client in clients:
         await client.start(nursery)
-    shares = [sockets // procs + (1 if i < sockets % procs else 0) for i in range(procs)]
+    shares = [
+        sockets // procs + (1 if i < sockets % procs else 0) for i in range(procs)
+    ]
     for i, client in enumerate(clients):
         answer = await client.call(
             "connect", url=url, n=shares[i], src=source_address(i), index_base=i * 1000
@@ -201,7 +203,9 @@ async def _lean(
     # The server's CPU covers the warm-up too: per call, scaled the same.
     per_call = server_cpu / (calls * (warmup + duration) / duration)
     common = {"clients": sockets, "client_procs": procs, "duration_s": duration}
-    emit("W8", "rpc_req_per_s", calls / duration, "req/s", counter_errors=wrong, **common)
+    emit(
+        "W8", "rpc_req_per_s", calls / duration, "req/s", counter_errors=wrong, **common
+    )
     emit("W8", "rpc_p50", percentile(latencies, 50) * 1e6, "us", **common)
     emit("W8", "rpc_p99", percentile(latencies, 99) * 1e6, "us", **common)
     emit(
@@ -215,14 +219,26 @@ async def _lean(
     )
     count = 1000 if quick else 5000
     await clients[0].call(
-        "rpc", operation="Counter.increment", msg={"amount": 1}, key_prefix="counter-",
-        warmup_s=0, duration_s=0, sockets=1, count=200,
+        "rpc",
+        operation="Counter.increment",
+        msg={"amount": 1},
+        key_prefix="counter-",
+        warmup_s=0,
+        duration_s=0,
+        sockets=1,
+        count=200,
     )
     window = CpuWindow([server_pid, clients[0].pid])
     server_cpu = cpu_seconds(server_pid)
     answer = await clients[0].call(
-        "rpc", operation="Counter.increment", msg={"amount": 1}, key_prefix="counter-",
-        warmup_s=0, duration_s=0, sockets=1, count=count,
+        "rpc",
+        operation="Counter.increment",
+        msg={"amount": 1},
+        key_prefix="counter-",
+        warmup_s=0,
+        duration_s=0,
+        sockets=1,
+        count=count,
     )
     cpu = window.report()
     server_cpu = cpu_seconds(server_pid) - server_cpu

@@ -4,6 +4,7 @@ into reads (pure, generated frames)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -62,16 +63,22 @@ frames = st.one_of(
     st.builds(lambda p: client_frame(0x1, p), texts),
     # a fragmented message: first, continuations (a ping among them), last
     st.builds(
-        lambda a, b, op: client_frame(op, a, fin=False)
-        + client_frame(0x9, b"p")
-        + client_frame(0x0, b, fin=False)
-        + client_frame(0x0, b"end"),
+        lambda a, b, op: (
+            client_frame(op, a, fin=False)
+            + client_frame(0x9, b"p")
+            + client_frame(0x0, b, fin=False)
+            + client_frame(0x0, b"end")
+        ),
         payloads,
         payloads,
         st.sampled_from([0x1, 0x2]),
     ),
     # a fragment left open: the frames after it are wsproto's to judge
-    st.builds(lambda p, op: client_frame(op, p, fin=False), payloads, st.sampled_from([0x1, 0x2])),
+    st.builds(
+        lambda p, op: client_frame(op, p, fin=False),
+        payloads,
+        st.sampled_from([0x1, 0x2]),
+    ),
     st.builds(lambda p: client_frame(0x9, p[:100]), payloads),
     st.builds(lambda p: client_frame(0xA, p[:100]), payloads),
     # wrong ones: wsproto refuses them (and closes)
@@ -121,7 +128,7 @@ def read(connection: Connection | FastWSConnection, chunks: list[bytes]) -> list
 def test_fast_reading_is_wsprotos(stream: list[bytes], cuts: list[int]) -> None:
     data = b"".join(stream)
     points = sorted({0, len(data), *(cut for cut in cuts if cut < len(data))})
-    chunks = [data[a:b] for a, b in zip(points, points[1:], strict=False)]
+    chunks = [data[a:b] for a, b in itertools.pairwise(points)]
     expected = whole(read(Connection(ConnectionType.SERVER), chunks))
     fast = FastWSConnection(max_frame=MAX_FRAME)
     assert whole(read(fast, chunks)) == expected
@@ -146,7 +153,8 @@ def test_a_frame_over_max_frame_goes_to_wsproto_as_it_comes() -> None:
     frame = client_frame(0x2, b"z" * (MAX_FRAME + 1))
     fast.receive_data(frame[:100])
     [part] = fast.events()  # not held back: wsproto streams it
-    assert isinstance(part, BytesMessage) and not part.message_finished
+    assert isinstance(part, BytesMessage)
+    assert not part.message_finished
 
 
 def test_plain_frames_after_a_fragmented_message_are_read_here() -> None:

@@ -13,7 +13,6 @@ import pytest
 import trio
 
 import trio_cluster as tc
-from trio_cluster.gateway._topics import MAX_RUN, Followed, _with_run
 from trio_cluster.gateway import (
     JSON,
     MSGPACK,
@@ -28,6 +27,7 @@ from trio_cluster.gateway import (
     publish,
     serve_gateway,
 )
+from trio_cluster.gateway._topics import MAX_RUN, Followed, _with_run
 from trio_cluster.storage import MemoryStorage
 from trio_cluster.transport import MemoryNetwork, MemoryTransport
 
@@ -222,6 +222,7 @@ def test_waiting_publications_travel_together_in_order() -> None:
     item, held = _with_run(receive.receive_nowait(), receive)
     # A presence change behind a run is sent after it, then what follows.
     assert (item.publication, item.more, held) == (publications[MAX_RUN], [], presence)
+    assert held is not None
     assert _with_run(held, receive) == (presence, None)
     assert _with_run(receive.receive_nowait(), receive) == (
         Followed(publications[MAX_RUN + 1]),

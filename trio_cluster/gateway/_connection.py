@@ -51,7 +51,9 @@ from ..transport._ws_connection import CONNECTION_ERRORS, close_reason_text, des
 from ..transport._ws_outbox import Outbox, write_message
 from ._client_info import ClientInfo, current_info
 from ._definition import Operation
+from ._frames import FastWSConnection, data_frame
 from ._protocol import (
+    SUBPROTOCOLS,
     Ack,
     BadFrame,
     Call,
@@ -65,9 +67,6 @@ from ._protocol import (
     OpenStream,
     Ping,
     Pong,
-    ping_frame,
-    pong_frame,
-    SUBPROTOCOLS,
     Subscribe,
     Unsubscribe,
     decode_frames,
@@ -75,11 +74,12 @@ from ._protocol import (
     error_frame,
     join_frames,
     parse_client_frame,
+    ping_frame,
+    pong_frame,
 )
 from ._requests import StreamCredit, admit, failure_frame
 from ._statistics import ConnectionStatistics
 from ._topics import Position
-from ._frames import FastWSConnection, data_frame
 from ._upgrade import close_websocket, read_messages
 
 if TYPE_CHECKING:

@@ -119,7 +119,8 @@ class FastWSConnection(WSConnection):
             and event.message_finished
             and self.state is ConnectionState.OPEN
         ):
-            return data_frame(event.data)
+            data = event.data
+            return data_frame(bytes(data) if isinstance(data, bytearray) else data)
         return self._wsproto().send(event)
 
     def events(self) -> Iterator[Event]:  # type: ignore[override]
@@ -130,8 +131,10 @@ class FastWSConnection(WSConnection):
         return iter(events)
 
     def receive_data(self, data: bytes | None) -> None:
-        if data is None or self._wsproto_only or self.state is not (
-            ConnectionState.OPEN
+        if (
+            data is None
+            or self._wsproto_only
+            or self.state is not (ConnectionState.OPEN)
         ):
             self._to_wsproto(data)
             return
@@ -154,7 +157,7 @@ class FastWSConnection(WSConnection):
             if isinstance(event, CloseConnection):
                 self._wsproto_only = True
 
-    def _parse(self, data: bytes) -> None:  # noqa: C901 - one frame header's cases, in order
+    def _parse(self, data: bytes) -> None:
         """Read the frames of ``data``; keep an incomplete one's bytes."""
         pos, end = 0, len(data)
         while pos < end:
@@ -209,7 +212,7 @@ class FastWSConnection(WSConnection):
                 continue
             if frame_end > end:
                 break
-            payload = _unmask(data[head : frame_end], data[head - 4 : head])
+            payload = _unmask(data[head:frame_end], data[head - 4 : head])
             if opcode == _BINARY:
                 self._event(BytesMessage(data=payload))
             else:

@@ -21,6 +21,7 @@ import trio
 
 from .._core._retry import Backoff
 from ._client_info import ClientInfo
+from ._frames import data_frame
 from ._presence import (
     ListPresence,
     PresenceDiff,
@@ -29,7 +30,6 @@ from ._presence import (
     Untrack,
     presence_frame,
 )
-from ._frames import data_frame
 from ._protocol import encode_frame
 from ._topics import Follow, Followed, Position, Publication, Topic
 
@@ -348,7 +348,9 @@ class TopicHub:
         """The ``pub`` frames of ``run`` encoded, and all of them framed
         together (None: one cannot be encoded for ``subprotocol``)."""
         try:
-            encoded = [publication_frame(follower.name, item, subprotocol) for item in run]
+            encoded = [
+                publication_frame(follower.name, item, subprotocol) for item in run
+            ]
         except ValueError as exc:  # bytes or NaN for a JSON socket
             log.warning("publications of %s: %s", follower.name, exc)
             return None

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Final
 
 import attrs
 import trio
+
 from .._core._heartbeat import Disconnect, Heartbeats, SendPing
 from .._core._ratelimit import KeyedWindows
 from .._log_limit import LogLimiter
@@ -49,7 +50,7 @@ from ._client_info import ClientInfo
 from ._connection import ClientConnection
 from ._definition import Gateway, Handshake, resolve_routes
 from ._errors import UnauthorizedError
-from ._http import HeadError, ReplayStream, client_script, http_response, read_head
+from ._http import HeadError, client_script, http_response, read_head
 from ._hub import TopicAccess, TopicHub
 from ._protocol import SUBPROTOCOLS, CloseCode
 from ._sessions import Session, SessionLink, valid_session

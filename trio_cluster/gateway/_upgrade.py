@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Self
 
 import trio
 from trio_websocket import WebSocketConnection
@@ -65,14 +65,18 @@ def upgrade_refusal(head: Head) -> Refusal | None:
     """Why ``head`` (a ``GET`` with ``Upgrade: websocket``) cannot be
     upgraded, as wsproto would refuse it; None if it can."""
     headers = head.headers
-    tokens = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+    tokens = {
+        token.strip().lower() for token in headers.get("connection", "").split(",")
+    }
     if "upgrade" not in tokens:
         return 400, "missing header 'Connection: Upgrade'", ()
     version = headers.get("sec-websocket-version")
     if version != _VERSION:
         status = 426 if version else 400
-        return status, "Sec-WebSocket-Version must be 13", (
-            ("Sec-WebSocket-Version", _VERSION),
+        return (
+            status,
+            "Sec-WebSocket-Version must be 13",
+            (("Sec-WebSocket-Version", _VERSION),),
         )
     key = headers.get("sec-websocket-key")
     if key is None or not _valid_key(key):
@@ -176,7 +180,7 @@ class _Tap:
         self.stopped = True
         await trio.lowlevel.checkpoint()
 
-    async def __aenter__(self) -> _Tap:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
