@@ -136,6 +136,14 @@ COMPARED: dict[str, list[Compared]] = {
         ),
         ("sequential p50 (us)", "seq_p50", {}, "lean_seq_p50", {}, "lower"),
         (
+            "GatewayClient sequential p50 ÷ trio-websocket echo p50",
+            "",
+            {},
+            "sequential_p50_over_floor",
+            {},
+            "info",
+        ),
+        (
             "other load (% of a core)",
             "machine_load",
             {},
@@ -178,8 +186,17 @@ def _ours(workload: str, log: Any) -> list[dict[str, Any]]:
     return _run([sys.executable, "-m", "benchmarks", workload], REPO, log)
 
 
+_TO_UNIT = {("ms", "us"): 1000.0, ("us", "ms"): 0.001}
+"""Factors from a figure's unit to the table's (the peer gives some
+latencies in ms, ours in µs)."""
+
+
 def _pick(
-    figures: list[dict[str, Any]], name: str, where: dict[str, Any], field: str
+    figures: list[dict[str, Any]],
+    name: str,
+    where: dict[str, Any],
+    field: str,
+    unit: str | None = None,
 ) -> float | None:
     for figure in figures:
         if figure.get("figure") != name:
@@ -192,6 +209,9 @@ def _pick(
                 value = figure.get("cpu", {}).get("other_cpu_pct")
             else:
                 value = figure.get("value")
+                scale = _TO_UNIT.get((figure.get("unit"), unit))
+                if value is not None and scale is not None:
+                    value *= scale
             return value
     return None
 
@@ -207,15 +227,17 @@ def summarize(records: list[dict[str, Any]]) -> str:
     ]
     for workload, compared in COMPARED.items():
         for label, peer_name, peer_where, our_name, our_where, better in compared:
+            unit = "us" if "(us)" in label else "ms" if "(ms)" in label else None
             peer_values = [
                 v
                 for figures in runs.get((workload, "peer"), [])
-                if (v := _pick(figures, peer_name, peer_where, better)) is not None
+                if (v := _pick(figures, peer_name, peer_where, better, unit))
+                is not None
             ]
             our_values = [
                 v
                 for figures in runs.get((workload, "ours"), [])
-                if (v := _pick(figures, our_name, our_where, better)) is not None
+                if (v := _pick(figures, our_name, our_where, better, unit)) is not None
             ]
             if not peer_values and not our_values:
                 continue
