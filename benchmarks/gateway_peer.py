@@ -186,7 +186,10 @@ def _ours(workload: str, log: Any) -> list[dict[str, Any]]:
     return _run([sys.executable, "-m", "benchmarks", workload], REPO, log)
 
 
-_TO_UNIT = {("ms", "us"): 1000.0, ("us", "ms"): 0.001}
+_TO_UNIT: dict[tuple[object, object], float] = {
+    ("ms", "us"): 1000.0,
+    ("us", "ms"): 0.001,
+}
 """Factors from a figure's unit to the table's (the peer gives some
 latencies in ms, ours in µs)."""
 
