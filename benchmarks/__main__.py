@@ -18,6 +18,8 @@ WORKLOADS = {
     "state": "benchmarks.durable_state",
     "events": "benchmarks.events_bus",
     "w10": "benchmarks.w10_webhooks",
+    "w6": "benchmarks.w6_idle",
+    "w7": "benchmarks.w7_fanout",
     "w8": "benchmarks.w8_gateway",
     "reconnect": "benchmarks.gateway_reconnect",
     "wf": "benchmarks.workflow_steps",

@@ -3,29 +3,35 @@ trio-websocket echo in the same run.
 
 ``python -m benchmarks w8 [--quick]`` starts a server process (a runner on
 memory storage hosting ``Counter``, its gateway exposing ``increment``, and
-a bare trio-websocket echo server), then, in this process:
+a bare trio-websocket echo server), then:
 
 * ``floor_ws_echo_*``: sequential round trips of a small message to the
-  bare echo server: the floor of any call over a WebSocket;
+  bare echo server, from this process: the floor of any call over a
+  WebSocket;
 * ``sequential_*``: sequential gateway calls from one `GatewayClient`
-  (msgpack), and the ratio of their p50 to the floor's (target ≤ 1.5);
-* ``clients_100_*``: 100 clients (one socket each) calling at once.
+  (msgpack) in this process, and the ratio of their p50 to the floor's
+  (target ≤ 1.5);
+* ``rpc_*``: the peer's shape (``w8.mjs``): 100 sockets in 2 lean client
+  processes (`benchmarks._lean_client`), each calling in a closed loop
+  (one call in flight per socket) for 1 s of warm-up then 10 s measured:
+  req/s, p50/p99, server CPU per call, and whether each counter's values
+  came back consecutive; then ``lean_seq_*``: 5,000 calls one after
+  another on one of those sockets;
+* ``clients_100_*``: 100 `GatewayClient` sockets in this process calling
+  at once (the product's client: this process's CPU bounds it).
 
-Every figure is one JSON line on stdout (the shape of `benchmarks._common.emit`).
-The clients run in this one process: its CPU bounds the 100-client figure
-as much as the server's does (the peer's figures were measured the same way).
+Every figure is one JSON line on stdout (the shape of `benchmarks._common.emit`);
+the windows carry ``cpu`` (`benchmarks._workers.CpuWindow`: this benchmark's
+processes against *other* processes, the machine being shared).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import subprocess
 import sys
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import Any
 
 import trio
 import trio_websocket
@@ -46,14 +52,20 @@ from ._common import (
     concurrent,
     emit,
     emit_phase,
+    percentile,
     progress,
     sequential,
-    start_ready_process,
     summary,
 )
-
-if TYPE_CHECKING:
-    from trio_cluster.testing import ChildProcess
+from ._workers import (
+    CpuWindow,
+    Worker,
+    cpu_seconds,
+    lean_client_command,
+    load_average,
+    serve_commands,
+    source_address,
+)
 
 GATEWAY = Gateway(
     entities=[expose(Counter, "increment")],
@@ -80,19 +92,12 @@ async def _serve() -> None:
             trio_websocket.serve_websocket, _echo, "127.0.0.1", 0, None
         )
         server = await nursery.start(serve_gateway, runner, GATEWAY, "127.0.0.1", 0)
-        ready = {"event": "ready", "gateway_port": server.port, "echo_port": echo.port}
-        print(json.dumps(ready), flush=True)
-        stdin = trio.lowlevel.FdStream(sys.stdin.fileno())
-        while await stdin.receive_some(4096):
-            pass
+        ready = {"gateway_port": server.port, "echo_port": echo.port}
+        await serve_commands({}, ready)
         nursery.cancel_scope.cancel()
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far (Linux ``/proc``)."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+_cpu_seconds = cpu_seconds
 
 
 async def _floor(port: int, count: int) -> float:
@@ -154,34 +159,136 @@ async def _many(url: str, count: int, clients: int, pid: int | None = None) -> N
         emit("W8", f"clients_{clients}_server_cpu_per_call", per_call, "us")
 
 
+async def _lean(
+    url: str, server_pid: int, nursery: trio.Nursery, *, quick: bool
+) -> None:
+    """The peer's shape: 100 sockets in 2 lean client processes, a closed
+    loop per socket, then sequential calls on one socket."""
+    procs, sockets = 2, 100
+    clients = [Worker(lean_client_command(), name=f"client {i}") for i in range(procs)]
+    for client in clients:
+        await client.start(nursery)
+    shares = [
+        sockets // procs + (1 if i < sockets % procs else 0) for i in range(procs)
+    ]
+    for i, client in enumerate(clients):
+        answer = await client.call(
+            "connect", url=url, n=shares[i], src=source_address(i), index_base=i * 1000
+        )
+        if answer["ok"] != shares[i]:
+            raise RuntimeError(f"lean clients: {answer}")
+    warmup, duration = (0.5, 3.0) if quick else (1.0, 10.0)
+    window = CpuWindow([server_pid, *(client.pid for client in clients)])
+    server_cpu = cpu_seconds(server_pid)
+    answers: list[dict[str, Any]] = [{} for _ in clients]
+
+    async def loop(i: int) -> None:
+        answers[i] = await clients[i].call(
+            "rpc",
+            operation="Counter.increment",
+            msg={"amount": 1},
+            key_prefix="counter-",
+            warmup_s=warmup,
+            duration_s=duration,
+        )
+
+    async with trio.open_nursery() as calling:
+        for i in range(procs):
+            calling.start_soon(loop, i)
+    cpu = window.report()
+    server_cpu = cpu_seconds(server_pid) - server_cpu
+    calls = sum(answer["calls"] for answer in answers)
+    latencies = [value for answer in answers for value in answer["latencies"]]
+    wrong = sum(answer["wrong"] + answer["errors"] for answer in answers)
+    # The server's CPU covers the warm-up too: per call, scaled the same.
+    per_call = server_cpu / (calls * (warmup + duration) / duration)
+    common = {"clients": sockets, "client_procs": procs, "duration_s": duration}
+    emit(
+        "W8", "rpc_req_per_s", calls / duration, "req/s", counter_errors=wrong, **common
+    )
+    emit("W8", "rpc_p50", percentile(latencies, 50) * 1e6, "us", **common)
+    emit("W8", "rpc_p99", percentile(latencies, 99) * 1e6, "us", **common)
+    emit(
+        "W8",
+        "rpc_server_cpu_per_call",
+        per_call * 1e6,
+        "us",
+        server_cpu_pct=round(100 * server_cpu / cpu["wall_s"], 1),
+        cpu=cpu,
+        **common,
+    )
+    count = 1000 if quick else 5000
+    await clients[0].call(
+        "rpc",
+        operation="Counter.increment",
+        msg={"amount": 1},
+        key_prefix="counter-",
+        warmup_s=0,
+        duration_s=0,
+        sockets=1,
+        count=200,
+    )
+    window = CpuWindow([server_pid, clients[0].pid])
+    server_cpu = cpu_seconds(server_pid)
+    answer = await clients[0].call(
+        "rpc",
+        operation="Counter.increment",
+        msg={"amount": 1},
+        key_prefix="counter-",
+        warmup_s=0,
+        duration_s=0,
+        sockets=1,
+        count=count,
+    )
+    cpu = window.report()
+    server_cpu = cpu_seconds(server_pid) - server_cpu
+    latencies = answer["latencies"]
+    emit("W8", "lean_seq_p50", percentile(latencies, 50) * 1e6, "us", n=count)
+    emit("W8", "lean_seq_p99", percentile(latencies, 99) * 1e6, "us", n=count)
+    emit(
+        "W8",
+        "lean_seq_server_cpu_per_call",
+        server_cpu / count * 1e6,
+        "us",
+        n=count,
+        cpu=cpu,
+    )
+    for client in clients:
+        await client.call("close")
+        await client.aclose()
+
+
 async def run(*, quick: bool) -> None:
+    load_start = load_average()
     async with trio.open_nursery() as nursery:
         progress("W8 starting the gateway server (subprocess)")
-        server: ChildProcess
-        server, ready = await start_ready_process(
+        server = Worker(
             [sys.executable, "-m", "benchmarks.w8_gateway", "serve"],
-            nursery,
             name="the W8 server",
-            stdin=subprocess.PIPE,
         )
+        ready = await server.start(nursery)
         url = f"ws://127.0.0.1:{ready['gateway_port']}/ws"
         try:
             count = 1000 if quick else 5000
             progress(f"W8 floor: {count} bare trio-websocket round trips")
             floor = await _floor(int(ready["echo_port"]), count)
             progress(f"W8 sequential: {count} gateway calls")
-            assert server.process is not None
-            pid = server.process.pid
+            pid = server.pid
             await _sequential(url, count, floor, pid)
-            progress("W8 100 clients")
+            progress(f"W8 100 sockets in 2 lean client processes (server pid {pid})")
+            await _lean(url, pid, nursery, quick=quick)
+            progress("W8 100 GatewayClients in this process")
             await _many(url, 5000 if quick else 30000, 100, pid)
+            emit(
+                "W8",
+                "load_average",
+                load_average()[0],
+                "load",
+                loadavg_start=load_start,
+                loadavg_end=load_average(),
+            )
         finally:
-            with trio.CancelScope(shield=True):
-                assert server.process is not None
-                assert server.process.stdin is not None
-                await server.process.stdin.aclose()
-                with trio.move_on_after(20):
-                    await server.process.wait()
+            await server.aclose()
 
 
 def main(quick: bool = False) -> None:

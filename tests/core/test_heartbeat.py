@@ -108,3 +108,26 @@ def test_a_timeout_longer_than_the_interval_keeps_pings_on_time() -> None:
     assert beats.next_deadline() == 8.0
     assert beats.due(8.0) == []
     assert beats.due(9.0) == [Disconnect(1)]
+
+
+def test_pings_due_soon_are_sent_early_together() -> None:
+    beats = Heartbeats(interval=10.0, timeout=5.0)
+    beats.add(1, 0.0)
+    beats.add(2, 0.05)
+    beats.add(3, 0.5)
+    assert beats.due(10.0, early=0.1) == [SendPing(1), SendPing(2)]
+    # The early ping counts from when it was sent: a pong heard before its
+    # due time keeps the peer.
+    beats.seen(2, 10.02)
+    assert beats.next_deadline() == 10.5
+    assert beats.due(10.5, early=0.1) == [SendPing(3)]
+    assert beats.due(15.0, early=0.1) == [Disconnect(1)]
+    assert 2 in beats._beats
+
+
+def test_a_disconnection_is_never_early() -> None:
+    beats = Heartbeats(interval=10.0, timeout=5.0)
+    beats.add(1, 0.0)
+    assert beats.due(10.0) == [SendPing(1)]
+    assert beats.due(14.95, early=0.1) == []
+    assert beats.due(15.0, early=0.1) == [Disconnect(1)]

@@ -30,9 +30,13 @@ class FakeConnection:
         )
         self.offsets: list[int] = []
 
-    def send_encoded(self, data: bytes | str) -> None:
+    def send_encoded(self, data: bytes | str, framed: bytes | None = None) -> None:
         assert isinstance(data, bytes)
         self.offsets.append(msgpack.unpackb(data)["offset"])
+
+    def send_run(self, frames: list[bytes | str], framed: bytes) -> None:
+        for data in frames:
+            self.send_encoded(data)
 
 
 class ScriptedTopic:

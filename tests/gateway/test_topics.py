@@ -27,6 +27,7 @@ from trio_cluster.gateway import (
     publish,
     serve_gateway,
 )
+from trio_cluster.gateway._topics import MAX_RUN, Followed, _with_run
 from trio_cluster.storage import MemoryStorage
 from trio_cluster.transport import MemoryNetwork, MemoryTransport
 
@@ -194,7 +195,9 @@ async def test_subscribers_on_one_runner_the_publisher_on_another() -> None:
                     1,
                     2,
                 ]
-            # One entity stream per topic on this gateway, for its 3 sockets.
+            # One entity stream per topic on this gateway, for its 3 sockets:
+            # each publication reached it once.
+            assert server.statistics().publications == 18
             hub = server._topics.hub  # type: ignore[union-attr]
             assert sorted(hub._followers) == topics
             assert all(len(f.subscribers) == 3 for f in hub._followers.values())
@@ -202,3 +205,46 @@ async def test_subscribers_on_one_runner_the_publisher_on_another() -> None:
                 a.address,
                 b.address,
             }
+
+
+def test_waiting_publications_travel_together_in_order() -> None:
+    send, receive = trio.open_memory_channel[Followed](1000)
+    publications = [Publication("e", n, n) for n in range(1, MAX_RUN + 3)]
+    for publication in publications[: MAX_RUN + 1]:
+        send.send_nowait(Followed(publication))
+    presence = Followed(presence={"joined": {}, "left": []})  # type: ignore[arg-type]
+    send.send_nowait(presence)
+    send.send_nowait(Followed(publications[MAX_RUN + 1]))
+    first = receive.receive_nowait()
+    item, held = _with_run(first, receive)
+    assert [item.publication, *item.more] == publications[:MAX_RUN]
+    assert held is None
+    item, held = _with_run(receive.receive_nowait(), receive)
+    # A presence change behind a run is sent after it, then what follows.
+    assert (item.publication, item.more, held) == (publications[MAX_RUN], [], presence)
+    assert held is not None
+    assert _with_run(held, receive) == (presence, None)
+    assert _with_run(receive.receive_nowait(), receive) == (
+        Followed(publications[MAX_RUN + 1]),
+        None,
+    )
+
+
+async def test_a_burst_of_publications_reaches_every_socket_once_in_order() -> None:
+    count = 300
+    with trio.fail_after(60):
+        async with (
+            open_topic_gateway() as (runner, server),
+            open_gateway_client(server.url, config=ClientConfig(subprotocol=JSON)) as a,
+            open_gateway_client(server.url) as b,
+            a.subscribe("room:1") as room_a,
+            b.subscribe("room:1") as room_b,
+        ):
+            async with trio.open_nursery() as nursery:
+                for n in range(count):
+                    nursery.start_soon(publish, runner, "room:1", n)
+            for room in (room_a, room_b):
+                got = await take(aiter(room), count)
+                assert [offset for offset, _ in got] == list(range(1, count + 1))
+                assert sorted(data for _, data in got) == list(range(count))
+            assert server.statistics().publications == count

@@ -25,6 +25,12 @@ A peer that goes silent at ``t`` (dead, or a half-open TCP connection) is
 pinged at the latest at ``t + interval`` and disconnected at the latest at
 ``t + interval + timeout``. The driver sleeps until `next_deadline`; it
 reads no clock itself here: every call is given ``now``.
+
+Pings may be sent a little early, so that one wake-up serves many
+connections: `due` with ``early`` also takes the connections whose ping is
+due before ``now + early`` and decides them as at their due time (a
+disconnection is never early: a connection waiting for its pong is decided
+at ``now``).
 """
 
 from __future__ import annotations
@@ -114,27 +120,38 @@ class Heartbeats:
             heapq.heappop(heap)
         return _NEVER
 
-    def due(self, now: float) -> list[SendPing | Disconnect]:
-        """The commands for every connection due at or before ``now``."""
+    def due(self, now: float, early: float = 0.0) -> list[SendPing | Disconnect]:
+        """The commands for every connection due at or before ``now``, and
+        the pings due before ``now + early`` (see the module docstring)."""
         heap = self._heap
         commands: list[SendPing | Disconnect] = []
-        while heap and heap[0][0] <= now:
-            _, key, generation = heapq.heappop(heap)
+        later: list[tuple[float, int, int]] = []
+        horizon = now + early
+        while heap and heap[0][0] <= horizon:
+            due, key, generation = heapq.heappop(heap)
             beat = self._beats.get(key)
             if beat is None or beat.generation != generation:
                 continue
-            command, next_due = self._decide(beat, now)
+            if due > now and beat.ping_sent is not None:
+                # Waiting for its pong: never decided early.
+                later.append((due, key, generation))
+                continue
+            command, next_due = self._decide(beat, now, max(now, due))
             if command is not None:
                 commands.append(command(key))
             if next_due is None:
                 del self._beats[key]
             else:
                 heapq.heappush(heap, (next_due, key, generation))
+        for entry in later:
+            heapq.heappush(heap, entry)
         return commands
 
     def _decide(
-        self, beat: _Beat, now: float
+        self, beat: _Beat, now: float, at: float
     ) -> tuple[type[SendPing | Disconnect] | None, float | None]:
+        """The command for ``beat`` at ``now``, deciding whether it is quiet
+        as at ``at`` (``now``, or its due time when pinged early)."""
         ping_sent = beat.ping_sent
         if ping_sent is not None:
             if beat.last_seen < ping_sent:
@@ -143,7 +160,7 @@ class Heartbeats:
                 return None, min(ping_sent + self.timeout, now + self.interval)
             beat.ping_sent = None
         quiet_until = beat.last_seen + self.interval
-        if quiet_until > now:
+        if quiet_until > at:
             return None, quiet_until
         beat.ping_sent = now
         # While waiting, look at least every interval: a pong heard since is

@@ -3,9 +3,11 @@
 Theory of operation. `ClientConnection.run` is the socket's task; all its
 work runs in one nursery under the connection's own cancel scope, so ending
 the connection (`ClientConnection.end`, the first reason wins) cancels
-exactly its work and nothing else:
+exactly its work and nothing else. An idle socket has this one task and no
+other:
 
-* the *reader* (the task itself) takes each message, counts it against the
+* the *reader* (the task itself: trio-websocket's reader loop runs in it,
+  `read_messages`) takes each message, counts it against the
   socket's message rate (`TokenBucket.try_take`; over it: close 4008; an
   ack of pushes the socket was sent and still owes is not counted: their
   number is bounded by the pushes),
@@ -17,10 +19,13 @@ exactly its work and nothing else:
   and is answered ``cancelled``. At most ``max_concurrent_requests`` run at
   once; one more is refused (``too_many_requests``), so the reader never
   waits for a request;
-* the *writer* drains the bounded send queue. A frame that finds the queue
-  full, or a write that takes over ``send_timeout``, closes the socket with
-  4001 (slow consumer): a client that stops reading costs a bounded queue,
-  then nothing;
+* frames are written at once by the task that makes them (over TCP into
+  the socket's `Outbox`, which never waits) while nothing waits; else they
+  join the bounded send queue, and a *writer* task, started then and ended
+  when all is written, drains the outbox and writes what is queued as one
+  batch. A frame that finds the queue full, or a write that takes over
+  ``send_timeout``, closes the socket with 4001 (slow consumer): a client
+  that stops reading costs a bounded queue, then nothing;
 * pings come from the server's one heartbeat structure
   (`trio_cluster._core._heartbeat`), never from a task of this socket.
 
@@ -31,28 +36,28 @@ socket's work is cancelled, then the close frame is sent (bounded by
 
 from __future__ import annotations
 
-import contextvars
 import logging
 from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 
 from .._core._addresses import EntityId
 from .._core._link_quality import LinkQuality
 from .._core._ratelimit import TokenBucket
 from ..transport._ws_connection import CONNECTION_ERRORS, close_reason_text, describe
-from ..transport._ws_outbox import Outbox, write_message
-from ..transport._ws_tap import install_tap
 from ._client_info import ClientInfo, current_info
 from ._definition import Operation
+from ._frames import data_frame
 from ._protocol import (
+    SUBPROTOCOLS,
     Ack,
     BadFrame,
     Call,
     Cancel,
+    ClientFrame,
     CloseCode,
     Credit,
     ErrorCode,
@@ -66,17 +71,22 @@ from ._protocol import (
     decode_frames,
     encode_frame,
     error_frame,
-    join_frames,
     parse_client_frame,
+    ping_frame,
+    pong_frame,
 )
 from ._requests import StreamCredit, admit, failure_frame
+from ._sending import FrameSender
 from ._statistics import ConnectionStatistics
 from ._topics import Position
+from ._upgrade import close_websocket, read_messages
 
 if TYPE_CHECKING:
+    from collections import deque
     from collections.abc import Awaitable, Callable
 
     from .._log_limit import LogLimiter
+    from ..transport._ws_outbox import Outbox
     from ._definition import GatewayConfig, Route
     from ._hub import TopicAccess
     from ._sessions import Pushed, SessionLink
@@ -104,6 +114,15 @@ class MessageSocket(Protocol):
     async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
 
 
+_HANDLERS: Final[dict[type[Any], Callable[[ClientConnection, Any], None]]] = {}
+"""What `ClientConnection._dispatch` does with each kind of client frame
+(filled below the class)."""
+
+_PING_FRAMES: Final = {
+    subprotocol: data_frame(ping_frame(subprotocol)) for subprotocol in SUBPROTOCOLS
+}
+"""The ping frame as a WebSocket frame, per subprotocol."""
+
 _MAX_OWED: Final = 4096
 """Pushes a socket remembers as owed an ack (more: the oldest are
 forgotten, and their late acks count against the message rate)."""
@@ -115,8 +134,38 @@ class _Ending:
     reason: str
 
 
-class ClientConnection:
+class ClientConnection(FrameSender):
     """One upgraded socket (see the module docstring)."""
+
+    # A gateway holds tens of thousands of these: no per-instance dict.
+    __slots__ = (
+        "__weakref__",
+        "_authorize",
+        "_bucket",
+        "_config",
+        "_counters",
+        "_credits",
+        "_direct",
+        "_gone",
+        "_nursery",
+        "_owed",
+        "_ping_sent_at",
+        "_requests",
+        "_routes",
+        "_seen",
+        "_session",
+        "_topics",
+        "_user",
+        "_warnings",
+        "ending",
+        "errors",
+        "frames_received",
+        "info",
+        "link",
+        "number",
+        "rtt",
+        "ws",
+    )
 
     def __init__(
         self,
@@ -129,7 +178,7 @@ class ClientConnection:
         authorize: Callable[[object, Operation], Any] | None,
         counters: GatewayCounters,
         warnings: LogLimiter,
-        seen: Callable[[int], None],
+        seen: Callable[[int, float], None],
         outbox: Outbox | None = None,
         topics: TopicAccess | None = None,
         session: SessionLink | None = None,
@@ -144,25 +193,27 @@ class ClientConnection:
         self._counters = counters
         self._warnings = warnings
         self._seen = seen
-        self._direct: tuple[WebSocketConnection, Outbox] | None = (
-            (ws, outbox)
-            if outbox is not None and isinstance(ws, WebSocketConnection)
-            else None
-        )
+        self._direct: tuple[WebSocketConnection, Outbox] | None = None
         """The socket and its `Outbox`, over plain TCP (writes never wait)."""
+        if outbox is not None and isinstance(ws, WebSocketConnection):
+            self._direct = (ws, outbox)
+            outbox.on_backlog = self._start_writer
         self._topics = topics
         self._session = session
         """Its link to its session's entity (None: no session)."""
         self._user = user
         self._owed: dict[tuple[str, int], None] = {}
         """Pushes sent and not acked yet (epoch, seq), oldest first."""
-        self._scope = trio.CancelScope()
+        self._gone = False
+        """Whether the work is cancelled (the client is gone, or `end`)."""
         self._nursery: trio.Nursery | None = None
+        """The nursery of the socket's work, while `run` has it open."""
         self._requests: dict[int, trio.CancelScope] = {}
         self._credits: dict[int, StreamCredit] = {}
-        self._send_channel, self._receive_channel = trio.open_memory_channel[
-            bytes | str
-        ](config.send_queue)
+        self._queue: deque[bytes | str] | None = None
+        """Frames waiting for the writer (None: none)."""
+        self._writing = False
+        """Whether the writer task runs."""
         rate = config.message_rate
         self._bucket = None if rate is None else TokenBucket(rate, trio.current_time())
         self.ending: _Ending | None = None
@@ -174,7 +225,6 @@ class ClientConnection:
         self.link = LinkQuality()
         """The round trips' average and the link's quality."""
         self._ping_sent_at: float | None = None
-        self._context = contextvars.copy_context()
 
     # ------------------------------------------------------------------
     # Lifecycle
@@ -185,7 +235,13 @@ class ClientConnection:
         if self.ending is None:
             self.ending = _Ending(code, reason)
             self._counters.closed(code)
-        self._scope.cancel()
+        self._cancel()
+
+    def _cancel(self) -> None:
+        """Cancel the socket's work (the reader included)."""
+        self._gone = True
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     async def run(self) -> None:
         """Serve the socket until the client closes it or `end` is called;
@@ -193,31 +249,45 @@ class ClientConnection:
 
         Cancellation: the work is cancelled; the close frame is not sent.
         """
+        # Requests start from the reader (`_deliver`), in this task: with
+        # this context, so that they see `current_client`.
         token = current_info.set(self.info)
-        # Requests start from trio-websocket's reader task (`_deliver`): in
-        # this task's context, so that they see `current_client`.
-        self._context = contextvars.copy_context()
         try:
-            with self._scope:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    nursery.start_soon(self._write)
-                    if self._session is not None:
-                        nursery.start_soon(
-                            self._session.run, self._user, self._push, self._detached
-                        )
-                    await self._read()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                if self._gone:  # ended before it ran
                     nursery.cancel_scope.cancel()
+                if self._session is not None:
+                    nursery.start_soon(
+                        self._session.run, self._user, self._push, self._detached
+                    )
+                if self._queue:  # frames sent before the nursery opened
+                    self._start_writer()
+                ws = self.ws
+                if isinstance(ws, WebSocketConnection):
+                    # The reader loop runs right in this frame (no wrapper
+                    # coroutine: an idle socket waits with a short chain).
+                    await read_messages(ws, self._deliver)
+                    self._closed_by_client(ws.closed)
+                else:
+                    await self._read_others(ws)
+                nursery.cancel_scope.cancel()
         finally:
+            self._nursery = None
             current_info.reset(token)
             if self._topics is not None:
                 self._topics.hub.forget(self)
             self._warnings.flush(self.info.remote)
         ending = self.ending
         if ending is not None:
+            ws = self.ws
+            reason = close_reason_text(ending.reason)
             with trio.move_on_after(self._config.close_timeout):
                 try:
-                    await self.ws.aclose(ending.code, close_reason_text(ending.reason))
+                    if isinstance(ws, WebSocketConnection):
+                        await close_websocket(ws, ending.code, reason)
+                    else:
+                        await ws.aclose(ending.code, reason)
                 except CONNECTION_ERRORS as exc:
                     log.debug("closing %s: %s", self.info.remote, describe(exc))
 
@@ -232,7 +302,7 @@ class ClientConnection:
             frames_sent=self.frames_sent,
             errors=self.errors,
             requests_in_flight=len(self._requests),
-            send_queue=self._send_channel.statistics().current_buffer_used,
+            send_queue=len(self._queue or ()),
             rtt=self.rtt,
             rtt_average=self.link.average,
             quality=self.link.quality,
@@ -241,7 +311,8 @@ class ClientConnection:
     def ping(self) -> None:
         """Send a ping frame (the heartbeats found the client quiet)."""
         self._ping_sent_at = trio.current_time()
-        self._send({"t": "ping"})
+        subprotocol = self.info.subprotocol
+        self.send_encoded(ping_frame(subprotocol), _PING_FRAMES[subprotocol])
 
     def send_welcome(self) -> None:
         config = self._config
@@ -287,34 +358,29 @@ class ClientConnection:
     # ------------------------------------------------------------------
     # Reading
 
-    async def _read(self) -> None:
-        """Hand every message to `_deliver` until the client closes the
-        socket or a message ends the connection. Messages are handled in
-        trio-websocket's own reader task (`install_tap`): no task wakes per
-        message."""
-        ws = self.ws
+    async def _read_others(self, ws: MessageSocket) -> None:
+        """Hand every message of a socket that is not trio-websocket's (the
+        ASGI server's) to `_deliver`, until it closes or a message ends the
+        connection."""
         try:
-            tap = (
-                install_tap(ws, self._deliver)
-                if isinstance(ws, WebSocketConnection)
-                else None
-            )
-            if tap is not None:
-                await tap.run()
-            else:  # the ASGI server's socket
-                while await self._deliver(await ws.get_message()):
-                    pass
+            while self._deliver(await ws.get_message()):
+                pass
         except ConnectionClosed as exc:
-            reason = exc.reason
-            if self.ending is None and reason is not None and reason.code == 1009:
-                self._counters.closed(CloseCode.MESSAGE_TOO_BIG)
+            self._closed_by_client(exc.reason)
 
-    async def _deliver(self, message: bytes | str) -> bool:
+    def _closed_by_client(self, reason: CloseReason | None) -> None:
+        """Count the close of a message over ``max_message_size`` (the
+        socket's library sent it)."""
+        if self.ending is None and reason is not None and reason.code == 1009:
+            self._counters.closed(CloseCode.MESSAGE_TOO_BIG)
+
+    def _deliver(self, message: bytes | str) -> bool:
         """Handle one message (a frame or a batch of them, each counted
         against the message rate); False once the connection ends. It runs
-        in trio-websocket's reader task: it never waits."""
+        in the reader, and never waits (the reads are its schedule
+        points)."""
         now = trio.current_time()
-        self._seen(self.number)
+        self._seen(self.number, now)
         try:
             frames = decode_frames(message, self.info.subprotocol)
         except BadFrame as exc:
@@ -338,34 +404,37 @@ class ClientConnection:
                 self._refuse(exc.request_id, exc.code, exc.message)
             if self.ending is not None:
                 return False
-        await trio.lowlevel.checkpoint()
         return self.ending is None
 
-    def _dispatch(self, frame: object) -> None:
-        if isinstance(frame, Call | OpenStream):
-            self._start(frame)
-        elif isinstance(frame, Cancel):
-            scope = self._requests.get(frame.id)
-            if scope is not None:
-                scope.cancel()
-        elif isinstance(frame, Credit):
-            credit = self._credits.get(frame.id)
-            if credit is not None:
-                credit.grant(frame.n)
-        elif isinstance(frame, Subscribe | ListPresence):
-            self._start_subscription(frame)
-        elif isinstance(frame, Unsubscribe):
-            topics = self._topics
-            dropped = topics is not None and topics.hub.unsubscribe(self, frame.topic)
-            self._send({"t": "reply", "id": frame.id, "v": dropped})
-        elif isinstance(frame, Ack):
-            if self._session is not None and self._nursery is not None:
-                for seq in frame.seqs:
-                    self._owed.pop((frame.epoch, seq), None)
-                self._nursery.start_soon(self._session.ack, frame.epoch, frame.seqs)
-        elif isinstance(frame, Ping):
-            self._send({"t": "pong"})
-        elif isinstance(frame, Pong) and self._ping_sent_at is not None:
+    def _dispatch(self, frame: ClientFrame) -> None:
+        _HANDLERS[type(frame)](self, frame)
+
+    def _cancel_request(self, frame: Cancel) -> None:
+        scope = self._requests.get(frame.id)
+        if scope is not None:
+            scope.cancel()
+
+    def _credit(self, frame: Credit) -> None:
+        credit = self._credits.get(frame.id)
+        if credit is not None:
+            credit.grant(frame.n)
+
+    def _unsubscribe(self, frame: Unsubscribe) -> None:
+        topics = self._topics
+        dropped = topics is not None and topics.hub.unsubscribe(self, frame.topic)
+        self._send({"t": "reply", "id": frame.id, "v": dropped})
+
+    def _ack(self, frame: Ack) -> None:
+        if self._session is not None and self._nursery is not None:
+            for seq in frame.seqs:
+                self._owed.pop((frame.epoch, seq), None)
+            self._nursery.start_soon(self._session.ack, frame.epoch, frame.seqs)
+
+    def _ping(self, frame: Ping) -> None:
+        self.send_encoded(pong_frame(self.info.subprotocol))
+
+    def _pong(self, frame: Pong) -> None:
+        if self._ping_sent_at is not None:
             self.rtt = trio.current_time() - self._ping_sent_at
             self._ping_sent_at = None
             self._measured(self.rtt)
@@ -399,21 +468,14 @@ class ClientConnection:
         start_soon = self._nursery.start_soon
         if isinstance(frame, OpenStream):
             credit = self._credits[frame.id] = StreamCredit(frame.credit)
-            self._context.run(
-                start_soon,
+            start_soon(
                 self._request,
                 frame.id,
                 scope,
                 partial(self._stream, frame.id, route, frame.key, message, credit),
             )
         else:
-            self._context.run(
-                start_soon,
-                self._request,
-                frame.id,
-                scope,
-                partial(self._call, frame.id, route, frame.key, message),
-            )
+            start_soon(self._call, frame.id, scope, route, frame.key, message)
 
     def _start_subscription(self, frame: Subscribe | ListPresence) -> None:
         topics = self._topics
@@ -432,11 +494,24 @@ class ClientConnection:
             EntityId(frame.topic)
         except ValueError as exc:
             raise FrameError(request_id, ErrorCode.BAD_REQUEST, str(exc)) from None
+        if (
+            isinstance(frame, Subscribe)
+            and frame.since is None
+            and not frame.presence
+            and self._authorize is None
+            and topics.presence is None
+        ):
+            # Nothing to fetch or ask: answered now if the gateway follows
+            # the topic already (no task, no call to the topic's entity).
+            value = topics.hub.subscribe_now(self, frame.topic)
+            if value is not None:
+                self._counters.requests += 1
+                self._send({"t": "reply", "id": request_id, "v": value})
+                return
         scope = self._requests[request_id] = trio.CancelScope()
         self._counters.requests += 1
         assert self._nursery is not None
-        self._context.run(
-            self._nursery.start_soon,
+        self._nursery.start_soon(
             self._request,
             request_id,
             scope,
@@ -508,16 +583,39 @@ class ClientConnection:
         return bool(await authorize(self.info.principal, operation))
 
     async def _call(
-        self, request_id: int, route: Route, key: str | None, message: Any
-    ) -> dict[str, Any]:
+        self,
+        request_id: int,
+        scope: trio.CancelScope,
+        route: Route,
+        key: str | None,
+        message: Any,
+    ) -> None:
+        """A call's task (one coroutine: calls are the commonest requests):
+        its reply, error frame, or ``cancelled``."""
+        frame: dict[str, Any] | None = None
         try:
-            if not await self._authorized(route, key, message):
-                return self._forbidden(request_id, route)
-            assert route.invoke is not None
-            value = await route.invoke(key, message)
-            return {"t": "reply", "id": request_id, "v": route.reply.unstructure(value)}
-        except Exception as exc:
-            return self._failure(request_id, route, exc)
+            with scope:
+                try:
+                    if self._authorize is not None and not await self._authorized(
+                        route, key, message
+                    ):
+                        frame = self._forbidden(request_id, route)
+                    else:
+                        assert route.invoke is not None
+                        value = await route.invoke(key, message)
+                        frame = {
+                            "t": "reply",
+                            "id": request_id,
+                            "v": route.reply.unstructure(value),
+                        }
+                except Exception as exc:
+                    frame = self._failure(request_id, route, exc)
+            if scope.cancelled_caught:
+                frame = error_frame(request_id, ErrorCode.CANCELLED, "cancelled")
+        finally:
+            del self._requests[request_id]
+        if frame is not None:
+            self._send(frame, request_id=request_id)
 
     async def _stream(
         self,
@@ -589,92 +687,18 @@ class ClientConnection:
         """Encode ``frame`` and send it (`send_encoded`)."""
         self.send_encoded(self._encode(frame, request_id))
 
-    def send_encoded(self, data: bytes | str) -> None:
-        """Write an encoded frame now if nothing waits (over TCP: into the
-        `Outbox`, synchronously, without waking the writer), else queue it
-        for the writer; a full queue ends the connection (slow consumer)."""
-        direct = self._direct
-        if (
-            direct is not None
-            and not direct[1].backlog
-            and not self._send_channel.statistics().current_buffer_used
-        ):
-            try:
-                write_message(*direct, data)
-            except CONNECTION_ERRORS:
-                self._counters.dropped("socket_closed")
-                self._scope.cancel()  # the client is gone
-                return
-            self.frames_sent += 1
-            self._counters.frames_sent += 1
-            return
-        try:
-            self._send_channel.send_nowait(data)
-        except trio.WouldBlock:
-            self._counters.dropped("send_queue_full")
-            self.end(CloseCode.SLOW_CONSUMER, "send queue full")
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            # The writer is gone: the connection is ending.
-            self._counters.dropped("socket_closed")
 
-    async def _write_one(self, data: bytes | str) -> bool:
-        """Write one message within ``send_timeout``: over TCP once the
-        `Outbox` has drained, else with trio-websocket's ``send_message``;
-        False if that ended the connection (the client is gone, or too
-        slow)."""
-        direct = self._direct
-        with trio.move_on_after(self._config.send_timeout) as waited:
-            try:
-                if direct is not None:
-                    await direct[1].wait_drained()
-                    write_message(*direct, data)
-                else:
-                    await self.ws.send_message(data)
-            except CONNECTION_ERRORS:
-                self._scope.cancel()  # the client is gone
-                return False
-        if waited.cancelled_caught:
-            self.end(CloseCode.SLOW_CONSUMER, "write over send_timeout")
-            return False
-        self.frames_sent += 1
-        self._counters.frames_sent += 1
-        return True
-
-    async def _write(self) -> None:
-        """Write what waits in the send queue: everything queued at once
-        (as long as it fits in ``max_message_size``) as one batch."""
-        receive = self._receive_channel
-        limit = self._config.max_message_size - 16  # room for the list's own bytes
-        carry: bytes | str | None = None
-        async with receive:
-            while True:
-                if carry is None:
-                    try:
-                        carry = await receive.receive()
-                    except trio.EndOfChannel:
-                        return
-                batch, carry = [carry], None
-                size = len(batch[0])
-                while True:
-                    try:
-                        more = receive.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    if size + len(more) + 1 > limit:
-                        carry = more  # the next batch's first frame
-                        break
-                    batch.append(more)
-                    size += len(more) + 1
-                message = (
-                    batch[0]
-                    if len(batch) == 1
-                    else join_frames(batch, self.info.subprotocol)
-                )
-                if not await self._write_one(message):
-                    left = receive.statistics().current_buffer_used
-                    self._counters.dropped(
-                        "socket_closed", len(batch) + (carry is not None) + left
-                    )
-                    return
-                self.frames_sent += len(batch) - 1
-                self._counters.frames_sent += len(batch) - 1
+_HANDLERS.update(
+    {
+        Call: ClientConnection._start,
+        OpenStream: ClientConnection._start,
+        Cancel: ClientConnection._cancel_request,
+        Credit: ClientConnection._credit,
+        Subscribe: ClientConnection._start_subscription,
+        ListPresence: ClientConnection._start_subscription,
+        Unsubscribe: ClientConnection._unsubscribe,
+        Ack: ClientConnection._ack,
+        Ping: ClientConnection._ping,
+        Pong: ClientConnection._pong,
+    }
+)

@@ -22,7 +22,7 @@ from collections.abc import (
 )
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
 
 import attrs
 
@@ -366,6 +366,10 @@ def _service_name(cls: type[Service]) -> str:
     return name
 
 
+_KEPT_HANDLES: Final = 1024
+"""Entity handles a route keeps for the next requests (per handler)."""
+
+
 def _entity_routes(
     runner: Runner, exposed: Exposed, converter: cattrs.Converter
 ) -> Iterable[Route]:
@@ -376,10 +380,24 @@ def _entity_routes(
         if exposed.handlers is not None and spec.attribute not in exposed.handlers:
             continue
         attribute = spec.attribute
+        handles: dict[str, Any] = {}
 
-        def invoke(key: str | None, message: Any, attribute: str = attribute) -> Any:
+        def invoke(
+            key: str | None,
+            message: Any,
+            attribute: str = attribute,
+            handles: dict[str, Any] = handles,
+        ) -> Any:
             assert key is not None
-            return getattr(client(key), attribute)(message)
+            # A handle bound to the entity's handler, kept for the next
+            # requests to it (bounded): no id check, hashing or handle made
+            # per request.
+            bound = handles.get(key)
+            if bound is None:
+                if len(handles) >= _KEPT_HANDLES:
+                    handles.clear()
+                bound = handles[key] = getattr(client(key), attribute)
+            return bound(message)
 
         if spec.persisted and spec.primary_key is not None:
             invoke = partial(_outliving_the_socket, client, attribute)

@@ -21,6 +21,7 @@ import trio
 
 from .._core._retry import Backoff
 from ._client_info import ClientInfo
+from ._frames import data_frame
 from ._presence import (
     ListPresence,
     PresenceDiff,
@@ -46,13 +47,20 @@ log = logging.getLogger("trio_cluster.gateway")
 class _Subscriber:
     """One socket subscribed to a topic."""
 
-    def __init__(self, connection: ClientConnection) -> None:
+    __slots__ = ("buffer", "connection", "epoch", "last", "presence")
+
+    def __init__(
+        self,
+        connection: ClientConnection,
+        position: Position | None = None,
+    ) -> None:
         self.connection = connection
-        self.last = 0
+        self.last = 0 if position is None else position.offset
         """The last offset sent to it (in ``epoch``)."""
-        self.epoch: str | None = None
-        self.buffer: list[Publication] | None = []
-        """Publications held while its history is fetched."""
+        self.epoch: str | None = None if position is None else position.epoch
+        self.buffer: list[Publication] | None = [] if position is None else None
+        """Publications held while its history is fetched (None: none
+        are)."""
         self.presence = False
         """Whether it gets presence diffs (from its subscribe answer on)."""
 
@@ -97,7 +105,47 @@ class TopicHub:
         """This runner's wall clock (for the fan-out latency)."""
         self._counters = counters if counters is not None else GatewayCounters()
         self._followers: dict[str, _Follower] = {}
+        self._joined: dict[ClientConnection, str | set[str]] = {}
+        """The topics of each subscribed socket (one name, or a set of
+        several)."""
         self._backoff = Backoff(0.05, 2.0, jitter=0.5)
+
+    def subscribe_now(
+        self, connection: ClientConnection, topic: str
+    ) -> dict[str, Any] | None:
+        """Subscribe ``connection`` to ``topic`` from now on, without
+        waiting, if this gateway follows the topic already (and the socket
+        does not join its presence nor resume): the subscribe reply's value,
+        or None (then use `subscribe`).
+
+        Its position is the follower's: the last publication the topic's
+        stream brought, which every subscriber has been sent; the stream
+        brings the next ones, which the socket gets too.
+        """
+        follower = self._followers.get(topic)
+        if follower is None or follower.position is None:
+            return None
+        position = follower.position
+        follower.subscribers[connection] = _Subscriber(connection, position)
+        self._join(connection, topic)
+        return {"epoch": position.epoch, "offset": position.offset, "recovered": False}
+
+    def _join(self, connection: ClientConnection, topic: str) -> None:
+        joined = self._joined.get(connection)
+        if joined is None:
+            self._joined[connection] = topic
+        elif isinstance(joined, str):
+            if joined != topic:
+                self._joined[connection] = {joined, topic}
+        else:
+            joined.add(topic)
+
+    def _leave(self, connection: ClientConnection, topic: str) -> None:
+        joined = self._joined.get(connection)
+        if joined == topic:
+            del self._joined[connection]
+        elif isinstance(joined, set):
+            joined.discard(topic)
 
     async def subscribe(
         self,
@@ -119,6 +167,7 @@ class TopicHub:
             follower = self._followers[topic] = _Follower(topic)
         subscriber = _Subscriber(connection)
         follower.subscribers[connection] = subscriber
+        self._join(connection, topic)
         key = connection.info.id
         if data is not None:
             follower.present[key] = data
@@ -148,7 +197,7 @@ class TopicHub:
             subscriber.last = since.offset
         else:
             subscriber.last = 0 if new_epoch else page.offset
-        cache: dict[str, bytes | str] = {}
+        cache: dict[str, tuple[bytes | str, bytes]] = {}
         # The history first, then the live publications held meanwhile
         # (those it has too are dropped as sent). NOTE: the held ones may be
         # newer than the history's end: the stream and the history's answer
@@ -182,12 +231,15 @@ class TopicHub:
 
     def forget(self, connection: ClientConnection) -> None:
         """The socket closed: drop its subscriptions."""
-        for follower in list(self._followers.values()):
-            if connection in follower.subscribers:
+        joined = self._joined.pop(connection, None)
+        for topic in (joined,) if isinstance(joined, str) else joined or ():
+            follower = self._followers.get(topic)
+            if follower is not None and connection in follower.subscribers:
                 self._drop(follower, connection)
 
     def _drop(self, follower: _Follower, connection: ClientConnection) -> None:
         follower.subscribers.pop(connection, None)
+        self._leave(connection, follower.name)
         key = connection.info.id
         if follower.present.pop(key, None) is not None:
             try:
@@ -204,11 +256,11 @@ class TopicHub:
         follower: _Follower,
         subscriber: _Subscriber,
         item: Publication,
-        cache: dict[str, bytes | str],
+        cache: dict[str, tuple[bytes | str, bytes]],
     ) -> bool:
         """Send ``item`` to ``subscriber`` unless it had it (whether it was
         queued to its socket now); ``cache`` holds the item's frame encoded
-        once per subprotocol."""
+        and framed once per subprotocol."""
         if subscriber.buffer is not None:
             subscriber.buffer.append(item)
             return False
@@ -218,16 +270,16 @@ class TopicHub:
         subscriber.last = item.offset
         connection = subscriber.connection
         subprotocol = connection.info.subprotocol
-        data = cache.get(subprotocol)
-        if data is None:
+        encoded = cache.get(subprotocol)
+        if encoded is None:
             try:
                 data = publication_frame(follower.name, item, subprotocol)
             except ValueError as exc:  # bytes or NaN for a JSON socket
                 log.warning("publication %s/%d: %s", follower.name, item.offset, exc)
                 self._counters.dropped("unencodable")
                 return False
-            cache[subprotocol] = data
-        connection.send_encoded(data)
+            encoded = cache[subprotocol] = (data, data_frame(data))
+        connection.send_encoded(*encoded)
         self._counters.publication_deliveries += 1
         return True
 
@@ -268,22 +320,69 @@ class TopicHub:
             follower.mirror_changed()
         publication = item.publication
         if publication is not None:
-            cache: dict[str, bytes | str] = {}
-            for subscriber in list(follower.subscribers.values()):
-                self._deliver(follower, subscriber, publication, cache)
-            # Only once every subscriber had it: if a delivery failed, the
-            # stream follows again from before it (the others drop the copy).
-            follower.position = Position(publication.epoch, publication.offset)
-            self._fanned_out(item)
+            run = [publication, *item.more] if item.more else [publication]
+            self._deliver_run(follower, run)
+            # Only once every subscriber had them: if a delivery failed, the
+            # stream follows again from before them (the others drop the
+            # copies).
+            last = run[-1]
+            follower.position = Position(last.epoch, last.offset)
+            self._fanned_out(item, len(run))
 
-    def _fanned_out(self, item: Followed) -> None:
-        """Count a publication fanned out to this gateway's sockets, and
-        its latency if it was live (clocks of two runners: a skew between
-        them shows; a negative one counts as 0)."""
-        self._counters.publications += 1
+    def _fanned_out(self, item: Followed, count: int) -> None:
+        """Count the ``count`` publications of ``item`` fanned out to this
+        gateway's sockets, and the first one's latency if it was live
+        (clocks of two runners: a skew between them shows; a negative one
+        counts as 0)."""
+        self._counters.publications += count
         if item.published_at is not None and self._clock is not None:
             latency = self._clock.now() - item.published_at
             self._counters.fanout.observe(max(latency, 0.0))
+
+    def _deliver_run(self, follower: _Follower, run: list[Publication]) -> None:
+        """Send the publications of ``run`` (one epoch, in offset order) to
+        every subscriber: each socket that had none of them gets them all
+        in one write, framed once per subprotocol."""
+        first, last = run[0], run[-1]
+        same_epoch = first.epoch == last.epoch
+        frames: dict[str, tuple[list[bytes | str], bytes] | None] = {}
+        cache: dict[str, tuple[bytes | str, bytes]] = {}
+        for subscriber in list(follower.subscribers.values()):
+            if (
+                not same_epoch
+                or subscriber.buffer is not None
+                or (first.epoch == subscriber.epoch and first.offset <= subscriber.last)
+            ):
+                for publication in run:  # the general case, one by one
+                    cache.clear()
+                    self._deliver(follower, subscriber, publication, cache)
+                continue
+            connection = subscriber.connection
+            subprotocol = connection.info.subprotocol
+            if subprotocol not in frames:
+                frames[subprotocol] = self._run_frames(follower, run, subprotocol)
+            encoded = frames[subprotocol]
+            if encoded is None:
+                continue
+            subscriber.epoch = last.epoch
+            subscriber.last = last.offset
+            connection.send_run(encoded[0], encoded[1])
+            self._counters.publication_deliveries += len(run)
+
+    def _run_frames(
+        self, follower: _Follower, run: list[Publication], subprotocol: str
+    ) -> tuple[list[bytes | str], bytes] | None:
+        """The ``pub`` frames of ``run`` encoded, and all of them framed
+        together (None: one cannot be encoded for ``subprotocol``)."""
+        try:
+            encoded = [
+                publication_frame(follower.name, item, subprotocol) for item in run
+            ]
+        except ValueError as exc:  # bytes or NaN for a JSON socket
+            log.warning("publications of %s: %s", follower.name, exc)
+            self._counters.dropped("unencodable")
+            return None
+        return encoded, b"".join(data_frame(data) for data in encoded)
 
     async def _follow(self, follower: _Follower) -> None:
         failures = 0

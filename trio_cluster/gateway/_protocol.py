@@ -43,6 +43,7 @@ __all__ = [
     "BadFrame",
     "Call",
     "Cancel",
+    "ClientFrame",
     "CloseCode",
     "Credit",
     "ErrorCode",
@@ -58,6 +59,8 @@ __all__ = [
     "encode_frame",
     "join_frames",
     "parse_client_frame",
+    "ping_frame",
+    "pong_frame",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -258,6 +261,27 @@ def encode_frame(frame: Mapping[str, Any], subprotocol: str) -> bytes | str:
         return msgpack.packb(frame)  # type: ignore[no-any-return]
     except (TypeError, OverflowError) as exc:
         raise ValueError(str(exc)) from None
+
+
+_PINGS: Final = {
+    JSON: encode_frame({"t": "ping"}, JSON),
+    MSGPACK: encode_frame({"t": "ping"}, MSGPACK),
+}
+_PONGS: Final = {
+    JSON: encode_frame({"t": "pong"}, JSON),
+    MSGPACK: encode_frame({"t": "pong"}, MSGPACK),
+}
+
+
+def ping_frame(subprotocol: str) -> bytes | str:
+    """The ``ping`` frame of ``subprotocol``, encoded (once, for every
+    socket)."""
+    return _PINGS[subprotocol]
+
+
+def pong_frame(subprotocol: str) -> bytes | str:
+    """The ``pong`` frame of ``subprotocol``, encoded once."""
+    return _PONGS[subprotocol]
 
 
 def decode_frames(message: bytes | str, subprotocol: str) -> list[dict[str, Any]]:

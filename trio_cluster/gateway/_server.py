@@ -11,17 +11,23 @@ nothing the client sent processed further:
    ``GET /gateway.js`` is answered with the JavaScript client here;
 3. the connect rate of the client's IP address (`KeyedWindows`): HTTP 429
    with ``Retry-After``;
-4. the path, the upgrade, a subprotocol both sides speak: else 404, 426 or
-   400;
+4. the path, the upgrade, a subprotocol both sides speak, the WebSocket
+   headers (`upgrade_refusal`): else 404, 426 or 400;
 5. the authentication hook with the `Handshake`: `UnauthorizedError` (or a
    None principal) is HTTP 401/403, any other exception 500 (logged);
-6. the upgrade (trio-websocket, on the bytes read replayed), the welcome
-   frame, then `ClientConnection.run` until the socket ends.
+6. the ``101`` answer, written by the gateway (`accept_response`), a
+   trio-websocket connection over the stream (`server_websocket`), the
+   welcome frame, then `ClientConnection.run` until the socket ends.
+
+That task is the socket's only one while it idles: it reads the socket
+itself (`ClientConnection.run`), and over TCP its writes go into an `Outbox`
+that needs a task only while the client is behind.
 
 Heartbeats: one task per gateway drives one `Heartbeats` structure for all
 sockets; it sleeps in a cancel scope whose deadline is the next due time
 (moved earlier when a socket is added), so an idle gateway with ten
-thousand sockets has one timer.
+thousand sockets has one timer, and each wake-up also sends the pings due
+within 2 % of ``ping_interval`` after it.
 """
 
 from __future__ import annotations
@@ -32,7 +38,6 @@ from typing import TYPE_CHECKING, Final
 
 import attrs
 import trio
-from trio_websocket import wrap_server_stream
 
 from .._core._heartbeat import Disconnect, Heartbeats, SendPing
 from .._core._ratelimit import KeyedWindows
@@ -40,17 +45,23 @@ from .._log_limit import LogLimiter
 from ..transport._ws_admission import Admission, ConnectionLimits
 from ..transport._ws_connection import CONNECTION_ERRORS, describe
 from ..transport._ws_handshake import remote_host, remote_name
-from ..transport._ws_outbox import Outbox, open_outbox
+from ..transport._ws_outbox import Outbox
 from ._client_info import ClientInfo
 from ._connection import ClientConnection
 from ._definition import Gateway, Handshake, resolve_routes
 from ._errors import UnauthorizedError
-from ._http import HeadError, ReplayStream, client_script, http_response, read_head
+from ._http import HeadError, client_script, http_response, read_head
 from ._hub import TopicAccess, TopicHub
 from ._protocol import SUBPROTOCOLS, CloseCode
 from ._sessions import Session, SessionLink, valid_session
 from ._statistics import GatewayCounters, GatewayStatistics, render_gateway_metrics
 from ._topics import Topic
+from ._upgrade import (
+    accept_response,
+    head_rest,
+    server_websocket,
+    upgrade_refusal,
+)
 from ._users import DirectoryJoin, client_topics
 
 if TYPE_CHECKING:
@@ -136,10 +147,13 @@ class GatewayServer:
 
     async def _beat(self) -> None:
         heartbeats = self._heartbeats
+        # Pings due within this of the first are sent with it: one wake-up
+        # serves the sockets that connected about together.
+        early = _EARLY_PINGS * heartbeats.interval
         while True:
             with trio.CancelScope(deadline=heartbeats.next_deadline()) as self._sleep:
                 await trio.sleep_forever()
-            for command in heartbeats.due(trio.current_time()):
+            for command in heartbeats.due(trio.current_time(), early):
                 connection = self._connections.get(command.key)
                 if connection is None:
                     continue
@@ -148,8 +162,8 @@ class GatewayServer:
                 elif isinstance(command, Disconnect):
                     connection.end(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
 
-    def _seen(self, number: int) -> None:
-        self._heartbeats.seen(number, trio.current_time())
+    def _seen(self, number: int, now: float) -> None:
+        self._heartbeats.seen(number, now)
 
     def _watch(self, connection: ClientConnection) -> None:
         if self._closing:
@@ -187,12 +201,10 @@ class GatewayServer:
             return
         remote = remote_name(stream)
         try:
-            async with trio.open_nursery() as nursery:
-                connection = await self._open(nursery, stream, remote)
-                slot.hello_done()
-                if connection is not None:
-                    await self.serve_connection(connection)
-                nursery.cancel_scope.cancel()
+            connection = await self._open(stream, remote)
+            slot.hello_done()
+            if connection is not None:
+                await self.serve_connection(connection)
         except* CONNECTION_ERRORS as group:
             log.debug("gateway connection from %s: %s", remote, describe(group))
         except* Exception as group:
@@ -209,7 +221,7 @@ class GatewayServer:
             await trio.aclose_forcefully(stream)
 
     async def _open(
-        self, nursery: trio.Nursery, stream: trio.abc.Stream, remote: str
+        self, stream: trio.abc.Stream, remote: str
     ) -> ClientConnection | None:
         """Steps 2-6 of the module docstring: the upgraded connection, or
         None once the client has been answered (or gave up)."""
@@ -224,28 +236,34 @@ class GatewayServer:
             if head is None:
                 return None
             answer = self._answer_for(head, remote)
+            if answer is None and (refusal := upgrade_refusal(head)) is not None:
+                self._counters.refused_other += 1
+                answer = _Answer.text(*refusal)
             if answer is not None:
                 await answer.send(stream)
                 return None
             handshake = handshake_of(head, remote)
-            principal, refusal = await self._authenticate(handshake)
-            if refusal is not None:
-                await refusal.send(stream)
+            principal, denial = await self._authenticate(handshake)
+            if denial is not None:
+                await denial.send(stream)
                 return None
-            outbox = open_outbox(nursery, stream)
-            request = await wrap_server_stream(
-                nursery,
-                ReplayStream(head.raw, outbox),
-                message_queue_size=config.message_queue_size,
+            outbox: Outbox | None = None
+            if isinstance(stream, trio.SocketStream):
+                stream = outbox = Outbox(stream)
+            response = accept_response(head, handshake.subprotocol)
+            if outbox is not None:
+                outbox.write_nowait(response)
+            else:
+                await stream.send_all(response)
+            ws = server_websocket(
+                stream,
+                trailing_data=head_rest(head),
+                subprotocol=handshake.subprotocol,
+                path=head.path,
                 max_message_size=config.max_message_size,
             )
-            ws = await request.accept(subprotocol=handshake.subprotocol)
             return self.connection_for(
-                ws,
-                handshake,
-                principal,
-                head.query.get("session"),
-                outbox if isinstance(outbox, Outbox) else None,
+                ws, handshake, principal, head.query.get("session"), outbox
             )
         self._counters.refused_other += 1
         log.debug("no upgrade from %s within %s s", remote, config.open_timeout)
@@ -440,6 +458,9 @@ class GatewayServer:
                 await self._emptied.wait()
         await trio.lowlevel.checkpoint()
 
+
+_EARLY_PINGS: Final = 0.02
+"""Pings are sent up to this fraction of ``ping_interval`` early."""
 
 _STATIC_HEADERS: Final = (
     ("Access-Control-Allow-Origin", "*"),

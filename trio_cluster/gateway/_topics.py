@@ -14,7 +14,9 @@ Theory of operation.
   follows it with one entity stream (`Topic.follow`), whatever the number
   of its subscribers: a publication travels once to each runner with
   subscribers, is encoded once per subprotocol there, and the same bytes
-  are queued to every subscribed socket (`TopicHub`). If the stream
+  are queued to every subscribed socket (`TopicHub`). Publications that
+  wait for the stream travel together in one item (``Followed.more``, at
+  most `MAX_RUN`), and reach each socket in one write. If the stream
   breaks (the entity moved), the hub follows again from the last offset it
   saw; the entity replays what it missed from its history.
 * **Resume.** A client subscribes with the last position it saw (epoch and
@@ -31,7 +33,7 @@ from __future__ import annotations
 import secrets
 from collections import deque
 from collections.abc import AsyncIterator  # noqa: TC003 - handler annotations resolve at runtime
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import attrs
 import trio
@@ -98,8 +100,9 @@ class Follow:
 
 @attrs.frozen
 class Followed:
-    """One item of `Topic.follow`: a publication, or a presence change (the
-    first item is the whole presence, ``snapshot``)."""
+    """One item of `Topic.follow`: a publication (or several, in order), or
+    a presence change (the first item is the whole presence,
+    ``snapshot``)."""
 
     publication: Publication | None = None
     presence: PresenceDiff | None = None
@@ -107,6 +110,10 @@ class Followed:
     published_at: float | None = None
     """The topic's runner's wall clock when a live publication was made
     (none for one replayed from the history): its fan-out latency."""
+    more: list[Publication] = attrs.field(factory=list)
+    """Publications right after ``publication``: the stream sends together
+    those that wait when it gets to send (a runner that falls behind gets
+    fewer, larger items)."""
 
 
 @attrs.frozen
@@ -195,10 +202,19 @@ class Topic(Entity):
         self.keep_alive(True)
         try:
             yield Followed(snapshot=self.present.snapshot())
-            for publication in missed:
-                yield Followed(publication)
+            for start in range(0, len(missed), MAX_RUN):
+                yield Followed(missed[start], more=missed[start + 1 : start + MAX_RUN])
             async with receive:
-                async for item in receive:
+                held: Followed | None = None
+                while True:
+                    if held is None:
+                        try:
+                            item = await receive.receive()
+                        except trio.EndOfChannel:
+                            break
+                    else:
+                        item = held
+                    item, held = _with_run(item, receive)
                     yield item
         finally:
             if send in self.followers:
@@ -219,6 +235,32 @@ class Topic(Entity):
         oldest = kept[0].offset if kept else self.offset + 1
         items = [item for item in kept if item.offset > since.offset]
         return since.offset >= oldest - 1, items
+
+
+MAX_RUN: Final = 64
+"""Most publications one `Followed` item carries."""
+
+
+def _with_run(
+    item: Followed, receive: trio.MemoryReceiveChannel[Followed]
+) -> tuple[Followed, Followed | None]:
+    """``item`` and, if it is a publication, those waiting right behind it
+    in ``receive`` (up to `MAX_RUN` in all, in ``more``); and the item taken
+    that is not a publication, to send next (None: none)."""
+    if item.publication is None:
+        return item, None
+    more: list[Publication] = []
+    held = None
+    while len(more) < MAX_RUN - 1:
+        try:
+            following = receive.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+        if following.publication is None:
+            held = following
+            break
+        more.append(following.publication)
+    return (Followed(item.publication, more=more) if more else item), held
 
 
 async def publish(runner: Runner, topic: str, data: Any) -> Position:

@@ -12,8 +12,11 @@ socket and writes differently:
   ``send``), keeps the rest in a *backlog*, and returns: it never waits for
   the peer. While a backlog exists, later data is appended to it, so bytes
   leave in the order they were given.
-* the *flusher* (one task per stream, in the connection's nursery) waits
-  until the socket is writable and writes the backlog out.
+* the *flusher* waits until the socket is writable and writes the backlog
+  out: one task per stream (`Outbox.flush_forever`, in the connection's
+  nursery), or a task its owner starts when a backlog begins
+  (``on_backlog``, then `Outbox.flush`), so that an idle stream has no task
+  of its own (the gateway's sockets).
 
 So a frame is never cut by a cancellation, and any task may send a frame
 itself, even one that must never wait for the peer (a connection's reader):
@@ -41,29 +44,68 @@ from wsproto import WSConnection
 from wsproto.events import BytesMessage, TextMessage
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from trio_websocket import WebSocketConnection
 
 __all__ = ["Outbox", "can_write_message", "open_outbox", "outbox_of", "write_message"]
 
 _WOULD_BLOCK: Final = frozenset((errno.EAGAIN, errno.EWOULDBLOCK))
+_RECEIVE_SIZE: Final = 65536
+"""Bytes read at most when the caller does not say."""
 
 
 class Outbox(trio.abc.Stream):
     """A `trio.SocketStream` with non-waiting writes (see the module
-    docstring). Reads go to the socket stream unchanged."""
+    docstring). Reads go to the socket stream unchanged.
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    Args:
+        stream: the socket stream.
+        on_backlog: called (synchronously) each time a backlog starts, for
+            an owner that flushes on demand (`flush`) instead of running
+            `flush_forever`.
+
+    An idle outbox holds no buffer and no event: a server with many idle
+    sockets pays for the backlog's structures only while one exists.
+    """
+
+    __slots__ = (
+        "_backlog",
+        "_closed",
+        "_drained",
+        "_failure",
+        "_fd",
+        "_flushing",
+        "_queued",
+        "_read_all",
+        "backlog",
+        "on_backlog",
+        "stream",
+    )
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        *,
+        on_backlog: Callable[[], object] | None = None,
+    ) -> None:
         self.stream = stream
         self._fd = stream.socket.fileno()
-        self._backlog: deque[memoryview] = deque()
+        self._backlog: deque[memoryview] | None = None
+        """The bytes not written yet (None: none)."""
         self.backlog = 0
         """Bytes given to `send_all` and not written yet."""
+        self.on_backlog = on_backlog
         self._failure: BaseException | None = None
         self._closed = False
-        self._queued = trio.Event()
-        """Set when the backlog goes from empty to not empty."""
-        self._drained = trio.Event()
-        self._drained.set()
+        self._flushing = False
+        self._read_all = False
+        """Whether the last read took less than it asked (the socket was
+        emptied)."""
+        self._queued: trio.Event | None = None
+        """`flush_forever` waits on it for a backlog (None: it does not)."""
+        self._drained: trio.Event | None = None
+        """Set when the current backlog is written (None: no backlog yet)."""
 
     def _write(self, data: memoryview) -> int:
         """Write what the kernel takes now; return how much that was.
@@ -96,21 +138,31 @@ class Outbox(trio.abc.Stream):
             trio.ClosedResourceError: the stream is closed.
             trio.BrokenResourceError: a write failed (now or before).
         """
-        self._check()
-        view = memoryview(data)
-        if not self._backlog:
-            try:
-                sent = self._write(view)
-            except OSError as exc:
-                self._failure = exc
-                raise trio.BrokenResourceError(f"the connection failed: {exc}") from exc
-            if sent == len(view):
-                return
-            view = view[sent:]
-            self._drained = trio.Event()
+        if self._closed or self._failure is not None:
+            self._check()
+        backlog = self._backlog
+        if backlog is not None:
+            backlog.append(memoryview(data))
+            self.backlog += len(data)
+            return
+        try:
+            sent = os.write(self._fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._failure = exc
+            raise trio.BrokenResourceError(f"the connection failed: {exc}") from exc
+        if sent == len(data):
+            return
+        rest = memoryview(data)[sent:]
+        self._backlog = deque((rest,))
+        self.backlog = len(rest)
+        self._drained = trio.Event()
+        if self._queued is not None:  # flush_forever waits: it writes it
+            self._flushing = True
             self._queued.set()
-        self._backlog.append(view)
-        self.backlog += len(view)
+        if self.on_backlog is not None:
+            self.on_backlog()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """See `write_nowait`. Cancelled: nothing was written.
@@ -136,7 +188,7 @@ class Outbox(trio.abc.Stream):
 
         Cancellation: safe.
         """
-        if self.backlog:
+        if self.backlog and self._drained is not None:
             await self._drained.wait()
         else:
             await trio.lowlevel.checkpoint()
@@ -150,32 +202,116 @@ class Outbox(trio.abc.Stream):
         stream is closed or fails. Cancellation: stops (the backlog stays)."""
         try:
             while not self._closed and self._failure is None:
-                await self._queued.wait()
-                self._queued = trio.Event()
+                if not self.backlog:
+                    self._queued = trio.Event()
+                    await self._queued.wait()  # write_nowait claims the backlog
+                    self._queued = None
+                elif not self._flushing:
+                    self._flushing = True
+                else:  # another task writes it: wait for the next one
+                    await self.wait_drained()
+                    continue
                 await self._flush()
         except trio.ClosedResourceError:
             pass  # the socket was closed while the flusher waited
         finally:
-            self._drained.set()
+            self._queued = None
+            if self._drained is not None:
+                self._drained.set()
+
+    async def flush(self) -> None:
+        """Write the backlog out (returns at once if there is none), for
+        an owner that flushes on demand; if another task writes it, wait
+        for that.
+
+        Raises:
+            trio.BrokenResourceError: a write failed (now or before).
+            trio.ClosedResourceError: the stream is or was closed.
+
+        Cancellation: safe (what is not written stays in the backlog).
+        """
+        if self._flushing or not self.backlog:
+            await self.wait_drained()
+            return
+        self._flushing = True
+        await self._flush()
+        self._check()
 
     async def _flush(self) -> None:
-        while self._backlog:
-            await trio.lowlevel.wait_writable(self._fd)
-            view = self._backlog[0]
-            try:
-                sent = self._write(view)
-            except OSError as exc:
-                self._failure = exc
-                break
-            self.backlog -= sent
-            if sent == len(view):
-                self._backlog.popleft()
-            else:
-                self._backlog[0] = view[sent:]
-        self._drained.set()
+        """Write the backlog out; the caller set ``_flushing`` (it alone
+        waits on the socket)."""
+        backlog = self._backlog
+        try:
+            while backlog:
+                await trio.lowlevel.wait_writable(self._fd)
+                view = backlog[0]
+                try:
+                    sent = self._write(view)
+                except OSError as exc:
+                    self._failure = exc
+                    break
+                self.backlog -= sent
+                if sent == len(view):
+                    backlog.popleft()
+                else:
+                    backlog[0] = view[sent:]
+        finally:
+            self._flushing = False
+        if not backlog:
+            self._backlog = None
+        if self._drained is not None:
+            self._drained.set()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self.stream.receive_some(max_bytes)
+        """What `trio.SocketStream.receive_some` does, reading the socket
+        directly (a waiting reader holds a shorter chain of frames: the
+        gateway has one per socket).
+
+        Raises:
+            trio.ClosedResourceError: the stream is closed.
+            trio.BrokenResourceError: the connection failed.
+        """
+        size = _RECEIVE_SIZE if max_bytes is None else max_bytes
+        if size < 1:
+            raise ValueError("max_bytes must be >= 1")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+        if self._read_all:
+            # The last read emptied the socket: most likely nothing came
+            # since, so wait first (a read now would cost a system call to
+            # learn that).
+            await trio.lowlevel.wait_readable(self._fd)
+            waited = True
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("the stream is closed")
+            data = self._read(size)
+            if data is not None:
+                break
+            # Not inside an except clause: a socket idles here, and an
+            # exception kept while waiting would keep its traceback alive.
+            await trio.lowlevel.wait_readable(self._fd)
+            waited = True
+        self._read_all = len(data) < size
+        if not waited:  # data was there at once: a schedule point all the same
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
+
+    def _read(self, size: int) -> bytes | None:
+        """What the socket has now (None: nothing yet).
+
+        Raises:
+            trio.ClosedResourceError: the stream is closed.
+            trio.BrokenResourceError: the connection failed.
+        """
+        try:
+            return os.read(self._fd, size)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if self._closed:
+                raise trio.ClosedResourceError("the stream is closed") from None
+            raise trio.BrokenResourceError(f"the connection failed: {exc}") from exc
 
     async def aclose(self) -> None:
         """Write the backlog out (until cancelled), then close the socket.
@@ -187,13 +323,17 @@ class Outbox(trio.abc.Stream):
             return
         try:
             if self.backlog and self._failure is None:
-                await self._drained.wait()
+                await self.flush()  # or wait for the task flushing it
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # closing anyway
         finally:
             self._closed = True
-            self._backlog.clear()
+            self._backlog = None
             self.backlog = 0
-            self._drained.set()
-            self._queued.set()
+            if self._drained is not None:
+                self._drained.set()
+            if self._queued is not None:
+                self._queued.set()
             await self.stream.aclose()
 
 
