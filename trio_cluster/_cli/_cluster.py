@@ -23,9 +23,22 @@ if TYPE_CHECKING:
     from .._runner import Runner
     from ..storage import PostgresStorage
 
-__all__ = ["print_result", "run_on_cluster"]
+__all__ = ["add_cluster_action", "print_result", "run_on_cluster"]
 
 T = TypeVar("T")
+
+
+def add_cluster_action(
+    actions: Any, name: str, help_text: str
+) -> argparse.ArgumentParser:
+    """Add subcommand ``name`` to ``actions`` (a command's subparsers) with
+    the options `run_on_cluster` and `print_result` read: ``--dsn``,
+    ``--prefix`` and ``--json``."""
+    parser: argparse.ArgumentParser = actions.add_parser(name, help=help_text)
+    parser.add_argument("--dsn", required=True, help="PostgreSQL connection string")
+    parser.add_argument("--prefix", default="trio_cluster")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
 
 
 def run_on_cluster(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from ._cluster import run_on_cluster
+from ._cluster import add_cluster_action, run_on_cluster
 
 if TYPE_CHECKING:
     import argparse
@@ -27,12 +27,11 @@ def add_events_parser(commands: Any) -> None:
     """Add ``events`` and its subcommands to the ``trio-cluster`` parser."""
     events = commands.add_parser("events", help="the event bus's subscriptions")
     actions = events.add_subparsers(dest="action", required=True)
-    lag = actions.add_parser(
-        "lag", help="each subscription's cursor, lag and skipped events per partition"
+    lag = add_cluster_action(
+        actions,
+        "lag",
+        "each subscription's cursor, lag and skipped events per partition",
     )
-    lag.add_argument("--dsn", required=True, help="PostgreSQL connection string")
-    lag.add_argument("--prefix", default="trio_cluster")
-    lag.add_argument("--json", action="store_true", help="machine-readable output")
     lag.set_defaults(handler=_lag)
 
 

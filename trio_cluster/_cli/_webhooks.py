@@ -23,7 +23,7 @@ import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from ._cluster import print_result, run_on_cluster
+from ._cluster import add_cluster_action, print_result, run_on_cluster
 
 if TYPE_CHECKING:
     import argparse
@@ -45,13 +45,8 @@ def add_webhooks_parser(commands: Any) -> None:
     actions = webhooks.add_subparsers(dest="action", required=True)
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
-        parser: argparse.ArgumentParser = actions.add_parser(name, help=help_text)
-        parser.add_argument("--dsn", required=True, help="PostgreSQL connection string")
-        parser.add_argument("--prefix", default="trio_cluster")
+        parser = add_cluster_action(actions, name, help_text)
         parser.add_argument("--name", default="default", help="the Webhooks part")
-        parser.add_argument(
-            "--json", action="store_true", help="machine-readable output"
-        )
         return parser
 
     attempts = action("attempts", "attempts of a message or an endpoint")
