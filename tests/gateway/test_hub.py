@@ -1,10 +1,12 @@
 """`TopicHub` against a scripted topic: a resubscribe whose history answer
 comes after newer live publications (the stream and the answer travel on
 different connections between runners) still hands out each publication
-once, in order, none skipped."""
+once, in order, none skipped; a run of publications with one a JSON socket
+cannot take loses that one only."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, cast
@@ -13,8 +15,9 @@ import msgpack
 import trio
 import trio.testing
 
-from trio_cluster.gateway import MSGPACK, ClientInfo, Position, Publication
+from trio_cluster.gateway import JSON, MSGPACK, ClientInfo, Position, Publication
 from trio_cluster.gateway._hub import TopicHub
+from trio_cluster.gateway._statistics import GatewayCounters
 from trio_cluster.gateway._topics import Follow, Followed, History
 
 if TYPE_CHECKING:
@@ -24,15 +27,15 @@ EPOCH = "e"
 
 
 class FakeConnection:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, subprotocol: str = MSGPACK) -> None:
         self.info = ClientInfo(
-            id=name, principal=None, remote=name, subprotocol=MSGPACK
+            id=name, principal=None, remote=name, subprotocol=subprotocol
         )
         self.offsets: list[int] = []
 
     def send_encoded(self, data: bytes | str, framed: bytes | None = None) -> None:
-        assert isinstance(data, bytes)
-        self.offsets.append(msgpack.unpackb(data)["offset"])
+        frame = json.loads(data) if isinstance(data, str) else msgpack.unpackb(data)
+        self.offsets.append(frame["offset"])
 
     def send_run(self, frames: list[bytes | str], framed: bytes) -> None:
         for data in frames:
@@ -108,4 +111,33 @@ async def test_a_history_answered_after_newer_live_publications(
         await trio.testing.wait_all_tasks_blocked()
         assert first.offsets == [20, 21, 22, 23]
         assert second.offsets == [20, 21, 22, 23]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_run_with_a_publication_a_json_socket_cannot_take(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    topic = ScriptedTopic()
+    counters = GatewayCounters()
+    async with trio.open_nursery() as nursery:
+        hub = TopicHub(topic, nursery, "r1", counters=counters)  # type: ignore[arg-type]
+        text, binary = FakeConnection("t", JSON), FakeConnection("b")
+        for connection in (text, binary):
+            async with trio.open_nursery() as subscribing:
+                subscribing.start_soon(
+                    hub.subscribe, cast("ClientConnection", connection), "t", None
+                )
+                await trio.testing.wait_all_tasks_blocked()
+                if connection is text:
+                    await topic.answer_send.send(page(0, 19))
+                else:
+                    await topic.answer_send.send(page(19, 19))
+        # One stream item with three publications: the middle one is bytes.
+        run = [Publication(EPOCH, 20, {"n": 20}), Publication(EPOCH, 21, b"\x00")]
+        run.append(Publication(EPOCH, 22, {"n": 22}))
+        await topic.live_send.send(Followed(run[0], more=run[1:]))
+        await trio.testing.wait_all_tasks_blocked()
+        assert binary.offsets == [20, 21, 22]
+        assert text.offsets == [20, 22]
+        assert counters.drops == {"unencodable": 1}
         nursery.cancel_scope.cancel()

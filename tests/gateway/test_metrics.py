@@ -121,12 +121,15 @@ async def test_the_gateway_counts_what_happens(
             # Publications: each brought once, queued to both sockets but a
             # JSON one for bytes (dropped), with its fan-out latency (the
             # gateway's clock made 0.25 s later than the topic's).
+            # The hub's stream open first (a subscribe's reply does not wait
+            # for it), so that both publications are live ones, one each.
             hub = server._topics.hub  # type: ignore[union-attr]
             hub._clock = Later(runner.clock, 0.25)
+            await hub._followers["room:1"].synced.wait()
             await publish(runner, "room:1", {"n": 1})
-            await publish(runner, "room:1", b"\x00binary")
             assert (await anext(aiter(text_room))).data == {"n": 1}
             assert (await anext(aiter(binary_room))).data == {"n": 1}
+            await publish(runner, "room:1", b"\x00binary")
             assert (await anext(aiter(binary_room))).data == b"\x00binary"
             stats = server.statistics()
             assert stats.publications == 2

@@ -348,21 +348,23 @@ class TopicHub:
         frames: dict[str, tuple[list[bytes | str], bytes] | None] = {}
         cache: dict[str, tuple[bytes | str, bytes]] = {}
         for subscriber in list(follower.subscribers.values()):
-            if (
-                not same_epoch
-                or subscriber.buffer is not None
-                or (first.epoch == subscriber.epoch and first.offset <= subscriber.last)
-            ):
-                for publication in run:  # the general case, one by one
-                    cache.clear()
-                    self._deliver(follower, subscriber, publication, cache)
-                continue
             connection = subscriber.connection
             subprotocol = connection.info.subprotocol
-            if subprotocol not in frames:
-                frames[subprotocol] = self._run_frames(follower, run, subprotocol)
-            encoded = frames[subprotocol]
+            encoded = None
+            if (
+                same_epoch
+                and subscriber.buffer is None
+                and (first.epoch != subscriber.epoch or first.offset > subscriber.last)
+            ):
+                if subprotocol not in frames:
+                    frames[subprotocol] = self._run_frames(follower, run, subprotocol)
+                encoded = frames[subprotocol]
             if encoded is None:
+                # The general case, one by one: an unencodable publication
+                # (bytes for a JSON socket) is dropped alone, not its run.
+                for publication in run:
+                    cache.clear()
+                    self._deliver(follower, subscriber, publication, cache)
                 continue
             subscriber.epoch = last.epoch
             subscriber.last = last.offset
@@ -373,14 +375,13 @@ class TopicHub:
         self, follower: _Follower, run: list[Publication], subprotocol: str
     ) -> tuple[list[bytes | str], bytes] | None:
         """The ``pub`` frames of ``run`` encoded, and all of them framed
-        together (None: one cannot be encoded for ``subprotocol``)."""
+        together (None: one cannot be encoded for ``subprotocol``; the
+        caller sends them one by one, and drops that one)."""
         try:
             encoded = [
                 publication_frame(follower.name, item, subprotocol) for item in run
             ]
-        except ValueError as exc:  # bytes or NaN for a JSON socket
-            log.warning("publications of %s: %s", follower.name, exc)
-            self._counters.dropped("unencodable")
+        except ValueError:  # bytes or NaN for a JSON socket
             return None
         return encoded, b"".join(data_frame(data) for data in encoded)
 
