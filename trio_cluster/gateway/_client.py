@@ -42,7 +42,6 @@ from ._definition import Service, client_routes
 from ._errors import (
     GatewayCallError,
     GatewayDisconnectedError,
-    GatewayError,
     GatewayRefusedError,
 )
 from ._handles import EntityHandles, Handle
@@ -55,7 +54,7 @@ from ._protocol import (
     encode_frame,
 )
 from ._pushes import PushInbox, new_session, with_session
-from ._subscriptions import Subscription
+from ._subscriptions import ClientTopics, Subscription
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -95,7 +94,7 @@ class _Pending:
         ) = trio.open_memory_channel[dict[str, Any]](1 << 20) if stream else None
 
 
-class GatewayClient:
+class GatewayClient(ClientTopics):
     """A client of one gateway (made by `open_gateway_client`)."""
 
     def __init__(
@@ -128,9 +127,9 @@ class GatewayClient:
         has been silent too long, and how long that is."""
         self._ending: tuple[int, str] | None = None
         self._closing: trio.Event | None = None
+        """Set once the client's own close handshake is over."""
         self._outbox: Outbox | None = None
         """The current socket's `Outbox` (writes that never wait)."""
-        """Set once the client's own close handshake is over."""
         self._retry_after = 0.0
         """Seconds a 429's ``Retry-After`` asks to wait at least."""
         self._refusal: GatewayRefusedError | None = None
@@ -259,104 +258,6 @@ class GatewayClient:
             if self._pending.pop(request_id, None) is not None:
                 await self._cancel(request_id)
 
-    @asynccontextmanager
-    async def subscribe(
-        self, topic: str, *, buffer: int = 10_000, presence: bool = False
-    ) -> AsyncIterator[Subscription]:
-        """Subscribe to ``topic``: ``async with client.subscribe("room:1") as
-        sub: async for publication in sub``. After a reconnect the
-        subscription resumes from the last publication it handed out (see
-        `Subscription`). ``buffer`` publications may wait unread; one more
-        closes the subscription (its iteration raises `GatewayError`).
-        With ``presence``, ``sub.presence`` is the topic's presence, kept
-        up to date (``await sub.presence_changed()``).
-
-        Raises:
-            ValueError: already subscribed to ``topic`` on this client.
-            GatewayCallError: refused (``not_found``: no such topic;
-                ``forbidden``), or the topic's entity failed.
-            GatewayDisconnectedError, GatewayRefusedError: as `call`.
-
-        Cancellation: the subscription ends (an ``unsubscribe`` is sent).
-        """
-        if topic in self._subscriptions:
-            raise ValueError(f"already subscribed to {topic!r} on this client")
-        subscription = self._subscriptions[topic] = Subscription(
-            topic, buffer, presence=presence
-        )
-        try:
-            while subscription.connection != self._opened or not self._state.connected:
-                await self.wait_connected()
-                await self._subscribe(subscription)
-            yield subscription
-        finally:
-            del self._subscriptions[topic]
-            subscription.close()
-            with (
-                trio.CancelScope(shield=True),
-                trio.move_on_after(self._config.close_timeout),
-            ):
-                await self._send(
-                    {"t": "unsubscribe", "id": self._new_id(), "topic": topic}
-                )
-
-    async def _subscribe(self, subscription: Subscription) -> None:
-        """(Re)subscribe on the current socket, from the subscription's
-        position."""
-        number = self._opened
-        frame: dict[str, Any] = {"t": "subscribe", "topic": subscription.topic}
-        since = subscription.since()
-        if since is not None:
-            frame["since"] = since
-        if subscription.presence is not None:
-            frame["presence"] = True
-        value = await self._exchange(frame)
-        if isinstance(value, dict):
-            subscription.answered(value, resumed=since is not None)
-        subscription.connection = number
-
-    async def presence(self, topic: str) -> dict[str, Any]:
-        """The presence of ``topic`` (``{connection id: data}``), whether
-        this client subscribes to it or not.
-
-        Raises:
-            GatewayCallError: refused (``not_found``, ``forbidden``), or the
-                topic's entity failed.
-            GatewayDisconnectedError, GatewayRefusedError: as `call`.
-
-        Cancellation: as `call`.
-        """
-        value = await self._exchange({"t": "presence", "topic": topic})
-        return value if isinstance(value, dict) else {}
-
-    async def _resubscribe_all(self) -> None:
-        """Subscribe every subscription again on a new socket (a task of
-        the socket's nursery); a refusal that may pass (``unavailable``:
-        the topic's entity is moving, say) is retried with the reconnect
-        backoff for as long as the socket is up."""
-        number = self._opened
-        for subscription in list(self._subscriptions.values()):
-            attempt = 0
-            while (
-                # Not one being made: `subscribe` does its first itself.
-                subscription.connection not in (0, number)
-                and self._subscriptions.get(subscription.topic) is subscription
-            ):
-                try:
-                    await self._subscribe(subscription)
-                except GatewayCallError as exc:
-                    if not exc.retryable:
-                        log.warning(
-                            "resubscribing to %s failed: %s", subscription.topic, exc
-                        )
-                        break
-                    delay = self._config.reconnect.delay(attempt, self._rng.random())
-                    attempt += 1
-                    await trio.sleep(delay)
-                except GatewayError as exc:  # the socket closed: the next resubscribes
-                    log.debug("resubscribing to %s: %s", subscription.topic, exc)
-                    return
-
     def _new_id(self) -> int:
         self._next_id += 1
         return self._next_id
@@ -369,22 +270,7 @@ class GatewayClient:
             GatewayCallError, GatewayDisconnectedError: as `call`.
         """
         pending = _Pending(None, stream=False)
-        request_id = self._new_id()
-        message = encode_frame({**frame, "id": request_id}, self._config.subprotocol)
-        while True:
-            await self.wait_connected()
-            ws = self._ws
-            if ws is None:
-                continue
-            self._pending[request_id] = pending
-            try:
-                await self._write(ws, message)
-            except CONNECTION_ERRORS as exc:
-                self._pending.pop(request_id, None)
-                raise GatewayDisconnectedError(
-                    code=1006, reason=describe(exc)
-                ) from None
-            break
+        request_id = await self._submit(frame, pending)
         try:
             await pending.done.wait()
         except trio.Cancelled:
@@ -404,11 +290,21 @@ class GatewayClient:
     ) -> int:
         route = pending.route
         msg = message if route is None else route.message.unstructure(message)
-        self._next_id += 1
-        request_id = self._next_id
-        frame = {"t": kind, "id": request_id, "op": op, "msg": msg, **extra}
+        frame = {"t": kind, "op": op, "msg": msg, **extra}
         if key is not None:
             frame["key"] = key
+        return await self._submit(frame, pending)
+
+    async def _submit(self, frame: dict[str, Any], pending: _Pending) -> int:
+        """Send a request frame with a new id, once a socket is up, and
+        register ``pending`` for its answer; the id.
+
+        Raises:
+            GatewayDisconnectedError: the socket closed during the write.
+            GatewayRefusedError: the client gave up connecting.
+        """
+        request_id = self._new_id()
+        message = encode_frame({**frame, "id": request_id}, self._config.subprotocol)
         while True:
             await self.wait_connected()
             ws = self._ws
@@ -416,7 +312,7 @@ class GatewayClient:
                 continue
             self._pending[request_id] = pending
             try:
-                await self._write(ws, encode_frame(frame, self._config.subprotocol))
+                await self._write(ws, message)
             except CONNECTION_ERRORS as exc:
                 self._pending.pop(request_id, None)
                 raise GatewayDisconnectedError(
