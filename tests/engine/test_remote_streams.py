@@ -26,7 +26,7 @@ from trio_cluster.testing import RecordingHandler
 from trio_cluster.transport import FrameFault, MemoryTransport, RandomFaults
 from trio_cluster.transport._faults import FaultHook
 
-from ..helpers import Count, config
+from ..helpers import Add, Count, config
 from ..memory_cluster import Cluster, Refused, Tally, Where, open_cluster
 
 AHEAD = 2 * STREAM_BUFFER + 2
@@ -560,3 +560,46 @@ async def test_leaving_early_after_the_generator_ended_stops_the_pump(
             assert pumps() == 1  # it waits for credit
         await trio.sleep(1)
         assert pumps() == 0
+
+
+async def test_a_graceful_stop_ends_its_streams_at_once(autojump_clock):
+    """A stream (here one that runs for as long as it is read) does not hold
+    its shard through the drain (``entity_termination_timeout``, 30 s
+    here): its caller gets `EntityNotAssignedError` at once, and the
+    shard's other entities are served by the next owner within the
+    failover time. (Other handlers still get the timeout: see
+    test_sharding.)"""
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1, 2], entity_termination_timeout=30.0)
+        first = cluster.runners[1]
+        entity = cluster.remote_id(first)
+        owner = cluster.owner(entity)
+        tallies = first.client(Tally)
+        shard = tallies.address_of(entity).shard
+        other = next(
+            e
+            for e in (f"x{n}" for n in range(2000))
+            if tallies.address_of(e).shard == shard
+        )
+        ended: list[float] = []
+
+        async def read() -> None:
+            async with tallies(entity).slow_count(Count(1)) as items:
+                try:
+                    async for _ in items:
+                        pass
+                except tc.EntityNotAssignedError:
+                    ended.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.sleep(1.5)
+            stopped = trio.current_time()
+            cluster.stop(owner.address.port)
+            await trio.sleep(0.05)  # its shutdown under way
+            with trio.fail_after(5):
+                where = await tallies(other).add(Add(1))
+        assert where.runner == str(first.address)
+        served = trio.current_time() - stopped
+        assert served < 1.0, served
+        assert ended[0] - stopped < 0.1

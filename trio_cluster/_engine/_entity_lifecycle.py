@@ -345,9 +345,10 @@ class EntityLifecycle:
                 self._admit_waiting()
 
     async def stop_shard(self, shard: ShardHost, *, graceful: bool) -> None:
-        """Stop serving a shard: bounce queued messages, then (graceful) wait
-        for running handlers and run ``on_stop`` hooks within the termination
-        timeout; finally cancel whatever is left and forget the entities.
+        """Stop serving a shard: bounce queued messages, then (graceful) end
+        its streams (`ShardHost.end_streams`), wait for the other running
+        handlers and run ``on_stop`` hooks within the termination timeout;
+        finally cancel whatever is left and forget the entities.
 
         Call it shielded: it is cleanup and must finish.
         """
@@ -363,6 +364,7 @@ class EntityLifecycle:
             for job in slot.drain():
                 self._jobs.bounce(job)
         if graceful:
+            shard.end_streams()
             # The shard keeps its lease meanwhile (refreshes extend it); a lost
             # lock or a lapsed lease cancels this scope (`force_stop`).
             with trio.move_on_after(self._termination_timeout) as drain:

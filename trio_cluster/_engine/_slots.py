@@ -70,6 +70,9 @@ class JobKind(enum.Enum):
     """A stream producer task in the shard's nursery."""
 
 
+_STREAM: Final = JobKind.STREAM
+
+
 Around = Callable[
     ["Job", Callable[[], Awaitable["Outcome"]]], Awaitable["Outcome | None"]
 ]
@@ -326,6 +329,8 @@ class ShardHost:
         scope = trio.CancelScope(deadline=min(own, self.lease_deadline))
         if job.stop_reason is StopReason.INTERRUPTED:
             scope.cancel()  # interrupted before it started (`cancel_job`)
+        elif self.state is not _ACTIVE and job.kind is _STREAM:
+            scope.cancel()  # a stream starting as its shard stops (`end_streams`)
         job.scope = scope
         self.scopes[scope] = own
         self.running += 1
@@ -380,6 +385,18 @@ class ShardHost:
                 self.idle_event = trio.Event()
             await self.idle_event.wait()
         await trio.lowlevel.checkpoint()
+
+    def end_streams(self) -> None:
+        """A graceful stop begins: end the streams running in this shard now
+        (their callers get `EntityNotAssignedError` and open them again on
+        the next owner), and those that start from here on. A stream often
+        runs for as long as its caller reads (a subscription): waiting for
+        it would hold the shard, unserved, until the termination timeout.
+        Other handlers get that timeout to finish."""
+        for slot in self.slots.values():
+            for job in slot.running_jobs or ():
+                if job.kind is _STREAM and job.scope is not None:
+                    job.scope.cancel()
 
     def force_stop(self) -> None:
         """Stop now, forced (the lock was lost, or the lease ran out; also
