@@ -25,7 +25,10 @@ Theory of operation.
   the buffered publications it did not already send: no loss, no
   duplicate. If the epoch changed or the position left the history, the
   answer says ``recovered: false`` and the client gets the publications
-  from now on.
+  from now on. Epochs are random strings, ordered by no one but each
+  gateway's stream, which brings them in the order they began: a gateway
+  numbers them as they come and sends no socket an epoch older than the
+  one it is in (`_Follower.older`).
 """
 
 from __future__ import annotations
