@@ -114,6 +114,16 @@ class Entity:
         """This entity's full address: type, id and shard."""
         return self._tc_address
 
+    @property
+    def fencing_epoch(self) -> int:
+        """The fencing epoch of the shard this incarnation runs under: it
+        grows each time the shard changes owner, so a write to an outside
+        system can carry it as a fencing token (refuse a write with an
+        epoch lower than the last one seen). 0 for an instance made outside
+        a runner."""
+        slot = getattr(self, "_tc_slot", None)
+        return 0 if slot is None else int(slot.shard.epoch)
+
     async def on_start(self) -> None:
         """Called once per incarnation, before the first handler runs.
 

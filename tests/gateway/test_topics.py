@@ -27,7 +27,14 @@ from trio_cluster.gateway import (
     publish,
     serve_gateway,
 )
-from trio_cluster.gateway._topics import MAX_RUN, Followed, _with_run
+from trio_cluster.gateway._subscriptions import Subscription
+from trio_cluster.gateway._topics import (
+    MAX_RUN,
+    Followed,
+    _with_run,
+    new_epoch,
+    older,
+)
 from trio_cluster.storage import MemoryStorage
 from trio_cluster.transport import MemoryNetwork, MemoryTransport
 
@@ -248,3 +255,55 @@ async def test_a_burst_of_publications_reaches_every_socket_once_in_order() -> N
                 assert [offset for offset, _ in got] == list(range(1, count + 1))
                 assert sorted(data for _, data in got) == list(range(count))
             assert server.statistics().publications == count
+
+
+def test_epochs_compare_in_the_order_they_began() -> None:
+    """The shard's fencing epoch first, then the owner's clock; one length,
+    so that string order is that order. Another form is never older."""
+    first, later, next_owner = (
+        new_epoch(3, 100.0),
+        new_epoch(3, 100.5),
+        new_epoch(4, 1.0),
+    )
+    assert len({len(first), len(later), len(next_owner)}) == 1
+    assert older(first, later)
+    assert older(later, next_owner)
+    assert not older(later, first)
+    assert not older(first, first)
+    assert not older("0123456789abcdef", first)
+    assert not older(first, "0123456789abcdef")
+
+
+def test_a_client_drops_a_publication_of_an_epoch_it_left() -> None:
+    subscription = Subscription("room:1", 10)
+    old, new = new_epoch(1, 5.0), new_epoch(2, 0.0)
+    for epoch, offset in [(old, 1), (new, 1), (old, 2), (new, 1), (new, 2)]:
+        subscription.deliver({"t": "pub", "epoch": epoch, "offset": offset, "data": 0})
+    received = []
+    while True:
+        try:
+            publication = subscription._receive.receive_nowait()
+        except trio.WouldBlock:
+            break
+        received.append((publication.epoch, publication.offset))
+    assert received == [(old, 1), (new, 1), (new, 2)]
+
+
+async def test_a_topic_in_a_new_owner_is_in_a_later_epoch() -> None:
+    """Through a runner's restart on the same storage (the shard's next
+    lease), the topic starts again in an epoch that compares later, and
+    `Entity.fencing_epoch` grew."""
+    storage, network = MemoryStorage(), MemoryNetwork()
+    positions = []
+    for _ in range(2):
+        async with tc.open_runner(
+            entities=[Topic],
+            config=config(),
+            storage=storage,
+            transport=MemoryTransport(network),
+        ) as runner:
+            await runner.wait_shards_acquired()
+            positions.append(await publish(runner, "room:1", "x"))
+    assert positions[0].offset == positions[1].offset == 1
+    assert older(positions[0].epoch, positions[1].epoch)
+    assert int(positions[1].epoch[:12], 16) > int(positions[0].epoch[:12], 16) >= 1

@@ -32,7 +32,7 @@ from ._presence import (
 )
 from ._protocol import encode_frame
 from ._statistics import GatewayCounters
-from ._topics import Follow, Followed, Position, Publication, Topic
+from ._topics import Follow, Followed, Position, Publication, Topic, older
 
 if TYPE_CHECKING:
     from .. import Clock
@@ -75,10 +75,6 @@ class _Follower:
         self.position: Position | None = None
         self.present: dict[str, Any] = {}
         """``{connection id: data}`` of the local sockets in its presence."""
-        self.epochs: dict[str, int] = {}
-        """The topic's epochs this gateway has seen, numbered in the order
-        its stream brought them (a stream never goes back to an epoch it
-        left): see `older`."""
         self.mirror = PresenceMirror()
         self.synced = trio.Event()
         """Set when the stream's first item (the presence) arrived."""
@@ -88,25 +84,6 @@ class _Follower:
     def mirror_changed(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
-
-    def saw(self, epoch: str) -> None:
-        """Number ``epoch`` if it is new (the newest so far)."""
-        if epoch not in self.epochs:
-            self.epochs[epoch] = len(self.epochs)
-
-    def older(self, epoch: str, than: str) -> bool:
-        """Whether ``epoch`` ended before ``than`` began, as far as this
-        gateway knows: both seen, ``epoch`` first; or only ``epoch`` seen
-        (``than`` is newer than anything the stream brought: a history
-        answer came ahead of it). A publication of an older epoch than the
-        one a socket is in never goes to it: after a failover, a gateway's
-        stream may still bring the old epoch's end while a resubscribing
-        socket got the new epoch's history."""
-        rank = self.epochs.get(epoch)
-        if rank is None:
-            return False
-        other = self.epochs.get(than)
-        return other is None or rank < other
 
 
 class TopicHub:
@@ -200,7 +177,6 @@ class TopicHub:
                 # Follow from the position just read: nothing published
                 # after it can be missed, whenever the stream opens.
                 follower.position = Position(page.epoch, page.offset)
-                follower.saw(page.epoch)
                 self._nursery.start_soon(self._follow, follower)
             if data is not None:
                 await self._topics(topic).track(Track(self._runner, key, data))
@@ -291,9 +267,7 @@ class TopicHub:
         if item.epoch == subscriber.epoch:
             if item.offset <= subscriber.last:
                 return False  # sent already (history, or a replay after a re-follow)
-        elif subscriber.epoch is not None and follower.older(
-            item.epoch, subscriber.epoch
-        ):
+        elif subscriber.epoch is not None and older(item.epoch, subscriber.epoch):
             return False  # the end of an epoch this socket has left
         subscriber.epoch = item.epoch
         subscriber.last = item.offset
@@ -350,8 +324,6 @@ class TopicHub:
         publication = item.publication
         if publication is not None:
             run = [publication, *item.more] if item.more else [publication]
-            follower.saw(publication.epoch)
-            follower.saw(run[-1].epoch)
             self._deliver_run(follower, run)
             # Only once every subscriber had them: if a delivery failed, the
             # stream follows again from before them (the others drop the
@@ -389,7 +361,7 @@ class TopicHub:
                     first.offset > subscriber.last
                     if first.epoch == subscriber.epoch
                     else subscriber.epoch is None
-                    or not follower.older(first.epoch, subscriber.epoch)
+                    or not older(first.epoch, subscriber.epoch)
                 )
             ):
                 if subprotocol not in frames:

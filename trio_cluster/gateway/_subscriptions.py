@@ -6,7 +6,8 @@ out (epoch and offset). Whenever the client's socket comes up, every
 subscription subscribes again *from that position*: the gateway sends what
 was published meanwhile (if its topic still holds it: ``recovered``), then
 the live publications. Publications at or before the remembered position
-are dropped here, so a resume never duplicates. When the topic's epoch
+are dropped here, so a resume never duplicates, and so are those of an
+epoch older than the position's (epochs compare in the order they began). When the topic's epoch
 changed (its history was lost) or the position left its history,
 ``recovered`` is False after that resubscribe: the publications in between
 are lost, and the subscription says so.
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._errors import GatewayCallError, GatewayError
-from ._topics import Position, Publication
+from ._topics import Position, Publication, older
 
 if TYPE_CHECKING:
     import random
@@ -113,12 +114,14 @@ class Subscription:
         if not isinstance(epoch, str) or not isinstance(offset, int):
             return
         position = self.position
-        if (
-            position is not None
-            and position.epoch == epoch
-            and offset <= position.offset
+        if position is not None and (
+            offset <= position.offset
+            if position.epoch == epoch
+            else older(epoch, position.epoch)
         ):
-            return  # had it already (a resume overlaps what was received)
+            # Had it already (a resume overlaps what was received), or it
+            # is of an epoch this subscription has left.
+            return
         try:
             self._send.send_nowait(Publication(epoch, offset, frame.get("data")))
         except trio.WouldBlock:

@@ -7,9 +7,10 @@ Theory of operation.
 * **The sequencer.** Each topic is a `Topic` entity (one per topic name,
   anywhere in the cluster): `Topic.publish` gives a publication the next
   offset of the topic's *epoch* and keeps it in a bounded history; the
-  epoch is a new random string per incarnation of the entity (its history
-  lives in memory: after a failover or a passivation, offsets start again
-  in a new epoch).
+  epoch is new per incarnation of the entity (its history lives in memory:
+  after a failover or a passivation, offsets start again in a new epoch).
+  Epochs are ordered: `new_epoch` makes strings of one length that compare
+  in the order the incarnations began (the shard's fencing epoch first).
 * **One stream per runner.** A gateway whose sockets subscribe to a topic
   follows it with one entity stream (`Topic.follow`), whatever the number
   of its subscribers: a publication travels once to each runner with
@@ -25,10 +26,10 @@ Theory of operation.
   the buffered publications it did not already send: no loss, no
   duplicate. If the epoch changed or the position left the history, the
   answer says ``recovered: false`` and the client gets the publications
-  from now on. Epochs are random strings, ordered by no one but each
-  gateway's stream, which brings them in the order they began: a gateway
-  numbers them as they come and sends no socket an epoch older than the
-  one it is in (`_Follower.older`).
+  from now on. A gateway never sends a socket a publication of an older
+  epoch than the one it is in (`older`): after a failover, a gateway's
+  stream may still bring the old epoch's end while a resubscribing socket
+  already got the new epoch's history.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class Topic(Entity):
     stream is dropped (it follows again, from its last offset)."""
 
     def __init__(self) -> None:
-        self.epoch = secrets.token_hex(8)
+        self.epoch = new_epoch(self.fencing_epoch, current_runner().clock.now())
         self.offset = 0
         self.kept: deque[Publication] = deque(maxlen=self.history_size)
         self.followers: list[trio.MemorySendChannel[Followed]] = []
@@ -238,6 +239,24 @@ class Topic(Entity):
         oldest = kept[0].offset if kept else self.offset + 1
         items = [item for item in kept if item.offset > since.offset]
         return since.offset >= oldest - 1, items
+
+
+def new_epoch(fencing_epoch: int, now: float) -> str:
+    """A topic incarnation's epoch: its shard's fencing epoch (it grows with
+    each new owner), then the owner's clock in microseconds (incarnations
+    under one owner come one after another), then 32 random bits; in fixed
+    width hex, so that epochs compare as strings in the order they began."""
+    stamp = max(0, int(now * 1_000_000)) & 0xFFFF_FFFF_FFFF_FFFF
+    return f"{fencing_epoch & 0xFFFF_FFFF_FFFF:012x}{stamp:016x}{secrets.token_hex(4)}"
+
+
+def older(epoch: str, than: str) -> bool:
+    """Whether ``epoch`` began before ``than`` (epochs of one topic, made by
+    `new_epoch`; an epoch of another form is never older)."""
+    return len(epoch) == len(than) == EPOCH_LENGTH and epoch < than
+
+
+EPOCH_LENGTH: Final = 36
 
 
 MAX_RUN: Final = 64

@@ -45,6 +45,13 @@ const DEFAULTS = {
   onPush: null, // called with each push of the session ({ epoch, seq, data }), once; acked after
 };
 
+// Whether a topic's epoch began before another (epochs are fixed-width hex
+// strings that compare in the order they began; another form never does).
+const EPOCH_LENGTH = 36;
+function olderEpoch(epoch, than) {
+  return epoch.length === EPOCH_LENGTH && than.length === EPOCH_LENGTH && epoch < than;
+}
+
 function newSession() {
   const bytes = new Uint8Array(16);
   crypto.getRandomValues(bytes);
@@ -266,7 +273,7 @@ export class GatewayClient {
     const subscription = this._topics.get(frame.topic);
     if (subscription === undefined) return;
     const last = subscription.position;
-    if (last !== null && last.epoch === frame.epoch && frame.offset <= last.offset) return;
+    if (last !== null && (last.epoch === frame.epoch ? frame.offset <= last.offset : olderEpoch(frame.epoch, last.epoch))) return;
     subscription.position = { epoch: frame.epoch, offset: frame.offset };
     subscription.onPublication({ topic: frame.topic, epoch: frame.epoch, offset: frame.offset, data: frame.data });
   }
