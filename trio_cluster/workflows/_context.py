@@ -89,6 +89,8 @@ class WorkflowContext:
         retry: RetryPolicy,
         in_memory_sleep: float,
         replay_only: bool = False,
+        steps_per_advance: int = 1,
+        advance_seconds: float = 0.0,
     ) -> None:
         self.execution_id = execution_id
         """The execution's id (its idempotency key)."""
@@ -98,6 +100,10 @@ class WorkflowContext:
         """The workflow's default retry policy (of its steps and children's
         compensations)."""
         self._in_memory_sleep = in_memory_sleep
+        self._steps_per_advance = steps_per_advance
+        self._advance_seconds = advance_seconds
+        self._advance_until: float | None = None
+        """When this advance stops starting new steps (set by its first)."""
         self.compensations = self.replay.compensations
         self.started = self.replay.started
         self._transaction_lock = trio.Lock()
@@ -255,11 +261,15 @@ class WorkflowContext:
         """
         replay = self.replay
         scope = await replay.begin(position, Kind.STEP, name)
-        if scope.ran_step:
-            raise Yield(None)  # commit the task's previous step first
+        now = self._runtime.now()
+        if self._advance_until is None:
+            self._advance_until = now + self._advance_seconds
+        if scope.ran_step and (
+            scope.steps_run >= self._steps_per_advance or now >= self._advance_until
+        ):
+            raise Yield(None)  # commit the task's previous steps first
         key = (position, False)
         pending = replay.retries.get(key)
-        now = self._runtime.now()
         if pending is not None and pending.not_before > now:
             raise Yield(pending.not_before)
         attempt = 1 if pending is None else pending.attempts + 1
@@ -282,6 +292,7 @@ class WorkflowContext:
         replay.retries.pop(key, None)
         replay.record(entry)
         scope.ran_step = True
+        scope.steps_run += 1
         return entry
 
     async def attempt(

@@ -54,13 +54,19 @@ def _check_sleep(_: object, attribute: attrs.Attribute[float], value: object) ->
     non_negative_seconds(attribute.name, value)
 
 
+def _check_steps(_: object, attribute: attrs.Attribute[int], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{attribute.name} must be an int >= 1, got {value!r}")
+
+
 @attrs.frozen(eq=False)
 class Workflow(Generic[A, R]):
     """A workflow definition (see `workflow`).
 
     Raises:
         ConfigError: on construction, for an invalid name, function, retry
-            policy or ``in_memory_sleep``.
+            policy, ``in_memory_sleep``, ``steps_per_advance`` or
+            ``advance_seconds``.
     """
 
     name: str = attrs.field(validator=_check_name)
@@ -78,6 +84,13 @@ class Workflow(Generic[A, R]):
     shard_group: str = attrs.field(default="default", validator=_check_group)
     """The shard group of its executions' entities: the runners that host
     that group (and the workflow's entity) run them."""
+    steps_per_advance: int = attrs.field(default=1, validator=_check_steps)
+    """The most new steps a task runs in one advance before the journal is
+    committed (1: each step's result commits before the task's next step
+    starts)."""
+    advance_seconds: float = attrs.field(default=0.5, validator=_check_sleep)
+    """No task starts a second new step in an advance that began this long
+    ago: the journal is committed first."""
     arg_type: Any = attrs.field(init=False)
     result_type: Any = attrs.field(init=False)
     entity: type[Entity] = attrs.field(init=False)
@@ -119,6 +132,8 @@ def workflow(
     retry: RetryPolicy | None = None,
     in_memory_sleep: float = 1.0,
     shard_group: str = "default",
+    steps_per_advance: int = 1,
+    advance_seconds: float = 0.5,
 ) -> WorkflowDecorator:
     """Define a workflow: ``@workflow(name="order") async def order(ctx, arg)``.
 
@@ -129,6 +144,11 @@ def workflow(
         in_memory_sleep: the longest sleep kept in memory (seconds).
         shard_group: the shard group of its executions (run by the runners
             hosting that group and its entity).
+        steps_per_advance: the most new steps a task runs in one advance,
+            one after the other, before the journal commits (1: commit each
+            step's result before the task's next step starts).
+        advance_seconds: once an advance has run this long, a task commits
+            the journal before its next new step.
 
     Raises:
         ConfigError: an invalid option (when decorating).
@@ -142,6 +162,8 @@ def workflow(
             retry if retry is not None else RetryPolicy(),
             in_memory_sleep,
             shard_group,
+            steps_per_advance,
+            advance_seconds,
         )
 
     return decorate

@@ -243,6 +243,8 @@ class WorkflowEntity(Entity):
             retry=definition.retry,
             in_memory_sleep=definition.in_memory_sleep,
             replay_only=replay_only,
+            steps_per_advance=definition.steps_per_advance,
+            advance_seconds=definition.advance_seconds,
         )
 
     async def _run(self) -> None:
