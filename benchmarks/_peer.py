@@ -26,8 +26,9 @@ def peer_dir() -> Path | None:
     """The folder of the peer's scripts (``w11.py``, ``pgwire_count.py``)."""
     given = os.environ.get(ENV_DIR)
     candidates = [Path(given)] if given else []
-    for parent in REPO.parents:
-        candidates.append(parent / "shared" / "peer-bench" / "workflows-dbos")
+    candidates.extend(
+        parent / "shared" / "peer-bench" / "workflows-dbos" for parent in REPO.parents
+    )
     for candidate in candidates:
         if (candidate / "pgwire_count.py").exists():
             return candidate
@@ -80,8 +81,4 @@ def run_peer(
         return []
     if done.returncode != 0:
         progress(f"peer {script} failed ({done.returncode}): {done.stderr[-2000:]}")
-    figures = []
-    for line in done.stdout.splitlines():
-        if line.startswith("{"):
-            figures.append(json.loads(line))
-    return figures
+    return [json.loads(line) for line in done.stdout.splitlines() if line[:1] == "{"]

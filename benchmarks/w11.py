@@ -26,6 +26,7 @@ import resource
 import statistics
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 import trio
@@ -205,8 +206,8 @@ def main(*, quick: bool = False) -> None:
             FIRST_STEP.clear()
             try:
                 mine = trio.run(
-                    lambda: ours(
-                        dsn, prefix, variant, n=n, warmup=warmup, probes=probes
+                    partial(
+                        ours, dsn, prefix, variant, n=n, warmup=warmup, probes=probes
                     )
                 )
             finally:
