@@ -8,8 +8,9 @@ messages it sends (wakes, children's starts and interrupts, a parent's
 notice) are saved in the same transaction (the outbox):
 
 * ``start`` (primary key ``start``, or ``start/<parent>`` for a child:
-  a second start is the first one) records the argument and wakes the
-  execution; a parent's start also records the parent, told when it ends;
+  a second start is the first one) records the argument and runs the first
+  advance, committed with it; a parent's start also records the parent,
+  told when it ends;
 * ``wake`` (primary key ``wake/<token>``, ``deliver_at``) advances it,
   unless its token is stale (the execution advanced since it was sent);
 * ``signal`` (primary key ``signal/<name>``) records a signal and advances
@@ -134,7 +135,9 @@ class WorkflowEntity(Entity):
         if journal.status is Status.NOT_STARTED:
             journal = attrs.evolve(journal, status=Status.RUNNING, arg=msg.arg)
             self.state = journal
-            await self.schedule(None)
+            # The first advance runs here, committed with the start: no wake
+            # message between the start and the first step.
+            await self._run()
         else:
             self.state = journal
 
