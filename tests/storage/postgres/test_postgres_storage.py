@@ -757,9 +757,11 @@ async def test_open_transactions_never_starve_message_traffic(
                 # The only message connection is free for other work.
                 await a.messages.save_requests([persisted_request(1)], now=BASE_TIME)
                 assert (await replies_of(a.messages, 1)).known
-                # A second transaction waits for the first one's connection.
+                # A second transaction waits for the first one's connection
+                # (at its first statement: connections are taken lazily).
                 with trio.move_on_after(0.2) as waited:
-                    async with a.messages.open_transaction():
+                    async with a.messages.open_transaction() as second:
+                        await second.execute("SELECT 1")
                         pytest.fail("two transactions on one connection")
                 assert waited.cancelled_caught
             async with a.messages.open_transaction() as tx:
