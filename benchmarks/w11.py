@@ -60,7 +60,7 @@ VARIANTS = {
     # Each step's result commits before the next step starts (as DBOS).
     "strict": workflow(name="w11_strict")(_ten),
     # Up to 16 consecutive steps per advance, committed together.
-    "batched": workflow(name="w11_batched", steps_per_advance=16)(_ten),
+    "batched": workflow(name="w11_batched", steps_per_checkpoint=16)(_ten),
 }
 
 

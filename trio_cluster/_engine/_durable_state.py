@@ -122,12 +122,29 @@ class StateKeeper:
     def writing(self, slot: Slot) -> Iterator[StateWriter]:
         """Let the handler running in this context change ``slot``'s state;
         the writer yielded keeps what it changed (for `save_in`, `settle`)."""
-        writer = StateWriter(slot)
+        writer = StateWriter(slot, self.checkpoint)
         token = state_writer_var.set(writer)
         try:
             yield writer
         finally:
             state_writer_var.reset(token)
+
+    async def checkpoint(self, writer: StateWriter) -> None:
+        """Save the state ``writer``'s handler changed, if its encoding
+        changed, outside the handler's transaction, and take it as committed
+        (see `trio_cluster._durable.checkpoint_state`).
+
+        Raises:
+            StateRefused: the shard's epoch moved on (fencing).
+            RetryLater: the stored snapshot is newer than the incarnation's.
+            MalformedMessageError: the state does not encode, or its label
+                function failed.
+            PersistenceError: storage failed.
+        """
+        slot: Slot = writer.slot  # type: ignore[assignment]
+        pending = await self._save(None, slot, writer)
+        if pending is not None:
+            pending.commit()
 
     async def save_in(
         self, transaction: StorageTransaction, slot: Slot, writer: StateWriter
@@ -142,6 +159,13 @@ class StateKeeper:
             MalformedMessageError: the state does not encode, or its label
                 function failed.
         """
+        return await self._save(transaction, slot, writer)
+
+    async def _save(
+        self, transaction: StorageTransaction | None, slot: Slot, writer: StateWriter
+    ) -> PendingSave | None:
+        """`save_in` ``transaction``, or alone (None: committed when this
+        returns); the same errors, and `PersistenceError` alone."""
         cell = writer.cell
         codec = slot.entity_type.state_codec
         if cell is None or codec is None:

@@ -65,7 +65,7 @@ class Workflow(Generic[A, R]):
 
     Raises:
         ConfigError: on construction, for an invalid name, function, retry
-            policy, ``in_memory_sleep``, ``steps_per_advance`` or
+            policy, ``in_memory_sleep``, ``steps_per_checkpoint`` or
             ``advance_seconds``.
     """
 
@@ -84,13 +84,13 @@ class Workflow(Generic[A, R]):
     shard_group: str = attrs.field(default="default", validator=_check_group)
     """The shard group of its executions' entities: the runners that host
     that group (and the workflow's entity) run them."""
-    steps_per_advance: int = attrs.field(default=1, validator=_check_steps)
-    """The most new steps a task runs in one advance before the journal is
-    committed (1: each step's result commits before the task's next step
-    starts)."""
-    advance_seconds: float = attrs.field(default=0.5, validator=_check_sleep)
-    """No task starts a second new step in an advance that began this long
-    ago: the journal is committed first."""
+    steps_per_checkpoint: int = attrs.field(default=1, validator=_check_steps)
+    """New steps a task runs between two commits of the journal (1: each
+    step's result commits before the task's next step starts)."""
+    advance_seconds: float = attrs.field(default=1.0, validator=_check_sleep)
+    """An advance that has run this long ends at its next new step (it
+    commits, and a wake message goes on), so that messages queued for the
+    execution (signals, interrupt) get their turn."""
     arg_type: Any = attrs.field(init=False)
     result_type: Any = attrs.field(init=False)
     entity: type[Entity] = attrs.field(init=False)
@@ -132,8 +132,8 @@ def workflow(
     retry: RetryPolicy | None = None,
     in_memory_sleep: float = 1.0,
     shard_group: str = "default",
-    steps_per_advance: int = 1,
-    advance_seconds: float = 0.5,
+    steps_per_checkpoint: int = 1,
+    advance_seconds: float = 1.0,
 ) -> WorkflowDecorator:
     """Define a workflow: ``@workflow(name="order") async def order(ctx, arg)``.
 
@@ -144,11 +144,12 @@ def workflow(
         in_memory_sleep: the longest sleep kept in memory (seconds).
         shard_group: the shard group of its executions (run by the runners
             hosting that group and its entity).
-        steps_per_advance: the most new steps a task runs in one advance,
-            one after the other, before the journal commits (1: commit each
-            step's result before the task's next step starts).
-        advance_seconds: once an advance has run this long, a task commits
-            the journal before its next new step.
+        steps_per_checkpoint: new steps a task runs between two commits of
+            the journal (1: each step's result commits before its next step
+            starts; more: fewer writes, but a crash runs again the steps not
+            committed yet).
+        advance_seconds: an advance that has run this long ends at its next
+            new step (signals and interrupts queued meanwhile get their turn).
 
     Raises:
         ConfigError: an invalid option (when decorating).
@@ -162,7 +163,7 @@ def workflow(
             retry if retry is not None else RetryPolicy(),
             in_memory_sleep,
             shard_group,
-            steps_per_advance,
+            steps_per_checkpoint,
             advance_seconds,
         )
 

@@ -114,7 +114,7 @@ class Scope:
         yields first, to commit it)."""
         self.steps_run = 0
         """How many new steps it ran in this advance (the workflow's
-        ``steps_per_advance`` bounds them)."""
+        ``steps_per_checkpoint`` bounds them)."""
         self.task = task
 
 
