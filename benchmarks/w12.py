@@ -108,10 +108,10 @@ async def _start_all(runner: tc.Runner, keys: range, seconds: float) -> None:
 
 async def _until_waiting(dsn: str, prefix: str, count: int) -> None:
     name = sleeper.entity.type_name
-    for _ in range(2400):  # bounded: 20 minutes
+    for _ in range(6000):  # bounded: 10 minutes
         if await trio.to_thread.run_sync(waiting, dsn, prefix, name) >= count:
             return
-        await trio.sleep(0.5)
+        await trio.sleep(0.1)
     raise RuntimeError(f"fewer than {count} executions waiting")
 
 
@@ -130,11 +130,15 @@ async def suspend(dsn: str, prefix: str, n: int, proxy: Any) -> dict[str, float]
         await trio.sleep(idle_after)  # every entity passivated
         before = rss_after_gc()
         t0 = time.perf_counter()
-        for low in range(1_000, 1_000 + n, 10_000):
-            high = min(low + 10_000, 1_000 + n)
+        # As the peer's: batches of 1,000, each waited for until all of it
+        # is asleep (a start is stored at once; its first advance, which
+        # records the sleep, runs after).
+        for low in range(1_000, 1_000 + n, 1_000):
+            high = min(low + 1_000, 1_000 + n)
             await _start_all(runner, range(low, high), 3600.0)
-            progress(f"w12 suspend: {high - 1_000} started")
-        await _until_waiting(dsn, prefix, 1_000 + n)
+            await _until_waiting(dsn, prefix, high)
+            if high % 10_000 == 0:
+                progress(f"w12 suspend: {high - 1_000} asleep")
         figures["suspend_start_rate"] = n / (time.perf_counter() - t0)
         await trio.sleep(idle_after)
         after = rss_after_gc()
