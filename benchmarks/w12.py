@@ -12,8 +12,11 @@ Transact's in the same run.
    through the peer's counting wire proxy, run as a separate process (not in
    our RSS): ``idle_statements_per_s`` over 30 s with all asleep.
 2. ``wake``: 1,000 executions ``ctx.sleep(2)`` (durable: longer than
-   ``in_memory_sleep``), started 50 at a time; lateness = the step after
-   the sleep ran (wall clock) - the wake-up time recorded in the journal.
+   ``in_memory_sleep``), started 50 at a time, each slot free once its
+   execution is asleep (as the peer's start call returns once its workflow
+   runs); lateness = the step after the sleep ran (wall clock) - the
+   wake-up time recorded in the journal. ``BENCH_W12_SKIP_SUSPEND=1`` runs
+   the wake-up parts only (both sides).
 3. ``failover``: 300 executions sleep 12 s on runner A; A is aborted (as a
    ``kill -9``: no lock released) 1 s later and runner B starts on the same
    tables; lateness of those timers as they fire on B, and how long B took
@@ -42,7 +45,7 @@ import trio
 
 import trio_cluster as tc
 from trio_cluster.storage import PostgresStorage
-from trio_cluster.workflows import WorkflowContext, workflow
+from trio_cluster.workflows import Status, WorkflowContext, workflow
 
 from ._common import bench_dsn, drop_tables, emit, percentile, progress
 from ._peer import peer_dir, run_peer
@@ -168,7 +171,15 @@ async def _wake_all(runner: tc.Runner, keys: range, seconds: float) -> list[Any]
 
     async def one(key: int) -> None:
         async with limit:
-            handles.append(await flows.start((key, seconds), execution_id=f"w{key}"))
+            handle = await flows.start((key, seconds), execution_id=f"w{key}")
+            handles.append(handle)
+            # As the peer's start call, which returns once the workflow
+            # runs: the slot is free once the execution is asleep (a start
+            # is only stored; its first advance records the sleep).
+            for _ in range(2000):  # bounded: ~20 s
+                if (await handle.poll()).status is not Status.NOT_STARTED:
+                    break
+                await trio.sleep(0.01)
 
     async with trio.open_nursery() as nursery:
         for key in keys:
@@ -316,18 +327,21 @@ def main(*, quick: bool = False) -> None:
     n = int(os.environ.get("BENCH_W12_N", 5_000 if quick else 100_000))
     wake_n = 200 if quick else 1_000
     rounds = 1 if quick or os.environ.get("BENCH_W12_RUNS") == "1" else 3
+    # BENCH_W12_SKIP_SUSPEND=1: the wake-up parts only (both sides).
+    skip_suspend = os.environ.get("BENCH_W12_SKIP_SUSPEND") == "1"
     mine_runs, theirs_runs = [], []
     for round_ in range(rounds):
         # The suspend part once (as the peer's, ~8 min), the others each round.
         parts = {"wake": wake_n, "failover": 300}
-        if round_ == 0:
+        if round_ == 0 and not skip_suspend:
             parts = {"suspend": n, **parts}
         mine = ours(parts)
         mine_runs.append(mine)
         for name, value in mine.items():
             emit(W, name, value, UNITS[name], system="ours", round=round_, n=n)
         # The peer's suspend part takes ~8 min: once, then wake only.
-        theirs = peer(n, wake_n) if round_ == 0 else peer_wake(wake_n)
+        first = round_ == 0 and not skip_suspend
+        theirs = peer(n, wake_n) if first else peer_wake(wake_n)
         theirs_runs.append(theirs)
         for name, value in theirs.items():
             emit(W, name, value, UNITS[name], system="dbos", round=round_)
