@@ -24,6 +24,8 @@ WORKLOADS = {
     "reconnect": "benchmarks.gateway_reconnect",
     "wf": "benchmarks.workflow_steps",
     "wfops": "benchmarks.workflow_listing",
+    "w11": "benchmarks.w11",
+    "w12": "benchmarks.w12",
 }
 LOADED = {"w4"}
 """Workloads with an ``--under-load`` variant."""

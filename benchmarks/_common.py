@@ -22,6 +22,9 @@ from trio_cluster.testing import ChildProcess
 ENV_DSN = "TRIO_CLUSTER_BENCH_DSN"
 DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"
 TABLES = (
+    "event_cursors",
+    "event_heads",
+    "event_log",
     "entity_state",
     "webhook_attempts",
     "webhook_endpoints",

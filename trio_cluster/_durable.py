@@ -45,7 +45,7 @@ from ._storage_state import MAX_LABEL
 from .serialization._converter import Codec
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     import cattrs
 
@@ -55,6 +55,7 @@ __all__ = [
     "StateCell",
     "StateCodec",
     "StateWriter",
+    "checkpoint_state",
     "durable",
     "state_writer_var",
 ]
@@ -66,11 +67,16 @@ class StateWriter:
     """The transactional handler running in this context (`state_writer_var`):
     the entity whose durable state it may change, and the state it changed."""
 
-    __slots__ = ("cell", "slot")
+    __slots__ = ("cell", "checkpoint", "slot")
 
-    def __init__(self, slot: object) -> None:
+    def __init__(
+        self, slot: object, checkpoint: Callable[[StateWriter], Awaitable[None]]
+    ) -> None:
         self.slot = slot
         """The slot (the engine's record of the entity) it runs for."""
+        self.checkpoint = checkpoint
+        """Commits the state it assigned now, outside the handler's
+        transaction (`checkpoint_state`)."""
         self.cell: StateCell | None = None
         """The state it assigned (None: it changed nothing). Kept here, not
         looked up on the entity afterwards: by the time the transaction
@@ -278,3 +284,35 @@ def durable(
             f"durable(): label must make a str of a value, got {label!r}"
         )
     return Durable(type_, initial, label)
+
+
+async def checkpoint_state() -> None:
+    """Commit the durable state the running transactional handler assigned,
+    now, in a storage write of its own (fenced by the shard's epoch and the
+    version it replaces, as the handler's own save), instead of waiting for
+    the handler's transaction: a *checkpoint*. What the handler writes in its
+    transaction (its reply, its SQL, the messages it sends) still commits
+    only with the transaction; if that rolls back, the state goes back to
+    the last checkpoint (not further). Nothing to do if the state did not
+    change since it was last committed.
+
+    Raises:
+        DurableStateError: not in a transactional handler of an entity with
+            durable state (nothing is saved).
+        PersistenceError: storage failed (nothing is known to be saved: the
+            state in memory stays as assigned).
+        trio_cluster._engine._durable_state.StateRefused: the shard's epoch
+            moved on (this runner no longer owns the entity).
+        RetryLater: the stored state is newer than this incarnation's.
+
+    Cancellation: the write may or may not have committed; the handler
+    then rolls back to the last known commit and the request runs again.
+    """
+    writer = state_writer_var.get()
+    if writer is None:
+        await trio.lowlevel.checkpoint()
+        raise DurableStateError(
+            "checkpoint_state() runs only in a transactional handler of an entity"
+            " with durable state"
+        )
+    await writer.checkpoint(writer)

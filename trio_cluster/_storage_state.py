@@ -43,6 +43,8 @@ import attrs
 from ._core._addresses import EntityAddress, ShardId
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from ._storage_abc import StorageTransaction
 
 __all__ = [
@@ -172,6 +174,23 @@ class StateStorage(ABC):
             TypeError, ValueError: a malformed write (nothing is stored).
             PersistenceError: storage failed.
         """
+
+    async def save_states(
+        self, writes: Sequence[StateWrite], *, now: float
+    ) -> list[StateOutcome]:
+        """Replace several entities' snapshots at once, outside any
+        transaction (group commit): each write is fenced and versioned as by
+        `save_state`, and stands alone (one refused changes nothing of the
+        others); one outcome per write, in order. At most one write per
+        entity. This default saves them one by one; backends write them
+        in one statement.
+
+        Raises:
+            TypeError, ValueError: a malformed write, or two for one entity
+                (nothing is stored).
+            PersistenceError: storage failed (any of them may be stored).
+        """
+        return [await self.save_state(write, now=now) for write in writes]
 
     @abstractmethod
     async def delete_state(self, address: EntityAddress) -> bool:

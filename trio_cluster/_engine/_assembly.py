@@ -79,6 +79,7 @@ class RunnerParts:
     supervisor: SingletonSupervisor
     sharding: Sharding
     persisted: PersistedDelivery
+    states: StateKeeper
     router: Router
     broadcasts: Broadcasts
     endpoint: Endpoint | None
@@ -97,6 +98,7 @@ class RunnerParts:
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.manager.run)
+                nursery.start_soon(self.states.run)
                 await nursery.start(self.broadcasts.run)
                 await nursery.start(self.persisted.run)
                 await nursery.start(self.sharding.run)
@@ -294,6 +296,7 @@ def assemble(
         supervisor=supervisor,
         sharding=sharding,
         persisted=persisted,
+        states=states,
         router=router,
         broadcasts=broadcast_set,
         endpoint=endpoint,

@@ -18,6 +18,12 @@ Theory of operation (`trio_cluster._durable` has the user's side):
   was interrupted, its reply or state was refused, storage failed, the
   caller's task was cancelled), the value goes back to the last committed
   one, so memory never runs ahead of storage.
+* `StateKeeper.checkpoint` (``checkpoint_state()`` in a handler) saves the
+  state alone, outside the handler's transaction, and takes it as
+  committed: concurrent checkpoints of the runner's entities are written
+  together, one `StateStorage.save_states` statement per batch (group
+  commit, `Batcher`: no delay at low load), each fenced as a save in the
+  transaction is.
 * A state write refused for its version (the snapshot is newer than the
   incarnation's: e.g. a commit whose outcome was unknown did commit) raises
   `RetryLater`: the request runs again after a backoff, in a fresh
@@ -37,10 +43,11 @@ from typing import TYPE_CHECKING
 from .._durable import PendingSave, StateCell, StateWriter, state_writer_var
 from .._errors import ConfigError, MalformedMessageError
 from .._storage_state import StateOutcome, StateStorage, StateWrite
+from ._batching import Batcher
 from ._outcomes import RetryLater
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable, Iterator, Sequence
 
     from .._clock import Clock
     from .._entity import Entity
@@ -51,6 +58,9 @@ if TYPE_CHECKING:
 __all__ = ["StateKeeper", "StateRefused"]
 
 log = logging.getLogger("trio_cluster.persisted")
+
+_MAX_BATCH = 512
+"""Most checkpoints written in one statement."""
 
 
 class StateRefused(Exception):
@@ -80,6 +90,9 @@ class StateKeeper:
     ) -> None:
         self._storage = storage if isinstance(storage, StateStorage) else None
         self._clock = clock
+        self._checkpoints: Batcher[StateWrite, StateOutcome] = Batcher(
+            self._flush_checkpoints, max_batch=_MAX_BATCH, name="checkpointing states"
+        )
         needing = sorted(
             t.name for t in entity_types if t.hosted and t.durable is not None
         )
@@ -89,6 +102,17 @@ class StateKeeper:
                 f" {type(storage).__name__} cannot keep: use MemoryStorage or"
                 " PostgresStorage"
             )
+
+    async def run(self) -> None:
+        """Write the checkpoints (`checkpoint`) in batches until cancelled;
+        checkpoints still waiting then get `PersistenceError`."""
+        await self._checkpoints.run()
+
+    async def _flush_checkpoints(
+        self, writes: Sequence[StateWrite]
+    ) -> list[StateOutcome]:
+        assert self._storage is not None, "checked at assembly"
+        return await self._storage.save_states(writes, now=self._clock.now())
 
     def shard_started(self, host: ShardHost) -> None:
         """Hook of `Sharding`: the entities of ``host`` reach the keeper."""
@@ -122,12 +146,29 @@ class StateKeeper:
     def writing(self, slot: Slot) -> Iterator[StateWriter]:
         """Let the handler running in this context change ``slot``'s state;
         the writer yielded keeps what it changed (for `save_in`, `settle`)."""
-        writer = StateWriter(slot)
+        writer = StateWriter(slot, self.checkpoint)
         token = state_writer_var.set(writer)
         try:
             yield writer
         finally:
             state_writer_var.reset(token)
+
+    async def checkpoint(self, writer: StateWriter) -> None:
+        """Save the state ``writer``'s handler changed, if its encoding
+        changed, outside the handler's transaction, and take it as committed
+        (see `trio_cluster._durable.checkpoint_state`).
+
+        Raises:
+            StateRefused: the shard's epoch moved on (fencing).
+            RetryLater: the stored snapshot is newer than the incarnation's.
+            MalformedMessageError: the state does not encode, or its label
+                function failed.
+            PersistenceError: storage failed.
+        """
+        slot: Slot = writer.slot  # type: ignore[assignment]
+        pending = await self._save(None, slot, writer)
+        if pending is not None:
+            pending.commit()
 
     async def save_in(
         self, transaction: StorageTransaction, slot: Slot, writer: StateWriter
@@ -142,6 +183,13 @@ class StateKeeper:
             MalformedMessageError: the state does not encode, or its label
                 function failed.
         """
+        return await self._save(transaction, slot, writer)
+
+    async def _save(
+        self, transaction: StorageTransaction | None, slot: Slot, writer: StateWriter
+    ) -> PendingSave | None:
+        """`save_in` ``transaction``, or alone (None: committed when this
+        returns); the same errors, and `PersistenceError` alone."""
         cell = writer.cell
         codec = slot.entity_type.state_codec
         if cell is None or codec is None:
@@ -153,17 +201,19 @@ class StateKeeper:
         durable = slot.entity_type.durable
         label = None if durable is None else durable.label_of(cell.value)
         host = slot.shard
-        outcome = await self._storage.save_state(
-            StateWrite(
-                address=slot.address,
-                epoch=host.epoch,
-                expected_version=cell.version,
-                payload=payload,
-                label=label,
-            ),
-            now=self._clock.now(),
-            transaction=transaction,
+        write = StateWrite(
+            address=slot.address,
+            epoch=host.epoch,
+            expected_version=cell.version,
+            payload=payload,
+            label=label,
         )
+        if transaction is None:  # a checkpoint: group commit
+            outcome = await self._checkpoints.submit(write)
+        else:
+            outcome = await self._storage.save_state(
+                write, now=self._clock.now(), transaction=transaction
+            )
         if outcome is StateOutcome.STALE_EPOCH:
             log.warning(
                 "state of %s refused: shard %s moved on; rolled back",

@@ -61,6 +61,7 @@ __all__ = [
     "check_scan_unprocessed",
     "check_state_query",
     "check_state_write",
+    "check_state_writes",
     "check_transaction",
 ]
 
@@ -340,6 +341,17 @@ def check_state_write(write: object, now: object) -> tuple[StateWrite, float]:
         raise TypeError(f"StateWrite.payload must be bytes, got {write.payload!r}")
     _check_label(write.label, "StateWrite.label")
     return write, check_now(now)
+
+
+def check_state_writes(writes: object, now: object) -> tuple[list[StateWrite], float]:
+    """`StateStorage.save_states`: returns ``(writes, now)``."""
+    if isinstance(writes, (str, bytes)) or not hasattr(writes, "__iter__"):
+        raise TypeError(f"writes must be a sequence of StateWrite, got {writes!r}")
+    checked = [check_state_write(write, now)[0] for write in writes]
+    keys = {(w.address.entity_type, w.address.entity_id.value) for w in checked}
+    if len(keys) != len(checked):
+        raise ValueError("save_states takes at most one write per entity")
+    return checked, check_now(now)
 
 
 def _check_label(label: object, what: str) -> None:

@@ -89,6 +89,9 @@ class WorkflowContext:
         retry: RetryPolicy,
         in_memory_sleep: float,
         replay_only: bool = False,
+        steps_per_checkpoint: int = 1,
+        advance_seconds: float = 0.0,
+        checkpoint: Callable[[Replay], Awaitable[None]] | None = None,
     ) -> None:
         self.execution_id = execution_id
         """The execution's id (its idempotency key)."""
@@ -98,6 +101,17 @@ class WorkflowContext:
         """The workflow's default retry policy (of its steps and children's
         compensations)."""
         self._in_memory_sleep = in_memory_sleep
+        self._steps_per_checkpoint = steps_per_checkpoint
+        self._advance_seconds = advance_seconds
+        self._advance_until: float | None = None
+        """When this advance stops starting new steps (set by its first)."""
+        self._checkpoint = checkpoint
+        """Commits the journal so far without ending the advance (None:
+        only the advance's end commits it)."""
+        self._checkpoint_lock = trio.Lock()
+        self._transactional = False
+        """Whether a transactional step ran in this advance (its SQL commits
+        only with the advance: no checkpoint may record it before)."""
         self.compensations = self.replay.compensations
         self.started = self.replay.started
         self._transaction_lock = trio.Lock()
@@ -255,11 +269,19 @@ class WorkflowContext:
         """
         replay = self.replay
         scope = await replay.begin(position, Kind.STEP, name)
+        now = self._runtime.now()
+        if self._advance_until is None:
+            self._advance_until = now + self._advance_seconds
         if scope.ran_step:
-            raise Yield(None)  # commit the task's previous step first
+            if now >= self._advance_until:
+                raise Yield(None)  # end the advance (it commits)
+            if scope.steps_run >= self._steps_per_checkpoint:
+                # Commit the task's previous steps first.
+                if not await self._commit_so_far():
+                    raise Yield(None)
+                scope.steps_run = 0
         key = (position, False)
         pending = replay.retries.get(key)
-        now = self._runtime.now()
         if pending is not None and pending.not_before > now:
             raise Yield(pending.not_before)
         attempt = 1 if pending is None else pending.attempts + 1
@@ -282,7 +304,31 @@ class WorkflowContext:
         replay.retries.pop(key, None)
         replay.record(entry)
         scope.ran_step = True
+        scope.steps_run += 1
         return entry
+
+    async def _commit_so_far(self) -> bool:
+        """Checkpoint the journal recorded so far (the advance goes on);
+        False if it cannot be: only the advance's end commits a journal
+        that records a transactional step (with its SQL) or a child's start
+        (sent with it).
+
+        Raises:
+            PersistenceError and the fencing errors of
+            `trio_cluster._durable.checkpoint_state` (the advance fails and
+            runs again).
+        """
+        replay = self.replay
+        if (
+            self._checkpoint is None
+            or self._transactional
+            or replay.started
+            or replay.problem is not None
+        ):
+            return False
+        async with self._checkpoint_lock:
+            await self._checkpoint(replay)
+        return True
 
     async def attempt(
         self, fn: Callable[[A], Awaitable[R]], arg: A, transactional: bool
@@ -290,6 +336,7 @@ class WorkflowContext:
         """One attempt of a step (or a compensation): in a savepoint of the
         current transaction (transactional), or outside any transaction."""
         if transactional:
+            self._transactional = True
             transaction = current_transaction()
             async with self._transaction_lock, transaction.savepoint():
                 return await fn(arg)

@@ -54,13 +54,19 @@ def _check_sleep(_: object, attribute: attrs.Attribute[float], value: object) ->
     non_negative_seconds(attribute.name, value)
 
 
+def _check_steps(_: object, attribute: attrs.Attribute[int], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{attribute.name} must be an int >= 1, got {value!r}")
+
+
 @attrs.frozen(eq=False)
 class Workflow(Generic[A, R]):
     """A workflow definition (see `workflow`).
 
     Raises:
         ConfigError: on construction, for an invalid name, function, retry
-            policy or ``in_memory_sleep``.
+            policy, ``in_memory_sleep``, ``steps_per_checkpoint`` or
+            ``advance_seconds``.
     """
 
     name: str = attrs.field(validator=_check_name)
@@ -78,6 +84,13 @@ class Workflow(Generic[A, R]):
     shard_group: str = attrs.field(default="default", validator=_check_group)
     """The shard group of its executions' entities: the runners that host
     that group (and the workflow's entity) run them."""
+    steps_per_checkpoint: int = attrs.field(default=1, validator=_check_steps)
+    """New steps a task runs between two commits of the journal (1: each
+    step's result commits before the task's next step starts)."""
+    advance_seconds: float = attrs.field(default=1.0, validator=_check_sleep)
+    """An advance that has run this long ends at its next new step (it
+    commits, and a wake message goes on), so that messages queued for the
+    execution (signals, interrupt) get their turn."""
     arg_type: Any = attrs.field(init=False)
     result_type: Any = attrs.field(init=False)
     entity: type[Entity] = attrs.field(init=False)
@@ -119,6 +132,8 @@ def workflow(
     retry: RetryPolicy | None = None,
     in_memory_sleep: float = 1.0,
     shard_group: str = "default",
+    steps_per_checkpoint: int = 1,
+    advance_seconds: float = 1.0,
 ) -> WorkflowDecorator:
     """Define a workflow: ``@workflow(name="order") async def order(ctx, arg)``.
 
@@ -129,6 +144,12 @@ def workflow(
         in_memory_sleep: the longest sleep kept in memory (seconds).
         shard_group: the shard group of its executions (run by the runners
             hosting that group and its entity).
+        steps_per_checkpoint: new steps a task runs between two commits of
+            the journal (1: each step's result commits before its next step
+            starts; more: fewer writes, but a crash runs again the steps not
+            committed yet).
+        advance_seconds: an advance that has run this long ends at its next
+            new step (signals and interrupts queued meanwhile get their turn).
 
     Raises:
         ConfigError: an invalid option (when decorating).
@@ -142,6 +163,8 @@ def workflow(
             retry if retry is not None else RetryPolicy(),
             in_memory_sleep,
             shard_group,
+            steps_per_checkpoint,
+            advance_seconds,
         )
 
     return decorate

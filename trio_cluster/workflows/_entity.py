@@ -8,8 +8,9 @@ messages it sends (wakes, children's starts and interrupts, a parent's
 notice) are saved in the same transaction (the outbox):
 
 * ``start`` (primary key ``start``, or ``start/<parent>`` for a child:
-  a second start is the first one) records the argument and wakes the
-  execution; a parent's start also records the parent, told when it ends;
+  a second start is the first one) records the argument and runs the first
+  advance, committed with it; a parent's start also records the parent,
+  told when it ends;
 * ``wake`` (primary key ``wake/<token>``, ``deliver_at``) advances it,
   unless its token is stale (the execution advanced since it was sent);
 * ``signal`` (primary key ``signal/<name>``) records a signal and advances
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import attrs
 
 from trio_cluster import Entity, current_runner, rpc, stream
+from trio_cluster._durable import checkpoint_state
 
 from ._compensation import compensate
 from ._context import WorkflowContext, Yield
@@ -58,7 +60,7 @@ from ._records import (
     WorkflowInfo,
     dotted,
 )
-from ._replay import describe
+from ._replay import Replay, describe
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -134,7 +136,14 @@ class WorkflowEntity(Entity):
         if journal.status is Status.NOT_STARTED:
             journal = attrs.evolve(journal, status=Status.RUNNING, arg=msg.arg)
             self.state = journal
-            await self.schedule(None)
+            # The first advance runs here, committed with the start: no wake
+            # message between the start and the first step.
+            await self._run(checkpoints=True)
+        elif journal.status is Status.RUNNING and parent is None:
+            # This start again after its advance checkpointed steps but did
+            # not commit (a crash): nothing else would advance it. (Any wake
+            # message still pending is made stale by this advance.)
+            await self._run(checkpoints=True)
         else:
             self.state = journal
 
@@ -146,7 +155,9 @@ class WorkflowEntity(Entity):
     )
     async def wake(self, msg: Wake) -> None:
         if msg.token == self.state.wake:
-            await self._advance()
+            # A checkpoint keeps the token: after a crash, this message
+            # (redelivered) advances the execution again.
+            await self._advance(checkpoints=True)
 
     @rpc(persisted=True, transactional=True, primary_key=_signal_key)
     async def signal(self, msg: SignalMessage) -> None:
@@ -227,14 +238,20 @@ class WorkflowEntity(Entity):
         if not waiting or at is not None:
             await self.wake.discard(Wake(token, at))
 
-    async def _advance(self) -> None:
+    async def _advance(self, *, checkpoints: bool = False) -> None:
+        """Run the workflow (or its next compensation). ``checkpoints``: the
+        advance may commit its steps as it goes (`_checkpoint`); only for
+        the handlers whose message, redelivered after a crash, advances the
+        execution again (``wake``, ``start``)."""
         journal = self.state
         if journal.status in (Status.RUNNING, Status.WAITING):
-            await self._run()
+            await self._run(checkpoints=checkpoints)
         elif journal.status is Status.COMPENSATING:
             await compensate(self)
 
-    def context(self, *, replay_only: bool = False) -> WorkflowContext:
+    def context(
+        self, *, replay_only: bool = False, checkpoints: bool = False
+    ) -> WorkflowContext:
         definition = self.definition
         return WorkflowContext(
             str(self.address.entity_id),
@@ -243,12 +260,27 @@ class WorkflowEntity(Entity):
             retry=definition.retry,
             in_memory_sleep=definition.in_memory_sleep,
             replay_only=replay_only,
+            steps_per_checkpoint=definition.steps_per_checkpoint,
+            advance_seconds=definition.advance_seconds,
+            checkpoint=self._checkpoint if checkpoints and not replay_only else None,
         )
 
-    async def _run(self) -> None:
+    async def _checkpoint(self, replay: Replay) -> None:
+        """Commit the journal recorded so far, the advance going on (see
+        `WorkflowContext._commit_so_far`)."""
+        self.state = attrs.evolve(
+            self.state,
+            status=Status.RUNNING,
+            entries=tuple(replay.entries),
+            retries=tuple(replay.retries.values()),
+            patches=tuple(replay.patches.items()),
+        )
+        await checkpoint_state()
+
+    async def _run(self, *, checkpoints: bool = False) -> None:
         """Replay the workflow function and record where it got to."""
         definition = self.definition
-        ctx = self.context()
+        ctx = self.context(checkpoints=checkpoints)
         journal = self.state
         assert journal.arg is not None
         arg = ctx.decode(journal.arg, definition.arg_type)

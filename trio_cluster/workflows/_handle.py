@@ -77,7 +77,9 @@ class Workflows(Generic[A, R]):
         """
         ident = execution_id if execution_id is not None else self.execution_id(arg)
         payload = self._encode(arg, self._definition.arg_type)
-        await self._entities(ident).start(Start(payload))  # type: ignore[attr-defined]
+        # Stored, not waited for: the owner runs its first advance in the
+        # start handler itself (`WorkflowEntity.start`).
+        await self._entities(ident).start.discard(Start(payload))  # type: ignore[attr-defined]
         return self.get(ident)
 
     async def execute(self, arg: A, *, execution_id: str | None = None) -> R:

@@ -98,7 +98,7 @@ class Compensation:
 class Scope:
     """The operations of one task of the workflow code."""
 
-    __slots__ = ("cursor", "path", "ran_step", "replay", "task")
+    __slots__ = ("cursor", "path", "ran_step", "replay", "steps_run", "task")
 
     def __init__(
         self, replay: Replay, path: Position, task: trio.lowlevel.Task | None
@@ -110,7 +110,11 @@ class Scope:
         self.cursor = 0
         """The number of its next operation."""
         self.ran_step = False
-        """Whether it ran a step in this advance (its next one yields)."""
+        """Whether it ran a step in this advance (a sleep or a nursery then
+        yields first, to commit it)."""
+        self.steps_run = 0
+        """How many new steps it ran in this advance (the workflow's
+        ``steps_per_checkpoint`` bounds them)."""
         self.task = task
 
 

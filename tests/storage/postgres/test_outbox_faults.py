@@ -66,6 +66,7 @@ async def cut(key: str, boundary: int, transaction: tc.abc.StorageTransaction) -
         return
     del Shop.kill_at[key]
     assert isinstance(transaction, PgTransaction)
+    await transaction.begin()  # its connection is taken at its first statement
     pid = transaction.connection.backend_pid
     await sql(Shop.admin_dsn, "SELECT pg_terminate_backend($1::int4, 5000)", [pid])
 

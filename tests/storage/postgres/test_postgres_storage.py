@@ -37,6 +37,7 @@ from trio_cluster.abc import (
 )
 from trio_cluster.storage import PostgresStorage, migrate
 from trio_cluster.storage._postgres._driver._driver import PgConnection
+from trio_cluster.storage._postgres._message_parts import PgTransaction
 from trio_cluster.storage._postgres._queries import MessageQueries
 from trio_cluster.storage._postgres._schema import LATEST_VERSION, PgNames
 from trio_cluster.testing import (
@@ -757,14 +758,42 @@ async def test_open_transactions_never_starve_message_traffic(
                 # The only message connection is free for other work.
                 await a.messages.save_requests([persisted_request(1)], now=BASE_TIME)
                 assert (await replies_of(a.messages, 1)).known
-                # A second transaction waits for the first one's connection.
+                # A second transaction waits for the first one's connection
+                # (at its first statement: connections are taken lazily).
                 with trio.move_on_after(0.2) as waited:
-                    async with a.messages.open_transaction():
+                    async with a.messages.open_transaction() as second:
+                        await second.execute("SELECT 1")
                         pytest.fail("two transactions on one connection")
                 assert waited.cancelled_caught
             async with a.messages.open_transaction() as tx:
                 assert await tx.execute("SELECT 2") == [(2,)]
             assert pg_messages(a).transaction_statistics().connects == 1
+
+
+async def test_a_transaction_takes_its_connection_at_its_first_statement(
+    pg_schema: PgSchema,
+) -> None:
+    storage = PostgresStorage(
+        pg_schema.dsn, table_prefix=unique_prefix(), transaction_pool_size=1
+    )
+    with trio.fail_after(TIMEOUT):
+        async with storage.open_session(name="tx", lease_duration=LEASE) as a:
+            stats = pg_messages(a).transaction_statistics
+            async with a.messages.open_transaction() as idle:
+                # Another transaction runs meanwhile: the idle one holds
+                # nothing of the pool (of one).
+                async with a.messages.open_transaction() as busy:
+                    assert await busy.execute("SELECT 1") == [(1,)]
+                assert isinstance(idle, PgTransaction)
+                with pytest.raises(trio.ClosedResourceError):
+                    _ = idle.connection
+            assert stats().connects == 1
+            async with a.messages.open_transaction() as tx:
+                await tx.execute("SELECT 2")
+                assert isinstance(tx, PgTransaction)
+                pid = tx.connection.backend_pid
+                await tx.begin()  # idempotent
+                assert tx.connection.backend_pid == pid
 
 
 async def test_transaction_of_another_storage_is_refused(

@@ -39,10 +39,11 @@ from .._validation import (
     check_list_states,
     check_state_query,
     check_state_write,
+    check_state_writes,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
 
     from trio_cluster._core._addresses import EntityAddress, ShardId
     from trio_cluster._storage_abc import StorageTransaction
@@ -185,6 +186,13 @@ class MemoryStates(StateStorage):
                 self._store.hold_fences([shard])
             mine.states[_key(write.address)] = row_of(write, now)
         return outcome
+
+    async def save_states(
+        self, writes: Sequence[StateWrite], *, now: float
+    ) -> list[StateOutcome]:
+        checked, now = check_state_writes(writes, now)
+        await self._enter("save_states")
+        return [self._states.save(write, now) for write in checked]
 
     async def delete_state(self, address: EntityAddress) -> bool:
         address = check_clear_address(address)

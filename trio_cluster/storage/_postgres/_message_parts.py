@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Mapping, Sequence, Sized
 
     from ._driver._driver import PgConnection
+    from ._driver._pool import PgPool
 
 
 __all__ = [
@@ -108,11 +109,48 @@ class PgTransaction(StorageTransaction):
     `execute` raises ``trio.ClosedResourceError``.
     """
 
-    def __init__(self, connection: PgConnection, owner: object) -> None:
-        self.connection = connection
+    def __init__(self, pool: PgPool, owner: object, stack: AsyncExitStack) -> None:
         self.owner = owner
         self.finished = False
+        self._pool = pool
+        self._stack = stack
+        self._connection: PgConnection | None = None
         self._mutex = trio.StrictFIFOLock()
+
+    @property
+    def connection(self) -> PgConnection:
+        """Its connection (once `begin` ran).
+
+        Raises:
+            trio.ClosedResourceError: it has not begun (no statement yet).
+        """
+        if self._connection is None:
+            raise trio.ClosedResourceError("the transaction has not begun")
+        return self._connection
+
+    async def begin(self) -> None:
+        """Take a connection of the transaction pool and run ``BEGIN``, unless
+        done already (its first statement does it: a transaction that runs
+        none holds no connection and commits nothing).
+
+        Raises:
+            PersistenceError: ``BEGIN`` failed.
+            trio.ClosedResourceError: the transaction already ended.
+
+        Waits (cancellably) while every connection of the pool is in use.
+        """
+        async with self._mutex:
+            await self._begin()
+
+    async def _begin(self) -> PgConnection:
+        if self.finished:
+            await trio.lowlevel.checkpoint()
+            raise trio.ClosedResourceError("the transaction is already finished")
+        if self._connection is None:
+            conn = await self._stack.enter_async_context(self._pool.connection())
+            await self._stack.enter_async_context(conn.transaction())
+            self._connection = conn
+        return self._connection
 
     async def execute(
         self, query: str, params: Sequence[object] = ()
@@ -153,7 +191,7 @@ class PgTransaction(StorageTransaction):
         await self.execute_internal(_RELEASE, ())
 
     async def _rollback_to_savepoint(self) -> None:
-        bound = self.connection.recovery_timeout
+        bound = self.connection.recovery_timeout  # begun: a savepoint ran
         problem: BaseException | None = None
         with trio.CancelScope(
             shield=True, deadline=trio.current_time() + bound
@@ -174,12 +212,10 @@ class PgTransaction(StorageTransaction):
     async def execute_internal(
         self, query: str, params: Sequence[object]
     ) -> list[tuple[Any, ...]]:
-        if self.finished:
-            await trio.lowlevel.checkpoint()
-            raise trio.ClosedResourceError("the transaction is already finished")
         async with self._mutex:
+            conn = await self._begin()
             try:
-                return (await self.connection.execute(query, params)).rows
+                return (await conn.execute(query, params)).rows
             except PersistenceError as exc:
                 if self.failure is None and is_storage_failure(exc):
                     self.failure = exc

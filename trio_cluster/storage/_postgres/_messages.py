@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -447,13 +447,16 @@ class PgMessages(MessageStorage, PgStates):
         """Open a transaction on a connection of the transaction pool (see
         `MessageStorage`); waits (cancellably) while every one is in use.
 
-        ``BEGIN`` runs on entry; the block's normal exit commits (a failed
-        ``COMMIT`` raises `PersistenceError`); an exception or cancellation
-        rolls back (shielded, bounded) and propagates. The connection goes
-        back to the pool afterwards.
+        The connection is taken, and ``BEGIN`` runs, at the transaction's
+        first statement (`PgTransaction.begin`): a handler's code that runs
+        outside it (a workflow's plain steps) holds no connection meanwhile.
+        The block's normal exit commits (a failed ``COMMIT`` raises
+        `PersistenceError`; nothing to commit if no statement ran); an
+        exception or cancellation rolls back (shielded, bounded) and
+        propagates. The connection goes back to the pool afterwards.
         """
-        async with self._transaction_pool.connection() as conn, conn.transaction():
-            transaction = PgTransaction(conn, self._owner)
+        async with AsyncExitStack() as stack:
+            transaction = PgTransaction(self._transaction_pool, self._owner, stack)
             try:
                 yield transaction
             finally:

@@ -43,7 +43,9 @@ from .._validation import (
     check_list_states,
     check_state_query,
     check_state_write,
+    check_state_writes,
 )
+from ._message_parts import any_work
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -90,6 +92,7 @@ class StateQueries:
 
     load: str
     save: str
+    save_many: str
     delete: str
     table: str
     """The entity-state table (listings and counts are composed per query:
@@ -138,6 +141,50 @@ WITH fence AS MATERIALIZED (
 SELECT CASE WHEN status = 'v' AND NOT EXISTS (SELECT 1 FROM written)
             THEN 'c' ELSE status END
 FROM verdict""",
+            # Arrays $1 types, $2 ids, $3 groups, $4 numbers, $5 epochs, $6
+            # expected versions, $7 payloads, $8 labels; $9 now.
+            save_many=f"""
+WITH input AS MATERIALIZED (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[],
+                         $5::int8[], $6::int8[], $7::bytea[], $8::text[])
+        WITH ORDINALITY AS i(t, id, g, n, e, v, p, l, ord)
+), fence AS MATERIALIZED (
+    SELECT sh.shard_group, sh.shard_number, sh.epoch FROM {s} sh
+    WHERE (sh.shard_group, sh.shard_number) IN (SELECT g, n FROM input)
+    FOR SHARE OF sh
+), current AS MATERIALIZED (
+    SELECT st.entity_type, st.entity_id, st.version FROM {t} st
+    WHERE (st.entity_type, st.entity_id) IN (SELECT t, id FROM input)
+    FOR UPDATE OF st
+), verdict AS MATERIALIZED (
+    SELECT i.t, i.id, i.g, i.n, i.e, i.v, i.p, i.l, i.ord, CASE
+        WHEN f.epoch IS DISTINCT FROM i.e THEN 's'
+        WHEN coalesce(c.version, 0) <> i.v THEN 'c'
+        ELSE 'v' END AS status
+    FROM input i
+    LEFT JOIN fence f ON f.shard_group = i.g AND f.shard_number = i.n
+    LEFT JOIN current c ON c.entity_type = i.t AND c.entity_id = i.id
+), written AS (
+    INSERT INTO {t} AS st (entity_type, entity_id, shard_group, shard_number,
+                           epoch, version, payload, saved_at, label)
+    SELECT t, id, g, n, e, v + 1, p, $9::float8, l FROM verdict
+    WHERE status = 'v'
+    ON CONFLICT (entity_type, entity_id) DO UPDATE SET
+        shard_group = EXCLUDED.shard_group,
+        shard_number = EXCLUDED.shard_number,
+        epoch = EXCLUDED.epoch,
+        version = EXCLUDED.version,
+        payload = EXCLUDED.payload,
+        saved_at = EXCLUDED.saved_at,
+        label = EXCLUDED.label
+    WHERE st.version = EXCLUDED.version - 1
+    RETURNING st.entity_type, st.entity_id
+)
+SELECT CASE WHEN v.status = 'v' AND NOT EXISTS (
+           SELECT 1 FROM written w
+           WHERE w.entity_type = v.t AND w.entity_id = v.id)
+       THEN 'c' ELSE v.status END
+FROM verdict v ORDER BY v.ord""",
             delete=f"""
 DELETE FROM {t} WHERE entity_type = $1::text AND entity_id = $2::text
 RETURNING 1""",
@@ -230,6 +277,27 @@ class PgStates(StateStorage):
         ]
         [(status,)] = await self._rows(self._sq.save, params, mine)
         return _OUTCOMES[status]
+
+    async def save_states(
+        self, writes: Sequence[StateWrite], *, now: float
+    ) -> list[StateOutcome]:
+        checked, now = check_state_writes(writes, now)
+        if not await any_work(checked):
+            return []
+        addresses = [write.address for write in checked]
+        params: list[object] = [
+            [a.entity_type for a in addresses],
+            [a.entity_id.value for a in addresses],
+            [a.shard.group for a in addresses],
+            [a.shard.number for a in addresses],
+            [write.epoch for write in checked],
+            [write.expected_version for write in checked],
+            [write.payload for write in checked],
+            [write.label for write in checked],
+            now,
+        ]
+        rows = await self._rows(self._sq.save_many, params, None)
+        return [_OUTCOMES[status] for (status,) in rows]
 
     async def delete_state(self, address: EntityAddress) -> bool:
         address = check_clear_address(address)

@@ -113,6 +113,48 @@ class StateTests:
                 assert outcome is conflict
             assert await store.load_state(ADDRESS) == StoredState(b"one", 1, epoch)
 
+    async def test_state_writes_in_one_call_each_stand_alone(
+        self, session: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            store = states(session)
+            epoch = await acquire_shard(session)
+            a, b, c, d = (entity_address(name) for name in ("a", "b", "c", "d"))
+            other_shard = entity_address("e", SHARD2)
+            await store.save_state(write(epoch, 0, b"b1", address=b), now=BASE_TIME)
+            await store.save_state(write(epoch, 0, b"c1", address=c), now=BASE_TIME)
+            assert await store.save_states([], now=BASE_TIME) == []
+            outcomes = await store.save_states(
+                [
+                    write(epoch, 0, b"a1", address=a),  # new
+                    write(epoch, 1, b"b2", address=b),  # replaces version 1
+                    write(epoch, 0, b"c?", address=c),  # stale version
+                    write(epoch + 1, 0, b"d?", address=d),  # epoch never held
+                    write(epoch, 0, b"e?", address=other_shard),  # not acquired
+                ],
+                now=BASE_TIME,
+            )
+            saved, conflict = StateOutcome.SAVED, StateOutcome.CONFLICT
+            stale = StateOutcome.STALE_EPOCH
+            assert outcomes == [saved, saved, conflict, stale, stale]
+            assert await store.load_state(a) == StoredState(b"a1", 1, epoch)
+            assert await store.load_state(b) == StoredState(b"b2", 2, epoch)
+            assert await store.load_state(c) == StoredState(b"c1", 1, epoch)
+            assert await store.load_state(d) is None
+            assert await store.load_state(other_shard) is None
+            # Two writes for one entity: refused whole, nothing stored.
+            with pytest.raises(ValueError, match="one write per entity"):
+                await store.save_states(
+                    [
+                        write(epoch, 1, b"a2", address=a),
+                        write(epoch, 2, b"a3", address=a),
+                    ],
+                    now=BASE_TIME,
+                )
+            with pytest.raises(TypeError):
+                await store.save_states([b"x"], now=BASE_TIME)  # type: ignore[list-item]
+            assert await store.load_state(a) == StoredState(b"a1", 1, epoch)
+
     async def test_state_write_of_previous_owner_is_refused(
         self, session: StorageSession, other: StorageSession
     ) -> None:
