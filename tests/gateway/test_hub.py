@@ -141,3 +141,48 @@ async def test_a_run_with_a_publication_a_json_socket_cannot_take(
         assert text.offsets == [20, 22]
         assert counters.drops == {"unencodable": 1}
         nursery.cancel_scope.cancel()
+
+
+async def test_sockets_resuming_at_once_share_one_history_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Ten sockets resume the topic at once from different offsets: one
+    history call (from the oldest), and each gets exactly what it missed,
+    then the live publications, once."""
+    topic = ScriptedTopic()
+    asked: list[Position | None] = []
+    history = topic.history
+
+    async def counted(msg: Follow) -> History:
+        asked.append(msg.since)
+        return await history(msg)
+
+    topic.history = counted  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        hub = TopicHub(topic, nursery, "r1")  # type: ignore[arg-type]
+        fakes = [FakeConnection(f"c{n}") for n in range(10)]
+        values: dict[str, dict[str, Any]] = {}
+
+        async def resume(fake: FakeConnection, since: int) -> None:
+            connection = cast("ClientConnection", fake)
+            value = await hub.subscribe(connection, "t", Position(EPOCH, since))
+            values[fake.info.id] = value
+
+        async with trio.open_nursery() as subscribing:
+            for n, fake in enumerate(fakes):
+                subscribing.start_soon(resume, fake, 10 + n)
+            await trio.testing.wait_all_tasks_blocked()
+            await topic.answer_send.send(page(10, 24))
+        assert asked == [Position(EPOCH, 10)]
+        for n, fake in enumerate(fakes):
+            assert fake.offsets == list(range(11 + n, 25))
+            assert values[fake.info.id] == {
+                "epoch": EPOCH,
+                "offset": 24,
+                "recovered": True,
+            }
+        await topic.live_send.send(publication(25))
+        await trio.testing.wait_all_tasks_blocked()
+        for n, fake in enumerate(fakes):
+            assert fake.offsets == list(range(11 + n, 26))
+        nursery.cancel_scope.cancel()

@@ -22,6 +22,7 @@ import trio
 from .._core._retry import Backoff
 from ._client_info import ClientInfo
 from ._frames import data_frame
+from ._history import HistoryReads
 from ._presence import (
     ListPresence,
     PresenceDiff,
@@ -32,7 +33,7 @@ from ._presence import (
 )
 from ._protocol import encode_frame
 from ._statistics import GatewayCounters
-from ._topics import Follow, Followed, Position, Publication, Topic
+from ._topics import Follow, Followed, History, Position, Publication, Topic
 
 if TYPE_CHECKING:
     from .. import Clock
@@ -109,6 +110,12 @@ class TopicHub:
         """The topics of each subscribed socket (one name, or a set of
         several)."""
         self._backoff = Backoff(0.05, 2.0, jitter=0.5)
+        self.reads = HistoryReads(self._read_history, nursery)
+        """The history reads of resuming sockets, one per topic at a time."""
+
+    async def _read_history(self, topic: str, since: Position | None) -> History:
+        page: History = await self._topics(topic).history(Follow(since))
+        return page
 
     def subscribe_now(
         self, connection: ClientConnection, topic: str
@@ -172,7 +179,7 @@ class TopicHub:
         if data is not None:
             follower.present[key] = data
         try:
-            page = await self._topics(topic).history(Follow(since))
+            page = await self.reads.history(topic, since)
             if new and follower.subscribers:
                 # Follow from the position just read: nothing published
                 # after it can be missed, whenever the stream opens.
@@ -197,15 +204,16 @@ class TopicHub:
             subscriber.last = since.offset
         else:
             subscriber.last = 0 if new_epoch else page.offset
-        cache: dict[str, tuple[bytes | str, bytes]] = {}
         # The history first, then the live publications held meanwhile
-        # (those it has too are dropped as sent). NOTE: the held ones may be
-        # newer than the history's end: the stream and the history's answer
-        # come on different connections between runners.
+        # (those it has too are dropped as sent), in one write. NOTE: the
+        # held ones may be newer than the history's end: the stream and the
+        # history's answer come on different connections between runners.
         held, subscriber.buffer = subscriber.buffer or [], None
-        for item in [*(page.items if recovered or new_epoch else ()), *held]:
-            cache.clear()
-            self._deliver(follower, subscriber, item, cache)
+        self._deliver_missed(
+            follower,
+            subscriber,
+            [*(page.items if recovered or new_epoch else ()), *held],
+        )
         value = {"epoch": page.epoch, "offset": subscriber.last, "recovered": recovered}
         if with_presence:
             subscriber.presence = True
@@ -282,6 +290,32 @@ class TopicHub:
         connection.send_encoded(*encoded)
         self._counters.publication_deliveries += 1
         return True
+
+    def _deliver_missed(
+        self, follower: _Follower, subscriber: _Subscriber, items: list[Publication]
+    ) -> None:
+        """Send ``subscriber`` the publications of ``items`` (in order) it
+        did not have, in one write (`_deliver`'s rules, one by one)."""
+        connection = subscriber.connection
+        subprotocol = connection.info.subprotocol
+        frames: list[bytes | str] = []
+        for item in items:
+            if item.epoch == subscriber.epoch and item.offset <= subscriber.last:
+                continue  # sent already
+            subscriber.epoch = item.epoch
+            subscriber.last = item.offset
+            try:
+                frames.append(publication_frame(follower.name, item, subprotocol))
+            except ValueError as exc:  # bytes or NaN for a JSON socket
+                log.warning("publication %s/%d: %s", follower.name, item.offset, exc)
+                self._counters.dropped("unencodable")
+        if not frames:
+            return
+        if len(frames) == 1:
+            connection.send_encoded(frames[0])
+        else:
+            connection.send_run(frames, b"".join(map(data_frame, frames)))
+        self._counters.publication_deliveries += len(frames)
 
     async def _untrack(self, topic: str, key: str) -> None:
         try:
