@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from trio_cluster.gateway import JSON, MSGPACK, ClientInfo, Position, Publication
-from trio_cluster.gateway._hub import TopicHub
+from trio_cluster.gateway._hub import TopicHub, _Follower
 from trio_cluster.gateway._statistics import GatewayCounters
 from trio_cluster.gateway._topics import Follow, Followed, History
 
@@ -186,3 +186,83 @@ async def test_sockets_resuming_at_once_share_one_history_read(
         for n, fake in enumerate(fakes):
             assert fake.offsets == list(range(11 + n, 26))
         nursery.cancel_scope.cancel()
+
+
+async def test_a_resume_from_a_position_the_gateway_keeps_reads_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A gateway following the topic answers a resume from the publications
+    it keeps, at once (no history call): the ones missed, then the live
+    ones, once; a client ahead of the gateway gets nothing twice; one
+    behind what it keeps (or in another epoch) reads the history."""
+    topic = ScriptedTopic()
+    asked: list[Position | None] = []
+    history = topic.history
+
+    async def counted(msg: Follow) -> History:
+        asked.append(msg.since)
+        return await history(msg)
+
+    topic.history = counted  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        hub = TopicHub(topic, nursery, "r1")  # type: ignore[arg-type]
+        first = FakeConnection("a")
+        async with trio.open_nursery() as subscribing:
+            subscribing.start_soon(
+                hub.subscribe, cast("ClientConnection", first), "t", Position(EPOCH, 5)
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            await topic.answer_send.send(page(5, 9))
+        assert first.offsets == [6, 7, 8, 9]
+        for offset in (10, 11):
+            await topic.live_send.send(publication(offset))
+        await trio.testing.wait_all_tasks_blocked()
+        assert asked == [Position(EPOCH, 5)]
+
+        behind, ahead = FakeConnection("b"), FakeConnection("c")
+        value = hub.resume_now(
+            cast("ClientConnection", behind), "t", Position(EPOCH, 7)
+        )
+        assert value == {"epoch": EPOCH, "offset": 11, "recovered": True}
+        assert behind.offsets == [8, 9, 10, 11]
+        value = hub.resume_now(
+            cast("ClientConnection", ahead), "t", Position(EPOCH, 13)
+        )
+        assert value == {"epoch": EPOCH, "offset": 13, "recovered": True}
+        assert ahead.offsets == []
+        # Older than what the gateway keeps, or another epoch: not now.
+        other = cast("ClientConnection", FakeConnection("d"))
+        assert hub.resume_now(other, "t", Position(EPOCH, 4)) is None
+        assert hub.resume_now(other, "t", Position("old", 10)) is None
+        assert asked == [Position(EPOCH, 5)]
+
+        for offset in (12, 13, 14):
+            await topic.live_send.send(publication(offset))
+        await trio.testing.wait_all_tasks_blocked()
+        assert first.offsets == list(range(6, 15))
+        assert behind.offsets == list(range(8, 15))
+        assert ahead.offsets == [14]
+        nursery.cancel_scope.cancel()
+
+
+def test_a_follower_keeps_consecutive_publications_only() -> None:
+    follower = _Follower("t")
+    follower.start_at(page(3, 6))
+    assert [p.offset for p in follower.recent] == [4, 5, 6]
+    assert follower.since_known(Position(EPOCH, 3))
+    assert not follower.since_known(Position(EPOCH, 2))
+    follower.advance([Publication(EPOCH, 7, 7), Publication(EPOCH, 8, 8)])
+    assert follower.position == Position(EPOCH, 8)
+    assert [p.offset for p in follower.recent] == [4, 5, 6, 7, 8]
+    follower.advance([Publication(EPOCH, 10, 10)])  # a gap: start again
+    assert [p.offset for p in follower.recent] == [10]
+    assert not follower.since_known(Position(EPOCH, 8))
+    assert follower.since_known(Position(EPOCH, 9))
+    follower.advance([Publication("new", 1, 1)])  # another epoch
+    assert [p.offset for p in follower.recent] == [1]
+    assert follower.since_known(Position("new", 0))
+    assert not follower.since_known(Position(EPOCH, 12))
+    follower.start_at(History(EPOCH, 20, False, []))
+    assert not follower.recent
+    assert follower.since_known(Position(EPOCH, 20))
+    assert not follower.since_known(Position(EPOCH, 19))

@@ -496,14 +496,19 @@ class ClientConnection(FrameSender):
             raise FrameError(request_id, ErrorCode.BAD_REQUEST, str(exc)) from None
         if (
             isinstance(frame, Subscribe)
-            and frame.since is None
             and not frame.presence
             and self._authorize is None
             and topics.presence is None
         ):
             # Nothing to fetch or ask: answered now if the gateway follows
-            # the topic already (no task, no call to the topic's entity).
-            value = topics.hub.subscribe_now(self, frame.topic)
+            # the topic already and keeps what a resume missed (no task, no
+            # call to the topic's entity).
+            hub = topics.hub
+            value = (
+                hub.subscribe_now(self, frame.topic)
+                if frame.since is None
+                else hub.resume_now(self, frame.topic, Position(*frame.since))
+            )
             if value is not None:
                 self._counters.requests += 1
                 self._send({"t": "reply", "id": request_id, "v": value})

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from itertools import islice
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
@@ -43,6 +45,10 @@ if TYPE_CHECKING:
 __all__ = ["TopicAccess", "TopicHub", "publication_frame"]
 
 log = logging.getLogger("trio_cluster.gateway")
+
+RECENT: Final = 256
+"""Publications each followed topic keeps on its gateway: a socket that
+resumes from a position among them is answered from here at once."""
 
 
 class _Subscriber:
@@ -74,6 +80,12 @@ class _Follower:
         self.subscribers: dict[ClientConnection, _Subscriber] = {}
         self.scope = trio.CancelScope()
         self.position: Position | None = None
+        self.recent: deque[Publication] = deque(maxlen=min(RECENT, Topic.history_size))
+        """The last publications up to ``position``, consecutive (every
+        publication after ``recent[0].offset - 1`` up to ``position``); no
+        more than the topic keeps, so that a position the topic no longer
+        holds is not recovered here either (as far as this gateway has
+        seen)."""
         self.present: dict[str, Any] = {}
         """``{connection id: data}`` of the local sockets in its presence."""
         self.mirror = PresenceMirror()
@@ -85,6 +97,43 @@ class _Follower:
     def mirror_changed(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+    def advance(self, run: list[Publication]) -> None:
+        """``run`` (in order) was sent to every subscriber: the position
+        moves to its end, and ``recent`` keeps it (from the first
+        publication that does not follow the one before: an epoch change
+        or a gap starts it again)."""
+        recent = self.recent
+        for publication in run:
+            if recent:
+                last = recent[-1]
+                if (
+                    publication.epoch != last.epoch
+                    or publication.offset != last.offset + 1
+                ):
+                    recent.clear()
+            recent.append(publication)
+        last = run[-1]
+        self.position = Position(last.epoch, last.offset)
+
+    def start_at(self, page: History) -> None:
+        """Follow from the end of ``page`` (a history answer), keeping its
+        publications if they end there consecutively."""
+        self.position = Position(page.epoch, page.offset)
+        self.recent.clear()
+        items = page.items
+        if items and items[-1].epoch == page.epoch and items[-1].offset == page.offset:
+            self.advance(items)
+
+    def since_known(self, since: Position) -> bool:
+        """Whether ``recent`` holds every publication after ``since`` up to
+        ``position`` (or ``since`` is at or after it, in its epoch)."""
+        position = self.position
+        if position is None or since.epoch != position.epoch:
+            return False
+        recent = self.recent
+        oldest = recent[0].offset - 1 if recent else position.offset
+        return since.offset >= oldest
 
 
 class TopicHub:
@@ -137,6 +186,33 @@ class TopicHub:
         self._join(connection, topic)
         return {"epoch": position.epoch, "offset": position.offset, "recovered": False}
 
+    def resume_now(
+        self, connection: ClientConnection, topic: str, since: Position
+    ) -> dict[str, Any] | None:
+        """Subscribe ``connection`` to ``topic`` from ``since`` without
+        waiting, if this gateway follows the topic and keeps every
+        publication after ``since`` (`RECENT`): they are sent now (the
+        socket does not join its presence); the subscribe reply's value,
+        or None (then use `subscribe`, which reads the history).
+
+        The socket is then where the follower is (or at ``since``, if the
+        client saw more than this gateway yet): the stream brings the next
+        publications, which it gets too, none twice.
+        """
+        follower = self._followers.get(topic)
+        if follower is None or not follower.since_known(since):
+            return None
+        subscriber = _Subscriber(connection, since)
+        follower.subscribers[connection] = subscriber
+        self._join(connection, topic)
+        recent = follower.recent
+        if recent:  # consecutive offsets: the first one after ``since``
+            start = max(0, since.offset + 1 - recent[0].offset)
+            self._deliver_missed(
+                follower, subscriber, list(islice(recent, start, None))
+            )
+        return {"epoch": since.epoch, "offset": subscriber.last, "recovered": True}
+
     def _join(self, connection: ClientConnection, topic: str) -> None:
         joined = self._joined.get(connection)
         if joined is None:
@@ -183,7 +259,7 @@ class TopicHub:
             if new and follower.subscribers:
                 # Follow from the position just read: nothing published
                 # after it can be missed, whenever the stream opens.
-                follower.position = Position(page.epoch, page.offset)
+                follower.start_at(page)
                 self._nursery.start_soon(self._follow, follower)
             if data is not None:
                 await self._topics(topic).track(Track(self._runner, key, data))
@@ -359,8 +435,7 @@ class TopicHub:
             # Only once every subscriber had them: if a delivery failed, the
             # stream follows again from before them (the others drop the
             # copies).
-            last = run[-1]
-            follower.position = Position(last.epoch, last.offset)
+            follower.advance(run)
             self._fanned_out(item, len(run))
 
     def _fanned_out(self, item: Followed, count: int) -> None:
