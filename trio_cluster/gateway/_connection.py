@@ -213,6 +213,7 @@ class ClientConnection(FrameSender):
         self._queue: deque[bytes | str] | None = None
         """Frames waiting for the writer (None: none)."""
         self._writing = False
+        self._together = None
         """Whether the writer task runs."""
         rate = config.message_rate
         self._bucket = None if rate is None else TokenBucket(rate, trio.current_time())
@@ -504,14 +505,16 @@ class ClientConnection(FrameSender):
             # the topic already and keeps what a resume missed (no task, no
             # call to the topic's entity).
             hub = topics.hub
-            value = (
-                hub.subscribe_now(self, frame.topic)
-                if frame.since is None
-                else hub.resume_now(self, frame.topic, Position(*frame.since))
-            )
+            with self.writing_together():  # what a resume missed, its answer
+                value = (
+                    hub.subscribe_now(self, frame.topic)
+                    if frame.since is None
+                    else hub.resume_now(self, frame.topic, Position(*frame.since))
+                )
+                if value is not None:
+                    self._counters.requests += 1
+                    self._send({"t": "reply", "id": request_id, "v": value})
             if value is not None:
-                self._counters.requests += 1
-                self._send({"t": "reply", "id": request_id, "v": value})
                 return
         scope = self._requests[request_id] = trio.CancelScope()
         self._counters.requests += 1
