@@ -266,3 +266,59 @@ def test_a_follower_keeps_consecutive_publications_only() -> None:
     assert not follower.recent
     assert follower.since_known(Position(EPOCH, 20))
     assert not follower.since_known(Position(EPOCH, 19))
+
+
+class EpochsConnection(FakeConnection):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.positions: list[tuple[str, int]] = []
+
+    def send_encoded(self, data: bytes | str, framed: bytes | None = None) -> None:
+        frame = msgpack.unpackb(data)
+        self.positions.append((frame["epoch"], frame["offset"]))
+
+
+async def test_a_late_publication_of_the_epoch_a_resume_left_is_not_sent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The topic moved (a new epoch) while a socket resumed: its history
+    comes from the new epoch while the gateway's stream still brings the
+    old one's end. That end is not sent after the new epoch's history
+    (the socket's position would go back, and the new epoch's replay be
+    sent again): each publication once, epochs never going back."""
+    topic = ScriptedTopic()
+    async with trio.open_nursery() as nursery:
+        hub = TopicHub(topic, nursery, "r1")  # type: ignore[arg-type]
+        first, second = EpochsConnection("a"), EpochsConnection("b")
+        a, b = cast("ClientConnection", first), cast("ClientConnection", second)
+        async with trio.open_nursery() as subscribing:
+            subscribing.start_soon(hub.subscribe, a, "t", None)
+            await trio.testing.wait_all_tasks_blocked()
+            await topic.answer_send.send(History(EPOCH, 5, True, []))
+        value: dict[str, Any] = {}
+
+        async def resubscribe() -> None:
+            value.update(await hub.subscribe(b, "t", Position(EPOCH, 3)))
+
+        async with trio.open_nursery() as subscribing:
+            subscribing.start_soon(resubscribe)
+            await trio.testing.wait_all_tasks_blocked()
+            await topic.live_send.send(publication(6))  # the old epoch's end
+            await trio.testing.wait_all_tasks_blocked()
+            new = [Publication("new", n, n) for n in (1, 2)]
+            await topic.answer_send.send(History("new", 2, False, new))
+        assert value == {"epoch": "new", "offset": 2, "recovered": False}
+        # The gateway follows the new epoch: its history replayed, then live.
+        run = [Publication("new", n, n) for n in (1, 2, 3)]
+        await topic.live_send.send(Followed(run[0], more=run[1:]))
+        await topic.live_send.send(Followed(Publication("new", 4, 4)))
+        await trio.testing.wait_all_tasks_blocked()
+        assert second.positions == [("new", 1), ("new", 2), ("new", 3), ("new", 4)]
+        assert first.positions == [
+            (EPOCH, 6),
+            ("new", 1),
+            ("new", 2),
+            ("new", 3),
+            ("new", 4),
+        ]
+        nursery.cancel_scope.cancel()

@@ -54,7 +54,7 @@ resumes from a position among them is answered from here at once."""
 class _Subscriber:
     """One socket subscribed to a topic."""
 
-    __slots__ = ("buffer", "connection", "epoch", "last", "presence")
+    __slots__ = ("buffer", "connection", "epoch", "last", "left", "presence")
 
     def __init__(
         self,
@@ -70,6 +70,26 @@ class _Subscriber:
         are)."""
         self.presence = False
         """Whether it gets presence diffs (from its subscribe answer on)."""
+        self.left: str | None = None
+        """The epoch it was in before ``epoch``: a late publication of it
+        (the stream of an older entity, held while the history came from
+        the new one) is not sent, or the socket's position would go back
+        to it and the new epoch's history be sent again."""
+
+    def moves(self, item: Publication) -> bool:
+        """Whether ``item`` is new to this socket; if so, its position
+        moves to it."""
+        epoch = self.epoch
+        if item.epoch == epoch:
+            if item.offset <= self.last:
+                return False  # sent already
+        elif item.epoch == self.left:
+            return False  # an epoch it left
+        else:
+            self.left = epoch
+            self.epoch = item.epoch
+        self.last = item.offset
+        return True
 
 
 class _Follower:
@@ -275,6 +295,8 @@ class TopicHub:
         # (``recovered`` is false), but the new epoch's history is all after
         # it: send it from its start, as a following gateway does.
         new_epoch = since is not None and since.epoch != page.epoch
+        if since is not None and since.epoch != page.epoch:
+            subscriber.left = since.epoch  # its end may come late: not sent
         subscriber.epoch = page.epoch
         if recovered and since is not None:
             subscriber.last = since.offset
@@ -348,10 +370,8 @@ class TopicHub:
         if subscriber.buffer is not None:
             subscriber.buffer.append(item)
             return False
-        if item.epoch == subscriber.epoch and item.offset <= subscriber.last:
+        if not subscriber.moves(item):
             return False  # sent already (history, or a replay after a re-follow)
-        subscriber.epoch = item.epoch
-        subscriber.last = item.offset
         connection = subscriber.connection
         subprotocol = connection.info.subprotocol
         encoded = cache.get(subprotocol)
@@ -376,10 +396,8 @@ class TopicHub:
         subprotocol = connection.info.subprotocol
         frames: list[bytes | str] = []
         for item in items:
-            if item.epoch == subscriber.epoch and item.offset <= subscriber.last:
+            if not subscriber.moves(item):
                 continue  # sent already
-            subscriber.epoch = item.epoch
-            subscriber.last = item.offset
             try:
                 frames.append(publication_frame(follower.name, item, subprotocol))
             except ValueError as exc:  # bytes or NaN for a JSON socket
@@ -463,7 +481,11 @@ class TopicHub:
             if (
                 same_epoch
                 and subscriber.buffer is None
-                and (first.epoch != subscriber.epoch or first.offset > subscriber.last)
+                and (
+                    first.offset > subscriber.last
+                    if first.epoch == subscriber.epoch
+                    else first.epoch != subscriber.left
+                )
             ):
                 if subprotocol not in frames:
                     frames[subprotocol] = self._run_frames(follower, run, subprotocol)
@@ -475,7 +497,9 @@ class TopicHub:
                     cache.clear()
                     self._deliver(follower, subscriber, publication, cache)
                 continue
-            subscriber.epoch = last.epoch
+            if subscriber.epoch != last.epoch:
+                subscriber.left = subscriber.epoch
+                subscriber.epoch = last.epoch
             subscriber.last = last.offset
             connection.send_run(encoded[0], encoded[1])
             self._counters.publication_deliveries += len(run)
