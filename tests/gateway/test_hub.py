@@ -16,9 +16,9 @@ import trio
 import trio.testing
 
 from trio_cluster.gateway import JSON, MSGPACK, ClientInfo, Position, Publication
-from trio_cluster.gateway._hub import TopicHub
+from trio_cluster.gateway._hub import TopicHub, _Follower
 from trio_cluster.gateway._statistics import GatewayCounters
-from trio_cluster.gateway._topics import Follow, Followed, History
+from trio_cluster.gateway._topics import Follow, Followed, History, new_epoch
 
 if TYPE_CHECKING:
     from trio_cluster.gateway import ClientConnection
@@ -140,4 +140,186 @@ async def test_a_run_with_a_publication_a_json_socket_cannot_take(
         assert binary.offsets == [20, 21, 22]
         assert text.offsets == [20, 22]
         assert counters.drops == {"unencodable": 1}
+        nursery.cancel_scope.cancel()
+
+
+async def test_sockets_resuming_at_once_share_one_history_read(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Ten sockets resume the topic at once from different offsets: one
+    history call (from the oldest), and each gets exactly what it missed,
+    then the live publications, once."""
+    topic = ScriptedTopic()
+    asked: list[Position | None] = []
+    history = topic.history
+
+    async def counted(msg: Follow) -> History:
+        asked.append(msg.since)
+        return await history(msg)
+
+    topic.history = counted  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        hub = TopicHub(topic, nursery, "r1")  # type: ignore[arg-type]
+        fakes = [FakeConnection(f"c{n}") for n in range(10)]
+        values: dict[str, dict[str, Any]] = {}
+
+        async def resume(fake: FakeConnection, since: int) -> None:
+            connection = cast("ClientConnection", fake)
+            value = await hub.subscribe(connection, "t", Position(EPOCH, since))
+            values[fake.info.id] = value
+
+        async with trio.open_nursery() as subscribing:
+            for n, fake in enumerate(fakes):
+                subscribing.start_soon(resume, fake, 10 + n)
+            await trio.testing.wait_all_tasks_blocked()
+            await topic.answer_send.send(page(10, 24))
+        assert asked == [Position(EPOCH, 10)]
+        for n, fake in enumerate(fakes):
+            assert fake.offsets == list(range(11 + n, 25))
+            assert values[fake.info.id] == {
+                "epoch": EPOCH,
+                "offset": 24,
+                "recovered": True,
+            }
+        await topic.live_send.send(publication(25))
+        await trio.testing.wait_all_tasks_blocked()
+        for n, fake in enumerate(fakes):
+            assert fake.offsets == list(range(11 + n, 26))
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_resume_from_a_position_the_gateway_keeps_reads_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A gateway following the topic answers a resume from the publications
+    it keeps, at once (no history call): the ones missed, then the live
+    ones, once; a client ahead of the gateway gets nothing twice; one
+    behind what it keeps (or in another epoch) reads the history."""
+    topic = ScriptedTopic()
+    asked: list[Position | None] = []
+    history = topic.history
+
+    async def counted(msg: Follow) -> History:
+        asked.append(msg.since)
+        return await history(msg)
+
+    topic.history = counted  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        hub = TopicHub(topic, nursery, "r1")  # type: ignore[arg-type]
+        first = FakeConnection("a")
+        async with trio.open_nursery() as subscribing:
+            subscribing.start_soon(
+                hub.subscribe, cast("ClientConnection", first), "t", Position(EPOCH, 5)
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            await topic.answer_send.send(page(5, 9))
+        assert first.offsets == [6, 7, 8, 9]
+        for offset in (10, 11):
+            await topic.live_send.send(publication(offset))
+        await trio.testing.wait_all_tasks_blocked()
+        assert asked == [Position(EPOCH, 5)]
+
+        behind, ahead = FakeConnection("b"), FakeConnection("c")
+        value = hub.resume_now(
+            cast("ClientConnection", behind), "t", Position(EPOCH, 7)
+        )
+        assert value == {"epoch": EPOCH, "offset": 11, "recovered": True}
+        assert behind.offsets == [8, 9, 10, 11]
+        value = hub.resume_now(
+            cast("ClientConnection", ahead), "t", Position(EPOCH, 13)
+        )
+        assert value == {"epoch": EPOCH, "offset": 13, "recovered": True}
+        assert ahead.offsets == []
+        # Older than what the gateway keeps, or another epoch: not now.
+        other = cast("ClientConnection", FakeConnection("d"))
+        assert hub.resume_now(other, "t", Position(EPOCH, 4)) is None
+        assert hub.resume_now(other, "t", Position("old", 10)) is None
+        assert asked == [Position(EPOCH, 5)]
+
+        for offset in (12, 13, 14):
+            await topic.live_send.send(publication(offset))
+        await trio.testing.wait_all_tasks_blocked()
+        assert first.offsets == list(range(6, 15))
+        assert behind.offsets == list(range(8, 15))
+        assert ahead.offsets == [14]
+        nursery.cancel_scope.cancel()
+
+
+def test_a_follower_keeps_consecutive_publications_only() -> None:
+    follower = _Follower("t")
+    follower.start_at(page(3, 6))
+    assert [p.offset for p in follower.recent] == [4, 5, 6]
+    assert follower.since_known(Position(EPOCH, 3))
+    assert not follower.since_known(Position(EPOCH, 2))
+    follower.advance([Publication(EPOCH, 7, 7), Publication(EPOCH, 8, 8)])
+    assert follower.position == Position(EPOCH, 8)
+    assert [p.offset for p in follower.recent] == [4, 5, 6, 7, 8]
+    follower.advance([Publication(EPOCH, 10, 10)])  # a gap: start again
+    assert [p.offset for p in follower.recent] == [10]
+    assert not follower.since_known(Position(EPOCH, 8))
+    assert follower.since_known(Position(EPOCH, 9))
+    follower.advance([Publication("new", 1, 1)])  # another epoch
+    assert [p.offset for p in follower.recent] == [1]
+    assert follower.since_known(Position("new", 0))
+    assert not follower.since_known(Position(EPOCH, 12))
+    follower.start_at(History(EPOCH, 20, False, []))
+    assert not follower.recent
+    assert follower.since_known(Position(EPOCH, 20))
+    assert not follower.since_known(Position(EPOCH, 19))
+
+
+class EpochsConnection(FakeConnection):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.positions: list[tuple[str, int]] = []
+
+    def send_encoded(self, data: bytes | str, framed: bytes | None = None) -> None:
+        frame = msgpack.unpackb(data)
+        self.positions.append((frame["epoch"], frame["offset"]))
+
+
+async def test_a_late_publication_of_the_epoch_a_resume_left_is_not_sent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The topic moved (a new epoch) while a socket resumed: its history
+    comes from the new epoch while the gateway's stream still brings the
+    old one's end. That end is not sent after the new epoch's history
+    (the socket's position would go back, and the new epoch's replay be
+    sent again): each publication once, epochs never going back."""
+    old, new = new_epoch(1, 0.0), new_epoch(2, 0.0)  # in the order they began
+    topic = ScriptedTopic()
+    async with trio.open_nursery() as nursery:
+        hub = TopicHub(topic, nursery, "r1")  # type: ignore[arg-type]
+        first, second = EpochsConnection("a"), EpochsConnection("b")
+        a, b = cast("ClientConnection", first), cast("ClientConnection", second)
+        async with trio.open_nursery() as subscribing:
+            subscribing.start_soon(hub.subscribe, a, "t", None)
+            await trio.testing.wait_all_tasks_blocked()
+            await topic.answer_send.send(History(old, 5, True, []))
+        value: dict[str, Any] = {}
+
+        async def resubscribe() -> None:
+            value.update(await hub.subscribe(b, "t", Position(old, 3)))
+
+        async with trio.open_nursery() as subscribing:
+            subscribing.start_soon(resubscribe)
+            await trio.testing.wait_all_tasks_blocked()
+            await topic.live_send.send(Followed(Publication(old, 6, 6)))  # its end
+            await trio.testing.wait_all_tasks_blocked()
+            page = [Publication(new, n, n) for n in (1, 2)]
+            await topic.answer_send.send(History(new, 2, False, page))
+        assert value == {"epoch": new, "offset": 2, "recovered": False}
+        # The gateway follows the new epoch: its history replayed, then live.
+        run = [Publication(new, n, n) for n in (1, 2, 3)]
+        await topic.live_send.send(Followed(run[0], more=run[1:]))
+        await topic.live_send.send(Followed(Publication(new, 4, 4)))
+        await trio.testing.wait_all_tasks_blocked()
+        assert second.positions == [(new, 1), (new, 2), (new, 3), (new, 4)]
+        assert first.positions == [
+            (old, 6),
+            (new, 1),
+            (new, 2),
+            (new, 3),
+            (new, 4),
+        ]
         nursery.cancel_scope.cancel()

@@ -87,6 +87,22 @@ async def test_outbox_writes_at_once_and_keeps_the_rest_in_order(socket_pair):
             nursery.cancel_scope.cancel()
 
 
+async def test_outbox_held_bytes_go_out_in_front_of_the_next_write(socket_pair):
+    left, right = socket_pair
+    with trio.fail_after(TIMEOUT):
+        outbox = Outbox(left)
+        outbox.hold_nowait(b"HTTP/1.1 101 ")
+        outbox.hold_nowait(b"...\r\n\r\n")
+        with trio.move_on_after(0.1) as scope:
+            await right.receive_some(100)
+        assert scope.cancelled_caught  # nothing written yet
+        outbox.write_nowait(b"frame")
+        # One write: what the peer reads at once is all of it.
+        assert await right.receive_some(100) == b"HTTP/1.1 101 ...\r\n\r\nframe"
+        outbox.write_nowait(b"next")
+        assert await read_exactly(right, 4) == b"next"
+
+
 async def test_outbox_wait_drained_waits_for_the_peer(socket_pair):
     left, right = socket_pair
     with trio.fail_after(TIMEOUT):

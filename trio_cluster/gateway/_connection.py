@@ -213,6 +213,7 @@ class ClientConnection(FrameSender):
         self._queue: deque[bytes | str] | None = None
         """Frames waiting for the writer (None: none)."""
         self._writing = False
+        self._together = None
         """Whether the writer task runs."""
         rate = config.message_rate
         self._bucket = None if rate is None else TokenBucket(rate, trio.current_time())
@@ -496,17 +497,24 @@ class ClientConnection(FrameSender):
             raise FrameError(request_id, ErrorCode.BAD_REQUEST, str(exc)) from None
         if (
             isinstance(frame, Subscribe)
-            and frame.since is None
             and not frame.presence
             and self._authorize is None
             and topics.presence is None
         ):
             # Nothing to fetch or ask: answered now if the gateway follows
-            # the topic already (no task, no call to the topic's entity).
-            value = topics.hub.subscribe_now(self, frame.topic)
+            # the topic already and keeps what a resume missed (no task, no
+            # call to the topic's entity).
+            hub = topics.hub
+            with self.writing_together():  # what a resume missed, its answer
+                value = (
+                    hub.subscribe_now(self, frame.topic)
+                    if frame.since is None
+                    else hub.resume_now(self, frame.topic, Position(*frame.since))
+                )
+                if value is not None:
+                    self._counters.requests += 1
+                    self._send({"t": "reply", "id": request_id, "v": value})
             if value is not None:
-                self._counters.requests += 1
-                self._send({"t": "reply", "id": request_id, "v": value})
                 return
         scope = self._requests[request_id] = trio.CancelScope()
         self._counters.requests += 1

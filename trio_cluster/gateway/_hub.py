@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from itertools import islice
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
@@ -22,6 +24,7 @@ import trio
 from .._core._retry import Backoff
 from ._client_info import ClientInfo
 from ._frames import data_frame
+from ._history import HistoryReads
 from ._presence import (
     ListPresence,
     PresenceDiff,
@@ -32,7 +35,7 @@ from ._presence import (
 )
 from ._protocol import encode_frame
 from ._statistics import GatewayCounters
-from ._topics import Follow, Followed, Position, Publication, Topic, older
+from ._topics import Follow, Followed, History, Position, Publication, Topic, older
 
 if TYPE_CHECKING:
     from .. import Clock
@@ -42,6 +45,10 @@ if TYPE_CHECKING:
 __all__ = ["TopicAccess", "TopicHub", "publication_frame"]
 
 log = logging.getLogger("trio_cluster.gateway")
+
+RECENT: Final = 256
+"""Publications each followed topic keeps on its gateway: a socket that
+resumes from a position among them is answered from here at once."""
 
 
 class _Subscriber:
@@ -64,6 +71,23 @@ class _Subscriber:
         self.presence = False
         """Whether it gets presence diffs (from its subscribe answer on)."""
 
+    def moves(self, item: Publication) -> bool:
+        """Whether ``item`` is new to this socket; if so, its position
+        moves to it. A publication of an older epoch than the socket's (the
+        stream of an older entity, held while the history came from the new
+        one) is not new: the socket's position would go back to it, and the
+        new epoch's history be sent again."""
+        epoch = self.epoch
+        if item.epoch == epoch:
+            if item.offset <= self.last:
+                return False  # sent already
+        elif epoch is not None and older(item.epoch, epoch):
+            return False  # an epoch it left
+        else:
+            self.epoch = item.epoch
+        self.last = item.offset
+        return True
+
 
 class _Follower:
     """One topic followed by this gateway, and its local subscribers."""
@@ -73,6 +97,12 @@ class _Follower:
         self.subscribers: dict[ClientConnection, _Subscriber] = {}
         self.scope = trio.CancelScope()
         self.position: Position | None = None
+        self.recent: deque[Publication] = deque(maxlen=min(RECENT, Topic.history_size))
+        """The last publications up to ``position``, consecutive (every
+        publication after ``recent[0].offset - 1`` up to ``position``); no
+        more than the topic keeps, so that a position the topic no longer
+        holds is not recovered here either (as far as this gateway has
+        seen)."""
         self.present: dict[str, Any] = {}
         """``{connection id: data}`` of the local sockets in its presence."""
         self.mirror = PresenceMirror()
@@ -84,6 +114,43 @@ class _Follower:
     def mirror_changed(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
+
+    def advance(self, run: list[Publication]) -> None:
+        """``run`` (in order) was sent to every subscriber: the position
+        moves to its end, and ``recent`` keeps it (from the first
+        publication that does not follow the one before: an epoch change
+        or a gap starts it again)."""
+        recent = self.recent
+        for publication in run:
+            if recent:
+                last = recent[-1]
+                if (
+                    publication.epoch != last.epoch
+                    or publication.offset != last.offset + 1
+                ):
+                    recent.clear()
+            recent.append(publication)
+        last = run[-1]
+        self.position = Position(last.epoch, last.offset)
+
+    def start_at(self, page: History) -> None:
+        """Follow from the end of ``page`` (a history answer), keeping its
+        publications if they end there consecutively."""
+        self.position = Position(page.epoch, page.offset)
+        self.recent.clear()
+        items = page.items
+        if items and items[-1].epoch == page.epoch and items[-1].offset == page.offset:
+            self.advance(items)
+
+    def since_known(self, since: Position) -> bool:
+        """Whether ``recent`` holds every publication after ``since`` up to
+        ``position`` (or ``since`` is at or after it, in its epoch)."""
+        position = self.position
+        if position is None or since.epoch != position.epoch:
+            return False
+        recent = self.recent
+        oldest = recent[0].offset - 1 if recent else position.offset
+        return since.offset >= oldest
 
 
 class TopicHub:
@@ -109,6 +176,12 @@ class TopicHub:
         """The topics of each subscribed socket (one name, or a set of
         several)."""
         self._backoff = Backoff(0.05, 2.0, jitter=0.5)
+        self.reads = HistoryReads(self._read_history, nursery)
+        """The history reads of resuming sockets, one per topic at a time."""
+
+    async def _read_history(self, topic: str, since: Position | None) -> History:
+        page: History = await self._topics(topic).history(Follow(since))
+        return page
 
     def subscribe_now(
         self, connection: ClientConnection, topic: str
@@ -129,6 +202,33 @@ class TopicHub:
         follower.subscribers[connection] = _Subscriber(connection, position)
         self._join(connection, topic)
         return {"epoch": position.epoch, "offset": position.offset, "recovered": False}
+
+    def resume_now(
+        self, connection: ClientConnection, topic: str, since: Position
+    ) -> dict[str, Any] | None:
+        """Subscribe ``connection`` to ``topic`` from ``since`` without
+        waiting, if this gateway follows the topic and keeps every
+        publication after ``since`` (`RECENT`): they are sent now (the
+        socket does not join its presence); the subscribe reply's value,
+        or None (then use `subscribe`, which reads the history).
+
+        The socket is then where the follower is (or at ``since``, if the
+        client saw more than this gateway yet): the stream brings the next
+        publications, which it gets too, none twice.
+        """
+        follower = self._followers.get(topic)
+        if follower is None or not follower.since_known(since):
+            return None
+        subscriber = _Subscriber(connection, since)
+        follower.subscribers[connection] = subscriber
+        self._join(connection, topic)
+        recent = follower.recent
+        if recent:  # consecutive offsets: the first one after ``since``
+            start = max(0, since.offset + 1 - recent[0].offset)
+            self._deliver_missed(
+                follower, subscriber, list(islice(recent, start, None))
+            )
+        return {"epoch": since.epoch, "offset": subscriber.last, "recovered": True}
 
     def _join(self, connection: ClientConnection, topic: str) -> None:
         joined = self._joined.get(connection)
@@ -172,11 +272,11 @@ class TopicHub:
         if data is not None:
             follower.present[key] = data
         try:
-            page = await self._topics(topic).history(Follow(since))
+            page = await self.reads.history(topic, since)
             if new and follower.subscribers:
                 # Follow from the position just read: nothing published
                 # after it can be missed, whenever the stream opens.
-                follower.position = Position(page.epoch, page.offset)
+                follower.start_at(page)
                 self._nursery.start_soon(self._follow, follower)
             if data is not None:
                 await self._topics(topic).track(Track(self._runner, key, data))
@@ -197,15 +297,16 @@ class TopicHub:
             subscriber.last = since.offset
         else:
             subscriber.last = 0 if new_epoch else page.offset
-        cache: dict[str, tuple[bytes | str, bytes]] = {}
         # The history first, then the live publications held meanwhile
-        # (those it has too are dropped as sent). NOTE: the held ones may be
-        # newer than the history's end: the stream and the history's answer
-        # come on different connections between runners.
+        # (those it has too are dropped as sent), in one write. NOTE: the
+        # held ones may be newer than the history's end: the stream and the
+        # history's answer come on different connections between runners.
         held, subscriber.buffer = subscriber.buffer or [], None
-        for item in [*(page.items if recovered or new_epoch else ()), *held]:
-            cache.clear()
-            self._deliver(follower, subscriber, item, cache)
+        self._deliver_missed(
+            follower,
+            subscriber,
+            [*(page.items if recovered or new_epoch else ()), *held],
+        )
         value = {"epoch": page.epoch, "offset": subscriber.last, "recovered": recovered}
         if with_presence:
             subscriber.presence = True
@@ -264,13 +365,8 @@ class TopicHub:
         if subscriber.buffer is not None:
             subscriber.buffer.append(item)
             return False
-        if item.epoch == subscriber.epoch:
-            if item.offset <= subscriber.last:
-                return False  # sent already (history, or a replay after a re-follow)
-        elif subscriber.epoch is not None and older(item.epoch, subscriber.epoch):
-            return False  # the end of an epoch this socket has left
-        subscriber.epoch = item.epoch
-        subscriber.last = item.offset
+        if not subscriber.moves(item):
+            return False  # sent already (history, or a replay after a re-follow)
         connection = subscriber.connection
         subprotocol = connection.info.subprotocol
         encoded = cache.get(subprotocol)
@@ -285,6 +381,30 @@ class TopicHub:
         connection.send_encoded(*encoded)
         self._counters.publication_deliveries += 1
         return True
+
+    def _deliver_missed(
+        self, follower: _Follower, subscriber: _Subscriber, items: list[Publication]
+    ) -> None:
+        """Send ``subscriber`` the publications of ``items`` (in order) it
+        did not have, in one write (`_deliver`'s rules, one by one)."""
+        connection = subscriber.connection
+        subprotocol = connection.info.subprotocol
+        frames: list[bytes | str] = []
+        for item in items:
+            if not subscriber.moves(item):
+                continue  # sent already
+            try:
+                frames.append(publication_frame(follower.name, item, subprotocol))
+            except ValueError as exc:  # bytes or NaN for a JSON socket
+                log.warning("publication %s/%d: %s", follower.name, item.offset, exc)
+                self._counters.dropped("unencodable")
+        if not frames:
+            return
+        if len(frames) == 1:
+            connection.send_encoded(frames[0])
+        else:
+            connection.send_run(frames, b"".join(map(data_frame, frames)))
+        self._counters.publication_deliveries += len(frames)
 
     async def _untrack(self, topic: str, key: str) -> None:
         try:
@@ -328,8 +448,7 @@ class TopicHub:
             # Only once every subscriber had them: if a delivery failed, the
             # stream follows again from before them (the others drop the
             # copies).
-            last = run[-1]
-            follower.position = Position(last.epoch, last.offset)
+            follower.advance(run)
             self._fanned_out(item, len(run))
 
     def _fanned_out(self, item: Followed, count: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections import deque
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import trio
@@ -25,6 +26,8 @@ from ._frames import FastWSConnection, data_frame
 from ._protocol import CloseCode, join_frames
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from ._client_info import ClientInfo
     from ._connection import MessageSocket, _Ending
     from ._definition import GatewayConfig
@@ -37,7 +40,7 @@ class FrameSender:
     """The sending half of a gateway socket's connection (see the module
     docstring); `ClientConnection` sets its state."""
 
-    __slots__ = ("_queue", "_writing", "frames_sent")
+    __slots__ = ("_queue", "_together", "_writing", "frames_sent")
 
     ws: MessageSocket
     info: ClientInfo
@@ -48,6 +51,8 @@ class FrameSender:
     _direct: tuple[WebSocketConnection, Outbox] | None
     _nursery: trio.Nursery | None
     _queue: deque[bytes | str] | None
+    _together: list[tuple[list[bytes | str], bytes]] | None
+    """Frames held by `writing_together` (None: none are)."""
     _writing: bool
 
     @abstractmethod
@@ -58,6 +63,26 @@ class FrameSender:
     def _cancel(self) -> None:
         """Cancel the connection's work at once (the client is gone)."""
 
+    @contextmanager
+    def writing_together(self) -> Iterator[None]:
+        """Hold the frames sent in the block and send them when it ends, in
+        one write if nothing waits (the publications a resume missed and
+        its answer, say)."""
+        if self._together is not None:  # nested: the outer block sends
+            yield
+            return
+        held: list[tuple[list[bytes | str], bytes]] = []
+        self._together = held
+        try:
+            yield
+        finally:
+            self._together = None
+            if len(held) == 1:
+                self.send_run(*held[0])
+            elif held:
+                frames = [data for each in held for data in each[0]]
+                self.send_run(frames, b"".join(each[1] for each in held))
+
     def send_encoded(self, data: bytes | str, framed: bytes | None = None) -> None:
         """Write an encoded frame now if nothing waits (over TCP: into the
         `Outbox`, synchronously), else queue it for the writer (started if
@@ -66,6 +91,10 @@ class FrameSender:
         (`data_frame`), when the same frame goes to many sockets."""
         if self.ending is not None:
             return  # the connection is ending: nothing more but its close
+        together = self._together
+        if together is not None:
+            together.append(([data], data_frame(data) if framed is None else framed))
+            return
         queue = self._queue
         direct = self._direct
         if not queue and direct is not None and not direct[1].backlog:
@@ -92,6 +121,10 @@ class FrameSender:
         as WebSocket frames one after another: written in one write when
         nothing waits."""
         if self.ending is not None:
+            return
+        together = self._together
+        if together is not None:
+            together.append((frames, framed))
             return
         direct = self._direct
         if (

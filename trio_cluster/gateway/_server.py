@@ -252,7 +252,8 @@ class GatewayServer:
                 stream = outbox = Outbox(stream)
             response = accept_response(head, handshake.subprotocol)
             if outbox is not None:
-                outbox.write_nowait(response)
+                # Written with the welcome frame, which follows at once.
+                outbox.hold_nowait(response)
             else:
                 await stream.send_all(response)
             ws = server_websocket(

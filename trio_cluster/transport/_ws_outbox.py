@@ -76,6 +76,7 @@ class Outbox(trio.abc.Stream):
         "_failure",
         "_fd",
         "_flushing",
+        "_held",
         "_queued",
         "_read_all",
         "backlog",
@@ -106,6 +107,8 @@ class Outbox(trio.abc.Stream):
         """`flush_forever` waits on it for a backlog (None: it does not)."""
         self._drained: trio.Event | None = None
         """Set when the current backlog is written (None: no backlog yet)."""
+        self._held: bytes | None = None
+        """Bytes to go out in front of the next write (`hold_nowait`)."""
 
     def _write(self, data: memoryview) -> int:
         """Write what the kernel takes now; return how much that was.
@@ -140,6 +143,10 @@ class Outbox(trio.abc.Stream):
         """
         if self._closed or self._failure is not None:
             self._check()
+        held = self._held
+        if held is not None:
+            self._held = None
+            data = held + data
         backlog = self._backlog
         if backlog is not None:
             backlog.append(memoryview(data))
@@ -163,6 +170,20 @@ class Outbox(trio.abc.Stream):
             self._queued.set()
         if self.on_backlog is not None:
             self.on_backlog()
+
+    def hold_nowait(self, data: bytes) -> None:
+        """Keep ``data`` to be written in front of the next write (the
+        upgrade's answer and the first frame go out in one write: one
+        system call, one wake-up of the peer). Nothing is written if nothing
+        follows but the close.
+
+        Raises:
+            trio.ClosedResourceError: the stream is closed.
+            trio.BrokenResourceError: a write failed before.
+        """
+        if self._closed or self._failure is not None:
+            self._check()
+        self._held = data if self._held is None else self._held + data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """See `write_nowait`. Cancelled: nothing was written.
