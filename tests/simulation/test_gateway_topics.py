@@ -360,8 +360,28 @@ PINNED = {
         [0.0],
         0,
     ),
+    # Found by the `ci` profile before the gateway kept its topics' last
+    # publications and shared history reads (`HistoryReads`): client 0,
+    # resuming after a stall while the topic moved twice (fencing epochs 3
+    # then 4), missed the first publication of the last epoch. It passes
+    # since; how those changes closed it was not established.
+    "first_of_the_last_epoch_missed": (
+        FaultSchedule(
+            (
+                FreezeRunner(at=11.4, runner=1, duration=6.0),
+                KillRunner(at=14.1, runner=2, down_for=3.0),
+            )
+        ),
+        [
+            LinkFault(at=0.0, client=2, kind="drop", lasting=1.0),
+            LinkFault(at=13.0, client=0, kind="stall", lasting=4.0),
+        ],
+        [17.4],
+        0,
+    ),
 }
 PINNED_CLIENTS = {
+    "first_of_the_last_epoch_missed": 4,
     "follow_opened_while_frozen": 4,
     "old_epoch_after_the_new_history": 4,
     "an_epoch_the_stream_never_brought": 4,
