@@ -48,6 +48,7 @@ import socket
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -191,13 +192,28 @@ class LeanClient:
     def open_socket(self, conn_index: int, topic: str | None) -> None:
         job = self.connect_job
         assert job is not None
+        server = conn_index % len(job["servers"])
+        self.dial(
+            job["src"],
+            job["servers"][server],
+            lambda sock: Conn(sock, conn_index, topic, server),
+        )
+        self.connecting += 1
+
+    def dial(
+        self,
+        src: str,
+        server: Sequence[Any],
+        make: Callable[[socket.socket], Conn],
+    ) -> Conn:
+        """Open a socket from ``src`` to ``server`` (host, port, path) for
+        the connection ``make`` builds, its upgrade request queued."""
+        host, port, path = server
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((job["src"], 0))
+        sock.bind((src, 0))
         sock.setblocking(False)
-        server = conn_index % len(job["servers"])
-        host, port, path = job["servers"][server]
-        conn = Conn(sock, conn_index, topic, server)
+        conn = make(sock)
         with contextlib.suppress(BlockingIOError):
             sock.connect((host, port))
         self.conns[sock.fileno()] = conn
@@ -209,8 +225,8 @@ class LeanClient:
             f"Sec-WebSocket-Protocol: {MSGPACK}\r\n\r\n"
         ).encode()
         conn.state = "handshake"
-        self.connecting += 1
         self.epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLOUT)
+        return conn
 
     def send(self, conn: Conn, frame: dict[str, Any]) -> None:
         data = client_frame(_pack(frame))
@@ -248,6 +264,10 @@ class LeanClient:
         elif self.running:
             self.disconnects += 1
             self.reasons[reason] += 1
+        self.close(conn)
+
+    def close(self, conn: Conn) -> None:
+        """Forget a connection and close its socket."""
         conn.state = "closed"
         fd = conn.sock.fileno()
         self.conns.pop(fd, None)
@@ -643,12 +663,18 @@ class LeanClient:
                     self.flush(conn)
                 if mask & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
                     self.readable(conn)
-            timeout = 1.0
-            if self.pub is not None:
-                now = time.monotonic()
-                due = self.pub_tick(now)
-                if due is not None:
-                    timeout = max(0.0, due - now)
+            timeout = self.tick()
+
+    def tick(self) -> float:
+        """Do what is due after a round of events; seconds until the next
+        thing is due (at most 1)."""
+        timeout = 1.0
+        if self.pub is not None:
+            now = time.monotonic()
+            due = self.pub_tick(now)
+            if due is not None:
+                timeout = max(0.0, due - now)
+        return timeout
 
     def read_stdin(self, fd: int) -> bool:
         try:

@@ -29,21 +29,15 @@ Commands (besides the lean client's ``stats`` and ``close``):
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import heapq
-import json
-import os
 import random
 import resource
-import select
 import socket
-import sys
 import time
 from typing import Any
 from urllib.parse import urlsplit
 
-from ._lean_client import MSGPACK, Conn, LeanClient
+from ._lean_client import Conn, LeanClient
 
 
 class Light:
@@ -115,25 +109,13 @@ class StormClient(LeanClient):
     def open_light(
         self, light: Light, server: tuple[str, int, str], which: int
     ) -> None:
-        host, port, path = server
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((self.job["src"], 0))
-        sock.setblocking(False)
-        conn = StormConn(sock, light, self.job["topic"], which)
-        with contextlib.suppress(BlockingIOError):
-            sock.connect((host, port))
-        self.conns[sock.fileno()] = conn
-        key = base64.b64encode(os.urandom(16)).decode()
-        conn.out = (
-            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-            f"Sec-WebSocket-Protocol: {MSGPACK}\r\n\r\n"
-        ).encode()
-        conn.state = "handshake"
+        topic = self.job["topic"]
+        self.dial(
+            self.job["src"],
+            server,
+            lambda sock: StormConn(sock, light, topic, which),
+        )
         self.handshakes += 1
-        self.epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLOUT)
 
     def start_next(self) -> None:
         """Open the first sockets, ``concurrency`` handshakes at once."""
@@ -150,12 +132,7 @@ class StormClient(LeanClient):
             return
         if conn.state in ("handshake", "welcome"):
             self.handshakes -= 1
-        conn.state = "closed"
-        fd = conn.sock.fileno()
-        self.conns.pop(fd, None)
-        with contextlib.suppress(OSError, ValueError):
-            self.epoll.unregister(fd)
-        conn.sock.close()
+        self.close(conn)
         if not self.running:
             return
         self.disconnects += 1
@@ -312,32 +289,13 @@ class StormClient(LeanClient):
                 if conn.state != "closed" and conn.light.sockets == sockets:
                     self.send_subscribe(conn)
 
-    def run(self) -> None:
-        stdin = sys.stdin.fileno()
-        os.set_blocking(stdin, False)
-        self.epoll.register(stdin, select.EPOLLIN)
-        sys.stdout.write(json.dumps({"event": "ready", "pid": os.getpid()}) + "\n")
-        sys.stdout.flush()
-        conns = self.conns
-        timeout = 1.0
-        while True:
-            for fd, mask in self.epoll.poll(timeout):
-                if fd == stdin:
-                    if not self.read_stdin(stdin):
-                        return
-                    continue
-                conn = conns.get(fd)
-                if conn is None:
-                    continue
-                if mask & select.EPOLLOUT and conn.out:
-                    self.flush(conn)
-                if mask & (select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP):
-                    self.readable(conn)
-            now = time.monotonic()
-            self.fire(now)
-            timeout = 1.0
-            if self.timers:
-                timeout = max(0.0, min(timeout, self.timers[0][0] - now))
+    def tick(self) -> float:
+        """Fire the timers that are due; seconds until the next (at most 1)."""
+        now = time.monotonic()
+        self.fire(now)
+        if self.timers:
+            return max(0.0, min(1.0, self.timers[0][0] - now))
+        return 1.0
 
 
 def main() -> None:
