@@ -35,7 +35,11 @@ from ._core._config import ShardingConfig as ShardingConfig
 from ._core._retry import Backoff as Backoff, RetryPolicy as RetryPolicy
 from ._core._snowflake import Snowflake as Snowflake
 from ._cron import Cron as Cron
-from ._durable import Durable as Durable, durable as durable
+from ._durable import (
+    Durable as Durable,
+    checkpoint_state as checkpoint_state,
+    durable as durable,
+)
 from ._entity import Entity as Entity
 from ._errors import (
     AlreadyProcessingError as AlreadyProcessingError,
@@ -164,6 +168,7 @@ __all__ = [
     "UnknownEntityTypeError",
     "WatchState",
     "check_messages",
+    "checkpoint_state",
     "current_cluster_state",
     "current_entity_address",
     "current_metadata",

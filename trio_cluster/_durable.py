@@ -301,8 +301,10 @@ async def checkpoint_state() -> None:
             durable state (nothing is saved).
         PersistenceError: storage failed (nothing is known to be saved: the
             state in memory stays as assigned).
-        trio_cluster._engine._durable_state.StateRefused: the shard's epoch
-            moved on (this runner no longer owns the entity).
+        Exception: an internal one when the shard's epoch moved on (this
+            runner no longer owns the entity): let it propagate; the
+            runtime ends the handler, records nothing, and the request
+            runs on the new owner.
         RetryLater: the stored state is newer than this incarnation's.
 
     Cancellation: the write may or may not have committed; the handler

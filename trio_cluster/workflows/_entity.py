@@ -34,8 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 
-from trio_cluster import Entity, current_runner, rpc, stream
-from trio_cluster._durable import checkpoint_state
+from trio_cluster import Entity, checkpoint_state, current_runner, rpc, stream
 
 from ._compensation import compensate
 from ._context import WorkflowContext, Yield
