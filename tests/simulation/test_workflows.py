@@ -21,6 +21,7 @@ from hypothesis import given, strategies as st
 import trio_cluster as tc
 from trio_cluster.testing import (
     FaultSchedule,
+    FreezeRunner,
     SimulatedCluster,
     fault_schedules,
     open_simulated_cluster,
@@ -171,6 +172,24 @@ def test_every_saga_completes_or_compensates_under_failures(
     faults, seed, plans, interrupt
 ):
     finals = run_simulation(sagas_under_failure, faults, seed, plans, interrupt)
+    check(finals, plans, interrupt)
+
+
+def test_an_interrupt_that_comes_before_the_start_ran() -> None:
+    """Found by the `ci` profile once ``start`` returned as soon as the start
+    was stored: the interrupt, handled first (the start's runner frozen),
+    left an execution with no argument compensating forever (its
+    compensation asserted one). It ends compensated, nothing run."""
+    plans = [Plan(id="saga0", steps=1, fail_at=None)]
+    faults = FaultSchedule((FreezeRunner(at=0.0, runner=2, duration=3.0),))
+    finals = run_simulation(sagas_under_failure, faults, 0, plans, {"saga0"})
+    check(finals, plans, {"saga0"})
+    assert finals["saga0"].status is Status.COMPENSATED
+
+
+def check(
+    finals: dict[str, WorkflowInfo], plans: list[Plan], interrupt: set[str]
+) -> None:
     for plan in plans:
         info = finals[plan.id]
         undos = [i for kind, saga, i in EFFECTS if kind == "undo" and saga == plan.id]

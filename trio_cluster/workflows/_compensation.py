@@ -62,9 +62,14 @@ def _items(journal: Journal, ctx: WorkflowContext) -> list[tuple[Position, Item]
 
 async def compensate(entity: WorkflowEntity) -> None:
     """Take the next item (see the module docstring), or end compensated."""
-    ctx = entity.context(replay_only=True)
     journal = entity.state
-    assert journal.arg is not None
+    if journal.arg is None:
+        # Interrupted before its start ran (``start`` returns once the start
+        # is stored): nothing ran, nothing to compensate.
+        entity.state = attrs.evolve(journal, status=Status.COMPENSATED)
+        await entity.finish()
+        return
+    ctx = entity.context(replay_only=True)
     arg = ctx.decode(journal.arg, entity.definition.arg_type)
     # Replay to collect the compensations of the recorded steps: the
     # function stops where it failed, or at the end of the journal.
