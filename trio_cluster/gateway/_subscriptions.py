@@ -7,10 +7,10 @@ subscription subscribes again *from that position*: the gateway sends what
 was published meanwhile (if its topic still holds it: ``recovered``), then
 the live publications. Publications at or before the remembered position
 are dropped here, so a resume never duplicates, and so are those of an
-epoch older than the position's (epochs compare in the order they began). When the topic's epoch
-changed (its history was lost) or the position left its history,
-``recovered`` is False after that resubscribe: the publications in between
-are lost, and the subscription says so.
+epoch older than the position's (epochs compare in the order they began).
+When the topic's epoch changed (its history was lost) or the position left
+its history, ``recovered`` is False after that resubscribe: the
+publications in between are lost, and the subscription says so.
 
 With presence, the subscribe answer carries the topic's presence (it
 replaces ``presence``, after every reconnect too) and each ``presence``
