@@ -71,20 +71,23 @@ class _Subscriber:
         self.presence = False
         """Whether it gets presence diffs (from its subscribe answer on)."""
 
-    def moves(self, item: Publication) -> bool:
-        """Whether ``item`` is new to this socket; if so, its position
-        moves to it. A publication of an older epoch than the socket's (the
-        stream of an older entity, held while the history came from the new
-        one) is not new: the socket's position would go back to it, and the
-        new epoch's history be sent again."""
+    def wants(self, item: Publication) -> bool:
+        """Whether ``item`` is new to this socket: after its position in
+        its epoch, or of a newer epoch. A publication of an older epoch
+        than the socket's (the stream of an older entity, held while the
+        history came from the new one) is not: the socket's position would
+        go back to it, and the new epoch's history be sent again."""
         epoch = self.epoch
         if item.epoch == epoch:
-            if item.offset <= self.last:
-                return False  # sent already
-        elif epoch is not None and older(item.epoch, epoch):
-            return False  # an epoch it left
-        else:
-            self.epoch = item.epoch
+            return item.offset > self.last
+        return epoch is None or not older(item.epoch, epoch)
+
+    def moves(self, item: Publication) -> bool:
+        """Whether ``item`` is new to this socket (`wants`); if so, its
+        position moves to it."""
+        if not self.wants(item):
+            return False
+        self.epoch = item.epoch
         self.last = item.offset
         return True
 
@@ -371,16 +374,26 @@ class TopicHub:
         subprotocol = connection.info.subprotocol
         encoded = cache.get(subprotocol)
         if encoded is None:
-            try:
-                data = publication_frame(follower.name, item, subprotocol)
-            except ValueError as exc:  # bytes or NaN for a JSON socket
-                log.warning("publication %s/%d: %s", follower.name, item.offset, exc)
-                self._counters.dropped("unencodable")
+            data = self._encode(follower, item, subprotocol)
+            if data is None:
                 return False
             encoded = cache[subprotocol] = (data, data_frame(data))
         connection.send_encoded(*encoded)
         self._counters.publication_deliveries += 1
         return True
+
+    def _encode(
+        self, follower: _Follower, item: Publication, subprotocol: str
+    ) -> bytes | str | None:
+        """The ``pub`` frame of ``item`` for ``subprotocol``; None (logged
+        and counted as dropped) if it cannot be encoded for it (bytes or
+        NaN for a JSON socket)."""
+        try:
+            return publication_frame(follower.name, item, subprotocol)
+        except ValueError as exc:
+            log.warning("publication %s/%d: %s", follower.name, item.offset, exc)
+            self._counters.dropped("unencodable")
+            return None
 
     def _deliver_missed(
         self, follower: _Follower, subscriber: _Subscriber, items: list[Publication]
@@ -393,11 +406,9 @@ class TopicHub:
         for item in items:
             if not subscriber.moves(item):
                 continue  # sent already
-            try:
-                frames.append(publication_frame(follower.name, item, subprotocol))
-            except ValueError as exc:  # bytes or NaN for a JSON socket
-                log.warning("publication %s/%d: %s", follower.name, item.offset, exc)
-                self._counters.dropped("unencodable")
+            data = self._encode(follower, item, subprotocol)
+            if data is not None:
+                frames.append(data)
         if not frames:
             return
         if len(frames) == 1:
@@ -473,16 +484,7 @@ class TopicHub:
             connection = subscriber.connection
             subprotocol = connection.info.subprotocol
             encoded = None
-            if (
-                same_epoch
-                and subscriber.buffer is None
-                and (
-                    first.offset > subscriber.last
-                    if first.epoch == subscriber.epoch
-                    else subscriber.epoch is None
-                    or not older(first.epoch, subscriber.epoch)
-                )
-            ):
+            if same_epoch and subscriber.buffer is None and subscriber.wants(first):
                 if subprotocol not in frames:
                     frames[subprotocol] = self._run_frames(follower, run, subprotocol)
                 encoded = frames[subprotocol]
