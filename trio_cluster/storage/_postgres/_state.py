@@ -86,6 +86,17 @@ def type_range(query: StateQuery) -> tuple[str, str | None]:
     return query.entity_type, query.entity_type + "\x01"
 
 
+_UPSERT = """ON CONFLICT (entity_type, entity_id) DO UPDATE SET
+        shard_group = EXCLUDED.shard_group,
+        shard_number = EXCLUDED.shard_number,
+        epoch = EXCLUDED.epoch,
+        version = EXCLUDED.version,
+        payload = EXCLUDED.payload,
+        saved_at = EXCLUDED.saved_at,
+        label = EXCLUDED.label"""
+"""The update of a saved snapshot's row (the single and the batched save)."""
+
+
 @attrs.frozen
 class StateQueries:
     """The durable-state statements of one cluster."""
@@ -127,14 +138,7 @@ WITH fence AS MATERIALIZED (
     SELECT $1::text, $2::text, $3::text, $4::int4, $5::int8, $6::int8 + 1,
            $7::bytea, $8::float8, $9::text
     FROM verdict WHERE status = 'v'
-    ON CONFLICT (entity_type, entity_id) DO UPDATE SET
-        shard_group = EXCLUDED.shard_group,
-        shard_number = EXCLUDED.shard_number,
-        epoch = EXCLUDED.epoch,
-        version = EXCLUDED.version,
-        payload = EXCLUDED.payload,
-        saved_at = EXCLUDED.saved_at,
-        label = EXCLUDED.label
+    {_UPSERT}
     WHERE st.version = $6::int8
     RETURNING 1
 )
@@ -169,14 +173,7 @@ WITH input AS MATERIALIZED (
                            epoch, version, payload, saved_at, label)
     SELECT t, id, g, n, e, v + 1, p, $9::float8, l FROM verdict
     WHERE status = 'v'
-    ON CONFLICT (entity_type, entity_id) DO UPDATE SET
-        shard_group = EXCLUDED.shard_group,
-        shard_number = EXCLUDED.shard_number,
-        epoch = EXCLUDED.epoch,
-        version = EXCLUDED.version,
-        payload = EXCLUDED.payload,
-        saved_at = EXCLUDED.saved_at,
-        label = EXCLUDED.label
+    {_UPSERT}
     WHERE st.version = EXCLUDED.version - 1
     RETURNING st.entity_type, st.entity_id
 )
