@@ -66,6 +66,19 @@ class ScriptedTopic:
             yield item
 
 
+def counting_history(topic: ScriptedTopic) -> list[Position | None]:
+    """The positions each history call on ``topic`` asks for, from now on."""
+    asked: list[Position | None] = []
+    history = topic.history
+
+    async def counted(msg: Follow) -> History:
+        asked.append(msg.since)
+        return await history(msg)
+
+    topic.history = counted  # type: ignore[method-assign]
+    return asked
+
+
 def publication(offset: int) -> Followed:
     return Followed(Publication(EPOCH, offset, offset))
 
@@ -150,14 +163,7 @@ async def test_sockets_resuming_at_once_share_one_history_read(
     history call (from the oldest), and each gets exactly what it missed,
     then the live publications, once."""
     topic = ScriptedTopic()
-    asked: list[Position | None] = []
-    history = topic.history
-
-    async def counted(msg: Follow) -> History:
-        asked.append(msg.since)
-        return await history(msg)
-
-    topic.history = counted  # type: ignore[method-assign]
+    asked = counting_history(topic)
     async with trio.open_nursery() as nursery:
         hub = TopicHub(topic, nursery, "r1")  # type: ignore[arg-type]
         fakes = [FakeConnection(f"c{n}") for n in range(10)]
@@ -196,14 +202,7 @@ async def test_a_resume_from_a_position_the_gateway_keeps_reads_nothing(
     ones, once; a client ahead of the gateway gets nothing twice; one
     behind what it keeps (or in another epoch) reads the history."""
     topic = ScriptedTopic()
-    asked: list[Position | None] = []
-    history = topic.history
-
-    async def counted(msg: Follow) -> History:
-        asked.append(msg.since)
-        return await history(msg)
-
-    topic.history = counted  # type: ignore[method-assign]
+    asked = counting_history(topic)
     async with trio.open_nursery() as nursery:
         hub = TopicHub(topic, nursery, "r1")  # type: ignore[arg-type]
         first = FakeConnection("a")
