@@ -123,6 +123,7 @@ async def _serve(n: int) -> None:
                 "closed": server.statistics().closed,
                 "gc_s": gc_clock.seconds,
                 "gc_objects": len(gc.get_objects()),
+                "gc_collections": [g["collections"] for g in gc.get_stats()],
             }
 
         async def freeze() -> dict[str, Any]:
@@ -295,6 +296,12 @@ async def run(
             "% of one core",
             note="CPU time in the cyclic GC during the idle window (part of idle_cpu)",
             gc_tracked_objects=gc_after["gc_objects"],
+            gc_collections_by_generation=[
+                after - before
+                for before, after in zip(
+                    gc_before["gc_collections"], gc_after["gc_collections"], strict=True
+                )
+            ],
             **common,
         )
         reasons: dict[str, int] = {}
@@ -330,14 +337,21 @@ async def run(
         await server.aclose()
 
 
-def main(quick: bool = False, n: int | None = None, gc_freeze: bool = False) -> None:
+def main(
+    quick: bool = False,
+    n: int | None = None,
+    gc_freeze: bool = False,
+    idle_s: float | None = None,
+) -> None:
+    if idle_s is None:
+        idle_s = 5.0 if quick else 30.0
     trio.run(
         partial(
             run,
             quick=quick,
             n=n or (2000 if quick else 20_000),
             per_proc=4000,
-            idle_s=5.0 if quick else 30.0,
+            idle_s=idle_s,
             gc_freeze=gc_freeze,
         )
     )
@@ -349,6 +363,12 @@ def _cli() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument(
+        "--idle-s",
+        type=float,
+        default=None,
+        help="the idle window's length in seconds (30; 5 with --quick)",
+    )
+    parser.add_argument(
         "--gc-freeze",
         action="store_true",
         help="the server calls gc.freeze() before the idle window (its figures"
@@ -358,7 +378,7 @@ def _cli() -> None:
     if args.command == "serve":
         trio.run(_serve, args.n or 20_000)
     else:
-        main(quick=args.quick, n=args.n, gc_freeze=args.gc_freeze)
+        main(quick=args.quick, n=args.n, gc_freeze=args.gc_freeze, idle_s=args.idle_s)
 
 
 if __name__ == "__main__":
