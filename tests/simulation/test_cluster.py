@@ -25,6 +25,7 @@ from trio_cluster.testing import (
     Scenario,
     SimulatedCluster,
     SimulationTrace,
+    StopRunner,
     StorageOutage,
     Workload,
     current_simulation,
@@ -170,6 +171,57 @@ async def test_kill_frees_the_locks_at_once_and_restart_rejoins(autojump_clock):
         cluster.restart_soon(1)  # not down: a no-op
     faults = [event.text for event in cluster.trace.faults()]
     assert faults[:3] == ["kill r1", "kill r1: already down", "restart r1#2"]
+
+
+async def test_a_graceful_stop_drains_releases_and_restart_rejoins(autojump_clock):
+    async with open_simulated_cluster([Probe], runners=3) as cluster:
+        handle = cluster.runner(1)
+        stopped = handle.incarnation
+        assert stopped is not None
+        assert stopped.serving
+        cluster.stop_soon(1)
+        assert not handle.up  # down for its callers from the instant it stops
+        cluster.stop_soon(1)  # stopping already: a no-op
+        cluster.restart_soon(1)  # not down yet: a no-op
+        await cluster.wait_stopped(1)
+        assert handle.down
+        assert not stopped.dead  # stopped, not killed
+        assert stopped.serving == {}
+        assert stopped.draining == {}
+        owners = await _owners(cluster)
+        assert "r1:7000" not in owners.values()
+        await cluster.wait_stable()
+        assert sum(len(hosts(cluster, h.index)) for h in cluster.up()) == 16
+        await cluster.kill(1)  # down: a no-op
+        await cluster.restart(1)
+        assert str(handle.incarnation) == "r1#2"
+        await cluster.wait_stable()
+        assert hosts(cluster, 1)
+        for via in range(3):
+            await cluster.client(Probe, via=via)("p5").touch(ProbeTouch(op=via))
+    faults = [event.text for event in cluster.trace.faults()]
+    assert faults[:5] == [
+        "stop r1",
+        "stop r1: already down or stopping",
+        "restart r1: not down",
+        "kill r1: already down",
+        "restart r1#2",
+    ]
+    runners = [event.text for event in cluster.trace.events(kinds={"runner"})]
+    assert "r1 stopped" in runners
+
+
+def test_a_stop_in_a_schedule_restarts_the_runner_after_its_stop():
+    async def main() -> list[tuple[float, str]]:
+        async with open_simulated_cluster([Probe], runners=3) as cluster:
+            start = trio.current_time()
+            await cluster.run_schedule(
+                FaultSchedule((StopRunner(at=1.0, runner=2, down_for=2.0),))
+            )
+            await cluster.runner(2).wait_up()
+            return [(round(e.time - start, 6), e.text) for e in cluster.trace.faults()]
+
+    assert run_simulation(main) == [(1.0, "stop r2"), (3.0, "restart r2#2")]
 
 
 async def _owners(cluster: SimulatedCluster) -> dict[object, str]:

@@ -116,7 +116,7 @@ async def tallies_under_failure(
 
 @given(
     faults=fault_schedules(
-        runners=3, duration=15.0, kinds={"kill", "freeze", "partition"}
+        runners=3, duration=15.0, kinds={"kill", "stop", "freeze", "partition"}
     ),
     seed=st.integers(0, 2**16),
     adds=st.dictionaries(

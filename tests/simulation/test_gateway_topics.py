@@ -260,7 +260,7 @@ def check(run: Run) -> None:
 
 @given(
     faults=fault_schedules(
-        runners=3, duration=DURATION, kinds={"kill", "freeze", "partition"}
+        runners=3, duration=DURATION, kinds={"kill", "stop", "freeze", "partition"}
     ),
     links=link_faults,
     times=publication_times,

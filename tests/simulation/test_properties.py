@@ -25,7 +25,7 @@ def test_no_fault_schedule_breaks_an_invariant(scenario):
 @given(
     scenario=scenarios(
         runners=st.integers(2, 5),
-        kinds={"kill", "freeze", "partition", "session"},
+        kinds={"kill", "stop", "freeze", "partition", "session"},
         max_faults=6,
     )
 )

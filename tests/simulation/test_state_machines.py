@@ -123,7 +123,7 @@ async def fuses_under_failure(
 
 @given(
     faults=fault_schedules(
-        runners=3, duration=15.0, kinds={"kill", "freeze", "partition"}
+        runners=3, duration=15.0, kinds={"kill", "stop", "freeze", "partition"}
     ),
     seed=st.integers(0, 2**16),
     fuses=st.dictionaries(

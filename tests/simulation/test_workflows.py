@@ -162,7 +162,7 @@ def plans(draw: st.DrawFn) -> list[Plan]:
 
 @given(
     faults=fault_schedules(
-        runners=3, duration=15.0, kinds={"kill", "freeze", "partition"}
+        runners=3, duration=15.0, kinds={"kill", "stop", "freeze", "partition"}
     ),
     seed=st.integers(0, 2**16),
     plans=plans(),

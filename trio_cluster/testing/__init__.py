@@ -66,6 +66,7 @@ if TYPE_CHECKING:
         LoseLockSession as LoseLockSession,
         PartitionRunners as PartitionRunners,
         SkewClock as SkewClock,
+        StopRunner as StopRunner,
         StorageOutage as StorageOutage,
     )
     from ._simulation._probe import (
@@ -129,6 +130,7 @@ __all__ = [  # noqa: RUF022 (plain sorted order, checked by tests/test_exports.p
     "SimulatedRunner",
     "SimulationTrace",
     "SkewClock",
+    "StopRunner",
     "StorageConformance",
     "StorageOutage",
     "TraceEvent",
@@ -193,6 +195,7 @@ _LAZY: dict[str, str] = {
     "SimulatedRunner": "._simulation._runner",
     "SimulationTrace": "._simulation._trace",
     "SkewClock": "._simulation._faults",
+    "StopRunner": "._simulation._faults",
     "StorageOutage": "._simulation._faults",
     "TraceEvent": "._simulation._trace",
     "Workload": "._simulation._workload",

@@ -167,18 +167,39 @@ class SimulatedCluster:
         and it is dead for the invariants from this instant. Returns when
         its tasks are gone. No-op if it is already down."""
         handle = self.runner(index)
-        if handle.incarnation is None or handle.incarnation.dead:
+        if handle.down:
             self._fault("kill %s: already down", handle.name)
             return
         self._fault("kill %s", handle.incarnation)
         await handle.kill(self.storage, self.network)
         self._storage_faults.update()
 
-    def restart_soon(self, index: int) -> None:
-        """Start a killed runner again (a new run at the same address); does
-        not wait for it to be up. No-op if it is not dead."""
+    def stop_soon(self, index: int) -> None:
+        """Stop runner ``index`` gracefully, as a rolling deploy does:
+        `open_runner` shuts down (its shards drain and are released, its
+        streams end, it leaves the membership); does not wait for it to be
+        down (`wait_stopped`). No-op if it is down or stopping already."""
         handle = self.runner(index)
-        if handle.incarnation is not None and not handle.incarnation.dead:
+        if handle.down or handle.stopping:
+            self._fault("stop %s: already down or stopping", handle.name)
+            return
+        self._fault("stop %s", handle.incarnation)
+        handle.stop()
+
+    async def wait_stopped(self, index: int) -> None:
+        """Wait until the graceful stop of runner ``index``'s current run is
+        over; returns at once if it is not stopping."""
+        handle = self.runner(index)
+        if handle.stopping:
+            await handle.wait_stopped()
+        else:
+            await trio.lowlevel.checkpoint()
+
+    def restart_soon(self, index: int) -> None:
+        """Start a killed or stopped runner again (a new run at the same
+        address); does not wait for it to be up. No-op if it is not down."""
+        handle = self.runner(index)
+        if not handle.down:
             self._fault("restart %s: not down", handle.name)
             return
         assert self._nursery is not None
@@ -197,7 +218,7 @@ class SimulatedCluster:
         so its shards stop when their leases lapse. Nested freezes thaw with
         the last `thaw`."""
         handle = self.runner(index)
-        if handle.incarnation is None or handle.incarnation.dead:
+        if handle.down:
             self._fault("freeze %s: down", handle.name)
             return
         handle.faults.freeze()
@@ -358,7 +379,8 @@ class SimulatedCluster:
         self._frame_faults.clear()
         self.network.fault = None
         for handle in self.runners:
-            if handle.incarnation is None or handle.incarnation.dead:
+            await self.wait_stopped(handle.index)
+            if handle.down:
                 self.restart_soon(handle.index)
         for handle in self.runners:
             await handle.wait_up()

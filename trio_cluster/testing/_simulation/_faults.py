@@ -40,6 +40,7 @@ __all__ = [
     "LoseLockSession",
     "PartitionRunners",
     "SkewClock",
+    "StopRunner",
     "StorageOutage",
     "run_schedule",
 ]
@@ -52,6 +53,8 @@ class FaultTarget(Protocol):
         """Runner ``index``; raises `ConfigError` if there is none."""
 
     async def kill(self, index: int) -> None: ...
+    def stop_soon(self, index: int) -> None: ...
+    async def wait_stopped(self, index: int) -> None: ...
     def restart_soon(self, index: int) -> None: ...
     def freeze(self, index: int) -> None: ...
     def thaw(self, index: int) -> None: ...
@@ -145,6 +148,29 @@ class KillRunner:
     async def _stop(self, cluster: FaultTarget) -> None:
         cluster.restart_soon(self.runner)
         await trio.lowlevel.checkpoint()
+
+
+@attrs.frozen
+class StopRunner:
+    """Stop a runner gracefully at ``at``, as a rolling deploy does (its
+    shards drain and are released); start it again ``down_for`` later, or
+    once its stop is over if that takes longer."""
+
+    at: float = attrs.field(validator=_time)
+    runner: int = attrs.field(validator=_index)
+    down_for: float = attrs.field(validator=_time)
+
+    @property
+    def end(self) -> float:
+        return self.at + self.down_for
+
+    async def _start(self, cluster: FaultTarget) -> None:
+        cluster.stop_soon(self.runner)
+        await trio.lowlevel.checkpoint()
+
+    async def _stop(self, cluster: FaultTarget) -> None:
+        await cluster.wait_stopped(self.runner)
+        cluster.restart_soon(self.runner)
 
 
 @attrs.frozen
@@ -256,6 +282,7 @@ class FrameFaults(_Lasting):
 
 Fault: TypeAlias = (
     KillRunner
+    | StopRunner
     | FreezeRunner
     | PartitionRunners
     | StorageOutage

@@ -119,6 +119,8 @@ class SimulatedRunner:
         self._up = trio.Event()
         self._stopped = trio.Event()
         self._stopped.set()
+        self.stopping = False
+        """Whether the current run was told to stop gracefully (`stop`)."""
         self._process = trio.CancelScope()
         self._tasks: trio.Nursery | None = None
         self._ended: weakref.WeakSet[Runner] = weakref.WeakSet()
@@ -130,12 +132,22 @@ class SimulatedRunner:
 
     @property
     def up(self) -> bool:
-        """Whether the current run is up: started and not killed (a run is
-        down from the instant `kill` begins, not once its tasks are gone)."""
+        """Whether the current run is up: started, and neither killed nor
+        stopping (a run is down from the instant `kill` or `stop` begins, not
+        once its tasks are gone)."""
         return (
             self.runner is not None
             and self.incarnation is not None
             and not self.incarnation.dead
+            and not self.stopping
+        )
+
+    @property
+    def down(self) -> bool:
+        """Whether there is no run: none yet, the current one killed, or its
+        tasks gone after a graceful stop."""
+        return (
+            self.incarnation is None or self.incarnation.dead or self._stopped.is_set()
         )
 
     def run_of(self, runner: Runner) -> Incarnation | None:
@@ -159,6 +171,7 @@ class SimulatedRunner:
         self.runs += 1
         label = self.name if self.runs == 1 else f"{self.name}#{self.runs}"
         self.incarnation = Incarnation(label)
+        self.stopping = False
         self._up = trio.Event()
         self._stopped = trio.Event()
         self._process = trio.CancelScope()
@@ -199,6 +212,7 @@ class SimulatedRunner:
 
     def stop(self) -> None:
         """Stop gracefully (cancel the process; `open_runner` shuts down)."""
+        self.stopping = True
         self._process.cancel()
 
     async def kill(self, storage: MemoryStorage, network: MemoryNetwork) -> None:

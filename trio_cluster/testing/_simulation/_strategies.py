@@ -23,6 +23,7 @@ from ._faults import (
     LoseLockSession,
     PartitionRunners,
     SkewClock,
+    StopRunner,
     StorageOutage,
 )
 from ._workload import ClientOp, OpKind, Scenario, Workload
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["FAULT_KINDS", "fault_schedules", "scenarios", "workloads"]
 
 FAULT_KINDS = frozenset(
-    {"kill", "freeze", "partition", "storage", "session", "skew", "frames"}
+    {"kill", "stop", "freeze", "partition", "storage", "session", "skew", "frames"}
 )
 """Names of the fault kinds `fault_schedules` can draw (all by default)."""
 
@@ -78,6 +79,7 @@ def fault_schedules(
     lasting = st.sampled_from(_DURATIONS)
     options: dict[str, SearchStrategy[Fault]] = {
         "kill": st.builds(KillRunner, at=at, runner=runner, down_for=lasting),
+        "stop": st.builds(StopRunner, at=at, runner=runner, down_for=lasting),
         "freeze": st.builds(FreezeRunner, at=at, runner=runner, duration=lasting),
         "partition": st.builds(
             PartitionRunners, at=at, a=runner, b=runner, duration=lasting
