@@ -29,7 +29,7 @@ from ..helpers import (
     open_clocked_runner,
     open_pair,
 )
-from ..memory_cluster import Cluster, Tally, open_cluster
+from ..memory_cluster import Cluster, Nap, Tally, open_cluster
 
 
 async def test_a_second_group_is_served_when_configured(autojump_clock):
@@ -100,6 +100,40 @@ async def test_graceful_leave_hands_shards_over_at_once(autojump_clock):
         assert where.runner == "127.0.0.1:1"
         assert trio.current_time() - stopped_at < 1.0
         assert cluster.runners[1].statistics().failovers == 0
+
+
+async def test_a_slow_handler_holds_up_only_its_own_shard_when_its_runner_leaves(
+    autojump_clock,
+):
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1, 2])
+        leaving, staying = cluster.runners[2], cluster.runners[1]
+        shard_of = staying.client(Tally).address_of
+        mine = [f"e{i}" for i in range(200) if cluster.owner(f"e{i}") is leaving]
+        napping = mine[0]
+        other = next(e for e in mine if shard_of(e).shard != shard_of(napping).shard)
+        Tally.naps_finished = 0
+        napped_at: list[float] = []
+
+        async def nap() -> None:
+            await leaving.client(Tally)(napping).nap(Nap(8.0))
+            napped_at.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(nap)
+            await trio.sleep(0.5)
+            stopped_at = trio.current_time()
+            cluster.stop(2)
+            where = await staying.client(Tally)(other).add(Add(1))
+            answered = trio.current_time() - stopped_at
+        assert where.runner == "127.0.0.1:1"
+        # Its shard was taken over while the other one still drained (the
+        # whole runner's stop took as long as the nap).
+        assert answered < 2.0
+        assert napped_at
+        assert napped_at[0] - stopped_at > 7.0
+        assert Tally.naps_finished == 1
+        assert staying.statistics().failovers == 0
 
 
 async def test_join_rebalances_without_serving_a_shard_twice(autojump_clock):

@@ -208,6 +208,24 @@ class Sharding:
             nursery.start_soon(self._assignment_loop)
             task_status.started()
 
+    async def _leave(self) -> None:
+        """Register again with no shard group (the same registration: the
+        machine id stays), so that the other runners' assignment no longer
+        counts this one and they want its shards while they drain. Failing
+        (storage down, too slow) is logged: the others then take the shards
+        once this runner unregisters."""
+        if not self._config.shard_groups:
+            await trio.lowlevel.checkpoint()
+            return  # serves no shard: nothing to hand over
+        leaving = RunnerInfo(
+            address=self.address, groups=(), weight=self._config.runner_weight
+        )
+        try:
+            with trio.fail_after(self._operation_timeout):
+                await self._runners.register(leaving)
+        except (PersistenceError, trio.TooSlowError) as exc:
+            log.warning("could not tell the others this runner is leaving: %r", exc)
+
     @property
     def _operation_timeout(self) -> float:
         return self._config.lease_refresh_interval
@@ -638,10 +656,16 @@ class Sharding:
 
     async def shutdown(self) -> None:
         """Stop every shard gracefully (bounded by the termination timeout),
-        release all locks and unregister. Call shielded."""
+        release all locks and unregister. Call shielded.
+
+        While the shards drain, the runner says it is leaving (`_leave`), so
+        that the others take each of its shards as soon as that shard has
+        drained and its lock is released, not once every shard has: one slow
+        handler holds up its own shard only."""
         self._closing = True
         self._poll_now.set()
         await self._execute(self.ownership.stop_all())
+        await self._leave()
         pending = list(self._shard_tasks.values())
         with trio.move_on_after(self._config.entity_termination_timeout + 1.0):
             for event in pending:

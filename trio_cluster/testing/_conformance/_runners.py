@@ -107,6 +107,21 @@ class RunnerStorageTests(ConformanceBase):
                 7005
             ]
 
+    async def test_registering_again_to_leave_keeps_the_id_and_the_locks(
+        self, session: StorageSession
+    ) -> None:
+        # A runner shutting down registers again with no shard group while
+        # its shards drain (`Sharding._leave`): the others stop counting it,
+        # it keeps its machine id and holds its locks until it releases them.
+        with trio.fail_after(TIMEOUT):
+            machine_id = await session.runners.register(runner_info(7001))
+            await acquire_shards(session.runners, SHARD)
+            again = await session.runners.register(runner_info(7001, groups=()))
+            assert again == machine_id
+            [live] = await session.runners.live_runners()
+            assert (live.groups, live.machine_id) == ((), machine_id)
+            assert await session.runners.refresh([SHARD]) == {SHARD}
+
     async def test_closed_session_is_not_live(
         self, storage: Storage, session: StorageSession, lease_duration: float
     ) -> None:
