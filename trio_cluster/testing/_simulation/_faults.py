@@ -131,8 +131,8 @@ class _Instant:
 
 
 @attrs.frozen
-class KillRunner:
-    """Kill a runner (SIGKILL) at ``at``; restart it ``down_for`` later."""
+class _Down:
+    """A runner down at ``at``, started again ``down_for`` later."""
 
     at: float = attrs.field(validator=_time)
     runner: int = attrs.field(validator=_index)
@@ -141,6 +141,11 @@ class KillRunner:
     @property
     def end(self) -> float:
         return self.at + self.down_for
+
+
+@attrs.frozen
+class KillRunner(_Down):
+    """Kill a runner (SIGKILL) at ``at``; restart it ``down_for`` later."""
 
     async def _start(self, cluster: FaultTarget) -> None:
         await cluster.kill(self.runner)
@@ -151,18 +156,10 @@ class KillRunner:
 
 
 @attrs.frozen
-class StopRunner:
+class StopRunner(_Down):
     """Stop a runner gracefully at ``at``, as a rolling deploy does (its
     shards drain and are released); start it again ``down_for`` later, or
     once its stop is over if that takes longer."""
-
-    at: float = attrs.field(validator=_time)
-    runner: int = attrs.field(validator=_index)
-    down_for: float = attrs.field(validator=_time)
-
-    @property
-    def end(self) -> float:
-        return self.at + self.down_for
 
     async def _start(self, cluster: FaultTarget) -> None:
         cluster.stop_soon(self.runner)
