@@ -13,10 +13,17 @@ import trio
 import trio.testing
 
 import trio_cluster as tc
-from trio_cluster.abc import ReplyOutcome, ReplyRecord
+from trio_cluster.abc import (
+    PersistedRequest,
+    ReplyOutcome,
+    ReplyRecord,
+    SaveResult,
+    StorageSession,
+    StorageTransaction,
+)
 from trio_cluster.storage import MemoryStorage
 
-from ..helpers import Get, config, open_clocked_runner
+from ..helpers import Get, PatchingStorage, config, open_clocked_runner
 from .test_persisted import LockLosingStorage
 from .test_persisted_transactional import JournalStorage
 
@@ -192,6 +199,60 @@ async def test_caller_cancelled_while_its_reply_is_written_keeps_the_reply(
         assert attached == [["k"]]
         assert saved == [saved[0]]
         assert await ref.step(Step("k")) == ["k"]
+
+
+class SlowAfterSaving(PatchingStorage):
+    """Memory storage whose first save of requests takes two seconds after
+    it stored them (a commit whose acknowledgement is slow)."""
+
+    slow = True
+
+    def patch_session(self, session: StorageSession) -> None:
+        original = session.messages.save_requests
+
+        async def save_requests(
+            requests: Sequence[PersistedRequest],
+            *,
+            now: float,
+            transaction: StorageTransaction | None = None,
+        ) -> list[SaveResult]:
+            results = await original(requests, now=now, transaction=transaction)
+            if self.slow:
+                self.slow = False
+                await trio.sleep(2)
+            return results
+
+        session.messages.save_requests = save_requests  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["unstored", "stored"])
+async def test_caller_cancelled_while_its_request_is_written_gets_it_interrupted(
+    autojump_clock, stored: bool
+):
+    # The caller writes its request in its own task (the batcher is idle);
+    # cancelled during that write, it cannot know whether the request was
+    # stored. The flusher writes it again: stored or not the first time, it
+    # is then delivered and interrupted at once, as for a caller cancelled
+    # while the flusher wrote it, and never left claimed with nobody to run
+    # it (a duplicate of itself, when the first write took effect).
+    storage: MemoryStorage = SlowAfterSaving() if stored else MemoryStorage()
+    first = [True]
+
+    async def slow_first_save(session: str, operation: str) -> None:
+        if operation == "save_requests" and first:
+            first.clear()
+            await trio.sleep(2)
+
+    async with open_clocked_runner([Probe], config(), storage) as runner:
+        ref = runner.client(Probe)("s")
+        if not stored:
+            storage.fault_hook = slow_first_save
+        with trio.move_on_after(1) as scope:
+            await ref.step(Step("k"))
+        assert scope.cancelled_caught
+        with pytest.raises(tc.RequestInterruptedError), trio.fail_after(60):
+            await ref.step(Step("k"))
+        assert Probe.tasks == []  # interrupted before its handler ran
 
 
 async def test_lease_lost_mid_handler_records_nothing_and_runs_again(autojump_clock):

@@ -14,6 +14,18 @@ halves, down to the item at fault, which alone gets the error: a batch of
 ``n`` with one bad item costs about ``2 log2(n)`` more writes, and only when
 it happens. A failure of storage itself (a lost connection) fails the whole
 batch, as nobody can tell which item it was.
+
+A submitter that asks for it (``here=True``: a sequential caller's persisted
+request and the reply its own task records) writes its item in its own task
+when the batcher is idle (nothing pending, no write in flight): a lone item
+costs no wake-up of the flusher, nor of the submitter by the flusher. Items
+submitted meanwhile wait for that write, as they would for the flusher's,
+then go as the next batch. If the submitter is cancelled during its write,
+whether the write took effect is unknown: the item goes back in the queue
+and the flusher writes it again, for whoever waits for it (``abandoned``,
+or a task handed the `Pending`): the callers' writes are idempotent (a
+request saved again is a duplicate of itself, a reply recorded again a
+duplicate of the first), so the second write reports what the first did.
 """
 
 from __future__ import annotations
@@ -38,10 +50,12 @@ O = TypeVar("O")  # noqa: E741
 class Pending(Generic[I, O]):
     """One item on its way to storage (see `Batcher.enqueue`)."""
 
-    __slots__ = ("abandoned", "done", "error", "item", "result")
+    __slots__ = ("abandoned", "done", "error", "here", "item", "result")
 
-    def __init__(self, item: I) -> None:
+    def __init__(self, item: I, *, here: bool = False) -> None:
         self.item = item
+        self.here = here
+        """To be written by its submitter's task (`Batcher.wait_written`)."""
         self.done = trio.Event()
         self.result: O | None = None
         self.error: BaseException | None = None
@@ -65,13 +79,23 @@ class Batcher(Generic[I, O]):
     _pending: list[Pending[I, O]] = attrs.field(init=False, factory=list)
     _wake: trio.Event = attrs.field(init=False, factory=trio.Event)
     _closed: bool = attrs.field(init=False, default=False)
+    _writing: bool = attrs.field(init=False, default=False)
+    """A write is in flight (the flusher's, or a submitter's own)."""
     batches: int = attrs.field(init=False, default=0)
     items: int = attrs.field(init=False, default=0)
+    written_here: int = attrs.field(init=False, default=0)
+    """Items written by their submitters' tasks (see the module docstring)."""
 
     async def submit(
-        self, item: I, *, abandoned: Callable[[O], None] | None = None
+        self,
+        item: I,
+        *,
+        abandoned: Callable[[O], None] | None = None,
+        here: bool = False,
     ) -> O:
-        """Write ``item`` with the next batch and return its result.
+        """Write ``item`` with the next batch and return its result; with
+        ``here``, in the current task if the batcher is idle (see the module
+        docstring).
 
         Raises:
             PersistenceError: the batch failed, or the batcher is closed.
@@ -86,9 +110,9 @@ class Batcher(Generic[I, O]):
         if self._closed:
             await trio.lowlevel.checkpoint()
             raise PersistenceError(f"{self._name}: the runner is shutting down")
-        pending = self.enqueue(item)
+        pending = self.enqueue(item, here=here)
         try:
-            await pending.done.wait()
+            await self.wait_written(pending)
         except BaseException:
             if abandoned is not None:
                 if not pending.done.is_set():
@@ -98,19 +122,66 @@ class Batcher(Generic[I, O]):
             raise
         return self.result(pending)
 
-    def enqueue(self, item: I) -> Pending[I, O]:
+    def enqueue(self, item: I, *, here: bool = False) -> Pending[I, O]:
         """Queue ``item`` for the next batch, without waiting: its result is
-        `result` once ``done`` is set, whoever waits for it.
+        `result` once ``done`` is set, whoever waits for it. With ``here``,
+        an idle batcher leaves the item to its submitter, whose task must
+        then call `wait_written` at once (without a checkpoint in between).
 
         Raises:
             PersistenceError: the batcher is closed.
         """
         if self._closed:
             raise PersistenceError(f"{self._name}: the runner is shutting down")
-        pending: Pending[I, O] = Pending(item)
+        here = here and not self._writing and not self._pending
+        pending: Pending[I, O] = Pending(item, here=here)
         self._pending.append(pending)
-        self._wake.set()
+        if not here:
+            self._wake.set()
         return pending
+
+    async def wait_written(self, pending: Pending[I, O]) -> None:
+        """Wait until ``pending`` is written (its ``done`` set); an item
+        `enqueue` left to its submitter is written here, in this task.
+
+        Raises:
+            nothing but cancellation: the item's outcome is `result`.
+
+        If cancelled while writing here, the item goes back in the queue, to
+        be written again by the flusher (see the module docstring); on a
+        batcher closed meanwhile it fails with `PersistenceError` instead.
+        """
+        if not pending.here or pending.done.is_set():
+            await pending.done.wait()
+            return
+        pending.here = False
+        self._pending.remove(pending)
+        self._writing = True
+        try:
+            results = await self._flush([pending.item])
+        except BaseException as exc:
+            if refused(exc) or isinstance(exc, PersistenceError):
+                _fail([pending], exc)
+                return
+            # Cancelled (or a bug): whether it was written is unknown.
+            if self._closed:
+                _fail([pending], PersistenceError(f"{self._name}: write cancelled"))
+            else:
+                self._pending.insert(0, pending)
+            raise
+        finally:
+            self._writing = False
+            if self._pending:
+                self._wake.set()
+        if len(results) != 1:  # pragma: no cover - backend contract
+            raise PersistenceError(
+                f"{self._name}: backend returned {len(results)} results for 1"
+            )
+        self.batches += 1
+        self.items += 1
+        self.written_here += 1
+        pending.result = results[0]
+        pending.done.set()
 
     @staticmethod
     def result(pending: Pending[I, O]) -> O:
@@ -128,12 +199,16 @@ class Batcher(Generic[I, O]):
         `PersistenceError`."""
         try:
             while True:
-                if not self._pending:
+                while not self._pending or self._writing:
                     self._wake = trio.Event()
                     await self._wake.wait()
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
-                await self._write(batch)
+                self._writing = True
+                try:
+                    await self._write(batch)
+                finally:
+                    self._writing = False
         finally:
             self._closed = True
             failure = PersistenceError(f"{self._name}: the runner is shutting down")

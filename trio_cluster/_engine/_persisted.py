@@ -266,6 +266,7 @@ class PersistedDelivery:
                     message,
                     discard,
                 ),
+                here=True,
             )
         except BaseException as exc:
             if waiter is not None:
@@ -394,9 +395,16 @@ class PersistedDelivery:
         claimed, for the shard's next epoch) and, unless ``discard``,
         interrupted there at once: the handler does not run and the
         interrupted reply is recorded, as for a caller cancelled later. A
-        request saved unclaimed is left to its owner."""
+        request saved unclaimed is left to its owner.
+
+        A duplicate still claimed is this very request saved twice: its
+        sender was cancelled while writing it in its own task (see
+        `Batcher`), so the first write's outcome was unknown and the flusher
+        wrote it again; it is delivered as above (``claimed`` is only ever
+        true of the request's own id, never of a duplicate by primary key).
+        """
         host = self._parts.shards.host(request.address.shard)
-        if result.duplicate or not result.claimed or host is None:
+        if not result.claimed or host is None:
             return
         if host.epoch != request.claim_epoch:
             return  # the shard moved on: its next owner claims it again

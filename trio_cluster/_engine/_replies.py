@@ -147,8 +147,8 @@ class ReplyRecorder:
         self.recording.setdefault(request_id, False)  # see `_record_payload`
         pending: Pending[ReplyRecord, ReplyOutcome] | None = None
         try:
-            pending = self._batcher.enqueue(record)
-            await pending.done.wait()
+            pending = self._batcher.enqueue(record, here=True)
+            await self._batcher.wait_written(pending)
         except PersistenceError:
             pass  # shutting down: `_record_payload` says what becomes of it
         except BaseException:
