@@ -326,10 +326,10 @@ async def test_items_submitted_during_a_write_here_wait_and_go_as_one_batch(
         for item in (2, 3, 4):  # the first is being written: these queue
             nursery.start_soon(submit, item)
         await trio.sleep(5)  # both writes take a second each
+        assert results == {1: 2, 2: 4, 3: 6, 4: 8}
+        assert [sorted(write) for write in storage.writes] == [[1], [2, 3, 4]]
+        assert storage.most_in_flight == 1  # never two writes at once
         nursery.cancel_scope.cancel()
-    assert results == {1: 2, 2: 4, 3: 6, 4: 8}
-    assert [sorted(write) for write in storage.writes] == [[1], [2, 3, 4]]
-    assert storage.most_in_flight == 1  # never two writes at once
     assert batcher.written_here == 1
 
 

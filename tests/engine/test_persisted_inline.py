@@ -97,6 +97,29 @@ async def test_idle_entity_runs_the_request_in_the_callers_task(autojump_clock):
         assert await ref.step(Step("a")) == ["a"]
         assert len(saved) == 2
         assert runner.statistics().persisted_delivered == 2
+        # A lone caller writes its request and its reply itself (`Batcher`).
+        stats = runner._parts.persisted.statistics
+        assert stats["saves_written_by_callers"] == 3
+        assert stats["replies_written_by_callers"] == 2
+
+
+async def test_callers_starting_together_are_written_as_one_batch(autojump_clock):
+    # The first of a burst is alone for an instant: it must not write alone
+    # (the others would wait behind it, and stay a group apart).
+    async with open_clocked_runner([Probe]) as runner:
+        stats = runner._parts.persisted.statistics
+        before = stats["save_batches"], stats["reply_batches"]
+        async with trio.open_nursery() as nursery:
+            for index in range(20):
+                ref = runner.client(Probe)(f"burst-{index}")
+                nursery.start_soon(ref.step, Step("k"))
+        stats = runner._parts.persisted.statistics
+        assert (stats["save_batches"], stats["reply_batches"]) == (
+            before[0] + 1,
+            before[1] + 1,
+        )
+        assert stats["saves_written_by_callers"] == 0
+        assert stats["replies_written_by_callers"] == 0
 
 
 async def test_discard_and_deliver_at_keep_a_task_of_their_own(autojump_clock):
@@ -227,8 +250,8 @@ class SlowAfterSaving(PatchingStorage):
 
 @pytest.mark.parametrize("stored", [False, True], ids=["unstored", "stored"])
 async def test_caller_cancelled_while_its_request_is_written_gets_it_interrupted(
-    autojump_clock, stored: bool
-):
+    autojump_clock: trio.testing.MockClock, stored: bool
+) -> None:
     # The caller writes its request in its own task (the batcher is idle);
     # cancelled during that write, it cannot know whether the request was
     # stored. The flusher writes it again: stored or not the first time, it

@@ -15,12 +15,19 @@ halves, down to the item at fault, which alone gets the error: a batch of
 it happens. A failure of storage itself (a lost connection) fails the whole
 batch, as nobody can tell which item it was.
 
-A submitter that asks for it (``here=True``: a sequential caller's persisted
-request and the reply its own task records) writes its item in its own task
-when the batcher is idle (nothing pending, no write in flight): a lone item
-costs no wake-up of the flusher, nor of the submitter by the flusher. Items
-submitted meanwhile wait for that write, as they would for the flusher's,
-then go as the next batch. If the submitter is cancelled during its write,
+A submitter that asks for it (``here=True``: a persisted call's request,
+and the reply its caller's task records, when that call is the only one
+waiting: see `_persisted`) writes its item in its own task when the batcher
+is idle (nothing pending, no write in flight) and stays so while the other
+runnable tasks run once: a lone item then costs one scheduling pass, not
+the flusher's wake-up and the submitter's wake-up by the flusher. Items
+submitted during that write wait for it, as they would for the flusher's,
+then go as the next batch. Under load a write in a submitter's task would
+be a batch of one that the others wait behind, splitting the batches that
+group commit makes grow (and once split, closed-loop callers stay in two
+groups): so callers ask for it only when alone, and the pass lets a burst
+of callers that start together (the first of them alone for an instant)
+submit first, for the flusher to write as one batch. If the submitter is cancelled during its write,
 whether the write took effect is unknown: the item goes back in the queue
 and the flusher writes it again, for whoever waits for it (``abandoned``,
 or a task handed the `Pending`): the callers' writes are idempotent (a
@@ -151,10 +158,21 @@ class Batcher(Generic[I, O]):
         be written again by the flusher (see the module docstring); on a
         batcher closed meanwhile it fails with `PersistenceError` instead.
         """
-        if not pending.here or pending.done.is_set():
-            await pending.done.wait()
-            return
-        pending.here = False
+        if pending.here:
+            # Let the tasks runnable now submit first: the first of a burst
+            # of callers must not write alone (see the module docstring).
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            pending.here = False
+            if self._writing or self._pending != [pending]:
+                self._wake.set()  # others came: the flusher writes them all
+            else:
+                await self._write_here(pending)
+                return
+        await pending.done.wait()
+
+    async def _write_here(self, pending: Pending[I, O]) -> None:
+        """Write ``pending``, alone in the queue, in this task (see
+        `wait_written`)."""
         self._pending.remove(pending)
         self._writing = True
         try:

@@ -156,6 +156,8 @@ class PersistedDelivery:
             "replies": self._recorder.recorded,
             "claims": self._claims.claims,
             "run_by_callers": self._inline.ran,
+            "saves_written_by_callers": self._saves.written_here,
+            "replies_written_by_callers": self._recorder.written_here,
             "held_unknown_type": self._claims.held,
             "waiting_callers": self._parts.waiters.waiting,
             "retries": self._attempts.retried,
@@ -266,7 +268,8 @@ class PersistedDelivery:
                     message,
                     discard,
                 ),
-                here=True,
+                # The only call waiting: written in this task (`Batcher`).
+                here=len(self._parts.waiters) == (waiter is not None),
             )
         except BaseException as exc:
             if waiter is not None:

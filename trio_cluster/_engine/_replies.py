@@ -84,6 +84,11 @@ class ReplyRecorder:
     def recorded(self) -> int:
         return self._batcher.items
 
+    @property
+    def written_here(self) -> int:
+        """Replies written by their callers' tasks (see `Batcher`)."""
+        return self._batcher.written_here
+
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -147,7 +152,9 @@ class ReplyRecorder:
         self.recording.setdefault(request_id, False)  # see `_record_payload`
         pending: Pending[ReplyRecord, ReplyOutcome] | None = None
         try:
-            pending = self._batcher.enqueue(record, here=True)
+            # Its caller's the only call waiting: written here (`Batcher`).
+            here = len(self._parts.waiters) <= 1
+            pending = self._batcher.enqueue(record, here=here)
             await self._batcher.wait_written(pending)
         except PersistenceError:
             pass  # shutting down: `_record_payload` says what becomes of it
