@@ -217,7 +217,9 @@ class Batcher(Generic[I, O]):
         `PersistenceError`."""
         try:
             while True:
-                while not self._pending or self._writing:
+                # An item left to its submitter is its until it decides
+                # (`wait_written`: one scheduling pass).
+                while not self._pending or self._writing or self._pending[0].here:
                     self._wake = trio.Event()
                     await self._wake.wait()
                 batch = self._pending[: self._max_batch]

@@ -148,7 +148,15 @@ class ReplyRecorder:
                 return
             exit_, dead_letter = decision
         payload, exit_ = _encoded(job.handler, exit_)
-        record = _reply_record(host, request_id, payload, dead_letter)
+        # Without a primary key only its caller here waits: nobody else can
+        # know the request (`ReplyRecord.notify`); a retry notifies anyway.
+        record = _reply_record(
+            host,
+            request_id,
+            payload,
+            dead_letter,
+            notify=job.handler.spec.primary_key is not None,
+        )
         self.recording.setdefault(request_id, False)  # see `_record_payload`
         pending: Pending[ReplyRecord, ReplyOutcome] | None = None
         try:
@@ -482,14 +490,20 @@ def _refusal(exc: Exception, what: str = "reply") -> MalformedMessageError:
 
 
 def _reply_record(
-    host: ShardHost, request_id: int, payload: bytes, dead_letter: str | None = None
+    host: ShardHost,
+    request_id: int,
+    payload: bytes,
+    dead_letter: str | None = None,
+    *,
+    notify: bool = True,
 ) -> ReplyRecord:
     """The final reply ``payload`` to ``request_id``, fenced by ``host``'s
-    epoch (``dead_letter``: see `ReplyRecord`)."""
+    epoch (``dead_letter``, ``notify``: see `ReplyRecord`)."""
     return ReplyRecord(
         request_id=request_id,
         shard=host.shard_id,
         epoch=host.epoch,
         payload=payload,
         dead_letter=dead_letter,
+        notify=notify,
     )

@@ -74,6 +74,8 @@ class TestPostgresConformanceBatchForms(StorageConformance):
     statements: a batch of one otherwise uses the single-row forms, so this
     is the suite's run of the batch statements on single items."""
 
+    omits_unneeded_reply_notifications = False  # only the plain form does
+
     @pytest.fixture
     def lease_duration(self) -> float:
         return LEASE
@@ -91,6 +93,8 @@ class TestPostgresConformanceGeneralSingleRowForms(StorageConformance):
     save and of a final reply (`._one_row.save_claimed`,
     `._one_row.save_final_reply`): every single-row save is written by the
     general single-row statements, as the plain forms' fallback is."""
+
+    omits_unneeded_reply_notifications = False  # only the plain form does
 
     @pytest.fixture
     def lease_duration(self) -> float:

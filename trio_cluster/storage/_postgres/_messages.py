@@ -473,6 +473,7 @@ class PgMessages(MessageStorage, PgStates):
             reply.payload,
             now,
             self._channel,
+            reply.notify,
         ]
         return bool(await self._rows(plain, params, transaction))
 

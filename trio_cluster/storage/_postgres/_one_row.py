@@ -187,7 +187,8 @@ def save_final_reply(m: str, r: str, s: str) -> str:
     """Save the final reply of a request not yet answered (no dead letter).
 
     Parameters: $1 request id, $2 group, $3 number, $4 epoch, $5 payload, $6
-    now, $7 the channel. One row (the request id, the notifications sent)
+    now, $7 the channel, $8 whether to notify (`ReplyRecord.notify`). One
+    row (the request id, the notifications sent)
     when the reply was recorded; none otherwise (the request is unknown, in
     another shard, answered already, or the shard's epoch is not $4): then
     `save_reply_one` decides. The fence is `save_reply_one`'s (the shard's
@@ -216,5 +217,6 @@ WITH fence AS MATERIALIZED (
     SELECT pg_notify($7::text, json_build_object(
         'r', json_build_array(request_id))::text)
     FROM written
+    WHERE $8::bool
 )
 SELECT request_id, (SELECT count(*) FROM notes) FROM written"""
