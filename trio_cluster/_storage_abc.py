@@ -219,6 +219,12 @@ class ReplyRecord:
     recorded, a `DeadLetter` copy of the request is stored with it, in the
     same write (see `trio_cluster._storage_retries`), replacing one stored
     under the same request id (its id reused after retention)."""
+    notify: bool = True
+    """False: nobody but the recording runner waits for this reply (a
+    request without a primary key, saved claimed by its caller's runner,
+    whose reply that runner records itself), so its `RepliesAvailable` may
+    be left out. A hint, as every notification is: a backend may send it
+    anyway."""
 
 
 class ReplyOutcome(enum.Enum):

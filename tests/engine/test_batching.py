@@ -270,3 +270,99 @@ async def test_a_reply_storage_refuses_becomes_an_error_reply(autojump_clock, ha
         assert isinstance(outcomes[-1], tc.MalformedMessageError)
         assert "storage refused" in str(outcomes[-1])
         assert await runner.client(Parrot)("p").say(Text("after")) == "after"
+
+
+class TaskRecordingStorage(FakeStorage):
+    """`FakeStorage` that also records which task wrote each batch, and how
+    many writes were in flight at once; its writes take one second."""
+
+    def __init__(self) -> None:
+        super().__init__(tc.PersistenceError("unused"))
+        self.tasks: list[trio.lowlevel.Task] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def flush(self, items: Sequence[int]) -> list[int]:
+        self.tasks.append(trio.lowlevel.current_task())
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await trio.sleep(1)
+            return await super().flush(items)
+        finally:
+            self.in_flight -= 1
+
+
+async def test_a_lone_item_submitted_here_is_written_by_its_submitter(
+    autojump_clock,
+):
+    storage = TaskRecordingStorage()
+    batcher: Batcher[int, int] = Batcher(storage.flush, max_batch=64, name="test")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.run)
+        assert await batcher.submit(1, here=True) == 2
+        assert storage.tasks == [trio.lowlevel.current_task()]
+        # Without ``here``, the flusher writes it.
+        assert await batcher.submit(2) == 4
+        assert storage.tasks[1] is not trio.lowlevel.current_task()
+        nursery.cancel_scope.cancel()
+    assert (batcher.written_here, batcher.batches, batcher.items) == (1, 2, 2)
+
+
+async def test_items_submitted_during_a_write_here_wait_and_go_as_one_batch(
+    autojump_clock,
+):
+    storage = TaskRecordingStorage()
+    batcher: Batcher[int, int] = Batcher(storage.flush, max_batch=64, name="test")
+    results: dict[int, int] = {}
+
+    async def submit(item: int) -> None:
+        results[item] = await batcher.submit(item, here=True)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.run)
+        nursery.start_soon(submit, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        for item in (2, 3, 4):  # the first is being written: these queue
+            nursery.start_soon(submit, item)
+        await trio.sleep(5)  # both writes take a second each
+        assert results == {1: 2, 2: 4, 3: 6, 4: 8}
+        assert [sorted(write) for write in storage.writes] == [[1], [2, 3, 4]]
+        assert storage.most_in_flight == 1  # never two writes at once
+        nursery.cancel_scope.cancel()
+    assert batcher.written_here == 1
+
+
+async def test_a_submitter_cancelled_during_its_write_here_leaves_it_to_the_flusher(
+    autojump_clock,
+):
+    # Whether the cancelled write took effect is unknown: the flusher writes
+    # the item again and its follow-up gets that result.
+    storage = TaskRecordingStorage()
+    batcher: Batcher[int, int] = Batcher(storage.flush, max_batch=64, name="test")
+    followed: list[int] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.run)
+        with trio.move_on_after(0.5) as scope:
+            await batcher.submit(5, abandoned=followed.append, here=True)
+        assert scope.cancelled_caught
+        await trio.sleep(5)  # the flusher's write takes a second
+        nursery.cancel_scope.cancel()
+    assert followed == [10]
+    assert storage.tasks[0] is trio.lowlevel.current_task()
+    assert storage.tasks[1] is not trio.lowlevel.current_task()
+    assert batcher.written_here == 0
+
+
+async def test_a_refused_item_written_here_fails_alone_and_the_batcher_goes_on(
+    autojump_clock,
+):
+    storage = FakeStorage(tc.StorageRefusedError("value too long"))
+    batcher: Batcher[int, int] = Batcher(storage.flush, max_batch=64, name="test")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.run)
+        with pytest.raises(tc.StorageRefusedError):
+            await batcher.submit(BAD, here=True)
+        assert await batcher.submit(2, here=True) == 4
+        nursery.cancel_scope.cancel()
+    assert storage.writes == [[BAD], [2]]

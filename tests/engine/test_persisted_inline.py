@@ -13,10 +13,17 @@ import trio
 import trio.testing
 
 import trio_cluster as tc
-from trio_cluster.abc import ReplyOutcome, ReplyRecord
+from trio_cluster.abc import (
+    PersistedRequest,
+    ReplyOutcome,
+    ReplyRecord,
+    SaveResult,
+    StorageSession,
+    StorageTransaction,
+)
 from trio_cluster.storage import MemoryStorage
 
-from ..helpers import Get, config, open_clocked_runner
+from ..helpers import Get, PatchingStorage, config, open_clocked_runner
 from .test_persisted import LockLosingStorage
 from .test_persisted_transactional import JournalStorage
 
@@ -90,6 +97,29 @@ async def test_idle_entity_runs_the_request_in_the_callers_task(autojump_clock):
         assert await ref.step(Step("a")) == ["a"]
         assert len(saved) == 2
         assert runner.statistics().persisted_delivered == 2
+        # A lone caller writes its request and its reply itself (`Batcher`).
+        stats = runner._parts.persisted.statistics
+        assert stats["saves_written_by_callers"] == 3
+        assert stats["replies_written_by_callers"] == 2
+
+
+async def test_callers_starting_together_are_written_as_one_batch(autojump_clock):
+    # The first of a burst is alone for an instant: it must not write alone
+    # (the others would wait behind it, and stay a group apart).
+    async with open_clocked_runner([Probe]) as runner:
+        stats = runner._parts.persisted.statistics
+        before = stats["save_batches"], stats["reply_batches"]
+        async with trio.open_nursery() as nursery:
+            for index in range(20):
+                ref = runner.client(Probe)(f"burst-{index}")
+                nursery.start_soon(ref.step, Step("k"))
+        stats = runner._parts.persisted.statistics
+        assert (stats["save_batches"], stats["reply_batches"]) == (
+            before[0] + 1,
+            before[1] + 1,
+        )
+        assert stats["saves_written_by_callers"] == 0
+        assert stats["replies_written_by_callers"] == 0
 
 
 async def test_discard_and_deliver_at_keep_a_task_of_their_own(autojump_clock):
@@ -192,6 +222,60 @@ async def test_caller_cancelled_while_its_reply_is_written_keeps_the_reply(
         assert attached == [["k"]]
         assert saved == [saved[0]]
         assert await ref.step(Step("k")) == ["k"]
+
+
+class SlowAfterSaving(PatchingStorage):
+    """Memory storage whose first save of requests takes two seconds after
+    it stored them (a commit whose acknowledgement is slow)."""
+
+    slow = True
+
+    def patch_session(self, session: StorageSession) -> None:
+        original = session.messages.save_requests
+
+        async def save_requests(
+            requests: Sequence[PersistedRequest],
+            *,
+            now: float,
+            transaction: StorageTransaction | None = None,
+        ) -> list[SaveResult]:
+            results = await original(requests, now=now, transaction=transaction)
+            if self.slow:
+                self.slow = False
+                await trio.sleep(2)
+            return results
+
+        session.messages.save_requests = save_requests  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["unstored", "stored"])
+async def test_caller_cancelled_while_its_request_is_written_gets_it_interrupted(
+    autojump_clock: trio.testing.MockClock, stored: bool
+) -> None:
+    # The caller writes its request in its own task (the batcher is idle);
+    # cancelled during that write, it cannot know whether the request was
+    # stored. The flusher writes it again: stored or not the first time, it
+    # is then delivered and interrupted at once, as for a caller cancelled
+    # while the flusher wrote it, and never left claimed with nobody to run
+    # it (a duplicate of itself, when the first write took effect).
+    storage: MemoryStorage = SlowAfterSaving() if stored else MemoryStorage()
+    first = [True]
+
+    async def slow_first_save(session: str, operation: str) -> None:
+        if operation == "save_requests" and first:
+            first.clear()
+            await trio.sleep(2)
+
+    async with open_clocked_runner([Probe], config(), storage) as runner:
+        ref = runner.client(Probe)("s")
+        if not stored:
+            storage.fault_hook = slow_first_save
+        with trio.move_on_after(1) as scope:
+            await ref.step(Step("k"))
+        assert scope.cancelled_caught
+        with pytest.raises(tc.RequestInterruptedError), trio.fail_after(60):
+            await ref.step(Step("k"))
+        assert Probe.tasks == []  # interrupted before its handler ran
 
 
 async def test_lease_lost_mid_handler_records_nothing_and_runs_again(autojump_clock):

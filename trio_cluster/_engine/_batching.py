@@ -14,6 +14,25 @@ halves, down to the item at fault, which alone gets the error: a batch of
 ``n`` with one bad item costs about ``2 log2(n)`` more writes, and only when
 it happens. A failure of storage itself (a lost connection) fails the whole
 batch, as nobody can tell which item it was.
+
+A submitter that asks for it (``here=True``: a persisted call's request,
+and the reply its caller's task records, when that call is the only one
+waiting: see `_persisted`) writes its item in its own task when the batcher
+is idle (nothing pending, no write in flight) and stays so while the other
+runnable tasks run once: a lone item then costs one scheduling pass, not
+the flusher's wake-up and the submitter's wake-up by the flusher. Items
+submitted during that write wait for it, as they would for the flusher's,
+then go as the next batch. Under load a write in a submitter's task would
+be a batch of one that the others wait behind, splitting the batches that
+group commit makes grow (and once split, closed-loop callers stay in two
+groups): so callers ask for it only when alone, and the pass lets a burst
+of callers that start together (the first of them alone for an instant)
+submit first, for the flusher to write as one batch. If the submitter is cancelled during its write,
+whether the write took effect is unknown: the item goes back in the queue
+and the flusher writes it again, for whoever waits for it (``abandoned``,
+or a task handed the `Pending`): the callers' writes are idempotent (a
+request saved again is a duplicate of itself, a reply recorded again a
+duplicate of the first), so the second write reports what the first did.
 """
 
 from __future__ import annotations
@@ -38,10 +57,12 @@ O = TypeVar("O")  # noqa: E741
 class Pending(Generic[I, O]):
     """One item on its way to storage (see `Batcher.enqueue`)."""
 
-    __slots__ = ("abandoned", "done", "error", "item", "result")
+    __slots__ = ("abandoned", "done", "error", "here", "item", "result")
 
-    def __init__(self, item: I) -> None:
+    def __init__(self, item: I, *, here: bool = False) -> None:
         self.item = item
+        self.here = here
+        """To be written by its submitter's task (`Batcher.wait_written`)."""
         self.done = trio.Event()
         self.result: O | None = None
         self.error: BaseException | None = None
@@ -65,13 +86,23 @@ class Batcher(Generic[I, O]):
     _pending: list[Pending[I, O]] = attrs.field(init=False, factory=list)
     _wake: trio.Event = attrs.field(init=False, factory=trio.Event)
     _closed: bool = attrs.field(init=False, default=False)
+    _writing: bool = attrs.field(init=False, default=False)
+    """A write is in flight (the flusher's, or a submitter's own)."""
     batches: int = attrs.field(init=False, default=0)
     items: int = attrs.field(init=False, default=0)
+    written_here: int = attrs.field(init=False, default=0)
+    """Items written by their submitters' tasks (see the module docstring)."""
 
     async def submit(
-        self, item: I, *, abandoned: Callable[[O], None] | None = None
+        self,
+        item: I,
+        *,
+        abandoned: Callable[[O], None] | None = None,
+        here: bool = False,
     ) -> O:
-        """Write ``item`` with the next batch and return its result.
+        """Write ``item`` with the next batch and return its result; with
+        ``here``, in the current task if the batcher is idle (see the module
+        docstring).
 
         Raises:
             PersistenceError: the batch failed, or the batcher is closed.
@@ -86,9 +117,9 @@ class Batcher(Generic[I, O]):
         if self._closed:
             await trio.lowlevel.checkpoint()
             raise PersistenceError(f"{self._name}: the runner is shutting down")
-        pending = self.enqueue(item)
+        pending = self.enqueue(item, here=here)
         try:
-            await pending.done.wait()
+            await self.wait_written(pending)
         except BaseException:
             if abandoned is not None:
                 if not pending.done.is_set():
@@ -98,19 +129,77 @@ class Batcher(Generic[I, O]):
             raise
         return self.result(pending)
 
-    def enqueue(self, item: I) -> Pending[I, O]:
+    def enqueue(self, item: I, *, here: bool = False) -> Pending[I, O]:
         """Queue ``item`` for the next batch, without waiting: its result is
-        `result` once ``done`` is set, whoever waits for it.
+        `result` once ``done`` is set, whoever waits for it. With ``here``,
+        an idle batcher leaves the item to its submitter, whose task must
+        then call `wait_written` at once (without a checkpoint in between).
 
         Raises:
             PersistenceError: the batcher is closed.
         """
         if self._closed:
             raise PersistenceError(f"{self._name}: the runner is shutting down")
-        pending: Pending[I, O] = Pending(item)
+        here = here and not self._writing and not self._pending
+        pending: Pending[I, O] = Pending(item, here=here)
         self._pending.append(pending)
-        self._wake.set()
+        if not here:
+            self._wake.set()
         return pending
+
+    async def wait_written(self, pending: Pending[I, O]) -> None:
+        """Wait until ``pending`` is written (its ``done`` set); an item
+        `enqueue` left to its submitter is written here, in this task.
+
+        Raises:
+            nothing but cancellation: the item's outcome is `result`.
+
+        If cancelled while writing here, the item goes back in the queue, to
+        be written again by the flusher (see the module docstring); on a
+        batcher closed meanwhile it fails with `PersistenceError` instead.
+        """
+        if pending.here:
+            # Let the tasks runnable now submit first: the first of a burst
+            # of callers must not write alone (see the module docstring).
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            pending.here = False
+            if self._writing or self._pending != [pending]:
+                self._wake.set()  # others came: the flusher writes them all
+            else:
+                await self._write_here(pending)
+                return
+        await pending.done.wait()
+
+    async def _write_here(self, pending: Pending[I, O]) -> None:
+        """Write ``pending``, alone in the queue, in this task (see
+        `wait_written`)."""
+        self._pending.remove(pending)
+        self._writing = True
+        try:
+            results = await self._flush([pending.item])
+        except BaseException as exc:
+            if refused(exc) or isinstance(exc, PersistenceError):
+                _fail([pending], exc)
+                return
+            # Cancelled (or a bug): whether it was written is unknown.
+            if self._closed:
+                _fail([pending], PersistenceError(f"{self._name}: write cancelled"))
+            else:
+                self._pending.insert(0, pending)
+            raise
+        finally:
+            self._writing = False
+            if self._pending:
+                self._wake.set()
+        if len(results) != 1:  # pragma: no cover - backend contract
+            raise PersistenceError(
+                f"{self._name}: backend returned {len(results)} results for 1"
+            )
+        self.batches += 1
+        self.items += 1
+        self.written_here += 1
+        pending.result = results[0]
+        pending.done.set()
 
     @staticmethod
     def result(pending: Pending[I, O]) -> O:
@@ -128,12 +217,18 @@ class Batcher(Generic[I, O]):
         `PersistenceError`."""
         try:
             while True:
-                if not self._pending:
+                # An item left to its submitter is its until it decides
+                # (`wait_written`: one scheduling pass).
+                while not self._pending or self._writing or self._pending[0].here:
                     self._wake = trio.Event()
                     await self._wake.wait()
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
-                await self._write(batch)
+                self._writing = True
+                try:
+                    await self._write(batch)
+                finally:
+                    self._writing = False
         finally:
             self._closed = True
             failure = PersistenceError(f"{self._name}: the runner is shutting down")

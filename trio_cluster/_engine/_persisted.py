@@ -156,6 +156,8 @@ class PersistedDelivery:
             "replies": self._recorder.recorded,
             "claims": self._claims.claims,
             "run_by_callers": self._inline.ran,
+            "saves_written_by_callers": self._saves.written_here,
+            "replies_written_by_callers": self._recorder.written_here,
             "held_unknown_type": self._claims.held,
             "waiting_callers": self._parts.waiters.waiting,
             "retries": self._attempts.retried,
@@ -266,6 +268,8 @@ class PersistedDelivery:
                     message,
                     discard,
                 ),
+                # The only call waiting: written in this task (`Batcher`).
+                here=len(self._parts.waiters) == (waiter is not None),
             )
         except BaseException as exc:
             if waiter is not None:
@@ -394,9 +398,16 @@ class PersistedDelivery:
         claimed, for the shard's next epoch) and, unless ``discard``,
         interrupted there at once: the handler does not run and the
         interrupted reply is recorded, as for a caller cancelled later. A
-        request saved unclaimed is left to its owner."""
+        request saved unclaimed is left to its owner.
+
+        A duplicate still claimed is this very request saved twice: its
+        sender was cancelled while writing it in its own task (see
+        `Batcher`), so the first write's outcome was unknown and the flusher
+        wrote it again; it is delivered as above (``claimed`` is only ever
+        true of the request's own id, never of a duplicate by primary key).
+        """
         host = self._parts.shards.host(request.address.shard)
-        if result.duplicate or not result.claimed or host is None:
+        if not result.claimed or host is None:
             return
         if host.epoch != request.claim_epoch:
             return  # the shard moved on: its next owner claims it again

@@ -84,6 +84,11 @@ class ReplyRecorder:
     def recorded(self) -> int:
         return self._batcher.items
 
+    @property
+    def written_here(self) -> int:
+        """Replies written by their callers' tasks (see `Batcher`)."""
+        return self._batcher.written_here
+
     async def run(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -143,12 +148,22 @@ class ReplyRecorder:
                 return
             exit_, dead_letter = decision
         payload, exit_ = _encoded(job.handler, exit_)
-        record = _reply_record(host, request_id, payload, dead_letter)
+        # Without a primary key only its caller here waits: nobody else can
+        # know the request (`ReplyRecord.notify`); a retry notifies anyway.
+        record = _reply_record(
+            host,
+            request_id,
+            payload,
+            dead_letter,
+            notify=job.handler.spec.primary_key is not None,
+        )
         self.recording.setdefault(request_id, False)  # see `_record_payload`
         pending: Pending[ReplyRecord, ReplyOutcome] | None = None
         try:
-            pending = self._batcher.enqueue(record)
-            await pending.done.wait()
+            # Its caller's the only call waiting: written here (`Batcher`).
+            here = len(self._parts.waiters) <= 1
+            pending = self._batcher.enqueue(record, here=here)
+            await self._batcher.wait_written(pending)
         except PersistenceError:
             pass  # shutting down: `_record_payload` says what becomes of it
         except BaseException:
@@ -475,14 +490,20 @@ def _refusal(exc: Exception, what: str = "reply") -> MalformedMessageError:
 
 
 def _reply_record(
-    host: ShardHost, request_id: int, payload: bytes, dead_letter: str | None = None
+    host: ShardHost,
+    request_id: int,
+    payload: bytes,
+    dead_letter: str | None = None,
+    *,
+    notify: bool = True,
 ) -> ReplyRecord:
     """The final reply ``payload`` to ``request_id``, fenced by ``host``'s
-    epoch (``dead_letter``: see `ReplyRecord`)."""
+    epoch (``dead_letter``, ``notify``: see `ReplyRecord`)."""
     return ReplyRecord(
         request_id=request_id,
         shard=host.shard_id,
         epoch=host.epoch,
         payload=payload,
         dead_letter=dead_letter,
+        notify=notify,
     )

@@ -70,6 +70,10 @@ class ReplyWaiters:
         """Whether a caller in this process waits for ``request_id``."""
         return request_id in self._waiters
 
+    def __len__(self) -> int:
+        """Requests waited for (by local callers, or for remote ones)."""
+        return len(self._waiters)
+
     def __iter__(self) -> Iterator[int]:
         """The requests callers in this process wait for."""
         return iter(self._waiters)

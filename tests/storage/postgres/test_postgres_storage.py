@@ -74,6 +74,8 @@ class TestPostgresConformanceBatchForms(StorageConformance):
     statements: a batch of one otherwise uses the single-row forms, so this
     is the suite's run of the batch statements on single items."""
 
+    omits_unneeded_reply_notifications = False  # only the plain form does
+
     @pytest.fixture
     def lease_duration(self) -> float:
         return LEASE
@@ -86,12 +88,43 @@ class TestPostgresConformanceBatchForms(StorageConformance):
         return PostgresStorage(pg_schema.dsn, table_prefix=unique_prefix())
 
 
+class TestPostgresConformanceGeneralSingleRowForms(StorageConformance):
+    """The conformance suite again, without the plain forms of a claimed
+    save and of a final reply (`._one_row.save_claimed`,
+    `._one_row.save_final_reply`): every single-row save is written by the
+    general single-row statements, as the plain forms' fallback is."""
+
+    omits_unneeded_reply_notifications = False  # only the plain form does
+
+    @pytest.fixture
+    def lease_duration(self) -> float:
+        return LEASE
+
+    @pytest.fixture
+    def storage(
+        self, pg_schema: PgSchema, monkeypatch: pytest.MonkeyPatch
+    ) -> PostgresStorage:
+        build = MessageQueries.build
+
+        def general_forms(names: PgNames) -> MessageQueries:
+            return attrs.evolve(build(names), save_claimed=None, save_final_reply=None)
+
+        monkeypatch.setattr(MessageQueries, "build", general_forms)
+        return PostgresStorage(pg_schema.dsn, table_prefix=unique_prefix())
+
+
 def use_batch_forms_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Storages built from now on write every save with the batch statements."""
     build = MessageQueries.build
 
     def batch_forms_only(names: PgNames) -> MessageQueries:
-        return attrs.evolve(build(names), save_one=None, save_reply_one=None)
+        return attrs.evolve(
+            build(names),
+            save_one=None,
+            save_reply_one=None,
+            save_claimed=None,
+            save_final_reply=None,
+        )
 
     monkeypatch.setattr(MessageQueries, "build", batch_forms_only)
 
@@ -452,6 +485,47 @@ async def test_one_statement_per_batch(a: StorageSession) -> None:
         after = lock.statistics()
         assert after.round_trips - before.round_trips == 3
         assert after.statements - before.statements == 4
+
+
+async def test_a_claimed_save_and_its_final_reply_take_one_statement_each(
+    a: StorageSession,
+) -> None:
+    # The plain forms write the common case alone; anything else they leave
+    # to the general single-row statements, which then decide as before.
+    pool = pg_messages(a)
+    epoch = (await acquire_shards(a.runners, SHARD))[SHARD]
+    request = persisted_request(1, claim_epoch=epoch)
+    before = pool.statistics().statements
+    (saved,) = await a.messages.save_requests([request], now=BASE_TIME)
+    assert saved == SaveResult(1, duplicate=False, claimed=True)
+    assert pool.statistics().statements == before + 1
+    outcome = await a.messages.save_replies([final_reply(1, epoch)], now=BASE_TIME)
+    assert outcome == [ReplyOutcome.RECORDED]
+    assert pool.statistics().statements == before + 2
+    # Saved again: the plain form inserts nothing, the general one answers.
+    (again,) = await a.messages.save_requests([request], now=BASE_TIME)
+    assert again == SaveResult(1, duplicate=True, claimed=False, final_reply=b"done")
+    assert pool.statistics().statements == before + 4
+    # Answered again: refused as a duplicate, by the general statement.
+    outcome = await a.messages.save_replies([final_reply(1, epoch)], now=BASE_TIME)
+    assert outcome == [ReplyOutcome.DUPLICATE]
+    # A stale epoch: the request is saved unclaimed, its reply refused.
+    stale = persisted_request(2, claim_epoch=epoch + 1)
+    (saved,) = await a.messages.save_requests([stale], now=BASE_TIME)
+    assert saved == SaveResult(2, duplicate=False, claimed=False)
+    outcome = await a.messages.save_replies([final_reply(2, epoch + 1)], now=BASE_TIME)
+    assert outcome == [ReplyOutcome.STALE_EPOCH]
+    # A dead letter goes through the general statement (it copies the request).
+    (saved,) = await a.messages.save_requests(
+        [persisted_request(3, claim_epoch=epoch)], now=BASE_TIME
+    )
+    assert saved.claimed
+    dead = attrs.evolve(final_reply(3, epoch), dead_letter="boom")
+    assert await a.messages.save_replies([dead], now=BASE_TIME) == [
+        ReplyOutcome.RECORDED
+    ]
+    dead_letters = await a.messages.dead_letters(limit=10)
+    assert [letter.request_id for letter in dead_letters] == [3]
 
 
 async def test_concurrent_releases_share_a_statement(
@@ -918,6 +992,8 @@ def test_queries_use_only_generic_plan_friendly_parameters() -> None:
     for one_row in (
         queries.save_one,
         queries.save_reply_one,
+        queries.save_claimed,
+        queries.save_final_reply,
         retry.dead_letters,
         retry.replay_dead_letter,
         retry.purge_dead_letters,

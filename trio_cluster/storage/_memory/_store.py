@@ -369,7 +369,7 @@ class MessageStore:
         recorded = [
             reply.request_id
             for reply, outcome in zip(replies, outcomes, strict=True)
-            if outcome is ReplyOutcome.RECORDED
+            if outcome is ReplyOutcome.RECORDED and reply.notify
         ]
         if recorded:
             self._notify(reply_ids=recorded)

@@ -252,6 +252,33 @@ class PgMessages(MessageStorage, PgStates):
         if len(requests) == 1 and self._q.save_one is not None:  # no arrays
             (request,) = requests
             address = request.address
+            plain = self._q.save_claimed
+            if (
+                plain is not None
+                and request.claim_epoch is not None
+                and request.deliver_at is None
+            ):
+                rows = await self._rows(
+                    plain,
+                    [
+                        request.request_id,
+                        address.shard.group,
+                        address.shard.number,
+                        address.entity_type,
+                        address.entity_id.value,
+                        request.tag,
+                        request.payload,
+                        request.primary_key,
+                        keys[ords[0]],
+                        request.stream,
+                        request.claim_epoch,
+                        now,
+                        _metadata_text(request),
+                    ],
+                    transaction,
+                )
+                if rows:  # inserted claimed; else `save_one` decides
+                    return rows
             one: list[object] = [
                 request.request_id,
                 address.shard.group,
@@ -399,6 +426,8 @@ class PgMessages(MessageStorage, PgStates):
         one = self._q.save_reply_one
         if len(checked) == 1 and one is not None:  # no arrays
             (reply,) = checked
+            if await self._saved_final(reply, now, mine):
+                return [ReplyOutcome.RECORDED]
             query = one
             params: list[object] = [
                 reply.request_id,
@@ -426,6 +455,27 @@ class PgMessages(MessageStorage, PgStates):
             elif kind == 1:
                 written.add((number, sequence))
         return reply_outcomes(checked, statuses, written)
+
+    async def _saved_final(
+        self, reply: ReplyRecord, now: float, transaction: PgTransaction | None
+    ) -> bool:
+        """Whether the plain statement of a final reply without a dead letter
+        (`._one_row.save_final_reply`) recorded ``reply``; False for any
+        other reply, and when it wrote nothing (`save_reply_one` decides)."""
+        plain = self._q.save_final_reply
+        if plain is None or reply.sequence is not None or reply.dead_letter is not None:
+            return False
+        params: list[object] = [
+            reply.request_id,
+            reply.shard.group,
+            reply.shard.number,
+            reply.epoch,
+            reply.payload,
+            now,
+            self._channel,
+            reply.notify,
+        ]
+        return bool(await self._rows(plain, params, transaction))
 
     def _reply_arrays(self, checked: Sequence[ReplyRecord], now: float) -> list[object]:
         """The batch ``save_replies`` statement's parameters."""

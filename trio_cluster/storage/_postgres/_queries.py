@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from ._one_row import save_one, save_reply_one
+from ._one_row import save_claimed, save_final_reply, save_one, save_reply_one
 from ._retry_queries import RetryQueries, copy_dead_letters
 from ._statement_parts import CHUNK, LONGEST_GROUP, fenced_input, shard_notes
 
@@ -63,6 +63,12 @@ class MessageQueries:
     save_replies: str
     save_reply_one: str | None
     """The single-row form of ``save_replies``; None as for ``save_one``."""
+    save_claimed: str | None
+    """The plain form of ``save_one`` for a new request saved claimed and
+    deliverable now (`._one_row`); None: ``save_one`` saves it."""
+    save_final_reply: str | None
+    """The plain form of ``save_reply_one`` for a final reply without a dead
+    letter; None: ``save_reply_one`` saves it."""
     replies_for: str
     ack_chunks: str
     interrupt: str
@@ -82,6 +88,8 @@ class MessageQueries:
             claim=_claim(m, s),
             save_replies=_save_replies(m, r, s, d),
             save_reply_one=save_reply_one(m, r, s, d),
+            save_claimed=save_claimed(m, s),
+            save_final_reply=save_final_reply(m, r, s),
             replies_for=_replies_for(m, r),
             ack_chunks=f"""
 UPDATE {m} m SET acked_sequence = a.seq

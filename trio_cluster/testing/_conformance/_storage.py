@@ -21,9 +21,15 @@ sleep; they take the `clock` fixture, so a memory backend can run them on a
 
 from __future__ import annotations
 
+import attrs
 import trio
 
-from trio_cluster._storage_abc import MessagesAvailable, StorageSession
+from trio_cluster._storage_abc import (
+    MessagesAvailable,
+    ReplyOutcome,
+    ReplyQuery,
+    StorageSession,
+)
 
 from ._base import (
     BASE_TIME,
@@ -99,7 +105,14 @@ class StorageConformance(
                 return autojump_clock
 
     The suite opens sessions named ``conformance-*``.
+
+    A backend that sends `RepliesAvailable` for replies recorded with
+    ``ReplyRecord.notify`` False (allowed: a hint) sets the class attribute
+    ``omits_unneeded_reply_notifications`` to False.
     """
+
+    omits_unneeded_reply_notifications = True
+    """Whether a reply recorded with ``notify=False`` goes unnotified."""
 
     # ------------------------------------------------------------------
     # Notifications
@@ -166,6 +179,28 @@ class StorageConformance(
             )
             for reader in (session, other):
                 await collect(reader.messages, lambda seen: {1, 2} <= seen.reply_ids)
+
+    async def test_a_reply_nobody_else_waits_for_is_recorded_unnotified(
+        self, session: StorageSession, other: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            epoch = await saved_and_claimed(
+                session, persisted_request(1), persisted_request(2)
+            )
+            save = session.messages.save_replies
+            quiet = attrs.evolve(final_reply(1, epoch, b"one"), notify=False)
+            assert await save([quiet], now=BASE_TIME) == [ReplyOutcome.RECORDED]
+            assert await save([quiet], now=BASE_TIME) == [ReplyOutcome.DUPLICATE]
+            # A marker: notifications arrive in order.
+            assert await save([final_reply(2, epoch)], now=BASE_TIME) == [
+                ReplyOutcome.RECORDED
+            ]
+            for reader in (session, other):
+                seen = await collect(reader.messages, lambda seen: 2 in seen.reply_ids)
+                if self.omits_unneeded_reply_notifications:
+                    assert 1 not in seen.reply_ids
+            [stored] = await session.messages.replies_for([ReplyQuery(1)])
+            assert stored.final == b"one"
 
     async def test_interrupt_notifies_every_session(
         self, session: StorageSession, other: StorageSession

@@ -26,7 +26,7 @@ from ._faults import (
     StopRunner,
     StorageOutage,
 )
-from ._workload import ClientOp, OpKind, Scenario, Workload
+from ._workload import DEFAULT_KINDS, ClientOp, OpKind, Scenario, Workload
 
 if TYPE_CHECKING:
     from collections.abc import Collection
@@ -118,7 +118,7 @@ def workloads(
     duration: float = 20.0,
     max_ops: int = 6,
     max_count: int = 8,
-    kinds: Collection[OpKind] = tuple(OpKind),
+    kinds: Collection[OpKind] = DEFAULT_KINDS,
     background: Collection[int] = (4, 8, 0),
 ) -> SearchStrategy[Workload]:
     """Workloads of up to ``max_ops`` clients of `Probe` entities
@@ -151,9 +151,11 @@ def scenarios(
     kinds: Collection[str] = FAULT_KINDS,
     entities: int = 4,
     max_ops: int = 6,
+    op_kinds: Collection[OpKind] = DEFAULT_KINDS,
 ) -> SearchStrategy[Scenario]:
     """Scenarios for `run_scenario`: a seed, a cluster size, a fault
-    schedule and a workload over the same ``duration``."""
+    schedule and a workload (of clients of ``op_kinds``) over the same
+    ``duration``."""
     sizes = st.just(runners) if isinstance(runners, int) else runners
 
     @st.composite
@@ -166,7 +168,11 @@ def scenarios(
         )
         workload = draw(
             workloads(
-                runners=size, entities=entities, duration=duration, max_ops=max_ops
+                runners=size,
+                entities=entities,
+                duration=duration,
+                max_ops=max_ops,
+                kinds=op_kinds,
             )
         )
         seed = draw(st.integers(0, 2**16))

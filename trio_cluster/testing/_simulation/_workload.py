@@ -24,7 +24,12 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from trio_cluster import ClusterError, DeadLetteredError, ShardingConfig
+from trio_cluster import (
+    ClusterError,
+    DeadLetteredError,
+    RequestInterruptedError,
+    ShardingConfig,
+)
 
 from ._faults import FaultSchedule
 from ._probe import Probe, ProbeTouch, ProbeWrite, write_key
@@ -65,6 +70,19 @@ class OpKind(enum.Enum):
     """Persisted fire-and-forget, each retried until stored."""
     VOLATILE = "volatile"
     """Volatile calls, each tried once (at most once), with a deadline."""
+    ABANDON = "abandon"
+    """Persisted calls whose client gives up on each after `ABANDON_AFTER`
+    (cancelled: while its request is written, waits, or runs in its task),
+    then sends it again (same key) until answered: with its reply, or
+    interrupted. Not in the default workloads (`workloads` ``kinds``)."""
+
+
+DEFAULT_KINDS = (OpKind.CALL, OpKind.DISCARD, OpKind.VOLATILE)
+"""The kinds of client operations of the default workloads."""
+
+ABANDON_AFTER = (0.0, 0.001, 0.1, 0.5)
+"""Virtual seconds an `OpKind.ABANDON` client gives its ``n``-th message:
+``ABANDON_AFTER[n % 4]``."""
 
 
 @attrs.frozen
@@ -126,7 +144,10 @@ class Workload:
         messages run one at a time): the liveness bound grows with it."""
         work: dict[int, float] = {}
         for op in self.ops:
-            sends = op.count * (2 if op.resend and op.kind is OpKind.CALL else 1)
+            if op.kind is OpKind.ABANDON:  # sent, then twice until answered
+                sends = 3 * op.count
+            else:
+                sends = op.count * (2 if op.resend and op.kind is OpKind.CALL else 1)
             work[op.entity] = work.get(op.entity, 0.0) + sends * op.work
         return max(work.values(), default=0.0)
 
@@ -222,6 +243,9 @@ async def _client(clients: _Clients, via: int, stream: int, op: ClientOp) -> Non
                         cluster.trace.record("volatile", "touch %d: %r", touch.op, exc)
                 continue
             message = ProbeWrite(stream=stream, seq=seq, work=op.work)
+            if op.kind is OpKind.ABANDON:
+                await _abandon(cluster, client.write, message, seq)
+                continue
             if op.kind is OpKind.DISCARD:
                 await _retry(cluster, client.write.discard, message)
                 continue
@@ -244,8 +268,34 @@ async def _client(clients: _Clients, via: int, stream: int, op: ClientOp) -> Non
             clients.all_done.set()
 
 
+async def _abandon(
+    cluster: SimulatedCluster, send: object, message: ProbeWrite, seq: int
+) -> None:
+    """Send ``message``, give up on it after a deadline, then send it again
+    until answered (see `OpKind.ABANDON`); a second answer must be the
+    first (dedup)."""
+    with trio.move_on_after(ABANDON_AFTER[seq % len(ABANDON_AFTER)]):
+        try:
+            await send(message)  # type: ignore[operator]
+        except ClusterError as exc:
+            cluster.trace.record(
+                "persisted", "client: write %s failed: %r", write_key(message), exc
+            )
+    first = await _retry(cluster, send, message, interrupted=True)
+    again = await _retry(cluster, send, message, interrupted=True)
+    if again != first:
+        cluster.fail(
+            f"dedup: re-sending abandoned write {write_key(message)} returned"
+            f" {again!r}, the first answer was {first!r}"
+        )
+
+
 async def _retry(
-    cluster: SimulatedCluster, send: object, message: ProbeWrite
+    cluster: SimulatedCluster,
+    send: object,
+    message: ProbeWrite,
+    *,
+    interrupted: bool = False,
 ) -> object:
     while True:
         try:
@@ -254,6 +304,10 @@ async def _retry(
             # Its attempts ran out (its runners kept dying): a final reply,
             # the same for every re-send of the write.
             return f"dead-lettered after {exc.attempts} attempt(s): {exc.error}"
+        except RequestInterruptedError:
+            if interrupted:  # its final reply (an abandoned write's)
+                return "interrupted"
+            raise
         except ClusterError as exc:
             cluster.trace.record(
                 "persisted", "client: write %s failed: %r", write_key(message), exc
