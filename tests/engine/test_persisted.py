@@ -518,6 +518,61 @@ async def test_recorded_replies_refill_an_exhausted_budget(autojump_clock):
         assert runner.statistics().persisted_in_flight == 0
 
 
+@attrs.frozen
+class Enter:
+    n: int
+
+
+class Gated(tc.Entity):
+    """Persisted handlers that wait for ``opened``, noting what ran."""
+
+    type_name = "Gated"
+    opened: ClassVar[trio.Event | None] = None
+    ran: ClassVar[list[tuple[str, int]]] = []
+
+    @tc.rpc(persisted=True)
+    async def enter(self, msg: Enter) -> None:
+        Gated.ran.append((self.id, msg.n))
+        assert Gated.opened is not None
+        await Gated.opened.wait()
+
+
+async def test_a_burst_of_local_sends_stays_within_the_in_flight_budget(
+    autojump_clock,
+):
+    # Regression (W12): a local send saved its request already claimed and
+    # delivered it at once, beyond `max_persisted_in_flight`: 100,000
+    # workflow starts stored at once were 100,000 activations in memory, and
+    # the runner stalled and lost its lock session. Beyond the budget a send
+    # is saved unclaimed; the read loop admits it as replies free the budget.
+    Gated.opened, Gated.ran = trio.Event(), []
+    cfg = config(max_persisted_in_flight=4, storage_poll_interval=3600.0)
+    async with open_clocked_runner([Gated], cfg) as runner:
+        client = runner.client(Gated)
+        peak = 0
+
+        async def sender(entity: str) -> None:
+            nonlocal peak
+            for n in range(3):  # in order, one after the other
+                await client(entity).enter.discard(Enter(n))
+                peak = max(peak, runner.statistics().persisted_in_flight)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(10):
+                nursery.start_soon(sender, f"e{i}")
+        await trio.testing.wait_all_tasks_blocked()
+        peak = max(peak, runner.statistics().persisted_in_flight)
+        assert peak <= 4
+        Gated.opened.set()
+        with trio.fail_after(30):
+            while len(Gated.ran) < 30:  # noqa: ASYNC110 - virtual time
+                await trio.sleep(0.1)
+        # Per-entity order held although some were claimed from storage.
+        for i in range(10):
+            assert [n for e, n in Gated.ran if e == f"e{i}"] == [0, 1, 2]
+        assert runner.statistics().persisted_in_flight == 0
+
+
 BAD_KEYS = [
     ("a\x00b", tc.InvalidIdError),
     # The key is the message's own field: the message cannot be encoded.

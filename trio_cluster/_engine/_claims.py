@@ -17,7 +17,18 @@ A claim that found nothing more to take marks its shards *caught up* at
 their epochs; until then, older requests of a shard may still wait in
 storage, so a local send must not take the fast path of being saved already
 claimed (it would overtake them: the simulator found a sender's second
-message running before its first after a failover).
+message running before its first after a failover). A deliverable request
+saved unclaimed by this runner for a shard it serves (`saved_behind`) undoes
+that mark, and a claim that began before it was saved cannot set it again.
+
+The budget holds for local sends too (`admits`): a send made while the
+runner has ``max_persisted_in_flight`` persisted jobs in memory is saved
+unclaimed, not delivered at once, and the read loop claims it when replies
+free the budget. Without this, a burst of local sends (100,000 workflow
+starts stored at once, W12) put every one of them in memory at once, each
+an entity activation with its task: the event loop stalled for seconds
+(garbage collections of millions of objects), and the runner lost its lock
+session (see also `trio_cluster._stalls`).
 
 A claimed request that cannot be delivered, a *poison row* (an entity id the
 API edge refuses, an entity in a shard that is not its own, an unknown type
@@ -104,10 +115,16 @@ class Claims:
     _caught_up: dict[ShardId, int] = attrs.field(init=False, factory=dict)
     """Shard -> the epoch at which a claim found nothing more to take
     (see the module docstring)."""
+    _behind: dict[ShardId, int] = attrs.field(init=False, factory=dict)
+    """Shard -> deliverable requests saved unclaimed here so far (a claim
+    marks a shard caught up only if this did not change while it ran)."""
     _held: dict[int, _Held] = attrs.field(init=False, factory=dict)
     """Request id -> a request held during the unknown-type grace period."""
     _deadlines: list[tuple[float, int]] = attrs.field(init=False, factory=list)
     """Heap of ``(until, request id)`` of the held requests."""
+    reserved: int = attrs.field(init=False, default=0)
+    """Local sends being saved already claimed: in the budget, not yet
+    in the entity manager."""
     delivered: int = attrs.field(init=False, default=0)
     claims: int = attrs.field(init=False, default=0)
     redelivered: int = attrs.field(init=False, default=0)
@@ -136,6 +153,19 @@ class Claims:
         ``epoch`` (a local send may then be saved already claimed)."""
         return self._caught_up.get(shard) == epoch
 
+    def admits(self) -> bool:
+        """Whether a local send may be saved claimed and delivered at once:
+        fewer than ``max_persisted_in_flight`` persisted jobs are in memory."""
+        in_flight = len(self._parts.manager.persisted_jobs) + self.reserved
+        return in_flight < self._parts.config.max_persisted_in_flight
+
+    def saved_behind(self, shard: ShardId) -> None:
+        """A deliverable request of ``shard`` (served here) was saved
+        unclaimed: the shard is no longer caught up, until a claim that began
+        after this finds nothing more."""
+        self._caught_up.pop(shard, None)
+        self._behind[shard] = self._behind.get(shard, 0) + 1
+
     async def run(self) -> None:
         """The read loop (see the module docstring), until cancelled."""
         signal = self._parts.signal
@@ -144,13 +174,16 @@ class Claims:
             signal.rearm()
             self._answer_expired()
             shards = self._parts.shards.serving_epochs()
-            budget = self._parts.config.max_persisted_in_flight - len(
-                self._parts.manager.persisted_jobs
+            budget = (
+                self._parts.config.max_persisted_in_flight
+                - len(self._parts.manager.persisted_jobs)
+                - self.reserved
             )
             signal.starved = bool(shards) and budget <= 0
             claiming = bool(shards) and budget > 0
             if claiming:
                 signal.next_deliver_at = math.inf
+                behind = dict(self._behind)
                 try:
                     with trio.fail_after(self._parts.config.lease_refresh_interval):
                         batch = await self._parts.storage.claim(
@@ -162,7 +195,7 @@ class Claims:
                     log.warning("claiming persisted messages failed: %r", exc)
                     await trio.sleep(min(1.0, poll))
                     continue
-                self._take(shards, batch)
+                self._take(shards, batch, behind)
                 if batch.more:
                     await trio.lowlevel.checkpoint()
                     continue
@@ -179,12 +212,17 @@ class Claims:
             with trio.move_on_after(timeout):
                 await signal.wait()
 
-    def _take(self, shards: dict[ShardId, int], batch: ClaimBatch) -> None:
-        """Deliver a claimed batch and note what it says about the shards."""
+    def _take(
+        self, shards: dict[ShardId, int], batch: ClaimBatch, behind: dict[ShardId, int]
+    ) -> None:
+        """Deliver a claimed batch and note what it says about the shards
+        (``behind``: `_behind` when the claim began)."""
         self.claims += 1
         if not batch.more:
             for shard, epoch in shards.items():
-                if shard not in batch.stale_shards:
+                if shard not in batch.stale_shards and self._behind.get(
+                    shard, 0
+                ) == behind.get(shard, 0):
                     self._caught_up[shard] = epoch
         for request in batch.requests:
             self._deliver_claimed(request)
