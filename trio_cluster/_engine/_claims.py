@@ -37,6 +37,16 @@ storage could not read back at all: `ClaimBatch.unreadable`), is answered
 with a typed error as its final reply and stays stored, for inspection; the
 loop serves on (such a row must never stop the runner, on any restart).
 
+Timers are claimed a little early: a claim takes the requests whose
+``deliver_at`` falls within `EARLY` seconds, and those not due yet wait in
+memory (`_early`, only the claimed rows) for the read loop to deliver them
+at their time, without another round trip: the claim's own round trip, and
+any wait for a connection behind other traffic, is no longer added to a
+timer's lateness (W12: many wake-ups due at once). They count against the
+in-flight budget; an interruption reaches them (`interrupt`); a shard that
+stops gracefully gives them back (`take_held`); a shard lost meanwhile
+drops them, and its next owner claims them again.
+
 Rolling deploys: a request for an entity type this runner does not host
 may be for a type that only the new version of the code has, sent by a
 runner already upgraded. For ``unknown_type_grace`` seconds after it was
@@ -72,6 +82,7 @@ from .._errors import (
     PersistenceError,
     UnknownEntityTypeError,
 )
+from .._storage_abc import ClaimedRequest
 from ._attempts import Attempts
 from ._delivery import DeliveryParts
 from ._manager import NotDelivered
@@ -82,7 +93,7 @@ if TYPE_CHECKING:
 
     from .._core._addresses import EntityAddress
     from .._registry import EntityType, Handler
-    from .._storage_abc import ClaimBatch, ClaimedRequest, UnreadableRequest
+    from .._storage_abc import ClaimBatch, UnreadableRequest
     from ._slots import Job, ShardHost
 
 __all__ = ["Claims"]
@@ -92,6 +103,9 @@ log = logging.getLogger("trio_cluster.persisted")
 _FLOAT_TOLERANCE: Final = 1e-6
 """Seconds of slack when a ``deliver_at`` timer fires, for float rounding
 between the timer and the wall clock."""
+EARLY: Final = 0.25
+"""Seconds before its ``deliver_at`` that a request may be claimed (see the
+module docstring)."""
 
 
 @attrs.frozen
@@ -122,6 +136,11 @@ class Claims:
     """Request id -> a request held during the unknown-type grace period."""
     _deadlines: list[tuple[float, int]] = attrs.field(init=False, factory=list)
     """Heap of ``(until, request id)`` of the held requests."""
+    _early: dict[int, ClaimedRequest] = attrs.field(init=False, factory=dict)
+    """Request id -> a request claimed before its ``deliver_at``."""
+    _early_times: list[tuple[float, int]] = attrs.field(init=False, factory=list)
+    """Heap of ``(deliver_at, request id)`` of `_early`."""
+    _early_added: trio.Event = attrs.field(init=False, factory=trio.Event)
     reserved: int = attrs.field(init=False, default=0)
     """Local sends being saved already claimed: in the budget, not yet
     in the entity manager."""
@@ -137,8 +156,9 @@ class Claims:
         return len(self._held)
 
     def take_held(self, host: ShardHost) -> list[int]:
-        """The requests held for ``host``'s shard at its epoch, forgotten
-        here (its shard stopped: the next owner claims them again)."""
+        """The requests held for ``host``'s shard at its epoch (for an
+        unknown type, or claimed early), forgotten here (its shard stopped:
+        the next owner claims them again)."""
         taken = [
             request_id
             for request_id, held in self._held.items()
@@ -146,7 +166,21 @@ class Claims:
         ]
         for request_id in taken:
             del self._held[request_id]
-        return taken
+        early = [
+            request_id
+            for request_id, request in self._early.items()
+            if request.address.shard == host.shard_id and request.epoch == host.epoch
+        ]
+        for request_id in early:
+            del self._early[request_id]
+        return taken + early
+
+    def interrupt(self, request_id: int) -> None:
+        """A request was interrupted: if it was claimed early, it is
+        answered as interrupted at its time instead of run."""
+        request = self._early.get(request_id)
+        if request is not None:
+            self._early[request_id] = attrs.evolve(request, interrupted=True)
 
     def caught_up(self, shard: ShardId, epoch: int) -> bool:
         """Whether no older request of ``shard`` can wait in storage at
@@ -167,7 +201,26 @@ class Claims:
         self._behind[shard] = self._behind.get(shard, 0) + 1
 
     async def run(self) -> None:
-        """The read loop (see the module docstring), until cancelled."""
+        """The read loop and the timer of the requests claimed early (see
+        the module docstring), until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._fire_early)
+            await self._read_loop()
+
+    async def _fire_early(self) -> None:
+        """Deliver the requests claimed early at their times (apart from the
+        read loop, which may be waiting for a claim then)."""
+        times = self._early_times
+        while True:
+            self._early_added = trio.Event()
+            self._deliver_early()
+            timeout = math.inf
+            if times:
+                timeout = max(0.0, times[0][0] - self._parts.clock.now())
+            with trio.move_on_after(timeout):
+                await self._early_added.wait()
+
+    async def _read_loop(self) -> None:
         signal = self._parts.signal
         poll = self._parts.config.storage_poll_interval
         while True:
@@ -178,6 +231,7 @@ class Claims:
                 self._parts.config.max_persisted_in_flight
                 - len(self._parts.manager.persisted_jobs)
                 - self.reserved
+                - len(self._early)
             )
             signal.starved = bool(shards) and budget <= 0
             claiming = bool(shards) and budget > 0
@@ -188,7 +242,7 @@ class Claims:
                     with trio.fail_after(self._parts.config.lease_refresh_interval):
                         batch = await self._parts.storage.claim(
                             shards,
-                            now=self._parts.clock.now() + _FLOAT_TOLERANCE,
+                            now=self._parts.clock.now() + _FLOAT_TOLERANCE + EARLY,
                             limit=min(self._parts.config.persisted_batch_size, budget),
                         )
                 except (PersistenceError, trio.TooSlowError) as exc:
@@ -204,7 +258,7 @@ class Claims:
             # without a shard, or at the in-flight limit, a due time past
             # would make every wait zero (a busy loop, and virtual time
             # standing still); a nudge, or a job's end, wakes the loop.
-            wake = signal.next_deliver_at if claiming else math.inf
+            wake = signal.next_deliver_at - EARLY if claiming else math.inf
             if self._deadlines:
                 wake = min(wake, self._deadlines[0][0])
             if wake != math.inf:
@@ -224,8 +278,15 @@ class Claims:
                     shard, 0
                 ) == behind.get(shard, 0):
                     self._caught_up[shard] = epoch
+        due = self._parts.clock.now() + _FLOAT_TOLERANCE
         for request in batch.requests:
-            self._deliver_claimed(request)
+            at = request.deliver_at
+            if at is not None and at > due:
+                self._early[request.request_id] = request
+                heapq.heappush(self._early_times, (at, request.request_id))
+                self._early_added.set()
+            else:
+                self._deliver_claimed(request)
         for unreadable in batch.unreadable:
             self._answer_unreadable(unreadable)
         if batch.next_deliver_at is not None:
@@ -394,6 +455,17 @@ class Claims:
         )
         heapq.heappush(self._deadlines, (until, request.request_id))
         return True
+
+    def _deliver_early(self) -> None:
+        """Deliver the requests claimed early whose time has come (if this
+        runner still serves their shard at the epoch of the claim)."""
+        now = self._parts.clock.now() + _FLOAT_TOLERANCE
+        times = self._early_times
+        while times and times[0][0] <= now:
+            _, request_id = heapq.heappop(times)
+            request = self._early.pop(request_id, None)
+            if request is not None:  # else given back (its shard stopped)
+                self._deliver_claimed(request)
 
     def _answer_expired(self) -> None:
         """Answer the held requests whose grace period is over, if this

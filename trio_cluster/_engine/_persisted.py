@@ -117,7 +117,7 @@ class PersistedDelivery:
         self._recorder = ReplyRecorder(self._parts, self._attempts)
         self._claims = Claims(self._parts, self._recorder, self._attempts)
         self._inline = InlinePersisted(manager, self._recorder, self._claims)
-        self._notices = Notices(self._parts, self._recorder)
+        self._notices = Notices(self._parts, self._recorder, self._claims)
         self.closing = False
         """The runner is shutting down (see `begin_shutdown`)."""
 
@@ -511,6 +511,7 @@ class PersistedDelivery:
 
     async def _interrupt(self, request_id: int) -> None:
         self._parts.manager.interrupt(request_id)
+        self._claims.interrupt(request_id)
         with trio.move_on_after(self._parts.config.lease_refresh_interval) as scope:
             try:
                 await self._parts.storage.interrupt([request_id])
