@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 import pytest
@@ -81,6 +81,57 @@ async def test_deliver_at_fires_on_time_without_polling(autojump_clock):
         delivered_at = await ref.remind(Later("hello", at))
         assert delivered_at == pytest.approx(at, abs=1e-6)
         assert trio.current_time() - start == pytest.approx(42.5, abs=1e-6)
+
+
+class SlowClaims(PatchingStorage):
+    """Every claim takes 0.1 s (a round trip behind other traffic)."""
+
+    def patch_session(self, session: StorageSession) -> None:
+        messages = session.messages
+        claim = messages.claim
+
+        async def slow(*args: Any, **kwargs: Any) -> Any:
+            await trio.sleep(0.1)
+            return await claim(*args, **kwargs)
+
+        messages.claim = slow  # type: ignore[method-assign]
+
+
+async def test_timers_are_claimed_early_and_fire_on_time(autojump_clock):
+    # W12: a wake-up was claimed once due, so the claim's round trip (and
+    # its wait for a connection) was added to every timer's lateness. A
+    # timer is now claimed up to EARLY seconds before its time and fires
+    # from memory.
+    cfg = config(storage_poll_interval=3600.0)
+    async with open_clocked_runner([Account], cfg, SlowClaims()) as runner:
+        ref = runner.client(Account)("erin")
+        now = runner.clock.now()
+        times = [now + 5.0, now + 5.05, now + 5.1, now + 7.0]
+        delivered: dict[int, float] = {}
+
+        async def remind(i: int) -> None:
+            delivered[i] = await ref.remind(Later(f"t{i}", times[i]))
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(len(times)):
+                    nursery.start_soon(remind, i)
+        assert [delivered[i] for i in range(len(times))] == pytest.approx(
+            times, abs=1e-6
+        )
+        assert await ref.applied_ids(Get()) == ["t0", "t1", "t2", "t3"]
+
+
+async def test_an_early_claimed_timer_can_be_interrupted(autojump_clock):
+    cfg = config(storage_poll_interval=3600.0)
+    async with open_clocked_runner([Account], cfg) as runner:
+        ref = runner.client(Account)("fay")
+        at = runner.clock.now() + 1.0
+        with trio.move_on_after(0.9):  # claimed early by now (EARLY = 0.25 s)
+            await ref.remind(Later("never", at))
+        await trio.sleep(2.0)
+        assert "never" not in await ref.applied_ids(Get())
+        assert runner.statistics().persisted_in_flight == 0
 
 
 async def test_deliver_at_accepts_aware_datetimes(autojump_clock):
@@ -515,6 +566,61 @@ async def test_recorded_replies_refill_an_exhausted_budget(autojump_clock):
         assert finished[1] <= 2.5
         assert finished[2] >= 2.5  # the budget held the third one back
         assert finished[-1] <= 5
+        assert runner.statistics().persisted_in_flight == 0
+
+
+@attrs.frozen
+class Enter:
+    n: int
+
+
+class Gated(tc.Entity):
+    """Persisted handlers that wait for ``opened``, noting what ran."""
+
+    type_name = "Gated"
+    opened: ClassVar[trio.Event | None] = None
+    ran: ClassVar[list[tuple[str, int]]] = []
+
+    @tc.rpc(persisted=True)
+    async def enter(self, msg: Enter) -> None:
+        Gated.ran.append((self.id, msg.n))
+        assert Gated.opened is not None
+        await Gated.opened.wait()
+
+
+async def test_a_burst_of_local_sends_stays_within_the_in_flight_budget(
+    autojump_clock,
+):
+    # Regression (W12): a local send saved its request already claimed and
+    # delivered it at once, beyond `max_persisted_in_flight`: 100,000
+    # workflow starts stored at once were 100,000 activations in memory, and
+    # the runner stalled and lost its lock session. Beyond the budget a send
+    # is saved unclaimed; the read loop admits it as replies free the budget.
+    Gated.opened, Gated.ran = trio.Event(), []
+    cfg = config(max_persisted_in_flight=4, storage_poll_interval=3600.0)
+    async with open_clocked_runner([Gated], cfg) as runner:
+        client = runner.client(Gated)
+        peak = 0
+
+        async def sender(entity: str) -> None:
+            nonlocal peak
+            for n in range(3):  # in order, one after the other
+                await client(entity).enter.discard(Enter(n))
+                peak = max(peak, runner.statistics().persisted_in_flight)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(10):
+                nursery.start_soon(sender, f"e{i}")
+        await trio.testing.wait_all_tasks_blocked()
+        peak = max(peak, runner.statistics().persisted_in_flight)
+        assert peak <= 4
+        Gated.opened.set()
+        with trio.fail_after(30):
+            while len(Gated.ran) < 30:  # noqa: ASYNC110 - virtual time
+                await trio.sleep(0.1)
+        # Per-entity order held although some were claimed from storage.
+        for i in range(10):
+            assert [n for e, n in Gated.ran if e == f"e{i}"] == [0, 1, 2]
         assert runner.statistics().persisted_in_flight == 0
 
 

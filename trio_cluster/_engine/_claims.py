@@ -17,7 +17,18 @@ A claim that found nothing more to take marks its shards *caught up* at
 their epochs; until then, older requests of a shard may still wait in
 storage, so a local send must not take the fast path of being saved already
 claimed (it would overtake them: the simulator found a sender's second
-message running before its first after a failover).
+message running before its first after a failover). A deliverable request
+saved unclaimed by this runner for a shard it serves (`saved_behind`) undoes
+that mark, and a claim that began before it was saved cannot set it again.
+
+The budget holds for local sends too (`admits`): a send made while the
+runner has ``max_persisted_in_flight`` persisted jobs in memory is saved
+unclaimed, not delivered at once, and the read loop claims it when replies
+free the budget. Without this, a burst of local sends (100,000 workflow
+starts stored at once, W12) put every one of them in memory at once, each
+an entity activation with its task: the event loop stalled for seconds
+(garbage collections of millions of objects), and the runner lost its lock
+session (see also `trio_cluster._stalls`).
 
 A claimed request that cannot be delivered, a *poison row* (an entity id the
 API edge refuses, an entity in a shard that is not its own, an unknown type
@@ -25,6 +36,16 @@ or handler, a stream handler, a payload that does not decode, or a row
 storage could not read back at all: `ClaimBatch.unreadable`), is answered
 with a typed error as its final reply and stays stored, for inspection; the
 loop serves on (such a row must never stop the runner, on any restart).
+
+Timers are claimed a little early: a claim takes the requests whose
+``deliver_at`` falls within `EARLY` seconds, and those not due yet wait in
+memory (`_early`, only the claimed rows) for the read loop to deliver them
+at their time, without another round trip: the claim's own round trip, and
+any wait for a connection behind other traffic, is no longer added to a
+timer's lateness (W12: many wake-ups due at once). They count against the
+in-flight budget; an interruption reaches them (`interrupt`); a shard that
+stops gracefully gives them back (`take_held`); a shard lost meanwhile
+drops them, and its next owner claims them again.
 
 Rolling deploys: a request for an entity type this runner does not host
 may be for a type that only the new version of the code has, sent by a
@@ -61,6 +82,7 @@ from .._errors import (
     PersistenceError,
     UnknownEntityTypeError,
 )
+from .._storage_abc import ClaimedRequest
 from ._attempts import Attempts
 from ._delivery import DeliveryParts
 from ._manager import NotDelivered
@@ -71,7 +93,7 @@ if TYPE_CHECKING:
 
     from .._core._addresses import EntityAddress
     from .._registry import EntityType, Handler
-    from .._storage_abc import ClaimBatch, ClaimedRequest, UnreadableRequest
+    from .._storage_abc import ClaimBatch, UnreadableRequest
     from ._slots import Job, ShardHost
 
 __all__ = ["Claims"]
@@ -81,6 +103,9 @@ log = logging.getLogger("trio_cluster.persisted")
 _FLOAT_TOLERANCE: Final = 1e-6
 """Seconds of slack when a ``deliver_at`` timer fires, for float rounding
 between the timer and the wall clock."""
+EARLY: Final = 0.25
+"""Seconds before its ``deliver_at`` that a request may be claimed (see the
+module docstring)."""
 
 
 @attrs.frozen
@@ -104,10 +129,21 @@ class Claims:
     _caught_up: dict[ShardId, int] = attrs.field(init=False, factory=dict)
     """Shard -> the epoch at which a claim found nothing more to take
     (see the module docstring)."""
+    _behind: dict[ShardId, int] = attrs.field(init=False, factory=dict)
+    """Shard -> deliverable requests saved unclaimed here so far (a claim
+    marks a shard caught up only if this did not change while it ran)."""
     _held: dict[int, _Held] = attrs.field(init=False, factory=dict)
     """Request id -> a request held during the unknown-type grace period."""
     _deadlines: list[tuple[float, int]] = attrs.field(init=False, factory=list)
     """Heap of ``(until, request id)`` of the held requests."""
+    _early: dict[int, ClaimedRequest] = attrs.field(init=False, factory=dict)
+    """Request id -> a request claimed before its ``deliver_at``."""
+    _early_times: list[tuple[float, int]] = attrs.field(init=False, factory=list)
+    """Heap of ``(deliver_at, request id)`` of `_early`."""
+    _early_added: trio.Event = attrs.field(init=False, factory=trio.Event)
+    reserved: int = attrs.field(init=False, default=0)
+    """Local sends being saved already claimed: in the budget, not yet
+    in the entity manager."""
     delivered: int = attrs.field(init=False, default=0)
     claims: int = attrs.field(init=False, default=0)
     redelivered: int = attrs.field(init=False, default=0)
@@ -120,8 +156,9 @@ class Claims:
         return len(self._held)
 
     def take_held(self, host: ShardHost) -> list[int]:
-        """The requests held for ``host``'s shard at its epoch, forgotten
-        here (its shard stopped: the next owner claims them again)."""
+        """The requests held for ``host``'s shard at its epoch (for an
+        unknown type, or claimed early), forgotten here (its shard stopped:
+        the next owner claims them again)."""
         taken = [
             request_id
             for request_id, held in self._held.items()
@@ -129,40 +166,90 @@ class Claims:
         ]
         for request_id in taken:
             del self._held[request_id]
-        return taken
+        early = [
+            request_id
+            for request_id, request in self._early.items()
+            if request.address.shard == host.shard_id and request.epoch == host.epoch
+        ]
+        for request_id in early:
+            del self._early[request_id]
+        return taken + early
+
+    def interrupt(self, request_id: int) -> None:
+        """A request was interrupted: if it was claimed early, it is
+        answered as interrupted at its time instead of run."""
+        request = self._early.get(request_id)
+        if request is not None:
+            self._early[request_id] = attrs.evolve(request, interrupted=True)
 
     def caught_up(self, shard: ShardId, epoch: int) -> bool:
         """Whether no older request of ``shard`` can wait in storage at
         ``epoch`` (a local send may then be saved already claimed)."""
         return self._caught_up.get(shard) == epoch
 
+    def admits(self) -> bool:
+        """Whether a local send may be saved claimed and delivered at once:
+        fewer than ``max_persisted_in_flight`` persisted jobs are in memory."""
+        in_flight = len(self._parts.manager.persisted_jobs) + self.reserved
+        return in_flight < self._parts.config.max_persisted_in_flight
+
+    def saved_behind(self, shard: ShardId) -> None:
+        """A deliverable request of ``shard`` (served here) was saved
+        unclaimed: the shard is no longer caught up, until a claim that began
+        after this finds nothing more."""
+        self._caught_up.pop(shard, None)
+        self._behind[shard] = self._behind.get(shard, 0) + 1
+
     async def run(self) -> None:
-        """The read loop (see the module docstring), until cancelled."""
+        """The read loop and the timer of the requests claimed early (see
+        the module docstring), until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._fire_early)
+            await self._read_loop()
+
+    async def _fire_early(self) -> None:
+        """Deliver the requests claimed early at their times (apart from the
+        read loop, which may be waiting for a claim then)."""
+        times = self._early_times
+        while True:
+            self._early_added = trio.Event()
+            self._deliver_early()
+            timeout = math.inf
+            if times:
+                timeout = max(0.0, times[0][0] - self._parts.clock.now())
+            with trio.move_on_after(timeout):
+                await self._early_added.wait()
+
+    async def _read_loop(self) -> None:
         signal = self._parts.signal
         poll = self._parts.config.storage_poll_interval
         while True:
             signal.rearm()
             self._answer_expired()
             shards = self._parts.shards.serving_epochs()
-            budget = self._parts.config.max_persisted_in_flight - len(
-                self._parts.manager.persisted_jobs
+            budget = (
+                self._parts.config.max_persisted_in_flight
+                - len(self._parts.manager.persisted_jobs)
+                - self.reserved
+                - len(self._early)
             )
             signal.starved = bool(shards) and budget <= 0
             claiming = bool(shards) and budget > 0
             if claiming:
                 signal.next_deliver_at = math.inf
+                behind = dict(self._behind)
                 try:
                     with trio.fail_after(self._parts.config.lease_refresh_interval):
                         batch = await self._parts.storage.claim(
                             shards,
-                            now=self._parts.clock.now() + _FLOAT_TOLERANCE,
+                            now=self._parts.clock.now() + _FLOAT_TOLERANCE + EARLY,
                             limit=min(self._parts.config.persisted_batch_size, budget),
                         )
                 except (PersistenceError, trio.TooSlowError) as exc:
                     log.warning("claiming persisted messages failed: %r", exc)
                     await trio.sleep(min(1.0, poll))
                     continue
-                self._take(shards, batch)
+                self._take(shards, batch, behind)
                 if batch.more:
                     await trio.lowlevel.checkpoint()
                     continue
@@ -171,7 +258,7 @@ class Claims:
             # without a shard, or at the in-flight limit, a due time past
             # would make every wait zero (a busy loop, and virtual time
             # standing still); a nudge, or a job's end, wakes the loop.
-            wake = signal.next_deliver_at if claiming else math.inf
+            wake = signal.next_deliver_at - EARLY if claiming else math.inf
             if self._deadlines:
                 wake = min(wake, self._deadlines[0][0])
             if wake != math.inf:
@@ -179,15 +266,27 @@ class Claims:
             with trio.move_on_after(timeout):
                 await signal.wait()
 
-    def _take(self, shards: dict[ShardId, int], batch: ClaimBatch) -> None:
-        """Deliver a claimed batch and note what it says about the shards."""
+    def _take(
+        self, shards: dict[ShardId, int], batch: ClaimBatch, behind: dict[ShardId, int]
+    ) -> None:
+        """Deliver a claimed batch and note what it says about the shards
+        (``behind``: `_behind` when the claim began)."""
         self.claims += 1
         if not batch.more:
             for shard, epoch in shards.items():
-                if shard not in batch.stale_shards:
+                if shard not in batch.stale_shards and self._behind.get(
+                    shard, 0
+                ) == behind.get(shard, 0):
                     self._caught_up[shard] = epoch
+        due = self._parts.clock.now() + _FLOAT_TOLERANCE
         for request in batch.requests:
-            self._deliver_claimed(request)
+            at = request.deliver_at
+            if at is not None and at > due:
+                self._early[request.request_id] = request
+                heapq.heappush(self._early_times, (at, request.request_id))
+                self._early_added.set()
+            else:
+                self._deliver_claimed(request)
         for unreadable in batch.unreadable:
             self._answer_unreadable(unreadable)
         if batch.next_deliver_at is not None:
@@ -356,6 +455,17 @@ class Claims:
         )
         heapq.heappush(self._deadlines, (until, request.request_id))
         return True
+
+    def _deliver_early(self) -> None:
+        """Deliver the requests claimed early whose time has come (if this
+        runner still serves their shard at the epoch of the claim)."""
+        now = self._parts.clock.now() + _FLOAT_TOLERANCE
+        times = self._early_times
+        while times and times[0][0] <= now:
+            _, request_id = heapq.heappop(times)
+            request = self._early.pop(request_id, None)
+            if request is not None:  # else given back (its shard stopped)
+                self._deliver_claimed(request)
 
     def _answer_expired(self) -> None:
         """Answer the held requests whose grace period is over, if this

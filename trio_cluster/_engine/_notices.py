@@ -19,6 +19,7 @@ import trio
 
 from .._errors import PersistenceError
 from .._storage_abc import MessagesAvailable, RepliesAvailable, RequestsInterrupted
+from ._claims import Claims
 from ._delivery import DeliveryParts
 from ._replies import ReplyRecorder
 from ._waiters import send_directly
@@ -39,6 +40,7 @@ class Notices:
 
     _parts: DeliveryParts
     _recorder: ReplyRecorder
+    _claims: Claims
 
     def notice_owner(
         self,
@@ -99,6 +101,7 @@ class Notices:
                 elif isinstance(note, RequestsInterrupted):
                     for request_id in note.request_ids:
                         self._parts.manager.interrupt(request_id)
+                        self._claims.interrupt(request_id)
             if replies:
                 await self._recorder.fetch_final(sorted(replies))
 

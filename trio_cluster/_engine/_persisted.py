@@ -117,7 +117,7 @@ class PersistedDelivery:
         self._recorder = ReplyRecorder(self._parts, self._attempts)
         self._claims = Claims(self._parts, self._recorder, self._attempts)
         self._inline = InlinePersisted(manager, self._recorder, self._claims)
-        self._notices = Notices(self._parts, self._recorder)
+        self._notices = Notices(self._parts, self._recorder, self._claims)
         self.closing = False
         """The runner is shutting down (see `begin_shutdown`)."""
 
@@ -257,6 +257,10 @@ class PersistedDelivery:
         request = self._request(address, handler, message, host, metadata)
         request_id = request.request_id
         waiter = None if discard else self._parts.waiters.register(request_id)
+        # A request saved claimed counts against the in-flight budget from
+        # now on: concurrent sends must not all find room (`Claims.admits`).
+        reserved = int(request.claim_epoch is not None)
+        self._claims.reserved += reserved
         try:
             result = await self._saves.submit(
                 request,
@@ -277,6 +281,8 @@ class PersistedDelivery:
             if refused(exc):  # this request alone (see `Batcher`)
                 raise _refused_request(handler, exc) from exc
             raise
+        finally:
+            self._claims.reserved -= reserved
         if result.duplicate:
             if waiter is not None:
                 self._parts.waiters.unregister(request_id, waiter)
@@ -310,6 +316,8 @@ class PersistedDelivery:
                 await self._give_up(request_id, waiter, interrupt=True)
                 raise
         else:
+            if host is not None and self._deliverable(request):
+                self._claims.saved_behind(address.shard)
             self._notices.notice_owner(
                 address, request_id, not discard, request.deliver_at
             )
@@ -407,7 +415,11 @@ class PersistedDelivery:
         true of the request's own id, never of a duplicate by primary key).
         """
         host = self._parts.shards.host(request.address.shard)
-        if not result.claimed or host is None:
+        if host is None:
+            return
+        if not result.claimed:
+            if not result.duplicate and self._deliverable(request):
+                self._claims.saved_behind(request.address.shard)
             return
         if host.epoch != request.claim_epoch:
             return  # the shard moved on: its next owner claims it again
@@ -449,6 +461,8 @@ class PersistedDelivery:
         now = self._parts.clock.now()
         request_id = self._ids.next_id(int(now * 1000))
         deliverable = deliver_at is None or deliver_at <= now
+        # Saved unclaimed when the runner is at its in-flight budget: the
+        # read loop admits it as replies free the budget (see `_claims`).
         return PersistedRequest(
             request_id=request_id,
             address=address,
@@ -461,10 +475,17 @@ class PersistedDelivery:
                 if host is not None
                 and deliverable
                 and self._claims.caught_up(address.shard, host.epoch)
+                and self._claims.admits()
                 else None
             ),
             metadata=EMPTY_METADATA if metadata is None else metadata,
         )
+
+    def _deliverable(self, request: PersistedRequest) -> bool:
+        """Whether ``request`` is deliverable now (a timer's request is not
+        ordered with others: it waits for its time)."""
+        when = request.deliver_at
+        return when is None or when <= self._parts.clock.now()
 
     async def _attach(self, handler: Handler, result: SaveResult) -> Any:
         """A duplicate was not stored: the original's reply, when it has one."""
@@ -501,6 +522,7 @@ class PersistedDelivery:
 
     async def _interrupt(self, request_id: int) -> None:
         self._parts.manager.interrupt(request_id)
+        self._claims.interrupt(request_id)
         with trio.move_on_after(self._parts.config.lease_refresh_interval) as scope:
             try:
                 await self._parts.storage.interrupt([request_id])

@@ -51,6 +51,7 @@ from .._core._ownership import (
 from .._core._retry import Backoff
 from .._core._ring import Member, assign_shards
 from .._errors import PersistenceError
+from .._stalls import fail_after_unstalled
 from .._storage_abc import RunnerInfo, RunnerStorage
 from ._slots import ShardHost, ShardState
 
@@ -192,7 +193,7 @@ class Sharding:
             weight=self._config.runner_weight,
         )
         started_at = trio.current_time()
-        with trio.fail_after(self._operation_timeout):
+        with fail_after_unstalled(self._operation_timeout):
             self.table.machine_id = await self._runners.register(info)
         self.heartbeat_at = started_at
         self._ids.machine_id = self.table.machine_id
@@ -221,13 +222,21 @@ class Sharding:
             address=self.address, groups=(), weight=self._config.runner_weight
         )
         try:
-            with trio.fail_after(self._operation_timeout):
+            # While shards still drain: a stall must not abandon the
+            # statement (that would end the lock session, see
+            # `_operation_timeout`).
+            with fail_after_unstalled(self._operation_timeout):
                 await self._runners.register(leaving)
         except (PersistenceError, trio.TooSlowError) as exc:
             log.warning("could not tell the others this runner is leaving: %r", exc)
 
     @property
     def _operation_timeout(self) -> float:
+        # NOTE: storage calls of the lease and membership loops run under
+        # `fail_after_unstalled`: a stall of the event loop (a long GC, a burst
+        # of activations) must not abandon a refresh the server answered (on
+        # PostgreSQL that ends the lock session: every shard lost). The lease
+        # itself is measured on the clock (`Ownership`).
         return self._config.lease_refresh_interval
 
     async def _assignment_loop(self) -> None:
@@ -243,7 +252,7 @@ class Sharding:
                 log.warning("assignment poll failed: %r", exc)
 
     async def _poll_assignment(self) -> None:
-        with trio.fail_after(self._operation_timeout):
+        with fail_after_unstalled(self._operation_timeout):
             live = await self._runners.live_runners()
         # NOTE: most polls see the same runners: then nothing below can
         # change (profiled in the simulator: 10 runners polling 4 times a
@@ -279,7 +288,7 @@ class Sharding:
         if wanted:
             started_at = trio.current_time()
             lost_before = self._sessions_lost
-            with trio.fail_after(self._operation_timeout):
+            with fail_after_unstalled(self._operation_timeout):
                 epochs = await self._runners.acquire(_in_order(wanted))
             if self._sessions_lost != lost_before:
                 # A lock session was lost while the answer was on its way:
@@ -303,7 +312,7 @@ class Sharding:
             await trio.sleep_until(next_at)
             started_at = trio.current_time()
             try:
-                with trio.fail_after(self._operation_timeout):
+                with fail_after_unstalled(self._operation_timeout):
                     held = await self._runners.refresh(_in_order(self.ownership.held()))
             except (PersistenceError, trio.TooSlowError) as exc:
                 log.warning("lease refresh failed (leases not extended): %r", exc)
@@ -629,7 +638,7 @@ class Sharding:
             self._release_wanted = trio.Event()
             shards, self._to_release = frozenset(self._to_release), set()
             try:
-                with trio.fail_after(self._operation_timeout):
+                with fail_after_unstalled(self._operation_timeout):
                     await self._runners.release(_in_order(shards))
             except (PersistenceError, trio.TooSlowError) as exc:
                 log.warning("releasing shards failed, retrying: %r", exc)

@@ -114,3 +114,39 @@ async def test_generations_that_die_young_are_replaced_after_a_backoff(
     server.terminate()
     await locks.run("op", _nothing)
     assert [t - start for t in server.connects[-2:]] == [37.0, 38.0]
+
+
+async def test_a_stalled_event_loop_does_not_lose_the_generation(autojump_clock):
+    # Regression (W12): a burst of 100,000 stored workflow starts held the
+    # event loop for seconds at a time (GC pauses, thousands of runnable
+    # tasks); a lock operation whose answer waited unread past its deadline
+    # was abandoned, the lock session ended and every shard was lost. Time
+    # the loop stood still does not count against the deadline.
+    server = Server()
+    locks = session(server, timeout=1.0)
+
+    async def stalled(conn: PgConnection, state: Generation) -> int:
+        autojump_clock.jump(5.0)  # the loop stands still (a long GC)
+        await trio.lowlevel.checkpoint()
+        return state.number
+
+    assert await locks.run("op", _nothing) == 1
+    assert await locks.run("stalled op", stalled) == 1
+    assert locks.statistics().losses == 0
+    assert len(server.connects) == 1
+
+
+async def test_an_operation_that_hangs_still_times_out(autojump_clock):
+    server = Server()
+    locks = session(server, timeout=1.0)
+    assert await locks.run("op", _nothing) == 1
+
+    async def hangs(conn: PgConnection, state: Generation) -> int:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    start = trio.current_time()
+    with pytest.raises(PersistenceError, match=r"did not finish within 1\.0 s"):
+        await locks.run("hanging op", hangs)
+    assert trio.current_time() - start == pytest.approx(1.0)
+    assert locks.statistics().losses == 1

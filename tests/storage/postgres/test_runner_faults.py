@@ -11,6 +11,7 @@ handler's transaction terminated between two of its statements.
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -195,6 +196,46 @@ async def test_runner_stops_serving_when_its_lock_connection_is_terminated(
             )
             after = runner.served_shards()
             assert all(after[s] > before[s] for s in before)
+            assert await runner.client(Account)("x").deposit(Deposit("k")) == "k"
+
+
+async def test_event_loop_stalls_do_not_lose_the_lock_session(
+    pg_schema: PgSchema, ledger: None
+) -> None:
+    # Regression (W12): 100,000 workflow starts stored at once held the event
+    # loop for up to 2 s at a time (GC pauses of ~1 s, thousands of runnable
+    # tasks). A membership poll whose answer waited unread past its deadline
+    # was abandoned: the lock session ended and the runner lost every shard.
+    # Here the loop stands still for 1.6 s (longer than the 1 s deadline of
+    # a lease refresh or poll) just as each of three lock operations starts.
+    storage = PostgresStorage(pg_schema.dsn, table_prefix=unique_prefix())
+    cfg = config(lease_duration=6.0, lease_refresh_interval=1.0)
+    with trio.fail_after(TIMEOUT):
+        async with serving(storage, cfg) as runner:
+            before = dict(runner.served_shards())
+            locks = lock_session_of(storage).locks
+            generation = locks.state.number
+            real_run = locks.run
+            stalls: list[str] = []
+
+            async def stalling_run(what: str, operation: Any) -> Any:
+                async def stalled(conn: PgConnection, state: Any) -> Any:
+                    if len(stalls) < 3:
+                        stalls.append(what)
+                        time.sleep(1.6)  # noqa: ASYNC251, TID251 - the loop stands still
+                    return await operation(conn, state)
+
+                return await real_run(what, stalled)
+
+            locks.run = stalling_run  # type: ignore[method-assign]
+            try:
+                await until(lambda: len(stalls) == 3, "three stalled operations")
+                await trio.sleep(2.0)  # refreshes and polls go on
+            finally:
+                locks.run = real_run  # type: ignore[method-assign]
+            assert locks.state.number == generation, stalls
+            assert locks.statistics().losses == 0
+            assert dict(runner.served_shards()) == before
             assert await runner.client(Account)("x").deposit(Deposit("k")) == "k"
 
 

@@ -8,7 +8,8 @@ lease, without any help from the client.
 
 `LockSession.run` serializes the users of the connection (one statement
 stream at a time; a `trio.Lock` hands it over in FIFO order) and runs each
-operation under a deadline (``operation_timeout``). The connection belongs to
+operation under a deadline (``operation_timeout``, of running time: a stall
+of the event loop does not count, see `trio_cluster._stalls`). The connection belongs to
 a *generation*; the generation state (`Generation`: the shards held and
 whether the liveness lock is held) is only valid while that connection lives.
 Whenever the connection fails, times out, or is interrupted (the outcome of a
@@ -51,6 +52,7 @@ import trio
 from trio_cluster._core._addresses import ShardId
 from trio_cluster._core._retry import Backoff
 from trio_cluster._errors import PersistenceError
+from trio_cluster._stalls import move_on_after_unstalled
 
 from ._driver._driver import PgConnection
 from ._driver._errors import ConnectionLostError
@@ -183,11 +185,15 @@ class LockSession:
         if self._watch_scope is not None:
             self._watch_scope.cancel()  # hand the connection over to us
         try:
-            with trio.move_on_after(self._timeout):
+            # NOTE: the deadline does not count the time the event loop stood
+            # still (a long GC, a burst of runnable tasks): the server's answer
+            # may be waiting unread, and abandoning the statement would end
+            # the session and every lock (see `trio_cluster._stalls`).
+            with move_on_after_unstalled(self._timeout):
                 async with self._mutex:
                     return await self._attempt(what, operation)
             raise PersistenceError(
-                f"{what} did not finish within {self._timeout} s"
+                f"{what} did not finish within {self._timeout} s of running time"
                 " (the lock connection is reset if it was in use)"
             )
         finally:
