@@ -2,7 +2,8 @@
 comes after newer live publications (the stream and the answer travel on
 different connections between runners) still hands out each publication
 once, in order, none skipped; a run of publications with one a JSON socket
-cannot take loses that one only."""
+cannot take loses that one only; a socket that subscribed while the first
+history read failed still gets the gateway's stream."""
 
 from __future__ import annotations
 
