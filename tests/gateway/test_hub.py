@@ -2,7 +2,8 @@
 comes after newer live publications (the stream and the answer travel on
 different connections between runners) still hands out each publication
 once, in order, none skipped; a run of publications with one a JSON socket
-cannot take loses that one only."""
+cannot take loses that one only; a socket that subscribed while the first
+history read failed still gets the gateway's stream."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import msgpack
 import trio
 import trio.testing
 
+import trio_cluster as tc
 from trio_cluster.gateway import JSON, MSGPACK, ClientInfo, Position, Publication
 from trio_cluster.gateway._hub import TopicHub, _Follower
 from trio_cluster.gateway._statistics import GatewayCounters
@@ -47,16 +49,24 @@ class ScriptedTopic:
 
     def __init__(self) -> None:
         self.live_send, self.live = trio.open_memory_channel[Followed](100)
-        self.answer_send, self.answers = trio.open_memory_channel[History](10)
+        self.answer_send, self.answers = trio.open_memory_channel[History | Exception](
+            10
+        )
+        self.follows = 0
+        """Streams opened."""
 
     def __call__(self, name: str) -> ScriptedTopic:
         return self
 
     async def history(self, msg: Follow) -> History:
-        return await self.answers.receive()
+        answer = await self.answers.receive()
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     @asynccontextmanager
     async def follow(self, msg: Follow) -> AsyncIterator[AsyncIterator[Followed]]:
+        self.follows += 1
         await trio.lowlevel.checkpoint()
         yield self._items()
 
@@ -153,6 +163,55 @@ async def test_a_run_with_a_publication_a_json_socket_cannot_take(
         assert binary.offsets == [20, 21, 22]
         assert text.offsets == [20, 22]
         assert counters.drops == {"unencodable": 1}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_socket_that_joined_while_the_first_read_failed_gets_a_stream(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The socket whose subscribe made the gateway follow the topic fails
+    to read the history (the topic's runner unreachable) while another one
+    waits for the next read: that read starts the stream (before, only the
+    first subscribe did, and no socket of this gateway got a publication
+    again). Found by the simulator (``subscribed_while_the_first_read_failed``)."""
+    topic = ScriptedTopic()
+    async with trio.open_nursery() as nursery:
+        hub = TopicHub(topic, nursery, "r1")  # type: ignore[arg-type]
+        first, second, third = (FakeConnection(name) for name in "abc")
+        a, b = cast("ClientConnection", first), cast("ClientConnection", second)
+        failed: list[Exception] = []
+
+        async def subscribe_failing() -> None:
+            try:
+                await hub.subscribe(a, "t", Position(EPOCH, 5))
+            except tc.RunnerUnavailableError as exc:
+                failed.append(exc)
+
+        async with trio.open_nursery() as subscribing:
+            subscribing.start_soon(subscribe_failing)
+            await trio.testing.wait_all_tasks_blocked()
+            # "b" joins while "a"'s read is in flight: the next read is its.
+            subscribing.start_soon(hub.subscribe, b, "t", Position(EPOCH, 5))
+            await trio.testing.wait_all_tasks_blocked()
+            await topic.answer_send.send(tc.RunnerUnavailableError(runner="r2"))
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(failed) == 1
+            assert topic.follows == 0
+            await topic.answer_send.send(page(5, 7))
+        assert second.offsets == [6, 7]
+        for offset in (8, 9):
+            await topic.live_send.send(publication(offset))
+        await trio.testing.wait_all_tasks_blocked()
+        assert second.offsets == [6, 7, 8, 9]
+        assert first.offsets == []
+        # A socket subscribing later joins the stream at once.
+        value = hub.subscribe_now(cast("ClientConnection", third), "t")
+        assert value == {"epoch": EPOCH, "offset": 9, "recovered": False}
+        await topic.live_send.send(publication(10))
+        await trio.testing.wait_all_tasks_blocked()
+        assert second.offsets == [6, 7, 8, 9, 10]
+        assert third.offsets == [10]
+        assert topic.follows == 1
         nursery.cancel_scope.cancel()
 
 

@@ -99,6 +99,9 @@ class _Follower:
         self.name = name
         self.subscribers: dict[ClientConnection, _Subscriber] = {}
         self.scope = trio.CancelScope()
+        self.following = False
+        """Whether its stream was started (by the first subscribe whose
+        history read succeeded)."""
         self.position: Position | None = None
         self.recent: deque[Publication] = deque(maxlen=min(RECENT, Topic.history_size))
         """The last publications up to ``position``, consecutive (every
@@ -265,7 +268,6 @@ class TopicHub:
         ``with_presence``, the reply has the presence and the socket gets
         its diffs."""
         follower = self._followers.get(topic)
-        new = follower is None
         if follower is None:
             follower = self._followers[topic] = _Follower(topic)
         subscriber = _Subscriber(connection)
@@ -276,9 +278,14 @@ class TopicHub:
             follower.present[key] = data
         try:
             page = await self.reads.history(topic, since)
-            if new and follower.subscribers:
+            if not follower.following and follower.subscribers:
                 # Follow from the position just read: nothing published
-                # after it can be missed, whenever the stream opens.
+                # after it can be missed, whenever the stream opens. Not
+                # only the subscribe that made the follower: if its read
+                # failed (the topic's runner unreachable) or its socket
+                # left, the sockets that joined meanwhile would get no
+                # stream, nor would any later one on this gateway.
+                follower.following = True
                 follower.start_at(page)
                 self._nursery.start_soon(self._follow, follower)
             if data is not None:
