@@ -252,6 +252,18 @@ class PgMessages(MessageStorage, PgStates):
         if len(requests) == 1 and self._q.save_one is not None:  # no arrays
             (request,) = requests
             address = request.address
+            # The columns both single-row statements take first.
+            head: list[object] = [
+                request.request_id,
+                address.shard.group,
+                address.shard.number,
+                address.entity_type,
+                address.entity_id.value,
+                request.tag,
+                request.payload,
+                request.primary_key,
+                keys[ords[0]],
+            ]
             plain = self._q.save_claimed
             if (
                 plain is not None
@@ -261,15 +273,7 @@ class PgMessages(MessageStorage, PgStates):
                 rows = await self._rows(
                     plain,
                     [
-                        request.request_id,
-                        address.shard.group,
-                        address.shard.number,
-                        address.entity_type,
-                        address.entity_id.value,
-                        request.tag,
-                        request.payload,
-                        request.primary_key,
-                        keys[ords[0]],
+                        *head,
                         request.stream,
                         request.claim_epoch,
                         now,
@@ -280,15 +284,7 @@ class PgMessages(MessageStorage, PgStates):
                 if rows:  # inserted claimed; else `save_one` decides
                     return rows
             one: list[object] = [
-                request.request_id,
-                address.shard.group,
-                address.shard.number,
-                address.entity_type,
-                address.entity_id.value,
-                request.tag,
-                request.payload,
-                request.primary_key,
-                keys[ords[0]],
+                *head,
                 None if request.deliver_at is None else float(request.deliver_at),
                 request.stream,
                 request.claim_epoch,
