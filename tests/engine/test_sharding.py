@@ -136,6 +136,34 @@ async def test_a_slow_handler_holds_up_only_its_own_shard_when_its_runner_leaves
         assert staying.statistics().failovers == 0
 
 
+async def test_a_runner_displaced_from_its_address_leaves_the_newer_registration_alone(
+    autojump_clock,
+):
+    storage = MemoryStorage()
+    address = tc.RunnerAddress("127.0.0.1", 1)
+    async with (
+        storage.open_session(name="newer", lease_duration=30.0) as newer,
+        AsyncExitStack() as stack,
+    ):
+        network = MemoryNetwork()
+        await stack.enter_async_context(
+            tc.open_runner(
+                entities=[Counter],
+                config=config(runner_address=address),
+                storage=storage,
+                transport=MemoryTransport(network),
+            )
+        )
+        # A newer process registers at the same address (this one was
+        # frozen, say): the newest registration wins.
+        machine_id = await newer.runners.register(
+            RunnerInfo(address=address, groups=("default",))
+        )
+        await stack.aclose()  # the displaced runner shuts down
+        [live] = await newer.runners.live_runners()
+        assert (live.groups, live.machine_id) == (("default",), machine_id)
+
+
 async def test_join_rebalances_without_serving_a_shard_twice(autojump_clock):
     async with AsyncExitStack() as stack:
         cluster = await open_cluster(stack, [1])

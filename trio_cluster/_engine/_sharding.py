@@ -212,9 +212,14 @@ class Sharding:
     async def _leave(self) -> None:
         """Register again with no shard group (the same registration: the
         machine id stays), so that the other runners' assignment no longer
-        counts this one and they want its shards while they drain. Failing
-        (storage down, too slow) is logged: the others then take the shards
-        once this runner unregisters."""
+        counts this one and they want its shards while they drain.
+
+        Only while the live registration of this address is still this
+        runner's (its machine id): a newer runner registered at the same
+        address (this one frozen meanwhile) keeps it. Failing (storage
+        down, too slow) is logged: the others then take the shards once
+        this runner unregisters. Cancellation propagates (`shutdown` runs
+        shielded)."""
         if not self._config.shard_groups:
             await trio.lowlevel.checkpoint()
             return  # serves no shard: nothing to hand over
@@ -222,9 +227,13 @@ class Sharding:
             address=self.address, groups=(), weight=self._config.runner_weight
         )
         try:
-            # While shards still drain: a stall must not abandon the
-            # statement (that would end the lock session, see
-            # `_operation_timeout`).
+            # While shards still drain: a stall must not abandon a statement
+            # (that would end the lock session, see `_operation_timeout`).
+            with fail_after_unstalled(self._operation_timeout):
+                live = await self._runners.live_runners()
+            mine = [runner for runner in live if runner.address == self.address]
+            if len(mine) != 1 or mine[0].machine_id != self.table.machine_id:
+                return  # displaced by a newer registration: not ours to change
             with fail_after_unstalled(self._operation_timeout):
                 await self._runners.register(leaving)
         except (PersistenceError, trio.TooSlowError) as exc:
