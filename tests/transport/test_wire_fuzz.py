@@ -471,13 +471,21 @@ class Fuzzed:
             "streams": lambda: not any(key[0] in peers for key in inbound._streams),
             "recent calls": lambda: not any(peer in inbound._recent for peer in peers),
             "pending calls": lambda: not outbound._pending,
-            "accepted connections": lambda: endpoint._admission.open == self.accepted,
+            # No more than before the fuzzing peer came: fewer is a real
+            # runner's duplicate connection closed meanwhile (a dial race
+            # between the two runners), which lowers the baseline below.
+            "accepted connections": lambda: endpoint._admission.open <= self.accepted,
         }
         with trio.move_on_after(SETTLE + 2.0):
             while not all(check() for check in checks.values()):  # noqa: ASYNC110
                 await trio.sleep(0.005)
         left = [name for name, check in checks.items() if not check()]
-        assert not left, f"the runner still holds the fuzzing peer's {left}"
+        assert not left, (
+            f"the runner still holds the fuzzing peer's {left}"
+            f" (accepted connections open: {endpoint._admission.open},"
+            f" before: {self.accepted})"
+        )
+        self.accepted = endpoint._admission.open
         assert len(endpoint._peers) <= 3, endpoint._peers.keys()
         self.examples += 1
 
