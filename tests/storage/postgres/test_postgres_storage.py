@@ -69,16 +69,12 @@ class TestPostgresConformance(StorageConformance):
         return LEASE
 
 
-class TestPostgresConformanceBatchForms(StorageConformance):
+class TestPostgresConformanceBatchForms(TestPostgresConformance):
     """The conformance suite again, with every save written by the batch
     statements: a batch of one otherwise uses the single-row forms, so this
     is the suite's run of the batch statements on single items."""
 
     omits_unneeded_reply_notifications = False  # only the plain form does
-
-    @pytest.fixture
-    def lease_duration(self) -> float:
-        return LEASE
 
     @pytest.fixture
     def storage(
@@ -88,17 +84,13 @@ class TestPostgresConformanceBatchForms(StorageConformance):
         return PostgresStorage(pg_schema.dsn, table_prefix=unique_prefix())
 
 
-class TestPostgresConformanceGeneralSingleRowForms(StorageConformance):
+class TestPostgresConformanceGeneralSingleRowForms(TestPostgresConformance):
     """The conformance suite again, without the plain forms of a claimed
     save and of a final reply (`._one_row.save_claimed`,
     `._one_row.save_final_reply`): every single-row save is written by the
     general single-row statements, as the plain forms' fallback is."""
 
     omits_unneeded_reply_notifications = False  # only the plain form does
-
-    @pytest.fixture
-    def lease_duration(self) -> float:
-        return LEASE
 
     @pytest.fixture
     def storage(

@@ -426,11 +426,7 @@ class PgMessages(MessageStorage, PgStates):
                 return [ReplyOutcome.RECORDED]
             query = one
             params: list[object] = [
-                reply.request_id,
-                reply.shard.group,
-                reply.shard.number,
-                reply.epoch,
-                reply.payload,
+                *_reply_head(reply),
                 reply.sequence,
                 now,
                 self._channel,
@@ -461,16 +457,7 @@ class PgMessages(MessageStorage, PgStates):
         plain = self._q.save_final_reply
         if plain is None or reply.sequence is not None or reply.dead_letter is not None:
             return False
-        params: list[object] = [
-            reply.request_id,
-            reply.shard.group,
-            reply.shard.number,
-            reply.epoch,
-            reply.payload,
-            now,
-            self._channel,
-            reply.notify,
-        ]
+        params: list[object] = [*_reply_head(reply), now, self._channel, reply.notify]
         return bool(await self._rows(plain, params, transaction))
 
     def _reply_arrays(self, checked: Sequence[ReplyRecord], now: float) -> list[object]:
@@ -640,3 +627,14 @@ def _metadata_text(request: PersistedRequest) -> str | None:
     if not request.metadata:
         return None
     return json.dumps(dict(request.metadata), ensure_ascii=False)
+
+
+def _reply_head(reply: ReplyRecord) -> list[object]:
+    """The parameters both single-row reply statements take first."""
+    return [
+        reply.request_id,
+        reply.shard.group,
+        reply.shard.number,
+        reply.epoch,
+        reply.payload,
+    ]
