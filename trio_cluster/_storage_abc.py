@@ -67,6 +67,7 @@ __all__ = [
     "MessageStorage",
     "MessagesAvailable",
     "Notification",
+    "NotificationsMissed",
     "PersistedRequest",
     "RepliesAvailable",
     "ReplyOutcome",
@@ -75,6 +76,7 @@ __all__ = [
     "RequestsInterrupted",
     "RunnerInfo",
     "RunnerStorage",
+    "RunnersChanged",
     "SaveResult",
     "ShardOwner",
     "Storage",
@@ -326,7 +328,30 @@ class RequestsInterrupted:
     shards: frozenset[ShardId]
 
 
-Notification = MessagesAvailable | RepliesAvailable | RequestsInterrupted
+@attrs.frozen
+class RunnersChanged:
+    """A runner registered, registered again (say, to leave) or
+    unregistered: the live runners are worth reading again now. A runner
+    whose session ended (a killed process) is not announced: each lease
+    refresh lists the live runners (`RunnerStorage.refresh_and_list`)."""
+
+
+@attrs.frozen
+class NotificationsMissed:
+    """Notifications may have been lost before this one (the backend's
+    channel to the database was down meanwhile): whatever they could have
+    said must be read again (every served shard claimed, every awaited reply
+    fetched). Only backends whose `MessageStorage.notifications_lossless` is
+    true send it: then it is the only way a notification is ever lost."""
+
+
+Notification = (
+    MessagesAvailable
+    | RepliesAvailable
+    | RequestsInterrupted
+    | RunnersChanged
+    | NotificationsMissed
+)
 
 
 class StorageTransaction(ABC):
@@ -512,6 +537,13 @@ class MessageStorage(DeadLetterStorage):
         On cancellation nothing is lost that was not already returned.
         """
 
+    notifications_lossless: bool = False
+    """Whether every write another session must act on is notified (a
+    request becoming claimable, a reply, an interrupt), and any loss is
+    announced by `NotificationsMissed`. The runtime then never polls storage
+    while nothing happens; otherwise (the default, for backends that cannot
+    promise it) it also claims every ``storage_poll_interval``."""
+
 
 # --------------------------------------------------------------------------
 # Runner records
@@ -580,6 +612,20 @@ class RunnerStorage(ABC):
     @abstractmethod
     async def refresh(self, shards: Collection[ShardId]) -> set[ShardId]:
         """Heartbeat the session and report which of ``shards`` it still holds."""
+
+    async def refresh_and_list(
+        self, shards: Collection[ShardId]
+    ) -> tuple[set[ShardId], list[RunnerInfo]]:
+        """`refresh`, then `live_runners`: the held shards and the live
+        runners, as of this heartbeat.
+
+        The runtime calls this on every lease refresh instead of polling the
+        live runners: a runner that died or left is noticed at the next
+        heartbeat with no statement of its own. Backends should override it
+        to do both in one operation (PostgreSQL: one statement); this default
+        makes two calls. Errors: as for `refresh` and `live_runners`."""
+        held = await self.refresh(shards)
+        return held, await self.live_runners()
 
     @abstractmethod
     async def release(self, shards: Collection[ShardId]) -> None:

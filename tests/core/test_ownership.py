@@ -111,6 +111,27 @@ def test_refresh_that_started_after_the_deadline_does_not_extend():
     assert own.refreshed({A}, started_at=4.5) == [StopShard(A, graceful=False)]
 
 
+def test_a_refresh_does_not_judge_a_lock_taken_after_it_began():
+    own = make()
+    own.assignment_changed([A, B])
+    own.acquired({A: 1}, started_at=0.0)
+    asked = own.held_epochs()
+    assert asked == {A: 1}
+    # While the refresh is on its way, A's lease lapses, A is released and
+    # locked again (epoch 2), and B is locked: the answer predates both.
+    assert own.lapsed(A) == [StopShard(A, graceful=False)]
+    own.stopped(A)
+    own.released([A])
+    own.acquired({A: 2, B: 1}, started_at=4.1)
+    assert own.refreshed((), started_at=4.0, asked=asked) == []
+    assert own.serving() == {A: 2, B: 1}
+    # Without ``asked`` (the lock session was lost) every shard is judged.
+    assert own.refreshed((), started_at=4.2) == [
+        StopShard(A, graceful=False),
+        StopShard(B, graceful=False),
+    ]
+
+
 def test_a_draining_shard_keeps_its_lease_until_stopped():
     own = make()
     own.assignment_changed([A])
@@ -246,7 +267,9 @@ class OwnershipMachine(RuleBasedStateMachine):
             if held
             else set()
         )
-        self._apply(self.own.refreshed(kept, started_at=self.now))
+        self._apply(
+            self.own.refreshed(kept, started_at=self.now, asked=self.own.held_epochs())
+        )
 
     @rule(step=st.floats(0.1, 3.0))
     def tick(self, step):

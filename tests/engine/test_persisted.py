@@ -15,7 +15,14 @@ import trio
 import trio.testing
 
 import trio_cluster as tc
-from trio_cluster.abc import PersistedRequest, ReplyQuery, StorageSession
+from trio_cluster.abc import (
+    Notification,
+    NotificationsMissed,
+    PersistedRequest,
+    ReplyQuery,
+    RunnerInfo,
+    StorageSession,
+)
 from trio_cluster.storage import MemoryStorage
 
 from ..helpers import (
@@ -286,6 +293,63 @@ async def test_malformed_stored_payload_gets_an_error_reply(autojump_clock):
             handler.reply.decode_exit(replies.final).unwrap()
 
 
+class CutNotifications(PatchingStorage):
+    """MemoryStorage whose notifications can be cut: while `cut`, every
+    notification is dropped; once `restored` is set, the next wait returns
+    `NotificationsMissed`, as a backend whose connection came back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cut = False
+        self.restored = trio.Event()
+
+    def patch_session(self, session: StorageSession) -> None:
+        messages = session.messages
+        original = messages.wait_notifications
+
+        async def drop_all() -> None:
+            while True:
+                await original()
+
+        async def wait() -> list[Notification]:
+            while True:
+                if self.cut:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(drop_all)
+                        await self.restored.wait()
+                        nursery.cancel_scope.cancel()
+                    self.cut = False
+                    return [NotificationsMissed()]
+                notifications = await original()
+                if not self.cut:
+                    return notifications
+
+        messages.wait_notifications = wait  # type: ignore[method-assign]
+
+
+async def test_nothing_is_polled_and_missed_notifications_are_read_again(
+    autojump_clock,
+):
+    # Storage announces every loss of its notifications: the runner never
+    # polls it, and reads everything again when told some were missed.
+    storage = CutNotifications()
+    async with open_clocked_runner([Account], config(), storage) as runner:
+        address = runner.client(Account).address_of("ivy")
+        storage.cut = True
+        async with storage.open_session(name="other", lease_duration=5) as session:
+            request = PersistedRequest(
+                request_id=3, address=address, tag="deposit", payload=b"\x81\xa1x\x01"
+            )
+            await session.messages.save_requests([request], now=runner.clock.now())
+            await trio.sleep(60)  # twelve safety-net polls, were there any
+            [replies] = await session.messages.replies_for([ReplyQuery(3)])
+            assert replies.final is None  # never claimed
+            storage.restored.set()
+            await trio.sleep(0.5)
+            [replies] = await session.messages.replies_for([ReplyQuery(3)])
+        assert replies.final is not None  # claimed and answered at once
+
+
 async def test_unencodable_message_is_refused_before_storing(autojump_clock):
     async with open_clocked_runner([Account]) as runner:
         with pytest.raises(tc.MalformedMessageError):
@@ -334,16 +398,43 @@ class LockLosingStorage(PatchingStorage):
 
     def patch_session(self, session: StorageSession) -> None:
         runners = session.runners
-        original = runners.refresh
+        original = runners.refresh_and_list
 
-        async def refresh(shards: Collection[tc.ShardId]) -> set[tc.ShardId]:
-            held = await original(shards)
+        async def refresh(
+            shards: Collection[tc.ShardId],
+        ) -> tuple[set[tc.ShardId], list[RunnerInfo]]:
+            held, live = await original(shards)
             if not self.lost and trio.current_time() >= self.lose_at:
                 self.lost = True
-                return set()
-            return held
+                return set(), live
+            return held, live
 
-        runners.refresh = refresh  # type: ignore[method-assign]
+        runners.refresh_and_list = refresh  # type: ignore[method-assign]
+
+
+class LateRefreshStorage(PatchingStorage):
+    """MemoryStorage whose lease refreshes between ``start`` and ``end``
+    renew the session (its locks stay held) but answer only at ``end``, as a
+    statement whose answer waited unread: the runner's local leases lapse
+    while the locks are still held."""
+
+    def __init__(self, start: float, end: float) -> None:
+        super().__init__()
+        self.start, self.end = start, end
+
+    def patch_session(self, session: StorageSession) -> None:
+        runners = session.runners
+        original = runners.refresh_and_list
+
+        async def refresh(
+            shards: Collection[tc.ShardId],
+        ) -> tuple[set[tc.ShardId], list[RunnerInfo]]:
+            answer = await original(shards)
+            if self.start <= trio.current_time() < self.end:
+                await trio.sleep_until(self.end)
+            return answer
+
+        runners.refresh_and_list = refresh  # type: ignore[method-assign]
 
 
 async def test_shard_stopped_under_a_persisted_handler_records_nothing(autojump_clock):
@@ -359,19 +450,13 @@ async def test_shard_stopped_under_a_persisted_handler_records_nothing(autojump_
 
 
 async def test_lapsed_lease_replays_the_running_persisted_request(autojump_clock):
-    # Refreshes hang from t=2 to t=6: the local lease lapses (the shard is
-    # stopped, its handler cancelled) while the lock is still held. Nothing
-    # may be recorded for the cancelled request: it must run again.
-    storage = MemoryStorage()
-
-    async def hang_refreshes(session: str, operation: str) -> None:
-        if operation == "refresh" and 2 <= trio.current_time() < 6:
-            await trio.sleep_until(6)
-
+    # Refreshes answer late from t=2 to t=6: the local lease lapses (the
+    # shard is stopped, its handler cancelled) while the lock is still held.
+    # Nothing may be recorded for the cancelled request: it must run again.
+    storage = LateRefreshStorage(2, 6)
     cfg = config(lease_duration=3.0, lease_refresh_interval=1.0)
     async with open_clocked_runner([Ledger], cfg, storage) as runner:
         ref = runner.client(Ledger)("lee")
-        storage.fault_hook = hang_refreshes
         await ref.slow_append(Deposit("only", 1))
         assert await ref.applied_ids(Get()) == ["only"]
         assert runner.statistics().failovers >= 1

@@ -276,18 +276,22 @@ class HangingRefreshStorage(PatchingStorage):
 
     def patch_session(self, session: StorageSession) -> None:
         runners = session.runners
-        refresh, release = runners.refresh, runners.release
+        refresh, release = runners.refresh_and_list, runners.release
 
-        async def hanging_refresh(shards: Collection[tc.ShardId]) -> set[tc.ShardId]:
+        async def hanging_refresh(
+            shards: Collection[tc.ShardId],
+        ) -> tuple[set[tc.ShardId], list[RunnerInfo]]:
+            # Storage renews the session; the answer never comes back.
+            answer = await refresh(shards)
             if trio.current_time() >= self.hang_at:
                 await trio.sleep_forever()
-            return await refresh(shards)
+            return answer
 
         async def recorded_release(shards: Collection[tc.ShardId]) -> None:
             self.releases.append(list(shards))
             await release(shards)
 
-        runners.refresh = hanging_refresh  # type: ignore[method-assign]
+        runners.refresh_and_list = hanging_refresh  # type: ignore[method-assign]
         runners.release = recorded_release  # type: ignore[method-assign]
 
 
@@ -668,7 +672,8 @@ async def test_quick_polls_after_a_dropped_connection_stop_if_the_peer_stays_liv
     autojump_clock,
 ):
     # A frozen or partitioned peer keeps its storage session (its locks) until
-    # its lease runs out: the survivor goes back to polling at the interval.
+    # its lease runs out: the survivor stops polling (its lease refreshes
+    # will list the peer gone).
     sessions: list[list[float]] = []
 
     class Counting(PatchingStorage):
@@ -700,8 +705,56 @@ async def test_quick_polls_after_a_dropped_connection_stop_if_the_peer_stays_liv
         since = [t - cut_at for t in polls if t >= cut_at]
         # At once, then after 10, 20, 40, 80 and 160 ms...
         assert 4 <= sum(t < 0.5 for t in since) <= 8
-        # ... then at the interval again.
-        assert sum(t >= 0.5 for t in since) <= 11
+        # ... up to the interval, then not at all: nothing is wanted.
+        assert max(since) < 2.0
+
+
+async def test_an_idle_runner_only_refreshes_and_hears_a_join_at_once(
+    autojump_clock,
+):
+    # Nothing is polled: each lease refresh lists the live runners, and the
+    # assignment is read again only when something changed.
+    operations: list[tuple[str, str, float]] = []
+
+    async def record(session: str, operation: str) -> None:
+        operations.append((session, operation, trio.current_time()))
+
+    async with AsyncExitStack() as stack:
+        cluster = Cluster(stack)
+        for port in (1, 2):
+            await cluster.start(port)
+        await cluster.settled()
+        first = cluster.runners[1]
+        cluster.storage.fault_hook = record
+        await trio.sleep(20.0)
+        runner_operations = {
+            "register",
+            "unregister",
+            "live_runners",
+            "acquire",
+            "refresh",
+            "release",
+            "release_all",
+            "shard_owners",
+        }
+        mine = [
+            (op, t)
+            for name, op, t in operations
+            if name == str(first.address) and op in runner_operations
+        ]
+        assert {op for op, _ in mine} == {"refresh"}
+        assert 18 <= len(mine) <= 21  # one a second
+        # A third runner joins: storage announces it, the first reads the
+        # runners at once, and the assignment moves.
+        operations.clear()
+        joined_at = trio.current_time()
+        await cluster.start(3)
+        with trio.fail_after(5):
+            while first.statistics().runners < 3:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        assert trio.current_time() - joined_at <= 0.1
+        await cluster.settled()
+        assert cluster.runners[3].statistics().shards > 0
 
 
 class _Rounds(trio.abc.Instrument):

@@ -150,14 +150,20 @@ class ShardingConfig:
     same time, so a successor can take over."""
 
     lease_refresh_interval: float = attrs.field(default=1.0, validator=_positive)
-    """How often leases are refreshed (heartbeat). Must be at most a third of
-    ``lease_duration``, so that two refreshes may fail before the lease lapses."""
+    """How often leases are refreshed (heartbeat); each refresh also lists the
+    live runners, so a runner that joined, left or died is noticed within this
+    interval (sooner by the peers whose connections to it dropped). Must be at
+    most a third of ``lease_duration``, so that two refreshes may fail before
+    the lease lapses."""
 
     membership_poll_interval: float = attrs.field(default=0.25, validator=_positive)
-    """How often the live runners are read (and shards still held by another
-    runner retried). A dropped connection to a peer triggers a poll at once,
-    then more after 10, 20, 40... ms (up to this interval) while the peer is
-    still live in storage or wanted shards are still locked."""
+    """How often the live runners are read again, and shards still held by
+    another runner retried, while this runner wants such shards. Otherwise
+    nothing is polled: each lease refresh lists the live runners (see
+    ``lease_refresh_interval``), and a change is read at once. A dropped
+    connection to a peer triggers a read at once, then more after 10, 20,
+    40... ms (up to this interval) while the peer is still live in storage or
+    wanted shards are still locked."""
 
     entity_max_idle: float = attrs.field(default=60.0, validator=_positive)
     """Default ``max_idle`` for entity classes that do not set their own."""
@@ -191,8 +197,12 @@ class ShardingConfig:
     for the storage read loop)."""
 
     storage_poll_interval: float = attrs.field(default=5.0, validator=_positive)
-    """Safety-net poll of storage for persisted messages. Normal delivery is
-    pushed (direct notification, LISTEN/NOTIFY, ``deliver_at`` timers)."""
+    """Safety-net poll of storage for persisted messages, for backends that
+    cannot promise to announce every lost notification (both built-in
+    backends do, `MessageStorage.notifications_lossless`: they are not
+    polled). Delivery is pushed (direct notice, LISTEN/NOTIFY, ``deliver_at``
+    timers). Also how often replies awaited from another runner are fetched,
+    while there are any."""
 
     unknown_type_grace: float = attrs.field(default=300.0, validator=_non_negative)
     """Rolling deploys: how long a persisted request for an entity type this

@@ -144,6 +144,10 @@ class Ownership:
         """Shards whose lock this runner holds or may hold (not yet released)."""
         return frozenset(self._records)
 
+    def held_epochs(self) -> dict[ShardId, int]:
+        """`held`, with the epoch each was locked at (what a refresh asks)."""
+        return {shard: record.epoch for shard, record in self._records.items()}
+
     def wanted(self) -> frozenset[ShardId]:
         """Assigned shards this runner should try to lock now."""
         return frozenset(shard for shard in self.assigned if shard not in self._records)
@@ -191,16 +195,29 @@ class Ownership:
             self._records[shard] = _Record(Phase.RELEASING, epochs[shard], 0.0)
         return [ReleaseShards(got)] if got else []
 
-    def refreshed(self, held: Iterable[ShardId], *, started_at: float) -> list[Command]:
+    def refreshed(
+        self,
+        held: Iterable[ShardId],
+        *,
+        started_at: float,
+        asked: Mapping[ShardId, int] | None = None,
+    ) -> list[Command]:
         """A refresh that started at ``started_at`` reported ``held`` still
         locked: extend the leases of serving and draining shards, stop
-        (forced) those whose lock is gone or whose deadline passed."""
+        (forced) those whose lock is gone or whose deadline passed.
+
+        ``asked``: the shards (with their epochs, from `held_epochs`) the
+        refresh asked about; a shard locked again since (another epoch, or
+        acquired after it began) is left alone: the answer predates its lock.
+        None: every shard is judged (the lock session was lost)."""
         held = frozenset(held)
         commands: list[Command] = []
         extended: set[ShardId] = set()
         deadline = started_at + self._validity
         for shard, record in self._records.items():
             if record.phase is not Phase.SERVING and not record.draining:
+                continue
+            if asked is not None and asked.get(shard) != record.epoch:
                 continue
             if shard in held and record.deadline > started_at:
                 if deadline > record.deadline:

@@ -4,7 +4,10 @@ The read loop claims deliverable requests of the shards this runner serves,
 under their epochs, and submits each to the entity manager with the reply
 recorder as its sink. It claims when woken (`ClaimSignal`: a local send, a
 storage notification, a shard acquired, a reply that frees budget, the next
-``deliver_at`` timer) and, as a safety net, every ``storage_poll_interval``.
+``deliver_at`` timer, notifications that may have been missed) and, as a
+safety net, every ``storage_poll_interval`` unless storage announces every
+loss of its notifications (`MessageStorage.notifications_lossless`: both
+built-in backends): then nothing is polled while nothing happens.
 At most ``max_persisted_in_flight`` persisted jobs are in memory: when that
 budget is spent the loop is *starved* and waits for replies to be recorded.
 A request for an entity that is not resident while the runner is at
@@ -223,6 +226,9 @@ class Claims:
     async def _read_loop(self) -> None:
         signal = self._parts.signal
         poll = self._parts.config.storage_poll_interval
+        # No safety net is needed when storage announces every loss of its
+        # notifications (`NotificationsMissed` nudges this loop).
+        idle = math.inf if self._parts.storage.notifications_lossless else poll
         while True:
             signal.rearm()
             self._answer_expired()
@@ -253,7 +259,7 @@ class Claims:
                 if batch.more:
                     await trio.lowlevel.checkpoint()
                     continue
-            timeout = poll
+            timeout = idle
             # A request due is worth waking for only if it can be claimed:
             # without a shard, or at the in-flight limit, a due time past
             # would make every wait zero (a busy loop, and virtual time

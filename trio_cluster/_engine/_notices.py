@@ -5,8 +5,13 @@ the transport when that is another runner, so it claims at once (else the
 local read loop is woken). Storage notifications are the fallback, and carry
 what no direct notice can: requests available on a shard (`MessagesAvailable`),
 final replies recorded by another runner (`RepliesAvailable`), and
-interruptions (`RequestsInterrupted`). Replies that every notice missed are
-found by polling, every ``storage_poll_interval``.
+interruptions (`RequestsInterrupted`), and changes of the registered runners
+(`RunnersChanged`, handed to sharding through the `ShardTable`). When
+notifications may have been
+lost (`NotificationsMissed`: the backend's connection for them was down),
+every served shard is claimed and every reply awaited from elsewhere fetched.
+Replies awaited from elsewhere are also fetched every
+``storage_poll_interval`` while there are any.
 """
 
 from __future__ import annotations
@@ -18,7 +23,13 @@ import attrs
 import trio
 
 from .._errors import PersistenceError
-from .._storage_abc import MessagesAvailable, RepliesAvailable, RequestsInterrupted
+from .._storage_abc import (
+    MessagesAvailable,
+    NotificationsMissed,
+    RepliesAvailable,
+    RequestsInterrupted,
+    RunnersChanged,
+)
 from ._claims import Claims
 from ._delivery import DeliveryParts
 from ._replies import ReplyRecorder
@@ -102,18 +113,28 @@ class Notices:
                     for request_id in note.request_ids:
                         self._parts.manager.interrupt(request_id)
                         self._claims.interrupt(request_id)
+                elif isinstance(note, RunnersChanged):
+                    self._parts.shards.runners_changed()
+                elif isinstance(note, NotificationsMissed):
+                    self._parts.signal.nudge()
+                    replies.update(self._awaited_elsewhere())
+                    self._parts.shards.runners_changed()
             if replies:
                 await self._recorder.fetch_final(sorted(replies))
+
+    def _awaited_elsewhere(self) -> list[int]:
+        """Requests callers here wait for that are handled elsewhere."""
+        return [
+            rid
+            for rid in self._parts.waiters
+            if rid not in self._parts.manager.persisted_jobs
+        ]
 
     async def reply_poll_loop(self) -> None:
         """Fetch the replies callers here wait for that are handled
         elsewhere, every ``storage_poll_interval``, until cancelled."""
         while True:
             await trio.sleep(self._parts.config.storage_poll_interval)
-            remote = [
-                rid
-                for rid in self._parts.waiters
-                if rid not in self._parts.manager.persisted_jobs
-            ]
+            remote = self._awaited_elsewhere()
             if remote:
                 await self._recorder.fetch_final(remote)

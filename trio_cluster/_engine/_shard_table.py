@@ -4,8 +4,10 @@
 Sharding writes it; routing, persisted delivery, inbound requests, broadcasts
 and the runner's read-only views read it. It holds the served hosts (ACTIVE
 only: a host leaves the table the moment it starts stopping), the shard
-assignment and the live runners as of the last membership poll, and an event
-that fires when either changes.
+assignment and the live runners as of the last read of them, an event that
+fires when either changes, and the hint that storage announced a change of
+the registered runners (`runners_changed`: persisted delivery hears it,
+sharding reads them again).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class ShardTable:
         forgotten once a connection to them is up again or they leave the
         live runners (see `ClusterViews.runners_healthy`)."""
         self._changed = trio.Event()
+        self._runners_changed = trio.Event()
         self._shard_ids: dict[ShardId, ShardId] = {}
         """One object per shard id (see `shard_id`)."""
 
@@ -94,6 +97,16 @@ class ShardTable:
         """Wait until the served shards or the assignment change, or ``deadline``."""
         with trio.move_on_at(deadline):
             await self._changed.wait()
+
+    def runners_changed(self) -> None:
+        """Storage announced that a runner registered or unregistered."""
+        self._runners_changed.set()
+
+    async def wait_runners_changed(self) -> None:
+        """Wait for the next `runners_changed` (one announced since the last
+        return counts). Cancellation-safe."""
+        await self._runners_changed.wait()
+        self._runners_changed = trio.Event()
 
     def signal_changed(self) -> None:
         """Wake everyone in `wait_changed`."""

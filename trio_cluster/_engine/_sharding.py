@@ -2,12 +2,22 @@
 
 Drives the sans-IO `Ownership` state machine with two loops:
 
-* the **assignment loop** polls the live runners, computes the deterministic
-  assignment, stops shards that moved away, and tries to lock wanted shards
-  (retrying on every poll while another runner still holds them);
+* the **assignment loop** reads the live runners when something may have
+  changed, computes the deterministic assignment, stops shards that moved
+  away, and tries to lock wanted shards (retrying every
+  ``membership_poll_interval`` while another runner still holds them);
 * the **lease loop** refreshes the locks every ``lease_refresh_interval``,
   which is also the session heartbeat; each success pushes the lease
   deadlines of served and *draining* shards forward.
+
+Nothing is polled while nothing changes. The assignment loop reads the live
+runners when storage announces that one registered or unregistered
+(`RunnersChanged`), when a peer's connection dropped, when the lock session
+was lost, while wanted shards are locked elsewhere, and when a lease refresh
+found them changed: each refresh also lists them
+(`RunnerStorage.refresh_and_list`, one statement on PostgreSQL), which is
+how a runner whose session ended with no connection to this one (and no
+announcement) is noticed, within one refresh interval.
 
 A dropped connection to a peer is the first sign that it died: it triggers a
 poll at once. The storage session of a killed process ends a few
@@ -203,6 +213,7 @@ class Sharding:
             # Watching from before the first acquisition: a loss during it
             # must be heard (see `_poll_assignment`).
             nursery.start_soon(self._watch_session)
+            nursery.start_soon(self._watch_registry)
             await trio.lowlevel.checkpoint()
             await self._poll_assignment()
             nursery.start_soon(self._lease_loop)
@@ -252,9 +263,18 @@ class Sharding:
         while True:
             with trio.move_on_after(self._next_poll_delay()):
                 await self._poll_now.wait()
+            asked = self._poll_now.is_set()
             self._poll_now = trio.Event()
             if self._closing:
                 return
+            if (
+                not asked
+                and self._quick_attempt is None
+                and not self.ownership.wanted()
+            ):
+                # Nothing to retry: every lease refresh lists the live
+                # runners, and a change asks for a poll (`_lease_loop`).
+                continue
             try:
                 await self._poll_assignment()
             except (PersistenceError, trio.TooSlowError) as exc:
@@ -320,14 +340,19 @@ class Sharding:
             next_at += interval
             await trio.sleep_until(next_at)
             started_at = trio.current_time()
+            asked = self.ownership.held_epochs()
             try:
                 with fail_after_unstalled(self._operation_timeout):
-                    held = await self._runners.refresh(_in_order(self.ownership.held()))
+                    held, live = await self._runners.refresh_and_list(_in_order(asked))
             except (PersistenceError, trio.TooSlowError) as exc:
                 log.warning("lease refresh failed (leases not extended): %r", exc)
                 continue
             self.heartbeat_at = started_at
-            await self._execute(self.ownership.refreshed(held, started_at=started_at))
+            if live != self.table.live:
+                self.poll_soon()  # a runner joined, left or died
+            await self._execute(
+                self.ownership.refreshed(held, started_at=started_at, asked=asked)
+            )
             # Never fall behind by more than one interval after a slow refresh.
             next_at = max(next_at, trio.current_time() - interval)
 
@@ -349,6 +374,13 @@ class Sharding:
             await self._execute(
                 self.ownership.refreshed((), started_at=trio.current_time())
             )
+            self.poll_soon()
+
+    async def _watch_registry(self) -> None:
+        """Read the live runners at once when storage announces that one
+        registered or unregistered (`RunnersChanged`)."""
+        while True:
+            await self.table.wait_runners_changed()
             self.poll_soon()
 
     def poll_soon(self) -> None:

@@ -9,6 +9,7 @@ from trio_cluster._storage_abc import (
     Notification,
     RepliesAvailable,
     RequestsInterrupted,
+    RunnersChanged,
 )
 
 if TYPE_CHECKING:
@@ -52,6 +53,9 @@ class Coalescer:
         self.interrupt_ids.update(ids)
         self.interrupt_shards.update(shards)
 
+    def add_runners_changed(self) -> None:
+        self.kinds[RunnersChanged] = None
+
     def take(self) -> list[Notification]:
         """The pending notifications; nothing is pending afterwards."""
         taken: list[Notification] = []
@@ -60,6 +64,8 @@ class Coalescer:
                 taken.append(MessagesAvailable(frozenset(self.shards), self.deliver_at))
             elif kind is RepliesAvailable:
                 taken.append(RepliesAvailable(frozenset(self.reply_ids)))
+            elif kind is RunnersChanged:
+                taken.append(RunnersChanged())
             else:
                 taken.append(
                     RequestsInterrupted(

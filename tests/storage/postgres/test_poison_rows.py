@@ -6,6 +6,7 @@ restart, with a typed error for what it cannot use (real server, real time).
 
 from __future__ import annotations
 
+import json
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from tests.pg_fixture import unique_prefix
 from trio_cluster._core._hashing import advisory_namespace
 from trio_cluster.storage import PostgresStorage
 from trio_cluster.storage._postgres._driver._driver import PgConnection
+from trio_cluster.storage._postgres._schema import PgNames
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -60,7 +62,8 @@ async def insert_poison(
     dsn: str, prefix: str, row: tuple[tc.ShardId, bytes], first_id: int
 ) -> list[int]:
     """One request per bad id, in the shard and with the payload of ``row``
-    (see `valid_row`); returns their ids."""
+    (see `valid_row`), notified as the library's own writes are (runners do
+    not poll); returns their ids."""
     shard, payload = row
     ids = [first_id + i for i in range(len(BAD_IDS))]
     for request_id, bad_id in zip(ids, BAD_IDS, strict=True):
@@ -71,6 +74,10 @@ async def insert_poison(
             " VALUES ($1, $2, $3, 'Account', $4, 'deposit', $5)",
             [request_id, shard.group, shard.number, bad_id, payload],
         )
+    note = json.dumps({"m": [[shard.group, shard.number]], "d": None})
+    await sql(
+        dsn, "SELECT pg_notify($1, $2)", [PgNames.for_prefix(prefix).channel, note]
+    )
     return ids
 
 

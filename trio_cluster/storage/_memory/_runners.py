@@ -161,7 +161,16 @@ class RunnerTable:
             )
         session.registration = attrs.evolve(runner, machine_id=machine_id)
         session.displaced_id = None
+        self.announce()
         return machine_id
+
+    def announce(self) -> None:
+        """Tell every session the registry changed (`RunnersChanged`); a
+        session that ends without unregistering (killed) is not announced,
+        as on PostgreSQL."""
+        for session in self._sessions.values():
+            session.inbox.add_runners_changed()
+            session.inbox.lot.unpark_all()
 
     def live_runners(self) -> list[RunnerInfo]:
         live = [
@@ -242,6 +251,7 @@ class MemoryRunners(RunnerStorage):
     async def unregister(self) -> None:
         await self._enter("unregister")
         self._session.registration = None
+        self._table.announce()
 
     async def live_runners(self) -> list[RunnerInfo]:
         await self._enter("live_runners")
@@ -256,6 +266,16 @@ class MemoryRunners(RunnerStorage):
         checked = check_refresh(shards)
         await self._enter("refresh")
         return {shard for shard in checked if shard in self._session.held}
+
+    async def refresh_and_list(
+        self, shards: Collection[ShardId]
+    ) -> tuple[set[ShardId], list[RunnerInfo]]:
+        # One operation (its entry steps run the lease bookkeeping first, so
+        # the listing leaves out the sessions whose leases lapsed).
+        checked = check_refresh(shards)
+        await self._enter("refresh")
+        held = {shard for shard in checked if shard in self._session.held}
+        return held, self._table.live_runners()
 
     async def release(self, shards: Collection[ShardId]) -> None:
         checked = check_release(shards)

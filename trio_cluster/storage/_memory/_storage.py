@@ -181,7 +181,10 @@ class MemoryStorage(Storage, WebhookStorageProvider):
         finally:
             if session.status == "open":
                 session.status = "closed"
+                registered = session.registration is not None
                 self._end(session)
+                if registered:
+                    self._runners.announce()  # as PostgreSQL's unregistering close
 
     @asynccontextmanager
     async def open_webhook_storage(self, *, name: str) -> AsyncIterator[MemoryWebhooks]:

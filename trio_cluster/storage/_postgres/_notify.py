@@ -10,8 +10,10 @@ The connection is opened with the session, so notifications of the first
 writes are not missed. If it dies (the server restarted, an administrator
 terminated it), `Listener.wait` raises `PersistenceError` at once, and the
 next call opens a new connection (after a `Backoff` delay if connecting
-failed before): notifications sent in between are lost, which the contract
-allows (they are hints; the runtime also polls).
+failed before): notifications sent in between are lost. That call returns at
+once, once it LISTENs again, with what ``on_reconnect`` gives (for messages:
+`NotificationsMissed`, so the runtime reads everything again; notifications
+are otherwise never lost, so it does not poll).
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class _Inbox(Coalescer):
             self.add_messages(shards, None if when is None else float(when))
         elif "r" in data:
             self.add_replies(int(i) for i in data["r"])
+        elif "j" in data:
+            self.add_runners_changed()
         else:
             raise ValueError("unknown notification kind")
 
@@ -110,6 +114,11 @@ class Listener:
         default=coalesce, kw_only=True
     )
     """Turns raw notifications into what `wait` returns (nothing: wait on)."""
+    _on_reconnect: Callable[[], list[Any]] | None = attrs.field(
+        default=None, kw_only=True
+    )
+    """What `wait` returns at once after opening a new connection (once it
+    listens): notifications may have been lost before. None: waits on."""
     _random_unit: Callable[[], float] = attrs.field(default=random.random, kw_only=True)
     _failures: int = attrs.field(init=False, default=0)
     _retry_at: float = attrs.field(init=False, default=0.0)
@@ -155,7 +164,8 @@ class Listener:
         return conn
 
     async def wait(self) -> list[Any]:
-        """Wait for notifications; return them coalesced (at least one).
+        """Wait for notifications; return them coalesced (at least one), or,
+        when it had to open a new connection, what ``on_reconnect`` gives.
 
         Raises:
             PersistenceError: the connection died (or could not be opened
@@ -174,6 +184,8 @@ class Listener:
                 conn = await self._ensure()
                 if reconnect:
                     self.reconnects += 1
+                    if self._on_reconnect is not None:
+                        return self._on_reconnect()
                 try:
                     raw = await conn.wait_notifications()
                 except PersistenceError as exc:

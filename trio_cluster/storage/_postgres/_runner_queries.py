@@ -41,11 +41,13 @@ class RunnerQueries:
     unlock: str
     restore: str
     heartbeat: str
+    heartbeat_live: str
     register_gc: str
     register_takeover: str
     register: str
     unregister: str
     live: str
+    announce: str
     owners: str
     close: str
 
@@ -96,6 +98,23 @@ WHERE id = $2::int4 AND token = $3::text""",
             heartbeat=f"""
 UPDATE {r} SET seen_at = now() WHERE id = $1::int4 AND token = $2::text
 RETURNING port >= 0""",
+            # The heartbeat and the live runners in one statement (a lease
+            # refresh lists them: no poll of its own). The first row is the
+            # heartbeat's (absent if the registration row is gone); the
+            # listing reads the rows as they were before the update.
+            heartbeat_live=f"""
+WITH beat AS (
+    UPDATE {r} SET seen_at = now() WHERE id = $2::int4 AND token = $3::text
+    RETURNING port >= 0 AS registered
+)
+SELECT true, registered, NULL::text, NULL::int4, NULL::text[], NULL::float8,
+       NULL::int4
+FROM beat
+UNION ALL
+SELECT false, NULL, r.host, r.port, r.groups, r.weight, r.machine_id
+FROM {r} r
+WHERE r.port >= 0
+  AND EXISTS (SELECT 1 FROM ({LOCKS_QUERY}) l WHERE l.key = {RUNNER_KEY})""",
             register_gc=f"""
 DELETE FROM {r} r
 WHERE r.token <> $2::text
@@ -132,8 +151,12 @@ SELECT id, machine_id,
 FROM (SELECT * FROM mine UNION ALL SELECT * FROM ins) AS registered""",
             unregister=f"""
 WITH gone AS (DELETE FROM {r} WHERE token = $1::text RETURNING id)
-SELECT CASE WHEN id = $3::int4 THEN pg_advisory_unlock($2::int4, -id) END
+SELECT CASE WHEN id = $3::int4 THEN pg_advisory_unlock($2::int4, -id) END,
+       pg_notify($4::text, '{{"j": 1}}')
 FROM gone""",
+            # Sent with every change of the registry (delivered at commit):
+            # the other runners read the live runners at once.
+            announce="""SELECT pg_notify($1::text, '{"j": 1}')""",
             live=f"""
 SELECT r.host, r.port, r.groups, r.weight, r.machine_id
 FROM {r} r
@@ -151,6 +174,7 @@ LEFT JOIN locks l ON l.key = s.id
 LEFT JOIN holders h ON h.pid = l.pid
 WHERE s.epoch > 0""",
             close=f"""
-WITH gone AS (DELETE FROM {r} WHERE token = $1::text)
-SELECT pg_advisory_unlock_all()""",
+WITH gone AS (DELETE FROM {r} WHERE token = $1::text RETURNING id),
+notes AS MATERIALIZED (SELECT pg_notify($2::text, '{{"j": 1}}') FROM gone)
+SELECT pg_advisory_unlock_all(), (SELECT count(*) FROM notes)""",
         )

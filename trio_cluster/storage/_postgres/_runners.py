@@ -15,7 +15,9 @@ deadline, and on failure ends the session (a new generation holds nothing).
   statement, and concurrent `release` calls share one (`_Release`): a runner
   that stops its shards one by one at shutdown does not send one statement
   per shard. `refresh` is a heartbeat plus the generation's own bookkeeping:
-  the same connection still holds what it locked.
+  the same connection still holds what it locked; `refresh_and_list` adds
+  the live runners to the heartbeat's statement (the runner's only periodic
+  statement).
 * A runner is *live*
  while its session holds ``(namespace, -id)``, ``id``
   being its row in ``runners``; `live_runners` and `shard_owners` join
@@ -60,7 +62,7 @@ from ._locks import LockSession
 from ._runner_queries import RunnerQueries
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Collection
+    from collections.abc import Awaitable, Callable, Collection, Iterable
 
     from ._driver._driver import PgConnection
     from ._driver._protocol import Row
@@ -176,9 +178,13 @@ class PgRunners(RunnerStorage):
             await conn.execute("SELECT 1")
             return
         result = await conn.execute(self._q.heartbeat, [self._row_id, self._token])
-        if not result.rows:  # deleted (e.g. by another registration's gc)
+        self._beaten(result.rows[0][0] if result.rows else None)
+
+    def _beaten(self, registered: bool | None) -> None:
+        """Note what a heartbeat found (None: no registration row)."""
+        if registered is None:  # deleted (e.g. by another registration's gc)
             self._registration = self._row_id = None
-        elif not result.rows[0][0]:
+        elif not registered:
             # Displaced by a newer registration of our address: no longer
             # registered, but the row (and our machine id) stays reserved
             # while this session lives, so keep heartbeating it.
@@ -186,7 +192,7 @@ class PgRunners(RunnerStorage):
 
     async def _cleanup(self, conn: PgConnection, state: Generation) -> None:
         """At session exit: unregister and unlock everything."""
-        await conn.execute(self._q.close, [self._token])
+        await conn.execute(self._q.close, [self._token, self._names.channel])
         state.held.clear()
         state.live_id = None
         self._registration = self._row_id = None
@@ -230,9 +236,10 @@ class PgRunners(RunnerStorage):
                     [self._lock_class, address.host, address.port, self._token],
                 ),
                 (self._q.register, params),
+                (self._q.announce, [self._names.channel]),
             ]
         )
-        rows = results[-1].rows
+        rows = results[-2].rows
         if not rows:
             return None
         row_id, machine_id, live = rows[0]
@@ -251,7 +258,8 @@ class PgRunners(RunnerStorage):
 
     async def _unregister(self, conn: PgConnection, state: Generation) -> None:
         await conn.execute(
-            self._q.unregister, [self._token, self._ns, state.live_id or 0]
+            self._q.unregister,
+            [self._token, self._ns, state.live_id or 0, self._names.channel],
         )
         state.live_id = None
         self._registration = self._row_id = None
@@ -265,26 +273,7 @@ class PgRunners(RunnerStorage):
 
     async def live_runners(self) -> list[RunnerInfo]:
         rows = await self._run("live_runners", partial(self._listing, self._q.live))
-        runners: list[RunnerInfo] = []
-        for host, port, groups, weight, machine_id in rows:
-            try:
-                address = RunnerAddress(host, port)
-            except (TypeError, ValueError) as exc:
-                # Not a registration of ours (a hand edit, another program):
-                # leave it out rather than fail every caller's poll.
-                log.warning(
-                    "ignoring a registered runner at %r:%r: %s", host, port, exc
-                )
-                continue
-            runners.append(
-                RunnerInfo(
-                    address=address,
-                    groups=tuple(groups),
-                    weight=weight,
-                    machine_id=machine_id,
-                )
-            )
-        return sorted(runners, key=lambda runner: runner.address)
+        return _runner_infos(rows)
 
     # ------------------------------------------------------------------
     # Shard locks
@@ -332,6 +321,28 @@ class PgRunners(RunnerStorage):
         await self._restore_liveness(conn, state)
         await self._heartbeat(conn, state)
         return {shard for shard in shards if shard in state.held}
+
+    async def refresh_and_list(
+        self, shards: Collection[ShardId]
+    ) -> tuple[set[ShardId], list[RunnerInfo]]:
+        checked = check_refresh(shards)
+        return await self._run(
+            "refresh", lambda conn, state: self._refresh_and_list(checked, conn, state)
+        )
+
+    async def _refresh_and_list(
+        self, shards: list[ShardId], conn: PgConnection, state: Generation
+    ) -> tuple[set[ShardId], list[RunnerInfo]]:
+        await self._restore_liveness(conn, state)
+        held = {shard for shard in shards if shard in state.held}
+        if self._row_id is None:  # not registered: nothing to heartbeat
+            return held, _runner_infos(await self._listing(self._q.live, conn, state))
+        result = await conn.execute(
+            self._q.heartbeat_live, [self._lock_class, self._row_id, self._token]
+        )
+        beat = [row for row in result.rows if row[0]]
+        self._beaten(beat[0][1] if beat else None)
+        return held, _runner_infos([row[2:] for row in result.rows if not row[0]])
 
     async def release(self, shards: Collection[ShardId]) -> None:
         """Unlock shards; concurrent calls share statements (see `_Release`).
@@ -398,6 +409,29 @@ class PgRunners(RunnerStorage):
             for group, number, epoch, host, port in rows
         ]
         return sorted(owners, key=lambda owner: owner.shard)
+
+
+def _runner_infos(rows: Iterable[Row]) -> list[RunnerInfo]:
+    """Live runners from rows of ``(host, port, groups, weight, machine_id)``,
+    sorted by address."""
+    runners: list[RunnerInfo] = []
+    for host, port, groups, weight, machine_id in rows:
+        try:
+            address = RunnerAddress(host, port)
+        except (TypeError, ValueError) as exc:
+            # Not a registration of ours (a hand edit, another program):
+            # leave it out rather than fail every caller's listing.
+            log.warning("ignoring a registered runner at %r:%r: %s", host, port, exc)
+            continue
+        runners.append(
+            RunnerInfo(
+                address=address,
+                groups=tuple(groups),
+                weight=weight,
+                machine_id=machine_id,
+            )
+        )
+    return sorted(runners, key=lambda runner: runner.address)
 
 
 async def _nothing(conn: PgConnection, state: Generation) -> None:

@@ -32,7 +32,7 @@ import attrs
 
 from trio_cluster._core._checks import positive_count, positive_seconds
 from trio_cluster._errors import ConfigError
-from trio_cluster._storage_abc import Storage, StorageSession
+from trio_cluster._storage_abc import NotificationsMissed, Storage, StorageSession
 from trio_cluster._storage_webhooks import WebhookStorageProvider
 
 from .._validation import check_open_session
@@ -243,6 +243,7 @@ class PostgresStorage(Storage, WebhookStorageProvider):
                     application_name=f"trio_cluster listen {name}",
                 ),
                 self.names.channel,
+                on_reconnect=lambda: [NotificationsMissed()],
             )
             await listener.open()
             try:

@@ -30,12 +30,14 @@ from trio_cluster._storage_abc import (
     MessagesAvailable,
     MessageStorage,
     Notification,
+    NotificationsMissed,
     PersistedRequest,
     RepliesAvailable,
     ReplyQuery,
     ReplyRecord,
     RequestsInterrupted,
     RunnerInfo,
+    RunnersChanged,
     RunnerStorage,
     Storage,
     StorageSession,
@@ -205,6 +207,7 @@ class Seen:
         self.reply_ids: set[int] = set()
         self.interrupted_ids: set[int] = set()
         self.interrupted_shards: set[ShardId] = set()
+        self.runners_changed = 0
 
     def add(self, notification: Notification) -> None:
         self.notifications.append(notification)
@@ -212,10 +215,13 @@ class Seen:
             self.message_shards |= notification.shards
         elif isinstance(notification, RepliesAvailable):
             self.reply_ids |= notification.request_ids
-        else:
-            assert isinstance(notification, RequestsInterrupted), notification
+        elif isinstance(notification, RequestsInterrupted):
             self.interrupted_ids |= notification.request_ids
             self.interrupted_shards |= notification.shards
+        elif isinstance(notification, RunnersChanged):
+            self.runners_changed += 1
+        else:
+            assert isinstance(notification, NotificationsMissed), notification
 
 
 async def collect(messages: MessageStorage, until: Callable[[Seen], bool]) -> Seen:

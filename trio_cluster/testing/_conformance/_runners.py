@@ -11,7 +11,13 @@ import attrs
 import pytest
 import trio
 
-from trio_cluster._storage_abc import ReplyOutcome, ShardOwner, Storage, StorageSession
+from trio_cluster._storage_abc import (
+    ReplyOutcome,
+    RunnerInfo,
+    ShardOwner,
+    Storage,
+    StorageSession,
+)
 
 from ._base import (
     BASE_TIME,
@@ -22,6 +28,7 @@ from ._base import (
     acquire_shard,
     acquire_shards,
     claim_batch,
+    collect,
     conformance_shard,
     final_reply,
     persisted_request,
@@ -32,6 +39,8 @@ from ._base import (
 
 if TYPE_CHECKING:
     from trio_cluster._core._addresses import ShardId
+
+    from ._base import Seen
 
 __all__ = ["RunnerStorageTests"]
 
@@ -232,6 +241,56 @@ class RunnerStorageTests(ConformanceBase):
             await session.runners.release([SHARD2])
             assert await session.runners.refresh([SHARD, SHARD2]) == {SHARD}
             assert await session.runners.refresh([]) == set()
+
+    async def test_refresh_and_list_reports_the_held_subset_and_the_live_runners(
+        self, storage: Storage, session: StorageSession, lease_duration: float
+    ) -> None:
+        # What each lease refresh of a runner sees: the runners that joined,
+        # left (closed, unregistered or displaced) and changed since.
+        def ports(live: list[RunnerInfo]) -> list[int]:
+            return [runner.address.port for runner in live]
+
+        with trio.fail_after(TIMEOUT):
+            # Not registered yet: nothing to heartbeat, and still a listing.
+            assert await session.runners.refresh_and_list([SHARD]) == (set(), [])
+            first = await session.runners.register(runner_info(7001))
+            await acquire_shards(session.runners, SHARD)
+            async with storage.open_session(
+                name="conformance-c", lease_duration=lease_duration
+            ) as third:
+                await third.runners.register(runner_info(7003))
+                held, live = await session.runners.refresh_and_list([SHARD, SHARD2])
+                assert held == {SHARD}
+                assert live == await session.runners.live_runners()
+                assert ports(live) == [7001, 7003]
+                assert live[0].machine_id == first
+                await third.runners.register(runner_info(7003, groups=()))
+                _, live = await session.runners.refresh_and_list([SHARD])
+                assert live[1].groups == ()
+                await third.runners.unregister()
+                assert ports((await session.runners.refresh_and_list([]))[1]) == [7001]
+                await third.runners.register(runner_info(7004))
+            # Closed: no longer live.
+            assert await session.runners.refresh_and_list([SHARD]) == (
+                {SHARD},
+                [attrs.evolve(runner_info(7001), machine_id=first)],
+            )
+
+    async def test_registrations_and_unregistrations_are_announced(
+        self, session: StorageSession, other: StorageSession
+    ) -> None:
+        # `RunnersChanged` reaches the other sessions: runners read the live
+        # runners at once rather than polling them.
+        def announced(seen: Seen) -> bool:
+            return seen.runners_changed > 0
+
+        with trio.fail_after(TIMEOUT):
+            await session.runners.register(runner_info(7001))
+            await collect(other.messages, announced)
+            await session.runners.register(runner_info(7001, groups=()))
+            await collect(other.messages, announced)
+            await session.runners.unregister()
+            await collect(other.messages, announced)
 
     async def test_shard_owners_report_holder_and_epoch(
         self, session: StorageSession, other: StorageSession

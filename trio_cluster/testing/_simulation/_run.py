@@ -163,7 +163,8 @@ async def open_simulated_cluster(
     checker = Checker(
         storage=storage, trace=trace, fail=lambda text: cluster.fail(text)
     )
-    observed = ObservedStorage(storage, checker)
+    storage_faults = StorageFaults(storage)
+    observed = ObservedStorage(storage, checker, faults=storage_faults)
     handles = [
         SimulatedRunner(
             index,
@@ -188,7 +189,7 @@ async def open_simulated_cluster(
         trace=trace,
         checker=checker,
         observed=observed,
-        storage_faults=StorageFaults(storage),
+        storage_faults=storage_faults,
         settle_time=settle_time
         if settle_time is not None
         else default_settle_time(base),

@@ -14,10 +14,13 @@ Each session is bound to the `Incarnation` of the runner that opened it
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import trio
 
 from trio_cluster.abc import (
     MessageStorage,
@@ -29,6 +32,7 @@ from trio_cluster.abc import (
 from trio_cluster.storage import MemoryStorage
 
 from ._invariants import Checker, Incarnation
+from ._io import StorageFaults
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Collection, Mapping, Sequence
@@ -67,10 +71,13 @@ class ObservedStorage(Storage):
     Args:
         inner: the shared memory storage.
         checker: receives every call's request and result.
+        faults: the cluster's storage faults (a frozen runner hears that its
+            lock session ended only once it thaws).
     """
 
     inner: MemoryStorage
     _checker: Checker
+    _faults: StorageFaults | None = attrs.field(default=None, kw_only=True)
     next_incarnation: dict[str, Incarnation] = attrs.field(init=False, factory=dict)
     """Set by the cluster before a runner starts: the incarnation that
     the session named after its address belongs to."""
@@ -81,6 +88,12 @@ class ObservedStorage(Storage):
         inner = self.inner.open_session(name=name, lease_duration=lease_duration)
         return self._session(name, inner)
 
+    async def _hold(self, name: str) -> None:
+        if self._faults is None:
+            await trio.lowlevel.checkpoint()
+        else:
+            await self._faults.while_frozen(name)
+
     @asynccontextmanager
     async def _session(
         self, name: str, inner: AbstractAsyncContextManager[StorageSession]
@@ -89,7 +102,12 @@ class ObservedStorage(Storage):
         async with inner as session:
             yield StorageSession(
                 messages=_Messages(session.messages, self._checker, incarnation),
-                runners=_Runners(session.runners, self._checker, incarnation),
+                runners=_Runners(
+                    session.runners,
+                    self._checker,
+                    incarnation,
+                    hold=partial(self._hold, name),
+                ),
                 # The event log is not traced by the checker: passed through.
                 events=session.events,
             )
@@ -109,6 +127,10 @@ class _Messages(MessageStorage, StateStorage):
         init=False, factory=dict
     )
     """Durable states saved in each open transaction, likewise."""
+
+    @property
+    def notifications_lossless(self) -> bool:  # type: ignore[override]
+        return self._inner.notifications_lossless
 
     # Durable entity state: forwarded (the memory backend keeps it).
 
@@ -265,6 +287,8 @@ class _Runners(RunnerStorage):
     _inner: RunnerStorage
     _checker: Checker
     _by: Incarnation
+    _hold: Callable[[], Awaitable[None]] = attrs.field(kw_only=True)
+    """Waits while the runner is frozen (see `ObservedStorage`)."""
 
     async def register(self, runner: RunnerInfo) -> int:
         return await self._inner.register(runner)
@@ -285,6 +309,13 @@ class _Runners(RunnerStorage):
         self._checker.refreshed(self._by, list(shards), held)
         return held
 
+    async def refresh_and_list(
+        self, shards: Collection[ShardId]
+    ) -> tuple[set[ShardId], list[RunnerInfo]]:
+        held, live = await self._inner.refresh_and_list(shards)
+        self._checker.refreshed(self._by, list(shards), held)
+        return held, live
+
     async def release(self, shards: Collection[ShardId]) -> None:
         await self._inner.release(shards)
         self._checker.released(self._by, list(shards))
@@ -294,6 +325,7 @@ class _Runners(RunnerStorage):
 
     async def wait_session_lost(self) -> None:
         await self._inner.wait_session_lost()
+        await self._hold()
 
     async def shard_owners(self) -> list[ShardOwner]:
         return await self._inner.shard_owners()
