@@ -56,7 +56,16 @@ async def test_client_only_runner_sends_every_call_to_the_others(autojump_clock)
         )
         await client.wait_shards_acquired()
         assert client.statistics().shards == 0
-        await cluster.settled()  # the client takes no shards from anyone
+        # The others see the client (a live runner), and it takes no shard
+        # from anyone.
+        with trio.fail_after(5):
+            while any(  # noqa: ASYNC110
+                runner.statistics().runners != 3 for runner in cluster.runners.values()
+            ):
+                await trio.sleep(0.01)
+        stats = [runner.statistics() for runner in cluster.runners.values()]
+        assert sum(s.shards for s in stats) == 8
+        assert all(s.shards == s.shards_assigned for s in stats)
         for i in range(10):
             where = await client.client(Tally)(f"e{i}").add(Add(1))
             assert where.runner != str(client.address)

@@ -13,11 +13,11 @@ Drives the sans-IO `Ownership` state machine with two loops:
 Nothing is polled while nothing changes. The assignment loop reads the live
 runners when storage announces that one registered or unregistered
 (`RunnersChanged`), when a peer's connection dropped, when the lock session
-was lost, while wanted shards are locked elsewhere, and when a lease refresh
-found them changed: each refresh also lists them
-(`RunnerStorage.refresh_and_list`, one statement on PostgreSQL), which is
-how a runner whose session ended with no connection to this one (and no
-announcement) is noticed, within one refresh interval.
+was lost, and while wanted shards are locked elsewhere; and each lease
+refresh also lists them (`RunnerStorage.refresh_and_list`, one statement on
+PostgreSQL) and acts on a changed listing at once, which is how a runner
+whose session ended with no connection to this one (and no announcement) is
+noticed, within one refresh interval.
 
 A dropped connection to a peer is the first sign that it died: it triggers a
 poll at once. The storage session of a killed process ends a few
@@ -144,6 +144,8 @@ class Sharding:
         """Shielded stop scopes in progress (`abort` cancels them too)."""
         self._closing = False
         self._poll_now = trio.Event()
+        self._polling = trio.Lock()
+        """Held by `_poll_assignment`."""
         self._lost_peers: set[RunnerAddress] = set()
         """Peers whose connection dropped, still live as of the last poll."""
         interval = config.membership_poll_interval
@@ -280,9 +282,25 @@ class Sharding:
             except (PersistenceError, trio.TooSlowError) as exc:
                 log.warning("assignment poll failed: %r", exc)
 
-    async def _poll_assignment(self) -> None:
-        with fail_after_unstalled(self._operation_timeout):
-            live = await self._runners.live_runners()
+    async def _poll_assignment(self, live: list[RunnerInfo] | None = None) -> None:
+        """Read the live runners (unless ``live`` was just listed), act on
+        a changed assignment, and try to lock the wanted shards. One at a
+        time (the assignment loop and the lease loop both call it)."""
+        # NOTE: no schedule point when nobody else polls: the listing is
+        # acted on in the same step as it arrived.
+        if self._polling.locked():
+            await self._polling.acquire()
+        else:
+            self._polling.acquire_nowait()
+        try:
+            await self._assign(live)
+        finally:
+            self._polling.release()
+
+    async def _assign(self, live: list[RunnerInfo] | None) -> None:
+        if live is None:
+            with fail_after_unstalled(self._operation_timeout):
+                live = await self._runners.live_runners()
         # NOTE: most polls see the same runners: then nothing below can
         # change (profiled in the simulator: 10 runners polling 4 times a
         # second spent half their idle time rebuilding the same members).
@@ -348,11 +366,17 @@ class Sharding:
                 log.warning("lease refresh failed (leases not extended): %r", exc)
                 continue
             self.heartbeat_at = started_at
-            if live != self.table.live:
-                self.poll_soon()  # a runner joined, left or died
             await self._execute(
                 self.ownership.refreshed(held, started_at=started_at, asked=asked)
             )
+            if live != self.table.live and not self._closing:
+                # A runner joined, left or died: act on it now.
+                try:
+                    await self._poll_assignment(live)
+                except (PersistenceError, trio.TooSlowError) as exc:
+                    log.warning(
+                        "acting on a change of the live runners failed: %r", exc
+                    )
             # Never fall behind by more than one interval after a slow refresh.
             next_at = max(next_at, trio.current_time() - interval)
 

@@ -145,15 +145,6 @@ class StorageFaults:
         )
         self._storage.fault_hook = self.hook if active else None
 
-    async def while_frozen(self, session: str) -> None:
-        """Wait while the runner of ``session`` is frozen: a frozen process
-        notices nothing, not even its lock session ending."""
-        faults = self.sessions.get(session)
-        if faults is not None and faults.frozen:
-            await faults.thawed.wait()
-        else:
-            await trio.lowlevel.checkpoint()
-
     async def hook(self, session: str, operation: str) -> None:
         faults = self.sessions.get(session)
         if faults is not None and faults.frozen:

@@ -163,8 +163,7 @@ async def open_simulated_cluster(
     checker = Checker(
         storage=storage, trace=trace, fail=lambda text: cluster.fail(text)
     )
-    storage_faults = StorageFaults(storage)
-    observed = ObservedStorage(storage, checker, faults=storage_faults)
+    observed = ObservedStorage(storage, checker)
     handles = [
         SimulatedRunner(
             index,
@@ -189,7 +188,7 @@ async def open_simulated_cluster(
         trace=trace,
         checker=checker,
         observed=observed,
-        storage_faults=storage_faults,
+        storage_faults=StorageFaults(storage),
         settle_time=settle_time
         if settle_time is not None
         else default_settle_time(base),

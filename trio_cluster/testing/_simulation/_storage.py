@@ -14,13 +14,10 @@ Each session is bound to the `Incarnation` of the runner that opened it
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import trio
 
 from trio_cluster.abc import (
     MessageStorage,
@@ -32,7 +29,6 @@ from trio_cluster.abc import (
 from trio_cluster.storage import MemoryStorage
 
 from ._invariants import Checker, Incarnation
-from ._io import StorageFaults
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Collection, Mapping, Sequence
@@ -71,13 +67,10 @@ class ObservedStorage(Storage):
     Args:
         inner: the shared memory storage.
         checker: receives every call's request and result.
-        faults: the cluster's storage faults (a frozen runner hears that its
-            lock session ended only once it thaws).
     """
 
     inner: MemoryStorage
     _checker: Checker
-    _faults: StorageFaults | None = attrs.field(default=None, kw_only=True)
     next_incarnation: dict[str, Incarnation] = attrs.field(init=False, factory=dict)
     """Set by the cluster before a runner starts: the incarnation that
     the session named after its address belongs to."""
@@ -88,12 +81,6 @@ class ObservedStorage(Storage):
         inner = self.inner.open_session(name=name, lease_duration=lease_duration)
         return self._session(name, inner)
 
-    async def _hold(self, name: str) -> None:
-        if self._faults is None:
-            await trio.lowlevel.checkpoint()
-        else:
-            await self._faults.while_frozen(name)
-
     @asynccontextmanager
     async def _session(
         self, name: str, inner: AbstractAsyncContextManager[StorageSession]
@@ -102,12 +89,7 @@ class ObservedStorage(Storage):
         async with inner as session:
             yield StorageSession(
                 messages=_Messages(session.messages, self._checker, incarnation),
-                runners=_Runners(
-                    session.runners,
-                    self._checker,
-                    incarnation,
-                    hold=partial(self._hold, name),
-                ),
+                runners=_Runners(session.runners, self._checker, incarnation),
                 # The event log is not traced by the checker: passed through.
                 events=session.events,
             )
@@ -287,8 +269,6 @@ class _Runners(RunnerStorage):
     _inner: RunnerStorage
     _checker: Checker
     _by: Incarnation
-    _hold: Callable[[], Awaitable[None]] = attrs.field(kw_only=True)
-    """Waits while the runner is frozen (see `ObservedStorage`)."""
 
     async def register(self, runner: RunnerInfo) -> int:
         return await self._inner.register(runner)
@@ -325,7 +305,6 @@ class _Runners(RunnerStorage):
 
     async def wait_session_lost(self) -> None:
         await self._inner.wait_session_lost()
-        await self._hold()
 
     async def shard_owners(self) -> list[ShardOwner]:
         return await self._inner.shard_owners()
