@@ -26,7 +26,7 @@ from ._inbound import InboundCalls
 from ._persisted import PersistedDelivery
 from ._remote import OutboundCalls
 from ._sharding import Sharding
-from ._wire import Kind, address_from, parse
+from ._wire import MAX_CALL_ID, Kind, address_from, parse
 
 if TYPE_CHECKING:
     from .._core._addresses import RunnerAddress
@@ -41,6 +41,7 @@ log = logging.getLogger("trio_cluster.transport")
 # per envelope here.
 _REQUEST = Kind.REQUEST
 _REPLY = Kind.REPLY
+_REPLY_VALUE = int(Kind.REPLY)
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -91,7 +92,23 @@ class ClusterHandler(EndpointHandler):
                 current_runner_var.reset(runner_token)
 
     def _dispatch(self, peer: RunnerAddress, envelope: Envelope) -> None:
-        outbound, inbound = self.outbound, self.inbound
+        outbound = self.outbound
+        if len(envelope) == 3:
+            # A well-formed ``REPLY`` (the answer to every remote call),
+            # checked here in one expression as `_wire._plain` checks it:
+            # no `parse` call, no copy of its fields. Anything else, and
+            # every malformed envelope, goes through `parse` below.
+            kind, call_id, payload = envelope
+            if (
+                kind == _REPLY_VALUE
+                and type(kind) is int
+                and type(call_id) is int
+                and 0 <= call_id <= MAX_CALL_ID
+                and type(payload) is bytes
+            ):
+                outbound.reply(peer, call_id, payload)
+                return
+        inbound = self.inbound
         persisted, broadcasts = self._persisted, self._broadcasts
         try:
             kind, fields = parse(envelope)
