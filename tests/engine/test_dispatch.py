@@ -174,3 +174,35 @@ async def test_a_malformed_reply_is_refused_as_parse_refuses_it(
         handler.envelope_received(owner.address, envelope)
         assert replies.replies == []
         assert handler.malformed == 1
+
+
+async def test_a_slice_of_envelopes_is_dispatched_in_the_runners_context(
+    autojump_clock, monkeypatch
+):
+    from trio_cluster._context import current_runner_var
+
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1])
+        owner = cluster.runners[1]
+        handler = cluster_handler(owner)
+        seen: list[object] = []
+
+        class Outbound(_Replies):
+            def reply(self, peer: object, call_id: object, payload: object) -> None:
+                seen.append(current_runner_var.get(None))
+                super().reply(peer, call_id, payload)
+
+        replies = Outbound()
+        monkeypatch.setattr(handler, "outbound", replies)
+        token = current_runner_var.set(None)  # a transport task's context
+        try:
+            handler.envelopes_received(
+                owner.address, [[2, 1, b"a"], [99, 1], [2, 2, b"b"]]
+            )
+            assert current_runner_var.get(None) is None  # restored
+        finally:
+            current_runner_var.reset(token)
+        assert [call_id for _, call_id, _ in replies.replies] == [1, 2]
+        assert handler.malformed == 1  # the bad one alone
+        assert len(seen) == 2
+        assert all(context is handler._context for context in seen)

@@ -76,7 +76,7 @@ def test_packb_inside_packb_packs_both_values():
     inner: list[bytes] = []
 
     class Loud(dict):  # type: ignore[type-arg]
-        def items(self):  # type: ignore[no-untyped-def]
+        def items(self):
             inner.append(packb(["inner", 1]))
             return super().items()
 

@@ -29,6 +29,8 @@ from ._sharding import Sharding
 from ._wire import MAX_CALL_ID, Kind, address_from, parse
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from .._core._addresses import RunnerAddress
     from .._transport_abc import Envelope
 
@@ -85,6 +87,32 @@ class ClusterHandler(EndpointHandler):
         )
         try:
             self._dispatch(peer, envelope)
+        finally:
+            if entity_token is not None:
+                current_entity_var.reset(entity_token)
+            if runner_token is not None:
+                current_runner_var.reset(runner_token)
+
+    def envelopes_received(
+        self, peer: RunnerAddress, envelopes: Sequence[Envelope]
+    ) -> None:
+        # `envelope_received` for each, with the context variables set once
+        # for all of them (a WebSocket connection hands over a frame's
+        # envelopes at once).
+        runner_token = (
+            None
+            if current_runner_var.get(None) is self._context
+            else current_runner_var.set(self._context)
+        )
+        entity_token = (
+            None
+            if current_entity_var.get(None) is None
+            else current_entity_var.set(None)
+        )
+        try:
+            dispatch = self._dispatch
+            for envelope in envelopes:
+                dispatch(peer, envelope)
         finally:
             if entity_token is not None:
                 current_entity_var.reset(entity_token)
@@ -177,6 +205,12 @@ class HandlerRelay(EndpointHandler):
     def envelope_received(self, peer: RunnerAddress, envelope: Envelope) -> None:
         if self._target is not None:
             self._target.envelope_received(peer, envelope)
+
+    def envelopes_received(
+        self, peer: RunnerAddress, envelopes: Sequence[Envelope]
+    ) -> None:
+        if self._target is not None:
+            self._target.envelopes_received(peer, envelopes)
 
     def peer_lost(self, peer: RunnerAddress, reason: str) -> None:
         if self._target is not None:
