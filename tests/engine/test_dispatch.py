@@ -4,6 +4,7 @@ a few bounded lines (issue 12, item 8)."""
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from contextlib import AsyncExitStack
 
@@ -194,14 +195,13 @@ async def test_a_slice_of_envelopes_is_dispatched_in_the_runners_context(
 
         replies = Outbound()
         monkeypatch.setattr(handler, "outbound", replies)
-        token = current_runner_var.set(None)  # a transport task's context
-        try:
-            handler.envelopes_received(
-                owner.address, [[2, 1, b"a"], [99, 1], [2, 2, b"b"]]
-            )
-            assert current_runner_var.get(None) is None  # restored
-        finally:
-            current_runner_var.reset(token)
+        transport_task = contextvars.Context()  # no runner in it
+        transport_task.run(
+            handler.envelopes_received,
+            owner.address,
+            [[2, 1, b"a"], [99, 1], [2, 2, b"b"]],
+        )
+        assert transport_task.run(current_runner_var.get, None) is None  # restored
         assert [call_id for _, call_id, _ in replies.replies] == [1, 2]
         assert handler.malformed == 1  # the bad one alone
         assert len(seen) == 2
