@@ -37,6 +37,7 @@ import attrs
 import trio
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from contextlib import AbstractAsyncContextManager
 
     from ._core._addresses import RunnerAddress
@@ -58,6 +59,17 @@ class EndpointHandler(ABC):
     @abstractmethod
     def envelope_received(self, peer: RunnerAddress, envelope: Envelope) -> None:
         """``envelope`` arrived from ``peer`` (the address the peer announced)."""
+
+    def envelopes_received(
+        self, peer: RunnerAddress, envelopes: Sequence[Envelope]
+    ) -> None:
+        """``envelopes`` arrived from ``peer``, in this order (several of one
+        frame): the same as `envelope_received` for each, which is what
+        this default does; a handler may do it at less cost per envelope. If
+        it raises, the envelopes after the one that raised are not
+        delivered (the transport closes the connection)."""
+        for envelope in envelopes:
+            self.envelope_received(peer, envelope)
 
     @abstractmethod
     def peer_lost(self, peer: RunnerAddress, reason: str) -> None:

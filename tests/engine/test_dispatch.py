@@ -4,6 +4,7 @@ a few bounded lines (issue 12, item 8)."""
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from contextlib import AsyncExitStack
 
@@ -117,3 +118,91 @@ async def test_the_summary_is_written_when_the_peer_is_lost(autojump_clock, capl
             "and 90 more malformed envelopes from 127.0.0.1:99" in line
             for line in lines
         ), lines
+
+
+class _Replies:
+    """Stands in for the caller side: records the replies dispatched."""
+
+    def __init__(self) -> None:
+        self.replies: list[tuple[object, ...]] = []
+
+    def reply(self, peer: object, call_id: object, payload: object) -> None:
+        self.replies.append((peer, call_id, payload))
+
+
+_REPLY_SHAPED = [
+    # Three fields, as a reply has, each refused by `parse`.
+    *[[2, call_id, b"reply"] for call_id in (-1, 2**64, True, 1.0, None, "7")],
+    *[[2, 7, payload] for payload in ("reply", None, 7, [b"x"], bytearray(b"x"))],
+    *[[kind, 7, b"reply"] for kind in (True, 2.0, "2", 99)],
+]
+
+
+async def test_a_well_formed_reply_is_dispatched_without_parse(
+    autojump_clock, monkeypatch
+):
+    # The answer to every remote call is checked in `_dispatch` itself, as
+    # `_wire._plain` checks it (no `parse` call, no copy of its fields).
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1])
+        owner = cluster.runners[1]
+        handler = cluster_handler(owner)
+        replies = _Replies()
+        monkeypatch.setattr(handler, "outbound", replies)
+
+        def no_parse(envelope: object) -> None:
+            raise AssertionError(f"parse called for {envelope!r}")
+
+        monkeypatch.setattr("trio_cluster._engine._dispatch.parse", no_parse)
+        handler.envelope_received(owner.address, [2, 7, b"reply"])
+        handler.envelope_received(owner.address, [2, 2**64 - 1, b""])
+        assert replies.replies == [
+            (owner.address, 7, b"reply"),
+            (owner.address, 2**64 - 1, b""),
+        ]
+
+
+@pytest.mark.parametrize("envelope", _REPLY_SHAPED)
+async def test_a_malformed_reply_is_refused_as_parse_refuses_it(
+    autojump_clock, monkeypatch, envelope
+):
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1])
+        owner = cluster.runners[1]
+        handler = cluster_handler(owner)
+        replies = _Replies()
+        monkeypatch.setattr(handler, "outbound", replies)
+        handler.envelope_received(owner.address, envelope)
+        assert replies.replies == []
+        assert handler.malformed == 1
+
+
+async def test_a_slice_of_envelopes_is_dispatched_in_the_runners_context(
+    autojump_clock, monkeypatch
+):
+    from trio_cluster._context import current_runner_var
+
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1])
+        owner = cluster.runners[1]
+        handler = cluster_handler(owner)
+        seen: list[object] = []
+
+        class Outbound(_Replies):
+            def reply(self, peer: object, call_id: object, payload: object) -> None:
+                seen.append(current_runner_var.get(None))
+                super().reply(peer, call_id, payload)
+
+        replies = Outbound()
+        monkeypatch.setattr(handler, "outbound", replies)
+        transport_task = contextvars.Context()  # no runner in it
+        transport_task.run(
+            handler.envelopes_received,
+            owner.address,
+            [[2, 1, b"a"], [99, 1], [2, 2, b"b"]],
+        )
+        assert transport_task.run(current_runner_var.get, None) is None  # restored
+        assert [call_id for _, call_id, _ in replies.replies] == [1, 2]
+        assert handler.malformed == 1  # the bad one alone
+        assert len(seen) == 2
+        assert all(context is handler._context for context in seen)

@@ -423,3 +423,39 @@ async def test_the_installed_trio_websocket_takes_the_direct_paths():
             assert conn.tapped
             assert outbox_of(conn.ws) is not None
             assert can_write_message(conn.ws)
+
+
+class _Batches(RecordingHandler):
+    """Records how the connection hands envelopes over: the size of each
+    `envelopes_received` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def envelopes_received(self, peer: RunnerAddress, envelopes: Any) -> None:
+        self.batches.append(len(envelopes))
+        super().envelopes_received(peer, envelopes)
+
+
+async def test_a_frames_envelopes_are_handed_over_in_slices():
+    # One call per slice of a frame (the handler sets up once for all of
+    # them: the runtime's context variables), in order.
+    transport = make_transport()
+    ha, hb = RecordingHandler(), _Batches()
+    count = _ws_connection.DISPATCH_SLICE + 5
+    with trio.fail_after(TIMEOUT):
+        async with (
+            transport.open_endpoint(LOCALHOST, ha) as a,
+            transport.open_endpoint(LOCALHOST, hb) as b,
+        ):
+            a.send_nowait(b.address, ["connect"])
+            await hb.wait_received(1)
+            for number in range(count):  # queued in one step: one frame
+                a.send_nowait(b.address, ["n", number])
+            await hb.wait_received(1 + count)
+            assert hb.batches == [1, _ws_connection.DISPATCH_SLICE, 5]
+            assert [envelope for _, envelope in hb.received[1:]] == [
+                ["n", number] for number in range(count)
+            ]
+            assert b.statistics().envelopes_received == 1 + count

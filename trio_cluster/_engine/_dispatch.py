@@ -26,9 +26,11 @@ from ._inbound import InboundCalls
 from ._persisted import PersistedDelivery
 from ._remote import OutboundCalls
 from ._sharding import Sharding
-from ._wire import Kind, address_from, parse
+from ._wire import MAX_CALL_ID, Kind, address_from, parse
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from .._core._addresses import RunnerAddress
     from .._transport_abc import Envelope
 
@@ -41,6 +43,7 @@ log = logging.getLogger("trio_cluster.transport")
 # per envelope here.
 _REQUEST = Kind.REQUEST
 _REPLY = Kind.REPLY
+_REPLY_VALUE = int(Kind.REPLY)
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -90,8 +93,50 @@ class ClusterHandler(EndpointHandler):
             if runner_token is not None:
                 current_runner_var.reset(runner_token)
 
+    def envelopes_received(
+        self, peer: RunnerAddress, envelopes: Sequence[Envelope]
+    ) -> None:
+        # `envelope_received` for each, with the context variables set once
+        # for all of them (a WebSocket connection hands over a frame's
+        # envelopes at once).
+        runner_token = (
+            None
+            if current_runner_var.get(None) is self._context
+            else current_runner_var.set(self._context)
+        )
+        entity_token = (
+            None
+            if current_entity_var.get(None) is None
+            else current_entity_var.set(None)
+        )
+        try:
+            dispatch = self._dispatch
+            for envelope in envelopes:
+                dispatch(peer, envelope)
+        finally:
+            if entity_token is not None:
+                current_entity_var.reset(entity_token)
+            if runner_token is not None:
+                current_runner_var.reset(runner_token)
+
     def _dispatch(self, peer: RunnerAddress, envelope: Envelope) -> None:
-        outbound, inbound = self.outbound, self.inbound
+        outbound = self.outbound
+        if len(envelope) == 3:
+            # A well-formed ``REPLY`` (the answer to every remote call),
+            # checked here in one expression as `_wire._plain` checks it:
+            # no `parse` call, no copy of its fields. Anything else, and
+            # every malformed envelope, goes through `parse` below.
+            kind, call_id, payload = envelope
+            if (
+                kind == _REPLY_VALUE
+                and type(kind) is int
+                and type(call_id) is int
+                and 0 <= call_id <= MAX_CALL_ID
+                and type(payload) is bytes
+            ):
+                outbound.reply(peer, call_id, payload)
+                return
+        inbound = self.inbound
         persisted, broadcasts = self._persisted, self._broadcasts
         try:
             kind, fields = parse(envelope)
@@ -160,6 +205,12 @@ class HandlerRelay(EndpointHandler):
     def envelope_received(self, peer: RunnerAddress, envelope: Envelope) -> None:
         if self._target is not None:
             self._target.envelope_received(peer, envelope)
+
+    def envelopes_received(
+        self, peer: RunnerAddress, envelopes: Sequence[Envelope]
+    ) -> None:
+        if self._target is not None:
+            self._target.envelopes_received(peer, envelopes)
 
     def peer_lost(self, peer: RunnerAddress, reason: str) -> None:
         if self._target is not None:

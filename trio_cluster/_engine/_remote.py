@@ -352,7 +352,13 @@ class OutboundCalls:
         if pending is None or (pending.peer is not peer and pending.peer != peer):
             return  # the caller gave up, or another runner answers
         del self._pending[call_id]
-        pending.exit = _decode_exit(pending.handler, payload, call_id)
+        # Decoded here, not in a helper: a call less per remote call.
+        try:
+            pending.exit = pending.handler.reply.decode_exit(
+                payload, request_id=call_id
+            )
+        except Exception as exc:  # MalformedMessageError: report it to the caller
+            pending.exit = Exit(error=exc)
         pending.done()
 
     def not_delivered(self, peer: RunnerAddress, call_id: int, reason: str) -> None:
@@ -492,13 +498,6 @@ def _end_channel(stream: trio.MemorySendChannel[Any], exit_: Exit) -> None:
     with suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
         stream.send_nowait((END, exit_))
     stream.close()
-
-
-def _decode_exit(handler: Handler, payload: bytes, call_id: int) -> Exit:
-    try:
-        return handler.reply.decode_exit(payload, request_id=call_id)
-    except Exception as exc:  # MalformedMessageError: report it to the caller
-        return Exit(error=exc)
 
 
 def _decode_stream_end(handler: Handler, payload: bytes, call_id: int) -> Exit:

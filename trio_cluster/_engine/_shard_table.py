@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ._wire import shard_id
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -52,15 +54,14 @@ class ShardTable:
         live runners (see `ClusterViews.runners_healthy`)."""
         self._changed = trio.Event()
         self._runners_changed = trio.Event()
-        self._shard_ids: dict[ShardId, ShardId] = {}
-        """One object per shard id (see `shard_id`)."""
 
     def shard_id(self, shard: ShardId) -> ShardId:
         """The one object equal to ``shard`` that the keys of `hosts` and the
-        addresses clients make share: a dict lookup with the very key object
-        skips ``ShardId.__eq__``, a Python call (every local call looks its
-        shard up)."""
-        return self._shard_ids.setdefault(shard, shard)
+        addresses clients make and envelopes name share (`_wire.shard_id`,
+        one per process): a dict lookup with the very key object skips
+        ``ShardId.__eq__``, a Python call (every call looks its shard
+        up)."""
+        return shard_id(shard)
 
     def assign(self, assignment: dict[ShardId, RunnerAddress]) -> None:
         """Take ``assignment`` (a membership poll's) as `assignment`, and

@@ -88,6 +88,8 @@ _MAX_GROUP_NAME: Final = 64  # `_core._config`: group names are 1-64 characters
 _MAX_HANDLER_NAME: Final = 100  # `_handlers`: wire names are 1-100 characters
 _MAX_BROADCAST_NAME: Final = 200  # `_broadcast`: names are 1-200 characters
 _MAX_U64: Final = (1 << 64) - 1
+MAX_CALL_ID: Final = _MAX_U64
+"""The largest call id on the wire (a ``REQUEST``'s or a ``REPLY``'s)."""
 _REQUEST: Final = int(Kind.REQUEST)
 _REPLY: Final = int(Kind.REPLY)
 _MIN_MODE: Final = int(min(Mode))
@@ -338,11 +340,30 @@ def address_of(
         ) from None
 
 
+_SHARD_IDS: Final[dict[ShardId, ShardId]] = {}
+"""One object per shard id a runner of this process serves or knows the
+owner of (see `shard_id`)."""
+
+
+def shard_id(shard: ShardId) -> ShardId:
+    """The one object equal to ``shard`` that the shard tables of this
+    process key their hosts and owners by, and that the addresses of
+    envelopes (`address_of`) and of client handles hold: a dict lookup with
+    the very key object skips ``ShardId.__eq__``, a Python call (every
+    request looks its shard up). Only shard ids of an assignment or a
+    served shard are kept (a bounded set: never one named by a peer)."""
+    return _SHARD_IDS.setdefault(shard, shard)
+
+
 @functools.lru_cache(maxsize=4096)
 def _address(
     entity_type: str, entity_id: str, group: str, number: int
 ) -> EntityAddress:
     # Cached: the same hot entities are addressed over and over, and building
     # (and validating) the three frozen objects costs several microseconds.
-    # Field types were checked by `parse`, so the key is hashable.
-    return EntityAddress(entity_type, EntityId(entity_id), ShardId(group, number))
+    # Field types were checked by `parse`, so the key is hashable. The shard
+    # id is the object of `shard_id` if there is one (not added if not: the
+    # fields come from a peer).
+    shard = ShardId(group, number)
+    shard = _SHARD_IDS.get(shard, shard)
+    return EntityAddress(entity_type, EntityId(entity_id), shard)

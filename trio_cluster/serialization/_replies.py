@@ -21,7 +21,7 @@ import msgpack
 
 from .. import _errors as errors
 from .._errors import EntityDefinitionError, MalformedMessageError
-from ._converter import Codec, describe_decode_error
+from ._converter import Codec, describe_decode_error, packb
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -271,7 +271,7 @@ class ReplyCodec:
 
 def _pack(item: object, what: str) -> bytes:
     try:
-        return msgpack.packb(item)  # type: ignore[no-any-return]
+        return packb(item)
     except (TypeError, ValueError, OverflowError) as exc:
         raise MalformedMessageError(
             what=what, problems=[f"cannot encode: {exc}"]

@@ -442,18 +442,19 @@ class Connection:
         """Hand envelopes ``start`` to ``start + DISPATCH_SLICE`` to the
         handler, holding the queue (what it queues is sent by `_answer`);
         False if the connection ends."""
-        counters = self._counters
+        if self.ending is not None:
+            return False
         queue = self._queue
         handler, peer = self._handler, self.peer
+        batch = envelopes[start : start + DISPATCH_SLICE]
+        # Counted as handed over (a handler that raises ends the connection).
+        self._counters.envelopes_received += len(batch)
         queue.held = True
         try:
-            # `deliver`, with its `try` around the loop: a call less per
-            # envelope.
-            for envelope in envelopes[start : start + DISPATCH_SLICE]:
-                if self.ending is not None:
-                    return False
-                counters.envelopes_received += 1
-                handler.envelope_received(peer, envelope)
+            # One call for the slice: the handler sets up once for all of its
+            # envelopes. Nothing it does synchronously ends this connection
+            # (only other tasks do), so `ending` is checked once per slice.
+            handler.envelopes_received(peer, batch)
         except Exception as exc:
             self.end(
                 handler_raised(peer, exc),
