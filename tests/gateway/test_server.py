@@ -239,6 +239,74 @@ async def test_an_oversized_message_closes_1009(subprotocol: str) -> None:
             assert _code(caught.value) == CloseCode.MESSAGE_TOO_BIG
 
 
+class _CallTasks(trio.abc.Instrument):
+    """Counts the tasks spawned for calls (`ClientConnection._call`)."""
+
+    def __init__(self) -> None:
+        self.spawned = 0
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("ClientConnection._call"):
+            self.spawned += 1
+
+
+async def test_a_call_that_cannot_wait_is_answered_without_a_task(
+    subprotocol: str,
+) -> None:
+    tasks = _CallTasks()
+    with trio.fail_after(30):
+        async with open_gateway() as server, open_raw(server.url, subprotocol) as ws:
+            trio.lowlevel.add_instrument(tasks)
+            try:
+                for n in (1, 2, 3):
+                    call: dict[str, object] = {
+                        "t": "call",
+                        "id": n,
+                        "op": "Counter.add",
+                        "key": "a",
+                        "msg": {"amount": 1},
+                    }
+                    answer = await exchange(ws, call, subprotocol)
+                    assert answer == {"t": "reply", "id": n, "v": n}
+                call = {
+                    "t": "call",
+                    "id": 4,
+                    "op": "Counter.add",
+                    "key": "a",
+                    "msg": {"amount": 101},
+                }
+                answer = await exchange(ws, call, subprotocol)
+                assert (answer["id"], answer["code"]) == (4, "declared")
+                assert answer["data"] == {"limit": 100}
+                call = {
+                    "t": "call",
+                    "id": 5,
+                    "op": "Counter.crash",
+                    "key": "c",
+                    "msg": {"amount": 1},
+                }
+                answer = await exchange(ws, call, subprotocol)
+                assert (answer["id"], answer["code"]) == (5, "internal")
+                assert tasks.spawned == 0
+                # A handler that suspends runs in its own task, which a
+                # ``cancel`` frame cancels.
+                call = {
+                    "t": "call",
+                    "id": 6,
+                    "op": "Blocker.wait",
+                    "key": "b",
+                    "msg": {},
+                }
+                await ws.send_message(encode(call, subprotocol))
+                answer = await exchange(ws, {"t": "cancel", "id": 6}, subprotocol)
+                assert (answer["id"], answer["code"]) == (6, "cancelled")
+                assert tasks.spawned == 1
+            finally:
+                trio.lowlevel.remove_instrument(tasks)
+            statistics = server.statistics()
+            assert (statistics.requests, statistics.requests_failed) == (6, 2)
+
+
 async def test_cancel_cancels_that_request_only(subprotocol: str) -> None:
     Blocker.cancelled = 0
     with trio.fail_after(30):

@@ -18,7 +18,11 @@ other:
   by request id while it runs: a ``cancel`` frame cancels that scope only,
   and is answered ``cancelled``. At most ``max_concurrent_requests`` run at
   once; one more is refused (``too_many_requests``), so the reader never
-  waits for a request;
+  waits for a request. The exception is a call that cannot wait (a
+  volatile entity handler that cannot suspend, its entity here and idle,
+  no authorization hook: `Router.call_nowait`): it runs in the reader and
+  is answered at once, with no task or scope (nothing could cancel it
+  before its reply);
 * frames are written at once by the task that makes them (over TCP into
   the socket's `Outbox`, which never waits) while nothing waits; else they
   join the bounded send queue, and a *writer* task, started then and ended
