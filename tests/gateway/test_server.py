@@ -33,6 +33,7 @@ from .app import (
     open_websocket,
     read_until_closed,
 )
+from .test_frames import client_frame
 
 pytestmark = pytest.mark.parametrize("subprotocol", [JSON, MSGPACK])
 
@@ -548,3 +549,43 @@ async def test_a_batch_of_frames_is_handled_in_order(subprotocol: str) -> None:
             (refused,) = [a for a in answers if a["t"] == "error"]
             assert (refused["id"], refused["code"]) == (9, "unknown_kind")
             assert server.statistics().frames_received == 4
+
+
+async def test_a_fragmented_message_among_plain_ones_keeps_its_place(
+    subprotocol: str,
+) -> None:
+    # The reader loop takes whole data messages itself and leaves the rest
+    # to trio-websocket: a message in fragments (a ping among them), then a
+    # plain one, all in one write, are answered in order.
+    opcode = 0x1 if subprotocol == JSON else 0x2
+
+    def call(request_id: int) -> bytes:
+        message = encode(call_frame(request_id), subprotocol)
+        return message.encode() if isinstance(message, str) else message
+
+    first, second = call(1), call(2)
+    data = (
+        client_frame(opcode, first[:5], fin=False)
+        + client_frame(0x9, b"hello")
+        + client_frame(0x0, first[5:])
+        + client_frame(opcode, second)
+    )
+    with trio.fail_after(30):
+        async with open_gateway() as server, open_raw(server.url, subprotocol) as ws:
+            await ws._stream.send_all(data)
+            answers = [decode(await ws.get_message()) for _ in range(2)]
+            assert answers == [
+                {"t": "reply", "id": 1, "v": 1},
+                {"t": "reply", "id": 2, "v": 3},
+            ]
+            assert (await exchange(ws, call_frame(3), subprotocol))["v"] == 6
+
+
+def call_frame(request_id: int) -> dict[str, object]:
+    return {
+        "t": "call",
+        "id": request_id,
+        "op": "Counter.add",
+        "key": "f",
+        "msg": {"amount": request_id},
+    }
