@@ -16,6 +16,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Container,
     Iterable,
     Mapping,
     Sequence,
@@ -288,6 +289,9 @@ class Route:
     """Calls to volatile entity handlers: run it now, without a task, if
     nothing can make it wait (else it raises `trio.WouldBlock`, and nothing
     happened: `invoke` it). See `Router.call_nowait`."""
+    known_keys: Container[str] = frozenset()
+    """Entity ids known to be valid (the route's kept handles): not checked
+    again (`admit`)."""
 
     def declared(self, exc: BaseException) -> tuple[str, Codec[Any]] | None:
         """The wire tag and codec of ``exc`` if the handler declares its type."""
@@ -317,6 +321,7 @@ def _route(
     invoke: Invoke | None = None,
     open_items: OpenItems | None = None,
     invoke_nowait: InvokeNowait | None = None,
+    known_keys: Container[str] = frozenset(),
 ) -> Route:
     handler = resolve_handler(owner, name.partition(".")[0], spec, converter, None)
     return Route(
@@ -332,6 +337,7 @@ def _route(
         invoke=invoke,
         open_items=open_items,
         invoke_nowait=invoke_nowait,
+        known_keys=known_keys,
     )
 
 
@@ -426,6 +432,7 @@ def _entity_routes(
             invoke=invoke if spec.kind == "rpc" else None,
             open_items=invoke if spec.kind == "stream" else None,
             invoke_nowait=invoke_nowait if nowait else None,
+            known_keys=handles,
         )
 
 

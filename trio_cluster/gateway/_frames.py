@@ -28,7 +28,7 @@ client's bytes produce are the same, however they are cut into reads
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection, ConnectionState
@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 
 __all__ = ["FastWSConnection", "data_frame"]
 
+_OPEN: Final = ConnectionState.OPEN
+"""A module constant: on Python 3.11 reading an enum member through its
+class costs a call of the enum's metaclass (per frame, here)."""
 _TEXT = 0x1
 _BINARY = 0x2
 _CONTINUATION = 0x0
@@ -111,13 +114,13 @@ class FastWSConnection(WSConnection):
     @property
     def state(self) -> ConnectionState:
         connection = self.connection
-        return ConnectionState.OPEN if connection is None else connection.state
+        return _OPEN if connection is None else connection.state
 
     def send(self, event: Event) -> bytes:
         if (
             isinstance(event, BytesMessage | TextMessage)
             and event.message_finished
-            and self.state is ConnectionState.OPEN
+            and self.state is _OPEN
         ):
             data = event.data
             return data_frame(bytes(data) if isinstance(data, bytearray) else data)
@@ -131,10 +134,11 @@ class FastWSConnection(WSConnection):
         return iter(events)
 
     def receive_data(self, data: bytes | None) -> None:
+        connection = self.connection
         if (
             data is None
             or self._wsproto_only
-            or self.state is not (ConnectionState.OPEN)
+            or (connection is not None and connection.state is not _OPEN)
         ):
             self._to_wsproto(data)
             return

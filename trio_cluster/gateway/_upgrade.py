@@ -75,6 +75,8 @@ Refusal = tuple[int, str, tuple[tuple[str, str], ...]]
 """An HTTP status, its reason text and extra headers."""
 
 _VERSION: Final = "13"
+_CLOSED: Final = ConnectionState.CLOSED
+"""A module constant: read per message (see `_frames._OPEN`)."""
 _MAX_FAST_FRAME: Final = 1 << 16
 """Larger frames are read by wsproto, as they arrive (`FastWSConnection`)."""
 
@@ -277,10 +279,10 @@ async def _reader_loop(ws: WebSocketConnection, tap: _Tap) -> None:
                 await ws._abort_web_socket()
                 break
             if not received:  # TCP closed (before the WebSocket: abnormal)
-                if connection.state != ConnectionState.CLOSED:
+                if connection.state != _CLOSED:
                     await ws._abort_web_socket()
                 break
-            if connection.state != ConnectionState.CLOSED:
+            if connection.state != _CLOSED:
                 try:
                     connection.receive_data(received)  # type: ignore[arg-type]
                 except RemoteProtocolError as err:
