@@ -15,11 +15,11 @@ and written without wsproto's general machinery.
 socket's own task), and hands every message to a callback there: a socket
 has one task, which reads, parses and dispatches, instead of a reader task
 and a task that waits for its messages. The loop is trio-websocket's
-(``_reader_task``), with one shortcut: a whole data message within
-``max_message_size``, while no fragmented one is being put together, goes
-straight to the callback (what trio-websocket's handler would do for it, but
-without a coroutine per message and a debug log call per event and read);
-every other event goes to trio-websocket's own handler. `close_websocket` sends the close
+(``_reader_task``), with one shortcut: a whole message `FastWSConnection`
+read goes straight to the callback as its payload (what trio-websocket's
+handler would do with it, without an event object, a coroutine per message
+and a debug log call per event and read); every other event goes to
+trio-websocket's own handler. `close_websocket` sends the close
 frame and reads until the client's answer (a reader task for that moment
 only).
 
@@ -224,6 +224,10 @@ def read_messages(
     return _reader_loop(ws, tap)
 
 
+_PAYLOADS: Final = (bytes, str)
+"""What `FastWSConnection.take_events` gives for a whole message (a tuple:
+the test runs per message, and ``bytes | str`` would be built each time)."""
+
 _HANDLERS: Final[
     dict[type[Any], Callable[[WebSocketConnection, Any], Coroutine[Any, Any, None]]]
 ] = {
@@ -244,26 +248,19 @@ async def _reader_loop(ws: WebSocketConnection, tap: _Tap) -> None:
     module docstring). One function, as trio-websocket's: a socket's task
     idles in it."""
     connection = ws._wsproto
+    assert isinstance(connection, FastWSConnection), "made by server_websocket"
     stream = ws._stream
-    limit = ws._max_message_size
     async with tap:
         while ws._reader_running:
-            for event in connection.events():
-                kind = type(event)
-                if (
-                    (kind is BytesMessage or kind is TextMessage)
-                    and event.message_finished  # type: ignore[attr-defined]
-                    and not ws._message_parts
-                    and len(data := event.data) <= limit  # type: ignore[attr-defined]
-                ):
-                    # `_handle_message_event` and `_Tap.send`, for a whole
-                    # message: the same effect.
-                    if not tap.stopped:
-                        if type(data) is bytearray:
-                            data = bytes(data)
-                        if not tap.deliver(data):
-                            tap.stopped = True
+            for event in connection.take_events():
+                if isinstance(event, _PAYLOADS):
+                    # A whole message read by `FastWSConnection` (never
+                    # amid a message in parts): what `_handle_message_event`
+                    # and `_Tap.send` would do with it.
+                    if not tap.stopped and not tap.deliver(event):
+                        tap.stopped = True
                     continue
+                kind = type(event)
                 handler = _HANDLERS.get(kind)
                 if handler is None:  # pragma: no cover - no other event here
                     log.warning("%s received an unknown event: %r", ws, kind)
