@@ -35,7 +35,7 @@ from wsproto.connection import Connection, ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, TextMessage
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
 
     from wsproto.events import Event
 
@@ -139,7 +139,7 @@ class FastWSConnection(WSConnection):
     def events(self) -> Iterator[Event]:  # type: ignore[override]
         return iter([_as_event(event) for event in self.take_events()])
 
-    def take_events(self) -> list[Event | bytes | str] | tuple[()]:
+    def take_events(self) -> Sequence[Event | bytes | str]:
         """The events produced since the last call, in order, where a whole
         message read here (one plain frame, within ``max_frame``) is its
         payload itself: bytes (binary) or a string (text). A message read
