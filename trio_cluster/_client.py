@@ -160,6 +160,17 @@ class _BoundRpc(_Bound):
     def __call__(self, message: Any, /) -> Any:
         return self._router.call(self._type, self._address, self._handler, message)
 
+    def call_nowait(self, message: Any, /) -> Any:
+        """The call, run to completion now when nothing can make it wait
+        (see `Router.call_nowait`; internal: the gateway's fast path).
+
+        Raises:
+            trio.WouldBlock: it cannot run at once (nothing happened).
+        """
+        return self._router.call_nowait(
+            self._type, self._address, self._handler, message
+        )
+
     async def discard(self, message: Any, /) -> None:
         await self._router.discard(self._type, self._address, self._handler, message)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from typing import Any
 
 import pytest
 import trio
@@ -14,8 +15,8 @@ import trio.testing
 import trio_cluster as tc
 from trio_cluster.transport import MemoryTransport
 
-from ..helpers import Add, Count, Elsewhere, Get, config
-from ..memory_cluster import Tally, open_cluster
+from ..helpers import Add, Boom, Count, Counter, Elsewhere, Get, TooBig, config
+from ..memory_cluster import Nap, Tally, open_cluster
 
 
 async def test_group_hosted_by_no_runner_fails_fast(autojump_clock):
@@ -112,3 +113,56 @@ async def test_handlers_see_their_runner_whoever_calls(autojump_clock, kind):
         contextvars.Context().run(nursery.start_soon, use)
         await trio.testing.wait_all_tasks_blocked()
     assert seen == [str(runner.address)] * (2 if kind == "stream" else 1)
+
+
+def _nowait(handler: Any, message: object) -> Any:
+    """``handler.call_nowait(message)``: internal, so not on the typed
+    handles (`BoundRpc`)."""
+    return handler.call_nowait(message)
+
+
+async def test_call_nowait_runs_a_call_at_once_or_would_block(autojump_clock):
+    async with AsyncExitStack() as stack:
+        cluster = await open_cluster(stack, [1, 2])
+        first = cluster.runners[1]
+        tallies = first.client(Tally)
+        local = next(f"e{i}" for i in range(1000) if cluster.owner(f"e{i}") is first)
+        here = tallies(local)
+        assert _nowait(here.add, Add(2)).total == 2  # not awaited: it ran
+        # What could wait is left to `call` (nothing happened): a handler
+        # that can suspend, a persisted one, an entity served elsewhere, an
+        # entity busy with another request.
+        with pytest.raises(trio.WouldBlock):
+            _nowait(here.nap, Nap(1))
+        with pytest.raises(trio.WouldBlock):
+            _nowait(here.add_persisted, Add(1))
+        with pytest.raises(trio.WouldBlock):
+            _nowait(tallies(cluster.remote_id(first)).add, Add(1))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(here.nap, Nap(1))
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.WouldBlock):
+                _nowait(here.add, Add(1))
+        assert (await here.add(Add(0))).total == 2
+
+
+async def test_call_nowait_raises_and_counts_as_call_does(autojump_clock):
+    async with tc.open_runner(entities=[Counter], config=config()) as runner:
+        await runner.wait_shards_acquired()
+        counter = runner.client(Counter)("a")
+        with pytest.raises(TooBig):
+            _nowait(counter.add, Add(2000))
+        assert _nowait(counter.add, Add(1)) == 1
+        with pytest.raises(tc.RemoteError, match="KeyError"):
+            _nowait(counter.boom, Boom("x"))
+        nowait = runner.statistics()
+        with pytest.raises(TooBig):
+            await counter.add(Add(2000))
+        assert await counter.add(Add(1)) == 1  # restarted after the crash
+        with pytest.raises(tc.RemoteError, match="KeyError"):
+            await counter.boom(Boom("x"))
+        awaited = runner.statistics()
+    assert nowait.errors_by_type == {"declared": 1, "RemoteError": 1}
+    assert awaited.errors_by_type == {"declared": 2, "RemoteError": 2}
+    assert nowait.call_latency["volatile"].count == 3
+    assert awaited.call_latency["volatile"].count == 6

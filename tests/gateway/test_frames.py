@@ -166,3 +166,18 @@ def test_plain_frames_after_a_fragmented_message_are_read_here() -> None:
     assert list(fast.events()) == []  # held until complete: read here
     fast.receive_data(frame[8:])
     assert whole(list(fast.events())) == [("bytes", b"whole")]
+
+
+def test_take_events_gives_plain_messages_as_their_payloads() -> None:
+    fast = FastWSConnection(max_frame=1000)
+    fast.receive_data(
+        client_frame(0x2, b"ab")
+        + client_frame(0x1, "hé".encode())
+        + client_frame(0x9, b"p")
+        + client_frame(0x2, b"x" * 1001)  # over max_frame: wsproto's
+    )
+    events = fast.take_events()
+    assert events[:2] == [b"ab", "hé"]
+    assert isinstance(events[2], Ping)
+    assert events[3] == BytesMessage(data=b"x" * 1001)
+    assert fast.take_events() == ()

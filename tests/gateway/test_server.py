@@ -33,6 +33,7 @@ from .app import (
     open_websocket,
     read_until_closed,
 )
+from .test_frames import client_frame
 
 pytestmark = pytest.mark.parametrize("subprotocol", [JSON, MSGPACK])
 
@@ -237,6 +238,74 @@ async def test_an_oversized_message_closes_1009(subprotocol: str) -> None:
             with pytest.raises(ConnectionClosed) as caught:
                 await ws.get_message()
             assert _code(caught.value) == CloseCode.MESSAGE_TOO_BIG
+
+
+class _CallTasks(trio.abc.Instrument):
+    """Counts the tasks spawned for calls (`ClientConnection._call`)."""
+
+    def __init__(self) -> None:
+        self.spawned = 0
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("ClientConnection._call"):
+            self.spawned += 1
+
+
+async def test_a_call_that_cannot_wait_is_answered_without_a_task(
+    subprotocol: str,
+) -> None:
+    tasks = _CallTasks()
+    with trio.fail_after(30):
+        async with open_gateway() as server, open_raw(server.url, subprotocol) as ws:
+            trio.lowlevel.add_instrument(tasks)
+            try:
+                for n in (1, 2, 3):
+                    call: dict[str, object] = {
+                        "t": "call",
+                        "id": n,
+                        "op": "Counter.add",
+                        "key": "a",
+                        "msg": {"amount": 1},
+                    }
+                    answer = await exchange(ws, call, subprotocol)
+                    assert answer == {"t": "reply", "id": n, "v": n}
+                call = {
+                    "t": "call",
+                    "id": 4,
+                    "op": "Counter.add",
+                    "key": "a",
+                    "msg": {"amount": 101},
+                }
+                answer = await exchange(ws, call, subprotocol)
+                assert (answer["id"], answer["code"]) == (4, "declared")
+                assert answer["data"] == {"limit": 100}
+                call = {
+                    "t": "call",
+                    "id": 5,
+                    "op": "Counter.crash",
+                    "key": "c",
+                    "msg": {"amount": 1},
+                }
+                answer = await exchange(ws, call, subprotocol)
+                assert (answer["id"], answer["code"]) == (5, "internal")
+                assert tasks.spawned == 0
+                # A handler that suspends runs in its own task, which a
+                # ``cancel`` frame cancels.
+                call = {
+                    "t": "call",
+                    "id": 6,
+                    "op": "Blocker.wait",
+                    "key": "b",
+                    "msg": {},
+                }
+                await ws.send_message(encode(call, subprotocol))
+                answer = await exchange(ws, {"t": "cancel", "id": 6}, subprotocol)
+                assert (answer["id"], answer["code"]) == (6, "cancelled")
+                assert tasks.spawned == 1
+            finally:
+                trio.lowlevel.remove_instrument(tasks)
+            statistics = server.statistics()
+            assert (statistics.requests, statistics.requests_failed) == (6, 2)
 
 
 async def test_cancel_cancels_that_request_only(subprotocol: str) -> None:
@@ -480,3 +549,43 @@ async def test_a_batch_of_frames_is_handled_in_order(subprotocol: str) -> None:
             (refused,) = [a for a in answers if a["t"] == "error"]
             assert (refused["id"], refused["code"]) == (9, "unknown_kind")
             assert server.statistics().frames_received == 4
+
+
+async def test_a_fragmented_message_among_plain_ones_keeps_its_place(
+    subprotocol: str,
+) -> None:
+    # The reader loop takes whole data messages itself and leaves the rest
+    # to trio-websocket: a message in fragments (a ping among them), then a
+    # plain one, all in one write, are answered in order.
+    opcode = 0x1 if subprotocol == JSON else 0x2
+
+    def call(request_id: int) -> bytes:
+        message = encode(call_frame(request_id), subprotocol)
+        return message.encode() if isinstance(message, str) else message
+
+    first, second = call(1), call(2)
+    data = (
+        client_frame(opcode, first[:5], fin=False)
+        + client_frame(0x9, b"hello")
+        + client_frame(0x0, first[5:])
+        + client_frame(opcode, second)
+    )
+    with trio.fail_after(30):
+        async with open_gateway() as server, open_raw(server.url, subprotocol) as ws:
+            await ws._stream.send_all(data)
+            answers = [decode(await ws.get_message()) for _ in range(2)]
+            assert answers == [
+                {"t": "reply", "id": 1, "v": 1},
+                {"t": "reply", "id": 2, "v": 3},
+            ]
+            assert (await exchange(ws, call_frame(3), subprotocol))["v"] == 6
+
+
+def call_frame(request_id: int) -> dict[str, object]:
+    return {
+        "t": "call",
+        "id": request_id,
+        "op": "Counter.add",
+        "key": "f",
+        "msg": {"amount": request_id},
+    }

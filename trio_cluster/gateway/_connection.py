@@ -18,7 +18,11 @@ other:
   by request id while it runs: a ``cancel`` frame cancels that scope only,
   and is answered ``cancelled``. At most ``max_concurrent_requests`` run at
   once; one more is refused (``too_many_requests``), so the reader never
-  waits for a request;
+  waits for a request. The exception is a call that cannot wait (a
+  volatile entity handler that cannot suspend, its entity here and idle,
+  no authorization hook: `Router.call_nowait`): it runs in the reader and
+  is answered at once, with no task or scope (nothing could cancel it
+  before its reply);
 * frames are written at once by the task that makes them (over TCP into
   the socket's `Outbox`, which never waits) while nothing waits; else they
   join the bounded send queue, and a *writer* task, started then and ended
@@ -463,8 +467,29 @@ class ClientConnection(FrameSender):
         route, message = admit(
             frame, self._routes, self._requests, self._config.max_concurrent_requests
         )
-        scope = self._requests[frame.id] = trio.CancelScope()
         self._counters.requests += 1
+        nowait = route.invoke_nowait
+        if nowait is not None and self._authorize is None and type(frame) is Call:
+            # The fast path: a call that cannot wait runs right here, in the
+            # reader, and is answered at once (no task, no cancel scope: a
+            # ``cancel`` frame can only come after the reply).
+            request_id = frame.id
+            try:
+                value = nowait(frame.key, message)
+                reply = {
+                    "t": "reply",
+                    "id": request_id,
+                    "v": route.reply.unstructure(value),
+                }
+            except trio.WouldBlock:
+                pass  # it must wait: in its own task
+            except Exception as exc:
+                self._send(self._failure(request_id, route, exc), request_id=request_id)
+                return
+            else:
+                self._send(reply, request_id=request_id)
+                return
+        scope = self._requests[frame.id] = trio.CancelScope()
         assert self._nursery is not None
         start_soon = self._nursery.start_soon
         if isinstance(frame, OpenStream):

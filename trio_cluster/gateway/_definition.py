@@ -16,6 +16,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Container,
     Iterable,
     Mapping,
     Sequence,
@@ -264,6 +265,7 @@ class Gateway:
 
 
 Invoke = Callable[[str | None, Any], Awaitable[Any]]
+InvokeNowait = Callable[[str | None, Any], Any]
 OpenItems = Callable[[str | None, Any], AbstractAsyncContextManager[AsyncIterator[Any]]]
 
 
@@ -283,6 +285,13 @@ class Route:
     """Calls (kind ``"call"``): run it."""
     open_items: OpenItems | None
     """Streams (kind ``"stream"``): open its items."""
+    invoke_nowait: InvokeNowait | None = None
+    """Calls to volatile entity handlers: run it now, without a task, if
+    nothing can make it wait (else it raises `trio.WouldBlock`, and nothing
+    happened: `invoke` it). See `Router.call_nowait`."""
+    known_keys: Container[str] = frozenset()
+    """Entity ids known to be valid (the route's kept handles): not checked
+    again (`admit`)."""
 
     def declared(self, exc: BaseException) -> tuple[str, Codec[Any]] | None:
         """The wire tag and codec of ``exc`` if the handler declares its type."""
@@ -311,6 +320,8 @@ def _route(
     keyed: bool,
     invoke: Invoke | None = None,
     open_items: OpenItems | None = None,
+    invoke_nowait: InvokeNowait | None = None,
+    known_keys: Container[str] = frozenset(),
 ) -> Route:
     handler = resolve_handler(owner, name.partition(".")[0], spec, converter, None)
     return Route(
@@ -325,6 +336,8 @@ def _route(
         },
         invoke=invoke,
         open_items=open_items,
+        invoke_nowait=invoke_nowait,
+        known_keys=known_keys,
     )
 
 
@@ -382,9 +395,8 @@ def _entity_routes(
         attribute = spec.attribute
         handles: dict[str, Any] = {}
 
-        def invoke(
+        def bound_to(
             key: str | None,
-            message: Any,
             attribute: str = attribute,
             handles: dict[str, Any] = handles,
         ) -> Any:
@@ -397,8 +409,17 @@ def _entity_routes(
                 if len(handles) >= _KEPT_HANDLES:
                     handles.clear()
                 bound = handles[key] = getattr(client(key), attribute)
-            return bound(message)
+            return bound
 
+        def invoke(key: str | None, message: Any, bound_to: Any = bound_to) -> Any:
+            return bound_to(key)(message)
+
+        def invoke_nowait(
+            key: str | None, message: Any, bound_to: Any = bound_to
+        ) -> Any:
+            return bound_to(key).call_nowait(message)
+
+        nowait = spec.kind == "rpc" and not spec.persisted
         if spec.persisted and spec.primary_key is not None:
             invoke = partial(_outliving_the_socket, client, attribute)
 
@@ -410,6 +431,8 @@ def _entity_routes(
             keyed=True,
             invoke=invoke if spec.kind == "rpc" else None,
             open_items=invoke if spec.kind == "stream" else None,
+            invoke_nowait=invoke_nowait if nowait else None,
+            known_keys=handles,
         )
 
 

@@ -28,19 +28,22 @@ client's bytes produce are the same, however they are cut into reads
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection, ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, TextMessage
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
 
     from wsproto.events import Event
 
 __all__ = ["FastWSConnection", "data_frame"]
 
+_OPEN: Final = ConnectionState.OPEN
+"""A module constant: on Python 3.11 reading an enum member through its
+class costs a call of the enum's metaclass (per frame, here)."""
 _TEXT = 0x1
 _BINARY = 0x2
 _CONTINUATION = 0x0
@@ -73,6 +76,15 @@ def _unmask(payload: bytes, key: bytes) -> bytes:
     ).to_bytes(size, "little")
 
 
+def _as_event(event: Event | bytes | str) -> Event:
+    """An item of `FastWSConnection.take_events` as a wsproto event."""
+    if isinstance(event, bytes):
+        return BytesMessage(data=event)
+    if isinstance(event, str):
+        return TextMessage(data=event)
+    return event
+
+
 class FastWSConnection(WSConnection):
     """A server `WSConnection` whose handshake is done, reading plain data
     frames itself (see the module docstring).
@@ -91,8 +103,9 @@ class FastWSConnection(WSConnection):
         self._max_frame = max_frame
         self._buffer = b""
         """Bytes received and not parsed yet (part of a frame)."""
-        self._events: list[Event] | None = None
-        """Events produced and not taken yet, in order."""
+        self._events: list[Event | bytes | str] | None = None
+        """Events produced and not taken yet, in order (a message read here:
+        its payload, see `take_events`)."""
         self._passing = 0
         """Bytes of the current frame still to hand to wsproto as they come."""
         self._fragmented = False
@@ -111,30 +124,40 @@ class FastWSConnection(WSConnection):
     @property
     def state(self) -> ConnectionState:
         connection = self.connection
-        return ConnectionState.OPEN if connection is None else connection.state
+        return _OPEN if connection is None else connection.state
 
     def send(self, event: Event) -> bytes:
         if (
             isinstance(event, BytesMessage | TextMessage)
             and event.message_finished
-            and self.state is ConnectionState.OPEN
+            and self.state is _OPEN
         ):
             data = event.data
             return data_frame(bytes(data) if isinstance(data, bytearray) else data)
         return self._wsproto().send(event)
 
     def events(self) -> Iterator[Event]:  # type: ignore[override]
+        return iter([_as_event(event) for event in self.take_events()])
+
+    def take_events(self) -> Sequence[Event | bytes | str]:
+        """The events produced since the last call, in order, where a whole
+        message read here (one plain frame, within ``max_frame``) is its
+        payload itself: bytes (binary) or a string (text). A message read
+        here never comes between the parts of a message wsproto reads
+        (those come first, in order). `events` gives the same as wsproto
+        events."""
         events = self._events
         if events is None:
-            return iter(())
+            return ()
         self._events = None
-        return iter(events)
+        return events
 
     def receive_data(self, data: bytes | None) -> None:
+        connection = self.connection
         if (
             data is None
             or self._wsproto_only
-            or self.state is not (ConnectionState.OPEN)
+            or (connection is not None and connection.state is not _OPEN)
         ):
             self._to_wsproto(data)
             return
@@ -143,7 +166,7 @@ class FastWSConnection(WSConnection):
             self._buffer = b""
         self._parse(data)
 
-    def _event(self, event: Event) -> None:
+    def _event(self, event: Event | bytes | str) -> None:
         if self._events is None:
             self._events = [event]
         else:
@@ -214,7 +237,7 @@ class FastWSConnection(WSConnection):
                 break
             payload = _unmask(data[head:frame_end], data[head - 4 : head])
             if opcode == _BINARY:
-                self._event(BytesMessage(data=payload))
+                self._event(payload)
             else:
                 try:
                     text = payload.decode()
@@ -222,7 +245,7 @@ class FastWSConnection(WSConnection):
                     self._to_wsproto(data[pos:frame_end])  # wsproto refuses it
                     pos = frame_end
                     continue
-                self._event(TextMessage(data=text))
+                self._event(text)
             pos = frame_end
         if pos < end:
             self._buffer = data[pos:]

@@ -254,13 +254,22 @@ def encode_frame(frame: Mapping[str, Any], subprotocol: str) -> bytes | str:
     """
     if subprotocol == JSON:
         try:
-            return json.dumps(frame, separators=(",", ":"), allow_nan=False)
+            return _JSON_ENCODER.encode(frame)
         except TypeError as exc:
             raise ValueError(str(exc)) from None
     try:
-        return msgpack.packb(frame)  # type: ignore[no-any-return]
+        return _PACKER.pack(frame)  # type: ignore[no-any-return]
     except (TypeError, OverflowError) as exc:
         raise ValueError(str(exc)) from None
+
+
+# NOTE: one encoder of each kind for every frame: ``json.dumps`` with options
+# and ``msgpack.packb`` make a new one per call, which costs more than
+# encoding a small frame. A `msgpack.Packer` empties its buffer when a
+# ``pack`` fails, and a frame is encoded in one synchronous call: sharing
+# them is safe.
+_JSON_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_PACKER: Final = msgpack.Packer()
 
 
 _PINGS: Final = {

@@ -78,16 +78,18 @@ def admit(
             f"no {kind} operation {frame.op!r:.100}",
         )
     if route.keyed:
-        if frame.key is None:
+        key = frame.key
+        if key is None:
             raise FrameError(
                 request_id,
                 ErrorCode.BAD_REQUEST,
                 '"key" (the entity id) is required',
             )
-        try:
-            EntityId(frame.key)
-        except ValueError as exc:
-            raise FrameError(request_id, ErrorCode.BAD_REQUEST, str(exc)) from None
+        if key not in route.known_keys:
+            try:
+                EntityId(key)
+            except ValueError as exc:
+                raise FrameError(request_id, ErrorCode.BAD_REQUEST, str(exc)) from None
     elif frame.key is not None:
         raise FrameError(request_id, ErrorCode.BAD_REQUEST, f"{frame.op} takes no key")
     try:

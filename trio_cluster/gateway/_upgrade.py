@@ -14,13 +14,19 @@ and written without wsproto's general machinery.
 `read_messages` runs trio-websocket's reader loop in the calling task (the
 socket's own task), and hands every message to a callback there: a socket
 has one task, which reads, parses and dispatches, instead of a reader task
-and a task that waits for its messages. `close_websocket` sends the close
+and a task that waits for its messages. The loop is trio-websocket's
+(``_reader_task``), with one shortcut: a whole message `FastWSConnection`
+read goes straight to the callback as its payload (what trio-websocket's
+handler would do with it, without an event object, a coroutine per message
+and a debug log call per event and read); every other event goes to
+trio-websocket's own handler. `close_websocket` sends the close
 frame and reads until the client's answer (a reader task for that moment
 only).
 
 trio-websocket keeps these parts private: `read_messages` names the
-attributes the reader sends messages to (``_send_channel``) and the loop
-itself (``_reader_task``); `server_websocket` drops, for a server socket
+attributes the reader sends messages to (``_send_channel``) and the state
+its loop reads and calls (``_reader_running``, ``_message_parts``, the
+``_handle_*`` methods...); `server_websocket` drops, for a server socket
 whose handshake is done, the structures trio-websocket makes for a handshake
 still to come and for ``get_message`` (which the gateway does not call).
 The version is pinned below 0.13 (``setup.cfg``), and the tests run these
@@ -31,11 +37,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from typing import TYPE_CHECKING, Any, Final, Self
 
 import trio
-from trio_websocket import WebSocketConnection
-from wsproto.utilities import generate_accept_token
+from trio_websocket import ConnectionClosed, WebSocketConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    RejectData,
+    TextMessage,
+)
+from wsproto.utilities import RemoteProtocolError, generate_accept_token
 
 from ._frames import FastWSConnection
 
@@ -43,6 +59,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
     from ._http import Head
+
+log = logging.getLogger("trio_cluster.gateway")
 
 __all__ = [
     "Refusal",
@@ -57,6 +75,8 @@ Refusal = tuple[int, str, tuple[tuple[str, str], ...]]
 """An HTTP status, its reason text and extra headers."""
 
 _VERSION: Final = "13"
+_CLOSED: Final = ConnectionState.CLOSED
+"""A module constant: read per message (see `_frames._OPEN`)."""
 _MAX_FAST_FRAME: Final = 1 << 16
 """Larger frames are read by wsproto, as they arrive (`FastWSConnection`)."""
 
@@ -166,14 +186,14 @@ class _Tap:
     """Stands for trio-websocket's message channel while `read_messages`
     runs: its reader awaits `send` for each message."""
 
-    __slots__ = ("_deliver", "stopped")
+    __slots__ = ("deliver", "stopped")
 
     def __init__(self, deliver: Callable[[bytes | str], bool]) -> None:
-        self._deliver = deliver
+        self.deliver = deliver
         self.stopped = False
 
     async def send(self, message: bytes | str) -> None:
-        if not self.stopped and not self._deliver(message):
+        if not self.stopped and not self.deliver(message):
             self.stopped = True
 
     async def aclose(self) -> None:
@@ -199,8 +219,73 @@ def read_messages(
     Cancellation: stops reading (the socket stays as it is; see
     `close_websocket`).
     """
-    ws._send_channel = _Tap(deliver)  # type: ignore[assignment]
-    return ws._reader_task()
+    tap = _Tap(deliver)
+    ws._send_channel = tap  # type: ignore[assignment]
+    return _reader_loop(ws, tap)
+
+
+_PAYLOADS: Final = (bytes, str)
+"""What `FastWSConnection.take_events` gives for a whole message (a tuple:
+the test runs per message, and ``bytes | str`` would be built each time)."""
+
+_HANDLERS: Final[
+    dict[type[Any], Callable[[WebSocketConnection, Any], Coroutine[Any, Any, None]]]
+] = {
+    BytesMessage: WebSocketConnection._handle_message_event,
+    TextMessage: WebSocketConnection._handle_message_event,
+    CloseConnection: WebSocketConnection._handle_close_connection_event,
+    Ping: WebSocketConnection._handle_ping_event,
+    Pong: WebSocketConnection._handle_pong_event,
+    RejectData: WebSocketConnection._handle_reject_data_event,
+}
+"""trio-websocket's handler of each event a server socket whose handshake is
+done can read (one table: trio-websocket's loop makes one per socket)."""
+
+
+async def _reader_loop(ws: WebSocketConnection, tap: _Tap) -> None:
+    """trio-websocket's ``_reader_task`` (0.12) for a server socket whose
+    handshake is done, with the shortcut for whole data messages (see the
+    module docstring). One function, as trio-websocket's: a socket's task
+    idles in it."""
+    connection = ws._wsproto
+    assert isinstance(connection, FastWSConnection), "made by server_websocket"
+    stream = ws._stream
+    async with tap:
+        while ws._reader_running:
+            for event in connection.take_events():
+                if isinstance(event, _PAYLOADS):
+                    # A whole message read by `FastWSConnection` (never
+                    # amid a message in parts): what `_handle_message_event`
+                    # and `_Tap.send` would do with it.
+                    if not tap.stopped and not tap.deliver(event):
+                        tap.stopped = True
+                    continue
+                kind = type(event)
+                handler = _HANDLERS.get(kind)
+                if handler is None:  # pragma: no cover - no other event here
+                    log.warning("%s received an unknown event: %r", ws, kind)
+                    continue
+                try:
+                    await handler(ws, event)
+                except ConnectionClosed:
+                    ws._reader_running = False
+                    break
+            try:
+                received = await stream.receive_some(ws._receive_buffer_size)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await ws._abort_web_socket()
+                break
+            if not received:  # TCP closed (before the WebSocket: abnormal)
+                if connection.state != _CLOSED:
+                    await ws._abort_web_socket()
+                break
+            if connection.state != _CLOSED:
+                try:
+                    connection.receive_data(received)  # type: ignore[arg-type]
+                except RemoteProtocolError as err:
+                    if err.event_hint:
+                        await ws._send(err.event_hint)
+                    await ws._close_stream()
 
 
 async def close_websocket(ws: WebSocketConnection, code: int, reason: str) -> None:

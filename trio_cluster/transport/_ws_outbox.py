@@ -295,14 +295,15 @@ class Outbox(trio.abc.Stream):
         size = _RECEIVE_SIZE if max_bytes is None else max_bytes
         if size < 1:
             raise ValueError("max_bytes must be >= 1")
-        await trio.lowlevel.checkpoint_if_cancelled()
         waited = False
         if self._read_all:
             # The last read emptied the socket: most likely nothing came
             # since, so wait first (a read now would cost a system call to
-            # learn that).
+            # learn that). The wait is the cancellation point.
             await trio.lowlevel.wait_readable(self._fd)
             waited = True
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("the stream is closed")
