@@ -34,6 +34,7 @@ from ._engine._dispatch import HandlerRelay
 from ._engine._janitor import janitor
 from ._entity import Entity
 from ._errors import ConfigError, EntityDefinitionError, EventsUnsupportedError
+from ._gc_freeze import freeze_once
 from ._groups import unwrap_single as _unwrap_single
 from ._operations._dead_letters import DeadLetterQueue
 from ._registry import Registry
@@ -387,6 +388,8 @@ async def open_runner(
     _check_singletons(singletons)
     codecs = broadcast_codecs(broadcasts, registry.converter)
     stop = trio.Event()
+    if config.freeze_gc_at_start:
+        freeze_once()
 
     async def serve_system(*, task_status: trio.TaskStatus[Runner]) -> None:
         # The runner's own tasks (transport, storage session, shards,

@@ -224,6 +224,14 @@ class ShardingConfig:
     a runner, so a message that could not cross the wire fails in tests too.
     Turn off for speed once your messages are known to encode."""
 
+    freeze_gc_at_start: bool = attrs.field(default=True, validator=_check_bool)
+    """The first runner of a process to start collects garbage and freezes
+    the objects that exist then (``gc.freeze``: the modules, classes and
+    functions made at import), so that full garbage collections, which stop
+    the event loop, no longer scan them: their pauses, which make timers
+    fire late, shrink in proportion. An object alive then, dropped later in
+    a reference cycle, is never freed. False leaves the collector alone."""
+
     retention_age: float = attrs.field(default=7 * 86_400.0, validator=_positive)
     """Finished persisted requests (and their replies) are deleted this many
     seconds after their final reply. Until then a duplicate (same primary

@@ -106,9 +106,11 @@ log = logging.getLogger("trio_cluster.persisted")
 _FLOAT_TOLERANCE: Final = 1e-6
 """Seconds of slack when a ``deliver_at`` timer fires, for float rounding
 between the timer and the wall clock."""
-EARLY: Final = 0.25
+EARLY: Final = 1.0
 """Seconds before its ``deliver_at`` that a request may be claimed (see the
-module docstring)."""
+module docstring). More than a claim's round trip on a loaded server: at
+0.25 s, claims of 0.3 s (PostgreSQL and the runner sharing 2 busy cores)
+took some wake-ups after their time (W12)."""
 
 
 @attrs.frozen

@@ -309,6 +309,9 @@ class EntityLifecycle:
     def _passivate(self, slot: Slot) -> None:
         instance = slot.instance
         if instance is None or not slot.entity_type.has_on_stop:
+            # The incarnation ends here: the instance and its slot refer to
+            # each other, a cycle left to the garbage collector otherwise.
+            slot.instance = None
             self._drop(slot)
             return
         slot.stopping = True

@@ -283,13 +283,16 @@ class WorkflowEntity(Entity):
         journal = self.state
         assert journal.arg is not None
         arg = ctx.decode(journal.arg, definition.arg_type)
-        yielded: Yield | None = None
+        yielded: tuple[float | None, bool] | None = None
         failure: Failure | None = None
         result: bytes | None = None
         try:
             value = await definition.fn(ctx, arg)
         except Yield as signal:
-            yielded = signal
+            # Its time only: the exception itself, kept in this frame, would
+            # make a reference cycle (its traceback holds this frame) of
+            # everything the advance used, left to the garbage collector.
+            yielded = (signal.at, signal.waiting)
         except Exception as exc:  # the workflow failed (unless a problem)
             failure = failure_of(exc)
         else:
@@ -324,13 +327,10 @@ class WorkflowEntity(Entity):
             child: Any = current_runner().client(start.workflow.entity)
             await child(start.execution_id).start.discard(Start(start.arg, parent))
         if yielded is not None:
-            status = (
-                Status.RUNNING
-                if yielded.at is None and not yielded.waiting
-                else Status.WAITING
-            )
+            at, waiting = yielded
+            status = Status.RUNNING if at is None and not waiting else Status.WAITING
             self.state = attrs.evolve(journal, status=status)
-            await self.schedule(yielded.at, waiting=yielded.waiting)
+            await self.schedule(at, waiting=waiting)
         elif failure is not None:
             running = bool(running_children(journal))
             if ctx.compensations or running:

@@ -86,7 +86,7 @@ class StepNursery:
         try:
             await fn(*args)
         except Yield as stop:
-            self.parked.append(stop)
+            self.parked.append(stop.bare())
 
 
 @asynccontextmanager
@@ -111,7 +111,7 @@ async def open_step_nursery(
         try:
             yield steps
         except Yield as stop:  # the block yields: wait for the tasks first
-            stops.append(stop)
+            stops.append(stop.bare())
     stops += steps.parked
     if stops:
         raise Yield.combine(stops)

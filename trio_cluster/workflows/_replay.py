@@ -29,6 +29,7 @@ operation yields at once: nothing runs for real, nothing is recorded.
 
 from __future__ import annotations
 
+import weakref
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,12 @@ class Yield(BaseException):
         super().__init__(at, waiting)
         self.at = at
         self.waiting = waiting
+
+    def bare(self) -> Yield:
+        """The same stop without its traceback, to keep: the traceback holds
+        the frames it went through, whose locals may hold the keeper (a
+        reference cycle, left to the garbage collector)."""
+        return Yield(self.at, waiting=self.waiting)
 
     @staticmethod
     def combine(stops: Sequence[Yield]) -> Yield:
@@ -98,12 +105,17 @@ class Compensation:
 class Scope:
     """The operations of one task of the workflow code."""
 
-    __slots__ = ("cursor", "path", "ran_step", "replay", "steps_run", "task")
+    __slots__ = ("_task", "cursor", "path", "ran_step", "replay", "steps_run")
 
     def __init__(
         self, replay: Replay, path: Position, task: trio.lowlevel.Task | None
     ) -> None:
-        self.replay = replay
+        # Its replay and its task are held weakly: the replay holds its root
+        # scope, and a nursery task's context holds its scope. A reference
+        # cycle would leave everything the advance used (its tasks too) to
+        # the garbage collector, whose full collections scan every object
+        # and stall the event loop (durable timers fired late, W12).
+        self.replay = weakref.ref(replay)
         self.path = path
         """The position of the nursery and the task's index in it (``()``:
         the function's own task)."""
@@ -115,7 +127,16 @@ class Scope:
         self.steps_run = 0
         """How many new steps it ran in this advance (the workflow's
         ``steps_per_checkpoint`` bounds them)."""
-        self.task = task
+        self._task = None if task is None else weakref.ref(task)
+
+    @property
+    def task(self) -> trio.lowlevel.Task | None:
+        """The task whose operations these are (None: not started yet)."""
+        return None if self._task is None else self._task()
+
+    @task.setter
+    def task(self, task: trio.lowlevel.Task) -> None:
+        self._task = weakref.ref(task)
 
 
 _scope_var: ContextVar[Scope | None] = ContextVar(
@@ -180,7 +201,7 @@ class Replay:
                 nursery's (kept as the `problem`).
         """
         scope = _scope_var.get()
-        if scope is None or scope.replay is not self:
+        if scope is None or scope.replay() is not self:
             scope = self.root
         if scope.task is not trio.lowlevel.current_task():
             self.problem = WorkflowUsageError(
