@@ -72,7 +72,8 @@ async def waker(ctx: WorkflowContext, arg: tuple[int, float]) -> int:
     return await ctx.step(mark, key)
 
 
-CONFIG = tc.ShardingConfig(shards_per_group=16)
+# A process that is only a runner, as `trio-cluster run` makes it.
+CONFIG = tc.ShardingConfig(shards_per_group=16, freeze_gc_at_start=True)
 
 
 def rss_after_gc() -> int:

@@ -27,10 +27,10 @@ async def test_the_first_runner_of_a_process_freezes_what_exists(
         freeze()
 
     monkeypatch.setattr(gc, "freeze", counted)
-    async with tc.open_runner(config=config(freeze_gc_at_start=False)):
-        assert (len(freezes), gc.get_freeze_count()) == (0, 0)  # left alone
     async with tc.open_runner(config=config()):
+        assert (len(freezes), gc.get_freeze_count()) == (0, 0)  # off by default
+    async with tc.open_runner(config=config(freeze_gc_at_start=True)):
         assert len(freezes) == 1
         assert gc.get_freeze_count() > 1000  # modules, classes, functions
-    async with tc.open_runner(config=config()):
+    async with tc.open_runner(config=config(freeze_gc_at_start=True)):
         assert len(freezes) == 1  # once per process

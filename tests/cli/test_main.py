@@ -340,3 +340,18 @@ def test_a_target_mapping_may_give_a_tracer_and_listeners(monkeypatch):
     options = load_target("target_with_tracer:RUNNER")
     assert options["tracer"] is tracer
     assert options["listeners"] == [listener]
+
+
+def test_run_freezes_the_collector_unless_the_environment_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `trio-cluster run` owns its process: shorter full collections there.
+    import argparse
+
+    from trio_cluster._cli._main import _config
+
+    args = argparse.Namespace(listen=None)
+    monkeypatch.delenv("TRIO_CLUSTER_FREEZE_GC_AT_START", raising=False)
+    assert _config(args).freeze_gc_at_start is True
+    monkeypatch.setenv("TRIO_CLUSTER_FREEZE_GC_AT_START", "false")
+    assert _config(args).freeze_gc_at_start is False

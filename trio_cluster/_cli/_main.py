@@ -119,6 +119,9 @@ def _config(args: argparse.Namespace) -> Any:
     from ._security import ENV_VARIABLES
 
     overrides: dict[str, Any] = {}
+    if "TRIO_CLUSTER_FREEZE_GC_AT_START" not in os.environ:
+        # This process is only a runner: shorter full collections.
+        overrides["freeze_gc_at_start"] = True
     if getattr(args, "listen", None):
         overrides["runner_address"] = _advertised(args.listen, args.advertise)
     return ShardingConfig.from_env(os.environ, ignore=ENV_VARIABLES, **overrides)

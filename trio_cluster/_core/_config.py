@@ -224,13 +224,15 @@ class ShardingConfig:
     a runner, so a message that could not cross the wire fails in tests too.
     Turn off for speed once your messages are known to encode."""
 
-    freeze_gc_at_start: bool = attrs.field(default=True, validator=_check_bool)
-    """The first runner of a process to start collects garbage and freezes
-    the objects that exist then (``gc.freeze``: the modules, classes and
-    functions made at import), so that full garbage collections, which stop
-    the event loop, no longer scan them: their pauses, which make timers
-    fire late, shrink in proportion. An object alive then, dropped later in
-    a reference cycle, is never freed. False leaves the collector alone."""
+    freeze_gc_at_start: bool = attrs.field(default=False, validator=_check_bool)
+    """Whether the first runner of a process to start collects garbage and
+    freezes the objects that exist then (``gc.freeze``: the modules, classes
+    and functions made at import), so that full garbage collections, which
+    stop the event loop, no longer scan them: their pauses, which make timers
+    fire late, shrink in proportion. An object alive then, dropped later in a
+    reference cycle, is never freed. Off by default, as it changes the whole
+    process's collector; ``trio-cluster run`` (a process that is only a
+    runner) turns it on unless ``TRIO_CLUSTER_FREEZE_GC_AT_START`` says."""
 
     retention_age: float = attrs.field(default=7 * 86_400.0, validator=_positive)
     """Finished persisted requests (and their replies) are deleted this many
