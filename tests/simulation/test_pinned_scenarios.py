@@ -12,11 +12,13 @@ import pytest
 from trio_cluster.testing import (
     ClientOp,
     FaultSchedule,
+    FrameFaults,
     FreezeRunner,
     KillRunner,
     LoseLockSession,
     OpKind,
     Scenario,
+    StopRunner,
     StorageOutage,
     Workload,
     run_scenario,
@@ -57,6 +59,37 @@ PINNED = {
     # lost its lock session meanwhile and went on running the handler while
     # r1 took the shard (issue 11, items 1 and 2: a lost lock escalates a
     # graceful stop, and a draining shard keeps its lease until then).
+    # Single owner: r2 shut down (its shards draining) and lost its lock
+    # session at the same moment; its leaving registration was announced, r1
+    # took a shard at once and ran a request r2's drain still ran: a session
+    # lost while shutting down did not stop the draining handlers.
+    "lock-lost-while-leaving": Scenario(
+        seed=0,
+        runners=3,
+        faults=FaultSchedule(
+            (
+                FrameFaults(
+                    at=0.0,
+                    duration=1.0,
+                    drop=0.0,
+                    duplicate=0.05,
+                    delay=0.0,
+                    max_delay=0.01,
+                ),
+                StopRunner(at=16.5, runner=2, down_for=1.0),
+                LoseLockSession(at=16.5, runner=2),
+            )
+        ),
+        workload=Workload(
+            (
+                ClientOp(17.1, 0, 0, OpKind.ABANDON),
+                ClientOp(0.0, 0, 0, OpKind.ABANDON),
+                ClientOp(0.0, 0, 0, OpKind.ABANDON),
+                ClientOp(11.4, 0, 0, OpKind.DISCARD, count=3, work=3.0),
+            ),
+            background=4,
+        ),
+    ),
     "lock-lost-while-draining": Scenario(
         seed=0,
         runners=2,

@@ -392,12 +392,15 @@ class Sharding:
                 continue
             self._sessions_lost += 1
             self.heartbeat_at = None
-            if self._closing:
-                return
             log.warning("the lock session was lost; stopping every shard now")
+            # Also while the runner shuts down: its shards still draining
+            # must stop now, not at the end of their drain (the simulator
+            # found another runner running a handler its drain still ran).
             await self._execute(
                 self.ownership.refreshed((), started_at=trio.current_time())
             )
+            if self._closing:
+                return
             self.poll_soon()
 
     async def _watch_registry(self) -> None:
