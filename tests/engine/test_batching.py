@@ -366,3 +366,25 @@ async def test_a_refused_item_written_here_fails_alone_and_the_batcher_goes_on(
         assert await batcher.submit(2, here=True) == 4
         nursery.cancel_scope.cancel()
     assert storage.writes == [[BAD], [2]]
+
+
+@pytest.mark.parametrize("here", [True, False])
+async def test_a_storage_session_closed_under_a_write_fails_it_with_persistence_error(
+    autojump_clock, here
+):
+    # Found by the simulator: a runner shutting down closed its storage
+    # session under a caller's write, and the caller got the storage's own
+    # `trio.ClosedResourceError` instead of a `ClusterError`.
+    async def closed(items: Sequence[int]) -> list[int]:
+        await trio.lowlevel.checkpoint()
+        raise trio.ClosedResourceError("storage session 'r' is closed")
+
+    batcher: Batcher[int, int] = Batcher(closed, max_batch=64, name="test")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.run)
+        with pytest.raises(tc.PersistenceError, match="storage session is closed"):
+            await batcher.submit(1, here=here)
+        # The batcher goes on (the next write may find storage again).
+        with pytest.raises(tc.PersistenceError, match="storage session is closed"):
+            await batcher.submit(2, here=here)
+        nursery.cancel_scope.cancel()

@@ -672,8 +672,8 @@ async def test_quick_polls_after_a_dropped_connection_stop_if_the_peer_stays_liv
     autojump_clock,
 ):
     # A frozen or partitioned peer keeps its storage session (its locks) until
-    # its lease runs out: the survivor stops polling (its lease refreshes
-    # will list the peer gone).
+    # its lease runs out: the survivor goes back to polling at the interval,
+    # until that lease would have ended (the peer is alive after all).
     sessions: list[list[float]] = []
 
     class Counting(PatchingStorage):
@@ -705,8 +705,13 @@ async def test_quick_polls_after_a_dropped_connection_stop_if_the_peer_stays_liv
         since = [t - cut_at for t in polls if t >= cut_at]
         # At once, then after 10, 20, 40, 80 and 160 ms...
         assert 4 <= sum(t < 0.5 for t in since) <= 8
-        # ... up to the interval, then not at all: nothing is wanted.
-        assert max(since) < 2.0
+        # ... then at the interval again...
+        assert sum(t >= 0.5 for t in since) <= 11
+        # ... until the peer's lease (30 s) would have ended: then no more.
+        await trio.sleep(30.0)
+        since = [t - cut_at for t in polls if t >= cut_at]
+        assert max(since) <= 32.0
+        assert survivor.statistics().runners == 2
 
 
 async def test_an_idle_runner_only_refreshes_and_hears_a_join_at_once(

@@ -1,10 +1,13 @@
 """The simulator finds bugs: with a bug planted in the runtime (`planted`),
 Hypothesis must find a scenario that breaks the invariant it threatens.
 
-In the ``dev`` profile the search is focused on the faults that matter (a
-fast, deterministic check that the invariant is wired up); in the ``ci``
-profile it draws from every kind of fault, as the property tests do, and the
-counterexample must also shrink to a schedule a person can read.
+In the ``dev`` profile the search is focused on the faults that matter, at
+most two (a fast, deterministic check that the invariant is wired up); in
+the ``ci`` profile it draws many more schedules of those kinds, of any
+length, and the counterexample must also shrink to a schedule a person can
+read. (Drawing from every kind of fault, as the property tests do, found
+`no_fencing` in 1 of 250 schedules at best: whether it did hung on timings
+that changed when runners stopped polling the live runners.)
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ def violation(scenario: Scenario) -> InvariantViolation | None:
 @pytest.mark.parametrize(("bug", "invariant", "focus"), CASES)
 def test_the_simulation_finds_a_planted_bug(monkeypatch, bug, invariant, focus):
     PLANTED[bug](monkeypatch)
-    strategy = scenarios() if THOROUGH else scenarios(kinds=focus, max_faults=2)
+    strategy = (
+        scenarios(kinds=focus) if THOROUGH else scenarios(kinds=focus, max_faults=2)
+    )
     found = find(
         strategy,
         lambda scenario: violation(scenario) is not None,

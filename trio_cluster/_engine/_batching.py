@@ -181,6 +181,9 @@ class Batcher(Generic[I, O]):
             if refused(exc) or isinstance(exc, PersistenceError):
                 _fail([pending], exc)
                 return
+            if isinstance(exc, trio.ClosedResourceError):
+                _fail([pending], _session_closed(self._name, exc))
+                return
             # Cancelled (or a bug): whether it was written is unknown.
             if self._closed:
                 _fail([pending], PersistenceError(f"{self._name}: write cancelled"))
@@ -249,6 +252,8 @@ class Batcher(Generic[I, O]):
                     parts += [part[middle:], part[:middle]]
                 elif refused(exc) or isinstance(exc, PersistenceError):
                     _fail(part, exc)
+                elif isinstance(exc, trio.ClosedResourceError):
+                    _fail(part, _session_closed(self._name, exc))
                 else:
                     failure = PersistenceError(f"{self._name}: batch write interrupted")
                     failure.__cause__ = exc
@@ -281,6 +286,15 @@ def refused(exc: BaseException) -> bool:
     `TypeError`/`ValueError` of the storage contract's argument checks.
     Never a failure of storage itself, nor a cancellation."""
     return isinstance(exc, StorageRefusedError | TypeError | ValueError)
+
+
+def _session_closed(name: str, exc: trio.ClosedResourceError) -> PersistenceError:
+    """What a caller gets when the storage session closed under its write
+    (the runner is shutting down): a `PersistenceError`, as for any write
+    that failed, not the storage's own `trio.ClosedResourceError`."""
+    failure = PersistenceError(f"{name}: the storage session is closed")
+    failure.__cause__ = exc
+    return failure
 
 
 def _fail(batch: Sequence[Pending[I, O]], error: BaseException) -> None:

@@ -13,7 +13,9 @@ Drives the sans-IO `Ownership` state machine with two loops:
 Nothing is polled while nothing changes. The assignment loop reads the live
 runners when storage announces that one registered or unregistered
 (`RunnersChanged`), when a peer's connection dropped, when the lock session
-was lost, and while wanted shards are locked elsewhere; and each lease
+was lost, while wanted shards are locked elsewhere, and while a peer whose
+connection dropped is still live in storage, until its lease would have
+ended (`_suspecting`); and each lease
 refresh also lists them (`RunnerStorage.refresh_and_list`, one statement on
 PostgreSQL) and acts on a changed listing at once, which is how a runner
 whose session ended with no connection to this one (and no announcement) is
@@ -147,6 +149,9 @@ class Sharding:
         self._polling = trio.Lock()
         """Held by `_poll_assignment`."""
         self._lost_peers: set[RunnerAddress] = set()
+        self._suspects: dict[RunnerAddress, float] = {}
+        """Peers whose connection dropped, with the time by which their lease
+        must have ended if they are frozen or cut off (see `_suspecting`)."""
         """Peers whose connection dropped, still live as of the last poll."""
         interval = config.membership_poll_interval
         self._quick_polls = Backoff(min(QUICK_POLLS, interval), interval)
@@ -273,6 +278,7 @@ class Sharding:
                 not asked
                 and self._quick_attempt is None
                 and not self.ownership.wanted()
+                and not self._suspecting()
             ):
                 # Nothing to retry: every lease refresh lists the live
                 # runners, and a change asks for a poll (`_lease_loop`).
@@ -419,8 +425,27 @@ class Sharding:
         it is still live in storage or shards are still locked elsewhere
         (see the module docstring)."""
         self._lost_peers.add(peer)
+        self._suspects[peer] = (
+            trio.current_time()
+            + self._config.lease_duration
+            + self._config.lease_refresh_interval
+        )
         self._quick_attempt = 0
         self.poll_soon()
+
+    def _suspecting(self) -> bool:
+        """Whether a peer whose connection dropped is still live in storage
+        and its lease may still run out (frozen, cut off): polls go on at the
+        interval until then, so its shards are taken as soon as its session
+        ends, not at the next lease refresh. A peer alive after all is
+        suspected no longer once its lease would have ended."""
+        if self._suspects:
+            now = trio.current_time()
+            live = {runner.address for runner in self.table.live}
+            for peer, until in list(self._suspects.items()):
+                if until <= now or peer not in live:
+                    del self._suspects[peer]
+        return bool(self._suspects)
 
     def _next_poll_delay(self) -> float:
         """How long the assignment loop waits for the next poll (unless it
