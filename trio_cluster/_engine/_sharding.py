@@ -15,11 +15,11 @@ runners when storage announces that one registered or unregistered
 (`RunnersChanged`), when a peer's connection dropped, when the lock session
 was lost, while wanted shards are locked elsewhere, and while a peer whose
 connection dropped is still live in storage, until its lease would have
-ended (`_suspecting`); and each lease
-refresh also lists them (`RunnerStorage.refresh_and_list`, one statement on
-PostgreSQL) and acts on a changed listing at once, which is how a runner
-whose session ended with no connection to this one (and no announcement) is
-noticed, within one refresh interval.
+ended (`_suspecting`). Each lease refresh also lists them
+(`RunnerStorage.refresh_and_list`, one statement on PostgreSQL) and acts on
+a changed listing at once: that is how a runner whose session ended with no
+connection to this one (and no announcement) is noticed, within one refresh
+interval.
 
 A dropped connection to a peer is the first sign that it died: it triggers a
 poll at once. The storage session of a killed process ends a few
@@ -149,10 +149,10 @@ class Sharding:
         self._polling = trio.Lock()
         """Held by `_poll_assignment`."""
         self._lost_peers: set[RunnerAddress] = set()
+        """Peers whose connection dropped, still live as of the last poll."""
         self._suspects: dict[RunnerAddress, float] = {}
         """Peers whose connection dropped, with the time by which their lease
         must have ended if they are frozen or cut off (see `_suspecting`)."""
-        """Peers whose connection dropped, still live as of the last poll."""
         interval = config.membership_poll_interval
         self._quick_polls = Backoff(min(QUICK_POLLS, interval), interval)
         self._quick_attempt: int | None = None
