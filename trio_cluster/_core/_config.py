@@ -163,7 +163,9 @@ class ShardingConfig:
     ``lease_refresh_interval``), and a change is read at once. A dropped
     connection to a peer triggers a read at once, then more after 10, 20,
     40... ms (up to this interval) while the peer is still live in storage or
-    wanted shards are still locked."""
+    wanted shards are still locked, then reads at this interval while that
+    peer is still live, until its lease would have ended (frozen or cut off:
+    its shards are taken as soon as its session ends)."""
 
     entity_max_idle: float = attrs.field(default=60.0, validator=_positive)
     """Default ``max_idle`` for entity classes that do not set their own."""

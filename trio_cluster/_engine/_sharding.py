@@ -12,26 +12,20 @@ Drives the sans-IO `Ownership` state machine with two loops:
 
 Nothing is polled while nothing changes. The assignment loop reads the live
 runners when storage announces that one registered or unregistered
-(`RunnersChanged`), when a peer's connection dropped, when the lock session
-was lost, while wanted shards are locked elsewhere, and while a peer whose
-connection dropped is still live in storage, until its lease would have
-ended (`_suspecting`). Each lease refresh also lists them
+(`RunnersChanged`), when the lock session was lost, and while something is
+pending (`PollSchedule`: a peer's connection dropped, wanted shards locked
+elsewhere). Each lease refresh also lists them
 (`RunnerStorage.refresh_and_list`, one statement on PostgreSQL) and acts on
 a changed listing at once: that is how a runner whose session ended with no
 connection to this one (and no announcement) is noticed, within one refresh
 interval.
 
 A dropped connection to a peer is the first sign that it died: it triggers a
-poll at once. The storage session of a killed process ends a few
-milliseconds later (PostgreSQL sees the socket close and frees its locks), so
-that poll may still find the peer live, or its shards locked. Until the
-peer has left the live runners and every wanted shard is locked, the loop
-polls again after short, doubling delays (`QUICK_POLLS`, up to the poll
-interval) rather than one whole ``membership_poll_interval`` later. The locks
-stay the authority: a shard is served only once its lock is acquired, at a
-new epoch. A peer that is alive but unreachable (frozen, partitioned) stays
-live in storage: the quick polls then stop at the poll interval, and its
-shards move when its session ends (the lease).
+read at once, and quick ones after it while the peer is still live (its
+storage session ends a few milliseconds later). The locks stay the
+authority: a shard is served only once its lock is acquired, at a new epoch.
+A peer that is alive but unreachable (frozen, partitioned) stays live in
+storage, and its shards move when its session ends (the lease).
 
 A shard that moved away is drained: it keeps its lease (and lock) while its
 handlers finish, within ``entity_termination_timeout``, and its lock is
@@ -65,6 +59,7 @@ from .._core._ring import Member, assign_shards
 from .._errors import PersistenceError
 from .._stalls import fail_after_unstalled
 from .._storage_abc import RunnerInfo, RunnerStorage
+from ._polls import PollSchedule
 from ._slots import ShardHost, ShardState
 
 if TYPE_CHECKING:
@@ -82,9 +77,6 @@ __all__ = ["Sharding"]
 
 _SHOWN = 16
 """Shards named in one log line (the rest are counted)."""
-QUICK_POLLS = 0.01
-"""First delay between the polls that follow a peer's lost connection (it
-doubles up to ``membership_poll_interval``)."""
 
 log = logging.getLogger("trio_cluster.sharding")
 
@@ -145,19 +137,9 @@ class Sharding:
         self._cleanups: set[trio.CancelScope] = set()
         """Shielded stop scopes in progress (`abort` cancels them too)."""
         self._closing = False
-        self._poll_now = trio.Event()
+        self._polls = PollSchedule(config, table, lambda: bool(self.ownership.wanted()))
         self._polling = trio.Lock()
         """Held by `_poll_assignment`."""
-        self._lost_peers: set[RunnerAddress] = set()
-        """Peers whose connection dropped, still live as of the last poll."""
-        self._suspects: dict[RunnerAddress, float] = {}
-        """Peers whose connection dropped, with the time by which their lease
-        must have ended if they are frozen or cut off (see `_suspecting`)."""
-        interval = config.membership_poll_interval
-        self._quick_polls = Backoff(min(QUICK_POLLS, interval), interval)
-        self._quick_attempt: int | None = None
-        """Quick polls made since a peer's connection dropped (None: polls
-        at the interval)."""
         self._release_backoff = Backoff(0.05, config.lease_refresh_interval)
         self._to_release: set[ShardId] = set()
         """Stopped shards whose locks `_release_loop` releases next."""
@@ -268,21 +250,9 @@ class Sharding:
 
     async def _assignment_loop(self) -> None:
         while True:
-            with trio.move_on_after(self._next_poll_delay()):
-                await self._poll_now.wait()
-            asked = self._poll_now.is_set()
-            self._poll_now = trio.Event()
+            await self._polls.next_poll()
             if self._closing:
                 return
-            if (
-                not asked
-                and self._quick_attempt is None
-                and not self.ownership.wanted()
-                and not self._suspecting()
-            ):
-                # Nothing to retry: every lease refresh lists the live
-                # runners, and a change asks for a poll (`_lease_loop`).
-                continue
             try:
                 await self._poll_assignment()
             except (PersistenceError, trio.TooSlowError) as exc:
@@ -418,52 +388,13 @@ class Sharding:
 
     def poll_soon(self) -> None:
         """Ask for an assignment poll now (a runner joined or left)."""
-        self._poll_now.set()
+        self._polls.soon()
 
     def peer_lost(self, peer: RunnerAddress) -> None:
         """The connection to ``peer`` dropped: poll now, and again soon while
         it is still live in storage or shards are still locked elsewhere
-        (see the module docstring)."""
-        self._lost_peers.add(peer)
-        self._suspects[peer] = (
-            trio.current_time()
-            + self._config.lease_duration
-            + self._config.lease_refresh_interval
-        )
-        self._quick_attempt = 0
-        self.poll_soon()
-
-    def _suspecting(self) -> bool:
-        """Whether a peer whose connection dropped is still live in storage
-        and its lease may still run out (frozen, cut off): polls go on at the
-        interval until then, so its shards are taken as soon as its session
-        ends, not at the next lease refresh. A peer alive after all is
-        suspected no longer once its lease would have ended."""
-        if self._suspects:
-            now = trio.current_time()
-            live = {runner.address for runner in self.table.live}
-            for peer, until in list(self._suspects.items()):
-                if until <= now or peer not in live:
-                    del self._suspects[peer]
-        return bool(self._suspects)
-
-    def _next_poll_delay(self) -> float:
-        """How long the assignment loop waits for the next poll (unless it
-        is asked to poll sooner)."""
-        interval = self._config.membership_poll_interval
-        attempt = self._quick_attempt
-        if attempt is None:
-            return interval
-        self._lost_peers &= {runner.address for runner in self.table.live}
-        delay = self._quick_polls.delay(attempt)
-        if (not self._lost_peers and not self.ownership.wanted()) or delay >= interval:
-            # Gone and taken over, or alive after all (a frozen or
-            # partitioned peer stays live until its session ends).
-            self._quick_attempt = None
-            self._lost_peers.clear()
-            return interval
-        self._quick_attempt = attempt + 1
-        return delay
+        (see `PollSchedule`)."""
+        self._polls.peer_lost(peer)
 
     # ------------------------------------------------------------------
     # Commands
@@ -765,7 +696,7 @@ class Sharding:
         drained and its lock is released, not once every shard has: one slow
         handler holds up its own shard only."""
         self._closing = True
-        self._poll_now.set()
+        self._polls.soon()
         await self._execute(self.ownership.stop_all())
         await self._leave()
         pending = list(self._shard_tasks.values())
