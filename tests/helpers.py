@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import (
     AbstractAsyncContextManager,
     AsyncExitStack,
@@ -34,7 +34,7 @@ import trio.lowlevel
 import trio.testing
 
 import trio_cluster as tc
-from trio_cluster.abc import Storage, StorageSession
+from trio_cluster.abc import RunnerInfo, Storage, StorageSession
 from trio_cluster.storage import MemoryStorage
 
 
@@ -320,6 +320,29 @@ class PatchingStorage(MemoryStorage):
 
     def patch_session(self, session: StorageSession) -> None:
         """Change ``session`` (its methods) before the runner sees it."""
+        raise NotImplementedError
+
+
+class RefreshPatchingStorage(PatchingStorage):
+    """MemoryStorage whose lease refreshes (`refresh_and_list`, what the
+    runner's lease loop calls) a subclass changes: `refreshed` gets each
+    answer storage gave, and returns what the runner gets."""
+
+    def patch_session(self, session: StorageSession) -> None:
+        runners = session.runners
+        original = runners.refresh_and_list
+
+        async def refresh(
+            shards: Collection[tc.ShardId],
+        ) -> tuple[set[tc.ShardId], list[RunnerInfo]]:
+            return await self.refreshed(await original(shards))
+
+        runners.refresh_and_list = refresh  # type: ignore[method-assign]
+
+    async def refreshed(
+        self, answer: tuple[set[tc.ShardId], list[RunnerInfo]]
+    ) -> tuple[set[tc.ShardId], list[RunnerInfo]]:
+        """What the runner gets for storage's ``answer`` (when it gets it)."""
         raise NotImplementedError
 
 

@@ -4,7 +4,6 @@ storage: in one runner, between two runners through storage alone
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -34,6 +33,7 @@ from ..helpers import (
     Later,
     Ledger,
     PatchingStorage,
+    RefreshPatchingStorage,
     config,
     deposit_beside_a_bad_one,
     open_clocked_runner,
@@ -386,7 +386,7 @@ async def test_lost_lock_replays_the_running_persisted_request(autojump_clock):
         assert runner.statistics().failovers >= 1
 
 
-class LockLosingStorage(PatchingStorage):
+class LockLosingStorage(RefreshPatchingStorage):
     """MemoryStorage whose first refresh after ``lose_at`` reports every lock
     gone while the shards' epochs stay current, as PostgreSQL does when a lock
     session died and no other runner has taken the shards yet."""
@@ -396,23 +396,17 @@ class LockLosingStorage(PatchingStorage):
         self.lose_at = lose_at
         self.lost = False
 
-    def patch_session(self, session: StorageSession) -> None:
-        runners = session.runners
-        original = runners.refresh_and_list
-
-        async def refresh(
-            shards: Collection[tc.ShardId],
-        ) -> tuple[set[tc.ShardId], list[RunnerInfo]]:
-            held, live = await original(shards)
-            if not self.lost and trio.current_time() >= self.lose_at:
-                self.lost = True
-                return set(), live
-            return held, live
-
-        runners.refresh_and_list = refresh  # type: ignore[method-assign]
+    async def refreshed(
+        self, answer: tuple[set[tc.ShardId], list[RunnerInfo]]
+    ) -> tuple[set[tc.ShardId], list[RunnerInfo]]:
+        await trio.lowlevel.checkpoint()
+        if not self.lost and trio.current_time() >= self.lose_at:
+            self.lost = True
+            return set(), answer[1]
+        return answer
 
 
-class LateRefreshStorage(PatchingStorage):
+class LateRefreshStorage(RefreshPatchingStorage):
     """MemoryStorage whose lease refreshes between ``start`` and ``end``
     renew the session (its locks stay held) but answer only at ``end``, as a
     statement whose answer waited unread: the runner's local leases lapse
@@ -422,19 +416,14 @@ class LateRefreshStorage(PatchingStorage):
         super().__init__()
         self.start, self.end = start, end
 
-    def patch_session(self, session: StorageSession) -> None:
-        runners = session.runners
-        original = runners.refresh_and_list
-
-        async def refresh(
-            shards: Collection[tc.ShardId],
-        ) -> tuple[set[tc.ShardId], list[RunnerInfo]]:
-            answer = await original(shards)
-            if self.start <= trio.current_time() < self.end:
-                await trio.sleep_until(self.end)
-            return answer
-
-        runners.refresh_and_list = refresh  # type: ignore[method-assign]
+    async def refreshed(
+        self, answer: tuple[set[tc.ShardId], list[RunnerInfo]]
+    ) -> tuple[set[tc.ShardId], list[RunnerInfo]]:
+        if self.start <= trio.current_time() < self.end:
+            await trio.sleep_until(self.end)
+        else:
+            await trio.lowlevel.checkpoint()
+        return answer
 
 
 async def test_shard_stopped_under_a_persisted_handler_records_nothing(autojump_clock):

@@ -25,6 +25,7 @@ from ..helpers import (
     Get,
     Ledger,
     PatchingStorage,
+    RefreshPatchingStorage,
     config,
     open_clocked_runner,
     open_pair,
@@ -265,7 +266,7 @@ async def owners(storage: MemoryStorage) -> list[Any]:
         return [o for o in await session.runners.shard_owners() if o.runner is not None]
 
 
-class HangingRefreshStorage(PatchingStorage):
+class HangingRefreshStorage(RefreshPatchingStorage):
     """MemoryStorage whose lease refreshes hang from ``hang_at`` on (a frozen
     lock connection), and which records every release call."""
 
@@ -275,24 +276,24 @@ class HangingRefreshStorage(PatchingStorage):
         self.releases: list[list[tc.ShardId]] = []
 
     def patch_session(self, session: StorageSession) -> None:
+        super().patch_session(session)
         runners = session.runners
-        refresh, release = runners.refresh_and_list, runners.release
-
-        async def hanging_refresh(
-            shards: Collection[tc.ShardId],
-        ) -> tuple[set[tc.ShardId], list[RunnerInfo]]:
-            # Storage renews the session; the answer never comes back.
-            answer = await refresh(shards)
-            if trio.current_time() >= self.hang_at:
-                await trio.sleep_forever()
-            return answer
+        release = runners.release
 
         async def recorded_release(shards: Collection[tc.ShardId]) -> None:
             self.releases.append(list(shards))
             await release(shards)
 
-        runners.refresh_and_list = hanging_refresh  # type: ignore[method-assign]
         runners.release = recorded_release  # type: ignore[method-assign]
+
+    async def refreshed(
+        self, answer: tuple[set[tc.ShardId], list[RunnerInfo]]
+    ) -> tuple[set[tc.ShardId], list[RunnerInfo]]:
+        # Storage renewed the session; the answer never comes back.
+        if trio.current_time() >= self.hang_at:
+            await trio.sleep_forever()
+        await trio.lowlevel.checkpoint()
+        return answer
 
 
 async def test_shards_whose_leases_lapse_together_are_released_together(

@@ -70,35 +70,18 @@ class ClusterHandler(EndpointHandler):
     """Bounds the warnings a peer causes (issue 12, item 8)."""
 
     def envelope_received(self, peer: RunnerAddress, envelope: Envelope) -> None:
-        # The transport may call from any task (a memory link runs in the
-        # sender's context): dispatch in this runner's context, so handlers,
-        # tasks they start and log records see the right runner.
-        # (Each only if it is not so already: a WebSocket connection's reader
-        # has no current entity, and setting a variable costs.)
-        runner_token = (
-            None
-            if current_runner_var.get(None) is self._context
-            else current_runner_var.set(self._context)
-        )
-        entity_token = (
-            None
-            if current_entity_var.get(None) is None
-            else current_entity_var.set(None)
-        )
-        try:
-            self._dispatch(peer, envelope)
-        finally:
-            if entity_token is not None:
-                current_entity_var.reset(entity_token)
-            if runner_token is not None:
-                current_runner_var.reset(runner_token)
+        self.envelopes_received(peer, (envelope,))
 
     def envelopes_received(
         self, peer: RunnerAddress, envelopes: Sequence[Envelope]
     ) -> None:
-        # `envelope_received` for each, with the context variables set once
-        # for all of them (a WebSocket connection hands over a frame's
-        # envelopes at once).
+        # The transport may call from any task (a memory link runs in the
+        # sender's context): dispatch in this runner's context, so handlers,
+        # tasks they start and log records see the right runner. Set once
+        # for all the envelopes (a WebSocket connection hands over a frame's
+        # envelopes at once), and each only if it is not so already (a
+        # WebSocket connection's reader has no current entity, and setting a
+        # variable costs).
         runner_token = (
             None
             if current_runner_var.get(None) is self._context

@@ -336,7 +336,8 @@ class PgRunners(RunnerStorage):
         await self._restore_liveness(conn, state)
         held = {shard for shard in shards if shard in state.held}
         if self._row_id is None:  # not registered: nothing to heartbeat
-            return held, _runner_infos(await self._listing(self._q.live, conn, state))
+            live = await conn.execute(self._q.live, [self._lock_class])
+            return held, _runner_infos(live.rows)
         result = await conn.execute(
             self._q.heartbeat_live, [self._lock_class, self._row_id, self._token]
         )
