@@ -17,6 +17,7 @@ from trio_cluster.testing import (
     KillRunner,
     LoseLockSession,
     OpKind,
+    PartitionRunners,
     Scenario,
     StopRunner,
     StorageOutage,
@@ -88,6 +89,31 @@ PINNED = {
                 ClientOp(11.4, 0, 0, OpKind.DISCARD, count=3, work=3.0),
             ),
             background=4,
+        ),
+    ),
+    # FIFO: r2 ran a sender's write 5.5 before its 5.4 (same epoch) under a
+    # hanging storage outage and a partition, once the built-in backends
+    # stopped the safety-net claim (`notifications_lossless`); they claim
+    # every `storage_poll_interval` again until the cause is found.
+    "fifo-without-the-safety-net-claim": Scenario(
+        seed=22190,
+        runners=3,
+        faults=FaultSchedule(
+            (
+                StorageOutage(at=13.5, runner=None, duration=8.0, hang=True),
+                PartitionRunners(at=15.7, a=2, b=1, duration=8.0),
+            )
+        ),
+        workload=Workload(
+            (
+                ClientOp(20.0, 0, 0, CALL),
+                ClientOp(3.9, 0, 0, OpKind.VOLATILE, resend=True),
+                ClientOp(11.7, 2, 1, CALL),
+                ClientOp(14.1, 1, 0, OpKind.DISCARD, count=4),
+                ClientOp(10.2, 1, 1, CALL, count=4, work=3.0, resend=True),
+                ClientOp(15.2, 2, 0, OpKind.DISCARD, count=6),
+            ),
+            background=0,
         ),
     ),
     "lock-lost-while-draining": Scenario(
