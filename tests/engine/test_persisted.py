@@ -305,9 +305,6 @@ class CutNotifications(PatchingStorage):
 
     def patch_session(self, session: StorageSession) -> None:
         messages = session.messages
-        # A backend that announces every loss (the built-in ones keep their
-        # safety-net poll for now: see CHANGELOG).
-        messages.notifications_lossless = True
         original = messages.wait_notifications
 
         async def drop_all() -> None:

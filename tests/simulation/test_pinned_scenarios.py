@@ -93,8 +93,10 @@ PINNED = {
     ),
     # FIFO: r2 ran a sender's write 5.5 before its 5.4 (same epoch) under a
     # hanging storage outage and a partition, once the built-in backends
-    # stopped the safety-net claim (`notifications_lossless`); they claim
-    # every `storage_poll_interval` again until the cause is found.
+    # stopped the safety-net claim (`notifications_lossless`): 5.4's send
+    # began before r2 served the shard again, so r2 did not note it waiting
+    # in storage, and a claim that read storage just before it was saved
+    # marked the shard caught up (also `test_regressions.py`).
     "fifo-without-the-safety-net-claim": Scenario(
         seed=22190,
         runners=3,

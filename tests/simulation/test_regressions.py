@@ -11,6 +11,10 @@
    waited forever.
 6. A volatile call to another runner, cancelled while its own runner shut
    down, raised `trio.ClosedResourceError` instead of `trio.Cancelled`.
+7. A sender's message saved while its runner acquired the shard was not
+   noted as waiting in storage (the shard was not served when the send
+   began), so a claim that read storage before it was saved marked the shard
+   caught up, and the sender's next message took the fast path past it.
 """
 
 from __future__ import annotations
@@ -183,6 +187,65 @@ async def test_a_senders_messages_keep_their_order_across_a_failover(autojump_cl
         # must not overtake it through the fast path.
         await first.client(Journal)(entity).append.discard(Note("m2"))
         await trio.sleep(0.5)
+        claims_fail = False
+        with trio.fail_after(10):
+            while len(Journal.log) < 2:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+    assert Journal.log == ["m1", "m2"]
+
+
+async def test_a_message_saved_while_its_shard_is_acquired_is_not_overtaken(
+    autojump_clock,
+):
+    storage = MemoryStorage()
+    saves_held = trio.Event()
+    hold_saves = False
+    claims_fail = False
+
+    async def hook(session: str, operation: str) -> None:
+        if operation == "save_requests" and hold_saves:
+            await saves_held.wait()
+        if operation == "claim" and claims_fail:
+            raise OSError("claims are down")
+
+    storage.fault_hook = hook
+    async with AsyncExitStack() as stack:
+        first = await stack.enter_async_context(journal_runner(storage, 1))
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        second_stack = AsyncExitStack()
+        second = await second_stack.enter_async_context(journal_runner(storage, 2))
+        await trio.sleep(1)  # the shards are split
+        entity = next(
+            f"j{i}"
+            for i in range(100)
+            if first.client(Journal).address_of(f"j{i}").shard in second.served_shards()
+        )
+        shard = first.client(Journal).address_of(entity).shard
+        sent = trio.Event()
+
+        async def send_first() -> None:
+            await first.client(Journal)(entity).append.discard(Note("m1"))
+            sent.set()
+
+        # m1's save begins while the sender does not serve the shard...
+        hold_saves = True
+        nursery.start_soon(send_first)
+        await trio.sleep(0.1)
+        await second_stack.aclose()
+        with trio.fail_after(5):
+            while shard not in first.served_shards():  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        # ...and a claim of the acquired shard reads storage before m1 is in
+        # it; later claims fail, so m1 waits in storage.
+        await trio.sleep(1)
+        claims_fail = True
+        hold_saves = False
+        saves_held.set()
+        with trio.fail_after(5):
+            await sent.wait()
+        await first.client(Journal)(entity).append.discard(Note("m2"))
+        await trio.sleep(0.5)
+        assert Journal.log == []  # m2 did not run before m1
         claims_fail = False
         with trio.fail_after(10):
             while len(Journal.log) < 2:  # noqa: ASYNC110

@@ -200,9 +200,9 @@ class ShardingConfig:
 
     storage_poll_interval: float = attrs.field(default=5.0, validator=_positive)
     """Safety-net poll of storage for persisted messages, for backends that
-    do not promise to announce every lost notification
-    (`MessageStorage.notifications_lossless`; neither built-in backend does
-    yet). Delivery is pushed (direct notice, LISTEN/NOTIFY, ``deliver_at``
+    cannot promise to announce every lost notification (both built-in
+    backends do, `MessageStorage.notifications_lossless`: they are not
+    polled). Delivery is pushed (direct notice, LISTEN/NOTIFY, ``deliver_at``
     timers). Also how often replies awaited from another runner are fetched,
     while there are any."""
 

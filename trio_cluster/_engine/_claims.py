@@ -6,8 +6,8 @@ recorder as its sink. It claims when woken (`ClaimSignal`: a local send, a
 storage notification, a shard acquired, a reply that frees budget, the next
 ``deliver_at`` timer, notifications that may have been missed) and, as a
 safety net, every ``storage_poll_interval`` unless storage announces every
-loss of its notifications (`MessageStorage.notifications_lossless`; not yet
-the built-in backends): then nothing is polled while nothing happens.
+loss of its notifications (`MessageStorage.notifications_lossless`: both
+built-in backends): then nothing is polled while nothing happens.
 At most ``max_persisted_in_flight`` persisted jobs are in memory: when that
 budget is spent the loop is *starved* and waits for replies to be recorded.
 A request for an entity that is not resident while the runner is at

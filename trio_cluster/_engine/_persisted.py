@@ -316,7 +316,12 @@ class PersistedDelivery:
                 await self._give_up(request_id, waiter, interrupt=True)
                 raise
         else:
-            if host is not None and self._deliverable(request):
+            # Whether the shard is served here *now*: one acquired while the
+            # save ran may have had a claim that read storage before this
+            # request was in it, and marked the shard caught up.
+            if self._parts.shards.host(address.shard) is not None and (
+                self._deliverable(request)
+            ):
                 self._claims.saved_behind(address.shard)
             self._notices.notice_owner(
                 address, request_id, not discard, request.deliver_at

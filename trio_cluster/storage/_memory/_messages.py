@@ -76,6 +76,8 @@ class MemoryMessages(MessageStorage, MemoryStates):
         check_open: raises if the session ended (used after waking up).
     """
 
+    notifications_lossless = True  # in memory: none is ever lost
+
     def __init__(
         self,
         store: MessageStore,

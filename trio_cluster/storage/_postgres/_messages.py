@@ -121,6 +121,8 @@ class PgMessages(MessageStorage, PgStates):
         state_queries: the statements of durable entity state.
     """
 
+    notifications_lossless = True  # a lost LISTEN connection says so
+
     _pool: PgPool
     _transaction_pool: PgPool
     _q: MessageQueries = attrs.field(alias="queries")
