@@ -133,17 +133,28 @@ async def test_a_step_cut_by_kill_9_runs_again_on_a_survivor(
     port_of = {runner.address: runner.address.rsplit(":", 1)[1] for runner in (a, b)}
     async with cluster.client() as client:
         jobs = slow_job.client(client)
-        with trio.fail_after(120):
+        with trio.fail_after(150):
             # Few jobs: a running step holds one of its runner's (4)
-            # transaction connections.
-            handles = [
-                await jobs.start(Job(f"j{n}", str(markers), WORK)) for n in range(JOBS)
-            ]
-            # Every job's slow step is running: kill b under its own.
-            while len(list(markers.iterdir())) < JOBS:  # noqa: ASYNC110 - files
-                await trio.sleep(0.05)
-            started = dict(p.name.split("@") for p in markers.iterdir())
-            victims = {j for j, port in started.items() if port == port_of[b.address]}
+            # transaction connections. Their shards may all be a's (1 in
+            # 16): then the batch finishes and another is started.
+            handles = []
+            victims: set[str] = set()
+            for batch in range(3):
+                handles += [
+                    await jobs.start(Job(f"j{batch}.{n}", str(markers), WORK))
+                    for n in range(JOBS)
+                ]
+                # Every job's slow step is running: kill b under its own.
+                while len(list(markers.iterdir())) < JOBS * (batch + 1):  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+                started = dict(p.name.split("@") for p in markers.iterdir())
+                victims = {
+                    j for j, port in started.items() if port == port_of[b.address]
+                }
+                if victims:
+                    break
+                for handle in handles:
+                    await handle.result()
             assert victims, started
             killed_at = trio.current_time()
             b.kill()
