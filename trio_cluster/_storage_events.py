@@ -137,6 +137,13 @@ class PartitionPosition:
 class EventStorage(ABC):
     """The durable event log of a storage session (see the module docstring)."""
 
+    wakeups_lossless: bool = False
+    """Whether `wait_published` returns after every publication past its
+    ``end`` and every `set_cursors` of its subscription and partition, and
+    early whenever one of those may have been missed (both built-in
+    backends). When false, an idle consumer also reads again every
+    `Subscription.poll_interval`."""
+
     @abstractmethod
     async def publish(
         self,
@@ -211,7 +218,8 @@ class EventStorage(ABC):
         """Set the cursor of each ``(partition, offset)`` pair, unfenced
         (replay, an operator's reset). The consumer that owns a partition
         finds its next advance refused (`CursorOutcome.MOVED`) and goes on
-        from the new offset."""
+        from the new offset; one waiting in `wait_published` for the
+        subscription and a partition set is woken, told its cursor moved."""
 
     @abstractmethod
     async def delete_events(
@@ -223,10 +231,24 @@ class EventStorage(ABC):
         returns how many. Offsets are never reused."""
 
     @abstractmethod
-    async def wait_published(self, topic: str, partition: int, *, end: int) -> None:
+    async def wait_published(
+        self, topic: str, partition: int, *, end: int, subscription: str | None = None
+    ) -> bool:
         """Return once the partition may hold an event at offset ``end`` or
-        beyond (a hint: it may return early, e.g. after its notification
-        connection was replaced; callers also poll).
+        beyond or, given ``subscription``, once that subscription's cursor
+        of the partition may no longer be ``end`` (checked on entry, then
+        woken by `set_cursors`). Returns True when the cursor may have moved
+        (read it again), False when only events may have come. A hint: it
+        may return early, e.g. after its notification connection was
+        replaced (then True). A backend whose wake-ups can be lost without
+        such an early return says so (`wakeups_lossless` false): its callers
+        also poll.
 
         On cancellation nothing is lost.
+
+        Raises:
+            TypeError, ValueError: a malformed topic, partition or name.
+            PersistenceError: storage failed (only while checking the
+                cursor on entry; a lost notification connection is an early
+                return, not an error).
         """

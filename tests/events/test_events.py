@@ -102,6 +102,42 @@ async def test_latest_starts_at_the_end_and_replay_delivers_again(autojump_clock
         await until(lambda: [e.value.n for e in seen.events] == [1, 0, 1])
 
 
+async def test_an_idle_subscription_reads_nothing_until_woken(autojump_clock):
+    storage = MemoryStorage()
+    seen = Seen()
+    sub = Subscription(ORDERS, "idle", seen.handle, start="earliest")
+    calls: list[str] = []
+
+    async def count(session: str, operation: str) -> None:
+        if operation in ("read", "positions", "wait_published"):
+            calls.append(operation)
+
+    async with runner(storage, sub) as r:
+        bus = event_bus(r)
+        await r.wait_shards_acquired()
+        await until_cursors(bus, sub)
+        await bus.publish(ORDERS, Placed("a", 0), key="a")
+        await until(lambda: len(seen.events) == 1)
+        await trio.sleep(1)  # every consumer waits
+        storage.fault_hook = count
+        await trio.sleep(600)
+        assert calls == []  # ten idle minutes: not one read
+        # A replay wakes the consumer of each partition it sets.
+        await bus.replay(sub, from_offset="earliest")
+        await until(lambda: len(seen.events) == 2, limit=5)
+        assert [e.value.n for e in seen.events] == [0, 0]
+    # A given poll_interval still polls.
+    polled = Subscription(ORDERS, "polled", Seen().handle, poll_interval=2.0)
+    async with runner(storage, polled) as r:
+        await r.wait_shards_acquired()
+        await until_cursors(event_bus(r), polled)
+        await trio.sleep(1)
+        calls.clear()
+        await trio.sleep(10)
+        # Each of the 4 consumers read again about 5 times.
+        assert 4 * 4 <= calls.count("read") <= 4 * 6, calls
+
+
 async def until_cursors(bus: EventBus, sub: Subscription[Placed]) -> None:
     with trio.fail_after(600):
         while any(p.cursor is None for p in await bus.lag(sub)):  # noqa: ASYNC110

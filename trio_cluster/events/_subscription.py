@@ -9,7 +9,10 @@ handler in offset order, then advances the cursor past the batch, fenced by
 its shard's epoch and compare-and-set (a stale owner, or a cursor moved by
 a replay, changes nothing: the consumer reloads its position). With nothing
 to read it waits for a publication's wake-up (NOTIFY at commit on
-PostgreSQL), or ``poll_interval`` as a safety net.
+PostgreSQL) or a replay's (its cursor set: it reads its cursor again), and
+reads nothing meanwhile: storage wakes it again whenever a wake-up may have
+been lost (`EventStorage.wakeups_lossless`; on a backend that cannot, and
+when ``poll_interval`` is given, it also reads again that often).
 
 Delivery is at least once: a consumer that stops between the handler and
 the cursor's advance delivers those events again. With ``transactional``,
@@ -28,8 +31,9 @@ poison event never stops the partition, and never silently.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, Literal, TypeVar
 
 import attrs
 import trio
@@ -57,6 +61,10 @@ if TYPE_CHECKING:
 __all__ = ["Subscription"]
 
 log = logging.getLogger("trio_cluster.events")
+
+FALLBACK_POLL: Final = 1.0
+"""Seconds between an idle consumer's reads on a backend whose wake-ups
+may be lost silently (`EventStorage.wakeups_lossless` false)."""
 
 T = TypeVar("T")
 
@@ -109,7 +117,9 @@ class Subscription(Generic[T]):
             in one storage transaction.
         retry: attempts of an event whose handler raises before it is skipped.
         batch_size: events read and handled per cursor advance.
-        poll_interval: seconds between reads when no wake-up comes.
+        poll_interval: seconds between reads when no wake-up comes; None
+            (the default): none on a backend whose wake-ups are never lost
+            silently (both built-in ones), `FALLBACK_POLL` on others.
 
     Raises:
         ConfigError: on construction, for an invalid option.
@@ -129,7 +139,9 @@ class Subscription(Generic[T]):
         validator=attrs.validators.instance_of(RetryPolicy),
     )
     batch_size: int = attrs.field(default=100, validator=_check_positive)
-    poll_interval: float = attrs.field(default=1.0, validator=_check_positive)
+    poll_interval: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(_check_positive)
+    )
 
     @property
     def consumers(self) -> list[Singleton]:
@@ -180,10 +192,16 @@ class _Consumer:
     cursor: int | None = attrs.field(init=False, default=None)
     isolate_until: int = attrs.field(init=False, default=-1)
     """Events up to this offset are handled one at a time (a batch failed)."""
+    _poll: float = attrs.field(init=False, default=math.inf)
+    """Seconds an idle wait lasts before it reads again anyway."""
 
     def __attrs_post_init__(self) -> None:
         self.storage = self.runner.event_storage
         self.codec = event_bus(self.runner).codec(self.sub.topic)
+        poll = self.sub.poll_interval
+        if poll is None and not self.storage.wakeups_lossless:
+            poll = FALLBACK_POLL
+        self._poll = math.inf if poll is None else poll
 
     async def run(self) -> None:
         """Consume until cancelled (the shard stops here) or fenced out.
@@ -201,12 +219,16 @@ class _Consumer:
                 topic, self.partition, offset=self.cursor, limit=size
             )
             if not events:
-                with trio.move_on_after(self.sub.poll_interval) as idle:
-                    await self.storage.wait_published(
-                        topic, self.partition, end=self.cursor
+                moved = True  # if the poll comes first: a replay may have moved it
+                with trio.move_on_after(self._poll):
+                    moved = await self.storage.wait_published(
+                        topic,
+                        self.partition,
+                        end=self.cursor,
+                        subscription=self.sub.name,
                     )
-                if idle.cancelled_caught:
-                    self.cursor = None  # idle: reload (a replay moves it)
+                if moved:
+                    self.cursor = None  # reload
                 continue
             outcome = await self._handle(events)
             if outcome is CursorOutcome.STALE_EPOCH:

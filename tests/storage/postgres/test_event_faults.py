@@ -3,11 +3,12 @@ connection of the publishing transaction terminated before the
 publication, after it, and after the handler's last statement (its reply
 and the commit come next): the row and the event commit together once (the
 handler runs again after the failure), never an event without the row, nor
-a lost or phantom one."""
+a lost or phantom one. And idle consumers read nothing, yet are woken by a
+publication, a replay, or a lost LISTEN connection."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 import pytest
@@ -17,6 +18,7 @@ import trio_cluster as tc
 from tests.pg_fixture import unique_prefix
 from trio_cluster.events import Event, Subscription, Topic, event_bus
 from trio_cluster.storage import PostgresStorage
+from trio_cluster.storage._postgres._events import PgEvents
 from trio_cluster.storage._postgres._message_parts import PgTransaction
 
 from .test_runner_faults import TIMEOUT, config, sql, until
@@ -100,3 +102,56 @@ async def test_row_and_event_commit_together_once(
     ]
     events = await sql(pg_schema.dsn, f"SELECT key FROM {prefix}_event_log")
     assert sorted(events) == [("clean",), ("cut",)]
+
+
+async def test_idle_consumers_read_nothing_until_a_publication_replay_or_lost_listener(
+    pg_schema: PgSchema, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[str] = []
+
+    def counting(name: str) -> Any:
+        original = getattr(PgEvents, name)
+
+        async def counted(self: PgEvents, *args: Any, **kwargs: Any) -> Any:
+            reads.append(name)
+            return await original(self, *args, **kwargs)
+
+        return counted
+
+    for name in ("read", "positions"):
+        monkeypatch.setattr(PgEvents, name, counting(name))
+    prefix = unique_prefix()
+    storage = PostgresStorage(pg_schema.dsn, table_prefix=prefix)
+    SEEN.clear()
+    sub = Subscription(TOPIC, "quiet", collect, start="earliest")
+    with trio.fail_after(TIMEOUT):
+        async with tc.open_runner(
+            storage=storage, config=config(), singletons=sub.consumers
+        ) as runner:
+            await runner.wait_shards_acquired()
+            bus = event_bus(runner)
+            await bus.publish(TOPIC, Sale("first"), key="first")
+            await until(lambda: SEEN == ["first"], "the first event is delivered")
+            await trio.sleep(0.5)  # every consumer waits
+            reads.clear()
+            await trio.sleep(3)
+            assert reads == []  # idle: nothing read
+            # The bus's LISTEN connection is terminated: every consumer is
+            # woken once it is open again, reads once, and waits again.
+            [(killed,)] = await sql(
+                pg_schema.base_dsn,
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name LIKE 'trio_cluster bus %'",
+            )
+            assert killed == 1
+            await bus.publish(TOPIC, Sale("second"), key="second")
+            await until(lambda: SEEN == ["first", "second"], "the second event")
+            # A replay wakes the consumers through its notification.
+            await bus.replay(sub, from_offset="earliest")
+            await until(
+                lambda: sorted(SEEN) == sorted(2 * ["first", "second"]), "replay"
+            )
+            await trio.sleep(0.5)
+            reads.clear()
+            await trio.sleep(3)
+            assert reads == []

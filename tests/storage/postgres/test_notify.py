@@ -14,6 +14,7 @@ from trio_cluster._storage_abc import (
     RequestsInterrupted,
 )
 from trio_cluster.storage._postgres._driver._driver import PgConnection, PgNotification
+from trio_cluster.storage._postgres._events import ALL, MOVED, parse_heads
 from trio_cluster.storage._postgres._notify import Listener, coalesce
 
 
@@ -71,3 +72,16 @@ def test_coalesce_skips_a_payload_that_fails_to_parse_in_any_way(payload: str) -
     # the notification loop and killed the runner.
     raw = [PgNotification("c", payload, 1), PgNotification("c", '{"r": [7]}', 1)]
     assert coalesce(raw) == [RepliesAvailable(frozenset({7}))]
+
+
+def test_bus_heads_name_publications_and_cursor_sets_and_skip_the_rest() -> None:
+    raw = [
+        PgNotification("b", '[["t", 0, 5], ["t", 1, 2]]', 1),
+        PgNotification("b", '{"m": [["t", 3]]}', 1),
+        PgNotification("b", '"all"', 1),
+        PgNotification("b", '[["t", 0, -4]]', 1),  # not ours: no negative end
+        PgNotification("b", '{"x": []}', 1),
+        PgNotification("b", '{"m": [["t"]]}', 1),
+        PgNotification("b", "[[", 1),
+    ]
+    assert parse_heads(raw) == [("t", 0, 5), ("t", 1, 2), ("t", 3, MOVED), ALL]

@@ -161,6 +161,9 @@ class EventStore:
             key = (subscription, topic, partition)
             cursor = self._cursors.setdefault(key, _Cursor(offset))
             cursor.offset = offset
+            log = self._partition(topic, partition)  # wake its readers
+            log.published.set()
+            log.published = trio.Event()
 
     def delete(self, older_than: float, hard_older_than: float, limit: int) -> int:
         deleted = 0
@@ -189,10 +192,17 @@ class EventStore:
             log.events = kept
         return deleted
 
-    async def wait_published(self, topic: str, partition: int, end: int) -> None:
+    async def wait_published(
+        self, topic: str, partition: int, end: int, subscription: str | None
+    ) -> bool:
         log = self._partition(topic, partition)
         while log.end <= end:
+            if subscription is not None:
+                cursor = self._cursors.get((subscription, topic, partition))
+                if cursor is None or cursor.offset != end:
+                    return True
             await log.published.wait()
+        return False
 
 
 class MemoryEvents(EventStorage):
@@ -203,6 +213,8 @@ class MemoryEvents(EventStorage):
         messages: the session's message store (its transactions and fences).
         enter: runs the entry steps of an operation, given its name.
     """
+
+    wakeups_lossless = True  # in memory: a reader is woken directly
 
     def __init__(
         self,
@@ -305,8 +317,12 @@ class MemoryEvents(EventStorage):
         await self._enter("delete_events")
         return self._store.delete(*checked)
 
-    async def wait_published(self, topic: str, partition: int, *, end: int) -> None:
+    async def wait_published(
+        self, topic: str, partition: int, *, end: int, subscription: str | None = None
+    ) -> bool:
         topic = check_name(topic, "topic")
         partition = check_partition(partition)
+        if subscription is not None:
+            subscription = check_name(subscription, "subscription")
         await self._enter("wait_published")
-        await self._store.wait_published(topic, partition, end)
+        return await self._store.wait_published(topic, partition, end, subscription)

@@ -16,7 +16,12 @@ Wake-ups: a LISTEN connection on the bus channel, opened when a reader first
 waits. Readers waiting in `PgEvents.wait_published` take turns reading it
 (the first one pumps notifications for all; when it has its own, it hands
 the pump to another waiter). When the connection is (re)opened, every
-waiter is woken, since notifications may have been missed.
+waiter is woken, since notifications may have been missed. A cursor set by
+`PgEvents.set_cursors` (a replay) is notified on the same channel
+(``{"m": [[topic, part], ...]}``) and wakes the partition's waiters, told
+that their cursor may have moved; a waiter for a subscription reads its
+cursor once after it registers, so a set it did not hear of is seen too.
+Nothing is polled.
 """
 
 from __future__ import annotations
@@ -67,6 +72,8 @@ log = logging.getLogger("trio_cluster.storage.postgres")
 
 ALL = ("", -1, 0)
 """A parsed wake-up for every partition (a payload too long to list them)."""
+MOVED = -1
+"""The ``end`` of a parsed head that says a cursor of the partition was set."""
 _MAX_NOTIFY = 7900
 
 
@@ -152,11 +159,21 @@ WITH fence AS MATERIALIZED (
 SELECT (SELECT epoch FROM fence),
        (SELECT count(*) FROM moved) + (SELECT count(*) FROM created)""",
             set_cursors=f"""
-INSERT INTO {c} AS c (subscription, topic, part, next_offset)
-SELECT $1::text, $2::text, t.part, t.next_offset
-FROM unnest($3::int4[], $4::int8[]) AS t(part, next_offset)
-ON CONFLICT (subscription, topic, part)
-    DO UPDATE SET next_offset = EXCLUDED.next_offset""",
+WITH moved AS (
+    INSERT INTO {c} AS c (subscription, topic, part, next_offset)
+    SELECT $1::text, $2::text, t.part, t.next_offset
+    FROM unnest($3::int4[], $4::int8[]) AS t(part, next_offset)
+    ON CONFLICT (subscription, topic, part)
+        DO UPDATE SET next_offset = EXCLUDED.next_offset
+    RETURNING topic, part
+), note AS (
+    SELECT json_build_object('m', json_agg(json_build_array(topic, part)))::text
+        AS body
+    FROM moved
+)
+SELECT pg_notify($5::text, CASE WHEN length(body) <= {_MAX_NOTIFY} THEN body
+                                ELSE '"all"' END)
+FROM note WHERE body IS NOT NULL""",
             delete=f"""
 WITH doomed AS (
     SELECT e.topic, e.part, e.event_offset FROM {e} e
@@ -178,8 +195,8 @@ SELECT count(*) FROM gone""",
 
 def parse_heads(raw: Iterable[PgNotification]) -> list[tuple[str, int, int]]:
     """The partition heads ``(topic, partition, end)`` of bus notifications
-    (`ALL` for a payload that named too many); payloads we did not write are
-    logged and skipped."""
+    (`ALL` for a payload that named too many; ``end`` `MOVED` for a cursor
+    set); payloads we did not write are logged and skipped."""
     heads: list[tuple[str, int, int]] = []
     for notification in raw:
         try:
@@ -187,11 +204,24 @@ def parse_heads(raw: Iterable[PgNotification]) -> list[tuple[str, int, int]]:
             if data == "all":
                 heads.append(ALL)
                 continue
+            if isinstance(data, dict):  # cursors set: {"m": [[topic, part]]}
+                for topic, partition in data["m"]:
+                    heads.append((str(topic), int(partition), MOVED))
+                continue
             for topic, partition, end in data:
-                heads.append((str(topic), int(partition), int(end)))
+                end = int(end)
+                if end < 0:
+                    raise ValueError(f"negative end {end}")
+                heads.append((str(topic), int(partition), end))
         # NOTE: anyone may NOTIFY on the channel: whatever fails to parse is
         # skipped, never raised into a reader.
-        except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:
+        except (
+            ValueError,
+            TypeError,
+            KeyError,
+            ArithmeticError,
+            RecursionError,
+        ) as exc:
             log.warning(
                 "ignoring a malformed notification on %s: %r (%s)",
                 notification.channel,
@@ -206,6 +236,8 @@ class _Waiter:
     end: int
     woken: trio.Event = attrs.field(factory=trio.Event)
     satisfied: bool = False
+    moved: bool = False
+    """A cursor of its partition may have been set (or a wake-up missed)."""
 
 
 @attrs.define(eq=False, kw_only=True)
@@ -230,6 +262,7 @@ class PgEvents(EventStorage):
         init=False, factory=dict
     )
     _pumping: bool = attrs.field(init=False, default=False)
+    wakeups_lossless = True  # a lost LISTEN connection wakes every waiter
 
     async def _rows(
         self,
@@ -347,7 +380,13 @@ class PgEvents(EventStorage):
             return
         await self._rows(
             self._q.set_cursors,
-            [subscription, topic, [p for p, _ in checked], [o for _, o in checked]],
+            [
+                subscription,
+                topic,
+                [p for p, _ in checked],
+                [o for _, o in checked],
+                self._channel,
+            ],
         )
 
     async def delete_events(
@@ -363,16 +402,25 @@ class PgEvents(EventStorage):
     # ------------------------------------------------------------------
     # Wake-ups
 
-    async def wait_published(self, topic: str, partition: int, *, end: int) -> None:
+    async def wait_published(
+        self, topic: str, partition: int, *, end: int, subscription: str | None = None
+    ) -> bool:
         key = (check_name(topic, "topic"), check_partition(partition))
+        if subscription is not None:
+            subscription = check_name(subscription, "subscription")
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._known.get(key, 0) > end:
             await trio.lowlevel.cancel_shielded_checkpoint()
-            return
+            return False
         me = _Waiter(end)
         waiters = self._waiters.setdefault(key, set())
         waiters.add(me)
         try:
+            if subscription is not None:
+                # Registered first: a set after this read wakes it.
+                [position] = await self.positions(subscription, key[0], [key[1]])
+                if position.cursor != end:
+                    return True
             while not me.satisfied:
                 if self._pumping:
                     await me.woken.wait()
@@ -389,6 +437,7 @@ class PgEvents(EventStorage):
             waiters.discard(me)
             if not waiters and self._waiters.get(key) is waiters:
                 del self._waiters[key]
+        return me.moved
 
     async def _pump(self) -> None:
         """Read one round of notifications and wake whom they concern."""
@@ -409,10 +458,15 @@ class PgEvents(EventStorage):
             if (topic, partition, end) == ALL:
                 for waiters in self._waiters.values():
                     for waiter in waiters:
-                        waiter.satisfied = True
+                        waiter.satisfied = waiter.moved = True
                         waiter.woken.set()
                 continue
             key = (topic, partition)
+            if end == MOVED:
+                for waiter in self._waiters.get(key, ()):
+                    waiter.satisfied = waiter.moved = True
+                    waiter.woken.set()
+                continue
             if end > self._known.get(key, 0):
                 self._known[key] = end
             for waiter in self._waiters.get(key, ()):

@@ -4,8 +4,8 @@ What every backend with `StorageSession.events` must do: gap-free offsets
 per partition in publication order, publications in a transaction visible
 (and waking readers) only at commit, reads from an offset, cursors advanced
 compare-and-set and fenced by the shard's epoch (also inside a
-transaction), replays, positions and lag, and retention that spares what a
-cursor has not passed.
+transaction), replays (which wake the subscription's waiting readers),
+positions and lag, and retention that spares what a cursor has not passed.
 """
 
 from __future__ import annotations
@@ -163,6 +163,61 @@ class EventTests:
                 await trio.sleep(0.05)
                 await log.publish([_event(2)])
                 await woken.wait()
+
+    async def test_a_cursor_set_wakes_its_waiter_and_says_it_moved(
+        self, session: StorageSession, other: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            log, reader = _log(session), _log(other)
+            assert log.wakeups_lossless, "the built-in backends promise it"
+            await log.set_cursors("billing", "orders", [(0, 0)])
+            answers: list[bool] = []
+
+            async def wait() -> None:
+                # Early returns are allowed (a hint): as a consumer does, it
+                # reads its cursor after each, until it moved.
+                while True:
+                    moved = await reader.wait_published(
+                        "orders", 0, end=0, subscription="billing"
+                    )
+                    [position] = await reader.positions("billing", "orders", [0])
+                    if position.cursor != 0:
+                        answers.append(moved)
+                        return
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait)
+                await trio.sleep(0.2)
+                assert answers == []  # nothing happened: it still waits
+                await log.set_cursors("billing", "orders", [(0, 5)])
+            assert answers == [True]
+            # A cursor already set elsewhere: it returns at once.
+            assert await reader.wait_published(
+                "orders", 0, end=0, subscription="billing"
+            )
+
+    async def test_a_publication_wakes_a_subscriptions_waiter_unmoved(
+        self, session: StorageSession, other: StorageSession
+    ) -> None:
+        with trio.fail_after(TIMEOUT):
+            log, reader = _log(session), _log(other)
+            await log.set_cursors("billing", "orders", [(0, 0)])
+            answers: list[bool] = []
+
+            async def wait() -> None:
+                # Early returns are allowed (a hint): wait for the event.
+                while not await reader.read("orders", 0, offset=0, limit=1):
+                    answers.append(
+                        await reader.wait_published(
+                            "orders", 0, end=0, subscription="billing"
+                        )
+                    )
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait)
+                await trio.sleep(0.2)
+                await log.publish([_event(1)])
+            assert answers[-1:] == [False]
 
     async def test_cursors_are_created_advanced_compare_and_set_and_fenced(
         self, session: StorageSession
