@@ -156,6 +156,18 @@ def journal_runner(
     )
 
 
+async def an_entity_served_by(owner: tc.Runner, sender: tc.Runner) -> str:
+    """Once the shards are split: a `Journal` id whose shard ``owner``
+    serves (``sender`` does not)."""
+    await trio.sleep(1)
+    client = sender.client(Journal)
+    return next(
+        f"j{i}"
+        for i in range(100)
+        if client.address_of(f"j{i}").shard in owner.served_shards()
+    )
+
+
 async def test_a_senders_messages_keep_their_order_across_a_failover(autojump_clock):
     storage = MemoryStorage()
     claims_fail = True
@@ -168,12 +180,7 @@ async def test_a_senders_messages_keep_their_order_across_a_failover(autojump_cl
         first = await stack.enter_async_context(journal_runner(storage, 1))
         second_stack = AsyncExitStack()
         second = await second_stack.enter_async_context(journal_runner(storage, 2))
-        await trio.sleep(1)  # the shards are split
-        entity = next(
-            f"j{i}"
-            for i in range(100)
-            if first.client(Journal).address_of(f"j{i}").shard in second.served_shards()
-        )
+        entity = await an_entity_served_by(second, first)
         storage.fault_hook = hook
         # Stored unclaimed (the sender does not serve the entity) and not
         # claimed by its owner.
@@ -214,12 +221,7 @@ async def test_a_message_saved_while_its_shard_is_acquired_is_not_overtaken(
         nursery = await stack.enter_async_context(trio.open_nursery())
         second_stack = AsyncExitStack()
         second = await second_stack.enter_async_context(journal_runner(storage, 2))
-        await trio.sleep(1)  # the shards are split
-        entity = next(
-            f"j{i}"
-            for i in range(100)
-            if first.client(Journal).address_of(f"j{i}").shard in second.served_shards()
-        )
+        entity = await an_entity_served_by(second, first)
         shard = first.client(Journal).address_of(entity).shard
         sent = trio.Event()
 

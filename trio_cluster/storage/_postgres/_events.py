@@ -56,7 +56,7 @@ from .._event_checks import (
 from .._validation import check_transaction
 from ._driver._pool import PgPool
 from ._message_parts import PgTransaction
-from ._notify import Listener
+from ._notify import MALFORMED, Listener, skip_malformed
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -215,19 +215,8 @@ def parse_heads(raw: Iterable[PgNotification]) -> list[tuple[str, int, int]]:
                 heads.append((str(topic), int(partition), end))
         # NOTE: anyone may NOTIFY on the channel: whatever fails to parse is
         # skipped, never raised into a reader.
-        except (
-            ValueError,
-            TypeError,
-            KeyError,
-            ArithmeticError,
-            RecursionError,
-        ) as exc:
-            log.warning(
-                "ignoring a malformed notification on %s: %r (%s)",
-                notification.channel,
-                notification.payload[:200],
-                exc,
-            )
+        except MALFORMED as exc:
+            skip_malformed(notification, exc)
     return heads
 
 

@@ -22,7 +22,7 @@ import json
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import trio
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
         Notification,
     )
 
-__all__ = ["Listener", "coalesce"]
+__all__ = ["MALFORMED", "Listener", "coalesce", "skip_malformed"]
 
 log = logging.getLogger("trio_cluster.storage.postgres")
 
@@ -71,6 +71,21 @@ class _Inbox(Coalescer):
             raise ValueError("unknown notification kind")
 
 
+MALFORMED: Final = (ValueError, TypeError, KeyError, ArithmeticError, RecursionError)
+"""What parsing a payload someone else wrote on a channel may raise (an int
+out of range, JSON nested too deep, a missing key...)."""
+
+
+def skip_malformed(notification: PgNotification, exc: Exception) -> None:
+    """Log a notification whose payload did not parse (it is skipped)."""
+    log.warning(
+        "ignoring a malformed notification on %s: %r (%s)",
+        notification.channel,
+        notification.payload[:200],
+        exc,
+    )
+
+
 def coalesce(raw: Iterable[PgNotification]) -> list[Notification]:
     """Parse and coalesce notifications; payloads we did not write are
     logged and skipped."""
@@ -81,19 +96,8 @@ def coalesce(raw: Iterable[PgNotification]) -> list[Notification]:
         # NOTE: anyone may NOTIFY on the channel: a payload that fails to
         # parse in any way (an int out of range, JSON nested too deep) is
         # skipped, never raised into the runner's notification loop.
-        except (
-            ValueError,
-            TypeError,
-            KeyError,
-            ArithmeticError,
-            RecursionError,
-        ) as exc:
-            log.warning(
-                "ignoring a malformed notification on %s: %r (%s)",
-                notification.channel,
-                notification.payload[:200],
-                exc,
-            )
+        except MALFORMED as exc:
+            skip_malformed(notification, exc)
     return inbox.take()
 
 
