@@ -18,7 +18,7 @@ import attrs
 from trio_cluster import ConfigError, Entity, RetryPolicy, durable
 
 from .._core._checks import non_negative_seconds, part_name
-from ._context import WorkflowContext
+from ._context import StepTypes, WorkflowContext
 from ._entity import WorkflowEntity
 from ._peers import entity_type_name, remember
 from ._records import Journal
@@ -95,6 +95,8 @@ class Workflow(Generic[A, R]):
     result_type: Any = attrs.field(init=False)
     entity: type[Entity] = attrs.field(init=False)
     """The entity type of its executions (host it on runners)."""
+    step_types: StepTypes = attrs.field(init=False, factory=StepTypes)
+    """Its steps' return types, resolved once for all its runs."""
 
     def __attrs_post_init__(self) -> None:
         hints = _hints(self.fn)

@@ -262,6 +262,7 @@ class WorkflowEntity(Entity):
             steps_per_checkpoint=definition.steps_per_checkpoint,
             advance_seconds=definition.advance_seconds,
             checkpoint=self._checkpoint if checkpoints and not replay_only else None,
+            step_types=definition.step_types,
         )
 
     async def _checkpoint(self, replay: Replay) -> None:

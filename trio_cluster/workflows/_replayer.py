@@ -85,6 +85,7 @@ async def replay_history(
         retry=workflow.retry,
         in_memory_sleep=workflow.in_memory_sleep,
         replay_only=True,
+        step_types=workflow.step_types,
     )
     if journal.arg is None:
         return  # never started: nothing recorded
