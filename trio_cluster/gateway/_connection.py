@@ -6,8 +6,8 @@ the connection (`ClientConnection.end`, the first reason wins) cancels
 exactly its work and nothing else. An idle socket has this one task and no
 other:
 
-* the *reader* (the task itself: trio-websocket's reader loop runs in it,
-  `read_messages`) takes each message, counts it against the
+* the *reader* (the task itself: `ServerSocket.read_messages` runs in it)
+  takes each message, counts it against the
   socket's message rate (`TokenBucket.try_take`; over it: close 4008; an
   ack of pushes the socket was sent and still owes is not counted: their
   number is bounded by the pushes),
@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import attrs
 import trio
-from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
+from trio_websocket import CloseReason, ConnectionClosed
 
 from .._core._addresses import EntityId
 from .._core._link_quality import LinkQuality
@@ -81,9 +81,9 @@ from ._protocol import (
 )
 from ._requests import StreamCredit, admit, failure_frame
 from ._sending import FrameSender
+from ._socket import ServerSocket
 from ._statistics import ConnectionStatistics
 from ._topics import Position
-from ._upgrade import close_websocket, read_messages
 
 if TYPE_CHECKING:
     from collections import deque
@@ -102,8 +102,8 @@ log = logging.getLogger("trio_cluster.gateway")
 
 
 class MessageSocket(Protocol):
-    """What a connection needs of its WebSocket: trio-websocket's
-    `WebSocketConnection`, or the ASGI server's socket (`asgi_app`)."""
+    """What a connection needs of a WebSocket that is not a `ServerSocket`
+    (the ASGI server's socket: `asgi_app`)."""
 
     async def get_message(self) -> bytes | str:
         """The next message.
@@ -173,7 +173,7 @@ class ClientConnection(FrameSender):
 
     def __init__(
         self,
-        ws: MessageSocket,
+        ws: ServerSocket | MessageSocket,
         info: ClientInfo,
         *,
         number: int,
@@ -197,9 +197,9 @@ class ClientConnection(FrameSender):
         self._counters = counters
         self._warnings = warnings
         self._seen = seen
-        self._direct: tuple[WebSocketConnection, Outbox] | None = None
+        self._direct: tuple[ServerSocket, Outbox] | None = None
         """The socket and its `Outbox`, over plain TCP (writes never wait)."""
-        if outbox is not None and isinstance(ws, WebSocketConnection):
+        if outbox is not None and isinstance(ws, ServerSocket):
             self._direct = (ws, outbox)
             outbox.on_backlog = self._start_writer
         self._topics = topics
@@ -269,10 +269,8 @@ class ClientConnection(FrameSender):
                 if self._queue:  # frames sent before the nursery opened
                     self._start_writer()
                 ws = self.ws
-                if isinstance(ws, WebSocketConnection):
-                    # The reader loop runs right in this frame (no wrapper
-                    # coroutine: an idle socket waits with a short chain).
-                    await read_messages(ws, self._deliver)
+                if isinstance(ws, ServerSocket):
+                    await ws.read_messages(self._deliver)
                     self._closed_by_client(ws.closed)
                 else:
                     await self._read_others(ws)
@@ -289,10 +287,7 @@ class ClientConnection(FrameSender):
             reason = close_reason_text(ending.reason)
             with trio.move_on_after(self._config.close_timeout):
                 try:
-                    if isinstance(ws, WebSocketConnection):
-                        await close_websocket(ws, ending.code, reason)
-                    else:
-                        await ws.aclose(ending.code, reason)
+                    await ws.aclose(ending.code, reason)
                 except CONNECTION_ERRORS as exc:
                     log.debug("closing %s: %s", self.info.remote, describe(exc))
 
@@ -364,7 +359,7 @@ class ClientConnection(FrameSender):
     # Reading
 
     async def _read_others(self, ws: MessageSocket) -> None:
-        """Hand every message of a socket that is not trio-websocket's (the
+        """Hand every message of a socket that is not a `ServerSocket` (the
         ASGI server's) to `_deliver`, until it closes or a message ends the
         connection."""
         try:
@@ -375,7 +370,7 @@ class ClientConnection(FrameSender):
 
     def _closed_by_client(self, reason: CloseReason | None) -> None:
         """Count the close of a message over ``max_message_size`` (the
-        socket's library sent it)."""
+        socket sent it)."""
         if self.ending is None and reason is not None and reason.code == 1009:
             self._counters.closed(CloseCode.MESSAGE_TOO_BIG)
 

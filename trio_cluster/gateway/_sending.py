@@ -18,19 +18,20 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed
 
 from ..transport._ws_connection import CONNECTION_ERRORS
-from ..transport._ws_outbox import Outbox, write_message
-from ._frames import FastWSConnection, data_frame
+from ._frames import data_frame
 from ._protocol import CloseCode, join_frames
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from ..transport._ws_outbox import Outbox
     from ._client_info import ClientInfo
     from ._connection import MessageSocket, _Ending
     from ._definition import GatewayConfig
+    from ._socket import ServerSocket
     from ._statistics import GatewayCounters
 
 __all__ = ["FrameSender"]
@@ -42,13 +43,13 @@ class FrameSender:
 
     __slots__ = ("_queue", "_together", "_writing", "frames_sent")
 
-    ws: MessageSocket
+    ws: ServerSocket | MessageSocket
     info: ClientInfo
     ending: _Ending | None
     frames_sent: int
     _config: GatewayConfig
     _counters: GatewayCounters
-    _direct: tuple[WebSocketConnection, Outbox] | None
+    _direct: tuple[ServerSocket, Outbox] | None
     _nursery: trio.Nursery | None
     _queue: deque[bytes | str] | None
     _together: list[tuple[list[bytes | str], bytes]] | None
@@ -127,12 +128,7 @@ class FrameSender:
             together.append((frames, framed))
             return
         direct = self._direct
-        if (
-            not self._queue
-            and direct is not None
-            and not direct[1].backlog
-            and isinstance(direct[0]._wsproto, FastWSConnection)
-        ):
+        if not self._queue and direct is not None and not direct[1].backlog:
             try:
                 _write_direct(direct, frames[0], framed)
             except CONNECTION_ERRORS:
@@ -206,7 +202,7 @@ class FrameSender:
 
     async def _write_one(self, data: bytes | str) -> bool:
         """Write one message (within ``send_timeout``): over TCP into the
-        `Outbox`, else with trio-websocket's ``send_message``; False if that
+        `Outbox`, else with the socket's ``send_message``; False if that
         ended the connection (the client is gone, or too slow)."""
         direct = self._direct
         with trio.move_on_after(self._config.send_timeout) as waited:
@@ -225,13 +221,12 @@ class FrameSender:
 
 
 def _write_direct(
-    direct: tuple[WebSocketConnection, Outbox],
+    direct: tuple[ServerSocket, Outbox],
     data: bytes | str,
     framed: bytes | None = None,
 ) -> None:
     """Write ``data`` as one message on the socket of ``direct`` now, into
-    its outbox (see `write_message`: this is its fast form for the gateway's
-    sockets, whose wsproto object is a `FastWSConnection`).
+    its outbox (``framed``: ``data`` as a frame already).
 
     Raises:
         ConnectionClosed: the WebSocket is closed or closing.
@@ -239,9 +234,6 @@ def _write_direct(
             failed or is closed.
     """
     ws, outbox = direct
-    if not isinstance(ws._wsproto, FastWSConnection):
-        write_message(ws, outbox, data)
-        return
     reason = ws.closed
     if reason is not None:  # set before a close frame is sent or handled
         raise ConnectionClosed(reason)

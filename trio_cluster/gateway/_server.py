@@ -16,8 +16,9 @@ nothing the client sent processed further:
 5. the authentication hook with the `Handshake`: `UnauthorizedError` (or a
    None principal) is HTTP 401/403, any other exception 500 (logged);
 6. the ``101`` answer, written by the gateway (`accept_response`), a
-   trio-websocket connection over the stream (`server_websocket`), the
-   welcome frame, then `ClientConnection.run` until the socket ends.
+   `ServerSocket` over the stream (the WebSocket's data phase, read in this
+   task), the welcome frame, then `ClientConnection.run` until the socket
+   ends.
 
 That task is the socket's only one while it idles: it reads the socket
 itself (`ClientConnection.run`), and over TCP its writes go into an `Outbox`
@@ -54,14 +55,10 @@ from ._http import HeadError, client_script, http_response, read_head
 from ._hub import TopicAccess, TopicHub
 from ._protocol import SUBPROTOCOLS, CloseCode
 from ._sessions import Session, SessionLink, valid_session
+from ._socket import ServerSocket
 from ._statistics import GatewayCounters, GatewayStatistics, render_gateway_metrics
 from ._topics import Topic
-from ._upgrade import (
-    accept_response,
-    head_rest,
-    server_websocket,
-    upgrade_refusal,
-)
+from ._upgrade import accept_response, head_rest, upgrade_refusal
 from ._users import DirectoryJoin, client_topics
 
 if TYPE_CHECKING:
@@ -105,6 +102,9 @@ class GatewayServer:
         self._heartbeats = Heartbeats(
             interval=config.ping_interval, timeout=config.ping_timeout
         )
+        self._seen = self._heartbeats.seen
+        """What a connection calls for each message (one bound method for
+        all sockets: a gateway holds tens of thousands)."""
         self._connections: dict[int, ClientConnection] = {}
         self._numbers = 0
         self._sleep: trio.CancelScope | None = None
@@ -162,9 +162,6 @@ class GatewayServer:
                 elif isinstance(command, Disconnect):
                     connection.end(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
 
-    def _seen(self, number: int, now: float) -> None:
-        self._heartbeats.seen(number, now)
-
     def _watch(self, connection: ClientConnection) -> None:
         if self._closing:
             connection.end(CloseCode.GOING_AWAY, "gateway shutting down")
@@ -204,7 +201,14 @@ class GatewayServer:
             connection = await self._open(stream, remote)
             slot.hello_done()
             if connection is not None:
-                await self.serve_connection(connection)
+                # `serve_connection`, inline: an idle socket's task waits
+                # with one frame fewer.
+                self._watch(connection)
+                try:
+                    connection.send_welcome()
+                    await connection.run()
+                finally:
+                    self._forget(connection)
         except* CONNECTION_ERRORS as group:
             log.debug("gateway connection from %s: %s", remote, describe(group))
         except* Exception as group:
@@ -256,11 +260,9 @@ class GatewayServer:
                 outbox.hold_nowait(response)
             else:
                 await stream.send_all(response)
-            ws = server_websocket(
+            ws = ServerSocket(
                 stream,
                 trailing_data=head_rest(head),
-                subprotocol=handshake.subprotocol,
-                path=head.path,
                 max_message_size=config.max_message_size,
             )
             return self.connection_for(
@@ -272,7 +274,7 @@ class GatewayServer:
 
     def connection_for(
         self,
-        ws: MessageSocket,
+        ws: ServerSocket | MessageSocket,
         handshake: Handshake,
         principal: object,
         session_token: str | None,

@@ -319,6 +319,25 @@ class Outbox(trio.abc.Stream):
             await trio.lowlevel.cancel_shielded_checkpoint()
         return data
 
+    @property
+    def fd(self) -> int:
+        """The socket's file descriptor (to wait on, `receive_nowait`)."""
+        return self._fd
+
+    def receive_nowait(self, max_bytes: int) -> bytes | None:
+        """What the socket has now, at most ``max_bytes`` (``b""``: the
+        peer closed the connection); None if nothing yet: then wait until
+        `fd` is readable. For a reader that waits itself (the gateway's
+        sockets: `receive_some` without a coroutine per read).
+
+        Raises:
+            trio.ClosedResourceError: the stream is closed.
+            trio.BrokenResourceError: the connection failed.
+        """
+        if self._closed:
+            raise trio.ClosedResourceError("the stream is closed")
+        return self._read(max_bytes)
+
     def _read(self, size: int) -> bytes | None:
         """What the socket has now (None: nothing yet).
 
