@@ -4,6 +4,7 @@ storage: in one runner, between two runners through storage alone
 
 from __future__ import annotations
 
+import math
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -450,6 +451,38 @@ async def test_lapsed_lease_replays_the_running_persisted_request(autojump_clock
         assert await ref.applied_ids(Get()) == ["only"]
         assert runner.statistics().failovers >= 1
         assert trio.current_time() > 12  # ran again after the lapse
+
+
+async def test_a_detached_handler_stops_at_the_lapse_and_its_scope_is_not_moved(
+    autojump_clock,
+):
+    # A handler in a task of the shard's nursery (a discard: nobody waits
+    # here) keeps its own deadline through the lease extensions (the
+    # nursery's deadline is the lease's), and still stops when the lease
+    # lapses (refreshes answer late from t=2 to t=6, lease 3 s).
+    storage = LateRefreshStorage(2, 6)
+    cfg = config(lease_duration=3.0, lease_refresh_interval=1.0)
+    async with open_clocked_runner([Ledger], cfg, storage) as runner:
+        ref = runner.client(Ledger)("dee")
+        await ref.slow_append.discard(Deposit("only", 1))
+        address = runner.client(Ledger).address_of("dee")
+        host = runner._parts.sharding.table.hosts[address.shard]
+        with trio.fail_after(1):
+            while not host.running:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        [(scope, own)] = host.scopes.items()
+        assert own is None  # in the shard's nursery: not moved
+        assert scope.deadline == math.inf
+        before = host.lease_deadline
+        await trio.sleep_until(1.5)  # an extension at t=1
+        assert host.lease_deadline > before
+        assert scope.deadline == math.inf
+        await trio.sleep_until(8)  # the lease lapsed meanwhile
+        assert not host.running  # cancelled, before its 10 s were up
+        assert runner.statistics().failovers >= 1
+        with trio.fail_after(60):
+            while await ref.applied_ids(Get()) != ["only"]:  # noqa: ASYNC110
+                await trio.sleep(1)  # replayed on the next epoch
 
 
 class Picky(tc.Entity):

@@ -276,10 +276,14 @@ class ShardHost:
         """Keeps its entities' durable state (set when it starts serving)."""
         self.nursery: trio.Nursery | None = None
         self.slots: dict[EntityAddress, Slot] = {}
-        self.scopes: dict[trio.CancelScope, float] = {}
+        self.scopes: dict[trio.CancelScope, float | None] = {}
         """Scopes of handlers running in this shard (inline and detached),
-        each with its job's own deadline (its scope's deadline is the
-        earlier of that and the lease deadline)."""
+        each with its job's own deadline when it runs outside the shard's
+        nursery (its scope's deadline is the earlier of that and the lease
+        deadline, moved at each extension), None when it runs in a task of
+        the shard's nursery, whose deadline is the lease's (its scope keeps
+        its own: moving thousands of long-running handlers' deadlines every
+        second made garbage for the collector, W6)."""
         self.running = 0
         """Handlers running now; a graceful stop waits for zero."""
         self.idle_event: trio.Event | None = None
@@ -325,14 +329,23 @@ class ShardHost:
         # handler running in a caller's task must be cancelled by Trio at its
         # first checkpoint after the lease lapsed (a frozen process that
         # thaws), before any cleanup task gets to run.
+        # A task of the shard's nursery is cancelled by the nursery's
+        # deadline, the lease's, before it runs again.
         own = math.inf if job.deadline is None else job.deadline
-        scope = trio.CancelScope(deadline=min(own, self.lease_deadline))
+        nursery = self.nursery
+        in_nursery = (
+            nursery is not None
+            and trio.lowlevel.current_task().parent_nursery is nursery
+        )
+        scope = trio.CancelScope(
+            deadline=own if in_nursery else min(own, self.lease_deadline)
+        )
         if job.stop_reason is StopReason.INTERRUPTED:
             scope.cancel()  # interrupted before it started (`cancel_job`)
         elif self.state is not _ACTIVE and job.kind is _STREAM:
             scope.cancel()  # a stream starting as its shard stops (`end_streams`)
         job.scope = scope
-        self.scopes[scope] = own
+        self.scopes[scope] = None if in_nursery else own
         self.running += 1
         slot.add_running(job)
         if self.listeners.any:
@@ -374,7 +387,8 @@ class ShardHost:
         if self.nursery is not None:
             self.nursery.cancel_scope.deadline = deadline
         for scope, own in self.scopes.items():
-            scope.deadline = min(own, deadline)
+            if own is not None:
+                scope.deadline = min(own, deadline)
 
     async def wait_idle(self) -> None:
         """Return once no handler of this shard runs (several tasks may wait).
