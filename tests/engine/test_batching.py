@@ -333,6 +333,34 @@ async def test_items_submitted_during_a_write_here_wait_and_go_as_one_batch(
     assert batcher.written_here == 1
 
 
+async def test_a_write_here_without_others_first_starts_before_any_other_task_runs(
+    autojump_clock,
+):
+    # The reply of the only call waiting is written at once: no scheduling
+    # pass for a burst (`others_first` is for requests).
+    events: list[str] = []
+
+    async def flush(items: Sequence[int]) -> list[int]:
+        events.append("write")
+        await trio.sleep(1)
+        return [2 * item for item in items]
+
+    async def other_task() -> None:
+        events.append("other task")
+
+    batcher: Batcher[int, int] = Batcher(flush, max_batch=64, name="test")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.run)
+        await trio.testing.wait_all_tasks_blocked()
+        pending = batcher.enqueue(1, here=True)
+        nursery.start_soon(other_task)  # runnable from now
+        await batcher.wait_written(pending, others_first=False)
+        assert batcher.result(pending) == 2
+        nursery.cancel_scope.cancel()
+    assert events == ["write", "other task"]
+    assert batcher.written_here == 1
+
+
 async def test_a_submitter_cancelled_during_its_write_here_leaves_it_to_the_flusher(
     autojump_clock,
 ):

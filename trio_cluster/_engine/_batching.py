@@ -27,8 +27,11 @@ be a batch of one that the others wait behind, splitting the batches that
 group commit makes grow (and once split, closed-loop callers stay in two
 groups): so callers ask for it only when alone, and the pass lets a burst
 of callers that start together (the first of them alone for an instant)
-submit first, for the flusher to write as one batch. If the submitter is cancelled during its write,
-whether the write took effect is unknown: the item goes back in the queue
+submit first, for the flusher to write as one batch. A submitter whose
+item no burst can join skips the pass (``others_first=False``: the reply of
+the only call waiting, whose request was written already; callers that
+start meanwhile write requests, not replies, and wait for them first).
+If the submitter is cancelled during its write, whether the write took effect is unknown: the item goes back in the queue
 and the flusher writes it again, for whoever waits for it (``abandoned``,
 or a task handed the `Pending`): the callers' writes are idempotent (a
 request saved again is a duplicate of itself, a reply recorded again a
@@ -147,9 +150,13 @@ class Batcher(Generic[I, O]):
             self._wake.set()
         return pending
 
-    async def wait_written(self, pending: Pending[I, O]) -> None:
+    async def wait_written(
+        self, pending: Pending[I, O], *, others_first: bool = True
+    ) -> None:
         """Wait until ``pending`` is written (its ``done`` set); an item
-        `enqueue` left to its submitter is written here, in this task.
+        `enqueue` left to its submitter is written here, in this task, after
+        one scheduling pass for the tasks runnable now to submit first
+        (``others_first``, see the module docstring), or at once.
 
         Raises:
             nothing but cancellation: the item's outcome is `result`.
@@ -159,9 +166,10 @@ class Batcher(Generic[I, O]):
         batcher closed meanwhile it fails with `PersistenceError` instead.
         """
         if pending.here:
-            # Let the tasks runnable now submit first: the first of a burst
-            # of callers must not write alone (see the module docstring).
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if others_first:
+                # The first of a burst of callers must not write alone (the
+                # flusher leaves the item alone meanwhile).
+                await trio.lowlevel.cancel_shielded_checkpoint()
             pending.here = False
             if self._writing or self._pending != [pending]:
                 self._wake.set()  # others came: the flusher writes them all
