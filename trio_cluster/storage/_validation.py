@@ -11,9 +11,11 @@ copies none of this. The number checks come from `trio_cluster._core._checks`.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from functools import partial
+from operator import attrgetter
 from types import UnionType
-from typing import TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 import attrs
 
@@ -138,7 +140,9 @@ def check_limit(value: object) -> int:
 
 def check_items(items: object, cls: type[T], what: str) -> list[T]:
     """Check a sequence or collection argument whose items are all ``cls``."""
-    if isinstance(items, str | bytes | Mapping) or not isinstance(items, Iterable):
+    if type(items) is not list and (  # a list is what callers pass
+        isinstance(items, str | bytes | Mapping) or not isinstance(items, Iterable)
+    ):
         raise TypeError(f"{what} must be a sequence of {cls.__name__}, got {items!r}")
     checked = list(items)
     for item in checked:
@@ -161,8 +165,49 @@ def check_mapping(mapping: object, key_cls: type[T], what: str) -> dict[T, int]:
     return checked
 
 
+def _exact_types(
+    fields: Mapping[str, Types],
+) -> tuple[Callable[[object], tuple[Any, ...]], list[frozenset[type]]]:
+    """What `check_fields` reads of ``fields``: a getter of their values (a
+    tuple) and, per field, the classes it admits as they are (a subclass, or
+    a bool where an int is due, takes the full check)."""
+    cached = _EXACT.get(id(fields))
+    if cached is not None and cached[0] is fields:
+        return cached[1], cached[2]
+    names = list(fields)
+    # (`attrgetter` of one name returns the value, not a tuple)
+    getter: Callable[[object], tuple[Any, ...]] = (
+        attrgetter(*names) if len(names) > 1 else partial(_values, names)
+    )
+    exact = [
+        frozenset(types if isinstance(types, tuple) else (types,))
+        for types in fields.values()
+    ]
+    _EXACT[id(fields)] = (fields, getter, exact)
+    return getter, exact
+
+
+def _values(names: list[str], record: object) -> tuple[Any, ...]:
+    return tuple(getattr(record, name) for name in names)
+
+
+_EXACT: dict[
+    int,
+    tuple[
+        Mapping[str, Types],
+        Callable[[object], tuple[Any, ...]],
+        list[frozenset[type]],
+    ],
+] = {}
+"""`_exact_types` of the field mappings checked so far (a few constants,
+kept with their mapping: an id is only theirs while they live)."""
+
+
 def check_fields(record: object, fields: Mapping[str, Types]) -> None:
     """Check the field types of an attrs record, e.g. a `PersistedRequest`."""
+    getter, exact = _exact_types(fields)
+    if all(map(frozenset.__contains__, exact, map(type, getter(record)))):
+        return  # every value of a class admitted as it is: the common case
     for name, types in fields.items():
         value = getattr(record, name)
         if not _is_instance(value, types):
