@@ -165,13 +165,13 @@ def check_mapping(mapping: object, key_cls: type[T], what: str) -> dict[T, int]:
     return checked
 
 
-def _exact_types(
+def _admitted(
     fields: Mapping[str, Types],
-) -> tuple[Callable[[object], tuple[Any, ...]], list[frozenset[type]]]:
+) -> tuple[Callable[[object], tuple[Any, ...]], list[set[type]]]:
     """What `check_fields` reads of ``fields``: a getter of their values (a
-    tuple) and, per field, the classes it admits as they are (a subclass, or
-    a bool where an int is due, takes the full check)."""
-    cached = _EXACT.get(id(fields))
+    tuple) and, per field, the classes found to pass its full check so far
+    (whether a value passes depends on its class alone)."""
+    cached = _ADMITTED.get(id(fields))
     if cached is not None and cached[0] is fields:
         return cached[1], cached[2]
     names = list(fields)
@@ -179,41 +179,47 @@ def _exact_types(
     getter: Callable[[object], tuple[Any, ...]] = (
         attrgetter(*names) if len(names) > 1 else partial(_values, names)
     )
-    exact = [
-        frozenset(types if isinstance(types, tuple) else (types,))
-        for types in fields.values()
-    ]
-    _EXACT[id(fields)] = (fields, getter, exact)
-    return getter, exact
+    admitted: list[set[type]] = [set() for _ in names]
+    _ADMITTED[id(fields)] = (fields, getter, admitted)
+    return getter, admitted
 
 
 def _values(names: list[str], record: object) -> tuple[Any, ...]:
     return tuple(getattr(record, name) for name in names)
 
 
-_EXACT: dict[
+_ADMITTED: dict[
     int,
     tuple[
         Mapping[str, Types],
         Callable[[object], tuple[Any, ...]],
-        list[frozenset[type]],
+        list[set[type]],
     ],
 ] = {}
-"""`_exact_types` of the field mappings checked so far (a few constants,
-kept with their mapping: an id is only theirs while they live)."""
+"""`_admitted` of the field mappings checked so far (a few constants, kept
+with their mapping: an id is only theirs while they live)."""
 
 
 def check_fields(record: object, fields: Mapping[str, Types]) -> None:
-    """Check the field types of an attrs record, e.g. a `PersistedRequest`."""
-    getter, exact = _exact_types(fields)
-    if all(map(frozenset.__contains__, exact, map(type, getter(record)))):
-        return  # every value of a class admitted as it is: the common case
-    for name, types in fields.items():
-        value = getattr(record, name)
+    """Check the field types of an attrs record, e.g. a `PersistedRequest`.
+
+    The classes of its values are looked up among those that passed before
+    (one pass over the values); a class not seen yet takes the full check.
+    """
+    getter, admitted = _admitted(fields)
+    values = getter(record)
+    if all(map(set.__contains__, admitted, map(type, values))):
+        return
+    for (name, types), value, classes in zip(
+        fields.items(), values, admitted, strict=True
+    ):
+        if type(value) in classes:
+            continue
         if not _is_instance(value, types):
             raise TypeError(
                 f"{type(record).__name__}.{name} must be {_names(types)}, got {value!r}"
             )
+        classes.add(type(value))
 
 
 def check_pairs(items: object, what: str) -> list[tuple[int, int]]:
