@@ -180,6 +180,8 @@ def _admitted(
         attrgetter(*names) if len(names) > 1 else partial(_values, names)
     )
     admitted: list[set[type]] = [set() for _ in names]
+    if len(_ADMITTED) >= _MAX_ADMITTED:  # mappings made per call: keep few
+        _ADMITTED.clear()
     _ADMITTED[id(fields)] = (fields, getter, admitted)
     return getter, admitted
 
@@ -198,6 +200,7 @@ _ADMITTED: dict[
 ] = {}
 """`_admitted` of the field mappings checked so far (a few constants, kept
 with their mapping: an id is only theirs while they live)."""
+_MAX_ADMITTED = 64
 
 
 def check_fields(record: object, fields: Mapping[str, Types]) -> None:

@@ -14,6 +14,7 @@ from trio_cluster.abc import (
     ReplyRecord,
     RunnerInfo,
 )
+from trio_cluster.storage import _validation
 from trio_cluster.storage._validation import REQUEST_FIELDS, check_fields
 from trio_cluster.testing import (
     BASE_TIME,
@@ -226,3 +227,11 @@ def test_record_fields_of_a_subclass_pass_and_a_bool_for_an_int_does_not():
     check_fields(request, {"stream": bool})
     with pytest.raises(TypeError, match="stream must be bool"):
         check_fields(attrs.evolve(request, stream=_any(1)), {"stream": bool})
+
+
+def test_field_mappings_made_per_call_are_not_all_kept():
+    request = persisted_request(1)
+    for _ in range(200):
+        check_fields(request, {"stream": bool, "request_id": int})
+    assert len(_validation._ADMITTED) <= _validation._MAX_ADMITTED
+    check_fields(request, REQUEST_FIELDS)  # and the constants still check
