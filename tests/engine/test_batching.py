@@ -333,6 +333,86 @@ async def test_items_submitted_during_a_write_here_wait_and_go_as_one_batch(
     assert batcher.written_here == 1
 
 
+async def test_a_write_here_without_others_first_starts_before_any_other_task_runs(
+    autojump_clock,
+):
+    # The reply of the only call waiting is written at once: no scheduling
+    # pass for a burst (`others_first` is for requests).
+    events: list[str] = []
+
+    async def flush(items: Sequence[int]) -> list[int]:
+        events.append("write")
+        await trio.sleep(1)
+        return [2 * item for item in items]
+
+    async def other_task() -> None:
+        events.append("other task")
+
+    batcher: Batcher[int, int] = Batcher(flush, max_batch=64, name="test")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.run)
+        await trio.testing.wait_all_tasks_blocked()
+        pending = batcher.enqueue(1, here=True)
+        nursery.start_soon(other_task)  # runnable from now
+        await batcher.wait_written(pending, others_first=False)
+        assert batcher.result(pending) == 2
+        nursery.cancel_scope.cancel()
+    assert events == ["write", "other task"]
+    assert batcher.written_here == 1
+
+
+class _StepCounter(trio.abc.Instrument):
+    """Counts the steps of one task (a step ends where it yields)."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1
+
+
+async def test_the_task_that_wrote_the_last_item_itself_writes_its_next_at_once(
+    autojump_clock,
+):
+    # A lone caller calling again is not the first of a burst: no pass.
+    # Once the flusher wrote a batch (others came), the pass is back.
+    counter = _StepCounter(trio.lowlevel.current_task())
+    passes: dict[int, int] = {}  # item -> its writer's yields before the write
+    before = 0
+
+    async def flush(items: Sequence[int]) -> list[int]:
+        if trio.lowlevel.current_task() is counter.task:
+            passes[items[0]] = counter.steps - before
+        await trio.sleep(1)
+        return [2 * item for item in items]
+
+    async def write_here(item: int) -> None:
+        nonlocal before
+        before = counter.steps
+        pending = batcher.enqueue(item, here=True)
+        await batcher.wait_written(pending)
+        assert batcher.result(pending) == 2 * item
+
+    batcher: Batcher[int, int] = Batcher(flush, max_batch=64, name="test")
+    trio.lowlevel.add_instrument(counter)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(batcher.run)
+            await trio.testing.wait_all_tasks_blocked()
+            await write_here(1)  # the first: after a pass
+            await write_here(2)  # this task wrote the last item: at once
+            await write_here(3)
+            assert await batcher.submit(4) == 8  # the flusher's
+            await write_here(5)  # after a pass again
+            nursery.cancel_scope.cancel()
+    finally:
+        trio.lowlevel.remove_instrument(counter)
+    assert passes == {1: 1, 2: 0, 3: 0, 5: 1}
+    assert batcher.written_here == 4
+
+
 async def test_a_submitter_cancelled_during_its_write_here_leaves_it_to_the_flusher(
     autojump_clock,
 ):

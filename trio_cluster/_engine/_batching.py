@@ -27,8 +27,14 @@ be a batch of one that the others wait behind, splitting the batches that
 group commit makes grow (and once split, closed-loop callers stay in two
 groups): so callers ask for it only when alone, and the pass lets a burst
 of callers that start together (the first of them alone for an instant)
-submit first, for the flusher to write as one batch. If the submitter is cancelled during its write,
-whether the write took effect is unknown: the item goes back in the queue
+submit first, for the flusher to write as one batch. A submitter whose
+item no burst can join skips the pass (``others_first=False``: the reply of
+the only call waiting, whose request was written already; callers that
+start meanwhile write requests, not replies, and wait for them first), and
+so does the task that wrote the last item itself, with nothing written by
+the flusher since: a lone caller calling again (sequentially), not the first
+of a burst, which is a task just started or woken with the others.
+If the submitter is cancelled during its write, whether the write took effect is unknown: the item goes back in the queue
 and the flusher writes it again, for whoever waits for it (``abandoned``,
 or a task handed the `Pending`): the callers' writes are idempotent (a
 request saved again is a duplicate of itself, a reply recorded again a
@@ -92,6 +98,9 @@ class Batcher(Generic[I, O]):
     items: int = attrs.field(init=False, default=0)
     written_here: int = attrs.field(init=False, default=0)
     """Items written by their submitters' tasks (see the module docstring)."""
+    _lone_writer: trio.lowlevel.Task | None = attrs.field(init=False, default=None)
+    """The task that wrote the last item itself, if the flusher wrote
+    nothing since: its next item needs no pass (see the module docstring)."""
 
     async def submit(
         self,
@@ -147,9 +156,14 @@ class Batcher(Generic[I, O]):
             self._wake.set()
         return pending
 
-    async def wait_written(self, pending: Pending[I, O]) -> None:
+    async def wait_written(
+        self, pending: Pending[I, O], *, others_first: bool = True
+    ) -> None:
         """Wait until ``pending`` is written (its ``done`` set); an item
-        `enqueue` left to its submitter is written here, in this task.
+        `enqueue` left to its submitter is written here, in this task, after
+        one scheduling pass for the tasks runnable now to submit first
+        (``others_first``, unless this task wrote the last item itself: see
+        the module docstring), or at once.
 
         Raises:
             nothing but cancellation: the item's outcome is `result`.
@@ -159,9 +173,10 @@ class Batcher(Generic[I, O]):
         batcher closed meanwhile it fails with `PersistenceError` instead.
         """
         if pending.here:
-            # Let the tasks runnable now submit first: the first of a burst
-            # of callers must not write alone (see the module docstring).
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if others_first and trio.lowlevel.current_task() is not self._lone_writer:
+                # The first of a burst of callers must not write alone (the
+                # flusher leaves the item alone meanwhile).
+                await trio.lowlevel.cancel_shielded_checkpoint()
             pending.here = False
             if self._writing or self._pending != [pending]:
                 self._wake.set()  # others came: the flusher writes them all
@@ -201,6 +216,7 @@ class Batcher(Generic[I, O]):
         self.batches += 1
         self.items += 1
         self.written_here += 1
+        self._lone_writer = trio.lowlevel.current_task()
         pending.result = results[0]
         pending.done.set()
 
@@ -225,6 +241,7 @@ class Batcher(Generic[I, O]):
                 while not self._pending or self._writing or self._pending[0].here:
                     self._wake = trio.Event()
                     await self._wake.wait()
+                self._lone_writer = None  # callers more than one at a time
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
                 self._writing = True

@@ -160,10 +160,11 @@ class ReplyRecorder:
         self.recording.setdefault(request_id, False)  # see `_record_payload`
         pending: Pending[ReplyRecord, ReplyOutcome] | None = None
         try:
-            # Its caller's the only call waiting: written here (`Batcher`).
+            # Its caller's the only call waiting: written here, at once (no
+            # burst of replies to wait for: see `Batcher`).
             here = len(self._parts.waiters) <= 1
             pending = self._batcher.enqueue(record, here=here)
-            await self._batcher.wait_written(pending)
+            await self._batcher.wait_written(pending, others_first=False)
         except PersistenceError:
             pass  # shutting down: `_record_payload` says what becomes of it
         except BaseException:

@@ -11,9 +11,11 @@ copies none of this. The number checks come from `trio_cluster._core._checks`.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from functools import partial
+from operator import attrgetter
 from types import UnionType
-from typing import TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 import attrs
 
@@ -138,7 +140,9 @@ def check_limit(value: object) -> int:
 
 def check_items(items: object, cls: type[T], what: str) -> list[T]:
     """Check a sequence or collection argument whose items are all ``cls``."""
-    if isinstance(items, str | bytes | Mapping) or not isinstance(items, Iterable):
+    if type(items) is not list and (  # a list is what callers pass
+        isinstance(items, str | bytes | Mapping) or not isinstance(items, Iterable)
+    ):
         raise TypeError(f"{what} must be a sequence of {cls.__name__}, got {items!r}")
     checked = list(items)
     for item in checked:
@@ -161,14 +165,64 @@ def check_mapping(mapping: object, key_cls: type[T], what: str) -> dict[T, int]:
     return checked
 
 
+def _admitted(
+    fields: Mapping[str, Types],
+) -> tuple[Callable[[object], tuple[Any, ...]], list[set[type]]]:
+    """What `check_fields` reads of ``fields``: a getter of their values (a
+    tuple) and, per field, the classes found to pass its full check so far
+    (whether a value passes depends on its class alone)."""
+    cached = _ADMITTED.get(id(fields))
+    if cached is not None and cached[0] is fields:
+        return cached[1], cached[2]
+    names = list(fields)
+    # (`attrgetter` of one name returns the value, not a tuple)
+    getter: Callable[[object], tuple[Any, ...]] = (
+        attrgetter(*names) if len(names) > 1 else partial(_values, names)
+    )
+    admitted: list[set[type]] = [set() for _ in names]
+    if len(_ADMITTED) >= _MAX_ADMITTED:  # mappings made per call: keep few
+        _ADMITTED.clear()
+    _ADMITTED[id(fields)] = (fields, getter, admitted)
+    return getter, admitted
+
+
+def _values(names: list[str], record: object) -> tuple[Any, ...]:
+    return tuple(getattr(record, name) for name in names)
+
+
+_ADMITTED: dict[
+    int,
+    tuple[
+        Mapping[str, Types],
+        Callable[[object], tuple[Any, ...]],
+        list[set[type]],
+    ],
+] = {}
+"""`_admitted` of the field mappings checked so far (a few constants, kept
+with their mapping: an id is only theirs while they live)."""
+_MAX_ADMITTED = 64
+
+
 def check_fields(record: object, fields: Mapping[str, Types]) -> None:
-    """Check the field types of an attrs record, e.g. a `PersistedRequest`."""
-    for name, types in fields.items():
-        value = getattr(record, name)
+    """Check the field types of an attrs record, e.g. a `PersistedRequest`.
+
+    The classes of its values are looked up among those that passed before
+    (one pass over the values); a class not seen yet takes the full check.
+    """
+    getter, admitted = _admitted(fields)
+    values = getter(record)
+    if all(map(set.__contains__, admitted, map(type, values))):
+        return
+    for (name, types), value, classes in zip(
+        fields.items(), values, admitted, strict=True
+    ):
+        if type(value) in classes:
+            continue
         if not _is_instance(value, types):
             raise TypeError(
                 f"{type(record).__name__}.{name} must be {_names(types)}, got {value!r}"
             )
+        classes.add(type(value))
 
 
 def check_pairs(items: object, what: str) -> list[tuple[int, int]]:

@@ -14,6 +14,8 @@ from trio_cluster.abc import (
     ReplyRecord,
     RunnerInfo,
 )
+from trio_cluster.storage import _validation
+from trio_cluster.storage._validation import REQUEST_FIELDS, check_fields
 from trio_cluster.testing import (
     BASE_TIME,
     SHARD,
@@ -205,3 +207,31 @@ async def test_open_session_validates_arguments(storage, a):
         with pytest.raises(ValueError, match="'x' is already open"):
             async with second:
                 pass  # pragma: no cover
+
+
+def test_record_fields_of_a_subclass_pass_and_a_bool_for_an_int_does_not():
+    # The exact classes are checked in one pass; anything else takes the
+    # full check, which admits subclasses but never a bool for an int.
+    class Id(int):
+        pass
+
+    request = persisted_request(1)
+    check_fields(request, REQUEST_FIELDS)
+    check_fields(attrs.evolve(request, request_id=Id(7)), REQUEST_FIELDS)
+    check_fields(attrs.evolve(request, primary_key=None), REQUEST_FIELDS)
+    with pytest.raises(TypeError, match="request_id must be int, got True"):
+        check_fields(attrs.evolve(request, request_id=True), REQUEST_FIELDS)
+    with pytest.raises(TypeError, match="payload must be bytes, got 'x'"):
+        check_fields(attrs.evolve(request, payload=_any("x")), REQUEST_FIELDS)
+    # A mapping of one field takes the same path.
+    check_fields(request, {"stream": bool})
+    with pytest.raises(TypeError, match="stream must be bool"):
+        check_fields(attrs.evolve(request, stream=_any(1)), {"stream": bool})
+
+
+def test_field_mappings_made_per_call_are_not_all_kept():
+    request = persisted_request(1)
+    for _ in range(200):
+        check_fields(request, {"stream": bool, "request_id": int})
+    assert len(_validation._ADMITTED) <= _validation._MAX_ADMITTED
+    check_fields(request, REQUEST_FIELDS)  # and the constants still check

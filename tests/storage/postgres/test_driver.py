@@ -570,6 +570,26 @@ async def test_listen_notify_round_trip(
             assert await scalar(conn, "select 2") == 2
 
 
+async def test_check_alive_nowait_reads_what_the_idle_connection_was_sent(
+    conn: PgConnection, pg_schema: PgSchema, pg_admin: PgAdmin, app_name: str
+) -> None:
+    with trio.fail_after(10):
+        await conn.listen("events")
+        assert conn.check_alive_nowait()  # nothing sent: nothing read
+        assert conn.statistics().notifications == 0
+        async with await connect(pg_schema.dsn) as sender:
+            await sender.execute("select pg_notify('events', 'idle')")
+        await trio.sleep(0.05)
+        assert conn.check_alive_nowait()
+        assert conn.statistics().notifications == 1
+        assert [n.payload for n in await conn.wait_notifications()] == ["idle"]
+        terminate = partial(pg_admin.terminate, application_name=app_name)
+        assert await trio.to_thread.run_sync(terminate) == 1
+        await trio.sleep(0.05)  # let the server's goodbye arrive
+        assert not conn.check_alive_nowait()
+        assert conn.is_broken
+
+
 async def test_terminated_listener_notices_at_once(
     conn: PgConnection,
     pg_admin: PgAdmin,

@@ -179,20 +179,7 @@ class PgMessages(MessageStorage, PgStates):
         if not await any_work(checked):
             return []
         keys = [dedup_key(request) for request in checked]
-        # Resolve duplicates within the batch: item -> index of its first occurrence.
-        first: list[int] = []
-        by_id: dict[int, int] = {}
-        by_key: dict[bytes, int] = {}
-        for index, (request, key) in enumerate(zip(checked, keys, strict=True)):
-            earlier = by_id.get(request.request_id)
-            if earlier is None and key is not None:
-                earlier = by_key.get(key)
-            if earlier is None:
-                earlier = index
-                by_id[request.request_id] = index
-                if key is not None:
-                    by_key[key] = index
-            first.append(earlier)
+        first = [0] if len(checked) == 1 else _first_occurrences(checked, keys)
         sent = sorted(set(first))
         # Per first occurrence: (inserted, original id, current claim epoch, final).
         outcome: dict[int, tuple[bool, int, int | None, bytes | None]] = {}
@@ -640,3 +627,24 @@ def _reply_head(reply: ReplyRecord) -> list[object]:
         reply.epoch,
         reply.payload,
     ]
+
+
+def _first_occurrences(
+    requests: Sequence[PersistedRequest], keys: Sequence[bytes | None]
+) -> list[int]:
+    """Duplicates within a batch: per item, the index of its first occurrence
+    (same request id, or same dedup key)."""
+    first: list[int] = []
+    by_id: dict[int, int] = {}
+    by_key: dict[bytes, int] = {}
+    for index, (request, key) in enumerate(zip(requests, keys, strict=True)):
+        earlier = by_id.get(request.request_id)
+        if earlier is None and key is not None:
+            earlier = by_key.get(key)
+        if earlier is None:
+            earlier = index
+            by_id[request.request_id] = index
+            if key is not None:
+                by_key[key] = index
+        first.append(earlier)
+    return first

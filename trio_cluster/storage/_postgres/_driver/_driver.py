@@ -163,8 +163,8 @@ class PgConnection(PgProtocol, trio.abc.AsyncResource):
         """
         if self._closed or self._broken is not None:
             return False
-        if self._busy:
-            return True
+        if self._busy or not self._idle_poll.poll(0):
+            return True  # in use, or the server sent nothing (nor closed)
         try:
             # The first read may only get the server's goodbye message; the
             # second one sees the end of the stream.

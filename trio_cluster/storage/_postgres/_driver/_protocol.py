@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import select
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -147,6 +148,10 @@ class PgProtocol:
         self._names = 0
         self._notifications: deque[PgNotification] = deque()
         self._counts = dict.fromkeys(_COUNTERS, 0)
+        # Whether the idle socket has anything to read: one system call, where
+        # reading it (libpq's) takes two when there is nothing.
+        self._idle_poll = select.poll()
+        self._idle_poll.register(pgconn.socket, select.POLLIN)
         self.backend_pid: int = pgconn.backend_pid
         """The server process id of the session (for ``pg_terminate_backend``)."""
         pgconn.notice_handler = self._log_notice
