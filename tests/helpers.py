@@ -443,3 +443,15 @@ async def deposit_beside_a_bad_one(runner: tc.Runner, bad_key: str) -> list[obje
 
 ENTITIES_FOR_CLI = [Counter]
 """What ``trio-cluster run tests.helpers:ENTITIES_FOR_CLI`` hosts."""
+
+
+class TaskSteps(trio.abc.Instrument):
+    """Counts the steps of one task (a step ends where it yields)."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.steps += 1

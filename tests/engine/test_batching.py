@@ -27,6 +27,7 @@ from ..helpers import (
     Account,
     Deposit,
     PatchingStorage,
+    TaskSteps,
     deposit_beside_a_bad_one,
     open_clocked_runner,
 )
@@ -361,24 +362,12 @@ async def test_a_write_here_without_others_first_starts_before_any_other_task_ru
     assert batcher.written_here == 1
 
 
-class _StepCounter(trio.abc.Instrument):
-    """Counts the steps of one task (a step ends where it yields)."""
-
-    def __init__(self, task: trio.lowlevel.Task) -> None:
-        self.task = task
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task is self.task:
-            self.steps += 1
-
-
 async def test_the_task_that_wrote_the_last_item_itself_writes_its_next_at_once(
     autojump_clock,
 ):
     # A lone caller calling again is not the first of a burst: no pass.
     # Once the flusher wrote a batch (others came), the pass is back.
-    counter = _StepCounter(trio.lowlevel.current_task())
+    counter = TaskSteps(trio.lowlevel.current_task())
     passes: dict[int, int] = {}  # item -> its writer's yields before the write
     before = 0
 

@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 
+from tests.helpers import TaskSteps
 from trio_cluster import ConfigError
 from trio_cluster._core._retry import Backoff
 from trio_cluster.storage._postgres._driver._driver import PgConnection
@@ -306,18 +307,6 @@ async def test_borrowing_checkpoints(pg_schema: PgSchema, app_name: str) -> None
                     pass
 
 
-class _Steps(trio.abc.Instrument):
-    """Counts the steps of one task."""
-
-    def __init__(self, task: trio.lowlevel.Task) -> None:
-        self.task = task
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task is self.task:
-            self.steps += 1
-
-
 async def test_execute_lends_gives_back_and_wakes_its_task_once(
     pg_schema: PgSchema, app_name: str
 ) -> None:
@@ -335,7 +324,7 @@ async def test_execute_lends_gives_back_and_wakes_its_task_once(
             assert pool.statistics().discarded == 0
 
             async def one(borrow: bool, steps: list[int]) -> None:
-                counter = _Steps(trio.lowlevel.current_task())
+                counter = TaskSteps(trio.lowlevel.current_task())
                 trio.lowlevel.add_instrument(counter)
                 try:
                     if borrow:
