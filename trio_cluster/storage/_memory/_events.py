@@ -59,6 +59,11 @@ class _Partition:
     end: int = 0
     published: trio.Event = attrs.field(factory=trio.Event)
 
+    def wake(self) -> None:
+        """Wake its readers (a publication, or a cursor set)."""
+        self.published.set()
+        self.published = trio.Event()
+
 
 @attrs.define(eq=False)
 class _Cursor:
@@ -101,8 +106,7 @@ class EventStore:
             log.end += 1
             touched[id(log)] = log
         for log in touched.values():
-            log.published.set()
-            log.published = trio.Event()
+            log.wake()
 
     def read(
         self, topic: str, partition: int, offset: int, limit: int
@@ -161,9 +165,7 @@ class EventStore:
             key = (subscription, topic, partition)
             cursor = self._cursors.setdefault(key, _Cursor(offset))
             cursor.offset = offset
-            log = self._partition(topic, partition)  # wake its readers
-            log.published.set()
-            log.published = trio.Event()
+            self._partition(topic, partition).wake()
 
     def delete(self, older_than: float, hard_older_than: float, limit: int) -> int:
         deleted = 0
