@@ -381,3 +381,97 @@ async def test_a_late_publication_of_the_epoch_a_resume_left_is_not_sent(
             (new, 4),
         ]
         nursery.cancel_scope.cancel()
+
+
+class TopicByPosition(ScriptedTopic):
+    """A scripted topic whose history calls are answered by the position
+    they ask for (one channel per position), in any order the test likes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_since: dict[Position | None, trio.MemorySendChannel[History]] = {}
+        self._receivers: dict[Position | None, trio.MemoryReceiveChannel[History]] = {}
+        self.asked: list[Position | None] = []
+
+    def answers_for(self, since: Position | None) -> trio.MemorySendChannel[History]:
+        if since not in self.by_since:
+            self.by_since[since], self._receivers[since] = trio.open_memory_channel[
+                History
+            ](10)
+        return self.by_since[since]
+
+    async def history(self, msg: Follow) -> History:
+        self.asked.append(msg.since)
+        self.answers_for(msg.since)
+        return await self._receivers[msg.since].receive()
+
+
+async def test_first_reads_answered_out_of_order_leave_no_gap(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two sockets subscribe to a topic the gateway does not follow yet, with
+    different positions (two history reads at once). The read made first
+    (up to 20) is answered after the later one (up to 30), which starts the
+    gateway's stream at 30: the first socket still gets 21-30 (from what
+    the gateway keeps), then the live ones, each once."""
+    topic = TopicByPosition()
+    async with trio.open_nursery() as nursery:
+        hub = TopicHub(topic, nursery, "r1")  # type: ignore[arg-type]
+        first, second = FakeConnection("a"), FakeConnection("b")
+        a, b = cast("ClientConnection", first), cast("ClientConnection", second)
+        values: dict[str, dict[str, Any]] = {}
+
+        async def subscribe(
+            connection: ClientConnection, since: Position | None
+        ) -> None:
+            values[connection.info.id] = await hub.subscribe(connection, "t", since)
+
+        async with trio.open_nursery() as subscribing:
+            subscribing.start_soon(subscribe, a, None)
+            subscribing.start_soon(subscribe, b, Position(EPOCH, 5))
+            await trio.testing.wait_all_tasks_blocked()
+            await topic.answers_for(Position(EPOCH, 5)).send(page(5, 30))
+            await trio.testing.wait_all_tasks_blocked()
+            await topic.answers_for(None).send(History(EPOCH, 20, False, []))
+        assert values["a"] == {"epoch": EPOCH, "offset": 30, "recovered": False}
+        assert values["b"] == {"epoch": EPOCH, "offset": 30, "recovered": True}
+        assert first.offsets == list(range(21, 31))
+        assert second.offsets == list(range(6, 31))
+        await topic.live_send.send(publication(31))
+        await trio.testing.wait_all_tasks_blocked()
+        assert first.offsets == list(range(21, 32))
+        assert second.offsets == list(range(6, 32))
+        assert topic.asked == [None, Position(EPOCH, 5)]  # nothing read again
+        nursery.cancel_scope.cancel()
+
+
+async def test_first_reads_out_of_order_read_the_gap_the_gateway_lacks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """As above, but the stream started from a read with no publications (a
+    subscribe without a position, up to 30): the gateway keeps nothing
+    before 30, so the socket whose read ended at 20 reads 21-30 again."""
+    topic = TopicByPosition()
+    async with trio.open_nursery() as nursery:
+        hub = TopicHub(topic, nursery, "r1")  # type: ignore[arg-type]
+        first, second = FakeConnection("a"), FakeConnection("b")
+        a, b = cast("ClientConnection", first), cast("ClientConnection", second)
+        async with trio.open_nursery() as subscribing:
+            subscribing.start_soon(hub.subscribe, a, "t", Position(EPOCH, 10))
+            subscribing.start_soon(hub.subscribe, b, "t", None)
+            await trio.testing.wait_all_tasks_blocked()
+            await topic.answers_for(None).send(History(EPOCH, 30, False, []))
+            await trio.testing.wait_all_tasks_blocked()
+            await topic.live_send.send(publication(31))  # held for "a"
+            await trio.testing.wait_all_tasks_blocked()
+            await topic.answers_for(Position(EPOCH, 10)).send(page(10, 20))
+            await trio.testing.wait_all_tasks_blocked()
+            assert topic.asked[-1] == Position(EPOCH, 20)
+            await topic.answers_for(Position(EPOCH, 20)).send(page(20, 31))
+        assert first.offsets == list(range(11, 32))
+        assert second.offsets == [31]
+        await topic.live_send.send(publication(32))
+        await trio.testing.wait_all_tasks_blocked()
+        assert first.offsets == list(range(11, 33))
+        assert second.offsets == [31, 32]
+        nursery.cancel_scope.cancel()

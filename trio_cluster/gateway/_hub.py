@@ -7,6 +7,12 @@ one stream per runner, resume) and `trio_cluster.gateway._presence`. A
 `TopicHub` keeps, per topic this gateway follows, its local subscribers,
 the stream's last position, the tracked sockets of this gateway, and its
 mirror of the topic's presence.
+
+The stream of a topic starts from the end of the first history read of a
+subscribe that succeeds. Reads made at once for different positions can
+be answered out of order: a subscriber whose read ends before the stream's
+start gets the publications between from what the gateway keeps, or from
+one more read (`TopicHub._gap`), so it misses none.
 """
 
 from __future__ import annotations
@@ -103,6 +109,8 @@ class _Follower:
         """Whether its stream was started (by the first subscribe whose
         history read succeeded)."""
         self.position: Position | None = None
+        self.started_at: Position | None = None
+        """Where its stream started (the end of the read that started it)."""
         self.recent: deque[Publication] = deque(maxlen=min(RECENT, Topic.history_size))
         """The last publications up to ``position``, consecutive (every
         publication after ``recent[0].offset - 1`` up to ``position``); no
@@ -142,11 +150,21 @@ class _Follower:
     def start_at(self, page: History) -> None:
         """Follow from the end of ``page`` (a history answer), keeping its
         publications if they end there consecutively."""
-        self.position = Position(page.epoch, page.offset)
+        self.position = self.started_at = Position(page.epoch, page.offset)
         self.recent.clear()
         items = page.items
         if items and items[-1].epoch == page.epoch and items[-1].offset == page.offset:
             self.advance(items)
+
+    def known_after(self, since: Position) -> list[Publication] | None:
+        """The publications after ``since`` up to ``position`` if ``recent``
+        holds them all (`since_known`), else None."""
+        if not self.since_known(since):
+            return None
+        recent = self.recent
+        if not recent:
+            return []
+        return list(islice(recent, max(0, since.offset + 1 - recent[0].offset), None))
 
     def since_known(self, since: Position) -> bool:
         """Whether ``recent`` holds every publication after ``since`` up to
@@ -228,12 +246,9 @@ class TopicHub:
         subscriber = _Subscriber(connection, since)
         follower.subscribers[connection] = subscriber
         self._join(connection, topic)
-        recent = follower.recent
-        if recent:  # consecutive offsets: the first one after ``since``
-            start = max(0, since.offset + 1 - recent[0].offset)
-            self._deliver_missed(
-                follower, subscriber, list(islice(recent, start, None))
-            )
+        missed = follower.known_after(since)
+        if missed:
+            self._deliver_missed(follower, subscriber, missed)
         return {"epoch": since.epoch, "offset": subscriber.last, "recovered": True}
 
     def _join(self, connection: ClientConnection, topic: str) -> None:
@@ -288,6 +303,9 @@ class TopicHub:
                 follower.following = True
                 follower.start_at(page)
                 self._nursery.start_soon(self._follow, follower)
+                gap: list[Publication] = []
+            else:
+                gap = await self._gap(follower, page)
             if data is not None:
                 await self._topics(topic).track(Track(self._runner, key, data))
             if with_presence:
@@ -315,13 +333,37 @@ class TopicHub:
         self._deliver_missed(
             follower,
             subscriber,
-            [*(page.items if recovered or new_epoch else ()), *held],
+            [*(page.items if recovered or new_epoch else ()), *gap, *held],
         )
         value = {"epoch": page.epoch, "offset": subscriber.last, "recovered": recovered}
         if with_presence:
             subscriber.presence = True
             value["presence"] = dict(follower.mirror.entries)
         return value
+
+    async def _gap(self, follower: _Follower, page: History) -> list[Publication]:
+        """What a subscriber whose history read ended at ``page`` would miss
+        between it and where the stream started: nothing, unless two first
+        reads were answered out of order (the later one started the stream
+        from further on). Then the publications between, from what the
+        gateway keeps if it does, else read from the topic.
+
+        Raises:
+            what the read raises (`RunnerUnavailableError`...).
+        """
+        started = follower.started_at
+        if (
+            started is None
+            or started.epoch != page.epoch
+            or page.offset >= started.offset
+        ):
+            return []
+        since = Position(page.epoch, page.offset)
+        kept = follower.known_after(since)
+        if kept is not None:
+            return kept
+        missed = await self.reads.history(follower.name, since)
+        return list(missed.items) if missed.epoch == page.epoch else []
 
     async def presence(self, topic: str) -> dict[str, Any]:
         """The presence of ``topic`` (from this gateway's mirror when it
