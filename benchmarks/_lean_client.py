@@ -32,6 +32,11 @@ Commands:
   closed loop (one call in flight per socket) for ``warmup_s`` then
   ``duration_s``; answers the calls and latencies of the measured window.
 * ``seq``: one socket makes ``count`` calls one after another.
+* ``paced``: every socket calls ``operation`` ``rate`` times a second, the
+  calls of all sockets evenly spread (an open loop: a socket whose last
+  call is unanswered skips its turn, counted ``skipped``), for
+  ``warmup_s`` then ``duration_s``; answers the latencies of the calls
+  sent in the measured window.
 * ``close``: close every socket.
 """
 
@@ -178,6 +183,7 @@ class LeanClient:
         # rpc
         self.rpc: dict[str, Any] | None = None
         self.latencies: list[float] = []
+        self.paced: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------
     # Output
@@ -364,7 +370,9 @@ class LeanClient:
         elif self.pub is not None and frame.get("id", 0) >= 1_000_000:
             self.pub_reply(frame)
         elif kind == "reply":
-            if conn.state == "up":
+            if conn.state == "up" and self.paced is not None:
+                self.paced_reply(conn, frame, now)
+            elif conn.state == "up":
                 self.rpc_reply(conn, frame, now)
             elif conn.state == "subscribing":
                 self.connected(conn)
@@ -632,6 +640,103 @@ class LeanClient:
             conn.last_value = None
             self.call(conn, now)
 
+    def op_paced(
+        self,
+        re: int,
+        *,
+        operation: str,
+        msg: Any,
+        key_prefix: str,
+        rate: float,
+        warmup_s: float,
+        duration_s: float,
+    ) -> None:
+        now = time.monotonic()
+        chosen = [conn for conn in self.conns.values() if conn.state == "up"]
+        for conn in chosen:
+            conn.key = f"{key_prefix}{conn.index}"
+            conn.sent_at = 0.0
+        self.paced = {
+            "re": re,
+            "op": operation,
+            "msg": msg,
+            "conns": chosen,
+            "start": now,
+            "interval": 1.0 / (rate * max(1, len(chosen))),
+            "turns": 0,
+            "measure_from": now + warmup_s,
+            "until": now + warmup_s + duration_s,
+            "in_flight": 0,
+            "calls": 0,
+            "skipped": 0,
+            "errors": 0,
+        }
+        self.latencies = []
+
+    def paced_tick(self, now: float) -> float:
+        """Send the paced calls due; seconds until the next one."""
+        paced = self.paced
+        assert paced is not None
+        conns = paced["conns"]
+        if now >= paced["until"] or not conns:
+            if paced["in_flight"] == 0 or now >= paced["until"] + 5.0:
+                self.paced_done()
+            return 0.1
+        due = int((now - paced["start"]) / paced["interval"])
+        while paced["turns"] < due:
+            conn = conns[paced["turns"] % len(conns)]
+            paced["turns"] += 1
+            if conn.state != "up":
+                continue
+            if conn.sent_at:
+                if now >= paced["measure_from"]:
+                    paced["skipped"] += 1
+                continue
+            request_id = conn.next_id
+            conn.next_id += 1
+            conn.sent_at = now
+            paced["in_flight"] += 1
+            self.send(
+                conn,
+                {
+                    "t": "call",
+                    "id": request_id,
+                    "op": paced["op"],
+                    "key": conn.key,
+                    "msg": paced["msg"],
+                },
+            )
+        next_at = float(paced["start"] + (paced["turns"] + 1) * paced["interval"])
+        return max(0.0, next_at - now)
+
+    def paced_reply(self, conn: Conn, frame: dict[str, Any], now: float) -> None:
+        paced = self.paced
+        assert paced is not None
+        if not conn.sent_at:
+            return
+        if not isinstance(frame.get("v"), int):
+            paced["errors"] += 1
+        elif paced["measure_from"] <= conn.sent_at < paced["until"]:
+            self.latencies.append(now - conn.sent_at)
+            paced["calls"] += 1
+        conn.sent_at = 0.0
+        paced["in_flight"] -= 1
+
+    def paced_done(self) -> None:
+        paced = self.paced
+        assert paced is not None
+        self.paced = None
+        self.reply(
+            paced["re"],
+            calls=paced["calls"],
+            skipped=paced["skipped"],
+            errors=paced["errors"],
+            unanswered=paced["in_flight"],
+            latencies=self.latencies,
+            sockets=sum(1 for conn in paced["conns"] if conn.state == "up"),
+        )
+        self.latencies = []
+
     def op_close(self, re: int) -> None:
         self.running = False
         for conn in list(self.conns.values()):
@@ -674,6 +779,8 @@ class LeanClient:
             due = self.pub_tick(now)
             if due is not None:
                 timeout = max(0.0, due - now)
+        if self.paced is not None:
+            timeout = min(timeout, self.paced_tick(time.monotonic()))
         return timeout
 
     def read_stdin(self, fd: int) -> bool:

@@ -63,6 +63,20 @@ def test_window_allows_limit_then_blocks() -> None:
     assert windows.check("1.2.3.4", 310.0) == 0.0  # block over: a new window
 
 
+def test_blocked_for_says_the_block_and_counts_nothing() -> None:
+    windows = KeyedWindows(WindowLimit(2, per=60.0, block_for=300.0))
+    assert windows.blocked_for("1.2.3.4", 0.0) == 0.0  # unknown
+    windows.check("1.2.3.4", 0.0)
+    windows.check("1.2.3.4", 1.0)
+    for _ in range(5):  # at the limit, not over: asking counts nothing
+        assert windows.blocked_for("1.2.3.4", 2.0) == 0.0
+    assert windows.check("1.2.3.4", 10.0) == 300.0
+    assert windows.blocked_for("1.2.3.4", 110.0) == 200.0
+    assert windows.blocked_for("5.6.7.8", 110.0) == 0.0
+    assert windows.blocked_for("1.2.3.4", 310.0) == 0.0  # over
+    assert windows.check("1.2.3.4", 310.0) == 0.0
+
+
 def test_window_without_block_waits_for_the_window_end() -> None:
     windows = KeyedWindows(WindowLimit(1, per=10.0))
     assert windows.check("k", 0.0) == 0.0

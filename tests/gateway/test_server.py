@@ -473,6 +473,20 @@ async def test_connects_over_the_rate_get_429_then_a_block(subprotocol: str) -> 
             headers = dict(caught.value.headers or [])
             assert headers[b"retry-after"] == b"300"
             assert server.statistics().refused_rate_limited == 1
+            # Blocked: answered at once, before the client says anything
+            # (no task waits for its request), the client file included.
+            async with await trio.open_tcp_stream("127.0.0.1", server.port) as raw:
+                answer = b""
+                while chunk := await raw.receive_some():
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 429 ")
+            assert b"\r\nRetry-After: 300\r\n" in answer
+            assert answer.endswith(b"\r\n\r\ntoo many connections\n")
+            with pytest.raises(ConnectionRejected) as caught:
+                async with open_websocket(server.url, subprotocols=[subprotocol]):
+                    pass
+            assert caught.value.status_code == 429
+            assert server.statistics().refused_rate_limited == 3
 
 
 async def test_a_flooding_socket_is_closed_and_others_are_served(

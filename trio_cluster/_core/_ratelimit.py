@@ -138,6 +138,14 @@ class KeyedWindows:
     def __len__(self) -> int:
         return len(self._windows)
 
+    def blocked_for(self, key: str, now: float) -> float:
+        """The seconds ``key`` stays blocked after ``now`` (0.0: it is not
+        blocked); nothing is counted."""
+        window = self._windows.get(key)
+        if window is None or now >= window.blocked_until:
+            return 0.0
+        return window.blocked_until - now
+
     def check(self, key: str, now: float) -> float:
         """Count an event of ``key`` at ``now``: 0.0 if it is allowed, else
         the seconds until the key may try again (the event is refused and

@@ -10,7 +10,9 @@ nothing the client sent processed further:
 2. the request head (`read_head`), within ``open_timeout`` of the accept;
    ``GET /gateway.js`` is answered with the JavaScript client here;
 3. the connect rate of the client's IP address (`KeyedWindows`): HTTP 429
-   with ``Retry-After``;
+   with ``Retry-After``. While an address is blocked, its connections are
+   answered so before step 1, unread, by their accepting task
+   (`_refused_blocked`);
 4. the path, the upgrade, a subprotocol both sides speak, the WebSocket
    headers (`upgrade_refusal`): else 404, 426 or 400;
 5. the authentication hook with the `Handshake`: `UnauthorizedError` (or a
@@ -35,6 +37,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+from contextlib import suppress
 from typing import TYPE_CHECKING, Final
 
 import attrs
@@ -191,12 +195,15 @@ class GatewayServer:
         await self._accept(stream)
 
     async def _accept(self, stream: trio.abc.Stream) -> None:
+        remote = remote_name(stream)
+        if self._refused_blocked(stream, remote):
+            await trio.aclose_forcefully(stream)
+            return
         slot = self._admission.admit()
         if slot is None:
             self._counters.refused_other += 1
             await trio.aclose_forcefully(stream)
             return
-        remote = remote_name(stream)
         try:
             connection = await self._open(stream, remote)
             slot.hello_done()
@@ -223,6 +230,32 @@ class GatewayServer:
         finally:
             slot.release()
             await trio.aclose_forcefully(stream)
+
+    def _refused_blocked(self, stream: trio.abc.Stream, remote: str) -> bool:
+        """Answer a TCP connection from an address the connect rate blocks
+        at once: HTTP 429 with ``Retry-After``, written before anything is
+        read (and what the client sent dropped unread, so that the close is
+        not a reset). A client that keeps connecting while blocked costs an
+        accept, a write and a close each, not a task reading its request.
+        Whether it was refused (then close the stream)."""
+        limit = self._connect_rate
+        if limit is None or not isinstance(stream, trio.SocketStream):
+            return False
+        wait = limit.blocked_for(remote_host(remote), trio.current_time())
+        if wait <= 0:
+            return False
+        self._counters.refused_rate_limited += 1
+        answer = http_response(
+            429,
+            b"too many connections\n",
+            content_type="text/plain; charset=utf-8",
+            headers=(("Retry-After", str(math.ceil(wait))),),
+        )
+        fd = stream.socket.fileno()
+        with suppress(OSError):  # the client is gone already: nothing to say
+            os.write(fd, answer)  # a new connection's buffer takes it at once
+            os.read(fd, _DROPPED)  # BlockingIOError if it sent nothing yet
+        return True
 
     async def _open(
         self, stream: trio.abc.Stream, remote: str
@@ -462,6 +495,8 @@ class GatewayServer:
         await trio.lowlevel.checkpoint()
 
 
+_DROPPED: Final = 65536
+"""Bytes of a blocked client's request read and dropped before the close."""
 _EARLY_PINGS: Final = 0.02
 """Pings are sent up to this fraction of ``ping_interval`` early."""
 
