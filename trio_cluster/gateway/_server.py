@@ -116,6 +116,8 @@ class GatewayServer:
         self._topics: TopicAccess | None = None
         self._emptied = trio.Event()
         """Set when the last socket is forgotten."""
+        self._blocked_answer: tuple[int, bytes] | None = None
+        """The last 429 written to a blocked address, by its ``Retry-After``."""
 
     @property
     def runner(self) -> Runner:
@@ -197,7 +199,7 @@ class GatewayServer:
     async def _accept(self, stream: trio.abc.Stream) -> None:
         remote = remote_name(stream)
         if self._refused_blocked(stream, remote):
-            await trio.aclose_forcefully(stream)
+            await trio.lowlevel.checkpoint()
             return
         slot = self._admission.admit()
         if slot is None:
@@ -234,10 +236,10 @@ class GatewayServer:
     def _refused_blocked(self, stream: trio.abc.Stream, remote: str) -> bool:
         """Answer a TCP connection from an address the connect rate blocks
         at once: HTTP 429 with ``Retry-After``, written before anything is
-        read (and what the client sent dropped unread, so that the close is
-        not a reset). A client that keeps connecting while blocked costs an
-        accept, a write and a close each, not a task reading its request.
-        Whether it was refused (then close the stream)."""
+        read (what the client sent is dropped unread, so that the close is
+        not a reset), then the socket closed. A client that keeps connecting
+        while blocked costs an accept, a write and a close each, not a task
+        reading its request. Whether it was refused (and closed)."""
         limit = self._connect_rate
         if limit is None or not isinstance(stream, trio.SocketStream):
             return False
@@ -245,16 +247,23 @@ class GatewayServer:
         if wait <= 0:
             return False
         self._counters.refused_rate_limited += 1
-        answer = http_response(
-            429,
-            b"too many connections\n",
-            content_type="text/plain; charset=utf-8",
-            headers=(("Retry-After", str(math.ceil(wait))),),
-        )
-        fd = stream.socket.fileno()
+        retry = math.ceil(wait)
+        cached = self._blocked_answer
+        if cached is None or cached[0] != retry:
+            # Made again each second at most (`Retry-After` and `Date`).
+            cached = self._blocked_answer = (
+                retry,
+                http_response(
+                    429,
+                    b"too many connections\n",
+                    headers=(("Retry-After", str(retry)),),
+                ),
+            )
+        sock = stream.socket
         with suppress(OSError):  # the client is gone already: nothing to say
-            os.write(fd, answer)  # a new connection's buffer takes it at once
-            os.read(fd, _DROPPED)  # BlockingIOError if it sent nothing yet
+            os.write(sock.fileno(), cached[1])  # a new connection takes it at once
+            os.read(sock.fileno(), _DROPPED)  # BlockingIOError if nothing came yet
+        sock.close()
         return True
 
     async def _open(
