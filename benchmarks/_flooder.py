@@ -1,11 +1,12 @@
 """A flooding gateway client for the flood benchmark (`benchmarks.gateway_flood`).
 
 ``python -m benchmarks._flooder JSON`` (``{"host", "port", "path", "src",
-"duration_s", "frames_per_s", "operation", "msg"}``) opens a WebSocket from
-``src`` and writes call frames at ``frames_per_s`` (in batches every 10 ms,
-far over any message rate limit), without reading the answers but for the
-close; when the gateway closes or refuses the socket, it connects again at
-once, for ``duration_s``. It prints one JSON line: connects accepted,
+"duration_s", "frames_per_s", "operation", "msg", "reconnect_after_s"}``)
+opens a WebSocket from ``src`` and writes call frames at ``frames_per_s`` (in
+batches every 10 ms, far over any message rate limit), without reading the
+answers but for the close; when the gateway closes or refuses the socket,
+it connects again after ``reconnect_after_s`` (as a client library would;
+0: at once, a connect flood), for ``duration_s``. It prints one JSON line: connects accepted,
 refusals by HTTP status, closes by code, frames written. Blocking sockets,
 no Trio: it must cost little CPU at that rate, so that on a 2-core machine
 what the others see is the server's doing.
@@ -83,7 +84,11 @@ def flood(args: dict[str, Any]) -> dict[str, Any]:
     refusals: Counter[str] = Counter()
     closes: Counter[str] = Counter()
     connects = written = 0
+    events: list[float] = []
     while time.monotonic() < end:
+        if connects or refusals:
+            select.select([], [], [], args["reconnect_after_s"])
+        events.append(round(time.monotonic(), 4))
         sock, refused = _upgrade(args)
         if sock is None:
             refusals[refused] += 1
@@ -126,6 +131,7 @@ def flood(args: dict[str, Any]) -> dict[str, Any]:
         "bytes_written": written,
         "frame_bytes": len(frames) // per_batch,
         "cpu_s": time.process_time(),
+        "attempts_at": events[:100],
     }
 
 

@@ -670,6 +670,7 @@ class LeanClient:
             "calls": 0,
             "skipped": 0,
             "errors": 0,
+            "slow": [],
         }
         self.latencies = []
 
@@ -719,6 +720,10 @@ class LeanClient:
         elif paced["measure_from"] <= conn.sent_at < paced["until"]:
             self.latencies.append(now - conn.sent_at)
             paced["calls"] += 1
+            if now - conn.sent_at > 0.01 and len(paced["slow"]) < 200:
+                paced["slow"].append(
+                    (round(conn.sent_at, 4), round(now - conn.sent_at, 4))
+                )
         conn.sent_at = 0.0
         paced["in_flight"] -= 1
 
@@ -734,6 +739,7 @@ class LeanClient:
             unanswered=paced["in_flight"],
             latencies=self.latencies,
             sockets=sum(1 for conn in paced["conns"] if conn.state == "up"),
+            slow=paced["slow"],
         )
         self.latencies = []
 

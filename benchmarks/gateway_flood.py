@@ -13,13 +13,17 @@ the others calling at 1 call/s per socket, evenly spread (an open loop),
 
 * ``quiet``: nothing else;
 * ``flood``: one more client (`benchmarks._flooder`, from its own address)
-  writes 10,000 call frames a second, and connects again at once whenever
-  it is closed or refused.
+  writes 10,000 call frames a second, and connects again 1 s after it is
+  closed or refused (``--reconnect-after 0``: at once, a connect flood).
 
 Figures per window: the others' p50/p99 latency, calls skipped (a socket's
 previous call still unanswered at its next turn) and errors, the server's
 CPU, and the flooder's connects, refusals and closes; then the medians and
-``flood_p99_over_quiet`` (target <= 1.10).
+``flood_p99_over_quiet`` (target <= 1.10). For a stall's cause, each window
+also lists the others' calls over 10 ms (sent at, latency: CLOCK_MONOTONIC),
+the flooder's connect attempts (same clock) and the server's task steps
+over 5 ms (wall time: on a loaded machine that includes time the process
+was not running).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from functools import partial
 from typing import Any
 
@@ -55,13 +60,36 @@ FLOODER_ADDRESS = "127.0.0.99"
 WARMUP_S, DURATION_S = 2.0, 10.0
 
 
+class _LongSteps(trio.abc.Instrument):
+    """Task steps over 5 ms in the server (what holds the others up)."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.long: list[tuple[float, float, str]] = []
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.started = time.perf_counter()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        took = time.perf_counter() - self.started
+        if took > 0.005 and len(self.long) < 200:
+            self.long.append((round(time.monotonic(), 4), round(took, 4), task.name))
+
+
 async def _serve() -> None:
+    steps = _LongSteps()
+    trio.lowlevel.add_instrument(steps)
+
+    async def long_steps() -> dict[str, Any]:
+        found, steps.long = steps.long, []
+        return {"long_steps": found}
+
     async with (
         tc.open_runner(entities=[Counter]) as runner,
         trio.open_nursery() as nursery,
     ):
         server = await nursery.start(serve_gateway, runner, GATEWAY, "127.0.0.1", 0)
-        await serve_commands({}, {"gateway_port": server.port})
+        await serve_commands({"long_steps": long_steps}, {"gateway_port": server.port})
         nursery.cancel_scope.cancel()
 
 
@@ -85,7 +113,9 @@ async def _connect(clients: list[Worker], url: str, sockets: int) -> None:
             raise RuntimeError(f"lean clients: {answer}")
 
 
-async def _flooder(port: int, results: list[dict[str, Any]]) -> None:
+async def _flooder(
+    port: int, reconnect_after: float, results: list[dict[str, Any]]
+) -> None:
     args = {
         "host": "127.0.0.1",
         "port": port,
@@ -95,6 +125,7 @@ async def _flooder(port: int, results: list[dict[str, Any]]) -> None:
         "frames_per_s": 10_000,
         "operation": "Counter.increment",
         "msg": {"amount": 1},
+        "reconnect_after_s": reconnect_after,
     }
     done = await trio.run_process(
         [sys.executable, "-m", "benchmarks._flooder", json.dumps(args)],
@@ -104,10 +135,13 @@ async def _flooder(port: int, results: list[dict[str, Any]]) -> None:
 
 
 async def _window(
-    clients: list[Worker], server_pid: int, port: int, *, flood: bool
+    clients: list[Worker], server: Worker, port: int, *, flood: float | None
 ) -> dict[str, Any]:
+    """One window; ``flood``: the flooder's reconnect pause (None: none)."""
     answers: list[dict[str, Any]] = [{} for _ in clients]
     flooded: list[dict[str, Any]] = []
+    server_pid = server.pid
+    await server.call("long_steps")  # from now on
     window = CpuWindow([server_pid, *(client.pid for client in clients)])
     server_cpu = cpu_seconds(server_pid)
 
@@ -123,28 +157,34 @@ async def _window(
         )
 
     async with trio.open_nursery() as nursery:
-        if flood:
-            nursery.start_soon(_flooder, port, flooded)
+        if flood is not None:
+            nursery.start_soon(_flooder, port, flood, flooded)
         for i in range(len(clients)):
             nursery.start_soon(paced, i)
     cpu = window.report()
     server_cpu = cpu_seconds(server_pid) - server_cpu
+    long_steps = (await server.call("long_steps"))["long_steps"]
     latencies = [value for answer in answers for value in answer["latencies"]]
     return {
         "p50_us": round(percentile(latencies, 50) * 1e6, 1),
         "p99_us": round(percentile(latencies, 99) * 1e6, 1),
+        "p999_us": round(percentile(latencies, 99.9) * 1e6, 1),
+        "max_us": round(max(latencies, default=0.0) * 1e6, 1),
+        "over_10ms": sum(1 for value in latencies if value > 0.01),
         "calls": len(latencies),
         "skipped": sum(answer["skipped"] for answer in answers),
         "errors": sum(answer["errors"] for answer in answers),
         "unanswered": sum(answer["unanswered"] for answer in answers),
         "sockets_up": sum(answer["sockets"] for answer in answers),
+        "slow": sorted(item for answer in answers for item in answer["slow"])[:100],
         "server_cpu_pct": round(100 * server_cpu / cpu["wall_s"], 1),
         "cpu": cpu,
         "flooder": flooded[0] if flooded else None,
+        "server_long_steps": long_steps[:50],
     }
 
 
-async def run(*, rounds: int, sockets: int) -> None:
+async def run(*, rounds: int, sockets: int, reconnect_after: float) -> None:
     load_start = load_average()
     async with trio.open_nursery() as nursery:
         server = Worker(
@@ -169,7 +209,10 @@ async def run(*, rounds: int, sockets: int) -> None:
                 for mode in ("quiet", "flood"):
                     progress(f"flood: round {round_}, {mode}")
                     result = await _window(
-                        clients, server.pid, port, flood=mode == "flood"
+                        clients,
+                        server,
+                        port,
+                        flood=reconnect_after if mode == "flood" else None,
                     )
                     windows[mode].append(result)
                     emit(
@@ -199,6 +242,7 @@ async def run(*, rounds: int, sockets: int) -> None:
                     round(f["p99_us"] / q["p99_us"], 3)
                     for q, f in zip(windows["quiet"], windows["flood"], strict=True)
                 ],
+                reconnect_after_s=reconnect_after,
                 loadavg_start=load_start,
                 loadavg_end=load_average(),
             )
@@ -210,8 +254,10 @@ async def run(*, rounds: int, sockets: int) -> None:
             await server.aclose()
 
 
-def main(rounds: int = 3, sockets: int = 1000) -> None:
-    trio.run(partial(run, rounds=rounds, sockets=sockets))
+def main(rounds: int = 3, sockets: int = 1000, reconnect_after: float = 1.0) -> None:
+    trio.run(
+        partial(run, rounds=rounds, sockets=sockets, reconnect_after=reconnect_after)
+    )
 
 
 def _cli() -> None:
@@ -221,11 +267,12 @@ def _cli() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sockets", type=int, default=1000)
+    parser.add_argument("--reconnect-after", type=float, default=1.0)
     args = parser.parse_args()
     if args.command == "serve":
         trio.run(_serve)
     else:
-        main(args.rounds, args.sockets)
+        main(args.rounds, args.sockets, args.reconnect_after)
 
 
 if __name__ == "__main__":

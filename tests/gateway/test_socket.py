@@ -365,3 +365,44 @@ async def test_send_message_refuses_other_types(
     async with memory_pair() as (socket, _):
         with pytest.raises(TypeError):
             await socket.send_message(1234)  # type: ignore[arg-type]
+
+
+@pairs
+async def test_a_burst_of_messages_lets_other_tasks_run(
+    pair: Pair, autojump_clock: trio.testing.MockClock
+) -> None:
+    """100 messages arriving in one read are delivered in order, and the
+    reader lets other tasks run between every 32 of them (a client's burst
+    cannot hold the others up for its whole length)."""
+    ticks = 0
+    seen: list[int] = []
+
+    async def other_task() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    async with pair() as (socket, client), trio.open_nursery() as nursery:
+        reader = Reader(socket)
+
+        def deliver(message: bytes | str) -> bool:
+            seen.append(ticks)
+            return reader.deliver(message)
+
+        async def read() -> None:
+            await socket.read_messages(deliver)
+
+        burst = b"".join(client_frame(0x1, b"m%d" % n) for n in range(100))
+        await client.send_raw(burst)
+        nursery.start_soon(other_task)
+        nursery.start_soon(read)
+        with trio.fail_after(5):
+            await reader.wait_for(100)
+        assert reader.messages == [f"m{n}" for n in range(100)]
+        # Within a share of 32 the other task does not run; between the
+        # shares it does (once per scheduling batch: the shares take one
+        # batch each, in some order with it).
+        assert len(set(seen[:32])) == 1
+        assert seen[99] >= seen[0] + 2
+        nursery.cancel_scope.cancel()

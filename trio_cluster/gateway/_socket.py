@@ -15,7 +15,9 @@ What it does is what trio-websocket's server connection (0.12) does in its
 data phase, event by event:
 
 * a message (read whole by `FastWSConnection`, or in parts by wsproto) goes
-  to the callback; parts are joined, and a message over
+  to the callback (after every 32 messages of one read, the task lets the
+  other tasks run: a client's burst delays the others by 32 messages'
+  work at most); parts are joined, and a message over
   ``max_message_size`` is answered with close 1009 (``Exceeded maximum
   message size: N bytes``): the reading goes on, dropping messages, until
   the client answers the close or the connection ends;
@@ -71,6 +73,9 @@ _PAYLOADS: Final = (bytes, str)
 """What `FastWSConnection.take_events` gives for a whole message."""
 _wait_readable: Final = trio.lowlevel.wait_readable
 _checkpoint: Final = trio.lowlevel.checkpoint
+_yield: Final = trio.lowlevel.cancel_shielded_checkpoint
+_FAIR_SHARE: Final = 32
+"""Messages of one read delivered before the reader lets others run."""
 _ABNORMAL: Final = 1006
 _TOO_BIG: Final = 1009
 
@@ -135,12 +140,20 @@ class ServerSocket:
         emptied = True
         """Whether the last read emptied the socket (over an `Outbox`)."""
         while True:
+            delivered = 0
             for event in connection.take_events():
                 if isinstance(event, _PAYLOADS):
                     # A whole message read by `FastWSConnection` (never
                     # amid a message in parts).
                     if not deliver(event):
                         deliver = _drop
+                    delivered += 1
+                    if delivered == _FAIR_SHARE:
+                        # A read with many messages (a burst): let the other
+                        # sockets' readers run between every `_FAIR_SHARE`
+                        # (no cancellation here: it comes at the next read).
+                        delivered = 0
+                        await _yield()
                 elif isinstance(event, Message):
                     message = self._join(event)
                     if message is None:
