@@ -21,7 +21,9 @@ The variants are of the SQL text only (no storage change):
   instead of the lock (what the second statement costs by itself);
 * the reply without the foreign key to its request (a second set of tables
   without it), without the update marking the request processed, and
-  without fence, foreign key and update.
+  without fence, foreign key and update;
+* the request as a plain ``INSERT ... VALUES`` of the same row (no read of
+  the shard's row at all, no ``ON CONFLICT``): what the row costs by itself.
 
 Tables: the schema under the prefixes ``w3st_a`` and ``w3st_b``, dropped
 before and after. The timings include the client's CPU (psycopg's pipeline
@@ -79,6 +81,14 @@ def _forms(names: PgNames) -> Forms:
         "reply_keyshare": reply.replace("FOR SHARE", "FOR KEY SHARE"),
         "reply_noupdate": reply.replace(update.group(0), "), notes"),
         "reply_min": reply_nolock.replace(update.group(0), "), notes"),
+        "request_values": f"""
+INSERT INTO {names.messages} (request_id, shard_group, shard_number, entity_type,
+    entity_id, tag, payload, primary_key, dedup, deliver_at, stream, claimed_epoch,
+    saved_at, metadata, attempts)
+VALUES ($1::int8, $2::text, $3::int4, $4::text, $5::text, $6::text, $7::bytea,
+        $8::text, $9::bytea, NULL, $10::bool, $11::int8, $12::float8,
+        $13::text::jsonb, 1)
+RETURNING 0, NULL::int4, request_id, claimed_epoch, NULL::bytea""",
     }
 
 
@@ -96,6 +106,12 @@ def _variants(a: Forms, b: Forms) -> dict[str, Variant]:
         "no fence + `SELECT 1`, pipelined": (a, "request_nolock", "reply_nolock", ONE),
         "as now, reply without the foreign key": (b, "request", "reply", None),
         "as now, reply without the update": (a, "request", "reply_noupdate", None),
+        "as now, request a plain `INSERT ... VALUES` (no epoch read)": (
+            a,
+            "request_values",
+            "reply",
+            None,
+        ),
         "no fence, no foreign key, no update": (b, "request_nolock", "reply_min", None),
     }
 
