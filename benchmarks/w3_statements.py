@@ -8,9 +8,9 @@ project's driver (`PgConnection`, as the W3 floor and the storage), in one
 loop, each variant's request and reply statement of
 a sequential persisted call (`_one_row.save_claimed`, `save_final_reply`)
 and the W3 floor's two single-row inserts, in a shuffled order per
-iteration; prints the medians as a Markdown table, then the WAL bytes each
+iteration; prints a Markdown table of the medians and of the WAL bytes each
 statement wrote (``pg_current_wal_insert_lsn()`` before and after it:
-other sessions' WAL would count too, so the median and minimum of 300).
+other sessions' WAL would count too, so the median of 300).
 The variants are of the SQL text only (no storage change):
 
 * the statements as they are (the ``FOR SHARE`` fence on the shard's row);
