@@ -14,7 +14,7 @@ import trio
 
 import trio_cluster as tc
 from trio_cluster._cli._main import main
-from trio_cluster._cli._workflows import STATUSES
+from trio_cluster._cli._workflows import STATUSES, age_seconds
 from trio_cluster.storage import PostgresStorage
 from trio_cluster.workflows import (
     Status,
@@ -229,3 +229,43 @@ def test_workflows_commands_on_postgres(
 
     trio.run(act)
     assert UNDONE == ["r-item", "r-flaky", "r-flaky"]
+
+    # purge: finished executions older than the age, with a limit per run.
+    assert cli(dsn, prefix, "purge", "--older-than", "1h") == 0
+    assert capsys.readouterr().out == "deleted 0 finished execution(s)\n"
+    assert (
+        cli(
+            dsn,
+            prefix,
+            "purge",
+            "--older-than",
+            "0",
+            "--workflow",
+            "cli.order",
+            "--limit",
+            "2",
+        )
+        == 0
+    )
+    assert "deleted 2 finished execution(s) (the limit" in capsys.readouterr().out
+    assert cli(dsn, prefix, "purge", "--older-than", "0s", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["deleted"] == 2
+    assert cli(dsn, prefix, "list") == 0
+    assert capsys.readouterr().out == "no executions\n"
+    assert cli(dsn, prefix, "purge", "--older-than", "soon") == 2
+    assert "--older-than: not an age" in capsys.readouterr().err
+    assert cli(dsn, prefix, "purge", "--older-than", "1d", "--limit", "0") == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90.0), ("90s", 90.0), ("30m", 1800.0), ("12h", 43200.0), ("7D", 604800.0)],
+)
+def test_ages(text: str, seconds: float) -> None:
+    assert age_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "d", "-1h", "soon", "inf", "nan"])
+def test_not_ages(text: str) -> None:
+    with pytest.raises(ValueError, match="not an age"):
+        age_seconds(text)

@@ -205,6 +205,51 @@ async def test_signal_interrupt_and_resume_by_name(autojump_clock: Any) -> None:
             await admin.signal("ops.order", "o1", "", True)
 
 
+async def test_purge_deletes_old_finished_executions_only(autojump_clock: Any) -> None:
+    storage = MemoryStorage()
+    async with open_clocked_runner(ENTITIES, config(), storage) as runner:
+        await _populate(runner)  # o2 compensated and o3 completed by now
+        await trio.sleep(3600)
+        orders = ops_order.client(runner)
+        await orders.start(Order("o5", 40))  # completed recently
+        await orders.get("o5").signal("confirm", True)
+        assert await orders.get("o5").result() == "t-o5"
+        admin = WorkflowAdmin(runner)
+        # Nothing finished is that old yet; an unknown workflow has none.
+        assert await admin.purge(older_than=10 * 3600) == 0
+        assert await admin.purge(older_than=0, workflow="ops.other") == 0
+        assert await admin.purge(older_than=1800, limit=1) == 1
+        assert await admin.purge(older_than=1800) == 1
+        assert await admin.purge(older_than=1800) == 0
+        left = [(x.execution_id, x.status) for x in await admin.list()]
+        assert left == [
+            ("f1", Status.SUSPENDED),
+            ("o1", Status.WAITING),
+            ("o5", Status.COMPLETED),
+        ]
+    # A purged execution is gone: its id starts a new one. (A second later:
+    # a runner registering in the millisecond its predecessor left gets its
+    # machine id and the same first request ids.)
+    await trio.sleep(1)
+    async with open_clocked_runner(ENTITIES, config(), storage) as runner:
+        orders = ops_order.client(runner)
+        assert (await orders.get("o3").poll()).status is Status.NOT_STARTED
+        LOG.clear()
+        await orders.start(Order("o3", 20))
+        await trio.sleep(10)
+        assert LOG == ["reserve o3", "charge o3"]
+        with pytest.raises(tc.ConfigError, match="workflow name"):
+            await WorkflowAdmin(runner).purge(older_than=0, workflow="no/such")
+        for bad, error in (
+            ({"older_than": -1}, ValueError),
+            ({"older_than": "1d"}, TypeError),
+            ({"older_than": 0, "limit": 0}, ValueError),
+            ({"older_than": 0, "limit": 1.5}, TypeError),
+        ):
+            with pytest.raises(error):
+                await WorkflowAdmin(runner).purge(**bad)
+
+
 async def test_messages_are_refused_when_this_runner_places_them_elsewhere(
     autojump_clock: Any,
 ) -> None:

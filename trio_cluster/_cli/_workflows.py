@@ -9,7 +9,12 @@
   (the payload is a JSON value, given to the workflow's converter);
 * ``workflows interrupt WORKFLOW ID [--reason TEXT]``: interrupt it (its
   compensations run);
-* ``workflows resume WORKFLOW ID``: replay a suspended execution again.
+* ``workflows resume WORKFLOW ID``: replay a suspended execution again;
+* ``workflows purge --older-than AGE [--workflow NAME] [--limit N]``:
+  delete finished executions (completed, failed, compensated) last saved
+  more than AGE ago (``90s``, ``30m``, ``12h``, ``7d``; a number alone is
+  seconds), at most N (1000) per run, with their stored messages; prints
+  how many (run it again while it deletes N).
 
 Each command opens a client-only runner on the cluster's storage (it serves
 no shard), runs through `trio_cluster.workflows.WorkflowAdmin`, and closes
@@ -68,7 +73,7 @@ def add_workflows_parser(commands: Any) -> None:
     """Add ``workflows`` and its subcommands to the ``trio-cluster`` parser."""
     workflows = commands.add_parser(
         "workflows",
-        help="list, show, signal, interrupt or resume workflow executions",
+        help="list, show, signal, interrupt, resume or purge workflow executions",
     )
     actions = workflows.add_subparsers(dest="action", required=True)
 
@@ -103,6 +108,16 @@ def add_workflows_parser(commands: Any) -> None:
     interrupt.add_argument("--reason", default="", help="why (recorded)")
     interrupt.set_defaults(handler=_interrupt)
     one("resume", "replay a suspended execution again").set_defaults(handler=_resume)
+    purge = action("purge", "delete finished executions older than an age")
+    purge.add_argument(
+        "--older-than",
+        required=True,
+        metavar="AGE",
+        help="last saved before this long ago: 90s, 30m, 12h, 7d (seconds alone)",
+    )
+    purge.add_argument("--workflow", help="only this workflow's executions")
+    purge.add_argument("--limit", type=int, default=1000)
+    purge.set_defaults(handler=_purge)
 
 
 def _fail(message: str, code: int) -> int:
@@ -298,6 +313,51 @@ def _resume(args: argparse.Namespace) -> int:
     async def body(admin: WorkflowAdmin) -> int:
         await admin.resume(args.workflow, args.execution_id)
         _sent(args, "resume")
+        return 0
+
+    return _run(args, body)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def age_seconds(text: str) -> float:
+    """Seconds of an age such as ``90s``, ``30m``, ``12h``, ``7d`` or
+    ``3600``.
+
+    Raises:
+        ValueError: not an age (or negative).
+    """
+    text = text.strip().lower()
+    scale = _UNITS.get(text[-1:])
+    number = text[:-1] if scale is not None else text
+    try:
+        value = float(number) * (scale or 1)
+    except ValueError:
+        raise ValueError(f"not an age: {text!r} (say 90s, 30m, 12h or 7d)") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"not an age: {text!r}")
+    return value
+
+
+def _purge(args: argparse.Namespace) -> int:
+    try:
+        older_than = age_seconds(args.older_than)
+    except ValueError as exc:
+        return _fail(f"--older-than: {exc}", 2)
+    if args.limit < 1:
+        return _fail(f"--limit must be >= 1, got {args.limit}", 2)
+
+    async def body(admin: WorkflowAdmin) -> int:
+        deleted = await admin.purge(
+            older_than=older_than, workflow=args.workflow, limit=args.limit
+        )
+        more = " (the limit: run it again for more)" if deleted == args.limit else ""
+        print_result(
+            args,
+            {"deleted": deleted, "older_than_s": older_than},
+            f"deleted {deleted} finished execution(s){more}",
+        )
         return 0
 
     return _run(args, body)

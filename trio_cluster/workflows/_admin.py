@@ -9,6 +9,9 @@ execution id only.
   journal is saved labelled with its status, so a listing filtered by status
   and the counts per workflow and status are index reads that decode no
   journal (the listing decodes the page it returns).
+* ``purge`` deletes finished executions older than a given age (their
+  durable state), a page at a time: the retention of journals, run by an
+  operator or a scheduled job.
 * ``signal``, ``interrupt`` and ``resume`` send the execution the same
   persisted messages its `WorkflowHandle` sends, through a stand-in entity
   class of the workflow's entity type (same type name, shard group and
@@ -28,14 +31,22 @@ import attrs
 import msgpack
 
 from trio_cluster import ClusterError, ConfigError, Runner, durable
-from trio_cluster.abc import StateQuery
+from trio_cluster.abc import MessageStorage, StateQuery
 from trio_cluster.serialization import Codec
 
-from .._core._addresses import ShardId
+from .._core._addresses import EntityAddress, EntityId, ShardId
 from .._core._checks import part_name
 from ._entity import WorkflowEntity, info_of
 from ._peers import TYPE_PREFIX
-from ._records import Interrupt, Journal, Resume, SignalMessage, Status, WorkflowInfo
+from ._records import (
+    TERMINAL,
+    Interrupt,
+    Journal,
+    Resume,
+    SignalMessage,
+    Status,
+    WorkflowInfo,
+)
 
 if TYPE_CHECKING:
     import builtins
@@ -50,6 +61,10 @@ __all__ = [
     "WorkflowExecution",
     "workflow_of",
 ]
+
+
+_PAGE = 500
+"""Executions `WorkflowAdmin.purge` reads at once."""
 
 
 def workflow_of(entity_type: str) -> str:
@@ -221,6 +236,71 @@ class WorkflowAdmin:
         """
         ref = await self._stored_ref(workflow, execution_id)
         await ref.resume.discard(Resume())
+
+    # ------------------------------------------------------------------
+    # Retention
+
+    async def purge(
+        self,
+        *,
+        older_than: float,
+        workflow: str | None = None,
+        limit: int = 1000,
+    ) -> int:
+        """Delete up to ``limit`` finished executions (completed, failed or
+        compensated) whose journal was last saved more than ``older_than``
+        seconds ago (by this runner's wall clock), of ``workflow`` (None:
+        of every workflow); the number deleted. Executions in any other
+        status are never deleted. A deleted execution is gone, with its
+        stored messages (`MessageStorage.clear_address`, when the storage
+        keeps both: the start request too, so that its id is not answered
+        from it): its handle's ``poll`` says ``not_started``, and starting
+        its id again starts a new execution.
+
+        It reads the finished executions a page at a time (their journals
+        are not decoded) and deletes the old ones one by one: call it again
+        while it returns ``limit``.
+
+        Raises:
+            ConfigError: an invalid workflow name.
+            TypeError, ValueError: ``older_than`` or ``limit`` is not a
+                number >= 0 or an int >= 1.
+            PersistenceError: storage failed (what was deleted stays so).
+
+        Cancellation: what was deleted stays deleted.
+        """
+        if isinstance(cast("object", older_than), bool) or not isinstance(
+            older_than, int | float
+        ):
+            raise TypeError(f"older_than must be a number, got {older_than!r}")
+        if not older_than >= 0:
+            raise ValueError(f"older_than must be >= 0, got {older_than!r}")
+        if isinstance(cast("object", limit), bool) or not isinstance(limit, int):
+            raise TypeError(f"limit must be an int, got {limit!r}")
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        storage = self._runner.state_storage
+        messages = storage if isinstance(storage, MessageStorage) else None
+        cutoff = self._runner.clock.now() - older_than
+        deleted = 0
+        for status in sorted(TERMINAL, key=lambda status: status.value):
+            query = self._query(workflow, status)
+            after: tuple[str, str] | None = None
+            while deleted < limit:
+                rows = await storage.list_states(query, after=after, limit=_PAGE)
+                for row in rows:
+                    if row.saved_at < cutoff and deleted < limit:
+                        address = EntityAddress(
+                            row.entity_type, EntityId(row.entity_id), row.shard
+                        )
+                        if await storage.delete_state(address):
+                            deleted += 1
+                        if messages is not None:
+                            await messages.clear_address(address)
+                if len(rows) < _PAGE:
+                    break
+                after = (rows[-1].entity_type, rows[-1].entity_id)
+        return deleted
 
     # ------------------------------------------------------------------
 
