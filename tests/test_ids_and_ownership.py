@@ -50,6 +50,28 @@ async def test_new_ids_never_repeat_persisted_request_ids(autojump_clock):
         assert sorted(made + stored) == sorted(set(made + stored))
 
 
+async def test_a_runner_taking_over_in_the_same_millisecond_mints_new_ids(
+    autojump_clock,
+):
+    """A runner closes and another opens on the same storage at the same
+    (virtual) time: the newcomer gets another machine id, so its persisted
+    requests are not taken for its predecessor's (same ids) and answered
+    with their replies."""
+    storage = MemoryStorage()
+    async with tc.open_runner(
+        entities=[Tally], config=config(), storage=storage
+    ) as first:
+        before = await first.client(Tally)("a").add_persisted(Add(1))
+        first_id = first.machine_id
+    async with tc.open_runner(
+        entities=[Tally], config=config(), storage=storage
+    ) as second:
+        assert second.machine_id != first_id
+        after = await second.client(Tally)("b").add_persisted(Add(5))
+    assert (before.total, after.total) == (1, 5)
+    assert len(storage._messages._requests) == 2
+
+
 async def test_new_id_after_shutdown_raises(autojump_clock):
     async with tc.open_runner(config=config()) as runner:
         runner.new_id()

@@ -97,7 +97,10 @@ async def test_expired_session_keeps_its_machine_id(storage, a, b, autojump_cloc
 # Registry policy
 
 
-async def test_machine_ids_are_smallest_free_and_reused(storage, a, b):
+async def test_machine_ids_are_handed_out_least_recently_used_first(
+    storage, a, b, monkeypatch
+):
+    monkeypatch.setattr(_runners, "MACHINE_IDS", 4)
     assert await a.runners.register(runner_info(7001)) == 0
     assert await b.runners.register(runner_info(7002)) == 1
     assert (
@@ -107,9 +110,16 @@ async def test_machine_ids_are_smallest_free_and_reused(storage, a, b):
     assert (
         await b.runners.register(runner_info(7002, weight=2.0)) == 1
     )  # even with 0 free
+    # A newcomer does not get the id just freed (a runner taking over in
+    # the same millisecond would mint its predecessor's request ids): the
+    # ids never handed out come first, then the one freed longest ago.
     async with storage.open_session(name="c", lease_duration=LEASE) as c:
-        assert await c.runners.register(runner_info(7003)) == 0
+        assert await c.runners.register(runner_info(7003)) == 2
+    assert await a.runners.register(runner_info(7001)) == 3
+    await a.runners.unregister()
     assert await a.runners.register(runner_info(7001)) == 0
+    await a.runners.unregister()
+    assert await a.runners.register(runner_info(7001)) == 2
 
 
 async def test_same_address_from_another_session_takes_over(a, b):
@@ -137,7 +147,10 @@ async def test_no_free_machine_id(storage, monkeypatch):
         assert len(await extra.runners.live_runners()) == 4
 
 
-async def test_a_displaced_registration_keeps_its_machine_id_reserved(autojump_clock):
+async def test_a_displaced_registration_keeps_its_machine_id_reserved(
+    autojump_clock, monkeypatch
+):
+    monkeypatch.setattr(_runners, "MACHINE_IDS", 3)
     storage = MemoryStorage()
     address = runner_info(1)
     async with storage.open_session(name="old", lease_duration=5.0) as old:
@@ -151,4 +164,5 @@ async def test_a_displaced_registration_keeps_its_machine_id_reserved(autojump_c
                 other = runner_info(2)
                 assert await third.runners.register(other) not in {old_id, new_id}
     async with storage.open_session(name="later", lease_duration=5.0) as later:
-        assert await later.runners.register(address) == old_id  # freed on close
+        # Freed on close (and handed out longest ago of the three).
+        assert await later.runners.register(address) == old_id

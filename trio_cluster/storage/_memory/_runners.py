@@ -95,6 +95,9 @@ class RunnerTable:
         fenced: Callable[[ShardId], bool],
     ) -> None:
         self._sessions = sessions
+        self._handed_out: dict[int, int] = {}
+        """When each machine id was last handed out (a registration count)."""
+        self._registrations = 0
         self._locks: dict[ShardId, _ShardLock] = {}
         self._on_acquired = on_acquired
         self._fenced = fenced
@@ -154,11 +157,22 @@ class RunnerTable:
         if session.registration is not None:  # re-registering keeps the id
             machine_id = session.registration.machine_id
         else:
-            machine_id = next((i for i in range(MACHINE_IDS) if i not in used), None)
+            # The free id handed out longest ago (never: the smallest first).
+            # A runner that registers in the millisecond another one left
+            # must not get its id: both would mint the same request ids (on
+            # a virtual clock, that millisecond can last a whole test).
+            handed_out = self._handed_out
+            machine_id = min(
+                (i for i in range(MACHINE_IDS) if i not in used),
+                key=lambda i: (handed_out.get(i, -1), i),
+                default=None,
+            )
         if machine_id is None:
             raise PersistenceError(
                 f"no free machine id: {MACHINE_IDS} runners are registered already"
             )
+        self._registrations += 1
+        self._handed_out[machine_id] = self._registrations
         session.registration = attrs.evolve(runner, machine_id=machine_id)
         session.displaced_id = None
         self.announce()
