@@ -291,6 +291,8 @@ async def test_migrate_upgrades_an_older_schema_keeping_its_data(
         ):
             name = getattr(storage.names, table)
             pg_admin.execute(f"DROP TABLE {pg_schema.qualified(name)}")
+        sequence = pg_schema.qualified(storage.names.machine_ids)
+        pg_admin.execute(f"DROP SEQUENCE {sequence}")
         version_table = pg_schema.qualified(storage.names.version)
         pg_admin.execute(f"DELETE FROM {version_table} WHERE version > 1")
         manual = PostgresStorage(pg_schema.dsn, table_prefix=prefix, auto_migrate=False)
@@ -610,14 +612,21 @@ async def test_runner_shutdown_releases_its_shards_in_a_few_statements(
 # Registry details
 
 
-async def test_machine_ids_are_reused_after_a_session_ends(
+async def test_machine_ids_are_handed_out_in_turn(
     storage: PostgresStorage, a: StorageSession
 ) -> None:
+    # The id a session just freed is not the next one handed out (a runner
+    # taking over on a host whose clock is behind would mint its
+    # predecessor's last request ids): each registration looks from the
+    # next value of the sequence on.
     with trio.fail_after(TIMEOUT):
         async with storage.open_session(name="pg-b", lease_duration=LEASE) as b:
             assert await b.runners.register(runner_info(7002)) == 0
-        assert await a.runners.register(runner_info(7001)) == 0
+        assert await a.runners.register(runner_info(7001)) == 1
         assert [r.address.port for r in await a.runners.live_runners()] == [7001]
+        assert await a.runners.register(runner_info(7001, weight=2.0)) == 1  # kept
+        await a.runners.unregister()
+        assert await a.runners.register(runner_info(7001)) == 2
 
 
 async def test_newest_registration_of_an_address_wins(
@@ -645,7 +654,9 @@ async def test_newest_registration_of_an_address_wins(
             await a.runners.unregister()  # frees the displaced row
             assert [r.machine_id for r in await b.runners.live_runners()] == [second]
             async with storage.open_session(name="pg-d", lease_duration=LEASE) as d:
-                assert await d.runners.register(runner_info(7004)) == first
+                # A free id, in turn: not the one just freed.
+                fourth = await d.runners.register(runner_info(7004))
+                assert fourth not in (first, second, third)
 
 
 async def test_address_of_an_ended_session_is_taken_over(
@@ -658,8 +669,9 @@ async def test_address_of_an_ended_session_is_taken_over(
             pid = pg_runners(b).locks.backend_pid
             assert pid is not None
             assert pg_admin.terminate(pid=pid) == 1
-            assert await a.runners.register(runner_info(7001)) == first
-            assert [r.machine_id for r in await a.runners.live_runners()] == [first]
+            taken = await a.runners.register(runner_info(7001))
+            assert taken != first  # in turn (the dead row's id is free)
+            assert [r.machine_id for r in await a.runners.live_runners()] == [taken]
 
 
 async def test_shard_owner_without_registration(a: StorageSession) -> None:

@@ -135,9 +135,17 @@ WITH mine AS (
         weight = $4::float8, lease = $5::float8, seen_at = now()
     WHERE token = $6::text
     RETURNING id, machine_id
+), turn AS (
+    SELECT nextval('{names.machine_ids}') % {MACHINE_IDS} AS first
+    WHERE NOT EXISTS (SELECT 1 FROM mine)
 ), free AS (
-    SELECT min(g) AS machine_id FROM generate_series(0, {MACHINE_IDS - 1}) AS g
-    WHERE NOT EXISTS (SELECT 1 FROM {r} x WHERE x.machine_id = g)
+    SELECT (turn.first + k) % {MACHINE_IDS} AS machine_id
+    FROM turn, generate_series(0, {MACHINE_IDS - 1}) AS k
+    WHERE NOT EXISTS (
+        SELECT 1 FROM {r} x WHERE x.machine_id = (turn.first + k) % {MACHINE_IDS}
+    )
+    ORDER BY k
+    LIMIT 1
 ), ins AS (
     INSERT INTO {r} (host, port, groups, weight, lease, token, machine_id)
     SELECT $1::text, $2::int4, $3::text[], $4::float8, $5::float8, $6::text,

@@ -39,6 +39,9 @@ Tables (see ``_MIGRATIONS``):
   partition, and the events it gave up on).
 * since version 7, ``webhook_endpoints`` and ``webhook_attempts``: the
   webhooks part's endpoints and HTTP attempts (`._webhooks`).
+* since version 9, the ``machine_ids`` sequence: each registration looks
+  for a free machine id from the next value on (modulo 1024), so a freed id
+  is handed out again only after the others were;
 * since version 8, ``entity_state.label``: what a snapshot is listed and
   counted by (a workflow's status, a state machine's state), indexed with
   the entity type and id in code-point (``"C"``) order (`._state`).
@@ -126,6 +129,8 @@ class PgNames:
     webhook_attempts: str = attrs.field(
         init=False, default=_prefixed("webhook_attempts")
     )
+    machine_ids: str = attrs.field(init=False, default=_prefixed("machine_ids"))
+    """The sequence a registration's machine id search starts from."""
     channel: str = attrs.field(init=False, default=_prefixed("events"))
     """The LISTEN/NOTIFY channel of the cluster."""
     events: str = attrs.field(init=False, default=_prefixed("event_log"))
@@ -355,6 +360,14 @@ CREATE INDEX {t}_label ON {t}
 """
 
 
+def _migration_9(n: PgNames) -> str:
+    # Machine ids handed out in turn (each registration's search starts
+    # after the last one's), not the smallest free one: a runner taking over
+    # from one that just left, on a host whose clock is behind, would mint
+    # request ids its predecessor minted in its last milliseconds.
+    return f"CREATE SEQUENCE {n.machine_ids} MINVALUE 0 START 0;"
+
+
 # (version, description, SQL builder). Append only: never edit a released one.
 _STEPS: Sequence[tuple[int, str, Callable[[PgNames], str]]] = (
     (1, "runners, shards, messages, replies", _migration_1),
@@ -365,6 +378,7 @@ _STEPS: Sequence[tuple[int, str, Callable[[PgNames], str]]] = (
     (6, "event bus: event_log, event_heads, event_cursors", _migration_6),
     (7, "webhook_endpoints, webhook_attempts", _migration_7),
     (8, "entity_state.label (listing durable state by label)", _migration_8),
+    (9, "machine_ids sequence (machine ids handed out in turn)", _migration_9),
 )
 
 LATEST_VERSION = _STEPS[-1][0]
