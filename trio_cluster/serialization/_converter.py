@@ -23,7 +23,7 @@ from cattrs.preconf.msgpack import MsgpackConverter, make_converter as _make_msg
 from cattrs.strategies import configure_tagged_union
 
 from .._errors import EntityDefinitionError, MalformedMessageError
-from ._unchanged import mark_exact, unchanged_check
+from ._unchanged import mark_exact, unchanged_check, unchanged_structure
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -204,6 +204,9 @@ class Codec(Generic[T]):
         """For a value that decoding its encoding gives back unchanged (and
         that is immutable): an upper bound on its encoded size; else None
         (see `_unchanged`)."""
+        self._structure = unchanged_structure(
+            tp, self.size_if_unchanged, self._structure
+        )
 
     def unstructure(self, value: T) -> object:
         """Turn a value into msgpack-ready primitives.
