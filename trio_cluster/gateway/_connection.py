@@ -471,10 +471,13 @@ class ClientConnection(FrameSender):
             request_id = frame.id
             try:
                 value = nowait(frame.key, message)
+                codec = route.reply
                 reply = {
                     "t": "reply",
                     "id": request_id,
-                    "v": route.reply.unstructure(value),
+                    "v": value
+                    if codec.unstructures_to_itself
+                    else codec.unstructure(value),
                 }
             except trio.WouldBlock:
                 pass  # it must wait: in its own task

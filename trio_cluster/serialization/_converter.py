@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
 import cattrs
 import msgpack
+from cattrs.fns import identity
 from cattrs.preconf.msgpack import MsgpackConverter, make_converter as _make_msgpack
 from cattrs.strategies import configure_tagged_union
 
@@ -187,7 +188,14 @@ class Codec(Generic[T]):
         EntityDefinitionError: the converter cannot handle ``tp``.
     """
 
-    __slots__ = ("_structure", "_tp", "_unstructure", "size_if_unchanged", "what")
+    __slots__ = (
+        "_structure",
+        "_tp",
+        "_unstructure",
+        "size_if_unchanged",
+        "unstructures_to_itself",
+        "what",
+    )
 
     def __init__(self, converter: cattrs.Converter, tp: Any, what: str) -> None:
         self._tp = tp
@@ -207,6 +215,9 @@ class Codec(Generic[T]):
         self._structure = unchanged_structure(
             tp, self.size_if_unchanged, self._structure
         )
+        self.unstructures_to_itself = self._unstructure is identity
+        """Whether `unstructure` returns every value as it is (a scalar type's
+        hook): a caller may skip it."""
 
     def unstructure(self, value: T) -> object:
         """Turn a value into msgpack-ready primitives.
