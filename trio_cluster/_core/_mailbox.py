@@ -106,6 +106,8 @@ class Mailbox(Generic[J]):
         if self.running < 1:
             raise ClusterInternalError("release() without a running job")
         self.running -= 1
+        if not self._queue:  # nothing waits (most calls): `_grant`'s answer
+            return None
         return self._grant()
 
     def remove(self, job: J) -> bool:

@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
     from .._context import RunnerContext
 
-__all__ = ["base_context", "run_in", "spawn"]
+__all__ = ["base_context", "drive", "run_in", "spawn"]
 
 T = TypeVar("T")
 
@@ -134,3 +134,19 @@ def run_in(
             # into the coroutine, which decides; nothing is swallowed here.
             error = exc
             value = None
+
+
+def drive(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Drive a coroutine that cannot suspend (its bytecode has no suspension
+    point on the path taken) to completion from synchronous code (inside
+    ``context.run``: the one-step way above). It returns None: a ``for``
+    loop then ends it without raising StopIteration in Python, which would
+    cost more than the rest of the context switch.
+
+    Raises:
+        RuntimeError: it suspended after all (closed first).
+    """
+    # The body is unreachable: the caller checked that it cannot suspend.
+    for _ in coroutine.__await__():  # pragma: no cover
+        coroutine.close()
+        raise RuntimeError("a handler that cannot suspend suspended")

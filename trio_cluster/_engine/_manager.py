@@ -48,9 +48,9 @@ from .._core._job import FINISH, GRANT, JobEvent, JobState, StopReason, advance
 from .._core._mailbox import Admission
 from .._errors import MailboxFullError
 from .._tracing import TracedCall
-from ..serialization._replies import Exit
+from ..serialization._replies import Exit, value_exit
 from ._entity_lifecycle import EntityLifecycle, activate, new_instance
-from ._isolation import run_in, spawn
+from ._isolation import drive, run_in, spawn
 from ._outcomes import (
     NOT_RUN,
     REQUEUE,
@@ -62,7 +62,7 @@ from ._outcomes import (
     returned,
     stopped,
 )
-from ._slots import Job, JobKind, Slot
+from ._slots import Job, JobKind, ShardState, Slot
 from ._streams import end_stream_nowait, run_stream
 
 if TYPE_CHECKING:
@@ -83,6 +83,7 @@ log = logging.getLogger("trio_cluster.entity")
 T = TypeVar("T")
 
 _INLINE: Final = JobKind.INLINE
+_ACTIVE: Final = ShardState.ACTIVE
 _QUEUED: Final = Admission.QUEUED
 _FULL: Final = Admission.FULL
 # NOTE: enum members `call` reads on every call: a module constant is one
@@ -352,7 +353,11 @@ class EntityManager:
             NotDelivered: the shard is not served here.
             MailboxFullError: the runner is at ``max_resident_entities``.
         """
-        if not shard.may_start():
+        if not (  # `shard.may_start()`, inlined
+            shard.state is _ACTIVE
+            and not shard.closing
+            and shard.current_time() < shard.lease_deadline
+        ):
             raise NotDelivered(str(address))
         if handler.suspends:
             return None
@@ -534,7 +539,7 @@ class EntityManager:
         )
         if self.tracer is not None:
             run = self._traced(slot, job, run)
-        context.run(_drive, run)
+        context.run(drive, run)
         outcome = job.outcome
         assert outcome is not None, "a one-step run leaves its outcome in the job"
         return outcome
@@ -649,7 +654,12 @@ class EntityManager:
             return
         slot.crashes = 0
         self.messages_handled += 1
-        job.outcome = returned(handler, value, self.serialize)
+        # NOTE: `returned`'s commonest case inlined (every one-step call).
+        job.outcome = (
+            returned(handler, value, True)
+            if self.serialize and handler.reply.value.size_if_unchanged(value) is None
+            else value_exit(value)
+        )
 
     async def _observed_one_step(self, slot: Slot, job: Job) -> None:
         """`_execute_in_one_step`, told to the listeners."""
@@ -777,14 +787,3 @@ def _one_step_outcome(job: Job) -> Exit | Requeue:
     outcome = job.outcome
     assert outcome is not None, "a one-step run leaves its outcome in the job"
     return outcome
-
-
-def _drive(coroutine: Coroutine[Any, Any, None]) -> None:
-    """Drive a coroutine that cannot suspend (its bytecode has no suspension
-    point on the path taken) to completion from synchronous code. It returns
-    None: a ``for`` loop then ends it without raising StopIteration in
-    Python, which would cost more than the rest of the context switch."""
-    # The body is unreachable: the caller checked that it cannot suspend.
-    for _ in coroutine.__await__():  # pragma: no cover
-        coroutine.close()
-        raise RuntimeError("a handler that cannot suspend suspended")

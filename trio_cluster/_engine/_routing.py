@@ -279,13 +279,20 @@ class Router:
         if host is None:
             raise trio.WouldBlock
         started = perf_counter()
-        token = (
-            None
-            if current_runner_var.get(None) is self._context
-            else current_runner_var.set(self._context)
-        )
+        # NOTE: unlike `call`, no `current_runner_var` set in the caller's
+        # context: nothing here awaits, and nothing that runs in that context
+        # logs (the handler, and what logs about it, runs in a copy of the
+        # runner's base context, which names the runner; tasks it starts get
+        # that context too).
         try:
-            _, local_message = self._for_local(handler, message)
+            # NOTE: `_for_local` inlined (the gateway's hot path).
+            local_message = message
+            if self._serialize:
+                size = handler.message.size_if_unchanged(message)
+                if size is None or size > self._max_message_size:
+                    local_message = handler.message.decode(
+                        self._encode(handler, message)
+                    )
             exit_ = self._manager.run_nowait(
                 host,
                 address,
@@ -301,18 +308,15 @@ class Router:
             self.errors.count(handler, exc)
             self._volatile_latency.observe(perf_counter() - started)
             raise
-        finally:
-            if token is not None:
-                current_runner_var.reset(token)
         if exit_ is None:
             raise trio.WouldBlock
-        try:
-            return exit_.unwrap()
-        except Exception as exc:
-            self.errors.count(handler, exc)
-            raise
-        finally:
-            self._volatile_latency.observe(perf_counter() - started)
+        self._volatile_latency.observe(perf_counter() - started)
+        error = exit_.error
+        if error is None:  # `Exit.unwrap`, inlined
+            return exit_.value
+        if isinstance(error, Exception):
+            self.errors.count(handler, error)
+        raise error
 
     async def discard(
         self,

@@ -415,9 +415,16 @@ def _entity_routes(
             return bound_to(key)(message)
 
         def invoke_nowait(
-            key: str | None, message: Any, bound_to: Any = bound_to
+            key: str | None,
+            message: Any,
+            handles: dict[str, Any] = handles,
+            bound_to: Any = bound_to,
         ) -> Any:
-            return bound_to(key).call_nowait(message)
+            # `bound_to`, inlined for a kept handle (the gateway's fast path).
+            bound = handles.get(key)  # type: ignore[arg-type]
+            if bound is None:
+                bound = bound_to(key)
+            return bound.call_nowait(message)
 
         nowait = spec.kind == "rpc" and not spec.persisted
         if spec.persisted and spec.primary_key is not None:

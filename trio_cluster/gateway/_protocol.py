@@ -303,6 +303,9 @@ def decode_frames(message: bytes | str, subprotocol: str) -> list[dict[str, Any]
             a list of frames.
     """
     value = _decode(message, subprotocol)
+    # NOTE: `_is_frame` inlined for the commonest message, one frame.
+    if type(value) is dict and type(value.get("t")) is str:
+        return [value]
     if isinstance(value, list):
         if not all(_is_frame(item) for item in value):
             raise BadFrame(CloseCode.INVALID_PAYLOAD, "a batch is a list of frames")
@@ -408,9 +411,37 @@ def _count(frame: Mapping[str, Any], name: str, request_id: int) -> int:
 
 
 def _call(frame: Mapping[str, Any]) -> Call:
-    request_id = _request_id(frame)
-    op, key = _target(frame, request_id)
-    return Call(request_id, op, key, frame.get("msg"))
+    request_id = frame.get("id")
+    op = frame.get("op")
+    key = frame.get("key")
+    # NOTE: the checks of `_request_id` and `_target` for the plain types a
+    # decoder makes, inlined (every call frame comes here); anything else
+    # takes them, which accept subclasses or raise.
+    if (
+        type(request_id) is not int
+        or not 0 <= request_id <= MAX_REQUEST_ID
+        or type(op) is not str
+        or not op
+        or (key is not None and type(key) is not str)
+    ):
+        request_id = _request_id(frame)
+        op, key = _target(frame, request_id)
+    # `Call(request_id, op, key, msg)`, made as `value_exit` makes an `Exit`:
+    # the fields set through their slots, not a frozen ``__init__``'s
+    # ``object.__setattr__`` per field (the same object).
+    call: Call = _new_object(Call)
+    _set_call_id(call, request_id)
+    _set_call_op(call, op)
+    _set_call_key(call, key)
+    _set_call_msg(call, frame.get("msg"))
+    return call
+
+
+_new_object = object.__new__
+_set_call_id = Call.__dict__["id"].__set__
+_set_call_op = Call.__dict__["op"].__set__
+_set_call_key = Call.__dict__["key"].__set__
+_set_call_msg = Call.__dict__["msg"].__set__
 
 
 def _stream(frame: Mapping[str, Any]) -> OpenStream:

@@ -100,7 +100,12 @@ class FrameSender:
         direct = self._direct
         if not queue and direct is not None and not direct[1].backlog:
             try:
-                _write_direct(direct, data, framed)
+                # `_write_direct`, inlined: every reply comes here.
+                ws, outbox = direct
+                reason = ws.closed
+                if reason is not None:
+                    raise ConnectionClosed(reason)
+                outbox.write_nowait(data_frame(data) if framed is None else framed)
             except CONNECTION_ERRORS:
                 self._counters.dropped("socket_closed")
                 self._cancel()  # the client is gone

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any, Final, Generic, Protocol, TypeVar
 
 import cattrs
 import msgpack
+from cattrs.fns import identity
 from cattrs.preconf.msgpack import MsgpackConverter, make_converter as _make_msgpack
 from cattrs.strategies import configure_tagged_union
 
 from .._errors import EntityDefinitionError, MalformedMessageError
-from ._unchanged import mark_exact, unchanged_check
+from ._unchanged import mark_exact, unchanged_check, unchanged_structure
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -187,7 +188,14 @@ class Codec(Generic[T]):
         EntityDefinitionError: the converter cannot handle ``tp``.
     """
 
-    __slots__ = ("_structure", "_tp", "_unstructure", "size_if_unchanged", "what")
+    __slots__ = (
+        "_structure",
+        "_tp",
+        "_unstructure",
+        "size_if_unchanged",
+        "unstructures_to_itself",
+        "what",
+    )
 
     def __init__(self, converter: cattrs.Converter, tp: Any, what: str) -> None:
         self._tp = tp
@@ -204,6 +212,12 @@ class Codec(Generic[T]):
         """For a value that decoding its encoding gives back unchanged (and
         that is immutable): an upper bound on its encoded size; else None
         (see `_unchanged`)."""
+        self._structure = unchanged_structure(
+            tp, self.size_if_unchanged, self._structure
+        )
+        self.unstructures_to_itself = self._unstructure is identity
+        """Whether `unstructure` returns every value as it is (a scalar type's
+        hook): a caller may skip it."""
 
     def unstructure(self, value: T) -> object:
         """Turn a value into msgpack-ready primitives.

@@ -11,7 +11,10 @@ copy is the value itself; passing it on saves four codec steps per call
 
 `unchanged_check` builds, once per type, a function that tells whether a
 value is such a value and, if so, bounds its encoded size (local calls still
-refuse messages over ``max_message_size``). It only answers for types whose
+refuse messages over ``max_message_size``). `unchanged_structure` uses the
+same check the other way, when decoding: a map whose fields make such a
+value becomes the object directly, without the generated hook's work (its
+error lists and key sets), which decides everything else. It only answers for types whose
 hooks on the converter are the strict defaults of `make_converter` and
 cattrs' generated ones for attrs classes; a type with a hook of its own, a
 field hook override, a field ``converter``, a mutable class or anything else
@@ -20,6 +23,7 @@ is always copied.
 
 from __future__ import annotations
 
+import linecache
 import types
 import typing
 from typing import TYPE_CHECKING, Any, TypeVar, Union
@@ -28,11 +32,11 @@ import attrs
 from cattrs.fns import identity
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     import cattrs
 
-__all__ = ["mark_exact", "unchanged_check"]
+__all__ = ["mark_exact", "unchanged_check", "unchanged_structure"]
 
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
@@ -254,6 +258,7 @@ def _class_check(
             field_size = field_check(getattr(value, name))
             return None if field_size is None else header + field_size
 
+        check_one.field_checks = checks  # type: ignore[attr-defined]
         return check_one
 
     def check(value: object) -> int | None:
@@ -267,4 +272,133 @@ def _class_check(
             size += field_size
         return size
 
+    check.field_checks = checks  # type: ignore[attr-defined]
     return check
+
+
+def unchanged_structure(
+    tp: Any,
+    check: Callable[[object], int | None],
+    slow: Callable[[object, Any], Any],
+) -> Callable[[object, Any], Any]:
+    """``slow``, the structure hook of ``tp``, with a fast path for a map of
+    exactly its fields whose values are unchanged values of the fields'
+    types (the field checks of ``check``, from `unchanged_check`): the object
+    is made from them directly. Then ``slow`` would have made an equal
+    object (each field's hook is the strict one of its type, which returns
+    the value as it is). Anything else (a key missing or extra, a value of
+    another type, a nested object) is ``slow``'s to decide, and to refuse
+    as it always did.
+
+    ``slow`` itself is returned when the fast path cannot be shown to agree
+    with it: ``check`` never accepts, a field is keyword-only, or the
+    generated hook does not read each field from the key of its own name
+    into the argument of the same name (a ``rename`` override, a private
+    attribute). The object is made by attrs' ``__init__``, or, for a slotted
+    class whose ``__init__`` is attrs' own and has no validator nor
+    ``__attrs_pre_init__`` / ``__attrs_post_init__``, by setting its slots
+    (what that ``__init__`` does, without ``object.__setattr__`` per field:
+    see `value_exit`)."""
+    field_checks: tuple[tuple[str, Callable[[object], int | None]], ...] | None = (
+        getattr(check, "field_checks", None)
+    )
+    if field_checks is None or not (isinstance(tp, type) and attrs.has(tp)):
+        return slow
+    fields = attrs.fields(tp)
+    code = getattr(slow, "__code__", None)
+    if code is None or not code.co_filename.startswith("<cattrs generated"):
+        return slow
+    source = "".join(linecache.getlines(code.co_filename))
+    for field in fields:
+        name = field.name
+        if (
+            field.kw_only
+            or not field.init
+            or f"res['{name}'] = __c_structure_{name}(o['{name}']" not in source
+        ):
+            return slow
+    make = _maker(tp, fields)
+    if len(field_checks) == 1:
+        # One field, the commonest message: no loop.
+        ((only, only_check),) = field_checks
+
+        def structure_one(primitive: object, target: Any) -> Any:
+            if type(primitive) is dict and len(primitive) == 1:
+                value = primitive.get(only, _MISSING)
+                if only_check(value) is not None:
+                    try:
+                        return make(value)
+                    except Exception:  # a validator: `slow` says it its way
+                        pass
+            return slow(primitive, target)
+
+        return structure_one
+
+    count = len(field_checks)
+
+    def structure(primitive: object, target: Any) -> Any:
+        if type(primitive) is dict and len(primitive) == count:
+            values = []
+            for name, field_check in field_checks:
+                value = primitive.get(name, _MISSING)
+                if field_check(value) is None:
+                    return slow(primitive, target)
+                values.append(value)
+            try:
+                return make(*values)
+            except Exception:  # a validator: `slow` says it its way
+                pass
+        return slow(primitive, target)
+
+    return structure
+
+
+_MISSING: Any = object()
+"""A key's value when it is missing (no field check accepts it)."""
+
+
+def _maker(tp: type[Any], fields: Sequence[attrs.Attribute[Any]]) -> Callable[..., Any]:
+    """What makes an object of ``tp`` from its fields' values, in order."""
+    init = getattr(tp.__init__, "__code__", None)
+    if (
+        init is None
+        or not init.co_filename.startswith("<attrs generated")
+        or any(field.validator is not None for field in fields)
+        or hasattr(tp, "__attrs_pre_init__")
+        or hasattr(tp, "__attrs_post_init__")
+        or any(
+            type(vars(tp).get(field.name)) is not types.MemberDescriptorType
+            for field in fields
+        )
+        or _other_slots(tp) - {field.name for field in fields}
+    ):
+        return tp
+    new = object.__new__
+    setters = tuple(vars(tp)[field.name].__set__ for field in fields)
+    if len(setters) == 1:
+        (set_only,) = setters
+
+        def make_one(value: object) -> Any:
+            made = new(tp)
+            set_only(made, value)
+            return made
+
+        return make_one
+
+    def make(*values: object) -> Any:
+        made = new(tp)
+        for setter, value in zip(setters, values, strict=True):
+            setter(made, value)
+        return made
+
+    return make
+
+
+def _other_slots(tp: type[Any]) -> set[str]:
+    """The slots of ``tp`` and its bases but ``__weakref__`` and ``__dict__``
+    (attrs' cached hash is one: its ``__init__`` sets it)."""
+    slots: set[str] = set()
+    for klass in tp.__mro__:
+        names = vars(klass).get("__slots__", ())
+        slots.update((names,) if isinstance(names, str) else names)
+    return slots - {"__weakref__", "__dict__"}
