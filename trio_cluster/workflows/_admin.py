@@ -255,7 +255,9 @@ class WorkflowAdmin:
         stored messages (`MessageStorage.clear_address`, when the storage
         keeps both: the start request too, so that its id is not answered
         from it): its handle's ``poll`` says ``not_started``, and starting
-        its id again starts a new execution.
+        its id again starts a new execution. The count is of the executions
+        found old enough and deleted (by this call or, at the same time, by
+        another).
 
         It reads the finished executions a page at a time (their journals
         are not decoded) and deletes the old ones one by one: call it again
@@ -293,10 +295,14 @@ class WorkflowAdmin:
                         address = EntityAddress(
                             row.entity_type, EntityId(row.entity_id), row.shard
                         )
-                        if await storage.delete_state(address):
-                            deleted += 1
+                        # Its messages first: should the state's deletion
+                        # fail then, the execution stays whole (a start of
+                        # its id finds it finished), never a start request
+                        # without its execution.
                         if messages is not None:
                             await messages.clear_address(address)
+                        await storage.delete_state(address)  # if still there
+                        deleted += 1
                 if len(rows) < _PAGE:
                     break
                 after = (rows[-1].entity_type, rows[-1].entity_id)
