@@ -251,14 +251,7 @@ class GatewayServer:
         cached = self._blocked_answer
         if cached is None or cached[0] != retry:
             # Made again each second at most (`Retry-After` and `Date`).
-            cached = self._blocked_answer = (
-                retry,
-                http_response(
-                    429,
-                    b"too many connections\n",
-                    headers=(("Retry-After", str(retry)),),
-                ),
-            )
+            cached = self._blocked_answer = (retry, _Answer.too_many(wait).response())
         sock = stream.socket
         with suppress(OSError):  # the client is gone already: nothing to say
             os.write(sock.fileno(), cached[1])  # a new connection takes it at once
@@ -402,8 +395,7 @@ class GatewayServer:
             wait = self._connect_rate.check(remote_host(remote), trio.current_time())
             if wait > 0:
                 self._counters.refused_rate_limited += 1
-                retry = (("Retry-After", str(math.ceil(wait))),)
-                return _Answer.text(429, "too many connections", retry)
+                return _Answer.too_many(wait)
         answer: _Answer | None = None
         if head.path != config.path:
             answer = _Answer.text(404, f"the gateway is at {config.path}")
@@ -530,15 +522,20 @@ class _Answer:
     ) -> _Answer:
         return cls(status, f"{reason}\n".encode(), headers=headers)
 
-    async def send(self, stream: trio.abc.Stream) -> None:
-        await stream.send_all(
-            http_response(
-                self.status,
-                self.body,
-                content_type=self.content_type,
-                headers=self.headers,
-            )
+    @classmethod
+    def too_many(cls, wait: float) -> _Answer:
+        """The connect rate's refusal: 429, retry after ``wait`` seconds."""
+        retry = (("Retry-After", str(math.ceil(wait))),)
+        return cls.text(429, "too many connections", retry)
+
+    def response(self) -> bytes:
+        """The whole HTTP response (it closes the connection)."""
+        return http_response(
+            self.status, self.body, content_type=self.content_type, headers=self.headers
         )
+
+    async def send(self, stream: trio.abc.Stream) -> None:
+        await stream.send_all(self.response())
 
 
 async def serve_gateway(
