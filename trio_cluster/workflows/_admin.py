@@ -35,7 +35,12 @@ from trio_cluster.abc import MessageStorage, StateQuery
 from trio_cluster.serialization import Codec
 
 from .._core._addresses import EntityAddress, EntityId, ShardId
-from .._core._checks import part_name
+from .._core._checks import (
+    ARGUMENT,
+    non_negative_seconds,
+    part_name,
+    positive_count,
+)
 from ._entity import WorkflowEntity, info_of
 from ._peers import TYPE_PREFIX
 from ._records import (
@@ -266,21 +271,13 @@ class WorkflowAdmin:
         Raises:
             ConfigError: an invalid workflow name.
             TypeError, ValueError: ``older_than`` or ``limit`` is not a
-                number >= 0 or an int >= 1.
+                finite number >= 0 or an int >= 1.
             PersistenceError: storage failed (what was deleted stays so).
 
         Cancellation: what was deleted stays deleted.
         """
-        if isinstance(cast("object", older_than), bool) or not isinstance(
-            older_than, int | float
-        ):
-            raise TypeError(f"older_than must be a number, got {older_than!r}")
-        if not older_than >= 0:
-            raise ValueError(f"older_than must be >= 0, got {older_than!r}")
-        if isinstance(cast("object", limit), bool) or not isinstance(limit, int):
-            raise TypeError(f"limit must be an int, got {limit!r}")
-        if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
+        older_than = non_negative_seconds("older_than", older_than, errors=ARGUMENT)
+        limit = positive_count("limit", limit, errors=ARGUMENT)
         storage = self._runner.state_storage
         messages = storage if isinstance(storage, MessageStorage) else None
         cutoff = self._runner.clock.now() - older_than
