@@ -403,9 +403,8 @@ class LeanClient:
     # ------------------------------------------------------------------
     # RPC
 
-    def call(self, conn: Conn, now: float) -> None:
-        rpc = self.rpc
-        assert rpc is not None
+    def call(self, conn: Conn, now: float, job: dict[str, Any]) -> None:
+        """Send ``conn``'s next call of ``job``'s operation and message."""
         request_id = conn.next_id
         conn.next_id += 1
         conn.sent_at = now
@@ -414,9 +413,9 @@ class LeanClient:
             {
                 "t": "call",
                 "id": request_id,
-                "op": rpc["op"],
+                "op": job["op"],
                 "key": conn.key,
-                "msg": rpc["msg"],
+                "msg": job["msg"],
             },
         )
 
@@ -437,7 +436,7 @@ class LeanClient:
         if now < rpc["stop_at"] and (rpc["count"] is None or rpc["left"] > 0):
             if rpc["count"] is not None:
                 rpc["left"] -= 1
-            self.call(conn, now)
+            self.call(conn, now, rpc)
         else:
             rpc["active"] -= 1
             if rpc["active"] == 0:
@@ -638,7 +637,7 @@ class LeanClient:
         for conn in chosen:
             conn.key = f"{key_prefix}{conn.index}"
             conn.last_value = None
-            self.call(conn, now)
+            self.call(conn, now, self.rpc)
 
     def op_paced(
         self,
@@ -693,20 +692,8 @@ class LeanClient:
                 if now >= paced["measure_from"]:
                     paced["skipped"] += 1
                 continue
-            request_id = conn.next_id
-            conn.next_id += 1
-            conn.sent_at = now
             paced["in_flight"] += 1
-            self.send(
-                conn,
-                {
-                    "t": "call",
-                    "id": request_id,
-                    "op": paced["op"],
-                    "key": conn.key,
-                    "msg": paced["msg"],
-                },
-            )
+            self.call(conn, now, paced)
         next_at = float(paced["start"] + (paced["turns"] + 1) * paced["interval"])
         return max(0.0, next_at - now)
 
