@@ -134,6 +134,44 @@ def test_fast_reading_is_wsprotos(stream: list[bytes], cuts: list[int]) -> None:
     assert whole(read(fast, chunks)) == expected
 
 
+@settings(max_examples=300)
+@given(
+    stream=st.lists(frames, max_size=8),
+    cuts=st.lists(st.integers(0, 3000)),
+    close_after=st.integers(0, 8),
+)
+def test_fast_reading_after_the_servers_close_is_wsprotos(
+    stream: list[bytes], cuts: list[int], close_after: int
+) -> None:
+    """The server sends its close amid the stream (it closes a client that
+    broke a rule): what is read from then on, a frame begun before
+    included, is still read as wsproto reads it."""
+    data = b"".join(stream)
+    points = sorted({0, len(data), *(cut for cut in cuts if cut < len(data))})
+    chunks = [data[a:b] for a, b in itertools.pairwise(points)]
+    before, after = chunks[:close_after], chunks[close_after:]
+    results = []
+    for connection in (
+        Connection(ConnectionType.SERVER),
+        FastWSConnection(max_frame=MAX_FRAME),
+    ):
+        events = read(connection, before)
+        if connection.state is ConnectionState.OPEN:
+            connection.send(CloseConnection(code=4008))
+        events += read(connection, after)
+        results.append(whole(events))
+    assert results[1] == results[0]
+
+
+def test_a_frame_begun_before_the_servers_close_is_read_whole() -> None:
+    fast = FastWSConnection(max_frame=MAX_FRAME)
+    frame = client_frame(0x1, b"late")
+    fast.receive_data(frame[:3])
+    fast.send(CloseConnection(code=4008))
+    fast.receive_data(frame[3:] + client_frame(0x8, (1000).to_bytes(2, "big")))
+    assert whole(list(fast.events())) == [("text", "late"), ("close", 1000)]
+
+
 def test_trailing_data_is_read() -> None:
     fast = FastWSConnection(client_frame(0x2, b"early"), max_frame=MAX_FRAME)
     assert whole(list(fast.events())) == [("bytes", b"early")]

@@ -159,6 +159,9 @@ class FastWSConnection(WSConnection):
             or self._wsproto_only
             or (connection is not None and connection.state is not _OPEN)
         ):
+            if self._buffer:  # the start of a frame: wsproto reads it whole
+                buffered, self._buffer = self._buffer, b""
+                self._to_wsproto(buffered)
             self._to_wsproto(data)
             return
         if self._buffer:
