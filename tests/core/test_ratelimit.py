@@ -54,6 +54,18 @@ def test_try_take_refuses_without_taking() -> None:
     assert bucket.try_take(0.5) == 0.0
 
 
+def test_ahead_counts_the_events_over_the_rate() -> None:
+    bucket = TokenBucket(RateLimit(10.0, burst=20), now=0.0)
+    assert bucket.ahead == 0.0
+    for _ in range(5):
+        bucket.try_take(0.0)
+    assert bucket.ahead == 5.0
+    bucket.try_take(0.2)  # 2 tokens back, 1 taken
+    assert bucket.ahead == pytest.approx(4.0)
+    bucket.try_take(10.0)  # full again, then 1 taken
+    assert bucket.ahead == pytest.approx(1.0)
+
+
 def test_window_allows_limit_then_blocks() -> None:
     windows = KeyedWindows(WindowLimit(3, per=60.0, block_for=300.0))
     assert [windows.check("1.2.3.4", float(t)) for t in range(3)] == [0.0] * 3

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import CloseConnection, Request
 
 from trio_cluster.gateway import (
     JSON,
@@ -512,6 +514,44 @@ async def test_a_flooding_socket_is_closed_and_others_are_served(
                 "msg": {"amount": 1},
             }
             assert (await exchange(calm, call, subprotocol))["v"] == 1
+            assert server.statistics().closed == {"rate_limited": 1}
+
+
+async def test_a_flooding_socket_is_closed_without_reading_on(
+    subprotocol: str,
+) -> None:
+    """Closed 4008, a flooding client gets the close frame and then the end
+    of the stream at once, though it never answers the close: what it
+    sends after is read and dropped unparsed, not waited on."""
+    with trio.fail_after(20):
+        async with (
+            open_gateway(
+                message_rate=RateLimit(10.0, burst=20.0), close_timeout=60.0
+            ) as server,
+            await trio.open_tcp_stream("127.0.0.1", server.port) as stream,
+        ):
+            client = WSConnection(ConnectionType.CLIENT)
+            await stream.send_all(
+                client.send(
+                    Request(host="127.0.0.1", target="/ws", subprotocols=[subprotocol])
+                )
+            )
+            frames: list[Any] = []
+            ping = encode({"t": "ping"}, subprotocol)
+            opcode = 0x1 if isinstance(ping, str) else 0x2
+            raw = ping.encode() if isinstance(ping, str) else ping
+            flood = client_frame(opcode, raw) * 500
+            with suppress(trio.BrokenResourceError):
+                await stream.send_all(flood)
+            while chunk := await stream.receive_some():
+                client.receive_data(chunk)
+                frames.extend(client.events())
+            closes = [f for f in frames if isinstance(f, CloseConnection)]
+            assert [(c.code, c.reason) for c in closes] == [
+                (CloseCode.RATE_LIMITED, "message rate limit exceeded")
+            ]
+            with suppress(trio.BrokenResourceError):
+                await stream.send_all(flood)  # dropped, or refused
             assert server.statistics().closed == {"rate_limited": 1}
 
 

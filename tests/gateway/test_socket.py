@@ -25,7 +25,13 @@ from wsproto.events import (
     TextMessage,
 )
 
-from trio_cluster.gateway._socket import ServerSocket
+from trio_cluster.gateway._socket import (
+    _BEHIND_SIZE,
+    _RECEIVE_SIZE,
+    LATER,
+    MORE,
+    ServerSocket,
+)
 from trio_cluster.transport._ws_outbox import Outbox
 
 from .test_frames import client_frame
@@ -207,6 +213,33 @@ async def test_aclose_sends_the_close_and_waits_for_the_answer(
         assert client.ws.state is ConnectionState.CLOSED
 
 
+@pairs
+async def test_aclose_unread_shuts_the_stream_and_parses_nothing_more(
+    pair: Pair, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A close ``unread`` (a client that broke a rule): the close frame, then
+    the end of the stream; what the client sends after it is not parsed
+    (bytes that are a protocol error change nothing)."""
+    async with pair() as (socket, client):
+
+        async def client_side() -> None:
+            event = await client.next_event()
+            assert isinstance(event, CloseConnection)
+            assert (event.code, event.reason) == (4008, "too fast")
+            assert await client.eof()  # before the client closes anything
+            await client.send_raw(client_frame(0x1, b"dropped") * 100)
+            await client.send_raw(b"\xff\xff\xff")  # not a frame
+            await client.stream.aclose()
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client_side)
+                await socket.aclose(4008, "too fast", unread=True)
+        assert socket.closed is not None
+        assert (socket.closed.code, socket.closed.reason) == (4008, "too fast")
+        await socket.aclose()  # closed already: nothing to do
+
+
 async def test_aclose_gives_up_when_cancelled_and_closes_the_stream(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -365,6 +398,84 @@ async def test_send_message_refuses_other_types(
     async with memory_pair() as (socket, _):
         with pytest.raises(TypeError):
             await socket.send_message(1234)  # type: ignore[arg-type]
+
+
+class _Reads(trio.abc.Stream):
+    """A stream that records how much each read asked for."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.asked: list[int | None] = []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        self.asked.append(max_bytes)
+        return bytes(await self.stream.receive_some(max_bytes))
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+async def test_a_socket_ahead_of_its_rate_lets_others_run_between_its_messages(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The callback answers LATER (the socket is ahead of its rate): the
+    other tasks run between every two of its messages, which stay in
+    order, and its next read is a short one; MORE again: full reads."""
+    ticks = 0
+    seen: list[int] = []
+    server_stream, client_stream = trio.testing.memory_stream_pair()
+    reads = _Reads(server_stream)
+    socket = ServerSocket(reads, max_message_size=MAX)
+    client = Client(client_stream)
+
+    async def other_task() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        reader = Reader(socket)
+
+        def deliver(message: bytes | str) -> int:
+            seen.append(ticks)
+            reader.deliver(message)
+            return LATER if len(seen) <= 10 else MORE
+
+        async def read() -> None:
+            await socket.read_messages(deliver)
+
+        nursery.start_soon(other_task)
+        nursery.start_soon(read)
+        with trio.fail_after(5):
+            await client.send_raw(
+                b"".join(client_frame(0x1, b"m%d" % n) for n in range(10))
+            )
+            await reader.wait_for(10)
+            await client.send_raw(
+                b"".join(client_frame(0x1, b"n%d" % n) for n in range(5))
+            )
+            await reader.wait_for(15)
+            await client.send_raw(client_frame(0x1, b"last"))
+            await reader.wait_for(16)
+        assert reader.messages == [
+            *(f"m{n}" for n in range(10)),
+            *(f"n{n}" for n in range(5)),
+            "last",
+        ]
+        # One scheduling batch per message, the other task running once in
+        # each (before or after the reader: the order in a batch varies).
+        assert seen[9] - seen[0] >= 8
+        # The first read took the 10; the next one, behind, was short; the
+        # 5 after it were MORE: full reads again.
+        assert reads.asked[:3] == [_RECEIVE_SIZE, _BEHIND_SIZE, _RECEIVE_SIZE]
+        nursery.cancel_scope.cancel()
 
 
 @pairs

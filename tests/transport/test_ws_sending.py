@@ -103,6 +103,34 @@ async def test_outbox_held_bytes_go_out_in_front_of_the_next_write(socket_pair):
         assert await read_exactly(right, 4) == b"next"
 
 
+async def test_outbox_send_eof_writes_everything_first(socket_pair):
+    left, right = socket_pair
+    big = bytes(range(256)) * (BIG // 256)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            outbox = open_outbox(nursery, left)
+            assert isinstance(outbox, Outbox)
+            outbox.hold_nowait(b"held ")
+            await outbox.send_all(big)
+            assert outbox.backlog  # the peer reads nothing yet
+            received = bytearray()
+            ended = trio.Event()
+
+            async def read_to_the_end() -> None:
+                while chunk := await right.receive_some(65536):
+                    received.extend(chunk)
+                ended.set()
+
+            nursery.start_soon(read_to_the_end)
+            await outbox.send_eof()  # waits for the backlog
+            assert outbox.backlog == 0
+            await ended.wait()
+            assert bytes(received) == b"held " + big
+            await right.send_all(b"still read")
+            assert await outbox.receive_some(100) == b"still read"
+            nursery.cancel_scope.cancel()
+
+
 async def test_outbox_wait_drained_waits_for_the_peer(socket_pair):
     left, right = socket_pair
     with trio.fail_after(TIMEOUT):

@@ -74,6 +74,12 @@ class TokenBucket:
             return 0.0
         return -self._tokens / self._rate
 
+    @property
+    def ahead(self) -> float:
+        """How many events ahead of the rate the bucket was at its last
+        take (0: none; at most ``burst``)."""
+        return self._burst - self._tokens
+
     def try_take(self, now: float) -> float:
         """Take a token for an event at ``now`` if there is one: 0.0; else
         take nothing and return the seconds until one will be there."""

@@ -8,7 +8,10 @@ other:
 
 * the *reader* (the task itself: `ServerSocket.read_messages` runs in it)
   takes each message, counts it against the
-  socket's message rate (`TokenBucket.try_take`; over it: close 4008; an
+  socket's message rate (`TokenBucket.try_take`; more than `_AHEAD`
+  messages ahead of it: the other tasks run between two of the socket's
+  messages; over its burst: close 4008, then what the client sends is
+  discarded unparsed; an
   ack of pushes the socket was sent and still owes is not counted: their
   number is bounded by the pushes),
   tells the heartbeats the client is alive, decodes it (unreadable: close
@@ -80,7 +83,7 @@ from ._protocol import (
 )
 from ._requests import StreamCredit, admit, failure_frame
 from ._sending import FrameSender
-from ._socket import ServerSocket
+from ._socket import LATER, MORE, STOP, ServerSocket
 from ._statistics import ConnectionStatistics
 from ._topics import Position
 
@@ -126,6 +129,19 @@ _PING_FRAMES: Final = {
 }
 """The ping frame as a WebSocket frame, per subprotocol."""
 
+_AHEAD: Final = 2
+"""Messages a socket may be ahead of its message rate before the other
+tasks run between two of its messages (`_socket.LATER`)."""
+_BROKE_A_RULE: Final = frozenset(
+    (
+        CloseCode.RATE_LIMITED,
+        CloseCode.SLOW_CONSUMER,
+        CloseCode.UNSUPPORTED_DATA,
+        CloseCode.INVALID_PAYLOAD,
+    )
+)
+"""Closes after which what the client sends is not parsed (discarded
+whole: `ServerSocket.aclose`'s ``unread``)."""
 _MAX_OWED: Final = 4096
 """Pushes a socket remembers as owed an ack (more: the oldest are
 forgotten, and their late acks count against the message rate)."""
@@ -289,7 +305,11 @@ class ClientConnection(FrameSender):
             reason = close_reason_text(ending.reason)
             with trio.move_on_after(self._config.close_timeout):
                 try:
-                    await ws.aclose(ending.code, reason)
+                    if isinstance(ws, ServerSocket):
+                        unread = ending.code in _BROKE_A_RULE
+                        await ws.aclose(ending.code, reason, unread=unread)
+                    else:
+                        await ws.aclose(ending.code, reason)
                 except CONNECTION_ERRORS as exc:
                     log.debug("closing %s: %s", self.info.remote, describe(exc))
 
@@ -365,8 +385,9 @@ class ClientConnection(FrameSender):
         ASGI server's) to `_deliver`, until it closes or a message ends the
         connection."""
         try:
-            while self._deliver(await ws.get_message()):
-                pass
+            while state := self._deliver(await ws.get_message()):
+                if state == LATER:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
         except ConnectionClosed as exc:
             self._closed_by_client(exc.reason)
 
@@ -376,10 +397,12 @@ class ClientConnection(FrameSender):
         if self.ending is None and reason is not None and reason.code == 1009:
             self._counters.closed(CloseCode.MESSAGE_TOO_BIG)
 
-    def _deliver(self, message: bytes | str) -> bool:
+    def _deliver(self, message: bytes | str) -> int:
         """Handle one message (a frame or a batch of them, each counted
-        against the message rate); False once the connection ends. It runs
-        in the reader, and never waits (the reads are its schedule
+        against the message rate); `STOP` once the connection ends,
+        `LATER` while the socket is more than `_AHEAD` messages ahead of
+        its rate (the reader lets the others run first), else `MORE`. It
+        runs in the reader, and never waits (the reads are its schedule
         points)."""
         now = self._now()
         self._seen(self.number, now)
@@ -388,7 +411,7 @@ class ClientConnection(FrameSender):
         except BadFrame as exc:
             self._warn("unreadable frames", "unreadable frame: %s", exc.reason)
             self.end(exc.code, exc.reason)
-            return False
+            return STOP
         bucket = self._bucket
         for frame in frames:
             self.frames_received += 1
@@ -399,15 +422,19 @@ class ClientConnection(FrameSender):
                 and bucket.try_take(now) > 0
             ):
                 self.end(CloseCode.RATE_LIMITED, "message rate limit exceeded")
-                return False
+                return STOP
             try:
                 parsed = parse_client_frame(frame)
                 _HANDLERS[type(parsed)](self, parsed)
             except FrameError as exc:
                 self._refuse(exc.request_id, exc.code, exc.message)
             if self.ending is not None:
-                return False
-        return self.ending is None
+                return STOP
+        if self.ending is not None:
+            return STOP
+        if bucket is not None and bucket.ahead > _AHEAD:
+            return LATER
+        return MORE
 
     def _cancel_request(self, frame: Cancel) -> None:
         scope = self._requests.get(frame.id)

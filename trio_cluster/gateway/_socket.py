@@ -17,7 +17,9 @@ data phase, event by event:
 * a message (read whole by `FastWSConnection`, or in parts by wsproto) goes
   to the callback (after every 32 messages of one read, the task lets the
   other tasks run: a client's burst delays the others by 32 messages'
-  work at most); parts are joined, and a message over
+  work at most; after each one if the callback answers `LATER`, the
+  socket being ahead of its message rate, and the next read is a short
+  one); parts are joined, and a message over
   ``max_message_size`` is answered with close 1009 (``Exceeded maximum
   message size: N bytes``): the reading goes on, dropping messages, until
   the client answers the close or the connection ends;
@@ -31,7 +33,9 @@ data phase, event by event:
 
 `ServerSocket.aclose` is the server's side of the close handshake: the
 close frame, then reading (messages dropped) until the client answers it or
-the connection ends, then the stream is closed. Closing raises what
+the connection ends, then the stream is closed; for a client that broke a
+rule (``unread``), the stream is shut for writing after the close frame and
+what comes is discarded unparsed until the client's end. Closing raises what
 trio-websocket raises (`trio_websocket.ConnectionClosed` with its
 `trio_websocket.CloseReason`), so the gateway handles its sockets, the ASGI
 server's and the network's failures alike.
@@ -60,10 +64,23 @@ from ._frames import FastWSConnection
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["ServerSocket"]
+__all__ = ["LATER", "MORE", "STOP", "ServerSocket"]
+
+STOP: Final = 0
+"""`ServerSocket.read_messages`' callback wants no more messages (later
+ones are read and dropped)."""
+MORE: Final = 1
+"""... wants the next message at once."""
+LATER: Final = 2
+"""... wants the next message once the other tasks ready to run have run
+(the socket is ahead of its message rate): then its reads are short ones
+(`_BEHIND_SIZE`), until it is not."""
 
 _RECEIVE_SIZE: Final = 65536
 """Bytes read at most at once (trio-websocket's default)."""
+_BEHIND_SIZE: Final = 2048
+"""... by a socket ahead of its message rate (the bytes read are parsed in
+one step: a flooding client's read is a short one)."""
 _MAX_FAST_FRAME: Final = 1 << 16
 """Larger frames are read by wsproto, as they arrive (`FastWSConnection`)."""
 _REMOTE_CLOSING: Final = ConnectionState.REMOTE_CLOSING
@@ -124,7 +141,7 @@ class ServerSocket:
         """Why the socket is closed or closing; None while it is open (what
         trio-websocket's ``closed`` says)."""
 
-    async def read_messages(self, deliver: Callable[[bytes | str], bool]) -> None:
+    async def read_messages(self, deliver: Callable[[bytes | str], int]) -> None:
         """Read the socket until it closes, in the calling task: each
         message goes to ``deliver``, which returns False when it wants no
         more (later messages are read and dropped). Pings are answered, the
@@ -139,13 +156,20 @@ class ServerSocket:
         outbox = self._outbox
         emptied = True
         """Whether the last read emptied the socket (over an `Outbox`)."""
+        size = _RECEIVE_SIZE
         while True:
             delivered = 0
             for event in connection.take_events():
                 if isinstance(event, _PAYLOADS):
                     # A whole message read by `FastWSConnection` (never
                     # amid a message in parts).
-                    if not deliver(event):
+                    state = deliver(event)
+                    if state != MORE:
+                        if state == LATER:
+                            delivered = 0
+                            size = _BEHIND_SIZE
+                            await _yield()
+                            continue
                         deliver = _drop
                     delivered += 1
                     if delivered == _FAIR_SHARE:
@@ -162,13 +186,19 @@ class ServerSocket:
                         if not await self._too_big():
                             return
                         deliver = _drop  # until the client answers the close
-                    elif not deliver(message):
-                        deliver = _drop
+                    else:
+                        state = deliver(message)
+                        if state == LATER:
+                            size = _BEHIND_SIZE
+                            await _yield()
+                        elif state != MORE:
+                            deliver = _drop
                 elif not await self._control(event):
                     return
             try:
                 if outbox is None:
-                    received = await stream.receive_some(_RECEIVE_SIZE)
+                    received = await stream.receive_some(size)
+                    size = _RECEIVE_SIZE
                 else:
                     # `Outbox.receive_some`, inline: an idle socket waits
                     # with one coroutine fewer, and makes one fewer per read.
@@ -179,12 +209,13 @@ class ServerSocket:
                         await _wait_readable(outbox.fd)
                     else:
                         await _checkpoint()
-                    data = outbox.receive_nowait(_RECEIVE_SIZE)
+                    data = outbox.receive_nowait(size)
                     while data is None:
                         await _wait_readable(outbox.fd)
-                        data = outbox.receive_nowait(_RECEIVE_SIZE)
+                        data = outbox.receive_nowait(size)
                     received = data
-                    emptied = len(data) < _RECEIVE_SIZE
+                    emptied = len(data) < size
+                    size = _RECEIVE_SIZE
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._abort()
                 return
@@ -266,27 +297,53 @@ class ServerSocket:
             raise TypeError("message must be str or bytes")
         await self._write(self._wsproto.send(event))
 
-    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+    async def aclose(
+        self, code: int = 1000, reason: str | None = None, *, unread: bool = False
+    ) -> None:
         """Close the socket: the close frame with ``code`` and ``reason``,
         then read (dropping messages) until the client answers it or the
         connection ends; the stream is closed then. Does nothing more if the
         socket is closed or closing already (the stream is closed).
 
+        ``unread``: for a client that broke a rule (a flood, say), what it
+        sends after the close frame is not parsed: the stream is shut for
+        writing after the close frame (the client reads its end), then what
+        comes is read and discarded whole until the client closes its side.
+
         Cancellation: the stream is closed at once.
         """
         try:
             if self.closed is None:
-                self.closed = CloseReason(1000, None)  # as trio-websocket says
+                # As trio-websocket says, until the client's answer (none is
+                # read after a close ``unread``: ours, then).
+                self.closed = (
+                    CloseReason(code, reason) if unread else CloseReason(1000, None)
+                )
                 await self._write(
                     self._wsproto.send(CloseConnection(code=code, reason=reason))
                 )
-                await self.read_messages(_drop)
+                if unread:
+                    await self._discard()
+                else:
+                    await self.read_messages(_drop)
             else:
                 await trio.lowlevel.checkpoint()
         except ConnectionClosed:
             pass  # the stream failed
         finally:
             await self._close_stream()
+
+    async def _discard(self) -> None:
+        """Shut the stream for writing, then read and drop what comes until
+        its end (a read per `_RECEIVE_SIZE` bytes, nothing per message)."""
+        stream = self._stream
+        try:
+            if isinstance(stream, trio.abc.HalfCloseableStream):
+                await stream.send_eof()
+            while await stream.receive_some(_RECEIVE_SIZE):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the connection is gone: nothing more to drop
 
     async def _send_event(self, event: Event) -> bool:
         """Write ``event``; False if the stream failed (the socket is
@@ -336,5 +393,5 @@ class ServerSocket:
             await self._stream.aclose()
 
 
-def _drop(message: bytes | str) -> bool:
-    return False
+def _drop(message: bytes | str) -> int:
+    return STOP

@@ -55,7 +55,7 @@ _RECEIVE_SIZE: Final = 65536
 """Bytes read at most when the caller does not say."""
 
 
-class Outbox(trio.abc.Stream):
+class Outbox(trio.abc.HalfCloseableStream):
     """A `trio.SocketStream` with non-waiting writes (see the module
     docstring). Reads go to the socket stream unchanged.
 
@@ -199,6 +199,22 @@ class Outbox(trio.abc.Stream):
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         self.write_nowait(data)
+
+    async def send_eof(self) -> None:
+        """Write what is held and the backlog out, then shut the socket for
+        writing: the peer reads the end of the stream after everything sent
+        (`trio.SocketStream.send_eof`, once nothing waits). Reading goes on.
+
+        Raises:
+            trio.BrokenResourceError: a write failed (now or before).
+            trio.ClosedResourceError: the stream is closed.
+
+        Cancellation: safe (the socket is not shut; the backlog stays).
+        """
+        if self._held is not None:
+            self.write_nowait(b"")
+        await self.flush()
+        await self.stream.send_eof()
 
     async def wait_drained(self) -> None:
         """Wait until the backlog is written (returns at once if it is).
