@@ -12,7 +12,9 @@ the others calling at 1 call/s per socket, evenly spread (an open loop),
 2 s of warm-up then 10 s measured:
 
 * ``quiet``: nothing else;
-* ``flood``: one more client (`benchmarks._flooder`, from its own address)
+* ``flood``: one more client (`benchmarks._flooder`, from its own address,
+  a new one each round unless ``--one-address``: every flood window is
+  then a flood's first minute, its 10 connections spending their bursts)
   writes 10,000 call frames a second, and connects again 1 s after it is
   closed or refused (``--reconnect-after 0``: at once, a connect flood).
 
@@ -20,10 +22,13 @@ Figures per window: the others' p50/p99 latency, calls skipped (a socket's
 previous call still unanswered at its next turn) and errors, the server's
 CPU, and the flooder's connects, refusals and closes; then the medians and
 ``flood_p99_over_quiet`` (target <= 1.10). For a stall's cause, each window
-also lists the others' calls over 10 ms (sent at, latency: CLOCK_MONOTONIC),
-the flooder's connect attempts (same clock) and the server's task steps
-over 5 ms (wall time: on a loaded machine that includes time the process
-was not running).
+also lists the others' calls over ``--slow-ms`` (10; sent at, latency:
+CLOCK_MONOTONIC), the flooder's connect attempts (same clock) and the
+server's task steps over ``--step-ms`` (5; wall time: on a loaded machine
+that includes time the process was not running); with ``--slow-ms`` below
+the p99, ``slowest_near_flood`` counts the others' 1 % slowest calls sent
+within 50 ms after a flooder's connect attempt (by chance: about 5 % of
+them).
 """
 
 from __future__ import annotations
@@ -56,14 +61,28 @@ GATEWAY = Gateway(entities=[expose(Counter, "increment")])
 
 PROCS = 2
 PER_ADDRESS = 4
-FLOODER_ADDRESS = "127.0.0.99"
+
+
+def _flooder_address(round_: int) -> str:
+    """The flooder's source address in a round: a new one per round, so
+    that every flood window is a flood's first minute (its connections and
+    their bursts); round 0: the one of ``--one-address``."""
+    return f"127.0.0.{100 + round_}"
+
+
 WARMUP_S, DURATION_S = 2.0, 10.0
+KEPT = 20_000
+"""Slow calls and long steps listed at most per window."""
+NEAR_S = 0.05
+"""A call sent this soon after a flooder's connect attempt is "near" it."""
 
 
 class _LongSteps(trio.abc.Instrument):
-    """Task steps over 5 ms in the server (what holds the others up)."""
+    """Task steps over ``threshold`` seconds in the server (what holds the
+    others up)."""
 
-    def __init__(self) -> None:
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
         self.started = 0.0
         self.long: list[tuple[float, float, str]] = []
 
@@ -72,12 +91,12 @@ class _LongSteps(trio.abc.Instrument):
 
     def after_task_step(self, task: trio.lowlevel.Task) -> None:
         took = time.perf_counter() - self.started
-        if took > 0.005 and len(self.long) < 200:
-            self.long.append((round(time.monotonic(), 4), round(took, 4), task.name))
+        if took > self.threshold and len(self.long) < KEPT:
+            self.long.append((round(time.monotonic(), 5), round(took, 6), task.name))
 
 
-async def _serve() -> None:
-    steps = _LongSteps()
+async def _serve(step_s: float) -> None:
+    steps = _LongSteps(step_s)
     trio.lowlevel.add_instrument(steps)
 
     async def long_steps() -> dict[str, Any]:
@@ -113,14 +132,36 @@ async def _connect(clients: list[Worker], url: str, sockets: int) -> None:
             raise RuntimeError(f"lean clients: {answer}")
 
 
+def _near_flood(
+    latencies: list[float],
+    slow: list[tuple[float, float]],
+    flooded: list[dict[str, Any]],
+) -> int | None:
+    """Of the others' 1 % slowest calls, how many were sent within `NEAR_S`
+    after one of the flooder's connect attempts (None: no flooder, or not
+    all of those calls are listed: lower ``--slow-ms``)."""
+    if not flooded or not latencies:
+        return None
+    top = max(1, len(latencies) // 100)
+    slowest = sorted(slow, key=lambda item: item[1], reverse=True)[:top]
+    if len(slowest) < top:
+        return None
+    attempts = flooded[0]["attempts_at"]
+    return sum(
+        1
+        for sent_at, _ in slowest
+        if any(0.0 <= sent_at - at <= NEAR_S for at in attempts)
+    )
+
+
 async def _flooder(
-    port: int, reconnect_after: float, results: list[dict[str, Any]]
+    port: int, reconnect_after: float, source: str, results: list[dict[str, Any]]
 ) -> None:
     args = {
         "host": "127.0.0.1",
         "port": port,
         "path": "/ws",
-        "src": FLOODER_ADDRESS,
+        "src": source,
         "duration_s": WARMUP_S + DURATION_S + 0.5,
         "frames_per_s": 10_000,
         "operation": "Counter.increment",
@@ -135,9 +176,16 @@ async def _flooder(
 
 
 async def _window(
-    clients: list[Worker], server: Worker, port: int, *, flood: float | None
+    clients: list[Worker],
+    server: Worker,
+    port: int,
+    *,
+    flood: float | None,
+    source: str,
+    slow_s: float,
 ) -> dict[str, Any]:
-    """One window; ``flood``: the flooder's reconnect pause (None: none)."""
+    """One window; ``flood``: the flooder's reconnect pause (None: none),
+    ``source`` its address."""
     answers: list[dict[str, Any]] = [{} for _ in clients]
     flooded: list[dict[str, Any]] = []
     server_pid = server.pid
@@ -154,17 +202,19 @@ async def _window(
             rate=1.0,
             warmup_s=WARMUP_S,
             duration_s=DURATION_S,
+            slow_s=slow_s,
         )
 
     async with trio.open_nursery() as nursery:
         if flood is not None:
-            nursery.start_soon(_flooder, port, flood, flooded)
+            nursery.start_soon(_flooder, port, flood, source, flooded)
         for i in range(len(clients)):
             nursery.start_soon(paced, i)
     cpu = window.report()
     server_cpu = cpu_seconds(server_pid) - server_cpu
     long_steps = (await server.call("long_steps"))["long_steps"]
     latencies = [value for answer in answers for value in answer["latencies"]]
+    slow = sorted(item for answer in answers for item in answer["slow"])
     return {
         "p50_us": round(percentile(latencies, 50) * 1e6, 1),
         "p99_us": round(percentile(latencies, 99) * 1e6, 1),
@@ -176,19 +226,34 @@ async def _window(
         "errors": sum(answer["errors"] for answer in answers),
         "unanswered": sum(answer["unanswered"] for answer in answers),
         "sockets_up": sum(answer["sockets"] for answer in answers),
-        "slow": sorted(item for answer in answers for item in answer["slow"])[:100],
+        "slow": slow[:KEPT],
+        "slowest_near_flood": _near_flood(latencies, slow, flooded),
         "server_cpu_pct": round(100 * server_cpu / cpu["wall_s"], 1),
         "cpu": cpu,
         "flooder": flooded[0] if flooded else None,
-        "server_long_steps": long_steps[:50],
+        "server_long_steps": long_steps[:KEPT],
     }
 
 
-async def run(*, rounds: int, sockets: int, reconnect_after: float) -> None:
+async def run(
+    *,
+    rounds: int,
+    sockets: int,
+    reconnect_after: float,
+    one_address: bool,
+    slow_ms: float,
+    step_ms: float,
+) -> None:
     load_start = load_average()
     async with trio.open_nursery() as nursery:
         server = Worker(
-            [sys.executable, "-m", "benchmarks.gateway_flood", "serve"],
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.gateway_flood",
+                "serve",
+                f"--step-ms={step_ms}",
+            ],
             name="the flood server",
         )
         ready = await server.start(nursery)
@@ -213,6 +278,8 @@ async def run(*, rounds: int, sockets: int, reconnect_after: float) -> None:
                         server,
                         port,
                         flood=reconnect_after if mode == "flood" else None,
+                        source=_flooder_address(0 if one_address else round_),
+                        slow_s=slow_ms / 1000,
                     )
                     windows[mode].append(result)
                     emit(
@@ -243,6 +310,8 @@ async def run(*, rounds: int, sockets: int, reconnect_after: float) -> None:
                     for q, f in zip(windows["quiet"], windows["flood"], strict=True)
                 ],
                 reconnect_after_s=reconnect_after,
+                one_address=one_address,
+                slowest_near_flood=[w["slowest_near_flood"] for w in windows["flood"]],
                 loadavg_start=load_start,
                 loadavg_end=load_average(),
             )
@@ -254,9 +323,24 @@ async def run(*, rounds: int, sockets: int, reconnect_after: float) -> None:
             await server.aclose()
 
 
-def main(rounds: int = 3, sockets: int = 1000, reconnect_after: float = 1.0) -> None:
+def main(
+    rounds: int = 3,
+    sockets: int = 1000,
+    reconnect_after: float = 1.0,
+    one_address: bool = False,
+    slow_ms: float = 10.0,
+    step_ms: float = 5.0,
+) -> None:
     trio.run(
-        partial(run, rounds=rounds, sockets=sockets, reconnect_after=reconnect_after)
+        partial(
+            run,
+            rounds=rounds,
+            sockets=sockets,
+            reconnect_after=reconnect_after,
+            one_address=one_address,
+            slow_ms=slow_ms,
+            step_ms=step_ms,
+        )
     )
 
 
@@ -268,11 +352,35 @@ def _cli() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sockets", type=int, default=1000)
     parser.add_argument("--reconnect-after", type=float, default=1.0)
+    parser.add_argument(
+        "--one-address",
+        action="store_true",
+        help="the flooder keeps its address (later rounds: it is blocked)",
+    )
+    parser.add_argument(
+        "--slow-ms",
+        type=float,
+        default=10.0,
+        help="list the others' calls slower than this (default 10)",
+    )
+    parser.add_argument(
+        "--step-ms",
+        type=float,
+        default=5.0,
+        help="list the server's task steps longer than this (default 5)",
+    )
     args = parser.parse_args()
     if args.command == "serve":
-        trio.run(_serve)
+        trio.run(_serve, args.step_ms / 1000)
     else:
-        main(args.rounds, args.sockets, args.reconnect_after)
+        main(
+            args.rounds,
+            args.sockets,
+            args.reconnect_after,
+            args.one_address,
+            args.slow_ms,
+            args.step_ms,
+        )
 
 
 if __name__ == "__main__":
