@@ -143,10 +143,11 @@ class ServerSocket:
 
     async def read_messages(self, deliver: Callable[[bytes | str], int]) -> None:
         """Read the socket until it closes, in the calling task: each
-        message goes to ``deliver``, which returns False when it wants no
-        more (later messages are read and dropped). Pings are answered, the
-        client's close too (then the stream is closed); see the module
-        docstring.
+        message goes to ``deliver``, which returns `MORE`, `LATER` (the
+        other ready tasks run before the next message, and the next read is
+        a short one) or `STOP` when it wants no more (later messages are
+        read and dropped). Pings are answered, the client's close too (then
+        the stream is closed); see the module docstring.
 
         Cancellation: stops reading (the socket stays as it is; see
         `aclose`).
