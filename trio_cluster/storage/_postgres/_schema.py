@@ -39,12 +39,12 @@ Tables (see ``_MIGRATIONS``):
   partition, and the events it gave up on).
 * since version 7, ``webhook_endpoints`` and ``webhook_attempts``: the
   webhooks part's endpoints and HTTP attempts (`._webhooks`).
-* since version 9, the ``machine_ids`` sequence: each registration looks
-  for a free machine id from the next value on (modulo 1024), so a freed id
-  is handed out again only after the others were;
 * since version 8, ``entity_state.label``: what a snapshot is listed and
   counted by (a workflow's status, a state machine's state), indexed with
   the entity type and id in code-point (``"C"``) order (`._state`).
+* since version 9, the ``machine_ids`` sequence: each registration looks
+  for a free machine id from the next value on (modulo 1024), so a freed id
+  is handed out again only after the others were.
 
 Lock keys: ``(namespace, 0)`` migrations and registrations, ``(namespace, n)``
 with ``n > 0`` shard ``n``, ``(namespace, -n)`` the liveness of runner ``n``.
