@@ -9,7 +9,8 @@ a burst of 200) and 2 lean client processes (`benchmarks._lean_client`)
 holding ``--sockets`` sockets, 4 per loopback source address (so that the
 connect limit does not refuse them). Each round measures two windows of
 the others calling at 1 call/s per socket, evenly spread (an open loop),
-2 s of warm-up then 10 s measured:
+2 s of warm-up then 10 s measured, quiet first in odd rounds and flood
+first in even ones:
 
 * ``quiet``: nothing else;
 * ``flood``: one more client (`benchmarks._flooder`, from its own address,
@@ -20,8 +21,11 @@ the others calling at 1 call/s per socket, evenly spread (an open loop),
 
 Figures per window: the others' p50/p99 latency, calls skipped (a socket's
 previous call still unanswered at its next turn) and errors, the server's
-CPU, and the flooder's connects, refusals and closes; then the medians and
-``flood_p99_over_quiet`` (target <= 1.10). For a stall's cause, each window
+CPU, and the flooder's connects, refusals and closes; then the medians,
+``flood_p99_over_quiet`` (target <= 1.10: the median of the flood windows'
+p99s over the quiet ones') and ``flood_p99_over_quiet_pooled`` (the p99 of
+all the flood windows' calls together over the quiet ones': steadier than
+a median of a few windows). For a stall's cause, each window
 also lists the others' calls over ``--slow-ms`` (10; sent at, latency:
 CLOCK_MONOTONIC), the flooder's connect attempts (same clock) and the
 server's task steps over ``--step-ms`` (5; wall time: on a loaded machine
@@ -183,9 +187,9 @@ async def _window(
     flood: float | None,
     source: str,
     slow_s: float,
-) -> dict[str, Any]:
-    """One window; ``flood``: the flooder's reconnect pause (None: none),
-    ``source`` its address."""
+) -> tuple[dict[str, Any], list[float]]:
+    """One window: its figures and the others' latencies; ``flood``: the
+    flooder's reconnect pause (None: none), ``source`` its address."""
     answers: list[dict[str, Any]] = [{} for _ in clients]
     flooded: list[dict[str, Any]] = []
     server_pid = server.pid
@@ -215,7 +219,7 @@ async def _window(
     long_steps = (await server.call("long_steps"))["long_steps"]
     latencies = [value for answer in answers for value in answer["latencies"]]
     slow = sorted(item for answer in answers for item in answer["slow"])
-    return {
+    figures = {
         "p50_us": round(percentile(latencies, 50) * 1e6, 1),
         "p99_us": round(percentile(latencies, 99) * 1e6, 1),
         "p999_us": round(percentile(latencies, 99.9) * 1e6, 1),
@@ -233,6 +237,7 @@ async def _window(
         "flooder": flooded[0] if flooded else None,
         "server_long_steps": long_steps[:KEPT],
     }
+    return figures, latencies
 
 
 async def run(
@@ -270,10 +275,14 @@ async def run(
             )
             await _connect(clients, url, sockets)
             windows: dict[str, list[dict[str, Any]]] = {"quiet": [], "flood": []}
+            pooled: dict[str, list[float]] = {"quiet": [], "flood": []}
             for round_ in range(1, rounds + 1):
-                for mode in ("quiet", "flood"):
+                # Quiet first in odd rounds, flood first in even ones: a
+                # drift of the machine's load over the run falls on both.
+                order = ("quiet", "flood") if round_ % 2 else ("flood", "quiet")
+                for mode in order:
                     progress(f"flood: round {round_}, {mode}")
-                    result = await _window(
+                    result, latencies = await _window(
                         clients,
                         server,
                         port,
@@ -282,6 +291,7 @@ async def run(
                         slow_s=slow_ms / 1000,
                     )
                     windows[mode].append(result)
+                    pooled[mode].extend(latencies)
                     emit(
                         "FLOOD",
                         f"{mode}_window",
@@ -314,6 +324,16 @@ async def run(
                 slowest_near_flood=[w["slowest_near_flood"] for w in windows["flood"]],
                 loadavg_start=load_start,
                 loadavg_end=load_average(),
+            )
+            p99s = {mode: percentile(values, 99) for mode, values in pooled.items()}
+            emit(
+                "FLOOD",
+                "flood_p99_over_quiet_pooled",
+                p99s["flood"] / p99s["quiet"],
+                "ratio",
+                quiet_p99_us=round(p99s["quiet"] * 1e6, 1),
+                flood_p99_us=round(p99s["flood"] * 1e6, 1),
+                calls={mode: len(values) for mode, values in pooled.items()},
             )
             for client in clients:
                 await client.call("close")
