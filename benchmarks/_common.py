@@ -191,13 +191,31 @@ def drop_tables(dsn: str, prefix: str) -> None:
             conn.execute(f"DROP TABLE IF EXISTS {prefix}_{table} CASCADE")
 
 
+def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) for a benchmark's child Python
+    process: it imports ``trio_cluster`` from where this process did, and
+    ``benchmarks`` from `REPO`, whatever its working directory holds
+    (``PYTHONSAFEPATH``: not the directory first). Started in a checkout, a
+    child would otherwise run the checkout's ``trio_cluster``, not the copy
+    of another version put first on ``PYTHONPATH`` for a same-run
+    comparison."""
+    env = dict(os.environ if env is None else env)
+    library = Path(tc.__file__).parent.parent if tc.__file__ else REPO
+    paths = (str(library), str(REPO), env.get("PYTHONPATH", ""))
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
+    env["PYTHONSAFEPATH"] = "1"
+    return env
+
+
 async def start_ready_process(
     command: Sequence[str], nursery: trio.Nursery, *, name: str, **options: Any
 ) -> tuple[ChildProcess, dict[str, Any]]:
-    """Start ``command`` (from the repository, with it on ``PYTHONPATH``) in
-    ``nursery`` and wait for its ``ready`` event line; return the process and
-    that event. ``options`` go to `ChildProcess` (``env``, ``stdin``)."""
+    """Start ``command`` (from the repository, importing what this process
+    imports: `child_env`) in ``nursery`` and wait for its ``ready`` event
+    line; return the process and that event. ``options`` go to
+    `ChildProcess` (``env``, ``stdin``)."""
     options.setdefault("cwd", REPO)
+    options["env"] = child_env(options.get("env"))
     child = ChildProcess(command, name=name, **options)
     await nursery.start(child.run)
     return child, await child.wait_event("ready", seconds=READY_DEADLINE)

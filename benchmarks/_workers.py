@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from ._common import READY_DEADLINE, REPO, progress
+from ._common import READY_DEADLINE, REPO, child_env, progress
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -104,7 +104,8 @@ class CpuWindow:
 
 
 class Worker:
-    """A command-driven child process (see the module docstring)."""
+    """A command-driven child process (see the module docstring), importing
+    what this process imports (`child_env`)."""
 
     def __init__(self, command: Sequence[str], *, name: str) -> None:
         self.command = list(command)
@@ -128,6 +129,7 @@ class Worker:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             cwd=REPO,
+            env=child_env(),
         )
         nursery.start_soon(self._read)
         with trio.move_on_after(READY_DEADLINE):

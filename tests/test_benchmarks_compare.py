@@ -98,3 +98,28 @@ def test_compare_runs_both_sides_in_turn(tmp_path: Path) -> None:
         assert len(record["base_values"]) == len(record["new_values"]) == 1
     with pytest.raises(SystemExit, match="is not a commit"):
         compare("no-such-revision", WORKTREE, "w1", runs=1, quick=True, repo=repo)
+
+
+def test_a_benchmark_child_imports_the_parents_library_not_its_directorys(
+    tmp_path: Path,
+) -> None:
+    """A child started where another ``trio_cluster`` lies (a checkout)
+    imports the one its parent imported (`child_env`)."""
+    import sys
+
+    import trio_cluster
+
+    from benchmarks._common import child_env
+
+    decoy = tmp_path / "trio_cluster"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy')\n")
+    command = [sys.executable, "-m", "trio_cluster", "--help"]
+    done = subprocess.run(command, cwd=tmp_path, env=child_env(), capture_output=True)
+    assert done.returncode == 0, done.stderr
+    assert b"the decoy" not in done.stderr
+    plain = subprocess.run(command, cwd=tmp_path, capture_output=True)
+    assert b"the decoy" in plain.stderr  # what it guards against
+    assert child_env()["PYTHONPATH"].startswith(
+        str(Path(trio_cluster.__file__).parent.parent)
+    )

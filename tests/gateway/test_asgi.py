@@ -5,11 +5,9 @@ and the sockets closed with 1001 at shutdown."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import attrs
 import httpx
 import pytest
 import trio
@@ -22,9 +20,7 @@ from trio_cluster.gateway import (
     JSON,
     Gateway,
     GatewayAsgiApp,
-    GatewayConfig,
     Handshake,
-    RateLimit,
     Session,
     Topic,
     UnauthorizedError,
@@ -145,30 +141,3 @@ async def test_the_gateway_under_hypercorn() -> None:
                 assert closed.value.reason is not None
                 assert closed.value.reason.code == 1001
                 shutdown.set()
-
-
-async def test_a_burst_over_the_rate_is_paced_under_hypercorn() -> None:
-    """As over the gateway's own server: 12 calls at once against 10
-    messages/s (burst 20) are all answered, those more than 2 ahead of the
-    rate at most 10 times the rate (10 ms apart)."""
-    gateway = attrs.evolve(
-        GATEWAY, config=GatewayConfig(message_rate=RateLimit(10.0, burst=20.0))
-    )
-    with trio.fail_after(60):
-        async with (
-            tc.open_runner(entities=[Counter, Topic, Session]) as runner,
-            open_hypercorn(asgi_app(runner, gateway)) as (host, _),
-            open_raw(f"ws://{host}/ws?token=ada") as ws,
-        ):
-            started = trio.current_time()
-            for n in range(12):
-                call = {"t": "call", "id": n + 1, "op": "Counter.add", "key": "p"}
-                await ws.send_message(json.dumps({**call, "msg": {"amount": 1}}))
-            values: list[int] = []
-            while len(values) < 12:
-                answer = json.loads(await ws.get_message())
-                if answer["t"] != "ping":
-                    values.append(answer["v"])
-            assert sorted(values) == list(range(1, 13))
-            # 9 pauses of at least 10 ms (fewer if the bucket refilled).
-            assert trio.current_time() - started >= 0.05

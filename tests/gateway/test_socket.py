@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any
 
 import pytest
@@ -476,38 +475,6 @@ async def test_a_socket_ahead_of_its_rate_lets_others_run_between_its_messages(
         # The first read took the 10; the next one, behind, was short; the
         # 5 after it were MORE: full reads again.
         assert reads.asked[:3] == [_RECEIVE_SIZE, _BEHIND_SIZE, _RECEIVE_SIZE]
-        nursery.cancel_scope.cancel()
-
-
-async def test_a_socket_ahead_of_its_rate_waits_the_pause_between_its_messages(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """With a ``pause``, a message after a LATER is taken that long after
-    it (the socket is served at a bounded pace); MORE: at once again."""
-    at: list[float] = []
-    server_stream, client_stream = trio.testing.memory_stream_pair()
-    socket = ServerSocket(server_stream, max_message_size=MAX)
-    client = Client(client_stream)
-
-    async with trio.open_nursery() as nursery:
-        reader = Reader(socket)
-
-        def deliver(message: bytes | str) -> int:
-            at.append(trio.current_time())
-            reader.deliver(message)
-            return LATER if len(at) <= 5 else MORE
-
-        nursery.start_soon(partial(socket.read_messages, deliver, pause=0.25))
-        with trio.fail_after(5):
-            start = trio.current_time()
-            await client.send_raw(
-                b"".join(client_frame(0x1, b"m%d" % n) for n in range(8))
-            )
-            await reader.wait_for(8)
-        assert reader.messages == [f"m{n}" for n in range(8)]
-        assert [round(t - start, 2) for t in at] == [
-            0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.25, 1.25
-        ]  # fmt: skip
         nursery.cancel_scope.cancel()
 
 

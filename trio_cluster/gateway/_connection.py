@@ -7,12 +7,13 @@ exactly its work and nothing else. An idle socket has this one task and no
 other:
 
 * the *reader* (the task itself: `ServerSocket.read_messages` runs in it)
-  takes each message, counts it against the socket's message rate
-  (`TokenBucket.try_take`; more than `_AHEAD` messages ahead of it: the
-  socket is served at most `_PACE` times its rate, a pause between two of
-  its messages; over its burst: close 4008, then what the client sends is
-  discarded unparsed; an ack of pushes the socket was sent and still owes
-  is not counted: their number is bounded by the pushes),
+  takes each message, counts it against the
+  socket's message rate (`TokenBucket.try_take`; more than `_AHEAD`
+  messages ahead of it: the other tasks run between two of the socket's
+  messages; over its burst: close 4008, then what the client sends is
+  discarded unparsed; an
+  ack of pushes the socket was sent and still owes is not counted: their
+  number is bounded by the pushes),
   tells the heartbeats the client is alive, decodes it (unreadable: close
   with `BadFrame`'s code) and dispatches it by kind. A readable frame that
   is wrong is answered with an error frame and the socket stays up;
@@ -129,12 +130,8 @@ _PING_FRAMES: Final = {
 """The ping frame as a WebSocket frame, per subprotocol."""
 
 _AHEAD: Final = 2
-"""Messages a socket may be ahead of its message rate before it is paced
-(`_socket.LATER`)."""
-_PACE: Final = 10
-"""A socket more than `_AHEAD` messages ahead of its message rate is served
-at most this many times its rate (its burst spread out, not taken in one
-go: a burst of 200 at 100 messages/s takes 0.2 s)."""
+"""Messages a socket may be ahead of its message rate before the other
+tasks run between two of its messages (`_socket.LATER`)."""
 _BROKE_A_RULE: Final = frozenset(
     (
         CloseCode.RATE_LIMITED,
@@ -172,7 +169,6 @@ class ClientConnection(FrameSender):
         "_now",
         "_nursery",
         "_owed",
-        "_pause",
         "_ping_sent_at",
         "_requests",
         "_routes",
@@ -243,8 +239,6 @@ class ClientConnection(FrameSender):
         """Whether the writer task runs."""
         rate = config.message_rate
         self._bucket = None if rate is None else TokenBucket(rate, trio.current_time())
-        self._pause = 0.0 if rate is None else 1.0 / (_PACE * rate.per_second)
-        """Between two messages of a socket ahead of its rate."""
         self.ending: _Ending | None = None
         self.frames_received = 0
         self.frames_sent = 0
@@ -294,7 +288,7 @@ class ClientConnection(FrameSender):
                     self._start_writer()
                 ws = self.ws
                 if isinstance(ws, ServerSocket):
-                    await ws.read_messages(self._deliver, pause=self._pause)
+                    await ws.read_messages(self._deliver)
                     self._closed_by_client(ws.closed)
                 else:
                     await self._read_others(ws)
@@ -393,7 +387,7 @@ class ClientConnection(FrameSender):
         try:
             while state := self._deliver(await ws.get_message()):
                 if state == LATER:
-                    await trio.sleep(self._pause)
+                    await trio.lowlevel.cancel_shielded_checkpoint()
         except ConnectionClosed as exc:
             self._closed_by_client(exc.reason)
 
@@ -407,7 +401,7 @@ class ClientConnection(FrameSender):
         """Handle one message (a frame or a batch of them, each counted
         against the message rate); `STOP` once the connection ends,
         `LATER` while the socket is more than `_AHEAD` messages ahead of
-        its rate (the reader waits ``_pause`` first), else `MORE`. It
+        its rate (the reader lets the others run first), else `MORE`. It
         runs in the reader, and never waits (the reads are its schedule
         points)."""
         now = self._now()

@@ -17,10 +17,9 @@ data phase, event by event:
 * a message (read whole by `FastWSConnection`, or in parts by wsproto) goes
   to the callback (after every 32 messages of one read, the task lets the
   other tasks run: a client's burst delays the others by 32 messages'
-  work at most; if the callback answers `LATER`, the socket being ahead
-  of its message rate, the next message waits ``pause`` or at least for
-  the other ready tasks, and the next read is a short one); parts are
-  joined, and a message over
+  work at most; after each one if the callback answers `LATER`, the
+  socket being ahead of its message rate, and the next read is a short
+  one); parts are joined, and a message over
   ``max_message_size`` is answered with close 1009 (``Exceeded maximum
   message size: N bytes``): the reading goes on, dropping messages, until
   the client answers the close or the connection ends;
@@ -73,10 +72,9 @@ ones are read and dropped)."""
 MORE: Final = 1
 """... wants the next message at once."""
 LATER: Final = 2
-"""... wants the next message after ``read_messages``' ``pause`` (the
-socket is ahead of its message rate; with no pause, once the other tasks
-ready to run have run): then its reads are short ones (`_BEHIND_SIZE`),
-until it is not."""
+"""... wants the next message once the other tasks ready to run have run
+(the socket is ahead of its message rate): then its reads are short ones
+(`_BEHIND_SIZE`), until it is not."""
 
 _RECEIVE_SIZE: Final = 65536
 """Bytes read at most at once (trio-websocket's default)."""
@@ -93,7 +91,6 @@ _PAYLOADS: Final = (bytes, str)
 _wait_readable: Final = trio.lowlevel.wait_readable
 _checkpoint: Final = trio.lowlevel.checkpoint
 _yield: Final = trio.lowlevel.cancel_shielded_checkpoint
-_sleep: Final = trio.sleep
 _FAIR_SHARE: Final = 32
 """Messages of one read delivered before the reader lets others run."""
 _ABNORMAL: Final = 1006
@@ -144,16 +141,13 @@ class ServerSocket:
         """Why the socket is closed or closing; None while it is open (what
         trio-websocket's ``closed`` says)."""
 
-    async def read_messages(
-        self, deliver: Callable[[bytes | str], int], *, pause: float = 0.0
-    ) -> None:
+    async def read_messages(self, deliver: Callable[[bytes | str], int]) -> None:
         """Read the socket until it closes, in the calling task: each
         message goes to ``deliver``, which returns `MORE`, `LATER` (the
-        next message is taken ``pause`` seconds later, or with no pause
-        once the other ready tasks have run, and the next read is a short
-        one) or `STOP` when it wants no more (later messages are read and
-        dropped). Pings are answered, the client's close too (then the
-        stream is closed); see the module docstring.
+        other ready tasks run before the next message, and the next read is
+        a short one) or `STOP` when it wants no more (later messages are
+        read and dropped). Pings are answered, the client's close too (then
+        the stream is closed); see the module docstring.
 
         Cancellation: stops reading (the socket stays as it is; see
         `aclose`).
@@ -175,7 +169,7 @@ class ServerSocket:
                         if state == LATER:
                             delivered = 0
                             size = _BEHIND_SIZE
-                            await (_sleep(pause) if pause else _yield())
+                            await _yield()
                             continue
                         deliver = _drop
                     delivered += 1
@@ -197,7 +191,7 @@ class ServerSocket:
                         state = deliver(message)
                         if state == LATER:
                             size = _BEHIND_SIZE
-                            await (_sleep(pause) if pause else _yield())
+                            await _yield()
                         elif state != MORE:
                             deliver = _drop
                 elif not await self._control(event):
