@@ -427,9 +427,10 @@ class Sharding:
         microseconds of Trio's deadline bookkeeping per shard: all of a
         runner's shards in one step held every socket and caller up each
         second (about 2 ms for 300 shards). A host not extended yet keeps
-        its earlier deadline, which is still ahead. Cancellation: not a
-        cancellation point (the steps are shielded); every host is
-        extended."""
+        its earlier deadline meanwhile (the safe side: at worst its lease
+        lapses, as it would have without this refresh), and one stopped
+        meanwhile is skipped. Cancellation: not a cancellation point (the
+        steps are shielded); every host is extended."""
         hosts, draining = self.table.hosts, self._draining
         for done, shard in enumerate(shards, 1):
             host = hosts.get(shard) or draining.get(shard)
