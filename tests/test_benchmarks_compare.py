@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import trio_cluster
+from benchmarks._common import child_env
 from benchmarks.compare import REPO, WORKTREE, compare, figures, summarize
 
 
@@ -105,12 +108,6 @@ def test_a_benchmark_child_imports_the_parents_library_not_its_directorys(
 ) -> None:
     """A child started where another ``trio_cluster`` lies (a checkout)
     imports the one its parent imported (`child_env`)."""
-    import sys
-
-    import trio_cluster
-
-    from benchmarks._common import child_env
-
     decoy = tmp_path / "trio_cluster"
     decoy.mkdir()
     (decoy / "__init__.py").write_text("raise ImportError('the decoy')\n")
