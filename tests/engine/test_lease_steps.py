@@ -6,6 +6,8 @@ from __future__ import annotations
 import trio
 
 import trio_cluster as tc
+from trio_cluster._core._addresses import ShardId
+from trio_cluster._engine._slots import ShardHost
 
 from ..helpers import Counter, config
 
@@ -13,13 +15,13 @@ from ..helpers import Counter, config
 class _LeaseSteps(trio.abc.Instrument):
     """How many hosts' lease deadlines each step of the lease loop moved."""
 
-    def __init__(self, hosts: dict[object, object]) -> None:
+    def __init__(self, hosts: dict[ShardId, ShardHost]) -> None:
         self.hosts = hosts
-        self.before: dict[object, float] = {}
+        self.before: dict[ShardId, float] = {}
         self.moved: list[int] = []
 
-    def _deadlines(self) -> dict[object, float]:
-        return {key: host.lease_deadline for key, host in self.hosts.items()}  # type: ignore[attr-defined]
+    def _deadlines(self) -> dict[ShardId, float]:
+        return {key: host.lease_deadline for key, host in self.hosts.items()}
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         if task.name.endswith("_lease_loop"):
@@ -39,7 +41,7 @@ async def test_a_refresh_moves_many_leases_over_several_steps(autojump_clock):
         await runner.wait_shards_acquired()
         hosts = runner._parts.sharding.table.hosts
         assert len(hosts) == 300
-        steps = _LeaseSteps(hosts)  # type: ignore[arg-type]
+        steps = _LeaseSteps(hosts)
         trio.lowlevel.add_instrument(steps)
         try:
             await trio.sleep(2.5)  # two refreshes
