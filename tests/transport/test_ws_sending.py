@@ -41,6 +41,15 @@ from .test_websocket import (
 
 BIG = 4 * 1024 * 1024
 """More than loopback socket buffers take at once."""
+PATTERN = bytes(range(256)) * (BIG // 256)
+"""`BIG` bytes whose order a reader can check."""
+
+
+def _outbox(nursery: trio.Nursery, stream: trio.SocketStream) -> Outbox:
+    """`open_outbox` over a TCP-like stream: an `Outbox`."""
+    outbox = open_outbox(nursery, stream)
+    assert isinstance(outbox, Outbox)
+    return outbox
 
 
 @pytest.fixture
@@ -67,11 +76,10 @@ async def read_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
 
 async def test_outbox_writes_at_once_and_keeps_the_rest_in_order(socket_pair):
     left, right = socket_pair
-    big = bytes(range(256)) * (BIG // 256)
+    big = PATTERN
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
-            outbox = open_outbox(nursery, left)
-            assert isinstance(outbox, Outbox)
+            outbox = _outbox(nursery, left)
             await outbox.send_all(b"first")
             assert outbox.backlog == 0
             # The peer reads nothing yet: send_all does not wait, the rest
@@ -105,11 +113,10 @@ async def test_outbox_held_bytes_go_out_in_front_of_the_next_write(socket_pair):
 
 async def test_outbox_send_eof_writes_everything_first(socket_pair):
     left, right = socket_pair
-    big = bytes(range(256)) * (BIG // 256)
+    big = PATTERN
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
-            outbox = open_outbox(nursery, left)
-            assert isinstance(outbox, Outbox)
+            outbox = _outbox(nursery, left)
             outbox.hold_nowait(b"held ")
             await outbox.send_all(big)
             assert outbox.backlog  # the peer reads nothing yet
@@ -135,8 +142,7 @@ async def test_outbox_wait_drained_waits_for_the_peer(socket_pair):
     left, right = socket_pair
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
-            outbox = open_outbox(nursery, left)
-            assert isinstance(outbox, Outbox)
+            outbox = _outbox(nursery, left)
             await outbox.send_all(b"x" * BIG)
             assert outbox.backlog
             with trio.move_on_after(0.2) as scope:
@@ -186,8 +192,7 @@ async def test_outbox_close_when_cancelled_drops_the_backlog(socket_pair):
     left, _ = socket_pair
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
-            outbox = open_outbox(nursery, left)
-            assert isinstance(outbox, Outbox)
+            outbox = _outbox(nursery, left)
             await outbox.send_all(b"x" * BIG)
             assert outbox.backlog
             with trio.move_on_after(0.1):
