@@ -23,7 +23,9 @@ The variants are of the SQL text only (no storage change):
   without it), without the update marking the request processed, and
   without fence, foreign key and update;
 * the request as a plain ``INSERT ... VALUES`` of the same row (no read of
-  the shard's row at all, no ``ON CONFLICT``): what the row costs by itself.
+  the shard's row at all, no ``ON CONFLICT``): what the row costs by itself;
+* the floor's two inserts, each behind the same ``FOR SHARE`` fence on the
+  shard's row: what any message layout that keeps the fence pays at least.
 
 Tables: the schema under the prefixes ``w3st_a`` and ``w3st_b``, dropped
 before and after. The timings include the client's CPU (psycopg's pipeline
@@ -53,6 +55,7 @@ from ._common import bench_dsn, drop_tables, progress
 
 PAYLOAD = b"x" * 60
 FLOOR = "floor (two single-row inserts)"
+FENCED_FLOOR = "floor's inserts, each behind the `FOR SHARE` fence"
 LOCK = "SELECT pg_advisory_xact_lock_shared($1::int4, $2::int4)"
 ONE = "SELECT 1"
 NOW = 1.8e9  # saved_at, processed_at: any time
@@ -89,6 +92,11 @@ VALUES ($1::int8, $2::text, $3::int4, $4::text, $5::text, $6::text, $7::bytea,
         $8::text, $9::bytea, NULL, $10::bool, $11::int8, $12::float8,
         $13::text::jsonb, 1)
 RETURNING 0, NULL::int4, request_id, claimed_epoch, NULL::bytea""",
+        "floor_fenced": f"""
+INSERT INTO w3st_floor (id, payload)
+SELECT $1::int8, $2::bytea FROM {names.shards} sh
+WHERE sh.shard_group = 'g' AND sh.shard_number = 0 AND sh.epoch = $3::int8
+FOR SHARE OF sh""",
     }
 
 
@@ -176,6 +184,16 @@ class _Loop:
         """Run variant ``name``'s two statements; ``between`` before, between
         and after them."""
         rid, self.next_id = self.next_id, self.next_id + 1
+        if name == FENCED_FLOOR:
+            fenced = self.variants[next(iter(self.variants))][0]["floor_fenced"]
+            between()
+            written = await self._run(fenced, [2 * rid, PAYLOAD, 1], None)
+            between()
+            written += await self._run(fenced, [2 * rid + 1, PAYLOAD, 1], None)
+            between()
+            if written != 0:  # no RETURNING: rows are counted by the table
+                raise RuntimeError(f"{name}: returned rows")
+            return
         if name == FLOOR:
             insert = "INSERT INTO w3st_floor (id, payload) VALUES ($1, $2)"
             between()
@@ -217,7 +235,7 @@ async def measure(
     a, b = PgNames.for_prefix("w3st_a"), PgNames.for_prefix("w3st_b")
     await _setup(dsn, a, b)
     variants = _variants(_forms(a), _forms(b))
-    names = [FLOOR, *variants]
+    names = [FLOOR, FENCED_FLOOR, *variants]
     settings = {
         "plan_cache_mode": "force_generic_plan",
         "synchronous_commit": synchronous_commit,
