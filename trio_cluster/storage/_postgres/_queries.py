@@ -23,7 +23,8 @@ notifications (they are hints; consumers also poll).
 Fencing is strict: no write under an epoch commits after the acquisition
 that moved the shard past it committed. Before it writes, every fenced
 statement (a claim, a save of requests claimed by their sender, a reply)
-locks the ``shards`` rows it writes under, ``FOR SHARE``, in a ``fence`` CTE,
+locks the ``shards`` rows it writes under, ``FOR SHARE`` (in a ``fence`` CTE,
+or a lookup per row in the batched replies, `._statement_parts`),
 and compares the epoch *it locked* with the writer's. ``FOR SHARE`` waits for
 an acquisition in flight (its update of the row) and then reads the row's
 newest version (READ COMMITTED re-reads a locked row that changed), so a
@@ -323,10 +324,13 @@ def _save_replies(m: str, r: str, s: str, d: str) -> str:
                 $6::bytea[], $7::int8[], $10::text[])
         AS i(ord, request_id, shard_group, shard_number, epoch, payload, sequence,
              dead_letter)"""
+    # A scalar probe, not EXISTS: a generic plan of EXISTS may scan the whole
+    # table for the first row when the table was small at planning.
     duplicate = f"""
-                WHEN i.sequence IS NOT NULL AND EXISTS (
-                    SELECT 1 FROM {r} y
+                WHEN i.sequence IS NOT NULL AND (
+                    SELECT true FROM {r} y
                     WHERE y.request_id = i.request_id AND y.sequence = i.sequence
+                    LIMIT 1
                 ) THEN 'd'"""
     return f"""{
         fenced_input(m, s, rows=rows, duplicate=duplicate)
@@ -387,8 +391,14 @@ def _replies_for(m: str, r: str) -> str:
 SELECT q.ord, x.request_id IS NOT NULL, x.acked_sequence, f.payload,
        c.sequences, c.payloads
 FROM unnest($1::int4[], $2::int8[], $3::int8[]) AS q(ord, request_id, after)
-LEFT JOIN {m} x ON x.request_id = q.request_id
-LEFT JOIN {r} f ON f.request_id = x.request_id AND f.sequence IS NULL
+LEFT JOIN LATERAL (
+    SELECT x.request_id, x.acked_sequence FROM {m} x
+    WHERE x.request_id = q.request_id LIMIT 1
+) x ON true
+LEFT JOIN LATERAL (
+    SELECT f.payload FROM {r} f
+    WHERE f.request_id = x.request_id AND f.sequence IS NULL LIMIT 1
+) f ON true
 LEFT JOIN LATERAL (
     SELECT array_agg(y.sequence ORDER BY y.sequence) AS sequences,
            array_agg(y.payload ORDER BY y.sequence) AS payloads

@@ -18,24 +18,22 @@ LONGEST_GROUP = 1000
 
 
 def fenced_input(m: str, s: str, *, rows: str, duplicate: str = "") -> str:
-    """The ``fence`` and ``input`` CTEs (``WITH`` included) of a batch
-    written under epochs, like replies.
-
-    ``fence`` locks the named shards' rows ``FOR SHARE`` ($3 groups, $4
-    numbers); ``input`` is ``rows`` (a FROM item aliased ``i``, with
+    """The ``input`` CTE (``WITH`` included) of a batch written under
+    epochs, like replies: ``rows`` (a FROM item aliased ``i``, with
     ``request_id``, ``shard_group``, ``shard_number`` and ``epoch``) with
     each row's ``status``: u = unknown request, s = stale (another shard
     than the request's, or another epoch), d = done before (processed, or
     the SQL condition ``duplicate``), v = valid.
+
+    The fence: each row's shard row is locked ``FOR SHARE`` and its newest
+    epoch compared. Its request and its shard are each found by a lookup of
+    its own (a ``LATERAL`` subquery that the planner cannot turn into a
+    join): a generic plan made while ``messages`` was small would otherwise
+    join the batch with a scan of the whole table, and the shards in a
+    nested loop over the batch.
     """
     return f"""
-WITH fence AS MATERIALIZED (
-    SELECT sh.shard_group, sh.shard_number, sh.epoch
-    FROM {s} sh
-    WHERE (sh.shard_group, sh.shard_number) IN (
-        SELECT * FROM unnest($3::text[], $4::int4[]))
-    FOR SHARE OF sh
-), input AS MATERIALIZED (
+WITH input AS MATERIALIZED (
     SELECT i.*,
            CASE WHEN x.request_id IS NULL THEN 'u'
                 WHEN x.shard_group <> i.shard_group
@@ -44,9 +42,17 @@ WITH fence AS MATERIALIZED (
                 WHEN x.processed_at IS NOT NULL THEN 'd'{duplicate}
                 ELSE 'v' END AS status
     FROM {rows}
-    LEFT JOIN {m} x ON x.request_id = i.request_id
-    LEFT JOIN fence f
-        ON f.shard_group = i.shard_group AND f.shard_number = i.shard_number
+    LEFT JOIN LATERAL (
+        SELECT x.request_id, x.shard_group, x.shard_number, x.processed_at
+        FROM {m} x WHERE x.request_id = i.request_id
+        LIMIT 1
+    ) x ON true
+    LEFT JOIN LATERAL (
+        SELECT sh.epoch
+        FROM {s} sh
+        WHERE sh.shard_group = i.shard_group AND sh.shard_number = i.shard_number
+        FOR SHARE OF sh
+    ) f ON true
 )"""
 
 
