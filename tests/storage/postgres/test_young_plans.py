@@ -7,7 +7,8 @@ autovacuum's first ``ANALYZE`` of the table. A join of a batch's rows with
 ``messages`` planned that way reads the whole table for every batch, however
 large it has grown meanwhile (with 5,000 messages, a batch of 50 replies
 spent 1 ms of its 2.8 ms so). The statements of a call's path must reach
-``messages`` and ``replies`` by their indexes whatever the statistics say.
+``messages`` and ``replies`` by their indexes whatever the statistics say,
+and so must durable state's reach ``entity_state``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tests.pg_fixture import unique_prefix
 from tests.storage.postgres.test_queries import generic_plan
 from trio_cluster.storage import PostgresStorage
 from trio_cluster.storage._postgres._queries import MessageQueries
+from trio_cluster.storage._postgres._state import StateQueries
 
 if TYPE_CHECKING:
     from tests.pg_fixture import PgSchema
@@ -40,6 +42,8 @@ HOT = (
 )
 """The statements of a persisted call: saving, claiming, replying, and a
 remote caller's reading of the replies."""
+HOT_STATE = ("load", "save", "save_many")
+"""Durable entity state: loading and saving, one entity or a batch."""
 
 
 def _nulls(query: str) -> str:
@@ -55,27 +59,29 @@ async def test_hot_statements_use_indexes_before_the_first_analyze(
     async with storage.open_session(name="young", lease_duration=5.0):
         pass
     names = storage.names
-    queries = MessageQueries.build(names)
-    grown = {names.messages, names.replies}
+    grown = {names.messages, names.replies, names.entity_state}
+    messages, state = MessageQueries.build(names), StateQueries.build(names)
+    statements = [
+        *((name, getattr(messages, name)) for name in HOT),
+        *((f"state_{name}", getattr(state, name)) for name in HOT_STATE),
+    ]
     with psycopg.connect(pg_schema.dsn, autocommit=True) as conn:
         never = conn.execute(
             "SELECT count(*) FROM pg_class WHERE oid = ANY(%s::regclass[])"
             " AND reltuples < 0",
             [sorted(grown)],
         ).fetchall()
-        assert never == [(2,)]  # neither table analyzed: the case under test
+        assert never == [(len(grown),)]  # none analyzed: the case under test
         conn.execute("SET plan_cache_mode = force_generic_plan")
-        for name in HOT:
-            query = getattr(queries, name)
+        for name, query in statements:
             assert query, name
-            plan = generic_plan(conn, name, query, _nulls(query))
+            plan = generic_plan(conn, f"young_{name}", query, _nulls(query))
+            read = {node.get("Relation Name") for node in plan} & grown
             seq = [
                 node["Relation Name"]
                 for node in plan
                 if node["Node Type"] == "Seq Scan"
                 and node.get("Relation Name") in grown
             ]
+            assert read, name
             assert not seq, (name, seq)
-            assert any(node.get("Relation Name") == names.messages for node in plan), (
-                name
-            )

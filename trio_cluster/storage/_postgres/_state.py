@@ -15,6 +15,13 @@ statement, in the caller's transaction or on a pooled connection:
   applies only at the expected version: the loser writes nothing and is
   reported as a conflict.
 
+The batch form (``save_many``) does the same per row, each row's shard and
+entity row found and locked by a lookup of its own (a ``LATERAL`` subquery),
+in the order of (type, id) so that two batches lock the rows they share in
+the same order: a join with the table, planned while it was small (as the
+runners' generic plans are until its first ``ANALYZE``), would read all of
+it for every batch.
+
 Listings and counts (since version 8, with ``label``) select the entity
 types as a range in ``"C"`` collation (code-point order, as Python's
 ``str``), which the ``(entity_type, label, entity_id)`` index serves: an
@@ -152,22 +159,23 @@ WITH input AS MATERIALIZED (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[],
                          $5::int8[], $6::int8[], $7::bytea[], $8::text[])
         WITH ORDINALITY AS i(t, id, g, n, e, v, p, l, ord)
-), fence AS MATERIALIZED (
-    SELECT sh.shard_group, sh.shard_number, sh.epoch FROM {s} sh
-    WHERE (sh.shard_group, sh.shard_number) IN (SELECT g, n FROM input)
-    FOR SHARE OF sh
-), current AS MATERIALIZED (
-    SELECT st.entity_type, st.entity_id, st.version FROM {t} st
-    WHERE (st.entity_type, st.entity_id) IN (SELECT t, id FROM input)
-    FOR UPDATE OF st
+    ORDER BY t, id
 ), verdict AS MATERIALIZED (
     SELECT i.t, i.id, i.g, i.n, i.e, i.v, i.p, i.l, i.ord, CASE
         WHEN f.epoch IS DISTINCT FROM i.e THEN 's'
         WHEN coalesce(c.version, 0) <> i.v THEN 'c'
         ELSE 'v' END AS status
     FROM input i
-    LEFT JOIN fence f ON f.shard_group = i.g AND f.shard_number = i.n
-    LEFT JOIN current c ON c.entity_type = i.t AND c.entity_id = i.id
+    LEFT JOIN LATERAL (
+        SELECT sh.epoch FROM {s} sh
+        WHERE sh.shard_group = i.g AND sh.shard_number = i.n
+        FOR SHARE OF sh
+    ) f ON true
+    LEFT JOIN LATERAL (
+        SELECT st.version FROM {t} st
+        WHERE st.entity_type = i.t AND st.entity_id = i.id
+        FOR UPDATE OF st
+    ) c ON true
 ), written AS (
     INSERT INTO {t} AS st (entity_type, entity_id, shard_group, shard_number,
                            epoch, version, payload, saved_at, label)
