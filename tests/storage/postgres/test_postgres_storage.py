@@ -712,6 +712,40 @@ async def test_large_notifications_are_split(a: StorageSession) -> None:
         assert pg_messages(a)._listener.reconnects == 0
 
 
+async def test_a_batch_of_replies_nobody_else_waits_for_is_not_notified(
+    a: StorageSession,
+) -> None:
+    # ``ReplyRecord.notify`` False on every reply of a batch: no
+    # RepliesAvailable. Notifications arrive in commit order, so the request
+    # saved afterwards comes first only if the replies sent none.
+    with trio.fail_after(TIMEOUT):
+        epoch = (await acquire_shards(a.runners, SHARD))[SHARD]
+        await a.messages.save_requests(
+            [persisted_request(i) for i in (1, 2, 3)], now=BASE_TIME
+        )
+        assert await a.messages.wait_notifications() == [
+            MessagesAvailable(frozenset({SHARD}))
+        ]
+        quiet = [attrs.evolve(final_reply(i, epoch), notify=False) for i in (1, 2)]
+        assert (
+            await a.messages.save_replies(quiet, now=BASE_TIME)
+            == [ReplyOutcome.RECORDED] * 2
+        )
+        await a.messages.save_requests([persisted_request(4)], now=BASE_TIME)
+        assert await a.messages.wait_notifications() == [
+            MessagesAvailable(frozenset({SHARD}))
+        ]
+        # One reply of a batch to notify: the batch is notified.
+        loud = [attrs.evolve(final_reply(3, epoch), notify=True)]
+        loud.append(attrs.evolve(final_reply(4, epoch), notify=False))
+        await a.messages.save_replies(loud, now=BASE_TIME)
+        ids: set[int] = set()
+        while ids != {3, 4}:
+            for note in await a.messages.wait_notifications():
+                assert isinstance(note, RepliesAvailable)
+                ids |= note.request_ids
+
+
 async def test_foreign_payloads_on_the_channel_are_ignored(
     storage: PostgresStorage, a: StorageSession, pg_admin: PgAdmin
 ) -> None:

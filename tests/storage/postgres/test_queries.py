@@ -197,7 +197,7 @@ def test_claim_and_dedup_lookup_use_indexes(filled: tuple[str, str]) -> None:
             queries.save_replies,
             "ARRAY[0], ARRAY[3::int8], ARRAY['default'], ARRAY[4], ARRAY[2::int8],"
             f" ARRAY['\\x00'::bytea], ARRAY[NULL::int8], {BASE_TIME}, 'channel',"
-            " ARRAY['boom']",
+            " ARRAY['boom'], true",
         )
         scans = scans_of(replies, messages)
         assert scans, replies

@@ -462,6 +462,7 @@ class PgMessages(MessageStorage, PgStates):
             now,
             self._channel,
             [reply.dead_letter for reply in checked],
+            any(reply.notify for reply in checked),
         ]
 
     @asynccontextmanager

@@ -310,7 +310,9 @@ SELECT 2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
 def _save_replies(m: str, r: str, s: str, d: str) -> str:
     # Parameters: $1 ord, $2 request ids, $3 groups, $4 numbers, $5 epochs,
     # $6 payloads, $7 sequences (NULL: final), $8 now, $9 the channel,
-    # $10 dead-letter error texts (NULL: none; only on final replies).
+    # $10 dead-letter error texts (NULL: none; only on final replies),
+    # $11 whether to notify (any record's `ReplyRecord.notify`: a batch that
+    # needs it for one request notifies all its written ones).
     # Rows: kind 0 = per input (ord, status: u = unknown, s = stale,
     # d = recorded before, v = valid); kind 1 = a reply written (request id,
     # sequence); kind 2 = summary. The client picks each written reply's
@@ -374,7 +376,7 @@ def _save_replies(m: str, r: str, s: str, d: str) -> str:
     SELECT pg_notify($9::text, json_build_object('r', json_agg(request_id))::text)
     FROM (
         SELECT request_id, (row_number() OVER (ORDER BY request_id) - 1) / 300 AS chunk
-        FROM (SELECT DISTINCT request_id FROM written) d
+        FROM (SELECT DISTINCT request_id FROM written WHERE $11::bool) d
     ) x
     GROUP BY chunk
 )
