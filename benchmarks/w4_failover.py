@@ -77,7 +77,8 @@ async def _start_b(
     # under test first), so that B runs the same library as A.
     path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join([*path, str(REPO)])
-    command = [sys.executable, "-m", "trio_cluster", "run", f"{__name__}:ENTITIES"]
+    # The module's import name, also when it runs as ``python -m`` (``__main__``).
+    command = [sys.executable, "-m", "trio_cluster", "run", f"{__spec__.name}:ENTITIES"]
     command += ["--dsn", dsn, "--prefix", prefix, "--listen", "127.0.0.1:0"]
     process, ready = await start_ready_process(
         command, nursery, name="runner B", env=env
