@@ -148,13 +148,19 @@ async def background(
     return handle
 
 
-async def test_reply_racing_the_acquisition_is_refused(pg_schema: PgSchema) -> None:
+@pytest.mark.parametrize("requests", [1, 2], ids=["one-row", "batch"])
+async def test_reply_racing_the_acquisition_is_refused(
+    pg_schema: PgSchema, requests: int
+) -> None:
     """A reply whose statement read the shard before the successor's
     acquisition committed is refused, even if it then had to wait (here for
-    the request's row lock) until after that commit."""
+    the request's row lock) until after that commit. With two replies, the
+    batch statement (its shard row locked by a lookup per row)."""
+    ids = range(1, requests + 1)
     with trio.fail_after(TIMEOUT):
         async with race(pg_schema) as r, trio.open_nursery() as nursery:
-            r.epoch = await saved_and_claimed(r.old, persisted_request(1))
+            for i in ids:
+                r.epoch = await saved_and_claimed(r.old, persisted_request(i))
             await r.old.runners.release([SHARD])
             holder, _ = await r.connect("C")
             successor, _ = await r.connect("B")
@@ -167,16 +173,17 @@ async def test_reply_racing_the_acquisition_is_refused(pg_schema: PgSchema) -> N
                 reply = await background(
                     nursery,
                     lambda: r.old.messages.save_replies(
-                        [final_reply(1, r.epoch, b"late")], now=BASE_TIME
+                        [final_reply(i, r.epoch, b"late") for i in ids], now=BASE_TIME
                     ),
                 )
                 await r.wait_blocked(f"trio_cluster {r.name}")
                 await successor.execute("COMMIT", prepare=False)
                 await holder.execute("ROLLBACK", prepare=False)
                 await reply.finished.wait()
-            assert reply.value == [ReplyOutcome.STALE_EPOCH]
-            assert (await replies_of(r.old.messages, 1)).final is None
-            assert await r.request_row(1) == (r.epoch, None)
+            assert reply.value == [ReplyOutcome.STALE_EPOCH] * requests
+            for i in ids:
+                assert (await replies_of(r.old.messages, i)).final is None
+                assert await r.request_row(i) == (r.epoch, None)
 
 
 async def test_claimed_save_racing_the_acquisition_is_saved_unclaimed(
@@ -294,17 +301,21 @@ async def test_transactional_reply_racing_the_acquisition_is_refused(
             ][0] == 0
 
 
+@pytest.mark.parametrize("requests", [1, 2], ids=["one-row", "batch"])
 async def test_acquisition_leaves_out_a_shard_with_a_write_in_flight(
-    pg_schema: PgSchema,
+    pg_schema: PgSchema, requests: int
 ) -> None:
     """The other order: a fenced write that read the shard first holds the
     successor off until it commits. The acquisition neither waits for it (a
     lock statement that waits past its deadline would cost the successor its
     whole lock session) nor bumps the epoch: it leaves the shard out, and
-    gets it at its next attempt, after the write."""
+    gets it at its next attempt, after the write. With two replies, the
+    batch statement."""
+    ids = range(1, requests + 1)
     with trio.fail_after(TIMEOUT):
         async with race(pg_schema) as r, trio.open_nursery() as nursery:
-            r.epoch = await saved_and_claimed(r.old, persisted_request(1))
+            for i in ids:
+                r.epoch = await saved_and_claimed(r.old, persisted_request(i))
             await r.old.runners.release([SHARD])
             holder, _ = await r.connect("C")
             async with (
@@ -320,13 +331,15 @@ async def test_acquisition_leaves_out_a_shard_with_a_write_in_flight(
                 reply = await background(
                     nursery,
                     lambda: r.old.messages.save_replies(
-                        [final_reply(1, r.epoch, b"in time")], now=BASE_TIME
+                        [final_reply(i, r.epoch, b"in time") for i in ids],
+                        now=BASE_TIME,
                     ),
                 )
                 await r.wait_blocked(f"trio_cluster {r.name}")
                 assert await new.runners.acquire([SHARD]) == {}
                 await holder.execute("ROLLBACK", prepare=False)
                 await reply.finished.wait()
-                assert reply.value == [ReplyOutcome.RECORDED]
+                assert reply.value == [ReplyOutcome.RECORDED] * requests
                 assert await new.runners.acquire([SHARD]) == {SHARD: r.epoch + 1}
-            assert (await replies_of(r.old.messages, 1)).final == b"in time"
+            for i in ids:
+                assert (await replies_of(r.old.messages, i)).final == b"in time"
