@@ -25,7 +25,14 @@ import pytest
 import trio
 
 from tests.pg_fixture import LEASE, TIMEOUT, unique_prefix, wait_blocked
-from trio_cluster.abc import ReplyOutcome, StorageSession
+from trio_cluster.abc import (
+    ReplyOutcome,
+    StateOutcome,
+    StateStorage,
+    StateWrite,
+    StorageSession,
+    StoredState,
+)
 from trio_cluster.storage import PostgresStorage
 from trio_cluster.storage._postgres._driver._driver import PgConnection
 from trio_cluster.storage._postgres._queries import MessageQueries
@@ -33,6 +40,8 @@ from trio_cluster.storage._postgres._runner_queries import RunnerQueries
 from trio_cluster.testing import (
     BASE_TIME,
     SHARD,
+    acquire_shards,
+    entity_address,
     final_reply,
     persisted_request,
     replies_of,
@@ -343,3 +352,46 @@ async def test_acquisition_leaves_out_a_shard_with_a_write_in_flight(
                 assert await new.runners.acquire([SHARD]) == {SHARD: r.epoch + 1}
             for i in ids:
                 assert (await replies_of(r.old.messages, i)).final == b"in time"
+
+
+async def test_state_batch_losing_a_race_of_first_saves_is_a_conflict(
+    pg_schema: PgSchema,
+) -> None:
+    """Two first saves of one entity: the batch whose insert had to wait for
+    the other's commit finds the row at version 1, writes nothing for it and
+    reports a conflict; its other write is saved (the batch statement reports
+    the rows it wrote, and the storage matches them to the writes)."""
+    with trio.fail_after(TIMEOUT):
+        async with race(pg_schema) as r, trio.open_nursery() as nursery:
+            epoch = (await acquire_shards(r.old.runners, SHARD))[SHARD]
+            store = r.old.messages
+            assert isinstance(store, StateStorage)
+            writes = [
+                StateWrite(
+                    address=entity_address(name),
+                    epoch=epoch,
+                    expected_version=0,
+                    payload=name.encode(),
+                )
+                for name in ("x", "y")
+            ]
+            holder, _ = await r.connect("C")
+            async with holder:
+                await holder.execute("BEGIN", prepare=False)
+                await holder.execute(
+                    f"INSERT INTO {r.storage.names.entity_state} (entity_type,"
+                    " entity_id, shard_group, shard_number, epoch, version,"
+                    " payload, saved_at) VALUES ('Counter', 'x', $1, $2, $3, 1,"
+                    " 'theirs', 0)",
+                    [SHARD.group, SHARD.number, epoch],
+                )
+                saves = await background(
+                    nursery, lambda: store.save_states(writes, now=BASE_TIME)
+                )
+                await r.wait_blocked(f"trio_cluster {r.name}")
+                await holder.execute("COMMIT", prepare=False)
+                await saves.finished.wait()
+            assert saves.value == [StateOutcome.CONFLICT, StateOutcome.SAVED]
+            theirs, mine = [await store.load_state(w.address) for w in writes]
+            assert theirs == StoredState(b"theirs", 1, epoch)
+            assert mine == StoredState(b"y", 1, epoch)
