@@ -1,9 +1,10 @@
 """The hot statements use indexes on tables never analyzed yet (real server).
 
-Until a table's first ``ANALYZE`` the planner takes it for 10 pages (about
-200 message rows), and the generic plans the runners' connections make then
-(``force_generic_plan``) are kept until something invalidates them, such as
-autovacuum's first ``ANALYZE`` of the table. A join of a batch's rows with
+The planner takes a table never analyzed for at least 10 pages (about 200
+message rows; its actual size beyond), and the generic plans the runners'
+connections make while it is that small (``force_generic_plan``) are kept
+until something invalidates them, such as autovacuum's first ``ANALYZE`` of
+the table. A join of a batch's rows with
 ``messages`` planned that way reads the whole table for every batch, however
 large it has grown meanwhile (with 5,000 messages, a batch of 50 replies
 spent 1 ms of its 2.8 ms so). The statements of a call's path must reach
