@@ -18,9 +18,9 @@ statement, in the caller's transaction or on a pooled connection:
 The batch form (``save_many``) does the same per row, each row's shard and
 entity row found and locked by a lookup of its own (a ``LATERAL`` subquery),
 in the order of (type, id) so that two batches lock the rows they share in
-the same order: a join with the table, planned while it was small (as the
-runners' generic plans are until its first ``ANALYZE``), would read all of
-it for every batch.
+the same order: a join with the table, in a generic plan made while the
+table was small (and kept until it is next analyzed), would read all of it
+for every batch.
 
 Listings and counts (since version 8, with ``label``) select the entity
 types as a range in ``"C"`` collation (code-point order, as Python's
