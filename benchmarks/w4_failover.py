@@ -46,7 +46,6 @@ from trio_cluster.testing import ChildProcess
 from trio_cluster.transport import WebSocketTransport
 
 from ._common import (
-    REPO,
     Counter,
     Increment,
     bench_dsn,
@@ -72,11 +71,8 @@ BUSY_LOOP = "while True: pass"
 async def _start_b(
     dsn: str, prefix: str, nursery: trio.Nursery
 ) -> tuple[ChildProcess, tc.RunnerAddress]:
+    # B imports what A imports (`start_ready_process`: `child_env`).
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIO_CLUSTER_")}
-    # After the caller's own path (`benchmarks.compare` puts the library
-    # under test first), so that B runs the same library as A.
-    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join([*path, str(REPO)])
     # The module's import name, also when it runs as ``python -m`` (``__main__``).
     command = [sys.executable, "-m", "trio_cluster", "run", f"{__spec__.name}:ENTITIES"]
     command += ["--dsn", dsn, "--prefix", prefix, "--listen", "127.0.0.1:0"]
