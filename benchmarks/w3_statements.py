@@ -147,10 +147,6 @@ async def _setup(dsn: str, a: PgNames, b: PgNames) -> None:
             )
 
 
-def _rows(cursor: psycopg.Cursor[Any]) -> int:
-    return len(cursor.fetchall()) if cursor.description else 0
-
-
 class _Loop:
     """The statements, through psycopg or (``driver``) the project's driver;
     the SQL has ``$n`` parameters."""
@@ -160,47 +156,46 @@ class _Loop:
         conn: psycopg.Connection[Any],
         driver: PgConnection | None,
         variants: dict[str, Variant],
+        fenced_floor: str,
     ) -> None:
         self.conn, self.driver, self.variants, self.next_id = conn, driver, variants, 1
+        self.floors = {
+            FLOOR: ("INSERT INTO w3st_floor (id, payload) VALUES ($1, $2)", []),
+            FENCED_FLOOR: (fenced_floor, [1]),  # $3: the shard's epoch
+        }
 
     async def _run(self, query: str, values: list[object], pre: str | None) -> int:
+        """Run ``query`` (after ``pre``, pipelined); return the rows it wrote
+        or returned (the command tag's count)."""
         conn, driver = self.conn, self.driver
         if driver is not None:
             if pre is None:
-                return len((await driver.execute(query, values)).rows)
+                return (await driver.execute(query, values)).rowcount
             key = [7, 0] if pre == LOCK else []
             results = await driver.execute_pipeline([(pre, key), (query, values)])
-            return len(results[1].rows)
+            return results[1].rowcount
         params = {f"p{i}": value for i, value in enumerate(values, 1)}
         if pre is None:
-            return _rows(conn.execute(_sql(query), params, prepare=True))
+            return conn.execute(_sql(query), params, prepare=True).rowcount
         with conn.pipeline():
             key_params = {"p1": 7, "p2": 0} if pre == LOCK else None
             conn.execute(_sql(pre), key_params, prepare=True)
             cursor = conn.execute(_sql(query), params, prepare=True)
-        return _rows(cursor)
+        return cursor.rowcount
 
     async def pair(self, name: str, between: Callable[[], None]) -> None:
         """Run variant ``name``'s two statements; ``between`` before, between
         and after them."""
         rid, self.next_id = self.next_id, self.next_id + 1
-        if name == FENCED_FLOOR:
-            fenced = self.variants[next(iter(self.variants))][0]["floor_fenced"]
+        if name in self.floors:
+            insert, more = self.floors[name]
             between()
-            written = await self._run(fenced, [2 * rid, PAYLOAD, 1], None)
+            written = await self._run(insert, [2 * rid, PAYLOAD, *more], None)
             between()
-            written += await self._run(fenced, [2 * rid + 1, PAYLOAD, 1], None)
+            written += await self._run(insert, [2 * rid + 1, PAYLOAD, *more], None)
             between()
-            if written != 0:  # no RETURNING: rows are counted by the table
-                raise RuntimeError(f"{name}: returned rows")
-            return
-        if name == FLOOR:
-            insert = "INSERT INTO w3st_floor (id, payload) VALUES ($1, $2)"
-            between()
-            await self._run(insert, [2 * rid, PAYLOAD], None)
-            between()
-            await self._run(insert, [2 * rid + 1, PAYLOAD], None)
-            between()
+            if written != 2:
+                raise RuntimeError(f"{name}: a statement wrote nothing")
             return
         forms, request, reply, pre = self.variants[name]
         saved = [
@@ -234,7 +229,8 @@ async def measure(
     """Set up, run the loop, print the table, drop the tables."""
     a, b = PgNames.for_prefix("w3st_a"), PgNames.for_prefix("w3st_b")
     await _setup(dsn, a, b)
-    variants = _variants(_forms(a), _forms(b))
+    forms = _forms(a)
+    variants = _variants(forms, _forms(b))
     names = [FLOOR, FENCED_FLOOR, *variants]
     settings = {
         "plan_cache_mode": "force_generic_plan",
@@ -250,7 +246,7 @@ async def measure(
                     dsn, application_name="w3_statements", settings=settings
                 )
             try:
-                loop = _Loop(conn, ours, variants)
+                loop = _Loop(conn, ours, variants, forms["floor_fenced"])
                 times, wal = await _loop(conn, loop, names, iterations)
             finally:
                 if ours is not None:
