@@ -186,9 +186,12 @@ def bench_dsn() -> str:
 
 
 def drop_tables(dsn: str, prefix: str) -> None:
+    """Drop the tables of the storage under ``prefix``, and its machine-id
+    sequence (schema version 9)."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         for table in TABLES:
             conn.execute(f"DROP TABLE IF EXISTS {prefix}_{table} CASCADE")
+        conn.execute(f"DROP SEQUENCE IF EXISTS {prefix}_machine_ids")
 
 
 def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
